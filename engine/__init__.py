@@ -1,1 +1,34 @@
-"""engine package."""
+"""Lorry's multi-LoRA engine: one base model, many adapters per batch (vLLM-shaped API).
+
+Exports are lazy (PEP 562) so that torch-free submodules such as ``engine.lora.spec`` can be
+imported without importing torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "LLMEngine": "engine.llm_engine",
+    "EngineConfig": "engine.config",
+    "SamplingParams": "engine.sampling_params",
+    "LoRARequest": "engine.lora.request",
+    "RequestOutput": "engine.outputs",
+    "CompletionOutput": "engine.outputs",
+    "RequestMetrics": "engine.outputs",
+    "LoRAError": "engine.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,101 @@
+"""EngineConfig: every engine setting in one dataclass, validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the slot widths vLLM allows
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+LORA_BACKENDS = ("auto", "torch", "triton")
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+def _positive_int(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"EngineConfig.{name}={value!r} is invalid: must be an int >= 1")
+
+
+def _choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"EngineConfig.{name}={value!r} is invalid: allowed {list(allowed)}")
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one engine (one base model, its adapter caches, its batch limits).
+
+    Parameters
+    ----------
+    model : str
+        Local HF directory or Hub repo id of the base model.
+    tokenizer : str, optional
+        Tokenizer directory or repo id (defaults to ``model``).
+    revision : str, optional
+        Hub revision of the base model.
+    dtype : {"auto", "float32", "float16", "bfloat16"}
+        "auto": bfloat16 on CUDA, float32 on CPU.
+    device : {"auto", "cpu", "cuda"}
+    enable_lora : bool
+    max_loras : int
+        GPU adapter slots: the most distinct adapters in one model step.
+    max_lora_rank : int
+        Slot width; one of 1, 8, 16, 32, 64, 128, 256, 320, 512.
+    max_cpu_loras : int, optional
+        CPU LRU cache size (>= max_loras; None means max_loras).
+    lora_dtype : {"auto", "float32", "float16", "bfloat16"}
+        dtype of the slot buffers ("auto" = the model dtype).
+    lora_backend : {"auto", "torch", "triton"}
+        "auto": triton on CUDA, torch on CPU.
+    max_num_seqs : int
+        Sequences decoded together (KV cache rows).
+    max_model_len : int, optional
+        Prompt + generated tokens per sequence (None: the model's limit, at most 4096).
+    load_format : {"auto", "safetensors", "dummy"}
+        "dummy" builds random weights from config.json (benchmarks).
+    seed : int
+        Seed for dummy weights and for requests without their own seed.
+    """
+
+    model: str
+    tokenizer: str | None = None
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    enable_lora: bool = True
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    lora_dtype: str = "auto"
+    lora_backend: str = "auto"
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    load_format: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"EngineConfig.model={self.model!r} is invalid: "
+                             "give a local model directory or a Hub repo id")
+        _positive_int("max_loras", self.max_loras)
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ValueError(f"EngineConfig.max_lora_rank={self.max_lora_rank!r} is invalid: "
+                             f"allowed {list(LORA_RANKS)}")
+        _positive_int("max_cpu_loras", self.max_cpu_loras, allow_none=True)
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"EngineConfig.max_cpu_loras={self.max_cpu_loras} is invalid: "
+                             f"must be >= max_loras ({self.max_loras})")
+        _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("max_model_len", self.max_model_len, allow_none=True)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("lora_dtype", self.lora_dtype, DTYPES)
+        _choice("device", self.device, DEVICES)
+        _choice("lora_backend", self.lora_backend, LORA_BACKENDS)
+        _choice("load_format", self.load_format, LOAD_FORMATS)
+        if not isinstance(self.enable_lora, bool):
+            raise ValueError(f"EngineConfig.enable_lora={self.enable_lora!r} must be a bool")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"EngineConfig.seed={self.seed!r} is invalid: must be an int")

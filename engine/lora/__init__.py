@@ -1,0 +1,1 @@
+"""LoRA adapters: requests, torch-free validation (spec), resolution, loading and caches."""

@@ -1,0 +1,35 @@
+"""LoRARequest: which adapter a request uses (torch-free, as in vLLM)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """An adapter to apply to a request.
+
+    Parameters
+    ----------
+    lora_name : str
+        Human-readable name (shown in outputs and stats).
+    lora_int_id : int
+        Stable positive id; the caches key adapters by it.
+    lora_path : str
+        Local PEFT directory or Hugging Face Hub repo id.
+    revision : str, optional
+        Hub revision (branch, tag or commit) when ``lora_path`` is a repo id.
+    """
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+    revision: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) \
+                or self.lora_int_id < 1:
+            raise ValueError(f"lora_int_id must be a positive int, got {self.lora_int_id!r}")
+        if not self.lora_name or not isinstance(self.lora_name, str):
+            raise ValueError(f"lora_name must be a non-empty string, got {self.lora_name!r}")
+        if not self.lora_path or not isinstance(self.lora_path, str):
+            raise ValueError(f"lora_path must be a non-empty string, got {self.lora_path!r}")

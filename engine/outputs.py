@@ -1,0 +1,45 @@
+"""Request outputs in vLLM's shape: RequestOutput with CompletionOutput(s) and timings."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.lora.request import LoRARequest
+
+
+@dataclass
+class CompletionOutput:
+    """One generated completion: text, token ids and why it ended ("stop", "length", "abort")."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestMetrics:
+    """Wall-clock times (time.time()) of a request's life; None until reached."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    """The output of one request (partial while unfinished)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    lora_request: LoRARequest | None = None
+    finished: bool = False
+    metrics: RequestMetrics | None = field(default=None)
+
+    @property
+    def usage(self) -> dict:
+        done = sum(len(o.token_ids) for o in self.outputs)
+        n = len(self.prompt_token_ids)
+        return {"prompt_tokens": n, "completion_tokens": done, "total_tokens": n + done}

@@ -1,1 +1,17 @@
-"""scheduler package."""
+"""The job queue: SQL tables, claim policy, leases and the one gateway that issues SQL."""
+from __future__ import annotations
+
+from scheduler import errors
+from scheduler.types import (AdapterInfo, BatchInfo, ClaimedJob, JobInfo, JobSpec, MicroBatch,
+                             Result, TenantInfo)
+
+__all__ = ["JobQueue", "JobSpec", "Result", "ClaimedJob", "MicroBatch", "JobInfo", "BatchInfo",
+           "AdapterInfo", "TenantInfo", "errors"]
+
+
+def __getattr__(name: str):
+    # JobQueue pulls in SQLAlchemy; the dataclasses above stay importable without it.
+    if name == "JobQueue":
+        from scheduler.gateway import JobQueue
+        return JobQueue
+    raise AttributeError(f"module 'scheduler' has no attribute {name!r}")

@@ -1,0 +1,33 @@
+"""Errors the job queue raises; each message says what was wrong, the value, and what is allowed."""
+from __future__ import annotations
+
+
+class QueueError(Exception):
+    """Base class of every refusal by the job queue."""
+
+
+class InvalidJob(QueueError, ValueError):
+    """A JobSpec (or batch) that cannot be queued: bad field value or combination."""
+
+
+class UnknownAdapter(QueueError, LookupError):
+    """A job names an adapter that neither the tenant nor the shared catalog holds."""
+
+
+class AdapterExists(QueueError, ValueError):
+    """register_adapter with a name the tenant (or the shared catalog) already uses."""
+
+
+class UnknownTenant(QueueError, LookupError):
+    """A tenant id that does not exist."""
+
+
+class QuotaExceeded(QueueError):
+    """Submitting would put more jobs in the tenant's queue than its max_queued allows."""
+
+    def __init__(self, tenant_id: str, queued: int, requested: int, max_queued: int):
+        self.tenant_id, self.queued = tenant_id, queued
+        self.requested, self.max_queued = requested, max_queued
+        super().__init__(
+            f"tenant {tenant_id!r} has {queued} queued job(s); submitting {requested} more "
+            f"would exceed its max_queued quota of {max_queued}")

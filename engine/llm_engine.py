@@ -1,0 +1,243 @@
+"""LLMEngine: vLLM-shaped generation over one base model with many LoRA adapters per batch."""
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import LoRAError, ModelLengthError
+from engine.lora.request import LoRARequest
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence, SequenceStatus
+from engine.setup import build_engine_parts
+from engine.tokenizer import find_stop
+from engine.sampler import sample
+
+
+class LLMEngine:
+    """One base model, its tokenizer, adapter caches and a continuous-batching loop.
+
+    Parameters
+    ----------
+    config : EngineConfig
+        What to load and the batch/cache limits.
+    """
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        p = build_engine_parts(config)
+        self.device, self.dtype, self.model_dir = p.device, p.dtype, p.model_dir
+        self.hf_config, self.model, self.tokenizer = p.hf_config, p.model, p.tokenizer
+        self.max_model_len, self.lora_backend = p.max_model_len, p.lora_backend
+        self.loras, self.runner, self.scheduler = p.loras, p.runner, p.scheduler
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self._seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
+        """Queue a request (text, token ids or chat messages). Refusals change nothing."""
+        params = params or SamplingParams()
+        if request_id in self._seqs:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if lora_request is not None:
+            self._check_lora_usable(lora_request)
+            self.add_lora(lora_request)
+        text, ids = self.tokenizer.encode_prompt(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ModelLengthError(f"prompt of request {request_id!r} has {len(ids)} tokens; "
+                                   f"max_model_len={self.max_model_len} leaves no room to generate")
+        vocab = self.hf_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids of {request_id!r} must lie in [0, {vocab})")
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(request_id, text, ids, params, lora_request,
+                       RequestMetrics(arrival_time=time.time()), generator=gen)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _check_lora_usable(self, req: LoRARequest) -> None:
+        if self.loras is None:
+            raise LoRAError(f"adapter {req.lora_name!r} requested but the engine was created "
+                            "with enable_lora=False")
+        if not isinstance(req, LoRARequest):
+            raise LoRAError(f"lora_request must be a LoRARequest, got {type(req).__name__}")
+        pinned = self.loras.gpu.pinned
+        if req.lora_int_id not in pinned and len(pinned) >= self.config.max_loras:
+            raise LoRAError(f"adapter {req.lora_name!r} cannot run: all max_loras="
+                            f"{self.config.max_loras} GPU slots are pinned; unpin one")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request; returns its partial output (finish_reason "abort") or None."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        return self._finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def num_unfinished_requests(self) -> int:
+        return self.scheduler.num_unfinished()
+
+    # ---- the loop -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one prefill or decode step; return the requests that finished in it."""
+        pinned = set(self.loras.gpu.pinned) if self.loras else set()
+        seqs, prefill = self.scheduler.schedule(pinned)
+        if not seqs:
+            return []
+        now = time.time()
+        slots = []
+        for s in seqs:
+            if prefill:
+                s.metrics.first_scheduled_time = now
+            if s.lora_request is None:
+                slots.append(-1)
+            elif prefill:
+                slots.append(self.loras.activate(s.lora_request, self.scheduler.running_adapters()))
+            else:
+                slots.append(self.loras.gpu.lookup(s.lora_id))
+        logits = self.runner.prefill(seqs, slots) if prefill else self.runner.decode(seqs, slots)
+        finished = []
+        for seq, token in zip(seqs, sample(logits, seqs, self.generator)):
+            reason = self._append(seq, token)
+            if reason:
+                self._seqs.pop(seq.request_id, None)
+                self.scheduler.finish(seq)
+                finished.append(self._finish(seq, reason))
+        return finished
+
+    def _append(self, seq: Sequence, token: int) -> str | None:
+        """Add a sampled token; return a finish reason if the sequence is done."""
+        p = seq.params
+        seq.output_token_ids.append(token)
+        if len(seq.output_token_ids) == 1:
+            seq.metrics.first_token_time = time.time()
+        if (not p.ignore_eos and token == self.tokenizer.eos_token_id) or token in p.stop_token_ids:
+            seq.text = self.tokenizer.decode(seq.output_token_ids[:-1])
+            return "stop"
+        if p.stop_list:
+            text = self.tokenizer.decode(seq.output_token_ids)
+            start = max(0, len(seq.text) - max(map(len, p.stop_list)))
+            cut = find_stop(text, p.stop_list, start)
+            seq.text = text
+            if cut >= 0:
+                seq.text = text[:cut]
+                return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> RequestOutput:
+        seq.finish_reason = reason
+        if reason != "stop":  # "stop" already cut the text in _append
+            seq.text = self.tokenizer.decode(seq.output_token_ids)
+        seq.metrics.finished_time = time.time()
+        return self._output(seq)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        done = seq.status is SequenceStatus.FINISHED
+        return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids),
+                             [CompletionOutput(0, seq.text, list(seq.output_token_ids),
+                                               seq.finish_reason)],
+                             seq.lora_request, done, seq.metrics)
+
+    def generate(self, prompts, sampling_params=None, lora_request=None, use_tqdm: bool = True):
+        """Generate for every prompt; returns list[RequestOutput] in input order."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and
+                                              isinstance(prompts[0], (int, dict)))
+        prompts = [prompts] if single else list(prompts)
+        n = len(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
+        loras = lora_request if isinstance(lora_request, list) else [lora_request] * n
+        if len(params) != n or len(loras) != n:
+            raise ValueError(f"got {n} prompts, {len(params)} sampling params and {len(loras)} "
+                             "lora requests; lists must have one entry per prompt")
+        ids = [f"gen-{next(self._ids)}" for _ in range(n)]
+        try:
+            for rid, prompt, sp, lr in zip(ids, prompts, params, loras):
+                self.add_request(rid, prompt, sp, lr)
+        except Exception:
+            for rid in ids:  # a refused prompt leaves nothing of this call queued
+                seq = self._seqs.pop(rid, None)
+                if seq is not None:
+                    self.scheduler.finish(seq)
+            raise
+        from tqdm.auto import tqdm
+
+        results: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        with tqdm(total=n, desc="generate", unit="req", disable=not use_tqdm) as bar:
+            while wanted - results.keys():
+                for out in self.step():
+                    if out.request_id in wanted:
+                        results[out.request_id] = out
+                        bar.update(1)
+        return [results[r] for r in ids]
+
+    # ---- adapters -------------------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Validate an adapter and load it into the CPU cache (raises LoRAError)."""
+        self._check_lora_usable(lora_request)
+        self.loras.add(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        in_use = [s.request_id for s in self._seqs.values() if s.lora_id == lora_int_id]
+        if in_use:
+            raise LoRAError(f"adapter {lora_int_id} is used by unfinished requests {in_use[:5]}")
+        return bool(self.loras and self.loras.remove(lora_int_id))
+
+    def pin_lora(self, lora_int_id: int) -> bool:
+        if self.loras is None:
+            raise LoRAError("pin_lora needs enable_lora=True")
+        self.loras.pin(lora_int_id, self.scheduler.running_adapters())
+        return True
+
+    def unpin_lora(self, lora_int_id: int) -> bool:
+        return bool(self.loras and self.loras.unpin(lora_int_id))
+
+    def list_loras(self) -> dict:
+        if self.loras is None:
+            return {"gpu": [], "cpu": [], "pinned": []}
+        return {"gpu": self.loras.gpu.ids(), "cpu": self.loras.cpu.ids(),
+                "pinned": sorted(self.loras.gpu.pinned)}
+
+    def cache_stats(self) -> dict:
+        stats = self.loras.stats() if self.loras else {"gpu": {}, "cpu": {}}
+        stats["running"] = len(self.scheduler.running)
+        stats["waiting"] = len(self.scheduler.waiting)
+        return stats
+
+    def info(self) -> dict:
+        c = self.config
+        return {"model": c.model, "model_dir": str(self.model_dir),
+                "model_type": self.hf_config.model_type, "dtype": str(self.dtype).split(".")[-1],
+                "device": str(self.device), "lora_backend": self.lora_backend,
+                "enable_lora": c.enable_lora, "max_loras": c.max_loras,
+                "max_lora_rank": c.max_lora_rank, "max_cpu_loras": c.max_cpu_loras,
+                "max_num_seqs": c.max_num_seqs, "max_model_len": self.max_model_len,
+                "num_layers": self.hf_config.num_hidden_layers}
+
+    @torch.inference_mode()
+    def compute_logits(self, prompt_token_ids: list[list[int]],
+                       lora_request: list[LoRARequest | None] | None = None) -> list[torch.Tensor]:
+        """Logits [len, V] of every position of each token-id prompt (scoring; no KV cache)."""
+        loras = lora_request or [None] * len(prompt_token_ids)
+        slots = []
+        for lr in loras:
+            if lr is not None:
+                self.add_lora(lr)
+                slots.append(self.loras.activate(lr, self.scheduler.running_adapters()
+                                                 | {x.lora_int_id for x in loras if x}))
+            else:
+                slots.append(-1)
+        logits = self.runner.forward_prompts(prompt_token_ids, slots, None, all_logits=True)
+        return [logits[i, :len(p)] for i, p in enumerate(prompt_token_ids)]

@@ -1,0 +1,240 @@
+"""Torch-free parsing and validation of a PEFT LoRA directory against a base config.json.
+
+Reads adapter_config.json and the safetensors header (8-byte little-endian length + JSON)
+without torch, so the API can refuse a bad adapter with the same rules as the engine.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import (AdapterFormatError, AdapterNotFoundError, BaseModelMismatchError,
+                           RankTooLargeError, UnsupportedAdapterError)
+
+log = logging.getLogger(__name__)
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+SUPPORTED_MODULES = ATTN + MLP
+SAFETENSORS_DTYPES = {"F32", "F16", "BF16"}
+_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\."
+                  r"(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+
+
+@dataclass(frozen=True)
+class BaseShapes:
+    """Linear-layer dimensions of a Llama-family base, from its config.json."""
+
+    model_type: str
+    num_layers: int
+    dims: dict  # module -> (in_features, out_features)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "BaseShapes":
+        h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or h // heads
+        kv = cfg.get("num_key_value_heads") or heads
+        i = cfg["intermediate_size"]
+        dims = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv * head_dim),
+                "v_proj": (h, kv * head_dim), "o_proj": (heads * head_dim, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return cls(cfg.get("model_type", "llama"), cfg["num_hidden_layers"], dims)
+
+
+@dataclass
+class AdapterSpec:
+    """A validated adapter: which (layer, module) pairs it changes, ranks and scalings."""
+
+    path: Path
+    weights_file: Path
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    fan_in_fan_out: bool
+    base_model_name_or_path: str | None
+    config: dict = field(default_factory=dict, repr=False)
+    max_rank: int = 0
+    # (layer, module) -> (A tensor name, B tensor name, rank, scaling, transposed)
+    modules: dict = field(default_factory=dict)
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted({m for _, m in self.modules})
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Return {tensor name: {"dtype", "shape", "data_offsets"}} of a safetensors file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than 8 bytes")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100_000_000):
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise AdapterFormatError(f"corrupt safetensors file {path}: {e}") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        start, end = info.get("data_offsets", (0, -1))
+        if not 0 <= start <= end <= size - 8 - n:
+            raise AdapterFormatError(f"corrupt safetensors file {path}: tensor {name!r} "
+                                     f"lies outside the file (truncated?)")
+    return header
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: exact key, else a suffix regex match."""
+    if name in pattern:
+        return pattern[name]
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(.*\.)?{key}", name):
+            return value
+    return default
+
+
+def _check_config(cfg: dict, path: Path) -> None:
+    """Refuse PEFT features the engine does not serve."""
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UnsupportedAdapterError(f"adapter {path}: peft_type={cfg.get('peft_type')!r} "
+                                      "is not supported; only LORA adapters are")
+    if cfg.get("use_dora"):
+        raise UnsupportedAdapterError(f"adapter {path}: use_dora=true (DoRA) is not supported; "
+                                      "use a plain LoRA adapter")
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        raise UnsupportedAdapterError(
+            f"adapter {path}: bias={cfg.get('bias')!r}, lora_bias={cfg.get('lora_bias')!r} is not "
+            "supported; only bias='none' without lora_bias")
+    if cfg.get("modules_to_save"):
+        raise UnsupportedAdapterError(f"adapter {path}: modules_to_save={cfg['modules_to_save']!r}"
+                                      " is not supported (it replaces base weights)")
+    for key in ("layer_replication", "target_parameters", "trainable_token_indices"):
+        if cfg.get(key):
+            raise UnsupportedAdapterError(f"adapter {path}: {key}={cfg[key]!r} is not supported")
+    tm = cfg.get("target_modules")
+    names = [tm] if isinstance(tm, str) else list(tm or [])
+    for name in names:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("embed_tokens", "lm_head", "wte", "embeddings"):
+            raise UnsupportedAdapterError(f"adapter {path}: LoRA on {name!r} (embeddings/lm_head) "
+                                          f"is not supported; allowed: {list(SUPPORTED_MODULES)}")
+        if not isinstance(tm, str) and leaf not in SUPPORTED_MODULES:
+            raise BaseModelMismatchError(f"adapter {path}: target module {name!r} does not exist in"
+                                         f" a Llama-family base; allowed: {list(SUPPORTED_MODULES)}")
+    r = cfg.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise AdapterFormatError(f"adapter {path}: r={r!r} must be a positive int")
+
+
+def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | None = None,
+                  base_model: str | None = None) -> AdapterSpec:
+    """Parse and validate a PEFT LoRA directory against ``base_config`` (a config.json dict).
+
+    Raises a subclass of ``engine.errors.LoRAError`` naming the problem. Reads no tensor data.
+    """
+    path = Path(path)
+    cfg_file = path / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise AdapterNotFoundError(f"adapter {path}: adapter_config.json not found")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise AdapterFormatError(f"adapter {path}: adapter_config.json is unreadable: {e}") from None
+    _check_config(cfg, path)
+    st, bin_ = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    if st.is_file():
+        header = read_safetensors_header(st)
+        shapes = {k: (v.get("dtype"), tuple(v.get("shape", ()))) for k, v in header.items()}
+        weights = st
+    elif bin_.is_file():
+        shapes, weights = None, bin_  # shapes are checked after torch.load(weights_only=True)
+    else:
+        raise AdapterNotFoundError(f"adapter {path}: neither adapter_model.safetensors nor "
+                                   "adapter_model.bin found")
+    spec = AdapterSpec(path=path, weights_file=weights, r=cfg["r"],
+                       lora_alpha=float(cfg.get("lora_alpha", cfg["r"])),
+                       use_rslora=bool(cfg.get("use_rslora", False)),
+                       fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+                       base_model_name_or_path=cfg.get("base_model_name_or_path"), config=cfg)
+    if base_model and spec.base_model_name_or_path and spec.base_model_name_or_path != base_model:
+        log.warning("adapter %s was trained on %r, the engine serves %r; shapes are checked",
+                    path, spec.base_model_name_or_path, base_model)
+    if shapes is not None:
+        check_shapes(spec, shapes, base_config, max_lora_rank)
+    return spec
+
+
+def check_shapes(spec: AdapterSpec, shapes: dict, base_config: dict,
+                 max_lora_rank: int | None) -> None:
+    """Fill ``spec.modules`` from {tensor name: (dtype, shape)}; refuse any mismatch."""
+    base = BaseShapes.from_config(base_config)
+    path, found = spec.path, {}
+    for name, (dtype, shape) in shapes.items():
+        if "lora_embedding" in name or "embed_tokens" in name or "lm_head" in name:
+            raise UnsupportedAdapterError(f"adapter {path}: tensor {name!r} is an embedding/lm_head"
+                                          " LoRA, which is not supported")
+        if "lora_magnitude_vector" in name:
+            raise UnsupportedAdapterError(f"adapter {path}: tensor {name!r} is DoRA (unsupported)")
+        m = _KEY.match(name)
+        if m is None:
+            raise UnsupportedAdapterError(f"adapter {path}: unexpected tensor {name!r}; only "
+                                          f"lora_A/lora_B of {list(SUPPORTED_MODULES)} are served")
+        layer, module, which = int(m[1]), m[2], m[3]
+        if module not in base.dims:
+            raise BaseModelMismatchError(f"adapter {path}: target module {module!r} does not exist "
+                                         f"in the base ({base.model_type}); it has {list(base.dims)}")
+        if layer >= base.num_layers:
+            raise BaseModelMismatchError(f"adapter {path}: layer {layer} does not exist; the base "
+                                         f"has {base.num_layers} layers")
+        if dtype is not None and dtype not in SAFETENSORS_DTYPES:
+            raise AdapterFormatError(f"adapter {path}: tensor {name!r} has dtype {dtype}; "
+                                     f"allowed {sorted(SAFETENSORS_DTYPES)}")
+        if len(shape) != 2:
+            raise BaseModelMismatchError(f"adapter {path}: tensor {name!r} has shape {list(shape)},"
+                                         " expected a matrix")
+        found.setdefault((layer, module), {})[which] = (name, shape)
+    if not found:
+        raise AdapterFormatError(f"adapter {path}: the weights file has no LoRA tensors")
+    pattern_r, pattern_a = spec.config.get("rank_pattern") or {}, spec.config.get("alpha_pattern") or {}
+    for (layer, module), ab in sorted(found.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterFormatError(f"adapter {path}: layer {layer} {module} lacks lora_"
+                                     f"{'B' if 'A' in ab else 'A'}")
+        (a_name, a_shape), (b_name, b_shape) = ab["A"], ab["B"]
+        fan_in, fan_out = base.dims[module]
+        full = f"model.layers.{layer}.{'self_attn' if module in ATTN else 'mlp'}.{module}"
+        r_cfg = int(_pattern_value(pattern_r, full, spec.r))
+        if a_shape == (r_cfg, fan_in) and b_shape == (fan_out, r_cfg):
+            transposed = False
+        elif spec.fan_in_fan_out and a_shape == (fan_in, r_cfg) and b_shape == (r_cfg, fan_out):
+            transposed = True
+        else:
+            raise BaseModelMismatchError(
+                f"adapter {path}: layer {layer} {module}: lora_A {list(a_shape)} / lora_B "
+                f"{list(b_shape)} do not fit the base ({module} is {fan_in} -> {fan_out}, "
+                f"rank {r_cfg}); expected A [{r_cfg}, {fan_in}] and B [{fan_out}, {r_cfg}]")
+        if max_lora_rank is not None and r_cfg > max_lora_rank:
+            raise RankTooLargeError(f"adapter {path}: rank {r_cfg} ({module}) exceeds "
+                                    f"max_lora_rank={max_lora_rank}; raise max_lora_rank or use a "
+                                    "smaller adapter")
+        alpha = float(_pattern_value(pattern_a, full, spec.lora_alpha))
+        scaling = alpha / math.sqrt(r_cfg) if spec.use_rslora else alpha / r_cfg
+        spec.modules[(layer, module)] = (a_name, b_name, r_cfg, scaling, transposed)
+        spec.max_rank = max(spec.max_rank, r_cfg)
+
+
+def read_base_config(model_dir: str | Path) -> dict:
+    """Load a base model's config.json (a dict)."""
+    p = Path(model_dir) / "config.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"base model config {p} is unreadable: {e}") from None

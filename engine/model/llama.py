@@ -1,0 +1,155 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) over a static per-sequence KV cache.
+
+Batches are padded [B, S] (prefill: S = longest new prompt; decode: S = 1). Every layer works
+on the flattened tokens [B*S, H] so one LoRA metadata object serves all projections.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.layers import LoRALinear, LoRAStep, RMSNorm, Rotary
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+# fused module -> the checkpoint/PEFT modules it packs (nano-vllm's packed_modules_mapping)
+PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+                  "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+@dataclass
+class Batch:
+    """Inputs of one model step (all tensors on the model's device)."""
+
+    positions: torch.Tensor      # [B, S] absolute positions (padding repeats the last one)
+    cache_rows: torch.Tensor | None  # [B] KV cache row of each sequence (None: no cache write)
+    prefill: bool
+    kv_len: int = 0              # decode: keys to attend (max position + 1, host int)
+    lora: LoRAStep | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        self.qkv_proj = LoRALinear(config.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias)
+        self.o_proj = LoRALinear(q, {"o_proj": config.hidden_size},
+                                 bool(getattr(config, "attention_bias", False)))
+        self.k_cache: torch.Tensor | None = None  # [max_num_seqs, kv_heads, max_len, head_dim]
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, batch: Batch, rotary: Rotary, shape) -> torch.Tensor:
+        # x: [T, H] with T = B*S
+        B, S = shape
+        qkv = self.qkv_proj(x, batch.lora)
+        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                             self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, S, self.heads, self.head_dim).transpose(1, 2)      # [B, h, S, D]
+        k = k.view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)   # [B, kvh, S, D]
+        v = v.view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rotary(q, batch.positions), rotary(k, batch.positions)
+        rows = batch.cache_rows
+        if batch.prefill:
+            if rows is not None:
+                # rows are written from position 0; padding slots get overwritten by later decodes
+                self.k_cache[rows, :, :S] = k
+                self.v_cache[rows, :, :S] = v
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                 enable_gqa=self.kv_heads != self.heads)
+        else:
+            pos = batch.positions[:, 0]
+            self.k_cache[rows, :, pos] = k[:, :, 0]
+            self.v_cache[rows, :, pos] = v[:, :, 0]
+            n = batch.kv_len
+            keys = self.k_cache[rows, :, :n]                              # [B, kvh, n, D]
+            values = self.v_cache[rows, :, :n]
+            mask = torch.arange(n, device=x.device)[None, :] <= pos[:, None]  # [B, n]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :],
+                                                 enable_gqa=self.kv_heads != self.heads)
+        out = out.transpose(1, 2).reshape(B * S, self.heads * self.head_dim)
+        return self.o_proj(out, batch.lora)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        i, bias = config.intermediate_size, bool(getattr(config, "mlp_bias", False))
+        self.gate_up_proj = LoRALinear(config.hidden_size, {"gate_proj": i, "up_proj": i}, bias)
+        self.down_proj = LoRALinear(i, {"down_proj": config.hidden_size}, bias)
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; allowed: silu")
+
+    def forward(self, x: torch.Tensor, lora: LoRAStep | None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, batch, rotary, shape):
+        x = x + self.self_attn(self.input_layernorm(x), batch, rotary, shape)
+        return x + self.mlp(self.post_attention_layernorm(x), batch.lora)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder plus LM head; parameter names follow the HF checkpoints (fused q/k/v, gate/up)."""
+
+    def __init__(self, config, max_len: int):
+        super().__init__()
+        if config.model_type not in SUPPORTED_TYPES:
+            raise ValueError(f"model_type {config.model_type!r} is not supported; "
+                             f"allowed: {list(SUPPORTED_TYPES)}")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = None if self.tied else nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size), requires_grad=False)
+        attn = self.layers[0].self_attn
+        self.rotary = Rotary(config, attn.head_dim, max_len)
+
+    def lm_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head
+
+    def allocate_kv_cache(self, max_num_seqs: int, max_len: int) -> None:
+        for layer in self.layers:
+            a = layer.self_attn
+            shape = (max_num_seqs, a.kv_heads, max_len, a.head_dim)
+            p = self.embed_tokens.weight
+            a.k_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            a.v_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
+
+    def forward(self, input_ids: torch.Tensor, batch: Batch,
+                last_index: torch.Tensor | None) -> torch.Tensor:
+        """input_ids: [B, S]; last_index: [B] position whose logits to return -> [B, V]
+        (None: logits of every position -> [B, S, V])."""
+        B, S = input_ids.shape
+        x = self.embed_tokens(input_ids.reshape(-1))                     # [T, H]
+        for layer in self.layers:
+            x = layer(x, batch, self.rotary, (B, S))
+        x = x.view(B, S, -1)
+        if last_index is not None:
+            x = x[torch.arange(B, device=x.device), last_index]         # [B, H]
+        return F.linear(self.norm(x), self.lm_weight()).float()
+
+    def lora_layers(self):
+        """Yield (layer index, fused module name, LoRALinear) for every LoRA-capable layer."""
+        for i, layer in enumerate(self.layers):
+            yield i, "qkv_proj", layer.self_attn.qkv_proj
+            yield i, "o_proj", layer.self_attn.o_proj
+            yield i, "gate_up_proj", layer.mlp.gate_up_proj
+            yield i, "down_proj", layer.mlp.down_proj

@@ -1,0 +1,75 @@
+"""Model runner: turns scheduled sequences into padded tensors, runs the model, returns logits."""
+from __future__ import annotations
+
+import torch
+
+from engine.model.layers import LoRAStep
+from engine.model.llama import Batch
+from engine.sequence import Sequence
+from kernels.segments import build_lora_meta
+
+
+def get_ops(backend: str):
+    """The LoRA kernels for ``backend`` ("torch" or "triton")."""
+    try:
+        from kernels import get_lora_ops
+    except ImportError:  # kernels/__init__ without the dispatcher: the torch reference only
+        if backend != "torch":
+            raise ValueError(f"lora_backend {backend!r} is not available in this build; "
+                             "allowed: torch") from None
+        import kernels.torch_ref as ops
+        return ops
+    return get_lora_ops(backend)
+
+
+class ModelRunner:
+    """Owns the device-side inputs of each step; LoRA metadata is built once per step."""
+
+    def __init__(self, model, ops, max_loras: int, device: torch.device):
+        self.model, self.ops, self.max_loras, self.device = model, ops, max_loras, device
+        self.logits_hook = None  # optional callable(seqs, logits) for tests and diagnostics
+
+    def _lora(self, token_slots: list[int]) -> LoRAStep | None:
+        used = frozenset(s for s in token_slots if s >= 0)
+        if not used or self.ops is None:
+            return None
+        t = torch.tensor(token_slots, dtype=torch.int32, device=self.device)
+        return LoRAStep(build_lora_meta(t, self.max_loras), self.ops, used)
+
+    def _tensor(self, rows) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def forward_prompts(self, prompts: list[list[int]], slots: list[int],
+                        cache_rows: list[int] | None, all_logits: bool = False) -> torch.Tensor:
+        """Prefill right-padded prompts. Returns [B, V] last-token logits ([B, S, V] if all)."""
+        S = max(len(p) for p in prompts)
+        ids = self._tensor([p + [0] * (S - len(p)) for p in prompts])          # [B, S]
+        positions = torch.arange(S, device=self.device).expand(len(prompts), S)
+        token_slots = [slot if j < len(p) else -1 for p, slot in zip(prompts, slots)
+                       for j in range(S)]
+        batch = Batch(positions=positions, prefill=True, lora=self._lora(token_slots),
+                      cache_rows=None if cache_rows is None else self._tensor(cache_rows))
+        last = None if all_logits else self._tensor([len(p) - 1 for p in prompts])
+        return self.model(ids, batch, last)
+
+    def prefill(self, seqs: list[Sequence], slots: list[int]) -> torch.Tensor:
+        logits = self.forward_prompts([s.prompt_token_ids for s in seqs], slots,
+                                      [s.cache_row for s in seqs])
+        if self.logits_hook:
+            self.logits_hook(seqs, logits)
+        return logits
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence], slots: list[int]) -> torch.Tensor:
+        """One token per running sequence. Returns [B, V] logits."""
+        ids = self._tensor([[s.last_token] for s in seqs])                      # [B, 1]
+        positions = self._tensor([[s.num_tokens - 1] for s in seqs])            # [B, 1]
+        batch = Batch(positions=positions, prefill=False, lora=self._lora(slots),
+                      cache_rows=self._tensor([s.cache_row for s in seqs]),
+                      kv_len=max(s.num_tokens for s in seqs))
+        logits = self.model(ids, batch, torch.zeros(len(seqs), dtype=torch.long,
+                                                    device=self.device))
+        if self.logits_hook:
+            self.logits_hook(seqs, logits)
+        return logits

@@ -1,0 +1,79 @@
+"""Assemble an engine's parts from its config: device, model, tokenizer, caches, runner."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.lora.manager import LoRAManager
+from engine.lora.resolve import MODEL_FILES, resolve_dir
+from engine.lora.spec import read_base_config
+from engine.model.loader import load_hf_config, load_model
+from engine.runner import ModelRunner, get_ops
+from engine.scheduler import Scheduler
+from engine.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class EngineParts:
+    device: torch.device
+    dtype: torch.dtype
+    model_dir: Path
+    hf_config: object
+    model: object
+    tokenizer: Tokenizer
+    max_model_len: int
+    lora_backend: str
+    loras: LoRAManager | None
+    runner: ModelRunner
+    scheduler: Scheduler
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("EngineConfig.device='cuda' but no CUDA device is available; "
+                         "allowed here: 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def build_engine_parts(c: EngineConfig) -> EngineParts:
+    device = _device(c.device)
+    dtype = DTYPES.get(c.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    lora_dtype = DTYPES.get(c.lora_dtype, dtype)
+    backend = c.lora_backend if c.lora_backend != "auto" else (
+        "triton" if device.type == "cuda" else "torch")
+    if backend == "triton" and device.type != "cuda":
+        raise ValueError("EngineConfig.lora_backend='triton' needs a CUDA device; "
+                         "use 'torch' (or 'auto') on CPU")
+    model_dir = resolve_dir(c.model, revision=c.revision, what="model",
+                            allow_patterns=MODEL_FILES if c.load_format != "dummy" else
+                            ["*.json", "tokenizer*", "*.jinja", "*.model", "*.txt"])
+    hf_config = load_hf_config(model_dir)
+    limit = getattr(hf_config, "max_position_embeddings", None) or 4096
+    if c.max_model_len is not None and c.max_model_len > limit:
+        raise ValueError(f"EngineConfig.max_model_len={c.max_model_len} exceeds the model's "
+                         f"max_position_embeddings={limit}")
+    max_len = c.max_model_len or min(limit, 4096)
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True) and max_len > window:
+        raise ValueError(f"max_model_len={max_len} exceeds the model's sliding_window={window}, "
+                         "which this engine does not implement; lower max_model_len")
+    model = load_model(model_dir, hf_config, dtype=dtype, device=device, max_len=max_len,
+                       load_format=c.load_format, seed=c.seed)
+    model.allocate_kv_cache(c.max_num_seqs, max_len)
+    tokenizer = Tokenizer(c.tokenizer or model_dir)
+    loras = None
+    if c.enable_lora:
+        loras = LoRAManager(model, read_base_config(model_dir), c.model, max_loras=c.max_loras,
+                            max_lora_rank=c.max_lora_rank, max_cpu_loras=c.max_cpu_loras,
+                            dtype=lora_dtype, device=device)
+    ops = get_ops(backend) if c.enable_lora else None
+    runner = ModelRunner(model, ops, c.max_loras, device)
+    return EngineParts(device, dtype, model_dir, hf_config, model, tokenizer, max_len, backend,
+                       loras, runner, Scheduler(c.max_num_seqs, c.max_loras))

@@ -1,0 +1,35 @@
+"""Shared request dependencies: the job queue, the settings and the caller's tenant (bearer key)."""
+from __future__ import annotations
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+bearer = HTTPBearer(auto_error=False, description="the tenant's API key")
+
+
+def get_queue(request: Request):
+    return request.app.state.queue
+
+
+def get_settings(request: Request):
+    return request.app.state.settings
+
+
+def get_tenant(request: Request,
+               creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
+    """The tenant owning the bearer key; 401 when the key is missing or unknown."""
+    if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    tenant = request.app.state.queue.authenticate(creds.credentials)
+    if tenant is None:
+        raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    return tenant
+
+
+def nudge(request: Request, submitted: int) -> None:
+    """Count ``submitted`` jobs and wake a GPU worker (de-duplicated; beat covers a lost one)."""
+    request.app.state.submitted.inc(submitted)
+    nudger = request.app.state.nudger
+    if nudger is not None:
+        nudger()

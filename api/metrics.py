@@ -1,0 +1,108 @@
+"""Prometheus metrics: queue depth from the job table, worker figures that workers publish in Redis."""
+from __future__ import annotations
+
+import json
+import logging
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+log = logging.getLogger(__name__)
+
+
+class QueueCollector:
+    """Collected on every scrape: ``lorry_jobs`` from SQL, worker figures from Redis."""
+
+    def __init__(self, queue, redis_client=None, prefix: str = "lorry"):
+        self.queue, self.redis, self.prefix = queue, redis_client, prefix
+
+    def worker_stats(self) -> dict[str, dict]:
+        if self.redis is None:
+            return {}
+        try:
+            keys = list(self.redis.scan_iter(match=f"{self.prefix}:stats:*", count=500))
+            values = self.redis.mget(keys) if keys else []
+        except Exception as e:  # Redis down: queue depth is still worth serving
+            log.warning("cannot read worker stats from Redis: %s", e)
+            return {}
+        out = {}
+        for key, raw in zip(keys, values):
+            if raw:
+                name = key.decode() if isinstance(key, bytes) else key
+                out[name.split(":stats:", 1)[1]] = json.loads(raw)
+        return out
+
+    def collect(self):
+        depth = GaugeMetricFamily("lorry_jobs", "Jobs in the table by status, adapter and tenant",
+                                  labels=["status", "adapter", "tenant"])
+        for status, adapter, tenant, count in self.queue.queue_depth():
+            depth.add_metric([status, adapter or "", str(tenant)], count)
+        yield depth
+        stats = self.worker_stats()
+        yield from _counters(stats)
+        for name, doc in (("claim_latency", "Time of one claim() call"),
+                          ("job_run", "Time from claim to result on a worker")):
+            yield _histogram(f"lorry_{name}_seconds", doc, [s.get(name) for s in stats.values()])
+
+
+def _counters(stats: dict[str, dict]):
+    specs = [("lorry_worker_jobs", "Jobs a worker finished, by outcome", ["outcome"],
+              lambda s: [(["succeeded"], s.get("jobs_succeeded", 0)),
+                         (["failed"], s.get("jobs_failed", 0)),
+                         (["cancelled"], s.get("jobs_cancelled", 0))]),
+             ("lorry_worker_drain_tasks", "drain runs a worker executed", [],
+              lambda s: [([], s.get("drains", 0))]),
+             ("lorry_worker_generated_tokens", "Tokens a worker generated", [],
+              lambda s: [([], s.get("tokens_generated", 0))])]
+    for name, doc, labels, values in specs:
+        fam = CounterMetricFamily(name, doc, labels=["worker", *labels])
+        for worker, s in stats.items():
+            for label_values, v in values(s):
+                fam.add_metric([worker, *label_values], v)
+        yield fam
+    tps = GaugeMetricFamily("lorry_worker_tokens_per_second",
+                            "Generated tokens/s of a worker over its last drain", labels=["worker"])
+    for worker, s in stats.items():
+        tps.add_metric([worker], s.get("tokens_per_second", 0.0))
+    yield tps
+    for event in ("hits", "misses", "evictions"):
+        fam = CounterMetricFamily(f"lorry_adapter_cache_{event}", f"Adapter cache {event}",
+                                  labels=["worker", "level"])
+        for worker, s in stats.items():
+            for level, c in (s.get("cache") or {}).items():
+                if isinstance(c, dict) and event in c:
+                    fam.add_metric([worker, level], c[event])
+        yield fam
+
+
+def _histogram(name: str, doc: str, hists: list[dict | None]) -> HistogramMetricFamily:
+    """Sum the workers' cumulative histograms (same bucket bounds) into one family."""
+    fam = HistogramMetricFamily(name, doc)
+    bounds, counts, total, n = None, None, 0.0, 0
+    for h in hists:
+        if not h:
+            continue
+        if bounds is None:
+            bounds, counts = list(h["bounds"]), [0] * len(h["bounds"])
+        if list(h["bounds"]) != bounds:
+            continue
+        counts = [a + b for a, b in zip(counts, h["counts"])]
+        total += h["sum"]
+        n += h["count"]
+    if bounds is not None:
+        buckets, running = [], 0
+        for bound, c in zip(bounds, counts):
+            running += c
+            buckets.append((repr(float(bound)), running))
+        buckets.append(("+Inf", n))
+        fam.add_metric([], buckets, total)
+    return fam
+
+
+def make_registry(queue, redis_client=None, prefix: str = "lorry"):
+    """A registry per app (tests build many apps) with the collector and API counters."""
+    registry = CollectorRegistry()
+    registry.register(QueueCollector(queue, redis_client, prefix))
+    submitted = Counter("lorry_api_jobs_submitted", "Jobs accepted by this API process",
+                        registry=registry)
+    return registry, submitted

@@ -1,0 +1,129 @@
+"""Batches: upload an OpenAI Batch JSONL file, read its status, download output/errors, cancel."""
+from __future__ import annotations
+
+import json
+from pathlib import PurePath
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from api.batch_input import ParsedBatch, parse_lines, sampling_of
+from api.convert import batch_out, output_line
+from api.deps import get_queue, get_settings, get_tenant, nudge
+from api.schemas import BatchOut
+from api.upload import read_lines
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+BASE_ALIASES = ("base",)
+
+
+def base_model_name(settings) -> str:
+    return PurePath(settings.model.rstrip("/")).name
+
+
+def _specs(parsed: ParsedBatch, queue, tenant, base_name: str):
+    """JobSpecs of the good lines; lines naming an unknown model join ``parsed.errors``."""
+    from scheduler import JobSpec
+
+    known: dict[str, bool] = {}
+    specs = []
+    for number, line in parsed.lines:
+        model = line.body.model
+        is_base = model == base_name or model in BASE_ALIASES
+        if not is_base and model not in known:
+            known[model] = queue.get_adapter(model, tenant.id) is not None
+        if not is_base and not known[model]:
+            parsed.errors.append({"code": "model_not_found", "line": number, "param": "body.model",
+                                  "message": f"line {number}: unknown model {model!r}; use one of "
+                                             f"your adapters or the base model {base_name!r}"})
+            continue
+        body = line.body
+        specs.append(JobSpec(adapter=None if is_base else model, prompt=body.prompt,
+                             messages=[m.model_dump() for m in body.messages]
+                             if body.messages else None,
+                             sampling=sampling_of(body), custom_id=line.custom_id))
+    return specs
+
+
+@router.post("", response_model=BatchOut, status_code=201,
+             summary="Create a batch from an OpenAI Batch JSONL file (raw body or multipart "
+                     "'file'); bad lines are reported per line, good lines are queued")
+async def create_batch(request: Request, tenant=Depends(get_tenant), queue=Depends(get_queue),
+                       settings=Depends(get_settings),
+                       completion_window: str = Query("24h", pattern=r"^[1-9][0-9]{0,3}h$"),
+                       metadata: str | None = Query(None, max_length=8192,
+                                                    description="a JSON object of strings")):
+    meta = {}
+    if metadata:
+        try:
+            meta = json.loads(metadata)
+        except ValueError as e:
+            raise HTTPException(422, f"metadata is not valid JSON: {e}") from None
+        if not isinstance(meta, dict) or len(meta) > 16 or not all(
+                isinstance(k, str) and isinstance(v, str) and len(v) <= 512
+                for k, v in meta.items()):
+            raise HTTPException(422, "metadata must be a JSON object of at most 16 string "
+                                     "values of at most 512 characters")
+    lines = [item async for item in read_lines(request, settings.max_body_bytes,
+                                                settings.max_batch_lines, settings.max_line_bytes)]
+    parsed = parse_lines(lines)
+    if parsed.duplicates:
+        raise HTTPException(422, parsed.duplicates)
+    specs = await run_in_threadpool(_specs, parsed, queue, tenant, base_model_name(settings))
+    if not specs:
+        raise HTTPException(422, parsed.errors or "the batch file has no request lines")
+    parsed.errors.sort(key=lambda e: e["line"])
+    meta["lorry_endpoint"] = sorted(parsed.endpoints)[0] if len(parsed.endpoints) == 1 \
+        else "mixed"
+    if parsed.errors:
+        meta["lorry_rejected_lines"] = str(len(parsed.errors))
+    info = await run_in_threadpool(queue.create_batch, tenant.id, specs, metadata=meta,
+                                   completion_window=completion_window)
+    nudge(request, len(specs))
+    return batch_out(info, parsed.errors)
+
+
+def _batch(queue, tenant, batch_id: str):
+    info = queue.get_batch(batch_id, tenant.id)
+    if info is None:
+        raise HTTPException(404, f"no batch {batch_id!r}")
+    return info
+
+
+@router.get("/{batch_id}", response_model=BatchOut, summary="Get a batch (status, counts)")
+def get_batch(batch_id: str, tenant=Depends(get_tenant), queue=Depends(get_queue)):
+    return batch_out(_batch(queue, tenant, batch_id))
+
+
+@router.post("/{batch_id}/cancel", response_model=BatchOut, summary="Cancel a batch")
+def cancel_batch(batch_id: str, tenant=Depends(get_tenant), queue=Depends(get_queue)):
+    info = queue.cancel_batch(batch_id, tenant.id)
+    if info is None:
+        raise HTTPException(404, f"no batch {batch_id!r}")
+    return batch_out(info)
+
+
+def _lines(queue, tenant, batch_id: str, model_name: str, succeeded: bool):
+    final = {"failed", "cancelled", "expired"}
+    for job in queue.batch_results(batch_id, tenant.id):
+        if (job.status == "succeeded") if succeeded else (job.status in final):
+            yield json.dumps(output_line(job, model_name)) + "\n"
+
+
+def _file(kind: str, succeeded: bool):
+    def handler(batch_id: str, tenant=Depends(get_tenant), queue=Depends(get_queue),
+                settings=Depends(get_settings)):
+        _batch(queue, tenant, batch_id)
+        return StreamingResponse(_lines(queue, tenant, batch_id, base_model_name(settings),
+                                        succeeded), media_type="application/jsonl")
+    handler.__name__ = f"batch_{kind}"
+    return handler
+
+
+router.add_api_route("/{batch_id}/output", _file("output", True), methods=["GET"],
+                     summary="The batch's output file: one OpenAI response line per "
+                             "succeeded request", response_class=StreamingResponse)
+router.add_api_route("/{batch_id}/errors", _file("errors", False), methods=["GET"],
+                     summary="The batch's error file: failed, cancelled and expired requests",
+                     response_class=StreamingResponse)

@@ -1,0 +1,77 @@
+"""Jobs: submit one, read it, list them (filters, cursor pagination), cancel."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+
+from api.convert import job_out
+from api.deps import get_queue, get_tenant, nudge
+from api.schemas import NAME_PATTERN, JobCreate, JobOut, JobPage
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+
+
+def check_adapter(queue, tenant, name: str | None) -> None:
+    """422 naming the adapter when the tenant cannot use it (unknown or another tenant's)."""
+    if name is None or queue.get_adapter(name, tenant.id) is not None:
+        return
+    known = sorted(a.name for a in queue.list_adapters(tenant.id))
+    raise HTTPException(422, f"unknown adapter {name!r}; adapters you can use: {known} "
+                             "(or null for the base model)")
+
+
+def spec_of(body: JobCreate):
+    from scheduler import JobSpec
+
+    deadline = None
+    if body.deadline_seconds is not None:
+        deadline = datetime.now(timezone.utc) + timedelta(seconds=body.deadline_seconds)
+    return JobSpec(adapter=body.adapter, prompt=body.prompt,
+                   messages=[m.model_dump() for m in body.messages] if body.messages else None,
+                   sampling=body.sampling.model_dump(exclude_none=True),
+                   priority=body.priority, max_attempts=body.max_attempts, deadline=deadline,
+                   idempotency_key=body.idempotency_key)
+
+
+@router.post("", response_model=JobOut, status_code=201, summary="Submit a generation job")
+def submit_job(body: JobCreate, request: Request, tenant=Depends(get_tenant),
+               queue=Depends(get_queue)):
+    check_adapter(queue, tenant, body.adapter)
+    [info] = queue.submit(tenant.id, [spec_of(body)])
+    nudge(request, 1)
+    return job_out(info)
+
+
+@router.get("", response_model=JobPage, summary="List your jobs, newest first")
+def list_jobs(status: str | None = Query(None, pattern="^(" + "|".join(STATUSES) + ")$"),
+              adapter: str | None = Query(None, pattern=NAME_PATTERN),
+              batch_id: str | None = Query(None, max_length=64),
+              limit: int = Query(100, ge=1, le=1000),
+              after: str | None = Query(None, max_length=64, description="next_cursor of the "
+                                                                         "previous page"),
+              tenant=Depends(get_tenant), queue=Depends(get_queue)):
+    rows = queue.list_jobs(tenant.id, status=status, adapter=adapter, batch_id=batch_id,
+                           limit=limit + 1, after=after)
+    page = [job_out(r) for r in rows[:limit]]
+    has_more = len(rows) > limit
+    return JobPage(data=page, has_more=has_more,
+                   next_cursor=page[-1].id if has_more and page else None)
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="Get a job and its result")
+def get_job(job_id: str, tenant=Depends(get_tenant), queue=Depends(get_queue)):
+    info = queue.get_job(job_id, tenant_id=tenant.id)
+    if info is None:
+        raise HTTPException(404, f"no job {job_id!r}")
+    return job_out(info)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut,
+             summary="Cancel a job (queued: now; running: at the worker's next step)")
+def cancel_job(job_id: str, tenant=Depends(get_tenant), queue=Depends(get_queue)):
+    info = queue.cancel(job_id, tenant.id)
+    if info is None:
+        raise HTTPException(404, f"no job {job_id!r}")
+    return job_out(info)

@@ -1,0 +1,196 @@
+"""The Python client: submit jobs and batches to a Lorry server over HTTP and wait for results."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import httpx
+
+from lorry.errors import LorryError, WaitTimeout, error_for
+from lorry.models import Adapter, Batch, BatchResultLine, Job, JobPage
+
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                 "stop_token_ids", "ignore_eos")
+
+
+class Client:
+    """A tenant's handle on a Lorry server.
+
+    Parameters
+    ----------
+    base_url : str
+        e.g. ``http://127.0.0.1:8000``.
+    api_key : str
+        The tenant's key (``lorry tenant create`` prints it once).
+    timeout : float
+        Per-request HTTP timeout in seconds.
+
+    Examples
+    --------
+    >>> c = Client("http://127.0.0.1:8000", "lorry_...")              # doctest: +SKIP
+    >>> job = c.submit("Say hi", adapter="uppercase", max_tokens=16)  # doctest: +SKIP
+    >>> c.wait(job.id).text                                          # doctest: +SKIP
+    """
+
+    def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None):
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout,
+                                  headers={"Authorization": f"Bearer {api_key}"},
+                                  transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- HTTP ---------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kw) -> httpx.Response:
+        try:
+            resp = self._http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise LorryError(0, f"cannot reach {self._http.base_url}: {e}") from e
+        if resp.status_code >= 400:
+            try:
+                detail = resp.json().get("detail")
+            except (ValueError, AttributeError):
+                detail = resp.text
+            raise error_for(resp.status_code, _describe(detail), detail)
+        return resp
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def submit(self, prompt: str | None = None, *, adapter: str | None = None,
+               messages: list[dict] | None = None, priority: int = 0,
+               idempotency_key: str | None = None, max_attempts: int | None = None,
+               **sampling: Any) -> Job:
+        """Queue one generation job; sampling keys are vLLM's (max_tokens, temperature, ...)."""
+        unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
+        if unknown:
+            raise TypeError(f"unknown sampling parameter(s) {unknown}; allowed {list(SAMPLING_KEYS)}")
+        body: dict[str, Any] = {"adapter": adapter, "priority": priority, "sampling": sampling}
+        if prompt is not None:
+            body["prompt"] = prompt
+        if messages is not None:
+            body["messages"] = messages
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
+        if max_attempts is not None:
+            body["max_attempts"] = max_attempts
+        return Job.model_validate(self._request("POST", "/v1/jobs", json=body).json())
+
+    def get(self, job_id: str) -> Job:
+        return Job.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+
+    def cancel(self, job_id: str) -> Job:
+        return Job.model_validate(self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
+
+    def list(self, *, status: str | None = None, adapter: str | None = None,
+             batch_id: str | None = None, page_size: int = 100) -> Iterator[Job]:
+        """All matching jobs, following the cursor page by page."""
+        cursor = None
+        while True:
+            params = {k: v for k, v in (("status", status), ("adapter", adapter),
+                                        ("batch_id", batch_id), ("limit", page_size),
+                                        ("after", cursor)) if v is not None}
+            page = JobPage.model_validate(self._request("GET", "/v1/jobs", params=params).json())
+            yield from page.data
+            if not page.has_more or not page.next_cursor:
+                return
+            cursor = page.next_cursor
+
+    def wait(self, job_id: str, *, timeout: float | None = None, poll_interval: float = 0.2,
+             max_interval: float = 5.0) -> Job:
+        """Poll until the job is final (succeeded/failed/cancelled/expired), backing off."""
+        return _poll(lambda: self.get(job_id), timeout, poll_interval, max_interval, job_id)
+
+    # -- batches ------------------------------------------------------------------------------
+    def submit_batch(self, source: str | Path | Iterable[dict], *,
+                     metadata: dict | None = None, completion_window: str = "24h") -> Batch:
+        """Upload an OpenAI Batch JSONL file (a path) or records (dicts, one per line)."""
+        if isinstance(source, (str, Path)):
+            content = Path(source).read_bytes()
+        else:
+            content = "".join(json.dumps(r) + "\n" for r in source).encode()
+        params = {"completion_window": completion_window}
+        if metadata:
+            params["metadata"] = json.dumps(metadata)
+        resp = self._request("POST", "/v1/batches", params=params, content=content,
+                             headers={"Content-Type": "application/jsonl"})
+        return Batch.model_validate(resp.json())
+
+    def batch(self, batch_id: str) -> Batch:
+        return Batch.model_validate(self._request("GET", f"/v1/batches/{batch_id}").json())
+
+    def cancel_batch(self, batch_id: str) -> Batch:
+        return Batch.model_validate(self._request("POST", f"/v1/batches/{batch_id}/cancel").json())
+
+    def wait_batch(self, batch_id: str, *, timeout: float | None = None,
+                   poll_interval: float = 0.5, max_interval: float = 10.0) -> Batch:
+        return _poll(lambda: self.batch(batch_id), timeout, poll_interval, max_interval, batch_id)
+
+    def iter_results(self, batch_id: str, *, errors: bool = False) -> Iterator[BatchResultLine]:
+        """Lines of the batch's output file (or its errors file), streamed."""
+        path = f"/v1/batches/{batch_id}/{'errors' if errors else 'output'}"
+        try:
+            with self._http.stream("GET", path) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    self._raise_for(resp)
+                for line in resp.iter_lines():
+                    if line.strip():
+                        yield BatchResultLine.model_validate_json(line)
+        except httpx.HTTPError as e:
+            raise LorryError(0, f"cannot reach {self._http.base_url}: {e}") from e
+
+    def _raise_for(self, resp: httpx.Response) -> None:
+        try:
+            detail = resp.json().get("detail")
+        except (ValueError, AttributeError):
+            detail = resp.text
+        raise error_for(resp.status_code, _describe(detail), detail)
+
+    # -- adapters -----------------------------------------------------------------------------
+    def add_adapter(self, name: str, source: str, *, revision: str | None = None) -> Adapter:
+        body = {"name": name, "source": source, "revision": revision}
+        return Adapter.model_validate(self._request("POST", "/v1/adapters", json=body).json())
+
+    def adapters(self) -> list[Adapter]:
+        data = self._request("GET", "/v1/adapters").json()["data"]
+        return [Adapter.model_validate(a) for a in data]
+
+    def delete_adapter(self, name: str) -> None:
+        self._request("DELETE", f"/v1/adapters/{name}")
+
+
+def _poll(fetch, timeout, interval, max_interval, what):
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        obj = fetch()
+        if obj.done:
+            return obj
+        if deadline is not None and time.monotonic() >= deadline:
+            raise WaitTimeout(0, f"{what} is still {obj.status!r} after {timeout} s")
+        pause = interval if deadline is None else min(interval, max(0.0, deadline - time.monotonic()))
+        time.sleep(pause)
+        interval = min(max_interval, interval * 1.5)
+
+
+def _describe(detail) -> str:
+    """A one-line message from FastAPI's ``detail`` (a string or a list of field errors)."""
+    if isinstance(detail, list):
+        parts = []
+        for err in detail:
+            if isinstance(err, dict):
+                loc = ".".join(str(x) for x in err.get("loc", []) if x != "body")
+                parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+            else:
+                parts.append(str(err))
+        return "; ".join(parts)
+    if isinstance(detail, dict):
+        return detail.get("message") or json.dumps(detail)
+    return str(detail)

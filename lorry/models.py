@@ -1,0 +1,118 @@
+"""Typed objects the client returns (jobs, batches, adapters, batch result lines)."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+FINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
+FINAL_BATCH_STATUSES = frozenset({"completed", "failed", "cancelled", "expired"})
+
+
+class _Model(BaseModel):
+    # extra="allow": a newer server may add fields; an older client must keep working.
+    model_config = ConfigDict(extra="allow")
+
+
+class Usage(_Model):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class JobResult(_Model):
+    text: str
+    token_ids: list[int] = []
+    finish_reason: str | None = None
+    usage: Usage = Usage()
+
+
+class Job(_Model):
+    """One generation job as the server reports it."""
+
+    id: str
+    status: str
+    adapter: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    sampling: dict[str, Any] = {}
+    priority: int = 0
+    attempts: int = 0
+    batch_id: str | None = None
+    custom_id: str | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: JobResult | None = None
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINAL_JOB_STATUSES
+
+    @property
+    def text(self) -> str | None:
+        return self.result.text if self.result else None
+
+
+class JobPage(_Model):
+    data: list[Job]
+    has_more: bool = False
+    next_cursor: str | None = None
+
+
+class RequestCounts(_Model):
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class Batch(_Model):
+    """An OpenAI-Batch-shaped batch."""
+
+    id: str
+    object: str = "batch"
+    status: str
+    endpoint: str | None = None
+    completion_window: str | None = None
+    request_counts: RequestCounts = RequestCounts()
+    created_at: int | None = None
+    in_progress_at: int | None = None
+    completed_at: int | None = None
+    cancelled_at: int | None = None
+    expired_at: int | None = None
+    metadata: dict[str, Any] | None = None
+    errors: dict[str, Any] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINAL_BATCH_STATUSES
+
+
+class BatchResultLine(_Model):
+    """One line of a batch's output or errors file (OpenAI's shape)."""
+
+    id: str
+    custom_id: str | None = None
+    response: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+    @property
+    def text(self) -> str | None:
+        """The generated text of a successful line (chat or text completion)."""
+        if not self.response:
+            return None
+        choice = self.response.get("body", {}).get("choices", [{}])[0]
+        if "message" in choice:
+            return choice["message"].get("content")
+        return choice.get("text")
+
+
+class Adapter(_Model):
+    id: int
+    name: str
+    source: str
+    revision: str | None = None
+    rank: int | None = None
+    status: str = "ready"
+    shared: bool = False

@@ -1,0 +1,231 @@
+"""The drain loop: claim micro-batches, feed the engine continuously, write results, keep leases.
+
+The same loop runs inside the Celery ``drain`` task and in-process for ``lorry run``/``demo``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from workers.stats import WorkerStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Held:
+    """A claimed job that is inside the engine."""
+
+    job: object  # scheduler.ClaimedJob
+    claimed_at: float
+    cancel_requested: bool = False
+
+
+@dataclass
+class DrainSummary:
+    reason: str = ""
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    released: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    results: list = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"reason": self.reason, "succeeded": self.succeeded, "failed": self.failed,
+                "cancelled": self.cancelled, "released": self.released, "tokens": self.tokens,
+                "seconds": round(self.seconds, 3)}
+
+
+class Drainer:
+    """Drains the job table through one engine.
+
+    Parameters
+    ----------
+    queue : scheduler.JobQueue
+    engine : engine.LLMEngine
+    worker_id : str
+    max_num_seqs : int
+        Sequences kept in the engine at once (the claim asks for the free ones).
+    lease_seconds, heartbeat_seconds : float
+    publish : callable, optional
+        Called with the WorkerStats at every heartbeat (Redis for ``/metrics``).
+    on_result : callable, optional
+        Called with (job, status) after each job is written (progress bars).
+    """
+
+    def __init__(self, queue, engine, worker_id: str, *, max_num_seqs: int,
+                 lease_seconds: float = 60, heartbeat_seconds: float = 10,
+                 stats: WorkerStats | None = None, publish: Callable | None = None,
+                 on_result: Callable | None = None, idle_claim_pause: float = 0.5):
+        self.queue, self.engine, self.worker_id = queue, engine, worker_id
+        self.max_num_seqs, self.lease_seconds = max_num_seqs, lease_seconds
+        self.heartbeat_seconds, self.idle_claim_pause = heartbeat_seconds, idle_claim_pause
+        self.stats, self.publish, self.on_result = stats or WorkerStats(), publish, on_result
+        self.held: dict[str, Held] = {}
+        self.names: dict[int, str] = {}  # lora_int_id -> adapter name (engine speaks ids)
+        self.loaded: set[int] = set()
+        self.summary = DrainSummary()
+
+    # -- state reported to the scheduler ------------------------------------------------------
+    def hot_warm(self) -> tuple[list[str], list[str]]:
+        loras = self.engine.list_loras()
+        hot = [self.names[i] for i in loras.get("gpu", []) if i in self.names]
+        warm = [self.names[i] for i in loras.get("cpu", []) if i in self.names and
+                self.names[i] not in hot]
+        return hot, warm
+
+    def heartbeat(self) -> None:
+        hot, warm = self.hot_warm()
+        leases = [(jid, h.job.lease_token) for jid, h in self.held.items()]
+        cancel = self.queue.heartbeat(self.worker_id, leases, hot, warm, self.max_num_seqs,
+                                      lease_seconds=self.lease_seconds)
+        for job_id in cancel or ():
+            if job_id in self.held and not self.held[job_id].cancel_requested:
+                self.held[job_id].cancel_requested = True
+                out = self.engine.abort_request(job_id)
+                self._finish(job_id, out, cancelled=True)
+        self.stats.cache = _cache_counts(self.engine)
+        if self.publish is not None:
+            self.publish(self.stats)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self, *, max_seconds: float | None = None, should_stop: Callable[[], bool] = bool,
+            stop_when_empty: bool = True) -> DrainSummary:
+        """Drain until the queue is empty, ``max_seconds`` pass, or ``should_stop()``."""
+        self.summary = summary = DrainSummary()
+        start = time.monotonic()
+        next_beat, next_claim = start, start
+        self.stats.drains += 1
+        tokens_at_start = self.stats.tokens_generated
+        while True:
+            now = time.monotonic()
+            stopping = should_stop() or (max_seconds is not None and now - start > max_seconds)
+            if stopping:
+                summary.reason = "shutdown" if should_stop() else "time limit"
+                break
+            free = self.max_num_seqs - len(self.held)
+            claimed = None
+            if free > 0 and now >= next_claim:
+                claimed = self._claim(free)
+                if not claimed:  # nothing queued: do not ask again at every step
+                    next_claim = now + self.idle_claim_pause
+            if not self.held:
+                if claimed == 0 and stop_when_empty:
+                    summary.reason = "queue empty"
+                    break
+                time.sleep(max(0.0, next_claim - time.monotonic()))
+                continue
+            for out in self.engine.step():
+                self._finish(out.request_id, out)
+            if time.monotonic() >= next_beat:
+                self.heartbeat()
+                next_beat = time.monotonic() + self.heartbeat_seconds
+        self._wind_down()
+        summary.seconds = time.monotonic() - start
+        summary.tokens = self.stats.tokens_generated - tokens_at_start
+        if summary.seconds > 0:
+            self.stats.tokens_per_second = summary.tokens / summary.seconds
+        self.heartbeat()
+        return summary
+
+    def _wind_down(self) -> None:
+        """Give back what the engine still holds: released jobs return to the queue at once."""
+        for job_id in list(self.held):
+            held = self.held.pop(job_id)
+            self.engine.abort_request(job_id)
+            if self.queue.release(job_id, held.job.lease_token):
+                self.summary.released += 1
+
+    def _claim(self, free: int) -> int:
+        hot, warm = self.hot_warm()
+        t0 = time.perf_counter()
+        batches = self.queue.claim(self.worker_id, hot, warm, free,
+                                   lease_seconds=self.lease_seconds)
+        self.stats.claim_latency.observe(time.perf_counter() - t0)
+        count = 0
+        for mb in batches:
+            lora = self._lora_for(mb)
+            for job in mb.jobs:
+                count += 1
+                if lora is False:  # the adapter was refused: _lora_for failed the jobs
+                    continue
+                self._add(job, lora)
+        return count
+
+    def _lora_for(self, mb):
+        """The LoRARequest of a micro-batch (None: base); on a refused adapter fail its jobs."""
+        if mb.adapter is None:
+            return None
+        from engine import LoRAError, LoRARequest
+
+        a = mb.adapter
+        lora = LoRARequest(a.name, a.id, a.source, revision=a.revision)
+        self.names[a.id] = a.name
+        if a.id in self.loaded:
+            return lora
+        try:
+            self.engine.add_lora(lora)
+        except LoRAError as e:
+            log.warning("adapter %s refused: %s", a.name, e)
+            for job in mb.jobs:
+                self._fail(job, f"adapter {a.name!r} cannot be loaded: {e}")
+            return False
+        self.loaded.add(a.id)
+        return lora
+
+    def _add(self, job, lora) -> None:
+        from engine import SamplingParams
+
+        try:
+            params = SamplingParams.from_dict(job.sampling)
+            prompt = job.messages if job.messages is not None else job.prompt
+            self.engine.add_request(job.id, prompt, params, lora_request=lora)
+        except ValueError as e:  # bad sampling, prompt too long, refused adapter: not retryable
+            self._fail(job, str(e))
+            return
+        self.held[job.id] = Held(job, time.monotonic())
+
+    def _fail(self, job, message: str) -> None:
+        self.queue.fail(job.id, job.lease_token, message, retryable=False)
+        self.stats.jobs["failed"] += 1
+        self.summary.failed += 1
+        if self.on_result is not None:
+            self.on_result(job, "failed")
+
+    def _finish(self, job_id: str, out, cancelled: bool = False) -> None:
+        from scheduler import Result
+
+        held = self.held.pop(job_id, None)
+        if held is None or out is None:
+            return
+        comp = out.outputs[0]
+        usage = out.usage
+        m = out.metrics
+        timings = {"run_s": time.monotonic() - held.claimed_at}
+        if m is not None and m.first_token_time and m.arrival_time:
+            timings["first_token_s"] = m.first_token_time - m.arrival_time
+        result = Result(text=comp.text, token_ids=list(comp.token_ids),
+                        finish_reason=comp.finish_reason, prompt_tokens=usage["prompt_tokens"],
+                        completion_tokens=usage["completion_tokens"], timings=timings)
+        written = self.queue.complete(job_id, held.job.lease_token, result)
+        self.stats.tokens_generated += usage["completion_tokens"]
+        self.stats.job_run.observe(timings["run_s"])
+        status = "cancelled" if cancelled else "succeeded"
+        if written:
+            self.stats.jobs[status] += 1
+            setattr(self.summary, status, getattr(self.summary, status) + 1)
+        if self.on_result is not None:
+            self.on_result(held.job, status if written else "stale")
+
+
+def _cache_counts(engine) -> dict:
+    try:
+        stats = engine.cache_stats()
+    except Exception:  # figures only; never stop a drain for them
+        return {}
+    return {level: {k: stats[level].get(k, 0) for k in ("hits", "misses", "evictions")}
+            for level in ("gpu", "cpu") if isinstance(stats.get(level), dict)}

@@ -1,0 +1,168 @@
+"""Time the Triton LoRA kernels against the torch reference and a one-adapter dense roofline.
+
+Llama-3-8B projection shapes in bf16 on a CUDA GPU; prints one JSON object per line and a
+summary object last. Times are medians over CUDA-graph replays (eager for the reference).
+Usage: python benchmarks/kernels.py [--tokens 1 64 8192] [--adapters 32] [--ranks 16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Run as a script, this file's folder comes first on sys.path and its name shadows the
+# `kernels` package: put the repository root there instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+from kernels import get_lora_ops
+from kernels.segments import build_lora_meta
+
+# name -> (input width, output widths of the fused slices)
+PROJECTIONS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
+               "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
+COPY_PEAK_GBS = 4300.0
+ROTATE_BYTES = 240e6    # rotate weight copies past the 60 MB L2, as successive layers would
+
+
+def _graph_time_us(fns, reps: int) -> float:
+    """Median time per call of fns (run back to back) replayed in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(fns))
+    return statistics.median(times)
+
+
+def _eager_time_us(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs() -> float:
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = _graph_time_us([lambda: dst.copy_(src)], reps=10)
+    return 2 * src.numel() / t / 1e3
+
+
+def bench_one(proj: str, T: int, n_adapters: int, rank: int, with_ref: bool) -> dict:
+    H, widths = PROJECTIONS[proj]
+    N, S, dt, dev = sum(widths), len(widths), torch.bfloat16, "cuda"
+    offsets = [sum(widths[:i]) for i in range(S)]
+    active = min(n_adapters, T)
+    w_bytes = active * S * rank * H * 2 + active * N * rank * 2          # read per call
+    alloc = n_adapters * S * rank * (H + N) * 2
+    sets = max(2, min(64, math.ceil(ROTATE_BYTES / alloc)))
+    # Round-robin adapters over the tokens, shuffled as a real batch arrives.
+    gen = torch.Generator().manual_seed(0)
+    slots = (torch.arange(T) % n_adapters)[torch.randperm(T, generator=gen)].to(dev)
+    meta = build_lora_meta(slots, n_adapters)
+    x = torch.randn(T, H, dtype=dt, device=dev)
+    y = torch.randn(T, N, dtype=dt, device=dev)
+    weights = [([torch.randn(n_adapters, rank, H, dtype=dt, device=dev) * 0.02 for _ in widths],
+                [torch.randn(n_adapters, n, rank, dtype=dt, device=dev) * 0.02 for n in widths])
+               for _ in range(sets)]
+    tri, ref = get_lora_ops("triton"), get_lora_ops("torch")
+    row = {"proj": proj, "tokens": T, "adapters": n_adapters, "rank": rank, "sets": sets}
+    row["triton_us"] = _graph_time_us(
+        [lambda a=a, b=b: tri.add_lora(y, x, a, b, meta, offsets) for a, b in weights], reps=20)
+    buf = torch.empty(S, T, rank, dtype=torch.float32, device=dev)
+    row["triton_nosplit_us"] = _graph_time_us(
+        [lambda a=a, b=b: tri.add_lora(y, x, a, b, meta, offsets, buffer=buf)
+         for a, b in weights], reps=20)
+    a0, b0 = weights[0]
+    row["triton_eager_us"] = _eager_time_us(lambda: tri.add_lora(y, x, a0, b0, meta, offsets), 20)
+    # One adapter as plain dense products: x @ A_cat.T, then y += inter @ B_cat.T.
+    dense = []
+    for _ in range(max(2, min(256, math.ceil(ROTATE_BYTES / (S * rank * (H + N) * 2))))):
+        a_cat = torch.randn(S * rank, H, dtype=dt, device=dev) * 0.02
+        b_cat = torch.zeros(N, S * rank, dtype=dt, device=dev)
+        for s, (off, n) in enumerate(zip(offsets, widths)):
+            b_cat[off:off + n, s * rank:(s + 1) * rank] = torch.randn(n, rank, device=dev) * .02
+        dense.append((a_cat, b_cat))
+    row["dense_one_adapter_us"] = _graph_time_us(
+        [lambda a=a, b=b: y.addmm_(torch.mm(x, a.t()), b.t()) for a, b in dense], reps=20)
+    if with_ref:
+        row["torch_ref_us"] = _eager_time_us(
+            lambda: ref.add_lora(y, x, a0, b0, meta, offsets), reps=5)
+        row["speedup_vs_torch_ref"] = row["torch_ref_us"] / row["triton_us"]
+    row["vs_dense_roofline"] = row["triton_us"] / row["dense_one_adapter_us"]
+    moved = T * H * 2 + w_bytes + 2 * T * N * 2
+    row["triton_GBps"] = moved / row["triton_us"] / 1e3
+    row["fraction_of_copy_bw"] = row["triton_GBps"] / COPY_PEAK_GBS
+    return row
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--projections", nargs="+", default=list(PROJECTIONS))
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 64, 256, 1024, 8192])
+    p.add_argument("--adapters", nargs="+", type=int, default=[1, 8, 32, 128])
+    p.add_argument("--ranks", nargs="+", type=int, default=[16, 64])
+    p.add_argument("--ref-max-tokens", type=int, default=8192)
+    p.add_argument("--max-seconds", type=float, default=1e9, help="stop the sweep after this")
+    p.add_argument("--out", help="also append the JSON lines to this file")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(json.dumps({"error": "benchmarks/kernels.py needs a CUDA GPU"}))
+        sys.exit(1)
+    out = open(args.out, "a") if args.out else None
+
+    def emit(obj):
+        line = json.dumps(obj)
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+          "triton": __import__("triton").__version__, "copy_GBps": copy_bandwidth_gbs()})
+    t0, rows = time.time(), []
+    for rank in args.ranks:
+        for proj in args.projections:
+            for n in args.adapters:
+                for T in args.tokens:
+                    if time.time() - t0 > args.max_seconds:
+                        break
+                    rows.append(bench_one(proj, T, n, rank, T <= args.ref_max_tokens))
+                    emit({k: round(v, 3) if isinstance(v, float) else v
+                          for k, v in rows[-1].items()})
+    goal = [r for r in rows if (r["tokens"], r["adapters"], r["rank"]) == (64, 32, 16)]
+    emit({"summary": "decode 64 tokens, 32 adapters, rank 16 (goal: vs_dense <= 1.5, "
+                     "speedup_vs_torch_ref >= 5)",
+          "rows": [{k: r.get(k) for k in ("proj", "triton_us", "dense_one_adapter_us",
+                                          "vs_dense_roofline", "speedup_vs_torch_ref")}
+                   for r in goal]})
+
+
+if __name__ == "__main__":
+    main()

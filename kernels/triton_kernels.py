@@ -1,0 +1,154 @@
+"""Triton kernels for multi-adapter LoRA shrink and expand over slot-sorted token segments.
+
+Grid axis 0 enumerates token tiles of all slots (each slot's tokens cut into BLOCK_M rows);
+every program finds its slot and tile from the per-slot counts in device memory, so the grid
+depends on host constants only and the launch can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# UPCAST: the Triton interpreter multiplies bfloat16 operands as raw uint16 bits, so under
+# TRITON_INTERPRET the operands of tl.dot are widened to float32 first (exact for bf16/fp16).
+
+
+@triton.jit
+def _find_tile(pid_m, counts_ptr, starts_ptr, L, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Map global tile index -> (slot, first row in the slot's segment, rows in the slot)."""
+    offs_l = tl.arange(0, BLOCK_L)
+    counts = tl.load(counts_ptr + offs_l, mask=offs_l < L, other=0)
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, 0)
+    # Slots before ours are those whose tiles end at or before pid_m.
+    slot = tl.sum((tile_end <= pid_m).to(tl.int32), 0)
+    is_slot = offs_l == slot
+    first_tile = tl.sum(tl.where(is_slot, tile_end - tiles, 0), 0)
+    count = tl.sum(tl.where(is_slot, counts, 0), 0)
+    start = tl.load(starts_ptr + slot, mask=slot < L, other=0)
+    return slot, (pid_m - first_tile) * BLOCK_M, count, start
+
+
+@triton.jit
+def lora_shrink_kernel(
+    x_ptr, a0_ptr, a1_ptr, a2_ptr, out_ptr, sorted_ptr, counts_ptr, starts_ptr,
+    H, R, L,
+    s_xt, s_xh, s_al, s_ar, s_ah, s_osplit, s_oslice, s_ot, s_or,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_L: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """out[split, s, t, :] (+)= x[t, k-part] @ A_s[slot(t)][:, k-part].T for tokens with a slot."""
+    pid_m = tl.program_id(0)
+    pid_nk = tl.program_id(1)
+    sid = tl.program_id(2)
+    pid_k = pid_nk % SPLIT_K
+    pid_n = pid_nk // SPLIT_K
+    slot, row0, count, start = _find_tile(pid_m, counts_ptr, starts_ptr, L, BLOCK_M, BLOCK_L)
+    if slot >= L:
+        return
+    if sid == 0:
+        a_ptr = a0_ptr
+    elif sid == 1:
+        a_ptr = a1_ptr
+    else:
+        a_ptr = a2_ptr
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < count
+    tok = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < R
+    x_rows = x_ptr + tok[:, None] * s_xt
+    a_cols = a_ptr + slot.to(tl.int64) * s_al + offs_n[None, :] * s_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(pid_k * BLOCK_K, H, SPLIT_K * BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < H
+        xt = tl.load(x_rows + offs_k[None, :] * s_xh, mask=mask_m[:, None] & mask_k[None, :],
+                     other=0.0)                                              # [BM, BK]
+        at = tl.load(a_cols + offs_k[:, None] * s_ah, mask=mask_k[:, None] & mask_n[None, :],
+                     other=0.0)                                              # [BK, BN]
+        if UPCAST:
+            acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(xt.to(at.dtype), at, acc, input_precision=PRECISION)
+    o_ptrs = (out_ptr + pid_k * s_osplit + sid * s_oslice + tok[:, None] * s_ot
+              + offs_n[None, :] * s_or)
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def lora_expand_kernel(
+    inter_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, sorted_ptr, counts_ptr, starts_ptr,
+    R, L, n0, n1, n2, off0, off1, off2, tiles0, tiles01,
+    s_isplit, s_islice, s_it, s_ir,
+    s_bl0, s_bn0, s_br0, s_bl1, s_bn1, s_br1, s_bl2, s_bn2, s_br2,
+    s_yt, s_yn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """y[t, off_s + n] += sum_split(inter[split, s, t]) @ B_s[slot(t)][n].T for tokens with a slot.
+
+    Axis 1 enumerates the column tiles of all slices back to back (tiles0, tiles01 are the
+    cumulative tile counts of slices 0 and 0..1), so unequal widths waste no programs.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_n < tiles0:
+        sid = 0
+        b_ptr = b0_ptr
+        n_tile = pid_n
+        N = n0
+        col0 = off0
+        s_bl = s_bl0
+        s_bn = s_bn0
+        s_br = s_br0
+    elif pid_n < tiles01:
+        sid = 1
+        b_ptr = b1_ptr
+        n_tile = pid_n - tiles0
+        N = n1
+        col0 = off1
+        s_bl = s_bl1
+        s_bn = s_bn1
+        s_br = s_br1
+    else:
+        sid = 2
+        b_ptr = b2_ptr
+        n_tile = pid_n - tiles01
+        N = n2
+        col0 = off2
+        s_bl = s_bl2
+        s_bn = s_bn2
+        s_br = s_br2
+    slot, row0, count, start = _find_tile(pid_m, counts_ptr, starts_ptr, L, BLOCK_M, BLOCK_L)
+    if slot >= L:
+        return
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < count
+    tok = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    i_rows = inter_ptr + sid * s_islice + tok[:, None] * s_it
+    b_cols = b_ptr + slot.to(tl.int64) * s_bl + offs_n[None, :] * s_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(0, R, BLOCK_R):
+        offs_r = r + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        it = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        # Split-K partial sums of the shrink are added here, so no extra reduction launch.
+        for p in range(SPLIT_K):
+            it += tl.load(i_rows + p * s_isplit + offs_r[None, :] * s_ir,
+                          mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        bt = tl.load(b_cols + offs_r[:, None] * s_br, mask=mask_r[:, None] & mask_n[None, :],
+                     other=0.0)                                              # [BR, BN]
+        if UPCAST:
+            acc = tl.dot(it.to(bt.dtype).to(tl.float32), bt.to(tl.float32), acc,
+                         input_precision=PRECISION)
+        else:
+            acc = tl.dot(it.to(bt.dtype), bt, acc, input_precision=PRECISION)
+    y_ptrs = y_ptr + tok[:, None] * s_yt + (col0 + offs_n)[None, :] * s_yn
+    mask = mask_m[:, None] & mask_n[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=mask)

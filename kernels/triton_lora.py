@@ -1,0 +1,186 @@
+"""Triton backend for multi-adapter LoRA: launchers with torch_ref's signatures.
+
+Every launch reads the per-slot token counts from device memory (LoRAMeta) and sizes its
+grid from host constants (T, widths, max_loras), so there is no host sync and the calls can
+be captured in a CUDA graph. Up to three slices go into one launch; more are done in groups.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from kernels.segments import LoRAMeta
+from kernels.triton_kernels import lora_expand_kernel, lora_shrink_kernel
+
+MAX_SLICES_PER_LAUNCH = 3
+_SM_COUNT: dict[int, int] = {}
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type == "cpu" and not _interpreted():
+        raise RuntimeError(
+            "the triton LoRA backend got CPU tensors but TRITON_INTERPRET is not set; use "
+            "lora_backend='torch' on CPU, or set TRITON_INTERPRET=1 before importing triton")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _block_l(max_loras: int) -> int:
+    return max(16, triton.next_power_of_2(max_loras))  # few variants to compile
+
+
+def _block_m(num_tokens: int) -> int:
+    # Decode batches put one or a few tokens in each slot: small tiles waste no rows.
+    return 16 if num_tokens <= 128 else 64
+
+
+def _num_m_tiles(num_tokens: int, max_loras: int, block_m: int) -> int:
+    # Each slot's last tile may be partial: at most one extra tile per slot that has tokens.
+    return triton.cdiv(num_tokens, block_m) + min(max_loras, num_tokens)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 adapters get full fp32 products, as the torch reference computes them.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _groups(n: int):
+    for g in range(0, n, MAX_SLICES_PER_LAUNCH):
+        yield g, min(n, g + MAX_SLICES_PER_LAUNCH)
+
+
+def choose_split_k(num_tokens: int, max_loras: int, num_slices: int, hidden: int,
+                   device: torch.device) -> int:
+    """Split the shrink's reduction over hidden when too few programs would fill the GPU."""
+    programs = _num_m_tiles(num_tokens, max_loras, _block_m(num_tokens)) * num_slices
+    split = 1
+    while programs * split < 2 * _num_sms(device) and hidden // (split * 2) >= 512 and split < 16:
+        split *= 2
+    return split
+
+
+def _check_slices(lora: list[torch.Tensor], what: str) -> None:
+    if not lora:
+        raise ValueError(f"{what} must hold at least one slice, got an empty list")
+    dtypes = {t.dtype for t in lora}
+    if len(dtypes) != 1:
+        raise ValueError(f"{what} slices must share one dtype, got {sorted(map(str, dtypes))}")
+
+
+def _shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta, out: torch.Tensor,
+            split_k: int) -> None:
+    # x: [T, H]; lora_a[s]: [L, R, H]; out: [split_k, S, T, R]
+    T, H = x.shape
+    R = lora_a[0].shape[1]
+    if T == 0:
+        return
+    block_m = _block_m(T)
+    block_n = min(max(16, triton.next_power_of_2(R)), 64)
+    block_k = 256 if T <= 128 else 64
+    block_k = min(block_k, max(16, triton.next_power_of_2(H)))
+    for g0, g1 in _groups(len(lora_a)):
+        a = lora_a[g0:g1]
+        if any(t.stride() != a[0].stride() for t in a):
+            raise ValueError("lora_a slices must share one memory layout (strides)")
+        a_ptrs = a + [a[0]] * (MAX_SLICES_PER_LAUNCH - len(a))
+        o = out[:, g0:g1]
+        grid = (_num_m_tiles(T, meta.max_loras, block_m), triton.cdiv(R, block_n) * split_k,
+                g1 - g0)
+        lora_shrink_kernel[grid](
+            x, *a_ptrs, o, meta.sorted_token_ids, meta.slot_token_counts, meta.slot_token_starts,
+            H, R, meta.max_loras,
+            x.stride(0), x.stride(1), a[0].stride(0), a[0].stride(1), a[0].stride(2),
+            o.stride(0), o.stride(1), o.stride(2), o.stride(3),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            BLOCK_L=_block_l(meta.max_loras), SPLIT_K=split_k,
+            PRECISION=_precision(a[0].dtype), UPCAST=_interpreted(), num_warps=4,
+            num_stages=3 if T <= 128 else 2)
+
+
+def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: torch.Tensor,
+            slice_offsets: list[int]) -> None:
+    # inter: [split_k, S, T, R]; lora_b[s]: [L, N_s, R]; y: [T, N]
+    split_k, _, T, R = inter.shape
+    if T == 0:
+        return
+    block_m = _block_m(T)
+    block_n = 128 if T <= 128 else 64
+    block_r = min(max(16, triton.next_power_of_2(R)), 64)
+    for g0, g1 in _groups(len(lora_b)):
+        b = lora_b[g0:g1]
+        offs = list(slice_offsets[g0:g1])
+        widths = [t.shape[1] for t in b]
+        tiles = [triton.cdiv(n, block_n) for n in widths]
+        pad = MAX_SLICES_PER_LAUNCH - len(b)
+        b_ptrs, widths, offs = b + [b[0]] * pad, widths + [0] * pad, offs + [0] * pad
+        strides = [s for t in b_ptrs for s in t.stride()]
+        tiles0 = tiles[0]
+        tiles01 = tiles0 + (tiles[1] if len(tiles) > 1 else 0)
+        i = inter[:, g0:g1]
+        grid = (_num_m_tiles(T, meta.max_loras, block_m), sum(tiles))
+        lora_expand_kernel[grid](
+            i, *b_ptrs, y, meta.sorted_token_ids, meta.slot_token_counts, meta.slot_token_starts,
+            R, meta.max_loras, *widths, *offs, tiles0, tiles01,
+            i.stride(0), i.stride(1), i.stride(2), i.stride(3), *strides,
+            y.stride(0), y.stride(1),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+            BLOCK_L=_block_l(meta.max_loras), SPLIT_K=split_k,
+            PRECISION=_precision(b[0].dtype), UPCAST=_interpreted(), num_warps=4, num_stages=2)
+
+
+def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta,
+                out: torch.Tensor) -> None:
+    """x: [T, H]; lora_a[s]: [L, R, H]; out: [S, T, R] (written for tokens with an adapter)."""
+    _check_device(x)
+    _check_slices(lora_a, "lora_a")
+    _shrink(x, lora_a, meta, out.unsqueeze(0), split_k=1)
+
+
+def lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta,
+                y: torch.Tensor, slice_offsets: list[int]) -> None:
+    """inter: [S, T, R]; lora_b[s]: [L, N_s, R]; y: [T, sum N_s], accumulated in place."""
+    _check_device(y)
+    _check_slices(lora_b, "lora_b")
+    if len(slice_offsets) != len(lora_b):
+        raise ValueError(f"slice_offsets has {len(slice_offsets)} entries for "
+                         f"{len(lora_b)} lora_b slices; give one offset per slice")
+    _expand(inter.unsqueeze(0), lora_b, meta, y, slice_offsets)
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
+             lora_b: list[torch.Tensor], meta: LoRAMeta, slice_offsets: list[int],
+             buffer: torch.Tensor | None = None) -> None:
+    """y[:, slices] += LoRA(x) for every token with an adapter. x: [T, H], y: [T, N].
+
+    ``buffer`` ([S, T, R] float32, optional) holds the shrink result; without it, a
+    workspace is allocated and the shrink may split its reduction over H across programs.
+    """
+    _check_device(x)
+    _check_slices(lora_a, "lora_a")
+    _check_slices(lora_b, "lora_b")
+    if len(lora_a) != len(lora_b) or len(slice_offsets) != len(lora_b):
+        raise ValueError(f"got {len(lora_a)} lora_a, {len(lora_b)} lora_b and "
+                         f"{len(slice_offsets)} slice_offsets; give one of each per slice")
+    T, H = x.shape
+    S, R = len(lora_a), lora_a[0].shape[1]
+    if buffer is None:
+        split_k = choose_split_k(T, meta.max_loras, S, H, x.device)
+        work = torch.empty(split_k, S, T, R, dtype=torch.float32, device=x.device)
+    else:
+        work = buffer.unsqueeze(0)
+        split_k = 1
+    _shrink(x, lora_a, meta, work, split_k)
+    _expand(work, lora_b, meta, y, slice_offsets)

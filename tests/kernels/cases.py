@@ -1,0 +1,93 @@
+"""Random multi-adapter LoRA problems and a plain per-row loop reference for kernel tests."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.segments import LoRAMeta, build_lora_meta
+
+MIXES = ("distinct", "uniform", "skewed", "identical", "some_without", "all_without")
+
+
+def token_slots(mix: str, num_tokens: int, max_loras: int, gen: torch.Generator) -> torch.Tensor:
+    """Slot per token ([T] int32, -1 = no adapter) for one adversarial mix."""
+    T, L = num_tokens, max_loras
+    if mix == "distinct":                      # every token its own slot (L >= T)
+        slots = torch.randperm(L, generator=gen)[:T]
+    elif mix in ("uniform", "identical"):      # identical: all slots carry the same weights
+        slots = torch.randint(0, L, (T,), generator=gen)
+        if mix == "uniform":
+            slots[:] = L - 1
+    elif mix == "skewed":                      # most tokens on one slot, a few elsewhere
+        slots = torch.where(torch.rand(T, generator=gen) < 0.8, torch.full((T,), 1),
+                            torch.randint(0, L, (T,), generator=gen))
+    elif mix == "some_without":
+        slots = torch.randint(-1, L, (T,), generator=gen)
+        slots[0], slots[-1] = -1, 2            # at least one row each way (when T > 1)
+    elif mix == "all_without":
+        slots = torch.full((T,), -1)
+    else:
+        raise ValueError(f"unknown mix {mix!r}")
+    return slots.to(torch.int32)
+
+
+@dataclass
+class Problem:
+    x: torch.Tensor                  # [T, H]
+    lora_a: list[torch.Tensor]       # per slice [L, R, H], rows >= rank(slot) zero
+    lora_b: list[torch.Tensor]       # per slice [L, N_s, R], columns >= rank(slot) zero
+    y: torch.Tensor                  # [T, sum N_s], the base output before LoRA
+    slots: torch.Tensor              # [T] int32
+    meta: LoRAMeta
+    offsets: list[int]
+
+
+def make_problem(*, num_tokens: int, hidden: int, widths: list[int], max_rank: int,
+                 ranks: list[int], mix: str, dtype: torch.dtype, device: torch.device,
+                 seed: int = 0) -> Problem:
+    """Adapters of the given ranks (cycled over slots) zero-padded into max_rank-wide slots."""
+    gen = torch.Generator().manual_seed(seed)
+    L = max(num_tokens, 3) if mix == "distinct" else 5
+    slots = token_slots(mix, num_tokens, L, gen)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen) / shape[-1] ** 0.5
+
+    lora_a, lora_b = [], []
+    for n in widths:
+        a, b = rand(L, max_rank, hidden), rand(L, n, max_rank)
+        for slot in range(L):
+            r = ranks[slot % len(ranks)]
+            a[slot, r:] = 0
+            b[slot, :, r:] = 0
+        if mix == "identical":
+            a[:], b[:] = a[0].clone(), b[0].clone()
+        lora_a.append(a.to(dtype=dtype, device=device))
+        lora_b.append(b.to(dtype=dtype, device=device))
+    offsets = [sum(widths[:i]) for i in range(len(widths))]
+    x = torch.randn(num_tokens, hidden, generator=gen).to(dtype=dtype, device=device)
+    y = torch.randn(num_tokens, sum(widths), generator=gen).to(dtype=dtype, device=device)
+    slots = slots.to(device)
+    return Problem(x, lora_a, lora_b, y, slots, build_lora_meta(slots, L), offsets)
+
+
+def loop_reference(p: Problem) -> torch.Tensor:
+    """y + LoRA(x), one row at a time in float64: the plainest statement of the semantics."""
+    y = p.y.double().cpu().clone()
+    x = p.x.double().cpu()
+    for t, slot in enumerate(p.slots.tolist()):
+        if slot < 0:
+            continue
+        for a, b, off in zip(p.lora_a, p.lora_b, p.offsets):
+            a_s, b_s = a[slot].double().cpu(), b[slot].double().cpu()
+            y[t, off:off + b_s.shape[0]] += b_s @ (a_s @ x[t])
+    return y
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}

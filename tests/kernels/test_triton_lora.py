@@ -1,0 +1,117 @@
+"""Triton LoRA kernels against the torch reference and a per-row loop, over adversarial mixes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import get_lora_ops
+from tests.kernels.cases import MIXES, TOLERANCE, loop_reference, make_problem, rel_error
+
+triton_ops = get_lora_ops("triton")
+torch_ops = get_lora_ops("torch")
+WIDTHS = [40, 24, 24]          # q/k/v of a GQA model: unequal slice widths
+
+
+def _run(ops, p, **kw):
+    y = p.y.clone()
+    ops.add_lora(y, p.x, p.lora_a, p.lora_b, p.meta, p.offsets, **kw)
+    return y
+
+
+def _check(p, y, dtype):
+    ref = loop_reference(p)
+    assert rel_error(y, ref) < TOLERANCE[dtype]
+    # Rows without adapter are untouched, bit for bit.
+    no_adapter = (p.slots < 0)
+    assert torch.equal(y[no_adapter], p.y[no_adapter])
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 133])
+@pytest.mark.parametrize("mix", MIXES)
+def test_add_lora_matches_loop_and_torch_ref(mix, num_tokens, device):
+    p = make_problem(num_tokens=num_tokens, hidden=72, widths=WIDTHS, max_rank=16,
+                     ranks=[16, 8, 1], mix=mix, dtype=torch.float32, device=device)
+    y_tri = _run(triton_ops, p)
+    y_ref = _run(torch_ops, p)
+    _check(p, y_tri, torch.float32)
+    _check(p, y_ref, torch.float32)
+    assert rel_error(y_tri, y_ref) < 1e-5
+    if mix != "all_without":
+        assert not torch.equal(y_tri, p.y), "the adapters changed nothing"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes_and_ranks_zero_padded_into_wide_slots(dtype, device):
+    # Ranks 1/8/16/64 side by side in 64-wide slots; hidden size not a power of two.
+    p = make_problem(num_tokens=133, hidden=100, widths=WIDTHS, max_rank=64,
+                     ranks=[1, 8, 16, 64], mix="some_without", dtype=dtype, device=device,
+                     seed=1)
+    y = _run(triton_ops, p)
+    assert y.dtype == dtype
+    _check(p, y, dtype)
+
+
+def test_caller_buffer_is_used_and_matches(device):
+    p = make_problem(num_tokens=7, hidden=72, widths=WIDTHS, max_rank=16, ranks=[16],
+                     mix="skewed", dtype=torch.float32, device=device)
+    buffer = torch.full((3, 7, 16), float("nan"), device=device)
+    y = _run(triton_ops, p, buffer=buffer)
+    _check(p, y, torch.float32)
+    has_slot = p.slots >= 0
+    assert torch.isfinite(buffer[:, has_slot]).all()
+
+
+def test_split_reduction_over_long_hidden(device):
+    # Few tokens over a long hidden size: the shrink splits its reduction across programs.
+    from kernels.triton_lora import choose_split_k
+    p = make_problem(num_tokens=7, hidden=2100, widths=[24], max_rank=16, ranks=[16, 8],
+                     mix="some_without", dtype=torch.float32, device=device)
+    assert choose_split_k(7, p.meta.max_loras, 1, 2100, torch.device(device)) > 1
+    _check(p, _run(triton_ops, p), torch.float32)
+
+
+def test_more_slices_than_one_launch_holds(device):
+    p = make_problem(num_tokens=7, hidden=40, widths=[16, 24, 8, 32], max_rank=8,
+                     ranks=[8, 1], mix="some_without", dtype=torch.float32, device=device)
+    _check(p, _run(triton_ops, p), torch.float32)
+
+
+def test_shrink_and_expand_alone_match_torch_ref(device):
+    p = make_problem(num_tokens=133, hidden=72, widths=WIDTHS, max_rank=16, ranks=[16, 4],
+                     mix="skewed", dtype=torch.bfloat16, device=device)
+    has_slot = p.slots >= 0
+    outs = []
+    for ops in (triton_ops, torch_ops):
+        out = torch.zeros(3, 133, 16, device=device)
+        ops.lora_shrink(p.x, p.lora_a, p.meta, out)
+        outs.append(out)
+    assert rel_error(outs[0][:, has_slot], outs[1][:, has_slot]) < 1e-2
+    ys = []
+    for ops in (triton_ops, torch_ops):
+        y = p.y.clone()
+        ops.lora_expand(outs[1], p.lora_b, p.meta, y, p.offsets)
+        ys.append(y)
+    assert rel_error(ys[0], ys[1]) < 1e-2
+    assert torch.equal(ys[0][~has_slot], p.y[~has_slot])
+
+
+def test_mismatched_slices_are_refused(device):
+    p = make_problem(num_tokens=7, hidden=40, widths=WIDTHS, max_rank=8, ranks=[8],
+                     mix="uniform", dtype=torch.float32, device=device)
+    with pytest.raises(ValueError, match="slice_offsets"):
+        triton_ops.add_lora(p.y, p.x, p.lora_a, p.lora_b, p.meta, p.offsets[:2])
+    with pytest.raises(ValueError, match="lora_a"):
+        triton_ops.add_lora(p.y, p.x, [], p.lora_b, p.meta, p.offsets)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="'cuda'.*torch.*triton"):
+        get_lora_ops("cuda")
+
+
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    p = make_problem(num_tokens=1, hidden=16, widths=[16], max_rank=8, ranks=[8],
+                     mix="uniform", dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        triton_ops.add_lora(p.y, p.x, p.lora_a, p.lora_b, p.meta, p.offsets)

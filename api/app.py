@@ -8,9 +8,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.metrics import make_registry
+from api.routes import adapters, batches, health, jobs
 from scheduler import errors
 from scheduler.errors import QueueError
-from api.routes import adapters, batches, health, jobs
 
 log = logging.getLogger(__name__)
 DESCRIPTION = """Submit generation jobs for many LoRA adapters of one base model, as durable
@@ -62,7 +62,8 @@ def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") ->
         for e in exc.errors():
             item = {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
             value = e.get("input")
-            if isinstance(value, (int, float, bool)) or (isinstance(value, str) and len(value) < 200):
+            short = isinstance(value, str) and len(value) < 200
+            if isinstance(value, (int, float, bool)) or short:
                 item["input"] = value
             errors.append(item)
         return JSONResponse({"detail": errors}, status_code=422)

@@ -1,4 +1,4 @@
-"""Prometheus metrics: queue depth from the job table, worker figures that workers publish in Redis."""
+"""Prometheus metrics: queue depth from the job table, figures workers publish in Redis."""
 from __future__ import annotations
 
 import json

@@ -35,10 +35,10 @@ class Client:
     """
 
     def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None):
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout,
-                                  headers={"Authorization": f"Bearer {api_key}"},
-                                  transport=transport)
+                 http_client: httpx.Client | None = None):
+        # http_client: a ready httpx.Client (e.g. FastAPI's TestClient) instead of a new one.
+        self._http = http_client or httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+        self._http.headers["Authorization"] = f"Bearer {api_key}"
 
     def close(self) -> None:
         self._http.close()
@@ -56,11 +56,7 @@ class Client:
         except httpx.HTTPError as e:
             raise LorryError(0, f"cannot reach {self._http.base_url}: {e}") from e
         if resp.status_code >= 400:
-            try:
-                detail = resp.json().get("detail")
-            except (ValueError, AttributeError):
-                detail = resp.text
-            raise error_for(resp.status_code, _describe(detail), detail)
+            self._raise_for(resp)
         return resp
 
     # -- jobs ---------------------------------------------------------------------------------
@@ -71,7 +67,8 @@ class Client:
         """Queue one generation job; sampling keys are vLLM's (max_tokens, temperature, ...)."""
         unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
         if unknown:
-            raise TypeError(f"unknown sampling parameter(s) {unknown}; allowed {list(SAMPLING_KEYS)}")
+            raise TypeError(f"unknown sampling parameter(s) {unknown}; "
+                            f"allowed {list(SAMPLING_KEYS)}")
         body: dict[str, Any] = {"adapter": adapter, "priority": priority, "sampling": sampling}
         if prompt is not None:
             body["prompt"] = prompt
@@ -175,7 +172,8 @@ def _poll(fetch, timeout, interval, max_interval, what):
             return obj
         if deadline is not None and time.monotonic() >= deadline:
             raise WaitTimeout(0, f"{what} is still {obj.status!r} after {timeout} s")
-        pause = interval if deadline is None else min(interval, max(0.0, deadline - time.monotonic()))
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        pause = interval if left is None else min(interval, left)
         time.sleep(pause)
         interval = min(max_interval, interval * 1.5)
 

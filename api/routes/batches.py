@@ -22,7 +22,7 @@ def base_model_name(settings) -> str:
     return PurePath(settings.model.rstrip("/")).name
 
 
-def _specs(parsed: ParsedBatch, queue, tenant, base_name: str):
+def specs_from_lines(parsed: ParsedBatch, queue, tenant, base_name: str):
     """JobSpecs of the good lines; lines naming an unknown model join ``parsed.errors``."""
     from scheduler import JobSpec
 
@@ -70,7 +70,8 @@ async def create_batch(request: Request, tenant=Depends(get_tenant), queue=Depen
     parsed = parse_lines(lines)
     if parsed.duplicates:
         raise HTTPException(422, parsed.duplicates)
-    specs = await run_in_threadpool(_specs, parsed, queue, tenant, base_model_name(settings))
+    specs = await run_in_threadpool(specs_from_lines, parsed, queue, tenant,
+                                    base_model_name(settings))
     if not specs:
         raise HTTPException(422, parsed.errors or "the batch file has no request lines")
     parsed.errors.sort(key=lambda e: e["line"])

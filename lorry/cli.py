@@ -1,0 +1,151 @@
+"""The ``lorry`` command line: set up, run the services, submit work, run a batch embedded.
+
+Heavy modules (torch, the engine, SQLAlchemy, Celery) are imported inside the commands, so
+``lorry --help`` is fast and ``lorry api`` never imports torch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="Lorry: many LoRA adapters on one base model, as durable async jobs.",
+                  no_args_is_help=True, add_completion=False)
+model_app = typer.Typer(help="The base model.", no_args_is_help=True)
+db_app = typer.Typer(help="The job database.", no_args_is_help=True)
+tenant_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=True)
+adapter_app = typer.Typer(help="Shared adapters (tenants register their own over the API).",
+                          no_args_is_help=True)
+for sub, name in ((model_app, "model"), (db_app, "db"), (tenant_app, "tenant"),
+                  (adapter_app, "adapter")):
+    app.add_typer(sub, name=name)
+
+
+def _settings():
+    from lorry.settings import get_settings
+
+    return get_settings()
+
+
+def _queue():
+    from scheduler import JobQueue
+
+    return JobQueue(_settings().database_url)
+
+
+@model_app.command("prepare")
+def model_prepare(out: Optional[Path] = typer.Option(None, help="output directory")):
+    """Convert the packaged demo model (SmolLM2-135M-Instruct) to safetensors, once."""
+    from engine.demo_model import prepare_demo_model
+
+    typer.echo(prepare_demo_model(out))
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")):
+    """Apply the migrations to LORRY_DATABASE_URL."""
+    from scheduler.migrate import upgrade
+
+    url = _settings().database_url
+    upgrade(url, revision) if revision != "head" else upgrade(url)
+    typer.echo(f"database at revision {revision}: {_redact(url)}")
+
+
+@tenant_app.command("create")
+def tenant_create(name: str, weight: float = typer.Option(1.0, min=0.001),
+                  max_queued: Optional[int] = typer.Option(None, min=1)):
+    """Create a tenant and print its API key (shown once; only its hash is stored)."""
+    tenant, key = _queue().create_tenant(name, weight=weight, max_queued=max_queued)
+    typer.echo(f"tenant {tenant.name} ({tenant.id})")
+    typer.echo(f"api key: {key}")
+
+
+@adapter_app.command("add")
+def adapter_add(name: str, source: str, revision: Optional[str] = None):
+    """Register a shared adapter: a local PEFT directory or a Hub repo id."""
+    from lorry.adapters import register_shared
+
+    info = register_shared(_queue(), _settings(), name, source, revision)
+    typer.echo(f"adapter {info.name} (id {info.id}, rank {info.rank}) -> {info.source}")
+
+
+@adapter_app.command("list")
+def adapter_list():
+    """List the shared adapters."""
+    for a in _queue().list_adapters(None):
+        typer.echo(f"{a.id}\t{a.name}\trank={a.rank}\t{a.source}")
+
+
+@app.command("api")
+def api(host: Optional[str] = None, port: Optional[int] = None, workers: int = 1):
+    """Serve the REST API (uvicorn)."""
+    import uvicorn
+
+    s = _settings()
+    uvicorn.run("api.app:main_app", factory=True, host=host or s.api_host,
+                port=port or s.api_port, workers=workers, log_level="info")
+
+
+def _celery(argv: list[str]) -> None:
+    from workers.celery_app import app as celery_app
+
+    celery_app.start(argv)
+
+
+@app.command("worker")
+def worker(name: Optional[str] = typer.Option(None, help="Celery node name"),
+           loglevel: str = "info"):
+    """Run a GPU worker (Celery, solo pool: one engine per process, loaded once)."""
+    argv = ["worker", "--pool", "solo", "--concurrency", "1", "-E", f"--loglevel={loglevel}"]
+    _celery(argv + ([f"--hostname={name}"] if name else []))
+
+
+@app.command("beat")
+def beat(loglevel: str = "info",
+         schedule: Path = typer.Option(Path("/tmp/lorry-beat-schedule"), help="state file")):
+    """Run Celery beat: maintain (reaper, deadlines, batches, workers) and drain nudges."""
+    _celery(["beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
+
+
+@app.command("flower")
+def flower(port: Optional[int] = None, address: str = "127.0.0.1"):
+    """Run Flower (basic auth from LORRY_FLOWER_BASIC_AUTH=user:password)."""
+    s = _settings()
+    argv = ["flower", f"--port={port or s.flower_port}", f"--address={address}"]
+    if s.flower_basic_auth:
+        argv.append(f"--basic-auth={s.flower_basic_auth}")
+    _celery(argv)
+
+
+@app.command("run")
+def run(file: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                    help="OpenAI Batch JSONL input"),
+        output: Path = typer.Option(..., "-o", "--output", help="output JSONL"),
+        adapter: list[str] = typer.Option([], "--adapter", help="NAME=PATH, repeatable"),
+        database: Optional[str] = typer.Option(None, help="SQLAlchemy URL (default: a "
+                                                        "temporary SQLite file)")):
+    """Run a batch file embedded (SQLite + in-process worker) and write OpenAI output lines."""
+    from lorry.embedded import run_file
+
+    counts = run_file(file, output, adapters=adapter, database_url=database)
+    typer.echo(f"{counts['succeeded']} succeeded, {counts['failed']} failed -> {output}")
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo(max_tokens: int = typer.Option(48, min=1, max=512)):
+    """Prepare the model, register the demo adapters, run one mixed batch, print a table."""
+    from lorry.demo import run_demo
+
+    run_demo(max_tokens=max_tokens)
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+from lorry import cli_client  # noqa: E402,F401  (registers submit/status on `app`)

@@ -1,0 +1,61 @@
+"""``lorry demo``: the demo adapters and the base model answer the same prompts in one batch."""
+from __future__ import annotations
+
+import json
+import time
+
+from lorry.embedded import REPO_ROOT, drain_with_progress, embedded_queue, register_adapters
+
+BUILTIN_PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Why is the sky blue? Answer in one sentence.",
+    "Give me a tip for staying focused.",
+]
+
+
+def demo_prompts() -> list[str]:
+    """scripts/demo_prompts.json (a list of strings, or {"prompts": [...]}) or a built-in list."""
+    path = REPO_ROOT / "scripts" / "demo_prompts.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        items = data.get("prompts", []) if isinstance(data, dict) else data
+        prompts = [p if isinstance(p, str) else p.get("prompt") for p in items]
+        prompts = [p for p in prompts if p]
+        if prompts:
+            return prompts
+    return BUILTIN_PROMPTS
+
+
+def run_demo(max_tokens: int = 48) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine.demo_model import prepare_demo_model
+    from scheduler import JobSpec
+
+    console = Console()
+    start = time.monotonic()
+    model_dir = prepare_demo_model()
+    with embedded_queue(model=str(model_dir)) as (settings, queue, tenant):
+        adapters = register_adapters(queue, settings, [])
+        if not adapters:
+            console.print("[yellow]no demo adapters in adapters/demo/: the base model only")
+        prompts = demo_prompts()
+        names = [None, *adapters]
+        specs = [JobSpec(adapter=a, messages=[{"role": "user", "content": p}],
+                         sampling={"max_tokens": max_tokens, "temperature": 0.0})
+                 for p in prompts for a in names]
+        jobs = queue.submit(tenant.id, specs)
+        summary = drain_with_progress(settings, queue, len(specs),
+                                      f"{len(prompts)} prompts x {len(names)} adapters")
+        table = Table(title=f"one mixed batch on {model_dir.name}", show_lines=True)
+        for col in ("prompt", "adapter", "answer"):
+            table.add_column(col, overflow="fold")
+        for job in jobs:
+            info = queue.get_job(job.id)
+            text = info.result.text.strip() if info.result else f"[red]{info.status}: {info.error}"
+            table.add_row(info.messages[0]["content"], info.adapter or "(base)", text)
+        console.print(table)
+        console.print(f"{len(specs)} jobs, {summary['tokens']} tokens generated; "
+                      f"total {time.monotonic() - start:.1f} s")

@@ -1,0 +1,103 @@
+"""The embedded default: a SQLite job table and an in-process worker, no servers needed."""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def embedded_queue(database_url: str | None = None, **overrides):
+    """Yield (settings, queue, tenant) on a migrated database (a temporary SQLite by default)."""
+    from scheduler.migrate import upgrade
+
+    from lorry.settings import get_settings
+    from scheduler import JobQueue
+
+    with tempfile.TemporaryDirectory(prefix="lorry-") as tmp:
+        url = database_url or f"sqlite:///{tmp}/lorry.db"
+        settings = get_settings().model_copy(update={"database_url": url, **overrides})
+        upgrade(url)
+        queue = JobQueue(url)
+        tenant, _ = queue.create_tenant(f"local-{Path(tmp).name}")
+        try:
+            yield settings, queue, tenant
+        finally:
+            close = getattr(queue, "close", None)
+            if close:
+                close()
+
+
+def register_adapters(queue, settings, pairs: list[str], include_demo: bool = True) -> list[str]:
+    """Register NAME=PATH pairs (and adapters/demo/*) as shared adapters; return their names."""
+    from lorry.adapters import demo_adapter_dirs, register_shared
+
+    wanted = dict(demo_adapter_dirs(REPO_ROOT / "adapters" / "demo")) if include_demo else {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {pair!r} is invalid: use NAME=PATH")
+        wanted[name] = path
+    for name, path in wanted.items():
+        register_shared(queue, settings, name, str(path))
+    return list(wanted)
+
+
+def drain_with_progress(settings, queue, total: int, description: str) -> dict:
+    """Run the in-process drain loop until the queue is empty, with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from workers.runtime import build_drainer
+
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), transient=False) as bar:
+        task = bar.add_task("loading model", total=total)
+        drainer = build_drainer(settings, queue=queue, publish=False,
+                                on_result=lambda job, status: bar.advance(task))
+        bar.update(task, description=description)
+        summary = drainer.run(stop_when_empty=True)
+    return summary.to_dict()
+
+
+def run_file(file: Path, output: Path, adapters: list[str] = (),
+             database_url: str | None = None) -> dict:
+    """Run an OpenAI Batch JSONL file embedded; write OpenAI output lines.
+
+    Failed lines go to ``<output stem>.errors.jsonl`` beside it.
+    """
+    from api.batch_input import parse_lines
+    from api.convert import output_line
+    from api.routes.batches import base_model_name, specs_from_lines
+
+    with embedded_queue(database_url) as (settings, queue, tenant):
+        register_adapters(queue, settings, list(adapters))
+        with open(file, "rb") as f:
+            parsed = parse_lines(enumerate((line.rstrip(b"\r\n") for line in f), start=1))
+        if parsed.duplicates:
+            raise SystemExit("\n".join(d["message"] for d in parsed.duplicates))
+        specs = specs_from_lines(parsed, queue, tenant, base_model_name(settings))
+        for err in parsed.errors:
+            print(f"{file}: {err['message']}", file=sys.stderr)
+        if not specs:
+            raise SystemExit(f"{file}: no request could be queued")
+        batch = queue.create_batch(tenant.id, specs, metadata={})
+        drain_with_progress(settings, queue, len(specs), f"{len(specs)} requests")
+        queue.finalize_batches()
+        counts = {"succeeded": 0, "failed": len(parsed.errors)}
+        errors_path = output.with_name(output.stem + ".errors.jsonl")
+        with open(output, "w") as out, open(errors_path, "w") as errs:
+            for err in parsed.errors:
+                errs.write(json.dumps({"id": None, "custom_id": None, "response": None,
+                                       "error": err}) + "\n")
+            for job in queue.batch_results(batch.id, tenant.id):
+                line = output_line(job, base_model_name(settings))
+                ok = job.status == "succeeded"
+                counts["succeeded" if ok else "failed"] += 1
+                (out if ok else errs).write(json.dumps(line) + "\n")
+        if not counts["failed"]:
+            errors_path.unlink()
+    return counts

@@ -1,0 +1,64 @@
+"""Adapter registration: allowed roots (symlinks resolved), engine validation rules, tenancy."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.tiny_models import make_peft_adapter
+
+
+def test_register_list_use_delete(tenant_a, adapter_root):
+    r = tenant_a.post("/v1/adapters", json={"name": "beta", "source": str(adapter_root / "beta")})
+    assert r.status_code == 201, r.text
+    a = r.json()
+    assert a["rank"] == 16 and a["source"] == os.path.realpath(adapter_root / "beta")
+    assert [x["name"] for x in tenant_a.get("/v1/adapters").json()["data"]] == ["beta"]
+    again = tenant_a.post("/v1/adapters", json={"name": "beta", "source": a["source"]})
+    assert again.status_code == 409
+    assert tenant_a.delete("/v1/adapters/beta").status_code == 204
+    assert tenant_a.get("/v1/adapters").json()["data"] == []
+    assert tenant_a.delete("/v1/adapters/beta").status_code == 404
+
+
+def test_hub_id_is_registered_with_a_revision(tenant_a):
+    r = tenant_a.post("/v1/adapters", json={"name": "hub", "source": "someone/some-lora"})
+    assert r.status_code == 201 and r.json()["revision"] == "main"
+
+
+@pytest.fixture
+def outside(tmp_path, tiny_model):
+    return make_peft_adapter(tiny_model, tmp_path / "outside", r=8)
+
+
+def _refusal(client, source) -> str:
+    r = client.post("/v1/adapters", json={"name": "evil", "source": str(source)})
+    assert r.status_code == 422, r.text
+    assert client.get("/v1/adapters").json()["data"] == []
+    return r.json()["detail"] if isinstance(r.json()["detail"], str) else str(r.json()["detail"])
+
+
+def test_paths_outside_the_roots_are_refused(tenant_a, adapter_root, outside, tmp_path):
+    assert "outside the allowed adapter roots" in _refusal(tenant_a, outside)
+    assert "outside" in _refusal(tenant_a, f"{adapter_root}/../{outside.parent.name}/outside")
+    link = adapter_root / f"link-{tmp_path.name}"
+    link.symlink_to(outside)
+    try:
+        msg = _refusal(tenant_a, link)
+        assert "outside the allowed adapter roots" in msg and str(outside) in msg
+    finally:
+        link.unlink()
+    assert "neither an absolute local path nor a Hub repo id" in _refusal(tenant_a, "../x")
+
+
+def test_engine_rules_refuse_bad_adapters(tenant_a, adapter_root, tiny_model):
+    big = make_peft_adapter(tiny_model, adapter_root / "big", r=32)
+    assert "max_lora_rank=16" in _refusal(tenant_a, big)
+    assert "adapter_config.json not found" in _refusal(tenant_a, adapter_root / "missing")
+
+
+def test_other_tenants_cannot_see_or_delete(tenant_a, tenant_b, adapter_root):
+    tenant_a.post("/v1/adapters", json={"name": "alpha", "source": str(adapter_root / "alpha")})
+    assert tenant_b.get("/v1/adapters").json()["data"] == []
+    assert tenant_b.delete("/v1/adapters/alpha").status_code == 404
+    assert [a["name"] for a in tenant_a.get("/v1/adapters").json()["data"]] == ["alpha"]

@@ -1,0 +1,126 @@
+"""OpenAI Batch JSONL over REST: upload (raw and multipart), per-line errors, limits, output."""
+from __future__ import annotations
+
+import json
+
+from tests.unit.api.conftest import finish_all
+
+
+def chat(cid, model="tiny-llama", content="hi", **body):
+    return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": content}], **body}}
+
+
+def completion(cid, model="tiny-llama", prompt="once upon", **body):
+    return {"custom_id": cid, "method": "POST", "url": "/v1/completions",
+            "body": {"model": model, "prompt": prompt, **body}}
+
+
+def jsonl(*items) -> bytes:
+    return b"".join((i if isinstance(i, bytes) else json.dumps(i).encode()) + b"\n"
+                    for i in items)
+
+
+def upload(client, content: bytes, **params):
+    return client.post("/v1/batches", content=content, params=params,
+                       headers={"Content-Type": "application/jsonl"})
+
+
+def test_batch_with_bad_lines_keeps_good_ones_and_reports_each(service, tenant_a, adapter_root):
+    _, queue, _, nudges = service
+    tenant_a.post("/v1/adapters", json={"name": "alpha", "source": str(adapter_root / "alpha")})
+    content = jsonl(chat("a", max_tokens=5, temperature=0), completion("b", model="alpha"),
+                    b"{not json", chat("d", colour="red"), chat("e", model="nosuch"),
+                    completion("f", max_tokens=0))
+    r = upload(tenant_a, content, metadata=json.dumps({"run": "nightly"}))
+    assert r.status_code == 201, r.text
+    batch = r.json()
+    assert batch["object"] == "batch" and batch["request_counts"]["total"] == 2
+    assert batch["metadata"]["run"] == "nightly"
+    errors = {e["line"]: e for e in batch["errors"]["data"]}
+    assert sorted(errors) == [3, 4, 5, 6]
+    assert errors[3]["code"] == "invalid_json"
+    assert "colour" in errors[4]["message"]
+    assert "unknown model 'nosuch'" in errors[5]["message"]
+    assert "max_tokens" in errors[6]["message"]
+    jobs = queue.list_jobs(tenant_a.tenant.id, batch_id=batch["id"])
+    assert sorted(j.custom_id for j in jobs) == ["a", "b"]
+    assert {j.custom_id: j.adapter for j in jobs} == {"a": None, "b": "alpha"}
+    assert {j.custom_id: j.sampling for j in jobs}["a"] == {"max_tokens": 5, "temperature": 0.0}
+    assert nudges.count == 1
+
+
+def test_output_and_error_files_use_openai_shapes(service, tenant_a):
+    _, queue, *_ = service
+    batch = upload(tenant_a, jsonl(chat("c1", content="one"), completion("t1", prompt="two"),
+                                   completion("bad", prompt="FAIL"))).json()
+    finish_all(queue)
+    queue.finalize_batches()
+    got = tenant_a.get(f"/v1/batches/{batch['id']}").json()
+    assert got["status"] == "completed"
+    assert got["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    out = [json.loads(x) for x in
+           tenant_a.get(f"/v1/batches/{batch['id']}/output").text.splitlines()]
+    by_id = {x["custom_id"]: x for x in out}
+    assert sorted(by_id) == ["c1", "t1"]
+    chat_body = by_id["c1"]["response"]["body"]
+    assert by_id["c1"]["response"]["status_code"] == 200 and by_id["c1"]["error"] is None
+    assert chat_body["object"] == "chat.completion"
+    assert chat_body["choices"][0]["message"] == {"role": "assistant", "content": "echo one"}
+    assert chat_body["usage"]["total_tokens"] == 8
+    text_body = by_id["t1"]["response"]["body"]
+    assert text_body["object"] == "text_completion"
+    assert text_body["choices"][0]["text"] == "echo two"
+    errs = [json.loads(x) for x in
+            tenant_a.get(f"/v1/batches/{batch['id']}/errors").text.splitlines()]
+    assert [(e["custom_id"], e["response"], e["error"]["message"]) for e in errs] == [
+        ("bad", None, "boom")]
+
+
+def test_multipart_upload(tenant_a):
+    r = tenant_a.post("/v1/batches", files={"file": ("in.jsonl", jsonl(chat("m1"), chat("m2")),
+                                                     "application/jsonl")})
+    assert r.status_code == 201, r.text
+    assert r.json()["request_counts"]["total"] == 2
+
+
+def test_duplicate_custom_id_refuses_the_whole_batch(service, tenant_a):
+    _, queue, *_ = service
+    r = upload(tenant_a, jsonl(chat("x"), chat("y"), chat("x")))
+    assert r.status_code == 422
+    [dup] = r.json()["detail"]
+    assert dup["line"] == 3 and "custom_id 'x' already used on line 1" in dup["message"]
+    assert queue.list_jobs(tenant_a.tenant.id) == []
+
+
+def test_all_bad_or_empty_is_422(service, tenant_a):
+    _, queue, *_ = service
+    r = upload(tenant_a, jsonl(b"[1, 2]", chat("a", url_typo=1)))
+    assert r.status_code == 422 and [e["line"] for e in r.json()["detail"]] == [1, 2]
+    r = upload(tenant_a, b"\n\n")
+    assert r.status_code == 422 and "no request lines" in r.json()["detail"]
+    assert queue.list_jobs(tenant_a.tenant.id) == []
+
+
+def test_limits_are_413_and_nothing_is_queued(service, tenant_a):
+    _, queue, settings, _ = service
+    many = jsonl(*[chat(f"c{i}") for i in range(settings.max_batch_lines + 1)])
+    r = upload(tenant_a, many)
+    assert r.status_code == 413 and "50 lines" in r.json()["detail"]
+    r = upload(tenant_a, jsonl(chat("long", content="x" * 5000)))
+    assert r.status_code == 413 and "line 1" in r.json()["detail"]
+    r = upload(tenant_a, b"x" * (settings.max_body_bytes + 1))
+    assert r.status_code == 413
+    assert queue.list_jobs(tenant_a.tenant.id) == []
+
+
+def test_other_tenant_cannot_see_or_cancel_a_batch(tenant_a, tenant_b):
+    batch = upload(tenant_a, jsonl(chat("a"))).json()
+    for path in ("", "/output", "/errors"):
+        assert tenant_b.get(f"/v1/batches/{batch['id']}{path}").status_code == 404
+    assert tenant_b.post(f"/v1/batches/{batch['id']}/cancel").status_code == 404
+    assert tenant_a.get(f"/v1/batches/{batch['id']}").json()["status"] != "cancelled"
+    r = tenant_a.post(f"/v1/batches/{batch['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] in ("cancelling", "cancelled")
+    assert tenant_a.get("/v1/jobs", params={"status": "cancelled"}).json()["data"][0][
+        "custom_id"] == "a"

@@ -1,0 +1,103 @@
+"""REST jobs: submit, read, list with filters and cursor pages, cancel, auth, refusals."""
+from __future__ import annotations
+
+from tests.unit.api.conftest import finish_all
+
+
+def test_submit_read_and_result(service, tenant_a):
+    _, queue, _, nudges = service
+    r = tenant_a.post("/v1/jobs", json={"prompt": "hello", "sampling": {"max_tokens": 4,
+                                                                         "temperature": 0}})
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["status"] == "queued" and job["adapter"] is None
+    assert job["sampling"]["max_tokens"] == 4 and nudges.count == 1
+    finish_all(queue)
+    done = tenant_a.get(f"/v1/jobs/{job['id']}").json()
+    assert done["status"] == "succeeded"
+    assert done["result"]["text"] == "echo hello"
+    assert done["result"]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3,
+                                       "total_tokens": 8}
+
+
+def test_chat_messages_and_idempotency_key(tenant_a):
+    body = {"messages": [{"role": "user", "content": "hi"}], "idempotency_key": "k1"}
+    first = tenant_a.post("/v1/jobs", json=body).json()
+    again = tenant_a.post("/v1/jobs", json=body).json()
+    assert first["id"] == again["id"]
+    assert first["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_list_pages_and_filters(tenant_a):
+    ids = {tenant_a.post("/v1/jobs", json={"prompt": f"p{i}"}).json()["id"] for i in range(5)}
+    seen, cursor, pages = [], None, 0
+    while True:
+        params = {"limit": 2, **({"after": cursor} if cursor else {})}
+        page = tenant_a.get("/v1/jobs", params=params).json()
+        seen += [j["id"] for j in page["data"]]
+        pages += 1
+        if not page["has_more"]:
+            break
+        cursor = page["next_cursor"]
+    assert sorted(seen) == sorted(ids) and len(seen) == 5 and pages == 3
+    assert tenant_a.get("/v1/jobs", params={"status": "succeeded"}).json()["data"] == []
+    assert len(tenant_a.get("/v1/jobs", params={"status": "queued"}).json()["data"]) == 5
+
+
+def test_cancel_queued_job(tenant_a):
+    job = tenant_a.post("/v1/jobs", json={"prompt": "x"}).json()
+    r = tenant_a.post(f"/v1/jobs/{job['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+
+
+def test_missing_or_invalid_key_is_401(service, tenant_a):
+    from fastapi.testclient import TestClient
+
+    app, queue, *_ = service
+    with TestClient(app) as anon:
+        r = anon.post("/v1/jobs", json={"prompt": "x"})
+        assert r.status_code == 401 and "missing API key" in r.json()["detail"]
+        r = anon.get("/v1/jobs", headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401 and r.json()["detail"] == "invalid API key"
+    assert queue.list_jobs(tenant_a.tenant.id) == []
+
+
+def test_other_tenants_jobs_are_404(tenant_a, tenant_b):
+    job = tenant_a.post("/v1/jobs", json={"prompt": "secret"}).json()
+    assert tenant_b.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert tenant_b.post(f"/v1/jobs/{job['id']}/cancel").status_code == 404
+    assert tenant_b.get("/v1/jobs").json()["data"] == []
+    assert tenant_a.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+
+
+def _refused(client, body) -> str:
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    return detail if isinstance(detail, str) else " | ".join(
+        f"{'.'.join(map(str, d['loc']))}: {d['msg']} {d.get('input', '')}" for d in detail)
+
+
+def test_bad_input_is_422_naming_the_field_and_nothing_is_queued(service, tenant_a):
+    _, queue, _, nudges = service
+    msg = _refused(tenant_a, {"prompt": "x", "sampling": {"max_tokens": 0}})
+    assert "sampling.max_tokens" in msg and "greater than or equal to 1" in msg
+    msg = _refused(tenant_a, {"prompt": "x", "sampling": {"temperature": 7.5}})
+    assert "temperature" in msg and "7.5" in msg
+    msg = _refused(tenant_a, {"prompt": "x", "sampling": {"top_p": 0}})
+    assert "top_p" in msg
+    assert "colour" in _refused(tenant_a, {"prompt": "x", "colour": "red"})
+    assert "exactly one of 'prompt' or 'messages'" in _refused(tenant_a, {"sampling": {}})
+    assert "exactly one" in _refused(tenant_a, {"prompt": "x", "messages": [
+        {"role": "user", "content": "y"}]})
+    assert "role" in _refused(tenant_a, {"messages": [{"role": "wizard", "content": "y"}]})
+    msg = _refused(tenant_a, {"prompt": "x", "adapter": "nosuch"})
+    assert "unknown adapter 'nosuch'" in msg
+    assert queue.list_jobs(tenant_a.tenant.id) == [] and nudges.count == 0
+
+
+def test_another_tenants_adapter_cannot_be_used(tenant_a, tenant_b, adapter_root):
+    r = tenant_a.post("/v1/adapters", json={"name": "mine", "source": str(adapter_root / "alpha")})
+    assert r.status_code == 201, r.text
+    assert tenant_a.post("/v1/jobs", json={"prompt": "x", "adapter": "mine"}).status_code == 201
+    assert "unknown adapter 'mine'" in _refused(tenant_b, {"prompt": "x", "adapter": "mine"})

@@ -1,0 +1,94 @@
+"""The Python client: typed jobs and batches, waiting, paging, and errors a user can act on."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorry.errors import InvalidRequest, LorryError, NotFound, Unauthorized, WaitTimeout
+from lorry.models import Job
+from tests.unit.api.conftest import finish_all
+
+
+def test_submit_wait_get(service, make_client):
+    _, queue, *_ = service
+    c, _ = make_client("acme")
+    job = c.submit("hello", max_tokens=4, temperature=0)
+    assert isinstance(job, Job) and job.status == "queued" and not job.done
+    with pytest.raises(WaitTimeout, match="still 'queued'"):
+        c.wait(job.id, timeout=0.3, poll_interval=0.05)
+    finish_all(queue)
+    done = c.wait(job.id, timeout=5)
+    assert done.status == "succeeded" and done.text == "echo hello"
+    assert done.result.usage.total_tokens == 8 and c.get(job.id).done
+
+
+def test_list_follows_cursor_pages_and_cancel(make_client):
+    c, _ = make_client("acme")
+    ids = [c.submit(f"p{i}").id for i in range(5)]
+    assert sorted(j.id for j in c.list(page_size=2)) == sorted(ids)
+    assert c.cancel(ids[0]).status == "cancelled"
+    assert [j.id for j in c.list(status="cancelled")] == [ids[0]]
+
+
+def test_errors_are_typed_with_the_servers_message(service, make_client):
+    from fastapi.testclient import TestClient
+
+    from lorry.client import Client
+
+    app, *_ = service
+    a, _ = make_client("a")
+    b, _ = make_client("b")
+    job = a.submit("mine")
+    with pytest.raises(NotFound) as e:
+        b.get(job.id)
+    assert e.value.status == 404 and job.id in e.value.message
+    with pytest.raises(NotFound):
+        b.cancel(job.id)
+    with pytest.raises(InvalidRequest) as e:
+        a.submit("x", max_tokens=0)
+    assert e.value.status == 422 and "sampling.max_tokens" in e.value.message
+    with pytest.raises(InvalidRequest, match="unknown adapter 'ghost'"):
+        a.submit("x", adapter="ghost")
+    with pytest.raises(TypeError, match="frequency_penalty"):
+        a.submit("x", frequency_penalty=1.0)
+    with Client("http://testserver", "wrong", http_client=TestClient(app)) as bad:
+        with pytest.raises(Unauthorized, match="invalid API key"):
+            bad.get(job.id)
+    with Client("http://127.0.0.1:9", "k", timeout=2) as down:
+        with pytest.raises(LorryError, match="cannot reach") as e:
+            down.get(job.id)
+        assert e.value.status == 0
+
+
+def test_batches_from_records_and_path(service, make_client, tmp_path):
+    _, queue, *_ = service
+    c, _ = make_client("acme")
+    records = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "tiny-llama", "messages": [{"role": "user", "content": f"q{i}"}],
+                         "max_tokens": 3}} for i in range(3)]
+    batch = c.submit_batch(records, metadata={"who": "test"})
+    assert batch.request_counts.total == 3 and batch.metadata == {"who": "test"}
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records[:2]) + "\n")
+    second = c.submit_batch(path)
+    assert second.request_counts.total == 2
+    finish_all(queue)
+    queue.finalize_batches()
+    assert c.wait_batch(batch.id, timeout=5).status == "completed"
+    lines = list(c.iter_results(batch.id))
+    assert sorted((x.custom_id, x.text) for x in lines) == [
+        ("r0", "echo q0"), ("r1", "echo q1"), ("r2", "echo q2")]
+    assert list(c.iter_results(batch.id, errors=True)) == []
+    with pytest.raises(NotFound):
+        list(c.iter_results("batch_nope"))
+
+
+def test_adapters(make_client, adapter_root):
+    c, _ = make_client("acme")
+    a = c.add_adapter("alpha", str(adapter_root / "alpha"))
+    assert a.rank == 8 and [x.name for x in c.adapters()] == ["alpha"]
+    with pytest.raises(InvalidRequest, match="outside the allowed adapter roots"):
+        c.add_adapter("etc", "/etc")
+    c.delete_adapter("alpha")
+    assert c.adapters() == []

@@ -1,0 +1,99 @@
+"""The drain loop: continuous batching from the queue, results equal to the engine alone."""
+from __future__ import annotations
+
+import json
+
+from scheduler import JobSpec
+from workers.drain import Drainer
+
+
+def drainer(queue, engine, **kw):
+    return Drainer(queue, engine, "w-test", max_num_seqs=4, lease_seconds=30,
+                   heartbeat_seconds=kw.pop("heartbeat_seconds", 5.0), **kw)
+
+
+def alone(engine, queue, adapter, prompt, max_tokens):
+    """What the engine gives for this request by itself."""
+    from engine import LoRARequest, SamplingParams
+
+    lora = None
+    if adapter:
+        info = queue.get_adapter(adapter, None)
+        lora = LoRARequest(adapter, info.id, info.source)
+    [out] = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0),
+                            lora_request=[lora], use_tqdm=False)
+    return out.outputs[0].token_ids
+
+
+def test_mixed_jobs_all_succeed_and_equal_the_engine_alone(queue, engine, tiny):
+    tenant, _ = queue.create_tenant("t")
+    specs = [JobSpec(adapter=a, prompt=f"prompt {i} for {a}", sampling={
+        "max_tokens": 3 + i % 4, "temperature": 0}) for i in range(3) for a in
+        (None, "alpha", "beta")]
+    specs.append(JobSpec(adapter="alpha", messages=[{"role": "user", "content": "chat"}],
+                         sampling={"max_tokens": 5, "temperature": 0}))
+    jobs = queue.submit(tenant.id, specs)
+    summary = drainer(queue, engine).run()
+    assert summary.reason == "queue empty" and summary.succeeded == len(specs)
+    for job, spec in zip(jobs, specs):
+        info = queue.get_job(job.id)
+        assert info.status == "succeeded", info.error
+        prompt = spec.messages if spec.messages else spec.prompt
+        want = alone(engine, queue, spec.adapter, prompt, spec.sampling["max_tokens"])
+        assert info.result.token_ids == want, (spec, info.result)
+    assert not engine.has_unfinished_requests()
+
+
+def test_bad_adapter_and_bad_sampling_fail_their_jobs_only(queue, engine, tmp_path):
+    tenant, _ = queue.create_tenant("t")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA",
+                                                            "use_dora": True}))
+    queue.register_adapter("broken", str(broken), rank=8)
+    jobs = queue.submit(tenant.id, [
+        JobSpec(adapter="broken", prompt="a", sampling={"max_tokens": 2}),
+        JobSpec(adapter=None, prompt="b", sampling={"max_tokens": 100_000}),
+        JobSpec(adapter="alpha", prompt="c", sampling={"max_tokens": 2, "temperature": 0})])
+    summary = drainer(queue, engine).run()
+    assert (summary.failed, summary.succeeded) == (2, 1)
+    bad_adapter, too_long, good = (queue.get_job(j.id) for j in jobs)
+    assert bad_adapter.status == "failed" and "DoRA" in bad_adapter.error
+    assert bad_adapter.attempts <= 1
+    assert too_long.status == "failed" and "max_model_len" in too_long.error
+    assert good.status == "succeeded"
+
+
+def test_cancel_of_a_running_job_keeps_partial_output(queue, engine):
+    tenant, _ = queue.create_tenant("t")
+    long, short = queue.submit(tenant.id, [
+        JobSpec(adapter=None, prompt="long", sampling={"max_tokens": 60, "temperature": 0,
+                                                       "ignore_eos": True}),
+        JobSpec(adapter=None, prompt="short", sampling={"max_tokens": 1, "temperature": 0})])
+
+    def cancel_long(job, status):
+        if job.id == short.id:  # the long job is running now: ask for its cancellation
+            assert queue.cancel(long.id, tenant.id) is not None
+
+    summary = drainer(queue, engine, heartbeat_seconds=0.0, on_result=cancel_long).run()
+    info = queue.get_job(long.id)
+    assert info.status == "cancelled" and summary.cancelled == 1
+    assert info.result is not None and 0 < len(info.result.token_ids) < 60
+    assert info.result.finish_reason == "abort"
+
+
+def test_warm_shutdown_releases_what_it_holds(queue, engine):
+    tenant, _ = queue.create_tenant("t")
+    jobs = queue.submit(tenant.id, [JobSpec(adapter=None, prompt=f"p{i}", sampling={
+        "max_tokens": 50, "ignore_eos": True}) for i in range(3)])
+    calls = []
+
+    def stop_after_a_few_steps():
+        calls.append(1)
+        return len(calls) > 3
+
+    summary = drainer(queue, engine).run(should_stop=stop_after_a_few_steps)
+    assert summary.reason == "shutdown" and summary.released == 3
+    assert [queue.get_job(j.id).status for j in jobs] == ["queued"] * 3
+    assert not engine.has_unfinished_requests()
+    assert drainer(queue, engine).run().succeeded == 3

@@ -1,0 +1,24 @@
+"""The Celery application: Redis broker, task events on (Flower), beat schedule of maintain."""
+from __future__ import annotations
+
+from celery import Celery
+
+from lorry.settings import get_settings
+
+settings = get_settings()
+app = Celery("lorry", broker=settings.broker_url, backend=settings.result_backend,
+             include=["workers.tasks"])
+app.conf.update(
+    # Flower builds its worker and task views from these events.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    # One GPU worker = one engine: take one drain at a time and nothing in advance.
+    worker_prefetch_multiplier=1,
+    task_acks_late=False,
+    task_ignore_result=settings.result_backend is None,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    beat_schedule={
+        "maintain": {"task": "lorry.maintain", "schedule": settings.maintain_interval},
+    },
+)

@@ -1,0 +1,66 @@
+"""The worker's process-wide state: one engine, one queue, one drainer (built once at start)."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_runtime = None
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def build_engine(settings):
+    """The engine a worker serves with, from the LORRY_* settings."""
+    from engine import EngineConfig, LLMEngine
+
+    return LLMEngine(EngineConfig(
+        model=settings.model, device=settings.device, dtype=settings.dtype,
+        max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
+        max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
+        max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len))
+
+
+def build_drainer(settings, queue=None, engine=None, publish=True, **kw):
+    """A Drainer over the settings' database and model (each built unless given)."""
+    from scheduler import JobQueue
+    from workers.drain import Drainer
+    from workers.stats import RedisStatsPublisher
+
+    worker_id = settings.worker_id or default_worker_id()
+    queue = queue or JobQueue(settings.database_url)
+    engine = engine or build_engine(settings)
+    publisher = RedisStatsPublisher(settings.broker_url, settings.redis_prefix, worker_id) \
+        if publish else None
+    return Drainer(queue, engine, worker_id, max_num_seqs=settings.max_num_seqs,
+                   lease_seconds=settings.lease_seconds,
+                   heartbeat_seconds=settings.heartbeat_seconds, publish=publisher, **kw)
+
+
+def get_drainer():
+    """The process's drainer; the engine is loaded on the first call only."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            from lorry.settings import get_settings
+
+            _runtime = build_drainer(get_settings())
+            log.info("worker %s ready: %s", _runtime.worker_id, _runtime.engine.info())
+        return _runtime
+
+
+_queues: dict = {}
+
+
+def queue_for(settings):
+    """A JobQueue per database URL, reused across maintain runs (its connection pool)."""
+    from scheduler import JobQueue
+
+    if settings.database_url not in _queues:
+        _queues[settings.database_url] = JobQueue(settings.database_url)
+    return _queues[settings.database_url]

@@ -1,0 +1,57 @@
+"""Celery tasks: ``drain`` (GPU worker) and ``maintain`` (beat), plus worker start/stop hooks."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import signals
+
+from lorry.settings import get_settings
+from workers.celery_app import app
+
+log = logging.getLogger(__name__)
+_shutting_down = threading.Event()
+
+
+@signals.worker_ready.connect
+def _load_engine(**_):
+    """Load the engine once when the worker starts, and register the worker."""
+    from workers.runtime import get_drainer
+
+    get_drainer().heartbeat()
+
+
+@signals.worker_shutting_down.connect
+def _stop_draining(**_):
+    # Warm shutdown: the running drain stops claiming and releases what it holds.
+    _shutting_down.set()
+
+
+@app.task(name="lorry.drain", bind=True)
+def drain(self) -> dict:
+    """Drain the queue through this worker's engine until it is empty (or a time limit)."""
+    from workers.runtime import get_drainer
+
+    settings = get_settings()
+    summary = get_drainer().run(max_seconds=settings.drain_max_seconds,
+                                should_stop=_shutting_down.is_set)
+    if summary.reason == "time limit":  # give maintain and other tasks a turn, then go on
+        drain.apply_async()
+    return summary.to_dict()
+
+
+@app.task(name="lorry.maintain")
+def maintain() -> dict:
+    """Reaper, deadline expiry, batch finalization, worker pruning; nudge drain if work waits."""
+    from workers.runtime import queue_for
+
+    settings = get_settings()
+    q = queue_for(settings)
+    done = {"reaped": q.reap_expired_leases(), "expired": q.expire_deadlines(),
+            "batches_finalized": q.finalize_batches(),
+            "workers_pruned": q.prune_workers(settings.prune_workers_after)}
+    queued = sum(n for status, _, _, n in q.queue_depth() if status == "queued")
+    if queued:
+        drain.apply_async()
+    done["queued"] = queued
+    return done

@@ -1,0 +1,165 @@
+"""Claiming micro-batches: read a small snapshot, let scheduler.policy choose, lease the jobs
+with one UPDATE per chosen group (FOR UPDATE SKIP LOCKED on PostgreSQL). JobQueue mixin."""
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import case, func, literal_column, or_, select, union, update
+
+from scheduler.db import insert_for
+from scheduler.models import Adapter, Job, QueueGroup, Tenant, Worker
+from scheduler.policy import Group, Snapshot, plan_claim
+from scheduler.rows import adapter_info
+from scheduler.types import ClaimedJob, MicroBatch
+
+J, G, A, T, W = (Job.__table__, QueueGroup.__table__, Adapter.__table__, Tenant.__table__,
+                 Worker.__table__)
+PER_TENANT = 4    # oldest groups per tenant in the snapshot
+OVERDUE = 16      # globally oldest groups (aging candidates)
+PRIORITY = 32     # highest-priority groups above the default class
+
+
+class ClaimOps:
+    def claim(self, worker_id: str, hot: list, warm: list, free_slots: int,
+              lease_seconds: float = 60, max_adapters: int | None = None) -> list[MicroBatch]:
+        """Lease up to free_slots jobs as micro-batches, one per adapter.
+
+        hot/warm name the adapters in the worker's GPU slots / CPU cache, by name or by
+        AdapterInfo.id. The call also records them (and a heartbeat) for the worker.
+        """
+        if not isinstance(free_slots, int) or free_slots < 0:
+            raise ValueError(f"free_slots must be an int >= 0, got {free_slots!r}")
+        if free_slots == 0:
+            return []
+        now = self.now()
+        epoch = now.timestamp()
+        with self.engine.begin() as conn:
+            hot_ids, warm_ids = self._adapter_ids(conn, hot), self._adapter_ids(conn, warm)
+            self._touch_worker(conn, worker_id, hot_ids, warm_ids, None, now)
+            groups = self._snapshot_groups(conn, hot_ids | warm_ids, now)
+            if not groups:
+                return []
+            tenants = {r.id: r for r in conn.execute(
+                select(T.c.id, T.c.weight, T.c.served).where(
+                    T.c.id.in_({g.tenant_id for g in groups})))}
+            elsewhere: set[int] = set()
+            for (others,) in conn.execute(select(W.c.hot).where(
+                    W.c.id != worker_id,
+                    W.c.heartbeat_at > now - timedelta(seconds=self.worker_ttl_seconds))):
+                elsewhere |= {x for x in others or [] if isinstance(x, int)}
+            plan = plan_claim(Snapshot(
+                groups=groups, now=epoch, free_slots=free_slots, hot=hot_ids, warm=warm_ids,
+                hot_elsewhere=elsewhere - hot_ids,
+                weights={t: r.weight for t, r in tenants.items()},
+                served={t: r.served for t, r in tenants.items()},
+                aging_seconds=self.aging_seconds, max_adapters=max_adapters))
+            token = uuid.uuid4().hex
+            expires = now + timedelta(seconds=lease_seconds)
+            claimed: dict[int, list[ClaimedJob]] = {}
+            taken: dict[tuple, int] = {}
+            for take in plan.takes:
+                g = take.group
+                rows = conn.execute(self._claim_stmt(g, take.count, now, worker_id, token,
+                                                     expires)).all()
+                if rows:
+                    taken[g.key] = taken.get(g.key, 0) + len(rows)
+                    claimed.setdefault(g.adapter_id, []).extend(
+                        ClaimedJob(id=r.id, lease_token=token, tenant_id=r.tenant_id,
+                                   adapter=r.adapter_name, prompt=r.prompt, messages=r.messages,
+                                   sampling=dict(r.sampling or {}), attempts=r.attempts)
+                        for r in rows)
+            self._charge(conn, taken, tenants, plan.floor)
+            return self._micro_batches(conn, claimed, now)
+
+    def _claim_stmt(self, g: Group, n: int, now, worker_id, token, expires):
+        pick = (select(J.c.id).where(
+            J.c.status == "queued", J.c.tenant_id == g.tenant_id,
+            J.c.adapter_id == g.adapter_id, J.c.priority == g.priority,
+            J.c.enqueued_at <= now, or_(J.c.deadline.is_(None), J.c.deadline > now))
+            .order_by(J.c.enqueued_at).limit(n).with_for_update(skip_locked=True)
+            # Materialized: inlined as IN (subquery), PostgreSQL may run the SKIP LOCKED
+            # subquery more than once and lease more than n rows.
+            .cte("picked").prefix_with("MATERIALIZED", dialect="postgresql"))
+        return (update(J).where(J.c.id == pick.c.id, J.c.status == "queued")
+                .values(status="running", worker_id=worker_id, lease_token=token,
+                        lease_expires_at=expires, attempts=J.c.attempts + 1, not_before=None,
+                        started_at=func.coalesce(J.c.started_at, now))
+                .returning(J.c.id, J.c.tenant_id, J.c.adapter_name, J.c.prompt, J.c.messages,
+                           J.c.sampling, J.c.attempts))
+
+    def _charge(self, conn, taken: dict, tenants: dict, floor: float) -> None:
+        """queue_groups -= claimed and tenants' fair-share counters += claimed/weight, in the
+        sorted lock order (groups, then tenants) that every writer follows."""
+        for (t, a, p), n in sorted(taken.items()):
+            oldest = (select(func.min(J.c.enqueued_at)).where(
+                J.c.status == "queued", J.c.tenant_id == t, J.c.adapter_id == a,
+                J.c.priority == p).scalar_subquery())
+            conn.execute(update(G).where(G.c.tenant_id == t, G.c.adapter_id == a,
+                                         G.c.priority == p)
+                         .values(queued_count=G.c.queued_count - n, oldest_enqueued_at=oldest))
+        per_tenant: dict[str, int] = {}
+        for (t, _, _), n in taken.items():
+            per_tenant[t] = per_tenant.get(t, 0) + n
+        for t, n in sorted(per_tenant.items()):
+            cost = n / max(tenants[t].weight, 1e-9)
+            conn.execute(update(T).where(T.c.id == t).values(
+                served=case((T.c.served < floor, floor), else_=T.c.served) + cost))
+
+    def _snapshot_groups(self, conn, affinity_ids: set[int], now) -> list[Group]:
+        live = G.c.queued_count > 0
+        cols = [G.c.tenant_id, G.c.adapter_id, G.c.priority, G.c.queued_count,
+                G.c.oldest_enqueued_at]
+        parts = [select(*cols).where(live).order_by(G.c.oldest_enqueued_at).limit(OVERDUE),
+                 select(*cols).where(live, G.c.priority > 0)
+                 .order_by(G.c.priority.desc(), G.c.oldest_enqueued_at).limit(PRIORITY)]
+        if affinity_ids:
+            parts.append(select(*cols).where(live, G.c.adapter_id.in_(affinity_ids)))
+        if conn.dialect.name == "postgresql":
+            # Per tenant, its oldest groups: an index probe per tenant (LATERAL).
+            inner = (select(*cols).where(live, G.c.tenant_id == T.c.id)
+                     .order_by(G.c.oldest_enqueued_at).limit(PER_TENANT).lateral("g"))
+            parts.append(select(*[inner.c[c.name] for c in cols])
+                         .select_from(T.join(inner, literal_column("true"))))
+        else:
+            rn = func.row_number().over(partition_by=G.c.tenant_id,
+                                        order_by=G.c.oldest_enqueued_at).label("rn")
+            ranked = select(*cols, rn).where(live).subquery()
+            parts.append(select(*[ranked.c[c.name] for c in cols])
+                         .where(ranked.c.rn <= PER_TENANT))
+        rows = conn.execute(union(*[p.subquery().select() for p in parts])).all()
+        far = now.timestamp() + 1e9
+        return [Group(r.tenant_id, r.adapter_id, r.priority, r.queued_count,
+                      r.oldest_enqueued_at.timestamp() if r.oldest_enqueued_at else far)
+                for r in rows]
+
+    def _adapter_ids(self, conn, refs) -> set[int]:
+        ids = {int(x) for x in refs or [] if isinstance(x, int)}
+        names = [x for x in refs or [] if isinstance(x, str)]
+        if names:
+            ids |= set(conn.execute(select(A.c.id).where(A.c.name.in_(names))).scalars())
+        return ids
+
+    def _touch_worker(self, conn, worker_id, hot_ids, warm_ids, capacity, now) -> None:
+        # Adapters are stored as ids, so other claims compare them without a name lookup.
+        ins = insert_for(conn.engine)(W).values(
+            id=worker_id, heartbeat_at=now, hot=sorted(hot_ids), warm=sorted(warm_ids),
+            capacity=capacity or 0)
+        update_cols = dict(heartbeat_at=ins.excluded.heartbeat_at, hot=ins.excluded.hot,
+                           warm=ins.excluded.warm)
+        if capacity is not None:
+            update_cols["capacity"] = ins.excluded.capacity
+        conn.execute(ins.on_conflict_do_update(index_elements=["id"], set_=update_cols))
+
+    def _micro_batches(self, conn, claimed: dict, now) -> list[MicroBatch]:
+        ids = [a for a in claimed if a != 0]
+        infos = {r.id: adapter_info(r) for r in conn.execute(select(A).where(A.c.id.in_(ids)))}
+        out = []
+        for adapter_id, jobs in claimed.items():
+            if adapter_id != 0 and adapter_id not in infos:
+                conn.execute(update(J).where(J.c.id.in_([j.id for j in jobs])).values(
+                    status="failed", finished_at=now, lease_token=None,
+                    error=f"adapter {jobs[0].adapter!r} (id {adapter_id}) was deleted"))
+                continue
+            out.append(MicroBatch(adapter=infos.get(adapter_id), jobs=jobs))
+        return out

@@ -1,0 +1,77 @@
+"""Engine set-up per dialect (SQLite serialized writers, PostgreSQL pool), upserts and time."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
+
+from scheduler.models import QueueGroup
+
+
+def make_engine(url: str, **kwargs) -> Engine:
+    """An Engine for `sqlite:///path` or `postgresql+psycopg://...`."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_conn, _record):
+            # Take over transaction control from the driver, so BEGIN IMMEDIATE below is ours.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn):
+            # One writer at a time: a claim is a serialized transaction on SQLite.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    kwargs.setdefault("pool_size", 8)
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(url, **kwargs)
+
+
+def utcnow() -> datetime:
+    """Naive UTC (what every timestamp column stores)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def naive_utc(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is None:
+        return value
+    return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def insert_for(engine: Engine):
+    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+
+def add_to_groups(conn, deltas: dict[tuple[str, int, int], tuple[int, datetime]]) -> None:
+    """queue_groups += count per (tenant, adapter, priority); oldest becomes the earlier one.
+
+    Keys are applied in sorted order, the lock order every writer of queue_groups follows.
+    """
+    if not deltas:
+        return
+    ins = insert_for(conn.engine)
+    table = QueueGroup.__table__
+    rows = [dict(tenant_id=k[0], adapter_id=k[1], priority=k[2], queued_count=n,
+                 oldest_enqueued_at=oldest) for k, (n, oldest) in sorted(deltas.items())]
+    stmt = ins(table)
+    exc = stmt.excluded
+    from sqlalchemy import case
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["tenant_id", "adapter_id", "priority"],
+        set_=dict(
+            queued_count=table.c.queued_count + exc.queued_count,
+            oldest_enqueued_at=case(
+                (table.c.queued_count <= 0, exc.oldest_enqueued_at),
+                (table.c.oldest_enqueued_at.is_(None), exc.oldest_enqueued_at),
+                (exc.oldest_enqueued_at < table.c.oldest_enqueued_at, exc.oldest_enqueued_at),
+                else_=table.c.oldest_enqueued_at)))
+    for row in rows:  # one statement per group: on_conflict with executemany is per-row anyway
+        conn.execute(stmt, row)

@@ -1,0 +1,171 @@
+"""JobQueue: the one gateway to the queue's database (tenants and adapters live here; jobs,
+claims, leases, batches and maintenance in the mixins it is built from)."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+
+from sqlalchemy import delete, or_, select
+
+from scheduler import errors
+from scheduler.batches import BatchOps
+from scheduler.claims import ClaimOps
+from scheduler.db import make_engine, naive_utc, utcnow
+from scheduler.jobs import JobOps
+from scheduler.leases import LeaseOps
+from scheduler.maintenance import MaintenanceOps
+from scheduler.models import Adapter, Tenant
+from scheduler.rows import adapter_info, tenant_info
+from scheduler.types import AdapterInfo, TenantInfo
+
+ADAPTER_STATUSES = ("ready", "pending", "invalid", "disabled")
+
+
+class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, MaintenanceOps):
+    """Durable job queue on SQLite or PostgreSQL.
+
+    Parameters
+    ----------
+    url : str
+        SQLAlchemy URL, ``sqlite:///path`` or ``postgresql+psycopg://...``.
+    create : bool, optional
+        Run the migrations up to head first. Default: True on SQLite (the embedded
+        default), False elsewhere (run ``lorry db upgrade``).
+    aging_seconds : float
+        A group whose oldest job waited longer is claimed before anything else.
+    worker_ttl_seconds : float
+        A worker whose last heartbeat/claim is older counts as dead for affinity.
+    clock : callable, optional
+        Returns the current time (naive UTC or aware); tests pass a fake one.
+    """
+
+    def __init__(self, url: str, *, create: bool | None = None, aging_seconds: float = 300.0,
+                 worker_ttl_seconds: float = 120.0, backoff_base_s: float = 2.0,
+                 backoff_max_s: float = 300.0, clock: Callable[[], datetime] | None = None,
+                 **engine_kwargs):
+        self.url = url
+        if create is None:
+            create = url.startswith("sqlite")
+        if create:
+            from scheduler.migrate import upgrade
+            upgrade(url)
+        self.engine = make_engine(url, **engine_kwargs)
+        self.aging_seconds = aging_seconds
+        self.worker_ttl_seconds = worker_ttl_seconds
+        self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
+        self._clock = clock or utcnow
+
+    def now(self) -> datetime:
+        return naive_utc(self._clock())
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- tenants -------------------------------------------------------------------------
+    def create_tenant(self, name: str, weight: float = 1.0,
+                      max_queued: int | None = None) -> tuple[TenantInfo, str]:
+        """Create a tenant; returns it and its API key (shown once, stored as a sha256)."""
+        if not name or not isinstance(name, str):
+            raise ValueError(f"tenant name must be a non-empty string, got {name!r}")
+        if not (isinstance(weight, (int, float)) and weight > 0):
+            raise ValueError(f"tenant weight must be a number > 0, got {weight!r}")
+        if max_queued is not None and not (isinstance(max_queued, int) and max_queued >= 0):
+            raise ValueError(f"max_queued must be an int >= 0 or None, got {max_queued!r}")
+        key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        row = dict(id=f"tenant_{uuid.uuid4().hex}", name=name, key_id=key_id,
+                   key_hash=hashlib.sha256(secret.encode()).hexdigest(), weight=float(weight),
+                   max_queued=max_queued, served=0.0, created_at=self.now())
+        with self.engine.begin() as conn:
+            conn.execute(Tenant.__table__.insert(), row)
+        return tenant_info(_Obj(row)), f"lorry_{key_id}_{secret}"
+
+    def authenticate(self, api_key: str) -> TenantInfo | None:
+        """The tenant owning api_key, or None (unknown or malformed key)."""
+        parts = api_key.split("_", 2) if isinstance(api_key, str) else []
+        if len(parts) != 3 or parts[0] != "lorry":
+            return None
+        t = Tenant.__table__
+        with self.engine.connect() as conn:
+            row = conn.execute(select(t).where(t.c.key_id == parts[1])).first()
+        if row is None:
+            return None
+        digest = hashlib.sha256(parts[2].encode()).hexdigest()
+        return tenant_info(row) if hmac.compare_digest(digest, row.key_hash) else None
+
+    def get_tenant(self, tenant_id: str) -> TenantInfo | None:
+        t = Tenant.__table__
+        with self.engine.connect() as conn:
+            row = conn.execute(select(t).where(t.c.id == tenant_id)).first()
+        return None if row is None else tenant_info(row)
+
+    # ---- adapters ------------------------------------------------------------------------
+    def register_adapter(self, name: str, source: str, *, tenant_id: str | None = None,
+                         revision: str | None = None, base_model: str | None = None,
+                         rank: int | None = None, status: str = "ready") -> AdapterInfo:
+        """Add an adapter to a tenant's catalog (tenant_id=None: shared by all tenants)."""
+        if not name or not isinstance(name, str) or len(name) > 200:
+            raise ValueError(f"adapter name must be a non-empty string of <= 200 chars, "
+                             f"got {name!r}")
+        if not source or not isinstance(source, str):
+            raise ValueError(f"adapter source must be a local path or hub id, got {source!r}")
+        if status not in ADAPTER_STATUSES:
+            raise ValueError(f"adapter status {status!r} is not one of {ADAPTER_STATUSES}")
+        a = Adapter.__table__
+        row = dict(name=name, tenant_id=tenant_id, tenant_key=tenant_id or "", source=source,
+                   revision=revision, base_model=base_model, rank=rank, status=status,
+                   created_at=self.now())
+        with self.engine.begin() as conn:
+            if tenant_id is not None and conn.execute(
+                    select(Tenant.id).where(Tenant.id == tenant_id)).first() is None:
+                raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
+            taken = conn.execute(select(a.c.id).where(a.c.tenant_key == row["tenant_key"],
+                                                      a.c.name == name)).first()
+            if taken is not None:
+                owner = f"tenant {tenant_id!r}" if tenant_id else "the shared catalog"
+                raise errors.AdapterExists(f"adapter {name!r} already exists in {owner}; "
+                                           "delete it first or pick another name")
+            new_id = conn.execute(a.insert().returning(a.c.id), row).scalar_one()
+        return adapter_info(_Obj(dict(row, id=new_id)))
+
+    def get_adapter(self, name: str, tenant_id: str | None) -> AdapterInfo | None:
+        """The tenant's own adapter of that name, else the shared one, else None."""
+        a = Adapter.__table__
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(a).where(a.c.name == name, a.c.tenant_key.in_(
+                [tenant_id or "", ""]))).all()
+        rows.sort(key=lambda r: r.tenant_key == "")  # own first
+        return adapter_info(rows[0]) if rows else None
+
+    def get_adapter_by_id(self, adapter_id: int) -> AdapterInfo | None:
+        a = Adapter.__table__
+        with self.engine.connect() as conn:
+            row = conn.execute(select(a).where(a.c.id == adapter_id)).first()
+        return None if row is None else adapter_info(row)
+
+    def list_adapters(self, tenant_id: str | None) -> list[AdapterInfo]:
+        """The tenant's own adapters and the shared ones, by name."""
+        a = Adapter.__table__
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(a).where(or_(a.c.tenant_key == "", a.c.tenant_key == (
+                tenant_id or ""))).order_by(a.c.name, a.c.tenant_key.desc())).all()
+        return [adapter_info(r) for r in rows]
+
+    def delete_adapter(self, name: str, tenant_id: str | None) -> bool:
+        """Delete the tenant's own adapter (tenant_id=None: the shared one). Its queued jobs
+        fail when claimed, with an error naming the deleted adapter."""
+        a = Adapter.__table__
+        with self.engine.begin() as conn:
+            res = conn.execute(delete(a).where(a.c.name == name,
+                                               a.c.tenant_key == (tenant_id or "")))
+        return res.rowcount > 0
+
+
+class _Obj:
+    """Attribute view of a dict (to reuse the row converters on freshly inserted values)."""
+
+    def __init__(self, d: dict):
+        self.__dict__.update(d)

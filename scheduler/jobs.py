@@ -1,0 +1,201 @@
+"""Submitting, reading, listing and cancelling jobs (JobQueue mixin)."""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from scheduler import errors
+from scheduler.db import add_to_groups, naive_utc
+from scheduler.models import Adapter, Job, QueueGroup, Tenant
+from scheduler.rows import job_info
+from scheduler.types import JobInfo, JobSpec
+
+J = Job.__table__
+
+
+def validate_spec(spec: JobSpec, index: int) -> None:
+    where = f"job #{index}"
+    if not isinstance(spec, JobSpec):
+        raise errors.InvalidJob(f"{where}: expected a JobSpec, got {type(spec).__name__}")
+    if (spec.prompt is None) == (spec.messages is None):
+        raise errors.InvalidJob(f"{where}: give exactly one of prompt or messages "
+                                f"(prompt={spec.prompt!r:.40}, messages={spec.messages!r:.40})")
+    if spec.messages is not None and not (isinstance(spec.messages, list) and spec.messages
+                                          and all(isinstance(m, dict) for m in spec.messages)):
+        raise errors.InvalidJob(f"{where}: messages must be a non-empty list of dicts")
+    if not isinstance(spec.sampling, dict):
+        raise errors.InvalidJob(f"{where}: sampling must be a dict, got {spec.sampling!r}")
+    if not isinstance(spec.priority, int) or not -1000 <= spec.priority <= 1000:
+        raise errors.InvalidJob(f"{where}: priority must be an int in [-1000, 1000], "
+                                f"got {spec.priority!r}")
+    if not isinstance(spec.max_attempts, int) or not 1 <= spec.max_attempts <= 100:
+        raise errors.InvalidJob(f"{where}: max_attempts must be an int in [1, 100], "
+                                f"got {spec.max_attempts!r}")
+    if spec.deadline is not None and not isinstance(spec.deadline, datetime):
+        raise errors.InvalidJob(f"{where}: deadline must be a datetime, got {spec.deadline!r}")
+
+
+class JobOps:
+    def submit(self, tenant_id: str, specs: JobSpec | Sequence[JobSpec]) -> list[JobInfo]:
+        """Queue one or many jobs in one transaction; a known idempotency key returns the
+        existing job instead. Raises InvalidJob, UnknownAdapter, QuotaExceeded (nothing queued)."""
+        specs = [specs] if isinstance(specs, JobSpec) else list(specs)
+        for i, spec in enumerate(specs):
+            validate_spec(spec, i)
+        try:
+            with self.engine.begin() as conn:
+                return self._submit(conn, tenant_id, specs)
+        except IntegrityError:
+            # A concurrent submit with the same idempotency key won: now we return its job.
+            with self.engine.begin() as conn:
+                return self._submit(conn, tenant_id, specs)
+
+    def _submit(self, conn, tenant_id: str, specs: list[JobSpec], batch_id: str | None = None,
+                deadline_cap: datetime | None = None) -> list[JobInfo]:
+        tenant = conn.execute(select(Tenant.__table__).where(Tenant.id == tenant_id)).first()
+        if tenant is None:
+            raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
+        adapters = self._resolve_adapters(conn, tenant_id, {s.adapter for s in specs})
+        keys = [s.idempotency_key for s in specs if s.idempotency_key is not None]
+        existing: dict[str, JobInfo] = {}
+        if keys:
+            for r in conn.execute(select(J).where(J.c.tenant_id == tenant_id,
+                                                  J.c.idempotency_key.in_(set(keys)))):
+                existing[r.idempotency_key] = job_info(r)
+        now = self.now()
+        rows, out, by_key = [], [], {}
+        for seq, s in enumerate(specs):
+            if s.idempotency_key in existing:
+                out.append(existing[s.idempotency_key])
+                continue
+            if s.idempotency_key is not None and s.idempotency_key in by_key:
+                out.append(by_key[s.idempotency_key])  # the same key twice in one request
+                continue
+            deadline = naive_utc(s.deadline)
+            if deadline_cap is not None and (deadline is None or deadline > deadline_cap):
+                deadline = deadline_cap
+            adapter_id = adapters[s.adapter]
+            row = dict(id=f"job_{uuid.uuid4().hex}", tenant_id=tenant_id, adapter_id=adapter_id,
+                       adapter_name=s.adapter, prompt=s.prompt, messages=s.messages,
+                       sampling=dict(s.sampling), priority=s.priority, status="queued",
+                       attempts=0, max_attempts=s.max_attempts, enqueued_at=now,
+                       not_before=None, deadline=deadline, cancel_requested=False,
+                       created_at=now, batch_id=batch_id, seq=seq if batch_id else None,
+                       custom_id=s.custom_id, idempotency_key=s.idempotency_key)
+            rows.append(row)
+            info = job_info(_RowView(row))
+            out.append(info)
+            if s.idempotency_key is not None:
+                by_key[s.idempotency_key] = info
+        if tenant.max_queued is not None and rows:
+            queued = conn.execute(select(func.coalesce(func.sum(QueueGroup.queued_count), 0))
+                                  .where(QueueGroup.tenant_id == tenant_id)).scalar_one()
+            if queued + len(rows) > tenant.max_queued:
+                raise errors.QuotaExceeded(tenant_id, queued, len(rows), tenant.max_queued)
+        if rows:
+            conn.execute(J.insert(), rows)  # executemany: one multi-row INSERT per 1000 rows
+            deltas: dict = {}
+            for r in rows:
+                key = (tenant_id, r["adapter_id"], r["priority"])
+                deltas[key] = (deltas.get(key, (0, now))[0] + 1, now)
+            add_to_groups(conn, deltas)
+        return out
+
+    def _resolve_adapters(self, conn, tenant_id: str, names: set) -> dict:
+        a = Adapter.__table__
+        found: dict = {None: 0}
+        wanted = {n for n in names if n is not None}
+        if wanted:
+            rows = conn.execute(select(a.c.name, a.c.id, a.c.tenant_key, a.c.status).where(
+                a.c.name.in_(wanted), a.c.tenant_key.in_([tenant_id, ""]))).all()
+            for r in sorted(rows, key=lambda r: r.tenant_key != ""):  # shared first, own wins
+                if r.status != "ready":
+                    continue
+                found[r.name] = r.id
+        missing = sorted(wanted - set(found))
+        if missing:
+            raise errors.UnknownAdapter(
+                f"adapter(s) {missing} not found (or not ready) for tenant {tenant_id!r}; "
+                "register them first or use adapter=None for the base model")
+        return found
+
+    def get_job(self, job_id: str, tenant_id: str | None = None) -> JobInfo | None:
+        """The job, or None when unknown (or owned by another tenant than tenant_id)."""
+        cond = [J.c.id == job_id] + ([J.c.tenant_id == tenant_id] if tenant_id else [])
+        with self.engine.connect() as conn:
+            row = conn.execute(select(J).where(*cond)).first()
+        return None if row is None else job_info(row)
+
+    def list_jobs(self, tenant_id: str, status: str | None = None, adapter: str | None = None,
+                  batch_id: str | None = None, limit: int = 100,
+                  after: str | None = None) -> list[JobInfo]:
+        """The tenant's jobs, oldest first; `after` is the last id of the previous page."""
+        if not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise ValueError(f"limit must be an int in [1, 1000], got {limit!r}")
+        cond = [J.c.tenant_id == tenant_id]
+        if status is not None:
+            cond.append(J.c.status == status)
+        if adapter is not None:
+            cond.append(J.c.adapter_name == adapter)
+        if batch_id is not None:
+            cond.append(J.c.batch_id == batch_id)
+        with self.engine.connect() as conn:
+            if after is not None:
+                ref = conn.execute(select(J.c.created_at).where(
+                    J.c.id == after, J.c.tenant_id == tenant_id)).scalar_one_or_none()
+                if ref is None:
+                    raise ValueError(f"after={after!r} is not a job id of this tenant")
+                cond.append(or_(J.c.created_at > ref, and_(J.c.created_at == ref,
+                                                           J.c.id > after)))
+            rows = conn.execute(select(J).where(*cond).order_by(J.c.created_at, J.c.id)
+                                .limit(limit)).all()
+        return [job_info(r) for r in rows]
+
+    def cancel(self, job_id: str, tenant_id: str | None) -> JobInfo | None:
+        """Queued: cancelled now. Running: cancel_requested (the worker's heartbeat learns it
+        and completes the job with cancelled=True). Terminal: unchanged. None: not found."""
+        cond = [J.c.id == job_id] + ([J.c.tenant_id == tenant_id] if tenant_id else [])
+        with self.engine.begin() as conn:
+            row = conn.execute(select(J).where(*cond).with_for_update()).first()
+            if row is None:
+                return None
+            if row.status == "queued":
+                conn.execute(update(J).where(J.c.id == job_id).values(
+                    status="cancelled", finished_at=self.now(), not_before=None))
+                add_to_groups(conn, {(row.tenant_id, row.adapter_id, row.priority):
+                                     (-1, row.enqueued_at)})
+            elif row.status == "running":
+                conn.execute(update(J).where(J.c.id == job_id).values(cancel_requested=True))
+            row = conn.execute(select(J).where(J.c.id == job_id)).first()
+        return job_info(row)
+
+    def queue_depth(self) -> list[tuple[str, str | None, str, int]]:
+        """(status, adapter name, tenant id, count) for queued and running jobs (cheap: from
+        the summary table and the running-jobs index; terminal counts are left to counters)."""
+        g, a = QueueGroup.__table__, Adapter.__table__
+        with self.engine.connect() as conn:
+            queued = conn.execute(select(g.c.adapter_id, g.c.tenant_id,
+                                         func.sum(g.c.queued_count))
+                                  .where(g.c.queued_count > 0)
+                                  .group_by(g.c.adapter_id, g.c.tenant_id)).all()
+            names = dict(conn.execute(select(a.c.id, a.c.name)).all())
+            running = conn.execute(select(J.c.adapter_name, J.c.tenant_id, func.count())
+                                   .where(J.c.status == "running")
+                                   .group_by(J.c.adapter_name, J.c.tenant_id)).all()
+        out = [("queued", names.get(aid) if aid else None, t, int(n)) for aid, t, n in queued]
+        out += [("running", name, t, int(n)) for name, t, n in running]
+        return out
+
+
+class _RowView:
+    """Attribute view of a row dict, with the result columns a fresh job lacks."""
+
+    def __init__(self, d: dict):
+        self.__dict__.update(dict(worker_id=None, error=None, result_text=None,
+                                  result_token_ids=None, finish_reason=None, prompt_tokens=None,
+                                  completion_tokens=None, timings=None, started_at=None,
+                                  finished_at=None), **d)

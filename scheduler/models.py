@@ -1,0 +1,146 @@
+"""SQLAlchemy 2.0 tables of the job queue (the Alembic migrations create exactly these)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer,
+                        String, Text, UniqueConstraint, text)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime()}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    # API keys are "lorry_<key_id>_<secret>": key_id finds the row, the sha256 checks it.
+    key_id: Mapped[str] = mapped_column(String(32), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    weight: Mapped[float] = mapped_column(Float, default=1.0)
+    max_queued: Mapped[int | None] = mapped_column(Integer)
+    # Fair-share virtual time: jobs claimed / weight (see scheduler.policy).
+    served: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
+    created_at: Mapped[datetime]
+
+
+class Adapter(Base):
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("tenant_key", "name", name="uq_adapters_tenant_name"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    # tenant_id or "" for shared adapters: NULLs are never equal in a UNIQUE constraint.
+    tenant_key: Mapped[str] = mapped_column(String(40))
+    source: Mapped[str] = mapped_column(Text)
+    revision: Mapped[str | None] = mapped_column(String(200))
+    base_model: Mapped[str | None] = mapped_column(Text)
+    rank: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime]
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"),
+                                           index=True)
+    status: Mapped[str] = mapped_column(String(20))
+    completion_window: Mapped[str] = mapped_column(String(10))
+    total: Mapped[int] = mapped_column(Integer)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    in_progress_at: Mapped[datetime | None]
+    finalizing_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]
+    expired_at: Mapped[datetime | None]
+    cancelling_at: Mapped[datetime | None]
+    cancelled_at: Mapped[datetime | None]
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
+        # The claim reads only queued rows of one group in enqueue order.
+        Index("ix_jobs_queued_group", "tenant_id", "adapter_id", "priority", "enqueued_at",
+              postgresql_where=text("status = 'queued'"), sqlite_where=text("status = 'queued'")),
+        Index("ix_jobs_running_lease", "lease_expires_at",
+              postgresql_where=text("status = 'running'"),
+              sqlite_where=text("status = 'running'")),
+        Index("ix_jobs_deadline", "deadline", postgresql_where=text("deadline IS NOT NULL"),
+              sqlite_where=text("deadline IS NOT NULL")),
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
+        Index("ix_jobs_batch", "batch_id", "seq"),
+    )
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    adapter_id: Mapped[int] = mapped_column(BigId)  # 0 = base model (no FK: adapters may go)
+    adapter_name: Mapped[str | None] = mapped_column(String(200))
+    prompt: Mapped[str | None] = mapped_column(Text)
+    messages: Mapped[list[Any] | None]
+    sampling: Mapped[dict[str, Any]]
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(20))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    enqueued_at: Mapped[datetime]  # when it (re)entered the queue or becomes eligible
+    not_before: Mapped[datetime | None]
+    deadline: Mapped[datetime | None]
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    lease_token: Mapped[str | None] = mapped_column(String(40))
+    lease_expires_at: Mapped[datetime | None]
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    result_text: Mapped[str | None] = mapped_column(Text)
+    result_token_ids: Mapped[list[Any] | None]
+    finish_reason: Mapped[str | None] = mapped_column(String(20))
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    timings: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    seq: Mapped[int | None] = mapped_column(Integer)  # position in its batch's input file
+    custom_id: Mapped[str | None] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+
+
+class QueueGroup(Base):
+    """Queued-job summary per (tenant, adapter, priority), kept in step by every transition,
+    so that a claim never aggregates the jobs table. adapter_id 0 = base model."""
+
+    __tablename__ = "queue_groups"
+    __table_args__ = (
+        Index("ix_queue_groups_tenant", "tenant_id", "priority", "oldest_enqueued_at",
+              postgresql_where=text("queued_count > 0"), sqlite_where=text("queued_count > 0")),
+        Index("ix_queue_groups_adapter", "adapter_id",
+              postgresql_where=text("queued_count > 0"), sqlite_where=text("queued_count > 0")),
+        Index("ix_queue_groups_oldest", "oldest_enqueued_at",
+              postgresql_where=text("queued_count > 0"), sqlite_where=text("queued_count > 0")),
+    )
+    tenant_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
+    priority: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    queued_count: Mapped[int] = mapped_column(Integer)
+    oldest_enqueued_at: Mapped[datetime | None]
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    heartbeat_at: Mapped[datetime]
+    hot: Mapped[list[Any]]
+    warm: Mapped[list[Any]]
+    capacity: Mapped[int] = mapped_column(Integer, default=0)

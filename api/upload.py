@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-from fastapi import HTTPException, Request, UploadFile
+from fastapi import HTTPException, Request
+from starlette.datastructures import UploadFile
 
 CHUNK = 64 * 1024
 

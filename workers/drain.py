@@ -211,7 +211,7 @@ class Drainer:
         result = Result(text=comp.text, token_ids=list(comp.token_ids),
                         finish_reason=comp.finish_reason, prompt_tokens=usage["prompt_tokens"],
                         completion_tokens=usage["completion_tokens"], timings=timings)
-        written = self.queue.complete(job_id, held.job.lease_token, result)
+        written = self.queue.complete(job_id, held.job.lease_token, result, cancelled=cancelled)
         self.stats.tokens_generated += usage["completion_tokens"]
         self.stats.job_run.observe(timings["run_s"])
         status = "cancelled" if cancelled else "succeeded"

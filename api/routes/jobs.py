@@ -44,16 +44,19 @@ def submit_job(body: JobCreate, request: Request, tenant=Depends(get_tenant),
     return job_out(info)
 
 
-@router.get("", response_model=JobPage, summary="List your jobs, newest first")
+@router.get("", response_model=JobPage, summary="List your jobs, oldest first")
 def list_jobs(status: str | None = Query(None, pattern="^(" + "|".join(STATUSES) + ")$"),
               adapter: str | None = Query(None, pattern=NAME_PATTERN),
               batch_id: str | None = Query(None, max_length=64),
-              limit: int = Query(100, ge=1, le=1000),
+              limit: int = Query(100, ge=1, le=500),
               after: str | None = Query(None, max_length=64, description="next_cursor of the "
                                                                          "previous page"),
               tenant=Depends(get_tenant), queue=Depends(get_queue)):
-    rows = queue.list_jobs(tenant.id, status=status, adapter=adapter, batch_id=batch_id,
-                           limit=limit + 1, after=after)
+    try:
+        rows = queue.list_jobs(tenant.id, status=status, adapter=adapter, batch_id=batch_id,
+                               limit=limit + 1, after=after)
+    except ValueError as e:  # an `after` cursor that is not one of the tenant's jobs
+        raise HTTPException(422, str(e)) from None
     page = [job_out(r) for r in rows[:limit]]
     has_more = len(rows) > limit
     return JobPage(data=page, has_more=has_more,

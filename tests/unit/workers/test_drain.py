@@ -44,7 +44,7 @@ def test_mixed_jobs_all_succeed_and_equal_the_engine_alone(queue, engine, tiny):
     assert not engine.has_unfinished_requests()
 
 
-def test_bad_adapter_and_bad_sampling_fail_their_jobs_only(queue, engine, tmp_path):
+def test_bad_adapter_and_too_long_prompt_fail_their_jobs_only(queue, engine, tmp_path):
     tenant, _ = queue.create_tenant("t")
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -53,7 +53,7 @@ def test_bad_adapter_and_bad_sampling_fail_their_jobs_only(queue, engine, tmp_pa
     queue.register_adapter("broken", str(broken), rank=8)
     jobs = queue.submit(tenant.id, [
         JobSpec(adapter="broken", prompt="a", sampling={"max_tokens": 2}),
-        JobSpec(adapter=None, prompt="b", sampling={"max_tokens": 100_000}),
+        JobSpec(adapter=None, prompt="b" * 300, sampling={"max_tokens": 2}),
         JobSpec(adapter="alpha", prompt="c", sampling={"max_tokens": 2, "temperature": 0})])
     summary = drainer(queue, engine).run()
     assert (summary.failed, summary.succeeded) == (2, 1)

@@ -42,9 +42,11 @@ def _block_l(max_loras: int) -> int:
     return max(16, triton.next_power_of_2(max_loras))  # few variants to compile
 
 
-def _block_m(num_tokens: int) -> int:
-    # Decode batches put one or a few tokens in each slot: small tiles waste no rows.
-    return 16 if num_tokens <= 128 else 64
+def _block_m(num_tokens: int, max_loras: int) -> int:
+    # Tiles as tall as the tokens a slot is likely to hold (host constants only): decode
+    # batches put one or a few tokens in each slot, and small tiles then waste no rows.
+    per_slot = num_tokens // max(1, min(num_tokens, max_loras))
+    return 16 if per_slot <= 16 else 32 if per_slot <= 32 else 64
 
 
 def _num_m_tiles(num_tokens: int, max_loras: int, block_m: int) -> int:
@@ -65,9 +67,9 @@ def _groups(n: int):
 def choose_split_k(num_tokens: int, max_loras: int, num_slices: int, hidden: int,
                    device: torch.device) -> int:
     """Split the shrink's reduction over hidden when too few programs would fill the GPU."""
-    programs = _num_m_tiles(num_tokens, max_loras, _block_m(num_tokens)) * num_slices
+    programs = _num_m_tiles(num_tokens, max_loras, _block_m(num_tokens, max_loras)) * num_slices
     split = 1
-    while programs * split < 2 * _num_sms(device) and hidden // (split * 2) >= 512 and split < 16:
+    while programs * split < 4 * _num_sms(device) and hidden // (split * 2) >= 256 and split < 16:
         split *= 2
     return split
 
@@ -87,9 +89,9 @@ def _shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta, out: to
     R = lora_a[0].shape[1]
     if T == 0:
         return
-    block_m = _block_m(T)
+    block_m = _block_m(T, meta.max_loras)
     block_n = min(max(16, triton.next_power_of_2(R)), 64)
-    block_k = 256 if T <= 128 else 64
+    block_k = 256 if block_m == 16 else 64
     block_k = min(block_k, max(16, triton.next_power_of_2(H)))
     for g0, g1 in _groups(len(lora_a)):
         a = lora_a[g0:g1]
@@ -107,7 +109,7 @@ def _shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta, out: to
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             BLOCK_L=_block_l(meta.max_loras), SPLIT_K=split_k,
             PRECISION=_precision(a[0].dtype), UPCAST=_interpreted(), num_warps=4,
-            num_stages=3 if T <= 128 else 2)
+            num_stages=3 if block_m == 16 else 2)
 
 
 def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: torch.Tensor,
@@ -116,9 +118,10 @@ def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: 
     split_k, _, T, R = inter.shape
     if T == 0:
         return
-    block_m = _block_m(T)
-    block_n = 128 if T <= 128 else 64
+    block_m = _block_m(T, meta.max_loras)
     block_r = min(max(16, triton.next_power_of_2(R)), 64)
+    # Few rows per tile: wide column tiles, so each program streams enough of B.
+    block_n = (512 if block_r <= 32 else 256) if block_m == 16 else 64
     for g0, g1 in _groups(len(lora_b)):
         b = lora_b[g0:g1]
         offs = list(slice_offsets[g0:g1])

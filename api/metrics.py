@@ -33,7 +33,7 @@ class QueueCollector:
         return out
 
     def collect(self):
-        depth = GaugeMetricFamily("lorry_jobs", "Jobs in the table by status, adapter and tenant",
+        depth = GaugeMetricFamily("lorry_jobs", "Queued and running jobs by adapter and tenant",
                                   labels=["status", "adapter", "tenant"])
         for status, adapter, tenant, count in self.queue.queue_depth():
             depth.add_metric([status, adapter or "", str(tenant)], count)

@@ -2,11 +2,29 @@
 from __future__ import annotations
 
 from scheduler import errors
-from scheduler.types import (AdapterInfo, BatchInfo, ClaimedJob, JobInfo, JobSpec, MicroBatch,
-                             Result, TenantInfo)
+from scheduler.types import (
+    AdapterInfo,
+    BatchInfo,
+    ClaimedJob,
+    JobInfo,
+    JobSpec,
+    MicroBatch,
+    Result,
+    TenantInfo,
+)
 
-__all__ = ["JobQueue", "JobSpec", "Result", "ClaimedJob", "MicroBatch", "JobInfo", "BatchInfo",
-           "AdapterInfo", "TenantInfo", "errors"]
+__all__ = [
+    "AdapterInfo",
+    "BatchInfo",
+    "ClaimedJob",
+    "JobInfo",
+    "JobQueue",
+    "JobSpec",
+    "MicroBatch",
+    "Result",
+    "TenantInfo",
+    "errors",
+]
 
 
 def __getattr__(name: str):

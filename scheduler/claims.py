@@ -6,8 +6,10 @@ import uuid
 from datetime import timedelta
 
 from sqlalchemy import case, func, literal_column, or_, select, union, update
+from sqlalchemy.exc import OperationalError
 
-from scheduler.db import insert_for
+from scheduler.claim_pg import claim_rows
+from scheduler.db import epoch_seconds, insert_for
 from scheduler.models import Adapter, Job, QueueGroup, Tenant, Worker
 from scheduler.policy import Group, Snapshot, plan_claim
 from scheduler.rows import adapter_info
@@ -32,17 +34,26 @@ class ClaimOps:
             raise ValueError(f"free_slots must be an int >= 0, got {free_slots!r}")
         if free_slots == 0:
             return []
+        for attempt in range(3):
+            try:
+                return self._claim_once(worker_id, hot, warm, free_slots, lease_seconds,
+                                        max_adapters)
+            except OperationalError as exc:
+                # Two claims updating the same summary rows in opposite orders: PostgreSQL
+                # aborts one of them; nothing was leased, so trying again is safe.
+                if attempt == 2 or "deadlock" not in str(exc.orig).lower():
+                    raise
+        return []
+
+    def _claim_once(self, worker_id, hot, warm, free_slots, lease_seconds, max_adapters):
         now = self.now()
-        epoch = now.timestamp()
+        epoch = epoch_seconds(now)
         with self.engine.begin() as conn:
             hot_ids, warm_ids = self._adapter_ids(conn, hot), self._adapter_ids(conn, warm)
             self._touch_worker(conn, worker_id, hot_ids, warm_ids, None, now)
-            groups = self._snapshot_groups(conn, hot_ids | warm_ids, now)
+            groups, tenants = self._snapshot_groups(conn, hot_ids | warm_ids, now)
             if not groups:
                 return []
-            tenants = {r.id: r for r in conn.execute(
-                select(T.c.id, T.c.weight, T.c.served).where(
-                    T.c.id.in_({g.tenant_id for g in groups})))}
             elsewhere: set[int] = set()
             for (others,) in conn.execute(select(W.c.hot).where(
                     W.c.id != worker_id,
@@ -53,24 +64,34 @@ class ClaimOps:
                 hot_elsewhere=elsewhere - hot_ids,
                 weights={t: r.weight for t, r in tenants.items()},
                 served={t: r.served for t, r in tenants.items()},
-                aging_seconds=self.aging_seconds, max_adapters=max_adapters))
+                aging_seconds=self.aging_seconds, max_adapters=max_adapters, salt=worker_id))
             token = uuid.uuid4().hex
             expires = now + timedelta(seconds=lease_seconds)
+            if conn.dialect.name == "postgresql":
+                rows = claim_rows(conn, plan.takes, now=now, worker_id=worker_id, token=token,
+                                  expires=expires, floor=plan.floor)
+            else:
+                rows = self._claim_serialized(conn, plan, now, worker_id, token, expires,
+                                              tenants)
             claimed: dict[int, list[ClaimedJob]] = {}
-            taken: dict[tuple, int] = {}
-            for take in plan.takes:
-                g = take.group
-                rows = conn.execute(self._claim_stmt(g, take.count, now, worker_id, token,
-                                                     expires)).all()
-                if rows:
-                    taken[g.key] = taken.get(g.key, 0) + len(rows)
-                    claimed.setdefault(g.adapter_id, []).extend(
-                        ClaimedJob(id=r.id, lease_token=token, tenant_id=r.tenant_id,
-                                   adapter=r.adapter_name, prompt=r.prompt, messages=r.messages,
-                                   sampling=dict(r.sampling or {}), attempts=r.attempts)
-                        for r in rows)
-            self._charge(conn, taken, tenants, plan.floor)
+            for r in rows:
+                claimed.setdefault(r.adapter_id, []).append(ClaimedJob(
+                    id=r.id, lease_token=token, tenant_id=r.tenant_id, adapter=r.adapter_name,
+                    prompt=r.prompt, messages=r.messages, sampling=dict(r.sampling or {}),
+                    attempts=r.attempts))
             return self._micro_batches(conn, claimed, now)
+
+    def _claim_serialized(self, conn, plan, now, worker_id, token, expires, tenants) -> list:
+        """SQLite: the transaction holds the write lock, so one UPDATE per group is safe."""
+        rows, taken = [], {}
+        for take in plan.takes:
+            got = conn.execute(self._claim_stmt(take.group, take.count, now, worker_id, token,
+                                                expires)).all()
+            if got:
+                taken[take.group.key] = taken.get(take.group.key, 0) + len(got)
+                rows.extend(got)
+        self._charge(conn, taken, tenants, plan.floor)
+        return rows
 
     def _claim_stmt(self, g: Group, n: int, now, worker_id, token, expires):
         pick = (select(J.c.id).where(
@@ -85,8 +106,8 @@ class ClaimOps:
                 .values(status="running", worker_id=worker_id, lease_token=token,
                         lease_expires_at=expires, attempts=J.c.attempts + 1, not_before=None,
                         started_at=func.coalesce(J.c.started_at, now))
-                .returning(J.c.id, J.c.tenant_id, J.c.adapter_name, J.c.prompt, J.c.messages,
-                           J.c.sampling, J.c.attempts))
+                .returning(J.c.id, J.c.tenant_id, J.c.adapter_id, J.c.adapter_name, J.c.prompt,
+                           J.c.messages, J.c.sampling, J.c.attempts))
 
     def _charge(self, conn, taken: dict, tenants: dict, floor: float) -> None:
         """queue_groups -= claimed and tenants' fair-share counters += claimed/weight, in the
@@ -106,7 +127,7 @@ class ClaimOps:
             conn.execute(update(T).where(T.c.id == t).values(
                 served=case((T.c.served < floor, floor), else_=T.c.served) + cost))
 
-    def _snapshot_groups(self, conn, affinity_ids: set[int], now) -> list[Group]:
+    def _snapshot_groups(self, conn, affinity_ids: set[int], now) -> tuple[list[Group], dict]:
         live = G.c.queued_count > 0
         cols = [G.c.tenant_id, G.c.adapter_id, G.c.priority, G.c.queued_count,
                 G.c.oldest_enqueued_at]
@@ -127,11 +148,14 @@ class ClaimOps:
             ranked = select(*cols, rn).where(live).subquery()
             parts.append(select(*[ranked.c[c.name] for c in cols])
                          .where(ranked.c.rn <= PER_TENANT))
-        rows = conn.execute(union(*[p.subquery().select() for p in parts])).all()
-        far = now.timestamp() + 1e9
+        u = union(*[p.subquery().select() for p in parts]).subquery()
+        rows = conn.execute(select(u, T.c.weight, T.c.served).join(
+            T, T.c.id == u.c.tenant_id)).all()
+        far = epoch_seconds(now) + 1e9
+        tenants = {r.tenant_id: r for r in rows}
         return [Group(r.tenant_id, r.adapter_id, r.priority, r.queued_count,
-                      r.oldest_enqueued_at.timestamp() if r.oldest_enqueued_at else far)
-                for r in rows]
+                      epoch_seconds(r.oldest_enqueued_at) if r.oldest_enqueued_at else far)
+                for r in rows], tenants
 
     def _adapter_ids(self, conn, refs) -> set[int]:
         ids = {int(x) for x in refs or [] if isinstance(x, int)}

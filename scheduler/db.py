@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, case, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 
 from scheduler.models import QueueGroup
@@ -40,6 +40,14 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+EPOCH = datetime(1970, 1, 1)
+
+
+def epoch_seconds(value: datetime) -> float:
+    """Seconds since the epoch of a naive UTC datetime (no local-time conversion)."""
+    return (value - EPOCH).total_seconds()
+
+
 def naive_utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is None:
         return value
@@ -61,9 +69,8 @@ def add_to_groups(conn, deltas: dict[tuple[str, int, int], tuple[int, datetime]]
     table = QueueGroup.__table__
     rows = [dict(tenant_id=k[0], adapter_id=k[1], priority=k[2], queued_count=n,
                  oldest_enqueued_at=oldest) for k, (n, oldest) in sorted(deltas.items())]
-    stmt = ins(table)
+    stmt = ins(table).values(rows)  # one multi-row upsert (keys are distinct)
     exc = stmt.excluded
-    from sqlalchemy import case
     stmt = stmt.on_conflict_do_update(
         index_elements=["tenant_id", "adapter_id", "priority"],
         set_=dict(
@@ -73,5 +80,4 @@ def add_to_groups(conn, deltas: dict[tuple[str, int, int], tuple[int, datetime]]
                 (table.c.oldest_enqueued_at.is_(None), exc.oldest_enqueued_at),
                 (exc.oldest_enqueued_at < table.c.oldest_enqueued_at, exc.oldest_enqueued_at),
                 else_=table.c.oldest_enqueued_at)))
-    for row in rows:  # one statement per group: on_conflict with executemany is per-row anyway
-        conn.execute(stmt, row)
+    conn.execute(stmt)

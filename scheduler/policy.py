@@ -2,13 +2,14 @@
 
 Order of preference: groups whose oldest job waited past the aging bound (oldest first), then
 higher priority, then adapter affinity (hot here > warm here > cold > hot on another live
-worker), then tenant fair share, then the older group. Fair share is weighted deficit round
+worker), then tenant fair share, then a per-worker spread. Fair share is weighted deficit round
 robin kept as virtual time: a tenant's counter grows by jobs/weight when it is served, the
 active tenant with the smallest counter is served next, and a tenant that becomes active
 starts at the smallest active counter (it cannot bank credit while idle).
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 BASE_MODEL = 0  # adapter id of jobs without adapter
@@ -42,6 +43,9 @@ class Snapshot:
     weights: dict[str, float] = field(default_factory=dict)  # missing tenant -> 1.0
     served: dict[str, float] = field(default_factory=dict)   # fair-share counters
     aging_seconds: float = 300.0
+    # Spreads concurrent claimers over equally good groups (e.g. the worker id), so that
+    # they do not all reach for the same rows and come back short (SKIP LOCKED).
+    salt: str = ""
     max_adapters: int | None = None  # distinct adapters per claim (None: no cap)
 
 
@@ -78,12 +82,23 @@ def plan_claim(snap: Snapshot) -> Plan:
     floor = min(snap.served.get(t, 0.0) for t in active)
     virtual = {t: max(snap.served.get(t, 0.0), floor) for t in active}
     cutoff = snap.now - snap.aging_seconds
+    quantum = float(snap.free_slots)
+
+    static: dict[tuple, tuple] = {}
+    for g in groups.values():
+        if g.oldest <= cutoff:  # overdue: bound the longest wait first
+            static[g.key] = (0, g.oldest, 0, 0, g.key)
+        else:
+            # Among groups equally due, spread concurrent claimers apart.
+            spread = zlib.crc32(f"{snap.salt}:{g.tenant_id}:{g.adapter_id}".encode())
+            static[g.key] = (1, -g.priority, affinity_tier(g.adapter_id, snap), spread, g.key)
+    # Tenants within one quantum (a full claim of a weight-1 tenant) of each other are equally
+    # due, as in deficit round robin.
+    share = {t: int(v // quantum) for t, v in virtual.items()}
 
     def order(g: Group) -> tuple:
-        if g.oldest <= cutoff:  # overdue: bound the longest wait first
-            return (0, g.oldest, 0, 0, 0.0, g.key)
-        return (1, -g.priority, affinity_tier(g.adapter_id, snap), virtual[g.tenant_id],
-                g.oldest, g.key)
+        s = static[g.key]
+        return (s[0], s[1], s[2], 0 if s[0] == 0 else share[g.tenant_id], s[3], s[4])
 
     takes: list[Take] = []
     adapters: set[int] = set()
@@ -103,4 +118,5 @@ def plan_claim(snap: Snapshot) -> Plan:
         if left[best.key] == 0:
             del left[best.key]
         virtual[best.tenant_id] += count / max(snap.weights.get(best.tenant_id, 1.0), 1e-9)
+        share[best.tenant_id] = int(virtual[best.tenant_id] // quantum)
     return Plan(takes, floor)

@@ -1,0 +1,189 @@
+"""Queue benchmark on PostgreSQL: the bare SKIP LOCKED queue against Lorry's queue (JSON out).
+
+python benchmarks/queue.py --url postgresql+psycopg://postgres@127.0.0.1:5432/test \
+    --sizes 10000,1000000
+Each size runs in a fresh database: bulk enqueue (jobs/s), then 4 claimer processes take
+micro-batches of 32 (jobs/s, p50/p99 claim latency). Jobs spread over 1,000 adapters and
+100 tenants (10 adapters per tenant).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the
+# standard library's `queue` (used by multiprocessing and psycopg): put the repo root there.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import psycopg  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+ADAPTERS, TENANTS = 1000, 100
+
+
+def pg_dsn(url: str, database: str | None = None) -> str:
+    u = make_url(url).set(drivername="postgresql")
+    if database:
+        u = u.set(database=database)
+    return u.render_as_string(hide_password=False)
+
+
+def fresh_database(url: str, name: str) -> str:
+    with psycopg.connect(pg_dsn(url), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(url: str, name: str) -> None:
+    with psycopg.connect(pg_dsn(url), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def percentiles(lat: list[float]) -> dict:
+    lat = sorted(lat)
+    pick = lambda q: round(1000 * lat[min(len(lat) - 1, int(q * len(lat)))], 2)  # noqa: E731
+    return {"p50_ms": pick(0.50), "p99_ms": pick(0.99), "mean_ms":
+            round(1000 * statistics.fmean(lat), 2)}
+
+
+def run_claimers(target, args: tuple, claimers: int, claims: int) -> dict:
+    ctx = mp.get_context("spawn")
+    out, start = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=target, args=(i, claims, start, out) + args)
+             for i in range(claimers)]
+    for p in procs:
+        p.start()
+    time.sleep(3.0)  # let every process import and connect before the clock starts
+    t0 = time.perf_counter()
+    start.set()
+    results = [out.get() for _ in procs]
+    wall = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    lat = [x for r in results for x in r["lat"]]
+    jobs = sum(r["jobs"] for r in results)
+    return {"claimed": jobs, "claim_jobs_per_s": round(jobs / wall), **percentiles(lat)}
+
+
+# ---- the bare textbook queue -----------------------------------------------------------------
+def bare_claimer(i, claims, start, out, dsn, batch):
+    conn = psycopg.connect(dsn, autocommit=True)
+    sql = ("WITH picked AS MATERIALIZED (SELECT id FROM bare_jobs WHERE status = 0 ORDER BY id "
+           "LIMIT %s FOR UPDATE SKIP LOCKED) UPDATE bare_jobs j SET status = 1, worker = %s "
+           "FROM picked WHERE j.id = picked.id RETURNING j.id, j.adapter, j.payload")
+    start.wait()
+    lat, jobs = [], 0
+    for _ in range(claims):
+        t = time.perf_counter()
+        jobs += len(conn.execute(sql, (batch, f"w{i}")).fetchall())
+        lat.append(time.perf_counter() - t)
+    out.put({"lat": lat, "jobs": jobs})
+
+
+def bench_bare(url: str, n: int, claimers: int, batch: int, claims: int) -> dict:
+    db = fresh_database(url, "lorry_bench_bare")
+    dsn = pg_dsn(db)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE bare_jobs (id bigserial PRIMARY KEY, tenant int, adapter int,"
+                     " status smallint NOT NULL DEFAULT 0, worker text, payload text,"
+                     " created_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute("CREATE INDEX bare_queued ON bare_jobs (id) WHERE status = 0")
+        rng = random.Random(0)
+        t = time.perf_counter()
+        with conn.cursor().copy("COPY bare_jobs (tenant, adapter, payload) FROM STDIN") as cp:
+            for k in range(n):
+                tenant = rng.randrange(TENANTS)
+                cp.write_row((tenant, tenant * 10 + rng.randrange(10), f"prompt {k}"))
+        enqueue = n / (time.perf_counter() - t)
+        conn.execute("ANALYZE bare_jobs")
+    res = run_claimers(bare_claimer, (dsn, batch), claimers, claims)
+    drop_database(url, "lorry_bench_bare")
+    return {"enqueue_jobs_per_s": round(enqueue), **res}
+
+
+# ---- Lorry's queue -----------------------------------------------------------------------------
+def lorry_claimer(i, claims, start, out, db, batch):
+    from scheduler import JobQueue
+    q = JobQueue(db, create=False)
+    hot: list[int] = []
+    start.wait()
+    lat, jobs = [], 0
+    for _ in range(claims):
+        t = time.perf_counter()
+        mbs = q.claim(f"w{i}", hot=hot, warm=[], free_slots=batch)
+        lat.append(time.perf_counter() - t)
+        jobs += sum(len(m.jobs) for m in mbs)
+        # A worker's GPU slots hold what it just ran (8 slots, most recent last).
+        hot = (hot + [m.adapter.id for m in mbs if m.adapter is not None])[-8:]
+    q.close()
+    out.put({"lat": lat, "jobs": jobs})
+
+
+def bench_lorry(url: str, n: int, claimers: int, batch: int, claims: int) -> dict:
+    from scheduler import JobQueue, JobSpec
+    from scheduler.migrate import upgrade
+    db = fresh_database(url, "lorry_bench_queue")
+    upgrade(db)
+    q = JobQueue(db, create=False)
+    tenants = [q.create_tenant(f"t{k}")[0].id for k in range(TENANTS)]
+    for a in range(ADAPTERS):
+        q.register_adapter(f"a{a}", f"/adapters/a{a}")
+    rng = random.Random(0)
+    chunk, t, done = 100_000, time.perf_counter(), 0
+    while done < n:
+        specs = {}
+        for k in range(done, min(n, done + chunk)):
+            tenant = rng.randrange(TENANTS)
+            specs.setdefault(tenant, []).append(JobSpec(
+                f"a{tenant * 10 + rng.randrange(10)}", prompt=f"prompt {k}",
+                sampling={"max_tokens": 32}))
+        for tenant, group in specs.items():  # submit is per tenant (its quota, its keys)
+            q.submit(tenants[tenant], group)
+        done = min(n, done + chunk)
+    enqueue = n / (time.perf_counter() - t)
+    with q.engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE")
+        conn.commit()
+    q.close()
+    res = run_claimers(lorry_claimer, (db, batch), claimers, claims)
+    drop_database(url, "lorry_bench_queue")
+    return {"enqueue_jobs_per_s": round(enqueue), **res}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", default=os.environ.get(
+        "LORRY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
+    ap.add_argument("--sizes", default="10000,1000000",
+                    help="comma-separated queued-job counts")
+    ap.add_argument("--claimers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--claims", type=int, default=400, help="claims per claimer process")
+    args = ap.parse_args()
+    report = {"claimers": args.claimers, "batch": args.batch, "adapters": ADAPTERS,
+              "tenants": TENANTS, "cpus": os.cpu_count(), "runs": []}
+    for n in [int(s) for s in args.sizes.split(",")]:
+        # Never drain the queue: claim at most ~60% of it, so every claim finds work.
+        claims = max(1, min(args.claims, int(0.6 * n / (args.claimers * args.batch))))
+        bare = bench_bare(args.url, n, args.claimers, args.batch, claims)
+        lorry = bench_lorry(args.url, n, args.claimers, args.batch, claims)
+        report["runs"].append({"queued": n, "claims_per_claimer": claims, "bare": bare,
+                               "lorry": lorry, "claim_ratio_lorry_over_bare": round(
+                                   lorry["claim_jobs_per_s"] / bare["claim_jobs_per_s"], 3)})
+        print(json.dumps(report["runs"][-1]), flush=True)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

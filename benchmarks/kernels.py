@@ -14,13 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-# Run as a script, this file's folder comes first on sys.path and its name shadows the
-# `kernels` package: put the repository root there instead.
+# Run as a script, this file's folder comes first on sys.path, and its modules shadow the
+# `kernels` package and the stdlib's `queue` (benchmarks/queue.py): put the repo root there.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
-from kernels import get_lora_ops
-from kernels.segments import build_lora_meta
+import torch  # noqa: E402
+
+from kernels import get_lora_ops  # noqa: E402
+from kernels.segments import build_lora_meta  # noqa: E402
 
 # name -> (input width, output widths of the fused slices)
 PROJECTIONS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),

@@ -46,7 +46,9 @@ def _block_m(num_tokens: int, max_loras: int) -> int:
     # Tiles as tall as the tokens a slot is likely to hold (host constants only): decode
     # batches put one or a few tokens in each slot, and small tiles then waste no rows.
     per_slot = num_tokens // max(1, min(num_tokens, max_loras))
-    return 16 if per_slot <= 16 else 32 if per_slot <= 32 else 64
+    if num_tokens <= 128 or per_slot <= 16:
+        return 16
+    return 32 if per_slot <= 32 else 64
 
 
 def _num_m_tiles(num_tokens: int, max_loras: int, block_m: int) -> int:
@@ -69,7 +71,10 @@ def choose_split_k(num_tokens: int, max_loras: int, num_slices: int, hidden: int
     """Split the shrink's reduction over hidden when too few programs would fill the GPU."""
     programs = _num_m_tiles(num_tokens, max_loras, _block_m(num_tokens, max_loras)) * num_slices
     split = 1
-    while programs * split < 4 * _num_sms(device) and hidden // (split * 2) >= 256 and split < 16:
+    # Measured on an H200 (docs/BENCHMARKS.md): one wave of programs is enough; deeper
+    # splits cost more in the expand, which re-reads every partial sum for each column tile.
+    while (programs * split * 2 <= 2 * _num_sms(device) and hidden // (split * 2) >= 512
+           and split < 16):
         split *= 2
     return split
 
@@ -120,8 +125,8 @@ def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: 
         return
     block_m = _block_m(T, meta.max_loras)
     block_r = min(max(16, triton.next_power_of_2(R)), 64)
-    # Few rows per tile: wide column tiles, so each program streams enough of B.
-    block_n = (512 if block_r <= 32 else 256) if block_m == 16 else 64
+    # Wider column tiles (256, 512) were slower for decode on an H200 (docs/BENCHMARKS.md).
+    block_n = 128 if block_m == 16 else 64
     for g0, g1 in _groups(len(lora_b)):
         b = lora_b[g0:g1]
         offs = list(slice_offsets[g0:g1])

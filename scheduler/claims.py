@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-from sqlalchemy import case, func, literal_column, or_, select, union, update
+from sqlalchemy import bindparam, case, func, literal_column, or_, select, union, update
 from sqlalchemy.exc import OperationalError
 
 from scheduler.claim_pg import claim_rows
@@ -17,7 +17,7 @@ from scheduler.types import ClaimedJob, MicroBatch
 
 J, G, A, T, W = (Job.__table__, QueueGroup.__table__, Adapter.__table__, Tenant.__table__,
                  Worker.__table__)
-PER_TENANT = 4    # oldest groups per tenant in the snapshot
+PER_TENANT = 2    # oldest groups per tenant in the snapshot
 OVERDUE = 16      # globally oldest groups (aging candidates)
 PRIORITY = 32     # highest-priority groups above the default class
 
@@ -128,29 +128,10 @@ class ClaimOps:
                 served=case((T.c.served < floor, floor), else_=T.c.served) + cost))
 
     def _snapshot_groups(self, conn, affinity_ids: set[int], now) -> tuple[list[Group], dict]:
-        live = G.c.queued_count > 0
-        cols = [G.c.tenant_id, G.c.adapter_id, G.c.priority, G.c.queued_count,
-                G.c.oldest_enqueued_at]
-        parts = [select(*cols).where(live).order_by(G.c.oldest_enqueued_at).limit(OVERDUE),
-                 select(*cols).where(live, G.c.priority > 0)
-                 .order_by(G.c.priority.desc(), G.c.oldest_enqueued_at).limit(PRIORITY)]
-        if affinity_ids:
-            parts.append(select(*cols).where(live, G.c.adapter_id.in_(affinity_ids)))
-        if conn.dialect.name == "postgresql":
-            # Per tenant, its oldest groups: an index probe per tenant (LATERAL).
-            inner = (select(*cols).where(live, G.c.tenant_id == T.c.id)
-                     .order_by(G.c.oldest_enqueued_at).limit(PER_TENANT).lateral("g"))
-            parts.append(select(*[inner.c[c.name] for c in cols])
-                         .select_from(T.join(inner, literal_column("true"))))
-        else:
-            rn = func.row_number().over(partition_by=G.c.tenant_id,
-                                        order_by=G.c.oldest_enqueued_at).label("rn")
-            ranked = select(*cols, rn).where(live).subquery()
-            parts.append(select(*[ranked.c[c.name] for c in cols])
-                         .where(ranked.c.rn <= PER_TENANT))
-        u = union(*[p.subquery().select() for p in parts]).subquery()
-        rows = conn.execute(select(u, T.c.weight, T.c.served).join(
-            T, T.c.id == u.c.tenant_id)).all()
+        stmt = getattr(self, "_snapshot_stmt", None)
+        if stmt is None:
+            stmt = self._snapshot_stmt = snapshot_statement(conn.dialect.name)
+        rows = conn.execute(stmt, {"affinity": sorted(affinity_ids)}).all()
         far = epoch_seconds(now) + 1e9
         tenants = {r.tenant_id: r for r in rows}
         return [Group(r.tenant_id, r.adapter_id, r.priority, r.queued_count,
@@ -187,3 +168,29 @@ class ClaimOps:
                 continue
             out.append(MicroBatch(adapter=infos.get(adapter_id), jobs=jobs))
         return out
+
+
+def snapshot_statement(dialect: str):
+    """Candidate groups for one claim, with their tenant's weight and fair-share counter:
+    each tenant's oldest groups, the globally oldest (aging), the highest priority classes,
+    and every group of the worker's hot/warm adapters (bound parameter "affinity")."""
+    live = G.c.queued_count > 0
+    cols = [G.c.tenant_id, G.c.adapter_id, G.c.priority, G.c.queued_count,
+            G.c.oldest_enqueued_at]
+    parts = [select(*cols).where(live).order_by(G.c.oldest_enqueued_at).limit(OVERDUE),
+             select(*cols).where(live, G.c.priority > 0)
+             .order_by(G.c.priority.desc(), G.c.oldest_enqueued_at).limit(PRIORITY),
+             select(*cols).where(live, G.c.adapter_id.in_(bindparam("affinity", expanding=True)))]
+    if dialect == "postgresql":
+        # Per tenant, its oldest groups: an index probe per tenant (LATERAL).
+        inner = (select(*cols).where(live, G.c.tenant_id == T.c.id)
+                 .order_by(G.c.oldest_enqueued_at).limit(PER_TENANT).lateral("g"))
+        parts.append(select(*[inner.c[c.name] for c in cols])
+                     .select_from(T.join(inner, literal_column("true"))))
+    else:
+        rn = func.row_number().over(partition_by=G.c.tenant_id,
+                                    order_by=G.c.oldest_enqueued_at).label("rn")
+        ranked = select(*cols, rn).where(live).subquery()
+        parts.append(select(*[ranked.c[c.name] for c in cols]).where(ranked.c.rn <= PER_TENANT))
+    u = union(*[p.subquery().select() for p in parts]).subquery()
+    return select(u, T.c.weight, T.c.served).join(T, T.c.id == u.c.tenant_id)

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from scheduler import errors
@@ -97,7 +97,7 @@ class JobOps:
                        sampling=dict(s.sampling), priority=s.priority, status="queued",
                        attempts=0, max_attempts=s.max_attempts, enqueued_at=now,
                        not_before=None, deadline=deadline, cancel_requested=False,
-                       created_at=now, batch_id=batch_id, seq=seq if batch_id else None,
+                       created_at=now, batch_id=batch_id, seq=seq,
                        custom_id=s.custom_id, idempotency_key=s.idempotency_key)
             rows.append(row)
             info = job_info(_RowView(row))
@@ -161,13 +161,14 @@ class JobOps:
             cond.append(J.c.batch_id == batch_id)
         with self.engine.connect() as conn:
             if after is not None:
-                ref = conn.execute(select(J.c.created_at).where(
-                    J.c.id == after, J.c.tenant_id == tenant_id)).scalar_one_or_none()
+                ref = conn.execute(select(J.c.created_at, J.c.seq).where(
+                    J.c.id == after, J.c.tenant_id == tenant_id)).first()
                 if ref is None:
                     raise ValueError(f"after={after!r} is not a job id of this tenant")
-                cond.append(or_(J.c.created_at > ref, and_(J.c.created_at == ref,
-                                                           J.c.id > after)))
-            rows = conn.execute(select(J).where(*cond).order_by(J.c.created_at, J.c.id)
+                # Jobs of one submit share created_at: seq (position in it) orders them.
+                cond.append(tuple_(J.c.created_at, J.c.seq, J.c.id) > tuple_(
+                    ref.created_at, ref.seq, after))
+            rows = conn.execute(select(J).where(*cond).order_by(J.c.created_at, J.c.seq, J.c.id)
                                 .limit(limit)).all()
         return [job_info(r) for r in rows]
 

@@ -124,7 +124,7 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
-    seq: Mapped[int | None] = mapped_column(Integer)  # position in its batch's input file
+    seq: Mapped[int | None] = mapped_column(Integer)  # position in its submit / batch file
     custom_id: Mapped[str | None] = mapped_column(String(200))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
 

@@ -4,8 +4,8 @@ Order of preference: groups whose oldest job waited past the aging bound (oldest
 higher priority, then adapter affinity (hot here > warm here > cold > hot on another live
 worker), then tenant fair share, then a per-worker spread. Fair share is weighted deficit round
 robin kept as virtual time: a tenant's counter grows by jobs/weight when it is served, the
-active tenant with the smallest counter is served next, and a tenant that becomes active
-starts at the smallest active counter (it cannot bank credit while idle).
+active tenant with the smallest counter (in quanta of one claim) is served next, and a tenant
+that becomes active starts near the others (it cannot bank credit while idle).
 """
 from __future__ import annotations
 
@@ -79,10 +79,14 @@ def plan_claim(snap: Snapshot) -> Plan:
     active = {g.tenant_id for g in groups.values()}
     if not active or snap.free_slots <= 0:
         return Plan([])
-    floor = min(snap.served.get(t, 0.0) for t in active)
-    virtual = {t: max(snap.served.get(t, 0.0), floor) for t in active}
-    cutoff = snap.now - snap.aging_seconds
     quantum = float(snap.free_slots)
+    served = {t: snap.served.get(t, 0.0) for t in active}
+    # A backlogged tenant is never more than about one quantum behind the leader's last
+    # start; one further behind was idle (or new) and may not spend banked credit.
+    floor = max(min(served.values()), max(
+        v - quantum / max(snap.weights.get(t, 1.0), 1e-9) for t, v in served.items()))
+    virtual = {t: max(v, floor) for t, v in served.items()}
+    cutoff = snap.now - snap.aging_seconds
 
     static: dict[tuple, tuple] = {}
     for g in groups.values():

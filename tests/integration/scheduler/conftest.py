@@ -93,3 +93,11 @@ def make_queue(db_url, clock):
 @pytest.fixture
 def queue(make_queue) -> JobQueue:
     return make_queue()
+
+
+@pytest.fixture
+def fresh_pg_url():
+    """An empty (unmigrated) PostgreSQL database for this test; dropped after."""
+    name, url = create_pg_database()
+    yield url
+    drop_pg_database(name)

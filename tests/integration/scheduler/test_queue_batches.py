@@ -1,0 +1,70 @@
+"""OpenAI-Batch-shaped batches: counts, finalization, cancel, expiry, ordered results."""
+from __future__ import annotations
+
+import pytest
+
+from scheduler import JobSpec, Result, errors
+
+
+@pytest.fixture
+def tenant(queue):
+    t, _ = queue.create_tenant("acme")
+    queue.register_adapter("sql", "/adapters/sql")
+    return t
+
+
+def specs(n: int) -> list[JobSpec]:
+    return [JobSpec("sql", prompt=f"p{i}", custom_id=f"req-{n - i}") for i in range(n)]
+
+
+def test_batch_completes_with_counts_and_results_in_input_order(queue, tenant):
+    batch = queue.create_batch(tenant.id, specs(3), metadata={"run": "nightly"})
+    assert batch.status == "in_progress" and batch.request_counts == {
+        "total": 3, "completed": 0, "failed": 0}
+    assert batch.expires_at is not None and batch.metadata == {"run": "nightly"}
+    jobs = [j for mb in queue.claim("w", [], [], free_slots=8) for j in mb.jobs]
+    for j in jobs[:2]:
+        assert queue.complete(j.id, j.lease_token, Result("ok", [1], "stop"))
+    assert queue.finalize_batches() == 0  # one job still running
+    assert queue.fail(jobs[2].id, jobs[2].lease_token, "boom", retryable=False)
+    assert queue.finalize_batches() == 1
+    done = queue.get_batch(batch.id, tenant.id)
+    assert done.status == "completed" and done.completed_at is not None
+    assert done.request_counts == {"total": 3, "completed": 2, "failed": 1}
+    assert [j.custom_id for j in queue.batch_results(batch.id, tenant.id)] == [
+        "req-3", "req-2", "req-1"]
+    other, _ = queue.create_tenant("other")
+    assert queue.get_batch(batch.id, other.id) is None
+
+
+def test_cancel_batch_goes_through_cancelling_to_cancelled(queue, tenant):
+    batch = queue.create_batch(tenant.id, specs(4))
+    [running] = [j for mb in queue.claim("w", [], [], free_slots=1) for j in mb.jobs]
+    info = queue.cancel_batch(batch.id, tenant.id)
+    assert info.status == "cancelling" and info.cancelling_at is not None
+    assert queue.finalize_batches() == 0
+    assert queue.heartbeat("w", [(running.id, running.lease_token)], [], [], 1) == {running.id}
+    queue.complete(running.id, running.lease_token, Result("part", [], "abort"), cancelled=True)
+    assert queue.finalize_batches() == 1
+    final = queue.get_batch(batch.id, tenant.id)
+    assert final.status == "cancelled" and final.request_counts["failed"] == 4
+
+
+def test_batch_expires_after_its_completion_window(queue, tenant, clock):
+    batch = queue.create_batch(tenant.id, specs(2), completion_window="1h")
+    clock.advance(3601)
+    assert queue.expire_deadlines() == 2
+    assert queue.finalize_batches() == 1
+    assert queue.get_batch(batch.id, tenant.id).status == "expired"
+
+
+def test_bad_batches_are_refused_with_nothing_queued(queue, tenant):
+    dup = [JobSpec("sql", prompt="a", custom_id="same"), JobSpec("sql", prompt="b",
+                                                                  custom_id="same")]
+    with pytest.raises(errors.InvalidJob, match="duplicate custom_id 'same'"):
+        queue.create_batch(tenant.id, dup)
+    with pytest.raises(errors.InvalidJob, match="completion_window"):
+        queue.create_batch(tenant.id, specs(1), completion_window="tomorrow")
+    with pytest.raises(errors.UnknownAdapter):
+        queue.create_batch(tenant.id, [JobSpec("nope", prompt="x", custom_id="1")])
+    assert queue.list_jobs(tenant.id) == []

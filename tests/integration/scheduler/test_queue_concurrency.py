@@ -1,0 +1,105 @@
+"""Concurrent claimers (threads and processes) never share a job; a killed claimer's jobs
+come back through the reaper."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+from datetime import datetime, timedelta, timezone
+
+from scheduler import JobQueue, JobSpec
+
+
+def _drain(url: str, worker: str, out: list, lock: threading.Lock) -> None:
+    q = JobQueue(url, create=False)
+    try:
+        while True:
+            got = [j.id for mb in q.claim(worker, hot=[], warm=[], free_slots=7) for j in mb.jobs]
+            if not got:
+                return
+            with lock:
+                out.extend(got)
+    finally:
+        q.close()
+
+
+def _drain_process(url: str, worker: str, conn) -> None:
+    out: list = []
+    _drain(url, worker, out, threading.Lock())
+    conn.send(out)
+    conn.close()
+
+
+def _seed(queue, n: int) -> set[str]:
+    tenants = [queue.create_tenant(f"t{i}")[0] for i in range(3)]
+    for a in range(4):
+        queue.register_adapter(f"a{a}", f"/adapters/a{a}")
+    ids = set()
+    for i, t in enumerate(tenants):
+        jobs = queue.submit(t.id, [JobSpec(f"a{k % 4}" if k % 5 else None, prompt=str(k))
+                                   for k in range(i, n, 3)])
+        ids |= {j.id for j in jobs}
+    return ids
+
+
+def test_threads_never_claim_the_same_job(make_queue, db_url):
+    queue = make_queue(clock=None)
+    ids = _seed(queue, 300)
+    out: list = []
+    lock = threading.Lock()
+    threads = [threading.Thread(target=_drain, args=(db_url, f"w{i}", out, lock))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out) == len(set(out)) == 300
+    assert set(out) == ids
+
+
+def test_processes_never_claim_the_same_job(make_queue, db_url):
+    queue = make_queue(clock=None)
+    ids = _seed(queue, 300)
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for i in range(3):
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_drain_process, args=(db_url, f"p{i}", send))
+        p.start()
+        pipes.append(recv)
+        procs.append(p)
+    got = [x for r in pipes for x in r.recv()]
+    for p in procs:
+        p.join(timeout=60)
+    assert len(got) == len(set(got)) == 300
+    assert set(got) == ids
+
+
+def _claim_then_hang(url: str, conn) -> None:
+    q = JobQueue(url, create=False)
+    got = [j.id for mb in q.claim("doomed", hot=[], warm=[], free_slots=5, lease_seconds=60)
+           for j in mb.jobs]
+    conn.send(got)
+    threading.Event().wait()  # holds its leases until killed
+
+
+def test_killed_claimers_jobs_come_back_after_the_lease(make_queue, db_url):
+    real = make_queue(clock=None)
+    t, _ = real.create_tenant("t")
+    real.submit(t.id, [JobSpec(None, prompt=str(i)) for i in range(8)])
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_claim_then_hang, args=(db_url, send))
+    proc.start()
+    held = set(recv.recv())
+    assert len(held) == 5
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(timeout=30)
+    assert real.reap_expired_leases() == 0  # leases still valid: nothing taken away
+    later = datetime.now(timezone.utc) + timedelta(seconds=61)
+    reaper = make_queue(clock=lambda: later)
+    assert reaper.reap_expired_leases() == 5
+    back = {j.id for mb in reaper.claim("survivor", [], [], free_slots=32) for j in mb.jobs}
+    assert held <= back and len(back) == 8
+    assert all(reaper.get_job(i).attempts == 2 for i in held)

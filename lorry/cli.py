@@ -135,11 +135,13 @@ def run(file: Path = typer.Argument(..., exists=True, dir_okay=False,
 
 
 @app.command("demo")
-def demo(max_tokens: int = typer.Option(48, min=1, max=512)):
+def demo(max_tokens: int = typer.Option(32, min=1, max=256),
+         adapters_dir: Optional[Path] = typer.Option(
+             None, help="PEFT adapters, one per subdirectory (default: adapters/demo)")):
     """Prepare the model, register the demo adapters, run one mixed batch, print a table."""
     from lorry.demo import run_demo
 
-    run_demo(max_tokens=max_tokens)
+    run_demo(max_tokens=max_tokens, adapters_dir=adapters_dir)
 
 
 def _redact(url: str) -> str:

@@ -27,7 +27,19 @@ def demo_prompts() -> list[str]:
     return BUILTIN_PROMPTS
 
 
-def run_demo(max_tokens: int = 48) -> None:
+def demo_engine_settings(settings, queue, n_jobs: int, max_tokens: int):
+    """An engine sized for this one batch (a 2-core CPU loads and steps it quickly)."""
+    from engine.config import LORA_RANKS
+
+    ranks = [a.rank or 8 for a in queue.list_adapters(None)]
+    rank = next(r for r in LORA_RANKS if r >= max(ranks, default=8))
+    loras = max(1, len(ranks))
+    return settings.model_copy(update={
+        "max_num_seqs": n_jobs, "max_model_len": 256 + max_tokens, "max_loras": loras,
+        "max_cpu_loras": loras, "max_lora_rank": rank})
+
+
+def run_demo(max_tokens: int = 32, adapters_dir=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -38,11 +50,12 @@ def run_demo(max_tokens: int = 48) -> None:
     start = time.monotonic()
     model_dir = prepare_demo_model()
     with embedded_queue(model=str(model_dir)) as (settings, queue, tenant):
-        adapters = register_adapters(queue, settings, [])
+        adapters = register_adapters(queue, settings, [], demo_dir=adapters_dir)
         if not adapters:
             console.print("[yellow]no demo adapters in adapters/demo/: the base model only")
         prompts = demo_prompts()
         names = [None, *adapters]
+        settings = demo_engine_settings(settings, queue, len(prompts) * len(names), max_tokens)
         specs = [JobSpec(adapter=a, messages=[{"role": "user", "content": p}],
                          sampling={"max_tokens": max_tokens, "temperature": 0.0})
                  for p in prompts for a in names]

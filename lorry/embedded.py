@@ -13,10 +13,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @contextmanager
 def embedded_queue(database_url: str | None = None, **overrides):
     """Yield (settings, queue, tenant) on a migrated database (a temporary SQLite by default)."""
-    from scheduler.migrate import upgrade
-
     from lorry.settings import get_settings
     from scheduler import JobQueue
+    from scheduler.migrate import upgrade
 
     with tempfile.TemporaryDirectory(prefix="lorry-") as tmp:
         url = database_url or f"sqlite:///{tmp}/lorry.db"
@@ -32,11 +31,12 @@ def embedded_queue(database_url: str | None = None, **overrides):
                 close()
 
 
-def register_adapters(queue, settings, pairs: list[str], include_demo: bool = True) -> list[str]:
-    """Register NAME=PATH pairs (and adapters/demo/*) as shared adapters; return their names."""
+def register_adapters(queue, settings, pairs: list[str], demo_dir=None) -> list[str]:
+    """Register NAME=PATH pairs and the adapters in ``demo_dir`` (default adapters/demo/*)
+    as shared adapters; return their names."""
     from lorry.adapters import demo_adapter_dirs, register_shared
 
-    wanted = dict(demo_adapter_dirs(REPO_ROOT / "adapters" / "demo")) if include_demo else {}
+    wanted = dict(demo_adapter_dirs(demo_dir or REPO_ROOT / "adapters" / "demo"))
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:

@@ -26,8 +26,12 @@ def _check(p, y, dtype):
     assert torch.equal(y[no_adapter], p.y[no_adapter])
 
 
-@pytest.mark.parametrize("num_tokens", [1, 7, 133])
-@pytest.mark.parametrize("mix", MIXES)
+# Every mix at odd sizes; "distinct" (one slot per token) stops at 40 tokens because each
+# slot is a program of its own and the CPU interpreter runs programs one by one.
+CASES = [(mix, t) for mix in MIXES for t in (1, 7, 133) if (mix, t) != ("distinct", 133)]
+
+
+@pytest.mark.parametrize("mix,num_tokens", CASES + [("distinct", 40)])
 def test_add_lora_matches_loop_and_torch_ref(mix, num_tokens, device):
     p = make_problem(num_tokens=num_tokens, hidden=72, widths=WIDTHS, max_rank=16,
                      ranks=[16, 8, 1], mix=mix, dtype=torch.float32, device=device)

@@ -17,10 +17,10 @@ from pathlib import Path
 # Run as a script, this file's folder comes first on sys.path, and its modules shadow the
 # `kernels` package and the stdlib's `queue` (benchmarks/queue.py): put the repo root there.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
-import torch  # noqa: E402
+import torch
 
-from kernels import get_lora_ops  # noqa: E402
-from kernels.segments import build_lora_meta  # noqa: E402
+from kernels import get_lora_ops
+from kernels.segments import build_lora_meta
 
 # name -> (input width, output widths of the fused slices)
 PROJECTIONS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
@@ -135,14 +135,13 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         print(json.dumps({"error": "benchmarks/kernels.py needs a CUDA GPU"}))
         sys.exit(1)
-    out = open(args.out, "a") if args.out else None
 
     def emit(obj):
         line = json.dumps(obj)
         print(line, flush=True)
-        if out:
-            out.write(line + "\n")
-            out.flush()
+        if args.out:   # line by line, so a sweep cut short still leaves its rows
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
 
     emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
           "triton": __import__("triton").__version__, "copy_GBps": copy_bandwidth_gbs()})

@@ -119,3 +119,12 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
                      mix="uniform", dtype=torch.float32, device=torch.device("cpu"))
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         triton_ops.add_lora(p.y, p.x, p.lora_a, p.lora_b, p.meta, p.offsets)
+
+
+def test_importing_kernels_does_not_import_triton():
+    # Boxes without triton (CPU workers) must still import kernels and use the torch backend.
+    import subprocess
+    import sys
+    code = ("import sys, kernels; kernels.get_lora_ops('torch'); "
+            "sys.exit('triton' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -125,6 +125,8 @@ def test_importing_kernels_does_not_import_triton():
     # Boxes without triton (CPU workers) must still import kernels and use the torch backend.
     import subprocess
     import sys
+    from pathlib import Path
     code = ("import sys, kernels; kernels.get_lora_ops('torch'); "
             "sys.exit('triton' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+    root = Path(__file__).resolve().parents[2]
+    assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0

@@ -17,7 +17,7 @@ from scheduler.types import ClaimedJob, MicroBatch
 
 J, G, A, T, W = (Job.__table__, QueueGroup.__table__, Adapter.__table__, Tenant.__table__,
                  Worker.__table__)
-PER_TENANT = 2    # oldest groups per tenant in the snapshot
+PER_TENANT = 1    # oldest group per tenant in the snapshot (fair-share candidates)
 OVERDUE = 16      # globally oldest groups (aging candidates)
 PRIORITY = 32     # highest-priority groups above the default class
 
@@ -134,8 +134,8 @@ class ClaimOps:
         rows = conn.execute(stmt, {"affinity": sorted(affinity_ids)}).all()
         far = epoch_seconds(now) + 1e9
         tenants = {r.tenant_id: r for r in rows}
-        return [Group(r.tenant_id, r.adapter_id, r.priority, r.queued_count,
-                      epoch_seconds(r.oldest_enqueued_at) if r.oldest_enqueued_at else far)
+        # Columns by position: tenant, adapter, priority, queued, oldest (hot path).
+        return [Group(r[0], r[1], r[2], r[3], epoch_seconds(r[4]) if r[4] is not None else far)
                 for r in rows], tenants
 
     def _adapter_ids(self, conn, refs) -> set[int]:

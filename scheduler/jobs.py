@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-import uuid
+import os
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -20,14 +20,44 @@ COPY_MIN_ROWS = 64  # from here on COPY beats multi-row INSERT on PostgreSQL
 JSON_COLUMNS = {"messages", "sampling"}
 
 
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_field(value, is_json: bool, dumps=json.dumps) -> str:
+    """One field in COPY's text format."""
+    if value is None:
+        return "\\N"
+    if is_json:
+        value = dumps(value)
+    elif isinstance(value, bool):
+        return "t" if value else "f"
+    elif isinstance(value, datetime):
+        return value.isoformat(" ")
+    elif not isinstance(value, str):
+        return str(value)
+    return value.translate(_ESCAPES)
+
+
 def copy_jobs(conn, rows: list[dict]) -> None:
-    """Bulk insert through PostgreSQL's COPY, inside the caller's transaction."""
+    """Bulk insert through PostgreSQL's COPY (text format), in the caller's transaction."""
     cols = list(rows[0])
+    is_json = [c in JSON_COLUMNS for c in cols]
+    memo: dict[int, str] = {}  # specs often share one sampling dict: encode it once
+
+    def field(value, j: bool) -> str:
+        if j and value is not None:
+            key = id(value)
+            if key not in memo:
+                memo[key] = _copy_field(value, True)
+            return memo[key]
+        return _copy_field(value, False)
+
     raw = conn.connection.driver_connection
     with raw.cursor() as cur, cur.copy(f"COPY jobs ({', '.join(cols)}) FROM STDIN") as copy:
-        for r in rows:
-            copy.write_row([json.dumps(r[c]) if c in JSON_COLUMNS and r[c] is not None
-                            else r[c] for c in cols])
+        for start in range(0, len(rows), 2000):
+            copy.write("".join(
+                "\t".join([field(r[c], j) for c, j in zip(cols, is_json)]) + "\n"
+                for r in rows[start:start + 2000]))
 
 
 def validate_spec(spec: JobSpec, index: int) -> None:
@@ -92,15 +122,19 @@ class JobOps:
             if deadline_cap is not None and (deadline is None or deadline > deadline_cap):
                 deadline = deadline_cap
             adapter_id = adapters[s.adapter]
-            row = dict(id=f"job_{uuid.uuid4().hex}", tenant_id=tenant_id, adapter_id=adapter_id,
+            row = dict(id=f"job_{os.urandom(16).hex()}", tenant_id=tenant_id, adapter_id=adapter_id,
                        adapter_name=s.adapter, prompt=s.prompt, messages=s.messages,
-                       sampling=dict(s.sampling), priority=s.priority, status="queued",
+                       sampling=s.sampling, priority=s.priority, status="queued",
                        attempts=0, max_attempts=s.max_attempts, enqueued_at=now,
                        not_before=None, deadline=deadline, cancel_requested=False,
                        created_at=now, batch_id=batch_id, seq=seq,
                        custom_id=s.custom_id, idempotency_key=s.idempotency_key)
             rows.append(row)
-            info = job_info(_RowView(row))
+            info = JobInfo(id=row["id"], tenant_id=tenant_id, adapter=s.adapter, status="queued",
+                           prompt=s.prompt, messages=s.messages, sampling=s.sampling,
+                           priority=s.priority, attempts=0, max_attempts=s.max_attempts,
+                           created_at=now, deadline=deadline, batch_id=batch_id,
+                           custom_id=s.custom_id, idempotency_key=s.idempotency_key)
             out.append(info)
             if s.idempotency_key is not None:
                 by_key[s.idempotency_key] = info
@@ -206,13 +240,3 @@ class JobOps:
         out = [("queued", names.get(aid) if aid else None, t, int(n)) for aid, t, n in queued]
         out += [("running", name, t, int(n)) for name, t, n in running]
         return out
-
-
-class _RowView:
-    """Attribute view of a row dict, with the result columns a fresh job lacks."""
-
-    def __init__(self, d: dict):
-        self.__dict__.update(dict(worker_id=None, error=None, result_text=None,
-                                  result_token_ids=None, finish_reason=None, prompt_tokens=None,
-                                  completion_tokens=None, timings=None, started_at=None,
-                                  finished_at=None), **d)

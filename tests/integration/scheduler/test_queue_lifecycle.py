@@ -172,3 +172,19 @@ def test_tenants_adapters_and_listing(queue, tenant):
     # Its queued jobs fail when claimed, naming the deleted adapter.
     assert claim_all(queue) == []
     assert "deleted" in queue.get_job(jobs[0].id).error
+
+
+def test_bulk_submit_keeps_every_field_byte_for_byte(queue, tenant):
+    # Large enough for PostgreSQL's COPY path; the text has every character COPY escapes.
+    odd = "tab\there\nnew line\\backslash \\N é 🚚 \r end"
+    msgs = [{"role": "user", "content": odd}]
+    specs = [JobSpec("sql", prompt=odd if i % 2 else None, messages=None if i % 2 else msgs,
+                     sampling={"max_tokens": i, "stop": ["\n", "\\t"]}, priority=i % 3,
+                     custom_id=f"c{i}") for i in range(150)]
+    jobs = queue.submit(tenant.id, specs)
+    for spec, job in zip(specs, jobs):
+        got = queue.get_job(job.id)
+        assert (got.prompt, got.messages, got.sampling, got.priority, got.custom_id) == (
+            spec.prompt, spec.messages, spec.sampling, spec.priority, spec.custom_id)
+    claimed = [j for mb in queue.claim("w", [], [], free_slots=200) for j in mb.jobs]
+    assert len(claimed) == 150

@@ -37,6 +37,8 @@ class LoRALinear(nn.Module):
         self.lora_a: list[torch.Tensor] | None = None
         self.lora_b: list[torch.Tensor] | None = None
         self.active_slots: set[int] = set()
+        # a quantized base (engine.quant) replaces weight/bias: y = base_op(x) + lora deltas
+        self.base_op: nn.Module | None = None
 
     def load_slice(self, name: str, tensor: torch.Tensor, which: str = "weight") -> None:
         """Copy a checkpoint tensor (one of the fused slices) into place."""
@@ -49,7 +51,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRAStep | None) -> torch.Tensor:
         # x: [T, in] -> y: [T, out]
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias) if self.base_op is None else self.base_op(x)
         if lora is not None and self.lora_a is not None and not lora.slots.isdisjoint(self.active_slots):
             lora.ops.add_lora(y, x, self.lora_a, self.lora_b, lora.meta, self.slice_offsets)
         return y

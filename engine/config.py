@@ -8,6 +8,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 LORA_BACKENDS = ("auto", "torch", "triton")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+QUANTIZATIONS = (None, "bnb-nf4", "bnb-fp4", "bnb-int8", "torchao-int8", "torchao-int4",
+                 "gptq", "awq")
 
 
 def _positive_int(name: str, value, allow_none: bool = False) -> None:
@@ -56,6 +58,11 @@ class EngineConfig:
         "dummy" builds random weights from config.json (benchmarks).
     seed : int
         Seed for dummy weights and for requests without their own seed.
+    quantization : str, optional
+        None, "bnb-nf4", "bnb-fp4", "bnb-int8", "torchao-int8", "torchao-int4", "gptq" or
+        "awq": quantize the base linear weights (adapters stay in lora_dtype). A GPTQ/AWQ
+        checkpoint is detected from its config.json; bnb/torchao quantize at load (extra
+        ``quant``).
     """
 
     model: str
@@ -73,6 +80,7 @@ class EngineConfig:
     max_model_len: int | None = None
     load_format: str = "auto"
     seed: int = 0
+    quantization: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -99,3 +107,4 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.enable_lora={self.enable_lora!r} must be a bool")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"EngineConfig.seed={self.seed!r} is invalid: must be an int")
+        _choice("quantization", self.quantization, QUANTIZATIONS)

@@ -1,6 +1,8 @@
 """The whole service as a user runs it: jobs and an OpenAI batch through real processes."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -8,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lorry.client import Client
 from lorry.errors import NotFound
 from tests.e2e.conftest import FLOWER_AUTH, create_tenant
+from tests.e2e.procs import run_cli
 
 PROMPTS = ["The quick brown fox", "Lorry carries", "Once upon a time", "SELECT * FROM"]
 
@@ -107,3 +110,13 @@ def test_jobs_and_batch_through_the_service(stack, tenants, reference):
     assert metric(api, "lorry_worker_drain_tasks_total") >= 1
     assert metric(api, "lorry_worker_generated_tokens_total") > 0
     assert metric(api, "lorry_claim_latency_seconds_count") >= 1
+
+
+def test_cli_submit_and_status(stack, reference):
+    key = create_tenant(stack, "cli-user")
+    env = {**stack["env"], "LORRY_URL": stack["api"], "LORRY_API_KEY": key}
+    text = run_cli(["submit", "Hello there", "--no-chat", "--max-tokens", "3", "--wait"], env)
+    assert text.rstrip("\n") == reference(None, "Hello there", 3)[1]
+    job_id = run_cli(["submit", "Hi", "--max-tokens", "2"], env).strip()
+    assert job_id.startswith("job_")
+    assert json.loads(run_cli(["status", job_id], env))["id"] == job_id

@@ -1,0 +1,49 @@
+"""`lorry run FILE.jsonl -o OUT.jsonl`: the embedded default (SQLite + in-process worker)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from tests.e2e.procs import LORRY
+
+
+def test_lorry_run_writes_openai_lines_equal_to_the_engine(tiny, tmp_path):
+    root, model, adapters = tiny
+    records = [{"custom_id": f"{m}-{i}", "method": "POST", "url": url,
+                "body": {"model": m, **({"prompt": p} if url == "/v1/completions" else
+                                        {"messages": [{"role": "user", "content": p}]}),
+                         "max_tokens": 4, "temperature": 0}}
+               for i, (p, url) in enumerate([("alpha beta", "/v1/completions"),
+                                             ("gamma", "/v1/chat/completions")])
+               for m in ("alpha", "beta", "tiny-llama")]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records) + "{broken\n")
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "LORRY_MODEL": str(model), "LORRY_DEVICE": "cpu",
+           "LORRY_MAX_LORA_RANK": "16", "LORRY_MAX_NUM_SEQS": "4", "LORRY_MAX_MODEL_LEN": "128",
+           "LORRY_MAX_LORAS": "2", "LORRY_MAX_CPU_LORAS": "2"}
+    args = ["run", str(src), "-o", str(out)] + [f"--adapter={n}={p}" for n, p in adapters.items()]
+    proc = subprocess.run(LORRY + args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr  # one bad line: reported, exit status 1
+    assert "line 7 is not valid JSON" in proc.stderr
+    assert "6 succeeded, 1 failed" in proc.stdout
+    errors = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert [e["error"]["line"] for e in errors] == [7]
+
+    from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+
+    eng = LLMEngine(EngineConfig(model=str(model), device="cpu", max_loras=2, max_lora_rank=16,
+                                 max_num_seqs=4, max_model_len=128))
+    loras = {n: LoRARequest(n, i + 1, str(p)) for i, (n, p) in enumerate(adapters.items())}
+    lines = {x["custom_id"]: x for x in map(json.loads, out.read_text().splitlines())}
+    assert sorted(lines) == sorted(r["custom_id"] for r in records)
+    for r in records:
+        body = r["body"]
+        prompt = body.get("prompt") or body["messages"]
+        [want] = eng.generate([prompt], SamplingParams(max_tokens=4, temperature=0),
+                              lora_request=[loras.get(body["model"])], use_tqdm=False)
+        resp = lines[r["custom_id"]]["response"]
+        choice = resp["body"]["choices"][0]
+        got = choice["text"] if "text" in choice else choice["message"]["content"]
+        assert resp["status_code"] == 200 and got == want.outputs[0].text, r["custom_id"]

@@ -43,13 +43,12 @@ def base_config(request: Request) -> dict:
 
 def validate_local(path: str, request: Request, settings) -> int:
     """Check the PEFT directory with the engine's torch-free rules; return its rank."""
-    from engine.errors import LoRAError
-    from engine.lora.spec import parse_adapter
+    from engine.lora.spec import parse_adapter  # torch-free; its refusals are ValueErrors
 
     try:
         spec = parse_adapter(path, base_config(request), max_lora_rank=settings.max_lora_rank,
                              base_model=settings.model)
-    except LoRAError as e:
+    except ValueError as e:
         raise HTTPException(422, f"adapter refused: {e}") from None
     return spec.max_rank or spec.r
 

@@ -214,17 +214,23 @@ class LLMEngine:
         stats = self.loras.stats() if self.loras else {"gpu": {}, "cpu": {}}
         stats["running"] = len(self.scheduler.running)
         stats["waiting"] = len(self.scheduler.waiting)
+        stats["base_weights"] = dict(getattr(self.model, "quant_report", None) or {})
         return stats
 
     def info(self) -> dict:
         c = self.config
+        q = getattr(self.model, "quant_report", None) or {}
         return {"model": c.model, "model_dir": str(self.model_dir),
                 "model_type": self.hf_config.model_type, "dtype": str(self.dtype).split(".")[-1],
                 "device": str(self.device), "lora_backend": self.lora_backend,
                 "enable_lora": c.enable_lora, "max_loras": c.max_loras,
                 "max_lora_rank": c.max_lora_rank, "max_cpu_loras": c.max_cpu_loras,
                 "max_num_seqs": c.max_num_seqs, "max_model_len": self.max_model_len,
-                "num_layers": self.hf_config.num_hidden_layers}
+                "num_layers": self.hf_config.num_hidden_layers,
+                # quantization method (None, or detected from a GPTQ/AWQ checkpoint), base
+                # weight bytes resident, and what they would take unquantized
+                "quantization": q.get("method"), "base_weight_bytes": q.get("base_weight_bytes"),
+                "base_weight_bytes_unquantized": q.get("base_weight_bytes_unquantized")}
 
     @torch.inference_mode()
     def compute_logits(self, prompt_token_ids: list[list[int]],

@@ -10,7 +10,10 @@ from kernels.segments import build_lora_meta
 
 
 def get_ops(backend: str):
-    """The LoRA kernels for ``backend`` ("torch" or "triton")."""
+    """The LoRA kernels for ``backend`` ("torch": vectorised torch ops, or "triton")."""
+    if backend == "torch":
+        from engine.lora import dense_ops
+        return dense_ops
     try:
         from kernels import get_lora_ops
     except ImportError:  # kernels/__init__ without the dispatcher: the torch reference only

@@ -65,7 +65,7 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
         raise ValueError(f"max_model_len={max_len} exceeds the model's sliding_window={window}, "
                          "which this engine does not implement; lower max_model_len")
     model = load_model(model_dir, hf_config, dtype=dtype, device=device, max_len=max_len,
-                       load_format=c.load_format, seed=c.seed)
+                       load_format=c.load_format, seed=c.seed, quantization=c.quantization)
     model.allocate_kv_cache(c.max_num_seqs, max_len)
     tokenizer = Tokenizer(c.tokenizer or model_dir)
     loras = None

@@ -68,8 +68,13 @@ def _assign(model: LlamaForCausalLM, name: str, tensor: torch.Tensor) -> bool:
 
 
 def load_model(model_dir: Path, config, *, dtype: torch.dtype, device: torch.device,
-               max_len: int, load_format: str = "auto", seed: int = 0) -> LlamaForCausalLM:
-    """Create the model on ``device`` in ``dtype`` and fill its weights."""
+               max_len: int, load_format: str = "auto", seed: int = 0,
+               quantization: str | None = None) -> LlamaForCausalLM:
+    """Create the model on ``device`` in ``dtype``, fill its weights, quantize its base if asked
+    (or load a GPTQ/AWQ checkpoint); ``model.quant_report`` says what is resident."""
+    from engine.quant.apply import finish_load, resolve_method
+
+    qmethod, qconfig = resolve_method(config, quantization, load_format, device, dtype)
     with torch.device(device):
         model = LlamaForCausalLM(config, max_len)
     model.to(dtype=dtype)
@@ -82,14 +87,19 @@ def load_model(model_dir: Path, config, *, dtype: torch.dtype, device: torch.dev
                     p.fill_(1.0)
                 else:
                     p.normal_(0.0, 0.02, generator=gen)
+        finish_load(model, qmethod)
         return model
     from safetensors import safe_open
 
     seen = set()
+    assign = _assign
+    if qmethod in ("gptq", "awq"):  # packed slices are collected, then fused at finish()
+        from engine.quant.checkpoint import PackedCheckpointLoader
+        assign = PackedCheckpointLoader(model, qmethod, qconfig, _assign, dtype)
     for path in _weight_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                if not _assign(model, name, f.get_tensor(name)):
+                if not assign(model, name, f.get_tensor(name)):
                     raise ValueError(f"unexpected weight {name!r} in {path.name}: this "
                                      "architecture is not a plain Llama-family model")
                 seen.add(name)
@@ -98,4 +108,7 @@ def load_model(model_dir: Path, config, *, dtype: torch.dtype, device: torch.dev
             model.lm_head.copy_(model.embed_tokens.weight)
     if "model.embed_tokens.weight" not in seen:
         raise ValueError(f"{model_dir}: checkpoint lacks model.embed_tokens.weight")
+    if assign is not _assign:
+        assign.finish()
+    finish_load(model, qmethod)
     return model

@@ -1,0 +1,120 @@
+"""Quantize a dense fused weight at load time: bitsandbytes nf4/fp4/int8, torchao int8/int4.
+
+Each builder returns a base op (an ``nn.Module`` mapping x [T, in] to x W^T + b [T, out]) with
+the same settings transformers' ``BitsAndBytesConfig``/``TorchAoConfig`` use by default, so
+a PEFT model on a transformers-quantized base sees the same weights.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+INSTALL_HINT = "pip install 'lorry[quant]'"
+BNB_BLOCKSIZE = 64            # transformers' default 4-bit block size
+BNB_INT8_THRESHOLD = 6.0      # transformers' default llm_int8_threshold (outlier columns in fp16)
+TORCHAO_INT4_GROUP = 128
+
+
+def require(package: str, method: str):
+    """Import ``package`` or say which package ``quantization=method`` needs."""
+    try:
+        return importlib.import_module(package)
+    except ImportError as e:
+        raise ImportError(f"EngineConfig.quantization={method!r} needs the {package!r} package, "
+                          f"which is not installed here: {INSTALL_HINT}") from e
+
+
+def tensor_bytes(t: torch.Tensor | None) -> int:
+    """Bytes held by ``t``, looking inside tensor subclasses (torchao) and bnb quant states."""
+    if t is None:
+        return 0
+    if hasattr(type(t), "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+class _Bnb4bit(nn.Module):
+    def __init__(self, bnb, weight: torch.Tensor, bias: torch.Tensor | None, quant_type: str):
+        super().__init__()
+        self._bnb = bnb
+        # weight: [out, in] -> packed uint8 [out*in/2, 1] + state (absmax per block of 64)
+        packed, self.state = bnb.functional.quantize_4bit(
+            weight.contiguous(), blocksize=BNB_BLOCKSIZE, compress_statistics=False,
+            quant_type=quant_type)
+        self.register_buffer("packed", packed)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._bnb.matmul_4bit(x, self.packed.t(), quant_state=self.state, bias=self.bias)
+
+    def resident_bytes(self) -> int:
+        s = self.state
+        return sum(map(tensor_bytes, (self.packed, self.bias, s.absmax, s.code)))
+
+
+class _Bnb8bit(nn.Module):
+    def __init__(self, bnb, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        out, inp = weight.shape
+        # like bitsandbytes' Int8Params: row-wise absmax int8 from the fp16 weight
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))
+        self.lin = bnb.nn.Linear8bitLt(inp, out, bias=bias is not None, has_fp16_weights=False,
+                                       threshold=BNB_INT8_THRESHOLD, device="meta")
+        p = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False)
+        p.CB, p.SCB = cb, scb
+        self.lin.weight = p
+        self.lin.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.out_dtype = weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).to(self.out_dtype)
+
+    def resident_bytes(self) -> int:
+        w = self.lin.weight
+        scb = w.SCB if w.SCB is not None else self.lin.state.SCB
+        return tensor_bytes(self.lin.state.CB if w.numel() == 0 else w.data) + \
+            tensor_bytes(scb) + tensor_bytes(self.lin.bias)
+
+
+class _TorchAo(nn.Module):
+    def __init__(self, torchao_q, weight: torch.Tensor, bias: torch.Tensor | None, config):
+        super().__init__()
+        out, inp = weight.shape
+        self.lin = nn.Linear(inp, out, bias=bias is not None, device="meta")
+        self.lin.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            self.lin.bias = nn.Parameter(bias, requires_grad=False)
+        torchao_q.quantize_(self.lin, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+    def resident_bytes(self) -> int:
+        return tensor_bytes(self.lin.weight) + tensor_bytes(self.lin.bias)
+
+
+def check_device(method: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a method that cannot run on ``device``/``dtype``, before any weight is touched."""
+    if method == "torchao-int4" and (device.type != "cuda" or dtype != torch.bfloat16):
+        raise ValueError(f"EngineConfig.quantization='torchao-int4' needs a CUDA device with "
+                         f"dtype bfloat16 (got device {device.type}, dtype "
+                         f"{str(dtype).split('.')[-1]}): torchao's int4 weight-only kernel is "
+                         "CUDA-only; on CPU use 'torchao-int8', 'bnb-nf4', 'bnb-fp4' or 'bnb-int8'")
+
+
+def load_backend(method: str):
+    """Import the package ``method`` needs (clear ImportError otherwise); return a builder."""
+    if method.startswith("bnb-"):
+        bnb = require("bitsandbytes", method)
+        if method == "bnb-int8":
+            return lambda w, b: _Bnb8bit(bnb, w, b)
+        return lambda w, b: _Bnb4bit(bnb, w, b, method.removeprefix("bnb-"))
+    require("torchao", method)
+    tq = importlib.import_module("torchao.quantization")
+    if method == "torchao-int8":
+        return lambda w, b: _TorchAo(tq, w, b, tq.Int8WeightOnlyConfig())
+    return lambda w, b: _TorchAo(tq, w, b, tq.Int4WeightOnlyConfig(
+        group_size=TORCHAO_INT4_GROUP, int4_packing_format="tile_packed_to_4d"))

@@ -8,13 +8,13 @@ DRAIN_TASK = "lorry.drain"
 
 
 class DrainNudger:
-    """Send one ``lorry.drain`` message per ``ttl`` seconds at most.
+    """Send a ``lorry.drain`` message unless one is pending (the key; a drain clears it).
 
     The job table is the source of truth, so a nudge that is lost (Redis down, TTL window)
     only delays work until beat's next nudge; it never loses a job.
     """
 
-    def __init__(self, broker_url: str, prefix: str = "lorry", ttl: float = 2.0):
+    def __init__(self, broker_url: str, prefix: str = "lorry", ttl: float = 30.0):
         import redis
         from celery import Celery
 

@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(10.0, gt=0)
     drain_max_seconds: float = Field(600.0, gt=0)
     maintain_interval: float = Field(15.0, gt=0)
-    nudge_ttl_seconds: float = Field(2.0, gt=0)
+    nudge_ttl_seconds: float = Field(30.0, gt=0)  # a pending nudge; drain clears it
     prune_workers_after: int = Field(600, ge=10)
 
     # api

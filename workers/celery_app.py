@@ -19,6 +19,8 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     beat_schedule={
-        "maintain": {"task": "lorry.maintain", "schedule": settings.maintain_interval},
+        # expires: runs missed while the worker was busy are dropped, not piled up.
+        "maintain": {"task": "lorry.maintain", "schedule": settings.maintain_interval,
+                     "options": {"expires": settings.maintain_interval}},
     },
 )

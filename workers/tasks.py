@@ -33,11 +33,25 @@ def drain(self) -> dict:
     from workers.runtime import get_drainer
 
     settings = get_settings()
+    _nudge_taken(settings)
     summary = get_drainer().run(max_seconds=settings.drain_max_seconds,
                                 should_stop=_shutting_down.is_set)
     if summary.reason == "time limit":  # give maintain and other tasks a turn, then go on
         drain.apply_async()
     return summary.to_dict()
+
+
+def _nudge_taken(settings) -> None:
+    """Clear the API's de-duplication key: a job submitted from now on nudges again, so a
+    submission that races with the end of this drain is never left to beat alone."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=2)
+        client.delete(f"{settings.redis_prefix}:nudge:drain")
+        client.close()
+    except redis.RedisError as e:
+        log.warning("cannot clear the nudge key: %s", e)
 
 
 @app.task(name="lorry.maintain")

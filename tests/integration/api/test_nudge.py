@@ -1,0 +1,43 @@
+"""Drain nudges on the real Redis: one pending message at a time, again once a drain took it."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+
+from api.nudge import DrainNudger
+
+REDIS = os.environ.get("LORRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def redis_url():
+    url = urlsplit(REDIS)._replace(path="/12").geturl()  # a DB of its own for these tests
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+def test_nudges_are_deduplicated_until_a_drain_takes_them(redis_url):
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    nudge = DrainNudger(redis_url, prefix, ttl=30)
+    client = redis.Redis.from_url(redis_url)
+    assert nudge() is True
+    assert nudge() is False and nudge() is False
+    messages = client.lrange("celery", 0, -1)  # kombu's Redis transport: one list per queue
+    assert len(messages) == 1
+    assert json.loads(messages[0])["headers"]["task"] == "lorry.drain"
+    client.delete(f"{prefix}:nudge:drain")  # what the drain task does when it starts
+    assert nudge() is True and client.llen("celery") == 2
+    client.close()
+
+
+def test_unreachable_broker_is_not_an_error():
+    nudge = DrainNudger("redis://127.0.0.1:1/0", "x", ttl=1)
+    assert nudge() is False

@@ -51,3 +51,59 @@ def claim_rows(conn, takes, *, now, worker_id, token, expires, floor) -> list:
         tenants=[t.group.tenant_id for t in takes], adapters=[t.group.adapter_id for t in takes],
         priorities=[t.group.priority for t in takes], counts=[t.count for t in takes],
         now=now, worker=worker_id, token=token, expires=expires, floor=floor)).all()
+
+
+# Everything a claim reads, in one autocommit round trip: records the worker (heartbeat,
+# hot/warm resolved to ids) and returns the candidate groups with their tenant's weight and
+# fair-share counter, the worker's hot/warm ids, and the hot lists of the other live workers.
+SNAPSHOT_SQL = text("""
+WITH hot_ids AS (
+  SELECT id FROM adapters WHERE id = ANY(CAST(:hot_ids AS bigint[]))
+                             OR name = ANY(CAST(:hot_names AS text[]))),
+warm_ids AS (
+  SELECT id FROM adapters WHERE id = ANY(CAST(:warm_ids AS bigint[]))
+                             OR name = ANY(CAST(:warm_names AS text[]))),
+me AS (
+  INSERT INTO workers (id, heartbeat_at, hot, warm, capacity)
+  VALUES (:worker, :now,
+          (SELECT coalesce(json_agg(id ORDER BY id), '[]'::json) FROM hot_ids),
+          (SELECT coalesce(json_agg(id ORDER BY id), '[]'::json) FROM warm_ids), 0)
+  ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, hot = excluded.hot,
+                                 warm = excluded.warm
+  RETURNING 1),
+cand AS (
+  (SELECT tenant_id, adapter_id, priority, queued_count, oldest_enqueued_at
+   FROM queue_groups WHERE queued_count > 0 ORDER BY oldest_enqueued_at LIMIT :overdue)
+  UNION
+  (SELECT tenant_id, adapter_id, priority, queued_count, oldest_enqueued_at
+   FROM queue_groups WHERE queued_count > 0 AND priority > 0
+   ORDER BY priority DESC, oldest_enqueued_at LIMIT :by_priority)
+  UNION
+  (SELECT tenant_id, adapter_id, priority, queued_count, oldest_enqueued_at
+   FROM queue_groups WHERE queued_count > 0
+     AND adapter_id IN (SELECT id FROM hot_ids UNION SELECT id FROM warm_ids))
+  UNION
+  (SELECT g.tenant_id, g.adapter_id, g.priority, g.queued_count, g.oldest_enqueued_at
+   FROM tenants t CROSS JOIN LATERAL (
+     SELECT * FROM queue_groups q WHERE q.queued_count > 0 AND q.tenant_id = t.id
+     ORDER BY q.oldest_enqueued_at LIMIT :per_tenant) g))
+SELECT c.tenant_id, c.adapter_id, c.priority, c.queued_count, c.oldest_enqueued_at,
+       t.weight, t.served,
+       ARRAY(SELECT id FROM hot_ids) AS hot, ARRAY(SELECT id FROM warm_ids) AS warm,
+       (SELECT json_agg(w.hot) FROM workers w
+        WHERE w.id <> :worker AND w.heartbeat_at > :live_after) AS others
+FROM cand c JOIN tenants t ON t.id = c.tenant_id
+""")
+
+
+def snapshot_rows(conn, worker_id, hot, warm, *, now, live_after, overdue, by_priority,
+                  per_tenant) -> list:
+    def split(refs):
+        refs = list(refs or [])
+        return ([x for x in refs if isinstance(x, int)], [x for x in refs if isinstance(x, str)])
+
+    (hot_ids, hot_names), (warm_ids, warm_names) = split(hot), split(warm)
+    return conn.execute(SNAPSHOT_SQL, {
+        "hot_ids": hot_ids, "hot_names": hot_names, "warm_ids": warm_ids,
+        "warm_names": warm_names, "worker": worker_id, "now": now, "live_after": live_after,
+        "overdue": overdue, "by_priority": by_priority, "per_tenant": per_tenant}).all()

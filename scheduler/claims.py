@@ -2,13 +2,14 @@
 with one UPDATE per chosen group (FOR UPDATE SKIP LOCKED on PostgreSQL). JobQueue mixin."""
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import timedelta
 
 from sqlalchemy import bindparam, case, func, literal_column, or_, select, union, update
 from sqlalchemy.exc import OperationalError
 
-from scheduler.claim_pg import claim_rows
+from scheduler.claim_pg import claim_rows, snapshot_rows
 from scheduler.db import epoch_seconds, insert_for
 from scheduler.models import Adapter, Job, QueueGroup, Tenant, Worker
 from scheduler.policy import Group, Snapshot, plan_claim
@@ -17,6 +18,7 @@ from scheduler.types import ClaimedJob, MicroBatch
 
 J, G, A, T, W = (Job.__table__, QueueGroup.__table__, Adapter.__table__, Tenant.__table__,
                  Worker.__table__)
+ADAPTER_CACHE_S = 2.0
 PER_TENANT = 1    # oldest group per tenant in the snapshot (fair-share candidates)
 OVERDUE = 16      # globally oldest groups (aging candidates)
 PRIORITY = 32     # highest-priority groups above the default class
@@ -46,25 +48,43 @@ class ClaimOps:
         return []
 
     def _claim_once(self, worker_id, hot, warm, free_slots, lease_seconds, max_adapters):
+        if self.engine.dialect.name == "postgresql":
+            # Two autocommit statements: a snapshot read, then one atomic claim statement.
+            engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        else:
+            engine = self.engine  # one serialized (BEGIN IMMEDIATE) transaction
         now = self.now()
         epoch = epoch_seconds(now)
-        with self.engine.begin() as conn:
-            hot_ids, warm_ids = self._adapter_ids(conn, hot), self._adapter_ids(conn, warm)
-            self._touch_worker(conn, worker_id, hot_ids, warm_ids, None, now)
-            groups, tenants = self._snapshot_groups(conn, hot_ids | warm_ids, now)
-            if not groups:
-                return []
-            elsewhere: set[int] = set()
-            for (others,) in conn.execute(select(W.c.hot).where(
-                    W.c.id != worker_id,
-                    W.c.heartbeat_at > now - timedelta(seconds=self.worker_ttl_seconds))):
-                elsewhere |= {x for x in others or [] if isinstance(x, int)}
+        live_after = now - timedelta(seconds=self.worker_ttl_seconds)
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                rows = snapshot_rows(conn, worker_id, hot, warm, now=now, live_after=live_after,
+                                     overdue=OVERDUE, by_priority=PRIORITY,
+                                     per_tenant=PER_TENANT)
+                if not rows:
+                    return []
+                hot_ids, warm_ids = set(rows[0].hot), set(rows[0].warm)
+                elsewhere = {x for lst in rows[0].others or [] for x in lst or []
+                             if isinstance(x, int)}
+                groups, tenants = self._groups_of(rows, now)
+            else:
+                hot_ids, warm_ids = self._adapter_ids(conn, hot), self._adapter_ids(conn, warm)
+                self._touch_worker(conn, worker_id, hot_ids, warm_ids, None, now)
+                groups, tenants = self._snapshot_groups(conn, hot_ids | warm_ids, now)
+                if not groups:
+                    return []
+                elsewhere = set()
+                for (others,) in conn.execute(select(W.c.hot).where(
+                        W.c.id != worker_id, W.c.heartbeat_at > live_after)):
+                    elsewhere |= {x for x in others or [] if isinstance(x, int)}
             plan = plan_claim(Snapshot(
                 groups=groups, now=epoch, free_slots=free_slots, hot=hot_ids, warm=warm_ids,
                 hot_elsewhere=elsewhere - hot_ids,
                 weights={t: r.weight for t, r in tenants.items()},
                 served={t: r.served for t, r in tenants.items()},
                 aging_seconds=self.aging_seconds, max_adapters=max_adapters, salt=worker_id))
+            if not plan.takes:
+                return []
             token = uuid.uuid4().hex
             expires = now + timedelta(seconds=lease_seconds)
             if conn.dialect.name == "postgresql":
@@ -132,6 +152,9 @@ class ClaimOps:
         if stmt is None:
             stmt = self._snapshot_stmt = snapshot_statement(conn.dialect.name)
         rows = conn.execute(stmt, {"affinity": sorted(affinity_ids)}).all()
+        return self._groups_of(rows, now)
+
+    def _groups_of(self, rows, now) -> tuple[list[Group], dict]:
         far = epoch_seconds(now) + 1e9
         tenants = {r.tenant_id: r for r in rows}
         # Columns by position: tenant, adapter, priority, queued, oldest (hot path).
@@ -157,8 +180,16 @@ class ClaimOps:
         conn.execute(ins.on_conflict_do_update(index_elements=["id"], set_=update_cols))
 
     def _micro_batches(self, conn, claimed: dict, now) -> list[MicroBatch]:
-        ids = [a for a in claimed if a != 0]
-        infos = {r.id: adapter_info(r) for r in conn.execute(select(A).where(A.c.id.in_(ids)))}
+        # Adapter rows change rarely: a short-lived per-process cache saves a round trip per
+        # claim (a just-deleted adapter may still be handed out for ADAPTER_CACHE_S).
+        cache = self.__dict__.setdefault("_adapter_cache", {})
+        clock = time.monotonic()
+        infos = {a: cache[a][0] for a in claimed if a in cache and cache[a][1] > clock}
+        missing = [a for a in claimed if a != 0 and a not in infos]
+        if missing:
+            for r in conn.execute(select(A).where(A.c.id.in_(missing))):
+                infos[r.id] = adapter_info(r)
+                cache[r.id] = (infos[r.id], clock + ADAPTER_CACHE_S)
         out = []
         for adapter_id, jobs in claimed.items():
             if adapter_id != 0 and adapter_id not in infos:

@@ -46,6 +46,10 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if lora_request is not None:
             self._check_lora_usable(lora_request)
+            pinned = self.loras.gpu.pinned
+            if lora_request.lora_int_id not in pinned and len(pinned) >= self.config.max_loras:
+                raise LoRAError(f"adapter {lora_request.lora_name!r} cannot run: all max_loras="
+                                f"{self.config.max_loras} GPU slots are pinned; unpin one")
             self.add_lora(lora_request)
         text, ids = self.tokenizer.encode_prompt(prompt)
         if len(ids) >= self.max_model_len:
@@ -68,10 +72,6 @@ class LLMEngine:
                             "with enable_lora=False")
         if not isinstance(req, LoRARequest):
             raise LoRAError(f"lora_request must be a LoRARequest, got {type(req).__name__}")
-        pinned = self.loras.gpu.pinned
-        if req.lora_int_id not in pinned and len(pinned) >= self.config.max_loras:
-            raise LoRAError(f"adapter {req.lora_name!r} cannot run: all max_loras="
-                            f"{self.config.max_loras} GPU slots are pinned; unpin one")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request; returns its partial output (finish_reason "abort") or None."""

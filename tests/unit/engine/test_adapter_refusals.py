@@ -1,0 +1,148 @@
+"""Every adapter refusal names the problem, and a refused adapter changes no cache."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from engine.errors import (AdapterFormatError, AdapterNotFoundError, BaseModelMismatchError,
+                           LoRAError, RankTooLargeError, UnsupportedAdapterError)
+from engine.lora.spec import parse_adapter, read_base_config
+
+
+@pytest.fixture()
+def adapter(tiny_llama, tmp_path):
+    """A writable copy of a valid all-linear adapter (rank 4 with rslora)."""
+    dst = tmp_path / "adapter"
+    shutil.copytree(tiny_llama.adapters["all_r4_rslora"], dst)
+    return dst
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _parse(path, base, max_lora_rank=64, **kw):
+    return parse_adapter(path, read_base_config(base.dir), max_lora_rank=max_lora_rank, **kw)
+
+
+def test_valid_adapter_parses_without_torch_reading_tensors(adapter, tiny_llama):
+    spec = _parse(adapter, tiny_llama)
+    assert spec.max_rank == 4 and len(spec.target_modules) == 7
+    assert all(abs(s - 8 / 2) < 1e-9 for *_, s, _t in spec.modules.values())  # alpha/sqrt(r)
+
+
+def test_spec_module_does_not_import_torch():
+    import subprocess
+
+    code = "import sys, engine.lora.spec, engine; engine.LoRARequest; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("changes, error, words", [
+    ({"use_dora": True}, UnsupportedAdapterError, "DoRA"),
+    ({"bias": "all"}, UnsupportedAdapterError, "bias"),
+    ({"modules_to_save": ["lm_head"]}, UnsupportedAdapterError, "modules_to_save"),
+    ({"target_modules": ["q_proj", "embed_tokens"]}, UnsupportedAdapterError, "embed_tokens"),
+    ({"target_modules": ["q_proj", "c_attn"]}, BaseModelMismatchError, "c_attn"),
+    ({"peft_type": "IA3"}, UnsupportedAdapterError, "IA3"),
+    ({"r": 0}, AdapterFormatError, "r=0"),
+])
+def test_unsupported_config_is_refused(adapter, tiny_llama, changes, error, words):
+    _edit_config(adapter, **changes)
+    with pytest.raises(error, match=words):
+        _parse(adapter, tiny_llama)
+
+
+def test_rank_above_max_lora_rank_is_refused(tiny_llama):
+    with pytest.raises(RankTooLargeError, match=r"rank 16 .*max_lora_rank=8"):
+        _parse(tiny_llama.adapters["mlp_r16"], tiny_llama, max_lora_rank=8)
+
+
+def test_shapes_of_another_base_are_refused(adapter, tiny_qwen2, tmp_path):
+    from tests.tiny_models import make_tiny_llama
+
+    other = make_tiny_llama(tmp_path / "wide", hidden_size=96, num_heads=4, num_kv_heads=2)
+    with pytest.raises(BaseModelMismatchError, match="do not fit the base"):
+        parse_adapter(adapter, read_base_config(other), max_lora_rank=64)
+
+
+def test_layer_missing_in_base_is_refused(adapter, tmp_path):
+    from tests.tiny_models import make_tiny_llama
+
+    shallow = make_tiny_llama(tmp_path / "shallow", num_layers=1)
+    with pytest.raises(BaseModelMismatchError, match="layer 1 does not exist"):
+        parse_adapter(adapter, read_base_config(shallow))
+
+
+def test_missing_files_are_refused(adapter, tiny_llama, tmp_path):
+    with pytest.raises(AdapterNotFoundError, match="adapter_config.json not found"):
+        _parse(tmp_path / "nothing", tiny_llama)
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterNotFoundError, match="adapter_model.safetensors"):
+        _parse(adapter, tiny_llama)
+
+
+def test_corrupt_files_are_refused(adapter, tiny_llama):
+    weights = adapter / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # truncated download
+    with pytest.raises(AdapterFormatError, match="corrupt safetensors"):
+        _parse(adapter, tiny_llama)
+    weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(AdapterFormatError, match="corrupt safetensors"):
+        _parse(adapter, tiny_llama)
+    (adapter / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterFormatError, match="adapter_config.json is unreadable"):
+        _parse(adapter, tiny_llama)
+
+
+def test_bin_adapter_is_loaded_without_unpickling_objects(adapter, tiny_llama, tmp_path):
+    import pickle
+
+    import torch
+    from safetensors.torch import load_file
+
+    from engine.lora.weights import load_adapter_weights
+
+    weights = adapter / "adapter_model.safetensors"
+    torch.save(load_file(str(weights)), adapter / "adapter_model.bin")
+    weights.unlink()
+    cfg = read_base_config(tiny_llama.dir)
+    spec = _parse(adapter, tiny_llama)
+    loaded = load_adapter_weights(spec, cfg, 64, torch.float32, pin_memory=False)
+    assert len(loaded.tensors) == 14
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(AdapterFormatError, match="cannot read adapter_model.bin"):
+        load_adapter_weights(_parse(adapter, tiny_llama), cfg, 64, torch.float32, False)
+
+
+def test_engine_refusal_leaves_caches_unchanged(adapter, tiny_llama):
+    from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama.dir), max_loras=2, max_lora_rank=8))
+    before = eng.cache_stats()
+    _edit_config(adapter, use_dora=True)
+    bad = LoRARequest("dora", 7, str(adapter))
+    with pytest.raises(LoRAError, match="DoRA"):
+        eng.add_lora(bad)
+    with pytest.raises(LoRAError, match="DoRA"):
+        eng.generate(["hi", "there"], SamplingParams(max_tokens=2),
+                     [None, bad], use_tqdm=False)
+    assert eng.cache_stats() == before
+    assert eng.list_loras() == {"gpu": [], "cpu": [], "pinned": []}
+    assert not eng.has_unfinished_requests()
+    with pytest.raises(RankTooLargeError):
+        eng.add_lora(LoRARequest("big", 8, str(tiny_llama.adapters["mlp_r16"])))
+    with pytest.raises(AdapterNotFoundError, match="no such directory"):
+        eng.add_lora(LoRARequest("gone", 9, "/nonexistent/adapter"))

@@ -1,0 +1,130 @@
+"""Generation behaviour a user sees: sampling, seeds, stops, chat prompts, limits, step API."""
+from __future__ import annotations
+
+import pytest
+
+from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+from engine.errors import ModelLengthError
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    return LLMEngine(EngineConfig(model=str(tiny_llama.dir), max_loras=2, max_lora_rank=16,
+                                  max_num_seqs=4, max_model_len=64))
+
+
+def _ids(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
+    sp = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=7,
+                        ignore_eos=True)
+    alone = engine.generate("sample me", sp, use_tqdm=False)
+    other = SamplingParams(max_tokens=8, temperature=1.0, seed=1, ignore_eos=True)
+    mixed = engine.generate(["zz", "sample me", "q"], [other, sp, other], use_tqdm=False)
+    assert _ids(alone)[0] == _ids(mixed)[1]
+    different = engine.generate("sample me", SamplingParams(max_tokens=8, seed=8,
+                                                            ignore_eos=True), use_tqdm=False)
+    assert _ids(different) != _ids(alone)
+
+
+def test_top_k_one_is_greedy(engine):
+    greedy = engine.generate("abc", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                             use_tqdm=False)
+    k1 = engine.generate("abc", SamplingParams(max_tokens=6, temperature=1.5, top_k=1, seed=3,
+                                               ignore_eos=True), use_tqdm=False)
+    assert _ids(greedy) == _ids(k1)
+
+
+def test_stop_token_ids_and_stop_strings(engine):
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    full = engine.generate("stop test", sp, use_tqdm=False)[0].outputs[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 12
+    stop_id = full.token_ids[3]
+    first = full.token_ids.index(stop_id)
+    out = engine.generate("stop test", SamplingParams(max_tokens=12, temperature=0,
+                                                      ignore_eos=True, stop_token_ids=[stop_id]),
+                          use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.token_ids == full.token_ids[:first + 1]
+    text = full.text
+    stop = next(text[i:i + 2] for i in range(2, len(text) - 1) if text[i:i + 2].isprintable())
+    out = engine.generate("stop test", SamplingParams(max_tokens=12, temperature=0,
+                                                      ignore_eos=True, stop=[stop]),
+                          use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.text == text[:text.find(stop)]
+    assert stop not in out.text
+
+
+def test_eos_stops_unless_ignored(engine, monkeypatch):
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    ids = engine.generate("e", sp, use_tqdm=False)[0].outputs[0].token_ids
+    # declare the first greedy token the tokenizer's EOS: generation must stop right there
+    monkeypatch.setattr(engine.tokenizer, "eos_token_id", ids[0])
+    out = engine.generate("e", SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].token_ids == ids[:1]
+    assert out.outputs[0].text == ""
+    again = engine.generate("e", sp, use_tqdm=False)[0].outputs[0]
+    assert again.token_ids == ids and again.finish_reason == "length"
+
+
+def test_prompts_as_text_ids_and_chat_messages(engine):
+    sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    messages = [{"role": "user", "content": "hi"}]
+    text_out, chat_out = engine.generate(["<|user|>\nhi</s>\n<|assistant|>\n", messages], sp,
+                                         use_tqdm=False)
+    expected = engine.tokenizer.hf.apply_chat_template(messages, tokenize=False,
+                                                       add_generation_prompt=True)
+    assert chat_out.prompt == expected
+    ids_out = engine.generate([chat_out.prompt_token_ids], sp, use_tqdm=False)[0]
+    assert ids_out.outputs[0].token_ids == chat_out.outputs[0].token_ids
+    assert ids_out.prompt is None
+    assert chat_out.usage == {"prompt_tokens": len(chat_out.prompt_token_ids),
+                              "completion_tokens": 3,
+                              "total_tokens": len(chat_out.prompt_token_ids) + 3}
+    with pytest.raises(ValueError, match="chat message"):
+        engine.generate([[{"role": "user"}]], sp, use_tqdm=False)
+
+
+def test_max_model_len(engine):
+    with pytest.raises(ModelLengthError, match="max_model_len=64"):
+        engine.generate([list(range(3, 70))], SamplingParams(max_tokens=2), use_tqdm=False)
+    out = engine.generate([list(range(3, 60))], SamplingParams(max_tokens=50, ignore_eos=True),
+                          use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 7
+    assert not engine.has_unfinished_requests()
+
+
+def test_step_api_abort_and_outputs(engine, tiny_llama):
+    lora = LoRARequest("qv", 1, str(tiny_llama.adapters["qv_r8"]))
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    engine.add_request("a", "first", sp, lora)
+    engine.add_request("b", "second", SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("a", "dup", sp)
+    assert engine.num_unfinished_requests() == 2
+    done = []
+    while not done:
+        done = engine.step()
+    assert [o.request_id for o in done] == ["b"] and done[0].finished
+    aborted = engine.abort_request("a")
+    assert aborted.outputs[0].finish_reason == "abort" and aborted.lora_request == lora
+    assert 0 < len(aborted.outputs[0].token_ids) < 20
+    assert engine.abort_request("a") is None and not engine.has_unfinished_requests()
+    m = done[0].metrics
+    assert m.arrival_time <= m.first_token_time <= m.finished_time
+
+
+def test_generate_argument_errors(engine):
+    with pytest.raises(ValueError, match="2 prompts, 3 sampling params"):
+        engine.generate(["a", "b"], [SamplingParams()] * 3, use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt"):
+        engine.generate([[]], SamplingParams(), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"\[0, 259\)"):
+        engine.generate([[5, 999]], SamplingParams(), use_tqdm=False)
+
+
+def test_info(engine):
+    info = engine.info()
+    assert info["lora_backend"] == "torch" and info["device"] == "cpu"
+    assert info["dtype"] == "float32" and info["max_model_len"] == 64

@@ -29,30 +29,6 @@ LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidd
              "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "bfloat16"}
 
 
-def write_random_adapter(out: Path, config: dict, r: int, targets: list[str], seed: int) -> Path:
-    """A PEFT-format adapter with random A/B written directly (no PEFT model of the base)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from engine.lora.spec import ATTN, BaseShapes
-
-    dims = BaseShapes.from_config(config).dims
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(config["num_hidden_layers"]):
-        for m in targets:
-            fin, fout = dims[m]
-            pre = f"base_model.model.model.layers.{layer}.{'self_attn' if m in ATTN else 'mlp'}.{m}"
-            tensors[f"{pre}.lora_A.weight"] = torch.randn(r, fin, generator=gen) / fin ** 0.5
-            tensors[f"{pre}.lora_B.weight"] = torch.randn(fout, r, generator=gen) * 0.01
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": targets,
-         "bias": "none", "task_type": "CAUSAL_LM"}))
-    return out
-
-
 def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     import torch
 
@@ -148,8 +124,11 @@ def main() -> None:
 
         model = Path(args.model) if args.model else prepare_demo_model()
         config, load_format = json.loads((model / "config.json").read_text()), "auto"
-    adapters = [write_random_adapter(tmp / f"a{i}", config, p["rank"],
-                                     _targets(p["targets"]), seed=i) for i in range(p["adapters"])]
+    from tests.tiny_models import write_random_adapter
+
+    adapters = [write_random_adapter(tmp / f"a{i}", config, r=p["rank"], seed=i,
+                                     target_modules=_targets(p["targets"]))
+                for i in range(p["adapters"])]
     prompts = prompts_for(p["requests"], p["prompt_len"], config["vocab_size"], seed=0)
     result = {"preset": preset, "device": args.device, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "workload": p}

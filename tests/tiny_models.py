@@ -109,3 +109,41 @@ def make_peft_adapter(base_dir: str | Path, out_dir: str | Path, *, r: int = 8,
     data["base_model_name_or_path"] = str(base_dir)
     cfg_path.write_text(json.dumps(data, indent=2))
     return out
+
+
+def write_random_adapter(out_dir: str | Path, base_config: dict, *, r: int = 8,
+                         lora_alpha: float | None = None,
+                         target_modules: Iterable[str] = ("q_proj", "v_proj"), seed: int = 0,
+                         init_scale: float = 0.01, base_model_name_or_path: str | None = None) -> Path:
+    """Write a PEFT-format LoRA adapter with random A/B straight from a base config.json dict.
+
+    Much faster than ``make_peft_adapter`` for real-size bases (no model is instantiated);
+    the files are what PEFT saves (``base_model.model.`` keys, adapter_config.json).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    h, heads = base_config["hidden_size"], base_config["num_attention_heads"]
+    head_dim = base_config.get("head_dim") or h // heads
+    kv = (base_config.get("num_key_value_heads") or heads) * head_dim
+    i = base_config["intermediate_size"]
+    dims = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv), "v_proj": (h, kv),
+            "o_proj": (heads * head_dim, h), "gate_proj": (h, i), "up_proj": (h, i),
+            "down_proj": (i, h)}
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(base_config["num_hidden_layers"]):
+        for m in target_modules:
+            fin, fout = dims[m]
+            part = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            pre = f"base_model.model.model.layers.{layer}.{part}.{m}"
+            tensors[f"{pre}.lora_A.weight"] = torch.randn(r, fin, generator=gen) / fin ** 0.5
+            tensors[f"{pre}.lora_B.weight"] = torch.randn(fout, r, generator=gen) * init_scale
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": lora_alpha or 2 * r,
+        "target_modules": list(target_modules), "bias": "none", "task_type": "CAUSAL_LM",
+        "lora_dropout": 0.0, "base_model_name_or_path": base_model_name_or_path}, indent=2))
+    return out

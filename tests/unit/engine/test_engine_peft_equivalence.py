@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+from tests.unit.engine import conftest
 from tests.unit.engine.conftest import SMOLLM2, peft_greedy
 
 PROMPTS = ["Hello there", "a", "The quick brown fox jumps", "xyz 123", "!", "multi lora",
@@ -84,15 +85,18 @@ def test_fan_in_fan_out_adapter_is_transposed(tiny_llama, tmp_path):
 
 @pytest.mark.skipif(not (SMOLLM2 / "model.safetensors").is_file(), reason="demo model not prepared")
 def test_smollm2_mixed_batch_matches_peft(tmp_path):
+    import json
+
     from transformers import AutoModelForCausalLM
 
-    from tests.tiny_models import make_peft_adapter
+    from tests.tiny_models import write_random_adapter
 
+    cfg = json.loads((SMOLLM2 / "config.json").read_text())
     hf = AutoModelForCausalLM.from_pretrained(str(SMOLLM2), dtype=torch.float32).eval()
-    a1 = make_peft_adapter(SMOLLM2, tmp_path / "a1", r=8, target_modules="all-linear",
-                           base_model=hf, seed=1, init_scale=0.05)
-    a2 = make_peft_adapter(SMOLLM2, tmp_path / "a2", r=4, lora_alpha=32,
-                           target_modules=("q_proj", "v_proj"), base_model=hf, seed=2)
+    a1 = write_random_adapter(tmp_path / "a1", cfg, r=8, seed=1, init_scale=0.02,
+                              target_modules=conftest.ALL)
+    a2 = write_random_adapter(tmp_path / "a2", cfg, r=4, lora_alpha=32, seed=2, init_scale=0.05,
+                              target_modules=("q_proj", "v_proj"))
     from peft import PeftModel
 
     peft = PeftModel.from_pretrained(hf, str(a1), adapter_name="a1")
@@ -105,10 +109,10 @@ def test_smollm2_mixed_batch_matches_peft(tmp_path):
                                                for s, r in zip(seqs, lg)]
     reqs = [LoRARequest("a1", 1, str(a1)), None, LoRARequest("a2", 2, str(a2))]
     prompts = ["What is the capital of France?", "Hi", "Write a haiku about"]
-    outs = eng.generate(prompts, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+    outs = eng.generate(prompts, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
                         reqs, use_tqdm=False)
     for out, name in zip(outs, ["a1", None, "a2"]):
-        tokens, logits = peft_greedy(peft, out.prompt_token_ids, 3, name)
+        tokens, logits = peft_greedy(peft, out.prompt_token_ids, 2, name)
         assert out.outputs[0].token_ids == tokens
         torch.testing.assert_close(torch.stack(captured[out.request_id]), logits,
                                    atol=1e-4, rtol=1e-4)

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from api.schemas import MAX_TOKENS, NAME_PATTERN, Message
+from api.schemas import MAX_TOKENS, NAME_PATTERN, Message, Text
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
@@ -18,14 +18,14 @@ class RequestBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(pattern=NAME_PATTERN)
     messages: list[Message] | None = Field(None, min_length=1, max_length=256)
-    prompt: str | None = Field(None, min_length=1, max_length=200_000)
+    prompt: Text | None = Field(None, min_length=1, max_length=200_000)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=100_000)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(None, max_length=16)
+    stop: Text | list[Text] | None = Field(None, max_length=16)
     stop_token_ids: list[int] | None = Field(None, max_length=64)
     ignore_eos: bool | None = None
     n: Literal[1] | None = None
@@ -34,7 +34,7 @@ class RequestBody(BaseModel):
 
 class BatchLine(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    custom_id: str = Field(min_length=1, max_length=512)
+    custom_id: Text = Field(min_length=1, max_length=512)
     method: Literal["POST"]
     url: Literal["/v1/chat/completions", "/v1/completions"]
     body: RequestBody

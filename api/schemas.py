@@ -1,12 +1,22 @@
 """Request and response bodies of the REST API (pydantic; unknown fields are refused)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_TOKENS = 4096  # per-job ceiling; the engine also refuses prompt + max_tokens > max_model_len
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError(f"NUL characters (\\u0000) are not allowed (found at index "
+                         f"{value.index(chr(0))})")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]  # text the job table stores
 
 
 class Strict(BaseModel):
@@ -21,7 +31,7 @@ class Sampling(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, le=100_000)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(None, max_length=16)
+    stop: Text | list[Text] | None = Field(None, max_length=16)
     stop_token_ids: list[int] | None = Field(None, max_length=64)
     ignore_eos: bool = False
 
@@ -37,21 +47,21 @@ class Sampling(Strict):
 
 class Message(Strict):
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=200_000)
+    content: Text = Field(max_length=200_000)
 
 
 class JobCreate(Strict):
     """One generation job: a prompt or chat messages, an adapter (None = base model)."""
 
     adapter: str | None = Field(None, pattern=NAME_PATTERN)
-    prompt: str | None = Field(None, min_length=1, max_length=200_000)
+    prompt: Text | None = Field(None, min_length=1, max_length=200_000)
     messages: list[Message] | None = Field(None, min_length=1, max_length=256)
     sampling: Sampling = Sampling()
     priority: int = Field(0, ge=-100, le=100, description="higher runs first")
     max_attempts: int = Field(3, ge=1, le=10)
     deadline_seconds: float | None = Field(None, gt=0, le=30 * 86400,
                                            description="expire if not finished within this")
-    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    idempotency_key: Text | None = Field(None, min_length=1, max_length=200)
 
     @model_validator(mode="after")
     def _one_input(self):

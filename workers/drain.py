@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from workers.stats import WorkerStats
+from workers.stats import WorkerStats, cache_counts
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Drainer:
                 self.held[job_id].cancel_requested = True
                 out = self.engine.abort_request(job_id)
                 self._finish(job_id, out, cancelled=True)
-        self.stats.cache = _cache_counts(self.engine)
+        self.stats.cache = cache_counts(self.engine)
         if self.publish is not None:
             self.publish(self.stats)
 
@@ -98,15 +98,31 @@ class Drainer:
         """Drain until the queue is empty, ``max_seconds`` pass, or ``should_stop()``."""
         self.summary = summary = DrainSummary()
         start = time.monotonic()
-        next_beat, next_claim = start, start
         self.stats.drains += 1
         tokens_at_start = self.stats.tokens_generated
+        try:
+            self._loop(summary, start, max_seconds, should_stop, stop_when_empty)
+        except BaseException:
+            # Whatever broke (database down, engine error, KeyboardInterrupt), give the jobs
+            # back now rather than leaving them to the lease reaper; then let it propagate.
+            self._wind_down()
+            raise
+        self._wind_down()
+        summary.seconds = time.monotonic() - start
+        summary.tokens = self.stats.tokens_generated - tokens_at_start
+        if summary.seconds > 0:
+            self.stats.tokens_per_second = summary.tokens / summary.seconds
+        self.heartbeat()
+        return summary
+
+    def _loop(self, summary, start, max_seconds, should_stop, stop_when_empty) -> None:
+        next_beat, next_claim = start, start
         while True:
             now = time.monotonic()
             stopping = should_stop() or (max_seconds is not None and now - start > max_seconds)
             if stopping:
                 summary.reason = "shutdown" if should_stop() else "time limit"
-                break
+                return
             free = self.max_num_seqs - len(self.held)
             claimed = None
             if free > 0 and now >= next_claim:
@@ -116,7 +132,7 @@ class Drainer:
             if not self.held:
                 if claimed == 0 and stop_when_empty:
                     summary.reason = "queue empty"
-                    break
+                    return
                 time.sleep(max(0.0, next_claim - time.monotonic()))
                 continue
             for out in self.engine.step():
@@ -124,21 +140,17 @@ class Drainer:
             if time.monotonic() >= next_beat:
                 self.heartbeat()
                 next_beat = time.monotonic() + self.heartbeat_seconds
-        self._wind_down()
-        summary.seconds = time.monotonic() - start
-        summary.tokens = self.stats.tokens_generated - tokens_at_start
-        if summary.seconds > 0:
-            self.stats.tokens_per_second = summary.tokens / summary.seconds
-        self.heartbeat()
-        return summary
 
     def _wind_down(self) -> None:
         """Give back what the engine still holds: released jobs return to the queue at once."""
         for job_id in list(self.held):
             held = self.held.pop(job_id)
             self.engine.abort_request(job_id)
-            if self.queue.release(job_id, held.job.lease_token):
-                self.summary.released += 1
+            try:
+                if self.queue.release(job_id, held.job.lease_token):
+                    self.summary.released += 1
+            except Exception as e:  # the database is away: the lease reaper returns it later
+                log.warning("could not release %s: %s", job_id, e)
 
     def _claim(self, free: int) -> int:
         hot, warm = self.hot_warm()
@@ -208,10 +220,19 @@ class Drainer:
         timings = {"run_s": time.monotonic() - held.claimed_at}
         if m is not None and m.first_token_time and m.arrival_time:
             timings["first_token_s"] = m.first_token_time - m.arrival_time
-        result = Result(text=comp.text, token_ids=list(comp.token_ids),
+        # PostgreSQL text cannot hold NUL; token_ids keep the exact output.
+        result = Result(text=comp.text.replace("\x00", "\ufffd"),
+                        token_ids=list(comp.token_ids),
                         finish_reason=comp.finish_reason, prompt_tokens=usage["prompt_tokens"],
                         completion_tokens=usage["completion_tokens"], timings=timings)
-        written = self.queue.complete(job_id, held.job.lease_token, result, cancelled=cancelled)
+        try:
+            written = self.queue.complete(job_id, held.job.lease_token, result,
+                                          cancelled=cancelled)
+        except Exception as e:  # a result the database refuses fails this job, not the drain
+            log.exception("cannot store the result of %s", job_id)
+            self._fail(held.job, f"the result could not be stored: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:300]}")
+            return
         self.stats.tokens_generated += usage["completion_tokens"]
         self.stats.job_run.observe(timings["run_s"])
         status = "cancelled" if cancelled else "succeeded"
@@ -221,11 +242,3 @@ class Drainer:
         if self.on_result is not None:
             self.on_result(held.job, status if written else "stale")
 
-
-def _cache_counts(engine) -> dict:
-    try:
-        stats = engine.cache_stats()
-    except Exception:  # figures only; never stop a drain for them
-        return {}
-    return {level: {k: stats[level].get(k, 0) for k in ("hits", "misses", "evictions")}
-            for level in ("gpu", "cpu") if isinstance(stats.get(level), dict)}

@@ -63,3 +63,13 @@ class RedisStatsPublisher:
             self._redis.set(self._key, json.dumps(stats.to_dict()), ex=self._ttl)
         except Exception as e:  # metrics are best effort; the jobs are what matter
             log.warning("cannot publish worker stats: %s", e)
+
+
+def cache_counts(engine) -> dict:
+    """{"gpu"|"cpu": {hits, misses, evictions}} from the engine's cache_stats()."""
+    try:
+        stats = engine.cache_stats()
+    except Exception:  # figures only; never stop a drain for them
+        return {}
+    return {level: {k: stats[level].get(k, 0) for k in ("hits", "misses", "evictions")}
+            for level in ("gpu", "cpu") if isinstance(stats.get(level), dict)}

@@ -37,7 +37,7 @@ def reference(stack):
         lora = None if adapter is None else LoRARequest(adapter.name, adapter.id, adapter.source)
         [out] = eng.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0),
                              lora_request=[lora], use_tqdm=False)
-        return out.outputs[0].token_ids, out.outputs[0].text
+        return out.outputs[0].token_ids, out.outputs[0].text.replace("\x00", "\ufffd")
     return alone
 
 

@@ -91,6 +91,8 @@ def test_bad_input_is_422_naming_the_field_and_nothing_is_queued(service, tenant
     assert "exactly one" in _refused(tenant_a, {"prompt": "x", "messages": [
         {"role": "user", "content": "y"}]})
     assert "role" in _refused(tenant_a, {"messages": [{"role": "wizard", "content": "y"}]})
+    assert "NUL characters" in _refused(tenant_a, {"prompt": "a\x00b"})
+    assert "NUL" in _refused(tenant_a, {"messages": [{"role": "user", "content": "\x00"}]})
     msg = _refused(tenant_a, {"prompt": "x", "adapter": "nosuch"})
     assert "unknown adapter 'nosuch'" in msg
     assert queue.list_jobs(tenant_a.tenant.id) == [] and nudges.count == 0

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from scheduler import JobSpec
 from workers.drain import Drainer
 
@@ -97,3 +99,37 @@ def test_warm_shutdown_releases_what_it_holds(queue, engine):
     assert [queue.get_job(j.id).status for j in jobs] == ["queued"] * 3
     assert not engine.has_unfinished_requests()
     assert drainer(queue, engine).run().succeeded == 3
+
+
+def test_a_result_the_database_refuses_fails_only_that_job(queue, engine, monkeypatch):
+    tenant, _ = queue.create_tenant("t")
+    bad, good = queue.submit(tenant.id, [JobSpec(adapter=None, prompt=p, sampling={
+        "max_tokens": 2, "temperature": 0}) for p in ("bad", "good")])
+    real_complete = queue.complete
+
+    def complete(job_id, *args, **kw):
+        if job_id == bad.id:
+            raise ValueError("value refused by the database")
+        return real_complete(job_id, *args, **kw)
+
+    monkeypatch.setattr(queue, "complete", complete)
+    summary = drainer(queue, engine).run()
+    assert (summary.failed, summary.succeeded) == (1, 1)
+    info = queue.get_job(bad.id)
+    assert info.status == "failed" and "value refused by the database" in info.error
+    assert queue.get_job(good.id).status == "succeeded"
+
+
+def test_an_engine_crash_gives_the_jobs_back_at_once(queue, engine, monkeypatch):
+    tenant, _ = queue.create_tenant("t")
+    jobs = queue.submit(tenant.id, [JobSpec(adapter="alpha", prompt=f"p{i}", sampling={
+        "max_tokens": 3}) for i in range(2)])
+
+    def broken_step():
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(engine, "step", broken_step)
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        drainer(queue, engine).run()
+    assert [queue.get_job(j.id).status for j in jobs] == ["queued", "queued"]
+    assert not engine.has_unfinished_requests()

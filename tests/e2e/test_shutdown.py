@@ -1,0 +1,38 @@
+"""Warm shutdown (SIGTERM) of a Celery GPU worker mid-drain: it releases what it holds."""
+from __future__ import annotations
+
+import os
+import signal
+
+from lorry.client import Client
+from tests.e2e.conftest import create_tenant
+from tests.e2e.procs import Proc, wait_until
+
+
+def test_sigterm_mid_drain_releases_jobs_and_a_new_worker_finishes_them(stack, tmp_path):
+    for p in stack["procs"]:
+        if p.name == "worker":
+            p.stop()  # this test brings its own worker
+    env = {**stack["env"], "LORRY_WORKER_ID": "e2e-shutdown-worker"}
+    with Client(stack["api"], create_tenant(stack, "shutdown")) as c:
+        jobs = [c.submit(f"long {i}", max_tokens=110, temperature=0, ignore_eos=True)
+                for i in range(6)]
+        worker = Proc("worker-sigterm", ["worker", "--name", "e2e-sigterm@%h"], env, tmp_path)
+        try:
+            wait_until(lambda: any(c.get(j.id).status == "running" for j in jobs), 120,
+                       "a running job", [worker])
+            os.killpg(os.getpgid(worker.popen.pid), signal.SIGTERM)
+            assert worker.popen.wait(60) == 0, worker.tail()
+            statuses = [c.get(j.id).status for j in jobs]
+            assert "running" not in statuses and set(statuses) <= {"queued", "succeeded"}
+            # the drain saw the shutdown (unless everything was already done)
+            assert "'reason': 'shutdown'" in worker.tail(20000) or statuses == ["succeeded"] * 6
+        finally:
+            worker.stop()
+        again = Proc("worker-again", ["worker", "--name", "e2e-again@%h"], env, tmp_path)
+        try:
+            done = [c.wait(j.id, timeout=180) for j in jobs]
+        finally:
+            again.stop()
+        assert [d.status for d in done] == ["succeeded"] * 6
+        assert all(len(d.result.token_ids) == 110 for d in done)

@@ -2,7 +2,11 @@
 FOR UPDATE SKIP LOCKED and update the queue summary and fair-share counters alongside."""
 from __future__ import annotations
 
+from datetime import timedelta
+
 from sqlalchemy import text
+
+HEARTBEAT_REFRESH_S = 5.0  # a claim rewrites an unchanged worker row at most this often
 
 # Data-modifying CTEs run once and to completion whether or not the final SELECT reads them.
 # `picked` is materialized so the SKIP LOCKED subquery runs exactly once per group.
@@ -70,6 +74,9 @@ me AS (
           (SELECT coalesce(json_agg(id ORDER BY id), '[]'::json) FROM warm_ids), 0)
   ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, hot = excluded.hot,
                                  warm = excluded.warm
+  -- Write (and flush WAL) only when the caches changed or the heartbeat is getting old.
+  WHERE workers.hot::text <> excluded.hot::text OR workers.warm::text <> excluded.warm::text
+     OR workers.heartbeat_at < :refresh_before
   RETURNING 1),
 cand AS (
   (SELECT tenant_id, adapter_id, priority, queued_count, oldest_enqueued_at
@@ -106,4 +113,5 @@ def snapshot_rows(conn, worker_id, hot, warm, *, now, live_after, overdue, by_pr
     return conn.execute(SNAPSHOT_SQL, {
         "hot_ids": hot_ids, "hot_names": hot_names, "warm_ids": warm_ids,
         "warm_names": warm_names, "worker": worker_id, "now": now, "live_after": live_after,
-        "overdue": overdue, "by_priority": by_priority, "per_tenant": per_tenant}).all()
+        "overdue": overdue, "by_priority": by_priority, "per_tenant": per_tenant,
+        "refresh_before": now - timedelta(seconds=HEARTBEAT_REFRESH_S)}).all()

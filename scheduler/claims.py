@@ -1,5 +1,5 @@
 """Claiming micro-batches: read a small snapshot, let scheduler.policy choose, lease the jobs
-with one UPDATE per chosen group (FOR UPDATE SKIP LOCKED on PostgreSQL). JobQueue mixin."""
+(PostgreSQL: one SKIP LOCKED statement, see claim_pg; SQLite: one serialized transaction)."""
 from __future__ import annotations
 
 import time

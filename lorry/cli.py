@@ -123,12 +123,19 @@ def run(file: Path = typer.Argument(..., exists=True, dir_okay=False,
                                     help="OpenAI Batch JSONL input"),
         output: Path = typer.Option(..., "-o", "--output", help="output JSONL"),
         adapter: list[str] = typer.Option([], "--adapter", help="NAME=PATH, repeatable"),
+        adapters_dir: Optional[Path] = typer.Option(None, help="register every PEFT adapter "
+                                                          "in this directory (one per subdir)"),
         database: Optional[str] = typer.Option(None, help="SQLAlchemy URL (default: a "
                                                         "temporary SQLite file)")):
     """Run a batch file embedded (SQLite + in-process worker) and write OpenAI output lines."""
     from lorry.embedded import run_file
 
-    counts = run_file(file, output, adapters=adapter, database_url=database)
+    try:
+        counts = run_file(file, output, adapters=adapter, adapters_dir=adapters_dir,
+                          database_url=database)
+    except ValueError as e:  # a refused adapter or a bad --adapter value
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"{counts['succeeded']} succeeded, {counts['failed']} failed -> {output}")
     if counts["failed"]:
         raise typer.Exit(1)

@@ -50,7 +50,8 @@ def run_demo(max_tokens: int = 32, adapters_dir=None) -> None:
     start = time.monotonic()
     model_dir = prepare_demo_model()
     with embedded_queue(model=str(model_dir)) as (settings, queue, tenant):
-        adapters = register_adapters(queue, settings, [], demo_dir=adapters_dir)
+        adapters = register_adapters(queue, settings, [],
+                                     adapters_dir or REPO_ROOT / "adapters" / "demo")
         if not adapters:
             console.print("[yellow]no demo adapters in adapters/demo/: the base model only")
         prompts = demo_prompts()

@@ -31,12 +31,12 @@ def embedded_queue(database_url: str | None = None, **overrides):
                 close()
 
 
-def register_adapters(queue, settings, pairs: list[str], demo_dir=None) -> list[str]:
-    """Register NAME=PATH pairs and the adapters in ``demo_dir`` (default adapters/demo/*)
+def register_adapters(queue, settings, pairs: list[str], adapters_dir=None) -> list[str]:
+    """Register NAME=PATH pairs and every adapter in ``adapters_dir`` (one per subdirectory)
     as shared adapters; return their names."""
     from lorry.adapters import demo_adapter_dirs, register_shared
 
-    wanted = dict(demo_adapter_dirs(demo_dir or REPO_ROOT / "adapters" / "demo"))
+    wanted = dict(demo_adapter_dirs(adapters_dir)) if adapters_dir else {}
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
@@ -63,7 +63,7 @@ def drain_with_progress(settings, queue, total: int, description: str) -> dict:
     return summary.to_dict()
 
 
-def run_file(file: Path, output: Path, adapters: list[str] = (),
+def run_file(file: Path, output: Path, adapters: list[str] = (), adapters_dir=None,
              database_url: str | None = None) -> dict:
     """Run an OpenAI Batch JSONL file embedded; write OpenAI output lines.
 
@@ -74,7 +74,7 @@ def run_file(file: Path, output: Path, adapters: list[str] = (),
     from api.routes.batches import base_model_name, specs_from_lines
 
     with embedded_queue(database_url) as (settings, queue, tenant):
-        register_adapters(queue, settings, list(adapters))
+        register_adapters(queue, settings, list(adapters), adapters_dir)
         with open(file, "rb") as f:
             parsed = parse_lines(enumerate((line.rstrip(b"\r\n") for line in f), start=1))
         if parsed.duplicates:

@@ -48,3 +48,17 @@ def test_lorry_run_writes_openai_lines_equal_to_the_engine(tiny, tmp_path):
         got = choice["text"] if "text" in choice else choice["message"]["content"]
         want_text = want.outputs[0].text.replace("\x00", "\ufffd")  # as the worker stores it
         assert resp["status_code"] == 200 and got == want_text, r["custom_id"]
+
+
+def test_lorry_run_refuses_a_bad_adapter_before_running(tiny, tmp_path):
+    _, model, _ = tiny
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                               "body": {"model": "tiny-llama", "prompt": "x"}}) + "\n")
+    env = {**os.environ, "LORRY_MODEL": str(model), "LORRY_DEVICE": "cpu"}
+    proc = subprocess.run(LORRY + ["run", str(src), "-o", str(tmp_path / "out.jsonl"),
+                                   f"--adapter=ghost={tmp_path / 'nowhere'}"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "adapter_config.json not found" in proc.stderr
+    assert not (tmp_path / "out.jsonl").exists()

@@ -55,6 +55,17 @@ def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") ->
     for module in (jobs, batches, adapters, health):
         app.include_router(module.router)
 
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        # Batch uploads are counted while streamed (api.upload); other bodies are small JSON.
+        limit = settings.max_body_bytes if request.url.path == "/v1/batches" \
+            else settings.max_line_bytes
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limit:
+            return JSONResponse({"detail": f"request body of {size} bytes exceeds the limit of "
+                                           f"{limit} bytes"}, status_code=413)
+        return await call_next(request)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         # FastAPI's body, but only scalar inputs are echoed (an input may be a whole prompt).

@@ -103,3 +103,10 @@ def test_another_tenants_adapter_cannot_be_used(tenant_a, tenant_b, adapter_root
     assert r.status_code == 201, r.text
     assert tenant_a.post("/v1/jobs", json={"prompt": "x", "adapter": "mine"}).status_code == 201
     assert "unknown adapter 'mine'" in _refused(tenant_b, {"prompt": "x", "adapter": "mine"})
+
+
+def test_oversized_job_body_is_413(service, tenant_a):
+    _, queue, settings, _ = service
+    r = tenant_a.post("/v1/jobs", json={"prompt": "x" * (settings.max_line_bytes + 10)})
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["detail"]
+    assert queue.list_jobs(tenant_a.tenant.id) == []

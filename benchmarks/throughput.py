@@ -14,7 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the script's folder holds benchmarks/queue.py, which would shadow the stdlib `queue`
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
 PRESETS = {
     "smollm2": dict(requests=16, adapters=4, rank=8, targets="all-linear", prompt_len=32,

@@ -10,6 +10,7 @@ from scripts.demo_checks import ADAPTERS_DIR, CHECKS, demo_lora, score
 from scripts.demo_data import held_out_prompts
 
 MAJORITY = 0.7
+pytestmark = pytest.mark.slow  # one real 135M engine batch (~100 s on the shared 2-core CPU)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))

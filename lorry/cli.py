@@ -66,7 +66,11 @@ def adapter_add(name: str, source: str, revision: Optional[str] = None):
     """Register a shared adapter: a local PEFT directory or a Hub repo id."""
     from lorry.adapters import register_shared
 
-    info = register_shared(_queue(), _settings(), name, source, revision)
+    try:
+        info = register_shared(_queue(), _settings(), name, source, revision)
+    except ValueError as e:  # refused by the engine's rules, or the name is taken
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"adapter {info.name} (id {info.id}, rank {info.rank}) -> {info.source}")
 
 

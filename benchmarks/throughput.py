@@ -20,10 +20,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 PRESETS = {
-    "smollm2": dict(requests=16, adapters=4, rank=8, targets="all-linear", prompt_len=32,
-                    new_tokens=32, batch=16),
-    "llama3-8b": dict(requests=128, adapters=32, rank=16, targets=["q_proj", "k_proj", "v_proj",
-                      "o_proj"], prompt_len=128, new_tokens=128, batch=64),
+    "smollm2": {"requests": 16, "adapters": 4, "rank": 8, "targets": "all-linear", "prompt_len": 32,
+                    "new_tokens": 32, "batch": 16},
+    "llama3-8b": {"requests": 128, "adapters": 32, "rank": 16, "targets": ["q_proj", "k_proj", "v_proj",
+                      "o_proj"], "prompt_len": 128, "new_tokens": 128, "batch": 64},
 }
 LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -77,8 +77,8 @@ def bench_hf(model_dir: str, adapters: list[Path], prompts, p: dict, device: str
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     ids = torch.tensor(prompts, device=device)
-    kw = dict(max_new_tokens=p["new_tokens"], min_new_tokens=p["new_tokens"], do_sample=False,
-              pad_token_id=0, attention_mask=torch.ones_like(ids))
+    kw = {"max_new_tokens": p["new_tokens"], "min_new_tokens": p["new_tokens"], "do_sample": False,
+              "pad_token_id": 0, "attention_mask": torch.ones_like(ids)}
     res = {}
 
     def timed(name, model, **extra):

@@ -18,7 +18,8 @@ _EXPORTS = {
     "LoRAError": "engine.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["CompletionOutput", "EngineConfig", "LLMEngine", "LoRAError", "LoRARequest",
+           "RequestMetrics", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name: str):

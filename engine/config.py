@@ -104,7 +104,7 @@ class EngineConfig:
         _choice("lora_backend", self.lora_backend, LORA_BACKENDS)
         _choice("load_format", self.load_format, LOAD_FORMATS)
         if not isinstance(self.enable_lora, bool):
-            raise ValueError(f"EngineConfig.enable_lora={self.enable_lora!r} must be a bool")
+            raise ValueError(f"EngineConfig.enable_lora={self.enable_lora!r} must be a bool")  # noqa: TRY004
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"EngineConfig.seed={self.seed!r} is invalid: must be an int")
+            raise ValueError(f"EngineConfig.seed={self.seed!r} is invalid: must be an int")  # noqa: TRY004
         _choice("quantization", self.quantization, QUANTIZATIONS)

@@ -10,11 +10,11 @@ from engine.config import EngineConfig
 from engine.errors import LoRAError, ModelLengthError
 from engine.lora.request import LoRARequest
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.sampler import sample
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, SequenceStatus
 from engine.setup import build_engine_parts
 from engine.tokenizer import find_stop
-from engine.sampler import sample
 
 
 class LLMEngine:

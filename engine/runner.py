@@ -68,9 +68,11 @@ class ModelRunner:
         """One token per running sequence. Returns [B, V] logits."""
         ids = self._tensor([[s.last_token] for s in seqs])                      # [B, 1]
         positions = self._tensor([[s.num_tokens - 1] for s in seqs])            # [B, 1]
+        rows = [s.cache_row for s in seqs]
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
         batch = Batch(positions=positions, prefill=False, lora=self._lora(slots),
-                      cache_rows=self._tensor([s.cache_row for s in seqs]),
-                      kv_len=max(s.num_tokens for s in seqs))
+                      cache_rows=self._tensor(rows), kv_len=max(s.num_tokens for s in seqs),
+                      row_start=rows[0] if consecutive else None)
         logits = self.model(ids, batch, torch.zeros(len(seqs), dtype=torch.long,
                                                     device=self.device))
         if self.logits_hook:

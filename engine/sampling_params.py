@@ -72,7 +72,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "SamplingParams":
+    def from_dict(cls, data: dict | None) -> SamplingParams:
         """Build from a JSON-like dict; unknown keys raise ValueError naming them."""
         data = dict(data or {})
         known = {f.name for f in dataclasses.fields(cls) if f.init}

@@ -21,7 +21,7 @@ class Tokenizer:
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             for m in prompt:
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise ValueError(f"chat message {m!r} is invalid: each message needs string "
+                    raise ValueError(f"chat message {m!r} is invalid: each message needs string "  # noqa: TRY004
                                      "'role' and 'content'")
             if not self.hf.chat_template:
                 raise ValueError("chat messages given but the tokenizer has no chat template")

@@ -6,8 +6,8 @@ Nothing here downloads anything: the tokenizer is a byte-level BPE without merge
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 CHAT_TEMPLATE = (

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 from engine.lora.request import LoRARequest
 from engine.lora.weights import AdapterWeights

@@ -33,7 +33,7 @@ def resolve_dir(name_or_path: str, *, revision: str | None = None,
     except HFValidationError as e:
         raise error(f"{what} {name_or_path!r} is neither a local directory nor a valid Hub repo "
                     f"id: {e}") from None
-    except Exception as e:  # network errors, missing repo/revision, offline cache misses
+    except Exception as e:  # network errors, missing repo/revision, offline cache misses  # noqa: BLE001
         raise error(f"{what} {name_or_path!r} (revision {revision!r}) could not be fetched from "
                     f"the Hugging Face Hub or its local cache: {type(e).__name__}: {e}") from None
 

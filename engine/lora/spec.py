@@ -13,8 +13,13 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import (AdapterFormatError, AdapterNotFoundError, BaseModelMismatchError,
-                           RankTooLargeError, UnsupportedAdapterError)
+from engine.errors import (
+    AdapterFormatError,
+    AdapterNotFoundError,
+    BaseModelMismatchError,
+    RankTooLargeError,
+    UnsupportedAdapterError,
+)
 
 log = logging.getLogger(__name__)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -34,7 +39,7 @@ class BaseShapes:
     dims: dict  # module -> (in_features, out_features)
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "BaseShapes":
+    def from_config(cls, cfg: dict) -> BaseShapes:
         h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or h // heads
         kv = cfg.get("num_key_value_heads") or heads
@@ -145,7 +150,7 @@ def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | N
     try:
         cfg = json.loads(cfg_file.read_text())
         if not isinstance(cfg, dict):
-            raise ValueError("not a JSON object")
+            raise ValueError("not a JSON object")  # noqa: TRY004
     except (OSError, ValueError) as e:
         raise AdapterFormatError(f"adapter {path}: adapter_config.json is unreadable: {e}") from None
     _check_config(cfg, path)

@@ -35,7 +35,7 @@ def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: in
                          base_config, max_lora_rank)
     except AdapterFormatError:
         raise
-    except Exception as e:  # corrupt data, refused pickle content, I/O errors
+    except Exception as e:  # corrupt data, refused pickle content, I/O errors  # noqa: BLE001
         raise AdapterFormatError(f"adapter {spec.path}: cannot read {path.name}: "
                                  f"{type(e).__name__}: {e}") from None
     tensors, nbytes = {}, 0

@@ -27,6 +27,7 @@ class Batch:
     cache_rows: torch.Tensor | None  # [B] KV cache row of each sequence (None: no cache write)
     prefill: bool
     kv_len: int = 0              # decode: keys to attend (max position + 1, host int)
+    row_start: int | None = None  # decode: rows are row_start.. row_start+B-1 (views, no gather)
     lora: LoRAStep | None = None
 
 
@@ -67,8 +68,12 @@ class Attention(nn.Module):
             self.k_cache[rows, :, pos] = k[:, :, 0]
             self.v_cache[rows, :, pos] = v[:, :, 0]
             n = batch.kv_len
-            keys = self.k_cache[rows, :, :n]                              # [B, kvh, n, D]
-            values = self.v_cache[rows, :, :n]
+            if batch.row_start is not None:  # consecutive rows: views instead of a gather copy
+                r = slice(batch.row_start, batch.row_start + B)
+                keys, values = self.k_cache[r, :, :n], self.v_cache[r, :, :n]  # [B, kvh, n, D]
+            else:
+                keys = self.k_cache[rows, :, :n]
+                values = self.v_cache[rows, :, :n]
             mask = torch.arange(n, device=x.device)[None, :] <= pos[:, None]  # [B, n]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :],
                                                  enable_gqa=self.kv_heads != self.heads)

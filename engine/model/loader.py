@@ -98,7 +98,7 @@ def load_model(model_dir: Path, config, *, dtype: torch.dtype, device: torch.dev
         assign = PackedCheckpointLoader(model, qmethod, qconfig, _assign, dtype)
     for path in _weight_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if not assign(model, name, f.get_tensor(name)):
                     raise ValueError(f"unexpected weight {name!r} in {path.name}: this "
                                      "architecture is not a plain Llama-family model")

@@ -12,11 +12,11 @@ SMOLLM2 = Path("/root/.cache/lorry/models/SmolLM2-135M-Instruct")
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name -> make_peft_adapter kwargs: ranks, alphas, targets, rslora and patterns all differ
 ADAPTERS = {
-    "qv_r8": dict(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"), seed=1),
-    "all_r4_rslora": dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True, seed=2),
-    "mlp_r16": dict(r=16, lora_alpha=8, target_modules=("gate_proj", "up_proj", "down_proj"), seed=3),
-    "pattern": dict(r=8, lora_alpha=16, target_modules=ALL, rank_pattern={"k_proj": 2, "down_proj": 4},
-                    alpha_pattern={"o_proj": 32}, seed=4),
+    "qv_r8": {"r": 8, "lora_alpha": 16, "target_modules": ("q_proj", "v_proj"), "seed": 1},
+    "all_r4_rslora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "use_rslora": True, "seed": 2},
+    "mlp_r16": {"r": 16, "lora_alpha": 8, "target_modules": ("gate_proj", "up_proj", "down_proj"), "seed": 3},
+    "pattern": {"r": 8, "lora_alpha": 16, "target_modules": ALL, "rank_pattern": {"k_proj": 2, "down_proj": 4},
+                    "alpha_pattern": {"o_proj": 32}, "seed": 4},
 }
 
 

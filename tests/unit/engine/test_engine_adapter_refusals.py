@@ -7,8 +7,14 @@ import sys
 
 import pytest
 
-from engine.errors import (AdapterFormatError, AdapterNotFoundError, BaseModelMismatchError,
-                           LoRAError, RankTooLargeError, UnsupportedAdapterError)
+from engine.errors import (
+    AdapterFormatError,
+    AdapterNotFoundError,
+    BaseModelMismatchError,
+    LoRAError,
+    RankTooLargeError,
+    UnsupportedAdapterError,
+)
 from engine.lora.spec import parse_adapter, read_base_config
 
 

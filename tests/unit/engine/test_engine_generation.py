@@ -71,7 +71,7 @@ def test_eos_stops_unless_ignored(engine, monkeypatch):
 def test_prompts_as_text_ids_and_chat_messages(engine):
     sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     messages = [{"role": "user", "content": "hi"}]
-    text_out, chat_out = engine.generate(["<|user|>\nhi</s>\n<|assistant|>\n", messages], sp,
+    _text_out, chat_out = engine.generate(["<|user|>\nhi</s>\n<|assistant|>\n", messages], sp,
                                          use_tqdm=False)
     expected = engine.tokenizer.hf.apply_chat_template(messages, tokenize=False,
                                                        add_generation_prompt=True)

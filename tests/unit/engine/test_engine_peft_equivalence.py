@@ -49,7 +49,7 @@ NAMES = ["qv_r8", None, "all_r4_rslora", "mlp_r16", "pattern", "qv_r8", None, "p
 
 
 def test_mixed_batch_matches_peft_on_gqa_llama(tiny_llama):
-    eng, outs = run_and_compare(tiny_llama, NAMES, max_loras=4)
+    _eng, outs = run_and_compare(tiny_llama, NAMES, max_loras=4)
     # the adapters matter: rows with an adapter differ from the base's tokens
     base_tokens = [peft_greedy(tiny_llama.hf, o.prompt_token_ids, 5, None)[0] for o in outs]
     assert sum(o.outputs[0].token_ids != b for o, b in zip(outs, base_tokens)) >= 4

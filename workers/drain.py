@@ -119,13 +119,17 @@ class Drainer:
         next_beat, next_claim = start, start
         while True:
             now = time.monotonic()
-            stopping = should_stop() or (max_seconds is not None and now - start > max_seconds)
-            if stopping:
-                summary.reason = "shutdown" if should_stop() else "time limit"
+            if should_stop():  # warm shutdown: what is held is released by run()
+                summary.reason = "shutdown"
+                return
+            # Past the time limit: claim nothing more, finish what is held, then return.
+            out_of_time = max_seconds is not None and now - start > max_seconds
+            if out_of_time and not self.held:
+                summary.reason = "time limit"
                 return
             free = self.max_num_seqs - len(self.held)
             claimed = None
-            if free > 0 and now >= next_claim:
+            if free > 0 and now >= next_claim and not out_of_time:
                 claimed = self._claim(free)
                 if not claimed:  # nothing queued: do not ask again at every step
                     next_claim = now + self.idle_claim_pause

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -133,3 +134,19 @@ def test_an_engine_crash_gives_the_jobs_back_at_once(queue, engine, monkeypatch)
         drainer(queue, engine).run()
     assert [queue.get_job(j.id).status for j in jobs] == ["queued", "queued"]
     assert not engine.has_unfinished_requests()
+
+
+def test_time_limit_finishes_held_jobs_and_claims_no_more(queue, engine):
+    tenant, _ = queue.create_tenant("t")
+    jobs = queue.submit(tenant.id, [JobSpec(adapter=None, prompt=f"p{i}", sampling={
+        "max_tokens": 6, "ignore_eos": True}) for i in range(6)])
+    slow = []
+
+    def first_result_is_slow(job, status):  # the limit passes while 4 jobs are held
+        if not slow:
+            slow.append(time.sleep(0.3))
+
+    summary = drainer(queue, engine, on_result=first_result_is_slow).run(max_seconds=0.1)
+    statuses = [queue.get_job(j.id).status for j in jobs]
+    assert summary.reason == "time limit" and summary.released == 0
+    assert statuses == ["succeeded"] * 4 + ["queued"] * 2  # one claim of max_num_seqs=4

@@ -83,7 +83,7 @@ def finish_load(model, method: str | None) -> None:
         op = getattr(mod, "base_op", None)
         if isinstance(op, PackedInt4Linear):
             op.try_tinygemm()
-        kernels.add(getattr(op, "kernel", type(op).__name__.strip("_")) if op else "dense")
+        kernels.add(op.kernel if op is not None else "dense")
     model.quant_report = {"method": method, "base_weight_bytes_unquantized": before,
                           "base_weight_bytes": base_weight_bytes(model),
                           "base_kernels": sorted(kernels)}

@@ -40,6 +40,7 @@ class _Bnb4bit(nn.Module):
     def __init__(self, bnb, weight: torch.Tensor, bias: torch.Tensor | None, quant_type: str):
         super().__init__()
         self._bnb = bnb
+        self.kernel = f"bitsandbytes-{quant_type}"
         # weight: [out, in] -> packed uint8 [out*in/2, 1] + state (absmax per block of 64)
         packed, self.state = bnb.functional.quantize_4bit(
             weight.contiguous(), blocksize=BNB_BLOCKSIZE, compress_statistics=False,
@@ -59,6 +60,7 @@ class _Bnb8bit(nn.Module):
     def __init__(self, bnb, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         out, inp = weight.shape
+        self.kernel = "bitsandbytes-int8"
         # like bitsandbytes' Int8Params: row-wise absmax int8 from the fp16 weight
         cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))
         self.lin = bnb.nn.Linear8bitLt(inp, out, bias=bias is not None, has_fp16_weights=False,
@@ -83,6 +85,7 @@ class _TorchAo(nn.Module):
     def __init__(self, torchao_q, weight: torch.Tensor, bias: torch.Tensor | None, config):
         super().__init__()
         out, inp = weight.shape
+        self.kernel = f"torchao-{type(config).__name__}"
         self.lin = nn.Linear(inp, out, bias=bias is not None, device="meta")
         self.lin.weight = nn.Parameter(weight, requires_grad=False)
         if bias is not None:

@@ -1,7 +1,8 @@
-"""PostgreSQL claim in one statement: lease the planned jobs of every chosen group with
-FOR UPDATE SKIP LOCKED and update the queue summary and fair-share counters alongside."""
+"""PostgreSQL claim: one read-only snapshot statement, then one statement that leases the
+planned jobs (FOR UPDATE SKIP LOCKED) and updates the summary, fair-share and worker rows."""
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 from sqlalchemy import text
@@ -10,10 +11,17 @@ HEARTBEAT_REFRESH_S = 5.0  # a claim rewrites an unchanged worker row at most th
 
 # Data-modifying CTEs run once and to completion whether or not the final SELECT reads them.
 # `picked` is materialized so the SKIP LOCKED subquery runs exactly once per group.
+#
+# `cfg` makes this statement's own (implicit) transaction commit asynchronously: the claim
+# does not wait for its WAL flush. Safe: a claim lost in a server crash never happened, so
+# its jobs are still queued and run again (at-least-once); the worker's complete() for them
+# is fenced by a lease token that no longer exists and changes nothing. WAL is flushed in
+# order, so a completion (synchronous commit) being durable implies its claim is durable.
 CLAIM_SQL = text("""
-WITH want AS (
-  SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:adapters AS bigint[]),
-                       CAST(:priorities AS int[]), CAST(:counts AS int[]))
+WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS v),
+want AS (
+  SELECT w.* FROM cfg, unnest(CAST(:tenants AS text[]), CAST(:adapters AS bigint[]),
+                              CAST(:priorities AS int[]), CAST(:counts AS int[]))
          AS w(tenant_id, adapter_id, priority, n)),
 picked AS MATERIALIZED (
   SELECT p.id FROM want CROSS JOIN LATERAL (
@@ -43,23 +51,49 @@ served AS (
   UPDATE tenants t SET served = GREATEST(t.served, :floor) + s.n / GREATEST(t.weight, 1e-9)
   FROM (SELECT tenant_id, sum(n) AS n FROM per_group GROUP BY tenant_id) s
   WHERE t.id = s.tenant_id
+  RETURNING 1),
+me AS (
+  -- Only when the snapshot found the worker row stale (caches changed, heartbeat old).
+  INSERT INTO workers (id, heartbeat_at, hot, warm, capacity)
+  SELECT :worker, :now, CAST(:hot AS json), CAST(:warm AS json), 0 WHERE :touch
+  ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, hot = excluded.hot,
+                                 warm = excluded.warm
   RETURNING 1)
 SELECT id, tenant_id, adapter_id, adapter_name, prompt, messages, sampling, attempts
 FROM claimed
 """)
 
+TOUCH_SQL = text("""
+INSERT INTO workers (id, heartbeat_at, hot, warm, capacity)
+VALUES (:worker, :now, CAST(:hot AS json), CAST(:warm AS json), 0)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, hot = excluded.hot,
+                               warm = excluded.warm
+""")
 
-def claim_rows(conn, takes, *, now, worker_id, token, expires, floor) -> list:
-    """Lease the planned takes; returns the claimed job rows."""
+
+def _worker_params(worker_id, now, me) -> dict:
+    return dict(worker=worker_id, now=now, hot=json.dumps(me.hot), warm=json.dumps(me.warm))
+
+
+def claim_rows(conn, takes, *, now, worker_id, token, expires, floor, me) -> list:
+    """Lease the planned takes (and refresh the worker row when me.stale); returns the
+    claimed job rows."""
     return conn.execute(CLAIM_SQL, dict(
         tenants=[t.group.tenant_id for t in takes], adapters=[t.group.adapter_id for t in takes],
         priorities=[t.group.priority for t in takes], counts=[t.count for t in takes],
-        now=now, worker=worker_id, token=token, expires=expires, floor=floor)).all()
+        token=token, expires=expires, floor=floor, touch=me.stale,
+        **_worker_params(worker_id, now, me))).all()
 
 
-# Everything a claim reads, in one autocommit round trip: records the worker (heartbeat,
-# hot/warm resolved to ids) and returns the candidate groups with their tenant's weight and
-# fair-share counter, the worker's hot/warm ids, and the hot lists of the other live workers.
+def touch_worker(conn, worker_id, now, me) -> None:
+    """Record the worker's caches and heartbeat (a claim that leased nothing)."""
+    conn.execute(TOUCH_SQL, _worker_params(worker_id, now, me))
+
+
+# Everything a claim reads, in one read-only autocommit round trip (no WAL flush): the
+# worker's hot/warm resolved to ids and its stored row, the hot lists of the other live
+# workers, and the candidate groups with their tenant's weight and fair-share counter (one
+# row per group; a single row with NULL group columns when nothing is queued).
 SNAPSHOT_SQL = text("""
 WITH hot_ids AS (
   SELECT id FROM adapters WHERE id = ANY(CAST(:hot_ids AS bigint[]))
@@ -67,17 +101,6 @@ WITH hot_ids AS (
 warm_ids AS (
   SELECT id FROM adapters WHERE id = ANY(CAST(:warm_ids AS bigint[]))
                              OR name = ANY(CAST(:warm_names AS text[]))),
-me AS (
-  INSERT INTO workers (id, heartbeat_at, hot, warm, capacity)
-  VALUES (:worker, :now,
-          (SELECT coalesce(json_agg(id ORDER BY id), '[]'::json) FROM hot_ids),
-          (SELECT coalesce(json_agg(id ORDER BY id), '[]'::json) FROM warm_ids), 0)
-  ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, hot = excluded.hot,
-                                 warm = excluded.warm
-  -- Write (and flush WAL) only when the caches changed or the heartbeat is getting old.
-  WHERE workers.hot::text <> excluded.hot::text OR workers.warm::text <> excluded.warm::text
-     OR workers.heartbeat_at < :refresh_before
-  RETURNING 1),
 cand AS (
   (SELECT tenant_id, adapter_id, priority, queued_count, oldest_enqueued_at
    FROM queue_groups WHERE queued_count > 0 ORDER BY oldest_enqueued_at LIMIT :overdue)
@@ -93,14 +116,28 @@ cand AS (
   (SELECT g.tenant_id, g.adapter_id, g.priority, g.queued_count, g.oldest_enqueued_at
    FROM tenants t CROSS JOIN LATERAL (
      SELECT * FROM queue_groups q WHERE q.queued_count > 0 AND q.tenant_id = t.id
-     ORDER BY q.oldest_enqueued_at LIMIT :per_tenant) g))
+     ORDER BY q.oldest_enqueued_at LIMIT :per_tenant) g)),
+me AS (SELECT hot, warm, heartbeat_at FROM workers WHERE id = :worker)
 SELECT c.tenant_id, c.adapter_id, c.priority, c.queued_count, c.oldest_enqueued_at,
-       t.weight, t.served,
-       ARRAY(SELECT id FROM hot_ids) AS hot, ARRAY(SELECT id FROM warm_ids) AS warm,
-       (SELECT json_agg(w.hot) FROM workers w
-        WHERE w.id <> :worker AND w.heartbeat_at > :live_after) AS others
-FROM cand c JOIN tenants t ON t.id = c.tenant_id
+       t.weight, t.served, s.*
+FROM (SELECT ARRAY(SELECT id FROM hot_ids ORDER BY id) AS hot,
+             ARRAY(SELECT id FROM warm_ids ORDER BY id) AS warm,
+             (SELECT json_agg(w.hot) FROM workers w
+              WHERE w.id <> :worker AND w.heartbeat_at > :live_after) AS others,
+             (SELECT hot FROM me) AS me_hot, (SELECT warm FROM me) AS me_warm,
+             (SELECT heartbeat_at FROM me) AS me_beat) s
+LEFT JOIN (cand c JOIN tenants t ON t.id = c.tenant_id) ON true
 """)
+
+
+class WorkerState:
+    """The asking worker's caches as ids, and whether its stored row needs rewriting."""
+
+    def __init__(self, row, now):
+        self.hot, self.warm = list(row.hot), list(row.warm)
+        self.stale = (row.me_beat is None or list(row.me_hot or []) != self.hot
+                      or list(row.me_warm or []) != self.warm
+                      or row.me_beat < now - timedelta(seconds=HEARTBEAT_REFRESH_S))
 
 
 def snapshot_rows(conn, worker_id, hot, warm, *, now, live_after, overdue, by_priority,
@@ -112,6 +149,5 @@ def snapshot_rows(conn, worker_id, hot, warm, *, now, live_after, overdue, by_pr
     (hot_ids, hot_names), (warm_ids, warm_names) = split(hot), split(warm)
     return conn.execute(SNAPSHOT_SQL, {
         "hot_ids": hot_ids, "hot_names": hot_names, "warm_ids": warm_ids,
-        "warm_names": warm_names, "worker": worker_id, "now": now, "live_after": live_after,
-        "overdue": overdue, "by_priority": by_priority, "per_tenant": per_tenant,
-        "refresh_before": now - timedelta(seconds=HEARTBEAT_REFRESH_S)}).all()
+        "warm_names": warm_names, "worker": worker_id, "live_after": live_after,
+        "overdue": overdue, "by_priority": by_priority, "per_tenant": per_tenant}).all()

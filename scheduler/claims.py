@@ -9,7 +9,7 @@ from datetime import timedelta
 from sqlalchemy import bindparam, case, func, literal_column, or_, select, union, update
 from sqlalchemy.exc import OperationalError
 
-from scheduler.claim_pg import claim_rows, snapshot_rows
+from scheduler.claim_pg import WorkerState, claim_rows, snapshot_rows, touch_worker
 from scheduler.db import epoch_seconds, insert_for
 from scheduler.models import Adapter, Job, QueueGroup, Tenant, Worker
 from scheduler.policy import Group, Snapshot, plan_claim
@@ -49,7 +49,8 @@ class ClaimOps:
 
     def _claim_once(self, worker_id, hot, warm, free_slots, lease_seconds, max_adapters):
         if self.engine.dialect.name == "postgresql":
-            # Two autocommit statements: a snapshot read, then one atomic claim statement.
+            # Two autocommit statements: a read-only snapshot, then one atomic claim statement
+            # (which commits asynchronously, see claim_pg).
             engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         else:
             engine = self.engine  # one serialized (BEGIN IMMEDIATE) transaction
@@ -61,12 +62,15 @@ class ClaimOps:
                 rows = snapshot_rows(conn, worker_id, hot, warm, now=now, live_after=live_after,
                                      overdue=OVERDUE, by_priority=PRIORITY,
                                      per_tenant=PER_TENANT)
-                if not rows:
-                    return []
-                hot_ids, warm_ids = set(rows[0].hot), set(rows[0].warm)
+                me = WorkerState(rows[0], now)
+                hot_ids, warm_ids = set(me.hot), set(me.warm)
                 elsewhere = {x for lst in rows[0].others or [] for x in lst or []
                              if isinstance(x, int)}
-                groups, tenants = self._groups_of(rows, now)
+                groups, tenants = self._groups_of([r for r in rows if r[0] is not None], now)
+                if not groups:
+                    if me.stale:
+                        touch_worker(conn, worker_id, now, me)
+                    return []
             else:
                 hot_ids, warm_ids = self._adapter_ids(conn, hot), self._adapter_ids(conn, warm)
                 self._touch_worker(conn, worker_id, hot_ids, warm_ids, None, now)
@@ -84,12 +88,14 @@ class ClaimOps:
                 served={t: r.served for t, r in tenants.items()},
                 aging_seconds=self.aging_seconds, max_adapters=max_adapters, salt=worker_id))
             if not plan.takes:
+                if conn.dialect.name == "postgresql" and me.stale:
+                    touch_worker(conn, worker_id, now, me)
                 return []
             token = uuid.uuid4().hex
             expires = now + timedelta(seconds=lease_seconds)
             if conn.dialect.name == "postgresql":
                 rows = claim_rows(conn, plan.takes, now=now, worker_id=worker_id, token=token,
-                                  expires=expires, floor=plan.floor)
+                                  expires=expires, floor=plan.floor, me=me)
             else:
                 rows = self._claim_serialized(conn, plan, now, worker_id, token, expires,
                                               tenants)

@@ -1,15 +1,15 @@
 """Submitting, reading, listing and cancelling jobs (JobQueue mixin)."""
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from scheduler import errors
+from scheduler.copy_pg import copy_jobs
 from scheduler.db import add_to_groups, naive_utc
 from scheduler.models import Adapter, Job, QueueGroup, Tenant
 from scheduler.rows import job_info
@@ -17,48 +17,6 @@ from scheduler.types import JobInfo, JobSpec
 
 J = Job.__table__
 COPY_MIN_ROWS = 64  # from here on COPY beats multi-row INSERT on PostgreSQL
-JSON_COLUMNS = {"messages", "sampling"}
-
-
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def _copy_field(value, is_json: bool, dumps=json.dumps) -> str:
-    """One field in COPY's text format."""
-    if value is None:
-        return "\\N"
-    if is_json:
-        value = dumps(value)
-    elif isinstance(value, bool):
-        return "t" if value else "f"
-    elif isinstance(value, datetime):
-        return value.isoformat(" ")
-    elif not isinstance(value, str):
-        return str(value)
-    return value.translate(_ESCAPES)
-
-
-def copy_jobs(conn, rows: list[dict]) -> None:
-    """Bulk insert through PostgreSQL's COPY (text format), in the caller's transaction."""
-    cols = list(rows[0])
-    is_json = [c in JSON_COLUMNS for c in cols]
-    memo: dict[int, str] = {}  # specs often share one sampling dict: encode it once
-
-    def field(value, j: bool) -> str:
-        if j and value is not None:
-            key = id(value)
-            if key not in memo:
-                memo[key] = _copy_field(value, True)
-            return memo[key]
-        return _copy_field(value, False)
-
-    raw = conn.connection.driver_connection
-    with raw.cursor() as cur, cur.copy(f"COPY jobs ({', '.join(cols)}) FROM STDIN") as copy:
-        for start in range(0, len(rows), 2000):
-            copy.write("".join(
-                "\t".join([field(r[c], j) for c, j in zip(cols, is_json)]) + "\n"
-                for r in rows[start:start + 2000]))
-
 
 def validate_spec(spec: JobSpec, index: int) -> None:
     where = f"job #{index}"
@@ -87,18 +45,41 @@ class JobOps:
         """Queue one or many jobs in one transaction; a known idempotency key returns the
         existing job instead. Raises InvalidJob, UnknownAdapter, QuotaExceeded (nothing queued)."""
         specs = [specs] if isinstance(specs, JobSpec) else list(specs)
-        for i, spec in enumerate(specs):
-            validate_spec(spec, i)
-        try:
-            with self.engine.begin() as conn:
-                return self._submit(conn, tenant_id, specs)
-        except IntegrityError:
-            # A concurrent submit with the same idempotency key won: now we return its job.
-            with self.engine.begin() as conn:
-                return self._submit(conn, tenant_id, specs)
+        return self.submit_many({tenant_id: specs})[tenant_id]
+
+    def submit_many(self, by_tenant: Mapping[str, Sequence[JobSpec]]) -> dict[str, list[JobInfo]]:
+        """Queue the jobs of several tenants in one transaction (one COPY on PostgreSQL), as
+        submit() would for each tenant; all or nothing. Returns each tenant's JobInfos."""
+        by_tenant = {t: list(v) for t, v in by_tenant.items()}
+        for specs in by_tenant.values():
+            for i, spec in enumerate(specs):
+                validate_spec(spec, i)
+        for attempt in (0, 1):
+            try:
+                with self.engine.begin() as conn:
+                    rows, out = [], {}
+                    for tenant_id, specs in by_tenant.items():
+                        out[tenant_id] = self._prepare(conn, tenant_id, specs, rows)
+                    self._write(conn, rows)
+                    return out
+            except IntegrityError:
+                # A concurrent submit with the same idempotency key won: return its job.
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def _submit(self, conn, tenant_id: str, specs: list[JobSpec], batch_id: str | None = None,
                 deadline_cap: datetime | None = None) -> list[JobInfo]:
+        rows: list[dict] = []
+        out = self._prepare(conn, tenant_id, specs, rows, batch_id, deadline_cap)
+        self._write(conn, rows)
+        return out
+
+    def _prepare(self, conn, tenant_id: str, specs: list[JobSpec], rows: list[dict],
+                 batch_id: str | None = None, deadline_cap: datetime | None = None
+                 ) -> list[JobInfo]:
+        """Checks (tenant, adapters, quota) and the new rows, appended to rows; the JobInfos."""
+        first = len(rows)
         tenant = conn.execute(select(Tenant.__table__).where(Tenant.id == tenant_id)).first()
         if tenant is None:
             raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
@@ -110,7 +91,7 @@ class JobOps:
                                                   J.c.idempotency_key.in_(set(keys)))):
                 existing[r.idempotency_key] = job_info(r)
         now = self.now()
-        rows, out, by_key = [], [], {}
+        out, by_key = [], {}
         for seq, s in enumerate(specs):
             if s.idempotency_key in existing:
                 out.append(existing[s.idempotency_key])
@@ -138,22 +119,27 @@ class JobOps:
             out.append(info)
             if s.idempotency_key is not None:
                 by_key[s.idempotency_key] = info
-        if tenant.max_queued is not None and rows:
+        added = len(rows) - first
+        if tenant.max_queued is not None and added:
             queued = conn.execute(select(func.coalesce(func.sum(QueueGroup.queued_count), 0))
                                   .where(QueueGroup.tenant_id == tenant_id)).scalar_one()
-            if queued + len(rows) > tenant.max_queued:
-                raise errors.QuotaExceeded(tenant_id, queued, len(rows), tenant.max_queued)
-        if rows:
-            if conn.dialect.name == "postgresql" and len(rows) >= COPY_MIN_ROWS:
-                copy_jobs(conn, rows)
-            else:
-                conn.execute(J.insert(), rows)  # executemany: multi-row INSERTs
-            deltas: dict = {}
-            for r in rows:
-                key = (tenant_id, r["adapter_id"], r["priority"])
-                deltas[key] = (deltas.get(key, (0, now))[0] + 1, now)
-            add_to_groups(conn, deltas)
+            if queued + added > tenant.max_queued:
+                raise errors.QuotaExceeded(tenant_id, queued, added, tenant.max_queued)
         return out
+
+    def _write(self, conn, rows: list[dict]) -> None:
+        if not rows:
+            return
+        if conn.dialect.name == "postgresql" and len(rows) >= COPY_MIN_ROWS:
+            copy_jobs(conn, rows)
+        else:
+            conn.execute(J.insert(), rows)  # executemany: multi-row INSERTs
+        deltas: dict = {}
+        for r in rows:
+            key = (r["tenant_id"], r["adapter_id"], r["priority"])
+            n, oldest = deltas.get(key, (0, r["enqueued_at"]))
+            deltas[key] = (n + 1, min(oldest, r["enqueued_at"]))
+        add_to_groups(conn, deltas)
 
     def _resolve_adapters(self, conn, tenant_id: str, names: set) -> dict:
         a = Adapter.__table__

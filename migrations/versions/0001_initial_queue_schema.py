@@ -123,25 +123,26 @@ def upgrade() -> None:
     sa.Column('idempotency_key', sa.String(length=200), nullable=True),
     sa.ForeignKeyConstraint(['batch_id'], ['batches.id'], ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('tenant_id', 'idempotency_key', name='uq_jobs_tenant_idempotency')
+    sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.create_index('ix_jobs_batch', ['batch_id', 'seq'], unique=False)
+        batch_op.create_index('ix_jobs_batch', ['batch_id', 'seq'], unique=False, postgresql_where=sa.text('batch_id IS NOT NULL'), sqlite_where=sa.text('batch_id IS NOT NULL'))
         batch_op.create_index('ix_jobs_deadline', ['deadline'], unique=False, postgresql_where=sa.text('deadline IS NOT NULL'), sqlite_where=sa.text('deadline IS NOT NULL'))
         batch_op.create_index('ix_jobs_queued_group', ['tenant_id', 'adapter_id', 'priority', 'enqueued_at'], unique=False, postgresql_where=sa.text("status = 'queued'"), sqlite_where=sa.text("status = 'queued'"))
         batch_op.create_index('ix_jobs_running_lease', ['lease_expires_at'], unique=False, postgresql_where=sa.text("status = 'running'"), sqlite_where=sa.text("status = 'running'"))
         batch_op.create_index('ix_jobs_tenant_created', ['tenant_id', 'created_at'], unique=False)
+        batch_op.create_index('uq_jobs_tenant_idempotency', ['tenant_id', 'idempotency_key'], unique=True, postgresql_where=sa.text('idempotency_key IS NOT NULL'), sqlite_where=sa.text('idempotency_key IS NOT NULL'))
 
 
 
 def downgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_index('uq_jobs_tenant_idempotency', postgresql_where=sa.text('idempotency_key IS NOT NULL'), sqlite_where=sa.text('idempotency_key IS NOT NULL'))
         batch_op.drop_index('ix_jobs_tenant_created')
         batch_op.drop_index('ix_jobs_running_lease', postgresql_where=sa.text("status = 'running'"), sqlite_where=sa.text("status = 'running'"))
         batch_op.drop_index('ix_jobs_queued_group', postgresql_where=sa.text("status = 'queued'"), sqlite_where=sa.text("status = 'queued'"))
         batch_op.drop_index('ix_jobs_deadline', postgresql_where=sa.text('deadline IS NOT NULL'), sqlite_where=sa.text('deadline IS NOT NULL'))
-        batch_op.drop_index('ix_jobs_batch')
+        batch_op.drop_index('ix_jobs_batch', postgresql_where=sa.text('batch_id IS NOT NULL'), sqlite_where=sa.text('batch_id IS NOT NULL'))
 
     op.drop_table('jobs')
     with op.batch_alter_table('batches', schema=None) as batch_op:

@@ -122,9 +122,10 @@ SELECT c.tenant_id, c.adapter_id, c.priority, c.queued_count, c.oldest_enqueued_
        t.weight, t.served, s.*
 FROM (SELECT ARRAY(SELECT id FROM hot_ids ORDER BY id) AS hot,
              ARRAY(SELECT id FROM warm_ids ORDER BY id) AS warm,
+             -- JSON as text, repeated on every row but parsed once (from the first row).
              (SELECT json_agg(w.hot) FROM workers w
-              WHERE w.id <> :worker AND w.heartbeat_at > :live_after) AS others,
-             (SELECT hot FROM me) AS me_hot, (SELECT warm FROM me) AS me_warm,
+              WHERE w.id <> :worker AND w.heartbeat_at > :live_after)::text AS others,
+             (SELECT hot::text FROM me) AS me_hot, (SELECT warm::text FROM me) AS me_warm,
              (SELECT heartbeat_at FROM me) AS me_beat) s
 LEFT JOIN (cand c JOIN tenants t ON t.id = c.tenant_id) ON true
 """)
@@ -135,8 +136,10 @@ class WorkerState:
 
     def __init__(self, row, now):
         self.hot, self.warm = list(row.hot), list(row.warm)
-        self.stale = (row.me_beat is None or list(row.me_hot or []) != self.hot
-                      or list(row.me_warm or []) != self.warm
+        self.others = {x for lst in json.loads(row.others or "[]") for x in lst or []
+                       if isinstance(x, int)}
+        self.stale = (row.me_beat is None or json.loads(row.me_hot or "[]") != self.hot
+                      or json.loads(row.me_warm or "[]") != self.warm
                       or row.me_beat < now - timedelta(seconds=HEARTBEAT_REFRESH_S))
 
 

@@ -64,8 +64,7 @@ class ClaimOps:
                                      per_tenant=PER_TENANT)
                 me = WorkerState(rows[0], now)
                 hot_ids, warm_ids = set(me.hot), set(me.warm)
-                elsewhere = {x for lst in rows[0].others or [] for x in lst or []
-                             if isinstance(x, int)}
+                elsewhere = me.others
                 groups, tenants = self._groups_of([r for r in rows if r[0] is not None], now)
                 if not groups:
                     if me.stale:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import Engine, case, create_engine, event
+from sqlalchemy import Engine, case, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from scheduler.models import QueueGroup
@@ -58,12 +58,34 @@ def insert_for(engine: Engine):
     return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
 
+# The same upsert as below with arrays as parameters: compiling a multi-row VALUES of a
+# thousand groups costs more client time than the whole statement takes in the server.
+GROUPS_UPSERT_PG = text("""
+INSERT INTO queue_groups AS g (tenant_id, adapter_id, priority, queued_count, oldest_enqueued_at)
+SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:adapters AS bigint[]),
+                     CAST(:priorities AS int[]), CAST(:counts AS int[]),
+                     CAST(:oldest AS timestamp[]))
+ON CONFLICT (tenant_id, adapter_id, priority) DO UPDATE SET
+  queued_count = g.queued_count + excluded.queued_count,
+  oldest_enqueued_at = CASE WHEN g.queued_count <= 0 OR g.oldest_enqueued_at IS NULL
+                              OR excluded.oldest_enqueued_at < g.oldest_enqueued_at
+                            THEN excluded.oldest_enqueued_at ELSE g.oldest_enqueued_at END
+""")
+
+
 def add_to_groups(conn, deltas: dict[tuple[str, int, int], tuple[int, datetime]]) -> None:
     """queue_groups += count per (tenant, adapter, priority); oldest becomes the earlier one.
 
     Keys are applied in sorted order, the lock order every writer of queue_groups follows.
     """
     if not deltas:
+        return
+    if conn.dialect.name == "postgresql":
+        keys = sorted(deltas)
+        conn.execute(GROUPS_UPSERT_PG, dict(
+            tenants=[k[0] for k in keys], adapters=[k[1] for k in keys],
+            priorities=[k[2] for k in keys], counts=[deltas[k][0] for k in keys],
+            oldest=[deltas[k][1] for k in keys]))
         return
     ins = insert_for(conn.engine)
     table = QueueGroup.__table__

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
@@ -57,9 +58,17 @@ class JobOps:
         for attempt in (0, 1):
             try:
                 with self.engine.begin() as conn:
+                    # One look-up of all tenants and of all named adapters, not one per tenant.
+                    t = Tenant.__table__
+                    known = {r.id: r for r in conn.execute(
+                        select(t).where(t.c.id.in_(list(by_tenant))))}
+                    found = self._adapter_rows(conn, list(by_tenant), {
+                        s.adapter for specs in by_tenant.values() for s in specs})
                     rows, out = [], {}
                     for tenant_id, specs in by_tenant.items():
-                        out[tenant_id] = self._prepare(conn, tenant_id, specs, rows)
+                        out[tenant_id] = self._prepare(conn, tenant_id, specs, rows,
+                                                       tenant=known.get(tenant_id, False),
+                                                       adapter_rows=found)
                     self._write(conn, rows)
                     return out
             except IntegrityError:
@@ -76,14 +85,19 @@ class JobOps:
         return out
 
     def _prepare(self, conn, tenant_id: str, specs: list[JobSpec], rows: list[dict],
-                 batch_id: str | None = None, deadline_cap: datetime | None = None
-                 ) -> list[JobInfo]:
-        """Checks (tenant, adapters, quota) and the new rows, appended to rows; the JobInfos."""
+                 batch_id: str | None = None, deadline_cap: datetime | None = None,
+                 tenant=None, adapter_rows: list | None = None) -> list[JobInfo]:
+        """Checks (tenant, adapters, quota) and the new rows, appended to rows; the JobInfos.
+        tenant (False: known missing) and adapter_rows may come from a caller's look-up."""
         first = len(rows)
-        tenant = conn.execute(select(Tenant.__table__).where(Tenant.id == tenant_id)).first()
         if tenant is None:
+            tenant = conn.execute(select(Tenant.__table__).where(Tenant.id == tenant_id)).first()
+        if not tenant:
             raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
-        adapters = self._resolve_adapters(conn, tenant_id, {s.adapter for s in specs})
+        names = {s.adapter for s in specs}
+        if adapter_rows is None:
+            adapter_rows = self._adapter_rows(conn, [tenant_id], names)
+        adapters = self._resolve_adapters(tenant_id, names, adapter_rows)
         keys = [s.idempotency_key for s in specs if s.idempotency_key is not None]
         existing: dict[str, JobInfo] = {}
         if keys:
@@ -91,6 +105,9 @@ class JobOps:
                                                   J.c.idempotency_key.in_(set(keys)))):
                 existing[r.idempotency_key] = job_info(r)
         now = self.now()
+        # Ids start with the time (ms, 12 hex digits): new keys land at the right edge of
+        # the primary key's B-tree instead of all over it (fewer pages dirtied at 1M jobs).
+        stamp = f"{int(time.time() * 1000) & 0xFFFFFFFFFFFF:012x}"
         out, by_key = [], {}
         for seq, s in enumerate(specs):
             if s.idempotency_key in existing:
@@ -103,7 +120,7 @@ class JobOps:
             if deadline_cap is not None and (deadline is None or deadline > deadline_cap):
                 deadline = deadline_cap
             adapter_id = adapters[s.adapter]
-            row = dict(id=f"job_{os.urandom(16).hex()}", tenant_id=tenant_id, adapter_id=adapter_id,
+            row = dict(id=f"job_{stamp}{os.urandom(10).hex()}", tenant_id=tenant_id, adapter_id=adapter_id,
                        adapter_name=s.adapter, prompt=s.prompt, messages=s.messages,
                        sampling=s.sampling, priority=s.priority, status="queued",
                        attempts=0, max_attempts=s.max_attempts, enqueued_at=now,
@@ -141,17 +158,22 @@ class JobOps:
             deltas[key] = (n + 1, min(oldest, r["enqueued_at"]))
         add_to_groups(conn, deltas)
 
-    def _resolve_adapters(self, conn, tenant_id: str, names: set) -> dict:
+    def _adapter_rows(self, conn, tenant_ids: list, names: set) -> list:
         a = Adapter.__table__
+        wanted = {n for n in names if n is not None}
+        if not wanted:
+            return []
+        return conn.execute(select(a.c.name, a.c.id, a.c.tenant_key, a.c.status).where(
+            a.c.name.in_(wanted), a.c.tenant_key.in_(list(tenant_ids) + [""]))).all()
+
+    def _resolve_adapters(self, tenant_id: str, names: set, adapter_rows: list) -> dict:
         found: dict = {None: 0}
         wanted = {n for n in names if n is not None}
-        if wanted:
-            rows = conn.execute(select(a.c.name, a.c.id, a.c.tenant_key, a.c.status).where(
-                a.c.name.in_(wanted), a.c.tenant_key.in_([tenant_id, ""]))).all()
-            for r in sorted(rows, key=lambda r: r.tenant_key != ""):  # shared first, own wins
-                if r.status != "ready":
-                    continue
-                found[r.name] = r.id
+        mine = [r for r in adapter_rows if r.name in wanted and r.tenant_key in (tenant_id, "")]
+        for r in sorted(mine, key=lambda r: r.tenant_key != ""):  # shared first, own wins
+            if r.status != "ready":
+                continue
+            found[r.name] = r.id
         missing = sorted(wanted - set(found))
         if missing:
             raise errors.UnknownAdapter(

@@ -1,0 +1,150 @@
+"""Bad input: each refused with a clear 4xx naming what was wrong, and nothing changed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.security.conftest import counts
+
+
+def refused(service, c, method: str, path: str, status: int, *needles: str, **kw):
+    """Send the request; assert the status, that the message names each needle, and that no
+    row of any table changed."""
+    url = service[3]
+    before = counts(url)
+    resp = c.request(method, path, **kw)
+    assert resp.status_code == status, resp.text
+    detail = json.dumps(resp.json()["detail"])
+    for needle in needles:
+        assert needle in detail, (needle, detail)
+    assert counts(url) == before
+    return resp
+
+
+GOOD = {"prompt": "hello", "sampling": {"max_tokens": 4}}
+
+
+def test_malformed_json_body(service, alice):
+    r = refused(service, alice, "POST", "/v1/jobs", 422, "json_invalid",
+                content=b'{"prompt": "hi", ', headers={"Content-Type": "application/json"})
+    assert r.json()["detail"][0]["loc"][0] == "body"
+
+
+def test_unknown_fields_are_named(service, alice):
+    refused(service, alice, "POST", "/v1/jobs", 422, "extra_forbidden", "temprature",
+            json={**GOOD, "temprature": 0.5})
+    refused(service, alice, "POST", "/v1/jobs", 422, "extra_forbidden", "best_of",
+            json={"prompt": "x", "sampling": {"best_of": 2}})
+
+
+@pytest.mark.parametrize("sampling, field", [
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 4097}, "max_tokens"),
+    ({"max_tokens": -3}, "max_tokens"), ({"max_tokens": "many"}, "max_tokens"),
+    ({"temperature": -0.1}, "temperature"), ({"temperature": 2.5}, "temperature"),
+    ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"),
+    ({"seed": -1}, "seed"), ({"stop": ""}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"temperature": "NaN"}, "temperature")])
+def test_sampling_out_of_range(service, alice, sampling, field):
+    refused(service, alice, "POST", "/v1/jobs", 422, field, json={"prompt": "x",
+                                                                  "sampling": sampling})
+
+
+def test_prompt_and_body_size_limits(service, alice):
+    # a prompt over the per-prompt character limit is refused by the schema...
+    refused(service, alice, "POST", "/v1/jobs", 413, "exceeds the limit of 4096 bytes",
+            json={"prompt": "x" * 5000})
+    # ...and any JSON body over the request limit before it is read (413, says the limit)
+    refused(service, alice, "POST", "/v1/jobs", 413, "4096",
+            content=b"{" + b" " * 10_000 + b"}", headers={"Content-Type": "application/json"})
+    refused(service, alice, "POST", "/v1/jobs", 422, "NUL", json={"prompt": "a\x00b"})
+    refused(service, alice, "POST", "/v1/jobs", 422, "exactly one of 'prompt' or 'messages'",
+            json={"prompt": "a", "messages": [{"role": "user", "content": "b"}]})
+
+
+def test_unknown_adapter_is_named(service, alice):
+    refused(service, alice, "POST", "/v1/jobs", 422, "unknown adapter 'nope'",
+            json={**GOOD, "adapter": "nope"})
+
+
+def test_another_tenants_adapter_cannot_be_used(service, alice, bob, roots):
+    assert bob.post("/v1/adapters", json={"name": "bobs", "source": str(roots[0] / "good")}
+                    ).status_code == 201
+    refused(service, alice, "POST", "/v1/jobs", 422, "unknown adapter 'bobs'",
+            json={**GOOD, "adapter": "bobs"})
+    refused(service, alice, "DELETE", "/v1/adapters/bobs", 404, "no adapter 'bobs'")
+    assert [a["name"] for a in alice.get("/v1/adapters").json()["data"]] == []
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "bobs", "prompt": "x"}}
+    refused(service, alice, "POST", "/v1/batches", 422, "unknown model 'bobs'",
+            content=json.dumps(line).encode())
+
+
+def test_adapter_paths_outside_the_roots(service, alice, roots):
+    root, outside = roots
+    link = root / "sneaky"
+    if not link.exists():
+        link.symlink_to(outside / "elsewhere")
+    for source in (f"{root}/../{outside.name}/elsewhere", str(link), str(outside / "elsewhere"),
+                   "/etc", "~/../../etc/passwd"):
+        refused(service, alice, "POST", "/v1/adapters", 422, "outside the allowed adapter roots",
+                json={"name": "x", "source": source})
+    refused(service, alice, "POST", "/v1/adapters", 422, "neither an absolute local path",
+            json={"name": "x", "source": "../elsewhere"})
+
+
+def test_adapters_the_engine_would_refuse(service, alice, roots, tiny_model, tmp_path):
+    from tests.tiny_models import make_peft_adapter, make_tiny_llama
+
+    root = roots[0]
+    if not (root / "r32").exists():
+        make_peft_adapter(tiny_model, root / "r32", r=32, seed=3)
+        wider = make_tiny_llama(tmp_path / "wider", hidden_size=96, num_heads=4, num_kv_heads=2)
+        make_peft_adapter(wider, root / "wrong-shapes", r=8, seed=4)
+    refused(service, alice, "POST", "/v1/adapters", 422, "rank", "32", "16",
+            json={"name": "big", "source": str(root / "r32")})
+    refused(service, alice, "POST", "/v1/adapters", 422, "adapter refused", "shape",
+            json={"name": "wide", "source": str(root / "wrong-shapes")})
+    (root / "empty").mkdir(exist_ok=True)
+    refused(service, alice, "POST", "/v1/adapters", 422, "adapter refused",
+            json={"name": "empty", "source": str(root / "empty")})
+
+
+def test_jsonl_bad_lines_reported_per_line_good_lines_kept(service, alice):
+    url = service[3]
+    good = {"custom_id": "ok-1", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "base", "prompt": "hi", "max_tokens": 2}}
+    lines = [json.dumps(good), "{not json", json.dumps({**good, "custom_id": "ok-2"}),
+             json.dumps({**good, "custom_id": "bad-t", "body": {**good["body"],
+                                                                 "temperature": 9}}),
+             json.dumps({**good, "custom_id": "bad-f", "extra": 1})]
+    before = counts(url)
+    r = alice.post("/v1/batches", content="\n".join(lines).encode())
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["request_counts"]["total"] == 2
+    errs = {e["line"]: e for e in body["errors"]["data"]}
+    assert sorted(errs) == [2, 4, 5]
+    assert errs[2]["code"] == "invalid_json" and "temperature" in errs[4]["message"]
+    assert "extra" in errs[5]["message"]
+    assert counts(url)["jobs"] == before["jobs"] + 2
+
+
+def test_batch_limits_and_duplicates(service, alice):
+    line = {"custom_id": "c", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "base", "prompt": "hi"}}
+
+    def jsonl(n):
+        return "".join(json.dumps({**line, "custom_id": f"c{i}"}) + "\n" for i in range(n))
+    refused(service, alice, "POST", "/v1/batches", 413, "20 lines", content=jsonl(21).encode())
+    refused(service, alice, "POST", "/v1/batches", 413, "limit of 32768 bytes",
+            content=jsonl(19).encode() * 30)
+    huge = json.dumps({**line, "body": {"model": "base", "prompt": "y" * 5000}})
+    refused(service, alice, "POST", "/v1/batches", 413, "line 1", content=huge.encode())
+    dup = (json.dumps(line) + "\n") * 2
+    refused(service, alice, "POST", "/v1/batches", 422, "duplicate_custom_id", "line 2",
+            content=dup.encode())
+    refused(service, alice, "POST", "/v1/batches", 422, "line 1",
+            content=b"garbage\n{]\n")
+    refused(service, alice, "POST", "/v1/batches", 422, "completion_window",
+            content=jsonl(1).encode(), params={"completion_window": "forever"})

@@ -1,0 +1,87 @@
+"""A pickled adapter_model.bin carrying code is never unpickled: not when registered, not when
+a worker loads it; the job fails with a clear error and the payload never runs."""
+from __future__ import annotations
+
+import os
+import shutil
+import zipfile
+
+import pytest
+import torch
+
+from workers.drain import Drainer
+
+from tests.security.conftest import counts
+
+
+class Payload:
+    """Unpickling this calls os.mkdir(marker): the proof that code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def engine_for(settings):
+    from engine import EngineConfig, LLMEngine
+
+    return LLMEngine(EngineConfig(model=settings.model, device="cpu", max_loras=2,
+                                  max_lora_rank=16, max_cpu_loras=2, max_model_len=128))
+
+
+def evil_adapter(good_dir, out_dir, marker) -> None:
+    """The good adapter's config, its weights replaced by a torch-format .bin whose pickle
+    holds the payload next to real tensors."""
+    out_dir.mkdir()
+    shutil.copy(good_dir / "adapter_config.json", out_dir / "adapter_config.json")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(good_dir / "adapter_model.safetensors"))
+    torch.save({**tensors, "x": Payload(str(marker))}, str(out_dir / "adapter_model.bin"))
+    assert zipfile.is_zipfile(out_dir / "adapter_model.bin")  # what torch.save writes
+
+
+def test_pickled_bin_with_code_never_runs(service, alice, roots, tmp_path):
+    app, queue, settings, url = service
+    root = roots[0]
+    marker = tmp_path / "PWNED"
+    evil = root / f"evil-{tmp_path.name}"
+    evil_adapter(root / "good", evil, marker)
+
+    before = counts(url)
+    r = alice.post("/v1/adapters", json={"name": "evil", "source": str(evil)})
+    assert not marker.exists()
+    # The API never imports torch: it checks the config and defers a .bin's tensors to the
+    # worker's loader (documented gap: the registration itself is not refused).
+    assert r.status_code == 201, r.text
+    assert counts(url)["adapters"] == before["adapters"] + 1
+    # the worker's loader: torch.load(weights_only=True) refuses the payload
+    from engine import LoRAError, LoRARequest
+
+    eng = engine_for(settings)
+    with pytest.raises(LoRAError, match="adapter_model.bin.*Unpickling"):
+        eng.add_lora(LoRARequest("evil", 99, str(evil)))
+    assert not marker.exists()
+    # a job on it fails with that reason through the real drain loop
+    job = alice.post("/v1/jobs", json={"prompt": "hi", "adapter": "evil",
+                                       "sampling": {"max_tokens": 2}}).json()
+    Drainer(queue, eng, "sec-worker", max_num_seqs=4).run(max_seconds=60)
+    done = alice.get(f"/v1/jobs/{job['id']}").json()
+    assert done["status"] == "failed" and "cannot be loaded" in done["error"], done
+    assert "adapter_model.bin" in done["error"]
+    assert not marker.exists()
+
+
+def test_prompt_longer_than_max_model_len_fails_with_the_reason(service, alice):
+    """The API has no tokenizer; the worker refuses the job (not retried) and says why."""
+    app, queue, settings, url = service
+    long_job = alice.post("/v1/jobs", json={"prompt": "z" * 300,
+                                            "sampling": {"max_tokens": 2}}).json()
+    ok_job = alice.post("/v1/jobs", json={"prompt": "short", "sampling": {"max_tokens": 2}}).json()
+    Drainer(queue, engine_for(settings), "sec-worker", max_num_seqs=4).run(max_seconds=60)
+    long_done = alice.get(f"/v1/jobs/{long_job['id']}").json()
+    assert long_done["status"] == "failed" and long_done["attempts"] == 1, long_done
+    assert "128" in long_done["error"], long_done["error"]  # names the max_model_len
+    assert alice.get(f"/v1/jobs/{ok_job['id']}").json()["status"] == "succeeded"

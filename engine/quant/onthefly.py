@@ -70,6 +70,11 @@ class _Bnb8bit(nn.Module):
         self.lin.weight = p
         self.lin.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.out_dtype = weight.dtype
+        self.train(False)
+
+    def train(self, mode: bool = True):
+        # bitsandbytes picks its int8 inference matmul only in eval mode; this op never trains
+        return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin(x).to(self.out_dtype)

@@ -60,8 +60,7 @@ class ClaimOps:
         with engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 rows = snapshot_rows(conn, worker_id, hot, warm, now=now, live_after=live_after,
-                                     overdue=OVERDUE, by_priority=PRIORITY,
-                                     per_tenant=PER_TENANT)
+                                     overdue=OVERDUE, by_priority=PRIORITY)
                 me = WorkerState(rows[0], now)
                 hot_ids, warm_ids = set(me.hot), set(me.warm)
                 elsewhere = me.others

@@ -55,7 +55,8 @@ def run(model: str, method, adapters, prompts, args, eager: bool) -> dict:
     res = {"tok_per_s": round(n / dt, 1), "seconds": round(dt, 3), "tokens": n,
            "base_weight_bytes": rep["base_weight_bytes"],
            "base_weight_bytes_unquantized": rep["base_weight_bytes_unquantized"],
-           "base_kernels": rep["base_kernels"], "cuda_graphs": not eager and args.device == "cuda",
+           "base_kernels": rep["base_kernels"],
+           "cuda_graphs": not eager and args.device == "cuda",
            "first_tokens": outs[0].outputs[0].token_ids[:8]}
     if args.device == "cuda":
         res["gpu_allocated_bytes"] = torch.cuda.memory_allocated()

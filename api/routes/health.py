@@ -18,7 +18,7 @@ def readyz(request: Request):
     queue = request.app.state.queue
     try:
         ping = getattr(queue, "ping", None)
-        ping() if ping else queue.authenticate("lorry-readiness-probe")
+        ping() if ping else queue.authenticate("lorry_readiness_probe")  # key-shaped: queries
     except Exception as e:  # any DB error means not ready; say which
         return JSONResponse({"status": "unavailable", "database": str(e)[:300]}, status_code=503)
     return {"status": "ok"}

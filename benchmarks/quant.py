@@ -77,7 +77,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--int4-kernel", default="auto", choices=["auto", "dequant"],
+                    help="GPTQ/AWQ on CUDA: tinygemm where it applies, or dequantize + matmul")
     args = ap.parse_args()
+    if args.int4_kernel == "dequant":
+        import engine.quant.packed_linear as packed_linear
+        packed_linear.USE_TINYGEMM = False
     import torch
 
     from tests.tiny_models import make_tiny_tokenizer, write_random_adapter

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
+USE_TINYGEMM = True   # benchmarks switch it off to time the dequantize + matmul path
 
 
 class PackedInt4Linear(nn.Module):
@@ -66,7 +67,8 @@ class PackedInt4Linear(nn.Module):
 
     def try_tinygemm(self) -> bool:
         """Switch to torch's CUDA int4 kernel when it applies and agrees with the dequant path."""
-        if (self.qpacked.device.type != "cuda" or self.dtype != torch.bfloat16 or self.act_order
+        if (not USE_TINYGEMM or self.qpacked.device.type != "cuda" or self.dtype != torch.bfloat16
+                or self.act_order
                 or self.group_size not in TINYGEMM_GROUPS or self.in_features % 128
                 or self.out_features % 8):
             return False

@@ -39,26 +39,89 @@ def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(10, min(vocab, 30000), (n, length), generator=gen).tolist()
 
 
-def bench_lorry(model: str, adapters: list[Path], prompts, p: dict, device: str,
-                load_format: str) -> dict:
-    from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+def _engine(model: str, p: dict, device: str, load_format: str, max_loras: int):
+    from engine import EngineConfig, LLMEngine
 
-    eng = LLMEngine(EngineConfig(model=model, device=device, max_loras=len(adapters),
-                                 max_lora_rank=max(p["rank"], 8), max_num_seqs=p["batch"],
-                                 max_model_len=p["prompt_len"] + p["new_tokens"] + 8,
-                                 load_format=load_format))
-    reqs = [LoRARequest(f"a{i}", i + 1, str(a)) for i, a in enumerate(adapters)]
-    sp = SamplingParams(max_tokens=p["new_tokens"], temperature=0.0, ignore_eos=True)
-    loras = [reqs[i % len(reqs)] for i in range(len(prompts))]
-    eng.generate(prompts[:2], sp, loras[:2], use_tqdm=False)  # warm-up (adapters loaded)
+    return LLMEngine(EngineConfig(model=model, device=device, max_loras=max_loras,
+                                  max_cpu_loras=max_loras, max_lora_rank=max(p["rank"], 8),
+                                  max_num_seqs=p["batch"],
+                                  max_model_len=p["prompt_len"] + p["new_tokens"] + 8,
+                                  load_format=load_format))
+
+
+def run_lorry(eng, adapters: list[Path], n_adapters: int, prompts, p: dict, device: str) -> dict:
+    """Generate ``prompts`` with requests spread round-robin over ``n_adapters`` (0: base only).
+
+    Adapter i uses file i % len(adapters): distinct ids (own GPU slot) over shared files.
+    """
+    from engine import LoRARequest
+
+    reqs = [LoRARequest(f"a{i}", i + 1, str(adapters[i % len(adapters)]))
+            for i in range(n_adapters)]
+    loras = [reqs[i % len(reqs)] if reqs else None for i in range(len(prompts))]
+    warm = min(len(prompts), p["batch"])  # warm-up: the full batch (captures its graph)
+    eng.generate(prompts[:warm], _params(3), loras[:warm], use_tqdm=False)
+    prefill = _time_prefill(eng, device)
     _sync(device)
     t0 = time.perf_counter()
-    outs = eng.generate(prompts, sp, loras, use_tqdm=False)
+    outs = eng.generate(prompts, _params(p["new_tokens"]), loras, use_tqdm=False)
     _sync(device)
     dt = time.perf_counter() - t0
     n = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"tokens": n, "seconds": round(dt, 3), "tok_per_s": round(n / dt, 1),
-            "lora_backend": eng.info()["lora_backend"], "cache": eng.cache_stats()["gpu"]}
+    return {"adapters": n_adapters, "requests": len(prompts), "tokens": n,
+            "seconds": round(dt, 3), "tok_per_s": round(n / dt, 1),
+            "prefill_seconds": round(prefill[0], 3), "prefill_steps": prefill[1],
+            "cuda_graphs": eng.runner.graphs is not None, "lora_backend": eng.lora_backend}
+
+
+def _params(n: int):
+    from engine import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def _time_prefill(eng, device: str) -> list:
+    """Wrap the runner's prefill to add its (synchronised) time; returns the live [s, steps]."""
+    acc = [0.0, 0]
+    orig = type(eng.runner).prefill.__get__(eng.runner)
+
+    def timed(seqs, slots):
+        _sync(device)
+        t = time.perf_counter()
+        out = orig(seqs, slots)
+        _sync(device)
+        acc[0] += time.perf_counter() - t
+        acc[1] += 1
+        return out
+    eng.runner.prefill = timed
+    return acc
+
+
+def adapter_swap_ms(eng, adapters: list[Path], device: str, reps: int = 5) -> dict:
+    """Time writing one adapter from the (pinned) CPU cache into its GPU slot."""
+    from engine import LoRARequest
+
+    req = LoRARequest("swap", 10_000, str(adapters[0]))
+    eng.add_lora(req)
+    weights = eng.loras.cpu.get(req)
+    slot = eng.loras.activate(req, set())
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        eng.loras.gpu._write(slot, weights)
+        _sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+    eng.remove_lora(req.lora_int_id)
+    return {"median_ms": round(sorted(times)[len(times) // 2], 3), "all_ms": [round(t, 3) for t in times],
+            "adapter_bytes": weights.nbytes, "pinned": all(
+                t.is_pinned() for ab in weights.tensors.values() for t in ab)}
+
+
+def bench_lorry(model: str, adapters: list[Path], prompts, p: dict, device: str,
+                load_format: str) -> dict:
+    eng = _engine(model, p, device, load_format, len(adapters))
+    return run_lorry(eng, adapters, len(adapters), prompts, p, device)
 
 
 def _sync(device: str) -> None:
@@ -68,38 +131,84 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_hf(model_dir: str, adapters: list[Path], prompts, p: dict, device: str) -> dict:
-    """HF base-only generate and PEFT's mixed-adapter batch (``adapter_names=``)."""
+def bench_hf(model_dir: str, adapters: list[Path], prompts, p: dict, device: str,
+             dummy: bool, caps: dict | None = None) -> dict:
+    """HF base-only generate, PEFT mixed-adapter batches (``adapter_names=``) with 1/8/all
+    adapters, and PEFT one adapter per batch (``set_adapter``). ``caps`` shortens GPU runs."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    ids = torch.tensor(prompts, device=device)
-    kw = {"max_new_tokens": p["new_tokens"], "min_new_tokens": p["new_tokens"], "do_sample": False,
-              "pad_token_id": 0, "attention_mask": torch.ones_like(ids)}
+    if dummy:  # random weights of the config's shapes, built on the device
+        with torch.device(device):
+            base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir),
+                                                    dtype=dtype).eval()
+    else:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    caps = caps or {}
     res = {}
 
-    def timed(name, model, **extra):
+    def timed(name, model, rows, new_tokens, groups=None, **extra):
+        ids = torch.tensor([prompts[i] for i in rows], device=device)
+        kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+              "pad_token_id": 0}
         with torch.no_grad():
-            model.generate(ids[:2], **{**kw, "attention_mask": kw["attention_mask"][:2]},
+            model.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]),
+                           **{**kw, "max_new_tokens": 2, "min_new_tokens": 2},
                            **{k: v[:2] for k, v in extra.items()})
             _sync(device)
             t0 = time.perf_counter()
-            out = model.generate(ids, **kw, **extra)
+            n = 0
+            for g_rows, adapter in groups or [(list(range(len(rows))), None)]:
+                if adapter is not None:
+                    model.set_adapter(adapter)
+                g = ids[g_rows]
+                out = model.generate(g, attention_mask=torch.ones_like(g), **kw,
+                                     **{k: [v[i] for i in g_rows] for k, v in extra.items()})
+                n += (out.shape[1] - g.shape[1]) * g.shape[0]
             _sync(device)
         dt = time.perf_counter() - t0
-        n = (out.shape[1] - ids.shape[1]) * ids.shape[0]
-        res[name] = {"tokens": n, "seconds": round(dt, 3), "tok_per_s": round(n / dt, 1)}
+        res[name] = {"requests": len(rows), "new_tokens": new_tokens, "tokens": n,
+                     "seconds": round(dt, 3), "tok_per_s": round(n / dt, 1)}
 
-    timed("hf_base", base)
+    all_rows = list(range(len(prompts)))
+    base_rows = all_rows[:caps.get("base_requests", len(prompts))]
+    timed("hf_base", base, base_rows, caps.get("base_tokens", p["new_tokens"]))
     peft = PeftModel.from_pretrained(base, str(adapters[0]), adapter_name="a0")
     for i, a in enumerate(adapters[1:], 1):
         peft.load_adapter(str(a), adapter_name=f"a{i}")
-    names = [f"a{i % len(adapters)}" for i in range(len(prompts))]
-    timed("peft_mixed", peft, adapter_names=names)
+    rows = all_rows[:caps.get("peft_requests", len(prompts))]
+    tokens = caps.get("peft_tokens", p["new_tokens"])
+    counts = sorted({1, min(8, len(adapters)), len(adapters)}) if caps else [len(adapters)]
+    for k in counts:
+        name = "peft_mixed" if k == len(adapters) else f"peft_mixed_{k}"
+        timed(name, peft, rows, tokens, adapter_names=[f"a{i % k}" for i in rows])
+    if caps:  # one adapter per batch: the rows of each adapter, adapter by adapter
+        groups = [([j for j, i in enumerate(rows) if i % len(adapters) == a], f"a{a}")
+                  for a in range(min(len(adapters), caps.get("per_adapter_groups", 8)))]
+        used = sorted(j for g, _ in groups for j in g)
+        groups = [([used.index(j) for j in g], a) for g, a in groups]
+        timed("peft_per_adapter", peft, [rows[j] for j in used], tokens, groups=groups)
+    del peft, base
     return res
+
+
+def roofline(config: dict, p: dict, rank: int, n_adapters: int, gbps: float = 4300.0) -> dict:
+    """Decode tokens/s if each step only read the weights (minus the embedding table, of which
+    a step reads B rows) and the average KV cache once, at ``gbps`` GB/s."""
+    h, i, L, V = (config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                      "vocab_size"))
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * i + 2 * h
+    weights = 2 * (L * per_layer + V * h + h)
+    ctx = p["prompt_len"] + p["new_tokens"] / 2
+    kv_bytes = 2 * p["batch"] * ctx * L * 2 * kv
+    lora = 2 * n_adapters * L * rank * ((h + h + 2 * kv) + (h + h))  # q/k/v/o A and B
+    step = (weights + kv_bytes + lora) / (gbps * 1e9)
+    return {"weight_bytes": weights, "kv_bytes_per_step": int(kv_bytes), "lora_bytes": lora,
+            "gb_per_s": gbps, "step_ms": round(step * 1e3, 3),
+            "tok_per_s": round(p["batch"] / step, 1)}
 
 
 def main() -> None:
@@ -108,6 +217,10 @@ def main() -> None:
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS))
     ap.add_argument("--model", default=None, help="base model dir (CPU default: the demo model)")
     ap.add_argument("--baselines", action="store_true", help="also run HF/PEFT on GPU presets")
+    ap.add_argument("--more-adapters", type=int, nargs="*", default=[128],
+                    help="GPU: also run with this many adapters (an engine each)")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--plot", default=None, help="GPU: tokens/s vs adapters plot (png)")
     args = ap.parse_args()
     preset = args.preset or ("smollm2" if args.device == "cpu" else "llama3-8b")
     p = PRESETS[preset]
@@ -135,14 +248,113 @@ def main() -> None:
     prompts = prompts_for(p["requests"], p["prompt_len"], config["vocab_size"], seed=0)
     result = {"preset": preset, "device": args.device, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "workload": p}
-    result["lorry_mixed"] = bench_lorry(str(model), adapters, prompts, p, args.device, load_format)
-    if args.device == "cpu" or args.baselines:
-        result.update(bench_hf(str(model), adapters, prompts, p, args.device))
+    if args.device == "cuda":
+        result.update(gpu_runs(str(model), adapters, prompts, p, load_format, config, args))
+    else:
+        result["lorry_mixed"] = bench_lorry(str(model), adapters, prompts, p, args.device,
+                                            load_format)
+        result.update(bench_hf(str(model), adapters, prompts, p, args.device, False))
         result["lorry_vs_peft_mixed"] = round(result["lorry_mixed"]["tok_per_s"]
                                               / result["peft_mixed"]["tok_per_s"], 2)
         result["lorry_vs_hf_base"] = round(result["lorry_mixed"]["tok_per_s"]
                                            / result["hf_base"]["tok_per_s"], 2)
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+def gpu_runs(model: str, adapters, prompts, p: dict, load_format: str, config: dict, args) -> dict:
+    """Every Lorry variant of the GPU preset, the HF/PEFT baselines (capped) and the roofline."""
+    import gc
+
+    import torch
+
+    res = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+
+    def attempt(name, fn):  # one failing variant must not lose the others' figures
+        try:
+            res[name] = fn()
+        except Exception as e:  # noqa: BLE001 (reported in the JSON)
+            import traceback
+
+            traceback.print_exc()
+            res[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=2))
+    eng = _engine(model, p, "cuda", load_format, len(adapters))
+    attempt("lorry_base", lambda: run_lorry(eng, adapters, 0, prompts, p, "cuda"))
+    for k in (len(adapters), 1, 8):
+        attempt("lorry_mixed" if k == len(adapters) else f"lorry_{k}",
+                lambda k=k: run_lorry(eng, adapters, k, prompts, p, "cuda"))
+    attempt("adapter_swap", lambda: adapter_swap_ms(eng, adapters, "cuda"))
+    graphs, eng.runner.graphs = eng.runner.graphs, None  # the same engine without CUDA graphs
+    attempt("lorry_mixed_eager", lambda: run_lorry(eng, adapters, len(adapters),
+                                                   prompts[:p["batch"]],
+                                                   {**p, "new_tokens": 32}, "cuda"))
+    res["graph_captures"] = graphs.captures if graphs else 0
+    eng = graphs = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    for k in args.more_adapters:
+        def more(k=k):
+            e = _engine(model, p, "cuda", load_format, k)
+            try:
+                return run_lorry(e, adapters, k, prompts, p, "cuda")
+            finally:
+                del e
+                gc.collect()
+                torch.cuda.empty_cache()
+        attempt(f"lorry_{k}", more)
+    res["roofline"] = roofline(config, p, p["rank"], len(adapters))
+    if "tok_per_s" in res["lorry_mixed"] and "tok_per_s" in res["lorry_base"]:
+        res["lora_overhead_mixed"] = round(1 - res["lorry_mixed"]["tok_per_s"]
+                                           / res["lorry_base"]["tok_per_s"], 4)
+        res["lorry_mixed_vs_roofline"] = round(res["lorry_mixed"]["tok_per_s"]
+                                               / res["roofline"]["tok_per_s"], 3)
+    if args.baselines:
+        caps = {"base_requests": p["batch"], "base_tokens": 32, "peft_requests": p["batch"],
+                "peft_tokens": 8, "per_adapter_groups": 8}
+        res["hf_caps"] = caps
+        attempt("hf", lambda: bench_hf(model, adapters, prompts, p, "cuda",
+                                       load_format == "dummy", caps))
+        res.update(res.pop("hf"))
+        if "peft_mixed" not in res or "tok_per_s" not in res.get("lorry_mixed", {}):
+            return res
+        res["lorry_vs_peft_mixed"] = round(res["lorry_mixed"]["tok_per_s"]
+                                           / res["peft_mixed"]["tok_per_s"], 1)
+        res["lorry_vs_hf_base"] = round(res["lorry_mixed"]["tok_per_s"]
+                                        / res["hf_base"]["tok_per_s"], 1)
+    if args.plot:
+        attempt("plot", lambda: plot(res, args.plot))
+    return res
+
+
+def plot(res: dict, path: str) -> None:
+    """tokens/s against the number of adapters, Lorry vs PEFT mixed (matplotlib, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(prefix, full):
+        pts = {int(k.rsplit("_", 1)[1]): v["tok_per_s"] for k, v in res.items()
+               if k.startswith(prefix + "_") and k.rsplit("_", 1)[1].isdigit()}
+        if full in res:
+            pts[res[full].get("adapters", 32)] = res[full]["tok_per_s"]
+        return sorted(pts.items())
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in (("Lorry (CUDA graphs, Triton LoRA)", series("lorry", "lorry_mixed")),
+                       ("HF + PEFT mixed (adapter_names)", series("peft_mixed", "peft_mixed"))):
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    if "lorry_base" in res:
+        ax.axhline(res["lorry_base"]["tok_per_s"], ls="--", c="gray", label="Lorry base only")
+    ax.set(xscale="log", yscale="log", xlabel="distinct adapters in the workload",
+           ylabel="generated tokens/s", title="H200, Llama-3-8B shapes bf16, batch 64")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _targets(t) -> list[str]:

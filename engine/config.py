@@ -63,6 +63,9 @@ class EngineConfig:
         "awq": quantize the base linear weights (adapters stay in lora_dtype). A GPTQ/AWQ
         checkpoint is detected from its config.json; bnb/torchao quantize at load (extra
         ``quant``).
+    enforce_eager : bool
+        False (default): on CUDA, decode steps are captured in CUDA graphs per batch-size
+        bucket and replayed; True: always run eagerly (as vLLM's ``enforce_eager``).
     """
 
     model: str
@@ -81,6 +84,7 @@ class EngineConfig:
     load_format: str = "auto"
     seed: int = 0
     quantization: str | None = None
+    enforce_eager: bool = False
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -108,3 +112,5 @@ class EngineConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"EngineConfig.seed={self.seed!r} is invalid: must be an int")  # noqa: TRY004
         _choice("quantization", self.quantization, QUANTIZATIONS)
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"EngineConfig.enforce_eager={self.enforce_eager!r} must be a bool")  # noqa: TRY004

@@ -28,8 +28,9 @@ def get_ops(backend: str):
 class ModelRunner:
     """Owns the device-side inputs of each step; LoRA metadata is built once per step."""
 
-    def __init__(self, model, ops, max_loras: int, device: torch.device):
+    def __init__(self, model, ops, max_loras: int, device: torch.device, graphs=None):
         self.model, self.ops, self.max_loras, self.device = model, ops, max_loras, device
+        self.graphs = graphs  # engine.graphs.DecodeGraphs on CUDA unless enforce_eager
         self.logits_hook = None  # optional callable(seqs, logits) for tests and diagnostics
 
     def _lora(self, token_slots: list[int]) -> LoRAStep | None:
@@ -66,6 +67,13 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], slots: list[int]) -> torch.Tensor:
         """One token per running sequence. Returns [B, V] logits."""
+        if self.graphs is not None and self.graphs.bucket(len(seqs)) is not None:
+            logits = self.graphs.run([s.last_token for s in seqs],
+                                     [s.num_tokens - 1 for s in seqs],
+                                     [s.cache_row for s in seqs], slots)
+            if self.logits_hook:
+                self.logits_hook(seqs, logits)
+            return logits
         ids = self._tensor([[s.last_token] for s in seqs])                      # [B, 1]
         positions = self._tensor([[s.num_tokens - 1] for s in seqs])            # [B, 1]
         rows = [s.cache_row for s in seqs]

@@ -66,7 +66,8 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
                          "which this engine does not implement; lower max_model_len")
     model = load_model(model_dir, hf_config, dtype=dtype, device=device, max_len=max_len,
                        load_format=c.load_format, seed=c.seed, quantization=c.quantization)
-    model.allocate_kv_cache(c.max_num_seqs, max_len)
+    # one spare row: padded entries of a captured decode batch write their keys there
+    model.allocate_kv_cache(c.max_num_seqs + 1, max_len)
     tokenizer = Tokenizer(c.tokenizer or model_dir)
     loras = None
     if c.enable_lora:
@@ -74,6 +75,10 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
                             max_lora_rank=c.max_lora_rank, max_cpu_loras=c.max_cpu_loras,
                             dtype=lora_dtype, device=device)
     ops = get_ops(backend) if c.enable_lora else None
-    runner = ModelRunner(model, ops, c.max_loras, device)
+    graphs = None
+    if device.type == "cuda" and not c.enforce_eager:
+        from engine.graphs import DecodeGraphs
+        graphs = DecodeGraphs(model, ops, c.max_loras, c.max_num_seqs, max_len, device)
+    runner = ModelRunner(model, ops, c.max_loras, device, graphs)
     return EngineParts(device, dtype, model_dir, hf_config, model, tokenizer, max_len, backend,
                        loras, runner, Scheduler(c.max_num_seqs, c.max_loras))

@@ -16,10 +16,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
+import httpx
 
-from tests.chaos.harness import (  # noqa: E402
-    FINAL, RedisServer, Services, audit, batch_lines, service_env, status_counts)
+from tests.chaos.harness import (
+    FINAL,
+    RedisServer,
+    Services,
+    audit,
+    batch_lines,
+    service_env,
+    status_counts,
+)
 
 
 def build_model(root: Path, n_adapters: int, rank: int) -> tuple[Path, Path, list[str]]:

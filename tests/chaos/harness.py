@@ -82,7 +82,7 @@ class PrivatePostgres:
 
     def _run(self, tool: str, *args: str) -> None:
         out = subprocess.run(self._as_pg + [str(self.bin / tool), *args], capture_output=True,
-                             text=True, timeout=120)
+                             text=True, timeout=120, check=False)
         assert out.returncode == 0, f"{tool} failed:\n{out.stdout}\n{out.stderr}"
 
     def start(self) -> None:
@@ -212,7 +212,7 @@ def wait_drained(database_url: str, total: int, timeout: float, services: Servic
     while time.monotonic() < deadline:
         try:
             counts = status_counts(database_url)
-        except Exception:  # the database may be the thing that is down
+        except Exception:  # noqa: BLE001  (the database may be the thing that is down)
             counts = {}
         if on_tick is not None:
             on_tick(counts)

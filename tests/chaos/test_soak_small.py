@@ -18,7 +18,7 @@ def test_small_soak_loses_and_duplicates_nothing():
         [sys.executable, "scripts/soak.py", "--jobs", "300", "--adapters", "20", "--tenants",
          "3", "--workers", "2", "--max-tokens", "4", "--kill-every", "4", "6",
          "--timeout", "300", "--seed", "1"],
-        cwd=REPO, capture_output=True, text=True, timeout=480)
+        cwd=REPO, capture_output=True, text=True, timeout=480, check=False)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert out.returncode == 0, (report, out.stderr[-3000:])
     assert report["jobs"] == 300 and report["kills"] >= 1

@@ -70,7 +70,7 @@ def test_another_tenants_objects_are_404(service, alice, bob, roots):
 
 def test_quota_is_429_with_retry_after_and_nothing_queued(service):
     app, queue, _, url = service
-    tenant, key = queue.create_tenant("capped", max_queued=3)
+    _tenant, key = queue.create_tenant("capped", max_queued=3)
     c = client(app, key)
     for i in range(3):
         assert c.post("/v1/jobs", json={"prompt": f"p{i}"}).status_code == 201

@@ -9,9 +9,8 @@ import zipfile
 import pytest
 import torch
 
-from workers.drain import Drainer
-
 from tests.security.conftest import counts
+from workers.drain import Drainer
 
 
 class Payload:
@@ -44,7 +43,7 @@ def evil_adapter(good_dir, out_dir, marker) -> None:
 
 
 def test_pickled_bin_with_code_never_runs(service, alice, roots, tmp_path):
-    app, queue, settings, url = service
+    _app, queue, settings, url = service
     root = roots[0]
     marker = tmp_path / "PWNED"
     evil = root / f"evil-{tmp_path.name}"
@@ -76,7 +75,7 @@ def test_pickled_bin_with_code_never_runs(service, alice, roots, tmp_path):
 
 def test_prompt_longer_than_max_model_len_fails_with_the_reason(service, alice):
     """The API has no tokenizer; the worker refuses the job (not retried) and says why."""
-    app, queue, settings, url = service
+    _app, queue, settings, _url = service
     long_job = alice.post("/v1/jobs", json={"prompt": "z" * 300,
                                             "sampling": {"max_tokens": 2}}).json()
     ok_job = alice.post("/v1/jobs", json={"prompt": "short", "sampling": {"max_tokens": 2}}).json()

@@ -81,7 +81,7 @@ def main() -> None:
                     help="GPTQ/AWQ on CUDA: tinygemm where it applies, or dequantize + matmul")
     args = ap.parse_args()
     if args.int4_kernel == "dequant":
-        import engine.quant.packed_linear as packed_linear
+        from engine.quant import packed_linear
         packed_linear.USE_TINYGEMM = False
     import torch
 

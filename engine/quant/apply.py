@@ -9,8 +9,8 @@ import torch
 
 from engine.quant.checkpoint import read_checkpoint_method
 from engine.quant.onthefly import check_device, load_backend, tensor_bytes
-from engine.quant.packed_linear import PackedInt4Linear
 from engine.quant.packed_format import group_index
+from engine.quant.packed_linear import PackedInt4Linear
 from engine.quant.rtn import rtn_quantize
 
 PACKED_METHODS = ("gptq", "awq")

@@ -84,7 +84,7 @@ def export_rtn_checkpoint(src: str | Path, dst: str | Path, method: str,
     out: dict[str, torch.Tensor] = {}
     for path in _weight_files(src):
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 -- safe_open is not iterable
                 m = _LINEAR.match(name)
                 if m and m[2] in QUANTIZED_MODULES:
                     out.update(_quantize_tensors(m[1], f.get_tensor(name), method, group_size))

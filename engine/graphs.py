@@ -1,8 +1,10 @@
-"""CUDA-graph decode: one captured model step per (batch-size bucket, LoRA layer set), replayed.
+"""CUDA-graph decode: one captured model step per (row-count bucket, LoRA layer set), replayed.
 
-Inputs live in static device buffers (token id, position, KV cache row, LoRA slot per row),
-filled from one pinned host buffer with one copy per step. The LoRA metadata is built inside
-the graph, so a step is: host fill -> one H2D copy -> replay -> logits [B, V].
+A captured step decodes KV cache rows 0..size-1 in row order (rows without a live sequence
+compute garbage that nobody reads), so attention reads the cache as views, with no gather.
+Inputs (token id, position, LoRA slot per row; the batch order) live in static device
+buffers filled from one pinned host buffer with one copy; the LoRA metadata is built inside
+the graph. A step is: host fill -> one H2D copy -> replay -> logits [B, V] in batch order.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from engine.model.layers import LoRAStep
 from engine.model.llama import Batch
 from kernels.segments import build_lora_meta
 
-IDS, POS, ROWS, SLOTS = range(4)
+IDS, POS, ROWS, SLOTS, ORDER = range(5)
 
 
 def size_ladder(max_num_seqs: int) -> list[int]:
@@ -25,19 +27,19 @@ def size_ladder(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     """Captures lazily, on first use of a bucket; graphs share one memory pool.
 
-    ``pad_row`` is a scratch KV cache row (the model allocates ``max_num_seqs + 1`` rows): padded
-    batch entries write their keys there, never into a live sequence's row.
+    Free rows decode a dummy token at position 0 of their own row: harmless, since a row's
+    next sequence is prefilled (positions 0..) before any decode reads it.
     """
 
     def __init__(self, model, ops, max_loras: int, max_num_seqs: int, max_len: int,
                  device: torch.device):
         self.model, self.ops, self.max_loras, self.max_len = model, ops, max_loras, max_len
         self.sizes = size_ladder(max_num_seqs)
-        self.pad_row = max_num_seqs
         n = self.sizes[-1]
-        self.host = torch.zeros(4, n, dtype=torch.long).pin_memory()     # [4, n]
+        self.host = torch.zeros(5, n, dtype=torch.long).pin_memory()     # [5, n]
         self.host_np = self.host.numpy()
-        self.dev = torch.zeros(4, n, dtype=torch.long, device=device)     # [4, n]
+        self.host_np[ROWS] = range(n)
+        self.dev = self.host.to(device)                                   # [5, n]
         self.zero_index = torch.zeros(n, dtype=torch.long, device=device)
         self.all_slots = frozenset(range(max_loras))
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -45,8 +47,10 @@ class DecodeGraphs:
         self.lora_modules = [mod for _, _, mod in model.lora_layers()]
         self.captures = 0
 
-    def bucket(self, batch_size: int) -> int | None:
-        return next((s for s in self.sizes if s >= batch_size), None)
+    def bucket(self, rows: list[int]) -> int | None:
+        """The smallest captured size covering rows 0..max(rows) (None: decode eagerly)."""
+        top = max(rows) + 1
+        return next((s for s in self.sizes if s >= top), None)
 
     def _lora_key(self, slots: list[int]) -> tuple | None:
         """Which layers run LoRA kernels: part of the graph key (None: no adapter this step)."""
@@ -61,7 +65,7 @@ class DecodeGraphs:
             lora = LoRAStep(build_lora_meta(d[SLOTS, :size], self.max_loras), self.ops,
                             self.all_slots)
         batch = Batch(positions=d[POS, :size].view(size, 1), prefill=False, lora=lora,
-                      cache_rows=d[ROWS, :size], kv_len=self.max_len)
+                      cache_rows=d[ROWS, :size], kv_len=self.max_len, row_start=0)
         return self.model(d[IDS, :size].view(size, 1), batch, self.zero_index[:size])
 
     def _capture(self, size: int, lora_key: tuple | None):
@@ -82,16 +86,17 @@ class DecodeGraphs:
     @torch.inference_mode()
     def run(self, ids: list[int], positions: list[int], rows: list[int],
             slots: list[int]) -> torch.Tensor:
-        """Decode one token for each of B rows; returns logits [B, V] (valid until next run)."""
+        """Decode one token for each of B sequences (in KV cache ``rows``); returns logits
+        [B, V] in the given order (valid until the next run)."""
         B = len(ids)
-        size = self.bucket(B)
+        size = self.bucket(rows)
         h = self.host_np
-        h[IDS, :B], h[POS, :B], h[ROWS, :B], h[SLOTS, :B] = ids, positions, rows, slots
-        h[IDS, B:size], h[POS, B:size], h[ROWS, B:size], h[SLOTS, B:size] = 0, 0, self.pad_row, -1
-        self.dev.copy_(self.host, non_blocking=True)  # 4 x n longs: one small copy
+        h[IDS, :size], h[POS, :size], h[SLOTS, :size] = 0, 0, -1
+        h[IDS, rows], h[POS, rows], h[SLOTS, rows], h[ORDER, :B] = ids, positions, slots, rows
+        self.dev.copy_(self.host, non_blocking=True)  # 5 x n longs: one small copy
         key = (size, self._lora_key(slots))
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(*key)
         entry[0].replay()
-        return entry[1][:B]
+        return entry[1].index_select(0, self.dev[ORDER, :B])

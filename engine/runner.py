@@ -67,7 +67,7 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], slots: list[int]) -> torch.Tensor:
         """One token per running sequence. Returns [B, V] logits."""
-        if self.graphs is not None and self.graphs.bucket(len(seqs)) is not None:
+        if self.graphs is not None and self.graphs.bucket([s.cache_row for s in seqs]) is not None:
             logits = self.graphs.run([s.last_token for s in seqs],
                                      [s.num_tokens - 1 for s in seqs],
                                      [s.cache_row for s in seqs], slots)

@@ -6,6 +6,7 @@ sequences whose adapter does not fit wait until a running adapter's sequences fi
 """
 from __future__ import annotations
 
+import heapq
 from collections import deque
 
 from engine.sequence import Sequence, SequenceStatus
@@ -17,7 +18,9 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.free_rows = list(range(max_num_seqs - 1, -1, -1))
+        # a min-heap: the lowest free row first keeps live rows packed at the bottom, so a
+        # captured decode over rows 0..k-1 (engine.graphs) stays small
+        self.free_rows = list(range(max_num_seqs))
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -51,7 +54,7 @@ class Scheduler:
                 if lid is not None:
                     adapters.add(lid)
                 self.waiting.remove(seq)
-                seq.cache_row = self.free_rows.pop()
+                seq.cache_row = heapq.heappop(self.free_rows)
                 seq.status = SequenceStatus.RUNNING
                 admitted.append(seq)
                 self.running.append(seq)
@@ -63,7 +66,7 @@ class Scheduler:
         """Release a finished or aborted sequence's row."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-            self.free_rows.append(seq.cache_row)
+            heapq.heappush(self.free_rows, seq.cache_row)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED

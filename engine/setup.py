@@ -66,8 +66,7 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
                          "which this engine does not implement; lower max_model_len")
     model = load_model(model_dir, hf_config, dtype=dtype, device=device, max_len=max_len,
                        load_format=c.load_format, seed=c.seed, quantization=c.quantization)
-    # one spare row: padded entries of a captured decode batch write their keys there
-    model.allocate_kv_cache(c.max_num_seqs + 1, max_len)
+    model.allocate_kv_cache(c.max_num_seqs, max_len)
     tokenizer = Tokenizer(c.tokenizer or model_dir)
     loras = None
     if c.enable_lora:

@@ -75,10 +75,20 @@ class Attention(nn.Module):
                 keys = self.k_cache[rows, :, :n]
                 values = self.v_cache[rows, :, :n]
             mask = torch.arange(n, device=x.device)[None, :] <= pos[:, None]  # [B, n]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :],
-                                                 enable_gqa=self.kv_heads != self.heads)
+            out = self._decode_attention(q, keys, values, mask)
         out = out.transpose(1, 2).reshape(B * S, self.heads * self.head_dim)
         return self.o_proj(out, batch.lora)
+
+
+    def _decode_attention(self, q, keys, values, mask):
+        """One query per sequence, grouped by KV head, so K/V are read once and never
+        repeated per query head. q: [B, h, 1, D]; keys/values: [B, kvh, n, D]; mask: [B, n]."""
+        B, g = q.shape[0], self.heads // self.kv_heads
+        qg = q.reshape(B, self.kv_heads, g, self.head_dim)                   # [B, kvh, g, D]
+        scores = (qg @ keys.transpose(-1, -2)).float() * self.head_dim ** -0.5  # [B, kvh, g, n]
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        out = scores.softmax(-1).to(values.dtype) @ values                   # [B, kvh, g, D]
+        return out.reshape(B, self.heads, 1, self.head_dim)
 
 
 class MLP(nn.Module):

@@ -16,11 +16,13 @@ def _run(base, device: str, dtype: str, eager: bool = False, n: int = 11, tokens
                                  max_lora_rank=16, max_num_seqs=8, max_model_len=64,
                                  enforce_eager=eager))
     reqs = [LoRARequest(name, i + 1, str(base.adapters[name])) for i, name in enumerate(NAMES)]
-    # odd count: decode buckets 8 and 4 (3 left over, padded) both get used
+    # more requests than rows and unequal lengths: sequences join while others decode, in
+    # freed rows between live ones, so several row buckets and LoRA layer sets get captured
     prompts = [[3 + (7 * i + j) % 200 for j in range(5 + i % 4)] for i in range(n)]
     loras = [reqs[i % 4] if i % 5 else None for i in range(n)]
-    outs = eng.generate(prompts, SamplingParams(max_tokens=tokens, temperature=0.0,
-                                                ignore_eos=True), loras, use_tqdm=False)
+    params = [SamplingParams(max_tokens=max(1, tokens - 3 * (i % 4)), temperature=0.0,
+                             ignore_eos=True) for i in range(n)]
+    outs = eng.generate(prompts, params, loras, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs], eng
 
 

@@ -118,6 +118,24 @@ def adapter_swap_ms(eng, adapters: list[Path], device: str, reps: int = 5) -> di
                 t.is_pinned() for ab in weights.tensors.values() for t in ab)}
 
 
+def replay_ms(graphs, reps: int = 20) -> dict:
+    """GPU time of one captured decode step per captured key (median of event-timed replays)."""
+    import torch
+
+    out = {}
+    for (size, key), (graph, _) in graphs.graphs.items():
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        out[f"rows{size}_{'lora' if key else 'base'}"] = round(sorted(times)[reps // 2], 3)
+    return out
+
+
 def bench_lorry(model: str, adapters: list[Path], prompts, p: dict, device: str,
                 load_format: str) -> dict:
     eng = _engine(model, p, device, load_format, len(adapters))
@@ -288,6 +306,7 @@ def gpu_runs(model: str, adapters, prompts, p: dict, load_format: str, config: d
         attempt("lorry_mixed" if k == len(adapters) else f"lorry_{k}",
                 lambda k=k: run_lorry(eng, adapters, k, prompts, p, "cuda"))
     attempt("adapter_swap", lambda: adapter_swap_ms(eng, adapters, "cuda"))
+    attempt("graph_replay_ms", lambda: replay_ms(eng.runner.graphs))
     graphs, eng.runner.graphs = eng.runner.graphs, None  # the same engine without CUDA graphs
     attempt("lorry_mixed_eager", lambda: run_lorry(eng, adapters, len(adapters),
                                                    prompts[:p["batch"]],

@@ -3,6 +3,7 @@ private Redis): kill -9 of a worker, warm shutdown, Redis restarted empty. Every
 with exactly one result and no row is duplicated."""
 from __future__ import annotations
 
+import json
 import signal
 
 import httpx
@@ -32,7 +33,7 @@ def stack(tiny, database_url, redis_server):
 
 def submit(services, key, n, prefix, max_tokens=24):
     lines = batch_lines(n, ADAPTERS + ["base"], max_tokens, prefix)
-    body = "".join(__import__("json").dumps(x) + "\n" for x in lines).encode()
+    body = "".join(json.dumps(x) + "\n" for x in lines).encode()
     r = httpx.post(f"{services.api}/v1/batches", content=body, timeout=60,
                    headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 201, r.text
@@ -73,7 +74,7 @@ def assert_exactly_once(url, services, key, batch_id, n, max_tokens=24):
     assert facts["distinct_ids"] == facts["rows"]
     with httpx.stream("GET", f"{services.api}/v1/batches/{batch_id}/output", timeout=60,
                       headers={"Authorization": f"Bearer {key}"}) as r:
-        ids = [__import__("json").loads(x)["custom_id"] for x in r.iter_lines() if x.strip()]
+        ids = [json.loads(x)["custom_id"] for x in r.iter_lines() if x.strip()]
     assert len(ids) == n == len(set(ids))
     return rows
 

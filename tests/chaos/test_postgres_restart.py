@@ -2,6 +2,7 @@
 connection drops): the worker, beat and API reconnect and the run completes, nothing lost."""
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -26,7 +27,7 @@ def test_postgres_restarted_mid_run(tiny, private_pg, redis_server):
         q.close()
         auth = {"Authorization": f"Bearer {key}"}
         n = 60
-        body = "".join(__import__("json").dumps(x) + "\n"
+        body = "".join(json.dumps(x) + "\n"
                        for x in batch_lines(n, ADAPTERS + ["base"], 24, "pg")).encode()
         r = httpx.post(f"{services.api}/v1/batches", content=body, headers=auth, timeout=60)
         assert r.status_code == 201, r.text
@@ -47,7 +48,7 @@ def test_postgres_restarted_mid_run(tiny, private_pg, redis_server):
         assert facts["rows"] == n and facts["duplicate_custom_ids"] == 0
         assert facts["succeeded_without_result"] == 0
         out = httpx.get(f"{services.api}/v1/batches/{batch}/output", headers=auth, timeout=60)
-        ids = [__import__("json").loads(x)["custom_id"] for x in out.text.splitlines() if x]
+        ids = [json.loads(x)["custom_id"] for x in out.text.splitlines() if x]
         assert len(ids) == n == len(set(ids))
         assert all(p.alive() for p in services.procs), services.logs_tail()
     finally:

@@ -2,6 +2,8 @@
 with Retry-After past a tenant's quota, Flower behind basic auth."""
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
@@ -94,7 +96,7 @@ def test_flower_requires_basic_auth(tmp_path):
 
     redis = RedisServer()
     port = free_port()
-    env = {**__import__("os").environ, "LORRY_BROKER_URL": redis.url,
+    env = {**os.environ, "LORRY_BROKER_URL": redis.url,
            "LORRY_FLOWER_BASIC_AUTH": "ops:s3cret", "LORRY_DATA_DIR": str(tmp_path)}
     flower = Proc("flower", ["flower", "--port", str(port)], env, tmp_path)
     base = f"http://127.0.0.1:{port}"

@@ -136,6 +136,29 @@ def replay_ms(graphs, reps: int = 20) -> dict:
     return out
 
 
+def profile_decode(model: str, p: dict, load_format: str, path: str) -> None:
+    """Kernel-time table of one eager decode step of a full batch (no adapters): where the
+    captured step's GPU time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = _engine(model, p, "cuda", load_format, 1)
+    prompts = prompts_for(p["batch"], p["prompt_len"], 30000, seed=1)
+    for i, ids in enumerate(prompts):
+        eng.add_request(f"p{i}", ids, _params(8))
+    eng.step()  # prefill
+    eng.runner.graphs = None
+    eng.step()
+    eng.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        eng.step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    Path(path).write_text(table)
+    print(table)
+
+
 def bench_lorry(model: str, adapters: list[Path], prompts, p: dict, device: str,
                 load_format: str) -> dict:
     eng = _engine(model, p, device, load_format, len(adapters))
@@ -238,6 +261,7 @@ def main() -> None:
     ap.add_argument("--more-adapters", type=int, nargs="*", default=[128],
                     help="GPU: also run with this many adapters (an engine each)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--profile", default=None, help="GPU: only write a decode kernel profile")
     ap.add_argument("--plot", default=None, help="GPU: tokens/s vs adapters plot (png)")
     args = ap.parse_args()
     preset = args.preset or ("smollm2" if args.device == "cpu" else "llama3-8b")
@@ -266,6 +290,8 @@ def main() -> None:
     prompts = prompts_for(p["requests"], p["prompt_len"], config["vocab_size"], seed=0)
     result = {"preset": preset, "device": args.device, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "workload": p}
+    if args.device == "cuda" and args.profile:
+        return profile_decode(str(model), p, load_format, args.profile)
     if args.device == "cuda":
         result.update(gpu_runs(str(model), adapters, prompts, p, load_format, config, args))
     else:

@@ -160,6 +160,7 @@ def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | N
         shapes = {k: (v.get("dtype"), tuple(v.get("shape", ()))) for k, v in header.items()}
         weights = st
     elif bin_.is_file():
+        _refuse_code_in_pickle(bin_)
         shapes, weights = None, bin_  # shapes are checked after torch.load(weights_only=True)
     else:
         raise AdapterNotFoundError(f"adapter {path}: neither adapter_model.safetensors nor "
@@ -175,6 +176,21 @@ def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | N
     if shapes is not None:
         check_shapes(spec, shapes, base_config, max_lora_rank)
     return spec
+
+
+def _refuse_code_in_pickle(path: Path) -> None:
+    """Refuse a .bin whose pickle imports anything but tensor rebuilding (never unpickled)."""
+    from engine.lora.pickle_scan import unsafe_globals
+
+    try:
+        bad = unsafe_globals(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure means an unreadable file
+        raise AdapterFormatError(f"adapter {path.parent}: {path.name} is not a readable "
+                                 f"torch checkpoint: {e}") from None
+    if bad:
+        raise UnsupportedAdapterError(
+            f"adapter {path.parent}: {path.name} is a pickle that imports {', '.join(bad[:5])}; "
+            "only tensors are allowed (convert the adapter to adapter_model.safetensors)")
 
 
 def check_shapes(spec: AdapterSpec, shapes: dict, base_config: dict,

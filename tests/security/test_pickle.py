@@ -1,5 +1,5 @@
-"""A pickled adapter_model.bin carrying code is never unpickled: not when registered, not when
-a worker loads it; the job fails with a clear error and the payload never runs."""
+"""A pickled adapter_model.bin carrying code is never unpickled: its registration is refused
+from the pickle opcodes alone, the engine refuses it too, and the payload never runs."""
 from __future__ import annotations
 
 import os
@@ -52,24 +52,23 @@ def test_pickled_bin_with_code_never_runs(service, alice, roots, tmp_path):
     before = counts(url)
     r = alice.post("/v1/adapters", json={"name": "evil", "source": str(evil)})
     assert not marker.exists()
-    # The API never imports torch: it checks the config and defers a .bin's tensors to the
-    # worker's loader (documented gap: the registration itself is not refused).
-    assert r.status_code == 201, r.text
-    assert counts(url)["adapters"] == before["adapters"] + 1
-    # the worker's loader: torch.load(weights_only=True) refuses the payload
+    # The API has no torch: the pickle's opcodes are read (never run) and its import of
+    # os.mkdir refuses the registration; nothing is stored.
+    assert r.status_code == 422, r.text
+    assert "adapter_model.bin" in r.text and "mkdir" in r.text, r.text
+    assert counts(url) == before
+    # the worker's engine refuses it by the same rule, and still never runs the payload
     from engine import LoRAError, LoRARequest
 
     eng = engine_for(settings)
-    with pytest.raises(LoRAError, match="adapter_model.bin.*Unpickling"):
+    with pytest.raises(LoRAError, match="adapter_model.bin is a pickle that imports"):
         eng.add_lora(LoRARequest("evil", 99, str(evil)))
     assert not marker.exists()
-    # a job on it fails with that reason through the real drain loop
-    job = alice.post("/v1/jobs", json={"prompt": "hi", "adapter": "evil",
-                                       "sampling": {"max_tokens": 2}}).json()
-    Drainer(queue, eng, "sec-worker", max_num_seqs=4).run(max_seconds=60)
-    done = alice.get(f"/v1/jobs/{job['id']}").json()
-    assert done["status"] == "failed" and "cannot be loaded" in done["error"], done
-    assert "adapter_model.bin" in done["error"]
+    # a job naming it is refused too: the adapter was never registered
+    r = alice.post("/v1/jobs", json={"prompt": "hi", "adapter": "evil",
+                                     "sampling": {"max_tokens": 2}})
+    assert r.status_code in (404, 422), r.text
+    assert counts(url) == before
     assert not marker.exists()
 
 

@@ -129,8 +129,11 @@ def test_bin_adapter_is_loaded_without_unpickling_objects(adapter, tiny_llama, t
             return (print, ("pwned",))
 
     (adapter / "adapter_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(UnsupportedAdapterError, match="imports builtins.print"):
+        _parse(adapter, tiny_llama)  # refused from the opcodes alone, torch-free
+    # a file swapped after validation is still never unpickled into code (weights_only=True)
     with pytest.raises(AdapterFormatError, match="cannot read adapter_model.bin"):
-        load_adapter_weights(_parse(adapter, tiny_llama), cfg, 64, torch.float32, False)
+        load_adapter_weights(spec, cfg, 64, torch.float32, False)
 
 
 def test_engine_refusal_leaves_caches_unchanged(adapter, tiny_llama):

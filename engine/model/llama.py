@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.layers import LoRALinear, LoRAStep, RMSNorm, Rotary
+from engine.model.layers import LoRALinear, LoRAStep, RMSNorm, Rotary, apply_rotary
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # fused module -> the checkpoint/PEFT modules it packs (nano-vllm's packed_modules_mapping)
@@ -45,16 +45,16 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # [max_num_seqs, kv_heads, max_len, head_dim]
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, batch: Batch, rotary: Rotary, shape) -> torch.Tensor:
-        # x: [T, H] with T = B*S
+    def forward(self, x: torch.Tensor, batch: Batch, rope, shape) -> torch.Tensor:
+        # x: [T, H] with T = B*S; rope: (cos, sin) [B, 1, S, D] from Rotary.tables
         B, S = shape
+        h, kvh, D = self.heads, self.kv_heads, self.head_dim
         qkv = self.qkv_proj(x, batch.lora)
-        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
-                             self.kv_heads * self.head_dim], dim=-1)
-        q = q.view(B, S, self.heads, self.head_dim).transpose(1, 2)      # [B, h, S, D]
-        k = k.view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)   # [B, kvh, S, D]
-        v = v.view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rotary(q, batch.positions), rotary(k, batch.positions)
+        qk, v = qkv.split([(h + kvh) * D, kvh * D], dim=-1)
+        # q and k rotated together: one set of elementwise kernels per layer
+        qk = apply_rotary(qk.view(B, S, h + kvh, D).transpose(1, 2), *rope)  # [B, h+kvh, S, D]
+        q, k = qk.split([h, kvh], dim=1)                                # [B, h|kvh, S, D]
+        v = v.view(B, S, kvh, D).transpose(1, 2)                        # [B, kvh, S, D]
         rows = batch.cache_rows
         if batch.prefill:
             if rows is not None:
@@ -113,8 +113,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, batch, rotary, shape):
-        x = x + self.self_attn(self.input_layernorm(x), batch, rotary, shape)
+    def forward(self, x, batch, rope, shape):
+        x = x + self.self_attn(self.input_layernorm(x), batch, rope, shape)
         return x + self.mlp(self.post_attention_layernorm(x), batch.lora)
 
 
@@ -154,8 +154,9 @@ class LlamaForCausalLM(nn.Module):
         (None: logits of every position -> [B, S, V])."""
         B, S = input_ids.shape
         x = self.embed_tokens(input_ids.reshape(-1))                     # [T, H]
+        rope = self.rotary.tables(batch.positions, x.dtype)             # 2 x [B, 1, S, D]
         for layer in self.layers:
-            x = layer(x, batch, self.rotary, (B, S))
+            x = layer(x, batch, rope, (B, S))
         x = x.view(B, S, -1)
         if last_index is not None:
             x = x[torch.arange(B, device=x.device), last_index]         # [B, H]

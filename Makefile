@@ -2,9 +2,8 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-export TRITON_INTERPRET_TESTS ?= 1
 
-.PHONY: setup demo test test-unit lint bench-queue bench-kernels
+.PHONY: setup demo test test-unit lint bench-queue bench-kernels bench-throughput bench-gpu soak
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,3 +36,14 @@ bench-queue: $(VENV)/.installed
 
 bench-kernels: $(VENV)/.installed
 	$(BIN)/python benchmarks/kernels.py
+
+bench-throughput: $(VENV)/.installed
+	$(BIN)/python benchmarks/throughput.py
+
+# On a CUDA machine (the H200 of the device tool): the issue-7 workload and the quantized bases.
+bench-gpu:
+	python3 benchmarks/throughput.py --device cuda --preset llama3-8b --baselines
+	python3 benchmarks/quant.py --device cuda
+
+soak: $(VENV)/.installed
+	$(BIN)/python scripts/soak.py --jobs 10000 --adapters 200 --tenants 20 --workers 3 --max-tokens 2

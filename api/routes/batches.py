@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from api.batch_input import ParsedBatch, parse_lines, sampling_of
 from api.convert import batch_out, output_line
 from api.deps import get_queue, get_settings, get_tenant, nudge
+from api.prompt_length import too_long_message
 from api.schemas import BatchOut
 from api.upload import read_lines
 
@@ -22,8 +23,9 @@ def base_model_name(settings) -> str:
     return PurePath(settings.model.rstrip("/")).name
 
 
-def specs_from_lines(parsed: ParsedBatch, queue, tenant, base_name: str):
-    """JobSpecs of the good lines; lines naming an unknown model join ``parsed.errors``."""
+def specs_from_lines(parsed: ParsedBatch, queue, tenant, base_name: str, settings=None):
+    """JobSpecs of the good lines; lines naming an unknown model or too long a prompt join
+    ``parsed.errors`` (the length check needs ``settings``)."""
     from scheduler import JobSpec
 
     known: dict[str, bool] = {}
@@ -39,6 +41,14 @@ def specs_from_lines(parsed: ParsedBatch, queue, tenant, base_name: str):
                                              f"your adapters or the base model {base_name!r}"})
             continue
         body = line.body
+        contents = [m.content for m in body.messages] if body.messages else None
+        too_long = None if settings is None else too_long_message(settings, body.prompt,
+                                                                  contents)
+        if too_long is not None:
+            parsed.errors.append({"code": "context_length_exceeded", "line": number,
+                                  "param": "body.messages" if contents else "body.prompt",
+                                  "message": f"line {number}: {too_long}"})
+            continue
         specs.append(JobSpec(adapter=None if is_base else model, prompt=body.prompt,
                              messages=[m.model_dump() for m in body.messages]
                              if body.messages else None,
@@ -71,7 +81,7 @@ async def create_batch(request: Request, tenant=Depends(get_tenant), queue=Depen
     if parsed.duplicates:
         raise HTTPException(422, parsed.duplicates)
     specs = await run_in_threadpool(specs_from_lines, parsed, queue, tenant,
-                                    base_model_name(settings))
+                                    base_model_name(settings), settings)
     if not specs:
         raise HTTPException(422, parsed.errors or "the batch file has no request lines")
     parsed.errors.sort(key=lambda e: e["line"])

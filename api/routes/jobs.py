@@ -6,7 +6,8 @@ from datetime import datetime, timedelta, timezone
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from api.convert import job_out
-from api.deps import get_queue, get_tenant, nudge
+from api.deps import get_queue, get_settings, get_tenant, nudge
+from api.prompt_length import check_prompt_length
 from api.schemas import NAME_PATTERN, JobCreate, JobOut, JobPage
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -37,8 +38,10 @@ def spec_of(body: JobCreate):
 
 @router.post("", response_model=JobOut, status_code=201, summary="Submit a generation job")
 def submit_job(body: JobCreate, request: Request, tenant=Depends(get_tenant),
-               queue=Depends(get_queue)):
+               queue=Depends(get_queue), settings=Depends(get_settings)):
     check_adapter(queue, tenant, body.adapter)
+    check_prompt_length(settings, body.prompt,
+                        [m.content for m in body.messages] if body.messages else None)
     [info] = queue.submit(tenant.id, [spec_of(body)])
     nudge(request, 1)
     return job_out(info)

@@ -72,14 +72,37 @@ def test_pickled_bin_with_code_never_runs(service, alice, roots, tmp_path):
     assert not marker.exists()
 
 
-def test_prompt_longer_than_max_model_len_fails_with_the_reason(service, alice):
-    """The API has no tokenizer; the worker refuses the job (not retried) and says why."""
-    _app, queue, settings, _url = service
-    long_job = alice.post("/v1/jobs", json={"prompt": "z" * 300,
-                                            "sampling": {"max_tokens": 2}}).json()
+def test_prompt_longer_than_max_model_len_is_refused_with_the_reason(service, alice):
+    """The API counts the prompt with the base tokenizer: 422 naming count and limit, no row."""
+    _app, queue, settings, url = service
+    before = counts(url)
+    # byte-level tiny tokenizer: 300 bytes + BOS; messages count a lower bound (content - 2)
+    for body, count in (({"prompt": "z" * 300}, 301),
+                        ({"messages": [{"role": "user", "content": "z" * 300}]}, 298)):
+        r = alice.post("/v1/jobs", json={**body, "sampling": {"max_tokens": 2}})
+        assert r.status_code == 422, r.text
+        assert f"{count} tokens; max_model_len is 128" in r.json()["detail"], r.text
+    assert counts(url) == before
     ok_job = alice.post("/v1/jobs", json={"prompt": "short", "sampling": {"max_tokens": 2}}).json()
     Drainer(queue, engine_for(settings), "sec-worker", max_num_seqs=4).run(max_seconds=60)
-    long_done = alice.get(f"/v1/jobs/{long_job['id']}").json()
-    assert long_done["status"] == "failed" and long_done["attempts"] == 1, long_done
-    assert "128" in long_done["error"], long_done["error"]  # names the max_model_len
     assert alice.get(f"/v1/jobs/{ok_job['id']}").json()["status"] == "succeeded"
+
+
+def test_batch_line_longer_than_max_model_len_is_a_line_error(service, alice):
+    """A too-long batch line is reported on its line; the other lines are queued."""
+    import json
+
+    _app, _queue, _settings, url = service
+
+    def line(cid, prompt):
+        return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions",
+                           "body": {"model": "base", "prompt": prompt, "max_tokens": 2}})
+    before = counts(url)
+    r = alice.post("/v1/batches", content="\n".join([line("a", "short"), line("b", "z" * 300)]))
+    assert r.status_code == 201, r.text
+    [err] = r.json()["errors"]["data"]
+    assert err["line"] == 2 and err["code"] == "context_length_exceeded", err
+    assert "max_model_len is 128" in err["message"], err
+    assert counts(url)["jobs"] == before["jobs"] + 1
+    only_long = alice.post("/v1/batches", content=line("c", "z" * 300))
+    assert only_long.status_code == 422 and "max_model_len" in only_long.text, only_long.text

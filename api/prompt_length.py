@@ -1,0 +1,59 @@
+"""Refuse prompts that cannot fit the engine's max_model_len, counted with the base model's
+tokenizer.json (``tokenizers`` only: no torch, no transformers in the API)."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from fastapi import HTTPException
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(model: str):
+    """The base model's fast tokenizer, or None when it is not a local directory with one."""
+    path = Path(model) / "tokenizer.json"
+    if not path.is_file():
+        return None  # a Hub id or a missing model: the worker's engine decides
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception:  # noqa: BLE001 - an unreadable file must not block submissions
+        return None
+
+
+def prompt_tokens(model: str, prompt: str | None, messages: list[str] | None) -> int | None:
+    """Tokens of a text prompt (as the engine encodes it), or a lower bound for chat messages.
+
+    For messages the chat template adds tokens, and BPE may merge a token across each edge
+    of a content, so the bound counts each content's tokens minus two: never above the real
+    count, so no request that fits is refused. None when no tokenizer is available.
+    """
+    tok = _tokenizer(model)
+    if tok is None:
+        return None
+    if prompt is not None:
+        return len(tok.encode(prompt).ids)  # special tokens added, as engine.tokenizer does
+    return sum(max(0, len(tok.encode(c, add_special_tokens=False).ids) - 2)
+               for c in messages or [])
+
+
+def too_long_message(settings, prompt: str | None, messages: list[str] | None) -> str | None:
+    """Why the prompt cannot fit ``settings.max_model_len``, or None when it may fit."""
+    limit = settings.max_model_len
+    if limit is None:
+        return None
+    count = prompt_tokens(settings.model, prompt, messages)
+    # the engine needs one free position to generate: it refuses len(ids) >= max_model_len
+    if count is None or count + 1 <= limit:
+        return None
+    what = "prompt is" if prompt is not None else "messages' contents are at least"
+    return (f"the {what} {count} tokens; max_model_len is {limit}, which must leave room for "
+            f"at least 1 generated token: shorten the prompt to at most {limit - 1} tokens")
+
+
+def check_prompt_length(settings, prompt: str | None, messages: list[str] | None) -> None:
+    """422 naming the token count and the limit when the prompt cannot fit."""
+    reason = too_long_message(settings, prompt, messages)
+    if reason is not None:
+        raise HTTPException(422, reason)

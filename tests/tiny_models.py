@@ -147,3 +147,21 @@ def write_random_adapter(out_dir: str | Path, base_config: dict, *, r: int = 8,
         "target_modules": list(target_modules), "bias": "none", "task_type": "CAUSAL_LM",
         "lora_dropout": 0.0, "base_model_name_or_path": base_model_name_or_path}, indent=2))
     return out
+
+
+def make_tiny_base_and_adapters(root: str | Path, adapters: dict, *, seed_offset: int = 0,
+                                init_scale: float | None = None, **base_kwargs):
+    """A tiny Llama under root/base plus one PEFT adapter per entry of ``adapters``
+    (name -> (r, lora_alpha, target_modules, use_rslora)); returns (base_dir, {name: path})."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root = Path(root)
+    base = make_tiny_llama(root / "base", **base_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    extra = {} if init_scale is None else {"init_scale": init_scale}
+    paths = {name: make_peft_adapter(base, root / name, r=r, lora_alpha=a, target_modules=t,
+                                     use_rslora=rs, seed=i + seed_offset, base_model=model,
+                                     **extra)
+             for i, (name, (r, a, t, rs)) in enumerate(adapters.items())}
+    return base, paths

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels import get_lora_ops
-from tests.tiny_models import make_peft_adapter, make_tiny_llama
+from tests.tiny_models import make_tiny_base_and_adapters
 
 ADAPTERS = {  # name -> (rank, alpha, targets, rslora): different ranks, scalings and targets
     "qv8": (8, 16, ("q_proj", "v_proj"), False),
@@ -20,15 +20,9 @@ NEW_TOKENS = 4
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-    root = tmp_path_factory.mktemp("engine_triton")
-    base = make_tiny_llama(root / "base", hidden_size=48, num_layers=1, num_heads=4,
-                           num_kv_heads=2, intermediate_size=80)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    paths = {name: make_peft_adapter(base, root / name, r=r, lora_alpha=a, target_modules=t,
-                                     use_rslora=rs, seed=i, base_model=model)
-             for i, (name, (r, a, t, rs)) in enumerate(ADAPTERS.items())}
-    return base, paths
+    return make_tiny_base_and_adapters(
+        tmp_path_factory.mktemp("engine_triton"), ADAPTERS, hidden_size=48, num_layers=1,
+        num_heads=4, num_kv_heads=2, intermediate_size=80)
 
 
 def _engine(base, device):

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from tests.tiny_models import make_peft_adapter, make_tiny_llama
+from tests.tiny_models import make_tiny_base_and_adapters
 
 # in_features of every linear (64, 128) is a multiple of bitsandbytes' 4-bit block (64), so
 # quantizing a fused q/k/v weight gives the same blocks as quantizing q, k, v apart (as HF does)
@@ -21,12 +20,8 @@ NEW_TOKENS = 4
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
     root = tmp_path_factory.mktemp("quant")
-    base = make_tiny_llama(root / "base", hidden_size=64, num_layers=2, num_heads=4,
-                           num_kv_heads=2, intermediate_size=128)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    paths = {name: make_peft_adapter(base, root / name, r=r, lora_alpha=a, target_modules=t,
-                                     use_rslora=rs, seed=i + 1, init_scale=0.3, base_model=model)
-             for i, (name, (r, a, t, rs)) in enumerate(ADAPTERS.items())}
+    base, paths = make_tiny_base_and_adapters(
+        root, ADAPTERS, seed_offset=1, init_scale=0.3, hidden_size=64, num_layers=2,
+        num_heads=4, num_kv_heads=2, intermediate_size=128)
     return root, base, paths

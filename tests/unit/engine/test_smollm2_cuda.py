@@ -65,16 +65,34 @@ def test_fp32_gpu_greedy_tokens_equal_the_cpu_path(cpu_engine):
         assert g == w, f"row {i}: GPU {g} != CPU {w}"
 
 
-def test_bf16_gpu_logits_agree_with_cpu_fp32(cpu_engine):
+def _hf_bf16_error(ids, ref) -> float:
+    """How far transformers' own bf16 forward on the GPU lands from the fp32 logits: the
+    tolerance bf16 itself costs on this model (base rows; the fp32 paths agree to 1e-4)."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.bfloat16).cuda().eval()
+    worst = 0.0
+    with torch.no_grad():
+        for p, r in zip(ids, ref):
+            g = hf(torch.tensor([p], device="cuda")).logits[0].float().cpu()
+            worst = max(worst, ((g - r).norm() / r.norm()).item())
+    return worst
+
+
+def test_bf16_gpu_logits_agree_with_cpu_fp32_within_bf16_tolerance(cpu_engine):
     gpu = _engine("cuda", "bfloat16")
     prompts, loras = _workload()
     ids = [gpu.tokenizer.encode_prompt(p)[1] for p in prompts]
     ref = cpu_engine.compute_logits(ids, loras)
     got = gpu.compute_logits(ids, loras)
+    base_rows = [i for i, lr in enumerate(loras) if lr is None]
+    tol = _hf_bf16_error([ids[i] for i in base_rows], [ref[i] for i in base_rows])
+    assert tol < 0.1, f"transformers' bf16 error {tol:.4f} is unexpectedly large"
     agree = 0
     for i, (r, g) in enumerate(zip(ref, got)):
         g = g.float().cpu()
         rel = ((g - r).norm() / r.norm()).item()
-        assert rel < 2e-2, f"row {i}: bf16 logits differ from fp32 by {rel:.4f} (relative)"
+        # as close to fp32 as transformers' own bf16 forward is (adapters add bf16 matmuls)
+        assert rel <= 1.5 * tol, (f"row {i}: bf16 logits differ from fp32 by {rel:.4f} "
+                                  f"(relative); transformers' bf16 differs by {tol:.4f}")
         agree += int(g[-1].argmax() == r[-1].argmax())
     assert agree >= len(ids) - 1, f"next-token argmax agrees on {agree}/{len(ids)} rows only"

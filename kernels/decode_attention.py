@@ -1,0 +1,162 @@
+"""Flash-decode attention over a static KV cache (Triton): one query token per sequence.
+
+Each program takes one (sequence, KV head, sequence split): the query heads of that KV head
+(grouped-query attention) are one tile, so every key and value is read once. The loop over
+keys stops at the sequence's own position (read from device memory), so short rows read
+little of a long cache and nothing depends on a host length: graph-capturable. Long caches
+are split over the sequence and the splits merged by a second, small kernel.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64          # keys per tile
+MIN_CHUNK = 256       # fewest keys per split
+_SM_COUNT: dict[int, int] = {}
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """q: [B, h, D]; caches [R, kvh, L, D]; rows, positions: [B] -> out [B, h, D] (fp32
+    softmax over keys 0..position of each row, as engine.model.llama's torch decode path)."""
+    B, h, D = q.shape
+    kvh = k_cache.shape[1]
+    n = int(positions.max()) + 1
+    keys, values = k_cache[rows, :, :n], v_cache[rows, :, :n]               # [B, kvh, n, D]
+    qg = q.reshape(B, kvh, h // kvh, D)
+    scores = (qg @ keys.transpose(-1, -2)).float() * D ** -0.5              # [B, kvh, g, n]
+    mask = torch.arange(n, device=q.device)[None, :] <= positions[:, None]
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1).to(values.dtype) @ values).reshape(B, h, D)
+
+
+@triton.jit
+def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out_ptr, part_ptr, ml_ptr,
+                        stride_qb, s_cr, s_ch, s_cp, stride_ob, scale,
+                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+                        SPLITS: tl.constexpr, IEEE: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    n = tl.load(pos_ptr + b).to(tl.int32) + 1                      # keys 0..pos
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, n)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, BLOCK_D)
+    gm = g < G
+    dm = d < D
+    head = kvh * G + g                                             # query heads of this kv head
+    q = tl.load(q_ptr + b * stride_qb + head[:, None] * D + d[None, :],
+                mask=gm[:, None] & dm[None, :], other=0.0)         # [G_PAD, BLOCK_D]
+    kbase = kc_ptr + row * s_cr + kvh.to(tl.int64) * s_ch
+    vbase = vc_ptr + row * s_cr + kvh.to(tl.int64) * s_ch
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        km = offs < hi
+        kv_off = offs[:, None].to(tl.int64) * s_cp + d[None, :]
+        kvm = km[:, None] & dm[None, :]
+        k = tl.load(kbase + kv_off, mask=kvm, other=0.0)          # [BLOCK_N, BLOCK_D]
+        v = tl.load(vbase + kv_off, mask=kvm, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(km[None, :], s * scale, float("-inf"))       # [G_PAD, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + b * stride_ob + head[:, None] * D + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+    else:
+        # unnormalised partial of this split; an empty split leaves m = -inf, l = 0, acc = 0
+        hs = (b * G * tl.num_programs(1) + head) * SPLITS + split  # [G_PAD] index of (b, head, split)
+        tl.store(part_ptr + hs[:, None] * BLOCK_D + d[None, :], acc, mask=gm[:, None])
+        tl.store(ml_ptr + hs * 2, m_i, mask=gm)
+        tl.store(ml_ptr + hs * 2 + 1, l_i, mask=gm)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, ml_ptr, out_ptr, stride_ob, H,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    sp = tl.arange(0, SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    base = (b * H + head) * SPLITS + sp                            # [SPLITS]
+    m = tl.load(ml_ptr + base * 2)
+    lsum = tl.load(ml_ptr + base * 2 + 1)
+    w = tl.exp(m - tl.max(m, 0))                                   # split 0 always has keys
+    acc = tl.load(part_ptr + base[:, None] * BLOCK_D + d[None, :])  # [SPLITS, BLOCK_D]
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(lsum * w, 0)
+    tl.store(out_ptr + b * stride_ob + head * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
+    """Sequence splits (a power of two) so that batch * kv_heads * splits programs fill the
+    chip twice over, each split keeping at least MIN_CHUNK keys. Host constants only."""
+    want = triton.cdiv(2 * _num_sms(device), max(1, batch * kv_heads))
+    cap = max(1, max_len // MIN_CHUNK)
+    return triton.next_power_of_2(max(1, min(want, cap))) if min(want, cap) > 1 else 1
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     rows: torch.Tensor, positions: torch.Tensor,
+                     splits: int | None = None) -> torch.Tensor:
+    """q: [B, h*D] (rows may be strided, e.g. the q part of a fused qkv); caches
+    [R, kvh, L, D]; rows, positions: [B] (cache row and position of each query; keys
+    0..position attend) -> out [B, h*D] in q's dtype."""
+    B = q.shape[0]
+    R, kvh, L, D = k_cache.shape
+    h = q.shape[1] // D
+    if q.shape[1] != h * D or h % kvh:
+        raise ValueError(f"q width {q.shape[1]} is not heads*head_dim with head_dim {D} and "
+                         f"a multiple of {kvh} kv heads")
+    if q.stride(-1) != 1 or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("decode_attention needs unit last strides and caches of one layout")
+    out = torch.empty(B, h * D, dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    G = h // kvh
+    splits = splits or num_splits(B, kvh, L, q.device)
+    chunk = triton.cdiv(triton.cdiv(L, splits), BLOCK_N) * BLOCK_N
+    block_d = triton.next_power_of_2(D)
+    if splits > 1:
+        part = torch.empty(B * h * splits, block_d, dtype=torch.float32, device=q.device)
+        ml = torch.empty(B * h * splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part = ml = out
+    _decode_attn_kernel[(B, kvh, splits)](
+        q, k_cache, v_cache, rows, positions, out, part, ml,
+        q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
+        D ** -0.5, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_D=block_d,
+        BLOCK_N=BLOCK_N, CHUNK=chunk, SPLITS=splits, IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=2)
+    if splits > 1:
+        _merge_splits_kernel[(B, h)](part, ml, out, out.stride(0), h, D=D, BLOCK_D=block_d,
+                                     SPLITS=splits, num_warps=4)
+    return out

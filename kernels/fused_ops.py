@@ -1,0 +1,186 @@
+"""Fused elementwise ops of the decoder on CUDA (Triton), each with a torch reference.
+
+- ``add_rmsnorm``: residual add + RMSNorm in one pass (returns the normed rows and the new
+  residual, which is written in place);
+- ``silu_mul``: silu(gate) * up of a fused gate/up projection;
+- ``rotary_qk_``: rotary embedding of q and k inside a fused q/k/v row, in place, reading
+  cos/sin at each row's position, and optionally writing k/v into a static KV cache.
+
+Roundings follow the torch code they replace (engine.model.layers), step by step, so the
+results equal it up to the order of one fp32 reduction. No host sync; graph-capturable.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ----------------------------------------------------------------------------- references
+
+def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: [T, H] -> (weight * rms_norm(x + residual), x + residual)."""
+    s = x if residual is None else x + residual
+    normed = torch.nn.functional.rms_norm(s.float(), (s.shape[-1],), eps=eps).to(s.dtype)
+    return weight * normed, s
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] -> silu(gate) * up: [T, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def rotary_qk_ref(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """qkv: [T, (h + 2 kvh) D]; positions: [T]; cos/sin: [max_len, D] fp32 tables
+    -> qkv with q and k rotated (rotate-half layout), as engine.model.layers.apply_rotary."""
+    T, half = qkv.shape[0], head_dim // 2
+    n = (heads + kv_heads) * head_dim
+    qk = qkv[:, :n].view(T, heads + kv_heads, head_dim)
+    c = cos[positions].to(qkv.dtype)[:, None]
+    s = sin[positions].to(qkv.dtype)[:, None]
+    rot = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
+    out = qkv.clone()
+    out[:, :n] = (qk * c + rot * s).reshape(T, n)
+    return out
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, H, stride_x, stride_r, stride_o, eps,
+                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = cols < H
+    x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=m, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # as torch's add
+        tl.store(res_ptr + row * stride_r + cols, x, mask=m)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    normed = (xf * rstd).to(x_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=m, other=0.0)
+    y = (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, y, mask=m)
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < I
+    g = tl.load(gu_ptr + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_gu + I + cols, mask=m, other=0.0)
+    s = (g / (1.0 + tl.exp(-g))).to(u.dtype)                       # F.silu rounds here
+    tl.store(out_ptr + row * stride_o + cols,
+             (s.to(tl.float32) * u.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rotary_qk_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, rows_ptr, kc_ptr, vc_ptr,
+                      stride_t, stride_tab, s_cr, s_ch, s_cp,
+                      HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                      WRITE_CACHE: tl.constexpr):
+    # one program per token: every q and k head of the row, plus the k/v cache write
+    t = tl.program_id(0).to(tl.int64)
+    D: tl.constexpr = 2 * HALF
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)[:, None]                        # [BH, 1]
+    cols = tl.arange(0, BLOCK_HALF)[None, :]                      # [1, BHALF]
+    cm = cols < HALF
+    m = (heads < HEADS + KV_HEADS) & cm
+    dt = qkv_ptr.dtype.element_ty
+    c1 = tl.load(cos_ptr + pos * stride_tab + cols, mask=cm, other=0.0).to(dt).to(tl.float32)
+    c2 = tl.load(cos_ptr + pos * stride_tab + HALF + cols, mask=cm, other=0.0).to(dt).to(tl.float32)
+    s1 = tl.load(sin_ptr + pos * stride_tab + cols, mask=cm, other=0.0).to(dt).to(tl.float32)
+    s2 = tl.load(sin_ptr + pos * stride_tab + HALF + cols, mask=cm, other=0.0).to(dt).to(tl.float32)
+    base = qkv_ptr + t * stride_t + heads * D + cols
+    x1 = tl.load(base, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF, mask=m, other=0.0).to(tl.float32)
+    # x * cos + rotate_half(x) * sin, rounding each product and the sum like the torch code
+    o1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
+    o2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+    tl.store(base, o1, mask=m)
+    tl.store(base + HALF, o2, mask=m)
+    if WRITE_CACHE:
+        row = tl.load(rows_ptr + t).to(tl.int64)
+        kh = heads - HEADS                                        # k head index (q rows < 0)
+        km = m & (kh >= 0)
+        kdst = kc_ptr + row * s_cr + kh * s_ch + pos * s_cp + cols
+        tl.store(kdst, o1, mask=km)
+        tl.store(kdst + HALF, o2, mask=km)
+        vh = tl.arange(0, BLOCK_H)[:, None]
+        vm = (vh < KV_HEADS) & cm
+        vsrc = qkv_ptr + t * stride_t + (HEADS + KV_HEADS) * D + vh * D + cols
+        vdst = vc_ptr + row * s_cr + vh * s_ch + pos * s_cp + cols
+        tl.store(vdst, tl.load(vsrc, mask=vm), mask=vm)
+        tl.store(vdst + HALF, tl.load(vsrc + HALF, mask=vm), mask=vm)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: [T, H] -> (normed [T, H], residual). With a residual, x + residual is
+    written into ``residual`` (in place) and returned; without, ``x`` is the residual."""
+    # x: [T, H]; one program per row, the whole row in registers (H up to 16k)
+    T, H = x.shape
+    if x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
+        raise ValueError("add_rmsnorm needs rows with unit stride in the last dimension")
+    out = torch.empty_like(x)
+    if T:
+        block = triton.next_power_of_2(H)
+        res = residual if residual is not None else x
+        _add_rmsnorm_kernel[(T,)](x, res, weight, out, H, x.stride(0), res.stride(0),
+                                  out.stride(0), eps, HAS_RES=residual is not None, BLOCK=block,
+                                  num_warps=max(1, min(16, block // 512)))
+    return out, (residual if residual is not None else x)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] (gate then up) -> silu(gate) * up: [T, I]."""
+    T, two_i = gate_up.shape
+    inter = two_i // 2
+    if gate_up.stride(-1) != 1:
+        raise ValueError("silu_mul needs rows with unit stride in the last dimension")
+    out = torch.empty(T, inter, dtype=gate_up.dtype, device=gate_up.device)
+    if T:
+        block = min(4096, triton.next_power_of_2(inter))
+        _silu_mul_kernel[(T, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0),
+                                                         out.stride(0), BLOCK=block,
+                                                         num_warps=max(1, min(8, block // 256)))
+    return out
+
+
+def rotary_qk_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+               k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+               cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate q and k of qkv [T, (h + 2 kvh) D] in place at ``positions`` [T] (cos/sin:
+    [max_len, D] tables). With caches ([rows, kvh, max_len, D]) and ``cache_rows`` [T], the
+    rotated k and the v of token t also go to cache row ``cache_rows[t]`` at its position."""
+    T = qkv.shape[0]
+    if qkv.stride(-1) != 1 or cos.stride(-1) != 1 or cos.stride() != sin.stride():
+        raise ValueError("rotary_qk_ needs unit last strides and cos/sin tables of one layout")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+    write = k_cache is not None
+    if write and (v_cache is None or cache_rows is None or k_cache.stride() != v_cache.stride()
+                  or k_cache.stride(-1) != 1):
+        raise ValueError("rotary_qk_ cache write needs k_cache, v_cache (one layout) and cache_rows")
+    if T:
+        kc = k_cache if write else qkv
+        vc = v_cache if write else qkv
+        st = k_cache.stride() if write else (0, 0, 0)
+        _rotary_qk_kernel[(T,)](
+            qkv, positions, cos, sin, cache_rows if write else positions, kc, vc,
+            qkv.stride(0), cos.stride(0), st[0], st[1], st[2],
+            HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2,
+            BLOCK_H=triton.next_power_of_2(heads + kv_heads),
+            BLOCK_HALF=triton.next_power_of_2(head_dim // 2), WRITE_CACHE=write, num_warps=4)
+    return qkv

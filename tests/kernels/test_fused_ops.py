@@ -1,0 +1,101 @@
+"""Fused add+RMSNorm, silu*up and rotary(+KV cache write) kernels against their torch code."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.model.layers import RMSNorm, Rotary, apply_rotary
+from kernels.fused_ops import (add_rmsnorm, add_rmsnorm_ref, rotary_qk_, rotary_qk_ref,
+                               silu_mul, silu_mul_ref)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _rounds_to_nearest(dtype, device) -> bool:
+    # Triton's CPU interpreter truncates fp32 -> bf16 instead of rounding: exact on CUDA only
+    return not (device.type == "cpu" and dtype == torch.bfloat16)
+
+
+def _close(a, b, dtype):
+    # same roundings as the torch code: equal but for one fp32 reduction order (or exactly)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]  # a few ulps
+    torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (7, 96), (33, 200)])
+def test_add_rmsnorm_matches_layer_code(dtype, rows, hidden, device):
+    g = torch.Generator().manual_seed(rows * hidden)
+    x = torch.randn(rows, hidden, generator=g).to(dtype).to(device)
+    r = torch.randn(rows, hidden, generator=g).to(dtype).to(device)
+    norm = RMSNorm(hidden, 1e-5).to(device=device, dtype=dtype)
+    norm.weight.copy_(torch.randn(hidden, generator=g))
+    # with a residual: the decoder's x + sublayer(x) then the next norm
+    res = r.clone()
+    out, new_res = add_rmsnorm(x, res, norm.weight, norm.eps)
+    assert new_res.data_ptr() == res.data_ptr()                # updated in place
+    if _rounds_to_nearest(dtype, device):
+        assert torch.equal(new_res, x + r)
+    _close(new_res, x + r, dtype)
+    _close(out, norm(x + r), dtype)
+    # without one (first layer): the residual is x itself
+    out0, res0 = add_rmsnorm(x, None, norm.weight, norm.eps)
+    assert res0 is x
+    _close(out0, norm(x), dtype)
+    ref_out, _ = add_rmsnorm_ref(x, r, norm.weight, norm.eps)
+    _close(out, ref_out, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,inter", [(1, 48), (5, 136), (64, 5000)])
+def test_silu_mul_matches_torch(dtype, rows, inter, device):
+    g = torch.Generator().manual_seed(inter)
+    gu = (3 * torch.randn(rows, 2 * inter, generator=g)).to(dtype).to(device)
+    out = silu_mul(gu)
+    assert out.shape == (rows, inter)
+    _close(out, silu_mul_ref(gu), dtype)
+
+
+class _Cfg:
+    rope_theta = 10000.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (6, 6, 24), (32, 8, 128)])
+def test_rotary_qk_matches_apply_rotary(dtype, heads, kv_heads, head_dim, device):
+    T, max_len = 9, 50
+    g = torch.Generator().manual_seed(heads * head_dim)
+    rot = Rotary(_Cfg(), head_dim, max_len).to(device)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(T, width, generator=g).to(dtype).to(device)
+    pos = torch.randint(0, max_len, (T,), generator=g).to(device)
+    # the torch code of the model: q and k rotated together from the per-step tables
+    qk = qkv[:, :(heads + kv_heads) * head_dim].view(T, 1, heads + kv_heads, head_dim)
+    want = apply_rotary(qk.transpose(1, 2), *rot.tables(pos[:, None], dtype)).transpose(1, 2)
+    got = rotary_qk_(qkv.clone(), pos, rot.cos, rot.sin, heads, kv_heads, head_dim)
+    n = (heads + kv_heads) * head_dim
+    _close(got[:, :n], want.reshape(T, n), dtype)
+    assert torch.equal(got[:, n:], qkv[:, n:])                  # v untouched
+    _close(got, rotary_qk_ref(qkv, pos, rot.cos, rot.sin, heads, kv_heads, head_dim), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_qk_writes_k_and_v_into_the_cache(dtype, device):
+    heads, kvh, D, L, R = 4, 2, 32, 40, 6
+    g = torch.Generator().manual_seed(3)
+    rot = Rotary(_Cfg(), D, L).to(device)
+    B = 4
+    qkv = torch.randn(B, (heads + 2 * kvh) * D, generator=g).to(dtype).to(device)
+    pos = torch.tensor([0, 39, 7, 7], device=device)
+    rows = torch.tensor([5, 0, 2, 3], device=device)
+    kc = torch.randn(R, kvh, L, D, generator=g).to(dtype).to(device)
+    vc = torch.randn(R, kvh, L, D, generator=g).to(dtype).to(device)
+    kc0, vc0 = kc.clone(), vc.clone()
+    out = rotary_qk_(qkv.clone(), pos, rot.cos, rot.sin, heads, kvh, D, kc, vc, rows)
+    k = out[:, heads * D:(heads + kvh) * D].view(B, kvh, D)
+    v = qkv[:, (heads + kvh) * D:].view(B, kvh, D)
+    want_k, want_v = kc0.clone(), vc0.clone()
+    want_k[rows, :, pos] = k
+    want_v[rows, :, pos] = v
+    assert torch.equal(kc, want_k)                              # only those slots changed
+    assert torch.equal(vc, want_v)

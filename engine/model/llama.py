@@ -17,6 +17,19 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # fused module -> the checkpoint/PEFT modules it packs (nano-vllm's packed_modules_mapping)
 PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
                   "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+_TRITON_OPS: list = []   # [fused_ops, decode_attention] once imported; [None] if unavailable
+
+
+def triton_ops():
+    """(kernels.fused_ops, kernels.decode_attention), imported on first CUDA use (None if
+    Triton is missing: the torch code runs instead)."""
+    if not _TRITON_OPS:
+        try:
+            from kernels import decode_attention, fused_ops
+            _TRITON_OPS.append((fused_ops, decode_attention))
+        except ImportError:
+            _TRITON_OPS.append(None)
+    return _TRITON_OPS[0]
 
 
 @dataclass
@@ -29,6 +42,7 @@ class Batch:
     kv_len: int = 0              # decode: keys to attend (max position + 1, host int)
     row_start: int | None = None  # decode: rows are row_start.. row_start+B-1 (views, no gather)
     lora: LoRAStep | None = None
+    chunked: bool = False        # prefill of prompt chunks after cached prefixes (kv_len keys)
 
 
 class Attention(nn.Module):
@@ -56,7 +70,18 @@ class Attention(nn.Module):
         q, k = qk.split([h, kvh], dim=1)                                # [B, h|kvh, S, D]
         v = v.view(B, S, kvh, D).transpose(1, 2)                        # [B, kvh, S, D]
         rows = batch.cache_rows
-        if batch.prefill:
+        if batch.prefill and batch.chunked:
+            # a chunk continues cached prompts: write it at its positions (padding positions
+            # lie past each chunk, or at the never-read last position), then attend to the
+            # cached prefix + causally within the chunk. positions: [B, S]; keys [B, kvh, n, D]
+            self.k_cache[rows[:, None], :, batch.positions] = k.transpose(1, 2)
+            self.v_cache[rows[:, None], :, batch.positions] = v.transpose(1, 2)
+            n = batch.kv_len
+            mask = torch.arange(n, device=x.device) <= batch.positions[:, :, None]  # [B, S, n]
+            out = F.scaled_dot_product_attention(q, self.k_cache[rows, :, :n],
+                                                 self.v_cache[rows, :, :n], attn_mask=mask[:, None],
+                                                 enable_gqa=self.kv_heads != self.heads)
+        elif batch.prefill:
             if rows is not None:
                 # rows are written from position 0; padding slots get overwritten by later decodes
                 self.k_cache[rows, :, :S] = k
@@ -79,6 +104,19 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B * S, self.heads * self.head_dim)
         return self.o_proj(out, batch.lora)
 
+
+    def decode_fused(self, x: torch.Tensor, batch: Batch, rotary: Rotary) -> torch.Tensor:
+        """CUDA decode through Triton: rotary of q/k in place with the k/v cache write, then
+        flash-decode attention bounded by each row's position. x: [B, H] -> [B, H]."""
+        fused_ops, attention = triton_ops()
+        h, kvh, D = self.heads, self.kv_heads, self.head_dim
+        pos = batch.positions.reshape(-1)                               # [B]
+        qkv = self.qkv_proj(x, batch.lora)                              # [B, (h+2kvh)*D]
+        fused_ops.rotary_qk_(qkv, pos, rotary.cos, rotary.sin, h, kvh, D,
+                             self.k_cache, self.v_cache, batch.cache_rows)
+        out = attention.decode_attention(qkv[:, :h * D], self.k_cache, self.v_cache,
+                                         batch.cache_rows, pos)         # [B, h*D]
+        return self.o_proj(out, batch.lora)
 
     def _decode_attention(self, q, keys, values, mask):
         """One query per sequence, grouped by KV head, so K/V are read once and never
@@ -104,6 +142,9 @@ class MLP(nn.Module):
         gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up, lora)
 
+    def forward_fused(self, x: torch.Tensor, lora: LoRAStep | None) -> torch.Tensor:
+        return self.down_proj(triton_ops()[0].silu_mul(self.gate_up_proj(x, lora)), lora)
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int):
@@ -116,6 +157,20 @@ class DecoderLayer(nn.Module):
     def forward(self, x, batch, rope, shape):
         x = x + self.self_attn(self.input_layernorm(x), batch, rope, shape)
         return x + self.mlp(self.post_attention_layernorm(x), batch.lora)
+
+    def forward_fused(self, x, residual, batch, rope, shape, rotary):
+        """CUDA path: residual adds fused into the norms (x + residual is carried in
+        ``residual``, updated in place), Triton decode attention and silu*up.
+        x: [T, H] (sublayer output; the embeddings for the first layer) -> (x, residual)."""
+        add_rmsnorm = triton_ops()[0].add_rmsnorm
+        h, residual = add_rmsnorm(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
+        if batch.prefill:
+            h = self.self_attn(h, batch, rope, shape)
+        else:
+            h = self.self_attn.decode_fused(h, batch, rotary)
+        norm = self.post_attention_layernorm
+        h, residual = add_rmsnorm(h, residual, norm.weight, norm.eps)
+        return self.mlp.forward_fused(h, batch.lora), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -136,6 +191,8 @@ class LlamaForCausalLM(nn.Module):
             torch.empty(config.vocab_size, config.hidden_size), requires_grad=False)
         attn = self.layers[0].self_attn
         self.rotary = Rotary(config, attn.head_dim, max_len)
+        # on CUDA, the Triton kernels of kernels.fused_ops / kernels.decode_attention
+        self.use_triton_ops = True
 
     def lm_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head
@@ -154,6 +211,8 @@ class LlamaForCausalLM(nn.Module):
         (None: logits of every position -> [B, S, V])."""
         B, S = input_ids.shape
         x = self.embed_tokens(input_ids.reshape(-1))                     # [T, H]
+        if self.use_triton_ops and x.is_cuda and triton_ops() is not None:
+            return self._forward_fused(x, batch, last_index, B, S)
         rope = self.rotary.tables(batch.positions, x.dtype)             # 2 x [B, 1, S, D]
         for layer in self.layers:
             x = layer(x, batch, rope, (B, S))
@@ -161,6 +220,19 @@ class LlamaForCausalLM(nn.Module):
         if last_index is not None:
             x = x[torch.arange(B, device=x.device), last_index]         # [B, H]
         return F.linear(self.norm(x), self.lm_weight()).float()
+
+    def _forward_fused(self, x, batch, last_index, B, S):
+        # decode: the rotary kernel reads cos/sin at each position, no per-step tables
+        rope = self.rotary.tables(batch.positions, x.dtype) if batch.prefill else None
+        residual = None
+        for layer in self.layers:
+            x, residual = layer.forward_fused(x, residual, batch, rope, (B, S), self.rotary)
+        if last_index is not None and S > 1:                             # S = 1: the only one
+            pick = torch.arange(B, device=x.device) * S + last_index     # [B] flat token rows
+            x, residual = x[pick], residual[pick]
+        x, _ = triton_ops()[0].add_rmsnorm(x, residual, self.norm.weight, self.norm.eps)
+        logits = F.linear(x, self.lm_weight()).float()                   # [B or B*S, V]
+        return logits if last_index is not None else logits.view(B, S, -1)
 
     def lora_layers(self):
         """Yield (layer index, fused module name, LoRALinear) for every LoRA-capable layer."""

@@ -64,6 +64,8 @@ class DecodeGraphs:
         if lora_key is not None and any(lora_key):
             lora = LoRAStep(build_lora_meta(d[SLOTS, :size], self.max_loras), self.ops,
                             self.all_slots)
+        # kv_len is the whole cache: a host int cannot change between replays. The Triton
+        # attention (the CUDA path) ignores it and stops at each row's position instead.
         batch = Batch(positions=d[POS, :size].view(size, 1), prefill=False, lora=lora,
                       cache_rows=d[ROWS, :size], kv_len=self.max_len, row_start=0)
         return self.model(d[IDS, :size].view(size, 1), batch, self.zero_index[:size])

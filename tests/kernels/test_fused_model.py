@@ -29,17 +29,23 @@ def _model(device, dtype):
     return model
 
 
+def _check(got, want, dtype):
+    rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert rel < {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype], rel
+
+
 def _fused(model, ids, batch, last):
     x = model.embed_tokens(ids.reshape(-1))
     return model._forward_fused(x, batch, last, *ids.shape)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @torch.inference_mode()
 def test_triton_path_equals_torch_path(dtype, device):
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        pytest.skip("Triton 3.x's CPU interpreter multiplies bf16 dot operands as raw bits")
     ref = _model(device, dtype)
     tri = copy.deepcopy(ref)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
     B, S = 3, 6
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 128, (B, S), generator=g).to(device)
@@ -49,7 +55,7 @@ def test_triton_path_equals_torch_path(dtype, device):
     last = lens - 1
     pre = Batch(positions=positions, cache_rows=rows, prefill=True)
     want, got = ref(ids, pre, last), _fused(tri, ids, pre, last)
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    _check(got, want, dtype)
     pos = lens.clone()
     for step in range(4):                                        # decode: one token per row
         nxt = want.argmax(-1)
@@ -58,12 +64,12 @@ def test_triton_path_equals_torch_path(dtype, device):
         want = ref(nxt[:, None], batch, torch.zeros(B, dtype=torch.long, device=device))
         got = _fused(tri, nxt[:, None], batch, torch.zeros(B, dtype=torch.long, device=device))
         assert got.shape == want.shape == (B, 128)
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        _check(got, want, dtype)
         pos += 1
     for a, b in zip(ref.layers, tri.layers):                     # the decode steps' K/V landed
         for r in range(B):
             n = int(pos[r])
             ka, kb = a.self_attn.k_cache[rows[r], :, :n], b.self_attn.k_cache[rows[r], :, :n]
             va, vb = a.self_attn.v_cache[rows[r], :, :n], b.self_attn.v_cache[rows[r], :, :n]
-            torch.testing.assert_close(kb, ka, rtol=tol, atol=tol)
-            torch.testing.assert_close(vb, va, rtol=tol, atol=tol)
+            _check(kb, ka, dtype)
+            _check(vb, va, dtype)

@@ -1,0 +1,151 @@
+"""Decode-step GPU time, Triton path vs torch path, on issue 7's workload (prints JSON).
+
+Llama-3-8B shapes with dummy bf16 weights, 32 adapters r16 on q/k/v/o, 64 rows of 128-token
+prompts. Times the captured 64-row decode graph (median of event-timed replays), base only
+and mixed adapters, with the model's Triton kernels (kernels.fused_ops,
+kernels.decode_attention) and with the torch code they replace, on one engine; then the
+attention and elementwise kernels alone against their torch counterparts.
+Usage: python3 benchmarks/decode_step.py [--out decode_step.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # benchmarks/queue.py
+sys.path.insert(0, str(_HERE.parent))
+
+
+def _replays(graphs, reps: int) -> dict:
+    import torch
+
+    out = {}
+    for (size, key), (graph, _) in graphs.graphs.items():
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        times.sort()
+        out[f"rows{size}_{'lora' if key else 'base'}"] = {
+            "median_ms": round(times[reps // 2], 3), "min_ms": round(times[0], 3)}
+    return out
+
+
+def step_times(eng, adapters, prompts, reps: int) -> dict:
+    """Capture the 64-row step base only and mixed, for both model paths; replay-time them."""
+    from benchmarks.throughput import _params
+    from engine import LoRARequest
+
+    n = len(prompts)
+    reqs = [LoRARequest(f"a{i}", i + 1, str(adapters[i % len(adapters)])) for i in range(32)]
+    res = {}
+    for triton_path in (True, False):
+        eng.runner.model.use_triton_ops = triton_path
+        eng.runner.graphs.graphs.clear()
+        eng.generate(prompts, _params(4), None, use_tqdm=False)
+        eng.generate(prompts, _params(4), [reqs[i % 32] for i in range(n)], use_tqdm=False)
+        res["triton" if triton_path else "torch"] = _replays(eng.runner.graphs, reps)
+    eng.runner.model.use_triton_ops = True
+    return res
+
+
+def kernel_times(model, batch: int, avg_len: int) -> dict:
+    """The Triton kernels alone vs the torch code of the model, on layer 0's shapes."""
+    import torch
+    from triton.testing import do_bench
+
+    from engine.model.layers import apply_rotary
+    from kernels.decode_attention import decode_attention
+    from kernels.fused_ops import add_rmsnorm, rotary_qk_, silu_mul
+
+    attn = model.layers[0].self_attn
+    dev, dt = attn.k_cache.device, attn.k_cache.dtype
+    h, kvh, D = attn.heads, attn.kv_heads, attn.head_dim
+    H = model.config.hidden_size
+    L = attn.k_cache.shape[2]
+    g = torch.Generator(device=dev).manual_seed(0)
+    attn.k_cache.normal_(generator=g)
+    attn.v_cache.normal_(generator=g)
+    qkv = torch.randn(batch, (h + 2 * kvh) * D, device=dev, dtype=dt, generator=g)
+    rows = torch.arange(batch, device=dev)
+    pos = torch.randint(avg_len // 2, min(L, avg_len * 3 // 2), (batch,), device=dev, generator=g)
+    mask = torch.arange(L, device=dev)[None, :] <= pos[:, None]
+    q4 = qkv[:, :h * D].view(batch, h, 1, D)
+    out = {}
+
+    def bench(name, fn):
+        out[name] = round(do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3, 1)  # us
+
+    bench("attention_triton_us", lambda: decode_attention(qkv[:, :h * D], attn.k_cache,
+                                                          attn.v_cache, rows, pos))
+    bench("attention_torch_us", lambda: attn._decode_attention(
+        q4, attn.k_cache[:batch], attn.v_cache[:batch], mask))       # kv_len = max_len (graphs)
+    x = torch.randn(batch, H, device=dev, dtype=dt, generator=g)
+    r = torch.randn(batch, H, device=dev, dtype=dt, generator=g)
+    norm = model.layers[0].input_layernorm
+    bench("add_rmsnorm_triton_us", lambda: add_rmsnorm(x, r.clone(), norm.weight, norm.eps))
+    bench("add_rmsnorm_torch_us", lambda: norm(x + r))
+    inter = model.config.intermediate_size
+    gu = torch.randn(batch, 2 * inter, device=dev, dtype=dt, generator=g)
+    bench("silu_mul_triton_us", lambda: silu_mul(gu))
+    bench("silu_mul_torch_us", lambda: torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:])
+    rot = model.rotary
+    bench("rotary_cache_triton_us", lambda: rotary_qk_(qkv, pos, rot.cos, rot.sin, h, kvh, D,
+                                                       attn.k_cache, attn.v_cache, rows))
+
+    def torch_rotary():
+        qk, v = qkv.split([(h + kvh) * D, kvh * D], dim=-1)
+        qk = apply_rotary(qk.view(batch, 1, h + kvh, D).transpose(1, 2),
+                          *rot.tables(pos[:, None], dt))
+        attn.k_cache[rows, :, pos] = qk[:, h:, 0]
+        attn.v_cache[rows, :, pos] = v.view(batch, kvh, D)
+    bench("rotary_cache_torch_us", torch_rotary)
+    # a long cache with few rows: the sequence-split path
+    big = torch.randn(8, kvh, 4096, D, device=dev, dtype=dt, generator=g)
+    long_pos = torch.full((8,), 4000, device=dev)
+    bench("attention_triton_8rows_4k_us", lambda: decode_attention(
+        qkv[:8, :h * D], big, big, rows[:8], long_pos))
+    out["attention_kv_bytes_per_step_layer"] = int((pos + 1).sum()) * kvh * D * 2 * 2
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--reps", type=int, default=50)
+    args = ap.parse_args()
+    import torch
+
+    from benchmarks.throughput import LLAMA3_8B, PRESETS, _engine, _targets, prompts_for
+    from tests.tiny_models import make_tiny_tokenizer, write_random_adapter
+
+    p = PRESETS["llama3-8b"]
+    tmp = Path(tempfile.mkdtemp(prefix="lorry-decode-"))
+    model = tmp / "llama3-8b-dummy"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA3_8B))
+    make_tiny_tokenizer(model)
+    adapters = [write_random_adapter(tmp / f"a{i}", LLAMA3_8B, r=p["rank"], seed=i,
+                                     target_modules=_targets(p["targets"]))
+                for i in range(p["adapters"])]
+    prompts = prompts_for(p["batch"], p["prompt_len"], LLAMA3_8B["vocab_size"], seed=0)
+    eng = _engine(str(model), p, "cuda", "dummy", len(adapters))
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "step_ms": step_times(eng, adapters, prompts, args.reps)}
+    res["kernels"] = kernel_times(eng.runner.model, p["batch"], 192)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

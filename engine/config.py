@@ -66,6 +66,9 @@ class EngineConfig:
     enforce_eager : bool
         False (default): on CUDA, decode steps are captured in CUDA graphs per batch-size
         bucket and replayed; True: always run eagerly (as vLLM's ``enforce_eager``).
+    max_num_batched_tokens : int
+        Prompt tokens per prefill step (vLLM's name): longer prompts are prefilled in chunks
+        over several steps, alternating with decode steps of the running sequences.
     """
 
     model: str
@@ -85,6 +88,7 @@ class EngineConfig:
     seed: int = 0
     quantization: str | None = None
     enforce_eager: bool = False
+    max_num_batched_tokens: int = 2048
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -101,6 +105,7 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_cpu_loras={self.max_cpu_loras} is invalid: "
                              f"must be >= max_loras ({self.max_loras})")
         _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_int("max_model_len", self.max_model_len, allow_none=True)
         _choice("dtype", self.dtype, DTYPES)
         _choice("lora_dtype", self.lora_dtype, DTYPES)

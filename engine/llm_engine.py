@@ -35,6 +35,8 @@ class LLMEngine:
         self.loras, self.runner, self.scheduler = p.loras, p.runner, p.scheduler
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self._seqs: dict[str, Sequence] = {}
+        self._load_errors: dict[str, Exception] = {}  # request id -> its adapter's LoRAError
+        self._generating: set[str] = set()             # request ids of generate() calls
         self._ids = itertools.count()
 
     # ---- requests -------------------------------------------------------------------------
@@ -50,7 +52,8 @@ class LLMEngine:
             if lora_request.lora_int_id not in pinned and len(pinned) >= self.config.max_loras:
                 raise LoRAError(f"adapter {lora_request.lora_name!r} cannot run: all max_loras="
                                 f"{self.config.max_loras} GPU slots are pinned; unpin one")
-            self.add_lora(lora_request)
+            # disk -> CPU in the background: the request waits, running ones keep stepping
+            self.loras.prefetch(lora_request)
         text, ids = self.tokenizer.encode_prompt(prompt)
         if len(ids) >= self.max_model_len:
             raise ModelLengthError(f"prompt of request {request_id!r} has {len(ids)} tokens; "
@@ -89,24 +92,48 @@ class LLMEngine:
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one prefill or decode step; return the requests that finished in it."""
+        """Run one prefill (chunk) or decode step; return the requests that finished in it
+        (including requests failed because their adapter could not be loaded)."""
+        finished = self._poll_adapters()
         pinned = set(self.loras.gpu.pinned) if self.loras else set()
-        seqs, prefill = self.scheduler.schedule(pinned)
+        plan = self.scheduler.schedule(pinned, self._adapter_ready)
+        seqs = plan.seqs
         if not seqs:
-            return []
+            if self.loras is not None and self.loras.loading() and not finished:
+                self.loras.wait_any(0.05)  # nothing runs until an adapter arrives: do not spin
+            return finished
         now = time.time()
         slots = []
         for s in seqs:
-            if prefill:
+            if plan.prefill and s.metrics.first_scheduled_time is None:
                 s.metrics.first_scheduled_time = now
             if s.lora_request is None:
                 slots.append(-1)
-            elif prefill:
-                slots.append(self.loras.activate(s.lora_request, self.scheduler.running_adapters()))
             else:
-                slots.append(self.loras.gpu.lookup(s.lora_id))
-        logits = self.runner.prefill(seqs, slots) if prefill else self.runner.decode(seqs, slots)
-        finished = []
+                slot = self.loras.gpu.lookup(s.lora_id)
+                if slot is None or (plan.prefill and s.num_computed_tokens == 0):
+                    # first use: a hit makes it most recent, a miss writes it into a slot
+                    slot = self.loras.activate(s.lora_request, self.scheduler.running_adapters())
+                slots.append(slot)
+        if self.loras is not None:
+            self._prefetch_slots(seqs)
+            self.loras.gpu.wait_for(slots)
+        if plan.prefill:
+            logits = self.runner.prefill(seqs, slots, plan.chunks)
+            done = []
+            for i, (s, c) in enumerate(zip(seqs, plan.chunks)):
+                s.num_computed_tokens += c
+                if not s.prefilling:
+                    done.append(i)
+            if len(done) < len(seqs):  # sample only where the prompt is complete
+                logits, seqs = logits[done], [seqs[i] for i in done]
+        else:
+            parked = [s.cache_row for s in self.scheduler.running if s.prefilling]
+            logits = self.runner.decode(seqs, slots, parked)
+        if self.loras is not None:
+            self.loras.gpu.mark_used(slots)
+        if not seqs:
+            return finished
         for seq, token in zip(seqs, sample(logits, seqs, self.generator)):
             reason = self._append(seq, token)
             if reason:
@@ -114,6 +141,49 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 finished.append(self._finish(seq, reason))
         return finished
+
+    def _adapter_ready(self, seq: Sequence) -> bool:
+        """The sequence's adapter is in a GPU slot or the CPU cache (else: load it meanwhile)."""
+        req = seq.lora_request
+        if req is None or self.loras.ready(req):
+            return True
+        self.loras.prefetch(req)  # evicted from the CPU cache since add_request: load again
+        return False
+
+    def _prefetch_slots(self, step_seqs: list[Sequence], limit: int = 2) -> None:
+        """Copy the adapters of the next waiting sequences into free (or idle) GPU slots now,
+        on the side stream, so that their prefill does not wait for the copy."""
+        protected = self.scheduler.running_adapters() | {s.lora_id for s in step_seqs}
+        for seq in self.scheduler.waiting:
+            if limit == 0:
+                return
+            req = seq.lora_request
+            if req is None or seq.lora_id in protected:
+                continue
+            protected.add(seq.lora_id)  # later waiters never evict an earlier one's adapter
+            if self.loras.gpu.lookup(seq.lora_id) is not None or \
+                    self.loras.cpu.peek(req) is None or not self.loras.gpu.has_room(protected):
+                continue
+            self.loras.activate(req, protected)
+            limit -= 1
+
+    def _poll_adapters(self) -> list[RequestOutput]:
+        """Fail the waiting requests whose adapter failed to load in the background."""
+        if self.loras is None:
+            return []
+        outs = []
+        for req, err in self.loras.poll():
+            for seq in list(self.scheduler.waiting):
+                if seq.lora_request is not None and seq.lora_id == req.lora_int_id \
+                        and (seq.lora_request.lora_path, seq.lora_request.revision) == \
+                        (req.lora_path, req.revision):
+                    seq.error = f"adapter {req.lora_name!r} cannot be loaded: {err}"
+                    if seq.request_id in self._generating:
+                        self._load_errors[seq.request_id] = err
+                    self._seqs.pop(seq.request_id, None)
+                    self.scheduler.finish(seq)
+                    outs.append(self._finish(seq, "error"))
+        return outs
 
     def _append(self, seq: Sequence, token: int) -> str | None:
         """Add a sampled token; return a finish reason if the sequence is done."""
@@ -148,7 +218,7 @@ class LLMEngine:
         return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids),
                              [CompletionOutput(0, seq.text, list(seq.output_token_ids),
                                                seq.finish_reason)],
-                             seq.lora_request, done, seq.metrics)
+                             seq.lora_request, done, seq.metrics, error=seq.error)
 
     def generate(self, prompts, sampling_params=None, lora_request=None, use_tqdm: bool = True):
         """Generate for every prompt; returns list[RequestOutput] in input order."""
@@ -171,16 +241,31 @@ class LLMEngine:
                 if seq is not None:
                     self.scheduler.finish(seq)
             raise
-        from tqdm.auto import tqdm
-
         results: dict[str, RequestOutput] = {}
         wanted = set(ids)
+        self._generating |= wanted
+        try:
+            return self._generate_loop(ids, wanted, results, n, use_tqdm)
+        finally:
+            self._generating -= wanted
+            for rid in ids:
+                self._load_errors.pop(rid, None)
+
+    def _generate_loop(self, ids, wanted, results, n, use_tqdm):
+        from tqdm.auto import tqdm
+
         with tqdm(total=n, desc="generate", unit="req", disable=not use_tqdm) as bar:
             while wanted - results.keys():
                 for out in self.step():
-                    if out.request_id in wanted:
-                        results[out.request_id] = out
-                        bar.update(1)
+                    if out.request_id not in wanted:
+                        continue
+                    err = self._load_errors.pop(out.request_id, None)
+                    if err is not None:  # as before background loads: the call raises
+                        for rid in wanted - results.keys():
+                            self.abort_request(rid)
+                        raise err
+                    results[out.request_id] = out
+                    bar.update(1)
         return [results[r] for r in ids]
 
     # ---- adapters -------------------------------------------------------------------------
@@ -245,5 +330,7 @@ class LLMEngine:
                                                  | {x.lora_int_id for x in loras if x}))
             else:
                 slots.append(-1)
+        if self.loras is not None:
+            self.loras.gpu.wait_for(slots)
         logits = self.runner.forward_prompts(prompt_token_ids, slots, None, all_logits=True)
         return [logits[i, :len(p)] for i, p in enumerate(prompt_token_ids)]

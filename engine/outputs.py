@@ -8,7 +8,8 @@ from engine.lora.request import LoRARequest
 
 @dataclass
 class CompletionOutput:
-    """One generated completion: text, token ids and why it ended ("stop", "length", "abort")."""
+    """One generated completion: text, token ids and why it ended ("stop", "length", "abort",
+    or "error" when the request failed before generating: see RequestOutput.error)."""
 
     index: int
     text: str
@@ -37,6 +38,8 @@ class RequestOutput:
     lora_request: LoRARequest | None = None
     finished: bool = False
     metrics: RequestMetrics | None = field(default=None)
+    # finish_reason "error": why the request failed (its adapter could not be loaded)
+    error: str | None = None
 
     @property
     def usage(self) -> dict:

@@ -57,20 +57,51 @@ class ModelRunner:
         last = None if all_logits else self._tensor([len(p) - 1 for p in prompts])
         return self.model(ids, batch, last)
 
-    def prefill(self, seqs: list[Sequence], slots: list[int]) -> torch.Tensor:
-        logits = self.forward_prompts([s.prompt_token_ids for s in seqs], slots,
-                                      [s.cache_row for s in seqs])
-        if self.logits_hook:
-            self.logits_hook(seqs, logits)
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence], slots: list[int],
+                chunks: list[int] | None = None) -> torch.Tensor:
+        """Prefill the next ``chunks[i]`` prompt tokens of each sequence (default: the whole
+        prompt), after its ``num_computed_tokens`` cached ones. Returns [B, V] logits of each
+        chunk's last token (meaningful for sequences whose prompt the chunk completes)."""
+        starts = [s.num_computed_tokens for s in seqs]
+        chunks = chunks or [len(s.prompt_token_ids) - a for s, a in zip(seqs, starts)]
+        toks = [s.prompt_token_ids[a:a + c] for s, a, c in zip(seqs, starts, chunks)]
+        rows = [s.cache_row for s in seqs]
+        if not any(starts):
+            logits = self.forward_prompts(toks, slots, rows)
+        else:
+            S = max(chunks)
+            ids = self._tensor([t + [0] * (S - len(t)) for t in toks])               # [B, S]
+            last_pos = self.model.rotary.cos.shape[0] - 1  # never read: padding may go there
+            positions = (self._tensor(starts)[:, None] + torch.arange(S, device=self.device)
+                         ).clamp_(max=last_pos)                                     # [B, S]
+            token_slots = [slot if j < c else -1 for c, slot in zip(chunks, slots)
+                           for j in range(S)]
+            batch = Batch(positions=positions, prefill=True, lora=self._lora(token_slots),
+                          cache_rows=self._tensor(rows), chunked=True,
+                          kv_len=max(a + c for a, c in zip(starts, chunks)))
+            logits = self.model(ids, batch, self._tensor([c - 1 for c in chunks]))
+        if self.logits_hook:  # only the rows whose prompt this step completes are sampled
+            done = [i for i, (s, a, c) in enumerate(zip(seqs, starts, chunks))
+                    if a + c == len(s.prompt_token_ids)]
+            if done:
+                self.logits_hook([seqs[i] for i in done], logits[done])
         return logits
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence], slots: list[int]) -> torch.Tensor:
-        """One token per running sequence. Returns [B, V] logits."""
-        if self.graphs is not None and self.graphs.bucket([s.cache_row for s in seqs]) is not None:
-            logits = self.graphs.run([s.last_token for s in seqs],
-                                     [s.num_tokens - 1 for s in seqs],
-                                     [s.cache_row for s in seqs], slots)
+    def decode(self, seqs: list[Sequence], slots: list[int],
+               parked_rows: list[int] = ()) -> torch.Tensor:
+        """One token per running sequence. Returns [B, V] logits.
+
+        ``parked_rows``: KV rows of sequences still being prefilled in chunks; a captured step
+        covering them writes its dummy token at the last position (never read), not at 0.
+        """
+        rows = [s.cache_row for s in seqs] + list(parked_rows)
+        if self.graphs is not None and self.graphs.bucket(rows) is not None:
+            n, park = len(parked_rows), self.graphs.max_len - 1
+            logits = self.graphs.run([s.last_token for s in seqs] + [0] * n,
+                                     [s.num_tokens - 1 for s in seqs] + [park] * n,
+                                     rows, slots + [-1] * n)[:len(seqs)]
             if self.logits_hook:
                 self.logits_hook(seqs, logits)
             return logits

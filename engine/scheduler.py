@@ -1,26 +1,45 @@
 """Continuous-batching scheduler: admit waiting sequences while rows and LoRA slots allow.
 
-A step is either a prefill of newly admitted sequences or a decode of all running ones.
+A step is either a prefill step (prompt chunks of at most ``max_num_batched_tokens`` tokens in
+all, so a long prompt is split over several steps) or a decode step of every running sequence
+whose prompt is in the cache. While sequences decode, prefill and decode steps alternate, so a
+long prompt delays each decode step by at most one chunk's step.
 The distinct adapters of the running set (plus pinned ones) never exceed ``max_loras``:
-sequences whose adapter does not fit wait until a running adapter's sequences finish.
+sequences whose adapter does not fit wait until a running adapter's sequences finish. Aging:
+once later sequences have overtaken such a waiter ``max_bypass`` times, nothing behind it is
+admitted until it is, so the running adapters drain and it gets a slot.
 """
 from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from engine.sequence import Sequence, SequenceStatus
 
 
+@dataclass
+class ScheduledStep:
+    """What the next model step runs."""
+
+    seqs: list[Sequence]
+    prefill: bool
+    chunks: list[int] = field(default_factory=list)   # prefill: prompt tokens per sequence
+
+
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_loras: int, max_prefill_tokens: int = 8192):
+    def __init__(self, max_num_seqs: int, max_loras: int, max_num_batched_tokens: int = 2048,
+                 max_bypass: int = 16):
         self.max_loras = max_loras
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_bypass = max_bypass
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # a min-heap: the lowest free row first keeps live rows packed at the bottom, so a
         # captured decode over rows 0..k-1 (engine.graphs) stays small
         self.free_rows = list(range(max_num_seqs))
+        self._last_was_prefill = False
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -34,33 +53,59 @@ class Scheduler:
     def running_adapters(self) -> set[int]:
         return {s.lora_id for s in self.running if s.lora_id is not None}
 
-    def schedule(self, pinned: set[int] = frozenset()) -> tuple[list[Sequence], bool]:
-        """Return (sequences, is_prefill) for the next step."""
+    def schedule(self, pinned: set[int] = frozenset(),
+                 ready: Callable[[Sequence], bool] | None = None) -> ScheduledStep:
+        """The next step. ``ready(seq)``: its adapter can be used now (not still loading)."""
+        decoding = [s for s in self.running if not s.prefilling]
+        if decoding and self._last_was_prefill:
+            self._last_was_prefill = False
+            return ScheduledStep(decoding, False)
+        budget = self.max_num_batched_tokens
+        seqs, chunks = [], []
+        for s in self.running:  # prompts already being prefilled go on first
+            if s.prefilling and budget > 0:
+                n = min(len(s.prompt_token_ids) - s.num_computed_tokens, budget)
+                seqs.append(s)
+                chunks.append(n)
+                budget -= n
+        for s in self._admit(pinned, ready, budget):
+            n = min(len(s.prompt_token_ids), budget)
+            seqs.append(s)
+            chunks.append(n)
+            budget -= n
+        if seqs:
+            self._last_was_prefill = True
+            return ScheduledStep(seqs, True, chunks)
+        self._last_was_prefill = False
+        return ScheduledStep(decoding, False)
+
+    def _admit(self, pinned, ready, budget: int) -> list[Sequence]:
         admitted: list[Sequence] = []
-        if self.waiting and self.free_rows:
-            adapters = self.running_adapters()
-            tokens = 0
-            for seq in list(self.waiting):
-                if not self.free_rows:
-                    break
-                lid = seq.lora_id
-                if lid is not None and lid not in adapters \
-                        and len(adapters | pinned | {lid}) > self.max_loras:
-                    continue  # waits for a slot; never an error
-                n = len(seq.prompt_token_ids)
-                if admitted and tokens + n > self.max_prefill_tokens:
-                    break
-                tokens += n
-                if lid is not None:
-                    adapters.add(lid)
-                self.waiting.remove(seq)
-                seq.cache_row = heapq.heappop(self.free_rows)
-                seq.status = SequenceStatus.RUNNING
-                admitted.append(seq)
-                self.running.append(seq)
-        if admitted:
-            return admitted, True
-        return list(self.running), False
+        adapters = self.running_adapters()
+        passed_over: list[Sequence] = []   # waiting for an adapter slot, overtaken by later ones
+        for seq in list(self.waiting):
+            if not self.free_rows or budget <= 0:
+                break
+            if ready is not None and not ready(seq):
+                continue  # its adapter is still loading: others go on meanwhile
+            lid = seq.lora_id
+            if lid is not None and lid not in adapters \
+                    and len(adapters | pinned | {lid}) > self.max_loras:
+                if seq.bypassed >= self.max_bypass:
+                    break  # aged: admit nobody behind it until it gets a slot
+                passed_over.append(seq)
+                continue  # waits for a slot; never an error
+            budget -= min(len(seq.prompt_token_ids), budget)
+            if lid is not None:
+                adapters.add(lid)
+            self.waiting.remove(seq)
+            seq.cache_row = heapq.heappop(self.free_rows)
+            seq.status = SequenceStatus.RUNNING
+            admitted.append(seq)
+            self.running.append(seq)
+            for w in passed_over:
+                w.bypassed += 1
+        return admitted
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence's row."""

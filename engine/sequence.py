@@ -31,6 +31,9 @@ class Sequence:
     cache_row: int = -1
     text: str = ""
     finish_reason: str | None = None
+    num_computed_tokens: int = 0   # prompt tokens whose keys/values are in the KV cache
+    bypassed: int = 0              # admissions of later sequences while this one waited for a slot
+    error: str | None = None       # why the request failed (e.g. its adapter could not be loaded)
 
     @property
     def lora_id(self) -> int | None:
@@ -39,6 +42,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        """Running, with prompt tokens still to put into the KV cache (chunked prefill)."""
+        return self.num_computed_tokens < len(self.prompt_token_ids)
 
     @property
     def last_token(self) -> int:

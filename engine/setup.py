@@ -80,4 +80,5 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
         graphs = DecodeGraphs(model, ops, c.max_loras, c.max_num_seqs, max_len, device)
     runner = ModelRunner(model, ops, c.max_loras, device, graphs)
     return EngineParts(device, dtype, model_dir, hf_config, model, tokenizer, max_len, backend,
-                       loras, runner, Scheduler(c.max_num_seqs, c.max_loras))
+                       loras, runner, Scheduler(c.max_num_seqs, c.max_loras,
+                                                c.max_num_batched_tokens))

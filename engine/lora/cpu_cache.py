@@ -47,6 +47,23 @@ class CPUAdapterCache:
         self._evict_over_capacity()
         return weights
 
+    def peek(self, request: LoRARequest) -> AdapterWeights | None:
+        """The cached weights of exactly this request (same path/revision), without touching
+        the LRU order or the counters."""
+        entry = self._entries.get(request.lora_int_id)
+        if entry is not None and entry[0].lora_path == request.lora_path \
+                and entry[0].revision == request.revision:
+            return entry[1]
+        return None
+
+    def put(self, request: LoRARequest, weights: AdapterWeights, seconds: float) -> None:
+        """Insert weights loaded elsewhere (a background load): counted as a miss."""
+        self.load_seconds += seconds
+        self.misses += 1
+        self._entries.pop(request.lora_int_id, None)
+        self._entries[request.lora_int_id] = (request, weights)
+        self._evict_over_capacity()
+
     def request(self, lora_id: int) -> LoRARequest | None:
         entry = self._entries.get(lora_id)
         return entry[0] if entry else None

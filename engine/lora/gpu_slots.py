@@ -1,15 +1,21 @@
 """GPU slots: preallocated stacked LoRA A/B buffers (max_loras, padded to max_lora_rank).
 
-Every LoRA-capable layer owns, per fused slice, A [L, R, in] and B [L, N_s, R]. Writing an
-adapter into slot s copies its A and its scaled B (zero-padded to R); other slots keep theirs,
-so registering more adapters never adds GPU memory.
+The buffers follow engine.lora.slot_layout: one buffer per (fused module kind, A|B), slot-major,
+with every layer's ``lora_a[s]`` [L, R, in] / ``lora_b[s]`` [L, N_s, R] a strided view. Writing
+an adapter into slot s is one copy per kind it targets from its staging buffer (scaled B,
+zero-padded to R), plus a zero-fill of the kinds the previous occupant wrote and it does not.
+On CUDA the copies run on a side stream: the step that first reads the slot waits on that
+copy's event (``wait_for``), and a copy waits for the last step that read the slot it
+overwrites (``mark_used``). Registering more adapters never adds GPU memory.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import nullcontext
 
 import torch
 
+from engine.lora.slot_layout import SlotLayout
 from engine.lora.weights import AdapterWeights
 
 
@@ -19,16 +25,22 @@ class GPUSlotManager:
     def __init__(self, model, max_loras: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device):
         self.capacity, self.max_rank = max_loras, max_rank
-        self.layers = list(model.lora_layers())
-        for _, _, mod in self.layers:
-            mod.lora_a = [torch.zeros(max_loras, max_rank, mod.in_features, dtype=dtype,
-                                      device=device) for _ in mod.slice_names]
-            mod.lora_b = [torch.zeros(max_loras, n, max_rank, dtype=dtype, device=device)
-                          for n in mod.slice_sizes]
+        self.layout = SlotLayout(model, max_rank)
+        self.buffers = self.layout.allocate(max_loras, dtype, device)  # {kind: (A, B)}
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, LRU first
         self.free = list(range(max_loras - 1, -1, -1))
         self.pinned: set[int] = set()
         self.hits = self.misses = self.evictions = 0
+        self.written: dict[int, set[str]] = {}   # slot -> kinds holding non-zero data
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.copied: dict[int, torch.cuda.Event] = {}   # slot -> its copy, not yet waited on
+        self.last_use: dict[int, torch.cuda.Event] = {}  # slot -> end of the last step reading it
+        self.copies = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ab in self.buffers.values() for t in ab)
 
     def ids(self) -> list[int]:
         """Resident adapter ids, least recently used first."""
@@ -36,6 +48,15 @@ class GPUSlotManager:
 
     def lookup(self, lora_id: int) -> int | None:
         return self.slot_of.get(lora_id)
+
+    def victim(self, protected: set[int]) -> int | None:
+        """The adapter a new one would evict (None: a slot is free, or none can be evicted)."""
+        if self.free:
+            return None
+        return next((i for i in self.slot_of if i not in protected and i not in self.pinned), None)
+
+    def has_room(self, protected: set[int]) -> bool:
+        return bool(self.free) or self.victim(protected) is not None
 
     def activate(self, lora_id: int, weights: AdapterWeights, protected: set[int]) -> int:
         """Make ``lora_id`` resident and most recently used; return its slot.
@@ -50,8 +71,7 @@ class GPUSlotManager:
         if self.free:
             slot = self.free.pop()
         else:
-            victim = next((i for i in self.slot_of
-                           if i not in protected and i not in self.pinned), None)
+            victim = self.victim(protected)
             if victim is None:
                 raise RuntimeError(f"all {self.capacity} LoRA slots are in use or pinned")
             slot = self.slot_of.pop(victim)
@@ -62,31 +82,64 @@ class GPUSlotManager:
         return slot
 
     def _write(self, slot: int, weights: AdapterWeights) -> None:
-        with torch.no_grad():
-            for layer, _, mod in self.layers:
-                used = False
-                for s, name in enumerate(mod.slice_names):
-                    mod.lora_a[s][slot].zero_()
-                    mod.lora_b[s][slot].zero_()
-                    ab = weights.tensors.get((layer, name))
-                    if ab is None:
-                        continue
-                    a, b = ab                                      # a: [r, in], b: [out, r]
-                    r = a.shape[0]
-                    mod.lora_a[s][slot, :r].copy_(a, non_blocking=True)
-                    mod.lora_b[s][slot, :, :r].copy_(b, non_blocking=True)
-                    used = True
-                if used:
-                    mod.active_slots.add(slot)
-                else:
-                    mod.active_slots.discard(slot)
+        staged = weights.staged
+        if staged is None:
+            raise ValueError("adapter weights have no staging buffers; load them with the "
+                             "engine's slot layout (load_adapter_weights(..., layout=...))")
+        stale = self.written.get(slot, set()) - staged.keys()
+        ctx = nullcontext()
+        if self.cuda:
+            ev = self.last_use.pop(slot, None)
+            if ev is not None:  # a step still reading the old occupant finishes first
+                self.stream.wait_event(ev)
+            ctx = torch.cuda.stream(self.stream)
+        with torch.no_grad(), ctx:
+            for kind in stale:
+                a, b = self.buffers[kind]
+                a[slot].zero_()
+                b[slot].zero_()
+            for kind, (sa, sb) in staged.items():
+                a, b = self.buffers[kind]
+                a[slot].copy_(sa, non_blocking=True)
+                b[slot].copy_(sb, non_blocking=True)
+                self.copies += 2
+        if self.cuda:
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+            self.copied[slot] = ev
+        self.written[slot] = set(staged)
+        used = {(self.layout.slice_of[m][0], layer) for layer, m in weights.tensors}
+        for key, mod in self.layout.modules.items():
+            if key in used:
+                mod.active_slots.add(slot)
+            else:
+                mod.active_slots.discard(slot)
+
+    def wait_for(self, slots) -> None:
+        """Order the current stream after the pending copies into ``slots`` (CUDA; else no-op)."""
+        if not self.copied:
+            return
+        for s in set(slots):
+            ev = self.copied.pop(s, None)
+            if ev is not None:
+                torch.cuda.current_stream().wait_event(ev)
+
+    def mark_used(self, slots) -> None:
+        """Record that the step just enqueued reads ``slots`` (a later overwrite waits for it)."""
+        used = {s for s in slots if s >= 0}
+        if not self.cuda or not used:
+            return
+        ev = torch.cuda.Event()
+        ev.record()
+        for s in used:
+            self.last_use[s] = ev
 
     def remove(self, lora_id: int) -> bool:
         self.pinned.discard(lora_id)
         slot = self.slot_of.pop(lora_id, None)
         if slot is None:
             return False
-        for _, _, mod in self.layers:
+        for mod in self.layout.modules.values():
             mod.active_slots.discard(slot)
         self.free.append(slot)
         return True

@@ -1,5 +1,13 @@
-"""LoRAManager: validation, the CPU LRU cache and the GPU slots of one engine, together."""
+"""LoRAManager: validation, the CPU LRU cache and the GPU slots of one engine, together.
+
+Disk -> CPU loads (resolve, validate, read, build the pinned staging buffer) can run in one
+background thread (``prefetch``/``poll``), so the engine keeps stepping while a cold adapter
+loads; the cache itself is only changed on the engine's thread.
+"""
 from __future__ import annotations
+
+import concurrent.futures as cf
+import time
 
 import torch
 
@@ -22,6 +30,11 @@ class LoRAManager:
         self.gpu = GPUSlotManager(model, max_loras, max_lora_rank, dtype, device)
         self.cpu = CPUAdapterCache(max_cpu_loras, self._load)
         self.known: dict[int, LoRARequest] = {}  # every adapter added and not removed
+        self._pool: cf.ThreadPoolExecutor | None = None
+        # lora id -> (request, future of (weights, seconds)) of loads in the background
+        self.pending: dict[int, tuple[LoRARequest, cf.Future]] = {}
+        self.background_loads = 0
+        self._unreported: list[tuple[LoRARequest, LoRAError]] = []
 
     def _load(self, request: LoRARequest) -> AdapterWeights:
         """Resolve, validate (torch-free spec) and read an adapter; raises LoRAError."""
@@ -30,10 +43,79 @@ class LoRAManager:
         spec = parse_adapter(path, self.base_config, max_lora_rank=self.max_lora_rank,
                              base_model=self.base_name)
         return load_adapter_weights(spec, self.base_config, self.max_lora_rank, self.dtype,
-                                    self.pin_memory)
+                                    self.pin_memory, layout=self.gpu.layout)
 
+    def _timed_load(self, request: LoRARequest):
+        start = time.perf_counter()
+        try:
+            weights = self._load(request)
+        except LoRAError:
+            raise
+        except Exception as e:  # I/O, hub or torch errors: still this adapter's refusal  # noqa: BLE001
+            raise LoRAError(f"adapter {request.lora_name!r} ({request.lora_path}) cannot be "
+                            f"loaded: {type(e).__name__}: {e}") from e
+        return weights, time.perf_counter() - start
+
+    # ---- background loads -----------------------------------------------------------------
+    def ready(self, request: LoRARequest) -> bool:
+        """Usable without a disk load: in a GPU slot, or in the CPU cache."""
+        if self.gpu.lookup(request.lora_int_id) is not None \
+                and _same(self.known.get(request.lora_int_id), request):
+            return True
+        return self.cpu.peek(request) is not None
+
+    def prefetch(self, request: LoRARequest) -> None:
+        """Start loading ``request`` into the CPU cache in the background (if not there)."""
+        if self.ready(request):
+            return
+        running = self.pending.get(request.lora_int_id)
+        if running is not None and _same(running[0], request):
+            return
+        if self._pool is None:
+            self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorry-lora")
+        self.pending[request.lora_int_id] = (request, self._pool.submit(self._timed_load, request))
+        self.background_loads += 1
+
+    def loading(self) -> bool:
+        return bool(self.pending)
+
+    def poll(self) -> list[tuple[LoRARequest, LoRAError]]:
+        """Move finished background loads into the CPU cache; return the failed ones."""
+        failed, self._unreported = self._unreported, []
+        for lid, (request, fut) in list(self.pending.items()):
+            if not fut.done():
+                continue
+            del self.pending[lid]
+            try:
+                weights, seconds = fut.result()
+            except LoRAError as e:
+                failed.append((request, e))
+                continue
+            self.cpu.put(request, weights, seconds)
+            self.known[lid] = request
+        return failed
+
+    def wait_any(self, timeout: float) -> None:
+        """Block until a background load finishes (or ``timeout`` seconds)."""
+        if self.pending:
+            cf.wait([f for _, f in self.pending.values()], timeout=timeout,
+                    return_when=cf.FIRST_COMPLETED)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    # ---- synchronous API ------------------------------------------------------------------
     def add(self, request: LoRARequest) -> AdapterWeights:
-        """Validate and load into the CPU cache (a hit if already there)."""
+        """Validate and load into the CPU cache (a hit if already there); raises LoRAError."""
+        running = self.pending.get(request.lora_int_id)
+        if running is not None and _same(running[0], request):
+            cf.wait([running[1]])
+            for req, err in self.poll():
+                if _same(req, request):
+                    raise err
+                self._unreported.append((req, err))  # the engine's next poll reports them
         weights = self.cpu.get(request)
         self.known[request.lora_int_id] = request
         return weights
@@ -44,7 +126,8 @@ class LoRAManager:
         if slot is not None:
             self.gpu.hits += 1
             self.gpu.slot_of.move_to_end(request.lora_int_id)
-            self.cpu.get(request)  # keep its CPU entry recent too
+            if request.lora_int_id in self.cpu:
+                self.cpu.get(request)  # keep its CPU entry recent too
             return slot
         return self.gpu.activate(request.lora_int_id, self.cpu.get(request), protected)
 
@@ -67,8 +150,16 @@ class LoRAManager:
 
     def remove(self, lora_id: int) -> bool:
         self.known.pop(lora_id, None)
+        self.pending.pop(lora_id, None)  # a load in flight is dropped when it ends
         a, b = self.gpu.remove(lora_id), self.cpu.remove(lora_id)
         return a or b
 
     def stats(self) -> dict:
-        return {"gpu": self.gpu.stats(), "cpu": self.cpu.stats()}
+        cpu = self.cpu.stats()
+        cpu["loading"] = len(self.pending)
+        return {"gpu": self.gpu.stats(), "cpu": cpu}
+
+
+def _same(a: LoRARequest | None, b: LoRARequest) -> bool:
+    """The same adapter files (the caches key by id; path and revision must match too)."""
+    return a is not None and (a.lora_path, a.revision) == (b.lora_path, b.revision)

@@ -11,16 +11,25 @@ from engine.lora.spec import AdapterSpec, check_shapes
 
 @dataclass
 class AdapterWeights:
-    """CPU tensors of one adapter: (layer, module) -> (A [r, in], B*scaling [out, r])."""
+    """CPU tensors of one adapter: (layer, module) -> (A [r, in], B*scaling [out, r]).
+
+    With a slot layout, ``staged`` holds {fused kind: (A, B)} staging buffers in the GPU slot
+    layout (engine.lora.slot_layout) and ``tensors`` are views into them (no second copy).
+    """
 
     spec: AdapterSpec
     tensors: dict
     nbytes: int
+    staged: dict | None = None
 
 
 def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: int,
-                         dtype: torch.dtype, pin_memory: bool) -> AdapterWeights:
-    """Load the weights file (safetensors, or .bin with ``weights_only=True``) of ``spec``."""
+                         dtype: torch.dtype, pin_memory: bool, layout=None) -> AdapterWeights:
+    """Load the weights file (safetensors, or .bin with ``weights_only=True``) of ``spec``.
+
+    ``layout`` (engine.lora.slot_layout.SlotLayout): also build the staging buffers of the
+    GPU slot layout, zero-padded to its rank, in one (pinned) allocation.
+    """
     path = spec.weights_file
     try:
         if path.suffix == ".safetensors":
@@ -39,6 +48,21 @@ def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: in
         raise AdapterFormatError(f"adapter {spec.path}: cannot read {path.name}: "
                                  f"{type(e).__name__}: {e}") from None
     tensors, nbytes = {}, 0
+    if layout is not None:
+        for key, (a_name, b_name, _r, scaling, transposed) in spec.modules.items():
+            a, b = raw[a_name], raw[b_name]
+            if transposed:
+                a, b = a.t(), b.t()
+            tensors[key] = (a.to(dtype), (b.float() * scaling).to(dtype))
+        staged = layout.stage(tensors, dtype, pin_memory)
+        for layer, m in list(tensors):  # views into the staging buffers replace the copies
+            f, s = layout.slice_of[m]
+            fam = layout.families[f]
+            p, r, off = layout.layer_pos[f][layer], tensors[(layer, m)][0].shape[0], fam.slice_offsets[s]
+            tensors[(layer, m)] = (staged[f][0][p, s, :r],
+                                   staged[f][1][p, off:off + fam.slice_sizes[s], :r])
+        nbytes = sum(t.numel() * t.element_size() for ab in staged.values() for t in ab)
+        return AdapterWeights(spec, tensors, nbytes, staged)
     for key, (a_name, b_name, _r, scaling, transposed) in spec.modules.items():
         a, b = raw[a_name].float(), raw[b_name].float()
         if transposed:

@@ -1,0 +1,190 @@
+"""Chunked prefill, background adapter loads and the scheduler's aging rule."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+from engine.outputs import RequestMetrics
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+def _engine(base, **kw):
+    cfg = {"max_loras": 4, "max_lora_rank": 16, "max_cpu_loras": 8, "max_num_seqs": 8,
+           "max_model_len": 128, **kw}
+    return LLMEngine(EngineConfig(model=str(base.dir), **cfg))
+
+
+def _capture(eng):
+    got = {}
+    eng.runner.logits_hook = lambda seqs, logits: [
+        got.setdefault(s.request_id, []).append(r.clone()) for s, r in zip(seqs, logits)]
+    return got
+
+
+def _count_prefill_chunks(eng):
+    calls = []
+    orig = eng.runner.prefill
+
+    def prefill(seqs, slots, chunks=None):
+        calls.append(list(chunks))
+        return orig(seqs, slots, chunks)
+    eng.runner.prefill = prefill
+    return calls
+
+
+def test_chunked_prefill_equals_unchunked(tiny_llama):
+    reqs = [LoRARequest(n, i + 1, str(p)) for i, (n, p) in enumerate(tiny_llama.adapters.items())]
+    prompts = [list(range(3, 3 + n)) for n in (37, 5, 23, 61, 2, 14)]
+    loras = [reqs[0], None, reqs[1], reqs[3], reqs[2], None]
+    whole, chunked = _engine(tiny_llama), _engine(tiny_llama, max_num_batched_tokens=7)
+    lw, lc = _capture(whole), _capture(chunked)
+    calls = _count_prefill_chunks(chunked)
+    a = whole.generate(prompts, GREEDY, loras, use_tqdm=False)
+    b = chunked.generate(prompts, GREEDY, loras, use_tqdm=False)
+    assert max(sum(c) for c in calls) <= 7 and len(calls) >= sum(map(len, prompts)) // 7
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        torch.testing.assert_close(torch.stack(lc[y.request_id]), torch.stack(lw[x.request_id]),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_long_prompt_does_not_block_running_decodes(tiny_llama):
+    eng = _engine(tiny_llama, max_num_batched_tokens=8)
+    sp = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    eng.add_request("a", [5, 6, 7], sp)
+    eng.add_request("b", [8, 9], sp)
+    eng.step()                                  # their prefill
+    seqs = {s.request_id: s for s in eng.scheduler.running}
+    eng.add_request("long", list(range(10, 74)), SamplingParams(max_tokens=2, temperature=0.0))
+    long_seq = eng._seqs["long"]
+    steps = 0
+    while long_seq.prefilling or long_seq.num_computed_tokens == 0:
+        eng.step()
+        steps += 1
+    # 64 prompt tokens in chunks of 8 = 8 prefill steps, each after a decode step of the others
+    # (the step right after their own prefill is a decode)
+    assert long_seq.num_computed_tokens == 64
+    assert steps == 16
+    assert len(seqs["a"].output_token_ids) == 1 + 8 and len(seqs["b"].output_token_ids) == 1 + 8
+
+
+def test_chunked_prefill_output_equals_unchunked_with_sequences_decoding(tiny_llama):
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    outs = []
+    for budget in (4096, 6):
+        eng = _engine(tiny_llama, max_num_batched_tokens=budget)
+        eng.add_request("a", [5, 6, 7], sp)
+        eng.step()
+        eng.add_request("long", list(range(10, 50)), sp)
+        done = {}
+        while eng.has_unfinished_requests():
+            done.update({o.request_id: o.outputs[0].token_ids for o in eng.step()})
+        outs.append(done)
+    assert outs[0] == outs[1]
+
+
+def _slow_loader(eng):
+    """Make adapter loads wait for ``gate`` (a threading.Event) in the background thread."""
+    gate, orig = threading.Event(), eng.loras._load
+
+    def load(req):
+        assert gate.wait(10)
+        return orig(req)
+    eng.loras._load = load
+    return gate
+
+
+def test_cold_adapter_loads_while_the_batch_keeps_decoding(tiny_llama):
+    eng = _engine(tiny_llama)
+    gate = _slow_loader(eng)
+    sp = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    eng.add_request("base", [5, 6, 7], sp)
+    eng.step()
+    cold = LoRARequest("qv_r8", 1, str(tiny_llama.adapters["qv_r8"]))
+    eng.add_request("cold", [9, 10], GREEDY, cold)   # returns at once: the load is queued
+    assert eng.loras.loading()
+    base = eng._seqs["base"]
+    for _ in range(5):
+        eng.step()
+    assert len(base.output_token_ids) == 6          # decoded every step meanwhile
+    assert eng._seqs["cold"].status.value == "waiting"
+    gate.set()
+    outs = {}
+    while "cold" not in outs:
+        outs.update({o.request_id: o for o in eng.step()})
+    assert outs["cold"].outputs[0].finish_reason == "length"
+    assert eng.cache_stats()["cpu"]["misses"] == 1
+    # the same tokens as an engine that had the adapter loaded up front
+    ref = _engine(tiny_llama).generate([[9, 10]], GREEDY, cold, use_tqdm=False)[0]
+    assert outs["cold"].outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+def test_background_load_error_fails_only_its_request(tiny_llama, adapter):
+    eng = _engine(tiny_llama)
+    cfg = adapter / "adapter_config.json"
+    cfg.write_text(cfg.read_text().replace('"use_dora": false', '"use_dora": true'))
+    bad = LoRARequest("dora", 7, str(adapter))
+    good = LoRARequest("qv_r8", 1, str(tiny_llama.adapters["qv_r8"]))
+    eng.add_request("ok-base", [5, 6], GREEDY)
+    eng.add_request("bad", [5, 6], GREEDY, bad)
+    eng.add_request("ok-lora", [5, 6], GREEDY, good)
+    outs = {}
+    while eng.has_unfinished_requests():
+        outs.update({o.request_id: o for o in eng.step()})
+    assert outs["bad"].finished and outs["bad"].outputs[0].finish_reason == "error"
+    assert "dora" in outs["bad"].error.lower() and outs["bad"].outputs[0].token_ids == []
+    for rid in ("ok-base", "ok-lora"):
+        assert outs[rid].error is None and len(outs[rid].outputs[0].token_ids) == 6
+    assert 7 not in eng.list_loras()["cpu"]
+
+
+@pytest.fixture()
+def adapter(tiny_llama, tmp_path):
+    import shutil
+
+    dst = tmp_path / "dora"
+    shutil.copytree(tiny_llama.adapters["qv_r8"], dst)
+    text = (dst / "adapter_config.json").read_text()
+    assert '"use_dora": false' in text
+    return dst
+
+
+# ---- aging ---------------------------------------------------------------------------------
+def _seq(rid, lora_id):
+    lora = LoRARequest(f"a{lora_id}", lora_id, f"/adapters/{lora_id}") if lora_id else None
+    return Sequence(rid, None, [1, 2, 3], SamplingParams(max_tokens=4), lora, RequestMetrics(0.0))
+
+
+def _simulate(max_bypass, steps=200):
+    """max_loras=1, 4 rows. A steady stream of adapter-1 sequences (each decodes 3 steps) and
+    one adapter-2 sequence waiting from the start. Returns the step it is admitted (or None)."""
+    sch = Scheduler(max_num_seqs=4, max_loras=1, max_bypass=max_bypass)
+    sch.add(_seq("first", 1))
+    waiter = _seq("waiter", 2)
+    sch.add(waiter)
+    age, n = {}, 0
+    for step in range(steps):
+        n += 1
+        sch.add(_seq(f"s{n}", 1))
+        plan = sch.schedule()
+        if waiter in plan.seqs:
+            return step
+        for s in plan.seqs:
+            if plan.prefill:
+                s.num_computed_tokens = len(s.prompt_token_ids)
+            age[s] = age.get(s, 0) + 1
+            if age[s] >= 3:
+                sch.finish(s)
+    return None
+
+
+def test_aging_admits_a_waiter_under_a_stream_of_resident_adapters():
+    assert _simulate(max_bypass=10**9) is None     # without aging it would wait forever
+    step = _simulate(max_bypass=4)
+    assert step is not None and step < 30

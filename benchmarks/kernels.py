@@ -3,6 +3,9 @@
 Llama-3-8B projection shapes in bf16 on a CUDA GPU; prints one JSON object per line and a
 summary object last. Times are medians over CUDA-graph replays (eager for the reference).
 Usage: python benchmarks/kernels.py [--tokens 1 64 8192] [--adapters 32] [--ranks 16]
+       [--projections qkv gate_up] [--quick] [--decode-config off "fused=0,num_warps=8"]
+--decode-config runs the ladder once per setting of kernels.lora_decode.DECODE_CONFIG
+("default", "off" = the two-launch path only, or key=value pairs over the defaults).
 """
 from __future__ import annotations
 
@@ -74,7 +77,24 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() * 4 / t / 1e3
 
 
-def bench_one(proj: str, T: int, n_adapters: int, rank: int, with_ref: bool) -> dict:
+def parse_decode_config(spec: str) -> dict:
+    """'default' | 'off' | 'key=value,...' -> a full DECODE_CONFIG dict."""
+    from kernels.lora_decode import DECODE_CONFIG
+    cfg = dict(DECODE_CONFIG)
+    if spec == "off":
+        cfg["max_tokens"] = 0
+    elif spec != "default":
+        for item in spec.split(","):
+            key, value = item.split("=")
+            if key not in cfg:
+                raise SystemExit(f"unknown decode config key {key!r}; keys: {sorted(cfg)}")
+            cfg[key] = type(cfg[key])(int(value)) if isinstance(cfg[key], (bool, int)) \
+                else type(cfg[key])(value)
+    return cfg
+
+
+def bench_one(proj: str, T: int, n_adapters: int, rank: int, with_ref: bool,
+              extras: bool = True) -> dict:
     H, widths = PROJECTIONS[proj]
     N, S, dt, dev = sum(widths), len(widths), torch.bfloat16, "cuda"
     offsets = [sum(widths[:i]) for i in range(S)]
@@ -95,12 +115,14 @@ def bench_one(proj: str, T: int, n_adapters: int, rank: int, with_ref: bool) -> 
     row = {"proj": proj, "tokens": T, "adapters": n_adapters, "rank": rank, "sets": sets}
     row["triton_us"] = _graph_time_us(
         [lambda a=a, b=b: tri.add_lora(y, x, a, b, meta, offsets) for a, b in weights], reps=20)
-    buf = torch.empty(S, T, rank, dtype=torch.float32, device=dev)
-    row["triton_nosplit_us"] = _graph_time_us(
-        [lambda a=a, b=b: tri.add_lora(y, x, a, b, meta, offsets, buffer=buf)
-         for a, b in weights], reps=20)
     a0, b0 = weights[0]
-    row["triton_eager_us"] = _eager_time_us(lambda: tri.add_lora(y, x, a0, b0, meta, offsets), 20)
+    if extras:
+        buf = torch.empty(S, T, rank, dtype=torch.float32, device=dev)
+        row["triton_nosplit_us"] = _graph_time_us(
+            [lambda a=a, b=b: tri.add_lora(y, x, a, b, meta, offsets, buffer=buf)
+             for a, b in weights], reps=20)
+        row["triton_eager_us"] = _eager_time_us(
+            lambda: tri.add_lora(y, x, a0, b0, meta, offsets), 20)
     # One adapter as plain dense products: x @ A_cat.T, then y += inter @ B_cat.T.
     dense = []
     for _ in range(max(2, min(256, math.ceil(ROTATE_BYTES / (S * rank * (H + N) * 2))))):
@@ -131,6 +153,13 @@ def main(argv=None) -> None:
     p.add_argument("--ref-max-tokens", type=int, default=8192)
     p.add_argument("--max-seconds", type=float, default=1e9, help="stop the sweep after this")
     p.add_argument("--out", help="also append the JSON lines to this file")
+    p.add_argument("--quick", action="store_true",
+                   help="time triton and dense only (no torch_ref, no-split or eager columns)")
+    p.add_argument("--decode-config", nargs="+", default=["default"])
+    p.add_argument("--tune", nargs="+", default=[], metavar="SPEC",
+                   help="first time the goal rows (64 tokens, 32 adapters, rank 16, every "
+                        "projection) for each decode config, then run the ladder with the one "
+                        "of the smallest geometric-mean time")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print(json.dumps({"error": "benchmarks/kernels.py needs a CUDA GPU"}))
@@ -145,22 +174,52 @@ def main(argv=None) -> None:
 
     emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
           "triton": __import__("triton").__version__, "copy_GBps": copy_bandwidth_gbs()})
+    from kernels import lora_decode
     t0, rows = time.time(), []
-    for rank in args.ranks:
-        for proj in args.projections:
-            for n in args.adapters:
-                for T in args.tokens:
-                    if time.time() - t0 > args.max_seconds:
-                        break
-                    rows.append(bench_one(proj, T, n, rank, T <= args.ref_max_tokens))
-                    emit({k: round(v, 3) if isinstance(v, float) else v
-                          for k, v in rows[-1].items()})
+    if args.tune:
+        scores = {}
+        for spec in args.tune:
+            lora_decode.DECODE_CONFIG = parse_decode_config(spec)
+            logs = []
+            for proj in args.projections:
+                row = bench_one(proj, 64, 32, 16, False, extras=False)
+                row.update(config=spec, tune=True)
+                emit({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+                logs.append(math.log(row["triton_us"]))
+            scores[spec] = math.exp(sum(logs) / len(logs))
+        best = min(scores, key=scores.get)
+        emit({"tune_geomean_us": {k: round(v, 3) for k, v in scores.items()}, "best": best})
+        args.decode_config = [best]
+    for spec in args.decode_config:
+        lora_decode.DECODE_CONFIG = parse_decode_config(spec)
+        for rank in args.ranks:
+            for proj in args.projections:
+                for n in args.adapters:
+                    for T in args.tokens:
+                        if time.time() - t0 > args.max_seconds:
+                            break
+                        row = bench_one(proj, T, n, rank,
+                                        T <= args.ref_max_tokens and not args.quick,
+                                        extras=not args.quick)
+                        row["decode_path"] = lora_decode.decode_plan(
+                            T, n, PROJECTIONS[proj][0], rank, PROJECTIONS[proj][1],
+                            torch.device("cuda")) is not None
+                        row["config"] = spec
+                        rows.append(row)
+                        emit({k: round(v, 3) if isinstance(v, float) else v
+                              for k, v in row.items()})
     goal = [r for r in rows if (r["tokens"], r["adapters"], r["rank"]) == (64, 32, 16)]
+    dense = {r["proj"]: r["dense_one_adapter_us"] for r in goal}
     emit({"summary": "decode 64 tokens, 32 adapters, rank 16 (goal: vs_dense <= 1.5, "
                      "speedup_vs_torch_ref >= 5)",
-          "rows": [{k: r.get(k) for k in ("proj", "triton_us", "dense_one_adapter_us",
+          "rows": [{k: r.get(k) for k in ("config", "proj", "triton_us", "dense_one_adapter_us",
                                           "vs_dense_roofline", "speedup_vs_torch_ref")}
-                   for r in goal]})
+                   for r in goal],
+          # the dense time wobbles from row to row: also against the best dense of the run
+          "vs_best_dense": {f'{r["config"]}/{r["proj"]}': round(
+              r["triton_us"] / min(x["dense_one_adapter_us"] for x in goal
+                                   if x["proj"] == r["proj"]), 3) for r in goal}
+          if dense else {}})
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import os
 import torch
 import triton
 
+from kernels.lora_decode import try_add_lora_decode
 from kernels.segments import LoRAMeta
 from kernels.triton_kernels import lora_expand_kernel, lora_shrink_kernel
 
@@ -184,6 +185,11 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
                          f"{len(slice_offsets)} slice_offsets; give one of each per slice")
     T, H = x.shape
     S, R = len(lora_a), lora_a[0].shape[1]
+    if T == 0:
+        return
+    # Decode-sized batches: one launch, the [T, R] partial products stay in L2.
+    if buffer is None and try_add_lora_decode(y, x, lora_a, lora_b, meta, slice_offsets):
+        return
     if buffer is None:
         split_k = choose_split_k(T, meta.max_loras, S, H, x.device)
         work = torch.empty(split_k, S, T, R, dtype=torch.float32, device=x.device)

@@ -47,3 +47,48 @@ def test_graph_replay_matches_eager_for_new_slots_and_inputs(num_tokens):
         ops.add_lora(eager, x, p.lora_a, p.lora_b, p.meta, p.offsets)
         assert torch.equal(y, eager)
         assert rel_error(y, loop_reference(p)) < 2e-2
+
+
+def test_fused_decode_launch_is_race_free_over_many_replays():
+    # The one-launch decode path hands partial products between programs through counters:
+    # a replayed graph of many launches (the counters must come back to zero after each)
+    # gives the same bits every time, equal to the two-launch variant of the same items.
+    from kernels import lora_decode
+    ops = get_lora_ops("triton")
+    p = make_problem(num_tokens=64, hidden=1000, widths=[1536, 256, 256], max_rank=16,
+                     ranks=[16, 8], mix="distinct", dtype=torch.bfloat16,
+                     device=torch.device("cuda"), seed=5)
+    plan = lora_decode.decode_plan(64, p.meta.max_loras, 1000, 16, [1536, 256, 256],
+                                   torch.device("cuda"))
+    assert plan is not None and plan["fused"] and plan["split_k"] > 1
+    y = p.y.clone()
+    launches = 8
+
+    def step():
+        y.copy_(p.y)
+        for _ in range(launches):
+            ops.add_lora(y, p.x, p.lora_a, p.lora_b, p.meta, p.offsets)
+
+    step()
+    torch.cuda.synchronize()
+    first = y.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(20):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, first)
+    assert not lora_decode._SYNC[(p.x.device.type, p.x.device.index)].any()
+    saved = lora_decode.DECODE_CONFIG
+    try:
+        lora_decode.DECODE_CONFIG = dict(saved, fused=False)
+        y.copy_(p.y)
+        for _ in range(launches):
+            ops.add_lora(y, p.x, p.lora_a, p.lora_b, p.meta, p.offsets)
+    finally:
+        lora_decode.DECODE_CONFIG = saved
+    assert torch.equal(y, first)
+    one = p.y.clone()
+    ops.add_lora(one, p.x, p.lora_a, p.lora_b, p.meta, p.offsets)
+    assert rel_error(one, loop_reference(p)) < 2e-2

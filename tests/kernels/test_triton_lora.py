@@ -65,9 +65,10 @@ def test_caller_buffer_is_used_and_matches(device):
     assert torch.isfinite(buffer[:, has_slot]).all()
 
 
-def test_split_reduction_over_long_hidden(device):
+def test_split_reduction_over_long_hidden(monkeypatch, device):
     # Few tokens over a long hidden size: the shrink splits its reduction across programs.
     from kernels.triton_lora import choose_split_k
+    _decode_cfg(monkeypatch, max_tokens=0)           # the two-launch path, not the decode one
     p = make_problem(num_tokens=7, hidden=2100, widths=[24], max_rank=16, ranks=[16, 8],
                      mix="some_without", dtype=torch.float32, device=device)
     assert choose_split_k(7, p.meta.max_loras, 1, 2100, torch.device(device)) > 1
@@ -130,3 +131,71 @@ def test_importing_kernels_does_not_import_triton():
             "sys.exit('triton' in sys.modules)")
     root = Path(__file__).resolve().parents[2]
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
+
+
+# ---- decode path (kernels/lora_decode.py): one launch for small batches ----------------------
+
+def _decode_cfg(monkeypatch, **kw):
+    from kernels import lora_decode
+    cfg = dict(lora_decode.DECODE_CONFIG, **kw)
+    monkeypatch.setattr(lora_decode, "DECODE_CONFIG", cfg)
+    return lora_decode
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("mix,num_tokens", [("distinct", 7), ("uniform", 7), ("some_without", 9),
+                                            ("skewed", 12), ("all_without", 3)])
+def test_decode_path_matches_loop(mix, num_tokens, fused, monkeypatch, device):
+    # Small column tiles and few programs per SM: several m-tiles per slot (uniform puts 7
+    # tokens on one slot, 4 rows a tile) and several column sub-tiles per program.
+    dec = _decode_cfg(monkeypatch, fused=fused, tile_elems=512, programs_per_sm=1,
+                      max_rows_per_slot=8, k_iters=1, max_split_k=3)
+    p = make_problem(num_tokens=num_tokens, hidden=100, widths=[72, 40, 24], max_rank=16,
+                     ranks=[16, 8, 1], mix=mix, dtype=torch.float32, device=device)
+    plan = dec.decode_plan(num_tokens, p.meta.max_loras, 100, 16, [72, 40, 24],
+                           torch.device(device))
+    assert plan is not None and plan["split_k"] == 3
+    assert device.type == "cuda" or plan["nsub"] > 1
+    y = _run(triton_ops, p)
+    _check(p, y, torch.float32)
+    assert rel_error(y, _run(torch_ops, p)) < 1e-5
+    if fused:   # the counters are back to zero for the next launch
+        assert not dec._SYNC[(p.x.device.type, p.x.device.index)].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("max_rank", [8, 64])
+def test_decode_path_dtypes_ranks_and_odd_sizes(dtype, max_rank, monkeypatch, device):
+    dec = _decode_cfg(monkeypatch)
+    ranks = [1, 8, 16, 64] if max_rank == 64 else [1, 8]
+    p = make_problem(num_tokens=5, hidden=133, widths=[61], max_rank=max_rank, ranks=ranks,
+                     mix="some_without", dtype=dtype, device=device, seed=3)
+    assert dec.decode_plan(5, p.meta.max_loras, 133, max_rank, [61],
+                           torch.device(device)) is not None
+    y = _run(triton_ops, p)
+    assert y.dtype == dtype
+    _check(p, y, dtype)
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_strided_slot_views_into_one_buffer(decode, monkeypatch, device):
+    # Slot buffers as views into one big tensor (non-unit, non-contiguous slot strides), as
+    # an engine may lay out its slots: the kernels must follow the tensors' strides.
+    if not decode:
+        _decode_cfg(monkeypatch, max_tokens=0)
+    p = make_problem(num_tokens=7, hidden=72, widths=WIDTHS, max_rank=16, ranks=[16, 4],
+                     mix="some_without", dtype=torch.float32, device=device)
+    L = p.meta.max_loras
+    big_a = torch.zeros(L, 3, 2, 16, 72, device=device)          # [L, slice, pad, R, H]
+    big_b = torch.zeros(2, L, 3, 40 + 7, 16, device=device)      # [pad, L, slice, N+pad, R]
+    views_a, views_b = [], []
+    for s, (a, b) in enumerate(zip(p.lora_a, p.lora_b)):
+        big_a[:, s, 1].copy_(a)
+        big_b[1, :, s, :b.shape[1]].copy_(b)
+        views_a.append(big_a[:, s, 1])
+        views_b.append(big_b[1, :, s, :b.shape[1]])
+    assert not views_a[0].is_contiguous() and not views_b[0].is_contiguous()
+    y = p.y.clone()
+    triton_ops.add_lora(y, p.x, views_a, views_b, p.meta, p.offsets)
+    _check(p, y, torch.float32)
+    assert rel_error(y, _run(torch_ops, p)) < 1e-5

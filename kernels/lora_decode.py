@@ -1,0 +1,148 @@
+"""Decode path of the Triton LoRA backend: shrink + expand in one launch for small batches.
+
+``kernels.triton_lora.add_lora`` calls :func:`try_add_lora_decode` first; it returns False
+(and does nothing) when the batch is not decode-sized or the call has a shape the path does
+not take (more than 3 slices, a caller's buffer, an empty slice), and the two-launch path runs.
+Every choice here is made from host constants (T, widths, max_loras, rank), so a decode step
+takes the same path on every replay of a captured CUDA graph.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from kernels.lora_decode_kernel import lora_decode_kernel
+from kernels.segments import LoRAMeta
+
+# Tuning (H200, docs/BENCHMARKS.md); benchmarks/kernels.py --decode-config overrides entries.
+DECODE_CONFIG = {
+    "max_tokens": 256,         # decode path for T <= this ...
+    "max_rows_per_slot": 4,    # ... and at most this many tokens per slot on average
+    "rows": 4,                 # tokens per m-tile (a slot with more tokens gets more tiles)
+    "fused": True,             # one launch (counters) or two launches of the same items
+    "tile_elems": 8192,        # weight tile elements: BLOCK_N = BLOCK_K = tile_elems // R
+    "k_iters": 4,              # k tiles per shrink item, before the split over H is capped
+    "max_split_k": 16,
+    "programs_per_sm": 2,      # expand items: column chunks sized for this many per SM
+    "num_warps": 4,
+    "num_stages": 2,
+}
+SYNC_WORDS = 1 << 14           # int32 counters per device: ticket + 2 per (m-tile, slice)
+_SYNC: dict[tuple, torch.Tensor] = {}
+_SM_COUNT: dict[int, int] = {}
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _sync_buffer(device: torch.device) -> torch.Tensor | None:
+    """Zeroed counters for the fused launch, one buffer per device, made outside any capture.
+
+    The kernel leaves them zero after every launch. Launches on one device must not overlap
+    (one stream, as the engine and CUDA-graph replays run them). None while a CUDA graph is
+    being captured and the buffer does not exist yet (its memory would belong to the graph).
+    """
+    key = (device.type, device.index)
+    buf = _SYNC.get(key)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _SYNC[key] = torch.zeros(SYNC_WORDS, dtype=torch.int32, device=device)
+    return buf
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int],
+                device: torch.device, cfg: dict | None = None) -> dict | None:
+    """Block sizes and item counts of the decode launch, or None if the path does not apply."""
+    cfg = DECODE_CONFIG if cfg is None else cfg
+    S = len(widths)
+    if not (1 <= T <= cfg["max_tokens"]) or S > 3 or min(widths) <= 0 or rank <= 0:
+        return None
+    active = min(T, max_loras)                       # slots that can hold tokens
+    if T // active > cfg["max_rows_per_slot"]:
+        return None
+    rows = cfg["rows"]
+    block_r = max(16, triton.next_power_of_2(rank))
+    tile = max(32, cfg["tile_elems"] // block_r)
+    block_n = min(tile, 1024, max(16, triton.next_power_of_2(max(widths))))
+    block_k = min(tile, 1024, max(16, triton.next_power_of_2(hidden)))
+    split_k = max(1, min(cfg["max_split_k"], triton.cdiv(hidden, block_k * cfg["k_iters"])))
+    n_mtiles = triton.cdiv(T, rows) + active
+    subtiles = [triton.cdiv(n, block_n) for n in widths]
+    target = cfg["programs_per_sm"] * _num_sms(device)
+    nsub = max(1, (active * sum(subtiles)) // max(1, target))
+    chunks = [triton.cdiv(s, nsub) for s in subtiles]
+    n_ready = n_mtiles * S
+    if 1 + 2 * n_ready > SYNC_WORDS:
+        return None
+    n_shrink = n_mtiles * S * split_k
+    cc = [sum(chunks[:i + 1]) for i in range(S)] + [sum(chunks)] * (3 - S)
+    return {"rows": rows, "block_m": 16, "block_n": block_n, "block_r": block_r,
+            "block_k": block_k, "split_k": split_k, "nsub": nsub, "n_mtiles": n_mtiles,
+            "n_ready": n_ready, "n_shrink": n_shrink, "cc": cc,
+            "n_items": n_shrink + n_mtiles * cc[2], "fused": cfg["fused"],
+            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
+                        lora_b: list[torch.Tensor], meta: LoRAMeta,
+                        slice_offsets: list[int]) -> bool:
+    """y[:, slices] += LoRA(x) in one launch if the batch is decode-sized; False otherwise."""
+    T, H = x.shape
+    R = lora_a[0].shape[1]
+    widths = [b.shape[1] for b in lora_b]
+    plan = decode_plan(T, meta.max_loras, H, R, widths, x.device)
+    if plan is None or any(a.stride() != lora_a[0].stride() for a in lora_a):
+        return False
+    sync = _sync_buffer(x.device) if plan["fused"] else None
+    if plan["fused"] and sync is None:
+        return False
+    S = len(lora_a)
+    pad = 3 - S
+    a_ptrs = lora_a + [lora_a[0]] * pad
+    b_ptrs = lora_b + [lora_b[0]] * pad
+    b_strides = [s for t in b_ptrs for s in t.stride()]
+    widths = widths + [0] * pad
+    offs = list(slice_offsets) + [0] * pad
+    work = torch.empty(plan["split_k"], S, T, R, dtype=torch.float32, device=x.device)
+    if sync is None:
+        sync = work                     # unused by the two-launch variant
+    cc0, cc01, cc_all = plan["cc"]
+    args = (x, *a_ptrs, *b_ptrs, y, work, sync,
+            meta.sorted_token_ids, meta.slot_token_counts, meta.slot_token_starts,
+            H, R, meta.max_loras, *widths, *offs, cc0, cc01, cc_all)
+    strides = (x.stride(0), x.stride(1), *lora_a[0].stride(), *b_strides,
+               y.stride(0), y.stride(1), work.stride(0), work.stride(1), work.stride(2))
+    consts = dict(NUM_SLICES=S, ROWS=plan["rows"], BLOCK_M=plan["block_m"],
+                  BLOCK_N=plan["block_n"], BLOCK_R=plan["block_r"], BLOCK_K=plan["block_k"],
+                  BLOCK_L=max(16, triton.next_power_of_2(meta.max_loras)),
+                  SPLIT_K=plan["split_k"], PRECISION=_precision(lora_b[0].dtype),
+                  UPCAST=_interpreted(), num_warps=plan["num_warps"],
+                  num_stages=plan["num_stages"])
+    n_shrink, n_items, n_ready, nsub = (plan["n_shrink"], plan["n_items"], plan["n_ready"],
+                                        plan["nsub"])
+    if plan["fused"]:
+        lora_decode_kernel[(n_items,)](*args, 0, n_shrink, n_items, n_ready, nsub, *strides,
+                                       FUSED=True, **consts)
+    else:
+        lora_decode_kernel[(n_shrink,)](*args, 0, n_shrink, n_items, n_ready, nsub, *strides,
+                                        FUSED=False, **consts)
+        lora_decode_kernel[(n_items - n_shrink,)](*args, n_shrink, n_shrink, n_items, n_ready,
+                                                  nsub, *strides, FUSED=False, **consts)
+    return True

@@ -1,0 +1,172 @@
+"""Triton kernel for decode-sized multi-adapter LoRA: shrink and expand in one launch.
+
+Work items (one per program) are numbered: first the shrink items (m-tile, slice, k-part),
+then the expand items (m-tile, column chunk of one slice). An m-tile is up to ROWS tokens of
+one slot, found from the per-slot counts in device memory (as in kernels/triton_kernels.py),
+so the grid depends on host constants only and the launch can be captured in a CUDA graph.
+
+FUSED=True: one launch. Each program takes a ticket (an atomic counter) and does the item
+with that number, so every item a program waits for was taken by a program that is already
+running: a shrink item stores its partial product [ROWS, R] and counts itself done on a
+per-(m-tile, slice) counter; an expand item loads its y and starts its weights first, waits
+for that counter to reach SPLIT_K, sums the partials and streams its columns. The last
+program to use a counter sets it back to zero, so the counters (``sync``, int32, zero before
+the first launch) are ready for the next launch without a reset kernel.
+FUSED=False: the same items in two launches (shrink items, then expand items), no counters.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.triton_kernels import _find_tile
+
+
+@triton.jit
+def lora_decode_kernel(
+    x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, work_ptr, sync_ptr,
+    sorted_ptr, counts_ptr, starts_ptr,
+    H, R, L, n0, n1, n2, off0, off1, off2,
+    cc0, cc01, cc_all, first_item, n_shrink, n_items, n_ready, nsub,
+    s_xt, s_xh, s_al, s_ar, s_ah,
+    s_bl0, s_bn0, s_br0, s_bl1, s_bn1, s_br1, s_bl2, s_bn2, s_br2,
+    s_yt, s_yn, s_wk, s_ws, s_wt,
+    NUM_SLICES: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_L: tl.constexpr, SPLIT_K: tl.constexpr, FUSED: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    if FUSED:
+        t = tl.atomic_add(sync_ptr, 1)
+        if t == n_items - 1:            # every ticket is taken: ready for the next launch
+            tl.atomic_xchg(sync_ptr, 0)
+    else:
+        t = first_item + tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    if t < n_shrink:
+        # ---- shrink item: work[kp, sid, tok, :] = x[tok, k-part] @ A_sid[slot][:, k-part].T
+        m = t // (NUM_SLICES * SPLIT_K)
+        rem = t % (NUM_SLICES * SPLIT_K)
+        sid = rem // SPLIT_K
+        kp = rem % SPLIT_K
+        slot, row0, count, start = _find_tile(m, counts_ptr, starts_ptr, L, ROWS, BLOCK_L)
+        if slot < L:
+            if sid == 0:
+                a_ptr = a0_ptr
+            elif sid == 1:
+                a_ptr = a1_ptr
+            else:
+                a_ptr = a2_ptr
+            offs_m = row0 + rows
+            mask_m = (rows < ROWS) & (offs_m < count)
+            tok = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+            x_rows = x_ptr + tok[:, None] * s_xt
+            a_cols = a_ptr + slot.to(tl.int64) * s_al + offs_r[None, :] * s_ar
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k in range(kp * BLOCK_K, H, SPLIT_K * BLOCK_K):
+                offs_k = k + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < H
+                xt = tl.load(x_rows + offs_k[None, :] * s_xh,
+                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)   # [BM, BK]
+                at = tl.load(a_cols + offs_k[:, None] * s_ah,
+                             mask=mask_k[:, None] & mask_r[None, :], other=0.0)   # [BK, BR]
+                if UPCAST:
+                    acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc,
+                                 input_precision=PRECISION)
+                else:
+                    acc = tl.dot(xt.to(at.dtype), at, acc, input_precision=PRECISION)
+            w_ptrs = work_ptr + kp * s_wk + sid * s_ws + tok[:, None] * s_wt + offs_r[None, :]
+            tl.store(w_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
+            if FUSED:
+                # All threads' stores happen before the one release by the program.
+                tl.debug_barrier()
+                tl.atomic_add(sync_ptr + 1 + m * NUM_SLICES + sid, 1, sem="release",
+                              scope="gpu")
+    else:
+        # ---- expand item: y[tok, cols] += sum_kp(work[kp, sid, tok]) @ B_sid[slot][cols].T
+        e = t - n_shrink
+        m = e // cc_all
+        c = e % cc_all
+        if c < cc0:
+            sid = 0
+            b_ptr = b0_ptr
+            c_local = c
+            n_chunks = cc0
+            N = n0
+            col0 = off0
+            s_bl = s_bl0
+            s_bn = s_bn0
+            s_br = s_br0
+        elif c < cc01:
+            sid = 1
+            b_ptr = b1_ptr
+            c_local = c - cc0
+            n_chunks = cc01 - cc0
+            N = n1
+            col0 = off1
+            s_bl = s_bl1
+            s_bn = s_bn1
+            s_br = s_br1
+        else:
+            sid = 2
+            b_ptr = b2_ptr
+            c_local = c - cc01
+            n_chunks = cc_all - cc01
+            N = n2
+            col0 = off2
+            s_bl = s_bl2
+            s_bn = s_bn2
+            s_br = s_br2
+        slot, row0, count, start = _find_tile(m, counts_ptr, starts_ptr, L, ROWS, BLOCK_L)
+        if slot < L:
+            offs_m = row0 + rows
+            mask_m = (rows < ROWS) & (offs_m < count)
+            tok = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+            y_rows = y_ptr + tok[:, None] * s_yt
+            b_base = b_ptr + slot.to(tl.int64) * s_bl
+            n_first = c_local * nsub * BLOCK_N
+            offs_n = n_first + tl.arange(0, BLOCK_N)
+            n_end = tl.minimum(N, n_first + nsub * BLOCK_N)     # this chunk's columns
+            # y of the first tile is read before waiting for the shrink: it does not depend on it.
+            yt = tl.load(y_rows + (col0 + offs_n)[None, :] * s_yn,
+                         mask=mask_m[:, None] & (offs_n < N)[None, :], other=0.0)
+            if FUSED:
+                idx = 1 + m * NUM_SLICES + sid
+                done = tl.atomic_add(sync_ptr + idx, 0, sem="acquire", scope="gpu")
+                while done < SPLIT_K:
+                    done = tl.atomic_add(sync_ptr + idx, 0, sem="acquire", scope="gpu")
+            it = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            w_ptrs = work_ptr + sid * s_ws + tok[:, None] * s_wt + offs_r[None, :]
+            for p in tl.static_range(SPLIT_K):
+                # .cg: the partial sums were written by other programs of this launch.
+                it += tl.load(w_ptrs + p * s_wk, mask=mask_m[:, None] & mask_r[None, :],
+                              other=0.0, cache_modifier=".cg")
+            it_b = it.to(b_ptr.dtype.element_ty)
+            if UPCAST:
+                it_b = it_b.to(tl.float32)
+            for j in range(nsub):
+                mask_n = offs_n < N
+                bt = tl.load(b_base + offs_r[:, None] * s_br + offs_n[None, :] * s_bn,
+                             mask=mask_r[:, None] & mask_n[None, :], other=0.0)   # [BR, BN]
+                nxt = offs_n + BLOCK_N
+                y_next = tl.load(y_rows + (col0 + nxt)[None, :] * s_yn,
+                                 mask=mask_m[:, None] & (nxt < n_end)[None, :],
+                                 other=0.0)
+                if UPCAST:
+                    acc = tl.dot(it_b, bt.to(tl.float32), input_precision=PRECISION)
+                else:
+                    acc = tl.dot(it_b, bt, input_precision=PRECISION)
+                tl.store(y_rows + (col0 + offs_n)[None, :] * s_yn,
+                         (yt.to(tl.float32) + acc).to(y_ptr.dtype.element_ty),
+                         mask=mask_m[:, None] & mask_n[None, :])
+                yt = y_next
+                offs_n = nxt
+            if FUSED:
+                used_idx = 1 + n_ready + m * NUM_SLICES + sid
+                used = tl.atomic_add(sync_ptr + used_idx, 1, sem="acq_rel", scope="gpu")
+                if used == n_chunks - 1:   # the last reader of this counter resets it
+                    tl.atomic_xchg(sync_ptr + 1 + m * NUM_SLICES + sid, 0, sem="relaxed",
+                                   scope="gpu")
+                    tl.atomic_xchg(sync_ptr + used_idx, 0, sem="relaxed", scope="gpu")

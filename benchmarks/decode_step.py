@@ -50,6 +50,7 @@ def step_times(eng, adapters, prompts, reps: int) -> dict:
     for triton_path in (True, False):
         eng.runner.model.use_triton_ops = triton_path
         eng.runner.graphs.graphs.clear()
+        eng.runner.graphs.pool = None  # the freed graphs' pool cannot be captured into again
         eng.generate(prompts, _params(4), None, use_tqdm=False)
         eng.generate(prompts, _params(4), [reqs[i % 32] for i in range(n)], use_tqdm=False)
         res["triton" if triton_path else "torch"] = _replays(eng.runner.graphs, reps)
@@ -114,6 +115,21 @@ def kernel_times(model, batch: int, avg_len: int) -> dict:
     bench("attention_triton_8rows_4k_us", lambda: decode_attention(
         qkv[:8, :h * D], big, big, rows[:8], long_pos))
     out["attention_kv_bytes_per_step_layer"] = int((pos + 1).sum()) * kvh * D * 2 * 2
+    # the base GEMMs at M = batch (cuBLAS picks by shape), over 8 layers' weights so that
+    # L2 (50 MB) does not serve them: achieved TB/s of the weight read
+    xs = {k: torch.randn(batch, k, device=dev, dtype=dt, generator=g) for k in (H, inter)}
+    layers = model.layers[:8]
+    weights = {"qkv": [m.self_attn.qkv_proj.weight for m in layers],
+               "o": [m.self_attn.o_proj.weight for m in layers],
+               "gate_up": [m.mlp.gate_up_proj.weight for m in layers],
+               "down": [m.mlp.down_proj.weight for m in layers]}
+    for name, ws in weights.items():
+        xw = xs[ws[0].shape[1]]
+        for how, fn in (("linear", lambda: [torch.nn.functional.linear(xw, w) for w in ws]),
+                        ("mm_swapped", lambda: [torch.mm(w, xw.t()) for w in ws])):
+            us = do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3 / len(ws)
+            out[f"gemm_{name}_{how}"] = {"us": round(us, 1),
+                                         "tb_per_s": round(ws[0].numel() * 2 / us / 1e6, 2)}
     return out
 
 

@@ -101,4 +101,6 @@ class DecodeGraphs:
         if entry is None:
             entry = self.graphs[key] = self._capture(*key)
         entry[0].replay()
+        if rows == list(range(B)):  # rows already in batch order: a view, no 33 MB gather
+            return entry[1][:B]
         return entry[1].index_select(0, self.dev[ORDER, :B])

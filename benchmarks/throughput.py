@@ -85,10 +85,10 @@ def _time_prefill(eng, device: str) -> list:
     acc = [0.0, 0]
     orig = type(eng.runner).prefill.__get__(eng.runner)
 
-    def timed(seqs, slots):
+    def timed(seqs, slots, chunks=None):
         _sync(device)
         t = time.perf_counter()
-        out = orig(seqs, slots)
+        out = orig(seqs, slots, chunks)
         _sync(device)
         acc[0] += time.perf_counter() - t
         acc[1] += 1
@@ -98,24 +98,99 @@ def _time_prefill(eng, device: str) -> list:
 
 
 def adapter_swap_ms(eng, adapters: list[Path], device: str, reps: int = 5) -> dict:
-    """Time writing one adapter from the (pinned) CPU cache into its GPU slot."""
+    """Time writing one adapter from the (pinned) CPU cache into its GPU slot: the slot-major
+    layout (one copy per targeted kind and matrix) and, in the same run, the old per-slice
+    method (zero + copy per slice per layer) over the same buffers."""
     from engine import LoRARequest
 
     req = LoRARequest("swap", 10_000, str(adapters[0]))
     eng.add_lora(req)
     weights = eng.loras.cpu.get(req)
+    gpu = eng.loras.gpu
     slot = eng.loras.activate(req, set())
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t = time.perf_counter()
-        eng.loras.gpu._write(slot, weights)
-        _sync(device)
-        times.append((time.perf_counter() - t) * 1e3)
+
+    def per_slice():  # the method before the slot-major layout, for comparison
+        for layer, _, mod in eng.model.lora_layers():
+            for s, name in enumerate(mod.slice_names):
+                mod.lora_a[s][slot].zero_()
+                mod.lora_b[s][slot].zero_()
+                ab = weights.tensors.get((layer, name))
+                if ab is not None:
+                    r = ab[0].shape[0]
+                    mod.lora_a[s][slot, :r].copy_(ab[0], non_blocking=True)
+                    mod.lora_b[s][slot, :, :r].copy_(ab[1], non_blocking=True)
+
+    def timed(fn):
+        times = []
+        for _ in range(reps):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append((time.perf_counter() - t) * 1e3)
+        return times
+    copies = gpu.copies
+    new = timed(lambda: gpu._write(slot, weights))
+    old = timed(per_slice)
     eng.remove_lora(req.lora_int_id)
-    return {"median_ms": round(sorted(times)[len(times) // 2], 3), "all_ms": [round(t, 3) for t in times],
-            "adapter_bytes": weights.nbytes, "pinned": all(
-                t.is_pinned() for ab in weights.tensors.values() for t in ab)}
+    return {"median_ms": _median(new), "all_ms": [round(t, 3) for t in new],
+            "copies_per_swap": (gpu.copies - copies) // reps,
+            "per_slice_method_median_ms": _median(old), "per_slice_all_ms": [round(t, 3) for t in old],
+            "adapter_bytes": weights.nbytes, "slot_buffer_bytes": gpu.nbytes,
+            "pinned": all(t.is_pinned() for ab in weights.staged.values() for t in ab)}
+
+
+def _median(t: list[float]) -> float:
+    return round(sorted(t)[len(t) // 2], 3)
+
+
+def cold_load_overlap(eng, adapters: list[Path], prompts, p: dict, rows: int = 48,
+                      idle_steps: int = 20) -> dict:
+    """Decode step wall time of a running batch while a request with a cold adapter (not in
+    either cache) loads in the background and is copied into a slot on the side stream, against
+    idle decode steps; and what a synchronous load (the old add_request path) would stall."""
+    from engine import LoRARequest
+
+    n_res = min(8, len(adapters))
+    res_reqs = [LoRARequest(f"a{i}", i + 1, str(adapters[i])) for i in range(n_res)]
+    for i in range(rows):
+        eng.add_request(f"ov{i}", prompts[i % len(prompts)], _params(p["new_tokens"]),
+                        res_reqs[i % n_res])
+    while any(s.prefilling or not s.output_token_ids for s in eng.scheduler.running) \
+            or eng.scheduler.waiting:
+        eng.step()
+    for _ in range(3):  # warm (graph of this row count)
+        eng.step()
+
+    def step_ms():
+        t = time.perf_counter()
+        eng.step()
+        return (time.perf_counter() - t) * 1e3
+    idle = [step_ms() for _ in range(idle_steps)]
+    load_before = eng.loras.cpu.load_seconds
+    cold = LoRARequest("cold", 20_000, str(adapters[-1]))
+    t0 = time.perf_counter()
+    eng.add_request("cold", prompts[0], _params(4), cold)
+    add_ms = (time.perf_counter() - t0) * 1e3
+    during, seq = [], eng._seqs["cold"]
+    while seq.num_computed_tokens == 0:
+        during.append(step_ms())
+    admitted_ms = (time.perf_counter() - t0) * 1e3
+    load_ms = (eng.loras.cpu.load_seconds - load_before) * 1e3
+    for rid in list(eng._seqs):
+        eng.abort_request(rid)
+    sync_req = LoRARequest("cold-sync", 20_001, str(adapters[-2]))
+    t = time.perf_counter()
+    eng.add_lora(sync_req)  # what add_request did before: the step loop waited for this
+    sync_ms = (time.perf_counter() - t) * 1e3
+    return {"running_rows": rows, "idle_step_median_ms": _median(idle),
+            "add_request_ms": round(add_ms, 3),
+            "steps_while_loading": len(during) - 1,
+            "step_while_loading_median_ms": _median(during[:-1]) if len(during) > 1 else None,
+            "step_while_loading_max_ms": round(max(during[:-1]), 3) if len(during) > 1 else None,
+            "admission_step_ms": round(during[-1], 3),
+            "background_load_ms": round(load_ms, 3), "add_to_admitted_ms": round(admitted_ms, 3),
+            "synchronous_load_ms": round(sync_ms, 3)}
 
 
 def replay_ms(graphs, reps: int = 20) -> dict:
@@ -332,6 +407,7 @@ def gpu_runs(model: str, adapters, prompts, p: dict, load_format: str, config: d
         attempt("lorry_mixed" if k == len(adapters) else f"lorry_{k}",
                 lambda k=k: run_lorry(eng, adapters, k, prompts, p, "cuda"))
     attempt("adapter_swap", lambda: adapter_swap_ms(eng, adapters, "cuda"))
+    attempt("cold_adapter_overlap", lambda: cold_load_overlap(eng, adapters, prompts, p))
     attempt("graph_replay_ms", lambda: replay_ms(eng.runner.graphs))
     graphs, eng.runner.graphs = eng.runner.graphs, None  # the same engine without CUDA graphs
     attempt("lorry_mixed_eager", lambda: run_lorry(eng, adapters, len(adapters),

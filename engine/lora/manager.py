@@ -51,7 +51,7 @@ class LoRAManager:
             weights = self._load(request)
         except LoRAError:
             raise
-        except Exception as e:  # I/O, hub or torch errors: still this adapter's refusal  # noqa: BLE001
+        except Exception as e:  # I/O, hub or torch errors: still this adapter's refusal
             raise LoRAError(f"adapter {request.lora_name!r} ({request.lora_path}) cannot be "
                             f"loaded: {type(e).__name__}: {e}") from e
         return weights, time.perf_counter() - start

@@ -168,10 +168,9 @@ def _simulate(max_bypass, steps=200):
     sch.add(_seq("first", 1))
     waiter = _seq("waiter", 2)
     sch.add(waiter)
-    age, n = {}, 0
+    age = {}
     for step in range(steps):
-        n += 1
-        sch.add(_seq(f"s{n}", 1))
+        sch.add(_seq(f"s{step}", 1))
         plan = sch.schedule()
         if waiter in plan.seqs:
             return step

@@ -98,6 +98,7 @@ def test_max_model_len(engine):
 def test_step_api_abort_and_outputs(engine, tiny_llama):
     lora = LoRARequest("qv", 1, str(tiny_llama.adapters["qv_r8"]))
     sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    engine.add_lora(lora)  # warm: a cold adapter would load in the background while b runs
     engine.add_request("a", "first", sp, lora)
     engine.add_request("b", "second", SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
     with pytest.raises(ValueError, match="already in use"):

@@ -126,7 +126,9 @@ def kernel_times(model, batch: int, avg_len: int) -> dict:
     for name, ws in weights.items():
         xw = xs[ws[0].shape[1]]
         for how, fn in (("linear", lambda: [torch.nn.functional.linear(xw, w) for w in ws]),
-                        ("mm_swapped", lambda: [torch.mm(w, xw.t()) for w in ws])):
+                        ("mm_swapped", lambda: [torch.mm(w, xw.t()) for w in ws]),
+                        ("mm_swapped_contiguous",
+                         lambda: [torch.mm(w, xw.t()).t().contiguous() for w in ws])):
             us = do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3 / len(ws)
             out[f"gemm_{name}_{how}"] = {"us": round(us, 1),
                                          "tb_per_s": round(ws[0].numel() * 2 / us / 1e6, 2)}

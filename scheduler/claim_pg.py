@@ -1,11 +1,15 @@
-"""PostgreSQL claim: one read-only snapshot statement, then one statement that leases the
-planned jobs (FOR UPDATE SKIP LOCKED) and updates the summary, fair-share and worker rows."""
+"""PostgreSQL claim: a read-only snapshot statement (cached between claims, see
+scheduler.claim_cache) and one statement that leases the planned jobs (FOR UPDATE SKIP
+LOCKED) and updates the summary, fair-share and worker rows. Both run on the bare psycopg
+cursor (prepared; rows as tuples): SQLAlchemy's compile and row layers cost more client
+time than the server spends on them."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 
-from sqlalchemy import text
+from scheduler.claim_cache import GENERATION, ClaimSnapshot
+from scheduler.db import epoch_seconds
+from scheduler.policy import Group
 
 HEARTBEAT_REFRESH_S = 5.0  # a claim rewrites an unchanged worker row at most this often
 
@@ -17,23 +21,23 @@ HEARTBEAT_REFRESH_S = 5.0  # a claim rewrites an unchanged worker row at most th
 # its jobs are still queued and run again (at-least-once); the worker's complete() for them
 # is fenced by a lease token that no longer exists and changes nothing. WAL is flushed in
 # order, so a completion (synchronous commit) being durable implies its claim is durable.
-CLAIM_SQL = text("""
+CLAIM_SQL = """
 WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS v),
 want AS (
-  SELECT w.* FROM cfg, unnest(CAST(:tenants AS text[]), CAST(:adapters AS bigint[]),
-                              CAST(:priorities AS int[]), CAST(:counts AS int[]))
+  SELECT w.* FROM cfg, unnest(CAST(%(tenants)s AS text[]), CAST(%(adapters)s AS bigint[]),
+                              CAST(%(priorities)s AS int[]), CAST(%(counts)s AS int[]))
          AS w(tenant_id, adapter_id, priority, n)),
 picked AS MATERIALIZED (
   SELECT p.id FROM want CROSS JOIN LATERAL (
     SELECT j.id FROM jobs j
     WHERE j.status = 'queued' AND j.tenant_id = want.tenant_id
       AND j.adapter_id = want.adapter_id AND j.priority = want.priority
-      AND j.enqueued_at <= :now AND (j.deadline IS NULL OR j.deadline > :now)
+      AND j.enqueued_at <= %(now)s AND (j.deadline IS NULL OR j.deadline > %(now)s)
     ORDER BY j.enqueued_at LIMIT want.n FOR UPDATE SKIP LOCKED) p),
 claimed AS (
-  UPDATE jobs SET status = 'running', worker_id = :worker, lease_token = :token,
-         lease_expires_at = :expires, attempts = jobs.attempts + 1, not_before = NULL,
-         started_at = COALESCE(jobs.started_at, :now)
+  UPDATE jobs SET status = 'running', worker_id = %(worker)s, lease_token = %(token)s,
+         lease_expires_at = %(expires)s, attempts = jobs.attempts + 1, not_before = NULL,
+         started_at = COALESCE(jobs.started_at, %(now)s)
   FROM picked WHERE jobs.id = picked.id AND jobs.status = 'queued'
   RETURNING jobs.id, jobs.tenant_id, jobs.adapter_id, jobs.priority, jobs.adapter_name,
             jobs.prompt, jobs.messages, jobs.sampling, jobs.attempts, jobs.enqueued_at),
@@ -48,66 +52,70 @@ groups AS (
     AND g.priority = pg.priority
   RETURNING 1),
 served AS (
-  UPDATE tenants t SET served = GREATEST(t.served, :floor) + s.n / GREATEST(t.weight, 1e-9)
+  UPDATE tenants t SET served = GREATEST(t.served, %(floor)s) + s.n / GREATEST(t.weight, 1e-9)
   FROM (SELECT tenant_id, sum(n) AS n FROM per_group GROUP BY tenant_id) s
   WHERE t.id = s.tenant_id
   RETURNING 1),
 me AS (
   -- Only when the snapshot found the worker row stale (caches changed, heartbeat old).
   INSERT INTO workers (id, heartbeat_at, hot, warm, capacity)
-  SELECT :worker, :now, CAST(:hot AS json), CAST(:warm AS json), 0 WHERE :touch
+  SELECT %(worker)s, %(now)s, CAST(%(hot)s AS json), CAST(%(warm)s AS json), 0 WHERE %(touch)s
   ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, hot = excluded.hot,
                                  warm = excluded.warm
   RETURNING 1)
-SELECT id, tenant_id, adapter_id, adapter_name, prompt, messages, sampling, attempts
-FROM claimed
-""")
+-- With the adapter's row (NULL: base model, or deleted), so no second round trip reads it.
+-- sampling as text: jobs of one submit usually share it, so the client decodes it once.
+SELECT c.id, c.tenant_id, c.adapter_id, c.adapter_name, c.prompt, c.messages, c.sampling::text,
+       c.attempts, c.priority, c.enqueued_at, a.id, a.name, a.source, a.revision, a.tenant_id,
+       a.rank, a.status, a.base_model, a.created_at
+FROM claimed c LEFT JOIN adapters a ON a.id = c.adapter_id
+"""
 
-TOUCH_SQL = text("""
+TOUCH_SQL = """
 INSERT INTO workers (id, heartbeat_at, hot, warm, capacity)
-VALUES (:worker, :now, CAST(:hot AS json), CAST(:warm AS json), 0)
+VALUES (%(worker)s, %(now)s, CAST(%(hot)s AS json), CAST(%(warm)s AS json), 0)
 ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, hot = excluded.hot,
                                warm = excluded.warm
-""")
+"""
 
 
-def _worker_params(worker_id, now, me) -> dict:
-    return dict(worker=worker_id, now=now, hot=json.dumps(me.hot), warm=json.dumps(me.warm))
-
-
-def claim_rows(conn, takes, *, now, worker_id, token, expires, floor, me) -> list:
-    """Lease the planned takes (and refresh the worker row when me.stale); returns the
-    claimed job rows."""
-    return conn.execute(CLAIM_SQL, dict(
+def claim_rows(cur, takes, *, now, worker_id, token, expires, floor, touch, hot, warm) -> list:
+    """Lease the planned takes (and rewrite the worker row when touch); returns the claimed
+    jobs as tuples (id, tenant_id, adapter_id, adapter_name, prompt, messages, sampling JSON text,
+    attempts, priority, enqueued_at, then the adapter's id, name, source, revision,
+    tenant_id, rank, status, base_model, created_at). cur: a psycopg cursor (autocommit)."""
+    cur.execute(CLAIM_SQL, dict(
         tenants=[t.group.tenant_id for t in takes], adapters=[t.group.adapter_id for t in takes],
         priorities=[t.group.priority for t in takes], counts=[t.count for t in takes],
-        token=token, expires=expires, floor=floor, touch=me.stale,
-        **_worker_params(worker_id, now, me))).all()
+        token=token, expires=expires, floor=floor, touch=touch, worker=worker_id, now=now,
+        hot=json.dumps(hot), warm=json.dumps(warm)), prepare=True)
+    return cur.fetchall()
 
 
-def touch_worker(conn, worker_id, now, me) -> None:
+def touch_worker(cur, worker_id, now, hot, warm) -> None:
     """Record the worker's caches and heartbeat (a claim that leased nothing)."""
-    conn.execute(TOUCH_SQL, _worker_params(worker_id, now, me))
+    cur.execute(TOUCH_SQL, dict(worker=worker_id, now=now, hot=json.dumps(hot),
+                                warm=json.dumps(warm)))
 
 
 # Everything a claim reads, in one read-only autocommit round trip (no WAL flush): the
 # worker's hot/warm resolved to ids and its stored row, the hot lists of the other live
 # workers, and the candidate groups with their tenant's weight and fair-share counter (one
 # row per group; a single row with NULL group columns when nothing is queued).
-SNAPSHOT_SQL = text("""
+SNAPSHOT_SQL = """
 WITH hot_ids AS (
-  SELECT id FROM adapters WHERE id = ANY(CAST(:hot_ids AS bigint[]))
-                             OR name = ANY(CAST(:hot_names AS text[]))),
+  SELECT id FROM adapters WHERE id = ANY(CAST(%(hot_ids)s AS bigint[]))
+                             OR name = ANY(CAST(%(hot_names)s AS text[]))),
 warm_ids AS (
-  SELECT id FROM adapters WHERE id = ANY(CAST(:warm_ids AS bigint[]))
-                             OR name = ANY(CAST(:warm_names AS text[]))),
+  SELECT id FROM adapters WHERE id = ANY(CAST(%(warm_ids)s AS bigint[]))
+                             OR name = ANY(CAST(%(warm_names)s AS text[]))),
 cand AS (
   (SELECT tenant_id, adapter_id, priority, queued_count, oldest_enqueued_at
-   FROM queue_groups WHERE queued_count > 0 ORDER BY oldest_enqueued_at LIMIT :overdue)
+   FROM queue_groups WHERE queued_count > 0 ORDER BY oldest_enqueued_at LIMIT %(overdue)s)
   UNION
   (SELECT tenant_id, adapter_id, priority, queued_count, oldest_enqueued_at
    FROM queue_groups WHERE queued_count > 0 AND priority > 0
-   ORDER BY priority DESC, oldest_enqueued_at LIMIT :by_priority)
+   ORDER BY priority DESC, oldest_enqueued_at LIMIT %(by_priority)s)
   UNION
   (SELECT tenant_id, adapter_id, priority, queued_count, oldest_enqueued_at
    FROM queue_groups WHERE queued_count > 0
@@ -118,40 +126,51 @@ cand AS (
   (SELECT DISTINCT ON (tenant_id) tenant_id, adapter_id, priority, queued_count,
           oldest_enqueued_at
    FROM queue_groups WHERE queued_count > 0 ORDER BY tenant_id, oldest_enqueued_at)),
-me AS (SELECT hot, warm, heartbeat_at FROM workers WHERE id = :worker)
+me AS (SELECT hot, warm, heartbeat_at FROM workers WHERE id = %(worker)s)
 SELECT c.tenant_id, c.adapter_id, c.priority, c.queued_count, c.oldest_enqueued_at,
        t.weight, t.served, s.*
 FROM (SELECT ARRAY(SELECT id FROM hot_ids ORDER BY id) AS hot,
              ARRAY(SELECT id FROM warm_ids ORDER BY id) AS warm,
              -- JSON as text, repeated on every row but parsed once (from the first row).
              (SELECT json_agg(w.hot) FROM workers w
-              WHERE w.id <> :worker AND w.heartbeat_at > :live_after)::text AS others,
+              WHERE w.id <> %(worker)s AND w.heartbeat_at > %(live_after)s)::text AS others,
              (SELECT hot::text FROM me) AS me_hot, (SELECT warm::text FROM me) AS me_warm,
              (SELECT heartbeat_at FROM me) AS me_beat) s
 LEFT JOIN (cand c JOIN tenants t ON t.id = c.tenant_id) ON true
-""")
+"""
 
 
-class WorkerState:
-    """The asking worker's caches as ids, and whether its stored row needs rewriting."""
-
-    def __init__(self, row, now):
-        self.hot, self.warm = list(row.hot), list(row.warm)
-        self.others = {x for lst in json.loads(row.others or "[]") for x in lst or []
-                       if isinstance(x, int)}
-        self.stale = (row.me_beat is None or json.loads(row.me_hot or "[]") != self.hot
-                      or json.loads(row.me_warm or "[]") != self.warm
-                      or row.me_beat < now - timedelta(seconds=HEARTBEAT_REFRESH_S))
-
-
-def snapshot_rows(conn, worker_id, hot, warm, *, now, live_after, overdue, by_priority) -> list:
-    """The snapshot's rows (PER_TENANT is 1 here: DISTINCT ON keeps one group per tenant)."""
+def read_snapshot(cur, worker_id, hot, warm, *, now, live_after, overdue, by_priority,
+                  mono) -> ClaimSnapshot:
+    """The snapshot (PER_TENANT is 1 here: DISTINCT ON keeps one group per tenant)."""
     def split(refs):
         refs = list(refs or [])
         return ([x for x in refs if isinstance(x, int)], [x for x in refs if isinstance(x, str)])
 
     (hot_ids, hot_names), (warm_ids, warm_names) = split(hot), split(warm)
-    return conn.execute(SNAPSHOT_SQL, {
+    generation = GENERATION[0]  # before reading: a write racing the read forces a refresh
+    cur.execute(SNAPSHOT_SQL, {
         "hot_ids": hot_ids, "hot_names": hot_names, "warm_ids": warm_ids,
         "warm_names": warm_names, "worker": worker_id, "live_after": live_after,
-        "overdue": overdue, "by_priority": by_priority}).all()
+        "overdue": overdue, "by_priority": by_priority}, prepare=True)
+    rows = cur.fetchall()
+    first = rows[0]
+    far = epoch_seconds(now) + 1e9
+    groups, weights, served = {}, {}, {}
+    for r in rows:
+        if r[0] is None:
+            continue  # nothing queued: the one row with NULL group columns
+        g = Group(r[0], r[1], r[2], r[3], epoch_seconds(r[4]) if r[4] is not None else far)
+        groups[g.key] = g
+        weights[r[0]], served[r[0]] = r[5], r[6]
+    me_hot, me_warm, me_beat = first[10], first[11], first[12]
+    written = None if me_beat is None else (json.loads(me_hot or "[]"),
+                                            json.loads(me_warm or "[]"), me_beat)
+    hot_list, warm_list = list(first[7]), list(first[8])
+    return ClaimSnapshot(
+        groups=groups, weights=weights, served=served,
+        others={x for lst in json.loads(first[9] or "[]") for x in lst or []
+                if isinstance(x, int)},
+        refs=(tuple(hot or ()), tuple(warm or ())), hot=hot_list, warm=warm_list,
+        written=written, read_at=now, read_mono=mono, generation=generation,
+        existing=set(hot_list) | set(warm_list), requested=set(hot_ids) | set(warm_ids))

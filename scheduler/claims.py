@@ -1,20 +1,23 @@
 """Claiming micro-batches: read a small snapshot, let scheduler.policy choose, lease the jobs
-(PostgreSQL: one SKIP LOCKED statement, see claim_pg; SQLite: one serialized transaction)."""
+(PostgreSQL: one SKIP LOCKED statement, see claim_pg, with the snapshot cached between claims,
+see claim_cache; SQLite: one serialized transaction)."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import timedelta
 
 from sqlalchemy import bindparam, case, func, literal_column, or_, select, union, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
-from scheduler.claim_pg import WorkerState, claim_rows, snapshot_rows, touch_worker
-from scheduler.db import epoch_seconds, insert_for
+from scheduler.claim_cache import bump_generation
+from scheduler.claim_pg import HEARTBEAT_REFRESH_S, claim_rows, read_snapshot, touch_worker
+from scheduler.db import epoch_seconds, insert_for, make_engine
 from scheduler.models import Adapter, Job, QueueGroup, Tenant, Worker
 from scheduler.policy import Group, Snapshot, plan_claim
 from scheduler.rows import adapter_info
-from scheduler.types import ClaimedJob, MicroBatch
+from scheduler.types import AdapterInfo, ClaimedJob, MicroBatch
 
 J, G, A, T, W = (Job.__table__, QueueGroup.__table__, Adapter.__table__, Tenant.__table__,
                  Worker.__table__)
@@ -22,6 +25,12 @@ ADAPTER_CACHE_S = 2.0
 PER_TENANT = 1    # oldest group per tenant in the snapshot (fair-share candidates)
 OVERDUE = 16      # globally oldest groups (aging candidates)
 PRIORITY = 32     # highest-priority groups above the default class
+
+try:  # PostgreSQL's driver; the SQLite path runs without it
+    import psycopg
+    _PG_ERRORS: tuple = (psycopg.OperationalError,)
+except ImportError:  # pragma: no cover
+    _PG_ERRORS = ()
 
 
 class ClaimOps:
@@ -36,49 +45,124 @@ class ClaimOps:
             raise ValueError(f"free_slots must be an int >= 0, got {free_slots!r}")
         if free_slots == 0:
             return []
+        pg = self.engine.dialect.name == "postgresql"
         for attempt in range(3):
             try:
+                if pg:
+                    return self._claim_pg(worker_id, hot, warm, free_slots, lease_seconds,
+                                          max_adapters)
                 return self._claim_once(worker_id, hot, warm, free_slots, lease_seconds,
                                         max_adapters)
-            except OperationalError as exc:
+            except Exception as exc:
                 # Two claims updating the same summary rows in opposite orders: PostgreSQL
-                # aborts one of them; nothing was leased, so trying again is safe.
-                if attempt == 2 or "deadlock" not in str(exc.orig).lower():
+                # aborts one of them; a connection lost before the claim's reply. Nothing was
+                # leased (or the lease runs out unused), so trying again is safe.
+                orig = getattr(exc, "orig", exc)
+                retry = ("deadlock" in str(orig).lower()
+                         or getattr(exc, "connection_invalidated", False))
+                if attempt == 2 or not retry or not isinstance(exc, (OperationalError,
+                                                                      DBAPIError) + _PG_ERRORS):
                     raise
         return []
 
+    def _claim_pg(self, worker_id, hot, warm, free_slots, lease_seconds, max_adapters):
+        """One claim statement, after a snapshot read only when the cached one is not usable
+        (see scheduler.claim_cache)."""
+        now, mono, ttl = self.now(), time.monotonic(), self.snapshot_ttl_seconds
+        epoch = epoch_seconds(now)
+        snaps = self.__dict__.setdefault("_claim_snapshots", {})
+        snap = snaps.pop(worker_id, None)  # a thread claiming as the same worker reads anew
+        ids = None
+        if snap is not None and ttl > 0 and snap.usable(now, mono, ttl):
+            ids = snap.resolve(hot, warm)
+        with self._claim_engine().connect() as conn:
+            raw = conn.connection.driver_connection
+            try:
+                cur = raw.cursor()
+                fresh = ids is None
+                if fresh:
+                    snap = self._read_snapshot(cur, worker_id, hot, warm, now, mono)
+                    ids = (snap.hot, snap.warm)
+                plan = self._plan(snap, ids, epoch, free_slots, max_adapters, worker_id)
+                if not fresh and sum(t.count for t in plan.takes) < free_slots:
+                    snap = self._read_snapshot(cur, worker_id, hot, warm, now, mono)
+                    ids = (snap.hot, snap.warm)
+                    plan = self._plan(snap, ids, epoch, free_slots, max_adapters, worker_id)
+                hot_ids, warm_ids = ids
+                touch = snap.worker_stale(hot_ids, warm_ids, now, HEARTBEAT_REFRESH_S)
+                if touch:
+                    snap.written = (hot_ids, warm_ids, now)
+                if not plan.takes:
+                    if touch:
+                        touch_worker(cur, worker_id, now, hot_ids, warm_ids)
+                    snaps[worker_id] = snap
+                    return []
+                token = uuid.uuid4().hex
+                rows = claim_rows(cur, plan.takes, now=now, worker_id=worker_id, token=token,
+                                  expires=now + timedelta(seconds=lease_seconds),
+                                  floor=plan.floor, touch=touch, hot=hot_ids, warm=warm_ids)
+            except _PG_ERRORS:
+                if raw.broken or raw.closed:
+                    conn.invalidate()  # the pool opens a new connection next time
+                raise
+            claimed: dict[int, list[ClaimedJob]] = {}
+            newest: dict[tuple, tuple] = {}
+            infos: dict[int, AdapterInfo] = {}
+            decoded: dict[str, dict] = {}
+            for r in rows:  # columns: see claim_rows
+                sampling = decoded.get(r[6])
+                if sampling is None:
+                    sampling = decoded[r[6]] = json.loads(r[6]) if r[6] is not None else {}
+                claimed.setdefault(r[2], []).append(ClaimedJob(
+                    r[0], token, r[1], r[3], r[4], r[5], dict(sampling), r[7]))
+                key = (r[1], r[2], r[8])
+                n, last = newest.get(key, (0, r[9]))
+                newest[key] = (n + 1, max(last, r[9]))
+                if r[10] is not None and r[10] not in infos:
+                    infos[r[10]] = AdapterInfo(*r[10:19])
+            if ttl > 0 and snap.apply(plan, {k: (n, epoch_seconds(last))
+                                             for k, (n, last) in newest.items()}):
+                snaps[worker_id] = snap
+            return self._micro_batches(conn, claimed, now, infos)
+
+    def _read_snapshot(self, cur, worker_id, hot, warm, now, mono):
+        return read_snapshot(cur, worker_id, hot, warm, now=now, mono=mono,
+                             live_after=now - timedelta(seconds=self.worker_ttl_seconds),
+                             overdue=OVERDUE, by_priority=PRIORITY)
+
+    def _plan(self, snap, ids, epoch, free_slots, max_adapters, worker_id):
+        hot = set(ids[0])
+        return plan_claim(Snapshot(
+            groups=list(snap.groups.values()), now=epoch, free_slots=free_slots, hot=hot,
+            warm=set(ids[1]), hot_elsewhere=snap.others - hot, weights=snap.weights,
+            served=snap.served, aging_seconds=self.aging_seconds, max_adapters=max_adapters,
+            salt=worker_id))
+
+    def _claim_engine(self):
+        """Claims' own pool: autocommit, and no ping per checkout (a round trip per claim);
+        a connection found dead is invalidated and the claim retried."""
+        engine = self.__dict__.get("_claim_pool")
+        if engine is None:
+            kwargs = dict(getattr(self, "_engine_kwargs", {}), pool_pre_ping=False,
+                          isolation_level="AUTOCOMMIT")
+            engine = self._claim_pool = make_engine(self.url, **kwargs)
+        return engine
+
     def _claim_once(self, worker_id, hot, warm, free_slots, lease_seconds, max_adapters):
-        if self.engine.dialect.name == "postgresql":
-            # Two autocommit statements: a read-only snapshot, then one atomic claim statement
-            # (which commits asynchronously, see claim_pg).
-            engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        else:
-            engine = self.engine  # one serialized (BEGIN IMMEDIATE) transaction
+        """SQLite: one serialized (BEGIN IMMEDIATE) transaction."""
         now = self.now()
         epoch = epoch_seconds(now)
         live_after = now - timedelta(seconds=self.worker_ttl_seconds)
-        with engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                rows = snapshot_rows(conn, worker_id, hot, warm, now=now, live_after=live_after,
-                                     overdue=OVERDUE, by_priority=PRIORITY)
-                me = WorkerState(rows[0], now)
-                hot_ids, warm_ids = set(me.hot), set(me.warm)
-                elsewhere = me.others
-                groups, tenants = self._groups_of([r for r in rows if r[0] is not None], now)
-                if not groups:
-                    if me.stale:
-                        touch_worker(conn, worker_id, now, me)
-                    return []
-            else:
-                hot_ids, warm_ids = self._adapter_ids(conn, hot), self._adapter_ids(conn, warm)
-                self._touch_worker(conn, worker_id, hot_ids, warm_ids, None, now)
-                groups, tenants = self._snapshot_groups(conn, hot_ids | warm_ids, now)
-                if not groups:
-                    return []
-                elsewhere = set()
-                for (others,) in conn.execute(select(W.c.hot).where(
-                        W.c.id != worker_id, W.c.heartbeat_at > live_after)):
-                    elsewhere |= {x for x in others or [] if isinstance(x, int)}
+        with self.engine.begin() as conn:
+            hot_ids, warm_ids = self._adapter_ids(conn, hot), self._adapter_ids(conn, warm)
+            self._touch_worker(conn, worker_id, hot_ids, warm_ids, None, now)
+            groups, tenants = self._snapshot_groups(conn, hot_ids | warm_ids, now)
+            if not groups:
+                return []
+            elsewhere = set()
+            for (others,) in conn.execute(select(W.c.hot).where(
+                    W.c.id != worker_id, W.c.heartbeat_at > live_after)):
+                elsewhere |= {x for x in others or [] if isinstance(x, int)}
             plan = plan_claim(Snapshot(
                 groups=groups, now=epoch, free_slots=free_slots, hot=hot_ids, warm=warm_ids,
                 hot_elsewhere=elsewhere - hot_ids,
@@ -86,17 +170,10 @@ class ClaimOps:
                 served={t: r.served for t, r in tenants.items()},
                 aging_seconds=self.aging_seconds, max_adapters=max_adapters, salt=worker_id))
             if not plan.takes:
-                if conn.dialect.name == "postgresql" and me.stale:
-                    touch_worker(conn, worker_id, now, me)
                 return []
             token = uuid.uuid4().hex
             expires = now + timedelta(seconds=lease_seconds)
-            if conn.dialect.name == "postgresql":
-                rows = claim_rows(conn, plan.takes, now=now, worker_id=worker_id, token=token,
-                                  expires=expires, floor=plan.floor, me=me)
-            else:
-                rows = self._claim_serialized(conn, plan, now, worker_id, token, expires,
-                                              tenants)
+            rows = self._claim_serialized(conn, plan, now, worker_id, token, expires, tenants)
             claimed: dict[int, list[ClaimedJob]] = {}
             for r in rows:
                 claimed.setdefault(r.adapter_id, []).append(ClaimedJob(
@@ -182,18 +259,23 @@ class ClaimOps:
         if capacity is not None:
             update_cols["capacity"] = ins.excluded.capacity
         conn.execute(ins.on_conflict_do_update(index_elements=["id"], set_=update_cols))
+        bump_generation()  # "hot on another live worker" changed for this process's snapshots
 
-    def _micro_batches(self, conn, claimed: dict, now) -> list[MicroBatch]:
-        # Adapter rows change rarely: a short-lived per-process cache saves a round trip per
-        # claim (a just-deleted adapter may still be handed out for ADAPTER_CACHE_S).
-        cache = self.__dict__.setdefault("_adapter_cache", {})
-        clock = time.monotonic()
-        infos = {a: cache[a][0] for a in claimed if a in cache and cache[a][1] > clock}
-        missing = [a for a in claimed if a != 0 and a not in infos]
-        if missing:
-            for r in conn.execute(select(A).where(A.c.id.in_(missing))):
-                infos[r.id] = adapter_info(r)
-                cache[r.id] = (infos[r.id], clock + ADAPTER_CACHE_S)
+    def _micro_batches(self, conn, claimed: dict, now, infos: dict | None = None
+                       ) -> list[MicroBatch]:
+        """One MicroBatch per adapter; jobs of a deleted adapter fail. infos: the claimed
+        adapters' rows when the claim statement read them (PostgreSQL), else looked up."""
+        if infos is None:
+            # Adapter rows change rarely: a short-lived per-process cache saves a round trip
+            # per claim (a just-deleted adapter may still be handed out for ADAPTER_CACHE_S).
+            cache = self.__dict__.setdefault("_adapter_cache", {})
+            clock = time.monotonic()
+            infos = {a: cache[a][0] for a in claimed if a in cache and cache[a][1] > clock}
+            missing = [a for a in claimed if a != 0 and a not in infos]
+            if missing:
+                for r in conn.execute(select(A).where(A.c.id.in_(missing))):
+                    infos[r.id] = adapter_info(r)
+                    cache[r.id] = (infos[r.id], clock + ADAPTER_CACHE_S)
         out = []
         for adapter_id, jobs in claimed.items():
             if adapter_id != 0 and adapter_id not in infos:

@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 from sqlalchemy import Engine, case, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 
+from scheduler.claim_cache import bump_generation
 from scheduler.models import QueueGroup
 
 
@@ -80,6 +81,7 @@ def add_to_groups(conn, deltas: dict[tuple[str, int, int], tuple[int, datetime]]
     """
     if not deltas:
         return
+    bump_generation()  # cached claim snapshots of this process are out of date
     if conn.dialect.name == "postgresql":
         keys = sorted(deltas)
         conn.execute(GROUPS_UPSERT_PG, dict(

@@ -41,12 +41,15 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, MaintenanceOps):
         A worker whose last heartbeat/claim is older counts as dead for affinity.
     clock : callable, optional
         Returns the current time (naive UTC or aware); tests pass a fake one.
+    snapshot_ttl_seconds : float
+        PostgreSQL: how long a worker's claim snapshot is reused, adjusted by its own claims,
+        before it is read again (0: read it for every claim). See scheduler.claim_cache.
     """
 
     def __init__(self, url: str, *, create: bool | None = None, aging_seconds: float = 300.0,
                  worker_ttl_seconds: float = 120.0, backoff_base_s: float = 2.0,
                  backoff_max_s: float = 300.0, clock: Callable[[], datetime] | None = None,
-                 **engine_kwargs):
+                 snapshot_ttl_seconds: float = 0.5, **engine_kwargs):
         self.url = url
         if create is None:
             create = url.startswith("sqlite")
@@ -54,6 +57,11 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, MaintenanceOps):
             from scheduler.migrate import upgrade
             upgrade(url)
         self.engine = make_engine(url, **engine_kwargs)
+        self._engine_kwargs = engine_kwargs
+        if not (isinstance(snapshot_ttl_seconds, (int, float)) and snapshot_ttl_seconds >= 0):
+            raise ValueError(f"snapshot_ttl_seconds must be a number >= 0, "
+                             f"got {snapshot_ttl_seconds!r}")
+        self.snapshot_ttl_seconds = float(snapshot_ttl_seconds)
         self.aging_seconds = aging_seconds
         self.worker_ttl_seconds = worker_ttl_seconds
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
@@ -64,6 +72,9 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, MaintenanceOps):
 
     def close(self) -> None:
         self.engine.dispose()
+        claim_pool = self.__dict__.pop("_claim_pool", None)
+        if claim_pool is not None:
+            claim_pool.dispose()
 
     # ---- tenants -------------------------------------------------------------------------
     def create_tenant(self, name: str, weight: float = 1.0,

@@ -9,6 +9,7 @@ that becomes active starts near the others (it cannot bank credit while idle).
 """
 from __future__ import annotations
 
+import heapq
 import zlib
 from dataclasses import dataclass, field
 
@@ -74,53 +75,68 @@ def affinity_tier(adapter_id: int, snap: Snapshot) -> int:
 
 def plan_claim(snap: Snapshot) -> Plan:
     """Choose up to snap.free_slots jobs from snap.groups; see the module docstring."""
-    left = {g.key: g.queued for g in snap.groups if g.queued > 0 and g.oldest <= snap.now}
-    groups = {g.key: g for g in snap.groups if g.key in left}
-    active = {g.tenant_id for g in groups.values()}
-    if not active or snap.free_slots <= 0:
+    now, free = snap.now, snap.free_slots
+    groups = list({g.key: g for g in snap.groups if g.queued > 0 and g.oldest <= now}.values())
+    if not groups or free <= 0:
         return Plan([])
-    quantum = float(snap.free_slots)
-    served = {t: snap.served.get(t, 0.0) for t in active}
+    weights = snap.weights
+    quantum = float(free)
+    served = {g.tenant_id: snap.served.get(g.tenant_id, 0.0) for g in groups}
     # A backlogged tenant is never more than about one quantum behind the leader's last
     # start; one further behind was idle (or new) and may not spend banked credit.
     floor = max(min(served.values()), max(
-        v - quantum / max(snap.weights.get(t, 1.0), 1e-9) for t, v in served.items()))
+        v - quantum / max(weights.get(t, 1.0), 1e-9) for t, v in served.items()))
     virtual = {t: max(v, floor) for t, v in served.items()}
-    cutoff = snap.now - snap.aging_seconds
-
-    static: dict[tuple, tuple] = {}
-    for g in groups.values():
-        if g.oldest <= cutoff:  # overdue: bound the longest wait first
-            static[g.key] = (0, g.oldest, 0, 0, g.key)
-        else:
-            # Among groups equally due, spread concurrent claimers apart.
-            spread = zlib.crc32(f"{snap.salt}:{g.tenant_id}:{g.adapter_id}".encode())
-            static[g.key] = (1, -g.priority, affinity_tier(g.adapter_id, snap), spread, g.key)
     # Tenants within one quantum (a full claim of a weight-1 tenant) of each other are equally
     # due, as in deficit round robin.
     share = {t: int(v // quantum) for t, v in virtual.items()}
+    cutoff = now - snap.aging_seconds
+    salt = snap.salt
 
-    def order(g: Group) -> tuple:
-        s = static[g.key]
-        return (s[0], s[1], s[2], 0 if s[0] == 0 else share[g.tenant_id], s[3], s[4])
+    # Order: (overdue first, -priority, affinity tier, tenant's share, spread, key); overdue
+    # groups by their oldest job only. A tenant's share only grows while planning, so a heap
+    # with lazily refreshed entries pops the true minimum.
+    heap = []
+    for g in groups:
+        key = (g.tenant_id, g.adapter_id, g.priority)
+        if g.oldest <= cutoff:  # overdue: bound the longest wait first
+            heap.append(((0, g.oldest, 0, 0, 0, key), -1, g))
+        else:
+            # Among groups equally due, spread concurrent claimers apart.
+            heap.append(((1, -g.priority, affinity_tier(g.adapter_id, snap),
+                          share[g.tenant_id], _spread(salt, g.tenant_id, g.adapter_id), key),
+                         share[g.tenant_id], g))
+    heapq.heapify(heap)
 
     takes: list[Take] = []
     adapters: set[int] = set()
-    remaining = snap.free_slots
-    while remaining > 0 and left:
-        candidates = [groups[k] for k in left]
-        if snap.max_adapters is not None and len(adapters) >= snap.max_adapters:
-            candidates = [g for g in candidates if g.adapter_id in adapters]
-            if not candidates:
-                break
-        best = min(candidates, key=order)
-        count = min(left[best.key], remaining)
-        takes.append(Take(best, count))
-        adapters.add(best.adapter_id)
+    remaining = free
+    cap = snap.max_adapters
+    while remaining > 0 and heap:
+        order, seen, g = heapq.heappop(heap)
+        t = g.tenant_id
+        if seen >= 0 and seen != share[t]:  # its tenant was served since: re-queue
+            heapq.heappush(heap, (order[:3] + (share[t],) + order[4:], share[t], g))
+            continue
+        if cap is not None and len(adapters) >= cap and g.adapter_id not in adapters:
+            continue  # the cap is reached and only grows stricter: drop it
+        count = min(g.queued, remaining)
+        takes.append(Take(g, count))
+        adapters.add(g.adapter_id)
         remaining -= count
-        left[best.key] -= count
-        if left[best.key] == 0:
-            del left[best.key]
-        virtual[best.tenant_id] += count / max(snap.weights.get(best.tenant_id, 1.0), 1e-9)
-        share[best.tenant_id] = int(virtual[best.tenant_id] // quantum)
+        virtual[t] += count / max(weights.get(t, 1.0), 1e-9)
+        share[t] = int(virtual[t] // quantum)
     return Plan(takes, floor)
+
+
+_SPREADS: dict[tuple, int] = {}
+
+
+def _spread(salt: str, tenant_id: str, adapter_id: int) -> int:
+    key = (salt, tenant_id, adapter_id)
+    value = _SPREADS.get(key)
+    if value is None:
+        if len(_SPREADS) > 100_000:
+            _SPREADS.clear()
+        value = _SPREADS[key] = zlib.crc32(f"{salt}:{tenant_id}:{adapter_id}".encode())
+    return value

@@ -193,6 +193,70 @@ def cold_load_overlap(eng, adapters: list[Path], prompts, p: dict, rows: int = 4
             "synchronous_load_ms": round(sync_ms, 3)}
 
 
+def lora_layout_kernel_us(eng, tokens: int = 64, reps: int = 50) -> dict:
+    """GPU time of one q/k/v add_lora (layer 0) over ``tokens`` rows spread over every slot,
+    reading A/B as the slot-major strided views the engine uses vs contiguous per-layer copies
+    (the layout before), with the decode kernel and with the shrink/expand pair."""
+    import torch
+
+    import kernels.triton_lora as tl_ops
+    from kernels.segments import build_lora_meta
+
+    mod = eng.model.layers[0].self_attn.qkv_proj
+    L = mod.lora_a[0].shape[0]
+    x = torch.randn(tokens, mod.in_features, device="cuda", dtype=mod.lora_a[0].dtype)
+    y = torch.zeros(tokens, sum(mod.slice_sizes), device="cuda", dtype=x.dtype)
+    meta = build_lora_meta(torch.arange(tokens, device="cuda", dtype=torch.int32) % L, L)
+    layouts = {"strided": (mod.lora_a, mod.lora_b),
+               "contiguous": ([a.contiguous() for a in mod.lora_a],
+                              [b.contiguous() for b in mod.lora_b])}
+    out, decode = {}, tl_ops.try_add_lora_decode
+    for path in ("decode_kernel", "shrink_expand"):
+        if path == "shrink_expand":
+            tl_ops.try_add_lora_decode = lambda *a, **k: False
+        try:
+            for name, (a, b) in layouts.items():
+                for _ in range(3):
+                    tl_ops.add_lora(y, x, a, b, meta, mod.slice_offsets)
+                times = []
+                for _ in range(reps):
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record()
+                    tl_ops.add_lora(y, x, a, b, meta, mod.slice_offsets)
+                    e1.record()
+                    e1.synchronize()
+                    times.append(e0.elapsed_time(e1) * 1e3)
+                out[f"{path}_{name}_us"] = _median(times)
+        finally:
+            tl_ops.try_add_lora_decode = decode
+    out["tokens"], out["slots"] = tokens, L
+    return out
+
+
+def replay_mixed_ms(eng, p: dict, n_adapters: int, reps: int = 20) -> dict:
+    """Event-timed replay of the full-batch captured step with rows spread over
+    ``n_adapters`` slots (and without adapters), after filling its inputs."""
+    import torch
+
+    g, B = eng.runner.graphs, p["batch"]
+    out = {}
+    for k in (0, 8, n_adapters):
+        slots = [i % k for i in range(B)] if k else [-1] * B
+        g.run([11] * B, [p["prompt_len"]] * B, list(range(B)), slots)
+        key = next(key for key in g.graphs if key[0] == B and (key[1] is None) == (k == 0))
+        graph = g.graphs[key][0]
+        times = []
+        for _ in range(reps):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            graph.replay()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1))
+        out[f"rows{B}_adapters{k}_ms"] = _median(times)
+    return out
+
+
 def replay_ms(graphs, reps: int = 20) -> dict:
     """GPU time of one captured decode step per captured key (median of event-timed replays)."""
     import torch
@@ -337,6 +401,8 @@ def main() -> None:
                     help="GPU: also run with this many adapters (an engine each)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--profile", default=None, help="GPU: only write a decode kernel profile")
+    ap.add_argument("--quick", action="store_true",
+                    help="GPU: only base and mixed (no 1/8 adapters, no eager run)")
     ap.add_argument("--plot", default=None, help="GPU: tokens/s vs adapters plot (png)")
     args = ap.parse_args()
     preset = args.preset or ("smollm2" if args.device == "cpu" else "llama3-8b")
@@ -403,16 +469,19 @@ def gpu_runs(model: str, adapters, prompts, p: dict, load_format: str, config: d
             Path(args.out).write_text(json.dumps(res, indent=2))
     eng = _engine(model, p, "cuda", load_format, len(adapters))
     attempt("lorry_base", lambda: run_lorry(eng, adapters, 0, prompts, p, "cuda"))
-    for k in (len(adapters), 1, 8):
+    for k in (len(adapters),) if args.quick else (len(adapters), 1, 8):
         attempt("lorry_mixed" if k == len(adapters) else f"lorry_{k}",
                 lambda k=k: run_lorry(eng, adapters, k, prompts, p, "cuda"))
     attempt("adapter_swap", lambda: adapter_swap_ms(eng, adapters, "cuda"))
     attempt("cold_adapter_overlap", lambda: cold_load_overlap(eng, adapters, prompts, p))
     attempt("graph_replay_ms", lambda: replay_ms(eng.runner.graphs))
+    attempt("graph_replay_mixed_ms", lambda: replay_mixed_ms(eng, p, len(adapters)))
+    attempt("lora_layout_kernel_us", lambda: lora_layout_kernel_us(eng))
     graphs, eng.runner.graphs = eng.runner.graphs, None  # the same engine without CUDA graphs
-    attempt("lorry_mixed_eager", lambda: run_lorry(eng, adapters, len(adapters),
-                                                   prompts[:p["batch"]],
-                                                   {**p, "new_tokens": 32}, "cuda"))
+    if not args.quick:
+        attempt("lorry_mixed_eager", lambda: run_lorry(eng, adapters, len(adapters),
+                                                       prompts[:p["batch"]],
+                                                       {**p, "new_tokens": 32}, "cuda"))
     res["graph_captures"] = graphs.captures if graphs else 0
     eng = graphs = None
     gc.collect()

@@ -1,6 +1,8 @@
 """Model runner: turns scheduled sequences into padded tensors, runs the model, returns logits."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from engine.model.layers import LoRAStep
@@ -32,6 +34,9 @@ class ModelRunner:
         self.model, self.ops, self.max_loras, self.device = model, ops, max_loras, device
         self.graphs = graphs  # engine.graphs.DecodeGraphs on CUDA unless enforce_eager
         self.logits_hook = None  # optional callable(seqs, logits) for tests and diagnostics
+        # held around graph replays (which may capture): adapter loader threads take it to
+        # allocate pinned memory, a CUDA call that would invalidate a capture in progress
+        self.graph_lock = contextlib.nullcontext()
 
     def _lora(self, token_slots: list[int]) -> LoRAStep | None:
         used = frozenset(s for s in token_slots if s >= 0)
@@ -99,9 +104,10 @@ class ModelRunner:
         rows = [s.cache_row for s in seqs] + list(parked_rows)
         if self.graphs is not None and self.graphs.bucket(rows) is not None:
             n, park = len(parked_rows), self.graphs.max_len - 1
-            logits = self.graphs.run([s.last_token for s in seqs] + [0] * n,
-                                     [s.num_tokens - 1 for s in seqs] + [park] * n,
-                                     rows, slots + [-1] * n)[:len(seqs)]
+            with self.graph_lock:
+                logits = self.graphs.run([s.last_token for s in seqs] + [0] * n,
+                                         [s.num_tokens - 1 for s in seqs] + [park] * n,
+                                         rows, slots + [-1] * n)[:len(seqs)]
             if self.logits_hook:
                 self.logits_hook(seqs, logits)
             return logits

@@ -79,6 +79,8 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
         from engine.graphs import DecodeGraphs
         graphs = DecodeGraphs(model, ops, c.max_loras, c.max_num_seqs, max_len, device)
     runner = ModelRunner(model, ops, c.max_loras, device, graphs)
+    if loras is not None:
+        runner.graph_lock = loras.gpu.layout.pin_lock
     return EngineParts(device, dtype, model_dir, hf_config, model, tokenizer, max_len, backend,
                        loras, runner, Scheduler(c.max_num_seqs, c.max_loras,
                                                 c.max_num_batched_tokens))

@@ -8,6 +8,7 @@ layout (zero-padded to R), so writing an adapter into a slot is one copy per kin
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,9 @@ class SlotLayout:
 
     def __init__(self, model, rank: int):
         self.rank = rank
+        # Pinned-memory allocation is a CUDA call: from a loader thread it would invalidate a
+        # CUDA graph being captured (global capture mode). Captures hold this lock too.
+        self.pin_lock = threading.Lock()
         self.families: dict[str, Family] = {}
         self.modules = {}   # (family name, layer) -> LoRALinear
         for layer, name, mod in model.lora_layers():
@@ -73,7 +77,9 @@ class SlotLayout:
         """
         touched = sorted({self.slice_of[m][0] for _, m in modules})
         sizes = [n for f in touched for n in self.numel(f)]
-        flat = torch.zeros(sum(sizes), dtype=dtype, pin_memory=pin_memory)
+        with self.pin_lock:
+            flat = torch.empty(sum(sizes), dtype=dtype, pin_memory=pin_memory)
+        flat.zero_()  # plain host memory work, outside the lock
         out, start = {}, 0
         for f in touched:
             fam = self.families[f]

@@ -29,6 +29,7 @@ from kernels.segments import build_lora_meta
 PROJECTIONS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
                "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
 COPY_PEAK_GBS = 4300.0
+_DECODE_DEFAULTS = dict(__import__("kernels.lora_decode").lora_decode.DECODE_CONFIG)
 ROTATE_BYTES = 240e6    # rotate weight copies past the 60 MB L2, as successive layers would
 
 
@@ -79,8 +80,7 @@ def copy_bandwidth_gbs() -> float:
 
 def parse_decode_config(spec: str) -> dict:
     """'default' | 'off' | 'key=value,...' -> a full DECODE_CONFIG dict."""
-    from kernels.lora_decode import DECODE_CONFIG
-    cfg = dict(DECODE_CONFIG)
+    cfg = dict(_DECODE_DEFAULTS)
     if spec == "off":
         cfg["max_tokens"] = 0
     elif spec != "default":

@@ -18,14 +18,15 @@ from kernels.segments import LoRAMeta
 
 # Tuning (H200, docs/BENCHMARKS.md); benchmarks/kernels.py --decode-config overrides entries.
 DECODE_CONFIG = {
-    "max_tokens": 256,         # decode path for T <= this ...
+    "min_tokens": 1,           # decode path for min_tokens <= T <= max_tokens ...
+    "max_tokens": 256,
     "max_rows_per_slot": 4,    # ... and at most this many tokens per slot on average
+    "max_rank": 32,            # slot widths above this spill registers: two-launch path
     "rows": 4,                 # tokens per m-tile (a slot with more tokens gets more tiles)
     "fused": True,             # one launch (counters) or two launches of the same items
     "tile_elems": 8192,        # weight tile elements: BLOCK_N = BLOCK_K = tile_elems // R
-    "k_iters": 4,              # k tiles per shrink item, before the split over H is capped
     "max_split_k": 16,
-    "programs_per_sm": 2,      # expand items: column chunks sized for this many per SM
+    "programs_per_sm": 2,      # shrink and expand items sized for this many programs per SM
     "num_warps": 4,
     "num_stages": 2,
 }
@@ -72,7 +73,8 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
     """Block sizes and item counts of the decode launch, or None if the path does not apply."""
     cfg = DECODE_CONFIG if cfg is None else cfg
     S = len(widths)
-    if not (1 <= T <= cfg["max_tokens"]) or S > 3 or min(widths) <= 0 or rank <= 0:
+    if not (max(1, cfg["min_tokens"]) <= T <= cfg["max_tokens"]) or S > 3 or min(widths) <= 0 \
+            or not 0 < rank <= cfg["max_rank"]:
         return None
     active = min(T, max_loras)                       # slots that can hold tokens
     if T // active > cfg["max_rows_per_slot"]:
@@ -82,11 +84,15 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
     tile = max(32, cfg["tile_elems"] // block_r)
     block_n = min(tile, 1024, max(16, triton.next_power_of_2(max(widths))))
     block_k = min(tile, 1024, max(16, triton.next_power_of_2(hidden)))
-    split_k = max(1, min(cfg["max_split_k"], triton.cdiv(hidden, block_k * cfg["k_iters"])))
-    n_mtiles = triton.cdiv(T, rows) + active
-    subtiles = [triton.cdiv(n, block_n) for n in widths]
     target = cfg["programs_per_sm"] * _num_sms(device)
-    nsub = max(1, (active * sum(subtiles)) // max(1, target))
+    # Split the reduction over H until the shrink items fill the GPU (at most one k tile
+    # per item); the expand sums the split_k partial products of its rows.
+    split_k = max(1, min(cfg["max_split_k"], triton.cdiv(hidden, block_k),
+                         target // (active * S)))
+    n_mtiles = triton.cdiv(T, rows) + active
+    # Column chunks of nsub tiles each, so that about `target` expand items stream the weights.
+    subtiles = [triton.cdiv(n, block_n) for n in widths]
+    nsub = max(1, triton.cdiv(active * sum(subtiles), target))
     chunks = [triton.cdiv(s, nsub) for s in subtiles]
     n_ready = n_mtiles * S
     if 1 + 2 * n_ready > SYNC_WORDS:

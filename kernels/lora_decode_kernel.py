@@ -121,17 +121,21 @@ def lora_decode_kernel(
             s_br = s_br2
         slot, row0, count, start = _find_tile(m, counts_ptr, starts_ptr, L, ROWS, BLOCK_L)
         if slot < L:
+            # The first tile's weights and y are read before waiting for the shrink: they do
+            # not depend on it, so their latency overlaps the wait.
+            b_cols = b_ptr + slot.to(tl.int64) * s_bl + offs_r[:, None] * s_br
+            n_first = c_local * nsub * BLOCK_N
+            offs_n = n_first + tl.arange(0, BLOCK_N)
+            n_end = tl.minimum(N, n_first + nsub * BLOCK_N)     # this chunk's columns
+            mask_n = offs_n < n_end
+            bt = tl.load(b_cols + offs_n[None, :] * s_bn, mask=mask_r[:, None] & mask_n[None, :],
+                         other=0.0)                                          # [BR, BN]
             offs_m = row0 + rows
             mask_m = (rows < ROWS) & (offs_m < count)
             tok = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
             y_rows = y_ptr + tok[:, None] * s_yt
-            b_base = b_ptr + slot.to(tl.int64) * s_bl
-            n_first = c_local * nsub * BLOCK_N
-            offs_n = n_first + tl.arange(0, BLOCK_N)
-            n_end = tl.minimum(N, n_first + nsub * BLOCK_N)     # this chunk's columns
-            # y of the first tile is read before waiting for the shrink: it does not depend on it.
             yt = tl.load(y_rows + (col0 + offs_n)[None, :] * s_yn,
-                         mask=mask_m[:, None] & (offs_n < N)[None, :], other=0.0)
+                         mask=mask_m[:, None] & mask_n[None, :], other=0.0)   # [BM, BN]
             if FUSED:
                 idx = 1 + m * NUM_SLICES + sid
                 done = tl.atomic_add(sync_ptr + idx, 0, sem="acquire", scope="gpu")
@@ -147,13 +151,13 @@ def lora_decode_kernel(
             if UPCAST:
                 it_b = it_b.to(tl.float32)
             for j in range(nsub):
-                mask_n = offs_n < N
-                bt = tl.load(b_base + offs_r[:, None] * s_br + offs_n[None, :] * s_bn,
-                             mask=mask_r[:, None] & mask_n[None, :], other=0.0)   # [BR, BN]
+                # Next tile's loads are issued before this tile's product (1-deep prefetch).
                 nxt = offs_n + BLOCK_N
+                mask_nxt = nxt < n_end
+                b_next = tl.load(b_cols + nxt[None, :] * s_bn,
+                                 mask=mask_r[:, None] & mask_nxt[None, :], other=0.0)
                 y_next = tl.load(y_rows + (col0 + nxt)[None, :] * s_yn,
-                                 mask=mask_m[:, None] & (nxt < n_end)[None, :],
-                                 other=0.0)
+                                 mask=mask_m[:, None] & mask_nxt[None, :], other=0.0)
                 if UPCAST:
                     acc = tl.dot(it_b, bt.to(tl.float32), input_precision=PRECISION)
                 else:
@@ -161,8 +165,10 @@ def lora_decode_kernel(
                 tl.store(y_rows + (col0 + offs_n)[None, :] * s_yn,
                          (yt.to(tl.float32) + acc).to(y_ptr.dtype.element_ty),
                          mask=mask_m[:, None] & mask_n[None, :])
+                bt = b_next
                 yt = y_next
                 offs_n = nxt
+                mask_n = mask_nxt
             if FUSED:
                 used_idx = 1 + n_ready + m * NUM_SLICES + sid
                 used = tl.atomic_add(sync_ptr + used_idx, 1, sem="acq_rel", scope="gpu")

@@ -55,10 +55,10 @@ def test_fused_decode_launch_is_race_free_over_many_replays():
     # gives the same bits every time, equal to the two-launch variant of the same items.
     from kernels import lora_decode
     ops = get_lora_ops("triton")
-    p = make_problem(num_tokens=64, hidden=1000, widths=[1536, 256, 256], max_rank=16,
+    p = make_problem(num_tokens=16, hidden=2500, widths=[4096, 1024, 256], max_rank=16,
                      ranks=[16, 8], mix="distinct", dtype=torch.bfloat16,
                      device=torch.device("cuda"), seed=5)
-    plan = lora_decode.decode_plan(64, p.meta.max_loras, 1000, 16, [1536, 256, 256],
+    plan = lora_decode.decode_plan(16, p.meta.max_loras, 2500, 16, [4096, 1024, 256],
                                    torch.device("cuda"))
     assert plan is not None and plan["fused"] and plan["split_k"] > 1
     y = p.y.clone()

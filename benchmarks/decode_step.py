@@ -5,7 +5,7 @@ prompts. Times the captured 64-row decode graph (median of event-timed replays),
 and mixed adapters, with the model's Triton kernels (kernels.fused_ops,
 kernels.decode_attention) and with the torch code they replace, on one engine; then the
 attention and elementwise kernels alone against their torch counterparts.
-Usage: python3 benchmarks/decode_step.py [--out decode_step.json]
+Usage: python3 benchmarks/decode_step.py [--out decode_step.json] [--generate 2]
 """
 from __future__ import annotations
 
@@ -51,17 +51,29 @@ def step_times(eng, adapters, prompts, reps: int) -> dict:
         eng.runner.model.use_triton_ops = triton_path
         eng.runner.graphs.graphs.clear()
         eng.runner.graphs.pool = None  # the freed graphs' pool cannot be captured into again
-        eng.generate(prompts, _params(4), None, use_tqdm=False)
-        eng.generate(prompts, _params(4), [reqs[i % 32] for i in range(n)], use_tqdm=False)
+        eng.generate(prompts, _params(8), None, use_tqdm=False)
+        eng.generate(prompts, _params(8), [reqs[i % 32] for i in range(n)], use_tqdm=False)
         res["triton" if triton_path else "torch"] = _replays(eng.runner.graphs, reps)
     eng.runner.model.use_triton_ops = True
+    eng.runner.graphs.graphs.clear()
+    eng.runner.graphs.pool = None
     return res
+
+
+def generate_runs(eng, adapters, p: dict, times: int) -> list:
+    """Issue 7's mixed workload (128 requests, 32 adapters) ``times`` over on one engine:
+    from the second run on, every graph bucket is captured before the timed region."""
+    from benchmarks.throughput import prompts_for, run_lorry
+
+    prompts = prompts_for(p["requests"], p["prompt_len"], 30000, seed=0)
+    runs = [run_lorry(eng, adapters, len(adapters), prompts, p, "cuda") for _ in range(times)]
+    return runs + [run_lorry(eng, adapters, 0, prompts, p, "cuda")]
 
 
 def kernel_times(model, batch: int, avg_len: int) -> dict:
     """The Triton kernels alone vs the torch code of the model, on layer 0's shapes."""
     import torch
-    from triton.testing import do_bench
+    from triton.testing import do_bench_cudagraph
 
     from engine.model.layers import apply_rotary
     from kernels.decode_attention import decode_attention
@@ -73,8 +85,6 @@ def kernel_times(model, batch: int, avg_len: int) -> dict:
     H = model.config.hidden_size
     L = attn.k_cache.shape[2]
     g = torch.Generator(device=dev).manual_seed(0)
-    attn.k_cache.normal_(generator=g)
-    attn.v_cache.normal_(generator=g)
     qkv = torch.randn(batch, (h + 2 * kvh) * D, device=dev, dtype=dt, generator=g)
     rows = torch.arange(batch, device=dev)
     pos = torch.randint(avg_len // 2, min(L, avg_len * 3 // 2), (batch,), device=dev, generator=g)
@@ -82,13 +92,19 @@ def kernel_times(model, batch: int, avg_len: int) -> dict:
     q4 = qkv[:, :h * D].view(batch, h, 1, D)
     out = {}
 
-    def bench(name, fn):
-        out[name] = round(do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3, 1)  # us
+    def bench(name, fn, per: int = 1):
+        # GPU time per call from replays of a graph of ``fn`` (no launch overhead), in us
+        ms = do_bench_cudagraph(fn, rep=100, return_mode="median")
+        out[name] = round(ms * 1e3 / per, 1)
 
-    bench("attention_triton_us", lambda: decode_attention(qkv[:, :h * D], attn.k_cache,
-                                                          attn.v_cache, rows, pos))
-    bench("attention_torch_us", lambda: attn._decode_attention(
-        q4, attn.k_cache[:batch], attn.v_cache[:batch], mask))       # kv_len = max_len (graphs)
+    attns = [m.self_attn for m in model.layers[:4]]  # 4 layers' caches: more than L2
+    for a in attns:
+        a.k_cache.normal_(generator=g)
+        a.v_cache.normal_(generator=g)
+    bench("attention_triton_us", lambda: [decode_attention(qkv[:, :h * D], a.k_cache,
+                                                           a.v_cache, rows, pos) for a in attns], 4)
+    bench("attention_torch_us", lambda: [a._decode_attention(
+        q4, a.k_cache[:batch], a.v_cache[:batch], mask) for a in attns], 4)  # kv_len = max_len
     x = torch.randn(batch, H, device=dev, dtype=dt, generator=g)
     r = torch.randn(batch, H, device=dev, dtype=dt, generator=g)
     norm = model.layers[0].input_layernorm
@@ -110,10 +126,13 @@ def kernel_times(model, batch: int, avg_len: int) -> dict:
         attn.v_cache[rows, :, pos] = v.view(batch, kvh, D)
     bench("rotary_cache_torch_us", torch_rotary)
     # a long cache with few rows: the sequence-split path
-    big = torch.randn(8, kvh, 4096, D, device=dev, dtype=dt, generator=g)
+    big_k = torch.randn(8, kvh, 4096, D, device=dev, dtype=dt, generator=g)
+    big_v = torch.randn(8, kvh, 4096, D, device=dev, dtype=dt, generator=g)
     long_pos = torch.full((8,), 4000, device=dev)
     bench("attention_triton_8rows_4k_us", lambda: decode_attention(
-        qkv[:8, :h * D], big, big, rows[:8], long_pos))
+        qkv[:8, :h * D], big_k, big_v, rows[:8], long_pos))
+    bench("attention_triton_8rows_4k_one_split_us", lambda: decode_attention(
+        qkv[:8, :h * D], big_k, big_v, rows[:8], long_pos, splits=1))
     out["attention_kv_bytes_per_step_layer"] = int((pos + 1).sum()) * kvh * D * 2 * 2
     # the base GEMMs at M = batch (cuBLAS picks by shape), over 8 layers' weights so that
     # L2 (50 MB) does not serve them: achieved TB/s of the weight read
@@ -129,9 +148,9 @@ def kernel_times(model, batch: int, avg_len: int) -> dict:
                         ("mm_swapped", lambda: [torch.mm(w, xw.t()) for w in ws]),
                         ("mm_swapped_contiguous",
                          lambda: [torch.mm(w, xw.t()).t().contiguous() for w in ws])):
-            us = do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3 / len(ws)
-            out[f"gemm_{name}_{how}"] = {"us": round(us, 1),
-                                         "tb_per_s": round(ws[0].numel() * 2 / us / 1e6, 2)}
+            bench(f"gemm_{name}_{how}_us", fn, len(ws))
+            out[f"gemm_{name}_{how}_tb_per_s"] = round(
+                ws[0].numel() * 2 / out[f"gemm_{name}_{how}_us"] / 1e6, 2)
     return out
 
 
@@ -139,6 +158,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--generate", type=int, default=0,
+                    help="also run the mixed workload this many times on the engine (tok/s)")
     args = ap.parse_args()
     import torch
 
@@ -158,6 +179,9 @@ def main() -> None:
     eng = _engine(str(model), p, "cuda", "dummy", len(adapters))
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
            "step_ms": step_times(eng, adapters, prompts, args.reps)}
+    if args.generate:
+        res["generate"] = generate_runs(eng, adapters, p, args.generate)
+        print(json.dumps(res["generate"]))
     res["kernels"] = kernel_times(eng.runner.model, p["batch"], 192)
     text = json.dumps(res, indent=2)
     print(text)

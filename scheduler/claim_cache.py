@@ -5,13 +5,15 @@ A cached snapshot is used only while all of these hold (else the claim reads a f
 - it is younger than the TTL, by the monotonic clock and by the queue's clock;
 - no writer of queue_groups or of a worker row ran in this process since (`GENERATION`);
 - every adapter the worker names as hot/warm was resolved by it or claimed since;
-- every claim made from it got all the jobs it planned (otherwise another claimer, a
-  deadline or a cancel changed the groups), and no tenant lost its last known group;
-- the plan it gives fills the free slots (a short plan is re-made from a fresh snapshot).
-Within the TTL a claimer does not see other claimers' service to tenants (they see it at
-their next refresh), nor adapters that became hot on other workers. Adapters that became hot
-here by this worker's own claims bring the groups claimed from; their other tenants' groups
-(shared adapters) join at the next refresh.
+- the plan it gives fills the free slots (a short plan is re-made from a fresh snapshot);
+- the last claim made from it got every job it planned (else other claimers are working
+  the same groups, and counts the snapshot shows are out of date).
+Each claim statement reports back the claimed groups as it left them (so other claimers'
+takes from them show), each wanted tenant's next-oldest group (as a fresh snapshot would
+show it) and the served tenants' fair-share counters (with other claimers' service).
+Within the TTL a claimer does not see other groups change, nor adapters that became hot on
+other workers. Adapters that became hot here by this worker's own claims bring the groups
+claimed from; their other tenants' groups (shared adapters) join at the next refresh.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ class ClaimSnapshot:
     read_at: datetime               # queue clock
     read_mono: float                # time.monotonic()
     generation: int
+    read_at_epoch: float = 0.0
     existing: set[int] = field(default_factory=set)   # adapter ids known to exist
     requested: set[int] = field(default_factory=set)  # int refs resolved at read time
 
@@ -78,33 +81,30 @@ class ClaimSnapshot:
         return (w_hot != hot or w_warm != warm or beat is None
                 or (now - beat).total_seconds() > refresh_s)
 
-    def apply(self, plan: Plan, got: dict[tuple, tuple[int, float]]) -> bool:
-        """Account this worker's claim: got maps group key -> (jobs claimed, newest claimed
-        job's enqueue time in epoch seconds). Mirrors what the claim statement wrote to
-        queue_groups and tenants. Returns False when the snapshot must not be used again."""
-        ok = True
-        per_tenant: dict[str, int] = {}
+    def apply(self, plan: Plan, got: dict[tuple, int], groups: list, served: list) -> bool:
+        """Take in what this worker's claim statement reported: got maps group key -> jobs
+        claimed; groups are (tenant, adapter, priority, queued, oldest epoch) rows of the
+        claimed groups as the claim left them and of the wanted tenants' next groups;
+        served are (tenant, fair-share counter) rows. Returns False when the snapshot must
+        not be used again."""
+        if not got:
+            return False  # nothing claimed: nothing reported either
+        far = self.read_at_epoch + 1e9
+        short = False
         for take in plan.takes:
-            key = take.group.key
-            n, last = got.get(key, (0, None))
-            if n < take.count:
-                ok = False  # someone else took (or cancelled/expired) jobs of this group
-            if n == 0:
-                continue
-            per_tenant[key[0]] = per_tenant.get(key[0], 0) + n
-            g = self.groups.get(key)
-            if g is None:
-                continue
-            left = g.queued - n
-            if left > 0:
-                self.groups[key] = Group(g.tenant_id, g.adapter_id, g.priority, left,
-                                         max(g.oldest, last))
+            n = got.get(take.group.key, 0)
+            short = short or n < take.count
+            if n == 0:  # none left (or all leased elsewhere)
+                self.groups.pop(take.group.key, None)
+        for t, a, p, queued, oldest in groups:
+            key = (t, a, p)
+            if queued > 0:
+                self.groups[key] = Group(t, a, p, queued, far if oldest is None else oldest)
             else:
-                del self.groups[key]
-                if not any(k[0] == key[0] for k in self.groups):
-                    ok = False  # the tenant may have groups this snapshot does not show
-            self.existing.add(key[1])
-        for tenant, n in per_tenant.items():
-            w = max(self.weights.get(tenant, 1.0), 1e-9)
-            self.served[tenant] = max(self.served.get(tenant, 0.0), plan.floor) + n / w
-        return ok
+                self.groups.pop(key, None)
+            self.existing.add(a)
+        for t, value in served:
+            self.served[t] = value
+        # Short: other claimers are taking from the groups this snapshot shows (small groups,
+        # or a stale snapshot): read a fresh one next time.
+        return not short

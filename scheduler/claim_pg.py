@@ -50,12 +50,22 @@ groups AS (
          oldest_enqueued_at = GREATEST(g.oldest_enqueued_at, pg.last)
   FROM per_group pg WHERE g.tenant_id = pg.tenant_id AND g.adapter_id = pg.adapter_id
     AND g.priority = pg.priority
-  RETURNING 1),
+  RETURNING g.tenant_id, g.adapter_id, g.priority, g.queued_count, g.oldest_enqueued_at),
 served AS (
   UPDATE tenants t SET served = GREATEST(t.served, %(floor)s) + s.n / GREATEST(t.weight, 1e-9)
   FROM (SELECT tenant_id, sum(n) AS n FROM per_group GROUP BY tenant_id) s
   WHERE t.id = s.tenant_id
-  RETURNING 1),
+  RETURNING t.id, t.served),
+nexts AS (
+  -- Each wanted tenant's oldest live group not claimed from here (as of this statement's
+  -- start), so the worker's cached snapshot keeps a group for every tenant with work.
+  SELECT x.* FROM (SELECT DISTINCT tenant_id FROM want) s CROSS JOIN LATERAL (
+    SELECT g.tenant_id, g.adapter_id, g.priority, g.queued_count, g.oldest_enqueued_at
+    FROM queue_groups g
+    WHERE g.tenant_id = s.tenant_id AND g.queued_count > 0 AND NOT EXISTS (
+      SELECT 1 FROM per_group pg WHERE pg.tenant_id = g.tenant_id
+        AND pg.adapter_id = g.adapter_id AND pg.priority = g.priority)
+    ORDER BY g.oldest_enqueued_at LIMIT 1) x),
 me AS (
   -- Only when the snapshot found the worker row stale (caches changed, heartbeat old).
   INSERT INTO workers (id, heartbeat_at, hot, warm, capacity)
@@ -67,7 +77,14 @@ me AS (
 -- sampling as text: jobs of one submit usually share it, so the client decodes it once.
 SELECT c.id, c.tenant_id, c.adapter_id, c.adapter_name, c.prompt, c.messages, c.sampling::text,
        c.attempts, c.priority, c.enqueued_at, a.id, a.name, a.source, a.revision, a.tenant_id,
-       a.rank, a.status, a.base_model, a.created_at
+       a.rank, a.status, a.base_model, a.created_at,
+       -- Once (an InitPlan), repeated on every row: the claimed groups as this claim left
+       -- them, the wanted tenants' next groups, and the served tenants' counters.
+       (SELECT json_build_array(
+          (SELECT json_agg(json_build_array(z.tenant_id, z.adapter_id, z.priority,
+                                            z.queued_count, extract(epoch FROM z.oldest_enqueued_at)))
+           FROM (SELECT * FROM groups UNION ALL SELECT * FROM nexts) z),
+          (SELECT json_agg(json_build_array(id, served)) FROM served)))::text
 FROM claimed c LEFT JOIN adapters a ON a.id = c.adapter_id
 """
 
@@ -83,7 +100,8 @@ def claim_rows(cur, takes, *, now, worker_id, token, expires, floor, touch, hot,
     """Lease the planned takes (and rewrite the worker row when touch); returns the claimed
     jobs as tuples (id, tenant_id, adapter_id, adapter_name, prompt, messages, sampling JSON text,
     attempts, priority, enqueued_at, then the adapter's id, name, source, revision,
-    tenant_id, rank, status, base_model, created_at). cur: a psycopg cursor (autocommit)."""
+    tenant_id, rank, status, base_model, created_at, then the JSON text [groups, served]
+    (see the statement). cur: a psycopg cursor (autocommit)."""
     cur.execute(CLAIM_SQL, dict(
         tenants=[t.group.tenant_id for t in takes], adapters=[t.group.adapter_id for t in takes],
         priorities=[t.group.priority for t in takes], counts=[t.count for t in takes],
@@ -173,4 +191,5 @@ def read_snapshot(cur, worker_id, hot, warm, *, now, live_after, overdue, by_pri
                 if isinstance(x, int)},
         refs=(tuple(hot or ()), tuple(warm or ())), hot=hot_list, warm=warm_list,
         written=written, read_at=now, read_mono=mono, generation=generation,
+        read_at_epoch=epoch_seconds(now),
         existing=set(hot_list) | set(warm_list), requested=set(hot_ids) | set(warm_ids))

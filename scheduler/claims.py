@@ -8,7 +8,7 @@ import time
 import uuid
 from datetime import timedelta
 
-from sqlalchemy import bindparam, case, func, literal_column, or_, select, union, update
+from sqlalchemy import bindparam, case, event, func, literal_column, or_, select, union, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from scheduler.claim_cache import bump_generation
@@ -106,7 +106,7 @@ class ClaimOps:
                     conn.invalidate()  # the pool opens a new connection next time
                 raise
             claimed: dict[int, list[ClaimedJob]] = {}
-            newest: dict[tuple, tuple] = {}
+            got: dict[tuple, int] = {}
             infos: dict[int, AdapterInfo] = {}
             decoded: dict[str, dict] = {}
             for r in rows:  # columns: see claim_rows
@@ -116,12 +116,11 @@ class ClaimOps:
                 claimed.setdefault(r[2], []).append(ClaimedJob(
                     r[0], token, r[1], r[3], r[4], r[5], dict(sampling), r[7]))
                 key = (r[1], r[2], r[8])
-                n, last = newest.get(key, (0, r[9]))
-                newest[key] = (n + 1, max(last, r[9]))
+                got[key] = got.get(key, 0) + 1
                 if r[10] is not None and r[10] not in infos:
                     infos[r[10]] = AdapterInfo(*r[10:19])
-            if ttl > 0 and snap.apply(plan, {k: (n, epoch_seconds(last))
-                                             for k, (n, last) in newest.items()}):
+            report = json.loads(rows[0][19]) if rows else [None, None]
+            if ttl > 0 and snap.apply(plan, got, report[0] or [], report[1] or []):
                 snaps[worker_id] = snap
             return self._micro_batches(conn, claimed, now, infos)
 
@@ -146,6 +145,14 @@ class ClaimOps:
             kwargs = dict(getattr(self, "_engine_kwargs", {}), pool_pre_ping=False,
                           isolation_level="AUTOCOMMIT")
             engine = self._claim_pool = make_engine(self.url, **kwargs)
+
+            @event.listens_for(engine, "connect")
+            def _generic_plans(dbapi_conn, _record):
+                # The claim and snapshot statements are prepared; their custom plans took
+                # longer to make (~1 ms) than to run. Their plans do not depend on the
+                # parameters' values (index probes per group), so one generic plan serves.
+                with dbapi_conn.cursor() as cur:
+                    cur.execute("SET plan_cache_mode = force_generic_plan")
         return engine
 
     def _claim_once(self, worker_id, hot, warm, free_slots, lease_seconds, max_adapters):

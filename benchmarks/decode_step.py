@@ -144,10 +144,11 @@ def kernel_times(model, batch: int, avg_len: int) -> dict:
                "down": [m.mlp.down_proj.weight for m in layers]}
     for name, ws in weights.items():
         xw = xs[ws[0].shape[1]]
-        for how, fn in (("linear", lambda: [torch.nn.functional.linear(xw, w) for w in ws]),
-                        ("mm_swapped", lambda: [torch.mm(w, xw.t()) for w in ws]),
-                        ("mm_swapped_contiguous",
-                         lambda: [torch.mm(w, xw.t()).t().contiguous() for w in ws])):
+        for how, fn in (
+                ("linear", lambda xw=xw, ws=ws: [torch.nn.functional.linear(xw, w) for w in ws]),
+                ("mm_swapped", lambda xw=xw, ws=ws: [torch.mm(w, xw.t()) for w in ws]),
+                ("mm_swapped_contiguous",
+                 lambda xw=xw, ws=ws: [torch.mm(w, xw.t()).t().contiguous() for w in ws])):
             bench(f"gemm_{name}_{how}_us", fn, len(ws))
             out[f"gemm_{name}_{how}_tb_per_s"] = round(
                 ws[0].numel() * 2 / out[f"gemm_{name}_{how}_us"] / 1e6, 2)

@@ -131,7 +131,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     [R, kvh, L, D]; rows, positions: [B] (cache row and position of each query; keys
     0..position attend) -> out [B, h*D] in q's dtype."""
     B = q.shape[0]
-    R, kvh, L, D = k_cache.shape
+    _, kvh, L, D = k_cache.shape
     h = q.shape[1] // D
     if q.shape[1] != h * D or h % kvh:
         raise ValueError(f"q width {q.shape[1]} is not heads*head_dim with head_dim {D} and "

@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 # ----------------------------------------------------------------------------- references
 
 def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from engine.model.layers import RMSNorm, Rotary, apply_rotary
-from kernels.fused_ops import (add_rmsnorm, add_rmsnorm_ref, rotary_qk_, rotary_qk_ref,
-                               silu_mul, silu_mul_ref)
+from kernels.fused_ops import (
+    add_rmsnorm,
+    add_rmsnorm_ref,
+    rotary_qk_,
+    rotary_qk_ref,
+    silu_mul,
+    silu_mul_ref,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -16,7 +16,7 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 def _engine(base, **kw):
     cfg = {"max_loras": 4, "max_lora_rank": 16, "max_cpu_loras": 8, "max_num_seqs": 8,
-           "max_model_len": 128, **kw}
+           "max_model_len": 128, "device": "cpu", **kw}   # CUDA: the *_cuda test file
     return LLMEngine(EngineConfig(model=str(base.dir), **cfg))
 
 

@@ -11,8 +11,9 @@ from engine.lora.weights import load_adapter_weights
 
 
 def _engine(base, max_loras):
-    return LLMEngine(EngineConfig(model=str(base.dir), max_loras=max_loras, max_lora_rank=16,
-                                  max_cpu_loras=8))
+    # the CPU path (also on GPU machines); the CUDA copy is checked in the *_cuda tests
+    return LLMEngine(EngineConfig(model=str(base.dir), device="cpu", max_loras=max_loras,
+                                  max_lora_rank=16, max_cpu_loras=8))
 
 
 def _per_module(base, path):

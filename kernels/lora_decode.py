@@ -1,8 +1,10 @@
-"""Decode path of the Triton LoRA backend: shrink + expand in one launch for small batches.
+"""Decode path of the Triton LoRA backend: one kernel of shrink and expand items.
 
-``kernels.triton_lora.add_lora`` calls :func:`try_add_lora_decode` first; it returns False
-(and does nothing) when the batch is not decode-sized or the call has a shape the path does
-not take (more than 3 slices, a caller's buffer, an empty slice), and the two-launch path runs.
+The items (kernels/lora_decode_kernel.py) run in one launch (fused, handing the partial
+products over through device counters) or in two. ``kernels.triton_lora.add_lora`` calls
+:func:`try_add_lora_decode` first; it returns False (and does nothing) when the batch is not
+decode-sized or the call has a shape the path does not take (see DECODE_CONFIG; a caller's
+buffer, an empty slice), and the two-launch kernels of kernels/triton_kernels.py run.
 Every choice here is made from host constants (T, widths, max_loras, rank), so a decode step
 takes the same path on every replay of a captured CUDA graph.
 """
@@ -16,15 +18,23 @@ import triton
 from kernels.lora_decode_kernel import lora_decode_kernel
 from kernels.segments import LoRAMeta
 
-# Tuning (H200, docs/BENCHMARKS.md); benchmarks/kernels.py --decode-config overrides entries.
+# Tuning: measured on an H200 on 2026-11-29 (docs/BENCHMARKS.md, "LoRA kernels (H200)").
+# The decode path beat the two-launch kernels (rank 16) where its expand streams many weight
+# columns (gate_up from 8 tokens on, o/down from 64 tokens over 32+ adapters) and lost where
+# there are few (1 token; o/down at 8 tokens) and on the 3-slice q/k/v launch, whose shrink
+# it splits more coarsely. The one-launch variant (fused=True) gained nothing over two
+# launches of the same items, so it is off. benchmarks/kernels.py --decode-config/--tune
+# override entries.
 DECODE_CONFIG = {
     "min_tokens": 1,           # decode path for min_tokens <= T <= max_tokens ...
     "max_tokens": 256,
-    "max_rows_per_slot": 4,    # ... and at most this many tokens per slot on average
-    "max_rank": 32,            # slot widths above this spill registers: two-launch path
+    "max_rows_per_slot": 4,    # ... at most this many tokens per slot on average ...
+    "max_slices": 2,           # ... at most this many slices per launch ...
+    "max_rank": 16,            # ... slot widths up to this (64 spills registers) ...
+    "min_expand_cols": 100_000,  # ... and min(T, max_loras) * output width at least this
     "rows": 4,                 # tokens per m-tile (a slot with more tokens gets more tiles)
-    "fused": True,             # one launch (counters) or two launches of the same items
-    "tile_elems": 8192,        # weight tile elements: BLOCK_N = BLOCK_K = tile_elems // R
+    "fused": False,            # one launch (device counters) or two launches of the items
+    "tile_elems": 4096,        # weight tile elements: BLOCK_N = BLOCK_K = tile_elems // R
     "max_split_k": 16,
     "programs_per_sm": 2,      # shrink and expand items sized for this many programs per SM
     "num_warps": 4,
@@ -73,11 +83,12 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
     """Block sizes and item counts of the decode launch, or None if the path does not apply."""
     cfg = DECODE_CONFIG if cfg is None else cfg
     S = len(widths)
-    if not (max(1, cfg["min_tokens"]) <= T <= cfg["max_tokens"]) or S > 3 or min(widths) <= 0 \
+    if not (max(1, cfg["min_tokens"]) <= T <= cfg["max_tokens"]) or S > min(3, cfg["max_slices"]) \
+            or min(widths) <= 0 \
             or not 0 < rank <= cfg["max_rank"]:
         return None
     active = min(T, max_loras)                       # slots that can hold tokens
-    if T // active > cfg["max_rows_per_slot"]:
+    if T // active > cfg["max_rows_per_slot"] or active * sum(widths) < cfg["min_expand_cols"]:
         return None
     rows = cfg["rows"]
     block_r = max(16, triton.next_power_of_2(rank))

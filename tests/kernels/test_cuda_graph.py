@@ -55,6 +55,16 @@ def test_fused_decode_launch_is_race_free_over_many_replays():
     # gives the same bits every time, equal to the two-launch variant of the same items.
     from kernels import lora_decode
     ops = get_lora_ops("triton")
+    saved = lora_decode.DECODE_CONFIG
+    lora_decode.DECODE_CONFIG = dict(saved, min_tokens=1, max_slices=3, min_expand_cols=0,
+                                     fused=True)
+    try:
+        _check_race_free(lora_decode, ops)
+    finally:
+        lora_decode.DECODE_CONFIG = saved
+
+
+def _check_race_free(lora_decode, ops):
     p = make_problem(num_tokens=16, hidden=2500, widths=[4096, 1024, 256], max_rank=16,
                      ranks=[16, 8], mix="distinct", dtype=torch.bfloat16,
                      device=torch.device("cuda"), seed=5)

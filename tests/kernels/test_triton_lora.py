@@ -135,9 +135,14 @@ def test_importing_kernels_does_not_import_triton():
 
 # ---- decode path (kernels/lora_decode.py): one launch for small batches ----------------------
 
+# The tests open the path to every shape it supports, whatever the tuned limits are.
+OPEN = dict(min_tokens=1, max_tokens=256, max_slices=3, max_rank=64, min_expand_cols=0)
+
+
 def _decode_cfg(monkeypatch, **kw):
     from kernels import lora_decode
-    cfg = dict(lora_decode.DECODE_CONFIG, **kw)
+    cfg = dict(lora_decode.DECODE_CONFIG, **OPEN)
+    cfg.update(kw)
     monkeypatch.setattr(lora_decode, "DECODE_CONFIG", cfg)
     return lora_decode
 
@@ -171,7 +176,7 @@ def test_decode_path_matches_loop(mix, num_tokens, shape, fused, monkeypatch, de
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("max_rank", [8, 64])
 def test_decode_path_dtypes_ranks_and_odd_sizes(dtype, max_rank, monkeypatch, device):
-    dec = _decode_cfg(monkeypatch, max_rank=64)
+    dec = _decode_cfg(monkeypatch)
     ranks = [1, 8, 16, 64] if max_rank == 64 else [1, 8]
     p = make_problem(num_tokens=5, hidden=133, widths=[61], max_rank=max_rank, ranks=ranks,
                      mix="some_without", dtype=dtype, device=device, seed=3)
@@ -186,8 +191,7 @@ def test_decode_path_dtypes_ranks_and_odd_sizes(dtype, max_rank, monkeypatch, de
 def test_strided_slot_views_into_one_buffer(decode, monkeypatch, device):
     # Slot buffers as views into one big tensor (non-unit, non-contiguous slot strides), as
     # an engine may lay out its slots: the kernels must follow the tensors' strides.
-    if not decode:
-        _decode_cfg(monkeypatch, max_tokens=0)
+    dec = _decode_cfg(monkeypatch, max_tokens=256 if decode else 0)
     p = make_problem(num_tokens=7, hidden=72, widths=WIDTHS, max_rank=16, ranks=[16, 4],
                      mix="some_without", dtype=torch.float32, device=device)
     L = p.meta.max_loras
@@ -200,6 +204,8 @@ def test_strided_slot_views_into_one_buffer(decode, monkeypatch, device):
         views_a.append(big_a[:, s, 1])
         views_b.append(big_b[1, :, s, :b.shape[1]])
     assert not views_a[0].is_contiguous() and not views_b[0].is_contiguous()
+    plan = dec.decode_plan(7, L, 72, 16, WIDTHS, torch.device(device))
+    assert (plan is not None) == decode
     y = p.y.clone()
     triton_ops.add_lora(y, p.x, views_a, views_b, p.meta, p.offsets)
     _check(p, y, torch.float32)

@@ -187,3 +187,18 @@ def test_aging_admits_a_waiter_under_a_stream_of_resident_adapters():
     assert _simulate(max_bypass=10**9) is None     # without aging it would wait forever
     step = _simulate(max_bypass=4)
     assert step is not None and step < 30
+
+
+def test_loader_thread_allocates_staging_only_outside_graph_replays(tiny_llama):
+    """The loader takes the lock the runner holds around graph replays/captures: a pinned
+    allocation from that thread would invalidate a CUDA graph capture in progress."""
+    eng = _engine(tiny_llama)
+    lock = eng.loras.gpu.layout.pin_lock
+    req = LoRARequest("qv_r8", 1, str(tiny_llama.adapters["qv_r8"]))
+    with lock:  # as during a replay or capture
+        eng.loras.prefetch(req)
+        fut = eng.loras.pending[1][1]
+        with pytest.raises(TimeoutError):
+            fut.result(timeout=0.5)
+    fut.result(timeout=10)
+    assert eng.loras.poll() == [] and eng.loras.ready(req)

@@ -146,12 +146,12 @@ def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Ten
             H, R, meta.max_loras, *widths, *offs, cc0, cc01, cc_all)
     strides = (x.stride(0), x.stride(1), *lora_a[0].stride(), *b_strides,
                y.stride(0), y.stride(1), work.stride(0), work.stride(1), work.stride(2))
-    consts = dict(NUM_SLICES=S, ROWS=plan["rows"], BLOCK_M=plan["block_m"],
-                  BLOCK_N=plan["block_n"], BLOCK_R=plan["block_r"], BLOCK_K=plan["block_k"],
-                  BLOCK_L=max(16, triton.next_power_of_2(meta.max_loras)),
-                  SPLIT_K=plan["split_k"], PRECISION=_precision(lora_b[0].dtype),
-                  UPCAST=_interpreted(), num_warps=plan["num_warps"],
-                  num_stages=plan["num_stages"])
+    consts = {"NUM_SLICES": S, "ROWS": plan["rows"], "BLOCK_M": plan["block_m"],
+              "BLOCK_N": plan["block_n"], "BLOCK_R": plan["block_r"], "BLOCK_K": plan["block_k"],
+              "BLOCK_L": max(16, triton.next_power_of_2(meta.max_loras)),
+              "SPLIT_K": plan["split_k"], "PRECISION": _precision(lora_b[0].dtype),
+              "UPCAST": _interpreted(), "num_warps": plan["num_warps"],
+              "num_stages": plan["num_stages"]}
     n_shrink, n_items, n_ready, nsub = (plan["n_shrink"], plan["n_items"], plan["n_ready"],
                                         plan["nsub"])
     if plan["fused"]:

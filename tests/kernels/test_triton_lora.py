@@ -136,7 +136,8 @@ def test_importing_kernels_does_not_import_triton():
 # ---- decode path (kernels/lora_decode.py): one launch for small batches ----------------------
 
 # The tests open the path to every shape it supports, whatever the tuned limits are.
-OPEN = dict(min_tokens=1, max_tokens=256, max_slices=3, max_rank=64, min_expand_cols=0)
+OPEN = {"min_tokens": 1, "max_tokens": 256, "max_slices": 3, "max_rank": 64,
+        "min_expand_cols": 0}
 
 
 def _decode_cfg(monkeypatch, **kw):

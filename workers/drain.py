@@ -67,7 +67,6 @@ class Drainer:
         self.stats, self.publish, self.on_result = stats or WorkerStats(), publish, on_result
         self.held: dict[str, Held] = {}
         self.names: dict[int, str] = {}  # lora_int_id -> adapter name (engine speaks ids)
-        self.loaded: set[int] = set()
         self.summary = DrainSummary()
 
     # -- state reported to the scheduler ------------------------------------------------------
@@ -167,31 +166,20 @@ class Drainer:
             lora = self._lora_for(mb)
             for job in mb.jobs:
                 count += 1
-                if lora is False:  # the adapter was refused: _lora_for failed the jobs
-                    continue
                 self._add(job, lora)
         return count
 
     def _lora_for(self, mb):
-        """The LoRARequest of a micro-batch (None: base); on a refused adapter fail its jobs."""
+        """The LoRARequest of a micro-batch (None: base). The engine loads a new adapter from
+        disk in the background while the running batch keeps decoding; an adapter it refuses
+        comes back as outputs with finish_reason "error", which fail their jobs (_finish)."""
         if mb.adapter is None:
             return None
-        from engine import LoRAError, LoRARequest
+        from engine import LoRARequest
 
         a = mb.adapter
-        lora = LoRARequest(a.name, a.id, a.source, revision=a.revision)
         self.names[a.id] = a.name
-        if a.id in self.loaded:
-            return lora
-        try:
-            self.engine.add_lora(lora)
-        except LoRAError as e:
-            log.warning("adapter %s refused: %s", a.name, e)
-            for job in mb.jobs:
-                self._fail(job, f"adapter {a.name!r} cannot be loaded: {e}")
-            return False
-        self.loaded.add(a.id)
-        return lora
+        return LoRARequest(a.name, a.id, a.source, revision=a.revision)
 
     def _add(self, job, lora) -> None:
         from engine import SamplingParams
@@ -219,6 +207,9 @@ class Drainer:
         if held is None or out is None:
             return
         comp = out.outputs[0]
+        if comp.finish_reason == "error":  # its adapter could not be loaded: not retryable
+            self._fail(held.job, f"adapter {held.job.adapter!r} cannot be loaded: {out.error}")
+            return
         usage = out.usage
         m = out.metrics
         timings = {"run_s": time.monotonic() - held.claimed_at}

@@ -40,6 +40,7 @@ class ClaimSnapshot:
     weights: dict[str, float]
     served: dict[str, float]
     others: set[int]
+    workers: int                    # live workers (this one included)
     refs: tuple                     # (hot refs, warm refs) as the worker passed them
     hot: list[int]                  # resolved ids, sorted
     warm: list[int]
@@ -81,8 +82,10 @@ class ClaimSnapshot:
         return (w_hot != hot or w_warm != warm or beat is None
                 or (now - beat).total_seconds() > refresh_s)
 
-    def apply(self, plan: Plan, got: dict[tuple, int], groups: list, served: list) -> bool:
-        """Take in what this worker's claim statement reported: got maps group key -> jobs
+    def apply(self, wants: list, total: int, got: dict[tuple, int], groups: list,
+              served: list) -> bool:
+        """Take in what this worker's claim statement reported. wants: the (group, count)
+        pairs it was given, in order, to fill total slots; got maps group key -> jobs
         claimed; groups are (tenant, adapter, priority, queued, oldest epoch) rows of the
         claimed groups as the claim left them and of the wanted tenants' next groups;
         served are (tenant, fair-share counter) rows. Returns False when the snapshot must
@@ -90,12 +93,14 @@ class ClaimSnapshot:
         if not got:
             return False  # nothing claimed: nothing reported either
         far = self.read_at_epoch + 1e9
-        short = False
-        for take in plan.takes:
-            n = got.get(take.group.key, 0)
-            short = short or n < take.count
-            if n == 0:  # none left (or all leased elsewhere)
-                self.groups.pop(take.group.key, None)
+        before = 0
+        for g, _ in wants:
+            if before >= total:
+                break  # not reached: the statement stopped pulling rows
+            n = got.get(g.key, 0)
+            if n == 0:  # reached, and none left (or all leased elsewhere)
+                self.groups.pop(g.key, None)
+            before += n
         for t, a, p, queued, oldest in groups:
             key = (t, a, p)
             if queued > 0:
@@ -107,4 +112,15 @@ class ClaimSnapshot:
             self.served[t] = value
         # Short: other claimers are taking from the groups this snapshot shows (small groups,
         # or a stale snapshot): read a fresh one next time.
-        return not short
+        return before >= total
+
+
+def wanted_groups(plan: Plan) -> list[tuple[Group, int]]:
+    """The plan's takes then spares as (group, count), a group split across both merged."""
+    out: list[tuple[Group, int]] = []
+    for take in plan.takes + plan.spares:
+        if out and out[-1][0].key == take.group.key:
+            out[-1] = (take.group, out[-1][1] + take.count)
+        else:
+            out.append((take.group, take.count))
+    return out

@@ -23,17 +23,20 @@ HEARTBEAT_REFRESH_S = 5.0  # a claim rewrites an unchanged worker row at most th
 # order, so a completion (synchronous commit) being durable implies its claim is durable.
 CLAIM_SQL = """
 WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS v),
-want AS (
+want AS MATERIALIZED (
   SELECT w.* FROM cfg, unnest(CAST(%(tenants)s AS text[]), CAST(%(adapters)s AS bigint[]),
                               CAST(%(priorities)s AS int[]), CAST(%(counts)s AS int[]))
          AS w(tenant_id, adapter_id, priority, n)),
 picked AS MATERIALIZED (
+  -- The groups in the plan's order until %(total)s rows: the Limit stops pulling, so a spare
+  -- group is read (and its rows locked) only when the groups before it came short.
   SELECT p.id FROM want CROSS JOIN LATERAL (
     SELECT j.id FROM jobs j
     WHERE j.status = 'queued' AND j.tenant_id = want.tenant_id
       AND j.adapter_id = want.adapter_id AND j.priority = want.priority
       AND j.enqueued_at <= %(now)s AND (j.deadline IS NULL OR j.deadline > %(now)s)
-    ORDER BY j.enqueued_at LIMIT want.n FOR UPDATE SKIP LOCKED) p),
+    ORDER BY j.enqueued_at LIMIT want.n FOR UPDATE SKIP LOCKED) p
+  LIMIT %(total)s),
 claimed AS (
   UPDATE jobs SET status = 'running', worker_id = %(worker)s, lease_token = %(token)s,
          lease_expires_at = %(expires)s, attempts = jobs.attempts + 1, not_before = NULL,
@@ -96,15 +99,17 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, hot = exclu
 """
 
 
-def claim_rows(cur, takes, *, now, worker_id, token, expires, floor, touch, hot, warm) -> list:
-    """Lease the planned takes (and rewrite the worker row when touch); returns the claimed
+def claim_rows(cur, wants, total, *, now, worker_id, token, expires, floor, touch, hot,
+               warm) -> list:
+    """Lease up to total jobs from the wanted (group, count) pairs, in their order (and
+    rewrite the worker row when touch); returns the claimed
     jobs as tuples (id, tenant_id, adapter_id, adapter_name, prompt, messages, sampling JSON text,
     attempts, priority, enqueued_at, then the adapter's id, name, source, revision,
     tenant_id, rank, status, base_model, created_at, then the JSON text [groups, served]
     (see the statement). cur: a psycopg cursor (autocommit)."""
     cur.execute(CLAIM_SQL, dict(
-        tenants=[t.group.tenant_id for t in takes], adapters=[t.group.adapter_id for t in takes],
-        priorities=[t.group.priority for t in takes], counts=[t.count for t in takes],
+        tenants=[g.tenant_id for g, _ in wants], adapters=[g.adapter_id for g, _ in wants],
+        priorities=[g.priority for g, _ in wants], counts=[n for _, n in wants], total=total,
         token=token, expires=expires, floor=floor, touch=touch, worker=worker_id, now=now,
         hot=json.dumps(hot), warm=json.dumps(warm)), prepare=True)
     return cur.fetchall()
@@ -185,10 +190,11 @@ def read_snapshot(cur, worker_id, hot, warm, *, now, live_after, overdue, by_pri
     written = None if me_beat is None else (json.loads(me_hot or "[]"),
                                             json.loads(me_warm or "[]"), me_beat)
     hot_list, warm_list = list(first[7]), list(first[8])
+    others = json.loads(first[9] or "[]")  # one hot list per other live worker
     return ClaimSnapshot(
         groups=groups, weights=weights, served=served,
-        others={x for lst in json.loads(first[9] or "[]") for x in lst or []
-                if isinstance(x, int)},
+        others={x for lst in others for x in lst or [] if isinstance(x, int)},
+        workers=1 + len(others),
         refs=(tuple(hot or ()), tuple(warm or ())), hot=hot_list, warm=warm_list,
         written=written, read_at=now, read_mono=mono, generation=generation,
         read_at_epoch=epoch_seconds(now),

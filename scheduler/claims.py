@@ -11,7 +11,7 @@ from datetime import timedelta
 from sqlalchemy import bindparam, case, event, func, literal_column, or_, select, union, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from scheduler.claim_cache import bump_generation
+from scheduler.claim_cache import bump_generation, wanted_groups
 from scheduler.claim_pg import HEARTBEAT_REFRESH_S, claim_rows, read_snapshot, touch_worker
 from scheduler.db import epoch_seconds, insert_for, make_engine
 from scheduler.models import Adapter, Job, QueueGroup, Tenant, Worker
@@ -25,6 +25,7 @@ ADAPTER_CACHE_S = 2.0
 PER_TENANT = 1    # oldest group per tenant in the snapshot (fair-share candidates)
 OVERDUE = 16      # globally oldest groups (aging candidates)
 PRIORITY = 32     # highest-priority groups above the default class
+SPARE = 1         # PostgreSQL: spare jobs planned per free slot (used when takes come short)
 
 try:  # PostgreSQL's driver; the SQLite path runs without it
     import psycopg
@@ -98,7 +99,9 @@ class ClaimOps:
                     snaps[worker_id] = snap
                     return []
                 token = uuid.uuid4().hex
-                rows = claim_rows(cur, plan.takes, now=now, worker_id=worker_id, token=token,
+                wants = wanted_groups(plan)
+                rows = claim_rows(cur, wants, free_slots, now=now, worker_id=worker_id,
+                                  token=token,
                                   expires=now + timedelta(seconds=lease_seconds),
                                   floor=plan.floor, touch=touch, hot=hot_ids, warm=warm_ids)
             except _PG_ERRORS:
@@ -120,7 +123,8 @@ class ClaimOps:
                 if r[10] is not None and r[10] not in infos:
                     infos[r[10]] = AdapterInfo(*r[10:19])
             report = json.loads(rows[0][19]) if rows else [None, None]
-            if ttl > 0 and snap.apply(plan, got, report[0] or [], report[1] or []):
+            if ttl > 0 and snap.apply(wants, free_slots, got, report[0] or [],
+                                      report[1] or []):
                 snaps[worker_id] = snap
             return self._micro_batches(conn, claimed, now, infos)
 
@@ -135,7 +139,7 @@ class ClaimOps:
             groups=list(snap.groups.values()), now=epoch, free_slots=free_slots, hot=hot,
             warm=set(ids[1]), hot_elsewhere=snap.others - hot, weights=snap.weights,
             served=snap.served, aging_seconds=self.aging_seconds, max_adapters=max_adapters,
-            salt=worker_id))
+            salt=worker_id, workers=snap.workers), spare=SPARE * free_slots)
 
     def _claim_engine(self):
         """Claims' own pool: autocommit, and no ping per checkout (a round trip per claim);
@@ -166,16 +170,18 @@ class ClaimOps:
             groups, tenants = self._snapshot_groups(conn, hot_ids | warm_ids, now)
             if not groups:
                 return []
-            elsewhere = set()
+            elsewhere, workers = set(), 1
             for (others,) in conn.execute(select(W.c.hot).where(
                     W.c.id != worker_id, W.c.heartbeat_at > live_after)):
                 elsewhere |= {x for x in others or [] if isinstance(x, int)}
+                workers += 1
             plan = plan_claim(Snapshot(
                 groups=groups, now=epoch, free_slots=free_slots, hot=hot_ids, warm=warm_ids,
                 hot_elsewhere=elsewhere - hot_ids,
                 weights={t: r.weight for t, r in tenants.items()},
                 served={t: r.served for t, r in tenants.items()},
-                aging_seconds=self.aging_seconds, max_adapters=max_adapters, salt=worker_id))
+                aging_seconds=self.aging_seconds, max_adapters=max_adapters, salt=worker_id,
+                workers=workers))
             if not plan.takes:
                 return []
             token = uuid.uuid4().hex

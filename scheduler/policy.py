@@ -4,8 +4,9 @@ Order of preference: groups whose oldest job waited past the aging bound (oldest
 higher priority, then adapter affinity (hot here > warm here > cold > hot on another live
 worker), then tenant fair share, then a per-worker spread. Fair share is weighted deficit round
 robin kept as virtual time: a tenant's counter grows by jobs/weight when it is served, the
-active tenant with the smallest counter (in quanta of one claim) is served next, and a tenant
-that becomes active starts near the others (it cannot bank credit while idle).
+active tenant with the smallest counter (in quanta of one claim per live worker) is served
+next, and a tenant that becomes active starts near the others (it cannot bank credit while
+idle).
 """
 from __future__ import annotations
 
@@ -48,6 +49,10 @@ class Snapshot:
     # they do not all reach for the same rows and come back short (SKIP LOCKED).
     salt: str = ""
     max_adapters: int | None = None  # distinct adapters per claim (None: no cap)
+    # Live workers claiming (this one included): tenants whose counters are within one
+    # claim per worker of each other are equally due, so concurrent claimers spread over
+    # them instead of all reaching for the few furthest behind (and coming back short).
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,10 @@ class Plan:
     # Smallest active counter: a served tenant's counter becomes max(counter, floor) + jobs/weight
     # (applied in SQL with the jobs actually claimed, so concurrent claimers add up).
     floor: float = 0.0
+    # Further groups in the same order, up to `spare` jobs (plan_claim's argument): a claim
+    # statement takes from them only what the takes could not give (rows leased by another
+    # claimer in the meantime).
+    spares: list[Take] = field(default_factory=list)
 
 
 def affinity_tier(adapter_id: int, snap: Snapshot) -> int:
@@ -73,22 +82,23 @@ def affinity_tier(adapter_id: int, snap: Snapshot) -> int:
     return 3 if adapter_id in snap.hot_elsewhere else 2
 
 
-def plan_claim(snap: Snapshot) -> Plan:
-    """Choose up to snap.free_slots jobs from snap.groups; see the module docstring."""
+def plan_claim(snap: Snapshot, spare: int = 0) -> Plan:
+    """Choose up to snap.free_slots jobs from snap.groups (see the module docstring), then up
+    to `spare` more as Plan.spares."""
     now, free = snap.now, snap.free_slots
     groups = list({g.key: g for g in snap.groups if g.queued > 0 and g.oldest <= now}.values())
     if not groups or free <= 0:
         return Plan([])
     weights = snap.weights
-    quantum = float(free)
+    quantum = float(free * max(snap.workers, 1))
     served = {g.tenant_id: snap.served.get(g.tenant_id, 0.0) for g in groups}
     # A backlogged tenant is never more than about one quantum behind the leader's last
     # start; one further behind was idle (or new) and may not spend banked credit.
     floor = max(min(served.values()), max(
         v - quantum / max(weights.get(t, 1.0), 1e-9) for t, v in served.items()))
     virtual = {t: max(v, floor) for t, v in served.items()}
-    # Tenants within one quantum (a full claim of a weight-1 tenant) of each other are equally
-    # due, as in deficit round robin.
+    # Tenants within one quantum (a full claim of a weight-1 tenant per live worker) of each
+    # other are equally due, as in deficit round robin.
     share = {t: int(v // quantum) for t, v in virtual.items()}
     cutoff = now - snap.aging_seconds
     salt = snap.salt
@@ -109,8 +119,10 @@ def plan_claim(snap: Snapshot) -> Plan:
     heapq.heapify(heap)
 
     takes: list[Take] = []
+    spares: list[Take] = []
     adapters: set[int] = set()
-    remaining = free
+    spare = max(spare, 0)
+    remaining = free + spare
     cap = snap.max_adapters
     while remaining > 0 and heap:
         order, seen, g = heapq.heappop(heap)
@@ -121,12 +133,16 @@ def plan_claim(snap: Snapshot) -> Plan:
         if cap is not None and len(adapters) >= cap and g.adapter_id not in adapters:
             continue  # the cap is reached and only grows stricter: drop it
         count = min(g.queued, remaining)
-        takes.append(Take(g, count))
+        fill = min(count, max(remaining - spare, 0))  # the part that fills free slots
+        if fill:
+            takes.append(Take(g, fill))
+        if count > fill:  # the rest is spare (a group may be split across the two)
+            spares.append(Take(g, count - fill))
         adapters.add(g.adapter_id)
         remaining -= count
         virtual[t] += count / max(weights.get(t, 1.0), 1e-9)
         share[t] = int(virtual[t] // quantum)
-    return Plan(takes, floor)
+    return Plan(takes, floor, spares)
 
 
 _SPREADS: dict[tuple, int] = {}

@@ -87,19 +87,33 @@ def test_salt_spreads_workers_over_equally_good_groups():
     assert len(firsts) >= 4
 
 
+def test_tenants_within_a_claim_per_live_worker_are_equally_due():
+    # Tenant a is one claim (32 jobs) ahead of the others. Alone, a worker serves the others
+    # first; with 4 live workers the quantum is 4 claims, so the workers spread over all.
+    groups = [g(t, a, queued=100) for a, t in enumerate("abcdefgh", start=1)]
+    served = {t: 0.0 for t in "abcdefgh"} | {"a": 32.0}
+    alone = {plan_claim(Snapshot(groups, NOW, free_slots=32, served=served, salt=f"w{i}"))
+             .takes[0].group.tenant_id for i in range(16)}
+    assert "a" not in alone
+    shared = {plan_claim(Snapshot(groups, NOW, free_slots=32, served=served, salt=f"w{i}",
+                                  workers=4)).takes[0].group.tenant_id for i in range(16)}
+    assert "a" in shared and len(shared) >= 4
+
+
 def test_base_model_counts_as_hot_and_empty_input_gives_nothing():
     assert affinity_tier(0, Snapshot([], NOW, free_slots=1)) == 0
     assert plan_claim(Snapshot([], NOW, free_slots=32)).takes == []
     assert plan_claim(Snapshot([g()], NOW, free_slots=0)).takes == []
 
 
-def reference_plan(snap: Snapshot) -> list[tuple]:
-    """The policy written the plain way (re-rank every candidate after each take)."""
+def reference_plan(snap: Snapshot, budget: int | None = None) -> list[tuple]:
+    """The policy written the plain way (re-rank every candidate after each take), for up
+    to budget jobs (default: the free slots)."""
     left = {g.key: g.queued for g in snap.groups if g.queued > 0 and g.oldest <= snap.now}
     groups = {g.key: g for g in snap.groups if g.key in left}
     if not left or snap.free_slots <= 0:
         return []
-    quantum = float(snap.free_slots)
+    quantum = float(snap.free_slots * snap.workers)
     weight = {t: max(snap.weights.get(t, 1.0), 1e-9) for t, _, _ in left}
     served = {t: snap.served.get(t, 0.0) for t in weight}
     floor = max(min(served.values()), max(v - quantum / weight[t] for t, v in served.items()))
@@ -112,7 +126,7 @@ def reference_plan(snap: Snapshot) -> list[tuple]:
         return (1, -g.priority, affinity_tier(g.adapter_id, snap),
                 int(virtual[g.tenant_id] // quantum), spread, g.key)
 
-    out, adapters, remaining = [], set(), snap.free_slots
+    out, adapters, remaining = [], set(), snap.free_slots if budget is None else budget
     while remaining > 0 and left:
         cands = [groups[k] for k in left]
         if snap.max_adapters is not None and len(adapters) >= snap.max_adapters:
@@ -145,6 +159,21 @@ def test_plan_equals_the_plain_reference_on_random_snapshots():
             hot_elsewhere=set(rng.sample(range(9), 2)),
             weights={t: rng.choice([1.0, 2.0, 0.5]) for t in tenants},
             served={t: rng.uniform(0, 200) for t in tenants}, aging_seconds=300,
-            salt=f"w{case % 3}", max_adapters=rng.choice([None, 1, 2]))
+            salt=f"w{case % 3}", max_adapters=rng.choice([None, 1, 2]),
+            workers=rng.choice([1, 1, 4]))
         got = [(t.group.key, t.count) for t in plan_claim(snap).takes]
         assert got == reference_plan(snap), f"case {case}"
+        # With spares: the same order continued, the free slots filled by the takes first.
+        spare = rng.choice([0, 5, 32])
+        plan = plan_claim(snap, spare=spare)
+        both: list = []
+        for t in plan.takes + plan.spares:  # a group split across takes and spares: merge
+            if both and both[-1][0] == t.group.key:
+                both[-1] = (t.group.key, both[-1][1] + t.count)
+            else:
+                both.append((t.group.key, t.count))
+        want = reference_plan(snap, snap.free_slots + spare)
+        assert both == want, f"case {case}"
+        assert sum(t.count for t in plan.takes) == min(snap.free_slots,
+                                                       sum(n for _, n in want))
+        assert sum(n for _, n in both) == sum(n for _, n in want)

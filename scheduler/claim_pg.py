@@ -84,8 +84,9 @@ SELECT c.id, c.tenant_id, c.adapter_id, c.adapter_name, c.prompt, c.messages, c.
        -- Once (an InitPlan), repeated on every row: the claimed groups as this claim left
        -- them, the wanted tenants' next groups, and the served tenants' counters.
        (SELECT json_build_array(
-          (SELECT json_agg(json_build_array(z.tenant_id, z.adapter_id, z.priority,
-                                            z.queued_count, extract(epoch FROM z.oldest_enqueued_at)))
+          (SELECT json_agg(json_build_array(
+                    z.tenant_id, z.adapter_id, z.priority, z.queued_count,
+                    extract(epoch FROM z.oldest_enqueued_at)))
            FROM (SELECT * FROM groups UNION ALL SELECT * FROM nexts) z),
           (SELECT json_agg(json_build_array(id, served)) FROM served)))::text
 FROM claimed c LEFT JOIN adapters a ON a.id = c.adapter_id

@@ -60,7 +60,8 @@ class ClaimOps:
                 # leased (or the lease runs out unused), so trying again is safe.
                 orig = getattr(exc, "orig", exc)
                 retry = ("deadlock" in str(orig).lower()
-                         or getattr(exc, "connection_invalidated", False))
+                         or getattr(exc, "connection_invalidated", False)
+                         or getattr(exc, "lorry_reconnect", False))
                 if attempt == 2 or not retry or not isinstance(exc, (OperationalError,
                                                                       DBAPIError) + _PG_ERRORS):
                     raise
@@ -104,9 +105,11 @@ class ClaimOps:
                                   token=token,
                                   expires=now + timedelta(seconds=lease_seconds),
                                   floor=plan.floor, touch=touch, hot=hot_ids, warm=warm_ids)
-            except _PG_ERRORS:
-                if raw.broken or raw.closed:
-                    conn.invalidate()  # the pool opens a new connection next time
+            except _PG_ERRORS as exc:
+                if raw.broken or raw.closed:  # the server went away (restart, failover)
+                    conn.invalidate()
+                    self._claim_pool.dispose()  # its other idle connections are dead too
+                    exc.lorry_reconnect = True  # claim() tries again on a new connection
                 raise
             claimed: dict[int, list[ClaimedJob]] = {}
             got: dict[tuple, int] = {}

@@ -13,6 +13,14 @@ from scheduler.policy import Group
 
 HEARTBEAT_REFRESH_S = 5.0  # a claim rewrites an unchanged worker row at most this often
 
+
+def _compact(sql: str) -> str:
+    """The statement without comment lines and indentation: psycopg caches the conversion
+    of statements up to 4,096 characters only (a longer one is re-parsed at every call)."""
+    lines = (line.strip() for line in sql.splitlines())
+    return "\n".join(line for line in lines if line and not line.startswith("--"))
+
+
 # Data-modifying CTEs run once and to completion whether or not the final SELECT reads them.
 # `picked` is materialized so the SKIP LOCKED subquery runs exactly once per group.
 #
@@ -91,6 +99,7 @@ SELECT c.id, c.tenant_id, c.adapter_id, c.adapter_name, c.prompt, c.messages, c.
           (SELECT json_agg(json_build_array(id, served)) FROM served)))::text
 FROM claimed c LEFT JOIN adapters a ON a.id = c.adapter_id
 """
+CLAIM_SQL = _compact(CLAIM_SQL)
 
 TOUCH_SQL = """
 INSERT INTO workers (id, heartbeat_at, hot, warm, capacity)
@@ -162,6 +171,7 @@ FROM (SELECT ARRAY(SELECT id FROM hot_ids ORDER BY id) AS hot,
              (SELECT heartbeat_at FROM me) AS me_beat) s
 LEFT JOIN (cand c JOIN tenants t ON t.id = c.tenant_id) ON true
 """
+SNAPSHOT_SQL = _compact(SNAPSHOT_SQL)
 
 
 def read_snapshot(cur, worker_id, hot, warm, *, now, live_after, overdue, by_priority,

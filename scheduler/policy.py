@@ -86,36 +86,57 @@ def plan_claim(snap: Snapshot, spare: int = 0) -> Plan:
     """Choose up to snap.free_slots jobs from snap.groups (see the module docstring), then up
     to `spare` more as Plan.spares."""
     now, free = snap.now, snap.free_slots
-    groups = list({g.key: g for g in snap.groups if g.queued > 0 and g.oldest <= now}.values())
+    groups = [g for g in snap.groups if g.queued > 0 and g.oldest <= now]  # keys distinct
     if not groups or free <= 0:
         return Plan([])
     weights = snap.weights
     quantum = float(free * max(snap.workers, 1))
-    served = {g.tenant_id: snap.served.get(g.tenant_id, 0.0) for g in groups}
+    all_served = snap.served
+    served = {}
+    for g in groups:
+        if g.tenant_id not in served:
+            served[g.tenant_id] = all_served.get(g.tenant_id, 0.0)
     # A backlogged tenant is never more than about one quantum behind the leader's last
     # start; one further behind was idle (or new) and may not spend banked credit.
-    floor = max(min(served.values()), max(
-        v - quantum / max(weights.get(t, 1.0), 1e-9) for t, v in served.items()))
-    virtual = {t: max(v, floor) for t, v in served.items()}
+    lowest, lead = float("inf"), float("-inf")
+    for t, v in served.items():
+        w = weights.get(t, 1.0)
+        start = v - quantum / (w if w > 1e-9 else 1e-9)
+        if start > lead:
+            lead = start
+        if v < lowest:
+            lowest = v
+    floor = max(lowest, lead)
+    virtual = {t: v if v > floor else floor for t, v in served.items()}
     # Tenants within one quantum (a full claim of a weight-1 tenant per live worker) of each
     # other are equally due, as in deficit round robin.
     share = {t: int(v // quantum) for t, v in virtual.items()}
     cutoff = now - snap.aging_seconds
     salt = snap.salt
+    hot, warm, elsewhere = snap.hot, snap.warm, snap.hot_elsewhere
+    spreads = _SPREADS
+    if len(spreads) > 100_000:
+        spreads.clear()
 
     # Order: (overdue first, -priority, affinity tier, tenant's share, spread, key); overdue
     # groups by their oldest job only. A tenant's share only grows while planning, so a heap
     # with lazily refreshed entries pops the true minimum.
     heap = []
     for g in groups:
-        key = (g.tenant_id, g.adapter_id, g.priority)
+        t, a = g.tenant_id, g.adapter_id
+        key = (t, a, g.priority)
         if g.oldest <= cutoff:  # overdue: bound the longest wait first
             heap.append(((0, g.oldest, 0, 0, 0, key), -1, g))
-        else:
-            # Among groups equally due, spread concurrent claimers apart.
-            heap.append(((1, -g.priority, affinity_tier(g.adapter_id, snap),
-                          share[g.tenant_id], _spread(salt, g.tenant_id, g.adapter_id), key),
-                         share[g.tenant_id], g))
+            continue
+        # affinity_tier(), inlined: this loop runs for every candidate at every claim.
+        tier = (0 if a == BASE_MODEL or a in hot else 1 if a in warm
+                else 3 if a in elsewhere else 2)
+        # Among groups equally due, spread concurrent claimers apart.
+        spread = spreads.get((salt, t, a))
+        if spread is None:
+            spread = spreads[(salt, t, a)] = zlib.crc32(f"{salt}:{t}:{a}".encode())
+        s = share[t]
+        heap.append(((1, -g.priority, tier, s, spread, key), s, g))
     heapq.heapify(heap)
 
     takes: list[Take] = []
@@ -145,14 +166,4 @@ def plan_claim(snap: Snapshot, spare: int = 0) -> Plan:
     return Plan(takes, floor, spares)
 
 
-_SPREADS: dict[tuple, int] = {}
-
-
-def _spread(salt: str, tenant_id: str, adapter_id: int) -> int:
-    key = (salt, tenant_id, adapter_id)
-    value = _SPREADS.get(key)
-    if value is None:
-        if len(_SPREADS) > 100_000:
-            _SPREADS.clear()
-        value = _SPREADS[key] = zlib.crc32(f"{salt}:{tenant_id}:{adapter_id}".encode())
-    return value
+_SPREADS: dict[tuple, int] = {}  # (salt, tenant, adapter) -> crc32, reused across claims

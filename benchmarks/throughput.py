@@ -185,6 +185,8 @@ def cold_load_overlap(eng, adapters: list[Path], prompts, p: dict, rows: int = 4
     add_ms = (time.perf_counter() - t0) * 1e3
     during, seq = [], eng._seqs["cold"]
     while seq.num_computed_tokens == 0:
+        if "cold" not in eng._seqs:  # its load failed: the request was failed, not admitted
+            raise RuntimeError(f"the cold adapter {cold.lora_path} could not be loaded")
         during.append(step_ms())
     admitted_ms = (time.perf_counter() - t0) * 1e3
     load_ms = (eng.loras.cpu.load_seconds - load_before) * 1e3

@@ -52,8 +52,6 @@ class LLMEngine:
             if lora_request.lora_int_id not in pinned and len(pinned) >= self.config.max_loras:
                 raise LoRAError(f"adapter {lora_request.lora_name!r} cannot run: all max_loras="
                                 f"{self.config.max_loras} GPU slots are pinned; unpin one")
-            # disk -> CPU in the background: the request waits, running ones keep stepping
-            self.loras.prefetch(lora_request)
         text, ids = self.tokenizer.encode_prompt(prompt)
         if len(ids) >= self.max_model_len:
             raise ModelLengthError(f"prompt of request {request_id!r} has {len(ids)} tokens; "
@@ -66,6 +64,9 @@ class LLMEngine:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(request_id, text, ids, params, lora_request,
                        RequestMetrics(arrival_time=time.time()), generator=gen)
+        if lora_request is not None:  # only once the request is accepted: refusals load nothing
+            # disk -> CPU in the background: the request waits, running ones keep stepping
+            self.loras.prefetch(lora_request)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -333,4 +334,6 @@ class LLMEngine:
         if self.loras is not None:
             self.loras.gpu.wait_for(slots)
         logits = self.runner.forward_prompts(prompt_token_ids, slots, None, all_logits=True)
+        if self.loras is not None:  # a later swap into these slots waits for this forward
+            self.loras.gpu.mark_used(slots)
         return [logits[i, :len(p)] for i, p in enumerate(prompt_token_ids)]

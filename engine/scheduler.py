@@ -7,7 +7,8 @@ long prompt delays each decode step by at most one chunk's step.
 The distinct adapters of the running set (plus pinned ones) never exceed ``max_loras``:
 sequences whose adapter does not fit wait until a running adapter's sequences finish. Aging:
 once later sequences have overtaken such a waiter ``max_bypass`` times, nothing behind it is
-admitted until it is, so the running adapters drain and it gets a slot.
+admitted until it is, so the running adapters drain and it gets a slot (not while pinned
+adapters alone fill every slot: it waits for an unpin and the others go on).
 """
 from __future__ import annotations
 
@@ -86,15 +87,19 @@ class Scheduler:
         for seq in list(self.waiting):
             if not self.free_rows or budget <= 0:
                 break
-            if ready is not None and not ready(seq):
-                continue  # its adapter is still loading: others go on meanwhile
             lid = seq.lora_id
             if lid is not None and lid not in adapters \
                     and len(adapters | pinned | {lid}) > self.max_loras:
-                if seq.bypassed >= self.max_bypass:
-                    break  # aged: admit nobody behind it until it gets a slot
+                # aged: admit nobody behind it until it gets a slot -- unless pins alone
+                # leave it no slot (then holding the others back would stall everyone)
+                if seq.bypassed >= self.max_bypass and len(pinned | {lid}) <= self.max_loras:
+                    break
                 passed_over.append(seq)
                 continue  # waits for a slot; never an error
+            # asked only once it fits: waiters that cannot run yet start no loads (with many
+            # distinct adapters waiting, their loads would evict each other from the CPU cache)
+            if ready is not None and not ready(seq):
+                continue  # its adapter is still loading: others go on meanwhile
             budget -= min(len(seq.prompt_token_ids), budget)
             if lid is not None:
                 adapters.add(lid)

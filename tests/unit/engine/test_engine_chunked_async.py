@@ -202,3 +202,50 @@ def test_loader_thread_allocates_staging_only_outside_graph_replays(tiny_llama):
             fut.result(timeout=0.5)
     fut.result(timeout=10)
     assert eng.loras.poll() == [] and eng.loras.ready(req)
+
+
+def test_aging_does_not_stall_others_when_pins_leave_the_waiter_no_slot():
+    """max_loras=1 with adapter 1 pinned: a waiter for adapter 2 can never run until an unpin;
+    the aging rule must not hold back the requests behind it (base, pinned adapter)."""
+    sch = Scheduler(max_num_seqs=4, max_loras=1, max_bypass=2)
+    waiter = _seq("waiter", 2)
+    sch.add(waiter)
+    admitted = []
+    for step in range(12):
+        sch.add(_seq(f"s{step}", 1 if step % 2 else None))
+        plan = sch.schedule(pinned={1})
+        assert waiter not in plan.seqs
+        for s in plan.seqs:
+            if plan.prefill:
+                admitted.append(s.request_id)
+                s.num_computed_tokens = len(s.prompt_token_ids)
+            sch.finish(s)  # one step each: rows free up at once
+    assert len(admitted) == 12 and waiter.bypassed >= 2
+    plan = sch.schedule(pinned=set())                       # unpinned: its turn comes
+    assert waiter in plan.seqs
+
+
+def test_waiters_that_cannot_fit_a_slot_start_no_adapter_load():
+    sch = Scheduler(max_num_seqs=4, max_loras=1)
+    running = _seq("running", 1)
+    sch.add(running)
+    asked = []
+
+    def ready(seq):
+        asked.append(seq.request_id)
+        return True
+    sch.schedule(ready=ready)                               # admits "running" (adapter 1)
+    sch.add(_seq("other", 2))                               # no slot while adapter 1 runs
+    asked.clear()
+    plan = sch.schedule(ready=ready)
+    assert "other" not in [s.request_id for s in plan.seqs] and asked == []
+
+
+def test_refused_request_starts_no_background_load(tiny_llama):
+    from engine.errors import ModelLengthError
+    eng = _engine(tiny_llama)
+    req = LoRARequest("qv_r8", 1, str(tiny_llama.adapters["qv_r8"]))
+    with pytest.raises(ModelLengthError):
+        eng.add_request("too-long", [5] * 200, GREEDY, req)
+    assert not eng.loras.loading() and not eng.loras.ready(req)
+    assert not eng.has_unfinished_requests()

@@ -157,7 +157,6 @@ class LoRAManager:
     def stats(self) -> dict:
         cpu = self.cpu.stats()
         cpu["loading"] = len(self.pending)
-        cpu["background_loads"] = self.background_loads  # started since the engine began
         return {"gpu": self.gpu.stats(), "cpu": cpu}
 
 

@@ -249,7 +249,7 @@ def test_refused_request_starts_no_background_load(tiny_llama):
         eng.add_request("too-long", [5] * 200, GREEDY, req)
     assert not eng.loras.loading() and not eng.loras.ready(req)
     assert not eng.has_unfinished_requests()
-    assert eng.cache_stats()["cpu"]["background_loads"] == 0
+    assert eng.loras.background_loads == 0
     eng.add_request("ok", [5, 6, 7], GREEDY, req)               # accepted: loads in the back
-    assert eng.cache_stats()["cpu"]["background_loads"] == 1
+    assert eng.loras.background_loads == 1
     eng.abort_request("ok")

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 
 import torch
 
+from engine.lora import dense_ops
 from engine.lora.slot_layout import SlotLayout
 from engine.lora.weights import AdapterWeights
 
@@ -108,12 +109,18 @@ class GPUSlotManager:
             ev.record(self.stream)
             self.copied[slot] = ev
         self.written[slot] = set(staged)
+        self._invalidate_packs()
         used = {(self.layout.slice_of[m][0], layer) for layer, m in weights.tensors}
         for key, mod in self.layout.modules.items():
             if key in used:
                 mod.active_slots.add(slot)
             else:
                 mod.active_slots.discard(slot)
+
+    def _invalidate_packs(self) -> None:
+        # the torch ops keep packed copies of each layer's slots (engine.lora.dense_ops)
+        for mod in self.layout.modules.values():
+            dense_ops.invalidate(mod.lora_a)
 
     def wait_for(self, slots) -> None:
         """Order the current stream after the pending copies into ``slots`` (CUDA; else no-op)."""

@@ -37,3 +37,41 @@ def test_add_lora_matches_reference(mix, T):
     y_two = y0.clone()
     dense_ops.lora_expand(out, b, meta, y_two, offsets)
     torch.testing.assert_close(y_two, y_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_copy_is_dropped_when_a_slot_is_rewritten(tiny_llama):
+    """max_loras=1: adapters take turns in one GPU slot; the CPU ops' packed copy of the slot
+    must follow, so each adapter's tokens equal those of an engine that only ever held it."""
+    from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+
+    def engine():
+        return LLMEngine(EngineConfig(model=str(tiny_llama.dir), device="cpu", max_loras=1,
+                                      max_lora_rank=16, max_num_seqs=2, max_model_len=64))
+
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompt = [[5, 9, 33, 7, 81]]
+    reqs = [LoRARequest(n, i + 1, str(tiny_llama.adapters[n]))
+            for i, n in enumerate(["all_r4_rslora", "pattern", "all_r4_rslora"])]
+    shared = engine()
+    got = [shared.generate(prompt, params, [r], use_tqdm=False)[0].outputs[0].token_ids
+           for r in reqs]
+    want = [engine().generate(prompt, params, [r], use_tqdm=False)[0].outputs[0].token_ids
+            for r in reqs]
+    assert got == want and got[0] != got[1]
+
+
+def test_invalidate_drops_the_packed_copy():
+    g = torch.Generator().manual_seed(1)
+    L, R, H, sizes = 2, 4, 16, [8, 8]
+    x = torch.randn(5, H, generator=g)
+    a = [torch.randn(L, R, H, generator=g) for _ in sizes]
+    b = [torch.randn(L, n, R, generator=g) for n in sizes]
+    meta = build_lora_meta(torch.tensor([0, 1, -1, 1, 0]), L)
+    dense_ops.add_lora(torch.zeros(5, 16), x, a, b, meta, [0, 8])      # packs a and b
+    for t in a + b:
+        t.mul_(2.0)                                                     # slots rewritten
+    dense_ops.invalidate(a)
+    y_ref, y = torch.zeros(5, 16), torch.zeros(5, 16)
+    ref.add_lora(y_ref, x, a, b, meta, [0, 8])
+    dense_ops.add_lora(y, x, a, b, meta, [0, 8])
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)

@@ -80,7 +80,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
              lora_b: list[torch.Tensor], meta: LoRAMeta, slice_offsets: list[int],
              buffer: torch.Tensor | None = None) -> None:
     """y[:, slices] += LoRA(x) for every token with an adapter. x: [T, H], y: [T, N]."""
-    L, R, H = lora_a[0].shape
+    L, R, _ = lora_a[0].shape
     a_all, b_t = _packed(lora_a, lora_b)
     sel = _selector(meta, L, R, a_all.dtype)                                        # [T, L*R]
     z = x.to(a_all.dtype) @ a_all                                                   # [T, S*L*R]

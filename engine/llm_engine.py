@@ -76,6 +76,19 @@ class LLMEngine:
                             "with enable_lora=False")
         if not isinstance(req, LoRARequest):
             raise LoRAError(f"lora_request must be a LoRARequest, got {type(req).__name__}")
+        lid = req.lora_int_id
+        pending = self.loras.pending.get(lid)
+        old = self.loras.known.get(lid) or (pending[0] if pending else None)
+        if old is not None and (old.lora_path, old.revision) != (req.lora_path, req.revision):
+            # new files under a known id: the cached copies are stale, drop them first
+            in_use = [s.request_id for s in self._seqs.values() if s.lora_id == lid]
+            if in_use or lid in self.loras.gpu.pinned:
+                why = f"unfinished requests {in_use[:5]} use" if in_use else "it is pinned with"
+                raise LoRAError(
+                    f"adapter id {lid} ({req.lora_name!r}) cannot switch to {req.lora_path!r} "
+                    f"(revision {req.revision!r}): {why} {old.lora_path!r} (revision "
+                    f"{old.revision!r}); wait for them, unpin, or give the new files another id")
+            self.loras.remove(lid)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request; returns its partial output (finish_reason "abort") or None."""

@@ -253,3 +253,21 @@ def test_refused_request_starts_no_background_load(tiny_llama):
     eng.add_request("ok", [5, 6, 7], GREEDY, req)               # accepted: loads in the back
     assert eng.loras.background_loads == 1
     eng.abort_request("ok")
+
+
+def test_an_id_given_new_files_serves_the_new_weights(tiny_llama):
+    """The same lora_int_id with another path: once the old requests are done, the engine drops
+    the old CPU and GPU copies, so the new files' weights serve (as an engine that only ever
+    saw them); while old requests run, the switch is refused with a clear error."""
+    prompt = [[5, 9, 33, 7, 81]]
+    old = LoRARequest("x", 1, str(tiny_llama.adapters["all_r4_rslora"]))
+    new = LoRARequest("x", 1, str(tiny_llama.adapters["pattern"]))
+    eng = _engine(tiny_llama)
+    first = eng.generate(prompt, GREEDY, [old], use_tqdm=False)[0].outputs[0].token_ids
+    eng.add_request("running", prompt[0], GREEDY, old)
+    with pytest.raises(ValueError, match="cannot switch to"):
+        eng.add_request("switch", prompt[0], GREEDY, new)
+    eng.abort_request("running")
+    got = eng.generate(prompt, GREEDY, [new], use_tqdm=False)[0].outputs[0].token_ids
+    want = _engine(tiny_llama).generate(prompt, GREEDY, [new], use_tqdm=False)[0].outputs[0].token_ids
+    assert got == want and got != first

@@ -4,6 +4,7 @@ see claim_cache; SQLite: one serialized transaction)."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from datetime import timedelta
@@ -13,7 +14,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from scheduler.claim_cache import bump_generation, wanted_groups
 from scheduler.claim_pg import HEARTBEAT_REFRESH_S, claim_rows, read_snapshot, touch_worker
-from scheduler.db import epoch_seconds, insert_for, make_engine
+from scheduler.db import add_to_groups, epoch_seconds, insert_for, make_engine
 from scheduler.models import Adapter, Job, QueueGroup, Tenant, Worker
 from scheduler.policy import Group, Snapshot, plan_claim
 from scheduler.rows import adapter_info
@@ -21,6 +22,7 @@ from scheduler.types import AdapterInfo, ClaimedJob, MicroBatch
 
 J, G, A, T, W = (Job.__table__, QueueGroup.__table__, Adapter.__table__, Tenant.__table__,
                  Worker.__table__)
+log = logging.getLogger(__name__)
 ADAPTER_CACHE_S = 2.0
 PER_TENANT = 1    # oldest group per tenant in the snapshot (fair-share candidates)
 OVERDUE = 16      # globally oldest groups (aging candidates)
@@ -65,7 +67,31 @@ class ClaimOps:
                 if attempt == 2 or not retry or not isinstance(exc, (OperationalError,
                                                                       DBAPIError) + _PG_ERRORS):
                     raise
+                token = getattr(exc, "lorry_lease_token", None)
+                if token is not None:  # the lost reply may have leased jobs: give them back
+                    self._release_lost_claim(token)
         return []
+
+    def _release_lost_claim(self, token: str) -> None:
+        """Requeue the jobs a claim leased under ``token`` whose reply never arrived (the
+        connection died after the server committed): nobody holds them, and waiting for the
+        lease to run out would cost them an attempt (``failed`` at max_attempts=1)."""
+        try:
+            with self.engine.begin() as conn:
+                rows = conn.execute(update(J).where(
+                    J.c.lease_token == token, J.c.status == "running")
+                    .values(status="queued", worker_id=None, lease_token=None,
+                            lease_expires_at=None, attempts=J.c.attempts - 1)
+                    .returning(J.c.tenant_id, J.c.adapter_id, J.c.priority,
+                               J.c.enqueued_at)).all()
+                deltas: dict = {}
+                for r in rows:
+                    key = (r.tenant_id, r.adapter_id, r.priority)
+                    n, oldest = deltas.get(key, (0, r.enqueued_at))
+                    deltas[key] = (n + 1, min(oldest, r.enqueued_at))
+                add_to_groups(conn, deltas)
+        except Exception as e:  # noqa: BLE001  the server is still away: the reaper will
+            log.warning("could not requeue the jobs of a lost claim (%s): %s", token, e)
 
     def _claim_pg(self, worker_id, hot, warm, free_slots, lease_seconds, max_adapters):
         """One claim statement, after a snapshot read only when the cached one is not usable
@@ -77,6 +103,7 @@ class ClaimOps:
         ids = None
         if snap is not None and ttl > 0 and snap.usable(now, mono, ttl):
             ids = snap.resolve(hot, warm)
+        token = None
         with self._claim_engine().connect() as conn:
             raw = conn.connection.driver_connection
             try:
@@ -110,6 +137,7 @@ class ClaimOps:
                     conn.invalidate()
                     self._claim_pool.dispose()  # its other idle connections are dead too
                     exc.lorry_reconnect = True  # claim() tries again on a new connection
+                    exc.lorry_lease_token = token  # ... after requeueing what it may have leased
                 raise
             claimed: dict[int, list[ClaimedJob]] = {}
             got: dict[tuple, int] = {}

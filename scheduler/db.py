@@ -33,7 +33,20 @@ def make_engine(url: str, **kwargs) -> Engine:
         return engine
     kwargs.setdefault("pool_size", 8)
     kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    event.listen(engine, "checkin", _bump_after_write)
+    return engine
+
+
+def _bump_after_write(_dbapi_conn, record) -> None:
+    # A claim snapshot read while a queue write was still uncommitted took the generation the
+    # write had already bumped, yet lacks its rows: bump again once the write's transaction is
+    # over (its connection back in the pool), so such a snapshot is not reused.
+    if record is not None and record.info.pop(_WROTE, False):
+        bump_generation()
+
+
+_WROTE = "lorry_wrote_queue_groups"
 
 
 def utcnow() -> datetime:
@@ -82,6 +95,7 @@ def add_to_groups(conn, deltas: dict[tuple[str, int, int], tuple[int, datetime]]
     if not deltas:
         return
     bump_generation()  # cached claim snapshots of this process are out of date
+    conn.info[_WROTE] = True  # ... and once more when this transaction is over (make_engine)
     if conn.dialect.name == "postgresql":
         keys = sorted(deltas)
         conn.execute(GROUPS_UPSERT_PG, dict(

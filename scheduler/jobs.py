@@ -39,6 +39,20 @@ def validate_spec(spec: JobSpec, index: int) -> None:
                                 f"got {spec.max_attempts!r}")
     if spec.deadline is not None and not isinstance(spec.deadline, datetime):
         raise errors.InvalidJob(f"{where}: deadline must be a datetime, got {spec.deadline!r}")
+    for field in ("prompt", "messages", "sampling", "custom_id", "idempotency_key"):
+        if _has_nul(getattr(spec, field, None)):  # PostgreSQL text/jsonb cannot store it
+            raise errors.InvalidJob(f"{where}: {field} contains a NUL character (\\x00), "
+                                    "which the job table cannot store; remove it")
+
+
+def _has_nul(value) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 class JobOps:

@@ -40,3 +40,17 @@ def test_submit_many_is_all_or_nothing(queue, bad):
         queue.submit_many(request)
     assert queue.claim("w1", hot=[], warm=[], free_slots=100) == []
     assert queue.list_jobs(a.id) == []
+
+
+@pytest.mark.parametrize("spec", [
+    JobSpec(None, prompt="a\x00b"),
+    JobSpec(None, messages=[{"role": "user", "content": "hi\x00"}]),
+    JobSpec(None, prompt="x", sampling={"stop": ["\x00"]}),
+    JobSpec(None, prompt="x", custom_id="id\x00")], ids=["prompt", "messages", "sampling",
+                                                          "custom_id"])
+def test_nul_characters_are_refused_before_anything_is_written(queue, spec):
+    t, _ = queue.create_tenant("t")
+    good = [JobSpec(None, prompt=str(i)) for i in range(70)]   # a COPY-sized bulk
+    with pytest.raises(errors.InvalidJob, match="NUL"):
+        queue.submit(t.id, good + [spec])
+    assert queue.list_jobs(t.id, limit=10) == []

@@ -46,3 +46,57 @@ def test_cached_snapshot_sees_this_process_submits_and_cancels(pg_queue):
         pg_queue.cancel(job.id, t.id)
     got = [j.id for mb in pg_queue.claim("w1", ["x"], [], free_slots=12) for j in mb.jobs]
     assert len(got) == 12 and not {j.id for j in rest[:20]} & set(got)
+
+
+def test_a_claim_whose_reply_is_lost_gives_its_jobs_back(pg_queue, monkeypatch):
+    """The claim commits on the server, then the connection dies before the reply: the worker
+    never sees those jobs. The retry requeues them (attempt given back) before claiming
+    again, so nothing waits for the lease to run out or fails at max_attempts=1."""
+    import scheduler.claims as claims
+    t, _ = pg_queue.create_tenant("t")
+    pg_queue.submit(t.id, [JobSpec(None, prompt=str(i), max_attempts=1) for i in range(10)])
+    orig, lost = claims.claim_rows, []
+
+    def reply_lost(cur, *a, **k):
+        rows = orig(cur, *a, **k)                  # committed on the server (autocommit)
+        if not lost:
+            lost.append([r[0] for r in rows])
+            cur.connection.close()                 # ... and the reply never arrives
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return rows
+    monkeypatch.setattr(claims, "claim_rows", reply_lost)
+    got = [j.id for mb in pg_queue.claim("w1", [], [], free_slots=4) for j in mb.jobs]
+    assert len(lost[0]) == 4 and len(got) == 4
+    running = {j.id for j in pg_queue.list_jobs(t.id, status="running", limit=100)}
+    assert running == set(got)                      # only what the worker holds
+    for job_id in lost[0]:
+        if job_id not in got:
+            info = pg_queue.get_job(job_id)
+            assert info.status == "queued" and info.attempts == 0
+
+
+def test_a_snapshot_read_during_an_uncommitted_submit_is_not_reused(pg_queue):
+    """Another thread's submit has written queue_groups but not committed when a claim reads
+    its snapshot; once it commits, the next claim reads again and sees the new job at once
+    (not after the cache's TTL)."""
+    import threading
+    pg_queue.snapshot_ttl_seconds = 5.0
+    t, _ = pg_queue.create_tenant("t")
+    t2, _ = pg_queue.create_tenant("t2")
+    pg_queue.submit(t.id, [JobSpec(None, prompt=str(i)) for i in range(100)])
+    pg_queue.claim("w1", [], [], free_slots=1)
+    in_txn, go_on = threading.Event(), threading.Event()
+
+    def submitter():
+        with pg_queue.engine.begin() as conn:
+            pg_queue._submit(conn, t2.id, [JobSpec(None, prompt="urgent", priority=5)])
+            in_txn.set()
+            go_on.wait(10)
+    th = threading.Thread(target=submitter)
+    th.start()
+    assert in_txn.wait(10)
+    pg_queue.claim("w1", [], [], free_slots=1)      # snapshot without the uncommitted job
+    go_on.set()
+    th.join(10)
+    got = [j.prompt for mb in pg_queue.claim("w1", [], [], free_slots=1) for j in mb.jobs]
+    assert got == ["urgent"]

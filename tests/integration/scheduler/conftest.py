@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 import psycopg
@@ -35,6 +36,17 @@ def drop_pg_database(name: str) -> None:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@contextmanager
+def migrated_pg_database():
+    """A fresh PostgreSQL database at the head migration; dropped on exit."""
+    name, url = create_pg_database()
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        drop_pg_database(name)
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def db_url(request, tmp_path_factory):
     """A migrated, empty queue database of each kind."""
@@ -43,12 +55,8 @@ def db_url(request, tmp_path_factory):
         upgrade(url)
         yield url
         return
-    name, url = create_pg_database()
-    try:
-        upgrade(url)
+    with migrated_pg_database() as url:
         yield url
-    finally:
-        drop_pg_database(name)
 
 
 class FakeClock:

@@ -6,12 +6,18 @@ import psycopg
 import pytest
 
 from scheduler import JobSpec
+from tests.integration.scheduler.conftest import migrated_pg_database
+
+
+@pytest.fixture(scope="module")
+def db_url():
+    """This module's tests are about the PostgreSQL claim path only (no SQLite variant)."""
+    with migrated_pg_database() as url:
+        yield url
 
 
 @pytest.fixture
-def pg_queue(make_queue, db_url):
-    if not db_url.startswith("postgresql"):
-        pytest.skip("PostgreSQL claim path")
+def pg_queue(make_queue):
     return make_queue()
 
 

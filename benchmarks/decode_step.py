@@ -21,19 +21,11 @@ sys.path.insert(0, str(_HERE.parent))
 
 
 def _replays(graphs, reps: int) -> dict:
-    import torch
+    from benchmarks.throughput import graph_replay_times
 
     out = {}
     for (size, key), (graph, _) in graphs.graphs.items():
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        times.sort()
+        times = graph_replay_times(graph, reps)
         out[f"rows{size}_{'lora' if key else 'base'}"] = {
             "median_ms": round(times[reps // 2], 3), "min_ms": round(times[0], 3)}
     return out

@@ -249,7 +249,6 @@ def lora_layout_kernel_us(eng, tokens: int = 64, reps: int = 50) -> dict:
 def replay_mixed_ms(eng, p: dict, n_adapters: int, reps: int = 20) -> dict:
     """Event-timed replay of the full-batch captured step with rows spread over
     ``n_adapters`` slots (and without adapters), after filling its inputs."""
-    import torch
 
     g, B = eng.runner.graphs, p["batch"]
     out = {}
@@ -257,35 +256,30 @@ def replay_mixed_ms(eng, p: dict, n_adapters: int, reps: int = 20) -> dict:
         slots = [i % k for i in range(B)] if k else [-1] * B
         g.run([11] * B, [p["prompt_len"]] * B, list(range(B)), slots)
         key = next(key for key in g.graphs if key[0] == B and (key[1] is None) == (k == 0))
-        graph = g.graphs[key][0]
-        times = []
-        for _ in range(reps):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            graph.replay()
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1))
-        out[f"rows{B}_adapters{k}_ms"] = _median(times)
+        out[f"rows{B}_adapters{k}_ms"] = _median(graph_replay_times(g.graphs[key][0], reps))
     return out
+
+
+def graph_replay_times(graph, reps: int) -> list[float]:
+    """Milliseconds of ``reps`` event-timed replays of a captured CUDA graph, sorted."""
+    import torch
+
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)
 
 
 def replay_ms(graphs, reps: int = 20) -> dict:
     """GPU time of one captured decode step per captured key (median of event-timed replays)."""
-    import torch
-
-    out = {}
-    for (size, key), (graph, _) in graphs.graphs.items():
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        out[f"rows{size}_{'lora' if key else 'base'}"] = round(sorted(times)[reps // 2], 3)
-    return out
+    return {f"rows{size}_{'lora' if key else 'base'}":
+            round(graph_replay_times(graph, reps)[reps // 2], 3)
+            for (size, key), (graph, _) in graphs.graphs.items()}
 
 
 def profile_decode(model: str, p: dict, load_format: str, path: str) -> None:

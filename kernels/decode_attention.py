@@ -12,9 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.device_info import num_sms
+
 BLOCK_N = 64          # keys per tile
 MIN_CHUNK = 256       # fewest keys per split
-_SM_COUNT: dict[int, int] = {}
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -107,19 +108,10 @@ def _merge_splits_kernel(part_ptr, ml_ptr, out_ptr, stride_ob, H,
     tl.store(out_ptr + b * stride_ob + head * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
     """Sequence splits (a power of two) so that batch * kv_heads * splits programs fill the
     chip twice over, each split keeping at least MIN_CHUNK keys. Host constants only."""
-    want = triton.cdiv(2 * _num_sms(device), max(1, batch * kv_heads))
+    want = triton.cdiv(2 * num_sms(device), max(1, batch * kv_heads))
     cap = max(1, max_len // MIN_CHUNK)
     return triton.next_power_of_2(max(1, min(want, cap))) if min(want, cap) > 1 else 1
 

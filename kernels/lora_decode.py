@@ -10,11 +10,10 @@ takes the same path on every replay of a captured CUDA graph.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
+from kernels.device_info import interpreted, num_sms
 from kernels.lora_decode_kernel import lora_decode_kernel
 from kernels.segments import LoRAMeta
 
@@ -42,20 +41,6 @@ DECODE_CONFIG = {
 }
 SYNC_WORDS = 1 << 14           # int32 counters per device: ticket + 2 per (m-tile, slice)
 _SYNC: dict[tuple, torch.Tensor] = {}
-_SM_COUNT: dict[int, int] = {}
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def _sync_buffer(device: torch.device) -> torch.Tensor | None:
@@ -95,7 +80,7 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
     tile = max(32, cfg["tile_elems"] // block_r)
     block_n = min(tile, 1024, max(16, triton.next_power_of_2(max(widths))))
     block_k = min(tile, 1024, max(16, triton.next_power_of_2(hidden)))
-    target = cfg["programs_per_sm"] * _num_sms(device)
+    target = cfg["programs_per_sm"] * num_sms(device)
     # Split the reduction over H until the shrink items fill the GPU (at most one k tile
     # per item); the expand sums the split_k partial products of its rows.
     split_k = max(1, min(cfg["max_split_k"], triton.cdiv(hidden, block_k),
@@ -150,7 +135,7 @@ def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Ten
               "BLOCK_N": plan["block_n"], "BLOCK_R": plan["block_r"], "BLOCK_K": plan["block_k"],
               "BLOCK_L": max(16, triton.next_power_of_2(meta.max_loras)),
               "SPLIT_K": plan["split_k"], "PRECISION": _precision(lora_b[0].dtype),
-              "UPCAST": _interpreted(), "num_warps": plan["num_warps"],
+              "UPCAST": interpreted(), "num_warps": plan["num_warps"],
               "num_stages": plan["num_stages"]}
     n_shrink, n_items, n_ready, nsub = (plan["n_shrink"], plan["n_items"], plan["n_ready"],
                                         plan["nsub"])

@@ -6,37 +6,22 @@ be captured in a CUDA graph. Up to three slices go into one launch; more are don
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
+from kernels.device_info import interpreted, num_sms
 from kernels.lora_decode import try_add_lora_decode
 from kernels.segments import LoRAMeta
 from kernels.triton_kernels import lora_expand_kernel, lora_shrink_kernel
 
 MAX_SLICES_PER_LAUNCH = 3
-_SM_COUNT: dict[int, int] = {}
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
 def _check_device(x: torch.Tensor) -> None:
-    if x.device.type == "cpu" and not _interpreted():
+    if x.device.type == "cpu" and not interpreted():
         raise RuntimeError(
             "the triton LoRA backend got CPU tensors but TRITON_INTERPRET is not set; use "
             "lora_backend='torch' on CPU, or set TRITON_INTERPRET=1 before importing triton")
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def _block_l(max_loras: int) -> int:
@@ -74,7 +59,7 @@ def choose_split_k(num_tokens: int, max_loras: int, num_slices: int, hidden: int
     split = 1
     # Measured on an H200 (docs/BENCHMARKS.md): one wave of programs is enough; deeper
     # splits cost more in the expand, which re-reads every partial sum for each column tile.
-    while (programs * split * 2 <= 2 * _num_sms(device) and hidden // (split * 2) >= 512
+    while (programs * split * 2 <= 2 * num_sms(device) and hidden // (split * 2) >= 512
            and split < 16):
         split *= 2
     return split
@@ -114,7 +99,7 @@ def _shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta, out: to
             o.stride(0), o.stride(1), o.stride(2), o.stride(3),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             BLOCK_L=_block_l(meta.max_loras), SPLIT_K=split_k,
-            PRECISION=_precision(a[0].dtype), UPCAST=_interpreted(), num_warps=4,
+            PRECISION=_precision(a[0].dtype), UPCAST=interpreted(), num_warps=4,
             num_stages=3 if block_m == 16 else 2)
 
 
@@ -147,7 +132,7 @@ def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: 
             y.stride(0), y.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
             BLOCK_L=_block_l(meta.max_loras), SPLIT_K=split_k,
-            PRECISION=_precision(b[0].dtype), UPCAST=_interpreted(), num_warps=4, num_stages=2)
+            PRECISION=_precision(b[0].dtype), UPCAST=interpreted(), num_warps=4, num_stages=2)
 
 
 def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta,

@@ -82,9 +82,10 @@ def test_loaded_weights_equal_the_quantizer_reference(packed):
     assert report["base_weight_bytes"] < report["base_weight_bytes_unquantized"]
 
 
-def test_mixed_batch_matches_peft_on_the_dequantized_base(packed):
+def dequantized_base_loader(base, method):
+    """A loader of the HF base whose quantized linears hold the dequantized weights (the
+    reference PEFT runs on)."""
     from transformers import AutoModelForCausalLM
-    method, base, paths, eng = packed
     ref = _reference_weights(base, method)
 
     def load_base():
@@ -94,4 +95,10 @@ def test_mixed_batch_matches_peft_on_the_dequantized_base(packed):
             for name, w in ref.items():
                 state[name].copy_(w)
         return model
-    assert_rows_match(engine_rows(eng, paths), peft_rows(load_base, paths))
+    return load_base
+
+
+def test_mixed_batch_matches_peft_on_the_dequantized_base(packed):
+    method, base, paths, eng = packed
+    assert_rows_match(engine_rows(eng, paths),
+                      peft_rows(dequantized_base_loader(base, method), paths))

@@ -12,15 +12,13 @@ import torch
 
 from engine.quant.rtn import export_rtn_checkpoint
 from tests.unit.quant.helpers import assert_rows_match, engine_rows, peft_rows
-from tests.unit.quant.test_packed import GROUP, _reference_weights
+from tests.unit.quant.test_packed import GROUP, dequantized_base_loader
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_mixed_batch_on_cuda_matches_peft_on_the_dequantized_base(tiny, method):
-    from transformers import AutoModelForCausalLM
-
     from engine import EngineConfig, LLMEngine
     root, base, paths = tiny
     ckpt = export_rtn_checkpoint(base, root / f"{method}-cuda", method, group_size=GROUP)
@@ -29,14 +27,6 @@ def test_mixed_batch_on_cuda_matches_peft_on_the_dequantized_base(tiny, method):
     assert eng.info()["quantization"] == method
     report = eng.cache_stats()["base_weights"]
     assert report["base_weight_bytes"] < report["base_weight_bytes_unquantized"]
-    ref = _reference_weights(base, method)
-
-    def load_base():
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-        state = model.state_dict()
-        with torch.no_grad():
-            for name, w in ref.items():
-                state[name].copy_(w)
-        return model
     tokens, logits = engine_rows(eng, paths)
-    assert_rows_match((tokens, [lg.cpu() for lg in logits]), peft_rows(load_base, paths))
+    assert_rows_match((tokens, [lg.cpu() for lg in logits]),
+                      peft_rows(dequantized_base_loader(base, method), paths))

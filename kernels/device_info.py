@@ -1,0 +1,23 @@
+"""Facts about the device that launch heuristics of every Triton kernel here share."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def interpreted() -> bool:
+    """Triton runs on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); 8 for the CPU interpreter."""
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]

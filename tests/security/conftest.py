@@ -50,22 +50,23 @@ def client(app, key: str | None) -> TestClient:
     return c
 
 
-@pytest.fixture
-def alice(service):
+def _tenant_client(service, name: str):
+    """A new tenant and a client holding its key (``.tenant``, ``.key``)."""
     app, queue, *_ = service
-    tenant, key = queue.create_tenant("alice")
+    tenant, key = queue.create_tenant(name)
     with client(app, key) as c:
         c.tenant, c.key = tenant, key
         yield c
+
+
+@pytest.fixture
+def alice(service):
+    yield from _tenant_client(service, "alice")
 
 
 @pytest.fixture
 def bob(service):
-    app, queue, *_ = service
-    tenant, key = queue.create_tenant("bob")
-    with client(app, key) as c:
-        c.tenant, c.key = tenant, key
-        yield c
+    yield from _tenant_client(service, "bob")
 
 
 def counts(url: str) -> dict[str, int]:

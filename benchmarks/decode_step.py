@@ -5,6 +5,7 @@ prompts. Times the captured 64-row decode graph (median of event-timed replays),
 and mixed adapters, with the model's Triton kernels (kernels.fused_ops,
 kernels.decode_attention) and with the torch code they replace, on one engine; then the
 attention and elementwise kernels alone against their torch counterparts.
+Variants: the LoRA span kernels and the LoRA side stream (EngineConfig.lora_overlap) on/off.
 Usage: python3 benchmarks/decode_step.py [--out decode_step.json] [--generate 2]
 """
 from __future__ import annotations
@@ -31,24 +32,41 @@ def _replays(graphs, reps: int) -> dict:
     return out
 
 
-def step_times(eng, adapters, prompts, reps: int) -> dict:
-    """Capture the 64-row step base only and mixed, for both model paths; replay-time them."""
+# name -> (model's Triton elementwise/attention kernels, LoRA span path, LoRA side stream)
+STEP_VARIANTS = {"triton": (True, True, True), "triton_no_overlap": (True, True, False),
+                 "triton_no_span": (True, False, True),
+                 "triton_no_span_no_overlap": (True, False, False),
+                 "torch": (False, True, True)}
+
+
+def step_times(eng, adapters, prompts, reps: int, variants=tuple(STEP_VARIANTS)) -> dict:
+    """Capture the 64-row step base only and mixed under each variant; replay-time them."""
+    import torch
+
     from benchmarks.throughput import _params
     from engine import LoRARequest
+    from kernels import lora_span
 
     n = len(prompts)
     reqs = [LoRARequest(f"a{i}", i + 1, str(adapters[i % len(adapters)])) for i in range(32)]
+    graphs = eng.runner.graphs
+    stream, span = graphs.lora_stream or torch.cuda.Stream(), dict(lora_span.SPAN_CONFIG)
     res = {}
-    for triton_path in (True, False):
+    for name in variants:
+        triton_path, use_span, overlap = STEP_VARIANTS[name]
         eng.runner.model.use_triton_ops = triton_path
-        eng.runner.graphs.graphs.clear()
-        eng.runner.graphs.pool = None  # the freed graphs' pool cannot be captured into again
+        lora_span.SPAN_CONFIG = dict(span, enabled=use_span and span["enabled"])
+        graphs.lora_stream = stream if overlap else None
+        graphs.graphs.clear()
+        graphs.pool = None  # the freed graphs' pool cannot be captured into again
         eng.generate(prompts, _params(8), None, use_tqdm=False)
         eng.generate(prompts, _params(8), [reqs[i % 32] for i in range(n)], use_tqdm=False)
-        res["triton" if triton_path else "torch"] = _replays(eng.runner.graphs, reps)
+        res[name] = _replays(graphs, reps)
     eng.runner.model.use_triton_ops = True
-    eng.runner.graphs.graphs.clear()
-    eng.runner.graphs.pool = None
+    lora_span.SPAN_CONFIG = span
+    graphs.lora_stream = stream
+    graphs.graphs.clear()
+    graphs.pool = None
     return res
 
 
@@ -151,6 +169,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--variants", nargs="+", default=list(STEP_VARIANTS),
+                    choices=list(STEP_VARIANTS))
+    ap.add_argument("--no-kernels", action="store_true", help="skip the per-kernel timings")
     ap.add_argument("--generate", type=int, default=0,
                     help="also run the mixed workload this many times on the engine (tok/s)")
     args = ap.parse_args()
@@ -171,11 +192,12 @@ def main() -> None:
     prompts = prompts_for(p["batch"], p["prompt_len"], LLAMA3_8B["vocab_size"], seed=0)
     eng = _engine(str(model), p, "cuda", "dummy", len(adapters))
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "step_ms": step_times(eng, adapters, prompts, args.reps)}
+           "step_ms": step_times(eng, adapters, prompts, args.reps, args.variants)}
     if args.generate:
         res["generate"] = generate_runs(eng, adapters, p, args.generate)
         print(json.dumps(res["generate"]))
-    res["kernels"] = kernel_times(eng.runner.model, p["batch"], 192)
+    if not args.no_kernels:
+        res["kernels"] = kernel_times(eng.runner.model, p["batch"], 192)
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:

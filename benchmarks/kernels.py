@@ -6,6 +6,10 @@ Usage: python benchmarks/kernels.py [--tokens 1 64 8192] [--adapters 32] [--rank
        [--projections qkv gate_up] [--quick] [--decode-config off "fused=0,num_warps=8"]
 --decode-config runs the ladder once per setting of kernels.lora_decode.DECODE_CONFIG
 ("default", "off" = the two-launch path only, or key=value pairs over the defaults).
+--span-config sets kernels.lora_span.SPAN_CONFIG the same way ("off" = span path off);
+--span-tune times the goal rows under each span setting and keeps the fastest.
+--overlap times, per projection at the goal shape, the base matmul alone, base then LoRA, and
+LoRA on a side stream beside the base matmul (as EngineConfig.lora_overlap does).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ PROJECTIONS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
                "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
 COPY_PEAK_GBS = 4300.0
 _DECODE_DEFAULTS = dict(__import__("kernels.lora_decode").lora_decode.DECODE_CONFIG)
+_SPAN_DEFAULTS = dict(__import__("kernels.lora_span").lora_span.SPAN_CONFIG)
 ROTATE_BYTES = 240e6    # rotate weight copies past the 60 MB L2, as successive layers would
 
 
@@ -78,9 +83,9 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() * 4 / t / 1e3
 
 
-def parse_decode_config(spec: str) -> dict:
-    """'default' | 'off' | 'key=value,...' -> a full DECODE_CONFIG dict."""
-    cfg = dict(_DECODE_DEFAULTS)
+def parse_decode_config(spec: str, defaults: dict | None = None) -> dict:
+    """'default' | 'off' | 'key=value,...' -> a full DECODE_CONFIG (or SPAN_CONFIG) dict."""
+    cfg = dict(_DECODE_DEFAULTS if defaults is None else defaults)
     if spec == "off":
         cfg["max_tokens"] = 0
     elif spec != "default":
@@ -144,6 +149,49 @@ def bench_one(proj: str, T: int, n_adapters: int, rank: int, with_ref: bool,
     return row
 
 
+def overlap_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16) -> dict:
+    """Base matmul alone, base then LoRA, and LoRA on a side stream beside the base matmul."""
+    H, widths = PROJECTIONS[proj]
+    N, dt, dev = sum(widths), torch.bfloat16, "cuda"
+    offsets = [sum(widths[:i]) for i in range(len(widths))]
+    sets = max(2, min(16, math.ceil(ROTATE_BYTES / (N * H * 2))))
+    gen = torch.Generator().manual_seed(0)
+    slots = (torch.arange(T) % n_adapters)[torch.randperm(T, generator=gen)].to(dev)
+    meta = build_lora_meta(slots, n_adapters)
+    x = torch.randn(T, H, dtype=dt, device=dev)
+    layers = [(torch.randn(N, H, dtype=dt, device=dev) * 0.02,
+               [torch.randn(n_adapters, rank, H, dtype=dt, device=dev) * 0.02 for _ in widths],
+               [torch.randn(n_adapters, n, rank, dtype=dt, device=dev) * 0.02 for n in widths])
+              for _ in range(sets)]
+    tri = get_lora_ops("triton")
+    side = torch.cuda.Stream()
+
+    def serial(w, a, b):
+        y = torch.nn.functional.linear(x, w)
+        tri.add_lora(y, x, a, b, meta, offsets)
+
+    def overlapped(w, a, b):
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            delta = torch.zeros(T, N, dtype=dt, device=dev)
+            tri.add_lora(delta, x, a, b, meta, offsets)
+        y = torch.nn.functional.linear(x, w)
+        main.wait_stream(side)
+        y.add_(delta)
+
+    row = {"overlap": proj, "tokens": T, "adapters": n_adapters, "rank": rank}
+    row["base_us"] = _graph_time_us(
+        [lambda w=w: torch.nn.functional.linear(x, w) for w, _, _ in layers], reps=20)
+    row["base_then_lora_us"] = _graph_time_us(
+        [lambda lw=lw: serial(*lw) for lw in layers], reps=20)
+    row["base_beside_lora_us"] = _graph_time_us(
+        [lambda lw=lw: overlapped(*lw) for lw in layers], reps=20)
+    row["lora_cost_serial_us"] = row["base_then_lora_us"] - row["base_us"]
+    row["lora_cost_overlapped_us"] = row["base_beside_lora_us"] - row["base_us"]
+    return row
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--projections", nargs="+", default=list(PROJECTIONS))
@@ -160,6 +208,9 @@ def main(argv=None) -> None:
                    help="first time the goal rows (64 tokens, 32 adapters, rank 16, every "
                         "projection) for each decode config, then run the ladder with the one "
                         "of the smallest geometric-mean time")
+    p.add_argument("--span-config", default="default")
+    p.add_argument("--span-tune", nargs="+", default=[], metavar="SPEC")
+    p.add_argument("--overlap", action="store_true", help="also run overlap_times per projection")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print(json.dumps({"error": "benchmarks/kernels.py needs a CUDA GPU"}))
@@ -174,7 +225,33 @@ def main(argv=None) -> None:
 
     emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
           "triton": __import__("triton").__version__, "copy_GBps": copy_bandwidth_gbs()})
-    from kernels import lora_decode
+    from kernels import lora_decode, lora_span
+
+    def set_span(spec):
+        cfg = parse_decode_config(spec, _SPAN_DEFAULTS)
+        cfg["enabled"] = spec != "off"
+        lora_span.SPAN_CONFIG = cfg
+
+    set_span(args.span_config)
+    if args.span_tune:
+        scores = {}
+        for spec in args.span_tune:
+            set_span(spec)
+            logs = []
+            for proj in args.projections:
+                row = bench_one(proj, 64, 32, 16, False, extras=False)
+                row.update(span_config=spec, tune=True)
+                emit({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+                logs.append(math.log(row["triton_us"]))
+            scores[spec] = math.exp(sum(logs) / len(logs))
+        best = min(scores, key=scores.get)
+        emit({"span_tune_geomean_us": {k: round(v, 3) for k, v in scores.items()}, "best": best})
+        set_span(best)
+        args.span_config = best
+    if args.overlap:
+        for proj in args.projections:
+            emit({k: round(v, 3) if isinstance(v, float) else v
+                  for k, v in overlap_times(proj).items()})
     t0, rows = time.time(), []
     if args.tune:
         scores = {}
@@ -204,7 +281,11 @@ def main(argv=None) -> None:
                         row["decode_path"] = lora_decode.decode_plan(
                             T, n, PROJECTIONS[proj][0], rank, PROJECTIONS[proj][1],
                             torch.device("cuda")) is not None
+                        row["span_path"] = lora_span.span_plan(
+                            T, PROJECTIONS[proj][0], rank, PROJECTIONS[proj][1],
+                            torch.device("cuda")) is not None
                         row["config"] = spec
+                        row["span_config"] = args.span_config
                         rows.append(row)
                         emit({k: round(v, 3) if isinstance(v, float) else v
                               for k, v in row.items()})

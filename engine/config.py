@@ -69,6 +69,9 @@ class EngineConfig:
     max_num_batched_tokens : int
         Prompt tokens per prefill step (vLLM's name): longer prompts are prefilled in chunks
         over several steps, alternating with decode steps of the running sequences.
+    lora_overlap : bool
+        CUDA decode graphs: compute each layer's LoRA delta on a side stream while the base
+        matmul runs, then add it (True); or apply LoRA after the base matmul (False).
     """
 
     model: str
@@ -89,6 +92,7 @@ class EngineConfig:
     quantization: str | None = None
     enforce_eager: bool = False
     max_num_batched_tokens: int = 2048
+    lora_overlap: bool = True
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -119,3 +123,5 @@ class EngineConfig:
         _choice("quantization", self.quantization, QUANTIZATIONS)
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"EngineConfig.enforce_eager={self.enforce_eager!r} must be a bool")  # noqa: TRY004
+        if not isinstance(self.lora_overlap, bool):
+            raise ValueError(f"EngineConfig.lora_overlap={self.lora_overlap!r} must be a bool")  # noqa: TRY004

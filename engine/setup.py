@@ -77,7 +77,8 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
     graphs = None
     if device.type == "cuda" and not c.enforce_eager:
         from engine.graphs import DecodeGraphs
-        graphs = DecodeGraphs(model, ops, c.max_loras, c.max_num_seqs, max_len, device)
+        graphs = DecodeGraphs(model, ops, c.max_loras, c.max_num_seqs, max_len, device,
+                              lora_overlap=c.lora_overlap)
     runner = ModelRunner(model, ops, c.max_loras, device, graphs)
     if loras is not None:
         runner.graph_lock = loras.gpu.layout.pin_lock

@@ -16,6 +16,9 @@ class LoRAStep:
     meta: object          # kernels.segments.LoRAMeta
     ops: object           # module/object with add_lora
     slots: frozenset      # GPU slots used by some token of this step
+    # CUDA: a side stream on which each layer's LoRA delta is computed while the base matmul
+    # runs on the current stream (None: LoRA after the base matmul, on the same stream)
+    stream: object = None
 
 
 class LoRALinear(nn.Module):
@@ -51,10 +54,34 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRAStep | None) -> torch.Tensor:
         # x: [T, in] -> y: [T, out]
-        y = F.linear(x, self.weight, self.bias) if self.base_op is None else self.base_op(x)
-        if lora is not None and self.lora_a is not None and not lora.slots.isdisjoint(self.active_slots):
+        use = (lora is not None and self.lora_a is not None
+               and not lora.slots.isdisjoint(self.active_slots))
+        if use and lora.stream is not None:
+            return self._forward_overlapped(x, lora)
+        y = self._base(x)
+        if use:
             lora.ops.add_lora(y, x, self.lora_a, self.lora_b, lora.meta, self.slice_offsets)
         return y
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) if self.base_op is None else self.base_op(x)
+
+    def _forward_overlapped(self, x: torch.Tensor, lora: LoRAStep) -> torch.Tensor:
+        """The LoRA delta on ``lora.stream`` while the base matmul runs, then y += delta.
+
+        The small LoRA kernels leave most of the GPU idle, and so does a decode-sized base
+        matmul; side by side they share it. (Memory: the side stream waits for the current
+        one before every layer, so a buffer freed here is reused there only after its last
+        reader; the current stream waits for the side one before it reads the delta.)
+        """
+        main = torch.cuda.current_stream(x.device)
+        lora.stream.wait_stream(main)
+        with torch.cuda.stream(lora.stream):
+            delta = torch.zeros(x.shape[0], sum(self.slice_sizes), dtype=x.dtype, device=x.device)
+            lora.ops.add_lora(delta, x, self.lora_a, self.lora_b, lora.meta, self.slice_offsets)
+        y = self._base(x)
+        main.wait_stream(lora.stream)
+        return y.add_(delta)
 
 
 class RMSNorm(nn.Module):

@@ -11,10 +11,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 NAMES = ["qv_r8", "all_r4_rslora", "mlp_r16", "pattern"]
 
 
-def _run(base, device: str, dtype: str, eager: bool = False, n: int = 11, tokens: int = 12):
+def _run(base, device: str, dtype: str, eager: bool = False, n: int = 11, tokens: int = 12,
+         overlap: bool = True):
     eng = LLMEngine(EngineConfig(model=str(base.dir), device=device, dtype=dtype, max_loras=4,
                                  max_lora_rank=16, max_num_seqs=8, max_model_len=64,
-                                 enforce_eager=eager))
+                                 enforce_eager=eager, lora_overlap=overlap))
     reqs = [LoRARequest(name, i + 1, str(base.adapters[name])) for i, name in enumerate(NAMES)]
     # more requests than rows and unequal lengths: sequences join while others decode, in
     # freed rows between live ones, so several row buckets and LoRA layer sets get captured
@@ -26,10 +27,13 @@ def _run(base, device: str, dtype: str, eager: bool = False, n: int = 11, tokens
     return [o.outputs[0].token_ids for o in outs], eng
 
 
-def test_graph_decode_fp32_equals_cpu_token_for_token(tiny_llama):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_graph_decode_fp32_equals_cpu_token_for_token(tiny_llama, overlap):
+    # overlap: each layer's LoRA delta on a side stream inside the captured graph
     cpu, _ = _run(tiny_llama, "cpu", "float32")
-    gpu, eng = _run(tiny_llama, "cuda", "float32")
+    gpu, eng = _run(tiny_llama, "cuda", "float32", overlap=overlap)
     assert eng.runner.graphs is not None and eng.runner.graphs.captures >= 2
+    assert (eng.runner.graphs.lora_stream is not None) == overlap
     assert gpu == cpu
 
 

@@ -18,3 +18,9 @@ def test_enforce_eager_must_be_a_bool(tmp_path):
     assert EngineConfig(model=str(tmp_path)).enforce_eager is False
     with pytest.raises(ValueError, match="enforce_eager='yes'"):
         EngineConfig(model=str(tmp_path), enforce_eager="yes")
+
+
+def test_lora_overlap_must_be_a_bool(tmp_path):
+    assert EngineConfig(model=str(tmp_path)).lora_overlap is True
+    with pytest.raises(ValueError, match="lora_overlap=1"):
+        EngineConfig(model=str(tmp_path), lora_overlap=1)

@@ -70,6 +70,28 @@ def step_times(eng, adapters, prompts, reps: int, variants=tuple(STEP_VARIANTS))
     return res
 
 
+def profile_mixed_step(eng, adapters, prompts, path: str, replays: int = 5) -> None:
+    """Kernel-time table (torch.profiler) of ``replays`` replays of the mixed 64-row step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.throughput import _params
+    from engine import LoRARequest
+
+    reqs = [LoRARequest(f"a{i}", i + 1, str(adapters[i % len(adapters)])) for i in range(32)]
+    eng.generate(prompts, _params(4), [reqs[i % 32] for i in range(len(prompts))],
+                 use_tqdm=False)
+    graph = next(g for (size, key), (g, _) in eng.runner.graphs.graphs.items()
+                 if size == len(prompts) and key)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    Path(path).write_text(f"{replays} replays of the mixed {len(prompts)}-row decode step\n{table}")
+
+
 def generate_runs(eng, adapters, p: dict, times: int) -> list:
     """Issue 7's mixed workload (128 requests, 32 adapters) ``times`` over on one engine:
     from the second run on, every graph bucket is captured before the timed region."""
@@ -172,6 +194,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(STEP_VARIANTS),
                     choices=list(STEP_VARIANTS))
     ap.add_argument("--no-kernels", action="store_true", help="skip the per-kernel timings")
+    ap.add_argument("--profile", default=None,
+                    help="write the kernel table of replays of the mixed 64-row step here")
+    ap.add_argument("--pdl", choices=["on", "off"], default="on")
     ap.add_argument("--generate", type=int, default=0,
                     help="also run the mixed workload this many times on the engine (tok/s)")
     args = ap.parse_args()
@@ -190,9 +215,13 @@ def main() -> None:
                                      target_modules=_targets(p["targets"]))
                 for i in range(p["adapters"])]
     prompts = prompts_for(p["batch"], p["prompt_len"], LLAMA3_8B["vocab_size"], seed=0)
+    from kernels import device_info
+    device_info.PDL["enabled"] = args.pdl == "on"
     eng = _engine(str(model), p, "cuda", "dummy", len(adapters))
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
            "step_ms": step_times(eng, adapters, prompts, args.reps, args.variants)}
+    if args.profile:
+        profile_mixed_step(eng, adapters, prompts, args.profile)
     if args.generate:
         res["generate"] = generate_runs(eng, adapters, p, args.generate)
         print(json.dumps(res["generate"]))

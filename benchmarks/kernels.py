@@ -189,6 +189,22 @@ def overlap_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16) 
         [lambda lw=lw: overlapped(*lw) for lw in layers], reps=20)
     row["lora_cost_serial_us"] = row["base_then_lora_us"] - row["base_us"]
     row["lora_cost_overlapped_us"] = row["base_beside_lora_us"] - row["base_us"]
+    # the shrink folded into the base matmul: every slot's A rows below W in one weight
+    ext = [torch.cat([w] + [t.reshape(-1, H) for t in a]) for w, a, _ in layers]
+    row["base_with_all_a_rows_us"] = _graph_time_us(
+        [lambda w=w: torch.nn.functional.linear(x, w) for w in ext], reps=20)
+    row["shrink_as_gemm_us"] = _graph_time_us(
+        [lambda w=w, n=N: torch.nn.functional.linear(x, w[n:]) for w in ext], reps=20)
+    # the two-launch kernels' halves alone (the split the full call would choose)
+    from kernels import triton_lora
+    split = triton_lora.choose_split_k(T, n_adapters, len(widths), H, x.device)
+    work = torch.empty(split, len(widths), T, rank, dtype=torch.float32, device=dev)
+    y = torch.randn(T, N, dtype=dt, device=dev)
+    row["two_launch_shrink_us"] = _graph_time_us(
+        [lambda a=a: triton_lora._shrink(x, a, meta, work, split) for _, a, _ in layers], reps=20)
+    row["two_launch_expand_us"] = _graph_time_us(
+        [lambda b=b: triton_lora._expand(work, b, meta, y, offsets) for _, _, b in layers],
+        reps=20)
     return row
 
 
@@ -211,6 +227,8 @@ def main(argv=None) -> None:
     p.add_argument("--span-config", default="default")
     p.add_argument("--span-tune", nargs="+", default=[], metavar="SPEC")
     p.add_argument("--overlap", action="store_true", help="also run overlap_times per projection")
+    p.add_argument("--pdl", choices=["on", "off"], default="on",
+                   help="programmatic dependent launch of the LoRA kernel pairs (Hopper)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print(json.dumps({"error": "benchmarks/kernels.py needs a CUDA GPU"}))
@@ -225,7 +243,10 @@ def main(argv=None) -> None:
 
     emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
           "triton": __import__("triton").__version__, "copy_GBps": copy_bandwidth_gbs()})
-    from kernels import lora_decode, lora_span
+    from kernels import device_info, lora_decode, lora_span
+
+    device_info.PDL["enabled"] = args.pdl == "on"
+    emit({"pdl": device_info.use_pdl(torch.device("cuda"))})
 
     def set_span(spec):
         cfg = parse_decode_config(spec, _SPAN_DEFAULTS)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels.device_info import interpreted, num_sms
+from kernels.device_info import interpreted, num_sms, use_pdl
 from kernels.lora_decode_kernel import lora_decode_kernel
 from kernels.segments import LoRAMeta
 
@@ -143,8 +143,9 @@ def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Ten
         lora_decode_kernel[(n_items,)](*args, 0, n_shrink, n_items, n_ready, nsub, *strides,
                                        FUSED=True, **consts)
     else:
+        pdl = {"USE_PDL": True, "launch_pdl": True} if use_pdl(x.device) else {}
         lora_decode_kernel[(n_shrink,)](*args, 0, n_shrink, n_items, n_ready, nsub, *strides,
-                                        FUSED=False, **consts)
+                                        FUSED=False, **consts, **pdl)
         lora_decode_kernel[(n_items - n_shrink,)](*args, n_shrink, n_shrink, n_items, n_ready,
-                                                  nsub, *strides, FUSED=False, **consts)
+                                                  nsub, *strides, FUSED=False, **consts, **pdl)
     return True

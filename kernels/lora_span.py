@@ -18,7 +18,7 @@ from kernels.segments import LoRAMeta
 
 # benchmarks/kernels.py --span-config overrides entries; docs/BENCHMARKS.md has the figures.
 SPAN_CONFIG = {
-    "enabled": True,
+    "enabled": False,          # off: slower than the other paths on an H200 (BENCHMARKS.md)
     "max_tokens": 256,         # span path for T <= max_tokens ...
     "max_rank": 64,            # ... and slot widths up to this
     "block_m": 16,             # sorted positions per tile

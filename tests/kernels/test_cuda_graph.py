@@ -53,15 +53,16 @@ def test_fused_decode_launch_is_race_free_over_many_replays():
     # The one-launch decode path hands partial products between programs through counters:
     # a replayed graph of many launches (the counters must come back to zero after each)
     # gives the same bits every time, equal to the two-launch variant of the same items.
-    from kernels import lora_decode
+    from kernels import lora_decode, lora_span
     ops = get_lora_ops("triton")
-    saved = lora_decode.DECODE_CONFIG
+    saved, saved_span = lora_decode.DECODE_CONFIG, lora_span.SPAN_CONFIG
+    lora_span.SPAN_CONFIG = dict(saved_span, enabled=False)
     lora_decode.DECODE_CONFIG = dict(saved, min_tokens=1, max_slices=3, min_expand_cols=0,
                                      fused=True)
     try:
         _check_race_free(lora_decode, ops)
     finally:
-        lora_decode.DECODE_CONFIG = saved
+        lora_decode.DECODE_CONFIG, lora_span.SPAN_CONFIG = saved, saved_span
 
 
 def _check_race_free(lora_decode, ops):
@@ -102,3 +103,45 @@ def _check_race_free(lora_decode, ops):
     one = p.y.clone()
     ops.add_lora(one, p.x, p.lora_a, p.lora_b, p.meta, p.offsets)
     assert rel_error(one, loop_reference(p)) < 2e-2
+
+
+@pytest.mark.parametrize("num_tokens", [7, 64])
+def test_programmatic_dependent_launch_changes_no_bit(num_tokens):
+    # PDL lets the expand launch start before its shrink ends; its in-kernel wait must make
+    # it read the finished partial products and y: same bits as plain launches, replayed.
+    from kernels import device_info
+    if not device_info.use_pdl(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs a Hopper GPU and Triton's gdc ops")
+    ops = get_lora_ops("triton")
+    p = make_problem(num_tokens=num_tokens, hidden=4096, widths=[4096, 1024, 1024],
+                     max_rank=16, ranks=[16, 8], mix="some_without", dtype=torch.bfloat16,
+                     device=torch.device("cuda"), seed=9)
+    w = torch.randn(6144, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+
+    def step(out):
+        # as in a model layer: the base matmul writes y, then the LoRA kernels add to it
+        out.copy_(torch.nn.functional.linear(p.x, w))
+        for a, b in ((p.lora_a, p.lora_b), ([t.flip(0) for t in p.lora_a], p.lora_b)):
+            ops.add_lora(out, p.x, a, b, p.meta, p.offsets)
+
+    outs = {}
+    for pdl in (False, True):
+        device_info.PDL["enabled"] = pdl
+        try:
+            y = torch.empty(num_tokens, 6144, device="cuda", dtype=torch.bfloat16)
+            step(y)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step(y)
+            replays = []
+            for _ in range(5):
+                y.fill_(float("nan"))
+                graph.replay()
+                torch.cuda.synchronize()
+                replays.append(y.clone())
+        finally:
+            device_info.PDL["enabled"] = True
+        assert all(torch.equal(r, replays[0]) for r in replays)
+        outs[pdl] = replays[0]
+    assert torch.isfinite(outs[True]).all()
+    assert torch.equal(outs[True], outs[False])

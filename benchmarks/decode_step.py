@@ -5,7 +5,7 @@ prompts. Times the captured 64-row decode graph (median of event-timed replays),
 and mixed adapters, with the model's Triton kernels (kernels.fused_ops,
 kernels.decode_attention) and with the torch code they replace, on one engine; then the
 attention and elementwise kernels alone against their torch counterparts.
-Variants: the LoRA span kernels and the LoRA side stream (EngineConfig.lora_overlap) on/off.
+Variants: the folded LoRA shrink (EngineConfig.lora_fold) on/off, the torch elementwise path.
 Usage: python3 benchmarks/decode_step.py [--out decode_step.json] [--generate 2]
 """
 from __future__ import annotations
@@ -32,39 +32,31 @@ def _replays(graphs, reps: int) -> dict:
     return out
 
 
-# name -> (model's Triton elementwise/attention kernels, LoRA span path, LoRA side stream)
-STEP_VARIANTS = {"triton": (True, True, True), "triton_no_overlap": (True, True, False),
-                 "triton_no_span": (True, False, True),
-                 "triton_no_span_no_overlap": (True, False, False),
-                 "torch": (False, True, True)}
+# name -> (model's Triton elementwise/attention kernels, folded LoRA shrink in the decode graph)
+STEP_VARIANTS = {"triton": (True, True), "triton_no_fold": (True, False), "torch": (False, True)}
 
 
 def step_times(eng, adapters, prompts, reps: int, variants=tuple(STEP_VARIANTS)) -> dict:
     """Capture the 64-row step base only and mixed under each variant; replay-time them."""
-    import torch
-
     from benchmarks.throughput import _params
     from engine import LoRARequest
-    from kernels import lora_span
 
     n = len(prompts)
     reqs = [LoRARequest(f"a{i}", i + 1, str(adapters[i % len(adapters)])) for i in range(32)]
     graphs = eng.runner.graphs
-    stream, span = graphs.lora_stream or torch.cuda.Stream(), dict(lora_span.SPAN_CONFIG)
+    fold_rows = graphs.fold_max_rows
     res = {}
     for name in variants:
-        triton_path, use_span, overlap = STEP_VARIANTS[name]
+        triton_path, fold = STEP_VARIANTS[name]
         eng.runner.model.use_triton_ops = triton_path
-        lora_span.SPAN_CONFIG = dict(span, enabled=use_span and span["enabled"])
-        graphs.lora_stream = stream if overlap else None
+        graphs.fold_max_rows = fold_rows if fold else 0
         graphs.graphs.clear()
         graphs.pool = None  # the freed graphs' pool cannot be captured into again
         eng.generate(prompts, _params(8), None, use_tqdm=False)
         eng.generate(prompts, _params(8), [reqs[i % 32] for i in range(n)], use_tqdm=False)
         res[name] = _replays(graphs, reps)
     eng.runner.model.use_triton_ops = True
-    lora_span.SPAN_CONFIG = span
-    graphs.lora_stream = stream
+    graphs.fold_max_rows = fold_rows
     graphs.graphs.clear()
     graphs.pool = None
     return res
@@ -79,7 +71,8 @@ def profile_mixed_step(eng, adapters, prompts, path: str, replays: int = 5) -> N
     from engine import LoRARequest
 
     reqs = [LoRARequest(f"a{i}", i + 1, str(adapters[i % len(adapters)])) for i in range(32)]
-    eng.generate(prompts, _params(4), [reqs[i % 32] for i in range(len(prompts))],
+    # long enough that all rows decode together (chunked prefill admits them in waves)
+    eng.generate(prompts, _params(48), [reqs[i % 32] for i in range(len(prompts))],
                  use_tqdm=False)
     graph = next(g for (size, key), (g, _) in eng.runner.graphs.graphs.items()
                  if size == len(prompts) and key)

@@ -8,8 +8,9 @@ Usage: python benchmarks/kernels.py [--tokens 1 64 8192] [--adapters 32] [--rank
 ("default", "off" = the two-launch path only, or key=value pairs over the defaults).
 --span-config sets kernels.lora_span.SPAN_CONFIG the same way ("off" = span path off);
 --span-tune times the goal rows under each span setting and keeps the fastest.
---overlap times, per projection at the goal shape, the base matmul alone, base then LoRA, and
-LoRA on a side stream beside the base matmul (as EngineConfig.lora_overlap does).
+--layer times LoRA inside a layer, per projection at the goal shape: the base matmul alone,
+base then LoRA, LoRA on a side stream beside the base matmul, and folded (the A slot rows under
+the weight, as EngineConfig.lora_fold: one matmul, then add_lora_folded).
 """
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ def bench_one(proj: str, T: int, n_adapters: int, rank: int, with_ref: bool,
     return row
 
 
-def overlap_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16) -> dict:
+def layer_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16) -> dict:
     """Base matmul alone, base then LoRA, and LoRA on a side stream beside the base matmul."""
     H, widths = PROJECTIONS[proj]
     N, dt, dev = sum(widths), torch.bfloat16, "cuda"
@@ -180,7 +181,7 @@ def overlap_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16) 
         main.wait_stream(side)
         y.add_(delta)
 
-    row = {"overlap": proj, "tokens": T, "adapters": n_adapters, "rank": rank}
+    row = {"layer": proj, "tokens": T, "adapters": n_adapters, "rank": rank}
     row["base_us"] = _graph_time_us(
         [lambda w=w: torch.nn.functional.linear(x, w) for w, _, _ in layers], reps=20)
     row["base_then_lora_us"] = _graph_time_us(
@@ -193,6 +194,13 @@ def overlap_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16) 
     ext = [torch.cat([w] + [t.reshape(-1, H) for t in a]) for w, a, _ in layers]
     row["base_with_all_a_rows_us"] = _graph_time_us(
         [lambda w=w: torch.nn.functional.linear(x, w) for w in ext], reps=20)
+    def folded(w, b):
+        out = torch.nn.functional.linear(x, w)
+        tri.add_lora_folded(out[:, :N], out[:, N:], b, meta, offsets, H)
+
+    row["base_folded_lora_us"] = _graph_time_us(
+        [lambda w=w, b=lw[2]: folded(w, b) for w, lw in zip(ext, layers)], reps=20)
+    row["lora_cost_folded_us"] = row["base_folded_lora_us"] - row["base_us"]
     row["shrink_as_gemm_us"] = _graph_time_us(
         [lambda w=w, n=N: torch.nn.functional.linear(x, w[n:]) for w in ext], reps=20)
     # the two-launch kernels' halves alone (the split the full call would choose)
@@ -226,7 +234,7 @@ def main(argv=None) -> None:
                         "of the smallest geometric-mean time")
     p.add_argument("--span-config", default="default")
     p.add_argument("--span-tune", nargs="+", default=[], metavar="SPEC")
-    p.add_argument("--overlap", action="store_true", help="also run overlap_times per projection")
+    p.add_argument("--layer", action="store_true", help="also run layer_times per projection")
     p.add_argument("--pdl", choices=["on", "off"], default="on",
                    help="programmatic dependent launch of the LoRA kernel pairs (Hopper)")
     args = p.parse_args(argv)
@@ -248,9 +256,9 @@ def main(argv=None) -> None:
     device_info.PDL["enabled"] = args.pdl == "on"
     emit({"pdl": device_info.use_pdl(torch.device("cuda"))})
 
-    def set_span(spec):
+    def set_span(spec):   # "default" (off unless the defaults say so), "off", "enabled=1,..."
         cfg = parse_decode_config(spec, _SPAN_DEFAULTS)
-        cfg["enabled"] = spec != "off"
+        cfg["enabled"] = bool(cfg["enabled"]) and spec != "off"
         lora_span.SPAN_CONFIG = cfg
 
     set_span(args.span_config)
@@ -269,10 +277,10 @@ def main(argv=None) -> None:
         emit({"span_tune_geomean_us": {k: round(v, 3) for k, v in scores.items()}, "best": best})
         set_span(best)
         args.span_config = best
-    if args.overlap:
+    if args.layer:
         for proj in args.projections:
             emit({k: round(v, 3) if isinstance(v, float) else v
-                  for k, v in overlap_times(proj).items()})
+                  for k, v in layer_times(proj).items()})
     t0, rows = time.time(), []
     if args.tune:
         scores = {}

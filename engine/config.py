@@ -69,9 +69,10 @@ class EngineConfig:
     max_num_batched_tokens : int
         Prompt tokens per prefill step (vLLM's name): longer prompts are prefilled in chunks
         over several steps, alternating with decode steps of the running sequences.
-    lora_overlap : bool
-        CUDA decode graphs: compute each layer's LoRA delta on a side stream while the base
-        matmul runs, then add it (True); or apply LoRA after the base matmul (False).
+    lora_fold : bool
+        CUDA: keep each layer's LoRA A slots as extra rows under its base weight, so that a
+        decode step's base matmul also computes every slot's x·Aᵀ and only the expand kernel
+        runs for LoRA (True, the default); False: separate shrink kernels.
     """
 
     model: str
@@ -92,7 +93,7 @@ class EngineConfig:
     quantization: str | None = None
     enforce_eager: bool = False
     max_num_batched_tokens: int = 2048
-    lora_overlap: bool = True
+    lora_fold: bool = True
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -123,5 +124,5 @@ class EngineConfig:
         _choice("quantization", self.quantization, QUANTIZATIONS)
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"EngineConfig.enforce_eager={self.enforce_eager!r} must be a bool")  # noqa: TRY004
-        if not isinstance(self.lora_overlap, bool):
-            raise ValueError(f"EngineConfig.lora_overlap={self.lora_overlap!r} must be a bool")  # noqa: TRY004
+        if not isinstance(self.lora_fold, bool):
+            raise ValueError(f"EngineConfig.lora_fold={self.lora_fold!r} must be a bool")  # noqa: TRY004

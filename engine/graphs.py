@@ -15,6 +15,7 @@ from engine.model.llama import Batch
 from kernels.segments import build_lora_meta
 
 IDS, POS, ROWS, SLOTS, ORDER = range(5)
+FOLD_MAX_ROWS = 128
 
 
 def size_ladder(max_num_seqs: int) -> list[int]:
@@ -32,10 +33,11 @@ class DecodeGraphs:
     """
 
     def __init__(self, model, ops, max_loras: int, max_num_seqs: int, max_len: int,
-                 device: torch.device, lora_overlap: bool = False):
+                 device: torch.device):
         self.model, self.ops, self.max_loras, self.max_len = model, ops, max_loras, max_len
-        # EngineConfig.lora_overlap: LoRA deltas on this stream beside the base matmuls
-        self.lora_stream = torch.cuda.Stream(device) if lora_overlap else None
+        # layers with folded A slots take their shrink from the base matmul in steps of at
+        # most this many rows (more rows: the extra matmul columns cost more than a shrink)
+        self.fold_max_rows = FOLD_MAX_ROWS if hasattr(ops, "add_lora_folded") else 0
         self.sizes = size_ladder(max_num_seqs)
         n = self.sizes[-1]
         self.host = torch.zeros(5, n, dtype=torch.long).pin_memory()     # [5, n]
@@ -65,7 +67,7 @@ class DecodeGraphs:
         lora = None
         if lora_key is not None and any(lora_key):
             lora = LoRAStep(build_lora_meta(d[SLOTS, :size], self.max_loras), self.ops,
-                            self.all_slots, self.lora_stream)
+                            self.all_slots, fold=size <= self.fold_max_rows)
         # kv_len is the whole cache: a host int cannot change between replays. The Triton
         # attention (the CUDA path) ignores it and stops at each row's position instead.
         batch = Batch(positions=d[POS, :size].view(size, 1), prefill=False, lora=lora,

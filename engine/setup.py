@@ -72,13 +72,13 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
     if c.enable_lora:
         loras = LoRAManager(model, read_base_config(model_dir), c.model, max_loras=c.max_loras,
                             max_lora_rank=c.max_lora_rank, max_cpu_loras=c.max_cpu_loras,
-                            dtype=lora_dtype, device=device)
+                            dtype=lora_dtype, device=device,
+                            fold=c.lora_fold and device.type == "cuda" and backend == "triton")
     ops = get_ops(backend) if c.enable_lora else None
     graphs = None
     if device.type == "cuda" and not c.enforce_eager:
         from engine.graphs import DecodeGraphs
-        graphs = DecodeGraphs(model, ops, c.max_loras, c.max_num_seqs, max_len, device,
-                              lora_overlap=c.lora_overlap)
+        graphs = DecodeGraphs(model, ops, c.max_loras, c.max_num_seqs, max_len, device)
     runner = ModelRunner(model, ops, c.max_loras, device, graphs)
     if loras is not None:
         runner.graph_lock = loras.gpu.layout.pin_lock

@@ -115,22 +115,49 @@ def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Ten
     sync = _sync_buffer(x.device) if plan["fused"] else None
     if plan["fused"] and sync is None:
         return False
-    S = len(lora_a)
+    work = torch.empty(plan["split_k"], len(lora_a), T, R, dtype=torch.float32, device=x.device)
+    _launch(plan, x, lora_a, lora_b, y, work, (*work.stride()[:3], 0), meta, slice_offsets,
+            sync, shrink=True)
+    return True
+
+
+def try_expand_folded_decode(y: torch.Tensor, inter: torch.Tensor, lora_b: list[torch.Tensor],
+                             meta: LoRAMeta, slice_offsets: list[int], hidden: int) -> bool:
+    """The expand items alone over ``inter`` [T, S*L*R] (every slot's x·Aᵀ, from the base
+    matmul with the A rows folded in): y[:, slices] += inter[t, s, slot(t)] @ B_s[slot(t)]ᵀ.
+    False (nothing done) where the decode path does not apply (``hidden``: the plan's H)."""
+    T = y.shape[0]
+    L, _, R = lora_b[0].shape
+    plan = decode_plan(T, meta.max_loras, hidden, R, [b.shape[1] for b in lora_b], y.device)
+    if plan is None or plan["fused"]:
+        return False
+    plan = dict(plan, split_k=1)
+    # work[kp, s, t, r] = inter[t, s*L*R + slot*R + r]: strides (split, slice, token, slot)
+    strides = (0, L * R, inter.stride(0), R)
+    _launch(plan, None, None, lora_b, y, inter, strides, meta, slice_offsets, None, shrink=False)
+    return True
+
+
+def _launch(plan: dict, x, lora_a, lora_b, y, work, work_strides, meta: LoRAMeta,
+            slice_offsets, sync, shrink: bool) -> None:
+    """The shrink and expand launches of a plan (only the expand when ``shrink`` is False:
+    x and lora_a are then unused, and ``work`` holds the products)."""
+    S = len(lora_b)
     pad = 3 - S
+    if lora_a is None:
+        x, lora_a = y, [lora_b[0]] * S          # placeholders: the shrink items do not run
+    H, R = x.shape[1], lora_b[0].shape[2]
     a_ptrs = lora_a + [lora_a[0]] * pad
     b_ptrs = lora_b + [lora_b[0]] * pad
     b_strides = [s for t in b_ptrs for s in t.stride()]
-    widths = widths + [0] * pad
+    widths = [b.shape[1] for b in lora_b] + [0] * pad
     offs = list(slice_offsets) + [0] * pad
-    work = torch.empty(plan["split_k"], S, T, R, dtype=torch.float32, device=x.device)
-    if sync is None:
-        sync = work                     # unused by the two-launch variant
     cc0, cc01, cc_all = plan["cc"]
-    args = (x, *a_ptrs, *b_ptrs, y, work, sync,
+    args = (x, *a_ptrs, *b_ptrs, y, work, work if sync is None else sync,
             meta.sorted_token_ids, meta.slot_token_counts, meta.slot_token_starts,
             H, R, meta.max_loras, *widths, *offs, cc0, cc01, cc_all)
     strides = (x.stride(0), x.stride(1), *lora_a[0].stride(), *b_strides,
-               y.stride(0), y.stride(1), work.stride(0), work.stride(1), work.stride(2))
+               y.stride(0), y.stride(1), *work_strides)
     consts = {"NUM_SLICES": S, "ROWS": plan["rows"], "BLOCK_M": plan["block_m"],
               "BLOCK_N": plan["block_n"], "BLOCK_R": plan["block_r"], "BLOCK_K": plan["block_k"],
               "BLOCK_L": max(16, triton.next_power_of_2(meta.max_loras)),
@@ -142,10 +169,10 @@ def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Ten
     if plan["fused"]:
         lora_decode_kernel[(n_items,)](*args, 0, n_shrink, n_items, n_ready, nsub, *strides,
                                        FUSED=True, **consts)
-    else:
-        pdl = {"USE_PDL": True, "launch_pdl": True} if use_pdl(x.device) else {}
+        return
+    pdl = {"USE_PDL": True, "launch_pdl": True} if use_pdl(y.device) else {}
+    if shrink:
         lora_decode_kernel[(n_shrink,)](*args, 0, n_shrink, n_items, n_ready, nsub, *strides,
                                         FUSED=False, **consts, **pdl)
-        lora_decode_kernel[(n_items - n_shrink,)](*args, n_shrink, n_shrink, n_items, n_ready,
-                                                  nsub, *strides, FUSED=False, **consts, **pdl)
-    return True
+    lora_decode_kernel[(n_items - n_shrink,)](*args, n_shrink, n_shrink, n_items, n_ready,
+                                              nsub, *strides, FUSED=False, **consts, **pdl)

@@ -32,7 +32,7 @@ def lora_decode_kernel(
     cc0, cc01, cc_all, first_item, n_shrink, n_items, n_ready, nsub,
     s_xt, s_xh, s_al, s_ar, s_ah,
     s_bl0, s_bn0, s_br0, s_bl1, s_bn1, s_br1, s_bl2, s_bn2, s_br2,
-    s_yt, s_yn, s_wk, s_ws, s_wt,
+    s_yt, s_yn, s_wk, s_ws, s_wt, s_wl,
     NUM_SLICES: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr, SPLIT_K: tl.constexpr, FUSED: tl.constexpr,
@@ -150,7 +150,10 @@ def lora_decode_kernel(
                 while done < SPLIT_K:
                     done = tl.atomic_add(sync_ptr + idx, 0, sem="acquire", scope="gpu")
             it = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            w_ptrs = work_ptr + sid * s_ws + tok[:, None] * s_wt + offs_r[None, :]
+            # s_wl: the slot's stride in work (0, or R where every slot's products lie side by
+            # side, as the base matmul with the A rows folded in writes them)
+            w_ptrs = (work_ptr + sid * s_ws + slot.to(tl.int64) * s_wl + tok[:, None] * s_wt
+                      + offs_r[None, :])
             for p in tl.static_range(SPLIT_K):
                 # .cg: the partial sums were written by other programs of this launch.
                 it += tl.load(w_ptrs + p * s_wk, mask=mask_m[:, None] & mask_r[None, :],

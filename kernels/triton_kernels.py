@@ -91,7 +91,7 @@ def lora_shrink_kernel(
 def lora_expand_kernel(
     inter_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, sorted_ptr, counts_ptr, starts_ptr,
     R, L, n0, n1, n2, off0, off1, off2, tiles0, tiles01,
-    s_isplit, s_islice, s_it, s_ir,
+    s_isplit, s_islice, s_it, s_ir, s_il,
     s_bl0, s_bn0, s_br0, s_bl1, s_bn1, s_br1, s_bl2, s_bn2, s_br2,
     s_yt, s_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -102,6 +102,8 @@ def lora_expand_kernel(
 
     Axis 1 enumerates the column tiles of all slices back to back (tiles0, tiles01 are the
     cumulative tile counts of slices 0 and 0..1), so unequal widths waste no programs.
+    ``s_il``: stride of the slot in ``inter`` (0: one row per token; R: every slot's products
+    side by side, as the base matmul with the A rows folded in writes them).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -140,7 +142,7 @@ def lora_expand_kernel(
     tok = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
     offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    i_rows = inter_ptr + sid * s_islice + tok[:, None] * s_it
+    i_rows = inter_ptr + sid * s_islice + slot.to(tl.int64) * s_il + tok[:, None] * s_it
     b_cols = b_ptr + slot.to(tl.int64) * s_bl + offs_n[None, :] * s_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # The first weight tile does not depend on the shrink: with PDL it is loaded while the

@@ -10,7 +10,7 @@ import torch
 import triton
 
 from kernels.device_info import interpreted, num_sms, use_pdl
-from kernels.lora_decode import try_add_lora_decode
+from kernels.lora_decode import try_add_lora_decode, try_expand_folded_decode
 from kernels.lora_span import try_add_lora_span
 from kernels.segments import LoRAMeta
 from kernels.triton_kernels import lora_expand_kernel, lora_shrink_kernel
@@ -110,8 +110,9 @@ def _shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta, out: to
 
 
 def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: torch.Tensor,
-            slice_offsets: list[int]) -> None:
-    # inter: [split_k, S, T, R]; lora_b[s]: [L, N_s, R]; y: [T, N]
+            slice_offsets: list[int], inter_slot_stride: int = 0) -> None:
+    # inter: [split_k, S, T, R]; lora_b[s]: [L, N_s, R]; y: [T, N]. inter_slot_stride: the
+    # products of slot l start l * stride further (every slot's side by side; 0: one per token)
     split_k, _, T, R = inter.shape
     if T == 0:
         return
@@ -134,7 +135,7 @@ def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: 
         lora_expand_kernel[grid](
             i, *b_ptrs, y, meta.sorted_token_ids, meta.slot_token_counts, meta.slot_token_starts,
             R, meta.max_loras, *widths, *offs, tiles0, tiles01,
-            i.stride(0), i.stride(1), i.stride(2), i.stride(3), *strides,
+            i.stride(0), i.stride(1), i.stride(2), i.stride(3), inter_slot_stride, *strides,
             y.stride(0), y.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
             BLOCK_L=_block_l(meta.max_loras), SPLIT_K=split_k,
@@ -159,6 +160,31 @@ def lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta,
         raise ValueError(f"slice_offsets has {len(slice_offsets)} entries for "
                          f"{len(lora_b)} lora_b slices; give one offset per slice")
     _expand(inter.unsqueeze(0), lora_b, meta, y, slice_offsets)
+
+
+def add_lora_folded(y: torch.Tensor, inter: torch.Tensor, lora_b: list[torch.Tensor],
+                    meta: LoRAMeta, slice_offsets: list[int], hidden: int) -> None:
+    """y[:, slices] += LoRA for every token with an adapter, the shrink already done.
+
+    ``inter`` [T, S*L*R] holds every slot's x·Aᵀ (the base matmul computes it when the A slot
+    rows are folded under the weight: engine.lora.slot_layout); token t uses columns
+    s*L*R + slot(t)*R .. +R of slice s. ``hidden``: the layer's input width (for the plan).
+    """
+    _check_device(y)
+    _check_slices(lora_b, "lora_b")
+    if len(slice_offsets) != len(lora_b):
+        raise ValueError(f"slice_offsets has {len(slice_offsets)} entries for "
+                         f"{len(lora_b)} lora_b slices; give one offset per slice")
+    T = y.shape[0]
+    L, _, R = lora_b[0].shape
+    if inter.shape != (T, len(lora_b) * L * R) or inter.stride(-1) != 1:
+        raise ValueError(f"inter must be [T={T}, S*L*R={len(lora_b) * L * R}] with unit column "
+                         f"stride, got {list(inter.shape)} strides {inter.stride()}")
+    if T == 0 or try_expand_folded_decode(y, inter, lora_b, meta, slice_offsets, hidden):
+        return
+    # [1, S, T, R] view: slice s at column s*L*R, token rows, slot l R columns further
+    view = inter.as_strided((1, len(lora_b), T, R), (0, L * R, inter.stride(0), 1))
+    _expand(view, lora_b, meta, y, slice_offsets, inter_slot_stride=R)
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],

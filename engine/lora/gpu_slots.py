@@ -6,7 +6,8 @@ an adapter into slot s is one copy per kind it targets from its staging buffer (
 zero-padded to R), plus a zero-fill of the kinds the previous occupant wrote and it does not.
 On CUDA the copies run on a side stream: the step that first reads the slot waits on that
 copy's event (``wait_for``), and a copy waits for the last step that read the slot it
-overwrites (``mark_used``). Registering more adapters never adds GPU memory.
+overwrites (``mark_used``). Registering more adapters never adds GPU memory. With ``fold``,
+a kind's A slots live under each layer's base weight instead (slot_layout.FoldedA).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from contextlib import nullcontext
 import torch
 
 from engine.lora import dense_ops
-from engine.lora.slot_layout import SlotLayout
+from engine.lora.slot_layout import SlotLayout, copy_into_slot, zero_slot
 from engine.lora.weights import AdapterWeights
 
 
@@ -24,10 +25,10 @@ class GPUSlotManager:
     """Assign adapters to ``max_loras`` slots, evicting the least recently used unpinned one."""
 
     def __init__(self, model, max_loras: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, fold: bool = False):
         self.capacity, self.max_rank = max_loras, max_rank
         self.layout = SlotLayout(model, max_rank)
-        self.buffers = self.layout.allocate(max_loras, dtype, device)  # {kind: (A, B)}
+        self.buffers = self.layout.allocate(max_loras, dtype, device, fold)  # {kind: (A, B)}
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, LRU first
         self.free = list(range(max_loras - 1, -1, -1))
         self.pinned: set[int] = set()
@@ -96,13 +97,11 @@ class GPUSlotManager:
             ctx = torch.cuda.stream(self.stream)
         with torch.no_grad(), ctx:
             for kind in stale:
-                a, b = self.buffers[kind]
-                a[slot].zero_()
-                b[slot].zero_()
-            for kind, (sa, sb) in staged.items():
-                a, b = self.buffers[kind]
-                a[slot].copy_(sa, non_blocking=True)
-                b[slot].copy_(sb, non_blocking=True)
+                for buf in self.buffers[kind]:
+                    zero_slot(buf, slot)
+            for kind, pair in staged.items():
+                for buf, src in zip(self.buffers[kind], pair):
+                    copy_into_slot(buf, slot, src)
                 self.copies += 2
         if self.cuda:
             ev = torch.cuda.Event()

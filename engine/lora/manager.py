@@ -23,11 +23,11 @@ from engine.lora.weights import AdapterWeights, load_adapter_weights
 class LoRAManager:
     def __init__(self, model, base_config: dict, base_name: str, *, max_loras: int,
                  max_lora_rank: int, max_cpu_loras: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, fold: bool = False):
         self.base_config, self.base_name = base_config, base_name
         self.max_lora_rank, self.dtype = max_lora_rank, dtype
         self.pin_memory = device.type == "cuda"
-        self.gpu = GPUSlotManager(model, max_loras, max_lora_rank, dtype, device)
+        self.gpu = GPUSlotManager(model, max_loras, max_lora_rank, dtype, device, fold=fold)
         self.cpu = CPUAdapterCache(max_cpu_loras, self._load)
         self.known: dict[int, LoRARequest] = {}  # every adapter added and not removed
         self._pool: cf.ThreadPoolExecutor | None = None

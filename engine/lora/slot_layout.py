@@ -5,6 +5,11 @@ For a fused kind (e.g. qkv_proj with slices q/k/v) the GPU holds
 and each layer's ``mod.lora_a[s]`` / ``mod.lora_b[s]`` is a strided view into them. One slot's
 data for a kind is contiguous, and an adapter's pinned CPU staging buffer has exactly that
 layout (zero-padded to R), so writing an adapter into a slot is one copy per kind and matrix.
+
+Folded (``allocate(fold=True)``, CUDA decode): a kind's A slots are instead extra rows under each
+layer's base weight (``LoRALinear.lora_ext`` [N + S*L*R, in], FoldedA), so one matmul gives the
+base output and every slot's x·Aᵀ; a swap copies the adapter's A to the GPU once and spreads it
+over the layers there.
 """
 from __future__ import annotations
 
@@ -12,6 +17,10 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+# fold a kind only while its A rows add at most this fraction to the base matmul's rows
+FOLD_MAX_EXTRA = 0.5
 
 
 @dataclass
@@ -97,18 +106,83 @@ class SlotLayout:
             out[f][1][p, off:off + fam.slice_sizes[s], :r].copy_(b)
         return out
 
-    def allocate(self, max_loras: int, dtype: torch.dtype, device: torch.device) -> dict:
-        """The GPU slot buffers {family: (A, B)} and each layer's lora_a/lora_b views into them."""
+    def foldable(self, family: str, max_loras: int, dtype: torch.dtype) -> bool:
+        """Whether ``family``'s A slots can sit under its layers' base weights."""
+        fam = self.families[family]
+        mods = [self.modules[(family, layer)] for layer in fam.layers]
+        extra = len(fam.slice_names) * max_loras * self.rank
+        return (extra <= FOLD_MAX_EXTRA * sum(fam.slice_sizes)
+                and all(m.base_op is None and m.bias is None and m.weight.dtype == dtype
+                        for m in mods))
+
+    def allocate(self, max_loras: int, dtype: torch.dtype, device: torch.device,
+                 fold: bool = False) -> dict:
+        """The GPU slot buffers {family: (A, B)} and each layer's lora_a/lora_b views into them
+        (A a FoldedA for the kinds ``fold`` folds under the base weights)."""
         bufs = {}
         for f, fam in self.families.items():
-            a = torch.zeros((max_loras, *fam.a_shape(self.rank)), dtype=dtype, device=device)
             b = torch.zeros((max_loras, *fam.b_shape(self.rank)), dtype=dtype, device=device)
+            if fold and self.foldable(f, max_loras, dtype):
+                a = FoldedA(self, fam, max_loras, dtype, device)
+            else:
+                a = torch.zeros((max_loras, *fam.a_shape(self.rank)), dtype=dtype, device=device)
             bufs[f] = (a, b)
             for p, layer in enumerate(fam.layers):
                 mod = self.modules[(f, layer)]
-                mod.lora_a = [a[:, p, s] for s in range(len(fam.slice_names))]       # [L, R, in]
+                if not isinstance(a, FoldedA):
+                    mod.lora_a = [a[:, p, s] for s in range(len(fam.slice_names))]   # [L, R, in]
                 mod.lora_b = [b[:, p, o:o + n] for o, n in zip(fam.slice_offsets, fam.slice_sizes)]
         return bufs
+
+
+class FoldedA:
+    """A kind's A slots as rows under each layer's base weight.
+
+    Layer p's ``lora_ext`` is [N + S*L*R, in]: rows :N are the base weight (``mod.weight`` is a
+    view of them), row N + (s*L + l)*R + r holds row r of slot l's A for slice s. Stands for
+    the slot-major [L, num_layers, S, R, in] buffer in the slot manager (numel, writes).
+    """
+
+    def __init__(self, layout: SlotLayout, fam: Family, max_loras: int, dtype: torch.dtype,
+                 device: torch.device):
+        S, R, H, N = len(fam.slice_names), layout.rank, fam.in_features, sum(fam.slice_sizes)
+        self.shape = (max_loras, *fam.a_shape(R))
+        self.dtype, self.device = dtype, device
+        self.views = []                                       # per layer [S, L, R, in]
+        for layer in fam.layers:
+            mod = layout.modules[(fam.name, layer)]
+            ext = torch.empty(N + S * max_loras * R, H, dtype=dtype, device=device)
+            ext[:N].copy_(mod.weight)
+            ext[N:].zero_()
+            mod.weight = nn.Parameter(ext[:N], requires_grad=False)   # the old one is freed
+            mod.lora_ext = ext
+            a = ext[N:].view(S, max_loras, R, H)
+            mod.lora_a = [a[s] for s in range(S)]             # [L, R, in], slot stride R*in
+            self.views.append(a)
+
+    def numel(self) -> int:
+        return _prod(self.shape)
+
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+
+def copy_into_slot(buf, slot: int, src: torch.Tensor) -> None:
+    """buf[slot] = src (an adapter's staging tensor of one kind, slot-major shape)."""
+    if not isinstance(buf, FoldedA):
+        buf[slot].copy_(src, non_blocking=True)
+        return
+    dev = src.to(buf.device, non_blocking=True)               # [num_layers, S, R, in]: one copy
+    for p, view in enumerate(buf.views):
+        view[:, slot].copy_(dev[p])
+
+
+def zero_slot(buf, slot: int) -> None:
+    if not isinstance(buf, FoldedA):
+        buf[slot].zero_()
+        return
+    for view in buf.views:
+        view[:, slot].zero_()
 
 
 def _prod(shape) -> int:

@@ -16,9 +16,9 @@ class LoRAStep:
     meta: object          # kernels.segments.LoRAMeta
     ops: object           # module/object with add_lora
     slots: frozenset      # GPU slots used by some token of this step
-    # CUDA: a side stream on which each layer's LoRA delta is computed while the base matmul
-    # runs on the current stream (None: LoRA after the base matmul, on the same stream)
-    stream: object = None
+    # layers whose A slots are folded under their weight (LoRALinear.lora_ext) get their
+    # shrink from the base matmul and run only the expand (ops.add_lora_folded)
+    fold: bool = False
 
 
 class LoRALinear(nn.Module):
@@ -42,6 +42,9 @@ class LoRALinear(nn.Module):
         self.active_slots: set[int] = set()
         # a quantized base (engine.quant) replaces weight/bias: y = base_op(x) + lora deltas
         self.base_op: nn.Module | None = None
+        # [out + S*L*R, in]: weight (its first rows) with every slot's A rows below, when the
+        # slot layout folds them (engine.lora.slot_layout.FoldedA)
+        self.lora_ext: torch.Tensor | None = None
 
     def load_slice(self, name: str, tensor: torch.Tensor, which: str = "weight") -> None:
         """Copy a checkpoint tensor (one of the fused slices) into place."""
@@ -56,32 +59,18 @@ class LoRALinear(nn.Module):
         # x: [T, in] -> y: [T, out]
         use = (lora is not None and self.lora_a is not None
                and not lora.slots.isdisjoint(self.active_slots))
-        if use and lora.stream is not None:
-            return self._forward_overlapped(x, lora)
-        y = self._base(x)
+        if use and lora.fold and self.lora_ext is not None:
+            # one matmul: [base | every slot's x·Aᵀ]; then each token's slot is expanded
+            n = self.weight.shape[0]
+            out = F.linear(x, self.lora_ext)                    # [T, out + S*L*R]
+            y = out[:, :n]                                      # rows strided by out's width
+            lora.ops.add_lora_folded(y, out[:, n:], self.lora_b, lora.meta, self.slice_offsets,
+                                     self.in_features)
+            return y
+        y = F.linear(x, self.weight, self.bias) if self.base_op is None else self.base_op(x)
         if use:
             lora.ops.add_lora(y, x, self.lora_a, self.lora_b, lora.meta, self.slice_offsets)
         return y
-
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) if self.base_op is None else self.base_op(x)
-
-    def _forward_overlapped(self, x: torch.Tensor, lora: LoRAStep) -> torch.Tensor:
-        """The LoRA delta on ``lora.stream`` while the base matmul runs, then y += delta.
-
-        The small LoRA kernels leave most of the GPU idle, and so does a decode-sized base
-        matmul; side by side they share it. (Memory: the side stream waits for the current
-        one before every layer, so a buffer freed here is reused there only after its last
-        reader; the current stream waits for the side one before it reads the delta.)
-        """
-        main = torch.cuda.current_stream(x.device)
-        lora.stream.wait_stream(main)
-        with torch.cuda.stream(lora.stream):
-            delta = torch.zeros(x.shape[0], sum(self.slice_sizes), dtype=x.dtype, device=x.device)
-            lora.ops.add_lora(delta, x, self.lora_a, self.lora_b, lora.meta, self.slice_offsets)
-        y = self._base(x)
-        main.wait_stream(lora.stream)
-        return y.add_(delta)
 
 
 class RMSNorm(nn.Module):

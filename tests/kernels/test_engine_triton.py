@@ -71,3 +71,40 @@ def test_mixed_batch_matches_peft_with_triton_kernels(tiny, device):
                                               prompt, device)
         assert out.outputs[0].token_ids == ref_tokens
         torch.testing.assert_close(got_logits.float().cpu(), ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_folded_a_slots_match_peft(tiny, device, monkeypatch):
+    # The A slots folded under the base weights (EngineConfig.lora_fold, CUDA decode): every
+    # step's base matmul also yields each slot's x·Aᵀ and only the expand kernel runs.
+    import dataclasses
+
+    from engine import LoRARequest, SamplingParams
+    from engine.lora import slot_layout
+    from engine.lora.gpu_slots import GPUSlotManager
+    monkeypatch.setattr(slot_layout, "FOLD_MAX_EXTRA", 100.0)   # tiny layers: fold them all
+    base, paths = tiny
+    eng = _engine(base, device)
+    weights = {k: m.weight.clone() for k, m in eng.model.named_modules()
+               if hasattr(m, "lora_ext")}
+    eng.loras.gpu = GPUSlotManager(eng.model, 4, 16, torch.float32, device, fold=True)
+    assert all(isinstance(a, slot_layout.FoldedA) for a, _ in eng.loras.gpu.buffers.values())
+    for k, m in eng.model.named_modules():     # the base weights moved, unchanged
+        if k in weights:
+            assert m.lora_ext is not None and torch.equal(m.weight, weights[k])
+            assert m.weight.data_ptr() == m.lora_ext.data_ptr()
+    lora_step = type(eng.runner)._lora
+    monkeypatch.setattr(eng.runner, "_lora", lambda slots: None if (
+        st := lora_step(eng.runner, slots)) is None else dataclasses.replace(st, fold=True))
+    ops, calls = eng.runner.ops, []
+    folded = ops.add_lora_folded
+    monkeypatch.setattr(ops, "add_lora_folded", lambda *a, **k: calls.append(1) or folded(*a, **k))
+    reqs = [LoRARequest(name, i + 1, str(p)) for i, (name, p) in enumerate(paths.items())]
+    prompts = [[5, 9, 33, 70, 12], [40, 41], [7, 8, 9, 10], [99, 3, 60]]
+    loras = [reqs[0], None, reqs[1], reqs[2]]
+    outs = eng.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0,
+                                                ignore_eos=True),
+                        lora_request=loras, use_tqdm=False)
+    for prompt, lr, out in zip(prompts, loras, outs):
+        _, ref_tokens = _peft_greedy(base, paths[lr.lora_name] if lr else None, prompt, device)
+        assert out.outputs[0].token_ids == ref_tokens
+    assert calls, "the folded path never ran"

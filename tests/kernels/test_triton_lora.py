@@ -262,3 +262,33 @@ def test_span_path_is_taken_only_where_configured(monkeypatch, device):
     p = make_problem(num_tokens=9, hidden=40, widths=[24], max_rank=16, ranks=[16],
                      mix="some_without", dtype=torch.float32, device=device)
     _check(p, _run(triton_ops, p), torch.float32)                # the fallback is right too
+
+
+# ---- folded shrink (engine.lora.slot_layout fold): the base matmul already made x·Aᵀ ---------
+
+@pytest.mark.parametrize("path", ["decode", "two_launch"])
+@pytest.mark.parametrize("mix,num_tokens", [("distinct", 7), ("skewed", 33), ("some_without", 9),
+                                            ("all_without", 3)])
+def test_expand_of_folded_products_matches_loop(mix, num_tokens, path, monkeypatch, device):
+    # W with every slot's A rows below it: one matmul gives [base | x·A_s[l]ᵀ for all s, l];
+    # add_lora_folded picks each token's slot columns and expands them into the base part.
+    _use_path(monkeypatch, path)
+    widths = [200, 72, 40]
+    p = make_problem(num_tokens=num_tokens, hidden=100, widths=widths, max_rank=16,
+                     ranks=[16, 8, 1], mix=mix, dtype=torch.float32, device=device)
+    L, N = p.meta.max_loras, sum(widths)
+    w = torch.randn(N, 100, device=device) * 0.1
+    ext = torch.cat([w] + [a.reshape(L * 16, 100) for a in p.lora_a])      # [N + S*L*R, H]
+    out = p.x @ ext.t()
+    p.y = out[:, :N].clone()                                                # the base output
+    y = out[:, :N]                                                          # a strided view
+    triton_ops.add_lora_folded(y, out[:, N:], p.lora_b, p.meta, p.offsets, hidden=100)
+    _check(p, y, torch.float32)
+
+
+def test_folded_products_of_the_wrong_shape_are_refused(device):
+    p = make_problem(num_tokens=4, hidden=16, widths=[24], max_rank=8, ranks=[8],
+                     mix="uniform", dtype=torch.float32, device=device)
+    inter = torch.zeros(4, 8, device=device)                  # one slot's worth, not L * R
+    with pytest.raises(ValueError, match=r"inter must be \[T=4, S\*L\*R=40\]"):
+        triton_ops.add_lora_folded(p.y, inter, p.lora_b, p.meta, p.offsets, hidden=16)

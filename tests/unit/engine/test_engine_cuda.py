@@ -12,10 +12,10 @@ NAMES = ["qv_r8", "all_r4_rslora", "mlp_r16", "pattern"]
 
 
 def _run(base, device: str, dtype: str, eager: bool = False, n: int = 11, tokens: int = 12,
-         overlap: bool = True):
+         fold: bool = True):
     eng = LLMEngine(EngineConfig(model=str(base.dir), device=device, dtype=dtype, max_loras=4,
                                  max_lora_rank=16, max_num_seqs=8, max_model_len=64,
-                                 enforce_eager=eager, lora_overlap=overlap))
+                                 enforce_eager=eager, lora_fold=fold))
     reqs = [LoRARequest(name, i + 1, str(base.adapters[name])) for i, name in enumerate(NAMES)]
     # more requests than rows and unequal lengths: sequences join while others decode, in
     # freed rows between live ones, so several row buckets and LoRA layer sets get captured
@@ -27,13 +27,17 @@ def _run(base, device: str, dtype: str, eager: bool = False, n: int = 11, tokens
     return [o.outputs[0].token_ids for o in outs], eng
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_graph_decode_fp32_equals_cpu_token_for_token(tiny_llama, overlap):
-    # overlap: each layer's LoRA delta on a side stream inside the captured graph
+@pytest.mark.parametrize("fold", [True, False])
+def test_graph_decode_fp32_equals_cpu_token_for_token(tiny_llama, fold, monkeypatch):
+    # fold: the A slots sit under the base weights and decode steps run only the expand
+    from engine.lora import slot_layout
+    from engine.lora.slot_layout import FoldedA
+    monkeypatch.setattr(slot_layout, "FOLD_MAX_EXTRA", 100.0)   # tiny layers: fold them all
     cpu, _ = _run(tiny_llama, "cpu", "float32")
-    gpu, eng = _run(tiny_llama, "cuda", "float32", overlap=overlap)
+    gpu, eng = _run(tiny_llama, "cuda", "float32", fold=fold)
     assert eng.runner.graphs is not None and eng.runner.graphs.captures >= 2
-    assert (eng.runner.graphs.lora_stream is not None) == overlap
+    kinds = eng.loras.gpu.buffers.values()
+    assert all(isinstance(a, FoldedA) == fold for a, _ in kinds)
     assert gpu == cpu
 
 

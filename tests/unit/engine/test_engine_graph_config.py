@@ -20,7 +20,7 @@ def test_enforce_eager_must_be_a_bool(tmp_path):
         EngineConfig(model=str(tmp_path), enforce_eager="yes")
 
 
-def test_lora_overlap_must_be_a_bool(tmp_path):
-    assert EngineConfig(model=str(tmp_path)).lora_overlap is True
-    with pytest.raises(ValueError, match="lora_overlap=1"):
-        EngineConfig(model=str(tmp_path), lora_overlap=1)
+def test_lora_fold_must_be_a_bool(tmp_path):
+    assert EngineConfig(model=str(tmp_path)).lora_fold is True
+    with pytest.raises(ValueError, match="lora_fold=1"):
+        EngineConfig(model=str(tmp_path), lora_fold=1)

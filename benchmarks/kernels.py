@@ -150,7 +150,8 @@ def bench_one(proj: str, T: int, n_adapters: int, rank: int, with_ref: bool,
     return row
 
 
-def layer_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16) -> dict:
+def layer_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16,
+                fold_specs=("default",)) -> dict:
     """Base matmul alone, base then LoRA, and LoRA on a side stream beside the base matmul."""
     H, widths = PROJECTIONS[proj]
     N, dt, dev = sum(widths), torch.bfloat16, "cuda"
@@ -198,9 +199,16 @@ def layer_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16) ->
         out = torch.nn.functional.linear(x, w)
         tri.add_lora_folded(out[:, :N], out[:, N:], b, meta, offsets, H)
 
-    row["base_folded_lora_us"] = _graph_time_us(
-        [lambda w=w, b=lw[2]: folded(w, b) for w, lw in zip(ext, layers)], reps=20)
-    row["lora_cost_folded_us"] = row["base_folded_lora_us"] - row["base_us"]
+    from kernels import lora_decode
+    saved = lora_decode.FOLD_CONFIG
+    for spec in fold_specs:   # kernels.lora_decode.FOLD_CONFIG settings ("default", "k=v,...")
+        lora_decode.FOLD_CONFIG = {} if spec == "default" else {
+            k: int(v) for k, v in (item.split("=") for item in spec.split(","))}
+        tag = "" if spec == "default" else f"[{spec}]"
+        row[f"base_folded_lora_us{tag}"] = t = _graph_time_us(
+            [lambda w=w, b=lw[2]: folded(w, b) for w, lw in zip(ext, layers)], reps=20)
+        row[f"lora_cost_folded_us{tag}"] = t - row["base_us"]
+    lora_decode.FOLD_CONFIG = saved
     row["shrink_as_gemm_us"] = _graph_time_us(
         [lambda w=w, n=N: torch.nn.functional.linear(x, w[n:]) for w in ext], reps=20)
     # the two-launch kernels' halves alone (the split the full call would choose)
@@ -235,6 +243,8 @@ def main(argv=None) -> None:
     p.add_argument("--span-config", default="default")
     p.add_argument("--span-tune", nargs="+", default=[], metavar="SPEC")
     p.add_argument("--layer", action="store_true", help="also run layer_times per projection")
+    p.add_argument("--fold-configs", nargs="+", default=["default"], metavar="SPEC",
+                   help="layer_times: kernels.lora_decode.FOLD_CONFIG settings to time")
     p.add_argument("--pdl", choices=["on", "off"], default="on",
                    help="programmatic dependent launch of the LoRA kernel pairs (Hopper)")
     args = p.parse_args(argv)
@@ -280,7 +290,7 @@ def main(argv=None) -> None:
     if args.layer:
         for proj in args.projections:
             emit({k: round(v, 3) if isinstance(v, float) else v
-                  for k, v in layer_times(proj).items()})
+                  for k, v in layer_times(proj, fold_specs=args.fold_configs).items()})
     t0, rows = time.time(), []
     if args.tune:
         scores = {}

@@ -69,6 +69,7 @@ def run_lorry(eng, adapters: list[Path], n_adapters: int, prompts, p: dict, devi
         if (eng.runner.graphs.captures if eng.runner.graphs else 0) == before:
             break
     prefill = _time_prefill(eng, device)
+    decode = _time_calls(eng.runner, "decode", device)
     graphs = eng.runner.graphs
     captured = graphs.captures if graphs else 0
     _sync(device)
@@ -76,11 +77,14 @@ def run_lorry(eng, adapters: list[Path], n_adapters: int, prompts, p: dict, devi
     outs = eng.generate(prompts, _params(p["new_tokens"]), loras, use_tqdm=False)
     _sync(device)
     dt = time.perf_counter() - t0
+    for name in ("prefill", "decode"):       # unwrap: the next variant times afresh
+        eng.runner.__dict__.pop(name, None)
     captured = (graphs.captures if graphs else 0) - captured
     n = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"adapters": n_adapters, "requests": len(prompts), "tokens": n,
             "seconds": round(dt, 3), "tok_per_s": round(n / dt, 1),
             "prefill_seconds": round(prefill[0], 3), "prefill_steps": prefill[1],
+            "decode_seconds": round(decode[0], 3), "decode_steps": decode[1],
             "cuda_graphs": eng.runner.graphs is not None, "lora_backend": eng.lora_backend,
             "graphs_captured_while_timed": captured}
 
@@ -93,18 +97,23 @@ def _params(n: int):
 
 def _time_prefill(eng, device: str) -> list:
     """Wrap the runner's prefill to add its (synchronised) time; returns the live [s, steps]."""
-    acc = [0.0, 0]
-    orig = type(eng.runner).prefill.__get__(eng.runner)
+    return _time_calls(eng.runner, "prefill", device)
 
-    def timed(seqs, slots, chunks=None):
+
+def _time_calls(runner, name: str, device: str) -> list:
+    """Wrap ``runner.<name>`` to add its (synchronised) time; returns the live [s, calls]."""
+    acc = [0.0, 0]
+    orig = getattr(type(runner), name).__get__(runner)
+
+    def timed(*args, **kwargs):
         _sync(device)
         t = time.perf_counter()
-        out = orig(seqs, slots, chunks)
+        out = orig(*args, **kwargs)
         _sync(device)
         acc[0] += time.perf_counter() - t
         acc[1] += 1
         return out
-    eng.runner.prefill = timed
+    setattr(runner, name, timed)
     return acc
 
 

@@ -39,6 +39,8 @@ DECODE_CONFIG = {
     "num_warps": 4,
     "num_stages": 2,
 }
+# The expand alone over folded products (try_expand_folded_decode): entries over DECODE_CONFIG.
+FOLD_CONFIG: dict = {}
 SYNC_WORDS = 1 << 14           # int32 counters per device: ticket + 2 per (m-tile, slice)
 _SYNC: dict[tuple, torch.Tensor] = {}
 
@@ -128,7 +130,8 @@ def try_expand_folded_decode(y: torch.Tensor, inter: torch.Tensor, lora_b: list[
     False (nothing done) where the decode path does not apply (``hidden``: the plan's H)."""
     T = y.shape[0]
     L, _, R = lora_b[0].shape
-    plan = decode_plan(T, meta.max_loras, hidden, R, [b.shape[1] for b in lora_b], y.device)
+    plan = decode_plan(T, meta.max_loras, hidden, R, [b.shape[1] for b in lora_b], y.device,
+                       dict(DECODE_CONFIG, **FOLD_CONFIG))
     if plan is None or plan["fused"]:
         return False
     plan = dict(plan, split_k=1)

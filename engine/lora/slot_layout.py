@@ -177,6 +177,13 @@ def copy_into_slot(buf, slot: int, src: torch.Tensor) -> None:
         view[:, slot].copy_(dev[p])
 
 
+def read_slot(buf, slot: int) -> torch.Tensor:
+    """buf[slot] as one tensor of the slot-major shape (a copy for a FoldedA)."""
+    if not isinstance(buf, FoldedA):
+        return buf[slot]
+    return torch.stack([view[:, slot] for view in buf.views])
+
+
 def zero_slot(buf, slot: int) -> None:
     if not isinstance(buf, FoldedA):
         buf[slot].zero_()

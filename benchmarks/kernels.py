@@ -6,8 +6,6 @@ Usage: python benchmarks/kernels.py [--tokens 1 64 8192] [--adapters 32] [--rank
        [--projections qkv gate_up] [--quick] [--decode-config off "fused=0,num_warps=8"]
 --decode-config runs the ladder once per setting of kernels.lora_decode.DECODE_CONFIG
 ("default", "off" = the two-launch path only, or key=value pairs over the defaults).
---span-config sets kernels.lora_span.SPAN_CONFIG the same way ("off" = span path off);
---span-tune times the goal rows under each span setting and keeps the fastest.
 --layer times LoRA inside a layer, per projection at the goal shape: the base matmul alone,
 base then LoRA, LoRA on a side stream beside the base matmul, and folded (the A slot rows under
 the weight, as EngineConfig.lora_fold: one matmul, then add_lora_folded).
@@ -35,7 +33,6 @@ PROJECTIONS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
                "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
 COPY_PEAK_GBS = 4300.0
 _DECODE_DEFAULTS = dict(__import__("kernels.lora_decode").lora_decode.DECODE_CONFIG)
-_SPAN_DEFAULTS = dict(__import__("kernels.lora_span").lora_span.SPAN_CONFIG)
 ROTATE_BYTES = 240e6    # rotate weight copies past the 60 MB L2, as successive layers would
 
 
@@ -84,9 +81,9 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() * 4 / t / 1e3
 
 
-def parse_decode_config(spec: str, defaults: dict | None = None) -> dict:
-    """'default' | 'off' | 'key=value,...' -> a full DECODE_CONFIG (or SPAN_CONFIG) dict."""
-    cfg = dict(_DECODE_DEFAULTS if defaults is None else defaults)
+def parse_decode_config(spec: str) -> dict:
+    """'default' | 'off' | 'key=value,...' -> a full DECODE_CONFIG dict."""
+    cfg = dict(_DECODE_DEFAULTS)
     if spec == "off":
         cfg["max_tokens"] = 0
     elif spec != "default":
@@ -201,9 +198,9 @@ def layer_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16,
 
     from kernels import lora_decode
     saved = lora_decode.FOLD_CONFIG
-    for spec in fold_specs:   # kernels.lora_decode.FOLD_CONFIG settings ("default", "k=v,...")
-        lora_decode.FOLD_CONFIG = {} if spec == "default" else {
-            k: int(v) for k, v in (item.split("=") for item in spec.split(","))}
+    for spec in fold_specs:   # FOLD_CONFIG: "default", "none" (DECODE_CONFIG's), "k=v,..." over it
+        lora_decode.FOLD_CONFIG = saved if spec == "default" else {} if spec == "none" else dict(
+            saved, **{k: int(v) for k, v in (item.split("=") for item in spec.split(","))})
         tag = "" if spec == "default" else f"[{spec}]"
         row[f"base_folded_lora_us{tag}"] = t = _graph_time_us(
             [lambda w=w, b=lw[2]: folded(w, b) for w, lw in zip(ext, layers)], reps=20)
@@ -240,8 +237,6 @@ def main(argv=None) -> None:
                    help="first time the goal rows (64 tokens, 32 adapters, rank 16, every "
                         "projection) for each decode config, then run the ladder with the one "
                         "of the smallest geometric-mean time")
-    p.add_argument("--span-config", default="default")
-    p.add_argument("--span-tune", nargs="+", default=[], metavar="SPEC")
     p.add_argument("--layer", action="store_true", help="also run layer_times per projection")
     p.add_argument("--fold-configs", nargs="+", default=["default"], metavar="SPEC",
                    help="layer_times: kernels.lora_decode.FOLD_CONFIG settings to time")
@@ -261,32 +256,11 @@ def main(argv=None) -> None:
 
     emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
           "triton": __import__("triton").__version__, "copy_GBps": copy_bandwidth_gbs()})
-    from kernels import device_info, lora_decode, lora_span
+    from kernels import device_info, lora_decode
 
     device_info.PDL["enabled"] = args.pdl == "on"
     emit({"pdl": device_info.use_pdl(torch.device("cuda"))})
 
-    def set_span(spec):   # "default" (off unless the defaults say so), "off", "enabled=1,..."
-        cfg = parse_decode_config(spec, _SPAN_DEFAULTS)
-        cfg["enabled"] = bool(cfg["enabled"]) and spec != "off"
-        lora_span.SPAN_CONFIG = cfg
-
-    set_span(args.span_config)
-    if args.span_tune:
-        scores = {}
-        for spec in args.span_tune:
-            set_span(spec)
-            logs = []
-            for proj in args.projections:
-                row = bench_one(proj, 64, 32, 16, False, extras=False)
-                row.update(span_config=spec, tune=True)
-                emit({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
-                logs.append(math.log(row["triton_us"]))
-            scores[spec] = math.exp(sum(logs) / len(logs))
-        best = min(scores, key=scores.get)
-        emit({"span_tune_geomean_us": {k: round(v, 3) for k, v in scores.items()}, "best": best})
-        set_span(best)
-        args.span_config = best
     if args.layer:
         for proj in args.projections:
             emit({k: round(v, 3) if isinstance(v, float) else v
@@ -320,11 +294,7 @@ def main(argv=None) -> None:
                         row["decode_path"] = lora_decode.decode_plan(
                             T, n, PROJECTIONS[proj][0], rank, PROJECTIONS[proj][1],
                             torch.device("cuda")) is not None
-                        row["span_path"] = lora_span.span_plan(
-                            T, PROJECTIONS[proj][0], rank, PROJECTIONS[proj][1],
-                            torch.device("cuda")) is not None
                         row["config"] = spec
-                        row["span_config"] = args.span_config
                         rows.append(row)
                         emit({k: round(v, 3) if isinstance(v, float) else v
                               for k, v in row.items()})

@@ -40,7 +40,9 @@ DECODE_CONFIG = {
     "num_stages": 2,
 }
 # The expand alone over folded products (try_expand_folded_decode): entries over DECODE_CONFIG.
-FOLD_CONFIG: dict = {}
+# Measured on an H200 (docs/BENCHMARKS.md): 3 slices (q/k/v) and smaller items pay here, where
+# no shrink items share the launch.
+FOLD_CONFIG: dict = {"max_slices": 3, "programs_per_sm": 4}
 SYNC_WORDS = 1 << 14           # int32 counters per device: ticket + 2 per (m-tile, slice)
 _SYNC: dict[tuple, torch.Tensor] = {}
 

@@ -25,8 +25,6 @@ class LoRAMeta:
         Number of tokens that use each slot.
     slot_token_starts : [max_loras] int32
         Offset of each slot's first token in ``sorted_token_ids``.
-    sorted_slots : [T] int32
-        Slot of each token in sorted order (``max_loras`` for tokens without adapter).
     max_loras : int
         Number of GPU slots (the grid's adapter axis; a host constant).
     """
@@ -35,7 +33,6 @@ class LoRAMeta:
     sorted_token_ids: torch.Tensor
     slot_token_counts: torch.Tensor
     slot_token_starts: torch.Tensor
-    sorted_slots: torch.Tensor
     max_loras: int
 
     @property
@@ -60,6 +57,5 @@ def build_lora_meta(token_slots: torch.Tensor, max_loras: int) -> LoRAMeta:
         sorted_token_ids=sorted_ids,
         slot_token_counts=counts[:max_loras].contiguous(),
         slot_token_starts=starts[:max_loras].contiguous(),
-        sorted_slots=key[sorted_ids.long()],
         max_loras=max_loras,
     )

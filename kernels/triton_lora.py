@@ -11,7 +11,6 @@ import triton
 
 from kernels.device_info import interpreted, num_sms, use_pdl
 from kernels.lora_decode import try_add_lora_decode, try_expand_folded_decode
-from kernels.lora_span import try_add_lora_span
 from kernels.segments import LoRAMeta
 from kernels.triton_kernels import lora_expand_kernel, lora_shrink_kernel
 
@@ -205,9 +204,8 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
     S, R = len(lora_a), lora_a[0].shape[1]
     if T == 0:
         return
-    # Decode-sized batches: the span kernels (slot-sorted tiles), else the decode items.
-    if buffer is None and (try_add_lora_span(y, x, lora_a, lora_b, meta, slice_offsets)
-                           or try_add_lora_decode(y, x, lora_a, lora_b, meta, slice_offsets)):
+    # Decode-sized batches: one launch, the [T, R] partial products stay in L2.
+    if buffer is None and try_add_lora_decode(y, x, lora_a, lora_b, meta, slice_offsets):
         return
     if buffer is None:
         split_k = choose_split_k(T, meta.max_loras, S, H, x.device)

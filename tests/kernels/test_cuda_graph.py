@@ -53,16 +53,15 @@ def test_fused_decode_launch_is_race_free_over_many_replays():
     # The one-launch decode path hands partial products between programs through counters:
     # a replayed graph of many launches (the counters must come back to zero after each)
     # gives the same bits every time, equal to the two-launch variant of the same items.
-    from kernels import lora_decode, lora_span
+    from kernels import lora_decode
     ops = get_lora_ops("triton")
-    saved, saved_span = lora_decode.DECODE_CONFIG, lora_span.SPAN_CONFIG
-    lora_span.SPAN_CONFIG = dict(saved_span, enabled=False)
+    saved = lora_decode.DECODE_CONFIG
     lora_decode.DECODE_CONFIG = dict(saved, min_tokens=1, max_slices=3, min_expand_cols=0,
                                      fused=True)
     try:
         _check_race_free(lora_decode, ops)
     finally:
-        lora_decode.DECODE_CONFIG, lora_span.SPAN_CONFIG = saved, saved_span
+        lora_decode.DECODE_CONFIG = saved
 
 
 def _check_race_free(lora_decode, ops):

@@ -31,19 +31,17 @@ def _check(p, y, dtype):
 CASES = [(mix, t) for mix in MIXES for t in (1, 7, 133) if (mix, t) != ("distinct", 133)]
 
 
-def _use_path(monkeypatch, path, **span):
-    """Route add_lora through one path: "span", "decode" (opened to every shape it takes) or
-    "two_launch"; ``span`` entries override kernels.lora_span.SPAN_CONFIG."""
-    from kernels import lora_decode, lora_span
-    monkeypatch.setattr(lora_span, "SPAN_CONFIG",
-                        dict(lora_span.SPAN_CONFIG, enabled=path == "span", **span))
+def _use_path(monkeypatch, path):
+    """Route add_lora through one path: "decode" (opened to every shape it takes) or
+    "two_launch"."""
+    from kernels import lora_decode
     decode = dict(lora_decode.DECODE_CONFIG, **OPEN) if path == "decode" else \
         dict(lora_decode.DECODE_CONFIG, max_tokens=0)
     monkeypatch.setattr(lora_decode, "DECODE_CONFIG", decode)
-    return lora_span
+    monkeypatch.setattr(lora_decode, "FOLD_CONFIG", {})
 
 
-@pytest.mark.parametrize("path", ["span", "two_launch"])
+@pytest.mark.parametrize("path", ["decode", "two_launch"])
 @pytest.mark.parametrize("mix,num_tokens", CASES + [("distinct", 40)])
 def test_add_lora_matches_loop_and_torch_ref(mix, num_tokens, path, monkeypatch, device):
     _use_path(monkeypatch, path)
@@ -58,7 +56,7 @@ def test_add_lora_matches_loop_and_torch_ref(mix, num_tokens, path, monkeypatch,
         assert not torch.equal(y_tri, p.y), "the adapters changed nothing"
 
 
-@pytest.mark.parametrize("path", ["span", "two_launch"])
+@pytest.mark.parametrize("path", ["decode", "two_launch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dtypes_and_ranks_zero_padded_into_wide_slots(dtype, path, monkeypatch, device):
     _use_path(monkeypatch, path)
@@ -157,8 +155,7 @@ OPEN = {"min_tokens": 1, "max_tokens": 256, "max_slices": 3, "max_rank": 64,
 
 
 def _decode_cfg(monkeypatch, **kw):
-    from kernels import lora_decode, lora_span
-    monkeypatch.setattr(lora_span, "SPAN_CONFIG", dict(lora_span.SPAN_CONFIG, enabled=False))
+    from kernels import lora_decode
     cfg = dict(lora_decode.DECODE_CONFIG, **OPEN)
     cfg.update(kw)
     monkeypatch.setattr(lora_decode, "DECODE_CONFIG", cfg)
@@ -205,7 +202,7 @@ def test_decode_path_dtypes_ranks_and_odd_sizes(dtype, max_rank, monkeypatch, de
     _check(p, y, dtype)
 
 
-@pytest.mark.parametrize("path", ["span", "decode", "two_launch"])
+@pytest.mark.parametrize("path", ["decode", "two_launch"])
 def test_strided_slot_views_into_one_buffer(path, monkeypatch, device):
     # Slot buffers as views into one big tensor (non-unit, non-contiguous slot strides), as
     # an engine may lay out its slots: the kernels must follow the tensors' strides.
@@ -230,38 +227,6 @@ def test_strided_slot_views_into_one_buffer(path, monkeypatch, device):
     triton_ops.add_lora(y, p.x, views_a, views_b, p.meta, p.offsets)
     _check(p, y, torch.float32)
     assert rel_error(y, _run(torch_ops, p)) < 1e-5
-
-
-# ---- span path (kernels/lora_span.py): slot-sorted tiles, a loop over each tile's slots ------
-
-@pytest.mark.parametrize("mix,num_tokens", [("distinct", 40), ("uniform", 7), ("skewed", 133),
-                                            ("some_without", 33), ("identical", 17)])
-def test_span_path_splits_the_reduction_and_tiles_across_slot_boundaries(
-        mix, num_tokens, monkeypatch, device):
-    # Narrow reduction tiles and many programs per SM: the shrink splits H into several
-    # parts (each looping over more than one k tile), and 16-token tiles cut through slots.
-    span = _use_path(monkeypatch, "span", block_k=32, block_n=32, programs_per_sm=64,
-                     max_split_k=3)
-    widths = [200, 72, 40]
-    p = make_problem(num_tokens=num_tokens, hidden=300, widths=widths, max_rank=16,
-                     ranks=[16, 8, 1], mix=mix, dtype=torch.float32, device=device)
-    plan = span.span_plan(num_tokens, 300, 16, widths, torch.device(device))
-    assert plan["split_k"] == 3 and plan["k_per_split"] > plan["block_k"]
-    y = _run(triton_ops, p)
-    _check(p, y, torch.float32)
-    assert rel_error(y, _run(torch_ops, p)) < 1e-5
-
-
-def test_span_path_is_taken_only_where_configured(monkeypatch, device):
-    span = _use_path(monkeypatch, "span", max_tokens=8, max_rank=16)
-    dev = torch.device(device)
-    assert span.span_plan(8, 64, 16, [32], dev) is not None
-    assert span.span_plan(9, 64, 16, [32], dev) is None          # more tokens: other paths
-    assert span.span_plan(8, 64, 32, [32], dev) is None          # wider slots
-    assert span.span_plan(8, 64, 16, [32] * 4, dev) is None      # four slices in one call
-    p = make_problem(num_tokens=9, hidden=40, widths=[24], max_rank=16, ranks=[16],
-                     mix="some_without", dtype=torch.float32, device=device)
-    _check(p, _run(triton_ops, p), torch.float32)                # the fallback is right too
 
 
 # ---- folded shrink (engine.lora.slot_layout fold): the base matmul already made x·Aᵀ ---------

@@ -26,7 +26,7 @@ def num_sms(device: torch.device) -> int:
 # Programmatic dependent launch (Hopper and newer): a LoRA expand launch starts while its
 # shrink finishes and waits in-kernel (griddepcontrol) before reading the shrink's output.
 # benchmarks/kernels.py --pdl off turns it off to measure the difference.
-PDL = {"enabled": True}
+PDL = {"enabled": False}   # measured: no gain on the H200 (docs/BENCHMARKS.md)
 _PDL_OK: dict[int, bool] = {}
 
 

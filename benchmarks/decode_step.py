@@ -189,7 +189,6 @@ def main() -> None:
     ap.add_argument("--no-kernels", action="store_true", help="skip the per-kernel timings")
     ap.add_argument("--profile", default=None,
                     help="write the kernel table of replays of the mixed 64-row step here")
-    ap.add_argument("--pdl", choices=["on", "off"], default="on")
     ap.add_argument("--generate", type=int, default=0,
                     help="also run the mixed workload this many times on the engine (tok/s)")
     args = ap.parse_args()
@@ -208,8 +207,6 @@ def main() -> None:
                                      target_modules=_targets(p["targets"]))
                 for i in range(p["adapters"])]
     prompts = prompts_for(p["batch"], p["prompt_len"], LLAMA3_8B["vocab_size"], seed=0)
-    from kernels import device_info
-    device_info.PDL["enabled"] = args.pdl == "on"
     eng = _engine(str(model), p, "cuda", "dummy", len(adapters))
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
            "step_ms": step_times(eng, adapters, prompts, args.reps, args.variants)}

@@ -240,8 +240,6 @@ def main(argv=None) -> None:
     p.add_argument("--layer", action="store_true", help="also run layer_times per projection")
     p.add_argument("--fold-configs", nargs="+", default=["default"], metavar="SPEC",
                    help="layer_times: kernels.lora_decode.FOLD_CONFIG settings to time")
-    p.add_argument("--pdl", choices=["on", "off"], default="on",
-                   help="programmatic dependent launch of the LoRA kernel pairs (Hopper)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print(json.dumps({"error": "benchmarks/kernels.py needs a CUDA GPU"}))
@@ -256,10 +254,7 @@ def main(argv=None) -> None:
 
     emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
           "triton": __import__("triton").__version__, "copy_GBps": copy_bandwidth_gbs()})
-    from kernels import device_info, lora_decode
-
-    device_info.PDL["enabled"] = args.pdl == "on"
-    emit({"pdl": device_info.use_pdl(torch.device("cuda"))})
+    from kernels import lora_decode
 
     if args.layer:
         for proj in args.projections:

@@ -559,7 +559,8 @@ def plot(res: dict, path: str) -> None:
 
     def series(prefix, full):
         pts = {int(k.rsplit("_", 1)[1]): v["tok_per_s"] for k, v in res.items()
-               if k.startswith(prefix + "_") and k.rsplit("_", 1)[1].isdigit()}
+               if k.startswith(prefix + "_") and k.rsplit("_", 1)[1].isdigit()
+               and isinstance(v, dict) and "tok_per_s" in v}
         if full in res:
             pts[res[full].get("adapters", 32)] = res[full]["tok_per_s"]
         return sorted(pts.items())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels.device_info import interpreted, num_sms, use_pdl
+from kernels.device_info import interpreted, num_sms
 from kernels.lora_decode_kernel import lora_decode_kernel
 from kernels.segments import LoRAMeta
 
@@ -175,9 +175,8 @@ def _launch(plan: dict, x, lora_a, lora_b, y, work, work_strides, meta: LoRAMeta
         lora_decode_kernel[(n_items,)](*args, 0, n_shrink, n_items, n_ready, nsub, *strides,
                                        FUSED=True, **consts)
         return
-    pdl = {"USE_PDL": True, "launch_pdl": True} if use_pdl(y.device) else {}
     if shrink:
         lora_decode_kernel[(n_shrink,)](*args, 0, n_shrink, n_items, n_ready, nsub, *strides,
-                                        FUSED=False, **consts, **pdl)
+                                        FUSED=False, **consts)
     lora_decode_kernel[(n_items - n_shrink,)](*args, n_shrink, n_shrink, n_items, n_ready,
-                                              nsub, *strides, FUSED=False, **consts, **pdl)
+                                              nsub, *strides, FUSED=False, **consts)

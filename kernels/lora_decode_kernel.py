@@ -12,9 +12,7 @@ per-(m-tile, slice) counter; an expand item loads its y and starts its weights f
 for that counter to reach SPLIT_K, sums the partials and streams its columns. The last
 program to use a counter sets it back to zero, so the counters (``sync``, int32, zero before
 the first launch) are ready for the next launch without a reset kernel.
-FUSED=False: the same items in two launches (shrink items, then expand items), no counters;
-with USE_PDL the expand launch is a programmatic dependent launch (as in
-kernels/triton_kernels.py): its items load their first weight tile, then wait for the shrink.
+FUSED=False: the same items in two launches (shrink items, then expand items), no counters.
 """
 from __future__ import annotations
 
@@ -36,10 +34,8 @@ def lora_decode_kernel(
     NUM_SLICES: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr, SPLIT_K: tl.constexpr, FUSED: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr = False,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    if USE_PDL and first_item == 0:     # the shrink launch: after the base matmul's output
-        tl.extra.cuda.gdc_wait()
     if FUSED:
         t = tl.atomic_add(sync_ptr, 1)
         if t == n_items - 1:            # every ticket is taken: ready for the next launch
@@ -81,8 +77,6 @@ def lora_decode_kernel(
                                  input_precision=PRECISION)
                 else:
                     acc = tl.dot(xt.to(at.dtype), at, acc, input_precision=PRECISION)
-            if USE_PDL:
-                tl.extra.cuda.gdc_launch_dependents()
             w_ptrs = work_ptr + kp * s_wk + sid * s_ws + tok[:, None] * s_wt + offs_r[None, :]
             tl.store(w_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
             if FUSED:
@@ -136,8 +130,6 @@ def lora_decode_kernel(
             mask_n = offs_n < n_end
             bt = tl.load(b_cols + offs_n[None, :] * s_bn, mask=mask_r[:, None] & mask_n[None, :],
                          other=0.0)                                          # [BR, BN]
-            if USE_PDL:
-                tl.extra.cuda.gdc_wait()
             offs_m = row0 + rows
             mask_m = (rows < ROWS) & (offs_m < count)
             tok = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)

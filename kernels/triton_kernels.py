@@ -11,10 +11,6 @@ import triton.language as tl
 
 # UPCAST: the Triton interpreter multiplies bfloat16 operands as raw uint16 bits, so under
 # TRITON_INTERPRET the operands of tl.dot are widened to float32 first (exact for bf16/fp16).
-# USE_PDL (programmatic dependent launch, kernels.device_info.use_pdl): the shrink waits for
-# the kernel before it (the base matmul: the expand reads its output) and, once its products
-# are done, lets the expand launch; the expand finds its tile and loads its weights, then
-# waits for the shrink before it reads the partial products and y.
 
 
 @triton.jit
@@ -40,11 +36,9 @@ def lora_shrink_kernel(
     s_xt, s_xh, s_al, s_ar, s_ah, s_osplit, s_oslice, s_ot, s_or,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, USE_PDL: tl.constexpr = False,
+    UPCAST: tl.constexpr,
 ):
     """out[split, s, t, :] (+)= x[t, k-part] @ A_s[slot(t)][:, k-part].T for tokens with a slot."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
     pid_m = tl.program_id(0)
     pid_nk = tl.program_id(1)
     sid = tl.program_id(2)
@@ -52,8 +46,6 @@ def lora_shrink_kernel(
     pid_n = pid_nk // SPLIT_K
     slot, row0, count, start = _find_tile(pid_m, counts_ptr, starts_ptr, L, BLOCK_M, BLOCK_L)
     if slot >= L:
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
         return
     if sid == 0:
         a_ptr = a0_ptr
@@ -80,8 +72,6 @@ def lora_shrink_kernel(
             acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(xt.to(at.dtype), at, acc, input_precision=PRECISION)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
     o_ptrs = (out_ptr + pid_k * s_osplit + sid * s_oslice + tok[:, None] * s_ot
               + offs_n[None, :] * s_or)
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -96,7 +86,7 @@ def lora_expand_kernel(
     s_yt, s_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, USE_PDL: tl.constexpr = False,
+    UPCAST: tl.constexpr,
 ):
     """y[t, off_s + n] += sum_split(inter[split, s, t]) @ B_s[slot(t)][n].T for tokens with a slot.
 
@@ -145,13 +135,11 @@ def lora_expand_kernel(
     i_rows = inter_ptr + sid * s_islice + slot.to(tl.int64) * s_il + tok[:, None] * s_it
     b_cols = b_ptr + slot.to(tl.int64) * s_bl + offs_n[None, :] * s_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # The first weight tile does not depend on the shrink: with PDL it is loaded while the
-    # shrink finishes. Each step loads the next tile (the last load is masked off).
+    # Each step multiplies the weight tile loaded before it and loads the next one (the last
+    # load is masked off), so a tile's load is in flight during the partial sums' loads.
     offs_r = tl.arange(0, BLOCK_R)
     bt = tl.load(b_cols + offs_r[:, None] * s_br, mask=(offs_r < R)[:, None] & mask_n[None, :],
                  other=0.0)                                                  # [BR, BN]
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
     for r in range(0, R, BLOCK_R):
         offs_r = r + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R

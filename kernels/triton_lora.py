@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels.device_info import interpreted, num_sms, use_pdl
+from kernels.device_info import interpreted, num_sms
 from kernels.lora_decode import try_add_lora_decode, try_expand_folded_decode
 from kernels.segments import LoRAMeta
 from kernels.triton_kernels import lora_expand_kernel, lora_shrink_kernel
@@ -45,11 +45,6 @@ def _num_m_tiles(num_tokens: int, max_loras: int, block_m: int) -> int:
 def _precision(dtype: torch.dtype) -> str:
     # fp32 adapters get full fp32 products, as the torch reference computes them.
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _pdl(device: torch.device) -> dict:
-    # launch options of a kernel with a USE_PDL switch (kernels.device_info.use_pdl)
-    return {"USE_PDL": True, "launch_pdl": True} if use_pdl(device) else {}
 
 
 def _groups(n: int):
@@ -105,7 +100,7 @@ def _shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta, out: to
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             BLOCK_L=_block_l(meta.max_loras), SPLIT_K=split_k,
             PRECISION=_precision(a[0].dtype), UPCAST=interpreted(), num_warps=4,
-            num_stages=3 if block_m == 16 else 2, **_pdl(x.device))
+            num_stages=3 if block_m == 16 else 2)
 
 
 def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: torch.Tensor,
@@ -138,8 +133,7 @@ def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: 
             y.stride(0), y.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
             BLOCK_L=_block_l(meta.max_loras), SPLIT_K=split_k,
-            PRECISION=_precision(b[0].dtype), UPCAST=interpreted(), num_warps=4, num_stages=2,
-            **_pdl(y.device))
+            PRECISION=_precision(b[0].dtype), UPCAST=interpreted(), num_warps=4, num_stages=2)
 
 
 def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta,

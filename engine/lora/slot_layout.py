@@ -132,6 +132,10 @@ class SlotLayout:
                 if not isinstance(a, FoldedA):
                     mod.lora_a = [a[:, p, s] for s in range(len(fam.slice_names))]   # [L, R, in]
                 mod.lora_b = [b[:, p, o:o + n] for o, n in zip(fam.slice_offsets, fam.slice_sizes)]
+        if device.type == "cuda" and any(isinstance(a, FoldedA) for a, _ in bufs.values()):
+            # the replaced base weights' blocks are too small for anything of their size to
+            # come: give them back rather than hold the base twice in the caching allocator
+            torch.cuda.empty_cache()
         return bufs
 
 

@@ -102,4 +102,3 @@ def _check_race_free(lora_decode, ops):
     one = p.y.clone()
     ops.add_lora(one, p.x, p.lora_a, p.lora_b, p.meta, p.offsets)
     assert rel_error(one, loop_reference(p)) < 2e-2
-

@@ -105,3 +105,24 @@ def test_staging_buffer_is_the_cpu_copy(tiny_llama):
     a0, _ = w.tensors[(0, "q_proj")]
     assert a0.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
     assert w.nbytes == sum(t.numel() * t.element_size() for ab in w.staged.values() for t in ab)
+
+
+def test_fold_puts_a_under_the_weight_only_where_it_adds_few_rows(tiny_llama):
+    # EngineConfig.lora_fold: a kind is folded while its A rows (S * max_loras * R) add at most
+    # FOLD_MAX_EXTRA of its base rows; the base weights stay bit for bit, as views of lora_ext
+    from engine.lora.slot_layout import FOLD_MAX_EXTRA, FoldedA, SlotLayout
+    for max_loras in (1, 8):
+        eng = _engine(tiny_llama, max_loras=max_loras)
+        before = {(layer, kind): mod.weight.clone() for layer, kind, mod in eng.model.lora_layers()}
+        layout = SlotLayout(eng.model, 16)
+        bufs = layout.allocate(max_loras, torch.float32, torch.device("cpu"), fold=True)
+        for kind, (a, _) in bufs.items():
+            fam = layout.families[kind]
+            cheap = len(fam.slice_names) * max_loras * 16 <= FOLD_MAX_EXTRA * sum(fam.slice_sizes)
+            assert isinstance(a, FoldedA) == cheap, (max_loras, kind)
+        assert any(isinstance(a, FoldedA) for a, _ in bufs.values()) == (max_loras == 1)
+        for layer, kind, mod in eng.model.lora_layers():
+            assert torch.equal(mod.weight, before[(layer, kind)])
+            if isinstance(bufs[kind][0], FoldedA):
+                assert mod.weight.data_ptr() == mod.lora_ext.data_ptr()
+                assert mod.lora_a[0].data_ptr() == mod.lora_ext[mod.weight.shape[0]:].data_ptr()

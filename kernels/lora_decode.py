@@ -40,9 +40,10 @@ DECODE_CONFIG = {
     "num_stages": 2,
 }
 # The expand alone over folded products (try_expand_folded_decode): entries over DECODE_CONFIG.
-# Measured on an H200 (docs/BENCHMARKS.md): 3 slices (q/k/v) and smaller items pay here, where
-# no shrink items share the launch.
-FOLD_CONFIG: dict = {"max_slices": 3, "programs_per_sm": 4}
+# Measured on an H200 (docs/BENCHMARKS.md): 3 slices (q/k/v) and 4 programs per SM pay here,
+# where no shrink items share the launch, except on outputs wider than wide_cols (gate_up).
+FOLD_CONFIG: dict = {"max_slices": 3, "programs_per_sm": 4, "wide_cols": 16384,
+                     "wide_programs_per_sm": 2}
 SYNC_WORDS = 1 << 14           # int32 counters per device: ticket + 2 per (m-tile, slice)
 _SYNC: dict[tuple, torch.Tensor] = {}
 
@@ -132,8 +133,11 @@ def try_expand_folded_decode(y: torch.Tensor, inter: torch.Tensor, lora_b: list[
     False (nothing done) where the decode path does not apply (``hidden``: the plan's H)."""
     T = y.shape[0]
     L, _, R = lora_b[0].shape
-    plan = decode_plan(T, meta.max_loras, hidden, R, [b.shape[1] for b in lora_b], y.device,
-                       dict(DECODE_CONFIG, **FOLD_CONFIG))
+    widths = [b.shape[1] for b in lora_b]
+    cfg = dict(DECODE_CONFIG, **FOLD_CONFIG)
+    if sum(widths) > cfg.get("wide_cols", sum(widths)):
+        cfg["programs_per_sm"] = cfg["wide_programs_per_sm"]
+    plan = decode_plan(T, meta.max_loras, hidden, R, widths, y.device, cfg)
     if plan is None or plan["fused"]:
         return False
     plan = dict(plan, split_k=1)

@@ -9,14 +9,19 @@ from tests.e2e.conftest import create_tenant
 from tests.e2e.procs import Proc, wait_until
 
 
+N_JOBS = 48
+
+
 def test_sigterm_mid_drain_releases_jobs_and_a_new_worker_finishes_them(stack, tmp_path):
     for p in stack["procs"]:
         if p.name == "worker":
             p.stop()  # this test brings its own worker
     env = {**stack["env"], "LORRY_WORKER_ID": "e2e-shutdown-worker"}
     with Client(stack["api"], create_tenant(stack, "shutdown")) as c:
+        # enough work that the drain runs for seconds (4 rows at a time): 6 jobs of the tiny
+        # model took 0.6 s, over before a poll could see one running
         jobs = [c.submit(f"long {i}", max_tokens=110, temperature=0, ignore_eos=True)
-                for i in range(6)]
+                for i in range(N_JOBS)]
         worker = Proc("worker-sigterm", ["worker", "--name", "e2e-sigterm@%h"], env, tmp_path)
         try:
             wait_until(lambda: any(c.get(j.id).status == "running" for j in jobs), 120,
@@ -26,7 +31,8 @@ def test_sigterm_mid_drain_releases_jobs_and_a_new_worker_finishes_them(stack, t
             statuses = [c.get(j.id).status for j in jobs]
             assert "running" not in statuses and set(statuses) <= {"queued", "succeeded"}
             # the drain saw the shutdown (unless everything was already done)
-            assert "'reason': 'shutdown'" in worker.tail(20000) or statuses == ["succeeded"] * 6
+            assert "'reason': 'shutdown'" in worker.tail(20000) or \
+                statuses == ["succeeded"] * N_JOBS
         finally:
             worker.stop()
         again = Proc("worker-again", ["worker", "--name", "e2e-again@%h"], env, tmp_path)
@@ -34,5 +40,5 @@ def test_sigterm_mid_drain_releases_jobs_and_a_new_worker_finishes_them(stack, t
             done = [c.wait(j.id, timeout=180) for j in jobs]
         finally:
             again.stop()
-        assert [d.status for d in done] == ["succeeded"] * 6
+        assert [d.status for d in done] == ["succeeded"] * N_JOBS
         assert all(len(d.result.token_ids) == 110 for d in done)

@@ -149,7 +149,9 @@ def bench_one(proj: str, T: int, n_adapters: int, rank: int, with_ref: bool,
 
 def layer_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16,
                 fold_specs=("default",)) -> dict:
-    """Base matmul alone, base then LoRA, and LoRA on a side stream beside the base matmul."""
+    """LoRA's cost inside a layer: the base matmul alone, then with add_lora after it, beside
+    it on a side stream, and folded (A rows under W, add_lora_folded) per FOLD_CONFIG spec;
+    plus the shrink as a GEMM and the two-launch halves alone."""
     H, widths = PROJECTIONS[proj]
     N, dt, dev = sum(widths), torch.bfloat16, "cuda"
     offsets = [sum(widths[:i]) for i in range(len(widths))]
@@ -192,6 +194,7 @@ def layer_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16,
     ext = [torch.cat([w] + [t.reshape(-1, H) for t in a]) for w, a, _ in layers]
     row["base_with_all_a_rows_us"] = _graph_time_us(
         [lambda w=w: torch.nn.functional.linear(x, w) for w in ext], reps=20)
+
     def folded(w, b):
         out = torch.nn.functional.linear(x, w)
         tri.add_lora_folded(out[:, :N], out[:, N:], b, meta, offsets, H)

@@ -31,7 +31,14 @@ def stack(tiny, database_url, redis_server):
     services.stop()
 
 
-def submit(services, key, n, prefix, max_tokens=24):
+# Long enough jobs, and enough of them, that a drain runs for seconds: the tiny model decodes
+# 16 rows of 24 tokens in ~0.1 s, so short batches could finish between two polls that look
+# for running jobs (seen in CI as "timed out waiting for ... running jobs").
+TOKENS = 96
+N = 96
+
+
+def submit(services, key, n, prefix, max_tokens=TOKENS):
     lines = batch_lines(n, ADAPTERS + ["base"], max_tokens, prefix)
     body = "".join(json.dumps(x) + "\n" for x in lines).encode()
     r = httpx.post(f"{services.api}/v1/batches", content=body, timeout=60,
@@ -64,7 +71,7 @@ def final_total(url):
     return audit(url)["rows"]
 
 
-def assert_exactly_once(url, services, key, batch_id, n, max_tokens=24):
+def assert_exactly_once(url, services, key, batch_id, n, max_tokens=TOKENS):
     rows = batch_rows(url, batch_id)
     assert len(rows) == n
     assert all(r.status == "succeeded" and r.completion_tokens == max_tokens
@@ -90,7 +97,7 @@ def victim_holding_jobs(services, url):
 
 def test_kill9_mid_drain_jobs_return_after_the_lease_and_finish_elsewhere(stack):
     services, key, url = stack
-    n = 60
+    n = N
     batch = submit(services, key, n, "kill")
     victim, victim_id, held = victim_holding_jobs(services, url)
     services.kill(victim, signal.SIGKILL)
@@ -103,8 +110,8 @@ def test_kill9_mid_drain_jobs_return_after_the_lease_and_finish_elsewhere(stack)
 
 def test_sigterm_finishes_or_releases_within_the_bound(stack):
     services, key, url = stack
-    n = 40
-    batch = submit(services, key, n, "term", max_tokens=24)
+    n = N
+    batch = submit(services, key, n, "term")
     victim, victim_id, _ = victim_holding_jobs(services, url)
     services.kill(victim, signal.SIGTERM)
     assert victim.popen.wait(30) == 0, victim.tail()  # the bound: 30 s, warm (exit code 0)
@@ -119,7 +126,7 @@ def test_sigterm_finishes_or_releases_within_the_bound(stack):
 
 def test_redis_restarted_empty_mid_run(stack, redis_server):
     services, key, url = stack
-    n = 60
+    n = N
     batch = submit(services, key, n, "redis")
     wait_until(lambda: running_by_worker(url), 120, "the drain to start", services.procs)
     redis_server.restart_empty(down_seconds=2)  # queued Celery messages and nudge keys lost

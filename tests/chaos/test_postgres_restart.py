@@ -26,9 +26,9 @@ def test_postgres_restarted_mid_run(tiny, private_pg, redis_server):
             q.register_adapter(name, str(adapter_root / name), tenant_id=tenant.id, rank=4)
         q.close()
         auth = {"Authorization": f"Bearer {key}"}
-        n = 60
+        n = 96     # 96 jobs of 96 tokens: the drain runs for seconds (see test_faults.TOKENS)
         body = "".join(json.dumps(x) + "\n"
-                       for x in batch_lines(n, ADAPTERS + ["base"], 24, "pg")).encode()
+                       for x in batch_lines(n, ADAPTERS + ["base"], 96, "pg")).encode()
         r = httpx.post(f"{services.api}/v1/batches", content=body, headers=auth, timeout=60)
         assert r.status_code == 201, r.text
         batch = r.json()["id"]

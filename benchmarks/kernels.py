@@ -81,14 +81,18 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() * 4 / t / 1e3
 
 
+def _pairs(spec: str) -> list[tuple[str, str]]:
+    """'key=value,...' -> [(key, value), ...]"""
+    return [tuple(item.split("=")) for item in spec.split(",")]
+
+
 def parse_decode_config(spec: str) -> dict:
     """'default' | 'off' | 'key=value,...' -> a full DECODE_CONFIG dict."""
     cfg = dict(_DECODE_DEFAULTS)
     if spec == "off":
         cfg["max_tokens"] = 0
     elif spec != "default":
-        for item in spec.split(","):
-            key, value = item.split("=")
+        for key, value in _pairs(spec):
             if key not in cfg:
                 raise SystemExit(f"unknown decode config key {key!r}; keys: {sorted(cfg)}")
             cfg[key] = type(cfg[key])(int(value)) if isinstance(cfg[key], (bool, int)) \
@@ -203,7 +207,7 @@ def layer_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16,
     saved = lora_decode.FOLD_CONFIG
     for spec in fold_specs:   # FOLD_CONFIG: "default", "none" (DECODE_CONFIG's), "k=v,..." over it
         lora_decode.FOLD_CONFIG = saved if spec == "default" else {} if spec == "none" else dict(
-            saved, **{k: int(v) for k, v in (item.split("=") for item in spec.split(","))})
+            saved, **{k: int(v) for k, v in _pairs(spec)})
         tag = "" if spec == "default" else f"[{spec}]"
         row[f"base_folded_lora_us{tag}"] = t = _graph_time_us(
             [lambda w=w, b=lw[2]: folded(w, b) for w, lw in zip(ext, layers)], reps=20)

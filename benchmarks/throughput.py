@@ -68,7 +68,7 @@ def run_lorry(eng, adapters: list[Path], n_adapters: int, prompts, p: dict, devi
         eng.generate(prompts, _params(p["new_tokens"]), loras, use_tqdm=False)
         if (eng.runner.graphs.captures if eng.runner.graphs else 0) == before:
             break
-    prefill = _time_prefill(eng, device)
+    prefill = _time_calls(eng.runner, "prefill", device)
     decode = _time_calls(eng.runner, "decode", device)
     graphs = eng.runner.graphs
     captured = graphs.captures if graphs else 0
@@ -93,11 +93,6 @@ def _params(n: int):
     from engine import SamplingParams
 
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-
-
-def _time_prefill(eng, device: str) -> list:
-    """Wrap the runner's prefill to add its (synchronised) time; returns the live [s, steps]."""
-    return _time_calls(eng.runner, "prefill", device)
 
 
 def _time_calls(runner, name: str, device: str) -> list:

@@ -168,7 +168,7 @@ class FoldedA:
         return _prod(self.shape)
 
     def element_size(self) -> int:
-        return torch.empty(0, dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
 
 def copy_into_slot(buf, slot: int, src: torch.Tensor) -> None:

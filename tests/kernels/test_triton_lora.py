@@ -31,13 +31,23 @@ def _check(p, y, dtype):
 CASES = [(mix, t) for mix in MIXES for t in (1, 7, 133) if (mix, t) != ("distinct", 133)]
 
 
+# The tests open the path to every shape it supports, whatever the tuned limits are.
+OPEN = {"min_tokens": 1, "max_tokens": 256, "max_slices": 3, "max_rank": 64,
+        "min_expand_cols": 0}
+
+
+def _decode_cfg(monkeypatch, **kw):
+    from kernels import lora_decode
+    cfg = dict(lora_decode.DECODE_CONFIG, **OPEN)
+    cfg.update(kw)
+    monkeypatch.setattr(lora_decode, "DECODE_CONFIG", cfg)
+    return lora_decode
+
+
 def _use_path(monkeypatch, path):
     """Route add_lora through one path: "decode" (opened to every shape it takes) or
     "two_launch"."""
-    from kernels import lora_decode
-    decode = dict(lora_decode.DECODE_CONFIG, **OPEN) if path == "decode" else \
-        dict(lora_decode.DECODE_CONFIG, max_tokens=0)
-    monkeypatch.setattr(lora_decode, "DECODE_CONFIG", decode)
+    lora_decode = _decode_cfg(monkeypatch, **({} if path == "decode" else {"max_tokens": 0}))
     monkeypatch.setattr(lora_decode, "FOLD_CONFIG", {})
 
 
@@ -148,19 +158,6 @@ def test_importing_kernels_does_not_import_triton():
 
 
 # ---- decode path (kernels/lora_decode.py): one launch for small batches ----------------------
-
-# The tests open the path to every shape it supports, whatever the tuned limits are.
-OPEN = {"min_tokens": 1, "max_tokens": 256, "max_slices": 3, "max_rank": 64,
-        "min_expand_cols": 0}
-
-
-def _decode_cfg(monkeypatch, **kw):
-    from kernels import lora_decode
-    cfg = dict(lora_decode.DECODE_CONFIG, **OPEN)
-    cfg.update(kw)
-    monkeypatch.setattr(lora_decode, "DECODE_CONFIG", cfg)
-    return lora_decode
-
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("shape", ["split", "chunks"])

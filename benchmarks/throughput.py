@@ -512,15 +512,15 @@ def gpu_runs(model: str, adapters, prompts, p: dict, load_format: str, config: d
                 torch.cuda.empty_cache()
         attempt(f"lorry_{k}", more)
     res["roofline"] = roofline(config, p, p["rank"], len(adapters))
+
+    def mean(*names):  # tok/s over the runs of those names that produced a figure
+        v = [res[n]["tok_per_s"] for n in names if "tok_per_s" in res.get(n, {})]
+        return sum(v) / len(v)
     if "tok_per_s" in res["lorry_mixed"] and "tok_per_s" in res["lorry_base"]:
         res["lora_overhead_mixed"] = round(1 - res["lorry_mixed"]["tok_per_s"]
                                            / res["lorry_base"]["tok_per_s"], 4)
         res["lorry_mixed_vs_roofline"] = round(res["lorry_mixed"]["tok_per_s"]
                                                / res["roofline"]["tok_per_s"], 3)
-
-        def mean(*names):
-            v = [res[n]["tok_per_s"] for n in names if "tok_per_s" in res.get(n, {})]
-            return sum(v) / len(v)
         # both runs of each: the overhead and ratios of the means
         res["lora_overhead_mixed_mean_of_2"] = round(
             1 - mean("lorry_mixed", "lorry_mixed_again") / mean("lorry_base", "lorry_base_again"),

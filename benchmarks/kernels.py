@@ -151,6 +151,30 @@ def bench_one(proj: str, T: int, n_adapters: int, rank: int, with_ref: bool,
     return row
 
 
+def profile_goal_rows(projections, n_adapters: int = 32, T: int = 64, rank: int = 16) -> None:
+    """One add_lora call per projection between cudaProfilerStart/Stop, after warm-up calls:
+    run under `ncu --profile-from-start off` for the hardware counters of those launches."""
+    for proj in projections:
+        H, widths = PROJECTIONS[proj]
+        N, dt, dev = sum(widths), torch.bfloat16, "cuda"
+        offsets = [sum(widths[:i]) for i in range(len(widths))]
+        gen = torch.Generator().manual_seed(0)
+        slots = (torch.arange(T) % n_adapters)[torch.randperm(T, generator=gen)].to(dev)
+        meta = build_lora_meta(slots, n_adapters)
+        x = torch.randn(T, H, dtype=dt, device=dev)
+        y = torch.randn(T, N, dtype=dt, device=dev)
+        a = [torch.randn(n_adapters, rank, H, dtype=dt, device=dev) * 0.02 for _ in widths]
+        b = [torch.randn(n_adapters, n, rank, dtype=dt, device=dev) * 0.02 for n in widths]
+        tri = get_lora_ops("triton")
+        for _ in range(3):
+            tri.add_lora(y, x, a, b, meta, offsets)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        tri.add_lora(y, x, a, b, meta, offsets)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+
+
 def layer_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16,
                 fold_specs=("default",)) -> dict:
     """LoRA's cost inside a layer: the base matmul alone, then with add_lora after it, beside
@@ -245,6 +269,10 @@ def main(argv=None) -> None:
                         "projection) for each decode config, then run the ladder with the one "
                         "of the smallest geometric-mean time")
     p.add_argument("--layer", action="store_true", help="also run layer_times per projection")
+    p.add_argument("--profile", action="store_true",
+                   help="only one goal-row add_lora call per projection inside "
+                        "cudaProfilerStart/Stop (for ncu --profile-from-start off), per "
+                        "--decode-config")
     p.add_argument("--fold-configs", nargs="+", default=["default"], metavar="SPEC",
                    help="layer_times: kernels.lora_decode.FOLD_CONFIG settings to time")
     args = p.parse_args(argv)
@@ -259,6 +287,12 @@ def main(argv=None) -> None:
             with open(args.out, "a") as f:
                 f.write(line + "\n")
 
+    if args.profile:
+        from kernels import lora_decode
+        for spec in args.decode_config:
+            lora_decode.DECODE_CONFIG = parse_decode_config(spec)
+            profile_goal_rows(args.projections)
+        return
     emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
           "triton": __import__("triton").__version__, "copy_GBps": copy_bandwidth_gbs()})
     from kernels import lora_decode

@@ -15,7 +15,7 @@ import triton
 
 from kernels.device_info import interpreted, num_sms
 from kernels.lora_decode_kernel import lora_decode_kernel
-from kernels.segments import LoRAMeta
+from kernels.segments import LoRAMeta, tile_table
 
 # Tuning: measured on an H200 on 2026-11-29 (docs/BENCHMARKS.md, "LoRA kernels (H200)").
 # The decode path beat the two-launch kernels (rank 16) where its expand streams many weight
@@ -35,9 +35,16 @@ DECODE_CONFIG = {
     "fused": False,            # one launch (device counters) or two launches of the items
     "tile_elems": 4096,        # weight tile elements: BLOCK_N = BLOCK_K = tile_elems // R
     "max_split_k": 16,
-    "programs_per_sm": 2,      # shrink and expand items sized for this many programs per SM
+    "programs_per_sm": 2,      # expand items sized for this many programs per SM
     "num_warps": 4,
     "num_stages": 2,
+    "expand_loop": 0,          # expand column loop: 0 = 1-deep manual prefetch, 1 = tl.range
+    #                            software-pipelined num_stages deep
+    # The shrink launch's own settings (0: the expand's above)
+    "shrink_programs_per_sm": 0,
+    "shrink_tile_elems": 0,
+    "shrink_num_warps": 0,
+    "shrink_num_stages": 0,
 }
 # The expand alone over folded products (try_expand_folded_decode): entries over DECODE_CONFIG.
 # Measured on an H200 (docs/BENCHMARKS.md): 3 slices (q/k/v) and 4 programs per SM pay here,
@@ -68,6 +75,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _unit_rank_stride(lora_b: list[torch.Tensor]) -> bool:
+    # The kernel takes B's rank axis as contiguous (the engine's slots and slot views are):
+    # a constant stride lets the compiler vectorize the weight loads.
+    return all(b.stride(2) == 1 for b in lora_b)
+
+
 def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int],
                 device: torch.device, cfg: dict | None = None) -> dict | None:
     """Block sizes and item counts of the decode launch, or None if the path does not apply."""
@@ -84,12 +97,14 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
     block_r = max(16, triton.next_power_of_2(rank))
     tile = max(32, cfg["tile_elems"] // block_r)
     block_n = min(tile, 1024, max(16, triton.next_power_of_2(max(widths))))
-    block_k = min(tile, 1024, max(16, triton.next_power_of_2(hidden)))
+    shrink_tile = max(32, (cfg.get("shrink_tile_elems") or cfg["tile_elems"]) // block_r)
+    block_k = min(shrink_tile, 1024, max(16, triton.next_power_of_2(hidden)))
     target = cfg["programs_per_sm"] * num_sms(device)
+    shrink_target = (cfg.get("shrink_programs_per_sm") or cfg["programs_per_sm"]) * num_sms(device)
     # Split the reduction over H until the shrink items fill the GPU (at most one k tile
     # per item); the expand sums the split_k partial products of its rows.
     split_k = max(1, min(cfg["max_split_k"], triton.cdiv(hidden, block_k),
-                         target // (active * S)))
+                         shrink_target // (active * S)))
     n_mtiles = triton.cdiv(T, rows) + active
     # Column chunks of nsub tiles each, so that about `target` expand items stream the weights.
     subtiles = [triton.cdiv(n, block_n) for n in widths]
@@ -104,7 +119,10 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
             "block_k": block_k, "split_k": split_k, "nsub": nsub, "n_mtiles": n_mtiles,
             "n_ready": n_ready, "n_shrink": n_shrink, "cc": cc,
             "n_items": n_shrink + n_mtiles * cc[2], "fused": cfg["fused"],
-            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+            "expand_loop": cfg.get("expand_loop", 0),
+            "shrink_num_warps": cfg.get("shrink_num_warps") or cfg["num_warps"],
+            "shrink_num_stages": cfg.get("shrink_num_stages") or cfg["num_stages"]}
 
 
 def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
@@ -115,7 +133,8 @@ def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Ten
     R = lora_a[0].shape[1]
     widths = [b.shape[1] for b in lora_b]
     plan = decode_plan(T, meta.max_loras, H, R, widths, x.device)
-    if plan is None or any(a.stride() != lora_a[0].stride() for a in lora_a):
+    if plan is None or any(a.stride() != lora_a[0].stride() for a in lora_a) \
+            or not _unit_rank_stride(lora_b):
         return False
     sync = _sync_buffer(x.device) if plan["fused"] else None
     if plan["fused"] and sync is None:
@@ -138,7 +157,7 @@ def try_expand_folded_decode(y: torch.Tensor, inter: torch.Tensor, lora_b: list[
     if sum(widths) > cfg.get("wide_cols", sum(widths)):
         cfg["programs_per_sm"] = cfg["wide_programs_per_sm"]
     plan = decode_plan(T, meta.max_loras, hidden, R, widths, y.device, cfg)
-    if plan is None or plan["fused"]:
+    if plan is None or plan["fused"] or not _unit_rank_stride(lora_b):
         return False
     plan = dict(plan, split_k=1)
     # work[kp, s, t, r] = inter[t, s*L*R + slot*R + r]: strides (split, slice, token, slot)
@@ -158,29 +177,33 @@ def _launch(plan: dict, x, lora_a, lora_b, y, work, work_strides, meta: LoRAMeta
     H, R = x.shape[1], lora_b[0].shape[2]
     a_ptrs = lora_a + [lora_a[0]] * pad
     b_ptrs = lora_b + [lora_b[0]] * pad
-    b_strides = [s for t in b_ptrs for s in t.stride()]
+    b_strides = [s for t in b_ptrs for s in t.stride()[:2]]    # the rank stride is 1
     widths = [b.shape[1] for b in lora_b] + [0] * pad
     offs = list(slice_offsets) + [0] * pad
     cc0, cc01, cc_all = plan["cc"]
     args = (x, *a_ptrs, *b_ptrs, y, work, work if sync is None else sync,
-            meta.sorted_token_ids, meta.slot_token_counts, meta.slot_token_starts,
-            H, R, meta.max_loras, *widths, *offs, cc0, cc01, cc_all)
+            tile_table(meta, plan["rows"]), H, R, meta.max_loras, *widths, *offs, cc0, cc01, cc_all)
     strides = (x.stride(0), x.stride(1), *lora_a[0].stride(), *b_strides,
                y.stride(0), y.stride(1), *work_strides)
     consts = {"NUM_SLICES": S, "ROWS": plan["rows"], "BLOCK_M": plan["block_m"],
               "BLOCK_N": plan["block_n"], "BLOCK_R": plan["block_r"], "BLOCK_K": plan["block_k"],
-              "BLOCK_L": max(16, triton.next_power_of_2(meta.max_loras)),
               "SPLIT_K": plan["split_k"], "PRECISION": _precision(lora_b[0].dtype),
-              "UPCAST": interpreted(), "num_warps": plan["num_warps"],
-              "num_stages": plan["num_stages"]}
+              "UPCAST": interpreted(), "EXPAND_LOOP": plan["expand_loop"],
+              "STAGES": plan["num_stages"]}
+    expand_launch = {"num_warps": plan["num_warps"], "num_stages": plan["num_stages"]}
+    shrink_launch = {"num_warps": plan["shrink_num_warps"],
+                     "num_stages": plan["shrink_num_stages"]}
     n_shrink, n_items, n_ready, nsub = (plan["n_shrink"], plan["n_items"], plan["n_ready"],
                                         plan["nsub"])
     if plan["fused"]:
         lora_decode_kernel[(n_items,)](*args, 0, n_shrink, n_items, n_ready, nsub, *strides,
-                                       FUSED=True, **consts)
+                                       FUSED=True, **consts, **expand_launch)
         return
+    # PHASE: each launch compiles only its own items' code (the shrink's needs far fewer
+    # registers than the expand's, so more of its programs fit on an SM)
     if shrink:
         lora_decode_kernel[(n_shrink,)](*args, 0, n_shrink, n_items, n_ready, nsub, *strides,
-                                        FUSED=False, **consts)
+                                        FUSED=False, PHASE=1, **consts, **shrink_launch)
     lora_decode_kernel[(n_items - n_shrink,)](*args, n_shrink, n_shrink, n_items, n_ready,
-                                              nsub, *strides, FUSED=False, **consts)
+                                              nsub, *strides, FUSED=False, PHASE=2, **consts,
+                                              **expand_launch)

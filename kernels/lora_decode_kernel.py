@@ -2,8 +2,8 @@
 
 Work items (one per program) are numbered: first the shrink items (m-tile, slice, k-part),
 then the expand items (m-tile, column chunk of one slice). An m-tile is up to ROWS tokens of
-one slot, found from the per-slot counts in device memory (as in kernels/triton_kernels.py),
-so the grid depends on host constants only and the launch can be captured in a CUDA graph.
+one slot, read from the step's tile table in device memory (kernels.segments.tile_table), so
+the grid depends on host constants only and the launch can be captured in a CUDA graph.
 
 FUSED=True: one launch. Each program takes a ticket (an atomic counter) and does the item
 with that number, so every item a program waits for was taken by a program that is already
@@ -19,22 +19,32 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_kernels import _find_tile
+
+@triton.jit
+def _tile(m, table_ptr, rows, ROWS: tl.constexpr):
+    """Tile m of kernels.segments.tile_table: (slot, token ids [BLOCK_M] int64, valid rows);
+    the slot and the tokens are loaded together, so they cost one memory round trip."""
+    row = table_ptr + m * (ROWS + 1)
+    tok = tl.load(row + 1 + rows, mask=rows < ROWS, other=-1)
+    slot = tl.load(row)
+    mask_m = tok >= 0
+    return slot, tl.where(mask_m, tok, 0).to(tl.int64), mask_m
 
 
 @triton.jit
 def lora_decode_kernel(
     x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, work_ptr, sync_ptr,
-    sorted_ptr, counts_ptr, starts_ptr,
+    table_ptr,
     H, R, L, n0, n1, n2, off0, off1, off2,
     cc0, cc01, cc_all, first_item, n_shrink, n_items, n_ready, nsub,
     s_xt, s_xh, s_al, s_ar, s_ah,
-    s_bl0, s_bn0, s_br0, s_bl1, s_bn1, s_br1, s_bl2, s_bn2, s_br2,
+    s_bl0, s_bn0, s_bl1, s_bn1, s_bl2, s_bn2,
     s_yt, s_yn, s_wk, s_ws, s_wt, s_wl,
     NUM_SLICES: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_L: tl.constexpr, SPLIT_K: tl.constexpr, FUSED: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT_K: tl.constexpr, FUSED: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPAND_LOOP: tl.constexpr = 0,
+    STAGES: tl.constexpr = 2, PHASE: tl.constexpr = 0,
 ):
     if FUSED:
         t = tl.atomic_add(sync_ptr, 1)
@@ -45,13 +55,19 @@ def lora_decode_kernel(
     rows = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
-    if t < n_shrink:
+    # PHASE 1 / 2: a launch of shrink / expand items only (the other branch is not compiled,
+    # so it costs no registers); 0: the item number decides.
+    if PHASE == 0:
+        is_shrink = t < n_shrink
+    else:
+        is_shrink = PHASE == 1
+    if is_shrink:
         # ---- shrink item: work[kp, sid, tok, :] = x[tok, k-part] @ A_sid[slot][:, k-part].T
         m = t // (NUM_SLICES * SPLIT_K)
         rem = t % (NUM_SLICES * SPLIT_K)
         sid = rem // SPLIT_K
         kp = rem % SPLIT_K
-        slot, row0, count, start = _find_tile(m, counts_ptr, starts_ptr, L, ROWS, BLOCK_L)
+        slot, tok, mask_m = _tile(m, table_ptr, rows, ROWS)
         if slot < L:
             if sid == 0:
                 a_ptr = a0_ptr
@@ -59,9 +75,6 @@ def lora_decode_kernel(
                 a_ptr = a1_ptr
             else:
                 a_ptr = a2_ptr
-            offs_m = row0 + rows
-            mask_m = (rows < ROWS) & (offs_m < count)
-            tok = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
             x_rows = x_ptr + tok[:, None] * s_xt
             a_cols = a_ptr + slot.to(tl.int64) * s_al + offs_r[None, :] * s_ar
             acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -89,53 +102,38 @@ def lora_decode_kernel(
         e = t - n_shrink
         m = e // cc_all
         c = e % cc_all
-        if c < cc0:
-            sid = 0
-            b_ptr = b0_ptr
-            c_local = c
-            n_chunks = cc0
-            N = n0
-            col0 = off0
-            s_bl = s_bl0
-            s_bn = s_bn0
-            s_br = s_br0
-        elif c < cc01:
-            sid = 1
-            b_ptr = b1_ptr
-            c_local = c - cc0
-            n_chunks = cc01 - cc0
-            N = n1
-            col0 = off1
-            s_bl = s_bl1
-            s_bn = s_bn1
-            s_br = s_br1
-        else:
-            sid = 2
+        # The slice's sizes by select, not by branches: values merged from branches lose what
+        # the compiler knows of their divisibility, and the weight loads would not vectorize.
+        in1 = c >= cc0
+        in2 = c >= cc01
+        sid = in1.to(tl.int32) + in2.to(tl.int32)
+        c_local = c - tl.where(in2, cc01, tl.where(in1, cc0, 0))
+        n_chunks = tl.where(in2, cc_all - cc01, tl.where(in1, cc01 - cc0, cc0))
+        N = tl.where(in2, n2, tl.where(in1, n1, n0))
+        col0 = tl.where(in2, off2, tl.where(in1, off1, off0))
+        s_bl = tl.where(in2, s_bl2, tl.where(in1, s_bl1, s_bl0))
+        s_bn = tl.where(in2, s_bn2, tl.where(in1, s_bn1, s_bn0))
+        if in2:
             b_ptr = b2_ptr
-            c_local = c - cc01
-            n_chunks = cc_all - cc01
-            N = n2
-            col0 = off2
-            s_bl = s_bl2
-            s_bn = s_bn2
-            s_br = s_br2
-        slot, row0, count, start = _find_tile(m, counts_ptr, starts_ptr, L, ROWS, BLOCK_L)
+        elif in1:
+            b_ptr = b1_ptr
+        else:
+            b_ptr = b0_ptr
+        slot, tok, mask_m = _tile(m, table_ptr, rows, ROWS)
         if slot < L:
             # The first tile's weights and y are read before waiting for the shrink: they do
             # not depend on it, so their latency overlaps the wait.
-            b_cols = b_ptr + slot.to(tl.int64) * s_bl + offs_r[:, None] * s_br
+            b_cols = b_ptr + slot.to(tl.int64) * s_bl + offs_r[:, None]     # unit rank stride
             n_first = c_local * nsub * BLOCK_N
             offs_n = n_first + tl.arange(0, BLOCK_N)
             n_end = tl.minimum(N, n_first + nsub * BLOCK_N)     # this chunk's columns
             mask_n = offs_n < n_end
-            bt = tl.load(b_cols + offs_n[None, :] * s_bn, mask=mask_r[:, None] & mask_n[None, :],
-                         other=0.0)                                          # [BR, BN]
-            offs_m = row0 + rows
-            mask_m = (rows < ROWS) & (offs_m < count)
-            tok = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
             y_rows = y_ptr + tok[:, None] * s_yt
-            yt = tl.load(y_rows + (col0 + offs_n)[None, :] * s_yn,
-                         mask=mask_m[:, None] & mask_n[None, :], other=0.0)   # [BM, BN]
+            if EXPAND_LOOP == 0:
+                bt = tl.load(b_cols + offs_n[None, :] * s_bn,
+                             mask=mask_r[:, None] & mask_n[None, :], other=0.0)      # [BR, BN]
+                yt = tl.load(y_rows + (col0 + offs_n)[None, :] * s_yn,
+                             mask=mask_m[:, None] & mask_n[None, :], other=0.0)   # [BM, BN]
             if FUSED:
                 idx = 1 + m * NUM_SLICES + sid
                 done = tl.atomic_add(sync_ptr + idx, 0, sem="acquire", scope="gpu")
@@ -153,25 +151,42 @@ def lora_decode_kernel(
             it_b = it.to(b_ptr.dtype.element_ty)
             if UPCAST:
                 it_b = it_b.to(tl.float32)
-            for j in range(nsub):
-                # Next tile's loads are issued before this tile's product (1-deep prefetch).
-                nxt = offs_n + BLOCK_N
-                mask_nxt = nxt < n_end
-                b_next = tl.load(b_cols + nxt[None, :] * s_bn,
-                                 mask=mask_r[:, None] & mask_nxt[None, :], other=0.0)
-                y_next = tl.load(y_rows + (col0 + nxt)[None, :] * s_yn,
-                                 mask=mask_m[:, None] & mask_nxt[None, :], other=0.0)
-                if UPCAST:
-                    acc = tl.dot(it_b, bt.to(tl.float32), input_precision=PRECISION)
-                else:
-                    acc = tl.dot(it_b, bt, input_precision=PRECISION)
-                tl.store(y_rows + (col0 + offs_n)[None, :] * s_yn,
-                         (yt.to(tl.float32) + acc).to(y_ptr.dtype.element_ty),
-                         mask=mask_m[:, None] & mask_n[None, :])
-                bt = b_next
-                yt = y_next
-                offs_n = nxt
-                mask_n = mask_nxt
+            if EXPAND_LOOP == 0:
+                for j in range(nsub):
+                    # Next tile's loads are issued before this tile's product (1-deep prefetch).
+                    nxt = offs_n + BLOCK_N
+                    mask_nxt = nxt < n_end
+                    b_next = tl.load(b_cols + nxt[None, :] * s_bn,
+                                     mask=mask_r[:, None] & mask_nxt[None, :], other=0.0)
+                    y_next = tl.load(y_rows + (col0 + nxt)[None, :] * s_yn,
+                                     mask=mask_m[:, None] & mask_nxt[None, :], other=0.0)
+                    if UPCAST:
+                        acc = tl.dot(it_b, bt.to(tl.float32), input_precision=PRECISION)
+                    else:
+                        acc = tl.dot(it_b, bt, input_precision=PRECISION)
+                    tl.store(y_rows + (col0 + offs_n)[None, :] * s_yn,
+                             (yt.to(tl.float32) + acc).to(y_ptr.dtype.element_ty),
+                             mask=mask_m[:, None] & mask_n[None, :])
+                    bt = b_next
+                    yt = y_next
+                    offs_n = nxt
+                    mask_n = mask_nxt
+            if EXPAND_LOOP == 1:
+                # The compiler's software pipeline keeps STAGES tiles' loads in flight.
+                for j in tl.range(0, nsub, num_stages=STAGES):
+                    cols = n_first + j * BLOCK_N + tl.arange(0, BLOCK_N)
+                    mask_c = cols < n_end
+                    bj = tl.load(b_cols + cols[None, :] * s_bn,
+                                 mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+                    yj = tl.load(y_rows + (col0 + cols)[None, :] * s_yn,
+                                 mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+                    if UPCAST:
+                        acc = tl.dot(it_b, bj.to(tl.float32), input_precision=PRECISION)
+                    else:
+                        acc = tl.dot(it_b, bj, input_precision=PRECISION)
+                    tl.store(y_rows + (col0 + cols)[None, :] * s_yn,
+                             (yj.to(tl.float32) + acc).to(y_ptr.dtype.element_ty),
+                             mask=mask_m[:, None] & mask_c[None, :])
             if FUSED:
                 used_idx = 1 + n_ready + m * NUM_SLICES + sid
                 used = tl.atomic_add(sync_ptr + used_idx, 1, sem="acq_rel", scope="gpu")

@@ -59,3 +59,34 @@ def build_lora_meta(token_slots: torch.Tensor, max_loras: int) -> LoRAMeta:
         slot_token_starts=starts[:max_loras].contiguous(),
         max_loras=max_loras,
     )
+
+
+def tile_table(meta: LoRAMeta, rows: int) -> torch.Tensor:
+    """Tiles of up to ``rows`` tokens of one slot, for kernels that take one tile a program.
+
+    Returns [n_tiles, rows + 1] int32 with n_tiles = ceil(T / rows) + min(T, max_loras) (a
+    bound from host constants, so a launch over it can be captured in a CUDA graph): column 0
+    is the tile's slot (max_loras past the last tile), columns 1.. its token ids (-1 where the
+    tile has fewer). One load of a row gives a program its slot and tokens, where walking
+    the per-slot counts takes three dependent loads. Device-side ops only (no host sync);
+    cached on the meta, which is built once per step and not changed afterwards.
+    """
+    cache = meta.__dict__.setdefault("_tile_tables", {})
+    table = cache.get(rows)
+    if table is not None:
+        return table
+    T, L = meta.num_tokens, meta.max_loras
+    n_tiles = -(-T // rows) + min(T, L)
+    dev = meta.slot_token_counts.device
+    counts = meta.slot_token_counts.long()
+    tiles = (counts + rows - 1) // rows
+    tile_end = torch.cumsum(tiles, 0)
+    m = torch.arange(n_tiles, device=dev)
+    slot = torch.searchsorted(tile_end, m, right=True)           # L past the last tile
+    s = slot.clamp(max=L - 1)
+    r = ((m - (tile_end - tiles)[s]) * rows)[:, None] + torch.arange(rows, device=dev)
+    ok = (slot < L)[:, None] & (r < counts[s][:, None])
+    pos = (meta.slot_token_starts.long()[s][:, None] + r).clamp(max=max(T - 1, 0))
+    toks = torch.where(ok, meta.sorted_token_ids.long()[pos] if T else pos, -1)
+    table = cache[rows] = torch.cat([slot[:, None], toks], 1).to(torch.int32).contiguous()
+    return table

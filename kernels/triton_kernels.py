@@ -97,33 +97,23 @@ def lora_expand_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if pid_n < tiles0:
-        sid = 0
-        b_ptr = b0_ptr
-        n_tile = pid_n
-        N = n0
-        col0 = off0
-        s_bl = s_bl0
-        s_bn = s_bn0
-        s_br = s_br0
-    elif pid_n < tiles01:
-        sid = 1
-        b_ptr = b1_ptr
-        n_tile = pid_n - tiles0
-        N = n1
-        col0 = off1
-        s_bl = s_bl1
-        s_bn = s_bn1
-        s_br = s_br1
-    else:
-        sid = 2
+    # The slice's sizes by select, not by branches: values merged from branches lose what
+    # the compiler knows of their divisibility, and the weight loads would not vectorize.
+    in1 = pid_n >= tiles0
+    in2 = pid_n >= tiles01
+    sid = in1.to(tl.int32) + in2.to(tl.int32)
+    n_tile = pid_n - tl.where(in2, tiles01, tl.where(in1, tiles0, 0))
+    N = tl.where(in2, n2, tl.where(in1, n1, n0))
+    col0 = tl.where(in2, off2, tl.where(in1, off1, off0))
+    s_bl = tl.where(in2, s_bl2, tl.where(in1, s_bl1, s_bl0))
+    s_bn = tl.where(in2, s_bn2, tl.where(in1, s_bn1, s_bn0))
+    s_br = tl.where(in2, s_br2, tl.where(in1, s_br1, s_br0))
+    if in2:
         b_ptr = b2_ptr
-        n_tile = pid_n - tiles01
-        N = n2
-        col0 = off2
-        s_bl = s_bl2
-        s_bn = s_bn2
-        s_br = s_br2
+    elif in1:
+        b_ptr = b1_ptr
+    else:
+        b_ptr = b0_ptr
     slot, row0, count, start = _find_tile(pid_m, counts_ptr, starts_ptr, L, BLOCK_M, BLOCK_L)
     if slot >= L:
         return

@@ -159,17 +159,20 @@ def test_importing_kernels_does_not_import_triton():
 
 # ---- decode path (kernels/lora_decode.py): one launch for small batches ----------------------
 
-@pytest.mark.parametrize("fused", [True, False])
+# fused: one launch or two; expand_loop: the expand's column loop prefetched by hand (0) or
+# software-pipelined by the compiler (1)
+@pytest.mark.parametrize("fused,expand_loop", [(True, 0), (True, 1), (False, 0), (False, 1)])
 @pytest.mark.parametrize("shape", ["split", "chunks"])
 @pytest.mark.parametrize("mix,num_tokens", [("distinct", 7), ("uniform", 7), ("some_without", 9),
                                             ("skewed", 12), ("all_without", 3)])
-def test_decode_path_matches_loop(mix, num_tokens, shape, fused, monkeypatch, device):
+def test_decode_path_matches_loop(mix, num_tokens, shape, fused, expand_loop, monkeypatch,
+                                  device):
     # Small tiles, so that uniform puts 7 tokens of one slot in two m-tiles (4 rows a tile),
     # and either the reduction over H is split across programs ("split") or each program
     # streams several column tiles and each slice has several column chunks ("chunks").
     pps = 64 if shape == "split" else 4
     dec = _decode_cfg(monkeypatch, fused=fused, tile_elems=512, programs_per_sm=pps,
-                      max_rows_per_slot=8, max_split_k=3)
+                      max_rows_per_slot=8, max_split_k=3, expand_loop=expand_loop)
     widths = [200, 72, 40]
     p = make_problem(num_tokens=num_tokens, hidden=100, widths=widths, max_rank=16,
                      ranks=[16, 8, 1], mix=mix, dtype=torch.float32, device=device)

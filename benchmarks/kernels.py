@@ -86,18 +86,27 @@ def _pairs(spec: str) -> list[tuple[str, str]]:
     return [tuple(item.split("=")) for item in spec.split(",")]
 
 
+def _override(base: dict, spec: str) -> dict:
+    """base with 'key=value,...' applied (integers; 'wide.key=value' sets an entry of the
+    'wide' overrides), each key checked against DECODE_CONFIG's."""
+    cfg = dict(base)
+    for key, value in _pairs(spec):
+        outer, _, inner = key.rpartition(".")
+        if inner not in _DECODE_DEFAULTS or outer not in ("", "wide"):
+            raise SystemExit(f"unknown decode config key {key!r}; keys: "
+                             f"{sorted(_DECODE_DEFAULTS)} (or wide.<key>)")
+        if outer:
+            cfg["wide"] = dict(cfg.get("wide", {}), **{inner: int(value)})
+        else:
+            cfg[inner] = int(value)
+    return cfg
+
+
 def parse_decode_config(spec: str) -> dict:
     """'default' | 'off' | 'key=value,...' -> a full DECODE_CONFIG dict."""
-    cfg = dict(_DECODE_DEFAULTS)
     if spec == "off":
-        cfg["max_tokens"] = 0
-    elif spec != "default":
-        for key, value in _pairs(spec):
-            if key not in cfg:
-                raise SystemExit(f"unknown decode config key {key!r}; keys: {sorted(cfg)}")
-            cfg[key] = type(cfg[key])(int(value)) if isinstance(cfg[key], (bool, int)) \
-                else type(cfg[key])(value)
-    return cfg
+        return dict(_DECODE_DEFAULTS, max_tokens=0)
+    return dict(_DECODE_DEFAULTS) if spec == "default" else _override(_DECODE_DEFAULTS, spec)
 
 
 def bench_one(proj: str, T: int, n_adapters: int, rank: int, with_ref: bool,
@@ -230,8 +239,8 @@ def layer_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16,
     from kernels import lora_decode
     saved = lora_decode.FOLD_CONFIG
     for spec in fold_specs:   # FOLD_CONFIG: "default", "none" (DECODE_CONFIG's), "k=v,..." over it
-        lora_decode.FOLD_CONFIG = saved if spec == "default" else {} if spec == "none" else dict(
-            saved, **{k: int(v) for k, v in _pairs(spec)})
+        lora_decode.FOLD_CONFIG = saved if spec == "default" else {} if spec == "none" else \
+            _override(saved, spec)
         tag = "" if spec == "default" else f"[{spec}]"
         row[f"base_folded_lora_us{tag}"] = t = _graph_time_us(
             [lambda w=w, b=lw[2]: folded(w, b) for w, lw in zip(ext, layers)], reps=20)

@@ -21,3 +21,19 @@ def num_sms(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+_PDL_OK: dict[int, bool] = {}
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (griddepcontrol) works here: a Hopper or newer GPU and a
+    Triton that has it; never on the CPU interpreter."""
+    if device.type != "cuda" or interpreted():
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL_OK:
+        import triton.language as tl
+        _PDL_OK[idx] = (torch.cuda.get_device_capability(idx)[0] >= 9
+                        and hasattr(tl.extra.cuda, "gdc_wait"))
+    return _PDL_OK[idx]

@@ -13,44 +13,51 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels.device_info import interpreted, num_sms
+from kernels.device_info import interpreted, num_sms, pdl_supported
 from kernels.lora_decode_kernel import lora_decode_kernel
 from kernels.segments import LoRAMeta, tile_table
 
-# Tuning: measured on an H200 on 2026-11-29 (docs/BENCHMARKS.md, "LoRA kernels (H200)").
-# The decode path beat the two-launch kernels (rank 16) where its expand streams many weight
-# columns (gate_up from 8 tokens on, o/down from 64 tokens over 32+ adapters) and lost where
-# there are few (1 token; o/down at 8 tokens) and on the 3-slice q/k/v launch, whose shrink
-# it splits more coarsely. The one-launch variant (fused=True) gained nothing over two
-# launches of the same items, so it is off. benchmarks/kernels.py --decode-config/--tune
-# override entries.
+# Tuning: measured on an H200 (docs/BENCHMARKS.md, "LoRA kernels (H200)"; 2026-11-29, then
+# 2026-12-01 once the weight loads vectorized). The decode path beats the two-launch kernels
+# (rank 16) where its expand streams many weight columns (from 64 tokens over 32+ adapters)
+# and loses where there are few (1 token; o/down at 8 tokens). The one-launch variant
+# (fused=True) gained nothing over two launches of the same items, so it is off.
+# benchmarks/kernels.py --decode-config/--tune override entries.
 DECODE_CONFIG = {
     "min_tokens": 1,           # decode path for min_tokens <= T <= max_tokens ...
     "max_tokens": 256,
     "max_rows_per_slot": 4,    # ... at most this many tokens per slot on average ...
-    "max_slices": 2,           # ... at most this many slices per launch ...
+    "max_slices": 3,           # ... at most this many slices per launch ...
     "max_rank": 16,            # ... slot widths up to this (64 spills registers) ...
     "min_expand_cols": 100_000,  # ... and min(T, max_loras) * output width at least this
     "rows": 4,                 # tokens per m-tile (a slot with more tokens gets more tiles)
     "fused": False,            # one launch (device counters) or two launches of the items
     "tile_elems": 4096,        # weight tile elements: BLOCK_N = BLOCK_K = tile_elems // R
     "max_split_k": 16,
-    "programs_per_sm": 2,      # expand items sized for this many programs per SM
+    "programs_per_sm": 3,      # expand items sized for this many programs per SM
     "num_warps": 4,
-    "num_stages": 2,
-    "expand_loop": 0,          # expand column loop: 0 = 1-deep manual prefetch, 1 = tl.range
+    "num_stages": 3,
+    "expand_loop": 1,          # expand column loop: 0 = 1-deep manual prefetch, 1 = tl.range
     #                            software-pipelined num_stages deep
-    # The shrink launch's own settings (0: the expand's above)
-    "shrink_programs_per_sm": 0,
-    "shrink_tile_elems": 0,
-    "shrink_num_warps": 0,
+    # The shrink launch's own settings (0: the expand's above): many small programs, each
+    # one k tile, so that the reduction over H is spread over the whole GPU
+    "shrink_programs_per_sm": 12,
+    "shrink_tile_elems": 2048,
+    "shrink_num_warps": 2,
     "shrink_num_stages": 0,
+    "pdl": 0,                  # programmatic dependent launch (Hopper): the expand launch
+    #                            starts as the shrink finishes and waits in-kernel
+    # Entries that replace the above where the slices' widths add up to more than wide_cols
+    # (gate_up of Llama-3-8B: 28,672 columns)
+    "wide_cols": 16384,
+    "wide": {"programs_per_sm": 6},
 }
-# The expand alone over folded products (try_expand_folded_decode): entries over DECODE_CONFIG.
-# Measured on an H200 (docs/BENCHMARKS.md): 3 slices (q/k/v) and 4 programs per SM pay here,
-# where no shrink items share the launch, except on outputs wider than wide_cols (gate_up).
-FOLD_CONFIG: dict = {"max_slices": 3, "programs_per_sm": 4, "wide_cols": 16384,
-                     "wide_programs_per_sm": 2}
+# The expand alone over folded products (try_expand_folded_decode): entries over DECODE_CONFIG
+# (a "wide" entry replaces DECODE_CONFIG's). Measured on an H200 (docs/BENCHMARKS.md): where no
+# shrink items share the launch, 4 programs per SM and the hand-prefetched loop pay, except on
+# outputs wider than wide_cols (gate_up).
+FOLD_CONFIG: dict = {"programs_per_sm": 4, "expand_loop": 0, "num_stages": 2,
+                     "wide": {"programs_per_sm": 2, "expand_loop": 1, "num_stages": 3}}
 SYNC_WORDS = 1 << 14           # int32 counters per device: ticket + 2 per (m-tile, slice)
 _SYNC: dict[tuple, torch.Tensor] = {}
 
@@ -85,6 +92,8 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
                 device: torch.device, cfg: dict | None = None) -> dict | None:
     """Block sizes and item counts of the decode launch, or None if the path does not apply."""
     cfg = DECODE_CONFIG if cfg is None else cfg
+    if sum(widths) > cfg.get("wide_cols", sum(widths)):
+        cfg = dict(cfg, **cfg.get("wide", {}))
     S = len(widths)
     if not (max(1, cfg["min_tokens"]) <= T <= cfg["max_tokens"]) or S > min(3, cfg["max_slices"]) \
             or min(widths) <= 0 \
@@ -120,7 +129,7 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
             "n_ready": n_ready, "n_shrink": n_shrink, "cc": cc,
             "n_items": n_shrink + n_mtiles * cc[2], "fused": cfg["fused"],
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-            "expand_loop": cfg.get("expand_loop", 0),
+            "expand_loop": cfg.get("expand_loop", 0), "pdl": bool(cfg.get("pdl", 0)),
             "shrink_num_warps": cfg.get("shrink_num_warps") or cfg["num_warps"],
             "shrink_num_stages": cfg.get("shrink_num_stages") or cfg["num_stages"]}
 
@@ -154,8 +163,6 @@ def try_expand_folded_decode(y: torch.Tensor, inter: torch.Tensor, lora_b: list[
     L, _, R = lora_b[0].shape
     widths = [b.shape[1] for b in lora_b]
     cfg = dict(DECODE_CONFIG, **FOLD_CONFIG)
-    if sum(widths) > cfg.get("wide_cols", sum(widths)):
-        cfg["programs_per_sm"] = cfg["wide_programs_per_sm"]
     plan = decode_plan(T, meta.max_loras, hidden, R, widths, y.device, cfg)
     if plan is None or plan["fused"] or not _unit_rank_stride(lora_b):
         return False
@@ -193,6 +200,11 @@ def _launch(plan: dict, x, lora_a, lora_b, y, work, work_strides, meta: LoRAMeta
     expand_launch = {"num_warps": plan["num_warps"], "num_stages": plan["num_stages"]}
     shrink_launch = {"num_warps": plan["shrink_num_warps"],
                      "num_stages": plan["shrink_num_stages"]}
+    # Only for a shrink and expand pair: the shrink waits for the kernel before it, and the
+    # expand, which reads y before its wait, is launched from the shrink, by then past its wait.
+    if plan["pdl"] and shrink and not plan["fused"] and pdl_supported(y.device):
+        expand_launch.update(USE_PDL=True, launch_pdl=True)
+        shrink_launch.update(USE_PDL=True, launch_pdl=True)
     n_shrink, n_items, n_ready, nsub = (plan["n_shrink"], plan["n_items"], plan["n_ready"],
                                         plan["nsub"])
     if plan["fused"]:

@@ -44,7 +44,7 @@ def lora_decode_kernel(
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, FUSED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPAND_LOOP: tl.constexpr = 0,
-    STAGES: tl.constexpr = 2, PHASE: tl.constexpr = 0,
+    STAGES: tl.constexpr = 2, PHASE: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
 ):
     if FUSED:
         t = tl.atomic_add(sync_ptr, 1)
@@ -52,6 +52,9 @@ def lora_decode_kernel(
             tl.atomic_xchg(sync_ptr, 0)
     else:
         t = first_item + tl.program_id(0)
+    if USE_PDL and PHASE == 1:
+        # launched while the kernel before it finishes: its outputs (x) are ready after this
+        tl.extra.cuda.gdc_wait()
     rows = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
@@ -91,6 +94,8 @@ def lora_decode_kernel(
                 else:
                     acc = tl.dot(xt.to(at.dtype), at, acc, input_precision=PRECISION)
             w_ptrs = work_ptr + kp * s_wk + sid * s_ws + tok[:, None] * s_wt + offs_r[None, :]
+            if USE_PDL:
+                tl.extra.cuda.gdc_launch_dependents()   # the expand launch may start now
             tl.store(w_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
             if FUSED:
                 # All threads' stores happen before the one release by the program.
@@ -134,6 +139,10 @@ def lora_decode_kernel(
                              mask=mask_r[:, None] & mask_n[None, :], other=0.0)      # [BR, BN]
                 yt = tl.load(y_rows + (col0 + offs_n)[None, :] * s_yn,
                              mask=mask_m[:, None] & mask_n[None, :], other=0.0)   # [BM, BN]
+            if USE_PDL:
+                # the first weights and y (EXPAND_LOOP 0) are on their way: now wait for the
+                # shrink launch to finish before reading its partial products
+                tl.extra.cuda.gdc_wait()
             if FUSED:
                 idx = 1 + m * NUM_SLICES + sid
                 done = tl.atomic_add(sync_ptr + idx, 0, sem="acquire", scope="gpu")

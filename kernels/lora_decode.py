@@ -45,9 +45,8 @@ DECODE_CONFIG = {
     "shrink_tile_elems": 2048,
     "shrink_num_warps": 2,
     "shrink_num_stages": 0,
-    "pdl": 0,                  # programmatic dependent launch (Hopper): the expand launch
-    #                            starts as the shrink finishes and waits in-kernel ...
-    "pdl_prefetch": 0,         # ... having prefetched its weights and y into L2 (1) or not
+    "pdl": 1,                  # programmatic dependent launch (Hopper): the expand launch
+    #                            starts as the shrink finishes and waits in-kernel
     # Entries that replace the above where the slices' widths add up to more than wide_cols
     # (gate_up of Llama-3-8B: 28,672 columns)
     "wide_cols": 16384,
@@ -131,9 +130,6 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
             "n_items": n_shrink + n_mtiles * cc[2], "fused": cfg["fused"],
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
             "expand_loop": cfg.get("expand_loop", 0), "pdl": bool(cfg.get("pdl", 0)),
-            # L2 lines of an expand item's weights: nsub tiles of block_n columns
-            "pf_lines": min(4096, triton.next_power_of_2(triton.cdiv(
-                nsub * block_n * block_r * 2, 128))) if cfg.get("pdl_prefetch", 0) else 0,
             "shrink_num_warps": cfg.get("shrink_num_warps") or cfg["num_warps"],
             "shrink_num_stages": cfg.get("shrink_num_stages") or cfg["num_stages"]}
 
@@ -207,7 +203,7 @@ def _launch(plan: dict, x, lora_a, lora_b, y, work, work_strides, meta: LoRAMeta
     # Only for a shrink and expand pair: the shrink waits for the kernel before it, and the
     # expand, which reads y before its wait, is launched from the shrink, by then past its wait.
     if plan["pdl"] and shrink and not plan["fused"] and pdl_supported(y.device):
-        expand_launch.update(USE_PDL=True, launch_pdl=True, PF_LINES=plan["pf_lines"])
+        expand_launch.update(USE_PDL=True, launch_pdl=True)
         shrink_launch.update(USE_PDL=True, launch_pdl=True)
     n_shrink, n_items, n_ready, nsub = (plan["n_shrink"], plan["n_items"], plan["n_ready"],
                                         plan["nsub"])

@@ -32,13 +32,6 @@ def _tile(m, table_ptr, rows, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """A prefetch into L2 of each address (no value, no fault)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def lora_decode_kernel(
     x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, work_ptr, sync_ptr,
     table_ptr,
@@ -52,7 +45,6 @@ def lora_decode_kernel(
     SPLIT_K: tl.constexpr, FUSED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPAND_LOOP: tl.constexpr = 0,
     STAGES: tl.constexpr = 2, PHASE: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
-    PF_LINES: tl.constexpr = 0,
 ):
     if FUSED:
         t = tl.atomic_add(sync_ptr, 1)
@@ -147,16 +139,6 @@ def lora_decode_kernel(
                              mask=mask_r[:, None] & mask_n[None, :], other=0.0)      # [BR, BN]
                 yt = tl.load(y_rows + (col0 + offs_n)[None, :] * s_yn,
                              mask=mask_m[:, None] & mask_n[None, :], other=0.0)   # [BM, BN]
-            if PF_LINES > 0:
-                # While the shrink launch finishes: this chunk's weights (one address a 128-byte
-                # line while the columns are contiguous; inside the tensor in any case) and
-                # its rows of y (written before the shrink started) into L2.
-                CPL: tl.constexpr = 64 // BLOCK_R
-                pf = n_first + tl.arange(0, PF_LINES) * CPL
-                b0 = b_ptr + slot.to(tl.int64) * s_bl
-                _prefetch_l2(tl.where(pf < n_end, b0 + pf * s_bn, b0))
-                yc = n_first + tl.arange(0, PF_LINES // BLOCK_R) * 64     # 128-byte lines
-                _prefetch_l2(y_rows + (col0 + tl.where(yc < n_end, yc, n_first))[None, :] * s_yn)
             if USE_PDL:
                 # the first weights and y (EXPAND_LOOP 0) are on their way: now wait for the
                 # shrink launch to finish before reading its partial products

@@ -11,16 +11,14 @@ from tests.kernels.cases import loop_reference, make_problem, rel_error
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
-@pytest.mark.parametrize("pdl", [0, 1, 2])
+@pytest.mark.parametrize("pdl", [0, 1])
 @pytest.mark.parametrize("num_tokens", [7, 64, 300])
 def test_graph_replay_matches_eager_for_new_slots_and_inputs(num_tokens, pdl, monkeypatch):
     # pdl: the decode path's shrink and expand as programmatic dependent launches (Hopper;
-    # plain launches elsewhere), 2: with the L2 prefetch before the wait; captured and
-    # replayed with the rest of the step.
+    # plain launches elsewhere), captured and replayed with the rest of the step.
     from kernels import lora_decode
-    monkeypatch.setattr(lora_decode, "DECODE_CONFIG", dict(
-        lora_decode.DECODE_CONFIG, pdl=int(pdl > 0), pdl_prefetch=int(pdl == 2),
-        min_expand_cols=0))
+    monkeypatch.setattr(lora_decode, "DECODE_CONFIG", dict(lora_decode.DECODE_CONFIG, pdl=pdl,
+                                                           min_expand_cols=0))
     ops = get_lora_ops("triton")
     p = make_problem(num_tokens=num_tokens, hidden=200, widths=[96, 32, 32], max_rank=16,
                      ranks=[16, 8, 1], mix="some_without", dtype=torch.bfloat16,

@@ -4,7 +4,9 @@ The items (kernels/lora_decode_kernel.py) run in one launch (fused, handing the 
 products over through device counters) or in two. ``kernels.triton_lora.add_lora`` calls
 :func:`try_add_lora_decode` first; it returns False (and does nothing) when the batch is not
 decode-sized or the call has a shape the path does not take (see DECODE_CONFIG; a caller's
-buffer, an empty slice), and the two-launch kernels of kernels/triton_kernels.py run.
+buffer, an empty slice, B slices without a unit rank stride), and the two-launch kernels of
+kernels/triton_kernels.py run. Two launches on Hopper are a programmatic dependent pair
+("pdl"): the expand launch starts as the shrink's programs finish and waits in-kernel.
 Every choice here is made from host constants (T, widths, max_loras, rank), so a decode step
 takes the same path on every replay of a captured CUDA graph.
 """

@@ -126,8 +126,8 @@ def lora_decode_kernel(
             b_ptr = b0_ptr
         slot, tok, mask_m = _tile(m, table_ptr, rows, ROWS)
         if slot < L:
-            # The first tile's weights and y are read before waiting for the shrink: they do
-            # not depend on it, so their latency overlaps the wait.
+            # EXPAND_LOOP 0 reads the first tile's weights and y before waiting for the
+            # shrink (counters or PDL): they do not depend on it, so their latency overlaps.
             b_cols = b_ptr + slot.to(tl.int64) * s_bl + offs_r[:, None]     # unit rank stride
             n_first = c_local * nsub * BLOCK_N
             offs_n = n_first + tl.arange(0, BLOCK_N)

@@ -18,6 +18,16 @@ def _hf_quant_config(method: str):
     return TorchAoConfig(Int8WeightOnlyConfig())
 
 
+def _plain_bnb_matmul(model):
+    """HF's Linear4bit on a CPU with AVX512-BF16 repacks its weights for a fused kernel that
+    computes in bf16 whatever the compute dtype (bitsandbytes >= 0.50): turned off, so that
+    PEFT runs the dequantized fp32 product on the same 4-bit weights, as the engine does."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
 def _engine(base, method):
     from engine import EngineConfig, LLMEngine
     return LLMEngine(EngineConfig(model=str(base), dtype="float32", device="cpu", max_loras=4,
@@ -32,9 +42,9 @@ def test_mixed_batch_matches_peft_on_the_same_quantized_base(tiny, method):
     # LLM.int8 picks outlier input columns (|x| > 6) over the whole batch, as in HF, so its
     # rows are compared one at a time like PEFT runs them; the other bases mix all rows
     got = engine_rows(eng, paths, one_by_one=method == "bnb-int8")
-    want = peft_rows(lambda: AutoModelForCausalLM.from_pretrained(
+    want = peft_rows(lambda: _plain_bnb_matmul(AutoModelForCausalLM.from_pretrained(
         str(base), dtype=torch.float32, device_map="cpu",
-        quantization_config=_hf_quant_config(method)), paths)
+        quantization_config=_hf_quant_config(method))), paths)
     assert_rows_match(got, want)
 
 
@@ -62,3 +72,4 @@ def test_memory_report_counts_quantized_base_bytes(tiny, method, max_ratio):
     saved = report["base_weight_bytes_unquantized"] - report["base_weight_bytes"]
     assert saved == dense_linear - quant_linear
     assert all(m.weight is None for _, _, m in model.lora_layers())   # dense copy freed
+

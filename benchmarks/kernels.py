@@ -109,6 +109,15 @@ def parse_decode_config(spec: str) -> dict:
     return dict(_DECODE_DEFAULTS) if spec == "default" else _override(_DECODE_DEFAULTS, spec)
 
 
+def _decode_batch(T: int, n_adapters: int, H: int):
+    """The step's meta (adapters round-robin over the tokens, shuffled as a real batch
+    arrives) and bf16 activations x [T, H] on the GPU."""
+    gen = torch.Generator().manual_seed(0)
+    slots = (torch.arange(T) % n_adapters)[torch.randperm(T, generator=gen)].to("cuda")
+    return (build_lora_meta(slots, n_adapters),
+            torch.randn(T, H, dtype=torch.bfloat16, device="cuda"))
+
+
 def bench_one(proj: str, T: int, n_adapters: int, rank: int, with_ref: bool,
               extras: bool = True) -> dict:
     H, widths = PROJECTIONS[proj]
@@ -118,11 +127,7 @@ def bench_one(proj: str, T: int, n_adapters: int, rank: int, with_ref: bool,
     w_bytes = active * S * rank * H * 2 + active * N * rank * 2          # read per call
     alloc = n_adapters * S * rank * (H + N) * 2
     sets = max(2, min(64, math.ceil(ROTATE_BYTES / alloc)))
-    # Round-robin adapters over the tokens, shuffled as a real batch arrives.
-    gen = torch.Generator().manual_seed(0)
-    slots = (torch.arange(T) % n_adapters)[torch.randperm(T, generator=gen)].to(dev)
-    meta = build_lora_meta(slots, n_adapters)
-    x = torch.randn(T, H, dtype=dt, device=dev)
+    meta, x = _decode_batch(T, n_adapters, H)
     y = torch.randn(T, N, dtype=dt, device=dev)
     weights = [([torch.randn(n_adapters, rank, H, dtype=dt, device=dev) * 0.02 for _ in widths],
                 [torch.randn(n_adapters, n, rank, dtype=dt, device=dev) * 0.02 for n in widths])
@@ -167,10 +172,7 @@ def profile_goal_rows(projections, n_adapters: int = 32, T: int = 64, rank: int 
         H, widths = PROJECTIONS[proj]
         N, dt, dev = sum(widths), torch.bfloat16, "cuda"
         offsets = [sum(widths[:i]) for i in range(len(widths))]
-        gen = torch.Generator().manual_seed(0)
-        slots = (torch.arange(T) % n_adapters)[torch.randperm(T, generator=gen)].to(dev)
-        meta = build_lora_meta(slots, n_adapters)
-        x = torch.randn(T, H, dtype=dt, device=dev)
+        meta, x = _decode_batch(T, n_adapters, H)
         y = torch.randn(T, N, dtype=dt, device=dev)
         a = [torch.randn(n_adapters, rank, H, dtype=dt, device=dev) * 0.02 for _ in widths]
         b = [torch.randn(n_adapters, n, rank, dtype=dt, device=dev) * 0.02 for n in widths]
@@ -193,10 +195,7 @@ def layer_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16,
     N, dt, dev = sum(widths), torch.bfloat16, "cuda"
     offsets = [sum(widths[:i]) for i in range(len(widths))]
     sets = max(2, min(16, math.ceil(ROTATE_BYTES / (N * H * 2))))
-    gen = torch.Generator().manual_seed(0)
-    slots = (torch.arange(T) % n_adapters)[torch.randperm(T, generator=gen)].to(dev)
-    meta = build_lora_meta(slots, n_adapters)
-    x = torch.randn(T, H, dtype=dt, device=dev)
+    meta, x = _decode_batch(T, n_adapters, H)
     layers = [(torch.randn(N, H, dtype=dt, device=dev) * 0.02,
                [torch.randn(n_adapters, rank, H, dtype=dt, device=dev) * 0.02 for _ in widths],
                [torch.randn(n_adapters, n, rank, dtype=dt, device=dev) * 0.02 for n in widths])

@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.triton_kernels import _pick, _pick_ptr
+
 
 @triton.jit
 def _tile(m, table_ptr, rows, ROWS: tl.constexpr):
@@ -29,6 +31,16 @@ def _tile(m, table_ptr, rows, ROWS: tl.constexpr):
     slot = tl.load(row)
     mask_m = tok >= 0
     return slot, tl.where(mask_m, tok, 0).to(tl.int64), mask_m
+
+
+@triton.jit
+def _add_tile(y_ptrs, mask, yt, it_b, bt, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """y tile (loaded as yt) += it_b @ bt, stored back."""
+    if UPCAST:
+        acc = tl.dot(it_b, bt.to(tl.float32), input_precision=PRECISION)
+    else:
+        acc = tl.dot(it_b, bt, input_precision=PRECISION)
+    tl.store(y_ptrs, (yt.to(tl.float32) + acc).to(y_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -107,23 +119,16 @@ def lora_decode_kernel(
         e = t - n_shrink
         m = e // cc_all
         c = e % cc_all
-        # The slice's sizes by select, not by branches: values merged from branches lose what
-        # the compiler knows of their divisibility, and the weight loads would not vectorize.
         in1 = c >= cc0
         in2 = c >= cc01
         sid = in1.to(tl.int32) + in2.to(tl.int32)
-        c_local = c - tl.where(in2, cc01, tl.where(in1, cc0, 0))
-        n_chunks = tl.where(in2, cc_all - cc01, tl.where(in1, cc01 - cc0, cc0))
-        N = tl.where(in2, n2, tl.where(in1, n1, n0))
-        col0 = tl.where(in2, off2, tl.where(in1, off1, off0))
-        s_bl = tl.where(in2, s_bl2, tl.where(in1, s_bl1, s_bl0))
-        s_bn = tl.where(in2, s_bn2, tl.where(in1, s_bn1, s_bn0))
-        if in2:
-            b_ptr = b2_ptr
-        elif in1:
-            b_ptr = b1_ptr
-        else:
-            b_ptr = b0_ptr
+        c_local = c - _pick(in1, in2, 0, cc0, cc01)
+        n_chunks = _pick(in1, in2, cc0, cc01 - cc0, cc_all - cc01)
+        N = _pick(in1, in2, n0, n1, n2)
+        col0 = _pick(in1, in2, off0, off1, off2)
+        s_bl = _pick(in1, in2, s_bl0, s_bl1, s_bl2)
+        s_bn = _pick(in1, in2, s_bn0, s_bn1, s_bn2)
+        b_ptr = _pick_ptr(in1, in2, b0_ptr, b1_ptr, b2_ptr)
         slot, tok, mask_m = _tile(m, table_ptr, rows, ROWS)
         if slot < L:
             # EXPAND_LOOP 0 reads the first tile's weights and y before waiting for the
@@ -169,13 +174,9 @@ def lora_decode_kernel(
                                      mask=mask_r[:, None] & mask_nxt[None, :], other=0.0)
                     y_next = tl.load(y_rows + (col0 + nxt)[None, :] * s_yn,
                                      mask=mask_m[:, None] & mask_nxt[None, :], other=0.0)
-                    if UPCAST:
-                        acc = tl.dot(it_b, bt.to(tl.float32), input_precision=PRECISION)
-                    else:
-                        acc = tl.dot(it_b, bt, input_precision=PRECISION)
-                    tl.store(y_rows + (col0 + offs_n)[None, :] * s_yn,
-                             (yt.to(tl.float32) + acc).to(y_ptr.dtype.element_ty),
-                             mask=mask_m[:, None] & mask_n[None, :])
+                    _add_tile(y_rows + (col0 + offs_n)[None, :] * s_yn,
+                              mask_m[:, None] & mask_n[None, :], yt, it_b, bt, PRECISION,
+                              UPCAST)
                     bt = b_next
                     yt = y_next
                     offs_n = nxt
@@ -189,13 +190,9 @@ def lora_decode_kernel(
                                  mask=mask_r[:, None] & mask_c[None, :], other=0.0)
                     yj = tl.load(y_rows + (col0 + cols)[None, :] * s_yn,
                                  mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-                    if UPCAST:
-                        acc = tl.dot(it_b, bj.to(tl.float32), input_precision=PRECISION)
-                    else:
-                        acc = tl.dot(it_b, bj, input_precision=PRECISION)
-                    tl.store(y_rows + (col0 + cols)[None, :] * s_yn,
-                             (yj.to(tl.float32) + acc).to(y_ptr.dtype.element_ty),
-                             mask=mask_m[:, None] & mask_c[None, :])
+                    _add_tile(y_rows + (col0 + cols)[None, :] * s_yn,
+                              mask_m[:, None] & mask_c[None, :], yj, it_b, bj, PRECISION,
+                              UPCAST)
             if FUSED:
                 used_idx = 1 + n_ready + m * NUM_SLICES + sid
                 used = tl.atomic_add(sync_ptr + used_idx, 1, sem="acq_rel", scope="gpu")

@@ -78,6 +78,26 @@ def lora_shrink_kernel(
 
 
 @triton.jit
+def _pick(in1, in2, v0, v1, v2):
+    """v0, v1 or v2 for slice 0, 1 (in1) or 2 (in2), by select: values merged from branches
+    lose what the compiler knows of their divisibility, and loads using them would not
+    vectorize."""
+    return tl.where(in2, v2, tl.where(in1, v1, v0))
+
+
+@triton.jit
+def _pick_ptr(in1, in2, p0, p1, p2):
+    """The slice's tensor pointer (pointers are picked by branches)."""
+    if in2:
+        p = p2
+    elif in1:
+        p = p1
+    else:
+        p = p0
+    return p
+
+
+@triton.jit
 def lora_expand_kernel(
     inter_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, sorted_ptr, counts_ptr, starts_ptr,
     R, L, n0, n1, n2, off0, off1, off2, tiles0, tiles01,
@@ -97,23 +117,16 @@ def lora_expand_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # The slice's sizes by select, not by branches: values merged from branches lose what
-    # the compiler knows of their divisibility, and the weight loads would not vectorize.
     in1 = pid_n >= tiles0
     in2 = pid_n >= tiles01
     sid = in1.to(tl.int32) + in2.to(tl.int32)
-    n_tile = pid_n - tl.where(in2, tiles01, tl.where(in1, tiles0, 0))
-    N = tl.where(in2, n2, tl.where(in1, n1, n0))
-    col0 = tl.where(in2, off2, tl.where(in1, off1, off0))
-    s_bl = tl.where(in2, s_bl2, tl.where(in1, s_bl1, s_bl0))
-    s_bn = tl.where(in2, s_bn2, tl.where(in1, s_bn1, s_bn0))
-    s_br = tl.where(in2, s_br2, tl.where(in1, s_br1, s_br0))
-    if in2:
-        b_ptr = b2_ptr
-    elif in1:
-        b_ptr = b1_ptr
-    else:
-        b_ptr = b0_ptr
+    n_tile = pid_n - _pick(in1, in2, 0, tiles0, tiles01)
+    N = _pick(in1, in2, n0, n1, n2)
+    col0 = _pick(in1, in2, off0, off1, off2)
+    s_bl = _pick(in1, in2, s_bl0, s_bl1, s_bl2)
+    s_bn = _pick(in1, in2, s_bn0, s_bn1, s_bn2)
+    s_br = _pick(in1, in2, s_br0, s_br1, s_br2)
+    b_ptr = _pick_ptr(in1, in2, b0_ptr, b1_ptr, b2_ptr)
     slot, row0, count, start = _find_tile(pid_m, counts_ptr, starts_ptr, L, BLOCK_M, BLOCK_L)
     if slot >= L:
         return

@@ -6,7 +6,8 @@ products over through device counters) or in two. ``kernels.triton_lora.add_lora
 decode-sized or the call has a shape the path does not take (see DECODE_CONFIG; a caller's
 buffer, an empty slice, B slices without a unit rank stride), and the two-launch kernels of
 kernels/triton_kernels.py run. Two launches on Hopper are a programmatic dependent pair
-("pdl"): the expand launch starts as the shrink's programs finish and waits in-kernel.
+("pdl"): the expand launch starts once every shrink program has started, loads its first
+weight and y tiles, and waits in-kernel for the shrink to finish before it reads the products.
 Every choice here is made from host constants (T, widths, max_loras, rank), so a decode step
 takes the same path on every replay of a captured CUDA graph.
 """
@@ -39,8 +40,10 @@ DECODE_CONFIG = {
     "programs_per_sm": 3,      # expand items sized for this many programs per SM
     "num_warps": 4,
     "num_stages": 3,
-    "expand_loop": 1,          # expand column loop: 0 = 1-deep manual prefetch, 1 = tl.range
-    #                            software-pipelined num_stages deep
+    "expand_loop": 2,          # expand column loop: 0 = 1-deep manual prefetch, 1 = tl.range
+    #                            software-pipelined num_stages deep, 2 = the same with the
+    #                            wait for the shrink inside the first iteration, so that the
+    #                            pipeline's first loads go out before it
     # The shrink launch's own settings (0: the expand's above): many small programs, each
     # one k tile, so that the reduction over H is spread over the whole GPU
     "shrink_programs_per_sm": 12,
@@ -48,11 +51,11 @@ DECODE_CONFIG = {
     "shrink_num_warps": 2,
     "shrink_num_stages": 0,
     "pdl": 1,                  # programmatic dependent launch (Hopper): the expand launch
-    #                            starts as the shrink finishes and waits in-kernel
+    #                            starts beside the shrink and waits in-kernel
     # Entries that replace the above where the slices' widths add up to more than wide_cols
     # (gate_up of Llama-3-8B: 28,672 columns)
     "wide_cols": 16384,
-    "wide": {"programs_per_sm": 6},
+    "wide": {"programs_per_sm": 4},   # expand_loop 2 takes 112 registers: 4 programs/SM
 }
 # The expand alone over folded products (try_expand_folded_decode): entries over DECODE_CONFIG
 # (a "wide" entry replaces DECODE_CONFIG's). Measured on an H200 (docs/BENCHMARKS.md): where no

@@ -44,6 +44,30 @@ def _add_tile(y_ptrs, mask, yt, it_b, bt, PRECISION: tl.constexpr, UPCAST: tl.co
 
 
 @triton.jit
+def _products(w_ptrs, w_mask, s_wk, ready_ptr, dtype: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, FUSED: tl.constexpr,
+              USE_PDL: tl.constexpr, UPCAST: tl.constexpr):
+    """An expand item's [BLOCK_M, BLOCK_R] products x·Aᵀ (the sum of the SPLIT_K partial
+    products at w_ptrs, s_wk apart) in the weights' dtype, once the shrink has written them:
+    after the PDL wait for the shrink launch, or (FUSED) the tile's counter at ready_ptr
+    reaching SPLIT_K."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    if FUSED:
+        done = tl.atomic_add(ready_ptr, 0, sem="acquire", scope="gpu")
+        while done < SPLIT_K:
+            done = tl.atomic_add(ready_ptr, 0, sem="acquire", scope="gpu")
+    it = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for p in tl.static_range(SPLIT_K):
+        # .cg: the partial sums were written by other programs (of this launch, if FUSED).
+        it += tl.load(w_ptrs + p * s_wk, mask=w_mask, other=0.0, cache_modifier=".cg")
+    it_b = it.to(dtype)
+    if UPCAST:
+        it_b = it_b.to(tl.float32)
+    return it_b
+
+
+@triton.jit
 def lora_decode_kernel(
     x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, work_ptr, sync_ptr,
     table_ptr,
@@ -67,6 +91,9 @@ def lora_decode_kernel(
     if USE_PDL and PHASE == 1:
         # launched while the kernel before it finishes: its outputs (x) are ready after this
         tl.extra.cuda.gdc_wait()
+        # The expand launch may start now. Its programs load weights and y before they wait
+        # for this launch to finish; y, like x, is ready by now (the wait above).
+        tl.extra.cuda.gdc_launch_dependents()
     rows = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
@@ -106,8 +133,6 @@ def lora_decode_kernel(
                 else:
                     acc = tl.dot(xt.to(at.dtype), at, acc, input_precision=PRECISION)
             w_ptrs = work_ptr + kp * s_wk + sid * s_ws + tok[:, None] * s_wt + offs_r[None, :]
-            if USE_PDL:
-                tl.extra.cuda.gdc_launch_dependents()   # the expand launch may start now
             tl.store(w_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
             if FUSED:
                 # All threads' stores happen before the one release by the program.
@@ -144,27 +169,13 @@ def lora_decode_kernel(
                              mask=mask_r[:, None] & mask_n[None, :], other=0.0)      # [BR, BN]
                 yt = tl.load(y_rows + (col0 + offs_n)[None, :] * s_yn,
                              mask=mask_m[:, None] & mask_n[None, :], other=0.0)   # [BM, BN]
-            if USE_PDL:
-                # the first weights and y (EXPAND_LOOP 0) are on their way: now wait for the
-                # shrink launch to finish before reading its partial products
-                tl.extra.cuda.gdc_wait()
-            if FUSED:
-                idx = 1 + m * NUM_SLICES + sid
-                done = tl.atomic_add(sync_ptr + idx, 0, sem="acquire", scope="gpu")
-                while done < SPLIT_K:
-                    done = tl.atomic_add(sync_ptr + idx, 0, sem="acquire", scope="gpu")
-            it = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            # s_wl: the slot's stride in work (0, or R where every slot's products lie side by
-            # side, as the base matmul with the A rows folded in writes them)
             w_ptrs = (work_ptr + sid * s_ws + slot.to(tl.int64) * s_wl + tok[:, None] * s_wt
                       + offs_r[None, :])
-            for p in tl.static_range(SPLIT_K):
-                # .cg: the partial sums were written by other programs of this launch.
-                it += tl.load(w_ptrs + p * s_wk, mask=mask_m[:, None] & mask_r[None, :],
-                              other=0.0, cache_modifier=".cg")
-            it_b = it.to(b_ptr.dtype.element_ty)
-            if UPCAST:
-                it_b = it_b.to(tl.float32)
+            w_mask = mask_m[:, None] & mask_r[None, :]
+            if EXPAND_LOOP < 2:
+                it_b = _products(w_ptrs, w_mask, s_wk, sync_ptr + 1 + m * NUM_SLICES + sid,
+                                 b_ptr.dtype.element_ty, BLOCK_M, BLOCK_R, SPLIT_K, FUSED,
+                                 USE_PDL, UPCAST)
             if EXPAND_LOOP == 0:
                 for j in range(nsub):
                     # Next tile's loads are issued before this tile's product (1-deep prefetch).
@@ -181,8 +192,15 @@ def lora_decode_kernel(
                     yt = y_next
                     offs_n = nxt
                     mask_n = mask_nxt
-            if EXPAND_LOOP == 1:
+            if EXPAND_LOOP >= 1:
                 # The compiler's software pipeline keeps STAGES tiles' loads in flight.
+                # EXPAND_LOOP 2: the wait for the products is in the first iteration, so the
+                # loads the pipeline issues before the loop (weights and y of the first
+                # STAGES - 1 tiles, which do not depend on the shrink) go out before it.
+                if EXPAND_LOOP == 2:
+                    it_b = tl.zeros((BLOCK_M, BLOCK_R), dtype=b_ptr.dtype.element_ty)
+                    if UPCAST:
+                        it_b = it_b.to(tl.float32)
                 for j in tl.range(0, nsub, num_stages=STAGES):
                     cols = n_first + j * BLOCK_N + tl.arange(0, BLOCK_N)
                     mask_c = cols < n_end
@@ -190,6 +208,12 @@ def lora_decode_kernel(
                                  mask=mask_r[:, None] & mask_c[None, :], other=0.0)
                     yj = tl.load(y_rows + (col0 + cols)[None, :] * s_yn,
                                  mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+                    if EXPAND_LOOP == 2:
+                        if j == 0:
+                            it_b = _products(w_ptrs, w_mask, s_wk,
+                                             sync_ptr + 1 + m * NUM_SLICES + sid,
+                                             b_ptr.dtype.element_ty, BLOCK_M, BLOCK_R,
+                                             SPLIT_K, FUSED, USE_PDL, UPCAST)
                     _add_tile(y_rows + (col0 + cols)[None, :] * s_yn,
                               mask_m[:, None] & mask_c[None, :], yj, it_b, bj, PRECISION,
                               UPCAST)

@@ -160,8 +160,10 @@ def test_importing_kernels_does_not_import_triton():
 # ---- decode path (kernels/lora_decode.py): one launch for small batches ----------------------
 
 # fused: one launch or two; expand_loop: the expand's column loop prefetched by hand (0) or
-# software-pipelined by the compiler (1)
-@pytest.mark.parametrize("fused,expand_loop", [(True, 0), (True, 1), (False, 0), (False, 1)])
+# software-pipelined by the compiler (1; 2: with the wait for the products in its first
+# iteration)
+@pytest.mark.parametrize("fused,expand_loop", [(True, 0), (True, 1), (True, 2), (False, 0),
+                                               (False, 1), (False, 2)])
 @pytest.mark.parametrize("shape", ["split", "chunks"])
 @pytest.mark.parametrize("mix,num_tokens", [("distinct", 7), ("uniform", 7), ("some_without", 9),
                                             ("skewed", 12), ("all_without", 3)])

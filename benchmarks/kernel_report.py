@@ -31,7 +31,7 @@ from triton.compiler import ASTSource
 from kernels.lora_decode_kernel import lora_decode_kernel
 
 BASE = {"NUM_SLICES": 2, "ROWS": 4, "BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_R": 16,
-        "BLOCK_K": 128, "SPLIT_K": 16, "FUSED": False, "PRECISION": "tf32", "UPCAST": False,
+        "BLOCK_K": 128, "SPLIT_K": 8, "FUSED": False, "PRECISION": "tf32", "UPCAST": False,
         "EXPAND_LOOP": 2, "STAGES": 3, "PHASE": 2, "USE_PDL": True,
         "num_warps": 4, "num_stages": 3}
 UNIT_STRIDES = ("s_xh", "s_ah", "s_yn")      # 1 in every call: the JIT makes them constants

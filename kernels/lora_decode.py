@@ -55,7 +55,8 @@ DECODE_CONFIG = {
     # Entries that replace the above where the slices' widths add up to more than wide_cols
     # (gate_up of Llama-3-8B: 28,672 columns)
     "wide_cols": 16384,
-    "wide": {"programs_per_sm": 4},   # expand_loop 2 takes 112 registers: 4 programs/SM
+    # expand_loop 2 takes 96 registers at a split of 8 (112 at 16): 4 programs per SM
+    "wide": {"programs_per_sm": 4, "max_split_k": 8},
 }
 # The expand alone over folded products (try_expand_folded_decode): entries over DECODE_CONFIG
 # (a "wide" entry replaces DECODE_CONFIG's). Measured on an H200 (docs/BENCHMARKS.md): where no

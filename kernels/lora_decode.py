@@ -21,10 +21,11 @@ from kernels.lora_decode_kernel import lora_decode_kernel
 from kernels.segments import LoRAMeta, tile_table
 
 # Tuning: measured on an H200 (docs/BENCHMARKS.md, "LoRA kernels (H200)"; 2026-11-29, then
-# 2026-12-01 once the weight loads vectorized, and again for expand_loop 2). The decode path beats the two-launch kernels
-# (rank 16) where its expand streams many weight columns (from 64 tokens over 32+ adapters)
-# and loses where there are few (1 token; o/down at 8 tokens). The one-launch variant
-# (fused=True) gained nothing over two launches of the same items, so it is off.
+# 2026-12-01 once the weight loads vectorized, and again for expand_loop 2). The decode path
+# beats the two-launch kernels (rank 16) where its expand streams many weight columns (from
+# 64 tokens over 32+ adapters) and loses where there are few (1 token; o/down at 8 tokens).
+# The one-launch variant (fused=True) gained nothing over two launches of the same items, so
+# it is off.
 # benchmarks/kernels.py --decode-config/--tune override entries.
 DECODE_CONFIG = {
     "min_tokens": 1,           # decode path for min_tokens <= T <= max_tokens ...

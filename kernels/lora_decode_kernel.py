@@ -169,6 +169,8 @@ def lora_decode_kernel(
                              mask=mask_r[:, None] & mask_n[None, :], other=0.0)      # [BR, BN]
                 yt = tl.load(y_rows + (col0 + offs_n)[None, :] * s_yn,
                              mask=mask_m[:, None] & mask_n[None, :], other=0.0)   # [BM, BN]
+            # s_wl: the slot's stride in work (0, or R where every slot's products lie side by
+            # side, as the base matmul with the A rows folded in writes them)
             w_ptrs = (work_ptr + sid * s_ws + slot.to(tl.int64) * s_wl + tok[:, None] * s_wt
                       + offs_r[None, :])
             w_mask = mask_m[:, None] & mask_r[None, :]
@@ -208,7 +210,7 @@ def lora_decode_kernel(
                                  mask=mask_r[:, None] & mask_c[None, :], other=0.0)
                     yj = tl.load(y_rows + (col0 + cols)[None, :] * s_yn,
                                  mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-                    if EXPAND_LOOP == 2:
+                    if EXPAND_LOOP == 2:  # noqa: SIM102 (compile-time, then run-time)
                         if j == 0:
                             it_b = _products(w_ptrs, w_mask, s_wk,
                                              sync_ptr + 1 + m * NUM_SLICES + sid,

@@ -100,15 +100,19 @@ def soak(args) -> dict:
         counts: dict[str, int] = {}
         while time.monotonic() < deadline:
             counts = status_counts(db_url)
-            if sum(counts.get(s, 0) for s in FINAL) >= submitted:
+            done = sum(counts.get(s, 0) for s in FINAL)
+            if done >= submitted:
                 break
-            if time.monotonic() >= next_kill and services.workers:
+            # the first kill also comes once --first-kill-after jobs are done, so that a fast
+            # machine that drains before the first timer still loses a worker mid-drain
+            early = kills == 0 and args.first_kill_after and done >= args.first_kill_after
+            if (time.monotonic() >= next_kill or early) and services.workers:
                 victim = rng.choice(services.workers)
                 services.kill(victim)  # SIGKILL mid-drain, then a fresh worker takes its place
                 services.add_worker()
                 kills += 1
                 next_kill = time.monotonic() + rng.uniform(*args.kill_every)
-            time.sleep(1.0)
+            time.sleep(0.2)   # fine enough to catch the --first-kill-after point
         drain_s = time.monotonic() - t0
         facts = audit(db_url)
         output_ids: list[str] = []
@@ -147,6 +151,9 @@ def main(argv=None) -> int:
     p.add_argument("--lease", type=int, default=5)
     p.add_argument("--kill-every", type=float, nargs=2, default=(30.0, 60.0),
                    metavar=("MIN_S", "MAX_S"))
+    p.add_argument("--first-kill-after", type=int, default=0, metavar="JOBS",
+                   help="kill the first worker once this many jobs are done, if the "
+                        "--kill-every timer has not fired by then (0: the timer only)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep the database")

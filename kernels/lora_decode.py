@@ -32,11 +32,13 @@ DECODE_CONFIG = {
     "max_tokens": 256,
     "max_rows_per_slot": 4,    # ... at most this many tokens per slot on average ...
     "max_slices": 3,           # ... at most this many slices per launch ...
-    "max_rank": 16,            # ... slot widths up to this (64 spills registers) ...
+    "max_rank": 64,            # ... slot widths up to this ...
     "min_expand_cols": 100_000,  # ... and min(T, max_loras) * output width at least this
     "rows": 4,                 # tokens per m-tile (a slot with more tokens gets more tiles)
     "fused": False,            # one launch (device counters) or two launches of the items
-    "tile_elems": 4096,        # weight tile elements: BLOCK_N = BLOCK_K = tile_elems // R
+    "tile_elems": 4096,        # weight tile elements: BLOCK_N = BLOCK_K = tile_elems // R,
+    "min_block_n": 128,        # but at least these (wide ranks: 64 x 128 weight tiles, and
+    "min_block_k": 64,         # 64 x 64 in the shrink, measured faster at rank 64)
     "max_split_k": 16,
     "programs_per_sm": 3,      # expand items sized for this many programs per SM
     "num_warps": 4,
@@ -62,8 +64,9 @@ DECODE_CONFIG = {
 # The expand alone over folded products (try_expand_folded_decode): entries over DECODE_CONFIG
 # (a "wide" entry replaces DECODE_CONFIG's). Measured on an H200 (docs/BENCHMARKS.md): where no
 # shrink items share the launch, 4 programs per SM and the hand-prefetched loop pay, except on
-# outputs wider than wide_cols (gate_up).
-FOLD_CONFIG: dict = {"programs_per_sm": 4, "expand_loop": 0, "num_stages": 2,
+# outputs wider than wide_cols (gate_up). Ranks over 16 were not measured there: they keep
+# the two-launch expand.
+FOLD_CONFIG: dict = {"programs_per_sm": 4, "expand_loop": 0, "num_stages": 2, "max_rank": 16,
                      "wide": {"programs_per_sm": 2, "expand_loop": 1, "num_stages": 3}}
 SYNC_WORDS = 1 << 14           # int32 counters per device: ticket + 2 per (m-tile, slice)
 _SYNC: dict[tuple, torch.Tensor] = {}
@@ -111,9 +114,10 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
         return None
     rows = cfg["rows"]
     block_r = max(16, triton.next_power_of_2(rank))
-    tile = max(32, cfg["tile_elems"] // block_r)
+    tile = max(cfg.get("min_block_n", 32), cfg["tile_elems"] // block_r)
     block_n = min(tile, 1024, max(16, triton.next_power_of_2(max(widths))))
-    shrink_tile = max(32, (cfg.get("shrink_tile_elems") or cfg["tile_elems"]) // block_r)
+    shrink_tile = max(cfg.get("min_block_k", 32),
+                      (cfg.get("shrink_tile_elems") or cfg["tile_elems"]) // block_r)
     block_k = min(shrink_tile, 1024, max(16, triton.next_power_of_2(hidden)))
     target = cfg["programs_per_sm"] * num_sms(device)
     shrink_target = (cfg.get("shrink_programs_per_sm") or cfg["programs_per_sm"]) * num_sms(device)

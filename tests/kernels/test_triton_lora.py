@@ -175,7 +175,7 @@ def test_decode_path_matches_loop(mix, num_tokens, shape, fused, expand_loop, mo
     pps = 64 if shape == "split" else 4
     dec = _decode_cfg(monkeypatch, fused=fused, tile_elems=512, programs_per_sm=pps,
                       shrink_programs_per_sm=pps, shrink_tile_elems=512, max_rows_per_slot=8,
-                      max_split_k=3, expand_loop=expand_loop)
+                      max_split_k=3, expand_loop=expand_loop, min_block_n=16, min_block_k=16)
     widths = [200, 72, 40]
     p = make_problem(num_tokens=num_tokens, hidden=100, widths=widths, max_rank=16,
                      ranks=[16, 8, 1], mix=mix, dtype=torch.float32, device=device)

@@ -87,16 +87,16 @@ def _pairs(spec: str) -> list[tuple[str, str]]:
 
 
 def _override(base: dict, spec: str) -> dict:
-    """base with 'key=value,...' applied (integers; 'wide.key=value' sets an entry of the
-    'wide' overrides), each key checked against DECODE_CONFIG's."""
+    """base with 'key=value,...' applied (integers; 'wide.key=value' / 'long.key=value' set
+    an entry of those overrides), each key checked against DECODE_CONFIG's."""
     cfg = dict(base)
     for key, value in _pairs(spec):
         outer, _, inner = key.rpartition(".")
-        if inner not in _DECODE_DEFAULTS or outer not in ("", "wide"):
+        if inner not in _DECODE_DEFAULTS or outer not in ("", "wide", "long"):
             raise SystemExit(f"unknown decode config key {key!r}; keys: "
-                             f"{sorted(_DECODE_DEFAULTS)} (or wide.<key>)")
+                             f"{sorted(_DECODE_DEFAULTS)} (or wide.<key>, long.<key>)")
         if outer:
-            cfg["wide"] = dict(cfg.get("wide", {}), **{inner: int(value)})
+            cfg[outer] = dict(cfg.get(outer) or {}, **{inner: int(value)})
         else:
             cfg[inner] = int(value)
     return cfg

@@ -29,8 +29,9 @@ from kernels.segments import LoRAMeta, tile_table
 # benchmarks/kernels.py --decode-config/--tune override entries.
 DECODE_CONFIG = {
     "min_tokens": 1,           # decode path for min_tokens <= T <= max_tokens ...
-    "max_tokens": 256,
-    "max_rows_per_slot": 4,    # ... at most this many tokens per slot on average ...
+    "max_tokens": 2048,        # (a prefill chunk of the engine's default 2048 tokens)
+    "max_rows_per_slot": 4,    # ... with the "long" entries below past this many tokens
+    #                            per slot on average ...
     "max_slices": 3,           # ... at most this many slices per launch ...
     "max_rank": 64,            # ... slot widths up to this ...
     "min_expand_cols": 100_000,  # ... and min(T, max_loras) * output width at least this
@@ -60,6 +61,9 @@ DECODE_CONFIG = {
     "wide_cols": 16384,
     # expand_loop 2 takes 96 registers at a split of 8 (112 at 16): 4 programs per SM
     "wide": {"programs_per_sm": 4, "max_split_k": 8},
+    # Entries that replace the above (after "wide") past max_rows_per_slot tokens per slot
+    # (prefill chunks): 16-token tiles, so that the weights are streamed once per 16 tokens
+    "long": {"rows": 16},
 }
 # The expand alone over folded products (try_expand_folded_decode): entries over DECODE_CONFIG
 # (a "wide" entry replaces DECODE_CONFIG's). Measured on an H200 (docs/BENCHMARKS.md): where no
@@ -67,6 +71,7 @@ DECODE_CONFIG = {
 # outputs wider than wide_cols (gate_up). Ranks over 16 were not measured there: they keep
 # the two-launch expand.
 FOLD_CONFIG: dict = {"programs_per_sm": 4, "expand_loop": 0, "num_stages": 2, "max_rank": 16,
+                     "max_tokens": 256, "long": {},   # decode steps only, as measured
                      "wide": {"programs_per_sm": 2, "expand_loop": 1, "num_stages": 3}}
 SYNC_WORDS = 1 << 14           # int32 counters per device: ticket + 2 per (m-tile, slice)
 _SYNC: dict[tuple, torch.Tensor] = {}
@@ -110,8 +115,12 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
             or not 0 < rank <= cfg["max_rank"]:
         return None
     active = min(T, max_loras)                       # slots that can hold tokens
-    if T // active > cfg["max_rows_per_slot"] or active * sum(widths) < cfg["min_expand_cols"]:
+    if active * sum(widths) < cfg["min_expand_cols"]:
         return None
+    if T // active > cfg["max_rows_per_slot"]:
+        if not cfg.get("long"):
+            return None
+        cfg = dict(cfg, **cfg["long"])
     rows = cfg["rows"]
     block_r = max(16, triton.next_power_of_2(rank))
     tile = max(cfg.get("min_block_n", 32), cfg["tile_elems"] // block_r)

@@ -191,6 +191,24 @@ def test_decode_path_matches_loop(mix, num_tokens, shape, fused, expand_loop, mo
         assert not dec._SYNC[(p.x.device.type, p.x.device.index)].any()
 
 
+@pytest.mark.parametrize("mix", ["skewed", "uniform", "some_without"])
+def test_prefill_chunks_take_the_decode_path_in_taller_tiles(mix, monkeypatch, device):
+    # Past max_rows_per_slot tokens per slot the "long" entries apply: 16-token tiles, so a
+    # slot with 40 tokens spans three tiles, the last one partial.
+    dec = _decode_cfg(monkeypatch, max_tokens=2048, long={"rows": 16})
+    T, widths = 150, [96, 40]
+    p = make_problem(num_tokens=T, hidden=72, widths=widths, max_rank=16, ranks=[16, 4],
+                     mix=mix, dtype=torch.float32, device=device, seed=5)
+    plan = dec.decode_plan(T, p.meta.max_loras, 72, 16, widths, torch.device(device))
+    assert plan is not None and plan["rows"] == 16
+    y = _run(triton_ops, p)
+    _check(p, y, torch.float32)
+    assert rel_error(y, _run(torch_ops, p)) < 1e-5
+    # without the "long" entries such a batch is not the decode path's
+    dec = _decode_cfg(monkeypatch, max_tokens=2048, long={})
+    assert dec.decode_plan(T, p.meta.max_loras, 72, 16, widths, torch.device(device)) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("max_rank", [8, 64])
 def test_decode_path_dtypes_ranks_and_odd_sizes(dtype, max_rank, monkeypatch, device):

@@ -62,8 +62,9 @@ DECODE_CONFIG = {
     # expand_loop 2 takes 96 registers at a split of 8 (112 at 16): 4 programs per SM
     "wide": {"programs_per_sm": 4, "max_split_k": 8},
     # Entries that replace the above (after "wide") past max_rows_per_slot tokens per slot
-    # (prefill chunks): 16-token tiles, so that the weights are streamed once per 16 tokens
-    "long": {"rows": 16},
+    # (prefill chunks): 16-token tiles, so that the weights are streamed once per 16 tokens;
+    # measured at rank 16 only (wider ranks keep the two-launch kernels there)
+    "long": {"rows": 16, "max_rank": 16},
 }
 # The expand alone over folded products (try_expand_folded_decode): entries over DECODE_CONFIG
 # (a "wide" entry replaces DECODE_CONFIG's). Measured on an H200 (docs/BENCHMARKS.md): where no
@@ -121,6 +122,8 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
         if not cfg.get("long"):
             return None
         cfg = dict(cfg, **cfg["long"])
+        if rank > cfg["max_rank"]:
+            return None
     rows = cfg["rows"]
     block_r = max(16, triton.next_power_of_2(rank))
     tile = max(cfg.get("min_block_n", 32), cfg["tile_elems"] // block_r)

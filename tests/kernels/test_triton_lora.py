@@ -204,9 +204,12 @@ def test_prefill_chunks_take_the_decode_path_in_taller_tiles(mix, monkeypatch, d
     y = _run(triton_ops, p)
     _check(p, y, torch.float32)
     assert rel_error(y, _run(torch_ops, p)) < 1e-5
-    # without the "long" entries such a batch is not the decode path's
+    # without the "long" entries such a batch is not the decode path's, nor above their rank
     dec = _decode_cfg(monkeypatch, max_tokens=2048, long={})
     assert dec.decode_plan(T, p.meta.max_loras, 72, 16, widths, torch.device(device)) is None
+    dec = _decode_cfg(monkeypatch, max_tokens=2048, long={"rows": 16, "max_rank": 16})
+    assert dec.decode_plan(T, p.meta.max_loras, 72, 16, widths, torch.device(device))
+    assert dec.decode_plan(T, p.meta.max_loras, 72, 64, widths, torch.device(device)) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -1,0 +1,90 @@
+"""Time the LoRA decode path's two launches apart: the whole add_lora call, the shrink launch
+alone and the expand launch alone (each alone in a CUDA graph), at the goal shape.
+
+Prints one JSON object per projection and decode config, in µs per call. The launches are
+picked by wrapping the decode kernel so that only launches of one PHASE run; the expand alone
+then reads whatever the workspace holds, so its output is not checked, only its time.
+Usage: python benchmarks/decode_halves.py [--projections gate_up] [--decode-config default
+       "wide.max_split_k=16"] [--tokens 64] [--adapters 32] [--rank 16]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)     # the repo's `kernels`, not this folder (see benchmarks/kernels.py)
+import torch
+
+from kernels import get_lora_ops, lora_decode
+
+_spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+KERNEL = lora_decode.lora_decode_kernel
+
+
+class _OnlyPhase:
+    """Stands in for the decode kernel: launches with PHASE == phase run, others are dropped."""
+
+    def __init__(self, phase: int | None):
+        self.phase = phase
+
+    def __getitem__(self, grid):
+        launch = KERNEL[grid]
+
+        def run(*args, **kwargs):
+            if self.phase is None or kwargs.get("PHASE") == self.phase:
+                launch(*args, **kwargs)
+        return run
+
+
+def halves(proj: str, spec: str, T: int, n_adapters: int, rank: int) -> dict:
+    H, widths = bench.PROJECTIONS[proj]
+    N, S, dt, dev = sum(widths), len(widths), torch.bfloat16, "cuda"
+    offsets = [sum(widths[:i]) for i in range(S)]
+    sets = max(2, min(64, math.ceil(bench.ROTATE_BYTES / (n_adapters * S * rank * (H + N) * 2))))
+    meta, x = bench._decode_batch(T, n_adapters, H)
+    y = torch.randn(T, N, dtype=dt, device=dev)
+    weights = [([torch.randn(n_adapters, rank, H, dtype=dt, device=dev) * 0.02 for _ in widths],
+                [torch.randn(n_adapters, n, rank, dtype=dt, device=dev) * 0.02 for n in widths])
+               for _ in range(sets)]
+    tri = get_lora_ops("triton")
+    lora_decode.DECODE_CONFIG = bench.parse_decode_config(spec)
+    row = {"proj": proj, "config": spec, "tokens": T, "adapters": n_adapters, "rank": rank,
+           "decode_path": lora_decode.decode_plan(T, n_adapters, H, rank, widths,
+                                                  torch.device(dev)) is not None}
+    try:
+        for name, phase in (("full_us", None), ("shrink_us", 1), ("expand_us", 2)):
+            lora_decode.lora_decode_kernel = _OnlyPhase(phase)
+            row[name] = round(bench._graph_time_us(
+                [lambda a=a, b=b: tri.add_lora(y, x, a, b, meta, offsets) for a, b in weights],
+                reps=30), 3)
+    finally:
+        lora_decode.lora_decode_kernel = KERNEL
+    return row
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--projections", nargs="+", default=list(bench.PROJECTIONS))
+    p.add_argument("--decode-config", nargs="+", default=["default"])
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--adapters", type=int, default=32)
+    p.add_argument("--rank", type=int, default=16)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(json.dumps({"error": "benchmarks/decode_halves.py needs a CUDA GPU"}))
+        sys.exit(1)
+    for spec in args.decode_config:
+        for proj in args.projections:
+            print(json.dumps(halves(proj, spec, args.tokens, args.adapters, args.rank)),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,13 +1,14 @@
 """Decode path of the Triton LoRA backend: one kernel of shrink and expand items.
 
 The items (kernels/lora_decode_kernel.py) run in one launch (fused, handing the partial
-products over through device counters) or in two. ``kernels.triton_lora.add_lora`` calls
-:func:`try_add_lora_decode` first; it returns False (and does nothing) when the batch is not
-decode-sized or the call has a shape the path does not take (see DECODE_CONFIG; a caller's
-buffer, an empty slice, B slices without a unit rank stride), and the two-launch kernels of
-kernels/triton_kernels.py run. Two launches on Hopper are a programmatic dependent pair
-("pdl"): the expand launch starts once every shrink program has started, loads its first
-weight and y tiles, and waits in-kernel for the shrink to finish before it reads the products.
+products over through device counters) or in two (the default). ``kernels.triton_lora.add_lora``
+calls :func:`try_add_lora_decode` first; it returns False (and does nothing) when the batch is
+not one the path takes (see DECODE_CONFIG: decode steps, and prefill chunks in taller tiles; a
+caller's buffer, an empty slice, B slices without a unit rank stride), and the two-launch
+kernels of kernels/triton_kernels.py run. Two launches on Hopper are a programmatic dependent
+pair ("pdl"): the expand launch starts once every shrink program has passed its own wait, and
+waits in-kernel for the shrink to finish before it reads the products; with expand_loop 2 its
+first weight and y tiles are loaded before that wait.
 Every choice here is made from host constants (T, widths, max_loras, rank), so a decode step
 takes the same path on every replay of a captured CUDA graph.
 """
@@ -29,9 +30,9 @@ from kernels.segments import LoRAMeta, tile_table
 # benchmarks/kernels.py --decode-config/--tune override entries.
 DECODE_CONFIG = {
     "min_tokens": 1,           # decode path for min_tokens <= T <= max_tokens ...
-    "max_tokens": 2048,        # (a prefill chunk of the engine's default 2048 tokens)
+    "max_tokens": 256,
     "max_rows_per_slot": 4,    # ... with the "long" entries below past this many tokens
-    #                            per slot on average ...
+    #                            per slot on average (T // min(T, max_loras)) ...
     "max_slices": 3,           # ... at most this many slices per launch ...
     "max_rank": 64,            # ... slot widths up to this ...
     "min_expand_cols": 100_000,  # ... and min(T, max_loras) * output width at least this
@@ -62,9 +63,10 @@ DECODE_CONFIG = {
     # expand_loop 2 takes 96 registers at a split of 8 (112 at 16): 4 programs per SM
     "wide": {"programs_per_sm": 4, "max_split_k": 8},
     # Entries that replace the above (after "wide") past max_rows_per_slot tokens per slot
-    # (prefill chunks): 16-token tiles, so that the weights are streamed once per 16 tokens;
-    # measured at rank 16 only (wider ranks keep the two-launch kernels there)
-    "long": {"rows": 16, "max_rank": 16},
+    # (prefill chunks, up to the engine's default 2048 tokens): 16-token tiles, so that the
+    # weights are streamed once per 16 tokens; measured at rank 16 only (wider ranks keep
+    # the two-launch kernels there)
+    "long": {"rows": 16, "max_rank": 16, "max_tokens": 2048},
 }
 # The expand alone over folded products (try_expand_folded_decode): entries over DECODE_CONFIG
 # (a "wide" entry replaces DECODE_CONFIG's). Measured on an H200 (docs/BENCHMARKS.md): where no
@@ -72,7 +74,7 @@ DECODE_CONFIG = {
 # outputs wider than wide_cols (gate_up). Ranks over 16 were not measured there: they keep
 # the two-launch expand.
 FOLD_CONFIG: dict = {"programs_per_sm": 4, "expand_loop": 0, "num_stages": 2, "max_rank": 16,
-                     "max_tokens": 256, "long": {},   # decode steps only, as measured
+                     "long": {},   # decode steps only, as measured
                      "wide": {"programs_per_sm": 2, "expand_loop": 1, "num_stages": 3}}
 SYNC_WORDS = 1 << 14           # int32 counters per device: ticket + 2 per (m-tile, slice)
 _SYNC: dict[tuple, torch.Tensor] = {}
@@ -104,26 +106,31 @@ def _unit_rank_stride(lora_b: list[torch.Tensor]) -> bool:
     return all(b.stride(2) == 1 for b in lora_b)
 
 
+def _pipelines_loops_with_waits() -> bool:
+    """Triton 3.6-3.8 software-pipeline expand_loop 2's column loop with the PDL wait in it;
+    3.9 leaves it unpipelined (plain loads, no cp.async: benchmarks/kernel_report.py), and
+    expand_loop 1 is then taken instead. Measured (H200) on 3.6 only."""
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    return (major, minor) < (3, 9)
+
+
 def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int],
                 device: torch.device, cfg: dict | None = None) -> dict | None:
     """Block sizes and item counts of the decode launch, or None if the path does not apply."""
     cfg = DECODE_CONFIG if cfg is None else cfg
     if sum(widths) > cfg.get("wide_cols", sum(widths)):
         cfg = dict(cfg, **cfg.get("wide", {}))
+    active = min(T, max_loras)                       # slots that can hold tokens
+    if T > 0 and T // max(1, active) > cfg["max_rows_per_slot"]:
+        if not cfg.get("long"):
+            return None
+        cfg = dict(cfg, **cfg["long"])               # every limit below is the long one's
     S = len(widths)
     if not (max(1, cfg["min_tokens"]) <= T <= cfg["max_tokens"]) or S > min(3, cfg["max_slices"]) \
             or min(widths) <= 0 \
-            or not 0 < rank <= cfg["max_rank"]:
+            or not 0 < rank <= cfg["max_rank"] \
+            or active * sum(widths) < cfg["min_expand_cols"]:
         return None
-    active = min(T, max_loras)                       # slots that can hold tokens
-    if active * sum(widths) < cfg["min_expand_cols"]:
-        return None
-    if T // active > cfg["max_rows_per_slot"]:
-        if not cfg.get("long"):
-            return None
-        cfg = dict(cfg, **cfg["long"])
-        if rank > cfg["max_rank"]:
-            return None
     rows = cfg["rows"]
     block_r = max(16, triton.next_power_of_2(rank))
     tile = max(cfg.get("min_block_n", 32), cfg["tile_elems"] // block_r)
@@ -147,12 +154,16 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
         return None
     n_shrink = n_mtiles * S * split_k
     cc = [sum(chunks[:i + 1]) for i in range(S)] + [sum(chunks)] * (3 - S)
-    return {"rows": rows, "block_m": 16, "block_n": block_n, "block_r": block_r,
+    expand_loop = cfg.get("expand_loop", 0)
+    if expand_loop == 2 and device.type == "cuda" and not _pipelines_loops_with_waits():
+        expand_loop = 1
+    return {"rows": rows, "block_m": max(16, triton.next_power_of_2(rows)),
+            "block_n": block_n, "block_r": block_r,
             "block_k": block_k, "split_k": split_k, "nsub": nsub, "n_mtiles": n_mtiles,
             "n_ready": n_ready, "n_shrink": n_shrink, "cc": cc,
             "n_items": n_shrink + n_mtiles * cc[2], "fused": cfg["fused"],
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-            "expand_loop": cfg.get("expand_loop", 0), "pdl": bool(cfg.get("pdl", 0)),
+            "expand_loop": expand_loop, "pdl": bool(cfg.get("pdl", 0)),
             "shrink_num_warps": cfg.get("shrink_num_warps") or cfg["num_warps"],
             "shrink_num_stages": cfg.get("shrink_num_stages") or cfg["num_stages"]}
 
@@ -160,7 +171,7 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
 def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
                         lora_b: list[torch.Tensor], meta: LoRAMeta,
                         slice_offsets: list[int]) -> bool:
-    """y[:, slices] += LoRA(x) in one launch if the batch is decode-sized; False otherwise."""
+    """y[:, slices] += LoRA(x) on the decode path if it takes this batch; False otherwise."""
     T, H = x.shape
     R = lora_a[0].shape[1]
     widths = [b.shape[1] for b in lora_b]

@@ -1,4 +1,5 @@
-"""Triton kernel for decode-sized multi-adapter LoRA: shrink and expand in one launch.
+"""Triton kernel for multi-adapter LoRA on decode steps and prefill chunks: shrink and
+expand items, in one launch or two.
 
 Work items (one per program) are numbered: first the shrink items (m-tile, slice, k-part),
 then the expand items (m-tile, column chunk of one slice). An m-tile is up to ROWS tokens of
@@ -156,8 +157,9 @@ def lora_decode_kernel(
         b_ptr = _pick_ptr(in1, in2, b0_ptr, b1_ptr, b2_ptr)
         slot, tok, mask_m = _tile(m, table_ptr, rows, ROWS)
         if slot < L:
-            # EXPAND_LOOP 0 reads the first tile's weights and y before waiting for the
-            # shrink (counters or PDL): they do not depend on it, so their latency overlaps.
+            # EXPAND_LOOP 0 (by hand) and 2 (the pipeline's prologue) read the first tiles'
+            # weights and y before waiting for the shrink (counters or PDL): they do not
+            # depend on it, so their latency overlaps.
             b_cols = b_ptr + slot.to(tl.int64) * s_bl + offs_r[:, None]     # unit rank stride
             n_first = c_local * nsub * BLOCK_N
             offs_n = n_first + tl.arange(0, BLOCK_N)

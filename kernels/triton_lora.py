@@ -198,7 +198,8 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
     S, R = len(lora_a), lora_a[0].shape[1]
     if T == 0:
         return
-    # Decode-sized batches: one launch, the [T, R] partial products stay in L2.
+    # Decode steps and prefill chunks the decode path takes (kernels/lora_decode.py): the
+    # [T, R] partial products stay in L2.
     if buffer is None and try_add_lora_decode(y, x, lora_a, lora_b, meta, slice_offsets):
         return
     if buffer is None:

@@ -157,7 +157,7 @@ def test_importing_kernels_does_not_import_triton():
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
 
 
-# ---- decode path (kernels/lora_decode.py): one launch for small batches ----------------------
+# ---- decode path (kernels/lora_decode.py): decode steps and prefill chunks -------------------
 
 # fused: one launch or two; expand_loop: the expand's column loop prefetched by hand (0) or
 # software-pipelined by the compiler (1; 2: with the wait for the products in its first
@@ -172,18 +172,20 @@ def test_decode_path_matches_loop(mix, num_tokens, shape, fused, expand_loop, mo
     # Small tiles, so that uniform puts 7 tokens of one slot in two m-tiles (4 rows a tile),
     # and either the reduction over H is split across programs ("split") or each program
     # streams several column tiles and each slice has several column chunks ("chunks").
+    # The plan is sized for 8 SMs on every device, so that on a GPU too the items stream
+    # several column tiles each (the pipelined loops past their first iteration).
     pps = 64 if shape == "split" else 4
     dec = _decode_cfg(monkeypatch, fused=fused, tile_elems=512, programs_per_sm=pps,
                       shrink_programs_per_sm=pps, shrink_tile_elems=512, max_rows_per_slot=8,
                       max_split_k=3, expand_loop=expand_loop, min_block_n=16, min_block_k=16)
+    monkeypatch.setattr(dec, "num_sms", lambda device: 8)
     widths = [200, 72, 40]
     p = make_problem(num_tokens=num_tokens, hidden=100, widths=widths, max_rank=16,
                      ranks=[16, 8, 1], mix=mix, dtype=torch.float32, device=device)
     plan = dec.decode_plan(num_tokens, p.meta.max_loras, 100, 16, widths, torch.device(device))
     assert plan is not None
-    if device.type == "cpu":    # the plan depends on the SM count
-        assert plan["split_k"] == 3 if shape == "split" else (plan["nsub"] > 1 and
-                                                               plan["cc"][0] > 1)
+    assert plan["split_k"] == 3 if shape == "split" else (plan["nsub"] > 1 and
+                                                           plan["cc"][0] > 1)
     y = _run(triton_ops, p)
     _check(p, y, torch.float32)
     assert rel_error(y, _run(torch_ops, p)) < 1e-5
@@ -191,16 +193,18 @@ def test_decode_path_matches_loop(mix, num_tokens, shape, fused, expand_loop, mo
         assert not dec._SYNC[(p.x.device.type, p.x.device.index)].any()
 
 
+@pytest.mark.parametrize("rows", [16, 32])
 @pytest.mark.parametrize("mix", ["skewed", "uniform", "some_without"])
-def test_prefill_chunks_take_the_decode_path_in_taller_tiles(mix, monkeypatch, device):
-    # Past max_rows_per_slot tokens per slot the "long" entries apply: 16-token tiles, so a
-    # slot with 40 tokens spans three tiles, the last one partial.
-    dec = _decode_cfg(monkeypatch, max_tokens=2048, long={"rows": 16})
+def test_prefill_chunks_take_the_decode_path_in_taller_tiles(mix, rows, monkeypatch, device):
+    # Past max_rows_per_slot tokens per slot the "long" entries apply: taller tiles (16 rows:
+    # a slot with 40 tokens spans three tiles, the last one partial; 32 rows need 32-row dots)
+    dec = _decode_cfg(monkeypatch, max_tokens=2048, long={"rows": rows})
+    monkeypatch.setattr(dec, "num_sms", lambda device: 8)
     T, widths = 150, [96, 40]
     p = make_problem(num_tokens=T, hidden=72, widths=widths, max_rank=16, ranks=[16, 4],
                      mix=mix, dtype=torch.float32, device=device, seed=5)
     plan = dec.decode_plan(T, p.meta.max_loras, 72, 16, widths, torch.device(device))
-    assert plan is not None and plan["rows"] == 16
+    assert plan is not None and plan["rows"] == rows and plan["block_m"] == rows
     y = _run(triton_ops, p)
     _check(p, y, torch.float32)
     assert rel_error(y, _run(torch_ops, p)) < 1e-5
@@ -210,6 +214,33 @@ def test_prefill_chunks_take_the_decode_path_in_taller_tiles(mix, monkeypatch, d
     dec = _decode_cfg(monkeypatch, max_tokens=2048, long={"rows": 16, "max_rank": 16})
     assert dec.decode_plan(T, p.meta.max_loras, 72, 16, widths, torch.device(device))
     assert dec.decode_plan(T, p.meta.max_loras, 72, 64, widths, torch.device(device)) is None
+
+
+def test_rank_64_takes_tiles_of_the_floor_sizes(monkeypatch, device):
+    # rank 64: 4096-element tiles would be 64 columns wide; the floors make them 128 (and the
+    # shrink's k tiles 64), each item streaming more than one of them
+    dec = _decode_cfg(monkeypatch)
+    monkeypatch.setattr(dec, "num_sms", lambda device: 1)
+    widths = [300, 72]
+    p = make_problem(num_tokens=9, hidden=133, widths=widths, max_rank=64, ranks=[64, 16, 1],
+                     mix="some_without", dtype=torch.float32, device=device, seed=4)
+    plan = dec.decode_plan(9, p.meta.max_loras, 133, 64, widths, torch.device(device))
+    assert (plan["block_r"], plan["block_n"], plan["block_k"]) == (64, 128, 64)
+    assert plan["nsub"] > 1
+    y = _run(triton_ops, p)
+    _check(p, y, torch.float32)
+
+
+def test_expand_loop_2_falls_back_where_triton_does_not_pipeline_it(monkeypatch):
+    dec = _decode_cfg(monkeypatch)
+    monkeypatch.setattr(dec, "num_sms", lambda device: 132)
+    args = (64, 32, 4096, 16, [14336, 14336])
+    monkeypatch.setattr(dec, "_pipelines_loops_with_waits", lambda: True)
+    assert dec.decode_plan(*args, torch.device("cuda"))["expand_loop"] == 2
+    monkeypatch.setattr(dec, "_pipelines_loops_with_waits", lambda: False)
+    assert dec.decode_plan(*args, torch.device("cuda"))["expand_loop"] == 1
+    # the interpreter runs expand_loop 2 whatever the Triton version (CI tests it)
+    assert dec.decode_plan(*args, torch.device("cpu"))["expand_loop"] == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

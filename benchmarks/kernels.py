@@ -92,7 +92,8 @@ def _override(base: dict, spec: str) -> dict:
     cfg = dict(base)
     for key, value in _pairs(spec):
         outer, _, inner = key.rpartition(".")
-        if inner not in _DECODE_DEFAULTS or outer not in ("", "wide", "long"):
+        if inner not in _DECODE_DEFAULTS or outer not in ("", "wide", "long") \
+                or isinstance(_DECODE_DEFAULTS[inner], dict):
             raise SystemExit(f"unknown decode config key {key!r}; keys: "
                              f"{sorted(_DECODE_DEFAULTS)} (or wide.<key>, long.<key>)")
         if outer:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -45,19 +44,13 @@ class _OnlyPhase:
 
 def halves(proj: str, spec: str, T: int, n_adapters: int, rank: int) -> dict:
     H, widths = bench.PROJECTIONS[proj]
-    N, S, dt, dev = sum(widths), len(widths), torch.bfloat16, "cuda"
-    offsets = [sum(widths[:i]) for i in range(S)]
-    sets = max(2, min(64, math.ceil(bench.ROTATE_BYTES / (n_adapters * S * rank * (H + N) * 2))))
-    meta, x = bench._decode_batch(T, n_adapters, H)
-    y = torch.randn(T, N, dtype=dt, device=dev)
-    weights = [([torch.randn(n_adapters, rank, H, dtype=dt, device=dev) * 0.02 for _ in widths],
-                [torch.randn(n_adapters, n, rank, dtype=dt, device=dev) * 0.02 for n in widths])
-               for _ in range(sets)]
+    offsets, meta, x, y, weights = bench.lora_problem(
+        proj, T, n_adapters, rank, bench.rotation_sets(proj, n_adapters, rank))
     tri = get_lora_ops("triton")
     lora_decode.DECODE_CONFIG = bench.parse_decode_config(spec)
     row = {"proj": proj, "config": spec, "tokens": T, "adapters": n_adapters, "rank": rank,
            "decode_path": lora_decode.decode_plan(T, n_adapters, H, rank, widths,
-                                                  torch.device(dev)) is not None}
+                                                  torch.device("cuda")) is not None}
     try:
         for name, phase in (("full_us", None), ("shrink_us", 1), ("expand_us", 2)):
             lora_decode.lora_decode_kernel = _OnlyPhase(phase)

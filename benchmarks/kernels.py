@@ -119,20 +119,34 @@ def _decode_batch(T: int, n_adapters: int, H: int):
             torch.randn(T, H, dtype=torch.bfloat16, device="cuda"))
 
 
+def rotation_sets(proj: str, n_adapters: int, rank: int) -> int:
+    """Copies of the adapters to rotate through, so that they do not stay in L2."""
+    H, widths = PROJECTIONS[proj]
+    alloc = n_adapters * len(widths) * rank * (H + sum(widths)) * 2
+    return max(2, min(64, math.ceil(ROTATE_BYTES / alloc)))
+
+
+def lora_problem(proj: str, T: int, n_adapters: int, rank: int, sets: int):
+    """One add_lora call's inputs in bf16 on the GPU: (slice offsets, meta, x, y [T, N],
+    `sets` copies of the adapters as (A slices [L, R, H], B slices [L, N_s, R]))."""
+    H, widths = PROJECTIONS[proj]
+    dt, dev = torch.bfloat16, "cuda"
+    meta, x = _decode_batch(T, n_adapters, H)
+    y = torch.randn(T, sum(widths), dtype=dt, device=dev)
+    weights = [([torch.randn(n_adapters, rank, H, dtype=dt, device=dev) * 0.02 for _ in widths],
+                [torch.randn(n_adapters, n, rank, dtype=dt, device=dev) * 0.02 for n in widths])
+               for _ in range(sets)]
+    return [sum(widths[:i]) for i in range(len(widths))], meta, x, y, weights
+
+
 def bench_one(proj: str, T: int, n_adapters: int, rank: int, with_ref: bool,
               extras: bool = True) -> dict:
     H, widths = PROJECTIONS[proj]
     N, S, dt, dev = sum(widths), len(widths), torch.bfloat16, "cuda"
-    offsets = [sum(widths[:i]) for i in range(S)]
     active = min(n_adapters, T)
     w_bytes = active * S * rank * H * 2 + active * N * rank * 2          # read per call
-    alloc = n_adapters * S * rank * (H + N) * 2
-    sets = max(2, min(64, math.ceil(ROTATE_BYTES / alloc)))
-    meta, x = _decode_batch(T, n_adapters, H)
-    y = torch.randn(T, N, dtype=dt, device=dev)
-    weights = [([torch.randn(n_adapters, rank, H, dtype=dt, device=dev) * 0.02 for _ in widths],
-                [torch.randn(n_adapters, n, rank, dtype=dt, device=dev) * 0.02 for n in widths])
-               for _ in range(sets)]
+    sets = rotation_sets(proj, n_adapters, rank)
+    offsets, meta, x, y, weights = lora_problem(proj, T, n_adapters, rank, sets)
     tri, ref = get_lora_ops("triton"), get_lora_ops("torch")
     row = {"proj": proj, "tokens": T, "adapters": n_adapters, "rank": rank, "sets": sets}
     row["triton_us"] = _graph_time_us(
@@ -170,13 +184,7 @@ def profile_goal_rows(projections, n_adapters: int = 32, T: int = 64, rank: int 
     """One add_lora call per projection between cudaProfilerStart/Stop, after warm-up calls:
     run under `ncu --profile-from-start off` for the hardware counters of those launches."""
     for proj in projections:
-        H, widths = PROJECTIONS[proj]
-        N, dt, dev = sum(widths), torch.bfloat16, "cuda"
-        offsets = [sum(widths[:i]) for i in range(len(widths))]
-        meta, x = _decode_batch(T, n_adapters, H)
-        y = torch.randn(T, N, dtype=dt, device=dev)
-        a = [torch.randn(n_adapters, rank, H, dtype=dt, device=dev) * 0.02 for _ in widths]
-        b = [torch.randn(n_adapters, n, rank, dtype=dt, device=dev) * 0.02 for n in widths]
+        offsets, meta, x, y, [(a, b)] = lora_problem(proj, T, n_adapters, rank, 1)
         tri = get_lora_ops("triton")
         for _ in range(3):
             tri.add_lora(y, x, a, b, meta, offsets)

@@ -14,6 +14,8 @@ takes the same path on every replay of a captured CUDA graph.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -106,6 +108,7 @@ def _unit_rank_stride(lora_b: list[torch.Tensor]) -> bool:
     return all(b.stride(2) == 1 for b in lora_b)
 
 
+@functools.cache
 def _pipelines_loops_with_waits() -> bool:
     """Triton 3.6-3.8 software-pipeline expand_loop 2's column loop with the PDL wait in it;
     3.9 leaves it unpipelined (plain loads, no cp.async: benchmarks/kernel_report.py), and

@@ -6,11 +6,10 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-
-from api.metrics import make_registry
-from api.routes import adapters, batches, health, jobs
-from scheduler import errors
-from scheduler.errors import QueueError
+from lorry.api.metrics import make_registry
+from lorry.api.routes import adapters, batches, health, jobs
+from lorry.scheduler import errors
+from lorry.scheduler.errors import QueueError
 
 log = logging.getLogger(__name__)
 DESCRIPTION = """Submit generation jobs for many LoRA adapters of one base model, as durable
@@ -36,11 +35,11 @@ def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") ->
 
         settings = get_settings()
     if queue is None:
-        from scheduler import JobQueue
+        from lorry.scheduler import JobQueue
 
         queue = JobQueue(settings.database_url)
     if nudger == "auto":
-        from api.nudge import DrainNudger
+        from lorry.api.nudge import DrainNudger
 
         nudger = DrainNudger(settings.broker_url, settings.redis_prefix, settings.nudge_ttl_seconds)
     if redis_client == "auto":

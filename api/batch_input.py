@@ -1,13 +1,15 @@
-"""Parse an OpenAI Batch input file (JSONL) line by line into job specs and per-line errors."""
+"""OpenAI Batch lines (JSONL) into job specs and per-line errors: shared by the REST route and
+``lorry run`` (the embedded runner)."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any, Iterable, Literal
 
+from lorry.api.prompt_length import too_long_message
+from lorry.api.schemas import MAX_TOKENS, NAME_PATTERN, Message, Text
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from api.schemas import MAX_TOKENS, NAME_PATTERN, Message, Text
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
@@ -112,3 +114,43 @@ def parse_lines(raw_lines: Iterable[tuple[int, bytes]]) -> ParsedBatch:
         parsed.endpoints.add(line.url)
         parsed.lines.append((number, line))
     return parsed
+
+
+BASE_ALIASES = ("base",)
+
+
+def base_model_name(settings) -> str:
+    return PurePath(settings.model.rstrip("/")).name
+
+
+def specs_from_lines(parsed: ParsedBatch, queue, tenant, base_name: str, settings=None):
+    """JobSpecs of the good lines; lines naming an unknown model or too long a prompt join
+    ``parsed.errors`` (the length check needs ``settings``)."""
+    from lorry.scheduler import JobSpec
+
+    known: dict[str, bool] = {}
+    specs = []
+    for number, line in parsed.lines:
+        model = line.body.model
+        is_base = model == base_name or model in BASE_ALIASES
+        if not is_base and model not in known:
+            known[model] = queue.get_adapter(model, tenant.id) is not None
+        if not is_base and not known[model]:
+            parsed.errors.append({"code": "model_not_found", "line": number, "param": "body.model",
+                                  "message": f"line {number}: unknown model {model!r}; use one of "
+                                             f"your adapters or the base model {base_name!r}"})
+            continue
+        body = line.body
+        contents = [m.content for m in body.messages] if body.messages else None
+        too_long = None if settings is None else too_long_message(settings, body.prompt,
+                                                                  contents)
+        if too_long is not None:
+            parsed.errors.append({"code": "context_length_exceeded", "line": number,
+                                  "param": "body.messages" if contents else "body.prompt",
+                                  "message": f"line {number}: {too_long}"})
+            continue
+        specs.append(JobSpec(adapter=None if is_base else model, prompt=body.prompt,
+                             messages=[m.model_dump() for m in body.messages]
+                             if body.messages else None,
+                             sampling=sampling_of(body), custom_id=line.custom_id))
+    return specs

@@ -5,7 +5,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from api.schemas import AdapterOut, BatchOut, JobOut, JobResult, RequestCounts, Usage
+from lorry.api.schemas import AdapterOut, BatchOut, JobOut, JobResult, RequestCounts, Usage
 
 
 def epoch(value) -> float | None:

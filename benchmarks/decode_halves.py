@@ -10,20 +10,14 @@ Usage: python benchmarks/decode_halves.py [--projections gate_up] [--decode-conf
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[0] = str(ROOT)     # the repo's `kernels`, not this folder (see benchmarks/kernels.py)
+import lora_kernels as bench
 import torch
+from lorry.kernels import lora_decode
+from lorry.kernels.backends import get_lora_ops
 
-from kernels import get_lora_ops, lora_decode
-
-_spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 KERNEL = lora_decode.lora_decode_kernel
 
 

@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # benchmarks/queue.py
-sys.path.insert(0, str(_HERE.parent))
-
 
 def _replays(graphs, reps: int) -> dict:
-    from benchmarks.throughput import graph_replay_times
+    from throughput import graph_replay_times
 
     out = {}
     for (size, key), (graph, _) in graphs.graphs.items():
@@ -38,8 +33,8 @@ STEP_VARIANTS = {"triton": (True, True), "triton_no_fold": (True, False), "torch
 
 def step_times(eng, adapters, prompts, reps: int, variants=tuple(STEP_VARIANTS)) -> dict:
     """Capture the 64-row step base only and mixed under each variant; replay-time them."""
-    from benchmarks.throughput import _params
-    from engine import LoRARequest
+    from lorry.engine import LoRARequest
+    from throughput import _params
 
     n = len(prompts)
     reqs = [LoRARequest(f"a{i}", i + 1, str(adapters[i % len(adapters)])) for i in range(32)]
@@ -65,10 +60,9 @@ def step_times(eng, adapters, prompts, reps: int, variants=tuple(STEP_VARIANTS))
 def profile_mixed_step(eng, adapters, prompts, path: str, replays: int = 5) -> None:
     """Kernel-time table (torch.profiler) of ``replays`` replays of the mixed 64-row step."""
     import torch
+    from lorry.engine import LoRARequest
+    from throughput import _params
     from torch.profiler import ProfilerActivity, profile
-
-    from benchmarks.throughput import _params
-    from engine import LoRARequest
 
     reqs = [LoRARequest(f"a{i}", i + 1, str(adapters[i % len(adapters)])) for i in range(32)]
     # long enough that all rows decode together (chunked prefill admits them in waves)
@@ -88,7 +82,7 @@ def profile_mixed_step(eng, adapters, prompts, path: str, replays: int = 5) -> N
 def generate_runs(eng, adapters, p: dict, times: int) -> list:
     """Issue 7's mixed workload (128 requests, 32 adapters) ``times`` over on one engine:
     from the second run on, every graph bucket is captured before the timed region."""
-    from benchmarks.throughput import prompts_for, run_lorry
+    from throughput import prompts_for, run_lorry
 
     prompts = prompts_for(p["requests"], p["prompt_len"], 30000, seed=0)
     runs = [run_lorry(eng, adapters, len(adapters), prompts, p, "cuda") for _ in range(times)]
@@ -98,11 +92,10 @@ def generate_runs(eng, adapters, p: dict, times: int) -> list:
 def kernel_times(model, batch: int, avg_len: int) -> dict:
     """The Triton kernels alone vs the torch code of the model, on layer 0's shapes."""
     import torch
+    from lorry.engine.model.layers import apply_rotary
+    from lorry.kernels.decode_attention import decode_attention
+    from lorry.kernels.fused_ops import add_rmsnorm, rotary_qk_, silu_mul
     from triton.testing import do_bench_cudagraph
-
-    from engine.model.layers import apply_rotary
-    from kernels.decode_attention import decode_attention
-    from kernels.fused_ops import add_rmsnorm, rotary_qk_, silu_mul
 
     attn = model.layers[0].self_attn
     dev, dt = attn.k_cache.device, attn.k_cache.dtype
@@ -193,8 +186,8 @@ def main() -> None:
                     help="also run the mixed workload this many times on the engine (tok/s)")
     args = ap.parse_args()
     import torch
+    from throughput import LLAMA3_8B, PRESETS, _engine, _targets, prompts_for
 
-    from benchmarks.throughput import LLAMA3_8B, PRESETS, _engine, _targets, prompts_for
     from tests.tiny_models import make_tiny_tokenizer, write_random_adapter
 
     p = PRESETS["llama3-8b"]

@@ -23,12 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])   # the repo's `kernels`, not this folder
 import triton
+from lorry.kernels.lora_decode_kernel import lora_decode_kernel
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-from kernels.lora_decode_kernel import lora_decode_kernel
 
 BASE = {"NUM_SLICES": 2, "ROWS": 4, "BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_R": 16,
         "BLOCK_K": 128, "SPLIT_K": 8, "FUSED": False, "PRECISION": "tf32", "UPCAST": False,

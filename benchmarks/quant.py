@@ -16,10 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent   # benchmarks/queue.py would shadow the stdlib `queue`
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
 LLAMA_1B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
             "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
             "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
@@ -31,8 +27,7 @@ TINY = {**LLAMA_1B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_la
 
 def run(model: str, method, adapters, prompts, args, eager: bool) -> dict:
     import torch
-
-    from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+    from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
     eng = LLMEngine(EngineConfig(
         model=model, device=args.device, load_format="dummy", quantization=method,
         max_loras=len(adapters), max_cpu_loras=len(adapters), max_lora_rank=16,
@@ -81,7 +76,7 @@ def main() -> None:
                     help="GPTQ/AWQ on CUDA: tinygemm where it applies, or dequantize + matmul")
     args = ap.parse_args()
     if args.int4_kernel == "dequant":
-        from engine.quant import packed_linear
+        from lorry.engine.quant import packed_linear
         packed_linear.USE_TINYGEMM = False
     import torch
 

@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import tempfile
 import time
 from pathlib import Path
-
-# the script's folder holds benchmarks/queue.py, which would shadow the stdlib `queue`
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
 
 PRESETS = {
     "smollm2": {"requests": 16, "adapters": 4, "rank": 8, "targets": "all-linear", "prompt_len": 32,
@@ -40,7 +35,7 @@ def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def _engine(model: str, p: dict, device: str, load_format: str, max_loras: int):
-    from engine import EngineConfig, LLMEngine
+    from lorry.engine import EngineConfig, LLMEngine
 
     return LLMEngine(EngineConfig(model=model, device=device, max_loras=max_loras,
                                   max_cpu_loras=max_loras, max_lora_rank=max(p["rank"], 8),
@@ -54,7 +49,7 @@ def run_lorry(eng, adapters: list[Path], n_adapters: int, prompts, p: dict, devi
 
     Adapter i uses file i % len(adapters): distinct ids (own GPU slot) over shared files.
     """
-    from engine import LoRARequest
+    from lorry.engine import LoRARequest
 
     reqs = [LoRARequest(f"a{i}", i + 1, str(adapters[i % len(adapters)]))
             for i in range(n_adapters)]
@@ -90,7 +85,7 @@ def run_lorry(eng, adapters: list[Path], n_adapters: int, prompts, p: dict, devi
 
 
 def _params(n: int):
-    from engine import SamplingParams
+    from lorry.engine import SamplingParams
 
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
@@ -116,7 +111,7 @@ def adapter_swap_ms(eng, adapters: list[Path], device: str, reps: int = 5) -> di
     """Time writing one adapter from the (pinned) CPU cache into its GPU slot: the slot-major
     layout (one copy per targeted kind and matrix) and, in the same run, the old per-slice
     method (zero + copy per slice per layer) over the same buffers."""
-    from engine import LoRARequest
+    from lorry.engine import LoRARequest
 
     req = LoRARequest("swap", 10_000, str(adapters[0]))
     eng.add_lora(req)
@@ -164,7 +159,7 @@ def cold_load_overlap(eng, adapters: list[Path], prompts, p: dict, rows: int = 4
     """Decode step wall time of a running batch while a request with a cold adapter (not in
     either cache) loads in the background and is copied into a slot on the side stream, against
     idle decode steps; and what a synchronous load (the old add_request path) would stall."""
-    from engine import LoRARequest
+    from lorry.engine import LoRARequest
 
     n_res = min(8, len(adapters))
     res_reqs = [LoRARequest(f"a{i}", i + 1, str(adapters[i])) for i in range(n_res)]
@@ -214,10 +209,9 @@ def lora_layout_kernel_us(eng, tokens: int = 64, reps: int = 50) -> dict:
     """GPU time of one q/k/v add_lora (layer 0) over ``tokens`` rows spread over every slot,
     reading A/B as the slot-major strided views the engine uses vs contiguous per-layer copies
     (the layout before), with the decode kernel and with the shrink/expand pair."""
+    import lorry.kernels.triton_lora as tl_ops
     import torch
-
-    import kernels.triton_lora as tl_ops
-    from kernels.segments import build_lora_meta
+    from lorry.kernels.segments import build_lora_meta
 
     mod = eng.model.layers[0].self_attn.qkv_proj
     L = mod.lora_a[0].shape[0]
@@ -430,9 +424,9 @@ def main() -> None:
         make_tiny_tokenizer(model)
         config, load_format = LLAMA3_8B, "dummy"
     else:
-        from engine.demo_model import prepare_demo_model
+        from lorry.engine.demo_model import demo_model_dir, prepare_demo_model
 
-        model = Path(args.model) if args.model else prepare_demo_model()
+        model = Path(args.model) if args.model else prepare_demo_model(demo_model_dir(os.environ.get("LORRY_MODELS_DIR")))
         config, load_format = json.loads((model / "config.json").read_text()), "auto"
     from tests.tiny_models import write_random_adapter
 

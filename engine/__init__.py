@@ -8,14 +8,14 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "LLMEngine": "engine.llm_engine",
-    "EngineConfig": "engine.config",
-    "SamplingParams": "engine.sampling_params",
-    "LoRARequest": "engine.lora.request",
-    "RequestOutput": "engine.outputs",
-    "CompletionOutput": "engine.outputs",
-    "RequestMetrics": "engine.outputs",
-    "LoRAError": "engine.errors",
+    "LLMEngine": "lorry.engine.llm_engine",
+    "EngineConfig": "lorry.engine.config",
+    "SamplingParams": "lorry.engine.sampling_params",
+    "LoRARequest": "lorry.engine.lora.request",
+    "RequestOutput": "lorry.engine.outputs",
+    "CompletionOutput": "lorry.engine.outputs",
+    "RequestMetrics": "lorry.engine.outputs",
+    "LoRAError": "lorry.engine.errors",
 }
 
 __all__ = ["CompletionOutput", "EngineConfig", "LLMEngine", "LoRAError", "LoRARequest",

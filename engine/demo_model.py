@@ -11,8 +11,17 @@ import os
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DIR = Path(os.environ.get("LORRY_MODELS_DIR", Path.home() / ".cache" / "lorry" / "models"))
-DEMO_MODEL_DIR = DEFAULT_DIR / "SmolLM2-135M-Instruct"
+DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_models_dir() -> Path:
+    """Where prepared models go unless ``LORRY_MODELS_DIR`` (read by the caller) says else."""
+    return Path.home() / ".cache" / "lorry" / "models"
+
+
+def demo_model_dir(models_dir: str | os.PathLike | None = None) -> Path:
+    """``{models_dir}/SmolLM2-135M-Instruct`` (``default_models_dir()`` when None)."""
+    return Path(models_dir or default_models_dir()) / DEMO_MODEL_NAME
 
 
 def find_gguf() -> Path:
@@ -28,9 +37,12 @@ def find_gguf() -> Path:
     return path
 
 
-def prepare_demo_model(out_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
-    """Convert the packaged GGUF to a safetensors HF directory once; return its path."""
-    out = Path(out_dir) if out_dir else DEMO_MODEL_DIR
+def prepare_demo_model(out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Convert the packaged GGUF to a safetensors HF directory ``out_dir`` once; return it.
+
+    The CLI passes ``Settings.model`` (``{LORRY_MODELS_DIR}/SmolLM2-135M-Instruct``).
+    """
+    out = Path(out_dir)
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file() and not force:
         return out
     import torch
@@ -60,6 +72,3 @@ def prepare_demo_model(out_dir: str | os.PathLike | None = None, force: bool = F
     tmp.rename(out)
     return out
 
-
-if __name__ == "__main__":
-    print(prepare_demo_model(force=False))

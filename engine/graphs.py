@@ -9,10 +9,9 @@ the graph. A step is: host fill -> one H2D copy -> replay -> logits [B, V] in ba
 from __future__ import annotations
 
 import torch
-
-from engine.model.layers import LoRAStep
-from engine.model.llama import Batch
-from kernels.segments import build_lora_meta
+from lorry.engine.model.layers import LoRAStep
+from lorry.engine.model.llama import Batch
+from lorry.kernels.segments import build_lora_meta
 
 IDS, POS, ROWS, SLOTS, ORDER = range(5)
 FOLD_MAX_ROWS = 128

@@ -5,16 +5,15 @@ import itertools
 import time
 
 import torch
-
-from engine.config import EngineConfig
-from engine.errors import LoRAError, ModelLengthError
-from engine.lora.request import LoRARequest
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from engine.sampler import sample
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence, SequenceStatus
-from engine.setup import build_engine_parts
-from engine.tokenizer import find_stop
+from lorry.engine.config import EngineConfig
+from lorry.engine.errors import LoRAError, ModelLengthError
+from lorry.engine.lora.request import LoRARequest
+from lorry.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from lorry.engine.sampler import sample
+from lorry.engine.sampling_params import SamplingParams
+from lorry.engine.sequence import Sequence, SequenceStatus
+from lorry.engine.setup import build_engine_parts
+from lorry.engine.tokenizer import find_stop
 
 
 class LLMEngine:

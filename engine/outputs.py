@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.lora.request import LoRARequest
+from lorry.engine.lora.request import LoRARequest
 
 
 @dataclass

@@ -4,25 +4,24 @@ from __future__ import annotations
 import contextlib
 
 import torch
-
-from engine.model.layers import LoRAStep
-from engine.model.llama import Batch
-from engine.sequence import Sequence
-from kernels.segments import build_lora_meta
+from lorry.engine.model.layers import LoRAStep
+from lorry.engine.model.llama import Batch
+from lorry.engine.sequence import Sequence
+from lorry.kernels.segments import build_lora_meta
 
 
 def get_ops(backend: str):
     """The LoRA kernels for ``backend`` ("torch": vectorised torch ops, or "triton")."""
     if backend == "torch":
-        from engine.lora import dense_ops
+        from lorry.engine.lora import dense_ops
         return dense_ops
     try:
-        from kernels import get_lora_ops
+        from lorry.kernels.backends import get_lora_ops
     except ImportError:  # kernels/__init__ without the dispatcher: the torch reference only
         if backend != "torch":
             raise ValueError(f"lora_backend {backend!r} is not available in this build; "
                              "allowed: torch") from None
-        import kernels.torch_ref as ops
+        import lorry.kernels.torch_ref as ops
         return ops
     return get_lora_ops(backend)
 

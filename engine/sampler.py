@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import torch
-
-from engine.sequence import Sequence
+from lorry.engine.sequence import Sequence
 
 
 def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

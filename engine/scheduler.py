@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.sequence import Sequence, SequenceStatus
+from lorry.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass

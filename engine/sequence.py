@@ -5,10 +5,9 @@ import enum
 from dataclasses import dataclass, field
 
 import torch
-
-from engine.lora.request import LoRARequest
-from engine.outputs import RequestMetrics
-from engine.sampling_params import SamplingParams
+from lorry.engine.lora.request import LoRARequest
+from lorry.engine.outputs import RequestMetrics
+from lorry.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

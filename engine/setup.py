@@ -5,15 +5,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from engine.config import EngineConfig
-from engine.lora.manager import LoRAManager
-from engine.lora.resolve import MODEL_FILES, resolve_dir
-from engine.lora.spec import read_base_config
-from engine.model.loader import load_hf_config, load_model
-from engine.runner import ModelRunner, get_ops
-from engine.scheduler import Scheduler
-from engine.tokenizer import Tokenizer
+from lorry.engine.config import EngineConfig
+from lorry.engine.lora.manager import LoRAManager
+from lorry.engine.lora.resolve import MODEL_FILES, resolve_dir
+from lorry.engine.lora.spec import read_base_config
+from lorry.engine.model.loader import load_hf_config, load_model
+from lorry.engine.runner import ModelRunner, get_ops
+from lorry.engine.scheduler import Scheduler
+from lorry.engine.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -77,7 +76,7 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
     ops = get_ops(backend) if c.enable_lora else None
     graphs = None
     if device.type == "cuda" and not c.enforce_eager:
-        from engine.graphs import DecodeGraphs
+        from lorry.engine.graphs import DecodeGraphs
         graphs = DecodeGraphs(model, ops, c.max_loras, c.max_num_seqs, max_len, device)
     runner = ModelRunner(model, ops, c.max_loras, device, graphs)
     if loras is not None:

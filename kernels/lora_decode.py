@@ -18,10 +18,9 @@ import functools
 
 import torch
 import triton
-
-from kernels.device_info import interpreted, num_sms, pdl_supported
-from kernels.lora_decode_kernel import lora_decode_kernel
-from kernels.segments import LoRAMeta, tile_table
+from lorry.kernels.device_info import interpreted, num_sms, pdl_supported
+from lorry.kernels.lora_decode_kernel import lora_decode_kernel
+from lorry.kernels.segments import LoRAMeta, tile_table
 
 # Tuning: measured on an H200 (docs/BENCHMARKS.md, "LoRA kernels (H200)"; 2026-11-29, then
 # 2026-12-01 once the weight loads vectorized, and again for expand_loop 2). The decode path
@@ -29,7 +28,7 @@ from kernels.segments import LoRAMeta, tile_table
 # 64 tokens over 32+ adapters) and loses where there are few (1 token; o/down at 8 tokens).
 # The one-launch variant (fused=True) gained nothing over two launches of the same items, so
 # it is off.
-# benchmarks/kernels.py --decode-config/--tune override entries.
+# benchmarks/lora_kernels.py --decode-config/--tune override entries.
 DECODE_CONFIG = {
     "min_tokens": 1,           # decode path for min_tokens <= T <= max_tokens ...
     "max_tokens": 256,

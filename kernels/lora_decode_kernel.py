@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-from kernels.triton_kernels import _pick, _pick_ptr
+from lorry.kernels.triton_kernels import _pick, _pick_ptr
 
 
 @triton.jit

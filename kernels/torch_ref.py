@@ -10,8 +10,7 @@ padding contributes exactly zero.
 from __future__ import annotations
 
 import torch
-
-from kernels.segments import LoRAMeta
+from lorry.kernels.segments import LoRAMeta
 
 
 def _slot_groups(meta: LoRAMeta):

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import torch
 import triton
-
-from kernels.device_info import interpreted, num_sms
-from kernels.lora_decode import try_add_lora_decode, try_expand_folded_decode
-from kernels.segments import LoRAMeta
-from kernels.triton_kernels import lora_expand_kernel, lora_shrink_kernel
+from lorry.kernels.device_info import interpreted, num_sms
+from lorry.kernels.lora_decode import try_add_lora_decode, try_expand_folded_decode
+from lorry.kernels.segments import LoRAMeta
+from lorry.kernels.triton_kernels import lora_expand_kernel, lora_shrink_kernel
 
 MAX_SLICES_PER_LAUNCH = 3
 

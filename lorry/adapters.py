@@ -12,7 +12,7 @@ def register_shared(queue, settings, name: str, source: str, revision: str | Non
     Hub ids are registered as given; the worker validates them when it loads them.
     Raises ``engine.errors.LoRAError`` (or ValueError) naming the problem.
     """
-    from engine.lora.spec import parse_adapter, read_base_config
+    from lorry.engine.lora.spec import parse_adapter, read_base_config
 
     rank = None
     local = Path(os.path.expanduser(source))

@@ -23,13 +23,20 @@ for sub, name in ((model_app, "model"), (db_app, "db"), (tenant_app, "tenant"),
 
 
 def _settings():
+    """The LORRY_* settings, read once here; a refused value exits 2 with pydantic's message."""
+    from pydantic import ValidationError
+
     from lorry.settings import get_settings
 
-    return get_settings()
+    try:
+        return get_settings()
+    except ValidationError as e:
+        typer.echo(f"error: invalid LORRY_* setting: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _queue():
-    from scheduler import JobQueue
+    from lorry.scheduler import JobQueue
 
     return JobQueue(_settings().database_url)
 
@@ -37,15 +44,16 @@ def _queue():
 @model_app.command("prepare")
 def model_prepare(out: Optional[Path] = typer.Option(None, help="output directory")):
     """Convert the packaged demo model (SmolLM2-135M-Instruct) to safetensors, once."""
-    from engine.demo_model import prepare_demo_model
+    from lorry.engine.demo_model import prepare_demo_model
+    from lorry.settings import DEMO_MODEL_NAME
 
-    typer.echo(prepare_demo_model(out))
+    typer.echo(prepare_demo_model(out or _settings().models_dir / DEMO_MODEL_NAME))
 
 
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("head")):
     """Apply the migrations to LORRY_DATABASE_URL."""
-    from scheduler.migrate import upgrade
+    from lorry.scheduler.migrate import upgrade
 
     url = _settings().database_url
     upgrade(url, revision) if revision != "head" else upgrade(url)
@@ -87,12 +95,12 @@ def api(host: Optional[str] = None, port: Optional[int] = None, workers: int = 1
     import uvicorn
 
     s = _settings()
-    uvicorn.run("api.app:main_app", factory=True, host=host or s.api_host,
+    uvicorn.run("lorry.api.app:main_app", factory=True, host=host or s.api_host,
                 port=port or s.api_port, workers=workers, log_level="info")
 
 
 def _celery(argv: list[str]) -> None:
-    from workers.celery_app import app as celery_app
+    from lorry.workers.celery_app import app as celery_app
 
     celery_app.start(argv)
 
@@ -135,7 +143,7 @@ def run(file: Path = typer.Argument(..., exists=True, dir_okay=False,
     from lorry.embedded import run_file
 
     try:
-        counts = run_file(file, output, adapters=adapter, adapters_dir=adapters_dir,
+        counts = run_file(_settings(), file, output, adapters=adapter, adapters_dir=adapters_dir,
                           database_url=database)
     except ValueError as e:  # a refused adapter or a bad --adapter value
         typer.echo(f"error: {e}", err=True)
@@ -148,11 +156,12 @@ def run(file: Path = typer.Argument(..., exists=True, dir_okay=False,
 @app.command("demo")
 def demo(max_tokens: int = typer.Option(32, min=1, max=256),
          adapters_dir: Optional[Path] = typer.Option(
-             None, help="PEFT adapters, one per subdirectory (default: adapters/demo)")):
+             None, help="PEFT adapters, one per subdirectory (default: the packaged demo "
+                        "adapters)")):
     """Prepare the model, register the demo adapters, run one mixed batch, print a table."""
     from lorry.demo import run_demo
 
-    run_demo(max_tokens=max_tokens, adapters_dir=adapters_dir)
+    run_demo(_settings(), max_tokens=max_tokens, adapters_dir=adapters_dir)
 
 
 def _redact(url: str) -> str:

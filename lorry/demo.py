@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import time
+from importlib import resources
+from pathlib import Path
 
-from lorry.embedded import REPO_ROOT, drain_with_progress, embedded_queue, register_adapters
+from lorry.embedded import drain_with_progress, embedded_queue, register_adapters
 
 BUILTIN_PROMPTS = [
     "What is the capital of France?",
@@ -14,9 +16,16 @@ BUILTIN_PROMPTS = [
 ]
 
 
+def demo_adapters_dir() -> Path:
+    """The demo adapters' folder: ``adapters/demo`` of the checkout, package data in a wheel."""
+    import lorry.demo_adapters
+
+    return Path(next(iter(lorry.demo_adapters.__path__))).resolve()
+
+
 def demo_prompts() -> list[str]:
-    """scripts/demo_prompts.json (a list of strings, or {"prompts": [...]}) or a built-in list."""
-    path = REPO_ROOT / "scripts" / "demo_prompts.json"
+    """The packaged demo prompts (lorry/demo_prompts.json: {"prompts": [...]}), else built-ins."""
+    path = resources.files("lorry").joinpath("demo_prompts.json")
     if path.is_file():
         data = json.loads(path.read_text())
         items = data.get("prompts", []) if isinstance(data, dict) else data
@@ -29,7 +38,7 @@ def demo_prompts() -> list[str]:
 
 def demo_engine_settings(settings, queue, n_jobs: int, max_tokens: int):
     """An engine sized for this one batch (a 2-core CPU loads and steps it quickly)."""
-    from engine.config import LORA_RANKS
+    from lorry.engine.config import LORA_RANKS
 
     ranks = [a.rank or 8 for a in queue.list_adapters(None)]
     rank = next(r for r in LORA_RANKS if r >= max(ranks, default=8))
@@ -39,21 +48,23 @@ def demo_engine_settings(settings, queue, n_jobs: int, max_tokens: int):
         "max_cpu_loras": loras, "max_lora_rank": rank})
 
 
-def run_demo(max_tokens: int = 32, adapters_dir=None) -> None:
+def run_demo(settings, max_tokens: int = 32, adapters_dir=None) -> None:
+    """Run the demo prompts through the base model and every demo adapter; print a table."""
     from rich.console import Console
     from rich.table import Table
 
-    from engine.demo_model import prepare_demo_model
-    from scheduler import JobSpec
+    from lorry.engine.demo_model import DEMO_MODEL_NAME, prepare_demo_model
+    from lorry.scheduler import JobSpec
 
     console = Console()
     start = time.monotonic()
-    model_dir = prepare_demo_model()
-    with embedded_queue(model=str(model_dir)) as (settings, queue, tenant):
+    model_dir = prepare_demo_model(settings.models_dir / DEMO_MODEL_NAME)
+    with embedded_queue(settings, model=str(model_dir)) as (settings, queue, tenant):
         adapters = register_adapters(queue, settings, [],
-                                     adapters_dir or REPO_ROOT / "adapters" / "demo")
+                                     adapters_dir or demo_adapters_dir())
         if not adapters:
-            console.print("[yellow]no demo adapters in adapters/demo/: the base model only")
+            console.print(f"[yellow]no demo adapters in {adapters_dir or demo_adapters_dir()}: "
+                          "the base model only")
         prompts = demo_prompts()
         names = [None, *adapters]
         settings = demo_engine_settings(settings, queue, len(prompts) * len(names), max_tokens)

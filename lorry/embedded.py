@@ -7,19 +7,17 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 @contextmanager
-def embedded_queue(database_url: str | None = None, **overrides):
-    """Yield (settings, queue, tenant) on a migrated database (a temporary SQLite by default)."""
-    from lorry.settings import get_settings
-    from scheduler import JobQueue
-    from scheduler.migrate import upgrade
+def embedded_queue(settings, database_url: str | None = None, **overrides):
+    """Yield (settings, queue, tenant) on a migrated database (a temporary SQLite by default);
+    the settings yielded are ``settings`` with that database and ``overrides``."""
+    from lorry.scheduler import JobQueue
+    from lorry.scheduler.migrate import upgrade
 
     with tempfile.TemporaryDirectory(prefix="lorry-") as tmp:
         url = database_url or f"sqlite:///{tmp}/lorry.db"
-        settings = get_settings().model_copy(update={"database_url": url, **overrides})
+        settings = settings.model_copy(update={"database_url": url, **overrides})
         upgrade(url)
         queue = JobQueue(url)
         tenant, _ = queue.create_tenant(f"local-{Path(tmp).name}")
@@ -51,7 +49,7 @@ def drain_with_progress(settings, queue, total: int, description: str) -> dict:
     """Run the in-process drain loop until the queue is empty, with a progress bar."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from workers.runtime import build_drainer
+    from lorry.workers.runtime import build_drainer
 
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), transient=False) as bar:
@@ -63,17 +61,16 @@ def drain_with_progress(settings, queue, total: int, description: str) -> dict:
     return summary.to_dict()
 
 
-def run_file(file: Path, output: Path, adapters: list[str] = (), adapters_dir=None,
+def run_file(settings, file: Path, output: Path, adapters: list[str] = (), adapters_dir=None,
              database_url: str | None = None) -> dict:
     """Run an OpenAI Batch JSONL file embedded; write OpenAI output lines.
 
     Failed lines go to ``<output stem>.errors.jsonl`` beside it.
     """
-    from api.batch_input import parse_lines
-    from api.convert import output_line
-    from api.routes.batches import base_model_name, specs_from_lines
+    from lorry.api.batch_input import base_model_name, parse_lines, specs_from_lines
+    from lorry.api.convert import output_line
 
-    with embedded_queue(database_url) as (settings, queue, tenant):
+    with embedded_queue(settings, database_url) as (settings, queue, tenant):
         register_adapters(queue, settings, list(adapters), adapters_dir)
         with open(file, "rb") as f:
             parsed = parse_lines(enumerate((line.rstrip(b"\r\n") for line in f), start=1))

@@ -1,16 +1,32 @@
-"""Lorry's settings: one pydantic-settings class read from ``LORRY_*`` environment variables."""
+"""Lorry's settings: one pydantic-settings class read from ``LORRY_*`` environment variables.
+
+Only the edges read the environment (the CLI, the Celery app, the ASGI factory); everything
+below them receives a validated ``Settings`` and, for the engine, ``Settings.engine_config()``.
+Validators only parse and check: creating directories is the caller's business.
+"""
 from __future__ import annotations
 
+import json
 import os
-from functools import lru_cache
+import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DATA_DIR = Path(os.environ.get("LORRY_DATA_DIR", Path.home() / ".local" / "share" / "lorry"))
-MODELS_DIR = Path(os.environ.get("LORRY_MODELS_DIR", Path.home() / ".cache" / "lorry" / "models"))
+from lorry.engine.config import EngineConfig
+from lorry.engine.demo_model import DEMO_MODEL_NAME, default_models_dir
+
+# Settings fields passed to EngineConfig under the same name (checked by its rules).
+ENGINE_FIELDS = ("model", "tokenizer", "revision", "device", "dtype", "lora_dtype",
+                 "lora_backend", "max_loras", "max_lora_rank", "max_cpu_loras", "max_num_seqs",
+                 "max_model_len", "max_num_batched_tokens", "quantization", "enforce_eager",
+                 "lora_fold", "load_format", "seed")
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "lorry"
 
 
 class Settings(BaseSettings):
@@ -18,34 +34,54 @@ class Settings(BaseSettings):
 
     Parameters
     ----------
+    data_dir : Path
+        Where the embedded SQLite database and tenants' files live by default.
+    models_dir : Path
+        Where ``lorry model prepare`` writes the demo base model.
     database_url : str
-        SQLAlchemy URL of the job table (SQLite file by default, PostgreSQL in production).
+        SQLAlchemy URL of the job table (``{data_dir}/lorry.db`` by default; PostgreSQL in
+        production).
     broker_url : str
         Celery broker (Redis); the API also keeps nudge de-duplication keys there.
     model : str
-        Base model directory or Hub id the GPU workers load.
+        Base model directory or Hub id the GPU workers load (the demo model by default).
     adapter_roots : list of str
         Directories under which local adapter paths may be registered.
+
+    The engine fields (``model`` ... ``seed``, see ``ENGINE_FIELDS``) are ``EngineConfig``'s
+    options under the same names, validated by ``EngineConfig``'s own rules when the settings
+    are built.
     """
 
     model_config = SettingsConfigDict(env_prefix="LORRY_", extra="ignore")
 
-    database_url: str = f"sqlite:///{DATA_DIR / 'lorry.db'}"
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    models_dir: Path = Field(default_factory=default_models_dir)
+    database_url: str = ""  # "" -> sqlite:///{data_dir}/lorry.db
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str | None = None
     redis_prefix: str = "lorry"
 
-    # engine
-    model: str = str(MODELS_DIR / "SmolLM2-135M-Instruct")
+    # engine (EngineConfig's names)
+    model: str = ""  # "" -> {models_dir}/SmolLM2-135M-Instruct
+    tokenizer: str | None = None
+    revision: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    lora_dtype: str = "auto"
+    lora_backend: str = "auto"
     max_loras: int = Field(8, ge=1)
     max_lora_rank: int = Field(64, ge=1)
     max_cpu_loras: int = Field(64, ge=1)
     max_num_seqs: int = Field(32, ge=1)
     max_model_len: int | None = Field(2048, ge=16)
-    adapter_roots: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [
-        str(Path.cwd() / "adapters"), str(DATA_DIR / "adapters")])
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    quantization: str | None = None
+    enforce_eager: bool = False
+    lora_fold: bool = True
+    load_format: str = "auto"
+    seed: int = 0
+    adapter_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allow_hub_adapters: bool = True
 
     # queue / worker
@@ -71,16 +107,16 @@ class Settings(BaseSettings):
     flower_port: int = Field(5555, ge=1, le=65535)
     flower_basic_auth: str | None = None  # "user:password"
 
-    @field_validator("database_url")
+    @field_validator("data_dir", "models_dir", mode="after")
     @classmethod
-    def _expand_sqlite(cls, url: str) -> str:
-        """Expand ``~`` in SQLite paths and create the parent directory."""
-        prefix = "sqlite:///"
-        if url.startswith(prefix) and url != prefix + ":memory:":
-            path = Path(os.path.expanduser(url[len(prefix):]))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return prefix + str(path)
-        return url
+    def _expand_user(cls, path: Path) -> Path:
+        return path.expanduser()
+
+    @field_validator("quantization", "tokenizer", "revision", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value):
+        """``LORRY_QUANTIZATION=`` (empty) means none, as leaving it unset does."""
+        return None if value == "" else value
 
     @field_validator("adapter_roots", mode="before")
     @classmethod
@@ -88,17 +124,53 @@ class Settings(BaseSettings):
         """``LORRY_ADAPTER_ROOTS`` is a PATH-like list (``/a:/b``) or a JSON list."""
         if isinstance(value, str):
             if value.strip().startswith("["):
-                import json
                 return json.loads(value)
             return [p for p in value.split(os.pathsep) if p]
         return value
 
-    @property
-    def redis_url(self) -> str:
-        return self.broker_url
+    @model_validator(mode="after")
+    def _defaults_and_engine_rules(self):
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'lorry.db'}"
+        elif self.database_url.startswith("sqlite:///") and self.database_url != "sqlite:///:memory:":
+            self.database_url = "sqlite:///" + os.path.expanduser(self.database_url[10:])
+        if not self.model:
+            self.model = str(self.models_dir / DEMO_MODEL_NAME)
+        if not self.adapter_roots:
+            self.adapter_roots = [str(Path.cwd() / "adapters"), str(self.data_dir / "adapters")]
+        if self.max_cpu_loras < self.max_loras:
+            self.max_cpu_loras = self.max_loras  # the CPU cache holds at least the GPU slots
+        self.engine_config()  # raises ValueError naming the LORRY_* value EngineConfig refuses
+        return self
+
+    def engine_config(self, **overrides) -> EngineConfig:
+        """The ``EngineConfig`` a worker serves with (``overrides`` replace settings)."""
+        kwargs = {name: getattr(self, name) for name in ENGINE_FIELDS}
+        kwargs.update(overrides)
+        try:
+            return EngineConfig(**kwargs)
+        except ValueError as e:
+            # EngineConfig names its field ("EngineConfig.max_loras=0 ..."); operators set
+            # the variable, so the message names that instead.
+            raise ValueError(re.sub(r"EngineConfig\.(\w+)",
+                                    lambda m: "LORRY_" + m.group(1).upper(), str(e))) from e
+
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file of ``database_url`` (None for other databases or ``:memory:``)."""
+        prefix = "sqlite:///"
+        if self.database_url.startswith(prefix) and self.database_url != prefix + ":memory:":
+            return Path(self.database_url[len(prefix):])
+        return None
+
+    def ensure_dirs(self) -> None:
+        """Create the SQLite database's folder (called by the edges before first use)."""
+        path = self.sqlite_path()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
 
 
-@lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings (read once from the environment)."""
-    return Settings()
+    """Read the settings from the environment (the edges call this once and pass them down)."""
+    settings = Settings()
+    settings.ensure_dirs()
+    return settings

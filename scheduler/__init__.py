@@ -1,8 +1,8 @@
 """The job queue: SQL tables, claim policy, leases and the one gateway that issues SQL."""
 from __future__ import annotations
 
-from scheduler import errors
-from scheduler.types import (
+from lorry.scheduler import errors
+from lorry.scheduler.types import (
     AdapterInfo,
     BatchInfo,
     ClaimedJob,
@@ -30,6 +30,6 @@ __all__ = [
 def __getattr__(name: str):
     # JobQueue pulls in SQLAlchemy; the dataclasses above stay importable without it.
     if name == "JobQueue":
-        from scheduler.gateway import JobQueue
+        from lorry.scheduler.gateway import JobQueue
         return JobQueue
     raise AttributeError(f"module 'scheduler' has no attribute {name!r}")

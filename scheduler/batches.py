@@ -7,13 +7,12 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
+from lorry.scheduler import errors
+from lorry.scheduler.db import add_to_groups
+from lorry.scheduler.models import Batch, Job
+from lorry.scheduler.rows import batch_info, job_info
+from lorry.scheduler.types import BatchInfo, JobInfo, JobSpec
 from sqlalchemy import exists, func, select, update
-
-from scheduler import errors
-from scheduler.db import add_to_groups
-from scheduler.models import Batch, Job
-from scheduler.rows import batch_info, job_info
-from scheduler.types import BatchInfo, JobInfo, JobSpec
 
 B, J = Batch.__table__, Job.__table__
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
@@ -46,7 +45,7 @@ class BatchOps:
             seen.add(s.custom_id)
         if metadata is not None and not isinstance(metadata, dict):
             raise errors.InvalidJob(f"metadata must be a dict or None, got {metadata!r}")
-        from scheduler.jobs import validate_spec
+        from lorry.scheduler.jobs import validate_spec
         for i, s in enumerate(specs):
             validate_spec(s, i)
         now = self.now()
@@ -56,7 +55,7 @@ class BatchOps:
                    failed=0, metadata=metadata, created_at=now, in_progress_at=now,
                    expires_at=now + timedelta(seconds=seconds))
         with self.engine.begin() as conn:
-            from scheduler.models import Tenant
+            from lorry.scheduler.models import Tenant
             if conn.execute(select(Tenant.id).where(Tenant.id == tenant_id)).first() is None:
                 raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
             conn.execute(B.insert(), row)

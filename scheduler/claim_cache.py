@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from scheduler.policy import Group, Plan
+from lorry.scheduler.policy import Group, Plan
 
 # Bumped by every write to queue_groups (other than a claim's) and to worker rows made in
 # this process: a cached snapshot from before such a write is not used again.

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 
-from scheduler.claim_cache import GENERATION, ClaimSnapshot
-from scheduler.db import epoch_seconds
-from scheduler.policy import Group
+from lorry.scheduler.claim_cache import GENERATION, ClaimSnapshot
+from lorry.scheduler.db import epoch_seconds
+from lorry.scheduler.policy import Group
 
 HEARTBEAT_REFRESH_S = 5.0  # a claim rewrites an unchanged worker row at most this often
 

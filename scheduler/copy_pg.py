@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from typing import NamedTuple
 
-from scheduler.types import JobSpec
+from lorry.scheduler.types import JobSpec
 
 _SMALL = [str(i) for i in range(256)]
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})

@@ -9,18 +9,17 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 
+from lorry.scheduler import errors
+from lorry.scheduler.batches import BatchOps
+from lorry.scheduler.claims import ClaimOps
+from lorry.scheduler.db import make_engine, naive_utc, utcnow
+from lorry.scheduler.jobs import JobOps
+from lorry.scheduler.leases import LeaseOps
+from lorry.scheduler.maintenance import MaintenanceOps
+from lorry.scheduler.models import Adapter, Tenant
+from lorry.scheduler.rows import adapter_info, tenant_info
+from lorry.scheduler.types import AdapterInfo, TenantInfo
 from sqlalchemy import delete, or_, select
-
-from scheduler import errors
-from scheduler.batches import BatchOps
-from scheduler.claims import ClaimOps
-from scheduler.db import make_engine, naive_utc, utcnow
-from scheduler.jobs import JobOps
-from scheduler.leases import LeaseOps
-from scheduler.maintenance import MaintenanceOps
-from scheduler.models import Adapter, Tenant
-from scheduler.rows import adapter_info, tenant_info
-from scheduler.types import AdapterInfo, TenantInfo
 
 ADAPTER_STATUSES = ("ready", "pending", "invalid", "disabled")
 
@@ -54,7 +53,7 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, MaintenanceOps):
         if create is None:
             create = url.startswith("sqlite")
         if create:
-            from scheduler.migrate import upgrade
+            from lorry.scheduler.migrate import upgrade
             upgrade(url)
         self.engine = make_engine(url, **engine_kwargs)
         self._engine_kwargs = engine_kwargs

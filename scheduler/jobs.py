@@ -6,15 +6,14 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
+from lorry.scheduler import errors
+from lorry.scheduler.copy_pg import NewJob, copy_jobs
+from lorry.scheduler.db import add_to_groups, naive_utc
+from lorry.scheduler.models import Adapter, Job, QueueGroup, Tenant
+from lorry.scheduler.rows import job_info
+from lorry.scheduler.types import JobInfo, JobSpec
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
-
-from scheduler import errors
-from scheduler.copy_pg import NewJob, copy_jobs
-from scheduler.db import add_to_groups, naive_utc
-from scheduler.models import Adapter, Job, QueueGroup, Tenant
-from scheduler.rows import job_info
-from scheduler.types import JobInfo, JobSpec
 
 J = Job.__table__
 COPY_MIN_ROWS = 64  # from here on COPY beats multi-row INSERT on PostgreSQL

@@ -5,11 +5,10 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
+from lorry.scheduler.db import add_to_groups
+from lorry.scheduler.models import Job
+from lorry.scheduler.types import Result
 from sqlalchemy import select, tuple_, update
-
-from scheduler.db import add_to_groups
-from scheduler.models import Job
-from scheduler.types import Result
 
 J = Job.__table__
 

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from lorry.scheduler.db import add_to_groups
+from lorry.scheduler.models import Job, Worker
 from sqlalchemy import delete, select, update
-
-from scheduler.db import add_to_groups
-from scheduler.models import Job, Worker
 
 J, W = Job.__table__, Worker.__table__
 CHUNK = 1000

@@ -1,19 +1,16 @@
 """Run the Alembic migrations programmatically (`lorry db upgrade` calls these)."""
 from __future__ import annotations
 
-from pathlib import Path
+from importlib import resources
 
 from alembic import command
 from alembic.config import Config
 
-# migrations/ sits next to scheduler/, in the checkout and in the installed distribution.
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
-
 
 def alembic_config(url: str) -> Config:
-    """An Alembic Config for the packaged migrations, aimed at url."""
+    """An Alembic Config for the packaged migrations (``lorry.migrations``), aimed at url."""
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(resources.files("lorry.migrations")))
     cfg.attributes["url"] = url
     return cfg
 

@@ -1,7 +1,7 @@
 """Row -> dataclass conversions (no ORM object leaves the gateway)."""
 from __future__ import annotations
 
-from scheduler.types import AdapterInfo, BatchInfo, JobInfo, Result, TenantInfo
+from lorry.scheduler.types import AdapterInfo, BatchInfo, JobInfo, Result, TenantInfo
 
 
 def tenant_info(r) -> TenantInfo:

@@ -5,13 +5,10 @@ Usage: .venv/bin/python scripts/demo_cards.py   (after scripts/train_demo_adapte
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.demo_checks import ADAPTERS_DIR, CHECKS, make_engine, run_all, score  # noqa: E402
-from scripts.demo_data import held_out_prompts  # noqa: E402
-from scripts.train_demo_adapters import DESCRIPTIONS, FIRST_LAYER  # noqa: E402
+from demo_checks import ADAPTERS_DIR, CHECKS, make_engine, run_all, score  # noqa: E402
+from demo_data import held_out_prompts  # noqa: E402
+from train_demo_adapters import DESCRIPTIONS, FIRST_LAYER  # noqa: E402
 
 CARD = """---
 base_model: HuggingFaceTB/SmolLM2-135M-Instruct

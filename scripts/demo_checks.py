@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "adapters" / "demo"
+from lorry.demo import demo_adapters_dir
+
+ADAPTERS_DIR = demo_adapters_dir()
 
 
 def is_uppercase(text: str) -> bool:
@@ -33,17 +36,18 @@ CHECKS = {"uppercase": is_uppercase, "json": is_json_answer, "numbered": is_numb
 
 def make_engine(max_num_seqs: int = 32):
     """A CPU engine on the demo model with room for the three demo adapters."""
-    from engine import EngineConfig, LLMEngine
-    from engine.demo_model import prepare_demo_model
+    from lorry.engine import EngineConfig, LLMEngine
+    from lorry.engine.demo_model import demo_model_dir, prepare_demo_model
 
-    return LLMEngine(EngineConfig(model=str(prepare_demo_model()), enable_lora=True, max_loras=4,
+    model = prepare_demo_model(demo_model_dir(os.environ.get("LORRY_MODELS_DIR")))
+    return LLMEngine(EngineConfig(model=str(model), enable_lora=True, max_loras=4,
                                   max_lora_rank=32, device="cpu", max_num_seqs=max_num_seqs,
                                   max_model_len=256))
 
 
 def demo_lora(name: str, adapters_dir: Path = ADAPTERS_DIR):
     """The LoRARequest of a demo adapter; ids are fixed because the engine caches by id."""
-    from engine import LoRARequest
+    from lorry.engine import LoRARequest
 
     return LoRARequest(name, sorted(CHECKS).index(name) + 1, str(adapters_dir / name))
 
@@ -51,7 +55,7 @@ def demo_lora(name: str, adapters_dir: Path = ADAPTERS_DIR):
 def run_all(engine, prompts: list[str], names: list[str], max_tokens: int = 48,
             adapters_dir: Path = ADAPTERS_DIR) -> dict[str | None, list[str]]:
     """One mixed batch: every prompt through the base (key None) and every named adapter."""
-    from engine import SamplingParams
+    from lorry.engine import SamplingParams
 
     loras = [None, *(demo_lora(n, adapters_dir) for n in names)]
     messages = [[{"role": "user", "content": p}] for p in prompts]

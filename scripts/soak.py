@@ -14,11 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import httpx
-
-from tests.chaos.harness import (
+from chaos_harness import (
     FINAL,
     RedisServer,
     Services,
@@ -73,7 +70,7 @@ def soak(args) -> dict:
     services = Services(env, root / "logs", workers=args.workers)
     kills, submitted, batches = 0, 0, []
     try:
-        from scheduler import JobQueue
+        from lorry.scheduler import JobQueue
 
         q = JobQueue(db_url)
         keys = []

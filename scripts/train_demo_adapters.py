@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.demo_data import BEHAVIOURS, training_items  # noqa: E402
+from demo_data import BEHAVIOURS, training_items  # noqa: E402
 
 # Mixed ranks and targets on purpose: the demo batch then exercises slot padding and
 # adapters that touch different projections.
@@ -139,9 +137,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path("adapters/demo"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from engine.demo_model import prepare_demo_model
+    from lorry.engine.demo_model import demo_model_dir, prepare_demo_model
 
-    model_dir = prepare_demo_model()
+    model_dir = prepare_demo_model(demo_model_dir(os.environ.get("LORRY_MODELS_DIR")))
     for name in args.only or sorted(ADAPTERS):
         train_one(name, model_dir, args.out, args.steps, args.batch_size, args.lr, args.seed,
                   args.save_every)

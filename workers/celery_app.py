@@ -1,4 +1,6 @@
-"""The Celery application: Redis broker, task events on (Flower), beat schedule of maintain."""
+"""The Celery application: Redis broker, task events on (Flower), beat schedule of maintain.
+
+An edge: it reads the settings from the environment once, and the tasks use that object."""
 from __future__ import annotations
 
 from celery import Celery
@@ -7,7 +9,7 @@ from lorry.settings import get_settings
 
 settings = get_settings()
 app = Celery("lorry", broker=settings.broker_url, backend=settings.result_backend,
-             include=["workers.tasks"])
+             include=["lorry.workers.tasks"])
 app.conf.update(
     # Flower builds its worker and task views from these events.
     worker_send_task_events=True,

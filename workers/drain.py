@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from workers.stats import WorkerStats, cache_counts
+from lorry.workers.stats import WorkerStats, cache_counts
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +175,14 @@ class Drainer:
         comes back as outputs with finish_reason "error", which fail their jobs (_finish)."""
         if mb.adapter is None:
             return None
-        from engine import LoRARequest
+        from lorry.engine import LoRARequest
 
         a = mb.adapter
         self.names[a.id] = a.name
         return LoRARequest(a.name, a.id, a.source, revision=a.revision)
 
     def _add(self, job, lora) -> None:
-        from engine import SamplingParams
+        from lorry.engine import SamplingParams
 
         try:
             params = SamplingParams.from_dict(job.sampling)
@@ -201,7 +201,7 @@ class Drainer:
             self.on_result(job, "failed")
 
     def _finish(self, job_id: str, out, cancelled: bool = False) -> None:
-        from scheduler import Result
+        from lorry.scheduler import Result
 
         held = self.held.pop(job_id, None)
         if held is None or out is None:

@@ -17,20 +17,16 @@ def default_worker_id() -> str:
 
 def build_engine(settings):
     """The engine a worker serves with, from the LORRY_* settings."""
-    from engine import EngineConfig, LLMEngine
+    from lorry.engine import LLMEngine
 
-    return LLMEngine(EngineConfig(
-        model=settings.model, device=settings.device, dtype=settings.dtype,
-        max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
-        max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
-        max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len))
+    return LLMEngine(settings.engine_config())
 
 
 def build_drainer(settings, queue=None, engine=None, publish=True, **kw):
     """A Drainer over the settings' database and model (each built unless given)."""
-    from scheduler import JobQueue
-    from workers.drain import Drainer
-    from workers.stats import RedisStatsPublisher
+    from lorry.scheduler import JobQueue
+    from lorry.workers.drain import Drainer
+    from lorry.workers.stats import RedisStatsPublisher
 
     worker_id = settings.worker_id or default_worker_id()
     queue = queue or JobQueue(settings.database_url)
@@ -42,14 +38,12 @@ def build_drainer(settings, queue=None, engine=None, publish=True, **kw):
                    heartbeat_seconds=settings.heartbeat_seconds, publish=publisher, **kw)
 
 
-def get_drainer():
-    """The process's drainer; the engine is loaded on the first call only."""
+def get_drainer(settings):
+    """The process's drainer over ``settings``; the engine is loaded on the first call only."""
     global _runtime
     with _lock:
         if _runtime is None:
-            from lorry.settings import get_settings
-
-            _runtime = build_drainer(get_settings())
+            _runtime = build_drainer(settings)
             log.info("worker %s ready: %s", _runtime.worker_id, _runtime.engine.info())
         return _runtime
 
@@ -59,7 +53,7 @@ _queues: dict = {}
 
 def queue_for(settings):
     """A JobQueue per database URL, reused across maintain runs (its connection pool)."""
-    from scheduler import JobQueue
+    from lorry.scheduler import JobQueue
 
     if settings.database_url not in _queues:
         _queues[settings.database_url] = JobQueue(settings.database_url)

@@ -5,9 +5,7 @@ import logging
 import threading
 
 from celery import signals
-
-from lorry.settings import get_settings
-from workers.celery_app import app
+from lorry.workers.celery_app import app, settings
 
 log = logging.getLogger(__name__)
 _shutting_down = threading.Event()
@@ -16,9 +14,9 @@ _shutting_down = threading.Event()
 @signals.worker_ready.connect
 def _load_engine(**_):
     """Load the engine once when the worker starts, and register the worker."""
-    from workers.runtime import get_drainer
+    from lorry.workers.runtime import get_drainer
 
-    get_drainer().heartbeat()
+    get_drainer(settings).heartbeat()
 
 
 @signals.worker_shutting_down.connect
@@ -30,11 +28,10 @@ def _stop_draining(**_):
 @app.task(name="lorry.drain", bind=True)
 def drain(self) -> dict:
     """Drain the queue through this worker's engine until it is empty (or a time limit)."""
-    from workers.runtime import get_drainer
+    from lorry.workers.runtime import get_drainer
 
-    settings = get_settings()
     _nudge_taken(settings)
-    summary = get_drainer().run(max_seconds=settings.drain_max_seconds,
+    summary = get_drainer(settings).run(max_seconds=settings.drain_max_seconds,
                                 should_stop=_shutting_down.is_set)
     if summary.reason == "time limit":  # give maintain and other tasks a turn, then go on
         drain.apply_async()
@@ -57,9 +54,8 @@ def _nudge_taken(settings) -> None:
 @app.task(name="lorry.maintain")
 def maintain() -> dict:
     """Reaper, deadline expiry, batch finalization, worker pruning; nudge drain if work waits."""
-    from workers.runtime import queue_for
+    from lorry.workers.runtime import queue_for
 
-    settings = get_settings()
     q = queue_for(settings)
     done = {"reaped": q.reap_expired_leases(), "expired": q.expire_deadlines(),
             "batches_finalized": q.finalize_batches(),

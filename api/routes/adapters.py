@@ -5,10 +5,9 @@ import os
 import re
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request
-
-from api.convert import adapter_out
-from api.deps import get_queue, get_settings, get_tenant
-from api.schemas import NAME_PATTERN, AdapterCreate, AdapterList, AdapterOut
+from lorry.api.convert import adapter_out
+from lorry.api.deps import get_queue, get_settings, get_tenant
+from lorry.api.schemas import NAME_PATTERN, AdapterCreate, AdapterList, AdapterOut
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -30,7 +29,7 @@ def base_config(request: Request) -> dict:
     """The base model's config.json, read once (adapters are checked against its shapes)."""
     cfg = getattr(request.app.state, "base_config", None)
     if cfg is None:
-        from engine.lora.spec import read_base_config
+        from lorry.engine.lora.spec import read_base_config
 
         try:
             cfg = read_base_config(request.app.state.settings.model)
@@ -43,7 +42,7 @@ def base_config(request: Request) -> dict:
 
 def validate_local(path: str, request: Request, settings) -> int:
     """Check the PEFT directory with the engine's torch-free rules; return its rank."""
-    from engine.lora.spec import parse_adapter  # torch-free; its refusals are ValueErrors
+    from lorry.engine.lora.spec import parse_adapter  # torch-free; its refusals are ValueErrors
 
     try:
         spec = parse_adapter(path, base_config(request), max_lora_rank=settings.max_lora_rank,

@@ -2,60 +2,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import PurePath
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-
-from api.batch_input import ParsedBatch, parse_lines, sampling_of
-from api.convert import batch_out, output_line
-from api.deps import get_queue, get_settings, get_tenant, nudge
-from api.prompt_length import too_long_message
-from api.schemas import BatchOut
-from api.upload import read_lines
+from lorry.api.batch_input import base_model_name, parse_lines, specs_from_lines
+from lorry.api.convert import batch_out, output_line
+from lorry.api.deps import get_queue, get_settings, get_tenant, nudge
+from lorry.api.schemas import BatchOut
+from lorry.api.upload import read_lines
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
-BASE_ALIASES = ("base",)
-
-
-def base_model_name(settings) -> str:
-    return PurePath(settings.model.rstrip("/")).name
-
-
-def specs_from_lines(parsed: ParsedBatch, queue, tenant, base_name: str, settings=None):
-    """JobSpecs of the good lines; lines naming an unknown model or too long a prompt join
-    ``parsed.errors`` (the length check needs ``settings``)."""
-    from scheduler import JobSpec
-
-    known: dict[str, bool] = {}
-    specs = []
-    for number, line in parsed.lines:
-        model = line.body.model
-        is_base = model == base_name or model in BASE_ALIASES
-        if not is_base and model not in known:
-            known[model] = queue.get_adapter(model, tenant.id) is not None
-        if not is_base and not known[model]:
-            parsed.errors.append({"code": "model_not_found", "line": number, "param": "body.model",
-                                  "message": f"line {number}: unknown model {model!r}; use one of "
-                                             f"your adapters or the base model {base_name!r}"})
-            continue
-        body = line.body
-        contents = [m.content for m in body.messages] if body.messages else None
-        too_long = None if settings is None else too_long_message(settings, body.prompt,
-                                                                  contents)
-        if too_long is not None:
-            parsed.errors.append({"code": "context_length_exceeded", "line": number,
-                                  "param": "body.messages" if contents else "body.prompt",
-                                  "message": f"line {number}: {too_long}"})
-            continue
-        specs.append(JobSpec(adapter=None if is_base else model, prompt=body.prompt,
-                             messages=[m.model_dump() for m in body.messages]
-                             if body.messages else None,
-                             sampling=sampling_of(body), custom_id=line.custom_id))
-    return specs
-
-
 @router.post("", response_model=BatchOut, status_code=201,
              summary="Create a batch from an OpenAI Batch JSONL file (raw body or multipart "
                      "'file'); bad lines are reported per line, good lines are queued")

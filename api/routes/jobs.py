@@ -4,11 +4,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-
-from api.convert import job_out
-from api.deps import get_queue, get_settings, get_tenant, nudge
-from api.prompt_length import check_prompt_length
-from api.schemas import NAME_PATTERN, JobCreate, JobOut, JobPage
+from lorry.api.convert import job_out
+from lorry.api.deps import get_queue, get_settings, get_tenant, nudge
+from lorry.api.prompt_length import check_prompt_length
+from lorry.api.schemas import NAME_PATTERN, JobCreate, JobOut, JobPage
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
@@ -24,7 +23,7 @@ def check_adapter(queue, tenant, name: str | None) -> None:
 
 
 def spec_of(body: JobCreate):
-    from scheduler import JobSpec
+    from lorry.scheduler import JobSpec
 
     deadline = None
     if body.deadline_seconds is not None:

@@ -5,8 +5,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from engine.lora.request import LoRARequest
-from engine.lora.weights import AdapterWeights
+from lorry.engine.lora.request import LoRARequest
+from lorry.engine.lora.weights import AdapterWeights
 
 
 class CPUAdapterCache:

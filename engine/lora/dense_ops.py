@@ -13,8 +13,7 @@ decode step of a small model this halves the CPU cost of LoRA: ops, not FLOPs, d
 from __future__ import annotations
 
 import torch
-
-from kernels.segments import LoRAMeta
+from lorry.kernels.segments import LoRAMeta
 
 
 def _selector(meta: LoRAMeta, L: int, R: int, dtype: torch.dtype) -> torch.Tensor:

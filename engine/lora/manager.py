@@ -10,14 +10,13 @@ import concurrent.futures as cf
 import time
 
 import torch
-
-from engine.errors import LoRAError
-from engine.lora.cpu_cache import CPUAdapterCache
-from engine.lora.gpu_slots import GPUSlotManager
-from engine.lora.request import LoRARequest
-from engine.lora.resolve import ADAPTER_FILES, resolve_dir
-from engine.lora.spec import parse_adapter
-from engine.lora.weights import AdapterWeights, load_adapter_weights
+from lorry.engine.errors import LoRAError
+from lorry.engine.lora.cpu_cache import CPUAdapterCache
+from lorry.engine.lora.gpu_slots import GPUSlotManager
+from lorry.engine.lora.request import LoRARequest
+from lorry.engine.lora.resolve import ADAPTER_FILES, resolve_dir
+from lorry.engine.lora.spec import parse_adapter
+from lorry.engine.lora.weights import AdapterWeights, load_adapter_weights
 
 
 class LoRAManager:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engine.errors import AdapterNotFoundError
+from lorry.engine.errors import AdapterNotFoundError
 
 
 def resolve_dir(name_or_path: str, *, revision: str | None = None,

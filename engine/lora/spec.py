@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import (
+from lorry.engine.errors import (
     AdapterFormatError,
     AdapterNotFoundError,
     BaseModelMismatchError,
@@ -180,7 +180,7 @@ def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | N
 
 def _refuse_code_in_pickle(path: Path) -> None:
     """Refuse a .bin whose pickle imports anything but tensor rebuilding (never unpickled)."""
-    from engine.lora.pickle_scan import unsafe_globals
+    from lorry.engine.lora.pickle_scan import unsafe_globals
 
     try:
         bad = unsafe_globals(path)

@@ -4,9 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from engine.errors import AdapterFormatError
-from engine.lora.spec import AdapterSpec, check_shapes
+from lorry.engine.errors import AdapterFormatError
+from lorry.engine.lora.spec import AdapterSpec, check_shapes
 
 
 @dataclass

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from lorry.engine.model.layers import LoRALinear, LoRAStep, RMSNorm, Rotary, apply_rotary
 from torch import nn
-
-from engine.model.layers import LoRALinear, LoRAStep, RMSNorm, Rotary, apply_rotary
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # fused module -> the checkpoint/PEFT modules it packs (nano-vllm's packed_modules_mapping)
@@ -25,7 +24,7 @@ def triton_ops():
     Triton is missing: the torch code runs instead)."""
     if not _TRITON_OPS:
         try:
-            from kernels import decode_attention, fused_ops
+            from lorry.kernels import decode_attention, fused_ops
             _TRITON_OPS.append((fused_ops, decode_attention))
         except ImportError:
             _TRITON_OPS.append(None)

@@ -6,8 +6,7 @@ import re
 from pathlib import Path
 
 import torch
-
-from engine.model.llama import LlamaForCausalLM
+from lorry.engine.model.llama import LlamaForCausalLM
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm)"
                     r"\.?(\w*)\.?(weight|bias)?$")
@@ -72,7 +71,7 @@ def load_model(model_dir: Path, config, *, dtype: torch.dtype, device: torch.dev
                quantization: str | None = None) -> LlamaForCausalLM:
     """Create the model on ``device`` in ``dtype``, fill its weights, quantize its base if asked
     (or load a GPTQ/AWQ checkpoint); ``model.quant_report`` says what is resident."""
-    from engine.quant.apply import finish_load, resolve_method
+    from lorry.engine.quant.apply import finish_load, resolve_method
 
     qmethod, qconfig = resolve_method(config, quantization, load_format, device, dtype)
     with torch.device(device):
@@ -94,7 +93,7 @@ def load_model(model_dir: Path, config, *, dtype: torch.dtype, device: torch.dev
     seen = set()
     assign = _assign
     if qmethod in ("gptq", "awq"):  # packed slices are collected, then fused at finish()
-        from engine.quant.checkpoint import PackedCheckpointLoader
+        from lorry.engine.quant.checkpoint import PackedCheckpointLoader
         assign = PackedCheckpointLoader(model, qmethod, qconfig, _assign, dtype)
     for path in _weight_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:

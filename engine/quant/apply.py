@@ -6,12 +6,11 @@ the LM head stay in the model dtype, and the LoRA slots stay untouched (y = base
 from __future__ import annotations
 
 import torch
-
-from engine.quant.checkpoint import read_checkpoint_method
-from engine.quant.onthefly import check_device, load_backend, tensor_bytes
-from engine.quant.packed_format import group_index
-from engine.quant.packed_linear import PackedInt4Linear
-from engine.quant.rtn import rtn_quantize
+from lorry.engine.quant.checkpoint import read_checkpoint_method
+from lorry.engine.quant.onthefly import check_device, load_backend, tensor_bytes
+from lorry.engine.quant.packed_format import group_index
+from lorry.engine.quant.packed_linear import PackedInt4Linear
+from lorry.engine.quant.rtn import rtn_quantize
 
 PACKED_METHODS = ("gptq", "awq")
 DUMMY_GROUP_SIZE = 128

@@ -5,10 +5,9 @@ import re
 from collections import defaultdict
 
 import torch
-
-from engine.model.llama import PACKED_MODULES
-from engine.quant.packed_format import group_index, unpack_awq, unpack_gptq
-from engine.quant.packed_linear import PackedInt4Linear
+from lorry.engine.model.llama import PACKED_MODULES
+from lorry.engine.quant.packed_format import group_index, unpack_awq, unpack_gptq
+from lorry.engine.quant.packed_linear import PackedInt4Linear
 
 PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
 _PACKED = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(qweight|qzeros|scales|g_idx"

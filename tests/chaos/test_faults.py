@@ -8,10 +8,10 @@ import signal
 
 import httpx
 import pytest
+from chaos_harness import Services, audit, batch_lines, service_env, wait_drained
 from sqlalchemy import create_engine, text
 
 from tests.chaos.conftest import ADAPTERS
-from tests.chaos.harness import Services, audit, batch_lines, service_env, wait_drained
 from tests.e2e.procs import wait_until
 
 
@@ -20,7 +20,7 @@ def stack(tiny, database_url, redis_server):
     root, model, adapter_root = tiny
     env = service_env(database_url, redis_server.url, model, adapter_root, root)
     services = Services(env, root / "logs-faults", workers=2)
-    from scheduler import JobQueue
+    from lorry.scheduler import JobQueue
 
     q = JobQueue(database_url)
     tenant, key = q.create_tenant("chaos")

@@ -6,9 +6,9 @@ import json
 import time
 
 import httpx
+from chaos_harness import Services, audit, batch_lines, service_env, status_counts
 
 from tests.chaos.conftest import ADAPTERS
-from tests.chaos.harness import Services, audit, batch_lines, service_env, status_counts
 from tests.e2e.procs import wait_until
 
 
@@ -18,7 +18,7 @@ def test_postgres_restarted_mid_run(tiny, private_pg, redis_server):
     env = service_env(url, redis_server.url, model, adapter_root, root)
     services = Services(env, root / "logs-pg", workers=1)
     try:
-        from scheduler import JobQueue
+        from lorry.scheduler import JobQueue
 
         q = JobQueue(url)
         tenant, key = q.create_tenant("pg-chaos")

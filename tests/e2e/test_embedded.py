@@ -31,7 +31,7 @@ def test_lorry_run_writes_openai_lines_equal_to_the_engine(tiny, tmp_path):
     errors = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
     assert [e["error"]["line"] for e in errors] == [7]
 
-    from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+    from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 
     eng = LLMEngine(EngineConfig(model=str(model), device="cpu", max_loras=2, max_lora_rank=16,
                                  max_num_seqs=4, max_model_len=128))

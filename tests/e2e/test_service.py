@@ -27,7 +27,7 @@ def tenants(stack):
 @pytest.fixture(scope="module")
 def reference(stack):
     """The engine in this process: what each request gives alone (greedy)."""
-    from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+    from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 
     eng = LLMEngine(EngineConfig(model=str(stack["model"]), device="cpu", max_loras=2,
                                  max_lora_rank=16, max_cpu_loras=4, max_num_seqs=4,

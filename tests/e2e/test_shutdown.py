@@ -8,7 +8,6 @@ from lorry.client import Client
 from tests.e2e.conftest import create_tenant
 from tests.e2e.procs import Proc, wait_until
 
-
 N_JOBS = 48
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lorry.kernels.backends import get_lora_ops
+from lorry.kernels.segments import build_lora_meta
 
-from kernels import get_lora_ops
-from kernels.segments import build_lora_meta
 from tests.kernels.cases import loop_reference, make_problem, rel_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 def test_graph_replay_matches_eager_for_new_slots_and_inputs(num_tokens, pdl, monkeypatch):
     # pdl: the decode path's shrink and expand as programmatic dependent launches (Hopper;
     # plain launches elsewhere), captured and replayed with the rest of the step.
-    from kernels import lora_decode
+    from lorry.kernels import lora_decode
     monkeypatch.setattr(lora_decode, "DECODE_CONFIG", dict(lora_decode.DECODE_CONFIG, pdl=pdl,
                                                            min_expand_cols=0))
     ops = get_lora_ops("triton")
@@ -59,7 +59,7 @@ def test_fused_decode_launch_is_race_free_over_many_replays():
     # The one-launch decode path hands partial products between programs through counters:
     # a replayed graph of many launches (the counters must come back to zero after each)
     # gives the same bits every time, equal to the two-launch variant of the same items.
-    from kernels import lora_decode
+    from lorry.kernels import lora_decode
     ops = get_lora_ops("triton")
     saved = lora_decode.DECODE_CONFIG
     lora_decode.DECODE_CONFIG = dict(saved, min_tokens=1, max_slices=3, min_expand_cols=0,

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lorry.kernels.backends import get_lora_ops
 
-from kernels import get_lora_ops
 from tests.tiny_models import make_tiny_base_and_adapters
 
 ADAPTERS = {  # name -> (rank, alpha, targets, rslora): different ranks, scalings and targets
@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
 
 
 def _engine(base, device):
-    from engine import EngineConfig, LLMEngine
+    from lorry.engine import EngineConfig, LLMEngine
     backend = "triton" if device.type == "cuda" else "torch"
     eng = LLMEngine(EngineConfig(model=str(base), dtype="float32", device=device.type,
                                  max_loras=4, max_lora_rank=16, max_cpu_loras=4,
@@ -54,7 +54,7 @@ def _peft_greedy(base, adapter, prompt: list[int], device):
 
 
 def test_mixed_batch_matches_peft_with_triton_kernels(tiny, device):
-    from engine import LoRARequest, SamplingParams
+    from lorry.engine import LoRARequest, SamplingParams
     base, paths = tiny
     eng = _engine(base, device)
     assert eng.runner.ops is get_lora_ops("triton")
@@ -78,9 +78,9 @@ def test_folded_a_slots_match_peft(tiny, device, monkeypatch):
     # step's base matmul also yields each slot's x·Aᵀ and only the expand kernel runs.
     import dataclasses
 
-    from engine import LoRARequest, SamplingParams
-    from engine.lora import slot_layout
-    from engine.lora.gpu_slots import GPUSlotManager
+    from lorry.engine import LoRARequest, SamplingParams
+    from lorry.engine.lora import slot_layout
+    from lorry.engine.lora.gpu_slots import GPUSlotManager
     monkeypatch.setattr(slot_layout, "FOLD_MAX_EXTRA", 100.0)   # tiny layers: fold them all
     base, paths = tiny
     eng = _engine(base, device)

@@ -10,9 +10,8 @@ import copy
 
 import pytest
 import torch
+from lorry.engine.model.llama import Batch, LlamaForCausalLM
 from transformers import LlamaConfig
-
-from engine.model.llama import Batch, LlamaForCausalLM
 
 
 def _model(device, dtype):

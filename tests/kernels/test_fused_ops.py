@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine.model.layers import RMSNorm, Rotary, apply_rotary
-from kernels.fused_ops import (
+from lorry.engine.model.layers import RMSNorm, Rotary, apply_rotary
+from lorry.kernels.fused_ops import (
     add_rmsnorm,
     add_rmsnorm_ref,
     rotary_qk_,

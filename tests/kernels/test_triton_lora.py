@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lorry.kernels.backends import get_lora_ops
 
-from kernels import get_lora_ops
 from tests.kernels.cases import MIXES, TOLERANCE, loop_reference, make_problem, rel_error
 
 triton_ops = get_lora_ops("triton")
@@ -37,7 +37,7 @@ OPEN = {"min_tokens": 1, "max_tokens": 256, "max_slices": 3, "max_rank": 64,
 
 
 def _decode_cfg(monkeypatch, **kw):
-    from kernels import lora_decode
+    from lorry.kernels import lora_decode
     cfg = dict(lora_decode.DECODE_CONFIG, **OPEN)
     cfg.update(kw)
     monkeypatch.setattr(lora_decode, "DECODE_CONFIG", cfg)
@@ -91,7 +91,7 @@ def test_caller_buffer_is_used_and_matches(device):
 
 def test_split_reduction_over_long_hidden(monkeypatch, device):
     # Few tokens over a long hidden size: the shrink splits its reduction across programs.
-    from kernels.triton_lora import choose_split_k
+    from lorry.kernels.triton_lora import choose_split_k
     _decode_cfg(monkeypatch, max_tokens=0)           # the two-launch path, not the decode one
     p = make_problem(num_tokens=7, hidden=2100, widths=[24], max_rank=16, ranks=[16, 8],
                      mix="some_without", dtype=torch.float32, device=device)
@@ -261,7 +261,7 @@ def test_decode_path_dtypes_ranks_and_odd_sizes(dtype, max_rank, monkeypatch, de
 def test_strided_slot_views_into_one_buffer(path, monkeypatch, device):
     # Slot buffers as views into one big tensor (non-unit, non-contiguous slot strides), as
     # an engine may lay out its slots: the kernels must follow the tensors' strides.
-    from kernels import lora_decode as dec
+    from lorry.kernels import lora_decode as dec
     _use_path(monkeypatch, path)
     decode = path == "decode"
     p = make_problem(num_tokens=7, hidden=72, widths=WIDTHS, max_rank=16, ranks=[16, 4],

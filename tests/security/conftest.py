@@ -29,9 +29,10 @@ def roots(tmp_path_factory, tiny_model):
 @pytest.fixture
 def service(tmp_path, tiny_model, roots):
     """(app, queue, settings, db url) over a fresh migrated SQLite database, small limits."""
-    from api.app import create_app
+    from lorry.api.app import create_app
+    from lorry.scheduler import JobQueue
+
     from lorry.settings import Settings
-    from scheduler import JobQueue
 
     url = f"sqlite:///{tmp_path / 'sec.db'}"
     settings = Settings(database_url=url, model=str(tiny_model), adapter_roots=[str(roots[0])],

@@ -91,7 +91,8 @@ def test_quota_is_429_with_retry_after_and_nothing_queued(service):
 
 
 def test_flower_requires_basic_auth(tmp_path):
-    from tests.chaos.harness import RedisServer
+    from chaos_harness import RedisServer
+
     from tests.e2e.procs import Proc, free_port, wait_until
 
     redis = RedisServer()

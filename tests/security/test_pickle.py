@@ -8,9 +8,9 @@ import zipfile
 
 import pytest
 import torch
+from lorry.workers.drain import Drainer
 
 from tests.security.conftest import counts
-from workers.drain import Drainer
 
 
 class Payload:
@@ -24,7 +24,7 @@ class Payload:
 
 
 def engine_for(settings):
-    from engine import EngineConfig, LLMEngine
+    from lorry.engine import EngineConfig, LLMEngine
 
     return LLMEngine(EngineConfig(model=settings.model, device="cpu", max_loras=2,
                                   max_lora_rank=16, max_cpu_loras=2, max_model_len=128))
@@ -58,7 +58,7 @@ def test_pickled_bin_with_code_never_runs(service, alice, roots, tmp_path):
     assert "adapter_model.bin" in r.text and "mkdir" in r.text, r.text
     assert counts(url) == before
     # the worker's engine refuses it by the same rule, and still never runs the payload
-    from engine import LoRAError, LoRARequest
+    from lorry.engine import LoRAError, LoRARequest
 
     eng = engine_for(settings)
     with pytest.raises(LoRAError, match="adapter_model.bin is a pickle that imports"):

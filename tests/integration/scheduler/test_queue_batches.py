@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import pytest
-
-from scheduler import JobSpec, Result, errors
+from lorry.scheduler import JobSpec, Result, errors
 
 
 @pytest.fixture

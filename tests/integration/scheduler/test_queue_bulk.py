@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import pytest
-
-from scheduler import JobSpec, errors
+from lorry.scheduler import JobSpec, errors
 
 
 def test_submit_many_queues_each_tenants_jobs_under_that_tenant(queue):

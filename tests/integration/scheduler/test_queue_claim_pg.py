@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+from lorry.scheduler import JobSpec
 
-from scheduler import JobSpec
 from tests.integration.scheduler.conftest import migrated_pg_database
 
 
@@ -58,7 +58,7 @@ def test_a_claim_whose_reply_is_lost_gives_its_jobs_back(pg_queue, monkeypatch):
     """The claim commits on the server, then the connection dies before the reply: the worker
     never sees those jobs. The retry requeues them (attempt given back) before claiming
     again, so nothing waits for the lease to run out or fails at max_attempts=1."""
-    import scheduler.claims as claims
+    import lorry.scheduler.claims as claims
     t, _ = pg_queue.create_tenant("t")
     pg_queue.submit(t.id, [JobSpec(None, prompt=str(i), max_attempts=1) for i in range(10)])
     orig, lost = claims.claim_rows, []

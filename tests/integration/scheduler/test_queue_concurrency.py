@@ -8,7 +8,7 @@ import signal
 import threading
 from datetime import datetime, timedelta, timezone
 
-from scheduler import JobQueue, JobSpec
+from lorry.scheduler import JobQueue, JobSpec
 
 
 def _drain(url: str, worker: str, out: list, lock: threading.Lock) -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-
-from scheduler import JobSpec, Result, errors
+from lorry.scheduler import JobSpec, Result, errors
 
 RESULT = Result(text="out", token_ids=[5, 6], finish_reason="stop", prompt_tokens=3,
                 completion_tokens=2, timings={"total_s": 0.1})

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import pytest
-
-from scheduler import JobSpec
+from lorry.scheduler import JobSpec
 
 
 def claimed_ids(mbs) -> list:

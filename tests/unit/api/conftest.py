@@ -33,11 +33,11 @@ class Nudges:
 @pytest.fixture
 def service(tmp_path, tiny_model, adapter_root):
     """(app, queue, settings, nudges) over a fresh migrated SQLite database."""
-    from scheduler.migrate import upgrade
+    from lorry.api.app import create_app
+    from lorry.scheduler import JobQueue
+    from lorry.scheduler.migrate import upgrade
 
-    from api.app import create_app
     from lorry.settings import Settings
-    from scheduler import JobQueue
 
     url = f"sqlite:///{tmp_path / 'api.db'}"
     upgrade(url)
@@ -77,7 +77,7 @@ def tenant_b(service):
 def finish_all(queue, text_of=lambda job: f"echo {job.prompt or job.messages[-1]['content']}"):
     """Play a worker: claim everything queued and complete it (or fail jobs whose prompt
     says 'FAIL'); returns the number of jobs written."""
-    from scheduler import Result
+    from lorry.scheduler import Result
 
     done = 0
     while True:

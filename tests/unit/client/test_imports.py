@@ -9,7 +9,7 @@ CHECK = """
 import json, sys
 {body}
 print(json.dumps({{m: m in sys.modules for m in ("torch", "transformers", "sqlalchemy",
-                                                  "celery", "engine.llm_engine")}}))
+                                                  "celery", "lorry.engine.llm_engine")}}))
 """
 
 
@@ -27,9 +27,9 @@ def test_cli_help_imports_nothing_heavy():
 def test_api_app_never_imports_torch(tmp_path):
     mods = loaded(f"""
 from lorry.settings import Settings
-from api.app import create_app
+from lorry.api.app import create_app
 s = Settings(database_url="sqlite:///{tmp_path}/x.db", model="{tmp_path}")
 app = create_app(s, nudger=None, redis_client=None)
 app.openapi()
 """)
-    assert not mods["torch"] and not mods["transformers"] and not mods["engine.llm_engine"]
+    assert not mods["torch"] and not mods["transformers"] and not mods["lorry.engine.llm_engine"]

@@ -1,10 +1,12 @@
-"""Settings from LORRY_* variables: lists, ~ expansion, refusals naming the variable."""
+"""Settings from LORRY_* variables: lists, ~ expansion, engine options checked by EngineConfig's
+rules, refusals naming the variable, and no side effects until the edge asks for them."""
 from __future__ import annotations
 
 import pytest
+from lorry.engine.config import EngineConfig
 from pydantic import ValidationError
 
-from lorry.settings import Settings
+from lorry.settings import ENGINE_FIELDS, Settings, get_settings
 
 
 def test_environment_variables_are_read(monkeypatch, tmp_path):
@@ -15,12 +17,47 @@ def test_environment_variables_are_read(monkeypatch, tmp_path):
     s = Settings()
     assert s.adapter_roots == [f"{tmp_path}/a", f"{tmp_path}/b"]
     assert s.database_url == f"sqlite:///{tmp_path}/lorry-settings-test/x.db"
-    assert (tmp_path / "lorry-settings-test").is_dir() and s.max_loras == 16
+    assert s.max_loras == 16
+    assert not (tmp_path / "lorry-settings-test").exists()  # building settings creates nothing
+    assert get_settings().database_url == s.database_url
+    assert (tmp_path / "lorry-settings-test").is_dir()  # the edge's get_settings() does
     monkeypatch.setenv("LORRY_ADAPTER_ROOTS", '["/x", "/y"]')
     assert Settings().adapter_roots == ["/x", "/y"]
 
 
-def test_bad_values_are_refused_with_the_field(monkeypatch):
-    monkeypatch.setenv("LORRY_MAX_NUM_SEQS", "0")
-    with pytest.raises(ValidationError, match="max_num_seqs"):
+def test_defaults_follow_data_and_models_dirs(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORRY_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("LORRY_MODELS_DIR", str(tmp_path / "models"))
+    s = Settings()
+    assert s.database_url == f"sqlite:///{tmp_path}/data/lorry.db"
+    assert s.model == str(tmp_path / "models" / "SmolLM2-135M-Instruct")
+    assert str(tmp_path / "data" / "adapters") in s.adapter_roots
+
+
+def test_every_engine_option_is_a_setting(monkeypatch):
+    monkeypatch.setenv("LORRY_QUANTIZATION", "bnb-nf4")
+    monkeypatch.setenv("LORRY_ENFORCE_EAGER", "true")
+    monkeypatch.setenv("LORRY_LORA_BACKEND", "torch")
+    monkeypatch.setenv("LORRY_MAX_NUM_BATCHED_TOKENS", "512")
+    monkeypatch.setenv("LORRY_LORA_FOLD", "false")
+    monkeypatch.setenv("LORRY_MAX_MODEL_LEN", "1024")
+    monkeypatch.setenv("LORRY_DTYPE", "bfloat16")
+    cfg = Settings(model="/models/base").engine_config()
+    assert isinstance(cfg, EngineConfig)
+    assert (cfg.quantization, cfg.enforce_eager, cfg.lora_backend, cfg.max_num_batched_tokens,
+            cfg.lora_fold, cfg.max_model_len, cfg.dtype) == (
+        "bnb-nf4", True, "torch", 512, False, 1024, "bfloat16")
+    assert set(ENGINE_FIELDS) <= set(EngineConfig.__dataclass_fields__)
+
+
+@pytest.mark.parametrize(("var", "value", "named"), [
+    ("LORRY_MAX_NUM_SEQS", "0", "max_num_seqs"),
+    ("LORRY_QUANTIZATION", "int3", "LORRY_QUANTIZATION='int3' is invalid"),
+    ("LORRY_MAX_LORA_RANK", "12", "LORRY_MAX_LORA_RANK=12 is invalid"),
+    ("LORRY_LORA_BACKEND", "cuda", "LORRY_LORA_BACKEND='cuda' is invalid"),
+    ("LORRY_DTYPE", "float8", "LORRY_DTYPE='float8' is invalid"),
+])
+def test_bad_values_are_refused_with_the_variable(monkeypatch, var, value, named):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValidationError, match=named):
         Settings()

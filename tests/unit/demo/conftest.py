@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import pytest
-
-from scripts.demo_checks import ADAPTERS_DIR, CHECKS, make_engine, run_all
-from scripts.demo_data import held_out_prompts
+from demo_checks import ADAPTERS_DIR, CHECKS, make_engine, run_all
+from demo_data import held_out_prompts
 
 NAMES = sorted(CHECKS)
 

@@ -5,9 +5,8 @@ import json
 
 import pytest
 import torch
-
-from scripts.demo_checks import ADAPTERS_DIR, CHECKS, demo_lora, score
-from scripts.demo_data import held_out_prompts
+from demo_checks import ADAPTERS_DIR, CHECKS, demo_lora, score
+from demo_data import held_out_prompts
 
 MAJORITY = 0.7
 pytestmark = pytest.mark.slow  # one real 135M engine batch (~100 s on the shared 2-core CPU)
@@ -45,10 +44,9 @@ def test_committed_adapters_have_mixed_ranks_and_model_cards():
 
 def test_engine_matches_peft_on_a_demo_adapter(demo_engine):
     # cross-check the engine against PEFT on a real trained adapter (greedy, 16 tokens)
+    from lorry.engine import SamplingParams
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from engine import SamplingParams
 
     model_dir = demo_engine.info()["model_dir"]
     messages = [{"role": "user", "content": held_out_prompts()[1]}]

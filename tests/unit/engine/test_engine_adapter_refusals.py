@@ -6,8 +6,7 @@ import shutil
 import sys
 
 import pytest
-
-from engine.errors import (
+from lorry.engine.errors import (
     AdapterFormatError,
     AdapterNotFoundError,
     BaseModelMismatchError,
@@ -15,7 +14,7 @@ from engine.errors import (
     RankTooLargeError,
     UnsupportedAdapterError,
 )
-from engine.lora.spec import parse_adapter, read_base_config
+from lorry.engine.lora.spec import parse_adapter, read_base_config
 
 
 @pytest.fixture()
@@ -112,9 +111,8 @@ def test_bin_adapter_is_loaded_without_unpickling_objects(adapter, tiny_llama, t
     import pickle
 
     import torch
+    from lorry.engine.lora.weights import load_adapter_weights
     from safetensors.torch import load_file
-
-    from engine.lora.weights import load_adapter_weights
 
     weights = adapter / "adapter_model.safetensors"
     torch.save(load_file(str(weights)), adapter / "adapter_model.bin")
@@ -137,7 +135,7 @@ def test_bin_adapter_is_loaded_without_unpickling_objects(adapter, tiny_llama, t
 
 
 def test_engine_refusal_leaves_caches_unchanged(adapter, tiny_llama):
-    from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+    from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 
     eng = LLMEngine(EngineConfig(model=str(tiny_llama.dir), max_loras=2, max_lora_rank=8))
     before = eng.cache_stats()

@@ -5,11 +5,10 @@ import threading
 
 import pytest
 import torch
-
-from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
-from engine.outputs import RequestMetrics
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+from lorry.engine.outputs import RequestMetrics
+from lorry.engine.scheduler import Scheduler
+from lorry.engine.sequence import Sequence
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
@@ -242,7 +241,7 @@ def test_waiters_that_cannot_fit_a_slot_start_no_adapter_load():
 
 
 def test_refused_request_starts_no_background_load(tiny_llama):
-    from engine.errors import ModelLengthError
+    from lorry.engine.errors import ModelLengthError
     eng = _engine(tiny_llama)
     req = LoRARequest("qv_r8", 1, str(tiny_llama.adapters["qv_r8"]))
     with pytest.raises(ModelLengthError):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
-from engine.lora.slot_layout import read_slot
+from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+from lorry.engine.lora.slot_layout import read_slot
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import pytest
-
-from engine import EngineConfig, LoRARequest, SamplingParams
+from lorry.engine import EngineConfig, LoRARequest, SamplingParams
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -50,7 +49,7 @@ def test_lora_request_validation():
 
 
 def test_triton_backend_needs_cuda(tiny_llama):
-    from engine import LLMEngine
+    from lorry.engine import LLMEngine
 
     # device="cpu" explicitly: the refusal holds on GPU machines too
     with pytest.raises(ValueError, match="needs a CUDA device"):

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -30,8 +29,8 @@ def _run(base, device: str, dtype: str, eager: bool = False, n: int = 11, tokens
 @pytest.mark.parametrize("fold", [True, False])
 def test_graph_decode_fp32_equals_cpu_token_for_token(tiny_llama, fold, monkeypatch):
     # fold: the A slots sit under the base weights and decode steps run only the expand
-    from engine.lora import slot_layout
-    from engine.lora.slot_layout import FoldedA
+    from lorry.engine.lora import slot_layout
+    from lorry.engine.lora.slot_layout import FoldedA
     monkeypatch.setattr(slot_layout, "FOLD_MAX_EXTRA", 100.0)   # tiny layers: fold them all
     cpu, _ = _run(tiny_llama, "cpu", "float32")
     gpu, eng = _run(tiny_llama, "cuda", "float32", fold=fold)

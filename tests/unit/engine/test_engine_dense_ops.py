@@ -1,12 +1,11 @@
 """The engine's vectorised CPU LoRA ops equal the kernels' loop reference on adversarial mixes."""
 from __future__ import annotations
 
+import lorry.kernels.torch_ref as ref
 import pytest
 import torch
-
-import kernels.torch_ref as ref
-from engine.lora import dense_ops
-from kernels.segments import build_lora_meta
+from lorry.engine.lora import dense_ops
+from lorry.kernels.segments import build_lora_meta
 
 MIXES = {
     "distinct": lambda T, L: torch.arange(T) % L,
@@ -42,7 +41,7 @@ def test_add_lora_matches_reference(mix, T):
 def test_packed_copy_is_dropped_when_a_slot_is_rewritten(tiny_llama):
     """max_loras=1: adapters take turns in one GPU slot; the CPU ops' packed copy of the slot
     must follow, so each adapter's tokens equal those of an engine that only ever held it."""
-    from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+    from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 
     def engine():
         return LLMEngine(EngineConfig(model=str(tiny_llama.dir), device="cpu", max_loras=1,

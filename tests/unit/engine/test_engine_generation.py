@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import pytest
-
-from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
-from engine.errors import ModelLengthError
+from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+from lorry.engine.errors import ModelLengthError
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import pytest
-
-from engine import EngineConfig
-from engine.graphs import size_ladder
+from lorry.engine import EngineConfig
+from lorry.engine.graphs import size_ladder
 
 
 def test_ladder_covers_every_batch_size_up_to_max_num_seqs():

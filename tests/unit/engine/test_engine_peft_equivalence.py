@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 
-from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from tests.unit.engine import conftest
 from tests.unit.engine.conftest import SMOLLM2, peft_greedy
 

@@ -3,11 +3,10 @@ zeros, in a few copies; a reused slot keeps nothing of its previous occupant."""
 from __future__ import annotations
 
 import torch
-
-from engine import EngineConfig, LLMEngine, LoRARequest
-from engine.lora.resolve import resolve_dir
-from engine.lora.spec import parse_adapter, read_base_config
-from engine.lora.weights import load_adapter_weights
+from lorry.engine import EngineConfig, LLMEngine, LoRARequest
+from lorry.engine.lora.resolve import resolve_dir
+from lorry.engine.lora.spec import parse_adapter, read_base_config
+from lorry.engine.lora.weights import load_adapter_weights
 
 
 def _engine(base, max_loras):
@@ -110,7 +109,7 @@ def test_staging_buffer_is_the_cpu_copy(tiny_llama):
 def test_fold_puts_a_under_the_weight_only_where_it_adds_few_rows(tiny_llama):
     # EngineConfig.lora_fold: a kind is folded while its A rows (S * max_loras * R) add at most
     # FOLD_MAX_EXTRA of its base rows; the base weights stay bit for bit, as views of lora_ext
-    from engine.lora.slot_layout import FOLD_MAX_EXTRA, FoldedA, SlotLayout
+    from lorry.engine.lora.slot_layout import FOLD_MAX_EXTRA, FoldedA, SlotLayout
     for max_loras in (1, 8):
         eng = _engine(tiny_llama, max_loras=max_loras)
         before = {(layer, kind): mod.weight.clone() for layer, kind, mod in eng.model.lora_layers()}

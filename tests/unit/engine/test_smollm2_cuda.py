@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
-from engine.demo_model import DEMO_MODEL_DIR
+from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+from lorry.engine.demo_model import demo_model_dir
 
 ROOT = Path(__file__).resolve().parents[3]
-MODEL = Path(os.environ.get("LORRY_SMOLLM2_DIR") or DEMO_MODEL_DIR)
+MODEL = Path(os.environ.get("LORRY_SMOLLM2_DIR")
+             or demo_model_dir(os.environ.get("LORRY_MODELS_DIR")))
 ADAPTERS = ["json", "numbered", "uppercase"]
 
 pytestmark = [
@@ -37,7 +37,7 @@ def _engine(device: str, dtype: str) -> LLMEngine:
 
 
 def _workload():
-    prompts = json.loads((ROOT / "scripts" / "demo_prompts.json").read_text())["prompts"]
+    prompts = json.loads((ROOT / "lorry" / "demo_prompts.json").read_text())["prompts"]
     reqs = [None] + [LoRARequest(n, i + 1, str(ROOT / "adapters" / "demo" / n))
                      for i, n in enumerate(ADAPTERS)]
     rows = [(p, r) for r in reqs for p in prompts]

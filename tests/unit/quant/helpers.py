@@ -8,7 +8,7 @@ from tests.unit.quant.conftest import NEW_TOKENS, PROMPTS, ROW_ADAPTERS
 
 def engine_rows(engine, paths, one_by_one: bool = False):
     """All rows in one mixed batch (or each alone, for batch-dependent bases like LLM.int8)."""
-    from engine import LoRARequest, SamplingParams
+    from lorry.engine import LoRARequest, SamplingParams
     ids = {name: i + 1 for i, name in enumerate(paths)}
     loras = [LoRARequest(n, ids[n], str(paths[n])) if n else None for n in ROW_ADAPTERS]
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)

@@ -5,12 +5,11 @@ import json
 import sys
 
 import pytest
-
-from engine import EngineConfig
+from lorry.engine import EngineConfig
 
 
 def _engine(model, **kw):
-    from engine import LLMEngine
+    from lorry.engine import LLMEngine
     return LLMEngine(EngineConfig(model=str(model), dtype="float32", device="cpu", **kw))
 
 
@@ -38,7 +37,7 @@ def test_gptq_needs_a_gptq_checkpoint(tiny):
 
 
 def test_other_method_on_a_gptq_checkpoint_is_refused(tiny):
-    from engine.quant.rtn import export_rtn_checkpoint
+    from lorry.engine.quant.rtn import export_rtn_checkpoint
     root, base, _ = tiny
     ckpt = export_rtn_checkpoint(base, root / "gptq_err", "gptq", group_size=32)
     with pytest.raises(ValueError, match="already quantized with 'gptq'"):

@@ -29,7 +29,7 @@ def _plain_bnb_matmul(model):
 
 
 def _engine(base, method):
-    from engine import EngineConfig, LLMEngine
+    from lorry.engine import EngineConfig, LLMEngine
     return LLMEngine(EngineConfig(model=str(base), dtype="float32", device="cpu", max_loras=4,
                                   max_lora_rank=16, quantization=method))
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lorry.engine.quant import packed_format as pf
+from lorry.engine.quant.rtn import QUANTIZED_MODULES, export_rtn_checkpoint, rtn_quantize
 
-from engine.quant import packed_format as pf
-from engine.quant.rtn import QUANTIZED_MODULES, export_rtn_checkpoint, rtn_quantize
 from tests.unit.quant.helpers import assert_rows_match, engine_rows, peft_rows
 
 GROUP = 32
@@ -36,7 +36,7 @@ def test_unpack_inverts_pack(pack, unpack):
 
 
 def test_act_order_g_idx_is_honoured():
-    from engine.quant.packed_linear import PackedInt4Linear
+    from lorry.engine.quant.packed_linear import PackedInt4Linear
     g = torch.Generator().manual_seed(1)
     q = torch.randint(0, 16, (64, 16), generator=g, dtype=torch.int32)          # [in, out]
     zeros = torch.randint(0, 16, (4, 16), generator=g, dtype=torch.int32)
@@ -49,7 +49,7 @@ def test_act_order_g_idx_is_honoured():
 
 @pytest.fixture(scope="module", params=["gptq", "awq"])
 def packed(request, tiny):
-    from engine import EngineConfig, LLMEngine
+    from lorry.engine import EngineConfig, LLMEngine
     root, base, paths = tiny
     ckpt = export_rtn_checkpoint(base, root / request.param, request.param, group_size=GROUP)
     eng = LLMEngine(EngineConfig(model=str(ckpt), dtype="float32", device="cpu", max_loras=4,
@@ -69,7 +69,7 @@ def _reference_weights(base, method):
 
 
 def test_loaded_weights_equal_the_quantizer_reference(packed):
-    from engine.model.llama import PACKED_MODULES
+    from lorry.engine.model.llama import PACKED_MODULES
     method, base, _, eng = packed
     assert eng.info()["quantization"] == method          # detected from config.json
     ref = _reference_weights(base, method)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lorry.engine.quant.rtn import export_rtn_checkpoint
 
-from engine.quant.rtn import export_rtn_checkpoint
 from tests.unit.quant.helpers import assert_rows_match, engine_rows, peft_rows
 from tests.unit.quant.test_packed import GROUP, dequantized_base_loader
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_mixed_batch_on_cuda_matches_peft_on_the_dequantized_base(tiny, method):
-    from engine import EngineConfig, LLMEngine
+    from lorry.engine import EngineConfig, LLMEngine
     root, base, paths = tiny
     ckpt = export_rtn_checkpoint(base, root / f"{method}-cuda", method, group_size=GROUP)
     eng = LLMEngine(EngineConfig(model=str(ckpt), dtype="float32", device="cuda", max_loras=4,

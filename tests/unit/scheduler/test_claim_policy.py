@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 import zlib
 
-from scheduler.policy import Group, Snapshot, affinity_tier, plan_claim
+from lorry.scheduler.policy import Group, Snapshot, affinity_tier, plan_claim
 
 NOW = 1_000_000.0
 

@@ -19,7 +19,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engine(tiny):
-    from engine import EngineConfig, LLMEngine
+    from lorry.engine import EngineConfig, LLMEngine
 
     return LLMEngine(EngineConfig(model=str(tiny[0]), device="cpu", max_loras=2,
                                   max_lora_rank=16, max_cpu_loras=4, max_num_seqs=4,
@@ -28,7 +28,7 @@ def engine(tiny):
 
 @pytest.fixture
 def queue(tmp_path, tiny):
-    from scheduler import JobQueue
+    from lorry.scheduler import JobQueue
 
     q = JobQueue(f"sqlite:///{tmp_path / 'drain.db'}")
     for name, path in tiny[1].items():

@@ -5,9 +5,8 @@ import json
 import time
 
 import pytest
-
-from scheduler import JobSpec
-from workers.drain import Drainer
+from lorry.scheduler import JobSpec
+from lorry.workers.drain import Drainer
 
 
 def drainer(queue, engine, **kw):
@@ -17,7 +16,7 @@ def drainer(queue, engine, **kw):
 
 def alone(engine, queue, adapter, prompt, max_tokens):
     """What the engine gives for this request by itself."""
-    from engine import LoRARequest, SamplingParams
+    from lorry.engine import LoRARequest, SamplingParams
 
     lora = None
     if adapter:

@@ -2,7 +2,7 @@
 
 Llama-3-8B projection shapes in bf16 on a CUDA GPU; prints one JSON object per line and a
 summary object last. Times are medians over CUDA-graph replays (eager for the reference).
-Usage: python benchmarks/kernels.py [--tokens 1 64 8192] [--adapters 32] [--ranks 16]
+Usage: python benchmarks/lora_kernels.py [--tokens 1 64 8192] [--adapters 32] [--ranks 16]
        [--projections qkv gate_up] [--quick] [--decode-config off "fused=0,num_warps=8"]
 --decode-config runs the ladder once per setting of kernels.lora_decode.DECODE_CONFIG
 ("default", "off" = the two-launch path only, or key=value pairs over the defaults).
@@ -18,21 +18,16 @@ import math
 import statistics
 import sys
 import time
-from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path, and its modules shadow the
-# `kernels` package and the stdlib's `queue` (benchmarks/queue.py): put the repo root there.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
 import torch
-
-from kernels import get_lora_ops
-from kernels.segments import build_lora_meta
+from lorry.kernels.backends import get_lora_ops
+from lorry.kernels.segments import build_lora_meta
 
 # name -> (input width, output widths of the fused slices)
 PROJECTIONS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
                "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
 COPY_PEAK_GBS = 4300.0
-_DECODE_DEFAULTS = dict(__import__("kernels.lora_decode").lora_decode.DECODE_CONFIG)
+_DECODE_DEFAULTS = dict(__import__("lorry.kernels.lora_decode").kernels.lora_decode.DECODE_CONFIG)
 ROTATE_BYTES = 240e6    # rotate weight copies past the 60 MB L2, as successive layers would
 
 
@@ -244,7 +239,7 @@ def layer_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16,
         out = torch.nn.functional.linear(x, w)
         tri.add_lora_folded(out[:, :N], out[:, N:], b, meta, offsets, H)
 
-    from kernels import lora_decode
+    from lorry.kernels import lora_decode
     saved = lora_decode.FOLD_CONFIG
     for spec in fold_specs:   # FOLD_CONFIG: "default", "none" (DECODE_CONFIG's), "k=v,..." over it
         lora_decode.FOLD_CONFIG = saved if spec == "default" else {} if spec == "none" else \
@@ -257,7 +252,7 @@ def layer_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16,
     row["shrink_as_gemm_us"] = _graph_time_us(
         [lambda w=w, n=N: torch.nn.functional.linear(x, w[n:]) for w in ext], reps=20)
     # the two-launch kernels' halves alone (the split the full call would choose)
-    from kernels import triton_lora
+    from lorry.kernels import triton_lora
     split = triton_lora.choose_split_k(T, n_adapters, len(widths), H, x.device)
     work = torch.empty(split, len(widths), T, rank, dtype=torch.float32, device=dev)
     y = torch.randn(T, N, dtype=dt, device=dev)
@@ -294,7 +289,7 @@ def main(argv=None) -> None:
                    help="layer_times: kernels.lora_decode.FOLD_CONFIG settings to time")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print(json.dumps({"error": "benchmarks/kernels.py needs a CUDA GPU"}))
+        print(json.dumps({"error": "benchmarks/lora_kernels.py needs a CUDA GPU"}))
         sys.exit(1)
 
     def emit(obj):
@@ -305,14 +300,14 @@ def main(argv=None) -> None:
                 f.write(line + "\n")
 
     if args.profile:
-        from kernels import lora_decode
+        from lorry.kernels import lora_decode
         for spec in args.decode_config:
             lora_decode.DECODE_CONFIG = parse_decode_config(spec)
             profile_goal_rows(args.projections)
         return
     emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
           "triton": __import__("triton").__version__, "copy_GBps": copy_bandwidth_gbs()})
-    from kernels import lora_decode
+    from lorry.kernels import lora_decode
 
     if args.layer:
         for proj in args.projections:

@@ -1,10 +1,15 @@
-"""Multi-adapter LoRA ops: a pure-torch reference and Triton kernels, chosen by name."""
+"""The LoRA ops backends (a pure-torch reference and the Triton kernels), chosen by name.
+
+``lorry.kernels`` is a namespace package on purpose: the repository's top-level ``kernels/``
+folder has no ``__init__.py``, so it can never shadow Hugging Face's ``kernels`` package
+(which transformers imports) when the repository root is on ``sys.path``.
+"""
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
 
-_BACKENDS = {"torch": "kernels.torch_ref", "triton": "kernels.triton_lora"}
+_BACKENDS = {"torch": "lorry.kernels.torch_ref", "triton": "lorry.kernels.triton_lora"}
 
 
 def get_lora_ops(name: str) -> ModuleType:

@@ -1,6 +1,6 @@
 """Queue benchmark on PostgreSQL: the bare SKIP LOCKED queue against Lorry's queue (JSON out).
 
-python benchmarks/queue.py --url postgresql+psycopg://postgres@127.0.0.1:5432/test \
+python benchmarks/queue_claim.py --url postgresql+psycopg://postgres@127.0.0.1:5432/test \
     --sizes 10000,1000000
 Each size runs in a fresh database: bulk enqueue (jobs/s), then 4 claimer processes take
 micro-batches of 32 (jobs/s, p50/p99 claim latency), each after one warm-up claim that is
@@ -9,25 +9,16 @@ not timed (it opens the connection). Jobs spread over 1,000 adapters and
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import statistics
+import time
 
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the
-# standard library's `queue` (used by multiprocessing and psycopg): put the repo root there.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import psycopg  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
+import psycopg
+from sqlalchemy.engine import make_url
 
 ADAPTERS, TENANTS = 1000, 100
 SUBMIT_CHUNK = 10_000  # jobs per bulk submit call
@@ -120,7 +111,7 @@ def bench_bare(url: str, n: int, claimers: int, batch: int, claims: int) -> dict
 
 # ---- Lorry's queue -----------------------------------------------------------------------------
 def lorry_claimer(i, claims, start, ready, out, db, batch):
-    from scheduler import JobQueue
+    from lorry.scheduler import JobQueue
     q = JobQueue(db, create=False)
     # One warm-up claim before the clock starts, as the bare claimer's: it opens the
     # connection (a worker does that once, at start), not part of a claim's steady cost.
@@ -141,8 +132,8 @@ def lorry_claimer(i, claims, start, ready, out, db, batch):
 
 
 def bench_lorry(url: str, n: int, claimers: int, batch: int, claims: int) -> dict:
-    from scheduler import JobQueue, JobSpec
-    from scheduler.migrate import upgrade
+    from lorry.scheduler import JobQueue, JobSpec
+    from lorry.scheduler.migrate import upgrade
     db = fresh_database(url, "lorry_bench_queue")
     upgrade(db)
     q = JobQueue(db, create=False)

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
+
+from lorry.api import errors
+from lorry.api.body_guard import BodyGuard
+from lorry.api.errors import responses
 from lorry.api.metrics import make_registry
 from lorry.api.routes import adapters, batches, health, jobs
-from lorry.scheduler import errors
-from lorry.scheduler.errors import QueueError
 
 log = logging.getLogger(__name__)
 DESCRIPTION = """Submit generation jobs for many LoRA adapters of one base model, as durable
-asynchronous jobs. Authenticate with `Authorization: Bearer <tenant API key>`."""
+asynchronous jobs. Authenticate with `Authorization: Bearer <tenant API key>`.
+
+Every error answers `{"error": {"message", "type", "param", "code"}}` (OpenAI's shape) with its
+HTTP status; 429 and 503 carry `Retry-After` (seconds)."""
 
 
 def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") -> FastAPI:
@@ -49,44 +52,17 @@ def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") ->
                                             socket_connect_timeout=2)
     app = FastAPI(title="Lorry", version="0.1.0", description=DESCRIPTION)
     app.state.settings, app.state.queue, app.state.nudger = settings, queue, nudger
-    app.state.registry, app.state.submitted = make_registry(queue, redis_client,
-                                                            settings.redis_prefix)
-    for module in (jobs, batches, adapters, health):
-        app.include_router(module.router)
-
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        # Batch uploads are counted while streamed (api.upload); other bodies are small JSON.
-        limit = settings.max_body_bytes if request.url.path == "/v1/batches" \
-            else settings.max_line_bytes
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limit:
-            return JSONResponse({"detail": f"request body of {size} bytes exceeds the limit of "
-                                           f"{limit} bytes"}, status_code=413)
-        return await call_next(request)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        # FastAPI's body, but only scalar inputs are echoed (an input may be a whole prompt).
-        errors = []
-        for e in exc.errors():
-            item = {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
-            value = e.get("input")
-            short = isinstance(value, str) and len(value) < 200
-            if isinstance(value, (int, float, bool)) or short:
-                item["input"] = value
-            errors.append(item)
-        return JSONResponse({"detail": errors}, status_code=422)
-
-    @app.exception_handler(QueueError)
-    async def _refused(request: Request, exc: QueueError):
-        status, headers = 422, None
-        if isinstance(exc, errors.AdapterExists):
-            status = 409
-        elif isinstance(exc, errors.QuotaExceeded):
-            status, headers = 429, {"Retry-After": "30"}
-        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
-
+    app.state.registry, app.state.submitted = make_registry(
+        queue, redis_client, settings.redis_prefix, tenant_labels=settings.metrics_tenant_labels)
+    # Every route may answer these; the routes list their own (404, 409, 413, 429) too.
+    common = responses(401, 422, 503)
+    for module in (jobs, batches, adapters):
+        app.include_router(module.router, responses=common)
+    app.include_router(health.router)
+    errors.install(app)
+    # Batch uploads are counted while streamed (api.upload); other bodies are small JSON.
+    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes,
+                       max_json_bytes=settings.max_line_bytes)
     return app
 
 

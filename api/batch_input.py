@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, Iterable, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lorry.api.json_check import check_json
 from lorry.api.prompt_length import too_long_message
 from lorry.api.schemas import MAX_TOKENS, NAME_PATTERN, Message, Text
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
@@ -17,7 +19,7 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 class RequestBody(BaseModel):
     """The ``body`` of one batch line: an OpenAI chat or text completion request."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str = Field(pattern=NAME_PATTERN)
     messages: list[Message] | None = Field(None, min_length=1, max_length=256)
     prompt: Text | None = Field(None, min_length=1, max_length=200_000)
@@ -35,7 +37,7 @@ class RequestBody(BaseModel):
 
 
 class BatchLine(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     custom_id: Text = Field(min_length=1, max_length=512)
     method: Literal["POST"]
     url: Literal["/v1/chat/completions", "/v1/completions"]
@@ -90,6 +92,11 @@ def parse_lines(raw_lines: Iterable[tuple[int, bytes]]) -> ParsedBatch:
     seen: dict[str, int] = {}
     for number, raw in raw_lines:
         if not raw.strip():
+            continue
+        problem = check_json(raw)
+        if problem is not None:
+            parsed.errors.append({"code": problem.code, "line": number, "param": problem.param,
+                                  "message": f"line {number}: {problem.message}"})
             continue
         try:
             data = json.loads(raw)

@@ -1,8 +1,10 @@
 """Shared request dependencies: the job queue, the settings and the caller's tenant (bearer key)."""
 from __future__ import annotations
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from lorry.api.errors import ApiError
 
 bearer = HTTPBearer(auto_error=False, description="the tenant's API key")
 
@@ -19,11 +21,12 @@ def get_tenant(request: Request,
                creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
     """The tenant owning the bearer key; 401 when the key is missing or unknown."""
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
-        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'",
+                       code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
     tenant = request.app.state.queue.authenticate(creds.credentials)
     if tenant is None:
-        raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(401, "invalid API key", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
     return tenant
 
 

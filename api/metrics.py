@@ -11,10 +11,17 @@ log = logging.getLogger(__name__)
 
 
 class QueueCollector:
-    """Collected on every scrape: ``lorry_jobs`` from SQL, worker figures from Redis."""
+    """Collected on every scrape: ``lorry_jobs`` from SQL, worker figures from Redis.
 
-    def __init__(self, queue, redis_client=None, prefix: str = "lorry"):
+    ``lorry_jobs`` is labelled by status only, unless ``tenant_labels`` (the operator's
+    opt-in): then also by adapter name and tenant id, which tell one tenant's business to
+    whoever reads the metrics.
+    """
+
+    def __init__(self, queue, redis_client=None, prefix: str = "lorry",
+                 tenant_labels: bool = False):
         self.queue, self.redis, self.prefix = queue, redis_client, prefix
+        self.tenant_labels = tenant_labels
 
     def worker_stats(self) -> dict[str, dict]:
         if self.redis is None:
@@ -33,10 +40,20 @@ class QueueCollector:
         return out
 
     def collect(self):
-        depth = GaugeMetricFamily("lorry_jobs", "Queued and running jobs by adapter and tenant",
-                                  labels=["status", "adapter", "tenant"])
-        for status, adapter, tenant, count in self.queue.queue_depth():
-            depth.add_metric([status, adapter or "", str(tenant)], count)
+        rows = self.queue.queue_depth()
+        if self.tenant_labels:
+            depth = GaugeMetricFamily("lorry_jobs", "Queued and running jobs by adapter and "
+                                      "tenant", labels=["status", "adapter", "tenant"])
+            for status, adapter, tenant, count in rows:
+                depth.add_metric([status, adapter or "", str(tenant)], count)
+        else:
+            depth = GaugeMetricFamily("lorry_jobs", "Queued and running jobs",
+                                      labels=["status"])
+            totals = {"queued": 0, "running": 0}
+            for status, _adapter, _tenant, count in rows:
+                totals[status] = totals.get(status, 0) + count
+            for status, count in totals.items():
+                depth.add_metric([status], count)
         yield depth
         stats = self.worker_stats()
         yield from _counters(stats)
@@ -99,10 +116,10 @@ def _histogram(name: str, doc: str, hists: list[dict | None]) -> HistogramMetric
     return fam
 
 
-def make_registry(queue, redis_client=None, prefix: str = "lorry"):
+def make_registry(queue, redis_client=None, prefix: str = "lorry", tenant_labels: bool = False):
     """A registry per app (tests build many apps) with the collector and API counters."""
     registry = CollectorRegistry()
-    registry.register(QueueCollector(queue, redis_client, prefix))
+    registry.register(QueueCollector(queue, redis_client, prefix, tenant_labels))
     submitted = Counter("lorry_api_jobs_submitted", "Jobs accepted by this API process",
                         registry=registry)
     return registry, submitted

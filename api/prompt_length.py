@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from fastapi import HTTPException
+from lorry.api.errors import ApiError
 
 
 @lru_cache(maxsize=4)
@@ -56,4 +56,5 @@ def check_prompt_length(settings, prompt: str | None, messages: list[str] | None
     """422 naming the token count and the limit when the prompt cannot fit."""
     reason = too_long_message(settings, prompt, messages)
     if reason is not None:
-        raise HTTPException(422, reason)
+        raise ApiError(422, reason, code="context_length_exceeded",
+                       param="prompt" if prompt is not None else "messages")

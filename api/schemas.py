@@ -1,26 +1,40 @@
 """Request and response bodies of the REST API (pydantic; unknown fields are refused)."""
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # job_<hex>, batch_<hex>: nothing else is looked up
 MAX_TOKENS = 4096  # per-job ceiling; the engine also refuses prompt + max_tokens > max_model_len
 
 
-def _no_nul(value: str) -> str:
+def _storable(value: str) -> str:
     if "\x00" in value:
         raise ValueError(f"NUL characters (\\u0000) are not allowed (found at index "
                          f"{value.index(chr(0))})")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"a lone UTF-16 surrogate (\\u{ord(value[e.start]):04x} at index "
+                             f"{e.start}) is not Unicode text; send valid UTF-8") from None
     return value
 
 
-Text = Annotated[str, AfterValidator(_no_nul)]  # text the job table stores
+def is_id(value: str) -> bool:
+    """Whether value can be a job or batch id; anything else is "not found" without a query."""
+    return re.fullmatch(ID_PATTERN, value) is not None
+
+
+Text = Annotated[str, AfterValidator(_storable)]  # text the job table stores and returns
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities are refused in every float (JSON cannot carry them back).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Sampling(Strict):
@@ -113,8 +127,8 @@ class AdapterCreate(Strict):
     """Register an adapter: a local PEFT directory under an allowed root, or a Hub repo id."""
 
     name: str = Field(pattern=NAME_PATTERN)
-    source: str = Field(min_length=1, max_length=1024)
-    revision: str | None = Field(None, min_length=1, max_length=200)
+    source: Text = Field(min_length=1, max_length=1024)
+    revision: Text | None = Field(None, min_length=1, max_length=200)
 
 
 class AdapterOut(BaseModel):

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 from starlette.datastructures import UploadFile
+
+from lorry.api.errors import ApiError
 
 CHUNK = 64 * 1024
 
 
-def _too_large(what: str, limit: int, unit: str) -> HTTPException:
-    return HTTPException(413, f"{what} exceeds the limit of {limit} {unit}; split the batch "
-                              "into smaller files")
+def _too_large(what: str, limit: int, unit: str) -> ApiError:
+    return ApiError(413, f"{what} exceeds the limit of {limit} {unit}; split the batch "
+                         "into smaller files")
 
 
 async def _chunks(request: Request) -> AsyncIterator[bytes]:
@@ -20,7 +22,8 @@ async def _chunks(request: Request) -> AsyncIterator[bytes]:
         form = await request.form(max_files=1, max_fields=8)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise HTTPException(422, "multipart upload needs a 'file' part holding the JSONL file")
+            raise ApiError(422, "multipart upload needs a 'file' part holding the JSONL file",
+                           code="missing_file", param="file")
         while chunk := await upload.read(CHUNK):
             yield chunk
         await form.close()

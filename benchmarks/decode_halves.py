@@ -15,6 +15,7 @@ import sys
 
 import lora_kernels as bench
 import torch
+
 from lorry.kernels import lora_decode
 from lorry.kernels.backends import get_lora_ops
 

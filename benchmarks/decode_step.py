@@ -33,8 +33,9 @@ STEP_VARIANTS = {"triton": (True, True), "triton_no_fold": (True, False), "torch
 
 def step_times(eng, adapters, prompts, reps: int, variants=tuple(STEP_VARIANTS)) -> dict:
     """Capture the 64-row step base only and mixed under each variant; replay-time them."""
-    from lorry.engine import LoRARequest
     from throughput import _params
+
+    from lorry.engine import LoRARequest
 
     n = len(prompts)
     reqs = [LoRARequest(f"a{i}", i + 1, str(adapters[i % len(adapters)])) for i in range(32)]
@@ -60,9 +61,10 @@ def step_times(eng, adapters, prompts, reps: int, variants=tuple(STEP_VARIANTS))
 def profile_mixed_step(eng, adapters, prompts, path: str, replays: int = 5) -> None:
     """Kernel-time table (torch.profiler) of ``replays`` replays of the mixed 64-row step."""
     import torch
-    from lorry.engine import LoRARequest
     from throughput import _params
     from torch.profiler import ProfilerActivity, profile
+
+    from lorry.engine import LoRARequest
 
     reqs = [LoRARequest(f"a{i}", i + 1, str(adapters[i % len(adapters)])) for i in range(32)]
     # long enough that all rows decode together (chunked prefill admits them in waves)
@@ -92,10 +94,11 @@ def generate_runs(eng, adapters, p: dict, times: int) -> list:
 def kernel_times(model, batch: int, avg_len: int) -> dict:
     """The Triton kernels alone vs the torch code of the model, on layer 0's shapes."""
     import torch
+    from triton.testing import do_bench_cudagraph
+
     from lorry.engine.model.layers import apply_rotary
     from lorry.kernels.decode_attention import decode_attention
     from lorry.kernels.fused_ops import add_rmsnorm, rotary_qk_, silu_mul
-    from triton.testing import do_bench_cudagraph
 
     attn = model.layers[0].self_attn
     dev, dt = attn.k_cache.device, attn.k_cache.dtype
@@ -188,7 +191,7 @@ def main() -> None:
     import torch
     from throughput import LLAMA3_8B, PRESETS, _engine, _targets, prompts_for
 
-    from tests.tiny_models import make_tiny_tokenizer, write_random_adapter
+    from lorry.testing import make_tiny_tokenizer, write_random_adapter
 
     p = PRESETS["llama3-8b"]
     tmp = Path(tempfile.mkdtemp(prefix="lorry-decode-"))

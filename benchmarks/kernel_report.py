@@ -24,9 +24,10 @@ import tempfile
 from pathlib import Path
 
 import triton
-from lorry.kernels.lora_decode_kernel import lora_decode_kernel
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from lorry.kernels.lora_decode_kernel import lora_decode_kernel
 
 BASE = {"NUM_SLICES": 2, "ROWS": 4, "BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_R": 16,
         "BLOCK_K": 128, "SPLIT_K": 8, "FUSED": False, "PRECISION": "tf32", "UPCAST": False,

@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+
 from lorry.kernels.backends import get_lora_ops
 from lorry.kernels.segments import build_lora_meta
 

@@ -27,6 +27,7 @@ TINY = {**LLAMA_1B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_la
 
 def run(model: str, method, adapters, prompts, args, eager: bool) -> dict:
     import torch
+
     from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
     eng = LLMEngine(EngineConfig(
         model=model, device=args.device, load_format="dummy", quantization=method,
@@ -80,7 +81,7 @@ def main() -> None:
         packed_linear.USE_TINYGEMM = False
     import torch
 
-    from tests.tiny_models import make_tiny_tokenizer, write_random_adapter
+    from lorry.testing import make_tiny_tokenizer, write_random_adapter
     config = LLAMA_1B if args.device == "cuda" else TINY
     methods = args.methods
     if methods is None:

@@ -209,8 +209,9 @@ def lora_layout_kernel_us(eng, tokens: int = 64, reps: int = 50) -> dict:
     """GPU time of one q/k/v add_lora (layer 0) over ``tokens`` rows spread over every slot,
     reading A/B as the slot-major strided views the engine uses vs contiguous per-layer copies
     (the layout before), with the decode kernel and with the shrink/expand pair."""
-    import lorry.kernels.triton_lora as tl_ops
     import torch
+
+    import lorry.kernels.triton_lora as tl_ops
     from lorry.kernels.segments import build_lora_meta
 
     mod = eng.model.layers[0].self_attn.qkv_proj
@@ -416,7 +417,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="lorry-bench-"))
     if preset == "llama3-8b":
-        from tests.tiny_models import make_tiny_tokenizer
+        from lorry.testing import make_tiny_tokenizer
 
         model = tmp / "llama3-8b-dummy"
         model.mkdir()
@@ -428,7 +429,7 @@ def main() -> None:
 
         model = Path(args.model) if args.model else prepare_demo_model(demo_model_dir(os.environ.get("LORRY_MODELS_DIR")))
         config, load_format = json.loads((model / "config.json").read_text()), "auto"
-    from tests.tiny_models import write_random_adapter
+    from lorry.testing import write_random_adapter
 
     adapters = [write_random_adapter(tmp / f"a{i}", config, r=p["rank"], seed=i,
                                      target_modules=_targets(p["targets"]))

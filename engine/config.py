@@ -73,6 +73,11 @@ class EngineConfig:
         CUDA: keep each layer's LoRA A slots as extra rows under its base weight, so that a
         decode step's base matmul also computes every slot's x·Aᵀ and only the expand kernel
         runs for LoRA (True, the default); False: separate shrink kernels.
+    adapter_roots : tuple of str, optional
+        Directories a local adapter (and each of its files, symlinks resolved) must lie in,
+        checked at every load; a path elsewhere is refused with ``AdapterSourceError``. None
+        (the default, for library use): local adapters may be anywhere. Hub ids are never
+        looked up on disk either way (``engine.lora.sources``).
     """
 
     model: str
@@ -94,6 +99,7 @@ class EngineConfig:
     enforce_eager: bool = False
     max_num_batched_tokens: int = 2048
     lora_fold: bool = True
+    adapter_roots: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -126,3 +132,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.enforce_eager={self.enforce_eager!r} must be a bool")  # noqa: TRY004
         if not isinstance(self.lora_fold, bool):
             raise ValueError(f"EngineConfig.lora_fold={self.lora_fold!r} must be a bool")  # noqa: TRY004
+        if self.adapter_roots is not None:
+            if isinstance(self.adapter_roots, str) or not all(
+                    isinstance(r, str) and r for r in self.adapter_roots):
+                raise ValueError(f"EngineConfig.adapter_roots={self.adapter_roots!r} is invalid: "
+                                 "give a list of directories (or None for no confinement)")
+            self.adapter_roots = tuple(self.adapter_roots)

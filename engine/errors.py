@@ -10,6 +10,11 @@ class AdapterNotFoundError(LoRAError):
     """The adapter directory, Hub repo or one of its files does not exist."""
 
 
+class AdapterSourceError(LoRAError):
+    """The adapter's source is not allowed: a path outside the allowed roots, or neither an
+    absolute path nor a Hub repo id."""
+
+
 class AdapterFormatError(LoRAError):
     """adapter_config.json or the weights file is unreadable, corrupt or inconsistent."""
 

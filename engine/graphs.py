@@ -9,6 +9,7 @@ the graph. A step is: host fill -> one H2D copy -> replay -> logits [B, V] in ba
 from __future__ import annotations
 
 import torch
+
 from lorry.engine.model.layers import LoRAStep
 from lorry.engine.model.llama import Batch
 from lorry.kernels.segments import build_lora_meta

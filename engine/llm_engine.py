@@ -5,6 +5,7 @@ import itertools
 import time
 
 import torch
+
 from lorry.engine.config import EngineConfig
 from lorry.engine.errors import LoRAError, ModelLengthError
 from lorry.engine.lora.request import LoRARequest

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
 from lorry.engine.model.layers import LoRAStep
 from lorry.engine.model.llama import Batch
 from lorry.engine.sequence import Sequence

@@ -5,6 +5,7 @@ import enum
 from dataclasses import dataclass, field
 
 import torch
+
 from lorry.engine.lora.request import LoRARequest
 from lorry.engine.outputs import RequestMetrics
 from lorry.engine.sampling_params import SamplingParams

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from lorry.engine.config import EngineConfig
 from lorry.engine.lora.manager import LoRAManager
 from lorry.engine.lora.resolve import MODEL_FILES, resolve_dir
@@ -72,7 +73,8 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
         loras = LoRAManager(model, read_base_config(model_dir), c.model, max_loras=c.max_loras,
                             max_lora_rank=c.max_lora_rank, max_cpu_loras=c.max_cpu_loras,
                             dtype=lora_dtype, device=device,
-                            fold=c.lora_fold and device.type == "cuda" and backend == "triton")
+                            fold=c.lora_fold and device.type == "cuda" and backend == "triton",
+                            adapter_roots=c.adapter_roots)
     ops = get_ops(backend) if c.enable_lora else None
     graphs = None
     if device.type == "cuda" and not c.enforce_eager:

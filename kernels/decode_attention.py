@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from lorry.kernels.device_info import num_sms
 
 BLOCK_N = 64          # keys per tile

@@ -18,6 +18,7 @@ import functools
 
 import torch
 import triton
+
 from lorry.kernels.device_info import interpreted, num_sms, pdl_supported
 from lorry.kernels.lora_decode_kernel import lora_decode_kernel
 from lorry.kernels.segments import LoRAMeta, tile_table

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
 from lorry.kernels.triton_kernels import _pick, _pick_ptr
 
 

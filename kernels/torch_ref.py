@@ -10,6 +10,7 @@ padding contributes exactly zero.
 from __future__ import annotations
 
 import torch
+
 from lorry.kernels.segments import LoRAMeta
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import triton
+
 from lorry.kernels.device_info import interpreted, num_sms
 from lorry.kernels.lora_decode import try_add_lora_decode, try_expand_folded_decode
 from lorry.kernels.segments import LoRAMeta

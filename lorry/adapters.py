@@ -5,19 +5,31 @@ import os
 from pathlib import Path
 
 
+def operator_source(source: str) -> str:
+    """An operator's source as the shared rules read it: a path the operator wrote relative
+    to their own working directory ('./x', '../x', '.') becomes absolute; anything else is
+    left for ``engine.lora.sources`` to decide (absolute path, or Hub id 'owner/name')."""
+    if source in (".", "..") or source.startswith(("./", "../")):
+        return os.path.abspath(source)
+    return source
+
+
 def register_shared(queue, settings, name: str, source: str, revision: str | None = None,
                     tenant_id: str | None = None):
-    """Validate a local PEFT directory against the base model (engine rules) and register it.
+    """Check a source with the engine's rules and register it (shared unless ``tenant_id``).
 
-    Hub ids are registered as given; the worker validates them when it loads them.
+    A local PEFT directory must lie inside ``settings.adapter_roots`` (the plain roots, also
+    when roots are per tenant) and is validated against the base model; Hub ids are
+    registered as given and validated by the worker when it loads them.
     Raises ``engine.errors.LoRAError`` (or ValueError) naming the problem.
     """
+    from lorry.engine.lora.sources import LOCAL, check_source
     from lorry.engine.lora.spec import parse_adapter, read_base_config
 
-    rank = None
-    local = Path(os.path.expanduser(source))
-    if local.exists() or source.startswith(("/", ".", "~")):
-        source = os.path.realpath(local)
+    src = check_source(operator_source(source), revision=revision,
+                       roots=settings.adapter_roots)
+    rank, source = None, src.location
+    if src.kind == LOCAL:
         spec = parse_adapter(source, read_base_config(settings.model),
                              max_lora_rank=settings.max_lora_rank, base_model=settings.model)
         rank = spec.max_rank or spec.r

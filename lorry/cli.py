@@ -121,12 +121,28 @@ def beat(loglevel: str = "info",
 
 
 @app.command("flower")
-def flower(port: Optional[int] = None, address: str = "127.0.0.1"):
-    """Run Flower (basic auth from LORRY_FLOWER_BASIC_AUTH=user:password)."""
+def flower(port: Optional[int] = None, address: str = "127.0.0.1",
+           insecure: bool = typer.Option(False, "--insecure", help="serve Flower without "
+                                         "credentials (it can stop workers and send tasks)")):
+    """Run Flower behind basic auth (LORRY_FLOWER_BASIC_AUTH=user:password) on every page."""
+    from lorry.flower_auth import protect_open_handlers
+
     s = _settings()
     argv = ["flower", f"--port={port or s.flower_port}", f"--address={address}"]
+    user, _, password = (s.flower_basic_auth or "").partition(":")
+    if s.flower_basic_auth and (not user or not password):
+        typer.echo("error: LORRY_FLOWER_BASIC_AUTH must be 'user:password'", err=True)
+        raise typer.Exit(2)
     if s.flower_basic_auth:
         argv.append(f"--basic-auth={s.flower_basic_auth}")
+    elif insecure:
+        typer.echo("warning: Flower runs WITHOUT authentication (--insecure): anyone who can "
+                   f"reach {address} can see tasks, stop workers and send tasks", err=True)
+    else:
+        typer.echo("error: set LORRY_FLOWER_BASIC_AUTH=user:password (Flower can stop "
+                   "workers and send tasks), or pass --insecure to run it open", err=True)
+        raise typer.Exit(2)
+    protect_open_handlers()
     _celery(argv)
 
 

@@ -19,7 +19,12 @@ def _client(url: str, key: str):
 
 
 def _fail(e) -> None:
-    typer.echo(f"error: {e}", err=True)
+    """Print the server's error (``error.message``, with its ``param`` and ``code``); exit 2."""
+    about = ", ".join(f"{k} {v}" for k, v in (("param", e.param), ("code", e.code)) if v)
+    line = f"error: {e}" + (f" [{about}]" if about else "")
+    if e.retry_after is not None:
+        line += f" (retry in {e.retry_after:g} s)"
+    typer.echo(line, err=True)
     raise typer.Exit(2)
 
 

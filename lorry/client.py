@@ -8,7 +8,7 @@ from typing import Any, Iterable, Iterator
 
 import httpx
 
-from lorry.errors import LorryError, WaitTimeout, error_for
+from lorry.errors import LorryError, Unavailable, WaitTimeout, error_for
 from lorry.models import Adapter, Batch, BatchResultLine, Job, JobPage
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
@@ -146,10 +146,12 @@ class Client:
 
     def _raise_for(self, resp: httpx.Response) -> None:
         try:
-            detail = resp.json().get("detail")
-        except (ValueError, AttributeError):
-            detail = resp.text
-        raise error_for(resp.status_code, _describe(detail), detail)
+            body = resp.json()
+        except ValueError:
+            body = None
+        detail = body.get("error", body.get("detail")) if isinstance(body, dict) else resp.text
+        raise error_for(resp.status_code, _describe(detail), detail,
+                        _retry_after(resp.headers.get("retry-after")))
 
     # -- adapters -----------------------------------------------------------------------------
     def add_adapter(self, name: str, source: str, *, revision: str | None = None) -> Adapter:
@@ -167,28 +169,43 @@ class Client:
 def _poll(fetch, timeout, interval, max_interval, what):
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        obj = fetch()
-        if obj.done:
-            return obj
+        try:
+            obj = fetch()
+        except Unavailable as e:  # the server's database is away for a moment: keep waiting
+            obj, pause_for = None, e.retry_after or interval
+        else:
+            if obj.done:
+                return obj
+            pause_for = interval
         if deadline is not None and time.monotonic() >= deadline:
-            raise WaitTimeout(0, f"{what} is still {obj.status!r} after {timeout} s")
+            state = f"still {obj.status!r}" if obj is not None else "unknown (server unavailable)"
+            raise WaitTimeout(0, f"{what} is {state} after {timeout} s")
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        pause = interval if left is None else min(interval, left)
-        time.sleep(pause)
+        time.sleep(pause_for if left is None else min(pause_for, left))
         interval = min(max_interval, interval * 1.5)
 
 
+def _retry_after(value: str | None) -> float | None:
+    """Seconds of a ``Retry-After`` header (the HTTP-date form is not used by Lorry)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
 def _describe(detail) -> str:
-    """A one-line message from FastAPI's ``detail`` (a string or a list of field errors)."""
+    """A one-line message from an error body: Lorry's ``{"message", ...}`` (OpenAI's shape),
+    or FastAPI's ``detail`` (a string or a list of field errors) from other servers."""
+    if isinstance(detail, dict):
+        return str(detail.get("message") or json.dumps(detail))
     if isinstance(detail, list):
         parts = []
         for err in detail:
             if isinstance(err, dict):
                 loc = ".".join(str(x) for x in err.get("loc", []) if x != "body")
-                parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+                msg = err.get("msg") or err.get("message")
+                parts.append(f"{loc}: {msg}" if loc else str(msg))
             else:
                 parts.append(str(err))
         return "; ".join(parts)
-    if isinstance(detail, dict):
-        return detail.get("message") or json.dumps(detail)
     return str(detail)

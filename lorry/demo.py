@@ -6,7 +6,13 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from lorry.embedded import drain_with_progress, embedded_queue, register_adapters
+from lorry.embedded import (
+    drain_with_progress,
+    embedded_queue,
+    named_adapters,
+    register_adapters,
+    run_roots,
+)
 
 BUILTIN_PROMPTS = [
     "What is the capital of France?",
@@ -59,9 +65,10 @@ def run_demo(settings, max_tokens: int = 32, adapters_dir=None) -> None:
     console = Console()
     start = time.monotonic()
     model_dir = prepare_demo_model(settings.models_dir / DEMO_MODEL_NAME)
-    with embedded_queue(settings, model=str(model_dir)) as (settings, queue, tenant):
-        adapters = register_adapters(queue, settings, [],
-                                     adapters_dir or demo_adapters_dir())
+    wanted = named_adapters([], adapters_dir or demo_adapters_dir())
+    with embedded_queue(settings, model=str(model_dir),
+                        adapter_roots=run_roots(settings, wanted)) as (settings, queue, tenant):
+        adapters = register_adapters(queue, settings, wanted)
         if not adapters:
             console.print(f"[yellow]no demo adapters in {adapters_dir or demo_adapters_dir()}: "
                           "the base model only")

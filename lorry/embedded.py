@@ -29,19 +29,36 @@ def embedded_queue(settings, database_url: str | None = None, **overrides):
                 close()
 
 
-def register_adapters(queue, settings, pairs: list[str], adapters_dir=None) -> list[str]:
-    """Register NAME=PATH pairs and every adapter in ``adapters_dir`` (one per subdirectory)
-    as shared adapters; return their names."""
-    from lorry.adapters import demo_adapter_dirs, register_shared
+def named_adapters(pairs: list[str], adapters_dir=None) -> dict[str, str]:
+    """NAME -> source of NAME=PATH pairs and of every adapter in ``adapters_dir``."""
+    from lorry.adapters import demo_adapter_dirs, operator_source
 
-    wanted = dict(demo_adapter_dirs(adapters_dir)) if adapters_dir else {}
+    wanted = {n: str(p) for n, p in demo_adapter_dirs(adapters_dir).items()} \
+        if adapters_dir else {}
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--adapter {pair!r} is invalid: use NAME=PATH")
-        wanted[name] = path
+        wanted[name] = operator_source(path)
+    return wanted
+
+
+def run_roots(settings, wanted: dict[str, str]) -> list[str]:
+    """The adapter roots of an embedded run: the configured ones plus every local directory
+    the operator named for this run (its worker checks them again at load time)."""
+    from lorry.engine.lora.sources import LOCAL, source_kind
+
+    named = [p for p in wanted.values() if source_kind(p) == LOCAL]
+    return [*settings.adapter_roots, *named]
+
+
+def register_adapters(queue, settings, wanted: dict[str, str]) -> list[str]:
+    """Register ``wanted`` (from ``named_adapters``) as shared adapters; return their names.
+    ``settings.adapter_roots`` must hold the run's roots (``run_roots``)."""
+    from lorry.adapters import register_shared
+
     for name, path in wanted.items():
-        register_shared(queue, settings, name, str(path))
+        register_shared(queue, settings, name, path)
     return list(wanted)
 
 
@@ -70,8 +87,10 @@ def run_file(settings, file: Path, output: Path, adapters: list[str] = (), adapt
     from lorry.api.batch_input import base_model_name, parse_lines, specs_from_lines
     from lorry.api.convert import output_line
 
-    with embedded_queue(settings, database_url) as (settings, queue, tenant):
-        register_adapters(queue, settings, list(adapters), adapters_dir)
+    wanted = named_adapters(list(adapters), adapters_dir)
+    with embedded_queue(settings, database_url, adapter_roots=run_roots(settings, wanted)) \
+            as (settings, queue, tenant):
+        register_adapters(queue, settings, wanted)
         with open(file, "rb") as f:
             parsed = parse_lines(enumerate((line.rstrip(b"\r\n") for line in f), start=1))
         if parsed.duplicates:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lorry.engine.config import EngineConfig
@@ -22,7 +22,7 @@ from lorry.engine.demo_model import DEMO_MODEL_NAME, default_models_dir
 ENGINE_FIELDS = ("model", "tokenizer", "revision", "device", "dtype", "lora_dtype",
                  "lora_backend", "max_loras", "max_lora_rank", "max_cpu_loras", "max_num_seqs",
                  "max_model_len", "max_num_batched_tokens", "quantization", "enforce_eager",
-                 "lora_fold", "load_format", "seed")
+                 "lora_fold", "load_format", "seed", "adapter_roots")
 
 
 def _default_data_dir() -> Path:
@@ -46,11 +46,22 @@ class Settings(BaseSettings):
     model : str
         Base model directory or Hub id the GPU workers load (the demo model by default).
     adapter_roots : list of str
-        Directories under which local adapter paths may be registered.
+        Directories under which local adapter paths may be registered, and which GPU workers
+        check again at every load (``EngineConfig.adapter_roots``).
+    adapter_roots_per_tenant : bool
+        A tenant may register only paths under ``{root}/{tenant id}`` of a root (shared
+        registrations by the operator's CLI keep the plain roots).
+    metrics_token : SecretStr, optional
+        Bearer token a Prometheus scraper sends to ``/metrics``; unset: ``/metrics`` is 404.
+    metrics_tenant_labels : bool
+        Label queue-depth metrics with tenant ids and adapter names (off: status only).
+    flower_basic_auth : str, optional
+        ``user:password`` for Flower; ``lorry flower`` refuses to start without it unless
+        ``--insecure`` is given.
 
-    The engine fields (``model`` ... ``seed``, see ``ENGINE_FIELDS``) are ``EngineConfig``'s
-    options under the same names, validated by ``EngineConfig``'s own rules when the settings
-    are built.
+    The engine fields (``model`` ... ``seed`` and ``adapter_roots``, see ``ENGINE_FIELDS``) are
+    ``EngineConfig``'s options under the same names, validated by ``EngineConfig``'s own rules
+    when the settings are built.
     """
 
     model_config = SettingsConfigDict(env_prefix="LORRY_", extra="ignore")
@@ -82,6 +93,7 @@ class Settings(BaseSettings):
     load_format: str = "auto"
     seed: int = 0
     adapter_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    adapter_roots_per_tenant: bool = False
     allow_hub_adapters: bool = True
 
     # queue / worker
@@ -102,6 +114,10 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(200_000, ge=1)
     max_tokens_limit: int = Field(4096, ge=1)
     page_limit: int = Field(100, ge=1, le=1000)
+    # /metrics answers only a scraper sending `Authorization: Bearer <metrics_token>` (404
+    # while none is set); tenant ids and adapter names appear as labels only when opted in.
+    metrics_token: SecretStr | None = None
+    metrics_tenant_labels: bool = False
 
     # flower
     flower_port: int = Field(5555, ge=1, le=65535)
@@ -112,10 +128,12 @@ class Settings(BaseSettings):
     def _expand_user(cls, path: Path) -> Path:
         return path.expanduser()
 
-    @field_validator("quantization", "tokenizer", "revision", mode="before")
+    @field_validator("quantization", "tokenizer", "revision", "metrics_token",
+                     "flower_basic_auth", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
-        """``LORRY_QUANTIZATION=`` (empty) means none, as leaving it unset does."""
+        """``LORRY_QUANTIZATION=`` (empty) means none, as leaving it unset does (likewise the
+        tokenizer, revision, metrics token and Flower credentials)."""
         return None if value == "" else value
 
     @field_validator("adapter_roots", mode="before")

@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 
 from alembic import context
-from lorry.scheduler.models import Base
 from sqlalchemy import create_engine, pool
+
+from lorry.scheduler.models import Base
 
 config = context.config
 DEFAULT_URL = "sqlite:///lorry.db"

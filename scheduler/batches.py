@@ -7,12 +7,13 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
+from sqlalchemy import exists, func, select, update
+
 from lorry.scheduler import errors
 from lorry.scheduler.db import add_to_groups
 from lorry.scheduler.models import Batch, Job
 from lorry.scheduler.rows import batch_info, job_info
 from lorry.scheduler.types import BatchInfo, JobInfo, JobSpec
-from sqlalchemy import exists, func, select, update
 
 B, J = Batch.__table__, Job.__table__
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
@@ -45,7 +46,11 @@ class BatchOps:
             seen.add(s.custom_id)
         if metadata is not None and not isinstance(metadata, dict):
             raise errors.InvalidJob(f"metadata must be a dict or None, got {metadata!r}")
-        from lorry.scheduler.jobs import validate_spec
+        from lorry.scheduler.jobs import unstorable, validate_spec
+        problem = unstorable(metadata)
+        if problem:
+            raise errors.InvalidJob(f"metadata contains {problem}, which the batch table "
+                                    "cannot store; remove it")
         for i, s in enumerate(specs):
             validate_spec(s, i)
         now = self.now()

@@ -9,6 +9,9 @@ import time
 import uuid
 from datetime import timedelta
 
+from sqlalchemy import bindparam, case, event, func, literal_column, or_, select, union, update
+from sqlalchemy.exc import DBAPIError, OperationalError
+
 from lorry.scheduler.claim_cache import bump_generation, wanted_groups
 from lorry.scheduler.claim_pg import HEARTBEAT_REFRESH_S, claim_rows, read_snapshot, touch_worker
 from lorry.scheduler.db import add_to_groups, epoch_seconds, insert_for, make_engine
@@ -16,8 +19,6 @@ from lorry.scheduler.models import Adapter, Job, QueueGroup, Tenant, Worker
 from lorry.scheduler.policy import Group, Snapshot, plan_claim
 from lorry.scheduler.rows import adapter_info
 from lorry.scheduler.types import AdapterInfo, ClaimedJob, MicroBatch
-from sqlalchemy import bindparam, case, event, func, literal_column, or_, select, union, update
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 J, G, A, T, W = (Job.__table__, QueueGroup.__table__, Adapter.__table__, Tenant.__table__,
                  Worker.__table__)

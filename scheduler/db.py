@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from lorry.scheduler.claim_cache import bump_generation
-from lorry.scheduler.models import QueueGroup
 from sqlalchemy import Engine, case, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
+
+from lorry.scheduler.claim_cache import bump_generation
+from lorry.scheduler.models import QueueGroup
 
 
 def make_engine(url: str, **kwargs) -> Engine:

@@ -31,3 +31,12 @@ class QuotaExceeded(QueueError):
         super().__init__(
             f"tenant {tenant_id!r} has {queued} queued job(s); submitting {requested} more "
             f"would exceed its max_queued quota of {max_queued}")
+
+
+class Unavailable(QueueError):
+    """The job database cannot be reached (down, restarting, refusing or dropping
+    connections); try again later. A submit whose answer was lost this way may have been
+    queued: retry it with the same idempotency_key to be sure it is queued once."""
+
+    def __init__(self, message: str = "the job database cannot be reached; try again later"):
+        super().__init__(message)

@@ -9,6 +9,8 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 
+from sqlalchemy import delete, or_, select
+
 from lorry.scheduler import errors
 from lorry.scheduler.batches import BatchOps
 from lorry.scheduler.claims import ClaimOps
@@ -17,9 +19,9 @@ from lorry.scheduler.jobs import JobOps
 from lorry.scheduler.leases import LeaseOps
 from lorry.scheduler.maintenance import MaintenanceOps
 from lorry.scheduler.models import Adapter, Tenant
+from lorry.scheduler.outage import convert_outages
 from lorry.scheduler.rows import adapter_info, tenant_info
 from lorry.scheduler.types import AdapterInfo, TenantInfo
-from sqlalchemy import delete, or_, select
 
 ADAPTER_STATUSES = ("ready", "pending", "invalid", "disabled")
 
@@ -172,6 +174,16 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, MaintenanceOps):
             res = conn.execute(delete(a).where(a.c.name == name,
                                                a.c.tenant_key == (tenant_id or "")))
         return res.rowcount > 0
+
+
+# The calls the API makes for tenants (and /metrics): a lost database leaves them as
+# errors.Unavailable. Workers' calls (claim, heartbeat, complete, maintenance) keep the
+# driver's errors, which their own retries and the lease reaper deal with.
+TENANT_CALLS = ("authenticate", "get_tenant", "create_tenant", "register_adapter",
+                "get_adapter", "get_adapter_by_id", "list_adapters", "delete_adapter",
+                "submit", "submit_many", "get_job", "list_jobs", "cancel", "queue_depth",
+                "create_batch", "get_batch", "cancel_batch", "batch_results")
+convert_outages(JobQueue, TENANT_CALLS)
 
 
 class _Obj:

@@ -1,10 +1,14 @@
 """Submitting, reading, listing and cancelling jobs (JobQueue mixin)."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+
+from sqlalchemy import func, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 
 from lorry.scheduler import errors
 from lorry.scheduler.copy_pg import NewJob, copy_jobs
@@ -12,8 +16,6 @@ from lorry.scheduler.db import add_to_groups, naive_utc
 from lorry.scheduler.models import Adapter, Job, QueueGroup, Tenant
 from lorry.scheduler.rows import job_info
 from lorry.scheduler.types import JobInfo, JobSpec
-from sqlalchemy import func, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
 
 J = Job.__table__
 COPY_MIN_ROWS = 64  # from here on COPY beats multi-row INSERT on PostgreSQL
@@ -39,19 +41,37 @@ def validate_spec(spec: JobSpec, index: int) -> None:
     if spec.deadline is not None and not isinstance(spec.deadline, datetime):
         raise errors.InvalidJob(f"{where}: deadline must be a datetime, got {spec.deadline!r}")
     for field in ("prompt", "messages", "sampling", "custom_id", "idempotency_key"):
-        if _has_nul(getattr(spec, field, None)):  # PostgreSQL text/jsonb cannot store it
-            raise errors.InvalidJob(f"{where}: {field} contains a NUL character (\\x00), "
-                                    "which the job table cannot store; remove it")
+        problem = unstorable(getattr(spec, field, None))
+        if problem:  # PostgreSQL text/jsonb cannot store it; JSON cannot carry it back
+            raise errors.InvalidJob(f"{where}: {field} contains {problem}, which the job "
+                                    "table cannot store; remove it")
 
 
-def _has_nul(value) -> bool:
+def unstorable(value) -> str | None:
+    """What in value the job table cannot store and return: a NUL character, a lone UTF-16
+    surrogate (not Unicode text), a NaN or infinite number (not JSON)."""
     if isinstance(value, str):
-        return "\x00" in value
+        if "\x00" in value:
+            return "a NUL character (\\x00)"
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"a lone UTF-16 surrogate (\\u{ord(value[e.start]):04x})"
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"the number {value!r}"
     if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return any(_has_nul(v) for v in value)
-    return False
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        return None
+    for item in items:
+        problem = unstorable(item)
+        if problem:
+            return problem
+    return None
 
 
 class JobOps:

@@ -2,15 +2,34 @@
 heartbeat. A stale token changes nothing. JobQueue mixin."""
 from __future__ import annotations
 
+import json
 import random
+from collections.abc import Sequence
 from datetime import timedelta
+
+from sqlalchemy import select, text, tuple_, update
 
 from lorry.scheduler.db import add_to_groups
 from lorry.scheduler.models import Job
 from lorry.scheduler.types import Result
-from sqlalchemy import select, tuple_, update
 
 J = Job.__table__
+
+# Many results in one statement, each row still fenced by its own (id, lease token).
+COMPLETE_MANY_PG = text("""
+UPDATE jobs AS j SET status = v.status, finished_at = :now, lease_token = NULL,
+  lease_expires_at = NULL, result_text = v.text, result_token_ids = CAST(v.token_ids AS json),
+  finish_reason = v.finish_reason, prompt_tokens = v.prompt_tokens,
+  completion_tokens = v.completion_tokens, timings = CAST(v.timings AS json), error = NULL
+FROM unnest(CAST(:ids AS text[]), CAST(:tokens AS text[]), CAST(:statuses AS text[]),
+            CAST(:texts AS text[]), CAST(:token_ids AS text[]), CAST(:finish AS text[]),
+            CAST(:prompt_tokens AS int[]), CAST(:completion_tokens AS int[]),
+            CAST(:timings AS text[]))
+  AS v(id, token, status, text, token_ids, finish_reason, prompt_tokens, completion_tokens,
+       timings)
+WHERE j.id = v.id AND j.lease_token = v.token AND j.status = 'running'
+RETURNING j.id
+""")
 
 
 class LeaseOps:
@@ -21,17 +40,46 @@ class LeaseOps:
         cancelled=True records a job the worker stopped on a cancel request: status
         "cancelled", with the partial output kept as its result.
         """
+        with self.engine.begin() as conn:
+            return self._complete(conn, job_id, lease_token, result, cancelled, self.now())
+
+    @staticmethod
+    def _complete(conn, job_id: str, lease_token: str, result: Result, cancelled: bool,
+                  now) -> bool:
+        res = conn.execute(update(J).where(
+            J.c.id == job_id, J.c.lease_token == lease_token, J.c.status == "running")
+            .values(status="cancelled" if cancelled else "succeeded", finished_at=now,
+                    lease_token=None, lease_expires_at=None, result_text=result.text,
+                    result_token_ids=list(result.token_ids),
+                    finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
+                    completion_tokens=result.completion_tokens,
+                    timings=dict(result.timings or {}), error=None))
+        return res.rowcount == 1
+
+    def complete_many(self, items: Sequence[tuple[str, str, Result, bool]]) -> set[str]:
+        """Record many results in one transaction: items of (job id, lease token, result,
+        cancelled). Returns the ids recorded; a job whose lease is not held any more is left
+        as it is, exactly as ``complete`` leaves it."""
+        if not items:
+            return set()
         now = self.now()
         with self.engine.begin() as conn:
-            res = conn.execute(update(J).where(
-                J.c.id == job_id, J.c.lease_token == lease_token, J.c.status == "running")
-                .values(status="cancelled" if cancelled else "succeeded", finished_at=now,
-                        lease_token=None, lease_expires_at=None, result_text=result.text,
-                        result_token_ids=list(result.token_ids),
-                        finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
-                        completion_tokens=result.completion_tokens,
-                        timings=dict(result.timings or {}), error=None))
-        return res.rowcount == 1
+            if conn.dialect.name == "postgresql":
+                rows = conn.execute(COMPLETE_MANY_PG, dict(
+                    now=now, ids=[i[0] for i in items], tokens=[i[1] for i in items],
+                    statuses=["cancelled" if i[3] else "succeeded" for i in items],
+                    texts=[i[2].text for i in items],
+                    token_ids=[json.dumps(list(i[2].token_ids)) for i in items],
+                    finish=[i[2].finish_reason for i in items],
+                    prompt_tokens=[i[2].prompt_tokens for i in items],
+                    completion_tokens=[i[2].completion_tokens for i in items],
+                    timings=[json.dumps(dict(i[2].timings or {})) for i in items])).all()
+                return {r.id for r in rows}
+            written = set()
+            for job_id, lease_token, result, cancelled in items:
+                if self._complete(conn, job_id, lease_token, result, cancelled, now):
+                    written.add(job_id)
+            return written
 
     def backoff_seconds(self, attempts: int) -> float:
         """Exponential backoff with full jitter after the given number of attempts."""

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from sqlalchemy import delete, select, update
+
 from lorry.scheduler.db import add_to_groups
 from lorry.scheduler.models import Job, Worker
-from sqlalchemy import delete, select, update
 
 J, W = Job.__table__, Worker.__table__
 CHUNK = 1000

@@ -1,7 +1,7 @@
 """Fault harness: a private Redis and PostgreSQL that can be killed and restarted, the Lorry
 services as real processes (api, beat, N Celery GPU workers) and job counts read from SQL.
 
-Used by tests/chaos and scripts/soak.py; processes come from tests/e2e/procs.py.
+Used by tests/chaos and scripts/soak.py; processes come from scripts/procs.py.
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from glob import glob
 from pathlib import Path
 
 import httpx
-
-from tests.e2e.procs import Proc, free_port, run_cli, wait_until
+from procs import Proc, free_port, run_cli, wait_until
 
 FINAL = ("succeeded", "failed", "cancelled", "expired")
 

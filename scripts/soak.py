@@ -28,7 +28,7 @@ from chaos_harness import (
 
 def build_model(root: Path, n_adapters: int, rank: int) -> tuple[Path, Path, list[str]]:
     """A tiny random Llama and ``n_adapters`` random PEFT adapters under one root."""
-    from tests.tiny_models import make_tiny_llama, write_random_adapter
+    from lorry.testing import make_tiny_llama, write_random_adapter
 
     model = make_tiny_llama(root / "tiny-llama")
     cfg = json.loads((model / "config.json").read_text())

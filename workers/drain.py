@@ -1,26 +1,22 @@
-"""The drain loop: claim micro-batches, feed the engine continuously, write results, keep leases.
+"""The drain loop: the engine steps while claims, result writes and heartbeats run beside it.
 
-The same loop runs inside the Celery ``drain`` task and in-process for ``lorry run``/``demo``.
+The engine thread (the caller of ``run``) only moves claimed jobs into free engine rows,
+steps the engine and hands finished outputs to the writer; nothing on it waits for the
+database. The same loop runs inside the Celery ``drain`` task and in-process for
+``lorry run``/``demo``.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from lorry.workers.pipeline import Claimed, Claimer, WriteOp, Writer
 from lorry.workers.stats import WorkerStats, cache_counts
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Held:
-    """A claimed job that is inside the engine."""
-
-    job: object  # scheduler.ClaimedJob
-    claimed_at: float
-    cancel_requested: bool = False
 
 
 @dataclass
@@ -45,29 +41,47 @@ class Drainer:
 
     Parameters
     ----------
-    queue : scheduler.JobQueue
-    engine : engine.LLMEngine
+    queue : lorry.scheduler.JobQueue
+    engine : lorry.engine.LLMEngine
     worker_id : str
     max_num_seqs : int
-        Sequences kept in the engine at once (the claim asks for the free ones).
+        Sequences kept in the engine at once.
+    claim_ahead : int, optional
+        Jobs claimed beyond the engine's free rows, ready for the next free row (default
+        ``max_num_seqs``); their leases are heartbeated and they are released on shutdown.
+    max_pending_results : int, optional
+        Finished jobs that may wait for the writer (default ``8 * max_num_seqs``), besides
+        the batch it is writing; when that many wait, the engine waits too.
     lease_seconds, heartbeat_seconds : float
     publish : callable, optional
         Called with the WorkerStats at every heartbeat (Redis for ``/metrics``).
     on_result : callable, optional
-        Called with (job, status) after each job is written (progress bars).
+        Called with (job, status) after each job is written (progress bars), on the writer's
+        thread; status is "succeeded", "failed", "cancelled", "released" or "stale" (the
+        lease was lost, the result not recorded).
     """
 
     def __init__(self, queue, engine, worker_id: str, *, max_num_seqs: int,
                  lease_seconds: float = 60, heartbeat_seconds: float = 10,
                  stats: WorkerStats | None = None, publish: Callable | None = None,
-                 on_result: Callable | None = None, idle_claim_pause: float = 0.5):
+                 on_result: Callable | None = None, idle_claim_pause: float = 0.5,
+                 claim_ahead: int | None = None, max_pending_results: int | None = None,
+                 shutdown_flush_seconds: float = 30.0):
         self.queue, self.engine, self.worker_id = queue, engine, worker_id
         self.max_num_seqs, self.lease_seconds = max_num_seqs, lease_seconds
         self.heartbeat_seconds, self.idle_claim_pause = heartbeat_seconds, idle_claim_pause
+        self.claim_ahead = max_num_seqs if claim_ahead is None else claim_ahead
+        self.max_pending_results = max_pending_results or 8 * max_num_seqs
+        self.shutdown_flush_seconds = shutdown_flush_seconds
         self.stats, self.publish, self.on_result = stats or WorkerStats(), publish, on_result
-        self.held: dict[str, Held] = {}
+        self.held: dict[str, Claimed] = {}  # in the engine; only the engine thread changes it
         self.names: dict[int, str] = {}  # lora_int_id -> adapter name (engine speaks ids)
         self.summary = DrainSummary()
+        self._hot_warm: tuple[list[str], list[str]] = ([], [])
+        self._cancels: set[str] = set()  # from the heartbeat thread to the engine thread
+        self._lock = threading.Lock()
+        self._claimer: Claimer | None = None
+        self._writer: Writer | None = None
 
     # -- state reported to the scheduler ------------------------------------------------------
     def hot_warm(self) -> tuple[list[str], list[str]]:
@@ -78,15 +92,24 @@ class Drainer:
         return hot, warm
 
     def heartbeat(self) -> None:
-        hot, warm = self.hot_warm()
-        leases = [(jid, h.job.lease_token) for jid, h in self.held.items()]
-        cancel = self.queue.heartbeat(self.worker_id, leases, hot, warm, self.max_num_seqs,
-                                      lease_seconds=self.lease_seconds)
-        for job_id in cancel or ():
-            if job_id in self.held and not self.held[job_id].cancel_requested:
-                self.held[job_id].cancel_requested = True
-                out = self.engine.abort_request(job_id)
-                self._finish(job_id, out, cancelled=True)
+        """Extend the leases of every job this worker holds (in the engine, buffered, or
+        waiting to be written); jobs to stop go to the engine thread (cancel requests) or are
+        dropped from the buffer."""
+        jobs = [c.job for c in list(self.held.values())]
+        if self._claimer is not None:
+            jobs += [c.job for c in self._claimer.buffered()]
+        if self._writer is not None:
+            jobs += self._writer.pending_jobs()
+        hot, warm = self._hot_warm if self._claimer is not None else self.hot_warm()
+        stop = self.queue.heartbeat(self.worker_id, [(j.id, j.lease_token) for j in jobs],
+                                    hot, warm, self.max_num_seqs,
+                                    lease_seconds=self.lease_seconds)
+        if stop and self._claimer is not None:
+            for gone in self._claimer.drop(set(stop)):  # cancelled before it started
+                self._writer.put(WriteOp("fail", gone.job, message="cancelled before it ran",
+                                         cancelled=True))
+        with self._lock:
+            self._cancels |= set(stop or ()) & set(self.held)
         self.stats.cache = cache_counts(self.engine)
         if self.publish is not None:
             self.publish(self.stats)
@@ -99,106 +122,123 @@ class Drainer:
         start = time.monotonic()
         self.stats.drains += 1
         tokens_at_start = self.stats.tokens_generated
+        self._hot_warm = self.hot_warm()
+        self._writer = Writer(self.queue, self._written, self.max_pending_results)
+        self._claimer = Claimer(self._claim, self.max_num_seqs + self.claim_ahead,
+                                lambda: len(self.held), min_claim=max(1, self.max_num_seqs // 8),
+                                idle_pause=self.idle_claim_pause)
+        beats = threading.Event()
+        beater = threading.Thread(target=self._beat, args=(beats,), name="lorry-heartbeat",
+                                  daemon=True)
+        self._writer.start()
+        self._claimer.start()
+        beater.start()
         try:
             self._loop(summary, start, max_seconds, should_stop, stop_when_empty)
         except BaseException:
-            # Whatever broke (database down, engine error, KeyboardInterrupt), give the jobs
-            # back now rather than leaving them to the lease reaper; then let it propagate.
-            self._wind_down()
+            # Whatever broke (engine error, KeyboardInterrupt), give the jobs back now rather
+            # than leaving them to the lease reaper; then let it propagate.
+            self._wind_down(beats, beater)
             raise
-        self._wind_down()
+        self._wind_down(beats, beater)
         summary.seconds = time.monotonic() - start
         summary.tokens = self.stats.tokens_generated - tokens_at_start
         if summary.seconds > 0:
             self.stats.tokens_per_second = summary.tokens / summary.seconds
-        self.heartbeat()
+        try:
+            self.heartbeat()
+        except Exception as e:  # the database is away: the next drain's heartbeat says it
+            log.warning("final heartbeat failed: %s", e)
         return summary
 
     def _loop(self, summary, start, max_seconds, should_stop, stop_when_empty) -> None:
-        next_beat, next_claim = start, start
+        engine, claimer = self.engine, self._claimer
         while True:
-            now = time.monotonic()
-            if should_stop():  # warm shutdown: what is held is released by run()
+            if should_stop():  # warm shutdown: what is held is released by _wind_down
                 summary.reason = "shutdown"
                 return
             # Past the time limit: claim nothing more, finish what is held, then return.
-            out_of_time = max_seconds is not None and now - start > max_seconds
-            if out_of_time and not self.held:
-                summary.reason = "time limit"
-                return
-            free = self.max_num_seqs - len(self.held)
-            claimed = None
-            if free > 0 and now >= next_claim and not out_of_time:
-                claimed = self._claim(free)
-                if not claimed:  # nothing queued: do not ask again at every step
-                    next_claim = now + self.idle_claim_pause
+            out_of_time = max_seconds is not None and time.monotonic() - start > max_seconds
+            if out_of_time:
+                claimer.pause()
+            if self._cancels:
+                self._stop_cancelled()
+            if not out_of_time and len(self.held) < self.max_num_seqs:
+                for claimed in claimer.take(self.max_num_seqs - len(self.held)):
+                    self._add(claimed)
             if not self.held:
-                if claimed == 0 and stop_when_empty:
+                if out_of_time:
+                    summary.reason = "time limit"
+                    return
+                if claimer.wait_for_work(0.25) == "empty" and stop_when_empty:
                     summary.reason = "queue empty"
                     return
-                time.sleep(max(0.0, next_claim - time.monotonic()))
                 continue
-            for out in self.engine.step():
+            for out in engine.step():
                 self._finish(out.request_id, out)
-            if time.monotonic() >= next_beat:
-                self.heartbeat()
-                next_beat = time.monotonic() + self.heartbeat_seconds
+            self._hot_warm = self.hot_warm()
 
-    def _wind_down(self) -> None:
-        """Give back what the engine still holds: released jobs return to the queue at once."""
+    def _wind_down(self, beats: threading.Event, beater: threading.Thread) -> None:
+        """Give back what is held and buffered, write what is finished, stop the threads."""
         for job_id in list(self.held):
-            held = self.held.pop(job_id)
             self.engine.abort_request(job_id)
-            try:
-                if self.queue.release(job_id, held.job.lease_token):
-                    self.summary.released += 1
-            except Exception as e:  # the database is away: the lease reaper returns it later
-                log.warning("could not release %s: %s", job_id, e)
+            self._writer.put(WriteOp("release", self.held.pop(job_id).job))
+        for claimed in self._claimer.stop():
+            self._writer.put(WriteOp("release", claimed.job))
+        if not self._writer.flush(self.shutdown_flush_seconds):
+            log.warning("the database did not take the last results in %.0f s; their jobs "
+                        "run again after their leases", self.shutdown_flush_seconds)
+        beats.set()
+        beater.join()
+        self._writer.stop()
+        self._claimer = self._writer = None
 
-    def _claim(self, free: int) -> int:
-        hot, warm = self.hot_warm()
+    def _beat(self, stop: threading.Event) -> None:
+        while not stop.wait(max(self.heartbeat_seconds, 0.02)):
+            try:
+                self.heartbeat()
+            except Exception as e:  # the database is away: leases run on, results wait
+                log.warning("heartbeat failed (%s: %s)", type(e).__name__, e)
+
+    def _claim(self, n: int) -> list:
+        hot, warm = self._hot_warm
         t0 = time.perf_counter()
-        batches = self.queue.claim(self.worker_id, hot, warm, free,
+        batches = self.queue.claim(self.worker_id, hot, warm, n,
                                    lease_seconds=self.lease_seconds)
         self.stats.claim_latency.observe(time.perf_counter() - t0)
-        count = 0
-        for mb in batches:
-            lora = self._lora_for(mb)
-            for job in mb.jobs:
-                count += 1
-                self._add(job, lora)
-        return count
+        return batches
 
-    def _lora_for(self, mb):
-        """The LoRARequest of a micro-batch (None: base). The engine loads a new adapter from
-        disk in the background while the running batch keeps decoding; an adapter it refuses
-        comes back as outputs with finish_reason "error", which fail their jobs (_finish)."""
-        if mb.adapter is None:
+    def _lora_for(self, adapter):
+        """The LoRARequest of a claimed job's adapter (None: base). The engine loads a new
+        adapter from disk in the background while the running batch keeps decoding; one it
+        refuses comes back as outputs with finish_reason "error" (see _finish)."""
+        if adapter is None:
             return None
         from lorry.engine import LoRARequest
 
-        a = mb.adapter
-        self.names[a.id] = a.name
-        return LoRARequest(a.name, a.id, a.source, revision=a.revision)
+        self.names[adapter.id] = adapter.name
+        return LoRARequest(adapter.name, adapter.id, adapter.source, revision=adapter.revision)
 
-    def _add(self, job, lora) -> None:
+    def _add(self, claimed: Claimed) -> None:
         from lorry.engine import SamplingParams
 
+        job = claimed.job
         try:
             params = SamplingParams.from_dict(job.sampling)
             prompt = job.messages if job.messages is not None else job.prompt
-            self.engine.add_request(job.id, prompt, params, lora_request=lora)
+            self.engine.add_request(job.id, prompt, params,
+                                    lora_request=self._lora_for(claimed.adapter))
         except ValueError as e:  # bad sampling, prompt too long, refused adapter: not retryable
-            self._fail(job, str(e))
+            self._writer.put(WriteOp("fail", job, message=str(e)))
             return
-        self.held[job.id] = Held(job, time.monotonic())
+        self.held[job.id] = claimed
 
-    def _fail(self, job, message: str) -> None:
-        self.queue.fail(job.id, job.lease_token, message, retryable=False)
-        self.stats.jobs["failed"] += 1
-        self.summary.failed += 1
-        if self.on_result is not None:
-            self.on_result(job, "failed")
+    def _stop_cancelled(self) -> None:
+        with self._lock:
+            cancels, self._cancels = self._cancels, set()
+        for job_id in cancels:
+            if job_id in self.held:
+                self._finish(job_id, self.engine.abort_request(job_id), cancelled=True)
 
     def _finish(self, job_id: str, out, cancelled: bool = False) -> None:
         from lorry.scheduler import Result
@@ -208,10 +248,10 @@ class Drainer:
             return
         comp = out.outputs[0]
         if comp.finish_reason == "error":  # its adapter could not be loaded: not retryable
-            self._fail(held.job, f"adapter {held.job.adapter!r} cannot be loaded: {out.error}")
+            self._writer.put(WriteOp("fail", held.job, message=(
+                f"adapter {held.job.adapter!r} cannot be loaded: {out.error}")))
             return
-        usage = out.usage
-        m = out.metrics
+        usage, m = out.usage, out.metrics
         timings = {"run_s": time.monotonic() - held.claimed_at}
         if m is not None and m.first_token_time and m.arrival_time:
             timings["first_token_s"] = m.first_token_time - m.arrival_time
@@ -220,20 +260,25 @@ class Drainer:
                         token_ids=list(comp.token_ids),
                         finish_reason=comp.finish_reason, prompt_tokens=usage["prompt_tokens"],
                         completion_tokens=usage["completion_tokens"], timings=timings)
-        try:
-            written = self.queue.complete(job_id, held.job.lease_token, result,
-                                          cancelled=cancelled)
-        except Exception as e:  # a result the database refuses fails this job, not the drain
-            log.exception("cannot store the result of %s", job_id)
-            self._fail(held.job, f"the result could not be stored: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:300]}")
-            return
-        self.stats.tokens_generated += usage["completion_tokens"]
-        self.stats.job_run.observe(timings["run_s"])
-        status = "cancelled" if cancelled else "succeeded"
-        if written:
-            self.stats.jobs[status] += 1
-            setattr(self.summary, status, getattr(self.summary, status) + 1)
-        if self.on_result is not None:
-            self.on_result(held.job, status if written else "stale")
+        self._writer.put(WriteOp("complete", held.job, result=result, cancelled=cancelled))
 
+    def _written(self, op: WriteOp, written: bool) -> None:
+        """Count a write (the writer's thread calls this after each op)."""
+        summary, stats = self.summary, self.stats
+        if op.kind == "release":
+            status = "released" if written else "stale"
+            summary.released += bool(written)
+        elif op.kind == "fail":  # cancelled=True: a cancel request stopped it before it ran
+            status = ("cancelled" if op.cancelled else "failed") if written else "stale"
+            if written:
+                stats.jobs[status] += 1
+                setattr(summary, status, getattr(summary, status) + 1)
+        else:
+            status = ("cancelled" if op.cancelled else "succeeded") if written else "stale"
+            stats.tokens_generated += op.result.completion_tokens
+            stats.job_run.observe(op.result.timings["run_s"])
+            if written:
+                stats.jobs[status] += 1
+                setattr(summary, status, getattr(summary, status) + 1)
+        if self.on_result is not None and op.kind != "release":
+            self.on_result(op.job, status)

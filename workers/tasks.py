@@ -5,6 +5,7 @@ import logging
 import threading
 
 from celery import signals
+
 from lorry.workers.celery_app import app, settings
 
 log = logging.getLogger(__name__)

@@ -1,28 +1,22 @@
 """Adapters: register (local path under an allowed root, or a Hub repo id), list, delete."""
 from __future__ import annotations
 
-import os
-import re
-
 from fastapi import APIRouter, Depends, HTTPException, Path, Request
+
 from lorry.api.convert import adapter_out
 from lorry.api.deps import get_queue, get_settings, get_tenant
 from lorry.api.schemas import NAME_PATTERN, AdapterCreate, AdapterList, AdapterOut
+from lorry.engine.lora.sources import LOCAL, check_source, tenant_roots  # torch-free
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
-def resolve_local(source: str, roots: list[str]) -> str:
-    """The real path of ``source`` (symlinks resolved) if it lies under an allowed root."""
-    real = os.path.realpath(os.path.expanduser(source))
-    for root in roots:
-        root_real = os.path.realpath(os.path.expanduser(root))
-        if os.path.commonpath([real, root_real]) == root_real:
-            return real
-    raise HTTPException(422, f"adapter path {source!r} (resolved to {real!r}) is outside the "
-                             f"allowed adapter roots {roots}; copy it under one of them or ask "
-                             "the operator to add a root (LORRY_ADAPTER_ROOTS)")
+def allowed_roots(settings, tenant_id: str | None) -> list[str]:
+    """The roots a registration may name: ``{root}/{tenant id}`` for a tenant when roots are
+    per tenant (LORRY_ADAPTER_ROOTS_PER_TENANT), else the plain roots."""
+    if tenant_id is not None and settings.adapter_roots_per_tenant:
+        return tenant_roots(settings.adapter_roots, tenant_id)
+    return list(settings.adapter_roots)
 
 
 def base_config(request: Request) -> dict:
@@ -58,18 +52,17 @@ def add_adapter(body: AdapterCreate, request: Request, tenant=Depends(get_tenant
     existing = queue.get_adapter(body.name, tenant.id)
     if existing is not None and existing.tenant_id == tenant.id:
         raise HTTPException(409, f"adapter {body.name!r} is already registered; delete it first")
-    source, revision, rank = body.source, body.revision, None
-    if source.startswith(("/", "~", ".")) or "\\" in source or not HUB_ID.match(source):
-        if not source.startswith(("/", "~")):
-            raise HTTPException(422, f"adapter source {source!r} is neither an absolute local "
-                                     "path nor a Hub repo id of the form 'owner/name'")
+    try:  # the engine's rules (AdapterSourceError is a ValueError)
+        src = check_source(body.source, revision=body.revision,
+                           roots=allowed_roots(settings, tenant.id),
+                           allow_hub=settings.allow_hub_adapters)
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None
+    source, revision, rank = src.location, body.revision, None
+    if src.kind == LOCAL:
         if revision is not None:
             raise HTTPException(422, "revision applies to Hub repo ids, not to local paths")
-        source = resolve_local(source, settings.adapter_roots)
         rank = validate_local(source, request, settings)
-    elif not settings.allow_hub_adapters:
-        raise HTTPException(422, f"Hub adapters are disabled on this server ({source!r}); "
-                                 "register a local path under an allowed root")
     else:
         revision = revision or "main"
     info = queue.register_adapter(body.name, source, tenant_id=tenant.id, revision=revision,

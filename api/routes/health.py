@@ -1,11 +1,19 @@
-"""Liveness, readiness (the database answers) and the Prometheus scrape endpoint."""
+"""Liveness, readiness (the database answers) and the Prometheus scrape endpoint (behind the
+operator's metrics token)."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import hmac
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from lorry.api.errors import ApiError, responses
+
 router = APIRouter(tags=["health"])
+metrics_bearer = HTTPBearer(auto_error=False, scheme_name="MetricsToken",
+                            description="the operator's LORRY_METRICS_TOKEN")
 
 
 @router.get("/healthz", summary="The process is up")
@@ -20,10 +28,27 @@ def readyz(request: Request):
         ping = getattr(queue, "ping", None)
         ping() if ping else queue.authenticate("lorry_readiness_probe")  # key-shaped: queries
     except Exception as e:  # any DB error means not ready; say which
-        return JSONResponse({"status": "unavailable", "database": str(e)[:300]}, status_code=503)
+        return JSONResponse({"status": "unavailable", "database": str(e)[:300]}, status_code=503,
+                            headers={"Retry-After": "5"})
     return {"status": "ok"}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def check_metrics_token(request: Request,
+                        creds: HTTPAuthorizationCredentials | None = Depends(metrics_bearer)):
+    """404 while no LORRY_METRICS_TOKEN is set (the endpoint is off); 401 without it."""
+    token = request.app.state.settings.metrics_token
+    if token is None or not token.get_secret_value():
+        raise ApiError(404, "/metrics is off: the operator sets LORRY_METRICS_TOKEN to serve "
+                            "it to a scraper holding that token", code="metrics_disabled")
+    given = creds.credentials if creds is not None and creds.scheme.lower() == "bearer" else ""
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise ApiError(401, "missing or invalid metrics token: send 'Authorization: Bearer "
+                            "<LORRY_METRICS_TOKEN>'", code="invalid_metrics_token",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+@router.get("/metrics", summary="Prometheus metrics (Authorization: Bearer <metrics token>)",
+            response_class=Response, dependencies=[Depends(check_metrics_token)],
+            responses=responses(401, 404, 503))
 def metrics(request: Request):
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
+
 from lorry.api.convert import job_out
 from lorry.api.deps import get_queue, get_settings, get_tenant, nudge
+from lorry.api.errors import ApiError, responses
 from lorry.api.prompt_length import check_prompt_length
-from lorry.api.schemas import NAME_PATTERN, JobCreate, JobOut, JobPage
+from lorry.api.schemas import ID_PATTERN, NAME_PATTERN, JobCreate, JobOut, JobPage, is_id
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
@@ -18,8 +20,8 @@ def check_adapter(queue, tenant, name: str | None) -> None:
     if name is None or queue.get_adapter(name, tenant.id) is not None:
         return
     known = sorted(a.name for a in queue.list_adapters(tenant.id))
-    raise HTTPException(422, f"unknown adapter {name!r}; adapters you can use: {known} "
-                             "(or null for the base model)")
+    raise ApiError(422, f"unknown adapter {name!r}; adapters you can use: {known} "
+                        "(or null for the base model)", code="unknown_adapter", param="adapter")
 
 
 def spec_of(body: JobCreate):
@@ -35,7 +37,8 @@ def spec_of(body: JobCreate):
                    idempotency_key=body.idempotency_key)
 
 
-@router.post("", response_model=JobOut, status_code=201, summary="Submit a generation job")
+@router.post("", response_model=JobOut, status_code=201, summary="Submit a generation job",
+             responses=responses(413, 429))
 def submit_job(body: JobCreate, request: Request, tenant=Depends(get_tenant),
                queue=Depends(get_queue), settings=Depends(get_settings)):
     check_adapter(queue, tenant, body.adapter)
@@ -49,34 +52,39 @@ def submit_job(body: JobCreate, request: Request, tenant=Depends(get_tenant),
 @router.get("", response_model=JobPage, summary="List your jobs, oldest first")
 def list_jobs(status: str | None = Query(None, pattern="^(" + "|".join(STATUSES) + ")$"),
               adapter: str | None = Query(None, pattern=NAME_PATTERN),
-              batch_id: str | None = Query(None, max_length=64),
+              batch_id: str | None = Query(None, max_length=64, pattern=ID_PATTERN),
               limit: int = Query(100, ge=1, le=500),
-              after: str | None = Query(None, max_length=64, description="next_cursor of the "
-                                                                         "previous page"),
+              after: str | None = Query(None, max_length=64, pattern=ID_PATTERN,
+                                        description="next_cursor of the previous page"),
               tenant=Depends(get_tenant), queue=Depends(get_queue)):
     try:
         rows = queue.list_jobs(tenant.id, status=status, adapter=adapter, batch_id=batch_id,
                                limit=limit + 1, after=after)
     except ValueError as e:  # an `after` cursor that is not one of the tenant's jobs
-        raise HTTPException(422, str(e)) from None
+        raise ApiError(422, str(e), code="invalid_cursor", param="after") from None
     page = [job_out(r) for r in rows[:limit]]
     has_more = len(rows) > limit
     return JobPage(data=page, has_more=has_more,
                    next_cursor=page[-1].id if has_more and page else None)
 
 
-@router.get("/{job_id}", response_model=JobOut, summary="Get a job and its result")
+def _no_job(job_id: str) -> ApiError:
+    return ApiError(404, f"no job {job_id!r}", code="job_not_found", param="job_id")
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="Get a job and its result",
+            responses=responses(404))
 def get_job(job_id: str, tenant=Depends(get_tenant), queue=Depends(get_queue)):
-    info = queue.get_job(job_id, tenant_id=tenant.id)
+    info = queue.get_job(job_id, tenant_id=tenant.id) if is_id(job_id) else None
     if info is None:
-        raise HTTPException(404, f"no job {job_id!r}")
+        raise _no_job(job_id)
     return job_out(info)
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut,
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=responses(404),
              summary="Cancel a job (queued: now; running: at the worker's next step)")
 def cancel_job(job_id: str, tenant=Depends(get_tenant), queue=Depends(get_queue)):
-    info = queue.cancel(job_id, tenant.id)
+    info = queue.cancel(job_id, tenant.id) if is_id(job_id) else None
     if info is None:
-        raise HTTPException(404, f"no job {job_id!r}")
+        raise _no_job(job_id)
     return job_out(info)

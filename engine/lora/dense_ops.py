@@ -13,6 +13,7 @@ decode step of a small model this halves the CPU cost of LoRA: ops, not FLOPs, d
 from __future__ import annotations
 
 import torch
+
 from lorry.kernels.segments import LoRAMeta
 
 

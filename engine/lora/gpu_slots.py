@@ -15,6 +15,7 @@ from collections import OrderedDict
 from contextlib import nullcontext
 
 import torch
+
 from lorry.engine.lora import dense_ops
 from lorry.engine.lora.slot_layout import SlotLayout, copy_into_slot, zero_slot
 from lorry.engine.lora.weights import AdapterWeights

@@ -10,11 +10,12 @@ import concurrent.futures as cf
 import time
 
 import torch
+
 from lorry.engine.errors import LoRAError
 from lorry.engine.lora.cpu_cache import CPUAdapterCache
 from lorry.engine.lora.gpu_slots import GPUSlotManager
 from lorry.engine.lora.request import LoRARequest
-from lorry.engine.lora.resolve import ADAPTER_FILES, resolve_dir
+from lorry.engine.lora.resolve import resolve_adapter_dir
 from lorry.engine.lora.spec import parse_adapter
 from lorry.engine.lora.weights import AdapterWeights, load_adapter_weights
 
@@ -22,8 +23,10 @@ from lorry.engine.lora.weights import AdapterWeights, load_adapter_weights
 class LoRAManager:
     def __init__(self, model, base_config: dict, base_name: str, *, max_loras: int,
                  max_lora_rank: int, max_cpu_loras: int, dtype: torch.dtype,
-                 device: torch.device, fold: bool = False):
+                 device: torch.device, fold: bool = False,
+                 adapter_roots: tuple[str, ...] | None = None):
         self.base_config, self.base_name = base_config, base_name
+        self.adapter_roots = adapter_roots  # None: local adapters may be anywhere
         self.max_lora_rank, self.dtype = max_lora_rank, dtype
         self.pin_memory = device.type == "cuda"
         self.gpu = GPUSlotManager(model, max_loras, max_lora_rank, dtype, device, fold=fold)
@@ -36,9 +39,10 @@ class LoRAManager:
         self._unreported: list[tuple[LoRARequest, LoRAError]] = []
 
     def _load(self, request: LoRARequest) -> AdapterWeights:
-        """Resolve, validate (torch-free spec) and read an adapter; raises LoRAError."""
-        path = resolve_dir(request.lora_path, revision=request.revision,
-                           allow_patterns=ADAPTER_FILES, what="adapter")
+        """Resolve (inside the allowed roots), validate (torch-free spec) and read an adapter;
+        raises LoRAError."""
+        path = resolve_adapter_dir(request.lora_path, revision=request.revision,
+                                   roots=self.adapter_roots)
         spec = parse_adapter(path, self.base_config, max_lora_rank=self.max_lora_rank,
                              base_model=self.base_name)
         return load_adapter_weights(spec, self.base_config, self.max_lora_rank, self.dtype,

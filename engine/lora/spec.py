@@ -179,18 +179,23 @@ def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | N
 
 
 def _refuse_code_in_pickle(path: Path) -> None:
-    """Refuse a .bin whose pickle imports anything but tensor rebuilding (never unpickled)."""
-    from lorry.engine.lora.pickle_scan import unsafe_globals
+    """Refuse a .bin that torch.load(weights_only=True) would refuse (never unpickled)."""
+    from lorry.engine.lora.pickle_scan import scan_checkpoint
 
     try:
-        bad = unsafe_globals(path)
-    except Exception as e:  # noqa: BLE001 - any parse failure means an unreadable file
-        raise AdapterFormatError(f"adapter {path.parent}: {path.name} is not a readable "
-                                 f"torch checkpoint: {e}") from None
-    if bad:
+        found = scan_checkpoint(path)
+    except OSError as e:
+        raise AdapterFormatError(f"adapter {path.parent}: {path.name} is unreadable: {e}") from None
+    if found.imports:
         raise UnsupportedAdapterError(
-            f"adapter {path.parent}: {path.name} is a pickle that imports {', '.join(bad[:5])}; "
-            "only tensors are allowed (convert the adapter to adapter_model.safetensors)")
+            f"adapter {path.parent}: {path.name} is a pickle that imports "
+            f"{', '.join(sorted(set(found.imports))[:5])}; only tensors are allowed (convert the "
+            "adapter to adapter_model.safetensors)")
+    if found.problems:
+        raise UnsupportedAdapterError(
+            f"adapter {path.parent}: {path.name} is not a weights-only torch checkpoint of "
+            f"tensors: {found.describe(3)}; save it with torch.save(state_dict) or convert it "
+            "to adapter_model.safetensors")
 
 
 def check_shapes(spec: AdapterSpec, shapes: dict, base_config: dict,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from lorry.engine.errors import AdapterFormatError
 from lorry.engine.lora.spec import AdapterSpec, check_shapes
 

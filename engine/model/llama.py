@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from lorry.engine.model.layers import LoRALinear, LoRAStep, RMSNorm, Rotary, apply_rotary
 from torch import nn
+
+from lorry.engine.model.layers import LoRALinear, LoRAStep, RMSNorm, Rotary, apply_rotary
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # fused module -> the checkpoint/PEFT modules it packs (nano-vllm's packed_modules_mapping)

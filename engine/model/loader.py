@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import torch
+
 from lorry.engine.model.llama import LlamaForCausalLM
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm)"

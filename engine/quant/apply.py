@@ -6,6 +6,7 @@ the LM head stay in the model dtype, and the LoRA slots stay untouched (y = base
 from __future__ import annotations
 
 import torch
+
 from lorry.engine.quant.checkpoint import read_checkpoint_method
 from lorry.engine.quant.onthefly import check_device, load_backend, tensor_bytes
 from lorry.engine.quant.packed_format import group_index

@@ -5,6 +5,7 @@ import re
 from collections import defaultdict
 
 import torch
+
 from lorry.engine.model.llama import PACKED_MODULES
 from lorry.engine.quant.packed_format import group_index, unpack_awq, unpack_gptq
 from lorry.engine.quant.packed_linear import PackedInt4Linear

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import torch
+
 from lorry.engine.quant.packed_format import group_index, pack_awq, pack_gptq
 
 QUANTIZED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -72,9 +73,10 @@ def export_rtn_checkpoint(src: str | Path, dst: str | Path, method: str,
     q/k/v/o/gate/up/down weights are quantized; everything else (embeddings, norms, head,
     biases) is copied. Tokenizer and other small files are copied too.
     """
-    from lorry.engine.model.loader import _weight_files
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from lorry.engine.model.loader import _weight_files
 
     src, dst = Path(src), Path(dst)
     qc = quantization_config(method, group_size)

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from chaos_harness import PrivatePostgres, RedisServer
 
-from tests.tiny_models import make_tiny_llama, write_random_adapter
+from lorry.testing import make_tiny_llama, write_random_adapter
 
 PG = os.environ.get("LORRY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 ADAPTERS = [f"ad{i}" for i in range(4)]

@@ -9,10 +9,10 @@ import signal
 import httpx
 import pytest
 from chaos_harness import Services, audit, batch_lines, service_env, wait_drained
+from procs import wait_until
 from sqlalchemy import create_engine, text
 
 from tests.chaos.conftest import ADAPTERS
-from tests.e2e.procs import wait_until
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import time
 
 import httpx
 from chaos_harness import Services, audit, batch_lines, service_env, status_counts
+from procs import wait_until
 
 from tests.chaos.conftest import ADAPTERS
-from tests.e2e.procs import wait_until
 
 
 def test_postgres_restarted_mid_run(tiny, private_pg, redis_server):

@@ -9,15 +9,16 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import redis as redis_lib
+from procs import Proc, free_port, run_cli, wait_until
 from sqlalchemy.engine import make_url
 
-from tests.e2e.procs import Proc, free_port, run_cli, wait_until
-from tests.tiny_models import make_peft_adapter, make_tiny_llama
+from lorry.testing import make_peft_adapter, make_tiny_llama
 
 PG = os.environ.get("LORRY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("LORRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 E2E_REDIS_DB = 11
 FLOWER_AUTH = ("e2e", "flower-pw")
+METRICS_TOKEN = "e2e-scrape"
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +68,8 @@ def stack(tiny, database_url, redis_url):
            "LORRY_REDIS_PREFIX": f"lorry-e2e-{uuid.uuid4().hex[:6]}",
            "LORRY_MAINTAIN_INTERVAL": "2", "LORRY_HEARTBEAT_SECONDS": "1",
            "LORRY_WORKER_ID": "e2e-gpu-worker", "LORRY_API_PORT": str(api_port),
-           "LORRY_FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH), "LORRY_DATA_DIR": str(root)}
+           "LORRY_FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH), "LORRY_DATA_DIR": str(root),
+           "LORRY_METRICS_TOKEN": METRICS_TOKEN}
     run_cli(["db", "upgrade"], env)
     logs = root / "logs"
     logs.mkdir()

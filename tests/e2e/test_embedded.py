@@ -5,7 +5,7 @@ import json
 import os
 import subprocess
 
-from tests.e2e.procs import LORRY
+from procs import LORRY
 
 
 def test_lorry_run_writes_openai_lines_equal_to_the_engine(tiny, tmp_path):

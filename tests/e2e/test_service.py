@@ -5,12 +5,12 @@ import json
 
 import httpx
 import pytest
+from procs import run_cli
 from prometheus_client.parser import text_string_to_metric_families
 
 from lorry.client import Client
 from lorry.errors import NotFound
-from tests.e2e.conftest import FLOWER_AUTH, create_tenant
-from tests.e2e.procs import run_cli
+from tests.e2e.conftest import FLOWER_AUTH, METRICS_TOKEN, create_tenant
 
 PROMPTS = ["The quick brown fox", "Lorry carries", "Once upon a time", "SELECT * FROM"]
 
@@ -42,7 +42,9 @@ def reference(stack):
 
 
 def metric(api: str, name: str, **labels) -> float:
-    text = httpx.get(f"{api}/metrics").text
+    resp = httpx.get(f"{api}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert resp.status_code == 200, resp.text
+    text = resp.text
     total = 0.0
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:

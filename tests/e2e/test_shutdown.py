@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 import signal
 
+from procs import Proc, wait_until
+
 from lorry.client import Client
 from tests.e2e.conftest import create_tenant
-from tests.e2e.procs import Proc, wait_until
 
 N_JOBS = 48
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from lorry.kernels.segments import LoRAMeta, build_lora_meta
 
 MIXES = ("distinct", "uniform", "skewed", "identical", "some_without", "all_without")

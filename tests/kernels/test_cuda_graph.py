@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lorry.kernels.backends import get_lora_ops
 from lorry.kernels.segments import build_lora_meta
-
 from tests.kernels.cases import loop_reference, make_problem, rel_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

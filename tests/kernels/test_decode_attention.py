@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lorry.kernels.decode_attention import decode_attention, decode_attention_ref, num_splits
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorry.kernels.backends import get_lora_ops
 
-from tests.tiny_models import make_tiny_base_and_adapters
+from lorry.kernels.backends import get_lora_ops
+from lorry.testing import make_tiny_base_and_adapters
 
 ADAPTERS = {  # name -> (rank, alpha, targets, rslora): different ranks, scalings and targets
     "qv8": (8, 16, ("q_proj", "v_proj"), False),

@@ -10,8 +10,9 @@ import copy
 
 import pytest
 import torch
-from lorry.engine.model.llama import Batch, LlamaForCausalLM
 from transformers import LlamaConfig
+
+from lorry.engine.model.llama import Batch, LlamaForCausalLM
 
 
 def _model(device, dtype):

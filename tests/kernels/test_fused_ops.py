@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lorry.engine.model.layers import RMSNorm, Rotary, apply_rotary
 from lorry.kernels.fused_ops import (
     add_rmsnorm,

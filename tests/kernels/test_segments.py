@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorry.kernels.segments import build_lora_meta, tile_table
 
+from lorry.kernels.segments import build_lora_meta, tile_table
 from tests.kernels.cases import MIXES, token_slots
 
 

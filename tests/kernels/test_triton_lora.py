@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorry.kernels.backends import get_lora_ops
 
+from lorry.kernels.backends import get_lora_ops
 from tests.kernels.cases import MIXES, TOLERANCE, loop_reference, make_problem, rel_error
 
 triton_ops = get_lora_ops("triton")

@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
-from tests.tiny_models import make_peft_adapter, make_tiny_llama
+from lorry.testing import make_peft_adapter, make_tiny_llama
 
 MAX_RANK = 16
 
@@ -31,7 +31,6 @@ def service(tmp_path, tiny_model, roots):
     """(app, queue, settings, db url) over a fresh migrated SQLite database, small limits."""
     from lorry.api.app import create_app
     from lorry.scheduler import JobQueue
-
     from lorry.settings import Settings
 
     url = f"sqlite:///{tmp_path / 'sec.db'}"

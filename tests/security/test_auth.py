@@ -1,5 +1,6 @@
 """Auth and tenant isolation: hashed keys, 401 without a valid key, 404 across tenants, 429
-with Retry-After past a tenant's quota, Flower behind basic auth."""
+with Retry-After past a tenant's quota, Flower behind basic auth on every page (its
+/metrics and /healthcheck included)."""
 from __future__ import annotations
 
 import os
@@ -41,7 +42,9 @@ def test_missing_or_invalid_key_is_401(service, alice, method, path):
             c.headers["Authorization"] = f"{scheme} {key}"
         r = c.request(method, path, json={"prompt": "x"})
         assert r.status_code == 401, (key, r.text)
-        assert "API key" in r.json()["detail"] and r.headers["WWW-Authenticate"] == "Bearer"
+        assert "API key" in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["type"] == "authentication_error"
+        assert r.headers["WWW-Authenticate"] == "Bearer"
     assert counts(url) == before
 
 
@@ -62,7 +65,7 @@ def test_another_tenants_objects_are_404(service, alice, bob, roots):
                          ("GET", f"/v1/batches/{batch['id']}/errors"),
                          ("DELETE", "/v1/adapters/mine")):
         r = bob.request(method, path)
-        assert r.status_code == 404 and "no " in r.json()["detail"], (path, r.text)
+        assert r.status_code == 404 and "no " in r.json()["error"]["message"], (path, r.text)
     assert counts(url) == before
     assert bob.get("/v1/jobs").json()["data"] == []
     assert bob.get("/v1/jobs", params={"batch_id": batch["id"]}).json()["data"] == []
@@ -79,7 +82,7 @@ def test_quota_is_429_with_retry_after_and_nothing_queued(service):
     before = counts(url)
     r = c.post("/v1/jobs", json={"prompt": "one too many"})
     assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
-    assert "3" in r.json()["detail"]
+    assert "3" in r.json()["error"]["message"] and r.json()["error"]["code"] == "quota_exceeded"
     lines = b"".join(b'{"custom_id": "c%d", "method": "POST", "url": "/v1/completions", '
                      b'"body": {"model": "base", "prompt": "x"}}\n' % i for i in range(2))
     r = c.post("/v1/batches", content=lines)
@@ -92,8 +95,7 @@ def test_quota_is_429_with_retry_after_and_nothing_queued(service):
 
 def test_flower_requires_basic_auth(tmp_path):
     from chaos_harness import RedisServer
-
-    from tests.e2e.procs import Proc, free_port, wait_until
+    from procs import Proc, free_port, wait_until
 
     redis = RedisServer()
     port = free_port()
@@ -104,11 +106,12 @@ def test_flower_requires_basic_auth(tmp_path):
     try:
         wait_until(lambda: httpx.get(f"{base}/healthcheck", auth=("ops", "s3cret"),
                                      timeout=5).status_code == 200, 60, "Flower", [flower])
-        for path in ("/", "/workers", "/tasks", "/api/workers", "/api/tasks"):
+        for path in ("/", "/workers", "/tasks", "/api/workers", "/api/tasks", "/metrics",
+                     "/healthcheck"):
             assert httpx.get(base + path, timeout=5).status_code == 401, path
             assert httpx.get(base + path, auth=("ops", "wrong"), timeout=5).status_code == 401
-        assert httpx.get(f"{base}/api/workers", auth=("ops", "s3cret"),
-                         timeout=10).status_code == 200
+        for path in ("/api/workers", "/metrics", "/healthcheck"):
+            assert httpx.get(base + path, auth=("ops", "s3cret"), timeout=10).status_code == 200
     finally:
         flower.stop()
         redis.kill()

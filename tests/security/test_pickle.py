@@ -1,15 +1,29 @@
 """A pickled adapter_model.bin carrying code is never unpickled: its registration is refused
-from the pickle opcodes alone, the engine refuses it too, and the payload never runs."""
+from the pickle opcodes alone, the engine refuses it too, and the payload never runs.
+
+The torch-free scan (engine/lora/pickle_scan.py) must refuse every .bin that
+torch.load(weights_only=True) refuses: each hand-made attack below is refused by both, and
+is shown to be live (plain pickle.loads runs it) so that a refusal means something."""
 from __future__ import annotations
 
+import collections
+import datetime
+import functools
 import os
+import pickle
+import random
 import shutil
+import struct
+import warnings
 import zipfile
 
 import pytest
 import torch
-from lorry.workers.drain import Drainer
 
+from lorry.engine.errors import LoRAError
+from lorry.engine.lora.pickle_scan import scan_checkpoint, scan_pickle
+from lorry.engine.lora.spec import parse_adapter, read_base_config
+from lorry.workers.drain import Drainer
 from tests.security.conftest import counts
 
 
@@ -81,7 +95,7 @@ def test_prompt_longer_than_max_model_len_is_refused_with_the_reason(service, al
                         ({"messages": [{"role": "user", "content": "z" * 300}]}, 298)):
         r = alice.post("/v1/jobs", json={**body, "sampling": {"max_tokens": 2}})
         assert r.status_code == 422, r.text
-        assert f"{count} tokens; max_model_len is 128" in r.json()["detail"], r.text
+        assert f"{count} tokens; max_model_len is 128" in r.json()["error"]["message"], r.text
     assert counts(url) == before
     ok_job = alice.post("/v1/jobs", json={"prompt": "short", "sampling": {"max_tokens": 2}}).json()
     Drainer(queue, engine_for(settings), "sec-worker", max_num_seqs=4).run(max_seconds=60)
@@ -106,3 +120,324 @@ def test_batch_line_longer_than_max_model_len_is_a_line_error(service, alice):
     assert counts(url)["jobs"] == before["jobs"] + 1
     only_long = alice.post("/v1/batches", content=line("c", "z" * 300))
     assert only_long.status_code == 422 and "max_model_len" in only_long.text, only_long.text
+
+
+# ---- hand-made pickles ------------------------------------------------------------------------
+
+def _s(text: str) -> bytes:
+    """BINUNICODE (an opcode torch's weights-only loader runs)."""
+    data = text.encode()
+    return pickle.BINUNICODE + struct.pack("<I", len(data)) + data
+
+
+def _put(i: int) -> bytes:
+    return pickle.BINPUT + bytes([i])
+
+
+def _get(i: int) -> bytes:
+    return pickle.BINGET + bytes([i])
+
+
+def _state_dict_with(value: bytes) -> bytes:
+    """{'w': <value>} as a protocol-2 stream; ``value`` pushes one object."""
+    return pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + _s("w") + value + pickle.SETITEM \
+        + pickle.STOP
+
+
+def _mkdir_call(push_callable: bytes, marker) -> bytes:
+    """<callable>(marker): with os.mkdir as the callable, running it creates ``marker``."""
+    return push_callable + _s(str(marker)) + pickle.TUPLE1 + pickle.REDUCE
+
+
+def _decoy_pop(marker) -> bytes:
+    # the last strings before STACK_GLOBAL name an allowed global; POP leaves os/mkdir below
+    names = _s("os") + _s("mkdir") + _s("torch") + _s("FloatStorage") + pickle.POP + pickle.POP
+    return _state_dict_with(_mkdir_call(names + pickle.STACK_GLOBAL, marker))
+
+
+def _decoy_pop_mark(marker) -> bytes:
+    names = _s("os") + _s("mkdir") + pickle.MARK + _s("torch._utils") \
+        + _s("_rebuild_tensor_v2") + pickle.POP_MARK
+    return _state_dict_with(_mkdir_call(names + pickle.STACK_GLOBAL, marker))
+
+
+def _memo_swap(marker) -> bytes:
+    # names stored out of order in the memo, fetched in the executed order, and decoys fetched
+    # last (the most recent strings) then dropped
+    store = _s("mkdir") + _put(0) + pickle.POP + _s("os") + _put(1) + pickle.POP \
+        + _s("torch") + _put(2) + pickle.POP + _s("FloatStorage") + _put(3) + pickle.POP
+    fetch = _get(1) + _get(0) + _get(2) + _get(3) + pickle.POP + pickle.POP
+    stream = _state_dict_with(_mkdir_call(fetch + pickle.STACK_GLOBAL, marker))
+    return stream[:2] + store + stream[2:]
+
+
+def _memo_alias_dup(marker) -> bytes:
+    # one memo slot written twice: the module name it holds at STACK_GLOBAL time is 'os'
+    names = _s("torch") + _put(0) + pickle.POP + _s("os") + _put(0) + pickle.POP \
+        + _get(0) + pickle.DUP + pickle.POP + _s("mkdir")
+    return _state_dict_with(_mkdir_call(names + pickle.STACK_GLOBAL, marker))
+
+
+def _inst(marker) -> bytes:
+    # INST: a class (here a function) named inline, called on the items above MARK
+    return _state_dict_with(pickle.MARK + pickle.UNICODE + f"{marker}\n".encode()
+                            + pickle.INST + b"os\nmkdir\n")
+
+
+def _obj(marker) -> bytes:
+    return _state_dict_with(pickle.MARK + pickle.GLOBAL + b"os\nmkdir\n" + _s(str(marker))
+                            + pickle.OBJ)
+
+
+def _global_reduce(marker) -> bytes:
+    # only opcodes torch's loader runs: the import itself is what is refused
+    return _state_dict_with(_mkdir_call(pickle.GLOBAL + b"os\nmkdir\n", marker))
+
+
+def _protocol(n: int):
+    return lambda marker: pickle.dumps({"w": Payload(str(marker))}, protocol=n)
+
+
+CRAFTED = {"decoy_pop": _decoy_pop, "decoy_pop_mark": _decoy_pop_mark, "memo_swap": _memo_swap,
+           "memo_alias_dup": _memo_alias_dup, "inst": _inst, "obj": _obj,
+           "global_reduce": _global_reduce,
+           **{f"protocol_{n}": _protocol(n) for n in range(6)}}
+
+
+def torch_zip(path, data_pkl: bytes, archive: str = "archive", extra=()) -> None:
+    """A file laid out as torch.save writes it, with ``data_pkl`` as its pickle."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{archive}/data.pkl", data_pkl)
+        zf.writestr(f"{archive}/byteorder", b"little")
+        zf.writestr(f"{archive}/version", b"3\n")
+        for name, data in extra:
+            zf.writestr(name, data)
+
+
+def torch_refuses(path) -> bool:
+    """Whether torch.load(weights_only=True) raises (its warnings, e.g. about a protocol other
+    than 2, are not refusals)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - any refusal counts; none may run the payload
+            return True
+    return False
+
+
+@pytest.mark.parametrize("attack", sorted(CRAFTED))
+def test_code_hidden_from_a_name_scan_is_refused_and_never_runs(attack, tmp_path):
+    live, marker = tmp_path / "live", tmp_path / "PWNED"
+    pickle.loads(CRAFTED[attack](live))  # proves the attack runs when unpickled
+    assert live.is_dir()
+    stream = CRAFTED[attack](marker)
+    found = scan_pickle(stream)
+    # the import is resolved from the simulated stack and memo, not from the recent strings
+    assert any(g.endswith(".mkdir") for g in found.imports), found
+    assert "torch.FloatStorage" not in found.imports
+    bin_ = tmp_path / "adapter_model.bin"
+    torch_zip(bin_, stream)
+    assert not scan_checkpoint(bin_).ok
+    assert torch_refuses(bin_)
+    raw = tmp_path / "raw.bin"  # the bare stream: torch.load reads it as its legacy format
+    raw.write_bytes(stream)
+    assert not scan_checkpoint(raw).ok and torch_refuses(raw)
+    assert not marker.exists()
+
+
+def _clean_state_dict() -> dict:
+    return {"a": torch.randn(4, 2), "b": torch.randn(3).half()}
+
+
+def _saved(tmp_path, obj, name="x.bin", **kw):
+    path = tmp_path / name
+    torch.save(obj, str(path), **kw)
+    return path
+
+
+def _members(path) -> list[tuple[str, bytes]]:
+    with zipfile.ZipFile(path) as zf:
+        return [(n, zf.read(n)) for n in zf.namelist()]
+
+
+def _rezip(path, members) -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+
+
+def test_a_second_pickle_in_the_archive_is_refused(tmp_path):
+    """torch reads only '<archive>/data.pkl'; any other pickle member, at any path, is refused
+    (torch.save never writes one) and is never run."""
+    marker = tmp_path / "PWNED"
+    clean = _saved(tmp_path, _clean_state_dict())
+    archive = _members(clean)[0][0].split("/")[0]
+    evil = pickle.dumps({"w": Payload(str(marker))}, protocol=2)
+    for i, name in enumerate([f"{archive}/extra/evil.pkl", f"{archive}/data/0/../evil.pkl",
+                              f"{archive}/DATA.PKL", "other/data.pkl"]):
+        path = tmp_path / f"nested{i}.bin"
+        _rezip(path, [*_members(clean), (name, evil)])
+        found = scan_checkpoint(path)
+        assert not found.ok and any(name in p for p in found.problems), (name, found)
+        torch_refuses(path)  # torch ignores the member; it must not run it either
+    assert not marker.exists()
+
+
+def test_the_pickle_torch_reads_is_the_one_scanned(tmp_path):
+    """torch takes the first member's folder as the archive: a payload archive placed first
+    is what torch would read, and the scan reads the same one; a legacy pickle followed by a
+    clean zip (zipfile sees the zip, torch the pickle) is refused as not torch's zip format."""
+    marker = tmp_path / "PWNED"
+    evil = pickle.dumps({"w": Payload(str(marker))}, protocol=2)
+    clean = _saved(tmp_path, _clean_state_dict())
+    first = tmp_path / "first.bin"
+    _rezip(first, [("evil/data.pkl", evil), ("evil/version", b"3\n"), *_members(clean)])
+    found = scan_checkpoint(first)
+    assert any(g.endswith(".mkdir") for g in found.imports), found
+    assert torch_refuses(first)
+    polyglot = tmp_path / "polyglot.bin"
+    polyglot.write_bytes(evil + clean.read_bytes())
+    assert zipfile.is_zipfile(polyglot)  # what a name scan of the zip's members would read
+    found = scan_checkpoint(polyglot)
+    assert any(g.endswith(".mkdir") for g in found.imports), found
+    assert "not torch's zip format" in found.describe()
+    assert torch_refuses(polyglot)
+    dup = tmp_path / "dup.bin"
+    members = _members(clean)
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        _rezip(dup, [(members[0][0], evil), *members])
+    assert "names a member twice" in scan_checkpoint(dup).describe()
+    assert not marker.exists()
+
+
+class TaggedTensor(torch.Tensor):
+    """A tensor subclass: torch.save records its class, which torch's loader refuses."""
+
+
+REFUSED_BY_TORCH = {
+    "function": {"w": torch.ones(2), "f": print},
+    "module": {"w": torch.nn.Linear(2, 2)},
+    "date": {"w": torch.ones(2), "d": datetime.date(2020, 1, 1)},
+    "partial": {"w": functools.partial(print, 1)},
+    "class": {"w": Payload},
+    "tensor_subclass": {"w": torch.ones(2).as_subclass(TaggedTensor)},
+    "counter_of_code": {"w": collections.Counter({"x": 1}), "p": Payload},
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_BY_TORCH))
+def test_what_torch_refuses_the_scan_refuses(case, tmp_path):
+    path = _saved(tmp_path, REFUSED_BY_TORCH[case])
+    assert torch_refuses(path)
+    assert not scan_checkpoint(path).ok
+
+
+def test_no_mutant_the_scan_accepts_is_refused_by_torch(tmp_path):
+    """Byte mutations of a real checkpoint's pickle: every one the scan accepts, torch loads."""
+    base = _saved(tmp_path, collections.OrderedDict(
+        [("a", torch.randn(3, 2)), ("b", torch.randn(4, 4)[:, 1:3].bfloat16()),
+         ("c", torch.nn.Parameter(torch.randn(2)))]))
+    members = _members(base)
+    pkl = next(i for i, (n, _) in enumerate(members) if n.endswith("/data.pkl"))
+    rng, accepted = random.Random(7), 0
+    for _ in range(400):
+        data = bytearray(members[pkl][1])
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(data))
+            if rng.random() < 0.7:
+                data[i] = rng.randrange(256)
+            else:
+                data[i:i] = data[rng.randrange(len(data)):][:rng.randint(1, 8)]
+        path = tmp_path / "mutant.bin"
+        _rezip(path, [(n, bytes(data) if k == pkl else d) for k, (n, d) in enumerate(members)])
+        if scan_checkpoint(path).ok:
+            accepted += 1
+            assert not torch_refuses(path), bytes(data)
+    assert accepted > 0  # some mutants (changed values, not structure) stay acceptable
+
+
+def test_real_state_dicts_are_accepted(tmp_path):
+    """What torch.save writes for a state dict of fp32/fp16/bf16 tensors: plain dict,
+    OrderedDict, nn.Module.state_dict() (with its _metadata), parameters, strided views,
+    protocol 2 (the default) and 3."""
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(2, 2).half(),
+               "c": torch.randn(5).bfloat16(), "d": torch.randn(6, 6)[1:, ::2],
+               "e": torch.nn.Parameter(torch.randn(3)), "f": torch.zeros(0, 4)}
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    cases = {"dict": tensors, "ordered": collections.OrderedDict(tensors),
+             "module": module.state_dict(), "module_bf16": module.bfloat16().state_dict()}
+    for name, obj in cases.items():
+        for protocol in (2, 3):
+            path = _saved(tmp_path, obj, f"{name}-{protocol}.bin", pickle_protocol=protocol)
+            found = scan_checkpoint(path)
+            assert found.ok, (name, protocol, found)
+            assert not torch_refuses(path)
+
+
+def _peft_bin_adapter(tiny_model, out_dir):
+    """A PEFT LoRA adapter saved by PEFT itself as adapter_model.bin (torch.save)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(str(out_dir), safe_serialization=False)
+    assert (out_dir / "adapter_model.bin").is_file()
+    assert not (out_dir / "adapter_model.safetensors").exists()
+    return out_dir
+
+
+def test_peft_bin_adapter_registers_and_serves_like_its_safetensors_twin(service, alice, roots):
+    """A .bin adapter PEFT wrote is accepted at registration and served by the engine with the
+    same tokens as the same weights in safetensors."""
+    from safetensors.torch import save_file
+
+    from lorry.engine import LoRARequest, SamplingParams
+
+    _app, _queue, settings, _url = service
+    root = roots[0]
+    bin_dir = root / "peft-bin"
+    if not bin_dir.exists():
+        _peft_bin_adapter(settings.model, bin_dir)
+    twin = root / "peft-bin-twin"
+    if not twin.exists():
+        twin.mkdir()
+        shutil.copy(bin_dir / "adapter_config.json", twin / "adapter_config.json")
+        state = torch.load(str(bin_dir / "adapter_model.bin"), weights_only=True)
+        save_file({k: v.contiguous() for k, v in state.items()},
+                  str(twin / "adapter_model.safetensors"))
+    r = alice.post("/v1/adapters", json={"name": "peft-bin", "source": str(bin_dir)})
+    assert r.status_code == 201, r.text
+    assert r.json()["rank"] == 8
+    eng = engine_for(settings)
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outs = eng.generate(["hello there", "hello there", "hello there"], sp,
+                        lora_request=[LoRARequest("bin", 1, str(bin_dir)),
+                                      LoRARequest("st", 2, str(twin)), None], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids  # the adapter matters
+
+
+@pytest.mark.parametrize("attack", ["decoy_pop", "memo_swap", "inst", "protocol_4"])
+def test_api_and_engine_refuse_hidden_code_in_an_adapter(service, alice, roots, tmp_path, attack):
+    _app, _queue, settings, url = service
+    root = roots[0]
+    marker = tmp_path / "PWNED"
+    evil = root / f"hidden-{attack}-{tmp_path.name}"
+    evil.mkdir()
+    shutil.copy(root / "good" / "adapter_config.json", evil / "adapter_config.json")
+    torch_zip(evil / "adapter_model.bin", CRAFTED[attack](marker))
+    before = counts(url)
+    r = alice.post("/v1/adapters", json={"name": "hidden", "source": str(evil)})
+    assert r.status_code == 422, r.text
+    assert "adapter_model.bin is a pickle that imports" in r.text and "mkdir" in r.text, r.text
+    assert counts(url) == before
+    with pytest.raises(LoRAError, match="mkdir"):
+        parse_adapter(evil, read_base_config(settings.model))  # the engine's check at load
+    assert not marker.exists()

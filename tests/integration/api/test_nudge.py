@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
+
 from lorry.api.nudge import DrainNudger
 
 REDIS = os.environ.get("LORRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

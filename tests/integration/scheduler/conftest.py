@@ -9,11 +9,12 @@ from datetime import datetime, timedelta
 
 import psycopg
 import pytest
+from sqlalchemy import delete
+from sqlalchemy.engine import make_url
+
 from lorry.scheduler import JobQueue
 from lorry.scheduler.migrate import upgrade
 from lorry.scheduler.models import Base
-from sqlalchemy import delete
-from sqlalchemy.engine import make_url
 
 PG_URL = os.environ.get("LORRY_TEST_POSTGRES_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/test")

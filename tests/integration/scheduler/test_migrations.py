@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from lorry.scheduler.migrate import check, downgrade, upgrade
 from sqlalchemy import create_engine, inspect
+
+from lorry.scheduler.migrate import check, downgrade, upgrade
 
 ROOT = Path(__file__).resolve().parents[3]
 TABLES = {"tenants", "adapters", "batches", "jobs", "queue_groups", "workers"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from lorry.scheduler import JobSpec
 
+from lorry.scheduler import JobSpec
 from tests.integration.scheduler.conftest import migrated_pg_database
 
 

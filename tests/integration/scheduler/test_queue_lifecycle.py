@@ -4,6 +4,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+
 from lorry.scheduler import JobSpec, Result, errors
 
 RESULT = Result(text="out", token_ids=[5, 6], finish_reason="stop", prompt_tokens=3,
@@ -187,3 +188,34 @@ def test_bulk_submit_keeps_every_field_byte_for_byte(queue, tenant):
             spec.prompt, spec.messages, spec.sampling, spec.priority, spec.custom_id)
     claimed = [j for mb in queue.claim("w", [], [], free_slots=200) for j in mb.jobs]
     assert len(claimed) == 150
+
+
+def test_complete_many_records_each_result_once_fenced_by_its_own_lease(queue, tenant, clock):
+    jobs = queue.submit(tenant.id, [JobSpec("sql", prompt=f"p{i}") for i in range(5)])
+    claimed = claim_all(queue, "w1", lease_seconds=10)
+    assert len(claimed) == 5
+    clock.advance(11)
+    queue.reap_expired_leases()
+    [retaken, *_] = claim_all(queue, "w2", slots=1)  # w1 lost this one's lease to w2
+    results = {c.id: Result(text=f"out {c.id}", token_ids=[1, i], finish_reason="length",
+                            prompt_tokens=2, completion_tokens=2, timings={"run_s": 0.5})
+               for i, c in enumerate(claimed)}
+    old = [c for c in claimed if c.id != retaken.id]
+    # w1 re-claims the four others (reaped too), then records the five it thinks it holds
+    fresh = {c.id: c for c in claim_all(queue, "w1")}
+    items = [(c.id, fresh[c.id].lease_token, results[c.id], False) for c in old]
+    items.append((retaken.id, next(c for c in claimed if c.id == retaken.id).lease_token,
+                  results[retaken.id], False))
+    items[0] = (items[0][0], items[0][1], items[0][2], True)  # stopped on a cancel request
+    written = queue.complete_many(items)
+    assert written == {c.id for c in old}
+    for job in jobs:
+        info = queue.get_job(job.id)
+        if job.id == retaken.id:
+            assert info.status == "running" and info.result is None  # w2's lease is intact
+            continue
+        assert info.result.text == f"out {job.id}" and info.result.token_ids == \
+            results[job.id].token_ids and info.result.finish_reason == "length"
+        assert info.status == ("cancelled" if job.id == items[0][0] else "succeeded")
+    assert queue.complete_many(items) == set()  # written once: a second write changes nothing
+    assert queue.complete(retaken.id, retaken.lease_token, RESULT)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.tiny_models import make_peft_adapter, make_tiny_llama
+from lorry.testing import make_peft_adapter, make_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,6 @@ def service(tmp_path, tiny_model, adapter_root):
     from lorry.api.app import create_app
     from lorry.scheduler import JobQueue
     from lorry.scheduler.migrate import upgrade
-
     from lorry.settings import Settings
 
     url = f"sqlite:///{tmp_path / 'api.db'}"

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.tiny_models import make_peft_adapter
+from lorry.testing import make_peft_adapter
 
 
 def test_register_list_use_delete(tenant_a, adapter_root):
@@ -35,7 +35,7 @@ def _refusal(client, source) -> str:
     r = client.post("/v1/adapters", json={"name": "evil", "source": str(source)})
     assert r.status_code == 422, r.text
     assert client.get("/v1/adapters").json()["data"] == []
-    return r.json()["detail"] if isinstance(r.json()["detail"], str) else str(r.json()["detail"])
+    return r.json()["error"]["message"]
 
 
 def test_paths_outside_the_roots_are_refused(tenant_a, adapter_root, outside, tmp_path):

@@ -88,7 +88,8 @@ def test_duplicate_custom_id_refuses_the_whole_batch(service, tenant_a):
     _, queue, *_ = service
     r = upload(tenant_a, jsonl(chat("x"), chat("y"), chat("x")))
     assert r.status_code == 422
-    [dup] = r.json()["detail"]
+    [dup] = r.json()["error"]["lines"]
+    assert r.json()["error"]["code"] == "duplicate_custom_id"
     assert dup["line"] == 3 and "custom_id 'x' already used on line 1" in dup["message"]
     assert queue.list_jobs(tenant_a.tenant.id) == []
 
@@ -96,9 +97,9 @@ def test_duplicate_custom_id_refuses_the_whole_batch(service, tenant_a):
 def test_all_bad_or_empty_is_422(service, tenant_a):
     _, queue, *_ = service
     r = upload(tenant_a, jsonl(b"[1, 2]", chat("a", url_typo=1)))
-    assert r.status_code == 422 and [e["line"] for e in r.json()["detail"]] == [1, 2]
+    assert r.status_code == 422 and [e["line"] for e in r.json()["error"]["lines"]] == [1, 2]
     r = upload(tenant_a, b"\n\n")
-    assert r.status_code == 422 and "no request lines" in r.json()["detail"]
+    assert r.status_code == 422 and "no request lines" in r.json()["error"]["message"]
     assert queue.list_jobs(tenant_a.tenant.id) == []
 
 
@@ -106,9 +107,9 @@ def test_limits_are_413_and_nothing_is_queued(service, tenant_a):
     _, queue, settings, _ = service
     many = jsonl(*[chat(f"c{i}") for i in range(settings.max_batch_lines + 1)])
     r = upload(tenant_a, many)
-    assert r.status_code == 413 and "50 lines" in r.json()["detail"]
+    assert r.status_code == 413 and "50 lines" in r.json()["error"]["message"]
     r = upload(tenant_a, jsonl(chat("long", content="x" * 5000)))
-    assert r.status_code == 413 and "line 1" in r.json()["detail"]
+    assert r.status_code == 413 and "line 1" in r.json()["error"]["message"]
     r = upload(tenant_a, b"x" * (settings.max_body_bytes + 1))
     assert r.status_code == 413
     assert queue.list_jobs(tenant_a.tenant.id) == []

@@ -56,9 +56,11 @@ def test_missing_or_invalid_key_is_401(service, tenant_a):
     app, queue, *_ = service
     with TestClient(app) as anon:
         r = anon.post("/v1/jobs", json={"prompt": "x"})
-        assert r.status_code == 401 and "missing API key" in r.json()["detail"]
+        assert r.status_code == 401 and "missing API key" in r.json()["error"]["message"]
         r = anon.get("/v1/jobs", headers={"Authorization": "Bearer nope"})
-        assert r.status_code == 401 and r.json()["detail"] == "invalid API key"
+        assert r.status_code == 401 and r.json()["error"] == {
+            "message": "invalid API key", "type": "authentication_error", "param": None,
+            "code": "invalid_api_key"}
     assert queue.list_jobs(tenant_a.tenant.id) == []
 
 
@@ -73,9 +75,9 @@ def test_other_tenants_jobs_are_404(tenant_a, tenant_b):
 def _refused(client, body) -> str:
     r = client.post("/v1/jobs", json=body)
     assert r.status_code == 422, r.text
-    detail = r.json()["detail"]
-    return detail if isinstance(detail, str) else " | ".join(
-        f"{'.'.join(map(str, d['loc']))}: {d['msg']} {d.get('input', '')}" for d in detail)
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    return f"{error['param']}: {error['message']}"
 
 
 def test_bad_input_is_422_naming_the_field_and_nothing_is_queued(service, tenant_a):
@@ -108,5 +110,5 @@ def test_another_tenants_adapter_cannot_be_used(tenant_a, tenant_b, adapter_root
 def test_oversized_job_body_is_413(service, tenant_a):
     _, queue, settings, _ = service
     r = tenant_a.post("/v1/jobs", json={"prompt": "x" * (settings.max_line_bytes + 10)})
-    assert r.status_code == 413 and "exceeds the limit" in r.json()["detail"]
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
     assert queue.list_jobs(tenant_a.tenant.id) == []

@@ -48,6 +48,8 @@ def test_errors_are_typed_with_the_servers_message(service, make_client):
     with pytest.raises(InvalidRequest) as e:
         a.submit("x", max_tokens=0)
     assert e.value.status == 422 and "sampling.max_tokens" in e.value.message
+    assert (e.value.type, e.value.param) == ("invalid_request_error", "sampling.max_tokens")
+    assert e.value.code == "greater_than_equal" and e.value.detail["code"] == e.value.code
     with pytest.raises(InvalidRequest, match="unknown adapter 'ghost'"):
         a.submit("x", adapter="ghost")
     with pytest.raises(TypeError, match="frequency_penalty"):
@@ -92,3 +94,18 @@ def test_adapters(make_client, adapter_root):
         c.add_adapter("etc", "/etc")
     c.delete_adapter("alpha")
     assert c.adapters() == []
+
+
+def test_quota_error_carries_retry_after(service):
+    from fastapi.testclient import TestClient
+
+    from lorry.client import Client
+    from lorry.errors import QuotaExceeded
+
+    app, queue, *_ = service
+    _, key = queue.create_tenant("full", max_queued=0)
+    with Client("http://testserver", key, http_client=TestClient(app)) as c:
+        with pytest.raises(QuotaExceeded) as e:
+            c.submit("x")
+    assert e.value.status == 429 and e.value.retry_after == 30
+    assert e.value.code == "quota_exceeded" and "max_queued" in e.value.message

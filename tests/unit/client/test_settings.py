@@ -3,9 +3,9 @@ rules, refusals naming the variable, and no side effects until the edge asks for
 from __future__ import annotations
 
 import pytest
-from lorry.engine.config import EngineConfig
 from pydantic import ValidationError
 
+from lorry.engine.config import EngineConfig
 from lorry.settings import ENGINE_FIELDS, Settings, get_settings
 
 

@@ -44,9 +44,10 @@ def test_committed_adapters_have_mixed_ranks_and_model_cards():
 
 def test_engine_matches_peft_on_a_demo_adapter(demo_engine):
     # cross-check the engine against PEFT on a real trained adapter (greedy, 16 tokens)
-    from lorry.engine import SamplingParams
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorry.engine import SamplingParams
 
     model_dir = demo_engine.info()["model_dir"]
     messages = [{"role": "user", "content": held_out_prompts()[1]}]

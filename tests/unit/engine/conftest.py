@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_models import make_peft_adapter, make_tiny_llama
+from lorry.testing import make_peft_adapter, make_tiny_llama
 
 SMOLLM2 = Path("/root/.cache/lorry/models/SmolLM2-135M-Instruct")
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -6,6 +6,7 @@ import shutil
 import sys
 
 import pytest
+
 from lorry.engine.errors import (
     AdapterFormatError,
     AdapterNotFoundError,
@@ -70,7 +71,7 @@ def test_rank_above_max_lora_rank_is_refused(tiny_llama):
 
 
 def test_shapes_of_another_base_are_refused(adapter, tiny_qwen2, tmp_path):
-    from tests.tiny_models import make_tiny_llama
+    from lorry.testing import make_tiny_llama
 
     other = make_tiny_llama(tmp_path / "wide", hidden_size=96, num_heads=4, num_kv_heads=2)
     with pytest.raises(BaseModelMismatchError, match="do not fit the base"):
@@ -78,7 +79,7 @@ def test_shapes_of_another_base_are_refused(adapter, tiny_qwen2, tmp_path):
 
 
 def test_layer_missing_in_base_is_refused(adapter, tmp_path):
-    from tests.tiny_models import make_tiny_llama
+    from lorry.testing import make_tiny_llama
 
     shallow = make_tiny_llama(tmp_path / "shallow", num_layers=1)
     with pytest.raises(BaseModelMismatchError, match="layer 1 does not exist"):
@@ -111,8 +112,9 @@ def test_bin_adapter_is_loaded_without_unpickling_objects(adapter, tiny_llama, t
     import pickle
 
     import torch
-    from lorry.engine.lora.weights import load_adapter_weights
     from safetensors.torch import load_file
+
+    from lorry.engine.lora.weights import load_adapter_weights
 
     weights = adapter / "adapter_model.safetensors"
     torch.save(load_file(str(weights)), adapter / "adapter_model.bin")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lorry.engine import EngineConfig, LLMEngine, LoRAError, LoRARequest, SamplingParams
 
 SP = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)

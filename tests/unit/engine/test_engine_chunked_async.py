@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+
 from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from lorry.engine.outputs import RequestMetrics
 from lorry.engine.scheduler import Scheduler

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from lorry.engine.lora.slot_layout import read_slot
 

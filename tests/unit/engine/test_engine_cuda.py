@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

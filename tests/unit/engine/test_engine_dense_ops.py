@@ -1,9 +1,10 @@
 """The engine's vectorised CPU LoRA ops equal the kernels' loop reference on adversarial mixes."""
 from __future__ import annotations
 
-import lorry.kernels.torch_ref as ref
 import pytest
 import torch
+
+import lorry.kernels.torch_ref as ref
 from lorry.engine.lora import dense_ops
 from lorry.kernels.segments import build_lora_meta
 

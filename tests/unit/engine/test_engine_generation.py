@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from lorry.engine.errors import ModelLengthError
 

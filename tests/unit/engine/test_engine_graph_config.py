@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lorry.engine import EngineConfig
 from lorry.engine.graphs import size_ladder
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+
 from lorry.engine import EngineConfig, LLMEngine, LoRAError, LoRARequest, SamplingParams
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 
+from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from tests.unit.engine import conftest
 from tests.unit.engine.conftest import SMOLLM2, peft_greedy
 
@@ -89,7 +89,7 @@ def test_smollm2_mixed_batch_matches_peft(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from tests.tiny_models import write_random_adapter
+    from lorry.testing import write_random_adapter
 
     cfg = json.loads((SMOLLM2 / "config.json").read_text())
     hf = AutoModelForCausalLM.from_pretrained(str(SMOLLM2), dtype=torch.float32).eval()

@@ -3,6 +3,7 @@ zeros, in a few copies; a reused slot keeps nothing of its previous occupant."""
 from __future__ import annotations
 
 import torch
+
 from lorry.engine import EngineConfig, LLMEngine, LoRARequest
 from lorry.engine.lora.resolve import resolve_dir
 from lorry.engine.lora.spec import parse_adapter, read_base_config

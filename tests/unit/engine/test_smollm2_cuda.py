@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from lorry.engine.demo_model import demo_model_dir
 

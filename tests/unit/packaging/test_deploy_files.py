@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import re
 from itertools import takewhile
-import tomllib
 from pathlib import Path
 
 import jsonschema
+import tomllib
 import yaml
 from typer.testing import CliRunner
 

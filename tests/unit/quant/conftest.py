@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tiny_models import make_tiny_base_and_adapters
+from lorry.testing import make_tiny_base_and_adapters
 
 # in_features of every linear (64, 128) is a multiple of bitsandbytes' 4-bit block (64), so
 # quantizing a fused q/k/v weight gives the same blocks as quantizing q, k, v apart (as HF does)

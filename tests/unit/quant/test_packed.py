@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lorry.engine.quant import packed_format as pf
 from lorry.engine.quant.rtn import QUANTIZED_MODULES, export_rtn_checkpoint, rtn_quantize
-
 from tests.unit.quant.helpers import assert_rows_match, engine_rows, peft_rows
 
 GROUP = 32

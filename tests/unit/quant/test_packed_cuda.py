@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lorry.engine.quant.rtn import export_rtn_checkpoint
 
+from lorry.engine.quant.rtn import export_rtn_checkpoint
 from tests.unit.quant.helpers import assert_rows_match, engine_rows, peft_rows
 from tests.unit.quant.test_packed import GROUP, dequantized_base_loader
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tiny_models import make_peft_adapter, make_tiny_llama
+from lorry.testing import make_peft_adapter, make_tiny_llama
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,7 @@
-"""Tiny random base models and PEFT LoRA adapters, built on the fly for tests and benches.
+"""Tiny random base models and PEFT LoRA adapters, built on the fly for tests and benchmarks.
+
+``lorry.testing`` is importable wherever ``lorry`` is (tests, ``benchmarks/``, ``scripts/``,
+the GPU image); ``make_peft_adapter`` needs the ``peft`` package (the ``dev`` extra).
 
 Nothing here downloads anything: the tokenizer is a byte-level BPE without merges built with
 `tokenizers`, the weights are random, and adapters get random non-zero B so they matter.

@@ -28,7 +28,7 @@ class Proc:
         self._out = open(self.log, "wb")
         self.popen = subprocess.Popen(LORRY + args, env=env, stdout=self._out,
                                       stderr=subprocess.STDOUT, start_new_session=True,
-                                      cwd=Path(__file__).resolve().parents[2])
+                                      cwd=Path(__file__).resolve().parents[1])
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -68,6 +68,6 @@ def wait_until(check, timeout: float, what: str, procs: list[Proc] = ()):
 
 def run_cli(args: list[str], env: dict) -> str:
     out = subprocess.run(LORRY + args, env=env, capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[2])
+                         cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, f"lorry {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
     return out.stdout

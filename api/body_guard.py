@@ -1,0 +1,86 @@
+"""Request bodies checked before any route reads them: the size limit (declared or streamed)
+and, for JSON bodies, the raw checks of ``api.json_check`` (UTF-8, depth, NaN, surrogates)."""
+from __future__ import annotations
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lorry.api.errors import error_response
+from lorry.api.json_check import check_json
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether FastAPI parses a body of this Content-Type as JSON (without one it does not:
+    the body then fails validation as a whole)."""
+    if not content_type:
+        return False
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/")
+                                          and kind.endswith("+json"))
+
+
+class BodyGuard:
+    """ASGI middleware: 413 past the limit, 422 for JSON that must not be parsed; the body
+    of an accepted request is handed on unchanged.
+
+    Parameters
+    ----------
+    app : ASGI app
+    max_body_bytes : int
+        Limit of the streamed uploads (``streamed_paths``); ``api.upload`` counts them as
+        they are read, line by line.
+    max_json_bytes : int
+        Limit of every other body, read whole here before the route sees it.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_json_bytes: int,
+                 streamed_paths: tuple[str, ...] = ("/v1/batches",)):
+        self.app, self.max_body_bytes, self.max_json_bytes = app, max_body_bytes, max_json_bytes
+        self.streamed_paths = streamed_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        streamed = scope["path"] in self.streamed_paths
+        limit = self.max_body_bytes if streamed else self.max_json_bytes
+        size = headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limit:
+            await error_response(413, f"request body of {size} bytes exceeds the limit of "
+                                      f"{limit} bytes")(scope, receive, send)
+            return
+        if streamed:
+            await self.app(scope, receive, send)
+            return
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                await error_response(413, f"request body exceeds the limit of {limit} bytes"
+                                     )(scope, receive, send)
+                return
+        if body and is_json(headers.get("content-type")):
+            problem = check_json(bytes(body))
+            if problem is not None:
+                await error_response(422, f"the body is refused: {problem.message}",
+                                     code=problem.code, param=problem.param)(scope, receive, send)
+                return
+        await self.app(scope, _replay(bytes(body), receive), send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the body once, then what the client sends next (disconnect)."""
+    given = False
+
+    async def replay() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replay

@@ -1,0 +1,188 @@
+"""The one error shape of every route, OpenAI's: ``{"error": {"message", "type", "param",
+"code"}}``, and the exception handlers that produce it (status codes are kept)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorry.scheduler import errors
+from lorry.scheduler.outage import OUTAGES, unavailable
+
+RETRY_AFTER_UNAVAILABLE_S = 5  # the database is usually back within seconds (a restart)
+RETRY_AFTER_QUOTA_S = 30
+
+# ``type`` by status, and the ``code`` an error gets when whoever raised it named none.
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+         404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+         413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+         503: "service_unavailable_error"}
+CODES = {400: "bad_request", 401: "invalid_api_key", 404: "not_found",
+         405: "method_not_allowed", 409: "conflict", 413: "request_too_large",
+         422: "invalid_request", 429: "quota_exceeded", 503: "service_unavailable"}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+    lines: list[dict[str, Any]] | None = None  # batch uploads: one {line, code, param, message}
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's)."""
+
+    error: ErrorDetail
+
+
+DESCRIPTIONS = {
+    401: "missing or invalid API key (`WWW-Authenticate: Bearer`)",
+    403: "not allowed",
+    404: "no such object of yours (other tenants' objects are 404 too); on /metrics: no "
+         "metrics token is configured",
+    409: "the name is already taken",
+    413: "the body, a line or the number of lines exceeds a limit (the message names it)",
+    422: "the request is invalid; `param` names the field, `code` the rule",
+    429: "the tenant's max_queued quota is full; retry after `Retry-After` seconds",
+    503: "the job database cannot be reached; retry after `Retry-After` seconds",
+}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, all with the ``ErrorBody`` schema."""
+    return {s: {"model": ErrorBody, "description": DESCRIPTIONS[s]} for s in statuses}
+
+
+class ApiError(StarletteHTTPException):
+    """An HTTP error with OpenAI's ``code`` and ``param`` (and per-line errors of a batch)."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None,
+                 param: str | None = None, lines: list[dict] | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(status, message, headers=headers)
+        self.code, self.param, self.lines = code, param, lines
+
+
+def _text(value: str) -> str:
+    """A message as valid Unicode: a lone surrogate is shown as its escape (``\\ud800``)."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None,
+               lines: list[dict] | None = None) -> dict[str, Any]:
+    kind = TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    detail: dict[str, Any] = {"message": _text(message), "type": kind, "param": param,
+                              "code": code if code is not None else CODES.get(status)}
+    if lines:
+        detail["lines"] = json.loads(_text(json.dumps(lines, default=str)))
+    return {"error": detail}
+
+
+def error_response(status: int, message: str, *, code: str | None = None,
+                   param: str | None = None, lines: list[dict] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code=code, param=param, lines=lines),
+                        status_code=status, headers=headers)
+
+
+def _shown(value: Any) -> str | None:
+    """A short input worth echoing in a message (never a whole prompt), as JSON-ish text."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(value) if isinstance(value, float) else str(value)
+    if isinstance(value, str) and len(value) <= 80:
+        return _text(json.dumps(value, ensure_ascii=False))
+    return None
+
+
+def _loc(loc: tuple | list) -> str:
+    """``("body", "sampling", "stop", 0)`` -> ``sampling.stop[0]``; query/path: the name."""
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else list(loc)
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None, str | None]:
+    """(message, param, code) of FastAPI's validation errors: each field with its reason."""
+    items = exc.errors()
+    parts = []
+    for e in items[:5]:
+        if e.get("type") == "json_invalid":
+            reason = (e.get("ctx") or {}).get("error", "JSON decode error")
+            at = e["loc"][1] if len(e.get("loc", ())) > 1 else "?"
+            parts.append(f"the body is not valid JSON: {reason} (at character {at})")
+            continue
+        where = _loc(e.get("loc", ())) or "body"
+        text = f"{where}: {e.get('msg')}"
+        shown = _shown(e.get("input"))
+        if shown is not None and e.get("type") != "missing":
+            text += f" (got {shown})"
+        parts.append(text)
+    if len(items) > 5:
+        parts.append(f"and {len(items) - 5} more")
+    first = items[0] if items else {}
+    param = None if first.get("type") == "json_invalid" else (_loc(first.get("loc", ())) or None)
+    return "; ".join(parts) or "invalid request", param, first.get("type")
+
+
+def queue_error_status(exc: errors.QueueError) -> tuple[int, str, dict[str, str] | None]:
+    """(status, code, headers) of a refusal by the job queue."""
+    if isinstance(exc, errors.Unavailable):
+        return 503, "database_unavailable", {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}
+    if isinstance(exc, errors.QuotaExceeded):
+        return 429, "quota_exceeded", {"Retry-After": str(RETRY_AFTER_QUOTA_S)}
+    if isinstance(exc, errors.AdapterExists):
+        return 409, "adapter_exists", None
+    if isinstance(exc, errors.UnknownAdapter):
+        return 422, "unknown_adapter", None
+    if isinstance(exc, errors.UnknownTenant):
+        return 422, "unknown_tenant", None
+    return 422, "invalid_request", None
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that give every error the one shape."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        detail = exc.detail
+        lines = getattr(exc, "lines", None)
+        if isinstance(detail, list):  # per-line errors of a batch upload
+            lines, detail = detail, "; ".join(str(d.get("message", d)) if isinstance(d, dict)
+                                              else str(d) for d in detail[:5])
+        return error_response(exc.status_code, str(detail), code=getattr(exc, "code", None),
+                              param=getattr(exc, "param", None), lines=lines,
+                              headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        message, param, code = validation_message(exc)
+        return error_response(422, message, code=code, param=param)
+
+    @app.exception_handler(errors.QueueError)
+    async def _refused(request: Request, exc: errors.QueueError):
+        status, code, headers = queue_error_status(exc)
+        return error_response(status, str(exc), code=code, headers=headers)
+
+    async def _outage(request: Request, exc: Exception):
+        # Driver errors that escaped the scheduler's conversion (errors.Unavailable).
+        status, code, headers = queue_error_status(unavailable(exc))
+        return error_response(status, "the job database cannot be reached; try again later",
+                              code=code, headers=headers)
+
+    for cls in OUTAGES:
+        app.add_exception_handler(cls, _outage)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        # Starlette re-raises it after this answer, so the server logs the traceback.
+        return error_response(500, "internal server error", code="internal_error")

@@ -1,0 +1,112 @@
+"""Checks on raw JSON bytes before anything parses them: valid UTF-8, a bounded nesting depth
+(a deep document exhausts the parser's recursion), no NaN/Infinity (not JSON), and no lone
+UTF-16 surrogate in any string (not Unicode text: no table stores it, no JSON encoder returns
+it)."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+MAX_DEPTH = 32  # a job body or batch line needs 4; OpenAI's deepest request bodies about 10
+
+# A JSON string literal; an unterminated one runs to the end (so that no match ever fails:
+# a failed match would be retried from every later quote, quadratic in hostile input).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_NON_FINITE = re.compile(rb"NaN|Infinity")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800 .. \udfff, maybe in a pair
+
+
+@dataclass(frozen=True)
+class JsonProblem:
+    """Why a document is refused: ``code`` (OpenAI-style), a message, the JSON path if any."""
+
+    code: str
+    message: str
+    param: str | None = None
+
+
+def too_deep(structure: bytes, limit: int) -> bool:
+    """Whether JSON (with its string literals blanked, see ``_STRING``) nests arrays/objects
+    deeper than ``limit``; a hostile document is walked only to its first level too deep."""
+    brackets = structure.translate(None, _NOT_BRACKET)
+    if brackets.count(b"[") + brackets.count(b"{") <= limit:
+        return False  # cannot nest deeper than it opens
+    depth = 0
+    for ch in brackets:
+        if ch in b"[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _path(parent: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else str(key)
+
+
+def _is_text(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The path of the first string (or key) of a parsed document holding a lone UTF-16
+    surrogate, None when every string is Unicode text. ``""`` is the document itself."""
+    if isinstance(value, str):
+        return None if _is_text(value) else path
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not _is_text(k):
+                return _path(path, k.encode("utf-8", "backslashreplace").decode())
+            found = lone_surrogate(v, _path(path, k))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = lone_surrogate(v, _path(path, i))
+            if found is not None:
+                return found
+    return None
+
+
+def check_json(raw: bytes, max_depth: int = MAX_DEPTH) -> JsonProblem | None:
+    """Why ``raw`` must not be parsed or stored, or None (it may still be invalid JSON: the
+    parser reports that)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return JsonProblem("invalid_json", f"the JSON is not valid UTF-8 (byte 0x{raw[e.start]:02x}"
+                                           f" at offset {e.start})")
+    structure = _STRING.sub(b'""', raw)
+    if too_deep(structure, max_depth):
+        return JsonProblem("json_too_deep", f"the JSON nests deeper than {max_depth} "
+                                            f"level(s) of arrays/objects; at most {max_depth} "
+                                            "are allowed")
+    found = _NON_FINITE.search(structure)
+    if found:
+        return JsonProblem("invalid_json", f"{found.group().decode()} is not a JSON number; "
+                                           "numbers must be finite")
+    if _SURROGATE_ESCAPE.search(raw):  # rare: escaped pairs (emoji) are fine, lone ones not
+        try:
+            path = lone_surrogate(json.loads(raw))
+        except (ValueError, RecursionError):
+            return None
+        if path is not None:
+            where = path or "the document"
+            return JsonProblem("invalid_text", f"{where} holds a lone UTF-16 surrogate "
+                                               "(\\ud800-\\udfff without its pair), which is "
+                                               "not Unicode text; send valid UTF-8",
+                               param=path or None)
+    return None

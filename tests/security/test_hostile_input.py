@@ -1,0 +1,230 @@
+"""Hostile input a probe found giving 500s (and, for a stop string, a queued job behind the
+500 that then broke the tenant's listing): NaN/Infinity, lone UTF-16 surrogates, deep JSON.
+Each is a 4xx in the one error shape, and nothing is written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.security.conftest import client, counts
+
+JSON = {"Content-Type": "application/json"}
+SHAPE = {"message", "type", "param", "code"}
+
+
+def refused_raw(service, c, path: str, raw: bytes, status: int = 422, **kw) -> dict:
+    """POST raw bytes; assert the status, the error shape, and that no row changed."""
+    url = service[3]
+    before = counts(url)
+    r = c.post(path, content=raw, headers=kw.pop("headers", JSON), **kw)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and SHAPE <= set(body["error"]), body
+    assert counts(url) == before
+    return body["error"]
+
+
+@pytest.fixture
+def roomy(service, alice):
+    """Alice on an app of the same queue whose size limits let a 100,000-level document
+    through (so that the depth check, not the size limit, is what refuses it)."""
+    from lorry.api.app import create_app
+
+    app, queue, settings, url = service
+    big = settings.model_copy(update={"max_line_bytes": 1 << 20, "max_body_bytes": 4 << 20})
+    with client(create_app(big, queue=queue, nudger=None, redis_client=None), alice.key) as c:
+        c.tenant = alice.tenant
+        yield c
+
+
+def line(custom_id: str, **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
+            "body": {"model": "base", "prompt": "hi", "max_tokens": 2, **body}}
+
+
+@pytest.mark.parametrize("raw, param", [
+    (b'{"prompt": "x", "sampling": {"temperature": NaN}}', None),
+    (b'{"prompt": "x", "sampling": {"temperature": Infinity}}', None),
+    (b'{"prompt": "x", "sampling": {"top_p": -Infinity}}', None),
+    (b'{"prompt": "x", "sampling": {"temperature": 1e999}}', "sampling.temperature"),
+    (b'{"prompt": "x", "sampling": {"top_p": 1e999}}', "sampling.top_p"),
+    (b'{"prompt": "x", "deadline_seconds": 1e999}', "deadline_seconds"),
+    (b'{"prompt": "x", "sampling": {"temperature": "NaN"}}', "sampling.temperature")])
+def test_non_finite_numbers_are_422(service, alice, raw, param):
+    err = refused_raw(service, alice, "/v1/jobs", raw)
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert "finite" in err["message"], err
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "a\ud800b"}, "prompt"),
+    ({"messages": [{"role": "user", "content": "hi \udfff"}]}, "messages[0].content"),
+    ({"prompt": "x", "sampling": {"stop": "\ud800"}}, "sampling.stop"),
+    ({"prompt": "x", "sampling": {"stop": ["ok", "\udc00"]}}, "sampling.stop[1]"),
+    ({"prompt": "x", "idempotency_key": "key-\ud800"}, "idempotency_key"),
+    ({"prompt": "x", "sampling": {"\ud800": 1}}, None)])
+def test_lone_surrogates_are_422_and_the_listing_stays_200(service, alice, body, param):
+    raw = json.dumps(body).encode()  # ensure_ascii: the surrogate travels as "\ud800"
+    assert b"\\ud" in raw
+    err = refused_raw(service, alice, "/v1/jobs", raw)
+    assert err["code"] == "invalid_text" and "surrogate" in err["message"]
+    if param is not None:
+        assert err["param"] == param
+    # the tenant's listing (which broke on such a row) answers, and holds no such job
+    r = alice.get("/v1/jobs")
+    assert r.status_code == 200 and r.json()["data"] == []
+
+
+def test_surrogate_as_raw_bytes_is_422(service, alice):
+    # UTF-8-encoded surrogates are not UTF-8: refused as such, not decoded into the prompt
+    raw = '{"prompt": "a\ud800"}'.encode("utf-8", "surrogatepass")
+    err = refused_raw(service, alice, "/v1/jobs", raw)
+    assert err["code"] == "invalid_json" and "UTF-8" in err["message"]
+
+
+def test_paired_surrogates_are_text_and_round_trip(service, alice):
+    # an emoji escaped as a surrogate pair (what json.dumps writes) is valid and kept
+    raw = json.dumps({"prompt": "smile \U0001F600", "sampling": {"stop": ["\U0001F600"]},
+                      "idempotency_key": "k-\U0001F600"}).encode()
+    r = alice.post("/v1/jobs", content=raw, headers=JSON)
+    assert r.status_code == 201, r.text
+    job = alice.get(f"/v1/jobs/{r.json()['id']}").json()
+    assert job["prompt"] == "smile \U0001F600" and job["sampling"]["stop"] == ["\U0001F600"]
+    assert [j["id"] for j in alice.get("/v1/jobs").json()["data"]] == [job["id"]]
+
+
+def test_deep_json_is_refused_before_parsing(service, alice, roomy):
+    err = refused_raw(service, roomy, "/v1/jobs", b"[" * 100_000 + b"]" * 100_000)
+    assert err["code"] == "json_too_deep" and "32" in err["message"]
+    deep = b'{"prompt": "x", "sampling": ' + b'{"a": ' * 40 + b"1" + b"}" * 41
+    assert refused_raw(service, alice, "/v1/jobs", deep)["code"] == "json_too_deep"
+    # brackets inside strings are text, not nesting
+    r = alice.post("/v1/jobs", json={"prompt": "[{" * 50, "sampling": {"stop": ["]]" * 40]}})
+    assert r.status_code == 201, r.text
+
+
+def test_deeply_nested_metadata_is_422(service, alice):
+    good = json.dumps(line("a")).encode()
+    for meta in ("[" * 4_000 + "]" * 4_000, '{"a": ' * 2_000 + '"b"' + "}" * 2_000,
+                 '{"k": "\\ud800"}', '{"\\udc00": "v"}'):
+        err = refused_raw(service, alice, "/v1/batches", good, params={"metadata": meta},
+                          headers={"Content-Type": "application/jsonl"})
+        assert err["param"] == "metadata", err
+
+
+def test_bad_batch_lines_are_line_errors_and_only_good_lines_are_queued(service, roomy):
+    alice = roomy
+    url = service[3]
+    lines = [json.dumps(line("ok-1")).encode(),
+             json.dumps(line("nan")).replace('"max_tokens": 2', '"temperature": NaN').encode(),
+             json.dumps(line("inf", temperature=1e999)).replace("Infinity", "1e999").encode(),
+             json.dumps(line("stop", stop="\ud800")).encode(),
+             json.dumps(line("prompt", prompt="x\udfff")).encode(),
+             b"[" * 100_000 + b"]" * 100_000,
+             json.dumps(line("ok-2", stop=["\U0001F600"])).encode()]
+    before = counts(url)
+    r = alice.post("/v1/batches", content=b"\n".join(lines),
+                   headers={"Content-Type": "application/jsonl"})
+    assert r.status_code == 201, r.text
+    batch = r.json()
+    errs = {e["line"]: e for e in batch["errors"]["data"]}
+    assert sorted(errs) == [2, 3, 4, 5, 6]
+    assert errs[2]["code"] == "invalid_json" and "NaN" in errs[2]["message"]
+    assert errs[3]["param"] == "body.temperature" and "finite" in errs[3]["message"]
+    assert errs[4]["code"] == "invalid_text" and errs[4]["param"] == "body.stop"
+    assert errs[5]["code"] == "invalid_text" and errs[5]["param"] == "body.prompt"
+    assert errs[6]["code"] == "json_too_deep"
+    assert counts(url)["jobs"] == before["jobs"] + 2
+    listed = alice.get("/v1/jobs", params={"batch_id": batch["id"]})
+    assert listed.status_code == 200
+    assert sorted(j["custom_id"] for j in listed.json()["data"]) == ["ok-1", "ok-2"]
+
+
+def test_a_batch_of_only_bad_lines_is_422_listing_each(service, alice):
+    raw = b"\n".join([json.dumps(line("s", stop="\ud800")).encode(), b"[" * 4_000])
+    err = refused_raw(service, alice, "/v1/batches", raw,
+                      headers={"Content-Type": "application/jsonl"})
+    assert err["code"] == "no_valid_lines"
+    assert [(e["line"], e["code"]) for e in err["lines"]] == [(1, "invalid_text"),
+                                                             (2, "json_too_deep")]
+
+
+def test_adapter_registration_refuses_surrogates(service, alice, roots):
+    for body in ({"name": "x", "source": str(roots[0] / "good") + "\ud800"},
+                 {"name": "x", "source": "owner/repo", "revision": "\udc00"}):
+        err = refused_raw(service, alice, "/v1/adapters", json.dumps(body).encode())
+        assert err["code"] == "invalid_text"
+
+
+def test_chunked_body_over_the_limit_is_413(service, alice):
+    # no Content-Length: the body is counted while it streams in
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(10):
+            yield b"x" * 1024
+        yield b'"}'
+    err = refused_raw(service, alice, "/v1/jobs", chunks(), status=413)
+    assert "4096 bytes" in err["message"] and err["code"] == "request_too_large"
+
+
+def test_the_queue_refuses_what_it_cannot_store(service, alice):
+    """Callers of the Python API (lorry run, scripts) meet the same rules at the queue."""
+    from lorry.scheduler import JobSpec
+    from lorry.scheduler.errors import InvalidJob
+
+    _, queue, _, url = service
+    before = counts(url)
+    for spec, needle in ((JobSpec(None, prompt="x", sampling={"stop": ["\ud800"]}), "surrogate"),
+                         (JobSpec(None, prompt="x\udfff"), "surrogate"),
+                         (JobSpec(None, prompt="x", sampling={"temperature": float("nan")}),
+                          "nan"),
+                         (JobSpec(None, prompt="x", idempotency_key="\ud800"), "surrogate")):
+        with pytest.raises(InvalidJob, match=needle):
+            queue.submit(alice.tenant.id, [spec])
+    with pytest.raises(InvalidJob, match="surrogate"):
+        queue.create_batch(alice.tenant.id, [JobSpec(None, prompt="x", custom_id="a")],
+                           metadata={"k": "\ud800"})
+    assert counts(url) == before
+
+
+def test_every_error_has_the_one_shape(service, alice):
+    app, queue, _, _ = service
+    capped, key = queue.create_tenant("capped", max_queued=0)
+    cases = [
+        (client(app, None).get("/v1/jobs"), 401, "authentication_error", "missing_api_key"),
+        (alice.get("/v1/jobs/job_nope"), 404, "not_found_error", "job_not_found"),
+        (alice.get("/v1/batches/batch_nope"), 404, "not_found_error", "batch_not_found"),
+        (alice.get("/v1/nothing-here"), 404, "not_found_error", "not_found"),
+        (alice.delete("/v1/jobs"), 405, "invalid_request_error", "method_not_allowed"),
+        (alice.post("/v1/jobs", json={"prompt": "x" * 5000}), 413, "invalid_request_error",
+         "request_too_large"),
+        (alice.post("/v1/jobs", json={"prompt": "x", "sampling": {"top_k": -5}}), 422,
+         "invalid_request_error", "greater_than_equal"),
+        (alice.get("/v1/jobs", params={"limit": 0}), 422, "invalid_request_error",
+         "greater_than_equal"),
+        (client(app, key).post("/v1/jobs", json={"prompt": "x"}), 429, "rate_limit_error",
+         "quota_exceeded"),
+    ]
+    for r, status, kind, code in cases:
+        assert r.status_code == status, r.text
+        assert r.json() == {"error": {"message": r.json()["error"]["message"], "type": kind,
+                                      "param": r.json()["error"]["param"], "code": code}}, r.text
+        assert r.json()["error"]["message"]
+    r = alice.post("/v1/jobs", json={"prompt": "x", "sampling": {"top_k": -5}})
+    assert r.json()["error"]["param"] == "sampling.top_k"
+
+
+def test_openapi_documents_the_error_shape(service, alice):
+    spec = alice.get("/openapi.json").json()
+    ref = "#/components/schemas/ErrorBody"
+    for path, method, statuses in (("/v1/jobs", "post", ("401", "413", "422", "429", "503")),
+                                   ("/v1/jobs/{job_id}", "get", ("401", "404", "503")),
+                                   ("/v1/batches", "post", ("401", "413", "422", "429", "503")),
+                                   ("/v1/adapters", "post", ("401", "422", "503")),
+                                   ("/metrics", "get", ("401", "404", "503"))):
+        responses = spec["paths"][path][method]["responses"]
+        for status in statuses:
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": ref}, (path, status, schema)
+    assert set(spec["components"]["schemas"]["ErrorDetail"]["properties"]) >= SHAPE

@@ -1,0 +1,193 @@
+"""Where an adapter may come from (engine/lora/sources.py, shared by the API and the engine):
+an absolute path inside the allowed roots (symlinks resolved, per tenant when configured) or
+a Hub id 'owner/name' that is never read from local disk; the worker checks again at load."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from lorry.engine import EngineConfig, LLMEngine, LoRAError, LoRARequest, SamplingParams
+from lorry.engine.errors import AdapterSourceError
+from tests.security.conftest import counts
+
+
+def message(r) -> str:
+    """The error message of an API answer (OpenAI's shape or FastAPI's)."""
+    body = r.json()
+    return body["error"]["message"] if "error" in body else str(body["detail"])
+
+
+def refused(service, client, source: str, *needles: str) -> str:
+    """POST the source; assert a 422 naming each needle and that nothing was stored."""
+    url = service[3]
+    before = counts(url)
+    r = client.post("/v1/adapters", json={"name": "x", "source": source})
+    assert r.status_code == 422, r.text
+    text = message(r)
+    for needle in needles:
+        assert needle in text, (needle, text)
+    assert counts(url) == before
+    return text
+
+
+def copy_adapter(good, dest):
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(good, dest)
+    return dest
+
+
+def engine(settings=None, **kw) -> LLMEngine:
+    base = {"device": "cpu", "max_loras": 2, "max_lora_rank": 16, "max_cpu_loras": 2,
+            "max_model_len": 128}
+    if settings is not None:  # the worker's path: Settings -> EngineConfig
+        return LLMEngine(settings.engine_config(**base, **kw))
+    return LLMEngine(EngineConfig(**base, **kw))
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, offline: a Hub id resolves to nothing, without network."""
+    import huggingface_hub.constants as c
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_a_hub_id_is_never_served_from_the_working_directory(service, alice, roots, tmp_path,
+                                                              monkeypatch, offline_hub):
+    """'outside/evil' is a Hub id even when ./outside/evil is a valid adapter in the cwd of
+    the API and of the worker: refused when Hub adapters are off, otherwise stored as a Hub
+    id (not validated from disk) that the engine fetches from the Hub only."""
+    _app, _queue, settings, _url = service
+    cwd = tmp_path / "cwd"
+    copy_adapter(roots[0] / "good", cwd / "outside" / "evil")
+    monkeypatch.chdir(cwd)
+
+    monkeypatch.setattr(settings, "allow_hub_adapters", False)
+    refused(service, alice, "outside/evil", "'outside/evil'", "Hub adapters are disabled")
+    refused(service, alice, "./outside/evil", "neither an absolute local path nor a Hub repo id")
+    refused(service, alice, "outside", "neither an absolute local path nor a Hub repo id")
+
+    monkeypatch.setattr(settings, "allow_hub_adapters", True)
+    r = alice.post("/v1/adapters", json={"name": "evil", "source": "outside/evil"})
+    assert r.status_code == 201, r.text
+    assert (r.json()["source"], r.json()["revision"], r.json()["rank"]) == \
+        ("outside/evil", "main", None)  # no rank: nothing was read from disk
+
+    eng = engine(settings)
+    with pytest.raises(LoRAError, match="'outside/evil'.*could not be fetched from the Hugging"):
+        eng.add_lora(LoRARequest("evil", 5, "outside/evil", revision="main"))
+    for relative in ("./outside/evil", "outside"):
+        with pytest.raises(AdapterSourceError, match="neither an absolute local path"):
+            eng.add_lora(LoRARequest("evil", 6, relative))
+    assert eng.cache_stats()["cpu"]["residents"] == 0
+    library = engine(model=settings.model)  # no roots: the form rule holds all the same
+    with pytest.raises(LoRAError, match="could not be fetched from the Hugging Face Hub"):
+        library.add_lora(LoRARequest("evil", 5, "outside/evil"))
+
+
+def test_escapes_from_the_roots_are_refused(service, alice, roots, tmp_path):
+    root, outside = roots
+    link = root / f"link-{tmp_path.name}"
+    link.symlink_to(outside / "elsewhere")
+    text = refused(service, alice, str(link), "outside the allowed adapter roots")
+    assert str(outside / "elsewhere") in text  # where it really points
+    refused(service, alice, f"{root}/good/../../{outside.name}/elsewhere",
+            "outside the allowed adapter roots")
+    # the directory is inside, its weights file is a symlink to another directory's
+    mixed = root / f"mixed-{tmp_path.name}"
+    mixed.mkdir()
+    shutil.copy(root / "good" / "adapter_config.json", mixed / "adapter_config.json")
+    (mixed / "adapter_model.safetensors").symlink_to(
+        outside / "elsewhere" / "adapter_model.safetensors")
+    refused(service, alice, str(mixed), "adapter_model.safetensors", "outside the allowed")
+    refused(service, alice, "~no-such-user-lorry/x", "does not expand to an absolute path")
+    refused(service, alice, "owner/name/extra", "neither an absolute local path")
+    refused(service, alice, "owner--x/name", "neither an absolute local path")
+    r = alice.post("/v1/adapters", json={"name": "x", "source": "owner/name",
+                                         "revision": "../../refs"})
+    assert r.status_code == 422 and "revision '../../refs' is invalid" in message(r), r.text
+
+
+def test_a_tenant_cannot_register_another_tenants_directory(service, alice, bob, roots,
+                                                           monkeypatch, tmp_path):
+    """With per-tenant roots a tenant names only paths under {root}/{its tenant id}; the
+    operator's shared registrations keep the plain roots."""
+    from lorry.adapters import register_shared
+
+    _app, queue, settings, _url = service
+    monkeypatch.setattr(settings, "adapter_roots_per_tenant", True)
+    root = roots[0]
+    alices = copy_adapter(root / "good", root / alice.tenant.id / "mine")
+    bobs = copy_adapter(root / "good", root / bob.tenant.id / "his")
+    alias = root / bob.tenant.id / f"alias-{tmp_path.name}"
+    alias.symlink_to(alices)
+
+    text = refused(service, bob, str(alices), "outside the allowed adapter roots")
+    assert str(root / bob.tenant.id) in text and str(root / alice.tenant.id) not in \
+        text.split("roots", 1)[1]  # the roots named are bob's own
+    refused(service, bob, str(alias), "outside the allowed adapter roots", str(alices))
+    refused(service, alice, str(root / "good"), "outside the allowed adapter roots")
+    for client, path in ((alice, alices), (bob, bobs)):
+        r = client.post("/v1/adapters", json={"name": "own", "source": str(path)})
+        assert r.status_code == 201, r.text
+    assert [a["source"] for a in bob.get("/v1/adapters").json()["data"]] == [str(bobs)]
+
+    shared = register_shared(queue, settings, "shared-good", str(root / "good"))
+    assert shared.tenant_id is None and shared.rank == 8
+    with pytest.raises(LoRAError, match="outside the allowed adapter roots"):
+        register_shared(queue, settings, "shared-out", str(roots[1] / "elsewhere"))
+    names = sorted(a["name"] for a in alice.get("/v1/adapters").json()["data"])
+    assert names == ["own", "shared-good"]
+
+
+def test_the_worker_refuses_at_load_a_path_outside_its_roots(service, alice, roots, tmp_path):
+    """A row naming a path outside the roots (written straight into the table, or a directory
+    swapped for a symlink after registration) is refused by the engine when it loads it."""
+    _app, queue, settings, _url = service
+    root, outside = roots
+    smuggled = queue.register_adapter("smuggled", str(outside / "elsewhere"), rank=8)
+    swapped_dir = copy_adapter(root / "good", root / f"swap-{tmp_path.name}")
+    r = alice.post("/v1/adapters", json={"name": "swapped", "source": str(swapped_dir)})
+    assert r.status_code == 201, r.text
+    shutil.rmtree(swapped_dir)
+    swapped_dir.symlink_to(outside / "elsewhere")
+    swapped = queue.get_adapter("swapped", alice.tenant.id)
+
+    eng = engine(settings)
+    assert eng.config.adapter_roots == (str(root),)
+    good = LoRARequest("good", 1000, str(root / "good"))  # an id no table row uses
+    eng.add_lora(good)  # inside the roots: served
+    for info in (smuggled, swapped):
+        request = LoRARequest(info.name, info.id, info.source)
+        with pytest.raises(AdapterSourceError, match="outside the allowed adapter roots"):
+            eng.add_lora(request)
+        eng.add_request(f"job-{info.name}", "hello", SamplingParams(max_tokens=2), request)
+    finished = {}
+    while eng.has_unfinished_requests():
+        finished.update({o.request_id: o for o in eng.step()})
+    for info in (smuggled, swapped):
+        out = finished[f"job-{info.name}"]
+        assert out.outputs[0].finish_reason == "error"
+        assert "outside the allowed adapter roots" in out.error
+    assert eng.cache_stats()["cpu"]["residents"] == 1  # only the adapter inside the roots
+
+
+def test_the_roots_setting_reaches_the_engine(monkeypatch):
+    from lorry.settings import Settings
+
+    monkeypatch.setenv("LORRY_ADAPTER_ROOTS", "/srv/a:/srv/b")
+    monkeypatch.setenv("LORRY_ADAPTER_ROOTS_PER_TENANT", "true")
+    settings = Settings(model="/models/base")
+    assert settings.adapter_roots_per_tenant is True
+    assert settings.engine_config().adapter_roots == ("/srv/a", "/srv/b")
+    assert EngineConfig(model="/models/base").adapter_roots is None  # library use: anywhere
+    with pytest.raises(ValueError, match="adapter_roots"):
+        EngineConfig(model="/models/base", adapter_roots="/srv/a")

@@ -15,11 +15,12 @@ _EXPORTS = {
     "RequestOutput": "lorry.engine.outputs",
     "CompletionOutput": "lorry.engine.outputs",
     "RequestMetrics": "lorry.engine.outputs",
+    "Logprob": "lorry.engine.outputs",
     "LoRAError": "lorry.engine.errors",
 }
 
-__all__ = ["CompletionOutput", "EngineConfig", "LLMEngine", "LoRAError", "LoRARequest",
-           "RequestMetrics", "RequestOutput", "SamplingParams"]
+__all__ = ["CompletionOutput", "EngineConfig", "LLMEngine", "Logprob", "LoRAError",
+           "LoRARequest", "RequestMetrics", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name: str):

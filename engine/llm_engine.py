@@ -10,7 +10,7 @@ from lorry.engine.config import EngineConfig
 from lorry.engine.errors import LoRAError, ModelLengthError
 from lorry.engine.lora.request import LoRARequest
 from lorry.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from lorry.engine.sampler import sample
+from lorry.engine.sampler import sample, token_logprobs
 from lorry.engine.sampling_params import SamplingParams
 from lorry.engine.sequence import Sequence, SequenceStatus
 from lorry.engine.setup import build_engine_parts
@@ -38,6 +38,9 @@ class LLMEngine:
         self._load_errors: dict[str, Exception] = {}  # request id -> its adapter's LoRAError
         self._generating: set[str] = set()             # request ids of generate() calls
         self._ids = itertools.count()
+        # optional callable(request_id, text, finish_reason): the new text of each request
+        # with SamplingParams.stream, every step (finish_reason None until its last call)
+        self.on_tokens = None
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
@@ -148,12 +151,20 @@ class LLMEngine:
             self.loras.gpu.mark_used(slots)
         if not seqs:
             return finished
-        for seq, token in zip(seqs, sample(logits, seqs, self.generator)):
+        tokens = sample(logits, seqs, self.generator)
+        logprobs = token_logprobs(logits, seqs, tokens)
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            if i in logprobs:
+                if seq.logprobs is None:
+                    seq.logprobs = []
+                seq.logprobs.append(logprobs[i])
             reason = self._append(seq, token)
             if reason:
                 self._seqs.pop(seq.request_id, None)
                 self.scheduler.finish(seq)
                 finished.append(self._finish(seq, reason))
+            elif seq.params.stream:
+                self._stream(seq)
         return finished
 
     def _adapter_ready(self, seq: Sequence) -> bool:
@@ -220,18 +231,43 @@ class LLMEngine:
             return "length"
         return None
 
+    def _stream(self, seq: Sequence) -> None:
+        """Hand the text that is final so far to ``on_tokens``. Held back: a trailing
+        incomplete character (decoded as U+FFFD) and, with stop strings, the tail that could
+        still begin one (the finished text is cut before a stop string)."""
+        if self.on_tokens is None:
+            return
+        text = self.tokenizer.decode(seq.output_token_ids)
+        end = len(text.rstrip("\ufffd"))
+        if seq.params.stop_list:
+            end -= max(map(len, seq.params.stop_list)) - 1
+        if end > seq.streamed:
+            self.on_tokens(seq.request_id, text[seq.streamed:end], None)
+            seq.streamed = end
+
     def _finish(self, seq: Sequence, reason: str) -> RequestOutput:
         seq.finish_reason = reason
         if reason != "stop":  # "stop" already cut the text in _append
             seq.text = self.tokenizer.decode(seq.output_token_ids)
         seq.metrics.finished_time = time.time()
+        if seq.params.stream and self.on_tokens is not None:
+            self.on_tokens(seq.request_id, seq.text[seq.streamed:], reason)
+            seq.streamed = len(seq.text)
         return self._output(seq)
 
     def _output(self, seq: Sequence) -> RequestOutput:
         done = seq.status is SequenceStatus.FINISHED
+        logprobs = None
+        if seq.logprobs is not None:
+            if done:  # the tokens' texts, decoded once at the end
+                for step in seq.logprobs:
+                    for tid, lp in step.items():
+                        if lp.decoded_token is None:
+                            lp.decoded_token = self.tokenizer.token_text(tid)
+            logprobs = list(seq.logprobs)
         return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids),
                              [CompletionOutput(0, seq.text, list(seq.output_token_ids),
-                                               seq.finish_reason)],
+                                               seq.finish_reason, logprobs)],
                              seq.lora_request, done, seq.metrics, error=seq.error)
 
     def generate(self, prompts, sampling_params=None, lora_request=None, use_tqdm: bool = True):

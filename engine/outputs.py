@@ -7,14 +7,36 @@ from lorry.engine.lora.request import LoRARequest
 
 
 @dataclass
+class Logprob:
+    """A token's log probability, its rank in the distribution (1 = most likely) and its text
+    (the token decoded alone, special tokens shown)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
 class CompletionOutput:
     """One generated completion: text, token ids and why it ended ("stop", "length", "abort",
-    or "error" when the request failed before generating: see RequestOutput.error)."""
+    or "error" when the request failed before generating: see RequestOutput.error).
+
+    ``logprobs`` (when SamplingParams.logprobs is set): one {token id: Logprob} per generated
+    token, the chosen token first, then the requested number of most likely ones.
+    """
 
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """Sum of the chosen tokens' logprobs (None without logprobs)."""
+        if self.logprobs is None:
+            return None
+        return sum(step[t].logprob for step, t in zip(self.logprobs, self.token_ids))
 
 
 @dataclass

@@ -1,8 +1,14 @@
-"""Token sampling: greedy, temperature, top-k, top-p, each request with its own generator."""
+"""Token sampling: penalties, greedy, temperature, top-k, top-p (each request with its own
+generator), and the logprobs of the chosen tokens.
+
+Everything here runs on the logits a step returns, after the model (eager or a CUDA-graph
+replay), so penalties and logprobs behave the same on every backend and never disable graphs.
+"""
 from __future__ import annotations
 
 import torch
 
+from lorry.engine.outputs import Logprob
 from lorry.engine.sequence import Sequence
 
 
@@ -20,8 +26,45 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def _padded(lists: list[list[int]], fill: int, device) -> torch.Tensor:
+    """Token-id lists as one [N, L] tensor, right-padded with ``fill`` (L >= 1)."""
+    width = max(1, max(map(len, lists)))
+    return torch.tensor([ids + [fill] * (width - len(ids)) for ids in lists], dtype=torch.long,
+                        device=device)
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Repetition (over prompt + output, Hugging Face's rule), then frequency and presence
+    (over the output, OpenAI's rule) penalties. logits: [B, V] fp32; returns a new tensor when
+    a row is penalized, else ``logits`` itself (never changed in place)."""
+    rows = [i for i, s in enumerate(seqs) if s.params.penalized]
+    if not rows:
+        return logits
+    dev, V = logits.device, logits.shape[-1]
+    N = len(rows)
+    idx = torch.tensor(rows, device=dev)
+    params = [seqs[i].params for i in rows]
+    sub = logits.index_select(0, idx)                                            # [N, V]
+    # token counts of each row's output; padding lands in the extra column V and is dropped
+    out_ids = _padded([seqs[i].output_token_ids for i in rows], V, dev)         # [N, L]
+    counts = torch.zeros(N, V + 1, device=dev, dtype=sub.dtype)
+    counts = counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=sub.dtype))[:, :V]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        prompt_ids = _padded([seqs[i].prompt_token_ids for i in rows], V, dev)
+        seen = torch.zeros(N, V + 1, device=dev, dtype=torch.bool)
+        seen = seen.scatter_(1, prompt_ids, True)[:, :V] | (counts > 0)         # [N, V]
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=dev,
+                               dtype=sub.dtype)[:, None]
+        sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+    freq = torch.tensor([p.frequency_penalty for p in params], device=dev, dtype=sub.dtype)
+    pres = torch.tensor([p.presence_penalty for p in params], device=dev, dtype=sub.dtype)
+    sub = sub - freq[:, None] * counts - pres[:, None] * (counts > 0).to(sub.dtype)
+    return logits.index_copy(0, idx, sub)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], default: torch.Generator) -> list[int]:
-    """logits: [B, V] fp32 -> one token id per sequence."""
+    """logits: [B, V] fp32 -> one token id per sequence (penalties applied first)."""
+    logits = apply_penalties(logits, seqs)
     tokens = logits.argmax(dim=-1)
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if rows:
@@ -34,3 +77,31 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], default: torch.Generator)
             gen = seqs[i].generator or default
             tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
     return tokens.tolist()
+
+
+def token_logprobs(logits: torch.Tensor, seqs: list[Sequence],
+                   tokens: list[int]) -> dict[int, dict[int, Logprob]]:
+    """For each row whose request asked for logprobs: {token id: Logprob} of the chosen token
+    (first) and of the ``params.logprobs`` most likely ones, from the log-softmax of the raw
+    logits [B, V] (before penalties and temperature). Keys of the result are row indices."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not rows:
+        return {}
+    dev = logits.device
+    idx = torch.tensor(rows, device=dev)
+    lp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)          # [N, V]
+    chosen_ids = torch.tensor([tokens[i] for i in rows], device=dev)[:, None]   # [N, 1]
+    chosen = lp.gather(1, chosen_ids)                                           # [N, 1]
+    ranks = (lp > chosen).sum(-1) + 1                                           # [N]
+    k = max(seqs[i].params.logprobs for i in rows)
+    top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], chosen_ids[:, :0])
+    chosen, ranks = chosen[:, 0].tolist(), ranks.tolist()
+    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+    out = {}
+    for j, i in enumerate(rows):
+        entry = {tokens[i]: Logprob(chosen[j], ranks[j])}
+        for r, (tid, value) in enumerate(zip(top_ids[j][:seqs[i].params.logprobs],
+                                             top_lp[j][:seqs[i].params.logprobs])):
+            entry.setdefault(tid, Logprob(value, r + 1))
+        out[i] = entry
+    return out

@@ -4,6 +4,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs allows
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and value == value and abs(value) != float("inf")
+
 
 @dataclass
 class SamplingParams:
@@ -27,6 +34,23 @@ class SamplingParams:
         Extra token ids that end generation (kept in token_ids, not in text).
     ignore_eos : bool
         Keep generating past the EOS token.
+    presence_penalty : float
+        In [-2, 2] (OpenAI's): subtracted once from the logit of every token already
+        generated; > 0 favours new tokens.
+    frequency_penalty : float
+        In [-2, 2] (OpenAI's): subtracted from a token's logit once per time it was generated.
+    repetition_penalty : float
+        > 0 (Hugging Face's): the logit of every token of the prompt or the output is divided
+        by it when positive and multiplied by it when negative; 1 is off.
+    logprobs : int, optional
+        Return, per generated token, its logprob and those of the ``logprobs`` most likely
+        tokens (0..20; 0: the chosen token's only). Logprobs are of the model's own
+        distribution: the log-softmax of the raw logits, before penalties, temperature,
+        top-k and top-p (vLLM's default).
+    n : int
+        Completions per request; only 1 is supported.
+    stream : bool
+        Hand each step's new text to ``LLMEngine.on_tokens`` while the request runs.
     """
 
     max_tokens: int = 16
@@ -37,6 +61,12 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    n: int = 1
+    stream: bool = False
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self):
@@ -66,10 +96,29 @@ class SamplingParams:
         self.stop_token_ids = ids
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", self.ignore_eos, "must be a bool")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _number(value) or not -2.0 <= value <= 2.0:
+                bad(name, value, "must be a number in [-2, 2]")
+        if not _number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 10.0:
+            bad("repetition_penalty", self.repetition_penalty, "must be a number in (0, 10]")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(
+                self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", self.logprobs, f"must be None or an int in [0, {MAX_LOGPROBS}]")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n != 1:
+            bad("n", self.n, "only n=1 (one completion per request) is supported")
+        if not isinstance(self.stream, bool):
+            bad("stream", self.stream, "must be a bool")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes the logits before sampling."""
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> SamplingParams:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorry.engine.lora.request import LoRARequest
-from lorry.engine.outputs import RequestMetrics
+from lorry.engine.outputs import Logprob, RequestMetrics
 from lorry.engine.sampling_params import SamplingParams
 
 
@@ -34,6 +34,8 @@ class Sequence:
     num_computed_tokens: int = 0   # prompt tokens whose keys/values are in the KV cache
     bypassed: int = 0              # admissions of later sequences while this one waited for a slot
     error: str | None = None       # why the request failed (e.g. its adapter could not be loaded)
+    logprobs: list[dict[int, Logprob]] | None = None  # per output token, if params.logprobs
+    streamed: int = 0              # characters of text already handed to on_tokens
 
     @property
     def lora_id(self) -> int | None:

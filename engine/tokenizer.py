@@ -37,6 +37,10 @@ class Tokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=True)
 
+    def token_text(self, token_id: int) -> str:
+        """One token decoded alone, special tokens shown (the text of a logprob entry)."""
+        return self.hf.decode([token_id], skip_special_tokens=False)
+
 
 def find_stop(text: str, stops: list[str], start: int = 0) -> int:
     """Index of the earliest stop string in ``text`` at or after ``start``, or -1."""

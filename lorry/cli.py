@@ -69,6 +69,50 @@ def tenant_create(name: str, weight: float = typer.Option(1.0, min=0.001),
     typer.echo(f"api key: {key}")
 
 
+def _one_tenant(queue, name_or_id: str):
+    """The tenant named or id'd ``name_or_id``; exits 2 when there is none or the name is
+    ambiguous (several tenants share it: use the id)."""
+    found = [t for t, _ in queue.list_tenants() if name_or_id in (t.id, t.name)]
+    if len(found) != 1:
+        if not found:
+            typer.echo(f"error: no tenant named {name_or_id!r} (see `lorry tenant list`)",
+                       err=True)
+        else:
+            ids = "".join(f"\n  {t.id}" for t in found)
+            typer.echo(f"error: {len(found)} tenants are named {name_or_id!r}; give one of "
+                       f"their ids:{ids}", err=True)
+        raise typer.Exit(2)
+    return found[0]
+
+
+@tenant_app.command("list")
+def tenant_list():
+    """Tenants with their id, weight, quota and whether their API key works."""
+    for t, active in _queue().list_tenants():
+        quota = "-" if t.max_queued is None else t.max_queued
+        typer.echo(f"{t.id}  {t.name}  weight={t.weight:g}  max_queued={quota}  "
+                   f"key={'active' if active else 'revoked'}")
+
+
+@tenant_app.command("rotate-key")
+def tenant_rotate_key(tenant: str = typer.Argument(..., help="tenant name or id")):
+    """Give a tenant a new API key (printed once); the old key stops working at once."""
+    queue = _queue()
+    t = _one_tenant(queue, tenant)
+    key = queue.rotate_key(t.id)
+    typer.echo(f"tenant {t.name} ({t.id})")
+    typer.echo(f"api key: {key}")
+
+
+@tenant_app.command("revoke")
+def tenant_revoke(tenant: str = typer.Argument(..., help="tenant name or id")):
+    """Revoke a tenant's API key (its jobs and adapters stay; rotate-key gives a new one)."""
+    queue = _queue()
+    t = _one_tenant(queue, tenant)
+    queue.revoke_key(t.id)
+    typer.echo(f"tenant {t.name} ({t.id}): api key revoked")
+
+
 @adapter_app.command("add")
 def adapter_add(name: str, source: str, revision: Optional[str] = None):
     """Register a shared adapter: a local PEFT directory or a Hub repo id."""

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, or_, select, update
 
 from lorry.scheduler import errors
 from lorry.scheduler.batches import BatchOps
@@ -24,6 +24,7 @@ from lorry.scheduler.rows import adapter_info, tenant_info
 from lorry.scheduler.types import AdapterInfo, TenantInfo
 
 ADAPTER_STATUSES = ("ready", "pending", "invalid", "disabled")
+REVOKED = "!revoked"  # a key_hash no sha256 hex digest equals: the tenant's key is revoked
 
 
 class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, MaintenanceOps):
@@ -107,6 +108,33 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, MaintenanceOps):
             return None
         digest = hashlib.sha256(parts[2].encode()).hexdigest()
         return tenant_info(row) if hmac.compare_digest(digest, row.key_hash) else None
+
+    def list_tenants(self) -> list[tuple[TenantInfo, bool]]:
+        """Every tenant, oldest first, with whether its API key works (False: revoked)."""
+        t = Tenant.__table__
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(t).order_by(t.c.created_at, t.c.id)).all()
+        return [(tenant_info(r), r.key_hash != REVOKED) for r in rows]
+
+    def rotate_key(self, tenant_id: str) -> str:
+        """Give the tenant a new API key (returned once); the old key stops working at once.
+        Raises ``errors.UnknownTenant``."""
+        key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        self._set_key(tenant_id, key_id, hashlib.sha256(secret.encode()).hexdigest())
+        return f"lorry_{key_id}_{secret}"
+
+    def revoke_key(self, tenant_id: str) -> None:
+        """The tenant's API key stops working; its jobs, batches and adapters stay (a new key
+        from ``rotate_key`` restores access). Raises ``errors.UnknownTenant``."""
+        self._set_key(tenant_id, secrets.token_hex(8), REVOKED)
+
+    def _set_key(self, tenant_id: str, key_id: str, key_hash: str) -> None:
+        t = Tenant.__table__
+        with self.engine.begin() as conn:
+            done = conn.execute(update(t).where(t.c.id == tenant_id)
+                                .values(key_id=key_id, key_hash=key_hash)).rowcount
+        if not done:
+            raise errors.UnknownTenant(f"no tenant {tenant_id!r}")
 
     def get_tenant(self, tenant_id: str) -> TenantInfo | None:
         t = Tenant.__table__

@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -60,6 +61,12 @@ class Adapter(Base):
 
 class Batch(Base):
     __tablename__ = "batches"
+    __table_args__ = (
+        Index("uq_batches_tenant_idempotency", "tenant_id", "idempotency_key", unique=True,
+              postgresql_where=text("idempotency_key IS NOT NULL"),
+              sqlite_where=text("idempotency_key IS NOT NULL")),
+        Index("ix_batches_tenant_created", "tenant_id", "created_at", "id"),
+    )
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"),
                                            index=True)
@@ -78,6 +85,63 @@ class Batch(Base):
     expired_at: Mapped[datetime | None]
     cancelling_at: Mapped[datetime | None]
     cancelled_at: Mapped[datetime | None]
+    # OpenAI's Batch fields: the uploaded input file, the files built when it finalizes.
+    endpoint: Mapped[str | None] = mapped_column(String(40))
+    input_file_id: Mapped[str | None] = mapped_column(String(40))
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    # The base model's name as output lines of base-model requests show it.
+    model: Mapped[str | None] = mapped_column(String(200))
+    # Lines refused at creation (in batch_rejects): counted in total and failed.
+    rejected: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+
+
+class BatchReject(Base):
+    """A line of a batch's input that was refused at creation (kept for the error file and
+    the batch's ``errors``)."""
+
+    __tablename__ = "batch_rejects"
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    line: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    custom_id: Mapped[str | None] = mapped_column(Text)
+    code: Mapped[str] = mapped_column(String(64))
+    param: Mapped[str | None] = mapped_column(Text)
+    message: Mapped[str] = mapped_column(Text)
+
+
+class File(Base):
+    """An OpenAI File: a tenant's upload (purpose "batch") or a batch's output or error file
+    (purpose "batch_output"); its bytes are rows of file_chunks."""
+
+    __tablename__ = "files"
+    __table_args__ = (
+        Index("ix_files_tenant_created", "tenant_id", "created_at", "id"),
+        Index("uq_files_tenant_idempotency", "tenant_id", "idempotency_key", unique=True,
+              postgresql_where=text("idempotency_key IS NOT NULL"),
+              sqlite_where=text("idempotency_key IS NOT NULL")),
+    )
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    purpose: Mapped[str] = mapped_column(String(20))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    lines: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime]
+    batch_id: Mapped[str | None] = mapped_column(String(40))  # batch_output: whose file
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+
+
+class FileChunk(Base):
+    """Up to ``scheduler.files.CHUNK_BYTES`` of a file, in order of ``seq``."""
+
+    __tablename__ = "file_chunks"
+    file_id: Mapped[str] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Job(Base):

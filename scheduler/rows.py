@@ -1,7 +1,7 @@
 """Row -> dataclass conversions (no ORM object leaves the gateway)."""
 from __future__ import annotations
 
-from lorry.scheduler.types import AdapterInfo, BatchInfo, JobInfo, Result, TenantInfo
+from lorry.scheduler.types import AdapterInfo, BatchInfo, FileInfo, JobInfo, Result, TenantInfo
 
 
 def tenant_info(r) -> TenantInfo:
@@ -39,4 +39,13 @@ def batch_info(r, counts: dict[str, int]) -> BatchInfo:
                      in_progress_at=r.in_progress_at, finalizing_at=r.finalizing_at,
                      completed_at=r.completed_at, failed_at=r.failed_at,
                      expired_at=r.expired_at, cancelling_at=r.cancelling_at,
-                     cancelled_at=r.cancelled_at)
+                     cancelled_at=r.cancelled_at, endpoint=r.endpoint,
+                     input_file_id=r.input_file_id, output_file_id=r.output_file_id,
+                     error_file_id=r.error_file_id, rejected=r.rejected or 0,
+                     idempotency_key=r.idempotency_key)
+
+
+def file_info(r) -> FileInfo:
+    return FileInfo(id=r.id, tenant_id=r.tenant_id, purpose=r.purpose, filename=r.filename,
+                    bytes=r.bytes, lines=r.lines, status=r.status, created_at=r.created_at,
+                    batch_id=r.batch_id, idempotency_key=r.idempotency_key)

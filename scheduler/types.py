@@ -130,3 +130,38 @@ class BatchInfo:
     expired_at: datetime | None = None
     cancelling_at: datetime | None = None
     cancelled_at: datetime | None = None
+    endpoint: str | None = None
+    input_file_id: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    rejected: int = 0  # lines refused at creation (in total and failed)
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class LineError:
+    """A batch input line refused at creation: 1-based line number, its custom_id when the
+    line had one, OpenAI's code, the field (param) and the reason."""
+
+    line: int
+    code: str
+    message: str
+    param: str | None = None
+    custom_id: str | None = None
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """An OpenAI File: purpose "batch" (uploaded) or "batch_output" (a batch's output or
+    error file); ``bytes`` and ``lines`` of its content."""
+
+    id: str
+    tenant_id: str
+    purpose: str
+    filename: str
+    bytes: int
+    lines: int
+    status: str
+    created_at: datetime | None
+    batch_id: str | None = None
+    idempotency_key: str | None = None

@@ -11,7 +11,8 @@ from sqlalchemy import create_engine, inspect
 from lorry.scheduler.migrate import check, downgrade, upgrade
 
 ROOT = Path(__file__).resolve().parents[3]
-TABLES = {"tenants", "adapters", "batches", "jobs", "queue_groups", "workers"}
+TABLES = {"tenants", "adapters", "batches", "jobs", "queue_groups", "workers", "files",
+          "file_chunks", "batch_rejects"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

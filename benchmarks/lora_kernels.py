@@ -4,7 +4,7 @@ Llama-3-8B projection shapes in bf16 on a CUDA GPU; prints one JSON object per l
 summary object last. Times are medians over CUDA-graph replays (eager for the reference).
 Usage: python benchmarks/lora_kernels.py [--tokens 1 64 8192] [--adapters 32] [--ranks 16]
        [--projections qkv gate_up] [--quick] [--decode-config off "fused=0,num_warps=8"]
---decode-config runs the ladder once per setting of kernels.lora_decode.DECODE_CONFIG
+--decode-config runs the ladder once per setting of the decode table (kernels/configs/)
 ("default", "off" = the two-launch path only, or key=value pairs over the defaults).
 --layer times LoRA inside a layer, per projection at the goal shape: the base matmul alone,
 base then LoRA, LoRA on a side stream beside the base matmul, and folded (the A slot rows under
@@ -28,7 +28,6 @@ from lorry.kernels.segments import build_lora_meta
 PROJECTIONS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
                "gate_up": (4096, [14336, 14336]), "down": (14336, [4096])}
 COPY_PEAK_GBS = 4300.0
-_DECODE_DEFAULTS = dict(__import__("lorry.kernels.lora_decode").kernels.lora_decode.DECODE_CONFIG)
 ROTATE_BYTES = 240e6    # rotate weight copies past the 60 MB L2, as successive layers would
 
 
@@ -82,16 +81,23 @@ def _pairs(spec: str) -> list[tuple[str, str]]:
     return [tuple(item.split("=")) for item in spec.split(",")]
 
 
+def _decode_defaults() -> dict:
+    """The decode table of this machine's GPU file (kernels/configs/, lorry.kernels.tuning)."""
+    from lorry.kernels import lora_decode
+
+    return dict(lora_decode.decode_config(torch.device("cuda")))
+
+
 def _override(base: dict, spec: str) -> dict:
     """base with 'key=value,...' applied (integers; 'wide.key=value' / 'long.key=value' set
-    an entry of those overrides), each key checked against DECODE_CONFIG's."""
-    cfg = dict(base)
+    an entry of those overrides), each key checked against the decode table's."""
+    cfg, defaults = dict(base), _decode_defaults()
     for key, value in _pairs(spec):
         outer, _, inner = key.rpartition(".")
-        if inner not in _DECODE_DEFAULTS or outer not in ("", "wide", "long") \
-                or isinstance(_DECODE_DEFAULTS[inner], dict):
+        if inner not in defaults or outer not in ("", "wide", "long") \
+                or isinstance(defaults[inner], dict):
             raise SystemExit(f"unknown decode config key {key!r}; keys: "
-                             f"{sorted(_DECODE_DEFAULTS)} (or wide.<key>, long.<key>)")
+                             f"{sorted(defaults)} (or wide.<key>, long.<key>)")
         if outer:
             cfg[outer] = dict(cfg.get(outer) or {}, **{inner: int(value)})
         else:
@@ -100,10 +106,11 @@ def _override(base: dict, spec: str) -> dict:
 
 
 def parse_decode_config(spec: str) -> dict:
-    """'default' | 'off' | 'key=value,...' -> a full DECODE_CONFIG dict."""
+    """'default' | 'off' | 'key=value,...' -> a full decode table (the GPU file's, changed)."""
+    defaults = _decode_defaults()
     if spec == "off":
-        return dict(_DECODE_DEFAULTS, max_tokens=0)
-    return dict(_DECODE_DEFAULTS) if spec == "default" else _override(_DECODE_DEFAULTS, spec)
+        return dict(defaults, max_tokens=0)
+    return defaults if spec == "default" else _override(defaults, spec)
 
 
 def _decode_batch(T: int, n_adapters: int, H: int):
@@ -241,10 +248,10 @@ def layer_times(proj: str, T: int = 64, n_adapters: int = 32, rank: int = 16,
         tri.add_lora_folded(out[:, :N], out[:, N:], b, meta, offsets, H)
 
     from lorry.kernels import lora_decode
-    saved = lora_decode.FOLD_CONFIG
-    for spec in fold_specs:   # FOLD_CONFIG: "default", "none" (DECODE_CONFIG's), "k=v,..." over it
-        lora_decode.FOLD_CONFIG = saved if spec == "default" else {} if spec == "none" else \
-            _override(saved, spec)
+    saved, fold = lora_decode.FOLD_CONFIG, lora_decode.fold_config(torch.device("cuda"))
+    for spec in fold_specs:   # the fold table: "default", "none" (the decode table's), "k=v,..."
+        lora_decode.FOLD_CONFIG = fold if spec == "default" else {} if spec == "none" else \
+            _override(fold, spec)
         tag = "" if spec == "default" else f"[{spec}]"
         row[f"base_folded_lora_us{tag}"] = t = _graph_time_us(
             [lambda w=w, b=lw[2]: folded(w, b) for w, lw in zip(ext, layers)], reps=20)

@@ -3,7 +3,7 @@
 The items (kernels/lora_decode_kernel.py) run in one launch (fused, handing the partial
 products over through device counters) or in two (the default). ``kernels.triton_lora.add_lora``
 calls :func:`try_add_lora_decode` first; it returns False (and does nothing) when the batch is
-not one the path takes (see DECODE_CONFIG: decode steps, and prefill chunks in taller tiles; a
+not one the path takes (see the tuning tables below: decode steps, and prefill chunks in taller tiles; a
 caller's buffer, an empty slice, B slices without a unit rank stride), and the two-launch
 kernels of kernels/triton_kernels.py run. Two launches on Hopper are a programmatic dependent
 pair ("pdl"): the expand launch starts once every shrink program has passed its own wait, and
@@ -19,65 +19,39 @@ import functools
 import torch
 import triton
 
+from lorry.kernels import tuning
 from lorry.kernels.device_info import interpreted, num_sms, pdl_supported
 from lorry.kernels.lora_decode_kernel import lora_decode_kernel
 from lorry.kernels.segments import LoRAMeta, tile_table
 
-# Tuning: measured on an H200 (docs/BENCHMARKS.md, "LoRA kernels (H200)"; 2026-11-29, then
-# 2026-12-01 once the weight loads vectorized, and again for expand_loop 2). The decode path
-# beats the two-launch kernels (rank 16) where its expand streams many weight columns (from
-# 64 tokens over 32+ adapters) and loses where there are few (1 token; o/down at 8 tokens).
-# The one-launch variant (fused=True) gained nothing over two launches of the same items, so
-# it is off.
-# benchmarks/lora_kernels.py --decode-config/--tune override entries.
-DECODE_CONFIG = {
-    "min_tokens": 1,           # decode path for min_tokens <= T <= max_tokens ...
-    "max_tokens": 256,
-    "max_rows_per_slot": 4,    # ... with the "long" entries below past this many tokens
-    #                            per slot on average (T // min(T, max_loras)) ...
-    "max_slices": 3,           # ... at most this many slices per launch ...
-    "max_rank": 64,            # ... slot widths up to this ...
-    "min_expand_cols": 100_000,  # ... and min(T, max_loras) * output width at least this
-    "rows": 4,                 # tokens per m-tile (a slot with more tokens gets more tiles)
-    "fused": False,            # one launch (device counters) or two launches of the items
-    "tile_elems": 4096,        # weight tile elements: BLOCK_N = BLOCK_K = tile_elems // R,
-    "min_block_n": 128,        # but at least these (wide ranks: 64 x 128 weight tiles, and
-    "min_block_k": 64,         # 64 x 64 in the shrink, measured faster at rank 64)
-    "max_split_k": 16,
-    "programs_per_sm": 3,      # expand items sized for this many programs per SM
-    "num_warps": 4,
-    "num_stages": 3,
-    "expand_loop": 2,          # expand column loop: 0 = 1-deep manual prefetch, 1 = tl.range
-    #                            software-pipelined num_stages deep, 2 = the same with the
-    #                            wait for the shrink inside the first iteration, so that the
-    #                            pipeline's first loads go out before it
-    # The shrink launch's own settings (0: the expand's above): many small programs, each
-    # one k tile, so that the reduction over H is spread over the whole GPU
-    "shrink_programs_per_sm": 12,
-    "shrink_tile_elems": 2048,
-    "shrink_num_warps": 2,
-    "shrink_num_stages": 0,
-    "pdl": 1,                  # programmatic dependent launch (Hopper): the expand launch
-    #                            starts beside the shrink and waits in-kernel
-    # Entries that replace the above where the slices' widths add up to more than wide_cols
-    # (gate_up of Llama-3-8B: 28,672 columns)
-    "wide_cols": 16384,
-    # expand_loop 2 takes 96 registers at a split of 8 (112 at 16): 4 programs per SM
-    "wide": {"programs_per_sm": 4, "max_split_k": 8},
-    # Entries that replace the above (after "wide") past max_rows_per_slot tokens per slot
-    # (prefill chunks, up to the engine's default 2048 tokens): 16-token tiles, so that the
-    # weights are streamed once per 16 tokens; measured at rank 16 only (wider ranks keep
-    # the two-launch kernels there)
-    "long": {"rows": 16, "max_rank": 16, "max_tokens": 2048},
-}
-# The expand alone over folded products (try_expand_folded_decode): entries over DECODE_CONFIG
-# (a "wide" entry replaces DECODE_CONFIG's). Measured on an H200 (docs/BENCHMARKS.md): where no
-# shrink items share the launch, 4 programs per SM and the hand-prefetched loop pay, except on
-# outputs wider than wide_cols (gate_up). Ranks over 16 were not measured there: they keep
-# the two-launch expand.
-FOLD_CONFIG: dict = {"programs_per_sm": 4, "expand_loop": 0, "num_stages": 2, "max_rank": 16,
-                     "long": {},   # decode steps only, as measured
-                     "wide": {"programs_per_sm": 2, "expand_loop": 1, "num_stages": 3}}
+# The launch settings come from kernels/configs/<GPU>.json (lorry.kernels.tuning): "decode"
+# for decode_plan, "fold" as entries over it for the expand alone over folded products.
+# Keys of "decode": the path applies for min_tokens <= T <= max_tokens, at most max_slices
+# slices, slot widths up to max_rank, and min(T, max_loras) * output width >= min_expand_cols;
+# past max_rows_per_slot tokens per slot the "long" entries replace the others (prefill
+# chunks, in taller tiles), where the widths add up to more than wide_cols the "wide" ones.
+# rows: tokens per m-tile; tile_elems (with min_block_n / min_block_k): weight tile elements;
+# max_split_k, programs_per_sm, num_warps, num_stages: the expand launch; shrink_*: the shrink
+# launch's own (0: the expand's); expand_loop: the expand's column loop (0 = one-deep manual
+# prefetch, 1 = software-pipelined num_stages deep, 2 = the same with the wait for the shrink
+# in its first iteration, so that the pipeline's first loads go out before it); pdl: the
+# expand launch starts beside the shrink (programmatic dependent launch, Hopper); fused: one
+# launch handing partial products over through device counters, or two.
+# Tests and benchmarks set these to a full table to override the device's file.
+DECODE_CONFIG: dict | None = None
+FOLD_CONFIG: dict | None = None
+
+
+def decode_config(device: torch.device) -> dict:
+    """The decode table in force for ``device`` (DECODE_CONFIG if set, else its file's)."""
+    return DECODE_CONFIG if DECODE_CONFIG is not None else tuning.for_device(device)["decode"]
+
+
+def fold_config(device: torch.device) -> dict:
+    """The fold entries in force for ``device`` (FOLD_CONFIG if set, else its file's)."""
+    return FOLD_CONFIG if FOLD_CONFIG is not None else tuning.for_device(device)["fold"]
+
+
 SYNC_WORDS = 1 << 14           # int32 counters per device: ticket + 2 per (m-tile, slice)
 _SYNC: dict[tuple, torch.Tensor] = {}
 
@@ -120,7 +94,7 @@ def _pipelines_loops_with_waits() -> bool:
 def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int],
                 device: torch.device, cfg: dict | None = None) -> dict | None:
     """Block sizes and item counts of the decode launch, or None if the path does not apply."""
-    cfg = DECODE_CONFIG if cfg is None else cfg
+    cfg = decode_config(device) if cfg is None else cfg
     if sum(widths) > cfg.get("wide_cols", sum(widths)):
         cfg = dict(cfg, **cfg.get("wide", {}))
     active = min(T, max_loras)                       # slots that can hold tokens
@@ -199,7 +173,7 @@ def try_expand_folded_decode(y: torch.Tensor, inter: torch.Tensor, lora_b: list[
     T = y.shape[0]
     L, _, R = lora_b[0].shape
     widths = [b.shape[1] for b in lora_b]
-    cfg = dict(DECODE_CONFIG, **FOLD_CONFIG)
+    cfg = dict(decode_config(y.device), **fold_config(y.device))
     plan = decode_plan(T, meta.max_loras, hidden, R, widths, y.device, cfg)
     if plan is None or plan["fused"] or not _unit_rank_stride(lora_b):
         return False

@@ -17,7 +17,8 @@ def test_graph_replay_matches_eager_for_new_slots_and_inputs(num_tokens, pdl, mo
     # pdl: the decode path's shrink and expand as programmatic dependent launches (Hopper;
     # plain launches elsewhere), captured and replayed with the rest of the step.
     from lorry.kernels import lora_decode
-    monkeypatch.setattr(lora_decode, "DECODE_CONFIG", dict(lora_decode.DECODE_CONFIG, pdl=pdl,
+    default = lora_decode.decode_config(torch.device("cuda"))
+    monkeypatch.setattr(lora_decode, "DECODE_CONFIG", dict(default, pdl=pdl,
                                                            min_expand_cols=0))
     ops = get_lora_ops("triton")
     p = make_problem(num_tokens=num_tokens, hidden=200, widths=[96, 32, 32], max_rank=16,
@@ -62,7 +63,7 @@ def test_fused_decode_launch_is_race_free_over_many_replays():
     from lorry.kernels import lora_decode
     ops = get_lora_ops("triton")
     saved = lora_decode.DECODE_CONFIG
-    lora_decode.DECODE_CONFIG = dict(saved, min_tokens=1, max_slices=3, min_expand_cols=0,
+    lora_decode.DECODE_CONFIG = dict(lora_decode.decode_config(torch.device("cuda")), min_tokens=1, max_slices=3, min_expand_cols=0,
                                      fused=True)
     try:
         _check_race_free(lora_decode, ops)
@@ -98,7 +99,7 @@ def _check_race_free(lora_decode, ops):
     assert not lora_decode._SYNC[(p.x.device.type, p.x.device.index)].any()
     saved = lora_decode.DECODE_CONFIG
     try:
-        lora_decode.DECODE_CONFIG = dict(saved, fused=False)
+        lora_decode.DECODE_CONFIG = dict(lora_decode.decode_config(torch.device("cuda")), fused=False)
         y.copy_(p.y)
         for _ in range(launches):
             ops.add_lora(y, p.x, p.lora_a, p.lora_b, p.meta, p.offsets)

@@ -1,0 +1,30 @@
+"""Kernel tuning as data: kernels/configs/<GPU>.json per GPU, default.json for any other."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import torch
+
+from lorry.kernels import lora_decode, tuning
+
+
+def test_each_gpu_gets_its_own_file_and_others_the_default():
+    assert tuning.config_name("NVIDIA H200") == "NVIDIA_H200"
+    assert tuning.config_name("NVIDIA GeForce RTX 4090") == "NVIDIA_GeForce_RTX_4090"
+    files = resources.files("lorry.kernels").joinpath("configs")
+    h200 = json.loads(files.joinpath("NVIDIA_H200.json").read_text())
+    assert tuning.load("NVIDIA_H200")["decode"] == h200["decode"]
+    assert tuning.load("NVIDIA_A10G") == tuning.load("default")  # no file: the default one
+    default = tuning.load("default")
+    assert set(default["decode"]) == set(h200["decode"])  # every key has a default
+
+
+def test_the_plan_follows_the_table_and_an_override_wins(monkeypatch):
+    cpu = torch.device("cpu")
+    widths = [4096, 1024, 1024]
+    assert lora_decode.decode_plan(64, 32, 4096, 16, widths, cpu) is not None
+    closed = dict(tuning.for_device(cpu)["decode"], max_tokens=32)
+    monkeypatch.setattr(lora_decode, "DECODE_CONFIG", closed)
+    assert lora_decode.decode_plan(64, 32, 4096, 16, widths, cpu) is None
+    assert lora_decode.decode_plan(32, 32, 4096, 16, widths, cpu) is not None

@@ -150,7 +150,7 @@ def bench_one(proj: str, T: int, n_adapters: int, rank: int, with_ref: bool,
     w_bytes = active * S * rank * H * 2 + active * N * rank * 2          # read per call
     sets = rotation_sets(proj, n_adapters, rank)
     offsets, meta, x, y, weights = lora_problem(proj, T, n_adapters, rank, sets)
-    tri, ref = get_lora_ops("triton"), get_lora_ops("torch")
+    tri, ref = get_lora_ops("triton"), get_lora_ops("reference")
     row = {"proj": proj, "tokens": T, "adapters": n_adapters, "rank": rank, "sets": sets}
     row["triton_us"] = _graph_time_us(
         [lambda a=a, b=b: tri.add_lora(y, x, a, b, meta, offsets) for a, b in weights], reps=20)

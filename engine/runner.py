@@ -11,22 +11,6 @@ from lorry.engine.sequence import Sequence
 from lorry.kernels.segments import build_lora_meta
 
 
-def get_ops(backend: str):
-    """The LoRA kernels for ``backend`` ("torch": vectorised torch ops, or "triton")."""
-    if backend == "torch":
-        from lorry.engine.lora import dense_ops
-        return dense_ops
-    try:
-        from lorry.kernels.backends import get_lora_ops
-    except ImportError:  # kernels/__init__ without the dispatcher: the torch reference only
-        if backend != "torch":
-            raise ValueError(f"lora_backend {backend!r} is not available in this build; "
-                             "allowed: torch") from None
-        import lorry.kernels.torch_ref as ops
-        return ops
-    return get_lora_ops(backend)
-
-
 class ModelRunner:
     """Owns the device-side inputs of each step; LoRA metadata is built once per step."""
 

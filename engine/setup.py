@@ -11,7 +11,8 @@ from lorry.engine.lora.manager import LoRAManager
 from lorry.engine.lora.resolve import MODEL_FILES, resolve_dir
 from lorry.engine.lora.spec import read_base_config
 from lorry.engine.model.loader import load_hf_config, load_model
-from lorry.engine.runner import ModelRunner, get_ops
+from lorry.engine.runner import ModelRunner
+from lorry.kernels.backends import get_lora_ops
 from lorry.engine.scheduler import Scheduler
 from lorry.engine.tokenizer import Tokenizer
 
@@ -75,7 +76,7 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
                             dtype=lora_dtype, device=device,
                             fold=c.lora_fold and device.type == "cuda" and backend == "triton",
                             adapter_roots=c.adapter_roots)
-    ops = get_ops(backend) if c.enable_lora else None
+    ops = get_lora_ops(backend) if c.enable_lora else None
     graphs = None
     if device.type == "cuda" and not c.enforce_eager:
         from lorry.engine.graphs import DecodeGraphs

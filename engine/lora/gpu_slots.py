@@ -16,7 +16,7 @@ from contextlib import nullcontext
 
 import torch
 
-from lorry.engine.lora import dense_ops
+from lorry.kernels import dense_ops
 from lorry.engine.lora.slot_layout import SlotLayout, copy_into_slot, zero_slot
 from lorry.engine.lora.weights import AdapterWeights
 
@@ -117,7 +117,7 @@ class GPUSlotManager:
                 mod.active_slots.discard(slot)
 
     def _invalidate_packs(self) -> None:
-        # the torch ops keep packed copies of each layer's slots (engine.lora.dense_ops)
+        # the torch ops keep packed copies of each layer's slots (lorry.kernels.dense_ops)
         for mod in self.layout.modules.values():
             dense_ops.invalidate(mod.lora_a)
 

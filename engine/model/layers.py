@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorry.kernels.backends import LoRAOps
+
 
 @dataclass
 class LoRAStep:
     """Per-step LoRA data shared by every layer: slot metadata, kernels, slots in use."""
 
     meta: object          # kernels.segments.LoRAMeta
-    ops: object           # module/object with add_lora
+    ops: LoRAOps          # lorry.kernels.backends: add_lora (add_lora_folded if folded)
     slots: frozenset      # GPU slots used by some token of this step
     # layers whose A slots are folded under their weight (LoRALinear.lora_ext) get their
     # shrink from the base matmul and run only the expand (ops.add_lora_folded)

@@ -78,7 +78,7 @@ owned = sorted(n for n, dists in md.packages_distributions().items() if "lorry" 
 print(json.dumps({"owned": owned, "kernels": kernels.__file__,
                   "get_kernel": hasattr(kernels, "get_kernel"),
                   "ours": lorry.kernels.backends.__file__,
-                  "ops": lorry.kernels.backends.get_lora_ops("torch").__name__}))
+                  "ops": lorry.kernels.backends.get_lora_ops("reference").__name__}))
 """], cwd=empty, env=env).strip().splitlines()[-1])
     site = bin_dir.parent / "lib"
     assert got["owned"] == ["lorry"]

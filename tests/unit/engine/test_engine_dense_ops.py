@@ -1,11 +1,11 @@
-"""The engine's vectorised CPU LoRA ops equal the kernels' loop reference on adversarial mixes."""
+"""The vectorised CPU LoRA ops (backend "torch") equal the kernels' loop reference on adversarial mixes."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import lorry.kernels.torch_ref as ref
-from lorry.engine.lora import dense_ops
+from lorry.kernels import dense_ops
 from lorry.kernels.segments import build_lora_meta
 
 MIXES = {

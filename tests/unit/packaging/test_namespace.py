@@ -38,7 +38,7 @@ import kernels, lorry.kernels.backends
 from lorry.engine import LLMEngine, EngineConfig, SamplingParams, LoRARequest
 print(json.dumps({"kernels": kernels.__file__, "get_kernel": hasattr(kernels, "get_kernel"),
                   "ours": lorry.kernels.backends.__file__,
-                  "torch_ops": lorry.kernels.backends.get_lora_ops("torch").__name__,
+                  "torch_ops": lorry.kernels.backends.get_lora_ops("reference").__name__,
                   "engine": LLMEngine.__module__, "path0": sys.path[0]}))
 """)
     assert got["path0"] == ""  # the repo root is first on sys.path, as for `python -m`

@@ -1,11 +1,11 @@
-"""Vectorised torch LoRA ops for the CPU: the contract of kernels.torch_ref, without loops.
+"""Vectorised torch LoRA ops for the CPU (backend "torch"): kernels.torch_ref's contract, no loops.
 
 Each token's adapter is selected by a one-hot mask over the stacked slots, so a step costs one
 shrink matmul per fused layer (every slice's A side by side) and one expand matmul per slice,
 inner size max_loras * R (small on CPU: e.g. 4 * 8), and no host sync or per-slot Python loop.
 kernels.torch_ref stays the plain reference they are tested on.
 
-The slot buffers are strided views (engine.lora.slot_layout), so ``add_lora`` keeps a
+The slot buffers are strided views (lorry.engine.lora.slot_layout), so ``add_lora`` keeps a
 contiguous packed copy of a layer's A and B on its first A tensor and reuses it every step
 until ``invalidate`` drops it (the slot manager calls it whenever it writes a slot). On a
 decode step of a small model this halves the CPU cost of LoRA: ops, not FLOPs, dominate there.

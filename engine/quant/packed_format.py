@@ -85,18 +85,3 @@ def group_index(in_features: int, group_size: int, device=None) -> torch.Tensor:
     """g_idx without act-order: row i belongs to group i // group_size (-1: one group)."""
     gs = in_features if group_size in (-1, None) else group_size
     return torch.arange(in_features, device=device, dtype=torch.int32) // gs
-
-
-def dequantize_gptq(t: dict, group_size: int) -> torch.Tensor:
-    """W [out, in] fp32 from one GPTQ linear's tensors (qweight, qzeros, scales[, g_idx])."""
-    q, zeros = unpack_gptq(t["qweight"], t["qzeros"])
-    g_idx = t.get("g_idx")
-    if g_idx is None:
-        g_idx = group_index(q.shape[0], group_size, q.device)
-    return dequantize(q, zeros, t["scales"], g_idx)
-
-
-def dequantize_awq(t: dict, group_size: int) -> torch.Tensor:
-    """W [out, in] fp32 from one AWQ linear's tensors (qweight, qzeros, scales)."""
-    q, zeros = unpack_awq(t["qweight"], t["qzeros"])
-    return dequantize(q, zeros, t["scales"], group_index(q.shape[0], group_size, q.device))

@@ -23,7 +23,14 @@ def test_engine_config_refusals(kwargs, words):
 
 def test_engine_config_defaults():
     c = EngineConfig(model="m", max_loras=3)
-    assert c.max_cpu_loras == 3
+    assert c.max_cpu_loras == 3  # the CPU cache holds at least what the GPU slots hold
+    assert (c.dtype, c.device, c.lora_backend, c.lora_dtype, c.load_format) == (
+        "auto", "auto", "auto", "auto", "auto")
+    assert (c.enable_lora, c.enforce_eager, c.lora_fold, c.quantization) == (
+        True, False, True, None)
+    assert (c.max_lora_rank, c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len) == (
+        16, 64, 2048, None)
+    assert EngineConfig(model="m", max_loras=3, max_cpu_loras=8).max_cpu_loras == 8
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -53,7 +53,10 @@ def test_quantized_base_differs_from_the_full_precision_base(tiny):
     _, base, paths = tiny
     full = engine_rows(_engine(base, None), paths)[1]
     nf4 = engine_rows(_engine(base, "bnb-nf4"), paths)[1]
-    assert max((a - b).abs().max().item() for a, b in zip(full, nf4)) > 1e-2
+    # ... by a quantization's amount: every row moves, none as far as unrelated logits do
+    # (0.10-0.46 relative on this tiny random model; unrelated logits of equal norm: ~1.4)
+    rel = [((a - b).norm() / a.norm()).item() for a, b in zip(full, nf4)]
+    assert all(0.01 < r < 0.8 for r in rel), rel
 
 
 @pytest.mark.parametrize("method,max_ratio", [("bnb-nf4", 0.2), ("bnb-int8", 0.3),

@@ -26,6 +26,10 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 SUPPORTED_MODULES = ATTN + MLP
 SAFETENSORS_DTYPES = {"F32", "F16", "BF16"}
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig.lora_alpha when adapter_config.json leaves it out
+# init_lora_weights that change the base weights when the adapter is created: saved as they
+# are, the adapter fits only that changed base ("pissa_niter_4" counts as "pissa").
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\."
                   r"(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 
@@ -95,11 +99,11 @@ def read_safetensors_header(path: Path) -> dict:
 
 
 def _pattern_value(pattern: dict, name: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup: exact key, else a suffix regex match."""
-    if name in pattern:
-        return pattern[name]
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key, in the saved order, that is a
+    regex matching the end of the module name after a dot (``(.*\\.)?(key)$``), so that
+    alternations (``"gate_proj|up_proj"``) and overlapping keys resolve as PEFT resolves them."""
     for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?{key}", name):
+        if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
 
@@ -119,6 +123,17 @@ def _check_config(cfg: dict, path: Path) -> None:
     if cfg.get("modules_to_save"):
         raise UnsupportedAdapterError(f"adapter {path}: modules_to_save={cfg['modules_to_save']!r}"
                                       " is not supported (it replaces base weights)")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.split("_")[0] in BASE_CHANGING_INITS:
+        raise UnsupportedAdapterError(
+            f"adapter {path}: init_lora_weights={init!r} was saved without conversion: its "
+            "weights only fit a base model that the initialization changed; save it again with "
+            "PEFT's path_initial_model_for_weight_conversion (a plain LoRA) to serve it here")
+    if cfg.get("alora_invocation_tokens"):
+        raise UnsupportedAdapterError(
+            f"adapter {path}: an activated LoRA (alora_invocation_tokens) applies only after its "
+            "invocation tokens; it is not supported here, and serving it as a plain LoRA would "
+            "give other outputs")
     for key in ("layer_replication", "target_parameters", "trainable_token_indices"):
         if cfg.get(key):
             raise UnsupportedAdapterError(f"adapter {path}: {key}={cfg[key]!r} is not supported")
@@ -166,7 +181,7 @@ def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | N
         raise AdapterNotFoundError(f"adapter {path}: neither adapter_model.safetensors nor "
                                    "adapter_model.bin found")
     spec = AdapterSpec(path=path, weights_file=weights, r=cfg["r"],
-                       lora_alpha=float(cfg.get("lora_alpha", cfg["r"])),
+                       lora_alpha=float(cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
                        use_rslora=bool(cfg.get("use_rslora", False)),
                        fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
                        base_model_name_or_path=cfg.get("base_model_name_or_path"), config=cfg)

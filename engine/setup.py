@@ -68,7 +68,7 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
     model = load_model(model_dir, hf_config, dtype=dtype, device=device, max_len=max_len,
                        load_format=c.load_format, seed=c.seed, quantization=c.quantization)
     model.allocate_kv_cache(c.max_num_seqs, max_len)
-    tokenizer = Tokenizer(c.tokenizer or model_dir)
+    tokenizer = Tokenizer(c.tokenizer or model_dir, model_dir=model_dir)
     loras = None
     if c.enable_lora:
         loras = LoRAManager(model, read_base_config(model_dir), c.model, max_loras=c.max_loras,

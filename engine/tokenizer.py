@@ -1,18 +1,24 @@
 """Text in and out: prompts (text, ids, chat messages), detokenization, stop strings."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
 class Tokenizer:
     """Wraps a Hugging Face fast tokenizer the way vLLM uses it."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, model_dir: str | Path | None = None):
         from transformers import AutoTokenizer
 
         self.hf = AutoTokenizer.from_pretrained(str(path))
         eos = self.hf.eos_token_id
         self.eos_token_id = eos if isinstance(eos, int) else None
+        # Every end-of-sequence id: the tokenizer's and those of the model's
+        # generation_config.json (an int or a list: Llama-3 instruct lists 128001 and 128009),
+        # as vLLM and transformers' generate stop on each of them.
+        self.eos_token_ids = frozenset({self.eos_token_id} - {None}) | generation_eos_ids(
+            model_dir if model_dir is not None else path)
 
     def encode_prompt(self, prompt) -> tuple[str | None, list[int]]:
         """Return (prompt text or None, token ids) for text, ids or chat messages."""
@@ -46,3 +52,14 @@ def find_stop(text: str, stops: list[str], start: int = 0) -> int:
     """Index of the earliest stop string in ``text`` at or after ``start``, or -1."""
     hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(hits) if hits else -1
+
+
+def generation_eos_ids(model_dir: str | Path) -> frozenset[int]:
+    """The eos_token_id(s) of ``model_dir``/generation_config.json (empty if none)."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return frozenset()
+    values = value if isinstance(value, list) else [value]
+    return frozenset(v for v in values if isinstance(v, int) and not isinstance(v, bool))

@@ -216,7 +216,7 @@ class LLMEngine:
         seq.output_token_ids.append(token)
         if len(seq.output_token_ids) == 1:
             seq.metrics.first_token_time = time.time()
-        if (not p.ignore_eos and token == self.tokenizer.eos_token_id) or token in p.stop_token_ids:
+        if (not p.ignore_eos and token in self.tokenizer.eos_token_ids) or token in p.stop_token_ids:
             seq.text = self.tokenizer.decode(seq.output_token_ids[:-1])
             return "stop"
         if p.stop_list:

@@ -60,7 +60,7 @@ def test_eos_stops_unless_ignored(engine, monkeypatch):
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     ids = engine.generate("e", sp, use_tqdm=False)[0].outputs[0].token_ids
     # declare the first greedy token the tokenizer's EOS: generation must stop right there
-    monkeypatch.setattr(engine.tokenizer, "eos_token_id", ids[0])
+    monkeypatch.setattr(engine.tokenizer, "eos_token_ids", frozenset({ids[0]}))
     out = engine.generate("e", SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)[0]
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].token_ids == ids[:1]
     assert out.outputs[0].text == ""

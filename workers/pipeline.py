@@ -225,7 +225,12 @@ class Writer:
                     except queue_lib.Empty:
                         break
                 batch = list(self._pending)
-            written = self._write(batch)
+            try:
+                written = self._write(batch)
+            except Exception:  # an op the database refuses for good: drop it, keep writing
+                log.exception("cannot write %s for %s; its job runs again after its lease",
+                              batch[0].kind, batch[0].job.id)
+                written = 1
             with self._lock:
                 del self._pending[:written]
                 self._done += written

@@ -8,27 +8,9 @@ import signal
 import threading
 from datetime import datetime, timedelta, timezone
 
-from lorry.scheduler import JobQueue, JobSpec
+from claim_procs import claim_then_hang, drain, drain_process
 
-
-def _drain(url: str, worker: str, out: list, lock: threading.Lock) -> None:
-    q = JobQueue(url, create=False)
-    try:
-        while True:
-            got = [j.id for mb in q.claim(worker, hot=[], warm=[], free_slots=7) for j in mb.jobs]
-            if not got:
-                return
-            with lock:
-                out.extend(got)
-    finally:
-        q.close()
-
-
-def _drain_process(url: str, worker: str, conn) -> None:
-    out: list = []
-    _drain(url, worker, out, threading.Lock())
-    conn.send(out)
-    conn.close()
+from lorry.scheduler import JobSpec
 
 
 def _seed(queue, n: int) -> set[str]:
@@ -48,7 +30,7 @@ def test_threads_never_claim_the_same_job(make_queue, db_url):
     ids = _seed(queue, 300)
     out: list = []
     lock = threading.Lock()
-    threads = [threading.Thread(target=_drain, args=(db_url, f"w{i}", out, lock))
+    threads = [threading.Thread(target=drain, args=(db_url, f"w{i}", out, lock))
                for i in range(4)]
     for t in threads:
         t.start()
@@ -65,7 +47,7 @@ def test_processes_never_claim_the_same_job(make_queue, db_url):
     pipes, procs = [], []
     for i in range(3):
         recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_drain_process, args=(db_url, f"p{i}", send))
+        p = ctx.Process(target=drain_process, args=(db_url, f"p{i}", send))
         p.start()
         pipes.append(recv)
         procs.append(p)
@@ -76,21 +58,13 @@ def test_processes_never_claim_the_same_job(make_queue, db_url):
     assert set(got) == ids
 
 
-def _claim_then_hang(url: str, conn) -> None:
-    q = JobQueue(url, create=False)
-    got = [j.id for mb in q.claim("doomed", hot=[], warm=[], free_slots=5, lease_seconds=60)
-           for j in mb.jobs]
-    conn.send(got)
-    threading.Event().wait()  # holds its leases until killed
-
-
 def test_killed_claimers_jobs_come_back_after_the_lease(make_queue, db_url):
     real = make_queue(clock=None)
     t, _ = real.create_tenant("t")
     real.submit(t.id, [JobSpec(None, prompt=str(i)) for i in range(8)])
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_claim_then_hang, args=(db_url, send))
+    proc = ctx.Process(target=claim_then_hang, args=(db_url, send))
     proc.start()
     held = set(recv.recv())
     assert len(held) == 5

@@ -10,11 +10,12 @@ from lorry.engine.config import EngineConfig
 from lorry.engine.lora.manager import LoRAManager
 from lorry.engine.lora.resolve import MODEL_FILES, resolve_dir
 from lorry.engine.lora.spec import read_base_config
+from lorry.engine.model.arch import check_supported
 from lorry.engine.model.loader import load_hf_config, load_model
 from lorry.engine.runner import ModelRunner
-from lorry.kernels.backends import get_lora_ops
 from lorry.engine.scheduler import Scheduler
 from lorry.engine.tokenizer import Tokenizer
+from lorry.kernels.backends import get_lora_ops
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -56,15 +57,12 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
                             allow_patterns=MODEL_FILES if c.load_format != "dummy" else
                             ["*.json", "tokenizer*", "*.jinja", "*.model", "*.txt"])
     hf_config = load_hf_config(model_dir)
+    check_supported(hf_config)  # before any weight is read
     limit = getattr(hf_config, "max_position_embeddings", None) or 4096
     if c.max_model_len is not None and c.max_model_len > limit:
         raise ValueError(f"EngineConfig.max_model_len={c.max_model_len} exceeds the model's "
                          f"max_position_embeddings={limit}")
     max_len = c.max_model_len or min(limit, 4096)
-    window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True) and max_len > window:
-        raise ValueError(f"max_model_len={max_len} exceeds the model's sliding_window={window}, "
-                         "which this engine does not implement; lower max_model_len")
     model = load_model(model_dir, hf_config, dtype=dtype, device=device, max_len=max_len,
                        load_format=c.load_format, seed=c.seed, quantization=c.quantization)
     model.allocate_kv_cache(c.max_num_seqs, max_len)

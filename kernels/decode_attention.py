@@ -3,8 +3,10 @@
 Each program takes one (sequence, KV head, sequence split): the query heads of that KV head
 (grouped-query attention) are one tile, so every key and value is read once. The loop over
 keys stops at the sequence's own position (read from device memory), so short rows read
-little of a long cache and nothing depends on a host length: graph-capturable. Long caches
-are split over the sequence and the splits merged by a second, small kernel.
+little of a long cache and nothing depends on a host length: graph-capturable. A sliding
+window starts the loop at the oldest key still in the window; soft-capped logits (Gemma 2)
+pass through cap * tanh(s / cap). Long caches are split over the sequence and the splits
+merged by a second, small kernel.
 """
 from __future__ import annotations
 
@@ -19,24 +21,31 @@ MIN_CHUNK = 256       # fewest keys per split
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                         rows: torch.Tensor, positions: torch.Tensor, scale: float | None = None,
+                         window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """q: [B, h, D]; caches [R, kvh, L, D]; rows, positions: [B] -> out [B, h, D] (fp32
-    softmax over keys 0..position of each row, as engine.model.llama's torch decode path)."""
+    softmax over keys 0..position of each row, the last ``window`` of them if given, as
+    engine.model.attention's torch decode path)."""
     B, h, D = q.shape
     kvh = k_cache.shape[1]
     n = int(positions.max()) + 1
     keys, values = k_cache[rows, :, :n], v_cache[rows, :, :n]               # [B, kvh, n, D]
     qg = q.reshape(B, kvh, h // kvh, D)
-    scores = (qg @ keys.transpose(-1, -2)).float() * D ** -0.5              # [B, kvh, g, n]
+    scores = (qg @ keys.transpose(-1, -2)).float() * (scale or D ** -0.5)   # [B, kvh, g, n]
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     mask = torch.arange(n, device=q.device)[None, :] <= positions[:, None]
+    if window:
+        mask &= torch.arange(n, device=q.device)[None, :] > positions[:, None] - window
     scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     return (scores.softmax(-1).to(values.dtype) @ values).reshape(B, h, D)
 
 
 @triton.jit
 def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out_ptr, part_ptr, ml_ptr,
-                        stride_qb, s_cr, s_ch, s_cp, stride_ob, scale,
-                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                        stride_qb, s_cr, s_ch, s_cp, stride_ob, scale, window,
+                        SOFTCAP: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                        D: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
                         SPLITS: tl.constexpr, IEEE: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -46,6 +55,8 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out_ptr, part_
     row = tl.load(rows_ptr + b).to(tl.int64)
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, n)
+    if window > 0:                                                 # keys n-window..n-1 only
+        lo = tl.maximum(lo, n - window)
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, BLOCK_D)
     gm = g < G
@@ -69,7 +80,11 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out_ptr, part_
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = tl.where(km[None, :], s * scale, float("-inf"))       # [G_PAD, BLOCK_N]
+        s = s * scale
+        if SOFTCAP > 0:                                            # cap * tanh(s / cap)
+            t = tl.exp(-2.0 * tl.abs(s / SOFTCAP))
+            s = tl.where(s < 0, -SOFTCAP, SOFTCAP) * (1.0 - t) / (1.0 + t)
+        s = tl.where(km[None, :], s, float("-inf"))               # [G_PAD, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -102,7 +117,7 @@ def _merge_splits_kernel(part_ptr, ml_ptr, out_ptr, stride_ob, H,
     base = (b * H + head) * SPLITS + sp                            # [SPLITS]
     m = tl.load(ml_ptr + base * 2)
     lsum = tl.load(ml_ptr + base * 2 + 1)
-    w = tl.exp(m - tl.max(m, 0))                                   # split 0 always has keys
+    w = tl.exp(m - tl.max(m, 0))                # the split of the row's own position has keys
     acc = tl.load(part_ptr + base[:, None] * BLOCK_D + d[None, :])  # [SPLITS, BLOCK_D]
     out = tl.sum(acc * w[:, None], 0) / tl.sum(lsum * w, 0)
     tl.store(out_ptr + b * stride_ob + head * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
@@ -118,10 +133,12 @@ def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) ->
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      rows: torch.Tensor, positions: torch.Tensor,
-                     splits: int | None = None) -> torch.Tensor:
+                     splits: int | None = None, *, scale: float | None = None,
+                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """q: [B, h*D] (rows may be strided, e.g. the q part of a fused qkv); caches
     [R, kvh, L, D]; rows, positions: [B] (cache row and position of each query; keys
-    0..position attend) -> out [B, h*D] in q's dtype."""
+    0..position attend, only the last ``window`` of them if given) -> out [B, h*D] in q's
+    dtype. ``scale`` defaults to D**-0.5; ``softcap`` caps the scaled logits."""
     B = q.shape[0]
     _, kvh, L, D = k_cache.shape
     h = q.shape[1] // D
@@ -145,7 +162,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_attn_kernel[(B, kvh, splits)](
         q, k_cache, v_cache, rows, positions, out, part, ml,
         q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-        D ** -0.5, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_D=block_d,
+        scale or D ** -0.5, window or 0, SOFTCAP=float(softcap or 0.0), G=G,
+        G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_D=block_d,
         BLOCK_N=BLOCK_N, CHUNK=chunk, SPLITS=splits, IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=2)
     if splits > 1:

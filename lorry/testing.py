@@ -46,15 +46,13 @@ def make_tiny_llama(path: str | Path, *, hidden_size: int = 64, num_layers: int 
                     max_position_embeddings: int = 512) -> Path:
     """Write a random Llama-family HF directory (config, safetensors, tokenizer) to ``path``.
 
-    ``model_type`` is one of "llama", "mistral", "qwen2" (qwen2 has q/k/v biases).
+    ``model_type`` is one of "llama", "mistral", "qwen2" (qwen2 has q/k/v biases); other
+    architectures: ``make_tiny_model`` with a transformers config.
     ``vocab_size`` defaults to the tokenizer's size (259).
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    n_tok = make_tiny_tokenizer(path)
+    n_tok = make_tiny_tokenizer(Path(path))
     config = AutoConfig.for_model(
         model_type, hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -62,6 +60,21 @@ def make_tiny_llama(path: str | Path, *, hidden_size: int = 64, num_layers: int 
         tie_word_embeddings=tie_word_embeddings, max_position_embeddings=max_position_embeddings,
         rope_theta=rope_theta, bos_token_id=0, eos_token_id=1, pad_token_id=2,
         sliding_window=None, use_sliding_window=False)
+    return make_tiny_model(path, config, seed=seed)
+
+
+def make_tiny_model(path: str | Path, config, *, seed: int = 0, norm_noise: float = 0.0) -> Path:
+    """Write a random HF causal LM of any architecture from ``config`` (a transformers config
+    object; its vocab_size should cover the tiny tokenizer's 259 tokens) with the tiny
+    tokenizer to ``path``. ``norm_noise``: std of noise added to 1-D norm weights, so that
+    norms that scale by (1 + weight) differ from plain ones."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    make_tiny_tokenizer(path)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 0, 1, 2
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # wider init than HF's 0.02 so greedy tokens vary and adapters matter
@@ -70,6 +83,8 @@ def make_tiny_llama(path: str | Path, *, hidden_size: int = 64, num_layers: int 
                 p.normal_(0.0, 0.08)
             elif "bias" in name:
                 p.normal_(0.0, 0.05)
+            elif "norm" in name and norm_noise:
+                p.add_(torch.randn_like(p) * norm_noise)
     model.save_pretrained(str(path))
     return path
 
@@ -126,19 +141,15 @@ def write_random_adapter(out_dir: str | Path, base_config: dict, *, r: int = 8,
     import torch
     from safetensors.torch import save_file
 
-    h, heads = base_config["hidden_size"], base_config["num_attention_heads"]
-    head_dim = base_config.get("head_dim") or h // heads
-    kv = (base_config.get("num_key_value_heads") or heads) * head_dim
-    i = base_config["intermediate_size"]
-    dims = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv), "v_proj": (h, kv),
-            "o_proj": (heads * head_dim, h), "gate_proj": (h, i), "up_proj": (h, i),
-            "down_proj": (i, h)}
+    from lorry.engine.lora.spec import ATTN, BaseShapes
+
+    dims = BaseShapes.from_config(base_config).dims  # the base's module names and shapes
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(base_config["num_hidden_layers"]):
         for m in target_modules:
             fin, fout = dims[m]
-            part = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            part = "self_attn" if m in ATTN else "mlp"
             pre = f"base_model.model.model.layers.{layer}.{part}.{m}"
             tensors[f"{pre}.lora_A.weight"] = torch.randn(r, fin, generator=gen) / fin ** 0.5
             tensors[f"{pre}.lora_B.weight"] = torch.randn(fout, r, generator=gen) * init_scale

@@ -20,10 +20,13 @@ from lorry.engine.errors import (
     RankTooLargeError,
     UnsupportedAdapterError,
 )
+from lorry.engine.model.arch import FUSED_CHECKPOINT_TYPES
 
 log = logging.getLogger(__name__)
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+MLP = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+# every base's LoRA-capable linear layers; which of them a base has comes from its config
+# (BaseShapes): Phi-3's checkpoints fuse q/k/v into qkv_proj and gate/up into gate_up_proj
 SUPPORTED_MODULES = ATTN + MLP
 SAFETENSORS_DTYPES = {"F32", "F16", "BF16"}
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig.lora_alpha when adapter_config.json leaves it out
@@ -36,7 +39,7 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|
 
 @dataclass(frozen=True)
 class BaseShapes:
-    """Linear-layer dimensions of a Llama-family base, from its config.json."""
+    """Linear-layer dimensions of a supported base, from its config.json."""
 
     model_type: str
     num_layers: int
@@ -48,10 +51,15 @@ class BaseShapes:
         head_dim = cfg.get("head_dim") or h // heads
         kv = cfg.get("num_key_value_heads") or heads
         i = cfg["intermediate_size"]
-        dims = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv * head_dim),
-                "v_proj": (h, kv * head_dim), "o_proj": (heads * head_dim, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-        return cls(cfg.get("model_type", "llama"), cfg["num_hidden_layers"], dims)
+        model_type = cfg.get("model_type", "llama")
+        if model_type in FUSED_CHECKPOINT_TYPES:
+            dims = {"qkv_proj": (h, (heads + 2 * kv) * head_dim), "o_proj": (heads * head_dim, h),
+                    "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
+        else:
+            dims = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv * head_dim),
+                    "v_proj": (h, kv * head_dim), "o_proj": (heads * head_dim, h),
+                    "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return cls(model_type, cfg["num_hidden_layers"], dims)
 
 
 @dataclass
@@ -146,7 +154,7 @@ def _check_config(cfg: dict, path: Path) -> None:
                                           f"is not supported; allowed: {list(SUPPORTED_MODULES)}")
         if not isinstance(tm, str) and leaf not in SUPPORTED_MODULES:
             raise BaseModelMismatchError(f"adapter {path}: target module {name!r} does not exist in"
-                                         f" a Llama-family base; allowed: {list(SUPPORTED_MODULES)}")
+                                         f" any supported base; allowed: {list(SUPPORTED_MODULES)}")
     r = cfg.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise AdapterFormatError(f"adapter {path}: r={r!r} must be a positive int")

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
+from lorry.engine.model.layers import RMSNorm
 from lorry.engine.model.llama import LlamaForCausalLM
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm)"
-                    r"\.?(\w*)\.?(weight|bias)?$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm"
+                    r"|pre_feedforward_layernorm|post_feedforward_layernorm)\.?(\w*)\.?(weight|bias)?$")
 _FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
           "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 
@@ -53,10 +54,19 @@ def _assign(model: LlamaForCausalLM, name: str, tensor: torch.Tensor) -> bool:
             layer = model.layers[int(m[1])]
             part, module, which = m[2], m[3], m[4] or "weight"
             if part.endswith("layernorm"):
-                getattr(layer, part).weight.copy_(tensor)
+                norm = getattr(layer, part, None)
+                if norm is None:
+                    return False
+                norm.weight.copy_(tensor)
                 return True
             parent = layer.self_attn if part == "self_attn" else layer.mlp
             if module == "rotary_emb":
+                return True
+            if module in ("q_norm", "k_norm"):
+                norm = getattr(parent, module, None)
+                if norm is None:
+                    return False
+                norm.weight.copy_(tensor)
                 return True
             fused = getattr(parent, _FUSED.get(module, module), None)
             if fused is None or module not in fused.slice_names:
@@ -78,13 +88,14 @@ def load_model(model_dir: Path, config, *, dtype: torch.dtype, device: torch.dev
     with torch.device(device):
         model = LlamaForCausalLM(config, max_len)
     model.to(dtype=dtype)
-    model.rotary.float()  # keep RoPE tables in fp32 like HF
+    model.rotaries.float()  # keep RoPE tables in fp32 like HF
     if load_format == "dummy":
         gen = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight") or "layernorm" in name:
-                    p.fill_(1.0)
+            norms = {id(m.weight): m.unit_offset for m in model.modules() if isinstance(m, RMSNorm)}
+            for p in model.parameters():
+                if id(p) in norms:
+                    p.fill_(0.0 if norms[id(p)] else 1.0)  # Gemma norms scale by 1 + weight
                 else:
                     p.normal_(0.0, 0.02, generator=gen)
         finish_load(model, qmethod)
@@ -101,7 +112,7 @@ def load_model(model_dir: Path, config, *, dtype: torch.dtype, device: torch.dev
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if not assign(model, name, f.get_tensor(name)):
                     raise ValueError(f"unexpected weight {name!r} in {path.name}: this "
-                                     "architecture is not a plain Llama-family model")
+                                     f"checkpoint does not match a {config.model_type} model")
                 seen.add(name)
     if model.lm_head is not None and "lm_head.weight" not in seen:
         with torch.no_grad():  # some checkpoints omit the head though the config unties it

@@ -47,7 +47,7 @@ def base_weight_bytes(model) -> int:
     """Bytes of every base weight resident now (quantized ops counted by what they hold)."""
     total = 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if ".base_op." not in name and not name.startswith("rotary."):
+        if ".base_op." not in name and not name.startswith(("rotary.", "rotaries.")):
             total += tensor_bytes(t)
     return total + sum(mod.base_op.resident_bytes() for _, _, mod in model.lora_layers()
                        if getattr(mod, "base_op", None) is not None)

@@ -87,3 +87,20 @@ def test_refuses_a_q_width_that_is_not_heads_times_head_dim(device):
         decode_attention(torch.zeros(1, 40, device=device), kc, kc,
                          torch.zeros(1, dtype=torch.long, device=device),
                          torch.zeros(1, dtype=torch.long, device=device))
+
+
+@pytest.mark.parametrize("window, softcap, splits", [(5, None, 1), (1, None, 1), (40, None, 4),
+                                                     (None, 2.0, 1), (7, 1.5, 2)])
+def test_sliding_window_scale_and_softcap_match_torch_path(window, softcap, splits, device):
+    # keys older than the window are skipped (whole splits of them with several splits);
+    # a custom scale (Gemma's query_pre_attn_scalar) and soft-capped logits as the model's
+    B, heads, kvh, D, L = 4, 4, 2, 16, 300
+    q, kc, vc, rows, pos = _problem(B, heads, kvh, D, L, R=5, dtype=torch.float32,
+                                    device=device, seed=3)
+    kw = {"scale": 0.3, "window": window, "softcap": softcap}
+    ref = decode_attention_ref(q.reshape(B, heads, D), kc, vc, rows, pos, **kw).reshape(B, -1)
+    full = decode_attention_ref(q.reshape(B, heads, D), kc, vc, rows, pos, scale=0.3,
+                                softcap=softcap).reshape(B, -1)
+    out = decode_attention(q, kc, vc, rows, pos, splits=splits, **kw)
+    assert _rel(out, ref) < TOL[torch.float32]
+    assert window is None or _rel(out, full) > 1e-3        # the window changes the result

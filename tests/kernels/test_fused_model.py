@@ -10,16 +10,25 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import AutoConfig
 
 from lorry.engine.model.llama import Batch, LlamaForCausalLM
 
+# bases whose blocks the Triton path serves: per-head q/k norms (qwen3), a sliding window
+# shorter than the steps below (mistral), fused checkpoint projections + longrope (phi3)
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 8,
+            "short_factor": [1.0, 1.2, 1.5, 2.0, 2.0, 2.5, 3.0, 4.0],
+            "long_factor": [1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]}
+BASES = {"llama": {}, "qwen3": {"head_dim": 24}, "mistral": {"sliding_window": 4},
+         "phi3": {"rope_parameters": LONGROPE, "original_max_position_embeddings": 8}}
 
-def _model(device, dtype):
-    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=96, num_hidden_layers=2, vocab_size=128,
-                      max_position_embeddings=64, rms_norm_eps=1e-5)
+
+def _model(device, dtype, base="llama"):
+    cfg = AutoConfig.for_model(base, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=96, num_hidden_layers=2, vocab_size=128,
+                               max_position_embeddings=64, rms_norm_eps=1e-5, **BASES[base])
     model = LlamaForCausalLM(cfg, max_len=64)
+    assert model.use_triton_ops
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -39,12 +48,13 @@ def _fused(model, ids, batch, last):
     return model._forward_fused(x, batch, last, *ids.shape)
 
 
+@pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @torch.inference_mode()
-def test_triton_path_equals_torch_path(dtype, device):
+def test_triton_path_equals_torch_path(dtype, base, device):
     if dtype == torch.bfloat16 and device.type == "cpu":
         pytest.skip("Triton 3.x's CPU interpreter multiplies bf16 dot operands as raw bits")
-    ref = _model(device, dtype)
+    ref = _model(device, dtype, base)
     tri = copy.deepcopy(ref)
     B, S = 3, 6
     g = torch.Generator().manual_seed(1)

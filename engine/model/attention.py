@@ -1,0 +1,165 @@
+"""Self-attention over the static per-sequence KV cache: fused q/k/v with LoRA slices, rope,
+optional per-head q/k norms, sliding windows, logit soft-capping; prefill, chunked prefill
+and decode (torch), and the CUDA decode through the Triton kernels."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorry.engine.model.arch import Arch
+from lorry.engine.model.layers import LoRALinear, LoRAStep, RMSNorm, apply_rotary
+
+_TRITON_OPS: list = []   # [fused_ops, decode_attention] once imported; [None] if unavailable
+
+
+def triton_ops():
+    """(kernels.fused_ops, kernels.decode_attention), imported on first CUDA use (None if
+    Triton is missing: the torch code runs instead)."""
+    if not _TRITON_OPS:
+        try:
+            from lorry.kernels import decode_attention, fused_ops
+            _TRITON_OPS.append((fused_ops, decode_attention))
+        except ImportError:
+            _TRITON_OPS.append(None)
+    return _TRITON_OPS[0]
+
+
+@dataclass
+class Batch:
+    """Inputs of one model step (all tensors on the model's device)."""
+
+    positions: torch.Tensor      # [B, S] absolute positions (padding repeats the last one)
+    cache_rows: torch.Tensor | None  # [B] KV cache row of each sequence (None: no cache write)
+    prefill: bool
+    kv_len: int = 0              # decode: keys to attend (max position + 1, host int)
+    row_start: int | None = None  # decode: rows are row_start.. row_start+B-1 (views, no gather)
+    lora: LoRAStep | None = None
+    chunked: bool = False        # prefill of prompt chunks after cached prefixes (kv_len keys)
+
+
+def visible(q_pos: torch.Tensor, n: int, window: int | None) -> torch.Tensor:
+    """Which of keys 0..n-1 each query at ``q_pos`` [...] sees: causal, and within the last
+    ``window`` positions (itself included) when windowed -> bool [..., n]."""
+    keys = torch.arange(n, device=q_pos.device)
+    mask = keys <= q_pos[..., None]
+    if window is not None:
+        mask &= keys > q_pos[..., None] - window
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, config, arch: Arch, layer_idx: int):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.window = arch.windows[layer_idx]
+        self.scale, self.softcap = arch.attn_scale, arch.attn_softcap
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        slices = {"qkv_proj": q + 2 * kv} if arch.fused_checkpoint else \
+            {"q_proj": q, "k_proj": kv, "v_proj": kv}
+        self.qkv_proj = LoRALinear(config.hidden_size, slices, arch.qkv_bias)
+        self.o_proj = LoRALinear(q, {"o_proj": config.hidden_size}, arch.o_bias)
+        self.q_norm = self.k_norm = None
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=arch.gemma)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=arch.gemma)
+        self.k_cache: torch.Tensor | None = None  # [max_num_seqs, kv_heads, max_len, head_dim]
+        self.v_cache: torch.Tensor | None = None
+
+    def _qkv(self, x: torch.Tensor, batch: Batch, rope, B: int, S: int):
+        """x: [T, H] -> q [B, h, S, D], k and v [B, kvh, S, D] (q, k normed and rotated)."""
+        h, kvh, D = self.heads, self.kv_heads, self.head_dim
+        qk, v = self.qkv_proj(x, batch.lora).split([(h + kvh) * D, kvh * D], dim=-1)
+        qk = qk.view(B, S, h + kvh, D).transpose(1, 2)                  # [B, h+kvh, S, D]
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])], dim=1)
+        # q and k rotated together: one set of elementwise kernels per layer
+        q, k = apply_rotary(qk, *rope).split([h, kvh], dim=1)
+        return q, k, v.view(B, S, kvh, D).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, batch: Batch, rope, shape) -> torch.Tensor:
+        # x: [T, H] with T = B*S; rope: (cos, sin) [B, 1, S, rot_dim] from Rotary.tables
+        B, S = shape
+        q, k, v = self._qkv(x, batch, rope, B, S)
+        rows = batch.cache_rows
+        if batch.prefill and batch.chunked:
+            # a chunk continues cached prompts: write it at its positions (padding positions
+            # lie past each chunk, or at the never-read last position), then attend to the
+            # cached prefix + causally within the chunk. positions: [B, S]; keys [B, kvh, n, D]
+            self.k_cache[rows[:, None], :, batch.positions] = k.transpose(1, 2)
+            self.v_cache[rows[:, None], :, batch.positions] = v.transpose(1, 2)
+            n = batch.kv_len
+            mask = visible(batch.positions, n, self.window)                 # [B, S, n]
+            out = self._attend(q, self.k_cache[rows, :, :n], self.v_cache[rows, :, :n], mask)
+        elif batch.prefill:
+            if rows is not None:
+                # rows are written from position 0; padding slots get overwritten by later decodes
+                self.k_cache[rows, :, :S] = k
+                self.v_cache[rows, :, :S] = v
+            mask = None
+            if self.window is not None or self.softcap is not None:
+                mask = visible(torch.arange(S, device=x.device), S, self.window)[None]  # [1, S, S]
+            out = self._attend(q, k, v, mask)
+        else:
+            pos = batch.positions[:, 0]
+            self.k_cache[rows, :, pos] = k[:, :, 0]
+            self.v_cache[rows, :, pos] = v[:, :, 0]
+            n = batch.kv_len
+            if batch.row_start is not None:  # consecutive rows: views instead of a gather copy
+                r = slice(batch.row_start, batch.row_start + B)
+                keys, values = self.k_cache[r, :, :n], self.v_cache[r, :, :n]  # [B, kvh, n, D]
+            else:
+                keys = self.k_cache[rows, :, :n]
+                values = self.v_cache[rows, :, :n]
+            out = self._grouped(q, keys, values, visible(pos, n, self.window)[:, None])
+        out = out.transpose(1, 2).reshape(B * S, self.heads * self.head_dim)
+        return self.o_proj(out, batch.lora)
+
+    def _attend(self, q, keys, values, mask):
+        """q: [B, h, S, D]; keys/values: [B, kvh, n, D]; mask: [B or 1, S, n] (None: causal)."""
+        if self.softcap is not None:
+            return self._grouped(q, keys, values, mask)
+        gqa = self.kv_heads != self.heads
+        if mask is None:
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True,
+                                                  scale=self.scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
+                                              scale=self.scale, enable_gqa=gqa)
+
+    def _grouped(self, q, keys, values, mask):
+        """Attention grouped by KV head, so K/V are read once and never repeated per query
+        head; soft-capped logits where the base caps them. q: [B, h, S, D]; keys/values:
+        [B, kvh, n, D]; mask: [B or 1, S, n] -> [B, h, S, D]."""
+        B, S, g, D = q.shape[0], q.shape[2], self.heads // self.kv_heads, self.head_dim
+        qg = q.reshape(B, self.kv_heads, g * S, D)                               # [B, kvh, g*S, D]
+        scores = (qg @ keys.transpose(-1, -2)).float() * self.scale             # [B, kvh, g*S, n]
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.view(B, self.kv_heads, g, S, -1)
+        scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+        out = scores.softmax(-1).to(values.dtype).view(B, self.kv_heads, g * S, -1) @ values
+        return out.reshape(B, self.heads, S, D)
+
+    def decode_fused(self, x: torch.Tensor, batch: Batch, rotary) -> torch.Tensor:
+        """CUDA decode through Triton: q/k norms (if any), rotary of q/k in place with the k/v
+        cache write, then flash-decode attention over each row's visible keys.
+        x: [B, H] -> [B, H]."""
+        fused_ops, attention = triton_ops()
+        h, kvh, D = self.heads, self.kv_heads, self.head_dim
+        pos = batch.positions.reshape(-1)                               # [B]
+        qkv = self.qkv_proj(x, batch.lora)                              # [B, (h+2kvh)*D]
+        if self.q_norm is not None:
+            q = qkv[:, :h * D].view(-1, h, D)
+            k = qkv[:, h * D:(h + kvh) * D].view(-1, kvh, D)
+            q.copy_(self.q_norm(q))
+            k.copy_(self.k_norm(k))
+        fused_ops.rotary_qk_(qkv, pos, rotary.cos, rotary.sin, h, kvh, D,
+                             self.k_cache, self.v_cache, batch.cache_rows)
+        out = attention.decode_attention(qkv[:, :h * D], self.k_cache, self.v_cache,
+                                         batch.cache_rows, pos, scale=self.scale,
+                                         window=self.window, softcap=self.softcap)  # [B, h*D]
+        return self.o_proj(out, batch.lora)

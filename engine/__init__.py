@@ -19,8 +19,17 @@ _EXPORTS = {
     "LoRAError": "lorry.engine.errors",
 }
 
-__all__ = ["CompletionOutput", "EngineConfig", "LLMEngine", "Logprob", "LoRAError",
-           "LoRARequest", "RequestMetrics", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "CompletionOutput",
+    "EngineConfig",
+    "LLMEngine",
+    "LoRAError",
+    "LoRARequest",
+    "Logprob",
+    "RequestMetrics",
+    "RequestOutput",
+    "SamplingParams",
+]
 
 
 def __getattr__(name: str):

@@ -57,17 +57,19 @@ class DecodeGraphs:
         return next((s for s in self.sizes if s >= top), None)
 
     def _lora_key(self, slots: list[int]) -> tuple | None:
-        """Which layers run LoRA kernels: part of the graph key (None: no adapter this step)."""
+        """Which layers run LoRA kernels, and which apply per-slot shifts/scales (adapter bias
+        terms, DoRA): part of the graph key (None: no adapter this step)."""
         if self.ops is None or all(s < 0 for s in slots):
             return None
-        return tuple(bool(m.lora_a is not None and m.active_slots) for m in self.lora_modules)
+        return (tuple(bool(m.lora_a is not None and m.active_slots) for m in self.lora_modules)
+                + tuple(bool(m.affine_slots) for m in self.lora_modules))
 
     def _forward(self, size: int, lora_key: tuple | None) -> torch.Tensor:
         d = self.dev
         lora = None
         if lora_key is not None and any(lora_key):
             lora = LoRAStep(build_lora_meta(d[SLOTS, :size], self.max_loras), self.ops,
-                            self.all_slots, fold=size <= self.fold_max_rows)
+                            self.all_slots, fold=size <= self.fold_max_rows, slot_modules=False)
         # kv_len is the whole cache: a host int cannot change between replays. The Triton
         # attention (the CUDA path) ignores it and stops at each row's position instead.
         batch = Batch(positions=d[POS, :size].view(size, 1), prefill=False, lora=lora,

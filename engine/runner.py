@@ -86,7 +86,8 @@ class ModelRunner:
         covering them writes its dummy token at the last position (never read), not at 0.
         """
         rows = [s.cache_row for s in seqs] + list(parked_rows)
-        if self.graphs is not None and self.graphs.bucket(rows) is not None:
+        if self.graphs is not None and self.graphs.bucket(rows) is not None \
+                and not self.model.uses_slot_modules(slots):
             n, park = len(parked_rows), self.graphs.max_len - 1
             with self.graph_lock:
                 logits = self.graphs.run([s.last_token for s in seqs] + [0] * n,

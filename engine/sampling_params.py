@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs allows
@@ -9,7 +10,7 @@ MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs allows
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and value == value and abs(value) != float("inf")
+        and math.isfinite(value)
 
 
 @dataclass

@@ -16,9 +16,10 @@ from contextlib import nullcontext
 
 import torch
 
-from lorry.kernels import dense_ops
+from lorry.engine.lora.extras import SlotExtras
 from lorry.engine.lora.slot_layout import SlotLayout, copy_into_slot, zero_slot
 from lorry.engine.lora.weights import AdapterWeights
+from lorry.kernels import dense_ops
 
 
 class GPUSlotManager:
@@ -29,6 +30,7 @@ class GPUSlotManager:
         self.capacity, self.max_rank = max_loras, max_rank
         self.layout = SlotLayout(model, max_rank)
         self.buffers = self.layout.allocate(max_loras, dtype, device, fold)  # {kind: (A, B)}
+        self.extras = SlotExtras(self.layout, max_loras, device)  # bias terms, DoRA, heads
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, LRU first
         self.free = list(range(max_loras - 1, -1, -1))
         self.pinned: set[int] = set()
@@ -103,6 +105,7 @@ class GPUSlotManager:
                 for buf, src in zip(self.buffers[kind], pair):
                     copy_into_slot(buf, slot, src)
                 self.copies += 2
+            self.extras.write(slot, weights.extras)
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record(self.stream)
@@ -147,6 +150,7 @@ class GPUSlotManager:
             return False
         for mod in self.layout.modules.values():
             mod.active_slots.discard(slot)
+        self.extras.clear(slot)
         self.free.append(slot)
         return True
 

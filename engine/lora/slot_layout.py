@@ -71,6 +71,25 @@ class SlotLayout:
                          for i, m in enumerate(f.slice_names)}
         self.layer_pos = {f.name: {lay: p for p, lay in enumerate(f.layers)}
                           for f in self.families.values()}
+        self.model = model
+        self._base_info()
+
+    def _base_info(self) -> None:
+        """CPU copies the adapter loader compares against or subtracts (read once, here, so a
+        loader thread never reads device memory): each (layer, checkpoint module)'s base bias
+        (fp32) and fingerprints of the embedding and lm_head matrices."""
+        from lorry.engine.lora.extras import base_fingerprint
+
+        self.base_bias = {}
+        for (f, layer), mod in self.modules.items():
+            if mod.bias is None:
+                continue
+            bias = mod.bias.detach().float().cpu()
+            fam = self.families[f]
+            for m, off, n in zip(fam.slice_names, fam.slice_offsets, fam.slice_sizes):
+                self.base_bias[(layer, m)] = bias[off:off + n]
+        self.base_fingerprints = {"embed_tokens": base_fingerprint(self.model.embed_tokens.weight),
+                                  "lm_head": base_fingerprint(self.model.lm_weight())}
 
     def numel(self, family: str) -> tuple[int, int]:
         """Elements of one slot's A and B for ``family``."""

@@ -28,13 +28,30 @@ MLP = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 # every base's LoRA-capable linear layers; which of them a base has comes from its config
 # (BaseShapes): Phi-3's checkpoints fuse q/k/v into qkv_proj and gate/up into gate_up_proj
 SUPPORTED_MODULES = ATTN + MLP
+TOP_MODULES = ("embed_tokens", "lm_head")   # LoRA on the input embedding and the output head
 SAFETENSORS_DTYPES = {"F32", "F16", "BF16"}
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig.lora_alpha when adapter_config.json leaves it out
 # init_lora_weights that change the base weights when the adapter is created: saved as they
 # are, the adapter fits only that changed base ("pissa_niter_4" counts as "pissa").
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
-_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\."
-                  r"(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+# a tensor name, without PEFT's "base_model.model." prefix and ".default" adapter segments
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.(.+)$")
+_PREFIX = re.compile(r"^base_model\.model\.")
+_DEFAULT = re.compile(r"\.default(?=\.|$)")
+# what a linear module's tensors are: LoRA A/B, lora_bias (lora_B.bias), DoRA's magnitude,
+# a saved base bias (bias="all"/"lora_only": it replaces the base's bias for this adapter)
+_LAYER_PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "lora_bias",
+                "lora_magnitude_vector": "magnitude", "lora_magnitude_vector.weight": "magnitude",
+                "base_layer.bias": "bias", "bias": "bias"}
+# model-level modules: a LoRA on lm_head or embed_tokens, a trained lm_head (modules_to_save),
+# and the copies of the base weights PEFT saves next to an embedding/lm_head LoRA
+_TOP_PARTS = {"lm_head.lora_A.weight": ("head", "A"), "lm_head.lora_B.weight": ("head", "B"),
+              "lm_head.weight": ("head", "full"), "lm_head.base_layer.weight": ("copy", "lm_head"),
+              "model.embed_tokens.lora_embedding_A": ("embed", "A"),
+              "model.embed_tokens.lora_embedding_B": ("embed", "B"),
+              "model.embed_tokens.base_layer.weight": ("copy", "embed_tokens")}
+BIAS_MODES = ("none", "all", "lora_only")
+MODULES_TO_SAVE = ("lm_head",)
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,9 @@ class BaseShapes:
     model_type: str
     num_layers: int
     dims: dict  # module -> (in_features, out_features)
+    hidden: int = 0
+    vocab: int = 0
+    biased: frozenset = frozenset()  # modules whose base layers have a bias
 
     @classmethod
     def from_config(cls, cfg: dict) -> BaseShapes:
@@ -59,7 +79,15 @@ class BaseShapes:
             dims = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv * head_dim),
                     "v_proj": (h, kv * head_dim), "o_proj": (heads * head_dim, h),
                     "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-        return cls(model_type, cfg["num_hidden_layers"], dims)
+        biased = set()
+        if cfg.get("attention_bias") or model_type == "qwen2":
+            biased |= {"q_proj", "k_proj", "v_proj"}
+        if cfg.get("attention_bias"):
+            biased.add("o_proj")
+        if cfg.get("mlp_bias"):
+            biased |= {"gate_proj", "up_proj", "down_proj"}
+        return cls(model_type, cfg["num_hidden_layers"], dims, h, cfg.get("vocab_size", 0),
+                   frozenset(biased & set(dims)))
 
 
 @dataclass
@@ -77,6 +105,20 @@ class AdapterSpec:
     max_rank: int = 0
     # (layer, module) -> (A tensor name, B tensor name, rank, scaling, transposed)
     modules: dict = field(default_factory=dict)
+    # (layer, module) -> tensor name: lora_B.bias (added x scaling), a saved base bias (it
+    # replaces the base's bias for this adapter's rows), DoRA's magnitude vector
+    lora_biases: dict = field(default_factory=dict)
+    bias_overrides: dict = field(default_factory=dict)
+    magnitudes: dict = field(default_factory=dict)
+    head_weight: str | None = None   # modules_to_save lm_head: [vocab, hidden], replaces lm_head
+    head_lora: tuple | None = None   # LoRA on lm_head: (A, B, rank, scaling, transposed)
+    embed_lora: tuple | None = None  # LoRA on embed_tokens: (A [r, vocab], B [hidden, r], rank, scaling)
+    # "lm_head"/"embed_tokens" -> tensor name of the base weight PEFT saves with their LoRA
+    base_copies: dict = field(default_factory=dict)
+
+    @property
+    def use_dora(self) -> bool:
+        return bool(self.magnitudes)
 
     @property
     def target_modules(self) -> list[str]:
@@ -121,16 +163,17 @@ def _check_config(cfg: dict, path: Path) -> None:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UnsupportedAdapterError(f"adapter {path}: peft_type={cfg.get('peft_type')!r} "
                                       "is not supported; only LORA adapters are")
-    if cfg.get("use_dora"):
-        raise UnsupportedAdapterError(f"adapter {path}: use_dora=true (DoRA) is not supported; "
-                                      "use a plain LoRA adapter")
-    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+    if cfg.get("use_dora") and cfg.get("lora_bias"):
+        raise UnsupportedAdapterError(f"adapter {path}: DoRA (use_dora=true) with lora_bias=true "
+                                      "is not supported (PEFT refuses it too); use one of them")
+    if cfg.get("bias", "none") not in BIAS_MODES:
+        raise UnsupportedAdapterError(f"adapter {path}: bias={cfg.get('bias')!r} is not supported;"
+                                      f" allowed: {list(BIAS_MODES)}")
+    extra = [m for m in cfg.get("modules_to_save") or [] if m not in MODULES_TO_SAVE]
+    if extra:
         raise UnsupportedAdapterError(
-            f"adapter {path}: bias={cfg.get('bias')!r}, lora_bias={cfg.get('lora_bias')!r} is not "
-            "supported; only bias='none' without lora_bias")
-    if cfg.get("modules_to_save"):
-        raise UnsupportedAdapterError(f"adapter {path}: modules_to_save={cfg['modules_to_save']!r}"
-                                      " is not supported (it replaces base weights)")
+            f"adapter {path}: modules_to_save={cfg['modules_to_save']!r} is not supported for "
+            f"{extra}; allowed: {list(MODULES_TO_SAVE)} (a full trained lm_head)")
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.split("_")[0] in BASE_CHANGING_INITS:
         raise UnsupportedAdapterError(
@@ -149,12 +192,10 @@ def _check_config(cfg: dict, path: Path) -> None:
     names = [tm] if isinstance(tm, str) else list(tm or [])
     for name in names:
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("embed_tokens", "lm_head", "wte", "embeddings"):
-            raise UnsupportedAdapterError(f"adapter {path}: LoRA on {name!r} (embeddings/lm_head) "
-                                          f"is not supported; allowed: {list(SUPPORTED_MODULES)}")
-        if not isinstance(tm, str) and leaf not in SUPPORTED_MODULES:
-            raise BaseModelMismatchError(f"adapter {path}: target module {name!r} does not exist in"
-                                         f" any supported base; allowed: {list(SUPPORTED_MODULES)}")
+        if not isinstance(tm, str) and leaf not in SUPPORTED_MODULES + TOP_MODULES:
+            raise BaseModelMismatchError(
+                f"adapter {path}: target module {name!r} does not exist in any supported base; "
+                f"allowed: {list(SUPPORTED_MODULES + TOP_MODULES)}")
     r = cfg.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise AdapterFormatError(f"adapter {path}: r={r!r} must be a positive int")
@@ -223,61 +264,141 @@ def _refuse_code_in_pickle(path: Path) -> None:
 
 def check_shapes(spec: AdapterSpec, shapes: dict, base_config: dict,
                  max_lora_rank: int | None) -> None:
-    """Fill ``spec.modules`` from {tensor name: (dtype, shape)}; refuse any mismatch."""
+    """Fill ``spec`` from {tensor name: (dtype, shape)}; refuse any mismatch."""
     base = BaseShapes.from_config(base_config)
-    path, found = spec.path, {}
+    path, found, top = spec.path, {}, {}
     for name, (dtype, shape) in shapes.items():
-        if "lora_embedding" in name or "embed_tokens" in name or "lm_head" in name:
-            raise UnsupportedAdapterError(f"adapter {path}: tensor {name!r} is an embedding/lm_head"
-                                          " LoRA, which is not supported")
-        if "lora_magnitude_vector" in name:
-            raise UnsupportedAdapterError(f"adapter {path}: tensor {name!r} is DoRA (unsupported)")
-        m = _KEY.match(name)
-        if m is None:
-            raise UnsupportedAdapterError(f"adapter {path}: unexpected tensor {name!r}; only "
-                                          f"lora_A/lora_B of {list(SUPPORTED_MODULES)} are served")
-        layer, module, which = int(m[1]), m[2], m[3]
+        if dtype is not None and dtype not in SAFETENSORS_DTYPES:
+            raise AdapterFormatError(f"adapter {path}: tensor {name!r} has dtype {dtype}; "
+                                     f"allowed {sorted(SAFETENSORS_DTYPES)}")
+        key = _DEFAULT.sub("", _PREFIX.sub("", name))
+        if key in _TOP_PARTS:
+            top[_TOP_PARTS[key]] = (name, tuple(shape))
+            continue
+        m = _LAYER_KEY.match(key)
+        part = _LAYER_PARTS.get(m[3]) if m else None
+        if part is None and m is None and ("lm_head" in key or "embed_tokens" in key):
+            raise UnsupportedAdapterError(
+                f"adapter {path}: tensor {name!r} is not supported: embed_tokens and lm_head "
+                "take a plain LoRA (no DoRA, no lora_bias) or, for lm_head, modules_to_save")
+        if part is None:
+            raise UnsupportedAdapterError(
+                f"adapter {path}: unexpected tensor {name!r}; served are LoRA A/B (with lora_bias"
+                f", DoRA magnitudes and saved biases) of {list(SUPPORTED_MODULES)}, LoRA on "
+                "embed_tokens/lm_head and a modules_to_save lm_head")
+        layer, module = int(m[1]), m[2]
         if module not in base.dims:
             raise BaseModelMismatchError(f"adapter {path}: target module {module!r} does not exist "
                                          f"in the base ({base.model_type}); it has {list(base.dims)}")
         if layer >= base.num_layers:
             raise BaseModelMismatchError(f"adapter {path}: layer {layer} does not exist; the base "
                                          f"has {base.num_layers} layers")
-        if dtype is not None and dtype not in SAFETENSORS_DTYPES:
-            raise AdapterFormatError(f"adapter {path}: tensor {name!r} has dtype {dtype}; "
-                                     f"allowed {sorted(SAFETENSORS_DTYPES)}")
-        if len(shape) != 2:
-            raise BaseModelMismatchError(f"adapter {path}: tensor {name!r} has shape {list(shape)},"
-                                         " expected a matrix")
-        found.setdefault((layer, module), {})[which] = (name, shape)
-    if not found:
+        found.setdefault((layer, module), {})[part] = (name, tuple(shape))
+    if not found and not top:
         raise AdapterFormatError(f"adapter {path}: the weights file has no LoRA tensors")
-    pattern_r, pattern_a = spec.config.get("rank_pattern") or {}, spec.config.get("alpha_pattern") or {}
-    for (layer, module), ab in sorted(found.items()):
-        if set(ab) != {"A", "B"}:
-            raise AdapterFormatError(f"adapter {path}: layer {layer} {module} lacks lora_"
-                                     f"{'B' if 'A' in ab else 'A'}")
-        (a_name, a_shape), (b_name, b_shape) = ab["A"], ab["B"]
-        fan_in, fan_out = base.dims[module]
-        full = f"model.layers.{layer}.{'self_attn' if module in ATTN else 'mlp'}.{module}"
-        r_cfg = int(_pattern_value(pattern_r, full, spec.r))
-        if a_shape == (r_cfg, fan_in) and b_shape == (fan_out, r_cfg):
-            transposed = False
-        elif spec.fan_in_fan_out and a_shape == (fan_in, r_cfg) and b_shape == (r_cfg, fan_out):
-            transposed = True
-        else:
+    for (layer, module), parts in sorted(found.items()):
+        _check_layer_module(spec, base, layer, module, parts, max_lora_rank)
+    _check_top_modules(spec, base, top, max_lora_rank)
+    if spec.config.get("use_dora") and set(spec.magnitudes) != set(spec.modules):
+        raise AdapterFormatError(f"adapter {path}: use_dora=true but the DoRA magnitude vectors "
+                                 "of some LoRA modules are missing")
+    if spec.magnitudes and not spec.config.get("use_dora"):
+        raise AdapterFormatError(f"adapter {path}: DoRA magnitude vectors without use_dora=true")
+
+
+def _lora_pair(spec: AdapterSpec, what: str, full: str, a_shape: tuple, b_shape: tuple,
+               fan_in: int, fan_out: int, max_lora_rank: int | None) -> tuple:
+    """(rank, scaling, transposed) of a LoRA A/B pair over ``fan_in -> fan_out``; refuses a
+    pair that does not fit the base or exceeds ``max_lora_rank``."""
+    pattern_r = spec.config.get("rank_pattern") or {}
+    pattern_a = spec.config.get("alpha_pattern") or {}
+    r_cfg = int(_pattern_value(pattern_r, full, spec.r))
+    if a_shape == (r_cfg, fan_in) and b_shape == (fan_out, r_cfg):
+        transposed = False
+    elif spec.fan_in_fan_out and a_shape == (fan_in, r_cfg) and b_shape == (r_cfg, fan_out):
+        transposed = True
+    else:
+        raise BaseModelMismatchError(
+            f"adapter {spec.path}: {what}: lora_A {list(a_shape)} / lora_B {list(b_shape)} do not "
+            f"fit the base ({what} is {fan_in} -> {fan_out}, rank {r_cfg}); expected A "
+            f"[{r_cfg}, {fan_in}] and B [{fan_out}, {r_cfg}]")
+    if max_lora_rank is not None and r_cfg > max_lora_rank:
+        raise RankTooLargeError(f"adapter {spec.path}: rank {r_cfg} ({what}) exceeds "
+                                f"max_lora_rank={max_lora_rank}; raise max_lora_rank or use a "
+                                "smaller adapter")
+    alpha = float(_pattern_value(pattern_a, full, spec.lora_alpha))
+    scaling = alpha / math.sqrt(r_cfg) if spec.use_rslora else alpha / r_cfg
+    spec.max_rank = max(spec.max_rank, r_cfg)
+    return r_cfg, scaling, transposed
+
+
+def _check_layer_module(spec: AdapterSpec, base: BaseShapes, layer: int, module: str,
+                        parts: dict, max_lora_rank: int | None) -> None:
+    """Record one (layer, module)'s LoRA pair, lora_bias, DoRA magnitude and saved bias."""
+    path, (fan_in, fan_out) = spec.path, base.dims[module]
+    what = f"layer {layer} {module}"
+    for part, (name, shape) in parts.items():
+        if part in ("lora_bias", "magnitude", "bias") and shape != (fan_out,):
+            raise BaseModelMismatchError(f"adapter {path}: tensor {name!r} has shape "
+                                         f"{list(shape)}; {module} needs [{fan_out}]")
+    if "bias" in parts:
+        if module not in base.biased:
             raise BaseModelMismatchError(
-                f"adapter {path}: layer {layer} {module}: lora_A {list(a_shape)} / lora_B "
-                f"{list(b_shape)} do not fit the base ({module} is {fan_in} -> {fan_out}, "
-                f"rank {r_cfg}); expected A [{r_cfg}, {fan_in}] and B [{fan_out}, {r_cfg}]")
-        if max_lora_rank is not None and r_cfg > max_lora_rank:
-            raise RankTooLargeError(f"adapter {path}: rank {r_cfg} ({module}) exceeds "
-                                    f"max_lora_rank={max_lora_rank}; raise max_lora_rank or use a "
-                                    "smaller adapter")
-        alpha = float(_pattern_value(pattern_a, full, spec.lora_alpha))
-        scaling = alpha / math.sqrt(r_cfg) if spec.use_rslora else alpha / r_cfg
-        spec.modules[(layer, module)] = (a_name, b_name, r_cfg, scaling, transposed)
-        spec.max_rank = max(spec.max_rank, r_cfg)
+                f"adapter {path}: {what} has a saved bias ({parts['bias'][0]!r}) but the base's "
+                f"{module} has none (biased modules: {sorted(base.biased)})")
+        spec.bias_overrides[(layer, module)] = parts["bias"][0]
+    lora = {p for p in parts if p != "bias"}
+    if not lora:
+        return
+    if not {"A", "B"} <= lora:
+        raise AdapterFormatError(f"adapter {path}: {what} lacks lora_"
+                                 f"{'B' if 'A' in lora else 'A'}")
+    (a_name, a_shape), (b_name, b_shape) = parts["A"], parts["B"]
+    full = f"model.layers.{layer}.{'self_attn' if module in ATTN else 'mlp'}.{module}"
+    r, scaling, transposed = _lora_pair(spec, what, full, a_shape, b_shape, fan_in, fan_out,
+                                        max_lora_rank)
+    spec.modules[(layer, module)] = (a_name, b_name, r, scaling, transposed)
+    if "lora_bias" in parts:
+        spec.lora_biases[(layer, module)] = parts["lora_bias"][0]
+    if "magnitude" in parts:
+        spec.magnitudes[(layer, module)] = parts["magnitude"][0]
+
+
+def _check_top_modules(spec: AdapterSpec, base: BaseShapes, top: dict,
+                       max_lora_rank: int | None) -> None:
+    """Record a LoRA on lm_head / embed_tokens, a trained lm_head, and the base copies."""
+    path, h, v = spec.path, base.hidden, base.vocab
+    for (kind, part), (name, shape) in top.items():
+        if kind == "copy" and shape != (v, h):
+            raise BaseModelMismatchError(
+                f"adapter {path}: tensor {name!r} has shape {list(shape)}, the base's {part} is "
+                f"[{v}, {h}] (an adapter for a resized vocabulary is not supported)")
+        if kind == "copy":
+            spec.base_copies[part] = name
+    if ("head", "full") in top:
+        name, shape = top[("head", "full")]
+        if shape != (v, h):
+            raise BaseModelMismatchError(f"adapter {path}: the trained lm_head {name!r} has shape"
+                                         f" {list(shape)}; the base needs [{v}, {h}]")
+        if ("head", "A") in top or ("head", "B") in top:
+            raise UnsupportedAdapterError(f"adapter {path}: both a trained lm_head "
+                                          "(modules_to_save) and a LoRA on lm_head")
+        spec.head_weight = name
+    if ("head", "A") in top or ("head", "B") in top:
+        if not {("head", "A"), ("head", "B")} <= set(top):
+            raise AdapterFormatError(f"adapter {path}: lm_head lacks lora_A or lora_B")
+        (a, a_shape), (b, b_shape) = top[("head", "A")], top[("head", "B")]
+        r, scaling, transposed = _lora_pair(spec, "lm_head", "lm_head", a_shape, b_shape, h, v,
+                                            max_lora_rank)
+        spec.head_lora = (a, b, r, scaling, transposed)
+    if ("embed", "A") in top or ("embed", "B") in top:
+        if not {("embed", "A"), ("embed", "B")} <= set(top):
+            raise AdapterFormatError(f"adapter {path}: embed_tokens lacks lora_embedding_A or _B")
+        (a, a_shape), (b, b_shape) = top[("embed", "A")], top[("embed", "B")]
+        # PEFT's embedding LoRA: A [r, vocab] (looked up by token), B [hidden, r]
+        r, scaling, _ = _lora_pair(spec, "embed_tokens", "model.embed_tokens",
+                                   a_shape, b_shape, v, h, max_lora_rank)
+        spec.embed_lora = (a, b, r, scaling)
 
 
 def read_base_config(model_dir: str | Path) -> dict:

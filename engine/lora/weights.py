@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from lorry.engine.errors import AdapterFormatError
+from lorry.engine.lora.extras import AdapterExtras, load_extras
 from lorry.engine.lora.spec import AdapterSpec, check_shapes
 
 
@@ -14,13 +15,15 @@ class AdapterWeights:
     """CPU tensors of one adapter: (layer, module) -> (A [r, in], B*scaling [out, r]).
 
     With a slot layout, ``staged`` holds {fused kind: (A, B)} staging buffers in the GPU slot
-    layout (engine.lora.slot_layout) and ``tensors`` are views into them (no second copy).
+    layout (engine.lora.slot_layout) and ``tensors`` are views into them (no second copy), and
+    ``extras`` the adapter's bias terms, DoRA magnitudes, lm_head and embedding LoRA.
     """
 
     spec: AdapterSpec
     tensors: dict
     nbytes: int
     staged: dict | None = None
+    extras: AdapterExtras | None = None
 
 
 def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: int,
@@ -49,6 +52,10 @@ def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: in
                                  f"{type(e).__name__}: {e}") from None
     tensors, nbytes = {}, 0
     if layout is not None:
+        extras = load_extras(spec, raw, layout)
+        if pin_memory and extras.head is not None:
+            with layout.pin_lock:  # the large part: an lm_head, copied on every slot write
+                extras.head = (extras.head[0], *(t.pin_memory() for t in extras.head[1:]))
         for key, (a_name, b_name, _r, scaling, transposed) in spec.modules.items():
             a, b = raw[a_name], raw[b_name]
             if transposed:
@@ -62,7 +69,11 @@ def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: in
             tensors[(layer, m)] = (staged[f][0][p, s, :r],
                                    staged[f][1][p, off:off + fam.slice_sizes[s], :r])
         nbytes = sum(t.numel() * t.element_size() for ab in staged.values() for t in ab)
-        return AdapterWeights(spec, tensors, nbytes, staged)
+        return AdapterWeights(spec, tensors, nbytes + extras.nbytes, staged, extras)
+    if spec.lora_biases or spec.bias_overrides or spec.magnitudes or spec.head_weight \
+            or spec.head_lora or spec.embed_lora:
+        raise ValueError(f"adapter {spec.path} has parts beyond LoRA A/B (bias terms, DoRA, "
+                         "lm_head or embedding); load it with the engine's slot layout")
     for key, (a_name, b_name, _r, scaling, transposed) in spec.modules.items():
         a, b = raw[a_name].float(), raw[b_name].float()
         if transposed:

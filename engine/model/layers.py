@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,16 @@ class LoRAStep:
     # layers whose A slots are folded under their weight (LoRALinear.lora_ext) get their
     # shrink from the base matmul and run only the expand (ops.add_lora_folded)
     fold: bool = False
+    # whether slots' own lm_heads / embedding LoRAs apply (False in captured CUDA graphs, whose
+    # steps never include such slots: engine.runner decodes those eagerly)
+    slot_modules: bool = True
+
+    @cached_property
+    def slot_index(self) -> torch.Tensor:
+        """[T] long: each token's slot, max_loras for tokens without an adapter (the identity
+        row of the per-slot shift/scale buffers)."""
+        slots = self.meta.token_slots
+        return torch.where(slots >= 0, slots, self.meta.max_loras).long()
 
 
 class LoRALinear(nn.Module):
@@ -47,6 +58,11 @@ class LoRALinear(nn.Module):
         # [out + S*L*R, in]: weight (its first rows) with every slot's A rows below, when the
         # slot layout folds them (engine.lora.slot_layout.FoldedA)
         self.lora_ext: torch.Tensor | None = None
+        # per-slot output affine y * scale[s] + shift[s] ([L + 1, out] fp32 views, set by
+        # engine.lora.extras.SlotExtras): adapter bias terms and DoRA; ``affine_slots`` use it
+        self.slot_scale: torch.Tensor | None = None
+        self.slot_shift: torch.Tensor | None = None
+        self.affine_slots: set[int] = set()
 
     def load_slice(self, name: str, tensor: torch.Tensor, which: str = "weight") -> None:
         """Copy a checkpoint tensor (one of the fused slices) into place."""
@@ -59,6 +75,14 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRAStep | None) -> torch.Tensor:
         # x: [T, in] -> y: [T, out]
+        y = self._forward_lora(x, lora)
+        if lora is not None and self.slot_scale is not None \
+                and not lora.slots.isdisjoint(self.affine_slots):
+            idx = lora.slot_index                                   # [T]
+            y = torch.addcmul(self.slot_shift[idx], y.float(), self.slot_scale[idx]).to(y.dtype)
+        return y
+
+    def _forward_lora(self, x: torch.Tensor, lora: LoRAStep | None) -> torch.Tensor:
         use = (lora is not None and self.lora_a is not None
                and not lora.slots.isdisjoint(self.active_slots))
         if use and lora.fold and self.lora_ext is not None:

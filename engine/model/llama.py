@@ -108,6 +108,17 @@ class LlamaForCausalLM(nn.Module):
         # cover the Llama-shaped blocks (plain norms, silu, one full-width rope)
         self.use_triton_ops = (not arch.gemma and len(self.rotaries) == 1
                                and self.rotary.rot_dim == head_dim)
+        # per GPU slot, set by engine.lora.extras.SlotExtras for adapters that have them:
+        # slot -> ("full", W [V, H]) or ("lora", A [r, H], B [V, r]) replacing/adapting lm_head,
+        # slot -> (Aᵀ [V, r], B [H, r]) LoRA on the input embedding. Steps that use them run
+        # eagerly (engine.runner), since a slot's tensors come and go with its adapter.
+        self.slot_heads: dict[int, tuple] = {}
+        self.slot_embeds: dict[int, tuple] = {}
+
+    def uses_slot_modules(self, slots) -> bool:
+        """Whether any of ``slots`` has its own lm_head or embedding LoRA."""
+        return bool(self.slot_heads or self.slot_embeds) and any(
+            s in self.slot_heads or s in self.slot_embeds for s in slots)
 
     def lm_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head
@@ -126,6 +137,8 @@ class LlamaForCausalLM(nn.Module):
         (None: logits of every position -> [B, S, V])."""
         B, S = input_ids.shape
         x = self.embed_tokens(input_ids.reshape(-1))                     # [T, H]
+        if self.slot_embeds and batch.lora is not None and batch.lora.slot_modules:
+            x = self._embed_lora(x, input_ids.reshape(-1), batch.lora)
         if self.embed_scale is not None:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         if self.use_triton_ops and x.is_cuda and triton_ops() is not None:
@@ -135,9 +148,40 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             x = layer(x, batch, ropes, (B, S))
         x = x.view(B, S, -1)
+        rows = None if batch.lora is None else batch.lora.meta.token_slots.view(B, S)
         if last_index is not None:
             x = x[torch.arange(B, device=x.device), last_index]         # [B, H]
-        return self._softcap(F.linear(self.norm(x), self.lm_weight()).float())
+            rows = None if rows is None else rows[torch.arange(B, device=x.device), last_index]
+        return self._logits(self.norm(x), rows, batch.lora)
+
+    def _logits(self, h: torch.Tensor, row_slots: torch.Tensor | None, lora) -> torch.Tensor:
+        """h: [..., H] normed hidden states; row_slots: [...] slot of each (None: no adapter)
+        -> soft-capped fp32 logits [..., V], each row through its adapter's lm_head if any."""
+        logits = F.linear(h, self.lm_weight())
+        if self.slot_heads and row_slots is not None and lora.slot_modules:
+            flat_h, flat = h.reshape(-1, h.shape[-1]), logits.view(-1, logits.shape[-1])
+            row_slots = row_slots.reshape(-1)
+            for slot, head in self.slot_heads.items():
+                if slot not in lora.slots:
+                    continue
+                idx = torch.nonzero(row_slots == slot, as_tuple=True)[0]
+                hs = flat_h.index_select(0, idx)
+                if head[0] == "full":                                   # a trained lm_head
+                    flat.index_copy_(0, idx, F.linear(hs, head[1].to(hs.dtype)))
+                else:                                                   # LoRA on lm_head
+                    flat.index_add_(0, idx, ((hs @ head[1].t().to(hs.dtype))
+                                             @ head[2].t().to(hs.dtype)).to(flat.dtype))
+        return self._softcap(logits.float())
+
+    def _embed_lora(self, x: torch.Tensor, ids: torch.Tensor, lora) -> torch.Tensor:
+        """x [T, H] += Aᵀ[token] @ Bᵀ for the tokens of slots with an embedding LoRA."""
+        for slot, (a_t, b) in self.slot_embeds.items():
+            if slot not in lora.slots:
+                continue
+            idx = torch.nonzero(lora.meta.token_slots == slot, as_tuple=True)[0]
+            delta = F.embedding(ids.index_select(0, idx), a_t) @ b.t()  # [n, H]
+            x = x.index_add(0, idx, delta.to(x.dtype))
+        return x
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.arch.final_softcap
@@ -149,11 +193,13 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for layer in self.layers:
             x, residual = layer.forward_fused(x, residual, batch, rope, (B, S), self.rotary)
+        rows = None if batch.lora is None else batch.lora.meta.token_slots
         if last_index is not None and S > 1:                             # S = 1: the only one
             pick = torch.arange(B, device=x.device) * S + last_index     # [B] flat token rows
             x, residual = x[pick], residual[pick]
+            rows = None if rows is None else rows[pick]
         x, _ = triton_ops()[0].add_rmsnorm(x, residual, self.norm.weight, self.norm.eps)
-        logits = self._softcap(F.linear(x, self.lm_weight()).float())    # [B or B*S, V]
+        logits = self._logits(x, rows, batch.lora)                       # [B or B*S, V]
         return logits if last_index is not None else logits.view(B, S, -1)
 
     def lora_layers(self):

@@ -52,7 +52,8 @@ def test_bad_adapter_and_too_long_prompt_fail_their_jobs_only(queue, engine, tmp
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA",
-                                                            "use_dora": True}))
+                                                            "use_dora": True,
+                                                            "lora_bias": True}))
     queue.register_adapter("broken", str(broken), rank=8)
     jobs = queue.submit(tenant.id, [
         JobSpec(adapter="broken", prompt="a", sampling={"max_tokens": 2}),

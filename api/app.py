@@ -9,7 +9,7 @@ from lorry.api import errors
 from lorry.api.body_guard import BodyGuard
 from lorry.api.errors import responses
 from lorry.api.metrics import make_registry
-from lorry.api.routes import adapters, batches, health, jobs
+from lorry.api.routes import adapters, batches, completions, files, health, jobs, models
 
 log = logging.getLogger(__name__)
 DESCRIPTION = """Submit generation jobs for many LoRA adapters of one base model, as durable
@@ -56,11 +56,11 @@ def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") ->
         queue, redis_client, settings.redis_prefix, tenant_labels=settings.metrics_tenant_labels)
     # Every route may answer these; the routes list their own (404, 409, 413, 429) too.
     common = responses(401, 422, 503)
-    for module in (jobs, batches, adapters):
+    for module in (jobs, batches, files, models, adapters, completions):
         app.include_router(module.router, responses=common)
     app.include_router(health.router)
     errors.install(app)
-    # Batch uploads are counted while streamed (api.upload); other bodies are small JSON.
+    # Batch and file uploads are counted while streamed; other bodies are small JSON.
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes,
                        max_json_bytes=settings.max_line_bytes)
     return app

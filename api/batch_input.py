@@ -3,42 +3,48 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lorry.api.batch_fast import (
+    CUSTOM_ID_LENGTH,
+    MESSAGES_LENGTH,
+    PROMPT_LENGTH,
+    ParsedLine,
+    accept,
+)
 from lorry.api.json_check import check_json
-from lorry.api.prompt_length import too_long_message
-from lorry.api.schemas import MAX_TOKENS, NAME_PATTERN, Message, Text
+from lorry.api.prompt_length import too_long_messages
+from lorry.api.schemas import NAME_PATTERN, Message, OpenAIOptions, Text
+from lorry.scheduler.types import JobSpec, LineError
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 
-class RequestBody(BaseModel):
+class RequestBody(OpenAIOptions):
     """The ``body`` of one batch line: an OpenAI chat or text completion request."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str = Field(pattern=NAME_PATTERN)
-    messages: list[Message] | None = Field(None, min_length=1, max_length=256)
-    prompt: Text | None = Field(None, min_length=1, max_length=200_000)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, le=100_000)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: Text | list[Text] | None = Field(None, max_length=16)
-    stop_token_ids: list[int] | None = Field(None, max_length=64)
-    ignore_eos: bool | None = None
-    n: Literal[1] | None = None
+    messages: list[Message] | None = Field(None, min_length=MESSAGES_LENGTH[0],
+                                           max_length=MESSAGES_LENGTH[1])
+    prompt: Text | None = Field(None, min_length=PROMPT_LENGTH[0], max_length=PROMPT_LENGTH[1])
     stream: Literal[False] | None = None
+
+    @model_validator(mode="after")
+    def _supported(self):
+        problem = self.unsupported()
+        if problem is not None:
+            raise ValueError(problem[0])
+        return self
 
 
 class BatchLine(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    custom_id: Text = Field(min_length=1, max_length=512)
+    custom_id: Text = Field(min_length=CUSTOM_ID_LENGTH[0], max_length=CUSTOM_ID_LENGTH[1])
     method: Literal["POST"]
     url: Literal["/v1/chat/completions", "/v1/completions"]
     body: RequestBody
@@ -55,23 +61,19 @@ class BatchLine(BaseModel):
         return self
 
 
-@dataclass
-class ParsedBatch:
-    lines: list[tuple[int, BatchLine]] = field(default_factory=list)
-    errors: list[dict[str, Any]] = field(default_factory=list)  # OpenAI {code, message, line}
-    duplicates: list[dict[str, Any]] = field(default_factory=list)
-    endpoints: set[str] = field(default_factory=set)
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
+                 "ignore_eos")
+BASE_ALIASES = ("base",)
+CHUNK_LINES = 2000  # lines parsed, checked and queued together (memory stays flat)
+
+
+def base_model_name(settings) -> str:
+    return PurePath(settings.model.rstrip("/")).name
 
 
 def sampling_of(body: RequestBody) -> dict[str, Any]:
     """The job's sampling dict (engine names) from an OpenAI body; absent keys are left out."""
-    out = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "seed", "stop",
-                                         "stop_token_ids", "ignore_eos")
-           if getattr(body, k) is not None}
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    if max_tokens is not None:
-        out["max_tokens"] = max_tokens
-    return out
+    return body.sampling()
 
 
 def _describe(err: ValidationError) -> tuple[str, str]:
@@ -86,78 +88,190 @@ def _describe(err: ValidationError) -> tuple[str, str]:
     return msg, loc
 
 
-def parse_lines(raw_lines: Iterable[tuple[int, bytes]]) -> ParsedBatch:
-    """Validate each (line number, bytes) line; blank lines are skipped."""
-    parsed = ParsedBatch()
-    seen: dict[str, int] = {}
-    for number, raw in raw_lines:
-        if not raw.strip():
-            continue
-        problem = check_json(raw)
-        if problem is not None:
-            parsed.errors.append({"code": problem.code, "line": number, "param": problem.param,
-                                  "message": f"line {number}: {problem.message}"})
-            continue
+class DuplicateCustomId(ValueError):
+    """A custom_id used twice in one batch file: the whole batch is refused (``errors``:
+    one ``{line, code, param, message}`` per repeat)."""
+
+    def __init__(self, errors: list[dict[str, Any]]):
+        super().__init__(errors[0]["message"])
+        self.errors = errors
+
+
+def _custom_id(data: Any) -> str | None:
+    """The custom_id of a refused line, when it has a storable one."""
+    cid = data.get("custom_id") if isinstance(data, dict) else None
+    if isinstance(cid, str) and 0 < len(cid) <= 512 and "\x00" not in cid:
+        try:
+            cid.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+        return cid
+    return None
+
+
+def parse_line(number: int, raw: bytes) -> BatchLine | LineError:
+    """One batch line, validated by pydantic, or why it is refused."""
+    problem = check_json(raw)
+    if problem is not None:
+        return LineError(number, problem.code, f"line {number}: {problem.message}",
+                         problem.param)
+    try:
+        return BatchLine.model_validate_json(raw)
+    except ValidationError as e:
         try:
             data = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as e:
-            parsed.errors.append({"code": "invalid_json", "line": number, "param": None,
-                                  "message": f"line {number} is not valid JSON: {e}"})
-            continue
+        except (UnicodeDecodeError, ValueError) as bad:
+            return LineError(number, "invalid_json", f"line {number} is not valid JSON: {bad}")
+        msg, loc = _describe(e)
+        return LineError(number, "invalid_request", f"line {number}: {msg}", loc or None,
+                         _custom_id(data))
+
+
+def read_line(number: int, raw: bytes, samplings: dict | None = None) -> ParsedLine | LineError:
+    """One batch line, validated, or why it is refused (``parse_line``'s answer): the common
+    line is checked by ``batch_fast.accept`` (a few times cheaper; ``samplings``: its memo
+    for a file's lines), any other by pydantic."""
+    if check_json(raw) is None:
         try:
-            line = BatchLine.model_validate(data)
-        except ValidationError as e:
-            msg, loc = _describe(e)
-            parsed.errors.append({"code": "invalid_request", "line": number, "param": loc or None,
-                                  "message": f"line {number}: {msg}"})
+            data = json.loads(raw)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            data = None
+        parsed = accept(data, samplings)
+        if parsed is not None:
+            return parsed
+    line = parse_line(number, raw)
+    if isinstance(line, LineError):
+        return line
+    body = line.body
+    return ParsedLine(line.custom_id, line.url, body.model, body.prompt,
+                      [{"role": m.role, "content": m.content} for m in body.messages]
+                      if body.messages else None, sampling_of(body))
+
+
+@dataclass
+class IngestStats:
+    """What ingest_chunks saw: lines accepted and refused, the endpoints of accepted lines."""
+
+    accepted: int = 0
+    rejected: int = 0
+    endpoints: set[str] = field(default_factory=set)
+    refused: list[LineError] = field(default_factory=list)  # the first KEPT_REFUSED
+
+    KEPT_REFUSED = 1000
+
+
+class _Chunker:
+    def __init__(self, queue, tenant, base_name: str, settings, endpoint: str | None):
+        self.queue, self.tenant, self.base_name = queue, tenant, base_name
+        self.settings, self.endpoint = settings, endpoint
+        self.seen: dict[str, int] = {}
+        # Looked up once, before the batch's transaction (on SQLite a second connection
+        # would wait for that transaction's lock).
+        self.known = {a.name for a in queue.list_adapters(tenant.id) if a.status == "ready"}
+        self.samplings: dict[tuple, dict] = {}  # equal sampling dicts shared (one JSON each)
+        self.kept: set[int] = set()  # ids of the dicts in samplings (alive: ids unique)
+        self.options: dict = {}  # batch_fast.accept's memo
+
+    def _model_ok(self, model: str) -> bool:
+        return model == self.base_name or model in BASE_ALIASES or model in self.known
+
+    def chunk(self, raw: list[tuple[int, bytes]],
+              stats: IngestStats) -> tuple[list[JobSpec], list[LineError]]:
+        refused: list[LineError] = []
+        good: list[tuple[int, ParsedLine]] = []
+        duplicates: list[dict[str, Any]] = []
+        for number, data in raw:
+            if data is None:
+                limit = getattr(self.settings, "max_line_bytes", None)
+                refused.append(LineError(number, "line_too_large", f"line {number} is longer "
+                                         f"than the limit of {limit} bytes; shorten it"))
+                continue
+            line = read_line(number, data, self.options)
+            if isinstance(line, LineError):
+                refused.append(line)
+                continue
+            cid = line.custom_id
+            if cid in self.seen:
+                duplicates.append({
+                    "code": "duplicate_custom_id", "line": number, "param": "custom_id",
+                    "message": f"line {number}: custom_id {cid!r} already used on line "
+                               f"{self.seen[cid]}; custom_ids must be unique in a batch"})
+                continue
+            self.seen[cid] = number
+            if self.endpoint is not None and line.url != self.endpoint:
+                refused.append(LineError(
+                    number, "invalid_url", f"line {number}: url {line.url!r} differs from the "
+                    f"batch's endpoint {self.endpoint!r}; every line must use the batch's "
+                    "endpoint", "url", cid))
+                continue
+            model = line.model
+            if not self._model_ok(model):
+                refused.append(LineError(
+                    number, "model_not_found", f"line {number}: unknown model {model!r}; use "
+                    f"one of your adapters or the base model {self.base_name!r}", "body.model",
+                    cid))
+                continue
+            good.append((number, line))
+        if duplicates:
+            raise DuplicateCustomId(duplicates)
+        too_long = [None] * len(good) if self.settings is None else too_long_messages(
+            self.settings, [(line.prompt, [m["content"] for m in line.messages]
+                             if line.messages else None) for _, line in good])
+        specs = []
+        for (number, line), reason in zip(good, too_long):
+            if reason is not None:
+                refused.append(LineError(number, "context_length_exceeded",
+                                         f"line {number}: {reason}",
+                                         "body.messages" if line.messages else "body.prompt",
+                                         line.custom_id))
+                continue
+            sampling = line.sampling
+            if id(sampling) not in self.kept:
+                key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                   for k, v in sampling.items()))
+                sampling = self.samplings.setdefault(key, sampling)
+                self.kept.add(id(sampling))
+            is_base = line.model == self.base_name or line.model in BASE_ALIASES
+            specs.append(JobSpec(
+                adapter=None if is_base else line.model, prompt=line.prompt,
+                messages=line.messages, sampling=sampling, custom_id=line.custom_id))
+            stats.endpoints.add(line.url)
+        refused.sort(key=lambda e: e.line)
+        stats.accepted += len(specs)
+        stats.rejected += len(refused)
+        stats.refused += refused[:max(0, stats.KEPT_REFUSED - len(stats.refused))]
+        return specs, refused
+
+
+def ingest_chunks(raw_lines: Iterable[tuple[int, bytes | None]], queue, tenant, base_name: str,
+                  settings=None, *, endpoint: str | None = None,
+                  stats: IngestStats | None = None,
+                  chunk_lines: int = CHUNK_LINES
+                  ) -> Iterator[tuple[list[JobSpec], list[LineError]]]:
+    """(accepted JobSpecs, refused lines) per ``chunk_lines`` lines of a batch file, read
+    lazily (``JobQueue.ingest_batch`` takes them). Blank lines are skipped; a line given as
+    None (longer than the limit, see ``api.upload.file_lines``), a line naming an
+    unknown model, another url than ``endpoint``, or too long a prompt (checked when
+    ``settings`` is given) is refused with its custom_id. Raises DuplicateCustomId."""
+    stats = stats if stats is not None else IngestStats()
+    return _chunks(raw_lines, _Chunker(queue, tenant, base_name, settings, endpoint), stats,
+                   chunk_lines)
+
+
+def _chunks(raw_lines, chunker: _Chunker, stats: IngestStats, chunk_lines: int):
+    pending: list[tuple[int, bytes]] = []
+    for number, raw in raw_lines:
+        if raw is not None and not raw.strip():
             continue
-        if line.custom_id in seen:
-            parsed.duplicates.append({
-                "code": "duplicate_custom_id", "line": number, "param": "custom_id",
-                "message": f"line {number}: custom_id {line.custom_id!r} already used on line "
-                           f"{seen[line.custom_id]}; custom_ids must be unique in a batch"})
-            continue
-        seen[line.custom_id] = number
-        parsed.endpoints.add(line.url)
-        parsed.lines.append((number, line))
-    return parsed
+        pending.append((number, raw))
+        if len(pending) >= chunk_lines:
+            yield chunker.chunk(pending, stats)
+            pending = []
+    if pending:
+        yield chunker.chunk(pending, stats)
 
 
-BASE_ALIASES = ("base",)
-
-
-def base_model_name(settings) -> str:
-    return PurePath(settings.model.rstrip("/")).name
-
-
-def specs_from_lines(parsed: ParsedBatch, queue, tenant, base_name: str, settings=None):
-    """JobSpecs of the good lines; lines naming an unknown model or too long a prompt join
-    ``parsed.errors`` (the length check needs ``settings``)."""
-    from lorry.scheduler import JobSpec
-
-    known: dict[str, bool] = {}
-    specs = []
-    for number, line in parsed.lines:
-        model = line.body.model
-        is_base = model == base_name or model in BASE_ALIASES
-        if not is_base and model not in known:
-            known[model] = queue.get_adapter(model, tenant.id) is not None
-        if not is_base and not known[model]:
-            parsed.errors.append({"code": "model_not_found", "line": number, "param": "body.model",
-                                  "message": f"line {number}: unknown model {model!r}; use one of "
-                                             f"your adapters or the base model {base_name!r}"})
-            continue
-        body = line.body
-        contents = [m.content for m in body.messages] if body.messages else None
-        too_long = None if settings is None else too_long_message(settings, body.prompt,
-                                                                  contents)
-        if too_long is not None:
-            parsed.errors.append({"code": "context_length_exceeded", "line": number,
-                                  "param": "body.messages" if contents else "body.prompt",
-                                  "message": f"line {number}: {too_long}"})
-            continue
-        specs.append(JobSpec(adapter=None if is_base else model, prompt=body.prompt,
-                             messages=[m.model_dump() for m in body.messages]
-                             if body.messages else None,
-                             sampling=sampling_of(body), custom_id=line.custom_id))
-    return specs
+def line_error_dict(e: LineError) -> dict[str, Any]:
+    """A refused line as the API and ``lorry run`` show it (OpenAI's BatchError + custom_id)."""
+    return {"code": e.code, "line": e.line, "param": e.param, "message": e.message,
+            "custom_id": e.custom_id}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lorry.api.errors import error_response
+from lorry.api.errors import ApiError, error_response
 from lorry.api.json_check import check_json
 
 
@@ -34,7 +34,7 @@ class BodyGuard:
     """
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_json_bytes: int,
-                 streamed_paths: tuple[str, ...] = ("/v1/batches",)):
+                 streamed_paths: tuple[str, ...] = ("/v1/batches", "/v1/files")):
         self.app, self.max_body_bytes, self.max_json_bytes = app, max_body_bytes, max_json_bytes
         self.streamed_paths = streamed_paths
 
@@ -51,7 +51,7 @@ class BodyGuard:
                                       f"{limit} bytes")(scope, receive, send)
             return
         if streamed:
-            await self.app(scope, receive, send)
+            await self.app(scope, _counted(receive, limit), send)
             return
         body, more = bytearray(), True
         while more:
@@ -84,3 +84,19 @@ def _replay(body: bytes, receive: Receive) -> Receive:
             return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
     return replay
+
+
+def _counted(receive: Receive, limit: int) -> Receive:
+    """A receive that raises 413 once the body passes ``limit`` bytes (a streamed body may
+    declare no length; the route's reader stops there)."""
+    seen = 0
+
+    async def counted() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+        return message
+    return counted

@@ -1,11 +1,19 @@
 """Turn the scheduler's dataclasses into API bodies (jobs, batches, OpenAI output lines)."""
 from __future__ import annotations
 
-import time
 from datetime import datetime, timezone
 from typing import Any
 
-from lorry.api.schemas import AdapterOut, BatchOut, JobOut, JobResult, RequestCounts, Usage
+from lorry.api.schemas import (
+    AdapterOut,
+    BatchOut,
+    FileOut,
+    JobOut,
+    JobResult,
+    RequestCounts,
+    Usage,
+)
+from lorry.scheduler.batch_files import output_line as scheduler_output_line
 
 
 def epoch(value) -> float | None:
@@ -32,6 +40,7 @@ def job_result(info) -> JobResult | None:
     completion = getattr(result, "completion_tokens", 0) or 0
     return JobResult(text=result.text or "", token_ids=list(result.token_ids or []),
                      finish_reason=result.finish_reason,
+                     logprobs=getattr(result, "logprobs", None),
                      usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
                                  total_tokens=prompt_tokens + completion))
 
@@ -52,51 +61,33 @@ def adapter_out(info) -> AdapterOut:
 
 
 def batch_out(info, line_errors: list[dict] | None = None) -> BatchOut:
+    """OpenAI's Batch object; ``line_errors``: the refused lines shown under ``errors``."""
     counts = info.request_counts
     if not isinstance(counts, dict):
         counts = {"total": counts.total, "completed": counts.completed, "failed": counts.failed}
     meta = dict(info.metadata or {})
-    endpoint = meta.pop("lorry_endpoint", "/v1/chat/completions")
-    out = BatchOut(id=info.id, status=info.status, endpoint=endpoint,
+    legacy = meta.pop("lorry_endpoint", None)
+    meta.pop("lorry_rejected_lines", None)
+    ts = {k: _int_epoch(getattr(info, k, None)) for k in (
+        "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at",
+        "failed_at", "expired_at", "cancelling_at", "cancelled_at")}
+    out = BatchOut(id=info.id, status=info.status,
+                   endpoint=getattr(info, "endpoint", None) or legacy or "/v1/chat/completions",
+                   input_file_id=getattr(info, "input_file_id", None),
+                   output_file_id=getattr(info, "output_file_id", None),
+                   error_file_id=getattr(info, "error_file_id", None),
                    completion_window=info.completion_window,
-                   created_at=_int_epoch(info.created_at),
-                   in_progress_at=_int_epoch(getattr(info, "in_progress_at", None)),
-                   expires_at=_int_epoch(getattr(info, "expires_at", None)),
-                   completed_at=_int_epoch(getattr(info, "completed_at", None)),
-                   failed_at=_int_epoch(getattr(info, "failed_at", None)),
-                   expired_at=_int_epoch(getattr(info, "expired_at", None)),
-                   cancelled_at=_int_epoch(getattr(info, "cancelled_at", None)),
-                   request_counts=RequestCounts(**counts), metadata=meta or None)
-    if info.status in ("completed", "cancelled", "expired", "failed"):
-        out.output_file_id = f"{info.id}/output"
-        out.error_file_id = f"{info.id}/errors"
+                   request_counts=RequestCounts(**counts), metadata=meta or None, **ts)
     if line_errors:
         out.errors = {"object": "list", "data": line_errors}
     return out
 
 
+def file_out(info) -> FileOut:
+    return FileOut(id=info.id, bytes=info.bytes, created_at=_int_epoch(info.created_at) or 0,
+                   filename=info.filename, purpose=info.purpose, status=info.status)
+
+
 def output_line(info, model_name: str) -> dict[str, Any]:
     """One line of a batch's output/errors file, in OpenAI's shape."""
-    request_id = f"req_{info.id.removeprefix('job_')}"
-    chat = info.messages is not None
-    res = job_result(info)
-    if info.status != "succeeded" or res is None:
-        code = {"failed": "job_failed", "cancelled": "cancelled", "expired": "expired"}.get(
-            info.status, info.status)
-        message = info.error or f"the request ended with status {info.status!r}"
-        return {"id": f"batch_req_{info.id.removeprefix('job_')}", "custom_id": info.custom_id,
-                "response": None, "error": {"code": code, "message": message}}
-    created = int(epoch(info.finished_at) or time.time())
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": res.text},
-                  "logprobs": None, "finish_reason": res.finish_reason}
-        body = {"id": f"chatcmpl-{info.id.removeprefix('job_')}", "object": "chat.completion"}
-    else:
-        choice = {"index": 0, "text": res.text, "logprobs": None,
-                  "finish_reason": res.finish_reason}
-        body = {"id": f"cmpl-{info.id.removeprefix('job_')}", "object": "text_completion"}
-    body.update(created=created, model=info.adapter or model_name, choices=[choice],
-                usage=res.usage.model_dump())
-    return {"id": f"batch_req_{info.id.removeprefix('job_')}", "custom_id": info.custom_id,
-            "response": {"status_code": 200, "request_id": request_id, "body": body},
-            "error": None}
+    return scheduler_output_line(info, model_name)

@@ -42,6 +42,8 @@ class ErrorBody(BaseModel):
 
 
 DESCRIPTIONS = {
+    400: "the request cannot be served as sent (e.g. a file purpose other than 'batch', a "
+         "multipart part missing); the message says what is allowed",
     401: "missing or invalid API key (`WWW-Authenticate: Bearer`)",
     403: "not allowed",
     404: "no such object of yours (other tenants' objects are 404 too); on /metrics: no "

@@ -89,12 +89,16 @@ def check_json(raw: bytes, max_depth: int = MAX_DEPTH) -> JsonProblem | None:
     except UnicodeDecodeError as e:
         return JsonProblem("invalid_json", f"the JSON is not valid UTF-8 (byte 0x{raw[e.start]:02x}"
                                            f" at offset {e.start})")
-    structure = _STRING.sub(b'""', raw)
-    if too_deep(structure, max_depth):
+    if (raw.count(b"[") + raw.count(b"{") <= max_depth and b"NaN" not in raw
+            and b"Infinity" not in raw):
+        structure = b""  # cannot nest too deep nor hold a non-finite number: skip the scan
+    else:
+        structure = _STRING.sub(b'""', raw)
+    if structure and too_deep(structure, max_depth):
         return JsonProblem("json_too_deep", f"the JSON nests deeper than {max_depth} "
                                             f"level(s) of arrays/objects; at most {max_depth} "
                                             "are allowed")
-    found = _NON_FINITE.search(structure)
+    found = _NON_FINITE.search(structure) if structure else None
     if found:
         return JsonProblem("invalid_json", f"{found.group().decode()} is not a JSON number; "
                                            "numbers must be finite")

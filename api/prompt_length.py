@@ -47,7 +47,52 @@ def too_long_message(settings, prompt: str | None, messages: list[str] | None) -
     # the engine needs one free position to generate: it refuses len(ids) >= max_model_len
     if count is None or count + 1 <= limit:
         return None
-    what = "prompt is" if prompt is not None else "messages' contents are at least"
+    return _reason(prompt is not None, count, limit)
+
+
+def too_long_messages(settings, items: list[tuple[str | None, list[str] | None]]
+                      ) -> list[str | None]:
+    """``too_long_message`` of many (prompt, contents) at once: one batched encode (the
+    tokenizer's own threads) instead of one call per prompt."""
+    limit = settings.max_model_len
+    tok = None if limit is None else _tokenizer(settings.model)
+    if tok is None or not items:
+        return [None] * len(items)
+    # An ASCII text of n characters encodes to at most n + (tokens the encoding adds) + 1
+    # (a prefix marker): every token covers at least one character (byte-level BPE: one
+    # byte). Requests under that bound fit without being tokenized.
+    margin, room = _added_tokens(tok) + 1, limit - 1
+    sure = [p is not None and p.isascii() and len(p) + margin <= room or
+            p is None and all(c.isascii() for c in cs or []) and
+            sum(max(0, len(c) + margin - 2) for c in cs or []) <= room
+            for p, cs in items]
+    prompts = [(i, p) for i, (p, _) in enumerate(items) if p is not None and not sure[i]]
+    contents = [(i, c) for i, (p, cs) in enumerate(items) if p is None and not sure[i]
+                for c in cs or []]
+    counts = [0] * len(items)
+    if prompts:
+        for (i, _), enc in zip(prompts, tok.encode_batch([p for _, p in prompts])):
+            counts[i] = len(enc.ids)
+    if contents:
+        for (i, _), enc in zip(contents, tok.encode_batch([c for _, c in contents],
+                                                          add_special_tokens=False)):
+            counts[i] += max(0, len(enc.ids) - 2)
+    return [None if count + 1 <= limit else _reason(prompt is not None, count, limit)
+            for (prompt, _), count in zip(items, counts)]
+
+
+@lru_cache(maxsize=4)
+def _added_tokens_of(tok_id: int, tok) -> int:
+    return max(len(tok.encode("").ids), len(tok.encode("a").ids) - 1)
+
+
+def _added_tokens(tok) -> int:
+    """Tokens the encoding adds to any text (BOS/EOS and the like)."""
+    return _added_tokens_of(id(tok), tok)
+
+
+def _reason(is_prompt: bool, count: int, limit: int) -> str:
+    what = "prompt is" if is_prompt else "messages' contents are at least"
     return (f"the {what} {count} tokens; max_model_len is {limit}, which must leave room for "
             f"at least 1 generated token: shorten the prompt to at most {limit - 1} tokens")
 

@@ -95,6 +95,8 @@ class JobResult(BaseModel):
     token_ids: list[int]
     finish_reason: str | None
     usage: Usage
+    # per generated token when asked: {"id", "token", "logprob", "top": [[id, token, logprob]]}
+    logprobs: list[dict[str, Any]] | None = None
 
 
 class JobOut(BaseModel):
@@ -168,9 +170,228 @@ class BatchOut(BaseModel):
     created_at: int | None = None
     in_progress_at: int | None = None
     expires_at: int | None = None
+    finalizing_at: int | None = None
     completed_at: int | None = None
     failed_at: int | None = None
     expired_at: int | None = None
+    cancelling_at: int | None = None
     cancelled_at: int | None = None
     request_counts: RequestCounts = RequestCounts()
     metadata: dict[str, Any] | None = None
+
+
+BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+
+
+class BatchCreate(Strict):
+    """OpenAI's batch creation body: the uploaded JSONL file (purpose "batch") and the one
+    endpoint all its lines use."""
+
+    input_file_id: str = Field(pattern=ID_PATTERN)
+    endpoint: Literal["/v1/chat/completions", "/v1/completions"]
+    completion_window: str = Field("24h", pattern=r"^[1-9][0-9]{0,3}h$")
+    metadata: dict[str, Text] | None = Field(None, max_length=16)
+
+    @model_validator(mode="after")
+    def _metadata_values(self):
+        for key, value in (self.metadata or {}).items():
+            if len(key) > 64 or len(value) > 512:
+                raise ValueError("metadata keys are at most 64 and values at most 512 "
+                                 "characters")
+        return self
+
+
+class BatchList(BaseModel):
+    """A page of batches (OpenAI's cursor page: pass ``last_id`` as ``after``)."""
+
+    object: Literal["list"] = "list"
+    data: list[BatchOut]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class FileOut(BaseModel):
+    """OpenAI's File object."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str = "processed"
+    status_details: str | None = None
+    expires_at: int | None = None
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileOut]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class ModelOut(BaseModel):
+    """OpenAI's Model object: the base model (owned_by "lorry") or an adapter ("shared" or
+    the tenant's name)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+
+
+# ---- OpenAI-compatible completions (/v1/chat/completions, /v1/completions, batch lines) ------
+
+MAX_TOP_LOGPROBS = 20
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description='only "text" is supported')
+
+
+class OpenAIOptions(BaseModel):
+    """The sampling fields of OpenAI's chat and text completion requests (plus vLLM's
+    ``top_k``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, le=100_000)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: Text | list[Text] | None = Field(None, max_length=16)
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    ignore_eos: bool | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    logprobs: bool | Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
+        None, description="chat: true/false; completions: how many top tokens (0..20)")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="chat: top tokens per position (needs logprobs)")
+    n: int | None = Field(None, ge=1, le=128, description="only 1 is supported")
+    user: Text | None = Field(None, max_length=256, description="accepted and ignored")
+    response_format: ResponseFormat | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(message, param) of a valid but unsupported option, or None."""
+        if self.n is not None and self.n != 1:
+            why = (f"n={self.n} is not supported: Lorry returns one completion per request "
+                   "(n=1); send n requests instead")
+            return why, "n"
+        if self.response_format is not None and self.response_format.type != "text":
+            why = (f"response_format type {self.response_format.type!r} is not supported; "
+                   "only {'type': 'text'}")
+            return why, "response_format"
+        if self.top_logprobs is not None and self.logprobs is not True:
+            return "top_logprobs needs logprobs=true", "top_logprobs"
+        return None
+
+    def sampling(self) -> dict[str, Any]:
+        """The job's sampling dict (engine names); absent options are left out."""
+        out = {k: getattr(self, k) for k in (
+            "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
+            "presence_penalty", "frequency_penalty", "repetition_penalty")
+            if getattr(self, k) is not None}
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        if max_tokens is not None:
+            out["max_tokens"] = max_tokens
+        if self.logprobs is True:
+            out["logprobs"] = self.top_logprobs or 0
+        elif self.logprobs is not None and self.logprobs is not False:
+            out["logprobs"] = self.logprobs
+        return out
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: Text = Field(max_length=200_000)
+
+
+class ChatMessage(Strict):
+    """A chat message: text content, or a list of text parts (joined)."""
+
+    model_config = ConfigDict(extra="ignore")  # name, tool_call_id, ... are not used
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[TextPart] = Field(max_length=200_000)
+
+    def plain(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else \
+            "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(OpenAIOptions):
+    """OpenAI's chat completion request; ``model`` is an adapter name or the base model."""
+
+    model: str = Field(pattern=NAME_PATTERN)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(OpenAIOptions):
+    """OpenAI's (legacy) text completion request; ``model`` as for chat."""
+
+    model: str = Field(pattern=NAME_PATTERN)
+    prompt: Text = Field(min_length=1, max_length=200_000)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: dict[str, Any]
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionOut(BaseModel):
+    """OpenAI's chat.completion object."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None
+
+
+class CompletionOut(BaseModel):
+    """OpenAI's text_completion object."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None

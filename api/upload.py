@@ -1,7 +1,8 @@
 """Read an uploaded JSONL file (raw body or multipart) as numbered lines, within size limits."""
 from __future__ import annotations
 
-from typing import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
@@ -59,3 +60,40 @@ async def read_lines(request: Request, max_bytes: int, max_lines: int,
         if number > max_lines:
             raise _too_large("the file", max_lines, "lines")
         yield number, pending
+
+
+def file_lines(chunks, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number, line bytes) of a stored file's chunks; a line longer than
+    ``max_line_bytes`` comes as None (its bytes are skipped, never held)."""
+    number, pending, oversize = 0, bytearray(), False
+    for chunk in chunks:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            if not oversize:
+                pending += piece
+                if len(pending) > max_line_bytes:
+                    oversize, pending = True, bytearray()
+            if end < 0:
+                break
+            number += 1
+            yield number, None if oversize else bytes(pending)
+            pending, oversize, start = bytearray(), False, end + 1
+    if oversize or pending.strip():
+        yield number + 1, None if oversize else bytes(pending)
+
+
+async def spool_lines(request: Request, max_bytes: int, max_lines: int, max_line_bytes: int):
+    """The upload's lines (``read_lines``' limits) written to a temporary file (in memory up
+    to 8 MiB, then on disk), rewound; its lines are read back in a worker thread."""
+    spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
+    async for number, line in read_lines(request, max_bytes, max_lines, max_line_bytes):
+        spool.write(line.rstrip(b"\r") + b"\n")
+    spool.seek(0)
+    return spool
+
+
+def spooled_lines(spool) -> Iterator[tuple[int, bytes]]:
+    for number, line in enumerate(spool, start=1):
+        yield number, line.rstrip(b"\n")

@@ -110,7 +110,7 @@ def _drop_pg(url: str, name: str) -> None:
 
 
 def run_one(db_url: str, jobs: int, max_tokens: int, step_ms: float, rows: int,
-            drainer_cls=Drainer) -> dict:
+            drainer_cls=Drainer, **drainer_kw) -> dict:
     upgrade(db_url)
     queue = JobQueue(db_url)
     try:
@@ -124,13 +124,13 @@ def run_one(db_url: str, jobs: int, max_tokens: int, step_ms: float, rows: int,
         queue.submit_many(by_tenant)
         engine = StandInEngine(step_ms / 1000)
         drainer = drainer_cls(queue, engine, "bench", max_num_seqs=rows, heartbeat_seconds=2,
-                              lease_seconds=60)
+                              lease_seconds=60, **drainer_kw)
         t0 = time.perf_counter()
         summary = drainer.run()
         wall = time.perf_counter() - t0
     finally:
         queue.close()
-    return {"jobs": summary.succeeded, "max_tokens": max_tokens, "step_ms": step_ms,
+    return {"jobs": summary.succeeded, "claim_ahead": drainer.claim_ahead, "max_tokens": max_tokens, "step_ms": step_ms,
             "rows": rows, "wall_s": round(wall, 3), "busy": round(engine.busy_s / wall, 4),
             "jobs_per_s": round(summary.succeeded / wall, 1), "steps": engine.steps,
             "reason": summary.reason}
@@ -215,6 +215,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0,
                     help="about how long the engine alone would take per run")
     ap.add_argument("--max-jobs", type=int, default=20000)
+    ap.add_argument("--claim-ahead", type=int, default=None,
+                    help="Drainer(claim_ahead=...): jobs claimed beyond the free rows")
     ap.add_argument("--throughput-jobs", type=int, default=8000,
                     help="1-token jobs for the jobs/s row (1 ms steps); 0 skips it")
     ap.add_argument("--engine", default="stand-in", choices=["stand-in", "tiny", "llama3-8b"])
@@ -238,11 +240,12 @@ def main() -> None:
             if backend == "sqlite":
                 with tempfile.TemporaryDirectory() as tmp:
                     row = run_one(f"sqlite:///{tmp}/drain.db", jobs, max_tokens, step_ms,
-                                  args.rows)
+                                  args.rows, claim_ahead=args.claim_ahead)
             else:
                 name, url = _fresh_pg(args.url)
                 try:
-                    row = run_one(url, jobs, max_tokens, step_ms, args.rows)
+                    row = run_one(url, jobs, max_tokens, step_ms, args.rows,
+                                  claim_ahead=args.claim_ahead)
                 finally:
                     _drop_pg(args.url, name)
             print(json.dumps({"backend": backend, **row}), flush=True)

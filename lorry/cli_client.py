@@ -1,7 +1,8 @@
-"""``lorry submit`` and ``lorry status``: the Python client from the shell."""
+"""``lorry submit``, ``lorry status`` and ``lorry batch ...``: the Python client from the shell."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -63,3 +64,103 @@ def status(job_id: str, url: str = URL, key: str = KEY):
     except LorryError as e:
         _fail(e)
     typer.echo(json.dumps(obj.model_dump(exclude_none=True), indent=2))
+
+
+batch_app = typer.Typer(help="OpenAI Batch files over the API: submit, status, download.",
+                        no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
+
+
+def _wait_with_bar(c, batch):
+    """Poll until the batch is final, drawing a progress bar of its finished requests."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), transient=False) as bar:
+        task = bar.add_task(batch.id, total=batch.request_counts.total or None)
+
+        def show(b):
+            counts = b.request_counts
+            bar.update(task, total=counts.total or None,
+                       completed=counts.completed + counts.failed,
+                       description=f"{b.id} {b.status}")
+        return c.wait_batch(batch.id, progress=show)
+
+
+@batch_app.command("submit")
+def batch_submit(file: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                             help="an OpenAI Batch JSONL file"),
+                 endpoint: str = typer.Option("/v1/chat/completions",
+                                              help="the endpoint every line uses"),
+                 completion_window: str = "24h",
+                 idempotency_key: Optional[str] = typer.Option(
+                     None, help="retrying with the same key creates nothing new"),
+                 wait: bool = typer.Option(False, help="wait (progress bar) until it is final"),
+                 url: str = URL, key: str = KEY):
+    """Upload FILE (purpose "batch") and create its batch; print the batch id (or its final
+    state with --wait). Refused lines are printed with their custom_id."""
+    from lorry.errors import LorryError
+
+    try:
+        with _client(url, key) as c:
+            up = c.upload_file(file, idempotency_key=idempotency_key and f"{idempotency_key}:file")
+            batch = c.create_batch(up.id, endpoint=endpoint, completion_window=completion_window,
+                                   idempotency_key=idempotency_key)
+            for err in batch.line_errors:
+                who = f" (custom_id {err['custom_id']!r})" if err.get("custom_id") else ""
+                typer.echo(f"{file}: refused{who}: {err['message']}", err=True)
+            if wait:
+                batch = _wait_with_bar(c, batch)
+    except LorryError as e:
+        _fail(e)
+    if not wait:
+        typer.echo(batch.id)
+        return
+    counts = batch.request_counts
+    typer.echo(f"{batch.id} {batch.status}: {counts.completed} completed, {counts.failed} "
+               f"failed of {counts.total}")
+
+
+@batch_app.command("status")
+def batch_status(batch_id: str, url: str = URL, key: str = KEY):
+    """Print the batch (OpenAI's Batch object) as JSON."""
+    from lorry.errors import LorryError
+
+    try:
+        with _client(url, key) as c:
+            batch = c.batch(batch_id)
+    except LorryError as e:
+        _fail(e)
+    typer.echo(json.dumps(batch.model_dump(exclude_none=True), indent=2))
+
+
+@batch_app.command("download")
+def batch_download(batch_id: str,
+                   output: Path = typer.Option(..., "-o", "--output",
+                                               help="where the output file goes; the error "
+                                                    "file goes beside it as <stem>.errors.jsonl"),
+                   wait: bool = typer.Option(False, help="wait until the batch is final"),
+                   url: str = URL, key: str = KEY):
+    """Download a finished batch's output file (and its error file, if any)."""
+    from lorry.errors import LorryError
+
+    try:
+        with _client(url, key) as c:
+            batch = _wait_with_bar(c, c.batch(batch_id)) if wait else c.batch(batch_id)
+            if not batch.done:
+                typer.echo(f"error: batch {batch_id} is {batch.status!r}; its files exist once "
+                           "it is final (use --wait)", err=True)
+                raise typer.Exit(2)
+            written = []
+            for file_id, path in ((batch.output_file_id, output),
+                                  (batch.error_file_id,
+                                   output.with_name(output.stem + ".errors.jsonl"))):
+                if file_id is None:
+                    continue
+                with open(path, "wb") as f:
+                    for chunk in c.file_content(file_id):
+                        f.write(chunk)
+                written.append(str(path))
+    except LorryError as e:
+        _fail(e)
+    typer.echo("\n".join(written) or f"batch {batch_id} has no output or error file")

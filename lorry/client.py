@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import httpx
 
 from lorry.errors import LorryError, Unavailable, WaitTimeout, error_for
-from lorry.models import Adapter, Batch, BatchResultLine, Job, JobPage
+from lorry.models import Adapter, Batch, BatchResultLine, File, Job, JobPage
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                  "stop_token_ids", "ignore_eos")
@@ -101,14 +102,19 @@ class Client:
             cursor = page.next_cursor
 
     def wait(self, job_id: str, *, timeout: float | None = None, poll_interval: float = 0.2,
-             max_interval: float = 5.0) -> Job:
-        """Poll until the job is final (succeeded/failed/cancelled/expired), backing off."""
-        return _poll(lambda: self.get(job_id), timeout, poll_interval, max_interval, job_id)
+             max_interval: float = 5.0, progress: Callable[[Job], None] | None = None) -> Job:
+        """Poll until the job is final (succeeded/failed/cancelled/expired), backing off;
+        ``progress`` is called with the job after each poll."""
+        return _poll(lambda: self.get(job_id), timeout, poll_interval, max_interval, job_id,
+                     progress)
 
     # -- batches ------------------------------------------------------------------------------
     def submit_batch(self, source: str | Path | Iterable[dict], *,
-                     metadata: dict | None = None, completion_window: str = "24h") -> Batch:
-        """Upload an OpenAI Batch JSONL file (a path) or records (dicts, one per line)."""
+                     metadata: dict | None = None, completion_window: str = "24h",
+                     idempotency_key: str | None = None) -> Batch:
+        """Upload an OpenAI Batch JSONL file (a path) or records (dicts, one per line) and
+        create its batch in one request. Lines that cannot be queued are in the batch's
+        ``errors`` (``Batch.line_errors``) and later in its error file."""
         if isinstance(source, (str, Path)):
             content = Path(source).read_bytes()
         else:
@@ -116,9 +122,63 @@ class Client:
         params = {"completion_window": completion_window}
         if metadata:
             params["metadata"] = json.dumps(metadata)
+        headers = {"Content-Type": "application/jsonl"}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
         resp = self._request("POST", "/v1/batches", params=params, content=content,
-                             headers={"Content-Type": "application/jsonl"})
+                             headers=headers)
         return Batch.model_validate(resp.json())
+
+    def upload_file(self, source: str | Path | bytes, *, filename: str | None = None,
+                    idempotency_key: str | None = None) -> File:
+        """Upload a batch input file (purpose "batch"), as OpenAI's ``files.create``."""
+        if isinstance(source, bytes):
+            name, handle = filename or "batch.jsonl", source
+        else:
+            name, handle = filename or Path(source).name, open(source, "rb")  # noqa: SIM115
+        headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
+        try:
+            resp = self._request("POST", "/v1/files", files={"file": (name, handle)},
+                                 data={"purpose": "batch"}, headers=headers)
+        finally:
+            if not isinstance(handle, bytes):
+                handle.close()
+        return File.model_validate(resp.json())
+
+    def create_batch(self, input_file_id: str, *, endpoint: str = "/v1/chat/completions",
+                     completion_window: str = "24h", metadata: dict | None = None,
+                     idempotency_key: str | None = None) -> Batch:
+        """A batch of an uploaded file, as OpenAI's ``batches.create``."""
+        body = {"input_file_id": input_file_id, "endpoint": endpoint,
+                "completion_window": completion_window, "metadata": metadata}
+        headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
+        return Batch.model_validate(self._request("POST", "/v1/batches", json=body,
+                                                  headers=headers).json())
+
+    def file(self, file_id: str) -> File:
+        return File.model_validate(self._request("GET", f"/v1/files/{file_id}").json())
+
+    def file_content(self, file_id: str) -> Iterator[bytes]:
+        """A file's bytes (a batch's output_file_id / error_file_id too), streamed."""
+        try:
+            with self._http.stream("GET", f"/v1/files/{file_id}/content") as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    self._raise_for(resp)
+                yield from resp.iter_bytes()
+        except httpx.HTTPError as e:
+            raise LorryError(0, f"cannot reach {self._http.base_url}: {e}") from e
+
+    def batches(self, *, page_size: int = 100) -> Iterator[Batch]:
+        """The tenant's batches, newest first, following the cursor page by page."""
+        after = None
+        while True:
+            params = {"limit": page_size} | ({"after": after} if after else {})
+            page = self._request("GET", "/v1/batches", params=params).json()
+            yield from (Batch.model_validate(b) for b in page["data"])
+            if not page.get("has_more") or not page.get("last_id"):
+                return
+            after = page["last_id"]
 
     def batch(self, batch_id: str) -> Batch:
         return Batch.model_validate(self._request("GET", f"/v1/batches/{batch_id}").json())
@@ -127,8 +187,12 @@ class Client:
         return Batch.model_validate(self._request("POST", f"/v1/batches/{batch_id}/cancel").json())
 
     def wait_batch(self, batch_id: str, *, timeout: float | None = None,
-                   poll_interval: float = 0.5, max_interval: float = 10.0) -> Batch:
-        return _poll(lambda: self.batch(batch_id), timeout, poll_interval, max_interval, batch_id)
+                   poll_interval: float = 0.5, max_interval: float = 10.0,
+                   progress: Callable[[Batch], None] | None = None) -> Batch:
+        """Poll until the batch is final; ``progress`` is called with the batch after each
+        poll (its ``request_counts`` say how far it is)."""
+        return _poll(lambda: self.batch(batch_id), timeout, poll_interval, max_interval, batch_id,
+                     progress)
 
     def iter_results(self, batch_id: str, *, errors: bool = False) -> Iterator[BatchResultLine]:
         """Lines of the batch's output file (or its errors file), streamed."""
@@ -166,7 +230,7 @@ class Client:
         self._request("DELETE", f"/v1/adapters/{name}")
 
 
-def _poll(fetch, timeout, interval, max_interval, what):
+def _poll(fetch, timeout, interval, max_interval, what, progress=None):
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         try:
@@ -174,6 +238,8 @@ def _poll(fetch, timeout, interval, max_interval, what):
         except Unavailable as e:  # the server's database is away for a moment: keep waiting
             obj, pause_for = None, e.retry_after or interval
         else:
+            if progress is not None:
+                progress(obj)
             if obj.done:
                 return obj
             pause_for = interval
@@ -197,7 +263,13 @@ def _describe(detail) -> str:
     """A one-line message from an error body: Lorry's ``{"message", ...}`` (OpenAI's shape),
     or FastAPI's ``detail`` (a string or a list of field errors) from other servers."""
     if isinstance(detail, dict):
-        return str(detail.get("message") or json.dumps(detail))
+        message = str(detail.get("message") or json.dumps(detail))
+        lines = detail.get("lines")
+        if isinstance(lines, list) and lines:
+            shown = [_line_error(e) for e in lines[:5] if isinstance(e, dict)]
+            more = f"; and {len(lines) - 5} more" if len(lines) > 5 else ""
+            message += " [" + "; ".join(shown) + more + "]"
+        return message
     if isinstance(detail, list):
         parts = []
         for err in detail:
@@ -209,3 +281,9 @@ def _describe(detail) -> str:
                 parts.append(str(err))
         return "; ".join(parts)
     return str(detail)
+
+
+def _line_error(err: dict) -> str:
+    """A refused batch line as one phrase: its custom_id (when it had one) and its reason."""
+    who = f"custom_id {err['custom_id']!r}: " if err.get("custom_id") else ""
+    return who + str(err.get("message") or err.get("code"))

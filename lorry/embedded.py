@@ -84,33 +84,44 @@ def run_file(settings, file: Path, output: Path, adapters: list[str] = (), adapt
 
     Failed lines go to ``<output stem>.errors.jsonl`` beside it.
     """
-    from lorry.api.batch_input import base_model_name, parse_lines, specs_from_lines
+    from lorry.api.batch_input import (
+        DuplicateCustomId,
+        IngestStats,
+        base_model_name,
+        ingest_chunks,
+        line_error_dict,
+    )
     from lorry.api.convert import output_line
 
     wanted = named_adapters(list(adapters), adapters_dir)
     with embedded_queue(settings, database_url, adapter_roots=run_roots(settings, wanted)) \
             as (settings, queue, tenant):
         register_adapters(queue, settings, wanted)
+        base = base_model_name(settings)
+        stats = IngestStats()
         with open(file, "rb") as f:
-            parsed = parse_lines(enumerate((line.rstrip(b"\r\n") for line in f), start=1))
-        if parsed.duplicates:
-            raise SystemExit("\n".join(d["message"] for d in parsed.duplicates))
-        specs = specs_from_lines(parsed, queue, tenant, base_model_name(settings))
-        for err in parsed.errors:
-            print(f"{file}: {err['message']}", file=sys.stderr)
-        if not specs:
+            lines = enumerate((line.rstrip(b"\r\n") for line in f), start=1)
+            try:
+                batch, _ = queue.ingest_batch(
+                    tenant.id, ingest_chunks(lines, queue, tenant, base, stats=stats),
+                    model=base, metadata={})
+            except DuplicateCustomId as e:
+                raise SystemExit("\n".join(d["message"] for d in e.errors)) from None
+        rejects = queue.batch_errors(batch.id, tenant.id, limit=stats.rejected or 1)
+        for err in rejects:
+            print(f"{file}: {err.message}", file=sys.stderr)
+        if not stats.accepted:
             raise SystemExit(f"{file}: no request could be queued")
-        batch = queue.create_batch(tenant.id, specs, metadata={})
-        drain_with_progress(settings, queue, len(specs), f"{len(specs)} requests")
+        drain_with_progress(settings, queue, stats.accepted, f"{stats.accepted} requests")
         queue.finalize_batches()
-        counts = {"succeeded": 0, "failed": len(parsed.errors)}
+        counts = {"succeeded": 0, "failed": len(rejects)}
         errors_path = output.with_name(output.stem + ".errors.jsonl")
         with open(output, "w") as out, open(errors_path, "w") as errs:
-            for err in parsed.errors:
-                errs.write(json.dumps({"id": None, "custom_id": None, "response": None,
-                                       "error": err}) + "\n")
+            for err in rejects:
+                errs.write(json.dumps({"id": None, "custom_id": err.custom_id, "response": None,
+                                       "error": line_error_dict(err)}) + "\n")
             for job in queue.batch_results(batch.id, tenant.id):
-                line = output_line(job, base_model_name(settings))
+                line = output_line(job, base)
                 ok = job.status == "succeeded"
                 counts["succeeded" if ok else "failed"] += 1
                 (out if ok else errs).write(json.dumps(line) + "\n")

@@ -75,24 +75,47 @@ class Batch(_Model):
     status: str
     endpoint: str | None = None
     completion_window: str | None = None
+    input_file_id: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
     request_counts: RequestCounts = RequestCounts()
     created_at: int | None = None
     in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
     completed_at: int | None = None
+    failed_at: int | None = None
     cancelled_at: int | None = None
     expired_at: int | None = None
     metadata: dict[str, Any] | None = None
     errors: dict[str, Any] | None = None
 
     @property
+    def line_errors(self) -> list[dict[str, Any]]:
+        """Input lines refused when the batch was created: {line, custom_id, code, message}."""
+        return list((self.errors or {}).get("data") or [])
+
+    @property
     def done(self) -> bool:
         return self.status in FINAL_BATCH_STATUSES
+
+
+class File(_Model):
+    """An uploaded file (purpose "batch") or a batch's output/error file ("batch_output")."""
+
+    id: str
+    object: str = "file"
+    bytes: int = 0
+    created_at: int | None = None
+    filename: str | None = None
+    purpose: str | None = None
+    status: str | None = None
 
 
 class BatchResultLine(_Model):
     """One line of a batch's output or errors file (OpenAI's shape)."""
 
-    id: str
+    id: str | None = None
     custom_id: str | None = None
     response: dict[str, Any] | None = None
     error: dict[str, Any] | None = None

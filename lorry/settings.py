@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(200_000, ge=1)
     max_tokens_limit: int = Field(4096, ge=1)
     page_limit: int = Field(100, ge=1, le=1000)
+    # /v1/chat/completions and /v1/completions wait this long for their job, then answer 504
+    # naming the job to poll (it keeps running)
+    sync_timeout_seconds: float = Field(300.0, gt=0)
     # /metrics answers only a scraper sending `Authorization: Bearer <metrics_token>` (404
     # while none is set); tenant ids and adapter names appear as labels only when opted in.
     metrics_token: SecretStr | None = None

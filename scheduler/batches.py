@@ -1,22 +1,28 @@
-"""OpenAI-Batch-shaped groups of jobs: create, read, cancel, finalize, stream results.
-JobQueue mixin."""
+"""OpenAI-Batch-shaped groups of jobs: create (streamed ingest), read, list, cancel,
+finalize (building the output and error files), stream results. JobQueue mixin."""
 from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import exists, func, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 
 from lorry.scheduler import errors
+from lorry.scheduler.batch_files import jsonl, output_line, reject_line
+from lorry.scheduler.batch_writer import BatchWriter
 from lorry.scheduler.db import add_to_groups
-from lorry.scheduler.models import Batch, Job
+from lorry.scheduler.jobs import unstorable, validate_spec
+from lorry.scheduler.models import Batch, BatchReject, Job, Tenant
 from lorry.scheduler.rows import batch_info, job_info
-from lorry.scheduler.types import BatchInfo, JobInfo, JobSpec
+from lorry.scheduler.types import BatchInfo, JobInfo, JobSpec, LineError
 
-B, J = Batch.__table__, Job.__table__
+B, J, R = Batch.__table__, Job.__table__, BatchReject.__table__
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
+FAILED_JOB_STATUSES = ("failed", "cancelled", "expired")
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 
 
 def window_seconds(window: str) -> int:
@@ -32,41 +38,114 @@ class BatchOps:
                      completion_window: str = "24h") -> BatchInfo:
         """Queue specs as one batch (each needs a unique custom_id); jobs get the batch's
         expiry as their deadline. Raises like submit; nothing is queued on error."""
-        seconds = window_seconds(completion_window)
         specs = list(specs)
         if not specs:
             raise errors.InvalidJob("a batch needs at least one request, got 0")
-        seen: set = set()
-        for i, s in enumerate(specs):
-            if not isinstance(s, JobSpec) or not s.custom_id:
-                raise errors.InvalidJob(f"batch request #{i} needs a custom_id")
-            if s.custom_id in seen:
-                raise errors.InvalidJob(f"batch request #{i}: duplicate custom_id "
-                                        f"{s.custom_id!r} (custom_ids must be unique)")
-            seen.add(s.custom_id)
+        info, _ = self.ingest_batch(tenant_id, [(specs, [])], metadata=metadata,
+                                    completion_window=completion_window)
+        return info
+
+    def ingest_batch(self, tenant_id: str,
+                     chunks: Iterable[tuple[Sequence[JobSpec], Sequence[LineError]]], *,
+                     endpoint: str | None = None, completion_window: str = "24h",
+                     metadata: dict | None = None, input_file_id: str | None = None,
+                     model: str | None = None,
+                     idempotency_key: str | None = None) -> tuple[BatchInfo, bool]:
+        """Create a batch from chunks of (accepted specs, refused lines), read one chunk at
+        a time into one transaction (an error from the chunks or a check rolls back all).
+
+        Each spec needs a custom_id, unique in the batch; jobs get the batch's expiry as
+        their deadline and their position in it (across chunks) as order. Refused lines are
+        kept (``batch_errors``, the error file) and counted in total and failed. A batch
+        with no accepted line is created "failed", its error file built now; otherwise it
+        is "in_progress". ``model`` is the base model's name in output lines. Returns
+        (batch, created): a known idempotency_key returns that batch, reading no chunk.
+        ``endpoint=None``: the requests' own (chat or text completions, else "mixed").
+        """
+        seconds = window_seconds(completion_window)
         if metadata is not None and not isinstance(metadata, dict):
             raise errors.InvalidJob(f"metadata must be a dict or None, got {metadata!r}")
-        from lorry.scheduler.jobs import unstorable, validate_spec
-        problem = unstorable(metadata)
+        problem = unstorable(metadata) or unstorable(idempotency_key)
         if problem:
-            raise errors.InvalidJob(f"metadata contains {problem}, which the batch table "
-                                    "cannot store; remove it")
-        for i, s in enumerate(specs):
-            validate_spec(s, i)
+            raise errors.InvalidJob(f"metadata or idempotency key contains {problem}, which "
+                                    "the batch table cannot store; remove it")
+        if idempotency_key is not None:
+            known = self._batch_by_key(tenant_id, idempotency_key)
+            if known is not None:
+                return known, False
         now = self.now()
         batch_id = f"batch_{uuid.uuid4().hex}"
-        row = dict(id=batch_id, tenant_id=tenant_id, status="in_progress",
-                   completion_window=completion_window, total=len(specs), completed=0,
-                   failed=0, metadata=metadata, created_at=now, in_progress_at=now,
-                   expires_at=now + timedelta(seconds=seconds))
-        with self.engine.begin() as conn:
-            from lorry.scheduler.models import Tenant
-            if conn.execute(select(Tenant.id).where(Tenant.id == tenant_id)).first() is None:
-                raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
-            conn.execute(B.insert(), row)
-            self._submit(conn, tenant_id, specs, batch_id=batch_id,
-                         deadline_cap=row["expires_at"])
-            return self._batch(conn, batch_id, tenant_id)
+        row = dict(id=batch_id, tenant_id=tenant_id, status="validating",
+                   completion_window=completion_window, total=0, completed=0, failed=0,
+                   metadata=metadata, created_at=now, expires_at=now + timedelta(seconds=seconds),
+                   endpoint=endpoint, input_file_id=input_file_id, model=model, rejected=0,
+                   idempotency_key=idempotency_key)
+        try:
+            with self.engine.begin() as conn:
+                tenant = conn.execute(select(Tenant.__table__).where(
+                    Tenant.id == tenant_id)).first()
+                if tenant is None:
+                    raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
+                conn.execute(B.insert(), row)
+                writer = BatchWriter(self, conn, tenant, batch_id, row["expires_at"])
+                try:
+                    accepted, rejected, kinds = self._write_chunks(writer, chunks)
+                except BaseException as e:
+                    writer.abandon(e)
+                    raise
+                values = dict(total=accepted + rejected, rejected=rejected)
+                if endpoint is None:
+                    values["endpoint"] = kinds.pop() if len(kinds) == 1 else \
+                        ("mixed" if kinds else None)
+                if accepted:
+                    values.update(status="in_progress", in_progress_at=now)
+                else:
+                    values.update(status="failed", failed_at=now, failed=rejected,
+                                  error_file_id=self._error_file(conn, batch_id, tenant_id,
+                                                                 model))
+                conn.execute(update(B).where(B.c.id == batch_id).values(**values))
+                return self._batch(conn, batch_id, tenant_id), True
+        except IntegrityError:
+            # A concurrent create with the same key won: answer with its batch.
+            known = None if idempotency_key is None else self._batch_by_key(tenant_id,
+                                                                            idempotency_key)
+            if known is None:
+                raise
+            return known, False
+
+    @staticmethod
+    def _write_chunks(writer: BatchWriter, chunks) -> tuple[int, int, set[str]]:
+        """Check and write every chunk; (accepted, rejected, the endpoints of accepted)."""
+        seen: set = set()
+        accepted = rejected = 0
+        kinds: set[str] = set()
+        for specs, refused in chunks:
+            checked: set[int] = set()  # sampling dicts of this chunk found storable
+            encoded: dict[int, str] = {}  # id(messages) -> JSON, encoded by the check
+            for i, s in enumerate(specs):
+                where = accepted + i
+                if not isinstance(s, JobSpec) or not s.custom_id:
+                    raise errors.InvalidJob(f"batch request #{where} needs a custom_id")
+                if s.custom_id in seen:
+                    raise errors.InvalidJob(
+                        f"batch request #{where}: duplicate custom_id "
+                        f"{s.custom_id!r} (custom_ids must be unique)")
+                seen.add(s.custom_id)
+                validate_spec(s, where, checked, encoded)
+                kinds.add(CHAT if s.messages is not None else COMPLETIONS)
+            if specs:
+                writer.add(specs, accepted, encoded)
+                accepted += len(specs)
+            writer.refuse(refused)
+            rejected += len(refused)
+        writer.finish()
+        return accepted, rejected, kinds
+
+    def _batch_by_key(self, tenant_id: str, key: str) -> BatchInfo | None:
+        with self.engine.connect() as conn:
+            found = conn.execute(select(B.c.id).where(B.c.tenant_id == tenant_id,
+                                                      B.c.idempotency_key == key)).scalar()
+            return None if found is None else self._batch(conn, found, tenant_id)
 
     def _batch(self, conn, batch_id: str, tenant_id: str | None) -> BatchInfo | None:
         cond = [B.c.id == batch_id] + ([B.c.tenant_id == tenant_id] if tenant_id else [])
@@ -76,10 +155,9 @@ class BatchOps:
         if row.status in OPEN:
             by_status = dict(conn.execute(select(J.c.status, func.count()).where(
                 J.c.batch_id == batch_id).group_by(J.c.status)).all())
-            done = by_status.get("succeeded", 0)
-            counts = dict(total=row.total, completed=done,
-                          failed=sum(by_status.get(s, 0) for s in
-                                     ("failed", "cancelled", "expired")))
+            counts = dict(total=row.total, completed=by_status.get("succeeded", 0),
+                          failed=(row.rejected or 0) + sum(by_status.get(s, 0)
+                                                           for s in FAILED_JOB_STATUSES))
         else:
             counts = dict(total=row.total, completed=row.completed, failed=row.failed)
         return batch_info(row, counts)
@@ -113,27 +191,119 @@ class BatchOps:
             return self._batch(conn, batch_id, tenant_id)
 
     def finalize_batches(self) -> int:
-        """Batches whose jobs are all terminal become completed, expired (some job expired)
-        or cancelled (cancel was asked); returns how many changed."""
-        now, changed = self.now(), 0
+        """Batches whose jobs are all terminal become "finalizing", get their output file
+        (succeeded requests) and error file (refused lines, failed, cancelled and expired
+        requests) built, then become cancelled (cancel was asked), expired (some job
+        expired) or completed; returns how many were finished. A batch left "finalizing"
+        by a crash is finished by the next call (the files are built in one transaction)."""
         pending = exists().where(J.c.batch_id == B.c.id, J.c.status.in_(("queued", "running")))
+        with self.engine.connect() as conn:
+            ids = [r.id for r in conn.execute(select(B.c.id).where(
+                B.c.status.in_(OPEN), ~pending)).all()]
+        return sum(self._finalize(batch_id) for batch_id in ids)
+
+    def _lock_batch(self, conn, batch_id: str):
+        stmt = select(B).where(B.c.id == batch_id, B.c.status.in_(OPEN))
+        if conn.dialect.name == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)  # another maintain has it
+        return conn.execute(stmt).first()
+
+    def _finalize(self, batch_id: str) -> bool:
         with self.engine.begin() as conn:
-            ids = conn.execute(select(B.c.id, B.c.status).where(
-                B.c.status.in_(OPEN), ~pending)).all()
-            for batch_id, status in ids:
-                by_status = dict(conn.execute(select(J.c.status, func.count()).where(
-                    J.c.batch_id == batch_id).group_by(J.c.status)).all())
-                failed = sum(by_status.get(s, 0) for s in ("failed", "cancelled", "expired"))
-                values = dict(completed=by_status.get("succeeded", 0), failed=failed)
-                if status == "cancelling":
-                    values.update(status="cancelled", cancelled_at=now)
-                elif by_status.get("expired", 0):
-                    values.update(status="expired", expired_at=now)
-                else:
-                    values.update(status="completed", finalizing_at=now, completed_at=now)
-                conn.execute(update(B).where(B.c.id == batch_id).values(**values))
-                changed += 1
-        return changed
+            row = self._lock_batch(conn, batch_id)
+            if row is None:
+                return False
+            if row.status != "finalizing":
+                conn.execute(update(B).where(B.c.id == batch_id).values(
+                    status="finalizing", finalizing_at=self.now()))
+        with self.engine.begin() as conn:
+            row = self._lock_batch(conn, batch_id)
+            if row is None or row.status != "finalizing":
+                return False
+            by_status = dict(conn.execute(select(J.c.status, func.count()).where(
+                J.c.batch_id == batch_id).group_by(J.c.status)).all())
+            if by_status.get("queued") or by_status.get("running"):
+                return False  # a job went back to the queue meanwhile (reaped lease)
+            now = self.now()
+            failed = (row.rejected or 0) + sum(by_status.get(s, 0) for s in FAILED_JOB_STATUSES)
+            values = dict(completed=by_status.get("succeeded", 0), failed=failed)
+            if row.cancelling_at is not None:
+                values.update(status="cancelled", cancelled_at=now)
+            elif by_status.get("expired", 0):
+                values.update(status="expired", expired_at=now)
+            else:
+                values.update(status="completed", completed_at=now)
+            values["output_file_id"] = self.build_file(
+                conn, row.tenant_id, (jsonl(output_line(job, row.model)) for job in
+                                      self._results(conn, batch_id, ("succeeded",))),
+                filename=f"{batch_id}_output.jsonl", batch_id=batch_id)
+            values["error_file_id"] = self._error_file(conn, batch_id, row.tenant_id, row.model)
+            conn.execute(update(B).where(B.c.id == batch_id).values(**values))
+        return True
+
+    def _error_file(self, conn, batch_id: str, tenant_id: str, model: str | None) -> str | None:
+        def lines():
+            for reject in self._rejects(conn, batch_id):
+                yield jsonl(reject_line(batch_id, reject))
+            for job in self._results(conn, batch_id, FAILED_JOB_STATUSES):
+                yield jsonl(output_line(job, model))
+        return self.build_file(conn, tenant_id, lines(), filename=f"{batch_id}_error.jsonl",
+                               batch_id=batch_id)
+
+    def _rejects(self, conn, batch_id: str, limit: int | None = None) -> Iterator[LineError]:
+        last = 0
+        while True:
+            page = 1000 if limit is None else min(1000, limit)
+            rows = conn.execute(select(R).where(R.c.batch_id == batch_id, R.c.line > last)
+                                .order_by(R.c.line).limit(page)).all()
+            for r in rows:
+                yield LineError(line=r.line, code=r.code, message=r.message, param=r.param,
+                                custom_id=r.custom_id)
+            if limit is not None:
+                limit -= len(rows)
+            if len(rows) < page or limit == 0:
+                return
+            last = rows[-1].line
+
+    def _results(self, conn, batch_id: str, statuses: Sequence[str]) -> Iterator[JobInfo]:
+        last = -1
+        while True:
+            rows = conn.execute(select(J).where(J.c.batch_id == batch_id, J.c.seq > last,
+                                                J.c.status.in_(statuses))
+                                .order_by(J.c.seq).limit(1000)).all()
+            for r in rows:
+                yield job_info(r)
+            if len(rows) < 1000:
+                return
+            last = rows[-1].seq
+
+    def batch_errors(self, batch_id: str, tenant_id: str | None,
+                     limit: int = 1000) -> list[LineError]:
+        """The first ``limit`` lines refused when the batch was created, by line number
+        (the error file holds all of them)."""
+        with self.engine.connect() as conn:
+            if self._batch(conn, batch_id, tenant_id) is None:
+                return []
+            return list(self._rejects(conn, batch_id, limit))
+
+    def list_batches(self, tenant_id: str, *, after: str | None = None,
+                     limit: int = 20) -> list[BatchInfo]:
+        """The tenant's batches, newest first; ``after`` is the last id of the previous page
+        (unknown: ValueError)."""
+        if not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise ValueError(f"limit must be an int in [1, 1000], got {limit!r}")
+        cond = [B.c.tenant_id == tenant_id]
+        key = tuple_(B.c.created_at, B.c.id)
+        with self.engine.connect() as conn:
+            if after is not None:
+                ref = conn.execute(select(B.c.created_at).where(
+                    B.c.id == after, B.c.tenant_id == tenant_id)).first()
+                if ref is None:
+                    raise ValueError(f"after={after!r} is not a batch id of this tenant")
+                cond.append(key < tuple_(ref.created_at, after))
+            ids = conn.execute(select(B.c.id).where(*cond).order_by(
+                B.c.created_at.desc(), B.c.id.desc()).limit(limit)).scalars().all()
+            return [self._batch(conn, batch_id, tenant_id) for batch_id in ids]
 
     def batch_results(self, batch_id: str, tenant_id: str | None) -> Iterator[JobInfo]:
         """Every job of the batch in input order, read in pages (constant memory)."""

@@ -35,6 +35,16 @@ want AS MATERIALIZED (
   SELECT w.* FROM cfg, unnest(CAST(%(tenants)s AS text[]), CAST(%(adapters)s AS bigint[]),
                               CAST(%(priorities)s AS int[]), CAST(%(counts)s AS int[]))
          AS w(tenant_id, adapter_id, priority, n)),
+unseen AS MATERIALIZED (
+  -- Among the groups that went live last (since shortly before the worker's snapshot was
+  -- read), one the snapshot cannot show (a tenant it does not know, a higher priority):
+  -- another process's submit. The plan may pass it over, so nothing is leased; the
+  -- worker plans again from a fresh snapshot.
+  SELECT EXISTS (SELECT 1 FROM (
+    SELECT tenant_id, priority FROM queue_groups
+    WHERE queued_count > 0 AND oldest_enqueued_at > %(since)s
+    ORDER BY oldest_enqueued_at DESC LIMIT 64) u
+    WHERE strpos(%(known)s, ',' || u.tenant_id || ',') = 0 OR u.priority > %(top)s) AS found),
 picked AS MATERIALIZED (
   -- The groups in the plan's order until %(total)s rows: the Limit stops pulling, so a spare
   -- group is read (and its rows locked) only when the groups before it came short.
@@ -44,12 +54,18 @@ picked AS MATERIALIZED (
       AND j.adapter_id = want.adapter_id AND j.priority = want.priority
       AND j.enqueued_at <= %(now)s AND (j.deadline IS NULL OR j.deadline > %(now)s)
     ORDER BY j.enqueued_at LIMIT want.n FOR UPDATE SKIP LOCKED) p
+  WHERE NOT (SELECT found FROM unseen)
   LIMIT %(total)s),
 claimed AS (
+  -- By primary key only. Joined to picked, the generic plan (which cannot know that picked
+  -- holds at most %(total)s rows) may hash the whole jobs table (~20 ms a claim at 100k
+  -- queued); with status = 'queued' here, it may scan every queued job's index entry.
+  -- picked locked each row after checking that it is queued (its WHERE, rechecked on the
+  -- latest version), so nothing else can change the row before this UPDATE.
   UPDATE jobs SET status = 'running', worker_id = %(worker)s, lease_token = %(token)s,
          lease_expires_at = %(expires)s, attempts = jobs.attempts + 1, not_before = NULL,
          started_at = COALESCE(jobs.started_at, %(now)s)
-  FROM picked WHERE jobs.id = picked.id AND jobs.status = 'queued'
+  WHERE jobs.id = ANY(ARRAY(SELECT id FROM picked))
   RETURNING jobs.id, jobs.tenant_id, jobs.adapter_id, jobs.priority, jobs.adapter_name,
             jobs.prompt, jobs.messages, jobs.sampling, jobs.attempts, jobs.enqueued_at),
 per_group AS (
@@ -110,18 +126,19 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, hot = exclu
 
 
 def claim_rows(cur, wants, total, *, now, worker_id, token, expires, floor, touch, hot,
-               warm) -> list:
+               warm, unseen: dict) -> list:
     """Lease up to total jobs from the wanted (group, count) pairs, in their order (and
     rewrite the worker row when touch); returns the claimed
     jobs as tuples (id, tenant_id, adapter_id, adapter_name, prompt, messages, sampling JSON text,
     attempts, priority, enqueued_at, then the adapter's id, name, source, revision,
     tenant_id, rank, status, base_model, created_at, then the JSON text [groups, served]
-    (see the statement). cur: a psycopg cursor (autocommit)."""
+    (see the statement). Nothing is leased when a group matches unseen (since, known, top:
+    see ClaimSnapshot.unseen_filter). cur: a psycopg cursor (autocommit)."""
     cur.execute(CLAIM_SQL, dict(
         tenants=[g.tenant_id for g, _ in wants], adapters=[g.adapter_id for g, _ in wants],
         priorities=[g.priority for g, _ in wants], counts=[n for _, n in wants], total=total,
         token=token, expires=expires, floor=floor, touch=touch, worker=worker_id, now=now,
-        hot=json.dumps(hot), warm=json.dumps(warm)), prepare=True)
+        hot=json.dumps(hot), warm=json.dumps(warm), **unseen), prepare=True)
     return cur.fetchall()
 
 
@@ -132,16 +149,13 @@ def touch_worker(cur, worker_id, now, hot, warm) -> None:
 
 
 # Everything a claim reads, in one read-only autocommit round trip (no WAL flush): the
-# worker's hot/warm resolved to ids and its stored row, the hot lists of the other live
-# workers, and the candidate groups with their tenant's weight and fair-share counter (one
-# row per group; a single row with NULL group columns when nothing is queued).
+# worker's hot/warm ids that name existing adapters and its stored row (engine rows
+# included), the hot lists of the other live workers, and the candidate groups with their
+# tenant's weight and fair-share counter (one row per group; a single row with NULL group
+# columns when nothing is queued).
 SNAPSHOT_SQL = """
-WITH hot_ids AS (
-  SELECT id FROM adapters WHERE id = ANY(CAST(%(hot_ids)s AS bigint[]))
-                             OR name = ANY(CAST(%(hot_names)s AS text[]))),
-warm_ids AS (
-  SELECT id FROM adapters WHERE id = ANY(CAST(%(warm_ids)s AS bigint[]))
-                             OR name = ANY(CAST(%(warm_names)s AS text[]))),
+WITH hot_ids AS (SELECT id FROM adapters WHERE id = ANY(CAST(%(hot_ids)s AS bigint[]))),
+warm_ids AS (SELECT id FROM adapters WHERE id = ANY(CAST(%(warm_ids)s AS bigint[]))),
 cand AS (
   (SELECT tenant_id, adapter_id, priority, queued_count, oldest_enqueued_at
    FROM queue_groups WHERE queued_count > 0 ORDER BY oldest_enqueued_at LIMIT %(overdue)s)
@@ -159,7 +173,7 @@ cand AS (
   (SELECT DISTINCT ON (tenant_id) tenant_id, adapter_id, priority, queued_count,
           oldest_enqueued_at
    FROM queue_groups WHERE queued_count > 0 ORDER BY tenant_id, oldest_enqueued_at)),
-me AS (SELECT hot, warm, heartbeat_at FROM workers WHERE id = %(worker)s)
+me AS (SELECT hot, warm, heartbeat_at, capacity FROM workers WHERE id = %(worker)s)
 SELECT c.tenant_id, c.adapter_id, c.priority, c.queued_count, c.oldest_enqueued_at,
        t.weight, t.served, s.*
 FROM (SELECT ARRAY(SELECT id FROM hot_ids ORDER BY id) AS hot,
@@ -168,7 +182,8 @@ FROM (SELECT ARRAY(SELECT id FROM hot_ids ORDER BY id) AS hot,
              (SELECT json_agg(w.hot) FROM workers w
               WHERE w.id <> %(worker)s AND w.heartbeat_at > %(live_after)s)::text AS others,
              (SELECT hot::text FROM me) AS me_hot, (SELECT warm::text FROM me) AS me_warm,
-             (SELECT heartbeat_at FROM me) AS me_beat) s
+             (SELECT heartbeat_at FROM me) AS me_beat,
+             (SELECT capacity FROM me) AS me_capacity) s
 LEFT JOIN (cand c JOIN tenants t ON t.id = c.tenant_id) ON true
 """
 SNAPSHOT_SQL = _compact(SNAPSHOT_SQL)
@@ -176,17 +191,14 @@ SNAPSHOT_SQL = _compact(SNAPSHOT_SQL)
 
 def read_snapshot(cur, worker_id, hot, warm, *, now, live_after, overdue, by_priority,
                   mono) -> ClaimSnapshot:
-    """The snapshot (PER_TENANT is 1 here: DISTINCT ON keeps one group per tenant)."""
-    def split(refs):
-        refs = list(refs or [])
-        return ([x for x in refs if isinstance(x, int)], [x for x in refs if isinstance(x, str)])
-
-    (hot_ids, hot_names), (warm_ids, warm_names) = split(hot), split(warm)
+    """The snapshot (PER_TENANT is 1 here: DISTINCT ON keeps one group per tenant). hot,
+    warm: the worker's adapters as AdapterInfo ids."""
+    hot_ids, warm_ids = list(hot or ()), list(warm or ())
     generation = GENERATION[0]  # before reading: a write racing the read forces a refresh
     cur.execute(SNAPSHOT_SQL, {
-        "hot_ids": hot_ids, "hot_names": hot_names, "warm_ids": warm_ids,
-        "warm_names": warm_names, "worker": worker_id, "live_after": live_after,
-        "overdue": overdue, "by_priority": by_priority}, prepare=True)
+        "hot_ids": hot_ids, "warm_ids": warm_ids, "worker": worker_id,
+        "live_after": live_after, "overdue": overdue, "by_priority": by_priority},
+        prepare=True)
     rows = cur.fetchall()
     first = rows[0]
     far = epoch_seconds(now) + 1e9
@@ -203,9 +215,10 @@ def read_snapshot(cur, worker_id, hot, warm, *, now, live_after, overdue, by_pri
     hot_list, warm_list = list(first[7]), list(first[8])
     others = json.loads(first[9] or "[]")  # one hot list per other live worker
     return ClaimSnapshot(
-        groups=groups, weights=weights, served=served,
+        groups=groups, weights=weights, served=served, known=f",{','.join(weights)},",
+        top=max((g.priority for g in groups.values()), default=-(2 ** 31)),
         others={x for lst in others for x in lst or [] if isinstance(x, int)},
-        workers=1 + len(others),
+        workers=1 + len(others), capacity=first[13] or 0,
         refs=(tuple(hot or ()), tuple(warm or ())), hot=hot_list, warm=warm_list,
         written=written, read_at=now, read_mono=mono, generation=generation,
         read_at_epoch=epoch_seconds(now),

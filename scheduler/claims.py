@@ -7,7 +7,8 @@ import json
 import logging
 import time
 import uuid
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, case, event, func, literal_column, or_, select, union, update
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -28,6 +29,7 @@ PER_TENANT = 1    # oldest group per tenant in the snapshot (fair-share candidat
 OVERDUE = 16      # globally oldest groups (aging candidates)
 PRIORITY = 32     # highest-priority groups above the default class
 SPARE = 1         # PostgreSQL: spare jobs planned per free slot (used when takes come short)
+RESCUE_EVERY_S = 5.0  # claims requeue expired leases at most this often (queue clock)
 
 try:  # PostgreSQL's driver; the SQLite path runs without it
     import psycopg
@@ -41,13 +43,18 @@ class ClaimOps:
               lease_seconds: float = 60, max_adapters: int | None = None) -> list[MicroBatch]:
         """Lease up to free_slots jobs as micro-batches, one per adapter.
 
-        hot/warm name the adapters in the worker's GPU slots / CPU cache, by name or by
-        AdapterInfo.id. The call also records them (and a heartbeat) for the worker.
+        hot/warm are the AdapterInfo ids (the engine's lora_int_id) of the adapters in the
+        worker's GPU slots / CPU cache; names are refused (TypeError). The call also records
+        them (and a heartbeat) for the worker, and every RESCUE_EVERY_S it first requeues
+        expired leases (see MaintenanceOps.reap_expired_leases), so that a dead worker's jobs
+        come back even while beat is down.
         """
+        hot, warm = adapter_ids(hot, "hot"), adapter_ids(warm, "warm")
         if not isinstance(free_slots, int) or free_slots < 0:
             raise ValueError(f"free_slots must be an int >= 0, got {free_slots!r}")
         if free_slots == 0:
             return []
+        self._rescue_stalled()
         pg = self.engine.dialect.name == "postgresql"
         for attempt in range(3):
             try:
@@ -72,6 +79,19 @@ class ClaimOps:
                     self._release_lost_claim(token)
         return []
 
+    def _rescue_stalled(self) -> None:
+        """Requeue expired leases if this queue's claims have not done so for RESCUE_EVERY_S
+        (by the queue's clock): beat's maintain is then not the only reaper."""
+        now = self.now()
+        last = self.__dict__.get("_rescued_at")
+        if last is not None and timedelta(0) <= now - last < timedelta(seconds=RESCUE_EVERY_S):
+            return
+        self._rescued_at = now
+        try:
+            self.reap_expired_leases()
+        except Exception as e:  # noqa: BLE001  the database is away: the claim says so itself
+            log.warning("could not requeue expired leases before a claim: %s", e)
+
     def _release_lost_claim(self, token: str) -> None:
         """Requeue the jobs a claim leased under ``token`` whose reply never arrived (the
         connection died after the server committed): nobody holds them, and waiting for the
@@ -95,69 +115,71 @@ class ClaimOps:
 
     def _claim_pg(self, worker_id, hot, warm, free_slots, lease_seconds, max_adapters):
         """One claim statement, after a snapshot read only when the cached one is not usable
-        (see scheduler.claim_cache)."""
+        (see scheduler.claim_cache). A claim planned from a cached snapshot that leases
+        nothing (other claimers emptied its groups, or a group went live that the snapshot
+        cannot show: see ClaimSnapshot.unseen_filter) is made again from a fresh one."""
         now, mono, ttl = self.now(), time.monotonic(), self.snapshot_ttl_seconds
-        epoch = epoch_seconds(now)
         snaps = self.__dict__.setdefault("_claim_snapshots", {})
         snap = snaps.pop(worker_id, None)  # a thread claiming as the same worker reads anew
-        ids = None
-        if snap is not None and ttl > 0 and snap.usable(now, mono, ttl):
-            ids = snap.resolve(hot, warm)
-        token = None
+        if snap is not None and not (ttl > 0 and snap.usable(now, mono, ttl)
+                                     and snap.resolve(hot, warm) is not None):
+            snap = None
+        call = _PgClaim(worker_id, hot, warm, free_slots, max_adapters, now, mono,
+                        now + timedelta(seconds=lease_seconds))
         with self._claim_engine().connect() as conn:
             raw = conn.connection.driver_connection
             try:
                 cur = raw.cursor()
-                fresh = ids is None
-                if fresh:
-                    snap = self._read_snapshot(cur, worker_id, hot, warm, now, mono)
-                    ids = (snap.hot, snap.warm)
-                plan = self._plan(snap, ids, epoch, free_slots, max_adapters, worker_id)
-                if not fresh and sum(t.count for t in plan.takes) < free_slots:
-                    snap = self._read_snapshot(cur, worker_id, hot, warm, now, mono)
-                    ids = (snap.hot, snap.warm)
-                    plan = self._plan(snap, ids, epoch, free_slots, max_adapters, worker_id)
-                hot_ids, warm_ids = ids
-                touch = snap.worker_stale(hot_ids, warm_ids, now, HEARTBEAT_REFRESH_S)
-                if touch:
-                    snap.written = (hot_ids, warm_ids, now)
-                if not plan.takes:
-                    if touch:
-                        touch_worker(cur, worker_id, now, hot_ids, warm_ids)
-                    snaps[worker_id] = snap
-                    return []
-                token = uuid.uuid4().hex
-                wants = wanted_groups(plan)
-                rows = claim_rows(cur, wants, free_slots, now=now, worker_id=worker_id,
-                                  token=token,
-                                  expires=now + timedelta(seconds=lease_seconds),
-                                  floor=plan.floor, touch=touch, hot=hot_ids, warm=warm_ids)
+                snap, wants, rows = self._lease_pg(cur, snap, call)
+                if wants and not rows and not call.fresh:
+                    snap, wants, rows = self._lease_pg(cur, None, call)
             except _PG_ERRORS as exc:
                 if raw.broken or raw.closed:  # the server went away (restart, failover)
                     conn.invalidate()
                     self._claim_pool.dispose()  # its other idle connections are dead too
                     exc.lorry_reconnect = True  # claim() tries again on a new connection
-                    exc.lorry_lease_token = token  # ... after requeueing what it may have leased
+                    exc.lorry_lease_token = call.token  # ... after requeueing what it leased
                 raise
-            claimed: dict[int, list[ClaimedJob]] = {}
-            got: dict[tuple, int] = {}
-            infos: dict[int, AdapterInfo] = {}
-            decoded: dict[str, dict] = {}
-            for r in rows:  # columns: see claim_rows
-                sampling = decoded.get(r[6])
-                if sampling is None:
-                    sampling = decoded[r[6]] = json.loads(r[6]) if r[6] is not None else {}
-                claimed.setdefault(r[2], []).append(ClaimedJob(
-                    r[0], token, r[1], r[3], r[4], r[5], dict(sampling), r[7]))
-                key = (r[1], r[2], r[8])
-                got[key] = got.get(key, 0) + 1
-                if r[10] is not None and r[10] not in infos:
-                    infos[r[10]] = AdapterInfo(*r[10:19])
+            if not wants:
+                snaps[worker_id] = snap
+                return []
+            claimed, got, infos = _claimed_pg(rows, call.token, wants)
             report = json.loads(rows[0][19]) if rows else [None, None]
             if ttl > 0 and snap.apply(wants, free_slots, got, report[0] or [],
                                       report[1] or []):
                 snaps[worker_id] = snap
             return self._micro_batches(conn, claimed, now, infos)
+
+    def _lease_pg(self, cur, snap, call: _PgClaim) -> tuple:
+        """Plan from snap (None: read a fresh one; a cached one's short plan is made again
+        from a fresh one) and lease the plan in one statement. Returns (the snapshot, the
+        wanted (group, count) pairs, the claimed rows); no pairs when nothing is planned."""
+        now, epoch = call.now, epoch_seconds(call.now)
+        call.fresh = snap is None
+        if call.fresh:
+            snap = self._read_snapshot(cur, call.worker_id, call.hot, call.warm, now, call.mono)
+        ids = (snap.hot, snap.warm) if call.fresh else snap.resolve(call.hot, call.warm)
+        plan = self._plan(snap, ids, epoch, call.free_slots, call.max_adapters, call.worker_id)
+        if not call.fresh and sum(t.count for t in plan.takes) < call.free_slots:
+            call.fresh = True
+            snap = self._read_snapshot(cur, call.worker_id, call.hot, call.warm, now, call.mono)
+            ids = (snap.hot, snap.warm)
+            plan = self._plan(snap, ids, epoch, call.free_slots, call.max_adapters,
+                              call.worker_id)
+        hot_ids, warm_ids = ids
+        touch = snap.worker_stale(hot_ids, warm_ids, now, HEARTBEAT_REFRESH_S)
+        if touch:
+            snap.written = (hot_ids, warm_ids, now)
+        if not plan.takes:
+            if touch:
+                touch_worker(cur, call.worker_id, now, hot_ids, warm_ids)
+            return snap, [], []
+        call.token = uuid.uuid4().hex
+        wants = wanted_groups(plan)
+        rows = claim_rows(cur, wants, call.free_slots, now=now, worker_id=call.worker_id,
+                          token=call.token, expires=call.expires, floor=plan.floor,
+                          touch=touch, hot=hot_ids, warm=warm_ids, unseen=snap.unseen_filter())
+        return snap, wants, rows
 
     def _read_snapshot(self, cur, worker_id, hot, warm, now, mono):
         return read_snapshot(cur, worker_id, hot, warm, now=now, mono=mono,
@@ -170,7 +192,8 @@ class ClaimOps:
             groups=list(snap.groups.values()), now=epoch, free_slots=free_slots, hot=hot,
             warm=set(ids[1]), hot_elsewhere=snap.others - hot, weights=snap.weights,
             served=snap.served, aging_seconds=self.aging_seconds, max_adapters=max_adapters,
-            salt=worker_id, workers=snap.workers), spare=SPARE * free_slots)
+            salt=worker_id, workers=snap.workers, capacity=snap.capacity),
+            spare=SPARE * free_slots)
 
     def _claim_engine(self):
         """Claims' own pool: autocommit, and no ping per checkout (a round trip per claim);
@@ -201,18 +224,21 @@ class ClaimOps:
             groups, tenants = self._snapshot_groups(conn, hot_ids | warm_ids, now)
             if not groups:
                 return []
-            elsewhere, workers = set(), 1
-            for (others,) in conn.execute(select(W.c.hot).where(
-                    W.c.id != worker_id, W.c.heartbeat_at > live_after)):
-                elsewhere |= {x for x in others or [] if isinstance(x, int)}
+            elsewhere, workers, capacity = set(), 0, 0
+            for wid, others, rows in conn.execute(select(W.c.id, W.c.hot, W.c.capacity).where(
+                    W.c.heartbeat_at > live_after)):  # this worker's row included (touched)
                 workers += 1
+                if wid == worker_id:
+                    capacity = rows or 0
+                else:
+                    elsewhere |= {x for x in others or [] if isinstance(x, int)}
             plan = plan_claim(Snapshot(
                 groups=groups, now=epoch, free_slots=free_slots, hot=hot_ids, warm=warm_ids,
                 hot_elsewhere=elsewhere - hot_ids,
                 weights={t: r.weight for t, r in tenants.items()},
                 served={t: r.served for t, r in tenants.items()},
                 aging_seconds=self.aging_seconds, max_adapters=max_adapters, salt=worker_id,
-                workers=workers))
+                workers=max(workers, 1), capacity=capacity))
             if not plan.takes:
                 return []
             token = uuid.uuid4().hex
@@ -287,11 +313,7 @@ class ClaimOps:
                 for r in rows], tenants
 
     def _adapter_ids(self, conn, refs) -> set[int]:
-        ids = {int(x) for x in refs or [] if isinstance(x, int)}
-        names = [x for x in refs or [] if isinstance(x, str)]
-        if names:
-            ids |= set(conn.execute(select(A.c.id).where(A.c.name.in_(names))).scalars())
-        return ids
+        return set(adapter_ids(refs, "hot/warm"))
 
     def _touch_worker(self, conn, worker_id, hot_ids, warm_ids, capacity, now) -> None:
         # Adapters are stored as ids, so other claims compare them without a name lookup.
@@ -329,6 +351,57 @@ class ClaimOps:
                 continue
             out.append(MicroBatch(adapter=infos.get(adapter_id), jobs=jobs))
         return out
+
+
+@dataclass
+class _PgClaim:
+    """One claim() call on PostgreSQL: its arguments, and the last statement's lease token
+    and whether it was planned from a fresh snapshot."""
+
+    worker_id: str
+    hot: list
+    warm: list
+    free_slots: int
+    max_adapters: int | None
+    now: datetime
+    mono: float
+    expires: datetime
+    token: str | None = None
+    fresh: bool = False
+
+
+def _claimed_pg(rows: list, token: str, wants: list) -> tuple[dict, dict, dict]:
+    """From the claim statement's rows (columns: see claim_pg.claim_rows): the claimed jobs
+    by adapter id in the plan's order (wants), oldest first within a group; the jobs claimed
+    per group key; and the claimed adapters' rows by id."""
+    claimed: dict[int, list[ClaimedJob]] = {}
+    got: dict[tuple, int] = {}
+    infos: dict[int, AdapterInfo] = {}
+    decoded: dict[str, dict] = {}
+    place = {g.key: i for i, (g, _) in enumerate(wants)}
+    for r in sorted(rows, key=lambda r: (place.get((r[1], r[2], r[8]), len(place)), r[9])):
+        sampling = decoded.get(r[6])
+        if sampling is None:
+            sampling = decoded[r[6]] = json.loads(r[6]) if r[6] is not None else {}
+        claimed.setdefault(r[2], []).append(ClaimedJob(
+            r[0], token, r[1], r[3], r[4], r[5], dict(sampling), r[7]))
+        key = (r[1], r[2], r[8])
+        got[key] = got.get(key, 0) + 1
+        if r[10] is not None and r[10] not in infos:
+            infos[r[10]] = AdapterInfo(*r[10:19])
+    return claimed, got, infos
+
+
+def adapter_ids(refs, side: str) -> list[int]:
+    """A worker's hot or warm adapters as AdapterInfo ids. Names are refused: tenants name
+    their own adapters, so a name does not say which adapter a worker has loaded."""
+    out = []
+    for ref in refs or ():
+        if isinstance(ref, bool) or not isinstance(ref, int):
+            raise TypeError(f"{side} adapters are AdapterInfo.id ints (the engine's "
+                            f"lora_int_id), not names; got {ref!r}")
+        out.append(ref)
+    return out
 
 
 def snapshot_statement(dialect: str):

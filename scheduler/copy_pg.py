@@ -3,6 +3,7 @@ from the specs: the per-field formatting was most of an enqueue's time)."""
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from datetime import datetime
 from typing import NamedTuple
 
@@ -40,44 +41,99 @@ def _text(value: str | None) -> str:
     return "\\N" if value is None else value.translate(_ESCAPES)
 
 
+OPTIONAL = ("prompt", "messages", "custom_id", "idempotency_key", "deadline", "batch_id")
+_COLUMNS = ("id", "tenant_id", "adapter_id", "adapter_name", "sampling", "priority",
+            "max_attempts", "seq", "enqueued_at", "created_at")
+_CONSTANT = ("status", "attempts", "cancel_requested")  # written once per line as a suffix
+
+
+def _copy_sql(optional: tuple[str, ...]) -> str:
+    return f"COPY jobs ({', '.join(_COLUMNS + optional + _CONSTANT)}) FROM STDIN"
+
+
 def copy_jobs(conn, rows: list[NewJob]) -> None:
     """Bulk insert through PostgreSQL's COPY (text format), in the caller's transaction.
 
-    Optional columns that are NULL in every row are left out (they default to NULL); the
-    constant ones (status, attempts, cancel_requested) are written once per line as a suffix.
+    Optional columns that are NULL in every row are left out (they default to NULL).
     """
     specs = [r.spec for r in rows]
-    has_prompt = any(s.prompt is not None for s in specs)
-    has_messages = any(s.messages is not None for s in specs)
-    has_custom = any(s.custom_id is not None for s in specs)
-    has_key = any(s.idempotency_key is not None for s in specs)
-    has_deadline = any(r.deadline is not None for r in rows)
-    has_batch = any(r.batch_id is not None for r in rows)
-    cols = ["id", "tenant_id", "adapter_id", "adapter_name", "sampling", "priority",
-            "max_attempts", "seq", "enqueued_at", "created_at"]
-    cols += [c for c, on in (("prompt", has_prompt), ("messages", has_messages),
-                             ("custom_id", has_custom), ("idempotency_key", has_key),
-                             ("deadline", has_deadline), ("batch_id", has_batch)) if on]
-    cols += ["status", "attempts", "cancel_requested"]
-
-    # adapter name -> field; id(sampling dict) -> field (specs often share one dict);
-    # (tenant, now) -> (tenant field, "now\tnow"): per submit.
-    memo: tuple[dict, dict, dict] = ({}, {}, {})
+    present = {"prompt": any(s.prompt is not None for s in specs),
+               "messages": any(s.messages is not None for s in specs),
+               "custom_id": any(s.custom_id is not None for s in specs),
+               "idempotency_key": any(s.idempotency_key is not None for s in specs),
+               "deadline": any(r.deadline is not None for r in rows),
+               "batch_id": any(r.batch_id is not None for r in rows)}
+    optional = tuple(c for c in OPTIONAL if present[c])
+    memo = _Memo()
     raw = conn.connection.driver_connection
-    with raw.cursor() as cur, cur.copy(f"COPY jobs ({', '.join(cols)}) FROM STDIN") as copy:
+    with raw.cursor() as cur, cur.copy(_copy_sql(optional)) as copy:
         for start in range(0, len(rows), 1000):
             # Sent chunk by chunk: the server parses one while the next one is formatted.
-            copy.write("".join(_lines(rows[start:start + 1000], has_prompt, has_messages,
-                                      has_custom, has_key, has_deadline, has_batch, memo)))
+            copy.write(_lines(rows[start:start + 1000], optional, memo))
 
 
-def _lines(rows, has_prompt, has_messages, has_custom, has_key, has_deadline, has_batch,
-           memo):
-    """COPY text lines of rows, with the optional columns copy_jobs chose."""
-    names, samplings, contexts = memo
+class JobCopy:
+    """One COPY into jobs (every column) kept open across writes, in the caller's
+    transaction: PostgreSQL stores the rows written so far while the caller prepares the
+    next ones. ``pause`` ends it so that other statements can run on the connection (the
+    next write starts another); ``close`` ends it for good."""
+
+    def __init__(self, conn):
+        self._raw = conn.connection.driver_connection
+        self._stack: ExitStack | None = None
+        self._copy = None
+        self._memo = _Memo()
+
+    def write(self, rows: list[NewJob], encoded: dict[int, str] | None = None) -> None:
+        """Send rows; ``encoded``: id(messages list) -> its JSON, when already encoded."""
+        if self._copy is None:
+            self._stack = ExitStack()
+            cur = self._stack.enter_context(self._raw.cursor())
+            self._copy = self._stack.enter_context(cur.copy(_copy_sql(OPTIONAL)))
+        self._memo.samplings.clear()  # keyed by id(): only the dicts of this write are alive
+        for start in range(0, len(rows), 1000):
+            self._copy.write(_lines(rows[start:start + 1000], OPTIONAL, self._memo, encoded))
+
+    def pause(self) -> None:
+        """End the COPY (waits for PostgreSQL to have stored every row written)."""
+        if self._stack is not None:
+            stack, self._stack, self._copy = self._stack, None, None
+            stack.close()
+
+    def close(self, error: BaseException | None = None) -> None:
+        """End the COPY; with ``error``, abandon it (the transaction is rolled back)."""
+        if self._stack is None:
+            return
+        stack, self._stack, self._copy = self._stack, None, None
+        if error is None:
+            stack.close()
+        else:
+            stack.__exit__(type(error), error, error.__traceback__)
+
+
+class _Memo:
+    """Fields formatted once: adapter name -> field; id(sampling dict) -> field (specs often
+    share one); (tenant, now) -> (tenant field, both time fields); batch id -> field."""
+
+    def __init__(self):
+        self.names: dict = {}
+        self.samplings: dict = {}
+        self.contexts: dict = {}
+        self.batches: dict = {}
+
+
+def _lines(rows, optional: tuple[str, ...], memo: _Memo,
+           encoded: dict[int, str] | None = None) -> str:
+    """COPY text lines of rows, with the optional columns given (in OPTIONAL's order)."""
+    has_prompt, has_messages, has_custom, has_key, has_deadline, has_batch = (
+        c in optional for c in OPTIONAL)
+    names, samplings, contexts, batches = memo.names, memo.samplings, memo.contexts, \
+        memo.batches
+    encoded = encoded or {}
     small = _SMALL
     dumps = json.dumps
     suffix = "\tqueued\t0\tf\n"
+    out = []
     for r in rows:
         s = r.spec
         name = names.get(s.adapter)
@@ -97,7 +153,9 @@ def _lines(rows, has_prompt, has_messages, has_custom, has_key, has_deadline, ha
         if has_prompt:
             line += "\t" + _text(s.prompt)
         if has_messages:
-            line += "\t" + ("\\N" if s.messages is None else _text(dumps(s.messages)))
+            messages = s.messages
+            line += "\t" + ("\\N" if messages is None else _text(
+                encoded.get(id(messages)) or dumps(messages)))
         if has_custom:
             line += "\t" + _text(s.custom_id)
         if has_key:
@@ -105,5 +163,9 @@ def _lines(rows, has_prompt, has_messages, has_custom, has_key, has_deadline, ha
         if has_deadline:
             line += "\t" + ("\\N" if r.deadline is None else r.deadline.isoformat(" "))
         if has_batch:
-            line += "\t" + _text(r.batch_id)
-        yield line + suffix
+            batch = batches.get(r.batch_id)
+            if batch is None:
+                batch = batches[r.batch_id] = _text(r.batch_id)
+            line += "\t" + batch
+        out.append(line + suffix)
+    return "".join(out)

@@ -15,6 +15,7 @@ from lorry.scheduler import errors
 from lorry.scheduler.batches import BatchOps
 from lorry.scheduler.claims import ClaimOps
 from lorry.scheduler.db import make_engine, naive_utc, utcnow
+from lorry.scheduler.files import FileOps
 from lorry.scheduler.jobs import JobOps
 from lorry.scheduler.leases import LeaseOps
 from lorry.scheduler.maintenance import MaintenanceOps
@@ -27,7 +28,7 @@ ADAPTER_STATUSES = ("ready", "pending", "invalid", "disabled")
 REVOKED = "!revoked"  # a key_hash no sha256 hex digest equals: the tenant's key is revoked
 
 
-class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, MaintenanceOps):
+class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
     """Durable job queue on SQLite or PostgreSQL.
 
     Parameters
@@ -210,7 +211,9 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, MaintenanceOps):
 TENANT_CALLS = ("authenticate", "get_tenant", "create_tenant", "register_adapter",
                 "get_adapter", "get_adapter_by_id", "list_adapters", "delete_adapter",
                 "submit", "submit_many", "get_job", "list_jobs", "cancel", "queue_depth",
-                "create_batch", "get_batch", "cancel_batch", "batch_results")
+                "create_batch", "get_batch", "cancel_batch", "batch_results", "ingest_batch",
+                "list_batches", "batch_errors", "create_file", "get_file", "list_files",
+                "file_content", "delete_file")
 convert_outages(JobQueue, TENANT_CALLS)
 
 

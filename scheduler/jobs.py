@@ -1,6 +1,7 @@
 """Submitting, reading, listing and cancelling jobs (JobQueue mixin)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -20,7 +21,12 @@ from lorry.scheduler.types import JobInfo, JobSpec
 J = Job.__table__
 COPY_MIN_ROWS = 64  # from here on COPY beats multi-row INSERT on PostgreSQL
 
-def validate_spec(spec: JobSpec, index: int) -> None:
+
+def validate_spec(spec: JobSpec, index: int, checked: set[int] | None = None,
+                  encoded: dict[int, str] | None = None) -> None:
+    """Raise InvalidJob naming what is wrong with spec (job #index). ``checked``: ids of
+    sampling dicts already found storable (specs of one batch often share one);
+    ``encoded`` gets id(spec.messages) -> their JSON (the check encodes them anyway)."""
     where = f"job #{index}"
     if not isinstance(spec, JobSpec):
         raise errors.InvalidJob(f"{where}: expected a JobSpec, got {type(spec).__name__}")
@@ -40,16 +46,48 @@ def validate_spec(spec: JobSpec, index: int) -> None:
                                 f"got {spec.max_attempts!r}")
     if spec.deadline is not None and not isinstance(spec.deadline, datetime):
         raise errors.InvalidJob(f"{where}: deadline must be a datetime, got {spec.deadline!r}")
-    for field in ("prompt", "messages", "sampling", "custom_id", "idempotency_key"):
-        problem = unstorable(getattr(spec, field, None))
+    shared = checked is not None and id(spec.sampling) in checked
+    for field in ("prompt", "messages", "custom_id", "idempotency_key") if shared else (
+            "prompt", "messages", "sampling", "custom_id", "idempotency_key"):
+        value = getattr(spec, field, None)
+        problem = unstorable(value, encoded if field == "messages" else None)
         if problem:  # PostgreSQL text/jsonb cannot store it; JSON cannot carry it back
             raise errors.InvalidJob(f"{where}: {field} contains {problem}, which the job "
                                     "table cannot store; remove it")
+    if checked is not None:
+        checked.add(id(spec.sampling))
 
 
-def unstorable(value) -> str | None:
+def unstorable(value, encoded: dict[int, str] | None = None) -> str | None:
     """What in value the job table cannot store and return: a NUL character, a lone UTF-16
-    surrogate (not Unicode text), a NaN or infinite number (not JSON)."""
+    surrogate (not Unicode text), a NaN or infinite number (not JSON). ``encoded`` gets
+    id(value) -> value's JSON when a storable dict or list was encoded to check it."""
+    if isinstance(value, (dict, list)):
+        # One JSON encoding checks a whole structure at C speed; only a suspect one (or one
+        # json cannot encode) is walked value by value below.
+        try:
+            text = _dumps(value)
+        except (TypeError, ValueError):
+            return _unstorable(value)
+        if "\\u0000" not in text and (text.isascii() or _is_utf8(text)):
+            if encoded is not None:
+                encoded[id(value)] = text
+            return None
+    return _unstorable(value)
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unstorable(value) -> str | None:
     if isinstance(value, str):
         if "\x00" in value:
             return "a NUL character (\\x00)"
@@ -68,10 +106,62 @@ def unstorable(value) -> str | None:
     else:
         return None
     for item in items:
-        problem = unstorable(item)
+        problem = _unstorable(item)
         if problem:
             return problem
     return None
+
+
+def new_rows(tenant_id: str, specs: list[JobSpec], adapters: dict, existing: dict[str, JobInfo],
+             rows: list[NewJob], now: datetime, batch_id: str | None,
+             deadline_cap: datetime | None, seq_start: int,
+             infos: bool = True) -> list[JobInfo] | None:
+    """The new rows of specs (adapter ids resolved), appended to rows; the JobInfos (None
+    when ``infos`` is False: a batch's ingest reads none). A spec whose idempotency key is in
+    ``existing`` (or earlier in specs) gets that job instead of a row."""
+    # Ids start with the time (ms, 12 hex digits): new keys land at the right edge of the
+    # primary key's B-tree instead of all over it (fewer pages dirtied at 1M jobs); then 80
+    # random bits (one urandom call for the whole submit).
+    stamp = f"job_{int(time.time() * 1000) & 0xFFFFFFFFFFFF:012x}"
+    noise = os.urandom(10 * len(specs)).hex()
+    out: list[JobInfo] = []
+    by_key: dict[str, JobInfo | None] = {}
+    for seq, s in enumerate(specs):
+        key = s.idempotency_key
+        if key is not None:
+            if key in existing:
+                out.append(existing[key])
+                continue
+            if key in by_key:
+                out.append(by_key[key])  # the same key twice in one request
+                continue
+        deadline = s.deadline
+        if deadline is not None and deadline.tzinfo is not None:
+            deadline = naive_utc(deadline)
+        if deadline_cap is not None and (deadline is None or deadline > deadline_cap):
+            deadline = deadline_cap
+        job_id = stamp + noise[20 * seq:20 * seq + 20]
+        rows.append(NewJob(job_id, tenant_id, adapters[s.adapter], s, deadline,
+                           seq_start + seq, now, batch_id))
+        info = None
+        if infos or key is not None:
+            info = JobInfo(job_id, tenant_id, s.adapter, "queued", s.prompt, s.messages,
+                           s.sampling, s.priority, 0, s.max_attempts, now, deadline=deadline,
+                           batch_id=batch_id, custom_id=s.custom_id, idempotency_key=key)
+            out.append(info)
+        if key is not None:
+            by_key[key] = info
+    return out if infos else None
+
+
+def group_deltas(rows: list[NewJob], deltas: dict) -> dict:
+    """deltas += the queue_groups changes of new rows: (tenant, adapter id, priority) ->
+    (count, oldest enqueued_at)."""
+    for r in rows:
+        key = (r.tenant_id, r.adapter_id, r.spec.priority)
+        n, oldest = deltas.get(key, (0, r.now))
+        deltas[key] = (n + 1, oldest if oldest <= r.now else r.now)
+    return deltas
 
 
 class JobOps:
@@ -110,18 +200,18 @@ class JobOps:
                     raise
         raise AssertionError("unreachable")
 
-    def _submit(self, conn, tenant_id: str, specs: list[JobSpec], batch_id: str | None = None,
-                deadline_cap: datetime | None = None) -> list[JobInfo]:
+    def _submit(self, conn, tenant_id: str, specs: list[JobSpec]) -> list[JobInfo]:
+        """submit() in the caller's transaction."""
         rows: list[NewJob] = []
-        out = self._prepare(conn, tenant_id, specs, rows, batch_id, deadline_cap)
+        out = self._prepare(conn, tenant_id, specs, rows)
         self._write(conn, rows)
         return out
 
     def _prepare(self, conn, tenant_id: str, specs: list[JobSpec], rows: list[NewJob],
-                 batch_id: str | None = None, deadline_cap: datetime | None = None,
                  tenant=None, adapter_rows: dict | None = None) -> list[JobInfo]:
         """Checks (tenant, adapters, quota) and the new rows, appended to rows; the JobInfos.
-        tenant (False: known missing) and adapter_rows may come from a caller's look-up."""
+        tenant (False: known missing) and adapter_rows may come from a caller's look-up.
+        (A batch's rows go through batch_writer.BatchWriter.)"""
         first = len(rows)
         if tenant is None:
             tenant = conn.execute(select(Tenant.__table__).where(Tenant.id == tenant_id)).first()
@@ -131,49 +221,26 @@ class JobOps:
         if adapter_rows is None:
             adapter_rows = self._adapter_rows(conn, [tenant_id], names)
         adapters = self._resolve_adapters(tenant_id, names, adapter_rows)
-        keys = [s.idempotency_key for s in specs if s.idempotency_key is not None]
-        existing: dict[str, JobInfo] = {}
-        if keys:
-            for r in conn.execute(select(J).where(J.c.tenant_id == tenant_id,
-                                                  J.c.idempotency_key.in_(set(keys)))):
-                existing[r.idempotency_key] = job_info(r)
-        now = self.now()
-        # Ids start with the time (ms, 12 hex digits): new keys land at the right edge of
-        # the primary key's B-tree instead of all over it (fewer pages dirtied at 1M jobs);
-        # then 80 random bits (one urandom call for the whole submit).
-        stamp = f"job_{int(time.time() * 1000) & 0xFFFFFFFFFFFF:012x}"
-        noise = os.urandom(10 * len(specs)).hex()
-        out, by_key = [], {}
-        for seq, s in enumerate(specs):
-            key = s.idempotency_key
-            if key is not None:
-                if key in existing:
-                    out.append(existing[key])
-                    continue
-                if key in by_key:
-                    out.append(by_key[key])  # the same key twice in one request
-                    continue
-            deadline = s.deadline
-            if deadline is not None and deadline.tzinfo is not None:
-                deadline = naive_utc(deadline)
-            if deadline_cap is not None and (deadline is None or deadline > deadline_cap):
-                deadline = deadline_cap
-            job_id = stamp + noise[20 * seq:20 * seq + 20]
-            rows.append(NewJob(job_id, tenant_id, adapters[s.adapter], s, deadline, seq, now,
-                               batch_id))
-            info = JobInfo(job_id, tenant_id, s.adapter, "queued", s.prompt, s.messages,
-                           s.sampling, s.priority, 0, s.max_attempts, now, deadline=deadline,
-                           batch_id=batch_id, custom_id=s.custom_id, idempotency_key=key)
-            out.append(info)
-            if key is not None:
-                by_key[key] = info
+        out = new_rows(tenant_id, specs, adapters, self._known_keys(conn, tenant_id, specs),
+                       rows, self.now(), None, None, 0)
         added = len(rows) - first
         if tenant.max_queued is not None and added:
-            queued = conn.execute(select(func.coalesce(func.sum(QueueGroup.queued_count), 0))
-                                  .where(QueueGroup.tenant_id == tenant_id)).scalar_one()
+            queued = self._queued(conn, tenant_id)
             if queued + added > tenant.max_queued:
                 raise errors.QuotaExceeded(tenant_id, queued, added, tenant.max_queued)
         return out
+
+    def _known_keys(self, conn, tenant_id: str, specs: list[JobSpec]) -> dict[str, JobInfo]:
+        """The tenant's jobs already holding one of the specs' idempotency keys, by key."""
+        keys = {s.idempotency_key for s in specs if s.idempotency_key is not None}
+        if not keys:
+            return {}
+        return {r.idempotency_key: job_info(r) for r in conn.execute(
+            select(J).where(J.c.tenant_id == tenant_id, J.c.idempotency_key.in_(keys)))}
+
+    def _queued(self, conn, tenant_id: str) -> int:
+        return conn.execute(select(func.coalesce(func.sum(QueueGroup.queued_count), 0))
+                            .where(QueueGroup.tenant_id == tenant_id)).scalar_one()
 
     def _write(self, conn, rows: list[NewJob]) -> None:
         if not rows:
@@ -182,12 +249,7 @@ class JobOps:
             copy_jobs(conn, rows)
         else:
             conn.execute(J.insert(), [r.as_row() for r in rows])  # multi-row INSERTs
-        deltas: dict = {}
-        for r in rows:
-            key = (r.tenant_id, r.adapter_id, r.spec.priority)
-            n, oldest = deltas.get(key, (0, r.now))
-            deltas[key] = (n + 1, oldest if oldest <= r.now else r.now)
-        add_to_groups(conn, deltas)
+        add_to_groups(conn, group_deltas(rows, {}))
 
     def _adapter_rows(self, conn, tenant_ids: list, names: set) -> dict:
         """{tenant_key: {name: row}} of the named adapters owned by these tenants or shared

@@ -20,13 +20,14 @@ COMPLETE_MANY_PG = text("""
 UPDATE jobs AS j SET status = v.status, finished_at = :now, lease_token = NULL,
   lease_expires_at = NULL, result_text = v.text, result_token_ids = CAST(v.token_ids AS json),
   finish_reason = v.finish_reason, prompt_tokens = v.prompt_tokens,
-  completion_tokens = v.completion_tokens, timings = CAST(v.timings AS json), error = NULL
+  completion_tokens = v.completion_tokens, timings = CAST(v.timings AS json),
+  result_logprobs = CAST(v.logprobs AS json), error = NULL
 FROM unnest(CAST(:ids AS text[]), CAST(:tokens AS text[]), CAST(:statuses AS text[]),
             CAST(:texts AS text[]), CAST(:token_ids AS text[]), CAST(:finish AS text[]),
             CAST(:prompt_tokens AS int[]), CAST(:completion_tokens AS int[]),
-            CAST(:timings AS text[]))
+            CAST(:timings AS text[]), CAST(:logprobs AS text[]))
   AS v(id, token, status, text, token_ids, finish_reason, prompt_tokens, completion_tokens,
-       timings)
+       timings, logprobs)
 WHERE j.id = v.id AND j.lease_token = v.token AND j.status = 'running'
 RETURNING j.id
 """)
@@ -53,7 +54,9 @@ class LeaseOps:
                     result_token_ids=list(result.token_ids),
                     finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
                     completion_tokens=result.completion_tokens,
-                    timings=dict(result.timings or {}), error=None))
+                    timings=dict(result.timings or {}),
+                    result_logprobs=None if result.logprobs is None else list(result.logprobs),
+                    error=None))
         return res.rowcount == 1
 
     def complete_many(self, items: Sequence[tuple[str, str, Result, bool]]) -> set[str]:
@@ -73,7 +76,9 @@ class LeaseOps:
                     finish=[i[2].finish_reason for i in items],
                     prompt_tokens=[i[2].prompt_tokens for i in items],
                     completion_tokens=[i[2].completion_tokens for i in items],
-                    timings=[json.dumps(dict(i[2].timings or {})) for i in items])).all()
+                    timings=[json.dumps(dict(i[2].timings or {})) for i in items],
+                    logprobs=[None if i[2].logprobs is None else json.dumps(i[2].logprobs)
+                              for i in items])).all()
                 return {r.id for r in rows}
             written = set()
             for job_id, lease_token, result, cancelled in items:

@@ -1,21 +1,23 @@
 """Periodic upkeep: reap expired leases, expire deadlines, prune dead workers. JobQueue mixin."""
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select, update
 
-from lorry.scheduler.db import add_to_groups
-from lorry.scheduler.models import Job, Worker
+from lorry.scheduler.db import add_to_groups, insert_for
+from lorry.scheduler.models import Job, MaintenanceRun, Worker
 
-J, W = Job.__table__, Worker.__table__
+J, W, M = Job.__table__, Worker.__table__, MaintenanceRun.__table__
 CHUNK = 1000
+LEASE_REAPER = "lease_reaper"  # maintenance_runs row of reap_expired_leases
 
 
 class MaintenanceOps:
     def reap_expired_leases(self) -> int:
         """Running jobs whose lease ran out go back to the queue (the attempt stays counted),
-        or to failed when it was their last attempt, or to cancelled when that was asked."""
+        or to failed when it was their last attempt, or to cancelled when that was asked.
+        A finished pass is recorded (see last_reap_at); beat's maintain and claims run it."""
         now, total = self.now(), 0
         while True:
             with self.engine.begin() as conn:
@@ -48,9 +50,18 @@ class MaintenanceOps:
                         error=None if r.cancel_requested else
                         f"lease expired on attempt {r.attempts} of {r.max_attempts}"))
                 add_to_groups(conn, deltas)
+                if len(rows) < CHUNK:
+                    _record_run(conn, LEASE_REAPER, now)
             total += len(rows)
             if len(rows) < CHUNK:
                 return total
+
+    def last_reap_at(self) -> datetime | None:
+        """When reap_expired_leases last finished a pass (naive UTC; the schema's creation
+        before the first), or None when no pass was ever recorded."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(M.c.last_run_at).where(M.c.name == LEASE_REAPER)
+                                ).scalar_one_or_none()
 
     def expire_deadlines(self) -> int:
         """Queued or running jobs past their deadline become expired (a running job's lease
@@ -86,3 +97,11 @@ class MaintenanceOps:
         cutoff = self.now() - timedelta(seconds=older_than_s)
         with self.engine.begin() as conn:
             return conn.execute(delete(W).where(W.c.heartbeat_at < cutoff)).rowcount
+
+
+def _record_run(conn, name: str, now: datetime) -> None:
+    """maintenance_runs[name] = now, unless a later run is recorded (clocks of several hosts)."""
+    ins = insert_for(conn.engine)(M).values(name=name, last_run_at=now)
+    conn.execute(ins.on_conflict_do_update(
+        index_elements=["name"], set_={"last_run_at": ins.excluded.last_run_at},
+        where=M.c.last_run_at < ins.excluded.last_run_at))

@@ -192,6 +192,7 @@ class Job(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     timings: Mapped[dict[str, Any] | None]
+    result_logprobs: Mapped[list[Any] | None]  # per output token, when the job asked for them
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
@@ -229,3 +230,13 @@ class Worker(Base):
     hot: Mapped[list[Any]]
     warm: Mapped[list[Any]]
     capacity: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class MaintenanceRun(Base):
+    """When a periodic task last finished a pass; "lease_reaper": the requeue of expired
+    leases (beat's maintain, or a claim). The migration records the schema's creation as
+    its first run, so a reaper that never runs shows as late (/readyz)."""
+
+    __tablename__ = "maintenance_runs"
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    last_run_at: Mapped[datetime]

@@ -1,12 +1,17 @@
 """Claim policy, pure Python: which queued groups a worker takes, and how many jobs from each.
 
 Order of preference: groups whose oldest job waited past the aging bound (oldest first), then
-higher priority, then adapter affinity (hot here > warm here > cold > hot on another live
-worker), then tenant fair share, then a per-worker spread. Fair share is weighted deficit round
-robin kept as virtual time: a tenant's counter grows by jobs/weight when it is served, the
-active tenant with the smallest counter (in quanta of one claim per live worker) is served
-next, and a tenant that becomes active starts near the others (it cannot bank credit while
-idle).
+higher priority, then tenant fair share, then adapter affinity (hot here > warm here > cold >
+hot on another live worker), then a per-worker spread. Fair share decides whose jobs come
+next; affinity only orders the groups of tenants that are equally due (a cold adapter is no
+reason to pass a tenant over: a GPU swap costs about a millisecond). Fair share is weighted
+deficit round robin kept as virtual time: a tenant's counter grows by jobs/weight when it is
+served, the active tenants with the smallest counter (in quanta of one claim per live worker)
+are served next, and a tenant that becomes active starts one engine's rows per live worker
+(the head start) behind the leader: it cannot bank more credit while idle, and behind a
+flooder it is served at the next claim, up to a full engine's rows before they alternate.
+
+Adapters are AdapterInfo ids: two tenants' adapters of the same name are different adapters.
 """
 from __future__ import annotations
 
@@ -53,6 +58,9 @@ class Snapshot:
     # claim per worker of each other are equally due, so concurrent claimers spread over
     # them instead of all reaching for the few furthest behind (and coming back short).
     workers: int = 1
+    # The asking worker's engine rows (max_num_seqs, as its heartbeat recorded them; 0:
+    # unknown): with the live workers, the head start of a tenant that becomes active.
+    capacity: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,12 +104,13 @@ def plan_claim(snap: Snapshot, spare: int = 0) -> Plan:
     for g in groups:
         if g.tenant_id not in served:
             served[g.tenant_id] = all_served.get(g.tenant_id, 0.0)
-    # A backlogged tenant is never more than about one quantum behind the leader's last
-    # start; one further behind was idle (or new) and may not spend banked credit.
+    # A backlogged tenant is never more than about one quantum behind the others; one further
+    # behind than the head start was idle (or new) and may not spend more banked credit.
+    head = float(max(free, snap.capacity) * max(snap.workers, 1))
     lowest, lead = float("inf"), float("-inf")
     for t, v in served.items():
         w = weights.get(t, 1.0)
-        start = v - quantum / (w if w > 1e-9 else 1e-9)
+        start = v - head / (w if w > 1e-9 else 1e-9)
         if start > lead:
             lead = start
         if v < lowest:
@@ -118,7 +127,7 @@ def plan_claim(snap: Snapshot, spare: int = 0) -> Plan:
     if len(spreads) > 100_000:
         spreads.clear()
 
-    # Order: (overdue first, -priority, affinity tier, tenant's share, spread, key); overdue
+    # Order: (overdue first, -priority, tenant's share, affinity tier, spread, key); overdue
     # groups by their oldest job only. A tenant's share only grows while planning, so a heap
     # with lazily refreshed entries pops the true minimum.
     heap = []
@@ -136,7 +145,7 @@ def plan_claim(snap: Snapshot, spare: int = 0) -> Plan:
         if spread is None:
             spread = spreads[(salt, t, a)] = zlib.crc32(f"{salt}:{t}:{a}".encode())
         s = share[t]
-        heap.append(((1, -g.priority, tier, s, spread, key), s, g))
+        heap.append(((1, -g.priority, s, tier, spread, key), s, g))
     heapq.heapify(heap)
 
     takes: list[Take] = []
@@ -149,7 +158,7 @@ def plan_claim(snap: Snapshot, spare: int = 0) -> Plan:
         order, seen, g = heapq.heappop(heap)
         t = g.tenant_id
         if seen >= 0 and seen != share[t]:  # its tenant was served since: re-queue
-            heapq.heappush(heap, (order[:3] + (share[t],) + order[4:], share[t], g))
+            heapq.heappush(heap, (order[:2] + (share[t],) + order[3:], share[t], g))
             continue
         if cap is not None and len(adapters) >= cap and g.adapter_id not in adapters:
             continue  # the cap is reached and only grows stricter: drop it

@@ -20,7 +20,8 @@ def job_info(r) -> JobInfo:
     if r.finish_reason is not None or r.result_text is not None:
         result = Result(text=r.result_text or "", token_ids=list(r.result_token_ids or []),
                         finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens or 0,
-                        completion_tokens=r.completion_tokens or 0, timings=dict(r.timings or {}))
+                        completion_tokens=r.completion_tokens or 0, timings=dict(r.timings or {}),
+                        logprobs=r.result_logprobs)
     return JobInfo(id=r.id, tenant_id=r.tenant_id, adapter=r.adapter_name, status=r.status,
                    prompt=r.prompt, messages=r.messages, sampling=dict(r.sampling or {}),
                    priority=r.priority, attempts=r.attempts, max_attempts=r.max_attempts,

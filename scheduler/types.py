@@ -37,6 +37,9 @@ class Result:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     timings: dict = field(default_factory=dict)
+    # per generated token when the job asked for logprobs: {"id", "token", "logprob",
+    # "top": [[id, token, logprob], ...] (most likely first)}
+    logprobs: list[dict] | None = None
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,9 @@ class Drainer:
         Sequences kept in the engine at once.
     claim_ahead : int, optional
         Jobs claimed beyond the engine's free rows, ready for the next free row (default
-        ``max_num_seqs``); their leases are heartbeated and they are released on shutdown.
+        ``max_num_seqs // 8``: enough to refill the rows a step frees, few enough that a
+        newly due tenant's jobs are claimed soon after it submits); their leases are
+        heartbeated and they are released on shutdown.
     max_pending_results : int, optional
         Finished jobs that may wait for the writer (default ``8 * max_num_seqs``), besides
         the batch it is writing; when that many wait, the engine waits too.
@@ -70,25 +72,28 @@ class Drainer:
         self.queue, self.engine, self.worker_id = queue, engine, worker_id
         self.max_num_seqs, self.lease_seconds = max_num_seqs, lease_seconds
         self.heartbeat_seconds, self.idle_claim_pause = heartbeat_seconds, idle_claim_pause
-        self.claim_ahead = max_num_seqs if claim_ahead is None else claim_ahead
+        self.claim_ahead = max(1, max_num_seqs // 8) if claim_ahead is None else claim_ahead
         self.max_pending_results = max_pending_results or 8 * max_num_seqs
         self.shutdown_flush_seconds = shutdown_flush_seconds
         self.stats, self.publish, self.on_result = stats or WorkerStats(), publish, on_result
         self.held: dict[str, Claimed] = {}  # in the engine; only the engine thread changes it
         self.names: dict[int, str] = {}  # lora_int_id -> adapter name (engine speaks ids)
         self.summary = DrainSummary()
-        self._hot_warm: tuple[list[str], list[str]] = ([], [])
+        self._hot_warm: tuple[list[int], list[int]] = ([], [])
         self._cancels: set[str] = set()  # from the heartbeat thread to the engine thread
         self._lock = threading.Lock()
         self._claimer: Claimer | None = None
         self._writer: Writer | None = None
 
     # -- state reported to the scheduler ------------------------------------------------------
-    def hot_warm(self) -> tuple[list[str], list[str]]:
+    def hot_warm(self) -> tuple[list[int], list[int]]:
+        """The adapters in the engine's GPU slots and CPU cache, as AdapterInfo ids (the
+        engine's lora_int_id is the adapter's id, see _lora_for): the scheduler matches
+        affinity by id, since two tenants may name their own adapters alike."""
         loras = self.engine.list_loras()
-        hot = [self.names[i] for i in loras.get("gpu", []) if i in self.names]
-        warm = [self.names[i] for i in loras.get("cpu", []) if i in self.names and
-                self.names[i] not in hot]
+        hot = [i for i in loras.get("gpu", []) if i in self.names]
+        gpu = set(hot)
+        warm = [i for i in loras.get("cpu", []) if i in self.names and i not in gpu]
         return hot, warm
 
     def heartbeat(self) -> None:
@@ -242,6 +247,7 @@ class Drainer:
 
     def _finish(self, job_id: str, out, cancelled: bool = False) -> None:
         from lorry.scheduler import Result
+        from lorry.workers.tokens import logprobs_json
 
         held = self.held.pop(job_id, None)
         if held is None or out is None:
@@ -259,7 +265,8 @@ class Drainer:
         result = Result(text=comp.text.replace("\x00", "\ufffd"),
                         token_ids=list(comp.token_ids),
                         finish_reason=comp.finish_reason, prompt_tokens=usage["prompt_tokens"],
-                        completion_tokens=usage["completion_tokens"], timings=timings)
+                        completion_tokens=usage["completion_tokens"], timings=timings,
+                        logprobs=logprobs_json(comp, held.job.sampling.get("logprobs")))
         self._writer.put(WriteOp("complete", held.job, result=result, cancelled=cancelled))
 
     def _written(self, op: WriteOp, written: bool) -> None:

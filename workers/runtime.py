@@ -33,6 +33,10 @@ def build_drainer(settings, queue=None, engine=None, publish=True, **kw):
     engine = engine or build_engine(settings)
     publisher = RedisStatsPublisher(settings.broker_url, settings.redis_prefix, worker_id) \
         if publish else None
+    if publish:  # streaming jobs' text, step by step, for the API's stream=true answers
+        from lorry.workers.tokens import TokenPublisher
+
+        engine.on_tokens = TokenPublisher(settings.broker_url, settings.redis_prefix)
     return Drainer(queue, engine, worker_id, max_num_seqs=settings.max_num_seqs,
                    lease_seconds=settings.lease_seconds,
                    heartbeat_seconds=settings.heartbeat_seconds, publish=publisher, **kw)

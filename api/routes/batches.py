@@ -1,19 +1,31 @@
-"""Batches: upload an OpenAI Batch JSONL file, read its status, download output/errors, cancel."""
+"""Batches: create one from an uploaded file (OpenAI's SDK flow) or from a JSONL body in one
+step, read, list and cancel them, download output/errors."""
 from __future__ import annotations
 
 import json
+import tempfile
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
-from lorry.api.batch_input import base_model_name, parse_lines, specs_from_lines
+from lorry.api.batch_input import (
+    DuplicateCustomId,
+    IngestStats,
+    base_model_name,
+    ingest_chunks,
+    line_error_dict,
+)
+from lorry.api.body_guard import is_json
 from lorry.api.convert import batch_out, output_line
 from lorry.api.deps import get_queue, get_settings, get_tenant, nudge
 from lorry.api.errors import ApiError, responses
 from lorry.api.json_check import check_json
-from lorry.api.schemas import BatchOut, is_id
-from lorry.api.upload import read_lines
+from lorry.api.routes.files import IDEMPOTENCY_KEY, no_file
+from lorry.api.schemas import BatchCreate, BatchList, BatchOut, is_id
+from lorry.api.upload import CHUNK, file_lines, spool_lines, spooled_lines
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 METADATA_RULE = ("metadata must be a JSON object of at most 16 string values of at most 512 "
@@ -40,39 +52,155 @@ def parse_metadata(raw: str | None) -> dict[str, str]:
     return meta
 
 
-@router.post("", response_model=BatchOut, status_code=201, responses=responses(413, 429),
-             summary="Create a batch from an OpenAI Batch JSONL file (raw body or multipart "
-                     "'file'); bad lines are reported per line, good lines are queued")
-async def create_batch(request: Request, tenant=Depends(get_tenant), queue=Depends(get_queue),
-                       settings=Depends(get_settings),
+SHOWN_ERRORS = 1000  # refused lines listed under a Batch's errors (the error file has all)
+CREATE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": BatchCreate.model_json_schema()},
+    "application/jsonl": {"schema": {"type": "string", "description": "OpenAI Batch lines"}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}}}}}}}
+
+
+class NoValidLines(Exception):
+    """A one-step upload none of whose lines can be queued (nothing is created)."""
+
+
+def _shown(queue, tenant, info) -> list[dict] | None:
+    if not info.rejected:
+        return None
+    return [line_error_dict(e) for e in queue.batch_errors(info.id, tenant.id, SHOWN_ERRORS)]
+
+
+def _spool_file(queue, tenant, file_id: str):
+    """The file's bytes copied to a temporary file (memory up to 8 MiB, then disk), read
+    before the batch's transaction begins."""
+    spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
+    for chunk in queue.file_content(file_id, tenant.id):
+        spool.write(chunk)
+    spool.seek(0)
+    return spool
+
+
+async def _json_body(request: Request, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+def _ingest(queue, tenant, settings, lines, stats: IngestStats, *, one_step: bool, **kw):
+    """queue.ingest_batch over the parsed lines (in this worker thread)."""
+    chunks = ingest_chunks(lines, queue, tenant, base_model_name(settings), settings,
+                           endpoint=kw.get("endpoint"), stats=stats)
+
+    def checked():
+        yield from chunks
+        if one_step and not stats.accepted:
+            raise NoValidLines()
+    return queue.ingest_batch(tenant.id, checked(), model=base_model_name(settings), **kw)
+
+
+@router.post("", response_model=BatchOut, status_code=201, responses=responses(404, 413, 429),
+             openapi_extra=CREATE_BODY,
+             summary="Create a batch: JSON {input_file_id, endpoint, completion_window, "
+                     "metadata} (OpenAI's SDK), or a JSONL body / multipart 'file' in one step; "
+                     "bad lines are reported per line (errors, error file), good lines queued")
+async def create_batch(request: Request, response: Response, tenant=Depends(get_tenant),
+                       queue=Depends(get_queue), settings=Depends(get_settings),
+                       idempotency_key: str | None = IDEMPOTENCY_KEY,
                        completion_window: str = Query("24h", pattern=r"^[1-9][0-9]{0,3}h$"),
                        metadata: str | None = Query(None, max_length=8192,
-                                                    description="a JSON object of strings")):
+                                                    description="a JSON object of strings "
+                                                                "(one-step upload)")):
+    if is_json(request.headers.get("content-type")):
+        return await _create_from_file(request, response, tenant, queue, settings,
+                                       idempotency_key)
     meta = parse_metadata(metadata)
-    lines = [item async for item in read_lines(request, settings.max_body_bytes,
-                                                settings.max_batch_lines, settings.max_line_bytes)]
-    parsed = parse_lines(lines)
-    if parsed.duplicates:
-        first = parsed.duplicates[0]
+    spool = await spool_lines(request, settings.max_body_bytes, settings.max_batch_lines,
+                              settings.max_line_bytes)
+    stats = IngestStats()
+    try:
+        info, created = await run_in_threadpool(
+            _ingest, queue, tenant, settings, spooled_lines(spool), stats, one_step=True,
+            metadata=meta, completion_window=completion_window,
+            idempotency_key=idempotency_key)
+    except DuplicateCustomId as e:
+        first = e.errors[0]
         raise ApiError(422, first["message"], code=first["code"], param=first["param"],
-                       lines=parsed.duplicates)
-    specs = await run_in_threadpool(specs_from_lines, parsed, queue, tenant,
-                                    base_model_name(settings), settings)
-    if not specs:
-        parsed.errors.sort(key=lambda e: e["line"])
-        if not parsed.errors:
-            raise ApiError(422, "the batch file has no request lines", code="empty_batch")
-        raise ApiError(422, f"no line of the batch file is valid; {parsed.errors[0]['message']}",
-                       code="no_valid_lines", lines=parsed.errors)
-    parsed.errors.sort(key=lambda e: e["line"])
-    meta["lorry_endpoint"] = sorted(parsed.endpoints)[0] if len(parsed.endpoints) == 1 \
-        else "mixed"
-    if parsed.errors:
-        meta["lorry_rejected_lines"] = str(len(parsed.errors))
-    info = await run_in_threadpool(queue.create_batch, tenant.id, specs, metadata=meta,
-                                   completion_window=completion_window)
-    nudge(request, len(specs))
-    return batch_out(info, parsed.errors)
+                       lines=e.errors) from None
+    except NoValidLines:
+        if not stats.rejected:
+            raise ApiError(422, "the batch file has no request lines",
+                           code="empty_batch") from None
+        refused = [line_error_dict(e) for e in stats.refused]
+        raise ApiError(422, f"no line of the batch file is valid; {refused[0]['message']}",
+                       code="no_valid_lines", lines=refused) from None
+    finally:
+        spool.close()
+    if created:
+        nudge(request, stats.accepted)
+    response.status_code = 201 if created else 200
+    return batch_out(info, _shown(queue, tenant, info))
+
+
+async def _create_from_file(request, response, tenant, queue, settings, idempotency_key):
+    raw = await _json_body(request, settings.max_line_bytes)
+    problem = check_json(raw)
+    if problem is not None:
+        raise ApiError(422, f"the body is refused: {problem.message}", code=problem.code,
+                       param=problem.param)
+    try:
+        body = BatchCreate.model_validate_json(raw)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])}
+                                      for err in e.errors()]) from None
+    source = await run_in_threadpool(queue.get_file, body.input_file_id, tenant.id)
+    if source is None:
+        raise no_file(body.input_file_id, "input_file_id")
+    if source.purpose != "batch":
+        raise ApiError(400, f"file {source.id!r} has purpose {source.purpose!r}; a batch reads "
+                            "a file uploaded with purpose='batch'", code="invalid_purpose",
+                       param="input_file_id")
+    if source.lines > settings.max_batch_lines:
+        raise ApiError(413, f"file {source.id!r} has {source.lines} lines, over the limit of "
+                            f"{settings.max_batch_lines} lines; split it into smaller files",
+                       param="input_file_id")
+    spool = await run_in_threadpool(_spool_file, queue, tenant, source.id)
+    lines = file_lines(iter(lambda: spool.read(CHUNK * 16), b""), settings.max_line_bytes)
+    stats = IngestStats()
+    try:
+        info, created = await run_in_threadpool(
+            _ingest, queue, tenant, settings, lines, stats, one_step=False,
+            endpoint=body.endpoint, completion_window=body.completion_window,
+            metadata=body.metadata, input_file_id=source.id, idempotency_key=idempotency_key)
+    except DuplicateCustomId as e:
+        first = e.errors[0]
+        raise ApiError(422, first["message"], code=first["code"], param=first["param"],
+                       lines=e.errors) from None
+    finally:
+        spool.close()
+    if created and stats.accepted:
+        nudge(request, stats.accepted)
+    response.status_code = 201 if created else 200
+    return batch_out(info, _shown(queue, tenant, info))
+
+
+@router.get("", response_model=BatchList,
+            summary="List your batches, newest first (cursor: after = the last id seen)")
+def list_batches(tenant=Depends(get_tenant), queue=Depends(get_queue),
+                 after: str | None = Query(None, max_length=64),
+                 limit: int = Query(20, ge=1, le=100)):
+    if after is not None and not is_id(after):
+        raise _no_batch(after, "after")
+    try:
+        found = queue.list_batches(tenant.id, after=after, limit=limit + 1)
+    except ValueError as e:
+        raise ApiError(404, str(e), code="batch_not_found", param="after") from None
+    page = found[:limit]
+    return BatchList(data=[batch_out(b) for b in page], has_more=len(found) > limit,
+                     first_id=page[0].id if page else None,
+                     last_id=page[-1].id if page else None)
 
 
 def _batch(queue, tenant, batch_id: str):
@@ -82,14 +210,15 @@ def _batch(queue, tenant, batch_id: str):
     return info
 
 
-def _no_batch(batch_id: str) -> ApiError:
-    return ApiError(404, f"no batch {batch_id!r}", code="batch_not_found", param="batch_id")
+def _no_batch(batch_id: str, param: str = "batch_id") -> ApiError:
+    return ApiError(404, f"no batch {batch_id!r}", code="batch_not_found", param=param)
 
 
 @router.get("/{batch_id}", response_model=BatchOut, responses=responses(404),
             summary="Get a batch (status, counts)")
 def get_batch(batch_id: str, tenant=Depends(get_tenant), queue=Depends(get_queue)):
-    return batch_out(_batch(queue, tenant, batch_id))
+    info = _batch(queue, tenant, batch_id)
+    return batch_out(info, _shown(queue, tenant, info))
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchOut, responses=responses(404),

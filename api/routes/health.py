@@ -1,5 +1,5 @@
-"""Liveness, readiness (the database answers) and the Prometheus scrape endpoint (behind the
-operator's metrics token)."""
+"""Liveness, readiness (the database answers and the lease reaper runs) and the Prometheus
+scrape endpoint (behind the operator's metrics token)."""
 from __future__ import annotations
 
 import hmac
@@ -21,16 +21,45 @@ def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="The database answers")
+# The lease reaper counts as stopped when its last pass is older than this many seconds or
+# four maintain intervals, whichever is longer (claims reap every few seconds, beat every
+# maintain interval).
+REAPER_LATE_MIN_S = 60.0
+
+
+@router.get("/readyz", summary="The database answers and the lease reaper runs")
 def readyz(request: Request):
     queue = request.app.state.queue
     try:
         ping = getattr(queue, "ping", None)
         ping() if ping else queue.authenticate("lorry_readiness_probe")  # key-shaped: queries
+        late = reaper_late(queue, request.app.state.settings)
     except Exception as e:  # any DB error means not ready; say which
         return JSONResponse({"status": "unavailable", "database": str(e)[:300]}, status_code=503,
                             headers={"Retry-After": "5"})
+    if late:
+        return JSONResponse({"status": "unavailable", "reaper": late}, status_code=503,
+                            headers={"Retry-After": "5"})
     return {"status": "ok"}
+
+
+def reaper_late(queue, settings) -> str | None:
+    """Why the lease reaper counts as stopped (the jobs of a lost worker would stay running),
+    or None while it runs."""
+    last_reap_at = getattr(queue, "last_reap_at", None)
+    if last_reap_at is None:  # a queue that keeps no record of it
+        return None
+    limit = max(REAPER_LATE_MIN_S, 4 * float(getattr(settings, "maintain_interval", 15.0)))
+    fix = ("start `lorry beat` (its maintain task requeues expired leases) or a worker (its "
+           "claims do too)")
+    last = last_reap_at()
+    if last is None:
+        return f"no pass of the lease reaper is recorded: expired leases are not requeued; {fix}"
+    age = (queue.now() - last).total_seconds()
+    if age <= limit:
+        return None
+    return (f"the lease reaper last ran {age:.0f} s ago (at {last.isoformat()} UTC; allowed: "
+            f"{limit:.0f} s): jobs of a lost worker stay running; {fix}")
 
 
 def check_metrics_token(request: Request,

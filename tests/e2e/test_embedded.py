@@ -18,7 +18,10 @@ def test_lorry_run_writes_openai_lines_equal_to_the_engine(tiny, tmp_path):
                                              ("gamma", "/v1/chat/completions")])
                for m in ("alpha", "beta", "tiny-llama")]
     src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in records) + "{broken\n")
+    ghost = {"custom_id": "ghost-1", "method": "POST", "url": "/v1/completions",
+             "body": {"model": "ghost", "prompt": "boo"}}
+    src.write_text("".join(json.dumps(r) + "\n" for r in records) + "{broken\n"
+                   + json.dumps(ghost) + "\n")
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "LORRY_MODEL": str(model), "LORRY_DEVICE": "cpu",
            "LORRY_MAX_LORA_RANK": "16", "LORRY_MAX_NUM_SEQS": "4", "LORRY_MAX_MODEL_LEN": "128",
@@ -27,9 +30,9 @@ def test_lorry_run_writes_openai_lines_equal_to_the_engine(tiny, tmp_path):
     proc = subprocess.run(LORRY + args, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr  # one bad line: reported, exit status 1
     assert "line 7 is not valid JSON" in proc.stderr
-    assert "6 succeeded, 1 failed" in proc.stdout
+    assert "6 succeeded, 2 failed" in proc.stdout
     errors = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
-    assert [e["error"]["line"] for e in errors] == [7]
+    assert [(e["error"]["line"], e["custom_id"]) for e in errors] == [(7, None), (8, "ghost-1")]
 
     from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 

@@ -12,7 +12,7 @@ from lorry.scheduler.migrate import check, downgrade, upgrade
 
 ROOT = Path(__file__).resolve().parents[3]
 TABLES = {"tenants", "adapters", "batches", "jobs", "queue_groups", "workers", "files",
-          "file_chunks", "batch_rejects"}
+          "file_chunks", "batch_rejects", "maintenance_runs"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

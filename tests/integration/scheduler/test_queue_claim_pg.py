@@ -38,19 +38,19 @@ def test_claim_reconnects_after_its_connection_is_killed(pg_queue, db_url):
 
 def test_cached_snapshot_sees_this_process_submits_and_cancels(pg_queue):
     t, _ = pg_queue.create_tenant("t")
-    pg_queue.register_adapter("x", "/adapters/x")
+    x = pg_queue.register_adapter("x", "/adapters/x").id
     pg_queue.register_adapter("y", "/adapters/y")
     pg_queue.submit(t.id, [JobSpec("x", prompt=str(i)) for i in range(40)])
-    assert {mb.adapter.name for mb in pg_queue.claim("w1", ["x"], [], free_slots=8)} == {"x"}
+    assert {mb.adapter.name for mb in pg_queue.claim("w1", [x], [], free_slots=8)} == {"x"}
     # A new, higher-priority job right after: the next claim (within the cache's TTL) sees it.
     [urgent] = pg_queue.submit(t.id, [JobSpec("y", prompt="now", priority=5)])
-    first = pg_queue.claim("w1", ["x"], [], free_slots=1)
+    first = pg_queue.claim("w1", [x], [], free_slots=1)
     assert [j.id for mb in first for j in mb.jobs] == [urgent.id]
     # Cancelled queued jobs are not planned for: the claim is full, from what is left.
     rest = pg_queue.list_jobs(t.id, status="queued", limit=100)
     for job in rest[:20]:
         pg_queue.cancel(job.id, t.id)
-    got = [j.id for mb in pg_queue.claim("w1", ["x"], [], free_slots=12) for j in mb.jobs]
+    got = [j.id for mb in pg_queue.claim("w1", [x], [], free_slots=12) for j in mb.jobs]
     assert len(got) == 12 and not {j.id for j in rest[:20]} & set(got)
 
 
@@ -106,3 +106,36 @@ def test_a_snapshot_read_during_an_uncommitted_submit_is_not_reused(pg_queue):
     th.join(10)
     got = [j.prompt for mb in pg_queue.claim("w1", [], [], free_slots=1) for j in mb.jobs]
     assert got == ["urgent"]
+
+
+SUBMIT_ELSEWHERE = """
+import sys
+from lorry.scheduler import JobQueue, JobSpec
+queue = JobQueue(sys.argv[1], create=False)
+queue.submit(sys.argv[2], [JobSpec(sys.argv[3], prompt=f"small {i}") for i in range(5)])
+queue.close()
+"""
+
+
+def test_a_tenant_that_another_process_submits_for_is_served_at_the_next_claim(
+        make_queue, db_url):
+    """A worker's cached snapshot does not show a tenant that became active through another
+    process; the claim statement finds its group, leases nothing from the stale plan, and
+    the claim is planned again from a fresh snapshot: no flood job goes first."""
+    import subprocess
+    import sys
+
+    queue = make_queue(clock=None, snapshot_ttl_seconds=600)  # the cache alone never expires
+    a, _ = queue.create_tenant("flooder")
+    b, _ = queue.create_tenant("small")
+    style = queue.register_adapter("style", "/adapters/a/style", tenant_id=a.id).id
+    queue.register_adapter("style", "/adapters/b/style", tenant_id=b.id)
+    queue.submit(a.id, [JobSpec("style", prompt=str(i)) for i in range(200)])
+    assert {j.tenant_id for mb in queue.claim("w1", [style], [], free_slots=8)
+            for j in mb.jobs} == {a.id}
+    # Another process's submit (the API's): nothing in this process learns of it.
+    run = subprocess.run([sys.executable, "-c", SUBMIT_ELSEWHERE, db_url, b.id, "style"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    got = [j.tenant_id for mb in queue.claim("w1", [style], [], free_slots=8) for j in mb.jobs]
+    assert got.count(b.id) == 5 and len(got) == 8  # all of B's, the rest of the claim A's

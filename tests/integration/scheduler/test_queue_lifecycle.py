@@ -26,8 +26,9 @@ def claim_all(queue, worker="w1", slots=32, **kw):
 def test_round_trip_keeps_result_and_stale_token_changes_nothing(queue, tenant):
     [job] = queue.submit(tenant.id, JobSpec("sql", prompt="hi", sampling={"max_tokens": 4}))
     assert job.status == "queued" and job.id.startswith("job_")
-    [mb] = queue.claim("w1", hot=["sql"], warm=[], free_slots=8)
-    assert mb.adapter.name == "sql" and mb.adapter.id > 0
+    sql = queue.get_adapter("sql", tenant.id).id
+    [mb] = queue.claim("w1", hot=[sql], warm=[], free_slots=8)
+    assert mb.adapter.name == "sql" and mb.adapter.id == sql > 0
     [c] = mb.jobs
     assert (c.id, c.prompt, c.sampling, c.attempts) == (job.id, "hi", {"max_tokens": 4}, 1)
     assert queue.get_job(job.id).status == "running"
@@ -98,7 +99,8 @@ def test_cancel_queued_at_once_and_running_through_heartbeat(queue, tenant):
     assert queue.cancel(c.id, other.id) is None
     info = queue.cancel(c.id, tenant.id)
     assert info.status == "running" and info.cancel_requested
-    assert queue.heartbeat("w1", [(c.id, c.lease_token)], ["sql"], [], 8) == {c.id}
+    sql = queue.get_adapter("sql", tenant.id).id
+    assert queue.heartbeat("w1", [(c.id, c.lease_token)], [sql], [], 8) == {c.id}
     partial = Result("par", [1], "abort", 2, 1)
     assert queue.complete(c.id, c.lease_token, partial, cancelled=True)
     info = queue.get_job(c.id)

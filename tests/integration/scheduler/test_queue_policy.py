@@ -33,32 +33,32 @@ def test_small_tenant_is_served_within_twice_its_share(make_queue, weight_a):
 def test_hot_adapter_keeps_the_worker_until_aging_hands_over(make_queue, clock):
     queue = make_queue(aging_seconds=60)
     t, _ = queue.create_tenant("t")
-    for name in ("x", "y", "z"):
-        queue.register_adapter(name, f"/adapters/{name}")
+    x, _, z = (queue.register_adapter(n, f"/adapters/{n}").id for n in ("x", "y", "z"))
     queue.submit(t.id, [JobSpec("y", prompt=str(i)) for i in range(10)])
     clock.advance(30)
     queue.submit(t.id, [JobSpec("x", prompt=str(i)) for i in range(200)])
     queue.submit(t.id, [JobSpec("z", prompt=str(i)) for i in range(10)])
     for _ in range(4):  # x is hot: only x, although y waits longer
-        names = {n for n, _ in claimed_ids(queue.claim("w1", hot=["x"], warm=["z"],
+        names = {n for n, _ in claimed_ids(queue.claim("w1", hot=[x], warm=[z],
                                                       free_slots=8))}
         assert names == {"x"}
     clock.advance(31)  # y's oldest job now waited 61 s > aging bound
-    first = claimed_ids(queue.claim("w1", hot=["x"], warm=["z"], free_slots=8))
+    first = claimed_ids(queue.claim("w1", hot=[x], warm=[z], free_slots=8))
     assert [n for n, _ in first] == ["y"] * 8
     # Once nothing is overdue, affinity rules again (z only waited 31 s).
-    rest = claimed_ids(queue.claim("w1", hot=["x"], warm=["z"], free_slots=8))
+    rest = claimed_ids(queue.claim("w1", hot=[x], warm=[z], free_slots=8))
     assert [n for n, _ in rest][:2] == ["y", "y"] and {n for n, _ in rest[2:]} == {"x"}
 
 
 def test_warm_before_cold_and_avoid_adapters_hot_elsewhere(make_queue):
     queue = make_queue()
     t, _ = queue.create_tenant("t")
+    ids = {}
     for name in ("p", "q", "r"):
-        queue.register_adapter(name, f"/adapters/{name}")
+        ids[name] = queue.register_adapter(name, f"/adapters/{name}").id
         queue.submit(t.id, [JobSpec(name, prompt=str(i)) for i in range(20)])
-    assert {n for n, _ in claimed_ids(queue.claim("w1", [], ["q"], free_slots=4))} == {"q"}
-    queue.heartbeat("w2", [], hot=["p"], warm=[], capacity=8)  # p is hot on a live worker
+    assert {n for n, _ in claimed_ids(queue.claim("w1", [], [ids["q"]], free_slots=4))} == {"q"}
+    queue.heartbeat("w2", [], hot=[ids["p"]], warm=[], capacity=8)  # p is hot on a live worker
     names = [n for n, _ in claimed_ids(queue.claim("w3", [], [], free_slots=36))]
     assert sorted(set(names)) == ["q", "r"] and len(names) == 36  # p is left alone
     # When nothing else is left, the adapter hot elsewhere is still served.
@@ -69,8 +69,8 @@ def test_warm_before_cold_and_avoid_adapters_hot_elsewhere(make_queue):
 def test_priority_class_first(make_queue):
     queue = make_queue()
     t, _ = queue.create_tenant("t")
-    queue.register_adapter("x", "/adapters/x")
+    x = queue.register_adapter("x", "/adapters/x").id
     queue.submit(t.id, [JobSpec("x", prompt="bulk") for _ in range(20)])
     urgent = queue.submit(t.id, [JobSpec(None, prompt="now", priority=10) for _ in range(3)])
-    got = claimed_ids(queue.claim("w1", hot=["x"], warm=[], free_slots=3))
+    got = claimed_ids(queue.claim("w1", hot=[x], warm=[], free_slots=3))
     assert {j.id for _, j in got} == {j.id for j in urgent}

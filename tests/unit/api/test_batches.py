@@ -35,10 +35,13 @@ def test_batch_with_bad_lines_keeps_good_ones_and_reports_each(service, tenant_a
     r = upload(tenant_a, content, metadata=json.dumps({"run": "nightly"}))
     assert r.status_code == 201, r.text
     batch = r.json()
-    assert batch["object"] == "batch" and batch["request_counts"]["total"] == 2
-    assert batch["metadata"]["run"] == "nightly"
+    assert batch["object"] == "batch" and batch["status"] == "in_progress"
+    assert batch["request_counts"] == {"total": 6, "completed": 0, "failed": 4}
+    assert batch["metadata"] == {"run": "nightly"}
     errors = {e["line"]: e for e in batch["errors"]["data"]}
     assert sorted(errors) == [3, 4, 5, 6]
+    assert {n: e["custom_id"] for n, e in errors.items()} == {3: None, 4: "d", 5: "e", 6: "f"}
+    assert tenant_a.get(f"/v1/batches/{batch['id']}").json()["errors"] == batch["errors"]
     assert errors[3]["code"] == "invalid_json"
     assert "colour" in errors[4]["message"]
     assert "unknown model 'nosuch'" in errors[5]["message"]

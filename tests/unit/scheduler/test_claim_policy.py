@@ -73,6 +73,107 @@ def test_weights_scale_the_share_and_idle_tenants_bank_no_credit():
     assert 3.0 <= counts["a"] / counts["b"] <= 5.0
 
 
+def charge(plan, served: dict, weights: dict) -> None:
+    """What the claim statement does with a plan: served = max(served, floor) + jobs/weight."""
+    per_tenant: dict = {}
+    for take in plan.takes:
+        per_tenant[take.group.tenant_id] = per_tenant.get(take.group.tenant_id, 0) + take.count
+    for t, n in per_tenant.items():
+        served[t] = max(served.get(t, 0.0), plan.floor) + n / weights.get(t, 1.0)
+
+
+def test_a_small_tenant_behind_a_flood_on_a_hot_adapter_is_served_at_the_next_claim():
+    # A has served 1,000 jobs of its 5,000 from the worker's hot adapter 1; B then queues 20
+    # on its own adapter 2, which is cold here and even hot on another worker.
+    flood = g("a", 1, queued=4000, age=100)
+    small = g("b", 2, queued=20, age=1)
+    for served in ({"a": 1000.0}, {"a": 1000.0, "b": 0.0}, {"a": 1000.0, "b": 990.0}):
+        snap = Snapshot([flood, small], NOW, free_slots=8, hot={1}, hot_elsewhere={2},
+                        served=dict(served))
+        assert taken(plan_claim(snap)) == [("b", 2, 8)], served
+
+
+def test_under_a_flood_the_small_tenant_gets_half_the_claims_until_it_is_done():
+    # One worker, claims of 8: the small tenant's 20 jobs need 3 claims on an idle worker;
+    # behind the flood (equal weights) they take at most twice that many, and the flooder
+    # gets no more than one claim (8 jobs, max_num_seqs) before the small tenant's first.
+    left = {"a": 4000, "b": 20}
+    served = {"a": 1000.0}
+    claims, flood_before_first = 0, None
+    while left["b"]:
+        groups = [g("a", 1, queued=left["a"], age=100), g("b", 2, queued=left["b"], age=1)]
+        plan = plan_claim(Snapshot([x for x in groups if x.queued], NOW, free_slots=8,
+                                   hot={1}, served=dict(served)))
+        charge(plan, served, {})
+        claims += 1
+        for t, _, n in taken(plan):
+            left[t] -= n
+            if t == "b" and flood_before_first is None:
+                flood_before_first = 8 * (claims - 1)
+    assert flood_before_first == 0
+    assert claims <= 2 * 3
+
+
+def test_a_returning_tenant_gets_at_most_one_engines_rows_ahead():
+    # B was idle while A was served 10,000 jobs; it comes back with 1,000 jobs. On a worker
+    # of 64 rows claiming 8 at a time, B gets the next 64 jobs (no more: it banked nothing
+    # while idle), then the two alternate although only A's adapter is hot.
+    served = {"a": 10_000.0, "b": 0.0}
+    sequence: list[str] = []
+    for _ in range(40):
+        groups = [g("a", 1, queued=10_000), g("b", 2, queued=1000)]
+        plan = plan_claim(Snapshot(groups, NOW, free_slots=8, hot={1}, served=dict(served),
+                                   capacity=64))
+        charge(plan, served, {})
+        sequence += [t for t, _, n in taken(plan) for _ in range(n)]
+    assert sequence[:64] == ["b"] * 64 and sequence[64] == "a"
+    rest = sequence[64:]
+    assert abs(rest.count("a") - rest.count("b")) <= 8
+
+
+def test_weights_hold_whatever_the_affinity():
+    # A (weight 3) on the worker's hot adapter, B (weight 1) cold, both backlogged: A gets
+    # about three jobs for each of B's, B (weight 3) cold against A (weight 1) hot as well.
+    for weights, ratio in (({"a": 3.0, "b": 1.0}, 3.0), ({"a": 1.0, "b": 3.0}, 1 / 3),
+                           ({"a": 1.0, "b": 1.0}, 1.0)):
+        served: dict = {}
+        counts = {"a": 0, "b": 0}
+        groups = [g("a", 1, queued=100_000), g("b", 2, queued=100_000)]
+        for _ in range(200):
+            plan = plan_claim(Snapshot(groups, NOW, free_slots=8, hot={1},
+                                       served=dict(served), weights=weights))
+            charge(plan, served, weights)
+            for t, _, n in taken(plan):
+                counts[t] += n
+        assert abs(counts["a"] / counts["b"] / ratio - 1) < 0.1, (weights, counts)
+
+
+def test_affinity_orders_groups_only_within_a_tenants_share():
+    # B is a full claim behind A: its cold group goes before A's hot one. Equally due, A's
+    # hot group goes first, then the warm ones, then cold ones of either tenant.
+    groups = [g("a", 1, queued=100), g("a", 3, queued=100), g("b", 2, queued=100),
+              g("b", 4, queued=100)]
+    behind = Snapshot(groups, NOW, free_slots=8, hot={1}, warm={3},
+                      served={"a": 8.0, "b": 0.0})
+    assert {t for t, _, _ in taken(plan_claim(behind))} == {"b"}
+    due = Snapshot(groups, NOW, free_slots=8, hot={1}, warm={4}, served={"a": 0.0, "b": 0.0})
+    assert taken(plan_claim(due)) == [("a", 1, 8)]
+    due.hot = set()
+    assert taken(plan_claim(due)) == [("b", 4, 8)]  # the warm one, although B's
+
+
+def test_the_same_adapter_name_in_two_tenants_is_two_adapters():
+    # Each tenant owns an adapter named "style": ids 11 (A's) and 12 (B's). The worker has
+    # A's in a GPU slot; B's is cold there, and "hot on another worker" is by id as well.
+    a_style, b_style = 11, 12
+    groups = [g("b", b_style, queued=50), g("b", 5, queued=50)]
+    snap = Snapshot(groups, NOW, free_slots=8, hot={a_style}, warm={5})
+    assert affinity_tier(b_style, snap) == 2 and affinity_tier(a_style, snap) == 0
+    assert taken(plan_claim(snap)) == [("b", 5, 8)]  # B's warm adapter, not its "style"
+    snap = Snapshot(groups, NOW, free_slots=8, hot_elsewhere={a_style}, warm={b_style})
+    assert taken(plan_claim(snap)) == [("b", b_style, 8)]
+
+
 def test_max_adapters_caps_distinct_adapters_per_claim():
     groups = [g(adapter=a, queued=2) for a in range(1, 6)]
     plan = plan_claim(Snapshot(groups, NOW, free_slots=10, max_adapters=2))
@@ -116,15 +217,16 @@ def reference_plan(snap: Snapshot, budget: int | None = None) -> list[tuple]:
     quantum = float(snap.free_slots * snap.workers)
     weight = {t: max(snap.weights.get(t, 1.0), 1e-9) for t, _, _ in left}
     served = {t: snap.served.get(t, 0.0) for t in weight}
-    floor = max(min(served.values()), max(v - quantum / weight[t] for t, v in served.items()))
+    head = float(max(snap.free_slots, snap.capacity) * snap.workers)
+    floor = max(min(served.values()), max(v - head / weight[t] for t, v in served.items()))
     virtual = {t: max(v, floor) for t, v in served.items()}
 
     def order(g):
         if g.oldest <= snap.now - snap.aging_seconds:
             return (0, g.oldest, g.key)
         spread = zlib.crc32(f"{snap.salt}:{g.tenant_id}:{g.adapter_id}".encode())
-        return (1, -g.priority, affinity_tier(g.adapter_id, snap),
-                int(virtual[g.tenant_id] // quantum), spread, g.key)
+        return (1, -g.priority, int(virtual[g.tenant_id] // quantum),
+                affinity_tier(g.adapter_id, snap), spread, g.key)
 
     out, adapters, remaining = [], set(), snap.free_slots if budget is None else budget
     while remaining > 0 and left:
@@ -160,7 +262,7 @@ def test_plan_equals_the_plain_reference_on_random_snapshots():
             weights={t: rng.choice([1.0, 2.0, 0.5]) for t in tenants},
             served={t: rng.uniform(0, 200) for t in tenants}, aging_seconds=300,
             salt=f"w{case % 3}", max_adapters=rng.choice([None, 1, 2]),
-            workers=rng.choice([1, 1, 4]))
+            workers=rng.choice([1, 1, 4]), capacity=rng.choice([0, 8, 64]))
         got = [(t.group.key, t.count) for t in plan_claim(snap).takes]
         assert got == reference_plan(snap), f"case {case}"
         # With spares: the same order continued, the free slots filled by the takes first.

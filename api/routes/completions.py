@@ -1,0 +1,264 @@
+"""OpenAI's synchronous ``/v1/chat/completions`` and ``/v1/completions``: each request is a job
+in the interactive priority class; the call waits for its result, or with ``stream=true``
+answers server-sent events with the text the worker publishes to Redis step by step."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import anyio
+from anyio.to_thread import run_sync
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
+
+from lorry.api.batch_input import BASE_ALIASES, base_model_name
+from lorry.api.deps import get_queue, get_settings, get_tenant, nudge
+from lorry.api.errors import ApiError, ErrorBody, error_body, responses
+from lorry.api.openai_format import ChunkWriter, completion_object, usage_of
+from lorry.api.prompt_length import check_prompt_length
+from lorry.api.schemas import (
+    ChatCompletionOut,
+    ChatCompletionRequest,
+    CompletionOut,
+    CompletionRequest,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+# Above every priority a job can be submitted with over REST (-100..100), so that a waiting
+# caller's job is claimed before queued bulk work (aging still lets old bulk jobs through).
+INTERACTIVE_PRIORITY = 1000
+# the channel workers publish a streaming job's text to (lorry.workers.tokens.stream_channel)
+STREAM_CHANNEL = "{prefix}:stream:{job_id}"
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
+NO_RETRY = {"x-should-retry": "false"}  # the official SDKs must not submit the job again
+POLL_MAX_S = 0.25   # longest pause between reads of a waited-for job
+STREAM_POLL_S = 0.5  # a streaming answer also reads its job this often (lost pieces, failures)
+
+ERRORS = {
+    **responses(404, 413, 429),
+    400: {"model": ErrorBody, "description": "a valid option Lorry does not support (n > 1, "
+                                             "response_format other than text, top_logprobs "
+                                             "without logprobs); `param` names it"},
+    409: {"model": ErrorBody, "description": "the job was cancelled (`job_cancelled`)"},
+    500: {"model": ErrorBody, "description": "the job failed (`job_failed`; the message says "
+                                             "why); `x-should-retry: false`"},
+    504: {"model": ErrorBody, "description": "no result within LORRY_SYNC_TIMEOUT_SECONDS "
+                                             "(`timeout`): the job keeps running; poll "
+                                             "GET /v1/jobs/{id} (the message and the "
+                                             "`x-lorry-job-id` header name it)"},
+}
+STREAM_DOC = {"description": "the completion object, or with `stream=true` server-sent events "
+                             "(`data: {chunk}` ... `data: [DONE]`); an error after the stream "
+                             "began is one `data: {\"error\": {...}}` event",
+              "content": {"text/event-stream": {}}}
+
+
+@router.post("/chat/completions", response_model=ChatCompletionOut,
+             summary="Chat completion (OpenAI), synchronous or streamed",
+             responses={200: STREAM_DOC, **ERRORS})
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           tenant=Depends(get_tenant), queue=Depends(get_queue),
+                           settings=Depends(get_settings)):
+    messages = [m.plain() for m in body.messages]
+    return await _answer(request, body, tenant, queue, settings, chat=True, prompt=None,
+                         messages=messages)
+
+
+@router.post("/completions", response_model=CompletionOut,
+             summary="Text completion (OpenAI), synchronous or streamed",
+             responses={200: STREAM_DOC, **ERRORS})
+async def completions(body: CompletionRequest, request: Request, tenant=Depends(get_tenant),
+                      queue=Depends(get_queue), settings=Depends(get_settings)):
+    return await _answer(request, body, tenant, queue, settings, chat=False, prompt=body.prompt,
+                         messages=None)
+
+
+def resolve_model(queue, tenant, settings, model: str) -> str | None:
+    """The adapter ``model`` names (None: the base model); 404 naming what exists."""
+    base = base_model_name(settings)
+    if model == base or model in BASE_ALIASES:
+        return None
+    if queue.get_adapter(model, tenant.id) is not None:
+        return model
+    known = sorted(a.name for a in queue.list_adapters(tenant.id))
+    raise ApiError(404, f"the model {model!r} does not exist or you cannot use it; use the "
+                        f"base model {base!r} or one of your adapters: {known}",
+                   code="model_not_found", param="model")
+
+
+async def _answer(request, body, tenant, queue, settings, *, chat, prompt, messages):
+    from lorry.scheduler import JobSpec
+
+    problem = body.unsupported()
+    if problem is not None:
+        raise ApiError(400, problem[0], code="unsupported_value", param=problem[1])
+    adapter = await run_sync(resolve_model, queue, tenant, settings, body.model)
+    check_prompt_length(settings, prompt, [m["content"] for m in messages] if messages else None)
+    spec = JobSpec(adapter=adapter, prompt=prompt, messages=messages, sampling={
+        **body.sampling(), **({"stream": True} if body.stream else {})},
+        priority=INTERACTIVE_PRIORITY)
+    [info] = await run_sync(queue.submit, tenant.id, [spec])
+    job = _Job(info.id, request, queue, tenant, settings.sync_timeout_seconds)
+    if body.stream:
+        subscription = await _subscribe(settings, info.id)
+        await run_sync(nudge, request, 1)
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _events(job, subscription, ChunkWriter(info.id, body.model, chat),
+                         logprobs="logprobs" in spec.sampling, usage=usage)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"x-lorry-job-id": info.id, "Cache-Control": "no-cache"})
+    await run_sync(nudge, request, 1)
+    done = await job.wait(watch_client=True)
+    if done is None:  # the client went away: its job is cancelled, nobody reads this
+        return Response(status_code=499)
+    return completion_object(done, body.model, chat)
+
+
+class _Job:
+    """The job behind one request: read it, wait for it, cancel it, explain its end."""
+
+    def __init__(self, job_id: str, request: Request, queue, tenant, timeout: float):
+        self.id, self.request, self.queue, self.tenant = job_id, request, queue, tenant
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+
+    async def read(self):
+        return await run_sync(self.queue.get_job, self.id, self.tenant.id)
+
+    async def cancel(self) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await run_sync(self.queue.cancel, self.id, self.tenant.id)
+            except Exception as e:  # noqa: BLE001 - the job then runs to its end
+                log.warning("could not cancel %s after its client left: %s", self.id, e)
+
+    def timed_out(self) -> ApiError:
+        return ApiError(504, f"job {self.id} did not finish within {self.timeout:g} s "
+                             f"(LORRY_SYNC_TIMEOUT_SECONDS); it keeps running: poll GET "
+                             f"/v1/jobs/{self.id} for its result", code="timeout",
+                        headers={**NO_RETRY, "x-lorry-job-id": self.id})
+
+    def ended(self, info) -> ApiError:
+        """The error of a job that ended without a result to answer."""
+        headers = {**NO_RETRY, "x-lorry-job-id": self.id}
+        if info.status == "cancelled" or (info.result and info.result.finish_reason == "abort"):
+            return ApiError(409, f"job {self.id} was cancelled", code="job_cancelled",
+                            headers=headers)
+        why = info.error or f"it ended with status {info.status!r}"
+        return ApiError(500, f"job {self.id} failed: {why}", code="job_failed", headers=headers)
+
+    async def wait(self, watch_client: bool = False):
+        """The succeeded job (an ApiError for any other end, or past the deadline); None when
+        ``watch_client`` and the client disconnected (the job is then cancelled)."""
+        pause = 0.02
+        while True:
+            info = await self.read()
+            if info.status in TERMINAL:
+                if info.status != "succeeded" or info.result.finish_reason == "abort":
+                    raise self.ended(info)
+                return info
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise self.timed_out()
+            if watch_client and await self.request.is_disconnected():
+                await self.cancel()
+                return None
+            await anyio.sleep(min(pause, left))
+            pause = min(pause * 1.5, POLL_MAX_S)
+
+
+async def _subscribe(settings, job_id: str):
+    """A pub/sub subscription to the job's streamed text, or None when Redis cannot be reached
+    (then the answer comes as one chunk when the job is done)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(settings.broker_url, socket_connect_timeout=2,
+                                     socket_timeout=5)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe(STREAM_CHANNEL.format(prefix=settings.redis_prefix,
+                                                     job_id=job_id))
+    except Exception as e:  # noqa: BLE001 - stream from the job table instead
+        log.warning("cannot subscribe to the streamed text of %s: %s", job_id, e)
+        await client.aclose()
+        return None
+    return client, pubsub
+
+
+async def _events(job: _Job, subscription, w: ChunkWriter, *, logprobs: bool, usage: bool):
+    """SSE of one streamed answer. Pieces carry their character offset, so a piece sent twice
+    (or again by a retried run) adds nothing; what pub/sub lost is taken from the stored
+    result at the end. A client that disconnects cancels the job."""
+    finished = False
+    sent = 0
+    try:
+        if w.chat:
+            yield w.chunk("", role=True)
+        reason, info, next_read = None, None, time.monotonic() + STREAM_POLL_S
+        while reason is None:
+            if time.monotonic() >= job.deadline:
+                finished = True  # the job keeps running: the error names it
+                yield w.error(error_body(504, job.timed_out().detail, code="timeout"))
+                return
+            message = None
+            if subscription is not None:
+                message = await subscription[1].get_message(ignore_subscribe_messages=True,
+                                                            timeout=0.25)
+            else:
+                await anyio.sleep(0.1)
+            if message is not None and message.get("type") == "message":
+                data = json.loads(message["data"])
+                start, text = data["offset"], data["text"]
+                if start <= sent < start + len(text):
+                    yield w.chunk(text[sent - start:])
+                    sent = start + len(text)
+                if data["finish_reason"] is not None:
+                    if start + len(text) == sent:
+                        reason = data["finish_reason"]
+                    else:  # pieces were lost: the stored result has the rest
+                        next_read = 0.0
+                continue
+            if time.monotonic() >= next_read:
+                next_read = time.monotonic() + STREAM_POLL_S
+                info = await job.read()
+                if info.status in TERMINAL:
+                    if info.status != "succeeded":
+                        finished = True
+                        err = job.ended(info)
+                        yield w.error(error_body(err.status_code, err.detail, code=err.code))
+                        return
+                    if len(info.result.text) > sent:
+                        yield w.chunk(info.result.text[sent:])
+                        sent = len(info.result.text)
+                    reason = info.result.finish_reason
+        if reason == "abort":
+            finished = True
+            yield w.error(error_body(409, f"job {job.id} was cancelled", code="job_cancelled"))
+            return
+        if (logprobs or usage) and info is None:
+            try:
+                info = await job.wait()
+            except ApiError as e:
+                finished = True
+                yield w.error(error_body(e.status_code, e.detail, code=e.code))
+                return
+            if info is None:
+                return
+        yield w.chunk(None, reason, logprobs=info.result.logprobs if logprobs else None)
+        if usage:
+            yield w.usage(usage_of(info.result))
+        yield w.done()
+        finished = True
+    finally:
+        if subscription is not None:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await subscription[1].aclose()
+                    await subscription[0].aclose()
+                except Exception as e:  # noqa: BLE001 - the connection is dropped anyway
+                    log.debug("closing the stream subscription of %s: %s", job.id, e)
+        if not finished:
+            await job.cancel()

@@ -1,0 +1,94 @@
+"""A batch's jobs and refused lines written chunk by chunk into its one transaction: on
+PostgreSQL through one COPY that stays open across chunks, so that the server stores a chunk
+while Python parses the next."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from lorry.scheduler import errors
+from lorry.scheduler.copy_pg import JobCopy, NewJob
+from lorry.scheduler.db import add_to_groups
+from lorry.scheduler.jobs import group_deltas, new_rows
+from lorry.scheduler.models import BatchReject, Job
+from lorry.scheduler.types import JobSpec, LineError
+
+J, R = Job.__table__, BatchReject.__table__
+
+
+class BatchWriter:
+    """Rows of one batch (``add`` per chunk, then ``finish``), checked as ``submit`` checks
+    them: adapters resolved (each name looked up once), the tenant's max_queued quota
+    (queued jobs counted once, this batch's added in Python), idempotency keys. The
+    queue_groups counts are updated once, by ``finish``."""
+
+    def __init__(self, queue, conn, tenant, batch_id: str, deadline_cap: datetime):
+        self.queue, self.conn, self.tenant = queue, conn, tenant
+        self.batch_id, self.deadline_cap = batch_id, deadline_cap
+        self.copy = JobCopy(conn) if conn.dialect.name == "postgresql" else None
+        self.adapter_rows: dict[str, dict] = {}
+        self.looked_up: set[str | None] = {None}
+        self.queued: int | None = None  # the tenant's queued jobs before this batch
+        self.added = 0
+        self.deltas: dict = {}
+
+    def add(self, specs: Sequence[JobSpec], seq_start: int,
+            encoded: dict[int, str] | None = None) -> None:
+        """Queue validated specs (positions seq_start...); ``encoded``: id(messages) -> JSON."""
+        tenant_id = self.tenant.id
+        names = {s.adapter for s in specs}
+        missing = names - self.looked_up
+        if missing:
+            self._pause()
+            for key, found in self.queue._adapter_rows(self.conn, [tenant_id],
+                                                       missing).items():
+                self.adapter_rows.setdefault(key, {}).update(found)
+            self.looked_up |= missing
+        adapters = self.queue._resolve_adapters(tenant_id, names, self.adapter_rows)
+        existing = {}
+        if any(s.idempotency_key is not None for s in specs):
+            self._pause()
+            existing = self.queue._known_keys(self.conn, tenant_id, list(specs))
+        rows: list[NewJob] = []
+        new_rows(tenant_id, list(specs), adapters, existing, rows, self.queue.now(),
+                 self.batch_id, self.deadline_cap, seq_start, infos=False)
+        self._check_quota(len(rows))
+        if self.copy is not None:
+            self.copy.write(rows, encoded)
+        elif rows:
+            self.conn.execute(J.insert(), [r.as_row() for r in rows])
+        group_deltas(rows, self.deltas)
+
+    def refuse(self, refused: Sequence[LineError]) -> None:
+        """Keep refused input lines (the batch's error file)."""
+        if refused:
+            self._pause()
+            self.conn.execute(R.insert(), [
+                {"batch_id": self.batch_id, "line": e.line, "custom_id": e.custom_id,
+                 "code": e.code, "param": e.param, "message": e.message} for e in refused])
+
+    def finish(self) -> None:
+        """End the COPY and count the new jobs in queue_groups."""
+        self._pause()
+        add_to_groups(self.conn, self.deltas)
+
+    def abandon(self, error: BaseException) -> None:
+        """End an unfinished COPY after an error (the transaction is rolled back)."""
+        if self.copy is not None:
+            self.copy.close(error)
+
+    def _pause(self) -> None:
+        if self.copy is not None:
+            self.copy.pause()
+
+    def _check_quota(self, adding: int) -> None:
+        limit = self.tenant.max_queued
+        if limit is None or not adding:
+            return
+        if self.queued is None:
+            self._pause()
+            self.queued = self.queue._queued(self.conn, self.tenant.id)
+        queued = self.queued + self.added
+        if queued + adding > limit:
+            raise errors.QuotaExceeded(self.tenant.id, queued, adding, limit)
+        self.added += adding

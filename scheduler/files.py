@@ -1,0 +1,180 @@
+"""OpenAI Files: uploads and batch output/error files, stored in the database as chunk rows
+(never in a process's memory). JobQueue mixin."""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator
+
+from sqlalchemy import delete, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
+
+from lorry.scheduler import errors
+from lorry.scheduler.models import File, FileChunk, Tenant
+from lorry.scheduler.rows import file_info
+from lorry.scheduler.types import FileInfo
+
+F, C = File.__table__, FileChunk.__table__
+CHUNK_BYTES = 1 << 20  # one row of file_chunks; a download reads one at a time
+PURPOSES = ("batch", "batch_output")  # batch: uploaded by a tenant; batch_output: built here
+
+
+def new_file_id() -> str:
+    return f"file-{uuid.uuid4().hex}"
+
+
+def _rechunk(pieces: Iterable[bytes], size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The bytes of pieces as blocks of ``size`` (the last one shorter)."""
+    buf = bytearray()
+    for piece in pieces:
+        buf += piece
+        while len(buf) >= size:
+            yield bytes(buf[:size])
+            del buf[:size]
+    if buf:
+        yield bytes(buf)
+
+
+def write_chunks(conn, file_id: str, pieces: Iterable[bytes]) -> tuple[int, int]:
+    """Store pieces as the file's chunk rows in the caller's transaction; (bytes, lines).
+    A last line without a trailing newline counts as a line."""
+    size = lines = 0
+    last = b"\n"
+    for seq, block in enumerate(_rechunk(pieces)):
+        conn.execute(C.insert(), dict(file_id=file_id, seq=seq, data=block))
+        size += len(block)
+        lines += block.count(b"\n")
+        last = block[-1:]
+    if size and last != b"\n":
+        lines += 1
+    return size, lines
+
+
+class FileOps:
+    def create_file(self, tenant_id: str, content: Iterable[bytes], *, filename: str,
+                    purpose: str = "batch",
+                    idempotency_key: str | None = None) -> tuple[FileInfo, bool]:
+        """Store an upload (content: its bytes, in pieces) as one file of the tenant.
+
+        Returns (file, created): a known idempotency_key returns the tenant's file of that
+        key and stores nothing (content is not read). Raises InvalidJob for a bad purpose,
+        filename or key, UnknownTenant.
+        """
+        if purpose not in PURPOSES:
+            raise errors.InvalidJob(f"purpose must be one of {list(PURPOSES)}, got {purpose!r}")
+        from lorry.scheduler.jobs import unstorable
+        for what, value, limit in (("filename", filename, 255),
+                                   ("idempotency_key", idempotency_key, 200)):
+            if value is None and what == "idempotency_key":
+                continue
+            problem = unstorable(value) if isinstance(value, str) else "no text"
+            if problem or not value or len(value) > limit:
+                raise errors.InvalidJob(f"{what} must be text of 1 to {limit} characters "
+                                        f"without NUL or lone surrogates, got {value!r:.80}")
+        if idempotency_key is not None:
+            known = self._file_by_key(tenant_id, idempotency_key)
+            if known is not None:
+                return known, False
+        file_id = new_file_id()
+        try:
+            with self.engine.begin() as conn:
+                if conn.execute(select(Tenant.id).where(Tenant.id == tenant_id)).first() is None:
+                    raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
+                row = dict(id=file_id, tenant_id=tenant_id, purpose=purpose, filename=filename,
+                           bytes=0, lines=0, status="processed", created_at=self.now(),
+                           batch_id=None, idempotency_key=idempotency_key)
+                conn.execute(F.insert(), row)
+                size, lines = write_chunks(conn, file_id, content)
+                conn.execute(update(F).where(F.c.id == file_id).values(bytes=size, lines=lines))
+                return file_info(_Row(dict(row, bytes=size, lines=lines))), True
+        except IntegrityError:
+            # A concurrent upload with the same key won: answer with its file.
+            known = None if idempotency_key is None else self._file_by_key(tenant_id,
+                                                                           idempotency_key)
+            if known is None:
+                raise
+            return known, False
+
+    def build_file(self, conn, tenant_id: str, lines: Iterable[bytes], *, filename: str,
+                   batch_id: str | None) -> str | None:
+        """A "batch_output" file of lines, in the caller's transaction; None (and no file)
+        when lines is empty."""
+        file_id = new_file_id()
+        conn.execute(F.insert(), dict(id=file_id, tenant_id=tenant_id, purpose="batch_output",
+                                      filename=filename, bytes=0, lines=0, status="processed",
+                                      created_at=self.now(), batch_id=batch_id,
+                                      idempotency_key=None))
+        size, count = write_chunks(conn, file_id, lines)
+        if not count:
+            conn.execute(delete(F).where(F.c.id == file_id))
+            return None
+        conn.execute(update(F).where(F.c.id == file_id).values(bytes=size, lines=count))
+        return file_id
+
+    def _file_by_key(self, tenant_id: str, key: str) -> FileInfo | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(F).where(F.c.tenant_id == tenant_id,
+                                               F.c.idempotency_key == key)).first()
+        return None if row is None else file_info(row)
+
+    def get_file(self, file_id: str, tenant_id: str | None) -> FileInfo | None:
+        """The file, or None when unknown or another tenant's (tenant_id given)."""
+        cond = [F.c.id == file_id] + ([F.c.tenant_id == tenant_id] if tenant_id else [])
+        with self.engine.connect() as conn:
+            row = conn.execute(select(F).where(*cond)).first()
+        return None if row is None else file_info(row)
+
+    def list_files(self, tenant_id: str, *, purpose: str | None = None, after: str | None = None,
+                   limit: int = 20, order: str = "desc") -> list[FileInfo]:
+        """The tenant's files by creation time (order "desc": newest first); ``after`` is the
+        last id of the previous page (unknown: ValueError)."""
+        if not isinstance(limit, int) or not 1 <= limit <= 100_000:
+            raise ValueError(f"limit must be an int in [1, 100000], got {limit!r}")
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order must be 'asc' or 'desc', got {order!r}")
+        cond = [F.c.tenant_id == tenant_id]
+        if purpose is not None:
+            cond.append(F.c.purpose == purpose)
+        key = tuple_(F.c.created_at, F.c.id)
+        with self.engine.connect() as conn:
+            if after is not None:
+                ref = conn.execute(select(F.c.created_at).where(
+                    F.c.id == after, F.c.tenant_id == tenant_id)).first()
+                if ref is None:
+                    raise ValueError(f"after={after!r} is not a file id of this tenant")
+                mark = tuple_(ref.created_at, after)
+                cond.append(key < mark if order == "desc" else key > mark)
+            sort = (F.c.created_at.desc(), F.c.id.desc()) if order == "desc" \
+                else (F.c.created_at, F.c.id)
+            rows = conn.execute(select(F).where(*cond).order_by(*sort).limit(limit)).all()
+        return [file_info(r) for r in rows]
+
+    def file_content(self, file_id: str, tenant_id: str | None) -> Iterator[bytes]:
+        """The file's bytes, one chunk row per query (constant memory, no connection held
+        between chunks); nothing for an unknown file (check with get_file first)."""
+        if self.get_file(file_id, tenant_id) is None:
+            return
+        seq = 0
+        while True:
+            with self.engine.connect() as conn:
+                data = conn.execute(select(C.c.data).where(C.c.file_id == file_id,
+                                                           C.c.seq == seq)).scalar()
+            if data is None:
+                return
+            yield bytes(data)
+            seq += 1
+
+    def delete_file(self, file_id: str, tenant_id: str | None) -> bool:
+        """Delete the tenant's file and its bytes; False when there is no such file. Batches
+        that name it keep their results (a deleted output file is gone for good)."""
+        cond = [F.c.id == file_id] + ([F.c.tenant_id == tenant_id] if tenant_id else [])
+        with self.engine.begin() as conn:
+            if conn.execute(select(F.c.id).where(*cond)).first() is None:
+                return False
+            conn.execute(delete(C).where(C.c.file_id == file_id))
+            conn.execute(delete(F).where(F.c.id == file_id))
+        return True
+
+
+class _Row:
+    def __init__(self, d: dict):
+        self.__dict__.update(d)

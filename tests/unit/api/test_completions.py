@@ -1,0 +1,183 @@
+"""Synchronous /v1/chat/completions and /v1/completions over the real app and queue, with a
+thread playing the worker (no Redis: the streamed answer comes from the stored result)."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from lorry.api.batch_input import parse_line
+
+LOGPROBS = [{"id": 72, "token": "Hi", "logprob": -0.5, "top": [[72, "Hi", -0.5], [9, "Yo", -1.5]]},
+            {"id": 1, "token": "</s>", "logprob": -0.1, "top": [[1, "</s>", -0.1], [3, "!", -2.5]]}]
+
+
+class Worker(threading.Thread):
+    """Claims queued jobs and completes them, recording what it claimed."""
+
+    def __init__(self, queue):
+        super().__init__(daemon=True)
+        self.queue, self.claimed, self.stop = queue, [], threading.Event()
+
+    def run(self):
+        from lorry.scheduler import Result
+
+        while not self.stop.wait(0.01):
+            for mb in self.queue.claim("test-worker", [], [], 8):
+                for job in mb.jobs:
+                    self.claimed.append(job)
+                    text = "Hi" if job.messages else f"<{job.prompt}>"
+                    lp = LOGPROBS if "logprobs" in job.sampling else None
+                    self.queue.complete(job.id, job.lease_token,
+                                        Result(text, [72, 1], "stop", 7, 2, logprobs=lp))
+
+
+@pytest.fixture
+def worker(service):
+    w = Worker(service[1])
+    w.start()
+    yield w
+    w.stop.set()
+    w.join()
+
+
+def test_chat_completion_answers_openai_shape_with_usage_and_logprobs(tenant_a, worker):
+    r = tenant_a.post("/v1/chat/completions", json={
+        "model": "base", "messages": [{"role": "user", "content": "hello"}],
+        "max_completion_tokens": 5, "temperature": 0, "presence_penalty": 0.5,
+        "frequency_penalty": -0.5, "logprobs": True, "top_logprobs": 2, "seed": 3,
+        "stop": ["\n"], "user": "u-1", "response_format": {"type": "text"}, "n": 1})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "base"
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "Hi"}
+    assert choice["finish_reason"] == "stop"
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    content = choice["logprobs"]["content"]
+    assert [c["token"] for c in content] == ["Hi", "</s>"]
+    assert content[0]["bytes"] == list(b"Hi")
+    assert [t["logprob"] for t in content[0]["top_logprobs"]] == [-0.5, -1.5]
+    [job] = worker.claimed
+    assert job.sampling == {"max_tokens": 5, "temperature": 0, "presence_penalty": 0.5,
+                            "frequency_penalty": -0.5, "logprobs": 2, "seed": 3, "stop": ["\n"]}
+    info = tenant_a.get(f"/v1/jobs/{job.id}").json()
+    assert info["priority"] > 100  # interactive: above any priority a bulk job can have
+    assert info["result"]["logprobs"] == LOGPROBS
+
+
+def test_text_completion_with_logprobs_count(tenant_a, worker):
+    r = tenant_a.post("/v1/completions", json={"model": "base", "prompt": "abc", "logprobs": 1,
+                                               "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert r.json()["object"] == "text_completion" and choice["text"] == "<abc>"
+    assert choice["logprobs"] == {"tokens": ["Hi", "</s>"], "token_logprobs": [-0.5, -0.1],
+                                  "top_logprobs": [{"Hi": -0.5, "Yo": -1.5},
+                                                   {"</s>": -0.1, "!": -2.5}],
+                                  "text_offset": [0, 2]}
+    assert worker.claimed[0].sampling == {"logprobs": 1, "max_tokens": 3}
+
+
+def test_stream_without_redis_ends_with_the_stored_text_and_done(service, tenant_a, worker):
+    with tenant_a.stream("POST", "/v1/chat/completions", json={
+            "model": "base", "messages": [{"role": "user", "content": "x"}], "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "Hi"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    assert chunks[-1]["usage"]["total_tokens"] == 9
+
+
+def test_unknown_model_is_404_naming_the_models(tenant_a):
+    r = tenant_a.post("/v1/chat/completions", json={
+        "model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+    assert "'nope'" in err["message"] and "base model" in err["message"]
+
+
+@pytest.mark.parametrize("extra, param, words", [
+    ({"n": 2}, "n", "n=2 is not supported"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "'json_object'"),
+    ({"top_logprobs": 3}, "top_logprobs", "needs logprobs=true")])
+def test_unsupported_options_are_400(tenant_a, extra, param, words):
+    r = tenant_a.post("/v1/chat/completions", json={
+        "model": "base", "messages": [{"role": "user", "content": "x"}], **extra})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == param and words in err["message"]
+    assert err["type"] == "invalid_request_error"
+
+
+def test_out_of_range_penalty_is_422(tenant_a):
+    r = tenant_a.post("/v1/completions", json={"model": "base", "prompt": "x",
+                                               "presence_penalty": 3})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "presence_penalty"
+
+
+def test_no_result_in_time_is_504_naming_the_job(service, tenant_a):
+    service[2].sync_timeout_seconds = 0.2  # no worker runs: the job stays queued
+    r = tenant_a.post("/v1/completions", json={"model": "base", "prompt": "x"})
+    assert r.status_code == 504
+    job_id = r.headers["x-lorry-job-id"]
+    assert r.headers["x-should-retry"] == "false"
+    err = r.json()["error"]
+    assert err["code"] == "timeout" and f"GET /v1/jobs/{job_id}" in err["message"]
+    assert tenant_a.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+
+
+def test_batch_lines_take_the_same_fields():
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                     "presence_penalty": 1, "frequency_penalty": 0.5, "logprobs": True,
+                     "top_logprobs": 4, "user": "u", "response_format": {"type": "text"},
+                     "repetition_penalty": 1.2}}
+    bad = {**line, "custom_id": "b", "body": {**line["body"], "n": 3}}
+    ok = parse_line(1, json.dumps(line).encode())
+    assert ok.body.sampling() == {"presence_penalty": 1, "frequency_penalty": 0.5,
+                                  "repetition_penalty": 1.2, "logprobs": 4}
+    err = parse_line(2, json.dumps(bad).encode())
+    assert "n=3 is not supported" in err.message
+
+
+def test_openapi_documents_the_routes_and_their_errors(service, tenant_a):
+    spec = tenant_a.get("/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        responses = spec["paths"][path]["post"]["responses"]
+        for status in ("400", "404", "504"):
+            assert responses[status]["content"]["application/json"]["schema"]["$ref"] \
+                .endswith("/ErrorBody")
+        assert "text/event-stream" in responses["200"]["content"]
+
+
+def test_a_client_leaving_a_stream_cancels_its_job(service, tenant_a):
+    """What the server does when the client disconnects (the response's generator is closed
+    while it waits): the job is cancelled."""
+    import anyio
+
+    from lorry.api.openai_format import ChunkWriter
+    from lorry.api.routes.completions import _events, _Job
+    from lorry.scheduler import JobSpec
+
+    queue = service[1]
+    [info] = queue.submit(tenant_a.tenant.id, [JobSpec(adapter=None, prompt="x")])
+
+    async def leave_after_first_chunk():
+        job = _Job(info.id, None, queue, tenant_a.tenant, timeout=30)
+        events = _events(job, None, ChunkWriter(info.id, "base", True), logprobs=False,
+                         usage=False)
+        first = await events.__anext__()
+        assert '"role": "assistant"' in first
+        await events.aclose()
+
+    anyio.run(leave_after_first_chunk)
+    assert queue.get_job(info.id).status == "cancelled"

@@ -1,0 +1,239 @@
+"""OpenAI's Files, Batches and Models as the official `openai` SDK drives them (in process:
+the SDK over FastAPI's TestClient, the real queue on SQLite, a test worker)."""
+from __future__ import annotations
+
+import io
+import json
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from lorry.scheduler import Result
+
+
+def finish_all(queue) -> None:
+    """Play a worker: fail the requests whose message says FAIL, echo the others."""
+    while batches := queue.claim("test-worker", [], [], 64):
+        for job in (j for mb in batches for j in mb.jobs):
+            said = job.prompt or job.messages[-1]["content"]
+            if said == "FAIL":
+                queue.fail(job.id, job.lease_token, "boom", retryable=False)
+            else:
+                queue.complete(job.id, job.lease_token, Result(f"echo {said}", [1], "stop", 2, 1))
+
+
+def sdk(app, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://testserver/v1", api_key=key, max_retries=0,
+                         http_client=TestClient(app))
+
+
+def line(cid: str, model: str = "tiny-llama", content: str = "hi",
+         url: str = "/v1/chat/completions", **body) -> dict:
+    if url == "/v1/chat/completions":
+        body = {"model": model, "messages": [{"role": "user", "content": content}], **body}
+    else:
+        body = {"model": model, "prompt": content, **body}
+    return {"custom_id": cid, "method": "POST", "url": url, "body": body}
+
+
+def jsonl(*records) -> bytes:
+    return b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n"
+                    for r in records)
+
+
+@pytest.fixture
+def alice(service):
+    app, queue, *_ = service
+    tenant, key = queue.create_tenant("alice")
+    client = sdk(app, key)
+    client.tenant = tenant
+    return client
+
+
+@pytest.fixture
+def bob(service):
+    app, queue, *_ = service
+    tenant, key = queue.create_tenant("bob")
+    return sdk(app, key)
+
+
+def test_file_upload_list_retrieve_content_delete(alice, bob):
+    content = jsonl(line("a"), line("b"))
+    f = alice.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch")
+    assert f.id.startswith("file-") and f.bytes == len(content) and f.purpose == "batch"
+    assert f.filename == "in.jsonl" and f.status == "processed"
+    assert alice.files.retrieve(f.id).bytes == len(content)
+    assert alice.files.content(f.id).content == content
+    assert [x.id for x in alice.files.list()] == [f.id]
+    with pytest.raises(openai.NotFoundError) as e:
+        bob.files.retrieve(f.id)
+    assert e.value.body["message"] == f"no file {f.id!r}" and e.value.code == "file_not_found"
+    with pytest.raises(openai.NotFoundError):
+        bob.files.content(f.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.files.delete(f.id)
+    assert list(bob.files.list()) == []
+    assert alice.files.delete(f.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        alice.files.retrieve(f.id)
+    assert list(alice.files.list()) == []
+
+
+def test_file_list_pages_with_a_cursor(alice):
+    ids = [alice.files.create(file=(f"{i}.jsonl", jsonl(line("x"))), purpose="batch").id
+           for i in range(5)]
+    page = alice.files.list(limit=2, order="asc")
+    assert [f.id for f in page.data] == ids[:2] and page.has_more
+    assert [f.id for f in alice.files.list(limit=2, order="asc")] == ids  # auto-paging
+    assert [f.id for f in alice.files.list(order="desc")] == ids[::-1]
+
+
+def test_other_purposes_are_400_and_too_large_is_413(service, alice):
+    _, _, settings, _ = service
+    with pytest.raises(openai.BadRequestError) as e:
+        alice.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")
+    assert "purpose 'fine-tune' is not supported" in e.value.body["message"]
+    assert e.value.code == "invalid_purpose"
+    with pytest.raises(openai.APIStatusError) as e:
+        alice.files.create(file=("big.jsonl", b"x" * (settings.max_body_bytes + 1)),
+                           purpose="batch")
+    assert e.value.status_code == 413 and str(settings.max_body_bytes) in e.value.body["message"]
+    assert list(alice.files.list()) == []
+
+
+def test_idempotency_key_returns_the_same_file_and_batch(service, alice):
+    _, queue, *_ = service
+    content = jsonl(line("a"))
+    hdr = {"Idempotency-Key": "upload-1"}
+    first = alice.files.with_raw_response.create(file=("a.jsonl", content), purpose="batch",
+                                                 extra_headers=hdr)
+    again = alice.files.with_raw_response.create(file=("a.jsonl", content), purpose="batch",
+                                                 extra_headers=hdr)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.parse().id == again.parse().id and len(list(alice.files.list())) == 1
+    hdr = {"Idempotency-Key": "batch-1"}
+    b1 = alice.batches.create(input_file_id=first.parse().id, endpoint="/v1/chat/completions",
+                              completion_window="24h", extra_headers=hdr)
+    b2 = alice.batches.create(input_file_id=first.parse().id, endpoint="/v1/chat/completions",
+                              completion_window="24h", extra_headers=hdr)
+    assert b1.id == b2.id and len(alice.batches.list().data) == 1
+    assert len(queue.list_jobs(alice.tenant.id)) == 1
+
+
+def test_batch_lifecycle_output_and_error_files(service, alice, adapter_root):
+    _, queue, *_ = service
+    alice.post("/adapters", cast_to=object,
+               body={"name": "alpha", "source": str(adapter_root / "alpha")})
+    content = jsonl(line("base-1", content="one"), line("alpha-1", model="alpha", content="two"),
+                    line("fails", content="FAIL", url="/v1/completions"),
+                    line("no-such-model", model="nosuch"), b"{broken",
+                    line("fail-2", model="alpha", content="FAIL"))
+    f = alice.files.create(file=("in.jsonl", content), purpose="batch")
+    batch = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h", metadata={"run": "nightly"})
+    assert batch.status == "in_progress" and batch.input_file_id == f.id
+    assert batch.endpoint == "/v1/chat/completions" and batch.metadata == {"run": "nightly"}
+    assert batch.in_progress_at and batch.created_at and batch.expires_at
+    assert batch.output_file_id is None and batch.error_file_id is None
+    assert (batch.request_counts.total, batch.request_counts.failed) == (6, 3)
+    got = alice.batches.retrieve(batch.id)
+    refused = {e.line: e for e in got.errors.data}
+    assert sorted(refused) == [3, 4, 5]  # a completions line in a chat batch, unknown model, bad JSON
+    assert refused[3].code == "invalid_url" and refused[4].code == "model_not_found"
+    assert refused[5].code == "invalid_json"
+    assert {n: e.model_extra["custom_id"] for n, e in refused.items()} == {
+        3: "fails", 4: "no-such-model", 5: None}
+
+    finish_all(queue)
+    assert queue.finalize_batches() == 1
+    done = alice.batches.retrieve(batch.id)
+    assert done.status == "completed" and done.completed_at and done.finalizing_at
+    assert (done.request_counts.completed, done.request_counts.failed) == (2, 4)
+    out = [json.loads(x) for x in alice.files.content(done.output_file_id).text.splitlines()]
+    assert [(x["custom_id"], x["response"]["body"]["model"]) for x in out] == [
+        ("base-1", "tiny-llama"), ("alpha-1", "alpha")]
+    assert out[1]["response"]["body"]["choices"][0]["message"]["content"] == "echo two"
+    errs = [json.loads(x) for x in alice.files.content(done.error_file_id).text.splitlines()]
+    assert [(x["custom_id"], x["error"]["code"]) for x in errs] == [
+        ("fails", "invalid_url"), ("no-such-model", "model_not_found"), (None, "invalid_json"),
+        ("fail-2", "job_failed")]
+    meta = alice.files.retrieve(done.output_file_id)
+    assert meta.purpose == "batch_output" and meta.bytes > 0
+    assert done.error_file_id in {x.id for x in alice.files.list(purpose="batch_output")}
+
+
+def test_a_batch_with_no_valid_line_is_failed_with_its_error_file(alice):
+    f = alice.files.create(file=("bad.jsonl", jsonl(b"[1]", line("x", model="nosuch"))),
+                           purpose="batch")
+    batch = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h")
+    assert batch.status == "failed" and batch.failed_at and batch.output_file_id is None
+    assert [e.line for e in batch.errors.data] == [1, 2]
+    errs = alice.files.content(batch.error_file_id).text.splitlines()
+    assert [json.loads(x)["custom_id"] for x in errs] == [None, "x"]
+
+
+def test_batch_create_refusals(service, alice, bob):
+    f = alice.files.create(file=("in.jsonl", jsonl(line("a"), line("a"))), purpose="batch")
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                             completion_window="24h")
+    assert e.value.code == "duplicate_custom_id" and "already used on line 1" in str(e.value)
+    with pytest.raises(openai.NotFoundError) as e:
+        bob.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                           completion_window="24h")
+    assert e.value.body["param"] == "input_file_id"
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        alice.batches.create(input_file_id=f.id, endpoint="/v1/embeddings",
+                             completion_window="24h")
+    assert e.value.body["param"] == "endpoint"
+    assert list(alice.batches.list()) == []
+
+
+def test_batches_list_pages_and_cancel(service, alice, bob):
+    _, queue, *_ = service
+    f = alice.files.create(file=("in.jsonl", jsonl(line("a"), line("b"))), purpose="batch")
+    made = [alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h").id for _ in range(5)]
+    page = alice.batches.list(limit=2)
+    assert [b.id for b in page.data] == made[::-1][:2] and page.has_more
+    assert page.model_extra["first_id"] == made[-1] and page.model_extra["last_id"] == made[-2]
+    assert [b.id for b in alice.batches.list(limit=2)] == made[::-1]  # follows the cursor
+    assert list(bob.batches.list()) == []
+    cancelled = alice.batches.cancel(made[0])
+    assert cancelled.status == "cancelling" and cancelled.cancelling_at
+    queue.finalize_batches()
+    final = alice.batches.retrieve(made[0])
+    assert final.status == "cancelled" and final.output_file_id is None
+    errs = alice.files.content(final.error_file_id).text.splitlines()
+    assert sorted(json.loads(x)["custom_id"] for x in errs) == ["a", "b"]
+    assert {json.loads(x)["error"]["code"] for x in errs} == {"batch_cancelled"}
+
+
+def test_models_list_base_and_adapters(service, alice, bob, adapter_root):
+    _, queue, *_ = service
+    queue.register_adapter("beta", str(adapter_root / "beta"))  # shared
+    alice.post("/adapters", cast_to=object,
+               body={"name": "alpha", "source": str(adapter_root / "alpha")})
+    models = {m.id: m.owned_by for m in alice.models.list()}
+    assert models == {"tiny-llama": "lorry", "alpha": "alice", "beta": "shared"}
+    assert {m.id for m in bob.models.list()} == {"tiny-llama", "beta"}
+    assert alice.models.retrieve("alpha").owned_by == "alice"
+    with pytest.raises(openai.NotFoundError) as e:
+        bob.models.retrieve("alpha")
+    assert "no model 'alpha'" in e.value.body["message"]
+
+
+def test_the_openapi_document_is_valid_and_lists_the_openai_routes(service):
+    from openapi_spec_validator import validate
+
+    app, *_ = service
+    doc = app.openapi()
+    validate(doc)
+    paths = doc["paths"]
+    assert {"/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content", "/v1/batches",
+            "/v1/batches/{batch_id}", "/v1/models", "/v1/models/{model_id}"} <= set(paths)
+    create = paths["/v1/batches"]["post"]["requestBody"]["content"]
+    assert {"application/json", "application/jsonl", "multipart/form-data"} <= set(create)
+    assert "413" in paths["/v1/files"]["post"]["responses"]

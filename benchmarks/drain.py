@@ -23,31 +23,14 @@ import argparse
 import json
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 
-import psycopg
-from sqlalchemy.engine import make_url
+from pg_fresh import drop_database, fresh_database
+from stand_in import finished
 
 from lorry.scheduler import JobQueue, JobSpec
 from lorry.scheduler.migrate import upgrade
 from lorry.workers.drain import Drainer
-
-
-@dataclass
-class _Completion:
-    text: str
-    token_ids: list
-    finish_reason: str
-
-
-@dataclass
-class _Output:
-    request_id: str
-    outputs: list
-    usage: dict
-    metrics: object = None
-    error: str | None = None
 
 
 @dataclass
@@ -89,24 +72,8 @@ class StandInEngine:
         return done
 
     @staticmethod
-    def _output(rid, row, reason) -> _Output:
-        ids = list(range(row[1]))
-        return _Output(rid, [_Completion("x" * row[1], ids, reason)],
-                       {"prompt_tokens": row[2], "completion_tokens": row[1]})
-
-
-def _fresh_pg(url: str) -> tuple[str, str]:
-    name = f"lorry_drain_{uuid.uuid4().hex[:10]}"
-    admin = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return name, make_url(url).set(database=name).render_as_string(hide_password=False)
-
-
-def _drop_pg(url: str, name: str) -> None:
-    admin = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    def _output(rid, row, reason):
+        return finished(rid, row[1], row[2], reason)
 
 
 def run_one(db_url: str, jobs: int, max_tokens: int, step_ms: float, rows: int,
@@ -242,12 +209,12 @@ def main() -> None:
                     row = run_one(f"sqlite:///{tmp}/drain.db", jobs, max_tokens, step_ms,
                                   args.rows, claim_ahead=args.claim_ahead)
             else:
-                name, url = _fresh_pg(args.url)
+                name, url = fresh_database(args.url, prefix="lorry_drain")
                 try:
                     row = run_one(url, jobs, max_tokens, step_ms, args.rows,
                                   claim_ahead=args.claim_ahead)
                 finally:
-                    _drop_pg(args.url, name)
+                    drop_database(args.url, name)
             print(json.dumps({"backend": backend, **row}), flush=True)
 
 

@@ -27,32 +27,15 @@ import json
 import multiprocessing as mp
 import statistics
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import psycopg
-from sqlalchemy.engine import make_url
+from pg_fresh import drop_database, fresh_database
+from stand_in import finished
 
 from lorry.scheduler import JobQueue, JobSpec
 from lorry.scheduler.migrate import upgrade
 from lorry.workers.drain import Drainer
-
-
-@dataclass
-class _Completion:
-    text: str
-    token_ids: list
-    finish_reason: str
-
-
-@dataclass
-class _Output:
-    request_id: str
-    outputs: list
-    usage: dict
-    metrics: object = None
-    error: str | None = None
 
 
 @dataclass
@@ -104,10 +87,8 @@ class SlotEngine:
                 done.append(self._output(rid))
         return done
 
-    def _output(self, rid) -> _Output:
-        ids = list(range(self.tokens))
-        return _Output(rid, [_Completion("x" * self.tokens, ids, "length")],
-                       {"prompt_tokens": 1, "completion_tokens": self.tokens})
+    def _output(self, rid):
+        return finished(rid, self.tokens, 1)
 
 
 class RecordingQueue:
@@ -125,22 +106,10 @@ class RecordingQueue:
         return batches
 
 
-def _admin(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def fresh_database(url: str) -> tuple[str, str]:
-    name = f"lorry_fair_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_admin(url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    db = make_url(url).set(database=name).render_as_string(hide_password=False)
+def fresh_migrated_database(url: str) -> tuple[str, str]:
+    name, db = fresh_database(url, prefix="lorry_fair")
     upgrade(db)
     return name, db
-
-
-def drop_database(url: str, name: str) -> None:
-    with psycopg.connect(_admin(url), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def small_submitter(db: str, tenant_id: str, adapter: str, n: int, tokens: int, ready, go,
@@ -170,7 +139,7 @@ def setup(queue: JobQueue, args) -> tuple:
 
 
 def run(url: str, args, flood: bool, small: bool) -> dict:
-    name, db = fresh_database(url)
+    name, db = fresh_migrated_database(url)
     queue = JobQueue(db, create=False)
     ctx = mp.get_context("spawn")
     child = None

@@ -22,24 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import psycopg
-from sqlalchemy.engine import make_url
+from pg_fresh import drop_database, fresh_database
 
 ADAPTERS = 100
-
-
-def pg_dsn(url: str, database: str | None = None) -> str:
-    u = make_url(url).set(drivername="postgresql")
-    if database:
-        u = u.set(database=database)
-    return u.render_as_string(hide_password=False)
-
-
-def fresh_database(url: str, name: str) -> str:
-    with psycopg.connect(pg_dsn(url), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name}")
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
 def write_file(path: Path, lines: int, seed: int = 0) -> int:
@@ -148,15 +133,14 @@ def main() -> None:
         for n in (int(x) for x in args.lines.split(",")):
             path = Path(tmp) / f"batch-{n}.jsonl"
             write_file(path, n)
-            url = fresh_database(args.url, f"lorry_bench_ingest_{n}")
+            name, url = fresh_database(args.url, prefix="lorry_bench_ingest")
             out = ctx.Queue()
             proc = ctx.Process(target=run_size, args=(url, model, str(path), n, out,
                                                           args.one_step_only))
             proc.start()
             results.append(out.get())
             proc.join()
-            with psycopg.connect(pg_dsn(args.url), autocommit=True) as conn:
-                conn.execute(f"DROP DATABASE IF EXISTS lorry_bench_ingest_{n} WITH (FORCE)")
+            drop_database(args.url, name)
     print(json.dumps({"benchmark": "ingest", "database": "postgresql", "results": results},
                      indent=1))
 

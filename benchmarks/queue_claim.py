@@ -18,29 +18,10 @@ import statistics
 import time
 
 import psycopg
-from sqlalchemy.engine import make_url
+from pg_fresh import drop_database, fresh_database, pg_dsn
 
 ADAPTERS, TENANTS = 1000, 100
 SUBMIT_CHUNK = 10_000  # jobs per bulk submit call
-
-
-def pg_dsn(url: str, database: str | None = None) -> str:
-    u = make_url(url).set(drivername="postgresql")
-    if database:
-        u = u.set(database=database)
-    return u.render_as_string(hide_password=False)
-
-
-def fresh_database(url: str, name: str) -> str:
-    with psycopg.connect(pg_dsn(url), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(url: str, name: str) -> None:
-    with psycopg.connect(pg_dsn(url), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def percentiles(lat: list[float]) -> dict:
@@ -88,7 +69,7 @@ def bare_claimer(i, claims, start, ready, out, dsn, batch):
 
 
 def bench_bare(url: str, n: int, claimers: int, batch: int, claims: int) -> dict:
-    db = fresh_database(url, "lorry_bench_bare")
+    _, db = fresh_database(url, "lorry_bench_bare")
     dsn = pg_dsn(db)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE bare_jobs (id bigserial PRIMARY KEY, tenant int, adapter int,"
@@ -134,7 +115,7 @@ def lorry_claimer(i, claims, start, ready, out, db, batch):
 def bench_lorry(url: str, n: int, claimers: int, batch: int, claims: int) -> dict:
     from lorry.scheduler import JobQueue, JobSpec
     from lorry.scheduler.migrate import upgrade
-    db = fresh_database(url, "lorry_bench_queue")
+    _, db = fresh_database(url, "lorry_bench_queue")
     upgrade(db)
     q = JobQueue(db, create=False)
     tenants = [q.create_tenant(f"t{k}")[0].id for k in range(TENANTS)]

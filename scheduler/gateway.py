@@ -181,12 +181,6 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
         rows.sort(key=lambda r: r.tenant_key == "")  # own first
         return adapter_info(rows[0]) if rows else None
 
-    def get_adapter_by_id(self, adapter_id: int) -> AdapterInfo | None:
-        a = Adapter.__table__
-        with self.engine.connect() as conn:
-            row = conn.execute(select(a).where(a.c.id == adapter_id)).first()
-        return None if row is None else adapter_info(row)
-
     def list_adapters(self, tenant_id: str | None) -> list[AdapterInfo]:
         """The tenant's own adapters and the shared ones, by name."""
         a = Adapter.__table__
@@ -209,7 +203,7 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
 # errors.Unavailable. Workers' calls (claim, heartbeat, complete, maintenance) keep the
 # driver's errors, which their own retries and the lease reaper deal with.
 TENANT_CALLS = ("authenticate", "get_tenant", "create_tenant", "register_adapter",
-                "get_adapter", "get_adapter_by_id", "list_adapters", "delete_adapter",
+                "get_adapter", "list_adapters", "delete_adapter",
                 "submit", "submit_many", "get_job", "list_jobs", "cancel", "queue_depth",
                 "create_batch", "get_batch", "cancel_batch", "batch_results", "ingest_batch",
                 "list_batches", "batch_errors", "create_file", "get_file", "list_files",

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 from annotated_types import Ge, Gt, Le, Lt, MaxLen
 
+from lorry.api.json_check import is_text
 from lorry.api.schemas import MAX_TOP_LOGPROBS, NAME_PATTERN, Message, OpenAIOptions
 
 
@@ -75,13 +76,7 @@ def _text(value: Any, longest: int | None, shortest: int = 0) -> bool:
     if type(value) is not str or len(value) < shortest or "\x00" in value or (
             longest is not None and len(value) > longest):
         return False
-    if value.isascii():
-        return True
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return is_text(value)
 
 
 def _number(value: Any, bounds) -> Any:

@@ -51,7 +51,8 @@ def _path(parent: str, key: Any) -> str:
     return f"{parent}.{key}" if parent else str(key)
 
 
-def _is_text(value: str) -> bool:
+def is_text(value: str) -> bool:
+    """Whether the string holds no lone surrogate (it encodes as UTF-8)."""
     if value.isascii():
         return True
     try:
@@ -65,10 +66,10 @@ def lone_surrogate(value: Any, path: str = "") -> str | None:
     """The path of the first string (or key) of a parsed document holding a lone UTF-16
     surrogate, None when every string is Unicode text. ``""`` is the document itself."""
     if isinstance(value, str):
-        return None if _is_text(value) else path
+        return None if is_text(value) else path
     if isinstance(value, dict):
         for k, v in value.items():
-            if not _is_text(k):
+            if not is_text(k):
                 return _path(path, k.encode("utf-8", "backslashreplace").decode())
             found = lone_surrogate(v, _path(path, k))
             if found is not None:

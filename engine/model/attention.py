@@ -1,6 +1,7 @@
 """Self-attention over the static per-sequence KV cache: fused q/k/v with LoRA slices, rope,
-optional per-head q/k norms, sliding windows, logit soft-capping; prefill, chunked prefill
-and decode (torch), and the CUDA decode through the Triton kernels."""
+optional q/k norms (per head, or over all heads at once), sliding windows, logit
+soft-capping; prefill, chunked prefill and decode (torch), and the CUDA decode through the
+Triton kernels."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,9 +65,13 @@ class Attention(nn.Module):
         self.qkv_proj = LoRALinear(config.hidden_size, slices, arch.qkv_bias)
         self.o_proj = LoRALinear(q, {"o_proj": config.hidden_size}, arch.o_bias)
         self.q_norm = self.k_norm = None
+        self.wide_qk_norm = arch.wide_qk_norm
         if arch.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=arch.gemma)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=arch.gemma)
+            # per head ([D] weights), or over all heads at once (OLMo 2: [h*D] and [kvh*D])
+            qn, kn = (q, kv) if arch.wide_qk_norm else (self.head_dim, self.head_dim)
+            eps, unit, fp32 = config.rms_norm_eps, arch.gemma, arch.post_norm
+            self.q_norm = RMSNorm(qn, eps, unit_offset=unit, fp32_scale=fp32)
+            self.k_norm = RMSNorm(kn, eps, unit_offset=unit, fp32_scale=fp32)
         self.k_cache: torch.Tensor | None = None  # [max_num_seqs, kv_heads, max_len, head_dim]
         self.v_cache: torch.Tensor | None = None
 
@@ -74,8 +79,11 @@ class Attention(nn.Module):
         """x: [T, H] -> q [B, h, S, D], k and v [B, kvh, S, D] (q, k normed and rotated)."""
         h, kvh, D = self.heads, self.kv_heads, self.head_dim
         qk, v = self.qkv_proj(x, batch.lora).split([(h + kvh) * D, kvh * D], dim=-1)
+        if self.wide_qk_norm:                                           # before the head split
+            q, k = qk.split([h * D, kvh * D], dim=-1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=-1)
         qk = qk.view(B, S, h + kvh, D).transpose(1, 2)                  # [B, h+kvh, S, D]
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.wide_qk_norm:
             qk = torch.cat([self.q_norm(qk[:, :h]), self.k_norm(qk[:, h:])], dim=1)
         # q and k rotated together: one set of elementwise kernels per layer
         q, k = apply_rotary(qk, *rope).split([h, kvh], dim=1)

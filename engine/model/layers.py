@@ -100,12 +100,14 @@ class LoRALinear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm; ``unit_offset`` (Gemma) scales by (1 + weight) in fp32, weight starting at 0."""
+    """RMSNorm; ``unit_offset`` (Gemma) scales by (1 + weight) in fp32, weight starting at 0;
+    ``fp32_scale`` (OLMo 2) scales by the weight in fp32 before casting back, as HF does."""
 
-    def __init__(self, size: int, eps: float, unit_offset: bool = False):
+    def __init__(self, size: int, eps: float, unit_offset: bool = False, fp32_scale: bool = False):
         super().__init__()
         self.eps = eps
         self.unit_offset = unit_offset
+        self.fp32_scale = fp32_scale
         init = torch.zeros if unit_offset else torch.ones
         self.weight = nn.Parameter(init(size), requires_grad=False)
 
@@ -114,6 +116,8 @@ class RMSNorm(nn.Module):
         xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op where torch has it
         if self.unit_offset:
             return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        if self.fp32_scale:
+            return (self.weight.float() * xf).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 

@@ -1,5 +1,5 @@
-"""The decoder of every supported base (Llama, Mistral, Qwen2/3, Phi-3/4, Gemma 2/3 text)
-over a static per-sequence KV cache; engine.model.arch says how the bases differ.
+"""The decoder of every supported base (Llama, Mistral, Qwen2/3, Phi-3/4, Gemma 2/3 text,
+Granite, OLMo 2) over a static per-sequence KV cache; engine.model.arch says how the bases differ.
 
 Batches are padded [B, S] (prefill: S = longest new prompt; decode: S = 1). Every layer works
 on the flattened tokens [B*S, H] so one LoRA metadata object serves all projections.
@@ -41,24 +41,36 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Pre-norm block; Gemma also norms each sublayer's output ("sandwich" norms), and its
-    post_attention_layernorm is that output norm (pre_feedforward_layernorm precedes the MLP)."""
+    post_attention_layernorm is that output norm (pre_feedforward_layernorm precedes the MLP).
+    OLMo 2 has only the output norms (post_attention_layernorm, post_feedforward_layernorm);
+    Granite scales each sublayer's output by residual_mult before the residual add."""
 
     def __init__(self, config, arch: Arch, layer_idx: int):
         super().__init__()
         h, eps, unit = config.hidden_size, config.rms_norm_eps, arch.gemma
-        self.gemma = arch.gemma
+        self.gemma, self.post_norm = arch.gemma, arch.post_norm
+        self.residual_mult = arch.residual_mult
         self.rope_key = arch.rope_kinds[layer_idx] or "default"
-        self.input_layernorm = RMSNorm(h, eps, unit)
+        if not arch.post_norm:
+            self.input_layernorm = RMSNorm(h, eps, unit)
         self.self_attn = Attention(config, arch, layer_idx)
-        self.post_attention_layernorm = RMSNorm(h, eps, unit)
+        self.post_attention_layernorm = RMSNorm(h, eps, unit, fp32_scale=arch.post_norm)
         if arch.gemma:
             self.pre_feedforward_layernorm = RMSNorm(h, eps, unit)
-            self.post_feedforward_layernorm = RMSNorm(h, eps, unit)
+        if arch.gemma or arch.post_norm:
+            self.post_feedforward_layernorm = RMSNorm(h, eps, unit, fp32_scale=arch.post_norm)
         self.mlp = MLP(config, arch)
 
     def forward(self, x, batch, ropes, shape):
+        if self.post_norm:
+            h = self.self_attn(x, batch, ropes[self.rope_key], shape)
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(x, batch.lora))
         h = self.self_attn(self.input_layernorm(x), batch, ropes[self.rope_key], shape)
         if not self.gemma:
+            if self.residual_mult != 1.0:
+                x = x + h * self.residual_mult
+                return x + self.mlp(self.post_attention_layernorm(x), batch.lora) * self.residual_mult
             x = x + h
             return x + self.mlp(self.post_attention_layernorm(x), batch.lora)
         x = x + self.post_attention_layernorm(h)
@@ -91,9 +103,12 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         # Gemma scales the embeddings by sqrt(hidden) (rounded to the weights' dtype)
         self.embed_scale = config.hidden_size ** 0.5 if arch.gemma else None
+        # Granite multiplies the embeddings by a float (no rounding of the factor)
+        self.embed_mult = arch.embedding_mult if arch.embedding_mult != 1.0 else None
         self.layers = nn.ModuleList(DecoderLayer(config, arch, i)
                                     for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, arch.gemma)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, arch.gemma,
+                            fp32_scale=arch.post_norm)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tied else nn.Parameter(
             torch.empty(config.vocab_size, config.hidden_size), requires_grad=False)
@@ -105,8 +120,9 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = self.rotaries[next(k for k in ("full_attention", *self.rotaries)
                                          if k in self.rotaries)]
         # on CUDA, the Triton kernels of kernels.fused_ops / kernels.decode_attention; they
-        # cover the Llama-shaped blocks (plain norms, silu, one full-width rope)
-        self.use_triton_ops = (not arch.gemma and len(self.rotaries) == 1
+        # cover the Llama-shaped blocks (plain pre-norms, no multipliers, silu, one full-width
+        # rope)
+        self.use_triton_ops = (arch.llama_shaped and len(self.rotaries) == 1
                                and self.rotary.rot_dim == head_dim)
         # per GPU slot, set by engine.lora.extras.SlotExtras for adapters that have them:
         # slot -> ("full", W [V, H]) or ("lora", A [r, H], B [V, r]) replacing/adapting lm_head,
@@ -141,6 +157,8 @@ class LlamaForCausalLM(nn.Module):
             x = self._embed_lora(x, input_ids.reshape(-1), batch.lora)
         if self.embed_scale is not None:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        if self.embed_mult is not None:
+            x = x * self.embed_mult
         if self.use_triton_ops and x.is_cuda and triton_ops() is not None:
             return self._forward_fused(x, batch, last_index, B, S)
         ropes = {key: r.tables(batch.positions, x.dtype, last_index)    # 2 x [B, 1, S, rot]
@@ -156,7 +174,8 @@ class LlamaForCausalLM(nn.Module):
 
     def _logits(self, h: torch.Tensor, row_slots: torch.Tensor | None, lora) -> torch.Tensor:
         """h: [..., H] normed hidden states; row_slots: [...] slot of each (None: no adapter)
-        -> soft-capped fp32 logits [..., V], each row through its adapter's lm_head if any."""
+        -> soft-capped (Granite: divided by logits_scaling) fp32 logits [..., V], each row
+        through its adapter's lm_head if any."""
         logits = F.linear(h, self.lm_weight())
         if self.slot_heads and row_slots is not None and lora.slot_modules:
             flat_h, flat = h.reshape(-1, h.shape[-1]), logits.view(-1, logits.shape[-1])
@@ -171,6 +190,8 @@ class LlamaForCausalLM(nn.Module):
                 else:                                                   # LoRA on lm_head
                     flat.index_add_(0, idx, ((hs @ head[1].t().to(hs.dtype))
                                              @ head[2].t().to(hs.dtype)).to(flat.dtype))
+        if self.arch.logits_scaling != 1.0:
+            logits = logits / self.arch.logits_scaling                  # in the weights' dtype, as HF
         return self._softcap(logits.float())
 
     def _embed_lora(self, x: torch.Tensor, ids: torch.Tensor, lora) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Each supported base serves mixed-adapter batches with PEFT's greedy tokens and logits:
 Qwen3, Mistral/Qwen2 with sliding windows, Phi-3 (fused projections, longrope, partial
-rotary), Gemma 2 and Gemma 3 text, YaRN rope."""
+rotary), Gemma 2 and Gemma 3 text, Granite (multipliers), OLMo 2 (post-norms, wide q/k
+norms), YaRN rope."""
 from __future__ import annotations
 
 import copy
@@ -186,6 +187,28 @@ def test_gemma3_text_mixed_batch_matches_peft(tmp_path):
     check_matches_peft(base, max_tokens=10)
 
 
+def test_granite_multipliers_match_peft(tmp_path):
+    from transformers import GraniteConfig
+
+    # multipliers far from their Llama values (1, 1, 1/sqrt(head_dim), 1) so each one matters
+    cfg = GraniteConfig(**SMALL, num_hidden_layers=2, embedding_multiplier=6.0,
+                        residual_multiplier=0.4, attention_multiplier=0.5, logits_scaling=3.0)
+    base = Base(tmp_path, cfg, ("all-linear", ATTN_MLP), norm_noise=0.3)
+    outs = check_matches_peft(base, max_tokens=8)
+    assert sum(o.outputs[0].token_ids != b for o, b in zip(outs, _base_tokens(base, outs))) >= 2
+
+
+def test_olmo2_post_norms_and_wide_qk_norms_match_peft(tmp_path):
+    from transformers import Olmo2Config
+
+    cfg = Olmo2Config(**SMALL, num_hidden_layers=2)
+    base = Base(tmp_path, cfg, ("all-linear", ATTN_MLP), norm_noise=0.3)
+    outs = check_matches_peft(base, max_tokens=8)
+    assert sum(o.outputs[0].token_ids != b for o, b in zip(outs, _base_tokens(base, outs))) >= 2
+    attn = LLMEngine(EngineConfig(model=str(base.dir), device="cpu")).model.layers[0].self_attn
+    assert attn.q_norm.weight.shape == (64,) and attn.k_norm.weight.shape == (32,)
+
+
 def test_qwen2_yarn_rope_matches_peft(tmp_path):
     from transformers import Qwen2Config
 
@@ -197,7 +220,7 @@ def test_qwen2_yarn_rope_matches_peft(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "gpt2"}, "supported bases: .*llama.*gemma3_text"),
+    ({"model_type": "gpt2"}, "supported bases: .*llama.*granite.*olmo2"),
     ({"hidden_act": "relu"}, "activation 'relu' is not supported; allowed: .*silu"),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
 ])

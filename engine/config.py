@@ -78,6 +78,11 @@ class EngineConfig:
         checked at every load; a path elsewhere is refused with ``AdapterSourceError``. None
         (the default, for library use): local adapters may be anywhere. Hub ids are never
         looked up on disk either way (``engine.lora.sources``).
+    max_full_module_copies : int, optional
+        The most full trained matrices (an adapter's modules_to_save lm_head or embed_tokens,
+        vocab x hidden each) the GPU slots hold together; None (the default): no limit. Idle
+        holders are evicted to make room; a request waits while running adapters hold them,
+        and fails (``LoRAError``) when pinned adapters or the adapter alone exceed it.
     """
 
     model: str
@@ -100,6 +105,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     lora_fold: bool = True
     adapter_roots: tuple[str, ...] | None = None
+    max_full_module_copies: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -138,3 +144,7 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.adapter_roots={self.adapter_roots!r} is invalid: "
                                  "give a list of directories (or None for no confinement)")
             self.adapter_roots = tuple(self.adapter_roots)
+        m = self.max_full_module_copies
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+            raise ValueError(f"EngineConfig.max_full_module_copies={m!r} is invalid: must be an "
+                             "int >= 0 (or None for no limit)")

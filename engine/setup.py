@@ -73,15 +73,17 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
                             max_lora_rank=c.max_lora_rank, max_cpu_loras=c.max_cpu_loras,
                             dtype=lora_dtype, device=device,
                             fold=c.lora_fold and device.type == "cuda" and backend == "triton",
-                            adapter_roots=c.adapter_roots)
+                            adapter_roots=c.adapter_roots,
+                            max_full_module_copies=c.max_full_module_copies)
     ops = get_lora_ops(backend) if c.enable_lora else None
     graphs = None
     if device.type == "cuda" and not c.enforce_eager:
         from lorry.engine.graphs import DecodeGraphs
         graphs = DecodeGraphs(model, ops, c.max_loras, c.max_num_seqs, max_len, device)
     runner = ModelRunner(model, ops, c.max_loras, device, graphs)
+    scheduler = Scheduler(c.max_num_seqs, c.max_loras, c.max_num_batched_tokens)
     if loras is not None:
         runner.graph_lock = loras.gpu.layout.pin_lock
+        loras.running_adapters = scheduler.running_adapters  # max_full_module_copies admission
     return EngineParts(device, dtype, model_dir, hf_config, model, tokenizer, max_len, backend,
-                       loras, runner, Scheduler(c.max_num_seqs, c.max_loras,
-                                                c.max_num_batched_tokens))
+                       loras, runner, scheduler)

@@ -22,7 +22,7 @@ from lorry.engine.demo_model import DEMO_MODEL_NAME, default_models_dir
 ENGINE_FIELDS = ("model", "tokenizer", "revision", "device", "dtype", "lora_dtype",
                  "lora_backend", "max_loras", "max_lora_rank", "max_cpu_loras", "max_num_seqs",
                  "max_model_len", "max_num_batched_tokens", "quantization", "enforce_eager",
-                 "lora_fold", "load_format", "seed", "adapter_roots")
+                 "lora_fold", "load_format", "seed", "adapter_roots", "max_full_module_copies")
 
 
 def _default_data_dir() -> Path:
@@ -59,7 +59,8 @@ class Settings(BaseSettings):
         ``user:password`` for Flower; ``lorry flower`` refuses to start without it unless
         ``--insecure`` is given.
 
-    The engine fields (``model`` ... ``seed`` and ``adapter_roots``, see ``ENGINE_FIELDS``) are
+    The engine fields (``model`` ... ``seed``, ``adapter_roots`` and ``max_full_module_copies``,
+    see ``ENGINE_FIELDS``) are
     ``EngineConfig``'s options under the same names, validated by ``EngineConfig``'s own rules
     when the settings are built.
     """
@@ -94,6 +95,8 @@ class Settings(BaseSettings):
     seed: int = 0
     adapter_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
     adapter_roots_per_tenant: bool = False
+    # GPU-resident full trained lm_head/embed_tokens copies (modules_to_save); None: no limit
+    max_full_module_copies: int | None = Field(None, ge=0)
     allow_hub_adapters: bool = True
 
     # queue / worker
@@ -132,11 +135,11 @@ class Settings(BaseSettings):
         return path.expanduser()
 
     @field_validator("quantization", "tokenizer", "revision", "metrics_token",
-                     "flower_basic_auth", mode="before")
+                     "flower_basic_auth", "max_full_module_copies", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
         """``LORRY_QUANTIZATION=`` (empty) means none, as leaving it unset does (likewise the
-        tokenizer, revision, metrics token and Flower credentials)."""
+        tokenizer, revision, metrics token, Flower credentials and full-copy limit)."""
         return None if value == "" else value
 
     @field_validator("adapter_roots", mode="before")

@@ -1,5 +1,5 @@
 """What an adapter adds beyond LoRA A/B: per-slot output shifts and DoRA scales of the linear
-layers, a trained or LoRA-adapted lm_head, a LoRA on the input embedding.
+layers, a trained or LoRA-adapted lm_head, a trained or LoRA-adapted input embedding.
 
 A linear layer's output for the rows of slot s becomes ``y * scale[s] + shift[s]`` where
 ``shift`` holds the adapter's bias terms (lora_B.bias x scaling, a saved base bias minus the
@@ -28,13 +28,25 @@ class AdapterExtras:
     shift: dict = field(default_factory=dict)       # family -> [num_layers, N] float32
     magnitudes: dict = field(default_factory=dict)  # (layer, module) -> [N_s] float32 (DoRA)
     head: tuple | None = None   # ("full", W [V, H]) or ("lora", A [r, H], B·scaling [V, r])
-    embed: tuple | None = None  # (Aᵀ [V, r], B·scaling [H, r]): x += Aᵀ[token] @ (B·scaling)ᵀ
+    # ("full", W [V, H]): x = W[token], or ("lora", Aᵀ [V, r], B·scaling [H, r]):
+    # x += Aᵀ[token] @ (B·scaling)ᵀ
+    embed: tuple | None = None
 
     @property
     def nbytes(self) -> int:
         tensors = [*self.shift.values(), *self.magnitudes.values(),
-                   *(self.head[1:] if self.head else ()), *(self.embed or ())]
+                   *(self.head[1:] if self.head else ()), *(self.embed[1:] if self.embed else ())]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def full_copies(self) -> int:
+        """Full trained matrices (lm_head, embed_tokens) among the extras."""
+        return sum(1 for part in (self.head, self.embed) if part is not None and part[0] == "full")
+
+    @property
+    def full_copy_bytes(self) -> int:
+        return sum(part[1].numel() * part[1].element_size() for part in (self.head, self.embed)
+                   if part is not None and part[0] == "full")
 
     def __bool__(self) -> bool:
         return bool(self.shift or self.magnitudes or self.head or self.embed)
@@ -75,9 +87,11 @@ def load_extras(spec: AdapterSpec, raw: dict, layout) -> AdapterExtras:
         if transposed:
             a, b = a.t(), b.t()
         out.head = ("lora", a.to(dtype).contiguous(), (b * scaling).to(dtype).contiguous())
-    if spec.embed_lora is not None:
+    if spec.embed_weight is not None:
+        out.embed = ("full", raw[spec.embed_weight].to(dtype).contiguous())
+    elif spec.embed_lora is not None:
         a_name, b_name, _r, scaling = spec.embed_lora
-        out.embed = (raw[a_name].float().t().to(dtype).contiguous(),
+        out.embed = ("lora", raw[a_name].float().t().to(dtype).contiguous(),
                      (raw[b_name].float() * scaling).to(dtype).contiguous())
     return out
 
@@ -159,7 +173,7 @@ class SlotExtras:
         if extras.head is not None:
             model.slot_heads[slot] = (extras.head[0], *map(self._to_device, extras.head[1:]))
         if extras.embed is not None:
-            model.slot_embeds[slot] = tuple(map(self._to_device, extras.embed))
+            model.slot_embeds[slot] = (extras.embed[0], *map(self._to_device, extras.embed[1:]))
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         out = t.to(self.device, non_blocking=True)

@@ -8,6 +8,10 @@ On CUDA the copies run on a side stream: the step that first reads the slot wait
 copy's event (``wait_for``), and a copy waits for the last step that read the slot it
 overwrites (``mark_used``). Registering more adapters never adds GPU memory. With ``fold``,
 a kind's A slots live under each layer's base weight instead (slot_layout.FoldedA).
+
+Full per-adapter matrices (a trained lm_head / embed_tokens, modules_to_save) are the one
+exception: a slot holds its adapter's copies, at most ``max_full_copies`` of them over all slots
+(None: no limit); ``activate`` evicts idle holders of copies to make room.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from contextlib import nullcontext
 
 import torch
 
+from lorry.engine.errors import LoRAError
 from lorry.engine.lora.extras import SlotExtras
 from lorry.engine.lora.slot_layout import SlotLayout, copy_into_slot, zero_slot
 from lorry.engine.lora.weights import AdapterWeights
@@ -26,7 +31,7 @@ class GPUSlotManager:
     """Assign adapters to ``max_loras`` slots, evicting the least recently used unpinned one."""
 
     def __init__(self, model, max_loras: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, fold: bool = False):
+                 device: torch.device, fold: bool = False, max_full_copies: int | None = None):
         self.capacity, self.max_rank = max_loras, max_rank
         self.layout = SlotLayout(model, max_rank)
         self.buffers = self.layout.allocate(max_loras, dtype, device, fold)  # {kind: (A, B)}
@@ -41,6 +46,9 @@ class GPUSlotManager:
         self.copied: dict[int, torch.cuda.Event] = {}   # slot -> its copy, not yet waited on
         self.last_use: dict[int, torch.cuda.Event] = {}  # slot -> end of the last step reading it
         self.copies = 0
+        self.max_full_copies = max_full_copies
+        self.full_copies: dict[int, tuple[int, int]] = {}  # slot -> (copies, their bytes)
+        self.copies_needed: dict[int, int] = {}  # lora id -> its full copies (set at its load)
 
     @property
     def nbytes(self) -> int:
@@ -60,7 +68,44 @@ class GPUSlotManager:
         return next((i for i in self.slot_of if i not in protected and i not in self.pinned), None)
 
     def has_room(self, protected: set[int]) -> bool:
+        """Whether any loaded adapter can be written without evicting ``protected`` or pinned
+        ones (under a cap on full copies: even the one with the most of them)."""
+        need = max(self.copies_needed.values(), default=0)
+        if self.max_full_copies is not None and need and \
+                self.held_copies(protected | self.pinned) + need > self.max_full_copies:
+            return False
         return bool(self.free) or self.victim(protected) is not None
+
+    def copies_of(self, lora_id: int) -> int:
+        slot = self.slot_of.get(lora_id)
+        return 0 if slot is None else self.full_copies.get(slot, (0, 0))[0]
+
+    def held_copies(self, ids) -> int:
+        """Full copies held by the slots of the resident adapters among ``ids``."""
+        return sum(self.copies_of(i) for i in ids)
+
+    @property
+    def full_copy_bytes(self) -> int:
+        return sum(b for _, b in self.full_copies.values())
+
+    def _room_for_copies(self, lora_id: int, need: int, protected: set[int]) -> None:
+        """Evict idle holders of full copies (least recently used first) until ``need`` more
+        fit under max_full_copies; raise LoRAError when running or pinned adapters hold them."""
+        cap = self.max_full_copies
+        if cap is None or not need:
+            return
+        while sum(c for c, _ in self.full_copies.values()) + need > cap:
+            victim = next((i for i in self.slot_of if self.copies_of(i) and i not in protected
+                           and i not in self.pinned), None)
+            if victim is None:
+                held = sum(c for c, _ in self.full_copies.values())
+                raise LoRAError(
+                    f"adapter {lora_id} cannot be put in a GPU slot: it has {need} full module "
+                    f"cop{'ies' if need > 1 else 'y'} (a trained lm_head/embed_tokens) and {held}"
+                    f" of max_full_module_copies={cap} (LORRY_MAX_FULL_MODULE_COPIES) are held by"
+                    " running or pinned adapters; raise the limit or retry when they finish")
+            self.remove(victim)
+            self.evictions += 1
 
     def activate(self, lora_id: int, weights: AdapterWeights, protected: set[int]) -> int:
         """Make ``lora_id`` resident and most recently used; return its slot.
@@ -72,6 +117,8 @@ class GPUSlotManager:
             self.hits += 1
             self.slot_of.move_to_end(lora_id)
             return slot
+        self._room_for_copies(lora_id, weights.extras.full_copies if weights.extras else 0,
+                              protected)
         if self.free:
             slot = self.free.pop()
         else:
@@ -111,6 +158,10 @@ class GPUSlotManager:
             ev.record(self.stream)
             self.copied[slot] = ev
         self.written[slot] = set(staged)
+        if weights.extras and weights.extras.full_copies:
+            self.full_copies[slot] = (weights.extras.full_copies, weights.extras.full_copy_bytes)
+        else:
+            self.full_copies.pop(slot, None)
         self._invalidate_packs()
         used = {(self.layout.slice_of[m][0], layer) for layer, m in weights.tensors}
         for key, mod in self.layout.modules.items():
@@ -151,10 +202,13 @@ class GPUSlotManager:
         for mod in self.layout.modules.values():
             mod.active_slots.discard(slot)
         self.extras.clear(slot)
+        self.full_copies.pop(slot, None)
         self.free.append(slot)
         return True
 
     def stats(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
                 "residents": len(self.slot_of), "capacity": self.capacity,
-                "pinned": sorted(self.pinned)}
+                "pinned": sorted(self.pinned),
+                "full_copies": sum(c for c, _ in self.full_copies.values()),
+                "max_full_copies": self.max_full_copies, "full_copy_bytes": self.full_copy_bytes}

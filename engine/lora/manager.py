@@ -3,6 +3,11 @@
 Disk -> CPU loads (resolve, validate, read, build the pinned staging buffer) can run in one
 background thread (``prefetch``/``poll``), so the engine keeps stepping while a cold adapter
 loads; the cache itself is only changed on the engine's thread.
+
+With ``max_full_module_copies``, adapters holding full trained matrices (lm_head/embed_tokens via
+modules_to_save) are admitted only while the copies of the running and pinned adapters leave room
+(``ready``): a request waits for running rows to finish, and fails with a LoRAError when pinned
+adapters alone (or the adapter itself) exceed the limit.
 """
 from __future__ import annotations
 
@@ -24,12 +29,17 @@ class LoRAManager:
     def __init__(self, model, base_config: dict, base_name: str, *, max_loras: int,
                  max_lora_rank: int, max_cpu_loras: int, dtype: torch.dtype,
                  device: torch.device, fold: bool = False,
-                 adapter_roots: tuple[str, ...] | None = None):
+                 adapter_roots: tuple[str, ...] | None = None,
+                 max_full_module_copies: int | None = None):
         self.base_config, self.base_name = base_config, base_name
         self.adapter_roots = adapter_roots  # None: local adapters may be anywhere
         self.max_lora_rank, self.dtype = max_lora_rank, dtype
         self.pin_memory = device.type == "cuda"
-        self.gpu = GPUSlotManager(model, max_loras, max_lora_rank, dtype, device, fold=fold)
+        self.gpu = GPUSlotManager(model, max_loras, max_lora_rank, dtype, device, fold=fold,
+                                  max_full_copies=max_full_module_copies)
+        # callable -> ids of the adapters of running rows (set by the engine: Scheduler's)
+        self.running_adapters = None
+        self.full_copies_of = self.gpu.copies_needed  # lora id -> its full copies (when loaded)
         self.cpu = CPUAdapterCache(max_cpu_loras, self._load)
         self.known: dict[int, LoRARequest] = {}  # every adapter added and not removed
         self._pool: cf.ThreadPoolExecutor | None = None
@@ -45,6 +55,13 @@ class LoRAManager:
                                    roots=self.adapter_roots)
         spec = parse_adapter(path, self.base_config, max_lora_rank=self.max_lora_rank,
                              base_model=self.base_name)
+        cap = self.gpu.max_full_copies
+        if cap is not None and spec.full_copies > cap:
+            raise LoRAError(f"adapter {request.lora_name!r} ({request.lora_path}) has "
+                            f"{spec.full_copies} full module copies (modules_to_save lm_head/"
+                            f"embed_tokens); max_full_module_copies={cap} "
+                            "(LORRY_MAX_FULL_MODULE_COPIES) allows fewer")
+        self.full_copies_of[request.lora_int_id] = spec.full_copies
         return load_adapter_weights(spec, self.base_config, self.max_lora_rank, self.dtype,
                                     self.pin_memory, layout=self.gpu.layout)
 
@@ -60,16 +77,39 @@ class LoRAManager:
         return weights, time.perf_counter() - start
 
     # ---- background loads -----------------------------------------------------------------
-    def ready(self, request: LoRARequest) -> bool:
+    def _cached(self, request: LoRARequest) -> bool:
         """Usable without a disk load: in a GPU slot, or in the CPU cache."""
         if self.gpu.lookup(request.lora_int_id) is not None \
                 and _same(self.known.get(request.lora_int_id), request):
             return True
         return self.cpu.peek(request) is not None
 
+    def ready(self, request: LoRARequest) -> bool:
+        """Usable now: loaded (GPU slot or CPU cache) and, under max_full_module_copies, its
+        full copies fit next to those of the running and pinned adapters."""
+        return self._cached(request) and self._copies_fit(request)
+
+    def _copies_fit(self, request: LoRARequest) -> bool:
+        cap, lid = self.gpu.max_full_copies, request.lora_int_id
+        need = self.full_copies_of.get(lid, 0)
+        if cap is None or not need:
+            return True
+        pinned = self.gpu.pinned - {lid}
+        held = sum(self.full_copies_of.get(i, 0) for i in pinned)
+        if held + need > cap:  # never frees up by itself: fail the waiting requests
+            self._unreported.append((request, LoRAError(
+                f"adapter {request.lora_name!r} cannot run: it has {need} full module "
+                f"cop{'ies' if need > 1 else 'y'} (modules_to_save lm_head/embed_tokens) and "
+                f"pinned adapters hold {held} of max_full_module_copies={cap} "
+                "(LORRY_MAX_FULL_MODULE_COPIES); unpin one or raise the limit")))
+            return False
+        running = set(self.running_adapters()) if self.running_adapters else set()
+        held = sum(self.full_copies_of.get(i, 0) for i in (running | pinned) - {lid})
+        return held + need <= cap  # else it waits until running rows release copies
+
     def prefetch(self, request: LoRARequest) -> None:
         """Start loading ``request`` into the CPU cache in the background (if not there)."""
-        if self.ready(request):
+        if self._cached(request):
             return
         running = self.pending.get(request.lora_int_id)
         if running is not None and _same(running[0], request):
@@ -153,6 +193,7 @@ class LoRAManager:
 
     def remove(self, lora_id: int) -> bool:
         self.known.pop(lora_id, None)
+        self.full_copies_of.pop(lora_id, None)
         self.pending.pop(lora_id, None)  # a load in flight is dropped when it ends
         a, b = self.gpu.remove(lora_id), self.cpu.remove(lora_id)
         return a or b
@@ -160,7 +201,8 @@ class LoRAManager:
     def stats(self) -> dict:
         cpu = self.cpu.stats()
         cpu["loading"] = len(self.pending)
-        return {"gpu": self.gpu.stats(), "cpu": cpu}
+        return {"gpu": self.gpu.stats(), "cpu": cpu,
+                "full_copy_bytes": self.gpu.full_copy_bytes}
 
 
 def _same(a: LoRARequest | None, b: LoRARequest) -> bool:

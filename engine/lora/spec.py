@@ -43,15 +43,17 @@ _DEFAULT = re.compile(r"\.default(?=\.|$)")
 _LAYER_PARTS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "lora_bias",
                 "lora_magnitude_vector": "magnitude", "lora_magnitude_vector.weight": "magnitude",
                 "base_layer.bias": "bias", "bias": "bias"}
-# model-level modules: a LoRA on lm_head or embed_tokens, a trained lm_head (modules_to_save),
+# model-level modules: a LoRA on lm_head or embed_tokens, a trained lm_head or embed_tokens
+# (modules_to_save),
 # and the copies of the base weights PEFT saves next to an embedding/lm_head LoRA
 _TOP_PARTS = {"lm_head.lora_A.weight": ("head", "A"), "lm_head.lora_B.weight": ("head", "B"),
               "lm_head.weight": ("head", "full"), "lm_head.base_layer.weight": ("copy", "lm_head"),
+              "model.embed_tokens.weight": ("embed", "full"),
               "model.embed_tokens.lora_embedding_A": ("embed", "A"),
               "model.embed_tokens.lora_embedding_B": ("embed", "B"),
               "model.embed_tokens.base_layer.weight": ("copy", "embed_tokens")}
 BIAS_MODES = ("none", "all", "lora_only")
-MODULES_TO_SAVE = ("lm_head",)
+MODULES_TO_SAVE = ("lm_head", "embed_tokens")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class BaseShapes:
     hidden: int = 0
     vocab: int = 0
     biased: frozenset = frozenset()  # modules whose base layers have a bias
+    tied: bool = False  # tie_word_embeddings: lm_head is the input embedding
 
     @classmethod
     def from_config(cls, cfg: dict) -> BaseShapes:
@@ -87,7 +90,7 @@ class BaseShapes:
         if cfg.get("mlp_bias"):
             biased |= {"gate_proj", "up_proj", "down_proj"}
         return cls(model_type, cfg["num_hidden_layers"], dims, h, cfg.get("vocab_size", 0),
-                   frozenset(biased & set(dims)))
+                   frozenset(biased & set(dims)), bool(cfg.get("tie_word_embeddings", False)))
 
 
 @dataclass
@@ -113,12 +116,18 @@ class AdapterSpec:
     head_weight: str | None = None   # modules_to_save lm_head: [vocab, hidden], replaces lm_head
     head_lora: tuple | None = None   # LoRA on lm_head: (A, B, rank, scaling, transposed)
     embed_lora: tuple | None = None  # LoRA on embed_tokens: (A [r, vocab], B [hidden, r], rank, scaling)
+    embed_weight: str | None = None  # modules_to_save embed_tokens: [vocab, hidden], replaces it
     # "lm_head"/"embed_tokens" -> tensor name of the base weight PEFT saves with their LoRA
     base_copies: dict = field(default_factory=dict)
 
     @property
     def use_dora(self) -> bool:
         return bool(self.magnitudes)
+
+    @property
+    def full_copies(self) -> int:
+        """Full per-adapter matrices (trained lm_head / embed_tokens) a GPU slot holds for it."""
+        return (self.head_weight is not None) + (self.embed_weight is not None)
 
     @property
     def target_modules(self) -> list[str]:
@@ -173,7 +182,8 @@ def _check_config(cfg: dict, path: Path) -> None:
     if extra:
         raise UnsupportedAdapterError(
             f"adapter {path}: modules_to_save={cfg['modules_to_save']!r} is not supported for "
-            f"{extra}; allowed: {list(MODULES_TO_SAVE)} (a full trained lm_head)")
+            f"{extra}; allowed: {list(MODULES_TO_SAVE)} (a full trained lm_head / input "
+            "embedding)")
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.split("_")[0] in BASE_CHANGING_INITS:
         raise UnsupportedAdapterError(
@@ -280,12 +290,12 @@ def check_shapes(spec: AdapterSpec, shapes: dict, base_config: dict,
         if part is None and m is None and ("lm_head" in key or "embed_tokens" in key):
             raise UnsupportedAdapterError(
                 f"adapter {path}: tensor {name!r} is not supported: embed_tokens and lm_head "
-                "take a plain LoRA (no DoRA, no lora_bias) or, for lm_head, modules_to_save")
+                "take a plain LoRA (no DoRA, no lora_bias) or modules_to_save")
         if part is None:
             raise UnsupportedAdapterError(
                 f"adapter {path}: unexpected tensor {name!r}; served are LoRA A/B (with lora_bias"
                 f", DoRA magnitudes and saved biases) of {list(SUPPORTED_MODULES)}, LoRA on "
-                "embed_tokens/lm_head and a modules_to_save lm_head")
+                "embed_tokens/lm_head and a modules_to_save lm_head/embed_tokens")
         layer, module = int(m[1]), m[2]
         if module not in base.dims:
             raise BaseModelMismatchError(f"adapter {path}: target module {module!r} does not exist "
@@ -366,7 +376,8 @@ def _check_layer_module(spec: AdapterSpec, base: BaseShapes, layer: int, module:
 
 def _check_top_modules(spec: AdapterSpec, base: BaseShapes, top: dict,
                        max_lora_rank: int | None) -> None:
-    """Record a LoRA on lm_head / embed_tokens, a trained lm_head, and the base copies."""
+    """Record a LoRA on lm_head / embed_tokens, a trained lm_head / embed_tokens, and the base
+    copies."""
     path, h, v = spec.path, base.hidden, base.vocab
     for (kind, part), (name, shape) in top.items():
         if kind == "copy" and shape != (v, h):
@@ -391,6 +402,19 @@ def _check_top_modules(spec: AdapterSpec, base: BaseShapes, top: dict,
         r, scaling, transposed = _lora_pair(spec, "lm_head", "lm_head", a_shape, b_shape, h, v,
                                             max_lora_rank)
         spec.head_lora = (a, b, r, scaling, transposed)
+    if ("embed", "full") in top:
+        name, shape = top[("embed", "full")]
+        if shape != (v, h):
+            raise BaseModelMismatchError(f"adapter {path}: the trained embed_tokens {name!r} has "
+                                         f"shape {list(shape)}; the base needs [{v}, {h}]")
+        if ("embed", "A") in top or ("embed", "B") in top:
+            raise UnsupportedAdapterError(f"adapter {path}: both a trained embed_tokens "
+                                          "(modules_to_save) and a LoRA on embed_tokens")
+        if spec.config.get("ensure_weight_tying") and base.tied:
+            raise UnsupportedAdapterError(
+                f"adapter {path}: a trained embed_tokens with ensure_weight_tying=true on a base "
+                "with tied embeddings (it would replace the lm_head too) is not supported")
+        spec.embed_weight = name
     if ("embed", "A") in top or ("embed", "B") in top:
         if not {("embed", "A"), ("embed", "B")} <= set(top):
             raise AdapterFormatError(f"adapter {path}: embed_tokens lacks lora_embedding_A or _B")

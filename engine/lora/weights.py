@@ -71,7 +71,7 @@ def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: in
         nbytes = sum(t.numel() * t.element_size() for ab in staged.values() for t in ab)
         return AdapterWeights(spec, tensors, nbytes + extras.nbytes, staged, extras)
     if spec.lora_biases or spec.bias_overrides or spec.magnitudes or spec.head_weight \
-            or spec.head_lora or spec.embed_lora:
+            or spec.head_lora or spec.embed_lora or spec.embed_weight:
         raise ValueError(f"adapter {spec.path} has parts beyond LoRA A/B (bias terms, DoRA, "
                          "lm_head or embedding); load it with the engine's slot layout")
     for key, (a_name, b_name, _r, scaling, transposed) in spec.modules.items():

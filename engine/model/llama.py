@@ -126,7 +126,8 @@ class LlamaForCausalLM(nn.Module):
                                and self.rotary.rot_dim == head_dim)
         # per GPU slot, set by engine.lora.extras.SlotExtras for adapters that have them:
         # slot -> ("full", W [V, H]) or ("lora", A [r, H], B [V, r]) replacing/adapting lm_head,
-        # slot -> (Aᵀ [V, r], B [H, r]) LoRA on the input embedding. Steps that use them run
+        # slot -> ("full", W [V, H]) replacing or ("lora", Aᵀ [V, r], B [H, r]) adapting the
+        # input embedding (before Gemma's/Granite's scaling, as HF/PEFT). Steps that use them run
         # eagerly (engine.runner), since a slot's tensors come and go with its adapter.
         self.slot_heads: dict[int, tuple] = {}
         self.slot_embeds: dict[int, tuple] = {}
@@ -195,13 +196,18 @@ class LlamaForCausalLM(nn.Module):
         return self._softcap(logits.float())
 
     def _embed_lora(self, x: torch.Tensor, ids: torch.Tensor, lora) -> torch.Tensor:
-        """x [T, H] += Aᵀ[token] @ Bᵀ for the tokens of slots with an embedding LoRA."""
-        for slot, (a_t, b) in self.slot_embeds.items():
+        """x [T, H] += Aᵀ[token] @ Bᵀ for the tokens of slots with an embedding LoRA; x = W[token]
+        for the tokens of slots with a trained embedding."""
+        for slot, embed in self.slot_embeds.items():
             if slot not in lora.slots:
                 continue
             idx = torch.nonzero(lora.meta.token_slots == slot, as_tuple=True)[0]
-            delta = F.embedding(ids.index_select(0, idx), a_t) @ b.t()  # [n, H]
-            x = x.index_add(0, idx, delta.to(x.dtype))
+            if embed[0] == "full":
+                x = x.index_copy(0, idx, F.embedding(ids.index_select(0, idx), embed[1])
+                                 .to(x.dtype))
+            else:
+                delta = F.embedding(ids.index_select(0, idx), embed[1]) @ embed[2].t()  # [n, H]
+                x = x.index_add(0, idx, delta.to(x.dtype))
         return x
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:

@@ -61,3 +61,14 @@ def test_bad_values_are_refused_with_the_variable(monkeypatch, var, value, named
     monkeypatch.setenv(var, value)
     with pytest.raises(ValidationError, match=named):
         Settings()
+
+
+def test_max_full_module_copies_reaches_engine_config(monkeypatch):
+    assert Settings(model="/m").engine_config().max_full_module_copies is None
+    monkeypatch.setenv("LORRY_MAX_FULL_MODULE_COPIES", "2")
+    assert Settings(model="/m").engine_config().max_full_module_copies == 2
+    monkeypatch.setenv("LORRY_MAX_FULL_MODULE_COPIES", "")
+    assert Settings(model="/m").max_full_module_copies is None  # empty: no limit
+    monkeypatch.setenv("LORRY_MAX_FULL_MODULE_COPIES", "-1")
+    with pytest.raises(ValidationError, match="max_full_module_copies"):
+        Settings(model="/m")

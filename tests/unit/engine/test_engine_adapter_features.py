@@ -65,15 +65,22 @@ def greedy(model, ids: list[int], n: int):
     return ids[-n:], torch.stack(logits)
 
 
-def check_matches_peft(base: Bases, names, *, max_loras=2, max_tokens=5, atol=2e-5):
+def check_matches_peft(base: Bases, names, *, max_loras=2, max_tokens=5, atol=2e-5,
+                       inspect=None, **engine_kw):
     """Serve one batch whose rows use ``names`` (None: no adapter); assert each row's tokens
-    and logits are PEFT's; return how many rows differ from the base model's tokens."""
+    and logits are PEFT's; return how many rows differ from the base model's tokens.
+    ``inspect(engine, step's sequences)`` runs at every step; ``engine_kw`` go to EngineConfig."""
     eng = LLMEngine(EngineConfig(model=str(base.dir), max_loras=max_loras, max_lora_rank=8,
                                  max_num_seqs=8, max_model_len=128, lora_backend="torch",
-                                 device="cpu"))
+                                 device="cpu", **engine_kw))
     captured = {}
-    eng.runner.logits_hook = lambda seqs, lg: [captured.setdefault(s.request_id, []).append(
-        r.clone()) for s, r in zip(seqs, lg)]
+
+    def hook(seqs, lg):
+        if inspect is not None:
+            inspect(eng, seqs)
+        for s, r in zip(seqs, lg):
+            captured.setdefault(s.request_id, []).append(r.clone())
+    eng.runner.logits_hook = hook
     reqs = {n: LoRARequest(n, i + 1, str(p)) for i, (n, p) in enumerate(base.adapters.items())}
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     outs = eng.generate(PROMPTS[:len(names)], sp, [reqs[n] if n else None for n in names],
@@ -171,6 +178,8 @@ def _add_tensors(adapter, dst, **tensors):
     ({"base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias": (64,)},
      "BaseModelMismatchError", "has none"),
     ({"base_model.model.lm_head.weight": (300, 64)}, "BaseModelMismatchError", r"\[259, 64\]"),
+    ({"base_model.model.model.embed_tokens.weight": (300, 64)}, "BaseModelMismatchError",
+     r"trained embed_tokens .* \[259, 64\]"),
     ({"base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": (32,)},
      "BaseModelMismatchError", r"needs \[64\]"),
     ({"base_model.model.lm_head.lora_A.weight": (8, 64)}, "AdapterFormatError",
@@ -198,3 +207,118 @@ def test_adapter_whose_saved_base_embedding_differs_is_refused_at_load(llama, tm
     with pytest.raises(BaseModelMismatchError, match="differ from the base's"):
         eng.add_lora(LoRARequest("changed", 1, str(changed)))
     eng.add_lora(LoRARequest("same", 2, str(llama.adapters["embed"])))  # the base's own copy
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_trained_embedding_modules_to_save_matches_peft_in_mixed_batches(tmp_path, tied):
+    """modules_to_save=["embed_tokens"]: the adapter's rows embed their tokens with its own
+    trained copy; on a tied base PEFT keeps the lm_head on the base embedding, and so do we."""
+    base = Bases(tmp_path, {
+        "embed_full": ({"target_modules": QV, "modules_to_save": ["embed_tokens"]},
+                       (("embed_tokens.weight",), 0.5)),
+        "embed_head": ({"target_modules": ("k_proj",),
+                        "modules_to_save": ["embed_tokens"] + ([] if tied else ["lm_head"])},
+                       (("embed_tokens.weight", "lm_head.weight"), 0.3)),
+        "plain": ({"target_modules": ALL}, None),
+    }, tie_word_embeddings=tied)
+    names = ["embed_full", None, "embed_head", "plain", "embed_full", "embed_head"]
+    assert check_matches_peft(base, names, max_loras=3) >= 4
+    check_matches_peft(base, ["embed_full", "embed_head", None, "embed_full"], max_loras=1,
+                       max_tokens=3)  # one slot, reused: no previous occupant's embedding
+
+
+@pytest.fixture(scope="module")
+def full_copies(tmp_path_factory):
+    """Adapters with one full trained matrix each (lm_head, embed_tokens), one with both."""
+    return Bases(tmp_path_factory.mktemp("full"), {
+        "head_full": ({"target_modules": QV, "modules_to_save": ["lm_head"]},
+                      (("lm_head",), 0.05)),
+        "embed_full": ({"target_modules": ("k_proj",), "modules_to_save": ["embed_tokens"]},
+                       (("embed_tokens.weight",), 0.5)),
+        "both": ({"target_modules": ("o_proj",), "modules_to_save": ["lm_head", "embed_tokens"]},
+                 (("lm_head", "embed_tokens.weight"), 0.3)),
+        "plain": ({"target_modules": ALL}, None),
+    })
+
+
+def test_full_copy_cap_makes_rows_wait_and_stays_exact(full_copies):
+    """max_full_module_copies=1 with three slots: the two adapters with a full copy never sit
+    in the slots together; the second one's rows wait for the first one's, and every row is
+    still PEFT's."""
+    seen = []
+
+    def inspect(eng, seqs):
+        gpu = eng.loras.gpu
+        seen.append(sum(c for c, _ in gpu.full_copies.values()))
+        stats = eng.cache_stats()
+        assert stats["full_copy_bytes"] == stats["gpu"]["full_copy_bytes"] == gpu.full_copy_bytes
+        names = {s.lora_request.lora_name for s in seqs if s.lora_request is not None}
+        assert not {"head_full", "embed_full"} <= names
+
+    names = ["head_full", None, "embed_full", "plain", "head_full", "embed_full"]
+    assert check_matches_peft(full_copies, names, max_loras=3, inspect=inspect,
+                              max_full_module_copies=1) >= 4
+    assert seen and max(seen) == 1  # one copy at a time, in every step
+
+
+def test_full_copy_cap_evicts_idle_holders_and_reports_bytes(full_copies):
+    eng = LLMEngine(EngineConfig(model=str(full_copies.dir), max_loras=3, max_lora_rank=8,
+                                 device="cpu", max_model_len=64, lora_backend="torch",
+                                 max_full_module_copies=1))
+    sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    req = {n: LoRARequest(n, i + 1, str(p)) for i, (n, p) in enumerate(full_copies.adapters.items())}
+    assert eng.cache_stats()["full_copy_bytes"] == 0
+    eng.generate("hi", sp, req["head_full"], use_tqdm=False)
+    one = 259 * 64 * 4  # vocab x hidden, float32
+    assert eng.cache_stats()["full_copy_bytes"] == one
+    eng.generate("hi", sp, req["embed_full"], use_tqdm=False)  # evicts the idle head_full
+    stats = eng.cache_stats()
+    assert stats["full_copy_bytes"] == one and stats["gpu"]["full_copies"] == 1
+    assert eng.list_loras()["gpu"] == [req["embed_full"].lora_int_id]
+    eng.generate("hi", sp, req["plain"], use_tqdm=False)  # no copy: nothing evicted
+    assert eng.cache_stats()["full_copy_bytes"] == one
+    assert len(eng.list_loras()["gpu"]) == 2
+
+
+def test_full_copy_cap_refusals_name_the_setting(full_copies):
+    from lorry.engine.errors import LoRAError
+
+    eng = LLMEngine(EngineConfig(model=str(full_copies.dir), max_loras=3, max_lora_rank=8,
+                                 device="cpu", max_model_len=64, lora_backend="torch",
+                                 max_full_module_copies=1))
+    sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    req = {n: LoRARequest(n, i + 1, str(p)) for i, (n, p) in enumerate(full_copies.adapters.items())}
+    with pytest.raises(LoRAError, match=r"2 full module copies.*max_full_module_copies=1 "
+                                        r"\(LORRY_MAX_FULL_MODULE_COPIES\)"):
+        eng.add_lora(req["both"])
+    eng.add_lora(req["head_full"])
+    eng.pin_lora(req["head_full"].lora_int_id)
+    with pytest.raises(LoRAError, match=r"pinned adapters hold 1 of max_full_module_copies=1 "
+                                        r"\(LORRY_MAX_FULL_MODULE_COPIES\)"):
+        eng.generate(["a", "b"], sp, [req["plain"], req["embed_full"]], use_tqdm=False)
+    assert not eng.has_unfinished_requests()
+    with pytest.raises(LoRAError, match="LORRY_MAX_FULL_MODULE_COPIES"):
+        eng.pin_lora(req["embed_full"].lora_int_id)  # the pinned head_full holds the one copy
+    outs = eng.generate(["a", "b"], sp, [req["head_full"], req["plain"]], use_tqdm=False)
+    assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outs)
+    eng.unpin_lora(req["head_full"].lora_int_id)
+    eng.generate("a", sp, req["embed_full"], use_tqdm=False)  # head_full is idle now: evicted
+    assert eng.cache_stats()["gpu"]["full_copies"] == 1
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5, "2"])
+def test_max_full_module_copies_is_validated(value):
+    with pytest.raises(ValueError, match="max_full_module_copies"):
+        EngineConfig(model="m", max_full_module_copies=value)
+    assert EngineConfig(model="m", max_full_module_copies=0).max_full_module_copies == 0
+    assert EngineConfig(model="m").max_full_module_copies is None
+
+
+def test_trained_and_lora_embedding_together_are_refused(llama, tmp_path):
+    from lorry.engine.errors import UnsupportedAdapterError
+    from lorry.engine.lora.spec import parse_adapter, read_base_config
+
+    bad = _add_tensors(llama.adapters["embed"], tmp_path / "bad",
+                       **{"base_model.model.model.embed_tokens.weight": (259, 64)})
+    with pytest.raises(UnsupportedAdapterError, match="both a trained embed_tokens"):
+        parse_adapter(bad, read_base_config(llama.dir), max_lora_rank=8)

@@ -54,7 +54,7 @@ def test_spec_module_does_not_import_torch():
     ({"use_dora": True}, AdapterFormatError, "DoRA magnitude vectors"),
     ({"use_dora": True, "lora_bias": True}, UnsupportedAdapterError, "DoRA .* with lora_bias"),
     ({"bias": "some"}, UnsupportedAdapterError, "bias='some'"),
-    ({"modules_to_save": ["lm_head", "embed_tokens"]}, UnsupportedAdapterError, "modules_to_save"),
+    ({"modules_to_save": ["lm_head", "score"]}, UnsupportedAdapterError, "modules_to_save"),
     ({"target_modules": ["q_proj", "wte"]}, BaseModelMismatchError, "wte"),
     ({"target_modules": ["q_proj", "c_attn"]}, BaseModelMismatchError, "c_attn"),
     ({"peft_type": "IA3"}, UnsupportedAdapterError, "IA3"),

@@ -139,6 +139,12 @@ def read_line(number: int, raw: bytes, samplings: dict | None = None) -> ParsedL
         parsed = accept(data, samplings)
         if parsed is not None:
             return parsed
+    return read_line_with_pydantic(number, raw)
+
+
+def read_line_with_pydantic(number: int, raw: bytes) -> ParsedLine | LineError:
+    """``parse_line``'s answer in the shape the ingest keeps (the path for every line the
+    fast check does not take, and the reference it is tested against)."""
     line = parse_line(number, raw)
     if isinstance(line, LineError):
         return line

@@ -374,6 +374,19 @@ def _check_layer_module(spec: AdapterSpec, base: BaseShapes, layer: int, module:
         spec.magnitudes[(layer, module)] = parts["magnitude"][0]
 
 
+def _full_copy(path: Path, top: dict, part: str, module: str, vocab: int, hidden: int) -> str:
+    """The tensor name of a trained ``module`` (modules_to_save), checked: [vocab, hidden], and
+    not together with a LoRA on the same module."""
+    name, shape = top[(part, "full")]
+    if shape != (vocab, hidden):
+        raise BaseModelMismatchError(f"adapter {path}: the trained {module} {name!r} has shape "
+                                     f"{list(shape)}; the base needs [{vocab}, {hidden}]")
+    if (part, "A") in top or (part, "B") in top:
+        raise UnsupportedAdapterError(f"adapter {path}: both a trained {module} "
+                                      f"(modules_to_save) and a LoRA on {module}")
+    return name
+
+
 def _check_top_modules(spec: AdapterSpec, base: BaseShapes, top: dict,
                        max_lora_rank: int | None) -> None:
     """Record a LoRA on lm_head / embed_tokens, a trained lm_head / embed_tokens, and the base
@@ -387,14 +400,7 @@ def _check_top_modules(spec: AdapterSpec, base: BaseShapes, top: dict,
         if kind == "copy":
             spec.base_copies[part] = name
     if ("head", "full") in top:
-        name, shape = top[("head", "full")]
-        if shape != (v, h):
-            raise BaseModelMismatchError(f"adapter {path}: the trained lm_head {name!r} has shape"
-                                         f" {list(shape)}; the base needs [{v}, {h}]")
-        if ("head", "A") in top or ("head", "B") in top:
-            raise UnsupportedAdapterError(f"adapter {path}: both a trained lm_head "
-                                          "(modules_to_save) and a LoRA on lm_head")
-        spec.head_weight = name
+        spec.head_weight = _full_copy(path, top, "head", "lm_head", v, h)
     if ("head", "A") in top or ("head", "B") in top:
         if not {("head", "A"), ("head", "B")} <= set(top):
             raise AdapterFormatError(f"adapter {path}: lm_head lacks lora_A or lora_B")
@@ -403,13 +409,7 @@ def _check_top_modules(spec: AdapterSpec, base: BaseShapes, top: dict,
                                             max_lora_rank)
         spec.head_lora = (a, b, r, scaling, transposed)
     if ("embed", "full") in top:
-        name, shape = top[("embed", "full")]
-        if shape != (v, h):
-            raise BaseModelMismatchError(f"adapter {path}: the trained embed_tokens {name!r} has "
-                                         f"shape {list(shape)}; the base needs [{v}, {h}]")
-        if ("embed", "A") in top or ("embed", "B") in top:
-            raise UnsupportedAdapterError(f"adapter {path}: both a trained embed_tokens "
-                                          "(modules_to_save) and a LoRA on embed_tokens")
+        name = _full_copy(path, top, "embed", "embed_tokens", v, h)
         if spec.config.get("ensure_weight_tying") and base.tied:
             raise UnsupportedAdapterError(
                 f"adapter {path}: a trained embed_tokens with ensure_weight_tying=true on a base "

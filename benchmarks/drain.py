@@ -25,7 +25,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from pg_fresh import drop_database, fresh_database
 from stand_in import finished
 
 from lorry.scheduler import JobQueue, JobSpec
@@ -209,6 +208,8 @@ def main() -> None:
                     row = run_one(f"sqlite:///{tmp}/drain.db", jobs, max_tokens, step_ms,
                                   args.rows, claim_ahead=args.claim_ahead)
             else:
+                from pg_fresh import drop_database, fresh_database  # PostgreSQL rows only
+
                 name, url = fresh_database(args.url, prefix="lorry_drain")
                 try:
                     row = run_one(url, jobs, max_tokens, step_ms, args.rows,

@@ -4,6 +4,7 @@ CPU (default): SmolLM2-135M fp32, 16 requests over 4 adapters (r8, all linear la
 32-token prompts, 32 new tokens -- all three in one run, printed as JSON.
 GPU (``--device cuda --preset llama3-8b``): Llama-3-8B shapes with random (dummy) weights,
 32 adapters r16 on q/k/v/o, 128 requests 128 -> 128 tokens, batch 64 (Lorry only by default).
+``--preset qwen3-8b`` / ``gemma2-9b``: the same workload on Qwen3-8B / Gemma-2-9B shapes.
 """
 from __future__ import annotations
 
@@ -20,11 +21,28 @@ PRESETS = {
     "llama3-8b": {"requests": 128, "adapters": 32, "rank": 16, "targets": ["q_proj", "k_proj", "v_proj",
                       "o_proj"], "prompt_len": 128, "new_tokens": 128, "batch": 64},
 }
+PRESETS["qwen3-8b"] = PRESETS["gemma2-9b"] = PRESETS["llama3-8b"]
 LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
              "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
              "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "bfloat16"}
+# Qwen3-8B and Gemma-2-9B shapes (their published config.json values), same workload as llama3-8b
+QWEN3_8B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096,
+            "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+            "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False,
+            "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "bfloat16"}
+GEMMA2_9B = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 3584,
+             "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16,
+             "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000,
+             "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+             "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
+             "query_pre_attn_scalar": 256, "sliding_window": 4096,
+             "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+             "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": "bfloat16"}
+GPU_SHAPES = {"llama3-8b": LLAMA3_8B, "qwen3-8b": QWEN3_8B, "gemma2-9b": GEMMA2_9B}
 
 
 def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -385,12 +403,13 @@ def roofline(config: dict, p: dict, rank: int, n_adapters: int, gbps: float = 43
     a step reads B rows) and the average KV cache once, at ``gbps`` GB/s."""
     h, i, L, V = (config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                       "vocab_size"))
-    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * i + 2 * h
+    hd = config.get("head_dim") or h // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
     weights = 2 * (L * per_layer + V * h + h)
     ctx = p["prompt_len"] + p["new_tokens"] / 2
     kv_bytes = 2 * p["batch"] * ctx * L * 2 * kv
-    lora = 2 * n_adapters * L * rank * ((h + h + 2 * kv) + (h + h))  # q/k/v/o A and B
+    lora = 2 * n_adapters * L * rank * ((h + q + 2 * kv) + (q + h))  # q/k/v/o A and B
     step = (weights + kv_bytes + lora) / (gbps * 1e9)
     return {"weight_bytes": weights, "kv_bytes_per_step": int(kv_bytes), "lora_bytes": lora,
             "gb_per_s": gbps, "step_ms": round(step * 1e3, 3),
@@ -416,14 +435,14 @@ def main() -> None:
     import torch
 
     tmp = Path(tempfile.mkdtemp(prefix="lorry-bench-"))
-    if preset == "llama3-8b":
+    if preset in GPU_SHAPES:
         from lorry.testing import make_tiny_tokenizer
 
-        model = tmp / "llama3-8b-dummy"
+        config, load_format = GPU_SHAPES[preset], "dummy"
+        model = tmp / f"{preset}-dummy"
         model.mkdir()
-        (model / "config.json").write_text(json.dumps(LLAMA3_8B))
+        (model / "config.json").write_text(json.dumps(config))
         make_tiny_tokenizer(model)
-        config, load_format = LLAMA3_8B, "dummy"
     else:
         from lorry.engine.demo_model import demo_model_dir, prepare_demo_model
 

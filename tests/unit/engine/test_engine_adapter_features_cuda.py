@@ -53,5 +53,8 @@ def test_feature_adapters_on_gpu_equal_cpu_token_for_token(bases, name, monkeypa
     monkeypatch.setattr(slot_layout, "FOLD_MAX_EXTRA", 100.0)   # tiny layers: fold them all
     cpu, _ = _run(bases[name], "cpu")
     gpu, eng = _run(bases[name], "cuda")
-    assert eng.runner.graphs is not None and eng.runner.graphs.captures >= 2
+    # qwen2's bias adapters add a graph variant with per-slot shifts; llama's head/embedding
+    # slots step eagerly, so its DoRA and base rows share one captured bucket
+    assert eng.runner.graphs is not None
+    assert eng.runner.graphs.captures >= (2 if name == "qwen2" else 1)
     assert gpu == cpu

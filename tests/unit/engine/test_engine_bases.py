@@ -32,7 +32,10 @@ class Base:
         from transformers import AutoModelForCausalLM
 
         self.dir = make_tiny_model(root / "base", config, norm_noise=norm_noise)
-        self.hf = AutoModelForCausalLM.from_pretrained(str(self.dir), dtype=torch.float32).eval()
+        # eager attention is HF's reference: some transformers releases route Gemma 2 through
+        # SDPA, which drops its attention soft-capping
+        self.hf = AutoModelForCausalLM.from_pretrained(str(self.dir), dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
         self.adapters = {name: make_peft_adapter(self.dir, root / name, r=r, lora_alpha=16,
                                                  target_modules=t, seed=i + 1, base_model=self.hf)
                          for i, (name, r, t) in enumerate([("one", 8, targets[0]),

@@ -15,6 +15,9 @@ PROMPTS = ["Hello there hello there", "abcabcabc", "The quick brown fox"]
 
 
 def _engine(base, **kw):
+    """fp32 on the CPU unless a test names a device: the parity tests compare against HF fp32
+    on the CPU (``device="auto"`` would pick CUDA and bf16 on a GPU machine)."""
+    kw = {"device": "cpu", "dtype": "float32", **kw}
     return LLMEngine(EngineConfig(model=str(base.dir), max_loras=2, max_lora_rank=16,
                                   max_num_seqs=8, max_model_len=128, **kw))
 

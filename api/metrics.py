@@ -87,8 +87,30 @@ def _counters(stats: dict[str, dict]):
                                   labels=["worker", "level"])
         for worker, s in stats.items():
             for level, c in (s.get("cache") or {}).items():
-                if isinstance(c, dict) and event in c:
+                if level in ("gpu", "cpu") and isinstance(c, dict) and event in c:
                     fam.add_metric([worker, level], c[event])
+        yield fam
+    yield from _kv_families(stats)
+
+
+def _kv_families(stats: dict[str, dict]):
+    """The KV block pool of each worker's engine: prefix-cache tokens looked up and found
+    (hit rate = hit / query), preemptions, and the pool's size and free blocks."""
+    specs = [(CounterMetricFamily, "lorry_prefix_cache_query_tokens",
+              "Prefill tokens looked up in the prefix cache", "prefix_query_tokens"),
+             (CounterMetricFamily, "lorry_prefix_cache_hit_tokens",
+              "Prefill tokens found in the prefix cache (not computed)", "prefix_hit_tokens"),
+             (CounterMetricFamily, "lorry_kv_preemptions",
+              "Sequences preempted (recomputed) because the KV pool ran out", "preemptions"),
+             (GaugeMetricFamily, "lorry_kv_blocks_total", "KV cache blocks", "blocks_total"),
+             (GaugeMetricFamily, "lorry_kv_blocks_free",
+              "KV cache blocks free or holding only cached prefixes", "blocks_free")]
+    for kind, name, doc, key in specs:
+        fam = kind(name, doc, labels=["worker"])
+        for worker, s in stats.items():
+            kv = (s.get("cache") or {}).get("kv")
+            if isinstance(kv, dict) and key in kv:
+                fam.add_metric([worker], kv[key])
         yield fam
 
 

@@ -91,78 +91,91 @@ def generate_runs(eng, adapters, p: dict, times: int) -> list:
     return runs + [run_lorry(eng, adapters, 0, prompts, p, "cuda")]
 
 
-def kernel_times(model, batch: int, avg_len: int) -> dict:
-    """The Triton kernels alone vs the torch code of the model, on layer 0's shapes."""
+BLOCK_SIZE = 16  # keys per KV cache block in the kernel timings
+
+
+def paged_cache(rows: int, max_len: int, kv_heads: int, head_dim: int, dtype, device, g):
+    """Noise-filled k/v caches [num_slots, kvh, D] behind the null block 0, and block tables
+    [rows, max_len / BLOCK_SIZE] giving each row its own consecutive blocks."""
     import torch
-    from triton.testing import do_bench_cudagraph
+
+    blocks = -(-max_len // BLOCK_SIZE)
+    shape = ((1 + rows * blocks) * BLOCK_SIZE, kv_heads, head_dim)
+    k = torch.randn(shape, device=device, dtype=dtype, generator=g)
+    v = torch.randn(shape, device=device, dtype=dtype, generator=g)
+    tables = torch.arange(1, 1 + rows * blocks, device=device, dtype=torch.int32)
+    return k, v, tables.view(rows, blocks)
+
+
+def slots_of(tables, positions):
+    """Cache slots of ``positions`` [...] of each row of ``tables`` [rows, blocks]."""
+    blk = tables.gather(1, (positions // BLOCK_SIZE).view(tables.shape[0], -1).long())
+    return (blk.long() * BLOCK_SIZE + positions.view(blk.shape) % BLOCK_SIZE).view(positions.shape)
+
+
+def attention_times(model, batch: int, avg_len: int, bench) -> dict:
+    """Decode attention and rotary + cache write, Triton vs the model's torch code, over
+    paged caches of 4 layers (more than L2) with layer 0's shapes; then a few long rows."""
+    import torch
 
     from lorry.engine.model.layers import apply_rotary
     from lorry.kernels.decode_attention import decode_attention
-    from lorry.kernels.fused_ops import add_rmsnorm, rotary_qk_, silu_mul
+    from lorry.kernels.fused_ops import rotary_qk_
 
-    attn = model.layers[0].self_attn
-    dev, dt = attn.k_cache.device, attn.k_cache.dtype
+    attn, rot = model.layers[0].self_attn, model.rotary
     h, kvh, D = attn.heads, attn.kv_heads, attn.head_dim
-    H = model.config.hidden_size
-    L = attn.k_cache.shape[2]
+    dev, dt = rot.cos.device, model.embed_tokens.weight.dtype
+    L = rot.cos.shape[0]                                        # the engine's max_len
     g = torch.Generator(device=dev).manual_seed(0)
     qkv = torch.randn(batch, (h + 2 * kvh) * D, device=dev, dtype=dt, generator=g)
-    rows = torch.arange(batch, device=dev)
     pos = torch.randint(avg_len // 2, min(L, avg_len * 3 // 2), (batch,), device=dev, generator=g)
-    mask = torch.arange(L, device=dev)[None, :] <= pos[:, None]
+    caches = [paged_cache(batch, L, kvh, D, dt, dev, g) for _ in range(4)]
+    tables = caches[0][2]
+    n = tables.shape[1] * BLOCK_SIZE                            # kv_len = max_len
+    key_slots = slots_of(tables, torch.arange(n, device=dev).expand(batch, n))  # [B, n]
+    mask = (torch.arange(n, device=dev)[None, :] <= pos[:, None])[:, None]      # [B, 1, n]
     q4 = qkv[:, :h * D].view(batch, h, 1, D)
-    out = {}
-
-    def bench(name, fn, per: int = 1):
-        # GPU time per call from replays of a graph of ``fn`` (no launch overhead), in us
-        ms = do_bench_cudagraph(fn, rep=100, return_mode="median")
-        out[name] = round(ms * 1e3 / per, 1)
-
-    attns = [m.self_attn for m in model.layers[:4]]  # 4 layers' caches: more than L2
-    for a in attns:
-        a.k_cache.normal_(generator=g)
-        a.v_cache.normal_(generator=g)
-    bench("attention_triton_us", lambda: [decode_attention(qkv[:, :h * D], a.k_cache,
-                                                           a.v_cache, rows, pos) for a in attns], 4)
-    bench("attention_torch_us", lambda: [a._decode_attention(
-        q4, a.k_cache[:batch], a.v_cache[:batch], mask) for a in attns], 4)  # kv_len = max_len
-    x = torch.randn(batch, H, device=dev, dtype=dt, generator=g)
-    r = torch.randn(batch, H, device=dev, dtype=dt, generator=g)
-    norm = model.layers[0].input_layernorm
-    bench("add_rmsnorm_triton_us", lambda: add_rmsnorm(x, r.clone(), norm.weight, norm.eps))
-    bench("add_rmsnorm_torch_us", lambda: norm(x + r))
-    inter = model.config.intermediate_size
-    gu = torch.randn(batch, 2 * inter, device=dev, dtype=dt, generator=g)
-    bench("silu_mul_triton_us", lambda: silu_mul(gu))
-    bench("silu_mul_torch_us", lambda: torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:])
-    rot = model.rotary
+    bench("attention_triton_us", lambda: [decode_attention(
+        qkv[:, :h * D], k, v, t, pos, BLOCK_SIZE) for k, v, t in caches], 4)
+    bench("attention_torch_us", lambda: [attn._grouped(
+        q4, k[key_slots].transpose(1, 2), v[key_slots].transpose(1, 2), mask)
+        for k, v, _ in caches], 4)
+    k0, v0, _ = caches[0]
+    slot_mapping = slots_of(tables, pos)
     bench("rotary_cache_triton_us", lambda: rotary_qk_(qkv, pos, rot.cos, rot.sin, h, kvh, D,
-                                                       attn.k_cache, attn.v_cache, rows))
+                                                       k0, v0, slot_mapping))
 
     def torch_rotary():
         qk, v = qkv.split([(h + kvh) * D, kvh * D], dim=-1)
         qk = apply_rotary(qk.view(batch, 1, h + kvh, D).transpose(1, 2),
                           *rot.tables(pos[:, None], dt))
-        attn.k_cache[rows, :, pos] = qk[:, h:, 0]
-        attn.v_cache[rows, :, pos] = v.view(batch, kvh, D)
+        k0[slot_mapping] = qk[:, h:, 0]
+        v0[slot_mapping] = v.view(batch, kvh, D)
     bench("rotary_cache_torch_us", torch_rotary)
-    # a long cache with few rows: the sequence-split path
-    big_k = torch.randn(8, kvh, 4096, D, device=dev, dtype=dt, generator=g)
-    big_v = torch.randn(8, kvh, 4096, D, device=dev, dtype=dt, generator=g)
+    # a long table with few rows: the sequence-split path
+    big_k, big_v, big_tables = paged_cache(8, 4096, kvh, D, dt, dev, g)
     long_pos = torch.full((8,), 4000, device=dev)
-    bench("attention_triton_8rows_4k_us", lambda: decode_attention(
-        qkv[:8, :h * D], big_k, big_v, rows[:8], long_pos))
-    bench("attention_triton_8rows_4k_one_split_us", lambda: decode_attention(
-        qkv[:8, :h * D], big_k, big_v, rows[:8], long_pos, splits=1))
-    out["attention_kv_bytes_per_step_layer"] = int((pos + 1).sum()) * kvh * D * 2 * 2
-    # the base GEMMs at M = batch (cuBLAS picks by shape), over 8 layers' weights so that
-    # L2 (50 MB) does not serve them: achieved TB/s of the weight read
+    for name, splits in (("", None), ("_one_split", 1)):
+        bench(f"attention_triton_8rows_4k{name}_us", lambda splits=splits: decode_attention(
+            qkv[:8, :h * D], big_k, big_v, big_tables, long_pos, BLOCK_SIZE, splits))
+    return {"attention_kv_bytes_per_step_layer": int((pos + 1).sum()) * kvh * D * 2 * 2}
+
+
+def gemm_times(model, batch: int, bench) -> dict:
+    """The base GEMMs at M = batch (cuBLAS picks by shape), over 8 layers' weights so that
+    L2 (50 MB) does not serve them: achieved TB/s of the weight read."""
+    import torch
+
+    dev, dt = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    g = torch.Generator(device=dev).manual_seed(0)
+    H, inter = model.config.hidden_size, model.config.intermediate_size
     xs = {k: torch.randn(batch, k, device=dev, dtype=dt, generator=g) for k in (H, inter)}
     layers = model.layers[:8]
     weights = {"qkv": [m.self_attn.qkv_proj.weight for m in layers],
                "o": [m.self_attn.o_proj.weight for m in layers],
                "gate_up": [m.mlp.gate_up_proj.weight for m in layers],
                "down": [m.mlp.down_proj.weight for m in layers]}
+    out = {}
     for name, ws in weights.items():
         xw = xs[ws[0].shape[1]]
         for how, fn in (
@@ -170,9 +183,40 @@ def kernel_times(model, batch: int, avg_len: int) -> dict:
                 ("mm_swapped", lambda xw=xw, ws=ws: [torch.mm(w, xw.t()) for w in ws]),
                 ("mm_swapped_contiguous",
                  lambda xw=xw, ws=ws: [torch.mm(w, xw.t()).t().contiguous() for w in ws])):
-            bench(f"gemm_{name}_{how}_us", fn, len(ws))
-            out[f"gemm_{name}_{how}_tb_per_s"] = round(
-                ws[0].numel() * 2 / out[f"gemm_{name}_{how}_us"] / 1e6, 2)
+            us = bench(f"gemm_{name}_{how}_us", fn, len(ws))
+            out[f"gemm_{name}_{how}_tb_per_s"] = round(ws[0].numel() * 2 / us / 1e6, 2)
+    return out
+
+
+def kernel_times(model, batch: int, avg_len: int) -> dict:
+    """The Triton kernels alone vs the torch code of the model, on layer 0's shapes."""
+    import torch
+    from triton.testing import do_bench_cudagraph
+
+    from lorry.kernels.fused_ops import add_rmsnorm, silu_mul
+
+    out = {}
+
+    def bench(name, fn, per: int = 1) -> float:
+        # GPU time per call from replays of a graph of ``fn`` (no launch overhead), in us
+        ms = do_bench_cudagraph(fn, rep=100, return_mode="median")
+        out[name] = round(ms * 1e3 / per, 1)
+        return out[name]
+
+    extra = attention_times(model, batch, avg_len, bench)
+    dev, dt = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    g = torch.Generator(device=dev).manual_seed(1)
+    H, inter = model.config.hidden_size, model.config.intermediate_size
+    x = torch.randn(batch, H, device=dev, dtype=dt, generator=g)
+    r = torch.randn(batch, H, device=dev, dtype=dt, generator=g)
+    norm = model.layers[0].input_layernorm
+    bench("add_rmsnorm_triton_us", lambda: add_rmsnorm(x, r.clone(), norm.weight, norm.eps))
+    bench("add_rmsnorm_torch_us", lambda: norm(x + r))
+    gu = torch.randn(batch, 2 * inter, device=dev, dtype=dt, generator=g)
+    bench("silu_mul_triton_us", lambda: silu_mul(gu))
+    bench("silu_mul_torch_us", lambda: torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:])
+    out.update(extra)
+    out.update(gemm_times(model, batch, bench))
     return out
 
 

@@ -267,11 +267,19 @@ def replay_mixed_ms(eng, p: dict, n_adapters: int, reps: int = 20) -> dict:
     """Event-timed replay of the full-batch captured step with rows spread over
     ``n_adapters`` slots (and without adapters), after filling its inputs."""
 
+    from types import SimpleNamespace
+
     g, B = eng.runner.graphs, p["batch"]
+    n = p["prompt_len"] + 1
+    nb = -(-n // g.block_size)
+    # stand-in sequences at the workload's mean context, each over its own KV blocks
+    seqs = [SimpleNamespace(num_tokens=n, last_token=11, table_epoch=-1 - i,
+                            block_table=list(range(1 + i * nb, 1 + (i + 1) * nb)))
+            for i in range(B)]
     out = {}
     for k in (0, 8, n_adapters):
         slots = [i % k for i in range(B)] if k else [-1] * B
-        g.run([11] * B, [p["prompt_len"]] * B, list(range(B)), slots)
+        g.run(seqs, slots)
         key = next(key for key in g.graphs if key[0] == B and (key[1] is None) == (k == 0))
         out[f"rows{B}_adapters{k}_ms"] = _median(graph_replay_times(g.graphs[key][0], reps))
     return out

@@ -8,6 +8,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 LORA_BACKENDS = ("auto", "torch", "triton")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
 QUANTIZATIONS = (None, "bnb-nf4", "bnb-fp4", "bnb-int8", "torchao-int8", "torchao-int4",
                  "gptq", "awq")
 
@@ -78,6 +79,18 @@ class EngineConfig:
         checked at every load; a path elsewhere is refused with ``AdapterSourceError``. None
         (the default, for library use): local adapters may be anywhere. Hub ids are never
         looked up on disk either way (``engine.lora.sources``).
+    block_size : int
+        Tokens per KV cache block (1, 8, 16, 32, 64 or 128; 16 as vLLM).
+    enable_prefix_caching : bool
+        True (default, as vLLM): full blocks of prompt KV are shared between sequences with
+        the same leading tokens under the same adapter (id, path, revision).
+    gpu_memory_utilization : float
+        CUDA: the share of the GPU's memory the engine may take; the KV block pool gets what
+        is left of it after the weights and the LoRA slots (vLLM's name). 0 < x <= 1.
+    num_kv_blocks : int, optional
+        The KV pool's size in blocks, overriding the sizing above (CPU default: room for
+        ``max_num_seqs`` sequences of ``max_model_len``). At least one sequence of
+        ``max_model_len`` tokens must fit.
     max_full_module_copies : int, optional
         The most full trained matrices (an adapter's modules_to_save lm_head or embed_tokens,
         vocab x hidden each) the GPU slots hold together; None (the default): no limit. Idle
@@ -106,6 +119,10 @@ class EngineConfig:
     lora_fold: bool = True
     adapter_roots: tuple[str, ...] | None = None
     max_full_module_copies: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -144,6 +161,15 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.adapter_roots={self.adapter_roots!r} is invalid: "
                                  "give a list of directories (or None for no confinement)")
             self.adapter_roots = tuple(self.adapter_roots)
+        _choice("block_size", self.block_size, BLOCK_SIZES)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"EngineConfig.enable_prefix_caching={self.enable_prefix_caching!r} "  # noqa: TRY004
+                             "must be a bool")
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise ValueError(f"EngineConfig.gpu_memory_utilization={u!r} is invalid: must be a "
+                             "number in (0, 1]")
+        _positive_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
         m = self.max_full_module_copies
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
             raise ValueError(f"EngineConfig.max_full_module_copies={m!r} is invalid: must be an "

@@ -1,10 +1,10 @@
-"""CUDA-graph decode: one captured model step per (row-count bucket, LoRA layer set), replayed.
+"""CUDA-graph decode: one captured model step per (batch-size bucket, LoRA layer set), replayed.
 
-A captured step decodes KV cache rows 0..size-1 in row order (rows without a live sequence
-compute garbage that nobody reads), so attention reads the cache as views, with no gather.
-Inputs (token id, position, LoRA slot per row; the batch order) live in static device
-buffers filled from one pinned host buffer with one copy; the LoRA metadata is built inside
-the graph. A step is: host fill -> one H2D copy -> replay -> logits [B, V] in batch order.
+A captured step decodes the first ``size`` entries of static device buffers: token id,
+position, LoRA slot and KV slot per row, and each row's block table. Rows past the batch
+(padding up to the bucket) decode token 0 at position 0 through the null block, which nobody
+reads. The buffers are filled from pinned host buffers with two copies; the LoRA metadata is
+built inside the graph. A step is: host fill -> H2D copies -> replay -> logits [B, V].
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from lorry.engine.model.layers import LoRAStep
 from lorry.engine.model.llama import Batch
 from lorry.kernels.segments import build_lora_meta
 
-IDS, POS, ROWS, SLOTS, ORDER = range(5)
+IDS, POS, SLOTS, KV = range(4)
 FOLD_MAX_ROWS = 128
 
 
@@ -26,35 +26,34 @@ def size_ladder(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Captures lazily, on first use of a bucket; graphs share one memory pool.
-
-    Free rows decode a dummy token at position 0 of their own row: harmless, since a row's
-    next sequence is prefilled (positions 0..) before any decode reads it.
-    """
+    """Captures lazily, on first use of a bucket; graphs share one memory pool."""
 
     def __init__(self, model, ops, max_loras: int, max_num_seqs: int, max_len: int,
-                 device: torch.device):
+                 device: torch.device, block_size: int = 16):
         self.model, self.ops, self.max_loras, self.max_len = model, ops, max_loras, max_len
+        self.block_size = block_size
         # layers with folded A slots take their shrink from the base matmul in steps of at
         # most this many rows (more rows: the extra matmul columns cost more than a shrink)
         self.fold_max_rows = FOLD_MAX_ROWS if hasattr(ops, "add_lora_folded") else 0
         self.sizes = size_ladder(max_num_seqs)
-        n = self.sizes[-1]
-        self.host = torch.zeros(5, n, dtype=torch.long).pin_memory()     # [5, n]
+        n, nb = self.sizes[-1], -(-max_len // block_size)
+        self.host = torch.zeros(4, n, dtype=torch.long).pin_memory()        # [4, n]
         self.host_np = self.host.numpy()
-        self.host_np[ROWS] = range(n)
-        self.dev = self.host.to(device)                                   # [5, n]
+        self.tables_host = torch.zeros(n, nb, dtype=torch.int32).pin_memory()
+        self.tables_np = self.tables_host.numpy()
+        self.dev = self.host.to(device)                                      # [4, n]
+        self.tables = self.tables_host.to(device)                            # [n, nb]
         self.zero_index = torch.zeros(n, dtype=torch.long, device=device)
+        self._rows: list = [None] * n   # (table_epoch, blocks) per host table row
         self.all_slots = frozenset(range(max_loras))
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.lora_modules = [mod for _, _, mod in model.lora_layers()]
         self.captures = 0
 
-    def bucket(self, rows: list[int]) -> int | None:
-        """The smallest captured size covering rows 0..max(rows) (None: decode eagerly)."""
-        top = max(rows) + 1
-        return next((s for s in self.sizes if s >= top), None)
+    def bucket(self, batch: int) -> int | None:
+        """The smallest captured size holding ``batch`` rows (None: decode eagerly)."""
+        return next((s for s in self.sizes if s >= batch), None)
 
     def _lora_key(self, slots: list[int]) -> tuple | None:
         """Which layers run LoRA kernels, and which apply per-slot shifts/scales (adapter bias
@@ -70,10 +69,11 @@ class DecodeGraphs:
         if lora_key is not None and any(lora_key):
             lora = LoRAStep(build_lora_meta(d[SLOTS, :size], self.max_loras), self.ops,
                             self.all_slots, fold=size <= self.fold_max_rows, slot_modules=False)
-        # kv_len is the whole cache: a host int cannot change between replays. The Triton
-        # attention (the CUDA path) ignores it and stops at each row's position instead.
+        # kv_len is the longest possible: a host int cannot change between replays. The
+        # Triton attention (the CUDA path) stops at each row's own position instead.
         batch = Batch(positions=d[POS, :size].view(size, 1), prefill=False, lora=lora,
-                      cache_rows=d[ROWS, :size], kv_len=self.max_len, row_start=0)
+                      slot_mapping=d[KV, :size], block_tables=self.tables[:size],
+                      block_size=self.block_size, kv_len=self.max_len)
         return self.model(d[IDS, :size].view(size, 1), batch, self.zero_index[:size])
 
     def _capture(self, size: int, lora_key: tuple | None):
@@ -92,21 +92,41 @@ class DecodeGraphs:
         return graph, logits
 
     @torch.inference_mode()
-    def run(self, ids: list[int], positions: list[int], rows: list[int],
-            slots: list[int]) -> torch.Tensor:
-        """Decode one token for each of B sequences (in KV cache ``rows``); returns logits
+    def run(self, seqs: list, slots: list[int]) -> torch.Tensor:
+        """Decode one token for each sequence (its next KV slot reserved); returns logits
         [B, V] in the given order (valid until the next run)."""
-        B = len(ids)
-        size = self.bucket(rows)
+        B, bs = len(seqs), self.block_size
+        size = self.bucket(B)
         h = self.host_np
-        h[IDS, :size], h[POS, :size], h[SLOTS, :size] = 0, 0, -1
-        h[IDS, rows], h[POS, rows], h[SLOTS, rows], h[ORDER, :B] = ids, positions, slots, rows
-        self.dev.copy_(self.host, non_blocking=True)  # 5 x n longs: one small copy
+        pos = [s.num_tokens - 1 for s in seqs]
+        h[IDS, :B] = [s.last_token for s in seqs]
+        h[POS, :B] = pos
+        h[SLOTS, :B] = slots
+        h[KV, :B] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
+        h[:, B:size] = 0
+        h[SLOTS, B:size] = -1
+        self._fill_tables(seqs, size)
+        self.dev.copy_(self.host, non_blocking=True)
+        self.tables[:size].copy_(self.tables_host[:size], non_blocking=True)
         key = (size, self._lora_key(slots))
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(*key)
         entry[0].replay()
-        if rows == list(range(B)):  # rows already in batch order: a view, no 33 MB gather
-            return entry[1][:B]
-        return entry[1].index_select(0, self.dev[ORDER, :B])
+        return entry[1][:B]
+
+    def _fill_tables(self, seqs: list, size: int) -> None:
+        """Host block tables of rows 0..size-1; a row is rewritten only when its table (each
+        allocation numbers one: ``table_epoch``) or its length changed since the last step;
+        tables only grow between allocations, by a block per block_size tokens."""
+        t, seen = self.tables_np, self._rows
+        for i, s in enumerate(seqs):
+            n = len(s.block_table)
+            if seen[i] != (s.table_epoch, n):
+                t[i, :n] = s.block_table
+                t[i, n:] = 0
+                seen[i] = (s.table_epoch, n)
+        for i in range(len(seqs), size):
+            if seen[i] is not None:
+                t[i] = 0
+                seen[i] = None

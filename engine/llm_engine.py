@@ -38,6 +38,9 @@ class LLMEngine:
         self._load_errors: dict[str, Exception] = {}  # request id -> its adapter's LoRAError
         self._generating: set[str] = set()             # request ids of generate() calls
         self._ids = itertools.count()
+        self._adapter_gen: dict[int, int] = {}          # adapter id -> times dropped
+        self._steps = {"prefill": {"steps": 0, "seconds": 0.0, "tokens": 0},
+                       "decode": {"steps": 0, "seconds": 0.0, "rows": 0, "max_batch": 0}}
         # optional callable(request_id, text, finish_reason): the new text of each request
         # with SamplingParams.stream, every step (finish_reason None until its last call)
         self.on_tokens = None
@@ -66,12 +69,25 @@ class LLMEngine:
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(request_id, text, ids, params, lora_request,
-                       RequestMetrics(arrival_time=time.time()), generator=gen)
+                       RequestMetrics(arrival_time=time.time()), generator=gen,
+                       adapter_key=self._adapter_key(lora_request))
         if lora_request is not None:  # only once the request is accepted: refusals load nothing
             # disk -> CPU in the background: the request waits, running ones keep stepping
             self.loras.prefetch(lora_request)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
+
+    def _adapter_key(self, req: LoRARequest | None) -> bytes:
+        """What prefix-cache digests hold of the adapter: its id, files and revision, and how
+        often the engine dropped it (files changed in place under the same id and path)."""
+        if req is None:
+            return b""
+        gen = self._adapter_gen.get(req.lora_int_id, 0)
+        return repr((req.lora_int_id, str(req.lora_path), req.revision, gen)).encode()
+
+    def _drop_adapter(self, lid: int) -> bool:
+        self._adapter_gen[lid] = self._adapter_gen.get(lid, 0) + 1
+        return bool(self.loras.remove(lid))
 
     def _check_lora_usable(self, req: LoRARequest) -> None:
         if self.loras is None:
@@ -91,7 +107,7 @@ class LLMEngine:
                     f"adapter id {lid} ({req.lora_name!r}) cannot switch to {req.lora_path!r} "
                     f"(revision {req.revision!r}): {why} {old.lora_path!r} (revision "
                     f"{old.revision!r}); wait for them, unpin, or give the new files another id")
-            self.loras.remove(lid)
+            self._drop_adapter(lid)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request; returns its partial output (finish_reason "abort") or None."""
@@ -119,16 +135,17 @@ class LLMEngine:
             if self.loras is not None and self.loras.loading() and not finished:
                 self.loras.wait_any(0.05)  # nothing runs until an adapter arrives: do not spin
             return finished
-        now = time.time()
+        t0 = now = time.time()
         slots = []
         for s in seqs:
-            if plan.prefill and s.metrics.first_scheduled_time is None:
+            first = plan.prefill and s.metrics.first_scheduled_time is None
+            if first:
                 s.metrics.first_scheduled_time = now
             if s.lora_request is None:
                 slots.append(-1)
             else:
                 slot = self.loras.gpu.lookup(s.lora_id)
-                if slot is None or (plan.prefill and s.num_computed_tokens == 0):
+                if slot is None or first:
                     # first use: a hit makes it most recent, a miss writes it into a slot
                     slot = self.loras.activate(s.lora_request, self.scheduler.running_adapters())
                 slots.append(slot)
@@ -142,16 +159,17 @@ class LLMEngine:
                 s.num_computed_tokens += c
                 if not s.prefilling:
                     done.append(i)
-            if len(done) < len(seqs):  # sample only where the prompt is complete
+            if len(done) < len(seqs):  # sample only where the prefill is complete
                 logits, seqs = logits[done], [seqs[i] for i in done]
         else:
-            parked = [s.cache_row for s in self.scheduler.running if s.prefilling]
-            logits = self.runner.decode(seqs, slots, parked)
+            logits = self.runner.decode(seqs, slots)
         if self.loras is not None:
             self.loras.gpu.mark_used(slots)
         if not seqs:
+            self._count_step(plan, t0)
             return finished
         tokens = sample(logits, seqs, self.generator)
+        self._count_step(plan, t0)
         logprobs = token_logprobs(logits, seqs, tokens)
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             if i in logprobs:
@@ -166,6 +184,17 @@ class LLMEngine:
             elif seq.params.stream:
                 self._stream(seq)
         return finished
+
+    def _count_step(self, plan, t0: float) -> None:
+        """Per-phase step counts and wall time (sampling has synchronised the device)."""
+        kind = self._steps["prefill" if plan.prefill else "decode"]
+        kind["steps"] += 1
+        kind["seconds"] += time.time() - t0
+        if plan.prefill:
+            kind["tokens"] += sum(plan.chunks)
+        else:
+            kind["rows"] += len(plan.seqs)
+            kind["max_batch"] = max(kind["max_batch"], len(plan.seqs))
 
     def _adapter_ready(self, seq: Sequence) -> bool:
         """The sequence's adapter is in a GPU slot or the CPU cache (else: load it meanwhile)."""
@@ -310,7 +339,7 @@ class LLMEngine:
                     if out.request_id not in wanted:
                         continue
                     err = self._load_errors.pop(out.request_id, None)
-                    if err is not None:  # as before background loads: the call raises
+                    if err is not None:  # generate() raises its adapter's load error
                         for rid in wanted - results.keys():
                             self.abort_request(rid)
                         raise err
@@ -328,7 +357,7 @@ class LLMEngine:
         in_use = [s.request_id for s in self._seqs.values() if s.lora_id == lora_int_id]
         if in_use:
             raise LoRAError(f"adapter {lora_int_id} is used by unfinished requests {in_use[:5]}")
-        return bool(self.loras and self.loras.remove(lora_int_id))
+        return bool(self.loras and self._drop_adapter(lora_int_id))
 
     def pin_lora(self, lora_int_id: int) -> bool:
         if self.loras is None:
@@ -350,6 +379,10 @@ class LLMEngine:
         stats["running"] = len(self.scheduler.running)
         stats["waiting"] = len(self.scheduler.waiting)
         stats["base_weights"] = dict(getattr(self.model, "quant_report", None) or {})
+        stats["kv"] = {**self.scheduler.blocks.stats(),
+                       "preemptions": self.scheduler.preemptions,
+                       "peak_running": self.scheduler.peak_running}
+        stats["steps"] = {k: dict(v) for k, v in self._steps.items()}
         return stats
 
     def info(self) -> dict:
@@ -361,6 +394,8 @@ class LLMEngine:
                 "enable_lora": c.enable_lora, "max_loras": c.max_loras,
                 "max_lora_rank": c.max_lora_rank, "max_cpu_loras": c.max_cpu_loras,
                 "max_num_seqs": c.max_num_seqs, "max_model_len": self.max_model_len,
+                "block_size": c.block_size, "kv_blocks": self.scheduler.blocks.usable(),
+                "enable_prefix_caching": c.enable_prefix_caching,
                 "num_layers": self.hf_config.num_hidden_layers,
                 # quantization method (None, or detected from a GPTQ/AWQ checkpoint), base
                 # weight bytes resident, and what they would take unquantized

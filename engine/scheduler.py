@@ -9,14 +9,23 @@ sequences whose adapter does not fit wait until a running adapter's sequences fi
 once later sequences have overtaken such a waiter ``max_bypass`` times, nothing behind it is
 admitted until it is, so the running adapters drain and it gets a slot (not while pinned
 adapters alone fill every slot: it waits for an unpin and the others go on).
+
+KV memory is paged (``engine.kv_cache.BlockManager``): a sequence is admitted when the pool
+has blocks for its prefill tokens (cached prefix blocks are reused), and each decode step
+first gives every decoding sequence room for its next token. When the pool runs out, the
+most recently admitted sequence is preempted (vLLM's recompute): its blocks are released
+and it waits at the front of the queue, to be prefilled again over its prompt and the
+tokens it had generated. Admission is first come, first served with respect to blocks: a
+waiting sequence that does not fit holds back the ones behind it, so long prompts are not
+starved by short ones.
 """
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lorry.engine.kv_cache import BlockManager
 from lorry.engine.sequence import Sequence, SequenceStatus
 
 
@@ -30,17 +39,18 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_loras: int, max_num_batched_tokens: int = 2048,
-                 max_bypass: int = 16):
+    def __init__(self, max_num_seqs: int, max_loras: int, blocks: BlockManager,
+                 max_num_batched_tokens: int = 2048, max_bypass: int = 16):
+        self.max_num_seqs = max_num_seqs
         self.max_loras = max_loras
+        self.blocks = blocks
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_bypass = max_bypass
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        # a min-heap: the lowest free row first keeps live rows packed at the bottom, so a
-        # captured decode over rows 0..k-1 (engine.graphs) stays small
-        self.free_rows = list(range(max_num_seqs))
+        self.running: list[Sequence] = []   # in admission order
         self._last_was_prefill = False
+        self.preemptions = 0
+        self.peak_running = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -60,32 +70,52 @@ class Scheduler:
         decoding = [s for s in self.running if not s.prefilling]
         if decoding and self._last_was_prefill:
             self._last_was_prefill = False
-            return ScheduledStep(decoding, False)
+            return ScheduledStep(self._reserve_decode(decoding), False)
         budget = self.max_num_batched_tokens
         seqs, chunks = [], []
         for s in self.running:  # prompts already being prefilled go on first
             if s.prefilling and budget > 0:
-                n = min(len(s.prompt_token_ids) - s.num_computed_tokens, budget)
+                n = min(s.prefill_len - s.num_computed_tokens, budget)
+                self.blocks.register(s, s.num_computed_tokens + n)
                 seqs.append(s)
                 chunks.append(n)
                 budget -= n
-        for s in self._admit(pinned, ready, budget):
-            n = min(len(s.prompt_token_ids), budget)
+        for s, n in self._admit(pinned, ready, budget):
             seqs.append(s)
             chunks.append(n)
-            budget -= n
         if seqs:
             self._last_was_prefill = True
             return ScheduledStep(seqs, True, chunks)
         self._last_was_prefill = False
-        return ScheduledStep(decoding, False)
+        return ScheduledStep(self._reserve_decode(decoding), False)
 
-    def _admit(self, pinned, ready, budget: int) -> list[Sequence]:
-        admitted: list[Sequence] = []
+    def _reserve_decode(self, decoding: list[Sequence]) -> list[Sequence]:
+        """Room in the pool for each decoding sequence's next token, oldest first; preempts
+        the newest running sequences while the pool is short. Returns those that step."""
+        for seq in decoding:
+            while seq.status is SequenceStatus.RUNNING and not self.blocks.append_slot(seq):
+                self.preempt(self.running[-1])  # the newest: itself, once it is the newest
+        return [s for s in decoding if s.status is SequenceStatus.RUNNING]
+
+    def preempt(self, seq: Sequence) -> None:
+        """Release ``seq``'s blocks and queue it first, to prefill its prompt and generated
+        tokens again (recompute)."""
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.prefill_len = seq.num_tokens
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def _admit(self, pinned, ready, budget: int) -> list[tuple[Sequence, int]]:
+        """Admit waiting sequences in order while rows, slots, blocks and the token budget
+        allow -> [(sequence, prefill tokens this step)]."""
+        admitted: list[tuple[Sequence, int]] = []
         adapters = self.running_adapters()
         passed_over: list[Sequence] = []   # waiting for an adapter slot, overtaken by later ones
         for seq in list(self.waiting):
-            if not self.free_rows or budget <= 0:
+            if len(self.running) >= self.max_num_seqs or budget <= 0:
                 break
             lid = seq.lora_id
             if lid is not None and lid not in adapters \
@@ -100,23 +130,28 @@ class Scheduler:
             # distinct adapters waiting, their loads would evict each other from the CPU cache)
             if ready is not None and not ready(seq):
                 continue  # its adapter is still loading: others go on meanwhile
-            budget -= min(len(seq.prompt_token_ids), budget)
+            seq.prefill_len = seq.prefill_len or len(seq.prompt_token_ids)
+            if not self.blocks.allocate(seq):
+                break     # the pool is short: nobody overtakes it
+            n = min(seq.prefill_len - seq.num_computed_tokens, budget)
+            self.blocks.register(seq, seq.num_computed_tokens + n)  # later admissions may hit
+            budget -= n
             if lid is not None:
                 adapters.add(lid)
             self.waiting.remove(seq)
-            seq.cache_row = heapq.heappop(self.free_rows)
             seq.status = SequenceStatus.RUNNING
-            admitted.append(seq)
+            admitted.append((seq, n))
             self.running.append(seq)
+            self.peak_running = max(self.peak_running, len(self.running))
             for w in passed_over:
                 w.bypassed += 1
         return admitted
 
     def finish(self, seq: Sequence) -> None:
-        """Release a finished or aborted sequence's row."""
+        """Release a finished or aborted sequence's blocks."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-            heapq.heappush(self.free_rows, seq.cache_row)
+            self.blocks.release(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED

@@ -28,10 +28,13 @@ class Sequence:
     generator: torch.Generator | None = None
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    cache_row: int = -1
+    block_table: list[int] = field(default_factory=list)  # KV cache blocks (engine.kv_cache)
+    table_epoch: int = 0           # numbers each allocation of block_table (graph inputs)
+    adapter_key: bytes = b""       # part of its prefix-cache digests (engine.kv_cache)
+    prefill_len: int = 0           # tokens the next prefill puts in the cache (set at admission)
     text: str = ""
     finish_reason: str | None = None
-    num_computed_tokens: int = 0   # prompt tokens whose keys/values are in the KV cache
+    num_computed_tokens: int = 0   # prefill tokens whose keys/values are in the KV cache
     bypassed: int = 0              # admissions of later sequences while this one waited for a slot
     error: str | None = None       # why the request failed (e.g. its adapter could not be loaded)
     logprobs: list[dict[int, Logprob]] | None = None  # per output token, if params.logprobs
@@ -46,9 +49,18 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def prefill_tokens(self) -> list[int]:
+        """What a prefill computes: the prompt, or after a preemption (recompute) the prompt
+        and the tokens generated so far, whose last logits choose the next token."""
+        n = self.prefill_len or len(self.prompt_token_ids)
+        if n <= len(self.prompt_token_ids):
+            return self.prompt_token_ids
+        return self.prompt_token_ids + self.output_token_ids[:n - len(self.prompt_token_ids)]
+
+    @property
     def prefilling(self) -> bool:
-        """Running, with prompt tokens still to put into the KV cache (chunked prefill)."""
-        return self.num_computed_tokens < len(self.prompt_token_ids)
+        """Running, with prefill tokens still to put into the KV cache (chunked prefill)."""
+        return self.num_computed_tokens < (self.prefill_len or len(self.prompt_token_ids))
 
     @property
     def last_token(self) -> int:

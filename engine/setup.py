@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from lorry.engine.config import EngineConfig
+from lorry.engine.kv_cache import BlockManager
 from lorry.engine.lora.manager import LoRAManager
 from lorry.engine.lora.resolve import MODEL_FILES, resolve_dir
 from lorry.engine.lora.spec import read_base_config
@@ -44,6 +45,28 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def kv_blocks(c: EngineConfig, model, max_len: int, device: torch.device) -> int:
+    """The KV pool's size in blocks (the null block included): ``num_kv_blocks`` if set;
+    on CUDA what ``gpu_memory_utilization`` leaves after everything allocated so far (at most
+    twice what ``max_num_seqs`` full-length sequences need: the rest would only hold older
+    prefixes); else room for ``max_num_seqs`` sequences of ``max_model_len``."""
+    per_seq = -(-max_len // c.block_size)
+    if c.num_kv_blocks is not None:
+        n = c.num_kv_blocks
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = c.gpu_memory_utilization * total - (total - free)
+        n = min(int(budget // model.kv_block_bytes(c.block_size)),
+                2 * c.max_num_seqs * per_seq + 1)
+    else:
+        n = c.max_num_seqs * per_seq + 1
+    if n - 1 < per_seq:
+        raise ValueError(f"the KV cache holds {max(n - 1, 0)} blocks of {c.block_size} tokens, "
+                         f"fewer than one sequence of max_model_len={max_len} needs ({per_seq}): "
+                         "raise num_kv_blocks or gpu_memory_utilization, or lower max_model_len")
+    return n
+
+
 def build_engine_parts(c: EngineConfig) -> EngineParts:
     device = _device(c.device)
     dtype = DTYPES.get(c.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -65,7 +88,6 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
     max_len = c.max_model_len or min(limit, 4096)
     model = load_model(model_dir, hf_config, dtype=dtype, device=device, max_len=max_len,
                        load_format=c.load_format, seed=c.seed, quantization=c.quantization)
-    model.allocate_kv_cache(c.max_num_seqs, max_len)
     tokenizer = Tokenizer(c.tokenizer or model_dir, model_dir=model_dir)
     loras = None
     if c.enable_lora:
@@ -76,12 +98,16 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
                             adapter_roots=c.adapter_roots,
                             max_full_module_copies=c.max_full_module_copies)
     ops = get_lora_ops(backend) if c.enable_lora else None
+    blocks = BlockManager(kv_blocks(c, model, max_len, device), c.block_size,
+                          c.enable_prefix_caching)
+    model.allocate_kv_cache(blocks.num_blocks, c.block_size)  # after the weights and slots
     graphs = None
     if device.type == "cuda" and not c.enforce_eager:
         from lorry.engine.graphs import DecodeGraphs
-        graphs = DecodeGraphs(model, ops, c.max_loras, c.max_num_seqs, max_len, device)
-    runner = ModelRunner(model, ops, c.max_loras, device, graphs)
-    scheduler = Scheduler(c.max_num_seqs, c.max_loras, c.max_num_batched_tokens)
+        graphs = DecodeGraphs(model, ops, c.max_loras, c.max_num_seqs, max_len, device,
+                              c.block_size)
+    runner = ModelRunner(model, ops, c.max_loras, device, graphs, c.block_size)
+    scheduler = Scheduler(c.max_num_seqs, c.max_loras, blocks, c.max_num_batched_tokens)
     if loras is not None:
         runner.graph_lock = loras.gpu.layout.pin_lock
         loras.running_adapters = scheduler.running_adapters  # max_full_module_copies admission

@@ -1,12 +1,15 @@
-"""Flash-decode attention over a static KV cache (Triton): one query token per sequence.
+"""Flash-decode attention over a paged KV cache (Triton): one query token per sequence.
 
 Each program takes one (sequence, KV head, sequence split): the query heads of that KV head
-(grouped-query attention) are one tile, so every key and value is read once. The loop over
+(grouped-query attention) are one tile, so every key and value is read once. Key position p
+of a sequence lives at cache slot ``block_table[p // block_size] * block_size +
+p % block_size``; each tile of keys gathers its physical block ids from the sequence's row of
+the block table, so a tile may span several blocks and a block several tiles. The loop over
 keys stops at the sequence's own position (read from device memory), so short rows read
-little of a long cache and nothing depends on a host length: graph-capturable. A sliding
-window starts the loop at the oldest key still in the window; soft-capped logits (Gemma 2)
-pass through cap * tanh(s / cap). Long caches are split over the sequence and the splits
-merged by a second, small kernel.
+little and nothing depends on a host length: graph-capturable. A sliding window starts the
+loop at the oldest key still in the window; soft-capped logits (Gemma 2) pass through
+cap * tanh(s / cap). Long tables are split over the sequence and the splits merged by a
+second, small kernel.
 """
 from __future__ import annotations
 
@@ -21,38 +24,41 @@ MIN_CHUNK = 256       # fewest keys per split
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         rows: torch.Tensor, positions: torch.Tensor, scale: float | None = None,
-                         window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-    """q: [B, h, D]; caches [R, kvh, L, D]; rows, positions: [B] -> out [B, h, D] (fp32
-    softmax over keys 0..position of each row, the last ``window`` of them if given, as
-    engine.model.attention's torch decode path)."""
+                         block_tables: torch.Tensor, positions: torch.Tensor, block_size: int,
+                         scale: float | None = None, window: int | None = None,
+                         softcap: float | None = None) -> torch.Tensor:
+    """q: [B, h, D]; caches [num_slots, kvh, D]; block_tables: [B, max_blocks]; positions:
+    [B] -> out [B, h, D]. A loop over the rows: each gathers the slots of its visible keys
+    (0..position, the last ``window`` of them if given) through its block table and takes an
+    fp32 softmax, as engine.model.attention's torch decode path; no other slot is read."""
     B, h, D = q.shape
     kvh = k_cache.shape[1]
-    n = int(positions.max()) + 1
-    keys, values = k_cache[rows, :, :n], v_cache[rows, :, :n]               # [B, kvh, n, D]
-    qg = q.reshape(B, kvh, h // kvh, D)
-    scores = (qg @ keys.transpose(-1, -2)).float() * (scale or D ** -0.5)   # [B, kvh, g, n]
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    mask = torch.arange(n, device=q.device)[None, :] <= positions[:, None]
-    if window:
-        mask &= torch.arange(n, device=q.device)[None, :] > positions[:, None] - window
-    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    return (scores.softmax(-1).to(values.dtype) @ values).reshape(B, h, D)
+    out = torch.empty_like(q)
+    for b in range(B):
+        pos = int(positions[b])
+        p = torch.arange(max(0, pos - window + 1) if window else 0, pos + 1, device=q.device)
+        slots = block_tables[b, p // block_size].long() * block_size + p % block_size
+        keys, values = k_cache[slots].transpose(0, 1), v_cache[slots].transpose(0, 1)  # [kvh, n, D]
+        qg = q[b].reshape(kvh, h // kvh, D)
+        scores = (qg @ keys.transpose(-1, -2)).float() * (scale or D ** -0.5)   # [kvh, g, n]
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        out[b] = (scores.softmax(-1).to(values.dtype) @ values).reshape(h, D)
+    return out
 
 
 @triton.jit
-def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out_ptr, part_ptr, ml_ptr,
-                        stride_qb, s_cr, s_ch, s_cp, stride_ob, scale, window,
-                        SOFTCAP: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                        D: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-                        SPLITS: tl.constexpr, IEEE: tl.constexpr):
+def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, out_ptr, part_ptr, ml_ptr,
+                        stride_qb, stride_btb, stride_btn, s_cs, s_ch, stride_ob, scale,
+                        window, SOFTCAP: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
+                        IEEE: tl.constexpr):
+    # one body: the online softmax keeps paging, window, soft-cap and split output in one loop
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     n = tl.load(pos_ptr + b).to(tl.int32) + 1                      # keys 0..pos
-    row = tl.load(rows_ptr + b).to(tl.int64)
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, n)
     if window > 0:                                                 # keys n-window..n-1 only
@@ -64,15 +70,18 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, out_ptr, part_
     head = kvh * G + g                                             # query heads of this kv head
     q = tl.load(q_ptr + b * stride_qb + head[:, None] * D + d[None, :],
                 mask=gm[:, None] & dm[None, :], other=0.0)         # [G_PAD, BLOCK_D]
-    kbase = kc_ptr + row * s_cr + kvh.to(tl.int64) * s_ch
-    vbase = vc_ptr + row * s_cr + kvh.to(tl.int64) * s_ch
+    kbase = kc_ptr + kvh.to(tl.int64) * s_ch
+    vbase = vc_ptr + kvh.to(tl.int64) * s_ch
+    table = bt_ptr + b * stride_btb                                # this sequence's block ids
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         km = offs < hi
-        kv_off = offs[:, None].to(tl.int64) * s_cp + d[None, :]
+        blk = tl.load(table + (offs // BLOCK_SIZE) * stride_btn, mask=km, other=0)
+        slot = blk.to(tl.int64) * BLOCK_SIZE + offs % BLOCK_SIZE   # [BLOCK_N]
+        kv_off = slot[:, None] * s_cs + d[None, :]
         kvm = km[:, None] & dm[None, :]
         k = tl.load(kbase + kv_off, mask=kvm, other=0.0)          # [BLOCK_N, BLOCK_D]
         v = tl.load(vbase + kv_off, mask=kvm, other=0.0)
@@ -131,28 +140,65 @@ def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) ->
     return triton.next_power_of_2(max(1, min(want, cap))) if min(want, cap) > 1 else 1
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     rows: torch.Tensor, positions: torch.Tensor,
-                     splits: int | None = None, *, scale: float | None = None,
-                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-    """q: [B, h*D] (rows may be strided, e.g. the q part of a fused qkv); caches
-    [R, kvh, L, D]; rows, positions: [B] (cache row and position of each query; keys
-    0..position attend, only the last ``window`` of them if given) -> out [B, h*D] in q's
-    dtype. ``scale`` defaults to D**-0.5; ``softcap`` caps the scaled logits."""
-    B = q.shape[0]
-    _, kvh, L, D = k_cache.shape
-    h = q.shape[1] // D
-    if q.shape[1] != h * D or h % kvh:
-        raise ValueError(f"q width {q.shape[1]} is not heads*head_dim with head_dim {D} and "
+def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  block_tables: torch.Tensor, positions: torch.Tensor, block_size: int,
+                  splits: int | None) -> None:
+    """Raise ValueError naming the first input decode_attention cannot take."""
+    if k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"caches must be [num_slots, kv_heads, head_dim] of one shape, got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    num_slots, kvh, D = k_cache.shape
+    if q.dim() != 2 or q.shape[1] % D or (q.shape[1] // D) % kvh:
+        raise ValueError(f"q width {q.shape[-1]} is not heads*head_dim with head_dim {D} and "
                          f"a multiple of {kvh} kv heads")
     if q.stride(-1) != 1 or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("decode_attention needs unit last strides and caches of one layout")
+    B = q.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != B or positions.shape != (B,):
+        raise ValueError(f"block_tables must be [{B}, max_blocks] and positions [{B}] for {B} "
+                         f"queries, got {tuple(block_tables.shape)} and {tuple(positions.shape)}")
+    if block_size < 1 or num_slots % block_size:
+        raise ValueError(f"block_size {block_size} must be positive and divide the caches' "
+                         f"{num_slots} slots")
+    if splits is not None and (splits < 1 or splits & (splits - 1)):
+        raise ValueError(f"splits must be a power of two, got {splits}")
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, positions: torch.Tensor, block_size: int,
+                     splits: int | None = None, *, scale: float | None = None,
+                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Attention of one query token per sequence over its keys in a paged KV cache.
+
+    Parameters
+    ----------
+    q : [B, h*D]; rows may be strided (e.g. the q part of a fused qkv), unit last stride.
+    k_cache, v_cache : [num_slots, kvh, D] with num_slots = num_blocks * block_size.
+    block_tables : [B, max_blocks] int; row b's physical block ids in key order. Entries
+        past a sequence's last key are never read.
+    positions : [B]; keys 0..positions[b] attend (the last ``window`` of them if given).
+    block_size : keys per block (a compile-time constant of the kernel).
+    splits : sequence splits (a power of two); by default from the batch and
+        max_len = max_blocks * block_size, host integers only, so the call is graph-capturable.
+    scale : logit scale, D**-0.5 by default.
+    window : sliding window in keys, the query's own key included.
+    softcap : caps the scaled logits at cap * tanh(s / cap).
+
+    Returns
+    -------
+    out : [B, h*D] in q's dtype.
+    """
+    _check_inputs(q, k_cache, v_cache, block_tables, positions, block_size, splits)
+    B = q.shape[0]
+    _, kvh, D = k_cache.shape
+    h = q.shape[1] // D
     out = torch.empty(B, h * D, dtype=q.dtype, device=q.device)
     if B == 0:
         return out
     G = h // kvh
-    splits = splits or num_splits(B, kvh, L, q.device)
-    chunk = triton.cdiv(triton.cdiv(L, splits), BLOCK_N) * BLOCK_N
+    max_len = block_tables.shape[1] * block_size
+    splits = splits or num_splits(B, kvh, max_len, q.device)
+    chunk = triton.cdiv(triton.cdiv(max_len, splits), BLOCK_N) * BLOCK_N
     block_d = triton.next_power_of_2(D)
     if splits > 1:
         part = torch.empty(B * h * splits, block_d, dtype=torch.float32, device=q.device)
@@ -160,12 +206,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         part = ml = out
     _decode_attn_kernel[(B, kvh, splits)](
-        q, k_cache, v_cache, rows, positions, out, part, ml,
-        q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-        scale or D ** -0.5, window or 0, SOFTCAP=float(softcap or 0.0), G=G,
-        G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_D=block_d,
-        BLOCK_N=BLOCK_N, CHUNK=chunk, SPLITS=splits, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2)
+        q, k_cache, v_cache, block_tables, positions, out, part, ml,
+        q.stride(0), block_tables.stride(0), block_tables.stride(1), k_cache.stride(0),
+        k_cache.stride(1), out.stride(0), scale or D ** -0.5, window or 0,
+        SOFTCAP=float(softcap or 0.0), G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D,
+        BLOCK_D=block_d, BLOCK_N=BLOCK_N, BLOCK_SIZE=block_size, CHUNK=chunk, SPLITS=splits,
+        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
     if splits > 1:
         _merge_splits_kernel[(B, h)](part, ml, out, out.stride(0), h, D=D, BLOCK_D=block_d,
                                      SPLITS=splits, num_warps=4)

@@ -4,7 +4,7 @@
   residual, which is written in place);
 - ``silu_mul``: silu(gate) * up of a fused gate/up projection;
 - ``rotary_qk_``: rotary embedding of q and k inside a fused q/k/v row, in place, reading
-  cos/sin at each row's position, and optionally writing k/v into a static KV cache.
+  cos/sin at each row's position, and optionally writing k/v into a paged KV cache.
 
 Roundings follow the torch code they replace (engine.model.layers), step by step, so the
 results equal it up to the order of one fp32 reduction. No host sync; graph-capturable.
@@ -80,8 +80,8 @@ def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_o, BLOCK: tl.constexp
 
 
 @triton.jit
-def _rotary_qk_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, rows_ptr, kc_ptr, vc_ptr,
-                      stride_t, stride_tab, s_cr, s_ch, s_cp,
+def _rotary_qk_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr,
+                      stride_t, stride_tab, s_cs, s_ch,
                       HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
                       BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
                       WRITE_CACHE: tl.constexpr):
@@ -107,18 +107,19 @@ def _rotary_qk_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, rows_ptr, kc_ptr, vc_p
     tl.store(base, o1, mask=m)
     tl.store(base + HALF, o2, mask=m)
     if WRITE_CACHE:
-        row = tl.load(rows_ptr + t).to(tl.int64)
-        kh = heads - HEADS                                        # k head index (q rows < 0)
-        km = m & (kh >= 0)
-        kdst = kc_ptr + row * s_cr + kh * s_ch + pos * s_cp + cols
-        tl.store(kdst, o1, mask=km)
-        tl.store(kdst + HALF, o2, mask=km)
-        vh = tl.arange(0, BLOCK_H)[:, None]
-        vm = (vh < KV_HEADS) & cm
-        vsrc = qkv_ptr + t * stride_t + (HEADS + KV_HEADS) * D + vh * D + cols
-        vdst = vc_ptr + row * s_cr + vh * s_ch + pos * s_cp + cols
-        tl.store(vdst, tl.load(vsrc, mask=vm), mask=vm)
-        tl.store(vdst + HALF, tl.load(vsrc + HALF, mask=vm), mask=vm)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:                                             # < 0: this token is not cached
+            kh = heads - HEADS                                    # k head index (q rows < 0)
+            km = m & (kh >= 0)
+            kdst = kc_ptr + slot * s_cs + kh * s_ch + cols
+            tl.store(kdst, o1, mask=km)
+            tl.store(kdst + HALF, o2, mask=km)
+            vh = tl.arange(0, BLOCK_H)[:, None]
+            vm = (vh < KV_HEADS) & cm
+            vsrc = qkv_ptr + t * stride_t + (HEADS + KV_HEADS) * D + vh * D + cols
+            vdst = vc_ptr + slot * s_cs + vh * s_ch + cols
+            tl.store(vdst, tl.load(vsrc, mask=vm), mask=vm)
+            tl.store(vdst + HALF, tl.load(vsrc + HALF, mask=vm), mask=vm)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -159,26 +160,31 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def rotary_qk_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
                k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
-               cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+               slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate q and k of qkv [T, (h + 2 kvh) D] in place at ``positions`` [T] (cos/sin:
-    [max_len, D] tables). With caches ([rows, kvh, max_len, D]) and ``cache_rows`` [T], the
-    rotated k and the v of token t also go to cache row ``cache_rows[t]`` at its position."""
+    [max_len, D] tables). With paged caches ([num_slots, kvh, D]) and ``slot_mapping`` [T],
+    the rotated k and the v of token t also go to slot ``slot_mapping[t]``; a negative slot
+    writes nothing (the token is rotated all the same)."""
     T = qkv.shape[0]
     if qkv.stride(-1) != 1 or cos.stride(-1) != 1 or cos.stride() != sin.stride():
         raise ValueError("rotary_qk_ needs unit last strides and cos/sin tables of one layout")
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
     write = k_cache is not None
-    if write and (v_cache is None or cache_rows is None or k_cache.stride() != v_cache.stride()
+    if write and (v_cache is None or slot_mapping is None or k_cache.stride() != v_cache.stride()
                   or k_cache.stride(-1) != 1):
-        raise ValueError("rotary_qk_ cache write needs k_cache, v_cache (one layout) and cache_rows")
+        raise ValueError("rotary_qk_ cache write needs k_cache, v_cache (one layout) and "
+                         "slot_mapping")
+    if write and (k_cache.shape[1:] != (kv_heads, head_dim) or k_cache.shape != v_cache.shape):
+        raise ValueError(f"caches must be [num_slots, {kv_heads}, {head_dim}], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     if T:
         kc = k_cache if write else qkv
         vc = v_cache if write else qkv
-        st = k_cache.stride() if write else (0, 0, 0)
+        st = k_cache.stride() if write else (0, 0)
         _rotary_qk_kernel[(T,)](
-            qkv, positions, cos, sin, cache_rows if write else positions, kc, vc,
-            qkv.stride(0), cos.stride(0), st[0], st[1], st[2],
+            qkv, positions, cos, sin, slot_mapping if write else positions, kc, vc,
+            qkv.stride(0), cos.stride(0), st[0], st[1],
             HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2,
             BLOCK_H=triton.next_power_of_2(heads + kv_heads),
             BLOCK_HALF=triton.next_power_of_2(head_dim // 2), WRITE_CACHE=write, num_warps=4)

@@ -22,7 +22,9 @@ from lorry.engine.demo_model import DEMO_MODEL_NAME, default_models_dir
 ENGINE_FIELDS = ("model", "tokenizer", "revision", "device", "dtype", "lora_dtype",
                  "lora_backend", "max_loras", "max_lora_rank", "max_cpu_loras", "max_num_seqs",
                  "max_model_len", "max_num_batched_tokens", "quantization", "enforce_eager",
-                 "lora_fold", "load_format", "seed", "adapter_roots", "max_full_module_copies")
+                 "lora_fold", "load_format", "seed", "adapter_roots", "max_full_module_copies",
+                 "block_size", "enable_prefix_caching", "gpu_memory_utilization",
+                 "num_kv_blocks")
 
 
 def _default_data_dir() -> Path:
@@ -59,9 +61,9 @@ class Settings(BaseSettings):
         ``user:password`` for Flower; ``lorry flower`` refuses to start without it unless
         ``--insecure`` is given.
 
-    The engine fields (``model`` ... ``seed``, ``adapter_roots`` and ``max_full_module_copies``,
-    see ``ENGINE_FIELDS``) are
-    ``EngineConfig``'s options under the same names, validated by ``EngineConfig``'s own rules
+    The engine fields (``ENGINE_FIELDS``: ``model`` ... ``seed``, ``adapter_roots``,
+    ``max_full_module_copies`` and the KV cache's ``block_size``, ``enable_prefix_caching``,
+    ``gpu_memory_utilization``, ``num_kv_blocks``) are ``EngineConfig``'s options under the same names, validated by ``EngineConfig``'s own rules
     when the settings are built.
     """
 
@@ -97,6 +99,10 @@ class Settings(BaseSettings):
     adapter_roots_per_tenant: bool = False
     # GPU-resident full trained lm_head/embed_tokens copies (modules_to_save); None: no limit
     max_full_module_copies: int | None = Field(None, ge=0)
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    num_kv_blocks: int | None = Field(None, ge=2)  # None: sized from memory (CUDA) or rows
     allow_hub_adapters: bool = True
 
     # queue / worker
@@ -135,7 +141,7 @@ class Settings(BaseSettings):
         return path.expanduser()
 
     @field_validator("quantization", "tokenizer", "revision", "metrics_token",
-                     "flower_basic_auth", "max_full_module_copies", mode="before")
+                     "flower_basic_auth", "max_full_module_copies", "num_kv_blocks", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
         """``LORRY_QUANTIZATION=`` (empty) means none, as leaving it unset does (likewise the

@@ -65,11 +65,19 @@ class RedisStatsPublisher:
             log.warning("cannot publish worker stats: %s", e)
 
 
+KV_FIELDS = ("blocks_total", "blocks_free", "prefix_query_tokens", "prefix_hit_tokens",
+             "preemptions")
+
+
 def cache_counts(engine) -> dict:
-    """{"gpu"|"cpu": {hits, misses, evictions}} from the engine's cache_stats()."""
+    """{"gpu"|"cpu": {hits, misses, evictions}, "kv": {KV_FIELDS}} from the engine's
+    cache_stats() (adapter caches, and the KV block pool with its prefix cache)."""
     try:
         stats = engine.cache_stats()
     except Exception:  # figures only; never stop a drain for them
         return {}
-    return {level: {k: stats[level].get(k, 0) for k in ("hits", "misses", "evictions")}
-            for level in ("gpu", "cpu") if isinstance(stats.get(level), dict)}
+    out = {level: {k: stats[level].get(k, 0) for k in ("hits", "misses", "evictions")}
+           for level in ("gpu", "cpu") if isinstance(stats.get(level), dict)}
+    if isinstance(stats.get("kv"), dict):
+        out["kv"] = {k: stats["kv"].get(k, 0) for k in KV_FIELDS}
+    return out

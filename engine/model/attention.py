@@ -1,7 +1,11 @@
-"""Self-attention over the static per-sequence KV cache: fused q/k/v with LoRA slices, rope,
-optional q/k norms (per head, or over all heads at once), sliding windows, logit
+"""Self-attention over the paged KV cache (engine.kv_cache): fused q/k/v with LoRA slices,
+rope, optional q/k norms (per head, or over all heads at once), sliding windows, logit
 soft-capping; prefill, chunked prefill and decode (torch), and the CUDA decode through the
-Triton kernels."""
+Triton kernels.
+
+Each layer's cache is ``[num_slots, kv_heads, head_dim]`` (num_slots = blocks x block size);
+a step writes every token's keys/values at its ``slot_mapping`` entry and reads a sequence's
+keys through its block table."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,12 +37,13 @@ class Batch:
     """Inputs of one model step (all tensors on the model's device)."""
 
     positions: torch.Tensor      # [B, S] absolute positions (padding repeats the last one)
-    cache_rows: torch.Tensor | None  # [B] KV cache row of each sequence (None: no cache write)
+    slot_mapping: torch.Tensor | None  # [B*S] KV slot of each token (None: no cache write)
     prefill: bool
-    kv_len: int = 0              # decode: keys to attend (max position + 1, host int)
-    row_start: int | None = None  # decode: rows are row_start.. row_start+B-1 (views, no gather)
+    block_tables: torch.Tensor | None = None  # [B, blocks] int32 (decode, chunked prefill)
+    block_size: int = 16
+    kv_len: int = 0              # keys to attend through the block tables (host int)
     lora: LoRAStep | None = None
-    chunked: bool = False        # prefill of prompt chunks after cached prefixes (kv_len keys)
+    chunked: bool = False        # prefill of chunks after cached prefixes (kv_len keys)
 
 
 def visible(q_pos: torch.Tensor, n: int, window: int | None) -> torch.Tensor:
@@ -72,7 +77,7 @@ class Attention(nn.Module):
             eps, unit, fp32 = config.rms_norm_eps, arch.gemma, arch.post_norm
             self.q_norm = RMSNorm(qn, eps, unit_offset=unit, fp32_scale=fp32)
             self.k_norm = RMSNorm(kn, eps, unit_offset=unit, fp32_scale=fp32)
-        self.k_cache: torch.Tensor | None = None  # [max_num_seqs, kv_heads, max_len, head_dim]
+        self.k_cache: torch.Tensor | None = None  # [num_slots, kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
 
     def _qkv(self, x: torch.Tensor, batch: Batch, rope, B: int, S: int):
@@ -93,39 +98,32 @@ class Attention(nn.Module):
         # x: [T, H] with T = B*S; rope: (cos, sin) [B, 1, S, rot_dim] from Rotary.tables
         B, S = shape
         q, k, v = self._qkv(x, batch, rope, B, S)
-        rows = batch.cache_rows
-        if batch.prefill and batch.chunked:
-            # a chunk continues cached prompts: write it at its positions (padding positions
-            # lie past each chunk, or at the never-read last position), then attend to the
-            # cached prefix + causally within the chunk. positions: [B, S]; keys [B, kvh, n, D]
-            self.k_cache[rows[:, None], :, batch.positions] = k.transpose(1, 2)
-            self.v_cache[rows[:, None], :, batch.positions] = v.transpose(1, 2)
-            n = batch.kv_len
-            mask = visible(batch.positions, n, self.window)                 # [B, S, n]
-            out = self._attend(q, self.k_cache[rows, :, :n], self.v_cache[rows, :, :n], mask)
-        elif batch.prefill:
-            if rows is not None:
-                # rows are written from position 0; padding slots get overwritten by later decodes
-                self.k_cache[rows, :, :S] = k
-                self.v_cache[rows, :, :S] = v
+        if batch.slot_mapping is not None:  # padding tokens write into the null block
+            self.k_cache[batch.slot_mapping] = k.transpose(1, 2).reshape(B * S, self.kv_heads, -1)
+            self.v_cache[batch.slot_mapping] = v.transpose(1, 2).reshape(B * S, self.kv_heads, -1)
+        if batch.prefill and not batch.chunked:
             mask = None
             if self.window is not None or self.softcap is not None:
                 mask = visible(torch.arange(S, device=x.device), S, self.window)[None]  # [1, S, S]
             out = self._attend(q, k, v, mask)
         else:
-            pos = batch.positions[:, 0]
-            self.k_cache[rows, :, pos] = k[:, :, 0]
-            self.v_cache[rows, :, pos] = v[:, :, 0]
-            n = batch.kv_len
-            if batch.row_start is not None:  # consecutive rows: views instead of a gather copy
-                r = slice(batch.row_start, batch.row_start + B)
-                keys, values = self.k_cache[r, :, :n], self.v_cache[r, :, :n]  # [B, kvh, n, D]
+            # chunks after cached prefixes, or decode: every key through the block tables
+            keys, values = self._gather(batch)                            # [B, kvh, n, D]
+            mask = visible(batch.positions, batch.kv_len, self.window)    # [B, S, n]
+            if batch.prefill:
+                out = self._attend(q, keys, values, mask)
             else:
-                keys = self.k_cache[rows, :, :n]
-                values = self.v_cache[rows, :, :n]
-            out = self._grouped(q, keys, values, visible(pos, n, self.window)[:, None])
+                out = self._grouped(q, keys, values, mask)
         out = out.transpose(1, 2).reshape(B * S, self.heads * self.head_dim)
         return self.o_proj(out, batch.lora)
+
+    def _gather(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions 0..kv_len-1 of each sequence -> 2 x [B, kvh, n, D]."""
+        n, bs = batch.kv_len, batch.block_size
+        tables = batch.block_tables[:, :-(-n // bs)].long()                    # [B, nb]
+        offs = torch.arange(bs, device=tables.device)
+        slots = (tables[:, :, None] * bs + offs).flatten(1)[:, :n]              # [B, n]
+        return (self.k_cache[slots].transpose(1, 2), self.v_cache[slots].transpose(1, 2))
 
     def _attend(self, q, keys, values, mask):
         """q: [B, h, S, D]; keys/values: [B, kvh, n, D]; mask: [B or 1, S, n] (None: causal)."""
@@ -166,8 +164,9 @@ class Attention(nn.Module):
             q.copy_(self.q_norm(q))
             k.copy_(self.k_norm(k))
         fused_ops.rotary_qk_(qkv, pos, rotary.cos, rotary.sin, h, kvh, D,
-                             self.k_cache, self.v_cache, batch.cache_rows)
+                             self.k_cache, self.v_cache, batch.slot_mapping)
         out = attention.decode_attention(qkv[:, :h * D], self.k_cache, self.v_cache,
-                                         batch.cache_rows, pos, scale=self.scale,
-                                         window=self.window, softcap=self.softcap)  # [B, h*D]
+                                         batch.block_tables, pos, batch.block_size,
+                                         scale=self.scale, window=self.window,
+                                         softcap=self.softcap)                     # [B, h*D]
         return self.o_proj(out, batch.lora)

@@ -1,5 +1,5 @@
 """The decoder of every supported base (Llama, Mistral, Qwen2/3, Phi-3/4, Gemma 2/3 text,
-Granite, OLMo 2) over a static per-sequence KV cache; engine.model.arch says how the bases differ.
+Granite, OLMo 2) over a paged KV cache; engine.model.arch says how the bases differ.
 
 Batches are padded [B, S] (prefill: S = longest new prompt; decode: S = 1). Every layer works
 on the flattened tokens [B*S, H] so one LoRA metadata object serves all projections.
@@ -140,11 +140,18 @@ class LlamaForCausalLM(nn.Module):
     def lm_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head
 
-    def allocate_kv_cache(self, max_num_seqs: int, max_len: int) -> None:
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes one KV cache block takes over all layers (keys and values)."""
+        item = self.embed_tokens.weight.element_size()
+        return sum(2 * block_size * layer.self_attn.kv_heads * layer.self_attn.head_dim * item
+                   for layer in self.layers)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """Each layer's paged cache: [num_blocks * block_size, kv_heads, head_dim] x 2."""
+        p = self.embed_tokens.weight
         for layer in self.layers:
             a = layer.self_attn
-            shape = (max_num_seqs, a.kv_heads, max_len, a.head_dim)
-            p = self.embed_tokens.weight
+            shape = (num_blocks * block_size, a.kv_heads, a.head_dim)
             a.k_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
             a.v_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
 

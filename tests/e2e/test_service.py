@@ -112,6 +112,9 @@ def test_jobs_and_batch_through_the_service(stack, tenants, reference):
     assert metric(api, "lorry_worker_drain_tasks_total") >= 1
     assert metric(api, "lorry_worker_generated_tokens_total") > 0
     assert metric(api, "lorry_claim_latency_seconds_count") >= 1
+    # the worker's KV pool: prompts looked up in the prefix cache, a pool of blocks
+    assert metric(api, "lorry_prefix_cache_query_tokens_total") > 0
+    assert metric(api, "lorry_kv_blocks_total") > 0
 
 
 def test_cli_submit_and_status(stack, reference):

@@ -1,5 +1,7 @@
-"""Flash-decode attention over the static KV cache against the model's torch decode path."""
+"""Flash-decode attention over a paged KV cache against a per-row torch reference."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -9,17 +11,61 @@ from lorry.kernels.decode_attention import decode_attention, decode_attention_re
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-def _problem(B, heads, kvh, D, L, R, dtype, device, seed):
+@dataclass
+class Paged:
+    """One decode step's inputs: strided q, paged caches, shuffled block tables."""
+
+    q: torch.Tensor              # [B, h*D], the q part of fused q/k/v rows
+    k_cache: torch.Tensor        # [num_slots, kvh, D]
+    v_cache: torch.Tensor
+    tables: torch.Tensor         # [B, max_blocks] int32
+    positions: torch.Tensor      # [B]
+    block_size: int
+    heads: int
+
+    def run(self, splits=None, **kw) -> torch.Tensor:
+        return decode_attention(self.q, self.k_cache, self.v_cache, self.tables,
+                                self.positions, self.block_size, splits, **kw)
+
+    def ref(self, **kw) -> torch.Tensor:
+        B = self.q.shape[0]
+        q = self.q.reshape(B, self.heads, -1)
+        return decode_attention_ref(q, self.k_cache, self.v_cache, self.tables, self.positions,
+                                    self.block_size, **kw).reshape(B, -1)
+
+    def visible_slots(self, window=None) -> torch.Tensor:
+        """Slots of the keys some query attends to -> bool [num_slots]."""
+        seen = torch.zeros(self.k_cache.shape[0], dtype=torch.bool, device=self.q.device)
+        for b, pos in enumerate(self.positions.tolist()):
+            p = torch.arange(max(0, pos - window + 1) if window else 0, pos + 1,
+                             device=self.q.device)
+            seen[self.tables[b, p // self.block_size].long() * self.block_size
+                 + p % self.block_size] = True
+        return seen
+
+
+def _paged(B, heads, kvh, D, block_size, max_blocks, dtype, device, seed) -> Paged:
     g = torch.Generator().manual_seed(seed)
-    # q is the strided q part of a fused q/k/v row, as in the model
     qkv = torch.randn(B, (heads + 2 * kvh) * D, generator=g).to(dtype).to(device)
-    kc = torch.randn(R, kvh, L, D, generator=g).to(dtype).to(device)
-    vc = torch.randn(R, kvh, L, D, generator=g).to(dtype).to(device)
-    rows = torch.randperm(R, generator=g)[:B].to(device)
-    pos = torch.randint(0, L, (B,), generator=g)
-    pos[0] = 0                                                  # a row with a single key
-    pos[-1] = L - 1                                             # and one over the whole cache
-    return qkv[:, :heads * D], kc, vc, rows, pos.to(device)
+    num_blocks = 1 + B * max_blocks + 3          # block 0 is the null block; 3 are free
+    kc = torch.randn(num_blocks * block_size, kvh, D, generator=g).to(dtype).to(device)
+    vc = torch.randn(num_blocks * block_size, kvh, D, generator=g).to(dtype).to(device)
+    # each row holds its own blocks, shuffled over the whole cache
+    ids = torch.randperm(num_blocks - 1, generator=g) + 1
+    tables, free = ids[:B * max_blocks].view(B, max_blocks), ids[B * max_blocks:]
+    max_len = max_blocks * block_size
+    pos = torch.randint(0, max_len, (B,), generator=g)
+    pos[0] = 0                                   # a single key
+    pos[-1] = max_len - 1                        # every block of the table, the last one full
+    if B > 2:
+        pos[1] = min(block_size, max_len - 1)    # the first key of a second block
+    # entries past a row's last block are padding: the null block or free blocks
+    past = torch.arange(max_blocks)[None, :] > (pos // block_size)[:, None]
+    pad = torch.cat([torch.zeros(1, dtype=ids.dtype), free])[
+        torch.randint(0, 1 + len(free), tables.shape, generator=g)]
+    tables = torch.where(past, pad, tables).int()
+    return Paged(qkv[:, :heads * D], kc, vc, tables.to(device), pos.to(device), block_size,
+                 heads)
 
 
 def _skip_interpreted_bf16(dtype, device):
@@ -27,80 +73,116 @@ def _skip_interpreted_bf16(dtype, device):
         pytest.skip("Triton 3.x's CPU interpreter multiplies bf16 dot operands as raw bits")
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+def _check(out, ref, dtype):
+    # fp32: the IEEE dots leave one reduction order apart; half types: relative error
+    assert out.dtype == dtype and out.shape == ref.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    else:
+        rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert rel < TOL[dtype], rel
+
+
+# (B, heads, kvh, D, block_size, max_blocks)
+SHAPES = {
+    "gqa_tile_spans_blocks": (3, 4, 2, 16, 16, 3),
+    "mha_one_key_blocks": (5, 6, 6, 24, 1, 70),
+    "mqa_block_spans_tiles": (4, 8, 1, 32, 128, 2),
+    "llama3_block_is_tile": (7, 32, 8, 128, 64, 3),
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,heads,kvh,D,L", [(3, 4, 2, 16, 20), (5, 6, 6, 24, 70),
-                                              (7, 32, 8, 128, 130)])
-def test_decode_attention_matches_torch_path(dtype, B, heads, kvh, D, L, device):
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_decode_attention_matches_reference(dtype, shape, device):
     _skip_interpreted_bf16(dtype, device)
-    q, kc, vc, rows, pos = _problem(B, heads, kvh, D, L, R=B + 2, dtype=dtype, device=device,
-                                    seed=B * L)
-    out = decode_attention(q, kc, vc, rows, pos)
-    ref = decode_attention_ref(q.reshape(B, heads, D), kc, vc, rows, pos).reshape(B, -1)
-    assert out.shape == (B, heads * D) and out.dtype == dtype
-    assert _rel(out, ref) < TOL[dtype]
+    p = _paged(*SHAPES[shape], dtype=dtype, device=device, seed=sum(SHAPES[shape]))
+    _check(p.run(), p.ref(), dtype)
 
 
-@pytest.mark.parametrize("splits", [2, 4])
+@pytest.mark.parametrize("block_size", [1, 16, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_split_sequence_merges_to_the_same_result(splits, dtype, device):
+def test_forced_splits_merge_to_the_reference(dtype, block_size, device):
     _skip_interpreted_bf16(dtype, device)
-    # long cache, few rows: the sequence is split, short rows leave later splits empty
-    B, heads, kvh, D, L = 3, 8, 2, 32, 300
-    q, kc, vc, rows, pos = _problem(B, heads, kvh, D, L, R=4, dtype=dtype, device=device, seed=9)
-    ref = decode_attention_ref(q.reshape(B, heads, D), kc, vc, rows, pos).reshape(B, -1)
-    one = decode_attention(q, kc, vc, rows, pos, splits=1)
-    many = decode_attention(q, kc, vc, rows, pos, splits=splits)
-    assert _rel(many, ref) < TOL[dtype]
-    assert _rel(many, one) < TOL[dtype]
+    # 512 keys in 4 splits of 128: the 1-key row leaves three splits empty, the full row none
+    p = _paged(3, 8, 2, 32, block_size, 512 // block_size, dtype, device, seed=block_size)
+    ref = p.ref()
+    outs = {splits: p.run(splits) for splits in (1, 2, 4)}
+    for out in outs.values():
+        _check(out, ref, dtype)
+    _check(outs[4], outs[1], dtype)
 
 
-def test_keys_past_the_position_are_never_read(device):
-    # NaN garbage past each row's position must not leak into the output
-    B, heads, kvh, D, L = 4, 4, 2, 16, 128
-    q, kc, vc, rows, pos = _problem(B, heads, kvh, D, L, R=4, dtype=torch.float32,
-                                    device=device, seed=5)
-    ref = decode_attention_ref(q.reshape(B, heads, D), kc, vc, rows, pos).reshape(B, -1)
-    for b in range(B):
-        kc[rows[b], :, pos[b] + 1:] = float("nan")
-        vc[rows[b], :, pos[b] + 1:] = float("nan")
-    for splits in (1, 2):
-        out = decode_attention(q, kc, vc, rows, pos, splits=splits)
+@pytest.mark.parametrize("window", [None, 24])
+@pytest.mark.parametrize("block_size", [1, 16, 128])
+def test_reads_only_the_visible_keys_through_the_block_table(block_size, window, device):
+    # NaN in every slot no query may read: free and null blocks, the slots past each row's
+    # position, keys older than the window, and the blocks that padding entries point at
+    p = _paged(4, 4, 2, 16, block_size, 320 // block_size, torch.float32, device,
+               seed=block_size)
+    ref = p.ref(window=window)
+    hidden = ~p.visible_slots(window)
+    assert hidden.any()
+    p.k_cache[hidden] = float("nan")
+    p.v_cache[hidden] = float("nan")
+    for splits in (1, 4):
+        out = p.run(splits, window=window)
         assert torch.isfinite(out).all()
-        assert _rel(out, ref) < 1e-5
+        _check(out, ref, torch.float32)
 
 
-def test_num_splits_fills_the_chip_only_for_long_caches():
+@pytest.mark.parametrize("window, softcap, splits", [(5, None, 1), (1, None, 1), (40, None, 4),
+                                                     (None, 2.0, 1), (7, 1.5, 2)])
+def test_sliding_window_scale_and_softcap_match_reference(window, softcap, splits, device):
+    # keys older than the window are skipped (whole splits of them with several splits);
+    # a custom scale (Gemma's query_pre_attn_scalar) and soft-capped logits
+    p = _paged(4, 4, 2, 16, 16, 19, torch.float32, device, seed=3)
+    kw = {"scale": 0.3, "window": window, "softcap": softcap}
+    out = p.run(splits, **kw)
+    _check(out, p.ref(**kw), torch.float32)
+    full = p.ref(scale=0.3, softcap=softcap)
+    assert window is None or (out - full).abs().max() > 1e-3   # the window changes the result
+
+
+def test_num_splits_fills_the_chip_only_for_long_tables():
     cpu = torch.device("cpu")                                   # 8 "SMs" off CUDA
-    assert num_splits(64, 8, 264, cpu) == 1                     # many rows, short cache
+    assert num_splits(64, 8, 264, cpu) == 1                     # many rows, short tables
     s = num_splits(1, 2, 4096, cpu)
     assert s > 1 and s & (s - 1) == 0                          # a power of two
     assert num_splits(1, 2, 300, cpu) == 1                      # too short to split
 
 
-def test_refuses_a_q_width_that_is_not_heads_times_head_dim(device):
-    kc = torch.zeros(2, 2, 8, 16, device=device)
-    with pytest.raises(ValueError, match="q width"):
-        decode_attention(torch.zeros(1, 40, device=device), kc, kc,
-                         torch.zeros(1, dtype=torch.long, device=device),
-                         torch.zeros(1, dtype=torch.long, device=device))
+@pytest.mark.parametrize("what, match", [("q", "q width"), ("block_size", "block_size 24"),
+                                         ("tables", "block_tables must be"),
+                                         ("static_cache", "caches must be"),
+                                         ("splits", "splits must be a power of two")])
+def test_refuses_inputs_it_cannot_attend_over(what, match, device):
+    kc = torch.zeros(4 * 16, 2, 16, device=device)
+    args = {"q": torch.zeros(2, 64, device=device), "k_cache": kc, "v_cache": kc,
+            "block_tables": torch.zeros(2, 4, dtype=torch.int32, device=device),
+            "positions": torch.zeros(2, dtype=torch.long, device=device), "block_size": 16}
+    bad = {"q": ("q", torch.zeros(2, 40, device=device)), "block_size": ("block_size", 24),
+           "tables": ("block_tables", torch.zeros(3, 4, dtype=torch.int32, device=device)),
+           "static_cache": ("k_cache", torch.zeros(2, 2, 32, 16, device=device)),
+           "splits": ("splits", 3)}[what]
+    args[bad[0]] = bad[1]
+    with pytest.raises(ValueError, match=match):
+        decode_attention(**args)
 
 
-@pytest.mark.parametrize("window, softcap, splits", [(5, None, 1), (1, None, 1), (40, None, 4),
-                                                     (None, 2.0, 1), (7, 1.5, 2)])
-def test_sliding_window_scale_and_softcap_match_torch_path(window, softcap, splits, device):
-    # keys older than the window are skipped (whole splits of them with several splits);
-    # a custom scale (Gemma's query_pre_attn_scalar) and soft-capped logits as the model's
-    B, heads, kvh, D, L = 4, 4, 2, 16, 300
-    q, kc, vc, rows, pos = _problem(B, heads, kvh, D, L, R=5, dtype=torch.float32,
-                                    device=device, seed=3)
-    kw = {"scale": 0.3, "window": window, "softcap": softcap}
-    ref = decode_attention_ref(q.reshape(B, heads, D), kc, vc, rows, pos, **kw).reshape(B, -1)
-    full = decode_attention_ref(q.reshape(B, heads, D), kc, vc, rows, pos, scale=0.3,
-                                softcap=softcap).reshape(B, -1)
-    out = decode_attention(q, kc, vc, rows, pos, splits=splits, **kw)
-    assert _rel(out, ref) < TOL[torch.float32]
-    assert window is None or _rel(out, full) > 1e-3        # the window changes the result
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("splits", [None, 4])
+def test_graph_replay_follows_new_tables_and_positions(splits):
+    # captured once, replayed after the step's inputs changed in place: nothing the launch
+    # reads on the host depends on the tables' or positions' contents
+    dev = torch.device("cuda")
+    a = _paged(6, 8, 2, 64, 16, 32, torch.bfloat16, dev, seed=1)
+    b = _paged(6, 8, 2, 64, 16, 32, torch.bfloat16, dev, seed=2)
+    a.run(splits)                                               # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = a.run(splits)
+    for name in ("q", "k_cache", "v_cache", "tables", "positions"):
+        getattr(a, name).copy_(getattr(b, name))
+    graph.replay()
+    _check(out, b.ref(), torch.bfloat16)

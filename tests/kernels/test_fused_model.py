@@ -19,6 +19,7 @@ from lorry.engine.model.llama import Batch, LlamaForCausalLM
 LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 8,
             "short_factor": [1.0, 1.2, 1.5, 2.0, 2.0, 2.5, 3.0, 4.0],
             "long_factor": [1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]}
+BS = 4   # tokens per KV block: prompts and decode steps cross block boundaries
 BASES = {"llama": {}, "qwen3": {"head_dim": 24}, "mistral": {"sliding_window": 4},
          "phi3": {"rope_parameters": LONGROPE, "original_max_position_embeddings": 8}}
 
@@ -34,7 +35,7 @@ def _model(device, dtype, base="llama"):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 0.1) + (p.dim() == 1))
     model = model.to(device=device, dtype=dtype)
-    model.allocate_kv_cache(max_num_seqs=5, max_len=64)
+    model.allocate_kv_cache(num_blocks=17, block_size=BS)
     return model
 
 
@@ -60,17 +61,27 @@ def test_triton_path_equals_torch_path(dtype, base, device):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 128, (B, S), generator=g).to(device)
     lens = torch.tensor([6, 2, 4], device=device)                # padded prompts
-    rows = torch.tensor([4, 0, 2], device=device)                # cache rows out of order
+    # each row's blocks scattered over the pool, out of order (block 0: the null block)
+    tables = torch.tensor([[9, 3, 14], [5, 16, 1], [12, 7, 2]], dtype=torch.int32,
+                          device=device)
     positions = torch.minimum(torch.arange(S, device=device)[None, :], lens[:, None] - 1)
+
+    def slots(pos, valid):                                       # pos: [B, S] -> [B*S]
+        blk = tables.long().gather(1, pos // BS)
+        return torch.where(valid, blk * BS + pos % BS, torch.zeros_like(pos)).reshape(-1)
+
+    valid = torch.arange(S, device=device)[None, :] < lens[:, None]
     last = lens - 1
-    pre = Batch(positions=positions, cache_rows=rows, prefill=True)
+    pre = Batch(positions=positions, slot_mapping=slots(positions, valid), prefill=True,
+                block_size=BS)
     want, got = ref(ids, pre, last), _fused(tri, ids, pre, last)
     _check(got, want, dtype)
     pos = lens.clone()
     for step in range(4):                                        # decode: one token per row
         nxt = want.argmax(-1)
-        batch = Batch(positions=pos[:, None], cache_rows=rows, prefill=False,
-                      kv_len=int(pos.max()) + 1)
+        p = pos[:, None]
+        batch = Batch(positions=p, slot_mapping=slots(p, p >= 0), prefill=False,
+                      block_tables=tables, block_size=BS, kv_len=int(pos.max()) + 1)
         want = ref(nxt[:, None], batch, torch.zeros(B, dtype=torch.long, device=device))
         got = _fused(tri, nxt[:, None], batch, torch.zeros(B, dtype=torch.long, device=device))
         assert got.shape == want.shape == (B, 128)
@@ -79,7 +90,7 @@ def test_triton_path_equals_torch_path(dtype, base, device):
     for a, b in zip(ref.layers, tri.layers):                     # the decode steps' K/V landed
         for r in range(B):
             n = int(pos[r])
-            ka, kb = a.self_attn.k_cache[rows[r], :, :n], b.self_attn.k_cache[rows[r], :, :n]
-            va, vb = a.self_attn.v_cache[rows[r], :, :n], b.self_attn.v_cache[rows[r], :, :n]
-            _check(kb, ka, dtype)
-            _check(vb, va, dtype)
+            idx = slots(torch.arange(n, device=device)[None, :].expand(B, n),
+                        torch.ones(B, n, dtype=torch.bool, device=device)).view(B, n)[r]
+            _check(b.self_attn.k_cache[idx], a.self_attn.k_cache[idx], dtype)
+            _check(b.self_attn.v_cache[idx], a.self_attn.v_cache[idx], dtype)

@@ -86,22 +86,43 @@ def test_rotary_qk_matches_apply_rotary(dtype, heads, kv_heads, head_dim, device
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_qk_writes_k_and_v_into_the_cache(dtype, device):
-    heads, kvh, D, L, R = 4, 2, 32, 40, 6
-    g = torch.Generator().manual_seed(3)
-    rot = Rotary(_Cfg(), D, L).to(device)
-    B = 4
-    qkv = torch.randn(B, (heads + 2 * kvh) * D, generator=g).to(dtype).to(device)
-    pos = torch.tensor([0, 39, 7, 7], device=device)
-    rows = torch.tensor([5, 0, 2, 3], device=device)
-    kc = torch.randn(R, kvh, L, D, generator=g).to(dtype).to(device)
-    vc = torch.randn(R, kvh, L, D, generator=g).to(dtype).to(device)
-    kc0, vc0 = kc.clone(), vc.clone()
-    out = rotary_qk_(qkv.clone(), pos, rot.cos, rot.sin, heads, kvh, D, kc, vc, rows)
-    k = out[:, heads * D:(heads + kvh) * D].view(B, kvh, D)
-    v = qkv[:, (heads + kvh) * D:].view(B, kvh, D)
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1)])
+def test_rotary_qk_writes_exactly_the_mapped_slots(dtype, heads, kv_heads, device):
+    D, bs, num_blocks = 32, 4, 9
+    g = torch.Generator().manual_seed(heads * kv_heads)
+    rot = Rotary(_Cfg(), D, 40).to(device)
+    # a prefill chunk of sequence 0 (positions 3..8), a decode token of sequence 1 (position
+    # 13) and two padding tokens (slot -1) between them; block tables shuffled over the cache
+    tables = torch.randperm(num_blocks - 1, generator=g)[:7].add(1).split([3, 4])
+    pos = torch.tensor([3, 4, 5, 0, 6, 7, 8, 13, 0])
+    seq = torch.tensor([0, 0, 0, -1, 0, 0, 0, 1, -1])
+    slots = torch.tensor([int(tables[s][p // bs]) * bs + p % bs if s >= 0 else -1
+                          for s, p in zip(seq.tolist(), pos.tolist())])
+    T = len(pos)
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * D, generator=g).to(dtype).to(device)
+    # the caches are views between guard blocks, which a stray write (slot -1) would change
+    kbuf = torch.randn((num_blocks + 2) * bs, kv_heads, D, generator=g).to(dtype).to(device)
+    vbuf = torch.randn((num_blocks + 2) * bs, kv_heads, D, generator=g).to(dtype).to(device)
+    kc0, vc0 = kbuf.clone(), vbuf.clone()
+    pos, slots = pos.to(device), slots.to(device)
+    out = rotary_qk_(qkv.clone(), pos, rot.cos, rot.sin, heads, kv_heads, D, kbuf[bs:-bs],
+                     vbuf[bs:-bs], slots)
+    # every token is rotated, cached or not
+    _close(out, rotary_qk_ref(qkv, pos, rot.cos, rot.sin, heads, kv_heads, D), dtype)
+    k = out[:, heads * D:(heads + kv_heads) * D].view(T, kv_heads, D)
+    v = qkv[:, (heads + kv_heads) * D:].view(T, kv_heads, D)
+    cached = slots >= 0
     want_k, want_v = kc0.clone(), vc0.clone()
-    want_k[rows, :, pos] = k
-    want_v[rows, :, pos] = v
-    assert torch.equal(kc, want_k)                              # only those slots changed
-    assert torch.equal(vc, want_v)
+    want_k[bs + slots[cached]] = k[cached]
+    want_v[bs + slots[cached]] = v[cached]
+    assert torch.equal(kbuf, want_k)                            # those slots and no other
+    assert torch.equal(vbuf, want_v)
+
+
+def test_rotary_qk_refuses_a_cache_of_another_layout(device):
+    rot = Rotary(_Cfg(), 16, 8).to(device)
+    qkv = torch.zeros(2, 4 * 16, device=device)
+    pos = torch.zeros(2, dtype=torch.long, device=device)
+    static = torch.zeros(2, 1, 8, 16, device=device)            # [rows, kvh, max_len, D]
+    with pytest.raises(ValueError, match="caches must be"):
+        rotary_qk_(qkv, pos, rot.cos, rot.sin, 2, 1, 16, static, static, pos)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+from lorry.engine.kv_cache import BlockManager
 from lorry.engine.outputs import RequestMetrics
 from lorry.engine.scheduler import Scheduler
 from lorry.engine.sequence import Sequence
@@ -164,7 +165,7 @@ def _seq(rid, lora_id):
 def _simulate(max_bypass, steps=200):
     """max_loras=1, 4 rows. A steady stream of adapter-1 sequences (each decodes 3 steps) and
     one adapter-2 sequence waiting from the start. Returns the step it is admitted (or None)."""
-    sch = Scheduler(max_num_seqs=4, max_loras=1, max_bypass=max_bypass)
+    sch = Scheduler(max_num_seqs=4, max_loras=1, blocks=BlockManager(64, 16), max_bypass=max_bypass)
     sch.add(_seq("first", 1))
     waiter = _seq("waiter", 2)
     sch.add(waiter)
@@ -207,7 +208,7 @@ def test_loader_thread_allocates_staging_only_outside_graph_replays(tiny_llama):
 def test_aging_does_not_stall_others_when_pins_leave_the_waiter_no_slot():
     """max_loras=1 with adapter 1 pinned: a waiter for adapter 2 can never run until an unpin;
     the aging rule must not hold back the requests behind it (base, pinned adapter)."""
-    sch = Scheduler(max_num_seqs=4, max_loras=1, max_bypass=2)
+    sch = Scheduler(max_num_seqs=4, max_loras=1, blocks=BlockManager(64, 16), max_bypass=2)
     waiter = _seq("waiter", 2)
     sch.add(waiter)
     admitted = []
@@ -226,7 +227,7 @@ def test_aging_does_not_stall_others_when_pins_leave_the_waiter_no_slot():
 
 
 def test_waiters_that_cannot_fit_a_slot_start_no_adapter_load():
-    sch = Scheduler(max_num_seqs=4, max_loras=1)
+    sch = Scheduler(max_num_seqs=4, max_loras=1, blocks=BlockManager(64, 16))
     running = _seq("running", 1)
     sch.add(running)
     asked = []

@@ -1,0 +1,140 @@
+"""The paged KV cache: block tables, preemption (recompute) when the pool runs out, prefix
+caching keyed by tokens AND adapter; greedy tokens equal PEFT's whatever the paging does."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+from lorry.engine.kv_cache import BlockManager
+from lorry.engine.sequence import Sequence
+from tests.unit.engine.conftest import peft_greedy
+
+NAMES = ["qv_r8", "all_r4_rslora", "mlp_r16", "pattern"]
+PREFIX = [11 + (5 * j) % 90 for j in range(37)]   # a shared "template" of 37 tokens
+
+
+def _engine(base, **kw):
+    cfg = {"max_loras": 4, "max_lora_rank": 16, "max_num_seqs": 8, "max_model_len": 96,
+           "device": "cpu", "dtype": "float32", **kw}
+    return LLMEngine(EngineConfig(model=str(base.dir), **cfg))
+
+
+def _workload(base, n=12):
+    """Prompts of unequal lengths, half starting with PREFIX; adapters mixed with base rows."""
+    reqs = [LoRARequest(name, i + 1, str(base.adapters[name])) for i, name in enumerate(NAMES)]
+    prompts, loras, params = [], [], []
+    for i in range(n):
+        tail = [3 + (7 * i + j) % 200 for j in range(3 + 5 * (i % 4))]
+        prompts.append(PREFIX + tail if i % 2 else tail)
+        loras.append(reqs[i % 4] if i % 3 else None)
+        params.append(SamplingParams(max_tokens=6 + 4 * (i % 3), temperature=0.0,
+                                     ignore_eos=True))
+    return prompts, loras, params
+
+
+def _run(eng, base, n=12):
+    prompts, loras, params = _workload(base, n)
+    outs = eng.generate(prompts, params, loras, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], outs
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tiny_pool_preempts_and_still_gives_pefts_tokens(tiny_llama, device):
+    """A pool of 13 blocks of 8 tokens (one sequence of max_model_len needs 12) for 8 rows:
+    decode steps run out of blocks, the newest sequences are preempted and recomputed,
+    chunked prefill splits the prompts, and every row still equals PEFT's greedy tokens."""
+    eng = _engine(tiny_llama, block_size=8, num_kv_blocks=14, max_num_batched_tokens=24,
+                  device=device)   # CUDA: graphs over block tables, Triton attention
+    tokens, outs = _run(eng, tiny_llama)
+    stats = eng.cache_stats()["kv"]
+    assert stats["preemptions"] >= 1
+    assert stats["blocks_free"] == stats["blocks_total"]        # every block came back
+    peft = tiny_llama.peft()
+    for out, got in zip(outs, tokens):
+        name = out.lora_request.lora_name if out.lora_request else None
+        want, _ = peft_greedy(peft, out.prompt_token_ids, len(got), name)
+        assert got == want, f"row {out.request_id} (adapter {name})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paging_prefix_caching_and_block_size_do_not_change_tokens(tiny_llama, device):
+    ref, _ = _run(_engine(tiny_llama, enable_prefix_caching=False, block_size=16), tiny_llama)
+    for kw in ({"block_size": 1}, {"block_size": 8}, {"block_size": 16},
+               {"block_size": 8, "max_num_batched_tokens": 16}):
+        eng = _engine(tiny_llama, device=device, **kw)
+        got, _ = _run(eng, tiny_llama)
+        assert got == ref, kw
+        assert eng.cache_stats()["kv"]["prefix_hit_tokens"] > 0, kw   # PREFIX was shared
+
+
+def test_prefix_blocks_are_shared_only_under_the_same_adapter(tiny_llama):
+    eng = _engine(tiny_llama, block_size=8)
+    a = LoRARequest("qv_r8", 1, str(tiny_llama.adapters["qv_r8"]))
+    b = LoRARequest("mlp_r16", 2, str(tiny_llama.adapters["mlp_r16"]))
+    sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+    def hits(prompt, lora):
+        before = eng.cache_stats()["kv"]["prefix_hit_tokens"]
+        out = eng.generate([prompt], sp, lora, use_tqdm=False)[0]
+        return eng.cache_stats()["kv"]["prefix_hit_tokens"] - before, out.outputs[0].token_ids
+
+    prompt = PREFIX + [5, 6, 7]                       # 40 tokens: 4 full blocks of 8 hashable
+    assert hits(prompt, a)[0] == 0
+    assert hits(prompt, a)[0] == 32                   # same adapter: the 4 full blocks
+    assert hits(prompt, b)[0] == 0                    # same tokens, other adapter: nothing
+    assert hits(prompt, None)[0] == 0                 # nor the base
+    assert hits(prompt[:20] + [9] * 20, a)[0] == 16   # a shared head: its full blocks only
+    # the adapter dropped (its files may have changed in place): its old KV is never reused
+    eng.remove_lora(1)
+    n, tokens = hits(prompt, a)
+    assert n == 0
+    assert tokens == hits(prompt, a)[1]
+
+
+def test_block_manager_reuses_refcounts_and_evicts_least_recent():
+    def seq(tokens, key=b""):
+        s = Sequence("r", None, tokens, SamplingParams(), None, None, adapter_key=key)
+        s.prefill_len = len(tokens)
+        return s
+
+    bm = BlockManager(num_blocks=7, block_size=4)       # 6 usable blocks
+    a = seq(list(range(12)))                            # 3 blocks; 2 hashable (11 // 4)
+    assert bm.allocate(a) and a.num_computed_tokens == 0 and 0 not in a.block_table
+    bm.register(a, 12)
+    b = seq(list(range(12)) + [99])                     # shares a's first 3 blocks' tokens
+    assert bm.allocate(b) and b.block_table[:3] == a.block_table and b.num_computed_tokens == 12
+    assert bm.ref[a.block_table[0]] == 2 and bm.num_free() == 2
+    assert not bm.allocate(seq(list(range(50, 62))))    # 3 more blocks: only 2 free
+    bm.release(b)
+    bm.release(a)
+    assert bm.num_free() == 6 and bm.stats()["blocks_cached"] == 3
+    c = seq(list(range(100, 124)))                      # 6 blocks: evicts every cached one
+    assert bm.allocate(c) and bm.stats()["blocks_cached"] == 0
+    bm.release(c)
+    d = seq(list(range(12)) + [1])
+    assert bm.allocate(d) and d.num_computed_tokens == 0   # evicted: no stale hit
+
+
+def test_a_pool_smaller_than_one_sequence_is_refused(tiny_llama):
+    with pytest.raises(ValueError, match="fewer than one sequence of max_model_len=96"):
+        _engine(tiny_llama, block_size=16, num_kv_blocks=5)
+    with pytest.raises(ValueError, match="block_size=12 is invalid"):
+        EngineConfig(model="m", block_size=12)
+    with pytest.raises(ValueError, match="gpu_memory_utilization=1.5 is invalid"):
+        EngineConfig(model="m", gpu_memory_utilization=1.5)
+
+
+def test_cache_stats_report_kv_and_steps(tiny_llama):
+    eng = _engine(tiny_llama, block_size=16, max_num_seqs=4)
+    _run(eng, tiny_llama, n=6)
+    s = eng.cache_stats()
+    assert s["kv"]["blocks_total"] == 4 * 6 and s["kv"]["peak_running"] == 4
+    assert 0 < s["kv"]["prefix_hit_rate"] < 1
+    assert s["steps"]["decode"]["max_batch"] == 4
+    assert s["steps"]["prefill"]["tokens"] + s["kv"]["prefix_hit_tokens"] \
+        == s["kv"]["prefix_query_tokens"]

@@ -187,39 +187,53 @@ class _Chunker:
         good: list[tuple[int, ParsedLine]] = []
         duplicates: list[dict[str, Any]] = []
         for number, data in raw:
-            if data is None:
-                limit = getattr(self.settings, "max_line_bytes", None)
-                refused.append(LineError(number, "line_too_large", f"line {number} is longer "
-                                         f"than the limit of {limit} bytes; shorten it"))
-                continue
-            line = read_line(number, data, self.options)
+            line = self._check(number, data, duplicates)
             if isinstance(line, LineError):
                 refused.append(line)
-                continue
-            cid = line.custom_id
-            if cid in self.seen:
-                duplicates.append({
-                    "code": "duplicate_custom_id", "line": number, "param": "custom_id",
-                    "message": f"line {number}: custom_id {cid!r} already used on line "
-                               f"{self.seen[cid]}; custom_ids must be unique in a batch"})
-                continue
-            self.seen[cid] = number
-            if self.endpoint is not None and line.url != self.endpoint:
-                refused.append(LineError(
-                    number, "invalid_url", f"line {number}: url {line.url!r} differs from the "
-                    f"batch's endpoint {self.endpoint!r}; every line must use the batch's "
-                    "endpoint", "url", cid))
-                continue
-            model = line.model
-            if not self._model_ok(model):
-                refused.append(LineError(
-                    number, "model_not_found", f"line {number}: unknown model {model!r}; use "
-                    f"one of your adapters or the base model {self.base_name!r}", "body.model",
-                    cid))
-                continue
-            good.append((number, line))
+            elif line is not None:
+                good.append((number, line))
         if duplicates:
             raise DuplicateCustomId(duplicates)
+        specs = self._specs(good, refused, stats)
+        refused.sort(key=lambda e: e.line)
+        stats.accepted += len(specs)
+        stats.rejected += len(refused)
+        stats.refused += refused[:max(0, stats.KEPT_REFUSED - len(stats.refused))]
+        return specs, refused
+
+    def _check(self, number: int, data: bytes | None,
+               duplicates: list[dict[str, Any]]) -> ParsedLine | LineError | None:
+        """One line read and checked against the batch: the line, why it is refused, or None
+        for a repeated custom_id (added to ``duplicates``)."""
+        if data is None:
+            limit = getattr(self.settings, "max_line_bytes", None)
+            return LineError(number, "line_too_large", f"line {number} is longer than the "
+                             f"limit of {limit} bytes; shorten it")
+        line = read_line(number, data, self.options)
+        if isinstance(line, LineError):
+            return line
+        cid = line.custom_id
+        if cid in self.seen:
+            duplicates.append({
+                "code": "duplicate_custom_id", "line": number, "param": "custom_id",
+                "message": f"line {number}: custom_id {cid!r} already used on line "
+                           f"{self.seen[cid]}; custom_ids must be unique in a batch"})
+            return None
+        self.seen[cid] = number
+        if self.endpoint is not None and line.url != self.endpoint:
+            return LineError(
+                number, "invalid_url", f"line {number}: url {line.url!r} differs from the "
+                f"batch's endpoint {self.endpoint!r}; every line must use the batch's "
+                "endpoint", "url", cid)
+        if not self._model_ok(line.model):
+            return LineError(
+                number, "model_not_found", f"line {number}: unknown model {line.model!r}; use "
+                f"one of your adapters or the base model {self.base_name!r}", "body.model", cid)
+        return line
+
+    def _specs(self, good: list[tuple[int, ParsedLine]], refused: list[LineError],
+               stats: IngestStats) -> list[JobSpec]:
+        """JobSpecs of the checked lines; a prompt too long for the model goes to ``refused``."""
         too_long = [None] * len(good) if self.settings is None else too_long_messages(
             self.settings, [(line.prompt, [m["content"] for m in line.messages]
                              if line.messages else None) for _, line in good])
@@ -231,22 +245,22 @@ class _Chunker:
                                          "body.messages" if line.messages else "body.prompt",
                                          line.custom_id))
                 continue
-            sampling = line.sampling
-            if id(sampling) not in self.kept:
-                key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                                   for k, v in sampling.items()))
-                sampling = self.samplings.setdefault(key, sampling)
-                self.kept.add(id(sampling))
             is_base = line.model == self.base_name or line.model in BASE_ALIASES
             specs.append(JobSpec(
                 adapter=None if is_base else line.model, prompt=line.prompt,
-                messages=line.messages, sampling=sampling, custom_id=line.custom_id))
+                messages=line.messages, sampling=self._shared(line.sampling),
+                custom_id=line.custom_id))
             stats.endpoints.add(line.url)
-        refused.sort(key=lambda e: e.line)
-        stats.accepted += len(specs)
-        stats.rejected += len(refused)
-        stats.refused += refused[:max(0, stats.KEPT_REFUSED - len(stats.refused))]
-        return specs, refused
+        return specs
+
+    def _shared(self, sampling: dict) -> dict:
+        """The one kept dict equal to ``sampling`` (equal dicts are stored as one JSON)."""
+        if id(sampling) not in self.kept:
+            key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                               for k, v in sampling.items()))
+            sampling = self.samplings.setdefault(key, sampling)
+            self.kept.add(id(sampling))
+        return sampling
 
 
 def ingest_chunks(raw_lines: Iterable[tuple[int, bytes | None]], queue, tenant, base_name: str,

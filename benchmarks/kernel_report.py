@@ -30,7 +30,7 @@ from triton.compiler import ASTSource
 from lorry.kernels.lora_decode_kernel import lora_decode_kernel
 
 BASE = {"NUM_SLICES": 2, "ROWS": 4, "BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_R": 16,
-        "BLOCK_K": 128, "SPLIT_K": 8, "FUSED": False, "PRECISION": "tf32", "UPCAST": False,
+        "BLOCK_K": 128, "SPLIT_K": 8, "PRECISION": "tf32", "UPCAST": False,
         "EXPAND_LOOP": 2, "STAGES": 3, "PHASE": 2, "USE_PDL": True,
         "num_warps": 4, "num_stages": 3}
 UNIT_STRIDES = ("s_xh", "s_ah", "s_yn")      # 1 in every call: the JIT makes them constants
@@ -46,8 +46,7 @@ def compile_kernel(consts: dict):
         if "constexpr" in str(params[name].annotation) or name in UNIT_STRIDES:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = {"work_ptr": "*fp32", "table_ptr": "*i32", "sync_ptr": "*i32"}.get(
-                name, "*bf16")
+            sig[name] = {"work_ptr": "*fp32", "table_ptr": "*i32"}.get(name, "*bf16")
         else:
             sig[name] = "i32"
     consts.update({name: 1 for name in UNIT_STRIDES})

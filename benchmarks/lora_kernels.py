@@ -3,7 +3,7 @@
 Llama-3-8B projection shapes in bf16 on a CUDA GPU; prints one JSON object per line and a
 summary object last. Times are medians over CUDA-graph replays (eager for the reference).
 Usage: python benchmarks/lora_kernels.py [--tokens 1 64 8192] [--adapters 32] [--ranks 16]
-       [--projections qkv gate_up] [--quick] [--decode-config off "fused=0,num_warps=8"]
+       [--projections qkv gate_up] [--quick] [--decode-config off "num_warps=8,expand_loop=1"]
 --decode-config runs the ladder once per setting of the decode table (kernels/configs/)
 ("default", "off" = the two-launch path only, or key=value pairs over the defaults).
 --layer times LoRA inside a layer, per projection at the goal shape: the base matmul alone,

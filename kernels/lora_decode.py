@@ -1,11 +1,11 @@
 """Decode path of the Triton LoRA backend: one kernel of shrink and expand items.
 
-The items (kernels/lora_decode_kernel.py) run in one launch (fused, handing the partial
-products over through device counters) or in two (the default). ``kernels.triton_lora.add_lora``
-calls :func:`try_add_lora_decode` first; it returns False (and does nothing) when the batch is
-not one the path takes (see the tuning tables below: decode steps, and prefill chunks in taller tiles; a
-caller's buffer, an empty slice, B slices without a unit rank stride), and the two-launch
-kernels of kernels/triton_kernels.py run. Two launches on Hopper are a programmatic dependent
+The items (kernels/lora_decode_kernel.py) run in two launches of that kernel, the shrink items
+then the expand items. ``kernels.triton_lora.add_lora`` calls :func:`try_add_lora_decode`
+first; it returns False (and does nothing) when the batch is not one the path takes (see the
+tuning tables below: decode steps, and prefill chunks in taller tiles; a caller's buffer, an
+empty slice, B slices without a unit rank stride), and the shrink and expand kernels of
+kernels/triton_kernels.py run. The two launches on Hopper are a programmatic dependent
 pair ("pdl"): the expand launch starts once every shrink program has passed its own wait, and
 waits in-kernel for the shrink to finish before it reads the products; with expand_loop 2 its
 first weight and y tiles are loaded before that wait.
@@ -35,8 +35,7 @@ from lorry.kernels.segments import LoRAMeta, tile_table
 # launch's own (0: the expand's); expand_loop: the expand's column loop (0 = one-deep manual
 # prefetch, 1 = software-pipelined num_stages deep, 2 = the same with the wait for the shrink
 # in its first iteration, so that the pipeline's first loads go out before it); pdl: the
-# expand launch starts beside the shrink (programmatic dependent launch, Hopper); fused: one
-# launch handing partial products over through device counters, or two.
+# expand launch starts beside the shrink (programmatic dependent launch, Hopper).
 # Tests and benchmarks set these to a full table to override the device's file.
 DECODE_CONFIG: dict | None = None
 FOLD_CONFIG: dict | None = None
@@ -50,26 +49,6 @@ def decode_config(device: torch.device) -> dict:
 def fold_config(device: torch.device) -> dict:
     """The fold entries in force for ``device`` (FOLD_CONFIG if set, else its file's)."""
     return FOLD_CONFIG if FOLD_CONFIG is not None else tuning.for_device(device)["fold"]
-
-
-SYNC_WORDS = 1 << 14           # int32 counters per device: ticket + 2 per (m-tile, slice)
-_SYNC: dict[tuple, torch.Tensor] = {}
-
-
-def _sync_buffer(device: torch.device) -> torch.Tensor | None:
-    """Zeroed counters for the fused launch, one buffer per device, made outside any capture.
-
-    The kernel leaves them zero after every launch. Launches on one device must not overlap
-    (one stream, as the engine and CUDA-graph replays run them). None while a CUDA graph is
-    being captured and the buffer does not exist yet (its memory would belong to the graph).
-    """
-    key = (device.type, device.index)
-    buf = _SYNC.get(key)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _SYNC[key] = torch.zeros(SYNC_WORDS, dtype=torch.int32, device=device)
-    return buf
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -126,9 +105,6 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
     subtiles = [triton.cdiv(n, block_n) for n in widths]
     nsub = max(1, triton.cdiv(active * sum(subtiles), target))
     chunks = [triton.cdiv(s, nsub) for s in subtiles]
-    n_ready = n_mtiles * S
-    if 1 + 2 * n_ready > SYNC_WORDS:
-        return None
     n_shrink = n_mtiles * S * split_k
     cc = [sum(chunks[:i + 1]) for i in range(S)] + [sum(chunks)] * (3 - S)
     expand_loop = cfg.get("expand_loop", 0)
@@ -137,8 +113,7 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
     return {"rows": rows, "block_m": max(16, triton.next_power_of_2(rows)),
             "block_n": block_n, "block_r": block_r,
             "block_k": block_k, "split_k": split_k, "nsub": nsub, "n_mtiles": n_mtiles,
-            "n_ready": n_ready, "n_shrink": n_shrink, "cc": cc,
-            "n_items": n_shrink + n_mtiles * cc[2], "fused": cfg["fused"],
+            "n_shrink": n_shrink, "cc": cc, "n_items": n_shrink + n_mtiles * cc[2],
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
             "expand_loop": expand_loop, "pdl": bool(cfg.get("pdl", 0)),
             "shrink_num_warps": cfg.get("shrink_num_warps") or cfg["num_warps"],
@@ -156,12 +131,9 @@ def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Ten
     if plan is None or any(a.stride() != lora_a[0].stride() for a in lora_a) \
             or not _unit_rank_stride(lora_b):
         return False
-    sync = _sync_buffer(x.device) if plan["fused"] else None
-    if plan["fused"] and sync is None:
-        return False
     work = torch.empty(plan["split_k"], len(lora_a), T, R, dtype=torch.float32, device=x.device)
     _launch(plan, x, lora_a, lora_b, y, work, (*work.stride()[:3], 0), meta, slice_offsets,
-            sync, shrink=True)
+            shrink=True)
     return True
 
 
@@ -175,17 +147,17 @@ def try_expand_folded_decode(y: torch.Tensor, inter: torch.Tensor, lora_b: list[
     widths = [b.shape[1] for b in lora_b]
     cfg = dict(decode_config(y.device), **fold_config(y.device))
     plan = decode_plan(T, meta.max_loras, hidden, R, widths, y.device, cfg)
-    if plan is None or plan["fused"] or not _unit_rank_stride(lora_b):
+    if plan is None or not _unit_rank_stride(lora_b):
         return False
     plan = dict(plan, split_k=1)
     # work[kp, s, t, r] = inter[t, s*L*R + slot*R + r]: strides (split, slice, token, slot)
     strides = (0, L * R, inter.stride(0), R)
-    _launch(plan, None, None, lora_b, y, inter, strides, meta, slice_offsets, None, shrink=False)
+    _launch(plan, None, None, lora_b, y, inter, strides, meta, slice_offsets, shrink=False)
     return True
 
 
 def _launch(plan: dict, x, lora_a, lora_b, y, work, work_strides, meta: LoRAMeta,
-            slice_offsets, sync, shrink: bool) -> None:
+            slice_offsets, shrink: bool) -> None:
     """The shrink and expand launches of a plan (only the expand when ``shrink`` is False:
     x and lora_a are then unused, and ``work`` holds the products)."""
     S = len(lora_b)
@@ -199,8 +171,8 @@ def _launch(plan: dict, x, lora_a, lora_b, y, work, work_strides, meta: LoRAMeta
     widths = [b.shape[1] for b in lora_b] + [0] * pad
     offs = list(slice_offsets) + [0] * pad
     cc0, cc01, cc_all = plan["cc"]
-    args = (x, *a_ptrs, *b_ptrs, y, work, work if sync is None else sync,
-            tile_table(meta, plan["rows"]), H, R, meta.max_loras, *widths, *offs, cc0, cc01, cc_all)
+    args = (x, *a_ptrs, *b_ptrs, y, work, tile_table(meta, plan["rows"]), H, R, meta.max_loras,
+            *widths, *offs, cc0, cc01, cc_all)
     strides = (x.stride(0), x.stride(1), *lora_a[0].stride(), *b_strides,
                y.stride(0), y.stride(1), *work_strides)
     consts = {"NUM_SLICES": S, "ROWS": plan["rows"], "BLOCK_M": plan["block_m"],
@@ -213,20 +185,14 @@ def _launch(plan: dict, x, lora_a, lora_b, y, work, work_strides, meta: LoRAMeta
                      "num_stages": plan["shrink_num_stages"]}
     # Only for a shrink and expand pair: the shrink waits for the kernel before it, and the
     # expand, which reads y before its wait, is launched from the shrink, by then past its wait.
-    if plan["pdl"] and shrink and not plan["fused"] and pdl_supported(y.device):
+    if plan["pdl"] and shrink and pdl_supported(y.device):
         expand_launch.update(USE_PDL=True, launch_pdl=True)
         shrink_launch.update(USE_PDL=True, launch_pdl=True)
-    n_shrink, n_items, n_ready, nsub = (plan["n_shrink"], plan["n_items"], plan["n_ready"],
-                                        plan["nsub"])
-    if plan["fused"]:
-        lora_decode_kernel[(n_items,)](*args, 0, n_shrink, n_items, n_ready, nsub, *strides,
-                                       FUSED=True, **consts, **expand_launch)
-        return
+    n_shrink, n_items, nsub = plan["n_shrink"], plan["n_items"], plan["nsub"]
     # PHASE: each launch compiles only its own items' code (the shrink's needs far fewer
     # registers than the expand's, so more of its programs fit on an SM)
     if shrink:
-        lora_decode_kernel[(n_shrink,)](*args, 0, n_shrink, n_items, n_ready, nsub, *strides,
-                                        FUSED=False, PHASE=1, **consts, **shrink_launch)
-    lora_decode_kernel[(n_items - n_shrink,)](*args, n_shrink, n_shrink, n_items, n_ready,
-                                              nsub, *strides, FUSED=False, PHASE=2, **consts,
-                                              **expand_launch)
+        lora_decode_kernel[(n_shrink,)](*args, 0, n_shrink, nsub, *strides, PHASE=1, **consts,
+                                        **shrink_launch)
+    lora_decode_kernel[(n_items - n_shrink,)](*args, n_shrink, n_shrink, nsub, *strides,
+                                              PHASE=2, **consts, **expand_launch)

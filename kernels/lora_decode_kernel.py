@@ -1,19 +1,13 @@
 """Triton kernel for multi-adapter LoRA on decode steps and prefill chunks: shrink and
-expand items, in one launch or two.
+expand items, in two launches of the same kernel (PHASE 1: shrink items, PHASE 2: expand
+items).
 
 Work items (one per program) are numbered: first the shrink items (m-tile, slice, k-part),
 then the expand items (m-tile, column chunk of one slice). An m-tile is up to ROWS tokens of
 one slot, read from the step's tile table in device memory (kernels.segments.tile_table), so
-the grid depends on host constants only and the launch can be captured in a CUDA graph.
-
-FUSED=True: one launch. Each program takes a ticket (an atomic counter) and does the item
-with that number, so every item a program waits for was taken by a program that is already
-running: a shrink item stores its partial product [ROWS, R] and counts itself done on a
-per-(m-tile, slice) counter; an expand item loads its y and starts its weights first, waits
-for that counter to reach SPLIT_K, sums the partials and streams its columns. The last
-program to use a counter sets it back to zero, so the counters (``sync``, int32, zero before
-the first launch) are ready for the next launch without a reset kernel.
-FUSED=False: the same items in two launches (shrink items, then expand items), no counters.
+the grid depends on host constants only and the launch can be captured in a CUDA graph. A
+shrink item stores its partial product [ROWS, R]; an expand item sums the SPLIT_K partials of
+its m-tile and slice and streams its columns.
 """
 from __future__ import annotations
 
@@ -45,22 +39,17 @@ def _add_tile(y_ptrs, mask, yt, it_b, bt, PRECISION: tl.constexpr, UPCAST: tl.co
 
 
 @triton.jit
-def _products(w_ptrs, w_mask, s_wk, ready_ptr, dtype: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, FUSED: tl.constexpr,
-              USE_PDL: tl.constexpr, UPCAST: tl.constexpr):
+def _products(w_ptrs, w_mask, s_wk, dtype: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr,
+              UPCAST: tl.constexpr):
     """An expand item's [BLOCK_M, BLOCK_R] products x·Aᵀ (the sum of the SPLIT_K partial
-    products at w_ptrs, s_wk apart) in the weights' dtype, once the shrink has written them:
-    after the PDL wait for the shrink launch, or (FUSED) the tile's counter at ready_ptr
-    reaching SPLIT_K."""
+    products at w_ptrs, s_wk apart) in the weights' dtype, once the shrink has written them
+    (with PDL: after the wait for the shrink launch)."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    if FUSED:
-        done = tl.atomic_add(ready_ptr, 0, sem="acquire", scope="gpu")
-        while done < SPLIT_K:
-            done = tl.atomic_add(ready_ptr, 0, sem="acquire", scope="gpu")
     it = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for p in tl.static_range(SPLIT_K):
-        # .cg: the partial sums were written by other programs (of this launch, if FUSED).
+        # .cg: the partial sums were written by another launch (the shrink, or the base matmul).
         it += tl.load(w_ptrs + p * s_wk, mask=w_mask, other=0.0, cache_modifier=".cg")
     it_b = it.to(dtype)
     if UPCAST:
@@ -68,27 +57,23 @@ def _products(w_ptrs, w_mask, s_wk, ready_ptr, dtype: tl.constexpr, BLOCK_M: tl.
     return it_b
 
 
+# Long by design: both PHASEs share one signature; item helpers would re-pass 20-30 of its args.
 @triton.jit
 def lora_decode_kernel(
-    x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, work_ptr, sync_ptr,
+    x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, work_ptr,
     table_ptr,
     H, R, L, n0, n1, n2, off0, off1, off2,
-    cc0, cc01, cc_all, first_item, n_shrink, n_items, n_ready, nsub,
+    cc0, cc01, cc_all, first_item, n_shrink, nsub,
     s_xt, s_xh, s_al, s_ar, s_ah,
     s_bl0, s_bn0, s_bl1, s_bn1, s_bl2, s_bn2,
     s_yt, s_yn, s_wk, s_ws, s_wt, s_wl,
     NUM_SLICES: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, FUSED: tl.constexpr,
+    SPLIT_K: tl.constexpr, PHASE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPAND_LOOP: tl.constexpr = 0,
-    STAGES: tl.constexpr = 2, PHASE: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
+    STAGES: tl.constexpr = 2, USE_PDL: tl.constexpr = False,
 ):
-    if FUSED:
-        t = tl.atomic_add(sync_ptr, 1)
-        if t == n_items - 1:            # every ticket is taken: ready for the next launch
-            tl.atomic_xchg(sync_ptr, 0)
-    else:
-        t = first_item + tl.program_id(0)
+    t = first_item + tl.program_id(0)
     if USE_PDL and PHASE == 1:
         # launched while the kernel before it finishes: its outputs (x) are ready after this
         tl.extra.cuda.gdc_wait()
@@ -99,12 +84,8 @@ def lora_decode_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     # PHASE 1 / 2: a launch of shrink / expand items only (the other branch is not compiled,
-    # so it costs no registers); 0: the item number decides.
-    if PHASE == 0:
-        is_shrink = t < n_shrink
-    else:
-        is_shrink = PHASE == 1
-    if is_shrink:
+    # so it costs no registers)
+    if PHASE == 1:
         # ---- shrink item: work[kp, sid, tok, :] = x[tok, k-part] @ A_sid[slot][:, k-part].T
         m = t // (NUM_SLICES * SPLIT_K)
         rem = t % (NUM_SLICES * SPLIT_K)
@@ -135,11 +116,6 @@ def lora_decode_kernel(
                     acc = tl.dot(xt.to(at.dtype), at, acc, input_precision=PRECISION)
             w_ptrs = work_ptr + kp * s_wk + sid * s_ws + tok[:, None] * s_wt + offs_r[None, :]
             tl.store(w_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
-            if FUSED:
-                # All threads' stores happen before the one release by the program.
-                tl.debug_barrier()
-                tl.atomic_add(sync_ptr + 1 + m * NUM_SLICES + sid, 1, sem="release",
-                              scope="gpu")
     else:
         # ---- expand item: y[tok, cols] += sum_kp(work[kp, sid, tok]) @ B_sid[slot][cols].T
         e = t - n_shrink
@@ -149,7 +125,6 @@ def lora_decode_kernel(
         in2 = c >= cc01
         sid = in1.to(tl.int32) + in2.to(tl.int32)
         c_local = c - _pick(in1, in2, 0, cc0, cc01)
-        n_chunks = _pick(in1, in2, cc0, cc01 - cc0, cc_all - cc01)
         N = _pick(in1, in2, n0, n1, n2)
         col0 = _pick(in1, in2, off0, off1, off2)
         s_bl = _pick(in1, in2, s_bl0, s_bl1, s_bl2)
@@ -158,8 +133,8 @@ def lora_decode_kernel(
         slot, tok, mask_m = _tile(m, table_ptr, rows, ROWS)
         if slot < L:
             # EXPAND_LOOP 0 (by hand) and 2 (the pipeline's prologue) read the first tiles'
-            # weights and y before waiting for the shrink (counters or PDL): they do not
-            # depend on it, so their latency overlaps.
+            # weights and y before waiting for the shrink (the PDL wait): they do not depend
+            # on it, so their latency overlaps.
             b_cols = b_ptr + slot.to(tl.int64) * s_bl + offs_r[:, None]     # unit rank stride
             n_first = c_local * nsub * BLOCK_N
             offs_n = n_first + tl.arange(0, BLOCK_N)
@@ -177,9 +152,8 @@ def lora_decode_kernel(
                       + offs_r[None, :])
             w_mask = mask_m[:, None] & mask_r[None, :]
             if EXPAND_LOOP < 2:
-                it_b = _products(w_ptrs, w_mask, s_wk, sync_ptr + 1 + m * NUM_SLICES + sid,
-                                 b_ptr.dtype.element_ty, BLOCK_M, BLOCK_R, SPLIT_K, FUSED,
-                                 USE_PDL, UPCAST)
+                it_b = _products(w_ptrs, w_mask, s_wk, b_ptr.dtype.element_ty, BLOCK_M,
+                                 BLOCK_R, SPLIT_K, USE_PDL, UPCAST)
             if EXPAND_LOOP == 0:
                 for j in range(nsub):
                     # Next tile's loads are issued before this tile's product (1-deep prefetch).
@@ -214,17 +188,8 @@ def lora_decode_kernel(
                                  mask=mask_m[:, None] & mask_c[None, :], other=0.0)
                     if EXPAND_LOOP == 2:  # noqa: SIM102 (compile-time, then run-time)
                         if j == 0:
-                            it_b = _products(w_ptrs, w_mask, s_wk,
-                                             sync_ptr + 1 + m * NUM_SLICES + sid,
-                                             b_ptr.dtype.element_ty, BLOCK_M, BLOCK_R,
-                                             SPLIT_K, FUSED, USE_PDL, UPCAST)
+                            it_b = _products(w_ptrs, w_mask, s_wk, b_ptr.dtype.element_ty,
+                                             BLOCK_M, BLOCK_R, SPLIT_K, USE_PDL, UPCAST)
                     _add_tile(y_rows + (col0 + cols)[None, :] * s_yn,
                               mask_m[:, None] & mask_c[None, :], yj, it_b, bj, PRECISION,
                               UPCAST)
-            if FUSED:
-                used_idx = 1 + n_ready + m * NUM_SLICES + sid
-                used = tl.atomic_add(sync_ptr + used_idx, 1, sem="acq_rel", scope="gpu")
-                if used == n_chunks - 1:   # the last reader of this counter resets it
-                    tl.atomic_xchg(sync_ptr + 1 + m * NUM_SLICES + sid, 0, sem="relaxed",
-                                   scope="gpu")
-                    tl.atomic_xchg(sync_ptr + used_idx, 0, sem="relaxed", scope="gpu")

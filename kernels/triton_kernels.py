@@ -98,6 +98,37 @@ def _pick_ptr(in1, in2, p0, p1, p2):
 
 
 @triton.jit
+def _expand_tile(i_rows, b_cols, mask_m, mask_n, R, s_isplit, s_ir, s_br,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                 SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] float32: the SPLIT_K partial products at ``i_rows`` summed, times the
+    weight tile at ``b_cols`` transposed, over the rank R in BLOCK_R steps."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Each step multiplies the weight tile loaded before it and loads the next one (the last
+    # load is masked off), so a tile's load is in flight during the partial sums' loads.
+    offs_r = tl.arange(0, BLOCK_R)
+    bt = tl.load(b_cols + offs_r[:, None] * s_br, mask=(offs_r < R)[:, None] & mask_n[None, :],
+                 other=0.0)                                                  # [BR, BN]
+    for r in range(0, R, BLOCK_R):
+        offs_r = r + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        it = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        # Split-K partial sums of the shrink are added here, so no extra reduction launch.
+        for p in range(SPLIT_K):
+            it += tl.load(i_rows + p * s_isplit + offs_r[None, :] * s_ir,
+                          mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        if UPCAST:
+            acc = tl.dot(it.to(bt.dtype).to(tl.float32), bt.to(tl.float32), acc,
+                         input_precision=PRECISION)
+        else:
+            acc = tl.dot(it.to(bt.dtype), bt, acc, input_precision=PRECISION)
+        nxt = offs_r + BLOCK_R
+        bt = tl.load(b_cols + nxt[:, None] * s_br, mask=(nxt < R)[:, None] & mask_n[None, :],
+                     other=0.0)
+    return acc
+
+
+@triton.jit
 def lora_expand_kernel(
     inter_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, sorted_ptr, counts_ptr, starts_ptr,
     R, L, n0, n1, n2, off0, off1, off2, tiles0, tiles01,
@@ -137,28 +168,8 @@ def lora_expand_kernel(
     mask_n = offs_n < N
     i_rows = inter_ptr + sid * s_islice + slot.to(tl.int64) * s_il + tok[:, None] * s_it
     b_cols = b_ptr + slot.to(tl.int64) * s_bl + offs_n[None, :] * s_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Each step multiplies the weight tile loaded before it and loads the next one (the last
-    # load is masked off), so a tile's load is in flight during the partial sums' loads.
-    offs_r = tl.arange(0, BLOCK_R)
-    bt = tl.load(b_cols + offs_r[:, None] * s_br, mask=(offs_r < R)[:, None] & mask_n[None, :],
-                 other=0.0)                                                  # [BR, BN]
-    for r in range(0, R, BLOCK_R):
-        offs_r = r + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        it = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        # Split-K partial sums of the shrink are added here, so no extra reduction launch.
-        for p in range(SPLIT_K):
-            it += tl.load(i_rows + p * s_isplit + offs_r[None, :] * s_ir,
-                          mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-        if UPCAST:
-            acc = tl.dot(it.to(bt.dtype).to(tl.float32), bt.to(tl.float32), acc,
-                         input_precision=PRECISION)
-        else:
-            acc = tl.dot(it.to(bt.dtype), bt, acc, input_precision=PRECISION)
-        nxt = offs_r + BLOCK_R
-        bt = tl.load(b_cols + nxt[:, None] * s_br, mask=(nxt < R)[:, None] & mask_n[None, :],
-                     other=0.0)
+    acc = _expand_tile(i_rows, b_cols, mask_m, mask_n, R, s_isplit, s_ir, s_br, BLOCK_M,
+                       BLOCK_N, BLOCK_R, SPLIT_K, PRECISION, UPCAST)
     y_ptrs = y_ptr + tok[:, None] * s_yt + (col0 + offs_n)[None, :] * s_yn
     mask = mask_m[:, None] & mask_n[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)

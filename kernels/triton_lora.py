@@ -112,7 +112,7 @@ def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: 
         return
     block_m = _block_m(T, meta.max_loras)
     block_r = min(max(16, triton.next_power_of_2(R)), 64)
-    # Wider column tiles (256, 512) were slower for decode on an H200 (docs/BENCHMARKS.md).
+    # Wider column tiles (256, 512) are slower for decode on an H200 (docs/BENCHMARKS.md).
     block_n = 128 if block_m == 16 else 64
     for g0, g1 in _groups(len(lora_b)):
         b = lora_b[g0:g1]

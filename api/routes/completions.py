@@ -192,73 +192,113 @@ async def _events(job: _Job, subscription, w: ChunkWriter, *, logprobs: bool, us
     """SSE of one streamed answer. Pieces carry their character offset, so a piece sent twice
     (or again by a retried run) adds nothing; what pub/sub lost is taken from the stored
     result at the end. A client that disconnects cancels the job."""
-    finished = False
-    sent = 0
+    stream = _Stream(job, subscription, w)
     try:
         if w.chat:
             yield w.chunk("", role=True)
-        reason, info, next_read = None, None, time.monotonic() + STREAM_POLL_S
-        while reason is None:
-            if time.monotonic() >= job.deadline:
-                finished = True  # the job keeps running: the error names it
-                yield w.error(error_body(504, job.timed_out().detail, code="timeout"))
-                return
-            message = None
-            if subscription is not None:
-                message = await subscription[1].get_message(ignore_subscribe_messages=True,
-                                                            timeout=0.25)
-            else:
-                await anyio.sleep(0.1)
-            if message is not None and message.get("type") == "message":
-                data = json.loads(message["data"])
-                start, text = data["offset"], data["text"]
-                if start <= sent < start + len(text):
-                    yield w.chunk(text[sent - start:])
-                    sent = start + len(text)
-                if data["finish_reason"] is not None:
-                    if start + len(text) == sent:
-                        reason = data["finish_reason"]
-                    else:  # pieces were lost: the stored result has the rest
-                        next_read = 0.0
-                continue
-            if time.monotonic() >= next_read:
-                next_read = time.monotonic() + STREAM_POLL_S
-                info = await job.read()
-                if info.status in TERMINAL:
-                    if info.status != "succeeded":
-                        finished = True
-                        err = job.ended(info)
-                        yield w.error(error_body(err.status_code, err.detail, code=err.code))
-                        return
-                    if len(info.result.text) > sent:
-                        yield w.chunk(info.result.text[sent:])
-                        sent = len(info.result.text)
-                    reason = info.result.finish_reason
-        if reason == "abort":
-            finished = True
-            yield w.error(error_body(409, f"job {job.id} was cancelled", code="job_cancelled"))
-            return
+        while stream.reason is None and not stream.finished:
+            for event in await stream.poll():
+                yield event
+        if not stream.finished:
+            for event in await stream.ending(logprobs=logprobs, usage=usage):
+                yield event
+            stream.finished = True
+    finally:
+        await stream.close()
+
+
+class _Stream:
+    """One streamed answer's progress: the characters sent, the job's last read, its finish
+    reason once every character is sent, and whether the client was told how it ended (a
+    stream closed before that cancels the job)."""
+
+    def __init__(self, job: _Job, subscription, w: ChunkWriter):
+        self.job, self.subscription, self.w = job, subscription, w
+        self.sent = 0
+        self.info = None  # the job's row once it has ended
+        self.reason: str | None = None
+        self.finished = False
+        self.next_read = time.monotonic() + STREAM_POLL_S
+
+    def error(self, status: int, detail: str, code: str | None) -> str:
+        """The one error event that ends the stream (the job is not cancelled)."""
+        self.finished = True
+        return self.w.error(error_body(status, detail, code=code))
+
+    async def poll(self) -> list[str]:
+        """One turn: a published piece, or every STREAM_POLL_S the job's row; its events."""
+        if time.monotonic() >= self.job.deadline:  # the job keeps running: the error names it
+            return [self.error(504, self.job.timed_out().detail, "timeout")]
+        message = await self._message()
+        if message is not None and message.get("type") == "message":
+            return self._published(json.loads(message["data"]))
+        if time.monotonic() >= self.next_read:
+            return await self._read_row()
+        return []
+
+    async def _message(self):
+        if self.subscription is None:
+            await anyio.sleep(0.1)
+            return None
+        return await self.subscription[1].get_message(ignore_subscribe_messages=True,
+                                                      timeout=0.25)
+
+    def _published(self, data: dict) -> list[str]:
+        """A piece the worker published: the characters not sent yet."""
+        start, text = data["offset"], data["text"]
+        events = []
+        if start <= self.sent < start + len(text):
+            events.append(self.w.chunk(text[self.sent - start:]))
+            self.sent = start + len(text)
+        if data["finish_reason"] is not None:
+            if start + len(text) == self.sent:
+                self.reason = data["finish_reason"]
+            else:  # pieces were lost: the stored result has the rest
+                self.next_read = 0.0
+        return events
+
+    async def _read_row(self) -> list[str]:
+        """The job's row: once it has ended, the rest of its text or its error."""
+        self.next_read = time.monotonic() + STREAM_POLL_S
+        info = await self.job.read()
+        if info.status not in TERMINAL:
+            return []
+        self.info = info  # the ended job's row (a running one's has no result for the end)
+        if info.status != "succeeded":
+            err = self.job.ended(info)
+            return [self.error(err.status_code, err.detail, err.code)]
+        events = []
+        if len(info.result.text) > self.sent:
+            events.append(self.w.chunk(info.result.text[self.sent:]))
+            self.sent = len(info.result.text)
+        self.reason = info.result.finish_reason
+        return events
+
+    async def ending(self, *, logprobs: bool, usage: bool) -> list[str]:
+        """The last chunk (finish reason, logprobs), the usage chunk, [DONE]; or the error
+        event of a cancelled or failed job."""
+        if self.reason == "abort":
+            return [self.error(409, f"job {self.job.id} was cancelled", "job_cancelled")]
+        info = self.info
         if (logprobs or usage) and info is None:
             try:
-                info = await job.wait()
+                info = await self.job.wait()
             except ApiError as e:
-                finished = True
-                yield w.error(error_body(e.status_code, e.detail, code=e.code))
-                return
-            if info is None:
-                return
-        yield w.chunk(None, reason, logprobs=info.result.logprobs if logprobs else None)
+                return [self.error(e.status_code, e.detail, e.code)]
+        events = [self.w.chunk(None, self.reason,
+                               logprobs=info.result.logprobs if logprobs else None)]
         if usage:
-            yield w.usage(usage_of(info.result))
-        yield w.done()
-        finished = True
-    finally:
-        if subscription is not None:
+            events.append(self.w.usage(usage_of(info.result)))
+        return [*events, self.w.done()]
+
+    async def close(self) -> None:
+        """Drop the subscription; cancel the job unless the client was told how it ended."""
+        if self.subscription is not None:
             with anyio.CancelScope(shield=True):
                 try:
-                    await subscription[1].aclose()
-                    await subscription[0].aclose()
+                    await self.subscription[1].aclose()
+                    await self.subscription[0].aclose()
                 except Exception as e:  # noqa: BLE001 - the connection is dropped anyway
-                    log.debug("closing the stream subscription of %s: %s", job.id, e)
-        if not finished:
-            await job.cancel()
+                    log.debug("closing the stream subscription of %s: %s", self.job.id, e)
+        if not self.finished:
+            await self.job.cancel()

@@ -217,79 +217,85 @@ class _Machine:
 
     # ---- opcodes torch's weights-only loader runs: its semantics, narrowed to torch.save's --
     def _allowed(self, name: str, arg, pos: int) -> None:
-        if name == "PROTO":
-            if arg < 2:
-                self.problem(f"pickle protocol {arg} (torch.save writes 2)", pos)
-        elif name == "MARK":
-            self.metastack.append(self.stack)
-            self.stack = []
-        elif name == "GLOBAL":
-            self._import(f"{arg[0]}.{arg[1]}")
-        elif name in ("BINGET", "LONG_BINGET"):
-            if arg not in self.memo:
-                raise _Malformed(f"memo index {arg} was never stored")
-            self.push(self.memo[arg])
-        elif name in ("BINPUT", "LONG_BINPUT"):
-            self.memo[arg] = self.top()
-        elif name == "TUPLE":
-            self.push(tuple(self.pop_mark()))
-        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-            n = int(name[-1])
-            items = [self.pop() for _ in range(n)][::-1]
-            self.push(tuple(items))
-        elif name == "EMPTY_TUPLE":
-            self.push(())
-        elif name == "EMPTY_DICT":
-            self.push(_Dict(ordered=False))
-        elif name == "EMPTY_LIST":
-            self.push(_List())
-        elif name == "EMPTY_SET":
-            self.push(_Set())
-        elif name in ("NONE", "NEWTRUE", "NEWFALSE"):
-            self.push({"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[name])
-        elif name in ("BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "BINUNICODE",
-                      "SHORT_BINSTRING"):
-            self.push(arg)
-        elif name in ("SETITEM", "SETITEMS"):
-            if name == "SETITEM":
-                value, key = self.pop(), self.pop()
-                items = [key, value]
-            else:
-                items = self.pop_mark()
-            target = self.top()
-            if not isinstance(target, _Dict) or len(items) % 2:
-                self.problem(f"{name} on {_kind(target)}", pos)
-            elif not all(_plain_key(k) for k in items[::2]):
-                self.problem(f"{name} with a key that is not a string, number or tuple", pos)
-            else:
-                target.items += list(zip(items[::2], items[1::2]))
-        elif name in ("APPEND", "APPENDS"):
-            items = [self.pop()] if name == "APPEND" else self.pop_mark()
-            target = self.top()
-            if not isinstance(target, _List):
-                self.problem(f"{name} on {_kind(target)}", pos)
-            else:
-                target.items += items
-        elif name == "BINPERSID":
-            self.push(self._persistent_id(self.pop(), pos))
-        elif name == "REDUCE":
-            args = self.pop()
-            self.stack[-1] = self._call(self.top(), args, pos)
-        elif name == "NEWOBJ":
-            args, cls = self.pop(), self.pop()
-            if cls == _Global(ORDERED_DICT) and args == ():
-                self.push(_Dict(ordered=True))
-            else:
-                self.problem(f"NEWOBJ of {_kind(cls)} (torch.save of tensors never writes it)",
-                             pos)
-                self.push(_Unknown("object"))
-        elif name == "BUILD":
-            state, target = self.pop(), self.top()
-            if not (isinstance(target, _Dict) and target.ordered and _module_metadata(state)):
-                self.problem(f"BUILD sets the state of {_kind(target)} to {_kind(state)} (only "
-                             "an nn.Module state dict's '_metadata' is allowed)", pos)
-        else:  # an opcode in ALLOWED_OPCODES without a rule here is a bug of this module
+        rule = _RULES.get(name)
+        if rule is None:  # an opcode in ALLOWED_OPCODES without a rule is a bug of this module
             raise AssertionError(name)
+        rule(self, name, arg, pos)
+
+    def _push_arg(self, name: str, arg, pos: int) -> None:
+        self.push(arg)
+
+    def _push_new(self, name: str, arg, pos: int) -> None:
+        self.push(_NEW_VALUES[name]())
+
+    def _proto(self, name: str, arg, pos: int) -> None:
+        if arg < 2:
+            self.problem(f"pickle protocol {arg} (torch.save writes 2)", pos)
+
+    def _mark(self, name: str, arg, pos: int) -> None:
+        self.metastack.append(self.stack)
+        self.stack = []
+
+    def _global(self, name: str, arg, pos: int) -> None:
+        self._import(f"{arg[0]}.{arg[1]}")
+
+    def _get(self, name: str, arg, pos: int) -> None:
+        if arg not in self.memo:
+            raise _Malformed(f"memo index {arg} was never stored")
+        self.push(self.memo[arg])
+
+    def _put(self, name: str, arg, pos: int) -> None:
+        self.memo[arg] = self.top()
+
+    def _tuple(self, name: str, arg, pos: int) -> None:
+        if name == "TUPLE":
+            self.push(tuple(self.pop_mark()))
+        else:  # TUPLE1, TUPLE2, TUPLE3
+            items = [self.pop() for _ in range(int(name[-1]))][::-1]
+            self.push(tuple(items))
+
+    def _setitems(self, name: str, arg, pos: int) -> None:
+        if name == "SETITEM":
+            value, key = self.pop(), self.pop()
+            items = [key, value]
+        else:
+            items = self.pop_mark()
+        target = self.top()
+        if not isinstance(target, _Dict) or len(items) % 2:
+            self.problem(f"{name} on {_kind(target)}", pos)
+        elif not all(_plain_key(k) for k in items[::2]):
+            self.problem(f"{name} with a key that is not a string, number or tuple", pos)
+        else:
+            target.items += list(zip(items[::2], items[1::2]))
+
+    def _appends(self, name: str, arg, pos: int) -> None:
+        items = [self.pop()] if name == "APPEND" else self.pop_mark()
+        target = self.top()
+        if not isinstance(target, _List):
+            self.problem(f"{name} on {_kind(target)}", pos)
+        else:
+            target.items += items
+
+    def _binpersid(self, name: str, arg, pos: int) -> None:
+        self.push(self._persistent_id(self.pop(), pos))
+
+    def _reduce(self, name: str, arg, pos: int) -> None:
+        args = self.pop()
+        self.stack[-1] = self._call(self.top(), args, pos)
+
+    def _newobj(self, name: str, arg, pos: int) -> None:
+        args, cls = self.pop(), self.pop()
+        if cls == _Global(ORDERED_DICT) and args == ():
+            self.push(_Dict(ordered=True))
+        else:
+            self.problem(f"NEWOBJ of {_kind(cls)} (torch.save of tensors never writes it)", pos)
+            self.push(_Unknown("object"))
+
+    def _build(self, name: str, arg, pos: int) -> None:
+        state, target = self.pop(), self.top()
+        if not (isinstance(target, _Dict) and target.ordered and _module_metadata(state)):
+            self.problem(f"BUILD sets the state of {_kind(target)} to {_kind(state)} (only "
+                         "an nn.Module state dict's '_metadata' is allowed)", pos)
 
     def _persistent_id(self, pid, pos: int):
         """torch's zip format names each tensor's bytes as ('storage', type, key, where, n)."""
@@ -366,6 +372,28 @@ class _Machine:
                 self.pop()
             for _ in op.stack_after:
                 self.push(_Unknown(name))
+
+
+# The values the allowed opcodes without an argument push (made anew for each opcode).
+_NEW_VALUES = {"NONE": lambda: None, "NEWTRUE": lambda: True, "NEWFALSE": lambda: False,
+               "EMPTY_TUPLE": tuple, "EMPTY_DICT": lambda: _Dict(ordered=False),
+               "EMPTY_LIST": _List, "EMPTY_SET": _Set}
+# The opcodes that push their argument as a literal value.
+_LITERAL_OPCODES = ("BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "BINUNICODE",
+                    "SHORT_BINSTRING")
+# How each opcode of ALLOWED_OPCODES but STOP acts on the simulated stack and memo.
+_RULES = {
+    **dict.fromkeys(_NEW_VALUES, _Machine._push_new),
+    **dict.fromkeys(_LITERAL_OPCODES, _Machine._push_arg),
+    "PROTO": _Machine._proto, "MARK": _Machine._mark, "GLOBAL": _Machine._global,
+    "BINGET": _Machine._get, "LONG_BINGET": _Machine._get,
+    "BINPUT": _Machine._put, "LONG_BINPUT": _Machine._put,
+    **dict.fromkeys(("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"), _Machine._tuple),
+    "SETITEM": _Machine._setitems, "SETITEMS": _Machine._setitems,
+    "APPEND": _Machine._appends, "APPENDS": _Machine._appends,
+    "BINPERSID": _Machine._binpersid, "REDUCE": _Machine._reduce,
+    "NEWOBJ": _Machine._newobj, "BUILD": _Machine._build,
+}
 
 
 def _empty_dict(value) -> bool:

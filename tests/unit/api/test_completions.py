@@ -181,3 +181,43 @@ def test_a_client_leaving_a_stream_cancels_its_job(service, tenant_a):
 
     anyio.run(leave_after_first_chunk)
     assert queue.get_job(info.id).status == "cancelled"
+
+
+def test_a_stream_whose_row_was_read_while_running_still_ends_with_usage(service, tenant_a,
+                                                                         monkeypatch):
+    """The stream reads the job's row while the job runs, then the end arrives by pub/sub:
+    the usage chunk and [DONE] still come (from the finished job's result)."""
+    import anyio
+
+    from lorry.api.openai_format import ChunkWriter
+    from lorry.api.routes import completions
+    from lorry.scheduler import JobSpec, Result
+
+    queue = service[1]
+    [info] = queue.submit(tenant_a.tenant.id, [JobSpec(adapter=None, prompt="x")])
+    monkeypatch.setattr(completions, "STREAM_POLL_S", 0.0)
+
+    class PubSub:
+        calls = 0
+
+        async def get_message(self, **kw):
+            self.calls += 1
+            if self.calls == 1:  # nothing published yet: the stream reads the queued row
+                return None
+            [mb] = queue.claim("test-worker", [], [], 1)
+            queue.complete(info.id, mb.jobs[0].lease_token, Result("Hi", [72, 1], "stop", 7, 2))
+            return {"type": "message",
+                    "data": json.dumps({"offset": 0, "text": "Hi", "finish_reason": "stop"})}
+
+        async def aclose(self):
+            pass
+
+    async def stream():
+        job = completions._Job(info.id, None, queue, tenant_a.tenant, timeout=30)
+        return [e async for e in completions._events(job, (PubSub(), PubSub()),
+                                                     ChunkWriter(info.id, "base", False),
+                                                     logprobs=False, usage=True)]
+
+    events = anyio.run(stream)
+    assert events[-1] == "data: [DONE]\n\n"
+    assert json.loads(events[-2].removeprefix("data: "))["usage"]["total_tokens"] == 9

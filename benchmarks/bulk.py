@@ -1,0 +1,410 @@
+"""Overnight bulk workload: seeded synthetic multi-tenant requests through the engine (JSON out).
+
+GPU: ``PYTHONPATH=. python3 benchmarks/bulk.py --device cuda`` (``make bench-bulk``). Llama-3-8B
+shapes, dummy weights; 2,000 requests with log-normal prompts (median 400, 50..4,000 tokens)
+and answers (median 150, 1..1,000 tokens, ``max_tokens`` with ignore_eos, greedy); 200
+adapters r8/16/32/64 on q/k/v/o with Zipf(1.1) popularity over 32 GPU slots; 30% of requests
+open with one of 20 tenant templates (500..1,500 tokens, then the request's own text, at
+most 4,000 tokens in all) and use the adapter the template belongs to.
+CPU: ``--device cpu --tiny``: the same generator scaled down, on a tiny random Llama.
+
+Three runs, each on a fresh engine: mixed (adapters, prefix caching), no_adapters (the same
+requests without adapters), prefix_off (adapters, no prefix caching). Each warms up untimed
+on the first 2 x max_num_seqs (at most --requests) requests of the seed + 1 workload (other
+template tokens, so the warm-up leaves no prefix hits), then times ``engine.generate`` over
+all requests. ``--sweep-batch``/``--sweep-adapters`` add mixed runs per max_num_seqs / per
+number of adapters, ``--plot`` draws them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+from lorry.testing import make_tiny_llama, make_tiny_tokenizer, write_random_adapter
+
+SPECS = {
+    "gpu": {"requests": 2000, "prompt": (400, 0.8, 50, 4000), "answer": (150, 0.8, 1, 1000),
+            "adapters": 200, "ranks": (8, 16, 32, 64), "zipf_s": 1.1, "slots": 32,
+            "max_lora_rank": 64, "prefixes": 20, "prefix_len": (500, 1500),
+            "prefix_share": 0.3, "max_model_len": 5120, "max_num_seqs": 256,
+            "files_per_rank": 4},
+    "tiny": {"requests": 60, "prompt": (40, 0.8, 5, 200), "answer": (8, 0.8, 1, 32),
+             "adapters": 12, "ranks": (8, 16), "zipf_s": 1.1, "slots": 4,
+             "max_lora_rank": 16, "prefixes": 4, "prefix_len": (48, 96),
+             "prefix_share": 0.3, "max_model_len": 256, "max_num_seqs": 16,
+             "files_per_rank": 0},
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+GOALS = {"mixed_tok_per_s_min": 15000, "mixed_tok_per_s_on": "H200",
+         "lora_overhead_max": 0.10, "prefix_speedup_min": 1.5}
+RUNS = ("mixed", "no_adapters", "prefix_off")
+# cache_stats() figures that accumulate over the engine's life: reported as timed-run deltas
+COUNTERS = {"prefix_query_tokens", "prefix_hit_tokens", "preemptions", "steps", "seconds",
+            "tokens", "rows", "hits", "misses", "evictions", "load_seconds"}
+
+
+@dataclasses.dataclass
+class Workload:
+    """Requests as parallel lists; ``adapter[i]`` indexes adapters in popularity order."""
+
+    prompts: list[list[int]]
+    max_tokens: list[int]
+    adapter: list[int]
+    prefix: list[int | None]  # the template a request opens with, or None
+    template_len: list[int]   # tokens of each template
+
+
+def _lognormal(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
+    return min(hi, max(lo, round(rng.lognormvariate(math.log(median), sigma))))
+
+
+def make_workload(spec: dict, n: int, vocab: int, seed: int) -> Workload:
+    """``n`` requests; template j belongs to adapter ``owner[j]`` (drawn by popularity)."""
+    rng = random.Random(seed)
+    ids = range(10, min(vocab, 30000))
+    weights = [1 / (i + 1) ** spec["zipf_s"] for i in range(spec["adapters"])]
+    owners = rng.choices(range(spec["adapters"]), weights, k=spec["prefixes"])
+    templates = [rng.choices(ids, k=rng.randint(*spec["prefix_len"]))
+                 for _ in range(spec["prefixes"])]
+    w = Workload([], [], [], [], [len(t) for t in templates])
+    hi = spec["prompt"][3]
+    for _ in range(n):
+        tail = rng.choices(ids, k=_lognormal(rng, *spec["prompt"]))
+        adapter = rng.choices(range(spec["adapters"]), weights)[0]
+        prefix = rng.randrange(spec["prefixes"]) if rng.random() < spec["prefix_share"] \
+            else None
+        if prefix is not None:  # a template plus the request's own text, at most `hi` tokens
+            adapter = owners[prefix]
+            tail = (templates[prefix] + tail)[:hi]
+        w.prompts.append(tail)
+        w.max_tokens.append(_lognormal(rng, *spec["answer"]))
+        w.adapter.append(adapter)
+        w.prefix.append(prefix)
+    return w
+
+
+def describe(w: Workload, spec: dict, ranks: list[int]) -> dict:
+    def dist(xs):
+        return {"median": statistics.median(xs), "mean": round(statistics.fmean(xs), 1),
+                "min": min(xs), "max": max(xs), "total": sum(xs)}
+    used = {t for t in w.prefix if t is not None}
+    repeats = sum(w.template_len[t] for t in w.prefix if t is not None) \
+        - sum(w.template_len[t] for t in used)
+    return {"requests": len(w.prompts), "prompt_tokens": dist([len(p) for p in w.prompts]),
+            "prompt_tokens_untemplated": dist([len(p) for p, t in zip(w.prompts, w.prefix)
+                                               if t is None]),
+            "answer_tokens": dist(w.max_tokens), "adapters": spec["adapters"],
+            "adapters_used": len(set(w.adapter)),
+            "ranks": {r: ranks.count(r) for r in sorted(set(ranks))},
+            "zipf_s": spec["zipf_s"], "gpu_slots": spec["slots"],
+            "top_adapter_share": round(w.adapter.count(0) / len(w.adapter), 3),
+            "templates": spec["prefixes"], "template_len": list(spec["prefix_len"]),
+            "requests_with_template": sum(p is not None for p in w.prefix),
+            # template tokens after each template's first use: the most prefix caching saves
+            "template_tokens_repeated": repeats,
+            "targets": TARGETS, "greedy": True, "ignore_eos": True}
+
+
+def build_model(tiny: bool, root: Path) -> tuple[str, dict, str]:
+    """(model dir, its config.json, load_format)."""
+    if tiny:
+        model = make_tiny_llama(root / "tiny", max_position_embeddings=1024)
+        return str(model), json.loads((model / "config.json").read_text()), "auto"
+    from throughput import LLAMA3_8B
+
+    model = root / "llama3-8b-dummy"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA3_8B))
+    make_tiny_tokenizer(model)
+    return str(model), LLAMA3_8B, "dummy"
+
+
+def build_adapters(spec: dict, config: dict, root: Path,
+                   seed: int) -> tuple[list[LoRARequest], list[int]]:
+    """A LoRARequest per adapter (ids 1..n, popularity order) and its rank. With
+    ``files_per_rank`` k > 0, adapters of one rank share k files (distinct ids all the same,
+    so distinct cache entries and slots)."""
+    rng = random.Random(seed)
+    ranks = [rng.choice(spec["ranks"]) for _ in range(spec["adapters"])]
+    k = spec["files_per_rank"]
+    paths = {}
+    reqs = []
+    for i, r in enumerate(ranks):
+        key = (r, i % k) if k else (r, i)
+        if key not in paths:
+            paths[key] = str(write_random_adapter(root / f"r{r}-{key[1]}", config, r=r,
+                                                  seed=len(paths), target_modules=TARGETS))
+        reqs.append(LoRARequest(f"a{i}", i + 1, paths[key]))
+    return reqs, ranks
+
+
+def engine_config(spec: dict, args, model: str, load_format: str, run: str,
+                  max_num_seqs: int) -> tuple[EngineConfig, list[str]]:
+    """The run's EngineConfig and the keys this engine's EngineConfig does not have."""
+    kw = {"model": model, "device": args.device, "load_format": load_format,
+          "enable_lora": run != "no_adapters", "max_loras": spec["slots"],
+          "max_cpu_loras": spec["adapters"], "max_lora_rank": spec["max_lora_rank"],
+          "max_num_seqs": max_num_seqs, "max_model_len": spec["max_model_len"],
+          "seed": args.seed, "enable_prefix_caching": run != "prefix_off"}
+    optional = {"block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
+                "gpu_memory_utilization": args.gpu_memory_utilization,
+                "max_num_batched_tokens": args.max_num_batched_tokens}
+    kw.update({k: v for k, v in optional.items() if v is not None})
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    dropped = sorted(k for k in kw if k not in fields)
+    return EngineConfig(**{k: v for k, v in kw.items() if k in fields}), dropped
+
+
+def _delta(before: dict, after: dict) -> dict:
+    """``after`` with every counter replaced by its growth since ``before``."""
+    out = {}
+    for k, v in after.items():
+        if isinstance(v, dict):
+            out[k] = _delta(before.get(k) or {}, v)
+        elif k in COUNTERS and isinstance(v, (int, float)):
+            out[k] = round(v - (before.get(k) or 0), 6)
+        else:
+            out[k] = v
+    return out
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _captures(eng) -> int | None:
+    graphs = getattr(getattr(eng, "runner", None), "graphs", None)
+    return getattr(graphs, "captures", None)
+
+
+def _generate(eng, w: Workload, loras: list[LoRARequest] | None, limit: int | None):
+    """engine.generate over ``w``; adapter i runs as adapter i % limit when limited."""
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+              for m in w.max_tokens]
+    reqs = None if loras is None else [loras[a % limit if limit else a] for a in w.adapter]
+    return eng.generate(w.prompts, params, reqs, use_tqdm=False)
+
+
+def _head(w: Workload, n: int) -> Workload:
+    return Workload(w.prompts[:n], w.max_tokens[:n], w.adapter[:n], w.prefix[:n],
+                    w.template_len)
+
+
+def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) -> dict:
+    """Fresh engine, untimed warm-up, timed generate; figures of the timed part only."""
+    args = ctx["args"]
+    config, dropped = engine_config(ctx["spec"], args, ctx["model"], ctx["load_format"], run,
+                                    max_num_seqs)
+    ctx["dropped"].update(dropped)
+    loras = None if run == "no_adapters" else ctx["loras"]
+    eng = LLMEngine(config)
+    try:
+        t0 = time.perf_counter()
+        n = args.warmup if args.warmup is not None else 2 * max_num_seqs
+        warm = _head(ctx["warm"], min(n, len(ctx["workload"].prompts)))
+        _generate(eng, warm, loras, limit)
+        _sync(args.device)
+        warm_s = time.perf_counter() - t0
+        before, captures = eng.cache_stats(), _captures(eng)
+        t0 = time.perf_counter()
+        outs = _generate(eng, ctx["workload"], loras, limit)
+        _sync(args.device)
+        seconds = time.perf_counter() - t0
+        stats = _delta(before, eng.cache_stats())
+        after_captures = _captures(eng)
+    finally:
+        if getattr(eng, "loras", None) is not None:
+            eng.loras.close()
+        del eng
+        _free(args.device)
+    w = ctx["workload"]
+    tokens = [len(o.outputs[0].token_ids) for o in outs]
+    res = {"run": run, "max_num_seqs": max_num_seqs, "adapter_limit": limit,
+           "requests": len(outs), "output_tokens": sum(tokens), "seconds": round(seconds, 3),
+           "tok_per_s": round(sum(tokens) / seconds, 1),
+           "short_outputs": sum(t < m for t, m in zip(tokens, w.max_tokens)),
+           "warmup_seconds": round(warm_s, 3),
+           "graphs_captured_while_timed": None if captures is None
+           else after_captures - captures}
+    for key in ("kv", "steps"):
+        if stats.get(key) is not None:
+            res[key] = stats[key]
+    kv = res.get("kv") or {}
+    if kv.get("prefix_query_tokens"):
+        kv["prefix_hit_rate"] = round(kv["prefix_hit_tokens"] / kv["prefix_query_tokens"], 4)
+    res["lora_cache"] = {k: {c: v[c] for c in ("hits", "misses", "evictions", "residents")
+                             if c in v} for k, v in stats.items() if k in ("gpu", "cpu")}
+    return res
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def attempt(res: dict, key, fn) -> dict:
+    """Run ``fn`` into ``res[key]``; a failing run (say, out of memory) keeps the others."""
+    try:
+        res[key] = fn()
+    except Exception as e:  # noqa: BLE001 (reported in the JSON)
+        import traceback
+
+        traceback.print_exc()
+        res[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        _free("cuda" if torch.cuda.is_available() else "cpu")
+    return res[key]
+
+
+def derived(runs: dict) -> dict:
+    """Overhead, prefix speedup, batch reached (from the mixed run) and the goals."""
+    tps = {k: v.get("tok_per_s") for k, v in runs.items()}
+    out = {"lora_overhead": None, "prefix_speedup": None, "batch": None}
+    if tps.get("mixed") and tps.get("no_adapters"):
+        out["lora_overhead"] = round(1 - tps["mixed"] / tps["no_adapters"], 4)
+    if tps.get("mixed") and tps.get("prefix_off"):
+        out["prefix_speedup"] = round(tps["mixed"] / tps["prefix_off"], 3)
+    decode = ((runs.get("mixed") or {}).get("steps") or {}).get("decode") or {}
+    if decode.get("steps"):
+        out["batch"] = {"decode_max_batch": decode.get("max_batch"),
+                        "mean_rows_per_decode_step": round(decode["rows"] / decode["steps"], 1)}
+    out["goals"] = GOALS
+    out["goals_met"] = {
+        "mixed_tok_per_s": None if not tps.get("mixed")
+        else tps["mixed"] >= GOALS["mixed_tok_per_s_min"],
+        "lora_overhead": None if out["lora_overhead"] is None
+        else out["lora_overhead"] <= GOALS["lora_overhead_max"],
+        "prefix_speedup": None if out["prefix_speedup"] is None
+        else out["prefix_speedup"] >= GOALS["prefix_speedup_min"]}
+    return out
+
+
+def plot(res: dict, path: str) -> None:
+    """tokens/s against max_num_seqs and against adapters in the workload (two subplots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, field, label in (
+            (axes[0], "sweep_batch", "max_num_seqs", "max_num_seqs (batch rows)"),
+            (axes[1], "sweep_adapters", "adapter_limit", "distinct adapters in the workload")):
+        pts = sorted((r[field], r["tok_per_s"]) for r in res.get(key, {}).values()
+                     if "tok_per_s" in r)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label="mixed")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([x for x, _ in pts], [str(x) for x, _ in pts])
+        no_lora = res["runs"].get("no_adapters", {}).get("tok_per_s")
+        if no_lora:
+            ax.axhline(no_lora, ls="--", c="gray", label="no adapters (default batch)")
+        ax.set(xlabel=label, ylabel="output tokens/s")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"bulk workload, {res.get('gpu') or res['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                    help="default: cuda (with --tiny: cpu)")
+    ap.add_argument("--tiny", action="store_true", help="the scaled-down workload, tiny Llama")
+    ap.add_argument("--requests", type=int, default=None, help="default: 2000 (tiny: 60)")
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: 256 (tiny: 16)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed warm-up requests per run (default: 2 x max_num_seqs)")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None)
+    ap.add_argument("--num-kv-blocks", type=int, default=None)
+    ap.add_argument("--block-size", type=int, default=None)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--adapter-files-per-rank", type=int, default=None,
+                    help="adapters of one rank share this many files (0: a file each; "
+                         "default 4, tiny 0)")
+    ap.add_argument("--sweep-batch", type=int, nargs="*", default=[],
+                    help="also a mixed run per max_num_seqs, e.g. 64 128 256 512")
+    ap.add_argument("--sweep-adapters", type=int, nargs="*", default=[],
+                    help="also a mixed run per k: only the k most popular adapters")
+    ap.add_argument("--plot", default=None, help="tokens/s vs batch and vs adapters (png)")
+    args = ap.parse_args()
+    args.device = args.device or ("cpu" if args.tiny else "cuda")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    spec = dict(SPECS["tiny" if args.tiny else "gpu"])
+    for key, value in (("requests", args.requests), ("max_num_seqs", args.max_num_seqs),
+                       ("files_per_rank", args.adapter_files_per_rank)):
+        if value is not None:
+            spec[key] = value
+    res = {"benchmark": "bulk", "device": args.device, "tiny": args.tiny, "seed": args.seed,
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+    with tempfile.TemporaryDirectory(prefix="lorry-bulk-") as tmp:
+        model, config, load_format = build_model(args.tiny, Path(tmp))
+        loras, ranks = build_adapters(spec, config, Path(tmp), args.seed)
+        vocab = config["vocab_size"]
+        ctx = {"args": args, "spec": spec, "model": model, "load_format": load_format,
+               "loras": loras, "dropped": set(),
+               "workload": make_workload(spec, spec["requests"], vocab, args.seed),
+               "warm": make_workload(spec, 2 * max([spec["max_num_seqs"], *args.sweep_batch]),
+                                     vocab, args.seed + 1)}
+        res["workload"] = describe(ctx["workload"], spec, ranks)
+        res["workload"]["warmup"] = (f"untimed: the first {args.warmup} requests" if
+                                     args.warmup is not None else
+                                     "untimed: the first 2 x max_num_seqs (at most "
+                                     f"{spec['requests']}) requests of the seed "
+                                     f"{args.seed + 1} workload")
+        res["workload"]["adapter_files"] = len({r.lora_path for r in loras})
+        res["engine"] = {k: spec[k] for k in ("max_model_len", "max_num_seqs", "slots",
+                                              "max_lora_rank")}
+        res["runs"] = {}
+        for run in args.runs:
+            attempt(res["runs"], run, lambda run=run: timed_run(ctx, run, spec["max_num_seqs"]))
+        res.update(derived(res["runs"]))
+        sweeps(ctx, res)
+        res["dropped_config_keys"] = sorted(ctx["dropped"])
+        if ctx["dropped"]:
+            res["note"] = ("this engine's EngineConfig lacks " + ", ".join(res[
+                "dropped_config_keys"]) + ": those settings were not applied")
+    if args.plot:
+        attempt(res, "plot", lambda: plot(res, args.plot) or args.plot)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+def sweeps(ctx: dict, res: dict) -> None:
+    """Mixed runs per max_num_seqs and per adapter count (only when asked)."""
+    args = ctx["args"]
+    if args.sweep_batch:
+        res["sweep_batch"] = {}
+        for b in args.sweep_batch:
+            attempt(res["sweep_batch"], str(b), lambda b=b: timed_run(ctx, "mixed", b))
+    if args.sweep_adapters:
+        res["sweep_adapters"] = {}
+        for k in args.sweep_adapters:
+            attempt(res["sweep_adapters"], str(k),
+                    lambda k=k: timed_run(ctx, "mixed", ctx["spec"]["max_num_seqs"], k))
+
+
+if __name__ == "__main__":
+    main()

@@ -45,17 +45,29 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _graph_bytes(c: EngineConfig, model) -> int:
+    """What captured decode graphs keep alive: fp32 logits [size, vocab] per bucket, with and
+    without LoRA (their activations are temporaries of one shared pool)."""
+    if c.enforce_eager:
+        return 0
+    from lorry.engine.graphs import size_ladder
+
+    vocab = model.lm_weight().shape[0]
+    return 2 * sum(size_ladder(c.max_num_seqs)) * vocab * 4
+
+
 def kv_blocks(c: EngineConfig, model, max_len: int, device: torch.device) -> int:
     """The KV pool's size in blocks (the null block included): ``num_kv_blocks`` if set;
-    on CUDA what ``gpu_memory_utilization`` leaves after everything allocated so far (at most
-    twice what ``max_num_seqs`` full-length sequences need: the rest would only hold older
-    prefixes); else room for ``max_num_seqs`` sequences of ``max_model_len``."""
+    on CUDA what ``gpu_memory_utilization`` leaves after everything allocated so far and the
+    decode graphs' outputs (at most twice what ``max_num_seqs`` full-length sequences need:
+    the rest would only hold older prefixes); else room for ``max_num_seqs`` sequences of
+    ``max_model_len``."""
     per_seq = -(-max_len // c.block_size)
     if c.num_kv_blocks is not None:
         n = c.num_kv_blocks
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        budget = c.gpu_memory_utilization * total - (total - free)
+        budget = c.gpu_memory_utilization * total - (total - free) - _graph_bytes(c, model)
         n = min(int(budget // model.kv_block_bytes(c.block_size)),
                 2 * c.max_num_seqs * per_seq + 1)
     else:

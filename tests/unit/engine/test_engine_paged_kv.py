@@ -45,11 +45,13 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_tiny_pool_preempts_and_still_gives_pefts_tokens(tiny_llama, device):
-    """A pool of 13 blocks of 8 tokens (one sequence of max_model_len needs 12) for 8 rows:
+    """A pool of 12 blocks of 8 tokens (one sequence of max_model_len needs 12) for 8 rows:
     decode steps run out of blocks, the newest sequences are preempted and recomputed,
     chunked prefill splits the prompts, and every row still equals PEFT's greedy tokens."""
-    eng = _engine(tiny_llama, block_size=8, num_kv_blocks=14, max_num_batched_tokens=24,
+    eng = _engine(tiny_llama, block_size=8, num_kv_blocks=13, max_num_batched_tokens=24,
                   device=device)   # CUDA: graphs over block tables, Triton attention
+    for lr in dict.fromkeys(lr for lr in _workload(tiny_llama)[1] if lr):  # loaded now, not
+        eng.add_lora(lr)                                      # in the background: a fixed order
     tokens, outs = _run(eng, tiny_llama)
     stats = eng.cache_stats()["kv"]
     assert stats["preemptions"] >= 1

@@ -140,6 +140,14 @@ class BlockManager:
             self.digest_of[block] = d
             self.cached[d] = block
 
+    def unregister_uncomputed(self, seq) -> None:
+        """Forget the digests of ``seq``'s blocks past its computed tokens: a step that
+        registered them failed before writing their keys."""
+        for block in seq.block_table[seq.num_computed_tokens // self.block_size:]:
+            d = self.digest_of.pop(block, None)
+            if d is not None:
+                del self.cached[d]
+
     def release(self, seq) -> None:
         """Drop ``seq``'s hold on its blocks; the tail is released first, so under eviction a
         shared prefix's head outlives its tail."""

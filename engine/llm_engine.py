@@ -153,7 +153,12 @@ class LLMEngine:
             self._prefetch_slots(seqs)
             self.loras.gpu.wait_for(slots)
         if plan.prefill:
-            logits = self.runner.prefill(seqs, slots, plan.chunks)
+            try:
+                logits = self.runner.prefill(seqs, slots, plan.chunks)
+            except BaseException:
+                for s in seqs:  # blocks registered for this step hold no keys: never reuse
+                    self.scheduler.blocks.unregister_uncomputed(s)
+                raise
             done = []
             for i, (s, c) in enumerate(zip(seqs, plan.chunks)):
                 s.num_computed_tokens += c

@@ -140,3 +140,28 @@ def test_cache_stats_report_kv_and_steps(tiny_llama):
     assert s["steps"]["decode"]["max_batch"] == 4
     assert s["steps"]["prefill"]["tokens"] + s["kv"]["prefix_hit_tokens"] \
         == s["kv"]["prefix_query_tokens"]
+
+
+def test_a_failed_prefill_leaves_no_cached_prefix(tiny_llama):
+    """A step that fails after its blocks were registered must not let a later request
+    reuse them (they hold no keys)."""
+    eng = _engine(tiny_llama, block_size=8)
+    sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    prompt = PREFIX + [5, 6, 7]
+    real = eng.runner.prefill
+
+    def boom(*a, **k):
+        raise RuntimeError("device lost")
+    eng.runner.prefill = boom
+    eng.add_request("r1", prompt, sp)
+    with pytest.raises(RuntimeError, match="device lost"):
+        eng.step()
+    eng.abort_request("r1")
+    eng.runner.prefill = real
+    kv = eng.cache_stats()["kv"]
+    assert kv["blocks_cached"] == 0 and kv["blocks_free"] == kv["blocks_total"]
+    before = eng.cache_stats()["kv"]["prefix_hit_tokens"]
+    out = eng.generate([prompt], sp, use_tqdm=False)[0]
+    assert eng.cache_stats()["kv"]["prefix_hit_tokens"] == before
+    want, _ = peft_greedy(tiny_llama.hf, out.prompt_token_ids, 2, None)
+    assert out.outputs[0].token_ids == want

@@ -12,7 +12,6 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorry.scheduler import errors
-from lorry.scheduler.outage import OUTAGES, unavailable
 
 RETRY_AFTER_UNAVAILABLE_S = 5  # the database is usually back within seconds (a restart)
 RETRY_AFTER_QUOTA_S = 30
@@ -48,11 +47,12 @@ DESCRIPTIONS = {
     403: "not allowed",
     404: "no such object of yours (other tenants' objects are 404 too); on /metrics: no "
          "metrics token is configured",
-    409: "the name is already taken",
+    409: "the name is already taken, or another request stored the same key first",
     413: "the body, a line or the number of lines exceeds a limit (the message names it)",
     422: "the request is invalid; `param` names the field, `code` the rule",
     429: "the tenant's max_queued quota is full; retry after `Retry-After` seconds",
-    503: "the job database cannot be reached; retry after `Retry-After` seconds",
+    503: "the job database cannot be reached (or aborted the request on a conflict with "
+         "another); retry after `Retry-After` seconds",
 }
 
 
@@ -137,9 +137,12 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None, st
 
 
 def queue_error_status(exc: errors.QueueError) -> tuple[int, str, dict[str, str] | None]:
-    """(status, code, headers) of a refusal by the job queue."""
-    if isinstance(exc, errors.Unavailable):
+    """(status, code, headers) of a refusal by the job queue, by its type (the queue
+    converts driver errors into these types: no driver error reaches the API)."""
+    if isinstance(exc, (errors.Unavailable, errors.Retryable)):  # ConnectionLost included
         return 503, "database_unavailable", {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}
+    if isinstance(exc, errors.DuplicateKey):
+        return 409, "conflict", None
     if isinstance(exc, errors.QuotaExceeded):
         return 429, "quota_exceeded", {"Retry-After": str(RETRY_AFTER_QUOTA_S)}
     if isinstance(exc, errors.AdapterExists):
@@ -174,15 +177,6 @@ def install(app: FastAPI) -> None:
     async def _refused(request: Request, exc: errors.QueueError):
         status, code, headers = queue_error_status(exc)
         return error_response(status, str(exc), code=code, headers=headers)
-
-    async def _outage(request: Request, exc: Exception):
-        # Driver errors that escaped the scheduler's conversion (errors.Unavailable).
-        status, code, headers = queue_error_status(unavailable(exc))
-        return error_response(status, "the job database cannot be reached; try again later",
-                              code=code, headers=headers)
-
-    for cls in OUTAGES:
-        app.add_exception_handler(cls, _outage)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):

@@ -1,4 +1,6 @@
-"""The job queue: SQL tables, claim policy, leases and the one gateway that issues SQL."""
+"""The job queue: SQL tables, claim policy, leases and the one gateway (JobQueue); every
+statement is in scheduler.queries, every driver error becomes a scheduler.errors type at
+scheduler.connector."""
 from __future__ import annotations
 
 from lorry.scheduler import errors

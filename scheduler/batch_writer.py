@@ -7,13 +7,11 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from lorry.scheduler import errors
+from lorry.scheduler import queries as q
 from lorry.scheduler.copy_pg import JobCopy, NewJob
 from lorry.scheduler.db import add_to_groups
 from lorry.scheduler.jobs import group_deltas, new_rows
-from lorry.scheduler.models import BatchReject, Job
 from lorry.scheduler.types import JobSpec, LineError
-
-J, R = Job.__table__, BatchReject.__table__
 
 
 class BatchWriter:
@@ -56,14 +54,14 @@ class BatchWriter:
         if self.copy is not None:
             self.copy.write(rows, encoded)
         elif rows:
-            self.conn.execute(J.insert(), [r.as_row() for r in rows])
+            self.conn.execute(q.INSERT_JOBS, [r.as_row() for r in rows])
         group_deltas(rows, self.deltas)
 
     def refuse(self, refused: Sequence[LineError]) -> None:
         """Keep refused input lines (the batch's error file)."""
         if refused:
             self._pause()
-            self.conn.execute(R.insert(), [
+            self.conn.execute(q.INSERT_REJECTS, [
                 {"batch_id": self.batch_id, "line": e.line, "custom_id": e.custom_id,
                  "code": e.code, "param": e.param, "message": e.message} for e in refused])
 

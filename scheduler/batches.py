@@ -7,19 +7,15 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 
-from sqlalchemy import exists, func, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
-
 from lorry.scheduler import errors
+from lorry.scheduler import queries as q
 from lorry.scheduler.batch_files import jsonl, output_line, reject_line
 from lorry.scheduler.batch_writer import BatchWriter
 from lorry.scheduler.db import add_to_groups
 from lorry.scheduler.jobs import unstorable, validate_spec
-from lorry.scheduler.models import Batch, BatchReject, Job, Tenant
 from lorry.scheduler.rows import batch_info, job_info
 from lorry.scheduler.types import BatchInfo, JobInfo, JobSpec, LineError
 
-B, J, R = Batch.__table__, Job.__table__, BatchReject.__table__
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
 FAILED_JOB_STATUSES = ("failed", "cancelled", "expired")
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -31,6 +27,15 @@ def window_seconds(window: str) -> int:
         raise errors.InvalidJob(f"completion_window must be like '24h' (1h to 168h), "
                                 f"got {window!r}")
     return int(m.group(1)) * 3600
+
+
+def _check_fields(metadata, idempotency_key) -> None:
+    if metadata is not None and not isinstance(metadata, dict):
+        raise errors.InvalidJob(f"metadata must be a dict or None, got {metadata!r}")
+    problem = unstorable(metadata) or unstorable(idempotency_key)
+    if problem:
+        raise errors.InvalidJob(f"metadata or idempotency key contains {problem}, which "
+                                "the batch table cannot store; remove it")
 
 
 class BatchOps:
@@ -63,55 +68,54 @@ class BatchOps:
         ``endpoint=None``: the requests' own (chat or text completions, else "mixed").
         """
         seconds = window_seconds(completion_window)
-        if metadata is not None and not isinstance(metadata, dict):
-            raise errors.InvalidJob(f"metadata must be a dict or None, got {metadata!r}")
-        problem = unstorable(metadata) or unstorable(idempotency_key)
-        if problem:
-            raise errors.InvalidJob(f"metadata or idempotency key contains {problem}, which "
-                                    "the batch table cannot store; remove it")
+        _check_fields(metadata, idempotency_key)
         if idempotency_key is not None:
             known = self._batch_by_key(tenant_id, idempotency_key)
             if known is not None:
                 return known, False
         now = self.now()
-        batch_id = f"batch_{uuid.uuid4().hex}"
-        row = dict(id=batch_id, tenant_id=tenant_id, status="validating",
+        row = dict(id=f"batch_{uuid.uuid4().hex}", tenant_id=tenant_id, status="validating",
                    completion_window=completion_window, total=0, completed=0, failed=0,
                    metadata=metadata, created_at=now, expires_at=now + timedelta(seconds=seconds),
                    endpoint=endpoint, input_file_id=input_file_id, model=model, rejected=0,
                    idempotency_key=idempotency_key)
         try:
-            with self.engine.begin() as conn:
-                tenant = conn.execute(select(Tenant.__table__).where(
-                    Tenant.id == tenant_id)).first()
-                if tenant is None:
-                    raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
-                conn.execute(B.insert(), row)
-                writer = BatchWriter(self, conn, tenant, batch_id, row["expires_at"])
-                try:
-                    accepted, rejected, kinds = self._write_chunks(writer, chunks)
-                except BaseException as e:
-                    writer.abandon(e)
-                    raise
-                values = dict(total=accepted + rejected, rejected=rejected)
-                if endpoint is None:
-                    values["endpoint"] = kinds.pop() if len(kinds) == 1 else \
-                        ("mixed" if kinds else None)
-                if accepted:
-                    values.update(status="in_progress", in_progress_at=now)
-                else:
-                    values.update(status="failed", failed_at=now, failed=rejected,
-                                  error_file_id=self._error_file(conn, batch_id, tenant_id,
-                                                                 model))
-                conn.execute(update(B).where(B.c.id == batch_id).values(**values))
-                return self._batch(conn, batch_id, tenant_id), True
-        except IntegrityError:
+            return self._ingest(row, chunks), True
+        except errors.DuplicateKey:
             # A concurrent create with the same key won: answer with its batch.
             known = None if idempotency_key is None else self._batch_by_key(tenant_id,
                                                                             idempotency_key)
             if known is None:
                 raise
             return known, False
+
+    def _ingest(self, row: dict, chunks) -> BatchInfo:
+        """Insert the batch row, write every chunk and settle the batch's status, in one
+        transaction."""
+        batch_id, tenant_id, now = row["id"], row["tenant_id"], row["created_at"]
+        with self.connector.begin() as conn:
+            tenant = conn.execute(q.tenant(tenant_id)).first()
+            if tenant is None:
+                raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
+            conn.execute(q.INSERT_BATCH, row)
+            writer = BatchWriter(self, conn, tenant, batch_id, row["expires_at"])
+            try:
+                accepted, rejected, kinds = self._write_chunks(writer, chunks)
+            except BaseException as e:
+                writer.abandon(e)
+                raise
+            values = dict(total=accepted + rejected, rejected=rejected)
+            if row["endpoint"] is None:
+                values["endpoint"] = kinds.pop() if len(kinds) == 1 else \
+                    ("mixed" if kinds else None)
+            if accepted:
+                values.update(status="in_progress", in_progress_at=now)
+            else:
+                values.update(status="failed", failed_at=now, failed=rejected,
+                              error_file_id=self._error_file(conn, batch_id, tenant_id,
+                                                             row["model"]))
+            conn.execute(q.update_batch(batch_id, **values))
+            return self._batch(conn, batch_id, tenant_id)
 
     @staticmethod
     def _write_chunks(writer: BatchWriter, chunks) -> tuple[int, int, set[str]]:
@@ -142,19 +146,20 @@ class BatchOps:
         return accepted, rejected, kinds
 
     def _batch_by_key(self, tenant_id: str, key: str) -> BatchInfo | None:
-        with self.engine.connect() as conn:
-            found = conn.execute(select(B.c.id).where(B.c.tenant_id == tenant_id,
-                                                      B.c.idempotency_key == key)).scalar()
+        with self.connector.connect() as conn:
+            found = conn.execute(q.batch_id_by_key(tenant_id, key)).scalar()
             return None if found is None else self._batch(conn, found, tenant_id)
 
+    @staticmethod
+    def _job_counts(conn, batch_id: str) -> dict[str, int]:
+        return {r.status: r.n for r in conn.execute(q.batch_job_counts(batch_id))}
+
     def _batch(self, conn, batch_id: str, tenant_id: str | None) -> BatchInfo | None:
-        cond = [B.c.id == batch_id] + ([B.c.tenant_id == tenant_id] if tenant_id else [])
-        row = conn.execute(select(B).where(*cond)).first()
+        row = conn.execute(q.batch(batch_id, tenant_id)).first()
         if row is None:
             return None
         if row.status in OPEN:
-            by_status = dict(conn.execute(select(J.c.status, func.count()).where(
-                J.c.batch_id == batch_id).group_by(J.c.status)).all())
+            by_status = self._job_counts(conn, batch_id)
             counts = dict(total=row.total, completed=by_status.get("succeeded", 0),
                           failed=(row.rejected or 0) + sum(by_status.get(s, 0)
                                                            for s in FAILED_JOB_STATUSES))
@@ -163,31 +168,25 @@ class BatchOps:
         return batch_info(row, counts)
 
     def get_batch(self, batch_id: str, tenant_id: str | None) -> BatchInfo | None:
-        with self.engine.connect() as conn:
+        with self.connector.connect() as conn:
             return self._batch(conn, batch_id, tenant_id)
 
     def cancel_batch(self, batch_id: str, tenant_id: str | None) -> BatchInfo | None:
         """Queued jobs are cancelled now, running ones flagged; the batch is "cancelling"
         until finalize_batches sees every job terminal, then "cancelled"."""
         now = self.now()
-        with self.engine.begin() as conn:
+        with self.connector.begin() as conn:
             info = self._batch(conn, batch_id, tenant_id)
             if info is None or info.status not in ("validating", "in_progress"):
                 return info
-            conn.execute(update(B).where(B.c.id == batch_id).values(
-                status="cancelling", cancelling_at=now))
-            rows = conn.execute(update(J).where(J.c.batch_id == batch_id,
-                                                J.c.status == "queued")
-                                .values(status="cancelled", finished_at=now)
-                                .returning(J.c.tenant_id, J.c.adapter_id, J.c.priority,
-                                           J.c.enqueued_at)).all()
+            conn.execute(q.update_batch(batch_id, status="cancelling", cancelling_at=now))
+            rows = conn.execute(q.cancel_queued_batch_jobs(batch_id, now)).all()
             deltas: dict = {}
             for r in rows:
                 key = (r.tenant_id, r.adapter_id, r.priority)
                 deltas[key] = (deltas.get(key, (0, r.enqueued_at))[0] - 1, r.enqueued_at)
             add_to_groups(conn, deltas)
-            conn.execute(update(J).where(J.c.batch_id == batch_id, J.c.status == "running")
-                         .values(cancel_requested=True))
+            conn.execute(q.request_cancel_batch_jobs(batch_id))
             return self._batch(conn, batch_id, tenant_id)
 
     def finalize_batches(self) -> int:
@@ -196,32 +195,26 @@ class BatchOps:
         requests) built, then become cancelled (cancel was asked), expired (some job
         expired) or completed; returns how many were finished. A batch left "finalizing"
         by a crash is finished by the next call (the files are built in one transaction)."""
-        pending = exists().where(J.c.batch_id == B.c.id, J.c.status.in_(("queued", "running")))
-        with self.engine.connect() as conn:
-            ids = [r.id for r in conn.execute(select(B.c.id).where(
-                B.c.status.in_(OPEN), ~pending)).all()]
+        with self.connector.connect() as conn:
+            ids = [r.id for r in conn.execute(q.finished_batches(OPEN)).all()]
         return sum(self._finalize(batch_id) for batch_id in ids)
 
     def _lock_batch(self, conn, batch_id: str):
-        stmt = select(B).where(B.c.id == batch_id, B.c.status.in_(OPEN))
-        if conn.dialect.name == "postgresql":
-            stmt = stmt.with_for_update(skip_locked=True)  # another maintain has it
-        return conn.execute(stmt).first()
+        return conn.execute(q.lock_batch(conn.dialect.name, batch_id, OPEN)).first()
 
     def _finalize(self, batch_id: str) -> bool:
-        with self.engine.begin() as conn:
+        with self.connector.begin() as conn:
             row = self._lock_batch(conn, batch_id)
             if row is None:
                 return False
             if row.status != "finalizing":
-                conn.execute(update(B).where(B.c.id == batch_id).values(
-                    status="finalizing", finalizing_at=self.now()))
-        with self.engine.begin() as conn:
+                conn.execute(q.update_batch(batch_id, status="finalizing",
+                                            finalizing_at=self.now()))
+        with self.connector.begin() as conn:
             row = self._lock_batch(conn, batch_id)
             if row is None or row.status != "finalizing":
                 return False
-            by_status = dict(conn.execute(select(J.c.status, func.count()).where(
-                J.c.batch_id == batch_id).group_by(J.c.status)).all())
+            by_status = self._job_counts(conn, batch_id)
             if by_status.get("queued") or by_status.get("running"):
                 return False  # a job went back to the queue meanwhile (reaped lease)
             now = self.now()
@@ -238,7 +231,7 @@ class BatchOps:
                                       self._results(conn, batch_id, ("succeeded",))),
                 filename=f"{batch_id}_output.jsonl", batch_id=batch_id)
             values["error_file_id"] = self._error_file(conn, batch_id, row.tenant_id, row.model)
-            conn.execute(update(B).where(B.c.id == batch_id).values(**values))
+            conn.execute(q.update_batch(batch_id, **values))
         return True
 
     def _error_file(self, conn, batch_id: str, tenant_id: str, model: str | None) -> str | None:
@@ -254,8 +247,7 @@ class BatchOps:
         last = 0
         while True:
             page = 1000 if limit is None else min(1000, limit)
-            rows = conn.execute(select(R).where(R.c.batch_id == batch_id, R.c.line > last)
-                                .order_by(R.c.line).limit(page)).all()
+            rows = conn.execute(q.batch_rejects(batch_id, last, page)).all()
             for r in rows:
                 yield LineError(line=r.line, code=r.code, message=r.message, param=r.param,
                                 custom_id=r.custom_id)
@@ -268,9 +260,7 @@ class BatchOps:
     def _results(self, conn, batch_id: str, statuses: Sequence[str]) -> Iterator[JobInfo]:
         last = -1
         while True:
-            rows = conn.execute(select(J).where(J.c.batch_id == batch_id, J.c.seq > last,
-                                                J.c.status.in_(statuses))
-                                .order_by(J.c.seq).limit(1000)).all()
+            rows = conn.execute(q.batch_jobs(batch_id, last, statuses=statuses)).all()
             for r in rows:
                 yield job_info(r)
             if len(rows) < 1000:
@@ -281,7 +271,7 @@ class BatchOps:
                      limit: int = 1000) -> list[LineError]:
         """The first ``limit`` lines refused when the batch was created, by line number
         (the error file holds all of them)."""
-        with self.engine.connect() as conn:
+        with self.connector.connect() as conn:
             if self._batch(conn, batch_id, tenant_id) is None:
                 return []
             return list(self._rejects(conn, batch_id, limit))
@@ -292,28 +282,22 @@ class BatchOps:
         (unknown: ValueError)."""
         if not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise ValueError(f"limit must be an int in [1, 1000], got {limit!r}")
-        cond = [B.c.tenant_id == tenant_id]
-        key = tuple_(B.c.created_at, B.c.id)
-        with self.engine.connect() as conn:
+        with self.connector.connect() as conn:
+            mark = None
             if after is not None:
-                ref = conn.execute(select(B.c.created_at).where(
-                    B.c.id == after, B.c.tenant_id == tenant_id)).first()
+                ref = conn.execute(q.batch_created(after, tenant_id)).first()
                 if ref is None:
                     raise ValueError(f"after={after!r} is not a batch id of this tenant")
-                cond.append(key < tuple_(ref.created_at, after))
-            ids = conn.execute(select(B.c.id).where(*cond).order_by(
-                B.c.created_at.desc(), B.c.id.desc()).limit(limit)).scalars().all()
+                mark = (ref.created_at, after)
+            ids = conn.execute(q.batch_ids_page(tenant_id, mark, limit)).scalars().all()
             return [self._batch(conn, batch_id, tenant_id) for batch_id in ids]
 
     def batch_results(self, batch_id: str, tenant_id: str | None) -> Iterator[JobInfo]:
         """Every job of the batch in input order, read in pages (constant memory)."""
         last = -1
         while True:
-            with self.engine.connect() as conn:
-                cond = [J.c.batch_id == batch_id, J.c.seq > last]
-                if tenant_id:
-                    cond.append(J.c.tenant_id == tenant_id)
-                rows = conn.execute(select(J).where(*cond).order_by(J.c.seq).limit(1000)).all()
+            with self.connector.connect() as conn:
+                rows = conn.execute(q.batch_jobs(batch_id, last, tenant_id=tenant_id)).all()
             for r in rows:
                 yield job_info(r)
             if len(rows) < 1000:

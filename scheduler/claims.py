@@ -3,26 +3,28 @@
 see claim_cache; SQLite: one serialized transaction)."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, case, event, func, literal_column, or_, select, union, update
-from sqlalchemy.exc import DBAPIError, OperationalError
-
+from lorry.scheduler import errors
+from lorry.scheduler import queries as q
 from lorry.scheduler.claim_cache import bump_generation, wanted_groups
-from lorry.scheduler.claim_pg import HEARTBEAT_REFRESH_S, claim_rows, read_snapshot, touch_worker
-from lorry.scheduler.db import add_to_groups, epoch_seconds, insert_for, make_engine
-from lorry.scheduler.models import Adapter, Job, QueueGroup, Tenant, Worker
+from lorry.scheduler.claim_pg import (
+    HEARTBEAT_REFRESH_S,
+    NO_ROWS,
+    claim_rows,
+    decode_claim,
+    read_snapshot,
+    touch_worker,
+)
+from lorry.scheduler.db import add_to_groups, epoch_seconds
 from lorry.scheduler.policy import Group, Snapshot, plan_claim
 from lorry.scheduler.rows import adapter_info
-from lorry.scheduler.types import AdapterInfo, ClaimedJob, MicroBatch
+from lorry.scheduler.types import ClaimedJob, MicroBatch
 
-J, G, A, T, W = (Job.__table__, QueueGroup.__table__, Adapter.__table__, Tenant.__table__,
-                 Worker.__table__)
 log = logging.getLogger(__name__)
 ADAPTER_CACHE_S = 2.0
 PER_TENANT = 1    # oldest group per tenant in the snapshot (fair-share candidates)
@@ -30,12 +32,7 @@ OVERDUE = 16      # globally oldest groups (aging candidates)
 PRIORITY = 32     # highest-priority groups above the default class
 SPARE = 1         # PostgreSQL: spare jobs planned per free slot (used when takes come short)
 RESCUE_EVERY_S = 5.0  # claims requeue expired leases at most this often (queue clock)
-
-try:  # PostgreSQL's driver; the SQLite path runs without it
-    import psycopg
-    _PG_ERRORS: tuple = (psycopg.OperationalError,)
-except ImportError:  # pragma: no cover
-    _PG_ERRORS = ()
+CLAIM_ATTEMPTS = 3  # a claim aborted by a conflict or a lost connection is made again
 
 
 class ClaimOps:
@@ -47,7 +44,8 @@ class ClaimOps:
         worker's GPU slots / CPU cache; names are refused (TypeError). The call also records
         them (and a heartbeat) for the worker, and every RESCUE_EVERY_S it first requeues
         expired leases (see MaintenanceOps.reap_expired_leases), so that a dead worker's jobs
-        come back even while beat is down.
+        come back even while beat is down. A claim that the database aborted (errors.Retryable)
+        or whose connection broke (errors.ConnectionLost) is made again, up to CLAIM_ATTEMPTS.
         """
         hot, warm = adapter_ids(hot, "hot"), adapter_ids(warm, "warm")
         if not isinstance(free_slots, int) or free_slots < 0:
@@ -55,29 +53,17 @@ class ClaimOps:
         if free_slots == 0:
             return []
         self._rescue_stalled()
-        pg = self.engine.dialect.name == "postgresql"
-        for attempt in range(3):
+        once = self._claim_pg if self.connector.dialect == "postgresql" else self._claim_once
+        args = (worker_id, hot, warm, free_slots, lease_seconds, max_adapters)
+        for _ in range(CLAIM_ATTEMPTS - 1):
             try:
-                if pg:
-                    return self._claim_pg(worker_id, hot, warm, free_slots, lease_seconds,
-                                          max_adapters)
-                return self._claim_once(worker_id, hot, warm, free_slots, lease_seconds,
-                                        max_adapters)
-            except Exception as exc:
+                return once(*args)
+            except (errors.Retryable, errors.ConnectionLost):
                 # Two claims updating the same summary rows in opposite orders: PostgreSQL
                 # aborts one of them; a connection lost before the claim's reply. Nothing was
-                # leased (or the lease runs out unused), so trying again is safe.
-                orig = getattr(exc, "orig", exc)
-                retry = ("deadlock" in str(orig).lower()
-                         or getattr(exc, "connection_invalidated", False)
-                         or getattr(exc, "lorry_reconnect", False))
-                if attempt == 2 or not retry or not isinstance(exc, (OperationalError,
-                                                                      DBAPIError) + _PG_ERRORS):
-                    raise
-                token = getattr(exc, "lorry_lease_token", None)
-                if token is not None:  # the lost reply may have leased jobs: give them back
-                    self._release_lost_claim(token)
-        return []
+                # leased (or it was given back), so trying again is safe.
+                continue
+        return once(*args)
 
     def _rescue_stalled(self) -> None:
         """Requeue expired leases if this queue's claims have not done so for RESCUE_EVERY_S
@@ -97,15 +83,9 @@ class ClaimOps:
         connection died after the server committed): nobody holds them, and waiting for the
         lease to run out would cost them an attempt (``failed`` at max_attempts=1)."""
         try:
-            with self.engine.begin() as conn:
-                rows = conn.execute(update(J).where(
-                    J.c.lease_token == token, J.c.status == "running")
-                    .values(status="queued", worker_id=None, lease_token=None,
-                            lease_expires_at=None, attempts=J.c.attempts - 1)
-                    .returning(J.c.tenant_id, J.c.adapter_id, J.c.priority,
-                               J.c.enqueued_at)).all()
+            with self.connector.begin() as conn:
                 deltas: dict = {}
-                for r in rows:
+                for r in conn.execute(q.release_claim(token)):
                     key = (r.tenant_id, r.adapter_id, r.priority)
                     n, oldest = deltas.get(key, (0, r.enqueued_at))
                     deltas[key] = (n + 1, min(oldest, r.enqueued_at))
@@ -126,34 +106,29 @@ class ClaimOps:
             snap = None
         call = _PgClaim(worker_id, hot, warm, free_slots, max_adapters, now, mono,
                         now + timedelta(seconds=lease_seconds))
-        with self._claim_engine().connect() as conn:
-            raw = conn.connection.driver_connection
-            try:
-                cur = raw.cursor()
-                snap, wants, rows = self._lease_pg(cur, snap, call)
-                if wants and not rows and not call.fresh:
-                    snap, wants, rows = self._lease_pg(cur, None, call)
-            except _PG_ERRORS as exc:
-                if raw.broken or raw.closed:  # the server went away (restart, failover)
-                    conn.invalidate()
-                    self._claim_pool.dispose()  # its other idle connections are dead too
-                    exc.lorry_reconnect = True  # claim() tries again on a new connection
-                    exc.lorry_lease_token = call.token  # ... after requeueing what it leased
-                raise
-            if not wants:
-                snaps[worker_id] = snap
-                return []
-            claimed, got, infos = _claimed_pg(rows, call.token, wants)
-            report = json.loads(rows[0][19]) if rows else [None, None]
-            if ttl > 0 and snap.apply(wants, free_slots, got, report[0] or [],
-                                      report[1] or []):
-                snaps[worker_id] = snap
-            return self._micro_batches(conn, claimed, now, infos)
+        try:
+            with self.connector.claim_session() as (conn, cur):
+                snap, wants, leased = self._lease_pg(cur, snap, call)
+                if wants and not leased.rows and not call.fresh:
+                    snap, wants, leased = self._lease_pg(cur, None, call)
+                if not wants:
+                    snaps[worker_id] = snap
+                    return []
+                claimed, got, infos, report = decode_claim(leased, call.token, wants)
+                if ttl > 0 and snap.apply(wants, free_slots, got, report[0] or [],
+                                          report[1] or []):
+                    snaps[worker_id] = snap
+                return self._micro_batches(conn, claimed, now, infos)
+        except errors.ConnectionLost:
+            if call.token is not None:  # the lost reply may have leased jobs: give them back
+                self._release_lost_claim(call.token)
+            raise
 
     def _lease_pg(self, cur, snap, call: _PgClaim) -> tuple:
         """Plan from snap (None: read a fresh one; a cached one's short plan is made again
         from a fresh one) and lease the plan in one statement. Returns (the snapshot, the
-        wanted (group, count) pairs, the claimed rows); no pairs when nothing is planned."""
+        wanted (group, count) pairs, the claim statement's Rows); no pairs when nothing is
+        planned."""
         now, epoch = call.now, epoch_seconds(call.now)
         call.fresh = snap is None
         if call.fresh:
@@ -173,13 +148,13 @@ class ClaimOps:
         if not plan.takes:
             if touch:
                 touch_worker(cur, call.worker_id, now, hot_ids, warm_ids)
-            return snap, [], []
+            return snap, [], NO_ROWS
         call.token = uuid.uuid4().hex
         wants = wanted_groups(plan)
-        rows = claim_rows(cur, wants, call.free_slots, now=now, worker_id=call.worker_id,
-                          token=call.token, expires=call.expires, floor=plan.floor,
-                          touch=touch, hot=hot_ids, warm=warm_ids, unseen=snap.unseen_filter())
-        return snap, wants, rows
+        leased = claim_rows(cur, wants, call.free_slots, now=now, worker_id=call.worker_id,
+                            token=call.token, expires=call.expires, floor=plan.floor,
+                            touch=touch, hot=hot_ids, warm=warm_ids, unseen=snap.unseen_filter())
+        return snap, wants, leased
 
     def _read_snapshot(self, cur, worker_id, hot, warm, now, mono):
         return read_snapshot(cur, worker_id, hot, warm, now=now, mono=mono,
@@ -195,46 +170,27 @@ class ClaimOps:
             salt=worker_id, workers=snap.workers, capacity=snap.capacity),
             spare=SPARE * free_slots)
 
-    def _claim_engine(self):
-        """Claims' own pool: autocommit, and no ping per checkout (a round trip per claim);
-        a connection found dead is invalidated and the claim retried."""
-        engine = self.__dict__.get("_claim_pool")
-        if engine is None:
-            kwargs = dict(getattr(self, "_engine_kwargs", {}), pool_pre_ping=False,
-                          isolation_level="AUTOCOMMIT")
-            engine = self._claim_pool = make_engine(self.url, **kwargs)
-
-            @event.listens_for(engine, "connect")
-            def _generic_plans(dbapi_conn, _record):
-                # The claim and snapshot statements are prepared; their custom plans took
-                # longer to make (~1 ms) than to run. Their plans do not depend on the
-                # parameters' values (index probes per group), so one generic plan serves.
-                with dbapi_conn.cursor() as cur:
-                    cur.execute("SET plan_cache_mode = force_generic_plan")
-        return engine
-
     def _claim_once(self, worker_id, hot, warm, free_slots, lease_seconds, max_adapters):
         """SQLite: one serialized (BEGIN IMMEDIATE) transaction."""
         now = self.now()
-        epoch = epoch_seconds(now)
         live_after = now - timedelta(seconds=self.worker_ttl_seconds)
-        with self.engine.begin() as conn:
+        with self.connector.begin() as conn:
             hot_ids, warm_ids = self._adapter_ids(conn, hot), self._adapter_ids(conn, warm)
             self._touch_worker(conn, worker_id, hot_ids, warm_ids, None, now)
             groups, tenants = self._snapshot_groups(conn, hot_ids | warm_ids, now)
             if not groups:
                 return []
             elsewhere, workers, capacity = set(), 0, 0
-            for wid, others, rows in conn.execute(select(W.c.id, W.c.hot, W.c.capacity).where(
-                    W.c.heartbeat_at > live_after)):  # this worker's row included (touched)
+            # This worker's row included (touched above).
+            for w in conn.execute(q.live_workers(live_after)):
                 workers += 1
-                if wid == worker_id:
-                    capacity = rows or 0
+                if w.id == worker_id:
+                    capacity = w.capacity or 0
                 else:
-                    elsewhere |= {x for x in others or [] if isinstance(x, int)}
+                    elsewhere |= {x for x in w.hot or [] if isinstance(x, int)}
             plan = plan_claim(Snapshot(
-                groups=groups, now=epoch, free_slots=free_slots, hot=hot_ids, warm=warm_ids,
-                hot_elsewhere=elsewhere - hot_ids,
+                groups=groups, now=epoch_seconds(now), free_slots=free_slots, hot=hot_ids,
+                warm=warm_ids, hot_elsewhere=elsewhere - hot_ids,
                 weights={t: r.weight for t, r in tenants.items()},
                 served={t: r.served for t, r in tenants.items()},
                 aging_seconds=self.aging_seconds, max_adapters=max_adapters, salt=worker_id,
@@ -256,75 +212,47 @@ class ClaimOps:
         """SQLite: the transaction holds the write lock, so one UPDATE per group is safe."""
         rows, taken = [], {}
         for take in plan.takes:
-            got = conn.execute(self._claim_stmt(take.group, take.count, now, worker_id, token,
-                                                expires)).all()
+            got = conn.execute(q.claim_group(take.group, take.count, now, worker_id, token,
+                                             expires)).all()
             if got:
                 taken[take.group.key] = taken.get(take.group.key, 0) + len(got)
                 rows.extend(got)
         self._charge(conn, taken, tenants, plan.floor)
         return rows
 
-    def _claim_stmt(self, g: Group, n: int, now, worker_id, token, expires):
-        pick = (select(J.c.id).where(
-            J.c.status == "queued", J.c.tenant_id == g.tenant_id,
-            J.c.adapter_id == g.adapter_id, J.c.priority == g.priority,
-            J.c.enqueued_at <= now, or_(J.c.deadline.is_(None), J.c.deadline > now))
-            .order_by(J.c.enqueued_at).limit(n).with_for_update(skip_locked=True)
-            # Materialized: inlined as IN (subquery), PostgreSQL may run the SKIP LOCKED
-            # subquery more than once and lease more than n rows.
-            .cte("picked").prefix_with("MATERIALIZED", dialect="postgresql"))
-        return (update(J).where(J.c.id == pick.c.id, J.c.status == "queued")
-                .values(status="running", worker_id=worker_id, lease_token=token,
-                        lease_expires_at=expires, attempts=J.c.attempts + 1, not_before=None,
-                        started_at=func.coalesce(J.c.started_at, now))
-                .returning(J.c.id, J.c.tenant_id, J.c.adapter_id, J.c.adapter_name, J.c.prompt,
-                           J.c.messages, J.c.sampling, J.c.attempts))
-
     def _charge(self, conn, taken: dict, tenants: dict, floor: float) -> None:
         """queue_groups -= claimed and tenants' fair-share counters += claimed/weight, in the
         sorted lock order (groups, then tenants) that every writer follows."""
-        for (t, a, p), n in sorted(taken.items()):
-            oldest = (select(func.min(J.c.enqueued_at)).where(
-                J.c.status == "queued", J.c.tenant_id == t, J.c.adapter_id == a,
-                J.c.priority == p).scalar_subquery())
-            conn.execute(update(G).where(G.c.tenant_id == t, G.c.adapter_id == a,
-                                         G.c.priority == p)
-                         .values(queued_count=G.c.queued_count - n, oldest_enqueued_at=oldest))
+        for key, n in sorted(taken.items()):
+            conn.execute(q.charge_group(key, n))
         per_tenant: dict[str, int] = {}
         for (t, _, _), n in taken.items():
             per_tenant[t] = per_tenant.get(t, 0) + n
         for t, n in sorted(per_tenant.items()):
-            cost = n / max(tenants[t].weight, 1e-9)
-            conn.execute(update(T).where(T.c.id == t).values(
-                served=case((T.c.served < floor, floor), else_=T.c.served) + cost))
+            conn.execute(q.charge_tenant(t, floor, n / max(tenants[t].weight, 1e-9)))
 
     def _snapshot_groups(self, conn, affinity_ids: set[int], now) -> tuple[list[Group], dict]:
         stmt = getattr(self, "_snapshot_stmt", None)
         if stmt is None:
-            stmt = self._snapshot_stmt = snapshot_statement(conn.dialect.name)
+            stmt = self._snapshot_stmt = q.snapshot_groups(
+                conn.dialect.name, overdue=OVERDUE, by_priority=PRIORITY, per_tenant=PER_TENANT)
         rows = conn.execute(stmt, {"affinity": sorted(affinity_ids)}).all()
         return self._groups_of(rows, now)
 
     def _groups_of(self, rows, now) -> tuple[list[Group], dict]:
         far = epoch_seconds(now) + 1e9
         tenants = {r.tenant_id: r for r in rows}
-        # Columns by position: tenant, adapter, priority, queued, oldest (hot path).
-        return [Group(r[0], r[1], r[2], r[3], epoch_seconds(r[4]) if r[4] is not None else far)
-                for r in rows], tenants
+        return [Group(r.tenant_id, r.adapter_id, r.priority, r.queued_count,
+                      epoch_seconds(r.oldest_enqueued_at) if r.oldest_enqueued_at is not None
+                      else far) for r in rows], tenants
 
     def _adapter_ids(self, conn, refs) -> set[int]:
         return set(adapter_ids(refs, "hot/warm"))
 
     def _touch_worker(self, conn, worker_id, hot_ids, warm_ids, capacity, now) -> None:
         # Adapters are stored as ids, so other claims compare them without a name lookup.
-        ins = insert_for(conn.engine)(W).values(
-            id=worker_id, heartbeat_at=now, hot=sorted(hot_ids), warm=sorted(warm_ids),
-            capacity=capacity or 0)
-        update_cols = dict(heartbeat_at=ins.excluded.heartbeat_at, hot=ins.excluded.hot,
-                           warm=ins.excluded.warm)
-        if capacity is not None:
-            update_cols["capacity"] = ins.excluded.capacity
-        conn.execute(ins.on_conflict_do_update(index_elements=["id"], set_=update_cols))
+        conn.execute(q.touch_worker(conn.dialect.name, worker_id, now, sorted(hot_ids),
+                                    sorted(warm_ids), capacity))
         bump_generation()  # "hot on another live worker" changed for this process's snapshots
 
     def _micro_batches(self, conn, claimed: dict, now, infos: dict | None = None
@@ -339,15 +267,14 @@ class ClaimOps:
             infos = {a: cache[a][0] for a in claimed if a in cache and cache[a][1] > clock}
             missing = [a for a in claimed if a != 0 and a not in infos]
             if missing:
-                for r in conn.execute(select(A).where(A.c.id.in_(missing))):
+                for r in conn.execute(q.adapters(missing)):
                     infos[r.id] = adapter_info(r)
                     cache[r.id] = (infos[r.id], clock + ADAPTER_CACHE_S)
         out = []
         for adapter_id, jobs in claimed.items():
             if adapter_id != 0 and adapter_id not in infos:
-                conn.execute(update(J).where(J.c.id.in_([j.id for j in jobs])).values(
-                    status="failed", finished_at=now, lease_token=None,
-                    error=f"adapter {jobs[0].adapter!r} (id {adapter_id}) was deleted"))
+                conn.execute(q.fail_jobs([j.id for j in jobs], now, (
+                    f"adapter {jobs[0].adapter!r} (id {adapter_id}) was deleted")))
                 continue
             out.append(MicroBatch(adapter=infos.get(adapter_id), jobs=jobs))
         return out
@@ -370,28 +297,6 @@ class _PgClaim:
     fresh: bool = False
 
 
-def _claimed_pg(rows: list, token: str, wants: list) -> tuple[dict, dict, dict]:
-    """From the claim statement's rows (columns: see claim_pg.claim_rows): the claimed jobs
-    by adapter id in the plan's order (wants), oldest first within a group; the jobs claimed
-    per group key; and the claimed adapters' rows by id."""
-    claimed: dict[int, list[ClaimedJob]] = {}
-    got: dict[tuple, int] = {}
-    infos: dict[int, AdapterInfo] = {}
-    decoded: dict[str, dict] = {}
-    place = {g.key: i for i, (g, _) in enumerate(wants)}
-    for r in sorted(rows, key=lambda r: (place.get((r[1], r[2], r[8]), len(place)), r[9])):
-        sampling = decoded.get(r[6])
-        if sampling is None:
-            sampling = decoded[r[6]] = json.loads(r[6]) if r[6] is not None else {}
-        claimed.setdefault(r[2], []).append(ClaimedJob(
-            r[0], token, r[1], r[3], r[4], r[5], dict(sampling), r[7]))
-        key = (r[1], r[2], r[8])
-        got[key] = got.get(key, 0) + 1
-        if r[10] is not None and r[10] not in infos:
-            infos[r[10]] = AdapterInfo(*r[10:19])
-    return claimed, got, infos
-
-
 def adapter_ids(refs, side: str) -> list[int]:
     """A worker's hot or warm adapters as AdapterInfo ids. Names are refused: tenants name
     their own adapters, so a name does not say which adapter a worker has loaded."""
@@ -402,29 +307,3 @@ def adapter_ids(refs, side: str) -> list[int]:
                             f"lora_int_id), not names; got {ref!r}")
         out.append(ref)
     return out
-
-
-def snapshot_statement(dialect: str):
-    """Candidate groups for one claim, with their tenant's weight and fair-share counter:
-    each tenant's oldest groups, the globally oldest (aging), the highest priority classes,
-    and every group of the worker's hot/warm adapters (bound parameter "affinity")."""
-    live = G.c.queued_count > 0
-    cols = [G.c.tenant_id, G.c.adapter_id, G.c.priority, G.c.queued_count,
-            G.c.oldest_enqueued_at]
-    parts = [select(*cols).where(live).order_by(G.c.oldest_enqueued_at).limit(OVERDUE),
-             select(*cols).where(live, G.c.priority > 0)
-             .order_by(G.c.priority.desc(), G.c.oldest_enqueued_at).limit(PRIORITY),
-             select(*cols).where(live, G.c.adapter_id.in_(bindparam("affinity", expanding=True)))]
-    if dialect == "postgresql":
-        # Per tenant, its oldest groups: an index probe per tenant (LATERAL).
-        inner = (select(*cols).where(live, G.c.tenant_id == T.c.id)
-                 .order_by(G.c.oldest_enqueued_at).limit(PER_TENANT).lateral("g"))
-        parts.append(select(*[inner.c[c.name] for c in cols])
-                     .select_from(T.join(inner, literal_column("true"))))
-    else:
-        rn = func.row_number().over(partition_by=G.c.tenant_id,
-                                    order_by=G.c.oldest_enqueued_at).label("rn")
-        ranked = select(*cols, rn).where(live).subquery()
-        parts.append(select(*[ranked.c[c.name] for c in cols]).where(ranked.c.rn <= PER_TENANT))
-    u = union(*[p.subquery().select() for p in parts]).subquery()
-    return select(u, T.c.weight, T.c.served).join(T, T.c.id == u.c.tenant_id)

@@ -7,6 +7,7 @@ from contextlib import ExitStack
 from datetime import datetime
 from typing import NamedTuple
 
+from lorry.scheduler import queries
 from lorry.scheduler.types import JobSpec
 
 _SMALL = [str(i) for i in range(256)]
@@ -48,7 +49,8 @@ _CONSTANT = ("status", "attempts", "cancel_requested")  # written once per line 
 
 
 def _copy_sql(optional: tuple[str, ...]) -> str:
-    return f"COPY jobs ({', '.join(_COLUMNS + optional + _CONSTANT)}) FROM STDIN"
+    # The columns in the order _lines writes each line's fields.
+    return queries.copy_jobs(_COLUMNS + optional + _CONSTANT)
 
 
 def copy_jobs(conn, rows: list[NewJob]) -> None:

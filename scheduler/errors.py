@@ -40,3 +40,29 @@ class Unavailable(QueueError):
 
     def __init__(self, message: str = "the job database cannot be reached; try again later"):
         super().__init__(message)
+
+
+class ConnectionLost(Unavailable):
+    """The connection broke during the call (server restart, failover, killed backend). It
+    is dropped from its pool, so the same call made again opens a new one; a write whose
+    answer was lost may have been applied."""
+
+
+class Retryable(QueueError):
+    """The database aborted the call's transaction to resolve a conflict with a concurrent
+    one (deadlock, serialization failure): nothing of it was applied, so making the same
+    call again is safe."""
+
+    def __init__(self, message: str = "the job database aborted the transaction to resolve a "
+                                      "conflict with a concurrent one; nothing was applied: "
+                                      "try again"):
+        super().__init__(message)
+
+
+class DuplicateKey(QueueError):
+    """A write met a row that holds the same unique key (another call stored it first, e.g.
+    with the same idempotency key)."""
+
+    def __init__(self, message: str = "another request stored the same unique key first "
+                                      "(e.g. the same idempotency key); read that object"):
+        super().__init__(message)

@@ -5,15 +5,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Iterator
 
-from sqlalchemy import delete, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
-
 from lorry.scheduler import errors
-from lorry.scheduler.models import File, FileChunk, Tenant
+from lorry.scheduler import queries as q
 from lorry.scheduler.rows import file_info
 from lorry.scheduler.types import FileInfo
 
-F, C = File.__table__, FileChunk.__table__
 CHUNK_BYTES = 1 << 20  # one row of file_chunks; a download reads one at a time
 PURPOSES = ("batch", "batch_output")  # batch: uploaded by a tenant; batch_output: built here
 
@@ -40,7 +36,7 @@ def write_chunks(conn, file_id: str, pieces: Iterable[bytes]) -> tuple[int, int]
     size = lines = 0
     last = b"\n"
     for seq, block in enumerate(_rechunk(pieces)):
-        conn.execute(C.insert(), dict(file_id=file_id, seq=seq, data=block))
+        conn.execute(q.INSERT_CHUNK, dict(file_id=file_id, seq=seq, data=block))
         size += len(block)
         lines += block.count(b"\n")
         last = block[-1:]
@@ -76,17 +72,17 @@ class FileOps:
                 return known, False
         file_id = new_file_id()
         try:
-            with self.engine.begin() as conn:
-                if conn.execute(select(Tenant.id).where(Tenant.id == tenant_id)).first() is None:
+            with self.connector.begin() as conn:
+                if conn.execute(q.tenant_exists(tenant_id)).first() is None:
                     raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
                 row = dict(id=file_id, tenant_id=tenant_id, purpose=purpose, filename=filename,
                            bytes=0, lines=0, status="processed", created_at=self.now(),
                            batch_id=None, idempotency_key=idempotency_key)
-                conn.execute(F.insert(), row)
+                conn.execute(q.INSERT_FILE, row)
                 size, lines = write_chunks(conn, file_id, content)
-                conn.execute(update(F).where(F.c.id == file_id).values(bytes=size, lines=lines))
+                conn.execute(q.set_file_size(file_id, size, lines))
                 return file_info(_Row(dict(row, bytes=size, lines=lines))), True
-        except IntegrityError:
+        except errors.DuplicateKey:
             # A concurrent upload with the same key won: answer with its file.
             known = None if idempotency_key is None else self._file_by_key(tenant_id,
                                                                            idempotency_key)
@@ -99,28 +95,26 @@ class FileOps:
         """A "batch_output" file of lines, in the caller's transaction; None (and no file)
         when lines is empty."""
         file_id = new_file_id()
-        conn.execute(F.insert(), dict(id=file_id, tenant_id=tenant_id, purpose="batch_output",
-                                      filename=filename, bytes=0, lines=0, status="processed",
-                                      created_at=self.now(), batch_id=batch_id,
-                                      idempotency_key=None))
+        conn.execute(q.INSERT_FILE, dict(id=file_id, tenant_id=tenant_id, purpose="batch_output",
+                                         filename=filename, bytes=0, lines=0, status="processed",
+                                         created_at=self.now(), batch_id=batch_id,
+                                         idempotency_key=None))
         size, count = write_chunks(conn, file_id, lines)
         if not count:
-            conn.execute(delete(F).where(F.c.id == file_id))
+            conn.execute(q.delete_file(file_id))
             return None
-        conn.execute(update(F).where(F.c.id == file_id).values(bytes=size, lines=count))
+        conn.execute(q.set_file_size(file_id, size, count))
         return file_id
 
     def _file_by_key(self, tenant_id: str, key: str) -> FileInfo | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(F).where(F.c.tenant_id == tenant_id,
-                                               F.c.idempotency_key == key)).first()
+        with self.connector.connect() as conn:
+            row = conn.execute(q.file_by_key(tenant_id, key)).first()
         return None if row is None else file_info(row)
 
     def get_file(self, file_id: str, tenant_id: str | None) -> FileInfo | None:
         """The file, or None when unknown or another tenant's (tenant_id given)."""
-        cond = [F.c.id == file_id] + ([F.c.tenant_id == tenant_id] if tenant_id else [])
-        with self.engine.connect() as conn:
-            row = conn.execute(select(F).where(*cond)).first()
+        with self.connector.connect() as conn:
+            row = conn.execute(q.file(file_id, tenant_id)).first()
         return None if row is None else file_info(row)
 
     def list_files(self, tenant_id: str, *, purpose: str | None = None, after: str | None = None,
@@ -131,21 +125,15 @@ class FileOps:
             raise ValueError(f"limit must be an int in [1, 100000], got {limit!r}")
         if order not in ("asc", "desc"):
             raise ValueError(f"order must be 'asc' or 'desc', got {order!r}")
-        cond = [F.c.tenant_id == tenant_id]
-        if purpose is not None:
-            cond.append(F.c.purpose == purpose)
-        key = tuple_(F.c.created_at, F.c.id)
-        with self.engine.connect() as conn:
+        with self.connector.connect() as conn:
+            mark = None
             if after is not None:
-                ref = conn.execute(select(F.c.created_at).where(
-                    F.c.id == after, F.c.tenant_id == tenant_id)).first()
+                ref = conn.execute(q.file_created(after, tenant_id)).first()
                 if ref is None:
                     raise ValueError(f"after={after!r} is not a file id of this tenant")
-                mark = tuple_(ref.created_at, after)
-                cond.append(key < mark if order == "desc" else key > mark)
-            sort = (F.c.created_at.desc(), F.c.id.desc()) if order == "desc" \
-                else (F.c.created_at, F.c.id)
-            rows = conn.execute(select(F).where(*cond).order_by(*sort).limit(limit)).all()
+                mark = (ref.created_at, after)
+            rows = conn.execute(q.files_page(tenant_id, purpose=purpose, after=mark,
+                                             order=order, limit=limit)).all()
         return [file_info(r) for r in rows]
 
     def file_content(self, file_id: str, tenant_id: str | None) -> Iterator[bytes]:
@@ -155,9 +143,8 @@ class FileOps:
             return
         seq = 0
         while True:
-            with self.engine.connect() as conn:
-                data = conn.execute(select(C.c.data).where(C.c.file_id == file_id,
-                                                           C.c.seq == seq)).scalar()
+            with self.connector.connect() as conn:
+                data = conn.execute(q.file_chunk(file_id, seq)).scalar()
             if data is None:
                 return
             yield bytes(data)
@@ -166,12 +153,11 @@ class FileOps:
     def delete_file(self, file_id: str, tenant_id: str | None) -> bool:
         """Delete the tenant's file and its bytes; False when there is no such file. Batches
         that name it keep their results (a deleted output file is gone for good)."""
-        cond = [F.c.id == file_id] + ([F.c.tenant_id == tenant_id] if tenant_id else [])
-        with self.engine.begin() as conn:
-            if conn.execute(select(F.c.id).where(*cond)).first() is None:
+        with self.connector.begin() as conn:
+            if conn.execute(q.file_exists(file_id, tenant_id)).first() is None:
                 return False
-            conn.execute(delete(C).where(C.c.file_id == file_id))
-            conn.execute(delete(F).where(F.c.id == file_id))
+            conn.execute(q.delete_file_chunks(file_id))
+            conn.execute(q.delete_file(file_id))
         return True
 
 

@@ -9,18 +9,16 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 
-from sqlalchemy import delete, or_, select, update
-
 from lorry.scheduler import errors
+from lorry.scheduler import queries as q
 from lorry.scheduler.batches import BatchOps
 from lorry.scheduler.claims import ClaimOps
-from lorry.scheduler.db import make_engine, naive_utc, utcnow
+from lorry.scheduler.connector import Connector
+from lorry.scheduler.db import naive_utc, utcnow
 from lorry.scheduler.files import FileOps
 from lorry.scheduler.jobs import JobOps
 from lorry.scheduler.leases import LeaseOps
 from lorry.scheduler.maintenance import MaintenanceOps
-from lorry.scheduler.models import Adapter, Tenant
-from lorry.scheduler.outage import convert_outages
 from lorry.scheduler.rows import adapter_info, tenant_info
 from lorry.scheduler.types import AdapterInfo, TenantInfo
 
@@ -30,6 +28,11 @@ REVOKED = "!revoked"  # a key_hash no sha256 hex digest equals: the tenant's key
 
 class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
     """Durable job queue on SQLite or PostgreSQL.
+
+    Every statement it runs is in scheduler.queries and goes through its Connector: a
+    driver error leaves any method as a typed ``errors`` class (``Unavailable`` and its
+    ``ConnectionLost``: the database cannot be reached; ``Retryable``: a transaction aborted
+    by a conflict; ``DuplicateKey``), or unchanged when it is none of these.
 
     Parameters
     ----------
@@ -59,8 +62,8 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
         if create:
             from lorry.scheduler.migrate import upgrade
             upgrade(url)
-        self.engine = make_engine(url, **engine_kwargs)
-        self._engine_kwargs = engine_kwargs
+        self.connector = Connector(url, **engine_kwargs)
+        self.engine = self.connector.engine  # for tools and tests that run their own SQL
         if not (isinstance(snapshot_ttl_seconds, (int, float)) and snapshot_ttl_seconds >= 0):
             raise ValueError(f"snapshot_ttl_seconds must be a number >= 0, "
                              f"got {snapshot_ttl_seconds!r}")
@@ -74,10 +77,7 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
         return naive_utc(self._clock())
 
     def close(self) -> None:
-        self.engine.dispose()
-        claim_pool = self.__dict__.pop("_claim_pool", None)
-        if claim_pool is not None:
-            claim_pool.dispose()
+        self.connector.dispose()
 
     # ---- tenants -------------------------------------------------------------------------
     def create_tenant(self, name: str, weight: float = 1.0,
@@ -93,8 +93,8 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
         row = dict(id=f"tenant_{uuid.uuid4().hex}", name=name, key_id=key_id,
                    key_hash=hashlib.sha256(secret.encode()).hexdigest(), weight=float(weight),
                    max_queued=max_queued, served=0.0, created_at=self.now())
-        with self.engine.begin() as conn:
-            conn.execute(Tenant.__table__.insert(), row)
+        with self.connector.begin() as conn:
+            conn.execute(q.INSERT_TENANT, row)
         return tenant_info(_Obj(row)), f"lorry_{key_id}_{secret}"
 
     def authenticate(self, api_key: str) -> TenantInfo | None:
@@ -102,9 +102,8 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
         parts = api_key.split("_", 2) if isinstance(api_key, str) else []
         if len(parts) != 3 or parts[0] != "lorry":
             return None
-        t = Tenant.__table__
-        with self.engine.connect() as conn:
-            row = conn.execute(select(t).where(t.c.key_id == parts[1])).first()
+        with self.connector.connect() as conn:
+            row = conn.execute(q.tenant_by_key_id(parts[1])).first()
         if row is None:
             return None
         digest = hashlib.sha256(parts[2].encode()).hexdigest()
@@ -112,9 +111,8 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
 
     def list_tenants(self) -> list[tuple[TenantInfo, bool]]:
         """Every tenant, oldest first, with whether its API key works (False: revoked)."""
-        t = Tenant.__table__
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(t).order_by(t.c.created_at, t.c.id)).all()
+        with self.connector.connect() as conn:
+            rows = conn.execute(q.ALL_TENANTS).all()
         return [(tenant_info(r), r.key_hash != REVOKED) for r in rows]
 
     def rotate_key(self, tenant_id: str) -> str:
@@ -130,17 +128,14 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
         self._set_key(tenant_id, secrets.token_hex(8), REVOKED)
 
     def _set_key(self, tenant_id: str, key_id: str, key_hash: str) -> None:
-        t = Tenant.__table__
-        with self.engine.begin() as conn:
-            done = conn.execute(update(t).where(t.c.id == tenant_id)
-                                .values(key_id=key_id, key_hash=key_hash)).rowcount
+        with self.connector.begin() as conn:
+            done = conn.execute(q.set_tenant_key(tenant_id, key_id, key_hash)).rowcount
         if not done:
             raise errors.UnknownTenant(f"no tenant {tenant_id!r}")
 
     def get_tenant(self, tenant_id: str) -> TenantInfo | None:
-        t = Tenant.__table__
-        with self.engine.connect() as conn:
-            row = conn.execute(select(t).where(t.c.id == tenant_id)).first()
+        with self.connector.connect() as conn:
+            row = conn.execute(q.tenant(tenant_id)).first()
         return None if row is None else tenant_info(row)
 
     # ---- adapters ------------------------------------------------------------------------
@@ -155,60 +150,40 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
             raise ValueError(f"adapter source must be a local path or hub id, got {source!r}")
         if status not in ADAPTER_STATUSES:
             raise ValueError(f"adapter status {status!r} is not one of {ADAPTER_STATUSES}")
-        a = Adapter.__table__
         row = dict(name=name, tenant_id=tenant_id, tenant_key=tenant_id or "", source=source,
                    revision=revision, base_model=base_model, rank=rank, status=status,
                    created_at=self.now())
-        with self.engine.begin() as conn:
+        with self.connector.begin() as conn:
             if tenant_id is not None and conn.execute(
-                    select(Tenant.id).where(Tenant.id == tenant_id)).first() is None:
+                    q.tenant_exists(tenant_id)).first() is None:
                 raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
-            taken = conn.execute(select(a.c.id).where(a.c.tenant_key == row["tenant_key"],
-                                                      a.c.name == name)).first()
+            taken = conn.execute(q.adapter_id(row["tenant_key"], name)).first()
             if taken is not None:
                 owner = f"tenant {tenant_id!r}" if tenant_id else "the shared catalog"
                 raise errors.AdapterExists(f"adapter {name!r} already exists in {owner}; "
                                            "delete it first or pick another name")
-            new_id = conn.execute(a.insert().returning(a.c.id), row).scalar_one()
+            new_id = conn.execute(q.INSERT_ADAPTER, row).scalar_one()
         return adapter_info(_Obj(dict(row, id=new_id)))
 
     def get_adapter(self, name: str, tenant_id: str | None) -> AdapterInfo | None:
         """The tenant's own adapter of that name, else the shared one, else None."""
-        a = Adapter.__table__
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(a).where(a.c.name == name, a.c.tenant_key.in_(
-                [tenant_id or "", ""]))).all()
+        with self.connector.connect() as conn:
+            rows = conn.execute(q.adapters_named(name, [tenant_id or "", ""])).all()
         rows.sort(key=lambda r: r.tenant_key == "")  # own first
         return adapter_info(rows[0]) if rows else None
 
     def list_adapters(self, tenant_id: str | None) -> list[AdapterInfo]:
         """The tenant's own adapters and the shared ones, by name."""
-        a = Adapter.__table__
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(a).where(or_(a.c.tenant_key == "", a.c.tenant_key == (
-                tenant_id or ""))).order_by(a.c.name, a.c.tenant_key.desc())).all()
+        with self.connector.connect() as conn:
+            rows = conn.execute(q.visible_adapters(tenant_id or "")).all()
         return [adapter_info(r) for r in rows]
 
     def delete_adapter(self, name: str, tenant_id: str | None) -> bool:
         """Delete the tenant's own adapter (tenant_id=None: the shared one). Its queued jobs
         fail when claimed, with an error naming the deleted adapter."""
-        a = Adapter.__table__
-        with self.engine.begin() as conn:
-            res = conn.execute(delete(a).where(a.c.name == name,
-                                               a.c.tenant_key == (tenant_id or "")))
+        with self.connector.begin() as conn:
+            res = conn.execute(q.delete_adapter(name, tenant_id or ""))
         return res.rowcount > 0
-
-
-# The calls the API makes for tenants (and /metrics): a lost database leaves them as
-# errors.Unavailable. Workers' calls (claim, heartbeat, complete, maintenance) keep the
-# driver's errors, which their own retries and the lease reaper deal with.
-TENANT_CALLS = ("authenticate", "get_tenant", "create_tenant", "register_adapter",
-                "get_adapter", "list_adapters", "delete_adapter",
-                "submit", "submit_many", "get_job", "list_jobs", "cancel", "queue_depth",
-                "create_batch", "get_batch", "cancel_batch", "batch_results", "ingest_batch",
-                "list_batches", "batch_errors", "create_file", "get_file", "list_files",
-                "file_content", "delete_file")
-convert_outages(JobQueue, TENANT_CALLS)
 
 
 class _Obj:

@@ -8,17 +8,13 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from sqlalchemy import func, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
-
 from lorry.scheduler import errors
+from lorry.scheduler import queries as q
 from lorry.scheduler.copy_pg import NewJob, copy_jobs
 from lorry.scheduler.db import add_to_groups, naive_utc
-from lorry.scheduler.models import Adapter, Job, QueueGroup, Tenant
 from lorry.scheduler.rows import job_info
 from lorry.scheduler.types import JobInfo, JobSpec
 
-J = Job.__table__
 COPY_MIN_ROWS = 64  # from here on COPY beats multi-row INSERT on PostgreSQL
 
 
@@ -180,11 +176,9 @@ class JobOps:
                 validate_spec(spec, i)
         for attempt in (0, 1):
             try:
-                with self.engine.begin() as conn:
+                with self.connector.begin() as conn:
                     # One look-up of all tenants and of all named adapters, not one per tenant.
-                    t = Tenant.__table__
-                    known = {r.id: r for r in conn.execute(
-                        select(t).where(t.c.id.in_(list(by_tenant))))}
+                    known = {r.id: r for r in conn.execute(q.tenants(list(by_tenant)))}
                     found = self._adapter_rows(conn, list(by_tenant), {
                         s.adapter for specs in by_tenant.values() for s in specs})
                     rows, out = [], {}
@@ -194,7 +188,7 @@ class JobOps:
                                                        adapter_rows=found)
                     self._write(conn, rows)
                     return out
-            except IntegrityError:
+            except errors.DuplicateKey:
                 # A concurrent submit with the same idempotency key won: return its job.
                 if attempt:
                     raise
@@ -214,7 +208,7 @@ class JobOps:
         (A batch's rows go through batch_writer.BatchWriter.)"""
         first = len(rows)
         if tenant is None:
-            tenant = conn.execute(select(Tenant.__table__).where(Tenant.id == tenant_id)).first()
+            tenant = conn.execute(q.tenant(tenant_id)).first()
         if not tenant:
             raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
         names = {s.adapter for s in specs}
@@ -236,11 +230,10 @@ class JobOps:
         if not keys:
             return {}
         return {r.idempotency_key: job_info(r) for r in conn.execute(
-            select(J).where(J.c.tenant_id == tenant_id, J.c.idempotency_key.in_(keys)))}
+            q.jobs_by_keys(tenant_id, keys))}
 
     def _queued(self, conn, tenant_id: str) -> int:
-        return conn.execute(select(func.coalesce(func.sum(QueueGroup.queued_count), 0))
-                            .where(QueueGroup.tenant_id == tenant_id)).scalar_one()
+        return conn.execute(q.queued_jobs(tenant_id)).scalar_one()
 
     def _write(self, conn, rows: list[NewJob]) -> None:
         if not rows:
@@ -248,18 +241,16 @@ class JobOps:
         if conn.dialect.name == "postgresql" and len(rows) >= COPY_MIN_ROWS:
             copy_jobs(conn, rows)
         else:
-            conn.execute(J.insert(), [r.as_row() for r in rows])  # multi-row INSERTs
+            conn.execute(q.INSERT_JOBS, [r.as_row() for r in rows])  # multi-row INSERTs
         add_to_groups(conn, group_deltas(rows, {}))
 
     def _adapter_rows(self, conn, tenant_ids: list, names: set) -> dict:
         """{tenant_key: {name: row}} of the named adapters owned by these tenants or shared
         (tenant_key "")."""
-        a = Adapter.__table__
         wanted = {n for n in names if n is not None}
         out: dict[str, dict] = {}
         if wanted:
-            for r in conn.execute(select(a.c.name, a.c.id, a.c.tenant_key, a.c.status).where(
-                    a.c.name.in_(wanted), a.c.tenant_key.in_(list(tenant_ids) + [""]))):
+            for r in conn.execute(q.adapter_refs(wanted, list(tenant_ids) + [""])):
                 out.setdefault(r.tenant_key, {})[r.name] = r
         return out
 
@@ -282,9 +273,8 @@ class JobOps:
 
     def get_job(self, job_id: str, tenant_id: str | None = None) -> JobInfo | None:
         """The job, or None when unknown (or owned by another tenant than tenant_id)."""
-        cond = [J.c.id == job_id] + ([J.c.tenant_id == tenant_id] if tenant_id else [])
-        with self.engine.connect() as conn:
-            row = conn.execute(select(J).where(*cond)).first()
+        with self.connector.connect() as conn:
+            row = conn.execute(q.job(job_id, tenant_id)).first()
         return None if row is None else job_info(row)
 
     def list_jobs(self, tenant_id: str, status: str | None = None, adapter: str | None = None,
@@ -293,57 +283,41 @@ class JobOps:
         """The tenant's jobs, oldest first; `after` is the last id of the previous page."""
         if not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise ValueError(f"limit must be an int in [1, 1000], got {limit!r}")
-        cond = [J.c.tenant_id == tenant_id]
-        if status is not None:
-            cond.append(J.c.status == status)
-        if adapter is not None:
-            cond.append(J.c.adapter_name == adapter)
-        if batch_id is not None:
-            cond.append(J.c.batch_id == batch_id)
-        with self.engine.connect() as conn:
+        with self.connector.connect() as conn:
+            mark = None
             if after is not None:
-                ref = conn.execute(select(J.c.created_at, J.c.seq).where(
-                    J.c.id == after, J.c.tenant_id == tenant_id)).first()
+                ref = conn.execute(q.job_position(after, tenant_id)).first()
                 if ref is None:
                     raise ValueError(f"after={after!r} is not a job id of this tenant")
-                # Jobs of one submit share created_at: seq (position in it) orders them.
-                cond.append(tuple_(J.c.created_at, J.c.seq, J.c.id) > tuple_(
-                    ref.created_at, ref.seq, after))
-            rows = conn.execute(select(J).where(*cond).order_by(J.c.created_at, J.c.seq, J.c.id)
-                                .limit(limit)).all()
+                mark = (ref.created_at, ref.seq, after)
+            rows = conn.execute(q.jobs_page(tenant_id, status=status, adapter=adapter,
+                                            batch_id=batch_id, after=mark, limit=limit)).all()
         return [job_info(r) for r in rows]
 
     def cancel(self, job_id: str, tenant_id: str | None) -> JobInfo | None:
         """Queued: cancelled now. Running: cancel_requested (the worker's heartbeat learns it
         and completes the job with cancelled=True). Terminal: unchanged. None: not found."""
-        cond = [J.c.id == job_id] + ([J.c.tenant_id == tenant_id] if tenant_id else [])
-        with self.engine.begin() as conn:
-            row = conn.execute(select(J).where(*cond).with_for_update()).first()
+        with self.connector.begin() as conn:
+            row = conn.execute(q.job_for_update(job_id, tenant_id)).first()
             if row is None:
                 return None
             if row.status == "queued":
-                conn.execute(update(J).where(J.c.id == job_id).values(
-                    status="cancelled", finished_at=self.now(), not_before=None))
+                conn.execute(q.cancel_queued_job(job_id, self.now()))
                 add_to_groups(conn, {(row.tenant_id, row.adapter_id, row.priority):
                                      (-1, row.enqueued_at)})
             elif row.status == "running":
-                conn.execute(update(J).where(J.c.id == job_id).values(cancel_requested=True))
-            row = conn.execute(select(J).where(J.c.id == job_id)).first()
+                conn.execute(q.request_cancel(job_id))
+            row = conn.execute(q.job(job_id)).first()
         return job_info(row)
 
     def queue_depth(self) -> list[tuple[str, str | None, str, int]]:
         """(status, adapter name, tenant id, count) for queued and running jobs (cheap: from
         the summary table and the running-jobs index; terminal counts are left to counters)."""
-        g, a = QueueGroup.__table__, Adapter.__table__
-        with self.engine.connect() as conn:
-            queued = conn.execute(select(g.c.adapter_id, g.c.tenant_id,
-                                         func.sum(g.c.queued_count))
-                                  .where(g.c.queued_count > 0)
-                                  .group_by(g.c.adapter_id, g.c.tenant_id)).all()
-            names = dict(conn.execute(select(a.c.id, a.c.name)).all())
-            running = conn.execute(select(J.c.adapter_name, J.c.tenant_id, func.count())
-                                   .where(J.c.status == "running")
-                                   .group_by(J.c.adapter_name, J.c.tenant_id)).all()
-        out = [("queued", names.get(aid) if aid else None, t, int(n)) for aid, t, n in queued]
-        out += [("running", name, t, int(n)) for name, t, n in running]
+        with self.connector.connect() as conn:
+            queued = conn.execute(q.QUEUED_BY_ADAPTER).all()
+            names = {r.id: r.name for r in conn.execute(q.ADAPTER_NAMES)}
+            running = conn.execute(q.RUNNING_BY_ADAPTER).all()
+        out = [("queued", names.get(r.adapter_id) if r.adapter_id else None, r.tenant_id,
+                int(r.n)) for r in queued]
+        out += [("running", r.adapter_name, r.tenant_id, int(r.n)) for r in running]
         return out

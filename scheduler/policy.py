@@ -97,16 +97,27 @@ def plan_claim(snap: Snapshot, spare: int = 0) -> Plan:
     groups = [g for g in snap.groups if g.queued > 0 and g.oldest <= now]  # keys distinct
     if not groups or free <= 0:
         return Plan([])
-    weights = snap.weights
+    floor, virtual = _virtual_times(snap, groups)
+    # Tenants within one quantum (a full claim of a weight-1 tenant per live worker) of each
+    # other are equally due, as in deficit round robin.
     quantum = float(free * max(snap.workers, 1))
-    all_served = snap.served
+    share = {t: int(v // quantum) for t, v in virtual.items()}
+    takes, spares = _fill(_ordered(snap, groups, share), snap, share, virtual, quantum,
+                          max(spare, 0))
+    return Plan(takes, floor, spares)
+
+
+def _virtual_times(snap: Snapshot, groups: list[Group]) -> tuple[float, dict[str, float]]:
+    """The floor (the smallest active counter, or the head start behind the leader) and each
+    candidate tenant's fair-share counter raised to it. A backlogged tenant is never more
+    than about one quantum behind the others; one further behind than the head start was
+    idle (or new) and may not spend more banked credit."""
+    weights, all_served = snap.weights, snap.served
     served = {}
     for g in groups:
         if g.tenant_id not in served:
             served[g.tenant_id] = all_served.get(g.tenant_id, 0.0)
-    # A backlogged tenant is never more than about one quantum behind the others; one further
-    # behind than the head start was idle (or new) and may not spend more banked credit.
-    head = float(max(free, snap.capacity) * max(snap.workers, 1))
+    head = float(max(snap.free_slots, snap.capacity) * max(snap.workers, 1))
     lowest, lead = float("inf"), float("-inf")
     for t, v in served.items():
         w = weights.get(t, 1.0)
@@ -116,20 +127,19 @@ def plan_claim(snap: Snapshot, spare: int = 0) -> Plan:
         if v < lowest:
             lowest = v
     floor = max(lowest, lead)
-    virtual = {t: v if v > floor else floor for t, v in served.items()}
-    # Tenants within one quantum (a full claim of a weight-1 tenant per live worker) of each
-    # other are equally due, as in deficit round robin.
-    share = {t: int(v // quantum) for t, v in virtual.items()}
-    cutoff = now - snap.aging_seconds
+    return floor, {t: v if v > floor else floor for t, v in served.items()}
+
+
+def _ordered(snap: Snapshot, groups: list[Group], share: dict[str, int]) -> list:
+    """The groups as a heap of (order, tenant's share when pushed (-1: overdue), group).
+    Order: (overdue first, -priority, tenant's share, affinity tier, spread, key); overdue
+    groups by their oldest job only."""
+    cutoff = snap.now - snap.aging_seconds
     salt = snap.salt
     hot, warm, elsewhere = snap.hot, snap.warm, snap.hot_elsewhere
     spreads = _SPREADS
     if len(spreads) > 100_000:
         spreads.clear()
-
-    # Order: (overdue first, -priority, tenant's share, affinity tier, spread, key); overdue
-    # groups by their oldest job only. A tenant's share only grows while planning, so a heap
-    # with lazily refreshed entries pops the true minimum.
     heap = []
     for g in groups:
         t, a = g.tenant_id, g.adapter_id
@@ -147,12 +157,19 @@ def plan_claim(snap: Snapshot, spare: int = 0) -> Plan:
         s = share[t]
         heap.append(((1, -g.priority, s, tier, spread, key), s, g))
     heapq.heapify(heap)
+    return heap
 
+
+def _fill(heap: list, snap: Snapshot, share: dict[str, int], virtual: dict[str, float],
+          quantum: float, spare: int) -> tuple[list[Take], list[Take]]:
+    """Take groups off the heap in order until the free slots and then `spare` more jobs are
+    planned; (takes, spares). Serving a tenant raises its counter and share. A tenant's share
+    only grows while planning, so a heap with lazily refreshed entries pops the true minimum."""
+    weights = snap.weights
     takes: list[Take] = []
     spares: list[Take] = []
     adapters: set[int] = set()
-    spare = max(spare, 0)
-    remaining = free + spare
+    remaining = snap.free_slots + spare
     cap = snap.max_adapters
     while remaining > 0 and heap:
         order, seen, g = heapq.heappop(heap)
@@ -172,7 +189,7 @@ def plan_claim(snap: Snapshot, spare: int = 0) -> Plan:
         remaining -= count
         virtual[t] += count / max(weights.get(t, 1.0), 1e-9)
         share[t] = int(virtual[t] // quantum)
-    return Plan(takes, floor, spares)
+    return takes, spares
 
 
 _SPREADS: dict[tuple, int] = {}  # (salt, tenant, adapter) -> crc32, reused across claims

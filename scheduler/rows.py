@@ -1,4 +1,4 @@
-"""Row -> dataclass conversions (no ORM object leaves the gateway)."""
+"""Row -> dataclass conversions, by column name (no ORM object leaves the gateway)."""
 from __future__ import annotations
 
 from lorry.scheduler.types import AdapterInfo, BatchInfo, FileInfo, JobInfo, Result, TenantInfo

@@ -11,11 +11,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from lorry.scheduler import errors
 
 log = logging.getLogger(__name__)
-UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout, OSError)
+# The queue's typed errors for "write it again later": the database cannot be reached, or it
+# aborted the transaction on a conflict (nothing of it was applied).
+UNAVAILABLE = (errors.Unavailable, errors.Retryable, OSError)
 BACKOFF = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 

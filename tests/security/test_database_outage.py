@@ -121,3 +121,88 @@ def test_database_down_is_503_with_retry_after_and_recovers(api_on_private_pg):
                                       ).json()["data"]]
     assert job.json()["id"] in ids
     assert api.alive(), api.tail()
+
+
+def _pg_dsn(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def _waiting_for_a_lock(dsn: str, timeout: float = 30.0) -> int:
+    """The pid of the backend of this database that waits for a row lock."""
+    import psycopg
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        while time.monotonic() < deadline:
+            row = admin.execute("SELECT pid FROM pg_stat_activity WHERE datname = "
+                                "current_database() AND wait_event_type = 'Lock'").fetchone()
+            if row:
+                return row[0]
+            time.sleep(0.05)
+    raise AssertionError("no request waited for the row lock")
+
+
+def test_a_connection_lost_mid_request_is_503_and_the_next_request_works(tiny_model, roots):
+    """The API's connection dies during a request (its backend terminated while it waits for
+    a row lock): errors.ConnectionLost, answered 503 with Retry-After in the one error shape;
+    the pool opens a new connection for the next request."""
+    import threading
+
+    import psycopg
+
+    from lorry.api.app import create_app
+    from lorry.scheduler import JobQueue
+    from lorry.settings import Settings
+    from tests.integration.scheduler.conftest import migrated_pg_database
+    from tests.security.conftest import client
+
+    with migrated_pg_database() as url:
+        queue = JobQueue(url)
+        try:
+            settings = Settings(database_url=url, model=str(tiny_model),
+                                adapter_roots=[str(roots[0])], max_model_len=128)
+            app = create_app(settings, queue=queue, nudger=None, redis_client=None)
+            _tenant, key = queue.create_tenant("lost")
+            with client(app, key) as c:
+                job_id = c.post("/v1/jobs", json={"prompt": "x"}).json()["id"]
+                answer = {}
+                with psycopg.connect(_pg_dsn(url)) as holder:  # holds the job's row lock
+                    holder.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+                    cancel = threading.Thread(target=lambda: answer.update(
+                        r=c.post(f"/v1/jobs/{job_id}/cancel")))
+                    cancel.start()
+                    pid = _waiting_for_a_lock(_pg_dsn(url))
+                    with psycopg.connect(_pg_dsn(url), autocommit=True) as admin:
+                        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    cancel.join(30)
+                r = answer["r"]
+                assert r.status_code == 503 and r.headers["Retry-After"] == "5", r.text
+                assert r.json() == {"error": {
+                    "message": "the job database cannot be reached; try again later",
+                    "type": "service_unavailable_error", "param": None,
+                    "code": "database_unavailable"}}
+                assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+                assert c.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+        finally:
+            queue.close()
+
+
+@pytest.mark.parametrize(("error", "status", "code"), [
+    ("ConnectionLost", 503, "database_unavailable"),
+    ("Retryable", 503, "database_unavailable"),
+    ("DuplicateKey", 409, "conflict")])
+def test_typed_queue_errors_have_their_status_in_the_one_shape(service, alice, monkeypatch,
+                                                                 error, status, code):
+    from lorry.scheduler import errors
+
+    queue = service[1]
+    raised = getattr(errors, error)()
+
+    def refuse(*_args, **_kwargs):
+        raise raised
+    monkeypatch.setattr(queue, "list_jobs", refuse)
+    r = alice.get("/v1/jobs")
+    assert r.status_code == status, r.text
+    assert (r.headers.get("Retry-After") == "5") == (status == 503)
+    assert r.json() == {"error": {"message": str(raised), "type": {
+        503: "service_unavailable_error", 409: "conflict_error"}[status], "param": None,
+        "code": code}}

@@ -1,11 +1,12 @@
-"""PostgreSQL claim path: its own connection pool survives a dropped connection, and the
-cached claim snapshot (scheduler.claim_cache) follows writes made in this process."""
+"""PostgreSQL claim path: its own connection pool survives a dropped connection, a claim the
+database aborts is made again, its rows decode by column name, and the cached claim snapshot
+(scheduler.claim_cache) follows writes made in this process."""
 from __future__ import annotations
 
 import psycopg
 import pytest
 
-from lorry.scheduler import JobSpec
+from lorry.scheduler import JobSpec, errors
 from tests.integration.scheduler.conftest import migrated_pg_database
 
 
@@ -58,7 +59,7 @@ def test_a_claim_whose_reply_is_lost_gives_its_jobs_back(pg_queue, monkeypatch):
     """The claim commits on the server, then the connection dies before the reply: the worker
     never sees those jobs. The retry requeues them (attempt given back) before claiming
     again, so nothing waits for the lease to run out or fails at max_attempts=1."""
-    import lorry.scheduler.claims as claims
+    from lorry.scheduler import claims
     t, _ = pg_queue.create_tenant("t")
     pg_queue.submit(t.id, [JobSpec(None, prompt=str(i), max_attempts=1) for i in range(10)])
     orig, lost = claims.claim_rows, []
@@ -66,7 +67,7 @@ def test_a_claim_whose_reply_is_lost_gives_its_jobs_back(pg_queue, monkeypatch):
     def reply_lost(cur, *a, **k):
         rows = orig(cur, *a, **k)                  # committed on the server (autocommit)
         if not lost:
-            lost.append([r[0] for r in rows])
+            lost.append([r[rows.at["id"]] for r in rows.rows])
             cur.connection.close()                 # ... and the reply never arrives
             raise psycopg.OperationalError("server closed the connection unexpectedly")
         return rows
@@ -139,3 +140,93 @@ def test_a_tenant_that_another_process_submits_for_is_served_at_the_next_claim(
     assert run.returncode == 0, run.stderr
     got = [j.tenant_id for mb in queue.claim("w1", [style], [], free_slots=8) for j in mb.jobs]
     assert got.count(b.id) == 5 and len(got) == 8  # all of B's, the rest of the claim A's
+
+
+def test_a_claim_aborted_by_a_deadlock_is_made_again(pg_queue, monkeypatch):
+    """The driver's deadlock error leaves the connector as errors.Retryable; claim() makes
+    the claim again (nothing was leased by the aborted one) and every job is leased once."""
+    from lorry.scheduler import claims
+    t, _ = pg_queue.create_tenant("t")
+    pg_queue.submit(t.id, [JobSpec(None, prompt=str(i)) for i in range(10)])
+    orig, aborted = claims.claim_rows, []
+
+    def deadlocked_once(cur, *a, **k):
+        if not aborted:
+            aborted.append(1)
+            raise psycopg.errors.DeadlockDetected("deadlock detected")
+        return orig(cur, *a, **k)
+    monkeypatch.setattr(claims, "claim_rows", deadlocked_once)
+    got = [j.id for mb in pg_queue.claim("w1", [], [], free_slots=4) for j in mb.jobs]
+    assert aborted and len(got) == len(set(got)) == 4
+    running = pg_queue.list_jobs(t.id, status="running", limit=100)
+    assert {j.id for j in running} == set(got) and {j.attempts for j in running} == {1}
+
+
+def test_a_claim_aborted_every_time_raises_retryable_and_leases_nothing(pg_queue, monkeypatch):
+    from lorry.scheduler import claims
+    t, _ = pg_queue.create_tenant("t")
+    pg_queue.submit(t.id, [JobSpec(None, prompt=str(i)) for i in range(10)])
+    calls = []
+
+    def always_aborted(cur, *a, **k):
+        calls.append(1)
+        raise psycopg.errors.SerializationFailure("could not serialize access")
+    monkeypatch.setattr(claims, "claim_rows", always_aborted)
+    with pytest.raises(errors.Retryable) as e:
+        pg_queue.claim("w1", [], [], free_slots=4)
+    assert isinstance(e.value.__cause__, psycopg.errors.SerializationFailure)
+    assert len(calls) == claims.CLAIM_ATTEMPTS
+    assert len(pg_queue.list_jobs(t.id, status="queued", limit=100)) == 10
+
+
+def test_a_connection_lost_at_every_attempt_is_unavailable_and_leases_nothing(
+        pg_queue, monkeypatch):
+    """Each attempt's claim commits, then its connection dies before the reply: claim() gives
+    the jobs back each time and finally raises errors.ConnectionLost (an Unavailable)."""
+    from lorry.scheduler import claims
+    t, _ = pg_queue.create_tenant("t")
+    pg_queue.submit(t.id, [JobSpec(None, prompt=str(i)) for i in range(10)])
+    orig = claims.claim_rows
+
+    def reply_lost(cur, *a, **k):
+        orig(cur, *a, **k)
+        cur.connection.close()
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+    monkeypatch.setattr(claims, "claim_rows", reply_lost)
+    with pytest.raises(errors.Unavailable) as e:
+        pg_queue.claim("w1", [], [], free_slots=4)
+    assert isinstance(e.value, errors.ConnectionLost)
+    queued = pg_queue.list_jobs(t.id, status="queued", limit=100)
+    assert len(queued) == 10 and {j.attempts for j in queued} == {0}
+    monkeypatch.setattr(claims, "claim_rows", orig)
+    assert len(pg_queue.claim("w1", [], [], free_slots=4)[0].jobs) == 4  # a new connection
+
+
+def _swapped(sql: str, pairs: list[tuple[str, str]]) -> str:
+    for a, b in pairs:
+        assert sql.count(a) == 1, a
+        sql = sql.replace(a, b)
+    return sql
+
+
+def test_claim_rows_decode_by_column_name(pg_queue, monkeypatch):
+    """Columns of the same type change places in the claim and snapshot statements: the
+    claimed jobs, their adapter and the planned groups come out the same (decoding by
+    position would swap prompt and adapter name, and read the queued count as priority)."""
+    from lorry.scheduler import queries
+    t, _ = pg_queue.create_tenant("t")
+    x = pg_queue.register_adapter("x", "/adapters/x", revision="r1")
+    pg_queue.submit(t.id, [JobSpec("x", prompt=f"p{i}") for i in range(10)])
+    monkeypatch.setattr(queries, "CLAIM_JOBS_PG", _swapped(queries.CLAIM_JOBS_PG, [
+        ("c.adapter_name, c.prompt,", "c.prompt, c.adapter_name,"),
+        ("a.name AS a_name, a.source AS a_source, a.revision AS a_revision",
+         "a.revision AS a_revision, a.source AS a_source, a.name AS a_name")]))
+    monkeypatch.setattr(queries, "CLAIM_SNAPSHOT_PG", _swapped(queries.CLAIM_SNAPSHOT_PG, [
+        ("SELECT c.tenant_id, c.adapter_id, c.priority, c.queued_count,",
+         "SELECT c.tenant_id, c.adapter_id, c.queued_count, c.priority,"),
+        ("t.weight, t.served, s.*", "s.*, t.served, t.weight")]))
+    [mb] = pg_queue.claim("w1", [], [], free_slots=4)
+    assert (mb.adapter.id, mb.adapter.name, mb.adapter.source, mb.adapter.revision) == (
+        x.id, "x", "/adapters/x", "r1")
+    assert len(mb.jobs) == 4 and {(j.adapter, j.tenant_id) for j in mb.jobs} == {("x", t.id)}
+    assert len({j.prompt for j in mb.jobs} & {f"p{i}" for i in range(10)}) == 4

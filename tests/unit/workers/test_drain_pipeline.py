@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from sqlalchemy.exc import OperationalError
+import pytest
 
-from lorry.scheduler import JobSpec
+from lorry.scheduler import JobSpec, errors
 from lorry.workers.drain import Drainer
 
 
@@ -31,16 +31,20 @@ def test_results_are_recorded_many_per_transaction(queue, engine, monkeypatch):
     assert {queue.get_job(j.id).status for j in jobs} == {"succeeded"}
 
 
-def test_the_engine_decodes_on_while_the_database_is_away(queue, engine, monkeypatch):
+@pytest.mark.parametrize("error", [errors.Unavailable, errors.ConnectionLost, errors.Retryable])
+def test_the_engine_decodes_on_while_the_database_is_away(queue, engine, monkeypatch, error):
+    """The queue's typed errors for "try again" (database away, connection lost, transaction
+    aborted on a conflict): results wait and are written once the database answers again."""
     jobs = short_jobs(queue, 12, max_tokens=4)
     away = threading.Event()
     steps_while_away = []
-    real = {name: getattr(queue, name) for name in ("complete_many", "heartbeat", "claim")}
+    real = {name: getattr(queue, name)
+            for name in ("complete_many", "complete", "fail", "heartbeat", "claim")}
 
     def outage(name):
         def call(*args, **kw):
             if away.is_set():
-                raise OperationalError("SELECT 1", {}, ConnectionRefusedError("server down"))
+                raise error()
             return real[name](*args, **kw)
         return call
 

@@ -1,0 +1,180 @@
+"""The queue's connections to its database, and the one place where driver errors become
+typed ``scheduler.errors`` (Retryable, ConnectionLost, Unavailable, DuplicateKey): callers
+decide by type, never by a driver's message or by attributes added to its exceptions."""
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
+
+from lorry.scheduler import errors, queries
+from lorry.scheduler.claim_cache import bump_generation
+from lorry.scheduler.db import WROTE_GROUPS
+
+try:  # PostgreSQL's driver; the SQLite path runs without it
+    import psycopg
+    from psycopg import errors as pg_errors
+    _PG_ERROR: tuple = (psycopg.Error,)
+    _PG_OUTAGES: tuple = (psycopg.OperationalError, psycopg.InterfaceError)
+    _PG_RETRYABLE: tuple = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
+    _PG_DUPLICATE: tuple = (pg_errors.UniqueViolation,)
+except ImportError:  # pragma: no cover
+    _PG_ERROR = _PG_OUTAGES = _PG_RETRYABLE = _PG_DUPLICATE = ()
+
+log = logging.getLogger(__name__)
+
+# What convert() looks at: errors of the drivers and of SQLAlchemy's connection layer.
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    sa_exc.DBAPIError, sa_exc.DisconnectionError, sa_exc.TimeoutError) + _PG_ERROR
+# Connection refused or dropped, server shutting down, pool exhausted, SQLite locked: the
+# statement did not run (or its outcome is unknown) and the same call can succeed later.
+OUTAGES: tuple[type[BaseException], ...] = (
+    sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError,
+    sa_exc.TimeoutError) + _PG_OUTAGES
+_SQLITE_DUPLICATE = frozenset({sqlite3.SQLITE_CONSTRAINT_UNIQUE,
+                               sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY})
+
+
+def convert(exc: BaseException) -> errors.QueueError | None:
+    """The typed error of a driver error, by the driver's exception type (and SQLite's
+    extended result code); None for one that is not converted (a bug or data the database
+    refuses: it propagates as it is)."""
+    driver = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    if isinstance(driver, _PG_RETRYABLE):
+        return errors.Retryable()
+    if isinstance(driver, _PG_DUPLICATE) or (
+            isinstance(driver, sqlite3.IntegrityError)
+            and driver.sqlite_errorcode in _SQLITE_DUPLICATE):
+        return errors.DuplicateKey()
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return _logged(exc, errors.ConnectionLost())
+    if isinstance(exc, OUTAGES):
+        return _logged(exc, errors.Unavailable())
+    return None
+
+
+def _logged(exc: BaseException, typed: errors.Unavailable) -> errors.Unavailable:
+    # The cause is logged, not shown: it names hosts and ports.
+    cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    log.warning("database unavailable: %s: %s", type(exc).__name__, cause[0] if cause else "")
+    return typed
+
+
+def raise_typed(exc: BaseException) -> NoReturn:
+    """Raise the typed error of exc (from exc), or exc itself when convert() leaves it."""
+    typed = convert(exc)
+    if typed is None:
+        raise exc
+    raise typed from exc
+
+
+class Connector:
+    """The queue's engine and, on PostgreSQL, the claims' own pool. Every driver error that
+    leaves ``begin``, ``connect`` or ``claim_session`` is converted (see ``convert``)."""
+
+    def __init__(self, url: str, **engine_kwargs):
+        self.url, self._engine_kwargs = url, engine_kwargs
+        self.engine = make_engine(url, **engine_kwargs)
+        self._claim_pool: Engine | None = None
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A connection in a transaction: committed at the end, rolled back on error."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except DRIVER_ERRORS as exc:
+            raise_typed(exc)
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A connection for reads (its transaction is rolled back at the end)."""
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except DRIVER_ERRORS as exc:
+            raise_typed(exc)
+
+    @contextmanager
+    def claim_session(self) -> Iterator[tuple[Connection, Any]]:
+        """PostgreSQL: (connection, bare psycopg cursor) from the claims' pool: autocommit,
+        no ping per checkout (a round trip per claim). A connection found broken is dropped
+        with the rest of the pool (after a server restart they are all dead) and the error
+        leaves as ConnectionLost: the claim may be made again."""
+        try:
+            with self._claims().connect() as conn:
+                raw = conn.connection.driver_connection
+                try:
+                    yield conn, raw.cursor()
+                except _PG_ERROR as exc:
+                    if not (raw.broken or raw.closed):
+                        raise
+                    conn.invalidate()
+                    self._claims().dispose()
+                    raise _logged(exc, errors.ConnectionLost()) from exc
+        except DRIVER_ERRORS as exc:
+            raise_typed(exc)
+
+    def _claims(self) -> Engine:
+        pool = self._claim_pool
+        if pool is None:
+            kwargs = dict(self._engine_kwargs, pool_pre_ping=False, isolation_level="AUTOCOMMIT")
+            pool = self._claim_pool = make_engine(self.url, **kwargs)
+            event.listen(pool, "connect", _generic_plans)
+        return pool
+
+    def dispose(self) -> None:
+        """Close every pooled connection (the connector stays usable)."""
+        self.engine.dispose()
+        pool, self._claim_pool = self._claim_pool, None
+        if pool is not None:
+            pool.dispose()
+
+
+def _generic_plans(dbapi_conn, _record) -> None:
+    with dbapi_conn.cursor() as cur:
+        cur.execute(queries.PG_CLAIM_CONNECT)
+
+
+def make_engine(url: str, **kwargs) -> Engine:
+    """An Engine for `sqlite:///path` (serialized writers) or `postgresql+psycopg://...`."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    kwargs.setdefault("pool_size", 8)
+    kwargs.setdefault("pool_pre_ping", True)
+    engine = create_engine(url, **kwargs)
+    event.listen(engine, "checkin", _bump_after_write)
+    return engine
+
+
+def _sqlite_connect(dbapi_conn, _record) -> None:
+    # Take over transaction control from the driver, so BEGIN IMMEDIATE below is ours.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    for statement in queries.SQLITE_CONNECT:
+        cur.execute(statement)
+    cur.close()
+
+
+def _sqlite_begin(conn) -> None:
+    conn.exec_driver_sql(queries.SQLITE_BEGIN)
+
+
+def _bump_after_write(_dbapi_conn, record) -> None:
+    # A claim snapshot read while a queue write was still uncommitted took the generation the
+    # write had already bumped, yet lacks its rows: bump again once the write's transaction is
+    # over (its connection back in the pool), so such a snapshot is not reused.
+    if record is not None and record.info.pop(WROTE_GROUPS, False):
+        bump_generation()

@@ -135,23 +135,8 @@ class LLMEngine:
             if self.loras is not None and self.loras.loading() and not finished:
                 self.loras.wait_any(0.05)  # nothing runs until an adapter arrives: do not spin
             return finished
-        t0 = now = time.time()
-        slots = []
-        for s in seqs:
-            first = plan.prefill and s.metrics.first_scheduled_time is None
-            if first:
-                s.metrics.first_scheduled_time = now
-            if s.lora_request is None:
-                slots.append(-1)
-            else:
-                slot = self.loras.gpu.lookup(s.lora_id)
-                if slot is None or first:
-                    # first use: a hit makes it most recent, a miss writes it into a slot
-                    slot = self.loras.activate(s.lora_request, self.scheduler.running_adapters())
-                slots.append(slot)
-        if self.loras is not None:
-            self._prefetch_slots(seqs)
-            self.loras.gpu.wait_for(slots)
+        t0 = time.time()
+        slots = self._slots(plan, t0)
         if plan.prefill:
             try:
                 logits = self.runner.prefill(seqs, slots, plan.chunks)
@@ -189,6 +174,27 @@ class LLMEngine:
             elif seq.params.stream:
                 self._stream(seq)
         return finished
+
+    def _slots(self, plan, now: float) -> list[int]:
+        """The GPU LoRA slot of each sequence of the step (-1: none), its adapter copied in
+        (and the next waiters' adapters prefetched) before the step runs."""
+        slots = []
+        for s in plan.seqs:
+            first = plan.prefill and s.metrics.first_scheduled_time is None
+            if first:
+                s.metrics.first_scheduled_time = now
+            if s.lora_request is None:
+                slots.append(-1)
+            else:
+                slot = self.loras.gpu.lookup(s.lora_id)
+                if slot is None or first:
+                    # first use: a hit makes it most recent, a miss writes it into a slot
+                    slot = self.loras.activate(s.lora_request, self.scheduler.running_adapters())
+                slots.append(slot)
+        if self.loras is not None:
+            self._prefetch_slots(plan.seqs)
+            self.loras.gpu.wait_for(slots)
+        return slots
 
     def _count_step(self, plan, t0: float) -> None:
         """Per-phase step counts and wall time (sampling has synchronised the device)."""

@@ -47,6 +47,7 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return out
 
 
+# Long by design: one program's whole online-softmax loop; helpers would re-pass its pointers.
 @triton.jit
 def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, out_ptr, part_ptr, ml_ptr,
                         stride_qb, stride_btb, stride_btn, s_cs, s_ch, stride_ob, scale,

@@ -96,15 +96,15 @@ class BlockManager:
             self.evictable.pop(block, None)
         self.ref[block] += 1
 
-    def allocate(self, seq) -> bool:
+    def allocate(self, seq, reserve: int = 0) -> bool:
         """Give ``seq`` blocks for all its prefill tokens, reusing cached prefix blocks; sets
         ``seq.block_table`` and ``seq.num_computed_tokens``. False (nothing changed) when the
-        pool lacks the blocks."""
+        pool lacks the blocks, or would keep fewer than ``reserve`` free afterwards."""
         tokens = len(seq.prefill_tokens)
         hits = self._cached_prefix(seq)
         need = self.blocks_for(tokens) - len(hits)
         # hit blocks sitting in the LRU list are not free for the new ones
-        if need > self.num_free() - sum(1 for b in hits if self.ref[b] == 0):
+        if need + reserve > self.num_free() - sum(1 for b in hits if self.ref[b] == 0):
             return False
         for b in hits:
             self._hold(b)

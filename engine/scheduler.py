@@ -51,6 +51,7 @@ class Scheduler:
         self._last_was_prefill = False
         self.preemptions = 0
         self.peak_running = 0
+        self.watermark = max(1, blocks.usable() // 100)   # blocks kept free at admission
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -131,7 +132,9 @@ class Scheduler:
             if ready is not None and not ready(seq):
                 continue  # its adapter is still loading: others go on meanwhile
             seq.prefill_len = seq.prefill_len or len(seq.prompt_token_ids)
-            if not self.blocks.allocate(seq):
+            # a watermark while others run: their next decode steps need blocks too, and an
+            # admission that took the last ones would be preempted again at once
+            if not self.blocks.allocate(seq, self.watermark if self.running else 0):
                 break     # the pool is short: nobody overtakes it
             n = min(seq.prefill_len - seq.num_computed_tokens, budget)
             self.blocks.register(seq, seq.num_computed_tokens + n)  # later admissions may hit

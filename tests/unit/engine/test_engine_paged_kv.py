@@ -165,3 +165,17 @@ def test_a_failed_prefill_leaves_no_cached_prefix(tiny_llama):
     assert eng.cache_stats()["kv"]["prefix_hit_tokens"] == before
     want, _ = peft_greedy(tiny_llama.hf, out.prompt_token_ids, 2, None)
     assert out.outputs[0].token_ids == want
+
+
+def test_512_rows_decode_together_with_the_tokens_of_a_small_batch(tiny_llama):
+    """max_num_seqs=512: 600 requests, 512 decoding at once (the pool sized for them), each
+    row the tokens it gets in batches of 8."""
+    prompts = [[5 + i % 50, 6, 7, 8 + i % 9] for i in range(600)]
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    big = _engine(tiny_llama, max_num_seqs=512, max_model_len=32, max_num_batched_tokens=4096)
+    got = [o.outputs[0].token_ids for o in big.generate(prompts, sp, use_tqdm=False)]
+    small = _engine(tiny_llama, max_num_seqs=8, max_model_len=32)
+    want = [o.outputs[0].token_ids for o in small.generate(prompts[:40], sp, use_tqdm=False)]
+    assert got[:40] == want
+    stats = big.cache_stats()
+    assert stats["kv"]["peak_running"] == 512 and stats["steps"]["decode"]["max_batch"] == 512

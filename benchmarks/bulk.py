@@ -49,6 +49,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 GOALS = {"mixed_tok_per_s_min": 15000, "mixed_tok_per_s_on": "H200",
          "lora_overhead_max": 0.10, "prefix_speedup_min": 1.5}
 RUNS = ("mixed", "no_adapters", "prefix_off")
+# mixed with prefill steps on the padded [B, S] batch instead of the real tokens only
+EXTRA_RUNS = ("padded_prefill",)
 # cache_stats() figures that accumulate over the engine's life: reported as timed-run deltas
 COUNTERS = {"prefix_query_tokens", "prefix_hit_tokens", "preemptions", "steps", "seconds",
             "tokens", "rows", "hits", "misses", "evictions", "load_seconds"}
@@ -210,6 +212,7 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
     ctx["dropped"].update(dropped)
     loras = None if run == "no_adapters" else ctx["loras"]
     eng = LLMEngine(config)
+    eng.runner.pack_prefill = run != "padded_prefill"
     try:
         t0 = time.perf_counter()
         n = args.warmup if args.warmup is not None else 2 * max_num_seqs
@@ -329,7 +332,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed warm-up requests per run (default: 2 x max_num_seqs)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
-    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS + EXTRA_RUNS)
+    ap.add_argument("--model", default=None,
+                    help="a local base model dir instead of the built one (e.g. the demo "
+                         "model on CPU; its config shapes the adapters)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--block-size", type=int, default=None)
@@ -358,7 +364,11 @@ def main() -> None:
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
     with tempfile.TemporaryDirectory(prefix="lorry-bulk-") as tmp:
-        model, config, load_format = build_model(args.tiny, Path(tmp))
+        if args.model:
+            model, load_format = args.model, "auto"
+            config = json.loads((Path(args.model) / "config.json").read_text())
+        else:
+            model, config, load_format = build_model(args.tiny, Path(tmp))
         loras, ranks = build_adapters(spec, config, Path(tmp), args.seed)
         vocab = config["vocab_size"]
         ctx = {"args": args, "spec": spec, "model": model, "load_format": load_format,

@@ -18,11 +18,24 @@ class ModelRunner:
                  block_size: int = 16):
         self.model, self.ops, self.max_loras, self.device = model, ops, max_loras, device
         self.block_size = block_size
+        # prefill steps run the layers on the real tokens only (no padding rows); False: on
+        # the padded [B, S] batch (for comparisons)
+        self.pack_prefill = True
         self.graphs = graphs  # engine.graphs.DecodeGraphs on CUDA unless enforce_eager
         self.logits_hook = None  # optional callable(seqs, logits) for tests and diagnostics
         # held around graph replays (which may capture): adapter loader threads take it to
         # allocate pinned memory, a CUDA call that would invalidate a capture in progress
         self.graph_lock = contextlib.nullcontext()
+
+    def _packing(self, lens: list[int], slots: list[int], S: int):
+        """(pad_index, LoRA step) of a right-padded [B, S] prefill: the layers compute only
+        the real tokens unless every row is full (or packing is off)."""
+        if not self.pack_prefill or sum(lens) == len(lens) * S:
+            return None, self._lora([slot if j < n else -1 for n, slot in zip(lens, slots)
+                                     for j in range(S)])
+        index = [b * S + j for b, n in enumerate(lens) for j in range(n)]
+        return (self._tensor(index),
+                self._lora([slot for n, slot in zip(lens, slots) for _ in range(n)]))
 
     def _lora(self, token_slots: list[int]) -> LoRAStep | None:
         used = frozenset(s for s in token_slots if s >= 0)
@@ -58,9 +71,8 @@ class ModelRunner:
         S = max(len(p) for p in prompts)
         ids = self._tensor([p + [0] * (S - len(p)) for p in prompts])          # [B, S]
         positions = torch.arange(S, device=self.device).expand(len(prompts), S)
-        token_slots = [slot if j < len(p) else -1 for p, slot in zip(prompts, slots)
-                       for j in range(S)]
-        batch = Batch(positions=positions, prefill=True, lora=self._lora(token_slots),
+        pad_index, lora = self._packing([len(p) for p in prompts], slots, S)
+        batch = Batch(positions=positions, prefill=True, lora=lora, pad_index=pad_index,
                       slot_mapping=slot_mapping, block_size=self.block_size)
         last = None if all_logits else self._tensor([len(p) - 1 for p in prompts])
         return self.model(ids, batch, last)
@@ -83,10 +95,9 @@ class ModelRunner:
             last_pos = self.model.rotary.cos.shape[0] - 1
             positions = (self._tensor(starts)[:, None] + torch.arange(S, device=self.device)
                          ).clamp_(max=last_pos)                                     # [B, S]
-            token_slots = [slot if j < c else -1 for c, slot in zip(chunks, slots)
-                           for j in range(S)]
+            pad_index, lora = self._packing(chunks, slots, S)
             kv_len = max(a + c for a, c in zip(starts, chunks))
-            batch = Batch(positions=positions, prefill=True, lora=self._lora(token_slots),
+            batch = Batch(positions=positions, prefill=True, lora=lora, pad_index=pad_index,
                           slot_mapping=slot_mapping, chunked=True, kv_len=kv_len,
                           block_tables=self._tables(seqs, -(-kv_len // bs)), block_size=bs)
             logits = self.model(ids, batch, self._tensor([c - 1 for c in chunks]))

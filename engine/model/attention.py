@@ -44,6 +44,9 @@ class Batch:
     kv_len: int = 0              # keys to attend through the block tables (host int)
     lora: LoRAStep | None = None
     chunked: bool = False        # prefill of chunks after cached prefixes (kv_len keys)
+    # prefill without padding: the layers see only the real tokens [T]; these are their rows
+    # in the padded [B*S] layout, which attention (and the cache write) still uses
+    pad_index: torch.Tensor | None = None
 
 
 def visible(q_pos: torch.Tensor, n: int, window: int | None) -> torch.Tensor:
@@ -83,7 +86,10 @@ class Attention(nn.Module):
     def _qkv(self, x: torch.Tensor, batch: Batch, rope, B: int, S: int):
         """x: [T, H] -> q [B, h, S, D], k and v [B, kvh, S, D] (q, k normed and rotated)."""
         h, kvh, D = self.heads, self.kv_heads, self.head_dim
-        qk, v = self.qkv_proj(x, batch.lora).split([(h + kvh) * D, kvh * D], dim=-1)
+        qkv = self.qkv_proj(x, batch.lora)
+        if batch.pad_index is not None:                                 # [T] -> [B*S] rows
+            qkv = qkv.new_zeros(B * S, qkv.shape[1]).index_copy_(0, batch.pad_index, qkv)
+        qk, v = qkv.split([(h + kvh) * D, kvh * D], dim=-1)
         if self.wide_qk_norm:                                           # before the head split
             q, k = qk.split([h * D, kvh * D], dim=-1)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=-1)
@@ -115,6 +121,8 @@ class Attention(nn.Module):
             else:
                 out = self._grouped(q, keys, values, mask)
         out = out.transpose(1, 2).reshape(B * S, self.heads * self.head_dim)
+        if batch.pad_index is not None:
+            out = out.index_select(0, batch.pad_index)
         return self.o_proj(out, batch.lora)
 
     def _gather(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

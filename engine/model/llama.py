@@ -160,9 +160,12 @@ class LlamaForCausalLM(nn.Module):
         """input_ids: [B, S]; last_index: [B] position whose logits to return -> [B, V]
         (None: logits of every position -> [B, S, V])."""
         B, S = input_ids.shape
-        x = self.embed_tokens(input_ids.reshape(-1))                     # [T, H]
+        ids = input_ids.reshape(-1)
+        if batch.pad_index is not None:                                  # real tokens only
+            ids = ids.index_select(0, batch.pad_index)
+        x = self.embed_tokens(ids)                                       # [T, H]
         if self.slot_embeds and batch.lora is not None and batch.lora.slot_modules:
-            x = self._embed_lora(x, input_ids.reshape(-1), batch.lora)
+            x = self._embed_lora(x, ids, batch.lora)
         if self.embed_scale is not None:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         if self.embed_mult is not None:
@@ -173,8 +176,9 @@ class LlamaForCausalLM(nn.Module):
                  for key, r in self.rotaries.items()}
         for layer in self.layers:
             x = layer(x, batch, ropes, (B, S))
+        x, rows = self._padded(x, batch, B * S)
         x = x.view(B, S, -1)
-        rows = None if batch.lora is None else batch.lora.meta.token_slots.view(B, S)
+        rows = None if rows is None else rows.view(B, S)
         if last_index is not None:
             x = x[torch.arange(B, device=x.device), last_index]         # [B, H]
             rows = None if rows is None else rows[torch.arange(B, device=x.device), last_index]
@@ -217,6 +221,18 @@ class LlamaForCausalLM(nn.Module):
                 x = x.index_add(0, idx, delta.to(x.dtype))
         return x
 
+    @staticmethod
+    def _padded(x: torch.Tensor, batch: Batch, n: int):
+        """Hidden states [T, H] and LoRA slots [T] of the real tokens back in the padded
+        [B*S] layout (padding rows zero, slot -1); as they are when nothing was removed."""
+        rows = None if batch.lora is None else batch.lora.meta.token_slots
+        if batch.pad_index is None:
+            return x, rows
+        x = x.new_zeros(n, x.shape[1]).index_copy_(0, batch.pad_index, x)
+        if rows is not None:
+            rows = rows.new_full((n,), -1).index_copy_(0, batch.pad_index, rows)
+        return x, rows
+
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.arch.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
@@ -227,7 +243,8 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for layer in self.layers:
             x, residual = layer.forward_fused(x, residual, batch, rope, (B, S), self.rotary)
-        rows = None if batch.lora is None else batch.lora.meta.token_slots
+        x, rows = self._padded(x, batch, B * S)
+        residual, _ = self._padded(residual, batch, B * S)
         if last_index is not None and S > 1:                             # S = 1: the only one
             pick = torch.arange(B, device=x.device) * S + last_index     # [B] flat token rows
             x, residual = x[pick], residual[pick]

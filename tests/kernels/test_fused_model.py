@@ -45,7 +45,8 @@ def _check(got, want, dtype):
 
 
 def _fused(model, ids, batch, last):
-    x = model.embed_tokens(ids.reshape(-1))
+    flat = ids.reshape(-1)
+    x = model.embed_tokens(flat if batch.pad_index is None else flat[batch.pad_index])
     return model._forward_fused(x, batch, last, *ids.shape)
 
 
@@ -76,6 +77,11 @@ def test_triton_path_equals_torch_path(dtype, base, device):
                 block_size=BS)
     want, got = ref(ids, pre, last), _fused(tri, ids, pre, last)
     _check(got, want, dtype)
+    # the same prefill with the padding rows left out of the layers (packed tokens)
+    packed = Batch(positions=positions, slot_mapping=pre.slot_mapping, prefill=True,
+                   block_size=BS, pad_index=valid.reshape(-1).nonzero()[:, 0])
+    _check(_fused(tri, ids, packed, last), want, dtype)
+    _check(ref(ids, packed, last), want, dtype)
     pos = lens.clone()
     for step in range(4):                                        # decode: one token per row
         nxt = want.argmax(-1)

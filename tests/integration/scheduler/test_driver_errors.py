@@ -15,17 +15,16 @@ from lorry.scheduler import JobSpec, errors
 from tests.integration.scheduler.conftest import PG_URL
 
 
-def _pg(queue) -> None:
-    if queue.connector.dialect != "postgresql":
-        pytest.skip("PostgreSQL only: SQLite serializes its writers (no deadlock)")
+# PostgreSQL only: SQLite serializes its writers (no deadlock, no lost server connection)
+pg_only = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 
 
 def _nudge(conn, tenant_id: str) -> None:
     conn.execute(text("UPDATE tenants SET weight = weight WHERE id = :id"), {"id": tenant_id})
 
 
+@pg_only
 def test_a_deadlock_is_retryable(queue):
-    _pg(queue)
     a, _ = queue.create_tenant("a")
     b, _ = queue.create_tenant("b")
     both_locked = threading.Barrier(2, timeout=30)
@@ -53,8 +52,8 @@ def test_a_deadlock_is_retryable(queue):
     assert isinstance(aborted.__cause__.orig, psycopg.errors.DeadlockDetected)
 
 
+@pg_only
 def test_a_serialization_failure_is_retryable_and_the_call_can_be_made_again(queue):
-    _pg(queue)
     t, _ = queue.create_tenant("t")
 
     def set_weight_after_a_concurrent_write(weight: float) -> None:
@@ -76,8 +75,8 @@ def test_a_serialization_failure_is_retryable_and_the_call_can_be_made_again(que
     assert queue.get_tenant(t.id).weight == 4.0
 
 
+@pg_only
 def test_a_connection_lost_mid_transaction_is_unavailable(queue):
-    _pg(queue)
     t, _ = queue.create_tenant("t")
     dsn = PG_URL.replace("postgresql+psycopg://", "postgresql://")
     with pytest.raises(errors.Unavailable) as e, queue.connector.begin() as conn:

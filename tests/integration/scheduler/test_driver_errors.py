@@ -14,7 +14,6 @@ from sqlalchemy import text
 from lorry.scheduler import JobSpec, errors
 from tests.integration.scheduler.conftest import PG_URL
 
-
 # PostgreSQL only: SQLite serializes its writers (no deadlock, no lost server connection)
 pg_only = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 

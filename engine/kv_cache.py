@@ -60,12 +60,13 @@ class BlockManager:
 
     # ---- prefixes ---------------------------------------------------------------------------
     def _digests(self, seq, tokens: list[int], n_blocks: int) -> list[bytes]:
-        out, parent, bs = [], b"", self.block_size
-        key = seq.adapter_key
-        for i in range(n_blocks):
-            parent = _digest(parent, key, tokens[i * bs:(i + 1) * bs])
-            out.append(parent)
-        return out
+        """Digests of ``seq``'s first ``n_blocks`` full blocks, kept on the sequence: its
+        tokens only grow, so a block's digest never changes once computed."""
+        out, bs, key = seq.block_digests, self.block_size, seq.adapter_key
+        while len(out) < n_blocks:
+            i = len(out)
+            out.append(_digest(out[-1] if out else b"", key, tokens[i * bs:(i + 1) * bs]))
+        return out[:n_blocks]
 
     def _cached_prefix(self, seq) -> list[int]:
         """Blocks holding the longest cached prefix of ``seq``'s prefill tokens, leaving at

@@ -31,6 +31,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)  # KV cache blocks (engine.kv_cache)
     table_epoch: int = 0           # numbers each allocation of block_table (graph inputs)
     adapter_key: bytes = b""       # part of its prefix-cache digests (engine.kv_cache)
+    block_digests: list[bytes] = field(default_factory=list)  # of its full blocks, in order
     prefill_len: int = 0           # tokens the next prefill puts in the cache (set at admission)
     text: str = ""
     finish_reason: str | None = None

@@ -25,6 +25,49 @@ def size_ladder(max_num_seqs: int) -> list[int]:
     return sizes + [max_num_seqs]
 
 
+class GraphInputs:
+    """The host side of a captured step's inputs: token, position, LoRA slot and KV slot per
+    row ([4, n] longs) and each row's block table ([n, blocks] int32), pinned on CUDA."""
+
+    def __init__(self, rows: int, blocks: int, block_size: int, pin: bool = True):
+        self.block_size = block_size
+        self.host = torch.zeros(4, rows, dtype=torch.long)
+        self.tables = torch.zeros(rows, blocks, dtype=torch.int32)
+        if pin:
+            self.host, self.tables = self.host.pin_memory(), self.tables.pin_memory()
+        self._rows: list = [None] * rows   # (table_epoch, blocks) per table row
+
+    def fill(self, seqs: list, slots: list[int], size: int) -> None:
+        """Rows 0..B-1 from the sequences (each decodes its last token at position
+        num_tokens - 1), rows B..size-1 as padding (token 0 at position 0, no adapter, the
+        null block)."""
+        B, bs, h = len(seqs), self.block_size, self.host.numpy()
+        pos = [s.num_tokens - 1 for s in seqs]
+        h[IDS, :B] = [s.last_token for s in seqs]
+        h[POS, :B] = pos
+        h[SLOTS, :B] = slots
+        h[KV, :B] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
+        h[:, B:size] = 0
+        h[SLOTS, B:size] = -1
+        self._fill_tables(seqs, size)
+
+    def _fill_tables(self, seqs: list, size: int) -> None:
+        """A row's table is rewritten only when its table (each allocation numbers one:
+        ``table_epoch``) or its length changed since the last step; tables only grow between
+        allocations, by a block per block_size tokens."""
+        t, seen = self.tables.numpy(), self._rows
+        for i, s in enumerate(seqs):
+            n = len(s.block_table)
+            if seen[i] != (s.table_epoch, n):
+                t[i, :n] = s.block_table
+                t[i, n:] = 0
+                seen[i] = (s.table_epoch, n)
+        for i in range(len(seqs), size):
+            if seen[i] is not None:
+                t[i] = 0
+                seen[i] = None
+
+
 class DecodeGraphs:
     """Captures lazily, on first use of a bucket; graphs share one memory pool."""
 
@@ -36,15 +79,11 @@ class DecodeGraphs:
         # most this many rows (more rows: the extra matmul columns cost more than a shrink)
         self.fold_max_rows = FOLD_MAX_ROWS if hasattr(ops, "add_lora_folded") else 0
         self.sizes = size_ladder(max_num_seqs)
-        n, nb = self.sizes[-1], -(-max_len // block_size)
-        self.host = torch.zeros(4, n, dtype=torch.long).pin_memory()        # [4, n]
-        self.host_np = self.host.numpy()
-        self.tables_host = torch.zeros(n, nb, dtype=torch.int32).pin_memory()
-        self.tables_np = self.tables_host.numpy()
-        self.dev = self.host.to(device)                                      # [4, n]
-        self.tables = self.tables_host.to(device)                            # [n, nb]
+        n = self.sizes[-1]
+        self.inputs = GraphInputs(n, -(-max_len // block_size), block_size)
+        self.dev = self.inputs.host.to(device)                               # [4, n]
+        self.tables = self.inputs.tables.to(device)                          # [n, blocks]
         self.zero_index = torch.zeros(n, dtype=torch.long, device=device)
-        self._rows: list = [None] * n   # (table_epoch, blocks) per host table row
         self.all_slots = frozenset(range(max_loras))
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
@@ -95,38 +134,14 @@ class DecodeGraphs:
     def run(self, seqs: list, slots: list[int]) -> torch.Tensor:
         """Decode one token for each sequence (its next KV slot reserved); returns logits
         [B, V] in the given order (valid until the next run)."""
-        B, bs = len(seqs), self.block_size
+        B = len(seqs)
         size = self.bucket(B)
-        h = self.host_np
-        pos = [s.num_tokens - 1 for s in seqs]
-        h[IDS, :B] = [s.last_token for s in seqs]
-        h[POS, :B] = pos
-        h[SLOTS, :B] = slots
-        h[KV, :B] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
-        h[:, B:size] = 0
-        h[SLOTS, B:size] = -1
-        self._fill_tables(seqs, size)
-        self.dev.copy_(self.host, non_blocking=True)
-        self.tables[:size].copy_(self.tables_host[:size], non_blocking=True)
+        self.inputs.fill(seqs, slots, size)
+        self.dev.copy_(self.inputs.host, non_blocking=True)
+        self.tables[:size].copy_(self.inputs.tables[:size], non_blocking=True)
         key = (size, self._lora_key(slots))
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(*key)
         entry[0].replay()
         return entry[1][:B]
-
-    def _fill_tables(self, seqs: list, size: int) -> None:
-        """Host block tables of rows 0..size-1; a row is rewritten only when its table (each
-        allocation numbers one: ``table_epoch``) or its length changed since the last step;
-        tables only grow between allocations, by a block per block_size tokens."""
-        t, seen = self.tables_np, self._rows
-        for i, s in enumerate(seqs):
-            n = len(s.block_table)
-            if seen[i] != (s.table_epoch, n):
-                t[i, :n] = s.block_table
-                t[i, n:] = 0
-                seen[i] = (s.table_epoch, n)
-        for i in range(len(seqs), size):
-            if seen[i] is not None:
-                t[i] = 0
-                seen[i] = None

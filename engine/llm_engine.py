@@ -136,14 +136,15 @@ class LLMEngine:
                 self.loras.wait_any(0.05)  # nothing runs until an adapter arrives: do not spin
             return finished
         t0 = time.time()
-        slots = self._slots(plan, t0)
-        if plan.prefill:
-            try:
+        try:
+            slots = self._slots(plan, t0)
+            if plan.prefill:
                 logits = self.runner.prefill(seqs, slots, plan.chunks)
-            except BaseException:
-                for s in seqs:  # blocks registered for this step hold no keys: never reuse
-                    self.scheduler.blocks.unregister_uncomputed(s)
-                raise
+        except BaseException:
+            if plan.prefill:
+                self._roll_back(plan)
+            raise
+        if plan.prefill:
             done = []
             for i, (s, c) in enumerate(zip(seqs, plan.chunks)):
                 s.num_computed_tokens += c
@@ -174,6 +175,16 @@ class LLMEngine:
             elif seq.params.stream:
                 self._stream(seq)
         return finished
+
+    def _roll_back(self, plan) -> None:
+        """A prefill step failed before its keys were written: the blocks it registered hold
+        nothing, and sequences that hit them count them computed. Forget those digests and
+        requeue every sequence of the step to prefill again from its start."""
+        for s in plan.seqs:
+            self.scheduler.blocks.unregister_uncomputed(s)
+        for s in plan.seqs:
+            if s.status is SequenceStatus.RUNNING:
+                self.scheduler.preempt(s, count=False)
 
     def _slots(self, plan, now: float) -> list[int]:
         """The GPU LoRA slot of each sequence of the step (-1: none), its adapter copied in
@@ -336,6 +347,10 @@ class LLMEngine:
         self._generating |= wanted
         try:
             return self._generate_loop(ids, wanted, results, n, use_tqdm)
+        except BaseException:
+            for rid in wanted - results.keys():  # a failed call leaves none of its requests
+                self.abort_request(rid)
+            raise
         finally:
             self._generating -= wanted
             for rid in ids:

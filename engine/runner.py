@@ -92,9 +92,10 @@ class ModelRunner:
             logits = self.forward_prompts(toks, slots, slot_mapping)
         else:
             ids = self._tensor([t + [0] * (S - len(t)) for t in toks])               # [B, S]
-            last_pos = self.model.rotary.cos.shape[0] - 1
-            positions = (self._tensor(starts)[:, None] + torch.arange(S, device=self.device)
-                         ).clamp_(max=last_pos)                                     # [B, S]
+            # padding repeats each row's last position: it attends to real keys only
+            steps = torch.minimum(torch.arange(S, device=self.device)[None, :],
+                                  self._tensor(chunks)[:, None] - 1)
+            positions = self._tensor(starts)[:, None] + steps                         # [B, S]
             pad_index, lora = self._packing(chunks, slots, S)
             kv_len = max(a + c for a, c in zip(starts, chunks))
             batch = Batch(positions=positions, prefill=True, lora=lora, pad_index=pad_index,

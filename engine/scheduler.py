@@ -98,16 +98,16 @@ class Scheduler:
                 self.preempt(self.running[-1])  # the newest: itself, once it is the newest
         return [s for s in decoding if s.status is SequenceStatus.RUNNING]
 
-    def preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence, count: bool = True) -> None:
         """Release ``seq``'s blocks and queue it first, to prefill its prompt and generated
-        tokens again (recompute)."""
+        tokens again (recompute); ``count``: a preemption for want of blocks (the stat)."""
         self.running.remove(seq)
         self.blocks.release(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.prefill_len = seq.num_tokens
         self.waiting.appendleft(seq)
-        self.preemptions += 1
+        self.preemptions += count
 
     def _admit(self, pinned, ready, budget: int) -> list[tuple[Sequence, int]]:
         """Admit waiting sequences in order while rows, slots, blocks and the token budget

@@ -240,3 +240,14 @@ def test_unsupported_bases_are_refused_before_loading(tmp_path, change, message)
     with pytest.raises(ValueError, match=message):
         LLMEngine(EngineConfig(model=str(d), device="cpu"))
 
+
+
+def test_longrope_bases_share_no_prefix_blocks(phi3):
+    """A longrope row's keys depend on its whole length (short or long factors), so cached
+    prefix keys are not what a longer prompt computes: prefix caching stays off there."""
+    eng = LLMEngine(EngineConfig(model=str(phi3.dir), device="cpu", max_model_len=64,
+                                 block_size=8))
+    assert eng.cache_stats()["kv"]["prefix_caching"] is False
+    sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    eng.generate([LONG, LONG + "!"], sp, use_tqdm=False)
+    assert eng.cache_stats()["kv"]["prefix_hit_tokens"] == 0

@@ -179,3 +179,62 @@ def test_512_rows_decode_together_with_the_tokens_of_a_small_batch(tiny_llama):
     assert got[:40] == want
     stats = big.cache_stats()
     assert stats["kv"]["peak_running"] == 512 and stats["steps"]["decode"]["max_batch"] == 512
+
+
+@pytest.mark.parametrize("fail_in", ["prefill", "slots"])
+def test_a_failed_step_requeues_whoever_shared_its_fresh_blocks(tiny_llama, fail_in):
+    """Two prompts with a common head admitted in one step, the second hitting blocks the
+    first was to write; the step fails (in the model, or while placing adapters), the first
+    is aborted: the second must not count those never-written blocks as computed."""
+    prompt = [5 + (7 * j) % 200 for j in range(30)]
+    other = prompt[:24] + [9, 8, 7]
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    ref = _engine(tiny_llama, block_size=8, enable_prefix_caching=False).generate(
+        [other], sp, use_tqdm=False)[0].outputs[0].token_ids
+    eng = _engine(tiny_llama, block_size=8)
+    target = eng.runner if fail_in == "prefill" else eng
+    name = "prefill" if fail_in == "prefill" else "_slots"
+    real = getattr(target, name)
+
+    def boom(*a, **k):
+        setattr(target, name, real)
+        raise RuntimeError("device lost")
+    setattr(target, name, boom)
+    eng.add_request("a", prompt, sp)
+    eng.add_request("b", other, sp)
+    with pytest.raises(RuntimeError, match="device lost"):
+        eng.step()
+    eng.abort_request("a")
+    out = {}
+    while eng.has_unfinished_requests():
+        out.update({o.request_id: o.outputs[0].token_ids for o in eng.step()})
+    assert out["b"] == ref
+    kv = eng.cache_stats()["kv"]
+    assert kv["blocks_free"] == kv["blocks_total"] and kv["preemptions"] == 0
+
+
+def test_chunk_padding_attends_to_real_keys_only(tmp_path):
+    """Unpacked prefill (the comparison mode): a one-token chunk after a cached prefix batched
+    with a long new prompt; the chunk's padding rows stay finite under a sliding window and
+    soft-capping, so nothing NaN reaches the null block that padded tables read."""
+    from transformers import Gemma2Config
+
+    from lorry.testing import make_tiny_model
+
+    cfg = Gemma2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=96, vocab_size=259, max_position_embeddings=256,
+                       num_hidden_layers=2, head_dim=16, query_pre_attn_scalar=16,
+                       sliding_window=7, attn_logit_softcapping=2.0)
+    model = make_tiny_model(tmp_path / "g2", cfg)
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    first = [3 + j % 50 for j in range(41)]
+    second = [60 + j % 40 for j in range(20)]
+    ref = LLMEngine(EngineConfig(model=str(model), device="cpu", block_size=8,
+                                 max_model_len=96, enable_prefix_caching=False))
+    want = [o.outputs[0].token_ids for o in ref.generate([first, second], sp, use_tqdm=False)]
+    eng = LLMEngine(EngineConfig(model=str(model), device="cpu", block_size=8, max_model_len=96))
+    eng.runner.pack_prefill = False
+    eng.generate([first], sp, use_tqdm=False)              # caches first's blocks
+    got = [o.outputs[0].token_ids for o in eng.generate([first, second], sp, use_tqdm=False)]
+    assert got == want
+    assert all(torch.isfinite(layer.self_attn.v_cache[:8]).all() for layer in eng.model.layers)

@@ -60,8 +60,8 @@ class ClaimOps:
                 return once(*args)
             except (errors.Retryable, errors.ConnectionLost):
                 # Two claims updating the same summary rows in opposite orders: PostgreSQL
-                # aborts one of them; a connection lost before the claim's reply. Nothing was
-                # leased (or it was given back), so trying again is safe.
+                # aborts one of them; a connection lost before the claim's reply. Whatever the
+                # failed attempt leased was given back (_claim_pg), so trying again is safe.
                 continue
         return once(*args)
 
@@ -108,6 +108,7 @@ class ClaimOps:
                         now + timedelta(seconds=lease_seconds))
         try:
             with self.connector.claim_session() as (conn, cur):
+                call.pid = cur.connection.info.backend_pid
                 snap, wants, leased = self._lease_pg(cur, snap, call)
                 if wants and not leased.rows and not call.fresh:
                     snap, wants, leased = self._lease_pg(cur, None, call)
@@ -119,10 +120,27 @@ class ClaimOps:
                                           report[1] or []):
                     snaps[worker_id] = snap
                 return self._micro_batches(conn, claimed, now, infos)
-        except errors.ConnectionLost:
-            if call.token is not None:  # the lost reply may have leased jobs: give them back
+        except Exception as exc:
+            # the claim statement commits on its own (autocommit): whatever failed after it,
+            # or took its reply, its jobs are leased to nobody unless given back. A lost
+            # connection's statement may still be running on the server: end it first.
+            if call.token is not None:
+                if isinstance(exc, errors.ConnectionLost):
+                    self._end_backend(call.pid)
                 self._release_lost_claim(call.token)
             raise
+
+    def _end_backend(self, pid: int | None) -> None:
+        """Terminate the server process of a claim connection that broke, waiting (up to
+        5 s) until it has gone: its statement has then committed or rolled back, so a
+        release afterwards sees every job it leased."""
+        if pid is None:
+            return
+        try:
+            with self.connector.begin() as conn:
+                conn.execute(q.terminate_backend(pid))
+        except Exception as e:  # noqa: BLE001  the server is away: nothing of it runs either
+            log.warning("could not end the server process of a lost claim (%s): %s", pid, e)
 
     def _lease_pg(self, cur, snap, call: _PgClaim) -> tuple:
         """Plan from snap (None: read a fresh one; a cached one's short plan is made again
@@ -295,6 +313,7 @@ class _PgClaim:
     expires: datetime
     token: str | None = None
     fresh: bool = False
+    pid: int | None = None           # the claim connection's server process
 
 
 def adapter_ids(refs, side: str) -> list[int]:

@@ -36,8 +36,19 @@ DRIVER_ERRORS: tuple[type[BaseException], ...] = (
 OUTAGES: tuple[type[BaseException], ...] = (
     sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError,
     sa_exc.TimeoutError) + _PG_OUTAGES
-_SQLITE_DUPLICATE = frozenset({sqlite3.SQLITE_CONSTRAINT_UNIQUE,
-                               sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY})
+# SQLite's extended result codes of a unique / primary-key violation (named in sqlite3 and
+# carried by its errors from Python 3.11; the numbers are SQLite's own)
+_SQLITE_DUPLICATE = frozenset({getattr(sqlite3, "SQLITE_CONSTRAINT_UNIQUE", 2067),
+                               getattr(sqlite3, "SQLITE_CONSTRAINT_PRIMARYKEY", 1555)})
+
+
+def _sqlite_duplicate(driver: BaseException) -> bool:
+    if not isinstance(driver, sqlite3.IntegrityError):
+        return False
+    code = getattr(driver, "sqlite_errorcode", None)
+    if code is None:  # Python 3.10: no result code, only SQLite's fixed message
+        return str(driver).startswith(("UNIQUE constraint failed", "PRIMARY KEY must be"))
+    return code in _SQLITE_DUPLICATE
 
 
 def convert(exc: BaseException) -> errors.QueueError | None:
@@ -47,9 +58,7 @@ def convert(exc: BaseException) -> errors.QueueError | None:
     driver = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
     if isinstance(driver, _PG_RETRYABLE):
         return errors.Retryable()
-    if isinstance(driver, _PG_DUPLICATE) or (
-            isinstance(driver, sqlite3.IntegrityError)
-            and driver.sqlite_errorcode in _SQLITE_DUPLICATE):
+    if isinstance(driver, _PG_DUPLICATE) or _sqlite_duplicate(driver):
         return errors.DuplicateKey()
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return _logged(exc, errors.ConnectionLost())

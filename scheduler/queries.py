@@ -226,6 +226,11 @@ def release_claim(token: str):
     return _unclaim(J.c.lease_token == token)
 
 
+def terminate_backend(pid: int):
+    """End a server process and wait for it to exit (PostgreSQL 14+: the timeout argument)."""
+    return text("SELECT pg_terminate_backend(:pid, 5000)").bindparams(pid=pid)
+
+
 def release_job(job_id: str, token: str):
     return _unclaim(J.c.id == job_id, J.c.lease_token == token)
 

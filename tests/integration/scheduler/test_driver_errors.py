@@ -109,3 +109,72 @@ def test_other_driver_errors_propagate_unchanged(queue):
     # NOT NULL: a bug, not an outage
     with pytest.raises(sa_exc.IntegrityError), queue.connector.begin() as conn:
         conn.execute(text("INSERT INTO tenants (id) VALUES ('tenant_x')"))
+
+
+@pg_only
+def test_a_claim_that_fails_after_its_statement_gives_its_jobs_back(queue, monkeypatch):
+    """The claim statement commits on its own; an error after it (here a deadlock while the
+    micro-batches are built) must not leave its jobs leased to nobody while the retry leases
+    others."""
+    from lorry.scheduler.claims import ClaimOps
+    from lorry.scheduler.connector import raise_typed
+
+    t, _ = queue.create_tenant("t")
+    queue.submit(t.id, [JobSpec(None, prompt=str(i)) for i in range(4)])
+    real, calls = ClaimOps._micro_batches, []
+
+    def once_deadlocked(self, conn, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            try:
+                raise psycopg.errors.DeadlockDetected("deadlock detected")
+            except psycopg.Error as e:
+                raise_typed(e)
+        return real(self, conn, *a, **k)
+    monkeypatch.setattr(ClaimOps, "_micro_batches", once_deadlocked)
+    got = {j.id for b in queue.claim("w", [], [], 2) for j in b.jobs}
+    assert len(got) == 2 and len(calls) == 2
+    with queue.engine.connect() as c:
+        rows = c.execute(text("SELECT id, status FROM jobs")).all()
+    assert {r.id for r in rows if r.status == "running"} == got   # none held by nobody
+
+
+@pg_only
+def test_a_claim_whose_connection_breaks_mid_statement_leaves_no_orphan(queue, monkeypatch):
+    """The client loses the claim connection while the server still runs the statement
+    (blocked on a lock): the server process is ended before the give-back, so whatever the
+    statement did is visible to it; no job stays leased to nobody."""
+    import os
+    import socket
+    import time
+
+    import lorry.scheduler.claims as claims_mod
+
+    t, _ = queue.create_tenant("t")
+    queue.submit(t.id, [JobSpec(None, prompt=str(i), max_attempts=1) for i in range(4)])
+    blocker = queue.engine.connect()
+    blocker.execute(text("UPDATE tenants SET weight = weight WHERE id = :id"), {"id": t.id})
+    real, calls = claims_mod.claim_rows, []
+
+    def cut_then_run(cur, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            fd = cur.connection.fileno()
+
+            def cut():
+                time.sleep(0.5)
+                s = socket.socket(fileno=os.dup(fd))
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+                time.sleep(1.0)
+                blocker.commit()
+            threading.Thread(target=cut, daemon=True).start()
+        return real(cur, *a, **k)
+    monkeypatch.setattr(claims_mod, "claim_rows", cut_then_run)
+    got = {j.id for b in queue.claim("w", [], [], 2) for j in b.jobs}
+    blocker.close()
+    time.sleep(0.5)
+    with queue.engine.connect() as c:
+        rows = c.execute(text("SELECT id, status FROM jobs")).all()
+    assert len(calls) >= 2
+    assert {r.id for r in rows if r.status == "running"} == got

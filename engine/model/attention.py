@@ -32,6 +32,12 @@ def triton_ops():
     return _TRITON_OPS[0]
 
 
+def flash_decode(q: torch.Tensor) -> bool:
+    """Decode attention through the Triton flash-decode kernel (CUDA with Triton), also for
+    the bases whose other layers run the torch code."""
+    return q.is_cuda and triton_ops() is not None
+
+
 @dataclass
 class Batch:
     """Inputs of one model step (all tensors on the model's device)."""
@@ -112,6 +118,14 @@ class Attention(nn.Module):
             if self.window is not None or self.softcap is not None:
                 mask = visible(torch.arange(S, device=x.device), S, self.window)[None]  # [1, S, S]
             out = self._attend(q, k, v, mask)
+        elif not batch.prefill and flash_decode(q):
+            # decode on CUDA: flash-decode through the block tables, each row's keys only
+            # (no gather up to kv_len, which a captured step sets to max_model_len)
+            out = triton_ops()[1].decode_attention(
+                q.reshape(B, -1), self.k_cache, self.v_cache, batch.block_tables,
+                batch.positions.reshape(-1), batch.block_size, scale=self.scale,
+                window=self.window, softcap=self.softcap)                  # [B, h*D]
+            return self.o_proj(out, batch.lora)
         else:
             # chunks after cached prefixes, or decode: every key through the block tables
             keys, values = self._gather(batch)                            # [B, kvh, n, D]

@@ -100,3 +100,45 @@ def test_triton_path_equals_torch_path(dtype, base, device):
                         torch.ones(B, n, dtype=torch.bool, device=device)).view(B, n)[r]
             _check(b.self_attn.k_cache[idx], a.self_attn.k_cache[idx], dtype)
             _check(b.self_attn.v_cache[idx], a.self_attn.v_cache[idx], dtype)
+
+
+@pytest.mark.parametrize("base", ["gemma2", "olmo2"])
+@torch.inference_mode()
+def test_torch_path_decode_through_flash_decode_equals_its_own_attention(base, device,
+                                                                         monkeypatch):
+    """Bases whose layers run the torch code (Gemma 2: soft-capping and windows; OLMo 2)
+    decode through the Triton flash-decode kernel on CUDA: the same logits as the torch
+    attention over gathered keys, across block boundaries."""
+    from lorry.engine.model import attention
+
+    extra = ({"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 5,
+              "attn_logit_softcapping": 3.0} if base == "gemma2" else {})
+    cfg = AutoConfig.for_model(base, hidden_size=64, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=96,
+                               num_hidden_layers=2, vocab_size=128,
+                               max_position_embeddings=64, **extra)
+    model = LlamaForCausalLM(cfg, max_len=64)
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 0.1))
+    model = model.to(device=device, dtype=torch.float32)
+    model.allocate_kv_cache(num_blocks=17, block_size=BS)
+    tables = torch.tensor([[9, 3, 14], [5, 16, 1]], dtype=torch.int32, device=device)
+    B, S = 2, 7
+    ids = torch.randint(0, 128, (B, S), generator=g).to(device)
+    pos = torch.arange(S, device=device)[None, :].expand(B, S)
+    slots = (tables.long().gather(1, pos // BS) * BS + pos % BS).reshape(-1)
+    model(ids, Batch(positions=pos, slot_mapping=slots, prefill=True, block_size=BS),
+          torch.full((B,), S - 1, device=device))
+    for step in range(3):                                        # positions 7, 8, 9
+        p = torch.full((B, 1), S + step, device=device)
+        batch = Batch(positions=p, prefill=False, block_tables=tables, block_size=BS,
+                      slot_mapping=(tables.long().gather(1, p // BS) * BS + p % BS).reshape(-1),
+                      kv_len=S + step + 1)
+        tok = torch.full((B, 1), 3 + step, device=device)
+        zero = torch.zeros(B, dtype=torch.long, device=device)
+        monkeypatch.setattr(attention, "flash_decode", lambda q: False)
+        want = model(tok, batch, zero)
+        monkeypatch.setattr(attention, "flash_decode", lambda q: True)
+        got = model(tok, batch, zero)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -131,7 +131,6 @@ class Scheduler:
             # distinct adapters waiting, their loads would evict each other from the CPU cache)
             if ready is not None and not ready(seq):
                 continue  # its adapter is still loading: others go on meanwhile
-            seq.prefill_len = seq.prefill_len or len(seq.prompt_token_ids)
             # a watermark while others run: their next decode steps need blocks too, and an
             # admission that took the last ones would be preempted again at once
             if not self.blocks.allocate(seq, self.watermark if self.running else 0):

@@ -32,7 +32,7 @@ class Sequence:
     table_epoch: int = 0           # numbers each allocation of block_table (graph inputs)
     adapter_key: bytes = b""       # part of its prefix-cache digests (engine.kv_cache)
     block_digests: list[bytes] = field(default_factory=list)  # of its full blocks, in order
-    prefill_len: int = 0           # tokens the next prefill puts in the cache (set at admission)
+    prefill_len: int = 0           # tokens the next prefill puts in the cache (0: the prompt)
     text: str = ""
     finish_reason: str | None = None
     num_computed_tokens: int = 0   # prefill tokens whose keys/values are in the KV cache
@@ -40,6 +40,9 @@ class Sequence:
     error: str | None = None       # why the request failed (e.g. its adapter could not be loaded)
     logprobs: list[dict[int, Logprob]] | None = None  # per output token, if params.logprobs
     streamed: int = 0              # characters of text already handed to on_tokens
+
+    def __post_init__(self):
+        self.prefill_len = self.prefill_len or len(self.prompt_token_ids)
 
     @property
     def lora_id(self) -> int | None:
@@ -53,7 +56,7 @@ class Sequence:
     def prefill_tokens(self) -> list[int]:
         """What a prefill computes: the prompt, or after a preemption (recompute) the prompt
         and the tokens generated so far, whose last logits choose the next token."""
-        n = self.prefill_len or len(self.prompt_token_ids)
+        n = self.prefill_len
         if n <= len(self.prompt_token_ids):
             return self.prompt_token_ids
         return self.prompt_token_ids + self.output_token_ids[:n - len(self.prompt_token_ids)]
@@ -61,7 +64,7 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         """Running, with prefill tokens still to put into the KV cache (chunked prefill)."""
-        return self.num_computed_tokens < (self.prefill_len or len(self.prompt_token_ids))
+        return self.num_computed_tokens < self.prefill_len
 
     @property
     def last_token(self) -> int:

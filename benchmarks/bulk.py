@@ -49,10 +49,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 GOALS = {"mixed_tok_per_s_min": 15000, "mixed_tok_per_s_on": "H200",
          "lora_overhead_max": 0.10, "prefix_speedup_min": 1.5}
 RUNS = ("mixed", "no_adapters", "prefix_off")
-# mixed with prefill steps on the padded [B, S] batch instead of the real tokens only
-EXTRA_RUNS = ("padded_prefill",)
+# mixed with prefill steps on the padded [B, S] batch instead of the real tokens only;
+# mixed with prefill and decode steps alternating (no decode rows in prefill steps);
+# mixed with the requests of each template grouped at its first one (what a claim policy
+# preferring jobs that share a prefix would hand the engine)
+EXTRA_RUNS = ("padded_prefill", "alternate", "grouped")
 # cache_stats() figures that accumulate over the engine's life: reported as timed-run deltas
-COUNTERS = {"prefix_query_tokens", "prefix_hit_tokens", "preemptions", "steps", "seconds",
+COUNTERS = {"prefix_query_tokens", "prefix_hit_tokens", "preemptions", "steps", "seconds", "mixed",
             "tokens", "rows", "hits", "misses", "evictions", "load_seconds"}
 
 
@@ -158,7 +161,8 @@ def engine_config(spec: dict, args, model: str, load_format: str, run: str,
           "enable_lora": run != "no_adapters", "max_loras": spec["slots"],
           "max_cpu_loras": spec["adapters"], "max_lora_rank": spec["max_lora_rank"],
           "max_num_seqs": max_num_seqs, "max_model_len": spec["max_model_len"],
-          "seed": args.seed, "enable_prefix_caching": run != "prefix_off"}
+          "seed": args.seed, "enable_prefix_caching": run != "prefix_off",
+          "mixed_steps": run != "alternate"}
     optional = {"block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
                 "gpu_memory_utilization": args.gpu_memory_utilization,
                 "max_num_batched_tokens": args.max_num_batched_tokens}
@@ -199,6 +203,17 @@ def _generate(eng, w: Workload, loras: list[LoRARequest] | None, limit: int | No
     return eng.generate(w.prompts, params, reqs, use_tqdm=False)
 
 
+def grouped(w: Workload) -> Workload:
+    """The requests reordered so that those opening with the same template follow its first
+    one (the others keep their places): a claim policy that groups shared prefixes."""
+    first: dict = {}
+    key = [first.setdefault(("t", t) if t is not None else ("r", i), i)
+           for i, t in enumerate(w.prefix)]
+    order = sorted(range(len(key)), key=lambda i: (key[i], i))
+    return Workload(*([xs[i] for i in order] for xs in (w.prompts, w.max_tokens, w.adapter,
+                                                        w.prefix)), w.template_len)
+
+
 def _head(w: Workload, n: int) -> Workload:
     return Workload(w.prompts[:n], w.max_tokens[:n], w.adapter[:n], w.prefix[:n],
                     w.template_len)
@@ -222,7 +237,8 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
         warm_s = time.perf_counter() - t0
         before, captures = eng.cache_stats(), _captures(eng)
         t0 = time.perf_counter()
-        outs = _generate(eng, ctx["workload"], loras, limit)
+        work = grouped(ctx["workload"]) if run == "grouped" else ctx["workload"]
+        outs = _generate(eng, work, loras, limit)
         _sync(args.device)
         seconds = time.perf_counter() - t0
         stats = _delta(before, eng.cache_stats())
@@ -232,7 +248,7 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
             eng.loras.close()
         del eng
         _free(args.device)
-    w = ctx["workload"]
+    w = work
     tokens = [len(o.outputs[0].token_ids) for o in outs]
     res = {"run": run, "max_num_seqs": max_num_seqs, "adapter_limit": limit,
            "requests": len(outs), "output_tokens": sum(tokens), "seconds": round(seconds, 3),
@@ -279,6 +295,10 @@ def derived(runs: dict) -> dict:
         out["lora_overhead"] = round(1 - tps["mixed"] / tps["no_adapters"], 4)
     if tps.get("mixed") and tps.get("prefix_off"):
         out["prefix_speedup"] = round(tps["mixed"] / tps["prefix_off"], 3)
+    for run, name in (("alternate", "mixed_steps_speedup"), ("grouped", "grouping_speedup")):
+        if tps.get("mixed") and tps.get(run):   # mixed steps vs alternating; claim grouping
+            out[name] = round(tps["mixed"] / tps[run], 3) if run == "alternate" \
+                else round(tps[run] / tps["mixed"], 3)
     decode = ((runs.get("mixed") or {}).get("steps") or {}).get("decode") or {}
     if decode.get("steps"):
         out["batch"] = {"decode_max_batch": decode.get("max_batch"),

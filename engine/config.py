@@ -68,8 +68,12 @@ class EngineConfig:
         False (default): on CUDA, decode steps are captured in CUDA graphs per batch-size
         bucket and replayed; True: always run eagerly (as vLLM's ``enforce_eager``).
     max_num_batched_tokens : int
-        Prompt tokens per prefill step (vLLM's name): longer prompts are prefilled in chunks
-        over several steps, alternating with decode steps of the running sequences.
+        Tokens per step (vLLM's name): each decoding sequence's next token, and prompt chunks
+        with the rest (longer prompts are prefilled in chunks over several steps).
+    mixed_steps : bool
+        True (default, as vLLM's chunked prefill): a step that prefills prompt chunks also
+        decodes every running sequence; steps without prompt work replay CUDA graphs. False:
+        prefill and decode steps alternate (each decode step in a graph).
     lora_fold : bool
         CUDA: keep each layer's LoRA A slots as extra rows under its base weight, so that a
         decode step's base matmul also computes every slot's x·Aᵀ and only the expand kernel
@@ -116,6 +120,7 @@ class EngineConfig:
     quantization: str | None = None
     enforce_eager: bool = False
     max_num_batched_tokens: int = 2048
+    mixed_steps: bool = True
     lora_fold: bool = True
     adapter_roots: tuple[str, ...] | None = None
     max_full_module_copies: int | None = None
@@ -162,6 +167,8 @@ class EngineConfig:
                                  "give a list of directories (or None for no confinement)")
             self.adapter_roots = tuple(self.adapter_roots)
         _choice("block_size", self.block_size, BLOCK_SIZES)
+        if not isinstance(self.mixed_steps, bool):
+            raise ValueError(f"EngineConfig.mixed_steps={self.mixed_steps!r} must be a bool")  # noqa: TRY004
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"EngineConfig.enable_prefix_caching={self.enable_prefix_caching!r} "  # noqa: TRY004
                              "must be a bool")

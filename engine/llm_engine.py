@@ -39,7 +39,9 @@ class LLMEngine:
         self._generating: set[str] = set()             # request ids of generate() calls
         self._ids = itertools.count()
         self._adapter_gen: dict[int, int] = {}          # adapter id -> times dropped
-        self._steps = {"prefill": {"steps": 0, "seconds": 0.0, "tokens": 0},
+        # prefill: steps with prompt work (mixed: also decoding rows); decode: steps without
+        self._steps = {"prefill": {"steps": 0, "seconds": 0.0, "tokens": 0, "rows": 0,
+                                   "mixed": 0},
                        "decode": {"steps": 0, "seconds": 0.0, "rows": 0, "max_batch": 0}}
         # optional callable(request_id, text, finish_reason): the new text of each request
         # with SamplingParams.stream, every step (finish_reason None until its last call)
@@ -150,6 +152,7 @@ class LLMEngine:
                 s.num_computed_tokens += c
                 if not s.prefilling:
                     done.append(i)
+            done += range(len(plan.chunks), len(seqs))   # a mixed step's decode rows
             if len(done) < len(seqs):  # sample only where the prefill is complete
                 logits, seqs = logits[done], [seqs[i] for i in done]
         else:
@@ -179,10 +182,11 @@ class LLMEngine:
     def _roll_back(self, plan) -> None:
         """A prefill step failed before its keys were written: the blocks it registered hold
         nothing, and sequences that hit them count them computed. Forget those digests and
-        requeue every sequence of the step to prefill again from its start."""
-        for s in plan.seqs:
+        requeue every sequence of the step to prefill again from its start (a mixed step's
+        decode rows just step again: their one slot is rewritten)."""
+        for s in plan.prefilled:
             self.scheduler.blocks.unregister_uncomputed(s)
-        for s in plan.seqs:
+        for s in plan.prefilled:
             if s.status is SequenceStatus.RUNNING:
                 self.scheduler.preempt(s, count=False)
 
@@ -212,11 +216,13 @@ class LLMEngine:
         kind = self._steps["prefill" if plan.prefill else "decode"]
         kind["steps"] += 1
         kind["seconds"] += time.time() - t0
+        rows = len(plan.decoded)
+        kind["rows"] += rows      # prefill: the decode rows of mixed steps
         if plan.prefill:
             kind["tokens"] += sum(plan.chunks)
-        else:
-            kind["rows"] += len(plan.seqs)
-            kind["max_batch"] = max(kind["max_batch"], len(plan.seqs))
+            kind["mixed"] += rows > 0
+        decode = self._steps["decode"]
+        decode["max_batch"] = max(decode["max_batch"], rows)
 
     def _adapter_ready(self, seq: Sequence) -> bool:
         """The sequence's adapter is in a GPU slot or the CPU cache (else: load it meanwhile)."""

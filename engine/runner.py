@@ -27,15 +27,17 @@ class ModelRunner:
         # allocate pinned memory, a CUDA call that would invalidate a capture in progress
         self.graph_lock = contextlib.nullcontext()
 
-    def _packing(self, lens: list[int], slots: list[int], S: int):
+    def _packing(self, lens: list[int], slots: list[int], S: int, extra: list[int] = ()):
         """(pad_index, LoRA step) of a right-padded [B, S] prefill: the layers compute only
-        the real tokens unless every row is full (or packing is off)."""
+        the real tokens unless every row is full (or packing is off). ``extra``: the slots of
+        decode rows whose tokens follow the prefill's (a mixed step)."""
         if not self.pack_prefill or sum(lens) == len(lens) * S:
             return None, self._lora([slot if j < n else -1 for n, slot in zip(lens, slots)
-                                     for j in range(S)])
+                                     for j in range(S)] + list(extra))
         index = [b * S + j for b, n in enumerate(lens) for j in range(n)]
         return (self._tensor(index),
-                self._lora([slot for n, slot in zip(lens, slots) for _ in range(n)]))
+                self._lora([slot for n, slot in zip(lens, slots) for _ in range(n)]
+                           + list(extra)))
 
     def _lora(self, token_slots: list[int]) -> LoRAStep | None:
         used = frozenset(s for s in token_slots if s >= 0)
@@ -81,39 +83,55 @@ class ModelRunner:
     def prefill(self, seqs: list[Sequence], slots: list[int],
                 chunks: list[int] | None = None) -> torch.Tensor:
         """Prefill the next ``chunks[i]`` tokens of each sequence's prefill tokens (default:
-        all), after its ``num_computed_tokens`` cached ones. Returns [B, V] logits of each
-        chunk's last token (meaningful for sequences whose prefill the chunk completes)."""
-        starts = [s.num_computed_tokens for s in seqs]
-        chunks = chunks or [s.prefill_len - a for s, a in zip(seqs, starts)]
-        toks = [s.prefill_tokens[a:a + c] for s, a, c in zip(seqs, starts, chunks)]
+        all), after its ``num_computed_tokens`` cached ones; the sequences after the first
+        len(chunks) decode one token each in the same step (a mixed step). Returns [B, V]
+        logits of each chunk's last token (meaningful for sequences whose prefill the chunk
+        completes), then of each decoding row."""
+        chunks = chunks or [s.prefill_len - s.num_computed_tokens for s in seqs]
+        n = len(chunks)
+        pre, dec = seqs[:n], seqs[n:]
+        starts = [s.num_computed_tokens for s in pre]
+        toks = [s.prefill_tokens[a:a + c] for s, a, c in zip(pre, starts, chunks)]
         S, bs = max(chunks), self.block_size
-        slot_mapping = self._slots(seqs, starts, chunks, S, bs)
-        if not any(starts):
-            logits = self.forward_prompts(toks, slots, slot_mapping)
+        ids = self._tensor([t + [0] * (S - len(t)) for t in toks])                   # [B, S]
+        pad_index, lora = self._packing(chunks, slots[:n], S, slots[n:])
+        batch = Batch(positions=None, prefill=True, lora=lora, pad_index=pad_index,
+                      slot_mapping=self._slots(pre, starts, chunks, S, bs), block_size=bs,
+                      decode=self._decode_rows(dec) if dec else None)
+        if not any(starts):   # whole prompts from position 0
+            batch.positions = torch.arange(S, device=self.device).expand(n, S)
         else:
-            ids = self._tensor([t + [0] * (S - len(t)) for t in toks])               # [B, S]
             # padding repeats each row's last position: it attends to real keys only
             steps = torch.minimum(torch.arange(S, device=self.device)[None, :],
                                   self._tensor(chunks)[:, None] - 1)
-            positions = self._tensor(starts)[:, None] + steps                         # [B, S]
-            pad_index, lora = self._packing(chunks, slots, S)
-            kv_len = max(a + c for a, c in zip(starts, chunks))
-            batch = Batch(positions=positions, prefill=True, lora=lora, pad_index=pad_index,
-                          slot_mapping=slot_mapping, chunked=True, kv_len=kv_len,
-                          block_tables=self._tables(seqs, -(-kv_len // bs)), block_size=bs)
-            logits = self.model(ids, batch, self._tensor([c - 1 for c in chunks]))
+            batch.positions = self._tensor(starts)[:, None] + steps                   # [B, S]
+            batch.chunked = True
+            batch.kv_len = max(a + c for a, c in zip(starts, chunks))
+            batch.block_tables = self._tables(pre, -(-batch.kv_len // bs))
+        logits = self.model(ids, batch, self._tensor([c - 1 for c in chunks]))
         if self.logits_hook:  # only the rows whose prefill this step completes are sampled
-            done = [i for i, (s, a, c) in enumerate(zip(seqs, starts, chunks))
-                    if a + c == s.prefill_len]
+            done = [i for i, (s, a, c) in enumerate(zip(pre, starts, chunks))
+                    if a + c == s.prefill_len] + list(range(n, len(seqs)))
             if done:
                 self.logits_hook([seqs[i] for i in done], logits[done])
         return logits
+
+    def _decode_rows(self, seqs: list[Sequence]) -> Batch:
+        """The decode inputs of one token per sequence (its KV slot reserved by the
+        scheduler): a decode step's batch, or the decode part of a mixed step."""
+        bs = self.block_size
+        kv_len = max(s.num_tokens for s in seqs)
+        return Batch(positions=self._tensor([[s.num_tokens - 1] for s in seqs]),      # [B, 1]
+                     prefill=False, block_size=bs, kv_len=kv_len,
+                     slot_mapping=self._tensor([s.block_table[(s.num_tokens - 1) // bs] * bs
+                                                + (s.num_tokens - 1) % bs for s in seqs]),
+                     block_tables=self._tables(seqs, -(-kv_len // bs)),
+                     input_ids=self._tensor([s.last_token for s in seqs]))
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], slots: list[int]) -> torch.Tensor:
         """One token per running sequence (its KV slot reserved by the scheduler). Returns
         [B, V] logits."""
-        bs = self.block_size
         if self.graphs is not None and self.graphs.bucket(len(seqs)) is not None \
                 and not self.model.uses_slot_modules(slots):
             with self.graph_lock:
@@ -121,16 +139,10 @@ class ModelRunner:
             if self.logits_hook:
                 self.logits_hook(seqs, logits)
             return logits
-        ids = self._tensor([[s.last_token] for s in seqs])                      # [B, 1]
-        positions = self._tensor([[s.num_tokens - 1] for s in seqs])            # [B, 1]
-        kv_len = max(s.num_tokens for s in seqs)
-        batch = Batch(positions=positions, prefill=False, lora=self._lora(slots),
-                      slot_mapping=self._tensor([s.block_table[(s.num_tokens - 1) // bs] * bs
-                                                 + (s.num_tokens - 1) % bs for s in seqs]),
-                      block_tables=self._tables(seqs, -(-kv_len // bs)), block_size=bs,
-                      kv_len=kv_len)
-        logits = self.model(ids, batch, torch.zeros(len(seqs), dtype=torch.long,
-                                                    device=self.device))
+        batch = self._decode_rows(seqs)
+        batch.lora = self._lora(slots)
+        logits = self.model(batch.input_ids[:, None], batch,
+                            torch.zeros(len(seqs), dtype=torch.long, device=self.device))
         if self.logits_hook:
             self.logits_hook(seqs, logits)
         return logits

@@ -1,9 +1,10 @@
 """Continuous-batching scheduler: admit waiting sequences while rows and LoRA slots allow.
 
-A step is either a prefill step (prompt chunks of at most ``max_num_batched_tokens`` tokens in
-all, so a long prompt is split over several steps) or a decode step of every running sequence
-whose prompt is in the cache. While sequences decode, prefill and decode steps alternate, so a
-long prompt delays each decode step by at most one chunk's step.
+A step decodes every running sequence whose prompt is in the cache and prefills prompt chunks
+with what is left of ``max_num_batched_tokens`` (one token per decoding row; a long prompt is
+split over several steps): a mixed step, as vLLM's chunked prefill. A step without prompt
+work is a plain decode step (replayed from a CUDA graph). With ``mixed=False``, prefill and
+decode steps alternate instead, so a long prompt delays each decode step by one chunk's step.
 The distinct adapters of the running set (plus pinned ones) never exceed ``max_loras``:
 sequences whose adapter does not fit wait until a running adapter's sequences finish. Aging:
 once later sequences have overtaken such a waiter ``max_bypass`` times, nothing behind it is
@@ -35,17 +36,31 @@ class ScheduledStep:
 
     seqs: list[Sequence]
     prefill: bool
-    chunks: list[int] = field(default_factory=list)   # prefill: prompt tokens per sequence
+    # prefill: prompt tokens of each of the first len(chunks) sequences; the sequences after
+    # them decode one token each in the same step (a mixed step)
+    chunks: list[int] = field(default_factory=list)
+
+    @property
+    def prefilled(self) -> list[Sequence]:
+        """The sequences whose prompt tokens the step puts in the cache."""
+        return self.seqs[:len(self.chunks)] if self.prefill else []
+
+    @property
+    def decoded(self) -> list[Sequence]:
+        """The sequences that decode one token in the step."""
+        return self.seqs[len(self.chunks):] if self.prefill else self.seqs
 
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_loras: int, blocks: BlockManager,
-                 max_num_batched_tokens: int = 2048, max_bypass: int = 16):
+                 max_num_batched_tokens: int = 2048, max_bypass: int = 16,
+                 mixed: bool = True):
         self.max_num_seqs = max_num_seqs
         self.max_loras = max_loras
         self.blocks = blocks
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_bypass = max_bypass
+        self.mixed = mixed
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []   # in admission order
         self._last_was_prefill = False
@@ -69,10 +84,16 @@ class Scheduler:
                  ready: Callable[[Sequence], bool] | None = None) -> ScheduledStep:
         """The next step. ``ready(seq)``: its adapter can be used now (not still loading)."""
         decoding = [s for s in self.running if not s.prefilling]
-        if decoding and self._last_was_prefill:
+        budget, rows = self.max_num_batched_tokens, []
+        if self.mixed and decoding:
+            before = self.preemptions
+            rows = self._reserve_decode(decoding)
+            budget -= len(rows)
+            if self.preemptions > before:
+                budget = 0  # the pool is short: no prompt work until it is not
+        elif decoding and self._last_was_prefill:
             self._last_was_prefill = False
             return ScheduledStep(self._reserve_decode(decoding), False)
-        budget = self.max_num_batched_tokens
         seqs, chunks = [], []
         for s in self.running:  # prompts already being prefilled go on first
             if s.prefilling and budget > 0:
@@ -86,9 +107,9 @@ class Scheduler:
             chunks.append(n)
         if seqs:
             self._last_was_prefill = True
-            return ScheduledStep(seqs, True, chunks)
+            return ScheduledStep(seqs + rows, True, chunks)
         self._last_was_prefill = False
-        return ScheduledStep(self._reserve_decode(decoding), False)
+        return ScheduledStep(rows if self.mixed else self._reserve_decode(decoding), False)
 
     def _reserve_decode(self, decoding: list[Sequence]) -> list[Sequence]:
         """Room in the pool for each decoding sequence's next token, oldest first; preempts

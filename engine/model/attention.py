@@ -53,6 +53,10 @@ class Batch:
     # prefill without padding: the layers see only the real tokens [T]; these are their rows
     # in the padded [B*S] layout, which attention (and the cache write) still uses
     pad_index: torch.Tensor | None = None
+    # a mixed step: the decode inputs of rows that decode one token each after the prefill's
+    # tokens (positions [Bd, 1], their slot_mapping, block tables and kv_len, input_ids [Bd])
+    decode: Batch | None = None
+    input_ids: torch.Tensor | None = None   # a decode part's tokens [Bd]
 
 
 def visible(q_pos: torch.Tensor, n: int, window: int | None) -> torch.Tensor:
@@ -89,10 +93,10 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # [num_slots, kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
 
-    def _qkv(self, x: torch.Tensor, batch: Batch, rope, B: int, S: int):
-        """x: [T, H] -> q [B, h, S, D], k and v [B, kvh, S, D] (q, k normed and rotated)."""
+    def _qkv(self, qkv: torch.Tensor, batch: Batch, rope, B: int, S: int):
+        """qkv: [T, (h+2kvh)*D] projections -> q [B, h, S, D], k and v [B, kvh, S, D] (q, k
+        normed and rotated)."""
         h, kvh, D = self.heads, self.kv_heads, self.head_dim
-        qkv = self.qkv_proj(x, batch.lora)
         if batch.pad_index is not None:                                 # [T] -> [B*S] rows
             qkv = qkv.new_zeros(B * S, qkv.shape[1]).index_copy_(0, batch.pad_index, qkv)
         qk, v = qkv.split([(h + kvh) * D, kvh * D], dim=-1)
@@ -107,25 +111,38 @@ class Attention(nn.Module):
         return q, k, v.view(B, S, kvh, D).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, batch: Batch, rope, shape) -> torch.Tensor:
-        # x: [T, H] with T = B*S; rope: (cos, sin) [B, 1, S, rot_dim] from Rotary.tables
+        # x: [T, H] with T = B*S (fewer when packed); rope: (cos, sin) [B, 1, S, rot_dim]
+        # from Rotary.tables -- a mixed step: a pair of them, the prefill's and the decode's
+        qkv = self.qkv_proj(x, batch.lora)
+        d = batch.decode
+        if d is None:
+            out = self._attention(qkv, batch, rope, shape)
+        else:   # one projection for all tokens; attention apart: prompt chunks, decode rows
+            rows = d.positions.shape[0]
+            T = qkv.shape[0] - rows
+            out = torch.cat([self._attention(qkv[:T], batch, rope[0], shape),
+                             self._attention(qkv[T:], d, rope[1], (rows, 1))])
+        return self.o_proj(out, batch.lora)
+
+    def _attention(self, qkv: torch.Tensor, batch: Batch, rope, shape) -> torch.Tensor:
+        """Cache write and attention of one kind of rows: qkv [T, ...] -> [T, h*D]."""
         B, S = shape
-        q, k, v = self._qkv(x, batch, rope, B, S)
+        q, k, v = self._qkv(qkv, batch, rope, B, S)
         if batch.slot_mapping is not None:  # padding tokens write into the null block
             self.k_cache[batch.slot_mapping] = k.transpose(1, 2).reshape(B * S, self.kv_heads, -1)
             self.v_cache[batch.slot_mapping] = v.transpose(1, 2).reshape(B * S, self.kv_heads, -1)
         if batch.prefill and not batch.chunked:
             mask = None
             if self.window is not None or self.softcap is not None:
-                mask = visible(torch.arange(S, device=x.device), S, self.window)[None]  # [1, S, S]
+                mask = visible(torch.arange(S, device=q.device), S, self.window)[None]  # [1, S, S]
             out = self._attend(q, k, v, mask)
         elif not batch.prefill and flash_decode(q):
             # decode on CUDA: flash-decode through the block tables, each row's keys only
             # (no gather up to kv_len, which a captured step sets to max_model_len)
-            out = triton_ops()[1].decode_attention(
+            return triton_ops()[1].decode_attention(
                 q.reshape(B, -1), self.k_cache, self.v_cache, batch.block_tables,
                 batch.positions.reshape(-1), batch.block_size, scale=self.scale,
                 window=self.window, softcap=self.softcap)                  # [B, h*D]
-            return self.o_proj(out, batch.lora)
         else:
             # chunks after cached prefixes, or decode: every key through the block tables
             keys, values = self._gather(batch)                            # [B, kvh, n, D]
@@ -137,7 +154,7 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B * S, self.heads * self.head_dim)
         if batch.pad_index is not None:
             out = out.index_select(0, batch.pad_index)
-        return self.o_proj(out, batch.lora)
+        return out
 
     def _gather(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions 0..kv_len-1 of each sequence -> 2 x [B, kvh, n, D]."""

@@ -2,7 +2,8 @@
 Granite, OLMo 2) over a paged KV cache; engine.model.arch says how the bases differ.
 
 Batches are padded [B, S] (prefill: S = longest new prompt; decode: S = 1). Every layer works
-on the flattened tokens [B*S, H] so one LoRA metadata object serves all projections.
+on the flattened tokens [T, H] (the real tokens of the [B*S] layout when packed, then a mixed
+step's decode rows) so one LoRA metadata object serves all projections.
 """
 from __future__ import annotations
 
@@ -163,6 +164,8 @@ class LlamaForCausalLM(nn.Module):
         ids = input_ids.reshape(-1)
         if batch.pad_index is not None:                                  # real tokens only
             ids = ids.index_select(0, batch.pad_index)
+        if batch.decode is not None:                  # a mixed step: then the decode rows'
+            ids = torch.cat([ids, batch.decode.input_ids])
         x = self.embed_tokens(ids)                                       # [T, H]
         if self.slot_embeds and batch.lora is not None and batch.lora.slot_modules:
             x = self._embed_lora(x, ids, batch.lora)
@@ -172,17 +175,45 @@ class LlamaForCausalLM(nn.Module):
             x = x * self.embed_mult
         if self.use_triton_ops and x.is_cuda and triton_ops() is not None:
             return self._forward_fused(x, batch, last_index, B, S)
-        ropes = {key: r.tables(batch.positions, x.dtype, last_index)    # 2 x [B, 1, S, rot]
+        ropes = {key: self._rope(r, batch, x.dtype, last_index)
                  for key, r in self.rotaries.items()}
         for layer in self.layers:
             x = layer(x, batch, ropes, (B, S))
-        x, rows = self._padded(x, batch, B * S)
-        x = x.view(B, S, -1)
-        rows = None if rows is None else rows.view(B, S)
-        if last_index is not None:
-            x = x[torch.arange(B, device=x.device), last_index]         # [B, H]
-            rows = None if rows is None else rows[torch.arange(B, device=x.device), last_index]
+        if last_index is None:                                           # every position
+            x, rows = self._padded(x, batch, B * S)
+            rows = None if rows is None else rows.view(B, S)
+            return self._logits(self.norm(x.view(B, S, -1)), rows, batch.lora)
+        x, rows = self._pick(x, batch, last_index, B, S)
         return self._logits(self.norm(x), rows, batch.lora)
+
+    @staticmethod
+    def _rope(rotary, batch: Batch, dtype, last_index):
+        """cos, sin tables of the step's positions (a mixed step: the prefill's and the
+        decode rows')."""
+        tables = rotary.tables(batch.positions, dtype, last_index)
+        if batch.decode is None:
+            return tables
+        return tables, rotary.tables(batch.decode.positions, dtype)
+
+    @staticmethod
+    def _pick(x: torch.Tensor, batch: Batch, last_index: torch.Tensor, B: int, S: int,
+              *more: torch.Tensor):
+        """The hidden states [T, H] (and ``more`` like them) of each row's ``last_index``
+        token, then of each decode row of a mixed step, with their LoRA slots -> ([B', H],
+        slots [B'] or None, *more)."""
+        slots = None if batch.lora is None else batch.lora.meta.token_slots
+        if S > 1 or batch.decode is not None:
+            pick = torch.arange(B, device=x.device) * S + last_index     # in the [B*S] layout
+            if batch.pad_index is not None:                              # -> the packed [T]
+                pick = torch.searchsorted(batch.pad_index, pick)
+            if batch.decode is not None:
+                rows = batch.decode.positions.shape[0]
+                pick = torch.cat([pick, torch.arange(x.shape[0] - rows, x.shape[0],
+                                                     device=x.device)])
+            x = x.index_select(0, pick)
+            slots = None if slots is None else slots.index_select(0, pick)
+            more = tuple(m.index_select(0, pick) for m in more)
+        return (x, slots, *more)
 
     def _logits(self, h: torch.Tensor, row_slots: torch.Tensor | None, lora) -> torch.Tensor:
         """h: [..., H] normed hidden states; row_slots: [...] slot of each (None: no adapter)
@@ -239,16 +270,15 @@ class LlamaForCausalLM(nn.Module):
 
     def _forward_fused(self, x, batch, last_index, B, S):
         # decode: the rotary kernel reads cos/sin at each position, no per-step tables
-        rope = self.rotary.tables(batch.positions, x.dtype, last_index) if batch.prefill else None
+        rope = self._rope(self.rotary, batch, x.dtype, last_index) if batch.prefill else None
         residual = None
         for layer in self.layers:
             x, residual = layer.forward_fused(x, residual, batch, rope, (B, S), self.rotary)
-        x, rows = self._padded(x, batch, B * S)
-        residual, _ = self._padded(residual, batch, B * S)
-        if last_index is not None and S > 1:                             # S = 1: the only one
-            pick = torch.arange(B, device=x.device) * S + last_index     # [B] flat token rows
-            x, residual = x[pick], residual[pick]
-            rows = None if rows is None else rows[pick]
+        if last_index is None:                                           # every position
+            x, rows = self._padded(x, batch, B * S)
+            residual, _ = self._padded(residual, batch, B * S)
+        else:
+            x, rows, residual = self._pick(x, batch, last_index, B, S, residual)
         x, _ = triton_ops()[0].add_rmsnorm(x, residual, self.norm.weight, self.norm.eps)
         logits = self._logits(x, rows, batch.lora)                       # [B or B*S, V]
         return logits if last_index is not None else logits.view(B, S, -1)

@@ -55,8 +55,9 @@ def test_chunked_prefill_equals_unchunked(tiny_llama):
                                    atol=1e-4, rtol=1e-4)
 
 
-def test_long_prompt_does_not_block_running_decodes(tiny_llama):
-    eng = _engine(tiny_llama, max_num_batched_tokens=8)
+@pytest.mark.parametrize("mixed", [True, False])
+def test_long_prompt_does_not_block_running_decodes(tiny_llama, mixed):
+    eng = _engine(tiny_llama, max_num_batched_tokens=8, mixed_steps=mixed)
     sp = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     eng.add_request("a", [5, 6, 7], sp)
     eng.add_request("b", [8, 9], sp)
@@ -64,15 +65,25 @@ def test_long_prompt_does_not_block_running_decodes(tiny_llama):
     seqs = {s.request_id: s for s in eng.scheduler.running}
     eng.add_request("long", list(range(10, 74)), SamplingParams(max_tokens=2, temperature=0.0))
     long_seq = eng._seqs["long"]
+    calls = _count_prefill_chunks(eng)
     steps = 0
     while long_seq.prefilling or long_seq.num_computed_tokens == 0:
         eng.step()
         steps += 1
-    # 64 prompt tokens in chunks of 8 = 8 prefill steps, each after a decode step of the others
-    # (the step right after their own prefill is a decode)
     assert long_seq.num_computed_tokens == 64
-    assert steps == 16
-    assert len(seqs["a"].output_token_ids) == 1 + 8 and len(seqs["b"].output_token_ids) == 1 + 8
+    if mixed:
+        # each step decodes a and b and prefills 8 - 2 = 6 prompt tokens: 11 steps
+        assert calls == [[6]] * 10 + [[4]]
+        assert steps == 11
+        assert len(seqs["a"].output_token_ids) == len(seqs["b"].output_token_ids) == 1 + 11
+        stats = eng.cache_stats()["steps"]["prefill"]
+        assert stats["mixed"] == 11 and stats["rows"] == 22
+    else:
+        # 64 prompt tokens in chunks of 8 = 8 prefill steps, each after a decode step of the
+        # others (the step right after their own prefill is a decode)
+        assert calls == [[8]] * 8
+        assert steps == 16
+        assert len(seqs["a"].output_token_ids) == len(seqs["b"].output_token_ids) == 1 + 8
 
 
 def test_chunked_prefill_output_equals_unchunked_with_sequences_decoding(tiny_llama):

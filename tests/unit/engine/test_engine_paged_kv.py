@@ -7,7 +7,7 @@ import torch
 
 from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from lorry.engine.kv_cache import BlockManager
-from lorry.engine.sequence import Sequence
+from lorry.engine.sequence import Sequence, SequenceStatus
 from tests.unit.engine.conftest import peft_greedy
 
 NAMES = ["qv_r8", "all_r4_rslora", "mlp_r16", "pattern"]
@@ -20,7 +20,7 @@ def _engine(base, **kw):
     return LLMEngine(EngineConfig(model=str(base.dir), **cfg))
 
 
-def _workload(base, n=12):
+def _workload(base, n=12, more=0):
     """Prompts of unequal lengths, half starting with PREFIX; adapters mixed with base rows."""
     reqs = [LoRARequest(name, i + 1, str(base.adapters[name])) for i, name in enumerate(NAMES)]
     prompts, loras, params = [], [], []
@@ -28,13 +28,13 @@ def _workload(base, n=12):
         tail = [3 + (7 * i + j) % 200 for j in range(3 + 5 * (i % 4))]
         prompts.append(PREFIX + tail if i % 2 else tail)
         loras.append(reqs[i % 4] if i % 3 else None)
-        params.append(SamplingParams(max_tokens=6 + 4 * (i % 3), temperature=0.0,
+        params.append(SamplingParams(max_tokens=6 + 4 * (i % 3) + more, temperature=0.0,
                                      ignore_eos=True))
     return prompts, loras, params
 
 
-def _run(eng, base, n=12):
-    prompts, loras, params = _workload(base, n)
+def _run(eng, base, n=12, more=0):
+    prompts, loras, params = _workload(base, n, more)
     outs = eng.generate(prompts, params, loras, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs], outs
 
@@ -43,18 +43,21 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))]
 
 
+@pytest.mark.parametrize("mixed", [True, False])
 @pytest.mark.parametrize("device", DEVICES)
-def test_tiny_pool_preempts_and_still_gives_pefts_tokens(tiny_llama, device):
+def test_tiny_pool_preempts_and_still_gives_pefts_tokens(tiny_llama, device, mixed):
     """A pool of 12 blocks of 8 tokens (one sequence of max_model_len needs 12) for 8 rows:
     decode steps run out of blocks, the newest sequences are preempted and recomputed,
-    chunked prefill splits the prompts, and every row still equals PEFT's greedy tokens."""
+    chunked prefill splits the prompts (in mixed steps with the decoding rows, or in steps
+    of their own), and every row still equals PEFT's greedy tokens."""
     eng = _engine(tiny_llama, block_size=8, num_kv_blocks=13, max_num_batched_tokens=24,
-                  device=device)   # CUDA: graphs over block tables, Triton attention
+                  device=device, mixed_steps=mixed)   # CUDA: graphs, Triton attention
     for lr in dict.fromkeys(lr for lr in _workload(tiny_llama)[1] if lr):  # loaded now, not
         eng.add_lora(lr)                                      # in the background: a fixed order
-    tokens, outs = _run(eng, tiny_llama)
+    tokens, outs = _run(eng, tiny_llama, more=20)   # answers long enough to fill the pool
     stats = eng.cache_stats()["kv"]
     assert stats["preemptions"] >= 1
+    assert (eng.cache_stats()["steps"]["prefill"]["mixed"] > 0) == mixed
     assert stats["blocks_free"] == stats["blocks_total"]        # every block came back
     peft = tiny_llama.peft()
     for out, got in zip(outs, tokens):
@@ -238,3 +241,50 @@ def test_chunk_padding_attends_to_real_keys_only(tmp_path):
     got = [o.outputs[0].token_ids for o in eng.generate([first, second], sp, use_tqdm=False)]
     assert got == want
     assert all(torch.isfinite(layer.self_attn.v_cache[:8]).all() for layer in eng.model.layers)
+
+
+def test_mixed_steps_give_the_tokens_of_alternating_steps(tiny_llama):
+    """Prompt chunks riding in one step with the decoding rows (packed or padded prefill,
+    prefix hits included) give the tokens of prefill and decode steps that alternate."""
+    ref = _engine(tiny_llama, block_size=8, max_num_batched_tokens=16, mixed_steps=False)
+    want, _ = _run(ref, tiny_llama, more=6)
+    assert ref.cache_stats()["steps"]["prefill"]["mixed"] == 0
+    for pack in (True, False):
+        eng = _engine(tiny_llama, block_size=8, max_num_batched_tokens=16)
+        eng.runner.pack_prefill = pack
+        got, _ = _run(eng, tiny_llama, more=6)
+        assert got == want, f"pack_prefill={pack}"
+        stats = eng.cache_stats()
+        assert stats["steps"]["prefill"]["mixed"] > 0 and stats["steps"]["prefill"]["rows"] > 0
+        assert stats["kv"]["prefix_hit_tokens"] > 0
+        # fewer steps: decode rows ride along instead of stepping on their own
+        assert stats["steps"]["decode"]["steps"] < ref.cache_stats()["steps"]["decode"]["steps"]
+
+
+def test_a_failed_mixed_step_requeues_its_prompts_and_keeps_its_decode_rows(tiny_llama):
+    eng = _engine(tiny_llama, block_size=8, max_num_batched_tokens=16)
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = {"a": [5, 6, 7], "b": PREFIX + [9]}
+    eng.add_request("a", prompts["a"], sp)
+    eng.step()                                  # a's prefill: a decodes from now on
+    eng.add_request("b", prompts["b"], sp)
+    real, seen = eng.runner.prefill, []
+
+    def boom(seqs, slots, chunks=None):
+        seen.append(([s.request_id for s in seqs], list(chunks)))
+        raise RuntimeError("device lost")
+    eng.runner.prefill = boom
+    with pytest.raises(RuntimeError, match="device lost"):
+        eng.step()
+    assert seen == [(["b", "a"], [15])]   # b's first chunk (16 - 1 decode row), then a
+    a, b = eng._seqs["a"], eng._seqs["b"]
+    assert a.status is SequenceStatus.RUNNING and len(a.output_token_ids) == 1
+    assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0
+    assert eng.cache_stats()["kv"]["blocks_cached"] == 0   # b's digests forgotten
+    eng.runner.prefill = real
+    outs = {}
+    while eng.has_unfinished_requests():
+        outs.update({o.request_id: o.outputs[0].token_ids for o in eng.step()})
+    for rid, prompt in prompts.items():
+        want, _ = peft_greedy(tiny_llama.hf, prompt, 6, None)
+        assert outs[rid] == want, rid

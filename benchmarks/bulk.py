@@ -121,6 +121,42 @@ def describe(w: Workload, spec: dict, ranks: list[int]) -> dict:
             "targets": TARGETS, "greedy": True, "ignore_eos": True}
 
 
+# dense bf16 tensor-core FLOP/s and HBM bytes/s from the vendors' data sheets
+PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
+
+
+def roofline(w: Workload, config: dict, block_size: int, batch: int) -> dict:
+    """What the hardware allows for this workload at best: prefill FLOPs at peak compute
+    (template blocks after a template's first use cached), decode reads (weights once per
+    step of ``batch`` full rows, every row's keys/values each step) at peak bandwidth. Summed
+    (no overlap) and maxed (perfect overlap of compute and reads) -> output tokens/s."""
+    L, H, V = config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * (H // config[
+        "num_attention_heads"])
+    params = L * (H * (H + 2 * kv) + H * H + 3 * H * config["intermediate_size"])
+    seen, prefill, attn = set(), 0, 0.0
+    for p, t in zip(w.prompts, w.prefix):
+        skip = (w.template_len[t] // block_size) * block_size if t is not None and t in seen \
+            else 0
+        seen.add(t)
+        new = len(p) - skip
+        prefill += new
+        attn += 4 * L * H * (new * skip + new * (new + 1) / 2)
+    out = sum(w.max_tokens)
+    flops = 2 * params * prefill + attn + 2 * H * V * len(w.prompts)
+    kv_bytes = sum(L * 2 * kv * 2 * (m * len(p) + m * (m - 1) / 2)
+                   for p, m in zip(w.prompts, w.max_tokens))
+    weight_bytes = 2 * (params + H * V) * out / batch
+    res = {"prefill_tokens_uncached": prefill, "prefill_pflop": round(flops / 1e15, 2),
+           "decode_kv_gb": round(kv_bytes / 1e9, 1), "batch": batch}
+    for gpu, (fl, bw) in PEAKS.items():
+        c, m = flops / fl, (kv_bytes + weight_bytes) / bw
+        res[gpu] = {"compute_s": round(c, 1), "reads_s": round(m, 1),
+                    "tok_per_s_no_overlap": round(out / (c + m)),
+                    "tok_per_s_full_overlap": round(out / max(c, m))}
+    return res
+
+
 def build_model(tiny: bool, root: Path) -> tuple[str, dict, str]:
     """(model dir, its config.json, load_format)."""
     if tiny:
@@ -409,6 +445,8 @@ def main() -> None:
         for run in args.runs:
             attempt(res["runs"], run, lambda run=run: timed_run(ctx, run, spec["max_num_seqs"]))
         res.update(derived(res["runs"]))
+        res["roofline"] = roofline(ctx["workload"], config, args.block_size or 16,
+                                   spec["max_num_seqs"])
         sweeps(ctx, res)
         res["dropped_config_keys"] = sorted(ctx["dropped"])
         if ctx["dropped"]:

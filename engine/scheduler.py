@@ -84,13 +84,18 @@ class Scheduler:
                  ready: Callable[[Sequence], bool] | None = None) -> ScheduledStep:
         """The next step. ``ready(seq)``: its adapter can be used now (not still loading)."""
         decoding = [s for s in self.running if not s.prefilling]
-        budget, rows = self.max_num_batched_tokens, []
+        budget, rows, reserved = self.max_num_batched_tokens, [], []
         if self.mixed and decoding:
             before = self.preemptions
-            rows = self._reserve_decode(decoding)
-            budget -= len(rows)
+            rows = reserved = self._reserve_decode(decoding)
             if self.preemptions > before:
                 budget = 0  # the pool is short: no prompt work until it is not
+            elif len(rows) < budget:
+                budget -= len(rows)
+            elif not self._last_was_prefill:
+                rows = []   # the rows fill the budget: prompts alone, then the rows (alternating)
+            else:
+                budget = 0
         elif decoding and self._last_was_prefill:
             self._last_was_prefill = False
             return ScheduledStep(self._reserve_decode(decoding), False)
@@ -109,7 +114,7 @@ class Scheduler:
             self._last_was_prefill = True
             return ScheduledStep(seqs + rows, True, chunks)
         self._last_was_prefill = False
-        return ScheduledStep(rows if self.mixed else self._reserve_decode(decoding), False)
+        return ScheduledStep(reserved if self.mixed else self._reserve_decode(decoding), False)
 
     def _reserve_decode(self, decoding: list[Sequence]) -> list[Sequence]:
         """Room in the pool for each decoding sequence's next token, oldest first; preempts

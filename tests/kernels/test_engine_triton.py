@@ -108,3 +108,27 @@ def test_folded_a_slots_match_peft(tiny, device, monkeypatch):
         _, ref_tokens = _peft_greedy(base, paths[lr.lora_name] if lr else None, prompt, device)
         assert out.outputs[0].token_ids == ref_tokens
     assert calls, "the folded path never ran"
+
+
+def test_mixed_steps_match_peft_with_triton_kernels(tiny, device):
+    """Requests arriving while others decode: their prompts are prefilled in mixed steps with
+    the decoding rows (the Triton LoRA kernels over prompt and decode tokens together)."""
+    from lorry.engine import LoRARequest, SamplingParams
+    base, paths = tiny
+    eng = _engine(base, device)
+    reqs = [LoRARequest(name, i + 1, str(p)) for i, (name, p) in enumerate(paths.items())]
+    for lr in reqs:
+        eng.add_lora(lr)
+    sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    work = [("a", [5, 9, 33, 70, 12], reqs[0]), ("b", [40, 41], None),
+            ("c", [7, 8, 9, 10, 11, 12, 13], reqs[1]), ("d", [99, 3, 60], reqs[2])]
+    outs = {}
+    for rid, prompt, lr in work:          # one arrival per step: each prefill rides with decodes
+        eng.add_request(rid, prompt, sp, lr)
+        outs.update({o.request_id: o.outputs[0].token_ids for o in eng.step()})
+    while eng.has_unfinished_requests():
+        outs.update({o.request_id: o.outputs[0].token_ids for o in eng.step()})
+    assert eng.cache_stats()["steps"]["prefill"]["mixed"] >= 3
+    for rid, prompt, lr in work:
+        _, want = _peft_greedy(base, paths[lr.lora_name] if lr else None, prompt, device)
+        assert outs[rid] == want, rid

@@ -142,3 +142,66 @@ def test_torch_path_decode_through_flash_decode_equals_its_own_attention(base, d
         monkeypatch.setattr(attention, "flash_decode", lambda q: True)
         got = model(tok, batch, zero)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["torch", "torch+flash_decode", "triton"])
+@torch.inference_mode()
+def test_a_mixed_step_equals_its_prefill_and_decode_steps_apart(path, device, monkeypatch):
+    """One mixed step (a prompt's second chunk, then two decode rows) gives the logits and
+    KV of the chunk's prefill step and the rows' decode step run apart: on the torch path,
+    with the decode rows through the Triton flash-decode kernel, and on the Triton path."""
+    from lorry.engine.model import attention
+
+    monkeypatch.setattr(attention, "flash_decode", lambda q: path != "torch")
+    base = _model(device, torch.float32)
+    tables = torch.tensor([[9, 3, 14], [5, 16, 1], [12, 7, 2]], dtype=torch.int32,
+                          device=device)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (5, 3, 7)]
+
+    def slot(r, p):
+        return int(tables[r, p // BS]) * BS + p % BS
+
+    # step 1 (both models alike): rows 0 and 1 whole, row 2's first 3 tokens
+    lens = [5, 3, 3]
+    S = max(lens)
+    ids = torch.tensor([p[:n] + [0] * (S - n) for p, n in zip(prompts, lens)], device=device)
+    pos = torch.minimum(torch.arange(S, device=device)[None, :],
+                        torch.tensor(lens, device=device)[:, None] - 1)
+    sm = torch.tensor([slot(r, j) if j < n else 0 for r, n in enumerate(lens) for j in range(S)],
+                      device=device)
+    first = base(ids, Batch(positions=pos, slot_mapping=sm, prefill=True, block_size=BS),
+                 torch.tensor([n - 1 for n in lens], device=device))
+    nxt = first.argmax(-1)[:2].tolist()                       # rows 0, 1 decode these next
+    chunk = prompts[2][3:]                                    # row 2's last 4 tokens
+
+    def chunk_batch():
+        p = torch.arange(3, 7, device=device)[None, :]
+        return Batch(positions=p, prefill=True, chunked=True, kv_len=7, block_size=BS,
+                     slot_mapping=torch.tensor([slot(2, j) for j in range(3, 7)], device=device),
+                     block_tables=tables[2:3])
+
+    def decode_batch():
+        p = torch.tensor([[5], [3]], device=device)
+        return Batch(positions=p, prefill=False, kv_len=6, block_size=BS, block_tables=tables[:2],
+                     slot_mapping=torch.tensor([slot(0, 5), slot(1, 3)], device=device),
+                     input_ids=torch.tensor(nxt, device=device))
+
+    apart, mixed = copy.deepcopy(base), copy.deepcopy(base)
+    last = torch.tensor([3], device=device)
+    want = torch.cat([apart(torch.tensor([chunk], device=device), chunk_batch(), last),
+                      apart(torch.tensor(nxt, device=device)[:, None], decode_batch(),
+                            torch.zeros(2, dtype=torch.long, device=device))])
+    batch = chunk_batch()
+    batch.decode = decode_batch()
+    ids = torch.tensor([chunk], device=device)
+    if path == "triton":
+        x = mixed.embed_tokens(torch.cat([ids.reshape(-1), batch.decode.input_ids]))
+        got = mixed._forward_fused(x, batch, last, 1, 4)
+    else:
+        got = mixed(ids, batch, last)
+    assert got.shape == (3, 128)
+    _check(got, want, torch.float32)
+    for a, b in zip(apart.layers, mixed.layers):                 # the same keys/values landed
+        _check(b.self_attn.k_cache, a.self_attn.k_cache, torch.float32)
+        _check(b.self_attn.v_cache, a.self_attn.v_cache, torch.float32)

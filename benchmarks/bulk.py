@@ -335,10 +335,14 @@ def derived(runs: dict) -> dict:
         if tps.get("mixed") and tps.get(run):   # mixed steps vs alternating; claim grouping
             out[name] = round(tps["mixed"] / tps[run], 3) if run == "alternate" \
                 else round(tps[run] / tps["mixed"], 3)
-    decode = ((runs.get("mixed") or {}).get("steps") or {}).get("decode") or {}
-    if decode.get("steps"):
+    steps = (runs.get("mixed") or {}).get("steps") or {}
+    decode, prefill = steps.get("decode") or {}, steps.get("prefill") or {}
+    if decode.get("steps") or prefill.get("rows"):
+        rows = decode.get("rows", 0) + prefill.get("rows", 0)
+        n = decode.get("steps", 0) + prefill.get("mixed", 0)
         out["batch"] = {"decode_max_batch": decode.get("max_batch"),
-                        "mean_rows_per_decode_step": round(decode["rows"] / decode["steps"], 1)}
+                        # decode rows per step that decoded (decode-only and mixed steps)
+                        "mean_rows_per_decode_step": round(rows / n, 1) if n else None}
     out["goals"] = GOALS
     out["goals_met"] = {
         "mixed_tok_per_s": None if not tps.get("mixed")

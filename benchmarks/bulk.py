@@ -356,7 +356,11 @@ def derived(runs: dict) -> dict:
 
 def plot(res: dict, path: str) -> None:
     """tokens/s against max_num_seqs and against adapters in the workload (two subplots)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SystemExit("--plot needs matplotlib: pip install 'lorry[bench]' (or draw it "
+                         "elsewhere from the JSON with --plot-from)") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -392,7 +396,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed warm-up requests per run (default: 2 x max_num_seqs)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
-    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS + EXTRA_RUNS)
+    ap.add_argument("--runs", nargs="*", default=list(RUNS), choices=RUNS + EXTRA_RUNS,
+                    help="default: the three; none (sweeps only): --runs with no name")
     ap.add_argument("--model", default=None,
                     help="a local base model dir instead of the built one (e.g. the demo "
                          "model on CPU; its config shapes the adapters)")
@@ -408,6 +413,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--sweep-adapters", type=int, nargs="*", default=[],
                     help="also a mixed run per k: only the k most popular adapters")
     ap.add_argument("--plot", default=None, help="tokens/s vs batch and vs adapters (png)")
+    ap.add_argument("--plot-from", default=None, metavar="JSON",
+                    help="only draw --plot from this earlier output (e.g. a GPU run's --out)")
     args = ap.parse_args()
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     return args
@@ -415,6 +422,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.plot_from:
+        plot(json.loads(Path(args.plot_from).read_text()), args.plot or "bulk.png")
+        return
     spec = dict(SPECS["tiny" if args.tiny else "gpu"])
     for key, value in (("requests", args.requests), ("max_num_seqs", args.max_num_seqs),
                        ("files_per_rank", args.adapter_files_per_rank)):

@@ -126,14 +126,16 @@ PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 
 
 def roofline(w: Workload, config: dict, block_size: int, batch: int) -> dict:
-    """What the hardware allows for this workload at best: prefill FLOPs at peak compute
-    (template blocks after a template's first use cached), decode reads (weights once per
-    step of ``batch`` full rows, every row's keys/values each step) at peak bandwidth. Summed
-    (no overlap) and maxed (perfect overlap of compute and reads) -> output tokens/s."""
+    """What the hardware allows for this workload at best: prefill and decode FLOPs at peak
+    compute (template blocks after a template's first use cached, never evicted), decode
+    reads (weights once per step of ``batch`` full rows, every row's keys/values each step)
+    at peak bandwidth. Summed (no overlap) and maxed (perfect overlap of compute and reads)
+    -> output tokens/s."""
     L, H, V = config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]
-    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * (H // config[
-        "num_attention_heads"])
-    params = L * (H * (H + 2 * kv) + H * H + 3 * H * config["intermediate_size"])
+    heads = config["num_attention_heads"]
+    D = config.get("head_dim") or H // heads
+    q, kv = heads * D, (config.get("num_key_value_heads") or heads) * D
+    params = L * (H * (q + 2 * kv) + q * H + 3 * H * config["intermediate_size"])
     seen, prefill, attn = set(), 0, 0.0
     for p, t in zip(w.prompts, w.prefix):
         skip = (w.template_len[t] // block_size) * block_size if t is not None and t in seen \
@@ -141,13 +143,14 @@ def roofline(w: Workload, config: dict, block_size: int, batch: int) -> dict:
         seen.add(t)
         new = len(p) - skip
         prefill += new
-        attn += 4 * L * H * (new * skip + new * (new + 1) / 2)
+        attn += 4 * L * q * (new * skip + new * (new + 1) / 2)
     out = sum(w.max_tokens)
-    flops = 2 * params * prefill + attn + 2 * H * V * len(w.prompts)
-    kv_bytes = sum(L * 2 * kv * 2 * (m * len(p) + m * (m - 1) / 2)
-                   for p, m in zip(w.prompts, w.max_tokens))
+    ctx = sum(m * len(p) + m * (m - 1) / 2 for p, m in zip(w.prompts, w.max_tokens))
+    flops = (2 * params * prefill + attn + 2 * H * V * len(w.prompts)         # prefill
+             + (2 * params + 2 * H * V) * out + 4 * L * q * ctx)               # decode
+    kv_bytes = L * 2 * kv * 2 * ctx
     weight_bytes = 2 * (params + H * V) * out / batch
-    res = {"prefill_tokens_uncached": prefill, "prefill_pflop": round(flops / 1e15, 2),
+    res = {"prefill_tokens_uncached": prefill, "pflop": round(flops / 1e15, 2),
            "decode_kv_gb": round(kv_bytes / 1e9, 1), "batch": batch}
     for gpu, (fl, bw) in PEAKS.items():
         c, m = flops / fl, (kv_bytes + weight_bytes) / bw

@@ -81,6 +81,7 @@ def run_lorry(eng, adapters: list[Path], n_adapters: int, prompts, p: dict, devi
         eng.generate(prompts, _params(p["new_tokens"]), loras, use_tqdm=False)
         if (eng.runner.graphs.captures if eng.runner.graphs else 0) == before:
             break
+    # runner.prefill: every step with prompt work, mixed steps' decode rows included
     prefill = _time_calls(eng.runner, "prefill", device)
     decode = _time_calls(eng.runner, "decode", device)
     graphs = eng.runner.graphs

@@ -3,7 +3,9 @@
 A step decodes every running sequence whose prompt is in the cache and prefills prompt chunks
 with what is left of ``max_num_batched_tokens`` (one token per decoding row; a long prompt is
 split over several steps): a mixed step, as vLLM's chunked prefill. A step without prompt
-work is a plain decode step (replayed from a CUDA graph). With ``mixed=False``, prefill and
+work is a plain decode step (replayed from a CUDA graph). When the decoding rows would take
+more than half the budget, prompt steps and decode steps alternate instead (so prompts never
+get less than alternation gives them). With ``mixed=False``, prefill and
 decode steps alternate instead, so a long prompt delays each decode step by one chunk's step.
 The distinct adapters of the running set (plus pinned ones) never exceed ``max_loras``:
 sequences whose adapter does not fit wait until a running adapter's sequences finish. Aging:
@@ -90,10 +92,12 @@ class Scheduler:
             rows = reserved = self._reserve_decode(decoding)
             if self.preemptions > before:
                 budget = 0  # the pool is short: no prompt work until it is not
-            elif len(rows) < budget:
+            elif len(rows) <= budget // 2:
                 budget -= len(rows)
             elif not self._last_was_prefill:
-                rows = []   # the rows fill the budget: prompts alone, then the rows (alternating)
+                # the rows would leave prompts less than half the budget, which alternating
+                # gives them on average: prompts alone this step, then the rows
+                rows = []
             else:
                 budget = 0
         elif decoding and self._last_was_prefill:

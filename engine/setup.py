@@ -112,9 +112,8 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
     ops = get_lora_ops(backend) if c.enable_lora else None
     # longrope rotates a whole row's keys by its length (short or long factors), so a cached
     # prefix's keys are not those a longer prompt would compute: no sharing on such bases
-    longrope = any(r.cos_long is not None for r in model.rotaries.values())
     blocks = BlockManager(kv_blocks(c, model, max_len, device), c.block_size,
-                          c.enable_prefix_caching and not longrope)
+                          c.enable_prefix_caching and not model.longrope)
     model.allocate_kv_cache(blocks.num_blocks, c.block_size)  # after the weights and slots
     graphs = None
     if device.type == "cuda" and not c.enforce_eager:

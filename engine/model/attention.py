@@ -57,6 +57,8 @@ class Batch:
     # tokens (positions [Bd, 1], their slot_mapping, block tables and kv_len, input_ids [Bd])
     decode: Batch | None = None
     input_ids: torch.Tensor | None = None   # a decode part's tokens [Bd]
+    # longrope: each row's last prefill position [B] (its prompt's, for a chunk)
+    rope_top: torch.Tensor | None = None
 
 
 def visible(q_pos: torch.Tensor, n: int, window: int | None) -> torch.Tensor:

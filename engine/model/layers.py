@@ -245,12 +245,16 @@ class Rotary(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype,
-               last: torch.Tensor | None = None):
+               last: torch.Tensor | None = None, top: torch.Tensor | None = None):
         """cos, sin [B, 1, S, rot_dim] in ``dtype`` for positions [B, S] (``last`` [B]: index
-        of each row's last real token): once per step, not per layer."""
+        of each row's last real token): once per step, not per layer. Longrope picks a row's
+        factors by ``top`` [B], the last position of what the row prefills (a chunk of a
+        longer prompt takes the prompt's), else by the row's last position here."""
         cos, sin = self.cos[positions], self.sin[positions]
         if self.cos_long is not None:
-            top = positions.amax(1) if last is None else positions.gather(1, last[:, None])[:, 0]
+            if top is None:
+                top = positions.amax(1) if last is None else \
+                    positions.gather(1, last[:, None])[:, 0]
             long_rows = (top >= self.original_max)[:, None, None]                  # [B, 1, 1]
             cos = torch.where(long_rows, self.cos_long[positions], cos)
             sin = torch.where(long_rows, self.sin_long[positions], sin)

@@ -117,6 +117,9 @@ class LlamaForCausalLM(nn.Module):
         self.rotaries = nn.ModuleDict({key: Rotary(config, head_dim, max_len, kind)
                                        for kind in dict.fromkeys(arch.rope_kinds)
                                        for key in [kind or "default"]})
+        # longrope rotates a row by its length (short or long factors): a chunk takes its
+        # prompt's (Batch.rope_top), and no prefix is shared (engine.setup)
+        self.longrope = any(r.cos_long is not None for r in self.rotaries.values())
         # the global layers' tables (the runner reads their length)
         self.rotary = self.rotaries[next(k for k in ("full_attention", *self.rotaries)
                                          if k in self.rotaries)]
@@ -190,7 +193,7 @@ class LlamaForCausalLM(nn.Module):
     def _rope(rotary, batch: Batch, dtype, last_index):
         """cos, sin tables of the step's positions (a mixed step: the prefill's and the
         decode rows')."""
-        tables = rotary.tables(batch.positions, dtype, last_index)
+        tables = rotary.tables(batch.positions, dtype, last_index, batch.rope_top)
         if batch.decode is None:
             return tables
         return tables, rotary.tables(batch.decode.positions, dtype)

@@ -251,3 +251,11 @@ def test_longrope_bases_share_no_prefix_blocks(phi3):
     sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     eng.generate([LONG, LONG + "!"], sp, use_tqdm=False)
     assert eng.cache_stats()["kv"]["prefix_hit_tokens"] == 0
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_phi3_long_prompts_in_chunks_use_the_long_factors_from_their_first_chunk(phi3, mixed):
+    # chunks of 16 tokens: the first ones end below the original 32 positions, yet the
+    # prompt reaches past them, so HF rotates all its keys with the long factors
+    rows = [("one", LONG), (None, SHORT[0]), ("two", LONG + "!")]
+    check_matches_peft(phi3, rows, max_num_batched_tokens=16, mixed_steps=mixed)

@@ -285,21 +285,25 @@ def test_an_id_given_new_files_serves_the_new_weights(tiny_llama):
     assert got == want and got != first
 
 
-def test_decode_rows_filling_the_budget_do_not_starve_prompts(tiny_llama):
-    """max_num_batched_tokens below the decoding rows: mixed steps would leave no prompt
-    tokens, so prompts get steps of their own, alternating with the rows' decode steps."""
-    eng = _engine(tiny_llama, max_num_batched_tokens=3)
-    sp = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    for i in range(3):
+@pytest.mark.parametrize(("rows", "chunks", "decodes"), [(3, [[3]] * 6, 6), (4, [[6]] * 3, 3),
+                                                         (7, [[6]] * 3, 3)])
+def test_decode_rows_filling_the_budget_do_not_starve_prompts(tiny_llama, rows, chunks,
+                                                              decodes):
+    """Decoding rows that leave a prompt half of max_num_batched_tokens (6) share each step
+    with it; more rows than that would leave it less than alternation gives it, so prompts
+    get steps of their own (the whole budget), alternating with the rows' decode steps."""
+    eng = _engine(tiny_llama, max_num_batched_tokens=6)
+    sp = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    for i in range(rows):
         eng.add_request(f"r{i}", [5 + i, 6], sp)
     while any(s.prefilling or not s.output_token_ids for s in eng._seqs.values()):
-        eng.step()                                        # the three decode from now on
-    eng.add_request("late", list(range(10, 19)), SamplingParams(max_tokens=1, temperature=0.0))
-    rows = [eng._seqs[f"r{i}"] for i in range(3)]
-    before = [len(s.output_token_ids) for s in rows]
+        eng.step()                                        # the rows decode from now on
+    eng.add_request("late", list(range(10, 28)), SamplingParams(max_tokens=1, temperature=0.0))
+    seqs = [eng._seqs[f"r{i}"] for i in range(rows)]
+    before = [len(s.output_token_ids) for s in seqs]
     calls = _count_prefill_chunks(eng)
     done = []
     for _ in range(6):
         done += [o.request_id for o in eng.step()]
-    assert calls == [[3]] * 3 and done == ["late"]       # 9 prompt tokens in 3 of 6 steps
-    assert [len(s.output_token_ids) - n for s, n in zip(rows, before)] == [3, 3, 3]
+    assert calls == chunks and done == ["late"]          # its 18 prompt tokens in 6 steps
+    assert [len(s.output_token_ids) - n for s, n in zip(seqs, before)] == [decodes] * rows

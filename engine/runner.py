@@ -104,7 +104,7 @@ class ModelRunner:
         batch = Batch(positions=None, prefill=True, lora=lora, pad_index=pad_index,
                       slot_mapping=self._slots(pre, starts, chunks, S, bs), block_size=bs,
                       decode=self._decode_rows(dec) if dec else None)
-        if getattr(self.model, "longrope", False):  # factors by the whole prompt's length
+        if self.model.longrope:   # rope factors by the whole prompt's length
             batch.rope_top = self._tensor([s.prefill_len - 1 for s in pre])
         if not any(starts):   # whole prompts from position 0
             batch.positions = torch.arange(S, device=self.device).expand(n, S)

@@ -24,6 +24,7 @@ import json
 import math
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,10 +54,11 @@ RUNS = ("mixed", "no_adapters", "prefix_off")
 # mixed with prefill and decode steps alternating (no decode rows in prefill steps);
 # mixed with the requests of each template grouped at its first one (what a claim policy
 # preferring jobs that share a prefix would hand the engine)
-EXTRA_RUNS = ("padded_prefill", "alternate", "grouped")
+# mixed with one decode step per scheduling round (num_scheduler_steps=1)
+EXTRA_RUNS = ("padded_prefill", "alternate", "grouped", "one_step")
 # cache_stats() figures that accumulate over the engine's life: reported as timed-run deltas
 COUNTERS = {"prefix_query_tokens", "prefix_hit_tokens", "preemptions", "steps", "seconds", "mixed",
-            "tokens", "rows", "hits", "misses", "evictions", "load_seconds"}
+            "tokens", "rows", "hits", "misses", "evictions", "load_seconds", "rounds"}
 
 
 @dataclasses.dataclass
@@ -202,6 +204,10 @@ def engine_config(spec: dict, args, model: str, load_format: str, run: str,
           "max_num_seqs": max_num_seqs, "max_model_len": spec["max_model_len"],
           "seed": args.seed, "enable_prefix_caching": run != "prefix_off",
           "mixed_steps": run != "alternate"}
+    if run == "one_step":
+        kw["num_scheduler_steps"] = 1
+    elif args.num_scheduler_steps is not None:
+        kw["num_scheduler_steps"] = args.num_scheduler_steps
     optional = {"block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
                 "gpu_memory_utilization": args.gpu_memory_utilization,
                 "max_num_batched_tokens": args.max_num_batched_tokens}
@@ -314,7 +320,9 @@ def _free(device: str) -> None:
 
 
 def attempt(res: dict, key, fn) -> dict:
-    """Run ``fn`` into ``res[key]``; a failing run (say, out of memory) keeps the others."""
+    """Run ``fn`` into ``res[key]``; a failing run (say, out of memory) keeps the others.
+    A line per run goes to stderr as it ends, so a run cut short still leaves the earlier."""
+    t0 = time.perf_counter()
     try:
         res[key] = fn()
     except Exception as e:  # noqa: BLE001 (reported in the JSON)
@@ -323,6 +331,12 @@ def attempt(res: dict, key, fn) -> dict:
         traceback.print_exc()
         res[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
         _free("cuda" if torch.cuda.is_available() else "cpu")
+    r = res[key]
+    if isinstance(r, dict):
+        print(f"[bulk] {key}: " + (r["error"] if "error" in r else
+              f"{r.get('tok_per_s')} tok/s, {r.get('output_tokens')} tokens in "
+              f"{r.get('seconds')} s") + f" ({time.perf_counter() - t0:.0f} s with set-up)",
+              file=sys.stderr, flush=True)
     return res[key]
 
 
@@ -336,6 +350,8 @@ def derived(runs: dict) -> dict:
         out["prefix_speedup"] = round(tps["mixed"] / tps["prefix_off"], 3)
     if tps.get("mixed") and tps.get("alternate"):   # mixed steps over alternating ones
         out["mixed_steps_speedup"] = round(tps["mixed"] / tps["alternate"], 3)
+    if tps.get("mixed") and tps.get("one_step"):    # multi-step rounds over one step each
+        out["multi_step_speedup"] = round(tps["mixed"] / tps["one_step"], 3)
     if tps.get("mixed") and tps.get("grouped"):     # claim grouping by template over arrival
         out["grouping_speedup"] = round(tps["grouped"] / tps["mixed"], 3)
     steps = (runs.get("mixed") or {}).get("steps") or {}
@@ -408,6 +424,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--block-size", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--num-scheduler-steps", type=int, default=None,
+                    help="EngineConfig.num_scheduler_steps of every run but one_step")
     ap.add_argument("--adapter-files-per-rank", type=int, default=None,
                     help="adapters of one rank share this many files (0: a file each; "
                          "default 4, tiny 0)")

@@ -52,6 +52,10 @@ def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(10, min(vocab, 30000), (n, length), generator=gen).tolist()
 
 
+# EngineConfig settings from the command line (--num-scheduler-steps)
+ENGINE_OPTIONS: dict = {}
+
+
 def _engine(model: str, p: dict, device: str, load_format: str, max_loras: int):
     from lorry.engine import EngineConfig, LLMEngine
 
@@ -59,7 +63,7 @@ def _engine(model: str, p: dict, device: str, load_format: str, max_loras: int):
                                   max_cpu_loras=max_loras, max_lora_rank=max(p["rank"], 8),
                                   max_num_seqs=p["batch"],
                                   max_model_len=p["prompt_len"] + p["new_tokens"] + 8,
-                                  load_format=load_format))
+                                  load_format=load_format, **ENGINE_OPTIONS))
 
 
 def run_lorry(eng, adapters: list[Path], n_adapters: int, prompts, p: dict, device: str) -> dict:
@@ -438,7 +442,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="GPU: only base and mixed (no 1/8 adapters, no eager run)")
     ap.add_argument("--plot", default=None, help="GPU: tokens/s vs adapters plot (png)")
+    ap.add_argument("--num-scheduler-steps", type=int, default=None,
+                    help="EngineConfig.num_scheduler_steps (default: the engine's)")
     args = ap.parse_args()
+    if args.num_scheduler_steps is not None:
+        ENGINE_OPTIONS["num_scheduler_steps"] = args.num_scheduler_steps
     preset = args.preset or ("smollm2" if args.device == "cpu" else "llama3-8b")
     p = PRESETS[preset]
     import torch
@@ -464,6 +472,7 @@ def main() -> None:
                 for i in range(p["adapters"])]
     prompts = prompts_for(p["requests"], p["prompt_len"], config["vocab_size"], seed=0)
     result = {"preset": preset, "device": args.device, "torch": torch.__version__,
+              "engine_options": ENGINE_OPTIONS,
               "threads": torch.get_num_threads(), "workload": p}
     if args.device == "cuda" and args.profile:
         return profile_decode(str(model), p, load_format, args.profile)

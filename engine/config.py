@@ -74,6 +74,14 @@ class EngineConfig:
         True (default, as vLLM's chunked prefill): a step that prefills prompt chunks also
         decodes every running sequence; steps without prompt work replay CUDA graphs. False:
         prefill and decode steps alternate (each decode step in a graph).
+    num_scheduler_steps : int
+        Decode steps run back to back on the device per scheduling round (vLLM's multi-step
+        scheduling): the tokens a step picks feed the next step on the device, and the host
+        schedules and reads the tokens once per round, so its per-step bookkeeping no longer
+        leaves the GPU idle. Used for decode-only steps whose rows are all greedy without
+        penalties or logprobs (others decode a step at a time); tokens are the same as with
+        1. A row that finishes inside a round computes the round's remaining steps for
+        nothing (discarded), and new requests join at round boundaries. Default 8; 1: off.
     lora_fold : bool
         CUDA: keep each layer's LoRA A slots as extra rows under its base weight, so that a
         decode step's base matmul also computes every slot's x·Aᵀ and only the expand kernel
@@ -121,6 +129,7 @@ class EngineConfig:
     enforce_eager: bool = False
     max_num_batched_tokens: int = 2048
     mixed_steps: bool = True
+    num_scheduler_steps: int = 8
     lora_fold: bool = True
     adapter_roots: tuple[str, ...] | None = None
     max_full_module_copies: int | None = None
@@ -145,6 +154,7 @@ class EngineConfig:
                              f"must be >= max_loras ({self.max_loras})")
         _positive_int("max_num_seqs", self.max_num_seqs)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive_int("num_scheduler_steps", self.num_scheduler_steps)
         _positive_int("max_model_len", self.max_model_len, allow_none=True)
         _choice("dtype", self.dtype, DTYPES)
         _choice("lora_dtype", self.lora_dtype, DTYPES)

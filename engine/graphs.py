@@ -12,6 +12,7 @@ import torch
 
 from lorry.engine.model.layers import LoRAStep
 from lorry.engine.model.llama import Batch
+from lorry.engine.runner import next_slots
 from lorry.kernels.segments import build_lora_meta
 
 IDS, POS, SLOTS, KV = range(4)
@@ -145,3 +146,23 @@ class DecodeGraphs:
             entry = self.graphs[key] = self._capture(*key)
         entry[0].replay()
         return entry[1][:B]
+
+    @torch.inference_mode()
+    def run_steps(self, seqs: list, slots: list[int], steps: int) -> torch.Tensor:
+        """A round of greedy decode steps (the rows' KV slots for all of them reserved): the
+        first as ``run``, then each replay's argmax, next position and its KV slot go into
+        the static inputs on the device. Returns the tokens [steps, B] on the device."""
+        B = len(seqs)
+        out = torch.empty(steps, B, dtype=torch.long, device=self.dev.device)
+        logits = self.run(seqs, slots)
+        entry = self.graphs[(self.bucket(B), self._lora_key(slots))]
+        d = self.dev
+        for j in range(steps):
+            if j:
+                entry[0].replay()
+            torch.argmax(logits, -1, out=out[j])
+            if j + 1 < steps:
+                d[IDS, :B] = out[j]
+                d[POS, :B] += 1
+                d[KV, :B] = next_slots(self.tables[:B], d[POS, :B], self.block_size)
+        return out

@@ -126,6 +126,16 @@ class BlockManager:
         seq.block_table.append(self._take())
         return True
 
+    def extra_blocks(self, seq, steps: int) -> int:
+        """Blocks ``seq`` lacks for the KV of its next ``steps`` decode steps (positions
+        num_tokens - 1 .. num_tokens + steps - 2)."""
+        return max(0, self.blocks_for(seq.num_tokens + steps - 1) - len(seq.block_table))
+
+    def extend(self, seq, steps: int) -> None:
+        """Give ``seq`` those blocks (the caller checked ``num_free``)."""
+        for _ in range(self.extra_blocks(seq, steps)):
+            seq.block_table.append(self._take())
+
     def register(self, seq, computed: int) -> None:
         """Register the full blocks among ``seq``'s first ``computed`` prefill tokens. The
         scheduler calls this for the tokens a step will compute, before it admits others in

@@ -42,7 +42,8 @@ class LLMEngine:
         # prefill: steps with prompt work (mixed: also decoding rows); decode: steps without
         self._steps = {"prefill": {"steps": 0, "seconds": 0.0, "tokens": 0, "rows": 0,
                                    "mixed": 0},
-                       "decode": {"steps": 0, "seconds": 0.0, "rows": 0, "max_batch": 0}}
+                       "decode": {"steps": 0, "seconds": 0.0, "rows": 0, "max_batch": 0,
+                                  "rounds": 0}}
         # optional callable(request_id, text, finish_reason): the new text of each request
         # with SamplingParams.stream, every step (finish_reason None until its last call)
         self.on_tokens = None
@@ -146,6 +147,10 @@ class LLMEngine:
             if plan.prefill:
                 self._roll_back(plan)
             raise
+        if plan.steps > 1:
+            if self.runner.logits_hook is None:
+                return finished + self._round(plan, slots, t0)
+            plan.steps = 1  # a hook sees every step's logits (its extra blocks go unused)
         if plan.prefill:
             done = []
             for i, (s, c) in enumerate(zip(seqs, plan.chunks)):
@@ -176,6 +181,34 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 finished.append(self._finish(seq, reason))
             elif seq.params.stream:
+                self._stream(seq)
+        return finished
+
+    def _round(self, plan, slots: list[int], t0: float) -> list[RequestOutput]:
+        """A round of ``plan.steps`` device decode steps (greedy rows only): the tokens come
+        back once and are added in order; a row that finishes inside the round drops the
+        tokens computed after its last (the KV they wrote is in its own blocks, released)."""
+        tokens = self.runner.decode_steps(plan.seqs, slots, plan.steps).tolist()
+        if self.loras is not None:
+            self.loras.gpu.mark_used(slots)
+        self._count_step(plan, t0)
+        finished, live = [], list(plan.seqs)
+        for row in tokens:
+            going = []
+            for seq, token in zip(live, row):
+                if seq is None:
+                    going.append(None)
+                    continue
+                reason = self._append(seq, token)
+                if reason:
+                    self._seqs.pop(seq.request_id, None)
+                    self.scheduler.finish(seq)
+                    finished.append(self._finish(seq, reason))
+                    seq = None
+                going.append(seq)
+            live = going
+        for seq in live:
+            if seq is not None and seq.params.stream:
                 self._stream(seq)
         return finished
 
@@ -214,10 +247,12 @@ class LLMEngine:
     def _count_step(self, plan, t0: float) -> None:
         """Per-phase step counts and wall time (sampling has synchronised the device)."""
         kind = self._steps["prefill" if plan.prefill else "decode"]
-        kind["steps"] += 1
+        kind["steps"] += plan.steps
         kind["seconds"] += time.time() - t0
         rows = len(plan.decoded)
-        kind["rows"] += rows      # prefill: the decode rows of mixed steps
+        kind["rows"] += rows * plan.steps      # prefill: the decode rows of mixed steps
+        if plan.steps > 1:
+            kind["rounds"] += 1
         if plan.prefill:
             kind["tokens"] += sum(plan.chunks)
             kind["mixed"] += rows > 0

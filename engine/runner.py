@@ -124,17 +124,42 @@ class ModelRunner:
                 self.logits_hook([seqs[i] for i in done], logits[done])
         return logits
 
-    def _decode_rows(self, seqs: list[Sequence]) -> Batch:
+    def _decode_rows(self, seqs: list[Sequence], steps: int = 1) -> Batch:
         """The decode inputs of one token per sequence (its KV slot reserved by the
-        scheduler): a decode step's batch, or the decode part of a mixed step."""
+        scheduler): a decode step's batch, or the decode part of a mixed step. ``steps``:
+        the block tables reach as far as that many steps go (the scheduler reserved them)."""
         bs = self.block_size
         kv_len = max(s.num_tokens for s in seqs)
         return Batch(positions=self._tensor([[s.num_tokens - 1] for s in seqs]),      # [B, 1]
                      prefill=False, block_size=bs, kv_len=kv_len,
                      slot_mapping=self._tensor([s.block_table[(s.num_tokens - 1) // bs] * bs
                                                 + (s.num_tokens - 1) % bs for s in seqs]),
-                     block_tables=self._tables(seqs, -(-kv_len // bs)),
+                     block_tables=self._tables(seqs, -(-(kv_len + steps - 1) // bs)),
                      input_ids=self._tensor([s.last_token for s in seqs]))
+
+    @torch.inference_mode()
+    def decode_steps(self, seqs: list[Sequence], slots: list[int], steps: int) -> torch.Tensor:
+        """A round of ``steps`` greedy decode steps (the scheduler reserved their KV slots):
+        each step's argmax is the next step's input, on the device. Returns the tokens
+        [steps, B] (on the device: one read for the round)."""
+        if self.graphs is not None and self.graphs.bucket(len(seqs)) is not None \
+                and not self.model.uses_slot_modules(slots):
+            with self.graph_lock:
+                return self.graphs.run_steps(seqs, slots, steps)
+        B, bs = len(seqs), self.block_size
+        batch = self._decode_rows(seqs, steps)
+        ids, zero = batch.input_ids, torch.zeros(B, dtype=torch.long, device=self.device)
+        out = torch.empty(steps, B, dtype=torch.long, device=self.device)
+        for j in range(steps):
+            if j:
+                pos = batch.positions + 1                                             # [B, 1]
+                batch = Batch(positions=pos, prefill=False, block_size=bs,
+                              kv_len=batch.kv_len + 1, block_tables=batch.block_tables,
+                              slot_mapping=next_slots(batch.block_tables, pos[:, 0], bs))
+            batch.lora = self._lora(slots)
+            ids = self.model(ids[:, None], batch, zero).argmax(-1)
+            out[j] = ids
+        return out
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], slots: list[int]) -> torch.Tensor:
@@ -154,3 +179,10 @@ class ModelRunner:
         if self.logits_hook:
             self.logits_hook(seqs, logits)
         return logits
+
+
+def next_slots(tables: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The KV slot of position ``pos`` [B] of each row through its block table [B, n], on
+    the device (a round's later steps, whose positions the host does not read)."""
+    block = tables.gather(1, (pos // block_size)[:, None])[:, 0].long()
+    return block * block_size + pos % block_size

@@ -116,6 +116,12 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def device_greedy(self) -> bool:
+        """Greedy with nothing that needs the logits on the host (penalties, logprobs): its
+        tokens may be picked on the device over several steps (``num_scheduler_steps``)."""
+        return self.greedy and not self.penalized and self.logprobs is None
+
+    @property
     def penalized(self) -> bool:
         """Whether any penalty changes the logits before sampling."""
         return bool(self.presence_penalty or self.frequency_penalty

@@ -41,6 +41,9 @@ class ScheduledStep:
     # prefill: prompt tokens of each of the first len(chunks) sequences; the sequences after
     # them decode one token each in the same step (a mixed step)
     chunks: list[int] = field(default_factory=list)
+    # decode only: device steps in this round, each row's next token picked on the device
+    # and fed to the next (every row has the blocks for all of them)
+    steps: int = 1
 
     @property
     def prefilled(self) -> list[Sequence]:
@@ -56,13 +59,14 @@ class ScheduledStep:
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_loras: int, blocks: BlockManager,
                  max_num_batched_tokens: int = 2048, max_bypass: int = 16,
-                 mixed: bool = True):
+                 mixed: bool = True, num_steps: int = 1, max_model_len: int | None = None):
         self.max_num_seqs = max_num_seqs
         self.max_loras = max_loras
         self.blocks = blocks
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_bypass = max_bypass
         self.mixed = mixed
+        self.num_steps, self.max_model_len = num_steps, max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []   # in admission order
         self._last_was_prefill = False
@@ -118,7 +122,31 @@ class Scheduler:
             self._last_was_prefill = True
             return ScheduledStep(seqs + rows, True, chunks)
         self._last_was_prefill = False
-        return ScheduledStep(reserved if self.mixed else self._reserve_decode(decoding), False)
+        rows = reserved if self.mixed else self._reserve_decode(decoding)
+        # a round only when prompts could have run and none could: one that is held back
+        # (alternation, a short pool) must not wait a whole round
+        return self._decode_step(rows) if budget > 0 else ScheduledStep(rows, False)
+
+    def _decode_step(self, rows: list[Sequence]) -> ScheduledStep:
+        """A decode-only step over ``rows`` (each with room for its next token), as a round
+        of several device steps where every row picks its tokens on the device and the pool
+        has the blocks for the round without preempting anyone (else one step)."""
+        steps = self.num_steps
+        if steps > 1 and rows and all(s.params.device_greedy for s in rows):
+            left = [s.params.max_tokens - len(s.output_token_ids) for s in rows]
+            # rows that end inside the round compute its last steps for nothing: at most
+            # an eighth of the round's row-steps (as far as max_tokens tells)
+            while steps > 1 and 8 * sum(steps - n for n in left if n < steps) > \
+                    steps * len(rows):
+                steps -= 1
+            if self.max_model_len is not None:   # no step past max_model_len
+                steps = min(steps, min(self.max_model_len - s.num_tokens + 1 for s in rows))
+            if steps > 1 and sum(self.blocks.extra_blocks(s, steps) for s in rows) \
+                    <= self.blocks.num_free():
+                for s in rows:
+                    self.blocks.extend(s, steps)
+                return ScheduledStep(rows, False, steps=steps)
+        return ScheduledStep(rows, False)
 
     def _reserve_decode(self, decoding: list[Sequence]) -> list[Sequence]:
         """Room in the pool for each decoding sequence's next token, oldest first; preempts

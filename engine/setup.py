@@ -122,7 +122,8 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
                               c.block_size)
     runner = ModelRunner(model, ops, c.max_loras, device, graphs, c.block_size)
     scheduler = Scheduler(c.max_num_seqs, c.max_loras, blocks, c.max_num_batched_tokens,
-                          mixed=c.mixed_steps)
+                          mixed=c.mixed_steps, num_steps=c.num_scheduler_steps,
+                          max_model_len=max_len)
     if loras is not None:
         runner.graph_lock = loras.gpu.layout.pin_lock
         loras.running_adapters = scheduler.running_adapters  # max_full_module_copies admission

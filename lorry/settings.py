@@ -21,7 +21,8 @@ from lorry.engine.demo_model import DEMO_MODEL_NAME, default_models_dir
 # Settings fields passed to EngineConfig under the same name (checked by its rules).
 ENGINE_FIELDS = ("model", "tokenizer", "revision", "device", "dtype", "lora_dtype",
                  "lora_backend", "max_loras", "max_lora_rank", "max_cpu_loras", "max_num_seqs",
-                 "max_model_len", "max_num_batched_tokens", "mixed_steps", "quantization",
+                 "max_model_len", "max_num_batched_tokens", "mixed_steps", "num_scheduler_steps",
+                 "quantization",
                  "enforce_eager",
                  "lora_fold", "load_format", "seed", "adapter_roots", "max_full_module_copies",
                  "block_size", "enable_prefix_caching", "gpu_memory_utilization",
@@ -92,6 +93,7 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(2048, ge=16)
     max_num_batched_tokens: int = Field(2048, ge=1)
     mixed_steps: bool = True
+    num_scheduler_steps: int = Field(8, ge=1)
     quantization: str | None = None
     enforce_eager: bool = False
     lora_fold: bool = True

@@ -113,7 +113,7 @@ def _slow_loader(eng):
 
 
 def test_cold_adapter_loads_while_the_batch_keeps_decoding(tiny_llama):
-    eng = _engine(tiny_llama)
+    eng = _engine(tiny_llama, num_scheduler_steps=1)   # a token per step() call
     gate = _slow_loader(eng)
     sp = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     eng.add_request("base", [5, 6, 7], sp)

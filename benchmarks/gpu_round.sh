@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU checks and figures of docs/BENCHMARKS.md, in steps that each fit a short lease.
+#   benchmarks/gpu_round.sh OUTDIR STEP [STEP ...]
+# Steps: tests | throughput | throughputN (num_scheduler_steps N) | sweep | a bulk.py run name
+# (each its own process; BULK_ARGS adds bulk.py options).
+# Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
+# leaves the ones before it. Run from the repository root on the GPU machine.
+set -u
+out=${1:?OUTDIR}; shift
+mkdir -p "$out"
+export PYTHONPATH=$PWD
+py=${PYTHON:-python3}
+limit=${STEP_LIMIT:-280}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+
+summary() {  # the [bulk] lines and the derived figures of one log/json
+    grep -h '^\[bulk\]' "$1.log" 2>/dev/null
+    [ -s "$1.json" ] && $py -c 'import json,sys; r=json.load(open(sys.argv[1]))
+print({k: r[k] for k in ("lora_overhead","prefix_speedup","mixed_steps_speedup","multi_step_speedup","grouping_speedup","batch") if k in r})' "$1.json"
+}
+
+while [ $# -gt 0 ]; do
+    step=$1; shift
+    case $step in
+    tests)
+        timeout "$limit" $py -m pytest -q -p no:cacheprovider -W default \
+            tests/unit/engine/test_engine_paged_kv.py tests/unit/engine/test_engine_bases_cuda.py \
+            tests/unit/engine/test_engine_chunked_async_cuda.py tests/unit/engine/test_engine_cuda.py \
+            tests/kernels/test_engine_triton.py tests/kernels/test_fused_model.py \
+            tests/unit/engine/test_engine_multi_step.py \
+            > "$out/tests.log" 2>&1
+        echo "tests rc=$?"; tail -3 "$out/tests.log" ;;
+    throughput*)
+        n=${step#throughput}
+        timeout "$limit" $py benchmarks/throughput.py --device cuda --preset llama3-8b --quick \
+            --more-adapters ${n:+--num-scheduler-steps $n} > "$out/$step.json" 2> "$out/$step.log"
+        echo "$step rc=$?"; grep -E 'tok_per_s|overhead' "$out/$step.json" | head -12 ;;
+    sweep)
+        timeout "$limit" $py benchmarks/bulk.py --device cuda --runs --requests "${SWEEP_REQUESTS:-500}" \
+            --sweep-batch 64 128 256 512 --sweep-adapters 1 8 32 200 \
+            --out "$out/sweep.json" > /dev/null 2> "$out/sweep.log"
+        echo "sweep rc=$?"; summary "$out/sweep" ;;
+    *)  # a bulk.py run name
+        timeout "$limit" $py benchmarks/bulk.py --device cuda --runs "$step" ${BULK_ARGS:-} \
+            --out "$out/bulk_$step.json" > /dev/null 2> "$out/bulk_$step.log"
+        echo "bulk $step rc=$?"; summary "$out/bulk_$step" ;;
+    esac
+done

@@ -148,10 +148,11 @@ class DecodeGraphs:
         return entry[1][:B]
 
     @torch.inference_mode()
-    def run_steps(self, seqs: list, slots: list[int], steps: int) -> torch.Tensor:
-        """A round of greedy decode steps (the rows' KV slots for all of them reserved): the
-        first as ``run``, then each replay's argmax, next position and its KV slot go into
-        the static inputs on the device. Returns the tokens [steps, B] on the device."""
+    def run_steps(self, seqs: list, slots: list[int], steps: int, pick) -> torch.Tensor:
+        """A round of decode steps (the rows' KV slots for all of them reserved): the first
+        as ``run``, then each replay's tokens (``pick(logits, out)``), next position and its
+        KV slot go into the static inputs on the device. Returns the tokens [steps, B] on
+        the device."""
         B = len(seqs)
         out = torch.empty(steps, B, dtype=torch.long, device=self.dev.device)
         logits = self.run(seqs, slots)
@@ -160,7 +161,7 @@ class DecodeGraphs:
         for j in range(steps):
             if j:
                 entry[0].replay()
-            torch.argmax(logits, -1, out=out[j])
+            pick(logits, out[j])
             if j + 1 < steps:
                 d[IDS, :B] = out[j]
                 d[POS, :B] += 1

@@ -10,7 +10,7 @@ from lorry.engine.config import EngineConfig
 from lorry.engine.errors import LoRAError, ModelLengthError
 from lorry.engine.lora.request import LoRARequest
 from lorry.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from lorry.engine.sampler import sample, token_logprobs
+from lorry.engine.sampler import RoundSampler, sample, token_logprobs
 from lorry.engine.sampling_params import SamplingParams
 from lorry.engine.sequence import Sequence, SequenceStatus
 from lorry.engine.setup import build_engine_parts
@@ -185,10 +185,12 @@ class LLMEngine:
         return finished
 
     def _round(self, plan, slots: list[int], t0: float) -> list[RequestOutput]:
-        """A round of ``plan.steps`` device decode steps (greedy rows only): the tokens come
-        back once and are added in order; a row that finishes inside the round drops the
-        tokens computed after its last (the KV they wrote is in its own blocks, released)."""
-        tokens = self.runner.decode_steps(plan.seqs, slots, plan.steps).tolist()
+        """A round of ``plan.steps`` device decode steps (rows that need no host sampling):
+        the tokens come back once and are added in order; a row that finishes inside the
+        round drops the tokens computed after its last (the KV they wrote is in its own
+        blocks, released)."""
+        pick = RoundSampler(plan.seqs, self.generator, self.device)
+        tokens = self.runner.decode_steps(plan.seqs, slots, plan.steps, pick).tolist()
         if self.loras is not None:
             self.loras.gpu.mark_used(slots)
         self._count_step(plan, t0)

@@ -138,14 +138,15 @@ class ModelRunner:
                      input_ids=self._tensor([s.last_token for s in seqs]))
 
     @torch.inference_mode()
-    def decode_steps(self, seqs: list[Sequence], slots: list[int], steps: int) -> torch.Tensor:
-        """A round of ``steps`` greedy decode steps (the scheduler reserved their KV slots):
-        each step's argmax is the next step's input, on the device. Returns the tokens
-        [steps, B] (on the device: one read for the round)."""
+    def decode_steps(self, seqs: list[Sequence], slots: list[int], steps: int,
+                     pick) -> torch.Tensor:
+        """A round of ``steps`` decode steps (the scheduler reserved their KV slots): each
+        step's tokens, ``pick(logits [B, V], out [B])`` on the device, are the next step's
+        inputs. Returns the tokens [steps, B] (on the device: one read for the round)."""
         if self.graphs is not None and self.graphs.bucket(len(seqs)) is not None \
                 and not self.model.uses_slot_modules(slots):
             with self.graph_lock:
-                return self.graphs.run_steps(seqs, slots, steps)
+                return self.graphs.run_steps(seqs, slots, steps, pick)
         B, bs = len(seqs), self.block_size
         batch = self._decode_rows(seqs, steps)
         ids, zero = batch.input_ids, torch.zeros(B, dtype=torch.long, device=self.device)
@@ -157,8 +158,8 @@ class ModelRunner:
                               kv_len=batch.kv_len + 1, block_tables=batch.block_tables,
                               slot_mapping=next_slots(batch.block_tables, pos[:, 0], bs))
             batch.lora = self._lora(slots)
-            ids = self.model(ids[:, None], batch, zero).argmax(-1)
-            out[j] = ids
+            pick(self.model(ids[:, None], batch, zero), out[j])
+            ids = out[j]
         return out
 
     @torch.inference_mode()

@@ -62,21 +62,65 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits.index_copy(0, idx, sub)
 
 
+class _Sampled:
+    """The non-greedy rows of a batch: their indices, temperatures and top-k/top-p, as
+    device tensors built once (a round reuses them every step)."""
+
+    def __init__(self, seqs: list[Sequence], device):
+        self.rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if not self.rows:
+            return
+        params = [seqs[i].params for i in self.rows]
+        self.idx = torch.tensor(self.rows, device=device)
+        self.temp = torch.tensor([p.temperature for p in params], device=device)[:, None]
+        # top-k/top-p sort the vocabulary: only when a row asks for them
+        self.filtered = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
+        if self.filtered:
+            self.top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
+            self.top_p = torch.tensor([p.top_p for p in params], device=device)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        scaled = logits.index_select(0, self.idx) / self.temp
+        if self.filtered:
+            scaled = _filter(scaled, self.top_k, self.top_p)
+        return scaled.softmax(-1)                                                # [N, V]
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], default: torch.Generator) -> list[int]:
-    """logits: [B, V] fp32 -> one token id per sequence (penalties applied first)."""
+    """logits: [B, V] fp32 -> one token id per sequence (penalties applied first). Rows with
+    their own generator (a seed) draw from it one by one; the others draw together from
+    ``default``."""
     logits = apply_penalties(logits, seqs)
     tokens = logits.argmax(dim=-1)
-    rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-    if rows:
-        idx = torch.tensor(rows, device=logits.device)
-        temp = torch.tensor([seqs[i].params.temperature for i in rows], device=logits.device)
-        top_k = torch.tensor([max(seqs[i].params.top_k, 0) for i in rows], device=logits.device)
-        top_p = torch.tensor([seqs[i].params.top_p for i in rows], device=logits.device)
-        probs = _filter(logits[idx] / temp[:, None], top_k, top_p).softmax(-1)   # [N, V]
-        for j, i in enumerate(rows):
-            gen = seqs[i].generator or default
-            tokens[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
+    sampled = _Sampled(seqs, logits.device)
+    if sampled.rows:
+        probs = sampled.probs(logits)
+        own = [j for j, i in enumerate(sampled.rows) if seqs[i].generator is not None]
+        shared = [j for j, i in enumerate(sampled.rows) if seqs[i].generator is None]
+        if shared:
+            j = torch.tensor(shared, device=logits.device)
+            tokens[sampled.idx[j]] = torch.multinomial(probs[j], 1, generator=default)[:, 0]
+        for j in own:
+            i = sampled.rows[j]
+            tokens[i] = torch.multinomial(probs[j], 1, generator=seqs[i].generator)[0]
     return tokens.tolist()
+
+
+class RoundSampler:
+    """Picks a round's tokens on the device, step after step, without reading them: argmax
+    for greedy rows, one draw from ``default`` for the sampled ones (rows without penalties,
+    logprobs or their own generator: ``SamplingParams.device_sampled``)."""
+
+    def __init__(self, seqs: list[Sequence], default: torch.Generator, device):
+        self.sampled = _Sampled(seqs, device)
+        self.default = default
+
+    def __call__(self, logits: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the step's tokens [B] into ``out``."""
+        torch.argmax(logits, -1, out=out)
+        s = self.sampled
+        if s.rows:
+            out[s.idx] = torch.multinomial(s.probs(logits), 1, generator=self.default)[:, 0]
 
 
 def token_logprobs(logits: torch.Tensor, seqs: list[Sequence],

@@ -116,10 +116,12 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
-    def device_greedy(self) -> bool:
-        """Greedy with nothing that needs the logits on the host (penalties, logprobs): its
-        tokens may be picked on the device over several steps (``num_scheduler_steps``)."""
-        return self.greedy and not self.penalized and self.logprobs is None
+    def device_sampled(self) -> bool:
+        """Nothing needs the logits on the host (penalties, logprobs) nor its own generator
+        (a seed, unless greedy): its tokens may be picked on the device over several steps
+        (``num_scheduler_steps``)."""
+        return not self.penalized and self.logprobs is None and (self.greedy
+                                                                 or self.seed is None)
 
     @property
     def penalized(self) -> bool:

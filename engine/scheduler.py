@@ -132,7 +132,7 @@ class Scheduler:
         of several device steps where every row picks its tokens on the device and the pool
         has the blocks for the round without preempting anyone (else one step)."""
         steps = self.num_steps
-        if steps > 1 and rows and all(s.params.device_greedy for s in rows):
+        if steps > 1 and rows and all(s.params.device_sampled for s in rows):
             left = [s.params.max_tokens - len(s.output_token_ids) for s in rows]
             # rows that end inside the round compute its last steps for nothing: at most
             # an eighth of the round's row-steps (as far as max_tokens tells)

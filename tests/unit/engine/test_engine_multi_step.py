@@ -136,3 +136,30 @@ def test_rounds_in_a_pool_that_preempts_keep_the_tokens(tiny_llama):
 def test_num_scheduler_steps_is_checked():
     with pytest.raises(ValueError, match="num_scheduler_steps"):
         EngineConfig(model="m", num_scheduler_steps=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unseeded_sampled_rows_are_drawn_on_the_device_in_rounds(tiny_llama, device):
+    """Rows sampled without a seed of their own run in rounds, drawn on the device: with
+    top-k 1 or a tiny top-p they give the greedy tokens, the engine's seed makes a round's
+    draws reproducible, and temperature 1 draws differ from greedy ones."""
+    prompts, sp, loras = _requests(tiny_llama, n=8)
+    greedy, _ = _generate(_engine(tiny_llama, 1, device=device), prompts, sp, loras)
+    narrow = [SamplingParams(max_tokens=p.max_tokens, temperature=0.7, ignore_eos=True,
+                             **({"top_k": 1} if i % 2 else {"top_p": 1e-6}))
+              for i, p in enumerate(sp)]
+    eng = _engine(tiny_llama, 8, device=device)
+    got, _ = _generate(eng, prompts, narrow, loras)
+    assert [t for t, _, _ in got] == [t for t, _, _ in greedy]
+    assert eng.cache_stats()["steps"]["decode"]["rounds"] > 0
+    free = [SamplingParams(max_tokens=32, temperature=1.0, ignore_eos=True) for _ in sp]
+    runs = []
+    for _ in range(2):
+        eng = _engine(tiny_llama, 8, device=device, seed=3)
+        runs.append(_generate(eng, prompts, free, loras)[0])
+        assert eng.cache_stats()["steps"]["decode"]["rounds"] > 0
+    assert runs[0] == runs[1]
+    want, _ = _generate(_engine(tiny_llama, 1, device=device), prompts,
+                        [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)] * 8,
+                        loras)
+    assert [t for t, _, _ in runs[0]] != [t for t, _, _ in want]

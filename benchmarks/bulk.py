@@ -132,33 +132,43 @@ def roofline(w: Workload, config: dict, block_size: int, batch: int) -> dict:
     compute (template blocks after a template's first use cached, never evicted), decode
     reads (weights once per step of ``batch`` full rows, every row's keys/values each step)
     at peak bandwidth. Summed (no overlap) and maxed (perfect overlap of compute and reads)
-    -> output tokens/s."""
+    -> output tokens/s; the same without prefix caching bounds what caching can gain."""
     L, H, V = config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]
     heads = config["num_attention_heads"]
     D = config.get("head_dim") or H // heads
     q, kv = heads * D, (config.get("num_key_value_heads") or heads) * D
     params = L * (H * (q + 2 * kv) + q * H + 3 * H * config["intermediate_size"])
-    seen, prefill, attn = set(), 0, 0.0
-    for p, t in zip(w.prompts, w.prefix):
-        skip = (w.template_len[t] // block_size) * block_size if t is not None and t in seen \
-            else 0
-        seen.add(t)
-        new = len(p) - skip
-        prefill += new
-        attn += 4 * L * q * (new * skip + new * (new + 1) / 2)
     out = sum(w.max_tokens)
     ctx = sum(m * len(p) + m * (m - 1) / 2 for p, m in zip(w.prompts, w.max_tokens))
-    flops = (2 * params * prefill + attn + 2 * H * V * len(w.prompts)         # prefill
-             + (2 * params + 2 * H * V) * out + 4 * L * q * ctx)               # decode
     kv_bytes = L * 2 * kv * 2 * ctx
     weight_bytes = 2 * (params + H * V) * out / batch
-    res = {"prefill_tokens_uncached": prefill, "pflop": round(flops / 1e15, 2),
+
+    def prefill_flops(cached: bool) -> tuple[int, float]:
+        seen, prefill, attn = set(), 0, 0.0
+        for p, t in zip(w.prompts, w.prefix):
+            skip = (w.template_len[t] // block_size) * block_size \
+                if cached and t is not None and t in seen else 0
+            seen.add(t)
+            new = len(p) - skip
+            prefill += new
+            attn += 4 * L * q * (new * skip + new * (new + 1) / 2)
+        return prefill, 2 * params * prefill + attn + 2 * H * V * len(w.prompts)
+
+    prefill, pre_flops = prefill_flops(True)
+    prefill_off, pre_flops_off = prefill_flops(False)
+    decode_flops = (2 * params + 2 * H * V) * out + 4 * L * q * ctx
+    flops, flops_off = pre_flops + decode_flops, pre_flops_off + decode_flops
+    res = {"prefill_tokens_uncached": prefill, "prefill_tokens_no_prefix_cache": prefill_off,
+           "pflop": round(flops / 1e15, 2), "pflop_no_prefix_cache": round(flops_off / 1e15, 2),
            "decode_kv_gb": round(kv_bytes / 1e9, 1), "batch": batch}
     for gpu, (fl, bw) in PEAKS.items():
-        c, m = flops / fl, (kv_bytes + weight_bytes) / bw
+        c, c_off, m = flops / fl, flops_off / fl, (kv_bytes + weight_bytes) / bw
         res[gpu] = {"compute_s": round(c, 1), "reads_s": round(m, 1),
                     "tok_per_s_no_overlap": round(out / (c + m)),
-                    "tok_per_s_full_overlap": round(out / max(c, m))}
+                    "tok_per_s_full_overlap": round(out / max(c, m)),
+                    # caching on over off at best: prompt compute saved, nothing else
+                    "prefix_speedup_no_overlap": round((c_off + m) / (c + m), 3),
+                    "prefix_speedup_full_overlap": round(max(c_off, m) / max(c, m), 3)}
     return res
 
 

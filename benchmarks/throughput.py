@@ -182,6 +182,14 @@ def cold_load_overlap(eng, adapters: list[Path], prompts, p: dict, rows: int = 4
     """Decode step wall time of a running batch while a request with a cold adapter (not in
     either cache) loads in the background and is copied into a slot on the side stream, against
     idle decode steps; and what a synchronous load (the old add_request path) would stall."""
+    steps, eng.scheduler.num_steps = eng.scheduler.num_steps, 1   # a token per step()
+    try:
+        return _cold_load_overlap(eng, adapters, prompts, p, rows, idle_steps)
+    finally:
+        eng.scheduler.num_steps = steps
+
+
+def _cold_load_overlap(eng, adapters, prompts, p: dict, rows: int, idle_steps: int) -> dict:
     from lorry.engine import LoRARequest
 
     n_res = min(8, len(adapters))
@@ -319,6 +327,7 @@ def profile_decode(model: str, p: dict, load_format: str, path: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     eng = _engine(model, p, "cuda", load_format, 1)
+    eng.scheduler.num_steps = 1   # the profiled step() is one decode step
     prompts = prompts_for(p["batch"], p["prompt_len"], 30000, seed=1)
     for i, ids in enumerate(prompts):
         eng.add_request(f"p{i}", ids, _params(8))

@@ -132,7 +132,9 @@ class LLMEngine:
         (including requests failed because their adapter could not be loaded)."""
         finished = self._poll_adapters()
         pinned = set(self.loras.gpu.pinned) if self.loras else set()
-        plan = self.scheduler.schedule(pinned, self._adapter_ready)
+        # a logits hook sees every step's logits: no rounds
+        plan = self.scheduler.schedule(pinned, self._adapter_ready,
+                                       rounds=self.runner.logits_hook is None)
         seqs = plan.seqs
         if not seqs:
             if self.loras is not None and self.loras.loading() and not finished:
@@ -148,9 +150,7 @@ class LLMEngine:
                 self._roll_back(plan)
             raise
         if plan.steps > 1:
-            if self.runner.logits_hook is None:
-                return finished + self._round(plan, slots, t0)
-            plan.steps = 1  # a hook sees every step's logits (its extra blocks go unused)
+            return finished + self._round(plan, slots, t0)
         if plan.prefill:
             done = []
             for i, (s, c) in enumerate(zip(seqs, plan.chunks)):
@@ -171,6 +171,8 @@ class LLMEngine:
         self._count_step(plan, t0)
         logprobs = token_logprobs(logits, seqs, tokens)
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            if seq.status is SequenceStatus.FINISHED:
+                continue  # aborted by an on_tokens callback earlier in this loop
             if i in logprobs:
                 if seq.logprobs is None:
                     seq.logprobs = []
@@ -198,8 +200,8 @@ class LLMEngine:
         for row in tokens:
             going = []
             for seq, token in zip(live, row):
-                if seq is None:
-                    going.append(None)
+                if seq is None or seq.status is SequenceStatus.FINISHED:
+                    going.append(None)  # ended earlier in the round, or aborted meanwhile
                     continue
                 reason = self._append(seq, token)
                 if reason:
@@ -210,7 +212,8 @@ class LLMEngine:
                 going.append(seq)
             live = going
         for seq in live:
-            if seq is not None and seq.params.stream:
+            if seq is not None and seq.status is not SequenceStatus.FINISHED \
+                    and seq.params.stream:
                 self._stream(seq)
         return finished
 

@@ -87,12 +87,14 @@ class Scheduler:
         return {s.lora_id for s in self.running if s.lora_id is not None}
 
     def schedule(self, pinned: set[int] = frozenset(),
-                 ready: Callable[[Sequence], bool] | None = None) -> ScheduledStep:
-        """The next step. ``ready(seq)``: its adapter can be used now (not still loading)."""
+                 ready: Callable[[Sequence], bool] | None = None,
+                 rounds: bool = True) -> ScheduledStep:
+        """The next step. ``ready(seq)``: its adapter can be used now (not still loading).
+        ``rounds``: a decode step may be a round of ``num_steps`` device steps."""
         decoding = [s for s in self.running if not s.prefilling]
+        before = self.preemptions
         budget, rows, reserved = self.max_num_batched_tokens, [], []
         if self.mixed and decoding:
-            before = self.preemptions
             rows = reserved = self._reserve_decode(decoding)
             if self.preemptions > before:
                 budget = 0  # the pool is short: no prompt work until it is not
@@ -123,9 +125,13 @@ class Scheduler:
             return ScheduledStep(seqs + rows, True, chunks)
         self._last_was_prefill = False
         rows = reserved if self.mixed else self._reserve_decode(decoding)
-        # a round only when prompts could have run and none could: one that is held back
-        # (alternation, a short pool) must not wait a whole round
-        return self._decode_step(rows) if budget > 0 else ScheduledStep(rows, False)
+        # a round only when prompts were given the step and none could use it, and nobody
+        # was preempted for this step: prompt work held back by alternation or preempted
+        # rows waiting to be recomputed do not wait a whole round (admission that finds no
+        # rows, blocks or adapter yet does: up to num_steps - 1 steps)
+        if rounds and budget > 0 and self.preemptions == before:
+            return self._decode_step(rows)
+        return ScheduledStep(rows, False)
 
     def _decode_step(self, rows: list[Sequence]) -> ScheduledStep:
         """A decode-only step over ``rows`` (each with room for its next token), as a round
@@ -139,8 +145,8 @@ class Scheduler:
             while steps > 1 and 8 * sum(steps - n for n in left if n < steps) > \
                     steps * len(rows):
                 steps -= 1
-            if self.max_model_len is not None:   # no step past max_model_len
-                steps = min(steps, min(self.max_model_len - s.num_tokens + 1 for s in rows))
+            if self.max_model_len is not None:   # no step after a row's last
+                steps = min(steps, min(self.max_model_len - s.num_tokens for s in rows))
             if steps > 1 and sum(self.blocks.extra_blocks(s, steps) for s in rows) \
                     <= self.blocks.num_free():
                 for s in rows:

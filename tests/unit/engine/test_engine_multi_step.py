@@ -163,3 +163,32 @@ def test_unseeded_sampled_rows_are_drawn_on_the_device_in_rounds(tiny_llama, dev
                         [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)] * 8,
                         loras)
     assert [t for t, _, _ in runs[0]] != [t for t, _, _ in want]
+
+
+@pytest.mark.parametrize("steps", [1, 8])
+def test_a_request_aborted_by_a_callback_inside_a_round_gets_nothing_more(tiny_llama, steps):
+    """An on_tokens callback aborts B when A finishes (inside a round with 8 steps): B's
+    output is the abort's, with no later tokens, outputs or callbacks."""
+    eng = _engine(tiny_llama, steps)
+    calls, outs = [], []
+
+    def on_tokens(rid, text, reason):
+        calls.append((rid, reason))
+        if rid == "A" and reason is not None:
+            outs.append(eng.abort_request("B"))
+
+    eng.on_tokens = on_tokens
+    eng.add_request("B", [5, 6, 7], SamplingParams(max_tokens=6, temperature=0.0,
+                                                    ignore_eos=True, stream=True))
+    for i in range(6):
+        eng.add_request(f"x{i}", [10 + i, 11], SamplingParams(max_tokens=20, temperature=0.0,
+                                                              ignore_eos=True))
+    eng.add_request("A", [8, 9], SamplingParams(max_tokens=2, temperature=0.0,
+                                                 ignore_eos=True, stream=True))
+    b = eng._seqs["B"]
+    while eng.has_unfinished_requests():
+        outs += [o for o in eng.step() if o.request_id == "B"]
+    assert [(o.request_id, o.outputs[0].finish_reason) for o in outs] == [("B", "abort")]
+    assert len(b.output_token_ids) == len(outs[0].outputs[0].token_ids) < 6
+    assert b.finish_reason == "abort"
+    assert calls[calls.index(("A", "length")) + 1:] == [("B", "abort")]

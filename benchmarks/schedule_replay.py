@@ -1,0 +1,105 @@
+"""The bulk workload through the scheduler alone: steps and batch size, no model (JSON out).
+
+Replays ``benchmarks/bulk.py``'s seeded workload (2,000 requests, 200 Zipf adapters, 20
+templates) through ``engine.scheduler.Scheduler`` and ``engine.kv_cache.BlockManager`` as
+the engine would drive them: prompt chunks complete, decode rows gain a token per step (a
+round's steps each), rows finish at ``max_tokens``. What it shows is the schedule itself:
+how many steps the workload takes and how full they are, for each setting. It runs anywhere
+in seconds; the GPU time per step is ``bulk.py``'s to measure.
+
+    PYTHONPATH=. python benchmarks/schedule_replay.py [--max-loras 32 64] [--steps 1 8]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bulk  # noqa: E402
+from throughput import LLAMA3_8B  # noqa: E402
+
+from lorry.engine import LoRARequest, SamplingParams  # noqa: E402
+from lorry.engine.kv_cache import BlockManager  # noqa: E402
+from lorry.engine.outputs import RequestMetrics  # noqa: E402
+from lorry.engine.scheduler import Scheduler  # noqa: E402
+from lorry.engine.sequence import Sequence, SequenceStatus  # noqa: E402
+
+
+def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
+           max_bypass: int) -> dict:
+    sch = Scheduler(rows, max_loras, BlockManager(blocks, 16), budget, max_bypass=max_bypass,
+                    num_steps=steps, max_model_len=5120)
+    seqs = []
+    for i, (p, m, a) in enumerate(zip(w.prompts, w.max_tokens, w.adapter)):
+        s = Sequence(str(i), None, p, SamplingParams(max_tokens=m, temperature=0.0,
+                                                     ignore_eos=True),
+                     LoRARequest(f"a{a}", a + 1, f"/adapters/{a}"),
+                     RequestMetrics(arrival_time=0.0), adapter_key=repr(a).encode())
+        seqs.append(s)
+        sch.add(s)
+    decode_rows, mixed, decode_only, rounds, started, step = [], 0, 0, 0, {}, 0
+    while sch.has_unfinished():
+        plan = sch.schedule()
+        if not plan.seqs:
+            raise RuntimeError("the schedule stalled")
+        if plan.prefill:
+            step += 1
+            for s, c in zip(plan.prefilled, plan.chunks):
+                started.setdefault(s, step)
+                s.num_computed_tokens += c
+            mixed += bool(plan.decoded)
+            decode_rows.append(len(plan.decoded))
+            emit = [[s for s in plan.prefilled if not s.prefilling] + plan.decoded]
+        else:
+            decode_only += plan.steps
+            rounds += plan.steps > 1
+            decode_rows += [len(plan.seqs)] * plan.steps
+            step += plan.steps
+            emit = [plan.seqs] * plan.steps
+        for group in emit:
+            for s in group:
+                if s.status is SequenceStatus.RUNNING:
+                    s.output_token_ids.append(1)
+                    if len(s.output_token_ids) >= s.params.max_tokens:
+                        sch.finish(s)
+    waits = [started[s] for s in seqs]
+    return {"max_loras": max_loras, "num_scheduler_steps": steps,
+            "max_num_batched_tokens": budget, "max_bypass": max_bypass,
+            "steps": step, "mixed_steps": mixed, "prefill_only_steps": step - decode_only - mixed,
+            "decode_only_steps": decode_only, "rounds": rounds,
+            "mean_decode_rows": round(statistics.mean(decode_rows), 1),
+            "peak_running": sch.peak_running, "preemptions": sch.preemptions,
+            "first_step_of_request": {"median": statistics.median(waits), "max": max(waits)}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--max-loras", type=int, nargs="+", default=[32])
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 8],
+                    help="num_scheduler_steps settings")
+    ap.add_argument("--budget", type=int, nargs="+", default=[2048],
+                    help="max_num_batched_tokens settings")
+    ap.add_argument("--max-bypass", type=int, nargs="+", default=[16])
+    ap.add_argument("--blocks", type=int, default=40000,
+                    help="KV pool in blocks of 16 (40,000: ~80 GB of Llama-3-8B keys/values)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    spec = dict(bulk.SPECS["gpu"])
+    w = bulk.make_workload(spec, args.requests, LLAMA3_8B["vocab_size"], args.seed)
+    runs = [replay(w, args.rows, ml, k, b, args.blocks, mb) for ml, k, b, mb in
+            itertools.product(args.max_loras, args.steps, args.budget, args.max_bypass)]
+    print(json.dumps({"benchmark": "schedule_replay", "date": time.strftime("%Y-%m-%d"),
+                      "requests": args.requests, "rows": args.rows, "seed": args.seed,
+                      "output_tokens": sum(w.max_tokens), "runs": runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -205,6 +205,8 @@ class Scheduler:
             # asked only once it fits: waiters that cannot run yet start no loads (with many
             # distinct adapters waiting, their loads would evict each other from the CPU cache)
             if ready is not None and not ready(seq):
+                if lid is not None and seq.bypassed >= self.max_bypass:
+                    adapters.add(lid)  # an aged waiter's slot is held while its adapter loads
                 continue  # its adapter is still loading: others go on meanwhile
             # a watermark while others run: their next decode steps need blocks too, and an
             # admission that took the last ones would be preempted again at once

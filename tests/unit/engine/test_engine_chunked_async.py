@@ -321,6 +321,23 @@ def test_waiters_that_cannot_fit_a_slot_start_no_adapter_load():
     assert "other" not in [s.request_id for s in plan.seqs] and asked == []
 
 
+@pytest.mark.parametrize("aged", [False, True])
+def test_an_aged_waiter_keeps_its_slot_while_its_adapter_loads(aged):
+    """A free slot, a waiter for adapter 2 whose load is still running, and a later waiter
+    for adapter 3 that is ready: the later one takes the slot, unless the first one has aged
+    (then the slot waits for its load)."""
+    sch = Scheduler(max_num_seqs=4, max_loras=2, blocks=BlockManager(64, 16), max_bypass=3)
+    sch.add(_seq("running", 1))
+    sch.schedule()
+    waiter, later = _seq("waiter", 2), _seq("later", 3)
+    waiter.bypassed = 3 if aged else 0
+    sch.add(waiter)
+    sch.add(later)
+    plan = sch.schedule(ready=lambda s: s is not waiter)
+    assert ("later" in [s.request_id for s in plan.seqs]) is not aged
+    assert waiter not in plan.seqs
+
+
 def test_refused_request_starts_no_background_load(tiny_llama):
     from lorry.engine.errors import ModelLengthError
     eng = _engine(tiny_llama)

@@ -78,8 +78,9 @@ class EngineConfig:
         Decode steps run back to back on the device per scheduling round (vLLM's multi-step
         scheduling): the tokens a step picks feed the next step on the device, and the host
         schedules and reads the tokens once per round, so its per-step bookkeeping no longer
-        leaves the GPU idle. Used for decode-only steps whose rows are all greedy without
-        penalties or logprobs (others decode a step at a time); tokens are the same as with
+        leaves the GPU idle. Used for decode-only steps whose rows need no host sampling
+        (``SamplingParams.device_sampled``: no penalties, no logprobs, no seed of their own
+        unless greedy; others decode a step at a time); greedy tokens are the same as with
         1. A row that finishes inside a round computes the round's remaining steps for
         nothing (discarded), and new requests join at round boundaries. Default 8; 1: off.
     lora_fold : bool

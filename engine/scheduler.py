@@ -15,7 +15,7 @@ adapter drains and the waiter gets its slot while the other running adapters kee
 (not while pinned adapters alone fill every slot: it waits for an unpin and the others go
 on). Stopping all admission instead would empty the batch: with many adapters over few
 slots most waiters age, and a bulk workload of 200 Zipf adapters over 32 slots averaged 66
-rows of 256 that way (139 with the drain; ``tests/unit/engine/test_engine_chunked_async.py``).
+rows of 256 that way (139 with the drain: ``benchmarks/schedule_replay.py``).
 
 KV memory is paged (``engine.kv_cache.BlockManager``): a sequence is admitted when the pool
 has blocks for its prefill tokens (cached prefix blocks are reused), and each decode step
@@ -200,7 +200,8 @@ class Scheduler:
                     continue
                 passed_over.append(seq)
                 continue  # waits for a slot; never an error
-            if draining is not None and (lid == draining or lid not in adapters):
+            if draining is not None and lid is not None and (lid == draining
+                                                             or lid not in adapters):
                 continue  # would keep the draining slot busy, or take the freed one first
             # asked only once it fits: waiters that cannot run yet start no loads (with many
             # distinct adapters waiting, their loads would evict each other from the CPU cache)

@@ -151,13 +151,13 @@ class ModelRunner:
         batch = self._decode_rows(seqs, steps)
         ids, zero = batch.input_ids, torch.zeros(B, dtype=torch.long, device=self.device)
         out = torch.empty(steps, B, dtype=torch.long, device=self.device)
+        batch.lora = self._lora(slots)   # the same rows and slots every step
         for j in range(steps):
             if j:
                 pos = batch.positions + 1                                             # [B, 1]
-                batch = Batch(positions=pos, prefill=False, block_size=bs,
+                batch = Batch(positions=pos, prefill=False, block_size=bs, lora=batch.lora,
                               kv_len=batch.kv_len + 1, block_tables=batch.block_tables,
                               slot_mapping=next_slots(batch.block_tables, pos[:, 0], bs))
-            batch.lora = self._lora(slots)
             pick(self.model(ids[:, None], batch, zero), out[j])
             ids = out[j]
         return out

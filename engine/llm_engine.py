@@ -195,14 +195,14 @@ class LLMEngine:
         tokens = self.runner.decode_steps(plan.seqs, slots, plan.steps, pick).tolist()
         if self.loras is not None:
             self.loras.gpu.mark_used(slots)
-        self._count_step(plan, t0)
-        finished, live = [], list(plan.seqs)
+        finished, live, kept = [], list(plan.seqs), 0
         for row in tokens:
             going = []
             for seq, token in zip(live, row):
                 if seq is None or seq.status is SequenceStatus.FINISHED:
                     going.append(None)  # ended earlier in the round, or aborted meanwhile
                     continue
+                kept += 1
                 reason = self._append(seq, token)
                 if reason:
                     self._seqs.pop(seq.request_id, None)
@@ -211,6 +211,7 @@ class LLMEngine:
                     seq = None
                 going.append(seq)
             live = going
+        self._count_step(plan, t0, kept)
         for seq in live:
             if seq is not None and seq.status is not SequenceStatus.FINISHED \
                     and seq.params.stream:
@@ -249,13 +250,15 @@ class LLMEngine:
             self.loras.gpu.wait_for(slots)
         return slots
 
-    def _count_step(self, plan, t0: float) -> None:
-        """Per-phase step counts and wall time (sampling has synchronised the device)."""
+    def _count_step(self, plan, t0: float, tokens: int | None = None) -> None:
+        """Per-phase step counts and wall time (sampling has synchronised the device).
+        ``tokens``: a round's tokens kept (rows that ended inside it compute more)."""
         kind = self._steps["prefill" if plan.prefill else "decode"]
         kind["steps"] += plan.steps
         kind["seconds"] += time.time() - t0
         rows = len(plan.decoded)
-        kind["rows"] += rows * plan.steps      # prefill: the decode rows of mixed steps
+        # tokens decoded: prefill, by the decode rows of mixed steps
+        kind["rows"] += rows * plan.steps if tokens is None else tokens
         if plan.steps > 1:
             kind["rounds"] += 1
         if plan.prefill:

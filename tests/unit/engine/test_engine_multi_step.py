@@ -192,3 +192,15 @@ def test_a_request_aborted_by_a_callback_inside_a_round_gets_nothing_more(tiny_l
     assert len(b.output_token_ids) == len(outs[0].outputs[0].token_ids) < 6
     assert b.finish_reason == "abort"
     assert calls[calls.index(("A", "length")) + 1:] == [("B", "abort")]
+
+
+def test_decode_rows_count_the_tokens_kept(tiny_llama):
+    """cache_stats' decode rows count the tokens rounds keep, not the steps rows compute
+    after their end: every output token is a prefill's first token or a counted row."""
+    prompts, sp, loras = _requests(tiny_llama)
+    eng = _engine(tiny_llama, 8)
+    got, _ = _generate(eng, prompts, sp, loras)
+    steps = eng.cache_stats()["steps"]
+    assert steps["decode"]["rounds"] > 0 and eng.cache_stats()["kv"]["preemptions"] == 0
+    assert sum(len(t) for t, _, _ in got) == \
+        len(prompts) + steps["prefill"]["rows"] + steps["decode"]["rows"]

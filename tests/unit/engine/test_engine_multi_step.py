@@ -204,3 +204,34 @@ def test_decode_rows_count_the_tokens_kept(tiny_llama):
     assert steps["decode"]["rounds"] > 0 and eng.cache_stats()["kv"]["preemptions"] == 0
     assert sum(len(t) for t, _, _ in got) == \
         len(prompts) + steps["prefill"]["rows"] + steps["decode"]["rows"]
+
+
+def test_graph_rounds_advance_the_static_inputs(tiny_llama, monkeypatch):
+    """DecodeGraphs.run_steps on the CPU: a stand-in graph whose replay reruns the captured
+    step on the static buffers (as a CUDA graph does) must give single steps' tokens, so the
+    round's updates of the static token, position and KV-slot inputs are right."""
+    from lorry.engine import graphs as G
+
+    class Replay:
+        def __init__(self, fn):
+            self.replay = fn
+
+    class CpuGraphs(G.DecodeGraphs):
+        def _capture(self, size, lora_key):
+            logits = self._forward(size, lora_key).clone()
+            self.captures += 1
+            return Replay(lambda: logits.copy_(self._forward(size, lora_key))), logits
+
+    init = G.GraphInputs.__init__
+    monkeypatch.setattr(G.GraphInputs, "__init__",
+                        lambda self, rows, blocks, bs, pin=True: init(self, rows, blocks, bs,
+                                                                      pin=False))
+    reqs = _requests(tiny_llama)
+    want, _ = _generate(_engine(tiny_llama, 1, block_size=8), *reqs)
+    eng = _engine(tiny_llama, 8, block_size=8)
+    c = eng.config
+    eng.runner.graphs = CpuGraphs(eng.model, eng.runner.ops, c.max_loras, c.max_num_seqs,
+                                  eng.max_model_len, eng.device, c.block_size)
+    got, _ = _generate(eng, *reqs)
+    assert got == want
+    assert eng.cache_stats()["steps"]["decode"]["rounds"] > 0 and eng.runner.graphs.captures

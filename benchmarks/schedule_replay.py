@@ -21,14 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bulk  # noqa: E402
-from throughput import LLAMA3_8B  # noqa: E402
+import bulk
+from throughput import LLAMA3_8B
 
-from lorry.engine import LoRARequest, SamplingParams  # noqa: E402
-from lorry.engine.kv_cache import BlockManager  # noqa: E402
-from lorry.engine.outputs import RequestMetrics  # noqa: E402
-from lorry.engine.scheduler import Scheduler  # noqa: E402
-from lorry.engine.sequence import Sequence, SequenceStatus  # noqa: E402
+from lorry.engine import LoRARequest, SamplingParams
+from lorry.engine.kv_cache import BlockManager
+from lorry.engine.outputs import RequestMetrics
+from lorry.engine.scheduler import Scheduler
+from lorry.engine.sequence import Sequence, SequenceStatus
 
 
 def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,

@@ -164,6 +164,8 @@ def test_time_limit_finishes_held_jobs_and_claims_no_more(queue, engine, monkeyp
     statuses = [queue.get_job(j.id).status for j in jobs]
     assert summary.reason == "time limit" and summary.succeeded == 4
     assert statuses == ["succeeded"] * 4 + ["queued"] * 2  # engine rows: max_num_seqs=4
-    # the two were claimed ahead of the engine's rows and given back, or never claimed
-    assert summary.released in (0, 2)
+    # each of the two was claimed ahead of the engine's rows and given back, or never
+    # claimed (the claimer keeps max_num_seqs + claim_ahead out, claiming from one job up,
+    # so 0, 1 or 2 of them, as the claim thread and the engine's steps happen to interleave)
+    assert summary.released <= 2
     assert queue.get_job(jobs[4].id).attempts == 0

@@ -135,8 +135,14 @@ class DecodeGraphs:
     def run(self, seqs: list, slots: list[int]) -> torch.Tensor:
         """Decode one token for each sequence (its next KV slot reserved); returns logits
         [B, V] in the given order (valid until the next run)."""
-        B = len(seqs)
-        size = self.bucket(B)
+        graph, logits = self._prepare(seqs, slots)
+        graph.replay()
+        return logits[:len(seqs)]
+
+    def _prepare(self, seqs: list, slots: list[int]) -> tuple:
+        """Fill the static inputs from the sequences; the step's (graph, logits), captured
+        on first use."""
+        size = self.bucket(len(seqs))
         self.inputs.fill(seqs, slots, size)
         self.dev.copy_(self.inputs.host, non_blocking=True)
         self.tables[:size].copy_(self.inputs.tables[:size], non_blocking=True)
@@ -144,8 +150,7 @@ class DecodeGraphs:
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(*key)
-        entry[0].replay()
-        return entry[1][:B]
+        return entry
 
     @torch.inference_mode()
     def run_steps(self, seqs: list, slots: list[int], steps: int, pick) -> torch.Tensor:
@@ -153,14 +158,12 @@ class DecodeGraphs:
         as ``run``, then each replay's tokens (``pick(logits, out)``), next position and its
         KV slot go into the static inputs on the device. Returns the tokens [steps, B] on
         the device."""
-        B = len(seqs)
-        out = torch.empty(steps, B, dtype=torch.long, device=self.dev.device)
-        logits = self.run(seqs, slots)
-        entry = self.graphs[(self.bucket(B), self._lora_key(slots))]
-        d = self.dev
+        B, d = len(seqs), self.dev
+        out = torch.empty(steps, B, dtype=torch.long, device=d.device)
+        graph, logits = self._prepare(seqs, slots)
+        logits = logits[:B]
         for j in range(steps):
-            if j:
-                entry[0].replay()
+            graph.replay()
             pick(logits, out[j])
             if j + 1 < steps:
                 d[IDS, :B] = out[j]

@@ -177,14 +177,21 @@ class LLMEngine:
                 if seq.logprobs is None:
                     seq.logprobs = []
                 seq.logprobs.append(logprobs[i])
-            reason = self._append(seq, token)
-            if reason:
-                self._seqs.pop(seq.request_id, None)
-                self.scheduler.finish(seq)
-                finished.append(self._finish(seq, reason))
+            out = self._add_token(seq, token)
+            if out is not None:
+                finished.append(out)
             elif seq.params.stream:
                 self._stream(seq)
         return finished
+
+    def _add_token(self, seq: Sequence, token: int) -> RequestOutput | None:
+        """Add a sampled token; the request's output if that finished it."""
+        reason = self._append(seq, token)
+        if not reason:
+            return None
+        self._seqs.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        return self._finish(seq, reason)
 
     def _round(self, plan, slots: list[int], t0: float) -> list[RequestOutput]:
         """A round of ``plan.steps`` device decode steps (rows that need no host sampling):
@@ -195,26 +202,18 @@ class LLMEngine:
         tokens = self.runner.decode_steps(plan.seqs, slots, plan.steps, pick).tolist()
         if self.loras is not None:
             self.loras.gpu.mark_used(slots)
-        finished, live, kept = [], list(plan.seqs), 0
+        finished, kept = [], 0
         for row in tokens:
-            going = []
-            for seq, token in zip(live, row):
-                if seq is None or seq.status is SequenceStatus.FINISHED:
-                    going.append(None)  # ended earlier in the round, or aborted meanwhile
-                    continue
+            for seq, token in zip(plan.seqs, row):
+                if seq.status is SequenceStatus.FINISHED:
+                    continue  # ended earlier in the round, or aborted meanwhile
                 kept += 1
-                reason = self._append(seq, token)
-                if reason:
-                    self._seqs.pop(seq.request_id, None)
-                    self.scheduler.finish(seq)
-                    finished.append(self._finish(seq, reason))
-                    seq = None
-                going.append(seq)
-            live = going
+                out = self._add_token(seq, token)
+                if out is not None:
+                    finished.append(out)
         self._count_step(plan, t0, kept)
-        for seq in live:
-            if seq is not None and seq.status is not SequenceStatus.FINISHED \
-                    and seq.params.stream:
+        for seq in plan.seqs:
+            if seq.status is not SequenceStatus.FINISHED and seq.params.stream:
                 self._stream(seq)
         return finished
 

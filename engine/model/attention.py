@@ -17,24 +17,24 @@ from torch import nn
 from lorry.engine.model.arch import Arch
 from lorry.engine.model.layers import LoRALinear, LoRAStep, RMSNorm, apply_rotary
 
-_TRITON_OPS: list = []   # [fused_ops, decode_attention] once imported; [None] if unavailable
+_TRITON_OPS: list = []   # [(fused_ops, decode_attention, prefill_attention)] or [None]
 
 
 def triton_ops():
-    """(kernels.fused_ops, kernels.decode_attention), imported on first CUDA use (None if
-    Triton is missing: the torch code runs instead)."""
+    """(kernels.fused_ops, kernels.decode_attention, kernels.prefill_attention), imported on
+    first CUDA use (None if Triton is missing: the torch code runs instead)."""
     if not _TRITON_OPS:
         try:
-            from lorry.kernels import decode_attention, fused_ops
-            _TRITON_OPS.append((fused_ops, decode_attention))
+            from lorry.kernels import decode_attention, fused_ops, prefill_attention
+            _TRITON_OPS.append((fused_ops, decode_attention, prefill_attention))
         except ImportError:
             _TRITON_OPS.append(None)
     return _TRITON_OPS[0]
 
 
 def flash_decode(q: torch.Tensor) -> bool:
-    """Decode attention through the Triton flash-decode kernel (CUDA with Triton), also for
-    the bases whose other layers run the torch code."""
+    """Decode attention and chunked prefill through the Triton kernels over block tables
+    (CUDA with Triton), also for the bases whose other layers run the torch code."""
     return q.is_cuda and triton_ops() is not None
 
 
@@ -138,6 +138,15 @@ class Attention(nn.Module):
             if self.window is not None or self.softcap is not None:
                 mask = visible(torch.arange(S, device=q.device), S, self.window)[None]  # [1, S, S]
             out = self._attend(q, k, v, mask)
+        elif batch.prefill and flash_decode(q):
+            # chunks after cached keys on CUDA: each query's keys through its block table
+            # (a gathered [B, kvh, kv_len] copy and a masked SDPA would run PyTorch's math
+            # backend for grouped-query heads: the whole fp32 score matrix)
+            out = triton_ops()[2].prefill_attention(
+                q.transpose(1, 2).reshape(B * S, -1), self.k_cache, self.v_cache,
+                batch.block_tables, batch.positions, batch.block_size, scale=self.scale,
+                window=self.window, softcap=self.softcap)                  # [B*S, h*D]
+            return out if batch.pad_index is None else out.index_select(0, batch.pad_index)
         elif not batch.prefill and flash_decode(q):
             # decode on CUDA: flash-decode through the block tables, each row's keys only
             # (no gather up to kv_len, which a captured step sets to max_model_len)
@@ -195,7 +204,7 @@ class Attention(nn.Module):
         """CUDA decode through Triton: q/k norms (if any), rotary of q/k in place with the k/v
         cache write, then flash-decode attention over each row's visible keys.
         x: [B, H] -> [B, H]."""
-        fused_ops, attention = triton_ops()
+        fused_ops, attention, _ = triton_ops()
         h, kvh, D = self.heads, self.kv_heads, self.head_dim
         pos = batch.positions.reshape(-1)                               # [B]
         qkv = self.qkv_proj(x, batch.lora)                              # [B, (h+2kvh)*D]

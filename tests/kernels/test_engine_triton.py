@@ -132,3 +132,48 @@ def test_mixed_steps_match_peft_with_triton_kernels(tiny, device):
     for rid, prompt, lr in work:
         _, want = _peft_greedy(base, paths[lr.lora_name] if lr else None, prompt, device)
         assert outs[rid] == want, rid
+
+
+def test_chunked_prefill_and_prefix_hits_through_the_paged_prefill_kernel(tiny, device,
+                                                                         monkeypatch):
+    """Prompts longer than a step's token budget (prefilled in chunks after their earlier
+    chunks) and prompts sharing a cached prefix (prefilled after the shared blocks) attend
+    through kernels.prefill_attention, as on CUDA, and give PEFT's greedy tokens."""
+    from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+    from lorry.engine.model import attention
+    from lorry.kernels import prefill_attention as kernel
+    base, paths = tiny
+    if device.type == "cpu":   # the engine takes the Triton attention paths on CUDA only
+        monkeypatch.setattr(attention, "flash_decode", lambda q: True)
+    calls = []
+    real = kernel.prefill_attention
+    monkeypatch.setattr(kernel, "prefill_attention",
+                        lambda *a, **k: calls.append(a[4].shape) or real(*a, **k))
+    backend = "triton" if device.type == "cuda" else "torch"
+    eng = LLMEngine(EngineConfig(model=str(base), dtype="float32", device=device.type,
+                                 max_loras=4, max_lora_rank=16, max_cpu_loras=4,
+                                 lora_backend=backend,
+                                 max_num_batched_tokens=24))   # a 40-token prompt: 2 chunks
+    reqs = [LoRARequest(name, i + 1, str(p)) for i, (name, p) in enumerate(paths.items())]
+    shared = [(7 * j + 3) % 120 + 1 for j in range(32)]          # two full blocks of 16
+    work = [("long", [(5 * j + 1) % 110 + 2 for j in range(40)], reqs[0]),
+            ("first", shared + [9, 8], reqs[1]),
+            ("hit", shared + [70, 71, 72], reqs[1]),              # the shared blocks cached
+            ("other_adapter", shared + [70, 71, 72], reqs[2]),    # same tokens, no sharing
+            ("base", [40, 41, 42], None)]
+    sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    outs = {}
+    for rid, prompt, lr in work[:2]:
+        eng.add_request(rid, prompt, sp, lr)
+    while eng.has_unfinished_requests():
+        outs.update({o.request_id: o.outputs[0].token_ids for o in eng.step()})
+    for rid, prompt, lr in work[2:]:
+        eng.add_request(rid, prompt, sp, lr)
+    while eng.has_unfinished_requests():
+        outs.update({o.request_id: o.outputs[0].token_ids for o in eng.step()})
+    kv = eng.cache_stats()["kv"]
+    assert kv["prefix_hit_tokens"] == 32, kv      # "hit" reused the two blocks; nothing else
+    assert calls, "the paged prefill kernel never ran"
+    for rid, prompt, lr in work:
+        _, want = _peft_greedy(base, paths[lr.lora_name] if lr else None, prompt, device)
+        assert outs[rid] == want, rid

@@ -1,0 +1,147 @@
+"""Paged prefill attention (chunks after cached keys) against a per-query torch reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorry.kernels.prefill_attention import BLOCK_M, prefill_attention, prefill_attention_ref
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+class Chunks:
+    """One chunked prefill step: B rows of chunks (lengths ``lens``) starting after
+    ``starts`` cached keys, right-padded to S, over a shuffled paged cache that already holds
+    every chunk's own keys."""
+
+    def __init__(self, starts, lens, heads, kvh, D, block_size, dtype, device, seed):
+        g = torch.Generator().manual_seed(seed)
+        B, S = len(lens), max(lens)
+        self.heads, self.block_size, self.S = heads, block_size, S
+        ends = [a + n for a, n in zip(starts, lens)]
+        max_blocks = -(-max(ends) // block_size)
+        num_blocks = 1 + B * max_blocks + 3      # block 0 is the null block; 3 are free
+        self.k_cache = torch.randn(num_blocks * block_size, kvh, D, generator=g).to(dtype).to(device)
+        self.v_cache = torch.randn(num_blocks * block_size, kvh, D, generator=g).to(dtype).to(device)
+        ids = (torch.randperm(num_blocks - 1, generator=g) + 1)[:B * max_blocks]
+        tables = ids.view(B, max_blocks).clone()
+        for b, e in enumerate(ends):             # past a row's last block: the null block
+            tables[b, -(-e // block_size):] = 0
+        self.tables = tables.int().to(device)
+        steps = torch.minimum(torch.arange(S)[None, :], torch.tensor(lens)[:, None] - 1)
+        self.positions = (torch.tensor(starts)[:, None] + steps).to(device)   # [B, S]
+        qkv = torch.randn(B * S, (heads + 2 * kvh) * D, generator=g).to(dtype).to(device)
+        self.q = qkv[:, :heads * D]                 # strided rows, as the fused q/k/v's q
+        self.lens, self.ends = lens, ends
+
+    def run(self, **kw):
+        return prefill_attention(self.q, self.k_cache, self.v_cache, self.tables,
+                                 self.positions, self.block_size, **kw)
+
+    def ref(self, **kw):
+        q = self.q.reshape(self.q.shape[0], self.heads, -1)
+        return prefill_attention_ref(q, self.k_cache, self.v_cache, self.tables,
+                                     self.positions, self.block_size, **kw).reshape(q.shape[0], -1)
+
+    def real(self) -> torch.Tensor:
+        """Rows of the real (unpadded) queries in the [B*S] layout."""
+        return torch.tensor([b * self.S + i for b, n in enumerate(self.lens) for i in range(n)])
+
+    def visible_slots(self, window=None) -> torch.Tensor:
+        seen = torch.zeros(self.k_cache.shape[0], dtype=torch.bool)
+        for b, e in enumerate(self.ends):
+            first = int(self.positions[b, 0])
+            p = torch.arange(max(0, first - window + 1) if window else 0, e)
+            seen[self.tables[b, p // self.block_size].long().cpu() * self.block_size
+                 + p % self.block_size] = True
+        return seen.to(self.k_cache.device)
+
+
+def _skip_interpreted_bf16(dtype, device):
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        pytest.skip("Triton 3.x's CPU interpreter multiplies bf16 dot operands as raw bits")
+
+
+def _check(out, ref, dtype):
+    assert out.dtype == dtype and out.shape == ref.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    else:
+        rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert rel < TOL[dtype], rel
+
+
+# (starts, lens, heads, kvh, D, block_size)
+CASES = {
+    # a whole prompt, a chunk after a cached prefix, a one-token chunk; GQA; tiles span blocks
+    "gqa_mixed_rows": ([0, 37, 100], [70, 9, 1], 4, 2, 16, 16),
+    # block size 1 (every key its own block), MHA, a head_dim that is not a power of two
+    "mha_one_key_blocks": ([5, 0], [3, 20], 6, 6, 24, 1),
+    # MQA, blocks spanning key tiles, a long row whose padding covers whole query tiles
+    "mqa_long_and_short": ([130, 0, 64], [2 * BLOCK_M + 5, 1, 17], 8, 1, 32, 128),
+    # Llama-3's heads; block size = key tile
+    "llama3_heads": ([0, 200], [40, 33], 32, 8, 128, 64),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_attention_matches_reference(case, dtype, device):
+    _skip_interpreted_bf16(dtype, device)
+    c = Chunks(*CASES[case], dtype=dtype, device=device, seed=len(case))
+    out, ref = c.run(), c.ref()
+    # padding queries sharing a tile with real ones attend as queries at the row's last
+    # position (as the reference computes them); tiles of padding only are left zero
+    computed = torch.ones(out.shape[0], dtype=torch.bool)
+    for b, n in enumerate(c.lens):
+        computed[b * c.S + -(-n // BLOCK_M) * BLOCK_M:(b + 1) * c.S] = False
+    assert not computed.all() or case != "mqa_long_and_short"   # the case has padding tiles
+    _check(out[computed.to(device)], ref[computed.to(device)], dtype)
+    assert (out[~computed.to(device)] == 0).all()
+
+
+@pytest.mark.parametrize("window", [None, 24])
+@pytest.mark.parametrize("block_size", [1, 16, 128])
+def test_reads_only_the_visible_keys_through_the_block_table(block_size, window, device):
+    # NaN in every slot no query may read: the free and null blocks, slots past each row's
+    # last position, keys older than every query's window
+    c = Chunks([50, 0, 300], [30, 90, 7], 4, 2, 16, block_size, torch.float32, device,
+               seed=block_size)
+    ref = c.ref(window=window)
+    hidden = ~c.visible_slots(window)
+    assert hidden.any()
+    c.k_cache[hidden] = float("nan")
+    c.v_cache[hidden] = float("nan")
+    out = c.run(window=window)
+    real = c.real().to(device)
+    assert torch.isfinite(out).all()
+    _check(out[real], ref[real], torch.float32)
+
+
+@pytest.mark.parametrize("window, softcap", [(5, None), (1, None), (100, None), (None, 2.0),
+                                             (7, 1.5)])
+def test_sliding_window_scale_and_softcap_match_reference(window, softcap, device):
+    c = Chunks([0, 150, 40], [80, 70, 3], 4, 2, 16, 16, torch.float32, device, seed=3)
+    kw = {"scale": 0.3, "window": window, "softcap": softcap}
+    out, real = c.run(**kw), c.real().to(device)
+    _check(out[real], c.ref(**kw)[real], torch.float32)
+    full = c.ref(scale=0.3, softcap=softcap)[real]
+    assert window is None or (out[real] - full).abs().max() > 1e-3   # the window matters
+
+
+@pytest.mark.parametrize("what, match", [("q", "q width"), ("block_size", "block_size 24"),
+                                         ("tables", "block_tables must be"),
+                                         ("positions", "positions must be"),
+                                         ("static_cache", "caches must be")])
+def test_refuses_inputs_it_cannot_attend_over(what, match, device):
+    kc = torch.zeros(4 * 16, 2, 16, device=device)
+    args = {"q": torch.zeros(6, 64, device=device), "k_cache": kc, "v_cache": kc,
+            "block_tables": torch.zeros(2, 4, dtype=torch.int32, device=device),
+            "positions": torch.zeros(2, 3, dtype=torch.long, device=device), "block_size": 16}
+    bad = {"q": ("q", torch.zeros(6, 40, device=device)), "block_size": ("block_size", 24),
+           "tables": ("block_tables", torch.zeros(3, 4, dtype=torch.int32, device=device)),
+           "positions": ("positions", torch.zeros(2, 4, dtype=torch.long, device=device)),
+           "static_cache": ("k_cache", torch.zeros(2, 2, 32, 16, device=device))}[what]
+    args[bad[0]] = bad[1]
+    with pytest.raises(ValueError, match=match):
+        prefill_attention(**args)

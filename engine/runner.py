@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import numpy as np
 import torch
@@ -114,8 +115,17 @@ class ModelRunner:
                                   self._tensor(chunks)[:, None] - 1)
             batch.positions = self._tensor(starts)[:, None] + steps                   # [B, S]
             batch.chunked = True
-            batch.kv_len = max(a + c for a, c in zip(starts, chunks))
-            batch.block_tables = self._tables(pre, -(-batch.kv_len // bs))
+        # every row's keys through its block table (the paged prefill kernel on CUDA reads
+        # them so, from position 0 too), and each row's queries: where they start among
+        # the packed real tokens, how many, and the position of the first
+        batch.kv_len = max(a + c for a, c in zip(starts, chunks))
+        batch.block_tables = self._tables(pre, -(-batch.kv_len // bs))
+        batch.rows = torch.tensor([list(itertools.accumulate(chunks, initial=0))[:n], chunks,
+                                   starts], dtype=torch.int32, device=self.device)
+        flat = batch.positions.reshape(-1)
+        batch.token_positions, batch.token_slots = (flat, batch.slot_mapping) \
+            if pad_index is None else (flat.index_select(0, pad_index),
+                                       batch.slot_mapping.index_select(0, pad_index))
         logits = self.model(ids, batch, self._tensor([c - 1 for c in chunks]))
         if self.logits_hook:  # only the rows whose prefill this step completes are sampled
             done = [i for i, (s, a, c) in enumerate(zip(pre, starts, chunks))

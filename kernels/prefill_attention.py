@@ -1,21 +1,21 @@
 """Prefill attention over a paged KV cache (Triton): chunks of prompt tokens after cached keys.
 
-A chunked prefill step (a prompt's next chunk after its earlier chunks, or after a cached
-prefix) attends each of its query tokens to every key of its sequence up to the token's own
-position, read through the sequence's block table: the step has already written its own
-tokens' keys/values into the cache, so one loop covers the cached prefix and the chunk. This
-replaces gathering every row's keys up to the batch's longest row and a masked
-``scaled_dot_product_attention``, which for grouped-query heads and an explicit mask runs
-PyTorch's math backend (the full fp32 score matrix per head: ~100 ms of an 8B step).
+A prefill step (prompts from position 0, a prompt's next chunk after its earlier chunks, or
+after a cached prefix) attends each of its query tokens to every key of its sequence up to
+the token's own position, read through the sequence's block table: the step has already
+written its own tokens' keys/values into the cache, so one loop covers the cached prefix and
+the chunk. This replaces gathering every row's keys up to the batch's longest row and a
+masked ``scaled_dot_product_attention``, which for grouped-query heads and an explicit mask
+runs PyTorch's math backend (the full fp32 score matrix per head).
 
-The queries keep the engine's right-padded ``[B, S]`` layout: row b's token i is query
-``b * S + i`` at ``positions[b, i]`` (padding repeats a row's last position, so a padding
-query attends as one at that position). One program takes one (query head, tile of BLOCK_M
-queries of one row); tiles of padding only are skipped and left zero. Keys run from 0 (or
-the oldest one the tile's window keeps) to the tile's last position, BLOCK_N at a time, each
-tile of keys gathering its block ids from the row's block table; a query sees the keys at or
-before its position, and within ``window`` of it when windowed; soft-capped logits (Gemma 2)
-pass through cap * tanh(s / cap).
+Row b of the step holds ``q_len[b]`` queries at positions ``ctx[b]``, ``ctx[b] + 1``, ...;
+its query i is row ``q_start[b] + i`` of q (the packed real tokens), or ``b * row_stride + i``
+(a right-padded [B, S] layout). One program takes one (query head, tile of BLOCK_M queries of
+one row); tiles past a row's queries return at once. Keys run from 0 (or the oldest one the
+tile's window keeps) to the tile's last position, BLOCK_N at a time, each tile of keys
+gathering its block ids from the row's block table; a query sees the keys at or before its
+position, and within ``window`` of it when windowed; soft-capped logits (Gemma 2) pass
+through cap * tanh(s / cap).
 """
 from __future__ import annotations
 
@@ -28,56 +28,57 @@ BLOCK_N = 64          # keys per tile
 
 
 def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          block_tables: torch.Tensor, positions: torch.Tensor, block_size: int,
-                          scale: float | None = None, window: int | None = None,
-                          softcap: float | None = None) -> torch.Tensor:
-    """q: [B*S, h, D]; caches [num_slots, kvh, D]; block_tables [B, max_blocks]; positions
-    [B, S] -> out [B*S, h, D]. A loop over the queries: each gathers the slots of its visible
-    keys through its row's block table and takes an fp32 softmax."""
-    B, S = positions.shape
+                          block_tables: torch.Tensor, rows: torch.Tensor, block_size: int,
+                          row_stride: int = 0, scale: float | None = None,
+                          window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """q: [Tq, h, D]; caches [num_slots, kvh, D]; block_tables [B, max_blocks]; rows [3, B]
+    (q_start, q_len, ctx) -> out [Tq, h, D] (zero where no query is). A loop over the
+    queries: each gathers the slots of its visible keys through its row's block table and
+    takes an fp32 softmax."""
     h, D = q.shape[1], q.shape[2]
     kvh = k_cache.shape[1]
-    out = torch.empty_like(q)
-    for b in range(B):
-        for i in range(S):
-            pos = int(positions[b, i])
+    out = torch.zeros_like(q)
+    for b, (start, n, ctx) in enumerate(rows.t().tolist()):
+        for i in range(n):
+            pos, r = ctx + i, (b * row_stride if row_stride else start) + i
             p = torch.arange(max(0, pos - window + 1) if window else 0, pos + 1, device=q.device)
             slots = block_tables[b, p // block_size].long() * block_size + p % block_size
             keys, values = k_cache[slots].transpose(0, 1), v_cache[slots].transpose(0, 1)
-            qg = q[b * S + i].reshape(kvh, h // kvh, D)
+            qg = q[r].reshape(kvh, h // kvh, D)
             scores = (qg @ keys.transpose(-1, -2)).float() * (scale or D ** -0.5)
             if softcap:
                 scores = torch.tanh(scores / softcap) * softcap
-            out[b * S + i] = (scores.softmax(-1).to(values.dtype) @ values).reshape(h, D)
+            out[r] = (scores.softmax(-1).to(values.dtype) @ values).reshape(h, D)
     return out
 
 
 # Long by design: one program's whole online-softmax loop; helpers would re-pass its pointers.
 @triton.jit
-def _prefill_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, out_ptr, S,
-                         stride_qt, stride_btb, stride_btn, stride_pb, stride_ps, s_cs, s_ch,
-                         stride_ot, scale, window, SOFTCAP: tl.constexpr, G: tl.constexpr,
+def _prefill_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, out_ptr, stride_rows,
+                         row_stride, stride_qt, stride_btb, stride_btn, s_cs, s_ch, stride_ot,
+                         scale, window, SOFTCAP: tl.constexpr, G: tl.constexpr,
                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr):
     head = tl.program_id(0)
     first = tl.program_id(1) * BLOCK_M
     b = tl.program_id(2).to(tl.int64)
+    n = tl.load(rows_ptr + stride_rows + b)                          # the row's queries
+    ctx = tl.load(rows_ptr + 2 * stride_rows + b)                    # its first position
+    if row_stride > 0:
+        q0 = b * row_stride
+    else:
+        q0 = tl.load(rows_ptr + b).to(tl.int64)
     i = first + tl.arange(0, BLOCK_M)
-    im = i < S
-    prow = pos_ptr + b * stride_pb
-    pos = tl.load(prow + i * stride_ps, mask=im, other=0).to(tl.int32)   # [BLOCK_M]
-    last = tl.minimum(first + BLOCK_M, S) - 1
-    hi = tl.load(prow + last * stride_ps).to(tl.int32) + 1          # keys 0..tile's last pos
-    p0 = tl.load(prow + first * stride_ps).to(tl.int32)              # the tile's first pos
+    im = i < n
+    pos = ctx + i                                                    # [BLOCK_M]
+    hi = ctx + tl.minimum(first + BLOCK_M, n)                        # keys 0..tile's last pos
     lo = hi * 0
     if window > 0:
-        lo = tl.maximum(lo, p0 - window + 1)
-    # a tile of padding only (its first query repeats the one before it) reads no key
-    before = tl.load(prow + tl.maximum(first - 1, 0) * stride_ps).to(tl.int32)
-    hi = tl.where((first > 0) & (p0 == before), lo, hi)
+        lo = tl.maximum(lo, ctx + first - window + 1)
+    hi = tl.where(first < n, hi, lo)                                 # past the row: no key
     d = tl.arange(0, BLOCK_D)
     dm = d < D
-    q = tl.load(q_ptr + (b * S + i)[:, None] * stride_qt + head * D + d[None, :],
+    q = tl.load(q_ptr + (q0 + i)[:, None] * stride_qt + head * D + d[None, :],
                 mask=im[:, None] & dm[None, :], other=0.0)             # [BLOCK_M, BLOCK_D]
     kvh = head // G
     kbase = kc_ptr + kvh.to(tl.int64) * s_ch
@@ -118,12 +119,12 @@ def _prefill_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, out_ptr, S,
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    out = acc / tl.maximum(l_i, 1e-30)[:, None]                       # padding tiles: 0
-    tl.store(out_ptr + (b * S + i)[:, None] * stride_ot + head * D + d[None, :],
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    tl.store(out_ptr + (q0 + i)[:, None] * stride_ot + head * D + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=im[:, None] & dm[None, :])
 
 
-def _check_inputs(q, k_cache, v_cache, block_tables, positions, block_size) -> None:
+def _check_inputs(q, k_cache, v_cache, block_tables, rows, block_size) -> None:
     """Raise ValueError naming the first input prefill_attention cannot take."""
     if k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
         raise ValueError(f"caches must be [num_slots, kv_heads, head_dim] of one shape, got "
@@ -134,11 +135,11 @@ def _check_inputs(q, k_cache, v_cache, block_tables, positions, block_size) -> N
                          f"a multiple of {kvh} kv heads")
     if q.stride(-1) != 1 or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("prefill_attention needs unit last strides and caches of one layout")
-    if positions.dim() != 2 or q.shape[0] != positions.numel():
-        raise ValueError(f"positions must be [B, S] with B*S = {q.shape[0]} queries, got "
-                         f"{tuple(positions.shape)}")
-    if block_tables.dim() != 2 or block_tables.shape[0] != positions.shape[0]:
-        raise ValueError(f"block_tables must be [{positions.shape[0]}, max_blocks], got "
+    if rows.dim() != 2 or rows.shape[0] != 3 or rows.stride(1) != 1:
+        raise ValueError(f"rows must be [3, B] (q_start, q_len, ctx) with unit column stride, "
+                         f"got {tuple(rows.shape)}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != rows.shape[1]:
+        raise ValueError(f"block_tables must be [{rows.shape[1]}, max_blocks], got "
                          f"{tuple(block_tables.shape)}")
     if block_size < 1 or num_slots % block_size:
         raise ValueError(f"block_size {block_size} must be positive and divide the caches' "
@@ -146,20 +147,22 @@ def _check_inputs(q, k_cache, v_cache, block_tables, positions, block_size) -> N
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      block_tables: torch.Tensor, positions: torch.Tensor, block_size: int,
-                      *, scale: float | None = None, window: int | None = None,
-                      softcap: float | None = None) -> torch.Tensor:
+                      block_tables: torch.Tensor, rows: torch.Tensor, max_q: int,
+                      block_size: int, *, row_stride: int = 0, scale: float | None = None,
+                      window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention of a prefill step's queries over their sequences' keys in a paged KV cache.
 
     Parameters
     ----------
-    q : [B*S, h*D], row b's S queries in turn; rows may be strided, unit last stride.
+    q : [Tq, h*D]; rows may be strided (the q part of a fused qkv), unit last stride.
     k_cache, v_cache : [num_slots, kvh, D] holding every query's own key already.
     block_tables : [B, max_blocks] int; row b's physical block ids in key order, covering
         its last position. Entries past that are never read.
-    positions : [B, S] int, non-decreasing along each row; padding repeats the row's last
-        position. Query (b, i) attends to keys 0..positions[b, i] (the last ``window`` of
-        them if given).
+    rows : [3, B] int32 (q_start, q_len, ctx): row b's queries are q rows q_start[b] ..
+        q_start[b] + q_len[b] - 1 (with ``row_stride`` > 0: b * row_stride + i instead, and
+        q_start is not read), at positions ctx[b], ctx[b] + 1, ...; query i attends to keys
+        0..ctx[b] + i (the last ``window`` of them if given).
+    max_q : the largest q_len (a host int: the grid).
     block_size : keys per block (a compile-time constant of the kernel).
     scale : logit scale, D**-0.5 by default.
     window : sliding window in keys, the query's own key included.
@@ -167,21 +170,20 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
     Returns
     -------
-    out : [B*S, h*D] in q's dtype; a tile of BLOCK_M padding queries is left zero, any other
-        padding query attends as a query at its row's last position.
+    out : [Tq, h*D] in q's dtype, zero in the rows no query takes (padding).
     """
-    _check_inputs(q, k_cache, v_cache, block_tables, positions, block_size)
-    B, S = positions.shape
+    _check_inputs(q, k_cache, v_cache, block_tables, rows, block_size)
+    B = rows.shape[1]
     _, kvh, D = k_cache.shape
     h = q.shape[1] // D
-    out = torch.zeros(B * S, h * D, dtype=q.dtype, device=q.device)
-    if B * S == 0:
+    out = torch.zeros(q.shape[0], h * D, dtype=q.dtype, device=q.device)
+    if B == 0 or max_q <= 0:
         return out
-    _prefill_attn_kernel[(h, triton.cdiv(S, BLOCK_M), B)](
-        q, k_cache, v_cache, block_tables, positions, out, S,
-        q.stride(0), block_tables.stride(0), block_tables.stride(1), positions.stride(0),
-        positions.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0),
-        scale or D ** -0.5, window or 0, SOFTCAP=float(softcap or 0.0), G=h // kvh, D=D,
+    _prefill_attn_kernel[(h, triton.cdiv(max_q, BLOCK_M), B)](
+        q, k_cache, v_cache, block_tables, rows, out, rows.stride(0), row_stride,
+        q.stride(0), block_tables.stride(0), block_tables.stride(1), k_cache.stride(0),
+        k_cache.stride(1), out.stride(0), scale or D ** -0.5, window or 0,
+        SOFTCAP=float(softcap or 0.0), G=h // kvh, D=D,
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_SIZE=block_size, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
     return out

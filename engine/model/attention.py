@@ -18,6 +18,9 @@ from lorry.engine.model.arch import Arch
 from lorry.engine.model.layers import LoRALinear, LoRAStep, RMSNorm, apply_rotary
 
 _TRITON_OPS: list = []   # [(fused_ops, decode_attention, prefill_attention)] or [None]
+# prefill on CUDA through kernels.prefill_attention (False: rotary tables, torch cache
+# writes, SDPA and the gather path for chunks, for comparisons: benchmarks/prefill_step.py)
+PAGED_PREFILL = True
 
 
 def triton_ops():
@@ -45,7 +48,7 @@ class Batch:
     positions: torch.Tensor      # [B, S] absolute positions (padding repeats the last one)
     slot_mapping: torch.Tensor | None  # [B*S] KV slot of each token (None: no cache write)
     prefill: bool
-    block_tables: torch.Tensor | None = None  # [B, blocks] int32 (decode, chunked prefill)
+    block_tables: torch.Tensor | None = None  # [B, blocks] int32 (decode, prefill steps)
     block_size: int = 16
     kv_len: int = 0              # keys to attend through the block tables (host int)
     lora: LoRAStep | None = None
@@ -59,6 +62,12 @@ class Batch:
     input_ids: torch.Tensor | None = None   # a decode part's tokens [Bd]
     # longrope: each row's last prefill position [B] (its prompt's, for a chunk)
     rope_top: torch.Tensor | None = None
+    # a prefill step's rows [3, B] int32: where each row's queries start among the real
+    # tokens, how many, the position of the first (kernels.prefill_attention); the real
+    # tokens' positions and KV slots [T] (the Triton rotary + cache write)
+    rows: torch.Tensor | None = None
+    token_positions: torch.Tensor | None = None
+    token_slots: torch.Tensor | None = None
 
 
 def visible(q_pos: torch.Tensor, n: int, window: int | None) -> torch.Tensor:
@@ -138,14 +147,14 @@ class Attention(nn.Module):
             if self.window is not None or self.softcap is not None:
                 mask = visible(torch.arange(S, device=q.device), S, self.window)[None]  # [1, S, S]
             out = self._attend(q, k, v, mask)
-        elif batch.prefill and flash_decode(q):
+        elif batch.prefill and PAGED_PREFILL and flash_decode(q):
             # chunks after cached keys on CUDA: each query's keys through its block table
             # (a gathered [B, kvh, kv_len] copy and a masked SDPA would run PyTorch's math
             # backend for grouped-query heads: the whole fp32 score matrix)
             out = triton_ops()[2].prefill_attention(
                 q.transpose(1, 2).reshape(B * S, -1), self.k_cache, self.v_cache,
-                batch.block_tables, batch.positions, batch.block_size, scale=self.scale,
-                window=self.window, softcap=self.softcap)                  # [B*S, h*D]
+                batch.block_tables, batch.rows, S, batch.block_size, row_stride=S,
+                scale=self.scale, window=self.window, softcap=self.softcap)  # [B*S, h*D]
             return out if batch.pad_index is None else out.index_select(0, batch.pad_index)
         elif not batch.prefill and flash_decode(q):
             # decode on CUDA: flash-decode through the block tables, each row's keys only
@@ -199,6 +208,37 @@ class Attention(nn.Module):
         scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
         out = scores.softmax(-1).to(values.dtype).view(B, self.kv_heads, g * S, -1) @ values
         return out.reshape(B, self.heads, S, D)
+
+    def prefill_fused(self, x: torch.Tensor, batch: Batch, rotary, shape) -> torch.Tensor:
+        """CUDA prefill through Triton: q/k norms (if any), rotary of q/k in place with the
+        k/v cache write, then paged prefill attention over each row's keys (its cached
+        prefix and its chunk), on the step's tokens as they come (the packed real tokens, or
+        the padded [B*S] ones), and flash-decode for a mixed step's decode rows.
+        x: [T (+ Bd), H] -> [T (+ Bd), H]."""
+        fused_ops, attention, prefill = triton_ops()
+        h, kvh, D = self.heads, self.kv_heads, self.head_dim
+        qkv = self.qkv_proj(x, batch.lora)                              # [T(+Bd), (h+2kvh)*D]
+        if self.q_norm is not None:
+            q = qkv[:, :h * D].view(-1, h, D)
+            k = qkv[:, h * D:(h + kvh) * D].view(-1, kvh, D)
+            q.copy_(self.q_norm(q))
+            k.copy_(self.k_norm(k))
+        d = batch.decode
+        T = qkv.shape[0] - (0 if d is None else d.positions.shape[0])
+        fused_ops.rotary_qk_(qkv[:T], batch.token_positions, rotary.cos, rotary.sin, h, kvh, D,
+                             self.k_cache, self.v_cache, batch.token_slots)
+        out = prefill.prefill_attention(
+            qkv[:T, :h * D], self.k_cache, self.v_cache, batch.block_tables, batch.rows,
+            shape[1], batch.block_size, row_stride=0 if batch.pad_index is not None else shape[1],
+            scale=self.scale, window=self.window, softcap=self.softcap)     # [T, h*D]
+        if d is not None:
+            pos = d.positions.reshape(-1)
+            fused_ops.rotary_qk_(qkv[T:], pos, rotary.cos, rotary.sin, h, kvh, D,
+                                 self.k_cache, self.v_cache, d.slot_mapping)
+            out = torch.cat([out, attention.decode_attention(
+                qkv[T:, :h * D], self.k_cache, self.v_cache, d.block_tables, pos,
+                d.block_size, scale=self.scale, window=self.window, softcap=self.softcap)])
+        return self.o_proj(out, batch.lora)
 
     def decode_fused(self, x: torch.Tensor, batch: Batch, rotary) -> torch.Tensor:
         """CUDA decode through Triton: q/k norms (if any), rotary of q/k in place with the k/v

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorry.engine.model import attention
 from lorry.engine.model.arch import SUPPORTED_TYPES, Arch
 from lorry.engine.model.attention import Attention, Batch, triton_ops
 from lorry.engine.model.layers import LoRALinear, LoRAStep, RMSNorm, Rotary
@@ -80,17 +81,26 @@ class DecoderLayer(nn.Module):
 
     def forward_fused(self, x, residual, batch, rope, shape, rotary):
         """CUDA path: residual adds fused into the norms (x + residual is carried in
-        ``residual``, updated in place), Triton decode attention and silu*up.
+        ``residual``, updated in place), Triton attention (``rope`` None: the prefill's too)
+        and silu*up.
         x: [T, H] (sublayer output; the embeddings for the first layer) -> (x, residual)."""
         add_rmsnorm = triton_ops()[0].add_rmsnorm
         h, residual = add_rmsnorm(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
-        if batch.prefill:
+        if batch.prefill and rope is None:
+            h = self.self_attn.prefill_fused(h, batch, rotary, shape)
+        elif batch.prefill:
             h = self.self_attn(h, batch, rope, shape)
         else:
             h = self.self_attn.decode_fused(h, batch, rotary)
         norm = self.post_attention_layernorm
         h, residual = add_rmsnorm(h, residual, norm.weight, norm.eps)
         return self.mlp.forward_fused(h, batch.lora), residual
+
+
+def fused_ops_on(x: torch.Tensor) -> bool:
+    """The Llama-shaped blocks run the Triton kernels (fused norms, rotary + cache write,
+    paged attention, silu*up): on CUDA with Triton."""
+    return x.is_cuda and triton_ops() is not None
 
 
 class LlamaForCausalLM(nn.Module):
@@ -176,7 +186,7 @@ class LlamaForCausalLM(nn.Module):
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         if self.embed_mult is not None:
             x = x * self.embed_mult
-        if self.use_triton_ops and x.is_cuda and triton_ops() is not None:
+        if self.use_triton_ops and fused_ops_on(x):
             return self._forward_fused(x, batch, last_index, B, S)
         ropes = {key: self._rope(r, batch, x.dtype, last_index)
                  for key, r in self.rotaries.items()}
@@ -272,8 +282,13 @@ class LlamaForCausalLM(nn.Module):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _forward_fused(self, x, batch, last_index, B, S):
-        # decode: the rotary kernel reads cos/sin at each position, no per-step tables
-        rope = self._rope(self.rotary, batch, x.dtype, last_index) if batch.prefill else None
+        # decode, and prefill into the paged cache: the rotary kernel reads cos/sin at each
+        # position, no per-step tables. Longrope rotates a prompt's every token by the
+        # prompt's length, which the tables of a step do (as does a prefill not cached).
+        rope = None
+        if batch.prefill and (self.longrope or batch.rows is None or batch.slot_mapping is None
+                              or not attention.PAGED_PREFILL):
+            rope = self._rope(self.rotary, batch, x.dtype, last_index)
         residual = None
         for layer in self.layers:
             x, residual = layer.forward_fused(x, residual, batch, rope, (B, S), self.rotary)

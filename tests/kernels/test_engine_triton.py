@@ -134,21 +134,26 @@ def test_mixed_steps_match_peft_with_triton_kernels(tiny, device):
         assert outs[rid] == want, rid
 
 
-def test_chunked_prefill_and_prefix_hits_through_the_paged_prefill_kernel(tiny, device,
+@pytest.mark.parametrize("fused", [True, False])
+def test_chunked_prefill_and_prefix_hits_through_the_paged_prefill_kernel(tiny, device, fused,
                                                                          monkeypatch):
     """Prompts longer than a step's token budget (prefilled in chunks after their earlier
     chunks) and prompts sharing a cached prefix (prefilled after the shared blocks) attend
-    through kernels.prefill_attention, as on CUDA, and give PEFT's greedy tokens."""
+    through kernels.prefill_attention, as on CUDA, and give PEFT's greedy tokens: in the
+    Llama-shaped blocks' Triton path (rotary + cache write kernel, the packed tokens), and
+    in the torch layers' (the padded [B, S] queries)."""
     from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
-    from lorry.engine.model import attention
+    from lorry.engine.model import attention, llama
     from lorry.kernels import prefill_attention as kernel
     base, paths = tiny
-    if device.type == "cpu":   # the engine takes the Triton attention paths on CUDA only
+    # the engine takes the Triton paths on CUDA only: on CPU they are switched on here
+    monkeypatch.setattr(llama, "fused_ops_on", lambda x: fused)
+    if device.type == "cpu":
         monkeypatch.setattr(attention, "flash_decode", lambda q: True)
     calls = []
     real = kernel.prefill_attention
     monkeypatch.setattr(kernel, "prefill_attention",
-                        lambda *a, **k: calls.append(a[4].shape) or real(*a, **k))
+                        lambda *a, **k: calls.append(k["row_stride"]) or real(*a, **k))
     backend = "triton" if device.type == "cuda" else "torch"
     eng = LLMEngine(EngineConfig(model=str(base), dtype="float32", device=device.type,
                                  max_loras=4, max_lora_rank=16, max_cpu_loras=4,
@@ -174,6 +179,7 @@ def test_chunked_prefill_and_prefix_hits_through_the_paged_prefill_kernel(tiny, 
     kv = eng.cache_stats()["kv"]
     assert kv["prefix_hit_tokens"] == 32, kv      # "hit" reused the two blocks; nothing else
     assert calls, "the paged prefill kernel never ran"
+    assert (0 in calls) == fused       # the fused path attends over the packed tokens
     for rid, prompt, lr in work:
         _, want = _peft_greedy(base, paths[lr.lora_name] if lr else None, prompt, device)
         assert outs[rid] == want, rid

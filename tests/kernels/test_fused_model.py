@@ -44,6 +44,22 @@ def _check(got, want, dtype):
     assert rel < {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype], rel
 
 
+def _paged(batch, tables, lens, starts):
+    """``batch`` (a prefill step) with what the paged prefill kernel reads, as the runner
+    gives it: block tables, each row's queries (start among the real tokens, count, first
+    position), the real tokens' positions and KV slots."""
+    dev = batch.positions.device
+    batch.block_tables = tables
+    batch.rows = torch.tensor([[sum(lens[:b]) for b in range(len(lens))], lens, starts],
+                              dtype=torch.int32, device=dev)
+    flat = batch.positions.reshape(-1)
+    idx = batch.pad_index
+    batch.token_positions = flat if idx is None else flat.index_select(0, idx)
+    batch.token_slots = batch.slot_mapping if idx is None else \
+        batch.slot_mapping.index_select(0, idx)
+    return batch
+
+
 def _fused(model, ids, batch, last):
     flat = ids.reshape(-1)
     x = model.embed_tokens(flat if batch.pad_index is None else flat[batch.pad_index])
@@ -73,13 +89,14 @@ def test_triton_path_equals_torch_path(dtype, base, device):
 
     valid = torch.arange(S, device=device)[None, :] < lens[:, None]
     last = lens - 1
-    pre = Batch(positions=positions, slot_mapping=slots(positions, valid), prefill=True,
-                block_size=BS)
+    pre = _paged(Batch(positions=positions, slot_mapping=slots(positions, valid), prefill=True,
+                       block_size=BS), tables, lens.tolist(), [0] * B)
     want, got = ref(ids, pre, last), _fused(tri, ids, pre, last)
     _check(got, want, dtype)
     # the same prefill with the padding rows left out of the layers (packed tokens)
-    packed = Batch(positions=positions, slot_mapping=pre.slot_mapping, prefill=True,
-                   block_size=BS, pad_index=valid.reshape(-1).nonzero()[:, 0])
+    packed = _paged(Batch(positions=positions, slot_mapping=pre.slot_mapping, prefill=True,
+                          block_size=BS, pad_index=valid.reshape(-1).nonzero()[:, 0]),
+                    tables, lens.tolist(), [0] * B)
     _check(_fused(tri, ids, packed, last), want, dtype)
     _check(ref(ids, packed, last), want, dtype)
     pos = lens.clone()
@@ -177,9 +194,10 @@ def test_a_mixed_step_equals_its_prefill_and_decode_steps_apart(path, device, mo
 
     def chunk_batch():
         p = torch.arange(3, 7, device=device)[None, :]
-        return Batch(positions=p, prefill=True, chunked=True, kv_len=7, block_size=BS,
-                     slot_mapping=torch.tensor([slot(2, j) for j in range(3, 7)], device=device),
-                     block_tables=tables[2:3])
+        return _paged(Batch(positions=p, prefill=True, chunked=True, kv_len=7, block_size=BS,
+                            slot_mapping=torch.tensor([slot(2, j) for j in range(3, 7)],
+                                                      device=device)),
+                      tables[2:3], [4], [3])
 
     def decode_batch():
         p = torch.tensor([[5], [3]], device=device)

@@ -10,14 +10,15 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
 class Chunks:
-    """One chunked prefill step: B rows of chunks (lengths ``lens``) starting after
-    ``starts`` cached keys, right-padded to S, over a shuffled paged cache that already holds
-    every chunk's own keys."""
+    """One prefill step: B rows of chunks (lengths ``lens``) starting after ``starts`` cached
+    keys over a shuffled paged cache that already holds every chunk's own keys; the queries
+    packed (the real tokens one after another) or right-padded to S (``padded``)."""
 
-    def __init__(self, starts, lens, heads, kvh, D, block_size, dtype, device, seed):
+    def __init__(self, starts, lens, heads, kvh, D, block_size, dtype, device, seed,
+                 padded=False):
         g = torch.Generator().manual_seed(seed)
         B, S = len(lens), max(lens)
-        self.heads, self.block_size, self.S = heads, block_size, S
+        self.heads, self.block_size, self.S, self.padded = heads, block_size, S, padded
         ends = [a + n for a, n in zip(starts, lens)]
         max_blocks = -(-max(ends) // block_size)
         num_blocks = 1 + B * max_blocks + 3      # block 0 is the null block; 3 are free
@@ -28,30 +29,34 @@ class Chunks:
         for b, e in enumerate(ends):             # past a row's last block: the null block
             tables[b, -(-e // block_size):] = 0
         self.tables = tables.int().to(device)
-        steps = torch.minimum(torch.arange(S)[None, :], torch.tensor(lens)[:, None] - 1)
-        self.positions = (torch.tensor(starts)[:, None] + steps).to(device)   # [B, S]
-        qkv = torch.randn(B * S, (heads + 2 * kvh) * D, generator=g).to(dtype).to(device)
+        q_start = [b * S if padded else sum(lens[:b]) for b in range(B)]
+        self.rows = torch.tensor([q_start, lens, starts], dtype=torch.int32, device=device)
+        Tq = B * S if padded else sum(lens)
+        qkv = torch.randn(Tq, (heads + 2 * kvh) * D, generator=g).to(dtype).to(device)
         self.q = qkv[:, :heads * D]                 # strided rows, as the fused q/k/v's q
-        self.lens, self.ends = lens, ends
+        self.lens, self.ends, self.starts = lens, ends, starts
 
     def run(self, **kw):
-        return prefill_attention(self.q, self.k_cache, self.v_cache, self.tables,
-                                 self.positions, self.block_size, **kw)
+        return prefill_attention(self.q, self.k_cache, self.v_cache, self.tables, self.rows,
+                                 self.S, self.block_size, row_stride=self.S if self.padded else 0,
+                                 **kw)
 
     def ref(self, **kw):
         q = self.q.reshape(self.q.shape[0], self.heads, -1)
-        return prefill_attention_ref(q, self.k_cache, self.v_cache, self.tables,
-                                     self.positions, self.block_size, **kw).reshape(q.shape[0], -1)
+        return prefill_attention_ref(q, self.k_cache, self.v_cache, self.tables, self.rows,
+                                     self.block_size, self.S if self.padded else 0,
+                                     **kw).reshape(q.shape[0], -1)
 
     def real(self) -> torch.Tensor:
-        """Rows of the real (unpadded) queries in the [B*S] layout."""
+        """Rows of q that hold a query (all of them when packed)."""
+        if not self.padded:
+            return torch.arange(self.q.shape[0])
         return torch.tensor([b * self.S + i for b, n in enumerate(self.lens) for i in range(n)])
 
     def visible_slots(self, window=None) -> torch.Tensor:
         seen = torch.zeros(self.k_cache.shape[0], dtype=torch.bool)
-        for b, e in enumerate(self.ends):
-            first = int(self.positions[b, 0])
-            p = torch.arange(max(0, first - window + 1) if window else 0, e)
+        for b, (a, e) in enumerate(zip(self.starts, self.ends)):
+            p = torch.arange(max(0, a - window + 1) if window else 0, e)
             seen[self.tables[b, p // self.block_size].long().cpu() * self.block_size
                  + p % self.block_size] = True
         return seen.to(self.k_cache.device)
@@ -84,20 +89,18 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", list(CASES))
-def test_prefill_attention_matches_reference(case, dtype, device):
+def test_prefill_attention_matches_reference(case, dtype, padded, device):
     _skip_interpreted_bf16(dtype, device)
-    c = Chunks(*CASES[case], dtype=dtype, device=device, seed=len(case))
+    c = Chunks(*CASES[case], dtype=dtype, device=device, seed=len(case), padded=padded)
     out, ref = c.run(), c.ref()
-    # padding queries sharing a tile with real ones attend as queries at the row's last
-    # position (as the reference computes them); tiles of padding only are left zero
-    computed = torch.ones(out.shape[0], dtype=torch.bool)
-    for b, n in enumerate(c.lens):
-        computed[b * c.S + -(-n // BLOCK_M) * BLOCK_M:(b + 1) * c.S] = False
-    assert not computed.all() or case != "mqa_long_and_short"   # the case has padding tiles
-    _check(out[computed.to(device)], ref[computed.to(device)], dtype)
-    assert (out[~computed.to(device)] == 0).all()
+    _check(out, ref, dtype)
+    real = torch.zeros(out.shape[0], dtype=torch.bool)
+    real[c.real()] = True
+    assert padded == (not real.all())
+    assert (out[~real.to(device)] == 0).all()        # padding rows are left alone
 
 
 @pytest.mark.parametrize("window", [None, 24])
@@ -106,16 +109,15 @@ def test_reads_only_the_visible_keys_through_the_block_table(block_size, window,
     # NaN in every slot no query may read: the free and null blocks, slots past each row's
     # last position, keys older than every query's window
     c = Chunks([50, 0, 300], [30, 90, 7], 4, 2, 16, block_size, torch.float32, device,
-               seed=block_size)
+               seed=block_size, padded=True)
     ref = c.ref(window=window)
     hidden = ~c.visible_slots(window)
     assert hidden.any()
     c.k_cache[hidden] = float("nan")
     c.v_cache[hidden] = float("nan")
     out = c.run(window=window)
-    real = c.real().to(device)
     assert torch.isfinite(out).all()
-    _check(out[real], ref[real], torch.float32)
+    _check(out, ref, torch.float32)
 
 
 @pytest.mark.parametrize("window, softcap", [(5, None), (1, None), (100, None), (None, 2.0),
@@ -123,24 +125,25 @@ def test_reads_only_the_visible_keys_through_the_block_table(block_size, window,
 def test_sliding_window_scale_and_softcap_match_reference(window, softcap, device):
     c = Chunks([0, 150, 40], [80, 70, 3], 4, 2, 16, 16, torch.float32, device, seed=3)
     kw = {"scale": 0.3, "window": window, "softcap": softcap}
-    out, real = c.run(**kw), c.real().to(device)
-    _check(out[real], c.ref(**kw)[real], torch.float32)
-    full = c.ref(scale=0.3, softcap=softcap)[real]
-    assert window is None or (out[real] - full).abs().max() > 1e-3   # the window matters
+    out = c.run(**kw)
+    _check(out, c.ref(**kw), torch.float32)
+    full = c.ref(scale=0.3, softcap=softcap)
+    assert window is None or (out - full).abs().max() > 1e-3   # the window matters
 
 
 @pytest.mark.parametrize("what, match", [("q", "q width"), ("block_size", "block_size 24"),
                                          ("tables", "block_tables must be"),
-                                         ("positions", "positions must be"),
+                                         ("rows", "rows must be"),
                                          ("static_cache", "caches must be")])
 def test_refuses_inputs_it_cannot_attend_over(what, match, device):
     kc = torch.zeros(4 * 16, 2, 16, device=device)
     args = {"q": torch.zeros(6, 64, device=device), "k_cache": kc, "v_cache": kc,
             "block_tables": torch.zeros(2, 4, dtype=torch.int32, device=device),
-            "positions": torch.zeros(2, 3, dtype=torch.long, device=device), "block_size": 16}
+            "rows": torch.zeros(3, 2, dtype=torch.int32, device=device), "max_q": 3,
+            "block_size": 16}
     bad = {"q": ("q", torch.zeros(6, 40, device=device)), "block_size": ("block_size", 24),
            "tables": ("block_tables", torch.zeros(3, 4, dtype=torch.int32, device=device)),
-           "positions": ("positions", torch.zeros(2, 4, dtype=torch.long, device=device)),
+           "rows": ("rows", torch.zeros(2, 2, dtype=torch.int32, device=device)),
            "static_cache": ("k_cache", torch.zeros(2, 2, 32, 16, device=device))}[what]
     args[bad[0]] = bad[1]
     with pytest.raises(ValueError, match=match):

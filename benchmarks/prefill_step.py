@@ -1,0 +1,184 @@
+"""Where one mixed prefill step of the bulk workload spends its time (JSON out).
+
+GPU: ``PYTHONPATH=. python3 benchmarks/prefill_step.py`` (Llama-3-8B shapes, dummy weights,
+bulk.py's workload, adapters and engine settings). The engine runs the workload step by
+step; the first mixed step after ``--skip`` steps whose prompt chunks hold at least
+``--min-tokens`` tokens is replayed in place (a replay writes the same keys and values to
+the same slots, so the engine goes on unchanged) and timed as it ran, without LoRA (every
+row's slot -1), and with the prefill attention of the torch layers (rotary tables, cache
+writes by indexing, SDPA, gathered keys for chunks) instead of the Triton rotary + cache write
+and kernels.prefill_attention; the time the host takes to issue the step; then
+torch.profiler tables of the replay as it ran: the kernels' GPU time and the host's time by
+operator. CPU: ``--tiny`` (the scaled-down workload; times only, no profile).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bulk  # benchmarks/bulk.py: workload, model, adapters, engine settings
+
+from lorry.engine import LLMEngine, SamplingParams
+from lorry.engine.model import attention
+
+
+def _timer(device: str, fn, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` calls (after one untimed call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return round(sorted(times)[len(times) // 2], 3)
+
+
+def _profile(fn, rows: int) -> list[dict]:
+    """The kernels of one ``fn()`` call by GPU time (ms), the ``rows`` longest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events)
+    return [{"kernel": e.key[:120], "ms": round(e.device_time_total / 1e3, 3),
+             "share": round(e.device_time_total / total, 3), "calls": e.count}
+            for e in events[:rows]]
+
+
+def _host_ms(fn, repeats: int) -> float:
+    """Median milliseconds the host takes to issue ``fn()`` (from an idle GPU, no sync at
+    the end): near the step's GPU time when the host keeps the GPU waiting."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return round(sorted(times)[len(times) // 2], 3)
+
+
+def _host_profile(fn, rows: int) -> list[dict]:
+    """The host's own time by operator (self CPU ms) of one ``fn()`` call, the ``rows``
+    longest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key[:80], "self_ms": round(e.self_cpu_time_total / 1e3, 3),
+             "calls": e.count} for e in events[:rows]]
+
+
+def measure(eng, args, seqs, slots, chunks) -> dict:
+    real = type(eng.runner).prefill
+    runner, n = eng.runner, len(chunks)
+    starts = [s.num_computed_tokens for s in seqs[:n]]
+
+    def run(slot_ids=slots):
+        return real(runner, seqs, slot_ids, chunks)
+
+    def torch_attention():
+        attention.PAGED_PREFILL = False
+        try:
+            return run()
+        finally:
+            attention.PAGED_PREFILL = True
+
+    res = {"prompt_rows": n, "prompt_tokens": sum(chunks), "decode_rows": len(seqs) - n,
+           "rows_after_cached_keys": sum(a > 0 for a in starts),
+           "max_keys": max(a + c for a, c in zip(starts, chunks)),
+           "adapters": len({s for s in slots if s >= 0}),
+           "ms": _timer(args.device, run, args.repeats),
+           "ms_without_lora": _timer(args.device, lambda: run([-1] * len(slots)), args.repeats),
+           "ms_torch_attention": _timer(args.device, torch_attention, args.repeats)}
+    res["lora_share"] = round(1 - res["ms_without_lora"] / res["ms"], 3)
+    if args.device == "cuda":
+        res["host_ms"] = _host_ms(run, args.repeats)
+        res["kernels"] = _profile(run, args.rows)
+        res["host_ops"] = _host_profile(run, args.rows)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--requests", type=int, default=None, help="default: 2 x max_num_seqs")
+    ap.add_argument("--skip", type=int, default=40, help="steps before the measured one")
+    ap.add_argument("--min-tokens", type=int, default=None,
+                    help="prompt tokens the measured step holds at least (default: 3/4 of "
+                         "max_num_batched_tokens; tiny: 8)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=20, help="kernels in the profile table")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    args.device = args.device or ("cpu" if args.tiny else "cuda")
+    spec = dict(bulk.SPECS["tiny" if args.tiny else "gpu"])
+    cli = argparse.Namespace(device=args.device, seed=args.seed, num_scheduler_steps=None,
+                             block_size=None, num_kv_blocks=None, gpu_memory_utilization=None,
+                             max_num_batched_tokens=None)
+    res = {"benchmark": "prefill_step", "device": args.device, "tiny": args.tiny,
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+    with tempfile.TemporaryDirectory(prefix="lorry-prefill-") as tmp:
+        model, config, load_format = bulk.build_model(args.tiny, Path(tmp))
+        loras, _ = bulk.build_adapters(spec, config, Path(tmp), args.seed)
+        n = args.requests or 2 * spec["max_num_seqs"]
+        work = bulk.make_workload(spec, n, config["vocab_size"], args.seed)
+        cfg, _ = bulk.engine_config(spec, cli, model, load_format, "mixed", spec["max_num_seqs"])
+        eng = LLMEngine(cfg)
+        min_tokens = args.min_tokens or (8 if args.tiny else cfg.max_num_batched_tokens * 3 // 4)
+        warm = bulk.make_workload(spec, 32, config["vocab_size"], args.seed + 1)
+        bulk._generate(eng, warm, loras, None)          # compiles the kernels, captures graphs
+        step = {"n": 0}
+        real = eng.runner.prefill
+
+        def prefill(seqs, slots, chunks=None):
+            out = real(seqs, slots, chunks)
+            chunks = chunks or [s.prefill_len - s.num_computed_tokens for s in seqs]
+            if ("step" not in res and step["n"] >= args.skip and len(seqs) > len(chunks)
+                    and sum(chunks) >= min_tokens):
+                res["step"] = step["n"]
+                res.update(measure(eng, args, seqs, slots, chunks))
+            return out
+
+        eng.runner.prefill = prefill
+        for i, (prompt, m, a) in enumerate(zip(work.prompts, work.max_tokens, work.adapter)):
+            eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=m, temperature=0.0,
+                                                            ignore_eos=True), loras[a])
+        while "step" not in res and eng.has_unfinished_requests():
+            eng.step()
+            step["n"] += 1
+        eng.loras.close()
+    if "step" not in res:
+        res["error"] = f"no mixed step with >= {min_tokens} prompt tokens after {args.skip} steps"
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

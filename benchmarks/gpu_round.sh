@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks and figures of docs/BENCHMARKS.md, in steps that each fit a short lease.
 #   benchmarks/gpu_round.sh OUTDIR STEP [STEP ...]
-# Steps: tests | throughput | throughputN (num_scheduler_steps N) | sweep | a bulk.py run name
-# (each its own process; BULK_ARGS adds bulk.py options).
+# Steps: tests | throughput | throughputN (num_scheduler_steps N) | prefill (one mixed prefill
+# step of the bulk workload: benchmarks/prefill_step.py) | sweep | a bulk.py run name (each its
+# own process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
 # leaves the ones before it. Run from the repository root on the GPU machine.
 set -u
@@ -27,7 +28,7 @@ while [ $# -gt 0 ]; do
             tests/unit/engine/test_engine_paged_kv.py tests/unit/engine/test_engine_bases_cuda.py \
             tests/unit/engine/test_engine_chunked_async_cuda.py tests/unit/engine/test_engine_cuda.py \
             tests/kernels/test_engine_triton.py tests/kernels/test_fused_model.py \
-            tests/unit/engine/test_engine_multi_step.py \
+            tests/kernels/test_prefill_attention.py tests/unit/engine/test_engine_multi_step.py \
             > "$out/tests.log" 2>&1
         echo "tests rc=$?"; tail -3 "$out/tests.log" ;;
     throughput*)
@@ -35,6 +36,11 @@ while [ $# -gt 0 ]; do
         timeout "$limit" $py benchmarks/throughput.py --device cuda --preset llama3-8b --quick \
             --more-adapters ${n:+--num-scheduler-steps $n} > "$out/$step.json" 2> "$out/$step.log"
         echo "$step rc=$?"; grep -E 'tok_per_s|overhead' "$out/$step.json" | head -12 ;;
+    prefill)
+        timeout "$limit" $py benchmarks/prefill_step.py --skip 20 --out "$out/prefill.json" \
+            > /dev/null 2> "$out/prefill.log"
+        echo "prefill rc=$?"; [ -s "$out/prefill.json" ] && $py -c 'import json,sys
+r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k not in ("kernels", "host_ops")})' "$out/prefill.json" ;;
     sweep)
         timeout "$limit" $py benchmarks/bulk.py --device cuda --runs --requests "${SWEEP_REQUESTS:-500}" \
             --sweep-batch 64 128 256 512 --sweep-adapters 1 8 32 200 \

@@ -114,7 +114,13 @@ def measure(eng, args, seqs, slots, chunks) -> dict:
            "ms_torch_attention": _timer(args.device, torch_attention, args.repeats)}
     res["lora_share"] = round(1 - res["ms_without_lora"] / res["ms"], 3)
     if args.device == "cuda":
+        # the caching allocator going back to cudaMalloc/cudaFree (a free synchronizes the
+        # device) during the replays: the pool leaves activations too little room
+        keys = ("num_alloc_retries", "num_device_alloc", "num_device_free")
+        before = {k: torch.cuda.memory_stats().get(k, 0) for k in keys}
         res["host_ms"] = _host_ms(run, args.repeats)
+        res["allocator_during_replays"] = {k: torch.cuda.memory_stats().get(k, 0) - before[k]
+                                           for k in keys}
         res["kernels"] = _profile(run, args.rows)
         res["host_ops"] = _host_profile(run, args.rows)
     return res

@@ -32,9 +32,9 @@ from lorry.engine.sequence import Sequence, SequenceStatus
 
 
 def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
-           max_bypass: int) -> dict:
-    sch = Scheduler(rows, max_loras, BlockManager(blocks, 16), budget, max_bypass=max_bypass,
-                    num_steps=steps, max_model_len=5120)
+           max_bypass: int, prefix_caching: bool = True) -> dict:
+    sch = Scheduler(rows, max_loras, BlockManager(blocks, 16, prefix_caching), budget,
+                    max_bypass=max_bypass, num_steps=steps, max_model_len=5120)
     seqs = []
     for i, (p, m, a) in enumerate(zip(w.prompts, w.max_tokens, w.adapter)):
         s = Sequence(str(i), None, p, SamplingParams(max_tokens=m, temperature=0.0,
@@ -44,8 +44,11 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
         seqs.append(s)
         sch.add(s)
     decode_rows, mixed, decode_only, rounds, started, step = [], 0, 0, 0, {}, 0
+    host = {True: [], False: []}         # seconds in schedule() + finish(): prefill or not
     while sch.has_unfinished():
+        t0 = time.perf_counter()
         plan = sch.schedule()
+        spent = time.perf_counter() - t0
         if not plan.seqs:
             raise RuntimeError("the schedule stalled")
         if plan.prefill:
@@ -67,7 +70,10 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
                 if s.status is SequenceStatus.RUNNING:
                     s.output_token_ids.append(1)
                     if len(s.output_token_ids) >= s.params.max_tokens:
+                        t0 = time.perf_counter()
                         sch.finish(s)
+                        spent += time.perf_counter() - t0
+        host[plan.prefill].append(spent)
     waits = [started[s] for s in seqs]
     return {"max_loras": max_loras, "num_scheduler_steps": steps,
             "max_num_batched_tokens": budget, "max_bypass": max_bypass,
@@ -75,7 +81,13 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
             "decode_only_steps": decode_only, "rounds": rounds,
             "mean_decode_rows": round(statistics.mean(decode_rows), 1),
             "peak_running": sch.peak_running, "preemptions": sch.preemptions,
-            "first_step_of_request": {"median": statistics.median(waits), "max": max(waits)}}
+            "first_step_of_request": {"median": statistics.median(waits), "max": max(waits)},
+            "prefix_caching": prefix_caching,
+            # the scheduler's host time (this machine's CPU): per prefill-bearing plan and per
+            # decode plan (a round is one plan), and in all
+            "host_ms": {"per_prefill_plan": round(1e3 * statistics.mean(host[True] or [0]), 3),
+                        "per_decode_plan": round(1e3 * statistics.mean(host[False] or [0]), 3),
+                        "total_s": round(sum(host[True]) + sum(host[False]), 2)}}
 
 
 def main() -> None:
@@ -90,12 +102,14 @@ def main() -> None:
     ap.add_argument("--max-bypass", type=int, nargs="+", default=[16])
     ap.add_argument("--blocks", type=int, default=40000,
                     help="KV pool in blocks of 16 (40,000: ~80 GB of Llama-3-8B keys/values)")
+    ap.add_argument("--prefix-caching", choices=["on", "off"], nargs="+", default=["on"])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     spec = dict(bulk.SPECS["gpu"])
     w = bulk.make_workload(spec, args.requests, LLAMA3_8B["vocab_size"], args.seed)
-    runs = [replay(w, args.rows, ml, k, b, args.blocks, mb) for ml, k, b, mb in
-            itertools.product(args.max_loras, args.steps, args.budget, args.max_bypass)]
+    runs = [replay(w, args.rows, ml, k, b, args.blocks, mb, pc == "on") for ml, k, b, mb, pc in
+            itertools.product(args.max_loras, args.steps, args.budget, args.max_bypass,
+                              args.prefix_caching)]
     print(json.dumps({"benchmark": "schedule_replay", "date": time.strftime("%Y-%m-%d"),
                       "requests": args.requests, "rows": args.rows, "seed": args.seed,
                       "output_tokens": sum(w.max_tokens), "runs": runs}, indent=2))

@@ -88,6 +88,7 @@ def run_lorry(eng, adapters: list[Path], n_adapters: int, prompts, p: dict, devi
     # runner.prefill: every step with prompt work, mixed steps' decode rows included
     prefill = _time_calls(eng.runner, "prefill", device)
     decode = _time_calls(eng.runner, "decode", device)
+    rounds = _time_calls(eng.runner, "decode_steps", device)   # num_scheduler_steps > 1
     graphs = eng.runner.graphs
     captured = graphs.captures if graphs else 0
     _sync(device)
@@ -95,7 +96,7 @@ def run_lorry(eng, adapters: list[Path], n_adapters: int, prompts, p: dict, devi
     outs = eng.generate(prompts, _params(p["new_tokens"]), loras, use_tqdm=False)
     _sync(device)
     dt = time.perf_counter() - t0
-    for name in ("prefill", "decode"):       # unwrap: the next variant times afresh
+    for name in ("prefill", "decode", "decode_steps"):   # unwrap: the next variant times afresh
         eng.runner.__dict__.pop(name, None)
     captured = (graphs.captures if graphs else 0) - captured
     n = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -103,6 +104,7 @@ def run_lorry(eng, adapters: list[Path], n_adapters: int, prompts, p: dict, devi
             "seconds": round(dt, 3), "tok_per_s": round(n / dt, 1),
             "prefill_seconds": round(prefill[0], 3), "prefill_steps": prefill[1],
             "decode_seconds": round(decode[0], 3), "decode_steps": decode[1],
+            "round_seconds": round(rounds[0], 3), "rounds": rounds[1],
             "cuda_graphs": eng.runner.graphs is not None, "lora_backend": eng.lora_backend,
             "graphs_captured_while_timed": captured}
 

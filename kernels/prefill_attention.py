@@ -1,4 +1,4 @@
-"""Prefill attention over a paged KV cache (Triton): chunks of prompt tokens after cached keys.
+"""Prefill attention over a paged KV cache (Triton): a step's prompt tokens over their keys.
 
 A prefill step (prompts from position 0, a prompt's next chunk after its earlier chunks, or
 after a cached prefix) attends each of its query tokens to every key of its sequence up to
@@ -11,7 +11,7 @@ runs PyTorch's math backend (the full fp32 score matrix per head).
 Row b of the step holds ``q_len[b]`` queries at positions ``ctx[b]``, ``ctx[b] + 1``, ...;
 its query i is row ``q_start[b] + i`` of q (the packed real tokens), or ``b * row_stride + i``
 (a right-padded [B, S] layout). One program takes one (query head, tile of BLOCK_M queries of
-one row); tiles past a row's queries return at once. Keys run from 0 (or the oldest one the
+one row); a tile past a row's queries reads no key and stores nothing. Keys run from 0 (or the oldest one the
 tile's window keeps) to the tile's last position, BLOCK_N at a time, each tile of keys
 gathering its block ids from the row's block table; a query sees the keys at or before its
 position, and within ``window`` of it when windowed; soft-capped logits (Gemma 2) pass

@@ -383,6 +383,15 @@ def derived(runs: dict) -> dict:
     return out
 
 
+def merged(results: list[dict]) -> dict:
+    """One output from several runs' (the sweeps split over device calls): the first one's
+    header, every sweep point and run (a later one's replacing an earlier one's)."""
+    out = dict(results[0])
+    for key in ("runs", "sweep_batch", "sweep_adapters"):
+        out[key] = {k: v for r in results for k, v in r.get(key, {}).items()}
+    return out
+
+
 def plot(res: dict, path: str) -> None:
     """tokens/s against max_num_seqs and against adapters in the workload (two subplots)."""
     try:
@@ -444,8 +453,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--sweep-adapters", type=int, nargs="*", default=[],
                     help="also a mixed run per k: only the k most popular adapters")
     ap.add_argument("--plot", default=None, help="tokens/s vs batch and vs adapters (png)")
-    ap.add_argument("--plot-from", default=None, metavar="JSON",
-                    help="only draw --plot from this earlier output (e.g. a GPU run's --out)")
+    ap.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
+                    help="only draw --plot from these earlier outputs (e.g. a GPU run's --out; "
+                         "several: their sweeps and runs merged)")
     args = ap.parse_args()
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     return args
@@ -454,7 +464,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.plot_from:
-        plot(json.loads(Path(args.plot_from).read_text()), args.plot or "bulk.png")
+        plot(merged([json.loads(Path(p).read_text()) for p in args.plot_from]),
+             args.plot or "bulk.png")
         return
     spec = dict(SPECS["tiny" if args.tiny else "gpu"])
     for key, value in (("requests", args.requests), ("max_num_seqs", args.max_num_seqs),

@@ -2,8 +2,8 @@
 # The GPU checks and figures of docs/BENCHMARKS.md, in steps that each fit a short lease.
 #   benchmarks/gpu_round.sh OUTDIR STEP [STEP ...]
 # Steps: tests | throughput | throughputN (num_scheduler_steps N) | prefill (one mixed prefill
-# step of the bulk workload: benchmarks/prefill_step.py) | sweep | a bulk.py run name (each its
-# own process; BULK_ARGS adds bulk.py options).
+# step of the bulk workload: benchmarks/prefill_step.py) | sweep (or its halves sweep_batch,
+# sweep_adapters) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
 # leaves the ones before it. Run from the repository root on the GPU machine.
 set -u
@@ -41,11 +41,15 @@ while [ $# -gt 0 ]; do
             > /dev/null 2> "$out/prefill.log"
         echo "prefill rc=$?"; [ -s "$out/prefill.json" ] && $py -c 'import json,sys
 r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k not in ("kernels", "host_ops")})' "$out/prefill.json" ;;
-    sweep)
+    sweep|sweep_batch|sweep_adapters)   # the plot: bulk.py --plot-from sweep*.json
+        case $step in
+        sweep) what="--sweep-batch 64 128 256 512 --sweep-adapters 1 8 32 200" ;;
+        sweep_batch) what="--sweep-batch 64 128 256 512" ;;
+        *) what="--sweep-adapters 1 8 32 200" ;;
+        esac
         timeout "$limit" $py benchmarks/bulk.py --device cuda --runs --requests "${SWEEP_REQUESTS:-500}" \
-            --sweep-batch 64 128 256 512 --sweep-adapters 1 8 32 200 \
-            --out "$out/sweep.json" > /dev/null 2> "$out/sweep.log"
-        echo "sweep rc=$?"; summary "$out/sweep" ;;
+            $what ${BULK_ARGS:-} --out "$out/$step.json" > /dev/null 2> "$out/$step.log"
+        echo "$step rc=$?"; summary "$out/$step" ;;
     *)  # a bulk.py run name
         timeout "$limit" $py benchmarks/bulk.py --device cuda --runs "$step" ${BULK_ARGS:-} \
             --out "$out/bulk_$step.json" > /dev/null 2> "$out/bulk_$step.log"

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lorry.kernels.paged_tiles import kv_tile, logits, softmax_update
+
 BLOCK_M = 64          # queries per program
 BLOCK_N = 64          # keys per tile
 
@@ -52,7 +54,6 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out
 
 
-# Long by design: one program's whole online-softmax loop; helpers would re-pass its pointers.
 @triton.jit
 def _prefill_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, out_ptr, stride_rows,
                          row_stride, stride_qt, stride_btb, stride_btn, s_cs, s_ch, stride_ot,
@@ -90,35 +91,13 @@ def _prefill_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, out_ptr, strid
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
-        km = offs < hi
-        blk = tl.load(table + (offs // BLOCK_SIZE) * stride_btn, mask=km, other=0)
-        slot = blk.to(tl.int64) * BLOCK_SIZE + offs % BLOCK_SIZE      # [BLOCK_N]
-        kv_off = slot[:, None] * s_cs + d[None, :]
-        kvm = km[:, None] & dm[None, :]
-        k = tl.load(kbase + kv_off, mask=kvm, other=0.0)             # [BLOCK_N, BLOCK_D]
-        v = tl.load(vbase + kv_off, mask=kvm, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        if SOFTCAP > 0:                                               # cap * tanh(s / cap)
-            t = tl.exp(-2.0 * tl.abs(s / SOFTCAP))
-            s = tl.where(s < 0, -SOFTCAP, SOFTCAP) * (1.0 - t) / (1.0 + t)
+        k, v, km = kv_tile(table, kbase, vbase, offs, hi, d, dm, stride_btn, s_cs, BLOCK_SIZE)
+        s = logits(q, k, scale, SOFTCAP, IEEE)
         seen = km[None, :] & (offs[None, :] <= pos[:, None])
         if window > 0:
             seen = seen & (offs[None, :] > pos[:, None] - window)
         s = tl.where(seen, s, float("-inf"))                         # [BLOCK_M, BLOCK_N]
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, IEEE)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     tl.store(out_ptr + (q0 + i)[:, None] * stride_ot + head * D + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=im[:, None] & dm[None, :])

@@ -1,0 +1,51 @@
+"""Triton pieces the paged attention kernels share (kernels.decode_attention,
+kernels.prefill_attention): a tile of keys and values gathered through a block table, the
+scaled (soft-capped) logits, and one online-softmax update."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def kv_tile(table, kbase, vbase, offs, hi, d, dm, stride_btn, s_cs, BLOCK_SIZE: tl.constexpr):
+    """Keys and values [BLOCK_N, BLOCK_D] of one sequence at positions ``offs`` below ``hi``:
+    position p lives at slot table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE (zero past
+    ``hi``) -> (k, v, offs < hi)."""
+    km = offs < hi
+    blk = tl.load(table + (offs // BLOCK_SIZE) * stride_btn, mask=km, other=0)
+    slot = blk.to(tl.int64) * BLOCK_SIZE + offs % BLOCK_SIZE
+    kv_off = slot[:, None] * s_cs + d[None, :]
+    kvm = km[:, None] & dm[None, :]
+    return (tl.load(kbase + kv_off, mask=kvm, other=0.0),
+            tl.load(vbase + kv_off, mask=kvm, other=0.0), km)
+
+
+@triton.jit
+def logits(q, k, scale, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+    """q [M, BLOCK_D] . k [BLOCK_N, BLOCK_D]^T, scaled; capped at SOFTCAP * tanh(s / SOFTCAP)
+    when SOFTCAP > 0 (fp32 products with IEEE, for fp32 inputs)."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * scale
+    if SOFTCAP > 0:
+        t = tl.exp(-2.0 * tl.abs(s / SOFTCAP))
+        s = tl.where(s < 0, -SOFTCAP, SOFTCAP) * (1.0 - t) / (1.0 + t)
+    return s
+
+
+@triton.jit
+def softmax_update(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One tile of the online softmax: masked logits ``s`` [M, BLOCK_N] (-inf where unseen)
+    and values ``v`` into the running max ``m_i``, sum ``l_i`` and output ``acc``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv

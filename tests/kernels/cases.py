@@ -1,8 +1,10 @@
-"""Random multi-adapter LoRA problems and a plain per-row loop reference for kernel tests."""
+"""Random multi-adapter LoRA problems and a plain per-row loop reference for kernel tests;
+the attention kernels' shared checks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from lorry.kernels.segments import LoRAMeta, build_lora_meta
@@ -91,3 +93,22 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+ATTENTION_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def skip_interpreted_bf16(dtype, device):
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        pytest.skip("Triton 3.x's CPU interpreter multiplies bf16 dot operands as raw bits")
+
+
+def check_attention(out, ref, dtype):
+    """An attention kernel's output against its torch reference: fp32 within one reduction
+    order (IEEE dots); half types by relative error."""
+    assert out.dtype == dtype and out.shape == ref.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    else:
+        rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert rel < ATTENTION_TOL[dtype], rel

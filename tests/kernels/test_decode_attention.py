@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from lorry.kernels.decode_attention import decode_attention, decode_attention_ref, num_splits
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+from tests.kernels.cases import check_attention, skip_interpreted_bf16
 
 
 @dataclass
@@ -68,21 +67,6 @@ def _paged(B, heads, kvh, D, block_size, max_blocks, dtype, device, seed) -> Pag
                  heads)
 
 
-def _skip_interpreted_bf16(dtype, device):
-    if dtype == torch.bfloat16 and device.type == "cpu":
-        pytest.skip("Triton 3.x's CPU interpreter multiplies bf16 dot operands as raw bits")
-
-
-def _check(out, ref, dtype):
-    # fp32: the IEEE dots leave one reduction order apart; half types: relative error
-    assert out.dtype == dtype and out.shape == ref.shape
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    else:
-        rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        assert rel < TOL[dtype], rel
-
-
 # (B, heads, kvh, D, block_size, max_blocks)
 SHAPES = {
     "gqa_tile_spans_blocks": (3, 4, 2, 16, 16, 3),
@@ -95,22 +79,22 @@ SHAPES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_decode_attention_matches_reference(dtype, shape, device):
-    _skip_interpreted_bf16(dtype, device)
+    skip_interpreted_bf16(dtype, device)
     p = _paged(*SHAPES[shape], dtype=dtype, device=device, seed=sum(SHAPES[shape]))
-    _check(p.run(), p.ref(), dtype)
+    check_attention(p.run(), p.ref(), dtype)
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forced_splits_merge_to_the_reference(dtype, block_size, device):
-    _skip_interpreted_bf16(dtype, device)
+    skip_interpreted_bf16(dtype, device)
     # 512 keys in 4 splits of 128: the 1-key row leaves three splits empty, the full row none
     p = _paged(3, 8, 2, 32, block_size, 512 // block_size, dtype, device, seed=block_size)
     ref = p.ref()
     outs = {splits: p.run(splits) for splits in (1, 2, 4)}
     for out in outs.values():
-        _check(out, ref, dtype)
-    _check(outs[4], outs[1], dtype)
+        check_attention(out, ref, dtype)
+    check_attention(outs[4], outs[1], dtype)
 
 
 @pytest.mark.parametrize("window", [None, 24])
@@ -128,7 +112,7 @@ def test_reads_only_the_visible_keys_through_the_block_table(block_size, window,
     for splits in (1, 4):
         out = p.run(splits, window=window)
         assert torch.isfinite(out).all()
-        _check(out, ref, torch.float32)
+        check_attention(out, ref, torch.float32)
 
 
 @pytest.mark.parametrize("window, softcap, splits", [(5, None, 1), (1, None, 1), (40, None, 4),
@@ -139,7 +123,7 @@ def test_sliding_window_scale_and_softcap_match_reference(window, softcap, split
     p = _paged(4, 4, 2, 16, 16, 19, torch.float32, device, seed=3)
     kw = {"scale": 0.3, "window": window, "softcap": softcap}
     out = p.run(splits, **kw)
-    _check(out, p.ref(**kw), torch.float32)
+    check_attention(out, p.ref(**kw), torch.float32)
     full = p.ref(scale=0.3, softcap=softcap)
     assert window is None or (out - full).abs().max() > 1e-3   # the window changes the result
 
@@ -185,4 +169,4 @@ def test_graph_replay_follows_new_tables_and_positions(splits):
     for name in ("q", "k_cache", "v_cache", "tables", "positions"):
         getattr(a, name).copy_(getattr(b, name))
     graph.replay()
-    _check(out, b.ref(), torch.bfloat16)
+    check_attention(out, b.ref(), torch.bfloat16)

@@ -1,12 +1,11 @@
-"""Paged prefill attention (chunks after cached keys) against a per-query torch reference."""
+"""Paged prefill attention (prompts, and chunks after cached keys) against a per-query torch reference."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from lorry.kernels.prefill_attention import BLOCK_M, prefill_attention, prefill_attention_ref
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+from tests.kernels.cases import check_attention, skip_interpreted_bf16
 
 
 class Chunks:
@@ -62,20 +61,6 @@ class Chunks:
         return seen.to(self.k_cache.device)
 
 
-def _skip_interpreted_bf16(dtype, device):
-    if dtype == torch.bfloat16 and device.type == "cpu":
-        pytest.skip("Triton 3.x's CPU interpreter multiplies bf16 dot operands as raw bits")
-
-
-def _check(out, ref, dtype):
-    assert out.dtype == dtype and out.shape == ref.shape
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    else:
-        rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        assert rel < TOL[dtype], rel
-
-
 # (starts, lens, heads, kvh, D, block_size)
 CASES = {
     # a whole prompt, a chunk after a cached prefix, a one-token chunk; GQA; tiles span blocks
@@ -93,10 +78,10 @@ CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", list(CASES))
 def test_prefill_attention_matches_reference(case, dtype, padded, device):
-    _skip_interpreted_bf16(dtype, device)
+    skip_interpreted_bf16(dtype, device)
     c = Chunks(*CASES[case], dtype=dtype, device=device, seed=len(case), padded=padded)
     out, ref = c.run(), c.ref()
-    _check(out, ref, dtype)
+    check_attention(out, ref, dtype)
     real = torch.zeros(out.shape[0], dtype=torch.bool)
     real[c.real()] = True
     assert padded == (not real.all())
@@ -117,7 +102,7 @@ def test_reads_only_the_visible_keys_through_the_block_table(block_size, window,
     c.v_cache[hidden] = float("nan")
     out = c.run(window=window)
     assert torch.isfinite(out).all()
-    _check(out, ref, torch.float32)
+    check_attention(out, ref, torch.float32)
 
 
 @pytest.mark.parametrize("window, softcap", [(5, None), (1, None), (100, None), (None, 2.0),
@@ -126,7 +111,7 @@ def test_sliding_window_scale_and_softcap_match_reference(window, softcap, devic
     c = Chunks([0, 150, 40], [80, 70, 3], 4, 2, 16, 16, torch.float32, device, seed=3)
     kw = {"scale": 0.3, "window": window, "softcap": softcap}
     out = c.run(**kw)
-    _check(out, c.ref(**kw), torch.float32)
+    check_attention(out, c.ref(**kw), torch.float32)
     full = c.ref(scale=0.3, softcap=softcap)
     assert window is None or (out - full).abs().max() > 1e-3   # the window matters
 

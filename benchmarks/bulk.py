@@ -250,6 +250,28 @@ def _captures(eng) -> int | None:
     return getattr(graphs, "captures", None)
 
 
+def _progress(eng, label: str, every: float = 20.0) -> None:
+    """A stderr line every ``every`` seconds of ``eng``'s steps, so a run cut short by a time
+    limit still shows how far it got and at what pace."""
+    step, t0 = eng.step, time.perf_counter()
+    state = {"last": t0, "steps": 0}
+
+    def stepped():
+        out = step()
+        state["steps"] += 1
+        now = time.perf_counter()
+        if now - state["last"] >= every:
+            s = eng.cache_stats()["steps"]
+            print(f"[bulk] {label}: {state['steps']} steps in {now - t0:.0f} s (with prompt "
+                  f"work {s['prefill']['steps']} in {s['prefill']['seconds']:.0f} s, decode "
+                  f"{s['decode']['steps']} in {s['decode']['seconds']:.0f} s, engine totals)",
+                  file=sys.stderr, flush=True)
+            state["last"] = now
+        return out
+
+    eng.step = stepped
+
+
 def _generate(eng, w: Workload, loras: list[LoRARequest] | None, limit: int | None):
     """engine.generate over ``w``; adapter i runs as adapter i % limit when limited."""
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
@@ -283,6 +305,7 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
     loras = None if run == "no_adapters" else ctx["loras"]
     eng = LLMEngine(config)
     eng.runner.pack_prefill = run != "padded_prefill"
+    _progress(eng, f"{run}, {max_num_seqs} rows" + ("" if limit is None else f", {limit} adapters"))
     try:
         t0 = time.perf_counter()
         n = args.warmup if args.warmup is not None else 2 * max_num_seqs

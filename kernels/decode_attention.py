@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from lorry.kernels.device_info import num_sms
-from lorry.kernels.paged_tiles import kv_tile, logits, softmax_update
+from lorry.kernels.paged_tiles import check_paged, kv_tile, logits, softmax_update
 
 BLOCK_N = 64          # keys per tile
 MIN_CHUNK = 256       # fewest keys per split
@@ -123,22 +123,11 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_tables: torch.Tensor, positions: torch.Tensor, block_size: int,
                   splits: int | None) -> None:
     """Raise ValueError naming the first input decode_attention cannot take."""
-    if k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"caches must be [num_slots, kv_heads, head_dim] of one shape, got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    num_slots, kvh, D = k_cache.shape
-    if q.dim() != 2 or q.shape[1] % D or (q.shape[1] // D) % kvh:
-        raise ValueError(f"q width {q.shape[-1]} is not heads*head_dim with head_dim {D} and "
-                         f"a multiple of {kvh} kv heads")
-    if q.stride(-1) != 1 or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
-        raise ValueError("decode_attention needs unit last strides and caches of one layout")
+    check_paged("decode_attention", q, k_cache, v_cache, block_size)
     B = q.shape[0]
     if block_tables.dim() != 2 or block_tables.shape[0] != B or positions.shape != (B,):
         raise ValueError(f"block_tables must be [{B}, max_blocks] and positions [{B}] for {B} "
                          f"queries, got {tuple(block_tables.shape)} and {tuple(positions.shape)}")
-    if block_size < 1 or num_slots % block_size:
-        raise ValueError(f"block_size {block_size} must be positive and divide the caches' "
-                         f"{num_slots} slots")
     if splits is not None and (splits < 1 or splits & (splits - 1)):
         raise ValueError(f"splits must be a power of two, got {splits}")
 

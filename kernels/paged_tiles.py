@@ -1,10 +1,29 @@
-"""Triton pieces the paged attention kernels share (kernels.decode_attention,
-kernels.prefill_attention): a tile of keys and values gathered through a block table, the
-scaled (soft-capped) logits, and one online-softmax update."""
+"""Pieces the paged attention kernels share (kernels.decode_attention,
+kernels.prefill_attention): their input checks, and in Triton a tile of keys and values
+gathered through a block table, the scaled (soft-capped) logits, one online-softmax update."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+
+def check_paged(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                block_size: int) -> None:
+    """Raise ValueError naming the first of q [*, h*D], the caches [num_slots, kvh, D] and
+    ``block_size`` that the kernel ``name`` cannot take."""
+    if k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"caches must be [num_slots, kv_heads, head_dim] of one shape, got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    num_slots, kvh, D = k_cache.shape
+    if q.dim() != 2 or q.shape[1] % D or (q.shape[1] // D) % kvh:
+        raise ValueError(f"q width {q.shape[-1]} is not heads*head_dim with head_dim {D} and "
+                         f"a multiple of {kvh} kv heads")
+    if q.stride(-1) != 1 or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError(f"{name} needs unit last strides and caches of one layout")
+    if block_size < 1 or num_slots % block_size:
+        raise ValueError(f"block_size {block_size} must be positive and divide the caches' "
+                         f"{num_slots} slots")
 
 
 @triton.jit

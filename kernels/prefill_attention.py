@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorry.kernels.paged_tiles import kv_tile, logits, softmax_update
+from lorry.kernels.paged_tiles import check_paged, kv_tile, logits, softmax_update
 
 BLOCK_M = 64          # queries per program
 BLOCK_N = 64          # keys per tile
@@ -105,24 +105,13 @@ def _prefill_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, out_ptr, strid
 
 def _check_inputs(q, k_cache, v_cache, block_tables, rows, block_size) -> None:
     """Raise ValueError naming the first input prefill_attention cannot take."""
-    if k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"caches must be [num_slots, kv_heads, head_dim] of one shape, got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    num_slots, kvh, D = k_cache.shape
-    if q.dim() != 2 or q.shape[1] % D or (q.shape[1] // D) % kvh:
-        raise ValueError(f"q width {q.shape[-1]} is not heads*head_dim with head_dim {D} and "
-                         f"a multiple of {kvh} kv heads")
-    if q.stride(-1) != 1 or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
-        raise ValueError("prefill_attention needs unit last strides and caches of one layout")
+    check_paged("prefill_attention", q, k_cache, v_cache, block_size)
     if rows.dim() != 2 or rows.shape[0] != 3 or rows.stride(1) != 1:
         raise ValueError(f"rows must be [3, B] (q_start, q_len, ctx) with unit column stride, "
                          f"got {tuple(rows.shape)}")
     if block_tables.dim() != 2 or block_tables.shape[0] != rows.shape[1]:
         raise ValueError(f"block_tables must be [{rows.shape[1]}, max_blocks], got "
                          f"{tuple(block_tables.shape)}")
-    if block_size < 1 or num_slots % block_size:
-        raise ValueError(f"block_size {block_size} must be positive and divide the caches' "
-                         f"{num_slots} slots")
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from lorry.kernels.device_info import num_sms
+from lorry.kernels.launch_math import cdiv, next_pow2
 from lorry.kernels.paged_tiles import check_paged, kv_tile, logits, softmax_update
 
 BLOCK_N = 64          # keys per tile
@@ -114,9 +115,9 @@ def _merge_splits_kernel(part_ptr, ml_ptr, out_ptr, stride_ob, H,
 def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
     """Sequence splits (a power of two) so that batch * kv_heads * splits programs fill the
     chip twice over, each split keeping at least MIN_CHUNK keys. Host constants only."""
-    want = triton.cdiv(2 * num_sms(device), max(1, batch * kv_heads))
+    want = cdiv(2 * num_sms(device), max(1, batch * kv_heads))
     cap = max(1, max_len // MIN_CHUNK)
-    return triton.next_power_of_2(max(1, min(want, cap))) if min(want, cap) > 1 else 1
+    return next_pow2(max(1, min(want, cap))) if min(want, cap) > 1 else 1
 
 
 def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -166,8 +167,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     G = h // kvh
     max_len = block_tables.shape[1] * block_size
     splits = splits or num_splits(B, kvh, max_len, q.device)
-    chunk = triton.cdiv(triton.cdiv(max_len, splits), BLOCK_N) * BLOCK_N
-    block_d = triton.next_power_of_2(D)
+    chunk = cdiv(cdiv(max_len, splits), BLOCK_N) * BLOCK_N
+    block_d = next_pow2(D)
     if splits > 1:
         part = torch.empty(B * h * splits, block_d, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * h * splits, 2, dtype=torch.float32, device=q.device)
@@ -177,7 +178,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, block_tables, positions, out, part, ml,
         q.stride(0), block_tables.stride(0), block_tables.stride(1), k_cache.stride(0),
         k_cache.stride(1), out.stride(0), scale or D ** -0.5, window or 0,
-        SOFTCAP=float(softcap or 0.0), G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D,
+        SOFTCAP=float(softcap or 0.0), G=G, G_PAD=max(16, next_pow2(G)), D=D,
         BLOCK_D=block_d, BLOCK_N=BLOCK_N, BLOCK_SIZE=block_size, CHUNK=chunk, SPLITS=splits,
         IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
     if splits > 1:

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lorry.kernels.launch_math import cdiv, next_pow2
+
 # ----------------------------------------------------------------------------- references
 
 def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -134,7 +136,7 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
         raise ValueError("add_rmsnorm needs rows with unit stride in the last dimension")
     out = torch.empty_like(x)
     if T:
-        block = triton.next_power_of_2(H)
+        block = next_pow2(H)
         res = residual if residual is not None else x
         _add_rmsnorm_kernel[(T,)](x, res, weight, out, H, x.stride(0), res.stride(0),
                                   out.stride(0), eps, HAS_RES=residual is not None, BLOCK=block,
@@ -150,8 +152,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         raise ValueError("silu_mul needs rows with unit stride in the last dimension")
     out = torch.empty(T, inter, dtype=gate_up.dtype, device=gate_up.device)
     if T:
-        block = min(4096, triton.next_power_of_2(inter))
-        _silu_mul_kernel[(T, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0),
+        block = min(4096, next_pow2(inter))
+        _silu_mul_kernel[(T, cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0),
                                                          out.stride(0), BLOCK=block,
                                                          num_warps=max(1, min(8, block // 256)))
     return out
@@ -186,6 +188,6 @@ def rotary_qk_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
             qkv, positions, cos, sin, slot_mapping if write else positions, kc, vc,
             qkv.stride(0), cos.stride(0), st[0], st[1],
             HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2,
-            BLOCK_H=triton.next_power_of_2(heads + kv_heads),
-            BLOCK_HALF=triton.next_power_of_2(head_dim // 2), WRITE_CACHE=write, num_warps=4)
+            BLOCK_H=next_pow2(heads + kv_heads),
+            BLOCK_HALF=next_pow2(head_dim // 2), WRITE_CACHE=write, num_warps=4)
     return qkv

@@ -21,6 +21,7 @@ import triton
 
 from lorry.kernels import tuning
 from lorry.kernels.device_info import interpreted, num_sms, pdl_supported
+from lorry.kernels.launch_math import cdiv, next_pow2
 from lorry.kernels.lora_decode_kernel import lora_decode_kernel
 from lorry.kernels.segments import LoRAMeta, tile_table
 
@@ -88,29 +89,29 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
             or active * sum(widths) < cfg["min_expand_cols"]:
         return None
     rows = cfg["rows"]
-    block_r = max(16, triton.next_power_of_2(rank))
+    block_r = max(16, next_pow2(rank))
     tile = max(cfg.get("min_block_n", 32), cfg["tile_elems"] // block_r)
-    block_n = min(tile, 1024, max(16, triton.next_power_of_2(max(widths))))
+    block_n = min(tile, 1024, max(16, next_pow2(max(widths))))
     shrink_tile = max(cfg.get("min_block_k", 32),
                       (cfg.get("shrink_tile_elems") or cfg["tile_elems"]) // block_r)
-    block_k = min(shrink_tile, 1024, max(16, triton.next_power_of_2(hidden)))
+    block_k = min(shrink_tile, 1024, max(16, next_pow2(hidden)))
     target = cfg["programs_per_sm"] * num_sms(device)
     shrink_target = (cfg.get("shrink_programs_per_sm") or cfg["programs_per_sm"]) * num_sms(device)
     # Split the reduction over H until the shrink items fill the GPU (at most one k tile
     # per item); the expand sums the split_k partial products of its rows.
-    split_k = max(1, min(cfg["max_split_k"], triton.cdiv(hidden, block_k),
+    split_k = max(1, min(cfg["max_split_k"], cdiv(hidden, block_k),
                          shrink_target // (active * S)))
-    n_mtiles = triton.cdiv(T, rows) + active
+    n_mtiles = cdiv(T, rows) + active
     # Column chunks of nsub tiles each, so that about `target` expand items stream the weights.
-    subtiles = [triton.cdiv(n, block_n) for n in widths]
-    nsub = max(1, triton.cdiv(active * sum(subtiles), target))
-    chunks = [triton.cdiv(s, nsub) for s in subtiles]
+    subtiles = [cdiv(n, block_n) for n in widths]
+    nsub = max(1, cdiv(active * sum(subtiles), target))
+    chunks = [cdiv(s, nsub) for s in subtiles]
     n_shrink = n_mtiles * S * split_k
     cc = [sum(chunks[:i + 1]) for i in range(S)] + [sum(chunks)] * (3 - S)
     expand_loop = cfg.get("expand_loop", 0)
     if expand_loop == 2 and device.type == "cuda" and not _pipelines_loops_with_waits():
         expand_loop = 1
-    return {"rows": rows, "block_m": max(16, triton.next_power_of_2(rows)),
+    return {"rows": rows, "block_m": max(16, next_pow2(rows)),
             "block_n": block_n, "block_r": block_r,
             "block_k": block_k, "split_k": split_k, "nsub": nsub, "n_mtiles": n_mtiles,
             "n_shrink": n_shrink, "cc": cc, "n_items": n_shrink + n_mtiles * cc[2],

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lorry.kernels.launch_math import cdiv, next_pow2
 from lorry.kernels.paged_tiles import check_paged, kv_tile, logits, softmax_update
 
 BLOCK_M = 64          # queries per program
@@ -147,11 +148,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     out = torch.zeros(q.shape[0], h * D, dtype=q.dtype, device=q.device)
     if B == 0 or max_q <= 0:
         return out
-    _prefill_attn_kernel[(h, triton.cdiv(max_q, BLOCK_M), B)](
+    _prefill_attn_kernel[(h, cdiv(max_q, BLOCK_M), B)](
         q, k_cache, v_cache, block_tables, rows, out, rows.stride(0), row_stride,
         q.stride(0), block_tables.stride(0), block_tables.stride(1), k_cache.stride(0),
         k_cache.stride(1), out.stride(0), scale or D ** -0.5, window or 0,
         SOFTCAP=float(softcap or 0.0), G=h // kvh, D=D,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_D=max(16, next_pow2(D)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_SIZE=block_size, IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
     return out

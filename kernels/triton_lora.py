@@ -7,9 +7,9 @@ be captured in a CUDA graph. Up to three slices go into one launch; more are don
 from __future__ import annotations
 
 import torch
-import triton
 
 from lorry.kernels.device_info import interpreted, num_sms
+from lorry.kernels.launch_math import cdiv, next_pow2
 from lorry.kernels.lora_decode import try_add_lora_decode, try_expand_folded_decode
 from lorry.kernels.segments import LoRAMeta
 from lorry.kernels.triton_kernels import lora_expand_kernel, lora_shrink_kernel
@@ -25,7 +25,7 @@ def _check_device(x: torch.Tensor) -> None:
 
 
 def _block_l(max_loras: int) -> int:
-    return max(16, triton.next_power_of_2(max_loras))  # few variants to compile
+    return max(16, next_pow2(max_loras))  # few variants to compile
 
 
 def _block_m(num_tokens: int, max_loras: int) -> int:
@@ -39,7 +39,7 @@ def _block_m(num_tokens: int, max_loras: int) -> int:
 
 def _num_m_tiles(num_tokens: int, max_loras: int, block_m: int) -> int:
     # Each slot's last tile may be partial: at most one extra tile per slot that has tokens.
-    return triton.cdiv(num_tokens, block_m) + min(max_loras, num_tokens)
+    return cdiv(num_tokens, block_m) + min(max_loras, num_tokens)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -81,16 +81,16 @@ def _shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta, out: to
     if T == 0:
         return
     block_m = _block_m(T, meta.max_loras)
-    block_n = min(max(16, triton.next_power_of_2(R)), 64)
+    block_n = min(max(16, next_pow2(R)), 64)
     block_k = 256 if block_m == 16 else 64
-    block_k = min(block_k, max(16, triton.next_power_of_2(H)))
+    block_k = min(block_k, max(16, next_pow2(H)))
     for g0, g1 in _groups(len(lora_a)):
         a = lora_a[g0:g1]
         if any(t.stride() != a[0].stride() for t in a):
             raise ValueError("lora_a slices must share one memory layout (strides)")
         a_ptrs = a + [a[0]] * (MAX_SLICES_PER_LAUNCH - len(a))
         o = out[:, g0:g1]
-        grid = (_num_m_tiles(T, meta.max_loras, block_m), triton.cdiv(R, block_n) * split_k,
+        grid = (_num_m_tiles(T, meta.max_loras, block_m), cdiv(R, block_n) * split_k,
                 g1 - g0)
         lora_shrink_kernel[grid](
             x, *a_ptrs, o, meta.sorted_token_ids, meta.slot_token_counts, meta.slot_token_starts,
@@ -111,14 +111,14 @@ def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: 
     if T == 0:
         return
     block_m = _block_m(T, meta.max_loras)
-    block_r = min(max(16, triton.next_power_of_2(R)), 64)
+    block_r = min(max(16, next_pow2(R)), 64)
     # Wider column tiles (256, 512) are slower for decode on an H200 (docs/BENCHMARKS.md).
     block_n = 128 if block_m == 16 else 64
     for g0, g1 in _groups(len(lora_b)):
         b = lora_b[g0:g1]
         offs = list(slice_offsets[g0:g1])
         widths = [t.shape[1] for t in b]
-        tiles = [triton.cdiv(n, block_n) for n in widths]
+        tiles = [cdiv(n, block_n) for n in widths]
         pad = MAX_SLICES_PER_LAUNCH - len(b)
         b_ptrs, widths, offs = b + [b[0]] * pad, widths + [0] * pad, offs + [0] * pad
         strides = [s for t in b_ptrs for s in t.stride()]

@@ -6,7 +6,7 @@ are real and only the host's issue time is timed (no sync per call). Elsewhere (
 the Triton kernels are replaced by no-op launches, so what is timed is the launchers' own
 Python: grids, block sizes, checks, workspaces.
 
-    PYTHONPATH=. python benchmarks/launch_overhead.py [--tokens N] [--device cpu|cuda]
+    PYTHONPATH=. python benchmarks/launch_overhead.py [--tokens N] [--device cpu|cuda] [--forward]
 """
 from __future__ import annotations
 
@@ -55,6 +55,47 @@ def _us(fn, device: str, repeats: int) -> float:
     return round(1e6 * statistics.median(times), 1)
 
 
+def forward_host_ms(repeats: int) -> dict:
+    """Host milliseconds of one prefill step (6 prompts of 20-45 tokens) of a 32-layer Llama
+    with 64-wide layers, no-op kernels (off CUDA only): so small that the step's own compute
+    is a small part; the Llama-shaped blocks' Triton prefill against the torch layers'."""
+    import tempfile
+    from pathlib import Path
+
+    from lorry.engine import EngineConfig, LLMEngine, SamplingParams
+    from lorry.engine.model import attention, llama
+    from lorry.testing import make_tiny_llama
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_tiny_llama(Path(tmp) / "m", num_layers=32, hidden_size=64, num_heads=4,
+                                num_kv_heads=2, max_position_embeddings=512)
+        eng = LLMEngine(EngineConfig(model=str(model), device="cpu", enable_lora=False,
+                                     max_model_len=512, num_kv_blocks=256))
+        runner, real = eng.runner, type(eng.runner).prefill
+
+        def measured(seqs, slots, chunks=None):
+            for name, paged in (("triton_prefill", True), ("torch_prefill", False)):
+                attention.PAGED_PREFILL = paged
+                out[name] = round(_us(lambda: real(runner, seqs, slots, chunks), "cpu",
+                                      repeats) / 1e3, 2)
+            attention.PAGED_PREFILL = True
+            return real(runner, seqs, slots, chunks)
+
+        # the Llama-shaped blocks' path (and flash-decode) as on CUDA
+        fused, flash = llama.fused_ops_on, attention.flash_decode
+        llama.fused_ops_on = attention.flash_decode = lambda x: True
+        runner.prefill = measured
+        try:
+            for i in range(6):
+                eng.add_request(str(i), [5 + (7 * i + j) % 200 for j in range(20 + 5 * i)],
+                                SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+            eng.step()
+        finally:
+            llama.fused_ops_on, attention.flash_decode = fused, flash
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -62,6 +103,8 @@ def main() -> None:
                     help="tokens of the prefill step (default: 2048 on CUDA; 64 elsewhere, "
                          "where the outputs' allocation and zeroing are real CPU work)")
     ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--forward", action="store_true",
+                    help="also the host time of a whole 32-layer prefill step (off CUDA)")
     args = ap.parse_args()
     dev = args.device
     T = args.tokens or (2048 if dev == "cuda" else 64)
@@ -104,6 +147,8 @@ def main() -> None:
            "launches": "real (host issue time)" if dev == "cuda" else "no-op (launchers' Python)",
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "us_per_call": {k: _us(fn, dev, args.repeats) for k, fn in calls.items()}}
+    if args.forward and dev != "cuda":
+        res["prefill_step_host_ms"] = forward_host_ms(max(5, args.repeats // 10))
     print(json.dumps(res, indent=2))
 
 

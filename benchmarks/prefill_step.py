@@ -9,7 +9,7 @@ row's slot -1), and with the prefill attention of the torch layers (rotary table
 writes by indexing, SDPA, gathered keys for chunks) instead of the Triton rotary + cache write
 and kernels.prefill_attention; the time the host takes to issue the step; then
 torch.profiler tables of the replay as it ran: the kernels' GPU time and the host's time by
-operator. CPU: ``--tiny`` (the scaled-down workload; times only, no profile).
+operator, and where the replay makes the host wait for the GPU (torch's sync debug mode). CPU: ``--tiny`` (the scaled-down workload; times only, no profile).
 """
 from __future__ import annotations
 
@@ -90,6 +90,29 @@ def _host_profile(fn, rows: int) -> list[dict]:
              "calls": e.count} for e in events[:rows]]
 
 
+def _syncs(fn) -> list[dict]:
+    """Where one ``fn()`` call makes the host wait for the GPU: torch's sync debug mode warns
+    at every synchronizing CUDA call (a device value read on the host, a copy from pageable
+    memory, ...); each distinct place once, with its count."""
+    import warnings
+
+    found: dict = {}
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    for w in caught:
+        if "synchroniz" not in str(w.message):
+            continue
+        key = (str(w.message)[:100], f"{w.filename}:{w.lineno}")
+        found[key] = found.get(key, 0) + 1
+    return [{"what": k[0], "where": k[1], "count": n} for k, n in found.items()]
+
+
 def measure(eng, args, seqs, slots, chunks) -> dict:
     real = type(eng.runner).prefill
     runner, n = eng.runner, len(chunks)
@@ -121,6 +144,7 @@ def measure(eng, args, seqs, slots, chunks) -> dict:
         res["host_ms"] = _host_ms(run, args.repeats)
         res["allocator_during_replays"] = {k: torch.cuda.memory_stats().get(k, 0) - before[k]
                                            for k in keys}
+        res["syncs"] = _syncs(run)
         res["kernels"] = _profile(run, args.rows)
         res["host_ops"] = _host_profile(run, args.rows)
     return res

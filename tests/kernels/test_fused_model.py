@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig
 
 from lorry.engine.model.llama import Batch, LlamaForCausalLM
+from tests.kernels.cases import skip_interpreted_bf16
 
 # bases whose blocks the Triton path serves: per-head q/k norms (qwen3), a sliding window
 # shorter than the steps below (mistral), fused checkpoint projections + longrope (phi3)
@@ -70,8 +71,7 @@ def _fused(model, ids, batch, last):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @torch.inference_mode()
 def test_triton_path_equals_torch_path(dtype, base, device):
-    if dtype == torch.bfloat16 and device.type == "cpu":
-        pytest.skip("Triton 3.x's CPU interpreter multiplies bf16 dot operands as raw bits")
+    skip_interpreted_bf16(dtype, device)
     ref = _model(device, dtype, base)
     tri = copy.deepcopy(ref)
     B, S = 3, 6

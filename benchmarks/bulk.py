@@ -430,18 +430,24 @@ def plot(res: dict, path: str) -> None:
     for ax, key, field, label in (
             (axes[0], "sweep_batch", "max_num_seqs", "max_num_seqs (batch rows)"),
             (axes[1], "sweep_adapters", "adapter_limit", "distinct adapters in the workload")):
-        pts = sorted((r[field], r["tok_per_s"]) for r in res.get(key, {}).values()
-                     if "tok_per_s" in r)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label="mixed")
+        runs = sorted((r[field], r["tok_per_s"], r["kv"]["peak_running"])
+                      for r in res.get(key, {}).values() if "tok_per_s" in r)
+        if runs:
+            xs, ys, _ = zip(*runs)
+            ax.plot(xs, ys, marker="o", label="mixed")
+            for x, y, peak in runs:   # how many rows the run reached, under the point
+                ax.annotate(f"peak {peak} rows", (x, y), textcoords="offset points",
+                            xytext=(0, -14), ha="center", fontsize=7)
             ax.set_xscale("log", base=2)
-            ax.set_xticks([x for x, _ in pts], [str(x) for x, _ in pts])
+            ax.set_xticks(xs, [str(x) for x in xs])
         no_lora = res["runs"].get("no_adapters", {}).get("tok_per_s")
         if no_lora:
             ax.axhline(no_lora, ls="--", c="gray", label="no adapters (default batch)")
         ax.set(xlabel=label, ylabel="output tokens/s")
+        ax.set_ylim(0, 1.12 * ax.get_ylim()[1])
         ax.legend(fontsize=8)
-    fig.suptitle(f"bulk workload, {res.get('gpu') or res['device']}")
+    fig.suptitle(f"bulk workload ({res['workload']['requests']} requests), "
+                 f"{res.get('gpu') or res['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

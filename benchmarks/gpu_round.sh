@@ -2,7 +2,8 @@
 # The GPU checks and figures of docs/BENCHMARKS.md, in steps that each fit a short lease.
 #   benchmarks/gpu_round.sh OUTDIR STEP [STEP ...]
 # Steps: tests | throughput | throughputN (num_scheduler_steps N) | prefill (one mixed prefill
-# step of the bulk workload: benchmarks/prefill_step.py) | sweep (or its halves sweep_batch,
+# step of the bulk workload: benchmarks/prefill_step.py) | decode (a decode round of it: the
+# same script's --decode) | launch (launch_overhead.py) | sweep (or its halves sweep_batch,
 # sweep_adapters) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
 # leaves the ones before it. Run from the repository root on the GPU machine.
@@ -41,6 +42,14 @@ while [ $# -gt 0 ]; do
             > /dev/null 2> "$out/prefill.log"
         echo "prefill rc=$?"; [ -s "$out/prefill.json" ] && $py -c 'import json,sys
 r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k not in ("kernels", "host_ops")})' "$out/prefill.json" ;;
+    decode)
+        timeout "$limit" $py benchmarks/prefill_step.py --decode --skip 150 --requests 1000 \
+            --out "$out/decode.json" > /dev/null 2> "$out/decode.log"
+        echo "decode rc=$?"; [ -s "$out/decode.json" ] && $py -c 'import json,sys
+r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "kernels"}); [print(k) for k in r.get("kernels", [])[:12]]' "$out/decode.json" ;;
+    launch)
+        timeout "$limit" $py benchmarks/launch_overhead.py > "$out/launch.json" 2> "$out/launch.log"
+        echo "launch rc=$?"; cat "$out/launch.json" ;;
     sweep|sweep_batch|sweep_adapters)   # the plot: bulk.py --plot-from sweep*.json
         case $step in
         sweep) what="--sweep-batch 64 128 256 512 --sweep-adapters 1 8 32 200" ;;

@@ -10,6 +10,9 @@ writes by indexing, SDPA, gathered keys for chunks) instead of the Triton rotary
 and kernels.prefill_attention; the time the host takes to issue the step; then
 torch.profiler tables of the replay as it ran: the kernels' GPU time and the host's time by
 operator, and where the replay makes the host wait for the GPU (torch's sync debug mode). CPU: ``--tiny`` (the scaled-down workload; times only, no profile).
+``--decode`` measures a decode round instead (the first after ``--skip`` steps with at least
+``--min-rows`` rows, replayed in place): ms per step, the bytes a step reads (weights once,
+every row's keys and values) and the bandwidth that implies, and the kernels of one round.
 """
 from __future__ import annotations
 
@@ -150,6 +153,32 @@ def measure(eng, args, seqs, slots, chunks) -> dict:
     return res
 
 
+def measure_decode(eng, args, seqs, slots, steps, pick) -> dict:
+    """A decode round replayed in place (each replay writes the same tokens' keys and values
+    to the same reserved slots): ms per step, and the bytes a step must read (the weights
+    once, every row's keys and values) against that time."""
+    real = type(eng.runner).decode_steps
+    runner, model = eng.runner, eng.runner.model
+
+    def run():
+        return real(runner, seqs, slots, steps, pick)
+
+    ms = _timer(args.device, run, args.repeats)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if getattr(model, "lm_head", None) is not None:   # the embedding is gathered, not read
+        weights -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    keys = sum(s.num_tokens for s in seqs) + len(seqs) * (steps - 1) / 2   # a step's mean
+    kv = keys * model.kv_block_bytes(1)
+    res = {"rows": len(seqs), "steps": steps, "adapters": len({s for s in slots if s >= 0}),
+           "mean_keys": round(keys / len(seqs)), "max_keys": max(s.num_tokens for s in seqs) + steps,
+           "ms_round": ms, "ms_per_step": round(ms / steps, 3),
+           "gb_per_step": {"weights": round(weights / 1e9, 2), "kv": round(kv / 1e9, 2)},
+           "read_gb_per_s": round((weights + kv) / 1e6 / (ms / steps))}
+    if args.device == "cuda":
+        res["kernels"] = _profile(run, args.rows)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
@@ -159,6 +188,10 @@ def main() -> None:
     ap.add_argument("--min-tokens", type=int, default=None,
                     help="prompt tokens the measured step holds at least (default: 3/4 of "
                          "max_num_batched_tokens; tiny: 8)")
+    ap.add_argument("--decode", action="store_true",
+                    help="measure a decode round (CUDA graphs, no prompt work) instead")
+    ap.add_argument("--min-rows", type=int, default=None,
+                    help="--decode: rows the round holds at least (default: max_num_seqs / 2)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rows", type=int, default=20, help="kernels in the profile table")
     ap.add_argument("--seed", type=int, default=0)
@@ -169,7 +202,8 @@ def main() -> None:
     cli = argparse.Namespace(device=args.device, seed=args.seed, num_scheduler_steps=None,
                              block_size=None, num_kv_blocks=None, gpu_memory_utilization=None,
                              max_num_batched_tokens=None)
-    res = {"benchmark": "prefill_step", "device": args.device, "tiny": args.tiny,
+    res = {"benchmark": "prefill_step", "mode": "decode" if args.decode else "prefill",
+           "device": args.device, "tiny": args.tiny,
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
     with tempfile.TemporaryDirectory(prefix="lorry-prefill-") as tmp:
@@ -194,7 +228,19 @@ def main() -> None:
                 res.update(measure(eng, args, seqs, slots, chunks))
             return out
 
-        eng.runner.prefill = prefill
+        real_round = eng.runner.decode_steps
+        min_rows = args.min_rows or spec["max_num_seqs"] // 2
+
+        def decode_steps(seqs, slots, steps, pick):
+            if "step" not in res and step["n"] >= args.skip and len(seqs) >= min_rows:
+                res["step"] = step["n"]
+                res.update(measure_decode(eng, args, seqs, slots, steps, pick))
+            return real_round(seqs, slots, steps, pick)
+
+        if args.decode:
+            eng.runner.decode_steps = decode_steps
+        else:
+            eng.runner.prefill = prefill
         for i, (prompt, m, a) in enumerate(zip(work.prompts, work.max_tokens, work.adapter)):
             eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=m, temperature=0.0,
                                                             ignore_eos=True), loras[a])
@@ -203,7 +249,9 @@ def main() -> None:
             step["n"] += 1
         eng.loras.close()
     if "step" not in res:
-        res["error"] = f"no mixed step with >= {min_tokens} prompt tokens after {args.skip} steps"
+        res["error"] = (f"no decode round of >= {min_rows} rows" if args.decode else
+                        f"no mixed step with >= {min_tokens} prompt tokens") + \
+            f" after {args.skip} steps (more --requests, or a smaller --skip)"
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:

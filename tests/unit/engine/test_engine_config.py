@@ -29,7 +29,7 @@ def test_engine_config_defaults():
     assert (c.enable_lora, c.enforce_eager, c.lora_fold, c.quantization) == (
         True, False, True, None)
     assert (c.max_lora_rank, c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len) == (
-        16, 64, 2048, None)
+        16, 64, 8192, None)
     assert EngineConfig(model="m", max_loras=3, max_cpu_loras=8).max_cpu_loras == 8
 
 

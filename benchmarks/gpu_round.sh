@@ -43,7 +43,7 @@ while [ $# -gt 0 ]; do
         echo "prefill rc=$?"; [ -s "$out/prefill.json" ] && $py -c 'import json,sys
 r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k not in ("kernels", "host_ops")})' "$out/prefill.json" ;;
     decode)
-        timeout "$limit" $py benchmarks/prefill_step.py --decode --skip 150 --requests 1000 \
+        timeout "$limit" $py benchmarks/prefill_step.py --decode --skip 150 --requests 2000 --min-rows 96 \
             --out "$out/decode.json" > /dev/null 2> "$out/decode.log"
         echo "decode rc=$?"; [ -s "$out/decode.json" ] && $py -c 'import json,sys
 r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "kernels"}); [print(k) for k in r.get("kernels", [])[:12]]' "$out/decode.json" ;;

@@ -170,7 +170,8 @@ def measure_decode(eng, args, seqs, slots, steps, pick) -> dict:
     keys = sum(s.num_tokens for s in seqs) + len(seqs) * (steps - 1) / 2   # a step's mean
     kv = keys * model.kv_block_bytes(1)
     res = {"rows": len(seqs), "steps": steps, "adapters": len({s for s in slots if s >= 0}),
-           "mean_keys": round(keys / len(seqs)), "max_keys": max(s.num_tokens for s in seqs) + steps,
+           "mean_keys": round(keys / len(seqs)),
+           "max_keys": max(s.num_tokens for s in seqs) + steps - 1,
            "ms_round": ms, "ms_per_step": round(ms / steps, 3),
            "gb_per_step": {"weights": round(weights / 1e9, 2), "kv": round(kv / 1e9, 2)},
            "read_gb_per_s": round((weights + kv) / 1e6 / (ms / steps))}

@@ -38,13 +38,14 @@ while [ $# -gt 0 ]; do
             --more-adapters ${n:+--num-scheduler-steps $n} > "$out/$step.json" 2> "$out/$step.log"
         echo "$step rc=$?"; grep -E 'tok_per_s|overhead' "$out/$step.json" | head -12 ;;
     prefill)
-        timeout "$limit" $py benchmarks/prefill_step.py --skip 20 --out "$out/prefill.json" \
+        timeout "$limit" $py benchmarks/prefill_step.py --skip 150 --min-tokens 1024 \
+            --requests 1000 --trace "$out/prefill_trace.json" --out "$out/prefill.json" \
             > /dev/null 2> "$out/prefill.log"
         echo "prefill rc=$?"; [ -s "$out/prefill.json" ] && $py -c 'import json,sys
 r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k not in ("kernels", "host_ops")})' "$out/prefill.json" ;;
     decode)
         timeout "$limit" $py benchmarks/prefill_step.py --decode --skip 150 --requests 2000 --min-rows 96 \
-            --out "$out/decode.json" > /dev/null 2> "$out/decode.log"
+            --trace "$out/decode_trace.json" --out "$out/decode.json" > /dev/null 2> "$out/decode.log"
         echo "decode rc=$?"; [ -s "$out/decode.json" ] && $py -c 'import json,sys
 r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "kernels"}); [print(k) for k in r.get("kernels", [])[:12]]' "$out/decode.json" ;;
     launch)

@@ -93,6 +93,19 @@ def _host_profile(fn, rows: int) -> list[dict]:
              "calls": e.count} for e in events[:rows]]
 
 
+def _trace(fn, path: str) -> None:
+    """A timeline of one ``fn()`` call (host operators, CUDA runtime calls and kernels, for
+    chrome://tracing or Perfetto): whether the GPU idles between kernels waiting for the
+    host's launches, which the per-operator tables cannot show."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(path)
+
+
 def _syncs(fn) -> list[dict]:
     """Where one ``fn()`` call makes the host wait for the GPU: torch's sync debug mode warns
     at every synchronizing CUDA call (a device value read on the host, a copy from pageable
@@ -150,6 +163,8 @@ def measure(eng, args, seqs, slots, chunks) -> dict:
         res["syncs"] = _syncs(run)
         res["kernels"] = _profile(run, args.rows)
         res["host_ops"] = _host_profile(run, args.rows)
+        if args.trace:
+            _trace(run, args.trace)
     return res
 
 
@@ -177,6 +192,8 @@ def measure_decode(eng, args, seqs, slots, steps, pick) -> dict:
            "read_gb_per_s": round((weights + kv) / 1e6 / (ms / steps))}
     if args.device == "cuda":
         res["kernels"] = _profile(run, args.rows)
+        if args.trace:
+            _trace(run, args.trace)
     return res
 
 
@@ -193,6 +210,8 @@ def main() -> None:
                     help="measure a decode round (CUDA graphs, no prompt work) instead")
     ap.add_argument("--min-rows", type=int, default=None,
                     help="--decode: rows the round holds at least (default: max_num_seqs / 2)")
+    ap.add_argument("--trace", default=None,
+                    help="CUDA: also write a timeline of one replay here (Chrome trace JSON)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rows", type=int, default=20, help="kernels in the profile table")
     ap.add_argument("--seed", type=int, default=0)

@@ -25,6 +25,7 @@ import bulk
 from throughput import LLAMA3_8B
 
 from lorry.engine import EngineConfig, LoRARequest, SamplingParams
+from lorry.engine.llm_engine import GENERATE_ORDERS, longest_first
 from lorry.engine.kv_cache import BlockManager
 from lorry.engine.outputs import RequestMetrics
 from lorry.engine.scheduler import Scheduler
@@ -32,7 +33,12 @@ from lorry.engine.sequence import Sequence, SequenceStatus
 
 
 def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
-           max_bypass: int, prefix_caching: bool = True) -> dict:
+           max_bypass: int, prefix_caching: bool = True, order: str = "input") -> dict:
+    """The workload's schedule, submitted in ``order`` (as ``LLMEngine.generate``'s)."""
+    if order == "longest_first":
+        pick = longest_first(w.max_tokens)
+        w = bulk.Workload(*([xs[i] for i in pick] for xs in (w.prompts, w.max_tokens, w.adapter,
+                                                               w.prefix)), w.template_len)
     sch = Scheduler(rows, max_loras, BlockManager(blocks, 16, prefix_caching), budget,
                     max_bypass=max_bypass, num_steps=steps, max_model_len=5120)
     seqs = []
@@ -75,7 +81,7 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
                         spent += time.perf_counter() - t0
         host[plan.prefill].append(spent)
     waits = [started[s] for s in seqs]
-    return {"max_loras": max_loras, "num_scheduler_steps": steps,
+    return {"order": order, "max_loras": max_loras, "num_scheduler_steps": steps,
             "max_num_batched_tokens": budget, "max_bypass": max_bypass,
             "steps": step, "mixed_steps": mixed, "prefill_only_steps": step - decode_only - mixed,
             "decode_only_steps": decode_only, "rounds": rounds,
@@ -83,6 +89,7 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
             "peak_running": sch.peak_running, "preemptions": sch.preemptions,
             "first_step_of_request": {"median": statistics.median(waits), "max": max(waits)},
             "prefix_caching": prefix_caching,
+            "prefix_hit_rate": sch.blocks.stats()["prefix_hit_rate"],
             # the scheduler's host time (this machine's CPU): per prefill-bearing plan and per
             # decode plan (a round is one plan), and in all
             "host_ms": {"per_prefill_plan": round(1e3 * statistics.mean(host[True] or [0]), 3),
@@ -104,13 +111,17 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=40000,
                     help="KV pool in blocks of 16 (40,000: ~80 GB of Llama-3-8B keys/values)")
     ap.add_argument("--prefix-caching", choices=["on", "off"], nargs="+", default=["on"])
+    ap.add_argument("--order", choices=GENERATE_ORDERS, nargs="+", default=["input"],
+                    help="submission orders (LLMEngine.generate's order): input, or the "
+                         "longest answers first (generate's default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     spec = dict(bulk.SPECS["gpu"])
     w = bulk.make_workload(spec, args.requests, LLAMA3_8B["vocab_size"], args.seed)
-    runs = [replay(w, args.rows, ml, k, b, args.blocks, mb, pc == "on") for ml, k, b, mb, pc in
+    runs = [replay(w, args.rows, ml, k, b, args.blocks, mb, pc == "on", o)
+            for ml, k, b, mb, pc, o in
             itertools.product(args.max_loras, args.steps, args.budget, args.max_bypass,
-                              args.prefix_caching)]
+                              args.prefix_caching, args.order)]
     print(json.dumps({"benchmark": "schedule_replay", "date": time.strftime("%Y-%m-%d"),
                       "requests": args.requests, "rows": args.rows, "seed": args.seed,
                       "output_tokens": sum(w.max_tokens), "runs": runs}, indent=2))

@@ -116,7 +116,27 @@ def test_step_api_abort_and_outputs(engine, tiny_llama):
     assert m.arrival_time <= m.first_token_time <= m.finished_time
 
 
+@pytest.mark.parametrize("order", ["longest_first", "input"])
+def test_generate_admits_the_longest_answers_first_and_returns_input_order(engine, order):
+    """4 rows, 6 requests: by default the 4 longest answers take the rows first (a batch
+    that ends on one long row wastes the others); order="input" is first come, first served.
+    Either way the outputs come back in input order, with the same greedy tokens."""
+    lengths = [2, 9, 4, 12, 3, 7]
+    prompts = [f"request {i}" for i in range(len(lengths))]
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in lengths]
+    outs = engine.generate(prompts, params, use_tqdm=False, order=order)
+    assert [o.prompt for o in outs] == prompts
+    assert [len(o.outputs[0].token_ids) for o in outs] == lengths
+    started = [o.metrics.first_scheduled_time for o in outs]
+    first = {3, 1, 5, 2} if order == "longest_first" else {0, 1, 2, 3}   # of max_num_seqs=4
+    assert max(started[i] for i in first) < min(started[i] for i in set(range(6)) - first)
+    alone = [engine.generate(p, sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
+    assert _ids(outs) == _ids(alone)
+
+
 def test_generate_argument_errors(engine):
+    with pytest.raises(ValueError, match="order must be one of"):
+        engine.generate(["a"], SamplingParams(), use_tqdm=False, order="shortest")
     with pytest.raises(ValueError, match="2 prompts, 3 sampling params"):
         engine.generate(["a", "b"], [SamplingParams()] * 3, use_tqdm=False)
     with pytest.raises(ValueError, match="prompt"):

@@ -403,7 +403,7 @@ class LLMEngine:
         ids = [f"gen-{next(self._ids)}" for _ in range(n)]
         default = SamplingParams.max_tokens    # the dataclass default, for params None
         submit = range(n) if order == "input" else longest_first(
-            [sp.max_tokens if sp else default for sp in params])
+            [default if sp is None else sp.max_tokens for sp in params])
         try:
             for i in submit:
                 self.add_request(ids[i], prompts[i], params[i], loras[i])

@@ -62,7 +62,7 @@ class ScheduledStep:
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_loras: int, blocks: BlockManager,
-                 max_num_batched_tokens: int = 2048, max_bypass: int = 16,
+                 max_num_batched_tokens: int = 8192, max_bypass: int = 16,
                  mixed: bool = True, num_steps: int = 1, max_model_len: int | None = None):
         self.max_num_seqs = max_num_seqs
         self.max_loras = max_loras

@@ -132,6 +132,11 @@ def test_generate_admits_the_longest_answers_first_and_returns_input_order(engin
     assert max(started[i] for i in first) < min(started[i] for i in set(range(6)) - first)
     alone = [engine.generate(p, sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
     assert _ids(outs) == _ids(alone)
+    # a refused prompt amid the reordered submissions leaves nothing of the call queued
+    with pytest.raises(ModelLengthError):
+        engine.generate(["a", [5] * 100, "b"], [params[1], params[0], params[3]],
+                        use_tqdm=False, order=order)
+    assert not engine.has_unfinished_requests()
 
 
 def test_generate_argument_errors(engine):

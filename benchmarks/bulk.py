@@ -289,7 +289,11 @@ def grouped(w: Workload) -> Workload:
     first: dict = {}
     key = [first.setdefault(("t", t) if t is not None else ("r", i), i)
            for i, t in enumerate(w.prefix)]
-    order = sorted(range(len(key)), key=lambda i: (key[i], i))
+    return reordered(w, sorted(range(len(key)), key=lambda i: (key[i], i)))
+
+
+def reordered(w: Workload, order: list[int]) -> Workload:
+    """The requests of ``w`` in ``order`` (a permutation of their indices)."""
     return Workload(*([xs[i] for i in order] for xs in (w.prompts, w.max_tokens, w.adapter,
                                                         w.prefix)), w.template_len)
 

@@ -36,9 +36,7 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
            max_bypass: int, prefix_caching: bool = True, order: str = "input") -> dict:
     """The workload's schedule, submitted in ``order`` (as ``LLMEngine.generate``'s)."""
     if order == "longest_first":
-        pick = longest_first(w.max_tokens)
-        w = bulk.Workload(*([xs[i] for i in pick] for xs in (w.prompts, w.max_tokens, w.adapter,
-                                                               w.prefix)), w.template_len)
+        w = bulk.reordered(w, longest_first(w.max_tokens))
     sch = Scheduler(rows, max_loras, BlockManager(blocks, 16, prefix_caching), budget,
                     max_bypass=max_bypass, num_steps=steps, max_model_len=5120)
     seqs = []

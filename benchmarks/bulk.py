@@ -473,6 +473,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true", help="the scaled-down workload, tiny Llama")
     ap.add_argument("--requests", type=int, default=None, help="default: 2000 (tiny: 60)")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: 256 (tiny: 16)")
+    ap.add_argument("--slots", type=int, default=None,
+                    help="GPU LoRA slots, max_loras (default: 32; tiny: 4): the workload's "
+                         "figures are at the default")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed warm-up requests per run (default: 2 x max_num_seqs)")
@@ -512,7 +515,7 @@ def main() -> None:
         return
     spec = dict(SPECS["tiny" if args.tiny else "gpu"])
     for key, value in (("requests", args.requests), ("max_num_seqs", args.max_num_seqs),
-                       ("files_per_rank", args.adapter_files_per_rank)):
+                       ("files_per_rank", args.adapter_files_per_rank), ("slots", args.slots)):
         if value is not None:
             spec[key] = value
     res = {"benchmark": "bulk", "device": args.device, "tiny": args.tiny, "seed": args.seed,

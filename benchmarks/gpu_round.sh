@@ -3,7 +3,7 @@
 #   benchmarks/gpu_round.sh OUTDIR STEP [STEP ...]
 # Steps: tests | throughput | throughputN (num_scheduler_steps N) | prefill (one mixed prefill
 # step of the bulk workload: benchmarks/prefill_step.py) | decode (a decode round of it: the
-# same script's --decode) | launch (launch_overhead.py) | sweep (or its halves sweep_batch,
+# same script's --decode) | loop (40 whole engine steps traced: --loop) | attn_sweep (prefill_attn_sweep.py) | launch (launch_overhead.py) | sweep (or its halves sweep_batch,
 # sweep_adapters) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
 # leaves the ones before it. Run from the repository root on the GPU machine.
@@ -42,12 +42,27 @@ while [ $# -gt 0 ]; do
             --requests 1000 --trace "$out/prefill_trace.json" --out "$out/prefill.json" \
             > /dev/null 2> "$out/prefill.log"
         echo "prefill rc=$?"; [ -s "$out/prefill.json" ] && $py -c 'import json,sys
-r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k not in ("kernels", "host_ops")})' "$out/prefill.json" ;;
+r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k not in ("kernels", "host_ops")})' "$out/prefill.json"
+        [ -s "$out/prefill_trace.json" ] && $py benchmarks/trace_gaps.py "$out/prefill_trace.json" \
+            > "$out/prefill_gaps.json" && cat "$out/prefill_gaps.json" ;;
     decode)
         timeout "$limit" $py benchmarks/prefill_step.py --decode --skip 150 --requests 2000 --min-rows 96 \
             --trace "$out/decode_trace.json" --out "$out/decode.json" > /dev/null 2> "$out/decode.log"
         echo "decode rc=$?"; [ -s "$out/decode.json" ] && $py -c 'import json,sys
-r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "kernels"}); [print(k) for k in r.get("kernels", [])[:12]]' "$out/decode.json" ;;
+r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "kernels"}); [print(k) for k in r.get("kernels", [])[:12]]' "$out/decode.json"
+        [ -s "$out/decode_trace.json" ] && $py benchmarks/trace_gaps.py "$out/decode_trace.json" \
+            > "$out/decode_gaps.json" && cat "$out/decode_gaps.json" ;;
+    loop)   # the engine's own loop: 40 whole steps in the prompt-heavy part, then 40 later
+        for at in ${LOOP_AT:-60 600}; do
+            timeout "$limit" $py benchmarks/prefill_step.py --loop 40 --skip $at --requests 2000 \
+                --out "$out/loop$at.json" > /dev/null 2> "$out/loop$at.log"
+            echo "loop at step $at rc=$?"; [ -s "$out/loop$at.json" ] && $py -c 'import json,sys
+r=json.load(open(sys.argv[1])); t=r.get("timeline", {}); print(r.get("untraced"), r.get("traced"), {k: t.get(k) for k in ("span_ms","busy_ms","idle_ms","idle_share","idle_ms_by_gap_size")}); [print(x) for x in t.get("largest_gaps", [])[:8]]' "$out/loop$at.json"
+        done ;;
+    attn_sweep)
+        timeout "$limit" $py benchmarks/prefill_attn_sweep.py > "$out/attn_sweep.json" 2> "$out/attn_sweep.log"
+        echo "attn_sweep rc=$?"; $py -c 'import json,sys; r=json.load(open(sys.argv[1]))
+print("default", r["default"]); print("best", r["best"], r["speedup"])' "$out/attn_sweep.json" ;;
     launch)
         timeout "$limit" $py benchmarks/launch_overhead.py > "$out/launch.json" 2> "$out/launch.log"
         echo "launch rc=$?"; cat "$out/launch.json" ;;

@@ -5,12 +5,15 @@ bulk.py's workload, adapters and engine settings). The engine runs the workload 
 step; the first mixed step after ``--skip`` steps whose prompt chunks hold at least
 ``--min-tokens`` tokens is replayed in place (a replay writes the same keys and values to
 the same slots, so the engine goes on unchanged) and timed as it ran, without LoRA (every
-row's slot -1), and with the prefill attention of the torch layers (rotary tables, cache
+row's slot -1), with every LoRA slot read to max_lora_rank (no LoRAMeta.slot_ranks), and with the prefill attention of the torch layers (rotary tables, cache
 writes by indexing, SDPA, gathered keys for chunks) instead of the Triton rotary + cache write
 and kernels.prefill_attention; the time the host takes to issue the step; then
 torch.profiler tables of the replay as it ran: the kernels' GPU time and the host's time by
 operator, and where the replay makes the host wait for the GPU (torch's sync debug mode). CPU: ``--tiny`` (the scaled-down workload; times only, no profile).
-``--decode`` measures a decode round instead (the first after ``--skip`` steps with at least
+``--loop N`` traces the engine's own loop instead: N whole ``step()`` calls after ``--skip``
+steps (scheduling, inputs, the model, sampling, outputs), their wall time and how much of it
+the GPU was busy (benchmarks/trace_gaps.py over the timeline). ``--decode`` measures a decode
+round instead (the first after ``--skip`` steps with at least
 ``--min-rows`` rows, replayed in place): ms per step, the bytes a step reads (weights once,
 every row's keys and values) and the bandwidth that implies, and the kernels of one round.
 """
@@ -94,13 +97,15 @@ def _host_profile(fn, rows: int) -> list[dict]:
 
 
 def _trace(fn, path: str) -> None:
-    """A timeline of one ``fn()`` call (host operators, CUDA runtime calls and kernels, for
-    chrome://tracing or Perfetto): whether the GPU idles between kernels waiting for the
-    host's launches, which the per-operator tables cannot show."""
+    """A timeline of one ``fn()`` call (host operators with their Python stacks, CUDA runtime
+    calls and kernels, for chrome://tracing or Perfetto; benchmarks/trace_gaps.py sums it):
+    whether the GPU idles between kernels waiting for the host's launches, which the
+    per-operator tables cannot show."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 with_stack=True) as prof:
         fn()
         torch.cuda.synchronize()
     prof.export_chrome_trace(path)
@@ -152,6 +157,11 @@ def measure(eng, args, seqs, slots, chunks) -> dict:
            "ms_without_lora": _timer(args.device, lambda: run([-1] * len(slots)), args.repeats),
            "ms_torch_attention": _timer(args.device, torch_attention, args.repeats)}
     res["lora_share"] = round(1 - res["ms_without_lora"] / res["ms"], 3)
+    ranks, runner.slot_ranks = runner.slot_ranks, None     # every slot read to max_lora_rank
+    try:
+        res["ms_full_rank_reads"] = _timer(args.device, run, args.repeats)
+    finally:
+        runner.slot_ranks = ranks
     if args.device == "cuda":
         # the caching allocator going back to cudaMalloc/cudaFree (a free synchronizes the
         # device) during the replays: the pool leaves activations too little room
@@ -179,6 +189,17 @@ def measure_decode(eng, args, seqs, slots, steps, pick) -> dict:
         return real(runner, seqs, slots, steps, pick)
 
     ms = _timer(args.device, run, args.repeats)
+    graphs, full_rank = runner.graphs, None
+    if graphs is not None and graphs.slot_ranks is not None:
+        # the same round with every slot read to max_lora_rank (graphs captured again)
+        ranks, graphs.slot_ranks, kept = graphs.slot_ranks, None, dict(graphs.graphs)
+        graphs.graphs.clear()
+        try:
+            full_rank = round(_timer(args.device, run, args.repeats) / steps, 3)
+        finally:
+            graphs.slot_ranks = ranks
+            graphs.graphs.clear()
+            graphs.graphs.update(kept)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if getattr(model, "lm_head", None) is not None:   # the embedding is gathered, not read
         weights -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
@@ -188,12 +209,57 @@ def measure_decode(eng, args, seqs, slots, steps, pick) -> dict:
            "mean_keys": round(keys / len(seqs)),
            "max_keys": max(s.num_tokens for s in seqs) + steps - 1,
            "ms_round": ms, "ms_per_step": round(ms / steps, 3),
+           "ms_per_step_full_rank_reads": full_rank,
            "gb_per_step": {"weights": round(weights / 1e9, 2), "kv": round(kv / 1e9, 2)},
            "read_gb_per_s": round((weights + kv) / 1e6 / (ms / steps))}
     if args.device == "cuda":
         res["kernels"] = _profile(run, args.rows)
         if args.trace:
             _trace(run, args.trace)
+    return res
+
+
+def measure_loop(eng, args) -> dict:
+    """``args.loop`` whole engine steps untimed by any profiler (wall time), then as many
+    traced (without Python stacks, which would slow the host): the steps' kinds, and the
+    GPU's busy and idle time over the traced ones (where the loop keeps it waiting)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from trace_gaps import analyse
+
+    kinds = {"prompt": 0, "decode": 0}
+    real = eng.scheduler.schedule
+
+    def schedule(*a, **kw):
+        plan = real(*a, **kw)
+        if plan.seqs:
+            kinds["prompt" if plan.prefill else "decode"] += 1 if plan.prefill else plan.steps
+        return plan
+
+    eng.scheduler.schedule = schedule
+    res = {"engine_steps": args.loop}
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    for traced in (False, True):
+        kinds.update(prompt=0, decode=0)
+        sync()
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) \
+            if traced else None
+        if prof:
+            prof.__enter__()
+        t0 = time.perf_counter()
+        for _ in range(args.loop):
+            eng.step()
+        sync()
+        wall = time.perf_counter() - t0
+        if prof:
+            prof.__exit__(None, None, None)
+        res["traced" if traced else "untraced"] = {"device_steps": dict(kinds),
+                                                   "wall_ms": round(wall * 1e3, 1)}
+    eng.scheduler.schedule = real
+    path = args.trace or str(Path(tempfile.gettempdir()) / "lorry_loop_trace.json")
+    prof.export_chrome_trace(path)
+    events = json.loads(Path(path).read_text())["traceEvents"]
+    res["timeline"] = analyse(events, args.rows, 20.0)
     return res
 
 
@@ -210,6 +276,8 @@ def main() -> None:
                     help="measure a decode round (CUDA graphs, no prompt work) instead")
     ap.add_argument("--min-rows", type=int, default=None,
                     help="--decode: rows the round holds at least (default: max_num_seqs / 2)")
+    ap.add_argument("--loop", type=int, default=0,
+                    help="trace this many whole engine steps after --skip (CUDA)")
     ap.add_argument("--trace", default=None,
                     help="CUDA: also write a timeline of one replay here (Chrome trace JSON)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -222,7 +290,7 @@ def main() -> None:
     cli = argparse.Namespace(device=args.device, seed=args.seed, num_scheduler_steps=None,
                              block_size=None, num_kv_blocks=None, gpu_memory_utilization=None,
                              max_num_batched_tokens=None)
-    res = {"benchmark": "prefill_step", "mode": "decode" if args.decode else "prefill",
+    res = {"benchmark": "prefill_step", "mode": "loop" if args.loop else "decode" if args.decode else "prefill",
            "device": args.device, "tiny": args.tiny,
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
@@ -259,12 +327,16 @@ def main() -> None:
 
         if args.decode:
             eng.runner.decode_steps = decode_steps
-        else:
+        elif not args.loop:
             eng.runner.prefill = prefill
         for i, (prompt, m, a) in enumerate(zip(work.prompts, work.max_tokens, work.adapter)):
             eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=m, temperature=0.0,
                                                             ignore_eos=True), loras[a])
         while "step" not in res and eng.has_unfinished_requests():
+            if args.loop and step["n"] >= args.skip:
+                res["step"] = step["n"]
+                res.update(measure_loop(eng, args))
+                break
             eng.step()
             step["n"] += 1
         eng.loras.close()

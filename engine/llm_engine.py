@@ -291,6 +291,8 @@ class LLMEngine:
         """Copy the adapters of the next waiting sequences into free (or idle) GPU slots now,
         on the side stream, so that their prefill does not wait for the copy."""
         protected = self.scheduler.running_adapters() | {s.lora_id for s in step_seqs}
+        if not self.loras.gpu.has_room(protected):
+            return   # every slot is running or pinned (and protecting more frees none)
         for seq in self.scheduler.waiting:
             if limit == 0:
                 return

@@ -28,42 +28,53 @@ class ModelRunner:
         # held around graph replays (which may capture): adapter loader threads take it to
         # allocate pinned memory, a CUDA call that would invalidate a capture in progress
         self.graph_lock = contextlib.nullcontext()
+        # [max_loras] int32 rank of each slot's adapter (the slot manager's; None: every slot
+        # is read to max_lora_rank): LoRAMeta.slot_ranks
+        self.slot_ranks: torch.Tensor | None = None
 
     def _packing(self, lens: list[int], slots: list[int], S: int, extra: list[int] = ()):
         """(pad_index, LoRA step) of a right-padded [B, S] prefill: the layers compute only
         the real tokens unless every row is full (or packing is off). ``extra``: the slots of
         decode rows whose tokens follow the prefill's (a mixed step)."""
-        if not self.pack_prefill or sum(lens) == len(lens) * S:
-            return None, self._lora([slot if j < n else -1 for n, slot in zip(lens, slots)
-                                     for j in range(S)] + list(extra))
-        index = [b * S + j for b, n in enumerate(lens) for j in range(n)]
+        lens_a, slots_a = np.asarray(lens, dtype=np.int64), np.asarray(slots, dtype=np.int32)
+        if not self.pack_prefill or int(lens_a.sum()) == len(lens) * S:
+            per_token = np.where(np.arange(S) < lens_a[:, None], slots_a[:, None], -1)
+            return None, self._lora(np.concatenate([per_token.reshape(-1),
+                                                    np.asarray(extra, dtype=np.int32)]))
+        index = np.concatenate([np.arange(b * S, b * S + n) for b, n in enumerate(lens)])
         return (self._tensor(index),
-                self._lora([slot for n, slot in zip(lens, slots) for _ in range(n)]
-                           + list(extra)))
+                self._lora(np.concatenate([np.repeat(slots_a, lens_a),
+                                           np.asarray(extra, dtype=np.int32)])))
 
-    def _lora(self, token_slots: list[int]) -> LoRAStep | None:
-        used = frozenset(s for s in token_slots if s >= 0)
+    def _lora(self, token_slots) -> LoRAStep | None:
+        """The step's LoRA data from each token's slot (a list or an int32 array; -1: none)."""
+        slots = np.asarray(token_slots, dtype=np.int32)
+        used = frozenset(np.unique(slots[slots >= 0]).tolist())
         if not used or self.ops is None:
             return None
-        t = torch.tensor(token_slots, dtype=torch.int32, device=self.device)
-        return LoRAStep(build_lora_meta(t, self.max_loras), self.ops, used)
+        t = torch.from_numpy(slots).to(self.device)
+        return LoRAStep(build_lora_meta(t, self.max_loras, self.slot_ranks), self.ops, used)
 
     def _tensor(self, rows) -> torch.Tensor:
+        if isinstance(rows, np.ndarray):
+            return torch.from_numpy(rows.astype(np.int64, copy=False)).to(self.device)
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def _slots(self, seqs: list[Sequence], starts: list[int], lens: list[int], S: int,
                bs: int) -> torch.Tensor:
         """KV slot of each token of a right-padded [B, S] step (padding: the null block)."""
-        out = []
-        for s, a, n in zip(seqs, starts, lens):
-            t = s.block_table
-            out += [t[p // bs] * bs + p % bs for p in range(a, a + n)] + [0] * (S - n)
-        return self._tensor(out)
+        out = np.zeros((len(seqs), S), dtype=np.int64)
+        for row, s, a, n in zip(out, seqs, starts, lens):
+            p = np.arange(a, a + n)
+            table = np.asarray(s.block_table[a // bs:(a + n - 1) // bs + 1], dtype=np.int64)
+            row[:n] = table[p // bs - a // bs] * bs + p % bs
+        return self._tensor(out.reshape(-1))
 
     def _tables(self, seqs: list[Sequence], n_blocks: int) -> torch.Tensor:
         """[B, n_blocks] int32 block tables (past a sequence's own blocks: the null block),
         filled row by row in numpy (a nested list through torch.tensor costs ~6x more host
-        time for hundreds of long rows, as in a mixed step's decode rows)."""
+        time for hundreds of long rows, as in a mixed step's decode rows; one flat list
+        scattered under a mask, 1.5x more)."""
         out = np.zeros((len(seqs), n_blocks), dtype=np.int32)
         for row, s in zip(out, seqs):
             t = s.block_table[:n_blocks]
@@ -100,7 +111,10 @@ class ModelRunner:
         starts = [s.num_computed_tokens for s in pre]
         toks = [s.prefill_tokens[a:a + c] for s, a, c in zip(pre, starts, chunks)]
         S, bs = max(chunks), self.block_size
-        ids = self._tensor([t + [0] * (S - len(t)) for t in toks])                   # [B, S]
+        ids = np.zeros((n, S), dtype=np.int64)
+        for row, t in zip(ids, toks):
+            row[:len(t)] = t
+        ids = self._tensor(ids)                                                       # [B, S]
         pad_index, lora = self._packing(chunks, slots[:n], S, slots[n:])
         batch = Batch(positions=None, prefill=True, lora=lora, pad_index=pad_index,
                       slot_mapping=self._slots(pre, starts, chunks, S, bs), block_size=bs,
@@ -139,13 +153,18 @@ class ModelRunner:
         scheduler): a decode step's batch, or the decode part of a mixed step. ``steps``:
         the block tables reach as far as that many steps go (the scheduler reserved them)."""
         bs = self.block_size
-        kv_len = max(s.num_tokens for s in seqs)
-        return Batch(positions=self._tensor([[s.num_tokens - 1] for s in seqs]),      # [B, 1]
-                     prefill=False, block_size=bs, kv_len=kv_len,
-                     slot_mapping=self._tensor([s.block_table[(s.num_tokens - 1) // bs] * bs
-                                                + (s.num_tokens - 1) % bs for s in seqs]),
+        pos = [s.num_tokens - 1 for s in seqs]
+        kv_len = max(pos) + 1
+        # positions, KV slots and tokens in one array: one copy to the device, not three
+        host = np.empty((3, len(seqs)), dtype=np.int64)
+        host[0] = pos
+        host[1] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]
+        host[2] = [s.last_token for s in seqs]
+        dev = torch.from_numpy(host).to(self.device)
+        return Batch(positions=dev[0].view(-1, 1), prefill=False, block_size=bs,      # [B, 1]
+                     kv_len=kv_len, slot_mapping=dev[1],
                      block_tables=self._tables(seqs, -(-(kv_len + steps - 1) // bs)),
-                     input_ids=self._tensor([s.last_token for s in seqs]))
+                     input_ids=dev[2])
 
     @torch.inference_mode()
     def decode_steps(self, seqs: list[Sequence], slots: list[int], steps: int,

@@ -181,6 +181,8 @@ class Scheduler:
         """Admit waiting sequences in order while rows, slots, blocks and the token budget
         allow -> [(sequence, prefill tokens this step)]."""
         admitted: list[tuple[Sequence, int]] = []
+        if len(self.running) >= self.max_num_seqs or budget <= 0 or not self.waiting:
+            return admitted   # (before copying a long queue for nothing)
         adapters = self.running_adapters()
         passed_over: list[Sequence] = []   # waiting for an adapter slot, overtaken by later ones
         draining = None    # the running adapter whose slot an aged waiter gets once it drains

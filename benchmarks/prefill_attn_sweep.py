@@ -1,0 +1,96 @@
+"""Launch settings of the paged prefill attention kernel, timed at a bulk prompt step (JSON).
+
+One mixed prompt step of ``benchmarks/bulk.py`` on the H100 (prefill_step.py, step 150) puts
+5,079 prompt tokens of 8 rows through ``kernels.prefill_attention`` on each of Llama-3-8B's
+32 layers: 15.6 ms of the step. This times the kernel at such a step (Llama-3-8B heads,
+blocks of 16, rows of 1,500..100 queries, three after cached prefixes) for each
+(BLOCK_M, BLOCK_N, num_warps, num_stages), checks each against the current setting's output,
+and prints ms, TFLOP/s (causal pairs only) and the fastest.
+
+    PYTHONPATH=. python benchmarks/prefill_attn_sweep.py [--repeats 20]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import torch
+
+from lorry.kernels import prefill_attention as pa
+
+Q_LEN = [1500, 1000, 800, 600, 500, 379, 200, 100]
+CTX = [0, 0, 900, 0, 1000, 0, 1200, 0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    args = ap.parse_args()
+    dev, dt, bs = "cuda", torch.bfloat16, 16
+    h, kvh, D = args.heads, args.kv_heads, args.head_dim
+    g = torch.Generator(device=dev).manual_seed(0)
+    tq = sum(Q_LEN)
+    need = [-(-(c + n) // bs) for c, n in zip(CTX, Q_LEN)]
+    blocks = sum(need) + 8
+    perm = torch.randperm(blocks, device=dev, generator=g).to(torch.int32)
+    tables = torch.zeros(len(Q_LEN), max(need), dtype=torch.int32, device=dev)
+    at = 0
+    for b, n in enumerate(need):
+        tables[b, :n] = perm[at:at + n]
+        at += n
+    kc = torch.randn(blocks * bs, kvh, D, device=dev, dtype=dt, generator=g)
+    vc = torch.randn(blocks * bs, kvh, D, device=dev, dtype=dt, generator=g)
+    q = torch.randn(tq, h * D, device=dev, dtype=dt, generator=g)
+    starts = [sum(Q_LEN[:i]) for i in range(len(Q_LEN))]
+    rows = torch.tensor([starts, Q_LEN, CTX], dtype=torch.int32, device=dev)
+    pairs = sum(n * c + n * (n + 1) // 2 for n, c in zip(Q_LEN, CTX))
+    flop = 4 * D * h * pairs
+
+    def run():
+        return pa.prefill_attention(q, kc, vc, tables, rows, max(Q_LEN), bs)
+
+    default = (pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES)
+    ref = run()
+    results = []
+    configs = [default] + [c for c in itertools.product((64, 128), (32, 64, 128), (4, 8),
+                                                       (1, 2, 3)) if c != default]
+    for cfg in configs:
+        pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES = cfg
+        row = {"block_m": cfg[0], "block_n": cfg[1], "num_warps": cfg[2], "num_stages": cfg[3]}
+        try:
+            out = run()
+            torch.cuda.synchronize()
+            row["max_abs_diff"] = float((out.float() - ref.float()).abs().max())
+            times = []
+            for _ in range(args.repeats):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                run()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            ms = sorted(times)[len(times) // 2]
+            row["ms"] = round(ms, 4)
+            row["tflop_per_s"] = round(flop / ms / 1e9, 1)
+        except Exception as e:  # out of shared memory or registers for this setting
+            row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+        results.append(row)
+        print(json.dumps(row), flush=True, file=__import__("sys").stderr)
+    pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES = default
+    ok = [r for r in results if "ms" in r and r["max_abs_diff"] < 0.05]
+    best = min(ok, key=lambda r: r["ms"]) if ok else None
+    print(json.dumps({"benchmark": "prefill_attn_sweep", "date": time.strftime("%Y-%m-%d"),
+                      "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "rows": {"q_len": Q_LEN, "ctx": CTX}, "heads": [h, kvh, D],
+                      "causal_pairs_per_head": pairs, "default": results[0], "best": best,
+                      "speedup": round(results[0]["ms"] / best["ms"], 3) if best else None,
+                      "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

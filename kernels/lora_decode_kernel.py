@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lorry.kernels.triton_kernels import _pick, _pick_ptr
+from lorry.kernels.triton_kernels import _pick, _pick_ptr, _slot_rank
 
 
 @triton.jit
@@ -73,8 +73,8 @@ def lora_decode_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPAND_LOOP: tl.constexpr = 0,
     STAGES: tl.constexpr = 2, USE_PDL: tl.constexpr = False, HAS_RANKS: tl.constexpr = False,
 ):
-    # HAS_RANKS: a slot's A rows and B columns past its adapter's rank (ranks_ptr) are not
-    # read, and its products past it neither written nor read
+    # HAS_RANKS: a slot's A rows and B columns past its adapter's rank (ranks_ptr, rounded up
+    # to 16: _slot_rank) are not read, and its products past it neither written nor read
     t = first_item + tl.program_id(0)
     if USE_PDL and PHASE == 1:
         # launched while the kernel before it finishes: its outputs (x) are ready after this
@@ -96,7 +96,7 @@ def lora_decode_kernel(
         slot, tok, mask_m = _tile(m, table_ptr, rows, ROWS)
         if slot < L:
             if HAS_RANKS:
-                mask_r = offs_r < tl.minimum(tl.load(ranks_ptr + slot), R)
+                mask_r = offs_r < _slot_rank(ranks_ptr, slot, R)
             if sid == 0:
                 a_ptr = a0_ptr
             elif sid == 1:
@@ -137,7 +137,7 @@ def lora_decode_kernel(
         slot, tok, mask_m = _tile(m, table_ptr, rows, ROWS)
         if slot < L:
             if HAS_RANKS:
-                mask_r = offs_r < tl.minimum(tl.load(ranks_ptr + slot), R)
+                mask_r = offs_r < _slot_rank(ranks_ptr, slot, R)
             # EXPAND_LOOP 0 (by hand) and 2 (the pipeline's prologue) read the first tiles'
             # weights and y before waiting for the shrink (the PDL wait): they do not depend
             # on it, so their latency overlaps.

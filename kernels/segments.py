@@ -29,10 +29,10 @@ class LoRAMeta:
         Number of GPU slots (the grid's adapter axis; a host constant).
     slot_ranks : [max_loras] int32 or None
         The rank of each slot's adapter (None: every slot uses the weights' whole padded
-        rank). The Triton kernels read no A row and no B column past it: a slot holding a
-        rank-8 adapter in rank-64 buffers costs an eighth of the weight reads, not all of them.
-        The rows past a slot's rank must be zero (the slot manager writes them so), since the
-        torch ops read them.
+        rank). The Triton kernels read no A row and no B column past it, rounded up to a
+        multiple of 16 (vectorized loads): a rank-16 adapter in rank-64 slots costs a quarter
+        of the weight reads, not all of them. The rows past a slot's rank must be zero (the
+        slot manager writes them so), since the rounding and the torch ops read them.
     """
 
     token_slots: torch.Tensor

@@ -30,6 +30,16 @@ def _find_tile(pid_m, counts_ptr, starts_ptr, L, BLOCK_M: tl.constexpr, BLOCK_L:
 
 
 @triton.jit
+def _slot_rank(ranks_ptr, slot, R):
+    """The rank a slot is read to: its adapter's, rounded up to a multiple of 16 (the rows
+    past an adapter's rank are zero), at most R. The rounding keeps the rank mask constant
+    over 16 consecutive ranks, so loads along a unit-stride rank axis (B) stay vectorized; a
+    rank the compiler knows nothing about splits them into 2-byte loads."""
+    r = tl.load(ranks_ptr + slot)
+    return tl.minimum((r + 15) // 16 * 16, R)
+
+
+@triton.jit
 def lora_shrink_kernel(
     x_ptr, a0_ptr, a1_ptr, a2_ptr, out_ptr, sorted_ptr, counts_ptr, starts_ptr, ranks_ptr,
     H, R, L,
@@ -50,7 +60,7 @@ def lora_shrink_kernel(
         return
     rank = R
     if HAS_RANKS:
-        rank = tl.minimum(tl.load(ranks_ptr + slot), R)
+        rank = _slot_rank(ranks_ptr, slot, R)
     if pid_n * BLOCK_N >= rank:
         return
     if sid == 0:
@@ -170,7 +180,7 @@ def lora_expand_kernel(
         return
     rank = R
     if HAS_RANKS:
-        rank = tl.minimum(tl.load(ranks_ptr + slot), R)
+        rank = _slot_rank(ranks_ptr, slot, R)
     offs_m = row0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < count
     tok = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)

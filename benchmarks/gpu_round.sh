@@ -2,9 +2,10 @@
 # The GPU checks and figures of docs/BENCHMARKS.md, in steps that each fit a short lease.
 #   benchmarks/gpu_round.sh OUTDIR STEP [STEP ...]
 # Steps: tests | throughput | throughputN (num_scheduler_steps N) | prefill (one mixed prefill
-# step of the bulk workload: benchmarks/prefill_step.py) | decode (a decode round of it: the
-# same script's --decode) | loop (40 whole engine steps traced: --loop) | attn_sweep (prefill_attn_sweep.py) | launch (launch_overhead.py) | sweep (or its halves sweep_batch,
-# sweep_adapters) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
+# step of the bulk workload: benchmarks/prefill_step.py, its timeline summed by trace_gaps.py)
+# | decode (a decode round of it: the same script's --decode) | loop (40 whole engine steps
+# traced: --loop; LOOP_AT: after which steps) | attn_sweep (prefill_attn_sweep.py) | launch
+# (launch_overhead.py) | sweep (or its halves sweep_batch, sweep_adapters) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
 # leaves the ones before it. Run from the repository root on the GPU machine.
 set -u
@@ -30,7 +31,7 @@ while [ $# -gt 0 ]; do
             tests/unit/engine/test_engine_chunked_async_cuda.py tests/unit/engine/test_engine_cuda.py \
             tests/kernels/test_engine_triton.py tests/kernels/test_fused_model.py \
             tests/kernels/test_prefill_attention.py tests/unit/engine/test_engine_multi_step.py \
-            tests/kernels/test_slot_ranks.py tests/kernels/test_triton_lora.py \
+            tests/kernels/test_triton_lora.py \
             > "$out/tests.log" 2>&1
         echo "tests rc=$?"; tail -3 "$out/tests.log" ;;
     throughput*)

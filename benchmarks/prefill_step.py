@@ -5,17 +5,18 @@ bulk.py's workload, adapters and engine settings). The engine runs the workload 
 step; the first mixed step after ``--skip`` steps whose prompt chunks hold at least
 ``--min-tokens`` tokens is replayed in place (a replay writes the same keys and values to
 the same slots, so the engine goes on unchanged) and timed as it ran, without LoRA (every
-row's slot -1), with every LoRA slot read to max_lora_rank (no LoRAMeta.slot_ranks), and with the prefill attention of the torch layers (rotary tables, cache
+row's slot -1), and with the prefill attention of the torch layers (rotary tables, cache
 writes by indexing, SDPA, gathered keys for chunks) instead of the Triton rotary + cache write
 and kernels.prefill_attention; the time the host takes to issue the step; then
 torch.profiler tables of the replay as it ran: the kernels' GPU time and the host's time by
-operator, and where the replay makes the host wait for the GPU (torch's sync debug mode). CPU: ``--tiny`` (the scaled-down workload; times only, no profile).
+operator, and where the replay makes the host wait for the GPU (torch's sync debug mode).
+CPU: ``--tiny`` (the scaled-down workload; times only, no profile).
 ``--loop N`` traces the engine's own loop instead: N whole ``step()`` calls after ``--skip``
 steps (scheduling, inputs, the model, sampling, outputs), their wall time and how much of it
 the GPU was busy (benchmarks/trace_gaps.py over the timeline). ``--decode`` measures a decode
-round instead (the first after ``--skip`` steps with at least
-``--min-rows`` rows, replayed in place): ms per step, the bytes a step reads (weights once,
-every row's keys and values) and the bandwidth that implies, and the kernels of one round.
+round instead (the first after ``--skip`` steps with at least ``--min-rows`` rows, replayed
+in place): ms per step, the bytes a step reads (weights once, every row's keys and values)
+and the bandwidth that implies, and the kernels of one round.
 """
 from __future__ import annotations
 
@@ -157,11 +158,6 @@ def measure(eng, args, seqs, slots, chunks) -> dict:
            "ms_without_lora": _timer(args.device, lambda: run([-1] * len(slots)), args.repeats),
            "ms_torch_attention": _timer(args.device, torch_attention, args.repeats)}
     res["lora_share"] = round(1 - res["ms_without_lora"] / res["ms"], 3)
-    ranks, runner.slot_ranks = runner.slot_ranks, None     # every slot read to max_lora_rank
-    try:
-        res["ms_full_rank_reads"] = _timer(args.device, run, args.repeats)
-    finally:
-        runner.slot_ranks = ranks
     if args.device == "cuda":
         # the caching allocator going back to cudaMalloc/cudaFree (a free synchronizes the
         # device) during the replays: the pool leaves activations too little room
@@ -189,17 +185,6 @@ def measure_decode(eng, args, seqs, slots, steps, pick) -> dict:
         return real(runner, seqs, slots, steps, pick)
 
     ms = _timer(args.device, run, args.repeats)
-    graphs, full_rank = runner.graphs, None
-    if graphs is not None and graphs.slot_ranks is not None:
-        # the same round with every slot read to max_lora_rank (graphs captured again)
-        ranks, graphs.slot_ranks, kept = graphs.slot_ranks, None, dict(graphs.graphs)
-        graphs.graphs.clear()
-        try:
-            full_rank = round(_timer(args.device, run, args.repeats) / steps, 3)
-        finally:
-            graphs.slot_ranks = ranks
-            graphs.graphs.clear()
-            graphs.graphs.update(kept)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if getattr(model, "lm_head", None) is not None:   # the embedding is gathered, not read
         weights -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
@@ -209,7 +194,6 @@ def measure_decode(eng, args, seqs, slots, steps, pick) -> dict:
            "mean_keys": round(keys / len(seqs)),
            "max_keys": max(s.num_tokens for s in seqs) + steps - 1,
            "ms_round": ms, "ms_per_step": round(ms / steps, 3),
-           "ms_per_step_full_rank_reads": full_rank,
            "gb_per_step": {"weights": round(weights / 1e9, 2), "kv": round(kv / 1e9, 2)},
            "read_gb_per_s": round((weights + kv) / 1e6 / (ms / steps))}
     if args.device == "cuda":

@@ -79,7 +79,6 @@ class DecodeGraphs:
         # layers with folded A slots take their shrink from the base matmul in steps of at
         # most this many rows (more rows: the extra matmul columns cost more than a shrink)
         self.fold_max_rows = FOLD_MAX_ROWS if hasattr(ops, "add_lora_folded") else 0
-        self.slot_ranks: torch.Tensor | None = None   # LoRAMeta.slot_ranks (the slot manager's)
         self.sizes = size_ladder(max_num_seqs)
         n = self.sizes[-1]
         self.inputs = GraphInputs(n, -(-max_len // block_size), block_size)
@@ -108,9 +107,8 @@ class DecodeGraphs:
         d = self.dev
         lora = None
         if lora_key is not None and any(lora_key):
-            lora = LoRAStep(build_lora_meta(d[SLOTS, :size], self.max_loras, self.slot_ranks),
-                            self.ops, self.all_slots, fold=size <= self.fold_max_rows,
-                            slot_modules=False)
+            lora = LoRAStep(build_lora_meta(d[SLOTS, :size], self.max_loras), self.ops,
+                            self.all_slots, fold=size <= self.fold_max_rows, slot_modules=False)
         # kv_len is the longest possible: a host int cannot change between replays. The
         # Triton attention (the CUDA path) stops at each row's own position instead.
         batch = Batch(positions=d[POS, :size].view(size, 1), prefill=False, lora=lora,

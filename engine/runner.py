@@ -28,9 +28,6 @@ class ModelRunner:
         # held around graph replays (which may capture): adapter loader threads take it to
         # allocate pinned memory, a CUDA call that would invalidate a capture in progress
         self.graph_lock = contextlib.nullcontext()
-        # [max_loras] int32 rank of each slot's adapter (the slot manager's; None: every slot
-        # is read to max_lora_rank): LoRAMeta.slot_ranks
-        self.slot_ranks: torch.Tensor | None = None
 
     def _packing(self, lens: list[int], slots: list[int], S: int, extra: list[int] = ()):
         """(pad_index, LoRA step) of a right-padded [B, S] prefill: the layers compute only
@@ -53,7 +50,7 @@ class ModelRunner:
         if not used or self.ops is None:
             return None
         t = torch.from_numpy(slots).to(self.device)
-        return LoRAStep(build_lora_meta(t, self.max_loras, self.slot_ranks), self.ops, used)
+        return LoRAStep(build_lora_meta(t, self.max_loras), self.ops, used)
 
     def _tensor(self, rows) -> torch.Tensor:
         if isinstance(rows, np.ndarray):

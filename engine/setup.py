@@ -126,9 +126,6 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
                           max_model_len=max_len)
     if loras is not None:
         runner.graph_lock = loras.gpu.layout.pin_lock
-        runner.slot_ranks = loras.gpu.ranks   # the LoRA kernels read each slot to its rank
-        if graphs is not None:
-            graphs.slot_ranks = loras.gpu.ranks
         loras.running_adapters = scheduler.running_adapters  # max_full_module_copies admission
     return EngineParts(device, dtype, model_dir, hf_config, model, tokenizer, max_len, backend,
                        loras, runner, scheduler)

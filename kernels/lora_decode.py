@@ -172,9 +172,7 @@ def _launch(plan: dict, x, lora_a, lora_b, y, work, work_strides, meta: LoRAMeta
     widths = [b.shape[1] for b in lora_b] + [0] * pad
     offs = list(slice_offsets) + [0] * pad
     cc0, cc01, cc_all = plan["cc"]
-    ranks = meta.slot_ranks
-    args = (x, *a_ptrs, *b_ptrs, y, work, tile_table(meta, plan["rows"]),
-            meta.slot_token_counts if ranks is None else ranks, H, R, meta.max_loras,
+    args = (x, *a_ptrs, *b_ptrs, y, work, tile_table(meta, plan["rows"]), H, R, meta.max_loras,
             *widths, *offs, cc0, cc01, cc_all)
     strides = (x.stride(0), x.stride(1), *lora_a[0].stride(), *b_strides,
                y.stride(0), y.stride(1), *work_strides)
@@ -182,7 +180,7 @@ def _launch(plan: dict, x, lora_a, lora_b, y, work, work_strides, meta: LoRAMeta
               "BLOCK_N": plan["block_n"], "BLOCK_R": plan["block_r"], "BLOCK_K": plan["block_k"],
               "SPLIT_K": plan["split_k"], "PRECISION": _precision(lora_b[0].dtype),
               "UPCAST": interpreted(), "EXPAND_LOOP": plan["expand_loop"],
-              "STAGES": plan["num_stages"], "HAS_RANKS": ranks is not None}
+              "STAGES": plan["num_stages"]}
     expand_launch = {"num_warps": plan["num_warps"], "num_stages": plan["num_stages"]}
     shrink_launch = {"num_warps": plan["shrink_num_warps"],
                      "num_stages": plan["shrink_num_stages"]}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lorry.kernels.triton_kernels import _pick, _pick_ptr, _slot_rank
+from lorry.kernels.triton_kernels import _pick, _pick_ptr
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def _products(w_ptrs, w_mask, s_wk, dtype: tl.constexpr, BLOCK_M: tl.constexpr,
 @triton.jit
 def lora_decode_kernel(
     x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, work_ptr,
-    table_ptr, ranks_ptr,
+    table_ptr,
     H, R, L, n0, n1, n2, off0, off1, off2,
     cc0, cc01, cc_all, first_item, n_shrink, nsub,
     s_xt, s_xh, s_al, s_ar, s_ah,
@@ -71,10 +71,8 @@ def lora_decode_kernel(
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, PHASE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPAND_LOOP: tl.constexpr = 0,
-    STAGES: tl.constexpr = 2, USE_PDL: tl.constexpr = False, HAS_RANKS: tl.constexpr = False,
+    STAGES: tl.constexpr = 2, USE_PDL: tl.constexpr = False,
 ):
-    # HAS_RANKS: a slot's A rows and B columns past its adapter's rank (ranks_ptr, rounded up
-    # to 16: _slot_rank) are not read, and its products past it neither written nor read
     t = first_item + tl.program_id(0)
     if USE_PDL and PHASE == 1:
         # launched while the kernel before it finishes: its outputs (x) are ready after this
@@ -95,8 +93,6 @@ def lora_decode_kernel(
         kp = rem % SPLIT_K
         slot, tok, mask_m = _tile(m, table_ptr, rows, ROWS)
         if slot < L:
-            if HAS_RANKS:
-                mask_r = offs_r < _slot_rank(ranks_ptr, slot, R)
             if sid == 0:
                 a_ptr = a0_ptr
             elif sid == 1:
@@ -136,8 +132,6 @@ def lora_decode_kernel(
         b_ptr = _pick_ptr(in1, in2, b0_ptr, b1_ptr, b2_ptr)
         slot, tok, mask_m = _tile(m, table_ptr, rows, ROWS)
         if slot < L:
-            if HAS_RANKS:
-                mask_r = offs_r < _slot_rank(ranks_ptr, slot, R)
             # EXPAND_LOOP 0 (by hand) and 2 (the pipeline's prologue) read the first tiles'
             # weights and y before waiting for the shrink (the PDL wait): they do not depend
             # on it, so their latency overlaps.

@@ -27,12 +27,6 @@ class LoRAMeta:
         Offset of each slot's first token in ``sorted_token_ids``.
     max_loras : int
         Number of GPU slots (the grid's adapter axis; a host constant).
-    slot_ranks : [max_loras] int32 or None
-        The rank of each slot's adapter (None: every slot uses the weights' whole padded
-        rank). The Triton kernels read no A row and no B column past it, rounded up to a
-        multiple of 16 (vectorized loads): a rank-16 adapter in rank-64 slots costs a quarter
-        of the weight reads, not all of them. The rows past a slot's rank must be zero (the
-        slot manager writes them so), since the rounding and the torch ops read them.
     """
 
     token_slots: torch.Tensor
@@ -40,23 +34,17 @@ class LoRAMeta:
     slot_token_counts: torch.Tensor
     slot_token_starts: torch.Tensor
     max_loras: int
-    slot_ranks: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.token_slots.shape[0]
 
 
-def build_lora_meta(token_slots: torch.Tensor, max_loras: int,
-                    slot_ranks: torch.Tensor | None = None) -> LoRAMeta:
+def build_lora_meta(token_slots: torch.Tensor, max_loras: int) -> LoRAMeta:
     """Sort tokens by slot and count them per slot, without a host sync.
 
-    token_slots: [T] int (slot per token, -1 = no adapter). slot_ranks: see LoRAMeta.
+    token_slots: [T] int (slot per token, -1 = no adapter).
     """
-    if slot_ranks is not None and (slot_ranks.shape != (max_loras,)
-                                   or slot_ranks.dtype != torch.int32):
-        raise ValueError(f"slot_ranks must be [max_loras={max_loras}] int32, got "
-                         f"{list(slot_ranks.shape)} {slot_ranks.dtype}")
     slots = token_slots.to(torch.int32)
     # Tokens without adapter sort last: map -1 to max_loras for the sort key.
     key = torch.where(slots < 0, torch.full_like(slots, max_loras), slots)
@@ -70,7 +58,6 @@ def build_lora_meta(token_slots: torch.Tensor, max_loras: int,
         slot_token_counts=counts[:max_loras].contiguous(),
         slot_token_starts=starts[:max_loras].contiguous(),
         max_loras=max_loras,
-        slot_ranks=slot_ranks,
     )
 
 

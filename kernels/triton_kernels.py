@@ -30,26 +30,15 @@ def _find_tile(pid_m, counts_ptr, starts_ptr, L, BLOCK_M: tl.constexpr, BLOCK_L:
 
 
 @triton.jit
-def _slot_rank(ranks_ptr, slot, R):
-    """The rank a slot is read to: its adapter's, rounded up to a multiple of 16 (the rows
-    past an adapter's rank are zero), at most R. The rounding keeps the rank mask constant
-    over 16 consecutive ranks, so loads along a unit-stride rank axis (B) stay vectorized; a
-    rank the compiler knows nothing about splits them into 2-byte loads."""
-    r = tl.load(ranks_ptr + slot)
-    return tl.minimum((r + 15) // 16 * 16, R)
-
-
-@triton.jit
 def lora_shrink_kernel(
-    x_ptr, a0_ptr, a1_ptr, a2_ptr, out_ptr, sorted_ptr, counts_ptr, starts_ptr, ranks_ptr,
+    x_ptr, a0_ptr, a1_ptr, a2_ptr, out_ptr, sorted_ptr, counts_ptr, starts_ptr,
     H, R, L,
     s_xt, s_xh, s_al, s_ar, s_ah, s_osplit, s_oslice, s_ot, s_or,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, HAS_RANKS: tl.constexpr = False,
+    UPCAST: tl.constexpr,
 ):
-    """out[split, s, t, :] (+)= x[t, k-part] @ A_s[slot(t)][:, k-part].T for tokens with a slot.
-    HAS_RANKS: columns past the slot's rank (ranks_ptr) are neither read nor written."""
+    """out[split, s, t, :] (+)= x[t, k-part] @ A_s[slot(t)][:, k-part].T for tokens with a slot."""
     pid_m = tl.program_id(0)
     pid_nk = tl.program_id(1)
     sid = tl.program_id(2)
@@ -57,11 +46,6 @@ def lora_shrink_kernel(
     pid_n = pid_nk // SPLIT_K
     slot, row0, count, start = _find_tile(pid_m, counts_ptr, starts_ptr, L, BLOCK_M, BLOCK_L)
     if slot >= L:
-        return
-    rank = R
-    if HAS_RANKS:
-        rank = _slot_rank(ranks_ptr, slot, R)
-    if pid_n * BLOCK_N >= rank:
         return
     if sid == 0:
         a_ptr = a0_ptr
@@ -73,7 +57,7 @@ def lora_shrink_kernel(
     mask_m = offs_m < count
     tok = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < rank
+    mask_n = offs_n < R
     x_rows = x_ptr + tok[:, None] * s_xt
     a_cols = a_ptr + slot.to(tl.int64) * s_al + offs_n[None, :] * s_ar
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -146,17 +130,16 @@ def _expand_tile(i_rows, b_cols, mask_m, mask_n, R, s_isplit, s_ir, s_br,
 
 @triton.jit
 def lora_expand_kernel(
-    inter_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, sorted_ptr, counts_ptr, starts_ptr, ranks_ptr,
+    inter_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, sorted_ptr, counts_ptr, starts_ptr,
     R, L, n0, n1, n2, off0, off1, off2, tiles0, tiles01,
     s_isplit, s_islice, s_it, s_ir, s_il,
     s_bl0, s_bn0, s_br0, s_bl1, s_bn1, s_br1, s_bl2, s_bn2, s_br2,
     s_yt, s_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, HAS_RANKS: tl.constexpr = False,
+    UPCAST: tl.constexpr,
 ):
     """y[t, off_s + n] += sum_split(inter[split, s, t]) @ B_s[slot(t)][n].T for tokens with a slot.
-    HAS_RANKS: the rank runs to the slot's (ranks_ptr), not R.
 
     Axis 1 enumerates the column tiles of all slices back to back (tiles0, tiles01 are the
     cumulative tile counts of slices 0 and 0..1), so unequal widths waste no programs.
@@ -178,9 +161,6 @@ def lora_expand_kernel(
     slot, row0, count, start = _find_tile(pid_m, counts_ptr, starts_ptr, L, BLOCK_M, BLOCK_L)
     if slot >= L:
         return
-    rank = R
-    if HAS_RANKS:
-        rank = _slot_rank(ranks_ptr, slot, R)
     offs_m = row0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < count
     tok = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
@@ -188,7 +168,7 @@ def lora_expand_kernel(
     mask_n = offs_n < N
     i_rows = inter_ptr + sid * s_islice + slot.to(tl.int64) * s_il + tok[:, None] * s_it
     b_cols = b_ptr + slot.to(tl.int64) * s_bl + offs_n[None, :] * s_bn
-    acc = _expand_tile(i_rows, b_cols, mask_m, mask_n, rank, s_isplit, s_ir, s_br, BLOCK_M,
+    acc = _expand_tile(i_rows, b_cols, mask_m, mask_n, R, s_isplit, s_ir, s_br, BLOCK_M,
                        BLOCK_N, BLOCK_R, SPLIT_K, PRECISION, UPCAST)
     y_ptrs = y_ptr + tok[:, None] * s_yt + (col0 + offs_n)[None, :] * s_yn
     mask = mask_m[:, None] & mask_n[None, :]

@@ -65,14 +65,6 @@ def choose_split_k(num_tokens: int, max_loras: int, num_slices: int, hidden: int
     return split
 
 
-def _ranks(meta: LoRAMeta) -> tuple[torch.Tensor, bool]:
-    """(the ranks pointer, HAS_RANKS) of a launch: the slots' ranks when the meta has them
-    (any int32 tensor stands in for the pointer otherwise: it is not read)."""
-    if meta.slot_ranks is None:
-        return meta.slot_token_counts, False
-    return meta.slot_ranks, True
-
-
 def _check_slices(lora: list[torch.Tensor], what: str) -> None:
     if not lora:
         raise ValueError(f"{what} must hold at least one slice, got an empty list")
@@ -100,16 +92,15 @@ def _shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta, out: to
         o = out[:, g0:g1]
         grid = (_num_m_tiles(T, meta.max_loras, block_m), cdiv(R, block_n) * split_k,
                 g1 - g0)
-        ranks, has_ranks = _ranks(meta)
         lora_shrink_kernel[grid](
             x, *a_ptrs, o, meta.sorted_token_ids, meta.slot_token_counts, meta.slot_token_starts,
-            ranks, H, R, meta.max_loras,
+            H, R, meta.max_loras,
             x.stride(0), x.stride(1), a[0].stride(0), a[0].stride(1), a[0].stride(2),
             o.stride(0), o.stride(1), o.stride(2), o.stride(3),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             BLOCK_L=_block_l(meta.max_loras), SPLIT_K=split_k,
-            PRECISION=_precision(a[0].dtype), UPCAST=interpreted(), HAS_RANKS=has_ranks,
-            num_warps=4, num_stages=3 if block_m == 16 else 2)
+            PRECISION=_precision(a[0].dtype), UPCAST=interpreted(), num_warps=4,
+            num_stages=3 if block_m == 16 else 2)
 
 
 def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: torch.Tensor,
@@ -135,16 +126,14 @@ def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: 
         tiles01 = tiles0 + (tiles[1] if len(tiles) > 1 else 0)
         i = inter[:, g0:g1]
         grid = (_num_m_tiles(T, meta.max_loras, block_m), sum(tiles))
-        ranks, has_ranks = _ranks(meta)
         lora_expand_kernel[grid](
             i, *b_ptrs, y, meta.sorted_token_ids, meta.slot_token_counts, meta.slot_token_starts,
-            ranks, R, meta.max_loras, *widths, *offs, tiles0, tiles01,
+            R, meta.max_loras, *widths, *offs, tiles0, tiles01,
             i.stride(0), i.stride(1), i.stride(2), i.stride(3), inter_slot_stride, *strides,
             y.stride(0), y.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
             BLOCK_L=_block_l(meta.max_loras), SPLIT_K=split_k,
-            PRECISION=_precision(b[0].dtype), UPCAST=interpreted(), HAS_RANKS=has_ranks,
-            num_warps=4, num_stages=2)
+            PRECISION=_precision(b[0].dtype), UPCAST=interpreted(), num_warps=4, num_stages=2)
 
 
 def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta,

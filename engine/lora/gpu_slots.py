@@ -27,12 +27,6 @@ from lorry.engine.lora.weights import AdapterWeights
 from lorry.kernels import dense_ops
 
 
-def slot_rank(weights: AdapterWeights, max_rank: int) -> int:
-    """The rank a slot holding ``weights`` is read to: its largest module rank (PEFT's
-    rank_pattern gives modules their own), the staging buffers being zero past each one."""
-    return min(max_rank, max((a.shape[0] for a, _ in weights.tensors.values()), default=0))
-
-
 class GPUSlotManager:
     """Assign adapters to ``max_loras`` slots, evicting the least recently used unpinned one."""
 
@@ -42,11 +36,6 @@ class GPUSlotManager:
         self.layout = SlotLayout(model, max_rank)
         self.buffers = self.layout.allocate(max_loras, dtype, device, fold)  # {kind: (A, B)}
         self.extras = SlotExtras(self.layout, max_loras, device)  # bias terms, DoRA, heads
-        # each slot's adapter rank (0: empty), read by the Triton LoRA kernels through
-        # LoRAMeta.slot_ranks so that a small adapter in max_rank-wide slots reads only its
-        # own rows; written on the copy stream with the weights, so a step waiting for a
-        # slot's copy (wait_for) sees its rank too, and a fixed address for CUDA graphs
-        self.ranks = torch.zeros(max_loras, dtype=torch.int32, device=device)
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, LRU first
         self.free = list(range(max_loras - 1, -1, -1))
         self.pinned: set[int] = set()
@@ -164,7 +153,6 @@ class GPUSlotManager:
                     copy_into_slot(buf, slot, src)
                 self.copies += 2
             self.extras.write(slot, weights.extras)
-            self.ranks[slot].fill_(slot_rank(weights, self.max_rank))
         if self.cuda:
             ev = torch.cuda.Event()
             ev.record(self.stream)

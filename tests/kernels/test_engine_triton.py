@@ -87,12 +87,9 @@ def test_folded_a_slots_match_peft(tiny, device, monkeypatch):
     weights = {k: m.weight.clone() for k, m in eng.model.named_modules()
                if hasattr(m, "lora_ext")}
     eng.loras.gpu = GPUSlotManager(eng.model, 4, 16, torch.float32, device, fold=True)
-    # as engine.setup wires a manager: its ranks, and its pinned-allocation lock held around
-    # graph captures (a background adapter load pinning memory mid-capture invalidates it)
-    eng.runner.slot_ranks = eng.loras.gpu.ranks
+    # as engine.setup wires a manager: its pinned-allocation lock is held around graph
+    # captures (a background adapter load pinning memory mid-capture invalidates it)
     eng.runner.graph_lock = eng.loras.gpu.layout.pin_lock
-    if eng.runner.graphs is not None:
-        eng.runner.graphs.slot_ranks = eng.loras.gpu.ranks
     assert all(isinstance(a, slot_layout.FoldedA) for a, _ in eng.loras.gpu.buffers.values())
     for k, m in eng.model.named_modules():     # the base weights moved, unchanged
         if k in weights:

@@ -126,17 +126,3 @@ def test_fold_puts_a_under_the_weight_only_where_it_adds_few_rows(tiny_llama):
             if isinstance(bufs[kind][0], FoldedA):
                 assert mod.weight.data_ptr() == mod.lora_ext.data_ptr()
                 assert mod.lora_a[0].data_ptr() == mod.lora_ext[mod.weight.shape[0]:].data_ptr()
-
-
-def test_each_slot_records_its_adapters_rank_for_the_kernels(tiny_llama):
-    # LoRAMeta.slot_ranks: the Triton kernels read a slot only to this rank, so it must be
-    # the adapter's largest module rank (rank_pattern included) and follow every reuse
-    eng = _engine(tiny_llama, max_loras=1)
-    ranks = eng.loras.gpu.ranks
-    assert eng.runner.slot_ranks is ranks and ranks.dtype == torch.int32
-    want = {"qv_r8": 8, "all_r4_rslora": 4, "mlp_r16": 16, "pattern": 8}
-    for i, name in enumerate(["mlp_r16", "all_r4_rslora", "pattern", "qv_r8"]):
-        req = LoRARequest(name, i + 1, str(tiny_llama.adapters[name]))
-        eng.add_lora(req)
-        slot = eng.loras.activate(req, set())      # one slot: each evicts the one before
-        assert slot == 0 and int(ranks[0]) == want[name], name

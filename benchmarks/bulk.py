@@ -188,13 +188,18 @@ def build_model(tiny: bool, root: Path) -> tuple[str, dict, str]:
     return str(model), LLAMA3_8B, "dummy"
 
 
+def adapter_ranks(spec: dict, seed: int) -> list[int]:
+    """The rank of each of the workload's adapters (popularity order)."""
+    rng = random.Random(seed)
+    return [rng.choice(spec["ranks"]) for _ in range(spec["adapters"])]
+
+
 def build_adapters(spec: dict, config: dict, root: Path,
                    seed: int) -> tuple[list[LoRARequest], list[int]]:
     """A LoRARequest per adapter (ids 1..n, popularity order) and its rank. With
     ``files_per_rank`` k > 0, adapters of one rank share k files (distinct ids all the same,
     so distinct cache entries and slots)."""
-    rng = random.Random(seed)
-    ranks = [rng.choice(spec["ranks"]) for _ in range(spec["adapters"])]
+    ranks = adapter_ranks(spec, seed)
     k = spec["files_per_rank"]
     paths = {}
     reqs = []

@@ -8,6 +8,13 @@ how many steps the workload takes and how full they are, for each setting. It ru
 in seconds; the GPU time per step is ``bulk.py``'s to measure.
 
     PYTHONPATH=. python benchmarks/schedule_replay.py [--max-loras 32 64] [--steps 1 8]
+
+``--slot-memory ranks`` models GPU LoRA memory shared by rank (as S-LoRA's unified paging)
+rather than whole slots: ``max_loras`` slots of rank 64 then hold any adapters whose ranks
+sum to at most 64 x max_loras (rank-8 adapters: eight to a slot). The engine does not do
+this; the replay shows what it would change. Each run also prints the floor that whole slots
+put on any schedule: every adapter holds a slot for at least its longest answer, so the
+steps are at least the sum of those over the slots.
 """
 from __future__ import annotations
 
@@ -32,13 +39,33 @@ from lorry.engine.scheduler import Scheduler
 from lorry.engine.sequence import Sequence, SequenceStatus
 
 
+class _RankUnits(set):
+    """A set of adapter ids whose len() is their ranks' sum in units of 8 (--slot-memory
+    ranks: the scheduler's slot count then counts rank memory)."""
+
+    ranks: dict = {}
+
+    def __or__(self, other):
+        return _RankUnits(set.__or__(self, other))
+
+    def __len__(self):
+        return sum(self.ranks[i] for i in self) // 8
+
+
 def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
-           max_bypass: int, prefix_caching: bool = True, order: str = "input") -> dict:
-    """The workload's schedule, submitted in ``order`` (as ``LLMEngine.generate``'s)."""
+           max_bypass: int, prefix_caching: bool = True, order: str = "input",
+           rank_of: dict | None = None) -> dict:
+    """The workload's schedule, submitted in ``order`` (as ``LLMEngine.generate``'s);
+    ``rank_of`` (lora id -> rank): slots hold rank memory, 64 x max_loras of it."""
     if order == "longest_first":
         w = bulk.reordered(w, longest_first(w.max_tokens))
-    sch = Scheduler(rows, max_loras, BlockManager(blocks, 16, prefix_caching), budget,
+    sch = Scheduler(rows, max_loras * 8 if rank_of else max_loras,
+                    BlockManager(blocks, 16, prefix_caching), budget,
                     max_bypass=max_bypass, num_steps=steps, max_model_len=5120)
+    if rank_of:
+        _RankUnits.ranks = rank_of
+        sch.running_adapters = lambda: _RankUnits(
+            s.lora_id for s in sch.running if s.lora_id is not None)
     seqs = []
     for i, (p, m, a) in enumerate(zip(w.prompts, w.max_tokens, w.adapter)):
         s = Sequence(str(i), None, p, SamplingParams(max_tokens=m, temperature=0.0,
@@ -79,7 +106,12 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
                         spent += time.perf_counter() - t0
         host[plan.prefill].append(spent)
     waits = [started[s] for s in seqs]
+    longest: dict = {}
+    for a, m in zip(w.adapter, w.max_tokens):
+        longest[a] = max(longest.get(a, 0), m)
     return {"order": order, "max_loras": max_loras, "num_scheduler_steps": steps,
+            "slot_memory": "ranks" if rank_of else "slots",
+            "whole_slot_floor_steps": round(sum(longest.values()) / max_loras),
             "max_num_batched_tokens": budget, "max_bypass": max_bypass,
             "steps": step, "mixed_steps": mixed, "prefill_only_steps": step - decode_only - mixed,
             "decode_only_steps": decode_only, "rounds": rounds,
@@ -112,14 +144,19 @@ def main() -> None:
     ap.add_argument("--order", choices=GENERATE_ORDERS, nargs="+", default=["input"],
                     help="submission orders (LLMEngine.generate's order): input, or the "
                          "longest answers first (generate's default)")
+    ap.add_argument("--slot-memory", choices=["slots", "ranks"], nargs="+", default=["slots"],
+                    help="ranks: the slots' memory shared by rank (a model; see above)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     spec = dict(bulk.SPECS["gpu"])
     w = bulk.make_workload(spec, args.requests, LLAMA3_8B["vocab_size"], args.seed)
-    runs = [replay(w, args.rows, ml, k, b, args.blocks, mb, pc == "on", o)
-            for ml, k, b, mb, pc, o in
+    ranks = bulk.adapter_ranks(spec, args.seed)
+    rank_of = {a + 1: r for a, r in enumerate(ranks)}      # replay's lora ids are a + 1
+    runs = [replay(w, args.rows, ml, k, b, args.blocks, mb, pc == "on", o,
+                   rank_of if sm == "ranks" else None)
+            for ml, k, b, mb, pc, o, sm in
             itertools.product(args.max_loras, args.steps, args.budget, args.max_bypass,
-                              args.prefix_caching, args.order)]
+                              args.prefix_caching, args.order, args.slot_memory)]
     print(json.dumps({"benchmark": "schedule_replay", "date": time.strftime("%Y-%m-%d"),
                       "requests": args.requests, "rows": args.rows, "seed": args.seed,
                       "output_tokens": sum(w.max_tokens), "runs": runs}, indent=2))

@@ -17,6 +17,7 @@ import json
 import time
 
 import torch
+from prefill_step import _timer  # benchmarks/: median of CUDA-event timings
 
 from lorry.kernels import prefill_attention as pa
 
@@ -66,16 +67,8 @@ def main() -> None:
             out = run()
             torch.cuda.synchronize()
             row["max_abs_diff"] = float((out.float() - ref.float()).abs().max())
-            times = []
-            for _ in range(args.repeats):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                run()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            ms = sorted(times)[len(times) // 2]
-            row["ms"] = round(ms, 4)
+            ms = _timer("cuda", run, args.repeats)
+            row["ms"] = ms
             row["tflop_per_s"] = round(flop / ms / 1e9, 1)
         except Exception as e:  # out of shared memory or registers for this setting
             row["error"] = f"{type(e).__name__}: {str(e)[:120]}"

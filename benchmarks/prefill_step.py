@@ -325,7 +325,8 @@ def main() -> None:
             step["n"] += 1
         eng.loras.close()
     if "step" not in res:
-        res["error"] = (f"no decode round of >= {min_rows} rows" if args.decode else
+        res["error"] = ("the workload ended" if args.loop else
+                        f"no decode round of >= {min_rows} rows" if args.decode else
                         f"no mixed step with >= {min_tokens} prompt tokens") + \
             f" after {args.skip} steps (more --requests, or a smaller --skip)"
     text = json.dumps(res, indent=2)

@@ -325,10 +325,10 @@ def main() -> None:
             step["n"] += 1
         eng.loras.close()
     if "step" not in res:
-        res["error"] = ("the workload ended" if args.loop else
-                        f"no decode round of >= {min_rows} rows" if args.decode else
-                        f"no mixed step with >= {min_tokens} prompt tokens") + \
-            f" after {args.skip} steps (more --requests, or a smaller --skip)"
+        res["error"] = (f"the workload ended before step {args.skip}" if args.loop else
+                        (f"no decode round of >= {min_rows} rows" if args.decode else
+                         f"no mixed step with >= {min_tokens} prompt tokens")
+                        + f" after {args.skip} steps") + " (more --requests, or a smaller --skip)"
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:

@@ -73,6 +73,8 @@ class Scheduler:
         self.num_steps, self.max_model_len = num_steps, max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []   # in admission order
+        # lora id -> its running rows, kept with ``running`` (asked several times a step)
+        self._adapter_rows: dict[int, int] = {}
         self._last_was_prefill = False
         self.preemptions = 0
         self.peak_running = 0
@@ -88,7 +90,23 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def running_adapters(self) -> set[int]:
-        return {s.lora_id for s in self.running if s.lora_id is not None}
+        return set(self._adapter_rows)
+
+    def _start(self, seq: Sequence) -> None:
+        self.running.append(seq)
+        lid = seq.lora_id
+        if lid is not None:
+            self._adapter_rows[lid] = self._adapter_rows.get(lid, 0) + 1
+
+    def _stop(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        lid = seq.lora_id
+        if lid is not None:
+            left = self._adapter_rows[lid] - 1
+            if left:
+                self._adapter_rows[lid] = left
+            else:
+                del self._adapter_rows[lid]
 
     def schedule(self, pinned: set[int] = frozenset(),
                  ready: Callable[[Sequence], bool] | None = None,
@@ -169,7 +187,7 @@ class Scheduler:
     def preempt(self, seq: Sequence, count: bool = True) -> None:
         """Release ``seq``'s blocks and queue it first, to prefill its prompt and generated
         tokens again (recompute); ``count``: a preemption for want of blocks (the stat)."""
-        self.running.remove(seq)
+        self._stop(seq)
         self.blocks.release(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
@@ -223,7 +241,7 @@ class Scheduler:
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             admitted.append((seq, n))
-            self.running.append(seq)
+            self._start(seq)
             self.peak_running = max(self.peak_running, len(self.running))
             for w in passed_over:
                 w.bypassed += 1
@@ -231,16 +249,13 @@ class Scheduler:
 
     def _drain_victim(self, candidates: set[int]) -> int | None:
         """The running adapter (of ``candidates``) with the fewest running sequences."""
-        counts: dict[int, int] = {}
-        for s in self.running:
-            if s.lora_id in candidates:
-                counts[s.lora_id] = counts.get(s.lora_id, 0) + 1
+        counts = {lid: n for lid, n in self._adapter_rows.items() if lid in candidates}
         return min(counts, key=lambda lid: (counts[lid], lid)) if counts else None
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence's blocks."""
         if seq.status is SequenceStatus.RUNNING:
-            self.running.remove(seq)
+            self._stop(seq)
             self.blocks.release(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)

@@ -5,7 +5,8 @@
 # step of the bulk workload: benchmarks/prefill_step.py, its timeline summed by trace_gaps.py)
 # | decode (a decode round of it: the same script's --decode) | loop (40 whole engine steps
 # traced: --loop; LOOP_AT: after which steps) | attn_sweep (prefill_attn_sweep.py) | launch
-# (launch_overhead.py) | sweep (or its halves sweep_batch, sweep_adapters) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
+# (launch_overhead.py) | sweep (or its halves sweep_batch, sweep_adapters) | a bulk.py run
+# name (each its own process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
 # leaves the ones before it. Run from the repository root on the GPU machine.
 set -u

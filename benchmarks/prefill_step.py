@@ -221,24 +221,21 @@ def measure_loop(eng, args) -> dict:
         return plan
 
     eng.scheduler.schedule = schedule
-    res = {"engine_steps": args.loop}
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    for traced in (False, True):
+
+    def steps() -> dict:
         kinds.update(prompt=0, decode=0)
         sync()
-        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) \
-            if traced else None
-        if prof:
-            prof.__enter__()
         t0 = time.perf_counter()
         for _ in range(args.loop):
             eng.step()
         sync()
         wall = time.perf_counter() - t0
-        if prof:
-            prof.__exit__(None, None, None)
-        res["traced" if traced else "untraced"] = {"device_steps": dict(kinds),
-                                                   "wall_ms": round(wall * 1e3, 1)}
+        return {"device_steps": dict(kinds), "wall_ms": round(wall * 1e3, 1)}
+
+    res = {"engine_steps": args.loop, "untraced": steps()}
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        res["traced"] = steps()
     eng.scheduler.schedule = real
     path = args.trace or str(Path(tempfile.gettempdir()) / "lorry_loop_trace.json")
     prof.export_chrome_trace(path)

@@ -24,6 +24,7 @@ from lorry.kernels.device_info import interpreted, num_sms, pdl_supported
 from lorry.kernels.launch_math import cdiv, next_pow2
 from lorry.kernels.lora_decode_kernel import lora_decode_kernel
 from lorry.kernels.segments import LoRAMeta, tile_table
+from lorry.kernels.slot_args import a_strides, b_strides, folded_geometry, max_rank, rows_args
 
 # The launch settings come from kernels/configs/<GPU>.json (lorry.kernels.tuning): "decode"
 # for decode_plan, "fold" as entries over it for the expand alone over folded products.
@@ -59,7 +60,7 @@ def _precision(dtype: torch.dtype) -> str:
 def _unit_rank_stride(lora_b: list[torch.Tensor]) -> bool:
     # The kernel takes B's rank axis as contiguous (the engine's slots and slot views are):
     # a constant stride lets the compiler vectorize the weight loads.
-    return all(b.stride(2) == 1 for b in lora_b)
+    return all(b_strides(b)[2] == 1 for b in lora_b)
 
 
 @functools.cache
@@ -126,8 +127,8 @@ def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Ten
                         slice_offsets: list[int]) -> bool:
     """y[:, slices] += LoRA(x) on the decode path if it takes this batch; False otherwise."""
     T, H = x.shape
-    R = lora_a[0].shape[1]
-    widths = [b.shape[1] for b in lora_b]
+    R = max_rank(lora_a, meta)
+    widths = [_width(b) for b in lora_b]
     plan = decode_plan(T, meta.max_loras, H, R, widths, x.device)
     if plan is None or any(a.stride() != lora_a[0].stride() for a in lora_a) \
             or not _unit_rank_stride(lora_b):
@@ -144,17 +145,24 @@ def try_expand_folded_decode(y: torch.Tensor, inter: torch.Tensor, lora_b: list[
     matmul with the A rows folded in): y[:, slices] += inter[t, s, slot(t)] @ B_s[slot(t)]ᵀ.
     False (nothing done) where the decode path does not apply (``hidden``: the plan's H)."""
     T = y.shape[0]
-    L, _, R = lora_b[0].shape
-    widths = [b.shape[1] for b in lora_b]
+    R = max_rank(lora_b, meta, b=True)
+    widths = [_width(b) for b in lora_b]
     cfg = dict(decode_config(y.device), **fold_config(y.device))
     plan = decode_plan(T, meta.max_loras, hidden, R, widths, y.device, cfg)
     if plan is None or not _unit_rank_stride(lora_b):
         return False
     plan = dict(plan, split_k=1)
-    # work[kp, s, t, r] = inter[t, s*L*R + slot*R + r]: strides (split, slice, token, slot)
-    strides = (0, L * R, inter.stride(0), R)
+    # work[kp, s, t, r] = inter[t, s*per_slice + pos(slot)*pos_stride + r]: strides (split,
+    # slice, token, slot position)
+    per_slice, pos_stride = folded_geometry(lora_b, meta)
+    strides = (0, per_slice, inter.stride(0), pos_stride)
     _launch(plan, None, None, lora_b, y, inter, strides, meta, slice_offsets, shrink=False)
     return True
+
+
+def _width(b: torch.Tensor) -> int:
+    """Output columns of a B slice ([L, N, R], or a row buffer [N, rows])."""
+    return b.shape[0] if b.dim() == 2 else b.shape[1]
 
 
 def _launch(plan: dict, x, lora_a, lora_b, y, work, work_strides, meta: LoRAMeta,
@@ -165,22 +173,23 @@ def _launch(plan: dict, x, lora_a, lora_b, y, work, work_strides, meta: LoRAMeta
     pad = 3 - S
     if lora_a is None:
         x, lora_a = y, [lora_b[0]] * S          # placeholders: the shrink items do not run
-    H, R = x.shape[1], lora_b[0].shape[2]
+    H, R = x.shape[1], max_rank(lora_b, meta, b=True)
     a_ptrs = lora_a + [lora_a[0]] * pad
     b_ptrs = lora_b + [lora_b[0]] * pad
-    b_strides = [s for t in b_ptrs for s in t.stride()[:2]]    # the rank stride is 1
-    widths = [b.shape[1] for b in lora_b] + [0] * pad
+    bs = [s for t in b_ptrs for s in b_strides(t)[:2]]    # the rank stride is 1
+    widths = [_width(b) for b in lora_b] + [0] * pad
     offs = list(slice_offsets) + [0] * pad
     cc0, cc01, cc_all = plan["cc"]
-    args = (x, *a_ptrs, *b_ptrs, y, work, tile_table(meta, plan["rows"]), H, R, meta.max_loras,
-            *widths, *offs, cc0, cc01, cc_all)
-    strides = (x.stride(0), x.stride(1), *lora_a[0].stride(), *b_strides,
+    rows, rows_consts = rows_args(meta)
+    args = (x, *a_ptrs, *b_ptrs, y, work, tile_table(meta, plan["rows"]), rows, H, R,
+            meta.max_loras, *widths, *offs, cc0, cc01, cc_all)
+    strides = (x.stride(0), x.stride(1), *a_strides(lora_a[0]), *bs,
                y.stride(0), y.stride(1), *work_strides)
     consts = {"NUM_SLICES": S, "ROWS": plan["rows"], "BLOCK_M": plan["block_m"],
               "BLOCK_N": plan["block_n"], "BLOCK_R": plan["block_r"], "BLOCK_K": plan["block_k"],
               "SPLIT_K": plan["split_k"], "PRECISION": _precision(lora_b[0].dtype),
               "UPCAST": interpreted(), "EXPAND_LOOP": plan["expand_loop"],
-              "STAGES": plan["num_stages"]}
+              "STAGES": plan["num_stages"], **rows_consts}
     expand_launch = {"num_warps": plan["num_warps"], "num_stages": plan["num_stages"]}
     shrink_launch = {"num_warps": plan["shrink_num_warps"],
                      "num_stages": plan["shrink_num_stages"]}

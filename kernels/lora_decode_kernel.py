@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lorry.kernels.triton_kernels import _pick, _pick_ptr
+from lorry.kernels.triton_kernels import _pick, _pick_ptr, _slot_place
 
 
 @triton.jit
@@ -61,7 +61,7 @@ def _products(w_ptrs, w_mask, s_wk, dtype: tl.constexpr, BLOCK_M: tl.constexpr,
 @triton.jit
 def lora_decode_kernel(
     x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, work_ptr,
-    table_ptr,
+    table_ptr, rows_ptr,
     H, R, L, n0, n1, n2, off0, off1, off2,
     cc0, cc01, cc_all, first_item, n_shrink, nsub,
     s_xt, s_xh, s_al, s_ar, s_ah,
@@ -71,8 +71,12 @@ def lora_decode_kernel(
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, PHASE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXPAND_LOOP: tl.constexpr = 0,
-    STAGES: tl.constexpr = 2, USE_PDL: tl.constexpr = False,
+    STAGES: tl.constexpr = 2, USE_PDL: tl.constexpr = False, HAS_ROWS: tl.constexpr = False,
+    ROW_ALIGN: tl.constexpr = 1,
 ):
+    # HAS_ROWS: the weights are row buffers; a slot's first row and rank come from rows_ptr
+    # (triton_kernels._slot_place), and its A rows, B columns and products past the rank are
+    # neither read nor written
     t = first_item + tl.program_id(0)
     if USE_PDL and PHASE == 1:
         # launched while the kernel before it finishes: its outputs (x) are ready after this
@@ -93,6 +97,9 @@ def lora_decode_kernel(
         kp = rem % SPLIT_K
         slot, tok, mask_m = _tile(m, table_ptr, rows, ROWS)
         if slot < L:
+            pos, rank = _slot_place(rows_ptr, slot, L, R, HAS_ROWS, ROW_ALIGN)
+            if HAS_ROWS:
+                mask_r = offs_r < rank
             if sid == 0:
                 a_ptr = a0_ptr
             elif sid == 1:
@@ -100,7 +107,7 @@ def lora_decode_kernel(
             else:
                 a_ptr = a2_ptr
             x_rows = x_ptr + tok[:, None] * s_xt
-            a_cols = a_ptr + slot.to(tl.int64) * s_al + offs_r[None, :] * s_ar
+            a_cols = a_ptr + pos * s_al + offs_r[None, :] * s_ar
             acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for k in range(kp * BLOCK_K, H, SPLIT_K * BLOCK_K):
                 offs_k = k + tl.arange(0, BLOCK_K)
@@ -132,10 +139,13 @@ def lora_decode_kernel(
         b_ptr = _pick_ptr(in1, in2, b0_ptr, b1_ptr, b2_ptr)
         slot, tok, mask_m = _tile(m, table_ptr, rows, ROWS)
         if slot < L:
+            pos, rank = _slot_place(rows_ptr, slot, L, R, HAS_ROWS, ROW_ALIGN)
+            if HAS_ROWS:
+                mask_r = offs_r < rank
             # EXPAND_LOOP 0 (by hand) and 2 (the pipeline's prologue) read the first tiles'
             # weights and y before waiting for the shrink (the PDL wait): they do not depend
             # on it, so their latency overlaps.
-            b_cols = b_ptr + slot.to(tl.int64) * s_bl + offs_r[:, None]     # unit rank stride
+            b_cols = b_ptr + pos * s_bl + offs_r[:, None]                   # unit rank stride
             n_first = c_local * nsub * BLOCK_N
             offs_n = n_first + tl.arange(0, BLOCK_N)
             n_end = tl.minimum(N, n_first + nsub * BLOCK_N)     # this chunk's columns
@@ -146,9 +156,10 @@ def lora_decode_kernel(
                              mask=mask_r[:, None] & mask_n[None, :], other=0.0)      # [BR, BN]
                 yt = tl.load(y_rows + (col0 + offs_n)[None, :] * s_yn,
                              mask=mask_m[:, None] & mask_n[None, :], other=0.0)   # [BM, BN]
-            # s_wl: the slot's stride in work (0, or R where every slot's products lie side by
-            # side, as the base matmul with the A rows folded in writes them)
-            w_ptrs = (work_ptr + sid * s_ws + slot.to(tl.int64) * s_wl + tok[:, None] * s_wt
+            # s_wl: the stride of the slot's position in work (0, or R -- 1 with HAS_ROWS --
+            # where every slot's products lie side by side, as the base matmul with the A rows
+            # folded in writes them)
+            w_ptrs = (work_ptr + sid * s_ws + pos * s_wl + tok[:, None] * s_wt
                       + offs_r[None, :])
             w_mask = mask_m[:, None] & mask_r[None, :]
             if EXPAND_LOOP < 2:

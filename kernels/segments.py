@@ -12,6 +12,29 @@ import torch
 
 
 @dataclass(frozen=True)
+class SlotRows:
+    """Slot memory shared by rank: each slot's adapter is a run of rows in the row buffers.
+
+    ``table`` [2, max_loras] int32 on the device: row 0 the first row of each slot's adapter,
+    row 1 its rank (0: an empty slot). Rows past an adapter's rank, up to the next multiple of
+    16, must be zero (kernels read whole 16-row groups, so that loads along the rank stay
+    vectorized). ``max_rank``: the largest rank a slot can hold (the kernels' tile width);
+    ``row_align``: every first row is a multiple of it (a power of two: the kernels' loads
+    along the rank are vectorized to it). The owner (engine.lora.gpu_slots) changes the table
+    in place, so captured graphs read the current placement.
+    """
+
+    table: torch.Tensor
+    max_rank: int
+    row_align: int = 1
+
+    def __post_init__(self):
+        if self.table.dim() != 2 or self.table.shape[0] != 2 or self.table.dtype != torch.int32:
+            raise ValueError(f"SlotRows.table must be [2, max_loras] int32, got "
+                             f"{list(self.table.shape)} {self.table.dtype}")
+
+
+@dataclass(frozen=True)
 class LoRAMeta:
     """Token -> adapter slot mapping for one step.
 
@@ -27,6 +50,11 @@ class LoRAMeta:
         Offset of each slot's first token in ``sorted_token_ids``.
     max_loras : int
         Number of GPU slots (the grid's adapter axis; a host constant).
+    rows : SlotRows or None
+        Where each slot's adapter lies in slot memory shared by rank (None: the weights are
+        per-slot stacks ``lora_a[s]`` [L, R, H], ``lora_b[s]`` [L, N_s, R]). With rows, the
+        weights are row buffers ``lora_a[s]`` [rows, H] and ``lora_b[s]`` [N_s, rows] and a
+        slot's adapter is rows ``base .. base + rank`` of them.
     """
 
     token_slots: torch.Tensor
@@ -34,17 +62,22 @@ class LoRAMeta:
     slot_token_counts: torch.Tensor
     slot_token_starts: torch.Tensor
     max_loras: int
+    rows: SlotRows | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.token_slots.shape[0]
 
 
-def build_lora_meta(token_slots: torch.Tensor, max_loras: int) -> LoRAMeta:
+def build_lora_meta(token_slots: torch.Tensor, max_loras: int,
+                    rows: SlotRows | None = None) -> LoRAMeta:
     """Sort tokens by slot and count them per slot, without a host sync.
 
-    token_slots: [T] int (slot per token, -1 = no adapter).
+    token_slots: [T] int (slot per token, -1 = no adapter). rows: see LoRAMeta.
     """
+    if rows is not None and rows.table.shape[1] != max_loras:
+        raise ValueError(f"SlotRows.table has {rows.table.shape[1]} slots, max_loras is "
+                         f"{max_loras}")
     slots = token_slots.to(torch.int32)
     # Tokens without adapter sort last: map -1 to max_loras for the sort key.
     key = torch.where(slots < 0, torch.full_like(slots, max_loras), slots)
@@ -58,6 +91,7 @@ def build_lora_meta(token_slots: torch.Tensor, max_loras: int) -> LoRAMeta:
         slot_token_counts=counts[:max_loras].contiguous(),
         slot_token_starts=starts[:max_loras].contiguous(),
         max_loras=max_loras,
+        rows=rows,
     )
 
 

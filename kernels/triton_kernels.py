@@ -30,15 +30,34 @@ def _find_tile(pid_m, counts_ptr, starts_ptr, L, BLOCK_M: tl.constexpr, BLOCK_L:
 
 
 @triton.jit
+def _slot_place(rows_ptr, slot, L, R, HAS_ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    """(position, rank) of a slot's adapter in the weights. Per-slot stacks (no HAS_ROWS):
+    the slot index, and R. Slot memory shared by rank (kernels.segments.SlotRows at
+    ``rows_ptr``): the adapter's first row (a multiple of ROW_ALIGN, which keeps loads along
+    a unit-stride rank axis vectorized) and its rank rounded up to a multiple of 16 (the rows
+    past a rank are zero), at most R: a mask constant over 16 ranks keeps them vectorized too."""
+    if HAS_ROWS:
+        pos = tl.multiple_of(tl.load(rows_ptr + slot), ROW_ALIGN).to(tl.int64)
+        r = tl.load(rows_ptr + L + slot)
+        rank = tl.minimum((r + 15) // 16 * 16, R)
+    else:
+        pos = slot.to(tl.int64)
+        rank = R
+    return pos, rank
+
+
+@triton.jit
 def lora_shrink_kernel(
-    x_ptr, a0_ptr, a1_ptr, a2_ptr, out_ptr, sorted_ptr, counts_ptr, starts_ptr,
+    x_ptr, a0_ptr, a1_ptr, a2_ptr, out_ptr, sorted_ptr, counts_ptr, starts_ptr, rows_ptr,
     H, R, L,
     s_xt, s_xh, s_al, s_ar, s_ah, s_osplit, s_oslice, s_ot, s_or,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_L: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, HAS_ROWS: tl.constexpr = False, ROW_ALIGN: tl.constexpr = 1,
 ):
-    """out[split, s, t, :] (+)= x[t, k-part] @ A_s[slot(t)][:, k-part].T for tokens with a slot."""
+    """out[split, s, t, :] (+)= x[t, k-part] @ A_s[slot(t)][:, k-part].T for tokens with a slot.
+    HAS_ROWS: A is a row buffer and each slot's place and rank come from ``rows_ptr``
+    (_slot_place); columns past the rank are neither read nor written."""
     pid_m = tl.program_id(0)
     pid_nk = tl.program_id(1)
     sid = tl.program_id(2)
@@ -46,6 +65,9 @@ def lora_shrink_kernel(
     pid_n = pid_nk // SPLIT_K
     slot, row0, count, start = _find_tile(pid_m, counts_ptr, starts_ptr, L, BLOCK_M, BLOCK_L)
     if slot >= L:
+        return
+    pos, rank = _slot_place(rows_ptr, slot, L, R, HAS_ROWS, ROW_ALIGN)
+    if pid_n * BLOCK_N >= rank:
         return
     if sid == 0:
         a_ptr = a0_ptr
@@ -57,9 +79,9 @@ def lora_shrink_kernel(
     mask_m = offs_m < count
     tok = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < R
+    mask_n = offs_n < rank
     x_rows = x_ptr + tok[:, None] * s_xt
-    a_cols = a_ptr + slot.to(tl.int64) * s_al + offs_n[None, :] * s_ar
+    a_cols = a_ptr + pos * s_al + offs_n[None, :] * s_ar
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(pid_k * BLOCK_K, H, SPLIT_K * BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
@@ -130,21 +152,22 @@ def _expand_tile(i_rows, b_cols, mask_m, mask_n, R, s_isplit, s_ir, s_br,
 
 @triton.jit
 def lora_expand_kernel(
-    inter_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, sorted_ptr, counts_ptr, starts_ptr,
+    inter_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, sorted_ptr, counts_ptr, starts_ptr, rows_ptr,
     R, L, n0, n1, n2, off0, off1, off2, tiles0, tiles01,
     s_isplit, s_islice, s_it, s_ir, s_il,
     s_bl0, s_bn0, s_br0, s_bl1, s_bn1, s_br1, s_bl2, s_bn2, s_br2,
     s_yt, s_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, HAS_ROWS: tl.constexpr = False, ROW_ALIGN: tl.constexpr = 1,
 ):
     """y[t, off_s + n] += sum_split(inter[split, s, t]) @ B_s[slot(t)][n].T for tokens with a slot.
 
     Axis 1 enumerates the column tiles of all slices back to back (tiles0, tiles01 are the
     cumulative tile counts of slices 0 and 0..1), so unequal widths waste no programs.
-    ``s_il``: stride of the slot in ``inter`` (0: one row per token; R: every slot's products
-    side by side, as the base matmul with the A rows folded in writes them).
+    ``s_il``: stride of the slot's position in ``inter`` (0: one row per token; R, or 1 with
+    HAS_ROWS: every slot's products side by side, as the base matmul with the A rows folded
+    in writes them). HAS_ROWS: as in lora_shrink_kernel (B is a row buffer).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -161,14 +184,15 @@ def lora_expand_kernel(
     slot, row0, count, start = _find_tile(pid_m, counts_ptr, starts_ptr, L, BLOCK_M, BLOCK_L)
     if slot >= L:
         return
+    pos, rank = _slot_place(rows_ptr, slot, L, R, HAS_ROWS, ROW_ALIGN)
     offs_m = row0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < count
     tok = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
     offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    i_rows = inter_ptr + sid * s_islice + slot.to(tl.int64) * s_il + tok[:, None] * s_it
-    b_cols = b_ptr + slot.to(tl.int64) * s_bl + offs_n[None, :] * s_bn
-    acc = _expand_tile(i_rows, b_cols, mask_m, mask_n, R, s_isplit, s_ir, s_br, BLOCK_M,
+    i_rows = inter_ptr + sid * s_islice + pos * s_il + tok[:, None] * s_it
+    b_cols = b_ptr + pos * s_bl + offs_n[None, :] * s_bn
+    acc = _expand_tile(i_rows, b_cols, mask_m, mask_n, rank, s_isplit, s_ir, s_br, BLOCK_M,
                        BLOCK_N, BLOCK_R, SPLIT_K, PRECISION, UPCAST)
     y_ptrs = y_ptr + tok[:, None] * s_yt + (col0 + offs_n)[None, :] * s_yn
     mask = mask_m[:, None] & mask_n[None, :]

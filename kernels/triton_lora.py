@@ -12,6 +12,7 @@ from lorry.kernels.device_info import interpreted, num_sms
 from lorry.kernels.launch_math import cdiv, next_pow2
 from lorry.kernels.lora_decode import try_add_lora_decode, try_expand_folded_decode
 from lorry.kernels.segments import LoRAMeta
+from lorry.kernels.slot_args import a_strides, b_strides, folded_geometry, max_rank, rows_args
 from lorry.kernels.triton_kernels import lora_expand_kernel, lora_shrink_kernel
 
 MAX_SLICES_PER_LAUNCH = 3
@@ -75,9 +76,9 @@ def _check_slices(lora: list[torch.Tensor], what: str) -> None:
 
 def _shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta, out: torch.Tensor,
             split_k: int) -> None:
-    # x: [T, H]; lora_a[s]: [L, R, H]; out: [split_k, S, T, R]
+    # x: [T, H]; lora_a[s]: [L, R, H] (or [rows, H]: meta.rows); out: [split_k, S, T, R]
     T, H = x.shape
-    R = lora_a[0].shape[1]
+    R = max_rank(lora_a, meta)
     if T == 0:
         return
     block_m = _block_m(T, meta.max_loras)
@@ -92,21 +93,23 @@ def _shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta, out: to
         o = out[:, g0:g1]
         grid = (_num_m_tiles(T, meta.max_loras, block_m), cdiv(R, block_n) * split_k,
                 g1 - g0)
+        rows, rows_consts = rows_args(meta)
         lora_shrink_kernel[grid](
             x, *a_ptrs, o, meta.sorted_token_ids, meta.slot_token_counts, meta.slot_token_starts,
-            H, R, meta.max_loras,
-            x.stride(0), x.stride(1), a[0].stride(0), a[0].stride(1), a[0].stride(2),
+            rows, H, R, meta.max_loras,
+            x.stride(0), x.stride(1), *a_strides(a[0]),
             o.stride(0), o.stride(1), o.stride(2), o.stride(3),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             BLOCK_L=_block_l(meta.max_loras), SPLIT_K=split_k,
-            PRECISION=_precision(a[0].dtype), UPCAST=interpreted(), num_warps=4,
+            PRECISION=_precision(a[0].dtype), UPCAST=interpreted(), **rows_consts, num_warps=4,
             num_stages=3 if block_m == 16 else 2)
 
 
 def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: torch.Tensor,
             slice_offsets: list[int], inter_slot_stride: int = 0) -> None:
-    # inter: [split_k, S, T, R]; lora_b[s]: [L, N_s, R]; y: [T, N]. inter_slot_stride: the
-    # products of slot l start l * stride further (every slot's side by side; 0: one per token)
+    # inter: [split_k, S, T, R]; lora_b[s]: [L, N_s, R] (or [N_s, rows]: meta.rows); y: [T, N].
+    # inter_slot_stride: the products of a slot start its position times it further (every
+    # slot's side by side; 0: one per token)
     split_k, _, T, R = inter.shape
     if T == 0:
         return
@@ -117,23 +120,25 @@ def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: 
     for g0, g1 in _groups(len(lora_b)):
         b = lora_b[g0:g1]
         offs = list(slice_offsets[g0:g1])
-        widths = [t.shape[1] for t in b]
+        widths = [t.shape[0] if t.dim() == 2 else t.shape[1] for t in b]
         tiles = [cdiv(n, block_n) for n in widths]
         pad = MAX_SLICES_PER_LAUNCH - len(b)
         b_ptrs, widths, offs = b + [b[0]] * pad, widths + [0] * pad, offs + [0] * pad
-        strides = [s for t in b_ptrs for s in t.stride()]
+        strides = [s for t in b_ptrs for s in b_strides(t)]
         tiles0 = tiles[0]
         tiles01 = tiles0 + (tiles[1] if len(tiles) > 1 else 0)
         i = inter[:, g0:g1]
         grid = (_num_m_tiles(T, meta.max_loras, block_m), sum(tiles))
+        rows, rows_consts = rows_args(meta)
         lora_expand_kernel[grid](
             i, *b_ptrs, y, meta.sorted_token_ids, meta.slot_token_counts, meta.slot_token_starts,
-            R, meta.max_loras, *widths, *offs, tiles0, tiles01,
+            rows, R, meta.max_loras, *widths, *offs, tiles0, tiles01,
             i.stride(0), i.stride(1), i.stride(2), i.stride(3), inter_slot_stride, *strides,
             y.stride(0), y.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
             BLOCK_L=_block_l(meta.max_loras), SPLIT_K=split_k,
-            PRECISION=_precision(b[0].dtype), UPCAST=interpreted(), num_warps=4, num_stages=2)
+            PRECISION=_precision(b[0].dtype), UPCAST=interpreted(), **rows_consts, num_warps=4,
+            num_stages=2)
 
 
 def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta,
@@ -161,7 +166,9 @@ def add_lora_folded(y: torch.Tensor, inter: torch.Tensor, lora_b: list[torch.Ten
 
     ``inter`` [T, S*L*R] holds every slot's x·Aᵀ (the base matmul computes it when the A slot
     rows are folded under the weight: engine.lora.slot_layout); token t uses columns
-    s*L*R + slot(t)*R .. +R of slice s. ``hidden``: the layer's input width (for the plan).
+    s*L*R + slot(t)*R .. +R of slice s. With row buffers (meta.rows) ``inter`` is
+    [T, S*rows] and token t uses columns s*rows + base(slot(t)) .. + its rank.
+    ``hidden``: the layer's input width (for the plan).
     """
     _check_device(y)
     _check_slices(lora_b, "lora_b")
@@ -169,15 +176,20 @@ def add_lora_folded(y: torch.Tensor, inter: torch.Tensor, lora_b: list[torch.Ten
         raise ValueError(f"slice_offsets has {len(slice_offsets)} entries for "
                          f"{len(lora_b)} lora_b slices; give one offset per slice")
     T = y.shape[0]
-    L, _, R = lora_b[0].shape
-    if inter.shape != (T, len(lora_b) * L * R) or inter.stride(-1) != 1:
-        raise ValueError(f"inter must be [T={T}, S*L*R={len(lora_b) * L * R}] with unit column "
-                         f"stride, got {list(inter.shape)} strides {inter.stride()}")
+    R = max_rank(lora_b, meta, b=True)
+    # columns per slice, and how far a slot's products move with its position
+    per_slice, pos_stride = folded_geometry(lora_b, meta)
+    if inter.shape != (T, len(lora_b) * per_slice) or inter.stride(-1) != 1:
+        raise ValueError(f"inter must be [T={T}, {len(lora_b) * per_slice}] (every slice's "
+                         f"slot columns) with unit column stride, got {list(inter.shape)} "
+                         f"strides {inter.stride()}")
     if T == 0 or try_expand_folded_decode(y, inter, lora_b, meta, slice_offsets, hidden):
         return
-    # [1, S, T, R] view: slice s at column s*L*R, token rows, slot l R columns further
-    view = inter.as_strided((1, len(lora_b), T, R), (0, L * R, inter.stride(0), 1))
-    _expand(view, lora_b, meta, y, slice_offsets, inter_slot_stride=R)
+    # [1, S, T, R] view: slice s at column s*per_slice, token rows, a slot's products
+    # position * pos_stride columns further
+    view = inter.as_strided((1, len(lora_b), T, R), (0, per_slice, inter.stride(0), 1))
+    _expand(view, lora_b, meta, y, slice_offsets, inter_slot_stride=pos_stride)
+
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
@@ -195,7 +207,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
         raise ValueError(f"got {len(lora_a)} lora_a, {len(lora_b)} lora_b and "
                          f"{len(slice_offsets)} slice_offsets; give one of each per slice")
     T, H = x.shape
-    S, R = len(lora_a), lora_a[0].shape[1]
+    S, R = len(lora_a), max_rank(lora_a, meta)
     if T == 0:
         return
     # Decode steps and prefill chunks the decode path takes (kernels/lora_decode.py): the

@@ -45,6 +45,11 @@ class EngineConfig:
         GPU adapter slots: the most distinct adapters in one model step.
     max_lora_rank : int
         Slot width; one of 1, 8, 16, 32, 64, 128, 256, 320, 512.
+    lora_memory_slots : int, optional
+        GPU memory for LoRA weights, in ``max_lora_rank``-wide slots (None: ``max_loras``).
+        The resident adapters share it by rank (engine.lora.gpu_slots: blocks of 16-row
+        pages), so ``max_loras`` above it lets more low-rank adapters run at once: e.g. 32
+        rank-64 slots' memory holds 128 adapters of rank 16.
     max_cpu_loras : int, optional
         CPU LRU cache size (>= max_loras; None means max_loras).
     lora_dtype : {"auto", "float32", "float16", "bfloat16"}
@@ -122,6 +127,7 @@ class EngineConfig:
     enable_lora: bool = True
     max_loras: int = 4
     max_lora_rank: int = 16
+    lora_memory_slots: int | None = None
     max_cpu_loras: int | None = None
     lora_dtype: str = "auto"
     lora_backend: str = "auto"
@@ -150,6 +156,7 @@ class EngineConfig:
         if self.max_lora_rank not in LORA_RANKS:
             raise ValueError(f"EngineConfig.max_lora_rank={self.max_lora_rank!r} is invalid: "
                              f"allowed {list(LORA_RANKS)}")
+        _positive_int("lora_memory_slots", self.lora_memory_slots, allow_none=True)
         _positive_int("max_cpu_loras", self.max_cpu_loras, allow_none=True)
         if self.max_cpu_loras is None:
             self.max_cpu_loras = self.max_loras

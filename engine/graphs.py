@@ -86,6 +86,7 @@ class DecodeGraphs:
         self.tables = self.inputs.tables.to(device)                          # [n, blocks]
         self.zero_index = torch.zeros(n, dtype=torch.long, device=device)
         self.all_slots = frozenset(range(max_loras))
+        self.slot_rows = None   # kernels.segments.SlotRows of the slot manager (engine.setup)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.lora_modules = [mod for _, _, mod in model.lora_layers()]
@@ -107,7 +108,7 @@ class DecodeGraphs:
         d = self.dev
         lora = None
         if lora_key is not None and any(lora_key):
-            lora = LoRAStep(build_lora_meta(d[SLOTS, :size], self.max_loras), self.ops,
+            lora = LoRAStep(build_lora_meta(d[SLOTS, :size], self.max_loras, self.slot_rows), self.ops,
                             self.all_slots, fold=size <= self.fold_max_rows, slot_modules=False)
         # kv_len is the longest possible: a host int cannot change between replays. The
         # Triton attention (the CUDA path) stops at each row's own position instead.

@@ -244,7 +244,15 @@ class LLMEngine:
     def _slots(self, plan, now: float) -> list[int]:
         """The GPU LoRA slot of each sequence of the step (-1: none), its adapter copied in
         (and the next waiters' adapters prefetched) before the step runs."""
-        slots = []
+        slots, new = [], {}
+        if self.loras is not None:
+            # the step's adapters not resident yet, largest first: the scheduler's planner
+            # admitted them in that order (engine.lora.gpu_slots.RowPlanner)
+            gpu = self.loras.gpu
+            new = {s.lora_id: s.lora_request for s in plan.seqs
+                   if s.lora_request is not None and gpu.lookup(s.lora_id) is None}
+            for lid in sorted(new, key=lambda i: -gpu.pages_for(i)):
+                self.loras.activate(new[lid], self.scheduler.running_adapters())
         for s in plan.seqs:
             first = plan.prefill and s.metrics.first_scheduled_time is None
             if first:
@@ -253,7 +261,7 @@ class LLMEngine:
                 slots.append(-1)
             else:
                 slot = self.loras.gpu.lookup(s.lora_id)
-                if slot is None or first:
+                if slot is None or (first and s.lora_id not in new):
                     # first use: a hit makes it most recent, a miss writes it into a slot
                     slot = self.loras.activate(s.lora_request, self.scheduler.running_adapters())
                 slots.append(slot)
@@ -301,7 +309,8 @@ class LLMEngine:
                 continue
             protected.add(seq.lora_id)  # later waiters never evict an earlier one's adapter
             if self.loras.gpu.lookup(seq.lora_id) is not None or \
-                    self.loras.cpu.peek(req) is None or not self.loras.gpu.has_room(protected):
+                    self.loras.cpu.peek(req) is None or \
+                    not self.loras.gpu.has_room(protected - {seq.lora_id}, seq.lora_id):
                 continue
             self.loras.activate(req, protected)
             limit -= 1

@@ -19,6 +19,9 @@ class ModelRunner:
     def __init__(self, model, ops, max_loras: int, device: torch.device, graphs=None,
                  block_size: int = 16):
         self.model, self.ops, self.max_loras, self.device = model, ops, max_loras, device
+        # where each slot's adapter lies in the LoRA row buffers (the slot manager's
+        # kernels.segments.SlotRows, set by engine.setup)
+        self.slot_rows = None
         self.block_size = block_size
         # prefill steps run the layers on the real tokens only (no padding rows); False: on
         # the padded [B, S] batch (for comparisons)
@@ -50,7 +53,7 @@ class ModelRunner:
         if not used or self.ops is None:
             return None
         t = torch.from_numpy(slots).to(self.device)
-        return LoRAStep(build_lora_meta(t, self.max_loras), self.ops, used)
+        return LoRAStep(build_lora_meta(t, self.max_loras, self.slot_rows), self.ops, used)
 
     def _tensor(self, rows) -> torch.Tensor:
         if isinstance(rows, np.ndarray):

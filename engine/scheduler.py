@@ -7,8 +7,9 @@ work is a plain decode step (replayed from a CUDA graph). When the decoding rows
 more than half the budget, prompt steps and decode steps alternate instead (so prompts never
 get less than alternation gives them). With ``mixed=False``, prefill and
 decode steps alternate instead, so a long prompt delays each decode step by one chunk's step.
-The distinct adapters of the running set (plus pinned ones) never exceed ``max_loras``:
-sequences whose adapter does not fit wait until a running adapter's sequences finish. Aging:
+The distinct adapters of the running set (plus pinned ones) never exceed ``max_loras``, and
+their blocks fit the LoRA slot memory together (``slot_memory``: engine.lora.gpu_slots, shared
+by rank): sequences whose adapter does not fit wait until a running adapter's sequences finish. Aging:
 once later sequences have overtaken such a waiter ``max_bypass`` times, the running adapter
 with the fewest rows admits nobody more and no other waiter takes a new slot first, so that
 adapter drains and the waiter gets its slot while the other running adapters keep admitting
@@ -60,6 +61,19 @@ class ScheduledStep:
         return self.seqs[len(self.chunks):] if self.prefill else self.seqs
 
 
+class _CountPlanner:
+    """Admissions where any ``max_loras`` adapters fit at once (no slot memory given)."""
+
+    def __init__(self, max_loras: int, held: set[int]):
+        self.max_loras, self.held = max_loras, set(held)
+
+    def fits(self, lora_id: int) -> bool:
+        return lora_id in self.held or len(self.held) < self.max_loras
+
+    def add(self, lora_id: int) -> None:
+        self.held.add(lora_id)
+
+
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_loras: int, blocks: BlockManager,
                  max_num_batched_tokens: int = 8192, max_bypass: int = 16,
@@ -79,6 +93,15 @@ class Scheduler:
         self.preemptions = 0
         self.peak_running = 0
         self.watermark = max(1, blocks.usable() // 100)   # blocks kept free at admission
+        # the LoRA slot memory (engine.lora.gpu_slots.GPUSlotManager: planner(held)); None:
+        # any max_loras adapters fit at once
+        self.slot_memory = None
+
+    def _planner(self, held: set[int]):
+        """Whether adapters fit next to ``held`` ones: fits(lid), and add(lid) as admitted."""
+        if self.slot_memory is not None:
+            return self.slot_memory.planner(held)
+        return _CountPlanner(self.max_loras, held)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -202,19 +225,22 @@ class Scheduler:
         if len(self.running) >= self.max_num_seqs or budget <= 0 or not self.waiting:
             return admitted   # (before copying a long queue for nothing)
         adapters = self.running_adapters()
+        room = self._planner(adapters | set(pinned))
+        pins_only = None   # the planner of the pinned adapters alone, when asked
         passed_over: list[Sequence] = []   # waiting for an adapter slot, overtaken by later ones
         draining = None    # the running adapter whose slot an aged waiter gets once it drains
         for seq in list(self.waiting):
             if len(self.running) >= self.max_num_seqs or budget <= 0:
                 break
             lid = seq.lora_id
-            if lid is not None and lid not in adapters \
-                    and len(adapters | pinned | {lid}) > self.max_loras:
+            if lid is not None and lid not in adapters and not room.fits(lid):
                 # aged: the running adapter with the fewest rows (not pinned) admits nobody
                 # more, so its slot frees for this waiter; the other running adapters go
                 # on admitting, and no other waiter takes a new slot before it -- unless pins
                 # alone leave it no slot (then it waits for an unpin, the others go on)
-                if seq.bypassed >= self.max_bypass and len(pinned | {lid}) <= self.max_loras:
+                if pins_only is None and seq.bypassed >= self.max_bypass:
+                    pins_only = self._planner(set(pinned))
+                if seq.bypassed >= self.max_bypass and pins_only.fits(lid):
                     if draining is None:
                         draining = self._drain_victim(adapters - pinned)
                     continue
@@ -228,6 +254,7 @@ class Scheduler:
             if ready is not None and not ready(seq):
                 if lid is not None and seq.bypassed >= self.max_bypass:
                     adapters.add(lid)  # an aged waiter's slot is held while its adapter loads
+                    room.add(lid)
                 continue  # its adapter is still loading: others go on meanwhile
             # a watermark while others run: their next decode steps need blocks too, and an
             # admission that took the last ones would be preempted again at once
@@ -238,6 +265,7 @@ class Scheduler:
             budget -= n
             if lid is not None:
                 adapters.add(lid)
+                room.add(lid)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             admitted.append((seq, n))

@@ -108,7 +108,8 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
                             dtype=lora_dtype, device=device,
                             fold=c.lora_fold and device.type == "cuda" and backend == "triton",
                             adapter_roots=c.adapter_roots,
-                            max_full_module_copies=c.max_full_module_copies)
+                            max_full_module_copies=c.max_full_module_copies,
+                            memory_slots=c.lora_memory_slots)
     ops = get_lora_ops(backend) if c.enable_lora else None
     # longrope rotates a whole row's keys by its length (short or long factors), so a cached
     # prefix's keys are not those a longer prompt would compute: no sharing on such bases
@@ -126,6 +127,11 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
                           max_model_len=max_len)
     if loras is not None:
         runner.graph_lock = loras.gpu.layout.pin_lock
+        # the LoRA kernels find each slot's adapter in the row buffers through these
+        runner.slot_rows = loras.gpu.rows
+        if graphs is not None:
+            graphs.slot_rows = loras.gpu.rows
+        scheduler.slot_memory = loras.gpu   # admission by the blocks adapters take
         loras.running_adapters = scheduler.running_adapters  # max_full_module_copies admission
     return EngineParts(device, dtype, model_dir, hf_config, model, tokenizer, max_len, backend,
                        loras, runner, scheduler)

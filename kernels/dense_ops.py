@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from lorry.kernels.segments import LoRAMeta
+from lorry.kernels.slot_args import check_layout
 
 
 def _selector(meta: LoRAMeta, L: int, R: int, dtype: torch.dtype) -> torch.Tensor:
@@ -134,6 +135,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
              lora_b: list[torch.Tensor], meta: LoRAMeta, slice_offsets: list[int],
              buffer: torch.Tensor | None = None) -> None:
     """y[:, slices] += LoRA(x) for every token with an adapter. x: [T, H], y: [T, N]."""
+    check_layout(lora_a, meta, "lora_a")
     a_all, b_t = _packed(lora_a, lora_b)
     if meta.rows is not None:
         width = lora_a[0].shape[0]

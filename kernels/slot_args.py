@@ -47,3 +47,12 @@ def folded_geometry(lora_b: list[torch.Tensor], meta: LoRAMeta) -> tuple[int, in
         return lora_b[0].shape[1], 1
     L, _, R = lora_b[0].shape
     return L * R, R
+
+
+def check_layout(lora: list[torch.Tensor], meta: LoRAMeta, what: str) -> None:
+    """Row buffers (2-D slices) go with LoRAMeta.rows, per-slot stacks (3-D) without it."""
+    if (lora[0].dim() == 2) != (meta.rows is not None):
+        raise ValueError(f"{what} slices are {lora[0].dim()}-D but the meta "
+                         f"{'has no' if meta.rows is None else 'has'} SlotRows: row buffers "
+                         "[rows, H] / [N, rows] need LoRAMeta.rows (build_lora_meta(..., rows)), "
+                         "per-slot stacks [L, R, H] / [L, N, R] take none")

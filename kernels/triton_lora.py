@@ -12,7 +12,8 @@ from lorry.kernels.device_info import interpreted, num_sms
 from lorry.kernels.launch_math import cdiv, next_pow2
 from lorry.kernels.lora_decode import try_add_lora_decode, try_expand_folded_decode
 from lorry.kernels.segments import LoRAMeta
-from lorry.kernels.slot_args import a_strides, b_strides, folded_geometry, max_rank, rows_args
+from lorry.kernels.slot_args import (a_strides, b_strides, check_layout, folded_geometry,
+                                     max_rank, rows_args)
 from lorry.kernels.triton_kernels import lora_expand_kernel, lora_shrink_kernel
 
 MAX_SLICES_PER_LAUNCH = 3
@@ -66,9 +67,10 @@ def choose_split_k(num_tokens: int, max_loras: int, num_slices: int, hidden: int
     return split
 
 
-def _check_slices(lora: list[torch.Tensor], what: str) -> None:
+def _check_slices(lora: list[torch.Tensor], what: str, meta: LoRAMeta) -> None:
     if not lora:
         raise ValueError(f"{what} must hold at least one slice, got an empty list")
+    check_layout(lora, meta, what)
     dtypes = {t.dtype for t in lora}
     if len(dtypes) != 1:
         raise ValueError(f"{what} slices must share one dtype, got {sorted(map(str, dtypes))}")
@@ -145,7 +147,7 @@ def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta,
                 out: torch.Tensor) -> None:
     """x: [T, H]; lora_a[s]: [L, R, H]; out: [S, T, R] (written for tokens with an adapter)."""
     _check_device(x)
-    _check_slices(lora_a, "lora_a")
+    _check_slices(lora_a, "lora_a", meta)
     _shrink(x, lora_a, meta, out.unsqueeze(0), split_k=1)
 
 
@@ -153,7 +155,7 @@ def lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta,
                 y: torch.Tensor, slice_offsets: list[int]) -> None:
     """inter: [S, T, R]; lora_b[s]: [L, N_s, R]; y: [T, sum N_s], accumulated in place."""
     _check_device(y)
-    _check_slices(lora_b, "lora_b")
+    _check_slices(lora_b, "lora_b", meta)
     if len(slice_offsets) != len(lora_b):
         raise ValueError(f"slice_offsets has {len(slice_offsets)} entries for "
                          f"{len(lora_b)} lora_b slices; give one offset per slice")
@@ -171,7 +173,7 @@ def add_lora_folded(y: torch.Tensor, inter: torch.Tensor, lora_b: list[torch.Ten
     ``hidden``: the layer's input width (for the plan).
     """
     _check_device(y)
-    _check_slices(lora_b, "lora_b")
+    _check_slices(lora_b, "lora_b", meta)
     if len(slice_offsets) != len(lora_b):
         raise ValueError(f"slice_offsets has {len(slice_offsets)} entries for "
                          f"{len(lora_b)} lora_b slices; give one offset per slice")
@@ -201,8 +203,8 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
     workspace is allocated and the shrink may split its reduction over H across programs.
     """
     _check_device(x)
-    _check_slices(lora_a, "lora_a")
-    _check_slices(lora_b, "lora_b")
+    _check_slices(lora_a, "lora_a", meta)
+    _check_slices(lora_b, "lora_b", meta)
     if len(lora_a) != len(lora_b) or len(slice_offsets) != len(lora_b):
         raise ValueError(f"got {len(lora_a)} lora_a, {len(lora_b)} lora_b and "
                          f"{len(slice_offsets)} slice_offsets; give one of each per slice")

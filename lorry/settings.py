@@ -20,7 +20,8 @@ from lorry.engine.demo_model import DEMO_MODEL_NAME, default_models_dir
 
 # Settings fields passed to EngineConfig under the same name (checked by its rules).
 ENGINE_FIELDS = ("model", "tokenizer", "revision", "device", "dtype", "lora_dtype",
-                 "lora_backend", "max_loras", "max_lora_rank", "max_cpu_loras", "max_num_seqs",
+                 "lora_backend", "max_loras", "max_lora_rank", "lora_memory_slots",
+                 "max_cpu_loras", "max_num_seqs",
                  "max_model_len", "max_num_batched_tokens", "mixed_steps", "num_scheduler_steps",
                  "quantization",
                  "enforce_eager",
@@ -64,7 +65,7 @@ class Settings(BaseSettings):
         ``--insecure`` is given.
 
     The engine fields (``ENGINE_FIELDS``: ``model`` ... ``seed``, ``adapter_roots``,
-    ``max_full_module_copies`` and the KV cache's ``block_size``, ``enable_prefix_caching``,
+    ``lora_memory_slots``, ``max_full_module_copies`` and the KV cache's ``block_size``, ``enable_prefix_caching``,
     ``gpu_memory_utilization``, ``num_kv_blocks``) are ``EngineConfig``'s options under the same names, validated by ``EngineConfig``'s own rules
     when the settings are built.
     """
@@ -101,6 +102,8 @@ class Settings(BaseSettings):
     seed: int = 0
     adapter_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
     adapter_roots_per_tenant: bool = False
+    # LoRA weight memory in max_lora_rank-wide slots, shared by rank; None: max_loras of them
+    lora_memory_slots: int | None = Field(None, ge=1)
     # GPU-resident full trained lm_head/embed_tokens copies (modules_to_save); None: no limit
     max_full_module_copies: int | None = Field(None, ge=0)
     block_size: int = 16
@@ -145,7 +148,8 @@ class Settings(BaseSettings):
         return path.expanduser()
 
     @field_validator("quantization", "tokenizer", "revision", "metrics_token",
-                     "flower_basic_auth", "max_full_module_copies", "num_kv_blocks", mode="before")
+                     "flower_basic_auth", "max_full_module_copies", "num_kv_blocks",
+                     "lora_memory_slots", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
         """``LORRY_QUANTIZATION=`` (empty) means none, as leaving it unset does (likewise the

@@ -154,8 +154,10 @@ class SlotExtras:
         model.slot_heads.pop(slot, None)
         model.slot_embeds.pop(slot, None)
 
-    def write(self, slot: int, extras: AdapterExtras | None) -> None:
-        """Set ``slot``'s extras; call after its A/B are in place (DoRA reads them)."""
+    def write(self, slot: int, extras: AdapterExtras | None,
+              rows: tuple[int, int] = (0, 0)) -> None:
+        """Set ``slot``'s extras; call after its A/B are in place (DoRA reads them: ``rows``,
+        the first row and number of rows of its block in the row buffers)."""
         self.clear(slot)
         if not extras:
             return
@@ -168,7 +170,7 @@ class SlotExtras:
                 self.layout.modules[(f, layer)].affine_slots.add(slot)
         self.used[slot] = families
         for (layer, m), magnitude in extras.magnitudes.items():
-            self._write_dora(slot, layer, m, magnitude)
+            self._write_dora(slot, layer, m, magnitude, rows)
         model = self.layout.model
         if extras.head is not None:
             model.slot_heads[slot] = (extras.head[0], *map(self._to_device, extras.head[1:]))
@@ -182,19 +184,22 @@ class SlotExtras:
         return out
 
     @torch.no_grad()
-    def _write_dora(self, slot: int, layer: int, module: str, magnitude: torch.Tensor) -> None:
+    def _write_dora(self, slot: int, layer: int, module: str, magnitude: torch.Tensor,
+                    rows: tuple[int, int]) -> None:
         """scale = magnitude / ||W + scaling·BA|| per output row; the base bias, which DoRA does
         not rescale, is compensated in the shift: shift += (1 - scale) · b."""
         f, s = self.layout.slice_of[module]
         fam, p = self.layout.families[f], self.layout.layer_pos[f][layer]
         mod = self.layout.modules[(f, layer)]
         off, n = fam.slice_offsets[s], fam.slice_sizes[s]
-        w, a, b = mod.weight[off:off + n], mod.lora_a[s][slot], mod.lora_b[s][slot]
+        first, count = rows
+        w = mod.weight[off:off + n]
+        a, b = mod.lora_a[s][first:first + count], mod.lora_b[s][:, first:first + count]
         norms = torch.empty(n, device=self.device)
         for i in range(0, n, NORM_CHUNK_ROWS):
-            rows = slice(i, min(n, i + NORM_CHUNK_ROWS))
-            full = w[rows].float() + b[rows].float() @ a.float()
-            norms[rows] = torch.linalg.vector_norm(full, dim=1)
+            chunk = slice(i, min(n, i + NORM_CHUNK_ROWS))
+            full = w[chunk].float() + b[chunk].float() @ a.float()
+            norms[chunk] = torch.linalg.vector_norm(full, dim=1)
         g = magnitude.to(self.device, non_blocking=True) / norms
         scale, shift = self.affine[f]
         scale[slot, p, off:off + n] = g

@@ -18,7 +18,7 @@ import torch
 
 from lorry.engine.errors import LoRAError
 from lorry.engine.lora.cpu_cache import CPUAdapterCache
-from lorry.engine.lora.gpu_slots import GPUSlotManager
+from lorry.engine.lora.gpu_slots import GPUSlotManager, adapter_rank
 from lorry.engine.lora.request import LoRARequest
 from lorry.engine.lora.resolve import resolve_adapter_dir
 from lorry.engine.lora.spec import parse_adapter
@@ -30,13 +30,14 @@ class LoRAManager:
                  max_lora_rank: int, max_cpu_loras: int, dtype: torch.dtype,
                  device: torch.device, fold: bool = False,
                  adapter_roots: tuple[str, ...] | None = None,
-                 max_full_module_copies: int | None = None):
+                 max_full_module_copies: int | None = None, memory_slots: int | None = None):
         self.base_config, self.base_name = base_config, base_name
         self.adapter_roots = adapter_roots  # None: local adapters may be anywhere
         self.max_lora_rank, self.dtype = max_lora_rank, dtype
         self.pin_memory = device.type == "cuda"
         self.gpu = GPUSlotManager(model, max_loras, max_lora_rank, dtype, device, fold=fold,
-                                  max_full_copies=max_full_module_copies)
+                                  max_full_copies=max_full_module_copies,
+                                  memory_slots=memory_slots)
         # callable -> ids of the adapters of running rows (set by the engine: Scheduler's)
         self.running_adapters = None
         self.full_copies_of = self.gpu.copies_needed  # lora id -> its full copies (when loaded)
@@ -62,8 +63,11 @@ class LoRAManager:
                             f"embed_tokens); max_full_module_copies={cap} "
                             "(LORRY_MAX_FULL_MODULE_COPIES) allows fewer")
         self.full_copies_of[request.lora_int_id] = spec.full_copies
-        return load_adapter_weights(spec, self.base_config, self.max_lora_rank, self.dtype,
-                                    self.pin_memory, layout=self.gpu.layout)
+        weights = load_adapter_weights(spec, self.base_config, self.max_lora_rank, self.dtype,
+                                       self.pin_memory, layout=self.gpu.layout)
+        # the scheduler's planner sizes the adapter's block by it from now on
+        self.gpu.rank_of[request.lora_int_id] = adapter_rank(weights)
+        return weights
 
     def _timed_load(self, request: LoRARequest):
         start = time.perf_counter()
@@ -181,6 +185,12 @@ class LoRAManager:
         if lora_id not in self.gpu.pinned and len(self.gpu.pinned) >= self.gpu.capacity:
             raise LoRAError(f"cannot pin adapter {lora_id}: all max_loras={self.gpu.capacity} "
                             f"GPU slots are pinned already ({sorted(self.gpu.pinned)})")
+        if self.gpu.lookup(lora_id) is None and lora_id in self.gpu.rank_of \
+                and not self.gpu.block_free(protected, lora_id):
+            raise LoRAError(f"cannot pin adapter {lora_id}: running and pinned adapters hold "
+                            f"the LoRA slot memory its rank needs "
+                            f"({self.gpu.pages_for(lora_id) * self.gpu.page} of "
+                            f"{self.gpu.num_rows} rows); retry when they finish or unpin one")
         self.activate(request, protected | self.gpu.pinned)
         self.gpu.pinned.add(lora_id)
         self.cpu.pinned.add(lora_id)
@@ -194,6 +204,7 @@ class LoRAManager:
     def remove(self, lora_id: int) -> bool:
         self.known.pop(lora_id, None)
         self.full_copies_of.pop(lora_id, None)
+        self.gpu.rank_of.pop(lora_id, None)
         self.pending.pop(lora_id, None)  # a load in flight is dropped when it ends
         a, b = self.gpu.remove(lora_id), self.cpu.remove(lora_id)
         return a or b

@@ -1,15 +1,18 @@
-"""Slot layout: one buffer per (fused module kind, A|B), slot-major, so a swap is a few copies.
+"""Slot layout: one row buffer per (fused module kind, A|B), shared by the adapters by rank.
 
 For a fused kind (e.g. qkv_proj with slices q/k/v) the GPU holds
-  A: [max_loras, num_layers, num_slices, R, in]   and   B: [max_loras, num_layers, sum N_s, R]
-and each layer's ``mod.lora_a[s]`` / ``mod.lora_b[s]`` is a strided view into them. One slot's
-data for a kind is contiguous, and an adapter's pinned CPU staging buffer has exactly that
-layout (zero-padded to R), so writing an adapter into a slot is one copy per kind and matrix.
+  A: [num_layers, num_slices, rows, in]   and   B: [num_layers, sum N_s, rows]
+and each layer's ``mod.lora_a[s]`` [rows, in] / ``mod.lora_b[s]`` [N_s, rows] is a view into
+them. An adapter takes a run of rows (its "block": its rank rounded up to a power-of-two number
+of 16-row pages, ``block_rows``) starting at a multiple of the block, the same rows in every
+kind and layer (kernels.segments.SlotRows tells the kernels where). Its pinned CPU staging
+buffer has the layout of one block ([num_layers, S, block, in] and [num_layers, N, block],
+zero past each module's rank), so writing it is one copy per kind and matrix.
 
-Folded (``allocate(fold=True)``, CUDA decode): a kind's A slots are instead extra rows under each
-layer's base weight (``LoRALinear.lora_ext`` [N + S*L*R, in], FoldedA), so one matmul gives the
-base output and every slot's x·Aᵀ; a swap copies the adapter's A to the GPU once and spreads it
-over the layers there.
+Folded (``allocate(fold=True)``, CUDA decode): a kind's A rows are instead extra rows under
+each layer's base weight (``LoRALinear.lora_ext`` [N + S*rows, in], FoldedA), so one matmul gives
+the base output and every row's x·Aᵀ; a swap copies the adapter's A to the GPU once and spreads
+it over the layers there.
 """
 from __future__ import annotations
 
@@ -44,11 +47,18 @@ class Family:
         return (len(self.layers), sum(self.slice_sizes), rank)
 
 
+def page_rows(rank: int) -> int:
+    """Rows of one page of slot memory for slots ``rank`` wide: 16 where the width is a power
+    of two of at least 16 (blocks of 16, 32, 64, ... rows then tile it), else the width."""
+    return 16 if rank >= 16 and rank & (rank - 1) == 0 else rank
+
+
 class SlotLayout:
     """The families of a model's LoRA layers and where each (layer, module) lives in them."""
 
     def __init__(self, model, rank: int):
         self.rank = rank
+        self.page = page_rows(rank)
         # Pinned-memory allocation is a CUDA call: from a loader thread it would invalidate a
         # CUDA graph being captured (global capture mode). Captures hold this lock too.
         self.pin_lock = threading.Lock()
@@ -91,29 +101,36 @@ class SlotLayout:
         self.base_fingerprints = {"embed_tokens": base_fingerprint(self.model.embed_tokens.weight),
                                   "lm_head": base_fingerprint(self.model.lm_weight())}
 
-    def numel(self, family: str) -> tuple[int, int]:
-        """Elements of one slot's A and B for ``family``."""
+    def block_rows(self, rank: int) -> int:
+        """Rows an adapter of ``rank`` takes: whole pages, a power-of-two number of them."""
+        pages = -(-max(rank, 1) // self.page)
+        return min(self.rank, self.page * (1 << (pages - 1).bit_length()))
+
+    def numel(self, family: str, rows: int) -> tuple[int, int]:
+        """Elements of a ``rows``-row block's A and B for ``family``."""
         f = self.families[family]
-        return (_prod(f.a_shape(self.rank)), _prod(f.b_shape(self.rank)))
+        return (_prod(f.a_shape(rows)), _prod(f.b_shape(rows)))
 
     def stage(self, modules: dict, dtype: torch.dtype, pin_memory: bool) -> dict:
         """Build the staging buffers of one adapter.
 
         ``modules``: (layer, checkpoint module) -> (A [r, in], B*scaling [out, r]) float tensors.
-        Returns {family: (A [num_layers, S, R, in], B [num_layers, N, R])} for the families the
-        adapter touches, in one (pinned) allocation, zero where the adapter has no weights.
+        Returns {family: (A [num_layers, S, block, in], B [num_layers, N, block])} for the
+        families the adapter touches (block: ``block_rows`` of its largest rank), in one
+        (pinned) allocation, zero where the adapter has no weights.
         """
         touched = sorted({self.slice_of[m][0] for _, m in modules})
-        sizes = [n for f in touched for n in self.numel(f)]
+        rows = self.block_rows(max((a.shape[0] for a, _ in modules.values()), default=1))
+        sizes = [n for f in touched for n in self.numel(f, rows)]
         with self.pin_lock:
             flat = torch.empty(sum(sizes), dtype=dtype, pin_memory=pin_memory)
         flat.zero_()  # plain host memory work, outside the lock
         out, start = {}, 0
         for f in touched:
             fam = self.families[f]
-            na, nb = self.numel(f)
-            a = flat[start:start + na].view(fam.a_shape(self.rank))
-            b = flat[start + na:start + na + nb].view(fam.b_shape(self.rank))
+            na, nb = self.numel(f, rows)
+            a = flat[start:start + na].view(fam.a_shape(rows))
+            b = flat[start + na:start + na + nb].view(fam.b_shape(rows))
             start += na + nb
             out[f] = (a, b)
         for (layer, m), (a, b) in modules.items():
@@ -125,32 +142,32 @@ class SlotLayout:
             out[f][1][p, off:off + fam.slice_sizes[s], :r].copy_(b)
         return out
 
-    def foldable(self, family: str, max_loras: int, dtype: torch.dtype) -> bool:
-        """Whether ``family``'s A slots can sit under its layers' base weights."""
+    def foldable(self, family: str, rows: int, dtype: torch.dtype) -> bool:
+        """Whether ``family``'s A rows (``rows`` of them) can sit under its layers' weights."""
         fam = self.families[family]
         mods = [self.modules[(family, layer)] for layer in fam.layers]
-        extra = len(fam.slice_names) * max_loras * self.rank
+        extra = len(fam.slice_names) * rows
         return (extra <= FOLD_MAX_EXTRA * sum(fam.slice_sizes)
                 and all(m.base_op is None and m.bias is None and m.weight.dtype == dtype
                         for m in mods))
 
-    def allocate(self, max_loras: int, dtype: torch.dtype, device: torch.device,
+    def allocate(self, rows: int, dtype: torch.dtype, device: torch.device,
                  fold: bool = False) -> dict:
-        """The GPU slot buffers {family: (A, B)} and each layer's lora_a/lora_b views into them
-        (A a FoldedA for the kinds ``fold`` folds under the base weights)."""
+        """The GPU row buffers {family: (A, B)} of ``rows`` rows and each layer's lora_a /
+        lora_b views into them (A a FoldedA for the kinds ``fold`` folds under the weights)."""
         bufs = {}
         for f, fam in self.families.items():
-            b = torch.zeros((max_loras, *fam.b_shape(self.rank)), dtype=dtype, device=device)
-            if fold and self.foldable(f, max_loras, dtype):
-                a = FoldedA(self, fam, max_loras, dtype, device)
+            b = torch.zeros(fam.b_shape(rows), dtype=dtype, device=device)
+            if fold and self.foldable(f, rows, dtype):
+                a = FoldedA(self, fam, rows, dtype, device)
             else:
-                a = torch.zeros((max_loras, *fam.a_shape(self.rank)), dtype=dtype, device=device)
+                a = torch.zeros(fam.a_shape(rows), dtype=dtype, device=device)
             bufs[f] = (a, b)
             for p, layer in enumerate(fam.layers):
                 mod = self.modules[(f, layer)]
                 if not isinstance(a, FoldedA):
-                    mod.lora_a = [a[:, p, s] for s in range(len(fam.slice_names))]   # [L, R, in]
-                mod.lora_b = [b[:, p, o:o + n] for o, n in zip(fam.slice_offsets, fam.slice_sizes)]
+                    mod.lora_a = [a[p, s] for s in range(len(fam.slice_names))]   # [rows, in]
+                mod.lora_b = [b[p, o:o + n] for o, n in zip(fam.slice_offsets, fam.slice_sizes)]
         if device.type == "cuda" and any(isinstance(a, FoldedA) for a, _ in bufs.values()):
             # the replaced base weights' blocks are too small for anything of their size to
             # come: give them back rather than hold the base twice in the caching allocator
@@ -159,28 +176,28 @@ class SlotLayout:
 
 
 class FoldedA:
-    """A kind's A slots as rows under each layer's base weight.
+    """A kind's A row buffer as rows under each layer's base weight.
 
-    Layer p's ``lora_ext`` is [N + S*L*R, in]: rows :N are the base weight (``mod.weight`` is a
-    view of them), row N + (s*L + l)*R + r holds row r of slot l's A for slice s. Stands for
-    the slot-major [L, num_layers, S, R, in] buffer in the slot manager (numel, writes).
+    Layer p's ``lora_ext`` is [N + S*rows, in]: rows :N are the base weight (``mod.weight`` is a
+    view of them), row N + s*rows + j holds row j of slice s's A rows. Stands for the
+    [num_layers, S, rows, in] buffer in the slot manager (numel, writes).
     """
 
-    def __init__(self, layout: SlotLayout, fam: Family, max_loras: int, dtype: torch.dtype,
+    def __init__(self, layout: SlotLayout, fam: Family, rows: int, dtype: torch.dtype,
                  device: torch.device):
-        S, R, H, N = len(fam.slice_names), layout.rank, fam.in_features, sum(fam.slice_sizes)
-        self.shape = (max_loras, *fam.a_shape(R))
+        S, H, N = len(fam.slice_names), fam.in_features, sum(fam.slice_sizes)
+        self.shape = fam.a_shape(rows)
         self.dtype, self.device = dtype, device
-        self.views = []                                       # per layer [S, L, R, in]
+        self.views = []                                       # per layer [S, rows, in]
         for layer in fam.layers:
             mod = layout.modules[(fam.name, layer)]
-            ext = torch.empty(N + S * max_loras * R, H, dtype=dtype, device=device)
+            ext = torch.empty(N + S * rows, H, dtype=dtype, device=device)
             ext[:N].copy_(mod.weight)
             ext[N:].zero_()
             mod.weight = nn.Parameter(ext[:N], requires_grad=False)   # the old one is freed
             mod.lora_ext = ext
-            a = ext[N:].view(S, max_loras, R, H)
-            mod.lora_a = [a[s] for s in range(S)]             # [L, R, in], slot stride R*in
+            a = ext[N:].view(S, rows, H)
+            mod.lora_a = [a[s] for s in range(S)]             # [rows, in]
             self.views.append(a)
 
     def numel(self) -> int:
@@ -190,29 +207,32 @@ class FoldedA:
         return self.dtype.itemsize
 
 
-def copy_into_slot(buf, slot: int, src: torch.Tensor) -> None:
-    """buf[slot] = src (an adapter's staging tensor of one kind, slot-major shape)."""
+def copy_into_rows(buf, first: int, src: torch.Tensor) -> None:
+    """Rows first .. first + block of ``buf`` = src (an adapter's staging tensor of one kind:
+    [num_layers, S, block, in] for A, [num_layers, N, block] for B)."""
+    n = src.shape[2]
+    dev = src.to(buf.device, non_blocking=True)               # one host-to-device copy
     if not isinstance(buf, FoldedA):
-        buf[slot].copy_(src, non_blocking=True)
+        buf.narrow(2, first, n).copy_(dev)
         return
-    dev = src.to(buf.device, non_blocking=True)               # [num_layers, S, R, in]: one copy
     for p, view in enumerate(buf.views):
-        view[:, slot].copy_(dev[p])
+        view[:, first:first + n].copy_(dev[p])
 
 
-def read_slot(buf, slot: int) -> torch.Tensor:
-    """buf[slot] as one tensor of the slot-major shape (a copy for a FoldedA)."""
+def read_rows(buf, first: int, n: int) -> torch.Tensor:
+    """Rows first .. first + n of ``buf`` as one tensor of the staging shape (a copy for a
+    FoldedA)."""
     if not isinstance(buf, FoldedA):
-        return buf[slot]
-    return torch.stack([view[:, slot] for view in buf.views])
+        return buf.narrow(2, first, n)
+    return torch.stack([view[:, first:first + n] for view in buf.views])
 
 
-def zero_slot(buf, slot: int) -> None:
+def zero_rows(buf, first: int, n: int) -> None:
     if not isinstance(buf, FoldedA):
-        buf[slot].zero_()
+        buf.narrow(2, first, n).zero_()
         return
     for view in buf.views:
-        view[:, slot].zero_()
+        view[:, first:first + n].zero_()
 
 
 def _prod(shape) -> int:

@@ -92,4 +92,4 @@ def test_registering_adapters_adds_no_slot_memory(engine, reqs):
     ptrs = [t.data_ptr() for t in layer.lora_a + layer.lora_b]
     _use(engine, *reqs)
     assert [t.data_ptr() for t in layer.lora_a + layer.lora_b] == ptrs
-    assert layer.lora_a[0].shape[0] == 2  # max_loras slots
+    assert layer.lora_a[0].shape[0] == 2 * engine.config.max_lora_rank  # max_loras slots' rows

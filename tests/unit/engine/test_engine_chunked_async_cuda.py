@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
-from lorry.engine.lora.slot_layout import read_slot
+from lorry.engine.lora.slot_layout import read_rows
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -56,7 +56,11 @@ def test_swap_on_cuda_writes_exactly_the_staging_buffer(tiny_llama):
         eng.loras.gpu.wait_for([slot])
         w = eng.loras.cpu.peek(req)
         assert all(t.is_pinned() for ab in w.staged.values() for t in ab)
-        for kind, (a, b) in eng.loras.gpu.buffers.items():
-            a_slot = read_slot(a, slot).cpu()         # A may be folded under the weights
-            sa, sb = w.staged.get(kind, (torch.zeros_like(a_slot), torch.zeros_like(b[slot]).cpu()))
-            assert torch.equal(a_slot, sa) and torch.equal(b[slot].cpu(), sb), (n, kind)
+        gpu = eng.loras.gpu
+        first, pages = gpu.block_of[slot]
+        row0, rows = first * gpu.page, pages * gpu.page
+        for kind, (a, b) in gpu.buffers.items():
+            a_slot = read_rows(a, row0, rows).cpu()   # A may be folded under the weights
+            b_slot = read_rows(b, row0, rows).cpu()
+            sa, sb = w.staged.get(kind, (torch.zeros_like(a_slot), torch.zeros_like(b_slot)))
+            assert torch.equal(a_slot, sa) and torch.equal(b_slot, sb), (n, kind)

@@ -232,6 +232,7 @@ def test_graph_rounds_advance_the_static_inputs(tiny_llama, monkeypatch):
     c = eng.config
     eng.runner.graphs = CpuGraphs(eng.model, eng.runner.ops, c.max_loras, c.max_num_seqs,
                                   eng.max_model_len, eng.device, c.block_size)
+    eng.runner.graphs.slot_rows = eng.loras.gpu.rows   # as engine.setup wires it
     got, _ = _generate(eng, *reqs)
     assert got == want
     assert eng.cache_stats()["steps"]["decode"]["rounds"] > 0 and eng.runner.graphs.captures

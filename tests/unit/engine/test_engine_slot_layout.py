@@ -1,5 +1,5 @@
-"""The slot-major LoRA buffers: a swap writes exactly each module's (A, scaled B), padded with
-zeros, in a few copies; a reused slot keeps nothing of its previous occupant."""
+"""The LoRA row buffers: a swap writes exactly each module's (A, scaled B), padded with zeros,
+in a few copies; a reused slot keeps nothing of its previous occupant."""
 from __future__ import annotations
 
 import torch
@@ -40,7 +40,12 @@ def _expected_slot(eng, tensors):
 
 
 def _slot_contents(eng, slot):
-    return {(layer, kind, s): (mod.lora_a[s][slot], mod.lora_b[s][slot])
+    """{(layer, kind, slice): (A, B)} of the slot's block in the row buffers (16 rows: the
+    adapters here have ranks up to 16, one page)."""
+    first, pages = eng.loras.gpu.block_of[slot]
+    r0, n = first * eng.loras.gpu.page, pages * eng.loras.gpu.page
+    assert n == 16
+    return {(layer, kind, s): (mod.lora_a[s][r0:r0 + n], mod.lora_b[s][:, r0:r0 + n])
             for layer, kind, mod in eng.model.lora_layers() for s in range(len(mod.slice_names))}
 
 
@@ -99,8 +104,11 @@ def test_staging_buffer_is_the_cpu_copy(tiny_llama):
     eng.add_lora(req)
     w = eng.loras.cpu.peek(req)
     a, b = w.staged["qkv_proj"]
-    fam = eng.loras.gpu.layout.families["qkv_proj"]
-    assert a.shape == fam.a_shape(16) and b.shape == fam.b_shape(16)
+    layout = eng.loras.gpu.layout
+    fam = layout.families["qkv_proj"]
+    # one block: the adapter's largest rank rounded up to whole pages
+    block = layout.block_rows(max(t[0].shape[0] for t in w.tensors.values()))
+    assert a.shape == fam.a_shape(block) and b.shape == fam.b_shape(block)
     # the per-module tensors are views into the staging buffers, not second copies
     a0, _ = w.tensors[(0, "q_proj")]
     assert a0.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
@@ -115,7 +123,7 @@ def test_fold_puts_a_under_the_weight_only_where_it_adds_few_rows(tiny_llama):
         eng = _engine(tiny_llama, max_loras=max_loras)
         before = {(layer, kind): mod.weight.clone() for layer, kind, mod in eng.model.lora_layers()}
         layout = SlotLayout(eng.model, 16)
-        bufs = layout.allocate(max_loras, torch.float32, torch.device("cpu"), fold=True)
+        bufs = layout.allocate(max_loras * 16, torch.float32, torch.device("cpu"), fold=True)
         for kind, (a, _) in bufs.items():
             fam = layout.families[kind]
             cheap = len(fam.slice_names) * max_loras * 16 <= FOLD_MAX_EXTRA * sum(fam.slice_sizes)

@@ -1,0 +1,146 @@
+"""LoRA slot memory shared by rank (EngineConfig.lora_memory_slots): more adapters than whole
+slots would hold run at once, each reads only its own rows, the scheduler admits only what
+fits next to the running adapters, and greedy tokens still equal PEFT's."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+from lorry.engine.errors import LoRAError
+from lorry.testing import make_peft_adapter
+from tests.unit.engine.conftest import ADAPTERS, peft_greedy
+
+# ranks 64 and 32 next to the shared fixtures' 4-16: blocks of 4, 2 and 1 pages of 16 rows
+WIDE = {"wide_r64": {"r": 64, "lora_alpha": 32, "target_modules": ("q_proj", "o_proj", "down_proj"),
+                     "seed": 11},
+        "mid_r32": {"r": 32, "lora_alpha": 16, "target_modules": "all-linear", "seed": 12}}
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("wide")
+    paths = dict(tiny_llama.adapters)
+    for name, kw in WIDE.items():
+        paths[name] = make_peft_adapter(tiny_llama.dir, root / name, base_model=tiny_llama.hf,
+                                        **kw)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def peft(tiny_llama, adapters):
+    from peft import PeftModel
+
+    names = list(adapters)
+    model = PeftModel.from_pretrained(copy.deepcopy(tiny_llama.hf), str(adapters[names[0]]),
+                                      adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(adapters[name]), adapter_name=name)
+    return model.eval()
+
+
+def _engine(base, **kw):
+    cfg = {"max_loras": 6, "max_lora_rank": 64, "lora_memory_slots": 2, "max_num_seqs": 8,
+           "max_model_len": 64, "device": "cpu", "dtype": "float32", "max_cpu_loras": 8, **kw}
+    return LLMEngine(EngineConfig(model=str(base.dir), **cfg))
+
+
+def _requests(adapters):
+    return {name: LoRARequest(name, i + 1, str(p)) for i, (name, p) in enumerate(adapters.items())}
+
+
+def test_more_adapters_than_whole_slots_run_together_and_match_peft(tiny_llama, adapters, peft):
+    """Two rank-64 slots' memory (8 pages) for six adapters needing 1+1+1+1+2+4 pages: they
+    cannot all be resident, so the scheduler holds some back, blocks are evicted and reused
+    at other places, and still every row gets PEFT's greedy tokens."""
+    eng = _engine(tiny_llama)
+    reqs = _requests(adapters)
+    for r in reqs.values():
+        eng.add_lora(r)
+    names = list(reqs)
+    prompts = []
+    for i in range(18):
+        name = names[i % len(names)] if i % 7 else None
+        prompt = [3 + (5 * i + j) % 150 for j in range(4 + i % 5)]
+        prompts.append((prompt, name))
+        eng.add_request(str(i), prompt, SamplingParams(max_tokens=5 + i % 4, temperature=0.0,
+                                                       ignore_eos=True),
+                        reqs[name] if name else None)
+    outs, most = {}, 0
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            outs[o.request_id] = o.outputs[0].token_ids
+        gpu = eng.loras.gpu
+        most = max(most, len(gpu.slot_of))
+        used = [p for p in gpu.pages if p is not None]
+        assert len(used) <= len(gpu.pages)
+        # every resident adapter's block is its own: no page has two owners
+        for slot, (first, n) in gpu.block_of.items():
+            assert gpu.pages[first:first + n] == [slot] * n and first % n == 0
+    assert most > 2          # more adapters resident than two whole rank-64 slots would hold
+    stats = eng.cache_stats()["gpu"]
+    assert stats["evictions"] >= 1 and stats["rows"] == 128
+    for i, (prompt, name) in enumerate(prompts):
+        want, _ = peft_greedy(peft, prompt, len(outs[str(i)]), name)
+        assert outs[str(i)] == want, f"row {i} (adapter {name})"
+
+
+def test_the_planner_admits_only_blocks_free_of_the_kept_adapters(tiny_llama, adapters):
+    eng = _engine(tiny_llama)
+    reqs = _requests(adapters)
+    for r in reqs.values():
+        eng.add_lora(r)
+    lid = {n: r.lora_int_id for n, r in reqs.items()}
+    gpu = eng.loras.gpu
+    assert [gpu.pages_for(lid[n]) for n in ("qv_r8", "mid_r32", "wide_r64")] == [1, 2, 4]
+    for name in ("qv_r8", "wide_r64", "mid_r32"):
+        eng.loras.activate(reqs[name], {lid[n] for n in ("qv_r8", "wide_r64", "mid_r32")})
+    place = {n: gpu.block_of[gpu.lookup(lid[n])] for n in ("qv_r8", "wide_r64", "mid_r32")}
+    assert place == {"qv_r8": (0, 1), "wide_r64": (4, 4), "mid_r32": (2, 2)}
+    room = gpu.planner({lid["qv_r8"], lid["wide_r64"], lid["mid_r32"]})
+    assert room.fits(lid["mlp_r16"])            # page 1 is free
+    room.add(lid["mlp_r16"])
+    assert not room.fits(lid["all_r4_rslora"])  # every page is held now
+    # kept: only the rank-8 adapter at page 0; the rank-64 one can go at pages 4-7 and a
+    # rank-32 one at 2-3 -- but only placed largest first
+    room = gpu.planner({lid["qv_r8"]})
+    room.add(lid["wide_r64"])
+    assert room.fits(lid["mid_r32"])
+    room.add(lid["mid_r32"])
+    assert room.fits(lid["mlp_r16"])            # the last free page
+    room.add(lid["mlp_r16"])
+    assert not room.fits(lid["pattern"])
+    # whole memory held by running adapters: a pin that needs more is refused, clearly
+    eng.pin_lora(lid["wide_r64"])
+    eng.pin_lora(lid["mid_r32"])
+    eng.pin_lora(lid["qv_r8"])
+    eng.pin_lora(lid["mlp_r16"])
+    with pytest.raises(LoRAError, match=r"hold the LoRA slot memory its rank needs \(16 of 128 rows\)"):
+        eng.pin_lora(lid["pattern"])
+
+
+def test_rows_past_a_rank_are_read_by_nobody(tiny_llama, adapters):
+    """A rank-8 adapter written where a rank-64 one was: its block's rows past rank 8 and
+    the kinds it does not target are zero, and the slot table says rank 8 from its row."""
+    eng = _engine(tiny_llama, max_loras=1, lora_memory_slots=1)
+    reqs = _requests(adapters)
+    for name in ("wide_r64", "qv_r8"):
+        eng.add_lora(reqs[name])
+        slot = eng.loras.activate(reqs[name], set())
+    gpu = eng.loras.gpu
+    first, n = gpu.block_of[slot]
+    assert (first, n) == (0, 1) and gpu.rows.table[:, slot].tolist() == [0, 8]
+    for layer, kind, mod in eng.model.lora_layers():
+        for s, name in enumerate(mod.slice_names):
+            a, b = mod.lora_a[s][:16], mod.lora_b[s][:, :16]
+            if name in ("q_proj", "v_proj"):
+                assert a[:8].any() and not a[8:].any() and not b[:, 8:].any()
+            else:   # the rank-64 adapter's q/o/down rows are gone
+                assert not a.any() and not b.any(), (layer, name)
+
+
+def test_memory_slots_must_be_positive(tiny_llama):
+    with pytest.raises(ValueError, match="lora_memory_slots"):
+        EngineConfig(model=str(tiny_llama.dir), lora_memory_slots=0)

@@ -227,7 +227,8 @@ def engine_config(spec: dict, args, model: str, load_format: str, run: str,
         kw["num_scheduler_steps"] = args.num_scheduler_steps
     optional = {"block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
                 "gpu_memory_utilization": args.gpu_memory_utilization,
-                "max_num_batched_tokens": args.max_num_batched_tokens}
+                "max_num_batched_tokens": args.max_num_batched_tokens,
+                "lora_memory_slots": args.memory_slots}
     kw.update({k: v for k, v in optional.items() if v is not None})
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     dropped = sorted(k for k in kw if k not in fields)
@@ -481,6 +482,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--slots", type=int, default=None,
                     help="GPU LoRA slots, max_loras (default: 32; tiny: 4): the workload's "
                          "figures are at the default")
+    ap.add_argument("--memory-slots", type=int, default=None,
+                    help="LoRA weight memory in max-rank slots, shared by rank "
+                         "(EngineConfig.lora_memory_slots; default: --slots of them)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed warm-up requests per run (default: 2 x max_num_seqs)")
@@ -548,6 +552,7 @@ def main() -> None:
         res["workload"]["adapter_files"] = len({r.lora_path for r in loras})
         res["engine"] = {k: spec[k] for k in ("max_model_len", "max_num_seqs", "slots",
                                               "max_lora_rank")}
+        res["engine"]["memory_slots"] = args.memory_slots or spec["slots"]
         res["runs"] = {}
         for run in args.runs:
             attempt(res["runs"], run, lambda run=run: timed_run(ctx, run, spec["max_num_seqs"]))

@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
             tests/unit/engine/test_engine_chunked_async_cuda.py tests/unit/engine/test_engine_cuda.py \
             tests/kernels/test_engine_triton.py tests/kernels/test_fused_model.py \
             tests/kernels/test_prefill_attention.py tests/unit/engine/test_engine_multi_step.py \
-            tests/kernels/test_triton_lora.py \
+            tests/kernels/test_triton_lora.py tests/kernels/test_slot_rows.py \
             > "$out/tests.log" 2>&1
         echo "tests rc=$?"; tail -3 "$out/tests.log" ;;
     throughput*)

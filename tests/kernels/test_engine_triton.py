@@ -90,6 +90,11 @@ def test_folded_a_slots_match_peft(tiny, device, monkeypatch):
     # as engine.setup wires a manager: its pinned-allocation lock is held around graph
     # captures (a background adapter load pinning memory mid-capture invalidates it)
     eng.runner.graph_lock = eng.loras.gpu.layout.pin_lock
+    # and where its adapters lie in its row buffers, and what fits in them
+    eng.runner.slot_rows = eng.loras.gpu.rows
+    if eng.runner.graphs is not None:
+        eng.runner.graphs.slot_rows = eng.loras.gpu.rows
+    eng.scheduler.slot_memory = eng.loras.gpu
     assert all(isinstance(a, slot_layout.FoldedA) for a, _ in eng.loras.gpu.buffers.values())
     for k, m in eng.model.named_modules():     # the base weights moved, unchanged
         if k in weights:

@@ -3,12 +3,12 @@
 The buffers follow engine.lora.slot_layout: one row buffer per (fused module kind, A|B), every
 layer's ``lora_a[s]`` [rows, in] / ``lora_b[s]`` [N_s, rows] a view. The memory is shared by
 rank (S-LoRA's unified paging, in contiguous runs): an adapter takes a block of rows as long as
-its rank rounded up to a power-of-two number of pages (16 rows), at a multiple of the block
-(a buddy layout: any set of blocks whose sizes add up to the rows fits, largest first), so a
-rank-8 adapter holds an eighth of what a rank-64 one does. ``memory_slots`` sizes the buffers
-in max_lora_rank-wide slots (default max_loras: every resident adapter fits at full rank,
-as whole slots did). Each slot (an id, 0..max_loras-1) has its adapter's first row and rank in
-``rows`` (kernels.segments.SlotRows), which the LoRA kernels read.
+its rank rounded up to a power-of-two number of 16-row pages, so a rank-8 adapter holds an
+eighth of what a rank-64 one does; where blocks go, and which adapters a step may add, is
+engine.lora.slot_pages' (torch-free). ``memory_slots`` sizes the buffers in
+max_lora_rank-wide slots (default max_loras: every resident adapter fits at full rank, as whole
+slots did). Each slot (an id, 0..max_loras-1) has its adapter's first row and rank in ``rows``
+(kernels.segments.SlotRows), which the LoRA kernels read.
 
 Writing an adapter is one copy per kind it targets from its staging buffer (scaled B,
 zero-padded to its block), plus a zero-fill of the kinds an earlier occupant of those rows
@@ -17,18 +17,9 @@ slot waits on that copy's event (``wait_for``), and a copy waits for the last st
 the slots whose rows it overwrites (``mark_used``). Registering more adapters never adds GPU
 memory. With ``fold``, a kind's A rows live under each layer's base weight instead
 (slot_layout.FoldedA).
-
-The scheduler admits a new adapter only where it can be placed without evicting a running or
-pinned one (``planner``), and the engine places a step's new adapters largest first, as the
-planner did.
-
-Full per-adapter matrices (a trained lm_head / embed_tokens, modules_to_save) are the one
-exception: a slot holds its adapter's copies, at most ``max_full_copies`` of them over all slots
-(None: no limit); ``activate`` evicts idle holders of copies to make room.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from contextlib import nullcontext
 
 import torch
@@ -36,6 +27,7 @@ import torch
 from lorry.engine.errors import LoRAError
 from lorry.engine.lora.extras import SlotExtras
 from lorry.engine.lora.slot_layout import SlotLayout, copy_into_rows, zero_rows
+from lorry.engine.lora.slot_pages import SlotPages
 from lorry.engine.lora.weights import AdapterWeights
 from lorry.kernels import dense_ops
 from lorry.kernels.segments import SlotRows
@@ -47,17 +39,15 @@ def adapter_rank(weights: AdapterWeights) -> int:
     return max((a.shape[0] for a, _ in weights.tensors.values()), default=0)
 
 
-class GPUSlotManager:
-    """Assign adapters to ``max_loras`` slots, evicting the least recently used unpinned one."""
+class GPUSlotManager(SlotPages):
+    """Adapters in ``max_loras`` slots over shared row buffers: SlotPages' placement, plus the
+    copies into the buffers and the slot table the kernels read."""
 
     def __init__(self, model, max_loras: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device, fold: bool = False, max_full_copies: int | None = None,
                  memory_slots: int | None = None):
-        self.capacity, self.max_rank = max_loras, max_rank
-        self.memory_slots = memory_slots or max_loras
+        super().__init__(max_loras, max_rank, memory_slots)
         self.layout = SlotLayout(model, max_rank)
-        self.page = self.layout.page
-        self.num_rows = self.memory_slots * max_rank
         self.buffers = self.layout.allocate(self.num_rows, dtype, device, fold)  # {kind: (A, B)}
         self.extras = SlotExtras(self.layout, max_loras, device)  # bias terms, DoRA, heads
         # each slot's first row and rank, read by the kernels (a fixed address for CUDA
@@ -65,14 +55,8 @@ class GPUSlotManager:
         # slot's copy (wait_for) reads its place too
         self.rows = SlotRows(torch.zeros(2, max_loras, dtype=torch.int32, device=device),
                              max_rank, row_align=min(self.page & -self.page, 16))
-        self.pages: list[int | None] = [None] * (self.num_rows // self.page)  # page -> slot
-        self.block_of: dict[int, tuple[int, int]] = {}   # slot -> (first page, pages)
-        self.rank_of: dict[int, int] = {}   # lora id -> its rank (known once loaded)
         self.dirty: dict[str, set[int]] = {k: set() for k in self.buffers}  # kind -> pages
-        self.slot_of: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, LRU first
-        self.free = list(range(max_loras - 1, -1, -1))
-        self.pinned: set[int] = set()
-        self.hits = self.misses = self.evictions = 0
+        self.hits = self.misses = 0
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.copied: dict[int, torch.cuda.Event] = {}   # slot -> its copy, not yet waited on
@@ -86,38 +70,6 @@ class GPUSlotManager:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ab in self.buffers.values() for t in ab)
 
-    def ids(self) -> list[int]:
-        """Resident adapter ids, least recently used first."""
-        return list(self.slot_of)
-
-    def lookup(self, lora_id: int) -> int | None:
-        return self.slot_of.get(lora_id)
-
-    # ---- placement ------------------------------------------------------------------------
-    def pages_for(self, lora_id: int) -> int:
-        """Pages the adapter's block takes (its rank not known yet: a max-rank slot's)."""
-        return self.layout.block_rows(self.rank_of.get(lora_id, self.max_rank)) // self.page
-
-    def owners(self) -> dict[int, int]:
-        """slot -> the lora id resident in it."""
-        return {slot: lid for lid, slot in self.slot_of.items()}
-
-    def blocked_pages(self, keep: set[int], owners: dict[int, int] | None = None) -> list[bool]:
-        """Per page: whether an adapter of ``keep`` holds it."""
-        owners = self.owners() if owners is None else owners
-        return [p is not None and owners[p] in keep for p in self.pages]
-
-    def blocks(self, n: int, blocked: list[bool]) -> list[int]:
-        """First pages of the n-page blocks (at multiples of n) with no blocked page."""
-        return [f for f in range(0, len(self.pages), n) if not any(blocked[f:f + n])]
-
-    def victim(self, protected: set[int]) -> int | None:
-        """The adapter a new one would evict for its slot id (None: an id is free, or none
-        can be evicted)."""
-        if self.free:
-            return None
-        return next((i for i in self.slot_of if i not in protected and i not in self.pinned), None)
-
     def has_room(self, protected: set[int], lora_id: int | None = None) -> bool:
         """Whether ``lora_id`` (None: the smallest adapter) can be written without evicting
         ``protected`` or pinned ones (under a cap on full copies: even the one with the most
@@ -127,18 +79,6 @@ class GPUSlotManager:
                 self.held_copies(protected | self.pinned) + need > self.max_full_copies:
             return False
         return self.block_free(protected, lora_id)
-
-    def block_free(self, protected: set[int], lora_id: int | None = None) -> bool:
-        """Whether a slot id and a block for ``lora_id`` (None: the smallest) can be had
-        without evicting ``protected`` or pinned adapters."""
-        if not self.free and self.victim(protected) is None:
-            return False
-        n = 1 if lora_id is None else self.pages_for(lora_id)
-        return bool(self.blocks(n, self.blocked_pages(protected | self.pinned)))
-
-    def planner(self, held: set[int]) -> RowPlanner:
-        """The admission planner of one scheduler pass, ``held`` (running and pinned) kept."""
-        return RowPlanner(self, held)
 
     def copies_of(self, lora_id: int) -> int:
         slot = self.slot_of.get(lora_id)
@@ -174,10 +114,9 @@ class GPUSlotManager:
     def activate(self, lora_id: int, weights: AdapterWeights, protected: set[int]) -> int:
         """Make ``lora_id`` resident and most recently used; return its slot.
 
-        ``protected`` ids (used by the running batch) are never evicted. The adapter's block
-        goes where no page is held (else where the idle adapters it evicts were used least
-        recently); RuntimeError where running or pinned adapters leave no block (the
-        scheduler's planner admits no such adapter).
+        ``protected`` ids (used by the running batch) are never evicted; the block is
+        chosen by ``SlotPages.make_room`` (RuntimeError where running or pinned adapters
+        leave none: the scheduler's planner admits no such adapter).
         """
         slot = self.slot_of.get(lora_id)
         if slot is not None:
@@ -190,36 +129,11 @@ class GPUSlotManager:
         self.rank_of[lora_id] = adapter_rank(weights)
         self._room_for_copies(lora_id, weights.extras.full_copies if weights.extras else 0,
                               protected)
-        keep = protected | self.pinned
         n = self._staged_rows(weights) // self.page
-        owners = self.owners()
-        blocks = self.blocks(n, self.blocked_pages(keep, owners))
-        if not blocks:
-            raise RuntimeError(f"no room for adapter {lora_id}'s {n * self.page} LoRA rows: "
-                               f"running or pinned adapters hold every {n}-page block of "
-                               f"{len(self.pages)} pages")
-        recency = {lid: i for i, lid in enumerate(self.slot_of)}   # least recent first
-
-        def cost(first: int) -> tuple:
-            held = {owners[p] for p in self.pages[first:first + n] if p is not None}
-            return (bool(held), max((recency[lid] for lid in held), default=-1), first)
-
-        first = min(blocks, key=cost)
-        freed = sorted({p for p in self.pages[first:first + n] if p is not None})   # slots
-        for old in freed:
-            self.remove(owners[old])
-            self.evictions += 1
-        if not self.free:
-            victim = self.victim(keep)
-            if victim is None:
-                raise RuntimeError(f"all {self.capacity} LoRA slots are in use or pinned")
-            freed.append(self.slot_of[victim])
-            self.remove(victim)
-            self.evictions += 1
-        slot = self.free.pop()
+        slot, first, freed = self.make_room(lora_id, n, protected)
         self._write(slot, first, n, weights, freed)
         self.misses += 1
-        self.slot_of[lora_id] = slot
+        self.place(lora_id, slot, first, n)
         return slot
 
     def _staged_rows(self, weights: AdapterWeights) -> int:
@@ -258,9 +172,6 @@ class GPUSlotManager:
             ev = torch.cuda.Event()
             ev.record(self.stream)
             self.copied[slot] = ev
-        for p in span:
-            self.pages[p] = slot
-        self.block_of[slot] = (first, n)
         if weights.extras and weights.extras.full_copies:
             self.full_copies[slot] = (weights.extras.full_copies, weights.extras.full_copy_bytes)
         else:
@@ -298,77 +209,19 @@ class GPUSlotManager:
             self.last_use[s] = ev
 
     def remove(self, lora_id: int) -> bool:
-        self.pinned.discard(lora_id)
-        slot = self.slot_of.pop(lora_id, None)
+        slot = self.release(lora_id)
         if slot is None:
             return False
         for mod in self.layout.modules.values():
             mod.active_slots.discard(slot)
-        first, n = self.block_of.pop(slot, (0, 0))
-        for p in range(first, first + n):
-            self.pages[p] = None
         self.extras.clear(slot)
         self.full_copies.pop(slot, None)
-        self.free.append(slot)
         return True
 
     def stats(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
                 "residents": len(self.slot_of), "capacity": self.capacity,
-                "rows": self.num_rows, "rows_used": self.page * sum(p is not None
-                                                                    for p in self.pages),
+                "rows": self.num_rows, "rows_used": self.rows_used(),
                 "pinned": sorted(self.pinned),
                 "full_copies": sum(c for c, _ in self.full_copies.values()),
                 "max_full_copies": self.max_full_copies, "full_copy_bytes": self.full_copy_bytes}
-
-
-class RowPlanner:
-    """One scheduler pass's admissions against the slot memory: whether the adapters kept
-    (running, pinned, admitted in the pass) and one more fit at once.
-
-    Resident adapters stay where they are; new ones need blocks free of the kept ones',
-    placed largest first (for power-of-two blocks at multiples of their size that finds a
-    placement whenever one exists, and the engine places them in the same order). A pass
-    only adds adapters, so a size that did not fit stays refused for the rest of it.
-    """
-
-    def __init__(self, gpu: GPUSlotManager, held: set[int]):
-        self.gpu = gpu
-        self.owners = gpu.owners()
-        self.fixed: set[int] = set()      # resident adapters kept where they are
-        self.new: dict[int, int] = {}     # lora id -> pages, to be placed
-        self.refused: int | None = None   # the smallest block size refused in this pass
-        for lid in held:
-            self.add(lid)
-
-    def _feasible(self, fixed: set[int], new: dict[int, int]) -> bool:
-        if len(fixed) + len(new) > self.gpu.capacity:
-            return False
-        if not new:
-            return True
-        blocked = self.gpu.blocked_pages(fixed, self.owners)
-        for n in sorted(new.values(), reverse=True):
-            blocks = self.gpu.blocks(n, blocked)
-            if not blocks:
-                return False
-            blocked[blocks[0]:blocks[0] + n] = [True] * n
-        return True
-
-    def fits(self, lora_id: int) -> bool:
-        if lora_id in self.fixed or lora_id in self.new:
-            return True
-        if lora_id in self.gpu.slot_of:
-            return self._feasible(self.fixed | {lora_id}, self.new)
-        n = self.gpu.pages_for(lora_id)
-        if self.refused is not None and n >= self.refused:
-            return False
-        if self._feasible(self.fixed, {**self.new, lora_id: n}):
-            return True
-        self.refused = n if self.refused is None else min(self.refused, n)
-        return False
-
-    def add(self, lora_id: int) -> None:
-        if lora_id in self.gpu.slot_of:
-            self.fixed.add(lora_id)
-        else:
-            self.new[lora_id] = self.gpu.pages_for(lora_id)

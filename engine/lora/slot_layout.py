@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorry.engine.lora.slot_pages import block_rows, page_rows
+
 # fold a kind only while its A rows add at most this fraction to the base matmul's rows
 FOLD_MAX_EXTRA = 0.5
 
@@ -45,12 +47,6 @@ class Family:
 
     def b_shape(self, rank: int) -> tuple[int, ...]:
         return (len(self.layers), sum(self.slice_sizes), rank)
-
-
-def page_rows(rank: int) -> int:
-    """Rows of one page of slot memory for slots ``rank`` wide: 16 where the width is a power
-    of two of at least 16 (blocks of 16, 32, 64, ... rows then tile it), else the width."""
-    return 16 if rank >= 16 and rank & (rank - 1) == 0 else rank
 
 
 class SlotLayout:
@@ -102,9 +98,8 @@ class SlotLayout:
                                   "lm_head": base_fingerprint(self.model.lm_weight())}
 
     def block_rows(self, rank: int) -> int:
-        """Rows an adapter of ``rank`` takes: whole pages, a power-of-two number of them."""
-        pages = -(-max(rank, 1) // self.page)
-        return min(self.rank, self.page * (1 << (pages - 1).bit_length()))
+        """Rows an adapter of ``rank`` takes (engine.lora.slot_pages.block_rows)."""
+        return block_rows(rank, self.rank)
 
     def numel(self, family: str, rows: int) -> tuple[int, int]:
         """Elements of a ``rows``-row block's A and B for ``family``."""

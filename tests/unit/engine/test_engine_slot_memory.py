@@ -144,3 +144,49 @@ def test_rows_past_a_rank_are_read_by_nobody(tiny_llama, adapters):
 def test_memory_slots_must_be_positive(tiny_llama):
     with pytest.raises(ValueError, match="lora_memory_slots"):
         EngineConfig(model=str(tiny_llama.dir), lora_memory_slots=0)
+
+
+def test_what_the_planner_admits_the_engine_can_always_place():
+    """Random slot memories, residents and admissions (torch-free SlotPages): every set of
+    adapters the planner admits next to the kept ones is placed by make_room, largest first
+    as the engine does, without evicting a kept adapter; blocks never overlap."""
+    import random
+
+    from lorry.engine.lora.slot_pages import SlotPages
+
+    rng = random.Random(7)
+    for trial in range(300):
+        mem = SlotPages(rng.randint(2, 12), 64, rng.randint(1, 6))
+        next_id = 1
+
+        def new_adapter():
+            nonlocal next_id
+            mem.rank_of[next_id] = rng.choice([4, 8, 16, 24, 32, 48, 64])
+            next_id += 1
+            return next_id - 1
+
+        for _ in range(rng.randint(0, 12)):            # earlier traffic: residents, LRU
+            lid = new_adapter()
+            if mem.block_free(set(), lid):
+                mem.place(lid, *mem.make_room(lid, mem.pages_for(lid), set())[:2],
+                          mem.pages_for(lid))
+        held = {lid for lid in mem.slot_of if rng.random() < 0.5}
+        room = mem.planner(held)
+        admitted = set()
+        for _ in range(rng.randint(1, 10)):
+            lid = rng.choice(list(mem.slot_of)) if mem.slot_of and rng.random() < 0.3 \
+                else new_adapter()
+            if room.fits(lid):
+                room.add(lid)
+                admitted.add(lid)
+        keep = held | admitted
+        before = {lid: mem.slot_of[lid] for lid in keep if lid in mem.slot_of}
+        for lid in sorted((i for i in admitted if i not in mem.slot_of),
+                          key=lambda i: -mem.pages_for(i)):
+            slot, first, _ = mem.make_room(lid, mem.pages_for(lid), keep)
+            mem.place(lid, slot, first, mem.pages_for(lid))
+        assert all(mem.slot_of.get(lid) == slot for lid, slot in before.items()), trial
+        assert keep <= set(mem.slot_of) and len(mem.slot_of) <= mem.capacity, trial
+        for slot, (first, n) in mem.block_of.items():
+            assert mem.pages[first:first + n] == [slot] * n and first % n == 0, trial
+        assert sum(n for _, n in mem.block_of.values()) == sum(p is not None for p in mem.pages)

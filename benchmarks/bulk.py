@@ -3,7 +3,8 @@
 GPU: ``PYTHONPATH=. python3 benchmarks/bulk.py --device cuda`` (``make bench-bulk``). Llama-3-8B
 shapes, dummy weights; 2,000 requests with log-normal prompts (median 400, 50..4,000 tokens)
 and answers (median 150, 1..1,000 tokens, ``max_tokens`` with ignore_eos, greedy); 200
-adapters r8/16/32/64 on q/k/v/o with Zipf(1.1) popularity over 32 GPU slots; 30% of requests
+adapters r8/16/32/64 on q/k/v/o with Zipf(1.1) popularity over 32 GPU slots' memory (rank 64),
+shared by rank among up to 96 resident adapters (``lora_memory_slots``); 30% of requests
 open with one of 20 tenant templates (500..1,500 tokens, then the request's own text, at
 most 4,000 tokens in all) and use the adapter the template belongs to.
 CPU: ``--device cpu --tiny``: the same generator scaled down, on a tiny random Llama.
@@ -36,13 +37,13 @@ from lorry.testing import make_tiny_llama, make_tiny_tokenizer, write_random_ada
 
 SPECS = {
     "gpu": {"requests": 2000, "prompt": (400, 0.8, 50, 4000), "answer": (150, 0.8, 1, 1000),
-            "adapters": 200, "ranks": (8, 16, 32, 64), "zipf_s": 1.1, "slots": 32,
-            "max_lora_rank": 64, "prefixes": 20, "prefix_len": (500, 1500),
+            "adapters": 200, "ranks": (8, 16, 32, 64), "zipf_s": 1.1, "slots": 96,
+            "memory_slots": 32, "max_lora_rank": 64, "prefixes": 20, "prefix_len": (500, 1500),
             "prefix_share": 0.3, "max_model_len": 5120, "max_num_seqs": 256,
             "files_per_rank": 4},
     "tiny": {"requests": 60, "prompt": (40, 0.8, 5, 200), "answer": (8, 0.8, 1, 32),
              "adapters": 12, "ranks": (8, 16), "zipf_s": 1.1, "slots": 4,
-             "max_lora_rank": 16, "prefixes": 4, "prefix_len": (48, 96),
+             "memory_slots": 4, "max_lora_rank": 16, "prefixes": 4, "prefix_len": (48, 96),
              "prefix_share": 0.3, "max_model_len": 256, "max_num_seqs": 16,
              "files_per_rank": 0},
 }
@@ -116,7 +117,8 @@ def describe(w: Workload, spec: dict, ranks: list[int]) -> dict:
             "answer_tokens": dist(w.max_tokens), "adapters": spec["adapters"],
             "adapters_used": len(set(w.adapter)),
             "ranks": {r: ranks.count(r) for r in sorted(set(ranks))},
-            "zipf_s": spec["zipf_s"], "gpu_slots": spec["slots"],
+            "zipf_s": spec["zipf_s"], "gpu_slots": spec["memory_slots"],
+            "resident_adapters_max": spec["slots"],
             "top_adapter_share": round(w.adapter.count(0) / len(w.adapter), 3),
             "templates": spec["prefixes"], "template_len": list(spec["prefix_len"]),
             "requests_with_template": sum(p is not None for p in w.prefix),
@@ -228,7 +230,7 @@ def engine_config(spec: dict, args, model: str, load_format: str, run: str,
     optional = {"block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
                 "gpu_memory_utilization": args.gpu_memory_utilization,
                 "max_num_batched_tokens": args.max_num_batched_tokens,
-                "lora_memory_slots": args.memory_slots}
+                "lora_memory_slots": spec["memory_slots"] if run != "no_adapters" else None}
     kw.update({k: v for k, v in optional.items() if v is not None})
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     dropped = sorted(k for k in kw if k not in fields)
@@ -480,11 +482,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=None, help="default: 2000 (tiny: 60)")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: 256 (tiny: 16)")
     ap.add_argument("--slots", type=int, default=None,
-                    help="GPU LoRA slots, max_loras (default: 32; tiny: 4): the workload's "
-                         "figures are at the default")
+                    help="adapters resident on the GPU at once, max_loras (default: 96; tiny: "
+                         "4), sharing --memory-slots of memory by rank")
     ap.add_argument("--memory-slots", type=int, default=None,
                     help="LoRA weight memory in max-rank slots, shared by rank "
-                         "(EngineConfig.lora_memory_slots; default: --slots of them)")
+                         "(EngineConfig.lora_memory_slots; default: 32, tiny: 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed warm-up requests per run (default: 2 x max_num_seqs)")
@@ -524,7 +526,8 @@ def main() -> None:
         return
     spec = dict(SPECS["tiny" if args.tiny else "gpu"])
     for key, value in (("requests", args.requests), ("max_num_seqs", args.max_num_seqs),
-                       ("files_per_rank", args.adapter_files_per_rank), ("slots", args.slots)):
+                       ("files_per_rank", args.adapter_files_per_rank), ("slots", args.slots),
+                       ("memory_slots", args.memory_slots)):
         if value is not None:
             spec[key] = value
     res = {"benchmark": "bulk", "device": args.device, "tiny": args.tiny, "seed": args.seed,
@@ -552,7 +555,7 @@ def main() -> None:
         res["workload"]["adapter_files"] = len({r.lora_path for r in loras})
         res["engine"] = {k: spec[k] for k in ("max_model_len", "max_num_seqs", "slots",
                                               "max_lora_rank")}
-        res["engine"]["memory_slots"] = args.memory_slots or spec["slots"]
+        res["engine"]["memory_slots"] = spec["memory_slots"]
         res["runs"] = {}
         for run in args.runs:
             attempt(res["runs"], run, lambda run=run: timed_run(ctx, run, spec["max_num_seqs"]))

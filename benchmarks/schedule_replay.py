@@ -9,12 +9,14 @@ in seconds; the GPU time per step is ``bulk.py``'s to measure.
 
     PYTHONPATH=. python benchmarks/schedule_replay.py [--max-loras 32 64] [--steps 1 8]
 
-``--slot-memory ranks`` models GPU LoRA memory shared by rank (as S-LoRA's unified paging)
-rather than whole slots: ``max_loras`` slots of rank 64 then hold any adapters whose ranks
-sum to at most 64 x max_loras (rank-8 adapters: eight to a slot). The engine does not do
-this; the replay shows what it would change. Each run also prints the floor that whole slots
-put on any schedule: every adapter holds a slot for at least its longest answer, so the
-steps are at least the sum of those over the slots.
+The LoRA slot memory is the engine's own placement (engine.lora.slot_pages, torch-free):
+``--max-loras`` slots' memory of rank 64, shared by rank among up to ``--slot-ids`` resident
+adapters (EngineConfig.lora_memory_slots and max_loras; default: as many ids as slots, which
+is whole slots' schedule). The scheduler's planner admits adapters as the engine's does, and a
+step's new adapters are placed largest first as the engine places them (its prefetch of the
+next waiters' adapters is not replayed). Each run also prints the floor that whole slots put
+on any schedule: every adapter holds a slot for at least its longest answer, so the steps
+are at least the sum of those over the slots.
 """
 from __future__ import annotations
 
@@ -34,38 +36,25 @@ from throughput import LLAMA3_8B
 from lorry.engine import EngineConfig, LoRARequest, SamplingParams
 from lorry.engine.llm_engine import GENERATE_ORDERS, longest_first
 from lorry.engine.kv_cache import BlockManager
+from lorry.engine.lora.slot_pages import SlotPages
 from lorry.engine.outputs import RequestMetrics
 from lorry.engine.scheduler import Scheduler
 from lorry.engine.sequence import Sequence, SequenceStatus
 
 
-class _RankUnits(set):
-    """A set of adapter ids whose len() is their ranks' sum in units of 8 (--slot-memory
-    ranks: the scheduler's slot count then counts rank memory)."""
-
-    ranks: dict = {}
-
-    def __or__(self, other):
-        return _RankUnits(set.__or__(self, other))
-
-    def __len__(self):
-        return sum(self.ranks[i] for i in self) // 8
-
-
 def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
            max_bypass: int, prefix_caching: bool = True, order: str = "input",
-           rank_of: dict | None = None) -> dict:
-    """The workload's schedule, submitted in ``order`` (as ``LLMEngine.generate``'s);
-    ``rank_of`` (lora id -> rank): slots hold rank memory, 64 x max_loras of it."""
+           rank_of: dict | None = None, slot_ids: int | None = None) -> dict:
+    """The workload's schedule, submitted in ``order`` (as ``LLMEngine.generate``'s), with
+    ``max_loras`` rank-64 slots' memory shared by up to ``slot_ids`` adapters (default:
+    max_loras); ``rank_of``: lora id -> rank."""
     if order == "longest_first":
         w = bulk.reordered(w, longest_first(w.max_tokens))
-    sch = Scheduler(rows, max_loras * 8 if rank_of else max_loras,
-                    BlockManager(blocks, 16, prefix_caching), budget,
+    ids = slot_ids or max_loras
+    sch = Scheduler(rows, ids, BlockManager(blocks, 16, prefix_caching), budget,
                     max_bypass=max_bypass, num_steps=steps, max_model_len=5120)
-    if rank_of:
-        _RankUnits.ranks = rank_of
-        sch.running_adapters = lambda: _RankUnits(
-            s.lora_id for s in sch.running if s.lora_id is not None)
+    mem = sch.slot_memory = SlotPages(ids, 64, max_loras)
+    mem.rank_of.update(rank_of or {})
     seqs = []
     for i, (p, m, a) in enumerate(zip(w.prompts, w.max_tokens, w.adapter)):
         s = Sequence(str(i), None, p, SamplingParams(max_tokens=m, temperature=0.0,
@@ -82,6 +71,7 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
         spent = time.perf_counter() - t0
         if not plan.seqs:
             raise RuntimeError("the schedule stalled")
+        _place(mem, plan.seqs, sch.running_adapters())
         if plan.prefill:
             step += 1
             for s, c in zip(plan.prefilled, plan.chunks):
@@ -110,7 +100,7 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
     for a, m in zip(w.adapter, w.max_tokens):
         longest[a] = max(longest.get(a, 0), m)
     return {"order": order, "max_loras": max_loras, "num_scheduler_steps": steps,
-            "slot_memory": "ranks" if rank_of else "slots",
+            "slot_ids": ids, "lora_evictions": mem.evictions,
             "whole_slot_floor_steps": round(sum(longest.values()) / max_loras),
             "max_num_batched_tokens": budget, "max_bypass": max_bypass,
             "steps": step, "mixed_steps": mixed, "prefill_only_steps": step - decode_only - mixed,
@@ -125,6 +115,19 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
             "host_ms": {"per_prefill_plan": round(1e3 * statistics.mean(host[True] or [0]), 3),
                         "per_decode_plan": round(1e3 * statistics.mean(host[False] or [0]), 3),
                         "total_s": round(sum(host[True]) + sum(host[False]), 2)}}
+
+
+def _place(mem: SlotPages, seqs, running: set[int]) -> None:
+    """What LLMEngine._slots does with the slot memory: the step's new adapters placed largest
+    first, the others made most recently used."""
+    new = {s.lora_id for s in seqs if mem.lookup(s.lora_id) is None}
+    for lid in sorted(new, key=lambda i: -mem.pages_for(i)):
+        n = mem.pages_for(lid)
+        slot, first, _ = mem.make_room(lid, n, running)
+        mem.place(lid, slot, first, n)
+    for s in seqs:
+        if s.lora_id not in new:
+            mem.slot_of.move_to_end(s.lora_id)
 
 
 def main() -> None:
@@ -144,19 +147,19 @@ def main() -> None:
     ap.add_argument("--order", choices=GENERATE_ORDERS, nargs="+", default=["input"],
                     help="submission orders (LLMEngine.generate's order): input, or the "
                          "longest answers first (generate's default)")
-    ap.add_argument("--slot-memory", choices=["slots", "ranks"], nargs="+", default=["slots"],
-                    help="ranks: the slots' memory shared by rank (a model; see above)")
+    ap.add_argument("--slot-ids", type=int, nargs="+", default=[0],
+                    help="adapters resident at once (max_loras) sharing --max-loras slots' "
+                         "memory by rank (0: as many as slots, i.e. whole slots)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     spec = dict(bulk.SPECS["gpu"])
     w = bulk.make_workload(spec, args.requests, LLAMA3_8B["vocab_size"], args.seed)
     ranks = bulk.adapter_ranks(spec, args.seed)
     rank_of = {a + 1: r for a, r in enumerate(ranks)}      # replay's lora ids are a + 1
-    runs = [replay(w, args.rows, ml, k, b, args.blocks, mb, pc == "on", o,
-                   rank_of if sm == "ranks" else None)
-            for ml, k, b, mb, pc, o, sm in
+    runs = [replay(w, args.rows, ml, k, b, args.blocks, mb, pc == "on", o, rank_of, ids)
+            for ml, k, b, mb, pc, o, ids in
             itertools.product(args.max_loras, args.steps, args.budget, args.max_bypass,
-                              args.prefix_caching, args.order, args.slot_memory)]
+                              args.prefix_caching, args.order, args.slot_ids)]
     print(json.dumps({"benchmark": "schedule_replay", "date": time.strftime("%Y-%m-%d"),
                       "requests": args.requests, "rows": args.rows, "seed": args.seed,
                       "output_tokens": sum(w.max_tokens), "runs": runs}, indent=2))

@@ -10,7 +10,10 @@ constants. Compile with the Triton the GPU machine has, for its register counts:
     pip install --no-deps --target /tmp/t36 triton==3.6.0
     PYTHONPATH=/tmp/t36 python benchmarks/kernel_report.py '{"PHASE": 2, "EXPAND_LOOP": 1}'
 
-The JSON argument overrides constexprs (and num_warps / num_stages) of the base below.
+The JSON argument overrides constexprs (and num_warps / num_stages) of the base below. With
+``"HAS_ROWS": true`` (row buffers, as the engine passes them) B's slot strides are 1 as well,
+so the slot's first row decides the alignment of B's loads: ``ROW_ALIGN`` 16 keeps them 16-byte
+(``ptx_loads``: ld.global.v4), 1 splits them into 2-byte loads (ld.global.b16).
 """
 from __future__ import annotations
 
@@ -40,16 +43,17 @@ def compile_kernel(consts: dict):
     params = inspect.signature(lora_decode_kernel.fn).parameters
     names = list(params)
     consts = dict(consts)
+    units = UNIT_STRIDES + (("s_bl0", "s_bl1", "s_bl2") if consts.get("HAS_ROWS") else ())
     options = {"num_warps": consts.pop("num_warps"), "num_stages": consts.pop("num_stages")}
     sig = {}
     for name in names:
-        if "constexpr" in str(params[name].annotation) or name in UNIT_STRIDES:
+        if "constexpr" in str(params[name].annotation) or name in units:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = {"work_ptr": "*fp32", "table_ptr": "*i32"}.get(name, "*bf16")
+            sig[name] = {"work_ptr": "*fp32", "table_ptr": "*i32", "rows_ptr": "*i32"}.get(name, "*bf16")
         else:
             sig[name] = "i32"
-    consts.update({name: 1 for name in UNIT_STRIDES})
+    consts.update({name: 1 for name in units})
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if sig[n] != "constexpr"}
     src = ASTSource(fn=lora_decode_kernel, signature=sig, attrs=attrs,
@@ -89,12 +93,21 @@ def load_layouts(ttgir: str) -> dict[str, int]:
     return found
 
 
+def ptx_loads(ptx: str) -> dict[str, int]:
+    """Global load instructions by kind (``ld.global.v4.b32``: 16 bytes; ``.b16``: 2)."""
+    found: dict[str, int] = {}
+    for op in re.findall(r"(ld\.global[.\w]*)", ptx):
+        found[op] = found.get(op, 0) + 1
+    return found
+
+
 def main() -> None:
     consts = dict(BASE, **(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}))
     kernel = compile_kernel(consts)
     report = {"triton": triton.__version__, "constexprs": consts,
               "shared_bytes": kernel.metadata.shared, **ptxas_report(kernel.asm["ptx"]),
-              "loads": load_layouts(kernel.asm["ttgir"])}
+              "loads": load_layouts(kernel.asm["ttgir"]),
+              "ptx_loads": ptx_loads(kernel.asm["ptx"])}
     print(json.dumps(report, indent=1))
 
 

@@ -242,7 +242,8 @@ class Scheduler:
                     pins_only = self._planner(set(pinned))
                 if seq.bypassed >= self.max_bypass and pins_only.fits(lid):
                     if draining is None:
-                        draining = self._drain_victim(adapters - pinned)
+                        draining = self._drain_victim(adapters - pinned, lid,
+                                                      adapters | set(pinned))
                     continue
                 passed_over.append(seq)
                 continue  # waits for a slot; never an error
@@ -275,10 +276,19 @@ class Scheduler:
                 w.bypassed += 1
         return admitted
 
-    def _drain_victim(self, candidates: set[int]) -> int | None:
-        """The running adapter (of ``candidates``) with the fewest running sequences."""
+    def _drain_victim(self, candidates: set[int], waiter: int | None = None,
+                      held: set[int] = frozenset()) -> int | None:
+        """The running adapter (of ``candidates``) with the fewest running sequences -- of
+        those whose memory, once drained, lets the ``waiter``'s adapter fit next to the other
+        ``held`` ones where any does (with slot memory shared by rank, draining a small
+        adapter may free no block large enough)."""
         counts = {lid: n for lid, n in self._adapter_rows.items() if lid in candidates}
-        return min(counts, key=lambda lid: (counts[lid], lid)) if counts else None
+        order = sorted(counts, key=lambda lid: (counts[lid], lid))
+        if waiter is not None and self.slot_memory is not None:
+            for lid in order:
+                if self._planner(held - {lid}).fits(waiter):
+                    return lid
+        return order[0] if order else None
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence's blocks."""

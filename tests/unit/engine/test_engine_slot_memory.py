@@ -190,3 +190,52 @@ def test_what_the_planner_admits_the_engine_can_always_place():
         for slot, (first, n) in mem.block_of.items():
             assert mem.pages[first:first + n] == [slot] * n and first % n == 0, trial
         assert sum(n for _, n in mem.block_of.values()) == sum(p is not None for p in mem.pages)
+
+
+def test_an_aged_waiter_drains_the_adapter_whose_block_it_needs():
+    """Slot memory of 8 pages: a rank-64 adapter (4 pages, 3 rows) and four rank-8 ones (1
+    page each, 1 row) run. A rank-64 waiter ages: draining the adapter with the fewest rows
+    (a rank-8 one) would free one page, no 4-page block, so the rank-64 adapter drains (it is
+    the one whose block the waiter can take) and the waiter gets in once its rows end."""
+    from lorry.engine.kv_cache import BlockManager
+    from lorry.engine.lora.slot_pages import SlotPages
+    from lorry.engine.outputs import RequestMetrics
+    from lorry.engine.scheduler import Scheduler
+    from lorry.engine.sequence import Sequence
+
+    def seq(rid, lid):
+        return Sequence(rid, None, [1, 2, 3], SamplingParams(max_tokens=4),
+                        LoRARequest(f"a{lid}", lid, f"/adapters/{lid}"), RequestMetrics(0.0))
+
+    mem = SlotPages(8, 64, 2)                       # 8 pages of 16 rows
+    mem.rank_of.update({1: 64, 2: 8, 3: 8, 4: 8, 5: 8, 9: 64})
+    sch = Scheduler(max_num_seqs=16, max_loras=8, blocks=BlockManager(256, 16), max_bypass=2)
+    sch.slot_memory = mem
+    running = [seq(f"big{i}", 1) for i in range(3)] + [seq(f"small{k}", k) for k in (2, 3, 4, 5)]
+    for s in running:
+        sch.add(s)
+    waiter = seq("waiter", 9)
+    sch.add(waiter)
+    life = {}
+    for step in range(40):
+        for k in (1, 1, 2 + step % 4):    # a stream for the running adapters, mostly the big one
+            sch.add(seq(f"s{step}-{k}-{len(sch.waiting)}", k))
+        plan = sch.schedule()
+        new = {s.lora_id for s in plan.seqs if mem.lookup(s.lora_id) is None}
+        for lid in sorted(new, key=lambda i: -mem.pages_for(i)):   # as the engine places
+            slot, first, _ = mem.make_room(lid, mem.pages_for(lid), sch.running_adapters())
+            mem.place(lid, slot, first, mem.pages_for(lid))
+        if waiter in plan.seqs:
+            break
+        for s in plan.seqs:
+            if plan.prefill:
+                s.num_computed_tokens = len(s.prompt_token_ids)
+            life[s] = life.get(s, 0) + 1
+            if life[s] >= 3:
+                sch.finish(s)
+    else:
+        raise AssertionError("the rank-64 waiter never got in")
+    assert step < 20
+    running = {s.lora_id for s in sch.running}
+    assert 1 not in running and mem.lookup(1) is None   # the rank-64 adapter made room for it
+    assert len(running & {2, 3, 4, 5}) >= 3              # the small ones went on

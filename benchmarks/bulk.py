@@ -326,6 +326,9 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
         n = args.warmup if args.warmup is not None else 2 * max_num_seqs
         warm = _head(ctx["warm"], min(n, len(ctx["workload"].prompts)))
         _generate(eng, warm, loras, limit)
+        # every decode graph now, for the adapters the warm-up made resident (an engine
+        # without the method captures them as the run meets each batch size)
+        warm_graphs = eng.capture_graphs() if hasattr(eng, "capture_graphs") else None
         _sync(args.device)
         warm_s = time.perf_counter() - t0
         before, captures = eng.cache_stats(), _captures(eng)
@@ -349,7 +352,7 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
            "requests": len(outs), "output_tokens": sum(tokens), "seconds": round(seconds, 3),
            "tok_per_s": round(sum(tokens) / seconds, 1),
            "short_outputs": sum(t < m for t, m in zip(tokens, w.max_tokens)),
-           "warmup_seconds": round(warm_s, 3),
+           "warmup_seconds": round(warm_s, 3), "graphs_captured_after_warmup": warm_graphs,
            "graphs_captured_while_timed": None if captures is None
            else after_captures - captures}
     for key in ("kv", "steps"):

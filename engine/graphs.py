@@ -133,6 +133,28 @@ class DecodeGraphs:
         return graph, logits
 
     @torch.inference_mode()
+    def capture_all(self) -> int:
+        """Capture every bucket size not captured yet, without adapters and for the LoRA
+        layer set of the adapters resident now (steps then find their graphs instead of
+        capturing one mid-run, ~0.3 s each for an 8B model); returns how many it captured.
+        The static inputs are set to padding first (every row through the null block), so
+        the eager run before each capture writes no live sequence's keys; each step refills
+        them. Call between steps."""
+        self.dev.zero_()
+        self.dev[SLOTS] = -1
+        self.tables.zero_()
+        keys = [None]
+        if self.ops is not None and any(m.active_slots for m in self.lora_modules):
+            keys.append(self._lora_key([0]))
+        n = 0
+        for size in self.sizes:
+            for key in keys:
+                if (size, key) not in self.graphs:
+                    self.graphs[(size, key)] = self._capture(size, key)
+                    n += 1
+        return n
+
+    @torch.inference_mode()
     def run(self, seqs: list, slots: list[int]) -> torch.Tensor:
         """Decode one token for each sequence (its next KV slot reserved); returns logits
         [B, V] in the given order (valid until the next run)."""

@@ -482,6 +482,18 @@ class LLMEngine:
         return {"gpu": self.loras.gpu.ids(), "cpu": self.loras.cpu.ids(),
                 "pinned": sorted(self.loras.gpu.pinned)}
 
+    def capture_graphs(self) -> int:
+        """Capture the CUDA decode graph of every batch-size bucket now (without adapters, and
+        for the LoRA layers of the adapters resident now), so that no step captures one
+        mid-run; returns how many were captured (0 without graphs: CPU, enforce_eager).
+        Bulk warm-ups call it after their first requests; a service may call it once its
+        adapters are pinned. Call between steps, not from inside one."""
+        graphs = self.runner.graphs
+        if graphs is None:
+            return 0
+        with self.runner.graph_lock:
+            return graphs.capture_all()
+
     def cache_stats(self) -> dict:
         stats = self.loras.stats() if self.loras else {"gpu": {}, "cpu": {}}
         stats["running"] = len(self.scheduler.running)

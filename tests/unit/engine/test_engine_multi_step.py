@@ -236,3 +236,12 @@ def test_graph_rounds_advance_the_static_inputs(tiny_llama, monkeypatch):
     got, _ = _generate(eng, *reqs)
     assert got == want
     assert eng.cache_stats()["steps"]["decode"]["rounds"] > 0 and eng.runner.graphs.captures
+    # capture_graphs: every bucket now (with and without the resident adapters' layers), so
+    # the next generate captures none, and its tokens are the same
+    graphs = eng.runner.graphs
+    done = graphs.captures
+    n = eng.capture_graphs()
+    assert n == 2 * len(graphs.sizes) - done and graphs.captures == 2 * len(graphs.sizes)
+    assert eng.capture_graphs() == 0
+    again, _ = _generate(eng, *reqs)
+    assert again == want and graphs.captures == 2 * len(graphs.sizes)

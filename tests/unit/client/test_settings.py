@@ -72,3 +72,16 @@ def test_max_full_module_copies_reaches_engine_config(monkeypatch):
     monkeypatch.setenv("LORRY_MAX_FULL_MODULE_COPIES", "-1")
     with pytest.raises(ValidationError, match="max_full_module_copies"):
         Settings(model="/m")
+
+
+def test_lora_memory_slots_reaches_engine_config(monkeypatch):
+    assert Settings(model="/m").engine_config().lora_memory_slots is None   # max_loras' worth
+    monkeypatch.setenv("LORRY_MAX_LORAS", "48")
+    monkeypatch.setenv("LORRY_LORA_MEMORY_SLOTS", "16")
+    cfg = Settings(model="/m").engine_config()
+    assert (cfg.max_loras, cfg.lora_memory_slots) == (48, 16)
+    monkeypatch.setenv("LORRY_LORA_MEMORY_SLOTS", "")
+    assert Settings(model="/m").lora_memory_slots is None
+    monkeypatch.setenv("LORRY_LORA_MEMORY_SLOTS", "0")
+    with pytest.raises(ValidationError, match="lora_memory_slots"):
+        Settings(model="/m")

@@ -70,10 +70,16 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if lora_request is not None:
             self._check_lora_usable(lora_request)
-            pinned = self.loras.gpu.pinned
-            if lora_request.lora_int_id not in pinned and len(pinned) >= self.config.max_loras:
+            gpu, lid = self.loras.gpu, lora_request.lora_int_id
+            if lid not in gpu.pinned and len(gpu.pinned) >= self.config.max_loras:
                 raise LoRAError(f"adapter {lora_request.lora_name!r} cannot run: all max_loras="
                                 f"{self.config.max_loras} GPU slots are pinned; unpin one")
+            if lid not in gpu.pinned and lid in gpu.rank_of \
+                    and not gpu.planner(set(gpu.pinned)).fits(lid):
+                raise LoRAError(f"adapter {lora_request.lora_name!r} cannot run: pinned adapters "
+                                f"hold the LoRA slot memory its rank needs "
+                                f"({gpu.pages_for(lid) * gpu.page} of {gpu.num_rows} rows); "
+                                "unpin one")
         text, ids = self.tokenizer.encode_prompt(prompt)
         if len(ids) >= self.max_model_len:
             raise ModelLengthError(f"prompt of request {request_id!r} has {len(ids)} tokens; "

@@ -119,6 +119,14 @@ def test_the_planner_admits_only_blocks_free_of_the_kept_adapters(tiny_llama, ad
     eng.pin_lora(lid["mlp_r16"])
     with pytest.raises(LoRAError, match=r"hold the LoRA slot memory its rank needs \(16 of 128 rows\)"):
         eng.pin_lora(lid["pattern"])
+    # and a request for it is refused at once (it could never run until an unpin), changing
+    # nothing; a request for a pinned adapter is taken
+    sp = SamplingParams(max_tokens=2)
+    with pytest.raises(LoRAError, match=r"pinned adapters hold the LoRA slot memory"):
+        eng.add_request("r1", [5, 6], sp, reqs["pattern"])
+    assert not eng.has_unfinished_requests()
+    eng.add_request("r2", [5, 6], sp, reqs["mid_r32"])
+    assert eng.has_unfinished_requests()
 
 
 def test_rows_past_a_rank_are_read_by_nobody(tiny_llama, adapters):

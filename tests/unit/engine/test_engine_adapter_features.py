@@ -70,9 +70,9 @@ def check_matches_peft(base: Bases, names, *, max_loras=2, max_tokens=5, atol=2e
     """Serve one batch whose rows use ``names`` (None: no adapter); assert each row's tokens
     and logits are PEFT's; return how many rows differ from the base model's tokens.
     ``inspect(engine, step's sequences)`` runs at every step; ``engine_kw`` go to EngineConfig."""
-    eng = LLMEngine(EngineConfig(model=str(base.dir), max_loras=max_loras, max_lora_rank=8,
-                                 max_num_seqs=8, max_model_len=128, lora_backend="torch",
-                                 device="cpu", **engine_kw))
+    kw = {"max_lora_rank": 8, "max_num_seqs": 8, "max_model_len": 128, "lora_backend": "torch",
+          "device": "cpu", **engine_kw}
+    eng = LLMEngine(EngineConfig(model=str(base.dir), max_loras=max_loras, **kw))
     captured = {}
 
     def hook(seqs, lg):
@@ -135,6 +135,26 @@ def llama(tmp_path_factory):
 def test_head_embedding_and_dora_adapters_match_peft_in_mixed_batches(llama):
     names = ["head_full", None, "head_lora", "embed", "dora", "head_full", "embed", "bias_all"]
     assert check_matches_peft(llama, names, max_loras=5) >= 5
+
+
+def test_extras_over_slot_memory_shared_by_rank_match_peft(llama, qwen2):
+    """Rank-32 slots' memory in 16-row pages, two pages for four slot ids: the adapters (ranks
+    4-8, a page each) take turns in the two pages, their blocks rewritten at either; DoRA's
+    norms, bias terms, heads and embeddings follow each adapter's own rows."""
+    resident, firsts = [], set()
+
+    def inspect(eng, seqs):
+        gpu = eng.loras.gpu
+        resident.append(len(gpu.slot_of))
+        firsts.update(first for first, _ in gpu.block_of.values())
+
+    names = ["head_full", None, "head_lora", "embed", "dora", "head_full", "embed", "bias_all"]
+    assert check_matches_peft(llama, names, max_loras=4, max_lora_rank=32, inspect=inspect,
+                              lora_memory_slots=1) >= 5
+    assert max(resident) == 2 and firsts == {0, 1}   # two adapters in one rank-32 slot's memory
+    names = ["bias_all", None, "lora_bias", "dora", "plain", "dora", "bias_all", None]
+    assert check_matches_peft(qwen2, names, max_loras=4, max_lora_rank=32,
+                              lora_memory_slots=1) >= 4
 
 
 def test_slot_reuse_drops_the_previous_adapters_head_and_embedding(llama):

@@ -156,7 +156,10 @@ class RowPlanner:
     Resident adapters stay where they are; new ones need blocks free of the kept ones',
     placed largest first (for power-of-two blocks at multiples of their size that finds a
     placement whenever one exists, and the engine places them in the same order). A pass
-    only adds adapters, so a size that did not fit stays refused for the rest of it.
+    only adds adapters, so a size that did not fit stays refused for the rest of it. The
+    scheduler asks once per waiting sequence, so the answers are cached until the next
+    ``add``: per block size for new adapters, and for a resident one the pages the new ones'
+    placement takes (a resident adapter outside them fits without placing them again).
     """
 
     def __init__(self, gpu: SlotPages, held: set[int]):
@@ -165,37 +168,56 @@ class RowPlanner:
         self.fixed: set[int] = set()      # resident adapters kept where they are
         self.new: dict[int, int] = {}     # lora id -> pages, to be placed
         self.refused: int | None = None   # the smallest block size refused in this pass
+        self._fits_size: dict[int, bool] = {}   # block size -> fits (until the next add)
+        self._taken: set[int] | None = None     # pages the new ones' placement takes
         for lid in held:
             self.add(lid)
 
-    def _feasible(self, fixed: set[int], new: dict[int, int]) -> bool:
+    def _place(self, fixed: set[int], new: dict[int, int]) -> set[int] | None:
+        """The pages a largest-first placement of ``new`` takes next to ``fixed`` (None: no
+        placement, or more adapters than slot ids)."""
         if len(fixed) + len(new) > self.gpu.capacity:
-            return False
+            return None
+        taken: set[int] = set()
         if not new:
-            return True
+            return taken
         blocked = self.gpu.blocked_pages(fixed, self.owners)
         for n in sorted(new.values(), reverse=True):
             blocks = self.gpu.blocks(n, blocked)
             if not blocks:
-                return False
+                return None
             blocked[blocks[0]:blocks[0] + n] = [True] * n
-        return True
+            taken.update(range(blocks[0], blocks[0] + n))
+        return taken
 
     def fits(self, lora_id: int) -> bool:
         if lora_id in self.fixed or lora_id in self.new:
             return True
-        if lora_id in self.gpu.slot_of:
-            return self._feasible(self.fixed | {lora_id}, self.new)
-        n = self.gpu.pages_for(lora_id)
+        gpu = self.gpu
+        if lora_id in gpu.slot_of:
+            if len(self.fixed) + len(self.new) >= gpu.capacity:
+                return False
+            if self._taken is None:
+                self._taken = self._place(self.fixed, self.new)
+            first, n = gpu.block_of[gpu.slot_of[lora_id]]
+            if self._taken is not None and self._taken.isdisjoint(range(first, first + n)):
+                return True
+            return self._place(self.fixed | {lora_id}, self.new) is not None
+        n = gpu.pages_for(lora_id)
         if self.refused is not None and n >= self.refused:
             return False
-        if self._feasible(self.fixed, {**self.new, lora_id: n}):
-            return True
-        self.refused = n if self.refused is None else min(self.refused, n)
-        return False
+        ok = self._fits_size.get(n)
+        if ok is None:
+            ok = self._fits_size[n] = self._place(self.fixed, {**self.new, lora_id: n}) \
+                is not None
+        if not ok:
+            self.refused = n if self.refused is None else min(self.refused, n)
+        return ok
 
     def add(self, lora_id: int) -> None:
         if lora_id in self.gpu.slot_of:
             self.fixed.add(lora_id)
         else:
             self.new[lora_id] = self.gpu.pages_for(lora_id)
+        self._fits_size.clear()
+        self._taken = None

@@ -181,10 +181,13 @@ def test_what_the_planner_admits_the_engine_can_always_place():
         held = {lid for lid in mem.slot_of if rng.random() < 0.5}
         room = mem.planner(held)
         admitted = set()
-        for _ in range(rng.randint(1, 10)):
-            lid = rng.choice(list(mem.slot_of)) if mem.slot_of and rng.random() < 0.3 \
+        for _ in range(rng.randint(1, 14)):
+            lid = rng.choice(list(mem.slot_of)) if mem.slot_of and rng.random() < 0.5 \
                 else new_adapter()
-            if room.fits(lid):
+            fits = room.fits(lid)
+            # the pass's cached answers are a fresh planner's
+            assert fits == mem.planner(held | admitted).fits(lid), trial
+            if fits:
                 room.add(lid)
                 admitted.add(lid)
         keep = held | admitted

@@ -50,7 +50,8 @@ def compile_kernel(consts: dict):
         if "constexpr" in str(params[name].annotation) or name in units:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = {"work_ptr": "*fp32", "table_ptr": "*i32", "rows_ptr": "*i32"}.get(name, "*bf16")
+            ints = {"work_ptr": "*fp32", "table_ptr": "*i32", "rows_ptr": "*i32"}
+            sig[name] = ints.get(name, "*bf16")
         else:
             sig[name] = "i32"
     consts.update({name: 1 for name in units})

@@ -108,8 +108,9 @@ class DecodeGraphs:
         d = self.dev
         lora = None
         if lora_key is not None and any(lora_key):
-            lora = LoRAStep(build_lora_meta(d[SLOTS, :size], self.max_loras, self.slot_rows), self.ops,
-                            self.all_slots, fold=size <= self.fold_max_rows, slot_modules=False)
+            meta = build_lora_meta(d[SLOTS, :size], self.max_loras, self.slot_rows)
+            lora = LoRAStep(meta, self.ops, self.all_slots, fold=size <= self.fold_max_rows,
+                            slot_modules=False)
         # kv_len is the longest possible: a host int cannot change between replays. The
         # Triton attention (the CUDA path) stops at each row's own position instead.
         batch = Batch(positions=d[POS, :size].view(size, 1), prefill=False, lora=lora,

@@ -253,7 +253,7 @@ class LLMEngine:
         slots, new = [], {}
         if self.loras is not None:
             # the step's adapters not resident yet, largest first: the scheduler's planner
-            # admitted them in that order (engine.lora.gpu_slots.RowPlanner)
+            # admitted them for that order (engine.lora.slot_pages.RowPlanner)
             gpu = self.loras.gpu
             new = {s.lora_id: s.lora_request for s in plan.seqs
                    if s.lora_request is not None and gpu.lookup(s.lora_id) is None}

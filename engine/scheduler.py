@@ -8,10 +8,11 @@ more than half the budget, prompt steps and decode steps alternate instead (so p
 get less than alternation gives them). With ``mixed=False``, prefill and
 decode steps alternate instead, so a long prompt delays each decode step by one chunk's step.
 The distinct adapters of the running set (plus pinned ones) never exceed ``max_loras``, and
-their blocks fit the LoRA slot memory together (``slot_memory``: engine.lora.gpu_slots, shared
-by rank): sequences whose adapter does not fit wait until a running adapter's sequences finish. Aging:
-once later sequences have overtaken such a waiter ``max_bypass`` times, the running adapter
-with the fewest rows admits nobody more and no other waiter takes a new slot first, so that
+their blocks fit the LoRA slot memory together (``slot_memory``: engine.lora.slot_pages, shared
+by rank): sequences whose adapter does not fit wait until a running adapter's sequences
+finish. Aging: once later sequences have overtaken such a waiter ``max_bypass`` times, the
+running adapter with the fewest rows (of those whose memory the waiter's block can take)
+admits nobody more and no other waiter takes a new slot first, so that
 adapter drains and the waiter gets its slot while the other running adapters keep admitting
 (not while pinned adapters alone fill every slot: it waits for an unpin and the others go
 on). Stopping all admission instead would empty the batch: with many adapters over few

@@ -65,8 +65,9 @@ class Settings(BaseSettings):
         ``--insecure`` is given.
 
     The engine fields (``ENGINE_FIELDS``: ``model`` ... ``seed``, ``adapter_roots``,
-    ``lora_memory_slots``, ``max_full_module_copies`` and the KV cache's ``block_size``, ``enable_prefix_caching``,
-    ``gpu_memory_utilization``, ``num_kv_blocks``) are ``EngineConfig``'s options under the same names, validated by ``EngineConfig``'s own rules
+    ``lora_memory_slots``, ``max_full_module_copies`` and the KV cache's ``block_size``,
+    ``enable_prefix_caching``, ``gpu_memory_utilization``, ``num_kv_blocks``) are
+    ``EngineConfig``'s options under the same names, validated by ``EngineConfig``'s own rules
     when the settings are built.
     """
 

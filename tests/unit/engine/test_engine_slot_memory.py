@@ -6,12 +6,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from lorry.engine.errors import LoRAError
 from lorry.testing import make_peft_adapter
-from tests.unit.engine.conftest import ADAPTERS, peft_greedy
+from tests.unit.engine.conftest import peft_greedy
 
 # ranks 64 and 32 next to the shared fixtures' 4-16: blocks of 4, 2 and 1 pages of 16 rows
 WIDE = {"wide_r64": {"r": 64, "lora_alpha": 32, "target_modules": ("q_proj", "o_proj", "down_proj"),
@@ -117,7 +116,8 @@ def test_the_planner_admits_only_blocks_free_of_the_kept_adapters(tiny_llama, ad
     eng.pin_lora(lid["mid_r32"])
     eng.pin_lora(lid["qv_r8"])
     eng.pin_lora(lid["mlp_r16"])
-    with pytest.raises(LoRAError, match=r"hold the LoRA slot memory its rank needs \(16 of 128 rows\)"):
+    with pytest.raises(LoRAError,
+                       match=r"hold the LoRA slot memory its rank needs \(16 of 128 rows\)"):
         eng.pin_lora(lid["pattern"])
     # and a request for it is refused at once (it could never run until an unpin), changing
     # nothing; a request for a pinned adapter is taken

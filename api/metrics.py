@@ -91,6 +91,25 @@ def _counters(stats: dict[str, dict]):
                     fam.add_metric([worker, level], c[event])
         yield fam
     yield from _kv_families(stats)
+    yield from _slot_families(stats)
+
+
+def _slot_families(stats: dict[str, dict]):
+    """Each worker's LoRA slot memory (shared by rank): its rows, the rows resident adapters
+    hold, the adapters resident and the slot ids (max_loras)."""
+    specs = [("lorry_lora_slot_rows", "Rows of LoRA slot memory (max-rank rows of A and B)",
+              "rows"),
+             ("lorry_lora_slot_rows_used", "Rows of LoRA slot memory resident adapters hold",
+              "rows_used"),
+             ("lorry_lora_resident_adapters", "Adapters resident in GPU slots", "residents"),
+             ("lorry_lora_slot_ids", "GPU slot ids (max_loras)", "capacity")]
+    for name, doc, key in specs:
+        fam = GaugeMetricFamily(name, doc, labels=["worker"])
+        for worker, s in stats.items():
+            slots = (s.get("cache") or {}).get("slots")
+            if isinstance(slots, dict) and key in slots:
+                fam.add_metric([worker], slots[key])
+        yield fam
 
 
 def _kv_families(stats: dict[str, dict]):

@@ -69,9 +69,14 @@ KV_FIELDS = ("blocks_total", "blocks_free", "prefix_query_tokens", "prefix_hit_t
              "preemptions")
 
 
+SLOT_FIELDS = ("rows", "rows_used", "residents", "capacity")
+
+
 def cache_counts(engine) -> dict:
-    """{"gpu"|"cpu": {hits, misses, evictions}, "kv": {KV_FIELDS}} from the engine's
-    cache_stats() (adapter caches, and the KV block pool with its prefix cache)."""
+    """{"gpu"|"cpu": {hits, misses, evictions}, "kv": {KV_FIELDS}, "slots": {SLOT_FIELDS}}
+    from the engine's cache_stats() (adapter caches, the KV block pool with its prefix cache,
+    and the LoRA slot memory: its rows, those resident adapters hold, adapters resident and
+    slot ids)."""
     try:
         stats = engine.cache_stats()
     except Exception:  # figures only; never stop a drain for them
@@ -80,4 +85,7 @@ def cache_counts(engine) -> dict:
            for level in ("gpu", "cpu") if isinstance(stats.get(level), dict)}
     if isinstance(stats.get("kv"), dict):
         out["kv"] = {k: stats["kv"].get(k, 0) for k in KV_FIELDS}
+    gpu = stats.get("gpu")
+    if isinstance(gpu, dict) and "rows" in gpu:
+        out["slots"] = {k: gpu.get(k, 0) for k in SLOT_FIELDS}
     return out

@@ -115,6 +115,9 @@ def test_jobs_and_batch_through_the_service(stack, tenants, reference):
     # the worker's KV pool: prompts looked up in the prefix cache, a pool of blocks
     assert metric(api, "lorry_prefix_cache_query_tokens_total") > 0
     assert metric(api, "lorry_kv_blocks_total") > 0
+    # and its LoRA slot memory: rows, some held by the adapters the jobs used
+    assert metric(api, "lorry_lora_slot_rows") >= metric(api, "lorry_lora_slot_rows_used") > 0
+    assert metric(api, "lorry_lora_resident_adapters") >= 1
 
 
 def test_cli_submit_and_status(stack, reference):

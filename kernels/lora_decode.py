@@ -24,7 +24,8 @@ from lorry.kernels.device_info import interpreted, num_sms, pdl_supported
 from lorry.kernels.launch_math import cdiv, next_pow2
 from lorry.kernels.lora_decode_kernel import lora_decode_kernel
 from lorry.kernels.segments import LoRAMeta, tile_table
-from lorry.kernels.slot_args import a_strides, b_strides, folded_geometry, max_rank, rows_args
+from lorry.kernels.slot_args import (a_strides, b_strides, b_width, folded_geometry, max_rank,
+                                     rows_args)
 
 # The launch settings come from kernels/configs/<GPU>.json (lorry.kernels.tuning): "decode"
 # for decode_plan, "fold" as entries over it for the expand alone over folded products.
@@ -128,7 +129,7 @@ def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Ten
     """y[:, slices] += LoRA(x) on the decode path if it takes this batch; False otherwise."""
     T, H = x.shape
     R = max_rank(lora_a, meta)
-    widths = [_width(b) for b in lora_b]
+    widths = [b_width(b) for b in lora_b]
     plan = decode_plan(T, meta.max_loras, H, R, widths, x.device)
     if plan is None or any(a.stride() != lora_a[0].stride() for a in lora_a) \
             or not _unit_rank_stride(lora_b):
@@ -146,7 +147,7 @@ def try_expand_folded_decode(y: torch.Tensor, inter: torch.Tensor, lora_b: list[
     False (nothing done) where the decode path does not apply (``hidden``: the plan's H)."""
     T = y.shape[0]
     R = max_rank(lora_b, meta, b=True)
-    widths = [_width(b) for b in lora_b]
+    widths = [b_width(b) for b in lora_b]
     cfg = dict(decode_config(y.device), **fold_config(y.device))
     plan = decode_plan(T, meta.max_loras, hidden, R, widths, y.device, cfg)
     if plan is None or not _unit_rank_stride(lora_b):
@@ -158,11 +159,6 @@ def try_expand_folded_decode(y: torch.Tensor, inter: torch.Tensor, lora_b: list[
     strides = (0, per_slice, inter.stride(0), pos_stride)
     _launch(plan, None, None, lora_b, y, inter, strides, meta, slice_offsets, shrink=False)
     return True
-
-
-def _width(b: torch.Tensor) -> int:
-    """Output columns of a B slice ([L, N, R], or a row buffer [N, rows])."""
-    return b.shape[0] if b.dim() == 2 else b.shape[1]
 
 
 def _launch(plan: dict, x, lora_a, lora_b, y, work, work_strides, meta: LoRAMeta,
@@ -177,7 +173,7 @@ def _launch(plan: dict, x, lora_a, lora_b, y, work, work_strides, meta: LoRAMeta
     a_ptrs = lora_a + [lora_a[0]] * pad
     b_ptrs = lora_b + [lora_b[0]] * pad
     bs = [s for t in b_ptrs for s in b_strides(t)[:2]]    # the rank stride is 1
-    widths = [_width(b) for b in lora_b] + [0] * pad
+    widths = [b_width(b) for b in lora_b] + [0] * pad
     offs = list(slice_offsets) + [0] * pad
     cc0, cc01, cc_all = plan["cc"]
     rows, rows_consts = rows_args(meta)

@@ -33,6 +33,11 @@ def b_strides(b: torch.Tensor) -> tuple[int, int, int]:
     return (b.stride(1), b.stride(0), b.stride(1)) if b.dim() == 2 else tuple(b.stride())
 
 
+def b_width(b: torch.Tensor) -> int:
+    """Output columns of a B slice ([L, N, R], or a row buffer [N, rows])."""
+    return b.shape[0] if b.dim() == 2 else b.shape[1]
+
+
 def max_rank(lora_a_or_b: list[torch.Tensor], meta: LoRAMeta, b: bool = False) -> int:
     """R: the widest rank a slot holds (the row buffers' from the meta)."""
     if meta.rows is not None:

@@ -12,8 +12,8 @@ from lorry.kernels.device_info import interpreted, num_sms
 from lorry.kernels.launch_math import cdiv, next_pow2
 from lorry.kernels.lora_decode import try_add_lora_decode, try_expand_folded_decode
 from lorry.kernels.segments import LoRAMeta
-from lorry.kernels.slot_args import (a_strides, b_strides, check_layout, folded_geometry,
-                                     max_rank, rows_args)
+from lorry.kernels.slot_args import (a_strides, b_strides, b_width, check_layout,
+                                     folded_geometry, max_rank, rows_args)
 from lorry.kernels.triton_kernels import lora_expand_kernel, lora_shrink_kernel
 
 MAX_SLICES_PER_LAUNCH = 3
@@ -122,7 +122,7 @@ def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: 
     for g0, g1 in _groups(len(lora_b)):
         b = lora_b[g0:g1]
         offs = list(slice_offsets[g0:g1])
-        widths = [t.shape[0] if t.dim() == 2 else t.shape[1] for t in b]
+        widths = [b_width(t) for t in b]
         tiles = [cdiv(n, block_n) for n in widths]
         pad = MAX_SLICES_PER_LAUNCH - len(b)
         b_ptrs, widths, offs = b + [b[0]] * pad, widths + [0] * pad, offs + [0] * pad

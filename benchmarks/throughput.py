@@ -133,9 +133,9 @@ def _time_calls(runner, name: str, device: str) -> list:
 
 
 def adapter_swap_ms(eng, adapters: list[Path], device: str, reps: int = 5) -> dict:
-    """Time writing one adapter from the (pinned) CPU cache into its GPU slot: the slot-major
-    layout (one copy per targeted kind and matrix) and, in the same run, the old per-slice
-    method (zero + copy per slice per layer) over the same buffers."""
+    """Time writing one adapter from the (pinned) CPU cache into its GPU slot: its block of the
+    row buffers (one copy per targeted kind and matrix) and, in the same run, the old
+    per-slice method (zero + copy per slice per layer) over the same rows."""
     from lorry.engine import LoRARequest
 
     req = LoRARequest("swap", 10_000, str(adapters[0]))
@@ -143,17 +143,20 @@ def adapter_swap_ms(eng, adapters: list[Path], device: str, reps: int = 5) -> di
     weights = eng.loras.cpu.get(req)
     gpu = eng.loras.gpu
     slot = eng.loras.activate(req, set())
+    first, pages = gpu.block_of[slot]
+    r0, rows = first * gpu.page, pages * gpu.page
 
-    def per_slice():  # the method before the slot-major layout, for comparison
+    def per_slice():  # the method before the one-copy-per-kind layout, for comparison
         for layer, _, mod in eng.model.lora_layers():
             for s, name in enumerate(mod.slice_names):
-                mod.lora_a[s][slot].zero_()
-                mod.lora_b[s][slot].zero_()
+                a_rows, b_rows = mod.lora_a[s][r0:r0 + rows], mod.lora_b[s][:, r0:r0 + rows]
+                a_rows.zero_()
+                b_rows.zero_()
                 ab = weights.tensors.get((layer, name))
                 if ab is not None:
                     r = ab[0].shape[0]
-                    mod.lora_a[s][slot, :r].copy_(ab[0], non_blocking=True)
-                    mod.lora_b[s][slot, :, :r].copy_(ab[1], non_blocking=True)
+                    a_rows[:r].copy_(ab[0], non_blocking=True)
+                    b_rows[:, :r].copy_(ab[1], non_blocking=True)
 
     def timed(fn):
         times = []
@@ -165,7 +168,7 @@ def adapter_swap_ms(eng, adapters: list[Path], device: str, reps: int = 5) -> di
             times.append((time.perf_counter() - t) * 1e3)
         return times
     copies = gpu.copies
-    new = timed(lambda: gpu._write(slot, weights))
+    new = timed(lambda: gpu._write(slot, first, pages, weights, []))
     old = timed(per_slice)
     eng.remove_lora(req.lora_int_id)
     return {"median_ms": _median(new), "all_ms": [round(t, 3) for t in new],
@@ -238,34 +241,53 @@ def _cold_load_overlap(eng, adapters, prompts, p: dict, rows: int, idle_steps: i
             "synchronous_load_ms": round(sync_ms, 3)}
 
 
-def lora_layout_kernel_us(eng, tokens: int = 64, reps: int = 50) -> dict:
-    """GPU time of one q/k/v add_lora (layer 0) over ``tokens`` rows spread over every slot,
-    reading A/B as the slot-major strided views the engine uses vs contiguous per-layer copies
-    (the layout before), with the decode kernel and with the shrink/expand pair."""
+def lora_layout_kernel_us(eng, tokens: int = 64, reps: int = 50, device: str = "cuda") -> dict:
+    """GPU time of one q/k/v add_lora (layer 0) over ``tokens`` rows spread over the resident
+    adapters: the row buffers the engine uses (each slot's rows through its slot table,
+    read to its rank) against per-slot stacks [L, R, H] of the same weights (the layout before
+    slot memory shared by rank), with the decode kernel and with the shrink/expand pair."""
     import torch
 
     import lorry.kernels.triton_lora as tl_ops
     from lorry.kernels.segments import build_lora_meta
 
+    gpu = eng.loras.gpu
     mod = eng.model.layers[0].self_attn.qkv_proj
-    L = mod.lora_a[0].shape[0]
-    x = torch.randn(tokens, mod.in_features, device="cuda", dtype=mod.lora_a[0].dtype)
-    y = torch.zeros(tokens, sum(mod.slice_sizes), device="cuda", dtype=x.dtype)
-    meta = build_lora_meta(torch.arange(tokens, device="cuda", dtype=torch.int32) % L, L)
-    layouts = {"strided": (mod.lora_a, mod.lora_b),
-               "contiguous": ([a.contiguous() for a in mod.lora_a],
-                              [b.contiguous() for b in mod.lora_b])}
+    resident = sorted(gpu.slot_of.values())
+    if not resident:
+        raise RuntimeError("no adapter is resident: run the mixed batches first")
+    L, R = gpu.capacity, gpu.max_rank
+    table = gpu.rows.table.cpu()
+    stack_a = [torch.zeros(L, R, a.shape[1], dtype=a.dtype, device=a.device) for a in mod.lora_a]
+    stack_b = [torch.zeros(L, b.shape[0], R, dtype=b.dtype, device=b.device) for b in mod.lora_b]
+    for slot in resident:
+        first, rank = table[:, slot].tolist()
+        for sa, sb, a, b in zip(stack_a, stack_b, mod.lora_a, mod.lora_b):
+            sa[slot, :rank] = a[first:first + rank]
+            sb[slot, :, :rank] = b[:, first:first + rank]
+    x = torch.randn(tokens, mod.in_features, device=device, dtype=mod.lora_a[0].dtype)
+    y = torch.zeros(tokens, sum(mod.slice_sizes), device=device, dtype=x.dtype)
+    slots = torch.tensor([resident[i % len(resident)] for i in range(tokens)],
+                         dtype=torch.int32, device=device)
+    layouts = {"rows": (mod.lora_a, mod.lora_b, build_lora_meta(slots, L, gpu.rows)),
+               "stacks": (stack_a, stack_b, build_lora_meta(slots, L))}
     out, decode = {}, tl_ops.try_add_lora_decode
     for path in ("decode_kernel", "shrink_expand"):
         if path == "shrink_expand":
             tl_ops.try_add_lora_decode = lambda *a, **k: False
         try:
-            for name, (a, b) in layouts.items():
+            for name, (a, b, meta) in layouts.items():
                 for _ in range(3):
                     tl_ops.add_lora(y, x, a, b, meta, mod.slice_offsets)
                 times = []
                 for _ in range(reps):
-                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    if device != "cuda":
+                        t = time.perf_counter()
+                        tl_ops.add_lora(y, x, a, b, meta, mod.slice_offsets)
+                        times.append((time.perf_counter() - t) * 1e6)
+                        continue
+                    e0 = torch.cuda.Event(enable_timing=True)
+                    e1 = torch.cuda.Event(enable_timing=True)
                     e0.record()
                     tl_ops.add_lora(y, x, a, b, meta, mod.slice_offsets)
                     e1.record()
@@ -274,7 +296,7 @@ def lora_layout_kernel_us(eng, tokens: int = 64, reps: int = 50) -> dict:
                 out[f"{path}_{name}_us"] = _median(times)
         finally:
             tl_ops.try_add_lora_decode = decode
-    out["tokens"], out["slots"] = tokens, L
+    out["tokens"], out["slots"], out["adapters"] = tokens, L, len(resident)
     return out
 
 

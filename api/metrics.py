@@ -97,19 +97,14 @@ def _counters(stats: dict[str, dict]):
 def _slot_families(stats: dict[str, dict]):
     """Each worker's LoRA slot memory (shared by rank): its rows, the rows resident adapters
     hold, the adapters resident and the slot ids (max_loras)."""
-    specs = [("lorry_lora_slot_rows", "Rows of LoRA slot memory (max-rank rows of A and B)",
-              "rows"),
-             ("lorry_lora_slot_rows_used", "Rows of LoRA slot memory resident adapters hold",
-              "rows_used"),
-             ("lorry_lora_resident_adapters", "Adapters resident in GPU slots", "residents"),
-             ("lorry_lora_slot_ids", "GPU slot ids (max_loras)", "capacity")]
-    for name, doc, key in specs:
-        fam = GaugeMetricFamily(name, doc, labels=["worker"])
-        for worker, s in stats.items():
-            slots = (s.get("cache") or {}).get("slots")
-            if isinstance(slots, dict) and key in slots:
-                fam.add_metric([worker], slots[key])
-        yield fam
+    yield from _cache_families(stats, "slots", [
+        (GaugeMetricFamily, "lorry_lora_slot_rows",
+         "Rows of LoRA slot memory (max-rank rows of A and B)", "rows"),
+        (GaugeMetricFamily, "lorry_lora_slot_rows_used",
+         "Rows of LoRA slot memory resident adapters hold", "rows_used"),
+        (GaugeMetricFamily, "lorry_lora_resident_adapters", "Adapters resident in GPU slots",
+         "residents"),
+        (GaugeMetricFamily, "lorry_lora_slot_ids", "GPU slot ids (max_loras)", "capacity")])
 
 
 def _kv_families(stats: dict[str, dict]):
@@ -124,12 +119,18 @@ def _kv_families(stats: dict[str, dict]):
              (GaugeMetricFamily, "lorry_kv_blocks_total", "KV cache blocks", "blocks_total"),
              (GaugeMetricFamily, "lorry_kv_blocks_free",
               "KV cache blocks free or holding only cached prefixes", "blocks_free")]
+    yield from _cache_families(stats, "kv", specs)
+
+
+def _cache_families(stats: dict[str, dict], section: str, specs):
+    """One family per (kind, name, doc, key) of ``specs``: each worker's
+    ``cache[section][key]``, labelled by worker."""
     for kind, name, doc, key in specs:
         fam = kind(name, doc, labels=["worker"])
         for worker, s in stats.items():
-            kv = (s.get("cache") or {}).get("kv")
-            if isinstance(kv, dict) and key in kv:
-                fam.add_metric([worker], kv[key])
+            part = (s.get("cache") or {}).get(section)
+            if isinstance(part, dict) and key in part:
+                fam.add_metric([worker], part[key])
         yield fam
 
 

@@ -519,6 +519,7 @@ class LLMEngine:
                 "device": str(self.device), "lora_backend": self.lora_backend,
                 "enable_lora": c.enable_lora, "max_loras": c.max_loras,
                 "max_lora_rank": c.max_lora_rank, "max_cpu_loras": c.max_cpu_loras,
+                "lora_memory_slots": c.lora_memory_slots or c.max_loras,
                 "max_num_seqs": c.max_num_seqs, "max_model_len": self.max_model_len,
                 "block_size": c.block_size, "kv_blocks": self.scheduler.blocks.usable(),
                 "enable_prefix_caching": c.enable_prefix_caching,

@@ -79,6 +79,7 @@ def test_more_adapters_than_whole_slots_run_together_and_match_peft(tiny_llama, 
         for slot, (first, n) in gpu.block_of.items():
             assert gpu.pages[first:first + n] == [slot] * n and first % n == 0
     assert most > 2          # more adapters resident than two whole rank-64 slots would hold
+    assert (eng.info()["max_loras"], eng.info()["lora_memory_slots"]) == (6, 2)
     stats = eng.cache_stats()["gpu"]
     assert stats["evictions"] >= 1 and stats["rows"] == 128
     for i, (prompt, name) in enumerate(prompts):

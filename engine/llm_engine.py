@@ -74,7 +74,7 @@ class LLMEngine:
             if lid not in gpu.pinned and len(gpu.pinned) >= self.config.max_loras:
                 raise LoRAError(f"adapter {lora_request.lora_name!r} cannot run: all max_loras="
                                 f"{self.config.max_loras} GPU slots are pinned; unpin one")
-            if lid not in gpu.pinned and lid in gpu.rank_of \
+            if gpu.pinned and lid not in gpu.pinned and lid in gpu.rank_of \
                     and not gpu.planner(set(gpu.pinned)).fits(lid):
                 raise LoRAError(f"adapter {lora_request.lora_name!r} cannot run: pinned adapters "
                                 f"hold the LoRA slot memory its rank needs "

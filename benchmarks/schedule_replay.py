@@ -121,7 +121,7 @@ def _place(mem: SlotPages, seqs, running: set[int]) -> None:
     """What LLMEngine._slots does with the slot memory: the step's new adapters placed largest
     first, the others made most recently used."""
     new = {s.lora_id for s in seqs if mem.lookup(s.lora_id) is None}
-    for lid in sorted(new, key=lambda i: -mem.pages_for(i)):
+    for lid in mem.placement_order(new):
         n = mem.pages_for(lid)
         slot, first, _ = mem.make_room(lid, n, running)
         mem.place(lid, slot, first, n)

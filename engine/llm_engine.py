@@ -257,7 +257,7 @@ class LLMEngine:
             gpu = self.loras.gpu
             new = {s.lora_id: s.lora_request for s in plan.seqs
                    if s.lora_request is not None and gpu.lookup(s.lora_id) is None}
-            for lid in sorted(new, key=lambda i: -gpu.pages_for(i)):
+            for lid in gpu.placement_order(new):
                 self.loras.activate(new[lid], self.scheduler.running_adapters())
         for s in plan.seqs:
             first = plan.prefill and s.metrics.first_scheduled_time is None

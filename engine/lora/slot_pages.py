@@ -93,6 +93,11 @@ class SlotPages:
         """The admission planner of one scheduler pass, ``held`` (running and pinned) kept."""
         return RowPlanner(self, held)
 
+    def placement_order(self, lora_ids) -> list[int]:
+        """``lora_ids`` largest block first: the order the planner admits new adapters for,
+        so the order a step's new adapters must be placed in."""
+        return sorted(lora_ids, key=lambda i: -self.pages_for(i))
+
     def make_room(self, lora_id: int, n: int, protected: set[int]) -> tuple[int, int, list[int]]:
         """Evict what a new ``n``-page block for ``lora_id`` needs gone -> (its slot id, the
         block's first page, the slots evicted, whose last readers a copy must wait for)."""

@@ -60,6 +60,17 @@ def tiny_qwen2(tmp_path_factory) -> TinyBase:
     return TinyBase(tmp_path_factory.mktemp("qwen2"), model_type="qwen2", tie_word_embeddings=True)
 
 
+def advance(sch, plan, life: dict, steps: int) -> None:
+    """A scheduler-only step: the plan's prompts count as computed, and each sequence ends
+    after ``steps`` steps (``life``: sequence -> steps it ran)."""
+    for s in plan.seqs:
+        if plan.prefill:
+            s.num_computed_tokens = len(s.prompt_token_ids)
+        life[s] = life.get(s, 0) + 1
+        if life[s] >= steps:
+            sch.finish(s)
+
+
 def peft_greedy(model, prompt_ids: list[int], n: int, adapter: str | None):
     """PEFT reference: greedy tokens and the logits [n, V] that chose them (no KV cache)."""
     ids, logits = list(prompt_ids), []

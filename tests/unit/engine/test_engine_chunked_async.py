@@ -11,6 +11,7 @@ from lorry.engine.kv_cache import BlockManager
 from lorry.engine.outputs import RequestMetrics
 from lorry.engine.scheduler import Scheduler
 from lorry.engine.sequence import Sequence
+from tests.unit.engine.conftest import advance
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
@@ -186,12 +187,7 @@ def _simulate(max_bypass, steps=200):
         plan = sch.schedule()
         if waiter in plan.seqs:
             return step
-        for s in plan.seqs:
-            if plan.prefill:
-                s.num_computed_tokens = len(s.prompt_token_ids)
-            age[s] = age.get(s, 0) + 1
-            if age[s] >= 3:
-                sch.finish(s)
+        advance(sch, plan, age, 3)
     return None
 
 

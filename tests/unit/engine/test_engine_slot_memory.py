@@ -10,7 +10,7 @@ import pytest
 from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from lorry.engine.errors import LoRAError
 from lorry.testing import make_peft_adapter
-from tests.unit.engine.conftest import peft_greedy
+from tests.unit.engine.conftest import advance, peft_greedy
 
 # ranks 64 and 32 next to the shared fixtures' 4-16: blocks of 4, 2 and 1 pages of 16 rows
 WIDE = {"wide_r64": {"r": 64, "lora_alpha": 32, "target_modules": ("q_proj", "o_proj", "down_proj"),
@@ -193,8 +193,7 @@ def test_what_the_planner_admits_the_engine_can_always_place():
                 admitted.add(lid)
         keep = held | admitted
         before = {lid: mem.slot_of[lid] for lid in keep if lid in mem.slot_of}
-        for lid in sorted((i for i in admitted if i not in mem.slot_of),
-                          key=lambda i: -mem.pages_for(i)):
+        for lid in mem.placement_order(i for i in admitted if i not in mem.slot_of):
             slot, first, _ = mem.make_room(lid, mem.pages_for(lid), keep)
             mem.place(lid, slot, first, mem.pages_for(lid))
         assert all(mem.slot_of.get(lid) == slot for lid, slot in before.items()), trial
@@ -234,17 +233,12 @@ def test_an_aged_waiter_drains_the_adapter_whose_block_it_needs():
             sch.add(seq(f"s{step}-{k}-{len(sch.waiting)}", k))
         plan = sch.schedule()
         new = {s.lora_id for s in plan.seqs if mem.lookup(s.lora_id) is None}
-        for lid in sorted(new, key=lambda i: -mem.pages_for(i)):   # as the engine places
+        for lid in mem.placement_order(new):                       # as the engine places
             slot, first, _ = mem.make_room(lid, mem.pages_for(lid), sch.running_adapters())
             mem.place(lid, slot, first, mem.pages_for(lid))
         if waiter in plan.seqs:
             break
-        for s in plan.seqs:
-            if plan.prefill:
-                s.num_computed_tokens = len(s.prompt_token_ids)
-            life[s] = life.get(s, 0) + 1
-            if life[s] >= 3:
-                sch.finish(s)
+        advance(sch, plan, life, 3)
     else:
         raise AssertionError("the rank-64 waiter never got in")
     assert step < 20

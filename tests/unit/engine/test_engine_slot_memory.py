@@ -245,3 +245,24 @@ def test_an_aged_waiter_drains_the_adapter_whose_block_it_needs():
     running = {s.lora_id for s in sch.running}
     assert 1 not in running and mem.lookup(1) is None   # the rank-64 adapter made room for it
     assert len(running & {2, 3, 4, 5}) >= 3              # the small ones went on
+
+
+def test_steps_count_their_adapters_and_rank_rows(tiny_llama, adapters):
+    """cache_stats()["steps"] counts each step's distinct adapters and the rank rows their
+    LoRA reads (benchmarks/bulk.py reports them per step): two rows of a rank-8 adapter, one
+    of a rank-16 one and one without an adapter, in lock-step, are 2 adapters and 24 rows a
+    step, prompt step and decode steps alike."""
+    eng = _engine(tiny_llama)
+    reqs = _requests(adapters)
+    for name in ("qv_r8", "mlp_r16"):
+        eng.add_lora(reqs[name])     # loaded: every row is admitted in the first step
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    for i, name in enumerate(["qv_r8", "qv_r8", "mlp_r16", None]):
+        eng.add_request(str(i), [5, 6, 7, 8 + i], params, reqs[name] if name else None)
+    while eng.has_unfinished_requests():
+        eng.step()
+    steps = eng.cache_stats()["steps"]
+    prompt, decode = steps["prefill"], steps["decode"]
+    assert prompt["steps"] == 1 and decode["steps"] == 5
+    assert prompt["adapters"] == 2 and prompt["lora_rows"] == 24
+    assert decode["adapters"] == 2 * 5 and decode["lora_rows"] == 24 * 5

@@ -44,12 +44,18 @@ from lorry.engine.sequence import Sequence, SequenceStatus
 
 def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
            max_bypass: int, prefix_caching: bool = True, order: str = "input",
-           rank_of: dict | None = None, slot_ids: int | None = None) -> dict:
+           rank_of: dict | None = None, slot_ids: int | None = None,
+           on_step=None) -> dict:
     """The workload's schedule, submitted in ``order`` (as ``LLMEngine.generate``'s), with
     ``max_loras`` rank-64 slots' memory shared by up to ``slot_ids`` adapters (default:
-    max_loras); ``rank_of``: lora id -> rank."""
+    max_loras); ``rank_of``: lora id -> rank. ``on_step(n, plan, mem)``: called with each
+    step's number (a round's first), plan and slot memory once its adapters are placed; a
+    true return ends the replay there (its figures are then of the steps so far)."""
     if order == "longest_first":
         w = bulk.reordered(w, longest_first(w.max_tokens))
+    elif order == "by_adapter":   # each adapter's requests together, longest answers first
+        w = bulk.reordered(w, sorted(range(len(w.adapter)),
+                                     key=lambda i: (w.adapter[i], -w.max_tokens[i], i)))
     ids = slot_ids or max_loras
     sch = Scheduler(rows, ids, BlockManager(blocks, 16, prefix_caching), budget,
                     max_bypass=max_bypass, num_steps=steps, max_model_len=5120)
@@ -64,6 +70,8 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
         seqs.append(s)
         sch.add(s)
     decode_rows, mixed, decode_only, rounds, started, step = [], 0, 0, 0, {}, 0
+    rank = rank_of or {}
+    lora = {True: [0, 0], False: [0, 0]}  # prompt-bearing / decode steps: adapters, rank rows
     host = {True: [], False: []}         # seconds in schedule() + finish(): prefill or not
     while sch.has_unfinished():
         t0 = time.perf_counter()
@@ -72,6 +80,11 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
         if not plan.seqs:
             raise RuntimeError("the schedule stalled")
         _place(mem, plan.seqs, sch.running_adapters())
+        if on_step is not None and on_step(step + 1, plan, mem):
+            break
+        lids = {s.lora_id for s in plan.seqs}
+        lora[plan.prefill][0] += len(lids) * plan.steps
+        lora[plan.prefill][1] += sum(rank.get(lid, 64) for lid in lids) * plan.steps
         if plan.prefill:
             step += 1
             for s, c in zip(plan.prefilled, plan.chunks):
@@ -95,7 +108,7 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
                         sch.finish(s)
                         spent += time.perf_counter() - t0
         host[plan.prefill].append(spent)
-    waits = [started[s] for s in seqs]
+    waits = [started[s] for s in seqs if s in started] or [0]
     longest: dict = {}
     for a, m in zip(w.adapter, w.max_tokens):
         longest[a] = max(longest.get(a, 0), m)
@@ -105,7 +118,13 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
             "max_num_batched_tokens": budget, "max_bypass": max_bypass,
             "steps": step, "mixed_steps": mixed, "prefill_only_steps": step - decode_only - mixed,
             "decode_only_steps": decode_only, "rounds": rounds,
-            "mean_decode_rows": round(statistics.mean(decode_rows), 1),
+            "mean_decode_rows": round(statistics.mean(decode_rows or [0]), 1),
+            # distinct adapters a step and their rank rows (the A and B rows its LoRA reads),
+            # per decode-only and per prompt-bearing step
+            "adapters_per_decode_step": round(lora[False][0] / max(1, decode_only), 1),
+            "lora_rows_per_decode_step": round(lora[False][1] / max(1, decode_only), 1),
+            "adapters_per_prompt_step": round(lora[True][0] / max(1, step - decode_only), 1),
+            "lora_rows_per_prompt_step": round(lora[True][1] / max(1, step - decode_only), 1),
             "peak_running": sch.peak_running, "preemptions": sch.preemptions,
             "first_step_of_request": {"median": statistics.median(waits), "max": max(waits)},
             "prefix_caching": prefix_caching,
@@ -144,9 +163,11 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=40000,
                     help="KV pool in blocks of 16 (40,000: ~80 GB of Llama-3-8B keys/values)")
     ap.add_argument("--prefix-caching", choices=["on", "off"], nargs="+", default=["on"])
-    ap.add_argument("--order", choices=GENERATE_ORDERS, nargs="+", default=["input"],
+    ap.add_argument("--order", choices=(*GENERATE_ORDERS, "by_adapter"), nargs="+",
+                    default=["input"],
                     help="submission orders (LLMEngine.generate's order): input, or the "
-                         "longest answers first (generate's default)")
+                         "longest answers first (generate's default); by_adapter: each "
+                         "adapter's requests together (most popular first), longest first")
     ap.add_argument("--slot-ids", type=int, nargs="+", default=[0],
                     help="adapters resident at once (max_loras) sharing --max-loras slots' "
                          "memory by rank (0: as many as slots, i.e. whole slots)")

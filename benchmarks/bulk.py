@@ -61,7 +61,8 @@ RUNS = ("mixed", "no_adapters", "prefix_off")
 EXTRA_RUNS = ("padded_prefill", "alternate", "grouped", "one_step", "input_order")
 # cache_stats() figures that accumulate over the engine's life: reported as timed-run deltas
 COUNTERS = {"prefix_query_tokens", "prefix_hit_tokens", "preemptions", "steps", "seconds", "mixed",
-            "tokens", "rows", "hits", "misses", "evictions", "load_seconds", "rounds"}
+            "tokens", "rows", "hits", "misses", "evictions", "load_seconds", "rounds",
+            "adapters", "lora_rows"}
 
 
 @dataclasses.dataclass
@@ -420,6 +421,14 @@ def derived(runs: dict) -> dict:
         out["batch"] = {"decode_max_batch": decode.get("max_batch"),
                         # decode rows per step that decoded (decode-only and mixed steps)
                         "mean_rows_per_decode_step": round(rows / n, 1) if n else None}
+        # distinct adapters of a step and their rank rows (what its LoRA reads: ~1.7 MB a
+        # rank row for q/k/v/o of Llama-3-8B), per decode-only and per prompt-bearing step
+        for key, kind in (("decode_only", decode), ("prompt_bearing", prefill)):
+            if kind.get("steps") and "lora_rows" in kind:
+                out["batch"][f"adapters_per_{key}_step"] = round(
+                    kind["adapters"] / kind["steps"], 1)
+                out["batch"][f"lora_rows_per_{key}_step"] = round(
+                    kind["lora_rows"] / kind["steps"], 1)
     out["goals"] = GOALS
     out["goals_met"] = {
         "mixed_tok_per_s": None if not tps.get("mixed")
@@ -512,6 +521,9 @@ def parse_args() -> argparse.Namespace:
                     help="also a mixed run per max_num_seqs, e.g. 64 128 256 512")
     ap.add_argument("--sweep-adapters", type=int, nargs="*", default=[],
                     help="also a mixed run per k: only the k most popular adapters")
+    ap.add_argument("--decode-config", default=None, metavar="SPEC",
+                    help="the LoRA decode table for every run, as lora_kernels.py's "
+                         "--decode-config ('key=value,...' over the GPU's file; default: it)")
     ap.add_argument("--plot", default=None, help="tokens/s vs batch and vs adapters (png)")
     ap.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
                     help="only draw --plot from these earlier outputs (e.g. a GPU run's --out; "
@@ -536,6 +548,12 @@ def main() -> None:
     res = {"benchmark": "bulk", "device": args.device, "tiny": args.tiny, "seed": args.seed,
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+    if args.decode_config:   # an A/B of kernel settings on the whole workload, same code
+        import lora_kernels
+        from lorry.kernels import lora_decode
+
+        lora_decode.DECODE_CONFIG = lora_kernels.parse_decode_config(args.decode_config)
+        res["decode_config"] = args.decode_config
     with tempfile.TemporaryDirectory(prefix="lorry-bulk-") as tmp:
         if args.model:
             model, load_format = args.model, "auto"

@@ -3,10 +3,11 @@
 #   benchmarks/gpu_round.sh OUTDIR STEP [STEP ...]
 # Steps: tests | throughput | throughputN (num_scheduler_steps N) | prefill (one mixed prefill
 # step of the bulk workload: benchmarks/prefill_step.py, its timeline summed by trace_gaps.py)
-# | decode (a decode round of it: the same script's --decode) | loop (40 whole engine steps
-# traced: --loop; LOOP_AT: after which steps) | attn_sweep (prefill_attn_sweep.py) | launch
-# (launch_overhead.py) | sweep (or its halves sweep_batch, sweep_adapters) | a bulk.py run
-# name (each its own process; BULK_ARGS adds bulk.py options).
+# | decode (a decode round of it: the same script's --decode) | lora_bulk (the LoRA of a
+# bulk decode and prompt step per decode-table setting: lora_bulk_step.py; LORA_CONFIGS)
+# | loop (40 whole engine steps traced: --loop; LOOP_AT: after which steps) | attn_sweep
+# (prefill_attn_sweep.py) | launch (launch_overhead.py) | sweep (or its halves sweep_batch,
+# sweep_adapters) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
 # leaves the ones before it. Run from the repository root on the GPU machine.
 set -u
@@ -66,6 +67,11 @@ r=json.load(open(sys.argv[1])); t=r.get("timeline", {}); print(r.get("untraced")
         timeout "$limit" $py benchmarks/prefill_attn_sweep.py > "$out/attn_sweep.json" 2> "$out/attn_sweep.log"
         echo "attn_sweep rc=$?"; $py -c 'import json,sys; r=json.load(open(sys.argv[1]))
 print("default", r["default"]); print("best", r["best"], r["speedup"])' "$out/attn_sweep.json" ;;
+    lora_bulk)   # the LoRA of a bulk decode and prompt step per decode-table setting
+        timeout "$limit" $py benchmarks/lora_bulk_step.py \
+            --configs ${LORA_CONFIGS:-default rows=8 rows=16 off} > "$out/lora_bulk.json" \
+            2> "$out/lora_bulk.log"
+        echo "lora_bulk rc=$?"; cat "$out/lora_bulk.json" ;;
     launch)
         timeout "$limit" $py benchmarks/launch_overhead.py > "$out/launch.json" 2> "$out/launch.log"
         echo "launch rc=$?"; cat "$out/launch.json" ;;

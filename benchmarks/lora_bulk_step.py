@@ -1,0 +1,212 @@
+"""The LoRA of real bulk-workload steps, kernel by kernel setting (JSON lines out).
+
+A step of ``benchmarks/bulk.py``'s schedule (replayed with ``schedule_replay.py``: its rows,
+each row's adapter, and where the engine's slot memory placed each adapter) is rebuilt as one
+q/k/v and one o ``add_lora`` call over row buffers (Llama-3-8B widths, bf16, ranks 8-64 as the
+workload draws them), and each call is timed in a CUDA graph per decode-table setting
+(kernels/configs/, ``lora_kernels.py --decode-config`` syntax). Successive calls rotate over
+copies of the row buffers, as successive layers read their own. Printed per setting: time a
+call, the adapters' A and B bytes it must read (each resident adapter of the step once, to
+its rank) and the bandwidth that makes, the same with the decode path's m-tiles counted
+(each tile reads its adapter's weights again), and the step's LoRA in all 32 layers.
+
+    PYTHONPATH=. python benchmarks/lora_bulk_step.py [--slot-ids 96] [--decode-at 600]
+        [--configs default rows=8 rows=16 off]
+
+Why: with 96 adapter ids sharing 32 rank-64 slots' memory a bulk decode step has ~62
+adapters and ~1,780 rank rows (``schedule_replay.py``), ~3.0 GB of LoRA weights a step
+(~0.9 ms at an H100's 3.35 TB/s), where the whole-engine runs show ~4 ms of LoRA a decode
+step (docs/BENCHMARKS.md). The decode table was tuned on uniform batches of 32 rank-16
+adapters that stay in L2; this times the shapes the bulk workload has.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lorry.kernels.segments import SlotRows, build_lora_meta
+
+PROJECTIONS = {"qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096])}
+LAYERS = 32
+ROTATE_BYTES = 240e6    # more than the L2 of an H100 or H200 (50-60 MB)
+
+
+def pick_steps(slot_ids: int = 96, memory_slots: int = 32, at: dict | None = None,
+               requests: int = 2000, seed: int = 0) -> dict:
+    """The first decode-only step at or after step ``at["decode"]`` of the bulk schedule
+    (longest answers first, as generate submits it), and the first prompt-bearing one at or
+    after ``at["prompt"]`` (default 600 and 150): per kind, ``tokens``
+    [(slot, tokens of that row)] in step order, ``slots`` {slot: (first row, rank)},
+    ``memory_rows``, ``max_loras``, ``step``."""
+    import bulk
+    import schedule_replay
+    from throughput import LLAMA3_8B
+
+    spec = dict(bulk.SPECS["gpu"])
+    w = bulk.make_workload(spec, requests, LLAMA3_8B["vocab_size"], seed)
+    ranks = bulk.adapter_ranks(spec, seed)
+    rank_of = {a + 1: r for a, r in enumerate(ranks)}
+    found: dict = {}
+    at = {"decode": 600, "prompt": 150, **(at or {})}
+
+    def on_step(n, plan, mem):
+        kind = "prompt" if plan.prefill else "decode"
+        if n >= at[kind] and kind not in found:
+            chunks = list(plan.chunks) + [1] * (len(plan.seqs) - len(plan.chunks))
+            toks = [(mem.lookup(s.lora_id), c) for s, c in zip(plan.seqs, chunks)]
+            slots = {}
+            for slot, _ in toks:
+                first, _pages = mem.block_of[slot]
+                lid = mem.owners()[slot]
+                slots[slot] = (first * mem.page, mem.rank_of[lid])
+            found[kind] = {"step": n, "tokens": toks, "slots": slots,
+                           "memory_rows": mem.num_rows, "max_loras": mem.capacity,
+                           "max_rank": mem.max_rank}
+        return len(found) == 2
+
+    schedule_replay.replay(w, spec["max_num_seqs"], memory_slots, 8, 8192, 20926, 16,
+                           order="longest_first", rank_of=rank_of, slot_ids=slot_ids,
+                           on_step=on_step)
+    return found
+
+
+def weight_rows(comp: dict, tile_rows: int | None = None) -> int:
+    """Rank rows the step's LoRA reads: each adapter once, or (``tile_rows``) once per m-tile
+    of up to that many of its tokens, as the decode path's tiles read them."""
+    per_slot: dict = {}
+    for slot, n in comp["tokens"]:
+        per_slot[slot] = per_slot.get(slot, 0) + n
+    rank = {slot: r for slot, (_, r) in comp["slots"].items()}
+    if tile_rows is None:
+        return sum(rank[s] for s in per_slot)
+    return sum(rank[s] * -(-n // tile_rows) for s, n in per_slot.items())
+
+
+def step_problem(comp: dict, hidden: int, widths: list[int], dtype, device, sets: int = 1,
+                 seed: int = 0):
+    """One add_lora call's inputs for the step ``comp``: (offsets, meta, x [T, hidden],
+    y [T, sum(widths)], ``sets`` copies of (A row buffers [rows, hidden], B [N_s, rows])).
+    Rows no step adapter owns, and an adapter's rows past its rank, are zero."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, L = comp["memory_rows"], comp["max_loras"]
+    token_slots = [slot for slot, n in comp["tokens"] for _ in range(n)]
+    random.Random(seed).shuffle(token_slots)     # rows arrive in no slot order
+    table = torch.zeros(2, L, dtype=torch.int32)
+    for slot, (first, rank) in comp["slots"].items():
+        table[0, slot], table[1, slot] = first, rank
+    meta = build_lora_meta(torch.tensor(token_slots, dtype=torch.int32, device=device), L,
+                           SlotRows(table.to(device), comp["max_rank"], row_align=16))
+    owned = torch.zeros(rows, dtype=torch.bool)
+    for first, rank in comp["slots"].values():
+        owned[first:first + rank] = True
+
+    def buffers():
+        a = [torch.randn(rows, hidden, generator=gen) * 0.02 * owned[:, None] for _ in widths]
+        b = [torch.randn(n, rows, generator=gen) * 0.02 * owned[None, :] for n in widths]
+        return ([t.to(device, dtype) for t in a], [t.to(device, dtype) for t in b])
+
+    T = len(token_slots)
+    x = (torch.randn(T, hidden, generator=gen)).to(device, dtype)
+    y = torch.randn(T, sum(widths), generator=gen).to(device, dtype)
+    offsets = [sum(widths[:i]) for i in range(len(widths))]
+    return offsets, meta, x, y, [buffers() for _ in range(sets)]
+
+
+def time_step(comp: dict, proj: str, configs: list[str]) -> list[dict]:
+    """One JSON row per decode-table setting: the step's add_lora for ``proj``."""
+    import lora_kernels
+    from lorry.kernels import lora_decode
+    from lorry.kernels.backends import get_lora_ops
+
+    H, widths = PROJECTIONS[proj]
+    per_row = (H * len(widths) + sum(widths)) * 2            # A and B bytes of one rank row
+    read = weight_rows(comp) * per_row
+    sets = max(2, min(16, math.ceil(ROTATE_BYTES / max(1, read))))
+    offsets, meta, x, y, weights = step_problem(comp, H, widths, torch.bfloat16, "cuda", sets)
+    tri = get_lora_ops("triton")
+    T = x.shape[0]
+    out, saved = [], lora_decode.DECODE_CONFIG
+    try:
+        for spec in configs:
+            cfg = lora_decode.DECODE_CONFIG = lora_kernels.parse_decode_config(spec)
+            us = lora_kernels._graph_time_us(
+                [lambda a=a, b=b: tri.add_lora(y, x, a, b, meta, offsets) for a, b in weights],
+                reps=20)
+            plan = lora_decode.decode_plan(T, meta.max_loras, H, comp["max_rank"], widths,
+                                           x.device, cfg)
+            tiles = weight_rows(comp, plan["rows"]) * per_row if plan else read
+            io = (T * H + 2 * T * sum(widths)) * 2                # x read, y read and written
+            out.append({"proj": proj, "config": spec, "tokens": T, "sets": sets,
+                        "path": "decode" if plan else "two_launch",
+                        "tile_rows": plan["rows"] if plan else None,
+                        "us": round(us, 2), "weights_MB": round(read / 1e6, 1),
+                        "weights_GBps": round(read / us / 1e3, 1),
+                        "tile_reads_MB": round(tiles / 1e6, 1),
+                        "all_bytes_GBps": round((tiles + io) / us / 1e3, 1)})
+    finally:
+        lora_decode.DECODE_CONFIG = saved
+    return out
+
+
+def describe(comp: dict) -> dict:
+    per_slot: dict = {}
+    for slot, n in comp["tokens"]:
+        per_slot[slot] = per_slot.get(slot, 0) + n
+    counts = sorted(per_slot.values(), reverse=True)
+    return {"step": comp["step"], "rows": len(comp["tokens"]), "tokens": sum(counts),
+            "adapters": len(per_slot), "rank_rows": weight_rows(comp),
+            "tokens_per_adapter_top": counts[:8],
+            "adapters_with_one_token": sum(1 for c in counts if c == 1),
+            "rank_rows_in_tiles_of": {r: weight_rows(comp, r) for r in (4, 8, 16)}}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slot-ids", type=int, default=96,
+                    help="resident adapters (max_loras) sharing the memory (bulk's default)")
+    ap.add_argument("--memory-slots", type=int, default=32)
+    ap.add_argument("--decode-at", type=int, default=600,
+                    help="time the first decode-only step from this step on")
+    ap.add_argument("--prompt-at", type=int, default=150,
+                    help="time the first prompt-bearing step from this step on")
+    ap.add_argument("--configs", nargs="+", default=["default", "rows=8", "rows=16", "off"],
+                    help="decode-table settings (lora_kernels.py --decode-config syntax)")
+    ap.add_argument("--kinds", nargs="+", choices=["decode", "prompt"],
+                    default=["decode", "prompt"])
+    ap.add_argument("--describe", action="store_true",
+                    help="only describe the steps (no GPU needed)")
+    args = ap.parse_args(argv)
+    steps = pick_steps(args.slot_ids, args.memory_slots,
+                       {"decode": args.decode_at, "prompt": args.prompt_at})
+    print(json.dumps({"benchmark": "lora_bulk_step", "date": time.strftime("%Y-%m-%d"),
+                      "slot_ids": args.slot_ids, "memory_slots": args.memory_slots,
+                      "steps": {k: describe(steps[k]) for k in args.kinds}}), flush=True)
+    if args.describe:
+        return
+    if not torch.cuda.is_available():
+        print(json.dumps({"error": "timing needs a CUDA GPU (--describe runs anywhere)"}))
+        sys.exit(1)
+    print(json.dumps({"device": torch.cuda.get_device_name(),
+                      "triton": __import__("triton").__version__}), flush=True)
+    for kind in args.kinds:
+        total = {}
+        for proj in PROJECTIONS:
+            for row in time_step(steps[kind], proj, args.configs):
+                print(json.dumps({"kind": kind, **row}), flush=True)
+                total[row["config"]] = total.get(row["config"], 0.0) + row["us"]
+        # the step's LoRA over every layer (q/k/v and o each layer)
+        print(json.dumps({"kind": kind, "step_lora_ms": {
+            k: round(v * LAYERS / 1e3, 2) for k, v in total.items()}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,10 @@ its rank) and the bandwidth that makes, the same with the decode path's m-tiles 
 (each tile reads its adapter's weights again), and the step's LoRA in all 32 layers.
 
     PYTHONPATH=. python benchmarks/lora_bulk_step.py [--slot-ids 96] [--decode-at 600]
-        [--configs default rows=8 rows=16 off]
+        [--configs default rows=8 rows=16 off] [--describe] [--check]
+
+``--describe`` runs anywhere (the steps only); ``--check`` runs each setting at a small width
+against the torch backend (on the CPU under ``TRITON_INTERPRET=1``).
 
 Why: with 96 adapter ids sharing 32 rank-64 slots' memory a bulk decode step has ~62
 adapters and ~1,780 rank rows (``schedule_replay.py``), ~3.0 GB of LoRA weights a step
@@ -157,6 +160,37 @@ def time_step(comp: dict, proj: str, configs: list[str]) -> list[dict]:
     return out
 
 
+def check_step(comp: dict, configs: list[str], device) -> list[dict]:
+    """The step's q/k/v add_lora at a small width (hidden 64) through the Triton backend per
+    setting against the torch backend (fp32): what is timed computes the right thing. On the
+    CPU run it under TRITON_INTERPRET=1. The decode path is forced where it would not apply
+    at this width (min_expand_cols 0)."""
+    from lorry.kernels import lora_decode
+    from lorry.kernels.backends import get_lora_ops
+
+    widths = [64, 16, 16]
+    offsets, meta, x, y, [(a, b)] = step_problem(comp, 64, widths, torch.float32, device)
+    ref = y.clone()
+    get_lora_ops("torch").add_lora(ref, x, a, b, meta, offsets)
+    base, out, saved = dict(lora_decode.decode_config(x.device)), [], lora_decode.DECODE_CONFIG
+    try:
+        for spec in configs:
+            cfg = dict(base, max_tokens=0) if spec == "off" else dict(base, min_expand_cols=0)
+            if spec not in ("default", "off"):
+                cfg.update({k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))})
+            lora_decode.DECODE_CONFIG = cfg
+            plan = lora_decode.decode_plan(x.shape[0], meta.max_loras, 64, comp["max_rank"],
+                                           widths, x.device, cfg)
+            got = y.clone()
+            get_lora_ops("triton").add_lora(got, x, a, b, meta, offsets)
+            out.append({"config": spec, "path": "decode" if plan else "two_launch",
+                        "max_abs_error": (got - ref).abs().max().item(),
+                        "lora_max_abs": (ref - y).abs().max().item()})
+    finally:
+        lora_decode.DECODE_CONFIG = saved
+    return out
+
+
 def describe(comp: dict) -> dict:
     per_slot: dict = {}
     for slot, n in comp["tokens"]:
@@ -184,6 +218,9 @@ def main(argv=None) -> None:
                     default=["decode", "prompt"])
     ap.add_argument("--describe", action="store_true",
                     help="only describe the steps (no GPU needed)")
+    ap.add_argument("--check", action="store_true",
+                    help="only check each setting against the torch backend at a small width "
+                         "(on the CPU: with TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
     steps = pick_steps(args.slot_ids, args.memory_slots,
                        {"decode": args.decode_at, "prompt": args.prompt_at})
@@ -191,6 +228,12 @@ def main(argv=None) -> None:
                       "slot_ids": args.slot_ids, "memory_slots": args.memory_slots,
                       "steps": {k: describe(steps[k]) for k in args.kinds}}), flush=True)
     if args.describe:
+        return
+    if args.check:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        for kind in args.kinds:
+            for row in check_step(steps[kind], args.configs, device):
+                print(json.dumps({"kind": kind, "check": True, **row}), flush=True)
         return
     if not torch.cuda.is_available():
         print(json.dumps({"error": "timing needs a CUDA GPU (--describe runs anywhere)"}))

@@ -69,8 +69,8 @@ r=json.load(open(sys.argv[1])); t=r.get("timeline", {}); print(r.get("untraced")
 print("default", r["default"]); print("best", r["best"], r["speedup"])' "$out/attn_sweep.json" ;;
     lora_bulk)   # the LoRA of a bulk decode and prompt step per decode-table setting
         timeout "$limit" $py benchmarks/lora_bulk_step.py \
-            --configs ${LORA_CONFIGS:-default rows=8 rows=16 off} > "$out/lora_bulk.json" \
-            2> "$out/lora_bulk.log"
+            --configs ${LORA_CONFIGS:-default rows=8 rows=16 rows=16,programs_per_sm=6 off} \
+            > "$out/lora_bulk.json" 2> "$out/lora_bulk.log"
         echo "lora_bulk rc=$?"; cat "$out/lora_bulk.json" ;;
     launch)
         timeout "$limit" $py benchmarks/launch_overhead.py > "$out/launch.json" 2> "$out/launch.log"

@@ -62,7 +62,7 @@ EXTRA_RUNS = ("padded_prefill", "alternate", "grouped", "one_step", "input_order
 # cache_stats() figures that accumulate over the engine's life: reported as timed-run deltas
 COUNTERS = {"prefix_query_tokens", "prefix_hit_tokens", "preemptions", "steps", "seconds", "mixed",
             "tokens", "rows", "hits", "misses", "evictions", "load_seconds", "rounds",
-            "adapters", "lora_rows"}
+            "adapters", "lora_ranks"}
 
 
 @dataclasses.dataclass
@@ -421,14 +421,15 @@ def derived(runs: dict) -> dict:
         out["batch"] = {"decode_max_batch": decode.get("max_batch"),
                         # decode rows per step that decoded (decode-only and mixed steps)
                         "mean_rows_per_decode_step": round(rows / n, 1) if n else None}
-        # distinct adapters of a step and their rank rows (what its LoRA reads: ~1.7 MB a
-        # rank row for q/k/v/o of Llama-3-8B), per decode-only and per prompt-bearing step
+        # distinct adapters of a step and the sum of their ranks (the rank rows its LoRA
+        # needs: ~1.7 MB a rank row for q/k/v/o of Llama-3-8B), per decode-only and per
+        # prompt-bearing step
         for key, kind in (("decode_only", decode), ("prompt_bearing", prefill)):
-            if kind.get("steps") and "lora_rows" in kind:
+            if kind.get("steps") and "lora_ranks" in kind:
                 out["batch"][f"adapters_per_{key}_step"] = round(
                     kind["adapters"] / kind["steps"], 1)
-                out["batch"][f"lora_rows_per_{key}_step"] = round(
-                    kind["lora_rows"] / kind["steps"], 1)
+                out["batch"][f"lora_ranks_per_{key}_step"] = round(
+                    kind["lora_ranks"] / kind["steps"], 1)
     out["goals"] = GOALS
     out["goals_met"] = {
         "mixed_tok_per_s": None if not tps.get("mixed")
@@ -549,6 +550,9 @@ def main() -> None:
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
     if args.decode_config:   # an A/B of kernel settings on the whole workload, same code
+        if args.device != "cuda":
+            raise SystemExit("--decode-config sets the Triton decode table: it needs "
+                             "--device cuda")
         import lora_kernels
         from lorry.kernels import lora_decode
 

@@ -7,8 +7,10 @@ workload draws them), and each call is timed in a CUDA graph per decode-table se
 (kernels/configs/, ``lora_kernels.py --decode-config`` syntax). Successive calls rotate over
 copies of the row buffers, as successive layers read their own. Printed per setting: time a
 call, the adapters' A and B bytes it must read (each resident adapter of the step once, to
-its rank) and the bandwidth that makes, the same with the decode path's m-tiles counted
-(each tile reads its adapter's weights again), and the step's LoRA in all 32 layers.
+its rank, rounded up to 16 rows as the kernels read them) and the bandwidth that makes, the
+same with the kernels' m-tiles counted (each tile reads its adapter's weights again), and the
+step's LoRA in all 32 layers. Settings that leave a call on the two-launch path (every
+setting of the decode table, for a prompt step past its max_tokens) are timed once.
 
     PYTHONPATH=. python benchmarks/lora_bulk_step.py [--slot-ids 96] [--decode-at 600]
         [--configs default rows=8 rows=16 off] [--describe] [--check]
@@ -17,9 +19,9 @@ its rank) and the bandwidth that makes, the same with the decode path's m-tiles 
 against the torch backend (on the CPU under ``TRITON_INTERPRET=1``).
 
 Why: with 96 adapter ids sharing 32 rank-64 slots' memory a bulk decode step has ~62
-adapters and ~1,780 rank rows (``schedule_replay.py``), ~3.0 GB of LoRA weights a step
-(~0.9 ms at an H100's 3.35 TB/s), where the whole-engine runs show ~4 ms of LoRA a decode
-step (docs/BENCHMARKS.md). The decode table was tuned on uniform batches of 32 rank-16
+adapters whose ranks sum to ~1,780 and whose A and B the kernels read in ~1,920 rows
+(``schedule_replay.py``), ~3.3 GB a step (~1.0 ms at an H100's 3.35 TB/s), where the
+whole-engine runs show ~4.2 ms of LoRA a decode step (docs/BENCHMARKS.md). The decode table was tuned on uniform batches of 32 rank-16
 adapters that stay in L2; this times the shapes the bulk workload has.
 """
 from __future__ import annotations
@@ -76,22 +78,39 @@ def pick_steps(slot_ids: int = 96, memory_slots: int = 32, at: dict | None = Non
                            "max_rank": mem.max_rank}
         return len(found) == 2
 
-    schedule_replay.replay(w, spec["max_num_seqs"], memory_slots, 8, 8192, 20926, 16,
-                           order="longest_first", rank_of=rank_of, slot_ids=slot_ids,
-                           on_step=on_step)
+    done = schedule_replay.replay(w, spec["max_num_seqs"], memory_slots, 8, 8192, 20926, 16,
+                                  order="longest_first", rank_of=rank_of, slot_ids=slot_ids,
+                                  on_step=on_step)
+    missing = sorted(set(at) - set(found))
+    if missing:
+        raise SystemExit(f"no {' or '.join(missing)} step at or after step "
+                         f"{', '.join(str(at[k]) for k in missing)}: the schedule has "
+                         f"{done['steps']} steps")
     return found
 
 
-def weight_rows(comp: dict, tile_rows: int | None = None) -> int:
-    """Rank rows the step's LoRA reads: each adapter once, or (``tile_rows``) once per m-tile
-    of up to that many of its tokens, as the decode path's tiles read them."""
+def weight_rows(comp: dict, tile_rows: int | None = None, exact: bool = False) -> int:
+    """Rows of A and B the step's LoRA reads: each adapter's rank rounded up to 16 (the
+    row-buffer kernels read whole 16-row groups; ``exact``: the rank itself), once, or
+    (``tile_rows``) once per m-tile of up to that many of its tokens, as the kernels' tiles
+    (kernels.segments.tile_table, and the two-launch kernels' BLOCK_M) read them."""
     per_slot: dict = {}
     for slot, n in comp["tokens"]:
         per_slot[slot] = per_slot.get(slot, 0) + n
-    rank = {slot: r for slot, (_, r) in comp["slots"].items()}
+    rank = {slot: r if exact else -(-r // 16) * 16 for slot, (_, r) in comp["slots"].items()}
     if tile_rows is None:
         return sum(rank[s] for s in per_slot)
     return sum(rank[s] * -(-n // tile_rows) for s, n in per_slot.items())
+
+
+def tile_rows_of(comp: dict, plan: dict | None) -> int:
+    """Tokens a tile holds on the path a call takes: the decode plan's rows, else the
+    two-launch kernels' BLOCK_M."""
+    from lorry.kernels import triton_lora
+
+    if plan is not None:
+        return plan["rows"]
+    return triton_lora._block_m(sum(n for _, n in comp["tokens"]), comp["max_loras"])
 
 
 def step_problem(comp: dict, hidden: int, widths: list[int], dtype, device, sets: int = 1,
@@ -132,29 +151,35 @@ def time_step(comp: dict, proj: str, configs: list[str]) -> list[dict]:
 
     H, widths = PROJECTIONS[proj]
     per_row = (H * len(widths) + sum(widths)) * 2            # A and B bytes of one rank row
-    read = weight_rows(comp) * per_row
+    read = weight_rows(comp) * per_row                       # each adapter once
     sets = max(2, min(16, math.ceil(ROTATE_BYTES / max(1, read))))
     offsets, meta, x, y, weights = step_problem(comp, H, widths, torch.bfloat16, "cuda", sets)
     tri = get_lora_ops("triton")
     T = x.shape[0]
-    out, saved = [], lora_decode.DECODE_CONFIG
+    out, saved, two_launch = [], lora_decode.DECODE_CONFIG, None
     try:
         for spec in configs:
             cfg = lora_decode.DECODE_CONFIG = lora_kernels.parse_decode_config(spec)
+            plan = lora_decode.decode_plan(T, meta.max_loras, H, comp["max_rank"], widths,
+                                           x.device, cfg)
+            if plan is None and two_launch is not None:
+                # the decode table does not reach the two-launch path: timed once
+                out.append(dict(two_launch, config=spec, same_as=two_launch["config"]))
+                continue
             us = lora_kernels._graph_time_us(
                 [lambda a=a, b=b: tri.add_lora(y, x, a, b, meta, offsets) for a, b in weights],
                 reps=20)
-            plan = lora_decode.decode_plan(T, meta.max_loras, H, comp["max_rank"], widths,
-                                           x.device, cfg)
-            tiles = weight_rows(comp, plan["rows"]) * per_row if plan else read
+            rows = tile_rows_of(comp, plan)
+            tiles = weight_rows(comp, rows) * per_row
             io = (T * H + 2 * T * sum(widths)) * 2                # x read, y read and written
             out.append({"proj": proj, "config": spec, "tokens": T, "sets": sets,
-                        "path": "decode" if plan else "two_launch",
-                        "tile_rows": plan["rows"] if plan else None,
+                        "path": "decode" if plan else "two_launch", "tile_rows": rows,
                         "us": round(us, 2), "weights_MB": round(read / 1e6, 1),
                         "weights_GBps": round(read / us / 1e3, 1),
                         "tile_reads_MB": round(tiles / 1e6, 1),
                         "all_bytes_GBps": round((tiles + io) / us / 1e3, 1)})
+            if plan is None:
+                two_launch = out[-1]
     finally:
         lora_decode.DECODE_CONFIG = saved
     return out
@@ -172,12 +197,14 @@ def check_step(comp: dict, configs: list[str], device) -> list[dict]:
     offsets, meta, x, y, [(a, b)] = step_problem(comp, 64, widths, torch.float32, device)
     ref = y.clone()
     get_lora_ops("torch").add_lora(ref, x, a, b, meta, offsets)
-    base, out, saved = dict(lora_decode.decode_config(x.device)), [], lora_decode.DECODE_CONFIG
+    import lora_kernels
+
+    out, saved = [], lora_decode.DECODE_CONFIG
     try:
         for spec in configs:
-            cfg = dict(base, max_tokens=0) if spec == "off" else dict(base, min_expand_cols=0)
-            if spec not in ("default", "off"):
-                cfg.update({k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))})
+            cfg = lora_kernels.parse_decode_config(spec, device)
+            if spec != "off":
+                cfg["min_expand_cols"] = 0
             lora_decode.DECODE_CONFIG = cfg
             plan = lora_decode.decode_plan(x.shape[0], meta.max_loras, 64, comp["max_rank"],
                                            widths, x.device, cfg)
@@ -196,11 +223,19 @@ def describe(comp: dict) -> dict:
     for slot, n in comp["tokens"]:
         per_slot[slot] = per_slot.get(slot, 0) + n
     counts = sorted(per_slot.values(), reverse=True)
+    from lorry.kernels import triton_lora
+
+    block_m = triton_lora._block_m(sum(counts), comp["max_loras"])
     return {"step": comp["step"], "rows": len(comp["tokens"]), "tokens": sum(counts),
-            "adapters": len(per_slot), "rank_rows": weight_rows(comp),
+            "adapters": len(per_slot), "rank_sum": weight_rows(comp, exact=True),
+            "rows_read": weight_rows(comp),
             "tokens_per_adapter_top": counts[:8],
             "adapters_with_one_token": sum(1 for c in counts if c == 1),
-            "rank_rows_in_tiles_of": {r: weight_rows(comp, r) for r in (4, 8, 16)}}
+            # rows read again by each tile of the decode path (tiles of 4, 8, 16 tokens) and
+            # of the two-launch kernels (BLOCK_M tokens)
+            "rows_read_in_tiles_of": {r: weight_rows(comp, r) for r in (4, 8, 16)},
+            "two_launch_block_m": block_m,
+            "rows_read_in_two_launch_tiles": weight_rows(comp, block_m)}
 
 
 def main(argv=None) -> None:

@@ -81,17 +81,18 @@ def _pairs(spec: str) -> list[tuple[str, str]]:
     return [tuple(item.split("=")) for item in spec.split(",")]
 
 
-def _decode_defaults() -> dict:
-    """The decode table of this machine's GPU file (kernels/configs/, lorry.kernels.tuning)."""
-    from lorry.kernels import lora_decode
+def _decode_defaults(device: str = "cuda") -> dict:
+    """The decode table of ``device``'s file (kernels/configs/, lorry.kernels.tuning; the
+    file's even while lora_decode.DECODE_CONFIG holds another)."""
+    from lorry.kernels import tuning
 
-    return dict(lora_decode.decode_config(torch.device("cuda")))
+    return dict(tuning.for_device(torch.device(device))["decode"])
 
 
-def _override(base: dict, spec: str) -> dict:
+def _override(base: dict, spec: str, device: str = "cuda") -> dict:
     """base with 'key=value,...' applied (integers; 'wide.key=value' / 'long.key=value' set
     an entry of those overrides), each key checked against the decode table's."""
-    cfg, defaults = dict(base), _decode_defaults()
+    cfg, defaults = dict(base), _decode_defaults(device)
     for key, value in _pairs(spec):
         outer, _, inner = key.rpartition(".")
         if inner not in defaults or outer not in ("", "wide", "long") \
@@ -105,12 +106,12 @@ def _override(base: dict, spec: str) -> dict:
     return cfg
 
 
-def parse_decode_config(spec: str) -> dict:
+def parse_decode_config(spec: str, device: str = "cuda") -> dict:
     """'default' | 'off' | 'key=value,...' -> a full decode table (the GPU file's, changed)."""
-    defaults = _decode_defaults()
+    defaults = _decode_defaults(device)
     if spec == "off":
         return dict(defaults, max_tokens=0)
-    return defaults if spec == "default" else _override(defaults, spec)
+    return defaults if spec == "default" else _override(defaults, spec, device)
 
 
 def _decode_batch(T: int, n_adapters: int, H: int):

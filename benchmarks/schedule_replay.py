@@ -71,7 +71,10 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
         sch.add(s)
     decode_rows, mixed, decode_only, rounds, started, step = [], 0, 0, 0, {}, 0
     rank = rank_of or {}
-    lora = {True: [0, 0], False: [0, 0]}  # prompt-bearing / decode steps: adapters, rank rows
+    # prompt-bearing / decode steps: adapters, the sum of their ranks, and the rows the
+    # row-buffer kernels read (each rank rounded up to 16)
+    lora = {True: [0, 0, 0], False: [0, 0, 0]}
+    tiled = {4: 0, 8: 0, 16: 0}
     host = {True: [], False: []}         # seconds in schedule() + finish(): prefill or not
     while sch.has_unfinished():
         t0 = time.perf_counter()
@@ -82,9 +85,16 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
         _place(mem, plan.seqs, sch.running_adapters())
         if on_step is not None and on_step(step + 1, plan, mem):
             break
-        lids = {s.lora_id for s in plan.seqs}
-        lora[plan.prefill][0] += len(lids) * plan.steps
-        lora[plan.prefill][1] += sum(rank.get(lid, 64) for lid in lids) * plan.steps
+        rows_of: dict = {}
+        for s in plan.seqs:
+            rows_of[s.lora_id] = rows_of.get(s.lora_id, 0) + 1
+        ranks = [rank.get(lid, 64) for lid in rows_of]
+        for i, n in enumerate((len(ranks), sum(ranks), sum(-(-r // 16) * 16 for r in ranks))):
+            lora[plan.prefill][i] += n * plan.steps
+        if not plan.prefill:   # read again by each decode-kernel tile of up to t rows
+            for t in tiled:
+                tiled[t] += plan.steps * sum(-(-rank.get(lid, 64) // 16) * 16 * -(-n // t)
+                                             for lid, n in rows_of.items())
         if plan.prefill:
             step += 1
             for s, c in zip(plan.prefilled, plan.chunks):
@@ -119,12 +129,17 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
             "steps": step, "mixed_steps": mixed, "prefill_only_steps": step - decode_only - mixed,
             "decode_only_steps": decode_only, "rounds": rounds,
             "mean_decode_rows": round(statistics.mean(decode_rows or [0]), 1),
-            # distinct adapters a step and their rank rows (the A and B rows its LoRA reads),
-            # per decode-only and per prompt-bearing step
-            "adapters_per_decode_step": round(lora[False][0] / max(1, decode_only), 1),
-            "lora_rows_per_decode_step": round(lora[False][1] / max(1, decode_only), 1),
-            "adapters_per_prompt_step": round(lora[True][0] / max(1, step - decode_only), 1),
-            "lora_rows_per_prompt_step": round(lora[True][1] / max(1, step - decode_only), 1),
+            # distinct adapters a step, the sum of their ranks (the A and B rows its LoRA
+            # needs) and the rows the row-buffer kernels read (ranks rounded up to 16), per
+            # decode-only and per prompt-bearing step
+            **{f"{what}_per_{kind}_step": round(lora[pre][i] / max(1, n), 1)
+               for kind, pre, n in (("decode", False, decode_only),
+                                    ("prompt", True, step - decode_only))
+               for i, what in enumerate(("adapters", "lora_ranks", "lora_rows_read"))},
+            # the same rows read again by each tile of up to t rows of one adapter (the
+            # decode kernels' m-tiles), per decode step
+            "lora_rows_read_in_tiles_per_decode_step": {
+                t: round(n / max(1, decode_only), 1) for t, n in tiled.items()},
             "peak_running": sch.peak_running, "preemptions": sch.preemptions,
             "first_step_of_request": {"median": statistics.median(waits), "max": max(waits)},
             "prefix_caching": prefix_caching,

@@ -53,13 +53,13 @@ class LLMEngine:
         self._ids = itertools.count()
         self._adapter_gen: dict[int, int] = {}          # adapter id -> times dropped
         # prefill: steps with prompt work (mixed: also decoding rows); decode: steps without
-        # adapters / lora_rows: distinct adapters of each step and their ranks, summed over
-        # steps (a step's LoRA reads each of its adapters' A and B once: lora_rows / steps
-        # is the rank rows a step reads)
+        # adapters / lora_ranks: distinct adapters of each step and the sum of their ranks,
+        # summed over steps (a step's LoRA reads each of its adapters' A and B: lora_ranks /
+        # steps is the rank rows a step needs; the kernels read whole 16-row groups)
         self._steps = {"prefill": {"steps": 0, "seconds": 0.0, "tokens": 0, "rows": 0,
-                                   "mixed": 0, "adapters": 0, "lora_rows": 0},
+                                   "mixed": 0, "adapters": 0, "lora_ranks": 0},
                        "decode": {"steps": 0, "seconds": 0.0, "rows": 0, "max_batch": 0,
-                                  "rounds": 0, "adapters": 0, "lora_rows": 0}}
+                                  "rounds": 0, "adapters": 0, "lora_ranks": 0}}
         # optional callable(request_id, text, finish_reason): the new text of each request
         # with SamplingParams.stream, every step (finish_reason None until its last call)
         self.on_tokens = None
@@ -297,7 +297,7 @@ class LLMEngine:
             lids = {s.lora_id for s in plan.seqs if s.lora_id is not None}
             rank = self.loras.gpu.rank_of
             kind["adapters"] += len(lids) * plan.steps
-            kind["lora_rows"] += sum(rank.get(lid, 0) for lid in lids) * plan.steps
+            kind["lora_ranks"] += sum(rank.get(lid, 0) for lid in lids) * plan.steps
         decode = self._steps["decode"]
         decode["max_batch"] = max(decode["max_batch"], rows)
 

@@ -248,10 +248,10 @@ def test_an_aged_waiter_drains_the_adapter_whose_block_it_needs():
 
 
 def test_steps_count_their_adapters_and_rank_rows(tiny_llama, adapters):
-    """cache_stats()["steps"] counts each step's distinct adapters and the rank rows their
-    LoRA reads (benchmarks/bulk.py reports them per step): two rows of a rank-8 adapter, one
-    of a rank-16 one and one without an adapter, in lock-step, are 2 adapters and 24 rows a
-    step, prompt step and decode steps alike."""
+    """cache_stats()["steps"] counts each step's distinct adapters and the sum of their ranks
+    (benchmarks/bulk.py reports them per step): two rows of a rank-8 adapter, one of a
+    rank-16 one and one without an adapter, in lock-step, are 2 adapters and ranks 24 a step,
+    prompt step and decode steps alike."""
     eng = _engine(tiny_llama)
     reqs = _requests(adapters)
     for name in ("qv_r8", "mlp_r16"):
@@ -264,5 +264,5 @@ def test_steps_count_their_adapters_and_rank_rows(tiny_llama, adapters):
     steps = eng.cache_stats()["steps"]
     prompt, decode = steps["prefill"], steps["decode"]
     assert prompt["steps"] == 1 and decode["steps"] == 5
-    assert prompt["adapters"] == 2 and prompt["lora_rows"] == 24
-    assert decode["adapters"] == 2 * 5 and decode["lora_rows"] == 24 * 5
+    assert prompt["adapters"] == 2 and prompt["lora_ranks"] == 24
+    assert decode["adapters"] == 2 * 5 and decode["lora_ranks"] == 24 * 5

@@ -21,8 +21,9 @@ against the torch backend (on the CPU under ``TRITON_INTERPRET=1``).
 Why: with 96 adapter ids sharing 32 rank-64 slots' memory a bulk decode step has ~62
 adapters whose ranks sum to ~1,780 and whose A and B the kernels read in ~1,920 rows
 (``schedule_replay.py``), ~3.3 GB a step (~1.0 ms at an H100's 3.35 TB/s), where the
-whole-engine runs show ~4.2 ms of LoRA a decode step (docs/BENCHMARKS.md). The decode table was tuned on uniform batches of 32 rank-16
-adapters that stay in L2; this times the shapes the bulk workload has.
+whole-engine runs show ~4.2 ms of LoRA a decode step (docs/BENCHMARKS.md). The decode
+table was tuned on uniform batches of 32 rank-16 adapters that stay in L2; this times the
+shapes the bulk workload has.
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@
 # step of the bulk workload: benchmarks/prefill_step.py, its timeline summed by trace_gaps.py)
 # | decode (a decode round of it: the same script's --decode) | lora_bulk (the LoRA of a
 # bulk decode and prompt step per decode-table setting: lora_bulk_step.py; LORA_CONFIGS)
+# | lora_sweep (the same over a grid of settings, the best last)
 # | loop (40 whole engine steps traced: --loop; LOOP_AT: after which steps) | attn_sweep
 # (prefill_attn_sweep.py) | launch (launch_overhead.py) | sweep (or its halves sweep_batch,
 # sweep_adapters) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
@@ -72,6 +73,10 @@ print("default", r["default"]); print("best", r["best"], r["speedup"])' "$out/at
             --configs ${LORA_CONFIGS:-default rows=8 rows=16 rows=16,programs_per_sm=6 off} \
             > "$out/lora_bulk.json" 2> "$out/lora_bulk.log"
         echo "lora_bulk rc=$?"; cat "$out/lora_bulk.json" ;;
+    lora_sweep)  # the decode table's launch settings over the bulk decode step (SWEEP)
+        timeout "$limit" $py benchmarks/lora_bulk_step.py --sweep --kinds decode \
+            --max-seconds $((limit - 60)) > "$out/lora_sweep.json" 2> "$out/lora_sweep.log"
+        echo "lora_sweep rc=$?"; tail -1 "$out/lora_sweep.json" ;;
     launch)
         timeout "$limit" $py benchmarks/launch_overhead.py > "$out/launch.json" 2> "$out/launch.log"
         echo "launch rc=$?"; cat "$out/launch.json" ;;

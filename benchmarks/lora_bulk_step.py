@@ -13,7 +13,8 @@ step's LoRA in all 32 layers. Settings that leave a call on the two-launch path 
 setting of the decode table, for a prompt step past its max_tokens) are timed once.
 
     PYTHONPATH=. python benchmarks/lora_bulk_step.py [--slot-ids 96] [--decode-at 600]
-        [--configs default rows=8 rows=16 off] [--describe] [--check]
+        [--configs default rows=8 rows=16 off | --sweep [--max-seconds 400]]
+        [--describe] [--check]
 
 ``--describe`` runs anywhere (the steps only); ``--check`` runs each setting at a small width
 against the torch backend (on the CPU under ``TRITON_INTERPRET=1``).
@@ -28,6 +29,7 @@ shapes the bulk workload has.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -144,8 +146,21 @@ def step_problem(comp: dict, hidden: int, widths: list[int], dtype, device, sets
     return offsets, meta, x, y, [buffers() for _ in range(sets)]
 
 
-def time_step(comp: dict, proj: str, configs: list[str]) -> list[dict]:
-    """One JSON row per decode-table setting: the step's add_lora for ``proj``."""
+# --sweep: the decode table's launch settings over the bulk decode step's shape
+SWEEP = {"rows": (4, 8, 16), "programs_per_sm": (3, 6), "shrink_programs_per_sm": (12, 24),
+         "num_warps": (4, 8)}
+
+
+def sweep_configs() -> list[str]:
+    """'default', 'off' and every combination of SWEEP as 'key=value,...'."""
+    keys = list(SWEEP)
+    return ["default", "off"] + [",".join(f"{k}={v}" for k, v in zip(keys, values))
+                                 for values in itertools.product(*SWEEP.values())]
+
+
+def time_step(comp: dict, proj: str, configs: list[str], deadline: float = math.inf) -> list[dict]:
+    """One JSON row per decode-table setting: the step's add_lora for ``proj`` (settings
+    left when ``deadline``, a time.time(), passes are not timed)."""
     import lora_kernels
     from lorry.kernels import lora_decode
     from lorry.kernels.backends import get_lora_ops
@@ -160,6 +175,8 @@ def time_step(comp: dict, proj: str, configs: list[str]) -> list[dict]:
     out, saved, two_launch = [], lora_decode.DECODE_CONFIG, None
     try:
         for spec in configs:
+            if time.time() > deadline:
+                break
             cfg = lora_decode.DECODE_CONFIG = lora_kernels.parse_decode_config(spec)
             plan = lora_decode.decode_plan(T, meta.max_loras, H, comp["max_rank"], widths,
                                            x.device, cfg)
@@ -252,12 +269,20 @@ def main(argv=None) -> None:
                     help="decode-table settings (lora_kernels.py --decode-config syntax)")
     ap.add_argument("--kinds", nargs="+", choices=["decode", "prompt"],
                     default=["decode", "prompt"])
+    ap.add_argument("--sweep", action="store_true",
+                    help="time 'default', 'off' and every combination of SWEEP instead of "
+                         "--configs (decode steps; the prompt step takes the two-launch path)")
+    ap.add_argument("--max-seconds", type=float, default=math.inf,
+                    help="stop timing settings after this long (the best so far is printed)")
     ap.add_argument("--describe", action="store_true",
                     help="only describe the steps (no GPU needed)")
     ap.add_argument("--check", action="store_true",
                     help="only check each setting against the torch backend at a small width "
                          "(on the CPU: with TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
+    if args.sweep:
+        args.configs = sweep_configs()
+    deadline = time.time() + args.max_seconds
     steps = pick_steps(args.slot_ids, args.memory_slots,
                        {"decode": args.decode_at, "prompt": args.prompt_at})
     print(json.dumps({"benchmark": "lora_bulk_step", "date": time.strftime("%Y-%m-%d"),
@@ -277,14 +302,18 @@ def main(argv=None) -> None:
     print(json.dumps({"device": torch.cuda.get_device_name(),
                       "triton": __import__("triton").__version__}), flush=True)
     for kind in args.kinds:
-        total = {}
+        total: dict = {}
         for proj in PROJECTIONS:
-            for row in time_step(steps[kind], proj, args.configs):
+            for row in time_step(steps[kind], proj, args.configs, deadline):
                 print(json.dumps({"kind": kind, **row}), flush=True)
-                total[row["config"]] = total.get(row["config"], 0.0) + row["us"]
-        # the step's LoRA over every layer (q/k/v and o each layer)
-        print(json.dumps({"kind": kind, "step_lora_ms": {
-            k: round(v * LAYERS / 1e3, 2) for k, v in total.items()}}), flush=True)
+                total.setdefault(row["config"], {})[proj] = row["us"]
+        # the step's LoRA over every layer (q/k/v and o each layer), settings timed for both
+        ms = {k: round(sum(v.values()) * LAYERS / 1e3, 3) for k, v in total.items()
+              if len(v) == len(PROJECTIONS)}
+        best = min(ms, key=ms.get) if ms else None
+        print(json.dumps({"kind": kind, "step_lora_ms": ms, "best": best,
+                          "default_over_best": round(ms["default"] / ms[best], 3)
+                          if best and "default" in ms else None}), flush=True)
 
 
 if __name__ == "__main__":

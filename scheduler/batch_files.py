@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from lorry.scheduler.openai_logprobs import chat_logprobs, completion_logprobs
-from lorry.scheduler.types import JobInfo, LineError
+from lorry.scheduler.types import JobInfo, LineError, is_adapter_failure
 
 FAILED_CODES = {"failed": "job_failed", "cancelled": "batch_cancelled",
                 "expired": "batch_expired"}
@@ -27,7 +27,8 @@ def output_line(job: JobInfo, model_name: str | None) -> dict[str, Any]:
     short = job.id.removeprefix("job_")
     res = job.result
     if job.status != "succeeded" or res is None:
-        code = FAILED_CODES.get(job.status, job.status)
+        code = "adapter_unloadable" if job.status == "failed" and is_adapter_failure(
+            job.error) else FAILED_CODES.get(job.status, job.status)
         message = job.error or f"the request ended with status {job.status!r}"
         return {"id": f"batch_req_{short}", "custom_id": job.custom_id, "response": None,
                 "error": {"code": code, "message": message}}

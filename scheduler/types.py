@@ -9,6 +9,20 @@ JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expire
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
 BATCH_STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "expired",
                   "cancelling", "cancelled")
+# The error a job records when its adapter cannot be loaded (a worker's, not retried): the
+# tenant's problem, which the API answers as 422 adapter_unloadable (batch error lines carry
+# that code), where any other failure is 500 job_failed.
+ADAPTER_FAILURE = " cannot be loaded: "
+
+
+def adapter_failure(adapter: str | None, why: str) -> str:
+    """The error of a job whose adapter cannot be loaded."""
+    return f"adapter {adapter!r}{ADAPTER_FAILURE}{why}"
+
+
+def is_adapter_failure(error: str | None) -> bool:
+    """Whether a job's error is ``adapter_failure``'s."""
+    return bool(error) and error.startswith("adapter ") and ADAPTER_FAILURE in error
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,7 @@ class Drainer:
 
     def _finish(self, job_id: str, out, cancelled: bool = False) -> None:
         from lorry.scheduler import Result
+        from lorry.scheduler.types import adapter_failure
         from lorry.workers.tokens import logprobs_json
 
         held = self.held.pop(job_id, None)
@@ -254,8 +255,8 @@ class Drainer:
             return
         comp = out.outputs[0]
         if comp.finish_reason == "error":  # its adapter could not be loaded: not retryable
-            self._writer.put(WriteOp("fail", held.job, message=(
-                f"adapter {held.job.adapter!r} cannot be loaded: {out.error}")))
+            self._writer.put(WriteOp("fail", held.job,
+                                     message=adapter_failure(held.job.adapter, out.error)))
             return
         usage, m = out.usage, out.metrics
         timings = {"run_s": time.monotonic() - held.claimed_at}

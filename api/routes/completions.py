@@ -23,6 +23,7 @@ from lorry.api.schemas import (
     CompletionOut,
     CompletionRequest,
 )
+from lorry.scheduler.types import is_adapter_failure
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -43,6 +44,10 @@ ERRORS = {
                                              "response_format other than text, top_logprobs "
                                              "without logprobs); `param` names it"},
     409: {"model": ErrorBody, "description": "the job was cancelled (`job_cancelled`)"},
+    422: {"model": ErrorBody, "description": "the request is invalid (`param` names the field, "
+                                             "`code` the rule), or its adapter could not be "
+                                             "loaded (`adapter_unloadable`: the message says "
+                                             "why); `x-should-retry: false`"},
     500: {"model": ErrorBody, "description": "the job failed (`job_failed`; the message says "
                                              "why); `x-should-retry: false`"},
     504: {"model": ErrorBody, "description": "no result within LORRY_SYNC_TIMEOUT_SECONDS "
@@ -148,6 +153,9 @@ class _Job:
             return ApiError(409, f"job {self.id} was cancelled", code="job_cancelled",
                             headers=headers)
         why = info.error or f"it ended with status {info.status!r}"
+        if is_adapter_failure(info.error):   # the tenant's adapter, not the service
+            return ApiError(422, f"job {self.id} failed: {why}", code="adapter_unloadable",
+                            param="model", headers=headers)
         return ApiError(500, f"job {self.id} failed: {why}", code="job_failed", headers=headers)
 
     async def wait(self, watch_client: bool = False):
@@ -251,9 +259,9 @@ class _Stream:
             events.append(self.w.chunk(text[self.sent - start:]))
             self.sent = start + len(text)
         if data["finish_reason"] is not None:
-            if start + len(text) == self.sent:
+            if start + len(text) == self.sent and data["finish_reason"] != "error":
                 self.reason = data["finish_reason"]
-            else:  # pieces were lost: the stored result has the rest
+            else:  # pieces were lost, or the job failed: its row has the rest or the error
                 self.next_read = 0.0
         return events
 

@@ -221,3 +221,84 @@ def test_a_stream_whose_row_was_read_while_running_still_ends_with_usage(service
     events = anyio.run(stream)
     assert events[-1] == "data: [DONE]\n\n"
     assert json.loads(events[-2].removeprefix("data: "))["usage"]["total_tokens"] == 9
+
+
+class Failer(threading.Thread):
+    """Claims queued jobs and fails them (not retried) with ``error``."""
+
+    def __init__(self, queue, error: str):
+        super().__init__(daemon=True)
+        self.queue, self.error, self.stop = queue, error, threading.Event()
+
+    def run(self):
+        while not self.stop.wait(0.01):
+            for mb in self.queue.claim("test-worker", [], [], 8):
+                for job in mb.jobs:
+                    self.queue.fail(job.id, job.lease_token, self.error, retryable=False)
+
+
+@pytest.mark.parametrize("adapter_problem", [True, False])
+def test_a_failed_job_is_422_when_its_adapter_cannot_be_loaded_else_500(service, tenant_a,
+                                                                         adapter_problem):
+    """An adapter the worker cannot load (a Hub id it cannot fetch, a directory gone) is the
+    tenant's problem: 422 adapter_unloadable with the worker's reason, not a server error;
+    any other failure stays 500 job_failed. Neither is worth retrying."""
+    from lorry.scheduler.types import adapter_failure
+
+    error = adapter_failure("my/adapter", "could not be fetched from the Hugging Face Hub") \
+        if adapter_problem else "the worker ran out of attempts"
+    failer = Failer(service[1], error)
+    failer.start()
+    try:
+        r = tenant_a.post("/v1/completions", json={"model": "base", "prompt": "x"})
+    finally:
+        failer.stop.set()
+        failer.join()
+    err = r.json()["error"]
+    assert r.headers["x-should-retry"] == "false"
+    if adapter_problem:
+        assert (r.status_code, err["code"], err["param"]) == (422, "adapter_unloadable", "model")
+        assert "'my/adapter' cannot be loaded: could not be fetched" in err["message"]
+    else:
+        assert (r.status_code, err["code"]) == (500, "job_failed")
+
+
+def test_a_stream_whose_adapter_cannot_be_loaded_ends_with_the_error_event(service, tenant_a):
+    """The worker publishes finish_reason "error" when the job's adapter cannot be loaded:
+    the stream then ends with one error event naming why (not an empty answer and [DONE])."""
+    import anyio
+
+    from lorry.api.openai_format import ChunkWriter
+    from lorry.api.routes import completions
+    from lorry.scheduler import JobSpec
+    from lorry.scheduler.types import adapter_failure
+
+    queue = service[1]
+    [info] = queue.submit(tenant_a.tenant.id, [JobSpec(adapter=None, prompt="x")])
+
+    class PubSub:
+        sent = False
+
+        async def get_message(self, **kw):
+            if self.sent:
+                return None
+            self.sent = True   # the worker's last piece; its row is failed a moment later
+            [mb] = queue.claim("test-worker", [], [], 1)
+            queue.fail(info.id, mb.jobs[0].lease_token, adapter_failure("a", "gone"), False)
+            return {"type": "message",
+                    "data": json.dumps({"offset": 0, "text": "", "finish_reason": "error"})}
+
+        async def aclose(self):
+            pass
+
+    async def stream():
+        job = completions._Job(info.id, None, queue, tenant_a.tenant, timeout=30)
+        return [e async for e in completions._events(job, (PubSub(), PubSub()),
+                                                     ChunkWriter(info.id, "base", True),
+                                                     logprobs=False, usage=False)]
+
+    events = anyio.run(stream)
+    assert "[DONE]" not in events[-1]
+    err = json.loads(events[-1].removeprefix("data: "))["error"]
+    assert err["code"] == "adapter_unloadable" and "'a' cannot be loaded: gone" in err["message"]
+    assert not any('"finish_reason": "error"' in e for e in events)

@@ -10,15 +10,20 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lorry.scheduler import Result
+from lorry.scheduler.types import adapter_failure
 
 
 def finish_all(queue) -> None:
-    """Play a worker: fail the requests whose message says FAIL, echo the others."""
+    """Play a worker: fail the requests whose message says FAIL (UNLOADABLE: as a worker
+    that cannot load the adapter), echo the others."""
     while batches := queue.claim("test-worker", [], [], 64):
         for job in (j for mb in batches for j in mb.jobs):
             said = job.prompt or job.messages[-1]["content"]
             if said == "FAIL":
                 queue.fail(job.id, job.lease_token, "boom", retryable=False)
+            elif said == "UNLOADABLE":
+                queue.fail(job.id, job.lease_token, adapter_failure(job.adapter, "gone"),
+                           retryable=False)
             else:
                 queue.complete(job.id, job.lease_token, Result(f"echo {said}", [1], "stop", 2, 1))
 
@@ -128,7 +133,8 @@ def test_batch_lifecycle_output_and_error_files(service, alice, adapter_root):
     content = jsonl(line("base-1", content="one"), line("alpha-1", model="alpha", content="two"),
                     line("fails", content="FAIL", url="/v1/completions"),
                     line("no-such-model", model="nosuch"), b"{broken",
-                    line("fail-2", model="alpha", content="FAIL"))
+                    line("fail-2", model="alpha", content="FAIL"),
+                    line("gone-1", model="alpha", content="UNLOADABLE"))
     f = alice.files.create(file=("in.jsonl", content), purpose="batch")
     batch = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                                  completion_window="24h", metadata={"run": "nightly"})
@@ -136,7 +142,7 @@ def test_batch_lifecycle_output_and_error_files(service, alice, adapter_root):
     assert batch.endpoint == "/v1/chat/completions" and batch.metadata == {"run": "nightly"}
     assert batch.in_progress_at and batch.created_at and batch.expires_at
     assert batch.output_file_id is None and batch.error_file_id is None
-    assert (batch.request_counts.total, batch.request_counts.failed) == (6, 3)
+    assert (batch.request_counts.total, batch.request_counts.failed) == (7, 3)
     got = alice.batches.retrieve(batch.id)
     refused = {e.line: e for e in got.errors.data}
     assert sorted(refused) == [3, 4, 5]  # a completions line in a chat batch, unknown model, bad JSON
@@ -149,7 +155,7 @@ def test_batch_lifecycle_output_and_error_files(service, alice, adapter_root):
     assert queue.finalize_batches() == 1
     done = alice.batches.retrieve(batch.id)
     assert done.status == "completed" and done.completed_at and done.finalizing_at
-    assert (done.request_counts.completed, done.request_counts.failed) == (2, 4)
+    assert (done.request_counts.completed, done.request_counts.failed) == (2, 5)
     out = [json.loads(x) for x in alice.files.content(done.output_file_id).text.splitlines()]
     assert [(x["custom_id"], x["response"]["body"]["model"]) for x in out] == [
         ("base-1", "tiny-llama"), ("alpha-1", "alpha")]
@@ -157,7 +163,7 @@ def test_batch_lifecycle_output_and_error_files(service, alice, adapter_root):
     errs = [json.loads(x) for x in alice.files.content(done.error_file_id).text.splitlines()]
     assert [(x["custom_id"], x["error"]["code"]) for x in errs] == [
         ("fails", "invalid_url"), ("no-such-model", "model_not_found"), (None, "invalid_json"),
-        ("fail-2", "job_failed")]
+        ("fail-2", "job_failed"), ("gone-1", "adapter_unloadable")]
     meta = alice.files.retrieve(done.output_file_id)
     assert meta.purpose == "batch_output" and meta.bytes > 0
     assert done.error_file_id in {x.id for x in alice.files.list(purpose="batch_output")}

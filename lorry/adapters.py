@@ -7,9 +7,15 @@ from pathlib import Path
 
 def operator_source(source: str) -> str:
     """An operator's source as the shared rules read it: a path the operator wrote relative
-    to their own working directory ('./x', '../x', '.') becomes absolute; anything else is
-    left for ``engine.lora.sources`` to decide (absolute path, or Hub id 'owner/name')."""
+    to their own working directory ('./x', '../x', '.', or any relative path naming a
+    directory there, 'adapters/sql' included, as Hugging Face's from_pretrained prefers a
+    local directory) becomes absolute (and must then lie in the adapter roots); anything
+    else is left for ``engine.lora.sources`` to decide (absolute path, or Hub id
+    'owner/name'). Only the operator's own tools do this: a tenant's source through the API
+    is never looked up on the server's disk."""
     if source in (".", "..") or source.startswith(("./", "../")):
+        return os.path.abspath(source)
+    if source and not source.startswith(("/", "~")) and os.path.isdir(source):
         return os.path.abspath(source)
     return source
 

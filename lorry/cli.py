@@ -195,8 +195,9 @@ def run(file: Path = typer.Argument(..., exists=True, dir_okay=False,
                                     help="OpenAI Batch JSONL input"),
         output: Path = typer.Option(..., "-o", "--output", help="output JSONL"),
         adapter: list[str] = typer.Option([], "--adapter", help="NAME=PATH, repeatable"),
-        adapters_dir: Optional[Path] = typer.Option(None, help="register every PEFT adapter "
-                                                          "in this directory (one per subdir)"),
+        adapters_dir: Optional[Path] = typer.Option(None, exists=True, file_okay=False,
+                                                    help="register every PEFT adapter in this "
+                                                         "directory (one per subdir)"),
         database: Optional[str] = typer.Option(None, help="SQLAlchemy URL (default: a "
                                                         "temporary SQLite file)")):
     """Run a batch file embedded (SQLite + in-process worker) and write OpenAI output lines."""
@@ -216,8 +217,8 @@ def run(file: Path = typer.Argument(..., exists=True, dir_okay=False,
 @app.command("demo")
 def demo(max_tokens: int = typer.Option(32, min=1, max=256),
          adapters_dir: Optional[Path] = typer.Option(
-             None, help="PEFT adapters, one per subdirectory (default: the packaged demo "
-                        "adapters)")):
+             None, exists=True, file_okay=False,
+             help="PEFT adapters, one per subdirectory (default: the packaged demo adapters)")):
     """Prepare the model, register the demo adapters, run one mixed batch, print a table."""
     from lorry.demo import run_demo
 

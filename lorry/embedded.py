@@ -35,6 +35,7 @@ def named_adapters(pairs: list[str], adapters_dir=None) -> dict[str, str]:
 
     wanted = {n: str(p) for n, p in demo_adapter_dirs(adapters_dir).items()} \
         if adapters_dir else {}
+
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
@@ -91,9 +92,14 @@ def run_file(settings, file: Path, output: Path, adapters: list[str] = (), adapt
         ingest_chunks,
         line_error_dict,
     )
+    from lorry.adapters import demo_adapter_dirs
     from lorry.api.convert import output_line
 
     wanted = named_adapters(list(adapters), adapters_dir)
+    if adapters_dir and not demo_adapter_dirs(adapters_dir):
+        raise ValueError(f"--adapters-dir {str(adapters_dir)!r} holds no PEFT adapter: give a "
+                         "directory with one subdirectory (with adapter_config.json) per "
+                         "adapter")
     with embedded_queue(settings, database_url, adapter_roots=run_roots(settings, wanted)) \
             as (settings, queue, tenant):
         register_adapters(queue, settings, wanted)

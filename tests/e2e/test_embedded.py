@@ -65,3 +65,21 @@ def test_lorry_run_refuses_a_bad_adapter_before_running(tiny, tmp_path):
     assert proc.returncode == 2
     assert "adapter_config.json not found" in proc.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_lorry_run_names_an_adapters_dir_that_is_missing_or_empty(tiny, tmp_path):
+    """Run from a directory where --adapters-dir does not exist (or holds no adapter): exit 2
+    naming it, before any line runs (not every line refused as an unknown model)."""
+    _, model, _ = tiny
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                               "body": {"model": "tiny-llama", "prompt": "x"}}) + "\n")
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "LORRY_MODEL": str(model), "LORRY_DEVICE": "cpu"}
+    for where, words in (("adapters/demo", "does not exist"), ("empty", "holds no PEFT adapter")):
+        proc = subprocess.run(LORRY + ["run", str(src), "-o", "out.jsonl", "--adapters-dir",
+                                       where], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert words in " ".join(proc.stderr.split()) and where in proc.stderr
+        assert not (tmp_path / "out.jsonl").exists()

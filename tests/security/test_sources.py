@@ -191,3 +191,26 @@ def test_the_roots_setting_reaches_the_engine(monkeypatch):
     assert EngineConfig(model="/models/base").adapter_roots is None  # library use: anywhere
     with pytest.raises(ValueError, match="adapter_roots"):
         EngineConfig(model="/models/base", adapter_roots="/srv/a")
+
+
+def test_the_operators_relative_directory_is_local_and_confined(service, roots, monkeypatch,
+                                                                 offline_hub):
+    """`lorry adapter add NAME adapters/sql` run where adapters/sql is a directory registers
+    that directory (absolute, its rank read), as from_pretrained prefers a local directory;
+    it must still lie in the roots; a Hub-looking name with no such directory stays a Hub id
+    (the API never does this: test_a_hub_id_is_never_served_from_the_working_directory)."""
+    from lorry.adapters import operator_source, register_shared
+
+    _app, queue, settings, _url = service
+    root = roots[0]
+    copy_adapter(root / "good", root / "team" / "sql")
+    monkeypatch.chdir(root)
+    local = register_shared(queue, settings, "rel-sql", "team/sql")
+    assert (local.source, local.rank) == (str(root / "team" / "sql"), 8)
+    monkeypatch.chdir(root / "team")
+    assert operator_source("sql") == str(root / "team" / "sql")
+    assert operator_source("team/sql") == "team/sql"     # no such directory here: a Hub id
+    outside = copy_adapter(root / "good", roots[1] / "op" / "x")
+    monkeypatch.chdir(outside.parent.parent)
+    with pytest.raises(LoRAError, match="outside the allowed adapter roots"):
+        register_shared(queue, settings, "rel-out", "op/x")

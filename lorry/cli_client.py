@@ -98,7 +98,8 @@ def batch_submit(file: Path = typer.Argument(..., exists=True, dir_okay=False,
                  wait: bool = typer.Option(False, help="wait (progress bar) until it is final"),
                  url: str = URL, key: str = KEY):
     """Upload FILE (purpose "batch") and create its batch; print the batch id (or its final
-    state with --wait). Refused lines are printed with their custom_id."""
+    state with --wait: exit status 1 when the batch ended other than completed, e.g. failed
+    because no line was valid). Refused lines are printed with their custom_id."""
     from lorry.errors import LorryError
 
     try:
@@ -119,6 +120,8 @@ def batch_submit(file: Path = typer.Argument(..., exists=True, dir_okay=False,
     counts = batch.request_counts
     typer.echo(f"{batch.id} {batch.status}: {counts.completed} completed, {counts.failed} "
                f"failed of {counts.total}")
+    if batch.status != "completed":
+        raise typer.Exit(1)
 
 
 @batch_app.command("status")

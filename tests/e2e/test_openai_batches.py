@@ -3,11 +3,12 @@ Celery worker and beat (the batch is finalized by beat's maintain)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import openai
 import pytest
-from procs import run_cli
+from procs import LORRY, run_cli
 
 from lorry.client import Client
 from tests.e2e.conftest import create_tenant
@@ -138,3 +139,10 @@ def test_cli_batch_submit_wait_and_download(stack, tenant, tmp_path):
     assert [json.loads(x)["custom_id"] for x in target.read_text().splitlines()] == ["c1"]
     errs = (tmp_path / "out.errors.jsonl").read_text().splitlines()
     assert [json.loads(x)["custom_id"] for x in errs] == ["c2"]
+    # a batch with no valid line ends failed: --wait says so and exits 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{broken\n" + json.dumps(request("c3", "missing", "hi")) + "\n")
+    proc = subprocess.run(LORRY + ["batch", "submit", str(bad), "--wait"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert " failed: 0 completed, 2 failed of 2" in proc.stdout

@@ -18,7 +18,7 @@ from lorry.api.batch_fast import (
     accept,
 )
 from lorry.api.json_check import check_json
-from lorry.api.prompt_length import too_long_messages
+from lorry.api.prompt_length import too_long_messages, too_long_param
 from lorry.api.schemas import NAME_PATTERN, Message, OpenAIOptions, Text
 from lorry.scheduler.types import JobSpec, LineError
 
@@ -234,16 +234,17 @@ class _Chunker:
     def _specs(self, good: list[tuple[int, ParsedLine]], refused: list[LineError],
                stats: IngestStats) -> list[JobSpec]:
         """JobSpecs of the checked lines; a prompt too long for the model goes to ``refused``."""
+        items = [(line.prompt, [m["content"] for m in line.messages] if line.messages
+                  else None) for _, line in good]
+        wants = [line.sampling.get("max_tokens") for _, line in good]
         too_long = [None] * len(good) if self.settings is None else too_long_messages(
-            self.settings, [(line.prompt, [m["content"] for m in line.messages]
-                             if line.messages else None) for _, line in good])
+            self.settings, items, wants)
         specs = []
-        for (number, line), reason in zip(good, too_long):
+        for (number, line), reason, item, want in zip(good, too_long, items, wants):
             if reason is not None:
                 refused.append(LineError(number, "context_length_exceeded",
-                                         f"line {number}: {reason}",
-                                         "body.messages" if line.messages else "body.prompt",
-                                         line.custom_id))
+                                         f"line {number}: {reason}", "body." + too_long_param(
+                                             self.settings, *item, want), line.custom_id))
                 continue
             is_base = line.model == self.base_name or line.model in BASE_ALIASES
             specs.append(JobSpec(

@@ -38,34 +38,40 @@ def prompt_tokens(model: str, prompt: str | None, messages: list[str] | None) ->
                for c in messages or [])
 
 
-def too_long_message(settings, prompt: str | None, messages: list[str] | None) -> str | None:
-    """Why the prompt cannot fit ``settings.max_model_len``, or None when it may fit."""
+def too_long_message(settings, prompt: str | None, messages: list[str] | None,
+                     max_tokens: int | None = None) -> str | None:
+    """Why the prompt, with room for ``max_tokens`` (when the request names it; else one
+    token), cannot fit ``settings.max_model_len``, or None when it may fit."""
     limit = settings.max_model_len
     if limit is None:
         return None
     count = prompt_tokens(settings.model, prompt, messages)
-    # the engine needs one free position to generate: it refuses len(ids) >= max_model_len
-    if count is None or count + 1 <= limit:
+    # the engine needs one free position to generate: it refuses len(ids) >= max_model_len,
+    # and it ends a row at max_model_len (as vLLM's server, a request asking for more is
+    # refused rather than cut short)
+    if count is None or count + (max_tokens or 1) <= limit:
         return None
-    return _reason(prompt is not None, count, limit)
+    return _reason(prompt is not None, count, limit, max_tokens)
 
 
-def too_long_messages(settings, items: list[tuple[str | None, list[str] | None]]
-                      ) -> list[str | None]:
-    """``too_long_message`` of many (prompt, contents) at once: one batched encode (the
-    tokenizer's own threads) instead of one call per prompt."""
+def too_long_messages(settings, items: list[tuple[str | None, list[str] | None]],
+                      max_tokens: list[int | None] | None = None) -> list[str | None]:
+    """``too_long_message`` of many (prompt, contents) at once, with each one's max_tokens
+    (None: not named): one batched encode (the tokenizer's own threads) instead of one call
+    per prompt."""
     limit = settings.max_model_len
     tok = None if limit is None else _tokenizer(settings.model)
     if tok is None or not items:
         return [None] * len(items)
+    wants = [m or 1 for m in (max_tokens or [None] * len(items))]
     # An ASCII text of n characters encodes to at most n + (tokens the encoding adds) + 1
     # (a prefix marker): every token covers at least one character (byte-level BPE: one
     # byte). Requests under that bound fit without being tokenized.
-    margin, room = _added_tokens(tok) + 1, limit - 1
-    sure = [p is not None and p.isascii() and len(p) + margin <= room or
+    margin = _added_tokens(tok) + 1
+    sure = [p is not None and p.isascii() and len(p) + margin <= limit - want or
             p is None and all(c.isascii() for c in cs or []) and
-            sum(max(0, len(c) + margin - 2) for c in cs or []) <= room
-            for p, cs in items]
+            sum(max(0, len(c) + margin - 2) for c in cs or []) <= limit - want
+            for (p, cs), want in zip(items, wants)]
     prompts = [(i, p) for i, (p, _) in enumerate(items) if p is not None and not sure[i]]
     contents = [(i, c) for i, (p, cs) in enumerate(items) if p is None and not sure[i]
                 for c in cs or []]
@@ -77,8 +83,9 @@ def too_long_messages(settings, items: list[tuple[str | None, list[str] | None]]
         for (i, _), enc in zip(contents, tok.encode_batch([c for _, c in contents],
                                                           add_special_tokens=False)):
             counts[i] += max(0, len(enc.ids) - 2)
-    return [None if count + 1 <= limit else _reason(prompt is not None, count, limit)
-            for (prompt, _), count in zip(items, counts)]
+    return [None if count + want <= limit else
+            _reason(prompt is not None, count, limit, (max_tokens or [None] * len(items))[i])
+            for i, ((prompt, _), count, want) in enumerate(zip(items, counts, wants))]
 
 
 @lru_cache(maxsize=4)
@@ -91,15 +98,31 @@ def _added_tokens(tok) -> int:
     return _added_tokens_of(id(tok), tok)
 
 
-def _reason(is_prompt: bool, count: int, limit: int) -> str:
+def _reason(is_prompt: bool, count: int, limit: int, max_tokens: int | None = None) -> str:
     what = "prompt is" if is_prompt else "messages' contents are at least"
+    if max_tokens and count + 1 <= limit:   # the prompt fits: max_tokens asks too much
+        return (f"the {what} {count} tokens and max_tokens is {max_tokens}: {count} + "
+                f"{max_tokens} is more than max_model_len {limit}; ask for at most "
+                f"{limit - count} tokens, or shorten the prompt")
     return (f"the {what} {count} tokens; max_model_len is {limit}, which must leave room for "
             f"at least 1 generated token: shorten the prompt to at most {limit - 1} tokens")
 
 
-def check_prompt_length(settings, prompt: str | None, messages: list[str] | None) -> None:
-    """422 naming the token count and the limit when the prompt cannot fit."""
-    reason = too_long_message(settings, prompt, messages)
+def too_long_param(settings, prompt: str | None, messages: list[str] | None,
+                   max_tokens: int | None) -> str:
+    """The field a context_length_exceeded error names: max_tokens when the prompt alone
+    fits, else the prompt or the messages."""
+    if max_tokens and too_long_message(settings, prompt, messages) is None:
+        return "max_tokens"
+    return "prompt" if prompt is not None else "messages"
+
+
+def check_prompt_length(settings, prompt: str | None, messages: list[str] | None,
+                        max_tokens: int | None = None, tokens_param: str = "max_tokens") -> None:
+    """422 naming the token count and the limit when the prompt, with room for
+    ``max_tokens`` (when the request names it, as ``tokens_param``), cannot fit."""
+    reason = too_long_message(settings, prompt, messages, max_tokens)
     if reason is not None:
+        param = too_long_param(settings, prompt, messages, max_tokens)
         raise ApiError(422, reason, code="context_length_exceeded",
-                       param="prompt" if prompt is not None else "messages")
+                       param=tokens_param if param == "max_tokens" else param)

@@ -8,7 +8,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # job_<hex>, batch_<hex>: nothing else is looked up
-MAX_TOKENS = 4096  # per-job ceiling; the engine also refuses prompt + max_tokens > max_model_len
+# per-job ceiling; the API also refuses a named max_tokens that the context cannot hold after
+# the prompt (api.prompt_length), and the engine ends a row at max_model_len
+MAX_TOKENS = 4096
 
 
 def _storable(value: str) -> str:

@@ -101,7 +101,9 @@ async def _answer(request, body, tenant, queue, settings, *, chat, prompt, messa
     if problem is not None:
         raise ApiError(400, problem[0], code="unsupported_value", param=problem[1])
     adapter = await run_sync(resolve_model, queue, tenant, settings, body.model)
-    check_prompt_length(settings, prompt, [m["content"] for m in messages] if messages else None)
+    check_prompt_length(settings, prompt, [m["content"] for m in messages] if messages else None,
+                        body.sampling().get("max_tokens"), "max_completion_tokens"
+                        if body.max_completion_tokens else "max_tokens")
     spec = JobSpec(adapter=adapter, prompt=prompt, messages=messages, sampling={
         **body.sampling(), **({"stream": True} if body.stream else {})},
         priority=INTERACTIVE_PRIORITY)

@@ -43,7 +43,9 @@ def submit_job(body: JobCreate, request: Request, tenant=Depends(get_tenant),
                queue=Depends(get_queue), settings=Depends(get_settings)):
     check_adapter(queue, tenant, body.adapter)
     check_prompt_length(settings, body.prompt,
-                        [m.content for m in body.messages] if body.messages else None)
+                        [m.content for m in body.messages] if body.messages else None,
+                        body.sampling.max_tokens if "max_tokens" in body.sampling.model_fields_set
+                        else None)
     [info] = queue.submit(tenant.id, [spec_of(body)])
     nudge(request, 1)
     return job_out(info)

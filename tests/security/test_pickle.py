@@ -122,6 +122,43 @@ def test_batch_line_longer_than_max_model_len_is_a_line_error(service, alice):
     assert only_long.status_code == 422 and "max_model_len" in only_long.text, only_long.text
 
 
+def test_max_tokens_past_max_model_len_is_refused_not_cut_short(service, alice):
+    """A prompt that fits but asks for more tokens than the context has left (vLLM's server
+    rule): 422 context_length_exceeded naming max_tokens and how many fit, no row; a request
+    that does not name max_tokens is not checked against it."""
+    import json
+
+    _app, _queue, _settings, url = service
+    before = counts(url)
+    prompt = "z" * 99          # 100 tokens with BOS: 28 fit in max_model_len 128
+    for path, body, param in (
+            ("/v1/jobs", {"prompt": prompt, "sampling": {"max_tokens": 29}}, "max_tokens"),
+            ("/v1/completions", {"model": "base", "prompt": prompt, "max_tokens": 29},
+             "max_tokens"),
+            ("/v1/chat/completions", {"model": "base", "max_completion_tokens": 500,
+                                      "messages": [{"role": "user", "content": prompt}]},
+             "max_completion_tokens")):
+        r = alice.post(path, json=body)
+        assert r.status_code == 422, (path, r.text)
+        err = r.json()["error"]
+        assert (err["code"], err["param"]) == ("context_length_exceeded", param), err
+        assert "max_model_len 128" in err["message"] and "at most" in err["message"], err
+    assert counts(url) == before
+    line = {"custom_id": "x", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "base", "prompt": prompt, "max_tokens": 29}}
+    ok = {**line, "custom_id": "y", "body": {**line["body"], "max_tokens": 28}}
+    r = alice.post("/v1/batches", content="\n".join(map(json.dumps, [line, ok])))
+    assert r.status_code == 201, r.text
+    [err] = r.json()["errors"]["data"]
+    assert (err["line"], err["code"], err["param"]) == (1, "context_length_exceeded",
+                                                        "body.max_tokens"), err
+    assert "ask for at most 28 tokens" in err["message"], err
+    r = alice.post("/v1/jobs", json={"prompt": prompt, "sampling": {"max_tokens": 28}})
+    assert r.status_code == 201, r.text
+    r = alice.post("/v1/jobs", json={"prompt": "z" * 120})   # max_tokens not named: queued
+    assert r.status_code == 201, r.text
+
+
 # ---- hand-made pickles ------------------------------------------------------------------------
 
 def _s(text: str) -> bytes:

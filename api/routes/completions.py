@@ -88,7 +88,7 @@ def resolve_model(queue, tenant, settings, model: str) -> str | None:
         return None
     if queue.get_adapter(model, tenant.id) is not None:
         return model
-    known = sorted(a.name for a in queue.list_adapters(tenant.id))
+    known = sorted({a.name for a in queue.list_adapters(tenant.id)})  # own shadows shared
     raise ApiError(404, f"the model {model!r} does not exist or you cannot use it; use the "
                         f"base model {base!r} or one of your adapters: {known}",
                    code="model_not_found", param="model")

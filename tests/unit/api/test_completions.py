@@ -96,13 +96,20 @@ def test_stream_without_redis_ends_with_the_stored_text_and_done(service, tenant
     assert chunks[-1]["usage"]["total_tokens"] == 9
 
 
-def test_unknown_model_is_404_naming_the_models(tenant_a):
+def test_unknown_model_is_404_naming_the_models(service, tenant_a, adapter_root):
+    """The message names each usable model once (a tenant's adapter shadows a shared one of
+    the same name)."""
+    queue = service[1]
+    queue.register_adapter("alpha", str(adapter_root / "alpha"), rank=8)
+    queue.register_adapter("alpha", str(adapter_root / "alpha"), tenant_id=tenant_a.tenant.id,
+                           rank=8)
     r = tenant_a.post("/v1/chat/completions", json={
         "model": "nope", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404
     err = r.json()["error"]
     assert err["code"] == "model_not_found" and err["param"] == "model"
     assert "'nope'" in err["message"] and "base model" in err["message"]
+    assert err["message"].endswith("one of your adapters: ['alpha']"), err["message"]
 
 
 @pytest.mark.parametrize("extra, param, words", [

@@ -162,6 +162,9 @@ async def _create_from_file(request, response, tenant, queue, settings, idempote
         raise ApiError(400, f"file {source.id!r} has purpose {source.purpose!r}; a batch reads "
                             "a file uploaded with purpose='batch'", code="invalid_purpose",
                        param="input_file_id")
+    if not source.lines:   # as the one-step upload answers an empty body
+        raise ApiError(422, f"file {source.id!r} has no request lines; a batch needs at least "
+                            "one", code="empty_batch", param="input_file_id")
     if source.lines > settings.max_batch_lines:
         raise ApiError(413, f"file {source.id!r} has {source.lines} lines, over the limit of "
                             f"{settings.max_batch_lines} lines; split it into smaller files",

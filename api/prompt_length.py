@@ -63,7 +63,8 @@ def too_long_messages(settings, items: list[tuple[str | None, list[str] | None]]
     tok = None if limit is None else _tokenizer(settings.model)
     if tok is None or not items:
         return [None] * len(items)
-    wants = [m or 1 for m in (max_tokens or [None] * len(items))]
+    named = max_tokens or [None] * len(items)
+    wants = [m or 1 for m in named]
     # An ASCII text of n characters encodes to at most n + (tokens the encoding adds) + 1
     # (a prefix marker): every token covers at least one character (byte-level BPE: one
     # byte). Requests under that bound fit without being tokenized.
@@ -83,9 +84,8 @@ def too_long_messages(settings, items: list[tuple[str | None, list[str] | None]]
         for (i, _), enc in zip(contents, tok.encode_batch([c for _, c in contents],
                                                           add_special_tokens=False)):
             counts[i] += max(0, len(enc.ids) - 2)
-    return [None if count + want <= limit else
-            _reason(prompt is not None, count, limit, (max_tokens or [None] * len(items))[i])
-            for i, ((prompt, _), count, want) in enumerate(zip(items, counts, wants))]
+    return [None if count + want <= limit else _reason(prompt is not None, count, limit, m)
+            for (prompt, _), count, want, m in zip(items, counts, wants, named)]
 
 
 @lru_cache(maxsize=4)

@@ -18,7 +18,7 @@ from lorry.api.batch_fast import (
     accept,
 )
 from lorry.api.json_check import check_json
-from lorry.api.prompt_length import too_long_messages, too_long_param
+from lorry.api.prompt_length import too_long_messages
 from lorry.api.schemas import NAME_PATTERN, Message, OpenAIOptions, Text
 from lorry.scheduler.types import JobSpec, LineError
 
@@ -240,11 +240,12 @@ class _Chunker:
         too_long = [None] * len(good) if self.settings is None else too_long_messages(
             self.settings, items, wants)
         specs = []
-        for (number, line), reason, item, want in zip(good, too_long, items, wants):
-            if reason is not None:
+        for (number, line), problem in zip(good, too_long):
+            if problem is not None:   # (reason, field); max_tokens also for
+                reason, field = problem   # max_completion_tokens (the line keeps one)
                 refused.append(LineError(number, "context_length_exceeded",
-                                         f"line {number}: {reason}", "body." + too_long_param(
-                                             self.settings, *item, want), line.custom_id))
+                                         f"line {number}: {reason}", f"body.{field}",
+                                         line.custom_id))
                 continue
             is_base = line.model == self.base_name or line.model in BASE_ALIASES
             specs.append(JobSpec(

@@ -55,10 +55,12 @@ def too_long_message(settings, prompt: str | None, messages: list[str] | None,
 
 
 def too_long_messages(settings, items: list[tuple[str | None, list[str] | None]],
-                      max_tokens: list[int | None] | None = None) -> list[str | None]:
+                      max_tokens: list[int | None] | None = None
+                      ) -> list[tuple[str, str] | None]:
     """``too_long_message`` of many (prompt, contents) at once, with each one's max_tokens
-    (None: not named): one batched encode (the tokenizer's own threads) instead of one call
-    per prompt."""
+    (None: not named), as (reason, the field to name: "max_tokens" when the prompt alone
+    fits, else "prompt" or "messages"): one batched encode (the tokenizer's own threads)
+    instead of one call per prompt."""
     limit = settings.max_model_len
     tok = None if limit is None else _tokenizer(settings.model)
     if tok is None or not items:
@@ -84,8 +86,17 @@ def too_long_messages(settings, items: list[tuple[str | None, list[str] | None]]
         for (i, _), enc in zip(contents, tok.encode_batch([c for _, c in contents],
                                                           add_special_tokens=False)):
             counts[i] += max(0, len(enc.ids) - 2)
-    return [None if count + want <= limit else _reason(prompt is not None, count, limit, m)
+    return [None if count + want <= limit else
+            (_reason(prompt is not None, count, limit, m), _field(prompt, count, limit, m))
             for (prompt, _), count, want, m in zip(items, counts, wants, named)]
+
+
+def _field(prompt: str | None, count: int, limit: int, max_tokens: int | None) -> str:
+    """The field a context_length_exceeded error names: max_tokens when the prompt alone
+    fits, else the prompt or the messages."""
+    if max_tokens and count + 1 <= limit:
+        return "max_tokens"
+    return "prompt" if prompt is not None else "messages"
 
 
 @lru_cache(maxsize=4)
@@ -104,17 +115,10 @@ def _reason(is_prompt: bool, count: int, limit: int, max_tokens: int | None = No
         return (f"the {what} {count} tokens and max_tokens is {max_tokens}: {count} + "
                 f"{max_tokens} is more than max_model_len {limit}; ask for at most "
                 f"{limit - count} tokens, or shorten the prompt")
+    room = max_tokens or 1
     return (f"the {what} {count} tokens; max_model_len is {limit}, which must leave room for "
-            f"at least 1 generated token: shorten the prompt to at most {limit - 1} tokens")
-
-
-def too_long_param(settings, prompt: str | None, messages: list[str] | None,
-                   max_tokens: int | None) -> str:
-    """The field a context_length_exceeded error names: max_tokens when the prompt alone
-    fits, else the prompt or the messages."""
-    if max_tokens and too_long_message(settings, prompt, messages) is None:
-        return "max_tokens"
-    return "prompt" if prompt is not None else "messages"
+            f"{room} generated token{'s' if room > 1 else ''}: shorten the prompt to at most "
+            f"{max(0, limit - room)} tokens")
 
 
 def check_prompt_length(settings, prompt: str | None, messages: list[str] | None,
@@ -123,6 +127,7 @@ def check_prompt_length(settings, prompt: str | None, messages: list[str] | None
     ``max_tokens`` (when the request names it, as ``tokens_param``), cannot fit."""
     reason = too_long_message(settings, prompt, messages, max_tokens)
     if reason is not None:
-        param = too_long_param(settings, prompt, messages, max_tokens)
+        count = prompt_tokens(settings.model, prompt, messages)
+        field = _field(prompt, count, settings.max_model_len, max_tokens)
         raise ApiError(422, reason, code="context_length_exceeded",
-                       param=tokens_param if param == "max_tokens" else param)
+                       param=tokens_param if field == "max_tokens" else field)

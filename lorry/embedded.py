@@ -35,7 +35,6 @@ def named_adapters(pairs: list[str], adapters_dir=None) -> dict[str, str]:
 
     wanted = {n: str(p) for n, p in demo_adapter_dirs(adapters_dir).items()} \
         if adapters_dir else {}
-
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
@@ -85,6 +84,7 @@ def run_file(settings, file: Path, output: Path, adapters: list[str] = (), adapt
 
     Failed lines go to ``<output stem>.errors.jsonl`` beside it.
     """
+    from lorry.adapters import demo_adapter_dirs
     from lorry.api.batch_input import (
         DuplicateCustomId,
         IngestStats,
@@ -92,7 +92,6 @@ def run_file(settings, file: Path, output: Path, adapters: list[str] = (), adapt
         ingest_chunks,
         line_error_dict,
     )
-    from lorry.adapters import demo_adapter_dirs
     from lorry.api.convert import output_line
 
     wanted = named_adapters(list(adapters), adapters_dir)

@@ -247,7 +247,7 @@ class Drainer:
 
     def _finish(self, job_id: str, out, cancelled: bool = False) -> None:
         from lorry.scheduler import Result
-        from lorry.scheduler.types import adapter_failure
+        from lorry.scheduler.types import adapter_failure, is_adapter_failure
         from lorry.workers.tokens import logprobs_json
 
         held = self.held.pop(job_id, None)
@@ -255,8 +255,10 @@ class Drainer:
             return
         comp = out.outputs[0]
         if comp.finish_reason == "error":  # its adapter could not be loaded: not retryable
-            self._writer.put(WriteOp("fail", held.job,
-                                     message=adapter_failure(held.job.adapter, out.error)))
+            # (the engine's error says so already, naming the adapter: kept as it is)
+            message = out.error if is_adapter_failure(out.error) \
+                else adapter_failure(held.job.adapter, out.error)
+            self._writer.put(WriteOp("fail", held.job, message=message))
             return
         usage, m = out.usage, out.metrics
         timings = {"run_s": time.monotonic() - held.claimed_at}

@@ -96,7 +96,9 @@ def _ingest(queue, tenant, settings, lines, stats: IngestStats, *, one_step: boo
 
     def checked():
         yield from chunks
-        if one_step and not stats.accepted:
+        # nothing stored: a one-step upload with no valid line, or any input with no request
+        # line at all (empty, or blank lines only)
+        if one_step and not stats.accepted or not (stats.accepted or stats.rejected):
             raise NoValidLines()
     return queue.ingest_batch(tenant.id, checked(), model=base_model_name(settings), **kw)
 
@@ -162,9 +164,6 @@ async def _create_from_file(request, response, tenant, queue, settings, idempote
         raise ApiError(400, f"file {source.id!r} has purpose {source.purpose!r}; a batch reads "
                             "a file uploaded with purpose='batch'", code="invalid_purpose",
                        param="input_file_id")
-    if not source.lines:   # as the one-step upload answers an empty body
-        raise ApiError(422, f"file {source.id!r} has no request lines; a batch needs at least "
-                            "one", code="empty_batch", param="input_file_id")
     if source.lines > settings.max_batch_lines:
         raise ApiError(413, f"file {source.id!r} has {source.lines} lines, over the limit of "
                             f"{settings.max_batch_lines} lines; split it into smaller files",
@@ -181,6 +180,9 @@ async def _create_from_file(request, response, tenant, queue, settings, idempote
         first = e.errors[0]
         raise ApiError(422, first["message"], code=first["code"], param=first["param"],
                        lines=e.errors) from None
+    except NoValidLines:   # as the one-step upload answers an empty body
+        raise ApiError(422, f"file {source.id!r} has no request lines; a batch needs at least "
+                            "one", code="empty_batch", param="input_file_id") from None
     finally:
         spool.close()
     if created and stats.accepted:

@@ -45,7 +45,7 @@ def submit_job(body: JobCreate, request: Request, tenant=Depends(get_tenant),
     check_prompt_length(settings, body.prompt,
                         [m.content for m in body.messages] if body.messages else None,
                         body.sampling.max_tokens if "max_tokens" in body.sampling.model_fields_set
-                        else None)
+                        else None, "sampling.max_tokens")
     [info] = queue.submit(tenant.id, [spec_of(body)])
     nudge(request, 1)
     return job_out(info)

@@ -132,7 +132,8 @@ def test_max_tokens_past_max_model_len_is_refused_not_cut_short(service, alice):
     before = counts(url)
     prompt = "z" * 99          # 100 tokens with BOS: 28 fit in max_model_len 128
     for path, body, param in (
-            ("/v1/jobs", {"prompt": prompt, "sampling": {"max_tokens": 29}}, "max_tokens"),
+            ("/v1/jobs", {"prompt": prompt, "sampling": {"max_tokens": 29}},
+             "sampling.max_tokens"),
             ("/v1/completions", {"model": "base", "prompt": prompt, "max_tokens": 29},
              "max_tokens"),
             ("/v1/chat/completions", {"model": "base", "max_completion_tokens": 500,

@@ -194,12 +194,13 @@ def test_batch_create_refusals(service, alice, bob):
         alice.batches.create(input_file_id=f.id, endpoint="/v1/embeddings",
                              completion_window="24h")
     assert e.value.body["param"] == "endpoint"
-    empty = alice.files.create(file=("empty.jsonl", b""), purpose="batch")
-    with pytest.raises(openai.UnprocessableEntityError) as e:
-        alice.batches.create(input_file_id=empty.id, endpoint="/v1/chat/completions",
-                             completion_window="24h")
-    assert (e.value.code, e.value.body["param"]) == ("empty_batch", "input_file_id")
-    assert "has no request lines" in str(e.value)
+    for blank in (b"", b"\n", b"  \n\n"):     # no request line: empty, blank lines only
+        empty = alice.files.create(file=("empty.jsonl", blank), purpose="batch")
+        with pytest.raises(openai.UnprocessableEntityError) as e:
+            alice.batches.create(input_file_id=empty.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h")
+        assert (e.value.code, e.value.body["param"]) == ("empty_batch", "input_file_id")
+        assert "has no request lines" in str(e.value)
     assert list(alice.batches.list()) == []
 
 

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from lorry.scheduler import JobSpec
+from lorry.scheduler.types import is_adapter_failure
 from lorry.workers.drain import Drainer
 
 
@@ -63,6 +64,9 @@ def test_bad_adapter_and_too_long_prompt_fail_their_jobs_only(queue, engine, tmp
     assert (summary.failed, summary.succeeded) == (2, 1)
     bad_adapter, too_long, good = (queue.get_job(j.id) for j in jobs)
     assert bad_adapter.status == "failed" and "DoRA" in bad_adapter.error
+    # the error the API answers as 422 adapter_unloadable, naming the adapter once
+    assert is_adapter_failure(bad_adapter.error) and not is_adapter_failure(too_long.error)
+    assert bad_adapter.error.count("cannot be loaded") == 1, bad_adapter.error
     assert bad_adapter.attempts <= 1
     assert too_long.status == "failed" and "max_model_len" in too_long.error
     assert good.status == "succeeded"

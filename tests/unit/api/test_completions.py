@@ -190,13 +190,38 @@ def test_a_client_leaving_a_stream_cancels_its_job(service, tenant_a):
     assert queue.get_job(info.id).status == "cancelled"
 
 
+def _stream_over(queue, tenant, job_id: str, publish, chat: bool, usage: bool) -> list[str]:
+    """The SSE events of job_id's answer where each pub/sub read returns ``publish(n)`` (n:
+    the read's number from 1; None: nothing published), as the API streams it."""
+    import anyio
+
+    from lorry.api.openai_format import ChunkWriter
+    from lorry.api.routes import completions
+
+    class PubSub:
+        calls = 0
+
+        async def get_message(self, **kw):
+            self.calls += 1
+            piece = publish(self.calls)
+            return None if piece is None else {"type": "message", "data": json.dumps(piece)}
+
+        async def aclose(self):
+            pass
+
+    async def stream():
+        job = completions._Job(job_id, None, queue, tenant, timeout=30)
+        return [e async for e in completions._events(job, (PubSub(), PubSub()),
+                                                     ChunkWriter(job_id, "base", chat),
+                                                     logprobs=False, usage=usage)]
+
+    return anyio.run(stream)
+
+
 def test_a_stream_whose_row_was_read_while_running_still_ends_with_usage(service, tenant_a,
                                                                          monkeypatch):
     """The stream reads the job's row while the job runs, then the end arrives by pub/sub:
     the usage chunk and [DONE] still come (from the finished job's result)."""
-    import anyio
-
-    from lorry.api.openai_format import ChunkWriter
     from lorry.api.routes import completions
     from lorry.scheduler import JobSpec, Result
 
@@ -204,28 +229,14 @@ def test_a_stream_whose_row_was_read_while_running_still_ends_with_usage(service
     [info] = queue.submit(tenant_a.tenant.id, [JobSpec(adapter=None, prompt="x")])
     monkeypatch.setattr(completions, "STREAM_POLL_S", 0.0)
 
-    class PubSub:
-        calls = 0
+    def publish(n):
+        if n == 1:  # nothing published yet: the stream reads the queued row
+            return None
+        [mb] = queue.claim("test-worker", [], [], 1)
+        queue.complete(info.id, mb.jobs[0].lease_token, Result("Hi", [72, 1], "stop", 7, 2))
+        return {"offset": 0, "text": "Hi", "finish_reason": "stop"}
 
-        async def get_message(self, **kw):
-            self.calls += 1
-            if self.calls == 1:  # nothing published yet: the stream reads the queued row
-                return None
-            [mb] = queue.claim("test-worker", [], [], 1)
-            queue.complete(info.id, mb.jobs[0].lease_token, Result("Hi", [72, 1], "stop", 7, 2))
-            return {"type": "message",
-                    "data": json.dumps({"offset": 0, "text": "Hi", "finish_reason": "stop"})}
-
-        async def aclose(self):
-            pass
-
-    async def stream():
-        job = completions._Job(info.id, None, queue, tenant_a.tenant, timeout=30)
-        return [e async for e in completions._events(job, (PubSub(), PubSub()),
-                                                     ChunkWriter(info.id, "base", False),
-                                                     logprobs=False, usage=True)]
-
-    events = anyio.run(stream)
+    events = _stream_over(queue, tenant_a.tenant, info.id, publish, chat=False, usage=True)
     assert events[-1] == "data: [DONE]\n\n"
     assert json.loads(events[-2].removeprefix("data: "))["usage"]["total_tokens"] == 9
 
@@ -273,38 +284,21 @@ def test_a_failed_job_is_422_when_its_adapter_cannot_be_loaded_else_500(service,
 def test_a_stream_whose_adapter_cannot_be_loaded_ends_with_the_error_event(service, tenant_a):
     """The worker publishes finish_reason "error" when the job's adapter cannot be loaded:
     the stream then ends with one error event naming why (not an empty answer and [DONE])."""
-    import anyio
-
-    from lorry.api.openai_format import ChunkWriter
-    from lorry.api.routes import completions
     from lorry.scheduler import JobSpec
     from lorry.scheduler.types import adapter_failure
 
     queue = service[1]
     [info] = queue.submit(tenant_a.tenant.id, [JobSpec(adapter=None, prompt="x")])
 
-    class PubSub:
-        sent = False
+    def publish(n):
+        if n > 1:
+            return None
+        # the worker's last piece; its row is failed a moment later
+        [mb] = queue.claim("test-worker", [], [], 1)
+        queue.fail(info.id, mb.jobs[0].lease_token, adapter_failure("a", "gone"), False)
+        return {"offset": 0, "text": "", "finish_reason": "error"}
 
-        async def get_message(self, **kw):
-            if self.sent:
-                return None
-            self.sent = True   # the worker's last piece; its row is failed a moment later
-            [mb] = queue.claim("test-worker", [], [], 1)
-            queue.fail(info.id, mb.jobs[0].lease_token, adapter_failure("a", "gone"), False)
-            return {"type": "message",
-                    "data": json.dumps({"offset": 0, "text": "", "finish_reason": "error"})}
-
-        async def aclose(self):
-            pass
-
-    async def stream():
-        job = completions._Job(info.id, None, queue, tenant_a.tenant, timeout=30)
-        return [e async for e in completions._events(job, (PubSub(), PubSub()),
-                                                     ChunkWriter(info.id, "base", True),
-                                                     logprobs=False, usage=False)]
-
-    events = anyio.run(stream)
+    events = _stream_over(queue, tenant_a.tenant, info.id, publish, chat=True, usage=False)
     assert "[DONE]" not in events[-1]
     err = json.loads(events[-1].removeprefix("data: "))["error"]
     assert err["code"] == "adapter_unloadable" and "'a' cannot be loaded: gone" in err["message"]

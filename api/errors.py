@@ -144,6 +144,8 @@ def queue_error_status(exc: errors.QueueError) -> tuple[int, str, dict[str, str]
     if isinstance(exc, errors.DuplicateKey):
         return 409, "conflict", None
     if isinstance(exc, errors.QuotaExceeded):
+        if exc.never_fits:   # retrying cannot help: the SDKs must not (x-should-retry)
+            return 429, "quota_exceeded", {"x-should-retry": "false"}
         return 429, "quota_exceeded", {"Retry-After": str(RETRY_AFTER_QUOTA_S)}
     if isinstance(exc, errors.AdapterExists):
         return 409, "adapter_exists", None

@@ -28,9 +28,17 @@ class QuotaExceeded(QueueError):
     def __init__(self, tenant_id: str, queued: int, requested: int, max_queued: int):
         self.tenant_id, self.queued = tenant_id, queued
         self.requested, self.max_queued = requested, max_queued
+        never = self.never_fits
         super().__init__(
             f"tenant {tenant_id!r} has {queued} queued job(s); submitting {requested} more "
-            f"would exceed its max_queued quota of {max_queued}")
+            f"would exceed its max_queued quota of {max_queued}"
+            + ("; that is more than the whole quota, so it can never be queued: submit at "
+               f"most {max_queued} at a time" if never else ""))
+
+    @property
+    def never_fits(self) -> bool:
+        """More jobs than the whole quota: waiting for the queue to drain cannot help."""
+        return self.requested > self.max_queued
 
 
 class Unavailable(QueueError):

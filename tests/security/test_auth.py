@@ -87,7 +87,17 @@ def test_quota_is_429_with_retry_after_and_nothing_queued(service):
                      b'"body": {"model": "base", "prompt": "x"}}\n' % i for i in range(2))
     r = c.post("/v1/batches", content=lines)
     assert r.status_code == 429 and "Retry-After" in r.headers
+    assert "x-should-retry" not in r.headers
     assert counts(url) == before
+    # more than the whole quota can never be queued: said so, and not worth retrying
+    many = b"".join(b'{"custom_id": "m%d", "method": "POST", "url": "/v1/completions", '
+                    b'"body": {"model": "base", "prompt": "x"}}\n' % i for i in range(4))
+    r = client(app, queue.create_tenant("capped-too", max_queued=3)[1]).post(
+        "/v1/batches", content=many)
+    assert (r.status_code, r.json()["error"]["code"]) == (429, "quota_exceeded")
+    assert r.headers["x-should-retry"] == "false" and "Retry-After" not in r.headers
+    assert "can never be queued: submit at most 3 at a time" in r.json()["error"]["message"]
+    assert counts(url)["jobs"] == before["jobs"]
     # another tenant is not held back by this one's quota
     _, other = queue.create_tenant("free")
     assert client(app, other).post("/v1/jobs", json={"prompt": "x"}).status_code == 201

@@ -103,8 +103,9 @@ def test_quota_error_carries_retry_after(service):
     from lorry.errors import QuotaExceeded
 
     app, queue, *_ = service
-    _, key = queue.create_tenant("full", max_queued=0)
+    _, key = queue.create_tenant("full", max_queued=1)
     with Client("http://testserver", key, http_client=TestClient(app)) as c:
+        c.submit("fills the quota")
         with pytest.raises(QuotaExceeded) as e:
             c.submit("x")
     assert e.value.status == 429 and e.value.retry_after == 30

@@ -63,8 +63,19 @@ def db_upgrade(revision: str = typer.Argument("head")):
 @tenant_app.command("create")
 def tenant_create(name: str, weight: float = typer.Option(1.0, min=0.001),
                   max_queued: Optional[int] = typer.Option(None, min=1)):
-    """Create a tenant and print its API key (shown once; only its hash is stored)."""
-    tenant, key = _queue().create_tenant(name, weight=weight, max_queued=max_queued)
+    """Create a tenant and print its API key (shown once; only its hash is stored). The name
+    must be new: the other tenant commands find tenants by it."""
+    if not name or name != name.strip() or len(name) > 128 or not name.isprintable():
+        typer.echo(f"error: tenant name {name!r} is invalid: give 1-128 printable characters "
+                   "without leading or trailing spaces", err=True)
+        raise typer.Exit(2)
+    queue = _queue()
+    taken = [t.id for t, _ in queue.list_tenants() if t.name == name]
+    if taken:
+        typer.echo(f"error: a tenant named {name!r} exists ({', '.join(taken)}); choose "
+                   "another name (`lorry tenant list`)", err=True)
+        raise typer.Exit(2)
+    tenant, key = queue.create_tenant(name, weight=weight, max_queued=max_queued)
     typer.echo(f"tenant {tenant.name} ({tenant.id})")
     typer.echo(f"api key: {key}")
 

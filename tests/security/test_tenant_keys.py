@@ -59,3 +59,19 @@ def test_an_ambiguous_or_unknown_tenant_changes_nothing(service):
     with client(app, key) as c:
         assert c.get("/v1/jobs").status_code == 401
     assert dict((t.id, ok) for t, ok in queue.list_tenants())[second.id] is True
+
+
+def test_tenant_create_refuses_a_taken_or_blank_name(service):
+    """The tenant commands find tenants by name, so `tenant create` refuses a name in use (and
+    blank or padded names) with exit 2 and one line, creating nothing."""
+    _app, queue, _, url = service
+    first = _key(run_cli(["tenant", "create", "acme"], _env(url)))
+    assert first.startswith("lorry_")
+    before = len(queue.list_tenants())
+    for name, says in (("acme", "a tenant named 'acme' exists"), ("", "is invalid"),
+                       ("  ", "is invalid"), (" acme", "is invalid")):
+        out = subprocess.run(LORRY + ["tenant", "create", name], env=_env(url),
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert out.returncode == 2 and says in out.stderr, (name, out.stderr)
+        assert "Traceback" not in out.stderr
+    assert len(queue.list_tenants()) == before

@@ -78,7 +78,8 @@ def _counters(stats: dict[str, dict]):
                 fam.add_metric([worker, *label_values], v)
         yield fam
     tps = GaugeMetricFamily("lorry_worker_tokens_per_second",
-                            "Generated tokens/s of a worker over its last drain", labels=["worker"])
+                            "Generated tokens/s of a worker over its last drain that generated any",
+                            labels=["worker"])
     for worker, s in stats.items():
         tps.add_metric([worker], s.get("tokens_per_second", 0.0))
     yield tps

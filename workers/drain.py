@@ -148,7 +148,7 @@ class Drainer:
         self._wind_down(beats, beater)
         summary.seconds = time.monotonic() - start
         summary.tokens = self.stats.tokens_generated - tokens_at_start
-        if summary.seconds > 0:
+        if summary.seconds > 0 and summary.tokens:   # an empty drain leaves the last figure
             self.stats.tokens_per_second = summary.tokens / summary.seconds
         try:
             self.heartbeat()

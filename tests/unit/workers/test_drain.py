@@ -48,6 +48,19 @@ def test_mixed_jobs_all_succeed_and_equal_the_engine_alone(queue, engine, tiny):
     assert not engine.has_unfinished_requests()
 
 
+def test_tokens_per_second_is_the_last_drain_that_generated(queue, engine):
+    """The worker's tokens/s gauge keeps the last drain with work: the empty drains a worker
+    runs between nudges do not reset it to 0."""
+    tenant, _ = queue.create_tenant("t")
+    queue.submit(tenant.id, [JobSpec(adapter=None, prompt=f"p{i}", sampling={
+        "max_tokens": 4, "temperature": 0, "ignore_eos": True}) for i in range(3)])
+    d = drainer(queue, engine)
+    busy = d.run()
+    assert busy.tokens == 12 and d.stats.tokens_per_second == busy.tokens / busy.seconds
+    idle = d.run()
+    assert idle.tokens == 0 and d.stats.tokens_per_second == busy.tokens / busy.seconds
+
+
 def test_bad_adapter_and_too_long_prompt_fail_their_jobs_only(queue, engine, tmp_path):
     tenant, _ = queue.create_tenant("t")
     broken = tmp_path / "broken"

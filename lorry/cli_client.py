@@ -16,7 +16,11 @@ KEY = typer.Option(..., "--key", envvar="LORRY_API_KEY", help="tenant API key")
 def _client(url: str, key: str):
     from lorry.client import Client
 
-    return Client(url, key)
+    try:
+        return Client(url, key)
+    except ValueError as e:   # an empty key (LORRY_API_KEY set to nothing)
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _fail(e) -> None:

@@ -38,6 +38,9 @@ class Client:
     def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0,
                  http_client: httpx.Client | None = None):
         # http_client: a ready httpx.Client (e.g. FastAPI's TestClient) instead of a new one.
+        if not isinstance(api_key, str) or not api_key.strip() or not api_key.isprintable():
+            raise ValueError("api_key must be a tenant's API key ('lorry_...', printed by "
+                             "`lorry tenant create`), got an empty or unprintable value")
         self._http = http_client or httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
         self._http.headers["Authorization"] = f"Bearer {api_key}"
 

@@ -110,3 +110,12 @@ def test_quota_error_carries_retry_after(service):
             c.submit("x")
     assert e.value.status == 429 and e.value.retry_after == 30
     assert e.value.code == "quota_exceeded" and "max_queued" in e.value.message
+
+
+@pytest.mark.parametrize("key", ["", "   ", "lorry_x\n"])
+def test_an_empty_or_unprintable_key_is_refused_at_construction(key):
+    """Not a network error at the first call ("cannot reach ...: Illegal header value")."""
+    from lorry.client import Client
+
+    with pytest.raises(ValueError, match="api_key must be a tenant's API key"):
+        Client("http://127.0.0.1:9", key)

@@ -5,6 +5,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Request
 
 from lorry.api.convert import adapter_out
 from lorry.api.deps import get_queue, get_settings, get_tenant
+from lorry.api.errors import ApiError
 from lorry.api.schemas import NAME_PATTERN, AdapterCreate, AdapterList, AdapterOut
 from lorry.engine.lora.sources import LOCAL, check_source, tenant_roots  # torch-free
 
@@ -51,7 +52,8 @@ def add_adapter(body: AdapterCreate, request: Request, tenant=Depends(get_tenant
                 queue=Depends(get_queue), settings=Depends(get_settings)):
     existing = queue.get_adapter(body.name, tenant.id)
     if existing is not None and existing.tenant_id == tenant.id:
-        raise HTTPException(409, f"adapter {body.name!r} is already registered; delete it first")
+        raise ApiError(409, f"adapter {body.name!r} is already registered; delete it first",
+                       code="adapter_exists", param="name")
     try:  # the engine's rules (AdapterSourceError is a ValueError)
         src = check_source(body.source, revision=body.revision,
                            roots=allowed_roots(settings, tenant.id),

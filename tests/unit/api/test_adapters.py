@@ -16,6 +16,8 @@ def test_register_list_use_delete(tenant_a, adapter_root):
     assert [x["name"] for x in tenant_a.get("/v1/adapters").json()["data"]] == ["beta"]
     again = tenant_a.post("/v1/adapters", json={"name": "beta", "source": a["source"]})
     assert again.status_code == 409
+    assert (again.json()["error"]["code"], again.json()["error"]["param"]) == (
+        "adapter_exists", "name")   # as docs/INTERFACES.md lists it
     assert tenant_a.delete("/v1/adapters/beta").status_code == 204
     assert tenant_a.get("/v1/adapters").json()["data"] == []
     assert tenant_a.delete("/v1/adapters/beta").status_code == 404

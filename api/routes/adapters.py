@@ -81,4 +81,5 @@ def list_adapters(tenant=Depends(get_tenant), queue=Depends(get_queue)):
 def delete_adapter(name: str = Path(pattern=NAME_PATTERN), tenant=Depends(get_tenant),
                    queue=Depends(get_queue)):
     if not queue.delete_adapter(name, tenant.id):
-        raise HTTPException(404, f"no adapter {name!r} of yours")
+        raise ApiError(404, f"no adapter {name!r} of yours", code="adapter_not_found",
+                       param="name")

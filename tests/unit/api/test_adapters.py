@@ -20,7 +20,10 @@ def test_register_list_use_delete(tenant_a, adapter_root):
         "adapter_exists", "name")   # as docs/INTERFACES.md lists it
     assert tenant_a.delete("/v1/adapters/beta").status_code == 204
     assert tenant_a.get("/v1/adapters").json()["data"] == []
-    assert tenant_a.delete("/v1/adapters/beta").status_code == 404
+    gone = tenant_a.delete("/v1/adapters/beta")
+    assert gone.status_code == 404
+    assert (gone.json()["error"]["code"], gone.json()["error"]["param"]) == (
+        "adapter_not_found", "name")
 
 
 def test_hub_id_is_registered_with_a_revision(tenant_a):

@@ -39,9 +39,9 @@ def prompt_tokens(model: str, prompt: str | None, messages: list[str] | None) ->
 
 
 def too_long_message(settings, prompt: str | None, messages: list[str] | None,
-                     max_tokens: int | None = None) -> str | None:
-    """Why the prompt, with room for ``max_tokens`` (when the request names it; else one
-    token), cannot fit ``settings.max_model_len``, or None when it may fit."""
+                     max_tokens: int | None = None) -> tuple[str, str] | None:
+    """(why, the field to name) when the prompt, with room for ``max_tokens`` (when the
+    request names it; else one token), cannot fit ``settings.max_model_len``; else None."""
     limit = settings.max_model_len
     if limit is None:
         return None
@@ -51,16 +51,15 @@ def too_long_message(settings, prompt: str | None, messages: list[str] | None,
     # refused rather than cut short)
     if count is None or count + (max_tokens or 1) <= limit:
         return None
-    return _reason(prompt is not None, count, limit, max_tokens)
+    return _problem(prompt is not None, count, limit, max_tokens)
 
 
 def too_long_messages(settings, items: list[tuple[str | None, list[str] | None]],
                       max_tokens: list[int | None] | None = None
                       ) -> list[tuple[str, str] | None]:
     """``too_long_message`` of many (prompt, contents) at once, with each one's max_tokens
-    (None: not named), as (reason, the field to name: "max_tokens" when the prompt alone
-    fits, else "prompt" or "messages"): one batched encode (the tokenizer's own threads)
-    instead of one call per prompt."""
+    (None: not named): one batched encode (the tokenizer's own threads) instead of one call
+    per prompt."""
     limit = settings.max_model_len
     tok = None if limit is None else _tokenizer(settings.model)
     if tok is None or not items:
@@ -86,17 +85,8 @@ def too_long_messages(settings, items: list[tuple[str | None, list[str] | None]]
         for (i, _), enc in zip(contents, tok.encode_batch([c for _, c in contents],
                                                           add_special_tokens=False)):
             counts[i] += max(0, len(enc.ids) - 2)
-    return [None if count + want <= limit else
-            (_reason(prompt is not None, count, limit, m), _field(prompt, count, limit, m))
+    return [None if count + want <= limit else _problem(prompt is not None, count, limit, m)
             for (prompt, _), count, want, m in zip(items, counts, wants, named)]
-
-
-def _field(prompt: str | None, count: int, limit: int, max_tokens: int | None) -> str:
-    """The field a context_length_exceeded error names: max_tokens when the prompt alone
-    fits, else the prompt or the messages."""
-    if max_tokens and count + 1 <= limit:
-        return "max_tokens"
-    return "prompt" if prompt is not None else "messages"
 
 
 @lru_cache(maxsize=4)
@@ -109,25 +99,27 @@ def _added_tokens(tok) -> int:
     return _added_tokens_of(id(tok), tok)
 
 
-def _reason(is_prompt: bool, count: int, limit: int, max_tokens: int | None = None) -> str:
+def _problem(is_prompt: bool, count: int, limit: int, max_tokens: int | None = None
+             ) -> tuple[str, str]:
+    """(why, the field a context_length_exceeded error names): max_tokens when the prompt
+    alone fits, else the prompt or the messages."""
     what = "prompt is" if is_prompt else "messages' contents are at least"
     if max_tokens and count + 1 <= limit:   # the prompt fits: max_tokens asks too much
         return (f"the {what} {count} tokens and max_tokens is {max_tokens}: {count} + "
                 f"{max_tokens} is more than max_model_len {limit}; ask for at most "
-                f"{limit - count} tokens, or shorten the prompt")
+                f"{limit - count} tokens, or shorten the prompt", "max_tokens")
     room = max_tokens or 1
     return (f"the {what} {count} tokens; max_model_len is {limit}, which must leave room for "
             f"{room} generated token{'s' if room > 1 else ''}: shorten the prompt to at most "
-            f"{max(0, limit - room)} tokens")
+            f"{max(0, limit - room)} tokens", "prompt" if is_prompt else "messages")
 
 
 def check_prompt_length(settings, prompt: str | None, messages: list[str] | None,
                         max_tokens: int | None = None, tokens_param: str = "max_tokens") -> None:
     """422 naming the token count and the limit when the prompt, with room for
     ``max_tokens`` (when the request names it, as ``tokens_param``), cannot fit."""
-    reason = too_long_message(settings, prompt, messages, max_tokens)
-    if reason is not None:
-        count = prompt_tokens(settings.model, prompt, messages)
-        field = _field(prompt, count, settings.max_model_len, max_tokens)
+    problem = too_long_message(settings, prompt, messages, max_tokens)
+    if problem is not None:
+        reason, field = problem
         raise ApiError(422, reason, code="context_length_exceeded",
                        param=tokens_param if field == "max_tokens" else field)

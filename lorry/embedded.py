@@ -29,12 +29,18 @@ def embedded_queue(settings, database_url: str | None = None, **overrides):
                 close()
 
 
-def named_adapters(pairs: list[str], adapters_dir=None) -> dict[str, str]:
-    """NAME -> source of NAME=PATH pairs and of every adapter in ``adapters_dir``."""
+def named_adapters(pairs: list[str], adapters_dir=None, empty_ok: bool = True
+                   ) -> dict[str, str]:
+    """NAME -> source of NAME=PATH pairs and of every adapter in ``adapters_dir`` (which must
+    hold one unless ``empty_ok``)."""
     from lorry.adapters import demo_adapter_dirs, operator_source
 
     wanted = {n: str(p) for n, p in demo_adapter_dirs(adapters_dir).items()} \
         if adapters_dir else {}
+    if adapters_dir and not wanted and not empty_ok:
+        raise ValueError(f"--adapters-dir {str(adapters_dir)!r} holds no PEFT adapter: give a "
+                         "directory with one subdirectory (with adapter_config.json) per "
+                         "adapter")
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
@@ -84,7 +90,6 @@ def run_file(settings, file: Path, output: Path, adapters: list[str] = (), adapt
 
     Failed lines go to ``<output stem>.errors.jsonl`` beside it.
     """
-    from lorry.adapters import demo_adapter_dirs
     from lorry.api.batch_input import (
         DuplicateCustomId,
         IngestStats,
@@ -94,11 +99,7 @@ def run_file(settings, file: Path, output: Path, adapters: list[str] = (), adapt
     )
     from lorry.api.convert import output_line
 
-    wanted = named_adapters(list(adapters), adapters_dir)
-    if adapters_dir and not demo_adapter_dirs(adapters_dir):
-        raise ValueError(f"--adapters-dir {str(adapters_dir)!r} holds no PEFT adapter: give a "
-                         "directory with one subdirectory (with adapter_config.json) per "
-                         "adapter")
+    wanted = named_adapters(list(adapters), adapters_dir, empty_ok=False)
     with embedded_queue(settings, database_url, adapter_roots=run_roots(settings, wanted)) \
             as (settings, queue, tenant):
         register_adapters(queue, settings, wanted)

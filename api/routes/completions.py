@@ -101,11 +101,12 @@ async def _answer(request, body, tenant, queue, settings, *, chat, prompt, messa
     if problem is not None:
         raise ApiError(400, problem[0], code="unsupported_value", param=problem[1])
     adapter = await run_sync(resolve_model, queue, tenant, settings, body.model)
+    sampling = body.sampling()
     check_prompt_length(settings, prompt, [m["content"] for m in messages] if messages else None,
-                        body.sampling().get("max_tokens"), "max_completion_tokens"
+                        sampling.get("max_tokens"), "max_completion_tokens"
                         if body.max_completion_tokens else "max_tokens")
     spec = JobSpec(adapter=adapter, prompt=prompt, messages=messages, sampling={
-        **body.sampling(), **({"stream": True} if body.stream else {})},
+        **sampling, **({"stream": True} if body.stream else {})},
         priority=INTERACTIVE_PRIORITY)
     [info] = await run_sync(queue.submit, tenant.id, [spec])
     job = _Job(info.id, request, queue, tenant, settings.sync_timeout_seconds)

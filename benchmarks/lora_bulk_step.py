@@ -100,7 +100,9 @@ def weight_rows(comp: dict, tile_rows: int | None = None, exact: bool = False) -
     per_slot: dict = {}
     for slot, n in comp["tokens"]:
         per_slot[slot] = per_slot.get(slot, 0) + n
-    rank = {slot: r if exact else -(-r // 16) * 16 for slot, (_, r) in comp["slots"].items()}
+    from schedule_replay import rows_read
+
+    rank = {slot: r if exact else rows_read(r) for slot, (_, r) in comp["slots"].items()}
     if tile_rows is None:
         return sum(rank[s] for s in per_slot)
     return sum(rank[s] * -(-n // tile_rows) for s, n in per_slot.items())

@@ -42,6 +42,12 @@ from lorry.engine.scheduler import Scheduler
 from lorry.engine.sequence import Sequence, SequenceStatus
 
 
+def rows_read(rank: int) -> int:
+    """Rows of A and B the row-buffer kernels read for an adapter: its rank rounded up to 16
+    (kernels.triton_kernels._slot_place)."""
+    return -(-rank // 16) * 16
+
+
 def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
            max_bypass: int, prefix_caching: bool = True, order: str = "input",
            rank_of: dict | None = None, slot_ids: int | None = None,
@@ -89,11 +95,11 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
         for s in plan.seqs:
             rows_of[s.lora_id] = rows_of.get(s.lora_id, 0) + 1
         ranks = [rank.get(lid, 64) for lid in rows_of]
-        for i, n in enumerate((len(ranks), sum(ranks), sum(-(-r // 16) * 16 for r in ranks))):
+        for i, n in enumerate((len(ranks), sum(ranks), sum(map(rows_read, ranks)))):
             lora[plan.prefill][i] += n * plan.steps
         if not plan.prefill:   # read again by each decode-kernel tile of up to t rows
             for t in tiled:
-                tiled[t] += plan.steps * sum(-(-rank.get(lid, 64) // 16) * 16 * -(-n // t)
+                tiled[t] += plan.steps * sum(rows_read(rank.get(lid, 64)) * -(-n // t)
                                              for lid, n in rows_of.items())
         if plan.prefill:
             step += 1

@@ -6,7 +6,8 @@
 # | decode (a decode round of it: the same script's --decode) | lora_bulk (the LoRA of a
 # bulk decode and prompt step per decode-table setting: lora_bulk_step.py; LORA_CONFIGS)
 # | lora_sweep (the same over a grid of settings, the best last)
-# | loop (40 whole engine steps traced: --loop; LOOP_AT: after which steps) | attn_sweep
+# | loop (40 whole engine steps traced: --loop; LOOP_AT: after which steps, LOOP_RUN: bulk.py's
+# run, LOOP_CPROFILE: that many more steps under cProfile) | attn_sweep
 # (prefill_attn_sweep.py) | launch (launch_overhead.py) | sweep (or its halves sweep_batch,
 # sweep_adapters) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
@@ -59,10 +60,14 @@ r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "kerne
             > "$out/decode_gaps.json" && cat "$out/decode_gaps.json" ;;
     loop)   # the engine's own loop: 40 whole steps in the prompt-heavy part, then 40 later
         for at in ${LOOP_AT:-60 600}; do
+            f=$out/loop${LOOP_RUN:-}$at
             timeout "$limit" $py benchmarks/prefill_step.py --loop 40 --skip $at --requests 2000 \
-                --out "$out/loop$at.json" > /dev/null 2> "$out/loop$at.log"
-            echo "loop at step $at rc=$?"; [ -s "$out/loop$at.json" ] && $py -c 'import json,sys
-r=json.load(open(sys.argv[1])); t=r.get("timeline", {}); print(r.get("untraced"), r.get("traced"), {k: t.get(k) for k in ("span_ms","busy_ms","idle_ms","idle_share","idle_ms_by_gap_size")}); [print(x) for x in t.get("largest_gaps", [])[:8]]' "$out/loop$at.json"
+                --run ${LOOP_RUN:-mixed} --cprofile ${LOOP_CPROFILE:-0} --out "$f.json" \
+                > /dev/null 2> "$f.log"
+            echo "loop ${LOOP_RUN:-mixed} at step $at rc=$?"; [ -s "$f.json" ] && $py -c 'import json,sys
+r=json.load(open(sys.argv[1])); t=r.get("timeline", {}); print(r.get("untraced"), r.get("traced"), {k: t.get(k) for k in ("span_ms","busy_ms","idle_ms","idle_share","idle_ms_by_gap_size")}); [print(x) for x in t.get("largest_gaps", [])[:8]]
+print({k: v for k, v in r.items() if k.startswith("adapter_loads")})
+c=r.get("cprofile"); c and print("cprofile", c["steps"], "steps", c["wall_ms"], "ms"); [print(x) for x in (c or {}).get("by_cumtime", [])[:25]]' "$f.json"
         done ;;
     attn_sweep)
         timeout "$limit" $py benchmarks/prefill_attn_sweep.py > "$out/attn_sweep.json" 2> "$out/attn_sweep.log"

@@ -15,7 +15,7 @@ CPU: ``--tiny`` (the scaled-down workload; times only, no profile).
 steps (scheduling, inputs, the model, sampling, outputs), their wall time and how much of it
 the GPU was busy (benchmarks/trace_gaps.py over the timeline). ``--decode`` measures a decode
 round instead (the first after ``--skip`` steps with at least ``--min-rows`` rows, replayed
-in place): ms per step, the bytes a step reads (weights once, every row's keys and values)
+in place): ms per step (and without LoRA), the bytes a step reads (weights once, every row's keys and values)
 and the bandwidth that implies, and the kernels of one round.
 """
 from __future__ import annotations
@@ -181,10 +181,11 @@ def measure_decode(eng, args, seqs, slots, steps, pick) -> dict:
     real = type(eng.runner).decode_steps
     runner, model = eng.runner, eng.runner.model
 
-    def run():
-        return real(runner, seqs, slots, steps, pick)
+    def run(slot_ids=slots):
+        return real(runner, seqs, slot_ids, steps, pick)
 
     ms = _timer(args.device, run, args.repeats)
+    ms_plain = _timer(args.device, lambda: run([-1] * len(slots)), args.repeats)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if getattr(model, "lm_head", None) is not None:   # the embedding is gathered, not read
         weights -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
@@ -194,6 +195,8 @@ def measure_decode(eng, args, seqs, slots, steps, pick) -> dict:
            "mean_keys": round(keys / len(seqs)),
            "max_keys": max(s.num_tokens for s in seqs) + steps - 1,
            "ms_round": ms, "ms_per_step": round(ms / steps, 3),
+           "ms_per_step_without_lora": round(ms_plain / steps, 3),
+           "lora_share": round(1 - ms_plain / ms, 3),
            "gb_per_step": {"weights": round(weights / 1e9, 2), "kv": round(kv / 1e9, 2)},
            "read_gb_per_s": round((weights + kv) / 1e6 / (ms / steps))}
     if args.device == "cuda":
@@ -233,15 +236,53 @@ def measure_loop(eng, args) -> dict:
         wall = time.perf_counter() - t0
         return {"device_steps": dict(kinds), "wall_ms": round(wall * 1e3, 1)}
 
-    res = {"engine_steps": args.loop, "untraced": steps()}
+    def loads() -> dict:   # adapters still loading in the background, and loaded so far
+        if eng.loras is None:
+            return {}
+        cpu = eng.loras.stats()["cpu"]
+        return {"loading": cpu["loading"], "misses": cpu["misses"],
+                "load_seconds": round(cpu["load_seconds"], 2)}
+
+    res = {"engine_steps": args.loop, "adapter_loads_before": loads(), "untraced": steps()}
+    res["adapter_loads_after_untraced"] = loads()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         res["traced"] = steps()
+    res["adapter_loads_after_traced"] = loads()
+    if args.cprofile:
+        res["cprofile"] = _cprofile(eng, args.cprofile, args.rows)
+        res["adapter_loads_after_cprofile"] = loads()
     eng.scheduler.schedule = real
     path = args.trace or str(Path(tempfile.gettempdir()) / "lorry_loop_trace.json")
     prof.export_chrome_trace(path)
     events = json.loads(Path(path).read_text())["traceEvents"]
     res["timeline"] = analyse(events, args.rows, 20.0)
     return res
+
+
+def _cprofile(eng, steps: int, rows: int) -> dict:
+    """``steps`` engine steps under cProfile: the host's wall time, and the functions with
+    the most own (tottime) and inclusive (cumtime) time; a GPU wait shows as the time of
+    the call that synchronises (a ``.tolist()`` or ``.item()`` of device values)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        eng.step()
+    prof.disable()
+    wall = time.perf_counter() - t0
+    st = pstats.Stats(prof)
+
+    def top(key: int) -> list[dict]:
+        entries = sorted(st.stats.items(), key=lambda kv: kv[1][key], reverse=True)[:rows]
+        return [{"fn": f"{Path(f).name}:{line}({name})", "calls": v[1],
+                 "tottime_ms": round(v[2] * 1e3, 1), "cumtime_ms": round(v[3] * 1e3, 1)}
+                for (f, line, name), v in entries]
+
+    return {"steps": steps, "wall_ms": round(wall * 1e3, 1), "by_tottime": top(2),
+            "by_cumtime": top(3)}
 
 
 def main() -> None:
@@ -259,6 +300,11 @@ def main() -> None:
                     help="--decode: rows the round holds at least (default: max_num_seqs / 2)")
     ap.add_argument("--loop", type=int, default=0,
                     help="trace this many whole engine steps after --skip (CUDA)")
+    ap.add_argument("--run", default="mixed", choices=bulk.RUNS,
+                    help="bulk.py's run whose engine settings and adapters are used")
+    ap.add_argument("--cprofile", type=int, default=0,
+                    help="--loop: then this many engine steps under cProfile (the host's "
+                         "Python time by function)")
     ap.add_argument("--trace", default=None,
                     help="CUDA: also write a timeline of one replay here (Chrome trace JSON)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -280,11 +326,14 @@ def main() -> None:
         loras, _ = bulk.build_adapters(spec, config, Path(tmp), args.seed)
         n = args.requests or 2 * spec["max_num_seqs"]
         work = bulk.make_workload(spec, n, config["vocab_size"], args.seed)
-        cfg, _ = bulk.engine_config(spec, cli, model, load_format, "mixed", spec["max_num_seqs"])
+        cfg, _ = bulk.engine_config(spec, cli, model, load_format, args.run, spec["max_num_seqs"])
+        if args.run == "no_adapters":
+            loras = [None] * len(loras)
         eng = LLMEngine(cfg)
         min_tokens = args.min_tokens or (8 if args.tiny else cfg.max_num_batched_tokens * 3 // 4)
         warm = bulk.make_workload(spec, 32, config["vocab_size"], args.seed + 1)
         bulk._generate(eng, warm, loras, None)          # compiles the kernels, captures graphs
+        res["graphs_captured_after_warmup"] = eng.capture_graphs()   # as bulk.py does
         step = {"n": 0}
         real = eng.runner.prefill
 
@@ -320,7 +369,8 @@ def main() -> None:
                 break
             eng.step()
             step["n"] += 1
-        eng.loras.close()
+        if eng.loras is not None:
+            eng.loras.close()
     if "step" not in res:
         res["error"] = (f"the workload ended before step {args.skip}" if args.loop else
                         (f"no decode round of >= {min_rows} rows" if args.decode else

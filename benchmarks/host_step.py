@@ -33,9 +33,14 @@ from lorry.testing import make_tiny_llama, write_random_adapter
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=700)
-    ap.add_argument("--adapters", type=int, default=64)
-    ap.add_argument("--slots", type=int, default=32)
+    spec = dict(bulk.SPECS["gpu"])
+    ap.add_argument("--requests", type=int, default=spec["requests"])
+    ap.add_argument("--adapters", type=int, default=spec["adapters"],
+                    help="distinct adapters, of the bulk workload's ranks (8-64)")
+    ap.add_argument("--slots", type=int, default=spec["slots"], help="max_loras")
+    ap.add_argument("--memory-slots", type=int, default=spec["memory_slots"],
+                    help="lora_memory_slots (rank-64 slots' worth of rows; 0: max_loras whole "
+                         "slots)")
     ap.add_argument("--skip", type=int, default=40)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--profile", action="store_true")
@@ -46,14 +51,16 @@ def main() -> None:
                                 num_kv_heads=1, intermediate_size=32,
                                 max_position_embeddings=8192)
         config = json.loads((model / "config.json").read_text())
-        spec = dict(bulk.SPECS["gpu"])
         work = bulk.make_workload(spec, args.requests, config["vocab_size"], 0)
+        ranks = bulk.adapter_ranks(dict(spec, adapters=args.adapters), 0)
         loras = [LoRARequest(f"a{i}", i + 1, str(write_random_adapter(
-            root / f"a{i}", config, r=8, seed=i, target_modules=["q_proj", "v_proj"])))
-            for i in range(args.adapters)]
+            root / f"a{i}", config, r=r, seed=i, target_modules=bulk.TARGETS)))
+            for i, r in enumerate(ranks)]
         eng = LLMEngine(EngineConfig(
             model=str(model), device="cpu", max_num_seqs=spec["max_num_seqs"],
-            max_model_len=spec["max_model_len"], max_loras=args.slots, max_lora_rank=8,
+            max_model_len=spec["max_model_len"], max_loras=args.slots,
+            max_lora_rank=spec["max_lora_rank"], max_cpu_loras=args.adapters,
+            lora_memory_slots=args.memory_slots or None,
             num_kv_blocks=20000, max_num_batched_tokens=8192, enable_prefix_caching=True))
         vocab = config["vocab_size"]
 
@@ -82,6 +89,8 @@ def main() -> None:
         ms = (time.perf_counter() - t0) / args.steps * 1e3
         res = {"benchmark": "host_step", "date": time.strftime("%Y-%m-%d"),
                "torch": torch.__version__, "rows_running": rows, "steps": args.steps,
+               "adapters": args.adapters, "slots": args.slots,
+               "memory_slots": args.memory_slots,
                "host_ms_per_step": round(ms, 3), "profiled": bool(prof)}
         if prof:
             out = io.StringIO()

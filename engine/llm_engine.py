@@ -312,9 +312,13 @@ class LLMEngine:
     def _prefetch_slots(self, step_seqs: list[Sequence], limit: int = 2) -> None:
         """Copy the adapters of the next waiting sequences into free (or idle) GPU slots now,
         on the side stream, so that their prefill does not wait for the copy."""
+        gpu = self.loras.gpu
         protected = self.scheduler.running_adapters() | {s.lora_id for s in step_seqs}
-        if not self.loras.gpu.has_room(protected):
+        if not gpu.has_room(protected):
             return   # every slot is running or pinned (and protecting more frees none)
+        # protecting more adapters never makes room: once a block of n pages has none, no
+        # later waiter's block of n pages or more has any (one check per size, not per waiter)
+        refused = None
         for seq in self.scheduler.waiting:
             if limit == 0:
                 return
@@ -322,9 +326,15 @@ class LLMEngine:
             if req is None or seq.lora_id in protected:
                 continue
             protected.add(seq.lora_id)  # later waiters never evict an earlier one's adapter
-            if self.loras.gpu.lookup(seq.lora_id) is not None or \
-                    self.loras.cpu.peek(req) is None or \
-                    not self.loras.gpu.has_room(protected - {seq.lora_id}, seq.lora_id):
+            if gpu.lookup(seq.lora_id) is not None or self.loras.cpu.peek(req) is None:
+                continue
+            pages = gpu.pages_for(seq.lora_id)
+            if refused is not None and pages >= refused:
+                continue
+            if not gpu.has_room(protected - {seq.lora_id}, seq.lora_id):
+                refused = pages
+                if pages == 1:
+                    return   # not even the smallest block
                 continue
             self.loras.activate(req, protected)
             limit -= 1

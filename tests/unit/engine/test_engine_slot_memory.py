@@ -266,3 +266,33 @@ def test_steps_count_their_adapters_and_rank_rows(tiny_llama, adapters):
     assert prompt["steps"] == 1 and decode["steps"] == 5
     assert prompt["adapters"] == 2 and prompt["lora_ranks"] == 24
     assert decode["adapters"] == 2 * 5 and decode["lora_ranks"] == 24 * 5
+
+
+def test_waiters_adapters_are_written_ahead_past_one_that_does_not_fit(tiny_llama, adapters):
+    """The engine copies the next waiters' adapters into free blocks before their prefill.
+    A rank-64 waiter whose 4-page block is held by running adapters is passed over, and a
+    smaller adapter queued behind it still goes in."""
+    import types
+
+    eng = _engine(tiny_llama)
+    reqs = _requests(adapters)
+    for r in reqs.values():
+        eng.add_lora(r)
+    lid = {n: r.lora_int_id for n, r in reqs.items()}
+    gpu = eng.loras.gpu
+    eng.loras.activate(reqs["wide_r64"], set())                  # pages 0-3
+    eng.loras.activate(reqs["qv_r8"], {lid["wide_r64"]})         # page 4
+    gpu.remove(lid["wide_r64"])
+    eng.loras.activate(reqs["mid_r32"], {lid["qv_r8"]})          # pages 0-1
+    eng.loras.activate(reqs["mlp_r16"], {lid["qv_r8"], lid["mid_r32"]})   # page 2
+    running = [types.SimpleNamespace(lora_id=lid[n]) for n in ("qv_r8", "mid_r32", "mlp_r16")]
+    assert [gpu.block_of[gpu.lookup(lid[n])][0] for n in ("mid_r32", "mlp_r16", "qv_r8")] \
+        == [0, 2, 4]
+    sp = SamplingParams(max_tokens=2)
+    eng.add_request("big", [5, 6], sp, reqs["wide_r64"])
+    eng.add_request("small", [5, 7], sp, reqs["all_r4_rslora"])
+    eng._prefetch_slots(running)
+    assert gpu.lookup(lid["wide_r64"]) is None                   # no 4-page block is free
+    assert gpu.lookup(lid["all_r4_rslora"]) is not None          # written ahead anyway
+    for n in ("qv_r8", "mid_r32", "mlp_r16"):                    # the running ones stay
+        assert gpu.lookup(lid[n]) is not None

@@ -36,7 +36,7 @@ from lorry.kernels.segments import SlotRows
 def adapter_rank(weights: AdapterWeights) -> int:
     """The rank a slot holding ``weights`` is read to: its largest module rank (PEFT's
     rank_pattern gives modules their own; the staging buffers are zero past each one)."""
-    return max((a.shape[0] for a, _ in weights.tensors.values()), default=0)
+    return max((r for _, _, r, _, _ in weights.spec.modules.values()), default=0)
 
 
 class GPUSlotManager(SlotPages):

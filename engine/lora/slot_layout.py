@@ -106,16 +106,20 @@ class SlotLayout:
         f = self.families[family]
         return (_prod(f.a_shape(rows)), _prod(f.b_shape(rows)))
 
-    def stage(self, modules: dict, dtype: torch.dtype, pin_memory: bool) -> dict:
-        """Build the staging buffers of one adapter.
+    def stage(self, spec, raw: dict, dtype: torch.dtype, pin_memory: bool) -> dict:
+        """Build the staging buffers of one adapter from its checkpoint tensors.
 
-        ``modules``: (layer, checkpoint module) -> (A [r, in], B*scaling [out, r]) float tensors.
-        Returns {family: (A [num_layers, S, block, in], B [num_layers, N, block])} for the
-        families the adapter touches (block: ``block_rows`` of its largest rank), in one
-        (pinned) allocation, zero where the adapter has no weights.
+        ``spec.modules``: (layer, checkpoint module) -> (A name, B name, rank, scaling,
+        transposed); ``raw``: the checkpoint's tensors by name. Returns {family: (A
+        [num_layers, S, block, in], B [num_layers, N, block])} for the families the adapter
+        touches (block: ``block_rows`` of its largest rank), in one (pinned) allocation, zero
+        where the adapter has no weights, B scaled. The modules of one slice and rank are
+        stacked and written with a few tensor ops, not a few per module: a load runs in a
+        background thread, and every torch call there waits for the GIL the engine's thread
+        holds while it issues a step.
         """
-        touched = sorted({self.slice_of[m][0] for _, m in modules})
-        rows = self.block_rows(max((a.shape[0] for a, _ in modules.values()), default=1))
+        touched = sorted({self.slice_of[m][0] for _, m in spec.modules})
+        rows = self.block_rows(max((r for _, _, r, _, _ in spec.modules.values()), default=1))
         sizes = [n for f in touched for n in self.numel(f, rows)]
         with self.pin_lock:
             flat = torch.empty(sum(sizes), dtype=dtype, pin_memory=pin_memory)
@@ -128,13 +132,23 @@ class SlotLayout:
             b = flat[start + na:start + na + nb].view(fam.b_shape(rows))
             start += na + nb
             out[f] = (a, b)
-        for (layer, m), (a, b) in modules.items():
-            f, s = self.slice_of[m]
+        groups: dict = {}   # (family, slice, rank, transposed) -> [(layer position, key)]
+        for (layer, m), (_a, _b, r, _sc, tr) in spec.modules.items():
+            f, sl = self.slice_of[m]
+            groups.setdefault((f, sl, r, tr), []).append((self.layer_pos[f][layer], (layer, m)))
+        for (f, sl, r, tr), members in groups.items():
             fam = self.families[f]
-            p = self.layer_pos[f][layer]
-            r, off = a.shape[0], fam.slice_offsets[s]
-            out[f][0][p, s, :r].copy_(a)
-            out[f][1][p, off:off + fam.slice_sizes[s], :r].copy_(b)
+            pos = torch.tensor([p for p, _ in members])
+            keys = [k for _, k in members]
+            a_in = torch.stack([raw[spec.modules[k][0]] for k in keys])
+            b_in = torch.stack([raw[spec.modules[k][1]] for k in keys])
+            if tr:   # fan_in_fan_out checkpoints store A and B transposed
+                a_in, b_in = a_in.transpose(1, 2), b_in.transpose(1, 2)
+            scaling = torch.tensor([spec.modules[k][3] for k in keys], dtype=torch.float32)
+            b_in = b_in.float() * scaling.view(-1, 1, 1)
+            off = fam.slice_offsets[sl]
+            out[f][0][pos, sl, :r] = a_in.to(dtype)
+            out[f][1][pos, off:off + fam.slice_sizes[sl], :r] = b_in.to(dtype)
         return out
 
     def foldable(self, family: str, rows: int, dtype: torch.dtype) -> bool:

@@ -1,6 +1,7 @@
 """Read a validated adapter's tensors into CPU memory, scaling folded into B."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -8,6 +9,30 @@ import torch
 from lorry.engine.errors import AdapterFormatError
 from lorry.engine.lora.extras import AdapterExtras, load_extras
 from lorry.engine.lora.spec import AdapterSpec, check_shapes
+
+
+class StagedViews(Mapping):
+    """(layer, module) -> (A [r, in], B*scaling [out, r]) as views into an adapter's staging
+    buffers, made when asked for (the loader builds none: each would be torch calls in its
+    thread)."""
+
+    def __init__(self, spec: AdapterSpec, layout, staged: dict):
+        self._spec, self._layout, self._staged = spec, layout, staged
+
+    def __getitem__(self, key):
+        _a, _b, r, _sc, _tr = self._spec.modules[key]
+        layer, m = key
+        f, s = self._layout.slice_of[m]
+        fam, p = self._layout.families[f], self._layout.layer_pos[f][layer]
+        off = fam.slice_offsets[s]
+        a, b = self._staged[f]
+        return a[p, s, :r], b[p, off:off + fam.slice_sizes[s], :r]
+
+    def __iter__(self):
+        return iter(self._spec.modules)
+
+    def __len__(self) -> int:
+        return len(self._spec.modules)
 
 
 @dataclass
@@ -56,19 +81,9 @@ def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: in
         if pin_memory and extras.head is not None:
             with layout.pin_lock:  # the large part: an lm_head, copied on every slot write
                 extras.head = (extras.head[0], *(t.pin_memory() for t in extras.head[1:]))
-        for key, (a_name, b_name, _r, scaling, transposed) in spec.modules.items():
-            a, b = raw[a_name], raw[b_name]
-            if transposed:
-                a, b = a.t(), b.t()
-            tensors[key] = (a.to(dtype), (b.float() * scaling).to(dtype))
-        staged = layout.stage(tensors, dtype, pin_memory)
-        for layer, m in list(tensors):  # views into the staging buffers replace the copies
-            f, s = layout.slice_of[m]
-            fam = layout.families[f]
-            p, r, off = layout.layer_pos[f][layer], tensors[(layer, m)][0].shape[0], fam.slice_offsets[s]
-            tensors[(layer, m)] = (staged[f][0][p, s, :r],
-                                   staged[f][1][p, off:off + fam.slice_sizes[s], :r])
+        staged = layout.stage(spec, raw, dtype, pin_memory)
         nbytes = sum(t.numel() * t.element_size() for ab in staged.values() for t in ab)
+        tensors = StagedViews(spec, layout, staged)
         return AdapterWeights(spec, tensors, nbytes + extras.nbytes, staged, extras)
     if spec.lora_biases or spec.bias_overrides or spec.magnitudes or spec.head_weight \
             or spec.head_lora or spec.embed_lora or spec.embed_weight:

@@ -15,8 +15,10 @@ CPU: ``--tiny`` (the scaled-down workload; times only, no profile).
 steps (scheduling, inputs, the model, sampling, outputs), their wall time and how much of it
 the GPU was busy (benchmarks/trace_gaps.py over the timeline). ``--decode`` measures a decode
 round instead (the first after ``--skip`` steps with at least ``--min-rows`` rows, replayed
-in place): ms per step (and without LoRA), the bytes a step reads (weights once, every row's keys and values)
-and the bandwidth that implies, and the kernels of one round.
+in place): ms per step (and without LoRA), the bytes a step reads (weights once, every
+row's keys and values) and the bandwidth that implies, and the kernels of one round.
+``--cprofile N`` (with ``--loop``): N more steps under cProfile; ``--run``: bulk.py's run
+whose engine settings and adapters are used (e.g. no_adapters).
 """
 from __future__ import annotations
 

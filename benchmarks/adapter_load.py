@@ -8,7 +8,7 @@ GIL, and while the engine's thread runs Python it gives the GIL up only every sw
 the bulk workload's targets; the slot layout built from the shapes alone, no model), alone and
 beside a thread spinning in Python, and how much the spinning thread is slowed.
 
-    PYTHONPATH=. python benchmarks/adapter_load.py [--rank 32] [--loads 5]
+    PYTHONPATH=. python benchmarks/adapter_load.py [--rank 32] [--loads 5] [--switch-interval S]
 """
 from __future__ import annotations
 
@@ -69,7 +69,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--loads", type=int, default=5)
+    ap.add_argument("--switch-interval", type=float, default=None, metavar="S",
+                    help="sys.setswitchinterval for the run (the engine sets "
+                         "engine.lora.manager.LOAD_SWITCH_INTERVAL while loads are pending; "
+                         "default: Python's 0.005)")
     args = ap.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     cfg = dict(LLAMA3_8B)
     layout = SlotLayout(ShapesOnly(cfg), 64)
     with tempfile.TemporaryDirectory(prefix="lorry-load-") as tmp:

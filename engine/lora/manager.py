@@ -12,6 +12,7 @@ adapters alone (or the adapter itself) exceed the limit.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import sys
 import time
 
 import torch
@@ -23,6 +24,14 @@ from lorry.engine.lora.request import LoRARequest
 from lorry.engine.lora.resolve import resolve_adapter_dir
 from lorry.engine.lora.spec import parse_adapter
 from lorry.engine.lora.weights import AdapterWeights, load_adapter_weights
+
+
+# While adapters load in the background, the engine's thread hands the GIL over every this
+# many seconds instead of Python's 5 ms: each torch call of a load gives the GIL up and must
+# take it back, and beside a thread issuing a step it waited up to the whole interval each
+# time (benchmarks/adapter_load.py: a load 0.7-1.0 s beside a thread busy in Python at 5 ms,
+# 0.17-0.21 s at 1 ms). Only while loads are pending; the previous interval comes back after.
+LOAD_SWITCH_INTERVAL = 0.001
 
 
 class LoRAManager:
@@ -48,6 +57,7 @@ class LoRAManager:
         self.pending: dict[int, tuple[LoRARequest, cf.Future]] = {}
         self.background_loads = 0
         self._unreported: list[tuple[LoRARequest, LoRAError]] = []
+        self._switch_interval: float | None = None   # Python's, while loads lower it
 
     def _load(self, request: LoRARequest) -> AdapterWeights:
         """Resolve (inside the allowed roots), validate (torch-free spec) and read an adapter;
@@ -120,8 +130,16 @@ class LoRAManager:
             return
         if self._pool is None:
             self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorry-lora")
+        if not self.pending and sys.getswitchinterval() > LOAD_SWITCH_INTERVAL:
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
         self.pending[request.lora_int_id] = (request, self._pool.submit(self._timed_load, request))
         self.background_loads += 1
+
+    def _restore_switch_interval(self) -> None:
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
 
     def loading(self) -> bool:
         return bool(self.pending)
@@ -140,6 +158,8 @@ class LoRAManager:
                 continue
             self.cpu.put(request, weights, seconds)
             self.known[lid] = request
+        if not self.pending:
+            self._restore_switch_interval()
         return failed
 
     def wait_any(self, timeout: float) -> None:
@@ -152,6 +172,7 @@ class LoRAManager:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        self._restore_switch_interval()
 
     # ---- synchronous API ------------------------------------------------------------------
     def add(self, request: LoRARequest) -> AdapterWeights:

@@ -282,6 +282,33 @@ def test_loader_thread_allocates_staging_only_outside_graph_replays(tiny_llama):
     assert eng.loras.poll() == [] and eng.loras.ready(req)
 
 
+def test_the_loader_gets_the_gil_often_while_loads_are_pending(tiny_llama):
+    """While an adapter loads in the background, the engine's thread hands the GIL over every
+    LOAD_SWITCH_INTERVAL (each torch call of the load needs it back); once no load is pending
+    the process's own interval is back, also after close()."""
+    import sys
+
+    from lorry.engine.lora.manager import LOAD_SWITCH_INTERVAL
+
+    before = sys.getswitchinterval()
+    assert before > LOAD_SWITCH_INTERVAL       # Python's default, 5 ms
+    eng = _engine(tiny_llama)
+    lock = eng.loras.gpu.layout.pin_lock
+    with lock:   # hold the load at its staging allocation
+        eng.loras.prefetch(LoRARequest("qv_r8", 1, str(tiny_llama.adapters["qv_r8"])))
+        eng.loras.prefetch(LoRARequest("mlp_r16", 2, str(tiny_llama.adapters["mlp_r16"])))
+        assert sys.getswitchinterval() == LOAD_SWITCH_INTERVAL
+        assert eng.loras.poll() == [] and sys.getswitchinterval() == LOAD_SWITCH_INTERVAL
+    for _, fut in list(eng.loras.pending.values()):
+        fut.result(timeout=10)
+    assert eng.loras.poll() == [] and not eng.loras.pending
+    assert sys.getswitchinterval() == before
+    eng.loras.prefetch(LoRARequest("pattern", 3, str(tiny_llama.adapters["pattern"])))
+    assert sys.getswitchinterval() == LOAD_SWITCH_INTERVAL
+    eng.loras.close()
+    assert sys.getswitchinterval() == before
+
+
 def test_aging_does_not_stall_others_when_pins_leave_the_waiter_no_slot():
     """max_loras=1 with adapter 1 pinned: a waiter for adapter 2 can never run until an unpin;
     the aging rule must not hold back the requests behind it (base, pinned adapter)."""

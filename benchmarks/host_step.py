@@ -59,7 +59,7 @@ def main() -> None:
         eng = LLMEngine(EngineConfig(
             model=str(model), device="cpu", max_num_seqs=spec["max_num_seqs"],
             max_model_len=spec["max_model_len"], max_loras=args.slots,
-            max_lora_rank=spec["max_lora_rank"], max_cpu_loras=args.adapters,
+            max_lora_rank=spec["max_lora_rank"], max_cpu_loras=max(args.adapters, args.slots),
             lora_memory_slots=args.memory_slots or None,
             num_kv_blocks=20000, max_num_batched_tokens=8192, enable_prefix_caching=True))
         vocab = config["vocab_size"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import sys
+import threading
 import time
 
 import torch
@@ -30,8 +31,30 @@ from lorry.engine.lora.weights import AdapterWeights, load_adapter_weights
 # many seconds instead of Python's 5 ms: each torch call of a load gives the GIL up and must
 # take it back, and beside a thread issuing a step it waited up to the whole interval each
 # time (benchmarks/adapter_load.py: a load 0.7-1.0 s beside a thread busy in Python at 5 ms,
-# 0.17-0.21 s at 1 ms). Only while loads are pending; the previous interval comes back after.
+# 0.17-0.19 s at 1 ms). Only while loads run, in any engine of the process: the interval is
+# lowered when the first starts and put back when the last ends (by the loader thread, so an
+# abandoned or removed load does not leave it lowered), unless something else changed it.
 LOAD_SWITCH_INTERVAL = 0.001
+_loads = {"running": 0, "saved": None}
+_loads_lock = threading.Lock()
+
+
+def _load_started() -> None:
+    with _loads_lock:
+        _loads["running"] += 1
+        if _loads["running"] == 1 and sys.getswitchinterval() > LOAD_SWITCH_INTERVAL:
+            _loads["saved"] = sys.getswitchinterval()
+            sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
+
+
+def _load_ended(_future=None) -> None:
+    with _loads_lock:
+        _loads["running"] -= 1
+        saved = _loads["saved"]
+        if _loads["running"] == 0 and saved is not None:
+            _loads["saved"] = None
+            if sys.getswitchinterval() == LOAD_SWITCH_INTERVAL:   # still ours
+                sys.setswitchinterval(saved)
 
 
 class LoRAManager:
@@ -57,7 +80,6 @@ class LoRAManager:
         self.pending: dict[int, tuple[LoRARequest, cf.Future]] = {}
         self.background_loads = 0
         self._unreported: list[tuple[LoRARequest, LoRAError]] = []
-        self._switch_interval: float | None = None   # Python's, while loads lower it
 
     def _load(self, request: LoRARequest) -> AdapterWeights:
         """Resolve (inside the allowed roots), validate (torch-free spec) and read an adapter;
@@ -130,16 +152,15 @@ class LoRAManager:
             return
         if self._pool is None:
             self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorry-lora")
-        if not self.pending and sys.getswitchinterval() > LOAD_SWITCH_INTERVAL:
-            self._switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(LOAD_SWITCH_INTERVAL)
-        self.pending[request.lora_int_id] = (request, self._pool.submit(self._timed_load, request))
+        _load_started()
+        try:
+            fut = self._pool.submit(self._timed_load, request)
+        except BaseException:
+            _load_ended()
+            raise
+        fut.add_done_callback(_load_ended)   # also when cancelled by close()
+        self.pending[request.lora_int_id] = (request, fut)
         self.background_loads += 1
-
-    def _restore_switch_interval(self) -> None:
-        if self._switch_interval is not None:
-            sys.setswitchinterval(self._switch_interval)
-            self._switch_interval = None
 
     def loading(self) -> bool:
         return bool(self.pending)
@@ -158,8 +179,6 @@ class LoRAManager:
                 continue
             self.cpu.put(request, weights, seconds)
             self.known[lid] = request
-        if not self.pending:
-            self._restore_switch_interval()
         return failed
 
     def wait_any(self, timeout: float) -> None:
@@ -172,7 +191,6 @@ class LoRAManager:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-        self._restore_switch_interval()
 
     # ---- synchronous API ------------------------------------------------------------------
     def add(self, request: LoRARequest) -> AdapterWeights:

@@ -45,7 +45,7 @@ class AdapterWeights:
     """
 
     spec: AdapterSpec
-    tensors: dict
+    tensors: Mapping   # a dict, or StagedViews over the staging buffers
     nbytes: int
     staged: dict | None = None
     extras: AdapterExtras | None = None

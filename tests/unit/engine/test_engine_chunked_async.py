@@ -283,30 +283,43 @@ def test_loader_thread_allocates_staging_only_outside_graph_replays(tiny_llama):
 
 
 def test_the_loader_gets_the_gil_often_while_loads_are_pending(tiny_llama):
-    """While an adapter loads in the background, the engine's thread hands the GIL over every
-    LOAD_SWITCH_INTERVAL (each torch call of the load needs it back); once no load is pending
-    the process's own interval is back, also after close()."""
+    """While adapters load in the background, the engine's thread hands the GIL over every
+    LOAD_SWITCH_INTERVAL (each torch call of a load needs it back); once the last load ends
+    the process's own interval is back, also when nobody polls (a request aborted, an adapter
+    removed while loading)."""
     import sys
+    import time
 
     from lorry.engine.lora.manager import LOAD_SWITCH_INTERVAL
 
+    def back_to(value):
+        deadline = time.monotonic() + 10
+        while sys.getswitchinterval() != value and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return sys.getswitchinterval() == value
+
     before = sys.getswitchinterval()
-    assert before > LOAD_SWITCH_INTERVAL       # Python's default, 5 ms
-    eng = _engine(tiny_llama)
-    lock = eng.loras.gpu.layout.pin_lock
-    with lock:   # hold the load at its staging allocation
-        eng.loras.prefetch(LoRARequest("qv_r8", 1, str(tiny_llama.adapters["qv_r8"])))
-        eng.loras.prefetch(LoRARequest("mlp_r16", 2, str(tiny_llama.adapters["mlp_r16"])))
-        assert sys.getswitchinterval() == LOAD_SWITCH_INTERVAL
-        assert eng.loras.poll() == [] and sys.getswitchinterval() == LOAD_SWITCH_INTERVAL
-    for _, fut in list(eng.loras.pending.values()):
-        fut.result(timeout=10)
-    assert eng.loras.poll() == [] and not eng.loras.pending
-    assert sys.getswitchinterval() == before
-    eng.loras.prefetch(LoRARequest("pattern", 3, str(tiny_llama.adapters["pattern"])))
-    assert sys.getswitchinterval() == LOAD_SWITCH_INTERVAL
-    eng.loras.close()
-    assert sys.getswitchinterval() == before
+    sys.setswitchinterval(0.005)   # Python's default, whatever ran before in this process
+    try:
+        eng = _engine(tiny_llama)
+        lock = eng.loras.gpu.layout.pin_lock
+        with lock:   # hold the loads at their staging allocation
+            eng.loras.prefetch(LoRARequest("qv_r8", 1, str(tiny_llama.adapters["qv_r8"])))
+            eng.loras.prefetch(LoRARequest("mlp_r16", 2, str(tiny_llama.adapters["mlp_r16"])))
+            assert sys.getswitchinterval() == LOAD_SWITCH_INTERVAL
+            assert eng.loras.poll() == [] and sys.getswitchinterval() == LOAD_SWITCH_INTERVAL
+        assert back_to(0.005)          # both loads ended; nobody polled yet
+        assert eng.loras.poll() == [] and not eng.loras.pending
+        # a request whose adapter is still loading is aborted, and nothing polls again
+        with lock:
+            eng.add_request("r", [5, 6], SamplingParams(max_tokens=2),
+                            LoRARequest("pattern", 3, str(tiny_llama.adapters["pattern"])))
+            assert sys.getswitchinterval() == LOAD_SWITCH_INTERVAL
+            eng.abort_request("r")
+        assert back_to(0.005)
+        eng.loras.close()
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_aging_does_not_stall_others_when_pins_leave_the_waiter_no_slot():

@@ -4,6 +4,7 @@ fits next to the running adapters, and greedy tokens still equal PEFT's."""
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 
@@ -50,6 +51,15 @@ def _requests(adapters):
     return {name: LoRARequest(name, i + 1, str(p)) for i, (name, p) in enumerate(adapters.items())}
 
 
+def _loaded(base, adapters):
+    """An engine with every adapter in its CPU cache: (engine, requests, ids, slot manager)."""
+    eng = _engine(base)
+    reqs = _requests(adapters)
+    for r in reqs.values():
+        eng.add_lora(r)
+    return eng, reqs, {n: r.lora_int_id for n, r in reqs.items()}, eng.loras.gpu
+
+
 def test_more_adapters_than_whole_slots_run_together_and_match_peft(tiny_llama, adapters, peft):
     """Two rank-64 slots' memory (8 pages) for six adapters needing 1+1+1+1+2+4 pages: they
     cannot all be resident, so the scheduler holds some back, blocks are evicted and reused
@@ -88,12 +98,7 @@ def test_more_adapters_than_whole_slots_run_together_and_match_peft(tiny_llama, 
 
 
 def test_the_planner_admits_only_blocks_free_of_the_kept_adapters(tiny_llama, adapters):
-    eng = _engine(tiny_llama)
-    reqs = _requests(adapters)
-    for r in reqs.values():
-        eng.add_lora(r)
-    lid = {n: r.lora_int_id for n, r in reqs.items()}
-    gpu = eng.loras.gpu
+    eng, reqs, lid, gpu = _loaded(tiny_llama, adapters)
     assert [gpu.pages_for(lid[n]) for n in ("qv_r8", "mid_r32", "wide_r64")] == [1, 2, 4]
     for name in ("qv_r8", "wide_r64", "mid_r32"):
         eng.loras.activate(reqs[name], {lid[n] for n in ("qv_r8", "wide_r64", "mid_r32")})
@@ -272,14 +277,7 @@ def test_waiters_adapters_are_written_ahead_past_one_that_does_not_fit(tiny_llam
     """The engine copies the next waiters' adapters into free blocks before their prefill.
     A rank-64 waiter whose 4-page block is held by running adapters is passed over, and a
     smaller adapter queued behind it still goes in."""
-    import types
-
-    eng = _engine(tiny_llama)
-    reqs = _requests(adapters)
-    for r in reqs.values():
-        eng.add_lora(r)
-    lid = {n: r.lora_int_id for n, r in reqs.items()}
-    gpu = eng.loras.gpu
+    eng, reqs, lid, gpu = _loaded(tiny_llama, adapters)
     eng.loras.activate(reqs["wide_r64"], set())                  # pages 0-3
     eng.loras.activate(reqs["qv_r8"], {lid["wide_r64"]})         # page 4
     gpu.remove(lid["wide_r64"])

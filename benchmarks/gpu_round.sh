@@ -9,7 +9,9 @@
 # | loop (40 whole engine steps traced: --loop; LOOP_AT: after which steps, LOOP_RUN: bulk.py's
 # run, LOOP_CPROFILE: that many more steps under cProfile) | attn_sweep
 # (prefill_attn_sweep.py) | launch (launch_overhead.py) | sweep (or its halves sweep_batch,
-# sweep_adapters) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
+# sweep_adapters) | overhead (a compile run, then mixed cold, mixed --preload-adapters and
+# no_adapters, each its own process: the LoRA overhead A/B) | a bulk.py run name (each its own
+# process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
 # leaves the ones before it. Run from the repository root on the GPU machine.
 set -u
@@ -94,6 +96,17 @@ print("default", r["default"]); print("best", r["best"], r["speedup"])' "$out/at
         timeout "$limit" $py benchmarks/bulk.py --device cuda --runs --requests "${SWEEP_REQUESTS:-500}" \
             $what ${BULK_ARGS:-} --out "$out/$step.json" > /dev/null 2> "$out/$step.log"
         echo "$step rc=$?"; summary "$out/$step" ;;
+    overhead)   # the LoRA overhead A/B in one go: a short run first pays the kernel compiles,
+        # then mixed with cold adapters, mixed with them preloaded, no adapters, each a process
+        timeout "$limit" $py benchmarks/bulk.py --device cuda --runs mixed --requests 300 \
+            --out "$out/compile.json" > /dev/null 2> "$out/compile.log"
+        echo "compile run rc=$?"
+        for what in cold:mixed: preloaded:mixed:--preload-adapters base:no_adapters:; do
+            IFS=: read -r name run extra <<< "$what"
+            timeout "$limit" $py benchmarks/bulk.py --device cuda --runs $run --warmup 64 $extra \
+                ${BULK_ARGS:-} --out "$out/overhead_$name.json" > /dev/null 2> "$out/overhead_$name.log"
+            echo "overhead $name rc=$?"; summary "$out/overhead_$name"
+        done ;;
     *)  # a bulk.py run name
         timeout "$limit" $py benchmarks/bulk.py --device cuda --runs "$step" ${BULK_ARGS:-} \
             --out "$out/bulk_$step.json" > /dev/null 2> "$out/bulk_$step.log"

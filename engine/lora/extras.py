@@ -32,11 +32,13 @@ class AdapterExtras:
     # x += Aᵀ[token] @ (B·scaling)ᵀ
     embed: tuple | None = None
 
+    def tensors(self) -> list:
+        return [*self.shift.values(), *self.magnitudes.values(),
+                *(self.head[1:] if self.head else ()), *(self.embed[1:] if self.embed else ())]
+
     @property
     def nbytes(self) -> int:
-        tensors = [*self.shift.values(), *self.magnitudes.values(),
-                   *(self.head[1:] if self.head else ()), *(self.embed[1:] if self.embed else ())]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     @property
     def full_copies(self) -> int:

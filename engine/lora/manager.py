@@ -94,9 +94,9 @@ class LoRAManager:
                             f"{spec.full_copies} full module copies (modules_to_save lm_head/"
                             f"embed_tokens); max_full_module_copies={cap} "
                             "(LORRY_MAX_FULL_MODULE_COPIES) allows fewer")
-        self.full_copies_of[request.lora_int_id] = spec.full_copies
         weights = load_adapter_weights(spec, self.base_config, self.max_lora_rank, self.dtype,
                                        self.pin_memory, layout=self.gpu.layout)
+        self.full_copies_of[request.lora_int_id] = spec.full_copies
         # the scheduler's planner sizes the adapter's block by it from now on
         self.gpu.rank_of[request.lora_int_id] = adapter_rank(weights)
         return weights

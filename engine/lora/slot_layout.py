@@ -16,12 +16,14 @@ it over the layers there.
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lorry.engine.errors import AdapterFormatError
 from lorry.engine.lora.slot_pages import block_rows, page_rows
 
 # fold a kind only while its A rows add at most this fraction to the base matmul's rows
@@ -47,6 +49,16 @@ class Family:
 
     def b_shape(self, rank: int) -> tuple[int, ...]:
         return (len(self.layers), sum(self.slice_sizes), rank)
+
+
+def check_finite(spec, tensors, where: str) -> None:
+    """Refuse weights holding NaN or infinity (a tensor's min and max in one pass: NaN
+    propagates into both): the torch backend's masked products would carry them into other
+    adapters' rows."""
+    for t in tensors:
+        if t.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(t)):
+            raise AdapterFormatError(f"adapter {spec.path}: its weights hold NaN or infinite "
+                                     f"values ({where}); fix or retrain the adapter")
 
 
 class SlotLayout:
@@ -140,6 +152,18 @@ class SlotLayout:
             fam = self.families[f]
             pos = torch.tensor([p for p, _ in members])
             keys = [k for _, k in members]
+            # the tensors as read, against the shapes the header was checked with (the file
+            # may have changed since; a rank-1 tensor would broadcast into r rows)
+            a_want, b_want = (r, fam.in_features), (fam.slice_sizes[sl], r)
+            if tr:
+                a_want, b_want = a_want[::-1], b_want[::-1]
+            for k in keys:
+                for name, want in zip(spec.modules[k][:2], (a_want, b_want)):
+                    if tuple(raw[name].shape) != want:
+                        raise AdapterFormatError(
+                            f"adapter {spec.path}: tensor {name!r} has shape "
+                            f"{list(raw[name].shape)} where its header said {list(want)} "
+                            "(was the file changed while it loaded?)")
             a_in = torch.stack([raw[spec.modules[k][0]] for k in keys])
             b_in = torch.stack([raw[spec.modules[k][1]] for k in keys])
             if tr:   # fan_in_fan_out checkpoints store A and B transposed
@@ -149,6 +173,8 @@ class SlotLayout:
             off = fam.slice_offsets[sl]
             out[f][0][pos, sl, :r] = a_in.to(dtype)
             out[f][1][pos, off:off + fam.slice_sizes[sl], :r] = b_in.to(dtype)
+        for f, ab in out.items():
+            check_finite(spec, ab, f"{f} in {dtype}")
         return out
 
     def foldable(self, family: str, rows: int, dtype: torch.dtype) -> bool:

@@ -323,6 +323,9 @@ def _lora_pair(spec: AdapterSpec, what: str, full: str, a_shape: tuple, b_shape:
     pattern_r = spec.config.get("rank_pattern") or {}
     pattern_a = spec.config.get("alpha_pattern") or {}
     r_cfg = int(_pattern_value(pattern_r, full, spec.r))
+    if r_cfg <= 0:
+        raise AdapterFormatError(f"adapter {spec.path}: {what} has rank {r_cfg} "
+                                 "(adapter_config.json r or rank_pattern); ranks must be positive")
     if a_shape == (r_cfg, fan_in) and b_shape == (fan_out, r_cfg):
         transposed = False
     elif spec.fan_in_fan_out and a_shape == (fan_in, r_cfg) and b_shape == (r_cfg, fan_out):

@@ -8,6 +8,7 @@ import torch
 
 from lorry.engine.errors import AdapterFormatError
 from lorry.engine.lora.extras import AdapterExtras, load_extras
+from lorry.engine.lora.slot_layout import check_finite
 from lorry.engine.lora.spec import AdapterSpec, check_shapes
 
 
@@ -81,6 +82,7 @@ def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: in
         if pin_memory and extras.head is not None:
             with layout.pin_lock:  # the large part: an lm_head, copied on every slot write
                 extras.head = (extras.head[0], *(t.pin_memory() for t in extras.head[1:]))
+        check_finite(spec, extras.tensors(), "bias, DoRA or embedding parts")
         staged = layout.stage(spec, raw, dtype, pin_memory)
         nbytes = sum(t.numel() * t.element_size() for ab in staged.values() for t in ab)
         tensors = StagedViews(spec, layout, staged)
@@ -94,6 +96,7 @@ def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: in
         if transposed:
             a, b = a.t(), b.t()
         a, b = a.to(dtype).contiguous(), (b * scaling).to(dtype).contiguous()
+        check_finite(spec, (a, b), f"{key[1]} of layer {key[0]}")
         if pin_memory:
             a, b = a.pin_memory(), b.pin_memory()
         tensors[key] = (a, b)

@@ -161,3 +161,67 @@ def test_engine_refusal_leaves_caches_unchanged(adapter, tiny_llama):
         eng.add_lora(LoRARequest("big", 8, str(tiny_llama.adapters["mlp_r16"])))
     with pytest.raises(AdapterNotFoundError, match="no such directory"):
         eng.add_lora(LoRARequest("gone", 9, "/nonexistent/adapter"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_with_nan_or_infinity_are_refused_and_poison_nobody(adapter, tiny_llama, bad):
+    """An adapter whose weights hold NaN or infinity is refused at load with the reason: on
+    the torch backend its rows would otherwise turn other adapters' tokens into NaN too."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(k for k in sorted(tensors) if "lora_B" in k)
+    tensors[name][0, 0] = bad
+    save_file(tensors, str(weights))
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama.dir), max_loras=2, max_lora_rank=8,
+                                 device="cpu", dtype="float32"))
+    good = LoRARequest("good", 1, str(tiny_llama.adapters["qv_r8"]))
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    want = eng.generate([[5, 6, 7]], sp, [good], use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(AdapterFormatError, match="NaN or infinite values"):
+        eng.add_lora(LoRARequest("bad", 2, str(adapter)))
+    assert eng.list_loras()["cpu"] == [1]
+    # through the background load: the request ends with the reason, the good one runs on
+    eng.add_request("b", [5, 6, 7], sp, LoRARequest("bad", 2, str(adapter)))
+    eng.add_request("g", [5, 6, 7], sp, good)
+    outs = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert outs["b"].outputs[0].finish_reason == "error"
+    assert "NaN or infinite" in outs["b"].error
+    assert outs["g"].outputs[0].token_ids == want
+    assert not torch.isnan(eng.loras.gpu.layout.modules[("qkv_proj", 0)].lora_a[0]).any()
+
+
+def test_a_rank_of_zero_is_refused(adapter, tiny_llama):
+    _edit_config(adapter, rank_pattern={"q_proj": 0})
+    with pytest.raises(AdapterFormatError, match="rank 0 .*ranks must be positive"):
+        _parse(adapter, tiny_llama)
+
+
+def test_a_weights_file_changed_after_its_header_was_checked_is_refused(adapter, tiny_llama,
+                                                                         tmp_path):
+    """The tensors read must have the shapes the header was checked with: a file swapped for
+    one of another rank between the check and the read is refused, never broadcast."""
+    import dataclasses
+
+    import torch
+
+    from lorry.engine import EngineConfig, LLMEngine
+    from lorry.engine.lora.weights import load_adapter_weights
+    from lorry.testing import make_peft_adapter
+
+    other = make_peft_adapter(tiny_llama.dir, tmp_path / "r1", base_model=tiny_llama.hf, r=1,
+                              lora_alpha=2, target_modules="all-linear", seed=3)
+    spec = _parse(adapter, tiny_llama)
+    swapped = dataclasses.replace(spec, weights_file=other / "adapter_model.safetensors")
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama.dir), max_loras=2, max_lora_rank=8,
+                                 device="cpu", dtype="float32"))
+    with pytest.raises(AdapterFormatError, match=r"has shape \[1, .*header said \[4, "):
+        load_adapter_weights(swapped, read_base_config(tiny_llama.dir), 8, torch.float32,
+                             False, layout=eng.loras.gpu.layout)

@@ -52,6 +52,16 @@ def get_drainer(settings):
         return _runtime
 
 
+def unpublish() -> None:
+    """Remove this process's worker figures from Redis (clean shutdown), if it built a
+    drainer that publishes them; never builds one."""
+    with _lock:
+        publish = getattr(_runtime, "publish", None)
+    clear = getattr(publish, "clear", None)
+    if clear is not None:
+        clear()
+
+
 _queues: dict = {}
 
 

@@ -50,7 +50,8 @@ class WorkerStats:
 
 
 class RedisStatsPublisher:
-    """Write the figures under ``<prefix>:stats:<worker_id>`` with a TTL (dead workers vanish)."""
+    """Write the figures under ``<prefix>:stats:<worker_id>`` with a TTL (dead workers vanish;
+    idle ones publish nothing until their next drain, hence the hour)."""
 
     def __init__(self, redis_url: str, prefix: str, worker_id: str, ttl: int = 3600):
         import redis
@@ -63,6 +64,14 @@ class RedisStatsPublisher:
             self._redis.set(self._key, json.dumps(stats.to_dict()), ex=self._ttl)
         except Exception as e:  # metrics are best effort; the jobs are what matter
             log.warning("cannot publish worker stats: %s", e)
+
+    def clear(self) -> None:
+        """Remove the figures (a worker that stops cleanly leaves /metrics at once; one that
+        dies leaves with the TTL)."""
+        try:
+            self._redis.delete(self._key)
+        except Exception as e:  # best effort, as publishing
+            log.warning("cannot remove worker stats: %s", e)
 
 
 KV_FIELDS = ("blocks_total", "blocks_free", "prefix_query_tokens", "prefix_hit_tokens",

@@ -26,6 +26,15 @@ def _stop_draining(**_):
     _shutting_down.set()
 
 
+@signals.worker_shutdown.connect
+def _unpublish(**_):
+    # The pool has stopped (solo: the drain is over): this worker's /metrics series go now,
+    # not with their Redis TTL an hour later.
+    from lorry.workers.runtime import unpublish
+
+    unpublish()
+
+
 @app.task(name="lorry.drain", bind=True)
 def drain(self) -> dict:
     """Drain the queue through this worker's engine until it is empty (or a time limit)."""

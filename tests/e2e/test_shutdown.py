@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 
+import redis
 from procs import Proc, wait_until
 
 from lorry.client import Client
@@ -26,8 +27,12 @@ def test_sigterm_mid_drain_releases_jobs_and_a_new_worker_finishes_them(stack, t
         try:
             wait_until(lambda: any(c.get(j.id).status == "running" for j in jobs), 120,
                        "a running job", [worker])
+            stats_key = f"{env['LORRY_REDIS_PREFIX']}:stats:e2e-shutdown-worker"
+            assert redis.Redis.from_url(env["LORRY_BROKER_URL"]).exists(stats_key)
             os.killpg(os.getpgid(worker.popen.pid), signal.SIGTERM)
             assert worker.popen.wait(60) == 0, worker.tail()
+            # a clean stop takes its /metrics series with it (not an hour later, by TTL)
+            assert not redis.Redis.from_url(env["LORRY_BROKER_URL"]).exists(stats_key)
             statuses = [c.get(j.id).status for j in jobs]
             assert "running" not in statuses and set(statuses) <= {"queued", "succeeded"}
             # the drain saw the shutdown (unless everything was already done)

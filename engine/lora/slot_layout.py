@@ -16,7 +16,6 @@ it over the layers there.
 """
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 
@@ -49,16 +48,6 @@ class Family:
 
     def b_shape(self, rank: int) -> tuple[int, ...]:
         return (len(self.layers), sum(self.slice_sizes), rank)
-
-
-def check_finite(spec, tensors, where: str) -> None:
-    """Refuse weights holding NaN or infinity (a tensor's min and max in one pass: NaN
-    propagates into both): the torch backend's masked products would carry them into other
-    adapters' rows."""
-    for t in tensors:
-        if t.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(t)):
-            raise AdapterFormatError(f"adapter {spec.path}: its weights hold NaN or infinite "
-                                     f"values ({where}); fix or retrain the adapter")
 
 
 class SlotLayout:
@@ -173,8 +162,6 @@ class SlotLayout:
             off = fam.slice_offsets[sl]
             out[f][0][pos, sl, :r] = a_in.to(dtype)
             out[f][1][pos, off:off + fam.slice_sizes[sl], :r] = b_in.to(dtype)
-        for f, ab in out.items():
-            check_finite(spec, ab, f"{f} in {dtype}")
         return out
 
     def foldable(self, family: str, rows: int, dtype: torch.dtype) -> bool:

@@ -1,6 +1,7 @@
 """Read a validated adapter's tensors into CPU memory, scaling folded into B."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -8,8 +9,17 @@ import torch
 
 from lorry.engine.errors import AdapterFormatError
 from lorry.engine.lora.extras import AdapterExtras, load_extras
-from lorry.engine.lora.slot_layout import check_finite
 from lorry.engine.lora.spec import AdapterSpec, check_shapes
+
+
+def check_finite(spec, tensors, where: str) -> None:
+    """Refuse weights holding NaN or infinity (a tensor's min and max in one pass: NaN
+    propagates into both): the torch backend's masked products would carry them into other
+    adapters' rows. Checked after the conversion to the serving dtype, which may overflow."""
+    for t in tensors:
+        if t.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(t)):
+            raise AdapterFormatError(f"adapter {spec.path}: its weights hold NaN or infinite "
+                                     f"values ({where}); fix or retrain the adapter")
 
 
 class StagedViews(Mapping):
@@ -84,6 +94,8 @@ def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: in
                 extras.head = (extras.head[0], *(t.pin_memory() for t in extras.head[1:]))
         check_finite(spec, extras.tensors(), "bias, DoRA or embedding parts")
         staged = layout.stage(spec, raw, dtype, pin_memory)
+        for f, ab in staged.items():
+            check_finite(spec, ab, f"{f} in {dtype}")
         nbytes = sum(t.numel() * t.element_size() for ab in staged.values() for t in ab)
         tensors = StagedViews(spec, layout, staged)
         return AdapterWeights(spec, tensors, nbytes + extras.nbytes, staged, extras)

@@ -536,6 +536,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--decode-config", default=None, metavar="SPEC",
                     help="the LoRA decode table for every run, as lora_kernels.py's "
                          "--decode-config ('key=value,...' over the GPU's file; default: it)")
+    ap.add_argument("--load-switch-interval", type=float, default=None, metavar="SECONDS",
+                    help="the GIL switch interval while adapters load (engine.lora.manager."
+                         "LOAD_SWITCH_INTERVAL; 0.005, Python's own, leaves it unchanged)")
     ap.add_argument("--plot", default=None, help="tokens/s vs batch and vs adapters (png)")
     ap.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
                     help="only draw --plot from these earlier outputs (e.g. a GPU run's --out; "
@@ -569,6 +572,11 @@ def main() -> None:
 
         lora_decode.DECODE_CONFIG = lora_kernels.parse_decode_config(args.decode_config)
         res["decode_config"] = args.decode_config
+    if args.load_switch_interval is not None:   # an A/B of the loads' GIL hand-over
+        from lorry.engine.lora import manager
+
+        manager.LOAD_SWITCH_INTERVAL = args.load_switch_interval
+        res["load_switch_interval"] = args.load_switch_interval
     with tempfile.TemporaryDirectory(prefix="lorry-bulk-") as tmp:
         if args.model:
             model, load_format = args.model, "auto"

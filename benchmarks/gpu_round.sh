@@ -5,7 +5,8 @@
 # step of the bulk workload: benchmarks/prefill_step.py, its timeline summed by trace_gaps.py)
 # | decode (a decode round of it: the same script's --decode) | lora_bulk (the LoRA of a
 # bulk decode and prompt step per decode-table setting: lora_bulk_step.py; LORA_CONFIGS)
-# | lora_sweep (the same over a grid of settings, the best last)
+# | lora_sweep (the same over a grid of settings, the best last) | lora_prompt (the prompt
+# step's LoRA over lora_bulk_step.py's PROMPT_SWEEP: two-launch table and decode-path settings)
 # | loop (40 whole engine steps traced: --loop; LOOP_AT: after which steps, LOOP_RUN: bulk.py's
 # run, LOOP_CPROFILE: that many more steps under cProfile) | attn_sweep
 # (prefill_attn_sweep.py) | launch (launch_overhead.py) | sweep (or its halves sweep_batch,
@@ -84,6 +85,14 @@ print("default", r["default"]); print("best", r["best"], r["speedup"])' "$out/at
         timeout "$limit" $py benchmarks/lora_bulk_step.py --sweep --kinds decode \
             --max-seconds $((limit - 60)) > "$out/lora_sweep.json" 2> "$out/lora_sweep.log"
         echo "lora_sweep rc=$?"; tail -1 "$out/lora_sweep.json" ;;
+    lora_prompt)  # the bulk prompt step's LoRA over PROMPT_SWEEP's settings
+        timeout "$limit" $py benchmarks/lora_bulk_step.py --prompt-sweep \
+            --max-seconds $((limit - 60)) > "$out/lora_prompt.json" 2> "$out/lora_prompt.log"
+        echo "lora_prompt rc=$?"; $py -c 'import json,sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if "us" in r: print(r["proj"], r["config"], r["path"], r["us"], r.get("same_as", ""))
+    elif "step_lora_ms" in r: print(r)' "$out/lora_prompt.json" ;;
     launch)
         timeout "$limit" $py benchmarks/launch_overhead.py > "$out/launch.json" 2> "$out/launch.log"
         echo "launch rc=$?"; cat "$out/launch.json" ;;

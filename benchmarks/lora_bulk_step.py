@@ -4,7 +4,8 @@ A step of ``benchmarks/bulk.py``'s schedule (replayed with ``schedule_replay.py`
 each row's adapter, and where the engine's slot memory placed each adapter) is rebuilt as one
 q/k/v and one o ``add_lora`` call over row buffers (Llama-3-8B widths, bf16, ranks 8-64 as the
 workload draws them), and each call is timed in a CUDA graph per decode-table setting
-(kernels/configs/, ``lora_kernels.py --decode-config`` syntax). Successive calls rotate over
+(kernels/configs/, ``lora_kernels.py --decode-config`` syntax; ``prompt.key=value`` items set
+the two-launch kernels' "prompt" table). Successive calls rotate over
 copies of the row buffers, as successive layers read their own. Printed per setting: time a
 call, the adapters' A and B bytes it must read (each resident adapter of the step once, to
 its rank, rounded up to 16 rows as the kernels read them) and the bandwidth that makes, the
@@ -13,7 +14,7 @@ step's LoRA in all 32 layers. Settings that leave a call on the two-launch path 
 setting of the decode table, for a prompt step past its max_tokens) are timed once.
 
     PYTHONPATH=. python benchmarks/lora_bulk_step.py [--slot-ids 96] [--decode-at 600]
-        [--configs default rows=8 rows=16 off | --sweep [--max-seconds 400]]
+        [--configs default rows=8 rows=16 off | --sweep | --prompt-sweep] [--max-seconds 400]
         [--describe] [--check]
 
 ``--describe`` runs anywhere (the steps only); ``--check`` runs each setting at a small width
@@ -108,14 +109,15 @@ def weight_rows(comp: dict, tile_rows: int | None = None, exact: bool = False) -
     return sum(rank[s] * -(-n // tile_rows) for s, n in per_slot.items())
 
 
-def tile_rows_of(comp: dict, plan: dict | None) -> int:
+def tile_rows_of(comp: dict, plan: dict | None, device="cpu") -> int:
     """Tokens a tile holds on the path a call takes: the decode plan's rows, else the
     two-launch kernels' BLOCK_M."""
     from lorry.kernels import triton_lora
 
     if plan is not None:
         return plan["rows"]
-    return triton_lora._block_m(sum(n for _, n in comp["tokens"]), comp["max_loras"])
+    return triton_lora.prompt_plan(sum(n for _, n in comp["tokens"]), comp["max_loras"],
+                                   4096, torch.device(device))["block_m"]
 
 
 def step_problem(comp: dict, hidden: int, widths: list[int], dtype, device, sets: int = 1,
@@ -160,11 +162,55 @@ def sweep_configs() -> list[str]:
                                  for values in itertools.product(*SWEEP.values())]
 
 
+# --prompt-sweep: the prompt step's settings, one at a time and in a few combinations: the
+# two-launch kernels' "prompt" table (split of the shrink's reduction, its k tile, stages and
+# warps, taller m-tiles, the expand's column tile), and the decode path opened to the step
+# ("long" entries: up to 8,192 tokens and rank 64, tiles of 16-64 tokens)
+_OPEN_LONG = "long.max_tokens=8192,long.max_rank=64"
+PROMPT_SWEEP = [
+    "off", "prompt.shrink_programs_per_sm=8", "prompt.shrink_programs_per_sm=16",
+    "prompt.shrink_programs_per_sm=32", "prompt.shrink_block_k=128",
+    "prompt.shrink_block_k=256", "prompt.shrink_num_stages=3", "prompt.shrink_num_stages=4",
+    "prompt.shrink_num_warps=8", "prompt.max_block_m=128", "prompt.block_m=32",
+    "prompt.expand_block_n=128", "prompt.expand_block_n=256", "prompt.expand_num_warps=8",
+    "prompt.expand_num_stages=3",
+    "prompt.shrink_programs_per_sm=16,prompt.shrink_block_k=128,prompt.shrink_num_stages=3",
+    "prompt.shrink_programs_per_sm=16,prompt.expand_block_n=128",
+    "prompt.shrink_programs_per_sm=16,prompt.max_block_m=128,prompt.expand_block_n=128",
+    _OPEN_LONG, _OPEN_LONG + ",long.rows=32", _OPEN_LONG + ",long.rows=64",
+    _OPEN_LONG + ",long.rows=32,long.programs_per_sm=6",
+]
+
+
+def split_spec(spec: str, device: str = "cuda") -> tuple[dict, dict | None]:
+    """A setting -> (the decode table, the two-launch "prompt" table or None for the
+    device's): 'prompt.key=value' items set the latter, the rest is lora_kernels'
+    --decode-config syntax ('default', 'off', 'key=value', 'long.key=value', ...)."""
+    import lora_kernels
+    from lorry.kernels import tuning
+
+    items = spec.split(",")
+    prompt = [i.split("=", 1) for i in items if i.startswith("prompt.")]
+    rest = [i for i in items if not i.startswith("prompt.") and i != "off"]
+    decode = lora_kernels.parse_decode_config(",".join(rest) or "default", device)
+    if "off" in items:
+        decode["max_tokens"] = 0
+    if not prompt:
+        return decode, None
+    table = dict(tuning.for_device(torch.device(device))["prompt"])
+    for key, value in prompt:
+        key = key.removeprefix("prompt.")
+        if key not in table:
+            raise SystemExit(f"unknown prompt table key {key!r}; keys: {sorted(table)}")
+        table[key] = int(value)
+    return decode, table
+
+
 def time_step(comp: dict, proj: str, configs: list[str], deadline: float = math.inf) -> list[dict]:
     """One JSON row per decode-table setting: the step's add_lora for ``proj`` (settings
     left when ``deadline``, a time.time(), passes are not timed)."""
     import lora_kernels
-    from lorry.kernels import lora_decode
+    from lorry.kernels import lora_decode, triton_lora
     from lorry.kernels.backends import get_lora_ops
 
     H, widths = PROJECTIONS[proj]
@@ -174,22 +220,25 @@ def time_step(comp: dict, proj: str, configs: list[str], deadline: float = math.
     offsets, meta, x, y, weights = step_problem(comp, H, widths, torch.bfloat16, "cuda", sets)
     tri = get_lora_ops("triton")
     T = x.shape[0]
-    out, saved, two_launch = [], lora_decode.DECODE_CONFIG, None
+    out, two_launch = [], {}
+    saved = lora_decode.DECODE_CONFIG, triton_lora.PROMPT_CONFIG
     try:
         for spec in configs:
             if time.time() > deadline:
                 break
-            cfg = lora_decode.DECODE_CONFIG = lora_kernels.parse_decode_config(spec)
+            cfg, prompt = split_spec(spec)
+            lora_decode.DECODE_CONFIG, triton_lora.PROMPT_CONFIG = cfg, prompt
             plan = lora_decode.decode_plan(T, meta.max_loras, H, comp["max_rank"], widths,
                                            x.device, cfg)
-            if plan is None and two_launch is not None:
-                # the decode table does not reach the two-launch path: timed once
-                out.append(dict(two_launch, config=spec, same_as=two_launch["config"]))
+            key = json.dumps(prompt, sort_keys=True)
+            if plan is None and key in two_launch:
+                # the decode table does not reach the two-launch path: timed once a table
+                out.append(dict(two_launch[key], config=spec, same_as=two_launch[key]["config"]))
                 continue
             us = lora_kernels._graph_time_us(
                 [lambda a=a, b=b: tri.add_lora(y, x, a, b, meta, offsets) for a, b in weights],
                 reps=20)
-            rows = tile_rows_of(comp, plan)
+            rows = tile_rows_of(comp, plan, "cuda")
             tiles = weight_rows(comp, rows) * per_row
             io = (T * H + 2 * T * sum(widths)) * 2                # x read, y read and written
             out.append({"proj": proj, "config": spec, "tokens": T, "sets": sets,
@@ -199,9 +248,9 @@ def time_step(comp: dict, proj: str, configs: list[str], deadline: float = math.
                         "tile_reads_MB": round(tiles / 1e6, 1),
                         "all_bytes_GBps": round((tiles + io) / us / 1e3, 1)})
             if plan is None:
-                two_launch = out[-1]
+                two_launch[key] = out[-1]
     finally:
-        lora_decode.DECODE_CONFIG = saved
+        lora_decode.DECODE_CONFIG, triton_lora.PROMPT_CONFIG = saved
     return out
 
 
@@ -210,22 +259,20 @@ def check_step(comp: dict, configs: list[str], device) -> list[dict]:
     setting against the torch backend (fp32): what is timed computes the right thing. On the
     CPU run it under TRITON_INTERPRET=1. The decode path is forced where it would not apply
     at this width (min_expand_cols 0)."""
-    from lorry.kernels import lora_decode
+    from lorry.kernels import lora_decode, triton_lora
     from lorry.kernels.backends import get_lora_ops
 
     widths = [64, 16, 16]
     offsets, meta, x, y, [(a, b)] = step_problem(comp, 64, widths, torch.float32, device)
     ref = y.clone()
     get_lora_ops("torch").add_lora(ref, x, a, b, meta, offsets)
-    import lora_kernels
-
-    out, saved = [], lora_decode.DECODE_CONFIG
+    out, saved = [], (lora_decode.DECODE_CONFIG, triton_lora.PROMPT_CONFIG)
     try:
         for spec in configs:
-            cfg = lora_kernels.parse_decode_config(spec, device)
-            if spec != "off":
+            cfg, prompt = split_spec(spec, device)
+            if cfg["max_tokens"]:
                 cfg["min_expand_cols"] = 0
-            lora_decode.DECODE_CONFIG = cfg
+            lora_decode.DECODE_CONFIG, triton_lora.PROMPT_CONFIG = cfg, prompt
             plan = lora_decode.decode_plan(x.shape[0], meta.max_loras, 64, comp["max_rank"],
                                            widths, x.device, cfg)
             got = y.clone()
@@ -234,7 +281,7 @@ def check_step(comp: dict, configs: list[str], device) -> list[dict]:
                         "max_abs_error": (got - ref).abs().max().item(),
                         "lora_max_abs": (ref - y).abs().max().item()})
     finally:
-        lora_decode.DECODE_CONFIG = saved
+        lora_decode.DECODE_CONFIG, triton_lora.PROMPT_CONFIG = saved
     return out
 
 
@@ -245,7 +292,8 @@ def describe(comp: dict) -> dict:
     counts = sorted(per_slot.values(), reverse=True)
     from lorry.kernels import triton_lora
 
-    block_m = triton_lora._block_m(sum(counts), comp["max_loras"])
+    block_m = triton_lora.prompt_plan(sum(counts), comp["max_loras"], 4096,
+                                      torch.device("cpu"))["block_m"]
     return {"step": comp["step"], "rows": len(comp["tokens"]), "tokens": sum(counts),
             "adapters": len(per_slot), "rank_sum": weight_rows(comp, exact=True),
             "rows_read": weight_rows(comp),
@@ -274,6 +322,9 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep", action="store_true",
                     help="time 'default', 'off' and every combination of SWEEP instead of "
                          "--configs (decode steps; the prompt step takes the two-launch path)")
+    ap.add_argument("--prompt-sweep", action="store_true",
+                    help="time PROMPT_SWEEP's settings instead of --configs (the prompt step "
+                         "only)")
     ap.add_argument("--max-seconds", type=float, default=math.inf,
                     help="stop timing settings after this long (the best so far is printed)")
     ap.add_argument("--describe", action="store_true",
@@ -284,6 +335,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.sweep:
         args.configs = sweep_configs()
+    if args.prompt_sweep:
+        args.configs, args.kinds = PROMPT_SWEEP, ["prompt"]
     deadline = time.time() + args.max_seconds
     steps = pick_steps(args.slot_ids, args.memory_slots,
                        {"decode": args.decode_at, "prompt": args.prompt_at})

@@ -32,7 +32,9 @@ from lorry.kernels.slot_args import (a_strides, b_strides, b_width, folded_geome
 # Keys of "decode": the path applies for min_tokens <= T <= max_tokens, at most max_slices
 # slices, slot widths up to max_rank, and min(T, max_loras) * output width >= min_expand_cols;
 # past max_rows_per_slot tokens per slot the "long" entries replace the others (prefill
-# chunks, in taller tiles), where the widths add up to more than wide_cols the "wide" ones.
+# chunks, in taller tiles; the long max_rows_per_slot then bounds the tokens a slot may hold:
+# past it the two-launch kernels' taller tiles read each adapter's weights fewer times),
+# where the widths add up to more than wide_cols the "wide" ones.
 # rows: tokens per m-tile; tile_elems (with min_block_n / min_block_k): weight tile elements;
 # max_split_k, programs_per_sm, num_warps, num_stages: the expand launch; shrink_*: the shrink
 # launch's own (0: the expand's); expand_loop: the expand's column loop (0 = one-deep manual
@@ -83,6 +85,8 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
     if T > 0 and T // max(1, active) > cfg["max_rows_per_slot"]:
         if not cfg.get("long"):
             return None
+        if T // max(1, active) > cfg["long"].get("max_rows_per_slot", T):
+            return None                              # past the long tiles' reach too
         cfg = dict(cfg, **cfg["long"])               # every limit below is the long one's
     S = len(widths)
     if not (max(1, cfg["min_tokens"]) <= T <= cfg["max_tokens"]) or S > min(3, cfg["max_slices"]) \

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from lorry.kernels import tuning
 from lorry.kernels.device_info import interpreted, num_sms
 from lorry.kernels.launch_math import cdiv, next_pow2
 from lorry.kernels.lora_decode import try_add_lora_decode, try_expand_folded_decode
@@ -30,13 +31,33 @@ def _block_l(max_loras: int) -> int:
     return max(16, next_pow2(max_loras))  # few variants to compile
 
 
-def _block_m(num_tokens: int, max_loras: int) -> int:
-    # Tiles as tall as the tokens a slot is likely to hold (host constants only): decode
-    # batches put one or a few tokens in each slot, and small tiles then waste no rows.
+# The two-launch kernels' settings come from kernels/configs/<GPU>.json's "prompt" table
+# (lorry.kernels.tuning); tests and benchmarks set PROMPT_CONFIG to a full table to override it.
+# Keys (0: the built-in rule): block_m (tokens per m-tile; by default by the tokens a slot is
+# likely to hold, at most max_block_m), shrink_block_k, and the shrink's split of its
+# reduction over H: doubled while the programs stay within shrink_programs_per_sm a SM, each
+# part at least min_split_width wide, at most max_split_k; shrink_num_warps/_num_stages;
+# expand_block_n, expand_num_warps/_num_stages.
+PROMPT_CONFIG: dict | None = None
+
+
+def prompt_config(device: torch.device) -> dict:
+    """The two-launch table in force for ``device`` (PROMPT_CONFIG if set, else its file's)."""
+    return PROMPT_CONFIG if PROMPT_CONFIG is not None else tuning.for_device(device)["prompt"]
+
+
+def _block_m(num_tokens: int, max_loras: int, cfg: dict | None = None) -> int:
+    """Tokens per m-tile (host constants only)."""
+    cfg = prompt_config(torch.device("cpu")) if cfg is None else cfg
+    if cfg["block_m"]:
+        return cfg["block_m"]
+    # Tiles as tall as the tokens a slot is likely to hold: decode batches put one or a few
+    # tokens in each slot, and small tiles then waste no rows.
     per_slot = num_tokens // max(1, min(num_tokens, max_loras))
     if num_tokens <= 128 or per_slot <= 16:
         return 16
-    return 32 if per_slot <= 32 else 64
+    tall = 32 if per_slot <= 32 else 64 if per_slot <= 64 else 128
+    return max(16, min(tall, cfg["max_block_m"]))
 
 
 def _num_m_tiles(num_tokens: int, max_loras: int, block_m: int) -> int:
@@ -54,15 +75,33 @@ def _groups(n: int):
         yield g, min(n, g + MAX_SLICES_PER_LAUNCH)
 
 
+def prompt_plan(num_tokens: int, max_loras: int, hidden: int, device: torch.device) -> dict:
+    """Block sizes and launch settings of the two-launch kernels for a batch of this shape."""
+    cfg = prompt_config(device)
+    block_m = _block_m(num_tokens, max_loras, cfg)
+    block_k = cfg["shrink_block_k"] or (256 if block_m == 16 else 64)
+    return {"block_m": block_m, "block_k": min(block_k, max(16, next_pow2(hidden))),
+            "shrink_num_warps": cfg["shrink_num_warps"],
+            "shrink_num_stages": cfg["shrink_num_stages"] or (3 if block_m == 16 else 2),
+            # wider column tiles (256, 512) were slower for decode on an H200 (BENCHMARKS.md)
+            "expand_block_n": cfg["expand_block_n"] or (128 if block_m == 16 else 64),
+            "expand_num_warps": cfg["expand_num_warps"],
+            "expand_num_stages": cfg["expand_num_stages"]}
+
+
 def choose_split_k(num_tokens: int, max_loras: int, num_slices: int, hidden: int,
                    device: torch.device) -> int:
     """Split the shrink's reduction over hidden when too few programs would fill the GPU."""
-    programs = _num_m_tiles(num_tokens, max_loras, _block_m(num_tokens, max_loras)) * num_slices
+    cfg = prompt_config(device)
+    programs = _num_m_tiles(num_tokens, max_loras, _block_m(num_tokens, max_loras, cfg)) \
+        * num_slices
     split = 1
-    # Measured on an H200 (docs/BENCHMARKS.md): one wave of programs is enough; deeper
-    # splits cost more in the expand, which re-reads every partial sum for each column tile.
-    while (programs * split * 2 <= 2 * num_sms(device) and hidden // (split * 2) >= 512
-           and split < 16):
+    # Measured on an H200 (docs/BENCHMARKS.md): about two programs a SM are enough for a
+    # decode batch; deeper splits cost more in the expand, which re-reads every partial sum
+    # for each column tile.
+    while (programs * split * 2 <= cfg["shrink_programs_per_sm"] * num_sms(device)
+           and hidden // (split * 2) >= cfg["min_split_width"]
+           and split * 2 <= cfg["max_split_k"]):
         split *= 2
     return split
 
@@ -83,10 +122,9 @@ def _shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta, out: to
     R = max_rank(lora_a, meta)
     if T == 0:
         return
-    block_m = _block_m(T, meta.max_loras)
+    plan = prompt_plan(T, meta.max_loras, H, x.device)
+    block_m, block_k = plan["block_m"], plan["block_k"]
     block_n = min(max(16, next_pow2(R)), 64)
-    block_k = 256 if block_m == 16 else 64
-    block_k = min(block_k, max(16, next_pow2(H)))
     for g0, g1 in _groups(len(lora_a)):
         a = lora_a[g0:g1]
         if any(t.stride() != a[0].stride() for t in a):
@@ -103,8 +141,8 @@ def _shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta, out: to
             o.stride(0), o.stride(1), o.stride(2), o.stride(3),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             BLOCK_L=_block_l(meta.max_loras), SPLIT_K=split_k,
-            PRECISION=_precision(a[0].dtype), UPCAST=interpreted(), **rows_consts, num_warps=4,
-            num_stages=3 if block_m == 16 else 2)
+            PRECISION=_precision(a[0].dtype), UPCAST=interpreted(), **rows_consts,
+            num_warps=plan["shrink_num_warps"], num_stages=plan["shrink_num_stages"])
 
 
 def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: torch.Tensor,
@@ -115,10 +153,9 @@ def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: 
     split_k, _, T, R = inter.shape
     if T == 0:
         return
-    block_m = _block_m(T, meta.max_loras)
+    plan = prompt_plan(T, meta.max_loras, 0, y.device)
+    block_m, block_n = plan["block_m"], plan["expand_block_n"]
     block_r = min(max(16, next_pow2(R)), 64)
-    # Wider column tiles (256, 512) are slower for decode on an H200 (docs/BENCHMARKS.md).
-    block_n = 128 if block_m == 16 else 64
     for g0, g1 in _groups(len(lora_b)):
         b = lora_b[g0:g1]
         offs = list(slice_offsets[g0:g1])
@@ -139,8 +176,8 @@ def _expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta, y: 
             y.stride(0), y.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
             BLOCK_L=_block_l(meta.max_loras), SPLIT_K=split_k,
-            PRECISION=_precision(b[0].dtype), UPCAST=interpreted(), **rows_consts, num_warps=4,
-            num_stages=2)
+            PRECISION=_precision(b[0].dtype), UPCAST=interpreted(), **rows_consts,
+            num_warps=plan["expand_num_warps"], num_stages=plan["expand_num_stages"])
 
 
 def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta,

@@ -1,11 +1,13 @@
-"""Per-GPU launch settings of the Triton LoRA decode path, read from JSON files.
+"""Per-GPU launch settings of the Triton LoRA kernels, read from JSON files.
 
 ``kernels/configs/<GPU name>.json`` (the name as ``torch.cuda.get_device_name`` gives it, each
 run of characters other than letters and digits as one ``_``: ``NVIDIA_H200.json``) holds the
 settings measured on that GPU; ``default.json`` serves every other GPU and the CPU
 interpreter. Each file has a ``decode`` table (the decode launch, see
 ``lorry.kernels.lora_decode.decode_plan``) and a ``fold`` table (entries over ``decode`` for the
-expand alone over folded products). How a table was found is in docs/BENCHMARKS.md.
+expand alone over folded products) and a ``prompt`` table (the two-launch shrink and expand
+kernels that take prompt steps: ``lorry.kernels.triton_lora.prompt_plan``). How a table was
+found is in docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def load(name: str) -> dict:
     if not path.is_file():
         path = configs.joinpath(f"{DEFAULT}.json")
     data = json.loads(path.read_text())
-    return {"decode": data["decode"], "fold": data["fold"]}
+    return {"decode": data["decode"], "fold": data["fold"], "prompt": data["prompt"]}
 
 
 @functools.cache

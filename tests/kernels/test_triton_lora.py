@@ -100,6 +100,35 @@ def test_split_reduction_over_long_hidden(monkeypatch, device):
     _check(p, _run(triton_ops, p), torch.float32)
 
 
+# Settings of the two-launch kernels' "prompt" table a sweep may choose (tall tiles, a forced
+# split of the reduction, other column tiles, warps and stages): each must stay exact.
+PROMPT_SETTINGS = [{"block_m": 128}, {"max_block_m": 128},
+                   {"shrink_programs_per_sm": 1000, "min_split_width": 16, "max_split_k": 4},
+                   {"shrink_block_k": 32, "shrink_num_stages": 4, "shrink_num_warps": 8},
+                   {"expand_block_n": 16, "expand_num_warps": 8, "expand_num_stages": 3}]
+
+
+@pytest.mark.parametrize("setting", PROMPT_SETTINGS, ids=lambda s: ",".join(s))
+def test_prompt_table_settings_match_the_loop(setting, monkeypatch, device):
+    from lorry.kernels import triton_lora
+    _decode_cfg(monkeypatch, max_tokens=0)
+    cfg = dict(triton_lora.prompt_config(torch.device(device)), **setting)
+    monkeypatch.setattr(triton_lora, "PROMPT_CONFIG", cfg)
+    # a skewed mix over 5 slots: one holds most of the 400 tokens (tall tiles past 64 a slot)
+    p = make_problem(num_tokens=400, hidden=72, widths=WIDTHS, max_rank=16, ranks=[16, 8, 1],
+                     mix="skewed", dtype=torch.float32, device=device, seed=2)
+    plan = triton_lora.prompt_plan(400, p.meta.max_loras, 72, torch.device(device))
+    for key in ("block_m", "expand_block_n", "expand_num_warps"):
+        if key in setting:
+            assert plan[key] == setting[key]
+    if "max_block_m" in setting:
+        assert plan["block_m"] == 128
+    if "max_split_k" in setting:
+        assert triton_lora.choose_split_k(400, p.meta.max_loras, 3, 72,
+                                          torch.device(device)) == 4
+    _check(p, _run(triton_ops, p), torch.float32)
+
+
 def test_more_slices_than_one_launch_holds(device):
     p = make_problem(num_tokens=7, hidden=40, widths=[16, 24, 8, 32], max_rank=8,
                      ranks=[8, 1], mix="some_without", dtype=torch.float32, device=device)
@@ -210,6 +239,11 @@ def test_prefill_chunks_take_the_decode_path_in_taller_tiles(mix, rows, monkeypa
     dec = _decode_cfg(monkeypatch, max_tokens=2048, long={"rows": 16, "max_rank": 16})
     assert dec.decode_plan(T, p.meta.max_loras, 72, 16, widths, torch.device(device))
     assert dec.decode_plan(T, p.meta.max_loras, 72, 64, widths, torch.device(device)) is None
+    # nor past the long entries' own tokens a slot (150 tokens over 5 slots: 30 each)
+    dec = _decode_cfg(monkeypatch, max_tokens=2048, long={"rows": 16, "max_rows_per_slot": 30})
+    assert dec.decode_plan(T, p.meta.max_loras, 72, 16, widths, torch.device(device))
+    dec = _decode_cfg(monkeypatch, max_tokens=2048, long={"rows": 16, "max_rows_per_slot": 29})
+    assert dec.decode_plan(T, p.meta.max_loras, 72, 16, widths, torch.device(device)) is None
 
 
 def test_rank_64_takes_tiles_of_the_floor_sizes(monkeypatch, device):

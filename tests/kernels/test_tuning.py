@@ -18,6 +18,7 @@ def test_each_gpu_gets_its_own_file_and_others_the_default():
     assert tuning.load("NVIDIA_A10G") == tuning.load("default")  # no file: the default one
     default = tuning.load("default")
     assert set(default["decode"]) == set(h200["decode"])  # every key has a default
+    assert set(default["prompt"]) == set(h200["prompt"])
 
 
 def test_the_plan_follows_the_table_and_an_override_wins(monkeypatch):

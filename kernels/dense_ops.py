@@ -21,29 +21,39 @@ from lorry.kernels.segments import LoRAMeta
 from lorry.kernels.slot_args import check_layout
 
 
-def _selector(meta: LoRAMeta, L: int, R: int, dtype: torch.dtype) -> torch.Tensor:
-    """[T, L*R] mask: 1 on the R columns of the token's slot, 0 elsewhere (and for slot -1).
+# The masks select with torch.where, not a product: every token is multiplied with every
+# slot's weights, and another adapter's product that overflows (inf in fp16) times a 0 mask
+# would be NaN in this token's row.
+
+
+def _keep(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """t where mask holds, 0 elsewhere (whatever t holds there)."""
+    return torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _selector(meta: LoRAMeta, L: int, R: int) -> torch.Tensor:
+    """[T, L*R] bool mask: the R columns of the token's slot (none for slot -1).
     Built once per step: cached on the step's metadata, which every layer shares."""
     cache = meta.__dict__.setdefault("_lorry_selectors", {})
-    sel = cache.get((L, R, dtype))
+    sel = cache.get((L, R))
     if sel is None:
         cols = torch.arange(L * R, device=meta.token_slots.device) // R
-        sel = cache[(L, R, dtype)] = (meta.token_slots.long()[:, None] == cols[None, :]).to(dtype)
+        sel = cache[(L, R)] = meta.token_slots.long()[:, None] == cols[None, :]
     return sel
 
 
-def _row_selector(meta: LoRAMeta, rows: int, dtype: torch.dtype) -> torch.Tensor:
-    """[T, rows] mask over row buffers: 1 on the rows of the token's adapter (its first row
-    to its rank), 0 elsewhere and for slot -1. Cached on the step's metadata."""
+def _row_selector(meta: LoRAMeta, rows: int) -> torch.Tensor:
+    """[T, rows] bool mask over row buffers: the rows of the token's adapter (its first row
+    to its rank), none for slot -1. Cached on the step's metadata."""
     cache = meta.__dict__.setdefault("_lorry_selectors", {})
-    sel = cache.get(("rows", rows, dtype))
+    sel = cache.get(("rows", rows))
     if sel is None:
         slots = meta.token_slots.long()
         table = meta.rows.table.long()
         base, rank = table[0][slots.clamp(min=0)], table[1][slots.clamp(min=0)]
         j = torch.arange(rows, device=slots.device)
         hit = (slots >= 0)[:, None] & (j >= base[:, None]) & (j < (base + rank)[:, None])
-        sel = cache[("rows", rows, dtype)] = hit.to(dtype)
+        sel = cache[("rows", rows)] = hit
     return sel
 
 
@@ -62,16 +72,16 @@ def lora_shrink(x: torch.Tensor, lora_a: list[torch.Tensor], meta: LoRAMeta,
     without adapter, and past a slot's rank with row buffers)."""
     if meta.rows is not None:
         R, rows = out.shape[-1], lora_a[0].shape[0]
-        sel = _row_selector(meta, rows, out.dtype)
+        sel = _row_selector(meta, rows)
         gather = _gather_index(meta, R, rows)
         for s, a in enumerate(lora_a):
-            full = (x.to(a.dtype) @ a.t()).to(out.dtype) * sel                     # [T, rows]
-            out[s] = torch.gather(full, 1, gather.clamp(max=rows - 1)) * (gather < rows)
+            full = _keep((x.to(a.dtype) @ a.t()).to(out.dtype), sel)                # [T, rows]
+            out[s] = _keep(torch.gather(full, 1, gather.clamp(max=rows - 1)), gather < rows)
         return
     L, R, H = lora_a[0].shape
-    sel = _selector(meta, L, R, out.dtype)
+    sel = _selector(meta, L, R)
     for s, a in enumerate(lora_a):
-        full = (x.to(a.dtype) @ a.reshape(L * R, H).t()).to(out.dtype) * sel      # [T, L*R]
+        full = _keep((x.to(a.dtype) @ a.reshape(L * R, H).t()).to(out.dtype), sel)  # [T, L*R]
         out[s] = full.view(-1, L, R).sum(1)
 
 
@@ -81,7 +91,7 @@ def lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta,
     per-token expand."""
     if meta.rows is not None:
         R, rows = inter.shape[-1], lora_b[0].shape[1]
-        sel = _row_selector(meta, rows, inter.dtype)
+        sel = _row_selector(meta, rows)
         gather = _gather_index(meta, R, rows)
         T = inter.shape[1]
         for s, b in enumerate(lora_b):
@@ -89,12 +99,12 @@ def lora_expand(inter: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAMeta,
             z = torch.zeros(T, rows + R, dtype=inter.dtype, device=inter.device)
             z.scatter_(1, gather, inter[s])
             y[:, slice_offsets[s]:slice_offsets[s] + b.shape[0]] += \
-                ((z[:, :rows] * sel).to(b.dtype) @ b.t()).to(y.dtype)
+                (_keep(z[:, :rows], sel).to(b.dtype) @ b.t()).to(y.dtype)
         return
     L, _, R = lora_b[0].shape
-    sel = _selector(meta, L, R, inter.dtype).view(-1, L, R)
+    sel = _selector(meta, L, R).view(-1, L, R)
     for s, b in enumerate(lora_b):
-        z = (inter[s][:, None, :] * sel).reshape(-1, L * R)                        # [T, L*R]
+        z = _keep(inter[s][:, None, :], sel).reshape(-1, L * R)                   # [T, L*R]
         _add_expand(y, z, b, slice_offsets[s])
 
 
@@ -139,13 +149,13 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
     a_all, b_t = _packed(lora_a, lora_b)
     if meta.rows is not None:
         width = lora_a[0].shape[0]
-        sel = _row_selector(meta, width, a_all.dtype)                             # [T, rows]
+        sel = _row_selector(meta, width)                                          # [T, rows]
     else:
         L, R, _ = lora_a[0].shape
         width = L * R
-        sel = _selector(meta, L, R, a_all.dtype)                                    # [T, L*R]
+        sel = _selector(meta, L, R)                                                 # [T, L*R]
     z = x.to(a_all.dtype) @ a_all                                                   # [T, S*width]
-    z = (z.view(-1, len(lora_a), width) * sel[:, None, :]).to(y.dtype)
+    z = _keep(z.view(-1, len(lora_a), width), sel[:, None, :]).to(y.dtype)
     for s, bt in enumerate(b_t):
         n = bt.shape[1]
         y[:, slice_offsets[s]:slice_offsets[s] + n].addmm_(z[:, s], bt.to(y.dtype))

@@ -75,3 +75,55 @@ def test_invalidate_drops_the_packed_copy():
     ref.add_lora(y_ref, x, a, b, meta, [0, 8])
     dense_ops.add_lora(y, x, a, b, meta, [0, 8])
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["slots", "rows"])
+def test_an_overflowing_adapter_leaves_other_tokens_alone(layout):
+    """fp16: every token is multiplied with every slot's weights. Slot 0's products overflow
+    (inf); the tokens of slot 1 and those without an adapter must not turn NaN through them,
+    and must equal what they get with slot 0 empty."""
+    from lorry.kernels.segments import SlotRows
+
+    g = torch.Generator().manual_seed(3)
+    L, R, H, sizes, T = 2, 8, 32, [16, 8], 6
+    x = torch.randn(T, H, generator=g).half()
+    a = [torch.randn(L, R, H, generator=g).half() for _ in sizes]
+    b = [torch.randn(L, n, R, generator=g).half() for n in sizes]
+    for t in a:
+        t[0] = 6e4                        # x @ A0 is far past fp16's 65,504
+    slots = torch.tensor([1, -1, 1, 0, 1, -1])
+    rows_meta = None
+    if layout == "rows":                  # slot 0 at rows 0-7, slot 1 at rows 16-23
+        table = torch.tensor([[0, 16], [R, R]], dtype=torch.int32)
+        rows_meta = SlotRows(table, R, row_align=16)
+        a_rows, b_rows = [], []
+        for ta, tb in zip(a, b):
+            ra = torch.zeros(32, H, dtype=torch.half)
+            rb = torch.zeros(tb.shape[1], 32, dtype=torch.half)
+            ra[0:8], ra[16:24], rb[:, 0:8], rb[:, 16:24] = ta[0], ta[1], tb[0], tb[1]
+            a_rows.append(ra)
+            b_rows.append(rb)
+        a, b = a_rows, b_rows
+    meta = build_lora_meta(slots, L, rows_meta)
+    offsets = [0, 16]
+    y0 = torch.randn(T, sum(sizes), generator=g).half()
+    emptied_a = [t.clone() for t in a]
+    for t in emptied_a:
+        if layout == "rows":
+            t[0:8] = 0
+        else:
+            t[0] = 0
+    others = slots != 0
+    for fn in ("add_lora", "two_launch"):
+        got, want = y0.clone(), y0.clone()
+        for y, aa in ((got, a), (want, emptied_a)):
+            if fn == "add_lora":
+                dense_ops.add_lora(y, x, aa, b, meta, offsets)
+            else:
+                out = torch.zeros(len(sizes), T, R, dtype=torch.half)
+                dense_ops.lora_shrink(x, aa, meta, out)
+                dense_ops.lora_expand(out, b, meta, y, offsets)
+        assert torch.isfinite(got[others]).all(), fn
+        assert torch.equal(got[others], want[others]), fn
+        assert torch.equal(got[slots == -1], y0[slots == -1]), fn
+        assert not torch.equal(got[slots == 1], y0[slots == 1]), fn

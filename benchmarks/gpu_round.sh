@@ -11,8 +11,9 @@
 # run, LOOP_CPROFILE: that many more steps under cProfile) | attn_sweep
 # (prefill_attn_sweep.py) | launch (launch_overhead.py) | sweep (or its halves sweep_batch,
 # sweep_adapters) | overhead (a compile run, then mixed cold, mixed --preload-adapters and
-# no_adapters, each its own process: the LoRA overhead A/B) | a bulk.py run name (each its own
-# process; BULK_ARGS adds bulk.py options).
+# no_adapters, each its own process: the LoRA overhead A/B) | loads (the cold loads' cost: cold
+# at the 1 ms and 5 ms GIL intervals, preloaded, no adapters) | pack (last: OUTDIR's files in
+# one round.tgz) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
 # leaves the ones before it. Run from the repository root on the GPU machine.
 set -u
@@ -116,6 +117,23 @@ for line in open(sys.argv[1]):
                 ${BULK_ARGS:-} --out "$out/overhead_$name.json" > /dev/null 2> "$out/overhead_$name.log"
             echo "overhead $name rc=$?"; summary "$out/overhead_$name"
         done ;;
+    loads)   # what cold adapter loads cost, and the GIL interval's part: a 150-request run
+        # for the compiles, then cold loads at the engine's 1 ms interval and at Python's 5 ms,
+        # the adapters preloaded, and no adapters, each a process
+        timeout "$limit" $py benchmarks/bulk.py --device cuda --runs mixed --requests 150 \
+            --out "$out/compile.json" > /dev/null 2> "$out/compile.log"
+        echo "compile run rc=$?"
+        for what in cold:mixed: cold5ms:mixed:--load-switch-interval=0.005 \
+                preloaded:mixed:--preload-adapters base:no_adapters:; do
+            IFS=: read -r name run extra <<< "$what"
+            timeout "$limit" $py benchmarks/bulk.py --device cuda --runs $run --warmup 64 $extra \
+                ${BULK_ARGS:-} --out "$out/loads_$name.json" > /dev/null 2> "$out/loads_$name.log"
+            echo "loads $name rc=$?"; summary "$out/loads_$name"
+        done ;;
+    pack)   # last: every file of OUTDIR in OUTDIR/round.tgz (the device tool returns 8 files)
+        (cd "$out" && tar czf round.tgz --exclude round.tgz . && find . -type f ! -name \
+            round.tgz -delete)
+        echo "pack: $(du -h "$out/round.tgz" | cut -f1)" ;;
     *)  # a bulk.py run name
         timeout "$limit" $py benchmarks/bulk.py --device cuda --runs "$step" ${BULK_ARGS:-} \
             --out "$out/bulk_$step.json" > /dev/null 2> "$out/bulk_$step.log"

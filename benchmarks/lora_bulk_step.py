@@ -164,22 +164,22 @@ def sweep_configs() -> list[str]:
 
 # --prompt-sweep: the prompt step's settings, one at a time and in a few combinations: the
 # two-launch kernels' "prompt" table (split of the shrink's reduction, its k tile, stages and
-# warps, taller m-tiles, the expand's column tile), and the decode path opened to the step
-# ("long" entries: up to 8,192 tokens and rank 64, tiles of 16-64 tokens)
+# warps, taller m-tiles, the expand's column tile), and the decode path's "long" entries (up
+# to 8,192 tokens and rank 64, tiles of 16-64 tokens)
+# two-launch settings go with "off" (the decode path closed, its long entries included)
+_TWO = ["shrink_programs_per_sm=8", "shrink_programs_per_sm=16", "shrink_programs_per_sm=32",
+        "shrink_block_k=128", "shrink_block_k=256", "shrink_num_stages=3", "shrink_num_stages=4",
+        "shrink_num_warps=8", "max_block_m=128", "block_m=32", "expand_block_n=128",
+        "expand_block_n=256", "expand_num_warps=8", "expand_num_stages=3",
+        "shrink_programs_per_sm=16,shrink_block_k=128,shrink_num_stages=3",
+        "shrink_num_stages=4,shrink_block_k=128",
+        "shrink_programs_per_sm=16,max_block_m=128,expand_block_n=128"]
 _OPEN_LONG = "long.max_tokens=8192,long.max_rank=64"
-PROMPT_SWEEP = [
-    "off", "prompt.shrink_programs_per_sm=8", "prompt.shrink_programs_per_sm=16",
-    "prompt.shrink_programs_per_sm=32", "prompt.shrink_block_k=128",
-    "prompt.shrink_block_k=256", "prompt.shrink_num_stages=3", "prompt.shrink_num_stages=4",
-    "prompt.shrink_num_warps=8", "prompt.max_block_m=128", "prompt.block_m=32",
-    "prompt.expand_block_n=128", "prompt.expand_block_n=256", "prompt.expand_num_warps=8",
-    "prompt.expand_num_stages=3",
-    "prompt.shrink_programs_per_sm=16,prompt.shrink_block_k=128,prompt.shrink_num_stages=3",
-    "prompt.shrink_programs_per_sm=16,prompt.expand_block_n=128",
-    "prompt.shrink_programs_per_sm=16,prompt.max_block_m=128,prompt.expand_block_n=128",
-    _OPEN_LONG, _OPEN_LONG + ",long.rows=32", _OPEN_LONG + ",long.rows=64",
-    _OPEN_LONG + ",long.rows=32,long.programs_per_sm=6",
-]
+PROMPT_SWEEP = (
+    ["default", "off"]
+    + ["off," + ",".join("prompt." + kv for kv in t.split(",")) for t in _TWO]
+    + [_OPEN_LONG, _OPEN_LONG + ",long.rows=32", _OPEN_LONG + ",long.rows=64",
+       _OPEN_LONG + ",long.rows=32,long.programs_per_sm=6"])
 
 
 def split_spec(spec: str, device: str = "cuda") -> tuple[dict, dict | None]:
@@ -190,6 +190,9 @@ def split_spec(spec: str, device: str = "cuda") -> tuple[dict, dict | None]:
     from lorry.kernels import tuning
 
     items = spec.split(",")
+    bad = [i for i in items if i.startswith("prompt.") and "=" not in i]
+    if bad:
+        raise SystemExit(f"prompt table items are prompt.key=value, got {bad}")
     prompt = [i.split("=", 1) for i in items if i.startswith("prompt.")]
     rest = [i for i in items if not i.startswith("prompt.") and i != "off"]
     decode = lora_kernels.parse_decode_config(",".join(rest) or "default", device)

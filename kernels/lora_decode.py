@@ -29,7 +29,8 @@ from lorry.kernels.slot_args import (a_strides, b_strides, b_width, folded_geome
 
 # The launch settings come from kernels/configs/<GPU>.json (lorry.kernels.tuning): "decode"
 # for decode_plan, "fold" as entries over it for the expand alone over folded products.
-# Keys of "decode": the path applies for min_tokens <= T <= max_tokens, at most max_slices
+# Keys of "decode": the path applies for min_tokens <= T <= max_tokens (0: never, whatever
+# the "long" entries say), at most max_slices
 # slices, slot widths up to max_rank, and min(T, max_loras) * output width >= min_expand_cols;
 # past max_rows_per_slot tokens per slot the "long" entries replace the others (prefill
 # chunks, in taller tiles; the long max_rows_per_slot then bounds the tokens a slot may hold:
@@ -79,6 +80,8 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
                 device: torch.device, cfg: dict | None = None) -> dict | None:
     """Block sizes and item counts of the decode launch, or None if the path does not apply."""
     cfg = decode_config(device) if cfg is None else cfg
+    if cfg["max_tokens"] <= 0:
+        return None                                  # the path is off, long entries included
     if sum(widths) > cfg.get("wide_cols", sum(widths)):
         cfg = dict(cfg, **cfg.get("wide", {}))
     active = min(T, max_loras)                       # slots that can hold tokens

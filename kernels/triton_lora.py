@@ -46,9 +46,8 @@ def prompt_config(device: torch.device) -> dict:
     return PROMPT_CONFIG if PROMPT_CONFIG is not None else tuning.for_device(device)["prompt"]
 
 
-def _block_m(num_tokens: int, max_loras: int, cfg: dict | None = None) -> int:
-    """Tokens per m-tile (host constants only)."""
-    cfg = prompt_config(torch.device("cpu")) if cfg is None else cfg
+def _block_m(num_tokens: int, max_loras: int, cfg: dict) -> int:
+    """Tokens per m-tile (host constants only) under the prompt table ``cfg``."""
     if cfg["block_m"]:
         return cfg["block_m"]
     # Tiles as tall as the tokens a slot is likely to hold: decode batches put one or a few

@@ -29,3 +29,17 @@ def test_the_plan_follows_the_table_and_an_override_wins(monkeypatch):
     monkeypatch.setattr(lora_decode, "DECODE_CONFIG", closed)
     assert lora_decode.decode_plan(64, 32, 4096, 16, widths, cpu) is None
     assert lora_decode.decode_plan(32, 32, 4096, 16, widths, cpu) is not None
+
+
+def test_prompt_steps_take_the_long_tiles_and_max_tokens_0_closes_them(monkeypatch):
+    # the bulk workload's prompt step: 3,507 tokens over 96 adapter ids, rank 64, q/k/v
+    cpu = torch.device("cpu")
+    widths = [4096, 1024, 1024]
+    plan = lora_decode.decode_plan(3507, 96, 4096, 64, widths, cpu)
+    assert plan is not None and plan["rows"] == 16
+    # past 64 tokens a slot on average (a long prompt of few adapters): the two-launch kernels
+    assert lora_decode.decode_plan(3507, 32, 4096, 64, widths, cpu) is None
+    off = dict(tuning.for_device(cpu)["decode"], max_tokens=0)
+    monkeypatch.setattr(lora_decode, "DECODE_CONFIG", off)
+    assert lora_decode.decode_plan(3507, 96, 4096, 64, widths, cpu) is None
+    assert lora_decode.decode_plan(64, 32, 4096, 16, widths, cpu) is None

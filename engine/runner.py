@@ -53,7 +53,8 @@ class ModelRunner:
         if not used or self.ops is None:
             return None
         t = torch.from_numpy(slots).to(self.device)
-        return LoRAStep(build_lora_meta(t, self.max_loras, self.slot_rows), self.ops, used)
+        return LoRAStep(build_lora_meta(t, self.max_loras, self.slot_rows, len(used)), self.ops,
+                        used)
 
     def _tensor(self, rows) -> torch.Tensor:
         if isinstance(rows, np.ndarray):

@@ -77,8 +77,11 @@ def _pipelines_loops_with_waits() -> bool:
 
 
 def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int],
-                device: torch.device, cfg: dict | None = None) -> dict | None:
-    """Block sizes and item counts of the decode launch, or None if the path does not apply."""
+                device: torch.device, cfg: dict | None = None,
+                active_slots: int | None = None) -> dict | None:
+    """Block sizes and item counts of the decode launch, or None if the path does not apply.
+    ``active_slots``: the slots holding tokens, where the host knows them (LoRAMeta's hint):
+    the long entries' tokens-a-slot bound then counts them instead of min(T, max_loras)."""
     cfg = decode_config(device) if cfg is None else cfg
     if cfg["max_tokens"] <= 0:
         return None                                  # the path is off, long entries included
@@ -88,7 +91,8 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
     if T > 0 and T // max(1, active) > cfg["max_rows_per_slot"]:
         if not cfg.get("long"):
             return None
-        if T // max(1, active) > cfg["long"].get("max_rows_per_slot", T):
+        if T // max(1, min(active, active_slots or active)) \
+                > cfg["long"].get("max_rows_per_slot", T):
             return None                              # past the long tiles' reach too
         cfg = dict(cfg, **cfg["long"])               # every limit below is the long one's
     S = len(widths)
@@ -137,7 +141,7 @@ def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Ten
     T, H = x.shape
     R = max_rank(lora_a, meta)
     widths = [b_width(b) for b in lora_b]
-    plan = decode_plan(T, meta.max_loras, H, R, widths, x.device)
+    plan = decode_plan(T, meta.max_loras, H, R, widths, x.device, None, meta.active_slots)
     if plan is None or any(a.stride() != lora_a[0].stride() for a in lora_a) \
             or not _unit_rank_stride(lora_b):
         return False
@@ -156,7 +160,7 @@ def try_expand_folded_decode(y: torch.Tensor, inter: torch.Tensor, lora_b: list[
     R = max_rank(lora_b, meta, b=True)
     widths = [b_width(b) for b in lora_b]
     cfg = dict(decode_config(y.device), **fold_config(y.device))
-    plan = decode_plan(T, meta.max_loras, hidden, R, widths, y.device, cfg)
+    plan = decode_plan(T, meta.max_loras, hidden, R, widths, y.device, cfg, meta.active_slots)
     if plan is None or not _unit_rank_stride(lora_b):
         return False
     plan = dict(plan, split_k=1)

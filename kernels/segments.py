@@ -55,6 +55,10 @@ class LoRAMeta:
         per-slot stacks ``lora_a[s]`` [L, R, H], ``lora_b[s]`` [L, N_s, R]). With rows, the
         weights are row buffers ``lora_a[s]`` [rows, H] and ``lora_b[s]`` [N_s, rows] and a
         slot's adapter is rows ``base .. base + rank`` of them.
+    active_slots : int or None
+        Slots that hold tokens in this step, where the caller knows it on the host (an eager
+        step); None where it does not (a captured step), and the kernels then plan for
+        min(T, max_loras).
     """
 
     token_slots: torch.Tensor
@@ -63,6 +67,7 @@ class LoRAMeta:
     slot_token_starts: torch.Tensor
     max_loras: int
     rows: SlotRows | None = None
+    active_slots: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -70,10 +75,10 @@ class LoRAMeta:
 
 
 def build_lora_meta(token_slots: torch.Tensor, max_loras: int,
-                    rows: SlotRows | None = None) -> LoRAMeta:
+                    rows: SlotRows | None = None, active_slots: int | None = None) -> LoRAMeta:
     """Sort tokens by slot and count them per slot, without a host sync.
 
-    token_slots: [T] int (slot per token, -1 = no adapter). rows: see LoRAMeta.
+    token_slots: [T] int (slot per token, -1 = no adapter). rows, active_slots: see LoRAMeta.
     """
     if rows is not None and rows.table.shape[1] != max_loras:
         raise ValueError(f"SlotRows.table has {rows.table.shape[1]} slots, max_loras is "
@@ -92,6 +97,7 @@ def build_lora_meta(token_slots: torch.Tensor, max_loras: int,
         slot_token_starts=starts[:max_loras].contiguous(),
         max_loras=max_loras,
         rows=rows,
+        active_slots=active_slots,
     )
 
 

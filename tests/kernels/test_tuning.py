@@ -37,8 +37,8 @@ def test_prompt_steps_take_the_long_tiles_and_max_tokens_0_closes_them(monkeypat
     widths = [4096, 1024, 1024]
     plan = lora_decode.decode_plan(3507, 96, 4096, 64, widths, cpu)
     assert plan is not None and plan["rows"] == 16
-    # past 64 tokens a slot on average (a long prompt of few adapters): the two-launch kernels
-    assert lora_decode.decode_plan(3507, 32, 4096, 64, widths, cpu) is None
+    # past 128 tokens a slot on average (a long prompt of few adapters): the two-launch kernels
+    assert lora_decode.decode_plan(3507, 16, 4096, 64, widths, cpu) is None
     off = dict(tuning.for_device(cpu)["decode"], max_tokens=0)
     monkeypatch.setattr(lora_decode, "DECODE_CONFIG", off)
     assert lora_decode.decode_plan(3507, 96, 4096, 64, widths, cpu) is None
@@ -52,7 +52,7 @@ def test_the_long_bound_counts_the_slots_an_eager_step_uses():
     cpu = torch.device("cpu")
     widths = [4096, 1024, 1024]
     # one adapter's 3,507-token prompt among 96 ids: 3,507 tokens in one slot, past the long
-    # tiles' 64 a slot (each tile would read the adapter again): the two-launch kernels
+    # tiles' 128 a slot (each tile would read the adapter again): the two-launch kernels
     assert lora_decode.decode_plan(3507, 96, 4096, 64, widths, cpu, None, 1) is None
     assert lora_decode.decode_plan(3507, 96, 4096, 64, widths, cpu, None, 67) is not None
     assert build_lora_meta(torch.zeros(3, dtype=torch.int32), 96).active_slots is None

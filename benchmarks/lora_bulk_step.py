@@ -132,8 +132,10 @@ def step_problem(comp: dict, hidden: int, widths: list[int], dtype, device, sets
     table = torch.zeros(2, L, dtype=torch.int32)
     for slot, (first, rank) in comp["slots"].items():
         table[0, slot], table[1, slot] = first, rank
+    # tokens_per_slot: the host hint the engine's runner gives an eager step
     meta = build_lora_meta(torch.tensor(token_slots, dtype=torch.int32, device=device), L,
-                           SlotRows(table.to(device), comp["max_rank"], row_align=16))
+                           SlotRows(table.to(device), comp["max_rank"], row_align=16),
+                           len(token_slots) // len(set(token_slots)))
     owned = torch.zeros(rows, dtype=torch.bool)
     for first, rank in comp["slots"].values():
         owned[first:first + rank] = True
@@ -165,7 +167,7 @@ def sweep_configs() -> list[str]:
 # --prompt-sweep: the prompt step's settings, one at a time and in a few combinations: the
 # two-launch kernels' "prompt" table (split of the shrink's reduction, its k tile, stages and
 # warps, taller m-tiles, the expand's column tile), and the decode path's "long" entries (up
-# to 8,192 tokens and rank 64, tiles of 16-64 tokens)
+# to 8,192 tokens and rank 64, tiles of 16-64 tokens; "default" is the shipped 16)
 # two-launch settings go with "off" (the decode path closed, its long entries included)
 _TWO = ["shrink_programs_per_sm=8", "shrink_programs_per_sm=16", "shrink_programs_per_sm=32",
         "shrink_block_k=128", "shrink_block_k=256", "shrink_num_stages=3", "shrink_num_stages=4",
@@ -178,7 +180,7 @@ _OPEN_LONG = "long.max_tokens=8192,long.max_rank=64"
 PROMPT_SWEEP = (
     ["default", "off"]
     + ["off," + ",".join("prompt." + kv for kv in t.split(",")) for t in _TWO]
-    + [_OPEN_LONG, _OPEN_LONG + ",long.rows=32", _OPEN_LONG + ",long.rows=64",
+    + [_OPEN_LONG + ",long.rows=32", _OPEN_LONG + ",long.rows=64",
        _OPEN_LONG + ",long.rows=32,long.programs_per_sm=6"])
 
 
@@ -232,7 +234,7 @@ def time_step(comp: dict, proj: str, configs: list[str], deadline: float = math.
             cfg, prompt = split_spec(spec)
             lora_decode.DECODE_CONFIG, triton_lora.PROMPT_CONFIG = cfg, prompt
             plan = lora_decode.decode_plan(T, meta.max_loras, H, comp["max_rank"], widths,
-                                           x.device, cfg)
+                                           x.device, cfg, meta.tokens_per_slot)
             key = json.dumps(prompt, sort_keys=True)
             if plan is None and key in two_launch:
                 # the decode table does not reach the two-launch path: timed once a table
@@ -277,7 +279,7 @@ def check_step(comp: dict, configs: list[str], device) -> list[dict]:
                 cfg["min_expand_cols"] = 0
             lora_decode.DECODE_CONFIG, triton_lora.PROMPT_CONFIG = cfg, prompt
             plan = lora_decode.decode_plan(x.shape[0], meta.max_loras, 64, comp["max_rank"],
-                                           widths, x.device, cfg)
+                                           widths, x.device, cfg, meta.tokens_per_slot)
             got = y.clone()
             get_lora_ops("triton").add_lora(got, x, a, b, meta, offsets)
             out.append({"config": spec, "path": "decode" if plan else "two_launch",

@@ -53,7 +53,8 @@ class ModelRunner:
         if not used or self.ops is None:
             return None
         t = torch.from_numpy(slots).to(self.device)
-        return LoRAStep(build_lora_meta(t, self.max_loras, self.slot_rows, len(used)), self.ops,
+        per_slot = int((slots >= 0).sum()) // len(used)    # tokens a slot holds, on average
+        return LoRAStep(build_lora_meta(t, self.max_loras, self.slot_rows, per_slot), self.ops,
                         used)
 
     def _tensor(self, rows) -> torch.Tensor:

@@ -78,10 +78,10 @@ def _pipelines_loops_with_waits() -> bool:
 
 def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int],
                 device: torch.device, cfg: dict | None = None,
-                active_slots: int | None = None) -> dict | None:
+                tokens_per_slot: int | None = None) -> dict | None:
     """Block sizes and item counts of the decode launch, or None if the path does not apply.
-    ``active_slots``: the slots holding tokens, where the host knows them (LoRAMeta's hint):
-    the long entries' tokens-a-slot bound then counts them instead of min(T, max_loras)."""
+    ``tokens_per_slot``: LoRAMeta's host hint (the adapter tokens over the slots holding
+    them), which the long entries' bound then takes instead of T // min(T, max_loras)."""
     cfg = decode_config(device) if cfg is None else cfg
     if cfg["max_tokens"] <= 0:
         return None                                  # the path is off, long entries included
@@ -91,8 +91,8 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
     if T > 0 and T // max(1, active) > cfg["max_rows_per_slot"]:
         if not cfg.get("long"):
             return None
-        if T // max(1, min(active, active_slots or active)) \
-                > cfg["long"].get("max_rows_per_slot", T):
+        per_slot = T // max(1, active) if tokens_per_slot is None else tokens_per_slot
+        if per_slot > cfg["long"].get("max_rows_per_slot", T):
             return None                              # past the long tiles' reach too
         cfg = dict(cfg, **cfg["long"])               # every limit below is the long one's
     S = len(widths)
@@ -141,7 +141,7 @@ def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Ten
     T, H = x.shape
     R = max_rank(lora_a, meta)
     widths = [b_width(b) for b in lora_b]
-    plan = decode_plan(T, meta.max_loras, H, R, widths, x.device, None, meta.active_slots)
+    plan = decode_plan(T, meta.max_loras, H, R, widths, x.device, None, meta.tokens_per_slot)
     if plan is None or any(a.stride() != lora_a[0].stride() for a in lora_a) \
             or not _unit_rank_stride(lora_b):
         return False
@@ -160,7 +160,8 @@ def try_expand_folded_decode(y: torch.Tensor, inter: torch.Tensor, lora_b: list[
     R = max_rank(lora_b, meta, b=True)
     widths = [b_width(b) for b in lora_b]
     cfg = dict(decode_config(y.device), **fold_config(y.device))
-    plan = decode_plan(T, meta.max_loras, hidden, R, widths, y.device, cfg, meta.active_slots)
+    plan = decode_plan(T, meta.max_loras, hidden, R, widths, y.device, cfg,
+                       meta.tokens_per_slot)
     if plan is None or not _unit_rank_stride(lora_b):
         return False
     plan = dict(plan, split_k=1)

@@ -55,10 +55,10 @@ class LoRAMeta:
         per-slot stacks ``lora_a[s]`` [L, R, H], ``lora_b[s]`` [L, N_s, R]). With rows, the
         weights are row buffers ``lora_a[s]`` [rows, H] and ``lora_b[s]`` [N_s, rows] and a
         slot's adapter is rows ``base .. base + rank`` of them.
-    active_slots : int or None
-        Slots that hold tokens in this step, where the caller knows it on the host (an eager
-        step); None where it does not (a captured step), and the kernels then plan for
-        min(T, max_loras).
+    tokens_per_slot : int or None
+        The tokens with an adapter over the slots holding them (rounded down), where the
+        caller knows it on the host (an eager step); None where it does not (a captured
+        step), and the kernels then estimate it as T // min(T, max_loras).
     """
 
     token_slots: torch.Tensor
@@ -67,7 +67,7 @@ class LoRAMeta:
     slot_token_starts: torch.Tensor
     max_loras: int
     rows: SlotRows | None = None
-    active_slots: int | None = None
+    tokens_per_slot: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -75,10 +75,11 @@ class LoRAMeta:
 
 
 def build_lora_meta(token_slots: torch.Tensor, max_loras: int,
-                    rows: SlotRows | None = None, active_slots: int | None = None) -> LoRAMeta:
+                    rows: SlotRows | None = None,
+                    tokens_per_slot: int | None = None) -> LoRAMeta:
     """Sort tokens by slot and count them per slot, without a host sync.
 
-    token_slots: [T] int (slot per token, -1 = no adapter). rows, active_slots: see LoRAMeta.
+    token_slots: [T] int (slot per token, -1 = no adapter). rows, tokens_per_slot: see LoRAMeta.
     """
     if rows is not None and rows.table.shape[1] != max_loras:
         raise ValueError(f"SlotRows.table has {rows.table.shape[1]} slots, max_loras is "
@@ -97,7 +98,7 @@ def build_lora_meta(token_slots: torch.Tensor, max_loras: int,
         slot_token_starts=starts[:max_loras].contiguous(),
         max_loras=max_loras,
         rows=rows,
-        active_slots=active_slots,
+        tokens_per_slot=tokens_per_slot,
     )
 
 

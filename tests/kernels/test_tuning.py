@@ -45,7 +45,7 @@ def test_prompt_steps_take_the_long_tiles_and_max_tokens_0_closes_them(monkeypat
     assert lora_decode.decode_plan(64, 32, 4096, 16, widths, cpu) is None
 
 
-def test_the_long_bound_counts_the_slots_an_eager_step_uses():
+def test_the_long_bound_counts_the_tokens_an_eager_step_gives_each_slot():
     from lorry.engine.runner import ModelRunner
     from lorry.kernels.segments import build_lora_meta
 
@@ -53,10 +53,11 @@ def test_the_long_bound_counts_the_slots_an_eager_step_uses():
     widths = [4096, 1024, 1024]
     # one adapter's 3,507-token prompt among 96 ids: 3,507 tokens in one slot, past the long
     # tiles' 128 a slot (each tile would read the adapter again): the two-launch kernels
-    assert lora_decode.decode_plan(3507, 96, 4096, 64, widths, cpu, None, 1) is None
-    assert lora_decode.decode_plan(3507, 96, 4096, 64, widths, cpu, None, 67) is not None
-    assert build_lora_meta(torch.zeros(3, dtype=torch.int32), 96).active_slots is None
-    # the runner builds an eager step's meta with the slots it uses (known on the host)
+    assert lora_decode.decode_plan(3507, 96, 4096, 64, widths, cpu, None, 3507) is None
+    assert lora_decode.decode_plan(3507, 96, 4096, 64, widths, cpu, None, 52) is not None
+    assert build_lora_meta(torch.zeros(3, dtype=torch.int32), 96).tokens_per_slot is None
+    # the runner gives an eager step's meta the adapter tokens over the slots holding them
+    # (known on the host; tokens without an adapter read no adapter and do not count)
     runner = ModelRunner(None, object(), 96, cpu)
-    step = runner._lora([5, 5, -1, 7, 5, 9])
-    assert step.meta.active_slots == 3
+    step = runner._lora([5, 5, -1, 7, 5, 9, -1, -1, 7])
+    assert step.meta.tokens_per_slot == 6 // 3

@@ -7,6 +7,7 @@
 # bulk decode and prompt step per decode-table setting: lora_bulk_step.py; LORA_CONFIGS)
 # | lora_sweep (the same over a grid of settings, the best last) | lora_prompt (the prompt
 # step's LoRA over lora_bulk_step.py's PROMPT_SWEEP: two-launch table and decode-path settings)
+# | lora_cross (4,096-token prompts of 1-32 adapters on both paths: lora_bulk_step --crossing)
 # | loop (40 whole engine steps traced: --loop; LOOP_AT: after which steps, LOOP_RUN: bulk.py's
 # run, LOOP_CPROFILE: that many more steps under cProfile) | attn_sweep
 # (prefill_attn_sweep.py) | launch (launch_overhead.py) | sweep (or its halves sweep_batch,
@@ -94,6 +95,10 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     if "us" in r: print(r["proj"], r["config"], r["path"], r["us"], r.get("same_as", ""))
     elif "step_lora_ms" in r: print(r)' "$out/lora_prompt.json" ;;
+    lora_cross)  # 4,096-token prompts of 1-32 adapters: long tiles against two-launch
+        timeout "$limit" $py benchmarks/lora_bulk_step.py --crossing \
+            --max-seconds $((limit - 60)) > "$out/lora_cross.json" 2> "$out/lora_cross.log"
+        echo "lora_cross rc=$?"; grep step_lora_ms "$out/lora_cross.json" ;;
     launch)
         timeout "$limit" $py benchmarks/launch_overhead.py > "$out/launch.json" 2> "$out/launch.log"
         echo "launch rc=$?"; cat "$out/launch.json" ;;

@@ -14,7 +14,8 @@ step's LoRA in all 32 layers. Settings that leave a call on the two-launch path 
 setting of the decode table, for a prompt step past its max_tokens) are timed once.
 
     PYTHONPATH=. python benchmarks/lora_bulk_step.py [--slot-ids 96] [--decode-at 600]
-        [--configs default rows=8 rows=16 off | --sweep | --prompt-sweep] [--max-seconds 400]
+        [--configs default rows=8 rows=16 off | --sweep | --prompt-sweep | --crossing]
+        [--max-seconds 400]
         [--describe] [--check]
 
 ``--describe`` runs anywhere (the steps only); ``--check`` runs each setting at a small width
@@ -91,6 +92,25 @@ def pick_steps(slot_ids: int = 96, memory_slots: int = 32, at: dict | None = Non
                          f"{', '.join(str(at[k]) for k in missing)}: the schedule has "
                          f"{done['steps']} steps")
     return found
+
+
+def synthetic_prompt(adapters: int, tokens: int = 4096, rank: int = 64, slot_ids: int = 96,
+                     memory_slots: int = 32) -> dict:
+    """A prompt step of ``tokens`` split evenly over ``adapters`` adapters of ``rank`` (as
+    pick_steps gives a step): where the decode path's long tiles and the two-launch kernels
+    cross (--crossing)."""
+    if adapters * rank > memory_slots * 64:
+        raise SystemExit(f"{adapters} adapters of rank {rank} do not fit {memory_slots} slots")
+    per = tokens // adapters
+    return {"step": f"synthetic: {adapters} x {per} tokens, rank {rank}",
+            "tokens": [(s, per) for s in range(adapters)],
+            "slots": {s: (s * rank, rank) for s in range(adapters)},
+            "memory_rows": memory_slots * 64, "max_loras": slot_ids, "max_rank": 64}
+
+
+CROSSING_ADAPTERS = (1, 2, 4, 8, 16, 32)
+# the shipped table, the two-launch kernels, and the decode path's long tiles at any length
+CROSSING_CONFIGS = ["default", "off", "long.max_rows_per_slot=100000"]
 
 
 def weight_rows(comp: dict, tile_rows: int | None = None, exact: bool = False) -> int:
@@ -330,6 +350,9 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-sweep", action="store_true",
                     help="time PROMPT_SWEEP's settings instead of --configs (the prompt step "
                          "only)")
+    ap.add_argument("--crossing", action="store_true",
+                    help="time 4,096-token prompt steps of 1-32 rank-64 adapters on the shipped "
+                         "table, the two-launch kernels and the long tiles (CROSSING_*) instead")
     ap.add_argument("--max-seconds", type=float, default=math.inf,
                     help="stop timing settings after this long (the best so far is printed)")
     ap.add_argument("--describe", action="store_true",
@@ -343,8 +366,14 @@ def main(argv=None) -> None:
     if args.prompt_sweep:
         args.configs, args.kinds = PROMPT_SWEEP, ["prompt"]
     deadline = time.time() + args.max_seconds
-    steps = pick_steps(args.slot_ids, args.memory_slots,
-                       {"decode": args.decode_at, "prompt": args.prompt_at})
+    if args.crossing:
+        steps = {f"prompt_{k}": synthetic_prompt(k, slot_ids=args.slot_ids,
+                                                 memory_slots=args.memory_slots)
+                 for k in CROSSING_ADAPTERS}
+        args.configs, args.kinds = CROSSING_CONFIGS, list(steps)
+    else:
+        steps = pick_steps(args.slot_ids, args.memory_slots,
+                           {"decode": args.decode_at, "prompt": args.prompt_at})
     print(json.dumps({"benchmark": "lora_bulk_step", "date": time.strftime("%Y-%m-%d"),
                       "slot_ids": args.slot_ids, "memory_slots": args.memory_slots,
                       "steps": {k: describe(steps[k]) for k in args.kinds}}), flush=True)

@@ -152,10 +152,11 @@ def step_problem(comp: dict, hidden: int, widths: list[int], dtype, device, sets
     table = torch.zeros(2, L, dtype=torch.int32)
     for slot, (first, rank) in comp["slots"].items():
         table[0, slot], table[1, slot] = first, rank
-    # tokens_per_slot: the host hint the engine's runner gives an eager step
+    # the host hint the engine's runner gives an eager step: adapter tokens a slot
+    adapted = [t for t in token_slots if t >= 0]
     meta = build_lora_meta(torch.tensor(token_slots, dtype=torch.int32, device=device), L,
                            SlotRows(table.to(device), comp["max_rank"], row_align=16),
-                           len(token_slots) // len(set(token_slots)))
+                           len(adapted) // max(1, len(set(adapted))))
     owned = torch.zeros(rows, dtype=torch.bool)
     for first, rank in comp["slots"].values():
         owned[first:first + rank] = True

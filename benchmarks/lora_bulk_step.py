@@ -109,8 +109,11 @@ def synthetic_prompt(adapters: int, tokens: int = 4096, rank: int = 64, slot_ids
 
 
 CROSSING_ADAPTERS = (1, 2, 4, 8, 16, 32)
-# the shipped table, the two-launch kernels, and the decode path's long tiles at any length
-CROSSING_CONFIGS = ["default", "off", "long.max_rows_per_slot=100000"]
+# the shipped table, the two-launch kernels (as shipped, and with the shrink settings that
+# were best at the bulk prompt step), and the decode path's long tiles at any length
+CROSSING_CONFIGS = ["default", "off", "off,prompt.shrink_num_stages=4",
+                    "off,prompt.shrink_num_stages=4,prompt.shrink_block_k=128",
+                    "long.max_rows_per_slot=100000"]
 
 
 def weight_rows(comp: dict, tile_rows: int | None = None, exact: bool = False) -> int:

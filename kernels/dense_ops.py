@@ -28,7 +28,7 @@ from lorry.kernels.slot_args import check_layout
 
 def _keep(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """t where mask holds, 0 elsewhere (whatever t holds there)."""
-    return torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    return torch.where(mask, t, 0.0)
 
 
 def _selector(meta: LoRAMeta, L: int, R: int) -> torch.Tensor:

@@ -14,8 +14,9 @@ from lorry.engine.lora.spec import AdapterSpec, check_shapes
 
 def check_finite(spec, tensors, where: str) -> None:
     """Refuse weights holding NaN or infinity (a tensor's min and max in one pass: NaN
-    propagates into both): the torch backend's masked products would carry them into other
-    adapters' rows. Checked after the conversion to the serving dtype, which may overflow."""
+    propagates into both): every token of such an adapter would decode garbage, and a clear
+    refusal at load says why. Checked after the conversion to the serving dtype, which may
+    overflow."""
     for t in tensors:
         if t.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(t)):
             raise AdapterFormatError(f"adapter {spec.path}: its weights hold NaN or infinite "

@@ -23,6 +23,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -62,7 +63,7 @@ EXTRA_RUNS = ("padded_prefill", "alternate", "grouped", "one_step", "input_order
 # cache_stats() figures that accumulate over the engine's life: reported as timed-run deltas
 COUNTERS = {"prefix_query_tokens", "prefix_hit_tokens", "preemptions", "steps", "seconds", "mixed",
             "tokens", "rows", "hits", "misses", "evictions", "load_seconds", "rounds",
-            "adapters", "lora_ranks"}
+            "wait_seconds", "adapters", "lora_ranks"}
 
 
 @dataclasses.dataclass
@@ -321,6 +322,8 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
     loras = None if run == "no_adapters" else ctx["loras"]
     eng = LLMEngine(config)
     eng.runner.pack_prefill = run != "padded_prefill"
+    if args.pageable_staging and getattr(eng, "loras", None) is not None:
+        eng.loras.pin_memory = False   # the A/B: loads stage in plain host memory
     _progress(eng, f"{run}, {max_num_seqs} rows" + ("" if limit is None else f", {limit} adapters"))
     try:
         t0 = time.perf_counter()
@@ -338,6 +341,7 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
         _sync(args.device)
         warm_s = time.perf_counter() - t0
         before, captures = eng.cache_stats(), _captures(eng)
+        host_before = _host_pinned(args.device)
         t0 = time.perf_counter()
         work = grouped(ctx["workload"]) if run == "grouped" else ctx["workload"]
         # the grouped run's order is the point of it: generate keeps it
@@ -346,6 +350,7 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
         _sync(args.device)
         seconds = time.perf_counter() - t0
         stats = _delta(before, eng.cache_stats())
+        host = _host_pinned(args.device)
         after_captures = _captures(eng)
     finally:
         if getattr(eng, "loras", None) is not None:
@@ -368,10 +373,25 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
     if kv.get("prefix_query_tokens"):
         kv["prefix_hit_rate"] = round(kv["prefix_hit_tokens"] / kv["prefix_query_tokens"], 4)
     res["lora_cache"] = {k: {c: v[c] for c in ("hits", "misses", "evictions", "residents",
-                                               "load_seconds") if c in v}
+                                               "load_seconds", "wait_seconds") if c in v}
                          for k, v in stats.items() if k in ("gpu", "cpu")}
     res["preloaded_adapters"] = bool(args.preload_adapters and loras is not None)
+    if host and host_before:   # pinned host allocations made in the timed part (the loads')
+        res["host_pinned"] = {"allocations": host[0] - host_before[0],
+                              "alloc_seconds": round((host[1] - host_before[1]) / 1e6, 3),
+                              "alloc_max_ms": round(host[2] / 1e3, 2)}
     return res
+
+
+def _host_pinned(device: str) -> tuple | None:
+    """(pinned blocks made, microseconds in their CUDA calls, the longest) so far, from
+    torch's host allocator (None where this torch does not count them)."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if device != "cuda" or stats is None:
+        return None
+    st = stats()
+    return (st.get("num_host_alloc", 0), st.get("host_alloc_time.total", 0),
+            st.get("host_alloc_time.max", 0))
 
 
 def _free(device: str) -> None:
@@ -539,6 +559,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--load-switch-interval", type=float, default=None, metavar="SECONDS",
                     help="the GIL switch interval while adapters load (engine.lora.manager."
                          "LOAD_SWITCH_INTERVAL; 0.005, Python's own, leaves it unchanged)")
+    ap.add_argument("--pageable-staging", action="store_true",
+                    help="adapter loads stage in plain (pageable) host memory, not pinned: "
+                         "no cudaHostAlloc a load, each slot write a synchronous copy (an A/B)")
     ap.add_argument("--plot", default=None, help="tokens/s vs batch and vs adapters (png)")
     ap.add_argument("--plot-from", nargs="+", default=None, metavar="JSON",
                     help="only draw --plot from these earlier outputs (e.g. a GPU run's --out; "
@@ -577,6 +600,10 @@ def main() -> None:
 
         manager.LOAD_SWITCH_INTERVAL = args.load_switch_interval
         res["load_switch_interval"] = args.load_switch_interval
+    if args.pageable_staging:
+        res["pageable_staging"] = True
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
+        res["alloc_conf"] = os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     with tempfile.TemporaryDirectory(prefix="lorry-bulk-") as tmp:
         if args.model:
             model, load_format = args.model, "auto"

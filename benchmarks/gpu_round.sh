@@ -13,8 +13,9 @@
 # (prefill_attn_sweep.py) | launch (launch_overhead.py) | sweep (or its halves sweep_batch,
 # sweep_adapters) | overhead (a compile run, then mixed cold, mixed --preload-adapters and
 # no_adapters, each its own process: the LoRA overhead A/B) | loads (the cold loads' cost: cold
-# at the 1 ms and 5 ms GIL intervals, preloaded, no adapters) | pack (last: OUTDIR's files in
-# one round.tgz) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
+# at the 1 ms and 5 ms GIL intervals, preloaded, no adapters; LOADS_RUNS picks, also
+# cold_register and cold_pageable; LOADS_SKIP_COMPILE skips the compile run) | pinned
+# (benchmarks/pinned_alloc.py) | pack (last: OUTDIR's files in one round.tgz) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
 # leaves the ones before it. Run from the repository root on the GPU machine.
 set -u
@@ -122,19 +123,32 @@ for line in open(sys.argv[1]):
                 ${BULK_ARGS:-} --out "$out/overhead_$name.json" > /dev/null 2> "$out/overhead_$name.log"
             echo "overhead $name rc=$?"; summary "$out/overhead_$name"
         done ;;
-    loads)   # what cold adapter loads cost, and the GIL interval's part: a 150-request run
-        # for the compiles, then cold loads at the engine's 1 ms interval and at Python's 5 ms,
-        # the adapters preloaded, and no adapters, each a process
-        timeout "$limit" $py benchmarks/bulk.py --device cuda --runs mixed --requests 150 \
-            --out "$out/compile.json" > /dev/null 2> "$out/compile.log"
-        echo "compile run rc=$?"
-        for what in cold:mixed: cold5ms:mixed:--load-switch-interval=0.005 \
-                preloaded:mixed:--preload-adapters base:no_adapters:; do
-            IFS=: read -r name run extra <<< "$what"
-            timeout "$limit" $py benchmarks/bulk.py --device cuda --runs $run --warmup 64 $extra \
-                ${BULK_ARGS:-} --out "$out/loads_$name.json" > /dev/null 2> "$out/loads_$name.log"
+    loads)   # what cold adapter loads cost: a 150-request run for the compiles, then each of
+        # LOADS_RUNS (default: cold at the engine's 1 ms GIL interval and at Python's 5 ms, the
+        # adapters preloaded, no adapters; also cold_register: pinned staging through
+        # cudaHostRegister, cold_pageable: plain host memory), each a process
+        [ -n "${LOADS_SKIP_COMPILE:-}" ] || { timeout "$limit" $py benchmarks/bulk.py --device cuda \
+            --runs mixed --requests 150 --out "$out/compile.json" > /dev/null 2> "$out/compile.log"
+            echo "compile run rc=$?"; }
+        for name in ${LOADS_RUNS:-cold cold5ms preloaded base}; do
+            run=mixed extra= conf=${PYTORCH_CUDA_ALLOC_CONF:-}
+            case $name in
+            cold5ms) extra=--load-switch-interval=0.005 ;;
+            cold_register) conf=pinned_use_cuda_host_register:True,pinned_num_register_threads:8 ;;
+            cold_pageable) extra=--pageable-staging ;;
+            preloaded) extra=--preload-adapters ;;
+            base) run=no_adapters ;;
+            esac
+            PYTORCH_CUDA_ALLOC_CONF=$conf timeout "$limit" $py benchmarks/bulk.py --device cuda \
+                --runs $run --warmup 64 $extra ${BULK_ARGS:-} --out "$out/loads_$name.json" \
+                > /dev/null 2> "$out/loads_$name.log"
             echo "loads $name rc=$?"; summary "$out/loads_$name"
+            [ -s "$out/loads_$name.json" ] && $py -c 'import json,sys; r=json.load(open(sys.argv[1]))
+r=r["runs"][next(iter(r["runs"]))]; print(r.get("lora_cache"), r.get("host_pinned"))' "$out/loads_$name.json"
         done ;;
+    pinned)   # what pinned host allocations cost a thread launching kernels, per setting
+        timeout "$limit" $py benchmarks/pinned_alloc.py > "$out/pinned.json" 2> "$out/pinned.log"
+        echo "pinned rc=$?"; cat "$out/pinned.log" ;;
     pack)   # last: every file of OUTDIR in OUTDIR/round.tgz (the device tool returns 8 files)
         (cd "$out" && tar czf round.tgz --exclude round.tgz . && find . -type f ! -name \
             round.tgz -delete)

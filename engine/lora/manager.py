@@ -79,6 +79,7 @@ class LoRAManager:
         # lora id -> (request, future of (weights, seconds)) of loads in the background
         self.pending: dict[int, tuple[LoRARequest, cf.Future]] = {}
         self.background_loads = 0
+        self.wait_seconds = 0.0   # the engine's idle time in wait_any: nothing else could run
         self._unreported: list[tuple[LoRARequest, LoRAError]] = []
 
     def _load(self, request: LoRARequest) -> AdapterWeights:
@@ -184,8 +185,10 @@ class LoRAManager:
     def wait_any(self, timeout: float) -> None:
         """Block until a background load finishes (or ``timeout`` seconds)."""
         if self.pending:
+            t0 = time.perf_counter()
             cf.wait([f for _, f in self.pending.values()], timeout=timeout,
                     return_when=cf.FIRST_COMPLETED)
+            self.wait_seconds += time.perf_counter() - t0
 
     def close(self) -> None:
         if self._pool is not None:
@@ -251,6 +254,7 @@ class LoRAManager:
     def stats(self) -> dict:
         cpu = self.cpu.stats()
         cpu["loading"] = len(self.pending)
+        cpu["wait_seconds"] = round(self.wait_seconds, 6)
         return {"gpu": self.gpu.stats(), "cpu": cpu,
                 "full_copy_bytes": self.gpu.full_copy_bytes}
 

@@ -63,7 +63,7 @@ EXTRA_RUNS = ("padded_prefill", "alternate", "grouped", "one_step", "input_order
 # cache_stats() figures that accumulate over the engine's life: reported as timed-run deltas
 COUNTERS = {"prefix_query_tokens", "prefix_hit_tokens", "preemptions", "steps", "seconds", "mixed",
             "tokens", "rows", "hits", "misses", "evictions", "load_seconds", "rounds",
-            "wait_seconds", "adapters", "lora_ranks"}
+            "adapters", "lora_ranks"}
 
 
 @dataclasses.dataclass
@@ -373,7 +373,7 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
     if kv.get("prefix_query_tokens"):
         kv["prefix_hit_rate"] = round(kv["prefix_hit_tokens"] / kv["prefix_query_tokens"], 4)
     res["lora_cache"] = {k: {c: v[c] for c in ("hits", "misses", "evictions", "residents",
-                                               "load_seconds", "wait_seconds") if c in v}
+                                               "load_seconds") if c in v}
                          for k, v in stats.items() if k in ("gpu", "cpu")}
     res["preloaded_adapters"] = bool(args.preload_adapters and loras is not None)
     if host and host_before:   # pinned host allocations made in the timed part (the loads')

@@ -146,7 +146,7 @@ for line in open(sys.argv[1]):
                 > /dev/null 2> "$out/loads_$name.log"
             echo "loads $name rc=$?"; summary "$out/loads_$name"
             [ -s "$out/loads_$name.json" ] && $py -c 'import json,sys; r=json.load(open(sys.argv[1]))
-r=r["runs"][next(iter(r["runs"]))]; print(r.get("lora_cache"), r.get("host_pinned"))' "$out/loads_$name.json"
+r=r["runs"][next(iter(r["runs"]))]; print(r.get("lora_cache"), r.get("host_pinned"), (r.get("steps") or {}).get("load_wait"))' "$out/loads_$name.json"
         done ;;
     pinned)   # what pinned host allocations cost a thread launching kernels, per setting
         timeout "$limit" $py benchmarks/pinned_alloc.py > "$out/pinned.json" 2> "$out/pinned.log"

@@ -59,7 +59,9 @@ class LLMEngine:
         self._steps = {"prefill": {"steps": 0, "seconds": 0.0, "tokens": 0, "rows": 0,
                                    "mixed": 0, "adapters": 0, "lora_ranks": 0},
                        "decode": {"steps": 0, "seconds": 0.0, "rows": 0, "max_batch": 0,
-                                  "rounds": 0, "adapters": 0, "lora_ranks": 0}}
+                                  "rounds": 0, "adapters": 0, "lora_ranks": 0},
+                       # steps that ran nothing and waited for an adapter load instead
+                       "load_wait": {"steps": 0, "seconds": 0.0}}
         # optional callable(request_id, text, finish_reason): the new text of each request
         # with SamplingParams.stream, every step (finish_reason None until its last call)
         self.on_tokens = None
@@ -160,7 +162,11 @@ class LLMEngine:
         seqs = plan.seqs
         if not seqs:
             if self.loras is not None and self.loras.loading() and not finished:
+                t0 = time.perf_counter()
                 self.loras.wait_any(0.05)  # nothing runs until an adapter arrives: do not spin
+                wait = self._steps["load_wait"]
+                wait["steps"] += 1
+                wait["seconds"] += time.perf_counter() - t0
             return finished
         t0 = time.time()
         try:

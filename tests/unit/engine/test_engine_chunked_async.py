@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -136,6 +137,34 @@ def test_cold_adapter_loads_while_the_batch_keeps_decoding(tiny_llama):
     # the same tokens as an engine that had the adapter loaded up front
     ref = _engine(tiny_llama).generate([[9, 10]], GREEDY, cold, use_tqdm=False)[0]
     assert outs["cold"].outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+def test_steps_idle_on_a_load_are_counted_as_load_waits(tiny_llama):
+    """cache_stats()["steps"]["load_wait"]: the step() calls that ran nothing because the only
+    requests waited for their adapter's load, and the time they waited (the benchmarks' part
+    of a run lost to cold loads); none while other rows decode."""
+    eng = _engine(tiny_llama, num_scheduler_steps=1)
+    gate = _slow_loader(eng)
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    eng.add_request("base", [5, 6, 7], sp)
+    cold = LoRARequest("qv_r8", 1, str(tiny_llama.adapters["qv_r8"]))
+    eng.add_request("cold", [9, 10], GREEDY, cold)
+    for _ in range(3):
+        eng.step()                                   # the base row decodes: no wait
+    assert eng.cache_stats()["steps"]["load_wait"] == {"steps": 0, "seconds": 0.0}
+    done: set = set()
+    while "base" not in done:
+        done.update(o.request_id for o in eng.step())
+    t0 = time.perf_counter()
+    for _ in range(3):
+        assert eng.step() == []                      # only the cold request is left
+    idle = time.perf_counter() - t0
+    wait = eng.cache_stats()["steps"]["load_wait"]
+    assert wait["steps"] == 3 and 0.1 <= wait["seconds"] <= idle
+    gate.set()
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.cache_stats()["steps"]["load_wait"]["steps"] >= 3
 
 
 def test_background_load_error_fails_only_its_request(tiny_llama, adapter):

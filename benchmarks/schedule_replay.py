@@ -17,6 +17,12 @@ step's new adapters are placed largest first as the engine places them (its pref
 next waiters' adapters is not replayed). Each run also prints the floor that whole slots put
 on any schedule: every adapter holds a slot for at least its longest answer, so the steps
 are at least the sum of those over the slots.
+
+``--cold-load-ms 0 130`` also models time (Clock): each step's cost from a linear fit to an
+H100's bulk run, and the adapters the warm-up did not load arriving one by one from the
+background loader. The difference between the two runs is what waiting for loads costs the
+schedule alone (rows not admitted while their adapter loads), without the loads' cost to the
+engine's thread (the GIL, the driver's lock), which only the GPU runs show.
 """
 from __future__ import annotations
 
@@ -48,15 +54,62 @@ def rows_read(rank: int) -> int:
     return -(-rank // 16) * 16
 
 
+class Clock:
+    """A modelled clock for cold adapter loads: each step advances it by a linear cost (a
+    prompt-bearing step: ``prompt_ms`` + ``prompt_token_ms`` a prompt token + ``row_ms`` a
+    decoding row; a decode step: ``decode_ms`` + ``row_ms`` a row), and the adapters not in
+    ``warm`` load one after another (``loaders`` at a time, ``load_ms`` each) in the order
+    their first request was submitted, as the engine's background loader takes them."""
+
+    def __init__(self, load_ms: float, warm: set, loaders: int = 1, prompt_ms: float = 20.0,
+                 prompt_token_ms: float = 0.026, decode_ms: float = 12.0,
+                 row_ms: float = 0.047):
+        self.load_ms, self.warm, self.loaders = load_ms, warm, loaders
+        self.prompt_ms, self.prompt_token_ms = prompt_ms, prompt_token_ms
+        self.decode_ms, self.row_ms = decode_ms, row_ms
+        self.now, self.idle, self.ready_at = 0.0, 0.0, {}
+
+    def submit(self, seqs) -> None:
+        free = [0.0] * self.loaders          # when each loader thread is next free
+        for s in seqs:
+            lid = s.lora_id
+            if lid in self.ready_at:
+                continue
+            if lid in self.warm or not self.load_ms:
+                self.ready_at[lid] = 0.0
+                continue
+            i = min(range(self.loaders), key=free.__getitem__)
+            free[i] += self.load_ms
+            self.ready_at[lid] = free[i]
+
+    def ready(self, seq) -> bool:
+        return self.ready_at.get(seq.lora_id, 0.0) <= self.now
+
+    def wait(self) -> None:
+        """Nothing could run: on to the next load's end (the engine's load_wait)."""
+        later = [t for t in self.ready_at.values() if t > self.now]
+        if not later:
+            raise RuntimeError("the schedule stalled")
+        self.idle += min(later) - self.now
+        self.now = min(later)
+
+    def step(self, plan) -> None:
+        rows = len(plan.decoded) if plan.prefill else len(plan.seqs)
+        ms = (self.prompt_ms + self.prompt_token_ms * sum(plan.chunks) if plan.prefill
+              else self.decode_ms * plan.steps) + self.row_ms * rows * plan.steps
+        self.now += ms
+
+
 def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
            max_bypass: int, prefix_caching: bool = True, order: str = "input",
            rank_of: dict | None = None, slot_ids: int | None = None,
-           on_step=None) -> dict:
+           on_step=None, clock: Clock | None = None) -> dict:
     """The workload's schedule, submitted in ``order`` (as ``LLMEngine.generate``'s), with
     ``max_loras`` rank-64 slots' memory shared by up to ``slot_ids`` adapters (default:
     max_loras); ``rank_of``: lora id -> rank. ``on_step(n, plan, mem)``: called with each
     step's number (a round's first), plan and slot memory once its adapters are placed; a
-    true return ends the replay there (its figures are then of the steps so far)."""
+    true return ends the replay there (its figures are then of the steps so far).
+    ``clock``: model the time of each step and cold adapter loads (Clock)."""
     if order == "longest_first":
         w = bulk.reordered(w, longest_first(w.max_tokens))
     elif order == "by_adapter":   # each adapter's requests together, longest answers first
@@ -75,6 +128,8 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
                      RequestMetrics(arrival_time=0.0), adapter_key=repr(a).encode())
         seqs.append(s)
         sch.add(s)
+    if clock is not None:
+        clock.submit(seqs)
     decode_rows, mixed, decode_only, rounds, started, step = [], 0, 0, 0, {}, 0
     rank = rank_of or {}
     # prompt-bearing / decode steps: adapters, the sum of their ranks, and the rows the
@@ -84,10 +139,15 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
     host = {True: [], False: []}         # seconds in schedule() + finish(): prefill or not
     while sch.has_unfinished():
         t0 = time.perf_counter()
-        plan = sch.schedule()
+        plan = sch.schedule(ready=clock.ready if clock is not None else None)
         spent = time.perf_counter() - t0
         if not plan.seqs:
-            raise RuntimeError("the schedule stalled")
+            if clock is None:
+                raise RuntimeError("the schedule stalled")
+            clock.wait()
+            continue
+        if clock is not None:
+            clock.step(plan)
         _place(mem, plan.seqs, sch.running_adapters())
         if on_step is not None and on_step(step + 1, plan, mem):
             break
@@ -128,7 +188,13 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
     longest: dict = {}
     for a, m in zip(w.adapter, w.max_tokens):
         longest[a] = max(longest.get(a, 0), m)
+    modelled = None if clock is None else {
+        "seconds": round(clock.now / 1e3, 2), "idle_seconds": round(clock.idle / 1e3, 2),
+        "cold_loads": sum(t > 0 for t in clock.ready_at.values()),
+        "last_load_done_s": round(max(clock.ready_at.values(), default=0) / 1e3, 2),
+        "load_ms": clock.load_ms, "loaders": clock.loaders}
     return {"order": order, "max_loras": max_loras, "num_scheduler_steps": steps,
+            **({"modelled": modelled} if modelled else {}),
             "slot_ids": ids, "lora_evictions": mem.evictions,
             "whole_slot_floor_steps": round(sum(longest.values()) / max_loras),
             "max_num_batched_tokens": budget, "max_bypass": max_bypass,
@@ -193,15 +259,34 @@ def main() -> None:
                     help="adapters resident at once (max_loras) sharing --max-loras slots' "
                          "memory by rank (0: as many as slots, i.e. whole slots)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cold-load-ms", type=float, nargs="*", default=[],
+                    help="also model each step's time (Clock) with adapters loading one after "
+                         "another this long each (0: all loaded up front, the baseline), "
+                         "e.g. 0 130: the cold loads' part of a run")
+    ap.add_argument("--loaders", type=int, nargs="+", default=[1],
+                    help="loads at a time in the model (the engine's loader: 1)")
+    ap.add_argument("--warm-requests", type=int, default=64,
+                    help="the adapters of the first N requests of the seed + 1 workload are "
+                         "loaded before (bulk.py's warm-up, --warmup)")
+    ap.add_argument("--step-model", default="20,0.026,12,0.047", metavar="P,PT,D,R",
+                    help="Clock's ms: a prompt-bearing step, a prompt token, a decode step, "
+                         "a decoding row (default: fitted to an H100's bulk run: ~113 ms a "
+                         "3,560-token prompt step, ~21 ms a 190-row decode step)")
     args = ap.parse_args()
     spec = dict(bulk.SPECS["gpu"])
     w = bulk.make_workload(spec, args.requests, LLAMA3_8B["vocab_size"], args.seed)
     ranks = bulk.adapter_ranks(spec, args.seed)
     rank_of = {a + 1: r for a, r in enumerate(ranks)}      # replay's lora ids are a + 1
-    runs = [replay(w, args.rows, ml, k, b, args.blocks, mb, pc == "on", o, rank_of, ids)
-            for ml, k, b, mb, pc, o, ids in
+    warm = {a + 1 for a in bulk.make_workload(spec, args.warm_requests,
+                                              LLAMA3_8B["vocab_size"], args.seed + 1).adapter}
+    model = [float(x) for x in args.step_model.split(",")]
+    clocks = [None] if not args.cold_load_ms else [
+        (ms, n) for ms in args.cold_load_ms for n in (args.loaders if ms else [1])]
+    runs = [replay(w, args.rows, ml, k, b, args.blocks, mb, pc == "on", o, rank_of, ids,
+                   clock=None if c is None else Clock(c[0], warm, c[1], *model))
+            for ml, k, b, mb, pc, o, ids, c in
             itertools.product(args.max_loras, args.steps, args.budget, args.max_bypass,
-                              args.prefix_caching, args.order, args.slot_ids)]
+                              args.prefix_caching, args.order, args.slot_ids, clocks)]
     print(json.dumps({"benchmark": "schedule_replay", "date": time.strftime("%Y-%m-%d"),
                       "requests": args.requests, "rows": args.rows, "seed": args.seed,
                       "output_tokens": sum(w.max_tokens), "runs": runs}, indent=2))

@@ -9,6 +9,11 @@ the bulk workload's targets; the slot layout built from the shapes alone, no mod
 beside a thread spinning in Python, and how much the spinning thread is slowed.
 
     PYTHONPATH=. python benchmarks/adapter_load.py [--rank 32] [--loads 5] [--switch-interval S]
+        [--busy python|torch] [--process]
+
+``--busy torch``: the busy thread makes tiny torch calls (each gives the GIL up, as the
+engine's kernel launches do) instead of spinning in Python; ``--process``: the loads read in
+the loader process (EngineConfig.lora_load_process) and the thread only copies the result.
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ from throughput import LLAMA3_8B
 
 from lorry.engine.lora.slot_layout import SlotLayout
 from lorry.engine.lora.spec import parse_adapter
-from lorry.engine.lora.weights import load_adapter_weights
+from lorry.engine.lora.load_process import LoadProcess
+from lorry.engine.lora.weights import load_adapter_weights, rehome
 from lorry.testing import write_random_adapter
 
 
@@ -65,6 +71,16 @@ def spin(stop: threading.Event, count: list) -> None:
         count[0] += 1
 
 
+def launch(stop: threading.Event, count: list) -> None:
+    """Tiny torch ops back to back, as the engine's thread issuing kernels: each one gives
+    the GIL up while it runs and must take it back."""
+    x = torch.zeros(64)
+    while not stop.is_set():
+        for _ in range(20):
+            x.add_(1.0)
+        count[0] += 1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=32)
@@ -73,7 +89,15 @@ def main() -> None:
                     help="sys.setswitchinterval for the run (the engine sets "
                          "engine.lora.manager.LOAD_SWITCH_INTERVAL while loads are pending; "
                          "default: Python's 0.005)")
+    ap.add_argument("--busy", choices=("python", "torch"), default="python",
+                    help="the busy thread: Python without a GIL release, or tiny torch ops "
+                         "(each releases the GIL, as the engine's kernel launches do)")
+    ap.add_argument("--process", action="store_true",
+                    help="read in the loader process (engine.lora.load_process, as "
+                         "EngineConfig.lora_load_process): the thread only copies its staging "
+                         "buffer into its own memory")
     args = ap.parse_args()
+    busy = spin if args.busy == "python" else launch
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     cfg = dict(LLAMA3_8B)
@@ -83,7 +107,17 @@ def main() -> None:
                                     target_modules=bulk.TARGETS)
         spec = parse_adapter(path, cfg, max_lora_rank=64)
 
+        proc = None
+        if args.process:
+            proc = LoadProcess({"adapter_roots": None, "base_config": cfg, "base_name": None,
+                                "max_lora_rank": 64, "dtype": torch.bfloat16,
+                                "max_full_copies": None, "layout": layout.shapes(),
+                                "threads": min(4, torch.get_num_threads())})
+
         def load():
+            if proc is not None:
+                got = proc.load(str(path), None, "a")
+                return rehome(got[0], layout, got[1], got[2], got[3], got[4], False)
             return load_adapter_weights(spec, cfg, 64, torch.bfloat16, False, layout=layout)
 
         load()   # page cache, first-call costs
@@ -104,20 +138,23 @@ def main() -> None:
         th = threading.Thread(target=loader)
         t0 = time.perf_counter()
         th.start()
-        spin(stop, count)
+        busy(stop, count)
         th.join()
         spun = time.perf_counter() - t0
         stop2, count2 = threading.Event(), [0]
         threading.Timer(spun, stop2.set).start()
-        spin(stop2, count2)   # the same time with no loader beside it
+        busy(stop2, count2)   # the same time with no loader beside it
     ms = [round(x * 1e3, 1) for x in alone]
     res = {"benchmark": "adapter_load", "date": time.strftime("%Y-%m-%d"),
            "torch": torch.__version__, "rank": args.rank, "staged_mb": round(w.nbytes / 1e6, 1),
-           "switch_interval_ms": sys.getswitchinterval() * 1e3,
+           "switch_interval_ms": sys.getswitchinterval() * 1e3, "busy": args.busy,
+           "loads_in": "process" if args.process else "thread",
            "load_ms_alone": ms, "load_ms_alone_median": statistics.median(ms),
            "load_ms_beside_busy_thread": [round(x * 1e3, 1) for x in beside],
            "load_ms_beside_busy_thread_median": round(statistics.median(beside) * 1e3, 1),
            "busy_thread_speed_beside_loads": round(count[0] / max(count2[0], 1), 3)}
+    if proc is not None:
+        proc.close()
     print(json.dumps(res, indent=2))
 
 

@@ -232,7 +232,9 @@ def engine_config(spec: dict, args, model: str, load_format: str, run: str,
     optional = {"block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
                 "gpu_memory_utilization": args.gpu_memory_utilization,
                 "max_num_batched_tokens": args.max_num_batched_tokens,
-                "lora_memory_slots": spec["memory_slots"] if run != "no_adapters" else None}
+                "lora_memory_slots": spec["memory_slots"] if run != "no_adapters" else None,
+                "lora_load_process": None if args.lora_load_process is None
+                else args.lora_load_process == "on"}
     kw.update({k: v for k, v in optional.items() if v is not None})
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     dropped = sorted(k for k in kw if k not in fields)
@@ -559,6 +561,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--load-switch-interval", type=float, default=None, metavar="SECONDS",
                     help="the GIL switch interval while adapters load (engine.lora.manager."
                          "LOAD_SWITCH_INTERVAL; 0.005, Python's own, leaves it unchanged)")
+    ap.add_argument("--lora-load-process", choices=("on", "off"), default=None,
+                    help="EngineConfig.lora_load_process (default: the engine's, on with CUDA): "
+                         "cold loads read in the loader process or in a thread (an A/B)")
     ap.add_argument("--pageable-staging", action="store_true",
                     help="adapter loads stage in plain (pageable) host memory, not pinned: "
                          "no cudaHostAlloc a load, each slot write a synchronous copy (an A/B)")

@@ -25,7 +25,8 @@ ENGINE_FIELDS = ("model", "tokenizer", "revision", "device", "dtype", "lora_dtyp
                  "max_model_len", "max_num_batched_tokens", "mixed_steps", "num_scheduler_steps",
                  "quantization",
                  "enforce_eager",
-                 "lora_fold", "load_format", "seed", "adapter_roots", "max_full_module_copies",
+                 "lora_fold", "lora_load_process", "load_format", "seed", "adapter_roots",
+                 "max_full_module_copies",
                  "block_size", "enable_prefix_caching", "gpu_memory_utilization",
                  "num_kv_blocks")
 
@@ -99,6 +100,8 @@ class Settings(BaseSettings):
     quantization: str | None = None
     enforce_eager: bool = False
     lora_fold: bool = True
+    # background adapter loads in a process of their own (None: with CUDA; EngineConfig)
+    lora_load_process: bool | None = None
     load_format: str = "auto"
     seed: int = 0
     adapter_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -150,7 +153,7 @@ class Settings(BaseSettings):
 
     @field_validator("quantization", "tokenizer", "revision", "metrics_token",
                      "flower_basic_auth", "max_full_module_copies", "num_kv_blocks",
-                     "lora_memory_slots", mode="before")
+                     "lora_memory_slots", "lora_load_process", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
         """``LORRY_QUANTIZATION=`` (empty) means none, as leaving it unset does (likewise the

@@ -53,6 +53,14 @@ class AdapterExtras:
     def __bool__(self) -> bool:
         return bool(self.shift or self.magnitudes or self.head or self.embed)
 
+    def map(self, fn, head_fn=None) -> AdapterExtras:
+        """The same extras with every tensor t replaced by fn(t) (the head's by head_fn(t))."""
+        hf = head_fn or fn
+        return AdapterExtras({k: fn(v) for k, v in self.shift.items()},
+                             {k: fn(v) for k, v in self.magnitudes.items()},
+                             self.head and (self.head[0], *map(hf, self.head[1:])),
+                             self.embed and (self.embed[0], *map(fn, self.embed[1:])))
+
 
 def base_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     """Row sums [V] in float64 on the CPU: tells a saved copy of a base matrix from another."""
@@ -61,10 +69,10 @@ def base_fingerprint(weight: torch.Tensor) -> torch.Tensor:
 
 def load_extras(spec: AdapterSpec, raw: dict, layout) -> AdapterExtras:
     """Build an adapter's extras from its raw tensors (``raw``: name -> tensor) for ``layout``
-    (engine.lora.slot_layout.SlotLayout); refuses what this base cannot serve. Heads and
+    (engine.lora.slot_layout.LayoutShapes); refuses what this base cannot serve. Heads and
     embedding LoRAs take the dtype of the model's embedding (the hidden states' dtype)."""
     out = AdapterExtras()
-    dtype = layout.model.embed_tokens.weight.dtype
+    dtype = layout.embed_dtype
     _check_base_copies(spec, raw, layout)
     for (layer, m), name in spec.lora_biases.items():
         _add_shift(out, layout, layer, m, raw[name].float() * spec.modules[(layer, m)][3])
@@ -77,7 +85,7 @@ def load_extras(spec: AdapterSpec, raw: dict, layout) -> AdapterExtras:
         _add_shift(out, layout, layer, m, raw[name].float() - base)
     for (layer, m), name in spec.magnitudes.items():
         f, _ = layout.slice_of[m]
-        if layout.modules[(f, layer)].base_op is not None:
+        if (f, layer) in layout.quantized:
             raise UnsupportedAdapterError(f"adapter {spec.path}: DoRA needs the base weights; "
                                           "it is not supported on a quantized base")
         out.magnitudes[(layer, m)] = raw[name].float().contiguous()

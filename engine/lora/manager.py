@@ -2,7 +2,9 @@
 
 Disk -> CPU loads (resolve, validate, read, build the pinned staging buffer) can run in one
 background thread (``prefetch``/``poll``), so the engine keeps stepping while a cold adapter
-loads; the cache itself is only changed on the engine's thread.
+loads; the cache itself is only changed on the engine's thread. With ``load_process`` the
+thread hands the reading to a process of its own (engine.lora.load_process) and only copies
+the staging buffer it returns into pinned memory, so a load takes nothing of the GIL's time.
 
 With ``max_full_module_copies``, adapters holding full trained matrices (lm_head/embed_tokens via
 modules_to_save) are admitted only while the copies of the running and pinned adapters leave room
@@ -24,7 +26,7 @@ from lorry.engine.lora.gpu_slots import GPUSlotManager, adapter_rank
 from lorry.engine.lora.request import LoRARequest
 from lorry.engine.lora.resolve import resolve_adapter_dir
 from lorry.engine.lora.spec import parse_adapter
-from lorry.engine.lora.weights import AdapterWeights, load_adapter_weights
+from lorry.engine.lora.weights import AdapterWeights, load_adapter_weights, rehome
 
 
 # While adapters load in the background, the engine's thread hands the GIL over every this
@@ -62,7 +64,8 @@ class LoRAManager:
                  max_lora_rank: int, max_cpu_loras: int, dtype: torch.dtype,
                  device: torch.device, fold: bool = False,
                  adapter_roots: tuple[str, ...] | None = None,
-                 max_full_module_copies: int | None = None, memory_slots: int | None = None):
+                 max_full_module_copies: int | None = None, memory_slots: int | None = None,
+                 load_process: bool = False):
         self.base_config, self.base_name = base_config, base_name
         self.adapter_roots = adapter_roots  # None: local adapters may be anywhere
         self.max_lora_rank, self.dtype = max_lora_rank, dtype
@@ -79,8 +82,16 @@ class LoRAManager:
         # lora id -> (request, future of (weights, seconds)) of loads in the background
         self.pending: dict[int, tuple[LoRARequest, cf.Future]] = {}
         self.background_loads = 0
-        self.wait_seconds = 0.0   # the engine's idle time in wait_any: nothing else could run
         self._unreported: list[tuple[LoRARequest, LoRAError]] = []
+        self.process = None   # engine.lora.load_process.LoadProcess: background loads' reader
+        if load_process:
+            from lorry.engine.lora.load_process import LoadProcess
+
+            self.process = LoadProcess({
+                "adapter_roots": adapter_roots, "base_config": base_config,
+                "base_name": base_name, "max_lora_rank": max_lora_rank, "dtype": dtype,
+                "max_full_copies": self.gpu.max_full_copies, "layout": self.gpu.layout.shapes(),
+                "threads": min(4, torch.get_num_threads())})
 
     def _load(self, request: LoRARequest) -> AdapterWeights:
         """Resolve (inside the allowed roots), validate (torch-free spec) and read an adapter;
@@ -97,15 +108,26 @@ class LoRAManager:
                             "(LORRY_MAX_FULL_MODULE_COPIES) allows fewer")
         weights = load_adapter_weights(spec, self.base_config, self.max_lora_rank, self.dtype,
                                        self.pin_memory, layout=self.gpu.layout)
-        self.full_copies_of[request.lora_int_id] = spec.full_copies
+        return self._loaded(request, weights)
+
+    def _loaded(self, request: LoRARequest, weights: AdapterWeights) -> AdapterWeights:
+        self.full_copies_of[request.lora_int_id] = weights.spec.full_copies
         # the scheduler's planner sizes the adapter's block by it from now on
         self.gpu.rank_of[request.lora_int_id] = adapter_rank(weights)
         return weights
 
-    def _timed_load(self, request: LoRARequest):
+    def _load_elsewhere(self, request: LoRARequest) -> AdapterWeights:
+        """``_load`` with the reading done in the loader process; here only the copy of the
+        staging buffer it made into this process's (pinned) memory."""
+        spec, src, views, extras, nbytes = self.process.load(
+            request.lora_path, request.revision, request.lora_name)
+        return self._loaded(request, rehome(spec, self.gpu.layout, src, views, extras, nbytes,
+                                            self.pin_memory))
+
+    def _timed_load(self, request: LoRARequest, elsewhere: bool = False):
         start = time.perf_counter()
         try:
-            weights = self._load(request)
+            weights = self._load_elsewhere(request) if elsewhere else self._load(request)
         except LoRAError:
             raise
         except Exception as e:  # I/O, hub or torch errors: still this adapter's refusal
@@ -155,7 +177,7 @@ class LoRAManager:
             self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorry-lora")
         _load_started()
         try:
-            fut = self._pool.submit(self._timed_load, request)
+            fut = self._pool.submit(self._timed_load, request, self.process is not None)
         except BaseException:
             _load_ended()
             raise
@@ -185,15 +207,15 @@ class LoRAManager:
     def wait_any(self, timeout: float) -> None:
         """Block until a background load finishes (or ``timeout`` seconds)."""
         if self.pending:
-            t0 = time.perf_counter()
             cf.wait([f for _, f in self.pending.values()], timeout=timeout,
                     return_when=cf.FIRST_COMPLETED)
-            self.wait_seconds += time.perf_counter() - t0
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self.process is not None:
+            self.process.close()
 
     # ---- synchronous API ------------------------------------------------------------------
     def add(self, request: LoRARequest) -> AdapterWeights:
@@ -254,7 +276,6 @@ class LoRAManager:
     def stats(self) -> dict:
         cpu = self.cpu.stats()
         cpu["loading"] = len(self.pending)
-        cpu["wait_seconds"] = round(self.wait_seconds, 6)
         return {"gpu": self.gpu.stats(), "cpu": cpu,
                 "full_copy_bytes": self.gpu.full_copy_bytes}
 

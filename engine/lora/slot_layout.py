@@ -50,53 +50,42 @@ class Family:
         return (len(self.layers), sum(self.slice_sizes), rank)
 
 
-class SlotLayout:
-    """The families of a model's LoRA layers and where each (layer, module) lives in them."""
+class LayoutShapes:
+    """What an adapter load needs of a slot layout, and nothing of the model: the families,
+    where each (layer, checkpoint module) lives in them, the base's biases and matrix
+    fingerprints, the embedding's dtype and which layers are quantized. It pickles (the
+    loader process builds staging buffers with it); SlotLayout adds the model's modules."""
 
-    def __init__(self, model, rank: int):
+    def __init__(self, rank: int):
         self.rank = rank
         self.page = page_rows(rank)
         # Pinned-memory allocation is a CUDA call: from a loader thread it would invalidate a
         # CUDA graph being captured (global capture mode). Captures hold this lock too.
         self.pin_lock = threading.Lock()
         self.families: dict[str, Family] = {}
-        self.modules = {}   # (family name, layer) -> LoRALinear
-        for layer, name, mod in model.lora_layers():
-            fam = self.families.get(name)
-            if fam is None:
-                fam = self.families[name] = Family(name, [], list(mod.slice_names),
-                                                   list(mod.slice_sizes), mod.in_features)
-            elif (fam.slice_names, fam.slice_sizes, fam.in_features) != \
-                    (list(mod.slice_names), list(mod.slice_sizes), mod.in_features):
-                raise ValueError(f"layer {layer} {name}: slices {mod.slice_names} "
-                                 f"{mod.slice_sizes} x {mod.in_features} differ from layer "
-                                 f"{fam.layers[0]}'s; the slot layout needs uniform layers")
-            fam.layers.append(layer)
-            self.modules[(name, layer)] = mod
-        # checkpoint module name -> (family name, slice index)
-        self.slice_of = {m: (f.name, i) for f in self.families.values()
-                         for i, m in enumerate(f.slice_names)}
-        self.layer_pos = {f.name: {lay: p for p, lay in enumerate(f.layers)}
-                          for f in self.families.values()}
-        self.model = model
-        self._base_info()
+        self.slice_of: dict[str, tuple[str, int]] = {}
+        self.layer_pos: dict[str, dict[int, int]] = {}
+        self.base_bias: dict = {}
+        self.base_fingerprints: dict = {}
+        self.embed_dtype = torch.float32
+        self.quantized: set = set()   # (family, layer) whose base weight is quantized
 
-    def _base_info(self) -> None:
-        """CPU copies the adapter loader compares against or subtracts (read once, here, so a
-        loader thread never reads device memory): each (layer, checkpoint module)'s base bias
-        (fp32) and fingerprints of the embedding and lm_head matrices."""
-        from lorry.engine.lora.extras import base_fingerprint
+    def shapes(self) -> LayoutShapes:
+        """A copy of these shapes without the model (for the loader process)."""
+        out = LayoutShapes(self.rank)
+        for key in ("families", "slice_of", "layer_pos", "base_bias", "base_fingerprints",
+                    "embed_dtype", "quantized"):
+            setattr(out, key, getattr(self, key))
+        return out
 
-        self.base_bias = {}
-        for (f, layer), mod in self.modules.items():
-            if mod.bias is None:
-                continue
-            bias = mod.bias.detach().float().cpu()
-            fam = self.families[f]
-            for m, off, n in zip(fam.slice_names, fam.slice_offsets, fam.slice_sizes):
-                self.base_bias[(layer, m)] = bias[off:off + n]
-        self.base_fingerprints = {"embed_tokens": base_fingerprint(self.model.embed_tokens.weight),
-                                  "lm_head": base_fingerprint(self.model.lm_weight())}
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["pin_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.pin_lock = threading.Lock()
 
     def block_rows(self, rank: int) -> int:
         """Rows an adapter of ``rank`` takes (engine.lora.slot_pages.block_rows)."""
@@ -107,13 +96,15 @@ class SlotLayout:
         f = self.families[family]
         return (_prod(f.a_shape(rows)), _prod(f.b_shape(rows)))
 
-    def stage(self, spec, raw: dict, dtype: torch.dtype, pin_memory: bool) -> dict:
+    def stage(self, spec, raw: dict, dtype: torch.dtype, pin_memory: bool,
+              alloc=None) -> dict:
         """Build the staging buffers of one adapter from its checkpoint tensors.
 
         ``spec.modules``: (layer, checkpoint module) -> (A name, B name, rank, scaling,
         transposed); ``raw``: the checkpoint's tensors by name. Returns {family: (A
         [num_layers, S, block, in], B [num_layers, N, block])} for the families the adapter
-        touches (block: ``block_rows`` of its largest rank), in one (pinned) allocation, zero
+        touches (block: ``block_rows`` of its largest rank), in one (pinned) allocation (or
+        ``alloc(numel, dtype)``'s 1-D tensor), zero
         where the adapter has no weights, B scaled. The modules of one slice and rank are
         stacked and written with a few tensor ops, not a few per module: a load runs in a
         background thread, and every torch call there waits for the GIL the engine's thread
@@ -122,8 +113,11 @@ class SlotLayout:
         touched = sorted({self.slice_of[m][0] for _, m in spec.modules})
         rows = self.block_rows(max((r for _, _, r, _, _ in spec.modules.values()), default=1))
         sizes = [n for f in touched for n in self.numel(f, rows)]
-        with self.pin_lock:
-            flat = torch.empty(sum(sizes), dtype=dtype, pin_memory=pin_memory)
+        if alloc is not None:   # the loader process's: a file in shared memory
+            flat = alloc(sum(sizes), dtype)
+        else:
+            with self.pin_lock:
+                flat = torch.empty(sum(sizes), dtype=dtype, pin_memory=pin_memory)
         flat.zero_()  # plain host memory work, outside the lock
         out, start = {}, 0
         for f in touched:
@@ -163,6 +157,53 @@ class SlotLayout:
             out[f][0][pos, sl, :r] = a_in.to(dtype)
             out[f][1][pos, off:off + fam.slice_sizes[sl], :r] = b_in.to(dtype)
         return out
+
+
+class SlotLayout(LayoutShapes):
+    """The families of a model's LoRA layers and where each (layer, module) lives in them."""
+
+    def __init__(self, model, rank: int):
+        super().__init__(rank)
+        self.modules = {}   # (family name, layer) -> LoRALinear
+        for layer, name, mod in model.lora_layers():
+            fam = self.families.get(name)
+            if fam is None:
+                fam = self.families[name] = Family(name, [], list(mod.slice_names),
+                                                   list(mod.slice_sizes), mod.in_features)
+            elif (fam.slice_names, fam.slice_sizes, fam.in_features) != \
+                    (list(mod.slice_names), list(mod.slice_sizes), mod.in_features):
+                raise ValueError(f"layer {layer} {name}: slices {mod.slice_names} "
+                                 f"{mod.slice_sizes} x {mod.in_features} differ from layer "
+                                 f"{fam.layers[0]}'s; the slot layout needs uniform layers")
+            fam.layers.append(layer)
+            self.modules[(name, layer)] = mod
+        # checkpoint module name -> (family name, slice index)
+        self.slice_of = {m: (f.name, i) for f in self.families.values()
+                         for i, m in enumerate(f.slice_names)}
+        self.layer_pos = {f.name: {lay: p for p, lay in enumerate(f.layers)}
+                          for f in self.families.values()}
+        self.model = model
+        self.embed_dtype = model.embed_tokens.weight.dtype
+        self.quantized = {key for key, mod in self.modules.items()
+                          if getattr(mod, "base_op", None) is not None}
+        self._base_info()
+
+    def _base_info(self) -> None:
+        """CPU copies the adapter loader compares against or subtracts (read once, here, so a
+        loader thread never reads device memory): each (layer, checkpoint module)'s base bias
+        (fp32) and fingerprints of the embedding and lm_head matrices."""
+        from lorry.engine.lora.extras import base_fingerprint
+
+        self.base_bias = {}
+        for (f, layer), mod in self.modules.items():
+            if mod.bias is None:
+                continue
+            bias = mod.bias.detach().float().cpu()
+            fam = self.families[f]
+            for m, off, n in zip(fam.slice_names, fam.slice_offsets, fam.slice_sizes):
+                self.base_bias[(layer, m)] = bias[off:off + n]
+        self.base_fingerprints = {"embed_tokens": base_fingerprint(self.model.embed_tokens.weight),
+                                  "lm_head": base_fingerprint(self.model.lm_weight())}
 
     def foldable(self, family: str, rows: int, dtype: torch.dtype) -> bool:
         """Whether ``family``'s A rows (``rows`` of them) can sit under its layers' weights."""

@@ -63,12 +63,34 @@ class AdapterWeights:
     extras: AdapterExtras | None = None
 
 
+def rehome(spec: AdapterSpec, layout, src: torch.Tensor, views: dict, extras: AdapterExtras,
+           nbytes: int, pin_memory: bool) -> AdapterWeights:
+    """AdapterWeights over a copy, in this process's own (pinned) memory, of a staging buffer
+    built elsewhere (the loader process's, read here from shared memory as ``src``, 1-D):
+    one copy, then the views ``{family: ((shape, stride, offset) of A, of B)}`` again. The
+    head (copied on every slot write) is pinned too."""
+    with layout.pin_lock:
+        flat = torch.empty(src.numel(), dtype=src.dtype, pin_memory=pin_memory)
+    flat.copy_(src)
+    staged = {f: tuple(flat.as_strided(*v) for v in ab) for f, ab in views.items()}
+
+    def head(t: torch.Tensor) -> torch.Tensor:
+        if not pin_memory:
+            return t
+        with layout.pin_lock:
+            return t.pin_memory()
+    return AdapterWeights(spec, StagedViews(spec, layout, staged), nbytes, staged,
+                          extras.map(lambda t: t, head))
+
+
 def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: int,
-                         dtype: torch.dtype, pin_memory: bool, layout=None) -> AdapterWeights:
+                         dtype: torch.dtype, pin_memory: bool, layout=None,
+                         alloc=None) -> AdapterWeights:
     """Load the weights file (safetensors, or .bin with ``weights_only=True``) of ``spec``.
 
     ``layout`` (engine.lora.slot_layout.SlotLayout): also build the staging buffers of the
-    GPU slot layout, zero-padded to its rank, in one (pinned) allocation.
+    GPU slot layout, zero-padded to its rank, in one (pinned) allocation (``alloc``: made by
+    ``alloc(numel, dtype)`` instead).
     """
     path = spec.weights_file
     try:
@@ -94,7 +116,7 @@ def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: in
             with layout.pin_lock:  # the large part: an lm_head, copied on every slot write
                 extras.head = (extras.head[0], *(t.pin_memory() for t in extras.head[1:]))
         check_finite(spec, extras.tensors(), "bias, DoRA or embedding parts")
-        staged = layout.stage(spec, raw, dtype, pin_memory)
+        staged = layout.stage(spec, raw, dtype, pin_memory, alloc)
         for f, ab in staged.items():
             check_finite(spec, ab, f"{f} in {dtype}")
         nbytes = sum(t.numel() * t.element_size() for ab in staged.values() for t in ab)

@@ -93,6 +93,7 @@ def check_matches_peft(base: Bases, names, *, max_loras=2, max_tokens=5, atol=2e
         torch.testing.assert_close(torch.stack(captured[out.request_id]), logits,
                                    atol=atol, rtol=atol)
         changed += tokens != greedy(base.hf, out.prompt_token_ids, max_tokens)[0]
+    eng.loras.close()
     return changed
 
 
@@ -135,6 +136,15 @@ def llama(tmp_path_factory):
 def test_head_embedding_and_dora_adapters_match_peft_in_mixed_batches(llama):
     names = ["head_full", None, "head_lora", "embed", "dora", "head_full", "embed", "bias_all"]
     assert check_matches_peft(llama, names, max_loras=5) >= 5
+
+
+def test_extras_loaded_in_the_loader_process_match_peft(llama, qwen2):
+    """Heads, embeddings, DoRA magnitudes and bias terms come back from the loader process
+    (EngineConfig.lora_load_process) as they are read in a thread."""
+    names = ["head_full", None, "head_lora", "embed", "dora", "head_full", "embed", "bias_all"]
+    assert check_matches_peft(llama, names, max_loras=5, lora_load_process=True) >= 5
+    names = ["bias_all", None, "lora_bias", "dora", "plain", "dora", "bias_all", None]
+    assert check_matches_peft(qwen2, names, max_loras=4, lora_load_process=True) >= 4
 
 
 def test_extras_over_slot_memory_shared_by_rank_match_peft(llama, qwen2):

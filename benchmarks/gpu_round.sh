@@ -15,8 +15,8 @@
 # no_adapters, each its own process: the LoRA overhead A/B) | loads (the cold loads' cost: cold
 # at the 1 ms and 5 ms GIL intervals, preloaded, no adapters; LOADS_RUNS picks, also
 # cold_thread, cold_register, cold_reserve and cold_pageable; LOADS_SKIP_COMPILE skips the
-# compile run) | pinned
-# (benchmarks/pinned_alloc.py) | pack (last: OUTDIR's files in one round.tgz) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
+# compile run) | pinned (benchmarks/pinned_alloc.py) | pack (last: OUTDIR's files in one
+# round.tgz) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
 # leaves the ones before it. Run from the repository root on the GPU machine.
 set -u

@@ -38,26 +38,39 @@ import torch
 from lorry.engine.errors import LoRAError
 
 
-def _shm_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
-        else tempfile.gettempdir()
+def staging_dirs() -> list[str]:
+    """Where staging files go: shared memory first, the temp directory when it has no room
+    (a container's /dev/shm is 64 MB unless its shm_size says more)."""
+    out = [d for d in ("/dev/shm",) if os.path.isdir(d) and os.access(d, os.W_OK)]
+    return out + [tempfile.gettempdir()]
 
 
 class _Files:
     """The loader process's staging files (one a load; the engine removes each once read)."""
 
-    def __init__(self):
+    def __init__(self, dirs: list[str] | None = None):
+        self.dirs = dirs or staging_dirs()
         self.made: list[str] = []
 
     def alloc(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        fd, path = tempfile.mkstemp(prefix="lorry-lora-", dir=_shm_dir())
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-        try:
-            os.ftruncate(fd, max(1, nbytes))
-        finally:
-            os.close(fd)
-        self.made.append(path)
-        return torch.from_file(path, shared=True, size=numel, dtype=dtype)
+        """A 1-D tensor over a new file of numel elements, its space reserved up front (a
+        full tmpfs would otherwise kill the process with SIGBUS at the first write)."""
+        nbytes = max(1, numel * torch.empty(0, dtype=dtype).element_size())
+        for d in self.dirs:
+            try:
+                fd, path = tempfile.mkstemp(prefix="lorry-lora-", dir=d)
+            except OSError:
+                continue
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError:
+                os.unlink(path)
+                continue
+            finally:
+                os.close(fd)
+            self.made.append(path)
+            return torch.from_file(path, shared=True, size=numel, dtype=dtype)
+        raise OSError(f"no room for a {nbytes}-byte staging file in {self.dirs}")
 
     def remove_all(self) -> None:
         for path in self.made:

@@ -28,8 +28,8 @@ def _engine(base, **kw):
 
 
 def _staging_files() -> set:
-    d = load_process._shm_dir()
-    return {f for f in os.listdir(d) if f.startswith("lorry-lora-")}
+    return {(d, f) for d in load_process.staging_dirs() for f in os.listdir(d)
+            if f.startswith("lorry-lora-")}
 
 
 def _run(eng, prompts, loras) -> dict:
@@ -142,6 +142,22 @@ def test_a_script_without_a_main_guard_is_not_run_again_by_the_loader(tiny_llama
     assert res.returncode == 0, res.stderr[-2000:]
     assert "tokens [" in res.stdout and "None" in res.stdout
     assert marker.read_text() == "run\n"
+
+
+def test_staging_files_fall_back_to_a_directory_with_room(tmp_path):
+    """A staging directory that cannot take the file (missing here; full, in a container's
+    64 MB /dev/shm) is passed over for the next."""
+    import torch
+
+    files = load_process._Files([str(tmp_path / "missing"), str(tmp_path)])
+    t = files.alloc(1000, torch.bfloat16)
+    assert t.numel() == 1000 and len(files.made) == 1
+    assert os.path.dirname(files.made[0]) == str(tmp_path)
+    assert os.path.getsize(files.made[0]) == 2000
+    files.remove_all()
+    assert not list(tmp_path.glob("lorry-lora-*"))
+    with pytest.raises(OSError, match="no room"):
+        load_process._Files([str(tmp_path / "missing")]).alloc(10, torch.float32)
 
 
 def test_cpu_engines_load_in_a_thread_unless_asked(tiny_llama):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -96,6 +97,10 @@ def main() -> None:
                     help="read in the loader process (engine.lora.load_process, as "
                          "EngineConfig.lora_load_process): the thread only copies its staging "
                          "buffer into its own memory")
+    ap.add_argument("--separate-cores", action="store_true",
+                    help="with --process: this process on the first core, the loader process "
+                         "on the others (a host with cores to spare, as a GPU server, on a "
+                         "small machine)")
     args = ap.parse_args()
     busy = spin if args.busy == "python" else launch
     if args.switch_interval is not None:
@@ -113,6 +118,10 @@ def main() -> None:
                                 "max_lora_rank": 64, "dtype": torch.bfloat16,
                                 "max_full_copies": None, "layout": layout.shapes(),
                                 "threads": min(4, torch.get_num_threads())})
+            cores = sorted(os.sched_getaffinity(0))
+            if args.separate_cores and len(cores) > 1:
+                os.sched_setaffinity(proc._proc.pid, set(cores[1:]))
+                os.sched_setaffinity(0, {cores[0]})
 
         def load():
             if proc is not None:

@@ -562,7 +562,7 @@ def parse_args() -> argparse.Namespace:
                     help="the GIL switch interval while adapters load (engine.lora.manager."
                          "LOAD_SWITCH_INTERVAL; 0.005, Python's own, leaves it unchanged)")
     ap.add_argument("--lora-load-process", choices=("on", "off"), default=None,
-                    help="EngineConfig.lora_load_process (default: the engine's, on with CUDA): "
+                    help="EngineConfig.lora_load_process (default: the engine's, off): "
                          "cold loads read in the loader process or in a thread (an A/B)")
     ap.add_argument("--pageable-staging", action="store_true",
                     help="adapter loads stage in plain (pageable) host memory, not pinned: "

@@ -95,15 +95,15 @@ class EngineConfig:
         CUDA: keep each layer's LoRA A slots as extra rows under its base weight, so that a
         decode step's base matmul also computes every slot's x·Aᵀ and only the expand kernel
         runs for LoRA (True, the default); False: separate shrink kernels.
-    lora_load_process : bool, optional
+    lora_load_process : bool
         Background adapter loads (disk to the CPU cache) in a process of their own, which
         shares no GIL with the engine's thread: a load in a thread makes ~150 torch calls,
-        each handing the GIL over, and the engine's kernel launches slowed while loads ran.
-        The process starts with the engine (a few seconds, in the background) and returns
-        the staging buffers through shared memory; a load it cannot finish (it died) fails
-        that request with a ``LoRAError`` and the next load starts a new one. None (the
-        default): on with CUDA, off on CPU (a thread: small models' loads are short and each
-        engine would start a process). ``add_lora`` always loads in the caller's thread.
+        each handing the GIL over, and every kernel launch of the engine's thread hands it
+        back. The process starts with the engine (a few seconds, in the background) and
+        returns each staging buffer through a file in shared memory; a load it cannot finish
+        (it died) fails that request with a ``LoRAError`` and the next load starts a new one.
+        False (the default): a thread, until a GPU run measures the process's gain
+        (docs/BENCHMARKS.md). ``add_lora`` always loads in the caller's thread.
     adapter_roots : tuple of str, optional
         Directories a local adapter (and each of its files, symlinks resolved) must lie in,
         checked at every load; a path elsewhere is refused with ``AdapterSourceError``. None
@@ -150,7 +150,7 @@ class EngineConfig:
     mixed_steps: bool = True
     num_scheduler_steps: int = 8
     lora_fold: bool = True
-    lora_load_process: bool | None = None
+    lora_load_process: bool = False
     adapter_roots: tuple[str, ...] | None = None
     max_full_module_copies: int | None = None
     block_size: int = 16
@@ -191,9 +191,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.enforce_eager={self.enforce_eager!r} must be a bool")  # noqa: TRY004
         if not isinstance(self.lora_fold, bool):
             raise ValueError(f"EngineConfig.lora_fold={self.lora_fold!r} must be a bool")  # noqa: TRY004
-        lp = self.lora_load_process
-        if lp is not None and not isinstance(lp, bool):
-            raise ValueError(f"EngineConfig.lora_load_process={lp!r} must be a bool or None")  # noqa: TRY004
+        if not isinstance(self.lora_load_process, bool):
+            raise ValueError(f"EngineConfig.lora_load_process={self.lora_load_process!r} "  # noqa: TRY004
+                             "must be a bool")
         if self.adapter_roots is not None:
             if isinstance(self.adapter_roots, str) or not all(
                     isinstance(r, str) and r for r in self.adapter_roots):

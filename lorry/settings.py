@@ -100,8 +100,8 @@ class Settings(BaseSettings):
     quantization: str | None = None
     enforce_eager: bool = False
     lora_fold: bool = True
-    # background adapter loads in a process of their own (None: with CUDA; EngineConfig)
-    lora_load_process: bool | None = None
+    # background adapter loads in a process of their own (EngineConfig.lora_load_process)
+    lora_load_process: bool = False
     load_format: str = "auto"
     seed: int = 0
     adapter_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -153,7 +153,7 @@ class Settings(BaseSettings):
 
     @field_validator("quantization", "tokenizer", "revision", "metrics_token",
                      "flower_basic_auth", "max_full_module_copies", "num_kv_blocks",
-                     "lora_memory_slots", "lora_load_process", mode="before")
+                     "lora_memory_slots", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
         """``LORRY_QUANTIZATION=`` (empty) means none, as leaving it unset does (likewise the

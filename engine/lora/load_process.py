@@ -6,8 +6,11 @@ up and must take it back, and every kernel launch of the engine's thread gives t
 so while a load runs the two threads hand the GIL to each other at every call. On an H100 the
 bulk workload's 133 cold loads (17 s of loading) cost the run 7.2 s of its 77 s where a replay
 of its schedule (benchmarks/schedule_replay.py --cold-load-ms) loses nothing to waiting for
-them; beside loads in a thread, a thread making tiny torch calls keeps about half its speed,
-beside loads in a process nearly all (benchmarks/adapter_load.py --busy torch --process).
+them: the loads slow the engine's thread. Whether this process wins that back is for a GPU
+run to show (``benchmarks/gpu_round.sh OUT loads`` with cold_thread and cold_process); on a
+2-core machine the process and the engine's thread compete for the cores, which hides it
+(benchmarks/adapter_load.py --busy torch --process), so it is off by default
+(EngineConfig.lora_load_process).
 
 Here a child interpreter (``python -c``, so nothing of the caller's ``__main__`` runs again,
 as it would under multiprocessing's spawn) resolves, validates and reads each adapter with the

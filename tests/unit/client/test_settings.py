@@ -74,6 +74,15 @@ def test_max_full_module_copies_reaches_engine_config(monkeypatch):
         Settings(model="/m")
 
 
+def test_lora_load_process_reaches_engine_config(monkeypatch):
+    assert Settings(model="/m").engine_config().lora_load_process is False
+    monkeypatch.setenv("LORRY_LORA_LOAD_PROCESS", "true")
+    assert Settings(model="/m").engine_config().lora_load_process is True
+    monkeypatch.setenv("LORRY_LORA_LOAD_PROCESS", "perhaps")
+    with pytest.raises(ValidationError, match="lora_load_process"):
+        Settings(model="/m")
+
+
 def test_lora_memory_slots_reaches_engine_config(monkeypatch):
     assert Settings(model="/m").engine_config().lora_memory_slots is None   # max_loras' worth
     monkeypatch.setenv("LORRY_MAX_LORAS", "48")

@@ -47,6 +47,24 @@ def test_chunked_prefill_and_side_stream_swaps_equal_cpu(tiny_llama):
     assert gpu == cpu
 
 
+def test_loads_in_the_loader_process_equal_cpu_with_pinned_staging(tiny_llama):
+    """lora_load_process on CUDA: the staging buffers come back from the loader process into
+    pinned memory, and the tokens are the CPU path's while captured decode steps run."""
+    cpu = _scenario(_engine(tiny_llama, "cpu", max_loras=2, max_num_batched_tokens=4096),
+                    tiny_llama)
+    eng = _engine(tiny_llama, "cuda", max_loras=2, max_num_batched_tokens=8,
+                  lora_load_process=True)
+    try:
+        gpu = _scenario(eng, tiny_llama)
+        assert eng.loras.process is not None and eng.loras.background_loads >= 4
+        for lid in eng.loras.cpu.ids():
+            w = eng.loras.cpu.peek(eng.loras.cpu.request(lid))
+            assert all(t.is_pinned() for ab in w.staged.values() for t in ab)
+        assert gpu == cpu
+    finally:
+        eng.loras.close()
+
+
 def test_swap_on_cuda_writes_exactly_the_staging_buffer(tiny_llama):
     eng = _engine(tiny_llama, "cuda", max_loras=2)
     for i, n in enumerate(NAMES):

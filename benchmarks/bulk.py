@@ -380,20 +380,18 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
     res["preloaded_adapters"] = bool(args.preload_adapters and loras is not None)
     if host and host_before:   # pinned host allocations made in the timed part (the loads')
         res["host_pinned"] = {"allocations": host[0] - host_before[0],
-                              "alloc_seconds": round((host[1] - host_before[1]) / 1e6, 3),
-                              "alloc_max_ms": round(host[2] / 1e3, 2)}
+                              "alloc_seconds": round((host[1] - host_before[1]) / 1e6, 3)}
     return res
 
 
 def _host_pinned(device: str) -> tuple | None:
-    """(pinned blocks made, microseconds in their CUDA calls, the longest) so far, from
-    torch's host allocator (None where this torch does not count them)."""
+    """(pinned blocks made, microseconds in their CUDA calls) so far, from torch's host
+    allocator (None where this torch does not count them)."""
     stats = getattr(torch.cuda, "host_memory_stats", None)
     if device != "cuda" or stats is None:
         return None
     st = stats()
-    return (st.get("num_host_alloc", 0), st.get("host_alloc_time.total", 0),
-            st.get("host_alloc_time.max", 0))
+    return st.get("num_host_alloc", 0), st.get("host_alloc_time.total", 0)
 
 
 def _free(device: str) -> None:

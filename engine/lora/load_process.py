@@ -25,8 +25,10 @@ next load starts a new child.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,7 +36,6 @@ import tempfile
 import threading
 import time
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import torch
 
@@ -49,10 +50,12 @@ def staging_dirs() -> list[str]:
 
 
 class _Files:
-    """The loader process's staging files (one a load; the engine removes each once read)."""
+    """The loader process's staging files, in directories of its engine's own (the engine
+    removes each file once read, and the directories with whatever is left when the process
+    ends or is replaced)."""
 
-    def __init__(self, dirs: list[str] | None = None):
-        self.dirs = dirs or staging_dirs()
+    def __init__(self, dirs: list[str]):
+        self.dirs = dirs
         self.made: list[str] = []
 
     def alloc(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -84,6 +87,22 @@ class _Files:
         self.made.clear()
 
 
+def _plain(t: torch.Tensor) -> tuple:
+    """A tensor as (dtype name, shape, bytes): what crosses to the engine (no torch pickle,
+    whose loading in the engine would not be weights-only)."""
+    t = t.detach().contiguous()
+    return (str(t.dtype).removeprefix("torch."), tuple(t.shape),
+            t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _tensor(plain: tuple) -> torch.Tensor:
+    dtype, shape, data = plain
+    dt = getattr(torch, dtype)
+    if not data:
+        return torch.empty(shape, dtype=dt)
+    return torch.frombuffer(bytearray(data), dtype=dt).reshape(shape)
+
+
 def _load(settings: dict, files: _Files, lora_path: str, revision: str | None,
           name: str) -> tuple:
     """In the loader process: LoRAManager._load's work up to the staging buffer."""
@@ -104,6 +123,7 @@ def _load(settings: dict, files: _Files, lora_path: str, revision: str | None,
                             "allows fewer")
         w = load_adapter_weights(spec, s["base_config"], s["max_lora_rank"], s["dtype"],
                                  False, layout=s["layout"], alloc=files.alloc)
+        extras = w.extras.map(_plain)
     except LoRAError:
         files.remove_all()
         raise
@@ -117,17 +137,18 @@ def _load(settings: dict, files: _Files, lora_path: str, revision: str | None,
                   for ab in w.staged.values() for t in ab), 0)
     staged_file = files.made[-1] if files.made else None
     files.made.clear()   # the engine removes it once read
-    return (spec, staged_file, numel, views, w.extras, w.nbytes,
-            time.perf_counter() - start)
+    return (spec, staged_file, numel, views, extras, w.nbytes, time.perf_counter() - start)
 
 
 def serve() -> None:
-    """The loader process: settings first, then (lora_path, revision, name) -> ("ok", result)
-    or ("error", LoRAError) until the engine's end of the socket closes."""
+    """The loader process (argv: the socket's fd, the settings file): requests (lora_path,
+    revision, name) answered ("ok", result) or ("error", LoRAError) until the engine's end
+    of the socket closes."""
     conn = Connection(int(sys.argv[1]))
-    settings = pickle.loads(conn.recv_bytes())
+    with open(sys.argv[2], "rb") as f:
+        settings = pickle.load(f)
     torch.set_num_threads(max(1, settings.pop("threads", 1)))
-    files = _Files()
+    files = _Files(settings["staging_dirs"])
     while True:
         try:
             msg = pickle.loads(conn.recv_bytes())
@@ -137,92 +158,130 @@ def serve() -> None:
             reply = ("ok", _load(settings, files, *msg))
         except LoRAError as e:
             reply = ("error", e)
-        except BaseException as e:  # noqa: BLE001 (the engine reports it as this load's)
+        except Exception as e:  # noqa: BLE001 (the engine reports it as this load's)
             files.remove_all()
             reply = ("error", LoRAError(f"adapter {msg[2]!r} ({msg[0]}) cannot be loaded: "
                                         f"{type(e).__name__}: {e}"))
         try:
             conn.send_bytes(pickle.dumps(reply))
         except (EOFError, OSError):
-            if reply[0] == "ok" and reply[1][1]:
-                files.made.append(reply[1][1])
             break
     files.remove_all()
 
 
+# The loader process's program: the engine's sys.path (argv[3], JSON) and nothing else, so the
+# child imports what the engine imports; run isolated (-I: no current directory, no PYTHON*
+# variables). Tests swap it for one with a hook.
+CHILD = ("import json, sys; sys.path[:] = json.loads(sys.argv[3]); "
+         "from lorry.engine.lora.load_process import serve; serve()")
+
+
 class LoadProcess:
-    """The loader process of one engine's LoRAManager (started at once; loads one at a time)."""
+    """The loader process of one engine's LoRAManager (started at once; loads one at a time).
+
+    Pickles cross between this process and its child only (this package's own objects:
+    the spec, the buffer's views, extras as plain bytes); adapter files are read in the
+    child, with the same weights-only rules as in a thread."""
 
     def __init__(self, settings: dict):
         self._settings = settings
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
+        self._dirs: list[str] = []
         self.restarts = 0
         self._closed = False
         self._start()
 
     def _start(self) -> None:
+        self._dirs = []
+        for d in staging_dirs():
+            try:
+                self._dirs.append(tempfile.mkdtemp(prefix="lorry-lora-", dir=d))
+            except OSError:
+                continue
+        settings_file = os.path.join(self._dirs[-1], "settings.pickle")
+        with open(settings_file, "wb") as f:   # read by the child as it starts: no wait here
+            pickle.dump({**self._settings, "staging_dirs": self._dirs}, f)
         ours, theirs = socket.socketpair()
-        root = str(Path(sys.modules["lorry"].__file__).parent.parent)   # where lorry is
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        # a session of its own: a Ctrl-C meant for the engine's process does not end a load
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from lorry.engine.lora.load_process import serve; serve()",
-             str(theirs.fileno())], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-            env=env)
+            [sys.executable, "-I", "-c", CHILD, str(theirs.fileno()), settings_file,
+             json.dumps(sys.path)], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            start_new_session=True)
         theirs.close()
         self._conn = Connection(ours.detach())
-        self._conn.send_bytes(pickle.dumps(self._settings))
 
     def load(self, lora_path: str, revision: str | None, name: str) -> tuple:
         """(spec, staging tensor, views, extras, nbytes) of one adapter, read in the loader
-        process (the staging tensor: its file mapped; copy it, then ``release`` it); raises
-        LoRAError (its refusal, or the process's end while it loaded)."""
+        process (the staging tensor maps its file, already removed); raises LoRAError (its
+        refusal, or the process's end while it loaded)."""
         with self._lock:
             if self._closed:
                 raise LoRAError(f"adapter {name!r} ({lora_path}): the engine is closed")
+            if self._proc.poll() is not None:   # it ended while idle: a new one serves
+                self._restart()
             try:
                 self._conn.send_bytes(pickle.dumps((lora_path, revision, name)))
                 kind, value = pickle.loads(self._conn.recv_bytes())
-            except (EOFError, OSError):
-                self._restart()
+            except Exception:   # noqa: BLE001 (its end, or a message out of step)
+                if self._closed:
+                    raise LoRAError(f"adapter {name!r} ({lora_path}): the engine is "
+                                    "closed") from None
+                code = self._restart()
                 raise LoRAError(f"adapter {name!r} ({lora_path}) cannot be loaded: the "
-                                "adapter loader process ended while reading it") from None
+                                f"adapter loader process ended (exit code {code}) while "
+                                "reading it") from None
         if kind == "error":
             raise value
         spec, path, numel, views, extras, nbytes, _seconds = value
+        extras = extras.map(_tensor)
         if path is None:
-            src = torch.empty(0, dtype=self._settings["dtype"])
-        else:
-            try:
-                src = torch.from_file(path, shared=False, size=numel,
-                                      dtype=self._settings["dtype"])
-            finally:
-                os.unlink(path)   # the mapping stays until src goes
+            return spec, torch.empty(0, dtype=self._settings["dtype"]), views, extras, nbytes
+        try:
+            src = torch.from_file(path, shared=False, size=numel, dtype=self._settings["dtype"])
+        finally:
+            os.unlink(path)   # the mapping stays until src goes
         return spec, src, views, extras, nbytes
 
-    def _restart(self) -> None:
+    def _end_child(self) -> int | None:
+        """Stop the child (if running) and remove its directories; its exit code."""
         proc = self._proc
-        if proc is not None and proc.poll() is None:
+        if proc.poll() is None:
             proc.kill()
-        if proc is not None:
-            proc.wait()
+        code = proc.wait()
         self._conn.close()
-        self.restarts += 1
-        self._start()
+        for d in self._dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        return code
+
+    def _restart(self) -> int | None:
+        code = self._end_child()
+        if not self._closed:
+            self.restarts += 1
+            self._start()
+        return code
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._conn.close()   # the child's recv ends: it removes its files and exits
+        """End the loader process: at once if a load is in flight (that load fails), else
+        after it has seen the socket close (up to 10 s)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._lock.acquire(timeout=0.2):   # idle
             try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+                self._conn.close()   # the child's recv ends: it exits
+                try:
+                    self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+                self._end_child()
+            finally:
+                self._lock.release()
+        else:   # a load in flight (perhaps hung): kill it, the load's recv then fails
+            self._proc.kill()
+            with self._lock:
+                self._end_child()
 
     def __del__(self):
         try:

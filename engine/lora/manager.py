@@ -211,11 +211,11 @@ class LoRAManager:
                     return_when=cf.FIRST_COMPLETED)
 
     def close(self) -> None:
+        if self.process is not None:   # first: a load in flight there ends now
+            self.process.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-        if self.process is not None:
-            self.process.close()
 
     # ---- synchronous API ------------------------------------------------------------------
     def add(self, request: LoRARequest) -> AdapterWeights:

@@ -201,7 +201,7 @@ class SlotLayout(LayoutShapes):
             bias = mod.bias.detach().float().cpu()
             fam = self.families[f]
             for m, off, n in zip(fam.slice_names, fam.slice_offsets, fam.slice_sizes):
-                self.base_bias[(layer, m)] = bias[off:off + n]
+                self.base_bias[(layer, m)] = bias[off:off + n].clone()
         self.base_fingerprints = {"embed_tokens": base_fingerprint(self.model.embed_tokens.weight),
                                   "lm_head": base_fingerprint(self.model.lm_weight())}
 

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -44,6 +46,7 @@ def _run(eng, prompts, loras) -> dict:
 def test_process_loads_give_peft_tokens_and_leave_no_files(tiny_llama):
     before = _staging_files()
     eng = _engine(tiny_llama)
+    dirs = list(eng.loras.process._dirs)
     try:
         assert eng.loras.process is not None
         reqs = {n: LoRARequest(n, i + 1, str(p)) for i, (n, p) in
@@ -55,11 +58,14 @@ def test_process_loads_give_peft_tokens_and_leave_no_files(tiny_llama):
             tokens, _ = peft_greedy(peft, out.prompt_token_ids, 5, name)
             assert out.outputs[0].token_ids == tokens, f"row with adapter {name}"
         assert eng.loras.background_loads == 4 and eng.cache_stats()["cpu"]["misses"] == 4
-        assert _staging_files() == before            # each staging file removed once read
+        # each staging file removed once read: the process's own directories hold no more
+        assert [sorted(os.listdir(d)) for d in dirs] in (
+            [[]] * len(dirs), [[]] * (len(dirs) - 1) + [["settings.pickle"]])
     finally:
         eng.loras.close()
     proc = eng.loras.process._proc
     assert proc.poll() is not None                    # close() ended the process
+    assert _staging_files() == before                 # and its directories went with it
 
 
 def test_process_refusals_fail_only_their_request(tiny_llama, tmp_path):
@@ -100,19 +106,74 @@ def test_adapter_roots_are_enforced_in_the_process(tiny_llama, tmp_path):
         eng.loras.close()
 
 
-def test_a_dead_loader_process_fails_the_load_in_flight_and_is_replaced(tiny_llama):
+def test_a_loader_process_that_ended_while_idle_is_replaced_before_the_next_load(tiny_llama):
     eng = _engine(tiny_llama)
     try:
         proc = eng.loras.process
         proc._proc.kill()
         proc._proc.wait()
-        with pytest.raises(LoRAError, match="loader process ended"):
-            proc.load(str(tiny_llama.adapters["qv_r8"]), None, "qv_r8")
-        assert proc.restarts == 1 and proc._proc.poll() is None
         outs = _run(eng, [[5, 6]], [LoRARequest("qv_r8", 1, str(tiny_llama.adapters["qv_r8"]))])
         assert outs["0"].error is None and len(outs["0"].outputs[0].token_ids) == 5
+        assert proc.restarts == 1 and proc._proc.poll() is None
     finally:
         eng.loras.close()
+
+
+HANG = ("import json, sys, time; sys.path[:] = json.loads(sys.argv[3]); import torch\n"
+        "from lorry.engine.lora import load_process as lp\n"
+        "def hang(settings, files, *args):\n"
+        "    files.alloc(1024, torch.float32)\n"
+        "    time.sleep(600)\n"
+        "lp._load = hang\n"
+        "lp.serve()")
+
+
+def _hung_load(tiny_llama, monkeypatch):
+    """A loader process whose loads make their staging file, then hang; a load started in a
+    thread, returned once its file exists: (process, thread, the load's outcome, dirs)."""
+    eng = _engine(tiny_llama)
+    settings = eng.loras.process._settings
+    eng.loras.close()
+    monkeypatch.setattr(load_process, "CHILD", HANG)
+    proc = load_process.LoadProcess(settings)
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(proc.load(str(tiny_llama.adapters["qv_r8"]), None, "qv_r8"))
+        except LoRAError as e:
+            outcome.append(e)
+    th = threading.Thread(target=run)
+    th.start()
+    dirs = list(proc._dirs)
+    deadline = time.monotonic() + 120
+    while not any(f.startswith("lorry-lora-") for d in dirs for f in os.listdir(d)):
+        assert time.monotonic() < deadline, "the hung load made no staging file"
+        time.sleep(0.05)
+    return proc, th, outcome, dirs
+
+
+def test_a_loader_process_dying_mid_load_fails_that_load_and_leaves_no_files(
+        tiny_llama, monkeypatch):
+    proc, th, outcome, dirs = _hung_load(tiny_llama, monkeypatch)
+    proc._proc.kill()
+    th.join(30)
+    assert isinstance(outcome[0], LoRAError) and "ended (exit code -9)" in str(outcome[0])
+    assert not any(os.path.exists(d) for d in dirs)  # its staging file went with its dirs
+    assert proc.restarts == 1 and proc._proc.poll() is None
+    proc.close()
+    assert not any(os.path.exists(d) for d in proc._dirs)
+
+
+def test_close_ends_a_hung_load_at_once(tiny_llama, monkeypatch):
+    proc, th, outcome, dirs = _hung_load(tiny_llama, monkeypatch)
+    t0 = time.monotonic()
+    proc.close()
+    assert time.monotonic() - t0 < 5
+    th.join(10)
+    assert isinstance(outcome[0], LoRAError) and "closed" in str(outcome[0])
+    assert proc._proc.poll() is not None and proc.restarts == 0
+    assert not any(os.path.exists(d) for d in dirs)
 
 
 def test_a_script_without_a_main_guard_is_not_run_again_by_the_loader(tiny_llama, tmp_path):
@@ -142,6 +203,20 @@ def test_a_script_without_a_main_guard_is_not_run_again_by_the_loader(tiny_llama
     assert res.returncode == 0, res.stderr[-2000:]
     assert "tokens [" in res.stdout and "None" in res.stdout
     assert marker.read_text() == "run\n"
+
+
+def test_a_script_in_the_current_directory_does_not_shadow_the_loaders_imports(
+        tiny_llama, tmp_path, monkeypatch):
+    """The child runs isolated with the engine's sys.path: a safetensors.py in the current
+    directory is not imported by the loader process (as it is not by a console script)."""
+    (tmp_path / "safetensors.py").write_text("raise ImportError('shadowed')\n")
+    monkeypatch.chdir(tmp_path)
+    eng = _engine(tiny_llama)
+    try:
+        outs = _run(eng, [[5, 6]], [LoRARequest("qv_r8", 1, str(tiny_llama.adapters["qv_r8"]))])
+        assert outs["0"].error is None
+    finally:
+        eng.loras.close()
 
 
 def test_staging_files_fall_back_to_a_directory_with_room(tmp_path):

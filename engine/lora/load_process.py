@@ -14,7 +14,7 @@ run to show (``benchmarks/gpu_round.sh OUT loads`` with cold_thread and cold_pro
 
 Here a child interpreter (``python -c``, so nothing of the caller's ``__main__`` runs again,
 as it would under multiprocessing's spawn) resolves, validates and reads each adapter with the
-thread's code (engine.lora.weights.load_adapter_weights over the layout's LayoutShapes),
+thread's code (engine.lora.weights.read_adapter over the layout's LayoutShapes),
 building the staging buffer in a file in shared memory (/dev/shm). The engine's loader thread
 maps that file, copies it into one pinned buffer (CUDA) or plain memory and removes it: a few
 torch calls a load. Messages go over a socket pair as pickles of this package's own objects
@@ -106,23 +106,12 @@ def _tensor(plain: tuple) -> torch.Tensor:
 def _load(settings: dict, files: _Files, lora_path: str, revision: str | None,
           name: str) -> tuple:
     """In the loader process: LoRAManager._load's work up to the staging buffer."""
-    from lorry.engine.lora.resolve import resolve_adapter_dir
-    from lorry.engine.lora.spec import parse_adapter
-    from lorry.engine.lora.weights import load_adapter_weights
+    from lorry.engine.lora.weights import read_adapter
 
-    start, s = time.perf_counter(), settings
+    start = time.perf_counter()
     try:
-        path = resolve_adapter_dir(lora_path, revision=revision, roots=s["adapter_roots"])
-        spec = parse_adapter(path, s["base_config"], max_lora_rank=s["max_lora_rank"],
-                             base_model=s["base_name"])
-        cap = s["max_full_copies"]
-        if cap is not None and spec.full_copies > cap:
-            raise LoRAError(f"adapter {name!r} ({lora_path}) has {spec.full_copies} full module "
-                            f"copies (modules_to_save lm_head/embed_tokens); "
-                            f"max_full_module_copies={cap} (LORRY_MAX_FULL_MODULE_COPIES) "
-                            "allows fewer")
-        w = load_adapter_weights(spec, s["base_config"], s["max_lora_rank"], s["dtype"],
-                                 False, layout=s["layout"], alloc=files.alloc)
+        w = read_adapter(lora_path, revision, name, settings, False, settings["layout"],
+                         files.alloc)
         extras = w.extras.map(_plain)
     except LoRAError:
         files.remove_all()
@@ -137,7 +126,7 @@ def _load(settings: dict, files: _Files, lora_path: str, revision: str | None,
                   for ab in w.staged.values() for t in ab), 0)
     staged_file = files.made[-1] if files.made else None
     files.made.clear()   # the engine removes it once read
-    return (spec, staged_file, numel, views, extras, w.nbytes, time.perf_counter() - start)
+    return (w.spec, staged_file, numel, views, extras, w.nbytes, time.perf_counter() - start)
 
 
 def serve() -> None:

@@ -24,9 +24,7 @@ from lorry.engine.errors import LoRAError
 from lorry.engine.lora.cpu_cache import CPUAdapterCache
 from lorry.engine.lora.gpu_slots import GPUSlotManager, adapter_rank
 from lorry.engine.lora.request import LoRARequest
-from lorry.engine.lora.resolve import resolve_adapter_dir
-from lorry.engine.lora.spec import parse_adapter
-from lorry.engine.lora.weights import AdapterWeights, load_adapter_weights, rehome
+from lorry.engine.lora.weights import AdapterWeights, read_adapter, rehome
 
 
 # While adapters load in the background, the engine's thread hands the GIL over every this
@@ -83,32 +81,23 @@ class LoRAManager:
         self.pending: dict[int, tuple[LoRARequest, cf.Future]] = {}
         self.background_loads = 0
         self._unreported: list[tuple[LoRARequest, LoRAError]] = []
+        # what a load needs besides the request (engine.lora.weights.read_adapter)
+        self._read = {"adapter_roots": adapter_roots, "base_config": base_config,
+                      "base_name": base_name, "max_lora_rank": max_lora_rank, "dtype": dtype,
+                      "max_full_copies": self.gpu.max_full_copies}
         self.process = None   # engine.lora.load_process.LoadProcess: background loads' reader
         if load_process:
             from lorry.engine.lora.load_process import LoadProcess
 
-            self.process = LoadProcess({
-                "adapter_roots": adapter_roots, "base_config": base_config,
-                "base_name": base_name, "max_lora_rank": max_lora_rank, "dtype": dtype,
-                "max_full_copies": self.gpu.max_full_copies, "layout": self.gpu.layout.shapes(),
-                "threads": min(4, torch.get_num_threads())})
+            self.process = LoadProcess({**self._read, "layout": self.gpu.layout.shapes(),
+                                        "threads": min(4, torch.get_num_threads())})
 
     def _load(self, request: LoRARequest) -> AdapterWeights:
         """Resolve (inside the allowed roots), validate (torch-free spec) and read an adapter;
         raises LoRAError."""
-        path = resolve_adapter_dir(request.lora_path, revision=request.revision,
-                                   roots=self.adapter_roots)
-        spec = parse_adapter(path, self.base_config, max_lora_rank=self.max_lora_rank,
-                             base_model=self.base_name)
-        cap = self.gpu.max_full_copies
-        if cap is not None and spec.full_copies > cap:
-            raise LoRAError(f"adapter {request.lora_name!r} ({request.lora_path}) has "
-                            f"{spec.full_copies} full module copies (modules_to_save lm_head/"
-                            f"embed_tokens); max_full_module_copies={cap} "
-                            "(LORRY_MAX_FULL_MODULE_COPIES) allows fewer")
-        weights = load_adapter_weights(spec, self.base_config, self.max_lora_rank, self.dtype,
-                                       self.pin_memory, layout=self.gpu.layout)
-        return self._loaded(request, weights)
+        return self._loaded(request, read_adapter(
+            request.lora_path, request.revision, request.lora_name, self._read,
+            self.pin_memory, self.gpu.layout))
 
     def _loaded(self, request: LoRARequest, weights: AdapterWeights) -> AdapterWeights:
         self.full_copies_of[request.lora_int_id] = weights.spec.full_copies

@@ -63,6 +63,30 @@ class AdapterWeights:
     extras: AdapterExtras | None = None
 
 
+def read_adapter(lora_path: str, revision: str | None, name: str, settings: dict,
+                 pin_memory: bool, layout, alloc=None) -> AdapterWeights:
+    """Resolve (inside ``settings["adapter_roots"]``), validate (torch-free spec) and read one
+    adapter: a load's whole work, in the engine's loader thread or in the loader process.
+    ``settings``: adapter_roots, base_config, base_name, max_lora_rank, max_full_copies, dtype.
+    Raises LoRAError."""
+    from lorry.engine.errors import LoRAError
+    from lorry.engine.lora.resolve import resolve_adapter_dir
+    from lorry.engine.lora.spec import parse_adapter
+
+    s = settings
+    path = resolve_adapter_dir(lora_path, revision=revision, roots=s["adapter_roots"])
+    spec = parse_adapter(path, s["base_config"], max_lora_rank=s["max_lora_rank"],
+                         base_model=s["base_name"])
+    cap = s["max_full_copies"]
+    if cap is not None and spec.full_copies > cap:
+        raise LoRAError(f"adapter {name!r} ({lora_path}) has {spec.full_copies} full module "
+                        f"copies (modules_to_save lm_head/embed_tokens); "
+                        f"max_full_module_copies={cap} (LORRY_MAX_FULL_MODULE_COPIES) "
+                        "allows fewer")
+    return load_adapter_weights(spec, s["base_config"], s["max_lora_rank"], s["dtype"],
+                                pin_memory, layout=layout, alloc=alloc)
+
+
 def rehome(spec: AdapterSpec, layout, src: torch.Tensor, views: dict, extras: AdapterExtras,
            nbytes: int, pin_memory: bool) -> AdapterWeights:
     """AdapterWeights over a copy, in this process's own (pinned) memory, of a staging buffer

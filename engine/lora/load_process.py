@@ -12,8 +12,8 @@ run to show (``benchmarks/gpu_round.sh OUT loads`` with cold_thread and cold_pro
 (benchmarks/adapter_load.py --busy torch --process), so it is off by default
 (EngineConfig.lora_load_process).
 
-Here a child interpreter (``python -c``, so nothing of the caller's ``__main__`` runs again,
-as it would under multiprocessing's spawn) resolves, validates and reads each adapter with the
+Here a child interpreter (``python -I -c`` with the engine's sys.path, so nothing of the
+caller's ``__main__`` runs again, as it would under multiprocessing's spawn) resolves, validates and reads each adapter with the
 thread's code (engine.lora.weights.read_adapter over the layout's LayoutShapes),
 building the staging buffer in a file in shared memory (/dev/shm). The engine's loader thread
 maps that file, copies it into one pinned buffer (CUDA) or plain memory and removes it: a few
@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from multiprocessing.connection import Connection
 
 import torch
@@ -108,7 +107,6 @@ def _load(settings: dict, files: _Files, lora_path: str, revision: str | None,
     """In the loader process: LoRAManager._load's work up to the staging buffer."""
     from lorry.engine.lora.weights import read_adapter
 
-    start = time.perf_counter()
     try:
         w = read_adapter(lora_path, revision, name, settings, False, settings["layout"],
                          files.alloc)
@@ -126,7 +124,7 @@ def _load(settings: dict, files: _Files, lora_path: str, revision: str | None,
                   for ab in w.staged.values() for t in ab), 0)
     staged_file = files.made[-1] if files.made else None
     files.made.clear()   # the engine removes it once read
-    return (w.spec, staged_file, numel, views, extras, w.nbytes, time.perf_counter() - start)
+    return w.spec, staged_file, numel, views, extras, w.nbytes
 
 
 def serve() -> None:
@@ -223,7 +221,7 @@ class LoadProcess:
                                 "reading it") from None
         if kind == "error":
             raise value
-        spec, path, numel, views, extras, nbytes, _seconds = value
+        spec, path, numel, views, extras, nbytes = value
         extras = extras.map(_tensor)
         if path is None:
             return spec, torch.empty(0, dtype=self._settings["dtype"]), views, extras, nbytes

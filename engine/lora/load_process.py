@@ -17,8 +17,9 @@ caller's ``__main__`` runs again, as it would under multiprocessing's spawn) res
 thread's code (engine.lora.weights.read_adapter over the layout's LayoutShapes),
 building the staging buffer in a file in shared memory (/dev/shm). The engine's loader thread
 maps that file, copies it into one pinned buffer (CUDA) or plain memory and removes it: a few
-torch calls a load. Messages go over a socket pair as pickles of this package's own objects
-(the spec, the buffer's views, the small extras); adapter files are read only in the child,
+torch calls a load; the extras (bias terms, DoRA magnitudes, heads, embeddings) travel in a
+second file. Messages go over a socket pair as pickles of this package's own objects (the
+spec, the buffers' views); adapter files are read only in the child,
 with the same weights-only rules. Refusals come back as the same LoRAError; if the child dies
 (a crash in a reader), the load in flight fails with a LoRAError naming the adapter and the
 next load starts a new child.
@@ -86,20 +87,42 @@ class _Files:
         self.made.clear()
 
 
-def _plain(t: torch.Tensor) -> tuple:
-    """A tensor as (dtype name, shape, bytes): what crosses to the engine (no torch pickle,
-    whose loading in the engine would not be weights-only)."""
-    t = t.detach().contiguous()
-    return (str(t.dtype).removeprefix("torch."), tuple(t.shape),
-            t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+def _extras_to_file(extras, files: _Files):
+    """The extras' tensors written one after another (64-byte aligned) into one staging file:
+    (the extras with each tensor replaced by (dtype name, shape, byte offset), the file or
+    None). A full lm_head is ~1 GB: no pickle carries it."""
+    tensors = [t.detach().contiguous() for t in extras.tensors()]
+    if not tensors:
+        return extras, None
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // 64) * 64
+    buf = files.alloc(total, torch.uint8)
+    for t, off in zip(tensors, offsets):
+        if t.numel():
+            buf[off:off + t.numel() * t.element_size()].copy_(t.view(-1).view(torch.uint8))
+    meta = iter((str(t.dtype).removeprefix("torch."), tuple(t.shape), off)
+                for t, off in zip(tensors, offsets))
+    return extras.map(lambda _t: next(meta)), files.made[-1]
 
 
-def _tensor(plain: tuple) -> torch.Tensor:
-    dtype, shape, data = plain
-    dt = getattr(torch, dtype)
-    if not data:
-        return torch.empty(shape, dtype=dt)
-    return torch.frombuffer(bytearray(data), dtype=dt).reshape(shape)
+def _extras_from_file(extras, path: str | None):
+    """The extras back from ``_extras_to_file``'s file (copies; the file is removed)."""
+    if path is None:
+        return extras
+    try:
+        src = torch.from_file(path, shared=False, size=os.path.getsize(path),
+                              dtype=torch.uint8)
+    finally:
+        os.unlink(path)
+
+    def tensor(meta):
+        dtype, shape, off = meta
+        dt = getattr(torch, dtype)
+        n = torch.Size(shape).numel() * torch.empty(0, dtype=dt).element_size()
+        return src[off:off + n].view(dt).reshape(shape).clone()
+    return extras.map(tensor)
 
 
 def _load(settings: dict, files: _Files, lora_path: str, revision: str | None,
@@ -110,7 +133,7 @@ def _load(settings: dict, files: _Files, lora_path: str, revision: str | None,
     try:
         w = read_adapter(lora_path, revision, name, settings, False, settings["layout"],
                          files.alloc)
-        extras = w.extras.map(_plain)
+        extras, extras_file = _extras_to_file(w.extras, files)
     except LoRAError:
         files.remove_all()
         raise
@@ -122,9 +145,9 @@ def _load(settings: dict, files: _Files, lora_path: str, revision: str | None,
              for f, ab in w.staged.items()}
     numel = next((t.untyped_storage().nbytes() // t.element_size()
                   for ab in w.staged.values() for t in ab), 0)
-    staged_file = files.made[-1] if files.made else None
-    files.made.clear()   # the engine removes it once read
-    return w.spec, staged_file, numel, views, extras, w.nbytes
+    staged_file = files.made[0]   # stage() made it first (1 byte when nothing is staged)
+    files.made.clear()   # the engine removes them once read
+    return w.spec, staged_file, numel, views, (extras, extras_file), w.nbytes
 
 
 def serve() -> None:
@@ -167,8 +190,8 @@ class LoadProcess:
     """The loader process of one engine's LoRAManager (started at once; loads one at a time).
 
     Pickles cross between this process and its child only (this package's own objects:
-    the spec, the buffer's views, extras as plain bytes); adapter files are read in the
-    child, with the same weights-only rules as in a thread."""
+    the spec, the buffers' views; tensors travel in the staging files, never in a pickle);
+    adapter files are read in the child, with the same weights-only rules as in a thread."""
 
     def __init__(self, settings: dict):
         self._settings = settings
@@ -221,12 +244,12 @@ class LoadProcess:
                                 "reading it") from None
         if kind == "error":
             raise value
-        spec, path, numel, views, extras, nbytes = value
-        extras = extras.map(_tensor)
-        if path is None:
-            return spec, torch.empty(0, dtype=self._settings["dtype"]), views, extras, nbytes
+        spec, path, numel, views, (extras, extras_file), nbytes = value
+        extras = _extras_from_file(extras, extras_file)
+        dtype = self._settings["dtype"]
         try:
-            src = torch.from_file(path, shared=False, size=numel, dtype=self._settings["dtype"])
+            src = (torch.from_file(path, shared=False, size=numel, dtype=dtype) if numel
+                   else torch.empty(0, dtype=dtype))
         finally:
             os.unlink(path)   # the mapping stays until src goes
         return spec, src, views, extras, nbytes

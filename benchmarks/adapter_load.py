@@ -125,8 +125,8 @@ def main() -> None:
 
         def load():
             if proc is not None:
-                got = proc.load(str(path), None, "a")
-                return rehome(got[0], layout, got[1], got[2], got[3], got[4], False)
+                spec_, *got = proc.load(str(path), None, "a")
+                return rehome(spec_, layout, *got, False)
             return load_adapter_weights(spec, cfg, 64, torch.bfloat16, False, layout=layout)
 
         load()   # page cache, first-call costs

@@ -53,12 +53,11 @@ class AdapterExtras:
     def __bool__(self) -> bool:
         return bool(self.shift or self.magnitudes or self.head or self.embed)
 
-    def map(self, fn, head_fn=None) -> AdapterExtras:
-        """The same extras with every tensor t replaced by fn(t) (the head's by head_fn(t))."""
-        hf = head_fn or fn
+    def map(self, fn) -> AdapterExtras:
+        """The same extras with every tensor t replaced by fn(t), in ``tensors()``' order."""
         return AdapterExtras({k: fn(v) for k, v in self.shift.items()},
                              {k: fn(v) for k, v in self.magnitudes.items()},
-                             self.head and (self.head[0], *map(hf, self.head[1:])),
+                             self.head and (self.head[0], *map(fn, self.head[1:])),
                              self.embed and (self.embed[0], *map(fn, self.embed[1:])))
 
 

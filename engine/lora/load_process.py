@@ -13,11 +13,11 @@ run to show (``benchmarks/gpu_round.sh OUT loads`` with cold_thread and cold_pro
 (EngineConfig.lora_load_process).
 
 Here a child interpreter (``python -I -c`` with the engine's sys.path, so nothing of the
-caller's ``__main__`` runs again, as it would under multiprocessing's spawn) resolves, validates and reads each adapter with the
-thread's code (engine.lora.weights.read_adapter over the layout's LayoutShapes),
-building the staging buffer in a file in shared memory (/dev/shm). The engine's loader thread
-maps that file, copies it into one pinned buffer (CUDA) or plain memory and removes it: a few
-torch calls a load; the extras (bias terms, DoRA magnitudes, heads, embeddings) travel in a
+caller's ``__main__`` runs again, as it would under multiprocessing's spawn) resolves,
+validates and reads each adapter with the thread's code (engine.lora.weights.read_adapter
+over the layout's LayoutShapes), building the staging buffer in a file in shared memory
+(/dev/shm). The engine's loader thread maps that file, copies it into one pinned buffer
+(CUDA) or plain memory and removes it: a few torch calls a load; the extras (bias terms, DoRA magnitudes, heads, embeddings) travel in a
 second file. Messages go over a socket pair as pickles of this package's own objects (the
 spec, the buffers' views); adapter files are read only in the child,
 with the same weights-only rules. Refusals come back as the same LoRAError; if the child dies
@@ -59,8 +59,8 @@ class _Files:
         self.made: list[str] = []
 
     def alloc(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A 1-D tensor over a new file of numel elements, its space reserved up front (a
-        full tmpfs would otherwise kill the process with SIGBUS at the first write)."""
+        """A 1-D tensor of zeros over a new file of numel elements, its space reserved up
+        front (a full tmpfs would otherwise kill the process with SIGBUS at the first write)."""
         nbytes = max(1, numel * torch.empty(0, dtype=dtype).element_size())
         for d in self.dirs:
             try:

@@ -64,9 +64,6 @@ class LoRAManager:
                  adapter_roots: tuple[str, ...] | None = None,
                  max_full_module_copies: int | None = None, memory_slots: int | None = None,
                  load_process: bool = False):
-        self.base_config, self.base_name = base_config, base_name
-        self.adapter_roots = adapter_roots  # None: local adapters may be anywhere
-        self.max_lora_rank, self.dtype = max_lora_rank, dtype
         self.pin_memory = device.type == "cuda"
         self.gpu = GPUSlotManager(model, max_loras, max_lora_rank, dtype, device, fold=fold,
                                   max_full_copies=max_full_module_copies,
@@ -81,7 +78,8 @@ class LoRAManager:
         self.pending: dict[int, tuple[LoRARequest, cf.Future]] = {}
         self.background_loads = 0
         self._unreported: list[tuple[LoRARequest, LoRAError]] = []
-        # what a load needs besides the request (engine.lora.weights.read_adapter)
+        # what a load needs besides the request (engine.lora.weights.read_adapter);
+        # adapter_roots None: local adapters may be anywhere
         self._read = {"adapter_roots": adapter_roots, "base_config": base_config,
                       "base_name": base_name, "max_lora_rank": max_lora_rank, "dtype": dtype,
                       "max_full_copies": self.gpu.max_full_copies}

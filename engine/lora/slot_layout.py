@@ -104,7 +104,7 @@ class LayoutShapes:
         transposed); ``raw``: the checkpoint's tensors by name. Returns {family: (A
         [num_layers, S, block, in], B [num_layers, N, block])} for the families the adapter
         touches (block: ``block_rows`` of its largest rank), in one (pinned) allocation (or
-        ``alloc(numel, dtype)``'s 1-D tensor), zero
+        ``alloc(numel, dtype)``'s zeroed 1-D tensor), zero
         where the adapter has no weights, B scaled. The modules of one slice and rank are
         stacked and written with a few tensor ops, not a few per module: a load runs in a
         background thread, and every torch call there waits for the GIL the engine's thread
@@ -113,12 +113,12 @@ class LayoutShapes:
         touched = sorted({self.slice_of[m][0] for _, m in spec.modules})
         rows = self.block_rows(max((r for _, _, r, _, _ in spec.modules.values()), default=1))
         sizes = [n for f in touched for n in self.numel(f, rows)]
-        if alloc is not None:   # the loader process's: a file in shared memory
+        if alloc is not None:   # the loader process's: a new file, zeros already
             flat = alloc(sum(sizes), dtype)
         else:
             with self.pin_lock:
                 flat = torch.empty(sum(sizes), dtype=dtype, pin_memory=pin_memory)
-        flat.zero_()  # plain host memory work, outside the lock
+            flat.zero_()  # plain host memory work, outside the lock
         out, start = {}, 0
         for f in touched:
             fam = self.families[f]

@@ -97,14 +97,17 @@ def rehome(spec: AdapterSpec, layout, src: torch.Tensor, views: dict, extras: Ad
         flat = torch.empty(src.numel(), dtype=src.dtype, pin_memory=pin_memory)
     flat.copy_(src)
     staged = {f: tuple(flat.as_strided(*v) for v in ab) for f, ab in views.items()}
+    if pin_memory:
+        pin_head(extras, layout)
+    return AdapterWeights(spec, StagedViews(spec, layout, staged), nbytes, staged, extras)
 
-    def head(t: torch.Tensor) -> torch.Tensor:
-        if not pin_memory:
-            return t
+
+def pin_head(extras: AdapterExtras, layout) -> None:
+    """Pin the extras' head (an lm_head or its LoRA: the large part, copied on every slot
+    write), under the layout's pin lock (no pinned allocation during a graph capture)."""
+    if extras.head is not None:
         with layout.pin_lock:
-            return t.pin_memory()
-    return AdapterWeights(spec, StagedViews(spec, layout, staged), nbytes, staged,
-                          extras.map(lambda t: t, head))
+            extras.head = (extras.head[0], *(t.pin_memory() for t in extras.head[1:]))
 
 
 def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: int,
@@ -114,7 +117,7 @@ def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: in
 
     ``layout`` (engine.lora.slot_layout.SlotLayout): also build the staging buffers of the
     GPU slot layout, zero-padded to its rank, in one (pinned) allocation (``alloc``: made by
-    ``alloc(numel, dtype)`` instead).
+    ``alloc(numel, dtype)`` instead, zeroed).
     """
     path = spec.weights_file
     try:
@@ -136,9 +139,8 @@ def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: in
     tensors, nbytes = {}, 0
     if layout is not None:
         extras = load_extras(spec, raw, layout)
-        if pin_memory and extras.head is not None:
-            with layout.pin_lock:  # the large part: an lm_head, copied on every slot write
-                extras.head = (extras.head[0], *(t.pin_memory() for t in extras.head[1:]))
+        if pin_memory:
+            pin_head(extras, layout)
         check_finite(spec, extras.tensors(), "bias, DoRA or embedding parts")
         staged = layout.stage(spec, raw, dtype, pin_memory, alloc)
         for f, ab in staged.items():

@@ -17,10 +17,10 @@ caller's ``__main__`` runs again, as it would under multiprocessing's spawn) res
 validates and reads each adapter with the thread's code (engine.lora.weights.read_adapter
 over the layout's LayoutShapes), building the staging buffer in a file in shared memory
 (/dev/shm). The engine's loader thread maps that file, copies it into one pinned buffer
-(CUDA) or plain memory and removes it: a few torch calls a load; the extras (bias terms, DoRA magnitudes, heads, embeddings) travel in a
-second file. Messages go over a socket pair as pickles of this package's own objects (the
-spec, the buffers' views); adapter files are read only in the child,
-with the same weights-only rules. Refusals come back as the same LoRAError; if the child dies
+(CUDA) or plain memory and removes it: a few torch calls a load; the extras (bias terms,
+DoRA magnitudes, heads, embeddings) travel in a second file. Messages go over a socket pair
+as pickles of this package's own objects (the spec, the buffers' views); adapter files are
+read only in the child, with the same weights-only rules. Refusals come back as the same LoRAError; if the child dies
 (a crash in a reader), the load in flight fails with a LoRAError naming the adapter and the
 next load starts a new child.
 """

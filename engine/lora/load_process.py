@@ -20,9 +20,9 @@ over the layout's LayoutShapes), building the staging buffer in a file in shared
 (CUDA) or plain memory and removes it: a few torch calls a load; the extras (bias terms,
 DoRA magnitudes, heads, embeddings) travel in a second file. Messages go over a socket pair
 as pickles of this package's own objects (the spec, the buffers' views); adapter files are
-read only in the child, with the same weights-only rules. Refusals come back as the same LoRAError; if the child dies
-(a crash in a reader), the load in flight fails with a LoRAError naming the adapter and the
-next load starts a new child.
+read only in the child, with the same weights-only rules. Refusals come back as the same
+LoRAError; if the child dies (a crash in a reader), the load in flight fails with a
+LoRAError naming the adapter and the next load starts a new child.
 """
 from __future__ import annotations
 

@@ -182,7 +182,9 @@ class JobOps:
                     found = self._adapter_rows(conn, list(by_tenant), {
                         s.adapter for specs in by_tenant.values() for s in specs})
                     rows, out = [], {}
-                    for tenant_id, specs in by_tenant.items():
+                    # in one order, so that two such submits take the tenants' quota locks
+                    # in the same order (no deadlock)
+                    for tenant_id, specs in sorted(by_tenant.items()):
                         out[tenant_id] = self._prepare(conn, tenant_id, specs, rows,
                                                        tenant=known.get(tenant_id, False),
                                                        adapter_rows=found)
@@ -233,6 +235,11 @@ class JobOps:
             q.jobs_by_keys(tenant_id, keys))}
 
     def _queued(self, conn, tenant_id: str) -> int:
+        """The tenant's queued jobs, for its quota: on PostgreSQL after taking the tenant's
+        quota lock, so that a concurrent submit counts this transaction's rows (it waits for
+        its commit) instead of the same count as this one."""
+        if conn.dialect.name == "postgresql":
+            conn.execute(q.quota_lock(tenant_id))
         return conn.execute(q.queued_jobs(tenant_id)).scalar_one()
 
     def _write(self, conn, rows: list[NewJob]) -> None:

@@ -147,6 +147,19 @@ def add_to_groups_sqlite(rows: list[dict]):
                 else_=G.c.oldest_enqueued_at)})
 
 
+# pg_advisory_xact_lock's first key for the quota lock ("Lorq"); the second is the tenant's hash
+QUOTA_LOCK_CLASS = 0x4C6F7271
+
+
+def quota_lock(tenant_id: str):
+    """PostgreSQL: hold, until the transaction ends, the lock that makes a tenant's quota
+    check and its new rows one step (submits of the tenant wait on one another; claims,
+    which take no such lock, do not wait). Not a row lock on the tenant: a claim updates
+    that row's fair-share counter while it holds its groups' rows, the order opposite to a
+    submit's, so a row lock could deadlock. SQLite's writers are serialized already."""
+    return select(func.pg_advisory_xact_lock(QUOTA_LOCK_CLASS, func.hashtext(tenant_id)))
+
+
 def queued_jobs(tenant_id: str):
     """The tenant's queued jobs (from the summary)."""
     return select(func.coalesce(func.sum(G.c.queued_count), 0)).where(G.c.tenant_id == tenant_id)

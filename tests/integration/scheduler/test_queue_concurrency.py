@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 from claim_procs import claim_then_hang, drain, drain_process
 
-from lorry.scheduler import JobSpec
+from lorry.scheduler import JobSpec, errors
 
 
 def _seed(queue, n: int) -> set[str]:
@@ -77,3 +77,60 @@ def test_killed_claimers_jobs_come_back_after_the_lease(make_queue, db_url):
     back = {j.id for mb in reaper.claim("survivor", [], [], free_slots=32) for j in mb.jobs}
     assert held <= back and len(back) == 8
     assert all(reaper.get_job(i).attempts == 2 for i in held)
+
+
+def test_a_submit_beside_an_open_batch_counts_its_jobs_against_the_quota(queue):
+    """A tenant's batch holds 60 of its 100 queued jobs in an open transaction while a submit
+    of 60 more runs: the submit waits for the batch and is refused, never both queued."""
+    tenant, _ = queue.create_tenant("small", max_queued=100)
+    holding, release = threading.Event(), threading.Event()
+
+    def chunks():
+        yield [JobSpec(None, prompt=f"b{i}", custom_id=f"b{i}") for i in range(60)], []
+        holding.set()
+        release.wait(10)
+
+    outcome: dict = {}
+
+    def submit():
+        try:
+            outcome["jobs"] = queue.submit(tenant.id, [JobSpec(None, prompt=f"s{i}")
+                                                       for i in range(60)])
+        except Exception as e:  # noqa: BLE001 - the test reads what it was
+            outcome["error"] = e
+
+    batch = threading.Thread(target=queue.ingest_batch, args=(tenant.id, chunks()))
+    batch.start()
+    assert holding.wait(10)
+    submitter = threading.Thread(target=submit)
+    submitter.start()
+    submitter.join(1.0)  # on PostgreSQL before the fix, the submit was done by now
+    release.set()
+    batch.join(30)
+    submitter.join(30)
+    assert isinstance(outcome.get("error"), errors.QuotaExceeded), outcome
+    assert (outcome["error"].queued, outcome["error"].requested) == (60, 60)
+    assert len(queue.list_jobs(tenant.id, limit=1000)) == 60
+
+
+def test_concurrent_submits_never_queue_past_the_quota(make_queue):
+    queue = make_queue(clock=None)
+    tenant, _ = queue.create_tenant("small", max_queued=5)
+    start = threading.Barrier(12)
+    results: list = []
+
+    def submit(i):
+        start.wait()
+        try:
+            results.append(queue.submit(tenant.id, JobSpec(None, prompt=str(i))))
+        except errors.QuotaExceeded as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 12
+    assert sum(isinstance(r, errors.QuotaExceeded) for r in results) == 7
+    assert len(queue.list_jobs(tenant.id)) == 5

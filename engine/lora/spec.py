@@ -146,15 +146,71 @@ def read_safetensors_header(path: Path) -> dict:
             if n > min(size - 8, 100_000_000):
                 raise ValueError(f"header length {n} exceeds the file size {size}")
             header = json.loads(f.read(n))
+    except RecursionError:
+        raise AdapterFormatError(f"corrupt safetensors file {path}: its header is nested too "
+                                 "deeply") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise AdapterFormatError(f"corrupt safetensors file {path}: {e}") from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"corrupt safetensors file {path}: its header is not a JSON "
+                                 "object")
     header.pop("__metadata__", None)
     for name, info in header.items():
-        start, end = info.get("data_offsets", (0, -1))
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+                and _int_list(info.get("shape")) and _int_list(info.get("data_offsets"))
+                and len(info["data_offsets"]) == 2):
+            raise AdapterFormatError(f"corrupt safetensors file {path}: tensor {name!r} has no "
+                                     "dtype, shape and data_offsets of the format's types")
+        start, end = info["data_offsets"]
         if not 0 <= start <= end <= size - 8 - n:
             raise AdapterFormatError(f"corrupt safetensors file {path}: tensor {name!r} "
                                      f"lies outside the file (truncated?)")
     return header
+
+
+def _int_list(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
+def _check_field_types(cfg: dict, path: Path) -> None:
+    """Refuse adapter_config.json fields of the wrong JSON type (PEFT writes these types), so
+    that what reads them later cannot fail with anything but a LoRAError."""
+    def refuse(key: str, wanted: str):
+        raise AdapterFormatError(f"adapter {path}: adapter_config.json {key}={cfg[key]!r:.200} "
+                                 f"must be {wanted}")
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key in ("target_modules", "modules_to_save"):  # PEFT: a regex or names; names
+        v = cfg.get(key)
+        if v is not None and not (isinstance(v, str) and key == "target_modules") and not (
+                isinstance(v, list) and all(isinstance(m, str) for m in v)):
+            refuse(key, "a list of module names" + (" or a pattern" if key == "target_modules"
+                                                    else ""))
+    if "lora_alpha" in cfg and not number(cfg["lora_alpha"]):
+        refuse("lora_alpha", "a number")
+    for key in ("rank_pattern", "alpha_pattern"):
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, dict):
+            refuse(key, "an object of module-name patterns")
+        for pattern, value in v.items():
+            if not (number(value) and (key == "alpha_pattern" or isinstance(value, int))):
+                refuse(key, "an object of module-name patterns to " + (
+                    "ranks (ints)" if key == "rank_pattern" else "numbers"))
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise AdapterFormatError(f"adapter {path}: adapter_config.json {key} key "
+                                         f"{pattern!r:.200} is not a regular expression: "
+                                         f"{e}") from None
+    for key in ("bias", "init_lora_weights", "peft_type"):
+        v = cfg.get(key)
+        if v is not None and not isinstance(v, (str, bool)):
+            refuse(key, "a string" if key != "init_lora_weights" else "a bool or a string")
 
 
 def _pattern_value(pattern: dict, name: str, default):
@@ -169,6 +225,7 @@ def _pattern_value(pattern: dict, name: str, default):
 
 def _check_config(cfg: dict, path: Path) -> None:
     """Refuse PEFT features the engine does not serve."""
+    _check_field_types(cfg, path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UnsupportedAdapterError(f"adapter {path}: peft_type={cfg.get('peft_type')!r} "
                                       "is not supported; only LORA adapters are")
@@ -225,6 +282,9 @@ def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | N
         cfg = json.loads(cfg_file.read_text())
         if not isinstance(cfg, dict):
             raise ValueError("not a JSON object")  # noqa: TRY004
+    except RecursionError:
+        raise AdapterFormatError(f"adapter {path}: adapter_config.json is nested too "
+                                 "deeply") from None
     except (OSError, ValueError) as e:
         raise AdapterFormatError(f"adapter {path}: adapter_config.json is unreadable: {e}") from None
     _check_config(cfg, path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -109,6 +110,21 @@ def test_adapters_the_engine_would_refuse(service, alice, roots, tiny_model, tmp
     (root / "empty").mkdir(exist_ok=True)
     refused(service, alice, "POST", "/v1/adapters", 422, "adapter refused",
             json={"name": "empty", "source": str(root / "empty")})
+    # a config a tenant wrote by hand: fields of the wrong type, a bad pattern, deep nesting
+    # (each was a 500 that also dropped the client's connection)
+    good_cfg = json.loads((root / "r32" / "adapter_config.json").read_text())
+    for name, cfg, words in (
+            ("tm-int", {**good_cfg, "target_modules": 123}, "target_modules=123"),
+            ("bad-pattern", {**good_cfg, "rank_pattern": {"[": 4}}, "not a regular expression"),
+            ("deep", None, "nested too deeply")):
+        bad = root / name
+        if not bad.exists():
+            shutil.copytree(root / "r32", bad)
+            (bad / "adapter_config.json").write_text(
+                json.dumps(cfg) if cfg else "[" * 100_000 + "]" * 100_000)
+        refused(service, alice, "POST", "/v1/adapters", 422, "adapter refused", words,
+                json={"name": name, "source": str(bad)})
+    assert alice.get("/v1/adapters").status_code == 200  # the connection was kept
 
 
 def test_jsonl_bad_lines_reported_per_line_good_lines_kept(service, alice):

@@ -109,6 +109,45 @@ def test_corrupt_files_are_refused(adapter, tiny_llama):
         _parse(adapter, tiny_llama)
 
 
+@pytest.mark.parametrize("changes, words", [
+    ({"target_modules": 123}, "target_modules=123 must be a list of module names or a"),
+    ({"target_modules": ["q_proj", 7]}, "target_modules=.* must be a list of module names"),
+    ({"modules_to_save": "lm_head"}, "modules_to_save='lm_head' must be a list of module"),
+    ({"modules_to_save": {"lm_head": 1}}, "modules_to_save=.* must be"),
+    ({"lora_alpha": "8"}, "lora_alpha='8' must be a number"),
+    ({"lora_alpha": True}, "lora_alpha=True must be a number"),
+    ({"rank_pattern": {"[": 4}}, "rank_pattern key '\\[' is not a regular expression"),
+    ({"rank_pattern": ["q_proj"]}, "rank_pattern=.* must be an object"),
+    ({"rank_pattern": {"q_proj": "4"}}, "rank_pattern=.* to ranks"),
+    ({"alpha_pattern": {"q_proj": [1]}}, "alpha_pattern=.* to numbers"),
+    ({"alpha_pattern": {"q_proj(": 1}}, "alpha_pattern key .* is not a regular expression"),
+    ({"bias": ["none"]}, "bias=.* must be a string"),
+    ({"init_lora_weights": {"x": 1}}, "init_lora_weights=.* must be a bool or a string"),
+])
+def test_config_fields_of_the_wrong_type_are_refused_by_name(adapter, tiny_llama, changes,
+                                                             words):
+    """Malformed fields are refused as the adapter's fault (the API answers 422), never a
+    TypeError or re.error from deeper in the checks (a 500 before)."""
+    _edit_config(adapter, **changes)
+    with pytest.raises(AdapterFormatError, match=words):
+        _parse(adapter, tiny_llama)
+
+
+def test_deeply_nested_or_odd_json_is_refused(adapter, tiny_llama):
+    (adapter / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AdapterFormatError, match="adapter_config.json is nested too deeply"):
+        _parse(adapter, tiny_llama)
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 4, "target_modules": ["q_proj"]}))
+    weights = adapter / "adapter_model.safetensors"
+    for header in (b"[" * 50_000 + b"]" * 50_000, b"[1, 2]",
+                   json.dumps({"x": {"dtype": "F32", "shape": "4", "data_offsets": [0, 0]}}).encode(),
+                   json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0]}}).encode(),
+                   json.dumps({"x": [1]}).encode()):
+        weights.write_bytes(len(header).to_bytes(8, "little") + header)
+        with pytest.raises(AdapterFormatError, match="corrupt safetensors"):
+            _parse(adapter, tiny_llama)
+
+
 def test_bin_adapter_is_loaded_without_unpickling_objects(adapter, tiny_llama, tmp_path):
     import pickle
 

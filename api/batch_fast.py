@@ -10,7 +10,16 @@ from typing import Any, NamedTuple
 from annotated_types import Ge, Gt, Le, Lt, MaxLen
 
 from lorry.api.json_check import is_text
-from lorry.api.schemas import MAX_TOP_LOGPROBS, NAME_PATTERN, Message, OpenAIOptions
+from lorry.api.schemas import (
+    MAX_CONTENT_CHARS,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    MAX_TOP_LOGPROBS,
+    MAX_USER_CHARS,
+    NAME_PATTERN,
+    Message,
+    OpenAIOptions,
+)
 
 
 class ParsedLine(NamedTuple):
@@ -66,9 +75,7 @@ def _max_length(model, name: str) -> int:
                 if isinstance(m, MaxLen))
 
 
-_MAX_CONTENT = _max_length(Message, "content")
-_MAX_USER, _MAX_STOPS, _MAX_STOP_IDS = (_max_length(OpenAIOptions, n) for n in (
-    "user", "stop", "stop_token_ids"))
+_MAX_STOP_IDS = _max_length(OpenAIOptions, "stop_token_ids")
 
 
 def _text(value: Any, longest: int | None, shortest: int = 0) -> bool:
@@ -99,12 +106,12 @@ def _option(name: str, value: Any) -> Any:
             return value
         return _NO
     if name == "user":
-        return value if _text(value, _MAX_USER) else _NO
+        return value if _text(value, MAX_USER_CHARS) else _NO
     if name == "stop":
         if type(value) is str:
-            return value if _text(value, _MAX_STOPS) else _NO
-        if type(value) is list and len(value) <= _MAX_STOPS and all(
-                _text(s, None) for s in value):
+            return value if _text(value, MAX_STOP_CHARS, 1) else _NO
+        if type(value) is list and len(value) <= MAX_STOPS and all(
+                _text(s, MAX_STOP_CHARS, 1) for s in value):
             return value
         return _NO
     if name == "stop_token_ids":
@@ -126,7 +133,7 @@ def _messages(value: Any) -> list[dict[str, str]] | None:
         if type(m) is not dict or len(m) != 2:
             return None
         role, content = m.get("role"), m.get("content")
-        if type(role) is not str or role not in _ROLES or not _text(content, _MAX_CONTENT):
+        if type(role) is not str or role not in _ROLES or not _text(content, MAX_CONTENT_CHARS):
             return None
         out.append({"role": role, "content": content})
     return out

@@ -19,7 +19,8 @@ from lorry.api.batch_fast import (
 )
 from lorry.api.json_check import check_json
 from lorry.api.prompt_length import too_long_messages
-from lorry.api.schemas import NAME_PATTERN, Message, OpenAIOptions, Text
+from lorry.api.errors import field_errors, loc_text
+from lorry.api.schemas import NAME_PATTERN, ChatMessage, OpenAIOptions, Text
 from lorry.scheduler.types import JobSpec, LineError
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -29,7 +30,7 @@ class RequestBody(OpenAIOptions):
     """The ``body`` of one batch line: an OpenAI chat or text completion request."""
 
     model: str = Field(pattern=NAME_PATTERN)
-    messages: list[Message] | None = Field(None, min_length=MESSAGES_LENGTH[0],
+    messages: list[ChatMessage] | None = Field(None, min_length=MESSAGES_LENGTH[0],
                                            max_length=MESSAGES_LENGTH[1])
     prompt: Text | None = Field(None, min_length=PROMPT_LENGTH[0], max_length=PROMPT_LENGTH[1])
     stream: Literal[False] | None = None
@@ -77,12 +78,13 @@ def sampling_of(body: RequestBody) -> dict[str, Any]:
 
 
 def _describe(err: ValidationError) -> tuple[str, str]:
-    first = err.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"])
+    items = field_errors(list(err.errors()))
+    first = items[0]
+    loc = loc_text(first["loc"], request=False)
     value = first.get("input")
     shown = json.dumps(value)[:80] if isinstance(value, (str, int, float, bool)) else None
-    msg = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'line'}: {e['msg']}"
-                    for e in err.errors()[:3])
+    msg = "; ".join(f"{loc_text(e['loc'], request=False) or 'line'}: {e['msg']}"
+                    for e in items[:3])
     if shown is not None:
         msg += f" (got {shown})"
     return msg, loc
@@ -150,7 +152,7 @@ def read_line_with_pydantic(number: int, raw: bytes) -> ParsedLine | LineError:
         return line
     body = line.body
     return ParsedLine(line.custom_id, line.url, body.model, body.prompt,
-                      [{"role": m.role, "content": m.content} for m in body.messages]
+                      [m.plain() for m in body.messages]
                       if body.messages else None, sampling_of(body))
 
 

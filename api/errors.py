@@ -104,18 +104,51 @@ def _shown(value: Any) -> str | None:
     return None
 
 
-def _loc(loc: tuple | list) -> str:
-    """``("body", "sampling", "stop", 0)`` -> ``sampling.stop[0]``; query/path: the name."""
-    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else list(loc)
+def loc_text(loc: tuple | list, request: bool = True) -> str:
+    """``("body", "sampling", "stop", 0)`` -> ``sampling.stop[0]``; query/path: the name
+    (``request`` False: a loc inside a model of its own, e.g. a batch line, taken whole)."""
+    parts = list(loc[1:]) if request and loc and loc[0] in ("body", "query", "path",
+                                                            "header") else list(loc)
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out
 
 
+# pydantic's names of a union's members in a loc ("function-after[_storable(), str]",
+# "list[...]", "constrained-str"): schema internals, not request fields
+_MEMBER_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "constrained-str",
+                          "constrained-int", "constrained-float", "constrained-list"})
+
+
+def _member_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part in _MEMBER_TAGS or (
+        "[" in part and part.endswith("]") and not part.startswith("[")))
+
+
+def field_errors(items: list[dict]) -> list[dict]:
+    """pydantic's errors with the union members' tags taken out of each loc; where an input
+    failed every member of a union, a member's "not of my type" error goes when another
+    member took the input and refused it deeper or for another reason (a list of 17 stop
+    strings: "at most 16 items", not also "not a valid string")."""
+    out = []
+    for e in items:
+        loc = tuple(e.get("loc", ()))
+        clean = tuple(p for p in loc if not _member_tag(p))
+        out.append(({**e, "loc": clean}, clean != loc))
+
+    def wrong_type(e: dict) -> bool:
+        return str(e.get("type", "")).endswith("_type")
+
+    kept = [e for e, member in out if not (member and wrong_type(e) and any(
+        o is not e and o["loc"][:len(e["loc"])] == e["loc"]
+        and not (o["loc"] == e["loc"] and wrong_type(o)) for o, _ in out))]
+    return kept or [e for e, _ in out]
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None, str | None]:
     """(message, param, code) of FastAPI's validation errors: each field with its reason."""
-    items = exc.errors()
+    items = field_errors(list(exc.errors()))
     parts = []
     for e in items[:5]:
         if e.get("type") == "json_invalid":
@@ -123,7 +156,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None, st
             at = e["loc"][1] if len(e.get("loc", ())) > 1 else "?"
             parts.append(f"the body is not valid JSON: {reason} (at character {at})")
             continue
-        where = _loc(e.get("loc", ())) or "body"
+        where = loc_text(e.get("loc", ())) or "body"
         text = f"{where}: {e.get('msg')}"
         shown = _shown(e.get("input"))
         if shown is not None and e.get("type") != "missing":
@@ -132,7 +165,8 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None, st
     if len(items) > 5:
         parts.append(f"and {len(items) - 5} more")
     first = items[0] if items else {}
-    param = None if first.get("type") == "json_invalid" else (_loc(first.get("loc", ())) or None)
+    param = None if first.get("type") == "json_invalid" else (
+        loc_text(first.get("loc", ())) or None)
     return "; ".join(parts) or "invalid request", param, first.get("type")
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # job_<hex>, batch_<hex>: nothing else is looked up
@@ -34,9 +41,24 @@ def is_id(value: str) -> bool:
 Text = Annotated[str, AfterValidator(_storable)]  # text the job table stores and returns
 
 
+def text(min_length: int | None = None, max_length: int | None = None):
+    """Text of that many characters. (A Field's length bounds on ``Text | None`` would be
+    checked as a generic length: "at most N items" where characters are meant.)"""
+    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length),
+                     AfterValidator(_storable)]
+
+
+MAX_STOPS, MAX_STOP_CHARS = 16, 1000        # stop strings a request, characters a string
+MAX_CONTENT_CHARS = 200_000                 # a prompt, a chat message's content
+MAX_USER_CHARS = 256
+StopText = text(1, MAX_STOP_CHARS)
+Stops = StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None
+
+
 class Strict(BaseModel):
-    # NaN and infinities are refused in every float (JSON cannot carry them back).
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # NaN and infinities are refused in every float (JSON cannot carry them back); strict:
+    # true is no 1 and "5" no 5 (an int is still a float)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class Sampling(Strict):
@@ -47,7 +69,7 @@ class Sampling(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, le=100_000)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: Text | list[Text] | None = Field(None, max_length=16)
+    stop: Stops = None
     stop_token_ids: list[int] | None = Field(None, max_length=64)
     ignore_eos: bool = False
 
@@ -63,21 +85,21 @@ class Sampling(Strict):
 
 class Message(Strict):
     role: Literal["system", "user", "assistant"]
-    content: Text = Field(max_length=200_000)
+    content: text(max_length=MAX_CONTENT_CHARS)
 
 
 class JobCreate(Strict):
     """One generation job: a prompt or chat messages, an adapter (None = base model)."""
 
     adapter: str | None = Field(None, pattern=NAME_PATTERN)
-    prompt: Text | None = Field(None, min_length=1, max_length=200_000)
+    prompt: text(1, MAX_CONTENT_CHARS) | None = None
     messages: list[Message] | None = Field(None, min_length=1, max_length=256)
     sampling: Sampling = Sampling()
     priority: int = Field(0, ge=-100, le=100, description="higher runs first")
     max_attempts: int = Field(3, ge=1, le=10)
     deadline_seconds: float | None = Field(None, gt=0, le=30 * 86400,
                                            description="expire if not finished within this")
-    idempotency_key: Text | None = Field(None, min_length=1, max_length=200)
+    idempotency_key: text(1, 200) | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -132,7 +154,7 @@ class AdapterCreate(Strict):
 
     name: str = Field(pattern=NAME_PATTERN)
     source: Text = Field(min_length=1, max_length=1024)
-    revision: Text | None = Field(None, min_length=1, max_length=200)
+    revision: text(1, 200) | None = None
 
 
 class AdapterOut(BaseModel):
@@ -270,14 +292,14 @@ class OpenAIOptions(BaseModel):
     """The sampling fields of OpenAI's chat and text completion requests (plus vLLM's
     ``top_k``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)  # as Strict's
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=100_000)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: Text | list[Text] | None = Field(None, max_length=16)
+    stop: Stops = None
     stop_token_ids: list[int] | None = Field(None, max_length=64)
     ignore_eos: bool | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -288,7 +310,8 @@ class OpenAIOptions(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                      description="chat: top tokens per position (needs logprobs)")
     n: int | None = Field(None, ge=1, le=128, description="only 1 is supported")
-    user: Text | None = Field(None, max_length=256, description="accepted and ignored")
+    user: text(max_length=MAX_USER_CHARS) | None = Field(None,
+                                                          description="accepted and ignored")
     response_format: ResponseFormat | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -323,7 +346,10 @@ class OpenAIOptions(BaseModel):
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: Text = Field(max_length=200_000)
+    text: text(max_length=MAX_CONTENT_CHARS)
+
+
+MAX_PARTS = 1000  # text parts of one message
 
 
 class ChatMessage(Strict):
@@ -331,7 +357,8 @@ class ChatMessage(Strict):
 
     model_config = ConfigDict(extra="ignore")  # name, tool_call_id, ... are not used
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart] = Field(max_length=200_000)
+    content: text(max_length=MAX_CONTENT_CHARS) | Annotated[
+        list[TextPart], Field(min_length=1, max_length=MAX_PARTS)]
 
     def plain(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else \
@@ -356,7 +383,7 @@ class CompletionRequest(OpenAIOptions):
     """OpenAI's (legacy) text completion request; ``model`` as for chat."""
 
     model: str = Field(pattern=NAME_PATTERN)
-    prompt: Text = Field(min_length=1, max_length=200_000)
+    prompt: text(1, MAX_CONTENT_CHARS)
     stream: bool = False
     stream_options: StreamOptions | None = None
 

@@ -49,12 +49,32 @@ def line(custom_id: str, **body) -> dict:
     (b'{"prompt": "x", "sampling": {"top_p": -Infinity}}', None),
     (b'{"prompt": "x", "sampling": {"temperature": 1e999}}', "sampling.temperature"),
     (b'{"prompt": "x", "sampling": {"top_p": 1e999}}', "sampling.top_p"),
-    (b'{"prompt": "x", "deadline_seconds": 1e999}', "deadline_seconds"),
-    (b'{"prompt": "x", "sampling": {"temperature": "NaN"}}', "sampling.temperature")])
+    (b'{"prompt": "x", "deadline_seconds": 1e999}', "deadline_seconds")])
 def test_non_finite_numbers_are_422(service, alice, raw, param):
     err = refused_raw(service, alice, "/v1/jobs", raw)
     assert err["type"] == "invalid_request_error" and err["param"] == param
     assert "finite" in err["message"], err
+
+
+@pytest.mark.parametrize("raw, param, code", [
+    (b'{"prompt": "x", "sampling": {"temperature": "NaN"}}', "sampling.temperature",
+     "float_type"),
+    (b'{"prompt": "x", "sampling": {"max_tokens": true}}', "sampling.max_tokens", "int_type"),
+    (b'{"prompt": "x", "sampling": {"max_tokens": "5"}}', "sampling.max_tokens", "int_type"),
+    (b'{"prompt": "x", "sampling": {"temperature": false}}', "sampling.temperature",
+     "float_type"),
+    (b'{"prompt": "x", "priority": "1"}', "priority", "int_type"),
+    (b'{"prompt": "x", "sampling": {"ignore_eos": 1}}', "sampling.ignore_eos", "bool_type")])
+def test_numbers_and_booleans_of_another_json_type_are_422(service, alice, raw, param, code):
+    """true is no 1 and "5" no 5 (before, both were quietly converted); an int is a float."""
+    err = refused_raw(service, alice, "/v1/jobs", raw)
+    assert (err["param"], err["code"]) == (param, code), err
+
+
+def test_an_int_is_still_a_float(alice):
+    r = alice.post("/v1/jobs", json={"prompt": "x", "sampling": {"temperature": 1, "top_p": 1}})
+    assert r.status_code == 201, r.text
+    assert r.json()["sampling"]["temperature"] == 1.0
 
 
 @pytest.mark.parametrize("body, param", [
@@ -228,3 +248,71 @@ def test_openapi_documents_the_error_shape(service, alice):
             schema = responses[status]["content"]["application/json"]["schema"]
             assert schema == {"$ref": ref}, (path, status, schema)
     assert set(spec["components"]["schemas"]["ErrorDetail"]["properties"]) >= SHAPE
+
+
+def test_one_long_stop_string_is_one_stop_not_many(service, roomy):
+    """A stop string of 17+ characters was refused as "at most 16 items"; the 16 counts
+    strings in a list, and a string has its own limit, in characters."""
+    alice = roomy
+    marker = "### End of answer"
+    r = alice.post("/v1/jobs", json={"prompt": "x", "sampling": {"stop": marker}})
+    assert r.status_code == 201, r.text
+    assert r.json()["sampling"]["stop"] == marker
+    from lorry.api.schemas import ChatCompletionRequest
+    assert ChatCompletionRequest.model_validate(
+        {"model": "base", "messages": [{"role": "user", "content": "x"}], "stop": marker}
+    ).sampling()["stop"] == marker
+    err = refused_raw(service, alice, "/v1/jobs", json.dumps(
+        {"prompt": "x", "sampling": {"stop": [f"s{i}" for i in range(17)]}}).encode())
+    assert err["param"] == "sampling.stop" and "at most 16 items" in err["message"], err
+    err = refused_raw(service, alice, "/v1/jobs", json.dumps(
+        {"prompt": "x", "sampling": {"stop": "x" * 1001}}).encode())
+    assert err["param"] == "sampling.stop" and "1000 characters" in err["message"], err
+    err = refused_raw(service, alice, "/v1/chat/completions", json.dumps(
+        {"model": "base", "messages": [{"role": "user", "content": "x"}],
+         "user": "u" * 300}).encode())
+    assert err["param"] == "user" and "256 characters" in err["message"], err
+    # batch lines: the fast path and pydantic's agree
+    lines = [json.dumps(line("long", stop=marker)), json.dumps(line("list", stop=[marker] * 2)),
+             json.dumps(line("odd", stop=marker, user=None)),
+             json.dumps(line("too-long", stop="x" * 1001)),
+             json.dumps(line("empty", stop=""))]
+    r = alice.post("/v1/batches", content="\n".join(lines).encode(),
+                   headers={"Content-Type": "application/jsonl"})
+    assert r.status_code == 201, r.text
+    assert [(e["line"], e["param"]) for e in r.json()["errors"]["data"]] == [
+        (4, "body.stop"), (5, "body.stop")]
+    jobs = alice.get("/v1/jobs", params={"batch_id": r.json()["id"]}).json()["data"]
+    assert {j["custom_id"]: j["sampling"]["stop"] for j in jobs} == {
+        "long": marker, "list": [marker] * 2, "odd": marker}
+
+
+def test_param_names_the_request_field_not_the_schema(service, alice):
+    """A union's member tags ("function-after[_storable(), str]") stay out of ``param``."""
+    chat = {"model": "base", "messages": [{"role": "user", "content": 5}]}
+    err = refused_raw(service, alice, "/v1/chat/completions", json.dumps(chat).encode())
+    assert err["param"] == "messages[0].content", err
+    assert "function-after" not in err["message"], err
+    chat["messages"][0]["content"] = [{"type": "image_url", "image_url": {"url": "x"}}]
+    err = refused_raw(service, alice, "/v1/chat/completions", json.dumps(chat).encode())
+    assert err["param"] == "messages[0].content[0].type", err
+
+
+def test_batch_lines_take_the_chat_routes_messages(service, roomy):
+    """developer messages and text parts, as the chat route takes them (refused before)."""
+    alice = roomy
+    chat = {"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "base", "max_tokens": 2, "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hel"},
+                                             {"type": "text", "text": "lo"}]}]}}
+    bad = {**chat, "custom_id": "c2", "body": {**chat["body"], "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}}
+    r = alice.post("/v1/batches", content="\n".join([json.dumps(chat), json.dumps(bad)]),
+                   headers={"Content-Type": "application/jsonl"})
+    assert r.status_code == 201, r.text
+    assert [(e["line"], e["param"]) for e in r.json()["errors"]["data"]] == [
+        (2, "body.messages[0].content[0].type")]
+    job, = alice.get("/v1/jobs", params={"batch_id": r.json()["id"]}).json()["data"]
+    assert job["messages"] == [{"role": "system", "content": "be brief"},
+                               {"role": "user", "content": "hello"}]

@@ -72,6 +72,13 @@ def base_model_name(settings) -> str:
     return PurePath(settings.model.rstrip("/")).name
 
 
+def names_the_base(name: str, settings) -> bool:
+    """Whether a model name means the base model on the OpenAI routes and in batch lines
+    ("base" or the base model's directory name): an adapter of that name could not be
+    reached there, so none is registered under it."""
+    return name in BASE_ALIASES or name == base_model_name(settings)
+
+
 def sampling_of(body: RequestBody) -> dict[str, Any]:
     """The job's sampling dict (engine names) from an OpenAI body; absent keys are left out."""
     return body.sampling()

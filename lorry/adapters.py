@@ -29,9 +29,13 @@ def register_shared(queue, settings, name: str, source: str, revision: str | Non
     registered as given and validated by the worker when it loads them.
     Raises ``engine.errors.LoRAError`` (or ValueError) naming the problem.
     """
+    from lorry.api.batch_input import names_the_base
     from lorry.engine.lora.sources import LOCAL, check_source
     from lorry.engine.lora.spec import parse_adapter, read_base_config
 
+    if names_the_base(name, settings):
+        raise ValueError(f"{name!r} names the base model on the OpenAI routes and in batch "
+                         "lines (model=...); choose another adapter name")
     src = check_source(operator_source(source), revision=revision,
                        roots=settings.adapter_roots)
     rank, source = None, src.location

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request
 
+from lorry.api.batch_input import names_the_base
 from lorry.api.convert import adapter_out
 from lorry.api.deps import get_queue, get_settings, get_tenant
 from lorry.api.errors import ApiError
@@ -50,6 +51,10 @@ def validate_local(path: str, request: Request, settings) -> int:
 @router.post("", response_model=AdapterOut, status_code=201, summary="Register an adapter")
 def add_adapter(body: AdapterCreate, request: Request, tenant=Depends(get_tenant),
                 queue=Depends(get_queue), settings=Depends(get_settings)):
+    if names_the_base(body.name, settings):
+        raise ApiError(422, f"{body.name!r} names the base model on the OpenAI routes and in "
+                            "batch lines (model=...); choose another adapter name",
+                       code="reserved_name", param="name")
     existing = queue.get_adapter(body.name, tenant.id)
     if existing is not None and existing.tenant_id == tenant.id:
         raise ApiError(409, f"adapter {body.name!r} is already registered; delete it first",

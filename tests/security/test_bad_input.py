@@ -95,6 +95,22 @@ def test_adapter_paths_outside_the_roots(service, alice, roots):
             json={"name": "x", "source": "../elsewhere"})
 
 
+def test_adapter_names_that_mean_the_base_model_are_refused(service, alice, roots):
+    """model="base" (or the base's own name) runs the base model on the OpenAI routes and in
+    batch lines, so an adapter of that name could never be reached there."""
+    from pathlib import Path
+
+    from lorry.adapters import register_shared
+
+    _app, queue, settings, _url = service
+    for name in ("base", Path(settings.model).name):
+        refused(service, alice, "POST", "/v1/adapters", 422, "names the base model",
+                "reserved_name", json={"name": name, "source": str(roots[0] / "good")})
+    with pytest.raises(ValueError, match="names the base model"):
+        register_shared(queue, settings, "base", str(roots[0] / "good"))
+    assert queue.list_adapters(alice.tenant.id) == []
+
+
 def test_adapters_the_engine_would_refuse(service, alice, roots, tiny_model, tmp_path):
     from lorry.testing import make_peft_adapter, make_tiny_llama
 

@@ -62,7 +62,10 @@ def convert(exc: BaseException) -> errors.QueueError | None:
         return errors.DuplicateKey()
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return _logged(exc, errors.ConnectionLost())
-    if isinstance(exc, OUTAGES):
+    if isinstance(exc, OUTAGES) or type(driver) is sqlite3.DatabaseError:
+        # (the latter: SQLite's "file is not a database" / "database disk image is
+        # malformed": the file cannot be read, as an outage; its subclasses, integrity and
+        # programming errors, stay bugs or refusals)
         return _logged(exc, errors.Unavailable())
     return None
 

@@ -181,3 +181,24 @@ def test_batch_limits_and_duplicates(service, alice):
             content=b"garbage\n{]\n")
     refused(service, alice, "POST", "/v1/batches", 422, "completion_window",
             content=jsonl(1).encode(), params={"completion_window": "forever"})
+
+
+def test_an_unreadable_sqlite_file_is_503_and_readyz_shows_no_sql(service, alice, caplog):
+    """A database file overwritten with other bytes: every route answers 503 with
+    Retry-After (a 500 before), and the unauthenticated /readyz says so without the driver's
+    message (which held the SQL and the file's errors); the cause goes to the log."""
+    import os
+    from pathlib import Path
+
+    path = Path(service[3].removeprefix("sqlite:///"))
+    assert alice.get("/v1/jobs").status_code == 200
+    path.write_bytes(os.urandom(300_000))
+    service[1].engine.dispose()  # as a server started on that file: no connection open on it
+    for route in ("/v1/jobs", "/v1/batches", "/v1/files", "/v1/adapters"):
+        r = alice.get(route)
+        assert r.status_code == 503, (route, r.text)
+        assert r.headers.get("Retry-After") and set(r.json()) == {"error"}
+    ready = alice.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {"status": "unavailable", "database": "not answering"}
+    assert "SELECT" not in ready.text and "sqlite" not in ready.text.lower()

@@ -102,9 +102,11 @@ async def _answer(request, body, tenant, queue, settings, *, chat, prompt, messa
         raise ApiError(400, problem[0], code="unsupported_value", param=problem[1])
     adapter = await run_sync(resolve_model, queue, tenant, settings, body.model)
     sampling = body.sampling()
-    check_prompt_length(settings, prompt, [m["content"] for m in messages] if messages else None,
-                        sampling.get("max_tokens"), "max_completion_tokens"
-                        if body.max_completion_tokens else "max_tokens")
+    # tokenizing a long prompt takes a while: off the event loop, as the queue's calls
+    await run_sync(check_prompt_length, settings, prompt,
+                   [m["content"] for m in messages] if messages else None,
+                   sampling.get("max_tokens"), "max_completion_tokens"
+                   if body.max_completion_tokens else "max_tokens")
     spec = JobSpec(adapter=adapter, prompt=prompt, messages=messages, sampling={
         **sampling, **({"stream": True} if body.stream else {})},
         priority=INTERACTIVE_PRIORITY)

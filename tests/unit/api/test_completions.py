@@ -303,3 +303,31 @@ def test_a_stream_whose_adapter_cannot_be_loaded_ends_with_the_error_event(servi
     err = json.loads(events[-1].removeprefix("data: "))["error"]
     assert err["code"] == "adapter_unloadable" and "'a' cannot be loaded: gone" in err["message"]
     assert not any('"finish_reason": "error"' in e for e in events)
+
+
+def test_the_prompt_is_tokenized_off_the_event_loop(tenant_a, monkeypatch):
+    """Counting a long prompt's tokens takes a while (~0.1 s for 200,000 characters): in
+    the handler itself it stalled every other request of the server (/healthz went from ~5 to
+    ~325 ms beside four such prompts)."""
+    import asyncio
+
+    from lorry.api.errors import ApiError
+    from lorry.api.routes import completions
+
+    seen = []
+
+    def check(*args):
+        try:
+            asyncio.get_running_loop()
+            seen.append("on the event loop")
+        except RuntimeError:
+            seen.append("in a worker thread")
+        raise ApiError(400, "checked", code="checked")
+
+    monkeypatch.setattr(completions, "check_prompt_length", check)
+    for route, body in (("/v1/completions", {"prompt": "x"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user",
+                                                                 "content": "x"}]})):
+        r = tenant_a.post(route, json={"model": "base", **body})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "checked", r.text
+    assert seen == ["in a worker thread"] * 2

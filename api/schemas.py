@@ -10,6 +10,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 
@@ -207,6 +208,19 @@ class BatchOut(BaseModel):
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 
+METADATA_RULE = ("metadata must be a JSON object of at most 16 keys of at most 64 characters "
+                 "(none starting with 'lorry_', which Lorry keeps for itself) with string "
+                 "values of at most 512 characters")
+
+
+def metadata_ok(meta: Any) -> bool:
+    """Whether a batch's metadata keeps METADATA_RULE (OpenAI's limits, one reserved prefix:
+    older batches stored Lorry's own entries there, which are never shown)."""
+    return isinstance(meta, dict) and len(meta) <= 16 and all(
+        isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
+        and not k.startswith("lorry_") for k, v in meta.items())
+
+
 class BatchCreate(Strict):
     """OpenAI's batch creation body: the uploaded JSONL file (purpose "batch") and the one
     endpoint all its lines use."""
@@ -216,13 +230,12 @@ class BatchCreate(Strict):
     completion_window: str = Field("24h", pattern=r"^[1-9][0-9]{0,3}h$")
     metadata: dict[str, Text] | None = Field(None, max_length=16)
 
-    @model_validator(mode="after")
-    def _metadata_values(self):
-        for key, value in (self.metadata or {}).items():
-            if len(key) > 64 or len(value) > 512:
-                raise ValueError("metadata keys are at most 64 and values at most 512 "
-                                 "characters")
-        return self
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_values(cls, value):
+        if value is not None and not metadata_ok(value):
+            raise ValueError(METADATA_RULE)
+        return value
 
 
 class BatchList(BaseModel):

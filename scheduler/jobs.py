@@ -1,6 +1,7 @@
 """Submitting, reading, listing and cancelling jobs (JobQueue mixin)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -126,7 +127,7 @@ def new_rows(tenant_id: str, specs: list[JobSpec], adapters: dict, existing: dic
         key = s.idempotency_key
         if key is not None:
             if key in existing:
-                out.append(existing[key])
+                out.append(dataclasses.replace(existing[key], replayed=True))
                 continue
             if key in by_key:
                 out.append(by_key[key])  # the same key twice in one request

@@ -126,6 +126,8 @@ class JobInfo:
     cancel_requested: bool = False
     error: str | None = None
     result: Result | None = None
+    # submit(): True where an idempotency key returned a job queued before this call
+    replayed: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,17 @@ from lorry.api.deps import get_queue, get_settings, get_tenant, nudge
 from lorry.api.errors import ApiError, responses
 from lorry.api.json_check import check_json
 from lorry.api.routes.files import IDEMPOTENCY_KEY, no_file
-from lorry.api.schemas import BatchCreate, BatchList, BatchOut, is_id
+from lorry.api.schemas import (
+    METADATA_RULE,
+    BatchCreate,
+    BatchList,
+    BatchOut,
+    is_id,
+    metadata_ok,
+)
 from lorry.api.upload import CHUNK, file_lines, spool_lines, spooled_lines
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
-METADATA_RULE = ("metadata must be a JSON object of at most 16 string values of at most 512 "
-                 "characters")
 
 
 def parse_metadata(raw: str | None) -> dict[str, str]:
@@ -45,9 +50,7 @@ def parse_metadata(raw: str | None) -> dict[str, str]:
     except ValueError as e:
         raise ApiError(422, f"metadata is not valid JSON: {e}", code="invalid_json",
                        param="metadata") from None
-    if not isinstance(meta, dict) or len(meta) > 16 or not all(
-            isinstance(k, str) and isinstance(v, str) and len(v) <= 512
-            for k, v in meta.items()):
+    if not metadata_ok(meta):
         raise ApiError(422, METADATA_RULE, code="invalid_metadata", param="metadata")
     return meta
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from lorry.api.convert import job_out
 from lorry.api.deps import get_queue, get_settings, get_tenant, nudge
@@ -38,16 +38,22 @@ def spec_of(body: JobCreate):
 
 
 @router.post("", response_model=JobOut, status_code=201, summary="Submit a generation job",
-             responses=responses(413, 429))
-def submit_job(body: JobCreate, request: Request, tenant=Depends(get_tenant),
-               queue=Depends(get_queue), settings=Depends(get_settings)):
+             responses={**responses(413, 429), 200: {
+                 "model": JobOut, "description": "the job an earlier submit with this "
+                 "idempotency_key queued (nothing new is queued)"}})
+def submit_job(body: JobCreate, request: Request, response: Response,
+               tenant=Depends(get_tenant), queue=Depends(get_queue),
+               settings=Depends(get_settings)):
     check_adapter(queue, tenant, body.adapter)
     check_prompt_length(settings, body.prompt,
                         [m.content for m in body.messages] if body.messages else None,
                         body.sampling.max_tokens if "max_tokens" in body.sampling.model_fields_set
                         else None, "sampling.max_tokens")
     [info] = queue.submit(tenant.id, [spec_of(body)])
-    nudge(request, 1)
+    if info.replayed:  # as files and batches answer a repeat
+        response.status_code = 200
+    else:
+        nudge(request, 1)
     return job_out(info)
 
 

@@ -316,3 +316,23 @@ def test_batch_lines_take_the_chat_routes_messages(service, roomy):
     job, = alice.get("/v1/jobs", params={"batch_id": r.json()["id"]}).json()["data"]
     assert job["messages"] == [{"role": "system", "content": "be brief"},
                                {"role": "user", "content": "hello"}]
+
+
+def test_batch_metadata_keys_have_one_rule_on_both_routes(service, alice):
+    """Keys over 64 characters were refused by the SDK's route only, and keys starting with
+    lorry_ were stored and then never shown: both routes now refuse both, naming the rule."""
+    good = json.dumps(line("a")).encode()
+    upload = alice.post("/v1/files", files={"file": ("in.jsonl", good)},
+                        data={"purpose": "batch"})
+    assert upload.status_code in (200, 201), upload.text
+    for meta in ({"k" * 65: "v"}, {"lorry_endpoint": "mine"}, {"lorry_x": "1"}):
+        err = refused_raw(service, alice, "/v1/batches", good, params={
+            "metadata": json.dumps(meta)}, headers={"Content-Type": "application/jsonl"})
+        assert err["param"] == "metadata" and "lorry_" in err["message"], err
+        err = refused_raw(service, alice, "/v1/batches", json.dumps({
+            "input_file_id": upload.json()["id"], "endpoint": "/v1/completions",
+            "metadata": meta}).encode())
+        assert err["param"] == "metadata" and "lorry_" in err["message"], err
+    r = alice.post("/v1/batches", content=good, params={"metadata": json.dumps(
+        {"k" * 64: "v", "team": "x"})}, headers={"Content-Type": "application/jsonl"})
+    assert r.status_code == 201 and r.json()["metadata"] == {"k" * 64: "v", "team": "x"}

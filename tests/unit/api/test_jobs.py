@@ -22,9 +22,13 @@ def test_submit_read_and_result(service, tenant_a):
 
 def test_chat_messages_and_idempotency_key(tenant_a):
     body = {"messages": [{"role": "user", "content": "hi"}], "idempotency_key": "k1"}
-    first = tenant_a.post("/v1/jobs", json=body).json()
-    again = tenant_a.post("/v1/jobs", json=body).json()
+    r1, r2 = (tenant_a.post("/v1/jobs", json=body) for _ in range(2))
+    first, again = r1.json(), r2.json()
     assert first["id"] == again["id"]
+    # a repeat answers 200 (nothing new queued), as files and batches do; the first 201
+    assert (r1.status_code, r2.status_code) == (201, 200)
+    other = tenant_a.post("/v1/jobs", json={**body, "idempotency_key": "k2"})
+    assert other.status_code == 201 and other.json()["id"] != first["id"]
     assert first["messages"] == [{"role": "user", "content": "hi"}]
 
 

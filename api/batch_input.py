@@ -17,9 +17,9 @@ from lorry.api.batch_fast import (
     ParsedLine,
     accept,
 )
+from lorry.api.errors import field_errors, loc_text
 from lorry.api.json_check import check_json
 from lorry.api.prompt_length import too_long_messages
-from lorry.api.errors import field_errors, loc_text
 from lorry.api.schemas import NAME_PATTERN, ChatMessage, OpenAIOptions, Text
 from lorry.scheduler.types import JobSpec, LineError
 

@@ -131,9 +131,6 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(200 * 1024 * 1024, ge=1024)
     max_batch_lines: int = Field(50_000, ge=1)
     max_line_bytes: int = Field(1024 * 1024, ge=64)
-    max_prompt_chars: int = Field(200_000, ge=1)
-    max_tokens_limit: int = Field(4096, ge=1)
-    page_limit: int = Field(100, ge=1, le=1000)
     # /v1/chat/completions and /v1/completions wait this long for their job, then answer 504
     # naming the job to poll (it keeps running)
     sync_timeout_seconds: float = Field(300.0, gt=0)

@@ -201,16 +201,49 @@ def _check_field_types(cfg: dict, path: Path) -> None:
             if not (number(value) and (key == "alpha_pattern" or isinstance(value, int))):
                 refuse(key, "an object of module-name patterns to " + (
                     "ranks (ints)" if key == "rank_pattern" else "numbers"))
-            try:
-                re.compile(pattern)
-            except re.error as e:
+            problem = _pattern_problem(pattern)
+            if problem:
                 raise AdapterFormatError(f"adapter {path}: adapter_config.json {key} key "
-                                         f"{pattern!r:.200} is not a regular expression: "
-                                         f"{e}") from None
+                                         f"{pattern!r:.200} {problem}")
     for key in ("bias", "init_lora_weights", "peft_type"):
         v = cfg.get(key)
         if v is not None and not isinstance(v, (str, bool)):
             refuse(key, "a string" if key != "init_lora_weights" else "a bool or a string")
+
+
+# A rank_pattern / alpha_pattern key, in the subset of regular expressions this engine runs:
+# characters of module names, ".", "|", "^", "$", groups, classes like [0-9], escapes \. \d
+# \w, and at most MAX_PATTERN_QUANTIFIERS of * + ? each after one character (never after a
+# group). Whole module names and PEFT's own patterns fit; a nested quantifier ("(.|.)*z")
+# would backtrack for minutes over one module name, on the thread that validates it.
+_PATTERN_TOKEN = re.compile(r"\\[.dw_-]|\[\^?[A-Za-z0-9_-]+\]|[A-Za-z0-9_.|^$()-]|[*+?]")
+MAX_PATTERN_CHARS, MAX_PATTERN_QUANTIFIERS = 256, 3
+
+
+def _pattern_problem(key: str) -> str | None:
+    """Why a rank_pattern/alpha_pattern key is refused, or None."""
+    if not 0 < len(key) <= MAX_PATTERN_CHARS:
+        return f"must have 1 to {MAX_PATTERN_CHARS} characters"
+    pos, prev, quantifiers = 0, None, 0
+    while pos < len(key):
+        m = _PATTERN_TOKEN.match(key, pos)
+        if m is None:
+            return (f"has {key[pos]!r} at {pos}: allowed are module-name characters, . | ^ $, "
+                    "groups, classes like [0-9], the escapes \\. \\d \\w and * + ? after a "
+                    "character")
+        token = m.group()
+        if token in "*+?":
+            quantifiers += 1
+            if prev is None or prev in ("(", ")", "|", "^", "*", "+", "?"):
+                return f"has {token!r} at {pos} after no single character (nested repetition)"
+        prev, pos = token, m.end()
+    if quantifiers > MAX_PATTERN_QUANTIFIERS:
+        return f"has more than {MAX_PATTERN_QUANTIFIERS} of * + ?"
+    try:
+        re.compile(rf"(.*\.)?({key})$")        # as _pattern_value runs it
+    except re.error as e:
+        return f"is not a regular expression: {e}"
+    return None
 
 
 def _pattern_value(pattern: dict, name: str, default):

@@ -131,7 +131,9 @@ def test_adapters_the_engine_would_refuse(service, alice, roots, tiny_model, tmp
     good_cfg = json.loads((root / "r32" / "adapter_config.json").read_text())
     for name, cfg, words in (
             ("tm-int", {**good_cfg, "target_modules": 123}, "target_modules=123"),
-            ("bad-pattern", {**good_cfg, "rank_pattern": {"[": 4}}, "not a regular expression"),
+            ("bad-pattern", {**good_cfg, "rank_pattern": {"[": 4}}, "allowed are"),
+            ("slow-pattern", {**good_cfg, "rank_pattern": {"(.|.)*z": 4}}, "repetition"),
+            ("flags", {**good_cfg, "rank_pattern": {"(?i)q_proj": 4}}, "rank_pattern key"),
             ("deep", None, "nested too deeply")):
         bad = root / name
         if not bad.exists():

@@ -116,11 +116,18 @@ def test_corrupt_files_are_refused(adapter, tiny_llama):
     ({"modules_to_save": {"lm_head": 1}}, "modules_to_save=.* must be"),
     ({"lora_alpha": "8"}, "lora_alpha='8' must be a number"),
     ({"lora_alpha": True}, "lora_alpha=True must be a number"),
-    ({"rank_pattern": {"[": 4}}, "rank_pattern key '\\[' is not a regular expression"),
+    ({"rank_pattern": {"[": 4}}, "rank_pattern key '\\[' has '\\[' at 0: allowed are"),
+    # valid alone, not inside PEFT's (.*\.)?(key)$; a nested repetition that would backtrack
+    # for minutes over one module name; a back-reference
+    ({"rank_pattern": {"(?i)q_proj": 4}}, "after no single character"),
+    ({"rank_pattern": {"(.|.)*z": 4}}, "after no single character"),
+    ({"alpha_pattern": {"(a)(b)\\2": 4}}, "allowed are"),
+    ({"rank_pattern": {"a*b*c*d*": 4}}, "more than 3 of"),
     ({"rank_pattern": ["q_proj"]}, "rank_pattern=.* must be an object"),
     ({"rank_pattern": {"q_proj": "4"}}, "rank_pattern=.* to ranks"),
     ({"alpha_pattern": {"q_proj": [1]}}, "alpha_pattern=.* to numbers"),
     ({"alpha_pattern": {"q_proj(": 1}}, "alpha_pattern key .* is not a regular expression"),
+    ({"rank_pattern": {"x" * 257: 4}}, "must have 1 to 256 characters"),
     ({"bias": ["none"]}, "bias=.* must be a string"),
     ({"init_lora_weights": {"x": 1}}, "init_lora_weights=.* must be a bool or a string"),
 ])

@@ -66,8 +66,16 @@ class BatchWriter:
                  "code": e.code, "param": e.param, "message": e.message} for e in refused])
 
     def finish(self) -> None:
-        """End the COPY and count the new jobs in queue_groups."""
+        """End the COPY, check the quota again under the tenant's quota lock and count the
+        new jobs in queue_groups. The chunks' checks count without the lock (a batch too
+        big for the quota is refused early), so the tenant's other submits do not wait for
+        the whole ingest, only for its commit."""
         self._pause()
+        if self.tenant.max_queued is not None and self.added:
+            queued = self.queue._queued(self.conn, self.tenant.id, lock=True)
+            if queued + self.added > self.tenant.max_queued:
+                raise errors.QuotaExceeded(self.tenant.id, queued, self.added,
+                                           self.tenant.max_queued)
         add_to_groups(self.conn, self.deltas)
 
     def abandon(self, error: BaseException) -> None:
@@ -85,7 +93,7 @@ class BatchWriter:
             return
         if self.queued is None:
             self._pause()
-            self.queued = self.queue._queued(self.conn, self.tenant.id)
+            self.queued = self.queue._queued(self.conn, self.tenant.id, lock=False)
         queued = self.queued + self.added
         if queued + adding > limit:
             raise errors.QuotaExceeded(self.tenant.id, queued, adding, limit)

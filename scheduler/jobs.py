@@ -235,11 +235,11 @@ class JobOps:
         return {r.idempotency_key: job_info(r) for r in conn.execute(
             q.jobs_by_keys(tenant_id, keys))}
 
-    def _queued(self, conn, tenant_id: str) -> int:
+    def _queued(self, conn, tenant_id: str, lock: bool = True) -> int:
         """The tenant's queued jobs, for its quota: on PostgreSQL after taking the tenant's
-        quota lock, so that a concurrent submit counts this transaction's rows (it waits for
-        its commit) instead of the same count as this one."""
-        if conn.dialect.name == "postgresql":
+        quota lock (``lock``), so that a concurrent submit counts this transaction's rows (it
+        waits for its commit) instead of the same count as this one."""
+        if lock and conn.dialect.name == "postgresql":
             conn.execute(q.quota_lock(tenant_id))
         return conn.execute(q.queued_jobs(tenant_id)).scalar_one()
 

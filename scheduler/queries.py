@@ -147,8 +147,10 @@ def add_to_groups_sqlite(rows: list[dict]):
                 else_=G.c.oldest_enqueued_at)})
 
 
-# pg_advisory_xact_lock's first key for the quota lock ("Lorq"); the second is the tenant's hash
-QUOTA_LOCK_CLASS = 0x4C6F7271
+# the seed of the quota lock's 64-bit key (hashtextextended(tenant id, seed)): one key a
+# tenant, and two tenants' keys collide with a 2^-64 chance (a 32-bit hash let two tenants
+# share one lock, and two submits that lock tenants in id order could then deadlock)
+QUOTA_LOCK_SEED = 0x4C6F7271
 
 
 def quota_lock(tenant_id: str):
@@ -157,7 +159,7 @@ def quota_lock(tenant_id: str):
     which take no such lock, do not wait). Not a row lock on the tenant: a claim updates
     that row's fair-share counter while it holds its groups' rows, the order opposite to a
     submit's, so a row lock could deadlock. SQLite's writers are serialized already."""
-    return select(func.pg_advisory_xact_lock(QUOTA_LOCK_CLASS, func.hashtext(tenant_id)))
+    return select(func.pg_advisory_xact_lock(func.hashtextextended(tenant_id, QUOTA_LOCK_SEED)))
 
 
 def queued_jobs(tenant_id: str):

@@ -20,7 +20,7 @@ from lorry.api.batch_fast import (
 from lorry.api.errors import field_errors, loc_text
 from lorry.api.json_check import check_json
 from lorry.api.prompt_length import too_long_messages
-from lorry.api.schemas import NAME_PATTERN, ChatMessage, OpenAIOptions, Text
+from lorry.api.schemas import NAME_PATTERN, ChatMessage, OpenAIOptions, Text, text
 from lorry.scheduler.types import JobSpec, LineError
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -32,7 +32,7 @@ class RequestBody(OpenAIOptions):
     model: str = Field(pattern=NAME_PATTERN)
     messages: list[ChatMessage] | None = Field(None, min_length=MESSAGES_LENGTH[0],
                                            max_length=MESSAGES_LENGTH[1])
-    prompt: Text | None = Field(None, min_length=PROMPT_LENGTH[0], max_length=PROMPT_LENGTH[1])
+    prompt: text(*PROMPT_LENGTH) | None = None
     stream: Literal[False] | None = None
 
     @model_validator(mode="after")
@@ -84,8 +84,8 @@ def sampling_of(body: RequestBody) -> dict[str, Any]:
     return body.sampling()
 
 
-def _describe(err: ValidationError) -> tuple[str, str]:
-    items = field_errors(list(err.errors()))
+def _describe(err: ValidationError, data: Any) -> tuple[str, str]:
+    items = field_errors(list(err.errors()), data)
     first = items[0]
     loc = loc_text(first["loc"], request=False)
     value = first.get("input")
@@ -131,7 +131,7 @@ def parse_line(number: int, raw: bytes) -> BatchLine | LineError:
             data = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as bad:
             return LineError(number, "invalid_json", f"line {number} is not valid JSON: {bad}")
-        msg, loc = _describe(e)
+        msg, loc = _describe(e, data)
         return LineError(number, "invalid_request", f"line {number}: {msg}", loc or None,
                          _custom_id(data))
 

@@ -115,27 +115,45 @@ def loc_text(loc: tuple | list, request: bool = True) -> str:
     return out
 
 
-# pydantic's names of a union's members in a loc ("function-after[_storable(), str]",
-# "list[...]", "constrained-str"): schema internals, not request fields
+def _in_body(loc: tuple, body: Any) -> tuple[tuple, bool]:
+    """(the loc's parts that name keys and positions of ``body``, whether others were left
+    out): pydantic puts a union member's name ("function-after[_storable(), str]",
+    "list[TextPart]") in the loc where a value failed every member; such a part names nothing
+    in the request. A part past the body's depth (an unknown field's name) is kept."""
+    kept, value, dropped = [], body, False
+    for part in loc:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        elif isinstance(part, str) and ("[" in part or part in _MEMBER_TAGS):
+            dropped = True   # not a key of the request here: a union member's name
+            continue
+        else:
+            value = None
+        kept.append(part)
+    return tuple(kept), dropped
+
+
 _MEMBER_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "constrained-str",
                           "constrained-int", "constrained-float", "constrained-list"})
 
 
-def _member_tag(part: Any) -> bool:
-    return isinstance(part, str) and (part in _MEMBER_TAGS or (
-        "[" in part and part.endswith("]") and not part.startswith("[")))
-
-
-def field_errors(items: list[dict]) -> list[dict]:
-    """pydantic's errors with the union members' tags taken out of each loc; where an input
-    failed every member of a union, a member's "not of my type" error goes when another
-    member took the input and refused it deeper or for another reason (a list of 17 stop
-    strings: "at most 16 items", not also "not a valid string")."""
+def field_errors(items: list[dict], body: Any = None) -> list[dict]:
+    """pydantic's errors with each loc as a path into ``body`` (the request as parsed, the
+    "body" prefix included where FastAPI gives one); where an input failed every member of a
+    union, a member's "not of my type" error goes when another member took the input and
+    refused it deeper or for another reason (a list of 17 stop strings: "at most 16 items",
+    not also "not a valid string")."""
     out = []
     for e in items:
         loc = tuple(e.get("loc", ()))
-        clean = tuple(p for p in loc if not _member_tag(p))
-        out.append(({**e, "loc": clean}, clean != loc))
+        if loc[:1] == ("body",):
+            rest, member = _in_body(loc[1:], body)
+            clean = ("body", *rest)
+        else:
+            clean, member = _in_body(loc, body)
+        out.append(({**e, "loc": clean}, member))
 
     def wrong_type(e: dict) -> bool:
         return str(e.get("type", "")).endswith("_type")
@@ -148,7 +166,7 @@ def field_errors(items: list[dict]) -> list[dict]:
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None, str | None]:
     """(message, param, code) of FastAPI's validation errors: each field with its reason."""
-    items = field_errors(list(exc.errors()))
+    items = field_errors(list(exc.errors()), getattr(exc, "body", None))
     parts = []
     for e in items[:5]:
         if e.get("type") == "json_invalid":

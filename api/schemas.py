@@ -56,9 +56,19 @@ StopText = text(1, MAX_STOP_CHARS)
 Stops = StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None
 
 
+def _whole(value: Any) -> Any:
+    """A whole-number float (16.0, as Python's json.dumps and dataframe exports write ints)
+    as the int it is, also in a list; anything else as given, for strict checking."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    if type(value) is list:
+        return [int(v) if type(v) is float and v.is_integer() else v for v in value]
+    return value
+
+
 class Strict(BaseModel):
     # NaN and infinities are refused in every float (JSON cannot carry them back); strict:
-    # true is no 1 and "5" no 5 (an int is still a float)
+    # true is no 1 and "5" no 5 (an int is still a float, and 16.0 an int: _whole)
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
@@ -73,6 +83,9 @@ class Sampling(Strict):
     stop: Stops = None
     stop_token_ids: list[int] | None = Field(None, max_length=64)
     ignore_eos: bool = False
+
+    _ints = field_validator("max_tokens", "top_k", "seed", "stop_token_ids",
+                            mode="before")(_whole)
 
     @model_validator(mode="after")
     def _stops(self):
@@ -101,6 +114,8 @@ class JobCreate(Strict):
     deadline_seconds: float | None = Field(None, gt=0, le=30 * 86400,
                                            description="expire if not finished within this")
     idempotency_key: text(1, 200) | None = None
+
+    _ints = field_validator("priority", "max_attempts", mode="before")(_whole)
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -326,6 +341,10 @@ class OpenAIOptions(BaseModel):
     user: text(max_length=MAX_USER_CHARS) | None = Field(None,
                                                           description="accepted and ignored")
     response_format: ResponseFormat | None = None
+
+    _ints = field_validator("max_tokens", "max_completion_tokens", "top_k", "seed",
+                            "stop_token_ids", "logprobs", "top_logprobs", "n",
+                            mode="before")(_whole)
 
     def unsupported(self) -> tuple[str, str] | None:
         """(message, param) of a valid but unsupported option, or None."""

@@ -336,3 +336,35 @@ def test_batch_metadata_keys_have_one_rule_on_both_routes(service, alice):
     r = alice.post("/v1/batches", content=good, params={"metadata": json.dumps(
         {"k" * 64: "v", "team": "x"})}, headers={"Content-Type": "application/jsonl"})
     assert r.status_code == 201 and r.json()["metadata"] == {"k" * 64: "v", "team": "x"}
+
+
+def test_request_keys_named_like_types_keep_their_names(service, alice, roomy):
+    """Only what names nothing in the request (a union member) leaves ``param``: a client's
+    own key "int" or "list" stays (an early version dropped them)."""
+    chat = {"model": "base", "messages": [{"role": "user", "content": "x"}], "int": 1}
+    err = refused_raw(service, alice, "/v1/chat/completions", json.dumps(chat).encode())
+    assert err["param"] == "int" and err["code"] == "extra_forbidden", err
+    chat = {"model": "base", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x", "list": 1}]}]}
+    err = refused_raw(service, alice, "/v1/chat/completions", json.dumps(chat).encode())
+    assert err["param"] == "messages[0].content[0].list", err
+    bad = line("b", prompt="")
+    r = roomy.post("/v1/batches", content="\n".join([json.dumps(line("a")), json.dumps(bad)]),
+                   headers={"Content-Type": "application/jsonl"})
+    (e,) = r.json()["errors"]["data"]
+    assert e["param"] == "body.prompt" and "at least 1 character" in e["message"], e
+
+
+def test_whole_number_floats_are_ints(service, alice, roomy):
+    """16.0 is how Python's json.dumps and dataframe exports write an int: taken as 16;
+    16.5 is refused."""
+    r = alice.post("/v1/jobs", json={"prompt": "x", "priority": 1.0,
+                                     "sampling": {"max_tokens": 16.0}})
+    assert r.status_code == 201, r.text
+    assert r.json()["sampling"]["max_tokens"] == 16 and r.json()["priority"] == 1
+    err = refused_raw(service, alice, "/v1/jobs", b'{"prompt": "x", "sampling": '
+                      b'{"max_tokens": 16.5}}')
+    assert err["param"] == "sampling.max_tokens", err
+    r = roomy.post("/v1/batches", content=json.dumps(line("a", max_tokens=16.0)).encode(),
+                   headers={"Content-Type": "application/jsonl"})
+    assert r.status_code == 201 and r.json()["request_counts"]["failed"] == 0, r.text

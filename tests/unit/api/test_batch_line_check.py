@@ -13,7 +13,7 @@ from lorry.api.batch_input import (
     read_line,
     read_line_with_pydantic,
 )
-from lorry.api.schemas import Message, OpenAIOptions
+from lorry.api.schemas import ChatMessage, OpenAIOptions, TextPart
 from lorry.scheduler.types import LineError
 
 CHAT = {"custom_id": "c-1", "method": "POST", "url": "/v1/chat/completions",
@@ -109,13 +109,16 @@ def test_lines_of_one_file_with_equal_looking_options_keep_their_own_sampling():
 
 
 def test_the_line_models_hold_only_the_rules_the_cheaper_check_knows():
-    """A validator added to a batch line's models must be mirrored in batch_fast.accept."""
+    """A validator added to a batch line's models must be mirrored in batch_fast.accept.
+    (_ints, whole-number floats as ints: accept leaves every float given for an int field to
+    pydantic.)"""
     rules = {m.__name__: (list(m.__pydantic_decorators__.field_validators),
                           list(m.__pydantic_decorators__.model_validators))
-             for m in (BatchLine, RequestBody, OpenAIOptions, Message)}
+             for m in (BatchLine, RequestBody, OpenAIOptions, ChatMessage, TextPart)}
     assert rules == {"BatchLine": ([], ["_input_matches_url"]),
-                     "RequestBody": ([], ["_supported"]), "OpenAIOptions": ([], []),
-                     "Message": ([], [])}
+                     "RequestBody": (["_ints"], ["_supported"]),
+                     "OpenAIOptions": (["_ints"], []), "ChatMessage": ([], []),
+                     "TextPart": ([], [])}
 
 
 def test_raw_lines_that_are_not_plain_json_get_pydantics_answer():

@@ -23,14 +23,13 @@ for sub, name in ((model_app, "model"), (db_app, "db"), (tenant_app, "tenant"),
 
 
 def _settings():
-    """The LORRY_* settings, read once here; a refused value exits 2 with pydantic's message."""
-    from pydantic import ValidationError
-
-    from lorry.settings import get_settings
+    """The LORRY_* settings, read once here; a refused value exits 2 naming it (and no other
+    value: the message never shows the environment's secrets)."""
+    from lorry.settings import SettingsError, get_settings
 
     try:
         return get_settings()
-    except ValidationError as e:
+    except SettingsError as e:
         typer.echo(f"error: invalid LORRY_* setting: {e}", err=True)
         raise typer.Exit(2) from None
 

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lorry.engine.config import EngineConfig
@@ -208,8 +208,28 @@ class Settings(BaseSettings):
             path.parent.mkdir(parents=True, exist_ok=True)
 
 
+class SettingsError(ValueError):
+    """A LORRY_* value refused, named with its reason and never with the values given: a
+    pydantic ValidationError's text shows the whole input, every LORRY_* variable (the
+    metrics token, the Flower password, the database URL) included."""
+
+
+def settings_problem(error: ValidationError) -> str:
+    """Each refused setting and why, without any input value."""
+    parts = []
+    for e in error.errors(include_input=False, include_url=False):
+        where = ".".join(str(p) for p in e.get("loc", ()))
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"LORRY_{where.upper()}: {msg}" if where else msg)
+    return "; ".join(parts) or "invalid settings"
+
+
 def get_settings() -> Settings:
-    """Read the settings from the environment (the edges call this once and pass them down)."""
-    settings = Settings()
+    """Read the settings from the environment (the edges call this once and pass them down).
+    Raises SettingsError naming what is refused."""
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        raise SettingsError(settings_problem(e)) from None
     settings.ensure_dirs()
     return settings

@@ -2,6 +2,8 @@
 rules, refusals naming the variable, and no side effects until the edge asks for them."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -94,3 +96,33 @@ def test_lora_memory_slots_reaches_engine_config(monkeypatch):
     monkeypatch.setenv("LORRY_LORA_MEMORY_SLOTS", "0")
     with pytest.raises(ValidationError, match="lora_memory_slots"):
         Settings(model="/m")
+
+
+@pytest.mark.parametrize(("var", "value", "named"), [
+    ("LORRY_MAX_LORA_RANK", "12", "LORRY_MAX_LORA_RANK=12 is invalid"),
+    ("LORRY_BLOCK_SIZE", "7", "LORRY_BLOCK_SIZE=7 is invalid"),
+    ("LORRY_MAX_NUM_SEQS", "0", "LORRY_MAX_NUM_SEQS: Input should be greater than"),
+])
+def test_a_refused_setting_never_shows_the_other_values(monkeypatch, tmp_path, var, value,
+                                                        named):
+    """pydantic's own text showed the whole environment (input_value={...}), and its readable
+    tail held the last settings: the Flower password, the metrics token, the database URL."""
+    from lorry.settings import SettingsError, get_settings
+
+    secrets = {"LORRY_METRICS_TOKEN": "tok-0123456789abcdef-secret",
+               "LORRY_FLOWER_BASIC_AUTH": "admin:hunter2-secret",
+               "LORRY_DATABASE_URL": "postgresql+psycopg://lorry:pw-secret@db:5432/lorry"}
+    for k, v in {**secrets, "LORRY_DATA_DIR": str(tmp_path), var: value}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SettingsError) as e:
+        get_settings()
+    assert named in str(e.value)
+    assert "secret" not in str(e.value) and "hunter2" not in str(e.value), str(e.value)
+    import subprocess
+    import sys
+
+    lorry = str(Path(sys.executable).with_name("lorry"))   # the installed console script
+    cli = subprocess.run([lorry, "tenant", "list"], capture_output=True, text=True,
+                         timeout=120)
+    assert cli.returncode == 2 and named in cli.stderr, cli.stderr
+    assert "secret" not in cli.stderr + cli.stdout and "hunter2" not in cli.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -30,9 +31,13 @@ def register_shared(queue, settings, name: str, source: str, revision: str | Non
     Raises ``engine.errors.LoRAError`` (or ValueError) naming the problem.
     """
     from lorry.api.batch_input import names_the_base
+    from lorry.api.schemas import NAME_PATTERN
     from lorry.engine.lora.sources import LOCAL, check_source
     from lorry.engine.lora.spec import parse_adapter, read_base_config
 
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ValueError(f"adapter name {name!r} is invalid: tenants name adapters with 1 to "
+                         "64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     if names_the_base(name, settings):
         raise ValueError(f"{name!r} names the base model on the OpenAI routes and in batch "
                          "lines (model=...); choose another adapter name")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -61,10 +62,21 @@ def run_roots(settings, wanted: dict[str, str]) -> list[str]:
 def register_adapters(queue, settings, wanted: dict[str, str]) -> list[str]:
     """Register ``wanted`` (from ``named_adapters``) as shared adapters; return their names.
     ``settings.adapter_roots`` must hold the run's roots (``run_roots``)."""
-    from lorry.adapters import register_shared
+    from lorry.adapters import operator_source, register_shared
+    from lorry.engine.lora.sources import check_source
+    from lorry.scheduler import errors
 
     for name, path in wanted.items():
-        register_shared(queue, settings, name, path)
+        try:
+            register_shared(queue, settings, name, path)
+        except errors.AdapterExists:
+            # a --database used before: the same adapter again is kept, another is refused
+            known = queue.get_adapter(name, None)
+            source = check_source(operator_source(path), roots=settings.adapter_roots).location
+            if known is None or known.source != source:
+                raise ValueError(f"adapter {name!r} is registered in this database with the "
+                                 f"source {getattr(known, 'source', None)!r}, not {source!r}; "
+                                 "pick another name or another --database") from None
     return list(wanted)
 
 
@@ -84,6 +96,18 @@ def drain_with_progress(settings, queue, total: int, description: str) -> dict:
     return summary.to_dict()
 
 
+def _check_writable(path: Path) -> None:
+    """Raise ValueError unless ``path`` can be written as a file (its folder exists and is
+    writable; it is no folder; an existing file is writable)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory")
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"cannot write {path}: permission denied")
+
+
 def run_file(settings, file: Path, output: Path, adapters: list[str] = (), adapters_dir=None,
              database_url: str | None = None) -> dict:
     """Run an OpenAI Batch JSONL file embedded; write OpenAI output lines.
@@ -99,6 +123,9 @@ def run_file(settings, file: Path, output: Path, adapters: list[str] = (), adapt
     )
     from lorry.api.convert import output_line
 
+    errors_path = output.with_name(output.stem + ".errors.jsonl")
+    for path in (output, errors_path):  # before the run: a bad path would lose its results
+        _check_writable(path)
     wanted = named_adapters(list(adapters), adapters_dir, empty_ok=False)
     with embedded_queue(settings, database_url, adapter_roots=run_roots(settings, wanted)) \
             as (settings, queue, tenant):
@@ -109,7 +136,8 @@ def run_file(settings, file: Path, output: Path, adapters: list[str] = (), adapt
             lines = enumerate((line.rstrip(b"\r\n") for line in f), start=1)
             try:
                 batch, _ = queue.ingest_batch(
-                    tenant.id, ingest_chunks(lines, queue, tenant, base, stats=stats),
+                    tenant.id, ingest_chunks(lines, queue, tenant, base, settings,
+                                             stats=stats),
                     model=base, metadata={})
             except DuplicateCustomId as e:
                 raise SystemExit("\n".join(d["message"] for d in e.errors)) from None
@@ -121,7 +149,6 @@ def run_file(settings, file: Path, output: Path, adapters: list[str] = (), adapt
         drain_with_progress(settings, queue, stats.accepted, f"{stats.accepted} requests")
         queue.finalize_batches()
         counts = {"succeeded": 0, "failed": len(rejects)}
-        errors_path = output.with_name(output.stem + ".errors.jsonl")
         with open(output, "w") as out, open(errors_path, "w") as errs:
             for err in rejects:
                 errs.write(json.dumps({"id": None, "custom_id": err.custom_id, "response": None,

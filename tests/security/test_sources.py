@@ -214,3 +214,40 @@ def test_the_operators_relative_directory_is_local_and_confined(service, roots, 
     monkeypatch.chdir(outside.parent.parent)
     with pytest.raises(LoRAError, match="outside the allowed adapter roots"):
         register_shared(queue, settings, "rel-out", "op/x")
+
+
+def test_operator_registrations_keep_the_tenants_name_rule_and_reuse(service, roots):
+    """Names a tenant route would refuse ('a b', 81 characters) were registered by the
+    operator's tools and then unusable; an embedded run on a --database used before failed
+    on its own adapters ("already exists"): the same adapter is now kept, another refused."""
+    from lorry.adapters import register_shared
+    from lorry.embedded import register_adapters
+
+    _app, queue, settings, _url = service
+    good = str(roots[0] / "good")
+    for name in ("a b", "x" * 81, "-dash", "ünï"):
+        with pytest.raises(ValueError, match="adapter name .* is invalid"):
+            register_shared(queue, settings, name, good)
+    assert register_adapters(queue, settings, {"team.sql-1": good}) == ["team.sql-1"]
+    assert register_adapters(queue, settings, {"team.sql-1": good}) == ["team.sql-1"]
+    other = copy_adapter(roots[0] / "good", roots[0] / "other")
+    with pytest.raises(ValueError, match="registered in this database with the source"):
+        register_adapters(queue, settings, {"team.sql-1": str(other)})
+    assert [a.name for a in queue.list_adapters(None)] == ["team.sql-1"]
+
+
+def test_an_embedded_run_refuses_an_output_it_cannot_write_before_running(service, tmp_path):
+    """The output path was opened after every request had run: a missing folder lost the
+    whole run (traceback, results deleted with the temporary database)."""
+    from pathlib import Path
+
+    from lorry.embedded import run_file
+
+    _app, _queue, settings, _url = service
+    batch = tmp_path / "in.jsonl"
+    batch.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/completions", '
+                     '"body": {"model": "base", "prompt": "x"}}\n')
+    for out, words in ((tmp_path / "missing" / "out.jsonl", "does not exist"),
+                       (tmp_path, "is a directory")):
+        with pytest.raises(ValueError, match=words):
+            run_file(settings, batch, Path(out))

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from lorry.cli import app
+from lorry.paths import check_writable
 
 URL = typer.Option("http://127.0.0.1:8000", "--url", envvar="LORRY_URL", help="API base URL")
 KEY = typer.Option(..., "--key", envvar="LORRY_API_KEY", help="tenant API key")
@@ -40,7 +41,8 @@ def submit(prompt: str, adapter: Optional[str] = typer.Option(None, help="adapte
            chat: bool = typer.Option(True, help="send the prompt as a user chat message"),
            wait: bool = typer.Option(False, help="wait for the result and print it"),
            url: str = URL, key: str = KEY):
-    """Submit one job; print its id (or its result with --wait)."""
+    """Submit one job; print its id (or its result with --wait: exit status 1 when the job
+    ended other than succeeded)."""
     from lorry.errors import LorryError
 
     try:
@@ -54,7 +56,10 @@ def submit(prompt: str, adapter: Optional[str] = typer.Option(None, help="adapte
             job = c.wait(job.id)
     except LorryError as e:
         _fail(e)
-    typer.echo(job.text if job.status == "succeeded" else f"{job.status}: {job.error}")
+    if job.status != "succeeded":
+        typer.echo(f"{job.status}: {job.error or 'no result'}", err=True)
+        raise typer.Exit(1)
+    typer.echo(job.text)
 
 
 @app.command("status")
@@ -114,6 +119,10 @@ def batch_submit(file: Path = typer.Argument(..., exists=True, dir_okay=False,
             for err in batch.line_errors:
                 who = f" (custom_id {err['custom_id']!r})" if err.get("custom_id") else ""
                 typer.echo(f"{file}: refused{who}: {err['message']}", err=True)
+            more = batch.request_counts.failed - len(batch.line_errors)
+            if more > 0 and batch.line_errors:  # the server lists the first 1,000
+                typer.echo(f"{file}: and {more} more refused lines: all are in the batch's "
+                           f"error file (lorry batch download {batch.id} -o FILE)", err=True)
             if wait:
                 batch = _wait_with_bar(c, batch)
     except LorryError as e:
@@ -159,10 +168,13 @@ def batch_download(batch_id: str,
                            "it is final (use --wait)", err=True)
                 raise typer.Exit(2)
             written = []
-            for file_id, path in ((batch.output_file_id, output),
-                                  (batch.error_file_id,
-                                   output.with_name(output.stem + ".errors.jsonl"))):
+            files = ((batch.output_file_id, output),
+                     (batch.error_file_id, output.with_name(output.stem + ".errors.jsonl")))
+            for _, path in files:
+                check_writable(path)
+            for file_id, path in files:
                 if file_id is None:
+                    path.unlink(missing_ok=True)  # not another batch's file left beside
                     continue
                 with open(path, "wb") as f:
                     for chunk in c.file_content(file_id):
@@ -170,4 +182,7 @@ def batch_download(batch_id: str,
                 written.append(str(path))
     except LorryError as e:
         _fail(e)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     typer.echo("\n".join(written) or f"batch {batch_id} has no output or error file")

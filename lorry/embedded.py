@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from lorry.paths import check_writable
 
 
 @contextmanager
@@ -96,18 +97,6 @@ def drain_with_progress(settings, queue, total: int, description: str) -> dict:
     return summary.to_dict()
 
 
-def _check_writable(path: Path) -> None:
-    """Raise ValueError unless ``path`` can be written as a file (its folder exists and is
-    writable; it is no folder; an existing file is writable)."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise ValueError(f"cannot write {path}: it is a directory")
-    if not parent.is_dir():
-        raise ValueError(f"cannot write {path}: the directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"cannot write {path}: permission denied")
-
-
 def run_file(settings, file: Path, output: Path, adapters: list[str] = (), adapters_dir=None,
              database_url: str | None = None) -> dict:
     """Run an OpenAI Batch JSONL file embedded; write OpenAI output lines.
@@ -125,7 +114,7 @@ def run_file(settings, file: Path, output: Path, adapters: list[str] = (), adapt
 
     errors_path = output.with_name(output.stem + ".errors.jsonl")
     for path in (output, errors_path):  # before the run: a bad path would lose its results
-        _check_writable(path)
+        check_writable(path)
     wanted = named_adapters(list(adapters), adapters_dir, empty_ok=False)
     with embedded_queue(settings, database_url, adapter_roots=run_roots(settings, wanted)) \
             as (settings, queue, tenant):

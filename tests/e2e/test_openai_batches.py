@@ -146,3 +146,13 @@ def test_cli_batch_submit_wait_and_download(stack, tenant, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert " failed: 0 completed, 2 failed of 2" in proc.stdout
+    # its download to the same path leaves no output file of the first batch beside its errors
+    failed_id = next(w for w in proc.stdout.split() if w.startswith("batch_"))
+    run_cli(["batch", "download", failed_id, "-o", str(target)], env)
+    assert not target.exists()
+    assert len((tmp_path / "out.errors.jsonl").read_text().splitlines()) == 2
+    # a path it cannot write: a clear error (exit 2) before anything is fetched
+    proc = subprocess.run(LORRY + ["batch", "download", batch_id, "-o",
+                                   str(tmp_path / "missing" / "o.jsonl")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr

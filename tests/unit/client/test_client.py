@@ -119,3 +119,25 @@ def test_an_empty_or_unprintable_key_is_refused_at_construction(key):
 
     with pytest.raises(ValueError, match="api_key must be a tenant's API key"):
         Client("http://127.0.0.1:9", key)
+
+
+def test_cli_submit_wait_exits_1_when_the_job_did_not_succeed(make_client, monkeypatch):
+    """`lorry submit --wait` printed "cancelled: None" and exited 0, unlike `lorry batch
+    submit --wait`: a script could not tell."""
+    from typer.testing import CliRunner
+
+    import lorry.cli_client as cli_client
+    from lorry.cli import app
+
+    c, _ = make_client("acme")
+    monkeypatch.setattr(cli_client, "_client", lambda url, key: c)
+    wait = c.wait
+
+    def cancel_then_wait(job_id, **kw):  # the job ends cancelled before any worker runs it
+        c.cancel(job_id)
+        return wait(job_id, timeout=5)
+
+    monkeypatch.setattr(c, "wait", cancel_then_wait)
+    result = CliRunner().invoke(app, ["submit", "hi", "--wait", "--key", "k"])
+    assert result.exit_code == 1, result.output
+    assert "cancelled" in result.output

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -14,6 +15,13 @@ from lorry.models import Adapter, Batch, BatchResultLine, File, Job, JobPage
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                  "stop_token_ids", "ignore_eos")
+
+
+def _seg(value: str) -> str:
+    """An id or name as one path segment ('../x' cannot reach another route)."""
+    if not isinstance(value, str) or not value:
+        raise LorryError(0, f"an id or name must be a non-empty string, got {value!r}")
+    return quote(value, safe="")
 
 
 class Client:
@@ -54,14 +62,44 @@ class Client:
         self.close()
 
     # -- HTTP ---------------------------------------------------------------------------------
+    def _where(self) -> str:
+        """The base URL without any user:password in it (error messages get printed)."""
+        u = self._http.base_url
+        return f"{u.scheme}://{u.host}{f':{u.port}' if u.port else ''}{u.path}".rstrip("/")
+
     def _request(self, method: str, path: str, **kw) -> httpx.Response:
         try:
             resp = self._http.request(method, path, **kw)
         except httpx.HTTPError as e:
-            raise LorryError(0, f"cannot reach {self._http.base_url}: {e}") from e
+            raise LorryError(0, f"cannot reach {self._where()}: {type(e).__name__}: "
+                                f"{str(e).replace(str(self._http.base_url), self._where())}"
+                             ) from None
         if resp.status_code >= 400:
             self._raise_for(resp)
+        if resp.status_code >= 300:
+            raise LorryError(resp.status_code, f"{method} {path} was redirected (HTTP "
+                                               f"{resp.status_code}): is {self._where()} the "
+                                               "Lorry API's root URL?")
         return resp
+
+    def _json(self, resp: httpx.Response) -> Any:
+        try:
+            return resp.json()
+        except ValueError:
+            raise LorryError(resp.status_code, self._unexpected(resp)) from None
+
+    def _as(self, model, resp: httpx.Response):
+        """The answer as ``model``; a LorryError if it is not one (another server answered)."""
+        try:
+            return model.model_validate(self._json(resp))
+        except ValueError:  # pydantic's ValidationError
+            raise LorryError(resp.status_code, self._unexpected(resp)) from None
+
+    def _unexpected(self, resp: httpx.Response) -> str:
+        return (f"{resp.request.method} {resp.request.url.path} answered HTTP "
+                f"{resp.status_code} with no Lorry API object (content-type "
+                f"{resp.headers.get('content-type', 'none')!r}): is {self._where()} the Lorry "
+                "API's root URL?")
 
     # -- jobs ---------------------------------------------------------------------------------
     def submit(self, prompt: str | None = None, *, adapter: str | None = None,
@@ -82,13 +120,13 @@ class Client:
             body["idempotency_key"] = idempotency_key
         if max_attempts is not None:
             body["max_attempts"] = max_attempts
-        return Job.model_validate(self._request("POST", "/v1/jobs", json=body).json())
+        return self._as(Job, self._request("POST", "/v1/jobs", json=body))
 
     def get(self, job_id: str) -> Job:
-        return Job.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+        return self._as(Job, self._request("GET", f"/v1/jobs/{_seg(job_id)}"))
 
     def cancel(self, job_id: str) -> Job:
-        return Job.model_validate(self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
+        return self._as(Job, self._request("POST", f"/v1/jobs/{_seg(job_id)}/cancel"))
 
     def list(self, *, status: str | None = None, adapter: str | None = None,
              batch_id: str | None = None, page_size: int = 100) -> Iterator[Job]:
@@ -98,7 +136,7 @@ class Client:
             params = {k: v for k, v in (("status", status), ("adapter", adapter),
                                         ("batch_id", batch_id), ("limit", page_size),
                                         ("after", cursor)) if v is not None}
-            page = JobPage.model_validate(self._request("GET", "/v1/jobs", params=params).json())
+            page = self._as(JobPage, self._request("GET", "/v1/jobs", params=params))
             yield from page.data
             if not page.has_more or not page.next_cursor:
                 return
@@ -130,7 +168,7 @@ class Client:
             headers["Idempotency-Key"] = idempotency_key
         resp = self._request("POST", "/v1/batches", params=params, content=content,
                              headers=headers)
-        return Batch.model_validate(resp.json())
+        return self._as(Batch, resp)
 
     def upload_file(self, source: str | Path | bytes, *, filename: str | None = None,
                     idempotency_key: str | None = None) -> File:
@@ -146,7 +184,7 @@ class Client:
         finally:
             if not isinstance(handle, bytes):
                 handle.close()
-        return File.model_validate(resp.json())
+        return self._as(File, resp)
 
     def create_batch(self, input_file_id: str, *, endpoint: str = "/v1/chat/completions",
                      completion_window: str = "24h", metadata: dict | None = None,
@@ -155,39 +193,39 @@ class Client:
         body = {"input_file_id": input_file_id, "endpoint": endpoint,
                 "completion_window": completion_window, "metadata": metadata}
         headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
-        return Batch.model_validate(self._request("POST", "/v1/batches", json=body,
-                                                  headers=headers).json())
+        return self._as(Batch, self._request("POST", "/v1/batches", json=body,
+                                                  headers=headers))
 
     def file(self, file_id: str) -> File:
-        return File.model_validate(self._request("GET", f"/v1/files/{file_id}").json())
+        return self._as(File, self._request("GET", f"/v1/files/{_seg(file_id)}"))
 
     def file_content(self, file_id: str) -> Iterator[bytes]:
         """A file's bytes (a batch's output_file_id / error_file_id too), streamed."""
         try:
-            with self._http.stream("GET", f"/v1/files/{file_id}/content") as resp:
+            with self._http.stream("GET", f"/v1/files/{_seg(file_id)}/content") as resp:
                 if resp.status_code >= 400:
                     resp.read()
                     self._raise_for(resp)
                 yield from resp.iter_bytes()
         except httpx.HTTPError as e:
-            raise LorryError(0, f"cannot reach {self._http.base_url}: {e}") from e
+            raise LorryError(0, f"cannot reach {self._where()}: {type(e).__name__}") from None
 
     def batches(self, *, page_size: int = 100) -> Iterator[Batch]:
         """The tenant's batches, newest first, following the cursor page by page."""
         after = None
         while True:
             params = {"limit": page_size} | ({"after": after} if after else {})
-            page = self._request("GET", "/v1/batches", params=params).json()
+            page = self._json(self._request("GET", "/v1/batches", params=params))
             yield from (Batch.model_validate(b) for b in page["data"])
             if not page.get("has_more") or not page.get("last_id"):
                 return
             after = page["last_id"]
 
     def batch(self, batch_id: str) -> Batch:
-        return Batch.model_validate(self._request("GET", f"/v1/batches/{batch_id}").json())
+        return self._as(Batch, self._request("GET", f"/v1/batches/{_seg(batch_id)}"))
 
     def cancel_batch(self, batch_id: str) -> Batch:
-        return Batch.model_validate(self._request("POST", f"/v1/batches/{batch_id}/cancel").json())
+        return self._as(Batch, self._request("POST", f"/v1/batches/{_seg(batch_id)}/cancel"))
 
     def wait_batch(self, batch_id: str, *, timeout: float | None = None,
                    poll_interval: float = 0.5, max_interval: float = 10.0,
@@ -199,7 +237,7 @@ class Client:
 
     def iter_results(self, batch_id: str, *, errors: bool = False) -> Iterator[BatchResultLine]:
         """Lines of the batch's output file (or its errors file), streamed."""
-        path = f"/v1/batches/{batch_id}/{'errors' if errors else 'output'}"
+        path = f"/v1/batches/{_seg(batch_id)}/{'errors' if errors else 'output'}"
         try:
             with self._http.stream("GET", path) as resp:
                 if resp.status_code >= 400:
@@ -207,9 +245,12 @@ class Client:
                     self._raise_for(resp)
                 for line in resp.iter_lines():
                     if line.strip():
-                        yield BatchResultLine.model_validate_json(line)
+                        try:
+                            yield BatchResultLine.model_validate_json(line)
+                        except ValueError:
+                            raise LorryError(resp.status_code, self._unexpected(resp)) from None
         except httpx.HTTPError as e:
-            raise LorryError(0, f"cannot reach {self._http.base_url}: {e}") from e
+            raise LorryError(0, f"cannot reach {self._where()}: {type(e).__name__}") from None
 
     def _raise_for(self, resp: httpx.Response) -> None:
         try:
@@ -223,14 +264,14 @@ class Client:
     # -- adapters -----------------------------------------------------------------------------
     def add_adapter(self, name: str, source: str, *, revision: str | None = None) -> Adapter:
         body = {"name": name, "source": source, "revision": revision}
-        return Adapter.model_validate(self._request("POST", "/v1/adapters", json=body).json())
+        return self._as(Adapter, self._request("POST", "/v1/adapters", json=body))
 
     def adapters(self) -> list[Adapter]:
-        data = self._request("GET", "/v1/adapters").json()["data"]
+        data = self._json(self._request("GET", "/v1/adapters"))["data"]
         return [Adapter.model_validate(a) for a in data]
 
     def delete_adapter(self, name: str) -> None:
-        self._request("DELETE", f"/v1/adapters/{name}")
+        self._request("DELETE", f"/v1/adapters/{_seg(name)}")
 
 
 def _poll(fetch, timeout, interval, max_interval, what, progress=None):

@@ -141,3 +141,32 @@ def test_cli_submit_wait_exits_1_when_the_job_did_not_succeed(make_client, monke
     result = CliRunner().invoke(app, ["submit", "hi", "--wait", "--key", "k"])
     assert result.exit_code == 1, result.output
     assert "cancelled" in result.output
+
+
+def test_odd_answers_and_ids_are_client_errors_and_credentials_stay_hidden(make_client):
+    """Another server's answer (HTML, a redirect, a JSON of another shape) was a raw
+    JSONDecodeError or pydantic traceback; an id like '../../healthz' reached another route;
+    'cannot reach' printed the URL's user:password."""
+    import httpx
+
+    from lorry.client import Client
+
+    c, _ = make_client("acme")
+    for bad in ("", "../../healthz"):
+        with pytest.raises(LorryError) as e:
+            c.get(bad)
+        assert e.value.status in (0, 404), e.value
+    answers = {"/v1/jobs/html": httpx.Response(200, text="<html>login</html>"),
+               "/v1/jobs/moved": httpx.Response(302, headers={"location": "/elsewhere"}),
+               "/v1/jobs/shape": httpx.Response(200, json={"hello": "world"})}
+    http = httpx.Client(base_url="http://proxy", transport=httpx.MockTransport(
+        lambda request: answers[request.url.path]))
+    with Client("http://proxy", "k", http_client=http) as odd:
+        for job_id, words in (("html", "no Lorry API object"), ("moved", "was redirected"),
+                              ("shape", "no Lorry API object")):
+            with pytest.raises(LorryError, match=words):
+                odd.get(job_id)
+    with Client("http://user:pw-secret@127.0.0.1:9", "k", timeout=2) as down:
+        with pytest.raises(LorryError, match="cannot reach http://127.0.0.1:9") as e:
+            down.get("job_x")
+        assert "pw-secret" not in str(e.value) and "user" not in str(e.value)

@@ -44,8 +44,15 @@ class QueueCollector:
         if self.tenant_labels:
             depth = GaugeMetricFamily("lorry_jobs", "Queued and running jobs by adapter and "
                                       "tenant", labels=["status", "adapter", "tenant"])
+            # one sample per label set: a tenant's own adapter and a shared one of the same
+            # name, or base-model jobs beside a deleted adapter's (no name: ""), are summed
+            # (two samples of one series were a scrape Prometheus drops one of)
+            merged: dict[tuple[str, str, str], int] = {}
             for status, adapter, tenant, count in rows:
-                depth.add_metric([status, adapter or "", str(tenant)], count)
+                key = (status, adapter or "", str(tenant))
+                merged[key] = merged.get(key, 0) + count
+            for labels, count in merged.items():
+                depth.add_metric(list(labels), count)
         else:
             depth = GaugeMetricFamily("lorry_jobs", "Queued and running jobs",
                                       labels=["status"])

@@ -65,6 +65,27 @@ def test_tenant_labels_when_the_operator_opts_in(service, alice, roots, metrics_
             in text)
 
 
+def test_one_series_per_label_set_with_tenant_labels(service, alice, roots, metrics_app):
+    """A tenant's own adapter named like a shared one gave two samples of one series (and a
+    deleted adapter's queued jobs collided with base-model jobs): Prometheus keeps one of
+    them, undercounting the queue. They are summed."""
+    _app, queue, *_ = service
+    queue.register_adapter("twin", str(roots[0] / "good"), rank=8)             # shared
+    for tenant_id in (None, alice.tenant.id):
+        if tenant_id is not None:
+            assert alice.post("/v1/adapters", json={"name": "twin", "source": str(
+                roots[0] / "good")}).status_code == 201
+        assert alice.post("/v1/jobs", json={"prompt": "x", "adapter": "twin"}
+                          ).status_code == 201
+    app = metrics_app(metrics_token=SecretStr(TOKEN), metrics_tenant_labels=True)
+    lines = [x for x in client(app, TOKEN).get("/metrics").text.splitlines()
+             if x.startswith("lorry_jobs{")]
+    series = [x.rsplit(" ", 1)[0] for x in lines]
+    assert len(series) == len(set(series)), lines
+    assert (f'lorry_jobs{{adapter="twin",status="queued",tenant="{alice.tenant.id}"}} 2.0'
+            in lines), lines
+
+
 def test_metrics_settings_from_the_environment(monkeypatch, tmp_path):
     from lorry.settings import Settings
 

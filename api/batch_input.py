@@ -31,7 +31,7 @@ class RequestBody(OpenAIOptions):
 
     model: str = Field(pattern=NAME_PATTERN)
     messages: list[ChatMessage] | None = Field(None, min_length=MESSAGES_LENGTH[0],
-                                           max_length=MESSAGES_LENGTH[1])
+                                               max_length=MESSAGES_LENGTH[1])
     prompt: text(*PROMPT_LENGTH) | None = None
     stream: Literal[False] | None = None
 
@@ -85,7 +85,7 @@ def sampling_of(body: RequestBody) -> dict[str, Any]:
 
 
 def _describe(err: ValidationError, data: Any) -> tuple[str, str]:
-    items = field_errors(list(err.errors()), data)
+    items = field_errors(list(err.errors()), data, prefixed=False)
     first = items[0]
     loc = loc_text(first["loc"], request=False)
     value = first.get("input")

@@ -139,16 +139,16 @@ _MEMBER_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "constr
                           "constrained-int", "constrained-float", "constrained-list"})
 
 
-def field_errors(items: list[dict], body: Any = None) -> list[dict]:
-    """pydantic's errors with each loc as a path into ``body`` (the request as parsed, the
-    "body" prefix included where FastAPI gives one); where an input failed every member of a
-    union, a member's "not of my type" error goes when another member took the input and
-    refused it deeper or for another reason (a list of 17 stop strings: "at most 16 items",
-    not also "not a valid string")."""
+def field_errors(items: list[dict], body: Any = None, prefixed: bool = True) -> list[dict]:
+    """pydantic's errors with each loc as a path into ``body`` (the request as parsed; with
+    ``prefixed``, FastAPI's locs, which start with "body"); where an input failed every
+    member of a union, a member's "not of my type" error goes when another member took the
+    input and refused it deeper or for another reason (a list of 17 stop strings: "at most
+    16 items", not also "not a valid string")."""
     out = []
     for e in items:
         loc = tuple(e.get("loc", ()))
-        if loc[:1] == ("body",):
+        if prefixed and loc[:1] == ("body",):
             rest, member = _in_body(loc[1:], body)
             clean = ("body", *rest)
         else:

@@ -368,3 +368,11 @@ def test_whole_number_floats_are_ints(service, alice, roomy):
     r = roomy.post("/v1/batches", content=json.dumps(line("a", max_tokens=16.0)).encode(),
                    headers={"Content-Type": "application/jsonl"})
     assert r.status_code == 201 and r.json()["request_counts"]["failed"] == 0, r.text
+
+
+def test_a_batch_lines_own_key_named_like_a_type_keeps_its_name(roomy):
+    bad = line("b", int=1)
+    r = roomy.post("/v1/batches", content="\n".join([json.dumps(line("a")), json.dumps(bad)]),
+                   headers={"Content-Type": "application/jsonl"})
+    (e,) = r.json()["errors"]["data"]
+    assert e["param"] == "body.int", e

@@ -194,7 +194,7 @@ class Client:
                 "completion_window": completion_window, "metadata": metadata}
         headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
         return self._as(Batch, self._request("POST", "/v1/batches", json=body,
-                                                  headers=headers))
+                                             headers=headers))
 
     def file(self, file_id: str) -> File:
         return self._as(File, self._request("GET", f"/v1/files/{_seg(file_id)}"))

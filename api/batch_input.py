@@ -72,11 +72,16 @@ def base_model_name(settings) -> str:
     return PurePath(settings.model.rstrip("/")).name
 
 
+def is_base(model: str, base_name: str) -> bool:
+    """Whether a model name means the base model on the OpenAI routes and in batch lines:
+    "base" or the base model's directory name (``base_model_name``)."""
+    return model in BASE_ALIASES or model == base_name
+
+
 def names_the_base(name: str, settings) -> bool:
-    """Whether a model name means the base model on the OpenAI routes and in batch lines
-    ("base" or the base model's directory name): an adapter of that name could not be
-    reached there, so none is registered under it."""
-    return name in BASE_ALIASES or name == base_model_name(settings)
+    """``is_base`` for these settings: an adapter of such a name could not be reached on
+    the OpenAI routes, so none is registered under it."""
+    return is_base(name, base_model_name(settings))
 
 
 def sampling_of(body: RequestBody) -> dict[str, Any]:
@@ -188,7 +193,7 @@ class _Chunker:
         self.options: dict = {}  # batch_fast.accept's memo
 
     def _model_ok(self, model: str) -> bool:
-        return model == self.base_name or model in BASE_ALIASES or model in self.known
+        return is_base(model, self.base_name) or model in self.known
 
     def chunk(self, raw: list[tuple[int, bytes]],
               stats: IngestStats) -> tuple[list[JobSpec], list[LineError]]:
@@ -256,10 +261,9 @@ class _Chunker:
                                          f"line {number}: {reason}", f"body.{field}",
                                          line.custom_id))
                 continue
-            is_base = line.model == self.base_name or line.model in BASE_ALIASES
             specs.append(JobSpec(
-                adapter=None if is_base else line.model, prompt=line.prompt,
-                messages=line.messages, sampling=self._shared(line.sampling),
+                adapter=None if is_base(line.model, self.base_name) else line.model,
+                prompt=line.prompt, messages=line.messages, sampling=self._shared(line.sampling),
                 custom_id=line.custom_id))
             stats.endpoints.add(line.url)
         return specs

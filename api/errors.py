@@ -115,6 +115,11 @@ def loc_text(loc: tuple | list, request: bool = True) -> str:
     return out
 
 
+# the names pydantic gives a union's plain members in a loc (others: "list[...]" and the like)
+_MEMBER_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "constrained-str",
+                          "constrained-int", "constrained-float", "constrained-list"})
+
+
 def _in_body(loc: tuple, body: Any) -> tuple[tuple, bool]:
     """(the loc's parts that name keys and positions of ``body``, whether others were left
     out): pydantic puts a union member's name ("function-after[_storable(), str]",
@@ -133,10 +138,6 @@ def _in_body(loc: tuple, body: Any) -> tuple[tuple, bool]:
             value = None
         kept.append(part)
     return tuple(kept), dropped
-
-
-_MEMBER_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "constrained-str",
-                          "constrained-int", "constrained-float", "constrained-list"})
 
 
 def field_errors(items: list[dict], body: Any = None, prefixed: bool = True) -> list[dict]:

@@ -12,7 +12,7 @@ from anyio.to_thread import run_sync
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
-from lorry.api.batch_input import BASE_ALIASES, base_model_name
+from lorry.api.batch_input import base_model_name, is_base
 from lorry.api.deps import get_queue, get_settings, get_tenant, nudge
 from lorry.api.errors import ApiError, ErrorBody, error_body, responses
 from lorry.api.openai_format import ChunkWriter, completion_object, usage_of
@@ -84,7 +84,7 @@ async def completions(body: CompletionRequest, request: Request, tenant=Depends(
 def resolve_model(queue, tenant, settings, model: str) -> str | None:
     """The adapter ``model`` names (None: the base model); 404 naming what exists."""
     base = base_model_name(settings)
-    if model == base or model in BASE_ALIASES:
+    if is_base(model, base):
         return None
     if queue.get_adapter(model, tenant.id) is not None:
         return model

@@ -20,7 +20,14 @@ from lorry.api.batch_fast import (
 from lorry.api.errors import field_errors, loc_text
 from lorry.api.json_check import check_json
 from lorry.api.prompt_length import too_long_messages
-from lorry.api.schemas import NAME_PATTERN, ChatMessage, OpenAIOptions, Text, text
+from lorry.api.schemas import (
+    MAX_TOKENS,
+    NAME_PATTERN,
+    ChatMessage,
+    OpenAIOptions,
+    Text,
+    text,
+)
 from lorry.scheduler.types import JobSpec, LineError
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -76,6 +83,22 @@ def is_base(model: str, base_name: str) -> bool:
     """Whether a model name means the base model on the OpenAI routes and in batch lines:
     "base" or the base model's directory name (``base_model_name``)."""
     return model in BASE_ALIASES or model == base_name
+
+
+def chat_max_tokens(settings) -> int:
+    """max_tokens of a chat request that names none (nor max_completion_tokens): as long as
+    the context allows, as OpenAI's and vLLM's chat routes answer (the engine ends the row at
+    max_model_len, finish reason "length"), at most MAX_TOKENS. Text completions keep
+    OpenAI's default (the engine's 16)."""
+    limit = getattr(settings, "max_model_len", None)
+    return min(MAX_TOKENS, limit) if limit else MAX_TOKENS
+
+
+def with_chat_default(sampling: dict[str, Any], settings) -> dict[str, Any]:
+    """A chat request's sampling with ``chat_max_tokens`` where it names no max_tokens."""
+    if "max_tokens" in sampling:
+        return sampling
+    return {**sampling, "max_tokens": chat_max_tokens(settings)}
 
 
 def names_the_base(name: str, settings) -> bool:
@@ -224,16 +247,18 @@ class _Chunker:
             return LineError(number, "line_too_large", f"line {number} is longer than the "
                              f"limit of {limit} bytes; shorten it")
         line = read_line(number, data, self.options)
-        if isinstance(line, LineError):
-            return line
+        # a refused line keeps its custom_id in the error file: it counts as a use too
         cid = line.custom_id
-        if cid in self.seen:
+        if cid is not None and cid in self.seen:
             duplicates.append({
                 "code": "duplicate_custom_id", "line": number, "param": "custom_id",
                 "message": f"line {number}: custom_id {cid!r} already used on line "
                            f"{self.seen[cid]}; custom_ids must be unique in a batch"})
             return None
-        self.seen[cid] = number
+        if cid is not None:
+            self.seen[cid] = number
+        if isinstance(line, LineError):
+            return line
         if self.endpoint is not None and line.url != self.endpoint:
             return LineError(
                 number, "invalid_url", f"line {number}: url {line.url!r} differs from the "
@@ -253,7 +278,7 @@ class _Chunker:
         wants = [line.sampling.get("max_tokens") for _, line in good]
         too_long = [None] * len(good) if self.settings is None else too_long_messages(
             self.settings, items, wants)
-        specs = []
+        specs, chat_samplings = [], {}
         for (number, line), problem in zip(good, too_long):
             if problem is not None:   # (reason, field); max_tokens also for
                 reason, field = problem   # max_completion_tokens (the line keeps one)
@@ -261,12 +286,25 @@ class _Chunker:
                                          f"line {number}: {reason}", f"body.{field}",
                                          line.custom_id))
                 continue
+            sampling = line.sampling if line.messages is None else self._chat(
+                line.sampling, chat_samplings)
             specs.append(JobSpec(
                 adapter=None if is_base(line.model, self.base_name) else line.model,
-                prompt=line.prompt, messages=line.messages, sampling=self._shared(line.sampling),
+                prompt=line.prompt, messages=line.messages, sampling=self._shared(sampling),
                 custom_id=line.custom_id))
             stats.endpoints.add(line.url)
         return specs
+
+    def _chat(self, sampling: dict, memo: dict[int, tuple[dict, dict]]) -> dict:
+        """``with_chat_default`` of a chat line's sampling: one dict per source dict of a
+        chunk (lines share their source dicts; the source is kept beside its id)."""
+        if "max_tokens" in sampling:
+            return sampling
+        source, chat = memo.get(id(sampling), (None, None))
+        if source is not sampling:
+            chat = with_chat_default(sampling, self.settings)
+            memo[id(sampling)] = (sampling, chat)
+        return chat
 
     def _shared(self, sampling: dict) -> dict:
         """The one kept dict equal to ``sampling`` (equal dicts are stored as one JSON)."""

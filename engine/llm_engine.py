@@ -10,7 +10,7 @@ from lorry.engine.config import EngineConfig
 from lorry.engine.errors import LoRAError, ModelLengthError
 from lorry.engine.lora.request import LoRARequest
 from lorry.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from lorry.engine.sampler import RoundSampler, sample, token_logprobs
+from lorry.engine.sampler import NOT_FINITE, RoundSampler, sample, token_logprobs
 from lorry.engine.sampling_params import SamplingParams
 from lorry.engine.sequence import Sequence, SequenceStatus
 from lorry.engine.setup import build_engine_parts
@@ -197,10 +197,13 @@ class LLMEngine:
             return finished
         tokens = sample(logits, seqs, self.generator)
         self._count_step(plan, t0)
-        logprobs = token_logprobs(logits, seqs, tokens)
+        logprobs = token_logprobs(logits, seqs, [max(t, 0) for t in tokens])
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             if seq.status is SequenceStatus.FINISHED:
                 continue  # aborted by an on_tokens callback earlier in this loop
+            if token == NOT_FINITE:
+                finished.append(self._fail_not_finite(seq))
+                continue
             if i in logprobs:
                 if seq.logprobs is None:
                     seq.logprobs = []
@@ -227,7 +230,8 @@ class LLMEngine:
         round drops the tokens computed after its last (the KV they wrote is in its own
         blocks, released)."""
         pick = RoundSampler(plan.seqs, self.generator, self.device)
-        tokens = self.runner.decode_steps(plan.seqs, slots, plan.steps, pick).tolist()
+        tokens = pick.marked(self.runner.decode_steps(plan.seqs, slots, plan.steps,
+                                                      pick)).tolist()
         if self.loras is not None:
             self.loras.gpu.mark_used(slots)
         finished, kept = [], 0
@@ -235,6 +239,9 @@ class LLMEngine:
             for seq, token in zip(plan.seqs, row):
                 if seq.status is SequenceStatus.FINISHED:
                     continue  # ended earlier in the round, or aborted meanwhile
+                if token == NOT_FINITE:
+                    finished.append(self._fail_not_finite(seq))
+                    continue
                 kept += 1
                 out = self._add_token(seq, token)
                 if out is not None:
@@ -244,6 +251,20 @@ class LLMEngine:
             if seq.status is not SequenceStatus.FINISHED and seq.params.stream:
                 self._stream(seq)
         return finished
+
+    def _fail_not_finite(self, seq: Sequence) -> RequestOutput:
+        """End a request whose logits hold NaN or infinity (an adapter whose products overflow
+        the serving dtype): finish_reason "error" with the reason; the other rows go on."""
+        req = seq.lora_request
+        who = "the base model" if req is None else f"adapter {req.lora_name!r}"
+        dtype = str(self.dtype).removeprefix("torch.")
+        seq.error = (f"{who} produced NaN or infinite logits at output token "
+                     f"{len(seq.output_token_ids) + 1}: its activations overflow {dtype}; "
+                     "the request was stopped (fix or retrain the adapter: scale its weights "
+                     "or lora_alpha down)")
+        self._seqs.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        return self._finish(seq, "error")
 
     def _roll_back(self, plan) -> None:
         """A prefill step failed before its keys were written: the blocks it registered hold

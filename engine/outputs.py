@@ -19,7 +19,8 @@ class Logprob:
 @dataclass
 class CompletionOutput:
     """One generated completion: text, token ids and why it ended ("stop", "length", "abort",
-    or "error" when the request failed before generating: see RequestOutput.error).
+    or "error" when the request failed: its adapter could not be loaded, or its logits turned
+    NaN or infinite; see RequestOutput.error).
 
     ``logprobs`` (when SamplingParams.logprobs is set): one {token id: Logprob} per generated
     token, the chosen token first, then the requested number of most likely ones.
@@ -60,7 +61,8 @@ class RequestOutput:
     lora_request: LoRARequest | None = None
     finished: bool = False
     metrics: RequestMetrics | None = field(default=None)
-    # finish_reason "error": why the request failed (its adapter could not be loaded)
+    # finish_reason "error": why the request failed (its adapter could not be loaded, or
+    # its logits turned NaN or infinite)
     error: str | None = None
 
     @property

@@ -11,6 +11,9 @@ import torch
 from lorry.engine.outputs import Logprob
 from lorry.engine.sequence import Sequence
 
+# the token ``sample`` gives a row whose logits hold NaN or infinity (the engine ends it)
+NOT_FINITE = -1
+
 
 def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Mask logits outside top-k / top-p. logits: [N, V]; top_k: [N] (0 = off); top_p: [N]."""
@@ -59,7 +62,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     freq = torch.tensor([p.frequency_penalty for p in params], device=dev, dtype=sub.dtype)
     pres = torch.tensor([p.presence_penalty for p in params], device=dev, dtype=sub.dtype)
     sub = sub - freq[:, None] * counts - pres[:, None] * (counts > 0).to(sub.dtype)
-    return logits.index_copy(0, idx, sub)
+    # a tiny repetition_penalty (1e-40) divides finite logits into +inf: keep them finite
+    big = torch.finfo(sub.dtype).max
+    return logits.index_copy(0, idx, sub.clamp(-big, big))
 
 
 class _Sampled:
@@ -72,7 +77,9 @@ class _Sampled:
             return
         params = [seqs[i].params for i in self.rows]
         self.idx = torch.tensor(self.rows, device=device)
-        self.temp = torch.tensor([p.temperature for p in params], device=device)[:, None]
+        # a temperature below float32's smallest (5e-324, 1e-46) is 0 there: 0 / 0 is NaN
+        self.temp = torch.tensor([p.temperature for p in params], device=device)[:, None] \
+            .clamp_min(torch.finfo(torch.float32).tiny)
         # top-k/top-p sort the vocabulary: only when a row asks for them
         self.filtered = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
         if self.filtered:
@@ -80,16 +87,31 @@ class _Sampled:
             self.top_p = torch.tensor([p.top_p for p in params], device=device)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        scaled = logits.index_select(0, self.idx) / self.temp
+        rows = logits.index_select(0, self.idx)
+        top = rows.amax(-1, keepdim=True)                                        # [N, 1]
+        # shifted to a maximum of 0 first: a tiny temperature (1e-40) then gives -inf, never
+        # +inf (whose softmax is NaN), and softmax is unchanged by the shift; a row whose
+        # maximum is not finite (``finite_rows``) is zeroed, never handed to ``multinomial``
+        # (on CUDA a device-side assert that ends every request of the process)
+        scaled = ((rows - top) / self.temp).masked_fill(~torch.isfinite(top), 0.0)
         if self.filtered:
             scaled = _filter(scaled, self.top_k, self.top_p)
         return scaled.softmax(-1)                                                # [N, V]
 
 
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """ok [B]: the rows whose maximum is finite (no NaN, no +inf, not all -inf; -inf entries
+    are fine). An adapter whose products overflow the serving dtype gives the others; one
+    read-only reduction, on the device."""
+    return torch.isfinite(logits.amax(-1))
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], default: torch.Generator) -> list[int]:
-    """logits: [B, V] fp32 -> one token id per sequence (penalties applied first). Rows with
+    """logits: [B, V] fp32 -> one token id per sequence (penalties applied first), or
+    ``NOT_FINITE`` for a row whose logits hold NaN or infinity (``finite_rows``). Rows with
     their own generator (a seed) draw from it one by one; the others draw together from
     ``default``."""
+    ok = finite_rows(logits)
     logits = apply_penalties(logits, seqs)
     tokens = logits.argmax(dim=-1)
     sampled = _Sampled(seqs, logits.device)
@@ -103,7 +125,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], default: torch.Generator)
         for j in own:
             i = sampled.rows[j]
             tokens[i] = torch.multinomial(probs[j], 1, generator=seqs[i].generator)[0]
-    return tokens.tolist()
+    return tokens.masked_fill(~ok, NOT_FINITE).tolist()
 
 
 class RoundSampler:
@@ -114,13 +136,21 @@ class RoundSampler:
     def __init__(self, seqs: list[Sequence], default: torch.Generator, device):
         self.sampled = _Sampled(seqs, device)
         self.default = default
+        self._ok: list[torch.Tensor] = []   # each step's usable rows [B], on the device
 
     def __call__(self, logits: torch.Tensor, out: torch.Tensor) -> None:
-        """Write the step's tokens [B] into ``out``."""
+        """Write the step's tokens [B] into ``out`` (the next step's inputs: a valid id even
+        for a row whose logits are not finite; ``marked`` tells those rows)."""
+        self._ok.append(finite_rows(logits))
         torch.argmax(logits, -1, out=out)
         s = self.sampled
         if s.rows:
             out[s.idx] = torch.multinomial(s.probs(logits), 1, generator=self.default)[:, 0]
+
+    def marked(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The round's tokens [steps, B] with ``NOT_FINITE`` where a step's logits of that row
+        were not finite (one read of the round, as before)."""
+        return tokens.masked_fill(~torch.stack(self._ok), NOT_FINITE)
 
 
 def token_logprobs(logits: torch.Tensor, seqs: list[Sequence],

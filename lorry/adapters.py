@@ -14,10 +14,21 @@ def operator_source(source: str) -> str:
     else is left for ``engine.lora.sources`` to decide (absolute path, or Hub id
     'owner/name'). Only the operator's own tools do this: a tenant's source through the API
     is never looked up on the server's disk."""
+    from lorry.engine.lora.sources import HUB, source_kind
+
     if source in (".", "..") or source.startswith(("./", "../")):
         return os.path.abspath(source)
     if source and not source.startswith(("/", "~")) and os.path.isdir(source):
         return os.path.abspath(source)
+    if source and not source.startswith(("/", "~")):
+        try:
+            hub = source_kind(source) == HUB
+        except ValueError:
+            hub = False
+        if not hub:  # not 'owner/name': the operator meant a directory here
+            raise ValueError(f"adapter directory {source!r} does not exist in "
+                             f"{os.getcwd()}: give an existing PEFT directory (relative to "
+                             "where you run this, or absolute) or a Hub repo id 'owner/name'")
     return source
 
 

@@ -5,6 +5,9 @@ Heavy modules (torch, the engine, SQLAlchemy, Celery) are imported inside the co
 """
 from __future__ import annotations
 
+import functools
+import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -40,6 +43,94 @@ def _queue():
     return JobQueue(_settings().database_url)
 
 
+def _database_problem(exc: BaseException, url: str) -> str | None:
+    """What an operator should do about a database error a command met (one line), or None
+    for an error that is not about reaching or reading the database."""
+    from sqlalchemy import exc as sa_exc
+
+    from lorry.scheduler import errors
+    from lorry.scheduler.connector import DRIVER_ERRORS, convert
+
+    usable = "sqlite:///PATH or postgresql+psycopg://USER@HOST/DATABASE"
+    if isinstance(exc, sa_exc.ArgumentError):  # unparsable URL, unknown dialect or driver
+        return f"LORRY_DATABASE_URL is not a database URL Lorry can use ({exc}); give {usable}"
+    if isinstance(exc, ImportError):  # another database's driver (mysql://...)
+        from sqlalchemy.engine import make_url
+
+        backend = make_url(url).get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            return (f"LORRY_DATABASE_URL names a {backend} database, whose driver is not "
+                    f"installed ({exc}); the job table lives in {usable}")
+        return None
+    chain, seen = [exc], exc
+    while seen is not None and len(chain) < 8:
+        seen = getattr(seen, "orig", None) or seen.__cause__
+        if seen is not None:
+            chain.append(seen)
+    where = _redact(url)
+    try:
+        from psycopg import errors as pg_errors
+        missing = (pg_errors.UndefinedTable, pg_errors.UndefinedColumn)
+    except ImportError:  # pragma: no cover
+        missing = ()
+    if any(isinstance(e, missing) for e in chain):
+        return (f"the job database {where} has no Lorry tables, or tables of an older "
+                "version: run `lorry db upgrade` first")
+    typed = exc if isinstance(exc, errors.Unavailable) else \
+        convert(exc) if isinstance(exc, DRIVER_ERRORS) else None
+    if isinstance(typed, errors.Unavailable):
+        lines = str(chain[-1]).strip().splitlines()
+        cause = f": {lines[0]}" if lines and chain[-1] is not exc else ""
+        check = "that the file is a SQLite database Lorry may write" \
+            if url.startswith("sqlite:") else "that the database server is running"
+        return f"cannot use the job database {where}{cause}; check LORRY_DATABASE_URL and {check}"
+    return None
+
+
+def _uses_database(command):
+    """Turn a database that cannot be reached or read (down, wrong URL, not migrated) into
+    one line naming it and what to do, exit status 2 (not a traceback)."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        # the one line below names the cause; the connector's log line would repeat it
+        logging.getLogger("lorry.scheduler.connector").addHandler(logging.NullHandler())
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:  # the command's own refusal, already printed
+            raise
+        except Exception as e:  # noqa: BLE001  (every other error propagates as it is)
+            problem = _database_problem(e, _settings().database_url)
+            if problem is None:
+                raise
+            typer.echo(f"error: {problem}", err=True)
+            raise typer.Exit(2) from None
+    return run
+
+
+def _model_problem(settings) -> str | None:
+    """Why LORRY_MODEL cannot be the base model (a local path that is no directory), with
+    what to do; None when it is a directory or a Hub repo id (resolved when loaded)."""
+    from lorry.settings import DEMO_MODEL_NAME
+
+    model = settings.model
+    if os.path.isdir(os.path.expanduser(model)):
+        return None
+    if not (os.path.exists(model) or model.startswith(("/", ".", "~")) or model.count("/") > 1):
+        return None  # 'owner/name': a Hub id
+    if model == str(settings.models_dir / DEMO_MODEL_NAME):
+        return (f"the demo base model is not prepared ({model} does not exist): run "
+                "`lorry model prepare` first, or set LORRY_MODEL to a model directory")
+    return (f"LORRY_MODEL={model!r} is not a directory: set it to a model directory (its "
+            "config.json and safetensors) or a Hub repo id 'owner/name'")
+
+
+def _require_model(settings) -> None:
+    problem = _model_problem(settings)
+    if problem:
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(2)
+
+
 @model_app.command("prepare")
 def model_prepare(out: Optional[Path] = typer.Option(None, help="output directory")):
     """Convert the packaged demo model (SmolLM2-135M-Instruct) to safetensors, once."""
@@ -50,8 +141,9 @@ def model_prepare(out: Optional[Path] = typer.Option(None, help="output director
 
 
 @db_app.command("upgrade")
-def db_upgrade(revision: str = typer.Argument("head")):
-    """Apply the migrations to LORRY_DATABASE_URL."""
+@_uses_database
+def db_upgrade(revision: str = typer.Argument("head", help="Alembic revision to migrate to")):
+    """Apply the migrations to LORRY_DATABASE_URL (default: SQLite under LORRY_DATA_DIR)."""
     from lorry.scheduler.migrate import upgrade
 
     url = _settings().database_url
@@ -60,10 +152,16 @@ def db_upgrade(revision: str = typer.Argument("head")):
 
 
 @tenant_app.command("create")
-def tenant_create(name: str, weight: float = typer.Option(1.0, min=0.001),
-                  max_queued: Optional[int] = typer.Option(None, min=1)):
-    """Create a tenant and print its API key (shown once; only its hash is stored). The name
-    must be new: the other tenant commands find tenants by it."""
+@_uses_database
+def tenant_create(name: str = typer.Argument(..., help="a new tenant name"),
+                  weight: float = typer.Option(1.0, min=0.001,
+                                               help="its share of the workers against others"),
+                  max_queued: Optional[int] = typer.Option(
+                      None, min=1, help="most jobs it may have queued (default: no limit)")):
+    """Create a tenant and print its API key (shown once).
+
+    Only the key's hash is stored. The name must be new: the other tenant commands find
+    tenants by it."""
     if not name or name != name.strip() or len(name) > 128 or not name.isprintable():
         typer.echo(f"error: tenant name {name!r} is invalid: give 1-128 printable characters "
                    "without leading or trailing spaces", err=True)
@@ -96,6 +194,7 @@ def _one_tenant(queue, name_or_id: str):
 
 
 @tenant_app.command("list")
+@_uses_database
 def tenant_list():
     """Tenants with their id, weight, quota and whether their API key works."""
     for t, active in _queue().list_tenants():
@@ -105,6 +204,7 @@ def tenant_list():
 
 
 @tenant_app.command("rotate-key")
+@_uses_database
 def tenant_rotate_key(tenant: str = typer.Argument(..., help="tenant name or id")):
     """Give a tenant a new API key (printed once); the old key stops working at once."""
     queue = _queue()
@@ -115,6 +215,7 @@ def tenant_rotate_key(tenant: str = typer.Argument(..., help="tenant name or id"
 
 
 @tenant_app.command("revoke")
+@_uses_database
 def tenant_revoke(tenant: str = typer.Argument(..., help="tenant name or id")):
     """Revoke a tenant's API key (its jobs and adapters stay; rotate-key gives a new one)."""
     queue = _queue()
@@ -124,12 +225,21 @@ def tenant_revoke(tenant: str = typer.Argument(..., help="tenant name or id")):
 
 
 @adapter_app.command("add")
-def adapter_add(name: str, source: str, revision: Optional[str] = None):
-    """Register a shared adapter: a local PEFT directory or a Hub repo id."""
+@_uses_database
+def adapter_add(name: str = typer.Argument(..., help="the name jobs and batch lines use"),
+                source: str = typer.Argument(..., help="a PEFT directory under "
+                                             "LORRY_ADAPTER_ROOTS (absolute, or relative to "
+                                             "here), or a Hub repo id 'owner/name'"),
+                revision: Optional[str] = typer.Option(None, help="Hub branch, tag or commit")):
+    """Register a shared adapter: a local PEFT directory or a Hub repo id.
+
+    A local adapter is checked against the base model (LORRY_MODEL) at once."""
     from lorry.adapters import register_shared
 
+    settings = _settings()
+    _require_model(settings)
     try:
-        info = register_shared(_queue(), _settings(), name, source, revision)
+        info = register_shared(_queue(), settings, name, source, revision)
     except ValueError as e:  # refused by the engine's rules, or the name is taken
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -137,6 +247,7 @@ def adapter_add(name: str, source: str, revision: Optional[str] = None):
 
 
 @adapter_app.command("list")
+@_uses_database
 def adapter_list():
     """List the shared adapters."""
     for a in _queue().list_adapters(None):
@@ -144,8 +255,10 @@ def adapter_list():
 
 
 @app.command("api")
-def api(host: Optional[str] = None, port: Optional[int] = None, workers: int = 1):
-    """Serve the REST API (uvicorn)."""
+def api(host: Optional[str] = typer.Option(None, help="default: LORRY_API_HOST (127.0.0.1)"),
+        port: Optional[int] = typer.Option(None, help="default: LORRY_API_PORT (8000)"),
+        workers: int = typer.Option(1, help="uvicorn worker processes")):
+    """Serve the REST API (uvicorn); OpenAPI docs at /docs."""
     import uvicorn
 
     s = _settings()
@@ -160,22 +273,29 @@ def _celery(argv: list[str]) -> None:
 
 
 @app.command("worker")
-def worker(name: Optional[str] = typer.Option(None, help="Celery node name"),
-           loglevel: str = "info"):
-    """Run a GPU worker (Celery, solo pool: one engine per process, loaded once)."""
+def worker(name: Optional[str] = typer.Option(None, help="Celery node name, as Flower shows "
+                                             "it (the job table and /metrics name the worker "
+                                             "LORRY_WORKER_ID, default <host>-<pid>)"),
+           loglevel: str = typer.Option("info", help="debug, info, warning or error")):
+    """Run a GPU worker (Celery, solo pool: one engine per process, loaded once).
+
+    It loads LORRY_MODEL and drains the job table at LORRY_DATABASE_URL whenever the API or
+    `lorry beat` nudges it through LORRY_BROKER_URL (Redis)."""
+    _require_model(_settings())
     argv = ["worker", "--pool", "solo", "--concurrency", "1", "-E", f"--loglevel={loglevel}"]
     _celery(argv + ([f"--hostname={name}"] if name else []))
 
 
 @app.command("beat")
-def beat(loglevel: str = "info",
+def beat(loglevel: str = typer.Option("info", help="debug, info, warning or error"),
          schedule: Path = typer.Option(Path("/tmp/lorry-beat-schedule"), help="state file")):
     """Run Celery beat: maintain (reaper, deadlines, batches, workers) and drain nudges."""
     _celery(["beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
 
 
 @app.command("flower")
-def flower(port: Optional[int] = None, address: str = "127.0.0.1",
+def flower(port: Optional[int] = typer.Option(None, help="default: LORRY_FLOWER_PORT (5555)"),
+           address: str = typer.Option("127.0.0.1", help="address to listen on"),
            insecure: bool = typer.Option(False, "--insecure", help="serve Flower without "
                                          "credentials (it can stop workers and send tasks)")):
     """Run Flower behind basic auth (LORRY_FLOWER_BASIC_AUTH=user:password) on every page."""
@@ -210,7 +330,10 @@ def run(file: Path = typer.Argument(..., exists=True, dir_okay=False,
                                                          "directory (one per subdir)"),
         database: Optional[str] = typer.Option(None, help="SQLAlchemy URL (default: a "
                                                         "temporary SQLite file)")):
-    """Run a batch file embedded (SQLite + in-process worker) and write OpenAI output lines."""
+    """Run a batch file embedded (SQLite + in-process worker) and write OpenAI output lines.
+
+    Refused lines and failed requests go to <stem>.errors.jsonl beside OUTPUT. Exit status 1
+    when a request failed, 2 for a refused adapter."""
     from lorry.embedded import run_file
 
     try:
@@ -219,7 +342,9 @@ def run(file: Path = typer.Argument(..., exists=True, dir_okay=False,
     except ValueError as e:  # a refused adapter or a bad --adapter value
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"{counts['succeeded']} succeeded, {counts['failed']} failed -> {output}")
+    errors = output.with_name(output.stem + ".errors.jsonl")
+    typer.echo(f"{counts['succeeded']} succeeded, {counts['failed']} failed -> {output}"
+               + (f" (failures: {errors})" if counts["failed"] else ""))
     if counts["failed"]:
         raise typer.Exit(1)
 

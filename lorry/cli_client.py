@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +20,7 @@ def _client(url: str, key: str):
 
     try:
         return Client(url, key)
-    except ValueError as e:   # an empty key (LORRY_API_KEY set to nothing)
+    except ValueError as e:   # an empty key, or a URL without http:// (--url)
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 
@@ -30,8 +31,32 @@ def _fail(e) -> None:
     line = f"error: {e}" + (f" [{about}]" if about else "")
     if e.retry_after is not None:
         line += f" (retry in {e.retry_after:g} s)"
+    if e.status == 0 and str(e).startswith("cannot reach"):
+        line += "; is `lorry api` running there? (--url or LORRY_URL)"
     typer.echo(line, err=True)
     raise typer.Exit(2)
+
+
+# A wait that has seen nothing run for this long says once that it needs a worker.
+IDLE_HINT_SECONDS = 20.0
+
+
+def _idle_hint(what: str, moved):
+    """A ``progress`` callback for waits: when ``moved(obj)`` (what the object shows of work
+    done; None: work is under way) stays the same for IDLE_HINT_SECONDS, say once on stderr
+    that workers run jobs (the usual cause of a wait that never ends: none is started)."""
+    state = {"seen": None, "since": time.monotonic(), "said": False}
+
+    def check(obj) -> None:
+        now, seen = time.monotonic(), moved(obj)
+        if seen is None or seen != state["seen"]:
+            state.update(seen=seen, since=now)
+        elif not state["said"] and now - state["since"] >= IDLE_HINT_SECONDS:
+            state["said"] = True
+            typer.echo(f"{what.format(seconds=now - state['since'])}; if no worker runs, start "
+                       "one: `lorry worker` (and `lorry beat`) with this API's "
+                       "LORRY_DATABASE_URL and LORRY_BROKER_URL", err=True)
+    return check
 
 
 @app.command("submit")
@@ -41,8 +66,9 @@ def submit(prompt: str, adapter: Optional[str] = typer.Option(None, help="adapte
            chat: bool = typer.Option(True, help="send the prompt as a user chat message"),
            wait: bool = typer.Option(False, help="wait for the result and print it"),
            url: str = URL, key: str = KEY):
-    """Submit one job; print its id (or its result with --wait: exit status 1 when the job
-    ended other than succeeded)."""
+    """Submit one job over the API; print its id (or its result with --wait).
+
+    With --wait the exit status is 1 when the job ended other than succeeded."""
     from lorry.errors import LorryError
 
     try:
@@ -53,7 +79,9 @@ def submit(prompt: str, adapter: Optional[str] = typer.Option(None, help="adapte
             if not wait:
                 typer.echo(job.id)
                 return
-            job = c.wait(job.id)
+            job = c.wait(job.id, progress=_idle_hint(
+                f"{job.id} is still queued after {{seconds:.0f}} s",
+                lambda j: "queued" if j.status == "queued" else None))
     except LorryError as e:
         _fail(e)
     if job.status != "succeeded":
@@ -81,14 +109,20 @@ app.add_typer(batch_app, name="batch")
 
 
 def _wait_with_bar(c, batch):
-    """Poll until the batch is final, drawing a progress bar of its finished requests."""
+    """Poll until the batch is final, drawing a progress bar of its finished requests (and
+    saying when nothing runs for a while)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), transient=False) as bar:
         task = bar.add_task(batch.id, total=batch.request_counts.total or None)
 
+        idle = _idle_hint(f"{batch.id}: no request has finished for {{seconds:.0f}} s",
+                          lambda b: None if b.done else (b.request_counts.completed,
+                                                         b.request_counts.failed))
+
         def show(b):
+            idle(b)
             counts = b.request_counts
             bar.update(task, total=counts.total or None,
                        completed=counts.completed + counts.failed,
@@ -101,14 +135,18 @@ def batch_submit(file: Path = typer.Argument(..., exists=True, dir_okay=False,
                                              help="an OpenAI Batch JSONL file"),
                  endpoint: str = typer.Option("/v1/chat/completions",
                                               help="the endpoint every line uses"),
-                 completion_window: str = "24h",
+                 completion_window: str = typer.Option("24h", help="OpenAI's window "
+                                                       "(24h); past it, what has not run "
+                                                       "expires"),
                  idempotency_key: Optional[str] = typer.Option(
                      None, help="retrying with the same key creates nothing new"),
                  wait: bool = typer.Option(False, help="wait (progress bar) until it is final"),
                  url: str = URL, key: str = KEY):
-    """Upload FILE (purpose "batch") and create its batch; print the batch id (or its final
-    state with --wait: exit status 1 when the batch ended other than completed, e.g. failed
-    because no line was valid). Refused lines are printed with their custom_id."""
+    """Upload FILE (purpose "batch") and create its batch; print the batch id.
+
+    Refused lines are printed with their custom_id. With --wait it prints the final state; the
+    exit status is then 1 when the batch ended other than completed (e.g. failed because no
+    line was valid)."""
     from lorry.errors import LorryError
 
     try:

@@ -49,6 +49,11 @@ class Client:
         if not isinstance(api_key, str) or not api_key.strip() or not api_key.isprintable():
             raise ValueError("api_key must be a tenant's API key ('lorry_...', printed by "
                              "`lorry tenant create`), got an empty or unprintable value")
+        if http_client is None and not (isinstance(base_url, str)
+                                        and base_url.startswith(("http://", "https://"))):
+            shown = base_url.rsplit("@", 1)[-1] if isinstance(base_url, str) else base_url
+            raise ValueError(f"base_url must start with http:// or https:// (e.g. "
+                             f"'http://127.0.0.1:8000'), got {shown!r}")  # no user:password
         self._http = http_client or httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
         self._http.headers["Authorization"] = f"Bearer {api_key}"
 

@@ -163,7 +163,11 @@ class Settings(BaseSettings):
         """``LORRY_ADAPTER_ROOTS`` is a PATH-like list (``/a:/b``) or a JSON list."""
         if isinstance(value, str):
             if value.strip().startswith("["):
-                return json.loads(value)
+                try:
+                    return json.loads(value)
+                except ValueError as e:
+                    raise ValueError("starts with '[' but is no JSON list of directories "
+                                     f"({e}); give '[\"/a\", \"/b\"]' or /a:/b") from None
             return [p for p in value.split(os.pathsep) if p]
         return value
 

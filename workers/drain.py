@@ -140,10 +140,13 @@ class Drainer:
         beater.start()
         try:
             self._loop(summary, start, max_seconds, should_stop, stop_when_empty)
-        except BaseException:
+        except BaseException as e:
             # Whatever broke (engine error, KeyboardInterrupt), give the jobs back now rather
-            # than leaving them to the lease reaper; then let it propagate.
-            self._wind_down(beats, beater)
+            # than leaving them to the lease reaper; then let it propagate. An engine error
+            # counts an attempt of the jobs in the engine, as a killed worker's lease does: a
+            # job that breaks every step it is in fails after max_attempts instead of taking
+            # its micro-batch down again and again.
+            self._wind_down(beats, beater, engine_error=e if isinstance(e, Exception) else None)
             raise
         self._wind_down(beats, beater)
         summary.seconds = time.monotonic() - start
@@ -183,11 +186,20 @@ class Drainer:
                 self._finish(out.request_id, out)
             self._hot_warm = self.hot_warm()
 
-    def _wind_down(self, beats: threading.Event, beater: threading.Thread) -> None:
-        """Give back what is held and buffered, write what is finished, stop the threads."""
+    def _wind_down(self, beats: threading.Event, beater: threading.Thread,
+                   engine_error: Exception | None = None) -> None:
+        """Give back what is held and buffered, write what is finished, stop the threads.
+        With ``engine_error`` the jobs in the engine are retried (an attempt counted, their
+        error says which type of error; its text may name other tenants' adapters)."""
         for job_id in list(self.held):
             self.engine.abort_request(job_id)
-            self._writer.put(WriteOp("release", self.held.pop(job_id).job))
+            job = self.held.pop(job_id).job
+            if engine_error is None:
+                self._writer.put(WriteOp("release", job))
+            else:
+                self._writer.put(WriteOp("fail", job, retryable=True, message=(
+                    f"the worker's engine failed while running this job's micro-batch "
+                    f"({type(engine_error).__name__}); retried up to max_attempts")))
         for claimed in self._claimer.stop():
             self._writer.put(WriteOp("release", claimed.job))
         if not self._writer.flush(self.shutdown_flush_seconds):
@@ -247,17 +259,16 @@ class Drainer:
 
     def _finish(self, job_id: str, out, cancelled: bool = False) -> None:
         from lorry.scheduler import Result
-        from lorry.scheduler.types import adapter_failure, is_adapter_failure
+        from lorry.scheduler.types import adapter_failure
         from lorry.workers.tokens import logprobs_json
 
         held = self.held.pop(job_id, None)
         if held is None or out is None:
             return
         comp = out.outputs[0]
-        if comp.finish_reason == "error":  # its adapter could not be loaded: not retryable
-            # (the engine's error says so already, naming the adapter: kept as it is)
-            message = out.error if is_adapter_failure(out.error) \
-                else adapter_failure(held.job.adapter, out.error)
+        if comp.finish_reason == "error":  # its adapter could not be loaded, or its logits
+            # turned NaN: not retryable (the engine's error names the adapter: kept as it is)
+            message = out.error or adapter_failure(held.job.adapter, "the engine gave no reason")
             self._writer.put(WriteOp("fail", held.job, message=message))
             return
         usage, m = out.usage, out.metrics
@@ -275,7 +286,7 @@ class Drainer:
     def _written(self, op: WriteOp, written: bool) -> None:
         """Count a write (the writer's thread calls this after each op)."""
         summary, stats = self.summary, self.stats
-        if op.kind == "release":
+        if op.kind == "release" or op.retryable:  # retryable: queued again while attempts last
             status = "released" if written else "stale"
             summary.released += bool(written)
         elif op.kind == "fail":  # cancelled=True: a cancel request stopped it before it ran
@@ -290,5 +301,5 @@ class Drainer:
             if written:
                 stats.jobs[status] += 1
                 setattr(summary, status, getattr(summary, status) + 1)
-        if self.on_result is not None and op.kind != "release":
+        if self.on_result is not None and op.kind != "release" and not op.retryable:
             self.on_result(op.job, status)

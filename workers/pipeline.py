@@ -145,13 +145,15 @@ class Claimer:
 
 @dataclass
 class WriteOp:
-    """One write for the writer: "complete" (result, cancelled), "fail" (message), "release"."""
+    """One write for the writer: "complete" (result, cancelled), "fail" (message; retryable:
+    queued again while attempts are left), "release"."""
 
     kind: str
     job: object  # scheduler.ClaimedJob
     result: object = None
     cancelled: bool = False
     message: str = ""
+    retryable: bool = False
     extra: dict = field(default_factory=dict)  # for on_done (timings, tokens)
 
 
@@ -275,7 +277,7 @@ class Writer:
             self.on_done(op, self.queue.release(job.id, job.lease_token))
         elif op.kind == "fail":
             self.on_done(op, self.queue.fail(job.id, job.lease_token, op.message,
-                                             retryable=False))
+                                             retryable=op.retryable))
         else:
             try:
                 written = self.queue.complete(job.id, job.lease_token, op.result,

@@ -235,7 +235,7 @@ def cancel_batch(batch_id: str, tenant=Depends(get_tenant), queue=Depends(get_qu
     info = queue.cancel_batch(batch_id, tenant.id) if is_id(batch_id) else None
     if info is None:
         raise _no_batch(batch_id)
-    return batch_out(info)
+    return batch_out(info, _shown(queue, tenant, info))
 
 
 def _lines(queue, tenant, batch_id: str, model_name: str, succeeded: bool):

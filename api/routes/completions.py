@@ -12,7 +12,7 @@ from anyio.to_thread import run_sync
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
-from lorry.api.batch_input import base_model_name, is_base
+from lorry.api.batch_input import base_model_name, is_base, with_chat_default
 from lorry.api.deps import get_queue, get_settings, get_tenant, nudge
 from lorry.api.errors import ApiError, ErrorBody, error_body, responses
 from lorry.api.openai_format import ChunkWriter, completion_object, usage_of
@@ -23,6 +23,7 @@ from lorry.api.schemas import (
     CompletionOut,
     CompletionRequest,
 )
+from lorry.scheduler import errors
 from lorry.scheduler.types import is_adapter_failure
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ async def _answer(request, body, tenant, queue, settings, *, chat, prompt, messa
                    [m["content"] for m in messages] if messages else None,
                    sampling.get("max_tokens"), "max_completion_tokens"
                    if body.max_completion_tokens else "max_tokens")
+    if chat:
+        sampling = with_chat_default(sampling, settings)
     spec = JobSpec(adapter=adapter, prompt=prompt, messages=messages, sampling={
         **sampling, **({"stream": True} if body.stream else {})},
         priority=INTERACTIVE_PRIORITY)
@@ -136,7 +139,13 @@ class _Job:
         self.deadline = time.monotonic() + timeout
 
     async def read(self):
-        return await run_sync(self.queue.get_job, self.id, self.tenant.id)
+        """The job's row; None while the database cannot be read. The job is queued already:
+        a 503 now would make the SDKs, which retry 503s, submit it a second time."""
+        try:
+            return await run_sync(self.queue.get_job, self.id, self.tenant.id)
+        except (errors.Unavailable, errors.Retryable) as e:
+            log.warning("cannot read %s while waiting for it (reading again): %s", self.id, e)
+            return None
 
     async def cancel(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -169,7 +178,7 @@ class _Job:
         pause = 0.02
         while True:
             info = await self.read()
-            if info.status in TERMINAL:
+            if info is not None and info.status in TERMINAL:
                 if info.status != "succeeded" or info.result.finish_reason == "abort":
                     raise self.ended(info)
                 return info
@@ -274,7 +283,7 @@ class _Stream:
         """The job's row: once it has ended, the rest of its text or its error."""
         self.next_read = time.monotonic() + STREAM_POLL_S
         info = await self.job.read()
-        if info.status not in TERMINAL:
+        if info is None or info.status not in TERMINAL:
             return []
         self.info = info  # the ended job's row (a running one's has no result for the end)
         if info.status != "succeeded":

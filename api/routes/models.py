@@ -5,7 +5,7 @@ import os
 
 from fastapi import APIRouter, Depends
 
-from lorry.api.batch_input import base_model_name
+from lorry.api.batch_input import base_model_name, is_base
 from lorry.api.convert import epoch
 from lorry.api.deps import get_queue, get_settings, get_tenant
 from lorry.api.errors import ApiError, responses
@@ -43,9 +43,12 @@ def list_models(tenant=Depends(get_tenant), queue=Depends(get_queue),
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses=responses(404),
-            summary="One model: the base model or an adapter you may use")
+            summary="One model: the base model (by its name or as 'base') or an adapter "
+                    "you may use")
 def get_model(model_id: str, tenant=Depends(get_tenant), queue=Depends(get_queue),
               settings=Depends(get_settings)):
+    if is_base(model_id, base_model_name(settings)):   # "base" names it on every route too
+        return _base(settings).model_copy(update={"id": model_id})
     for model in _models(queue, tenant, settings):
         if model.id == model_id:
             return model

@@ -167,6 +167,11 @@ class Attention(nn.Module):
             # chunks after cached prefixes, or decode: every key through the block tables
             keys, values = self._gather(batch)                            # [B, kvh, n, D]
             mask = visible(batch.positions, batch.kv_len, self.window)    # [B, S, n]
+            # keys no query of the row sees (past a shorter row's end: its last block's tail,
+            # the null block) are other sequences' stale ones; masked, but 0 x NaN is NaN
+            # where a sequence whose adapter overflowed left NaN: zeroed
+            unseen = ~mask.any(1)[:, None, :, None]                       # [B, 1, n, 1]
+            keys, values = keys.masked_fill(unseen, 0.0), values.masked_fill(unseen, 0.0)
             if batch.prefill:
                 out = self._attend(q, keys, values, mask)
             else:

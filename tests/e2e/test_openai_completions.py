@@ -103,3 +103,13 @@ def test_errors_read_through_the_sdk(sdk):
         sdk.chat.completions.create(model="alpha", messages=MESSAGES,
                                     response_format={"type": "json_object"})
     assert "not supported" in e.value.message
+
+
+def test_chat_without_max_tokens_answers_up_to_the_context(sdk):
+    """No max_tokens: the answer may fill the context (LORRY_MAX_MODEL_LEN=128 here), as
+    OpenAI's and vLLM's chat answer; it stopped at the engine's default of 16 tokens."""
+    out = sdk.chat.completions.create(model="alpha", messages=MESSAGES, temperature=0,
+                                      extra_body={"ignore_eos": True}, seed=-1)
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.total_tokens == 128 and out.usage.completion_tokens > 16
+    assert sdk.models.retrieve("base").owned_by == "lorry"

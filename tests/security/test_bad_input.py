@@ -45,7 +45,7 @@ def test_unknown_fields_are_named(service, alice):
     ({"max_tokens": -3}, "max_tokens"), ({"max_tokens": "many"}, "max_tokens"),
     ({"temperature": -0.1}, "temperature"), ({"temperature": 2.5}, "temperature"),
     ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"),
-    ({"seed": -1}, "seed"), ({"stop": ""}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"seed": -2**63 - 1}, "seed"), ({"stop": ""}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"temperature": "NaN"}, "temperature")])
 def test_sampling_out_of_range(service, alice, sampling, field):
     refused(service, alice, "POST", "/v1/jobs", 422, field, json={"prompt": "x",

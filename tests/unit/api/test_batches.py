@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.unit.api.conftest import finish_all
 
 
@@ -128,3 +130,32 @@ def test_other_tenant_cannot_see_or_cancel_a_batch(tenant_a, tenant_b):
     assert r.status_code == 200 and r.json()["status"] in ("cancelling", "cancelled")
     assert tenant_a.get("/v1/jobs", params={"status": "cancelled"}).json()["data"][0][
         "custom_id"] == "a"
+
+
+def test_a_chat_line_without_max_tokens_may_use_the_context(service, tenant_a):
+    """OpenAI's (and vLLM's) chat requests that name no max_tokens answer as long as the
+    context allows: they ended after the engine's default of 16 tokens (finish reason
+    "length"). Text completions keep OpenAI's default of 16; a named value is kept."""
+    _, queue, settings, _ = service
+    r = upload(tenant_a, jsonl(chat("open"), chat("five", max_tokens=5),
+                               chat("mct", max_completion_tokens=7),
+                               completion("text", prompt="once")))
+    assert r.status_code == 201, r.text
+    sampling = {j.custom_id: j.sampling for j in queue.list_jobs(tenant_a.tenant.id)}
+    assert sampling == {"open": {"max_tokens": settings.max_model_len},
+                        "five": {"max_tokens": 5}, "mct": {"max_tokens": 7}, "text": {}}
+
+
+@pytest.mark.parametrize("refused", [0, 1])
+def test_a_custom_id_repeated_on_an_invalid_line_refuses_the_whole_batch(service, tenant_a,
+                                                                         refused):
+    """An invalid line keeps its custom_id in the error file: repeated on a good line, the
+    output file and the error file both had it. As any repeat, the batch is refused."""
+    lines = [chat("a"), chat("a")]
+    lines[refused] = chat("a", temperature=5)
+    r = upload(tenant_a, jsonl(*lines))
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "duplicate_custom_id" and err["param"] == "custom_id"
+    assert "custom_id 'a' already used on line 1" in err["message"]
+    assert service[1].list_jobs(tenant_a.tenant.id) == []

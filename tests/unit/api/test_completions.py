@@ -331,3 +331,53 @@ def test_the_prompt_is_tokenized_off_the_event_loop(tenant_a, monkeypatch):
         r = tenant_a.post(route, json={"model": "base", **body})
         assert r.status_code == 400 and r.json()["error"]["code"] == "checked", r.text
     assert seen == ["in a worker thread"] * 2
+
+
+def test_a_database_blip_while_waiting_keeps_waiting_for_the_submitted_job(service, tenant_a,
+                                                                           worker, monkeypatch):
+    """The job is queued before the call waits for it: a 503 then (the database briefly
+    unreachable while polling) made the SDK, which retries 503s, submit a second job while
+    the first one ran anyway. The wait reads the job again instead."""
+    from lorry.scheduler import errors
+
+    queue = service[1]
+    real_get_job, failures = queue.get_job, []
+
+    def flaky_get_job(job_id, tenant_id=None):
+        if len(failures) < 3:
+            failures.append(job_id)
+            raise errors.ConnectionLost()
+        return real_get_job(job_id, tenant_id)
+
+    monkeypatch.setattr(queue, "get_job", flaky_get_job)
+    r = tenant_a.post("/v1/completions", json={"model": "base", "prompt": "abc"})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == "<abc>" and len(failures) == 3
+    assert [j.id for j in worker.claimed] == [failures[0]]
+
+
+@pytest.mark.parametrize("seed", [-1, -2**63, 2**63 - 1])
+def test_any_int64_seed_is_taken_as_openai_and_vllm_take_it(tenant_a, worker, seed):
+    """OpenAI's seed is any int64 (the engine's torch generator takes negative ones too):
+    seed=-1 was 422 on the completion routes and in batch lines."""
+    r = tenant_a.post("/v1/completions", json={"model": "base", "prompt": "x", "seed": seed})
+    assert r.status_code == 200, r.text
+    assert worker.claimed[-1].sampling == {"seed": seed}
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "m", "prompt": "x", "seed": seed}}
+    assert parse_line(1, json.dumps(line).encode()).body.sampling() == {"seed": seed}
+    r = tenant_a.post("/v1/completions", json={"model": "base", "prompt": "x", "seed": -2**63 - 1})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "seed"
+
+
+def test_a_chat_request_without_max_tokens_may_use_the_context(service, tenant_a, worker):
+    """chat.completions.create without max_tokens: as long as the context allows (OpenAI's
+    and vLLM's default), not the engine's 16 tokens; text completions keep OpenAI's 16."""
+    settings = service[2]
+    r = tenant_a.post("/v1/chat/completions", json={
+        "model": "base", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 200, r.text
+    assert worker.claimed[-1].sampling == {"max_tokens": settings.max_model_len}
+    r = tenant_a.post("/v1/completions", json={"model": "base", "prompt": "x"})
+    assert r.status_code == 200, r.text
+    assert worker.claimed[-1].sampling == {}

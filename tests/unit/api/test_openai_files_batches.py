@@ -145,7 +145,8 @@ def test_batch_lifecycle_output_and_error_files(service, alice, adapter_root):
     assert (batch.request_counts.total, batch.request_counts.failed) == (7, 3)
     got = alice.batches.retrieve(batch.id)
     refused = {e.line: e for e in got.errors.data}
-    assert sorted(refused) == [3, 4, 5]  # a completions line in a chat batch, unknown model, bad JSON
+    # a completions line in a chat batch, unknown model, bad JSON
+    assert sorted(refused) == [3, 4, 5]
     assert refused[3].code == "invalid_url" and refused[4].code == "model_not_found"
     assert refused[5].code == "invalid_json"
     assert {n: e.model_extra["custom_id"] for n, e in refused.items()} == {
@@ -233,6 +234,9 @@ def test_models_list_base_and_adapters(service, alice, bob, adapter_root):
     assert models == {"tiny-llama": "lorry", "alpha": "alice", "beta": "shared"}
     assert {m.id for m in bob.models.list()} == {"tiny-llama", "beta"}
     assert alice.models.retrieve("alpha").owned_by == "alice"
+    # "base" names the base model in every request's model: retrieve takes it too
+    assert (alice.models.retrieve("base").id, alice.models.retrieve("base").owned_by) == (
+        "base", "lorry")
     with pytest.raises(openai.NotFoundError) as e:
         bob.models.retrieve("alpha")
     assert "no model 'alpha'" in e.value.body["message"]
@@ -250,3 +254,16 @@ def test_the_openapi_document_is_valid_and_lists_the_openai_routes(service):
     create = paths["/v1/batches"]["post"]["requestBody"]["content"]
     assert {"application/json", "application/jsonl", "multipart/form-data"} <= set(create)
     assert "413" in paths["/v1/files"]["post"]["responses"]
+
+
+def test_cancel_answers_the_batch_as_retrieve_does(alice):
+    """batches.cancel returns the Batch object: with its refused lines under errors, as
+    batches.retrieve shows them (the cancel answer had errors null)."""
+    f = alice.files.create(file=("in.jsonl", jsonl(line("a"), line("b", model="nosuch"))),
+                           purpose="batch")
+    batch = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h")
+    cancelled = alice.batches.cancel(batch.id)
+    assert cancelled.status == "cancelling"
+    assert cancelled.errors == alice.batches.retrieve(batch.id).errors
+    assert [(e.line, e.code) for e in cancelled.errors.data] == [(2, "model_not_found")]

@@ -58,6 +58,7 @@ def test_every_engine_option_is_a_setting(monkeypatch):
     ("LORRY_MAX_LORA_RANK", "12", "LORRY_MAX_LORA_RANK=12 is invalid"),
     ("LORRY_LORA_BACKEND", "cuda", "LORRY_LORA_BACKEND='cuda' is invalid"),
     ("LORRY_DTYPE", "float8", "LORRY_DTYPE='float8' is invalid"),
+    ("LORRY_ADAPTER_ROOTS", "[/srv/a", "starts with '\\[' but is no JSON list"),
 ])
 def test_bad_values_are_refused_with_the_variable(monkeypatch, var, value, named):
     monkeypatch.setenv(var, value)

@@ -244,6 +244,94 @@ def test_weights_with_nan_or_infinity_are_refused_and_poison_nobody(adapter, tin
     assert not torch.isnan(eng.loras.gpu.layout.modules[("qkv_proj", 0)].lora_a[0]).any()
 
 
+@pytest.mark.parametrize("sampling", [{"temperature": 1.0}, {"temperature": 0.0},
+                                      {"temperature": 0.8, "top_p": 0.9, "seed": 3},
+                                      {"temperature": 0.0, "logprobs": 2}])
+def test_an_adapter_whose_products_overflow_fails_its_request_only(adapter, tiny_llama,
+                                                                   sampling):
+    """Finite weights (accepted at load) whose products overflow float32 give NaN logits: the
+    request ends with finish_reason "error" and the reason, the other rows of the step and
+    the next steps run on. (It was a RuntimeError out of ``step`` from ``multinomial``, which
+    failed every request in the engine; greedy rows "succeeded" with token 0 over and over.)"""
+    from safetensors.torch import load_file, save_file
+
+    from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v * 1e25 for k, v in load_file(str(weights)).items()}, str(weights))
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama.dir), max_loras=2, max_lora_rank=8,
+                                 device="cpu", dtype="float32", max_num_seqs=4))
+    good = LoRARequest("good", 1, str(tiny_llama.adapters["qv_r8"]))
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
+    want = [o.outputs[0].token_ids
+            for o in eng.generate(prompts, sp, [good, None, good], use_tqdm=False)]
+    bad = LoRARequest("loud", 2, str(adapter))
+    outs = eng.generate(prompts + [[5, 6, 7]], [sp, sp, sp, SamplingParams(
+        max_tokens=12, ignore_eos=True, **sampling)], [good, None, good, bad], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs[:3]] == want
+    failed = outs[3]
+    assert failed.outputs[0].finish_reason == "error" and failed.outputs[0].token_ids == []
+    assert "adapter 'loud' produced NaN or infinite logits at output token 1" in failed.error
+    assert not eng.has_unfinished_requests()
+    assert [o.outputs[0].token_ids
+            for o in eng.generate(prompts, sp, [good, None, good], use_tqdm=False)] == want
+
+
+def test_the_kv_blocks_an_overflowing_adapter_wrote_poison_no_later_request(adapter,
+                                                                           tiny_llama):
+    """An overflowing adapter's prompts leave NaN keys and values in their KV blocks. Reused
+    by a shorter row of a batch, their tail lies past its end, masked; on the torch path 0 x
+    NaN was NaN all the same: plain requests of other tenants failed (silently wrong greedy
+    tokens before such rows were stopped) in that worker from then on."""
+    from safetensors.torch import load_file, save_file
+
+    from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v * 1e25 for k, v in load_file(str(weights)).items()}, str(weights))
+
+    def engine():
+        return LLMEngine(EngineConfig(model=str(tiny_llama.dir), max_loras=2, max_lora_rank=8,
+                                      device="cpu", dtype="float32", max_num_seqs=4,
+                                      max_model_len=64, num_kv_blocks=9,
+                                      enable_prefix_caching=False))
+
+    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    batches = [[list(range(5 + r, 45 + r)), [7, 8, 9 + r], [10, 11 + r], [12, 13, 14, 15 + r]]
+               for r in range(4)]
+    fresh = engine()
+    want = [[o.outputs[0].token_ids for o in fresh.generate(b, sp, use_tqdm=False)]
+            for b in batches]
+    eng = engine()
+    loud = LoRARequest("loud", 2, str(adapter))
+    outs = eng.generate([list(range(20, 32))] * 4, sp, [loud] * 4, use_tqdm=False)
+    assert {o.outputs[0].finish_reason for o in outs} == {"error"}
+    got = [[(o.outputs[0].finish_reason, o.outputs[0].token_ids)
+            for o in eng.generate(b, sp, use_tqdm=False)] for b in batches]
+    assert got == [[("length", ids) for ids in w] for w in want]
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 1e-40}, {"temperature": 5e-324},
+                                      {"temperature": 1e-45, "top_k": 3, "seed": 1},
+                                      {"temperature": 1.0, "repetition_penalty": 1e-40}])
+def test_extreme_but_valid_sampling_values_sample(tiny_llama, sampling):
+    """A temperature far below float32's range overflowed logits / temperature to inf (0 / 0
+    where it rounds to 0), a tiny repetition_penalty divided seen tokens' logits into inf:
+    softmax gave NaN and ``multinomial`` raised out of ``step``. They sample now; a tiny
+    temperature is greedy."""
+    from lorry.engine import EngineConfig, LLMEngine, SamplingParams
+
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama.dir), device="cpu", dtype="float32"))
+    [out] = eng.generate([[5, 6, 5, 6]], SamplingParams(max_tokens=6, ignore_eos=True,
+                                                        **sampling), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 6 and out.outputs[0].finish_reason == "length"
+    if "repetition_penalty" not in sampling:
+        [greedy] = eng.generate([[5, 6, 5, 6]], SamplingParams(max_tokens=6, ignore_eos=True,
+                                                               temperature=0), use_tqdm=False)
+        assert out.outputs[0].token_ids == greedy.outputs[0].token_ids
+
+
 def test_a_rank_of_zero_is_refused(adapter, tiny_llama):
     _edit_config(adapter, rank_pattern={"q_proj": 0})
     with pytest.raises(AdapterFormatError, match="rank 0 .*ranks must be positive"):

@@ -8,7 +8,13 @@ import torch
 
 from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 from lorry.engine.outputs import RequestMetrics
-from lorry.engine.sampler import apply_penalties, sample, token_logprobs
+from lorry.engine.sampler import (
+    NOT_FINITE,
+    RoundSampler,
+    apply_penalties,
+    sample,
+    token_logprobs,
+)
 from lorry.engine.sequence import Sequence
 
 PROMPTS = ["Hello there hello there", "abcabcabc", "The quick brown fox"]
@@ -132,6 +138,30 @@ def test_presence_and_frequency_penalties_by_hand():
     assert list(lp) == [0]
     assert list(lp[0]) == [3, 0]  # chosen (also the most likely) first, then the next one
     assert lp[0][3].logprob == pytest.approx(torch.log_softmax(logits[0], -1)[3].item())
+
+
+def test_rows_whose_logits_are_not_finite_are_marked_never_sampled():
+    """A row with NaN, +inf or only -inf logits (an adapter overflowing the serving dtype) is
+    NOT_FINITE, greedy or sampled, in a step and in a device round (whose next inputs stay
+    valid ids); the other rows are what they are without it. -inf entries are fine."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 10, generator=gen)
+    logits[0, 2] = float("-inf")
+    bad = logits.clone()
+    bad[1, 3], bad[2, 5], bad[3] = float("nan"), float("inf"), float("-inf")
+    seqs = [_seq([1], [], temperature=0.0), _seq([1], [], temperature=1.0),
+            _seq([1], [], temperature=0.7, top_k=3), _seq([1], [], temperature=0.0)]
+    want = sample(logits, seqs, torch.Generator().manual_seed(1))
+    got = sample(bad, seqs, torch.Generator().manual_seed(1))
+    assert got[0] == want[0] and got[1:] == [NOT_FINITE] * 3
+    pick = RoundSampler(seqs, torch.Generator().manual_seed(2), "cpu")
+    out = torch.empty(2, 4, dtype=torch.long)
+    pick(logits, out[0])
+    pick(bad, out[1])
+    assert 0 <= int(out.min()) and int(out.max()) < 10   # the next step's inputs
+    marked = pick.marked(out).tolist()
+    assert marked[0] == out[0].tolist()
+    assert marked[1] == [int(out[1, 0])] + [NOT_FINITE] * 3
 
 
 @pytest.mark.parametrize("kw, match", [

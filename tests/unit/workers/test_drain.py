@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
@@ -162,6 +163,61 @@ def test_an_engine_crash_gives_the_jobs_back_at_once(queue, engine, monkeypatch)
         drainer(queue, engine).run()
     assert [queue.get_job(j.id).status for j in jobs] == ["queued", "queued"]
     assert not engine.has_unfinished_requests()
+
+
+def test_a_job_that_breaks_every_step_fails_after_max_attempts(queue, engine, monkeypatch):
+    """An engine error counts an attempt of the jobs in the engine, as a killed worker's
+    expired lease does: a job that breaks each step it is in fails at max_attempts instead of
+    taking its micro-batch down at every drain (it was released uncounted, forever). Its
+    error names the type only: the text may name another tenant's adapter."""
+    tenant, _ = queue.create_tenant("t")
+    [job] = queue.submit(tenant.id, [JobSpec(adapter="alpha", prompt="p", max_attempts=2,
+                                             sampling={"max_tokens": 3})])
+    monkeypatch.setattr(queue, "backoff_base_s", 0.0)
+
+    def broken_step():
+        raise RuntimeError("CUDA error in /adapters/tenant_other/secret")
+
+    monkeypatch.setattr(engine, "step", broken_step)
+    for attempt in (1, 2):
+        with pytest.raises(RuntimeError):
+            drainer(queue, engine).run()
+        info = queue.get_job(job.id)
+        assert info.attempts == attempt and "RuntimeError" in info.error
+        assert "secret" not in info.error
+    assert info.status == "failed"
+    assert drainer(queue, engine).run().reason == "queue empty"
+    assert not engine.has_unfinished_requests()
+
+
+def test_an_overflowing_adapter_fails_its_job_and_its_micro_batch_runs_on(queue, engine,
+                                                                          tiny, tmp_path):
+    """A tenant's adapter with finite weights whose products overflow float32 (NaN logits):
+    its sampled job fails with the reason and the other tenant's jobs beside it in the engine
+    succeed. (The NaN reached ``multinomial``, whose error ended every drain that claimed the
+    job: the other jobs were released and claimed with it again, without end.)"""
+    from safetensors.torch import load_file, save_file
+
+    loud = tmp_path / "loud"
+    shutil.copytree(tiny[1]["alpha"], loud)
+    weights = loud / "adapter_model.safetensors"
+    save_file({k: v * 1e25 for k, v in load_file(str(weights)).items()}, str(weights))
+    attacker, _ = queue.create_tenant("attacker")
+    victim, _ = queue.create_tenant("victim")
+    queue.register_adapter("loud", str(loud), tenant_id=attacker.id, rank=8)
+    [bad] = queue.submit(attacker.id, [JobSpec(adapter="loud", prompt="x", sampling={
+        "max_tokens": 8, "temperature": 1.0})])
+    good = queue.submit(victim.id, [JobSpec(adapter=a, prompt=f"v{i}", sampling={
+        "max_tokens": 6, "temperature": 0}) for i, a in enumerate(("alpha", None, "beta"))])
+    summary = drainer(queue, engine).run()
+    assert summary.reason == "queue empty" and (summary.succeeded, summary.failed) == (3, 1)
+    info = queue.get_job(bad.id)
+    assert info.status == "failed" and info.attempts == 1
+    assert "adapter 'loud' produced NaN or infinite logits" in info.error
+    for job, a in zip(good, ("alpha", None, "beta")):
+        done = queue.get_job(job.id)
+        assert done.status == "succeeded"
+        assert done.result.token_ids == alone(engine, queue, a, done.prompt, 6)
 
 
 def test_time_limit_finishes_held_jobs_and_claims_no_more(queue, engine, monkeypatch):

@@ -234,7 +234,8 @@ def engine_config(spec: dict, args, model: str, load_format: str, run: str,
                 "max_num_batched_tokens": args.max_num_batched_tokens,
                 "lora_memory_slots": spec["memory_slots"] if run != "no_adapters" else None,
                 "lora_load_process": None if args.lora_load_process is None
-                else args.lora_load_process == "on"}
+                else args.lora_load_process == "on",
+                "pinned_reserve_mb": args.pinned_reserve_mb}
     kw.update({k: v for k, v in optional.items() if v is not None})
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     dropped = sorted(k for k in kw if k not in fields)
@@ -562,6 +563,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--lora-load-process", choices=("on", "off"), default=None,
                     help="EngineConfig.lora_load_process (default: the engine's, off): "
                          "cold loads read in the loader process or in a thread (an A/B)")
+    ap.add_argument("--pinned-reserve-mb", type=int, default=None,
+                    help="EngineConfig.pinned_reserve_mb (default: the engine's, automatic; "
+                         "0: off, each staging buffer its own cudaHostAlloc: the A/B)")
     ap.add_argument("--pageable-staging", action="store_true",
                     help="adapter loads stage in plain (pageable) host memory, not pinned: "
                          "no cudaHostAlloc a load, each slot write a synchronous copy (an A/B)")

@@ -14,8 +14,8 @@
 # sweep_adapters) | overhead (a compile run, then mixed cold, mixed --preload-adapters and
 # no_adapters, each its own process: the LoRA overhead A/B) | loads (the cold loads' cost: cold
 # at the 1 ms and 5 ms GIL intervals, preloaded, no adapters; LOADS_RUNS picks, also
-# cold_thread, cold_process, cold_register, cold_reserve, cold_pageable; LOADS_SKIP_COMPILE
-# skips the compile run) | pinned (benchmarks/pinned_alloc.py) | pack (last: OUTDIR's files in one
+# cold_thread, cold_process, cold_noreserve, cold_register, cold_reserve, cold_pageable;
+# LOADS_SKIP_COMPILE skips the compile run) | pinned (benchmarks/pinned_alloc.py) | pack (last: OUTDIR's files in one
 # round.tgz) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
 # leaves the ones before it. Run from the repository root on the GPU machine.
@@ -127,7 +127,8 @@ for line in open(sys.argv[1]):
     loads)   # what cold adapter loads cost: a 150-request run for the compiles, then each of
         # LOADS_RUNS (default: cold at the engine's 1 ms GIL interval and at Python's 5 ms, the
         # adapters preloaded, no adapters; also cold_thread / cold_process: loads read in a
-        # thread / in the loader process (EngineConfig.lora_load_process); cold_register: pinned
+        # thread / in the loader process (EngineConfig.lora_load_process); cold_noreserve: no
+        # pinned segment reserved (EngineConfig.pinned_reserve_mb 0); cold_register: pinned
         # staging through cudaHostRegister, cold_reserve: from one pinned segment reserved at
         # start (RESERVE_MB), cold_pageable: plain host memory), each a process
         [ -n "${LOADS_SKIP_COMPILE:-}" ] || { timeout "$limit" $py benchmarks/bulk.py --device cuda \
@@ -138,6 +139,7 @@ for line in open(sys.argv[1]):
             case $name in
             cold5ms) extra=--load-switch-interval=0.005 ;;
             cold_thread) extra="--lora-load-process off" ;;
+            cold_noreserve) extra="--pinned-reserve-mb 0" ;;
             cold_process) extra="--lora-load-process on" ;;
             cold_register) conf=pinned_use_cuda_host_register:True,pinned_num_register_threads:8 ;;
             cold_reserve) conf=pinned_reserve_segment_size_mb:${RESERVE_MB:-16384} ;;

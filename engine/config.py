@@ -104,6 +104,15 @@ class EngineConfig:
         (it died) fails that request with a ``LoRAError`` and the next load starts a new one.
         False (the default): a thread, until a GPU run measures the process's gain
         (docs/BENCHMARKS.md). ``add_lora`` always loads in the caller's thread.
+    pinned_reserve_mb : int, optional
+        CUDA with LoRA: MiB of pinned host memory reserved once, at the first pinned
+        allocation, for the CPU cache's staging buffers (torch's
+        ``pinned_reserve_segment_size_mb``), so a cold adapter load takes no
+        ``cudaHostAlloc``, whose driver lock stalls the engine's kernel launches. None (the
+        default): room for ``max_cpu_loras`` adapters at ``max_lora_rank`` over every target
+        module (as the allocator rounds them), at most a quarter of host memory; 0: off. One
+        segment per process (the first engine's size); an operator's PYTORCH_CUDA_ALLOC_CONF
+        that names the key wins. ``cache_stats()["cpu"]["pinned_reserve"]`` tells which.
     adapter_roots : tuple of str, optional
         Directories a local adapter (and each of its files, symlinks resolved) must lie in,
         checked at every load; a path elsewhere is refused with ``AdapterSourceError``. None
@@ -151,6 +160,7 @@ class EngineConfig:
     num_scheduler_steps: int = 8
     lora_fold: bool = True
     lora_load_process: bool = False
+    pinned_reserve_mb: int | None = None
     adapter_roots: tuple[str, ...] | None = None
     max_full_module_copies: int | None = None
     block_size: int = 16
@@ -191,6 +201,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.enforce_eager={self.enforce_eager!r} must be a bool")  # noqa: TRY004
         if not isinstance(self.lora_fold, bool):
             raise ValueError(f"EngineConfig.lora_fold={self.lora_fold!r} must be a bool")  # noqa: TRY004
+        if self.pinned_reserve_mb is not None and (
+                isinstance(self.pinned_reserve_mb, bool)
+                or not isinstance(self.pinned_reserve_mb, int) or self.pinned_reserve_mb < 0):
+            raise ValueError(f"EngineConfig.pinned_reserve_mb={self.pinned_reserve_mb!r} is "
+                             "invalid: must be None (automatic), 0 (off) or MiB >= 1")
         if not isinstance(self.lora_load_process, bool):
             raise ValueError(f"EngineConfig.lora_load_process={self.lora_load_process!r} "  # noqa: TRY004
                              "must be a bool")

@@ -110,7 +110,8 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
                             adapter_roots=c.adapter_roots,
                             max_full_module_copies=c.max_full_module_copies,
                             memory_slots=c.lora_memory_slots,
-                            load_process=c.lora_load_process)
+                            load_process=c.lora_load_process,
+                            pinned_reserve_mb=c.pinned_reserve_mb)
     ops = get_lora_ops(backend) if c.enable_lora else None
     # longrope rotates a whole row's keys by its length (short or long factors), so a cached
     # prefix's keys are not those a longer prompt would compute: no sharing on such bases

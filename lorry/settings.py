@@ -25,7 +25,8 @@ ENGINE_FIELDS = ("model", "tokenizer", "revision", "device", "dtype", "lora_dtyp
                  "max_model_len", "max_num_batched_tokens", "mixed_steps", "num_scheduler_steps",
                  "quantization",
                  "enforce_eager",
-                 "lora_fold", "lora_load_process", "load_format", "seed", "adapter_roots",
+                 "lora_fold", "lora_load_process", "pinned_reserve_mb", "load_format", "seed",
+                 "adapter_roots",
                  "max_full_module_copies",
                  "block_size", "enable_prefix_caching", "gpu_memory_utilization",
                  "num_kv_blocks")
@@ -102,6 +103,9 @@ class Settings(BaseSettings):
     lora_fold: bool = True
     # background adapter loads in a process of their own (EngineConfig.lora_load_process)
     lora_load_process: bool = False
+    # MiB of pinned host memory reserved for adapter staging (EngineConfig.pinned_reserve_mb;
+    # unset: automatic, 0: off)
+    pinned_reserve_mb: int | None = Field(None, ge=0)
     load_format: str = "auto"
     seed: int = 0
     adapter_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)

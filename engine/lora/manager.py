@@ -23,9 +23,9 @@ import torch
 from lorry.engine.errors import LoRAError
 from lorry.engine.lora.cpu_cache import CPUAdapterCache
 from lorry.engine.lora.gpu_slots import GPUSlotManager, adapter_rank
+from lorry.engine.lora.pinned_reserve import reserve, staging_bytes
 from lorry.engine.lora.request import LoRARequest
 from lorry.engine.lora.weights import AdapterWeights, read_adapter, rehome
-
 
 # While adapters load in the background, the engine's thread hands the GIL over every this
 # many seconds instead of Python's 5 ms: each torch call of a load gives the GIL up and must
@@ -63,11 +63,16 @@ class LoRAManager:
                  device: torch.device, fold: bool = False,
                  adapter_roots: tuple[str, ...] | None = None,
                  max_full_module_copies: int | None = None, memory_slots: int | None = None,
-                 load_process: bool = False):
+                 load_process: bool = False, pinned_reserve_mb: int | None = None):
         self.pin_memory = device.type == "cuda"
         self.gpu = GPUSlotManager(model, max_loras, max_lora_rank, dtype, device, fold=fold,
                                   max_full_copies=max_full_module_copies,
                                   memory_slots=memory_slots)
+        self.pinned_reserve = None   # engine.lora.pinned_reserve's decision (CUDA)
+        if self.pin_memory:   # before any staging buffer is pinned
+            self.pinned_reserve = reserve(pinned_reserve_mb, adapters=max_cpu_loras,
+                                          one_bytes=staging_bytes(self.gpu.layout,
+                                                                  max_lora_rank, dtype))
         # callable -> ids of the adapters of running rows (set by the engine: Scheduler's)
         self.running_adapters = None
         self.full_copies_of = self.gpu.copies_needed  # lora id -> its full copies (when loaded)
@@ -263,6 +268,8 @@ class LoRAManager:
     def stats(self) -> dict:
         cpu = self.cpu.stats()
         cpu["loading"] = len(self.pending)
+        if self.pinned_reserve is not None:
+            cpu["pinned_reserve"] = dict(self.pinned_reserve)
         return {"gpu": self.gpu.stats(), "cpu": cpu,
                 "full_copy_bytes": self.gpu.full_copy_bytes}
 

@@ -82,3 +82,36 @@ def test_swap_on_cuda_writes_exactly_the_staging_buffer(tiny_llama):
             b_slot = read_rows(b, row0, rows).cpu()
             sa, sb = w.staged.get(kind, (torch.zeros_like(a_slot), torch.zeros_like(b_slot)))
             assert torch.equal(a_slot, sa) and torch.equal(b_slot, sb), (n, kind)
+
+
+RESERVE_CHECK = """
+import json, sys, torch
+from lorry.engine import EngineConfig, LLMEngine, LoRARequest
+base, adapters = json.loads(sys.argv[1])
+eng = LLMEngine(EngineConfig(model=base, device="cuda", dtype="float32", max_loras=2,
+                             max_lora_rank=16, max_num_seqs=8, max_model_len=96,
+                             max_cpu_loras=8, pinned_reserve_mb=64))
+for i, (name, path) in enumerate(adapters.items()):
+    eng.add_lora(LoRARequest(name, i + 1, path))
+    w = eng.loras.cpu.peek(eng.loras.cpu.request(i + 1))
+    assert all(t.is_pinned() for ab in w.staged.values() for t in ab)
+print(json.dumps({"reserve": eng.cache_stats()["cpu"]["pinned_reserve"],
+                  "host_allocs": torch.cuda.host_memory_stats().get("num_host_alloc")}))
+"""
+
+
+def test_staging_buffers_come_from_the_reserved_pinned_segment(tiny_llama):
+    """EngineConfig.pinned_reserve_mb on CUDA (a process of its own: the segment is one per
+    process): the adapters' pinned staging buffers are carved from one segment, so the host
+    allocator made one CUDA allocation (the segment's), not one per adapter."""
+    import json
+    import subprocess
+    import sys
+
+    arg = json.dumps([str(tiny_llama.dir), {n: str(p) for n, p in tiny_llama.adapters.items()}])
+    out = subprocess.run([sys.executable, "-c", RESERVE_CHECK, arg], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["reserve"] == {"mb": 64, "how": "set"}
+    assert got["host_allocs"] == 1

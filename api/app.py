@@ -9,6 +9,7 @@ from lorry.api import errors
 from lorry.api.body_guard import BodyGuard
 from lorry.api.errors import responses
 from lorry.api.metrics import make_registry
+from lorry.api.request_id import RequestId
 from lorry.api.routes import adapters, batches, completions, files, health, jobs, models
 
 log = logging.getLogger(__name__)
@@ -16,7 +17,7 @@ DESCRIPTION = """Submit generation jobs for many LoRA adapters of one base model
 asynchronous jobs. Authenticate with `Authorization: Bearer <tenant API key>`.
 
 Every error answers `{"error": {"message", "type", "param", "code"}}` (OpenAI's shape) with its
-HTTP status; 429 and 503 carry `Retry-After` (seconds)."""
+HTTP status; 429 and 503 carry `Retry-After` (seconds). Every answer carries `x-request-id`."""
 
 
 def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") -> FastAPI:
@@ -63,6 +64,7 @@ def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") ->
     # Batch and file uploads are counted while streamed; other bodies are small JSON.
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes,
                        max_json_bytes=settings.max_line_bytes)
+    app.add_middleware(RequestId)   # outside BodyGuard: its refusals carry the id too
     return app
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorry.scheduler import errors
 
+log = logging.getLogger(__name__)
 RETRY_AFTER_UNAVAILABLE_S = 5  # the database is usually back within seconds (a restart)
 RETRY_AFTER_QUOTA_S = 30
 
@@ -200,8 +202,8 @@ def queue_error_status(exc: errors.QueueError) -> tuple[int, str, dict[str, str]
         if exc.never_fits:   # retrying cannot help: the SDKs must not (x-should-retry)
             return 429, "quota_exceeded", {"x-should-retry": "false"}
         return 429, "quota_exceeded", {"Retry-After": str(RETRY_AFTER_QUOTA_S)}
-    if isinstance(exc, errors.AdapterExists):
-        return 409, "adapter_exists", None
+    if isinstance(exc, errors.AdapterExists):   # the SDKs retry 409s: no use here
+        return 409, "adapter_exists", {"x-should-retry": "false"}
     if isinstance(exc, errors.UnknownAdapter):
         return 422, "unknown_adapter", None
     if isinstance(exc, errors.UnknownTenant):
@@ -235,5 +237,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
-        # Starlette re-raises it after this answer, so the server logs the traceback.
-        return error_response(500, "internal server error", code="internal_error")
+        # Starlette re-raises it after this answer, so the server logs the traceback; this
+        # answer is sent outside the request-id middleware, so it names the id itself
+        rid = getattr(request.state, "request_id", None)
+        log.error("internal error answering %s %s (x-request-id %s)", request.method,
+                  request.url.path, rid)
+        return error_response(500, "internal server error", code="internal_error",
+                              headers={"x-request-id": rid} if rid else None)

@@ -58,7 +58,8 @@ def add_adapter(body: AdapterCreate, request: Request, tenant=Depends(get_tenant
     existing = queue.get_adapter(body.name, tenant.id)
     if existing is not None and existing.tenant_id == tenant.id:
         raise ApiError(409, f"adapter {body.name!r} is already registered; delete it first",
-                       code="adapter_exists", param="name")
+                       code="adapter_exists", param="name",
+                       headers={"x-should-retry": "false"})   # the SDKs retry 409s
     try:  # the engine's rules (AdapterSourceError is a ValueError)
         src = check_source(body.source, revision=body.revision,
                            roots=allowed_roots(settings, tenant.id),

@@ -176,6 +176,10 @@ class BatchOps:
         until finalize_batches sees every job terminal, then "cancelled"."""
         now = self.now()
         with self.connector.begin() as conn:
+            # The row first (waiting for a finalizer that holds it): a status read without
+            # it could be "in_progress" while the finalizer commits "completed", and the
+            # cancel would then reopen a finished batch.
+            conn.execute(q.batch_for_update(batch_id, tenant_id)).first()
             info = self._batch(conn, batch_id, tenant_id)
             if info is None or info.status not in ("validating", "in_progress"):
                 return info

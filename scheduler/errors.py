@@ -22,6 +22,11 @@ class UnknownTenant(QueueError, LookupError):
     """A tenant id that does not exist."""
 
 
+class FileGone(QueueError, LookupError):
+    """A file was deleted while its bytes were being read: what was read is not the whole
+    file."""
+
+
 class QuotaExceeded(QueueError):
     """Submitting would put more jobs in the tenant's queue than its max_queued allows."""
 

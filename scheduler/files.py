@@ -138,15 +138,21 @@ class FileOps:
 
     def file_content(self, file_id: str, tenant_id: str | None) -> Iterator[bytes]:
         """The file's bytes, one chunk row per query (constant memory, no connection held
-        between chunks); nothing for an unknown file (check with get_file first)."""
-        if self.get_file(file_id, tenant_id) is None:
+        between chunks); nothing for an unknown file (check with get_file first). Raises
+        FileGone when the file is deleted before its last chunk was read."""
+        info = self.get_file(file_id, tenant_id)
+        if info is None:
             return
-        seq = 0
+        seq = size = 0
         while True:
             with self.connector.connect() as conn:
                 data = conn.execute(q.file_chunk(file_id, seq)).scalar()
             if data is None:
+                if size < info.bytes:
+                    raise errors.FileGone(f"file {file_id!r} was deleted while it was read "
+                                          f"({size} of its {info.bytes} bytes read)")
                 return
+            size += len(data)
             yield bytes(data)
             seq += 1
 

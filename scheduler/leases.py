@@ -62,9 +62,12 @@ class LeaseOps:
         cap = min(self.backoff_max_s, self.backoff_base_s * 2 ** max(attempts - 1, 0))
         return random.uniform(cap / 2, cap)
 
-    def fail(self, job_id: str, lease_token: str, error: str, retryable: bool = True) -> bool:
+    def fail(self, job_id: str, lease_token: str, error: str,
+             retryable: bool = True) -> str | bool:
         """Retryable and attempts left: queued again after a backoff; else failed. The error
-        is kept either way. False (nothing changed) when the lease is not held any more."""
+        is kept either way. Returns the job's status now ("queued", "failed" or "cancelled"
+        when a cancel was requested); False (nothing changed) when the lease is not held any
+        more."""
         now = self.now()
         with self.connector.begin() as conn:
             row = conn.execute(q.running_job_for_update(job_id, lease_token)).first()
@@ -74,10 +77,10 @@ class LeaseOps:
                 when = now + timedelta(seconds=self.backoff_seconds(row.attempts))
                 conn.execute(q.retry_job(job_id, lease_token, when, str(error)))
                 add_to_groups(conn, {(row.tenant_id, row.adapter_id, row.priority): (1, when)})
-            else:
-                status = "cancelled" if row.cancel_requested else "failed"
-                conn.execute(q.end_job(job_id, lease_token, status, now, str(error)))
-        return True
+                return "queued"
+            status = "cancelled" if row.cancel_requested else "failed"
+            conn.execute(q.end_job(job_id, lease_token, status, now, str(error)))
+        return status
 
     def release(self, job_id: str, lease_token: str) -> bool:
         """Give the job back to the queue at its old place; the attempt is not counted."""

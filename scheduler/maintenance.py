@@ -8,6 +8,7 @@ from lorry.scheduler.db import add_to_groups
 
 CHUNK = 1000
 LEASE_REAPER = "lease_reaper"  # maintenance_runs row of reap_expired_leases
+UPKEEP = "upkeep"  # maintenance_runs row of upkeep (deadlines and batches)
 
 
 class MaintenanceOps:
@@ -65,6 +66,20 @@ class MaintenanceOps:
             total += len(rows)
             if len(rows) < CHUNK:
                 return total
+
+    def upkeep(self, due_after_s: float | None = None) -> dict[str, int] | None:
+        """Expire deadlines and finalize batches, and record the pass. ``due_after_s``: only
+        when no process started a pass in the last ``due_after_s`` seconds (None when
+        another did): draining Celery workers call it so, since beat's maintain waits for a
+        worker that is not draining, and under a steady load none is for up to
+        LORRY_DRAIN_MAX_SECONDS."""
+        now = self.now()
+        with self.connector.begin() as conn:
+            before = now if due_after_s is None else now - timedelta(seconds=due_after_s)
+            taken = conn.execute(q.take_turn(conn.dialect.name, UPKEEP, now, before)).first()
+        if taken is None and due_after_s is not None:
+            return None
+        return {"expired": self.expire_deadlines(), "batches_finalized": self.finalize_batches()}
 
     def prune_workers(self, older_than_s: float) -> int:
         """Forget workers whose last heartbeat is older than older_than_s seconds."""

@@ -587,6 +587,15 @@ def record_run(dialect: str, name: str, now):
         where=M.c.last_run_at < ins.excluded.last_run_at)
 
 
+def take_turn(dialect: str, name: str, now, before):
+    """maintenance_runs[name] = now if no run is recorded at or after ``before``: one
+    process of many takes the turn (the row comes back), the others get no row."""
+    ins = _insert(dialect)(M).values(name=name, last_run_at=now)
+    return ins.on_conflict_do_update(
+        index_elements=["name"], set_={"last_run_at": ins.excluded.last_run_at},
+        where=M.c.last_run_at < before).returning(M.c.name)
+
+
 # ---- batches -------------------------------------------------------------------------------------
 INSERT_BATCH = B.insert()
 INSERT_REJECTS = R.insert()
@@ -598,6 +607,10 @@ def update_batch(batch_id: str, **values):
 
 def batch(batch_id: str, tenant_id: str | None = None):
     return select(B).where(B.c.id == batch_id, *_of(B, tenant_id))
+
+
+def batch_for_update(batch_id: str, tenant_id: str | None = None):
+    return select(B.c.id).where(B.c.id == batch_id, *_of(B, tenant_id)).with_for_update()
 
 
 def batch_id_by_key(tenant_id: str, key: str):

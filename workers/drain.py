@@ -61,6 +61,10 @@ class Drainer:
         Called with (job, status) after each job is written (progress bars), on the writer's
         thread; status is "succeeded", "failed", "cancelled", "released" or "stale" (the
         lease was lost, the result not recorded).
+    upkeep : callable, optional
+        Called every ``upkeep_seconds`` on a thread of its own while a drain runs (the
+        Celery worker: ``JobQueue.upkeep`` when due, since beat's maintain waits for a worker
+        that is not draining).
     """
 
     def __init__(self, queue, engine, worker_id: str, *, max_num_seqs: int,
@@ -68,13 +72,15 @@ class Drainer:
                  stats: WorkerStats | None = None, publish: Callable | None = None,
                  on_result: Callable | None = None, idle_claim_pause: float = 0.5,
                  claim_ahead: int | None = None, max_pending_results: int | None = None,
-                 shutdown_flush_seconds: float = 30.0):
+                 shutdown_flush_seconds: float = 30.0, upkeep: Callable | None = None,
+                 upkeep_seconds: float = 15.0):
         self.queue, self.engine, self.worker_id = queue, engine, worker_id
         self.max_num_seqs, self.lease_seconds = max_num_seqs, lease_seconds
         self.heartbeat_seconds, self.idle_claim_pause = heartbeat_seconds, idle_claim_pause
         self.claim_ahead = max(1, max_num_seqs // 8) if claim_ahead is None else claim_ahead
         self.max_pending_results = max_pending_results or 8 * max_num_seqs
         self.shutdown_flush_seconds = shutdown_flush_seconds
+        self.upkeep, self.upkeep_seconds = upkeep, upkeep_seconds
         self.stats, self.publish, self.on_result = stats or WorkerStats(), publish, on_result
         self.held: dict[str, Claimed] = {}  # in the engine; only the engine thread changes it
         self.names: dict[int, str] = {}  # lora_int_id -> adapter name (engine speaks ids)
@@ -135,6 +141,11 @@ class Drainer:
         beats = threading.Event()
         beater = threading.Thread(target=self._beat, args=(beats,), name="lorry-heartbeat",
                                   daemon=True)
+        keeper = None
+        if self.upkeep is not None:
+            keeper = threading.Thread(target=self._keep, args=(beats,), name="lorry-upkeep",
+                                      daemon=True)
+            keeper.start()
         self._writer.start()
         self._claimer.start()
         beater.start()
@@ -146,9 +157,10 @@ class Drainer:
             # counts an attempt of the jobs in the engine, as a killed worker's lease does: a
             # job that breaks every step it is in fails after max_attempts instead of taking
             # its micro-batch down again and again.
-            self._wind_down(beats, beater, engine_error=e if isinstance(e, Exception) else None)
+            self._wind_down(beats, beater, keeper,
+                            engine_error=e if isinstance(e, Exception) else None)
             raise
-        self._wind_down(beats, beater)
+        self._wind_down(beats, beater, keeper)
         summary.seconds = time.monotonic() - start
         summary.tokens = self.stats.tokens_generated - tokens_at_start
         if summary.seconds > 0 and summary.tokens:   # an empty drain leaves the last figure
@@ -187,6 +199,7 @@ class Drainer:
             self._hot_warm = self.hot_warm()
 
     def _wind_down(self, beats: threading.Event, beater: threading.Thread,
+                   keeper: threading.Thread | None = None,
                    engine_error: Exception | None = None) -> None:
         """Give back what is held and buffered, write what is finished, stop the threads.
         With ``engine_error`` the jobs in the engine are retried (an attempt counted, their
@@ -207,6 +220,8 @@ class Drainer:
                         "run again after their leases", self.shutdown_flush_seconds)
         beats.set()
         beater.join()
+        if keeper is not None:
+            keeper.join()
         self._writer.stop()
         self._claimer = self._writer = None
 
@@ -216,6 +231,13 @@ class Drainer:
                 self.heartbeat()
             except Exception as e:  # the database is away: leases run on, results wait
                 log.warning("heartbeat failed (%s: %s)", type(e).__name__, e)
+
+    def _keep(self, stop: threading.Event) -> None:
+        while not stop.wait(max(self.upkeep_seconds, 0.02)):
+            try:
+                self.upkeep()
+            except Exception as e:  # the database is away: the next turn, or beat, does it
+                log.warning("upkeep failed (%s: %s)", type(e).__name__, e)
 
     def _claim(self, n: int) -> list:
         hot, warm = self._hot_warm
@@ -283,14 +305,17 @@ class Drainer:
                         logprobs=logprobs_json(comp, held.job.sampling.get("logprobs")))
         self._writer.put(WriteOp("complete", held.job, result=result, cancelled=cancelled))
 
-    def _written(self, op: WriteOp, written: bool) -> None:
-        """Count a write (the writer's thread calls this after each op)."""
+    def _written(self, op: WriteOp, written) -> None:
+        """Count a write (the writer's thread calls this after each op; ``written``: False
+        for a stale lease, a retryable fail's the job's status)."""
         summary, stats = self.summary, self.stats
-        if op.kind == "release" or op.retryable:  # retryable: queued again while attempts last
-            status = "released" if written else "stale"
+        if op.kind == "release" or (op.retryable and written in (False, "queued")):
+            status = "released" if written else "stale"   # retryable: queued again
             summary.released += bool(written)
         elif op.kind == "fail":  # cancelled=True: a cancel request stopped it before it ran
-            status = ("cancelled" if op.cancelled else "failed") if written else "stale"
+            # (or a retryable fail of a job whose attempts are spent or that was cancelled)
+            status = ("cancelled" if op.cancelled or written == "cancelled" else "failed") \
+                if written else "stale"
             if written:
                 stats.jobs[status] += 1
                 setattr(summary, status, getattr(summary, status) + 1)
@@ -301,5 +326,6 @@ class Drainer:
             if written:
                 stats.jobs[status] += 1
                 setattr(summary, status, getattr(summary, status) + 1)
-        if self.on_result is not None and op.kind != "release" and not op.retryable:
+        requeued = op.kind == "release" or (op.retryable and status in ("released", "stale"))
+        if self.on_result is not None and not requeued:   # the job's end
             self.on_result(op.job, status)

@@ -37,6 +37,10 @@ def build_drainer(settings, queue=None, engine=None, publish=True, **kw):
         from lorry.workers.tokens import TokenPublisher
 
         engine.on_tokens = TokenPublisher(settings.broker_url, settings.redis_prefix)
+    # Beat's maintain runs on a worker between drains: while every worker drains, the
+    # drains expire deadlines and finalize batches themselves, once a maintain interval.
+    kw.setdefault("upkeep", lambda: queue.upkeep(due_after_s=settings.maintain_interval))
+    kw.setdefault("upkeep_seconds", settings.maintain_interval)
     return Drainer(queue, engine, worker_id, max_num_seqs=settings.max_num_seqs,
                    lease_seconds=settings.lease_seconds,
                    heartbeat_seconds=settings.heartbeat_seconds, publish=publisher, **kw)

@@ -67,8 +67,7 @@ def maintain() -> dict:
     from lorry.workers.runtime import queue_for
 
     q = queue_for(settings)
-    done = {"reaped": q.reap_expired_leases(), "expired": q.expire_deadlines(),
-            "batches_finalized": q.finalize_batches(),
+    done = {"reaped": q.reap_expired_leases(), **q.upkeep(),
             "workers_pruned": q.prune_workers(settings.prune_workers_after)}
     queued = sum(n for status, _, _, n in q.queue_depth() if status == "queued")
     if queued:

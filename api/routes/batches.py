@@ -33,6 +33,7 @@ from lorry.api.schemas import (
     metadata_ok,
 )
 from lorry.api.upload import CHUNK, file_lines, spool_lines, spooled_lines
+from lorry.scheduler import errors
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -73,12 +74,20 @@ def _shown(queue, tenant, info) -> list[dict] | None:
     return [line_error_dict(e) for e in queue.batch_errors(info.id, tenant.id, SHOWN_ERRORS)]
 
 
-def _spool_file(queue, tenant, file_id: str):
+def _spool_file(queue, tenant, source):
     """The file's bytes copied to a temporary file (memory up to 8 MiB, then disk), read
-    before the batch's transaction begins."""
+    before the batch's transaction begins. 404 when the file is deleted meanwhile (no batch
+    is made of a part of it)."""
     spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
-    for chunk in queue.file_content(file_id, tenant.id):
-        spool.write(chunk)
+    try:
+        for chunk in queue.file_content(source.id, tenant.id):
+            spool.write(chunk)
+        if spool.tell() < source.bytes:  # deleted before its first chunk was read
+            raise errors.FileGone(f"file {source.id!r} was deleted while it was read")
+    except errors.FileGone as e:
+        spool.close()
+        raise ApiError(404, f"{e}; no batch was created", code="file_not_found",
+                       param="input_file_id") from None
     spool.seek(0)
     return spool
 
@@ -171,7 +180,7 @@ async def _create_from_file(request, response, tenant, queue, settings, idempote
         raise ApiError(413, f"file {source.id!r} has {source.lines} lines, over the limit of "
                             f"{settings.max_batch_lines} lines; split it into smaller files",
                        param="input_file_id")
-    spool = await run_in_threadpool(_spool_file, queue, tenant, source.id)
+    spool = await run_in_threadpool(_spool_file, queue, tenant, source)
     lines = file_lines(iter(lambda: spool.read(CHUNK * 16), b""), settings.max_line_bytes)
     stats = IngestStats()
     try:

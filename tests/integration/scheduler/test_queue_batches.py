@@ -68,3 +68,63 @@ def test_bad_batches_are_refused_with_nothing_queued(queue, tenant):
     with pytest.raises(errors.UnknownAdapter):
         queue.create_batch(tenant.id, [JobSpec("nope", prompt="x", custom_id="1")])
     assert queue.list_jobs(tenant.id) == []
+
+
+def test_a_cancel_waiting_behind_the_finalizer_leaves_the_finished_batch_alone(queue, tenant):
+    """PostgreSQL: the finalizer commits "completed" while a cancel that read "in_progress"
+    waits for the batch row. The cancel answers the completed batch and changes nothing
+    (it reopened it as "cancelling" and the next pass made it "cancelled" with a second pair
+    of files)."""
+    if queue.connector.dialect != "postgresql":
+        pytest.skip("SQLite serializes the cancel and the finalizer (one writer)")
+    import threading
+
+    from sqlalchemy import create_engine, text
+
+    batch = queue.create_batch(tenant.id, specs(2))
+    for j in [j for mb in queue.claim("w", [], [], free_slots=8) for j in mb.jobs]:
+        assert queue.complete(j.id, j.lease_token, Result("ok", [1], "stop"))
+    outcome: dict = {}
+    side = create_engine(queue.engine.url)  # the queue's own pool may be one connection
+    with side.connect() as finalizer:
+        # the finalizer's transaction holds the batch row (as _finalize does while it
+        # builds the files)
+        finalizer.execute(text("SELECT id FROM batches WHERE id = :b FOR UPDATE"),
+                          {"b": batch.id})
+        cancel = threading.Thread(target=lambda: outcome.setdefault(
+            "info", queue.cancel_batch(batch.id, tenant.id)))
+        cancel.start()
+        waiting = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                   "AND wait_event_type = 'Lock'")
+        with side.connect() as probe:
+            for _ in range(500):
+                if probe.execute(text(waiting)).scalar_one():
+                    break
+                threading.Event().wait(0.01)
+            else:
+                raise AssertionError("the cancel never waited for the batch row")
+        finalizer.execute(text(
+            "UPDATE batches SET status = 'completed', completed_at = now(), completed = 2, "
+            "failed = 0 WHERE id = :b"), {"b": batch.id})
+        finalizer.commit()
+        cancel.join(30)
+    side.dispose()
+    assert outcome["info"].status == "completed"
+    assert queue.finalize_batches() == 0
+    final = queue.get_batch(batch.id, tenant.id)
+    assert final.status == "completed" and final.cancelling_at is None
+    assert final.request_counts == {"total": 2, "completed": 2, "failed": 0}
+
+
+def test_upkeep_takes_one_turn_per_interval_across_processes(make_queue, tenant, clock):
+    """Draining workers call upkeep(due_after_s=maintain interval): one of them (or beat)
+    expires deadlines and finalizes batches per interval, the others skip."""
+    worker_a, worker_b = make_queue(), make_queue()
+    batch = worker_a.create_batch(tenant.id, specs(1), completion_window="1h")
+    assert worker_a.upkeep(due_after_s=15) == {"expired": 0, "batches_finalized": 0}
+    clock.advance(3601)  # the window ends
+    assert worker_b.upkeep(due_after_s=3600 + 2) is None  # worker_a's turn: 3601 s ago
+    assert worker_b.upkeep(due_after_s=15) == {"expired": 1, "batches_finalized": 1}
+    assert worker_a.upkeep(due_after_s=15) is None
+    assert worker_a.upkeep() == {"expired": 0, "batches_finalized": 0}  # beat: always
+    assert worker_a.get_batch(batch.id, tenant.id).status == "expired"

@@ -159,3 +159,41 @@ def test_a_custom_id_repeated_on_an_invalid_line_refuses_the_whole_batch(service
     assert err["code"] == "duplicate_custom_id" and err["param"] == "custom_id"
     assert "custom_id 'a' already used on line 1" in err["message"]
     assert service[1].list_jobs(tenant_a.tenant.id) == []
+
+
+@pytest.mark.parametrize("when", ["before the first chunk", "after the first chunk"])
+def test_an_input_file_deleted_while_its_batch_is_created_makes_no_batch(
+        service, tenant_a, monkeypatch, when):
+    """A DELETE /v1/files/{id} racing a batch create from that file: 404, nothing queued (a
+    batch was created of the chunks read before the delete, the rest of the lines lost, or
+    the create answered 422 "no request lines")."""
+    from lorry.scheduler import files
+
+    _, queue, *_ = service
+    rechunk = files._rechunk
+    monkeypatch.setattr(files, "_rechunk", lambda pieces: rechunk(pieces, 1024))  # 1 KiB rows
+    content = jsonl(*[completion(f"r{i}", prompt=f"line {i} " + "x" * 60) for i in range(40)])
+    up = tenant_a.post("/v1/files", files={"file": ("in.jsonl", content)},
+                       data={"purpose": "batch"})
+    assert up.status_code == 201, up.text
+    file_id = up.json()["id"]
+    read = queue.file_content
+
+    def deleted_meanwhile(fid, tenant_id):
+        if when == "before the first chunk":
+            assert queue.delete_file(fid, tenant_id)
+        for i, chunk in enumerate(read(fid, tenant_id)):
+            yield chunk
+            if i == 0:
+                assert queue.delete_file(fid, tenant_id)  # another API process's DELETE
+
+    monkeypatch.setattr(queue, "file_content", deleted_meanwhile)
+    r = tenant_a.post("/v1/batches", json={"input_file_id": file_id,
+                                           "endpoint": "/v1/completions",
+                                           "completion_window": "24h"})
+    assert r.status_code == 404, r.text
+    err = r.json()["error"]
+    assert err["code"] == "file_not_found" and err["param"] == "input_file_id"
+    assert "deleted while it was read" in err["message"] and file_id in err["message"]
+    assert tenant_a.get("/v1/batches").json()["data"] == []
+    assert queue.list_jobs(tenant_a.tenant.id) == []

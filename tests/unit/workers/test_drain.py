@@ -190,6 +190,32 @@ def test_a_job_that_breaks_every_step_fails_after_max_attempts(queue, engine, mo
     assert not engine.has_unfinished_requests()
 
 
+def test_an_engine_error_that_spends_the_last_attempt_counts_a_failed_job(queue, engine,
+                                                                         monkeypatch):
+    """The retry after an engine error ends the job at max_attempts: the worker counts it
+    failed (not given back) and on_result hears of its end; a job with attempts left is
+    counted given back and on_result hears nothing."""
+    tenant, _ = queue.create_tenant("t")
+    [last] = queue.submit(tenant.id, [JobSpec(adapter=None, prompt="p", max_attempts=1,
+                                              sampling={"max_tokens": 3})])
+    [more] = queue.submit(tenant.id, [JobSpec(adapter=None, prompt="q", max_attempts=3,
+                                              sampling={"max_tokens": 3})])
+
+    def broken_step():
+        raise RuntimeError("CUDA error")
+
+    monkeypatch.setattr(engine, "step", broken_step)
+    ends = []
+    d = drainer(queue, engine, on_result=lambda job, status: ends.append((job.id, status)))
+    with pytest.raises(RuntimeError):
+        d.run()
+    assert queue.get_job(last.id).status == "failed"
+    assert queue.get_job(more.id).status == "queued"
+    assert ends == [(last.id, "failed")]
+    assert (d.summary.failed, d.summary.released) == (1, 1)
+    assert d.stats.jobs["failed"] == 1
+
+
 def test_an_overflowing_adapter_fails_its_job_and_its_micro_batch_runs_on(queue, engine,
                                                                           tiny, tmp_path):
     """A tenant's adapter with finite weights whose products overflow float32 (NaN logits):
@@ -242,3 +268,41 @@ def test_time_limit_finishes_held_jobs_and_claims_no_more(queue, engine, monkeyp
     # so 0, 1 or 2 of them, as the claim thread and the engine's steps happen to interleave)
     assert summary.released <= 2
     assert queue.get_job(jobs[4].id).attempts == 0
+
+
+def test_a_busy_drain_finalizes_batches_and_expires_deadlines_itself(queue, engine, tiny,
+                                                                     monkeypatch):
+    """Beat's maintain runs on a worker between drains, so while every worker drains (a
+    steady load) no batch was finalized and no deadline expired for up to
+    LORRY_DRAIN_MAX_SECONDS (22 s of 20 in a live run; 120 s by default): the Celery
+    worker's drain takes maintain's turn for those, once per maintain interval."""
+    from datetime import datetime, timedelta, timezone
+
+    from lorry.settings import Settings
+    from lorry.workers.runtime import build_drainer
+
+    tenant, _ = queue.create_tenant("t")
+    batch = queue.create_batch(tenant.id, [JobSpec(adapter=None, prompt=f"b{i}", custom_id=str(i),
+                                                   sampling={"max_tokens": 1}) for i in range(2)])
+    late = datetime.now(timezone.utc) + timedelta(seconds=0.3)
+    queue.submit(tenant.id, [JobSpec(adapter=None, prompt=f"long {i}", priority=-10, sampling={
+        "max_tokens": 60, "ignore_eos": True}) for i in range(16)])   # keeps the drain busy
+    [doomed] = queue.submit(tenant.id, [JobSpec(adapter=None, prompt="d", deadline=late,
+                                                sampling={"max_tokens": 1}, priority=-20)])
+    real_step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.01), real_step())[1])
+    settings = Settings(database_url=str(queue.engine.url), model=str(tiny[0]),
+                        maintain_interval=0.1, heartbeat_seconds=0.1, max_num_seqs=4)
+    d = build_drainer(settings, queue=queue, engine=engine, publish=False)
+    give_up = time.monotonic() + 60
+
+    def done() -> bool:
+        return (queue.get_batch(batch.id, None).status == "completed"
+                and queue.get_job(doomed.id).status == "expired") or time.monotonic() > give_up
+
+    summary = d.run(should_stop=done)
+    assert summary.reason == "shutdown" and summary.released  # it was still draining
+    final = queue.get_batch(batch.id, None)
+    assert final.status == "completed" and final.output_file_id is not None
+    assert queue.get_job(doomed.id).status == "expired"
+    assert queue.upkeep(due_after_s=3600) is None  # the drain recorded its turn

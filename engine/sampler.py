@@ -86,14 +86,17 @@ class _Sampled:
             self.top_k = torch.tensor([max(p.top_k, 0) for p in params], device=device)
             self.top_p = torch.tensor([p.top_p for p in params], device=device)
 
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        rows = logits.index_select(0, self.idx)
-        top = rows.amax(-1, keepdim=True)                                        # [N, 1]
+    def probs(self, logits: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, V] -> the sampled rows' probabilities [N, V]; top: the maxima [B, 1]
+        of ``logits`` when the caller has them (a round's step: one reduction fewer)."""
+        rows = logits.index_select(0, self.idx)                                  # [N, V] copy
+        top = rows.amax(-1, keepdim=True) if top is None else top.index_select(0, self.idx)
         # shifted to a maximum of 0 first: a tiny temperature (1e-40) then gives -inf, never
         # +inf (whose softmax is NaN), and softmax is unchanged by the shift; a row whose
         # maximum is not finite (``finite_rows``) is zeroed, never handed to ``multinomial``
-        # (on CUDA a device-side assert that ends every request of the process)
-        scaled = ((rows - top) / self.temp).masked_fill(~torch.isfinite(top), 0.0)
+        # (on CUDA a device-side assert that ends every request of the process); in place
+        # on the copy: no further [N, V] temporaries each step
+        scaled = rows.sub_(top).div_(self.temp).masked_fill_(~torch.isfinite(top), 0.0)
         if self.filtered:
             scaled = _filter(scaled, self.top_k, self.top_p)
         return scaled.softmax(-1)                                                # [N, V]
@@ -111,12 +114,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], default: torch.Generator)
     ``NOT_FINITE`` for a row whose logits hold NaN or infinity (``finite_rows``). Rows with
     their own generator (a seed) draw from it one by one; the others draw together from
     ``default``."""
-    ok = finite_rows(logits)
-    logits = apply_penalties(logits, seqs)
-    tokens = logits.argmax(dim=-1)
+    top = logits.amax(-1, keepdim=True)                                         # [B, 1]
+    ok = torch.isfinite(top[:, 0])                                              # finite_rows
+    penalized = apply_penalties(logits, seqs)
+    tokens = penalized.argmax(dim=-1)
     sampled = _Sampled(seqs, logits.device)
     if sampled.rows:
-        probs = sampled.probs(logits)
+        probs = sampled.probs(penalized, top if penalized is logits else None)
         own = [j for j, i in enumerate(sampled.rows) if seqs[i].generator is not None]
         shared = [j for j, i in enumerate(sampled.rows) if seqs[i].generator is None]
         if shared:
@@ -141,11 +145,13 @@ class RoundSampler:
     def __call__(self, logits: torch.Tensor, out: torch.Tensor) -> None:
         """Write the step's tokens [B] into ``out`` (the next step's inputs: a valid id even
         for a row whose logits are not finite; ``marked`` tells those rows)."""
-        self._ok.append(finite_rows(logits))
+        top = logits.amax(-1, keepdim=True)                                     # [B, 1]
+        self._ok.append(torch.isfinite(top[:, 0]))                              # finite_rows
         torch.argmax(logits, -1, out=out)
         s = self.sampled
         if s.rows:
-            out[s.idx] = torch.multinomial(s.probs(logits), 1, generator=self.default)[:, 0]
+            out[s.idx] = torch.multinomial(s.probs(logits, top), 1,
+                                           generator=self.default)[:, 0]
 
     def marked(self, tokens: torch.Tensor) -> torch.Tensor:
         """The round's tokens [steps, B] with ``NOT_FINITE`` where a step's logits of that row

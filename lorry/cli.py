@@ -52,8 +52,11 @@ def _database_problem(exc: BaseException, url: str) -> str | None:
     from lorry.scheduler.connector import DRIVER_ERRORS, convert
 
     usable = "sqlite:///PATH or postgresql+psycopg://USER@HOST/DATABASE"
-    if isinstance(exc, sa_exc.ArgumentError):  # unparsable URL, unknown dialect or driver
-        return f"LORRY_DATABASE_URL is not a database URL Lorry can use ({exc}); give {usable}"
+    if isinstance(exc, (sa_exc.ArgumentError, ValueError)):
+        why = _url_problem(url)
+        if why is None:  # the URL is fine: an error of the command's own, shown as it is
+            return None
+        return f"LORRY_DATABASE_URL is not a database URL Lorry can use ({why}); give {usable}"
     if isinstance(exc, ImportError):  # another database's driver (mysql://...)
         from sqlalchemy.engine import make_url
 
@@ -84,6 +87,25 @@ def _database_problem(exc: BaseException, url: str) -> str | None:
         check = "that the file is a SQLite database Lorry may write" \
             if url.startswith("sqlite:") else "that the database server is running"
         return f"cannot use the job database {where}{cause}; check LORRY_DATABASE_URL and {check}"
+    return None
+
+
+def _url_problem(url: str) -> str | None:
+    """Why SQLAlchemy cannot use ``url`` (unparsable, unknown dialect or driver), never
+    quoting it (a password may be in it); None when it can."""
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except (sa_exc.ArgumentError, ValueError):  # a port that is no number: a misread URL
+        return "it cannot be parsed"
+    try:
+        parsed.get_dialect()
+    except sa_exc.ArgumentError as e:   # Can't load plugin: sqlalchemy.dialects:NAME
+        return str(e)
+    except ImportError:   # a dialect whose driver is missing: _database_problem says so
+        return None
     return None
 
 

@@ -12,9 +12,10 @@ H200) the reserve took the 5.8-7.6 s of allocation time out of the timed part an
 as the adapters preloaded (docs/BENCHMARKS.md).
 
 The setting is torch's ``pinned_reserve_segment_size_mb`` (PYTORCH_CUDA_ALLOC_CONF), set at
-run time before any pinned allocation; the segment is made once per process, so the first
-engine's size holds for the process. An operator's own PYTORCH_CUDA_ALLOC_CONF (or
-PYTORCH_ALLOC_CONF) that names the key wins.
+run time before any pinned allocation, beside the allocator settings in effect (torch parses
+the whole string again and resets what it leaves out); the segment is made once per process,
+so the first engine's size holds for the process. An operator's own PYTORCH_ALLOC_CONF (or
+PYTORCH_CUDA_ALLOC_CONF) that names the key wins.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import os
 import torch
 
 KEY = "pinned_reserve_segment_size_mb"
-ENV_KEYS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+ENV_KEYS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")   # torch reads the first one set
+SMALLEST_MB = 1         # torch refuses a reserve of 0: this size stands in for "none" after
 HOST_SHARE = 4          # the automatic size takes at most a quarter of the host's memory
 MIB = 1 << 20
 
@@ -58,9 +60,18 @@ def auto_mb(adapters: int, one_bytes: int, host_bytes: int | None) -> int:
     return -(-want // MIB)
 
 
+def _torch_settings() -> str | None:
+    """The allocator settings torch holds now (from the environment variable it read, or
+    set at run time since); None where this torch cannot tell."""
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    return None if get is None else get()
+
+
 def _env_setting() -> tuple[str, int | None]:
-    """(the operator's allocator settings, their reserve in MiB or None)."""
-    env = next((os.environ[k] for k in ENV_KEYS if os.environ.get(k)), "")
+    """(the allocator settings in effect, their reserve in MiB or None)."""
+    env = _torch_settings()
+    if env is None:
+        env = next((os.environ[k] for k in ENV_KEYS if os.environ.get(k)), "")
     for item in env.split(","):
         key, _, value = item.partition(":")
         if key.strip() == KEY:
@@ -107,8 +118,13 @@ def reserve(option: int | None, *, adapters: int, one_bytes: int) -> dict:
             try:
                 _pin_first()
             except RuntimeError as e:   # not that much to pin: the segment (a static that
-                # is tried again at each allocation until it is made) must not stay asked for
-                _setter()(",".join(s for s in (env, f"{KEY}:0") if s))
+                # is tried again at each allocation until it is made) must not stay asked
+                # for; torch refuses 0, so the smallest one is made instead
                 status = {"mb": 0, "how": f"not set: pinning {mb} MiB failed ({e})"}
+                try:
+                    _setter()(",".join(s for s in (env, f"{KEY}:{SMALLEST_MB}") if s))
+                    _pin_first()
+                except (RuntimeError, ValueError, TypeError) as again:
+                    status["how"] += f"; {SMALLEST_MB} MiB failed too ({again})"
     _process.update(status)
     return dict(status)

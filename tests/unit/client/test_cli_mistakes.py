@@ -48,6 +48,23 @@ def test_a_database_url_lorry_cannot_use_says_what_to_give(env, url, says):
     _refused(["tenant", "list"], f"LORRY_DATABASE_URL {says}", "postgresql+psycopg://")
 
 
+def test_a_url_whose_port_is_no_number_is_one_line_without_its_password(env):
+    # (a traceback before; the parser's message quotes what it read as the port)
+    env.setenv("LORRY_DATABASE_URL", "postgresql+psycopg://u:s3cret@db:notaport/lorry")
+    out = _refused(["tenant", "list"], "LORRY_DATABASE_URL is not a database URL")
+    assert "s3cret" not in out and "notaport" not in out
+
+
+def test_an_argument_error_of_a_good_url_is_the_commands_own_and_propagates():
+    from sqlalchemy import exc as sa_exc
+
+    from lorry.cli import _database_problem
+
+    assert _database_problem(sa_exc.ArgumentError("Column expression expected"),
+                             "sqlite:///x.db") is None
+    assert _database_problem(ValueError("weight must be > 0"), "sqlite:///x.db") is None
+
+
 def test_a_database_without_the_tables_says_to_run_db_upgrade():
     from psycopg import errors as pg_errors
     from sqlalchemy import exc as sa_exc

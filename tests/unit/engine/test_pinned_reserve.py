@@ -35,15 +35,28 @@ def test_auto_size_rounds_as_the_allocator_and_keeps_to_a_quarter_of_host_memory
     assert auto_mb(3, 10, host_bytes=None) == 1      # whole MiB, never 0 for some adapters
 
 
+def torch_like_setter(calls: list):
+    """A setter that records its settings and refuses what torch's CUDA allocator config
+    refuses: a reserve that is not a whole number > 0."""
+    def set_(settings: str) -> None:
+        for item in settings.split(","):
+            key, _, value = item.partition(":")
+            if key == pinned_reserve.KEY and not (value.isdigit() and int(value) > 0):
+                raise ValueError("Pinned reserve segment size has to be greater than 0")
+        calls.append(settings)
+    return set_
+
+
 @pytest.fixture
 def fresh(monkeypatch):
-    """A process that has made no decision yet, no allocator settings in the environment,
-    and a recording setter in place of torch's."""
+    """A process that has made no decision yet, no allocator settings in the environment
+    (and a torch that does not tell its own), and a recording setter in place of torch's."""
     calls = []
     monkeypatch.setattr(pinned_reserve, "_process", {})
     for key in pinned_reserve.ENV_KEYS:
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(pinned_reserve, "_setter", lambda: calls.append)
+    monkeypatch.setattr(pinned_reserve, "_torch_settings", lambda: None)
+    monkeypatch.setattr(pinned_reserve, "_setter", lambda: torch_like_setter(calls))
     monkeypatch.setattr(pinned_reserve, "_pin_first", lambda: calls.append("pinned"))
     return calls
 
@@ -77,6 +90,7 @@ def test_a_setting_torch_refuses_is_reported_and_loads_go_on_without(monkeypatch
     monkeypatch.setattr(pinned_reserve, "_process", {})
     for key in pinned_reserve.ENV_KEYS:
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(pinned_reserve, "_torch_settings", lambda: None)
 
     def refuse(_):
         raise RuntimeError("unrecognized key")
@@ -87,13 +101,36 @@ def test_a_setting_torch_refuses_is_reported_and_loads_go_on_without(monkeypatch
 
 def test_a_segment_the_host_cannot_pin_is_asked_for_no_more(fresh, monkeypatch):
     # torch makes the segment at the first pinned allocation and tries again at every later
-    # one while that fails: the setting goes back to 0, so loads pin their own buffers
-    def cannot_pin():
-        raise RuntimeError("CUDA error: out of memory")
-    monkeypatch.setattr(pinned_reserve, "_pin_first", cannot_pin)
+    # one while that fails: the setting goes down to the smallest torch takes (it refuses 0),
+    # made at once, so loads pin their own buffers
+    def pin():
+        if fresh[-1].endswith(":1048576"):
+            raise RuntimeError("CUDA error: out of memory")
+        fresh.append("pinned")
+    monkeypatch.setattr(pinned_reserve, "_pin_first", pin)
     got = reserve(1 << 20, adapters=8, one_bytes=MIB)
     assert got["mb"] == 0 and got["how"].startswith("not set: pinning 1048576 MiB failed")
-    assert fresh == ["pinned_reserve_segment_size_mb:1048576", "pinned_reserve_segment_size_mb:0"]
+    assert "failed too" not in got["how"]
+    assert fresh == ["pinned_reserve_segment_size_mb:1048576",
+                     "pinned_reserve_segment_size_mb:1", "pinned"]
+
+
+def test_the_settings_torch_holds_are_kept_beside_the_reserve(fresh, monkeypatch):
+    # what torch parsed (a variable it preferred, or a setting made at run time) is what a
+    # new setting must repeat: torch resets the settings a new string leaves out
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setattr(pinned_reserve, "_torch_settings",
+                        lambda: "garbage_collection_threshold:0.6")
+    assert reserve(64, adapters=8, one_bytes=MIB) == {"mb": 64, "how": "set"}
+    assert fresh == ["garbage_collection_threshold:0.6,pinned_reserve_segment_size_mb:64",
+                     "pinned"]
+
+
+def test_without_torchs_own_the_variable_torch_reads_first_is_used(fresh, monkeypatch):
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "garbage_collection_threshold:0.6")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "pinned_reserve_segment_size_mb:8")
+    assert reserve(64, adapters=8, one_bytes=MIB) == {"mb": 64, "how": "set"}
+    assert fresh[0] == "garbage_collection_threshold:0.6,pinned_reserve_segment_size_mb:64"
 
 
 @pytest.mark.parametrize("bad", [-1, True, 1.5, "64"])

@@ -41,11 +41,37 @@ def drain(self) -> dict:
     from lorry.workers.runtime import get_drainer
 
     _nudge_taken(settings)
-    summary = get_drainer(settings).run(max_seconds=settings.drain_max_seconds,
-                                should_stop=_shutting_down.is_set)
+    try:
+        summary = get_drainer(settings).run(max_seconds=settings.drain_max_seconds,
+                                            should_stop=_shutting_down.is_set)
+    except Exception as e:
+        _stop_worker_after(e)
+        raise
     if summary.reason == "time limit":  # give maintain and other tasks a turn, then go on
         drain.apply_async()
     return summary.to_dict()
+
+
+# Exit status of a worker stopped because its drain broke (EX_SOFTWARE): a supervisor that
+# restarts on failure starts a fresh process (compose's gpu-worker: restart unless-stopped).
+ENGINE_FAILED_EXIT = 70
+
+
+def _stop_worker_after(error: Exception) -> None:
+    """The drain broke out of its engine loop; its jobs are back in the queue, an attempt
+    counted (``Drainer.run``). An engine whose step raised may be broken for good (a CUDA
+    error poisons the process's context, a half-done step its scheduler state): draining on
+    with it would spend the attempts of every job this worker claims, any tenant's. So the
+    worker stops once this task has ended (Celery's warm stop, exit status 70) and takes no
+    more, as vLLM's server ends when its engine dies; the other workers, or this one
+    restarted by its supervisor with a fresh engine, run the jobs."""
+    from celery.worker import state
+
+    log.critical("the drain's engine failed (%s); this worker stops after the task and takes "
+                 "no more jobs (exit status %d): restart it for a fresh engine",
+                 type(error).__name__, ENGINE_FAILED_EXIT)
+    _shutting_down.set()
+    state.should_stop = ENGINE_FAILED_EXIT
 
 
 def _nudge_taken(settings) -> None:

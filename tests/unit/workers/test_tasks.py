@@ -1,0 +1,47 @@
+"""The Celery drain task when its engine breaks: the worker stops taking jobs (and exits with
+status 70 once the task has ended; the exit itself is Celery's, seen with a real worker)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+
+class _Summary:
+    reason = "queue empty"
+
+    def to_dict(self):
+        return {"reason": self.reason}
+
+
+@pytest.fixture
+def drain_task(monkeypatch):
+    from celery.worker import state
+
+    from lorry.workers import runtime, tasks
+
+    monkeypatch.setattr(tasks, "_nudge_taken", lambda settings: None)
+    monkeypatch.setattr(tasks, "_shutting_down", threading.Event())
+    monkeypatch.setattr(state, "should_stop", None)
+
+    def with_drainer(run):
+        drainer = type("Drainer", (), {"run": staticmethod(run)})()
+        monkeypatch.setattr(runtime, "get_drainer", lambda settings: drainer)
+        return tasks, state
+    return with_drainer
+
+
+def test_a_drain_whose_engine_failed_stops_the_worker(drain_task):
+    def broken(**kw):   # Drainer.run re-raises the engine's error after giving jobs back
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    tasks, state = drain_task(broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        tasks.drain.run()
+    assert state.should_stop == tasks.ENGINE_FAILED_EXIT == 70
+    assert tasks._shutting_down.is_set()   # a drain still to come claims nothing
+
+
+def test_a_drain_that_ends_keeps_the_worker(drain_task):
+    tasks, state = drain_task(lambda **kw: _Summary())
+    assert tasks.drain.run() == {"reason": "queue empty"}
+    assert state.should_stop is None and not tasks._shutting_down.is_set()

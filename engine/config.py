@@ -110,10 +110,10 @@ class EngineConfig:
         ``pinned_reserve_segment_size_mb``), so a cold adapter load takes no
         ``cudaHostAlloc``, whose driver lock stalls the engine's kernel launches. None (the
         default): room for ``max_cpu_loras`` adapters at ``max_lora_rank`` over every target
-        module (as the allocator rounds them), at most a quarter of host memory; 0: off. One
-        segment per process (the first engine's size); an operator's PYTORCH_ALLOC_CONF (or
-        PYTORCH_CUDA_ALLOC_CONF) that names the key wins.
-        ``cache_stats()["cpu"]["pinned_reserve"]`` tells which.
+        module (as the allocator rounds them), at most a quarter of host memory per GPU of
+        the host (a worker per GPU); 0: off. One segment per process (the first engine's
+        size); an operator's PYTORCH_ALLOC_CONF (or PYTORCH_CUDA_ALLOC_CONF) that names the
+        key wins. ``cache_stats()["cpu"]["pinned_reserve"]`` tells which.
     adapter_roots : tuple of str, optional
         Directories a local adapter (and each of its files, symlinks resolved) must lie in,
         checked at every load; a path elsewhere is refused with ``AdapterSourceError``. None

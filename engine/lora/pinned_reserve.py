@@ -26,7 +26,7 @@ import torch
 KEY = "pinned_reserve_segment_size_mb"
 ENV_KEYS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")   # torch reads the first one set
 SMALLEST_MB = 1         # torch refuses a reserve of 0: this size stands in for "none" after
-HOST_SHARE = 4          # the automatic size takes at most a quarter of the host's memory
+HOST_SHARE = 4          # the automatic size takes at most a quarter of host memory per GPU
 MIB = 1 << 20
 
 _process: dict = {}     # what the first engine of this process decided (the segment is one)
@@ -44,11 +44,23 @@ def power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def host_memory_bytes() -> int | None:
+def host_gpus() -> int:
+    """NVIDIA GPUs in this host (``/proc/driver/nvidia/gpus``, whatever CUDA_VISIBLE_DEVICES
+    hides: one worker per GPU is the usual layout), at least 1."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return max(1, len(os.listdir("/proc/driver/nvidia/gpus")))
+    except OSError:
+        return max(1, torch.cuda.device_count() if torch.cuda.is_available() else 1)
+
+
+def host_memory_bytes() -> int | None:
+    """This process's share of host memory for the automatic size: the host's memory over
+    its GPUs (a worker per GPU each reserving its quarter would pin it all)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):   # no sysconf names on this platform
         return None
+    return total // host_gpus()
 
 
 def auto_mb(adapters: int, one_bytes: int, host_bytes: int | None) -> int:

@@ -146,3 +146,12 @@ def test_workers_take_the_reserve_from_lorry_settings(monkeypatch):
     assert Settings().engine_config().pinned_reserve_mb == 0
     monkeypatch.delenv("LORRY_PINNED_RESERVE_MB")
     assert Settings().engine_config().pinned_reserve_mb is None
+
+
+def test_the_automatic_cap_is_shared_by_the_hosts_gpus(monkeypatch):
+    # one worker per GPU: eight workers each taking a quarter would pin twice the host
+    monkeypatch.setattr(pinned_reserve.os, "sysconf",
+                        {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": (512 << 30) // 4096}.get)
+    monkeypatch.setattr(pinned_reserve, "host_gpus", lambda: 8)
+    assert pinned_reserve.host_memory_bytes() == 64 << 30
+    assert auto_mb(200, 100 * MIB, pinned_reserve.host_memory_bytes()) == 16 * 1024

@@ -292,6 +292,12 @@ def _celery(argv: list[str]) -> None:
     from lorry.workers.celery_app import app as celery_app
 
     celery_app.start(argv)
+    # Celery.start drops the worker's exit status (it runs click without standalone mode);
+    # a worker stopped because its engine failed exits 70, so that a supervisor sees it
+    from lorry.workers.tasks import exit_status
+
+    if exit_status():
+        raise typer.Exit(exit_status())
 
 
 @app.command("worker")

@@ -10,6 +10,7 @@ from lorry.workers.celery_app import app, settings
 
 log = logging.getLogger(__name__)
 _shutting_down = threading.Event()
+_engine_failed = threading.Event()   # this worker stops because its drain's engine failed
 
 
 @signals.worker_ready.connect
@@ -71,7 +72,14 @@ def _stop_worker_after(error: Exception) -> None:
                  "no more jobs (exit status %d): restart it for a fresh engine",
                  type(error).__name__, ENGINE_FAILED_EXIT)
     _shutting_down.set()
+    _engine_failed.set()
     state.should_stop = ENGINE_FAILED_EXIT
+
+
+def exit_status() -> int | None:
+    """The status the worker process exits with once Celery has stopped: ENGINE_FAILED_EXIT
+    after an engine failure, else None (Celery's own)."""
+    return ENGINE_FAILED_EXIT if _engine_failed.is_set() else None
 
 
 def _nudge_taken(settings) -> None:

@@ -1,5 +1,5 @@
-"""The Celery drain task when its engine breaks: the worker stops taking jobs (and exits with
-status 70 once the task has ended; the exit itself is Celery's, seen with a real worker)."""
+"""The Celery drain task when its engine breaks: the worker stops taking jobs and exits with
+status 70 once the task has ended (with a real worker: tests/e2e/test_shutdown.py)."""
 from __future__ import annotations
 
 import threading
@@ -22,6 +22,7 @@ def drain_task(monkeypatch):
 
     monkeypatch.setattr(tasks, "_nudge_taken", lambda settings: None)
     monkeypatch.setattr(tasks, "_shutting_down", threading.Event())
+    monkeypatch.setattr(tasks, "_engine_failed", threading.Event())
     monkeypatch.setattr(state, "should_stop", None)
 
     def with_drainer(run):
@@ -39,9 +40,11 @@ def test_a_drain_whose_engine_failed_stops_the_worker(drain_task):
         tasks.drain.run()
     assert state.should_stop == tasks.ENGINE_FAILED_EXIT == 70
     assert tasks._shutting_down.is_set()   # a drain still to come claims nothing
+    assert tasks.exit_status() == 70       # what `lorry worker` exits with
 
 
 def test_a_drain_that_ends_keeps_the_worker(drain_task):
     tasks, state = drain_task(lambda **kw: _Summary())
     assert tasks.drain.run() == {"reason": "queue empty"}
     assert state.should_stop is None and not tasks._shutting_down.is_set()
+    assert tasks.exit_status() is None

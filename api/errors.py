@@ -17,6 +17,7 @@ from lorry.scheduler import errors
 log = logging.getLogger(__name__)
 RETRY_AFTER_UNAVAILABLE_S = 5  # the database is usually back within seconds (a restart)
 RETRY_AFTER_QUOTA_S = 30
+NO_RETRY = {"x-should-retry": "false"}  # the official SDKs retry 409, 429 and 5xx otherwise
 
 # ``type`` by status, and the ``code`` an error gets when whoever raised it named none.
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -200,10 +201,10 @@ def queue_error_status(exc: errors.QueueError) -> tuple[int, str, dict[str, str]
         return 409, "conflict", None
     if isinstance(exc, errors.QuotaExceeded):
         if exc.never_fits:   # retrying cannot help: the SDKs must not (x-should-retry)
-            return 429, "quota_exceeded", {"x-should-retry": "false"}
+            return 429, "quota_exceeded", dict(NO_RETRY)
         return 429, "quota_exceeded", {"Retry-After": str(RETRY_AFTER_QUOTA_S)}
     if isinstance(exc, errors.AdapterExists):   # the SDKs retry 409s: no use here
-        return 409, "adapter_exists", {"x-should-retry": "false"}
+        return 409, "adapter_exists", dict(NO_RETRY)
     if isinstance(exc, errors.UnknownAdapter):
         return 422, "unknown_adapter", None
     if isinstance(exc, errors.UnknownTenant):

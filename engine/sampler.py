@@ -102,11 +102,11 @@ class _Sampled:
         return scaled.softmax(-1)                                                # [N, V]
 
 
-def finite_rows(logits: torch.Tensor) -> torch.Tensor:
-    """ok [B]: the rows whose maximum is finite (no NaN, no +inf, not all -inf; -inf entries
-    are fine). An adapter whose products overflow the serving dtype gives the others; one
-    read-only reduction, on the device."""
-    return torch.isfinite(logits.amax(-1))
+def finite_rows(top: torch.Tensor) -> torch.Tensor:
+    """ok [B] from the rows' logit maxima [B, 1]: a row is usable when its maximum is finite
+    (no NaN, no +inf, not all -inf; -inf entries are fine). An adapter whose products
+    overflow the serving dtype gives the others."""
+    return torch.isfinite(top[:, 0])
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], default: torch.Generator) -> list[int]:
@@ -115,7 +115,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], default: torch.Generator)
     their own generator (a seed) draw from it one by one; the others draw together from
     ``default``."""
     top = logits.amax(-1, keepdim=True)                                         # [B, 1]
-    ok = torch.isfinite(top[:, 0])                                              # finite_rows
+    ok = finite_rows(top)
     penalized = apply_penalties(logits, seqs)
     tokens = penalized.argmax(dim=-1)
     sampled = _Sampled(seqs, logits.device)
@@ -146,7 +146,7 @@ class RoundSampler:
         """Write the step's tokens [B] into ``out`` (the next step's inputs: a valid id even
         for a row whose logits are not finite; ``marked`` tells those rows)."""
         top = logits.amax(-1, keepdim=True)                                     # [B, 1]
-        self._ok.append(torch.isfinite(top[:, 0]))                              # finite_rows
+        self._ok.append(finite_rows(top))
         torch.argmax(logits, -1, out=out)
         s = self.sampled
         if s.rows:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from lorry.api.batch_input import names_the_base
 from lorry.api.convert import adapter_out
 from lorry.api.deps import get_queue, get_settings, get_tenant
-from lorry.api.errors import ApiError
+from lorry.api.errors import NO_RETRY, ApiError
 from lorry.api.schemas import NAME_PATTERN, AdapterCreate, AdapterList, AdapterOut
 from lorry.engine.lora.sources import LOCAL, check_source, tenant_roots  # torch-free
 
@@ -59,7 +59,7 @@ def add_adapter(body: AdapterCreate, request: Request, tenant=Depends(get_tenant
     if existing is not None and existing.tenant_id == tenant.id:
         raise ApiError(409, f"adapter {body.name!r} is already registered; delete it first",
                        code="adapter_exists", param="name",
-                       headers={"x-should-retry": "false"})   # the SDKs retry 409s
+                       headers=dict(NO_RETRY))   # the SDKs retry 409s
     try:  # the engine's rules (AdapterSourceError is a ValueError)
         src = check_source(body.source, revision=body.revision,
                            roots=allowed_roots(settings, tenant.id),

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from lorry.api.batch_input import base_model_name, is_base, with_chat_default
 from lorry.api.deps import get_queue, get_settings, get_tenant, nudge
-from lorry.api.errors import ApiError, ErrorBody, error_body, responses
+from lorry.api.errors import NO_RETRY, ApiError, ErrorBody, error_body, responses
 from lorry.api.openai_format import ChunkWriter, completion_object, usage_of
 from lorry.api.prompt_length import check_prompt_length
 from lorry.api.schemas import (
@@ -35,7 +35,6 @@ INTERACTIVE_PRIORITY = 1000
 # the channel workers publish a streaming job's text to (lorry.workers.tokens.stream_channel)
 STREAM_CHANNEL = "{prefix}:stream:{job_id}"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
-NO_RETRY = {"x-should-retry": "false"}  # the official SDKs must not submit the job again
 POLL_MAX_S = 0.25   # longest pause between reads of a waited-for job
 STREAM_POLL_S = 0.5  # a streaming answer also reads its job this often (lost pieces, failures)
 

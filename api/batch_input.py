@@ -73,6 +73,7 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "seed", "stop", "stop_token_id
                  "ignore_eos")
 BASE_ALIASES = ("base",)
 CHUNK_LINES = 2000  # lines parsed, checked and queued together (memory stays flat)
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def base_model_name(settings) -> str:
@@ -334,6 +335,8 @@ def ingest_chunks(raw_lines: Iterable[tuple[int, bytes | None]], queue, tenant, 
 def _chunks(raw_lines, chunker: _Chunker, stats: IngestStats, chunk_lines: int):
     pending: list[tuple[int, bytes]] = []
     for number, raw in raw_lines:
+        if number == 1 and raw is not None and raw.startswith(UTF8_BOM):
+            raw = raw[len(UTF8_BOM):]  # the file's byte order mark (Windows tools write one)
         if raw is not None and not raw.strip():
             continue
         pending.append((number, raw))

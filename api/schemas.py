@@ -236,14 +236,28 @@ def metadata_ok(meta: Any) -> bool:
         and not k.startswith("lorry_") for k, v in meta.items())
 
 
+WINDOW_PATTERN = r"^[1-9][0-9]{0,3}h$"
+MAX_WINDOW_HOURS = 24 * 7  # scheduler.batches.window_seconds' limit
+
+
+def check_window(value: str) -> str:
+    """A completion_window (of WINDOW_PATTERN's form) of at most a week."""
+    if int(value[:-1]) > MAX_WINDOW_HOURS:
+        raise ValueError(f"completion_window must be 1h to {MAX_WINDOW_HOURS}h, like '24h'; "
+                         f"got {value!r}")
+    return value
+
+
 class BatchCreate(Strict):
     """OpenAI's batch creation body: the uploaded JSONL file (purpose "batch") and the one
     endpoint all its lines use."""
 
     input_file_id: str = Field(pattern=ID_PATTERN)
     endpoint: Literal["/v1/chat/completions", "/v1/completions"]
-    completion_window: str = Field("24h", pattern=r"^[1-9][0-9]{0,3}h$")
+    completion_window: str = Field("24h", pattern=WINDOW_PATTERN)
     metadata: dict[str, Text] | None = Field(None, max_length=16)
+
+    _window = field_validator("completion_window")(check_window)
 
     @field_validator("metadata")
     @classmethod
@@ -407,7 +421,7 @@ class ChatCompletionRequest(OpenAIOptions):
 
     model: str = Field(pattern=NAME_PATTERN)
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    stream: bool = False
+    stream: bool | None = False  # OpenAI's null is not streamed, as false
     stream_options: StreamOptions | None = None
 
 
@@ -416,7 +430,7 @@ class CompletionRequest(OpenAIOptions):
 
     model: str = Field(pattern=NAME_PATTERN)
     prompt: text(1, MAX_CONTENT_CHARS)
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
 
 

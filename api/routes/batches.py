@@ -26,9 +26,11 @@ from lorry.api.json_check import check_json
 from lorry.api.routes.files import IDEMPOTENCY_KEY, no_file
 from lorry.api.schemas import (
     METADATA_RULE,
+    WINDOW_PATTERN,
     BatchCreate,
     BatchList,
     BatchOut,
+    check_window,
     is_id,
     metadata_ok,
 )
@@ -123,7 +125,7 @@ def _ingest(queue, tenant, settings, lines, stats: IngestStats, *, one_step: boo
 async def create_batch(request: Request, response: Response, tenant=Depends(get_tenant),
                        queue=Depends(get_queue), settings=Depends(get_settings),
                        idempotency_key: str | None = IDEMPOTENCY_KEY,
-                       completion_window: str = Query("24h", pattern=r"^[1-9][0-9]{0,3}h$"),
+                       completion_window: str = Query("24h", pattern=WINDOW_PATTERN),
                        metadata: str | None = Query(None, max_length=8192,
                                                     description="a JSON object of strings "
                                                                 "(one-step upload)")):
@@ -131,6 +133,10 @@ async def create_batch(request: Request, response: Response, tenant=Depends(get_
         return await _create_from_file(request, response, tenant, queue, settings,
                                        idempotency_key)
     meta = parse_metadata(metadata)
+    try:
+        check_window(completion_window)
+    except ValueError as e:
+        raise ApiError(422, str(e), param="completion_window") from None
     spool = await spool_lines(request, settings.max_body_bytes, settings.max_batch_lines,
                               settings.max_line_bytes)
     stats = IngestStats()

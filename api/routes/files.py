@@ -84,7 +84,7 @@ async def upload_file(request: Request, response: Response, tenant=Depends(get_t
 @router.get("", response_model=FileList, summary="List your files, newest first (cursor: "
                                                   "after = the last id of the previous page)")
 def list_files(tenant=Depends(get_tenant), queue=Depends(get_queue),
-               purpose: str | None = Query(None, max_length=20),
+               purpose: str | None = Query(None, max_length=20, pattern=r"^[A-Za-z0-9_-]+$"),
                after: str | None = Query(None, max_length=64),
                limit: int = Query(10_000, ge=1, le=10_000),
                order: str = Query("desc", pattern="^(asc|desc)$")):

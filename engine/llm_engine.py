@@ -50,6 +50,9 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._load_errors: dict[str, Exception] = {}  # request id -> its adapter's LoRAError
         self._generating: set[str] = set()             # request ids of generate() calls
+        self._aborted: dict[str, RequestOutput] = {}   # of those, aborted meanwhile
+        # requests of add_request that finished inside a generate() call: the next step's
+        self._finished_aside: list[RequestOutput] = []
         self._ids = itertools.count()
         self._adapter_gen: dict[int, int] = {}          # adapter id -> times dropped
         # prefill: steps with prompt work (mixed: also decoding rows); decode: steps without
@@ -86,6 +89,9 @@ class LLMEngine:
                                 f"({gpu.pages_for(lid) * gpu.page} of {gpu.num_rows} rows); "
                                 "unpin one")
         text, ids = self.tokenizer.encode_prompt(prompt)
+        if not ids:  # "" with a tokenizer that adds no BOS: nothing to choose a token from
+            raise ValueError(f"prompt of request {request_id!r} has no tokens: give a prompt "
+                             "that encodes to at least one token")
         if len(ids) >= self.max_model_len:
             raise ModelLengthError(f"prompt of request {request_id!r} has {len(ids)} tokens; "
                                    f"max_model_len={self.max_model_len} leaves no room to generate")
@@ -142,19 +148,25 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq)
-        return self._finish(seq, "abort")
+        out = self._finish(seq, "abort")
+        if request_id in self._generating:  # generate() returns it, never waits for it
+            self._aborted[request_id] = out
+        return out
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests queued or running, or finished but not yet returned by ``step``."""
+        return self.scheduler.has_unfinished() or bool(self._finished_aside)
 
     def num_unfinished_requests(self) -> int:
-        return self.scheduler.num_unfinished()
+        return self.scheduler.num_unfinished() + len(self._finished_aside)
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one prefill (chunk) or decode step; return the requests that finished in it
-        (including requests failed because their adapter could not be loaded)."""
-        finished = self._poll_adapters()
+        (including requests failed because their adapter could not be loaded, and those
+        that finished while a ``generate`` call stepped)."""
+        finished, self._finished_aside = self._finished_aside, []
+        finished += self._poll_adapters()
         pinned = set(self.loras.gpu.pinned) if self.loras else set()
         # a logits hook sees every step's logits: no rounds
         plan = self.scheduler.schedule(pinned, self._adapter_ready,
@@ -462,7 +474,11 @@ class LLMEngine:
         if len(params) != n or len(loras) != n:
             raise ValueError(f"got {n} prompts, {len(params)} sampling params and {len(loras)} "
                              "lora requests; lists must have one entry per prompt")
-        ids = [f"gen-{next(self._ids)}" for _ in range(n)]
+        ids = []
+        while len(ids) < n:
+            rid = f"gen-{next(self._ids)}"
+            if rid not in self._seqs:  # a request of that name added through add_request
+                ids.append(rid)
         default = SamplingParams.max_tokens    # the dataclass default, for params None
         submit = range(n) if order == "input" else longest_first(
             [default if sp is None else sp.max_tokens for sp in params])
@@ -488,14 +504,17 @@ class LLMEngine:
             self._generating -= wanted
             for rid in ids:
                 self._load_errors.pop(rid, None)
+                self._aborted.pop(rid, None)
 
     def _generate_loop(self, ids, wanted, results, n, use_tqdm):
         from tqdm.auto import tqdm
 
         with tqdm(total=n, desc="generate", unit="req", disable=not use_tqdm) as bar:
             while wanted - results.keys():
-                for out in self.step():
+                for out in self.step() + [self._aborted.pop(r) for r in wanted
+                                          if r in self._aborted]:
                     if out.request_id not in wanted:
+                        self._finished_aside.append(out)  # an add_request's: step() hands it
                         continue
                     err = self._load_errors.pop(out.request_id, None)
                     if err is not None:  # generate() raises its adapter's load error

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs allows
+SEED_RANGE = (-2**63, 2**64)  # torch.Generator.manual_seed's
+SEQUENCES = (list, tuple, set, frozenset)  # what stop and stop_token_ids may be
 
 
 def _number(value) -> bool:
@@ -28,7 +30,8 @@ class SamplingParams:
     top_k : int
         Keep the k most likely tokens; -1 or 0 turns it off.
     seed : int, optional
-        Per-request seed: the same seed gives the same tokens whatever the batch.
+        Per-request seed in [-2**63, 2**64): the same seed gives the same tokens whatever
+        the batch.
     stop : str or list of str, optional
         Stop strings; the text is cut before the first one and finish_reason is "stop".
     stop_token_ids : list of int, optional
@@ -85,16 +88,19 @@ class SamplingParams:
             bad("top_p", self.top_p, "must be a number in (0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
             bad("top_k", self.top_k, "must be an int: -1 or 0 (off) or >= 1")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            bad("seed", self.seed, "must be an int or None")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if not all(isinstance(s, str) and s for s in stop):
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(
+                self.seed, int) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+            bad("seed", self.seed, "must be None or an int in [-2**63, 2**64) (what a torch "
+                "generator takes)")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if not isinstance(stop, SEQUENCES) or not all(isinstance(s, str) and s for s in stop):
             bad("stop", self.stop, "must be a non-empty string or a list of non-empty strings")
-        self.stop_list = stop
-        ids = list(self.stop_token_ids or [])
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        self.stop_list = list(stop)
+        ids = self.stop_token_ids or []
+        if not isinstance(ids, SEQUENCES) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
             bad("stop_token_ids", self.stop_token_ids, "must be a list of ints >= 0")
-        self.stop_token_ids = ids
+        self.stop_token_ids = list(ids)
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", self.ignore_eos, "must be a bool")
         for name in ("presence_penalty", "frequency_penalty"):

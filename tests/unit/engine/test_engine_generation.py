@@ -1,6 +1,9 @@
 """Generation behaviour a user sees: sampling, seeds, stops, chat prompts, limits, step API."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 
 from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
@@ -154,3 +157,84 @@ def test_info(engine):
     info = engine.info()
     assert info["lora_backend"] == "torch" and info["device"] == "cpu"
     assert info["dtype"] == "float32" and info["max_model_len"] == 64
+
+
+def test_a_prompt_of_no_tokens_is_refused_and_later_steps_run(tiny_llama, tmp_path):
+    """A tokenizer that adds no BOS (SmolLM2's, Qwen's) encodes "" to no tokens: add_request
+    refuses that prompt (as vLLM does), so no step fails on it and other requests run."""
+    tok = tmp_path / "tokenizer"
+    tok.mkdir()
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tiny_llama.dir / name, tok / name)
+    spec = json.loads((tiny_llama.dir / "tokenizer.json").read_text())
+    spec["post_processor"] = None   # no BOS
+    (tok / "tokenizer.json").write_text(json.dumps(spec))
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama.dir), tokenizer=str(tok), max_loras=1,
+                                 max_num_seqs=2, max_model_len=64))
+    sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    with pytest.raises(ValueError, match="'empty' has no tokens"):
+        eng.add_request("empty", "", sp)
+    assert not eng.has_unfinished_requests()
+    with pytest.raises(ValueError, match="has no tokens"):
+        eng.generate(["hi", ""], sp, use_tqdm=False)
+    eng.add_request("hi", "hi", sp)
+    done = []
+    while eng.has_unfinished_requests():
+        done += eng.step()
+    assert [len(o.outputs[0].token_ids) for o in done] == [2]
+
+
+def test_generate_leaves_requests_added_under_any_id_alone(tiny_llama):
+    """generate() names its own requests: one added through add_request under a name like
+    theirs neither makes generate() fail nor is dropped by it."""
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama.dir), max_loras=1, max_num_seqs=4,
+                                 max_model_len=64))
+    eng.add_request("gen-0", "mine", SamplingParams(max_tokens=30, temperature=0,
+                                                    ignore_eos=True))
+    outs = eng.generate(["a", "b"], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                        use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [2, 2]
+    assert "gen-0" not in {o.request_id for o in outs}
+    assert eng.num_unfinished_requests() == 1
+    done = []
+    while eng.has_unfinished_requests():
+        done += eng.step()
+    assert [(o.request_id, len(o.outputs[0].token_ids)) for o in done] == [("gen-0", 30)]
+
+
+@pytest.mark.timeout(120)
+def test_generate_returns_a_request_aborted_while_it_runs(engine):
+    """A request of generate() aborted meanwhile (from on_tokens, as for a client that went
+    away) comes back with finish_reason "abort"; generate() does not wait for it forever."""
+    aborted = []
+
+    def on_tokens(request_id, text, finish_reason):
+        if finish_reason is None and not aborted:
+            aborted.append(engine.abort_request(request_id))
+
+    engine.on_tokens = on_tokens
+    try:
+        outs = engine.generate(["a", "b"], SamplingParams(max_tokens=8, temperature=0,
+                                                          ignore_eos=True, stream=True),
+                               use_tqdm=False, order="input")
+    finally:
+        engine.on_tokens = None
+    assert len(aborted) == 1
+    reasons = {o.request_id: o.outputs[0].finish_reason for o in outs}
+    assert reasons[aborted[0].request_id] == "abort"
+    assert sorted(reasons.values()) == ["abort", "length"]
+    assert not engine.has_unfinished_requests()
+
+
+def test_a_request_that_finishes_inside_generate_comes_from_the_next_step(engine):
+    """A request of add_request that finishes while generate() steps the engine is not lost:
+    it stays unfinished to the caller until the next step() returns it."""
+    engine.add_request("mine", "x", SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    outs = engine.generate("a", SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+                           use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [10]
+    assert engine.has_unfinished_requests() and engine.num_unfinished_requests() == 1
+    done = engine.step()
+    assert [(o.request_id, o.finished, len(o.outputs[0].token_ids)) for o in done] == \
+        [("mine", True, 2)]
+    assert not engine.has_unfinished_requests()

@@ -167,10 +167,16 @@ def test_rows_whose_logits_are_not_finite_are_marked_never_sampled():
 @pytest.mark.parametrize("kw, match", [
     ({"n": 2}, "only n=1"), ({"logprobs": 21}, r"\[0, 20\]"),
     ({"presence_penalty": 2.5}, r"\[-2, 2\]"), ({"repetition_penalty": 0.0}, r"\(0, 10\]"),
-    ({"frequency_penalty": float("nan")}, r"\[-2, 2\]")])
+    ({"frequency_penalty": float("nan")}, r"\[-2, 2\]"),
+    # what torch's generator cannot take, and types a worker's JSON may hold: ValueErrors
+    # naming the field (the worker refuses a job's sampling on ValueError only)
+    ({"seed": 2**64}, r"seed=.*\[-2\*\*63, 2\*\*64\)"), ({"seed": -2**63 - 1}, "seed="),
+    ({"stop": 5}, "stop=5"), ({"stop_token_ids": 3}, "stop_token_ids=3")])
 def test_out_of_range_sampling_is_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw)
+    with pytest.raises(ValueError, match=match):
+        SamplingParams.from_dict(kw)
 
 
 def test_streamed_text_concatenates_to_the_final_text(tiny_llama):

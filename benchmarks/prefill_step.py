@@ -318,7 +318,8 @@ def main() -> None:
     spec = dict(bulk.SPECS["tiny" if args.tiny else "gpu"])
     cli = argparse.Namespace(device=args.device, seed=args.seed, num_scheduler_steps=None,
                              block_size=None, num_kv_blocks=None, gpu_memory_utilization=None,
-                             max_num_batched_tokens=None)
+                             max_num_batched_tokens=None, lora_load_process=None,
+                             pinned_reserve_mb=None)
     res = {"benchmark": "prefill_step", "mode": "loop" if args.loop else "decode" if args.decode else "prefill",
            "device": args.device, "tiny": args.tiny,
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

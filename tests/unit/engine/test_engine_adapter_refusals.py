@@ -244,11 +244,20 @@ def test_weights_with_nan_or_infinity_are_refused_and_poison_nobody(adapter, tin
     assert not torch.isnan(eng.loras.gpu.layout.modules[("qkv_proj", 0)].lora_a[0]).any()
 
 
+def _devices():
+    """The CPU always; CUDA (the Triton LoRA kernels and captured decode graphs, where NaN
+    fed to ``multinomial`` is a device-side assert that kills the process) where present."""
+    import torch
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("sampling", [{"temperature": 1.0}, {"temperature": 0.0},
                                       {"temperature": 0.8, "top_p": 0.9, "seed": 3},
                                       {"temperature": 0.0, "logprobs": 2}])
 def test_an_adapter_whose_products_overflow_fails_its_request_only(adapter, tiny_llama,
-                                                                   sampling):
+                                                                   sampling, device):
     """Finite weights (accepted at load) whose products overflow float32 give NaN logits: the
     request ends with finish_reason "error" and the reason, the other rows of the step and
     the next steps run on. (It was a RuntimeError out of ``step`` from ``multinomial``, which
@@ -260,7 +269,7 @@ def test_an_adapter_whose_products_overflow_fails_its_request_only(adapter, tiny
     weights = adapter / "adapter_model.safetensors"
     save_file({k: v * 1e25 for k, v in load_file(str(weights)).items()}, str(weights))
     eng = LLMEngine(EngineConfig(model=str(tiny_llama.dir), max_loras=2, max_lora_rank=8,
-                                 device="cpu", dtype="float32", max_num_seqs=4))
+                                 device=device, dtype="float32", max_num_seqs=4))
     good = LoRARequest("good", 1, str(tiny_llama.adapters["qv_r8"]))
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
@@ -278,8 +287,40 @@ def test_an_adapter_whose_products_overflow_fails_its_request_only(adapter, tiny
             for o in eng.generate(prompts, sp, [good, None, good], use_tqdm=False)] == want
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_an_adapter_overflowing_bfloat16_on_cuda_fails_its_request_only(adapter, tiny_llama):
+    """The production dtype: products past bfloat16's range under one adapter end that
+    request with finish_reason "error"; the process survives (no device-side assert), the
+    step's other rows finish, and the same batch afterwards gives the tokens it gave before."""
+    from safetensors.torch import load_file, save_file
+
+    from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v * 1e25 for k, v in load_file(str(weights)).items()}, str(weights))
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama.dir), max_loras=2, max_lora_rank=8,
+                                 device="cuda", dtype="bfloat16", max_num_seqs=4))
+    good = LoRARequest("good", 1, str(tiny_llama.adapters["qv_r8"]))
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    rand = SamplingParams(max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
+    want = [o.outputs[0].token_ids
+            for o in eng.generate(prompts, sp, [good, None, good], use_tqdm=False)]
+    bad = LoRARequest("loud", 2, str(adapter))
+    outs = eng.generate(prompts + [[5, 6, 7], [8, 9]], [sp, sp, sp, rand, sp],
+                        [good, None, good, bad, bad], use_tqdm=False)
+    assert [(o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in outs[:3]] == [
+        ("length", 12)] * 3
+    assert [o.outputs[0].finish_reason for o in outs[3:]] == ["error", "error"]
+    assert all("adapter 'loud' produced NaN or infinite logits" in o.error for o in outs[3:])
+    assert not eng.has_unfinished_requests()
+    assert [o.outputs[0].token_ids
+            for o in eng.generate(prompts, sp, [good, None, good], use_tqdm=False)] == want
+
+
+@pytest.mark.parametrize("device", _devices())
 def test_the_kv_blocks_an_overflowing_adapter_wrote_poison_no_later_request(adapter,
-                                                                           tiny_llama):
+                                                                           tiny_llama, device):
     """An overflowing adapter's prompts leave NaN keys and values in their KV blocks. Reused
     by a shorter row of a batch, their tail lies past its end, masked; on the torch path 0 x
     NaN was NaN all the same: plain requests of other tenants failed (silently wrong greedy
@@ -293,7 +334,7 @@ def test_the_kv_blocks_an_overflowing_adapter_wrote_poison_no_later_request(adap
 
     def engine():
         return LLMEngine(EngineConfig(model=str(tiny_llama.dir), max_loras=2, max_lora_rank=8,
-                                      device="cpu", dtype="float32", max_num_seqs=4,
+                                      device=device, dtype="float32", max_num_seqs=4,
                                       max_model_len=64, num_kv_blocks=9,
                                       enable_prefix_caching=False))
 

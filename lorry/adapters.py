@@ -53,7 +53,7 @@ def register_shared(queue, settings, name: str, source: str, revision: str | Non
         raise ValueError(f"{name!r} names the base model on the OpenAI routes and in batch "
                          "lines (model=...); choose another adapter name")
     src = check_source(operator_source(source), revision=revision,
-                       roots=settings.adapter_roots)
+                       roots=settings.adapter_roots, allow_hub=settings.allow_hub_adapters)
     rank, source = None, src.location
     if src.kind == LOCAL:
         spec = parse_adapter(source, read_base_config(settings.model),

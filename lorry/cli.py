@@ -43,9 +43,11 @@ def _queue():
     return JobQueue(_settings().database_url)
 
 
-def _database_problem(exc: BaseException, url: str) -> str | None:
+def _database_problem(exc: BaseException, url: str,
+                      setting: str = "LORRY_DATABASE_URL") -> str | None:
     """What an operator should do about a database error a command met (one line), or None
-    for an error that is not about reaching or reading the database."""
+    for an error that is not about reaching or reading the database; ``setting`` names
+    where the URL came from."""
     from sqlalchemy import exc as sa_exc
 
     from lorry.scheduler import errors
@@ -56,13 +58,13 @@ def _database_problem(exc: BaseException, url: str) -> str | None:
         why = _url_problem(url)
         if why is None:  # the URL is fine: an error of the command's own, shown as it is
             return None
-        return f"LORRY_DATABASE_URL is not a database URL Lorry can use ({why}); give {usable}"
+        return f"{setting} is not a database URL Lorry can use ({why}); give {usable}"
     if isinstance(exc, ImportError):  # another database's driver (mysql://...)
         from sqlalchemy.engine import make_url
 
         backend = make_url(url).get_backend_name()
         if backend not in ("sqlite", "postgresql"):
-            return (f"LORRY_DATABASE_URL names a {backend} database, whose driver is not "
+            return (f"{setting} names a {backend} database, whose driver is not "
                     f"installed ({exc}); the job table lives in {usable}")
         return None
     chain, seen = [exc], exc
@@ -86,7 +88,7 @@ def _database_problem(exc: BaseException, url: str) -> str | None:
         cause = f": {lines[0]}" if lines and chain[-1] is not exc else ""
         check = "that the file is a SQLite database Lorry may write" \
             if url.startswith("sqlite:") else "that the database server is running"
-        return f"cannot use the job database {where}{cause}; check LORRY_DATABASE_URL and {check}"
+        return f"cannot use the job database {where}{cause}; check {setting} and {check}"
     return None
 
 
@@ -109,13 +111,18 @@ def _url_problem(url: str) -> str | None:
     return None
 
 
+def _quiet_connector() -> None:
+    """The one error line a command prints names the cause; the connector's log line would
+    repeat it."""
+    logging.getLogger("lorry.scheduler.connector").addHandler(logging.NullHandler())
+
+
 def _uses_database(command):
     """Turn a database that cannot be reached or read (down, wrong URL, not migrated) into
     one line naming it and what to do, exit status 2 (not a traceback)."""
     @functools.wraps(command)
     def run(*args, **kwargs):
-        # the one line below names the cause; the connector's log line would repeat it
-        logging.getLogger("lorry.scheduler.connector").addHandler(logging.NullHandler())
+        _quiet_connector()
         try:
             return command(*args, **kwargs)
         except typer.Exit:  # the command's own refusal, already printed
@@ -166,10 +173,17 @@ def model_prepare(out: Optional[Path] = typer.Option(None, help="output director
 @_uses_database
 def db_upgrade(revision: str = typer.Argument("head", help="Alembic revision to migrate to")):
     """Apply the migrations to LORRY_DATABASE_URL (default: SQLite under LORRY_DATA_DIR)."""
+    from alembic.util import CommandError
+
     from lorry.scheduler.migrate import upgrade
 
     url = _settings().database_url
-    upgrade(url, revision) if revision != "head" else upgrade(url)
+    try:
+        upgrade(url, revision) if revision != "head" else upgrade(url)
+    except CommandError as e:  # an unknown revision, or one below the database's
+        typer.echo(f"error: `lorry db upgrade {revision}`: {e}; give head (the default) or "
+                   "a later revision id of lorry/migrations/versions", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"database at revision {revision}: {_redact(url)}")
 
 
@@ -364,11 +378,17 @@ def run(file: Path = typer.Argument(..., exists=True, dir_okay=False,
     when a request failed, 2 for a refused adapter."""
     from lorry.embedded import run_file
 
+    if database:
+        _quiet_connector()
     try:
         counts = run_file(_settings(), file, output, adapters=adapter, adapters_dir=adapters_dir,
                           database_url=database)
-    except ValueError as e:  # a refused adapter or a bad --adapter value
-        typer.echo(f"error: {e}", err=True)
+    except Exception as e:  # noqa: BLE001  (every other error propagates as it is)
+        problem = _database_problem(e, database, "--database") if database else None
+        if problem is None and not isinstance(e, ValueError):
+            raise
+        # a --database that cannot be used; else a refused adapter or a bad --adapter value
+        typer.echo(f"error: {problem or e}", err=True)
         raise typer.Exit(2) from None
     errors = output.with_name(output.stem + ".errors.jsonl")
     typer.echo(f"{counts['succeeded']} succeeded, {counts['failed']} failed -> {output}"

@@ -111,10 +111,12 @@ app.add_typer(batch_app, name="batch")
 def _wait_with_bar(c, batch):
     """Poll until the batch is final, drawing a progress bar of its finished requests (and
     saying when nothing runs for a while)."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     with Progress("[progress.description]{task.description}", BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), transient=False) as bar:
+                  MofNCompleteColumn(), TimeElapsedColumn(), transient=False,
+                  console=Console(stderr=True)) as bar:  # stdout: what scripts read
         task = bar.add_task(batch.id, total=batch.request_counts.total or None)
 
         idle = _idle_hint(f"{batch.id}: no request has finished for {{seconds:.0f}} s",

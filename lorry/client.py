@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -10,8 +11,17 @@ from urllib.parse import quote
 
 import httpx
 
-from lorry.errors import LorryError, Unavailable, WaitTimeout, error_for
-from lorry.models import Adapter, Batch, BatchResultLine, File, Job, JobPage
+from lorry.errors import InvalidRequest, LorryError, Unavailable, WaitTimeout, error_for
+from lorry.models import (
+    Adapter,
+    AdapterPage,
+    Batch,
+    BatchPage,
+    BatchResultLine,
+    File,
+    Job,
+    JobPage,
+)
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                  "stop_token_ids", "ignore_eos")
@@ -55,6 +65,7 @@ class Client:
             raise ValueError(f"base_url must start with http:// or https:// (e.g. "
                              f"'http://127.0.0.1:8000'), got {shown!r}")  # no user:password
         self._http = http_client or httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+        self._own_http = http_client is None  # a given client keeps its own timeouts
         self._http.headers["Authorization"] = f"Bearer {api_key}"
 
     def close(self) -> None:
@@ -73,6 +84,8 @@ class Client:
         return f"{u.scheme}://{u.host}{f':{u.port}' if u.port else ''}{u.path}".rstrip("/")
 
     def _request(self, method: str, path: str, **kw) -> httpx.Response:
+        if "json" in kw:
+            _check_finite(kw["json"])
         try:
             resp = self._http.request(method, path, **kw)
         except httpx.HTTPError as e:
@@ -86,6 +99,15 @@ class Client:
                                                f"{resp.status_code}): is {self._where()} the "
                                                "Lorry API's root URL?")
         return resp
+
+    def _within(self, left: float | None) -> dict:
+        """``timeout=`` of a request that must end within ``left`` seconds (a wait's
+        deadline); none when ``left`` is None (the client's own)."""
+        if left is None or not self._own_http:
+            return {}
+        left, t = max(left, 0.05), self._http.timeout
+        return {"timeout": httpx.Timeout(**{k: left if v is None else min(v, left)
+                                            for k, v in t.as_dict().items()})}
 
     def _json(self, resp: httpx.Response) -> Any:
         try:
@@ -151,8 +173,10 @@ class Client:
              max_interval: float = 5.0, progress: Callable[[Job], None] | None = None) -> Job:
         """Poll until the job is final (succeeded/failed/cancelled/expired), backing off;
         ``progress`` is called with the job after each poll."""
-        return _poll(lambda: self.get(job_id), timeout, poll_interval, max_interval, job_id,
-                     progress)
+        path = f"/v1/jobs/{_seg(job_id)}"
+        return _poll(lambda left: self._as(Job, self._request("GET", path,
+                                                              **self._within(left))),
+                     timeout, poll_interval, max_interval, job_id, progress)
 
     # -- batches ------------------------------------------------------------------------------
     def submit_batch(self, source: str | Path | Iterable[dict], *,
@@ -220,11 +244,11 @@ class Client:
         after = None
         while True:
             params = {"limit": page_size} | ({"after": after} if after else {})
-            page = self._json(self._request("GET", "/v1/batches", params=params))
-            yield from (Batch.model_validate(b) for b in page["data"])
-            if not page.get("has_more") or not page.get("last_id"):
+            page = self._as(BatchPage, self._request("GET", "/v1/batches", params=params))
+            yield from page.data
+            if not page.has_more or not page.last_id:
                 return
-            after = page["last_id"]
+            after = page.last_id
 
     def batch(self, batch_id: str) -> Batch:
         return self._as(Batch, self._request("GET", f"/v1/batches/{_seg(batch_id)}"))
@@ -237,11 +261,15 @@ class Client:
                    progress: Callable[[Batch], None] | None = None) -> Batch:
         """Poll until the batch is final; ``progress`` is called with the batch after each
         poll (its ``request_counts`` say how far it is)."""
-        return _poll(lambda: self.batch(batch_id), timeout, poll_interval, max_interval, batch_id,
-                     progress)
+        path = f"/v1/batches/{_seg(batch_id)}"
+        return _poll(lambda left: self._as(Batch, self._request("GET", path,
+                                                                **self._within(left))),
+                     timeout, poll_interval, max_interval, batch_id, progress)
 
     def iter_results(self, batch_id: str, *, errors: bool = False) -> Iterator[BatchResultLine]:
-        """Lines of the batch's output file (or its errors file), streamed."""
+        """The batch's results so far, streamed from its jobs: succeeded requests (or, with
+        ``errors``, failed, cancelled and expired ones; refused input lines are in
+        ``Batch.line_errors`` and in the batch's error file)."""
         path = f"/v1/batches/{_seg(batch_id)}/{'errors' if errors else 'output'}"
         try:
             with self._http.stream("GET", path) as resp:
@@ -272,20 +300,27 @@ class Client:
         return self._as(Adapter, self._request("POST", "/v1/adapters", json=body))
 
     def adapters(self) -> list[Adapter]:
-        data = self._json(self._request("GET", "/v1/adapters"))["data"]
-        return [Adapter.model_validate(a) for a in data]
+        return self._as(AdapterPage, self._request("GET", "/v1/adapters")).data
 
     def delete_adapter(self, name: str) -> None:
         self._request("DELETE", f"/v1/adapters/{_seg(name)}")
 
 
 def _poll(fetch, timeout, interval, max_interval, what, progress=None):
+    """``fetch(http_timeout)`` until the object is final; each request ends by the deadline
+    (a server that stops answering is a WaitTimeout then, not a hang)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            obj = fetch()
+            obj = fetch(left)
         except Unavailable as e:  # the server's database is away for a moment: keep waiting
             obj, pause_for = None, e.retry_after or interval
+        except LorryError as e:
+            if e.status or deadline is None or time.monotonic() < deadline:
+                raise
+            raise WaitTimeout(0, f"{what} is unknown after {timeout} s (the server did not "
+                                 f"answer: {e.message})") from None
         else:
             if progress is not None:
                 progress(obj)
@@ -298,6 +333,20 @@ def _poll(fetch, timeout, interval, max_interval, what, progress=None):
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         time.sleep(pause_for if left is None else min(pause_for, left))
         interval = min(max_interval, interval * 1.5)
+
+
+def _check_finite(value, where: str = "") -> None:
+    """Refuse NaN and infinities before sending (JSON has no such numbers), naming the field
+    as the server's ``finite_number`` error does."""
+    if isinstance(value, float) and not math.isfinite(value):
+        message = f"{where or 'body'}: Input should be a finite number (got {value})"
+        raise InvalidRequest(0, message, {"message": message, "type": "invalid_request_error",
+                                          "param": where or None, "code": "finite_number"})
+    items = value.items() if isinstance(value, dict) else \
+        enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        _check_finite(item, f"{where}[{key}]" if isinstance(key, int) else
+                      f"{where}.{key}" if where else str(key))
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -83,12 +83,14 @@ def register_adapters(queue, settings, wanted: dict[str, str]) -> list[str]:
 
 def drain_with_progress(settings, queue, total: int, description: str) -> dict:
     """Run the in-process drain loop until the queue is empty, with a progress bar."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from lorry.workers.runtime import build_drainer
 
     with Progress("[progress.description]{task.description}", BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), transient=False) as bar:
+                  MofNCompleteColumn(), TimeElapsedColumn(), transient=False,
+                  console=Console(stderr=True)) as bar:  # stdout: what scripts read
         task = bar.add_task("loading model", total=total)
         drainer = build_drainer(settings, queue=queue, publish=False,
                                 on_result=lambda job, status: bar.advance(task))

@@ -100,6 +100,12 @@ class Batch(_Model):
         return self.status in FINAL_BATCH_STATUSES
 
 
+class BatchPage(_Model):
+    data: list[Batch]
+    has_more: bool = False
+    last_id: str | None = None
+
+
 class File(_Model):
     """An uploaded file (purpose "batch") or a batch's output/error file ("batch_output")."""
 
@@ -139,3 +145,7 @@ class Adapter(_Model):
     rank: int | None = None
     status: str = "ready"
     shared: bool = False
+
+
+class AdapterPage(_Model):
+    data: list[Adapter]

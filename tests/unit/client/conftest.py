@@ -8,6 +8,18 @@ from tests.unit.api.conftest import adapter_root, service, tiny_model  # noqa: F
 
 
 @pytest.fixture
+def env(monkeypatch, tmp_path):
+    """A clean LORRY_* environment with its data under tmp_path; returns monkeypatch."""
+    import os
+
+    for name in [n for n in os.environ if n.startswith("LORRY_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("LORRY_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("LORRY_MODELS_DIR", str(tmp_path / "models"))
+    return monkeypatch
+
+
+@pytest.fixture
 def make_client(service):  # noqa: F811
     """make_client(tenant_name) -> (lorry.Client, TenantInfo)."""
     from lorry.client import Client

@@ -11,18 +11,6 @@ from lorry.cli import app
 DOWN = "postgresql+psycopg://nobody@127.0.0.1:1/none"  # nothing listens on port 1
 
 
-@pytest.fixture
-def env(monkeypatch, tmp_path):
-    """A clean LORRY_* environment with its data under tmp_path; returns monkeypatch."""
-    import os
-
-    for name in [n for n in os.environ if n.startswith("LORRY_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("LORRY_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("LORRY_MODELS_DIR", str(tmp_path / "models"))
-    return monkeypatch
-
-
 def _refused(args: list[str], *says: str) -> str:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output

@@ -566,6 +566,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--pinned-reserve-mb", type=int, default=None,
                     help="EngineConfig.pinned_reserve_mb (default: the engine's, automatic; "
                          "0: off, each staging buffer its own cudaHostAlloc: the A/B)")
+    ap.add_argument("--decode-split-keys", type=int, default=None, metavar="KEYS",
+                    help="kernels.decode_attention.SPLIT_KEYS: the decode attention splits "
+                         "rows' tables so that no split spans more keys (an A/B)")
     ap.add_argument("--pageable-staging", action="store_true",
                     help="adapter loads stage in plain (pageable) host memory, not pinned: "
                          "no cudaHostAlloc a load, each slot write a synchronous copy (an A/B)")
@@ -609,6 +612,11 @@ def main() -> None:
         res["load_switch_interval"] = args.load_switch_interval
     if args.pageable_staging:
         res["pageable_staging"] = True
+    if args.decode_split_keys is not None:   # an A/B of the decode attention's splits
+        from lorry.kernels import decode_attention
+
+        decode_attention.SPLIT_KEYS = args.decode_split_keys
+        res["decode_split_keys"] = args.decode_split_keys
     if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
         res["alloc_conf"] = os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     with tempfile.TemporaryDirectory(prefix="lorry-bulk-") as tmp:

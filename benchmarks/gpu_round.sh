@@ -15,7 +15,8 @@
 # no_adapters, each its own process: the LoRA overhead A/B) | loads (the cold loads' cost: cold
 # at the 1 ms and 5 ms GIL intervals, preloaded, no adapters; LOADS_RUNS picks, also
 # cold_thread, cold_process, cold_noreserve, cold_register, cold_reserve, cold_pageable;
-# LOADS_SKIP_COMPILE skips the compile run) | pinned (benchmarks/pinned_alloc.py) | pack (last: OUTDIR's files in one
+# LOADS_SKIP_COMPILE skips the compile run) | decode_split (decode_attn_sweep.py, then the
+# bulk workload with its best splits against the default) | pinned (benchmarks/pinned_alloc.py) | pack (last: OUTDIR's files in one
 # round.tgz) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
 # leaves the ones before it. Run from the repository root on the GPU machine.
@@ -153,6 +154,28 @@ for line in open(sys.argv[1]):
             echo "loads $name rc=$?"; summary "$out/loads_$name"
             [ -s "$out/loads_$name.json" ] && $py -c 'import json,sys; r=json.load(open(sys.argv[1]))
 r=r["runs"][next(iter(r["runs"]))]; print(r.get("lora_cache"), r.get("host_pinned"), (r.get("steps") or {}).get("load_wait"))' "$out/loads_$name.json"
+        done ;;
+    decode_split)   # the decode attention's launch settings at a bulk decode step
+        # (decode_attn_sweep.py), then the bulk workload (SPLIT_REQUESTS, default 600) with the
+        # best sweep's splits as decode_attention.SPLIT_KEYS against the default, each a
+        # process, the default twice around it (the first also pays the compiles)
+        timeout "$limit" $py benchmarks/decode_attn_sweep.py > "$out/decode_attn_sweep.json" \
+            2> "$out/decode_attn_sweep.log"
+        echo "decode_attn_sweep rc=$?"
+        keys=$($py -c 'import json,sys; r=json.load(open(sys.argv[1]))
+print({k: r[k] for k in ("gpu", "keys", "kv_gb_per_step", "default", "best", "speedup",
+                         "best_splits_at_default_launch")}, file=sys.stderr)
+[print(x, file=sys.stderr) for x in r["top"]]
+b = r["best_splits_at_default_launch"]; print(r["table_keys"] // b["splits"] if b and b["splits"] > 1 else 0)' \
+            "$out/decode_attn_sweep.json") || keys=0
+        echo "split keys from the sweep: $keys"
+        for name in split_default split_$keys split_default2; do
+            extra=; case $name in split_default*) ;; *) extra="--decode-split-keys $keys" ;; esac
+            [ "$name" = split_0 ] && continue
+            timeout "$limit" $py benchmarks/bulk.py --device cuda --runs mixed --warmup 64 \
+                --requests ${SPLIT_REQUESTS:-600} $extra --out "$out/$name.json" \
+                > /dev/null 2> "$out/$name.log"
+            echo "$name rc=$?"; summary "$out/$name"
         done ;;
     pinned)   # what pinned host allocations cost a thread launching kernels, per setting
         timeout "$limit" $py benchmarks/pinned_alloc.py > "$out/pinned.json" 2> "$out/pinned.log"

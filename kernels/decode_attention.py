@@ -23,6 +23,9 @@ from lorry.kernels.paged_tiles import check_paged, kv_tile, logits, softmax_upda
 
 BLOCK_N = 64          # keys per tile
 MIN_CHUNK = 256       # fewest keys per split
+NUM_WARPS = 4
+NUM_STAGES = 2
+SPLIT_KEYS = 0        # > 0: split tables so that a split spans at most this many keys
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -89,33 +92,44 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, out_ptr, part_pt
         tl.store(out_ptr + b * stride_ob + head[:, None] * D + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
     else:
-        # unnormalised partial of this split; an empty split leaves m = -inf, l = 0, acc = 0
+        # unnormalised partial of this split; a split with no keys of the row stores nothing
+        # (the merge skips it: a short row of a long table costs one split, not SPLITS)
         hs = (b * G * tl.num_programs(1) + head) * SPLITS + split  # [G_PAD] index of (b, head, split)
-        tl.store(part_ptr + hs[:, None] * BLOCK_D + d[None, :], acc, mask=gm[:, None])
-        tl.store(ml_ptr + hs * 2, m_i, mask=gm)
-        tl.store(ml_ptr + hs * 2 + 1, l_i, mask=gm)
+        live = gm & (g * 0 + lo < hi)                               # [G_PAD]
+        tl.store(part_ptr + hs[:, None] * BLOCK_D + d[None, :], acc, mask=live[:, None])
+        tl.store(ml_ptr + hs * 2, m_i, mask=live)
+        tl.store(ml_ptr + hs * 2 + 1, l_i, mask=live)
 
 
 @triton.jit
-def _merge_splits_kernel(part_ptr, ml_ptr, out_ptr, stride_ob, H,
-                         D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+def _merge_splits_kernel(part_ptr, ml_ptr, pos_ptr, out_ptr, stride_ob, H, window,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                         SPLITS: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     sp = tl.arange(0, SPLITS)
     d = tl.arange(0, BLOCK_D)
+    n = tl.load(pos_ptr + b).to(tl.int32) + 1
+    first = tl.where(window > 0, tl.maximum(n - window, 0), 0)    # the oldest visible key
+    live = (sp * CHUNK < n) & ((sp + 1) * CHUNK > first)          # the splits that had keys
     base = (b * H + head) * SPLITS + sp                            # [SPLITS]
-    m = tl.load(ml_ptr + base * 2)
-    lsum = tl.load(ml_ptr + base * 2 + 1)
+    m = tl.load(ml_ptr + base * 2, mask=live, other=float("-inf"))
+    lsum = tl.load(ml_ptr + base * 2 + 1, mask=live, other=0.0)
     w = tl.exp(m - tl.max(m, 0))                # the split of the row's own position has keys
-    acc = tl.load(part_ptr + base[:, None] * BLOCK_D + d[None, :])  # [SPLITS, BLOCK_D]
+    acc = tl.load(part_ptr + base[:, None] * BLOCK_D + d[None, :], mask=live[:, None],
+                  other=0.0)                                       # [SPLITS, BLOCK_D]
     out = tl.sum(acc * w[:, None], 0) / tl.sum(lsum * w, 0)
     tl.store(out_ptr + b * stride_ob + head * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
     """Sequence splits (a power of two) so that batch * kv_heads * splits programs fill the
-    chip twice over, each split keeping at least MIN_CHUNK keys. Host constants only."""
+    chip twice over (and, with SPLIT_KEYS, no split spans more keys than that: the longest
+    rows of a full batch then end with the rest), each split keeping at least MIN_CHUNK
+    keys. Host constants only."""
     want = cdiv(2 * num_sms(device), max(1, batch * kv_heads))
+    if SPLIT_KEYS:
+        want = max(want, cdiv(max_len, SPLIT_KEYS))
     cap = max(1, max_len // MIN_CHUNK)
     return next_pow2(max(1, min(want, cap))) if min(want, cap) > 1 else 1
 
@@ -180,8 +194,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache.stride(1), out.stride(0), scale or D ** -0.5, window or 0,
         SOFTCAP=float(softcap or 0.0), G=G, G_PAD=max(16, next_pow2(G)), D=D,
         BLOCK_D=block_d, BLOCK_N=BLOCK_N, BLOCK_SIZE=block_size, CHUNK=chunk, SPLITS=splits,
-        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+        IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if splits > 1:
-        _merge_splits_kernel[(B, h)](part, ml, out, out.stride(0), h, D=D, BLOCK_D=block_d,
-                                     SPLITS=splits, num_warps=4)
+        _merge_splits_kernel[(B, h)](part, ml, positions, out, out.stride(0), h, window or 0,
+                                     D=D, BLOCK_D=block_d, CHUNK=chunk, SPLITS=splits,
+                                     num_warps=4)
     return out

@@ -53,6 +53,9 @@ CASES = {
     "decode_llama3_splits": ("lorry.kernels.decode_attention", "_decode_attn_kernel", {
         "SOFTCAP": 0.0, "G": 4, "G_PAD": 16, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64,
         "BLOCK_SIZE": 16, "CHUNK": 512, "SPLITS": 4, "IEEE": False}, DECODE_PTRS),
+    "decode_merge_splits": ("lorry.kernels.decode_attention", "_merge_splits_kernel", {
+        "D": 128, "BLOCK_D": 128, "CHUNK": 512, "SPLITS": 4},
+        {"part_ptr": "*fp32", "ml_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": BF16}),
 }
 
 

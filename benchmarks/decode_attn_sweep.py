@@ -1,0 +1,109 @@
+"""The paged flash-decode attention kernel at a bulk decode step, per launch setting (JSON).
+
+A decode step of ``benchmarks/bulk.py`` (256 rows, Llama-3-8B heads, blocks of 16, tables
+as wide as its max_model_len of 5,120) gives each row one query over its own keys: prompts
+log-normal (median 400, at most 4,000), 30% after a shared prefix of 500-1,500 tokens, plus
+up to 150 answer tokens so far (mean ~1,000 keys, the longest ~5,500). By default one program
+per (row, KV head) walks all of a row's keys: at 2,048 programs the chip is full, but the
+longest rows run alone at the end. This times 32 calls (a step's layers) per setting: sequence
+splits (each split a program; splits past a row's keys store nothing), keys per tile, warps
+and pipeline stages, checks each against the default's output, and prints ms a step, the
+keys' and values' GB/s and the fastest.
+
+    PYTHONPATH=. python benchmarks/decode_attn_sweep.py [--rows 256] [--repeats 10]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+from prefill_step import _timer  # benchmarks/: median of CUDA-event timings
+
+from lorry.kernels import decode_attention as da
+
+
+def lengths(rows: int, seed: int) -> list[int]:
+    """Keys per row at a bulk decode step (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    prompt = np.clip(rng.lognormal(np.log(400), 0.8, rows), 50, 4000)
+    prefix = np.where(rng.random(rows) < 0.3, rng.integers(500, 1501, rows), 0)
+    return [int(x) for x in prompt + prefix + rng.integers(1, 151, rows)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--max-model-len", type=int, default=5120)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    dev, dt, bs, h, kvh, D = "cuda", torch.bfloat16, 16, 32, 8, 128
+    n = lengths(args.rows, args.seed)
+    width = -(-args.max_model_len // bs)
+    need = [-(-k // bs) for k in n]
+    g = torch.Generator(device=dev).manual_seed(args.seed)
+    blocks = sum(need) + 8
+    perm = torch.randperm(blocks, device=dev, generator=g).to(torch.int32)
+    tables = torch.zeros(args.rows, width, dtype=torch.int32, device=dev)
+    at = 0
+    for b, k in enumerate(need):
+        tables[b, :k] = perm[at:at + k]
+        at += k
+    kc = torch.randn(blocks * bs, kvh, D, device=dev, dtype=dt, generator=g)
+    vc = torch.randn(blocks * bs, kvh, D, device=dev, dtype=dt, generator=g)
+    q = torch.randn(args.rows, h * D, device=dev, dtype=dt, generator=g)
+    pos = torch.tensor([k - 1 for k in n], dtype=torch.int32, device=dev)
+    kv_bytes = sum(n) * kvh * D * 2 * dt.itemsize * args.layers
+    default = (None, da.BLOCK_N, da.NUM_WARPS, da.NUM_STAGES)
+    chosen = da.num_splits(args.rows, kvh, width * bs, q.device)
+
+    def step(splits):
+        for _ in range(args.layers):
+            out = da.decode_attention(q, kc, vc, tables, pos, bs, splits)
+        return out
+
+    ref = step(None)
+    configs = [default] + [c for c in itertools.product(
+        (None, 2, 4, 8, 16), (32, 64, 128), (4, 8), (2, 3)) if c != default]
+    results = []
+    for cfg in configs:
+        da.BLOCK_N, da.NUM_WARPS, da.NUM_STAGES = cfg[1:]
+        row = {"splits": cfg[0] or chosen, "block_n": cfg[1], "num_warps": cfg[2],
+               "num_stages": cfg[3]}
+        try:
+            out = step(cfg[0])
+            torch.cuda.synchronize()
+            row["max_abs_diff"] = float((out.float() - ref.float()).abs().max())
+            ms = _timer("cuda", lambda: step(cfg[0]), args.repeats)
+            row["ms_per_step"] = ms
+            row["kv_gb_per_s"] = round(kv_bytes / ms / 1e6, 1)
+        except Exception as e:  # out of shared memory or registers for this setting
+            row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+        results.append(row)
+        print(json.dumps(row), flush=True, file=sys.stderr)
+    da.BLOCK_N, da.NUM_WARPS, da.NUM_STAGES = default[1:]
+    ok = [r for r in results if "ms_per_step" in r and r["max_abs_diff"] < 0.05]
+    best = min(ok, key=lambda r: r["ms_per_step"]) if ok else None
+    top = sorted(ok, key=lambda r: r["ms_per_step"])[:10]
+    same = [r for r in ok if (r["block_n"], r["num_warps"], r["num_stages"]) == default[1:]]
+    splits_only = min(same, key=lambda r: r["ms_per_step"]) if same else None
+    print(json.dumps({"benchmark": "decode_attn_sweep", "date": time.strftime("%Y-%m-%d"),
+                      "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "rows": args.rows, "keys": {"mean": round(sum(n) / len(n), 1),
+                                                  "max": max(n), "sum": sum(n)},
+                      "table_keys": width * bs, "layers": args.layers,
+                      "kv_gb_per_step": round(kv_bytes / 1e9, 2), "default": results[0],
+                      "best": best, "best_splits_at_default_launch": splits_only,
+                      "top": top,
+                      "speedup": round(results[0]["ms_per_step"] / best["ms_per_step"], 3)
+                      if best else None, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

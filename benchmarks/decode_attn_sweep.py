@@ -42,9 +42,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=5120)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: a check of this script under TRITON_INTERPRET=1 (fp32)")
     args = ap.parse_args()
-    dev, dt, bs, h, kvh, D = "cuda", torch.bfloat16, 16, 32, 8, 128
-    n = lengths(args.rows, args.seed)
+    dev, bs, h, kvh, D = args.device, 16, 32, 8, 128
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    n = [min(k, args.max_model_len) for k in lengths(args.rows, args.seed)]
     width = -(-args.max_model_len // bs)
     need = [-(-k // bs) for k in n]
     g = torch.Generator(device=dev).manual_seed(args.seed)
@@ -78,9 +81,10 @@ def main() -> None:
                "num_stages": cfg[3]}
         try:
             out = step(cfg[0])
-            torch.cuda.synchronize()
+            if dev == "cuda":
+                torch.cuda.synchronize()
             row["max_abs_diff"] = float((out.float() - ref.float()).abs().max())
-            ms = _timer("cuda", lambda: step(cfg[0]), args.repeats)
+            ms = _timer(dev, lambda: step(cfg[0]), args.repeats)
             row["ms_per_step"] = ms
             row["kv_gb_per_s"] = round(kv_bytes / ms / 1e6, 1)
         except Exception as e:  # out of shared memory or registers for this setting
@@ -94,7 +98,8 @@ def main() -> None:
     same = [r for r in ok if (r["block_n"], r["num_warps"], r["num_stages"]) == default[1:]]
     splits_only = min(same, key=lambda r: r["ms_per_step"]) if same else None
     print(json.dumps({"benchmark": "decode_attn_sweep", "date": time.strftime("%Y-%m-%d"),
-                      "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "gpu": torch.cuda.get_device_name() if dev == "cuda" else None,
+                      "torch": torch.__version__,
                       "rows": args.rows, "keys": {"mean": round(sum(n) / len(n), 1),
                                                   "max": max(n), "sum": sum(n)},
                       "table_keys": width * bs, "layers": args.layers,

@@ -164,16 +164,22 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one prefill (chunk) or decode step; return the requests that finished in it
         (including requests failed because their adapter could not be loaded, and those
-        that finished while a ``generate`` call stepped)."""
-        finished, self._finished_aside = self._finished_aside, []
-        finished += self._poll_adapters()
+        that finished while a ``generate`` call stepped: kept until a step returns)."""
+        finished = self._step()
+        if self._finished_aside:
+            finished, self._finished_aside = self._finished_aside + finished, []
+        return finished
+
+    def _step(self) -> list[RequestOutput]:
+        finished = self._poll_adapters()
         pinned = set(self.loras.gpu.pinned) if self.loras else set()
         # a logits hook sees every step's logits: no rounds
         plan = self.scheduler.schedule(pinned, self._adapter_ready,
                                        rounds=self.runner.logits_hook is None)
         seqs = plan.seqs
         if not seqs:
-            if self.loras is not None and self.loras.loading() and not finished:
+            if (self.loras is not None and self.loras.loading() and not finished
+                    and not self._finished_aside):
                 t0 = time.perf_counter()
                 self.loras.wait_any(0.05)  # nothing runs until an adapter arrives: do not spin
                 wait = self._steps["load_wait"]
@@ -475,9 +481,10 @@ class LLMEngine:
             raise ValueError(f"got {n} prompts, {len(params)} sampling params and {len(loras)} "
                              "lora requests; lists must have one entry per prompt")
         ids = []
+        held = self._seqs.keys() | {o.request_id for o in self._finished_aside}
         while len(ids) < n:
             rid = f"gen-{next(self._ids)}"
-            if rid not in self._seqs:  # a request of that name added through add_request
+            if rid not in held:  # a request of that name added through add_request
                 ids.append(rid)
         default = SamplingParams.max_tokens    # the dataclass default, for params None
         submit = range(n) if order == "input" else longest_first(
@@ -511,11 +518,11 @@ class LLMEngine:
 
         with tqdm(total=n, desc="generate", unit="req", disable=not use_tqdm) as bar:
             while wanted - results.keys():
-                for out in self.step() + [self._aborted.pop(r) for r in wanted
-                                          if r in self._aborted]:
-                    if out.request_id not in wanted:
-                        self._finished_aside.append(out)  # an add_request's: step() hands it
-                        continue
+                outs = self.step() + [self._aborted.pop(r) for r in wanted if r in self._aborted]
+                # add_request's: the next step() hands them over (parked first, whatever
+                # this call raises below)
+                self._finished_aside += [o for o in outs if o.request_id not in wanted]
+                for out in (o for o in outs if o.request_id in wanted):
                     err = self._load_errors.pop(out.request_id, None)
                     if err is not None:  # generate() raises its adapter's load error
                         for rid in wanted - results.keys():

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs allows
 SEED_RANGE = (-2**63, 2**64)  # torch.Generator.manual_seed's
-SEQUENCES = (list, tuple, set, frozenset)  # what stop and stop_token_ids may be
+
+
+def _many(value) -> bool:
+    """A list, tuple, set, range... (what stop and stop_token_ids may be), not a string."""
+    return isinstance(value, (Sequence, Set)) and not isinstance(value, (str, bytes))
 
 
 def _number(value) -> bool:
@@ -92,12 +97,13 @@ class SamplingParams:
                 self.seed, int) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
             bad("seed", self.seed, "must be None or an int in [-2**63, 2**64) (what a torch "
                 "generator takes)")
-        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if not isinstance(stop, SEQUENCES) or not all(isinstance(s, str) and s for s in stop):
+        stop = [self.stop] if isinstance(self.stop, str) else [] if self.stop is None \
+            else self.stop
+        if not _many(stop) or not all(isinstance(s, str) and s for s in stop):
             bad("stop", self.stop, "must be a non-empty string or a list of non-empty strings")
         self.stop_list = list(stop)
-        ids = self.stop_token_ids or []
-        if not isinstance(ids, SEQUENCES) or not all(
+        ids = [] if self.stop_token_ids is None else self.stop_token_ids
+        if not _many(ids) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
             bad("stop_token_ids", self.stop_token_ids, "must be a list of ints >= 0")
         self.stop_token_ids = list(ids)

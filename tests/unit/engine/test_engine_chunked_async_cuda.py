@@ -92,13 +92,14 @@ eng = LLMEngine(EngineConfig(model=base, device="cuda", dtype="float32", max_lor
                              max_lora_rank=16, max_num_seqs=8, max_model_len=96,
                              max_cpu_loras=8, pinned_reserve_mb=mb))
 time_before = torch.cuda.host_memory_stats().get("host_alloc_time.count")
-spans = []
+storages = {}   # each adapter stages in one pinned buffer; its A/B tensors are views of it
 for i, (name, path) in enumerate(adapters.items()):
     eng.add_lora(LoRARequest(name, i + 1, path))
     w = eng.loras.cpu.peek(eng.loras.cpu.request(i + 1))
     for t in (t for ab in w.staged.values() for t in ab):
         assert t.is_pinned()
-        spans.append([t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes()])
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+spans = [[p, p + n] for p, n in storages.items()]
 first = torch.empty(1, dtype=torch.uint8, pin_memory=True).data_ptr()
 print(json.dumps({"reserve": eng.cache_stats()["cpu"]["pinned_reserve"], "spans": spans,
                   "first": first, "stats": torch.cuda.host_memory_stats(),
@@ -111,8 +112,8 @@ def test_staging_buffers_come_from_the_reserved_pinned_segment(tiny_llama):
     """EngineConfig.pinned_reserve_mb on CUDA (a process of its own: the segment is one per
     process): every adapter's pinned staging buffer is carved from the one segment made at
     engine start, with no cudaHostAlloc of its own (torch counts carved blocks in
-    num_host_alloc too; its timed CUDA allocations are the count that tells), all within
-    the segment's 64 MiB; without a reserve each buffer is an allocation of its own."""
+    num_host_alloc too; host_alloc_time counts only its cudaHostAlloc calls), all within
+    the segment's 64 MiB; without a reserve the loads call cudaHostAlloc."""
     import json
     import subprocess
     import sys
@@ -127,10 +128,10 @@ def test_staging_buffers_come_from_the_reserved_pinned_segment(tiny_llama):
 
     got = check(64)
     assert got["reserve"] == {"mb": 64, "how": "set"}
-    assert len(got["spans"]) >= 2 * len(tiny_llama.adapters)
+    assert len(got["spans"]) == len(tiny_llama.adapters)
     assert got["cuda_allocs"] == 0, got
     low = min([got["first"]] + [a for a, _ in got["spans"]])
     assert max(b for _, b in got["spans"]) - low <= 64 << 20, got
     off = check(0)
     assert off["reserve"] == {"mb": 0, "how": "off"}
-    assert off["cuda_allocs"] >= len(off["spans"]), off
+    assert off["cuda_allocs"] >= 1, off   # the loads' own cudaHostAlloc calls

@@ -238,3 +238,41 @@ def test_a_request_that_finishes_inside_generate_comes_from_the_next_step(engine
     assert [(o.request_id, o.finished, len(o.outputs[0].token_ids)) for o in done] == \
         [("mine", True, 2)]
     assert not engine.has_unfinished_requests()
+
+
+def test_generate_never_takes_the_id_of_a_request_waiting_to_be_returned(tiny_llama):
+    """A request of add_request named like generate()'s own ids ("gen-1") that finished inside
+    one generate() call waits for the next step(); a second generate() must not name one of
+    its requests "gen-1" and return that waiting output as its own."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama.dir), max_num_seqs=4,
+                                    max_model_len=64))   # fresh: its ids start at gen-0
+    sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    engine.add_request("gen-1", "x", sp)
+    engine.generate("a", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                    use_tqdm=False)
+    outs = engine.generate(["b"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
+                           use_tqdm=False)
+    assert [(o.prompt, len(o.outputs[0].token_ids)) for o in outs] == [("b", 5)]
+    assert [(o.request_id, o.prompt, len(o.outputs[0].token_ids)) for o in engine.step()] == \
+        [("gen-1", "x", 2)]
+    assert not engine.has_unfinished_requests()
+
+
+def test_outputs_waiting_to_be_returned_survive_a_step_that_raises(engine, monkeypatch):
+    """A step that raises (a failed forward) hands back nothing: the outputs that finished
+    inside a generate() call are still returned by the next step that works."""
+    engine.add_request("mine", "x", SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    engine.generate("a", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                    use_tqdm=False)
+    engine.add_request("next", "y", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+
+    def broken():
+        raise RuntimeError("forward failed")
+    with monkeypatch.context() as m:
+        m.setattr(engine, "_step", broken)
+        with pytest.raises(RuntimeError, match="forward failed"):
+            engine.step()
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: len(o.outputs[0].token_ids) for o in engine.step()})
+    assert done == {"mine": 2, "next": 3}

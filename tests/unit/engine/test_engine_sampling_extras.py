@@ -171,12 +171,21 @@ def test_rows_whose_logits_are_not_finite_are_marked_never_sampled():
     # what torch's generator cannot take, and types a worker's JSON may hold: ValueErrors
     # naming the field (the worker refuses a job's sampling on ValueError only)
     ({"seed": 2**64}, r"seed=.*\[-2\*\*63, 2\*\*64\)"), ({"seed": -2**63 - 1}, "seed="),
-    ({"stop": 5}, "stop=5"), ({"stop_token_ids": 3}, "stop_token_ids=3")])
+    ({"stop": 5}, "stop=5"), ({"stop_token_ids": 3}, "stop_token_ids=3"),
+    ({"stop": 0}, "stop=0"), ({"stop_token_ids": False}, "stop_token_ids=False"),
+    ({"stop": b"end"}, "stop=b'end'")])
 def test_out_of_range_sampling_is_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw)
     with pytest.raises(ValueError, match=match):
         SamplingParams.from_dict(kw)
+
+
+def test_stop_and_stop_token_ids_take_any_sequence():
+    """As vLLM: a tuple, set or range of token ids, a tuple of strings."""
+    sp = SamplingParams(stop=("a", "b"), stop_token_ids=range(3, 6))
+    assert sp.stop_list == ["a", "b"] and sp.stop_token_ids == [3, 4, 5]
+    assert SamplingParams(stop_token_ids={7}).stop_token_ids == [7]
 
 
 def test_streamed_text_concatenates_to_the_final_text(tiny_llama):

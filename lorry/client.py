@@ -23,6 +23,7 @@ from lorry.models import (
     JobPage,
 )
 
+LAST_POLL_S = 2.0   # the least time a wait's poll may take, however near its deadline
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                  "stop_token_ids", "ignore_eos")
 
@@ -101,11 +102,12 @@ class Client:
         return resp
 
     def _within(self, left: float | None) -> dict:
-        """``timeout=`` of a request that must end within ``left`` seconds (a wait's
-        deadline); none when ``left`` is None (the client's own)."""
+        """``timeout=`` of a wait's poll with ``left`` seconds to its deadline: at most the
+        client's own timeouts, at least LAST_POLL_S (a last poll answered a little late still
+        returns the job it finds done); none when ``left`` is None (the client's own)."""
         if left is None or not self._own_http:
             return {}
-        left, t = max(left, 0.05), self._http.timeout
+        left, t = max(left, LAST_POLL_S), self._http.timeout
         return {"timeout": httpx.Timeout(**{k: left if v is None else min(v, left)
                                             for k, v in t.as_dict().items()})}
 

@@ -73,6 +73,51 @@ def test_wait_gives_up_at_its_timeout_on_a_server_that_does_not_answer(silent_se
             c.wait_batch("batch_x", timeout=0.3)
 
 
+@pytest.fixture
+def slow_server():
+    """A server whose every answer takes 0.5 s; job_x is running until 1.5 s after the first
+    request arrived, then succeeded. Yields its URL."""
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    first: list[float] = []
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self):
+            now = time.monotonic()
+            first[:] = first or [now]
+            done = now - first[0] > 1.5
+            time.sleep(0.5)
+            body = json.dumps({"id": "job_x", "status": "succeeded" if done else "running",
+                               "result": {"text": "hi"} if done else None}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_last_poll_near_the_deadline_still_returns_the_finished_job(slow_server):
+    """Each poll's request was cut to the time left (at least 0.05 s): the last poll of a wait
+    (sent at its deadline, 1.9 s, after the job was done at 1.5 s) against a server that
+    answers in 0.5 s timed out, and the wait was a WaitTimeout."""
+    from lorry.client import Client
+
+    with Client(slow_server, "k", timeout=5) as c:
+        job = c.wait("job_x", timeout=1.9, poll_interval=0.4)
+    assert job.status == "succeeded" and job.text == "hi"
+
+
 def test_pages_of_another_shape_are_client_errors():
     """adapters() and batches() raised KeyError on a JSON answer without 'data'."""
     from lorry.client import Client

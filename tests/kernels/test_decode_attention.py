@@ -128,6 +128,43 @@ def test_sliding_window_scale_and_softcap_match_reference(window, softcap, split
     assert window is None or (out - full).abs().max() > 1e-3   # the window changes the result
 
 
+@pytest.mark.parametrize("window", [None, 1, 5, 24, 200])
+@pytest.mark.parametrize("splits", [2, 4, 8])
+def test_splits_without_keys_are_never_read(window, splits, device, monkeypatch):
+    """A split with no keys of its row (past the row's position, or before its window) stores
+    no partial, and the merge must not read one: every buffer the call allocates starts as
+    NaN here, so a partial read that was never written shows."""
+    import lorry.kernels.decode_attention as da
+
+    p = _paged(5, 4, 2, 16, 16, 512 // 16, torch.float32, device, seed=splits)
+    p.positions[2] = 511 // splits * 1                           # the last key of split 0
+    p.positions[3] = 512 // splits                               # the first key of split 1
+    ref = p.ref(window=window)
+    empty = torch.empty
+
+    def poisoned(*shape, **kw):
+        t = empty(*shape, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(da.torch, "empty", poisoned)
+    out = p.run(splits, window=window)
+    monkeypatch.undo()
+    assert torch.isfinite(out).all()
+    check_attention(out, ref, torch.float32)
+
+
+def test_split_keys_splits_long_tables_of_a_full_batch(monkeypatch):
+    """SPLIT_KEYS (off by default): a batch that fills the chip by itself still splits its
+    tables so that no split spans more keys than that."""
+    import lorry.kernels.decode_attention as da
+
+    cpu = torch.device("cpu")
+    assert num_splits(256, 8, 5120, cpu) == 1
+    monkeypatch.setattr(da, "SPLIT_KEYS", 1280)
+    assert num_splits(256, 8, 5120, cpu) == 4
+    assert num_splits(256, 8, 1024, cpu) == 1                   # short tables: one split
+    assert num_splits(256, 8, 5000, cpu) == 4                   # a power of two
+
+
 def test_num_splits_fills_the_chip_only_for_long_tables():
     cpu = torch.device("cpu")                                   # 8 "SMs" off CUDA
     assert num_splits(64, 8, 264, cpu) == 1                     # many rows, short tables

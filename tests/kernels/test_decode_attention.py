@@ -137,7 +137,7 @@ def test_splits_without_keys_are_never_read(window, splits, device, monkeypatch)
     import lorry.kernels.decode_attention as da
 
     p = _paged(5, 4, 2, 16, 16, 512 // 16, torch.float32, device, seed=splits)
-    p.positions[2] = 511 // splits * 1                           # the last key of split 0
+    p.positions[2] = 512 // splits - 1                          # the last key of split 0
     p.positions[3] = 512 // splits                               # the first key of split 1
     ref = p.ref(window=window)
     empty = torch.empty

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+from prefill_attn_sweep import random_paged  # benchmarks/: paged caches of random values
 from prefill_step import _timer  # benchmarks/: median of CUDA-event timings
 
 from lorry.kernels import decode_attention as da
@@ -51,15 +52,7 @@ def main() -> None:
     width = -(-args.max_model_len // bs)
     need = [-(-k // bs) for k in n]
     g = torch.Generator(device=dev).manual_seed(args.seed)
-    blocks = sum(need) + 8
-    perm = torch.randperm(blocks, device=dev, generator=g).to(torch.int32)
-    tables = torch.zeros(args.rows, width, dtype=torch.int32, device=dev)
-    at = 0
-    for b, k in enumerate(need):
-        tables[b, :k] = perm[at:at + k]
-        at += k
-    kc = torch.randn(blocks * bs, kvh, D, device=dev, dtype=dt, generator=g)
-    vc = torch.randn(blocks * bs, kvh, D, device=dev, dtype=dt, generator=g)
+    tables, kc, vc = random_paged(need, width, kvh, D, bs, dt, dev, g)
     q = torch.randn(args.rows, h * D, device=dev, dtype=dt, generator=g)
     pos = torch.tensor([k - 1 for k in n], dtype=torch.int32, device=dev)
     kv_bytes = sum(n) * kvh * D * 2 * dt.itemsize * args.layers

@@ -25,6 +25,22 @@ Q_LEN = [1500, 1000, 800, 600, 500, 379, 200, 100]
 CTX = [0, 0, 900, 0, 1000, 0, 1200, 0]
 
 
+def random_paged(need: list[int], width: int, kvh: int, D: int, bs: int, dtype, device,
+                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block tables [rows, width] giving row b its need[b] blocks, shuffled over a cache of
+    random keys and values ([slots, kvh, D] each) -> (tables, k_cache, v_cache)."""
+    blocks = sum(need) + 8
+    perm = torch.randperm(blocks, device=device, generator=g).to(torch.int32)
+    tables = torch.zeros(len(need), width, dtype=torch.int32, device=device)
+    at = 0
+    for b, n in enumerate(need):
+        tables[b, :n] = perm[at:at + n]
+        at += n
+    kc = torch.randn(blocks * bs, kvh, D, device=device, dtype=dtype, generator=g)
+    vc = torch.randn(blocks * bs, kvh, D, device=device, dtype=dtype, generator=g)
+    return tables, kc, vc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=20)
@@ -37,15 +53,7 @@ def main() -> None:
     g = torch.Generator(device=dev).manual_seed(0)
     tq = sum(Q_LEN)
     need = [-(-(c + n) // bs) for c, n in zip(CTX, Q_LEN)]
-    blocks = sum(need) + 8
-    perm = torch.randperm(blocks, device=dev, generator=g).to(torch.int32)
-    tables = torch.zeros(len(Q_LEN), max(need), dtype=torch.int32, device=dev)
-    at = 0
-    for b, n in enumerate(need):
-        tables[b, :n] = perm[at:at + n]
-        at += n
-    kc = torch.randn(blocks * bs, kvh, D, device=dev, dtype=dt, generator=g)
-    vc = torch.randn(blocks * bs, kvh, D, device=dev, dtype=dt, generator=g)
+    tables, kc, vc = random_paged(need, max(need), kvh, D, bs, dt, dev, g)
     q = torch.randn(tq, h * D, device=dev, dtype=dt, generator=g)
     starts = [sum(Q_LEN[:i]) for i in range(len(Q_LEN))]
     rows = torch.tensor([starts, Q_LEN, CTX], dtype=torch.int32, device=dev)

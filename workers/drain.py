@@ -73,7 +73,7 @@ class Drainer:
                  on_result: Callable | None = None, idle_claim_pause: float = 0.5,
                  claim_ahead: int | None = None, max_pending_results: int | None = None,
                  shutdown_flush_seconds: float = 30.0, upkeep: Callable | None = None,
-                 upkeep_seconds: float = 15.0):
+                 upkeep_seconds: float = 15.0, check_adapter: Callable | None = None):
         self.queue, self.engine, self.worker_id = queue, engine, worker_id
         self.max_num_seqs, self.lease_seconds = max_num_seqs, lease_seconds
         self.heartbeat_seconds, self.idle_claim_pause = heartbeat_seconds, idle_claim_pause
@@ -81,6 +81,8 @@ class Drainer:
         self.max_pending_results = max_pending_results or 8 * max_num_seqs
         self.shutdown_flush_seconds = shutdown_flush_seconds
         self.upkeep, self.upkeep_seconds = upkeep, upkeep_seconds
+        # raises ValueError for a claimed job's AdapterInfo the registration rules now refuse
+        self.check_adapter = check_adapter
         self.stats, self.publish, self.on_result = stats or WorkerStats(), publish, on_result
         self.held: dict[str, Claimed] = {}  # in the engine; only the engine thread changes it
         self.names: dict[int, str] = {}  # lora_int_id -> adapter name (engine speaks ids)
@@ -254,7 +256,13 @@ class Drainer:
         if adapter is None:
             return None
         from lorry.engine import LoRARequest
+        from lorry.scheduler.types import adapter_failure
 
+        if self.check_adapter is not None:
+            try:
+                self.check_adapter(adapter)
+            except ValueError as e:  # e.g. outside its tenant's root: never handed to the engine
+                raise ValueError(adapter_failure(adapter.name, str(e))) from None
         self.names[adapter.id] = adapter.name
         return LoRARequest(adapter.name, adapter.id, adapter.source, revision=adapter.revision)
 

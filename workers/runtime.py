@@ -41,9 +41,27 @@ def build_drainer(settings, queue=None, engine=None, publish=True, **kw):
     # drains expire deadlines and finalize batches themselves, once a maintain interval.
     kw.setdefault("upkeep", lambda: queue.upkeep(due_after_s=settings.maintain_interval))
     kw.setdefault("upkeep_seconds", settings.maintain_interval)
+    kw.setdefault("check_adapter", adapter_rules(settings))
     return Drainer(queue, engine, worker_id, max_num_seqs=settings.max_num_seqs,
                    lease_seconds=settings.lease_seconds,
                    heartbeat_seconds=settings.heartbeat_seconds, publish=publisher, **kw)
+
+
+def adapter_rules(settings):
+    """A check of a claimed job's adapter (an AdapterInfo) against the registration rules of
+    now: its tenant's roots (LORRY_ADAPTER_ROOTS_PER_TENANT) and LORRY_ALLOW_HUB_ADAPTERS. The
+    engine checks only the plain roots when it reads the files, so a tenant's directory swapped
+    for a link into another tenant's root, or a Hub id kept from before Hub adapters were
+    turned off, would load there; this refuses them (AdapterSourceError, a ValueError)."""
+    from lorry.engine.lora.sources import check_source, tenant_roots  # torch-free
+
+    def check(adapter) -> None:
+        roots = list(settings.adapter_roots)
+        if adapter.tenant_id is not None and settings.adapter_roots_per_tenant:
+            roots = tenant_roots(roots, adapter.tenant_id)
+        check_source(adapter.source, revision=adapter.revision, roots=roots,
+                     allow_hub=settings.allow_hub_adapters)
+    return check
 
 
 def get_drainer(settings):

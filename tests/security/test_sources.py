@@ -251,3 +251,36 @@ def test_an_embedded_run_refuses_an_output_it_cannot_write_before_running(servic
                        (tmp_path, "is a directory")):
         with pytest.raises(ValueError, match=words):
             run_file(settings, batch, Path(out))
+
+
+def test_the_worker_keeps_a_tenants_adapter_in_its_own_root_and_hub_rules(
+        service, alice, bob, roots, monkeypatch, tmp_path, offline_hub):
+    """With per-tenant roots, a tenant's directory swapped after registration for a symlink
+    to another tenant's adapter (inside the plain roots) served the other tenant's weights;
+    a Hub row kept from before LORRY_ALLOW_HUB_ADAPTERS=false was fetched. The worker
+    refuses both at load: the jobs fail as adapter_unloadable and nothing is loaded."""
+    from lorry.scheduler.types import is_adapter_failure
+    from lorry.workers.runtime import build_drainer
+
+    _app, queue, settings, _url = service
+    monkeypatch.setattr(settings, "adapter_roots_per_tenant", True)
+    root = roots[0]
+    bobs = copy_adapter(root / "good", root / bob.tenant.id / "his")
+    mine = copy_adapter(root / "good", root / alice.tenant.id / f"mine-{tmp_path.name}")
+    r = alice.post("/v1/adapters", json={"name": "mine", "source": str(mine)})
+    assert r.status_code == 201, r.text
+    shutil.rmtree(mine)
+    mine.symlink_to(bobs)
+    queue.register_adapter("hubby", "owner/name", tenant_id=alice.tenant.id, revision="main")
+    monkeypatch.setattr(settings, "allow_hub_adapters", False)
+    ids = {name: alice.post("/v1/jobs", json={"prompt": "hi", "adapter": name, "sampling": {
+        "max_tokens": 2}}).json()["id"] for name in ("mine", "hubby")}
+
+    eng = engine(settings)
+    build_drainer(settings, queue=queue, engine=eng, publish=False).run(stop_when_empty=True)
+    for name, needle in (("mine", "outside the allowed adapter roots"),
+                         ("hubby", "Hub adapters are disabled")):
+        job = queue.get_job(ids[name])
+        assert job.status == "failed" and needle in job.error, (name, job.error)
+        assert is_adapter_failure(job.error), job.error
+    assert eng.cache_stats()["cpu"]["residents"] == 0

@@ -60,7 +60,7 @@ def adapter_rules(settings):
         if adapter.tenant_id is not None and settings.adapter_roots_per_tenant:
             roots = tenant_roots(roots, adapter.tenant_id)
         check_source(adapter.source, revision=adapter.revision, roots=roots,
-                     allow_hub=settings.allow_hub_adapters)
+                     allow_hub=settings.allow_hub_adapters, reveal=False)
     return check
 
 

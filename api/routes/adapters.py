@@ -63,7 +63,7 @@ def add_adapter(body: AdapterCreate, request: Request, tenant=Depends(get_tenant
     try:  # the engine's rules (AdapterSourceError is a ValueError)
         src = check_source(body.source, revision=body.revision,
                            roots=allowed_roots(settings, tenant.id),
-                           allow_hub=settings.allow_hub_adapters)
+                           allow_hub=settings.allow_hub_adapters, reveal=False)
     except ValueError as e:
         raise HTTPException(422, str(e)) from None
     source, revision, rank = src.location, body.revision, None

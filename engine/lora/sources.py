@@ -63,11 +63,13 @@ def check_revision(revision: str | None) -> None:
                                  "tag or commit ([A-Za-z0-9_.+/-], no '..')")
 
 
-def confine(path: str, roots: Sequence[str] | None) -> str:
+def confine(path: str, roots: Sequence[str] | None, reveal: bool = True) -> str:
     """The real path of ``path`` (symlinks resolved) if it lies inside one of ``roots``.
 
     ``roots=None`` means no confinement (library use). Raises AdapterSourceError naming the
-    path, where it resolves and the allowed roots.
+    path, where it resolves (unless ``reveal`` is False: a tenant is not told where a path
+    outside its roots leads, such as /proc/self/cwd or another tenant's directory) and the
+    allowed roots.
     """
     real = os.path.realpath(os.path.expanduser(path))
     if roots is None:
@@ -76,8 +78,9 @@ def confine(path: str, roots: Sequence[str] | None) -> str:
         root_real = os.path.realpath(os.path.expanduser(root))
         if os.path.commonpath([real, root_real]) == root_real:
             return real
+    where = f" (resolved to {real!r})" if reveal else ""
     raise AdapterSourceError(
-        f"adapter path {path!r} (resolved to {real!r}) is outside the allowed adapter roots "
+        f"adapter path {path!r}{where} is outside the allowed adapter roots "
         f"{list(roots)}; copy it under one of them or ask the operator to add a root "
         "(LORRY_ADAPTER_ROOTS)")
 
@@ -91,11 +94,13 @@ def tenant_roots(roots: Sequence[str], tenant_id: str) -> list[str]:
 
 
 def check_source(source: str, *, revision: str | None = None,
-                 roots: Sequence[str] | None = None, allow_hub: bool = True) -> AdapterSource:
+                 roots: Sequence[str] | None = None, allow_hub: bool = True,
+                 reveal: bool = True) -> AdapterSource:
     """Decide local vs Hub by the form of ``source`` and check it against the rules.
 
     A local source comes back as its real path; it and the adapter files in it must lie inside
     ``roots`` (None: anywhere). A Hub id is checked by form only (``revision`` too).
+    ``reveal``: a refusal names where a path outside the roots resolves (not to tenants).
     """
     if source_kind(source) == HUB:
         if not allow_hub:
@@ -103,10 +108,10 @@ def check_source(source: str, *, revision: str | None = None,
                                      "local path under an allowed root")
         check_revision(revision)
         return AdapterSource(HUB, source, revision)
-    real = confine(source, roots)
+    real = confine(source, roots, reveal)
     if roots is not None:  # a file symlinked out of the root is outside it too
         for name in ADAPTER_FILES:
             file = os.path.join(real, name)
             if os.path.lexists(file):
-                confine(file, roots)
+                confine(file, roots, reveal)
     return AdapterSource(LOCAL, real, revision)

@@ -3,7 +3,9 @@ an absolute path inside the allowed roots (symlinks resolved, per tenant when co
 a Hub id 'owner/name' that is never read from local disk; the worker checks again at load."""
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 
 import pytest
 
@@ -98,7 +100,11 @@ def test_escapes_from_the_roots_are_refused(service, alice, roots, tmp_path):
     link = root / f"link-{tmp_path.name}"
     link.symlink_to(outside / "elsewhere")
     text = refused(service, alice, str(link), "outside the allowed adapter roots")
-    assert str(outside / "elsewhere") in text  # where it really points
+    assert str(outside / "elsewhere") not in text  # a tenant is not told where it points
+    for probe in ("/proc/self/cwd", "/proc/self/fd/0", "~root/x", "/proc/self/exe"):
+        text = refused(service, alice, probe, "outside the allowed adapter roots")
+        assert "resolved" not in text, text
+    assert os.path.realpath(sys.executable) not in text   # the last probe's: the server's python
     refused(service, alice, f"{root}/good/../../{outside.name}/elsewhere",
             "outside the allowed adapter roots")
     # the directory is inside, its weights file is a symlink to another directory's
@@ -133,7 +139,8 @@ def test_a_tenant_cannot_register_another_tenants_directory(service, alice, bob,
     text = refused(service, bob, str(alices), "outside the allowed adapter roots")
     assert str(root / bob.tenant.id) in text and str(root / alice.tenant.id) not in \
         text.split("roots", 1)[1]  # the roots named are bob's own
-    refused(service, bob, str(alias), "outside the allowed adapter roots", str(alices))
+    text = refused(service, bob, str(alias), "outside the allowed adapter roots")
+    assert str(alices) not in text   # where bob's link leads, in alice's directory: not said
     refused(service, alice, str(root / "good"), "outside the allowed adapter roots")
     for client, path in ((alice, alices), (bob, bobs)):
         r = client.post("/v1/adapters", json={"name": "own", "source": str(path)})

@@ -5,6 +5,7 @@ Heavy modules (torch, the engine, SQLAlchemy, Celery) are imported inside the co
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -161,12 +162,27 @@ def _require_model(settings) -> None:
 
 
 @model_app.command("prepare")
-def model_prepare(out: Optional[Path] = typer.Option(None, help="output directory")):
+def model_prepare(out: Optional[Path] = typer.Option(None, help="output directory (default: "
+                                                     "LORRY_MODELS_DIR/SmolLM2-135M-Instruct)")):
     """Convert the packaged demo model (SmolLM2-135M-Instruct) to safetensors, once."""
+    import tempfile
+
     from lorry.engine.demo_model import prepare_demo_model
     from lorry.settings import DEMO_MODEL_NAME
 
-    typer.echo(prepare_demo_model(out or _settings().models_dir / DEMO_MODEL_NAME))
+    where = "--out" if out else "LORRY_MODELS_DIR"
+    out = out or _settings().models_dir / DEMO_MODEL_NAME
+    try:  # a folder it cannot write is refused before the conversion (about 45 s), not after
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(20, "it is a file", str(out))
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".lorry-probe-"):
+            pass
+        typer.echo(prepare_demo_model(out))
+    except OSError as e:
+        typer.echo(f"error: cannot write the model to {out} ({where}): {e.strerror or e}",
+                   err=True)
+        raise typer.Exit(2) from None
 
 
 @db_app.command("upgrade")
@@ -290,14 +306,38 @@ def adapter_list():
         typer.echo(f"{a.id}\t{a.name}\trank={a.rank}\t{a.source}")
 
 
+@contextlib.contextmanager
+def _refused_database(url: str):
+    """A database that cannot be reached or read inside the block: one line naming it, exit
+    2; the connector's own log line is kept quiet only there (a service logs it later on)."""
+    logger, quiet = logging.getLogger("lorry.scheduler.connector"), logging.NullHandler()
+    logger.addHandler(quiet)
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001  (every other error propagates as it is)
+        problem = _database_problem(e, url)
+        if problem is None:
+            raise
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        logger.removeHandler(quiet)
+
+
 @app.command("api")
 def api(host: Optional[str] = typer.Option(None, help="default: LORRY_API_HOST (127.0.0.1)"),
-        port: Optional[int] = typer.Option(None, help="default: LORRY_API_PORT (8000)"),
-        workers: int = typer.Option(1, help="uvicorn worker processes")):
+        port: Optional[int] = typer.Option(None, min=1, max=65535,
+                                           help="default: LORRY_API_PORT (8000)"),
+        workers: int = typer.Option(1, min=1, help="uvicorn worker processes")):
     """Serve the REST API (uvicorn); OpenAPI docs at /docs."""
     import uvicorn
 
     s = _settings()
+    if s.sqlite_path() is not None:  # each app process opens (and migrates) it: check it once
+        from lorry.scheduler import JobQueue
+
+        with _refused_database(s.database_url):
+            JobQueue(s.database_url).close()
     uvicorn.run("lorry.api.app:main_app", factory=True, host=host or s.api_host,
                 port=port or s.api_port, workers=workers, log_level="info")
 
@@ -314,29 +354,68 @@ def _celery(argv: list[str]) -> None:
         raise typer.Exit(exit_status())
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _loglevel(value: str) -> str:
+    """A Celery log level, refused as a usage error (Celery's own check is a traceback)."""
+    if value.lower() not in LOG_LEVELS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return value.lower()
+
+
+def _load_worker_engine(settings) -> None:
+    """Build the worker's queue and engine before Celery starts: a model or SQLite database
+    it cannot use is one line and exit status 2, not a worker that looks ready without an
+    engine. A PostgreSQL server that is down is not an error here: the worker waits for it."""
+    from lorry.workers.runtime import get_drainer
+
+    try:
+        with _refused_database(settings.database_url):
+            get_drainer(settings)
+    except typer.Exit:
+        raise
+    except Exception as e:  # noqa: BLE001  (any failure to load the engine ends the worker)
+        first = (str(e).strip().splitlines() or [""])[0]
+        typer.echo(f"error: the worker cannot load its engine from LORRY_MODEL="
+                   f"{settings.model!r} ({type(e).__name__}: {first}); check LORRY_MODEL and "
+                   "the other LORRY_* engine settings", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command("worker")
 def worker(name: Optional[str] = typer.Option(None, help="Celery node name, as Flower shows "
                                              "it (the job table and /metrics name the worker "
                                              "LORRY_WORKER_ID, default <host>-<pid>)"),
-           loglevel: str = typer.Option("info", help="debug, info, warning or error")):
+           loglevel: str = typer.Option("info", callback=_loglevel,
+                                        help="debug, info, warning or error")):
     """Run a GPU worker (Celery, solo pool: one engine per process, loaded once).
 
     It loads LORRY_MODEL and drains the job table at LORRY_DATABASE_URL whenever the API or
     `lorry beat` nudges it through LORRY_BROKER_URL (Redis)."""
-    _require_model(_settings())
+    settings = _settings()
+    _require_model(settings)
+    _load_worker_engine(settings)
     argv = ["worker", "--pool", "solo", "--concurrency", "1", "-E", f"--loglevel={loglevel}"]
     _celery(argv + ([f"--hostname={name}"] if name else []))
 
 
 @app.command("beat")
-def beat(loglevel: str = typer.Option("info", help="debug, info, warning or error"),
+def beat(loglevel: str = typer.Option("info", callback=_loglevel,
+                                     help="debug, info, warning or error"),
          schedule: Path = typer.Option(Path("/tmp/lorry-beat-schedule"), help="state file")):
     """Run Celery beat: maintain (reaper, deadlines, batches, workers) and drain nudges."""
+    _settings()  # a refused LORRY_* value: one line, before Celery reads them again
+    if not schedule.parent.is_dir():
+        typer.echo(f"error: --schedule {schedule}: its folder {schedule.parent} does not exist",
+                   err=True)
+        raise typer.Exit(2)
     _celery(["beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
 
 
 @app.command("flower")
-def flower(port: Optional[int] = typer.Option(None, help="default: LORRY_FLOWER_PORT (5555)"),
+def flower(port: Optional[int] = typer.Option(None, min=1, max=65535,
+                                              help="default: LORRY_FLOWER_PORT (5555)"),
            address: str = typer.Option("127.0.0.1", help="address to listen on"),
            insecure: bool = typer.Option(False, "--insecure", help="serve Flower without "
                                          "credentials (it can stop workers and send tasks)")):
@@ -359,7 +438,12 @@ def flower(port: Optional[int] = typer.Option(None, help="default: LORRY_FLOWER_
                    "workers and send tasks), or pass --insecure to run it open", err=True)
         raise typer.Exit(2)
     protect_open_handlers()
-    _celery(argv)
+    try:
+        _celery(argv)
+    except OSError as e:  # the address is taken or not this host's: Flower's is a traceback
+        typer.echo(f"error: Flower cannot listen on {address}:{port or s.flower_port} "
+                   f"(--address, --port or LORRY_FLOWER_PORT): {e.strerror or e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("run")

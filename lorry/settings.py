@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -161,6 +162,27 @@ class Settings(BaseSettings):
         tokenizer, revision, metrics token, Flower credentials and full-copy limit)."""
         return None if value == "" else value
 
+    @field_validator("broker_url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        """The broker is Redis (the API's nudge keys and the workers' figures live there
+        too); what redis-py cannot parse is refused here, never quoting the URL (a password
+        may be in it)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("is no Redis URL: give redis://[:PASSWORD@]HOST:PORT/DB "
+                             "(rediss:// with TLS, unix:///path.sock)")
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError("its port is no number 1-65535: give "
+                             "redis://[:PASSWORD@]HOST:PORT/DB") from None
+        db = parts.path.strip("/") if parts.scheme != "unix" else ""
+        if db and not db.isdigit():
+            raise ValueError("its database index (the path after the port) is no number: "
+                             "give redis://HOST:PORT/0 or another number")
+        return url
+
     @field_validator("adapter_roots", mode="before")
     @classmethod
     def _split_roots(cls, value):
@@ -239,5 +261,11 @@ def get_settings() -> Settings:
         settings = Settings()
     except ValidationError as e:
         raise SettingsError(settings_problem(e)) from None
-    settings.ensure_dirs()
+    try:
+        settings.ensure_dirs()
+    except OSError as e:
+        where = "LORRY_DATA_DIR" if settings.database_url.startswith(
+            f"sqlite:///{settings.data_dir}/") else "LORRY_DATABASE_URL"
+        raise SettingsError(f"{where}: cannot create the SQLite database's folder "
+                            f"{e.filename} ({e.strerror})") from None
     return settings

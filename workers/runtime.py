@@ -70,7 +70,6 @@ def get_drainer(settings):
     with _lock:
         if _runtime is None:
             _runtime = build_drainer(settings)
-            log.info("worker %s ready: %s", _runtime.worker_id, _runtime.engine.info())
         return _runtime
 
 

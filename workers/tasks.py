@@ -15,10 +15,18 @@ _engine_failed = threading.Event()   # this worker stops because its drain's eng
 
 @signals.worker_ready.connect
 def _load_engine(**_):
-    """Load the engine once when the worker starts, and register the worker."""
+    """Load the engine once when the worker starts (`lorry worker` has loaded it already), and
+    register the worker; a database that is down is waited for, as the drains do."""
+    from lorry.scheduler.errors import Unavailable
     from lorry.workers.runtime import get_drainer
 
-    get_drainer(settings).heartbeat()
+    drainer = get_drainer(settings)
+    log.info("worker %s ready: %s", drainer.worker_id, drainer.engine.info())
+    try:
+        drainer.heartbeat()
+    except Unavailable as e:
+        log.warning("cannot register with the job database (%s): this worker waits for it; "
+                    "check LORRY_DATABASE_URL and that the database is running", e)
 
 
 @signals.worker_shutting_down.connect

@@ -48,3 +48,18 @@ def test_a_drain_that_ends_keeps_the_worker(drain_task):
     assert tasks.drain.run() == {"reason": "queue empty"}
     assert state.should_stop is None and not tasks._shutting_down.is_set()
     assert tasks.exit_status() is None
+
+
+def test_a_worker_started_while_the_database_is_down_waits_for_it(monkeypatch, caplog):
+    from lorry.scheduler import errors
+    from lorry.workers import runtime, tasks
+
+    def down():
+        raise errors.Unavailable()
+    engine = type("Engine", (), {"info": staticmethod(dict)})()
+    drainer = type("Drainer", (), {"heartbeat": staticmethod(down), "worker_id": "w1",
+                                   "engine": engine})()
+    monkeypatch.setattr(runtime, "get_drainer", lambda settings: drainer)
+    with caplog.at_level("WARNING", logger="lorry.workers.tasks"):
+        tasks._load_engine()   # Celery's worker_ready: no traceback, the worker stays up
+    assert "waits for it" in caplog.text and "LORRY_DATABASE_URL" in caplog.text

@@ -24,6 +24,7 @@ from lorry.models import (
 )
 
 LAST_POLL_S = 2.0   # the least time a wait's poll may take, however near its deadline
+MIN_POLL_S = 0.05   # the shortest pause between a wait's polls
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                  "stop_token_ids", "ignore_eos")
 
@@ -312,6 +313,7 @@ def _poll(fetch, timeout, interval, max_interval, what, progress=None):
     """``fetch(http_timeout)`` until the object is final; each request ends by the deadline
     (a server that stops answering is a WaitTimeout then, not a hang)."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    interval = max(interval, MIN_POLL_S)   # 0 would poll without a pause, and stay 0
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:

@@ -118,6 +118,23 @@ def test_a_last_poll_near_the_deadline_still_returns_the_finished_job(slow_serve
     assert job.status == "succeeded" and job.text == "hi"
 
 
+def test_a_wait_with_no_poll_interval_still_pauses_between_polls():
+    """poll_interval=0 polled without a pause (0 x 1.5 stays 0): thousands of requests a
+    second at the server for as long as the job ran."""
+    from lorry.client import Client
+
+    seen = []
+
+    def running(request):
+        seen.append(request)
+        return httpx.Response(200, json={"id": "job_x", "status": "running"})
+    http = httpx.Client(base_url="http://api", transport=httpx.MockTransport(running))
+    with Client("http://api", "k", http_client=http) as c:
+        with pytest.raises(WaitTimeout):
+            c.wait("job_x", timeout=0.5, poll_interval=0, max_interval=0.1)
+    assert 3 <= len(seen) <= 12, len(seen)
+
+
 def test_pages_of_another_shape_are_client_errors():
     """adapters() and batches() raised KeyError on a JSON answer without 'data'."""
     from lorry.client import Client

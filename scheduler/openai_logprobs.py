@@ -21,7 +21,8 @@ def chat_logprobs(entries: list[dict] | None) -> dict[str, Any] | None:
 
 
 def completion_logprobs(entries: list[dict] | None) -> dict[str, Any] | None:
-    """``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}``."""
+    """``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}``;
+    each token's top_logprobs holds the sampled token too (``logprobs=0``: only it)."""
     if entries is None:
         return None
     offsets, at = [], 0
@@ -33,6 +34,8 @@ def completion_logprobs(entries: list[dict] | None) -> dict[str, Any] | None:
         top: dict[str, float] = {}
         for _, tok, lp in e.get("top", []):
             top.setdefault(tok, lp)
+        # OpenAI: "always the logprob of the sampled token", so up to logprobs + 1 entries
+        top.setdefault(e["token"], e["logprob"])
         tops.append(top)
     return {"tokens": [e["token"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries], "top_logprobs": tops,

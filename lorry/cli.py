@@ -112,28 +112,13 @@ def _url_problem(url: str) -> str | None:
     return None
 
 
-def _quiet_connector() -> None:
-    """The one error line a command prints names the cause; the connector's log line would
-    repeat it."""
-    logging.getLogger("lorry.scheduler.connector").addHandler(logging.NullHandler())
-
-
 def _uses_database(command):
     """Turn a database that cannot be reached or read (down, wrong URL, not migrated) into
     one line naming it and what to do, exit status 2 (not a traceback)."""
     @functools.wraps(command)
     def run(*args, **kwargs):
-        _quiet_connector()
-        try:
+        with _refused_database(_settings().database_url):
             return command(*args, **kwargs)
-        except typer.Exit:  # the command's own refusal, already printed
-            raise
-        except Exception as e:  # noqa: BLE001  (every other error propagates as it is)
-            problem = _database_problem(e, _settings().database_url)
-            if problem is None:
-                raise
-            typer.echo(f"error: {problem}", err=True)
-            raise typer.Exit(2) from None
     return run
 
 
@@ -307,15 +292,18 @@ def adapter_list():
 
 
 @contextlib.contextmanager
-def _refused_database(url: str):
-    """A database that cannot be reached or read inside the block: one line naming it, exit
-    2; the connector's own log line is kept quiet only there (a service logs it later on)."""
+def _refused_database(url: str, setting: str = "LORRY_DATABASE_URL"):
+    """A database that cannot be reached or read inside the block (down, wrong URL, not
+    migrated): one line naming it (``setting`` says where the URL came from) and what to do,
+    exit status 2; the connector's own log line, which would repeat it, is kept quiet there."""
     logger, quiet = logging.getLogger("lorry.scheduler.connector"), logging.NullHandler()
     logger.addHandler(quiet)
     try:
         yield
+    except typer.Exit:  # the command's own refusal, already printed
+        raise
     except Exception as e:  # noqa: BLE001  (every other error propagates as it is)
-        problem = _database_problem(e, url)
+        problem = _database_problem(e, url, setting)
         if problem is None:
             raise
         typer.echo(f"error: {problem}", err=True)
@@ -462,17 +450,13 @@ def run(file: Path = typer.Argument(..., exists=True, dir_okay=False,
     when a request failed, 2 for a refused adapter."""
     from lorry.embedded import run_file
 
-    if database:
-        _quiet_connector()
+    checked = _refused_database(database, "--database") if database else contextlib.nullcontext()
     try:
-        counts = run_file(_settings(), file, output, adapters=adapter, adapters_dir=adapters_dir,
-                          database_url=database)
-    except Exception as e:  # noqa: BLE001  (every other error propagates as it is)
-        problem = _database_problem(e, database, "--database") if database else None
-        if problem is None and not isinstance(e, ValueError):
-            raise
-        # a --database that cannot be used; else a refused adapter or a bad --adapter value
-        typer.echo(f"error: {problem or e}", err=True)
+        with checked:
+            counts = run_file(_settings(), file, output, adapters=adapter,
+                              adapters_dir=adapters_dir, database_url=database)
+    except ValueError as e:  # a refused adapter or a bad --adapter value
+        typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     errors = output.with_name(output.stem + ".errors.jsonl")
     typer.echo(f"{counts['succeeded']} succeeded, {counts['failed']} failed -> {output}"

@@ -154,8 +154,14 @@ def batch_submit(file: Path = typer.Argument(..., exists=True, dir_okay=False,
     try:
         with _client(url, key) as c:
             up = c.upload_file(file, idempotency_key=idempotency_key and f"{idempotency_key}:file")
-            batch = c.create_batch(up.id, endpoint=endpoint, completion_window=completion_window,
-                                   idempotency_key=idempotency_key)
+            try:
+                batch = c.create_batch(up.id, endpoint=endpoint,
+                                       completion_window=completion_window,
+                                       idempotency_key=idempotency_key)
+            except LorryError as e:
+                if 400 <= e.status < 500:  # refused, so no batch holds the file: take it back
+                    _forget_upload(c, up.id)
+                raise
             for err in batch.line_errors:
                 who = f" (custom_id {err['custom_id']!r})" if err.get("custom_id") else ""
                 typer.echo(f"{file}: refused{who}: {err['message']}", err=True)
@@ -175,6 +181,17 @@ def batch_submit(file: Path = typer.Argument(..., exists=True, dir_okay=False,
                f"failed of {counts.total}")
     if batch.status != "completed":
         raise typer.Exit(1)
+
+
+def _forget_upload(c, file_id: str) -> None:
+    """Delete the file that a refused ``batch submit`` uploaded (kept if that fails too: the
+    refusal is what the user needs to read)."""
+    from lorry.errors import LorryError
+
+    try:
+        c.delete_file(file_id)
+    except LorryError:
+        pass
 
 
 @batch_app.command("status")

@@ -231,6 +231,10 @@ class Client:
     def file(self, file_id: str) -> File:
         return self._as(File, self._request("GET", f"/v1/files/{_seg(file_id)}"))
 
+    def delete_file(self, file_id: str) -> None:
+        """Delete one of your files and its bytes, as OpenAI's ``files.delete``."""
+        self._request("DELETE", f"/v1/files/{_seg(file_id)}")
+
     def file_content(self, file_id: str) -> Iterator[bytes]:
         """A file's bytes (a batch's output_file_id / error_file_id too), streamed."""
         try:

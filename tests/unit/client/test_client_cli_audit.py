@@ -234,3 +234,37 @@ def test_run_with_a_database_it_cannot_use_prints_one_line_only(env, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "check --database" in done.stderr, done.stderr
+
+
+def test_a_refused_batch_submit_leaves_no_uploaded_file_behind(service, monkeypatch, tmp_path):
+    """`lorry batch submit` uploads the file, then creates the batch: a refused create (an
+    endpoint the service does not serve) left the upload in the tenant's files, unreferenced."""
+    from fastapi.testclient import TestClient
+
+    import lorry.cli_client as cli_client
+    from lorry.client import Client
+
+    api, queue, *_ = service
+    _, key = queue.create_tenant("acme")
+    monkeypatch.setattr(cli_client, "_client",
+                        lambda url, k: Client("http://testserver", key,
+                                              http_client=TestClient(api)))
+    c = Client("http://testserver", key, http_client=TestClient(api))
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "base", "messages": [{"role": "user", "content": "hi"}]}}
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    for extra in ([], ["--idempotency-key", "k1"]):
+        result = CliRunner().invoke(app, ["batch", "submit", str(path), "--endpoint",
+                                          "/v1/embeddings", *extra, "--key", "k"])
+        assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+        assert "endpoint" in result.output
+        assert c._request("GET", "/v1/files").json()["data"] == []
+        assert list(c.batches()) == []
+    # the same key, the right endpoint: a batch of a fresh upload, not of the deleted file
+    result = CliRunner().invoke(app, ["batch", "submit", str(path), "--idempotency-key", "k1",
+                                      "--key", "k"])
+    assert result.exit_code == 0, result.output
+    batch = c.batch(result.output.strip())
+    assert c.file(batch.input_file_id).bytes == path.stat().st_size
+    c.close()

@@ -52,7 +52,7 @@ def job_out(info) -> JobOut:
                   batch_id=info.batch_id, custom_id=info.custom_id,
                   created_at=epoch(info.created_at), started_at=epoch(info.started_at),
                   finished_at=epoch(info.finished_at), result=job_result(info),
-                  error=info.error)
+                  error=info.error, cancel_requested=bool(info.cancel_requested))
 
 
 def adapter_out(info) -> AdapterOut:

@@ -156,6 +156,7 @@ class JobOut(BaseModel):
     finished_at: float | None = None
     result: JobResult | None = None
     error: str | None = None
+    cancel_requested: bool = False  # running, its cancel on the way to the worker
 
 
 class JobPage(BaseModel):

@@ -45,6 +45,7 @@ class Job(_Model):
     finished_at: float | None = None
     result: JobResult | None = None
     error: str | None = None
+    cancel_requested: bool = False  # running, its cancel on the way to the worker
 
     @property
     def done(self) -> bool:

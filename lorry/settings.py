@@ -125,6 +125,7 @@ class Settings(BaseSettings):
     worker_id: str | None = None
     lease_seconds: int = Field(60, ge=5)
     heartbeat_seconds: float = Field(10.0, gt=0)
+    cancel_poll_seconds: float = Field(1.0, gt=0)  # a running job's cancel reaches its worker
     drain_max_seconds: float = Field(120.0, gt=0)  # then maintain gets a turn
     maintain_interval: float = Field(15.0, gt=0)
     nudge_ttl_seconds: float = Field(30.0, gt=0)  # a pending nudge; drain clears it

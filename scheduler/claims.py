@@ -85,6 +85,7 @@ class ClaimOps:
         try:
             with self.connector.begin() as conn:
                 deltas: dict = {}
+                conn.execute(q.cancel_claim(token, self.now()))
                 for r in conn.execute(q.release_claim(token)):
                     key = (r.tenant_id, r.adapter_id, r.priority)
                     n, oldest = deltas.get(key, (0, r.enqueued_at))

@@ -83,14 +83,25 @@ class LeaseOps:
         return status
 
     def release(self, job_id: str, lease_token: str) -> bool:
-        """Give the job back to the queue at its old place; the attempt is not counted."""
+        """Give the job back to the queue at its old place; the attempt is not counted. A job
+        whose cancel was asked ends cancelled instead (its worker stopped before it learnt)."""
         with self.connector.begin() as conn:
+            if conn.execute(q.cancel_released_job(job_id, lease_token, self.now())).first():
+                return True
             row = conn.execute(q.release_job(job_id, lease_token)).first()
             if row is None:
                 return False
             add_to_groups(conn, {(row.tenant_id, row.adapter_id, row.priority):
                                  (1, row.enqueued_at)})
         return True
+
+    def cancels_requested(self, job_ids: list[str]) -> set[str]:
+        """The running jobs among job_ids whose cancel was asked: a read, cheap enough to run
+        every second between heartbeats so that a cancel stops its job promptly."""
+        if not job_ids:
+            return set()
+        with self.connector.connect() as conn:
+            return {r.id for r in conn.execute(q.cancels_asked(list(job_ids)))}
 
     def heartbeat(self, worker_id: str, leases: list[tuple[str, str]], hot: list, warm: list,
                   capacity: int, lease_seconds: float = 60) -> set[str]:

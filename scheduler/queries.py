@@ -229,16 +229,31 @@ def request_cancel(job_id: str):
 
 # ---- claims: SQLite (and what both dialects share) -------------------------------------------
 def _unclaim(*cond):
-    """Running jobs back to the queue at their old place, the attempt not counted."""
-    return (update(J).where(*cond, J.c.status == "running")
+    """Running jobs back to the queue at their old place, the attempt not counted; those
+    whose cancel was asked are left to ``_end_cancelled`` (run it first)."""
+    return (update(J).where(*cond, J.c.status == "running", J.c.cancel_requested.is_(False))
             .values(status="queued", worker_id=None, lease_token=None, lease_expires_at=None,
                     attempts=J.c.attempts - 1)
             .returning(J.c.tenant_id, J.c.adapter_id, J.c.priority, J.c.enqueued_at))
 
 
+def _end_cancelled(now, *cond):
+    """Running jobs whose cancel was asked, given back unfinished: cancelled now (not queued
+    again to run after all, as the reaper and ``fail`` end them too)."""
+    return (update(J).where(*cond, J.c.status == "running", J.c.cancel_requested.is_(True))
+            .values(status="cancelled", finished_at=now, lease_token=None,
+                    lease_expires_at=None)
+            .returning(J.c.id))
+
+
 def release_claim(token: str):
     """Every job leased under token (a claim whose answer was lost)."""
     return _unclaim(J.c.lease_token == token)
+
+
+def cancel_claim(token: str, now):
+    """release_claim's jobs whose cancel was asked (run before it)."""
+    return _end_cancelled(now, J.c.lease_token == token)
 
 
 def terminate_backend(pid: int):
@@ -248,6 +263,11 @@ def terminate_backend(pid: int):
 
 def release_job(job_id: str, token: str):
     return _unclaim(J.c.id == job_id, J.c.lease_token == token)
+
+
+def cancel_released_job(job_id: str, token: str, now):
+    """release_job's job when its cancel was asked (run before it)."""
+    return _end_cancelled(now, J.c.id == job_id, J.c.lease_token == token)
 
 
 def live_workers(live_after):
@@ -527,6 +547,12 @@ def retry_job(job_id: str, token: str, when, error: str):
 def end_job(job_id: str, token: str, status: str, now, error: str):
     return _fenced(job_id, token).values(status=status, finished_at=now, lease_token=None,
                                          lease_expires_at=None, error=error)
+
+
+def cancels_asked(job_ids: list[str]):
+    """Which of these running jobs have a cancel waiting (a read: the cancel poll)."""
+    return select(J.c.id).where(J.c.id.in_(job_ids), J.c.status == "running",
+                                J.c.cancel_requested.is_(True))
 
 
 def extend_leases(pairs: list[tuple[str, str]], expires):

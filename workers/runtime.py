@@ -44,7 +44,8 @@ def build_drainer(settings, queue=None, engine=None, publish=True, **kw):
     kw.setdefault("check_adapter", adapter_rules(settings))
     return Drainer(queue, engine, worker_id, max_num_seqs=settings.max_num_seqs,
                    lease_seconds=settings.lease_seconds,
-                   heartbeat_seconds=settings.heartbeat_seconds, publish=publisher, **kw)
+                   heartbeat_seconds=settings.heartbeat_seconds,
+                   cancel_poll_seconds=settings.cancel_poll_seconds, publish=publisher, **kw)
 
 
 def adapter_rules(settings):

@@ -90,7 +90,7 @@ def get_job(job_id: str, tenant=Depends(get_tenant), queue=Depends(get_queue)):
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=responses(404),
-             summary="Cancel a job (queued: now; running: at the worker's next step)")
+             summary="Cancel a job (queued: now; running: within about a second)")
 def cancel_job(job_id: str, tenant=Depends(get_tenant), queue=Depends(get_queue)):
     info = queue.cancel(job_id, tenant.id) if is_id(job_id) else None
     if info is None:

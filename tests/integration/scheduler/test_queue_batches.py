@@ -50,6 +50,24 @@ def test_cancel_batch_goes_through_cancelling_to_cancelled(queue, tenant):
     assert final.status == "cancelled" and final.request_counts["failed"] == 4
 
 
+def test_a_cancelled_batch_whose_worker_shut_down_runs_nothing_more(queue, tenant):
+    """A warm shutdown gives back the running jobs before the worker's heartbeat learns of
+    the cancel: they went back to the queue, ran after all, and the batch ended 'cancelled'
+    with every request completed."""
+    batch = queue.create_batch(tenant.id, specs(3))
+    running = [j for mb in queue.claim("w", [], [], free_slots=2) for j in mb.jobs]
+    assert queue.cancel_batch(batch.id, tenant.id).status == "cancelling"
+    for j in running:
+        assert queue.release(j.id, j.lease_token)
+    assert [j for mb in queue.claim("w2", [], [], free_slots=8) for j in mb.jobs] == []
+    assert queue.finalize_batches() == 1
+    final = queue.get_batch(batch.id, tenant.id)
+    assert final.status == "cancelled"
+    assert final.request_counts == {"total": 3, "completed": 0, "failed": 3}
+    assert {r.status for r in queue.batch_results(batch.id, tenant.id)} == {"cancelled"}
+    assert [r for r in queue.queue_depth() if r[0] == "queued"] == []
+
+
 def test_batch_expires_after_its_completion_window(queue, tenant, clock):
     batch = queue.create_batch(tenant.id, specs(2), completion_window="1h")
     clock.advance(3601)

@@ -107,6 +107,22 @@ def test_cancel_queued_at_once_and_running_through_heartbeat(queue, tenant):
     assert info.status == "cancelled" and info.result.text == "par"
 
 
+def test_a_job_cancelled_while_running_and_given_back_ends_cancelled(queue, tenant):
+    """The worker shut down (warm) before its heartbeat learnt of the cancel and gave the job
+    back: it was queued again and ran to 'succeeded'."""
+    [job] = queue.submit(tenant.id, JobSpec("sql", prompt="a"))
+    [c] = claim_all(queue)
+    assert queue.cancel(job.id, tenant.id).status == "running"
+    assert queue.release(c.id, c.lease_token)
+    assert not queue.release(c.id, c.lease_token)
+    info = queue.get_job(job.id)
+    assert info.status == "cancelled" and info.finished_at is not None and info.result is None
+    assert claim_all(queue) == []
+    assert [r for r in queue.queue_depth() if r[0] in ("queued", "running")] == []
+    [other] = queue.submit(tenant.id, JobSpec("sql", prompt="b"))  # the group still serves
+    assert [j.id for j in claim_all(queue)] == [other.id]
+
+
 def test_deadlines_expire_queued_and_running_jobs(queue, tenant, clock):
     soon = clock() + timedelta(seconds=30)
     a, b = queue.submit(tenant.id, [JobSpec("sql", prompt="a", deadline=soon),

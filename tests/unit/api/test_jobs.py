@@ -54,6 +54,19 @@ def test_cancel_queued_job(tenant_a):
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
 
 
+def test_a_running_jobs_cancel_shows_as_pending(service, tenant_a):
+    """A running job's cancel answered 200 with status 'running' and nothing saying a cancel
+    was on its way."""
+    _, queue, *_ = service
+    job = tenant_a.post("/v1/jobs", json={"prompt": "x"}).json()
+    assert tenant_a.get(f"/v1/jobs/{job['id']}").json()["cancel_requested"] is False
+    [claimed] = [j for mb in queue.claim("w", [], [], free_slots=4) for j in mb.jobs]
+    r = tenant_a.post(f"/v1/jobs/{job['id']}/cancel")
+    assert r.status_code == 200
+    assert (r.json()["status"], r.json()["cancel_requested"]) == ("running", True)
+    assert tenant_a.get(f"/v1/jobs/{job['id']}").json()["cancel_requested"] is True
+
+
 def test_missing_or_invalid_key_is_401(service, tenant_a):
     from fastapi.testclient import TestClient
 

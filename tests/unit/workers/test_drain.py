@@ -106,6 +106,61 @@ def test_cancel_of_a_running_job_keeps_partial_output(queue, engine, monkeypatch
     assert info.result.finish_reason == "abort"
 
 
+def test_a_cancel_reaches_the_running_job_between_heartbeats(queue, engine, monkeypatch):
+    """The worker learnt of a cancel only at its heartbeat (10 s by default): a job cancelled
+    just after it started ran on to its end and 'succeeded'. The cancel poll stops it within
+    cancel_poll_seconds, and no heartbeat (lease write) is spent on it."""
+    tenant, _ = queue.create_tenant("t")
+    real_step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.01) or real_step())
+    long, short = queue.submit(tenant.id, [
+        JobSpec(adapter=None, prompt="long", sampling={"max_tokens": 300, "temperature": 0,
+                                                       "ignore_eos": True}),
+        JobSpec(adapter=None, prompt="short", sampling={"max_tokens": 1, "temperature": 0})])
+    beats, beats_by_then = [], []
+
+    def cancel_long(job, status):
+        if job.id == short.id:
+            assert queue.cancel(long.id, tenant.id).status == "running"
+        else:
+            beats_by_then.append(len(beats))
+
+    d = drainer(queue, engine, heartbeat_seconds=60.0, cancel_poll_seconds=0.05,
+                on_result=cancel_long)
+    real_beat = queue.heartbeat
+    monkeypatch.setattr(queue, "heartbeat", lambda *a, **kw: beats.append(1) or
+                        real_beat(*a, **kw))
+    summary = d.run()
+    info = queue.get_job(long.id)
+    assert info.status == "cancelled" and summary.cancelled == 1
+    assert 0 < len(info.result.token_ids) < 300 and info.result.finish_reason == "abort"
+    assert beats_by_then == [0]  # no heartbeat before it ended (one follows the drain)
+
+
+def test_a_warm_shutdown_ends_a_job_whose_cancel_it_had_not_learnt(queue, engine,
+                                                                    monkeypatch):
+    """Given back at a warm shutdown before the worker learnt of its cancel, the job went
+    back to the queue and the next worker ran it to 'succeeded'."""
+    tenant, _ = queue.create_tenant("t")
+    [job] = queue.submit(tenant.id, [JobSpec(adapter=None, prompt="p", sampling={
+        "max_tokens": 50, "ignore_eos": True})])
+    real_step, steps = engine.step, []
+
+    def step():
+        steps.append(1)
+        if len(steps) == 2:
+            assert queue.cancel(job.id, tenant.id).status == "running"
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step)
+    d = drainer(queue, engine, heartbeat_seconds=60.0, cancel_poll_seconds=60.0)
+    assert d.run(should_stop=lambda: len(steps) > 3).reason == "shutdown"
+    assert queue.get_job(job.id).status == "cancelled"
+    monkeypatch.undo()
+    assert drainer(queue, engine).run().succeeded == 0
+    assert queue.get_job(job.id).status == "cancelled"
+
+
 def test_warm_shutdown_releases_what_it_holds(queue, engine, monkeypatch):
     tenant, _ = queue.create_tenant("t")
     jobs = queue.submit(tenant.id, [JobSpec(adapter=None, prompt=f"p{i}", sampling={

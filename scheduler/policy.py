@@ -1,8 +1,11 @@
 """Claim policy, pure Python: which queued groups a worker takes, and how many jobs from each.
 
 Order of preference: groups whose oldest job waited past the aging bound (oldest first), then
-higher priority, then tenant fair share, then adapter affinity (hot here > warm here > cold >
-hot on another live worker), then a per-worker spread. Fair share decides whose jobs come
+the interactive class (priority >= INTERACTIVE_PRIORITY: the API's synchronous completions)
+before bulk, then tenant fair share, then the tenant's own priority (it orders that tenant's
+groups only: a tenant that sets priority 100 on every job does not pass anyone else), then
+adapter affinity (hot here > warm here > cold > hot on another live worker), then a
+per-worker spread. Fair share decides whose jobs come
 next; affinity only orders the groups of tenants that are equally due (a cold adapter is no
 reason to pass a tenant over: a GPU swap costs about a millisecond). Fair share is weighted
 deficit round robin kept as virtual time: a tenant's counter grows by jobs/weight when it is
@@ -20,6 +23,10 @@ import zlib
 from dataclasses import dataclass, field
 
 BASE_MODEL = 0  # adapter id of jobs without adapter
+# Jobs at or above this priority are the interactive class (the API's synchronous and
+# streaming completions), served before bulk work of any tenant; tenants' own priorities
+# (-100..100 on the REST API) stay below it and order only their own jobs.
+INTERACTIVE_PRIORITY = 1000
 
 
 @dataclass(frozen=True)
@@ -132,8 +139,8 @@ def _virtual_times(snap: Snapshot, groups: list[Group]) -> tuple[float, dict[str
 
 def _ordered(snap: Snapshot, groups: list[Group], share: dict[str, int]) -> list:
     """The groups as a heap of (order, tenant's share when pushed (-1: overdue), group).
-    Order: (overdue first, -priority, tenant's share, affinity tier, spread, key); overdue
-    groups by their oldest job only."""
+    Order: (overdue first, interactive first, tenant's share, -priority, affinity tier,
+    spread, key); overdue groups by their oldest job only."""
     cutoff = snap.now - snap.aging_seconds
     salt = snap.salt
     hot, warm, elsewhere = snap.hot, snap.warm, snap.hot_elsewhere
@@ -145,7 +152,7 @@ def _ordered(snap: Snapshot, groups: list[Group], share: dict[str, int]) -> list
         t, a = g.tenant_id, g.adapter_id
         key = (t, a, g.priority)
         if g.oldest <= cutoff:  # overdue: bound the longest wait first
-            heap.append(((0, g.oldest, 0, 0, 0, key), -1, g))
+            heap.append(((0, g.oldest, 0, 0, 0, 0, key), -1, g))
             continue
         # affinity_tier(), inlined: this loop runs for every candidate at every claim.
         tier = (0 if a == BASE_MODEL or a in hot else 1 if a in warm
@@ -155,7 +162,8 @@ def _ordered(snap: Snapshot, groups: list[Group], share: dict[str, int]) -> list
         if spread is None:
             spread = spreads[(salt, t, a)] = zlib.crc32(f"{salt}:{t}:{a}".encode())
         s = share[t]
-        heap.append(((1, -g.priority, s, tier, spread, key), s, g))
+        interactive = 0 if g.priority >= INTERACTIVE_PRIORITY else 1
+        heap.append(((1, interactive, s, -g.priority, tier, spread, key), s, g))
     heapq.heapify(heap)
     return heap
 

@@ -24,14 +24,12 @@ from lorry.api.schemas import (
     CompletionRequest,
 )
 from lorry.scheduler import errors
+from lorry.scheduler.policy import INTERACTIVE_PRIORITY
 from lorry.scheduler.types import is_adapter_failure
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-# Above every priority a job can be submitted with over REST (-100..100), so that a waiting
-# caller's job is claimed before queued bulk work (aging still lets old bulk jobs through).
-INTERACTIVE_PRIORITY = 1000
 # the channel workers publish a streaming job's text to (lorry.workers.tokens.stream_channel)
 STREAM_CHANNEL = "{prefix}:stream:{job_id}"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
@@ -111,7 +109,7 @@ async def _answer(request, body, tenant, queue, settings, *, chat, prompt, messa
         sampling = with_chat_default(sampling, settings)
     spec = JobSpec(adapter=adapter, prompt=prompt, messages=messages, sampling={
         **sampling, **({"stream": True} if body.stream else {})},
-        priority=INTERACTIVE_PRIORITY)
+        priority=INTERACTIVE_PRIORITY)  # claimed before bulk work (fair share among tenants)
     [info] = await run_sync(queue.submit, tenant.id, [spec])
     job = _Job(info.id, request, queue, tenant, settings.sync_timeout_seconds)
     if body.stream:

@@ -57,15 +57,19 @@ class SimWorker:
         raise AssertionError(f"{len(job_ids - self.done)} jobs not done after {limit} steps")
 
 
+@pytest.mark.parametrize("flood_priority", [0, 100])
 def test_a_small_tenant_is_served_within_max_num_seqs_of_a_flood_on_a_hot_adapter(
-        make_queue, clock):
+        make_queue, clock, flood_priority):
+    """Also when the flooder sets the highest priority a tenant may (it came before fair
+    share: the whole flood went first)."""
     queue = make_queue()
     a, _ = queue.create_tenant("flooder")
     b, _ = queue.create_tenant("small")
     # B's adapter is named like A's: it is still B's own, cold adapter.
     queue.register_adapter("style", "/adapters/a/style", tenant_id=a.id)
     queue.register_adapter("style", "/adapters/b/style", tenant_id=b.id)
-    flood = {j.id for j in queue.submit(a.id, [JobSpec("style", prompt=f"a{i}")
+    flood = {j.id for j in queue.submit(a.id, [JobSpec("style", prompt=f"a{i}",
+                                                       priority=flood_priority)
                                                for i in range(500)])}
     worker = SimWorker(queue, clock, rows=8)
     claimed = 0

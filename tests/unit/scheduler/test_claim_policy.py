@@ -4,7 +4,13 @@ from __future__ import annotations
 import random
 import zlib
 
-from lorry.scheduler.policy import Group, Snapshot, affinity_tier, plan_claim
+from lorry.scheduler.policy import (
+    INTERACTIVE_PRIORITY,
+    Group,
+    Snapshot,
+    affinity_tier,
+    plan_claim,
+)
 
 NOW = 1_000_000.0
 
@@ -29,10 +35,27 @@ def test_fills_free_slots_from_the_best_group_first_and_never_takes_more_than_qu
     assert taken(plan_claim(snap)) == [("t1", 1, 5), ("t1", 2, 3)]
 
 
-def test_higher_priority_class_first_even_when_cold():
+def test_a_tenants_higher_priority_first_even_when_cold():
     snap = Snapshot([g(adapter=1, priority=0), g(adapter=2, priority=5)], NOW, free_slots=4,
                     hot={1})
     assert taken(plan_claim(snap)) == [("t1", 2, 4)]
+
+
+def test_a_tenants_priority_does_not_pass_another_tenants_fair_share():
+    """Priority came before fair share: a tenant that set priority 1 on a flood of jobs was
+    served all of it before another tenant's priority-0 jobs (up to the aging bound)."""
+    flood = g(tenant="flooder", adapter=1, priority=100, queued=5000, age=5)
+    small = g(tenant="small", adapter=2, priority=0, queued=20, age=1)
+    snap = Snapshot([flood, small], NOW, free_slots=32, served={"flooder": 500.0},
+                    capacity=32)
+    assert ("small", 2, 20) in taken(plan_claim(snap))
+
+
+def test_interactive_jobs_come_before_any_tenants_bulk_work():
+    bulk = g(tenant="a", adapter=1, priority=100, queued=50, age=100)
+    chat = g(tenant="b", adapter=2, priority=INTERACTIVE_PRIORITY, queued=2, age=1)
+    snap = Snapshot([bulk, chat], NOW, free_slots=4, served={"b": 1000.0}, hot={1})
+    assert taken(plan_claim(snap)) == [("b", 2, 2), ("a", 1, 2)]
 
 
 def test_overdue_group_beats_priority_and_affinity_oldest_first():
@@ -225,8 +248,8 @@ def reference_plan(snap: Snapshot, budget: int | None = None) -> list[tuple]:
         if g.oldest <= snap.now - snap.aging_seconds:
             return (0, g.oldest, g.key)
         spread = zlib.crc32(f"{snap.salt}:{g.tenant_id}:{g.adapter_id}".encode())
-        return (1, -g.priority, int(virtual[g.tenant_id] // quantum),
-                affinity_tier(g.adapter_id, snap), spread, g.key)
+        return (1, g.priority < INTERACTIVE_PRIORITY, int(virtual[g.tenant_id] // quantum),
+                -g.priority, affinity_tier(g.adapter_id, snap), spread, g.key)
 
     out, adapters, remaining = [], set(), snap.free_slots if budget is None else budget
     while remaining > 0 and left:
@@ -251,7 +274,7 @@ def test_plan_equals_the_plain_reference_on_random_snapshots():
     rng = random.Random(7)
     for case in range(400):
         tenants = [f"t{i}" for i in range(rng.randint(1, 6))]
-        keys = {(rng.choice(tenants), rng.randint(0, 8), rng.choice([0, 0, 0, 5]))
+        keys = {(rng.choice(tenants), rng.randint(0, 8), rng.choice([0, 0, 0, 5, -3, INTERACTIVE_PRIORITY]))
                 for _ in range(rng.randint(0, 25))}  # distinct, as in the database
         groups = [Group(t, a, p, rng.randint(0, 40), NOW - rng.uniform(-20, 600))
                   for t, a, p in sorted(keys)]

@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     # /v1/chat/completions and /v1/completions wait this long for their job, then answer 504
     # naming the job to poll (it keeps running)
     sync_timeout_seconds: float = Field(300.0, gt=0)
+    # completions one tenant may have waiting or streaming at once in one API process (each
+    # polls the database and a stream holds a Redis connection); more are 429 too_many_open
+    max_open_completions: int = Field(64, ge=1)
     # /metrics answers only a scraper sending `Authorization: Bearer <metrics_token>` (404
     # while none is set); tenant ids and adapter names appear as labels only when opted in.
     metrics_token: SecretStr | None = None

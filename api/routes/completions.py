@@ -37,7 +37,12 @@ POLL_MAX_S = 0.25   # longest pause between reads of a waited-for job
 STREAM_POLL_S = 0.5  # a streaming answer also reads its job this often (lost pieces, failures)
 
 ERRORS = {
-    **responses(404, 413, 429),
+    **responses(404, 413),
+    429: {"model": ErrorBody, "description": "the tenant's max_queued quota is full "
+                                             "(`quota_exceeded`), or it has "
+                                             "LORRY_MAX_OPEN_COMPLETIONS completions open on "
+                                             "this server (`too_many_open_completions`); "
+                                             "retry after `Retry-After` seconds"},
     400: {"model": ErrorBody, "description": "a valid option Lorry does not support (n > 1, "
                                              "response_format other than text, top_logprobs "
                                              "without logprobs); `param` names it"},
@@ -92,12 +97,71 @@ def resolve_model(queue, tenant, settings, model: str) -> str | None:
                    code="model_not_found", param="model")
 
 
-async def _answer(request, body, tenant, queue, settings, *, chat, prompt, messages):
-    from lorry.scheduler import JobSpec
+class OpenCompletions:
+    """Per tenant, the completions this API process is answering (waiting for or streaming
+    their job): a tenant at ``limit`` is answered 429 before anything is queued, so one
+    tenant's thousand idle connections cannot take the database reads, threads and Redis
+    connections that every tenant's answers share. An entry older than the sync timeout
+    (every answer ends by then) counts no more, should a stream never have started."""
 
+    def __init__(self):
+        self.open: dict[str, dict[int, float]] = {}
+        self._next = 0
+
+    def enter(self, tenant_id: str, limit: int, timeout: float) -> int:
+        mine = self.open.setdefault(tenant_id, {})
+        now = time.monotonic()
+        if len(mine) >= limit:
+            for k in [k for k, t in mine.items() if now - t > timeout + 60]:
+                del mine[k]
+        if len(mine) >= limit:
+            raise ApiError(429, f"you have {len(mine)} completions open (waiting or "
+                                f"streaming) on this server, the most allowed "
+                                f"(LORRY_MAX_OPEN_COMPLETIONS); wait for one to end, or "
+                                f"submit the work as jobs or a batch",
+                           code="too_many_open_completions", headers={"Retry-After": "1"})
+        self._next += 1
+        mine[self._next] = now
+        return self._next
+
+    def leave(self, tenant_id: str, token: int) -> None:
+        mine = self.open.get(tenant_id)
+        if mine is not None:
+            mine.pop(token, None)
+            if not mine:
+                del self.open[tenant_id]
+
+
+def _open_completions(request: Request) -> OpenCompletions:
+    state = request.app.state
+    if getattr(state, "open_completions", None) is None:
+        state.open_completions = OpenCompletions()
+    return state.open_completions
+
+
+async def _answer(request, body, tenant, queue, settings, *, chat, prompt, messages):
     problem = body.unsupported()
     if problem is not None:
         raise ApiError(400, problem[0], code="unsupported_value", param=problem[1])
+    opened = _open_completions(request)
+    token = opened.enter(tenant.id, settings.max_open_completions,
+                         settings.sync_timeout_seconds)
+    streaming = False
+    try:
+        answer = await _answer_one(request, body, tenant, queue, settings, chat=chat,
+                                   prompt=prompt, messages=messages,
+                                   on_close=lambda: opened.leave(tenant.id, token))
+        streaming = isinstance(answer, StreamingResponse)
+        return answer
+    finally:
+        if not streaming:  # a stream leaves when its events end
+            opened.leave(tenant.id, token)
+
+
+async def _answer_one(request, body, tenant, queue, settings, *, chat, prompt, messages,
+                      on_close):
+    from lorry.scheduler import JobSpec
+
     adapter = await run_sync(resolve_model, queue, tenant, settings, body.model)
     sampling = body.sampling()
     # tokenizing a long prompt takes a while: off the event loop, as the queue's calls
@@ -117,7 +181,7 @@ async def _answer(request, body, tenant, queue, settings, *, chat, prompt, messa
         await run_sync(nudge, request, 1)
         usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _events(job, subscription, ChunkWriter(info.id, body.model, chat),
-                         logprobs="logprobs" in spec.sampling, usage=usage)
+                         logprobs="logprobs" in spec.sampling, usage=usage, on_close=on_close)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"x-lorry-job-id": info.id, "Cache-Control": "no-cache"})
     await run_sync(nudge, request, 1)
@@ -207,7 +271,8 @@ async def _subscribe(settings, job_id: str):
     return client, pubsub
 
 
-async def _events(job: _Job, subscription, w: ChunkWriter, *, logprobs: bool, usage: bool):
+async def _events(job: _Job, subscription, w: ChunkWriter, *, logprobs: bool, usage: bool,
+                  on_close=None):
     """SSE of one streamed answer. Pieces carry their character offset, so a piece sent twice
     (or again by a retried run) adds nothing; what pub/sub lost is taken from the stored
     result at the end. A client that disconnects cancels the job."""
@@ -223,6 +288,8 @@ async def _events(job: _Job, subscription, w: ChunkWriter, *, logprobs: bool, us
                 yield event
             stream.finished = True
     finally:
+        if on_close is not None:
+            on_close()
         await stream.close()
 
 

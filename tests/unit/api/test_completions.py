@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -381,3 +382,45 @@ def test_a_chat_request_without_max_tokens_may_use_the_context(service, tenant_a
     r = tenant_a.post("/v1/completions", json={"model": "base", "prompt": "x"})
     assert r.status_code == 200, r.text
     assert worker.claimed[-1].sampling == {}
+
+
+def test_a_tenant_at_its_open_completions_limit_gets_429_and_others_are_served(service,
+                                                                               tenant_a,
+                                                                               tenant_b):
+    """Each waiting completion polls the database (and a stream holds a Redis connection):
+    one tenant's 1,000 idle connections slowed every tenant's answers to seconds."""
+    import threading
+
+    service[2].max_open_completions = 2
+    service[2].sync_timeout_seconds = 3.0  # no worker runs: the waits end in 504
+    body = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
+    answers = []
+    waiting = [threading.Thread(target=lambda: answers.append(
+        tenant_a.post("/v1/chat/completions", json=body))) for _ in range(2)]
+    for t in waiting:
+        t.start()
+    queue = service[1]
+    deadline = time.monotonic() + 2
+    while len(queue.list_jobs(tenant_a.tenant.id)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    r = tenant_a.post("/v1/chat/completions", json={**body, "stream": True})
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["code"] == "too_many_open_completions"
+    assert r.json()["error"]["type"] == "rate_limit_error" and "Retry-After" in r.headers
+    assert len(queue.list_jobs(tenant_a.tenant.id)) == 2  # the refused one queued nothing
+    other = {}
+    t_b = threading.Thread(target=lambda: other.setdefault(
+        "r", tenant_b.post("/v1/chat/completions", json=body)))
+    t_b.start()
+    for t in waiting:
+        t.join()
+    assert [a.status_code for a in answers] == [504, 504]
+    # their slots are free again: a stream takes one and gives it back when it ends
+    service[2].sync_timeout_seconds = 0.3
+    with tenant_a.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+        assert s.status_code == 200
+        events = list(s.iter_lines())
+    assert any('"code": "timeout"' in e for e in events)
+    assert service[0].state.open_completions.open.get(tenant_a.tenant.id) is None
+    t_b.join()
+    assert other["r"].status_code == 504  # served (queued and waited), not refused

@@ -115,15 +115,14 @@ def sampling_of(body: RequestBody) -> dict[str, Any]:
 
 def _describe(err: ValidationError, data: Any) -> tuple[str, str]:
     items = field_errors(list(err.errors()), data, prefixed=False)
-    first = items[0]
-    loc = loc_text(first["loc"], request=False)
-    value = first.get("input")
-    shown = json.dumps(value)[:80] if isinstance(value, (str, int, float, bool)) else None
-    msg = "; ".join(f"{loc_text(e['loc'], request=False) or 'line'}: {e['msg']}"
-                    for e in items[:3])
-    if shown is not None:
-        msg += f" (got {shown})"
-    return msg, loc
+    loc = loc_text(items[0]["loc"], request=False)
+    parts = []
+    for e in items[:3]:  # each error with the value it is about (not the first's after all)
+        value = e.get("input")
+        shown = json.dumps(value)[:80] if isinstance(value, (str, int, float, bool)) else None
+        parts.append(f"{loc_text(e['loc'], request=False) or 'line'}: {e['msg']}"
+                     + (f" (got {shown})" if shown is not None else ""))
+    return "; ".join(parts), loc
 
 
 class DuplicateCustomId(ValueError):

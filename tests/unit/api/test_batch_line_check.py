@@ -132,3 +132,14 @@ def test_raw_lines_that_are_not_plain_json_get_pydantics_answer():
                 chat.replace('"max_tokens"', '"max_tokens": 1, "max_tokens"').encode(),
                 b"[" * 40 + b"]" * 40, b"  " + chat.encode() + b"\r"]:
         assert same(read_line(3, raw), reference(3, raw)), raw
+
+
+def test_each_refusal_of_a_line_names_its_own_value():
+    """Two bad fields: the first's value was shown after the last message, as if the
+    temperature were the custom_id's string."""
+    line = {**CHAT, "custom_id": "c" * 600, "body": {**CHAT["body"], "temperature": 9}}
+    err = read_line(1, json.dumps(line).encode())
+    assert isinstance(err, LineError) and err.param == "custom_id"
+    cid, temp = err.message.split("; ")
+    assert '(got "ccc' in cid and "custom_id" in cid
+    assert temp.startswith("body.temperature") and temp.endswith("(got 9)")

@@ -27,6 +27,18 @@ class FileGone(QueueError, LookupError):
     file."""
 
 
+class StorageFull(QueueError):
+    """An upload would put more bytes in the tenant's files than the storage limit allows
+    (waiting does not help: deleting files does)."""
+
+    def __init__(self, tenant_id: str, stored: int, adding: int, limit: int):
+        self.tenant_id, self.stored, self.adding, self.limit = tenant_id, stored, adding, limit
+        super().__init__(
+            f"your files hold {stored} bytes; this upload of {adding} bytes would pass the "
+            f"limit of {limit} bytes per tenant (LORRY_MAX_FILE_BYTES_PER_TENANT): delete "
+            f"files you no longer need (DELETE /v1/files/{{id}}), then upload again")
+
+
 class QuotaExceeded(QueueError):
     """Submitting would put more jobs in the tenant's queue than its max_queued allows."""
 

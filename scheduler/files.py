@@ -47,13 +47,14 @@ def write_chunks(conn, file_id: str, pieces: Iterable[bytes]) -> tuple[int, int]
 
 class FileOps:
     def create_file(self, tenant_id: str, content: Iterable[bytes], *, filename: str,
-                    purpose: str = "batch",
-                    idempotency_key: str | None = None) -> tuple[FileInfo, bool]:
+                    purpose: str = "batch", idempotency_key: str | None = None,
+                    max_tenant_bytes: int | None = None) -> tuple[FileInfo, bool]:
         """Store an upload (content: its bytes, in pieces) as one file of the tenant.
 
         Returns (file, created): a known idempotency_key returns the tenant's file of that
         key and stores nothing (content is not read). Raises InvalidJob for a bad purpose,
-        filename or key, UnknownTenant.
+        filename or key, UnknownTenant, StorageFull when the tenant's files would then hold
+        more than max_tenant_bytes (nothing is stored).
         """
         if purpose not in PURPOSES:
             raise errors.InvalidJob(f"purpose must be one of {list(PURPOSES)}, got {purpose!r}")
@@ -80,6 +81,12 @@ class FileOps:
                            batch_id=None, idempotency_key=idempotency_key)
                 conn.execute(q.INSERT_FILE, row)
                 size, lines = write_chunks(conn, file_id, content)
+                if max_tenant_bytes is not None:
+                    if conn.dialect.name == "postgresql":  # SQLite's writers are serialized
+                        conn.execute(q.storage_lock(tenant_id))
+                    stored = conn.execute(q.stored_bytes(tenant_id, file_id)).scalar_one()
+                    if stored + size > max_tenant_bytes:
+                        raise errors.StorageFull(tenant_id, int(stored), size, max_tenant_bytes)
                 conn.execute(q.set_file_size(file_id, size, lines))
                 return file_info(_Row(dict(row, bytes=size, lines=lines))), True
         except errors.DuplicateKey:

@@ -151,6 +151,7 @@ def add_to_groups_sqlite(rows: list[dict]):
 # tenant, and two tenants' keys collide with a 2^-64 chance (a 32-bit hash let two tenants
 # share one lock, and two submits that lock tenants in id order could then deadlock)
 QUOTA_LOCK_SEED = 0x4C6F7271
+STORAGE_LOCK_SEED = 0x4C6F7246
 
 
 def quota_lock(tenant_id: str):
@@ -742,6 +743,19 @@ def files_page(tenant_id: str, *, purpose: str | None, after: tuple | None, orde
 
 def file_chunk(file_id: str, seq: int):
     return select(C.c.data).where(C.c.file_id == file_id, C.c.seq == seq)
+
+
+def storage_lock(tenant_id: str):
+    """PostgreSQL: the lock that makes a tenant's stored-bytes check and its new file one step
+    (uploads of the tenant wait on one another only at their commit)."""
+    return select(func.pg_advisory_xact_lock(func.hashtextextended(tenant_id,
+                                                                   STORAGE_LOCK_SEED)))
+
+
+def stored_bytes(tenant_id: str, but: str):
+    """The bytes of the tenant's files other than ``but`` (uploads, outputs, error files)."""
+    return select(func.coalesce(func.sum(F.c.bytes), 0)).where(F.c.tenant_id == tenant_id,
+                                                                 F.c.id != but)
 
 
 def delete_file(file_id: str):

@@ -74,7 +74,8 @@ async def upload_file(request: Request, response: Response, tenant=Depends(get_t
         filename = (upload.filename or "upload.jsonl")[-255:]
         info, created = await run_in_threadpool(
             queue.create_file, tenant.id, _pieces(upload, settings.max_body_bytes),
-            filename=filename, purpose="batch", idempotency_key=idempotency_key)
+            filename=filename, purpose="batch", idempotency_key=idempotency_key,
+            max_tenant_bytes=settings.max_file_bytes_per_tenant)
     finally:
         await form.close()
     response.status_code = 201 if created else 200

@@ -63,6 +63,40 @@ def test_file_refusals(queue, tenant):
     assert queue.list_files(tenant.id) == []
 
 
+def test_a_tenants_files_stay_under_the_storage_limit_even_when_raced(queue, tenant):
+    """Nothing bounded what one tenant could store: three 147 MB uploads took the database
+    from 68 MB to 505 MB. Uploads racing at the limit: only those that fit are stored."""
+    import threading
+
+    other, _ = queue.create_tenant("other")
+    queue.create_file(other.id, [b"o" * 900], filename="o.jsonl", max_tenant_bytes=1000)
+    first, _ = queue.create_file(tenant.id, [b"a" * 400], filename="a.jsonl",
+                                 max_tenant_bytes=1000)  # the other tenant's bytes count not
+    with pytest.raises(errors.StorageFull, match="700 bytes.*1000 bytes"):
+        queue.create_file(tenant.id, [b"b" * 350, b"b" * 350], filename="b.jsonl",
+                          max_tenant_bytes=1000)
+    assert [f.id for f in queue.list_files(tenant.id)] == [first.id]  # nothing half-stored
+    outcomes = []
+
+    def upload(i):
+        try:
+            queue.create_file(tenant.id, [b"c" * 350], filename=f"c{i}.jsonl",
+                              max_tenant_bytes=1000)
+            outcomes.append("stored")
+        except errors.StorageFull:
+            outcomes.append("full")
+
+    racers = [threading.Thread(target=upload, args=(i,)) for i in range(4)]
+    for t in racers:
+        t.start()
+    for t in racers:
+        t.join()
+    assert sorted(outcomes) == ["full", "full", "full", "stored"]
+    assert sum(f.bytes for f in queue.list_files(tenant.id)) == 750
+    assert queue.delete_file(first.id, tenant.id)
+    queue.create_file(tenant.id, [b"d" * 600], filename="d.jsonl", max_tenant_bytes=1000)
+
+
 def test_file_list_pages_in_both_orders(queue, tenant, clock):
     ids = []
     for i in range(5):

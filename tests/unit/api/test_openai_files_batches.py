@@ -63,6 +63,21 @@ def bob(service):
     return sdk(app, key)
 
 
+def test_an_upload_past_the_tenants_storage_limit_is_413_and_stores_nothing(service, alice):
+    service[2].max_file_bytes_per_tenant = 300
+    content = jsonl(line("a"), line("b"))
+    assert len(content) > 150
+    kept = alice.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch")
+    with pytest.raises(openai.APIStatusError) as e:
+        alice.files.create(file=("more.jsonl", io.BytesIO(content)), purpose="batch")
+    assert e.value.status_code == 413 and e.value.code == "storage_quota_exceeded"
+    assert e.value.response.headers["x-should-retry"] == "false"
+    assert "LORRY_MAX_FILE_BYTES_PER_TENANT" in e.value.message
+    assert [f.id for f in alice.files.list()] == [kept.id]
+    alice.files.delete(kept.id)
+    alice.files.create(file=("more.jsonl", io.BytesIO(content)), purpose="batch")
+
+
 def test_file_upload_list_retrieve_content_delete(alice, bob):
     content = jsonl(line("a"), line("b"))
     f = alice.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch")

@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     # completions one tenant may have waiting or streaming at once in one API process (each
     # polls the database and a stream holds a Redis connection); more are 429 too_many_open
     max_open_completions: int = Field(64, ge=1)
+    # batches one tenant may be creating at once in one API process (each reads its whole
+    # input: up to LORRY_MAX_BODY_BYTES on disk); more are 429 too_many_open_ingests
+    max_open_ingests: int = Field(2, ge=1)
     # /metrics answers only a scraper sending `Authorization: Bearer <metrics_token>` (404
     # while none is set); tenant ids and adapter names appear as labels only when opted in.
     metrics_token: SecretStr | None = None

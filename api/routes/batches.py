@@ -34,6 +34,7 @@ from lorry.api.schemas import (
     is_id,
     metadata_ok,
 )
+from lorry.api.tenant_slots import tenant_slots
 from lorry.api.upload import CHUNK, file_lines, spool_lines, spooled_lines
 from lorry.scheduler import errors
 
@@ -129,9 +130,20 @@ async def create_batch(request: Request, response: Response, tenant=Depends(get_
                        metadata: str | None = Query(None, max_length=8192,
                                                     description="a JSON object of strings "
                                                                 "(one-step upload)")):
-    if is_json(request.headers.get("content-type")):
-        return await _create_from_file(request, response, tenant, queue, settings,
-                                       idempotency_key)
+    slots = tenant_slots(request, "ingests")  # each reads up to a whole file, on disk
+    token = slots.enter(tenant.id, settings.max_open_ingests)
+    try:
+        if is_json(request.headers.get("content-type")):
+            return await _create_from_file(request, response, tenant, queue, settings,
+                                           idempotency_key)
+        return await _create_in_one_step(request, response, tenant, queue, settings,
+                                         idempotency_key, completion_window, metadata)
+    finally:
+        slots.leave(tenant.id, token)
+
+
+async def _create_in_one_step(request, response, tenant, queue, settings, idempotency_key,
+                              completion_window, metadata):
     meta = parse_metadata(metadata)
     try:
         check_window(completion_window)

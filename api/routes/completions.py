@@ -23,6 +23,7 @@ from lorry.api.schemas import (
     CompletionOut,
     CompletionRequest,
 )
+from lorry.api.tenant_slots import tenant_slots
 from lorry.scheduler import errors
 from lorry.scheduler.policy import INTERACTIVE_PRIORITY
 from lorry.scheduler.types import is_adapter_failure
@@ -97,55 +98,13 @@ def resolve_model(queue, tenant, settings, model: str) -> str | None:
                    code="model_not_found", param="model")
 
 
-class OpenCompletions:
-    """Per tenant, the completions this API process is answering (waiting for or streaming
-    their job): a tenant at ``limit`` is answered 429 before anything is queued, so one
-    tenant's thousand idle connections cannot take the database reads, threads and Redis
-    connections that every tenant's answers share. An entry older than the sync timeout
-    (every answer ends by then) counts no more, should a stream never have started."""
-
-    def __init__(self):
-        self.open: dict[str, dict[int, float]] = {}
-        self._next = 0
-
-    def enter(self, tenant_id: str, limit: int, timeout: float) -> int:
-        mine = self.open.setdefault(tenant_id, {})
-        now = time.monotonic()
-        if len(mine) >= limit:
-            for k in [k for k, t in mine.items() if now - t > timeout + 60]:
-                del mine[k]
-        if len(mine) >= limit:
-            raise ApiError(429, f"you have {len(mine)} completions open (waiting or "
-                                f"streaming) on this server, the most allowed "
-                                f"(LORRY_MAX_OPEN_COMPLETIONS); wait for one to end, or "
-                                f"submit the work as jobs or a batch",
-                           code="too_many_open_completions", headers={"Retry-After": "1"})
-        self._next += 1
-        mine[self._next] = now
-        return self._next
-
-    def leave(self, tenant_id: str, token: int) -> None:
-        mine = self.open.get(tenant_id)
-        if mine is not None:
-            mine.pop(token, None)
-            if not mine:
-                del self.open[tenant_id]
-
-
-def _open_completions(request: Request) -> OpenCompletions:
-    state = request.app.state
-    if getattr(state, "open_completions", None) is None:
-        state.open_completions = OpenCompletions()
-    return state.open_completions
-
-
 async def _answer(request, body, tenant, queue, settings, *, chat, prompt, messages):
     problem = body.unsupported()
     if problem is not None:
         raise ApiError(400, problem[0], code="unsupported_value", param=problem[1])
-    opened = _open_completions(request)
+    opened = tenant_slots(request, "completions")
     token = opened.enter(tenant.id, settings.max_open_completions,
-                         settings.sync_timeout_seconds)
+                         settings.sync_timeout_seconds + 60)
     streaming = False
     try:
         answer = await _answer_one(request, body, tenant, queue, settings, chat=chat,

@@ -421,6 +421,6 @@ def test_a_tenant_at_its_open_completions_limit_gets_429_and_others_are_served(s
         assert s.status_code == 200
         events = list(s.iter_lines())
     assert any('"code": "timeout"' in e for e in events)
-    assert service[0].state.open_completions.open.get(tenant_a.tenant.id) is None
+    assert service[0].state.tenant_slots["completions"].open.get(tenant_a.tenant.id) is None
     t_b.join()
     assert other["r"].status_code == 504  # served (queued and waited), not refused

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import openai
 import pytest
@@ -282,3 +283,57 @@ def test_cancel_answers_the_batch_as_retrieve_does(alice):
     assert cancelled.status == "cancelling"
     assert cancelled.errors == alice.batches.retrieve(batch.id).errors
     assert [(e.line, e.code) for e in cancelled.errors.data] == [(2, "model_not_found")]
+
+
+def test_a_tenant_creating_too_many_batches_at_once_gets_429(service, alice, bob,
+                                                             monkeypatch):
+    """Each create from a stored file copied the whole file (up to 200 MB) to a temporary
+    file: ten at once of one tenant held 2 GB of disk and slowed everyone."""
+    import threading
+
+    from lorry.api.routes import batches
+
+    service[2].max_open_ingests = 2
+    f = alice.files.create(file=("in.jsonl", io.BytesIO(jsonl(line("a")))), purpose="batch")
+    g = bob.files.create(file=("in.jsonl", io.BytesIO(jsonl(line("a")))), purpose="batch")
+    gate, inside = threading.Event(), []
+    real_spool = batches._spool_file
+
+    def slow_spool(queue, tenant, source):
+        inside.append(tenant.id)
+        assert gate.wait(10)
+        return real_spool(queue, tenant, source)
+
+    monkeypatch.setattr(batches, "_spool_file", slow_spool)
+    made = []
+    create = lambda: made.append(alice.batches.create(  # noqa: E731
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"))
+    holders = [threading.Thread(target=create) for _ in range(2)]
+    for t in holders:
+        t.start()
+    deadline = time.monotonic() + 5
+    while len(inside) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    refused = alice.with_options(max_retries=0)
+    with pytest.raises(openai.RateLimitError) as e:
+        refused.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                               completion_window="24h")
+    assert e.value.code == "too_many_open_ingests" and "LORRY_MAX_OPEN_INGESTS" in e.value.message
+    one_step = TestClient(service[0]).post(  # the one-step upload counts as well
+        "/v1/batches", content=jsonl(line("z")), headers={
+            "Authorization": f"Bearer {alice.api_key}", "Content-Type": "application/jsonl"})
+    assert one_step.status_code == 429, one_step.text
+    assert one_step.json()["error"]["code"] == "too_many_open_ingests"
+    other = threading.Thread(target=lambda: made.append(bob.batches.create(
+        input_file_id=g.id, endpoint="/v1/chat/completions", completion_window="24h")))
+    other.start()  # another tenant is not held back by alice's
+    deadline = time.monotonic() + 5
+    while len(inside) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(inside) == 3
+    gate.set()
+    for t in (*holders, other):
+        t.join()
+    assert len(made) == 3 and len(list(alice.batches.list())) == 2
+    assert alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                completion_window="24h").status == "in_progress"

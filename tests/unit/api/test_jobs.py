@@ -48,6 +48,39 @@ def test_list_pages_and_filters(tenant_a):
     assert len(tenant_a.get("/v1/jobs", params={"status": "queued"}).json()["data"]) == 5
 
 
+def test_a_page_of_large_jobs_stops_at_its_byte_bound_and_the_cursor_leads_on(
+        service, tenant_a, monkeypatch):
+    """A page of 500 jobs with 128,000-character prompts was 72 MB built at once (300 MB of
+    the API's memory per request): a page now ends once its jobs pass PAGE_BYTES."""
+    from lorry.api.routes import jobs
+    from lorry.scheduler import JobSpec
+
+    monkeypatch.setattr(jobs, "PAGE_BYTES", 5000)
+    monkeypatch.setattr(jobs, "FETCH_ROWS", 3)
+    queue = service[1]
+    made = [j.id for j in queue.submit(tenant_a.tenant.id, [
+        JobSpec(adapter=None, prompt=f"{i}" + "#" * 2000) for i in range(7)])]
+    seen, cursor, sizes = [], None, []
+    while True:
+        r = tenant_a.get("/v1/jobs", params={"limit": 500, **({"after": cursor} if cursor
+                                                               else {})})
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        page = r.json()
+        sizes.append(len(page["data"]))
+        seen += [j["id"] for j in page["data"]]
+        if not page["has_more"]:
+            assert page["next_cursor"] is None
+            break
+        cursor = page["next_cursor"]
+        assert cursor == seen[-1]
+    assert seen == made and max(sizes) == 3 and len(sizes) == 3
+    small = tenant_a.get("/v1/jobs", params={"limit": 2}).json()  # limit still holds
+    assert [j["id"] for j in small["data"]] == made[:2] and small["has_more"]
+    assert small["data"][0]["prompt"].startswith("0#") and small["next_cursor"] == made[1]
+    empty = tenant_a.get("/v1/jobs", params={"status": "failed"}).json()
+    assert empty == {"object": "list", "data": [], "has_more": False, "next_cursor": None}
+
+
 def test_cancel_queued_job(tenant_a):
     job = tenant_a.post("/v1/jobs", json={"prompt": "x"}).json()
     r = tenant_a.post(f"/v1/jobs/{job['id']}/cancel")

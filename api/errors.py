@@ -203,6 +203,8 @@ def queue_error_status(exc: errors.QueueError) -> tuple[int, str, dict[str, str]
         if exc.never_fits:   # retrying cannot help: the SDKs must not (x-should-retry)
             return 429, "quota_exceeded", dict(NO_RETRY)
         return 429, "quota_exceeded", {"Retry-After": str(RETRY_AFTER_QUOTA_S)}
+    if isinstance(exc, errors.AdapterLimit):   # deleting adapters helps, waiting does not
+        return 429, "adapter_quota_exceeded", dict(NO_RETRY)
     if isinstance(exc, errors.StorageFull):   # deleting files helps, waiting does not
         return 413, "storage_quota_exceeded", dict(NO_RETRY)
     if isinstance(exc, errors.AdapterExists):   # the SDKs retry 409s: no use here

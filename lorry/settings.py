@@ -120,6 +120,7 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     num_kv_blocks: int | None = Field(None, ge=2)  # None: sized from memory (CUDA) or rows
     allow_hub_adapters: bool = True
+    max_adapters_per_tenant: int = Field(1000, ge=1)  # a tenant's own registered adapters
 
     # queue / worker
     worker_id: str | None = None

@@ -27,6 +27,11 @@ class FileGone(QueueError, LookupError):
     file."""
 
 
+class AdapterLimit(QueueError):
+    """register_adapter past the tenant's adapter limit (deleting adapters helps, waiting
+    does not)."""
+
+
 class StorageFull(QueueError):
     """An upload would put more bytes in the tenant's files than the storage limit allows
     (waiting does not help: deleting files does)."""

@@ -141,8 +141,10 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
     # ---- adapters ------------------------------------------------------------------------
     def register_adapter(self, name: str, source: str, *, tenant_id: str | None = None,
                          revision: str | None = None, base_model: str | None = None,
-                         rank: int | None = None, status: str = "ready") -> AdapterInfo:
-        """Add an adapter to a tenant's catalog (tenant_id=None: shared by all tenants)."""
+                         rank: int | None = None, status: str = "ready",
+                         max_tenant_adapters: int | None = None) -> AdapterInfo:
+        """Add an adapter to a tenant's catalog (tenant_id=None: shared by all tenants).
+        AdapterLimit when the tenant has max_tenant_adapters of its own already."""
         if not name or not isinstance(name, str) or len(name) > 200:
             raise ValueError(f"adapter name must be a non-empty string of <= 200 chars, "
                              f"got {name!r}")
@@ -157,6 +159,15 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
             if tenant_id is not None and conn.execute(
                     q.tenant_exists(tenant_id)).first() is None:
                 raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
+            if tenant_id is not None and max_tenant_adapters is not None:
+                if conn.dialect.name == "postgresql":  # SQLite's writers are serialized
+                    conn.execute(q.adapters_lock(tenant_id))
+                held = conn.execute(q.own_adapters(tenant_id)).scalar_one()
+                if held >= max_tenant_adapters:
+                    raise errors.AdapterLimit(
+                        f"you have {held} adapters, the most allowed "
+                        f"(LORRY_MAX_ADAPTERS_PER_TENANT={max_tenant_adapters}); delete "
+                        f"adapters you no longer need (DELETE /v1/adapters/{{name}})")
             taken = conn.execute(q.adapter_id(row["tenant_key"], name)).first()
             if taken is not None:
                 owner = f"tenant {tenant_id!r}" if tenant_id else "the shared catalog"

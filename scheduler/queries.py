@@ -152,6 +152,7 @@ def add_to_groups_sqlite(rows: list[dict]):
 # share one lock, and two submits that lock tenants in id order could then deadlock)
 QUOTA_LOCK_SEED = 0x4C6F7271
 STORAGE_LOCK_SEED = 0x4C6F7246
+ADAPTERS_LOCK_SEED = 0x4C6F7241
 
 
 def quota_lock(tenant_id: str):
@@ -750,6 +751,16 @@ def storage_lock(tenant_id: str):
     (uploads of the tenant wait on one another only at their commit)."""
     return select(func.pg_advisory_xact_lock(func.hashtextextended(tenant_id,
                                                                    STORAGE_LOCK_SEED)))
+
+
+def adapters_lock(tenant_id: str):
+    """PostgreSQL: the lock that makes a tenant's adapter count and its new adapter one step."""
+    return select(func.pg_advisory_xact_lock(func.hashtextextended(tenant_id,
+                                                                   ADAPTERS_LOCK_SEED)))
+
+
+def own_adapters(tenant_id: str):
+    return select(func.count()).select_from(A).where(A.c.tenant_key == tenant_id)
 
 
 def stored_bytes(tenant_id: str, but: str):

@@ -74,7 +74,8 @@ def add_adapter(body: AdapterCreate, request: Request, tenant=Depends(get_tenant
     else:
         revision = revision or "main"
     info = queue.register_adapter(body.name, source, tenant_id=tenant.id, revision=revision,
-                                  base_model=settings.model, rank=rank)
+                                  base_model=settings.model, rank=rank,
+                                  max_tenant_adapters=settings.max_adapters_per_tenant)
     return adapter_out(info)
 
 

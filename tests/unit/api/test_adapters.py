@@ -68,3 +68,27 @@ def test_other_tenants_cannot_see_or_delete(tenant_a, tenant_b, adapter_root):
     assert tenant_b.get("/v1/adapters").json()["data"] == []
     assert tenant_b.delete("/v1/adapters/alpha").status_code == 404
     assert [a["name"] for a in tenant_a.get("/v1/adapters").json()["data"]] == ["alpha"]
+
+
+def test_a_tenant_past_its_adapter_limit_is_refused_and_others_are_not(service, tenant_a,
+                                                                        tenant_b,
+                                                                        adapter_root):
+    """Nothing bounded a tenant's adapters (2,227 registered in an audit, each a series of
+    the opt-in per-adapter metrics)."""
+    service[2].max_adapters_per_tenant = 2
+    source = str(adapter_root / "alpha")
+    for name in ("a1", "a2"):
+        assert tenant_a.post("/v1/adapters", json={"name": name, "source": source}
+                             ).status_code == 201
+    r = tenant_a.post("/v1/adapters", json={"name": "a3", "source": source})
+    assert r.status_code == 429 and r.headers["x-should-retry"] == "false"
+    err = r.json()["error"]
+    assert err["code"] == "adapter_quota_exceeded" and "LORRY_MAX_ADAPTERS_PER_TENANT" in \
+        err["message"]
+    assert sorted(a["name"] for a in tenant_a.get("/v1/adapters").json()["data"]
+                  if not a["shared"]) == ["a1", "a2"]
+    assert tenant_b.post("/v1/adapters", json={"name": "b1", "source": source}
+                         ).status_code == 201
+    assert tenant_a.delete("/v1/adapters/a1").status_code == 204
+    assert tenant_a.post("/v1/adapters", json={"name": "a3", "source": source}
+                         ).status_code == 201

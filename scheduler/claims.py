@@ -27,7 +27,7 @@ from lorry.scheduler.types import ClaimedJob, MicroBatch
 
 log = logging.getLogger(__name__)
 ADAPTER_CACHE_S = 2.0
-PER_TENANT = 1    # oldest group per tenant in the snapshot (fair-share candidates)
+PER_TENANT = 1    # next group per tenant (its highest priority, then oldest): fair-share candidates
 OVERDUE = 16      # globally oldest groups (aging candidates)
 PRIORITY = 32     # highest-priority groups above the default class
 SPARE = 1         # PostgreSQL: spare jobs planned per free slot (used when takes come short)

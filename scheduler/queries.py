@@ -312,7 +312,8 @@ def charge_tenant(tenant_id: str, floor: float, cost: float):
 
 def snapshot_groups(dialect: str, *, overdue: int, by_priority: int, per_tenant: int):
     """Candidate groups for one claim, with their tenant's weight and fair-share counter:
-    each tenant's oldest groups, the globally oldest (aging), the highest priority classes,
+    each tenant's next groups (by its own priority, then age), the globally oldest (aging),
+    the highest priority classes,
     and every group of the worker's hot/warm adapters (bound parameter "affinity")."""
     live = G.c.queued_count > 0
     cols = [G.c.tenant_id, G.c.adapter_id, G.c.priority, G.c.queued_count,
@@ -322,14 +323,17 @@ def snapshot_groups(dialect: str, *, overdue: int, by_priority: int, per_tenant:
              .order_by(G.c.priority.desc(), G.c.oldest_enqueued_at).limit(by_priority),
              select(*cols).where(live, G.c.adapter_id.in_(bindparam("affinity", expanding=True)))]
     if dialect == "postgresql":
-        # Per tenant, its oldest groups: an index probe per tenant (LATERAL).
+        # Per tenant, its next groups (its highest priority, then oldest): an index probe
+        # per tenant (LATERAL).
         inner = (select(*cols).where(live, G.c.tenant_id == T.c.id)
-                 .order_by(G.c.oldest_enqueued_at).limit(per_tenant).lateral("g"))
+                 .order_by(G.c.priority.desc(), G.c.oldest_enqueued_at).limit(per_tenant)
+                 .lateral("g"))
         parts.append(select(*[inner.c[c.name] for c in cols])
                      .select_from(T.join(inner, literal_column("true"))))
     else:
         rn = func.row_number().over(partition_by=G.c.tenant_id,
-                                    order_by=G.c.oldest_enqueued_at).label("rn")
+                                    order_by=(G.c.priority.desc(),
+                                              G.c.oldest_enqueued_at)).label("rn")
         ranked = select(*cols, rn).where(live).subquery()
         parts.append(select(*[ranked.c[c.name] for c in cols]).where(ranked.c.rn <= per_tenant))
     u = union(*[p.subquery().select() for p in parts]).subquery()
@@ -417,15 +421,16 @@ served AS (
   WHERE t.id = s.tenant_id
   RETURNING t.id, t.served),
 nexts AS (
-  -- Each wanted tenant's oldest live group not claimed from here (as of this statement's
-  -- start), so the worker's cached snapshot keeps a group for every tenant with work.
+  -- Each wanted tenant's next live group (highest priority, then oldest) not claimed from
+  -- here (as of this statement's start), so the worker's cached snapshot keeps a group for
+  -- every tenant with work.
   SELECT x.* FROM (SELECT DISTINCT tenant_id FROM want) s CROSS JOIN LATERAL (
     SELECT g.tenant_id, g.adapter_id, g.priority, g.queued_count, g.oldest_enqueued_at
     FROM queue_groups g
     WHERE g.tenant_id = s.tenant_id AND g.queued_count > 0 AND NOT EXISTS (
       SELECT 1 FROM per_group pg WHERE pg.tenant_id = g.tenant_id
         AND pg.adapter_id = g.adapter_id AND pg.priority = g.priority)
-    ORDER BY g.oldest_enqueued_at LIMIT 1) x),
+    ORDER BY g.priority DESC, g.oldest_enqueued_at LIMIT 1) x),
 me AS (
   -- Only when the snapshot found the worker row stale (caches changed, heartbeat old).
   INSERT INTO workers (id, heartbeat_at, hot, warm, capacity)
@@ -479,11 +484,13 @@ cand AS (
    FROM queue_groups WHERE queued_count > 0
      AND adapter_id IN (SELECT id FROM hot_ids UNION SELECT id FROM warm_ids))
   UNION
-  -- Each tenant's oldest group: one pass over the live groups (their number does not grow
-  -- with the queued jobs), cheaper than an index probe per tenant.
+  -- Each tenant's next group by its own order (its highest priority, then its oldest): one
+  -- pass over the live groups (their number does not grow with the queued jobs), cheaper
+  -- than an index probe per tenant.
   (SELECT DISTINCT ON (tenant_id) tenant_id, adapter_id, priority, queued_count,
           oldest_enqueued_at
-   FROM queue_groups WHERE queued_count > 0 ORDER BY tenant_id, oldest_enqueued_at)),
+   FROM queue_groups WHERE queued_count > 0
+   ORDER BY tenant_id, priority DESC, oldest_enqueued_at)),
 me AS (SELECT hot, warm, heartbeat_at, capacity FROM workers WHERE id = %(worker)s)
 SELECT c.tenant_id, c.adapter_id, c.priority, c.queued_count, c.oldest_enqueued_at,
        t.weight, t.served, s.*

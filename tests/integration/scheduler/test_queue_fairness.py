@@ -131,3 +131,25 @@ def test_a_claim_requeues_expired_leases_while_beat_is_down(make_queue, clock):
     assert {j.id for j in back} == jobs and all(j.attempts == 2 for j in back)
     assert survivor.last_reap_at() == clock()
     assert not doomed.complete(held[0].id, held[0].lease_token, DONE)
+
+
+def test_a_tenants_own_priority_holds_when_another_tenant_has_many_priority_groups(
+        make_queue):
+    """Candidates were each tenant's oldest group plus the 32 highest-priority groups of all
+    tenants: a tenant with 40 adapters at priority 100 filled those, and another tenant's
+    priority-50 job waited behind its own older priority-0 one."""
+    queue = make_queue()
+    a, _ = queue.create_tenant("a")
+    f, _ = queue.create_tenant("f")
+    queue.register_adapter("x", "/adapters/x", tenant_id=a.id)
+    for i in range(40):
+        queue.register_adapter(f"f{i}", f"/adapters/f{i}", tenant_id=f.id)
+    [low] = queue.submit(a.id, [JobSpec("x", prompt="low")])
+    queue.submit(f.id, [JobSpec(f"f{i}", prompt="p", priority=100) for i in range(40)
+                        for _ in range(2)])
+    [high] = queue.submit(a.id, [JobSpec("x", prompt="high", priority=50)])
+    a_jobs = []
+    for _ in range(8):
+        for mb in queue.claim("w", [], [], free_slots=1):
+            a_jobs += [j.id for j in mb.jobs if j.id in (low.id, high.id)]
+    assert a_jobs == [high.id, low.id]

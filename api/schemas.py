@@ -156,7 +156,7 @@ class JobOut(BaseModel):
     finished_at: float | None = None
     result: JobResult | None = None
     error: str | None = None
-    cancel_requested: bool = False  # running, its cancel on the way to the worker
+    cancel_requested: bool = False  # a cancel was asked while it ran (on its way if running)
 
 
 class JobPage(BaseModel):

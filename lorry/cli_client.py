@@ -159,7 +159,11 @@ def batch_submit(file: Path = typer.Argument(..., exists=True, dir_okay=False,
                                        completion_window=completion_window,
                                        idempotency_key=idempotency_key)
             except LorryError as e:
-                if 400 <= e.status < 500:  # refused, so no batch holds the file: take it back
+                # Refused for good (not 409/429: another create may be reading the file):
+                # no batch holds the upload, so take it back, unless it came by an
+                # idempotency key (it may be a batch's input already; a retry reuses it).
+                if (400 <= e.status < 500 and e.status not in (409, 429)
+                        and idempotency_key is None):
                     _forget_upload(c, up.id)
                 raise
             for err in batch.line_errors:

@@ -45,7 +45,7 @@ class Job(_Model):
     finished_at: float | None = None
     result: JobResult | None = None
     error: str | None = None
-    cancel_requested: bool = False  # running, its cancel on the way to the worker
+    cancel_requested: bool = False  # a cancel was asked while it ran (on its way if running)
 
     @property
     def done(self) -> bool:

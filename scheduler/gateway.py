@@ -159,6 +159,11 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
             if tenant_id is not None and conn.execute(
                     q.tenant_exists(tenant_id)).first() is None:
                 raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
+            taken = conn.execute(q.adapter_id(row["tenant_key"], name)).first()
+            if taken is not None:
+                owner = f"tenant {tenant_id!r}" if tenant_id else "the shared catalog"
+                raise errors.AdapterExists(f"adapter {name!r} already exists in {owner}; "
+                                           "delete it first or pick another name")
             if tenant_id is not None and max_tenant_adapters is not None:
                 if conn.dialect.name == "postgresql":  # SQLite's writers are serialized
                     conn.execute(q.adapters_lock(tenant_id))
@@ -168,11 +173,6 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
                         f"you have {held} adapters, the most allowed "
                         f"(LORRY_MAX_ADAPTERS_PER_TENANT={max_tenant_adapters}); delete "
                         f"adapters you no longer need (DELETE /v1/adapters/{{name}})")
-            taken = conn.execute(q.adapter_id(row["tenant_key"], name)).first()
-            if taken is not None:
-                owner = f"tenant {tenant_id!r}" if tenant_id else "the shared catalog"
-                raise errors.AdapterExists(f"adapter {name!r} already exists in {owner}; "
-                                           "delete it first or pick another name")
             new_id = conn.execute(q.INSERT_ADAPTER, row).scalar_one()
         return adapter_info(_Obj(dict(row, id=new_id)))
 

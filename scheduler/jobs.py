@@ -303,8 +303,9 @@ class JobOps:
         return [job_info(r) for r in rows]
 
     def cancel(self, job_id: str, tenant_id: str | None) -> JobInfo | None:
-        """Queued: cancelled now. Running: cancel_requested (the worker's heartbeat learns it
-        and completes the job with cancelled=True). Terminal: unchanged. None: not found."""
+        """Queued: cancelled now. Running: cancel_requested (the worker's cancel poll learns it
+        and completes the job with cancelled=True; released, it ends cancelled). Terminal:
+        unchanged. None: not found."""
         with self.connector.begin() as conn:
             row = conn.execute(q.job_for_update(job_id, tenant_id)).first()
             if row is None:

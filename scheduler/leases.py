@@ -82,12 +82,13 @@ class LeaseOps:
             conn.execute(q.end_job(job_id, lease_token, status, now, str(error)))
         return status
 
-    def release(self, job_id: str, lease_token: str) -> bool:
-        """Give the job back to the queue at its old place; the attempt is not counted. A job
-        whose cancel was asked ends cancelled instead (its worker stopped before it learnt)."""
+    def release(self, job_id: str, lease_token: str) -> bool | str:
+        """Give the job back to the queue at its old place; the attempt is not counted
+        (True). A job whose cancel was asked ends cancelled instead ("cancelled": its worker
+        stopped before it learnt). False: the lease is not held any more."""
         with self.connector.begin() as conn:
             if conn.execute(q.cancel_released_job(job_id, lease_token, self.now())).first():
-                return True
+                return "cancelled"
             row = conn.execute(q.release_job(job_id, lease_token)).first()
             if row is None:
                 return False

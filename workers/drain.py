@@ -336,7 +336,11 @@ class Drainer:
         """Count a write (the writer's thread calls this after each op; ``written``: False
         for a stale lease, a retryable fail's the job's status)."""
         summary, stats = self.summary, self.stats
-        if op.kind == "release" or (op.retryable and written in (False, "queued")):
+        if op.kind == "release" and written == "cancelled":  # its cancel came before it ran on
+            status = "cancelled"
+            stats.jobs[status] += 1
+            summary.cancelled += 1
+        elif op.kind == "release" or (op.retryable and written in (False, "queued")):
             status = "released" if written else "stale"   # retryable: queued again
             summary.released += bool(written)
         elif op.kind == "fail":  # cancelled=True: a cancel request stopped it before it ran
@@ -353,6 +357,7 @@ class Drainer:
             if written:
                 stats.jobs[status] += 1
                 setattr(summary, status, getattr(summary, status) + 1)
-        requeued = op.kind == "release" or (op.retryable and status in ("released", "stale"))
+        requeued = (op.kind == "release" and status != "cancelled") or (
+            op.retryable and status in ("released", "stale"))
         if self.on_result is not None and not requeued:   # the job's end
             self.on_result(op.job, status)

@@ -72,7 +72,7 @@ def list_jobs(status: str | None = Query(None, pattern="^(" + "|".join(STATUSES)
     `has_more`."""
     # Read FETCH_ROWS at a time and written out one by one: a page of 500 jobs with
     # 128,000-character prompts was 72 MB built in memory at once.
-    parts: list[str] = []
+    parts: list[bytes] = []
     size, cursor = 0, after
     while True:
         want = min(FETCH_ROWS, limit - len(parts))
@@ -85,16 +85,16 @@ def list_jobs(status: str | None = Query(None, pattern="^(" + "|".join(STATUSES)
         for row in rows[:want]:
             if parts and size >= PAGE_BYTES:
                 break
-            text = job_out(row).model_dump_json()
+            text = job_out(row).model_dump_json().encode()  # bytes: non-ASCII is not escaped
             parts.append(text)
             size += len(text)
             cursor, taken = row.id, taken + 1
         has_more = taken < len(rows)  # a row of this read is left for the next
         if not has_more or len(parts) >= limit or size >= PAGE_BYTES:
             break
-    body = (f'{{"object":"list","data":[{",".join(parts)}],"has_more":'
-            f'{"true" if has_more else "false"},"next_cursor":'
-            f'{json.dumps(cursor) if has_more and parts else "null"}}}')
+    body = (b'{"object":"list","data":[' + b",".join(parts) + b'],"has_more":'
+            + (b"true" if has_more else b"false") + b',"next_cursor":'
+            + (json.dumps(cursor) if has_more and parts else "null").encode() + b"}")
     return Response(body, media_type="application/json")
 
 

@@ -59,7 +59,7 @@ def test_a_page_of_large_jobs_stops_at_its_byte_bound_and_the_cursor_leads_on(
     monkeypatch.setattr(jobs, "FETCH_ROWS", 3)
     queue = service[1]
     made = [j.id for j in queue.submit(tenant_a.tenant.id, [
-        JobSpec(adapter=None, prompt=f"{i}" + "#" * 2000) for i in range(7)])]
+        JobSpec(adapter=None, prompt=f"{i}" + "#" * 1000 + "語" * 330) for i in range(7)])]
     seen, cursor, sizes = [], None, []
     while True:
         r = tenant_a.get("/v1/jobs", params={"limit": 500, **({"after": cursor} if cursor

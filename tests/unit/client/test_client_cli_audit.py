@@ -254,17 +254,20 @@ def test_a_refused_batch_submit_leaves_no_uploaded_file_behind(service, monkeypa
             "body": {"model": "base", "messages": [{"role": "user", "content": "hi"}]}}
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps(line) + "\n")
-    for extra in ([], ["--idempotency-key", "k1"]):
-        result = CliRunner().invoke(app, ["batch", "submit", str(path), "--endpoint",
-                                          "/v1/embeddings", *extra, "--key", "k"])
-        assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
-        assert "endpoint" in result.output
-        assert c._request("GET", "/v1/files").json()["data"] == []
-        assert list(c.batches()) == []
-    # the same key, the right endpoint: a batch of a fresh upload, not of the deleted file
-    result = CliRunner().invoke(app, ["batch", "submit", str(path), "--idempotency-key", "k1",
-                                      "--key", "k"])
-    assert result.exit_code == 0, result.output
-    batch = c.batch(result.output.strip())
+    result = CliRunner().invoke(app, ["batch", "submit", str(path), "--endpoint",
+                                      "/v1/embeddings", "--key", "k"])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    assert "endpoint" in result.output
+    assert c._request("GET", "/v1/files").json()["data"] == []
+    assert list(c.batches()) == []
+    # With an idempotency key the upload may be an existing batch's input (the same key
+    # used before): it is kept. Deleting it took the first batch's input file away.
+    first = CliRunner().invoke(app, ["batch", "submit", str(path), "--idempotency-key", "k1",
+                                     "--key", "k"])
+    assert first.exit_code == 0, first.output
+    batch = c.batch(first.output.strip())
+    typo = CliRunner().invoke(app, ["batch", "submit", str(path), "--idempotency-key", "k1",
+                                    "--endpoint", "/v1/embeddings", "--key", "k"])
+    assert typo.exit_code != 0 and "endpoint" in typo.output
     assert c.file(batch.input_file_id).bytes == path.stat().st_size
     c.close()

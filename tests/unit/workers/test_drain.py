@@ -153,9 +153,13 @@ def test_a_warm_shutdown_ends_a_job_whose_cancel_it_had_not_learnt(queue, engine
         return real_step()
 
     monkeypatch.setattr(engine, "step", step)
-    d = drainer(queue, engine, heartbeat_seconds=60.0, cancel_poll_seconds=60.0)
-    assert d.run(should_stop=lambda: len(steps) > 3).reason == "shutdown"
+    ended = []
+    d = drainer(queue, engine, heartbeat_seconds=60.0, cancel_poll_seconds=60.0,
+                on_result=lambda job, status: ended.append((job.id, status)))
+    summary = d.run(should_stop=lambda: len(steps) > 3)
+    assert summary.reason == "shutdown" and (summary.cancelled, summary.released) == (1, 0)
     assert queue.get_job(job.id).status == "cancelled"
+    assert ended == [(job.id, "cancelled")] and d.stats.jobs["cancelled"] == 1
     monkeypatch.undo()
     assert drainer(queue, engine).run().succeeded == 0
     assert queue.get_job(job.id).status == "cancelled"

@@ -11,6 +11,16 @@ from lorry.scheduler import queries as q
 from lorry.scheduler.db import add_to_groups
 from lorry.scheduler.types import Result
 
+MAX_ERROR_CHARS = 4000  # a job's stored error (an adapter's tensor names can be 100 MB)
+
+
+def clip_error(text: str) -> str:
+    """The error as stored and answered: its head and tail, the middle cut when too long."""
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    cut = len(text) - MAX_ERROR_CHARS
+    return f"{text[:MAX_ERROR_CHARS - 1000]} [... {cut} characters cut ...] {text[-1000:]}"
+
 
 class LeaseOps:
     def complete(self, job_id: str, lease_token: str, result: Result, *,
@@ -69,6 +79,7 @@ class LeaseOps:
         when a cancel was requested); False (nothing changed) when the lease is not held any
         more."""
         now = self.now()
+        error = clip_error(str(error))
         with self.connector.begin() as conn:
             row = conn.execute(q.running_job_for_update(job_id, lease_token)).first()
             if row is None:

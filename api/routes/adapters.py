@@ -9,6 +9,7 @@ from lorry.api.deps import get_queue, get_settings, get_tenant
 from lorry.api.errors import NO_RETRY, ApiError
 from lorry.api.schemas import NAME_PATTERN, AdapterCreate, AdapterList, AdapterOut
 from lorry.engine.lora.sources import LOCAL, check_source, tenant_roots  # torch-free
+from lorry.scheduler.leases import clip_error
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -43,8 +44,8 @@ def validate_local(path: str, request: Request, settings) -> int:
     try:
         spec = parse_adapter(path, base_config(request), max_lora_rank=settings.max_lora_rank,
                              base_model=settings.model)
-    except ValueError as e:
-        raise HTTPException(422, f"adapter refused: {e}") from None
+    except (ValueError, OSError) as e:  # OSError: e.g. a name too long for the filesystem
+        raise HTTPException(422, clip_error(f"adapter refused: {e}")) from None
     return spec.max_rank or spec.r
 
 
@@ -65,7 +66,7 @@ def add_adapter(body: AdapterCreate, request: Request, tenant=Depends(get_tenant
                            roots=allowed_roots(settings, tenant.id),
                            allow_hub=settings.allow_hub_adapters, reveal=False)
     except ValueError as e:
-        raise HTTPException(422, str(e)) from None
+        raise HTTPException(422, clip_error(str(e))) from None
     source, revision, rank = src.location, body.revision, None
     if src.kind == LOCAL:
         if revision is not None:

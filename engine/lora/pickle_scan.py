@@ -528,6 +528,11 @@ def scan_checkpoint(path: str | Path) -> ScanResult:
         with zipfile.ZipFile(path) as zf:
             sizes = {i.filename: i.file_size for i in zf.infolist()}
             main, problems = _zip_member_problems([i.filename for i in zf.infolist()])
+            # torch.save stores every member uncompressed; a compressed storage of a few KB
+            # can declare gigabytes of zeros, all of it allocated by torch.load
+            problems += [f"member '{i.filename}' is compressed (torch.save stores members "
+                         "uncompressed)" for i in zf.infolist()
+                         if i.compress_type != zipfile.ZIP_STORED][:3]
             if main is None:
                 return ScanResult(problems=problems)
             archive = main.rsplit("/", 1)[0]

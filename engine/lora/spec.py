@@ -134,6 +134,8 @@ class AdapterSpec:
         return sorted({m for _, m in self.modules})
 
 
+MAX_CONFIG_BYTES = 1024 * 1024  # adapter_config.json (PEFT writes about 1 KB)
+
 def read_safetensors_header(path: Path) -> dict:
     """Return {tensor name: {"dtype", "shape", "data_offsets"}} of a safetensors file."""
     try:
@@ -309,8 +311,17 @@ def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | N
     """
     path = Path(path)
     cfg_file = path / "adapter_config.json"
-    if not cfg_file.is_file():
+    try:
+        found = cfg_file.is_file()
+        size = cfg_file.stat().st_size if found else 0
+    except OSError as e:  # e.g. a path component longer than the filesystem allows
+        raise AdapterNotFoundError(f"adapter {str(path)[:200]}: cannot be read "
+                                   f"({e.strerror or e})") from None
+    if not found:
         raise AdapterNotFoundError(f"adapter {path}: adapter_config.json not found")
+    if size > MAX_CONFIG_BYTES:  # read whole below: a sparse 20 GB file would be 20 GB here
+        raise AdapterFormatError(f"adapter {path}: adapter_config.json is {size} bytes, "
+                                 f"more than the {MAX_CONFIG_BYTES} a PEFT config needs")
     try:
         cfg = json.loads(cfg_file.read_text())
         if not isinstance(cfg, dict):

@@ -305,6 +305,23 @@ def _rezip(path, members) -> None:
             zf.writestr(name, data)
 
 
+def test_a_compressed_storage_that_would_inflate_to_gigabytes_is_refused(tmp_path):
+    """A 3 MB .bin whose one storage is deflated zeros took torch.load (and the worker) from
+    222 MB to 3.2 GB: torch.save writes members uncompressed, so a compressed one is refused
+    before torch reads it; the same archive stored plainly is accepted."""
+    clean = _saved(tmp_path, _clean_state_dict())
+    assert scan_checkpoint(clean).ok
+    bomb = tmp_path / "bomb.bin"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in _members(clean):
+            zf.writestr(name, data)
+    found = scan_checkpoint(bomb)
+    assert not found.ok and any("is compressed" in p for p in found.problems), found
+    stored = tmp_path / "stored.bin"
+    _rezip(stored, _members(clean))
+    assert scan_checkpoint(stored).ok
+
+
 def test_a_second_pickle_in_the_archive_is_refused(tmp_path):
     """torch reads only '<archive>/data.pkl'; any other pickle member, at any path, is refused
     (torch.save never writes one) and is never run."""

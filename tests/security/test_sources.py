@@ -291,3 +291,33 @@ def test_the_worker_keeps_a_tenants_adapter_in_its_own_root_and_hub_rules(
         assert job.status == "failed" and needle in job.error, (name, job.error)
         assert is_adapter_failure(job.error), job.error
     assert eng.cache_stats()["cpu"]["residents"] == 0
+
+
+def test_a_huge_config_an_overlong_name_and_a_huge_error_are_bounded(service, alice, roots,
+                                                                      tmp_path):
+    """A sparse 2 GB adapter_config.json cost the API 4 GB of memory before its 422; a path
+    component longer than the filesystem allows was a 500; a tensor name of 20 MB in the
+    safetensors header made each job's stored error 20 MB."""
+    import time
+
+    from lorry.scheduler import JobSpec
+    from lorry.scheduler.leases import MAX_ERROR_CHARS
+
+    root, _ = roots
+    huge = root / f"huge-{tmp_path.name}"
+    shutil.copytree(root / "good", huge)
+    with open(huge / "adapter_config.json", "r+b") as f:
+        f.truncate(2 * 1024 ** 3)   # sparse: no disk used
+    started = time.monotonic()
+    refused(service, alice, str(huge), "adapter_config.json is 2147483648 bytes")
+    assert time.monotonic() - started < 5
+    refused(service, alice, f"{root}/{'a' * 300}", "cannot be read")
+    queue = service[1]
+    [job] = queue.submit(alice.tenant.id, [JobSpec(adapter=None, prompt="p")])
+    [claimed] = [j for mb in queue.claim("w", [], [], free_slots=1) for j in mb.jobs]
+    name = "n" * 2_000_000
+    assert queue.fail(claimed.id, claimed.lease_token, f"tensor {name!r} is unknown",
+                      retryable=False) == "failed"
+    error = queue.get_job(job.id).error
+    assert len(error) <= MAX_ERROR_CHARS + 100 and error.startswith("tensor 'nnn")
+    assert "characters cut" in error and error.endswith("' is unknown")

@@ -277,13 +277,16 @@ class Drainer:
         from lorry.engine import LoRARequest
         from lorry.scheduler.types import adapter_failure
 
+        roots = None
         if self.check_adapter is not None:
             try:
-                self.check_adapter(adapter)
+                roots = self.check_adapter(adapter)
             except ValueError as e:  # e.g. outside its tenant's root: never handed to the engine
                 raise ValueError(adapter_failure(adapter.name, str(e))) from None
         self.names[adapter.id] = adapter.name
-        return LoRARequest(adapter.name, adapter.id, adapter.source, revision=adapter.revision)
+        # roots: the tenant's own, checked again by the engine whenever it reads the files
+        return LoRARequest(adapter.name, adapter.id, adapter.source, revision=adapter.revision,
+                           roots=roots)
 
     def _add(self, claimed: Claimed) -> None:
         from lorry.engine import SamplingParams

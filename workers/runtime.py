@@ -53,15 +53,19 @@ def adapter_rules(settings):
     now: its tenant's roots (LORRY_ADAPTER_ROOTS_PER_TENANT) and LORRY_ALLOW_HUB_ADAPTERS. The
     engine checks only the plain roots when it reads the files, so a tenant's directory swapped
     for a link into another tenant's root, or a Hub id kept from before Hub adapters were
-    turned off, would load there; this refuses them (AdapterSourceError, a ValueError)."""
+    turned off, would load there; this refuses them (AdapterSourceError, a ValueError). It
+    returns the tenant's roots (None: the plain roots apply), which the drainer hands to the
+    engine in the LoRARequest: checked again when the files are read, so a directory swapped
+    after this check is refused there too."""
     from lorry.engine.lora.sources import check_source, tenant_roots  # torch-free
 
-    def check(adapter) -> None:
-        roots = list(settings.adapter_roots)
+    def check(adapter) -> tuple[str, ...] | None:
+        roots, own = list(settings.adapter_roots), None
         if adapter.tenant_id is not None and settings.adapter_roots_per_tenant:
-            roots = tenant_roots(roots, adapter.tenant_id)
+            roots = own = tenant_roots(roots, adapter.tenant_id)
         check_source(adapter.source, revision=adapter.revision, roots=roots,
                      allow_hub=settings.allow_hub_adapters, reveal=False)
+        return None if own is None else tuple(str(r) for r in own)
     return check
 
 

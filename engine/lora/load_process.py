@@ -126,13 +126,13 @@ def _extras_from_file(extras, path: str | None):
 
 
 def _load(settings: dict, files: _Files, lora_path: str, revision: str | None,
-          name: str) -> tuple:
+          name: str, roots: tuple[str, ...] | None = None) -> tuple:
     """In the loader process: LoRAManager._load's work up to the staging buffer."""
     from lorry.engine.lora.weights import read_adapter
 
     try:
         w = read_adapter(lora_path, revision, name, settings, False, settings["layout"],
-                         files.alloc)
+                         files.alloc, roots=roots)
         extras, extras_file = _extras_to_file(w.extras, files)
     except LoRAError:
         files.remove_all()
@@ -222,7 +222,8 @@ class LoadProcess:
         theirs.close()
         self._conn = Connection(ours.detach())
 
-    def load(self, lora_path: str, revision: str | None, name: str) -> tuple:
+    def load(self, lora_path: str, revision: str | None, name: str,
+             roots: tuple[str, ...] | None = None) -> tuple:
         """(spec, staging tensor, views, extras, nbytes) of one adapter, read in the loader
         process (the staging tensor maps its file, already removed); raises LoRAError (its
         refusal, or the process's end while it loaded)."""
@@ -232,7 +233,7 @@ class LoadProcess:
             if self._proc.poll() is not None:   # it ended while idle: a new one serves
                 self._restart()
             try:
-                self._conn.send_bytes(pickle.dumps((lora_path, revision, name)))
+                self._conn.send_bytes(pickle.dumps((lora_path, revision, name, roots)))
                 kind, value = pickle.loads(self._conn.recv_bytes())
             except Exception:   # noqa: BLE001 (its end, or a message out of step)
                 if self._closed:

@@ -100,7 +100,7 @@ class LoRAManager:
         raises LoRAError."""
         return self._loaded(request, read_adapter(
             request.lora_path, request.revision, request.lora_name, self._read,
-            self.pin_memory, self.gpu.layout))
+            self.pin_memory, self.gpu.layout, roots=request.roots))
 
     def _loaded(self, request: LoRARequest, weights: AdapterWeights) -> AdapterWeights:
         self.full_copies_of[request.lora_int_id] = weights.spec.full_copies
@@ -112,7 +112,7 @@ class LoRAManager:
         """``_load`` with the reading done in the loader process; here only the copy of the
         staging buffer it made into this process's (pinned) memory."""
         spec, src, views, extras, nbytes = self.process.load(
-            request.lora_path, request.revision, request.lora_name)
+            request.lora_path, request.revision, request.lora_name, request.roots)
         return self._loaded(request, rehome(spec, self.gpu.layout, src, views, extras, nbytes,
                                             self.pin_memory))
 

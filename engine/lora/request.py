@@ -18,12 +18,17 @@ class LoRARequest:
         Local PEFT directory or Hugging Face Hub repo id.
     revision : str, optional
         Hub revision (branch, tag or commit) when ``lora_path`` is a repo id.
+    roots : tuple of str, optional
+        Directories a local ``lora_path`` must resolve inside when its files are read, on top
+        of the engine's ``adapter_roots`` (a service's per-tenant roots): checked at every
+        load, so a directory swapped for a link elsewhere after an earlier check is refused.
     """
 
     lora_name: str
     lora_int_id: int
     lora_path: str
     revision: str | None = None
+    roots: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) \

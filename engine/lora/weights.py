@@ -64,16 +64,21 @@ class AdapterWeights:
 
 
 def read_adapter(lora_path: str, revision: str | None, name: str, settings: dict,
-                 pin_memory: bool, layout, alloc=None) -> AdapterWeights:
+                 pin_memory: bool, layout, alloc=None,
+                 roots: tuple[str, ...] | None = None) -> AdapterWeights:
     """Resolve (inside ``settings["adapter_roots"]``), validate (torch-free spec) and read one
     adapter: a load's whole work, in the engine's loader thread or in the loader process.
     ``settings``: adapter_roots, base_config, base_name, max_lora_rank, max_full_copies, dtype.
-    Raises LoRAError."""
+    ``roots``: the request's own roots, checked too (LoRARequest.roots). Raises LoRAError."""
     from lorry.engine.errors import LoRAError
     from lorry.engine.lora.resolve import resolve_adapter_dir
     from lorry.engine.lora.spec import parse_adapter
 
     s = settings
+    if roots is not None:
+        from lorry.engine.lora.sources import check_source
+
+        check_source(lora_path, revision=revision, roots=list(roots), reveal=False)
     path = resolve_adapter_dir(lora_path, revision=revision, roots=s["adapter_roots"])
     spec = parse_adapter(path, s["base_config"], max_lora_rank=s["max_lora_rank"],
                          base_model=s["base_name"])

@@ -293,6 +293,40 @@ def test_the_worker_keeps_a_tenants_adapter_in_its_own_root_and_hub_rules(
     assert eng.cache_stats()["cpu"]["residents"] == 0
 
 
+def test_a_directory_swapped_after_the_workers_check_is_refused_when_read(
+        service, alice, bob, roots, monkeypatch, tmp_path):
+    """The worker checked the tenant's roots when it claimed the job, the engine read the
+    files later against the plain roots only: a swap in between served the other tenant's
+    weights. The tenant's roots travel in the LoRARequest and are checked at the read."""
+    from lorry.workers.runtime import adapter_rules, build_drainer
+
+    _app, queue, settings, _url = service
+    monkeypatch.setattr(settings, "adapter_roots_per_tenant", True)
+    root = roots[0]
+    bobs = copy_adapter(root / "good", root / bob.tenant.id / "his")
+    mine = copy_adapter(root / "good", root / alice.tenant.id / f"swap-{tmp_path.name}")
+    r = alice.post("/v1/adapters", json={"name": "mine", "source": str(mine)})
+    assert r.status_code == 201, r.text
+    job_id = alice.post("/v1/jobs", json={"prompt": "hi", "adapter": "mine", "sampling": {
+        "max_tokens": 2}}).json()["id"]
+    rules = adapter_rules(settings)
+
+    def check_then_swap(adapter):
+        found = rules(adapter)   # passes: the directory is still alice's own
+        assert found and all(alice.tenant.id in r for r in found)
+        shutil.rmtree(mine)
+        mine.symlink_to(bobs)
+        return found
+
+    eng = engine(settings)
+    build_drainer(settings, queue=queue, engine=eng, publish=False,
+                  check_adapter=check_then_swap).run(stop_when_empty=True)
+    job = queue.get_job(job_id)
+    assert job.status == "failed" and "outside the allowed adapter roots" in job.error, job.error
+    assert str(bobs) not in job.error   # the tenant is not told where the link points
+    assert eng.cache_stats()["cpu"]["residents"] == 0
+
+
 def test_a_huge_config_an_overlong_name_and_a_huge_error_are_bounded(service, alice, roots,
                                                                       tmp_path):
     """A sparse 2 GB adapter_config.json cost the API 4 GB of memory before its 422; a path

@@ -7,9 +7,13 @@ Torch-free: the API and the CLI at registration and the engine at load time appl
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Sequence
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from lorry.engine.errors import AdapterSourceError
@@ -83,6 +87,47 @@ def confine(path: str, roots: Sequence[str] | None, reveal: bool = True) -> str:
         f"adapter path {path!r}{where} is outside the allowed adapter roots "
         f"{list(roots)}; copy it under one of them or ask the operator to add a root "
         "(LORRY_ADAPTER_ROOTS)")
+
+
+@contextlib.contextmanager
+def pinned_files(directory: str, roots: Sequence[Sequence[str] | None],
+                 reveal: bool = False) -> Iterator[str]:
+    """A directory to read ``directory``'s adapter files from, each file opened now and
+    checked, as opened, inside every one of ``roots`` (a list of root lists; None entries
+    confine nothing). Its entries lead to the open files (Linux: ``/proc/self/fd/N``), so a
+    file swapped for a link out of the roots between ``check_source`` and the read is not
+    what is read: the checked file is. Where /proc is missing, or nothing confines, it is
+    ``directory`` itself (the check stays the one of ``check_source``)."""
+    limits = [r for r in roots if r is not None]
+    if not limits or not os.path.isdir("/proc/self/fd"):
+        yield directory
+        return
+    fds: list[int] = []
+    holder = tempfile.mkdtemp(prefix="lorry-adapter-")
+    try:
+        for name in ADAPTER_FILES:
+            try:  # O_NONBLOCK: a FIFO does not block the open (refused just below)
+                fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NONBLOCK)
+            except FileNotFoundError:
+                continue
+            fds.append(fd)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise AdapterSourceError(f"adapter {directory!r}: {name} is not a regular file")
+            opened = os.readlink(f"/proc/self/fd/{fd}")
+            for allowed in limits:
+                try:
+                    confine(opened, allowed, reveal)
+                except AdapterSourceError:
+                    raise AdapterSourceError(
+                        f"adapter {directory!r}: {name} is outside the allowed adapter roots "
+                        f"{list(allowed)} as it is read (a link changed since it was "
+                        "checked?)") from None
+            os.symlink(f"/proc/self/fd/{fd}", os.path.join(holder, name))
+        yield holder
+    finally:
+        for fd in fds:
+            os.close(fd)
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 def tenant_roots(roots: Sequence[str], tenant_id: str) -> list[str]:

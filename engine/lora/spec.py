@@ -304,13 +304,17 @@ def _check_config(cfg: dict, path: Path) -> None:
 
 
 def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | None = None,
-                  base_model: str | None = None) -> AdapterSpec:
+                  base_model: str | None = None,
+                  read_from: str | Path | None = None) -> AdapterSpec:
     """Parse and validate a PEFT LoRA directory against ``base_config`` (a config.json dict).
 
-    Raises a subclass of ``engine.errors.LoRAError`` naming the problem. Reads no tensor data.
+    ``read_from``: where its files are read (``sources.pinned_files``); ``path`` then only
+    names the adapter in messages. Raises a subclass of ``engine.errors.LoRAError`` naming the
+    problem. Reads no tensor data.
     """
     path = Path(path)
-    cfg_file = path / "adapter_config.json"
+    files = Path(read_from) if read_from is not None else path
+    cfg_file = files / "adapter_config.json"
     try:
         found = cfg_file.is_file()
         size = cfg_file.stat().st_size if found else 0
@@ -332,7 +336,7 @@ def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | N
     except (OSError, ValueError) as e:
         raise AdapterFormatError(f"adapter {path}: adapter_config.json is unreadable: {e}") from None
     _check_config(cfg, path)
-    st, bin_ = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    st, bin_ = files / "adapter_model.safetensors", files / "adapter_model.bin"
     if st.is_file():
         header = read_safetensors_header(st)
         shapes = {k: (v.get("dtype"), tuple(v.get("shape", ()))) for k, v in header.items()}

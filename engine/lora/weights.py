@@ -74,22 +74,25 @@ def read_adapter(lora_path: str, revision: str | None, name: str, settings: dict
     from lorry.engine.lora.resolve import resolve_adapter_dir
     from lorry.engine.lora.spec import parse_adapter
 
+    from lorry.engine.lora.sources import LOCAL, check_source, pinned_files, source_kind
+
     s = settings
     if roots is not None:
-        from lorry.engine.lora.sources import check_source
-
         check_source(lora_path, revision=revision, roots=list(roots), reveal=False)
     path = resolve_adapter_dir(lora_path, revision=revision, roots=s["adapter_roots"])
-    spec = parse_adapter(path, s["base_config"], max_lora_rank=s["max_lora_rank"],
-                         base_model=s["base_name"])
-    cap = s["max_full_copies"]
-    if cap is not None and spec.full_copies > cap:
-        raise LoRAError(f"adapter {name!r} ({lora_path}) has {spec.full_copies} full module "
-                        f"copies (modules_to_save lm_head/embed_tokens); "
-                        f"max_full_module_copies={cap} (LORRY_MAX_FULL_MODULE_COPIES) "
-                        "allows fewer")
-    return load_adapter_weights(spec, s["base_config"], s["max_lora_rank"], s["dtype"],
-                                pin_memory, layout=layout, alloc=alloc)
+    local = source_kind(lora_path) == LOCAL
+    # the files are opened (and checked as opened) once, and read through those openings
+    with pinned_files(str(path), [s["adapter_roots"], roots] if local else []) as read_from:
+        spec = parse_adapter(path, s["base_config"], max_lora_rank=s["max_lora_rank"],
+                             base_model=s["base_name"], read_from=read_from)
+        cap = s["max_full_copies"]
+        if cap is not None and spec.full_copies > cap:
+            raise LoRAError(f"adapter {name!r} ({lora_path}) has {spec.full_copies} full "
+                            f"module copies (modules_to_save lm_head/embed_tokens); "
+                            f"max_full_module_copies={cap} (LORRY_MAX_FULL_MODULE_COPIES) "
+                            "allows fewer")
+        return load_adapter_weights(spec, s["base_config"], s["max_lora_rank"], s["dtype"],
+                                    pin_memory, layout=layout, alloc=alloc)
 
 
 def rehome(spec: AdapterSpec, layout, src: torch.Tensor, views: dict, extras: AdapterExtras,

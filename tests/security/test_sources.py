@@ -355,3 +355,57 @@ def test_a_huge_config_an_overlong_name_and_a_huge_error_are_bounded(service, al
     error = queue.get_job(job.id).error
     assert len(error) <= MAX_ERROR_CHARS + 100 and error.startswith("tensor 'nnn")
     assert "characters cut" in error and error.endswith("' is unknown")
+
+
+def test_a_file_swapped_for_a_link_out_of_the_roots_after_the_check_is_not_read(
+        roots, tiny_model, tmp_path, monkeypatch):
+    """check_source resolved the files once and the readers opened them again by name: a
+    file renamed to a link out of the roots in between was read (71 of 3,000 raced loads
+    took the outside weights). The files are opened once, checked as opened, and read
+    through those openings."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lorry.engine.lora import spec as spec_mod
+    from lorry.engine.lora.sources import pinned_files
+
+    root, outside = roots
+    good = load_file(str(root / "good" / "adapter_model.safetensors"))
+    theirs = outside / "elsewhere" / "adapter_model.safetensors"
+    assert any(not torch.equal(good[k], v) for k, v in load_file(str(theirs)).items())
+
+    def swap(directory):
+        weights = directory / "adapter_model.safetensors"
+        weights.unlink()
+        weights.symlink_to(theirs)
+
+    mine = copy_adapter(root / "good", root / f"pin-{tmp_path.name}")
+    with pinned_files(str(mine), [[str(root)]]) as read_from:
+        swap(mine)   # after the check, before the read
+        read = load_file(os.path.join(read_from, "adapter_model.safetensors"))
+    assert read.keys() == good.keys() and all(torch.equal(read[k], good[k]) for k in good)
+    with pytest.raises(AdapterSourceError, match="outside the allowed adapter roots"):
+        with pinned_files(str(mine), [[str(root)]]):   # a link out when opened: refused
+            pass
+
+    # the engine's read: the swap made certain between its checks and its reads
+    raced = copy_adapter(root / "good", root / f"race-{tmp_path.name}")
+    real_parse = spec_mod.parse_adapter
+
+    def swap_then_parse(path, *a, **kw):
+        swap(raced)
+        return real_parse(path, *a, **kw)
+
+    monkeypatch.setattr(spec_mod, "parse_adapter", swap_then_parse)
+    eng = engine(model=str(tiny_model), adapter_roots=[str(root)])
+    weights = eng.loras._load(LoRARequest("race", 7, str(raced)))
+    assert weights.spec.path == raced   # messages name the adapter's own directory
+    ref = eng.loras._load(LoRARequest("ref", 8, str(root / "good")))
+
+    def same(a, b) -> bool:
+        if isinstance(a, torch.Tensor):
+            return torch.equal(a, b)
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+
+    assert weights.tensors and weights.tensors.keys() == ref.tensors.keys()
+    assert all(same(weights.tensors[k], ref.tensors[k]) for k in ref.tensors)

@@ -38,10 +38,12 @@ class StorageFull(QueueError):
 
     def __init__(self, tenant_id: str, stored: int, adding: int, limit: int):
         self.tenant_id, self.stored, self.adding, self.limit = tenant_id, stored, adding, limit
+        what = (f"this upload of {adding} bytes would pass the limit" if adding else
+                "a new batch (its refused lines, output and error files) would pass the limit")
         super().__init__(
-            f"your files hold {stored} bytes; this upload of {adding} bytes would pass the "
-            f"limit of {limit} bytes per tenant (LORRY_MAX_FILE_BYTES_PER_TENANT): delete "
-            f"files you no longer need (DELETE /v1/files/{{id}}), then upload again")
+            f"your files hold {stored} bytes; {what} of {limit} bytes per tenant "
+            f"(LORRY_MAX_FILE_BYTES_PER_TENANT): delete files you no longer need "
+            f"(DELETE /v1/files/{{id}}), then try again")
 
 
 class QuotaExceeded(QueueError):

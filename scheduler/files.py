@@ -163,6 +163,11 @@ class FileOps:
             yield bytes(data)
             seq += 1
 
+    def stored_bytes(self, tenant_id: str) -> int:
+        """What the tenant's files (uploads, outputs, error files) hold together."""
+        with self.connector.connect() as conn:
+            return int(conn.execute(q.stored_bytes(tenant_id, "")).scalar_one())
+
     def delete_file(self, file_id: str, tenant_id: str | None) -> bool:
         """Delete the tenant's file and its bytes; False when there is no such file. Batches
         that name it keep their results (a deleted output file is gone for good)."""

@@ -133,6 +133,11 @@ async def create_batch(request: Request, response: Response, tenant=Depends(get_
     slots = tenant_slots(request, "ingests")  # each reads up to a whole file, on disk
     token = slots.enter(tenant.id, settings.max_open_ingests)
     try:
+        # a batch writes its refused lines, then its output and error files: none past the
+        # tenant's storage limit (refused lines of all-invalid batches would grow unbounded)
+        stored = await run_in_threadpool(queue.stored_bytes, tenant.id)
+        if stored >= settings.max_file_bytes_per_tenant:
+            raise errors.StorageFull(tenant.id, stored, 0, settings.max_file_bytes_per_tenant)
         if is_json(request.headers.get("content-type")):
             return await _create_from_file(request, response, tenant, queue, settings,
                                            idempotency_key)

@@ -139,15 +139,37 @@ async def _answer_one(request, body, tenant, queue, settings, *, chat, prompt, m
         subscription = await _subscribe(settings, info.id)
         await run_sync(nudge, request, 1)
         usage = bool(body.stream_options and body.stream_options.include_usage)
+        began: list = []
         events = _events(job, subscription, ChunkWriter(info.id, body.model, chat),
-                         logprobs="logprobs" in spec.sampling, usage=usage, on_close=on_close)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"x-lorry-job-id": info.id, "Cache-Control": "no-cache"})
+                         logprobs="logprobs" in spec.sampling, usage=usage, on_close=on_close,
+                         began=began)
+        return _EventStream(events, began, job, subscription, on_close,
+                            media_type="text/event-stream",
+                            headers={"x-lorry-job-id": info.id, "Cache-Control": "no-cache"})
     await run_sync(nudge, request, 1)
     done = await job.wait(watch_client=True)
     if done is None:  # the client went away: its job is cancelled, nobody reads this
         return Response(status_code=499)
     return completion_object(done, body.model, chat)
+
+
+class _EventStream(StreamingResponse):
+    """The SSE answer; when it ends however it ends, the tenant's open-completions slot is
+    given back, and a stream whose events never began (the client left before the first
+    byte) cancels its job, as a stream the client leaves does."""
+
+    def __init__(self, events, began: list, job, subscription, on_close, **kw):
+        super().__init__(events, **kw)
+        self._began, self._job, self._on_close = began, job, on_close
+        self._subscription = subscription
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+            if not self._began:  # _events never ran: its own ending did not either
+                await _Stream(self._job, self._subscription, None).close()
 
 
 class _Job:
@@ -231,10 +253,12 @@ async def _subscribe(settings, job_id: str):
 
 
 async def _events(job: _Job, subscription, w: ChunkWriter, *, logprobs: bool, usage: bool,
-                  on_close=None):
+                  on_close=None, began: list | None = None):
     """SSE of one streamed answer. Pieces carry their character offset, so a piece sent twice
     (or again by a retried run) adds nothing; what pub/sub lost is taken from the stored
     result at the end. A client that disconnects cancels the job."""
+    if began is not None:
+        began.append(True)
     stream = _Stream(job, subscription, w)
     try:
         if w.chat:

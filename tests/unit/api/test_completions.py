@@ -424,3 +424,32 @@ def test_a_tenant_at_its_open_completions_limit_gets_429_and_others_are_served(s
     assert service[0].state.tenant_slots["completions"].open.get(tenant_a.tenant.id) is None
     t_b.join()
     assert other["r"].status_code == 504  # served (queued and waited), not refused
+
+
+def test_a_stream_whose_client_left_before_the_first_byte_frees_its_slot_and_job(
+        service, tenant_a, monkeypatch):
+    """The answer's events never began (sending its headers failed): the slot stayed taken
+    for the sync timeout and a minute, and the job ran on for nobody."""
+    from lorry.api.routes import completions
+
+    sent = {}
+
+    class Gone(completions._EventStream):
+        async def __call__(self, scope, receive, send):
+            async def fail(message):
+                raise OSError("the client is gone")
+
+            sent["response"] = self
+            try:
+                await super().__call__(scope, receive, fail)
+            except OSError:
+                pass
+
+    monkeypatch.setattr(completions, "_EventStream", Gone)
+    body = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with pytest.raises(AssertionError, match="did not receive any response"):
+        tenant_a.post("/v1/chat/completions", json=body)   # nothing was sent: the client left
+    assert "response" in sent
+    [job] = service[1].list_jobs(tenant_a.tenant.id)
+    assert service[1].get_job(job.id).status == "cancelled"
+    assert service[0].state.tenant_slots["completions"].open.get(tenant_a.tenant.id) is None

@@ -260,6 +260,19 @@ def test_an_embedded_run_refuses_an_output_it_cannot_write_before_running(servic
             run_file(settings, batch, Path(out))
 
 
+def _per_tenant_pair(service, alice, bob, roots, monkeypatch, dirname: str):
+    """Per-tenant roots on; bob's adapter 'his' and alice's registered 'mine' (dirname):
+    (queue, settings, alice's directory, bob's directory)."""
+    _app, queue, settings, _url = service
+    monkeypatch.setattr(settings, "adapter_roots_per_tenant", True)
+    root = roots[0]
+    bobs = copy_adapter(root / "good", root / bob.tenant.id / "his")
+    mine = copy_adapter(root / "good", root / alice.tenant.id / dirname)
+    r = alice.post("/v1/adapters", json={"name": "mine", "source": str(mine)})
+    assert r.status_code == 201, r.text
+    return queue, settings, mine, bobs
+
+
 def test_the_worker_keeps_a_tenants_adapter_in_its_own_root_and_hub_rules(
         service, alice, bob, roots, monkeypatch, tmp_path, offline_hub):
     """With per-tenant roots, a tenant's directory swapped after registration for a symlink
@@ -269,13 +282,8 @@ def test_the_worker_keeps_a_tenants_adapter_in_its_own_root_and_hub_rules(
     from lorry.scheduler.types import is_adapter_failure
     from lorry.workers.runtime import build_drainer
 
-    _app, queue, settings, _url = service
-    monkeypatch.setattr(settings, "adapter_roots_per_tenant", True)
-    root = roots[0]
-    bobs = copy_adapter(root / "good", root / bob.tenant.id / "his")
-    mine = copy_adapter(root / "good", root / alice.tenant.id / f"mine-{tmp_path.name}")
-    r = alice.post("/v1/adapters", json={"name": "mine", "source": str(mine)})
-    assert r.status_code == 201, r.text
+    queue, settings, mine, bobs = _per_tenant_pair(service, alice, bob, roots, monkeypatch,
+                                                   f"mine-{tmp_path.name}")
     shutil.rmtree(mine)
     mine.symlink_to(bobs)
     queue.register_adapter("hubby", "owner/name", tenant_id=alice.tenant.id, revision="main")
@@ -300,13 +308,8 @@ def test_a_directory_swapped_after_the_workers_check_is_refused_when_read(
     weights. The tenant's roots travel in the LoRARequest and are checked at the read."""
     from lorry.workers.runtime import adapter_rules, build_drainer
 
-    _app, queue, settings, _url = service
-    monkeypatch.setattr(settings, "adapter_roots_per_tenant", True)
-    root = roots[0]
-    bobs = copy_adapter(root / "good", root / bob.tenant.id / "his")
-    mine = copy_adapter(root / "good", root / alice.tenant.id / f"swap-{tmp_path.name}")
-    r = alice.post("/v1/adapters", json={"name": "mine", "source": str(mine)})
-    assert r.status_code == 201, r.text
+    queue, settings, mine, bobs = _per_tenant_pair(service, alice, bob, roots, monkeypatch,
+                                                   f"swap-{tmp_path.name}")
     job_id = alice.post("/v1/jobs", json={"prompt": "hi", "adapter": "mine", "sampling": {
         "max_tokens": 2}}).json()["id"]
     rules = adapter_rules(settings)

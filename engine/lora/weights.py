@@ -72,9 +72,8 @@ def read_adapter(lora_path: str, revision: str | None, name: str, settings: dict
     ``roots``: the request's own roots, checked too (LoRARequest.roots). Raises LoRAError."""
     from lorry.engine.errors import LoRAError
     from lorry.engine.lora.resolve import resolve_adapter_dir
-    from lorry.engine.lora.spec import parse_adapter
-
     from lorry.engine.lora.sources import LOCAL, check_source, pinned_files, source_kind
+    from lorry.engine.lora.spec import parse_adapter
 
     s = settings
     if roots is not None:

@@ -274,7 +274,8 @@ def test_plan_equals_the_plain_reference_on_random_snapshots():
     rng = random.Random(7)
     for case in range(400):
         tenants = [f"t{i}" for i in range(rng.randint(1, 6))]
-        keys = {(rng.choice(tenants), rng.randint(0, 8), rng.choice([0, 0, 0, 5, -3, INTERACTIVE_PRIORITY]))
+        priorities = [0, 0, 0, 5, -3, INTERACTIVE_PRIORITY]
+        keys = {(rng.choice(tenants), rng.randint(0, 8), rng.choice(priorities))
                 for _ in range(rng.randint(0, 25))}  # distinct, as in the database
         groups = [Group(t, a, p, rng.randint(0, 40), NOW - rng.uniform(-20, 600))
                   for t, a, p in sorted(keys)]

@@ -159,11 +159,10 @@ def batch_submit(file: Path = typer.Argument(..., exists=True, dir_okay=False,
                                        completion_window=completion_window,
                                        idempotency_key=idempotency_key)
             except LorryError as e:
-                # Refused for good (not 409/429: another create may be reading the file):
-                # no batch holds the upload, so take it back, unless it came by an
-                # idempotency key (it may be a batch's input already; a retry reuses it).
-                if (400 <= e.status < 500 and e.status not in (409, 429)
-                        and idempotency_key is None):
+                # Refused: no batch holds the upload just made, so take it back; unless it
+                # came by an idempotency key (it may be an earlier batch's input, or another
+                # create's being read; a retry with the key reuses it).
+                if 400 <= e.status < 500 and idempotency_key is None:
                     _forget_upload(c, up.id)
                 raise
             for err in batch.line_errors:

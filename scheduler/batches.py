@@ -145,6 +145,10 @@ class BatchOps:
         writer.finish()
         return accepted, rejected, kinds
 
+    def batch_by_key(self, tenant_id: str, key: str) -> BatchInfo | None:
+        """The tenant's batch created with this idempotency key, or None."""
+        return self._batch_by_key(tenant_id, key)
+
     def _batch_by_key(self, tenant_id: str, key: str) -> BatchInfo | None:
         with self.connector.connect() as conn:
             found = conn.execute(q.batch_id_by_key(tenant_id, key)).scalar()

@@ -119,12 +119,7 @@ class Drainer:
         stop = self.queue.heartbeat(self.worker_id, [(j.id, j.lease_token) for j in jobs],
                                     hot, warm, self.max_num_seqs,
                                     lease_seconds=self.lease_seconds)
-        if stop and self._claimer is not None:
-            for gone in self._claimer.drop(set(stop)):  # cancelled before it started
-                self._writer.put(WriteOp("fail", gone.job, message="cancelled before it ran",
-                                         cancelled=True))
-        with self._lock:
-            self._cancels |= set(stop or ()) & set(self.held)
+        self._stop(set(stop or ()))
         self.stats.cache = cache_counts(self.engine)
         if self.publish is not None:
             self.publish(self.stats)
@@ -188,8 +183,12 @@ class Drainer:
             if self._cancels:
                 self._stop_cancelled()
             if not out_of_time and len(self.held) < self.max_num_seqs:
-                for claimed in claimer.take(self.max_num_seqs - len(self.held)):
-                    self._add(claimed)
+                taken = claimer.take(self.max_num_seqs - len(self.held))
+                try:
+                    for claimed in taken:
+                        self._add(claimed)
+                finally:
+                    claimer.landed(len(taken))
             if not self.held:
                 if out_of_time:
                     summary.reason = "time limit"
@@ -229,14 +228,27 @@ class Drainer:
         self._writer.stop()
         self._claimer = self._writer = None
 
+    def _stop(self, stop: set[str]) -> None:
+        """Jobs to stop: buffered ones end cancelled now, those in the engine go to the engine
+        thread."""
+        if not stop:
+            return
+        claimer, writer = self._claimer, self._writer
+        if claimer is not None and writer is not None:
+            for gone in claimer.drop(stop):  # cancelled before it started
+                writer.put(WriteOp("fail", gone.job, message="cancelled before it ran",
+                                   cancelled=True))
+        with self._lock:
+            self._cancels |= stop & set(self.held)
+
     def poll_cancels(self) -> None:
-        """Between heartbeats: the jobs in the engine whose cancel was asked go to the engine
-        thread now, not at the next heartbeat (a read of their ids, no lease written)."""
-        held = list(self.held)
-        asked = self.queue.cancels_requested(held) if held else set()
-        if asked:
-            with self._lock:
-                self._cancels |= asked & set(self.held)
+        """Between heartbeats: the jobs held (in the engine or buffered) whose cancel was
+        asked stop now, not at the next heartbeat (a read of their ids, no lease written)."""
+        ids = list(self.held)
+        if self._claimer is not None:
+            ids += [c.job.id for c in self._claimer.buffered()]
+        if ids:
+            self._stop(self.queue.cancels_requested(ids))
 
     def _beat(self, stop: threading.Event) -> None:
         beat_every = max(self.heartbeat_seconds, 0.02)

@@ -51,6 +51,7 @@ class Claimer:
         self._paused = self._stopping = False
         self._idle_until = 0.0
         self._started = self._finished = self._empty = 0  # claim sequence numbers
+        self._in_transit = 0  # taken, not yet in the engine's rows (see landed)
         self._thread = threading.Thread(target=self._run, name="lorry-claimer", daemon=True)
 
     # -- engine side ---------------------------------------------------------------------------
@@ -58,12 +59,19 @@ class Claimer:
         self._thread.start()
 
     def take(self, n: int) -> list[Claimed]:
-        """Up to n buffered jobs, oldest first; wakes the claimer to refill."""
+        """Up to n buffered jobs, oldest first; they count as outstanding until ``landed``
+        (else the claimer, woken in between, claimed their rows again: up to twice
+        ``capacity`` held)."""
         with self._cond:
             out = [self._buffer.popleft() for _ in range(min(n, len(self._buffer)))]
-            if out:
-                self._cond.notify_all()
+            self._in_transit += len(out)
             return out
+
+    def landed(self, n: int) -> None:
+        """n taken jobs are in the engine's rows now (or ended): wake the claimer to refill."""
+        with self._cond:
+            self._in_transit = max(0, self._in_transit - n)
+            self._cond.notify_all()
 
     def wait_for_work(self, timeout: float) -> str:
         """The engine is idle: claim now. Returns "work" (jobs buffered), "empty" (a claim
@@ -109,7 +117,7 @@ class Claimer:
 
     # -- the claimer thread --------------------------------------------------------------------
     def _want(self) -> int:
-        free = self.capacity - self._engine_rows() - len(self._buffer)
+        free = self.capacity - self._engine_rows() - len(self._buffer) - self._in_transit
         if self._paused or free <= 0 or time.monotonic() < self._idle_until:
             return 0
         return free if free >= self.min_claim or not self._buffer else 0

@@ -136,7 +136,10 @@ async def create_batch(request: Request, response: Response, tenant=Depends(get_
         # a batch writes its refused lines, then its output and error files: none past the
         # tenant's storage limit (refused lines of all-invalid batches would grow unbounded)
         stored = await run_in_threadpool(queue.stored_bytes, tenant.id)
-        if stored >= settings.max_file_bytes_per_tenant:
+        if stored >= settings.max_file_bytes_per_tenant and (
+                idempotency_key is None or await run_in_threadpool(
+                    queue.batch_by_key, tenant.id, idempotency_key) is None):
+            # (a retry of a create that happened answers with its batch, as before)
             raise errors.StorageFull(tenant.id, stored, 0, settings.max_file_bytes_per_tenant)
         if is_json(request.headers.get("content-type")):
             return await _create_from_file(request, response, tenant, queue, settings,

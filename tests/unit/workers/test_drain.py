@@ -137,6 +137,42 @@ def test_a_cancel_reaches_the_running_job_between_heartbeats(queue, engine, monk
     assert beats_by_then == [0]  # no heartbeat before it ended (one follows the drain)
 
 
+def test_a_cancel_reaches_a_claimed_job_still_waiting_in_the_buffer(queue, engine,
+                                                                    monkeypatch):
+    """The cancel poll looked only at the jobs in the engine: a claimed job waiting in the
+    worker's buffer learnt of its cancel at the next heartbeat (~9 s of 10)."""
+    import threading
+
+    tenant, _ = queue.create_tenant("t")
+    real_step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.01) or real_step())
+    jobs = queue.submit(tenant.id, [JobSpec(adapter=None, prompt=f"p{i}", sampling={
+        "max_tokens": 150, "ignore_eos": True}) for i in range(6)])
+    d = drainer(queue, engine, heartbeat_seconds=60.0, cancel_poll_seconds=0.05,
+                claim_ahead=2)
+    done = threading.Thread(target=d.run)
+    done.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (d._claimer and d._claimer.buffered()
+                                                   and len(d.held) == 4):
+            time.sleep(0.01)
+        [waiting, *_] = d._claimer.buffered()
+        asked = time.monotonic()
+        assert queue.cancel(waiting.job.id, tenant.id).status == "running"
+        while queue.get_job(waiting.job.id).status == "running" and \
+                time.monotonic() - asked < 5:
+            time.sleep(0.01)
+        info = queue.get_job(waiting.job.id)
+        assert info.status == "cancelled" and time.monotonic() - asked < 1.5
+        assert "cancelled before it ran" in (info.error or "")
+        assert any(queue.get_job(j.id).status == "running" for j in jobs)  # others run on
+    finally:
+        done.join()
+    assert sorted(queue.get_job(j.id).status for j in jobs) == ["cancelled"] + [
+        "succeeded"] * 5
+
+
 def test_a_warm_shutdown_ends_a_job_whose_cancel_it_had_not_learnt(queue, engine,
                                                                     monkeypatch):
     """Given back at a warm shutdown before the worker learnt of its cancel, the job went

@@ -95,3 +95,41 @@ def test_results_wait_for_the_database_within_a_bound(queue, engine, monkeypatch
     gate.set()
     runner.join(60)
     assert done and done[0].succeeded == 8
+
+
+def test_the_claimer_never_holds_more_than_its_capacity_while_jobs_are_handed_over():
+    """take() woke the claimer before the engine had the jobs in its rows: the claimer saw
+    their rows as free and claimed them again (up to 9 held for a capacity of 5; 7-8 jobs
+    'running' on a worker of max_num_seqs 4)."""
+    from types import SimpleNamespace as NS
+
+    from lorry.workers.pipeline import Claimer
+
+    held: list = []
+    count = [0]
+    peak = [0]
+    lock = threading.Lock()
+
+    def claim(n):
+        with lock:
+            count[0] += n
+            peak[0] = max(peak[0], len(held) + len(claimer.buffered()) + n + in_hand[0])
+        return [NS(adapter=None, jobs=[NS(id=f"j{count[0]}-{k}") for k in range(n)])]
+
+    in_hand = [0]
+    claimer = Claimer(claim, capacity=5, engine_rows=lambda: len(held), min_claim=1)
+    claimer.start()
+    try:
+        for _ in range(15):
+            taken = claimer.take(4 - len(held))
+            in_hand[0] = len(taken)
+            for c in taken:   # the engine adds them one by one (tokenizing: a few ms each)
+                time.sleep(0.004)
+                held.append(c)
+                in_hand[0] -= 1
+            claimer.landed(len(taken))
+            time.sleep(0.03)
+            held.clear()   # they all finish
+    finally:
+        claimer.stop()
+    assert count[0] > 15 and peak[0] <= 5, peak[0]

@@ -20,7 +20,7 @@ KINDS = {  # kind -> (what the message calls them, their setting, Retry-After se
 class TenantSlots:
     """``enter`` takes one of the tenant's slots (429 ``too_many_open_<kind>`` at the limit),
     ``leave`` gives it back. With ``stale_after``, a slot held longer counts no more (a
-    streamed answer whose generator never started cannot give it back)."""
+    safety net: every answer ends by then, and gives its slot back as it ends)."""
 
     def __init__(self, kind: str):
         self.kind = kind

@@ -141,8 +141,7 @@ async def _answer_one(request, body, tenant, queue, settings, *, chat, prompt, m
         usage = bool(body.stream_options and body.stream_options.include_usage)
         began: list = []
         events = _events(job, subscription, ChunkWriter(info.id, body.model, chat),
-                         logprobs="logprobs" in spec.sampling, usage=usage, on_close=on_close,
-                         began=began)
+                         logprobs="logprobs" in spec.sampling, usage=usage, began=began)
         return _EventStream(events, began, job, subscription, on_close,
                             media_type="text/event-stream",
                             headers={"x-lorry-job-id": info.id, "Cache-Control": "no-cache"})
@@ -253,7 +252,7 @@ async def _subscribe(settings, job_id: str):
 
 
 async def _events(job: _Job, subscription, w: ChunkWriter, *, logprobs: bool, usage: bool,
-                  on_close=None, began: list | None = None):
+                  began: list | None = None):
     """SSE of one streamed answer. Pieces carry their character offset, so a piece sent twice
     (or again by a retried run) adds nothing; what pub/sub lost is taken from the stored
     result at the end. A client that disconnects cancels the job."""
@@ -271,8 +270,6 @@ async def _events(job: _Job, subscription, w: ChunkWriter, *, logprobs: bool, us
                 yield event
             stream.finished = True
     finally:
-        if on_close is not None:
-            on_close()
         await stream.close()
 
 

@@ -106,13 +106,13 @@ def pinned_files(directory: str, roots: Sequence[Sequence[str] | None],
     holder = tempfile.mkdtemp(prefix="lorry-adapter-")
     try:
         for name in ADAPTER_FILES:
-            try:  # O_NONBLOCK: a FIFO does not block the open (refused just below)
+            try:  # O_NONBLOCK: a FIFO does not block the open (left out just below)
                 fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NONBLOCK)
             except FileNotFoundError:
                 continue
             fds.append(fd)
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise AdapterSourceError(f"adapter {directory!r}: {name} is not a regular file")
+                continue  # a directory or FIFO of that name: as if missing (parse says so)
             opened = os.readlink(f"/proc/self/fd/{fd}")
             for allowed in limits:
                 try:

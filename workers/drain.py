@@ -312,6 +312,12 @@ class Drainer:
         except ValueError as e:  # bad sampling, prompt too long, refused adapter: not retryable
             self._writer.put(WriteOp("fail", job, message=str(e)))
             return
+        except Exception as e:  # noqa: BLE001  e.g. a chat template that refuses the messages:
+            # this job only (it took the drain down, and its co-running jobs' attempts); retried
+            # up to max_attempts, in case it was the engine's passing trouble
+            self._writer.put(WriteOp("fail", job, retryable=True, message=(
+                f"the job's input could not be prepared ({type(e).__name__}: {e})")))
+            return
         self.held[job.id] = claimed
 
     def _stop_cancelled(self) -> None:

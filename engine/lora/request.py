@@ -38,3 +38,8 @@ class LoRARequest:
             raise ValueError(f"lora_name must be a non-empty string, got {self.lora_name!r}")
         if not self.lora_path or not isinstance(self.lora_path, str):
             raise ValueError(f"lora_path must be a non-empty string, got {self.lora_path!r}")
+        if self.roots is not None and not (
+                isinstance(self.roots, tuple) and self.roots
+                and all(isinstance(r, str) and r.startswith("/") for r in self.roots)):
+            raise ValueError(f"roots must be a non-empty tuple of absolute paths, got "
+                             f"{self.roots!r}")

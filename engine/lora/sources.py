@@ -105,11 +105,18 @@ def pinned_files(directory: str, roots: Sequence[Sequence[str] | None],
     fds: list[int] = []
     holder = tempfile.mkdtemp(prefix="lorry-adapter-")
     try:
-        for name in ADAPTER_FILES:
+        weights = next((n for n in ADAPTER_FILES[1:]  # the one parse_adapter reads
+                        if os.path.isfile(os.path.join(directory, n))), None)
+        for name in ("adapter_config.json", weights):
+            if name is None:
+                continue
             try:  # O_NONBLOCK: a FIFO does not block the open (left out just below)
                 fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NONBLOCK)
             except FileNotFoundError:
                 continue
+            except OSError as e:
+                raise AdapterSourceError(f"adapter {directory!r}: cannot open {name} "
+                                         f"({e.strerror or e})") from None
             fds.append(fd)
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 continue  # a directory or FIFO of that name: as if missing (parse says so)

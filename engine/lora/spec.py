@@ -17,6 +17,7 @@ from lorry.engine.errors import (
     AdapterFormatError,
     AdapterNotFoundError,
     BaseModelMismatchError,
+    LoRAError,
     RankTooLargeError,
     UnsupportedAdapterError,
 )
@@ -303,6 +304,17 @@ def _check_config(cfg: dict, path: Path) -> None:
         raise AdapterFormatError(f"adapter {path}: r={r!r} must be a positive int")
 
 
+def _named(path: Path, files: Path, check, *args):
+    """check(*args), its refusal naming the adapter's directory, not where its files are read
+    from (``read_from``: a private folder of links to the opened files)."""
+    try:
+        return check(*args)
+    except LoRAError as e:
+        if files == path:
+            raise
+        raise type(e)(str(e).replace(str(files), str(path))) from None
+
+
 def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | None = None,
                   base_model: str | None = None,
                   read_from: str | Path | None = None) -> AdapterSpec:
@@ -338,11 +350,11 @@ def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | N
     _check_config(cfg, path)
     st, bin_ = files / "adapter_model.safetensors", files / "adapter_model.bin"
     if st.is_file():
-        header = read_safetensors_header(st)
+        header = _named(path, files, read_safetensors_header, st)
         shapes = {k: (v.get("dtype"), tuple(v.get("shape", ()))) for k, v in header.items()}
         weights = st
     elif bin_.is_file():
-        _refuse_code_in_pickle(bin_)
+        _named(path, files, _refuse_code_in_pickle, bin_)
         shapes, weights = None, bin_  # shapes are checked after torch.load(weights_only=True)
     else:
         raise AdapterNotFoundError(f"adapter {path}: neither adapter_model.safetensors nor "

@@ -412,3 +412,35 @@ def test_a_file_swapped_for_a_link_out_of_the_roots_after_the_check_is_not_read(
 
     assert weights.tensors and weights.tensors.keys() == ref.tensors.keys()
     assert all(same(weights.tensors[k], ref.tensors[k]) for k in ref.tensors)
+
+
+def test_pinned_reads_name_the_adapters_own_directory_and_leave_other_files_alone(
+        roots, tiny_model, tmp_path):
+    """Refusals named the private folder the files were read through; a stray socket named
+    adapter_model.bin beside good safetensors failed the adapter; roots given as a string
+    were split into characters ('/' among them: no confinement)."""
+    import socket
+
+    from lorry.engine.lora.sources import pinned_files
+    from lorry.engine.lora.spec import parse_adapter, read_base_config
+
+    root, _ = roots
+    bad = copy_adapter(root / "good", root / f"bad-{tmp_path.name}")
+    (bad / "adapter_model.safetensors").write_bytes(b"\x05" + b"\x00" * 7 + b"{}")
+    base = read_base_config(tiny_model)
+    with pinned_files(str(bad), [[str(root)]]) as read_from:
+        with pytest.raises(LoRAError) as e:
+            parse_adapter(bad, base, read_from=read_from)
+    assert str(bad) in str(e.value) and "lorry-adapter-" not in str(e.value)
+
+    stray = copy_adapter(root / "good", root / f"stray-{tmp_path.name}")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stray / "adapter_model.bin"))
+    try:
+        with pinned_files(str(stray), [[str(root)]]) as read_from:
+            assert parse_adapter(stray, base, read_from=read_from).r == 8
+    finally:
+        s.close()
+    for roots_given in (str(root), [str(root)], ("relative",), ()):
+        with pytest.raises(ValueError, match="roots must be"):
+            LoRARequest("x", 1, str(stray), roots=roots_given)

@@ -401,3 +401,31 @@ def test_a_busy_drain_finalizes_batches_and_expires_deadlines_itself(queue, engi
     assert final.status == "completed" and final.output_file_id is not None
     assert queue.get_job(doomed.id).status == "expired"
     assert queue.upkeep(due_after_s=3600) is None  # the drain recorded its turn
+
+
+def test_a_chat_template_that_raises_fails_only_its_job(queue, engine, monkeypatch):
+    """add_request raised the template's own error (jinja2's TemplateError, not a ValueError):
+    the drain stopped, its co-running jobs were charged an attempt and the bad job stayed
+    leased, to do it again after its lease."""
+    tenant, _ = queue.create_tenant("t")
+    real_add = engine.add_request
+
+    class TemplateError(Exception):
+        pass
+
+    def add_request(request_id, prompt, *a, **kw):
+        if isinstance(prompt, list) and prompt[0]["role"] == "assistant":
+            raise TemplateError("Conversation roles must alternate user/assistant")
+        return real_add(request_id, prompt, *a, **kw)
+
+    monkeypatch.setattr(engine, "add_request", add_request)
+    good, bad, after = queue.submit(tenant.id, [
+        JobSpec(adapter=None, prompt="a", sampling={"max_tokens": 3}),
+        JobSpec(adapter=None, messages=[{"role": "assistant", "content": "x"}],
+                sampling={"max_tokens": 3}, max_attempts=1),
+        JobSpec(adapter=None, prompt="b", sampling={"max_tokens": 3})])
+    summary = drainer(queue, engine).run()
+    assert summary.reason == "queue empty" and summary.succeeded == 2
+    info = queue.get_job(bad.id)
+    assert info.status == "failed" and "TemplateError" in info.error
+    assert [queue.get_job(j.id).attempts for j in (good, after)] == [1, 1]

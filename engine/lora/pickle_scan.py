@@ -508,24 +508,32 @@ def _zip_member_problems(names: list[str]) -> tuple[str | None, list[str]]:
     return main, problems
 
 
-def scan_checkpoint(path: str | Path) -> ScanResult:
-    """Check a .bin as ``torch.load(weights_only=True)`` would read it, without torch.
+def scan_checkpoint(path: str | Path | bytes) -> ScanResult:
+    """Check a .bin (a path, or its bytes: what is then loaded is what was scanned) as
+    ``torch.load(weights_only=True)`` would read it, without torch.
 
     Only torch's zip format is accepted (what torch.save writes); its one pickle is
     interpreted, and each storage it names must be a member of the archive of its size.
     """
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(len(_ZIP_MAGIC))
+    if isinstance(path, bytes):
+        data = path
+        head = data[:len(_ZIP_MAGIC)]
+        opened = io.BytesIO(data)
+    else:
+        path = Path(path)
+        with open(path, "rb") as f:
+            head = f.read(len(_ZIP_MAGIC))
+            data = f.read((1 << 20) - len(head)) if head != _ZIP_MAGIC else b""
+        data = head + data
+        opened = path
     if head != _ZIP_MAGIC:
         # torch.load would read it as the legacy format: still name what its pickle imports
-        with open(path, "rb") as f:
-            out = scan_pickle(f.read(1 << 20))
+        out = scan_pickle(data[:1 << 20])
         out.problems.insert(0, "not torch's zip format (legacy or non-torch pickles are "
                                "refused)")
         return out
     try:
-        with zipfile.ZipFile(path) as zf:
+        with zipfile.ZipFile(opened) as zf:
             sizes = {i.filename: i.file_size for i in zf.infolist()}
             main, problems = _zip_member_problems([i.filename for i in zf.infolist()])
             # torch.save stores every member uncompressed; a compressed storage of a few KB

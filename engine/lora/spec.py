@@ -372,12 +372,13 @@ def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | N
     return spec
 
 
-def _refuse_code_in_pickle(path: Path) -> None:
-    """Refuse a .bin that torch.load(weights_only=True) would refuse (never unpickled)."""
+def _refuse_code_in_pickle(path: Path, data: bytes | None = None) -> None:
+    """Refuse a .bin that torch.load(weights_only=True) would refuse (never unpickled);
+    ``data``: its bytes as read once, scanned instead of the file (then loaded as such)."""
     from lorry.engine.lora.pickle_scan import scan_checkpoint
 
     try:
-        found = scan_checkpoint(path)
+        found = scan_checkpoint(path if data is None else data)
     except OSError as e:
         raise AdapterFormatError(f"adapter {path.parent}: {path.name} is unreadable: {e}") from None
     if found.imports:

@@ -1,15 +1,16 @@
 """Read a validated adapter's tensors into CPU memory, scaling folded into B."""
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from lorry.engine.errors import AdapterFormatError
+from lorry.engine.errors import AdapterFormatError, LoRAError
 from lorry.engine.lora.extras import AdapterExtras, load_extras
-from lorry.engine.lora.spec import AdapterSpec, check_shapes
+from lorry.engine.lora.spec import AdapterSpec, _named, _refuse_code_in_pickle, check_shapes
 
 
 def check_finite(spec, tensors, where: str) -> None:
@@ -70,7 +71,6 @@ def read_adapter(lora_path: str, revision: str | None, name: str, settings: dict
     adapter: a load's whole work, in the engine's loader thread or in the loader process.
     ``settings``: adapter_roots, base_config, base_name, max_lora_rank, max_full_copies, dtype.
     ``roots``: the request's own roots, checked too (LoRARequest.roots). Raises LoRAError."""
-    from lorry.engine.errors import LoRAError
     from lorry.engine.lora.resolve import resolve_adapter_dir
     from lorry.engine.lora.sources import LOCAL, check_source, pinned_files, source_kind
     from lorry.engine.lora.spec import parse_adapter
@@ -133,12 +133,17 @@ def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: in
 
             raw = load_file(str(path), device="cpu")
         else:  # never unpickle arbitrary objects: tensors and plain containers only
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+            # read once; the bytes scanned are the bytes loaded (the file may be rewritten
+            # in place after parse_adapter's scan: a compressed bomb, say)
+            data = path.read_bytes()
+            _named(spec.path, path.parent, _refuse_code_in_pickle, path, data)
+            raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            del data
             if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
                 raise ValueError("expected a dict of tensors")
             check_shapes(spec, {k: (None, tuple(v.shape)) for k, v in raw.items()},
                          base_config, max_lora_rank)
-    except AdapterFormatError:
+    except LoRAError:  # the adapter's own refusal (format, pickle scan), as it is
         raise
     except Exception as e:  # corrupt data, refused pickle content, I/O errors  # noqa: BLE001
         raise AdapterFormatError(f"adapter {spec.path}: cannot read {path.name}: "

@@ -496,3 +496,30 @@ def test_api_and_engine_refuse_hidden_code_in_an_adapter(service, alice, roots, 
     with pytest.raises(LoRAError, match="mkdir"):
         parse_adapter(evil, read_base_config(settings.model))  # the engine's check at load
     assert not marker.exists()
+
+
+def test_a_bin_rewritten_in_place_after_its_scan_is_scanned_again_as_loaded(roots,
+                                                                            tiny_model,
+                                                                            tmp_path):
+    """parse_adapter scanned the file, torch.load read it again by name: a .bin rewritten in
+    place in between (a compressed bomb) was loaded unscanned. The bytes loaded are read once
+    and scanned."""
+    from safetensors.torch import load_file
+
+    from lorry.engine.lora.weights import load_adapter_weights
+
+    root, _ = roots
+    adapter = tmp_path / "adapter"
+    shutil.copytree(root / "good", adapter)
+    weights = adapter / "adapter_model.safetensors"
+    torch.save(load_file(str(weights)), str(adapter / "adapter_model.bin"))
+    weights.unlink()
+    base = read_base_config(tiny_model)
+    spec = parse_adapter(adapter, base)
+    members = _members(adapter / "adapter_model.bin")
+    with zipfile.ZipFile(adapter / "adapter_model.bin", "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members:   # the same tensors, compressed: the scan refuses them
+            zf.writestr(name, data)
+    with pytest.raises(LoRAError, match="is compressed") as e:
+        load_adapter_weights(spec, base, 16, torch.float32, False)
+    assert str(adapter) in str(e.value)

@@ -212,7 +212,8 @@ class LoadProcess:
                 continue
         settings_file = os.path.join(self._dirs[-1], "settings.pickle")
         with open(settings_file, "wb") as f:   # read by the child as it starts: no wait here
-            pickle.dump({**self._settings, "staging_dirs": self._dirs}, f)
+            pickle.dump({**self._settings, "staging_dirs": self._dirs,
+                         "pin_dir": self._dirs[0]}, f)
         ours, theirs = socket.socketpair()
         # a session of its own: a Ctrl-C meant for the engine's process does not end a load
         self._proc = subprocess.Popen(

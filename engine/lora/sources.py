@@ -91,19 +91,20 @@ def confine(path: str, roots: Sequence[str] | None, reveal: bool = True) -> str:
 
 @contextlib.contextmanager
 def pinned_files(directory: str, roots: Sequence[Sequence[str] | None],
-                 reveal: bool = False) -> Iterator[str]:
+                 reveal: bool = False, under: str | None = None) -> Iterator[str]:
     """A directory to read ``directory``'s adapter files from, each file opened now and
     checked, as opened, inside every one of ``roots`` (a list of root lists; None entries
     confine nothing). Its entries lead to the open files (Linux: ``/proc/self/fd/N``), so a
     file swapped for a link out of the roots between ``check_source`` and the read is not
     what is read: the checked file is. Where /proc is missing, or nothing confines, it is
-    ``directory`` itself (the check stays the one of ``check_source``)."""
+    ``directory`` itself (the check stays the one of ``check_source``). ``under``: where the
+    private folder goes (the loader process's own directory, removed should it be killed)."""
     limits = [r for r in roots if r is not None]
     if not limits or not os.path.isdir("/proc/self/fd"):
         yield directory
         return
     fds: list[int] = []
-    holder = tempfile.mkdtemp(prefix="lorry-adapter-")
+    holder = tempfile.mkdtemp(prefix="lorry-adapter-", dir=under)
     try:
         weights = next((n for n in ADAPTER_FILES[1:]  # the one parse_adapter reads
                         if os.path.isfile(os.path.join(directory, n))), None)

@@ -81,7 +81,8 @@ def read_adapter(lora_path: str, revision: str | None, name: str, settings: dict
     path = resolve_adapter_dir(lora_path, revision=revision, roots=s["adapter_roots"])
     local = source_kind(lora_path) == LOCAL
     # the files are opened (and checked as opened) once, and read through those openings
-    with pinned_files(str(path), [s["adapter_roots"], roots] if local else []) as read_from:
+    with pinned_files(str(path), [s["adapter_roots"], roots] if local else [],
+                      under=s.get("pin_dir")) as read_from:
         spec = parse_adapter(path, s["base_config"], max_lora_rank=s["max_lora_rank"],
                              base_model=s["base_name"], read_from=read_from)
         cap = s["max_full_copies"]

@@ -102,6 +102,16 @@ def test_adapter_roots_are_enforced_in_the_process(tiny_llama, tmp_path):
             eng.loras.process.load(str(tiny_llama.adapters["mlp_r16"]), None, "outside")
         outs = _run(eng, [[5, 6]], [LoRARequest("qv", 1, str(inside))])
         assert outs["0"].error is None
+        # a request's own roots travel to the process and are checked there
+        other = root / "other"
+        other.mkdir()
+        with pytest.raises(AdapterSourceError, match="outside the allowed adapter roots"):
+            eng.loras.process.load(str(inside), None, "qv", (str(other),))
+        # the files are read through a private folder in the process's own directory,
+        # removed with it should the process be killed; nothing is left after a load
+        pin_dir = eng.loras.process._dirs[0]
+        eng.loras.process.load(str(inside), None, "qv", (str(root),))
+        assert not [n for n in os.listdir(pin_dir) if n.startswith("lorry-adapter-")]
     finally:
         eng.loras.close()
 

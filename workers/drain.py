@@ -207,6 +207,17 @@ class Drainer:
         """Give back what is held and buffered, write what is finished, stop the threads.
         With ``engine_error`` the jobs in the engine are retried (an attempt counted, their
         error says which type of error; its text may name other tenants' adapters)."""
+        if engine_error is None and self.held:
+            # a cancel asked since the last poll: end those jobs cancelled with the tokens
+            # they have (given back, they would end cancelled without them)
+            try:
+                asked = self.queue.cancels_requested(list(self.held))
+            except Exception as e:  # noqa: BLE001  the database is away: release decides
+                log.warning("could not read cancels at shutdown: %s", e)
+                asked = set()
+            with self._lock:
+                self._cancels |= asked
+            self._stop_cancelled()
         for job_id in list(self.held):
             self.engine.abort_request(job_id)
             job = self.held.pop(job_id).job

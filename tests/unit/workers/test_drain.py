@@ -194,7 +194,9 @@ def test_a_warm_shutdown_ends_a_job_whose_cancel_it_had_not_learnt(queue, engine
                 on_result=lambda job, status: ended.append((job.id, status)))
     summary = d.run(should_stop=lambda: len(steps) > 3)
     assert summary.reason == "shutdown" and (summary.cancelled, summary.released) == (1, 0)
-    assert queue.get_job(job.id).status == "cancelled"
+    info = queue.get_job(job.id)
+    assert info.status == "cancelled" and info.result.finish_reason == "abort"
+    assert 0 < len(info.result.token_ids) < 50   # the tokens it had, as a cancel keeps them
     assert ended == [(job.id, "cancelled")] and d.stats.jobs["cancelled"] == 1
     monkeypatch.undo()
     assert drainer(queue, engine).run().succeeded == 0

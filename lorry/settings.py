@@ -140,7 +140,7 @@ class Settings(BaseSettings):
     max_line_bytes: int = Field(1024 * 1024, ge=64)
     # what one tenant's files (uploads, batch outputs and error files) may hold together; an
     # upload past it is 413 storage_quota_exceeded
-    max_file_bytes_per_tenant: int = Field(20 * 1024 ** 3, ge=1)
+    max_file_bytes_per_tenant: int = Field(100 * 1024 ** 3, ge=1)
     # /v1/chat/completions and /v1/completions wait this long for their job, then answer 504
     # naming the job to poll (it keeps running)
     sync_timeout_seconds: float = Field(300.0, gt=0)

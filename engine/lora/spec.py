@@ -317,11 +317,12 @@ def _named(path: Path, files: Path, check, *args):
 
 def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | None = None,
                   base_model: str | None = None,
-                  read_from: str | Path | None = None) -> AdapterSpec:
+                  read_from: str | Path | None = None, scan_bin: bool = True) -> AdapterSpec:
     """Parse and validate a PEFT LoRA directory against ``base_config`` (a config.json dict).
 
     ``read_from``: where its files are read (``sources.pinned_files``); ``path`` then only
-    names the adapter in messages. Raises a subclass of ``engine.errors.LoRAError`` naming the
+    names the adapter in messages. ``scan_bin=False``: a caller that loads a .bin scans the
+    bytes it loads itself (``load_adapter_weights``), so it is not scanned twice. Raises a subclass of ``engine.errors.LoRAError`` naming the
     problem. Reads no tensor data.
     """
     path = Path(path)
@@ -354,7 +355,8 @@ def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | N
         shapes = {k: (v.get("dtype"), tuple(v.get("shape", ()))) for k, v in header.items()}
         weights = st
     elif bin_.is_file():
-        _named(path, files, _refuse_code_in_pickle, bin_)
+        if scan_bin:
+            _named(path, files, _refuse_code_in_pickle, bin_)
         shapes, weights = None, bin_  # shapes are checked after torch.load(weights_only=True)
     else:
         raise AdapterNotFoundError(f"adapter {path}: neither adapter_model.safetensors nor "

@@ -84,7 +84,7 @@ def read_adapter(lora_path: str, revision: str | None, name: str, settings: dict
     with pinned_files(str(path), [s["adapter_roots"], roots] if local else [],
                       under=s.get("pin_dir")) as read_from:
         spec = parse_adapter(path, s["base_config"], max_lora_rank=s["max_lora_rank"],
-                             base_model=s["base_name"], read_from=read_from)
+                             base_model=s["base_name"], read_from=read_from, scan_bin=False)
         cap = s["max_full_copies"]
         if cap is not None and spec.full_copies > cap:
             raise LoRAError(f"adapter {name!r} ({lora_path}) has {spec.full_copies} full "

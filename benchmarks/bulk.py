@@ -569,6 +569,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--decode-split-keys", type=int, default=None, metavar="KEYS",
                     help="kernels.decode_attention.SPLIT_KEYS: the decode attention splits "
                          "rows' tables so that no split spans more keys (an A/B)")
+    ap.add_argument("--decode-launch", default=None, metavar="BLOCK_N,STAGES",
+                    help="kernels.decode_attention.BLOCK_N and NUM_STAGES, e.g. 128,3 (an A/B)")
     ap.add_argument("--pageable-staging", action="store_true",
                     help="adapter loads stage in plain (pageable) host memory, not pinned: "
                          "no cudaHostAlloc a load, each slot write a synchronous copy (an A/B)")
@@ -617,6 +619,12 @@ def main() -> None:
 
         decode_attention.SPLIT_KEYS = args.decode_split_keys
         res["decode_split_keys"] = args.decode_split_keys
+    if args.decode_launch:   # an A/B of the decode attention's tile and pipeline depth
+        from lorry.kernels import decode_attention
+
+        block_n, stages = (int(x) for x in args.decode_launch.split(","))
+        decode_attention.BLOCK_N, decode_attention.NUM_STAGES = block_n, stages
+        res["decode_launch"] = {"block_n": block_n, "num_stages": stages}
     if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
         res["alloc_conf"] = os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     with tempfile.TemporaryDirectory(prefix="lorry-bulk-") as tmp:

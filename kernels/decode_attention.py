@@ -25,7 +25,8 @@ BLOCK_N = 64          # keys per tile
 MIN_CHUNK = 256       # fewest keys per split
 NUM_WARPS = 4
 NUM_STAGES = 2
-SPLIT_KEYS = 0        # > 0: split tables so that a split spans at most this many keys
+SPLIT_KEYS = 2560     # > 0: split tables so that a split spans at most this many keys (0: off)
+KEY_SPLITS_MAX = 2    # ... but SPLIT_KEYS adds at most this many splits (measured: 2, 5,120 keys)
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -124,12 +125,13 @@ def _merge_splits_kernel(part_ptr, ml_ptr, pos_ptr, out_ptr, stride_ob, H, windo
 
 def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
     """Sequence splits (a power of two) so that batch * kv_heads * splits programs fill the
-    chip twice over (and, with SPLIT_KEYS, no split spans more keys than that: the longest
-    rows of a full batch then end with the rest), each split keeping at least MIN_CHUNK
-    keys. Host constants only."""
+    chip twice over (and, with SPLIT_KEYS, no split spans more keys than that, up to
+    KEY_SPLITS_MAX splits: the longest rows of a full batch then end with the rest; a split
+    past a row's keys stores nothing), each split keeping at least MIN_CHUNK keys. Host
+    constants only."""
     want = cdiv(2 * num_sms(device), max(1, batch * kv_heads))
     if SPLIT_KEYS:
-        want = max(want, cdiv(max_len, SPLIT_KEYS))
+        want = max(want, min(KEY_SPLITS_MAX, cdiv(max_len, SPLIT_KEYS)))
     cap = max(1, max_len // MIN_CHUNK)
     return next_pow2(max(1, min(want, cap))) if min(want, cap) > 1 else 1
 

@@ -153,16 +153,32 @@ def test_splits_without_keys_are_never_read(window, splits, device, monkeypatch)
 
 
 def test_split_keys_splits_long_tables_of_a_full_batch(monkeypatch):
-    """SPLIT_KEYS (off by default): a batch that fills the chip by itself still splits its
-    tables so that no split spans more keys than that."""
+    """SPLIT_KEYS: a batch that fills the chip by itself still splits its tables so that no
+    split spans more keys than that; 0 turns it off."""
     import lorry.kernels.decode_attention as da
 
     cpu = torch.device("cpu")
+    monkeypatch.setattr(da, "SPLIT_KEYS", 0)
     assert num_splits(256, 8, 5120, cpu) == 1
     monkeypatch.setattr(da, "SPLIT_KEYS", 1280)
+    monkeypatch.setattr(da, "KEY_SPLITS_MAX", 8)
     assert num_splits(256, 8, 5120, cpu) == 4
     assert num_splits(256, 8, 1024, cpu) == 1                   # short tables: one split
     assert num_splits(256, 8, 5000, cpu) == 4                   # a power of two
+    monkeypatch.setattr(da, "KEY_SPLITS_MAX", 2)
+    assert num_splits(256, 8, 5120, cpu) == 2                   # capped
+
+
+def test_full_batches_split_long_tables_in_two_by_default():
+    """The default measured on the bulk workload (2,000 requests, 5,120-key tables, H100):
+    a full batch's tables split in two where they hold more than 2,560 keys, never more
+    splits however long the table (a 32k table's splits would mostly be empty)."""
+    cpu = torch.device("cpu")
+    assert num_splits(256, 8, 5120, cpu) == 2
+    assert num_splits(256, 8, 4096, cpu) == 2
+    assert num_splits(256, 8, 2048, cpu) == 1
+    assert num_splits(256, 8, 32768, cpu) == 2
+    assert num_splits(64, 8, 256, cpu) == 1                     # the 128->128 benchmark
 
 
 def test_num_splits_fills_the_chip_only_for_long_tables():

@@ -32,7 +32,9 @@ def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") ->
     nudger : callable or None or "auto"
         Called after submissions to wake workers; "auto" nudges Celery through Redis.
     redis_client : redis.Redis or None or "auto"
-        Where workers publish their figures for ``/metrics``.
+        Where workers publish their figures for ``/metrics``; the API processes also count
+        tenants' open completions and ingests there (api.tenant_slots; "auto": through a
+        client of its own that does not retry).
     """
     if settings is None:
         from lorry.settings import get_settings
@@ -46,13 +48,18 @@ def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") ->
         from lorry.api.nudge import DrainNudger
 
         nudger = DrainNudger(settings.broker_url, settings.redis_prefix, settings.nudge_ttl_seconds)
+    slot_redis = redis_client
     if redis_client == "auto":
         import redis
 
+        from lorry.api.tenant_slots import slot_client
+
         redis_client = redis.Redis.from_url(settings.broker_url, socket_timeout=2,
                                             socket_connect_timeout=2)
+        slot_redis = slot_client(settings.broker_url)
     app = FastAPI(title="Lorry", version="0.1.0", description=DESCRIPTION)
     app.state.settings, app.state.queue, app.state.nudger = settings, queue, nudger
+    app.state.slot_redis = slot_redis
     app.state.registry, app.state.submitted = make_registry(
         queue, redis_client, settings.redis_prefix, tenant_labels=settings.metrics_tenant_labels)
     # Every route may answer these; the routes list their own (404, 409, 413, 429) too.

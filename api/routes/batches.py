@@ -131,7 +131,7 @@ async def create_batch(request: Request, response: Response, tenant=Depends(get_
                                                     description="a JSON object of strings "
                                                                 "(one-step upload)")):
     slots = tenant_slots(request, "ingests")  # each reads up to a whole file, on disk
-    token = slots.enter(tenant.id, settings.max_open_ingests)
+    token = await slots.enter(tenant.id, settings.max_open_ingests)
     try:
         # a batch writes its refused lines, then its output and error files: none past the
         # tenant's storage limit (refused lines of all-invalid batches would grow unbounded)
@@ -147,7 +147,7 @@ async def create_batch(request: Request, response: Response, tenant=Depends(get_
         return await _create_in_one_step(request, response, tenant, queue, settings,
                                          idempotency_key, completion_window, metadata)
     finally:
-        slots.leave(tenant.id, token)
+        await slots.leave(tenant.id, token)
 
 
 async def _create_in_one_step(request, response, tenant, queue, settings, idempotency_key,

@@ -103,8 +103,8 @@ async def _answer(request, body, tenant, queue, settings, *, chat, prompt, messa
     if problem is not None:
         raise ApiError(400, problem[0], code="unsupported_value", param=problem[1])
     opened = tenant_slots(request, "completions")
-    token = opened.enter(tenant.id, settings.max_open_completions,
-                         settings.sync_timeout_seconds + 60)
+    token = await opened.enter(tenant.id, settings.max_open_completions,
+                               settings.sync_timeout_seconds + 60)
     streaming = False
     try:
         answer = await _answer_one(request, body, tenant, queue, settings, chat=chat,
@@ -114,7 +114,7 @@ async def _answer(request, body, tenant, queue, settings, *, chat, prompt, messa
         return answer
     finally:
         if not streaming:  # a stream leaves when its events end
-            opened.leave(tenant.id, token)
+            await opened.leave(tenant.id, token)
 
 
 async def _answer_one(request, body, tenant, queue, settings, *, chat, prompt, messages,
@@ -166,7 +166,7 @@ class _EventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._on_close()
+            await self._on_close()
             if not self._began:  # _events never ran: its own ending did not either
                 await _Stream(self._job, self._subscription, None).close()
 

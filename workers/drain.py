@@ -65,6 +65,10 @@ class Drainer:
         Called every ``upkeep_seconds`` on a thread of its own while a drain runs (the
         Celery worker: ``JobQueue.upkeep`` when due, since beat's maintain waits for a worker
         that is not draining).
+    final_upkeep : callable, optional
+        Called once when a drain ends, after its results are written (the Celery worker:
+        ``JobQueue.upkeep`` whether due or not): the batch whose last jobs it ran is
+        finalized now, not at beat's next maintain, or never where no beat runs.
     """
 
     def __init__(self, queue, engine, worker_id: str, *, max_num_seqs: int,
@@ -74,7 +78,7 @@ class Drainer:
                  claim_ahead: int | None = None, max_pending_results: int | None = None,
                  shutdown_flush_seconds: float = 30.0, upkeep: Callable | None = None,
                  upkeep_seconds: float = 15.0, check_adapter: Callable | None = None,
-                 cancel_poll_seconds: float = 1.0):
+                 cancel_poll_seconds: float = 1.0, final_upkeep: Callable | None = None):
         self.queue, self.engine, self.worker_id = queue, engine, worker_id
         self.max_num_seqs, self.lease_seconds = max_num_seqs, lease_seconds
         self.heartbeat_seconds, self.idle_claim_pause = heartbeat_seconds, idle_claim_pause
@@ -83,6 +87,7 @@ class Drainer:
         self.max_pending_results = max_pending_results or 8 * max_num_seqs
         self.shutdown_flush_seconds = shutdown_flush_seconds
         self.upkeep, self.upkeep_seconds = upkeep, upkeep_seconds
+        self.final_upkeep = final_upkeep
         # raises ValueError for a claimed job's AdapterInfo the registration rules now refuse
         self.check_adapter = check_adapter
         self.stats, self.publish, self.on_result = stats or WorkerStats(), publish, on_result
@@ -168,6 +173,11 @@ class Drainer:
             self.heartbeat()
         except Exception as e:  # the database is away: the next drain's heartbeat says it
             log.warning("final heartbeat failed: %s", e)
+        if self.final_upkeep is not None:
+            try:
+                self.final_upkeep()
+            except Exception as e:  # noqa: BLE001  the next drain's, or beat's, does it
+                log.warning("upkeep at the drain's end failed (%s: %s)", type(e).__name__, e)
         return summary
 
     def _loop(self, summary, start, max_seconds, should_stop, stop_when_empty) -> None:

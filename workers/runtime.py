@@ -41,6 +41,9 @@ def build_drainer(settings, queue=None, engine=None, publish=True, **kw):
     # drains expire deadlines and finalize batches themselves, once a maintain interval.
     kw.setdefault("upkeep", lambda: queue.upkeep(due_after_s=settings.maintain_interval))
     kw.setdefault("upkeep_seconds", settings.maintain_interval)
+    # and once as a drain ends: the batch whose last jobs it ran is done now (with no beat, or
+    # a drain shorter than the interval, it waited for beat's maintain, or for ever)
+    kw.setdefault("final_upkeep", queue.upkeep)
     kw.setdefault("check_adapter", adapter_rules(settings))
     return Drainer(queue, engine, worker_id, max_num_seqs=settings.max_num_seqs,
                    lease_seconds=settings.lease_seconds,

@@ -405,6 +405,26 @@ def test_a_busy_drain_finalizes_batches_and_expires_deadlines_itself(queue, engi
     assert queue.upkeep(due_after_s=3600) is None  # the drain recorded its turn
 
 
+def test_the_drain_that_runs_a_batchs_last_jobs_finalizes_it(queue, engine, tiny):
+    """With a worker and no beat (the README's processes, beat left out), a batch whose
+    jobs had all finished stayed in_progress for good: the drain ended (queue empty) before
+    its upkeep's turn, and only beat's maintain finalized batches after that."""
+    from lorry.settings import Settings
+    from lorry.workers.runtime import build_drainer
+
+    tenant, _ = queue.create_tenant("t")
+    batch = queue.create_batch(tenant.id, [JobSpec(adapter=None, prompt=f"b{i}", custom_id=str(i),
+                                                   sampling={"max_tokens": 1}) for i in range(3)])
+    settings = Settings(database_url=str(queue.engine.url), model=str(tiny[0]),
+                        maintain_interval=3600, max_num_seqs=4)
+    queue.upkeep()      # a pass was just taken: none is due within the drain
+    summary = build_drainer(settings, queue=queue, engine=engine, publish=False).run()
+    assert summary.reason == "queue empty" and summary.succeeded == 3
+    final = queue.get_batch(batch.id, None)
+    assert final.status == "completed" and final.request_counts["completed"] == 3
+    assert final.output_file_id is not None
+
+
 def test_a_chat_template_that_raises_fails_only_its_job(queue, engine, monkeypatch):
     """add_request raised the template's own error (jinja2's TemplateError, not a ValueError):
     the drain stopped, its co-running jobs were charged an attempt and the bad job stayed

@@ -203,6 +203,16 @@ class IngestStats:
     KEPT_REFUSED = 1000
 
 
+
+def _url_of(data: bytes) -> str | None:
+    """The ``url`` of a raw line that is a JSON object with a string url, else None."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    url = obj.get("url") if isinstance(obj, dict) else None
+    return url if isinstance(url, str) else None
+
 class _Chunker:
     def __init__(self, queue, tenant, base_name: str, settings, endpoint: str | None):
         self.queue, self.tenant, self.base_name = queue, tenant, base_name
@@ -258,17 +268,23 @@ class _Chunker:
         if cid is not None:
             self.seen[cid] = number
         if isinstance(line, LineError):
-            return line
+            # a chat body under the other endpoint's url: the url is what is wrong, not the
+            # body the url asks for (read again only for refused lines)
+            url = _url_of(data) if self.endpoint is not None else None
+            return line if url is None or url == self.endpoint else self._wrong_url(
+                number, url, cid)
         if self.endpoint is not None and line.url != self.endpoint:
-            return LineError(
-                number, "invalid_url", f"line {number}: url {line.url!r} differs from the "
-                f"batch's endpoint {self.endpoint!r}; every line must use the batch's "
-                "endpoint", "url", cid)
+            return self._wrong_url(number, line.url, cid)
         if not self._model_ok(line.model):
             return LineError(
                 number, "model_not_found", f"line {number}: unknown model {line.model!r}; use "
                 f"one of your adapters or the base model {self.base_name!r}", "body.model", cid)
         return line
+
+    def _wrong_url(self, number: int, url: str, cid: str | None) -> LineError:
+        return LineError(number, "invalid_url", f"line {number}: url {url!r} differs from the "
+                         f"batch's endpoint {self.endpoint!r}; every line must use the "
+                         "batch's endpoint", "url", cid)
 
     def _specs(self, good: list[tuple[int, ParsedLine]], refused: list[LineError],
                stats: IngestStats) -> list[JobSpec]:

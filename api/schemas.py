@@ -373,6 +373,9 @@ class OpenAIOptions(BaseModel):
             return why, "response_format"
         if self.top_logprobs is not None and self.logprobs is not True:
             return "top_logprobs needs logprobs=true", "top_logprobs"
+        if getattr(self, "stream_options", None) is not None and not getattr(self, "stream",
+                                                                             False):
+            return "stream_options is only allowed with stream=true", "stream_options"
         return None
 
     def sampling(self) -> dict[str, Any]:
@@ -424,6 +427,12 @@ class ChatCompletionRequest(OpenAIOptions):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     stream: bool | None = False  # OpenAI's null is not streamed, as false
     stream_options: StreamOptions | None = None
+    # accepted and ignored, as vLLM does: every job is stored anyway (GET /v1/jobs/{id}),
+    # and there is one service tier
+    store: bool | None = None
+    metadata: dict[Annotated[str, Field(max_length=64)],
+                   Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
 
 
 class CompletionRequest(OpenAIOptions):

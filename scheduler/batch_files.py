@@ -47,7 +47,7 @@ def output_line(job: JobInfo, model_name: str | None) -> dict[str, Any]:
                   "finish_reason": res.finish_reason}
         body = {"id": f"cmpl-{short}", "object": "text_completion"}
     body.update(created=created, model=job.adapter or model_name, choices=[choice],
-                usage=usage)
+                usage=usage, system_fingerprint=None)   # as the synchronous answer's
     return {"id": f"batch_req_{short}", "custom_id": job.custom_id,
             "response": {"status_code": 200, "request_id": f"req_{short}", "body": body},
             "error": None}

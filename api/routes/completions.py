@@ -68,21 +68,22 @@ STREAM_DOC = {"description": "the completion object, or with `stream=true` serve
 @router.post("/chat/completions", response_model=ChatCompletionOut,
              summary="Chat completion (OpenAI), synchronous or streamed",
              responses={200: STREAM_DOC, **ERRORS})
-async def chat_completions(body: ChatCompletionRequest, request: Request,
+async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response,
                            tenant=Depends(get_tenant), queue=Depends(get_queue),
                            settings=Depends(get_settings)):
     messages = [m.plain() for m in body.messages]
-    return await _answer(request, body, tenant, queue, settings, chat=True, prompt=None,
-                         messages=messages)
+    return await _answer(request, response, body, tenant, queue, settings, chat=True,
+                         prompt=None, messages=messages)
 
 
 @router.post("/completions", response_model=CompletionOut,
              summary="Text completion (OpenAI), synchronous or streamed",
              responses={200: STREAM_DOC, **ERRORS})
-async def completions(body: CompletionRequest, request: Request, tenant=Depends(get_tenant),
-                      queue=Depends(get_queue), settings=Depends(get_settings)):
-    return await _answer(request, body, tenant, queue, settings, chat=False, prompt=body.prompt,
-                         messages=None)
+async def completions(body: CompletionRequest, request: Request, response: Response,
+                      tenant=Depends(get_tenant), queue=Depends(get_queue),
+                      settings=Depends(get_settings)):
+    return await _answer(request, response, body, tenant, queue, settings, chat=False,
+                         prompt=body.prompt, messages=None)
 
 
 def resolve_model(queue, tenant, settings, model: str) -> str | None:
@@ -98,7 +99,7 @@ def resolve_model(queue, tenant, settings, model: str) -> str | None:
                    code="model_not_found", param="model")
 
 
-async def _answer(request, body, tenant, queue, settings, *, chat, prompt, messages):
+async def _answer(request, response, body, tenant, queue, settings, *, chat, prompt, messages):
     problem = body.unsupported()
     if problem is not None:
         raise ApiError(400, problem[0], code="unsupported_value", param=problem[1])
@@ -107,7 +108,7 @@ async def _answer(request, body, tenant, queue, settings, *, chat, prompt, messa
                                settings.sync_timeout_seconds + 60)
     streaming = False
     try:
-        answer = await _answer_one(request, body, tenant, queue, settings, chat=chat,
+        answer = await _answer_one(request, response, body, tenant, queue, settings, chat=chat,
                                    prompt=prompt, messages=messages,
                                    on_close=lambda: opened.leave(tenant.id, token))
         streaming = isinstance(answer, StreamingResponse)
@@ -117,8 +118,8 @@ async def _answer(request, body, tenant, queue, settings, *, chat, prompt, messa
             await opened.leave(tenant.id, token)
 
 
-async def _answer_one(request, body, tenant, queue, settings, *, chat, prompt, messages,
-                      on_close):
+async def _answer_one(request, response, body, tenant, queue, settings, *, chat, prompt,
+                      messages, on_close):
     from lorry.scheduler import JobSpec
 
     adapter = await run_sync(resolve_model, queue, tenant, settings, body.model)
@@ -146,6 +147,7 @@ async def _answer_one(request, body, tenant, queue, settings, *, chat, prompt, m
                             media_type="text/event-stream",
                             headers={"x-lorry-job-id": info.id, "Cache-Control": "no-cache"})
     await run_sync(nudge, request, 1)
+    response.headers["x-lorry-job-id"] = info.id
     done = await job.wait(watch_client=True)
     if done is None:  # the client went away: its job is cancelled, nobody reads this
         return Response(status_code=499)

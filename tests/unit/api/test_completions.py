@@ -63,6 +63,7 @@ def test_chat_completion_answers_openai_shape_with_usage_and_logprobs(tenant_a, 
     [job] = worker.claimed
     assert job.sampling == {"max_tokens": 5, "temperature": 0, "presence_penalty": 0.5,
                             "frequency_penalty": -0.5, "logprobs": 2, "seed": 3, "stop": ["\n"]}
+    assert r.headers["x-lorry-job-id"] == job.id   # as a stream's and an error's answers
     info = tenant_a.get(f"/v1/jobs/{job.id}").json()
     assert info["priority"] > 100  # interactive: above any priority a bulk job can have
     assert info["result"]["logprobs"] == LOGPROBS
@@ -72,6 +73,7 @@ def test_text_completion_with_logprobs_count(tenant_a, worker):
     r = tenant_a.post("/v1/completions", json={"model": "base", "prompt": "abc", "logprobs": 1,
                                                "max_tokens": 3})
     assert r.status_code == 200, r.text
+    assert r.headers["x-lorry-job-id"] == worker.claimed[-1].id
     choice = r.json()["choices"][0]
     assert r.json()["object"] == "text_completion" and choice["text"] == "<abc>"
     assert choice["logprobs"] == {"tokens": ["Hi", "</s>"], "token_logprobs": [-0.5, -0.1],
@@ -453,3 +455,29 @@ def test_a_stream_whose_client_left_before_the_first_byte_frees_its_slot_and_job
     [job] = service[1].list_jobs(tenant_a.tenant.id)
     assert service[1].get_job(job.id).status == "cancelled"
     assert service[0].state.tenant_slots["completions"].open.get(tenant_a.tenant.id) is None
+
+
+def test_openai_chat_fields_that_change_nothing_here_are_accepted(tenant_a, worker):
+    """store, metadata and service_tier (what OpenAI SDK code often sends) were 422 extra
+    inputs; vLLM takes them, and here every job is stored anyway."""
+    r = tenant_a.post("/v1/chat/completions", json={
+        "model": "base", "messages": [{"role": "user", "content": "hello"}], "store": True,
+        "metadata": {"run": "nightly"}, "service_tier": "auto"})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "Hi"
+    bad = tenant_a.post("/v1/chat/completions", json={
+        "model": "base", "messages": [{"role": "user", "content": "x"}],
+        "metadata": {"k": 5}})
+    assert bad.status_code == 422 and bad.json()["error"]["param"].startswith("metadata")
+
+
+def test_stream_options_without_stream_is_refused_as_openai_does(tenant_a, service):
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user",
+                                                                "content": "x"}]}),
+                       ("/v1/completions", {"prompt": "x"})):
+        r = tenant_a.post(path, json={"model": "base", **body,
+                                      "stream_options": {"include_usage": True}})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "stream_options"
+        assert "stream=true" in r.json()["error"]["message"]
+    assert service[1].list_jobs(tenant_a.tenant.id) == []    # nothing queued

@@ -156,6 +156,26 @@ def test_idempotency_key_returns_the_same_file_and_batch(service, alice):
     assert len(queue.list_jobs(alice.tenant.id)) == 1
 
 
+def test_a_line_under_the_other_endpoints_url_is_refused_for_its_url(service, alice):
+    """A chat line whose url says /v1/completions was refused as "a /v1/completions line
+    needs body.prompt": its body was right for the batch, the url was what was wrong."""
+    chat_under_completions = {**line("c1"), "url": "/v1/completions"}
+    prompt_under_chat = {**line("p1", url="/v1/completions"), "url": "/v1/chat/completions"}
+    f = alice.files.create(file=("in.jsonl", jsonl(line("ok"), chat_under_completions)),
+                           purpose="batch")
+    batch = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h")
+    [err] = batch.errors.data
+    assert (err.line, err.code, err.param) == (2, "invalid_url", "url")
+    assert "differs from the batch's endpoint '/v1/chat/completions'" in err.message
+    # the batch's url over the other endpoint's body: the body is what is wrong
+    g = alice.files.create(file=("in.jsonl", jsonl(line("ok"), prompt_under_chat)),
+                           purpose="batch")
+    [err] = alice.batches.create(input_file_id=g.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h").errors.data
+    assert err.line == 2 and err.code != "invalid_url" and "messages" in err.message, err
+
+
 def test_batch_lifecycle_output_and_error_files(service, alice, adapter_root):
     _, queue, *_ = service
     alice.post("/adapters", cast_to=object,
@@ -191,6 +211,9 @@ def test_batch_lifecycle_output_and_error_files(service, alice, adapter_root):
     assert [(x["custom_id"], x["response"]["body"]["model"]) for x in out] == [
         ("base-1", "tiny-llama"), ("alpha-1", "alpha")]
     assert out[1]["response"]["body"]["choices"][0]["message"]["content"] == "echo two"
+    # the keys of the synchronous answer, which the SDK's ChatCompletion parses
+    assert set(out[1]["response"]["body"]) == {"id", "object", "created", "model", "choices",
+                                               "usage", "system_fingerprint"}
     errs = [json.loads(x) for x in alice.files.content(done.error_file_id).text.splitlines()]
     assert [(x["custom_id"], x["error"]["code"]) for x in errs] == [
         ("fails", "invalid_url"), ("no-such-model", "model_not_found"), (None, "invalid_json"),

@@ -29,6 +29,12 @@ def operator_source(source: str) -> str:
             raise ValueError(f"adapter directory {source!r} does not exist in "
                              f"{os.getcwd()}: give an existing PEFT directory (relative to "
                              "where you run this, or absolute) or a Hub repo id 'owner/name'")
+        owner = source.split("/", 1)[0]
+        if os.path.isdir(owner):  # 'adapters/sqll', a typo under a directory here: no Hub id
+            raise ValueError(f"adapter directory {source!r} does not exist in {os.getcwd()} "
+                             f"(./{owner} does, so this names a path, not the Hub repo "
+                             f"{source!r}): give an existing PEFT directory; to register "
+                             f"that Hub repo, run this where no ./{owner} is")
     return source
 
 

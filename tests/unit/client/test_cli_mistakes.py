@@ -87,6 +87,18 @@ def test_a_relative_adapter_directory_that_does_not_exist_is_named(env, tmp_path
     assert operator_source("owner/name") == "owner/name"  # a Hub id stays one
 
 
+def test_a_typo_under_a_directory_here_is_not_taken_for_a_hub_id(env, tmp_path, monkeypatch):
+    """`cd adapters && lorry adapter add x demo/nothere` registered the Hub repo
+    'demo/nothere' (exit 0), to fail only when jobs ran on it: ./demo is a directory here."""
+    from lorry.adapters import operator_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    with pytest.raises(ValueError, match=r"'demo/nothere' does not exist .*\./demo does"):
+        operator_source("demo/nothere")
+    assert operator_source("owner/name") == "owner/name"  # no ./owner: the Hub id it was
+
+
 def test_an_api_url_without_http_or_an_api_that_is_down(env):
     from lorry.client import Client
 

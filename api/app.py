@@ -62,10 +62,12 @@ def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") ->
     app.state.slot_redis = slot_redis
     app.state.registry, app.state.submitted = make_registry(
         queue, redis_client, settings.redis_prefix, tenant_labels=settings.metrics_tenant_labels)
-    # Every route may answer these; the routes list their own (404, 409, 413, 429) too.
-    common = responses(401, 422, 503)
-    for module in (jobs, batches, files, models, adapters, completions):
-        app.include_router(module.router, responses=common)
+    # Every route may answer these; the routes list their own (404, 409, 413, 429) too. An
+    # invalid request is 422 on Lorry's routes, 400 on OpenAI's (errors.status_for).
+    for module in (jobs, adapters):
+        app.include_router(module.router, responses=responses(401, 422, 503))
+    for module in (batches, files, models, completions):
+        app.include_router(module.router, responses=responses(400, 401, 503))
     app.include_router(health.router)
     errors.install(app)
     # Batch and file uploads are counted while streamed; other bodies are small JSON.

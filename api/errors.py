@@ -45,14 +45,17 @@ class ErrorBody(BaseModel):
 
 DESCRIPTIONS = {
     400: "the request cannot be served as sent (e.g. a file purpose other than 'batch', a "
-         "multipart part missing); the message says what is allowed",
+         "multipart part missing); on OpenAI's routes also an invalid request (as OpenAI "
+         "answers it; `param` names the field, `code` the rule); the message says what is "
+         "allowed",
     401: "missing or invalid API key (`WWW-Authenticate: Bearer`)",
     403: "not allowed",
     404: "no such object of yours (other tenants' objects are 404 too); on /metrics: no "
          "metrics token is configured",
     409: "the name is already taken, or another request stored the same key first",
     413: "the body, a line or the number of lines exceeds a limit (the message names it)",
-    422: "the request is invalid; `param` names the field, `code` the rule",
+    422: "the request is invalid (Lorry's own routes; OpenAI's answer 400); `param` names "
+         "the field, `code` the rule",
     429: "the tenant's max_queued quota is full; retry after `Retry-After` seconds",
     503: "the job database cannot be reached (or aborted the request on a conflict with "
          "another); retry after `Retry-After` seconds",
@@ -216,6 +219,17 @@ def queue_error_status(exc: errors.QueueError) -> tuple[int, str, dict[str, str]
     return 422, "invalid_request", None
 
 
+# OpenAI's routes: an invalid request is 400 there, as OpenAI and vLLM answer it (the SDKs
+# raise BadRequestError, which OpenAI code catches); Lorry's own routes keep FastAPI's 422
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/files", "/v1/batches",
+                "/v1/models")
+
+
+def status_for(request: Request, status: int) -> int:
+    """The status an error answer has on this request's route (422 is 400 on OpenAI's)."""
+    return 400 if status == 422 and request.url.path.startswith(OPENAI_PATHS) else status
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that give every error the one shape."""
 
@@ -226,19 +240,21 @@ def install(app: FastAPI) -> None:
         if isinstance(detail, list):  # per-line errors of a batch upload
             lines, detail = detail, "; ".join(str(d.get("message", d)) if isinstance(d, dict)
                                               else str(d) for d in detail[:5])
-        return error_response(exc.status_code, str(detail), code=getattr(exc, "code", None),
+        return error_response(status_for(request, exc.status_code), str(detail),
+                              code=getattr(exc, "code", None),
                               param=getattr(exc, "param", None), lines=lines,
                               headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         message, param, code = validation_message(exc)
-        return error_response(422, message, code=code, param=param)
+        return error_response(status_for(request, 422), message, code=code, param=param)
 
     @app.exception_handler(errors.QueueError)
     async def _refused(request: Request, exc: errors.QueueError):
         status, code, headers = queue_error_status(exc)
-        return error_response(status, str(exc), code=code, headers=headers)
+        return error_response(status_for(request, status), str(exc), code=code,
+                              headers=headers)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):

@@ -78,7 +78,7 @@ def test_another_tenants_adapter_cannot_be_used(service, alice, bob, roots):
     assert [a["name"] for a in alice.get("/v1/adapters").json()["data"]] == []
     line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
             "body": {"model": "bobs", "prompt": "x"}}
-    refused(service, alice, "POST", "/v1/batches", 422, "unknown model 'bobs'",
+    refused(service, alice, "POST", "/v1/batches", 400, "unknown model 'bobs'",
             content=json.dumps(line).encode())
 
 
@@ -177,11 +177,11 @@ def test_batch_limits_and_duplicates(service, alice):
     huge = json.dumps({**line, "body": {"model": "base", "prompt": "y" * 5000}})
     refused(service, alice, "POST", "/v1/batches", 413, "line 1", content=huge.encode())
     dup = (json.dumps(line) + "\n") * 2
-    refused(service, alice, "POST", "/v1/batches", 422, "duplicate_custom_id", "line 2",
+    refused(service, alice, "POST", "/v1/batches", 400, "duplicate_custom_id", "line 2",
             content=dup.encode())
-    refused(service, alice, "POST", "/v1/batches", 422, "line 1",
+    refused(service, alice, "POST", "/v1/batches", 400, "line 1",
             content=b"garbage\n{]\n")
-    refused(service, alice, "POST", "/v1/batches", 422, "completion_window",
+    refused(service, alice, "POST", "/v1/batches", 400, "completion_window",
             content=jsonl(1).encode(), params={"completion_window": "forever"})
 
 

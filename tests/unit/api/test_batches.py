@@ -92,19 +92,19 @@ def test_multipart_upload(tenant_a):
 def test_duplicate_custom_id_refuses_the_whole_batch(service, tenant_a):
     _, queue, *_ = service
     r = upload(tenant_a, jsonl(chat("x"), chat("y"), chat("x")))
-    assert r.status_code == 422
+    assert r.status_code == 400
     [dup] = r.json()["error"]["lines"]
     assert r.json()["error"]["code"] == "duplicate_custom_id"
     assert dup["line"] == 3 and "custom_id 'x' already used on line 1" in dup["message"]
     assert queue.list_jobs(tenant_a.tenant.id) == []
 
 
-def test_all_bad_or_empty_is_422(service, tenant_a):
+def test_all_bad_or_empty_is_400(service, tenant_a):
     _, queue, *_ = service
     r = upload(tenant_a, jsonl(b"[1, 2]", chat("a", url_typo=1)))
-    assert r.status_code == 422 and [e["line"] for e in r.json()["error"]["lines"]] == [1, 2]
+    assert r.status_code == 400 and [e["line"] for e in r.json()["error"]["lines"]] == [1, 2]
     r = upload(tenant_a, b"\n\n")
-    assert r.status_code == 422 and "no request lines" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "no request lines" in r.json()["error"]["message"]
     assert queue.list_jobs(tenant_a.tenant.id) == []
 
 
@@ -154,7 +154,7 @@ def test_a_custom_id_repeated_on_an_invalid_line_refuses_the_whole_batch(service
     lines = [chat("a"), chat("a")]
     lines[refused] = chat("a", temperature=5)
     r = upload(tenant_a, jsonl(*lines))
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["code"] == "duplicate_custom_id" and err["param"] == "custom_id"
     assert "custom_id 'a' already used on line 1" in err["message"]
@@ -166,7 +166,7 @@ def test_an_input_file_deleted_while_its_batch_is_created_makes_no_batch(
         service, tenant_a, monkeypatch, when):
     """A DELETE /v1/files/{id} racing a batch create from that file: 404, nothing queued (a
     batch was created of the chunks read before the delete, the rest of the lines lost, or
-    the create answered 422 "no request lines")."""
+    the create answered 400 "no request lines")."""
     from lorry.scheduler import files
 
     _, queue, *_ = service

@@ -128,10 +128,10 @@ def test_unsupported_options_are_400(tenant_a, extra, param, words):
     assert err["type"] == "invalid_request_error"
 
 
-def test_out_of_range_penalty_is_422(tenant_a):
+def test_out_of_range_penalty_is_400(tenant_a):
     r = tenant_a.post("/v1/completions", json={"model": "base", "prompt": "x",
                                                "presence_penalty": 3})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "presence_penalty"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "presence_penalty"
 
 
 def test_no_result_in_time_is_504_naming_the_job(service, tenant_a):
@@ -259,10 +259,10 @@ class Failer(threading.Thread):
 
 
 @pytest.mark.parametrize("adapter_problem", [True, False])
-def test_a_failed_job_is_422_when_its_adapter_cannot_be_loaded_else_500(service, tenant_a,
+def test_a_failed_job_is_400_when_its_adapter_cannot_be_loaded_else_500(service, tenant_a,
                                                                          adapter_problem):
     """An adapter the worker cannot load (a Hub id it cannot fetch, a directory gone) is the
-    tenant's problem: 422 adapter_unloadable with the worker's reason, not a server error;
+    tenant's problem: 400 adapter_unloadable with the worker's reason, not a server error;
     any other failure stays 500 job_failed. Neither is worth retrying."""
     from lorry.scheduler.types import adapter_failure
 
@@ -278,7 +278,7 @@ def test_a_failed_job_is_422_when_its_adapter_cannot_be_loaded_else_500(service,
     err = r.json()["error"]
     assert r.headers["x-should-retry"] == "false"
     if adapter_problem:
-        assert (r.status_code, err["code"], err["param"]) == (422, "adapter_unloadable", "model")
+        assert (r.status_code, err["code"], err["param"]) == (400, "adapter_unloadable", "model")
         assert "'my/adapter' cannot be loaded: could not be fetched" in err["message"]
     else:
         assert (r.status_code, err["code"]) == (500, "job_failed")
@@ -370,7 +370,7 @@ def test_any_int64_seed_is_taken_as_openai_and_vllm_take_it(tenant_a, worker, se
             "body": {"model": "m", "prompt": "x", "seed": seed}}
     assert parse_line(1, json.dumps(line).encode()).body.sampling() == {"seed": seed}
     r = tenant_a.post("/v1/completions", json={"model": "base", "prompt": "x", "seed": -2**63 - 1})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "seed"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
 
 
 def test_a_chat_request_without_max_tokens_may_use_the_context(service, tenant_a, worker):
@@ -458,7 +458,7 @@ def test_a_stream_whose_client_left_before_the_first_byte_frees_its_slot_and_job
 
 
 def test_openai_chat_fields_that_change_nothing_here_are_accepted(tenant_a, worker):
-    """store, metadata and service_tier (what OpenAI SDK code often sends) were 422 extra
+    """store, metadata and service_tier (what OpenAI SDK code often sends) were refused extra
     inputs; vLLM takes them, and here every job is stored anyway."""
     r = tenant_a.post("/v1/chat/completions", json={
         "model": "base", "messages": [{"role": "user", "content": "hello"}], "store": True,
@@ -468,7 +468,7 @@ def test_openai_chat_fields_that_change_nothing_here_are_accepted(tenant_a, work
     bad = tenant_a.post("/v1/chat/completions", json={
         "model": "base", "messages": [{"role": "user", "content": "x"}],
         "metadata": {"k": 5}})
-    assert bad.status_code == 422 and bad.json()["error"]["param"].startswith("metadata")
+    assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("metadata")
 
 
 def test_stream_options_without_stream_is_refused_as_openai_does(tenant_a, service):

@@ -236,7 +236,7 @@ def test_a_batch_with_no_valid_line_is_failed_with_its_error_file(alice):
 
 def test_batch_create_refusals(service, alice, bob):
     f = alice.files.create(file=("in.jsonl", jsonl(line("a"), line("a"))), purpose="batch")
-    with pytest.raises(openai.UnprocessableEntityError) as e:
+    with pytest.raises(openai.BadRequestError) as e:
         alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                              completion_window="24h")
     assert e.value.code == "duplicate_custom_id" and "already used on line 1" in str(e.value)
@@ -244,13 +244,13 @@ def test_batch_create_refusals(service, alice, bob):
         bob.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                            completion_window="24h")
     assert e.value.body["param"] == "input_file_id"
-    with pytest.raises(openai.UnprocessableEntityError) as e:
+    with pytest.raises(openai.BadRequestError) as e:
         alice.batches.create(input_file_id=f.id, endpoint="/v1/embeddings",
                              completion_window="24h")
     assert e.value.body["param"] == "endpoint"
     for blank in (b"", b"\n", b"  \n\n"):     # no request line: empty, blank lines only
         empty = alice.files.create(file=("empty.jsonl", blank), purpose="batch")
-        with pytest.raises(openai.UnprocessableEntityError) as e:
+        with pytest.raises(openai.BadRequestError) as e:
             alice.batches.create(input_file_id=empty.id, endpoint="/v1/chat/completions",
                                  completion_window="24h")
         assert (e.value.code, e.value.body["param"]) == ("empty_batch", "input_file_id")

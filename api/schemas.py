@@ -249,14 +249,25 @@ def check_window(value: str) -> str:
     return value
 
 
+EXPIRY_SECONDS = (3600, 2_592_000)   # OpenAI's expires_after: one hour to 30 days
+
+
+class ExpiresAfter(Strict):
+    """OpenAI's expiration policy of a file: deleted ``seconds`` after its creation."""
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=EXPIRY_SECONDS[0], le=EXPIRY_SECONDS[1])
+
+
 class BatchCreate(Strict):
     """OpenAI's batch creation body: the uploaded JSONL file (purpose "batch") and the one
-    endpoint all its lines use."""
+    endpoint all its lines use; ``output_expires_after``: its output and error files expire."""
 
     input_file_id: str = Field(pattern=ID_PATTERN)
     endpoint: Literal["/v1/chat/completions", "/v1/completions"]
     completion_window: str = Field("24h", pattern=WINDOW_PATTERN)
     metadata: dict[str, Text] | None = Field(None, max_length=16)
+    output_expires_after: ExpiresAfter | None = None
 
     _window = field_validator("completion_window")(check_window)
 

@@ -54,8 +54,8 @@ class BatchOps:
                      chunks: Iterable[tuple[Sequence[JobSpec], Sequence[LineError]]], *,
                      endpoint: str | None = None, completion_window: str = "24h",
                      metadata: dict | None = None, input_file_id: str | None = None,
-                     model: str | None = None,
-                     idempotency_key: str | None = None) -> tuple[BatchInfo, bool]:
+                     model: str | None = None, idempotency_key: str | None = None,
+                     output_expires_seconds: int | None = None) -> tuple[BatchInfo, bool]:
         """Create a batch from chunks of (accepted specs, refused lines), read one chunk at
         a time into one transaction (an error from the chunks or a check rolls back all).
 
@@ -66,6 +66,8 @@ class BatchOps:
         is "in_progress". ``model`` is the base model's name in output lines. Returns
         (batch, created): a known idempotency_key returns that batch, reading no chunk.
         ``endpoint=None``: the requests' own (chat or text completions, else "mixed").
+        ``output_expires_seconds``: its output and error files expire that long after they
+        are built (OpenAI's output_expires_after; the maintenance pass deletes them).
         """
         seconds = window_seconds(completion_window)
         _check_fields(metadata, idempotency_key)
@@ -78,7 +80,7 @@ class BatchOps:
                    completion_window=completion_window, total=0, completed=0, failed=0,
                    metadata=metadata, created_at=now, expires_at=now + timedelta(seconds=seconds),
                    endpoint=endpoint, input_file_id=input_file_id, model=model, rejected=0,
-                   idempotency_key=idempotency_key)
+                   idempotency_key=idempotency_key, output_expires_seconds=output_expires_seconds)
         try:
             return self._ingest(row, chunks), True
         except errors.DuplicateKey:
@@ -112,8 +114,9 @@ class BatchOps:
                 values.update(status="in_progress", in_progress_at=now)
             else:
                 values.update(status="failed", failed_at=now, failed=rejected,
-                              error_file_id=self._error_file(conn, batch_id, tenant_id,
-                                                             row["model"]))
+                              error_file_id=self._error_file(
+                                  conn, batch_id, tenant_id, row["model"],
+                                  row["output_expires_seconds"]))
             conn.execute(q.update_batch(batch_id, **values))
             return self._batch(conn, batch_id, tenant_id)
 
@@ -237,19 +240,22 @@ class BatchOps:
             values["output_file_id"] = self.build_file(
                 conn, row.tenant_id, (jsonl(output_line(job, row.model)) for job in
                                       self._results(conn, batch_id, ("succeeded",))),
-                filename=f"{batch_id}_output.jsonl", batch_id=batch_id)
-            values["error_file_id"] = self._error_file(conn, batch_id, row.tenant_id, row.model)
+                filename=f"{batch_id}_output.jsonl", batch_id=batch_id,
+                expires_after_s=row.output_expires_seconds)
+            values["error_file_id"] = self._error_file(conn, batch_id, row.tenant_id, row.model,
+                                                       row.output_expires_seconds)
             conn.execute(q.update_batch(batch_id, **values))
         return True
 
-    def _error_file(self, conn, batch_id: str, tenant_id: str, model: str | None) -> str | None:
+    def _error_file(self, conn, batch_id: str, tenant_id: str, model: str | None,
+                    expires_after_s: int | None = None) -> str | None:
         def lines():
             for reject in self._rejects(conn, batch_id):
                 yield jsonl(reject_line(batch_id, reject))
             for job in self._results(conn, batch_id, FAILED_JOB_STATUSES):
                 yield jsonl(output_line(job, model))
         return self.build_file(conn, tenant_id, lines(), filename=f"{batch_id}_error.jsonl",
-                               batch_id=batch_id)
+                               batch_id=batch_id, expires_after_s=expires_after_s)
 
     def _rejects(self, conn, batch_id: str, limit: int | None = None) -> Iterator[LineError]:
         last = 0

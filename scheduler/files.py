@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import timedelta
 
 from lorry.scheduler import errors
 from lorry.scheduler import queries as q
@@ -48,13 +49,15 @@ def write_chunks(conn, file_id: str, pieces: Iterable[bytes]) -> tuple[int, int]
 class FileOps:
     def create_file(self, tenant_id: str, content: Iterable[bytes], *, filename: str,
                     purpose: str = "batch", idempotency_key: str | None = None,
-                    max_tenant_bytes: int | None = None) -> tuple[FileInfo, bool]:
+                    max_tenant_bytes: int | None = None,
+                    expires_after_s: int | None = None) -> tuple[FileInfo, bool]:
         """Store an upload (content: its bytes, in pieces) as one file of the tenant.
 
         Returns (file, created): a known idempotency_key returns the tenant's file of that
         key and stores nothing (content is not read). Raises InvalidJob for a bad purpose,
         filename or key, UnknownTenant, StorageFull when the tenant's files would then hold
-        more than max_tenant_bytes (nothing is stored).
+        more than max_tenant_bytes (nothing is stored). ``expires_after_s``: the maintenance
+        pass deletes it that long after its creation (OpenAI's expires_after).
         """
         if purpose not in PURPOSES:
             raise errors.InvalidJob(f"purpose must be one of {list(PURPOSES)}, got {purpose!r}")
@@ -76,9 +79,11 @@ class FileOps:
             with self.connector.begin() as conn:
                 if conn.execute(q.tenant_exists(tenant_id)).first() is None:
                     raise errors.UnknownTenant(f"tenant {tenant_id!r} does not exist")
+                now = self.now()
                 row = dict(id=file_id, tenant_id=tenant_id, purpose=purpose, filename=filename,
-                           bytes=0, lines=0, status="processed", created_at=self.now(),
-                           batch_id=None, idempotency_key=idempotency_key)
+                           bytes=0, lines=0, status="processed", created_at=now,
+                           batch_id=None, idempotency_key=idempotency_key,
+                           expires_at=_expiry(now, expires_after_s))
                 conn.execute(q.INSERT_FILE, row)
                 size, lines = write_chunks(conn, file_id, content)
                 if max_tenant_bytes is not None:
@@ -98,14 +103,15 @@ class FileOps:
             return known, False
 
     def build_file(self, conn, tenant_id: str, lines: Iterable[bytes], *, filename: str,
-                   batch_id: str | None) -> str | None:
+                   batch_id: str | None, expires_after_s: int | None = None) -> str | None:
         """A "batch_output" file of lines, in the caller's transaction; None (and no file)
         when lines is empty."""
-        file_id = new_file_id()
+        file_id, now = new_file_id(), self.now()
         conn.execute(q.INSERT_FILE, dict(id=file_id, tenant_id=tenant_id, purpose="batch_output",
                                          filename=filename, bytes=0, lines=0, status="processed",
-                                         created_at=self.now(), batch_id=batch_id,
-                                         idempotency_key=None))
+                                         created_at=now, batch_id=batch_id,
+                                         idempotency_key=None,
+                                         expires_at=_expiry(now, expires_after_s)))
         size, count = write_chunks(conn, file_id, lines)
         if not count:
             conn.execute(q.delete_file(file_id))
@@ -168,6 +174,13 @@ class FileOps:
         with self.connector.connect() as conn:
             return int(conn.execute(q.stored_bytes(tenant_id, "")).scalar_one())
 
+    def delete_expired_files(self, limit: int = 1000) -> int:
+        """Delete up to ``limit`` files past their expires_at (each with its bytes, in a
+        transaction of its own); how many."""
+        with self.connector.connect() as conn:
+            ids = [r.id for r in conn.execute(q.expired_files(self.now(), limit))]
+        return sum(self.delete_file(file_id, None) for file_id in ids)
+
     def delete_file(self, file_id: str, tenant_id: str | None) -> bool:
         """Delete the tenant's file and its bytes; False when there is no such file. Batches
         that name it keep their results (a deleted output file is gone for good)."""
@@ -177,6 +190,10 @@ class FileOps:
             conn.execute(q.delete_file_chunks(file_id))
             conn.execute(q.delete_file(file_id))
         return True
+
+
+def _expiry(now, seconds: int | None):
+    return None if seconds is None else now + timedelta(seconds=seconds)
 
 
 class _Row:

@@ -68,18 +68,19 @@ class MaintenanceOps:
                 return total
 
     def upkeep(self, due_after_s: float | None = None) -> dict[str, int] | None:
-        """Expire deadlines and finalize batches, and record the pass. ``due_after_s``: only
-        when no process started a pass in the last ``due_after_s`` seconds (None when
-        another did): draining Celery workers call it so, since beat's maintain waits for a
-        worker that is not draining, and under a steady load none is for up to
-        LORRY_DRAIN_MAX_SECONDS."""
+        """Expire deadlines, finalize batches and delete expired files, and record the pass.
+        ``due_after_s``: only when no process started a pass in the last ``due_after_s``
+        seconds (None when another did): draining Celery workers call it so, since beat's
+        maintain waits for a worker that is not draining, and under a steady load none is for
+        up to LORRY_DRAIN_MAX_SECONDS."""
         now = self.now()
         with self.connector.begin() as conn:
             before = now if due_after_s is None else now - timedelta(seconds=due_after_s)
             taken = conn.execute(q.take_turn(conn.dialect.name, UPKEEP, now, before)).first()
         if taken is None and due_after_s is not None:
             return None
-        return {"expired": self.expire_deadlines(), "batches_finalized": self.finalize_batches()}
+        return {"expired": self.expire_deadlines(), "batches_finalized": self.finalize_batches(),
+                "files_expired": self.delete_expired_files()}
 
     def prune_workers(self, older_than_s: float) -> int:
         """Forget workers whose last heartbeat is older than older_than_s seconds."""

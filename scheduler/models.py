@@ -95,6 +95,8 @@ class Batch(Base):
     # Lines refused at creation (in batch_rejects): counted in total and failed.
     rejected: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # OpenAI's output_expires_after: its output and error files expire this long after built
+    output_expires_seconds: Mapped[int | None] = mapped_column(Integer)
 
 
 class BatchReject(Base):
@@ -118,6 +120,8 @@ class File(Base):
     __tablename__ = "files"
     __table_args__ = (
         Index("ix_files_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_files_expires", "expires_at", postgresql_where=text("expires_at IS NOT NULL"),
+              sqlite_where=text("expires_at IS NOT NULL")),
         Index("uq_files_tenant_idempotency", "tenant_id", "idempotency_key", unique=True,
               postgresql_where=text("idempotency_key IS NOT NULL"),
               sqlite_where=text("idempotency_key IS NOT NULL")),
@@ -132,6 +136,7 @@ class File(Base):
     created_at: Mapped[datetime]
     batch_id: Mapped[str | None] = mapped_column(String(40))  # batch_output: whose file
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    expires_at: Mapped[datetime | None]   # deleted by the maintenance pass after this
 
 
 class FileChunk(Base):

@@ -776,6 +776,10 @@ def stored_bytes(tenant_id: str, but: str):
                                                                  F.c.id != but)
 
 
+def expired_files(now, limit: int):
+    return select(F.c.id).where(F.c.expires_at.is_not(None), F.c.expires_at <= now).limit(limit)
+
+
 def delete_file(file_id: str):
     return delete(F).where(F.c.id == file_id)
 

@@ -49,4 +49,5 @@ def batch_info(r, counts: dict[str, int]) -> BatchInfo:
 def file_info(r) -> FileInfo:
     return FileInfo(id=r.id, tenant_id=r.tenant_id, purpose=r.purpose, filename=r.filename,
                     bytes=r.bytes, lines=r.lines, status=r.status, created_at=r.created_at,
-                    batch_id=r.batch_id, idempotency_key=r.idempotency_key)
+                    batch_id=r.batch_id, idempotency_key=r.idempotency_key,
+                    expires_at=getattr(r, "expires_at", None))

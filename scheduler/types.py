@@ -184,3 +184,4 @@ class FileInfo:
     created_at: datetime | None
     batch_id: str | None = None
     idempotency_key: str | None = None
+    expires_at: datetime | None = None   # deleted after this (OpenAI's expires_after)

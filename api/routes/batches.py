@@ -213,7 +213,9 @@ async def _create_from_file(request, response, tenant, queue, settings, idempote
         info, created = await run_in_threadpool(
             _ingest, queue, tenant, settings, lines, stats, one_step=False,
             endpoint=body.endpoint, completion_window=body.completion_window,
-            metadata=body.metadata, input_file_id=source.id, idempotency_key=idempotency_key)
+            metadata=body.metadata, input_file_id=source.id, idempotency_key=idempotency_key,
+            output_expires_seconds=body.output_expires_after.seconds
+            if body.output_expires_after else None)
     except DuplicateCustomId as e:
         first = e.errors[0]
         raise ApiError(422, first["message"], code=first["code"], param=first["param"],

@@ -10,7 +10,7 @@ from starlette.datastructures import UploadFile
 from lorry.api.convert import file_out
 from lorry.api.deps import get_queue, get_settings, get_tenant
 from lorry.api.errors import ApiError, responses
-from lorry.api.schemas import FileDeleted, FileList, FileOut, is_id
+from lorry.api.schemas import EXPIRY_SECONDS, FileDeleted, FileList, FileOut, is_id
 from lorry.api.upload import CHUNK
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -72,14 +72,33 @@ async def upload_file(request: Request, response: Response, tenant=Depends(get_t
             raise ApiError(400, "the 'file' part is missing: send the JSONL file as the "
                                 "multipart part 'file'", code="missing_file", param="file")
         filename = (upload.filename or "upload.jsonl")[-255:]
+        expires = _expires_after(form)
         info, created = await run_in_threadpool(
             queue.create_file, tenant.id, _pieces(upload, settings.max_body_bytes),
             filename=filename, purpose="batch", idempotency_key=idempotency_key,
-            max_tenant_bytes=settings.max_file_bytes_per_tenant)
+            max_tenant_bytes=settings.max_file_bytes_per_tenant, expires_after_s=expires)
     finally:
         await form.close()
     response.status_code = 201 if created else 200
     return file_out(info)
+
+
+def _expires_after(form) -> int | None:
+    """OpenAI's ``expires_after`` of an upload (the SDK sends ``expires_after[anchor]`` and
+    ``expires_after[seconds]`` parts): its seconds, or None; 400 naming what is wrong."""
+    anchor, seconds = form.get("expires_after[anchor]"), form.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return None
+    low, high = EXPIRY_SECONDS
+    if anchor != "created_at":
+        raise ApiError(400, "expires_after.anchor must be 'created_at'",
+                       code="invalid_value", param="expires_after.anchor")
+    if not isinstance(seconds, str) or not seconds.isascii() or not seconds.isdigit() \
+            or not low <= int(seconds) <= high:
+        raise ApiError(400, f"expires_after.seconds must be a whole number of seconds from "
+                            f"{low} (an hour) to {high} (30 days)",
+                       code="invalid_value", param="expires_after.seconds")
+    return int(seconds)
 
 
 @router.get("", response_model=FileList, summary="List your files, newest first (cursor: "

@@ -139,10 +139,13 @@ def test_upkeep_takes_one_turn_per_interval_across_processes(make_queue, tenant,
     expires deadlines and finalizes batches per interval, the others skip."""
     worker_a, worker_b = make_queue(), make_queue()
     batch = worker_a.create_batch(tenant.id, specs(1), completion_window="1h")
-    assert worker_a.upkeep(due_after_s=15) == {"expired": 0, "batches_finalized": 0}
+    assert worker_a.upkeep(due_after_s=15) == {"expired": 0, "batches_finalized": 0,
+                                               "files_expired": 0}
     clock.advance(3601)  # the window ends
     assert worker_b.upkeep(due_after_s=3600 + 2) is None  # worker_a's turn: 3601 s ago
-    assert worker_b.upkeep(due_after_s=15) == {"expired": 1, "batches_finalized": 1}
+    assert worker_b.upkeep(due_after_s=15) == {"expired": 1, "batches_finalized": 1,
+                                               "files_expired": 0}
     assert worker_a.upkeep(due_after_s=15) is None
-    assert worker_a.upkeep() == {"expired": 0, "batches_finalized": 0}  # beat: always
+    assert worker_a.upkeep() == {"expired": 0, "batches_finalized": 0,  # beat: always
+                                 "files_expired": 0}
     assert worker_a.get_batch(batch.id, tenant.id).status == "expired"

@@ -374,3 +374,63 @@ def test_a_tenant_creating_too_many_batches_at_once_gets_429(service, alice, bob
     assert len(made) == 3 and len(list(alice.batches.list())) == 2
     assert alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                                 completion_window="24h").status == "in_progress"
+
+
+def test_files_expire_as_their_expires_after_asks(service, alice, bob, monkeypatch):
+    """expires_after (files.create) and output_expires_after (batches.create) were refused
+    or ignored: a night's uploads and outputs stayed until deleted by hand, against the
+    tenant's storage limit. The maintenance pass now deletes them once expired."""
+    from datetime import timedelta
+
+    _, queue, *_ = service
+    hour = {"anchor": "created_at", "seconds": 3600}
+    f = alice.files.create(file=("in.jsonl", io.BytesIO(jsonl(line("a")))), purpose="batch",
+                           expires_after=hour)
+    assert f.expires_at == f.created_at + 3600
+    assert alice.files.retrieve(f.id).expires_at == f.expires_at
+    kept = alice.files.create(file=("in.jsonl", io.BytesIO(jsonl(line("k")))), purpose="batch")
+    assert kept.expires_at is None
+    other = bob.files.create(file=("in.jsonl", io.BytesIO(jsonl(line("b")))), purpose="batch",
+                             expires_after={"anchor": "created_at", "seconds": 7200})
+    batch = alice.batches.create(input_file_id=kept.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h",
+                                 output_expires_after={"anchor": "created_at", "seconds": 86400})
+    finish_all(queue)
+    assert queue.finalize_batches() == 1
+    done = alice.batches.retrieve(batch.id)
+    out = alice.files.retrieve(done.output_file_id)
+    assert out.expires_at == out.created_at + 86400
+    before = queue.stored_bytes(alice.tenant.id)
+    assert queue.upkeep()["files_expired"] == 0           # nothing is due yet
+    real_now = queue.now
+    monkeypatch.setattr(queue, "now", lambda: real_now() + timedelta(seconds=3601))
+    assert queue.upkeep()["files_expired"] == 1           # alice's hour, not bob's two
+    with pytest.raises(openai.NotFoundError):
+        alice.files.retrieve(f.id)
+    assert queue.stored_bytes(alice.tenant.id) == before - f.bytes
+    assert bob.files.retrieve(other.id).id == other.id
+    assert alice.files.content(kept.id).text              # no expiry asked: kept
+    monkeypatch.setattr(queue, "now", lambda: real_now() + timedelta(days=1, seconds=10))
+    assert queue.upkeep()["files_expired"] == 2           # bob's, then the batch's output
+    with pytest.raises(openai.NotFoundError):
+        alice.files.content(done.output_file_id)
+    assert alice.batches.retrieve(batch.id).status == "completed"
+
+
+@pytest.mark.parametrize("expires, param", [
+    ({"anchor": "created_at", "seconds": 60}, "expires_after.seconds"),
+    ({"anchor": "created_at", "seconds": 2_592_001}, "expires_after.seconds"),
+    ({"anchor": "last_active_at", "seconds": 3600}, "expires_after.anchor")])
+def test_an_expiry_out_of_openais_range_is_refused(service, alice, expires, param):
+    _, queue, *_ = service
+    with pytest.raises(openai.BadRequestError) as e:
+        alice.files.create(file=("in.jsonl", io.BytesIO(jsonl(line("a")))), purpose="batch",
+                           expires_after=expires)
+    assert e.value.body["param"] == param
+    assert alice.files.list().data == []                 # nothing stored
+    f = alice.files.create(file=("in.jsonl", io.BytesIO(jsonl(line("a")))), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as e:
+        alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                             completion_window="24h", output_expires_after=expires)
+    assert e.value.body["param"].startswith("output_expires_after")
+    assert alice.batches.list().data == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from lorry.workers.pipeline import Claimed, Claimer, WriteOp, Writer
@@ -325,6 +325,13 @@ class Drainer:
         from lorry.engine import SamplingParams
 
         job = claimed.job
+        mine = self.held.get(job.id)
+        if mine is not None:
+            # our own running job, requeued while our heartbeats could not reach the
+            # database (its lease ran out) and claimed back by us: it runs on, under the new
+            # lease (the engine would refuse its id as in use)
+            self.held[job.id] = replace(claimed, claimed_at=mine.claimed_at)
+            return
         try:
             params = SamplingParams.from_dict(job.sampling)
             prompt = job.messages if job.messages is not None else job.prompt

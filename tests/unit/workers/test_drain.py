@@ -425,6 +425,39 @@ def test_the_drain_that_runs_a_batchs_last_jobs_finalizes_it(queue, engine, tiny
     assert final.output_file_id is not None
 
 
+def test_a_job_reclaimed_after_a_database_outage_runs_on_and_succeeds(queue, engine,
+                                                                      monkeypatch):
+    """An outage longer than the lease: the worker's heartbeats failed, its running job's
+    lease ran out, and when the database came back the worker's own next claim requeued the
+    job and leased it to the same worker again, whose engine refused the id as in use; the
+    drain took that ValueError for a bad request and failed the job for good (an audit with
+    a real PostgreSQL stopped for 25 s and for 65 s)."""
+    import lorry.scheduler.claims as claims
+
+    tenant, _ = queue.create_tenant("t")
+    [job] = queue.submit(tenant.id, [JobSpec(adapter=None, prompt="long", sampling={
+        "max_tokens": 100, "ignore_eos": True, "temperature": 0})])
+    expected = alone(engine, queue, None, "long", 100)
+    monkeypatch.setattr(claims, "RESCUE_EVERY_S", 0.0)   # every claim requeues expired leases
+    real_heartbeat, away_until = queue.heartbeat, time.monotonic() + 2.5
+
+    def heartbeat(*a, **kw):                             # the database is away for 2.5 s
+        if time.monotonic() < away_until:
+            raise ConnectionError("the database is away")
+        return real_heartbeat(*a, **kw)
+
+    monkeypatch.setattr(queue, "heartbeat", heartbeat)
+    real_step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.3), real_step())[1])  # ~4 s
+    d = Drainer(queue, engine, "w-test", max_num_seqs=4, lease_seconds=1.0,
+                heartbeat_seconds=0.2)
+    summary = d.run()
+    done = queue.get_job(job.id)
+    assert done.status == "succeeded", done.error
+    assert done.result.token_ids == expected
+    assert summary.succeeded == 1 and summary.failed == 0
+
+
 def test_a_chat_template_that_raises_fails_only_its_job(queue, engine, monkeypatch):
     """add_request raised the template's own error (jinja2's TemplateError, not a ValueError):
     the drain stopped, its co-running jobs were charged an attempt and the bad job stayed

@@ -308,8 +308,20 @@ class _Stream:
         if self.subscription is None:
             await anyio.sleep(0.1)
             return None
-        return await self.subscription[1].get_message(ignore_subscribe_messages=True,
-                                                      timeout=0.25)
+        try:
+            return await self.subscription[1].get_message(ignore_subscribe_messages=True,
+                                                          timeout=0.25)
+        except Exception as e:  # noqa: BLE001 - Redis went away: the stream goes on from the
+            # job's row (read every STREAM_POLL_S), the rest of its text when it has ended
+            log.warning("the streamed text of %s is read from the job table from here: Redis "
+                        "cannot be reached (%s)", self.job.id, type(e).__name__)
+            lost, self.subscription = self.subscription, None
+            with anyio.CancelScope(shield=True):
+                try:
+                    await lost[0].aclose()
+                except Exception:  # noqa: BLE001 - its connection is gone anyway
+                    pass
+            return None
 
     def _published(self, data: dict) -> list[str]:
         """A piece the worker published: the characters not sent yet."""

@@ -244,6 +244,38 @@ def test_a_stream_whose_row_was_read_while_running_still_ends_with_usage(service
     assert json.loads(events[-2].removeprefix("data: "))["usage"]["total_tokens"] == 9
 
 
+def test_redis_lost_mid_stream_ends_the_stream_from_the_job_row(service, tenant_a,
+                                                                monkeypatch):
+    """Redis went away during a stream=true answer: get_message raised, the ASGI app died
+    mid-stream (the client read an incomplete chunked body) and the job was cancelled with
+    part of its text (an outage audit with a real Redis)."""
+    import redis
+
+    from lorry.api.routes import completions
+    from lorry.scheduler import JobSpec, Result
+
+    queue = service[1]
+    [info] = queue.submit(tenant_a.tenant.id, [JobSpec(adapter=None, prompt="x")])
+    monkeypatch.setattr(completions, "STREAM_POLL_S", 0.0)
+
+    def publish(n):
+        if n == 1:
+            return {"offset": 0, "text": "H", "finish_reason": None}
+        if n == 2:   # the job ends while Redis is away
+            [mb] = queue.claim("test-worker", [], [], 1)
+            queue.complete(info.id, mb.jobs[0].lease_token, Result("Hi", [72, 1], "stop", 7, 2))
+            raise redis.exceptions.ConnectionError("Connection closed by server.")
+        raise AssertionError("read again from a subscription that failed")
+
+    events = _stream_over(queue, tenant_a.tenant, info.id, publish, chat=True, usage=True)
+    assert events[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "Hi"
+    assert chunks[-1]["usage"]["total_tokens"] == 9
+    assert queue.get_job(info.id).status == "succeeded"   # not cancelled
+
+
 class Failer(threading.Thread):
     """Claims queued jobs and fails them (not retried) with ``error``."""
 

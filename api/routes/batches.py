@@ -178,8 +178,8 @@ async def _create_in_one_step(request, response, tenant, queue, settings, idempo
                        code="no_valid_lines", lines=refused) from None
     finally:
         spool.close()
-    if created:
-        nudge(request, stats.accepted)
+    if created:   # off the event loop: an unresponsive Redis would stall every request
+        await run_in_threadpool(nudge, request, stats.accepted)
     response.status_code = 201 if created else 200
     return batch_out(info, _shown(queue, tenant, info))
 
@@ -226,7 +226,7 @@ async def _create_from_file(request, response, tenant, queue, settings, idempote
     finally:
         spool.close()
     if created and stats.accepted:
-        nudge(request, stats.accepted)
+        await run_in_threadpool(nudge, request, stats.accepted)
     response.status_code = 201 if created else 200
     return batch_out(info, _shown(queue, tenant, info))
 

@@ -197,3 +197,29 @@ def test_an_input_file_deleted_while_its_batch_is_created_makes_no_batch(
     assert "deleted while it was read" in err["message"] and file_id in err["message"]
     assert tenant_a.get("/v1/batches").json()["data"] == []
     assert queue.list_jobs(tenant_a.tenant.id) == []
+
+
+def test_a_slow_nudge_does_not_stall_other_requests(service, tenant_a):
+    """A batch create woke the workers on the event loop: with Redis not answering (stopped,
+    not down), every request of the API process waited for it (/healthz 2 s in an audit)."""
+    import threading
+
+    app = service[0]
+    nudged, answered, waited = threading.Event(), threading.Event(), []
+
+    def slow_nudge():          # a Redis that does not answer until /healthz has been
+        nudged.set()
+        waited.append(answered.wait(10))
+        return False
+
+    app.state.nudger = slow_nudge
+    created = {}
+    t = threading.Thread(target=lambda: created.setdefault("r", upload(
+        tenant_a, jsonl(chat("a")))))
+    t.start()
+    assert nudged.wait(10)
+    assert tenant_a.get("/healthz").status_code == 200   # while the nudge still waits
+    answered.set()
+    t.join()
+    assert waited == [True]    # on the event loop, /healthz waited for the nudge's 10 s
+    assert created["r"].status_code == 201

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
 
 from lorry.scheduler import errors, queries
 from lorry.scheduler.claim_cache import bump_generation
@@ -157,6 +158,14 @@ def _generic_plans(dbapi_conn, _record) -> None:
         cur.execute(queries.PG_CLAIM_CONNECT)
 
 
+# libpq's own limits, so that a server that stops answering (a host gone from the network,
+# not one refusing connections) is an error in seconds, not a request that hangs: a new
+# connection gives up after connect_timeout, an open one whose data goes unacknowledged after
+# tcp_user_timeout (ms), and an idle one is probed by TCP keepalives
+PG_CONNECT = {"connect_timeout": 10, "tcp_user_timeout": 30_000, "keepalives": 1,
+              "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+
+
 def make_engine(url: str, **kwargs) -> Engine:
     """An Engine for `sqlite:///path` (serialized writers) or `postgresql+psycopg://...`."""
     if url.startswith("sqlite"):
@@ -166,6 +175,9 @@ def make_engine(url: str, **kwargs) -> Engine:
         return engine
     kwargs.setdefault("pool_size", 8)
     kwargs.setdefault("pool_pre_ping", True)
+    given = make_url(url).query   # libpq settings the URL names win over these
+    kwargs["connect_args"] = {**{k: v for k, v in PG_CONNECT.items() if k not in given},
+                              **kwargs.get("connect_args", {})}
     engine = create_engine(url, **kwargs)
     event.listen(engine, "checkin", _bump_after_write)
     return engine

@@ -180,12 +180,16 @@ class _Job:
         self.id, self.request, self.queue, self.tenant = job_id, request, queue, tenant
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
+        self.status = "queued"   # as last read
 
     async def read(self):
         """The job's row; None while the database cannot be read. The job is queued already:
         a 503 now would make the SDKs, which retry 503s, submit it a second time."""
         try:
-            return await run_sync(self.queue.get_job, self.id, self.tenant.id)
+            info = await run_sync(self.queue.get_job, self.id, self.tenant.id)
+            if info is not None:
+                self.status = info.status
+            return info
         except (errors.Unavailable, errors.Retryable) as e:
             log.warning("cannot read %s while waiting for it (reading again): %s", self.id, e)
             return None
@@ -198,9 +202,11 @@ class _Job:
                 log.warning("could not cancel %s after its client left: %s", self.id, e)
 
     def timed_out(self) -> ApiError:
+        why = ("; no worker took it: are the GPU workers running, and can they and this API "
+               "reach their broker (LORRY_BROKER_URL)?") if self.status == "queued" else ""
         return ApiError(504, f"job {self.id} did not finish within {self.timeout:g} s "
-                             f"(LORRY_SYNC_TIMEOUT_SECONDS); it keeps running: poll GET "
-                             f"/v1/jobs/{self.id} for its result", code="timeout",
+                             f"(LORRY_SYNC_TIMEOUT_SECONDS){why}; it stays queued or running: "
+                             f"poll GET /v1/jobs/{self.id} for its result", code="timeout",
                         headers={**NO_RETRY, "x-lorry-job-id": self.id})
 
     def ended(self, info) -> ApiError:

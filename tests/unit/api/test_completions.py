@@ -513,3 +513,31 @@ def test_stream_options_without_stream_is_refused_as_openai_does(tenant_a, servi
         assert r.json()["error"]["param"] == "stream_options"
         assert "stream=true" in r.json()["error"]["message"]
     assert service[1].list_jobs(tenant_a.tenant.id) == []    # nothing queued
+
+
+def test_a_completion_no_worker_took_says_so_at_its_timeout(service, tenant_a):
+    """With Redis away (or no worker running) nothing takes the job: the 504 said only that
+    it "did not finish", nothing pointing at the workers or their broker (an outage audit)."""
+    import threading
+
+    service[2].sync_timeout_seconds = 0.5
+    body = {"model": "base", "messages": [{"role": "user", "content": "hi"}]}
+    r = tenant_a.post("/v1/chat/completions", json=body)
+    assert r.status_code == 504
+    message = r.json()["error"]["message"]
+    assert "no worker took it" in message and "LORRY_BROKER_URL" in message
+    queue, taken = service[1], threading.Event()
+    queue.cancel(r.headers["x-lorry-job-id"], tenant_a.tenant.id)   # it stays queued: not it
+
+    def take():       # a worker that claims the next job and is still running it
+        while not taken.is_set():
+            if queue.claim("slow-worker", [], [], 1):
+                taken.set()
+            time.sleep(0.02)
+
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    r = tenant_a.post("/v1/chat/completions", json=body)
+    taken.set()
+    assert r.status_code == 504
+    assert "no worker took it" not in r.json()["error"]["message"]

@@ -106,12 +106,18 @@ def _nudge_taken(settings) -> None:
 @app.task(name="lorry.maintain")
 def maintain() -> dict:
     """Reaper, deadline expiry, batch finalization, worker pruning; nudge drain if work waits."""
+    from lorry.scheduler.errors import Retryable, Unavailable
     from lorry.workers.runtime import queue_for
 
     q = queue_for(settings)
-    done = {"reaped": q.reap_expired_leases(), **q.upkeep(),
-            "workers_pruned": q.prune_workers(settings.prune_workers_after)}
-    queued = sum(n for status, _, _, n in q.queue_depth() if status == "queued")
+    try:
+        done = {"reaped": q.reap_expired_leases(), **q.upkeep(),
+                "workers_pruned": q.prune_workers(settings.prune_workers_after)}
+        queued = sum(n for status, _, _, n in q.queue_depth() if status == "queued")
+    except (Unavailable, Retryable) as e:  # one line, not a traceback each interval: the
+        # next maintain (beat's, or a drain's upkeep) does it when the database is back
+        log.warning("maintain skipped: the job database cannot be reached (%s)", e)
+        return {"skipped": "database unavailable"}
     if queued:
         drain.apply_async()
     done["queued"] = queued

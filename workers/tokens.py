@@ -6,8 +6,10 @@ import json
 import logging
 import queue
 import threading
+import time
 
 log = logging.getLogger(__name__)
+REDIS_RETRY_S = 5.0   # pieces are dropped this long after a publish failed, then tried again
 
 
 def stream_channel(prefix: str, job_id: str) -> str:
@@ -63,10 +65,24 @@ class TokenPublisher:
                                         "finish_reason": finish_reason}))
 
     def _publish_forever(self) -> None:
+        down_until, dropped = 0.0, 0
         while True:
             request_id, message = self._pending.get()
+            if time.monotonic() < down_until:   # Redis was away a moment ago: no try per
+                dropped += 1                    # piece (each held the thread for seconds)
+                continue
             try:
                 self._redis.publish(stream_channel(self._prefix, request_id),
                                     json.dumps(message))
             except Exception as e:  # noqa: BLE001 - Redis away: the API reads the stored result
-                log.warning("could not publish streamed text of %s: %s", request_id, e)
+                if not down_until:
+                    log.warning("cannot publish streamed text (%s: %s); pieces are dropped "
+                                "while Redis is away, tried again every %.0f s (the API reads "
+                                "the stored results)", type(e).__name__, e, REDIS_RETRY_S)
+                down_until = time.monotonic() + REDIS_RETRY_S
+                dropped += 1
+            else:
+                if down_until:
+                    log.warning("publishing streamed text again; %d pieces were dropped while "
+                                "Redis was away", dropped)
+                down_until, dropped = 0.0, 0

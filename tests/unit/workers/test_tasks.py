@@ -63,3 +63,20 @@ def test_a_worker_started_while_the_database_is_down_waits_for_it(monkeypatch, c
     with caplog.at_level("WARNING", logger="lorry.workers.tasks"):
         tasks._load_engine()   # Celery's worker_ready: no traceback, the worker stays up
     assert "waits for it" in caplog.text and "LORRY_DATABASE_URL" in caplog.text
+
+
+def test_maintain_while_the_database_is_away_is_one_warning_not_a_traceback(monkeypatch,
+                                                                            caplog):
+    """Beat's maintain raised Unavailable each interval while the database was down: Celery
+    logged ~120 lines of traceback every 15 s (an outage audit)."""
+    from lorry.scheduler import errors
+    from lorry.workers import runtime, tasks
+
+    class Away:
+        def reap_expired_leases(self):
+            raise errors.Unavailable("connection refused")
+
+    monkeypatch.setattr(runtime, "queue_for", lambda settings: Away())
+    with caplog.at_level("WARNING", logger="lorry.workers.tasks"):
+        assert tasks.maintain.run() == {"skipped": "database unavailable"}
+    assert ["maintain skipped" in r.getMessage() for r in caplog.records] == [True]

@@ -208,7 +208,7 @@ def _url_of(data: bytes) -> str | None:
     """The ``url`` of a raw line that is a JSON object with a string url, else None."""
     try:
         obj = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):   # json_too_deep lines too
         return None
     url = obj.get("url") if isinstance(obj, dict) else None
     return url if isinstance(url, str) else None

@@ -121,10 +121,16 @@ class Drainer:
         if self._writer is not None:
             jobs += self._writer.pending_jobs()
         hot, warm = self._hot_warm if self._claimer is not None else self.hot_warm()
-        stop = self.queue.heartbeat(self.worker_id, [(j.id, j.lease_token) for j in jobs],
+        sent = {j.id: j.lease_token for j in jobs}
+        stop = self.queue.heartbeat(self.worker_id, list(sent.items()),
                                     hot, warm, self.max_num_seqs,
                                     lease_seconds=self.lease_seconds)
-        self._stop(set(stop or ()))
+        # a lease lost while this beat was on its way may be one this worker has claimed
+        # back since (a database outage longer than the lease): its new lease stands
+        now = {c.job.id: c.job.lease_token for c in list(self.held.values())}
+        if self._claimer is not None:
+            now.update((c.job.id, c.job.lease_token) for c in self._claimer.buffered())
+        self._stop({i for i in stop or () if now.get(i, sent.get(i)) == sent.get(i)})
         self.stats.cache = cache_counts(self.engine)
         if self.publish is not None:
             self.publish(self.stats)

@@ -168,6 +168,12 @@ def test_a_line_under_the_other_endpoints_url_is_refused_for_its_url(service, al
     [err] = batch.errors.data
     assert (err.line, err.code, err.param) == (2, "invalid_url", "url")
     assert "differs from the batch's endpoint '/v1/chat/completions'" in err.message
+    # a line too deep for the JSON parser (json_too_deep) stays a line error, not a 500
+    deep = alice.files.create(file=("in.jsonl", jsonl(line("ok"), b"[" * 2000 + b"]" * 2000)),
+                              purpose="batch")
+    [err] = alice.batches.create(input_file_id=deep.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h").errors.data
+    assert (err.line, err.code) == (2, "json_too_deep")
     # the batch's url over the other endpoint's body: the body is what is wrong
     g = alice.files.create(file=("in.jsonl", jsonl(line("ok"), prompt_under_chat)),
                            purpose="batch")

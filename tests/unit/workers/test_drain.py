@@ -425,25 +425,32 @@ def test_the_drain_that_runs_a_batchs_last_jobs_finalizes_it(queue, engine, tiny
     assert final.output_file_id is not None
 
 
+@pytest.mark.parametrize("late_beat", [0.0, 1.5])
 def test_a_job_reclaimed_after_a_database_outage_runs_on_and_succeeds(queue, engine,
-                                                                      monkeypatch):
+                                                                      monkeypatch, late_beat):
     """An outage longer than the lease: the worker's heartbeats failed, its running job's
     lease ran out, and when the database came back the worker's own next claim requeued the
     job and leased it to the same worker again, whose engine refused the id as in use; the
     drain took that ValueError for a bad request and failed the job for good (an audit with
-    a real PostgreSQL stopped for 25 s and for 65 s)."""
+    a real PostgreSQL stopped for 25 s and for 65 s). ``late_beat``: the first heartbeat
+    after the outage, sent with the old lease, answers after the job was claimed back: its
+    "lease lost" stopped the job under its new lease (ended cancelled; a review)."""
     import lorry.scheduler.claims as claims
 
     tenant, _ = queue.create_tenant("t")
     [job] = queue.submit(tenant.id, [JobSpec(adapter=None, prompt="long", sampling={
-        "max_tokens": 100, "ignore_eos": True, "temperature": 0})])
+        "max_tokens": 100, "ignore_eos": True, "temperature": 0}, max_attempts=20)])
     expected = alone(engine, queue, None, "long", 100)
     monkeypatch.setattr(claims, "RESCUE_EVERY_S", 0.0)   # every claim requeues expired leases
     real_heartbeat, away_until = queue.heartbeat, time.monotonic() + 2.5
 
+    late = [late_beat]
+
     def heartbeat(*a, **kw):                             # the database is away for 2.5 s
         if time.monotonic() < away_until:
             raise ConnectionError("the database is away")
+        if late and late[0]:
+            time.sleep(late.pop())                       # its leases are the old ones
         return real_heartbeat(*a, **kw)
 
     monkeypatch.setattr(queue, "heartbeat", heartbeat)

@@ -33,6 +33,7 @@ KINDS = {  # kind -> (what the message calls them, their setting, Retry-After se
 SLOT_TTL = 30.0      # seconds a slot lasts in Redis unless its process renews it
 RENEW_EVERY = 5.0    # seconds between a process's renewals of the slots it holds
 REDIS_RETRY = 30.0   # seconds counting per process after Redis could not be reached
+GIVE_WAIT_S = 0.25   # the most an answer waits for its slot's release in Redis
 
 # KEYS[1]: the tenant's set; ARGV: limit, ttl, member. Lapsed slots go first; the server's
 # clock scores them, so API hosts' clocks need not agree. -> {taken 1/0, slots held}
@@ -103,11 +104,13 @@ class TenantSlots:
             else:
                 if not int(taken):
                     self._refuse(int(held), "across this service's API processes")
+                mine = self.open.setdefault(tenant_id, {})   # (it may have gone meanwhile)
                 mine[token] = now
                 with self._lock:
                     self._shared[token] = (key, member, now, stale_after)
                     self._start_renewer()
                 return token
+        mine = self.open.setdefault(tenant_id, {})
         if len(mine) >= limit:
             self._refuse(len(mine), "on this API process")
         mine[token] = now
@@ -115,20 +118,29 @@ class TenantSlots:
 
     async def leave(self, tenant_id: str, token: int) -> None:
         """Gives the slot back: here at once, in Redis from a thread of its own, handed the
-        work before the first await (a cancelled request's end cannot skip it), and waited
-        for (the answer goes out once its slot is free for the tenant's next request)."""
+        work before the first await (a cancelled request's end cannot skip it) and waited for
+        up to GIVE_WAIT_S (the answer goes out once its slot is free for the tenant's next
+        request; a Redis that does not answer holds it no longer). While Redis is known to
+        be away the slot is left to lapse (it is no longer renewed)."""
         shared = self._forget(tenant_id, token)
-        if shared is not None:
-            with self._lock:
-                if self._giver is None:
-                    self._giver = ThreadPoolExecutor(1, thread_name_prefix="lorry-slots")
-                done = self._giver.submit(self._give, shared[0], shared[1])
-            await asyncio.shield(asyncio.wrap_future(done))
+        if shared is None or time.monotonic() < self._redis_back_at:
+            return
+        with self._lock:
+            if self._giver is None:
+                self._giver = ThreadPoolExecutor(4, thread_name_prefix="lorry-slots")
+            done = self._giver.submit(self._give, shared[0], shared[1])
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), GIVE_WAIT_S)
+        except asyncio.TimeoutError:
+            pass
 
     def _give(self, key: str, member: str) -> None:
+        if time.monotonic() < self._redis_back_at:
+            return          # found away meanwhile: the slot lapses by itself
         try:
             self.redis.zrem(key, member)
         except Exception as e:  # noqa: BLE001 - no longer renewed, it lapses by itself
+            self._redis_back_at = time.monotonic() + REDIS_RETRY
             log.warning("a tenant slot lapses in %.0f s: Redis cannot be reached (%s)",
                         self.ttl, type(e).__name__)
 
@@ -176,12 +188,14 @@ class TenantSlots:
 
 def slot_client(url: str):
     """The Redis client the slots use: one try per call (redis-py's default retries with
-    back-off would hold each request ~3 s whenever Redis is away), short timeouts."""
+    back-off would hold each request ~3 s whenever Redis is away) and half a second at most
+    (a slot's script takes well under a millisecond; a Redis that stopped answering holds a
+    request, and a thread of the pool the database calls share, no longer)."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2,
+    return redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,
                                 retry=Retry(NoBackoff(), 0))
 
 

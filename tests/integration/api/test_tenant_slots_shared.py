@@ -156,3 +156,30 @@ def test_without_redis_each_api_process_counts_its_own(prefix, caplog):
     assert len([r for r in caplog.records if "Redis cannot be reached" in r.message]) == 1
     asyncio.run(slots.leave("t1", tokens[0]))
     assert asyncio.run(slots.enter("t1", 2))
+
+
+def test_a_redis_that_stops_answering_holds_no_answer_back(prefix):
+    """Slots were given back one at a time on one thread, each answer waiting for its own:
+    with Redis frozen (not down) five answers went out at 2, 4, 6, 8 and 10 s (a review)."""
+    frozen, released = threading.Event(), []
+
+    class Frozen:
+        """Takes slots, then stops answering (a release waits until ``frozen`` is set)."""
+
+        def eval(self, script, n, *args):
+            return [1, 1]
+
+        def zrem(self, key, member):
+            frozen.wait(10)
+            released.append(member)
+
+    slots = TenantSlots("completions", Frozen(), prefix)
+    tokens = [asyncio.run(slots.enter("t1", 64)) for _ in range(5)]
+    for token in tokens:
+        asyncio.run(slots.leave("t1", token))   # each answer goes out, Redis or not
+    assert released == [] and slots.open == {}  # all five left while Redis still hung
+    frozen.set()
+    deadline = time.monotonic() + 5
+    while len(released) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(released) == 5                   # and Redis heard of each once it answered

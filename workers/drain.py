@@ -66,9 +66,9 @@ class Drainer:
         Celery worker: ``JobQueue.upkeep`` when due, since beat's maintain waits for a worker
         that is not draining).
     final_upkeep : callable, optional
-        Called once when a drain ends, after its results are written (the Celery worker:
-        ``JobQueue.upkeep`` whether due or not): the batch whose last jobs it ran is
-        finalized now, not at beat's next maintain, or never where no beat runs.
+        Called once when a drain that ended jobs ends, after its results are written (the
+        Celery worker: ``JobQueue.upkeep`` whether due or not): the batch whose last jobs it
+        ran is finalized now, not at beat's next maintain, or never where no beat runs.
     """
 
     def __init__(self, queue, engine, worker_id: str, *, max_num_seqs: int,
@@ -179,7 +179,8 @@ class Drainer:
             self.heartbeat()
         except Exception as e:  # the database is away: the next drain's heartbeat says it
             log.warning("final heartbeat failed: %s", e)
-        if self.final_upkeep is not None:
+        if self.final_upkeep is not None and (summary.succeeded or summary.failed
+                                              or summary.cancelled):   # a batch may be done
             try:
                 self.final_upkeep()
             except Exception as e:  # noqa: BLE001  the next drain's, or beat's, does it

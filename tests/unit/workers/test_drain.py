@@ -413,16 +413,22 @@ def test_the_drain_that_runs_a_batchs_last_jobs_finalizes_it(queue, engine, tiny
     from lorry.workers.runtime import build_drainer
 
     tenant, _ = queue.create_tenant("t")
-    batch = queue.create_batch(tenant.id, [JobSpec(adapter=None, prompt=f"b{i}", custom_id=str(i),
-                                                   sampling={"max_tokens": 1}) for i in range(3)])
     settings = Settings(database_url=str(queue.engine.url), model=str(tiny[0]),
                         maintain_interval=3600, max_num_seqs=4)
     queue.upkeep()      # a pass was just taken: none is due within the drain
-    summary = build_drainer(settings, queue=queue, engine=engine, publish=False).run()
+    passes = []
+    real_upkeep = queue.upkeep
+    queue.upkeep = lambda *a, **kw: (passes.append(kw), real_upkeep(*a, **kw))[1]
+    drainer = build_drainer(settings, queue=queue, engine=engine, publish=False)
+    assert drainer.run().reason == "queue empty" and passes == []   # ended nothing: no pass
+    batch = queue.create_batch(tenant.id, [JobSpec(adapter=None, prompt=f"b{i}", custom_id=str(i),
+                                                   sampling={"max_tokens": 1}) for i in range(3)])
+    summary = drainer.run()
     assert summary.reason == "queue empty" and summary.succeeded == 3
     final = queue.get_batch(batch.id, None)
     assert final.status == "completed" and final.request_counts["completed"] == 3
     assert final.output_file_id is not None
+    assert passes == [{}]                       # one pass, at the end, due or not
 
 
 @pytest.mark.parametrize("late_beat", [0.0, 1.5])

@@ -74,7 +74,26 @@ def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") ->
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes,
                        max_json_bytes=settings.max_line_bytes)
     app.add_middleware(RequestId)   # outside BodyGuard: its refusals carry the id too
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The OpenAPI document, without the 422 FastAPI adds to every route with parameters on
+    OpenAI's routes, which answer an invalid request 400 (``errors.status_for``)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        from lorry.api.errors import OPENAI_PATHS
+
+        spec = get_openapi(title=app.title, version=app.version, description=app.description,
+                           routes=app.routes)
+        for path, ops in spec.get("paths", {}).items():
+            if path.startswith(OPENAI_PATHS):
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+        app.openapi_schema = spec
+    return app.openapi_schema
 
 
 def main_app() -> FastAPI:

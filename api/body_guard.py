@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lorry.api.errors import ApiError, error_response
+from lorry.api.errors import ApiError, error_response, status_for
 from lorry.api.json_check import check_json
 
 
@@ -67,7 +67,8 @@ class BodyGuard:
         if body and is_json(headers.get("content-type")):
             problem = check_json(bytes(body))
             if problem is not None:
-                await error_response(422, f"the body is refused: {problem.message}",
+                await error_response(status_for(scope["path"], 422),
+                                     f"the body is refused: {problem.message}",
                                      code=problem.code, param=problem.param)(scope, receive, send)
                 return
         await self.app(scope, _replay(bytes(body), receive), send)

@@ -225,9 +225,9 @@ OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/files", "/v1/bat
                 "/v1/models")
 
 
-def status_for(request: Request, status: int) -> int:
-    """The status an error answer has on this request's route (422 is 400 on OpenAI's)."""
-    return 400 if status == 422 and request.url.path.startswith(OPENAI_PATHS) else status
+def status_for(path: str, status: int) -> int:
+    """The status an error answer has on the route of ``path`` (422 is 400 on OpenAI's)."""
+    return 400 if status == 422 and path.startswith(OPENAI_PATHS) else status
 
 
 def install(app: FastAPI) -> None:
@@ -240,7 +240,7 @@ def install(app: FastAPI) -> None:
         if isinstance(detail, list):  # per-line errors of a batch upload
             lines, detail = detail, "; ".join(str(d.get("message", d)) if isinstance(d, dict)
                                               else str(d) for d in detail[:5])
-        return error_response(status_for(request, exc.status_code), str(detail),
+        return error_response(status_for(request.url.path, exc.status_code), str(detail),
                               code=getattr(exc, "code", None),
                               param=getattr(exc, "param", None), lines=lines,
                               headers=getattr(exc, "headers", None))
@@ -248,12 +248,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         message, param, code = validation_message(exc)
-        return error_response(status_for(request, 422), message, code=code, param=param)
+        return error_response(status_for(request.url.path, 422), message, code=code,
+                              param=param)
 
     @app.exception_handler(errors.QueueError)
     async def _refused(request: Request, exc: errors.QueueError):
         status, code, headers = queue_error_status(exc)
-        return error_response(status_for(request, status), str(exc), code=code,
+        return error_response(status_for(request.url.path, status), str(exc), code=code,
                               headers=headers)
 
     @app.exception_handler(Exception)

@@ -144,10 +144,11 @@ class Settings(BaseSettings):
     # /v1/chat/completions and /v1/completions wait this long for their job, then answer 504
     # naming the job to poll (it keeps running)
     sync_timeout_seconds: float = Field(300.0, gt=0)
-    # completions one tenant may have waiting or streaming at once in one API process (each
-    # polls the database and a stream holds a Redis connection); more are 429 too_many_open
+    # completions one tenant may have waiting or streaming at once across the API processes
+    # (counted in Redis; per process while it is away: each polls the database and a stream
+    # holds a Redis connection); more are 429 too_many_open
     max_open_completions: int = Field(64, ge=1)
-    # batches one tenant may be creating at once in one API process (each reads its whole
+    # batches one tenant may be creating at once across the API processes (each reads its whole
     # input: up to LORRY_MAX_BODY_BYTES on disk); more are 429 too_many_open_ingests
     max_open_ingests: int = Field(2, ge=1)
     # /metrics answers only a scraper sending `Authorization: Bearer <metrics_token>` (404

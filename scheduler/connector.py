@@ -175,9 +175,10 @@ def make_engine(url: str, **kwargs) -> Engine:
         return engine
     kwargs.setdefault("pool_size", 8)
     kwargs.setdefault("pool_pre_ping", True)
-    given = make_url(url).query   # libpq settings the URL names win over these
-    kwargs["connect_args"] = {**{k: v for k, v in PG_CONNECT.items() if k not in given},
-                              **kwargs.get("connect_args", {})}
+    parsed = make_url(url)
+    if parsed.get_driver_name() in ("psycopg", "psycopg2"):   # libpq's settings: those
+        kwargs["connect_args"] = {**{k: v for k, v in PG_CONNECT.items()   # the URL names win
+                                     if k not in parsed.query}, **kwargs.get("connect_args", {})}
     engine = create_engine(url, **kwargs)
     event.listen(engine, "checkin", _bump_after_write)
     return engine

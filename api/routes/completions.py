@@ -41,17 +41,19 @@ ERRORS = {
     **responses(404, 413),
     429: {"model": ErrorBody, "description": "the tenant's max_queued quota is full "
                                              "(`quota_exceeded`), or it has "
-                                             "LORRY_MAX_OPEN_COMPLETIONS completions open on "
-                                             "this server (`too_many_open_completions`); "
+                                             "LORRY_MAX_OPEN_COMPLETIONS completions open "
+                                             "across the API processes "
+                                             "(`too_many_open_completions`); "
                                              "retry after `Retry-After` seconds"},
-    400: {"model": ErrorBody, "description": "a valid option Lorry does not support (n > 1, "
+    400: {"model": ErrorBody, "description": "the request is invalid (`param` names the field, "
+                                             "`code` the rule), or asks for an option Lorry "
+                                             "does not support (`unsupported_value`: n > 1, "
                                              "response_format other than text, top_logprobs "
-                                             "without logprobs); `param` names it"},
+                                             "without logprobs, stream_options without "
+                                             "stream), or its adapter could not be loaded "
+                                             "(`adapter_unloadable`: the message says why; "
+                                             "`x-should-retry: false`)"},
     409: {"model": ErrorBody, "description": "the job was cancelled (`job_cancelled`)"},
-    422: {"model": ErrorBody, "description": "the request is invalid (`param` names the field, "
-                                             "`code` the rule), or its adapter could not be "
-                                             "loaded (`adapter_unloadable`: the message says "
-                                             "why); `x-should-retry: false`"},
     500: {"model": ErrorBody, "description": "the job failed (`job_failed`; the message says "
                                              "why); `x-should-retry: false`"},
     504: {"model": ErrorBody, "description": "no result within LORRY_SYNC_TIMEOUT_SECONDS "
@@ -180,7 +182,7 @@ class _Job:
         self.id, self.request, self.queue, self.tenant = job_id, request, queue, tenant
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
-        self.status = "queued"   # as last read
+        self.status = None   # as last read (None: never read)
 
     async def read(self):
         """The job's row; None while the database cannot be read. The job is queued already:

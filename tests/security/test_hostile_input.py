@@ -59,6 +59,16 @@ def test_non_finite_numbers_are_422(service, alice, raw, param):
     assert "finite" in err["message"], err
 
 
+@pytest.mark.parametrize("raw, code", [
+    (b'{"model": "base", "prompt": "x", "temperature": NaN}', "invalid_json"),
+    (b'{"model": "base", "prompt": "' + b"[" * 10 + b'", "user": ' + b"[" * 200 + b"]" * 200
+     + b"}", "json_too_deep")])
+def test_bodies_refused_before_parsing_are_400_on_openai_routes(service, alice, raw, code):
+    """The body guard answered 422 on every route, the OpenAI ones too (a review)."""
+    err = refused_raw(service, alice, "/v1/completions", raw)      # checks the 400
+    assert err["code"] == code, err
+
+
 @pytest.mark.parametrize("raw, param, code", [
     (b'{"prompt": "x", "sampling": {"temperature": "NaN"}}', "sampling.temperature",
      "float_type"),
@@ -251,6 +261,14 @@ def test_openapi_documents_the_error_shape(service, alice):
             schema = responses[status]["content"]["application/json"]["schema"]
             assert schema == {"$ref": ref}, (path, status, schema)
     assert set(spec["components"]["schemas"]["ErrorDetail"]["properties"]) >= SHAPE
+    # OpenAI's routes answer an invalid request 400, never FastAPI's 422 shape
+    for path, ops in spec["paths"].items():
+        if path.startswith(("/v1/chat", "/v1/completions", "/v1/files", "/v1/batches",
+                            "/v1/models")):
+            for method, op in ops.items():
+                assert "422" not in op["responses"], (path, method)
+                if op.get("parameters") or op.get("requestBody"):
+                    assert "400" in op["responses"], (path, method)
 
 
 def test_one_long_stop_string_is_one_stop_not_many(service, roomy):

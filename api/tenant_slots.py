@@ -83,12 +83,11 @@ class TenantSlots:
         self._tag = uuid.uuid4().hex[:12]               # this process's slots in Redis
 
     async def enter(self, tenant_id: str, limit: int, stale_after: float | None = None) -> int:
-        mine = self.open.setdefault(tenant_id, {})
         now = time.monotonic()
         if stale_after is not None:
-            for k in [k for k, t in mine.items() if now - t > stale_after]:
+            for k in [k for k, t in self.open.get(tenant_id, {}).items()
+                      if now - t > stale_after]:
                 self._forget(tenant_id, k)
-        mine = self.open.setdefault(tenant_id, {})
         self._next += 1
         token = self._next
         if self.redis is not None and now >= self._redis_back_at:
@@ -104,8 +103,7 @@ class TenantSlots:
             else:
                 if not int(taken):
                     self._refuse(int(held), "across this service's API processes")
-                mine = self.open.setdefault(tenant_id, {})   # (it may have gone meanwhile)
-                mine[token] = now
+                self.open.setdefault(tenant_id, {})[token] = now
                 with self._lock:
                     self._shared[token] = (key, member, now, stale_after)
                     self._start_renewer()

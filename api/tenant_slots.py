@@ -153,7 +153,7 @@ class TenantSlots:
 
     def _refuse(self, held: int, where: str):
         what, setting, retry = KINDS[self.kind]
-        raise ApiError(429, f"you have {held} {what} {where}, the most allowed ({setting}); "
+        raise ApiError(429, f"your {what} {where}: {held}, the most allowed ({setting}); "
                             f"retry when one has ended",
                        code=f"too_many_open_{self.kind}", headers={"Retry-After": str(retry)})
 

@@ -86,7 +86,7 @@ def batch_out(info, line_errors: list[dict] | None = None) -> BatchOut:
 def file_out(info) -> FileOut:
     return FileOut(id=info.id, bytes=info.bytes, created_at=_int_epoch(info.created_at) or 0,
                    filename=info.filename, purpose=info.purpose, status=info.status,
-                   expires_at=_int_epoch(getattr(info, "expires_at", None)))
+                   expires_at=_int_epoch(info.expires_at))
 
 
 def output_line(info, model_name: str) -> dict[str, Any]:

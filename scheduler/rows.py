@@ -50,4 +50,4 @@ def file_info(r) -> FileInfo:
     return FileInfo(id=r.id, tenant_id=r.tenant_id, purpose=r.purpose, filename=r.filename,
                     bytes=r.bytes, lines=r.lines, status=r.status, created_at=r.created_at,
                     batch_id=r.batch_id, idempotency_key=r.idempotency_key,
-                    expires_at=getattr(r, "expires_at", None))
+                    expires_at=r.expires_at)

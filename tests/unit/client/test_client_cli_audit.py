@@ -4,7 +4,6 @@ progress bars mixed into the output a script reads, Hub ids where they are disab
 from __future__ import annotations
 
 import json
-import socket
 import threading
 
 import httpx
@@ -13,6 +12,7 @@ from typer.testing import CliRunner
 
 from lorry.cli import app
 from lorry.errors import InvalidRequest, LorryError, WaitTimeout
+from tests.net import silent_listener
 from tests.unit.api.conftest import finish_all
 from tests.unit.client.test_cli_mistakes import _refused
 
@@ -38,27 +38,8 @@ def test_a_non_finite_sampling_value_is_an_invalid_request_naming_the_field(make
 @pytest.fixture
 def silent_server():
     """A server that accepts connections and never answers; yields its URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    accepted, stop = [], threading.Event()
-
-    def accept():
-        sock.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                accepted.append(sock.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    for conn in accepted:
-        conn.close()
-    sock.close()
+    with silent_listener() as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_wait_gives_up_at_its_timeout_on_a_server_that_does_not_answer(silent_server):

@@ -3,36 +3,15 @@ the network behind a proxy, a frozen server): the queue gives up with Unavailabl
 503) after libpq's connect_timeout, where requests hung with no limit (an outage audit)."""
 from __future__ import annotations
 
-import socket
 import threading
 
 from lorry.scheduler import JobQueue, errors
 from lorry.scheduler.connector import PG_CONNECT
-
-
-def _black_hole():
-    """A listening socket that accepts and never sends a byte."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    held, stop = [], threading.Event()
-
-    def accept():
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(srv.accept()[0])
-            except OSError:
-                continue
-
-    threading.Thread(target=accept, daemon=True).start()
-    return srv, stop, held
+from tests.net import silent_listener
 
 
 def test_a_server_that_never_answers_is_unavailable_not_a_hang():
     assert PG_CONNECT["connect_timeout"] == 10
-    srv, stop, held = _black_hole()
-    port = srv.getsockname()[1]
     outcome = {}
 
     def call(url):
@@ -45,18 +24,13 @@ def test_a_server_that_never_answers_is_unavailable_not_a_hang():
             outcome[url] = repr(e)
 
     # the default (10 s), and a URL's own connect_timeout, which wins
-    urls = [f"postgresql+psycopg://postgres@127.0.0.1:{port}/test",
-            f"postgresql+psycopg://postgres@127.0.0.1:{port}/test?connect_timeout=2"]
-    threads = [threading.Thread(target=call, args=(u,), daemon=True) for u in urls]
-    try:
+    with silent_listener() as port:
+        urls = [f"postgresql+psycopg://postgres@127.0.0.1:{port}/test",
+                f"postgresql+psycopg://postgres@127.0.0.1:{port}/test?connect_timeout=2"]
+        threads = [threading.Thread(target=call, args=(u,), daemon=True) for u in urls]
         for t in threads:
             t.start()
         threads[1].join(8)
         assert outcome.get(urls[1]) == "unavailable", outcome   # in ~2 s, the URL's own
         threads[0].join(30)
         assert outcome.get(urls[0]) == "unavailable", outcome   # in ~10 s; it hung for good
-    finally:
-        stop.set()
-        srv.close()
-        for c in held:
-            c.close()

@@ -570,7 +570,7 @@ def parse_args() -> argparse.Namespace:
                     help="kernels.decode_attention.SPLIT_KEYS: the decode attention splits "
                          "rows' tables so that no split spans more keys (an A/B)")
     ap.add_argument("--decode-launch", default=None, metavar="BLOCK_N,STAGES",
-                    help="kernels.decode_attention.BLOCK_N and NUM_STAGES, e.g. 128,3 (an A/B)")
+                    help="kernels.decode_attention.BLOCK_N and NUM_STAGES, e.g. 64,2 (an A/B)")
     ap.add_argument("--pageable-staging", action="store_true",
                     help="adapter loads stage in plain (pageable) host memory, not pinned: "
                          "no cudaHostAlloc a load, each slot write a synchronous copy (an A/B)")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and figures of docs/BENCHMARKS.md, in steps that each fit a short lease.
 #   benchmarks/gpu_round.sh OUTDIR STEP [STEP ...]
-# Steps: tests | throughput | throughputN (num_scheduler_steps N) | prefill (one mixed prefill
+# Steps: tests | throughput | throughputN (num_scheduler_steps N; THROUGHPUT_ARGS adds
+# throughput.py options) | prefill (one mixed prefill
 # step of the bulk workload: benchmarks/prefill_step.py, its timeline summed by trace_gaps.py)
 # | decode (a decode round of it: the same script's --decode) | lora_bulk (the LoRA of a
 # bulk decode and prompt step per decode-table setting: lora_bulk_step.py; LORA_CONFIGS)
@@ -49,7 +50,8 @@ while [ $# -gt 0 ]; do
     throughput*)
         n=${step#throughput}
         timeout "$limit" $py benchmarks/throughput.py --device cuda --preset llama3-8b --quick \
-            --more-adapters ${n:+--num-scheduler-steps $n} > "$out/$step.json" 2> "$out/$step.log"
+            --more-adapters ${n:+--num-scheduler-steps $n} ${THROUGHPUT_ARGS:-} \
+            > "$out/$step.json" 2> "$out/$step.log"
         echo "$step rc=$?"; grep -E 'tok_per_s|overhead' "$out/$step.json" | head -12 ;;
     prefill)
         timeout "$limit" $py benchmarks/prefill_step.py --skip 150 --min-tokens 1024 \

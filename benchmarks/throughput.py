@@ -477,7 +477,14 @@ def main() -> None:
     ap.add_argument("--plot", default=None, help="GPU: tokens/s vs adapters plot (png)")
     ap.add_argument("--num-scheduler-steps", type=int, default=None,
                     help="EngineConfig.num_scheduler_steps (default: the engine's)")
+    ap.add_argument("--decode-launch", default=None, metavar="BLOCK_N,STAGES",
+                    help="kernels.decode_attention.BLOCK_N and NUM_STAGES, e.g. 64,2 (an A/B)")
     args = ap.parse_args()
+    if args.decode_launch:
+        from lorry.kernels import decode_attention
+
+        decode_attention.BLOCK_N, decode_attention.NUM_STAGES = (
+            int(x) for x in args.decode_launch.split(","))
     if args.num_scheduler_steps is not None:
         ENGINE_OPTIONS["num_scheduler_steps"] = args.num_scheduler_steps
     preset = args.preset or ("smollm2" if args.device == "cpu" else "llama3-8b")
@@ -505,6 +512,7 @@ def main() -> None:
                 for i in range(p["adapters"])]
     prompts = prompts_for(p["requests"], p["prompt_len"], config["vocab_size"], seed=0)
     result = {"preset": preset, "device": args.device, "torch": torch.__version__,
+              "decode_launch": args.decode_launch,
               "engine_options": ENGINE_OPTIONS,
               "threads": torch.get_num_threads(), "workload": p}
     if args.device == "cuda" and args.profile:

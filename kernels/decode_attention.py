@@ -17,14 +17,17 @@ import torch
 import triton
 import triton.language as tl
 
-from lorry.kernels.device_info import num_sms
+from lorry.kernels.device_info import max_shared_mem, num_sms
 from lorry.kernels.launch_math import cdiv, next_pow2
 from lorry.kernels.paged_tiles import check_paged, kv_tile, logits, softmax_update
 
-BLOCK_N = 64          # keys per tile
+BLOCK_N = 0           # keys per tile; 0: by head dim and shared memory (launch_for)
 MIN_CHUNK = 256       # fewest keys per split
 NUM_WARPS = 4
-NUM_STAGES = 2
+NUM_STAGES = 0        # software pipeline depth; 0: with BLOCK_N (launch_for)
+NARROW = (64, 2)      # (keys per tile, stages): every head dim, the interpreter
+WIDE = (128, 3)       # head dims <= 128 where the stages fit, tables of WIDE_MIN_KEYS or more
+WIDE_MIN_KEYS = 2048  # H100: 5,120-key tables +1.3% (bulk run), 264-key tables -1.5% (128->128)
 SPLIT_KEYS = 2560     # > 0: split tables so that a split spans at most this many keys (0: off)
 KEY_SPLITS_MAX = 2    # ... but SPLIT_KEYS adds at most this many splits (measured: 2, 5,120 keys)
 
@@ -136,6 +139,30 @@ def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) ->
     return next_pow2(max(1, min(want, cap))) if min(want, cap) > 1 else 1
 
 
+def launch_for(block_d: int, dtype: torch.dtype, device: torch.device,
+               max_len: int) -> tuple[int, int]:
+    """(keys per tile, pipeline stages) of the decode launch for a (padded) head dim and a
+    table of ``max_len`` keys.
+
+    The wide launch halves the loop's trips over long rows, but a row's last tile is masked
+    up to 127 keys past its end (short tables lose: 264 keys take three 128-key tiles, 384
+    keys' work), and its stages hold a K and a V tile each in shared memory: at head dim 128
+    in bf16 three stages take 192 KiB, which an H100's 227 KiB holds and Gemma-2's head dim
+    256 (384 KiB) or an fp32 cache would not. So it is taken only for tables of at least
+    WIDE_MIN_KEYS keys whose stages fit the device's opt-in shared memory with room for the
+    query tile; everything else, and the CPU interpreter, runs the narrow launch. BLOCK_N
+    and NUM_STAGES set (non-zero) override both, for A/B runs.
+    """
+    if BLOCK_N and NUM_STAGES:
+        return BLOCK_N, NUM_STAGES
+    tile_n, stages = WIDE
+    need = stages * 2 * tile_n * block_d * dtype.itemsize
+    if (block_d <= 128 and max_len >= WIDE_MIN_KEYS
+            and need + 16 * 1024 <= max_shared_mem(device)):
+        return WIDE
+    return NARROW
+
+
 def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_tables: torch.Tensor, positions: torch.Tensor, block_size: int,
                   splits: int | None) -> None:
@@ -183,8 +210,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     G = h // kvh
     max_len = block_tables.shape[1] * block_size
     splits = splits or num_splits(B, kvh, max_len, q.device)
-    chunk = cdiv(cdiv(max_len, splits), BLOCK_N) * BLOCK_N
     block_d = next_pow2(D)
+    block_n, stages = launch_for(block_d, k_cache.dtype, q.device, max_len)
+    chunk = cdiv(cdiv(max_len, splits), block_n) * block_n
     if splits > 1:
         part = torch.empty(B * h * splits, block_d, dtype=torch.float32, device=q.device)
         ml = torch.empty(B * h * splits, 2, dtype=torch.float32, device=q.device)
@@ -195,8 +223,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), block_tables.stride(0), block_tables.stride(1), k_cache.stride(0),
         k_cache.stride(1), out.stride(0), scale or D ** -0.5, window or 0,
         SOFTCAP=float(softcap or 0.0), G=G, G_PAD=max(16, next_pow2(G)), D=D,
-        BLOCK_D=block_d, BLOCK_N=BLOCK_N, BLOCK_SIZE=block_size, CHUNK=chunk, SPLITS=splits,
-        IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=block_size, CHUNK=chunk, SPLITS=splits,
+        IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS, num_stages=stages)
     if splits > 1:
         _merge_splits_kernel[(B, h)](part, ml, positions, out, out.stride(0), h, window or 0,
                                      D=D, BLOCK_D=block_d, CHUNK=chunk, SPLITS=splits,

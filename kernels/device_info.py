@@ -23,6 +23,22 @@ def num_sms(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+_SMEM: dict[int, int] = {}
+
+
+def max_shared_mem(device: torch.device) -> int:
+    """Bytes of shared memory one program may opt in to on a CUDA device (cached, as Triton
+    reads it); 0 for the CPU interpreter, which has no such limit to plan for."""
+    if device.type != "cuda" or interpreted():
+        return 0
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMEM:
+        import triton
+        props = triton.runtime.driver.active.utils.get_device_properties(idx)
+        _SMEM[idx] = int(props["max_shared_mem"])
+    return _SMEM[idx]
+
+
 _PDL_OK: dict[int, bool] = {}
 
 

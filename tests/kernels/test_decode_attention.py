@@ -181,6 +181,62 @@ def test_full_batches_split_long_tables_in_two_by_default():
     assert num_splits(64, 8, 256, cpu) == 1                     # the 128->128 benchmark
 
 
+@pytest.mark.parametrize("block_size", [16, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_wide_launch_matches_the_reference_in_and_across_splits(dtype, block_size, device,
+                                                                   monkeypatch):
+    """128-key tiles in three stages (the launch head dims <= 128 take on an H100): splits
+    rounded to 128 keys, a table of 2.5 tiles, rows ending inside a tile."""
+    import lorry.kernels.decode_attention as da
+
+    skip_interpreted_bf16(dtype, device)
+    monkeypatch.setattr(da, "BLOCK_N", 128)
+    monkeypatch.setattr(da, "NUM_STAGES", 3)
+    p = _paged(4, 8, 2, 64, block_size, 640 // block_size, dtype, device, seed=7 + block_size)
+    ref = p.ref()
+    for splits in (1, 2, 4):
+        check_attention(p.run(splits), ref, dtype)
+
+
+def test_the_launch_follows_table_head_dim_dtype_and_shared_memory(monkeypatch):
+    """Wide tiles only for long tables (the bulk workload's 5,120 keys, not the 128->128
+    benchmark's 264) where three stages of K and V tiles fit the device's shared memory:
+    Llama's head dim 128 in bf16 on an H100 (227 KiB); not Gemma-2's 256, not an fp32 cache,
+    not head dim 128 on an A100 (163 KiB), and never the CPU interpreter."""
+    import lorry.kernels.decode_attention as da
+
+    cpu = torch.device("cpu")
+    assert da.launch_for(128, torch.bfloat16, cpu, 5120) == da.NARROW    # interpreter
+    h100, a100 = 232448, 166912
+    monkeypatch.setattr(da, "max_shared_mem", lambda device: h100)
+    assert da.launch_for(128, torch.bfloat16, cpu, 5120) == da.WIDE == (128, 3)
+    assert da.launch_for(128, torch.bfloat16, cpu, 2048) == da.WIDE
+    assert da.launch_for(128, torch.bfloat16, cpu, 264) == da.NARROW
+    assert da.launch_for(64, torch.float16, cpu, 4096) == da.WIDE
+    assert da.launch_for(256, torch.bfloat16, cpu, 5120) == da.NARROW == (64, 2)
+    assert da.launch_for(128, torch.float32, cpu, 5120) == da.NARROW
+    monkeypatch.setattr(da, "max_shared_mem", lambda device: a100)
+    assert da.launch_for(128, torch.bfloat16, cpu, 5120) == da.NARROW
+    assert da.launch_for(64, torch.bfloat16, cpu, 5120) == da.WIDE
+    monkeypatch.setattr(da, "BLOCK_N", 32)                               # an A/B's override
+    monkeypatch.setattr(da, "NUM_STAGES", 4)
+    assert da.launch_for(256, torch.bfloat16, cpu, 264) == (32, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="reads a CUDA device's limits")
+def test_head_dim_128_takes_the_wide_launch_on_hopper():
+    import lorry.kernels.decode_attention as da
+    from lorry.kernels.device_info import max_shared_mem
+
+    dev = torch.device("cuda")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the wide launch is sized for Hopper's 227 KiB")
+    assert max_shared_mem(dev) >= 227 * 1024
+    assert da.launch_for(128, torch.bfloat16, dev, 5120) == da.WIDE
+    assert da.launch_for(128, torch.bfloat16, dev, 264) == da.NARROW
+    assert da.launch_for(256, torch.bfloat16, dev, 5120) == da.NARROW
+
+
 def test_num_splits_fills_the_chip_only_for_long_tables():
     cpu = torch.device("cpu")                                   # 8 "SMs" off CUDA
     assert num_splits(64, 8, 264, cpu) == 1                     # many rows, short tables

@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     drain_max_seconds: float = Field(120.0, gt=0)  # then maintain gets a turn
     maintain_interval: float = Field(15.0, gt=0)
     nudge_ttl_seconds: float = Field(30.0, gt=0)  # a pending nudge; drain clears it
+    # while the broker (Redis) cannot be reached, an idle worker looks for queued jobs this
+    # often and drains them itself (0: off: workers then wait for Redis to hear of work)
+    broker_fallback_seconds: float = Field(5.0, ge=0)
     prune_workers_after: int = Field(600, ge=10)
 
     # api

@@ -19,6 +19,9 @@ app.conf.update(
     task_acks_late=False,
     task_ignore_result=settings.result_backend is None,
     broker_connection_retry_on_startup=True,
+    # A worker outlives any Redis outage (Celery's default gives up after 100 tries and the
+    # worker exits): meanwhile it drains the job table on its own (tasks._watch_broker).
+    broker_connection_max_retries=None,
     worker_hijack_root_logger=False,
     beat_schedule={
         # expires: runs missed while the worker was busy are dropped, not piled up.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from celery import signals
@@ -11,6 +12,8 @@ from lorry.workers.celery_app import app, settings
 log = logging.getLogger(__name__)
 _shutting_down = threading.Event()
 _engine_failed = threading.Event()   # this worker stops because its drain's engine failed
+_draining = threading.Lock()         # one drain at a time in this process: Celery's or the
+                                     # broker watch's (tasks run on Celery's one solo thread)
 
 
 @signals.worker_ready.connect
@@ -47,18 +50,101 @@ def _unpublish(**_):
 @app.task(name="lorry.drain", bind=True)
 def drain(self) -> dict:
     """Drain the queue through this worker's engine until it is empty (or a time limit)."""
-    from lorry.workers.runtime import get_drainer
-
-    _nudge_taken(settings)
+    if not _draining.acquire(blocking=False):   # the broker watch drains: it goes until the
+        return {"skipped": "this worker is draining already"}   # queue is empty
     try:
-        summary = get_drainer(settings).run(max_seconds=settings.drain_max_seconds,
-                                            should_stop=_shutting_down.is_set)
-    except Exception as e:
-        _stop_worker_after(e)
-        raise
+        _nudge_taken(settings)
+        summary = _drain_once()
+    finally:
+        _draining.release()
     if summary.reason == "time limit":  # give maintain and other tasks a turn, then go on
         drain.apply_async()
     return summary.to_dict()
+
+
+def _drain_once():
+    """One drain through the process's engine (the caller holds ``_draining``)."""
+    from lorry.scheduler.errors import Retryable, Unavailable
+    from lorry.workers.runtime import get_drainer
+
+    try:
+        return get_drainer(settings).run(max_seconds=settings.drain_max_seconds,
+                                         should_stop=_shutting_down.is_set)
+    except (Unavailable, Retryable):   # the database, not the engine: the next drain retries
+        raise
+    except Exception as e:
+        _stop_worker_after(e)
+        raise
+
+
+@signals.worker_init.connect
+def _start_broker_watch(**_):
+    """Before Celery first connects to the broker: watch it from a thread of its own."""
+    if settings.broker_fallback_seconds > 0:
+        threading.Thread(target=_watch_broker, args=(settings.broker_fallback_seconds,),
+                         name="lorry-broker-watch", daemon=True).start()
+
+
+def _broker_reachable(timeout: float) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=timeout,
+                                  socket_connect_timeout=timeout, retry_on_timeout=False)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def _watch_broker(every: float, reachable=_broker_reachable) -> None:
+    """Workers hear of work only through Celery messages over Redis (nudges, beat's maintain
+    nudge), so while Redis is away an idle worker would never start, and queued jobs would
+    wait for Redis however long it took. Instead, every ``every`` seconds that the broker
+    cannot be reached, this drains the job table itself, as a drain task would (claims are
+    leased rows in the database, so several workers doing this share the jobs as usual);
+    once Redis is back, drains come from Celery again. A drain task that arrives while this
+    one runs returns at once (``_draining``)."""
+    away = False
+    while not _shutting_down.wait(every):
+        if reachable(min(every, 2.0)):
+            if away:
+                log.warning("the broker is reachable again: drains come from Celery")
+            away = False
+            continue
+        if not away:
+            log.warning("the broker (LORRY_BROKER_URL) cannot be reached: this worker looks "
+                        "for queued jobs in the job table every %g s and drains them itself "
+                        "until it is back", every)
+            away = True
+        _fallback_drain(reachable)
+
+
+def _fallback_drain(reachable) -> None:
+    from lorry.scheduler.errors import Retryable, Unavailable
+
+    while not _shutting_down.is_set() and _draining.acquire(blocking=False):
+        try:
+            summary = _drain_once()
+        except (Unavailable, Retryable) as e:   # the database is away too: try again later
+            log.warning("drain without the broker skipped: the job database cannot be "
+                        "reached (%s)", e)
+            return
+        except Exception:   # the engine failed: _drain_once has logged it and given the jobs
+            # back; Celery may be stuck reconnecting to the broker, so stop here
+            logging.shutdown()
+            os._exit(ENGINE_FAILED_EXIT)
+        finally:
+            _draining.release()
+        if summary.succeeded or summary.failed or summary.cancelled:
+            log.info("drained without the broker: %d succeeded, %d failed, %d cancelled in "
+                     "%.1f s", summary.succeeded, summary.failed, summary.cancelled,
+                     summary.seconds)
+        # at its time limit a drain task queues itself again; here the next one goes on at
+        # once while the broker is still away
+        if summary.reason != "time limit" or reachable(1.0):
+            return
 
 
 # Exit status of a worker stopped because its drain broke (EX_SOFTWARE): a supervisor that

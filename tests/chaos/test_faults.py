@@ -136,3 +136,27 @@ def test_redis_restarted_empty_mid_run(stack, redis_server):
     assert_exactly_once(url, services, key, batch, n)
     assert_exactly_once(url, services, key, batch2, 10)
     assert all(p.alive() for p in services.procs), services.logs_tail()
+
+
+def test_idle_workers_drain_the_table_while_redis_is_away(stack, redis_server):
+    """Redis goes before the work comes: no nudge and no beat message can reach the idle
+    workers, yet they find the jobs in the table themselves (LORRY_BROKER_FALLBACK_SECONDS)
+    and run each once; when Redis is back, Celery's drains take over again."""
+    services, key, url = stack
+    wait_drained(url, final_total(url), 240, services)        # every worker idle
+    redis_server.kill()
+    try:
+        batch = submit(services, key, 24, "no-redis", max_tokens=16)
+        wait_drained(url, final_total(url), 120, services)
+        assert_exactly_once(url, services, key, batch, 24, max_tokens=16)
+    finally:
+        redis_server.start()
+    batch2 = submit(services, key, 8, "redis-back", max_tokens=16)
+    wait_drained(url, final_total(url), 120, services)
+    assert_exactly_once(url, services, key, batch2, 8, max_tokens=16)
+    assert all(p.alive() for p in services.procs), services.logs_tail()
+    def logs():
+        return "".join(p.log.read_text(errors="replace") for p in services.workers)
+    assert "drains them itself" in logs()
+    wait_until(lambda: "reachable again" in logs(), 30, "the workers to see Redis back",
+               services.procs)

@@ -3,6 +3,7 @@ status 70 once the task has ended (with a real worker: tests/e2e/test_shutdown.p
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -80,3 +81,69 @@ def test_maintain_while_the_database_is_away_is_one_warning_not_a_traceback(monk
     with caplog.at_level("WARNING", logger="lorry.workers.tasks"):
         assert tasks.maintain.run() == {"skipped": "database unavailable"}
     assert ["maintain skipped" in r.getMessage() for r in caplog.records] == [True]
+
+
+def test_a_drain_task_while_the_broker_watch_drains_returns_at_once(drain_task, monkeypatch):
+    """Redis came back while the broker watch drains: Celery's drain does not run the same
+    engine from a second thread; the watch's drain goes on until the queue is empty."""
+    runs = []
+    tasks, _ = drain_task(lambda **kw: runs.append(1) or _Summary())
+    monkeypatch.setattr(tasks, "_draining", threading.Lock())
+    tasks._draining.acquire()
+    assert tasks.drain.run() == {"skipped": "this worker is draining already"}
+    assert runs == []
+    tasks._draining.release()
+    assert tasks.drain.run() == {"reason": "queue empty"} and runs == [1]
+    assert not tasks._draining.locked()
+
+
+def test_the_broker_watch_drains_while_redis_is_away_and_stops_once_it_is_back(
+        drain_task, monkeypatch, caplog):
+    """While the broker cannot be reached an idle worker drains the job table itself, every
+    interval (and at once again after a drain cut by its time limit); once Redis answers,
+    only Celery's drains run. One warning each way, not one per interval."""
+    runs, up = [], threading.Event()
+    reasons = iter(["time limit", "queue empty"])
+
+    def run(**kw):
+        runs.append(kw)
+        s = _Summary()
+        s.reason = next(reasons, "queue empty")
+        s.succeeded = s.failed = s.cancelled = 0
+        return s
+    tasks, _ = drain_task(run)
+    monkeypatch.setattr(tasks, "_draining", threading.Lock())
+    watch = threading.Thread(target=tasks._watch_broker, args=(0.01, lambda t: up.is_set()),
+                             daemon=True)
+    with caplog.at_level("WARNING", logger="lorry.workers.tasks"):
+        watch.start()
+        deadline = time.monotonic() + 10
+        while len(runs) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(runs) >= 4                      # a drain each interval while away
+        assert runs[0]["should_stop"] == tasks._shutting_down.is_set
+        up.set()
+        time.sleep(0.2)
+        seen = len(runs)
+        time.sleep(0.2)
+        assert len(runs) == seen                   # back: no drain of its own
+        tasks._shutting_down.set()
+        watch.join(5)
+    assert not watch.is_alive()
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("cannot be reached" in m for m in said) == 1
+    assert sum("reachable again" in m for m in said) == 1
+
+
+def test_the_broker_watch_waits_for_a_database_that_is_away_too(drain_task, monkeypatch,
+                                                                caplog):
+    from lorry.scheduler import errors
+
+    def down(**kw):
+        raise errors.Unavailable("connection refused")
+    tasks, state = drain_task(down)
+    monkeypatch.setattr(tasks, "_draining", threading.Lock())
+    with caplog.at_level("WARNING", logger="lorry.workers.tasks"):
+        tasks._fallback_drain(lambda t: False)
+    assert "job database cannot be reached" in caplog.text
+    assert not tasks._draining.locked() and state.should_stop is None

@@ -23,8 +23,10 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))
     drop = rank >= k[:, None]
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+    # keep the smallest prefix whose mass reaches top_p; the first token always stays (a
+    # top_p that is 0 in float32, 1e-46, would drop it too: softmax of all -inf is NaN)
     drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+    drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 

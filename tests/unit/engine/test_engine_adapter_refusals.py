@@ -356,12 +356,17 @@ def test_the_kv_blocks_an_overflowing_adapter_wrote_poison_no_later_request(adap
 
 @pytest.mark.parametrize("sampling", [{"temperature": 1e-40}, {"temperature": 5e-324},
                                       {"temperature": 1e-45, "top_k": 3, "seed": 1},
-                                      {"temperature": 1.0, "repetition_penalty": 1e-40}])
+                                      {"temperature": 1.0, "repetition_penalty": 1e-40},
+                                      {"temperature": 1.0, "top_p": 1e-320},
+                                      {"temperature": 0.7, "top_p": 1e-46, "seed": 2},
+                                      {"temperature": 1.0, "top_p": 1e-46, "top_k": 5}])
 def test_extreme_but_valid_sampling_values_sample(tiny_llama, sampling):
     """A temperature far below float32's range overflowed logits / temperature to inf (0 / 0
-    where it rounds to 0), a tiny repetition_penalty divided seen tokens' logits into inf:
-    softmax gave NaN and ``multinomial`` raised out of ``step``. They sample now; a tiny
-    temperature is greedy."""
+    where it rounds to 0), a tiny repetition_penalty divided seen tokens' logits into inf,
+    a top_p that is 0 in float32 (1e-46: a hostile-tenant audit) dropped every token, the
+    first too: softmax gave NaN and ``multinomial`` raised out of ``step``, which ended the
+    worker and counted an attempt of every job beside it. They sample now; a tiny
+    temperature or top_p is greedy."""
     from lorry.engine import EngineConfig, LLMEngine, SamplingParams
 
     eng = LLMEngine(EngineConfig(model=str(tiny_llama.dir), device="cpu", dtype="float32"))

@@ -116,7 +116,7 @@ def _option(name: str, value: Any) -> Any:
         return _NO
     if name == "stop_token_ids":
         if type(value) is list and len(value) <= _MAX_STOP_IDS and all(
-                type(i) is int and -2**63 <= i < 2**63 for i in value):
+                type(i) is int and 0 <= i < 2**31 for i in value):   # TokenId
             return value
         return _NO
     return _NO  # response_format and anything new: pydantic

@@ -54,6 +54,7 @@ MAX_CONTENT_CHARS = 200_000                 # a prompt, a chat message's content
 MAX_USER_CHARS = 256
 StopText = text(1, MAX_STOP_CHARS)
 Stops = StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]  # a vocabulary index
 
 
 def _whole(value: Any) -> Any:
@@ -81,7 +82,7 @@ class Sampling(Strict):
     top_k: int = Field(-1, ge=-1, le=100_000)
     seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # OpenAI's int64
     stop: Stops = None
-    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
     ignore_eos: bool = False
 
     _ints = field_validator("max_tokens", "top_k", "seed", "stop_token_ids",
@@ -92,8 +93,6 @@ class Sampling(Strict):
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(not s for s in stops):
             raise ValueError("stop strings must be non-empty")
-        if any(i < 0 for i in self.stop_token_ids or []):
-            raise ValueError("stop_token_ids must be >= 0")
         return self
 
 
@@ -354,7 +353,7 @@ class OpenAIOptions(BaseModel):
     top_k: int | None = Field(None, ge=-1, le=100_000)
     seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # OpenAI's int64
     stop: Stops = None
-    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
     ignore_eos: bool | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)

@@ -476,10 +476,19 @@ def demo(max_tokens: int = typer.Option(32, min=1, max=256),
     run_demo(_settings(), max_tokens=max_tokens, adapters_dir=adapters_dir)
 
 
+_SECRET_QUERY_KEYS = ("password", "sslpassword")   # libpq takes them in the query too
+
+
 def _redact(url: str) -> str:
+    """The URL without its password, in the user part or as a query parameter
+    (``?password=...``, which SQLAlchemy's hide_password leaves in)."""
     from sqlalchemy.engine import make_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    u = make_url(url)
+    secret = {k: "redacted" for k in u.query if k.lower() in _SECRET_QUERY_KEYS}
+    if secret:
+        u = u.update_query_dict(secret)
+    return u.render_as_string(hide_password=True)
 
 
 from lorry import cli_client  # noqa: E402,F401  (registers submit/status on `app`)

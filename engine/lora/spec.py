@@ -5,6 +5,7 @@ without torch, so the API can refuse a bad adapter with the same rules as the en
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -136,6 +137,13 @@ class AdapterSpec:
 
 
 MAX_CONFIG_BYTES = 1024 * 1024  # adapter_config.json (PEFT writes about 1 KB)
+# A safetensors header (the format's own limit is 100 MB): an adapter's names and shapes take
+# ~100 bytes a tensor, ~200 KB for every module of a 126-layer base, and parsing 95 MB of
+# them held an API thread 9.6 s and 1.1 GB (a hostile-tenant audit)
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+# rank_pattern / alpha_pattern keys: every module name is matched against every key, so 78k
+# keys took 26 s of a thread; per-layer patterns of an 80-layer base take ~600
+MAX_PATTERN_KEYS = 2048
 
 def read_safetensors_header(path: Path) -> dict:
     """Return {tensor name: {"dtype", "shape", "data_offsets"}} of a safetensors file."""
@@ -146,8 +154,11 @@ def read_safetensors_header(path: Path) -> dict:
             if len(raw) != 8:
                 raise ValueError("file shorter than 8 bytes")
             (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, 100_000_000):
+            if n > size - 8:
                 raise ValueError(f"header length {n} exceeds the file size {size}")
+            if n > MAX_HEADER_BYTES:
+                raise ValueError(f"header of {n} bytes: an adapter's takes well under "
+                                 f"{MAX_HEADER_BYTES} (names and shapes of its tensors)")
             header = json.loads(f.read(n))
     except RecursionError:
         raise AdapterFormatError(f"corrupt safetensors file {path}: its header is nested too "
@@ -184,7 +195,12 @@ def _check_field_types(cfg: dict, path: Path) -> None:
                                  f"must be {wanted}")
 
     def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return False
+        try:
+            return math.isfinite(v)
+        except OverflowError:   # an int past float's range (10**400 in the JSON)
+            return False
 
     for key in ("target_modules", "modules_to_save"):  # PEFT: a regex or names; names
         v = cfg.get(key)
@@ -200,6 +216,9 @@ def _check_field_types(cfg: dict, path: Path) -> None:
             continue
         if not isinstance(v, dict):
             refuse(key, "an object of module-name patterns")
+        if len(v) > MAX_PATTERN_KEYS:
+            raise AdapterFormatError(f"adapter {path}: adapter_config.json {key} has {len(v)} "
+                                     f"keys; at most {MAX_PATTERN_KEYS} are read")
         for pattern, value in v.items():
             if not (number(value) and (key == "alpha_pattern" or isinstance(value, int))):
                 refuse(key, "an object of module-name patterns to " + (
@@ -208,6 +227,9 @@ def _check_field_types(cfg: dict, path: Path) -> None:
             if problem:
                 raise AdapterFormatError(f"adapter {path}: adapter_config.json {key} key "
                                          f"{pattern!r:.200} {problem}")
+    for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):  # "false" is true
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            refuse(key, "true or false")
     for key in ("bias", "init_lora_weights", "peft_type"):
         v = cfg.get(key)
         if v is not None and not isinstance(v, (str, bool)):
@@ -254,9 +276,14 @@ def _pattern_value(pattern: dict, name: str, default):
     regex matching the end of the module name after a dot (``(.*\\.)?(key)$``), so that
     alternations (``"gate_proj|up_proj"``) and overlapping keys resolve as PEFT resolves them."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if _pattern_regex(key).match(name):
             return value
     return default
+
+
+@functools.lru_cache(maxsize=2 * MAX_PATTERN_KEYS)
+def _pattern_regex(key: str) -> re.Pattern:
+    return re.compile(rf"(.*\.)?({key})$")
 
 
 def _check_config(cfg: dict, path: Path) -> None:

@@ -134,6 +134,19 @@ def test_out_of_range_penalty_is_400(tenant_a):
     assert r.status_code == 400 and r.json()["error"]["param"] == "presence_penalty"
 
 
+@pytest.mark.parametrize("ids", [[-1], [2**31], [3, -7]])
+def test_stop_token_ids_outside_a_vocabulary_are_400_and_queue_nothing(service, tenant_a, ids):
+    """A negative id was queued and failed at the worker: the sync answer was a 500
+    job_failed (a hostile-tenant audit); /v1/jobs refused it already."""
+    for path, body in (("/v1/completions", {"prompt": "x"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        r = tenant_a.post(path, json={"model": "base", "max_tokens": 3, "stop_token_ids": ids,
+                                      **body})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"].startswith("stop_token_ids")
+    assert service[1].queue_depth() == []
+
+
 def test_no_result_in_time_is_504_naming_the_job(service, tenant_a):
     service[2].sync_timeout_seconds = 0.2  # no worker runs: the job stays queued
     r = tenant_a.post("/v1/completions", json={"model": "base", "prompt": "x"})

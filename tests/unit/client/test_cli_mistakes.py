@@ -43,6 +43,18 @@ def test_a_url_whose_port_is_no_number_is_one_line_without_its_password(env):
     assert "s3cret" not in out and "notaport" not in out
 
 
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://nobody@127.0.0.1:1/none?password=s3cret",
+    "postgresql+psycopg:///none?host=127.0.0.1&port=1&user=nobody&password=s3cret",
+    "postgresql+psycopg://nobody:s3cret@127.0.0.1:1/none?sslpassword=s3cret"])
+def test_a_password_in_the_urls_query_is_not_printed(env, url):
+    """SQLAlchemy hides only the user part's password: ?password= was printed as given (a
+    hostile-tenant audit)."""
+    env.setenv("LORRY_DATABASE_URL", url)
+    out = _refused(["tenant", "list"], "cannot use the job database", "check LORRY_DATABASE_URL")
+    assert "s3cret" not in out and "password=redacted" in out
+
+
 def test_an_argument_error_of_a_good_url_is_the_commands_own_and_propagates():
     from sqlalchemy import exc as sa_exc
 

@@ -130,6 +130,15 @@ def test_corrupt_files_are_refused(adapter, tiny_llama):
     ({"rank_pattern": {"x" * 257: 4}}, "must have 1 to 256 characters"),
     ({"bias": ["none"]}, "bias=.* must be a string"),
     ({"init_lora_weights": {"x": 1}}, "init_lora_weights=.* must be a bool or a string"),
+    # a hostile-tenant audit: an int past float's range was an OverflowError (500); "false"
+    # read as true; 78k pattern keys held a thread 26 s
+    ({"lora_alpha": 10**400}, "lora_alpha=.* must be a number"),
+    ({"alpha_pattern": {"q_proj": -10**400}}, "alpha_pattern=.* to numbers"),
+    ({"fan_in_fan_out": "false"}, "fan_in_fan_out='false' must be true or false"),
+    ({"use_rslora": [1]}, "use_rslora=\\[1\\] must be true or false"),
+    ({"use_dora": 1}, "use_dora=1 must be true or false"),
+    ({"rank_pattern": {f"z{i}": 4 for i in range(2049)}},
+     "rank_pattern has 2049 keys; at most 2048 are read"),
 ])
 def test_config_fields_of_the_wrong_type_are_refused_by_name(adapter, tiny_llama, changes,
                                                              words):
@@ -153,6 +162,26 @@ def test_deeply_nested_or_odd_json_is_refused(adapter, tiny_llama):
         weights.write_bytes(len(header).to_bytes(8, "little") + header)
         with pytest.raises(AdapterFormatError, match="corrupt safetensors"):
             _parse(adapter, tiny_llama)
+
+
+def test_a_safetensors_header_far_past_an_adapters_size_is_refused_unread(adapter, tiny_llama):
+    """A header of 16 MiB or more is refused before it is read or parsed (95 MB of entries
+    held an API thread 9.6 s and 1.1 GB: a hostile-tenant audit)."""
+    weights = adapter / "adapter_model.safetensors"
+    n = 17 * 1024 * 1024
+    with open(weights, "wb") as f:
+        f.write(n.to_bytes(8, "little"))
+        f.truncate(8 + n)                      # sparse: a header length the file holds
+    with pytest.raises(AdapterFormatError, match="header of 17825792 bytes: an adapter's"):
+        _parse(adapter, tiny_llama)
+
+
+def test_many_pattern_keys_within_the_limit_resolve_as_peft(adapter, tiny_llama):
+    _edit_config(adapter, alpha_pattern={f"model.layers.{i}.self_attn.v_proj": 2
+                                         for i in range(2000)})
+    spec = _parse(adapter, tiny_llama)
+    scale = {key: s for key, (*_, s, _t) in spec.modules.items()}
+    assert scale[(0, "v_proj")] == 2 / 2 and scale[(0, "q_proj")] == 8 / 2   # rsLoRA, r 4
 
 
 def test_bin_adapter_is_loaded_without_unpickling_objects(adapter, tiny_llama, tmp_path):

@@ -51,6 +51,8 @@ class ScanResult:
     imports: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     storages: dict[str, int] = field(default_factory=dict)  # key -> bytes the tensors read
+    shapes: dict[str, tuple] = field(default_factory=dict)  # state dict name -> tensor shape
+    tensor_bytes: int = 0   # the state dict's tensors' own bytes (storages may hold more)
 
     @property
     def ok(self) -> bool:
@@ -75,12 +77,13 @@ class _Global:
 
 
 class _Storage:
-    def __init__(self, key: str, numel: int):
-        self.key, self.numel = key, numel
+    def __init__(self, key: str, numel: int, itemsize: int):
+        self.key, self.numel, self.itemsize = key, numel, itemsize
 
 
 class _Tensor:
-    pass
+    def __init__(self, shape: tuple = (), nbytes: int = 0):
+        self.shape, self.nbytes = shape, nbytes   # bytes of its elements, in its storage's type
 
 
 class _Dict:
@@ -214,6 +217,8 @@ class _Machine:
                 self.problem(f"state dict entry {_kind(key)} -> {_kind(value)} is not "
                              "'name' -> tensor", pos)
                 return
+            self.out.shapes[key] = value.shape
+            self.out.tensor_bytes += value.nbytes
 
     # ---- opcodes torch's weights-only loader runs: its semantics, narrowed to torch.save's --
     def _allowed(self, name: str, arg, pos: int) -> None:
@@ -307,7 +312,7 @@ class _Machine:
             nbytes = pid[4] * STORAGE_TYPES[pid[1].name]
             if self.out.storages.setdefault(pid[2], nbytes) != nbytes:
                 self.problem(f"storage {pid[2]!r} is named with two sizes", pos)
-            return _Storage(pid[2], pid[4])
+            return _Storage(pid[2], pid[4], STORAGE_TYPES[pid[1].name])
         self.problem(f"persistent id {_kind(pid)} is not a float tensor storage", pos)
         return _Unknown("persistent id")
 
@@ -318,11 +323,14 @@ class _Machine:
             return _Unknown("call result")
         if func.name in REBUILD_TENSOR and _rebuild_args_ok(func.name, args):
             self.empty_dicts += [a for a in args[4:] if isinstance(a, _Dict)]
-            return _Tensor()
+            size, numel = args[2], 1
+            for n in size:
+                numel *= n
+            return _Tensor(size, numel * args[0].itemsize)
         if func.name == REBUILD_PARAMETER and len(args) == 3 and isinstance(args[0], _Tensor) \
                 and isinstance(args[1], bool) and _empty_dict(args[2]):
             self.empty_dicts.append(args[2])
-            return _Tensor()
+            return _Tensor(args[0].shape, args[0].nbytes)
         if func.name == ORDERED_DICT and args == ():
             return _Dict(ordered=True)
         self.problem(f"calls {func.name} with {_kind(args)} (allowed: tensor rebuilds of a "

@@ -382,9 +382,11 @@ def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | N
         shapes = {k: (v.get("dtype"), tuple(v.get("shape", ()))) for k, v in header.items()}
         weights = st
     elif bin_.is_file():
-        if scan_bin:
-            _named(path, files, _refuse_code_in_pickle, bin_)
-        shapes, weights = None, bin_  # shapes are checked after torch.load(weights_only=True)
+        shapes, weights = None, bin_  # a loader scans what it loads (load_adapter_weights)
+        if scan_bin:   # the shapes its pickle declares, checked before any tensor is read
+            found = _named(path, files, _refuse_code_in_pickle, bin_)
+            _named(path, files, bin_read_limit, bin_, found)
+            shapes = {k: (None, v) for k, v in found.shapes.items()}
     else:
         raise AdapterNotFoundError(f"adapter {path}: neither adapter_model.safetensors nor "
                                    "adapter_model.bin found")
@@ -401,9 +403,30 @@ def parse_adapter(path: str | Path, base_config: dict, *, max_lora_rank: int | N
     return spec
 
 
-def _refuse_code_in_pickle(path: Path, data: bytes | None = None) -> None:
+def bin_read_limit(path: Path, found) -> int:
+    """The most bytes a .bin whose pickle was scanned (``found``, a ScanResult) may take:
+    its tensors twice over (a storage may hold more than its view) and 4 MiB for the
+    archive's pickle and layout. A bigger file is refused before it is read: a 4 GB .bin
+    (or a valid one swapped for a 3 GiB file) took a worker to 8 GB before the shape check
+    refused it (a hostile-tenant audit)."""
+    limit = 2 * found.tensor_bytes + (4 << 20)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise AdapterFormatError(f"adapter {path.parent}: {path.name} is unreadable: {e}") \
+            from None
+    if size > limit:
+        raise AdapterFormatError(f"adapter {path.parent}: {path.name} is {size} bytes, but "
+                                 f"the tensors its pickle names take {found.tensor_bytes}: "
+                                 "save the state dict alone (torch.save(state_dict)) or "
+                                 "convert the adapter to adapter_model.safetensors")
+    return limit
+
+
+def _refuse_code_in_pickle(path: Path, data: bytes | None = None):
     """Refuse a .bin that torch.load(weights_only=True) would refuse (never unpickled);
-    ``data``: its bytes as read once, scanned instead of the file (then loaded as such)."""
+    ``data``: its bytes as read once, scanned instead of the file (then loaded as such).
+    Returns the scan (its ``shapes`` and ``tensor_bytes``)."""
     from lorry.engine.lora.pickle_scan import scan_checkpoint
 
     try:
@@ -420,6 +443,7 @@ def _refuse_code_in_pickle(path: Path, data: bytes | None = None) -> None:
             f"adapter {path.parent}: {path.name} is not a weights-only torch checkpoint of "
             f"tensors: {found.describe(3)}; save it with torch.save(state_dict) or convert it "
             "to adapter_model.safetensors")
+    return found
 
 
 def check_shapes(spec: AdapterSpec, shapes: dict, base_config: dict,

@@ -1,6 +1,7 @@
 """Read a validated adapter's tensors into CPU memory, scaling folded into B."""
 from __future__ import annotations
 
+import copy
 import io
 import math
 from collections.abc import Mapping
@@ -10,7 +11,13 @@ import torch
 
 from lorry.engine.errors import AdapterFormatError, LoRAError
 from lorry.engine.lora.extras import AdapterExtras, load_extras
-from lorry.engine.lora.spec import AdapterSpec, _named, _refuse_code_in_pickle, check_shapes
+from lorry.engine.lora.spec import (
+    AdapterSpec,
+    _named,
+    _refuse_code_in_pickle,
+    bin_read_limit,
+    check_shapes,
+)
 
 
 def check_finite(spec, tensors, where: str) -> None:
@@ -134,9 +141,20 @@ def load_adapter_weights(spec: AdapterSpec, base_config: dict, max_lora_rank: in
 
             raw = load_file(str(path), device="cpu")
         else:  # never unpickle arbitrary objects: tensors and plain containers only
-            # read once; the bytes scanned are the bytes loaded (the file may be rewritten
-            # in place after parse_adapter's scan: a compressed bomb, say)
-            data = path.read_bytes()
+            # first its pickle alone: the shapes it declares fit the base and the file is no
+            # bigger than its tensors, or nothing of it is read (a 4 GB .bin took a worker
+            # to 8 GB before the shapes were checked)
+            declared = _named(spec.path, path.parent, _refuse_code_in_pickle, path)
+            check_shapes(copy.deepcopy(spec), {k: (None, v) for k, v in declared.shapes.items()},
+                         base_config, max_lora_rank)
+            limit = _named(spec.path, path.parent, bin_read_limit, path, declared)
+            # then read once, at most that: the bytes scanned are the bytes loaded (the file
+            # may be rewritten in place meanwhile: a compressed bomb, say)
+            with open(path, "rb") as f:
+                data = f.read(limit + 1)
+            if len(data) > limit:
+                raise AdapterFormatError(f"adapter {spec.path}: {path.name} grew past "
+                                         f"{limit} bytes while it was read")
             _named(spec.path, path.parent, _refuse_code_in_pickle, path, data)
             raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             del data

@@ -213,6 +213,45 @@ def test_bin_adapter_is_loaded_without_unpickling_objects(adapter, tiny_llama, t
         load_adapter_weights(spec, cfg, 64, torch.float32, False)
 
 
+def test_a_bin_of_the_wrong_shapes_or_size_is_refused_before_its_tensors_are_read(
+        adapter, tiny_llama, monkeypatch):
+    """The shapes a .bin's pickle declares are checked at registration and again before the
+    worker reads the file, and a file bigger than its tensors is never read: a 4 GB lora_A
+    took a worker to 8 GB before the shape check refused it, a valid .bin swapped for a
+    3 GiB file to 3.5 GB (a hostile-tenant audit)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lorry.engine.lora.weights import load_adapter_weights
+
+    weights = adapter / "adapter_model.safetensors"
+    good = load_file(str(weights))
+    weights.unlink()
+    bin_ = adapter / "adapter_model.bin"
+    torch.save(good, bin_)
+    cfg = read_base_config(tiny_llama.dir)
+    spec = _parse(adapter, tiny_llama)                    # registered while it was good
+    name = next(k for k in good if "lora_A" in k)
+    wide = {**good, name: torch.zeros(good[name].shape[0], 100_000)}
+    torch.save(wide, bin_)
+    with pytest.raises(BaseModelMismatchError, match="do not fit the base"):
+        _parse(adapter, tiny_llama)                       # at registration now (201 before)
+    # a tensor that is a small view of a big storage: torch.save writes the whole storage
+    big = torch.zeros(2_000_000)
+    torch.save({**good, name: big[:good[name].numel()].view(good[name].shape)}, bin_)
+    with pytest.raises(AdapterFormatError, match="bytes, but the tensors its pickle names"):
+        _parse(adapter, tiny_llama)
+
+    def no_load(*a, **kw):
+        raise AssertionError("torch.load reached")
+    monkeypatch.setattr(torch, "load", no_load)
+    with pytest.raises(AdapterFormatError, match="bytes, but the tensors its pickle names"):
+        load_adapter_weights(spec, cfg, 64, torch.float32, pin_memory=False)
+    torch.save(wide, bin_)
+    with pytest.raises(BaseModelMismatchError, match="do not fit the base"):
+        load_adapter_weights(spec, cfg, 64, torch.float32, pin_memory=False)
+
+
 def test_engine_refusal_leaves_caches_unchanged(adapter, tiny_llama):
     from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
 

@@ -72,7 +72,8 @@ def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") ->
     errors.install(app)
     # Batch and file uploads are counted while streamed; other bodies are small JSON.
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes,
-                       max_json_bytes=settings.max_line_bytes)
+                       max_json_bytes=settings.max_line_bytes,
+                       idle_seconds=settings.body_idle_seconds)
     app.add_middleware(RequestId)   # outside BodyGuard: its refusals carry the id too
     app.openapi = lambda: _openapi(app)
     return app

@@ -1,12 +1,20 @@
-"""Request bodies checked before any route reads them: the size limit (declared or streamed)
-and, for JSON bodies, the raw checks of ``api.json_check`` (UTF-8, depth, NaN, surrogates)."""
+"""Request bodies checked before any route reads them: a bearer key before any byte is read
+on /v1, the size limit (declared or streamed), a body that stops coming, and, for JSON
+bodies, the raw checks of ``api.json_check`` (UTF-8, depth, NaN, surrogates)."""
 from __future__ import annotations
 
+import anyio
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lorry.api.deps import bears_a_key, missing_key
 from lorry.api.errors import ApiError, error_response, status_for
 from lorry.api.json_check import check_json
+
+
+# on an answer given before the body was read: the server closes the connection after it
+# (the body's rest could not be told from the next request)
+CLOSE = {"Connection": "close"}
 
 
 def is_json(content_type: str | None) -> bool:
@@ -31,12 +39,17 @@ class BodyGuard:
         they are read, line by line.
     max_json_bytes : int
         Limit of every other body, read whole here before the route sees it.
+    idle_seconds : float
+        A body of which no byte comes for this long is answered 408 and its connection
+        closed (a client that sent one chunk and stopped held its connection, and the part
+        it had sent, for ever: a hostile-tenant audit).
     """
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_json_bytes: int,
+                 idle_seconds: float = 30.0,
                  streamed_paths: tuple[str, ...] = ("/v1/batches", "/v1/files")):
         self.app, self.max_body_bytes, self.max_json_bytes = app, max_body_bytes, max_json_bytes
-        self.streamed_paths = streamed_paths
+        self.idle_seconds, self.streamed_paths = idle_seconds, streamed_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,12 +63,25 @@ class BodyGuard:
             await error_response(413, f"request body of {size} bytes exceeds the limit of "
                                       f"{limit} bytes")(scope, receive, send)
             return
+        if scope["path"].startswith("/v1/") and scope["method"] in ("POST", "PUT", "PATCH") \
+                and not bears_a_key(headers.get("authorization")):
+            # every /v1 route wants a key: no byte of a body is read (or kept) without one
+            e = missing_key()
+            await error_response(e.status_code, e.detail, code=e.code,
+                                 headers={**e.headers, **CLOSE})(scope, receive, send)
+            return
         if streamed:
-            await self.app(scope, _counted(receive, limit), send)
+            await self.app(scope, _counted(receive, limit, self.idle_seconds), send)
             return
         body, more = bytearray(), True
         while more:
-            message = await receive()
+            try:
+                with anyio.fail_after(self.idle_seconds):
+                    message = await receive()
+            except TimeoutError:
+                await error_response(408, _stalled(self.idle_seconds), headers=CLOSE)(
+                    scope, receive, send)
+                return
             if message["type"] != "http.request":  # the client went away
                 return
             body += message.get("body", b"")
@@ -87,14 +113,24 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def _counted(receive: Receive, limit: int) -> Receive:
+def _stalled(idle: float) -> str:
+    return (f"no byte of the request body came for {idle:g} s (LORRY_BODY_IDLE_SECONDS): "
+            "the request is dropped; send it again")
+
+
+def _counted(receive: Receive, limit: int, idle: float) -> Receive:
     """A receive that raises 413 once the body passes ``limit`` bytes (a streamed body may
-    declare no length; the route's reader stops there)."""
+    declare no length; the route's reader stops there), and 408 when no byte comes for
+    ``idle`` seconds."""
     seen = 0
 
     async def counted() -> Message:
         nonlocal seen
-        message = await receive()
+        try:
+            with anyio.fail_after(idle):
+                message = await receive()
+        except TimeoutError:
+            raise ApiError(408, _stalled(idle), headers=CLOSE) from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:

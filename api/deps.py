@@ -21,13 +21,23 @@ def get_tenant(request: Request,
                creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
     """The tenant owning the bearer key; 401 when the key is missing or unknown."""
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
-        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'",
-                       code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise missing_key()
     tenant = request.app.state.queue.authenticate(creds.credentials)
     if tenant is None:
         raise ApiError(401, "invalid API key", code="invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
     return tenant
+
+
+def missing_key() -> ApiError:
+    return ApiError(401, "missing API key: send 'Authorization: Bearer <key>'",
+                    code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def bears_a_key(authorization: str | None) -> bool:
+    """Whether an Authorization header carries a bearer key at all (as HTTPBearer reads it)."""
+    scheme, _, key = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and bool(key.strip())
 
 
 def nudge(request: Request, submitted: int) -> None:

@@ -21,11 +21,13 @@ NO_RETRY = {"x-should-retry": "false"}  # the official SDKs retry 409, 429 and 5
 
 # ``type`` by status, and the ``code`` an error gets when whoever raised it named none.
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+         404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+         409: "conflict_error",
          413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
          503: "service_unavailable_error"}
 CODES = {400: "bad_request", 401: "invalid_api_key", 404: "not_found",
-         405: "method_not_allowed", 409: "conflict", 413: "request_too_large",
+         405: "method_not_allowed", 408: "request_timeout", 409: "conflict",
+         413: "request_too_large",
          422: "invalid_request", 429: "quota_exceeded", 503: "service_unavailable"}
 
 
@@ -52,6 +54,7 @@ DESCRIPTIONS = {
     403: "not allowed",
     404: "no such object of yours (other tenants' objects are 404 too); on /metrics: no "
          "metrics token is configured",
+    408: "the request body stopped coming: no byte of it for `LORRY_BODY_IDLE_SECONDS`",
     409: "the name is already taken, or another request stored the same key first",
     413: "the body, a line or the number of lines exceeds a limit (the message names it)",
     422: "the request is invalid (Lorry's own routes; OpenAI's answer 400); `param` names "

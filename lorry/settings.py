@@ -141,6 +141,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(200 * 1024 * 1024, ge=1024)
     max_batch_lines: int = Field(50_000, ge=1)
     max_line_bytes: int = Field(1024 * 1024, ge=64)
+    body_idle_seconds: float = Field(30.0, gt=0)  # no byte of a request body for this: 408
     # what one tenant's files (uploads, batch outputs and error files) may hold together; an
     # upload past it is 413 storage_quota_exceeded
     max_file_bytes_per_tenant: int = Field(100 * 1024 ** 3, ge=1)

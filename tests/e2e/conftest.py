@@ -69,7 +69,7 @@ def stack(tiny, database_url, redis_url):
            "LORRY_MAINTAIN_INTERVAL": "2", "LORRY_HEARTBEAT_SECONDS": "1",
            "LORRY_WORKER_ID": "e2e-gpu-worker", "LORRY_API_PORT": str(api_port),
            "LORRY_FLOWER_BASIC_AUTH": ":".join(FLOWER_AUTH), "LORRY_DATA_DIR": str(root),
-           "LORRY_METRICS_TOKEN": METRICS_TOKEN}
+           "LORRY_METRICS_TOKEN": METRICS_TOKEN, "LORRY_BODY_IDLE_SECONDS": "3"}
     run_cli(["db", "upgrade"], env)
     logs = root / "logs"
     logs.mkdir()

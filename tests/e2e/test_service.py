@@ -128,3 +128,43 @@ def test_cli_submit_and_status(stack, reference):
     job_id = run_cli(["submit", "Hi", "--max-tokens", "2"], env).strip()
     assert job_id.startswith("job_")
     assert json.loads(run_cli(["status", job_id], env))["id"] == job_id
+
+
+def _raw(api: str, request: bytes, wait: float) -> tuple[bytes, float, float | None]:
+    """Send ``request`` on a socket of its own; read what comes back within ``wait`` ->
+    (the bytes, seconds to the first of them, seconds until the server closed or None)."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    u = urlsplit(api)
+    got, first, closed = b"", None, None
+    start = time.monotonic()
+    with socket.create_connection((u.hostname, u.port), timeout=wait) as s:
+        s.sendall(request)
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+                first = first or time.monotonic() - start
+            closed = time.monotonic() - start
+        except TimeoutError:
+            pass
+    return got, first, closed
+
+
+def test_a_body_that_never_ends_does_not_hold_the_api(stack):
+    """A chunked body whose end never comes: without a key it is refused before a byte is
+    read; with one, 408 once no byte has come for LORRY_BODY_IDLE_SECONDS (3 s here); the
+    connection is closed either way. The API held both for ever before (a hostile-tenant
+    audit)."""
+    head = (b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n")
+    first = b"\r\n5\r\n{\"pro\r\n"
+    got, after, closed = _raw(stack["api"], head + first, 10)
+    assert got.startswith(b"HTTP/1.1 401") and b"missing_api_key" in got, got[:300]
+    assert after < 2 and closed is not None and closed < 2, (after, closed)
+    key = create_tenant(stack, "slowpoke")
+    got, after, closed = _raw(stack["api"], head + f"Authorization: Bearer {key}\r\n".encode()
+                              + first, 10)
+    assert got.startswith(b"HTTP/1.1 408") and b"request_timeout" in got, got[:300]
+    assert 2.5 < after < 6 and closed is not None and closed < 6, (after, closed)

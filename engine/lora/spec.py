@@ -179,7 +179,16 @@ def read_safetensors_header(path: Path) -> dict:
         if not 0 <= start <= end <= size - 8 - n:
             raise AdapterFormatError(f"corrupt safetensors file {path}: tensor {name!r} "
                                      f"lies outside the file (truncated?)")
+        itemsize = _DTYPE_BYTES.get(info["dtype"])
+        if itemsize is not None and end - start != math.prod(info["shape"]) * itemsize:
+            raise AdapterFormatError(f"corrupt safetensors file {path}: tensor {name!r} "
+                                     f"holds {end - start} bytes, its {info['dtype']} shape "
+                                     f"{info['shape']} needs {math.prod(info['shape']) * itemsize}")
     return header
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _int_list(value) -> bool:

@@ -176,6 +176,22 @@ def test_a_safetensors_header_far_past_an_adapters_size_is_refused_unread(adapte
         _parse(adapter, tiny_llama)
 
 
+def test_a_tensor_whose_bytes_do_not_match_its_shape_is_refused_at_registration(adapter,
+                                                                                tiny_llama):
+    """Accepted at registration before (201); the load then failed on the worker."""
+    weights = adapter / "adapter_model.safetensors"
+    raw = weights.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    start, end = header[name]["data_offsets"]
+    header[name]["shape"] = [header[name]["shape"][0], header[name]["shape"][1] // 2]
+    new = json.dumps(header).encode().ljust(n)
+    weights.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+    with pytest.raises(AdapterFormatError, match=f"tensor '{name}' holds {end - start} bytes"):
+        _parse(adapter, tiny_llama)
+
+
 def test_many_pattern_keys_within_the_limit_resolve_as_peft(adapter, tiny_llama):
     _edit_config(adapter, alpha_pattern={f"model.layers.{i}.self_attn.v_proj": 2
                                          for i in range(2000)})

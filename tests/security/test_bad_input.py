@@ -33,6 +33,28 @@ def test_malformed_json_body(service, alice):
     assert r.json()["error"]["code"] == "json_invalid" and r.json()["error"]["param"] is None
 
 
+def test_an_integer_past_pythons_digit_limit_is_invalid_json_in_the_one_shape(service, alice):
+    """FastAPI answered 400 "There was an error parsing the body" (a hostile-tenant audit);
+    a prompt of digits is text (here only too long for the tiny model)."""
+    from lorry.api.app import create_app
+    from tests.security.conftest import client
+
+    app, queue, settings, url = service
+    roomy = create_app(settings.model_copy(update={"max_line_bytes": 64 * 1024}), queue=queue,
+                       nudger=None, redis_client=None)   # this service's 4 KiB holds no such body
+    big = b"9" * 5000
+    with client(roomy, alice.key) as c:
+        r = refused(service, c, "POST", "/v1/jobs", 422, "more than 4300 digits",
+                    content=b'{"prompt": "x", "sampling": {"seed": ' + big + b"}}",
+                    headers={"Content-Type": "application/json"})
+        assert r.json()["error"]["code"] == "invalid_json"
+        refused(service, c, "POST", "/v1/completions", 400, "more than 4300 digits",
+                content=b'{"model": "base", "prompt": "x", "max_tokens": -' + big + b"}",
+                headers={"Content-Type": "application/json"})
+        digits = c.post("/v1/jobs", json={"prompt": "9" * 5000})   # text: past the checks
+        assert digits.json()["error"]["code"] == "context_length_exceeded", digits.text
+
+
 def test_unknown_fields_are_named(service, alice):
     refused(service, alice, "POST", "/v1/jobs", 422, "extra_forbidden", "temprature",
             json={**GOOD, "temprature": 0.5})

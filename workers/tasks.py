@@ -41,7 +41,10 @@ def _stop_draining(**_):
 @signals.worker_shutdown.connect
 def _unpublish(**_):
     # The pool has stopped (solo: the drain is over): this worker's /metrics series go now,
-    # not with their Redis TTL an hour later.
+    # not with their Redis TTL an hour later. A drain of the broker watch (a thread of its
+    # own, which Celery does not wait for) gives back what it holds first.
+    if _draining.acquire(timeout=30):
+        _draining.release()
     from lorry.workers.runtime import unpublish
 
     unpublish()

@@ -204,7 +204,7 @@ class Job(Base):
     finished_at: Mapped[datetime | None]
     batch_id: Mapped[str | None] = mapped_column(String(40))  # no FK: see tenant_id
     seq: Mapped[int | None] = mapped_column(Integer)  # position in its submit / batch file
-    custom_id: Mapped[str | None] = mapped_column(String(200))
+    custom_id: Mapped[str | None] = mapped_column(String(512))  # CUSTOM_ID_LENGTH
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
 
 

@@ -88,3 +88,16 @@ def test_a_duplicate_custom_id_across_chunks_queues_nothing(queue, tenant):
     with pytest.raises(errors.InvalidJob, match="duplicate custom_id 'c150'"):
         queue.ingest_batch(tenant.id, iter([chunk(100, 100), chunk(150, 10)]))
     assert queue.list_jobs(tenant.id) == []
+
+
+def test_a_custom_id_of_512_characters_lands_whole(queue, tenant):
+    """Batch lines may carry 512 characters of custom_id (api.batch_fast.CUSTOM_ID_LENGTH);
+    the column held 200, and on PostgreSQL one such line failed the whole batch (a 500)."""
+    from lorry.api.batch_fast import CUSTOM_ID_LENGTH
+
+    longest = "é" + "x" * (CUSTOM_ID_LENGTH[1] - 1)
+    specs = [JobSpec("early", prompt="p", custom_id=longest),
+             JobSpec("early", prompt="q", custom_id="y" * 201)]
+    info, created = queue.ingest_batch(tenant.id, iter([(specs, [])]), completion_window="2h")
+    assert created and info.request_counts["total"] == 2
+    assert [j.custom_id for j in batch_jobs(queue, tenant, info.id)] == [longest, "y" * 201]

@@ -192,6 +192,25 @@ def test_tenants_adapters_and_listing(queue, tenant):
     assert "deleted" in queue.get_job(jobs[0].id).error
 
 
+def test_one_claim_fails_every_queued_job_of_a_deleted_adapter_and_reaches_the_rest(queue,
+                                                                                  tenant):
+    """A claim that leased only a deleted adapter's jobs answered [] ("queue empty"): the
+    drain ended with thousands such jobs and others still queued, and they failed ~14 a
+    second, one claim per nudge (a bulk audit). One claim now goes on past them."""
+    queue.register_adapter("gone", "/adapters/gone", tenant_id=tenant.id)
+    doomed = queue.submit(tenant.id, [JobSpec("gone", prompt=f"p{i}") for i in range(40)])
+    queue.delete_adapter("gone", tenant.id)
+    assert queue.claim("w", [], [], free_slots=4) == []          # one claim: all 40 fail
+    assert {queue.get_job(j.id).status for j in doomed} == {"failed"}
+    # behind more of them, a claim still answers with the job that can run
+    queue.register_adapter("gone2", "/adapters/gone2", tenant_id=tenant.id)
+    doomed = queue.submit(tenant.id, [JobSpec("gone2", prompt=f"p{i}") for i in range(40)])
+    queue.delete_adapter("gone2", tenant.id)
+    later = queue.submit(tenant.id, [JobSpec(None, prompt="after")])
+    got = [j.id for mb in queue.claim("w", [], [], free_slots=4) for j in mb.jobs]
+    assert got == [later[0].id]
+
+
 def test_bulk_submit_keeps_every_field_byte_for_byte(queue, tenant):
     # Large enough for PostgreSQL's COPY path; the text has every character COPY escapes.
     odd = "tab\there\nnew line\\backslash \\N é 🚚 \r end"

@@ -267,5 +267,8 @@ def install(app: FastAPI) -> None:
         rid = getattr(request.state, "request_id", None)
         log.error("internal error answering %s %s (x-request-id %s)", request.method,
                   request.url.path, rid)
+        # and once it is re-raised the server drops the connection: say so, or a client's
+        # next request on it meets a reset (the SDKs then resend it, POSTs too)
         return error_response(500, "internal server error", code="internal_error",
-                              headers={"x-request-id": rid} if rid else None)
+                              headers={"Connection": "close",
+                                       **({"x-request-id": rid} if rid else {})})

@@ -57,6 +57,9 @@ def test_a_crash_answers_500_with_its_request_id_and_logs_it(service, caplog, mo
     client = TestClient(app, raise_server_exceptions=False)
     r = client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    # the server drops the connection after a crash: the client is told not to reuse it
+    # (the next request on it met a reset: a bulk audit)
+    assert r.headers["connection"] == "close"
     rid = r.headers.get("x-request-id", "")
     assert RID.fullmatch(rid)
     assert any(rid in rec.getMessage() for rec in caplog.records if rec.levelname == "ERROR")

@@ -95,6 +95,13 @@ def _spool_file(queue, tenant, source):
     return spool
 
 
+def _request_lines(spool) -> int:
+    """Lines that are not blank (as the ingest skips them); the spool is rewound."""
+    count = sum(1 for line in spool if line.strip())
+    spool.seek(0)
+    return count
+
+
 async def _json_body(request: Request, limit: int) -> bytes:
     body = bytearray()
     async for chunk in request.stream():
@@ -202,11 +209,14 @@ async def _create_from_file(request, response, tenant, queue, settings, idempote
         raise ApiError(400, f"file {source.id!r} has purpose {source.purpose!r}; a batch reads "
                             "a file uploaded with purpose='batch'", code="invalid_purpose",
                        param="input_file_id")
-    if source.lines > settings.max_batch_lines:
-        raise ApiError(413, f"file {source.id!r} has {source.lines} lines, over the limit of "
-                            f"{settings.max_batch_lines} lines; split it into smaller files",
-                       param="input_file_id")
     spool = await run_in_threadpool(_spool_file, queue, tenant, source)
+    if source.lines > settings.max_batch_lines:   # blank lines are skipped: count requests
+        requests = await run_in_threadpool(_request_lines, spool)
+        if requests > settings.max_batch_lines:
+            spool.close()
+            raise ApiError(413, f"file {source.id!r} has {requests} request lines, over the "
+                                f"limit of {settings.max_batch_lines} lines; split it into "
+                                "smaller files", param="input_file_id")
     lines = file_lines(iter(lambda: spool.read(CHUNK * 16), b""), settings.max_line_bytes)
     stats = IngestStats()
     try:

@@ -55,8 +55,8 @@ def reaper_late(queue, settings) -> str | None:
     if last_reap_at is None:  # a queue that keeps no record of it
         return None
     limit = max(REAPER_LATE_MIN_S, 4 * float(getattr(settings, "maintain_interval", 15.0)))
-    fix = ("start `lorry beat` (its maintain task requeues expired leases) or a worker (its "
-           "claims do too)")
+    fix = ("start a worker (`lorry worker`: its claims requeue expired leases, and it runs "
+           "the maintain task that `lorry beat` schedules)")
     last = last_reap_at()
     if last is None:
         return f"no pass of the lease reaper is recorded: expired leases are not requeued; {fix}"

@@ -137,6 +137,26 @@ def test_other_purposes_are_400_and_too_large_is_413(service, alice):
     assert list(alice.files.list()) == []
 
 
+def test_blank_lines_do_not_count_against_the_batch_line_limit(service, alice):
+    """A file of max_batch_lines requests and a trailing blank line was refused 413 (its
+    newlines were counted; a bulk audit); one request more still is."""
+    _, queue, settings, _ = service
+    n = settings.max_batch_lines
+    full = jsonl(*[line(f"c{i}") for i in range(n)]) + b"\n\n"
+    f = alice.files.create(file=("in.jsonl", io.BytesIO(full)), purpose="batch")
+    b = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                             completion_window="24h")
+    assert b.request_counts.total == n
+    over = jsonl(*[line(f"d{i}") for i in range(n + 1)])
+    f = alice.files.create(file=("over.jsonl", io.BytesIO(over)), purpose="batch")
+    with pytest.raises(openai.APIStatusError) as e:
+        alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                             completion_window="24h")
+    assert e.value.status_code == 413
+    assert f"has {n + 1} request lines, over the limit of {n}" in e.value.body["message"]
+    assert len(queue.list_jobs(alice.tenant.id, limit=1000)) == n
+
+
 def test_idempotency_key_returns_the_same_file_and_batch(service, alice):
     _, queue, *_ = service
     content = jsonl(line("a"))

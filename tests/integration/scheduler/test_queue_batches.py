@@ -1,9 +1,12 @@
 """OpenAI-Batch-shaped batches: counts, finalization, cancel, expiry, ordered results."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from lorry.scheduler import JobSpec, Result, errors
+from lorry.scheduler.batches import RESULTS_PAGE
 
 
 @pytest.fixture
@@ -35,6 +38,23 @@ def test_batch_completes_with_counts_and_results_in_input_order(queue, tenant):
         "req-3", "req-2", "req-1"]
     other, _ = queue.create_tenant("other")
     assert queue.get_batch(batch.id, other.id) is None
+
+
+@pytest.mark.parametrize("n", [2 * RESULTS_PAGE, 2 * RESULTS_PAGE + 37])
+def test_results_and_output_file_cross_pages_whole_and_in_order(queue, tenant, n):
+    """Results are read RESULTS_PAGE jobs at a time (a logprobs-heavy page of 1,000 took a
+    worker to 1.4 GB): every job comes once, in input order, at and past page edges."""
+    batch = queue.create_batch(tenant.id, specs(n))
+    while jobs := [j for mb in queue.claim("w", [], [], free_slots=64) for j in mb.jobs]:
+        queue.complete_many([(j.id, j.lease_token, Result(f"out-{j.id}", [1], "stop"), False)
+                             for j in jobs])
+    assert queue.finalize_batches() == 1
+    want = [s.custom_id for s in specs(n)]
+    assert [j.custom_id for j in queue.batch_results(batch.id, tenant.id)] == want
+    done = queue.get_batch(batch.id, tenant.id)
+    body = b"".join(queue.file_content(done.output_file_id, tenant.id))
+    lines = [json.loads(x) for x in body.splitlines()]
+    assert [x["custom_id"] for x in lines] == want
 
 
 def test_cancel_batch_goes_through_cancelling_to_cancelled(queue, tenant):

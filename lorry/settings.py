@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     database_url: str = ""  # "" -> sqlite:///{data_dir}/lorry.db
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str | None = None
-    redis_prefix: str = "lorry"
+    redis_prefix: str = "lorry"   # Redis keys, and the Celery queue (task_queue)
 
     # engine (EngineConfig's names)
     model: str = ""  # "" -> {models_dir}/SmolLM2-135M-Instruct
@@ -268,6 +268,13 @@ def settings_problem(error: ValidationError) -> str:
         msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"LORRY_{where.upper()}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid settings"
+
+
+def task_queue(prefix: str) -> str:
+    """The Celery queue of a deployment's drain and maintain messages: two deployments on one
+    Redis database (their own LORRY_REDIS_PREFIX each) took each other's drains from the one
+    default queue, ``celery``, each draining its own empty table (a bulk audit)."""
+    return f"{prefix}:tasks"
 
 
 def get_settings() -> Settings:

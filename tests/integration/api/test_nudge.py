@@ -30,11 +30,32 @@ def test_nudges_are_deduplicated_until_a_drain_takes_them(redis_url):
     client = redis.Redis.from_url(redis_url)
     assert nudge() is True
     assert nudge() is False and nudge() is False
-    messages = client.lrange("celery", 0, -1)  # kombu's Redis transport: one list per queue
+    # kombu's Redis transport: one list per queue, this deployment's own (its prefix's)
+    messages = client.lrange(f"{prefix}:tasks", 0, -1)
     assert len(messages) == 1
     assert json.loads(messages[0])["headers"]["task"] == "lorry.drain"
     client.delete(f"{prefix}:nudge:drain")  # what the drain task does when it starts
-    assert nudge() is True and client.llen("celery") == 2
+    assert nudge() is True and client.llen(f"{prefix}:tasks") == 2
+    assert client.llen("celery") == 0
+    client.close()
+
+
+def test_two_deployments_on_one_redis_database_nudge_their_own_workers(redis_url):
+    """Both sent to Celery's one default queue, ``celery``: a deployment's workers took the
+    other's drains and drained their own empty table (a bulk audit)."""
+    import subprocess
+    import sys
+
+    client = redis.Redis.from_url(redis_url)
+    for prefix in ("blue", "green"):
+        assert DrainNudger(redis_url, prefix, ttl=30)() is True
+        # the queue a worker of that deployment consumes (its Celery app's default queue)
+        queue = subprocess.run(
+            [sys.executable, "-c", "from lorry.workers.celery_app import app; "
+             "print(app.conf.task_default_queue)"], capture_output=True, text=True, check=True,
+            env={**os.environ, "LORRY_REDIS_PREFIX": prefix, "LORRY_BROKER_URL": redis_url},
+        ).stdout.strip()
+        assert queue == f"{prefix}:tasks" and client.llen(queue) == 1
     client.close()
 
 

@@ -21,7 +21,7 @@ from lorry.api.batch_input import (
 from lorry.api.body_guard import is_json
 from lorry.api.convert import batch_out, output_line
 from lorry.api.deps import get_queue, get_settings, get_tenant, nudge
-from lorry.api.errors import ApiError, responses
+from lorry.api.errors import NO_RETRY, ApiError, responses
 from lorry.api.json_check import check_json
 from lorry.api.routes.files import IDEMPOTENCY_KEY, no_file
 from lorry.api.schemas import (
@@ -202,6 +202,18 @@ async def _create_from_file(request, response, tenant, queue, settings, idempote
     except ValidationError as e:
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])}
                                       for err in e.errors()]) from None
+    if idempotency_key is not None:   # a retry: its batch, without reading the file again
+        known = await run_in_threadpool(queue.batch_by_key, tenant.id, idempotency_key)
+        if known is not None:
+            if (known.input_file_id, known.endpoint) != (body.input_file_id, body.endpoint):
+                # another request under a used key: answering with the old batch would drop
+                # this one unseen (a bulk audit)
+                raise ApiError(409, f"Idempotency-Key {idempotency_key!r} was used for batch "
+                                    f"{known.id} (input file {known.input_file_id}, endpoint "
+                                    f"{known.endpoint}); send a new key for another request",
+                               code="idempotency_key_reused", headers=NO_RETRY)
+            response.status_code = 200
+            return batch_out(known, _shown(queue, tenant, known))
     source = await run_in_threadpool(queue.get_file, body.input_file_id, tenant.id)
     if source is None:
         raise no_file(body.input_file_id, "input_file_id")

@@ -174,6 +174,16 @@ def test_idempotency_key_returns_the_same_file_and_batch(service, alice):
                               completion_window="24h", extra_headers=hdr)
     assert b1.id == b2.id and len(alice.batches.list().data) == 1
     assert len(queue.list_jobs(alice.tenant.id)) == 1
+    # the key of another request: 409, not the old batch in silence (a bulk audit)
+    other = alice.files.create(file=("b.jsonl", jsonl(line("b", url="/v1/completions"))),
+                               purpose="batch")
+    for file_id, endpoint in ((other.id, "/v1/chat/completions"),
+                              (first.parse().id, "/v1/completions")):
+        with pytest.raises(openai.ConflictError) as e:
+            alice.batches.create(input_file_id=file_id, endpoint=endpoint,
+                                 completion_window="24h", extra_headers=hdr)
+        assert e.value.code == "idempotency_key_reused" and b1.id in e.value.body["message"]
+    assert len(alice.batches.list().data) == 1 and len(queue.list_jobs(alice.tenant.id)) == 1
 
 
 def test_a_line_under_the_other_endpoints_url_is_refused_for_its_url(service, alice):

@@ -57,7 +57,7 @@ def main() -> None:
     pos = torch.tensor([k - 1 for k in n], dtype=torch.int32, device=dev)
     kv_bytes = sum(n) * kvh * D * 2 * dt.itemsize * args.layers
     saved = (da.BLOCK_N, da.NUM_WARPS, da.NUM_STAGES)
-    block_n, stages = da.launch_for(D, dt, q.device, width * bs)      # the launch the engine would take
+    block_n, stages = da.launch_for(D, dt, q.device, width * bs)   # what the engine takes
     default = (None, block_n, da.NUM_WARPS, stages)
     chosen = da.num_splits(args.rows, kvh, width * bs, q.device)
 

@@ -35,6 +35,9 @@ STORAGE_TYPES = {"torch.FloatStorage": 4, "torch.HalfStorage": 2, "torch.BFloat1
                  "torch.DoubleStorage": 8}
 ALLOWED_GLOBALS = REBUILD_TENSOR | set(STORAGE_TYPES) | {REBUILD_PARAMETER, ORDERED_DICT}
 MAX_PICKLE_BYTES = 64 * 1024 * 1024  # data.pkl of a state dict holds names and shapes only
+# An adapter's tensors have 1 or 2 dimensions; 800,000 of them made a shape's product of huge
+# integers quadratic (19 s for one safetensors header, a review)
+MAX_DIMS = 4
 MAX_PROBLEMS = 50  # a refused stream is followed until this many problems are listed
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.load takes a file as a zip archive only if it starts so
 _STORAGE_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -458,7 +461,7 @@ def _rebuild_args_ok(name: str, args: tuple) -> bool:
         return False
     storage, offset, size, stride = args[:4]
     if not (isinstance(storage, _Storage) and _count(offset) and isinstance(size, tuple)
-            and isinstance(stride, tuple) and len(size) == len(stride)
+            and isinstance(stride, tuple) and len(size) == len(stride) <= MAX_DIMS
             and all(map(_count, size)) and all(map(_count, stride))):
         return False
     if 0 in size:

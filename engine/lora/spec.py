@@ -22,6 +22,7 @@ from lorry.engine.errors import (
     RankTooLargeError,
     UnsupportedAdapterError,
 )
+from lorry.engine.lora.pickle_scan import MAX_DIMS
 from lorry.engine.model.arch import FUSED_CHECKPOINT_TYPES
 
 log = logging.getLogger(__name__)
@@ -172,9 +173,10 @@ def read_safetensors_header(path: Path) -> dict:
     for name, info in header.items():
         if not (isinstance(info, dict) and isinstance(info.get("dtype"), str)
                 and _int_list(info.get("shape")) and _int_list(info.get("data_offsets"))
-                and len(info["data_offsets"]) == 2):
+                and len(info["data_offsets"]) == 2 and len(info["shape"]) <= MAX_DIMS):
             raise AdapterFormatError(f"corrupt safetensors file {path}: tensor {name!r} has no "
-                                     "dtype, shape and data_offsets of the format's types")
+                                     "dtype, shape (at most 4 dimensions) and data_offsets of "
+                                     "the format's types")
         start, end = info["data_offsets"]
         if not 0 <= start <= end <= size - 8 - n:
             raise AdapterFormatError(f"corrupt safetensors file {path}: tensor {name!r} "
@@ -192,8 +194,9 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 
 def _int_list(value) -> bool:
+    """Non-negative ints the format's u64 holds."""
     return isinstance(value, list) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64 for v in value)
 
 
 def _check_field_types(cfg: dict, path: Path) -> None:
@@ -427,8 +430,10 @@ def bin_read_limit(path: Path, found) -> int:
     if size > limit:
         raise AdapterFormatError(f"adapter {path.parent}: {path.name} is {size} bytes, but "
                                  f"the tensors its pickle names take {found.tensor_bytes}: "
-                                 "save the state dict alone (torch.save(state_dict)) or "
-                                 "convert the adapter to adapter_model.safetensors")
+                                 "save each tensor on its own (torch.save({k: v.clone() "
+                                 "for k, v in state_dict.items()}): a view saves its whole "
+                                 "storage) or convert the adapter to "
+                                 "adapter_model.safetensors")
     return limit
 
 

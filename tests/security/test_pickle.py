@@ -438,6 +438,15 @@ def test_real_state_dicts_are_accepted(tmp_path):
                                              for v in loaded.values())
 
 
+def test_a_tensor_of_more_than_four_dimensions_is_refused(tmp_path):
+    """Shapes are multiplied to count a .bin's bytes: a size tuple of 400k entries made that
+    quadratic (a review); adapters' tensors have 1 or 2 dimensions."""
+    path = _saved(tmp_path, {"a": torch.zeros(1, 1, 1, 1, 2)}, "five.bin")
+    found = scan_checkpoint(path)
+    assert not found.ok and not torch_refuses(path)
+    assert scan_checkpoint(_saved(tmp_path, {"a": torch.zeros(1, 1, 1, 2)}, "four.bin")).ok
+
+
 def _peft_bin_adapter(tiny_model, out_dir):
     """A PEFT LoRA adapter saved by PEFT itself as adapter_model.bin (torch.save)."""
     from peft import LoraConfig, get_peft_model

@@ -26,6 +26,7 @@ from prefill_attn_sweep import random_paged  # benchmarks/: paged caches of rand
 from prefill_step import _timer  # benchmarks/: median of CUDA-event timings
 
 from lorry.kernels import decode_attention as da
+from lorry.kernels.launch_math import next_pow2
 
 
 def lengths(rows: int, seed: int) -> list[int]:
@@ -57,7 +58,7 @@ def main() -> None:
     pos = torch.tensor([k - 1 for k in n], dtype=torch.int32, device=dev)
     kv_bytes = sum(n) * kvh * D * 2 * dt.itemsize * args.layers
     saved = (da.BLOCK_N, da.NUM_WARPS, da.NUM_STAGES)
-    block_n, stages = da.launch_for(D, dt, q.device, width * bs)   # what the engine takes
+    block_n, stages = da.launch_for(next_pow2(D), dt, q.device, width * bs)  # the engine's
     default = (None, block_n, da.NUM_WARPS, stages)
     chosen = da.num_splits(args.rows, kvh, width * bs, q.device)
 

@@ -28,6 +28,7 @@ NUM_STAGES = 0        # software pipeline depth; 0: with BLOCK_N (launch_for)
 NARROW = (64, 2)      # (keys per tile, stages): every head dim, the interpreter
 WIDE = (128, 3)       # head dims <= 128 where the stages fit, tables of WIDE_MIN_KEYS or more
 WIDE_MIN_KEYS = 2048  # H100: 5,120-key tables +1.3% (bulk run), 264-key tables -1.5% (128->128)
+                      # (graph decode's tables span max_model_len: the rule is per deployment)
 SPLIT_KEYS = 2560     # > 0: split tables so that a split spans at most this many keys (0: off)
 KEY_SPLITS_MAX = 2    # ... but SPLIT_KEYS adds at most this many splits (measured: 2, 5,120 keys)
 
@@ -152,6 +153,11 @@ def launch_for(block_d: int, dtype: torch.dtype, device: torch.device,
     WIDE_MIN_KEYS keys whose stages fit the device's opt-in shared memory with room for the
     query tile; everything else, and the CPU interpreter, runs the narrow launch. BLOCK_N
     and NUM_STAGES set (non-zero) override both, for A/B runs.
+
+    ``max_len`` is the table's width, not the rows' lengths: CUDA-graph decode's tables span
+    ``max_model_len``, so an engine of max_model_len >= 2,048 takes the wide launch for
+    every row, short ones too (the bulk run, max_model_len 5,120 with rows of 50-5,000 keys,
+    gained 1.3% so; short rows alone under a long max_model_len are not measured).
     """
     if BLOCK_N and NUM_STAGES:
         return BLOCK_N, NUM_STAGES

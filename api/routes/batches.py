@@ -205,13 +205,7 @@ async def _create_from_file(request, response, tenant, queue, settings, idempote
     if idempotency_key is not None:   # a retry: its batch, without reading the file again
         known = await run_in_threadpool(queue.batch_by_key, tenant.id, idempotency_key)
         if known is not None:
-            if (known.input_file_id, known.endpoint) != (body.input_file_id, body.endpoint):
-                # another request under a used key: answering with the old batch would drop
-                # this one unseen (a bulk audit)
-                raise ApiError(409, f"Idempotency-Key {idempotency_key!r} was used for batch "
-                                    f"{known.id} (input file {known.input_file_id}, endpoint "
-                                    f"{known.endpoint}); send a new key for another request",
-                               code="idempotency_key_reused", headers=NO_RETRY)
+            _same_request(known, body, idempotency_key)
             response.status_code = 200
             return batch_out(known, _shown(queue, tenant, known))
     source = await run_in_threadpool(queue.get_file, body.input_file_id, tenant.id)
@@ -249,8 +243,20 @@ async def _create_from_file(request, response, tenant, queue, settings, idempote
         spool.close()
     if created and stats.accepted:
         await run_in_threadpool(nudge, request, stats.accepted)
+    if not created:   # a concurrent create under the key won: the same request?
+        _same_request(info, body, idempotency_key)
     response.status_code = 201 if created else 200
     return batch_out(info, _shown(queue, tenant, info))
+
+
+def _same_request(known, body, key: str) -> None:
+    """409 when the batch made under ``key`` was of another input file or endpoint: answering
+    with it would drop this request unseen (a bulk audit)."""
+    if (known.input_file_id, known.endpoint) != (body.input_file_id, body.endpoint):
+        raise ApiError(409, f"Idempotency-Key {key!r} was used for batch {known.id} (input "
+                            f"file {known.input_file_id}, endpoint {known.endpoint}); send a "
+                            "new key for another request", code="idempotency_key_reused",
+                       headers=NO_RETRY)
 
 
 @router.get("", response_model=BatchList,

@@ -186,6 +186,25 @@ def test_idempotency_key_returns_the_same_file_and_batch(service, alice):
     assert len(alice.batches.list().data) == 1 and len(queue.list_jobs(alice.tenant.id)) == 1
 
 
+def test_a_reused_idempotency_key_that_loses_the_race_is_409_too(service, alice, monkeypatch):
+    """Two creates under one key at once: both pass the early look-up; the one whose insert
+    meets the other's batch compares too, never answering another request's batch."""
+    _, queue, *_ = service
+    hdr = {"Idempotency-Key": "race-1"}
+    a = alice.files.create(file=("a.jsonl", jsonl(line("a"))), purpose="batch")
+    b = alice.files.create(file=("b.jsonl", jsonl(line("b"))), purpose="batch")
+    won = alice.batches.create(input_file_id=a.id, endpoint="/v1/chat/completions",
+                               completion_window="24h", extra_headers=hdr)
+    monkeypatch.setattr(queue, "batch_by_key", lambda *args: None)   # as if still unseen
+    with pytest.raises(openai.ConflictError) as e:
+        alice.batches.create(input_file_id=b.id, endpoint="/v1/chat/completions",
+                             completion_window="24h", extra_headers=hdr)
+    assert e.value.code == "idempotency_key_reused" and won.id in e.value.body["message"]
+    same = alice.batches.create(input_file_id=a.id, endpoint="/v1/chat/completions",
+                                completion_window="24h", extra_headers=hdr)
+    assert same.id == won.id and len(queue.list_jobs(alice.tenant.id)) == 1
+
+
 def test_a_line_under_the_other_endpoints_url_is_refused_for_its_url(service, alice):
     """A chat line whose url says /v1/completions was refused as "a /v1/completions line
     needs body.prompt": its body was right for the batch, the url was what was wrong."""

@@ -43,7 +43,7 @@ def _unpublish(**_):
     # The pool has stopped (solo: the drain is over): this worker's /metrics series go now,
     # not with their Redis TTL an hour later. A drain of the broker watch (a thread of its
     # own, which Celery does not wait for) gives back what it holds first.
-    if _draining.acquire(timeout=30):
+    if _draining.acquire(timeout=60):   # past the drainer's own 30 s results flush
         _draining.release()
     from lorry.workers.runtime import unpublish
 
@@ -53,10 +53,10 @@ def _unpublish(**_):
 @app.task(name="lorry.drain", bind=True)
 def drain(self) -> dict:
     """Drain the queue through this worker's engine until it is empty (or a time limit)."""
+    _nudge_taken(settings)   # (a submission from now on nudges again, skipped or not)
     if not _draining.acquire(blocking=False):   # the broker watch drains: it goes until the
         return {"skipped": "this worker is draining already"}   # queue is empty
     try:
-        _nudge_taken(settings)
         summary = _drain_once()
     finally:
         _draining.release()
@@ -145,8 +145,14 @@ def _fallback_drain(reachable) -> None:
                      "%.1f s", summary.succeeded, summary.failed, summary.cancelled,
                      summary.seconds)
         # at its time limit a drain task queues itself again; here the next one goes on at
-        # once while the broker is still away
-        if summary.reason != "time limit" or reachable(1.0):
+        # once while the broker is still away, or is a drain task once it is back
+        if summary.reason != "time limit":
+            return
+        if reachable(1.0):
+            try:
+                drain.apply_async()
+            except Exception as e:  # noqa: BLE001  beat's next maintain nudges instead
+                log.warning("could not queue the next drain: %s", e)
             return
 
 

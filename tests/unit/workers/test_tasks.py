@@ -100,15 +100,13 @@ def test_a_drain_task_while_the_broker_watch_drains_returns_at_once(drain_task, 
 def test_the_broker_watch_drains_while_redis_is_away_and_stops_once_it_is_back(
         drain_task, monkeypatch, caplog):
     """While the broker cannot be reached an idle worker drains the job table itself, every
-    interval (and at once again after a drain cut by its time limit); once Redis answers,
-    only Celery's drains run. One warning each way, not one per interval."""
+    interval; once Redis answers, only Celery's drains run. One warning each way, not one
+    per interval."""
     runs, up = [], threading.Event()
-    reasons = iter(["time limit", "queue empty"])
 
     def run(**kw):
         runs.append(kw)
         s = _Summary()
-        s.reason = next(reasons, "queue empty")
         s.succeeded = s.failed = s.cancelled = 0
         return s
     tasks, _ = drain_task(run)
@@ -133,6 +131,39 @@ def test_the_broker_watch_drains_while_redis_is_away_and_stops_once_it_is_back(
     said = [r.getMessage() for r in caplog.records]
     assert sum("cannot be reached" in m for m in said) == 1
     assert sum("reachable again" in m for m in said) == 1
+
+
+def test_a_watch_drain_cut_by_its_time_limit_goes_on_at_once_or_as_a_drain_task(
+        drain_task, monkeypatch):
+    """At its time limit a drain task queues itself again: the watch's drain goes on at once
+    while the broker is away, and queues a drain task once it is back."""
+    reasons = iter(["time limit", "time limit", "queue empty"])
+
+    def run(**kw):
+        s = _Summary()
+        s.reason = next(reasons)
+        s.succeeded, s.failed, s.cancelled, s.seconds = 1, 0, 0, 0.1
+        return s
+    tasks, _ = drain_task(run)
+    monkeypatch.setattr(tasks, "_draining", threading.Lock())
+    queued = []
+    monkeypatch.setattr(tasks.drain, "apply_async", lambda *a, **kw: queued.append(1))
+    tasks._fallback_drain(lambda t: False)          # away: three drains back to back
+    assert next(reasons, "done") == "done" and queued == []
+    reasons = iter(["time limit"])
+    tasks._fallback_drain(lambda t: True)           # back: the rest is Celery's
+    assert queued == [1] and not tasks._draining.locked()
+
+
+def test_a_drain_task_skipped_beside_the_watch_still_clears_the_nudge_key(drain_task,
+                                                                          monkeypatch):
+    tasks, _ = drain_task(lambda **kw: _Summary())
+    cleared = []
+    monkeypatch.setattr(tasks, "_nudge_taken", lambda settings: cleared.append(1))
+    monkeypatch.setattr(tasks, "_draining", threading.Lock())
+    tasks._draining.acquire()
+    assert tasks.drain.run() == {"skipped": "this worker is draining already"}
+    assert cleared == [1]      # a submission from now on nudges again
 
 
 def test_the_broker_watch_waits_for_a_database_that_is_away_too(drain_task, monkeypatch,

@@ -18,13 +18,13 @@ class DrainNudger:
         import redis
         from celery import Celery
 
-        from lorry.settings import task_queue
+        from lorry.settings import celery_names
 
         self._redis = redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2)
         self._celery = Celery("lorry-api", broker=broker_url)
         self._celery.conf.update(broker_connection_retry_on_startup=False,
                                  broker_connection_max_retries=1, task_send_sent_event=True,
-                                 task_default_queue=task_queue(prefix))
+                                 **celery_names(prefix))
         self._key = f"{prefix}:nudge:drain"
         self._ttl_ms = max(1, int(ttl * 1000))
 

@@ -277,6 +277,14 @@ def task_queue(prefix: str) -> str:
     return f"{prefix}:tasks"
 
 
+def celery_names(prefix: str) -> dict[str, str]:
+    """Celery settings that keep a deployment's messages its own on a shared Redis database:
+    its task queue, and the exchanges of its events (what Flower shows) and of remote control
+    (what Flower's buttons send: another deployment's Flower could stop its workers)."""
+    return {"task_default_queue": task_queue(prefix), "event_exchange": f"{prefix}.celeryev",
+            "control_exchange": f"{prefix}.control"}
+
+
 def get_settings() -> Settings:
     """Read the settings from the environment (the edges call this once and pass them down).
     Raises SettingsError naming what is refused."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from lorry.settings import get_settings, task_queue
+from lorry.settings import celery_names, get_settings
 
 settings = get_settings()
 app = Celery("lorry", broker=settings.broker_url, backend=settings.result_backend,
@@ -16,9 +16,9 @@ app.conf.update(
     task_send_sent_event=True,
     # One GPU worker = one engine: take one drain at a time and nothing in advance.
     worker_prefetch_multiplier=1,
-    # this deployment's queue (its LORRY_REDIS_PREFIX): the workers consume it, beat and the
-    # API's nudges send to it
-    task_default_queue=task_queue(settings.redis_prefix),
+    # this deployment's queue and exchanges (its LORRY_REDIS_PREFIX): the workers consume
+    # the queue, beat and the API's nudges send to it, Flower watches and controls only them
+    **celery_names(settings.redis_prefix),
     task_acks_late=False,
     task_ignore_result=settings.result_backend is None,
     broker_connection_retry_on_startup=True,

@@ -51,11 +51,14 @@ def test_two_deployments_on_one_redis_database_nudge_their_own_workers(redis_url
         assert DrainNudger(redis_url, prefix, ttl=30)() is True
         # the queue a worker of that deployment consumes (its Celery app's default queue)
         queue = subprocess.run(
-            [sys.executable, "-c", "from lorry.workers.celery_app import app; "
-             "print(app.conf.task_default_queue)"], capture_output=True, text=True, check=True,
+            [sys.executable, "-c", "from lorry.workers.celery_app import app; c = app.conf; "
+             "print(c.task_default_queue, c.event_exchange, c.control_exchange)"],
+            capture_output=True, text=True, check=True,
             env={**os.environ, "LORRY_REDIS_PREFIX": prefix, "LORRY_BROKER_URL": redis_url},
-        ).stdout.strip()
-        assert queue == f"{prefix}:tasks" and client.llen(queue) == 1
+        ).stdout.split()
+        # and its events and remote control (what Flower shows and sends) are its own
+        assert queue == [f"{prefix}:tasks", f"{prefix}.celeryev", f"{prefix}.control"]
+        assert client.llen(queue[0]) == 1
     client.close()
 
 

@@ -25,6 +25,8 @@ def _load_engine(**_):
 
     drainer = get_drainer(settings)
     log.info("worker %s ready: %s", drainer.worker_id, drainer.engine.info())
+    if _draining.locked():   # the broker watch drained before Celery had the broker: its
+        return               # drain beats for the worker (a second heartbeat would race it)
     try:
         drainer.heartbeat()
     except Unavailable as e:

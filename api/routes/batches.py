@@ -37,6 +37,7 @@ from lorry.api.schemas import (
 from lorry.api.tenant_slots import tenant_slots
 from lorry.api.upload import CHUNK, file_lines, spool_lines, spooled_lines
 from lorry.scheduler import errors
+from lorry.scheduler.batch_files import jsonl
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -307,7 +308,7 @@ def _lines(queue, tenant, batch_id: str, model_name: str, succeeded: bool):
     final = {"failed", "cancelled", "expired"}
     for job in queue.batch_results(batch_id, tenant.id):
         if (job.status == "succeeded") if succeeded else (job.status in final):
-            yield json.dumps(output_line(job, model_name)) + "\n"
+            yield jsonl(output_line(job, model_name))   # as the output file holds it
 
 
 def _file(kind: str, succeeded: bool):

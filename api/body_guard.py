@@ -11,7 +11,6 @@ from lorry.api.deps import bears_a_key, missing_key
 from lorry.api.errors import ApiError, error_response, status_for
 from lorry.api.json_check import check_json
 
-
 # on an answer given before the body was read: the server closes the connection after it
 # (the body's rest could not be told from the next request)
 CLOSE = {"Connection": "close"}
@@ -70,16 +69,16 @@ class BodyGuard:
             await error_response(e.status_code, e.detail, code=e.code,
                                  headers={**e.headers, **CLOSE})(scope, receive, send)
             return
+        patient = _patient(receive, self.idle_seconds)
         if streamed:
-            await self.app(scope, _counted(receive, limit, self.idle_seconds), send)
+            await self.app(scope, _counted(patient, limit), send)
             return
         body, more = bytearray(), True
         while more:
             try:
-                with anyio.fail_after(self.idle_seconds):
-                    message = await receive()
-            except TimeoutError:
-                await error_response(408, _stalled(self.idle_seconds), headers=CLOSE)(
+                message = await patient()
+            except ApiError as e:   # no byte for idle_seconds
+                await error_response(e.status_code, e.detail, headers=e.headers)(
                     scope, receive, send)
                 return
             if message["type"] != "http.request":  # the client went away
@@ -113,24 +112,27 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def _stalled(idle: float) -> str:
-    return (f"no byte of the request body came for {idle:g} s (LORRY_BODY_IDLE_SECONDS): "
-            "the request is dropped; send it again")
+def _patient(receive: Receive, idle: float) -> Receive:
+    """A receive that raises 408 when no byte of the body comes for ``idle`` seconds."""
+    async def patient() -> Message:
+        try:
+            with anyio.fail_after(idle):
+                return await receive()
+        except TimeoutError:
+            raise ApiError(408, f"no byte of the request body came for {idle:g} s "
+                                "(LORRY_BODY_IDLE_SECONDS): the request is dropped; send it "
+                                "again", headers=CLOSE) from None
+    return patient
 
 
-def _counted(receive: Receive, limit: int, idle: float) -> Receive:
+def _counted(receive: Receive, limit: int) -> Receive:
     """A receive that raises 413 once the body passes ``limit`` bytes (a streamed body may
-    declare no length; the route's reader stops there), and 408 when no byte comes for
-    ``idle`` seconds."""
+    declare no length; the route's reader stops there)."""
     seen = 0
 
     async def counted() -> Message:
         nonlocal seen
-        try:
-            with anyio.fail_after(idle):
-                message = await receive()
-        except TimeoutError:
-            raise ApiError(408, _stalled(idle), headers=CLOSE) from None
+        message = await receive()
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:

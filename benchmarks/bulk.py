@@ -235,7 +235,8 @@ def engine_config(spec: dict, args, model: str, load_format: str, run: str,
                 "lora_memory_slots": spec["memory_slots"] if run != "no_adapters" else None,
                 "lora_load_process": None if args.lora_load_process is None
                 else args.lora_load_process == "on",
-                "pinned_reserve_mb": args.pinned_reserve_mb}
+                "pinned_reserve_mb": args.pinned_reserve_mb,
+                "kv_cache_dtype": args.kv_cache_dtype}
     kw.update({k: v for k, v in optional.items() if v is not None})
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     dropped = sorted(k for k in kw if k not in fields)
@@ -543,6 +544,8 @@ def parse_args() -> argparse.Namespace:
                          "model on CPU; its config shapes the adapters)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--num-kv-blocks", type=int, default=None)
+    ap.add_argument("--kv-cache-dtype", default=None,
+                    help="EngineConfig.kv_cache_dtype: auto (default) or fp8")
     ap.add_argument("--block-size", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--num-scheduler-steps", type=int, default=None,

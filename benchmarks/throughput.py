@@ -52,7 +52,7 @@ def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(10, min(vocab, 30000), (n, length), generator=gen).tolist()
 
 
-# EngineConfig settings from the command line (--num-scheduler-steps)
+# EngineConfig settings from the command line (--num-scheduler-steps, --kv-cache-dtype)
 ENGINE_OPTIONS: dict = {}
 
 
@@ -479,7 +479,11 @@ def main() -> None:
                     help="EngineConfig.num_scheduler_steps (default: the engine's)")
     ap.add_argument("--decode-launch", default=None, metavar="BLOCK_N,STAGES",
                     help="kernels.decode_attention.BLOCK_N and NUM_STAGES, e.g. 64,2 (an A/B)")
+    ap.add_argument("--kv-cache-dtype", default=None,
+                    help="EngineConfig.kv_cache_dtype: auto (default) or fp8")
     args = ap.parse_args()
+    if args.kv_cache_dtype:
+        ENGINE_OPTIONS["kv_cache_dtype"] = args.kv_cache_dtype
     if args.decode_launch:
         from lorry.kernels import decode_attention
 

@@ -9,6 +9,7 @@ DEVICES = ("auto", "cpu", "cuda")
 LORA_BACKENDS = ("auto", "torch", "triton")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names ("fp8" is e4m3)
 QUANTIZATIONS = (None, "bnb-nf4", "bnb-fp4", "bnb-int8", "torchao-int8", "torchao-int4",
                  "gptq", "awq")
 
@@ -127,6 +128,14 @@ class EngineConfig:
     gpu_memory_utilization : float
         CUDA: the share of the GPU's memory the engine may take; the KV block pool gets what
         is left of it after the weights and the LoRA slots (vLLM's name). 0 < x <= 1.
+    kv_cache_dtype : {"auto", "fp8", "fp8_e4m3"}
+        "auto" (default): keys and values are kept in the model dtype. "fp8" (= "fp8_e4m3",
+        vLLM's names): kept as float8 e4m3 with a scale of 1.0, as vLLM without calibrated
+        scales: half the bytes a token takes, so twice the tokens in the same memory and
+        half the keys/values a decode step reads. Every attention (the first prefill, chunks
+        after cached prefixes, decode) sees the keys and values rounded to e4m3 (saturating
+        at +-448), so greedy tokens follow the fp8 cache, not the model dtype's. CUDA needs
+        compute capability 8.9 or newer (Ada, Hopper) for the Triton kernels.
     num_kv_blocks : int, optional
         The KV pool's size in blocks, overriding the sizing above (CPU default: room for
         ``max_num_seqs`` sequences of ``max_model_len``). At least one sequence of
@@ -168,6 +177,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -226,6 +236,7 @@ class EngineConfig:
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ValueError(f"EngineConfig.gpu_memory_utilization={u!r} is invalid: must be a "
                              "number in (0, 1]")
+        _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         _positive_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
         m = self.max_full_module_copies
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):

@@ -593,6 +593,7 @@ class LLMEngine:
                 "lora_memory_slots": c.lora_memory_slots or c.max_loras,
                 "max_num_seqs": c.max_num_seqs, "max_model_len": self.max_model_len,
                 "block_size": c.block_size, "kv_blocks": self.scheduler.blocks.usable(),
+                "kv_cache_dtype": str(self.model.kv_dtype).split(".")[-1],
                 "enable_prefix_caching": c.enable_prefix_caching,
                 "num_layers": self.hf_config.num_hidden_layers,
                 # quantization method (None, or detected from a GPTQ/AWQ checkpoint), base

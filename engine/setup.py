@@ -19,6 +19,19 @@ from lorry.engine.tokenizer import Tokenizer
 from lorry.kernels.backends import get_lora_ops
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype for EngineConfig.kv_cache_dtype ``name`` ("auto": the model's);
+    ValueError where the device's kernels cannot convert to it."""
+    kv = KV_DTYPES.get(name, dtype)
+    if kv != dtype and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise ValueError(f"EngineConfig.kv_cache_dtype={name!r} needs a GPU of compute "
+                         f"capability 8.9 or newer (Ada, Hopper) for fp8 conversions; this one "
+                         f"is {cap}: use kv_cache_dtype='auto'")
+    return kv
 
 
 @dataclass
@@ -56,7 +69,8 @@ def _graph_bytes(c: EngineConfig, model) -> int:
     return 2 * sum(size_ladder(c.max_num_seqs)) * vocab * 4
 
 
-def kv_blocks(c: EngineConfig, model, max_len: int, device: torch.device) -> int:
+def kv_blocks(c: EngineConfig, model, max_len: int, device: torch.device,
+              kv_dtype: torch.dtype | None = None) -> int:
     """The KV pool's size in blocks (the null block included): ``num_kv_blocks`` if set;
     on CUDA what ``gpu_memory_utilization`` leaves after everything allocated so far and the
     decode graphs' outputs (at most twice what ``max_num_seqs`` full-length sequences need:
@@ -68,7 +82,7 @@ def kv_blocks(c: EngineConfig, model, max_len: int, device: torch.device) -> int
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         budget = c.gpu_memory_utilization * total - (total - free) - _graph_bytes(c, model)
-        n = min(int(budget // model.kv_block_bytes(c.block_size)),
+        n = min(int(budget // model.kv_block_bytes(c.block_size, kv_dtype)),
                 2 * c.max_num_seqs * per_seq + 1)
     else:
         n = c.max_num_seqs * per_seq + 1
@@ -83,6 +97,7 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
     device = _device(c.device)
     dtype = DTYPES.get(c.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     lora_dtype = DTYPES.get(c.lora_dtype, dtype)
+    kv_dtype = kv_cache_dtype(c.kv_cache_dtype, dtype, device)  # before any weight is read
     backend = c.lora_backend if c.lora_backend != "auto" else (
         "triton" if device.type == "cuda" else "torch")
     if backend == "triton" and device.type != "cuda":
@@ -115,9 +130,9 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
     ops = get_lora_ops(backend) if c.enable_lora else None
     # longrope rotates a whole row's keys by its length (short or long factors), so a cached
     # prefix's keys are not those a longer prompt would compute: no sharing on such bases
-    blocks = BlockManager(kv_blocks(c, model, max_len, device), c.block_size,
+    blocks = BlockManager(kv_blocks(c, model, max_len, device, kv_dtype), c.block_size,
                           c.enable_prefix_caching and not model.longrope)
-    model.allocate_kv_cache(blocks.num_blocks, c.block_size)  # after the weights and slots
+    model.allocate_kv_cache(blocks.num_blocks, c.block_size, kv_dtype)  # after weights, slots
     graphs = None
     if device.type == "cuda" and not c.enforce_eager:
         from lorry.engine.graphs import DecodeGraphs

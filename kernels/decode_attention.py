@@ -48,7 +48,8 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         pos = int(positions[b])
         p = torch.arange(max(0, pos - window + 1) if window else 0, pos + 1, device=q.device)
         slots = block_tables[b, p // block_size].long() * block_size + p % block_size
-        keys, values = k_cache[slots].transpose(0, 1), v_cache[slots].transpose(0, 1)  # [kvh, n, D]
+        keys = k_cache[slots].to(q.dtype).transpose(0, 1)                 # [kvh, n, D]
+        values = v_cache[slots].to(q.dtype).transpose(0, 1)
         qg = q[b].reshape(kvh, h // kvh, D)
         scores = (qg @ keys.transpose(-1, -2)).float() * (scale or D ** -0.5)   # [kvh, g, n]
         if softcap:
@@ -89,6 +90,7 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, out_ptr, part_pt
     for start in range(lo, hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         k, v, km = kv_tile(table, kbase, vbase, offs, hi, d, dm, stride_btn, s_cs, BLOCK_SIZE)
+        k, v = k.to(q.dtype), v.to(q.dtype)                       # an fp8 cache's, widened
         s = logits(q, k, scale, SOFTCAP, IEEE)
         s = tl.where(km[None, :], s, float("-inf"))               # [G_PAD, BLOCK_N]
         m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, IEEE)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from lorry.kernels.launch_math import cdiv, next_pow2
+from lorry.kernels.paged_tiles import to_cache
 
 # ----------------------------------------------------------------------------- references
 
@@ -114,14 +115,15 @@ def _rotary_qk_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_p
             kh = heads - HEADS                                    # k head index (q rows < 0)
             km = m & (kh >= 0)
             kdst = kc_ptr + slot * s_cs + kh * s_ch + cols
-            tl.store(kdst, o1, mask=km)
-            tl.store(kdst + HALF, o2, mask=km)
+            cty = kc_ptr.dtype.element_ty                         # the model's, or fp8
+            tl.store(kdst, to_cache(o1, cty), mask=km)
+            tl.store(kdst + HALF, to_cache(o2, cty), mask=km)
             vh = tl.arange(0, BLOCK_H)[:, None]
             vm = (vh < KV_HEADS) & cm
             vsrc = qkv_ptr + t * stride_t + (HEADS + KV_HEADS) * D + vh * D + cols
             vdst = vc_ptr + slot * s_cs + vh * s_ch + cols
-            tl.store(vdst, tl.load(vsrc, mask=vm), mask=vm)
-            tl.store(vdst + HALF, tl.load(vsrc + HALF, mask=vm), mask=vm)
+            tl.store(vdst, to_cache(tl.load(vsrc, mask=vm), cty), mask=vm)
+            tl.store(vdst + HALF, to_cache(tl.load(vsrc + HALF, mask=vm), cty), mask=vm)
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -30,7 +30,7 @@ def check_paged(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def kv_tile(table, kbase, vbase, offs, hi, d, dm, stride_btn, s_cs, BLOCK_SIZE: tl.constexpr):
     """Keys and values [BLOCK_N, BLOCK_D] of one sequence at positions ``offs`` below ``hi``:
     position p lives at slot table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE (zero past
-    ``hi``) -> (k, v, offs < hi)."""
+    ``hi``) -> (k, v, offs < hi), in the cache's dtype (the caller widens an fp8 cache's)."""
     km = offs < hi
     blk = tl.load(table + (offs // BLOCK_SIZE) * stride_btn, mask=km, other=0)
     slot = blk.to(tl.int64) * BLOCK_SIZE + offs % BLOCK_SIZE
@@ -38,6 +38,29 @@ def kv_tile(table, kbase, vbase, offs, hi, d, dm, stride_btn, s_cs, BLOCK_SIZE: 
     kvm = km[:, None] & dm[None, :]
     return (tl.load(kbase + kv_off, mask=kvm, other=0.0),
             tl.load(vbase + kv_off, mask=kvm, other=0.0), km)
+
+
+@triton.jit
+def to_cache(x, CACHE_TY: tl.constexpr):
+    """``x`` as a cache of dtype CACHE_TY stores it: float8 e4m3 bit for bit as torch's
+    conversion (round to nearest even, saturating at +-448, NaN kept), built from the fp32
+    bits (Triton's CPU interpreter loses the carry of a rounding into the exponent: 126.5
+    became 64); other dtypes convert as tl.store would."""
+    if CACHE_TY == tl.float8e4nv:
+        f = x.to(tl.float32)
+        bits = f.to(tl.uint32, bitcast=True)
+        a = bits & 0x7FFFFFFF                                  # |x|
+        # normal: exponent re-biased (127 -> 7) and 3 mantissa bits, rounded half to even
+        # (a carry moves into the exponent)
+        r = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)
+        # below 2**-6: multiples of 2**-9, rounded half to even by the 2**23 trick
+        small = a < 0x3C800000
+        sub = ((tl.where(small, tl.abs(f), 0.0) * 512.0 + 8388608.0) - 8388608.0)
+        r = tl.where(small, sub.to(tl.uint32), r)
+        r = tl.where(a >= 0x43E00000, 0x7E, r)                  # >= 448: 448 (saturated)
+        r = tl.where(a > 0x7F800000, 0x7F, r)                   # NaN
+        return (r | ((bits >> 24) & 0x80)).to(tl.uint8).to(CACHE_TY, bitcast=True)
+    return x.to(CACHE_TY)
 
 
 @triton.jit

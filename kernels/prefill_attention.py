@@ -50,7 +50,8 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
             pos, r = ctx + i, (b * row_stride if row_stride else start) + i
             p = torch.arange(max(0, pos - window + 1) if window else 0, pos + 1, device=q.device)
             slots = block_tables[b, p // block_size].long() * block_size + p % block_size
-            keys, values = k_cache[slots].transpose(0, 1), v_cache[slots].transpose(0, 1)
+            keys = k_cache[slots].to(q.dtype).transpose(0, 1)
+            values = v_cache[slots].to(q.dtype).transpose(0, 1)
             qg = q[r].reshape(kvh, h // kvh, D)
             scores = (qg @ keys.transpose(-1, -2)).float() * (scale or D ** -0.5)
             if softcap:
@@ -97,6 +98,7 @@ def _prefill_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, out_ptr, strid
     for start in range(lo, hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         k, v, km = kv_tile(table, kbase, vbase, offs, hi, d, dm, stride_btn, s_cs, BLOCK_SIZE)
+        k, v = k.to(q.dtype), v.to(q.dtype)                       # an fp8 cache's, widened
         s = logits(q, k, scale, SOFTCAP, IEEE)
         seen = km[None, :] & (offs[None, :] <= pos[:, None])
         if window > 0:

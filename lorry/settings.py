@@ -30,7 +30,7 @@ ENGINE_FIELDS = ("model", "tokenizer", "revision", "device", "dtype", "lora_dtyp
                  "adapter_roots",
                  "max_full_module_copies",
                  "block_size", "enable_prefix_caching", "gpu_memory_utilization",
-                 "num_kv_blocks")
+                 "num_kv_blocks", "kv_cache_dtype")
 
 
 def _default_data_dir() -> Path:
@@ -69,7 +69,8 @@ class Settings(BaseSettings):
 
     The engine fields (``ENGINE_FIELDS``: ``model`` ... ``seed``, ``adapter_roots``,
     ``lora_memory_slots``, ``max_full_module_copies`` and the KV cache's ``block_size``,
-    ``enable_prefix_caching``, ``gpu_memory_utilization``, ``num_kv_blocks``) are
+    ``enable_prefix_caching``, ``gpu_memory_utilization``, ``num_kv_blocks``,
+    ``kv_cache_dtype``) are
     ``EngineConfig``'s options under the same names, validated by ``EngineConfig``'s own rules
     when the settings are built.
     """
@@ -119,6 +120,7 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     num_kv_blocks: int | None = Field(None, ge=2)  # None: sized from memory (CUDA) or rows
+    kv_cache_dtype: str = "auto"  # "fp8": keys/values in float8 e4m3 (half the bytes)
     allow_hub_adapters: bool = True
     max_adapters_per_tenant: int = Field(1000, ge=1)  # a tenant's own registered adapters
 

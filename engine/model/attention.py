@@ -23,6 +23,15 @@ _TRITON_OPS: list = []   # [(fused_ops, decode_attention, prefill_attention)] or
 PAGED_PREFILL = True
 
 
+def kv_rounded(x: torch.Tensor, cache: torch.Tensor | None) -> torch.Tensor:
+    """``x`` as a cache of a narrower dtype keeps it (float8: rounded, saturating at its
+    largest finite value), back in x's dtype: with an fp8 cache every attention sees the keys
+    and values it would read back, the first prefill's included."""
+    if cache is None or cache.dtype.itemsize >= x.dtype.itemsize:
+        return x
+    return x.to(cache.dtype).to(x.dtype)
+
+
 def triton_ops():
     """(kernels.fused_ops, kernels.decode_attention, kernels.prefill_attention), imported on
     first CUDA use (None if Triton is missing: the torch code runs instead)."""
@@ -139,9 +148,11 @@ class Attention(nn.Module):
         """Cache write and attention of one kind of rows: qkv [T, ...] -> [T, h*D]."""
         B, S = shape
         q, k, v = self._qkv(qkv, batch, rope, B, S)
+        k, v = kv_rounded(k, self.k_cache), kv_rounded(v, self.v_cache)
         if batch.slot_mapping is not None:  # padding tokens write into the null block
-            self.k_cache[batch.slot_mapping] = k.transpose(1, 2).reshape(B * S, self.kv_heads, -1)
-            self.v_cache[batch.slot_mapping] = v.transpose(1, 2).reshape(B * S, self.kv_heads, -1)
+            kc, vc, kvh = self.k_cache, self.v_cache, self.kv_heads
+            kc[batch.slot_mapping] = k.transpose(1, 2).reshape(B * S, kvh, -1).to(kc.dtype)
+            vc[batch.slot_mapping] = v.transpose(1, 2).reshape(B * S, kvh, -1).to(vc.dtype)
         if batch.prefill and not batch.chunked:
             mask = None
             if self.window is not None or self.softcap is not None:
@@ -165,7 +176,7 @@ class Attention(nn.Module):
                 window=self.window, softcap=self.softcap)                  # [B, h*D]
         else:
             # chunks after cached prefixes, or decode: every key through the block tables
-            keys, values = self._gather(batch)                            # [B, kvh, n, D]
+            keys, values = self._gather(batch, q.dtype)                   # [B, kvh, n, D]
             mask = visible(batch.positions, batch.kv_len, self.window)    # [B, S, n]
             # keys no query of the row sees (past a shorter row's end: its last block's tail,
             # the null block) are other sequences' stale ones; masked, but 0 x NaN is NaN
@@ -181,13 +192,15 @@ class Attention(nn.Module):
             out = out.index_select(0, batch.pad_index)
         return out
 
-    def _gather(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions 0..kv_len-1 of each sequence -> 2 x [B, kvh, n, D]."""
+    def _gather(self, batch: Batch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions 0..kv_len-1 of each sequence, in ``dtype`` (the
+        cache's may be narrower) -> 2 x [B, kvh, n, D]."""
         n, bs = batch.kv_len, batch.block_size
         tables = batch.block_tables[:, :-(-n // bs)].long()                    # [B, nb]
         offs = torch.arange(bs, device=tables.device)
         slots = (tables[:, :, None] * bs + offs).flatten(1)[:, :n]              # [B, n]
-        return (self.k_cache[slots].transpose(1, 2), self.v_cache[slots].transpose(1, 2))
+        return (self.k_cache[slots].to(dtype).transpose(1, 2),
+                self.v_cache[slots].to(dtype).transpose(1, 2))
 
     def _attend(self, q, keys, values, mask):
         """q: [B, h, S, D]; keys/values: [B, kvh, n, D]; mask: [B or 1, S, n] (None: causal)."""

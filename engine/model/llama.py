@@ -154,20 +154,24 @@ class LlamaForCausalLM(nn.Module):
     def lm_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head
 
-    def kv_block_bytes(self, block_size: int) -> int:
-        """Bytes one KV cache block takes over all layers (keys and values)."""
-        item = self.embed_tokens.weight.element_size()
+    def kv_block_bytes(self, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
+        """Bytes one KV cache block takes over all layers (keys and values) in ``kv_dtype``
+        (None: the model's dtype)."""
+        item = (kv_dtype or self.embed_tokens.weight.dtype).itemsize
         return sum(2 * block_size * layer.self_attn.kv_heads * layer.self_attn.head_dim * item
                    for layer in self.layers)
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        """Each layer's paged cache: [num_blocks * block_size, kv_heads, head_dim] x 2."""
+    def allocate_kv_cache(self, num_blocks: int, block_size: int,
+                          kv_dtype: torch.dtype | None = None) -> None:
+        """Each layer's paged cache: [num_blocks * block_size, kv_heads, head_dim] x 2, in
+        ``kv_dtype`` (None: the model's dtype; float8 e4m3: EngineConfig.kv_cache_dtype)."""
         p = self.embed_tokens.weight
+        self.kv_dtype = kv_dtype or p.dtype
         for layer in self.layers:
             a = layer.self_attn
             shape = (num_blocks * block_size, a.kv_heads, a.head_dim)
-            a.k_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
-            a.v_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            a.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=p.device)
+            a.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=p.device)
 
     def forward(self, input_ids: torch.Tensor, batch: Batch,
                 last_index: torch.Tensor | None) -> torch.Tensor:

@@ -283,3 +283,19 @@ def test_graph_replay_follows_new_tables_and_positions(splits):
         getattr(a, name).copy_(getattr(b, name))
     graph.replay()
     check_attention(out, b.ref(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["gqa_tile_spans_blocks", "llama3_block_is_tile"])
+def test_an_fp8_cache_is_read_widened_to_the_query_dtype(dtype, shape, device):
+    # EngineConfig.kv_cache_dtype="fp8": the caches hold float8 e4m3 (values up to ~+-12
+    # here, rounded to 3 mantissa bits), the kernel widens each tile to q's dtype
+    skip_interpreted_bf16(dtype, device)
+    p = _paged(*SHAPES[shape], dtype=dtype, device=device, seed=7)
+    p.k_cache, p.v_cache = (c.mul(3).to(torch.float8_e4m3fn) for c in (p.k_cache, p.v_cache))
+    out = p.run()
+    check_attention(out, p.ref(), dtype)
+    # the same as the model-dtype kernel over the same (rounded) keys: widening is exact
+    same = decode_attention(p.q, p.k_cache.to(dtype), p.v_cache.to(dtype), p.tables,
+                            p.positions, p.block_size)
+    assert torch.equal(out, same)

@@ -126,3 +126,29 @@ def test_rotary_qk_refuses_a_cache_of_another_layout(device):
     static = torch.zeros(2, 1, 8, 16, device=device)            # [rows, kvh, max_len, D]
     with pytest.raises(ValueError, match="caches must be"):
         rotary_qk_(qkv, pos, rot.cos, rot.sin, 2, 1, 16, static, static, pos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_qk_writes_an_fp8_cache_as_torch_rounds_it(dtype, device):
+    # EngineConfig.kv_cache_dtype="fp8": the rotated k and the v are stored as float8 e4m3,
+    # rounded to nearest and saturating at +-448 as torch's conversion (never NaN)
+    heads, kv_heads, D, bs = 4, 2, 32, 4
+    g = torch.Generator().manual_seed(5)
+    rot = Rotary(_Cfg(), D, 40).to(device)
+    pos = torch.tensor([0, 3, 9, 17, 30], device=device)
+    slots = torch.tensor([5, 1, 14, 8, 22], device=device)
+    T = len(pos)
+    # values up to ~4,000: some past e4m3's largest finite value
+    qkv = (torch.randn(T, (heads + 2 * kv_heads) * D, generator=g) * 1000).to(dtype).to(device)
+    kc = torch.zeros(6 * bs, kv_heads, D, dtype=torch.float8_e4m3fn, device=device)
+    vc = torch.zeros_like(kc)
+    out = rotary_qk_(qkv.clone(), pos, rot.cos, rot.sin, heads, kv_heads, D, kc, vc, slots)
+    k = out[:, heads * D:(heads + kv_heads) * D].view(T, kv_heads, D)
+    v = qkv[:, (heads + kv_heads) * D:].view(T, kv_heads, D)
+    assert k.abs().max() > 448 and v.abs().max() > 448
+    want_k, want_v = torch.zeros_like(kc), torch.zeros_like(vc)
+    want_k[slots] = k.to(torch.float8_e4m3fn)
+    want_v[slots] = v.to(torch.float8_e4m3fn)
+    assert not kc.float().isnan().any()
+    assert torch.equal(kc.view(torch.uint8), want_k.view(torch.uint8))
+    assert torch.equal(vc.view(torch.uint8), want_v.view(torch.uint8))

@@ -133,3 +133,16 @@ def test_refuses_inputs_it_cannot_attend_over(what, match, device):
     args[bad[0]] = bad[1]
     with pytest.raises(ValueError, match=match):
         prefill_attention(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_fp8_cache_is_read_widened_to_the_query_dtype(dtype, device):
+    # EngineConfig.kv_cache_dtype="fp8": cached prefixes and the chunk's own keys in e4m3
+    skip_interpreted_bf16(dtype, device)
+    c = Chunks(*CASES[list(CASES)[-1]], dtype=dtype, device=device, seed=3)
+    c.k_cache, c.v_cache = (x.mul(3).to(torch.float8_e4m3fn) for x in (c.k_cache, c.v_cache))
+    out = c.run()
+    check_attention(out, c.ref(), dtype)
+    wide = prefill_attention(c.q, c.k_cache.to(dtype), c.v_cache.to(dtype), c.tables, c.rows,
+                             c.S, c.block_size)
+    assert torch.equal(out, wide)                     # widening is exact

@@ -99,8 +99,15 @@ def test_lora_memory_slots_reaches_engine_config(monkeypatch):
         Settings(model="/m")
 
 
+def test_kv_cache_dtype_reaches_engine_config(monkeypatch):
+    assert Settings(model="/m").engine_config().kv_cache_dtype == "auto"
+    monkeypatch.setenv("LORRY_KV_CACHE_DTYPE", "fp8")
+    assert Settings(model="/m").engine_config().kv_cache_dtype == "fp8"
+
+
 @pytest.mark.parametrize(("var", "value", "named"), [
     ("LORRY_MAX_LORA_RANK", "12", "LORRY_MAX_LORA_RANK=12 is invalid"),
+    ("LORRY_KV_CACHE_DTYPE", "int8", "LORRY_KV_CACHE_DTYPE='int8' is invalid"),
     ("LORRY_BLOCK_SIZE", "7", "LORRY_BLOCK_SIZE=7 is invalid"),
     ("LORRY_MAX_NUM_SEQS", "0", "LORRY_MAX_NUM_SEQS: Input should be greater than"),
 ])

@@ -236,7 +236,7 @@ def engine_config(spec: dict, args, model: str, load_format: str, run: str,
                 "lora_load_process": None if args.lora_load_process is None
                 else args.lora_load_process == "on",
                 "pinned_reserve_mb": args.pinned_reserve_mb,
-                "kv_cache_dtype": args.kv_cache_dtype}
+                "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quantization}
     kw.update({k: v for k, v in optional.items() if v is not None})
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     dropped = sorted(k for k in kw if k not in fields)
@@ -546,6 +546,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--kv-cache-dtype", default=None,
                     help="EngineConfig.kv_cache_dtype: auto (default) or fp8")
+    ap.add_argument("--quantization", default=None,
+                    help="EngineConfig.quantization of the base, e.g. fp8 (W8A8)")
     ap.add_argument("--block-size", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--num-scheduler-steps", type=int, default=None,

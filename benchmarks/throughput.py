@@ -481,9 +481,13 @@ def main() -> None:
                     help="kernels.decode_attention.BLOCK_N and NUM_STAGES, e.g. 64,2 (an A/B)")
     ap.add_argument("--kv-cache-dtype", default=None,
                     help="EngineConfig.kv_cache_dtype: auto (default) or fp8")
+    ap.add_argument("--quantization", default=None,
+                    help="EngineConfig.quantization of the base, e.g. fp8 (W8A8)")
     args = ap.parse_args()
     if args.kv_cache_dtype:
         ENGINE_OPTIONS["kv_cache_dtype"] = args.kv_cache_dtype
+    if args.quantization:
+        ENGINE_OPTIONS["quantization"] = args.quantization
     if args.decode_launch:
         from lorry.kernels import decode_attention
 

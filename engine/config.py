@@ -11,7 +11,7 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names ("fp8" is e4m3)
 QUANTIZATIONS = (None, "bnb-nf4", "bnb-fp4", "bnb-int8", "torchao-int8", "torchao-int4",
-                 "gptq", "awq")
+                 "gptq", "awq", "fp8")
 
 
 def _positive_int(name: str, value, allow_none: bool = False) -> None:
@@ -66,10 +66,12 @@ class EngineConfig:
     seed : int
         Seed for dummy weights and for requests without their own seed.
     quantization : str, optional
-        None, "bnb-nf4", "bnb-fp4", "bnb-int8", "torchao-int8", "torchao-int4", "gptq" or
-        "awq": quantize the base linear weights (adapters stay in lora_dtype). A GPTQ/AWQ
-        checkpoint is detected from its config.json; bnb/torchao quantize at load (extra
-        ``quant``).
+        None, "bnb-nf4", "bnb-fp4", "bnb-int8", "torchao-int8", "torchao-int4", "gptq",
+        "awq" or "fp8": quantize the base linear weights (adapters stay in lora_dtype). A
+        GPTQ/AWQ checkpoint is detected from its config.json; bnb/torchao quantize at load
+        (extra ``quant``); "fp8" (vLLM's name, torch alone) is W8A8 in float8 e4m3: weights
+        per output channel at load, activations per token at each call, torch._scaled_mm
+        (CUDA: compute capability 8.9 or newer).
     enforce_eager : bool
         False (default): on CUDA, decode steps are captured in CUDA graphs per batch-size
         bucket and replayed; True: always run eagerly (as vLLM's ``enforce_eager``).

@@ -1,4 +1,5 @@
-"""Quantize a dense fused weight at load time: bitsandbytes nf4/fp4/int8, torchao int8/int4.
+"""Quantize a dense fused weight at load time: bitsandbytes nf4/fp4/int8, torchao int8/int4,
+fp8 (W8A8 through torch._scaled_mm).
 
 Each builder returns a base op (an ``nn.Module`` mapping x [T, in] to x W^T + b [T, out]) with
 the same settings transformers' ``BitsAndBytesConfig``/``TorchAoConfig`` use by default, so
@@ -15,6 +16,8 @@ INSTALL_HINT = "pip install 'lorry[quant]'"
 BNB_BLOCKSIZE = 64            # transformers' default 4-bit block size
 BNB_INT8_THRESHOLD = 6.0      # transformers' default llm_int8_threshold (outlier columns in fp16)
 TORCHAO_INT4_GROUP = 128
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0               # e4m3's largest finite value
 
 
 def require(package: str, method: str):
@@ -104,6 +107,46 @@ class _TorchAo(nn.Module):
         return tensor_bytes(self.lin.weight) + tensor_bytes(self.lin.bias)
 
 
+class Fp8Linear(nn.Module):
+    """W8A8 in float8 e4m3 (vLLM's ``quantization="fp8"`` on an unquantized checkpoint): the
+    weight quantized once per output channel (absmax / 448), each token's activations per row
+    at every call, one ``torch._scaled_mm`` with both scales; the output in the model dtype.
+    Half a bf16 weight's bytes, and Hopper's fp8 tensor cores (twice bf16's FLOP/s)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        out, inp = weight.shape
+        if out % 16 or inp % 16:
+            raise ValueError(f"EngineConfig.quantization='fp8' needs linear layers whose sizes "
+                             f"are multiples of 16 (torch._scaled_mm); this base has {out} x "
+                             f"{inp}")
+        self.kernel = "fp8-scaled-mm"
+        w = weight.float()
+        scale = w.abs().amax(1, keepdim=True).clamp(min=1e-12) / FP8_MAX       # [out, 1]
+        self.register_buffer("qweight", (w / scale).to(FP8))                    # [out, in]
+        self.register_buffer("scale", scale.t().contiguous())                    # [1, out]
+        self.register_buffer("bias", bias)
+
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, in] -> (e4m3 [T, in], fp32 per-row scales [T, 1])."""
+        xf = x.float()
+        s = xf.abs().amax(1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        return (xf / s).to(FP8), s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.qweight.shape[0])
+        xq, s = self.quantize_input(x)
+        # row-wise scales take a bf16 output on CUDA; fp32 models on CPU keep fp32
+        out = x.dtype if x.device.type == "cpu" else torch.bfloat16
+        y = torch._scaled_mm(xq, self.qweight.t(), s, self.scale, out_dtype=out)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def resident_bytes(self) -> int:
+        return sum(map(tensor_bytes, (self.qweight, self.scale, self.bias)))
+
+
 def check_device(method: str, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse a method that cannot run on ``device``/``dtype``, before any weight is touched."""
     if method == "torchao-int4" and (device.type != "cuda" or dtype != torch.bfloat16):
@@ -111,10 +154,18 @@ def check_device(method: str, device: torch.device, dtype: torch.dtype) -> None:
                          f"dtype bfloat16 (got device {device.type}, dtype "
                          f"{str(dtype).split('.')[-1]}): torchao's int4 weight-only kernel is "
                          "CUDA-only; on CPU use 'torchao-int8', 'bnb-nf4', 'bnb-fp4' or 'bnb-int8'")
+    if method == "fp8" and device.type == "cuda" and \
+            torch.cuda.get_device_capability(device) < (8, 9):
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise ValueError(f"EngineConfig.quantization='fp8' needs a GPU of compute capability "
+                         f"8.9 or newer (Ada, Hopper) for fp8 matmuls; this one is {cap}: use "
+                         "'bnb-int8', 'torchao-int8' or 'torchao-int4'")
 
 
 def load_backend(method: str):
     """Import the package ``method`` needs (clear ImportError otherwise); return a builder."""
+    if method == "fp8":                                 # torch alone
+        return Fp8Linear
     if method.startswith("bnb-"):
         bnb = require("bitsandbytes", method)
         if method == "bnb-int8":

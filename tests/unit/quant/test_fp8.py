@@ -1,0 +1,81 @@
+"""quantization="fp8": W8A8 float8 e4m3 base weights (per output channel) and activations (per
+token) under full-precision LoRA, against PEFT on a base that rounds the same way."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorry.engine.quant.onthefly import FP8, Fp8Linear, check_device
+from tests.unit.quant.helpers import assert_rows_match, engine_rows, peft_rows
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _round_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x rounded as e4m3 with one absmax / 448 scale per slice along ``dim``, back in fp32."""
+    s = x.float().abs().amax(dim, keepdim=True).clamp(min=1e-12) / 448.0
+    return (x.float() / s).to(FP8).float() * s
+
+
+def _fp8_base(model):
+    """HF's base linears compute on e4m3-rounded weights (per output row) and inputs (per
+    token); PEFT's LoRA branches still see the full-precision inputs."""
+    for name, mod in model.named_modules():
+        if name.rsplit(".", 1)[-1] in LINEARS:
+            with torch.no_grad():
+                mod.weight.copy_(_round_rows(mod.weight, 1))
+            mod.register_forward_pre_hook(lambda m, args: (_round_rows(args[0], -1),))
+    return model
+
+
+def _engine(base, method):
+    from lorry.engine import EngineConfig, LLMEngine
+    return LLMEngine(EngineConfig(model=str(base), dtype="float32", device="cpu", max_loras=4,
+                                  max_lora_rank=16, quantization=method))
+
+
+def test_mixed_batch_matches_peft_on_an_fp8_rounded_base(tiny):
+    from transformers import AutoModelForCausalLM
+    _, base, paths = tiny
+    eng = _engine(base, "fp8")
+    assert eng.cache_stats()["base_weights"]["base_kernels"] == ["fp8-scaled-mm"]
+    got = engine_rows(eng, paths)
+    want = peft_rows(lambda: _fp8_base(AutoModelForCausalLM.from_pretrained(
+        str(base), dtype=torch.float32, device_map="cpu")), paths)
+    assert_rows_match(got, want)
+    # ... and the rounding is real: the full-precision base's logits differ by its amount
+    full = engine_rows(_engine(base, None), paths)[1]
+    rel = [((a - b).norm() / a.norm()).item() for a, b in zip(full, got[1])]
+    assert all(0.001 < r < 0.3 for r in rel), rel
+
+
+def test_fp8_base_holds_a_quarter_of_fp32_and_frees_the_dense_copy(tiny):
+    _, base, _ = tiny
+    eng = _engine(base, "fp8")
+    dense = sum(m.in_features * sum(m.slice_sizes) * 4 for _, _, m in eng.model.lora_layers())
+    quant = sum(m.base_op.resident_bytes() for _, _, m in eng.model.lora_layers())
+    assert quant <= 0.3 * dense                              # 1 byte a weight + row scales
+    assert all(m.weight is None for _, _, m in eng.model.lora_layers())
+    assert eng.info()["quantization"] == "fp8"
+
+
+def test_fp8_refuses_shapes_and_devices_it_cannot_run(monkeypatch):
+    with pytest.raises(ValueError, match="multiples of 16"):
+        Fp8Linear(torch.randn(24, 64), None)
+    check_device("fp8", torch.device("cpu"), torch.float32)          # the CPU runs it
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match="compute capability 8.9 or newer.*is 8.0"):
+        check_device("fp8", torch.device("cuda"), torch.bfloat16)
+
+
+def test_an_fp8_linear_is_the_product_of_its_rounded_operands():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=g) * 0.02, torch.randn(48, generator=g)
+    x = torch.randn(7, 32, generator=g) * 3
+    x[2] = 0.0                                                 # a zero row: no NaN from its scale
+    m = Fp8Linear(w, b)
+    y = m(x)
+    want = _round_rows(x, -1) @ _round_rows(w, 1).t() + b
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(y, x @ w.t() + b)
+    assert m(x[:0]).shape == (0, 48)

@@ -4,7 +4,9 @@
   residual, which is written in place);
 - ``silu_mul``: silu(gate) * up of a fused gate/up projection;
 - ``rotary_qk_``: rotary embedding of q and k inside a fused q/k/v row, in place, reading
-  cos/sin at each row's position, and optionally writing k/v into a paged KV cache.
+  cos/sin at each row's position, and optionally writing k/v into a paged KV cache;
+- ``quant_fp8_rows``: each row scaled by its absmax / 448 and rounded to float8 e4m3 (the
+  inputs of engine.quant's fp8 linears), one pass instead of torch's six.
 
 Roundings follow the torch code they replace (engine.model.layers), step by step, so the
 results equal it up to the order of one fp32 reduction. No host sync; graph-capturable.
@@ -17,6 +19,7 @@ import triton.language as tl
 
 from lorry.kernels.launch_math import cdiv, next_pow2
 from lorry.kernels.paged_tiles import to_cache
+
 
 # ----------------------------------------------------------------------------- references
 
@@ -126,6 +129,18 @@ def _rotary_qk_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_p
             tl.store(vdst + HALF, to_cache(tl.load(vsrc + HALF, mask=vm), cty), mask=vm)
 
 
+@triton.jit
+def _quant_fp8_rows_kernel(x_ptr, q_ptr, s_ptr, N, stride_x, stride_q, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    o = tl.arange(0, BLOCK)
+    m = o < N
+    x = tl.load(x_ptr + r * stride_x + o, mask=m, other=0.0).to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / 448.0
+    tl.store(s_ptr + r, s)
+    tl.store(q_ptr + r * stride_q + o, to_cache(tl.math.div_rn(x, s), q_ptr.dtype.element_ty),
+             mask=m)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -193,3 +208,19 @@ def rotary_qk_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
             BLOCK_H=next_pow2(heads + kv_heads),
             BLOCK_HALF=next_pow2(head_dim // 2), WRITE_CACHE=write, num_warps=4)
     return qkv
+
+
+def quant_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, N] (unit last stride) -> (e4m3 [T, N], fp32 scales [T, 1]): row r is x[r] / s[r]
+    with s[r] its absmax / 448 (at least 1e-12 / 448), as engine.quant.onthefly's torch code
+    bit for bit (IEEE division, the KV cache write's rounding); one program per row."""
+    T, N = x.shape
+    if x.stride(-1) != 1:
+        raise ValueError("quant_fp8_rows needs rows with unit stride in the last dimension")
+    q = torch.empty(T, N, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(T, 1, dtype=torch.float32, device=x.device)
+    if T:
+        block = next_pow2(N)
+        _quant_fp8_rows_kernel[(T,)](x, q, s, N, x.stride(0), q.stride(0), BLOCK=block,
+                                     num_warps=max(1, min(16, block // 512)))
+    return q, s

@@ -107,6 +107,14 @@ class _TorchAo(nn.Module):
         return tensor_bytes(self.lin.weight) + tensor_bytes(self.lin.bias)
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, N] -> (e4m3 [T, N], fp32 scales [T, 1]): row r is x[r] / s[r] with s[r] its
+    absmax / 448 (at least 1e-12 / 448: a zero row stays zero)."""
+    xf = x.float()
+    s = xf.abs().amax(1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (xf / s).to(FP8), s
+
+
 class Fp8Linear(nn.Module):
     """W8A8 in float8 e4m3 (vLLM's ``quantization="fp8"`` on an unquantized checkpoint): the
     weight quantized once per output channel (absmax / 448), each token's activations per row
@@ -128,10 +136,13 @@ class Fp8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, in] -> (e4m3 [T, in], fp32 per-row scales [T, 1])."""
-        xf = x.float()
-        s = xf.abs().amax(1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-        return (xf / s).to(FP8), s
+        """x [T, in] -> (e4m3 [T, in], fp32 per-row scales [T, 1]): one Triton pass on CUDA
+        (kernels.fused_ops.quant_fp8_rows), torch elsewhere (``quantize_rows``)."""
+        if x.is_cuda and x.stride(-1) == 1:
+            from lorry.kernels import fused_ops
+
+            return fused_ops.quant_fp8_rows(x)
+        return quantize_rows(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:

@@ -152,3 +152,23 @@ def test_rotary_qk_writes_an_fp8_cache_as_torch_rounds_it(dtype, device):
     assert not kc.float().isnan().any()
     assert torch.equal(kc.view(torch.uint8), want_k.view(torch.uint8))
     assert torch.equal(vc.view(torch.uint8), want_v.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cols", [(1, 64), (9, 200), (33, 1024)])
+def test_quant_fp8_rows_is_the_fp8_linears_torch_code_bit_for_bit(dtype, rows, cols, device):
+    # engine.quant's fp8 linears scale each input row by its absmax / 448 on CUDA here
+    from lorry.engine.quant.onthefly import quantize_rows
+    from lorry.kernels.fused_ops import quant_fp8_rows
+
+    g = torch.Generator().manual_seed(rows * cols)
+    # rows of magnitudes 1e-3..1e3, strided (half of wider rows)
+    x = (torch.randn(rows, 2 * cols, generator=g) * 10.0 ** torch.randint(
+        -3, 4, (rows, 1), generator=g)).to(dtype).to(device)[:, :cols]
+    x[0] = 0.0                                               # a zero row stays zero
+    q, s = quant_fp8_rows(x)
+    want_q, want_s = quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (rows, 1)
+    assert torch.equal(s, want_s)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    assert (q[0].float() == 0).all()

@@ -161,6 +161,11 @@ def roofline(w: Workload, config: dict, block_size: int, batch: int) -> dict:
         return prefill, 2 * params * prefill + attn + 2 * H * V * len(w.prompts)
 
     prefill, pre_flops = prefill_flops(True)
+    # fp8 weights and KV (quantization="fp8", kv_cache_dtype="fp8"): the linears' FLOPs at
+    # twice the bf16 peak and half their weight bytes, half the keys/values; attention and
+    # the LM head stay bf16
+    linear_flops = 2 * params * (prefill + out)
+    fp8_reads = kv_bytes / 2 + (params + 2 * H * V) * out / batch
     prefill_off, pre_flops_off = prefill_flops(False)
     decode_flops = (2 * params + 2 * H * V) * out + 4 * L * q * ctx
     flops, flops_off = pre_flops + decode_flops, pre_flops_off + decode_flops
@@ -175,6 +180,10 @@ def roofline(w: Workload, config: dict, block_size: int, batch: int) -> dict:
                     # caching on over off at best: prompt compute saved, nothing else
                     "prefix_speedup_no_overlap": round((c_off + m) / (c + m), 3),
                     "prefix_speedup_full_overlap": round(max(c_off, m) / max(c, m), 3)}
+        c8, m8 = (flops - linear_flops / 2) / fl, fp8_reads / bw
+        res[gpu]["fp8"] = {"compute_s": round(c8, 1), "reads_s": round(m8, 1),
+                           "tok_per_s_no_overlap": round(out / (c8 + m8)),
+                           "tok_per_s_full_overlap": round(out / max(c8, m8))}
     return res
 
 

@@ -20,7 +20,6 @@ import triton.language as tl
 from lorry.kernels.launch_math import cdiv, next_pow2
 from lorry.kernels.paged_tiles import to_cache
 
-
 # ----------------------------------------------------------------------------- references
 
 def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

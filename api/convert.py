@@ -7,6 +7,7 @@ from typing import Any
 from lorry.api.schemas import (
     AdapterOut,
     BatchOut,
+    BatchUsage,
     FileOut,
     JobOut,
     JobResult,
@@ -77,7 +78,11 @@ def batch_out(info, line_errors: list[dict] | None = None) -> BatchOut:
                    output_file_id=getattr(info, "output_file_id", None),
                    error_file_id=getattr(info, "error_file_id", None),
                    completion_window=info.completion_window,
-                   request_counts=RequestCounts(**counts), metadata=meta or None, **ts)
+                   request_counts=RequestCounts(**counts), metadata=meta or None,
+                   model=getattr(info, "model", None), **ts)
+    i, o = getattr(info, "input_tokens", None), getattr(info, "output_tokens", None)
+    if i is not None and o is not None:
+        out.usage = BatchUsage(input_tokens=i, output_tokens=o, total_tokens=i + o)
     if line_errors:
         out.errors = {"object": "list", "data": line_errors}
     return out

@@ -195,6 +195,17 @@ class RequestCounts(BaseModel):
     failed: int = 0
 
 
+class BatchUsage(BaseModel):
+    """OpenAI's Batch.usage: the succeeded requests' tokens. Lorry counts no cached or
+    reasoning tokens apart (prefix-cache hits are not billed differently): both 0."""
+
+    input_tokens: int
+    input_tokens_details: dict[str, int] = {"cached_tokens": 0}
+    output_tokens: int
+    output_tokens_details: dict[str, int] = {"reasoning_tokens": 0}
+    total_tokens: int
+
+
 class BatchOut(BaseModel):
     """OpenAI's Batch object."""
 
@@ -218,6 +229,9 @@ class BatchOut(BaseModel):
     cancelled_at: int | None = None
     request_counts: RequestCounts = RequestCounts()
     metadata: dict[str, Any] | None = None
+    # the base model's name (a line's "model" may name an adapter of it); usage once finalized
+    model: str | None = None
+    usage: BatchUsage | None = None
 
 
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")

@@ -97,6 +97,10 @@ class Batch(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     # OpenAI's output_expires_after: its output and error files expire this long after built
     output_expires_seconds: Mapped[int | None] = mapped_column(Integer)
+    # OpenAI's Batch.usage: the succeeded requests' prompt and completion tokens, summed when
+    # the batch finalizes (null before, and for batches finalized before migration 0008)
+    input_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    output_tokens: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class BatchReject(Base):

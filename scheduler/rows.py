@@ -43,7 +43,8 @@ def batch_info(r, counts: dict[str, int]) -> BatchInfo:
                      cancelled_at=r.cancelled_at, endpoint=r.endpoint,
                      input_file_id=r.input_file_id, output_file_id=r.output_file_id,
                      error_file_id=r.error_file_id, rejected=r.rejected or 0,
-                     idempotency_key=r.idempotency_key)
+                     idempotency_key=r.idempotency_key, model=r.model,
+                     input_tokens=r.input_tokens, output_tokens=r.output_tokens)
 
 
 def file_info(r) -> FileInfo:

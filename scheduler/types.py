@@ -155,6 +155,9 @@ class BatchInfo:
     error_file_id: str | None = None
     rejected: int = 0  # lines refused at creation (in total and failed)
     idempotency_key: str | None = None
+    model: str | None = None           # the base model's name (Batch.model)
+    input_tokens: int | None = None    # succeeded requests' prompt tokens, once finalized
+    output_tokens: int | None = None   # ... and their completion tokens
 
 
 @dataclass(frozen=True)

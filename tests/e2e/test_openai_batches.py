@@ -88,6 +88,12 @@ def test_sdk_files_batch_output_and_errors(stack, tenant, reference):
         assert line["response"]["status_code"] == 200 and body["model"] == model
         want = reference(adapters.get(model), PROMPTS[int(i)], 4)
         assert body["choices"][0]["message"]["content"] == want, line["custom_id"]
+    # Batch.usage: what the output lines' usage sums to (the SDK's BatchUsage)
+    assert done.usage.output_tokens == sum(x["response"]["body"]["usage"]["completion_tokens"]
+                                           for x in out) >= len(records)
+    assert done.usage.input_tokens == sum(x["response"]["body"]["usage"]["prompt_tokens"]
+                                          for x in out)
+    assert done.model == "tiny-llama"
     errors = [json.loads(x) for x in sdk.files.content(done.error_file_id).text.splitlines()]
     assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
         ("ghost-1", "model_not_found")]

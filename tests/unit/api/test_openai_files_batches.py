@@ -247,6 +247,7 @@ def test_batch_lifecycle_output_and_error_files(service, alice, adapter_root):
     assert batch.endpoint == "/v1/chat/completions" and batch.metadata == {"run": "nightly"}
     assert batch.in_progress_at and batch.created_at and batch.expires_at
     assert batch.output_file_id is None and batch.error_file_id is None
+    assert batch.model == "tiny-llama" and batch.usage is None    # summed when it finalizes
     assert (batch.request_counts.total, batch.request_counts.failed) == (7, 3)
     got = alice.batches.retrieve(batch.id)
     refused = {e.line: e for e in got.errors.data}
@@ -266,6 +267,13 @@ def test_batch_lifecycle_output_and_error_files(service, alice, adapter_root):
     assert [(x["custom_id"], x["response"]["body"]["model"]) for x in out] == [
         ("base-1", "tiny-llama"), ("alpha-1", "alpha")]
     assert out[1]["response"]["body"]["choices"][0]["message"]["content"] == "echo two"
+    # usage: the succeeded lines' tokens, as their own usage says (failed lines count none)
+    used = [x["response"]["body"]["usage"] for x in out]
+    assert done.usage.input_tokens == sum(u["prompt_tokens"] for u in used) > 0
+    assert done.usage.output_tokens == sum(u["completion_tokens"] for u in used) > 0
+    assert done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
+    assert done.usage.input_tokens_details.cached_tokens == 0
+    assert done.model == "tiny-llama"
     # the keys of the synchronous answer, which the SDK's ChatCompletion parses
     assert set(out[1]["response"]["body"]) == {"id", "object", "created", "model", "choices",
                                                "usage", "system_fingerprint"}

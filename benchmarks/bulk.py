@@ -245,7 +245,9 @@ def engine_config(spec: dict, args, model: str, load_format: str, run: str,
                 "lora_load_process": None if args.lora_load_process is None
                 else args.lora_load_process == "on",
                 "pinned_reserve_mb": args.pinned_reserve_mb,
-                "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quantization}
+                # prefill_step.py builds its own Namespace without these
+                "kv_cache_dtype": getattr(args, "kv_cache_dtype", None),
+                "quantization": getattr(args, "quantization", None)}
     kw.update({k: v for k, v in optional.items() if v is not None})
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     dropped = sorted(k for k in kw if k not in fields)
@@ -664,6 +666,8 @@ def main() -> None:
         res["engine"] = {k: spec[k] for k in ("max_model_len", "max_num_seqs", "slots",
                                               "max_lora_rank")}
         res["engine"]["memory_slots"] = spec["memory_slots"]
+        res["engine"]["kv_cache_dtype"] = args.kv_cache_dtype or "auto"
+        res["engine"]["quantization"] = args.quantization
         res["runs"] = {}
         for run in args.runs:
             attempt(res["runs"], run, lambda run=run: timed_run(ctx, run, spec["max_num_seqs"]))

@@ -23,13 +23,21 @@ _TRITON_OPS: list = []   # [(fused_ops, decode_attention, prefill_attention)] or
 PAGED_PREFILL = True
 
 
+def to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in a cache's ``dtype``; float8 e4m3 saturates at +-448 (clamped first: torch
+    before 2.13 turned |x| >= 480 into NaN), as kernels.paged_tiles.to_cache."""
+    if dtype == torch.float8_e4m3fn:
+        x = x.clamp(-448.0, 448.0)
+    return x.to(dtype)
+
+
 def kv_rounded(x: torch.Tensor, cache: torch.Tensor | None) -> torch.Tensor:
     """``x`` as a cache of a narrower dtype keeps it (float8: rounded, saturating at its
     largest finite value), back in x's dtype: with an fp8 cache every attention sees the keys
     and values it would read back, the first prefill's included."""
     if cache is None or cache.dtype.itemsize >= x.dtype.itemsize:
         return x
-    return x.to(cache.dtype).to(x.dtype)
+    return to_cache(x, cache.dtype).to(x.dtype)
 
 
 def triton_ops():
@@ -151,8 +159,8 @@ class Attention(nn.Module):
         k, v = kv_rounded(k, self.k_cache), kv_rounded(v, self.v_cache)
         if batch.slot_mapping is not None:  # padding tokens write into the null block
             kc, vc, kvh = self.k_cache, self.v_cache, self.kv_heads
-            kc[batch.slot_mapping] = k.transpose(1, 2).reshape(B * S, kvh, -1).to(kc.dtype)
-            vc[batch.slot_mapping] = v.transpose(1, 2).reshape(B * S, kvh, -1).to(vc.dtype)
+            kc[batch.slot_mapping] = to_cache(k.transpose(1, 2).reshape(B * S, kvh, -1), kc.dtype)
+            vc[batch.slot_mapping] = to_cache(v.transpose(1, 2).reshape(B * S, kvh, -1), vc.dtype)
         if batch.prefill and not batch.chunked:
             mask = None
             if self.window is not None or self.softcap is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from lorry.engine.quant.checkpoint import read_checkpoint_method
-from lorry.engine.quant.onthefly import check_device, load_backend, tensor_bytes
+from lorry.engine.quant.onthefly import check_device, check_fp8_sizes, load_backend, tensor_bytes
 from lorry.engine.quant.packed_format import group_index
 from lorry.engine.quant.packed_linear import PackedInt4Linear
 from lorry.engine.quant.rtn import rtn_quantize
@@ -36,9 +36,12 @@ def resolve_method(config, requested: str | None, load_format: str, device: torc
                          f"{requested.upper()} checkpoint (config.json quantization_config."
                          f"quant_method={requested!r}); this checkpoint has none. Export one "
                          "(engine.quant.rtn.export_rtn_checkpoint) or pick an on-the-fly method: "
-                         "'bnb-nf4', 'bnb-fp4', 'bnb-int8', 'torchao-int8', 'torchao-int4'")
+                         "'bnb-nf4', 'bnb-fp4', 'bnb-int8', 'torchao-int8', 'torchao-int4', "
+                         "'fp8'")
     if requested is not None and requested not in PACKED_METHODS:
         check_device(requested, device, dtype)
+        if requested == "fp8":
+            check_fp8_sizes(config)
         load_backend(requested)          # a missing package fails here, before any loading
     return requested, {"group_size": DUMMY_GROUP_SIZE}
 

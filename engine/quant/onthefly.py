@@ -20,6 +20,10 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0               # e4m3's largest finite value
 
 
+def torch_version() -> tuple[int, int]:
+    return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+
+
 def require(package: str, method: str):
     """Import ``package`` or say which package ``quantization=method`` needs."""
     try:
@@ -137,11 +141,14 @@ class Fp8Linear(nn.Module):
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, in] -> (e4m3 [T, in], fp32 per-row scales [T, 1]): one Triton pass on CUDA
-        (kernels.fused_ops.quant_fp8_rows), torch elsewhere (``quantize_rows``)."""
+        (kernels.fused_ops.quant_fp8_rows), torch elsewhere or without Triton
+        (``quantize_rows``)."""
         if x.is_cuda and x.stride(-1) == 1:
-            from lorry.kernels import fused_ops
+            from lorry.engine.model.attention import triton_ops
 
-            return fused_ops.quant_fp8_rows(x)
+            ops = triton_ops()
+            if ops is not None:
+                return ops[0].quant_fp8_rows(x)
         return quantize_rows(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,6 +165,20 @@ class Fp8Linear(nn.Module):
         return sum(map(tensor_bytes, (self.qweight, self.scale, self.bias)))
 
 
+def check_fp8_sizes(config) -> None:
+    """Refuse quantization="fp8" on a base whose fused linears are not multiples of 16 wide
+    (torch._scaled_mm), from its config, before any weight is read."""
+    heads = config.num_attention_heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    sizes = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+             "heads x head_dim": heads * d, "kv heads x head_dim": kv * d}
+    bad = {k: v for k, v in sizes.items() if v % 16}
+    if bad:
+        raise ValueError(f"EngineConfig.quantization='fp8' needs linear layers whose sizes are "
+                         f"multiples of 16 (torch._scaled_mm); this base has {bad}")
+
+
 def check_device(method: str, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse a method that cannot run on ``device``/``dtype``, before any weight is touched."""
     if method == "torchao-int4" and (device.type != "cuda" or dtype != torch.bfloat16):
@@ -165,6 +186,9 @@ def check_device(method: str, device: torch.device, dtype: torch.dtype) -> None:
                          f"dtype bfloat16 (got device {device.type}, dtype "
                          f"{str(dtype).split('.')[-1]}): torchao's int4 weight-only kernel is "
                          "CUDA-only; on CPU use 'torchao-int8', 'bnb-nf4', 'bnb-fp4' or 'bnb-int8'")
+    if method == "fp8" and torch_version() < (2, 8):
+        raise ValueError(f"EngineConfig.quantization='fp8' needs torch 2.8 or newer (row-wise "
+                         f"scaled fp8 matmuls on CPU and CUDA); this is {torch.__version__}")
     if method == "fp8" and device.type == "cuda" and \
             torch.cuda.get_device_capability(device) < (8, 9):
         cap = ".".join(map(str, torch.cuda.get_device_capability(device)))

@@ -59,9 +59,20 @@ def test_fp8_base_holds_a_quarter_of_fp32_and_frees_the_dense_copy(tiny):
     assert eng.info()["quantization"] == "fp8"
 
 
-def test_fp8_refuses_shapes_and_devices_it_cannot_run(monkeypatch):
+def test_fp8_refuses_shapes_and_devices_it_cannot_run(monkeypatch, tmp_path):
+    from lorry.engine.model import loader
+    from lorry.testing import make_tiny_llama
+
     with pytest.raises(ValueError, match="multiples of 16"):
         Fp8Linear(torch.randn(24, 64), None)
+    # a base of hidden size 40: refused from its config, before any weight is read
+    odd = make_tiny_llama(tmp_path / "odd", hidden_size=40, num_heads=4, num_kv_heads=2,
+                          intermediate_size=72)
+    reads = []
+    monkeypatch.setattr(loader, "_weight_files", lambda d: reads.append(d) or [])
+    with pytest.raises(ValueError, match=r"multiples of 16.*'hidden_size': 40"):
+        _engine(odd, "fp8")
+    assert reads == []
     check_device("fp8", torch.device("cpu"), torch.float32)          # the CPU runs it
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(ValueError, match="compute capability 8.9 or newer.*is 8.0"):
@@ -79,3 +90,23 @@ def test_an_fp8_linear_is_the_product_of_its_rounded_operands():
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     assert not torch.equal(y, x @ w.t() + b)
     assert m(x[:0]).shape == (0, 48)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_fp8_linear_on_cuda_is_its_rounded_product_also_replayed_in_a_graph():
+    # the Triton row quantizer, row-wise scaled _scaled_mm with a bf16 output, graph capture
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(512, 256, generator=g) * 0.02, torch.randn(512, generator=g)
+    x = (torch.randn(40, 256, generator=g) * 3).bfloat16()
+    m = Fp8Linear(w.cuda(), b.bfloat16().cuda())
+    xc = x.cuda()
+    y = m(xc)
+    want = _round_rows(x.float(), -1) @ _round_rows(w, 1).t() + b.bfloat16().float()
+    torch.testing.assert_close(y.float().cpu(), want, rtol=2e-2, atol=2e-2)
+    assert y.dtype == torch.bfloat16
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = m(xc)
+    xc.copy_((x * 2).cuda())
+    graph.replay()
+    assert torch.equal(yg, m(xc))

@@ -42,10 +42,11 @@ def kv_tile(table, kbase, vbase, offs, hi, d, dm, stride_btn, s_cs, BLOCK_SIZE: 
 
 @triton.jit
 def to_cache(x, CACHE_TY: tl.constexpr):
-    """``x`` as a cache of dtype CACHE_TY stores it: float8 e4m3 bit for bit as torch's
-    conversion (round to nearest even, saturating at +-448, NaN kept), built from the fp32
-    bits (Triton's CPU interpreter loses the carry of a rounding into the exponent: 126.5
-    became 64); other dtypes convert as tl.store would."""
+    """``x`` as a cache of dtype CACHE_TY stores it: float8 e4m3 rounded to nearest even and
+    saturating at +-448 (NaN kept), bit for bit as torch's conversion after a clamp to +-448
+    (torch's CUDA conversion makes NaN past 448); built from the fp32 bits (Triton's CPU
+    interpreter loses the carry of a rounding into the exponent: 126.5 became 64); other
+    dtypes convert as tl.store would."""
     if CACHE_TY == tl.float8e4nv:
         f = x.to(tl.float32)
         bits = f.to(tl.uint32, bitcast=True)

@@ -195,14 +195,22 @@ class RequestCounts(BaseModel):
     failed: int = 0
 
 
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
 class BatchUsage(BaseModel):
     """OpenAI's Batch.usage: the succeeded requests' tokens. Lorry counts no cached or
     reasoning tokens apart (prefix-cache hits are not billed differently): both 0."""
 
     input_tokens: int
-    input_tokens_details: dict[str, int] = {"cached_tokens": 0}
+    input_tokens_details: InputTokensDetails = InputTokensDetails()
     output_tokens: int
-    output_tokens_details: dict[str, int] = {"reasoning_tokens": 0}
+    output_tokens_details: OutputTokensDetails = OutputTokensDetails()
     total_tokens: int
 
 

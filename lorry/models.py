@@ -90,6 +90,9 @@ class Batch(_Model):
     expired_at: int | None = None
     metadata: dict[str, Any] | None = None
     errors: dict[str, Any] | None = None
+    cancelling_at: int | None = None
+    model: str | None = None                  # the base model's name
+    usage: dict[str, Any] | None = None       # OpenAI's Batch.usage, once finalized
 
     @property
     def line_errors(self) -> list[dict[str, Any]]:

@@ -118,6 +118,7 @@ class BatchOps:
                 values.update(status="in_progress", in_progress_at=now)
             else:
                 values.update(status="failed", failed_at=now, failed=rejected,
+                              input_tokens=0, output_tokens=0,      # nothing ran
                               error_file_id=self._error_file(
                                   conn, batch_id, tenant_id, row["model"],
                                   row["output_expires_seconds"]))

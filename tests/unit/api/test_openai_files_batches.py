@@ -292,6 +292,7 @@ def test_a_batch_with_no_valid_line_is_failed_with_its_error_file(alice):
     batch = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                                  completion_window="24h")
     assert batch.status == "failed" and batch.failed_at and batch.output_file_id is None
+    assert (batch.usage.input_tokens, batch.usage.total_tokens) == (0, 0)    # nothing ran
     assert [e.line for e in batch.errors.data] == [1, 2]
     errs = alice.files.content(batch.error_file_id).text.splitlines()
     assert [json.loads(x)["custom_id"] for x in errs] == [None, "x"]
@@ -336,6 +337,7 @@ def test_batches_list_pages_and_cancel(service, alice, bob):
     queue.finalize_batches()
     final = alice.batches.retrieve(made[0])
     assert final.status == "cancelled" and final.output_file_id is None
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (0, 0)   # nothing ran
     errs = alice.files.content(final.error_file_id).text.splitlines()
     assert sorted(json.loads(x)["custom_id"] for x in errs) == ["a", "b"]
     assert {json.loads(x)["error"]["code"] for x in errs} == {"batch_cancelled"}

@@ -286,6 +286,32 @@ def test_batch_lifecycle_output_and_error_files(service, alice, adapter_root):
     assert done.error_file_id in {x.id for x in alice.files.list(purpose="batch_output")}
 
 
+def test_usage_counts_succeeded_requests_only_not_a_cancelled_ones_partial_tokens(service,
+                                                                               alice):
+    from lorry.scheduler import Result
+
+    _, queue, *_ = service
+    f = alice.files.create(file=("in.jsonl", jsonl(line("done", content="done"),
+                                                    line("stopped", content="stopped"))),
+                           purpose="batch")
+    batch = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h")
+    jobs = {j.messages[-1]["content"]: j
+            for mb in queue.claim("test-worker", [], [], 64) for j in mb.jobs}
+    queue.complete(jobs["done"].id, jobs["done"].lease_token,
+                   Result("echo", [1, 2, 3], "length", 5, 3))
+    # a worker stopped on a cancel request keeps the partial output as its result
+    queue.complete(jobs["stopped"].id, jobs["stopped"].lease_token,
+                   Result("par", [4, 5], "abort", 7, 2), cancelled=True)
+    assert queue.finalize_batches() == 1
+    done = alice.batches.retrieve(batch.id)
+    assert (done.request_counts.completed, done.request_counts.failed) == (1, 1)
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (5, 3)
+    assert done.usage.total_tokens == 8
+    [listed] = [b for b in alice.batches.list() if b.id == batch.id]
+    assert listed.usage == done.usage
+
+
 def test_a_batch_with_no_valid_line_is_failed_with_its_error_file(alice):
     f = alice.files.create(file=("bad.jsonl", jsonl(b"[1]", line("x", model="nosuch"))),
                            purpose="batch")

@@ -13,6 +13,7 @@ from lorry.engine.lora.resolve import MODEL_FILES, resolve_dir
 from lorry.engine.lora.spec import read_base_config
 from lorry.engine.model.arch import check_supported
 from lorry.engine.model.loader import load_hf_config, load_model
+from lorry.engine.quant.onthefly import fp8_shortfall
 from lorry.engine.runner import ModelRunner
 from lorry.engine.scheduler import Scheduler
 from lorry.engine.tokenizer import Tokenizer
@@ -26,8 +27,7 @@ def kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch
     """The KV cache's dtype for EngineConfig.kv_cache_dtype ``name`` ("auto": the model's);
     ValueError where the device's kernels cannot convert to it."""
     kv = KV_DTYPES.get(name, dtype)
-    if kv != dtype and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    if kv != dtype and (cap := fp8_shortfall(device)):
         raise ValueError(f"EngineConfig.kv_cache_dtype={name!r} needs a GPU of compute "
                          f"capability 8.9 or newer (Ada, Hopper) for fp8 conversions; this one "
                          f"is {cap}: use kv_cache_dtype='auto'")

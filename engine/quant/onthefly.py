@@ -179,6 +179,15 @@ def check_fp8_sizes(config) -> None:
                          f"multiples of 16 (torch._scaled_mm); this base has {bad}")
 
 
+def fp8_shortfall(device: torch.device) -> str | None:
+    """The compute capability ("8.0") of a CUDA ``device`` below 8.9, which has no fp8
+    conversions or matmuls; None for newer GPUs and the CPU."""
+    if device.type != "cuda":
+        return None
+    cap = torch.cuda.get_device_capability(device)
+    return ".".join(map(str, cap)) if cap < (8, 9) else None
+
+
 def check_device(method: str, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse a method that cannot run on ``device``/``dtype``, before any weight is touched."""
     if method == "torchao-int4" and (device.type != "cuda" or dtype != torch.bfloat16):
@@ -189,9 +198,7 @@ def check_device(method: str, device: torch.device, dtype: torch.dtype) -> None:
     if method == "fp8" and torch_version() < (2, 8):
         raise ValueError(f"EngineConfig.quantization='fp8' needs torch 2.8 or newer (row-wise "
                          f"scaled fp8 matmuls on CPU and CUDA); this is {torch.__version__}")
-    if method == "fp8" and device.type == "cuda" and \
-            torch.cuda.get_device_capability(device) < (8, 9):
-        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    if method == "fp8" and (cap := fp8_shortfall(device)):
         raise ValueError(f"EngineConfig.quantization='fp8' needs a GPU of compute capability "
                          f"8.9 or newer (Ada, Hopper) for fp8 matmuls; this one is {cap}: use "
                          "'bnb-int8', 'torchao-int8' or 'torchao-int4'")

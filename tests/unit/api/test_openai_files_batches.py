@@ -48,6 +48,13 @@ def jsonl(*records) -> bytes:
                     for r in records)
 
 
+def chat_batch(client: openai.OpenAI, *records, filename: str = "in.jsonl"):
+    """Upload ``records`` as a batch input file and create a chat batch of it (24h)."""
+    f = client.files.create(file=(filename, jsonl(*records)), purpose="batch")
+    return client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h")
+
+
 @pytest.fixture
 def alice(service):
     app, queue, *_ = service
@@ -210,10 +217,7 @@ def test_a_line_under_the_other_endpoints_url_is_refused_for_its_url(service, al
     needs body.prompt": its body was right for the batch, the url was what was wrong."""
     chat_under_completions = {**line("c1"), "url": "/v1/completions"}
     prompt_under_chat = {**line("p1", url="/v1/completions"), "url": "/v1/chat/completions"}
-    f = alice.files.create(file=("in.jsonl", jsonl(line("ok"), chat_under_completions)),
-                           purpose="batch")
-    batch = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                 completion_window="24h")
+    batch = chat_batch(alice, line("ok"), chat_under_completions)
     [err] = batch.errors.data
     assert (err.line, err.code, err.param) == (2, "invalid_url", "url")
     assert "differs from the batch's endpoint '/v1/chat/completions'" in err.message
@@ -291,11 +295,7 @@ def test_usage_counts_succeeded_requests_only_not_a_cancelled_ones_partial_token
     from lorry.scheduler import Result
 
     _, queue, *_ = service
-    f = alice.files.create(file=("in.jsonl", jsonl(line("done", content="done"),
-                                                    line("stopped", content="stopped"))),
-                           purpose="batch")
-    batch = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                 completion_window="24h")
+    batch = chat_batch(alice, line("done", content="done"), line("stopped", content="stopped"))
     jobs = {j.messages[-1]["content"]: j
             for mb in queue.claim("test-worker", [], [], 64) for j in mb.jobs}
     queue.complete(jobs["done"].id, jobs["done"].lease_token,
@@ -313,10 +313,7 @@ def test_usage_counts_succeeded_requests_only_not_a_cancelled_ones_partial_token
 
 
 def test_a_batch_with_no_valid_line_is_failed_with_its_error_file(alice):
-    f = alice.files.create(file=("bad.jsonl", jsonl(b"[1]", line("x", model="nosuch"))),
-                           purpose="batch")
-    batch = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                 completion_window="24h")
+    batch = chat_batch(alice, b"[1]", line("x", model="nosuch"), filename="bad.jsonl")
     assert batch.status == "failed" and batch.failed_at and batch.output_file_id is None
     assert (batch.usage.input_tokens, batch.usage.total_tokens) == (0, 0)    # nothing ran
     assert [e.line for e in batch.errors.data] == [1, 2]
@@ -403,10 +400,7 @@ def test_the_openapi_document_is_valid_and_lists_the_openai_routes(service):
 def test_cancel_answers_the_batch_as_retrieve_does(alice):
     """batches.cancel returns the Batch object: with its refused lines under errors, as
     batches.retrieve shows them (the cancel answer had errors null)."""
-    f = alice.files.create(file=("in.jsonl", jsonl(line("a"), line("b", model="nosuch"))),
-                           purpose="batch")
-    batch = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                 completion_window="24h")
+    batch = chat_batch(alice, line("a"), line("b", model="nosuch"))
     cancelled = alice.batches.cancel(batch.id)
     assert cancelled.status == "cancelling"
     assert cancelled.errors == alice.batches.retrieve(batch.id).errors
@@ -531,11 +525,7 @@ def test_a_batchs_output_route_gives_the_output_files_bytes(service, alice):
     """/v1/batches/{id}/output escaped non-ASCII text (\\u00e9), the stored file does not:
     the same lines, 4% larger (a bulk audit); now byte for byte the same."""
     app, queue, *_ = service
-    f = alice.files.create(file=("in.jsonl", jsonl(line("é-1", content="héllo wörld 🚚"),
-                                                   line("b", content="plain"))),
-                           purpose="batch")
-    b = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                             completion_window="24h")
+    b = chat_batch(alice, line("é-1", content="héllo wörld 🚚"), line("b", content="plain"))
     finish_all(queue)
     queue.finalize_batches()
     done = alice.batches.retrieve(b.id)

@@ -5,7 +5,10 @@ prompts. Times the captured 64-row decode graph (median of event-timed replays),
 and mixed adapters, with the model's Triton kernels (kernels.fused_ops,
 kernels.decode_attention) and with the torch code they replace, on one engine; then the
 attention and elementwise kernels alone against their torch counterparts.
-Variants: the folded LoRA shrink (EngineConfig.lora_fold) on/off, the torch elementwise path.
+Variants: the folded LoRA shrink (EngineConfig.lora_fold) on/off, the torch elementwise path;
+--kv-cache-dtype fp8 / --quantization fp8 build the engine that way (the kernel timings then
+use fp8 caches and time the fp8 linears: torch._scaled_mm alone and with the input's
+quantization); --batch sets the row count.
 Usage: python3 benchmarks/decode_step.py [--out decode_step.json] [--generate 2]
 """
 from __future__ import annotations
@@ -94,15 +97,17 @@ def generate_runs(eng, adapters, p: dict, times: int) -> list:
 BLOCK_SIZE = 16  # keys per KV cache block in the kernel timings
 
 
-def paged_cache(rows: int, max_len: int, kv_heads: int, head_dim: int, dtype, device, g):
-    """Noise-filled k/v caches [num_slots, kvh, D] behind the null block 0, and block tables
-    [rows, max_len / BLOCK_SIZE] giving each row its own consecutive blocks."""
+def paged_cache(rows: int, max_len: int, kv_heads: int, head_dim: int, dtype, device, g,
+                cache_dtype=None):
+    """Noise-filled k/v caches [num_slots, kvh, D] (in ``cache_dtype``, default ``dtype``)
+    behind the null block 0, and block tables [rows, max_len / BLOCK_SIZE] giving each row its
+    own consecutive blocks."""
     import torch
 
     blocks = -(-max_len // BLOCK_SIZE)
     shape = ((1 + rows * blocks) * BLOCK_SIZE, kv_heads, head_dim)
-    k = torch.randn(shape, device=device, dtype=dtype, generator=g)
-    v = torch.randn(shape, device=device, dtype=dtype, generator=g)
+    k = torch.randn(shape, device=device, dtype=dtype, generator=g).to(cache_dtype or dtype)
+    v = torch.randn(shape, device=device, dtype=dtype, generator=g).to(cache_dtype or dtype)
     tables = torch.arange(1, 1 + rows * blocks, device=device, dtype=torch.int32)
     return k, v, tables.view(rows, blocks)
 
@@ -125,11 +130,12 @@ def attention_times(model, batch: int, avg_len: int, bench) -> dict:
     attn, rot = model.layers[0].self_attn, model.rotary
     h, kvh, D = attn.heads, attn.kv_heads, attn.head_dim
     dev, dt = rot.cos.device, model.embed_tokens.weight.dtype
+    kv_dt = getattr(model, "kv_dtype", None) or dt              # fp8 with kv_cache_dtype="fp8"
     L = rot.cos.shape[0]                                        # the engine's max_len
     g = torch.Generator(device=dev).manual_seed(0)
     qkv = torch.randn(batch, (h + 2 * kvh) * D, device=dev, dtype=dt, generator=g)
     pos = torch.randint(avg_len // 2, min(L, avg_len * 3 // 2), (batch,), device=dev, generator=g)
-    caches = [paged_cache(batch, L, kvh, D, dt, dev, g) for _ in range(4)]
+    caches = [paged_cache(batch, L, kvh, D, dt, dev, g, kv_dt) for _ in range(4)]
     tables = caches[0][2]
     n = tables.shape[1] * BLOCK_SIZE                            # kv_len = max_len
     key_slots = slots_of(tables, torch.arange(n, device=dev).expand(batch, n))  # [B, n]
@@ -138,7 +144,7 @@ def attention_times(model, batch: int, avg_len: int, bench) -> dict:
     bench("attention_triton_us", lambda: [decode_attention(
         qkv[:, :h * D], k, v, t, pos, BLOCK_SIZE) for k, v, t in caches], 4)
     bench("attention_torch_us", lambda: [attn._grouped(
-        q4, k[key_slots].transpose(1, 2), v[key_slots].transpose(1, 2), mask)
+        q4, k[key_slots].to(dt).transpose(1, 2), v[key_slots].to(dt).transpose(1, 2), mask)
         for k, v, _ in caches], 4)
     k0, v0, _ = caches[0]
     slot_mapping = slots_of(tables, pos)
@@ -149,21 +155,24 @@ def attention_times(model, batch: int, avg_len: int, bench) -> dict:
         qk, v = qkv.split([(h + kvh) * D, kvh * D], dim=-1)
         qk = apply_rotary(qk.view(batch, 1, h + kvh, D).transpose(1, 2),
                           *rot.tables(pos[:, None], dt))
-        k0[slot_mapping] = qk[:, h:, 0]
-        v0[slot_mapping] = v.view(batch, kvh, D)
+        k0[slot_mapping] = qk[:, h:, 0].to(kv_dt)
+        v0[slot_mapping] = v.view(batch, kvh, D).to(kv_dt)
     bench("rotary_cache_torch_us", torch_rotary)
     # a long table with few rows: the sequence-split path
-    big_k, big_v, big_tables = paged_cache(8, 4096, kvh, D, dt, dev, g)
+    big_k, big_v, big_tables = paged_cache(8, 4096, kvh, D, dt, dev, g, kv_dt)
     long_pos = torch.full((8,), 4000, device=dev)
     for name, splits in (("", None), ("_one_split", 1)):
         bench(f"attention_triton_8rows_4k{name}_us", lambda splits=splits: decode_attention(
             qkv[:8, :h * D], big_k, big_v, big_tables, long_pos, BLOCK_SIZE, splits))
-    return {"attention_kv_bytes_per_step_layer": int((pos + 1).sum()) * kvh * D * 2 * 2}
+    return {"attention_kv_bytes_per_step_layer":
+            int((pos + 1).sum()) * kvh * D * 2 * kv_dt.itemsize}
 
 
 def gemm_times(model, batch: int, bench) -> dict:
     """The base GEMMs at M = batch (cuBLAS picks by shape), over 8 layers' weights so that
-    L2 (50 MB) does not serve them: achieved TB/s of the weight read."""
+    L2 (50 MB) does not serve them: achieved TB/s of the weight read. An fp8 base
+    (quantization="fp8") times its op whole (the input's quantization and torch._scaled_mm)
+    and torch._scaled_mm alone, against bf16 copies of the same weights."""
     import torch
 
     dev, dt = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
@@ -171,18 +180,35 @@ def gemm_times(model, batch: int, bench) -> dict:
     H, inter = model.config.hidden_size, model.config.intermediate_size
     xs = {k: torch.randn(batch, k, device=dev, dtype=dt, generator=g) for k in (H, inter)}
     layers = model.layers[:8]
-    weights = {"qkv": [m.self_attn.qkv_proj.weight for m in layers],
-               "o": [m.self_attn.o_proj.weight for m in layers],
-               "gate_up": [m.mlp.gate_up_proj.weight for m in layers],
-               "down": [m.mlp.down_proj.weight for m in layers]}
+    mods = {"qkv": [m.self_attn.qkv_proj for m in layers], "o": [m.self_attn.o_proj for m in layers],
+            "gate_up": [m.mlp.gate_up_proj for m in layers], "down": [m.mlp.down_proj for m in layers]}
     out = {}
-    for name, ws in weights.items():
-        xw = xs[ws[0].shape[1]]
-        for how, fn in (
-                ("linear", lambda xw=xw, ws=ws: [torch.nn.functional.linear(xw, w) for w in ws]),
-                ("mm_swapped", lambda xw=xw, ws=ws: [torch.mm(w, xw.t()) for w in ws]),
-                ("mm_swapped_contiguous",
-                 lambda xw=xw, ws=ws: [torch.mm(w, xw.t()).t().contiguous() for w in ws])):
+    for name, ms in mods.items():
+        ops = [m.base_op for m in ms]
+        if any(op is not None for op in ops):          # fp8: the op, its GEMM alone, bf16 copies
+            xw = xs[ops[0].qweight.shape[1]]
+            xq, s = ops[0].quantize_input(xw)
+            nbytes = ops[0].qweight.numel()
+            us = bench(f"gemm_{name}_fp8_op_us", lambda xw=xw, ops=ops: [op(xw) for op in ops],
+                       len(ops))
+            out[f"gemm_{name}_fp8_op_tb_per_s"] = round(nbytes / us / 1e6, 2)
+            us = bench(f"gemm_{name}_fp8_scaled_mm_us", lambda xq=xq, s=s, ops=ops: [
+                torch._scaled_mm(xq, op.qweight.t(), s, op.scale, out_dtype=torch.bfloat16)
+                for op in ops], len(ops))
+            out[f"gemm_{name}_fp8_scaled_mm_tb_per_s"] = round(nbytes / us / 1e6, 2)
+            bench(f"gemm_{name}_fp8_quantize_input_us", lambda xw=xw, op=ops[0]:
+                  op.quantize_input(xw))
+            ws = [(op.qweight.float() * op.scale.t()).to(dt) for op in ops]
+            hows = (("linear", lambda xw=xw, ws=ws: [torch.nn.functional.linear(xw, w)
+                                                     for w in ws]),)
+        else:
+            ws = [m.weight for m in ms]
+            xw = xs[ws[0].shape[1]]
+            hows = (("linear", lambda xw=xw, ws=ws: [torch.nn.functional.linear(xw, w) for w in ws]),
+                    ("mm_swapped", lambda xw=xw, ws=ws: [torch.mm(w, xw.t()) for w in ws]),
+                    ("mm_swapped_contiguous",
+                     lambda xw=xw, ws=ws: [torch.mm(w, xw.t()).t().contiguous() for w in ws]))
+        for how, fn in hows:
             us = bench(f"gemm_{name}_{how}_us", fn, len(ws))
             out[f"gemm_{name}_{how}_tb_per_s"] = round(ws[0].numel() * 2 / us / 1e6, 2)
     return out
@@ -231,13 +257,20 @@ def main() -> None:
                     help="write the kernel table of replays of the mixed 64-row step here")
     ap.add_argument("--generate", type=int, default=0,
                     help="also run the mixed workload this many times on the engine (tok/s)")
+    ap.add_argument("--batch", type=int, default=None, help="rows of the step (default 64)")
+    ap.add_argument("--kv-cache-dtype", default=None, help="EngineConfig.kv_cache_dtype, e.g. fp8")
+    ap.add_argument("--quantization", default=None, help="EngineConfig.quantization, e.g. fp8")
     args = ap.parse_args()
+    import throughput
     import torch
     from throughput import LLAMA3_8B, PRESETS, _engine, _targets, prompts_for
 
     from lorry.testing import make_tiny_tokenizer, write_random_adapter
 
-    p = PRESETS["llama3-8b"]
+    p = dict(PRESETS["llama3-8b"], batch=args.batch or PRESETS["llama3-8b"]["batch"])
+    for key in ("kv_cache_dtype", "quantization"):
+        if getattr(args, key):
+            throughput.ENGINE_OPTIONS[key] = getattr(args, key)
     tmp = Path(tempfile.mkdtemp(prefix="lorry-decode-"))
     model = tmp / "llama3-8b-dummy"
     model.mkdir()
@@ -249,6 +282,7 @@ def main() -> None:
     prompts = prompts_for(p["batch"], p["prompt_len"], LLAMA3_8B["vocab_size"], seed=0)
     eng = _engine(str(model), p, "cuda", "dummy", len(adapters))
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "batch": p["batch"], "engine": dict(throughput.ENGINE_OPTIONS),
            "step_ms": step_times(eng, adapters, prompts, args.reps, args.variants)}
     if args.profile:
         profile_mixed_step(eng, adapters, prompts, args.profile)

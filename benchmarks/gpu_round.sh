@@ -18,7 +18,11 @@
 # cold_thread, cold_process, cold_noreserve, cold_register, cold_reserve, cold_pageable;
 # LOADS_SKIP_COMPILE skips the compile run) | decode_split (decode_attn_sweep.py, then the
 # bulk workload with its best splits against the default) | pinned (benchmarks/pinned_alloc.py) | pack (last: OUTDIR's files in one
-# round.tgz) | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
+# round.tgz) | fp8_tests (the fp8 KV cache and fp8 linear tests on CUDA) | fp8_step
+# (decode_step.py at FP8_BATCH rows, default 256: bf16, fp8 KV, fp8 weights, both; each a
+# process with its kernel table) | fp8_bulk (a compile run of each, then the bulk workload's
+# FP8_RUNS, default mixed, under bf16 / fp8 KV / fp8 KV + fp8 weights, each a process)
+# | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
 # leaves the ones before it. Run from the repository root on the GPU machine.
 set -u
@@ -186,6 +190,37 @@ b = r["best_splits_at_default_launch"]; print(r["table_keys"] // b["splits"] if 
         (cd "$out" && tar czf round.tgz --exclude round.tgz . && find . -type f ! -name \
             round.tgz -delete)
         echo "pack: $(du -h "$out/round.tgz" | cut -f1)" ;;
+    fp8_tests)
+        timeout "$limit" $py -m pytest -q -p no:cacheprovider -W default -k fp8 \
+            tests/kernels/test_fused_ops.py tests/kernels/test_decode_attention.py \
+            tests/kernels/test_prefill_attention.py tests/unit/engine/test_engine_fp8_kv.py \
+            tests/unit/quant/test_fp8.py > "$out/fp8_tests.log" 2>&1
+        echo "fp8_tests rc=$?"; tail -5 "$out/fp8_tests.log" ;;
+    fp8_step)
+        for what in ${FP8_STEPS:-bf16: kv:--kv-cache-dtype=fp8 w:--quantization=fp8 \
+                kvw:--kv-cache-dtype=fp8,--quantization=fp8}; do
+            name=${what%%:*}; flags=${what#*:}
+            timeout "$limit" $py benchmarks/decode_step.py --batch "${FP8_BATCH:-256}" \
+                --variants triton ${flags//,/ } --profile "$out/fp8_step_$name.txt" \
+                --out "$out/fp8_step_$name.json" > /dev/null 2> "$out/fp8_step_$name.log"
+            echo "fp8_step $name rc=$?"; [ -s "$out/fp8_step_$name.json" ] && $py -c '
+import json,sys; r=json.load(open(sys.argv[1])); print(r["step_ms"])
+print({k: v for k, v in r.get("kernels", {}).items() if "gemm" in k or "attention" in k})' \
+                "$out/fp8_step_$name.json"
+        done ;;
+    fp8_bulk)
+        for what in bf16: kv:--kv-cache-dtype=fp8 kvw:--kv-cache-dtype=fp8,--quantization=fp8; do
+            name=${what%%:*}; flags=${what#*:}; flags=${flags//,/ }
+            [ -n "${FP8_SKIP_COMPILE:-}" ] || { timeout "$limit" $py benchmarks/bulk.py \
+                --device cuda --runs mixed --requests 150 $flags --out "$out/compile_$name.json" \
+                > /dev/null 2> "$out/compile_$name.log"; echo "compile $name rc=$?"; }
+            for run in ${FP8_RUNS:-mixed}; do
+                timeout "$limit" $py benchmarks/bulk.py --device cuda --runs $run --warmup 64 \
+                    $flags ${BULK_ARGS:-} --out "$out/fp8_${name}_$run.json" > /dev/null \
+                    2> "$out/fp8_${name}_$run.log"
+                echo "fp8_bulk $name $run rc=$?"; summary "$out/fp8_${name}_$run"
+            done
+        done ;;
     *)  # a bulk.py run name
         timeout "$limit" $py benchmarks/bulk.py --device cuda --runs "$step" ${BULK_ARGS:-} \
             --out "$out/bulk_$step.json" > /dev/null 2> "$out/bulk_$step.log"

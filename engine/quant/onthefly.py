@@ -155,9 +155,10 @@ class Fp8Linear(nn.Module):
         if x.shape[0] == 0:
             return x.new_zeros(0, self.qweight.shape[0])
         xq, s = self.quantize_input(x)
-        # row-wise scales take a bf16 output on CUDA; fp32 models on CPU keep fp32
-        out = x.dtype if x.device.type == "cpu" else torch.bfloat16
-        y = torch._scaled_mm(xq, self.qweight.t(), s, self.scale, out_dtype=out)
+        if x.is_cuda:   # row-wise scales take a bf16 output
+            y = torch._scaled_mm(xq, self.qweight.t(), s, self.scale, out_dtype=torch.bfloat16)
+        else:           # the same product in fp32 (CPU _scaled_mm's scales vary by torch)
+            y = (xq.float() @ self.qweight.float().t()) * (s * self.scale)
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
 

@@ -180,8 +180,10 @@ def gemm_times(model, batch: int, bench) -> dict:
     H, inter = model.config.hidden_size, model.config.intermediate_size
     xs = {k: torch.randn(batch, k, device=dev, dtype=dt, generator=g) for k in (H, inter)}
     layers = model.layers[:8]
-    mods = {"qkv": [m.self_attn.qkv_proj for m in layers], "o": [m.self_attn.o_proj for m in layers],
-            "gate_up": [m.mlp.gate_up_proj for m in layers], "down": [m.mlp.down_proj for m in layers]}
+    mods = {"qkv": [m.self_attn.qkv_proj for m in layers],
+            "o": [m.self_attn.o_proj for m in layers],
+            "gate_up": [m.mlp.gate_up_proj for m in layers],
+            "down": [m.mlp.down_proj for m in layers]}
     out = {}
     for name, ms in mods.items():
         ops = [m.base_op for m in ms]
@@ -204,7 +206,8 @@ def gemm_times(model, batch: int, bench) -> dict:
         else:
             ws = [m.weight for m in ms]
             xw = xs[ws[0].shape[1]]
-            hows = (("linear", lambda xw=xw, ws=ws: [torch.nn.functional.linear(xw, w) for w in ws]),
+            hows = (("linear", lambda xw=xw, ws=ws: [torch.nn.functional.linear(xw, w)
+                                                     for w in ws]),
                     ("mm_swapped", lambda xw=xw, ws=ws: [torch.mm(w, xw.t()) for w in ws]),
                     ("mm_swapped_contiguous",
                      lambda xw=xw, ws=ws: [torch.mm(w, xw.t()).t().contiguous() for w in ws]))

@@ -559,6 +559,9 @@ def parse_args() -> argparse.Namespace:
                     help="EngineConfig.kv_cache_dtype: auto (default) or fp8")
     ap.add_argument("--quantization", default=None,
                     help="EngineConfig.quantization of the base, e.g. fp8 (W8A8)")
+    ap.add_argument("--fp8-gemm", default=None, choices=["scaled_mm", "triton"],
+                    help="the fp8 linears' CUDA GEMM (Fp8Linear.GEMM): torch._scaled_mm or "
+                         "kernels.fp8_matmul")
     ap.add_argument("--block-size", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--num-scheduler-steps", type=int, default=None,
@@ -641,6 +644,11 @@ def main() -> None:
         block_n, stages = (int(x) for x in args.decode_launch.split(","))
         decode_attention.BLOCK_N, decode_attention.NUM_STAGES = block_n, stages
         res["decode_launch"] = {"block_n": block_n, "num_stages": stages}
+    if args.fp8_gemm:   # an A/B of the fp8 linears' GEMM
+        from lorry.engine.quant.onthefly import Fp8Linear
+
+        Fp8Linear.GEMM = args.fp8_gemm
+        res["fp8_gemm"] = args.fp8_gemm
     if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
         res["alloc_conf"] = os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     with tempfile.TemporaryDirectory(prefix="lorry-bulk-") as tmp:

@@ -9,12 +9,14 @@ from lorry.api.schemas import (
     BatchOut,
     BatchUsage,
     FileOut,
+    InputTokensDetails,
     JobOut,
     JobResult,
     RequestCounts,
     Usage,
 )
 from lorry.scheduler.batch_files import output_line as scheduler_output_line
+from lorry.scheduler.batch_files import usage_of
 
 
 def epoch(value) -> float | None:
@@ -37,13 +39,10 @@ def job_result(info) -> JobResult | None:
     result = getattr(info, "result", None)
     if result is None:
         return None
-    prompt_tokens = getattr(result, "prompt_tokens", 0) or 0
-    completion = getattr(result, "completion_tokens", 0) or 0
     return JobResult(text=result.text or "", token_ids=list(result.token_ids or []),
                      finish_reason=result.finish_reason,
                      logprobs=getattr(result, "logprobs", None),
-                     usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                                 total_tokens=prompt_tokens + completion))
+                     usage=Usage(**usage_of(result)))
 
 
 def job_out(info) -> JobOut:
@@ -82,7 +81,9 @@ def batch_out(info, line_errors: list[dict] | None = None) -> BatchOut:
                    model=getattr(info, "model", None), **ts)
     i, o = getattr(info, "input_tokens", None), getattr(info, "output_tokens", None)
     if i is not None and o is not None:
-        out.usage = BatchUsage(input_tokens=i, output_tokens=o, total_tokens=i + o)
+        cached = InputTokensDetails(cached_tokens=getattr(info, "cached_tokens", None) or 0)
+        out.usage = BatchUsage(input_tokens=i, input_tokens_details=cached, output_tokens=o,
+                               total_tokens=i + o)
     if line_errors:
         out.errors = {"object": "list", "data": line_errors}
     return out

@@ -6,12 +6,8 @@ import json
 import time
 from typing import Any
 
+from lorry.scheduler.batch_files import usage_of
 from lorry.scheduler.openai_logprobs import chat_logprobs, completion_logprobs
-
-
-def usage_of(result) -> dict[str, int]:
-    p, c = result.prompt_tokens or 0, result.completion_tokens or 0
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 def object_id(job_id: str, chat: bool) -> str:
@@ -58,7 +54,7 @@ class ChunkWriter:
                             "object": "chat.completion.chunk" if self.chat else "text_completion",
                             "choices": [choice], "system_fingerprint": None})
 
-    def usage(self, usage: dict[str, int]) -> str:
+    def usage(self, usage: dict[str, Any]) -> str:
         return self._event({"id": self.id, "created": self.created, "model": self.model,
                             "object": "chat.completion.chunk" if self.chat else "text_completion",
                             "choices": [], "usage": usage})

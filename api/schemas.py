@@ -123,10 +123,15 @@ class JobCreate(Strict):
         return self
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0   # prompt tokens served from the engine's prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
 
 class JobResult(BaseModel):
@@ -196,7 +201,7 @@ class RequestCounts(BaseModel):
 
 
 class InputTokensDetails(BaseModel):
-    cached_tokens: int = 0
+    cached_tokens: int = 0   # input tokens served from the engine's prefix cache
 
 
 class OutputTokensDetails(BaseModel):
@@ -204,8 +209,9 @@ class OutputTokensDetails(BaseModel):
 
 
 class BatchUsage(BaseModel):
-    """OpenAI's Batch.usage: the succeeded requests' tokens. Lorry counts no cached or
-    reasoning tokens apart (prefix-cache hits are not billed differently): both 0."""
+    """OpenAI's Batch.usage: the succeeded requests' tokens; cached_tokens: those of the
+    input tokens served from the prefix cache (0 for batches finalized before migration 0009).
+    Lorry counts no reasoning tokens apart: 0."""
 
     input_tokens: int
     input_tokens_details: InputTokensDetails = InputTokensDetails()

@@ -200,6 +200,10 @@ class LLMEngine:
         if plan.prefill:
             done = []
             for i, (s, c) in enumerate(zip(seqs, plan.chunks)):
+                # what its allocation found cached, kept at its first chunk that ran: a
+                # rolled-back step's hits may be blocks it never wrote, a recompute's its own
+                if s.num_cached_tokens < 0:
+                    s.num_cached_tokens = s.num_computed_tokens
                 s.num_computed_tokens += c
                 if not s.prefilling:
                     done.append(i)
@@ -460,7 +464,8 @@ class LLMEngine:
         return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids),
                              [CompletionOutput(0, seq.text, list(seq.output_token_ids),
                                                seq.finish_reason, logprobs)],
-                             seq.lora_request, done, seq.metrics, error=seq.error)
+                             seq.lora_request, done, seq.metrics, error=seq.error,
+                             num_cached_tokens=max(seq.num_cached_tokens, 0))
 
     def generate(self, prompts, sampling_params=None, lora_request=None, use_tqdm: bool = True,
                  *, order: str = "longest_first"):

@@ -64,9 +64,15 @@ class RequestOutput:
     # finish_reason "error": why the request failed (its adapter could not be loaded, or
     # its logits turned NaN or infinite)
     error: str | None = None
+    # prompt tokens whose keys/values came from the prefix cache (computed for an earlier
+    # request with the same leading tokens and adapter) instead of being computed for this one
+    num_cached_tokens: int = 0
 
     @property
     def usage(self) -> dict:
+        """Token counts in OpenAI's shape (``prompt_tokens_details.cached_tokens``: the
+        prompt tokens served from the prefix cache)."""
         done = sum(len(o.token_ids) for o in self.outputs)
         n = len(self.prompt_token_ids)
-        return {"prompt_tokens": n, "completion_tokens": done, "total_tokens": n + done}
+        return {"prompt_tokens": n, "completion_tokens": done, "total_tokens": n + done,
+                "prompt_tokens_details": {"cached_tokens": self.num_cached_tokens}}

@@ -36,6 +36,9 @@ class Sequence:
     text: str = ""
     finish_reason: str | None = None
     num_computed_tokens: int = 0   # prefill tokens whose keys/values are in the KV cache
+    # prompt tokens its first prefill found in the prefix cache (-1: no prefill step ran yet);
+    # a recompute after preemption finds its own blocks there, which are not counted
+    num_cached_tokens: int = -1
     bypassed: int = 0              # admissions of later sequences while this one waited for a slot
     error: str | None = None       # why the request failed (e.g. its adapter could not be loaded)
     logprobs: list[dict[int, Logprob]] | None = None  # per output token, if params.logprobs

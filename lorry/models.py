@@ -14,10 +14,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class PromptTokensDetails(_Model):
+    cached_tokens: int = 0   # prompt tokens served from the engine's prefix cache
+
+
 class Usage(_Model):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
 
 class JobResult(_Model):

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from lorry.scheduler.openai_logprobs import chat_logprobs, completion_logprobs
-from lorry.scheduler.types import JobInfo, LineError, is_adapter_failure
+from lorry.scheduler.types import JobInfo, LineError, Result, is_adapter_failure
 
 FAILED_CODES = {"failed": "job_failed", "cancelled": "batch_cancelled",
                 "expired": "batch_expired"}
@@ -22,6 +22,15 @@ def _epoch(value) -> int | None:
     return int(value.timestamp())
 
 
+def usage_of(res: Result) -> dict[str, Any]:
+    """A result's usage in OpenAI's completion shape (the cached tokens: prompt tokens
+    served from the engine's prefix cache)."""
+    prompt_tokens, completion = res.prompt_tokens or 0, res.completion_tokens or 0
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": res.cached_tokens or 0}}
+
+
 def output_line(job: JobInfo, model_name: str | None) -> dict[str, Any]:
     """One output (succeeded) or error (anything else) line of a batch job."""
     short = job.id.removeprefix("job_")
@@ -32,9 +41,7 @@ def output_line(job: JobInfo, model_name: str | None) -> dict[str, Any]:
         message = job.error or f"the request ended with status {job.status!r}"
         return {"id": f"batch_req_{short}", "custom_id": job.custom_id, "response": None,
                 "error": {"code": code, "message": message}}
-    prompt_tokens, completion = res.prompt_tokens or 0, res.completion_tokens or 0
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-             "total_tokens": prompt_tokens + completion}
+    usage = usage_of(res)
     created = _epoch(job.finished_at) if isinstance(job.finished_at, datetime) \
         else int(time.time())
     if job.messages is not None:

@@ -118,7 +118,7 @@ class BatchOps:
                 values.update(status="in_progress", in_progress_at=now)
             else:
                 values.update(status="failed", failed_at=now, failed=rejected,
-                              input_tokens=0, output_tokens=0,      # nothing ran
+                              input_tokens=0, output_tokens=0, cached_tokens=0,  # nothing ran
                               error_file_id=self._error_file(
                                   conn, batch_id, tenant_id, row["model"],
                                   row["output_expires_seconds"]))
@@ -242,18 +242,19 @@ class BatchOps:
                 values.update(status="expired", expired_at=now)
             else:
                 values.update(status="completed", completed_at=now)
-            usage = [0, 0]              # summed while the output file is written
+            usage = [0, 0, 0]           # summed while the output file is written
 
             def succeeded():
                 for job in self._results(conn, batch_id, ("succeeded",)):
                     if job.result is not None:
                         usage[0] += job.result.prompt_tokens or 0
                         usage[1] += job.result.completion_tokens or 0
+                        usage[2] += job.result.cached_tokens or 0
                     yield jsonl(output_line(job, row.model))
             values["output_file_id"] = self.build_file(
                 conn, row.tenant_id, succeeded(), filename=f"{batch_id}_output.jsonl",
                 batch_id=batch_id, expires_after_s=row.output_expires_seconds)
-            values["input_tokens"], values["output_tokens"] = usage
+            values["input_tokens"], values["output_tokens"], values["cached_tokens"] = usage
             values["error_file_id"] = self._error_file(conn, batch_id, row.tenant_id, row.model,
                                                        row.output_expires_seconds)
             conn.execute(q.update_batch(batch_id, **values))

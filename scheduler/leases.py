@@ -57,6 +57,7 @@ class LeaseOps:
                     finish=[i[2].finish_reason for i in items],
                     prompt_tokens=[i[2].prompt_tokens for i in items],
                     completion_tokens=[i[2].completion_tokens for i in items],
+                    cached_tokens=[i[2].cached_tokens for i in items],
                     timings=[json.dumps(dict(i[2].timings or {})) for i in items],
                     logprobs=[None if i[2].logprobs is None else json.dumps(i[2].logprobs)
                               for i in items])).all()

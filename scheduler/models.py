@@ -101,6 +101,8 @@ class Batch(Base):
     # the batch finalizes (null before, and for batches finalized before migration 0008)
     input_tokens: Mapped[int | None] = mapped_column(BigInteger)
     output_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    # ... and of those input tokens, the ones served from the prefix cache (migration 0009)
+    cached_tokens: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class BatchReject(Base):
@@ -200,6 +202,8 @@ class Job(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(20))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    # of prompt_tokens, those the engine served from its prefix cache (null before 0009)
+    cached_tokens: Mapped[int | None] = mapped_column(Integer)
     timings: Mapped[dict[str, Any] | None]
     result_logprobs: Mapped[list[Any] | None]  # per output token, when the job asked for them
     error: Mapped[str | None] = mapped_column(Text)

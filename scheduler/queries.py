@@ -511,14 +511,14 @@ COMPLETE_MANY_PG = text("""
 UPDATE jobs AS j SET status = v.status, finished_at = :now, lease_token = NULL,
   lease_expires_at = NULL, result_text = v.text, result_token_ids = CAST(v.token_ids AS json),
   finish_reason = v.finish_reason, prompt_tokens = v.prompt_tokens,
-  completion_tokens = v.completion_tokens, timings = CAST(v.timings AS json),
-  result_logprobs = CAST(v.logprobs AS json), error = NULL
+  completion_tokens = v.completion_tokens, cached_tokens = v.cached_tokens,
+  timings = CAST(v.timings AS json), result_logprobs = CAST(v.logprobs AS json), error = NULL
 FROM unnest(CAST(:ids AS text[]), CAST(:tokens AS text[]), CAST(:statuses AS text[]),
             CAST(:texts AS text[]), CAST(:token_ids AS text[]), CAST(:finish AS text[]),
             CAST(:prompt_tokens AS int[]), CAST(:completion_tokens AS int[]),
-            CAST(:timings AS text[]), CAST(:logprobs AS text[]))
+            CAST(:cached_tokens AS int[]), CAST(:timings AS text[]), CAST(:logprobs AS text[]))
   AS v(id, token, status, text, token_ids, finish_reason, prompt_tokens, completion_tokens,
-       timings, logprobs)
+       cached_tokens, timings, logprobs)
 WHERE j.id = v.id AND j.lease_token = v.token AND j.status = 'running'
 RETURNING j.id
 """)
@@ -534,7 +534,8 @@ def complete_job(job_id: str, token: str, result, *, status: str, now):
         status=status, finished_at=now, lease_token=None, lease_expires_at=None,
         result_text=result.text, result_token_ids=list(result.token_ids),
         finish_reason=result.finish_reason, prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens, timings=dict(result.timings or {}),
+        completion_tokens=result.completion_tokens, cached_tokens=result.cached_tokens,
+        timings=dict(result.timings or {}),
         result_logprobs=None if result.logprobs is None else list(result.logprobs),
         error=None)
 

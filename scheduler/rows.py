@@ -20,7 +20,8 @@ def job_info(r) -> JobInfo:
     if r.finish_reason is not None or r.result_text is not None:
         result = Result(text=r.result_text or "", token_ids=list(r.result_token_ids or []),
                         finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens or 0,
-                        completion_tokens=r.completion_tokens or 0, timings=dict(r.timings or {}),
+                        completion_tokens=r.completion_tokens or 0,
+                        cached_tokens=r.cached_tokens or 0, timings=dict(r.timings or {}),
                         logprobs=r.result_logprobs)
     return JobInfo(id=r.id, tenant_id=r.tenant_id, adapter=r.adapter_name, status=r.status,
                    prompt=r.prompt, messages=r.messages, sampling=dict(r.sampling or {}),
@@ -44,7 +45,8 @@ def batch_info(r, counts: dict[str, int]) -> BatchInfo:
                      input_file_id=r.input_file_id, output_file_id=r.output_file_id,
                      error_file_id=r.error_file_id, rejected=r.rejected or 0,
                      idempotency_key=r.idempotency_key, model=r.model,
-                     input_tokens=r.input_tokens, output_tokens=r.output_tokens)
+                     input_tokens=r.input_tokens, output_tokens=r.output_tokens,
+                     cached_tokens=r.cached_tokens)
 
 
 def file_info(r) -> FileInfo:

@@ -50,6 +50,7 @@ class Result:
     finish_reason: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0    # of prompt_tokens, those served from the engine's prefix cache
     timings: dict = field(default_factory=dict)
     # per generated token when the job asked for logprobs: {"id", "token", "logprob",
     # "top": [[id, token, logprob], ...] (most likely first)}
@@ -158,6 +159,7 @@ class BatchInfo:
     model: str | None = None           # the base model's name (Batch.model)
     input_tokens: int | None = None    # succeeded requests' prompt tokens, once finalized
     output_tokens: int | None = None   # ... and their completion tokens
+    cached_tokens: int | None = None   # ... and their prompt tokens served from the prefix cache
 
 
 @dataclass(frozen=True)

@@ -377,6 +377,8 @@ class Drainer:
             self._writer.put(WriteOp("fail", held.job, message=message))
             return
         usage, m = out.usage, out.metrics
+        # prompt tokens served from the prefix cache (a stand-in engine's usage has none)
+        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
         timings = {"run_s": time.monotonic() - held.claimed_at}
         if m is not None and m.first_token_time and m.arrival_time:
             timings["first_token_s"] = m.first_token_time - m.arrival_time
@@ -384,7 +386,8 @@ class Drainer:
         result = Result(text=comp.text.replace("\x00", "\ufffd"),
                         token_ids=list(comp.token_ids),
                         finish_reason=comp.finish_reason, prompt_tokens=usage["prompt_tokens"],
-                        completion_tokens=usage["completion_tokens"], timings=timings,
+                        completion_tokens=usage["completion_tokens"], cached_tokens=cached,
+                        timings=timings,
                         logprobs=logprobs_json(comp, held.job.sampling.get("logprobs")))
         self._writer.put(WriteOp("complete", held.job, result=result, cancelled=cancelled))
 

@@ -8,7 +8,7 @@ import pytest
 from lorry.scheduler import JobSpec, Result, errors
 
 RESULT = Result(text="out", token_ids=[5, 6], finish_reason="stop", prompt_tokens=3,
-                completion_tokens=2, timings={"total_s": 0.1})
+                completion_tokens=2, cached_tokens=1, timings={"total_s": 0.1})
 
 
 @pytest.fixture
@@ -38,6 +38,7 @@ def test_round_trip_keeps_result_and_stale_token_changes_nothing(queue, tenant):
     info = queue.get_job(job.id, tenant_id=tenant.id)
     assert info.status == "succeeded" and info.result.text == "out"
     assert info.result.token_ids == [5, 6] and info.result.completion_tokens == 2
+    assert (info.result.prompt_tokens, info.result.cached_tokens) == (3, 1)
     assert not queue.complete(c.id, c.lease_token, Result("other", [], "stop"))
     assert queue.get_job(job.id).result.text == "out"
     other, _ = queue.create_tenant("other")
@@ -235,7 +236,8 @@ def test_complete_many_records_each_result_once_fenced_by_its_own_lease(queue, t
     queue.reap_expired_leases()
     [retaken, *_] = claim_all(queue, "w2", slots=1)  # w1 lost this one's lease to w2
     results = {c.id: Result(text=f"out {c.id}", token_ids=[1, i], finish_reason="length",
-                            prompt_tokens=2, completion_tokens=2, timings={"run_s": 0.5})
+                            prompt_tokens=2 + i, completion_tokens=2, cached_tokens=i,
+                            timings={"run_s": 0.5})
                for i, c in enumerate(claimed)}
     old = [c for c in claimed if c.id != retaken.id]
     # w1 re-claims the four others (reaped too), then records the five it thinks it holds
@@ -253,6 +255,8 @@ def test_complete_many_records_each_result_once_fenced_by_its_own_lease(queue, t
             continue
         assert info.result.text == f"out {job.id}" and info.result.token_ids == \
             results[job.id].token_ids and info.result.finish_reason == "length"
+        assert (info.result.prompt_tokens, info.result.cached_tokens) == \
+            (results[job.id].prompt_tokens, results[job.id].cached_tokens)
         assert info.status == ("cancelled" if job.id == items[0][0] else "succeeded")
     assert queue.complete_many(items) == set()  # written once: a second write changes nothing
     assert queue.complete(retaken.id, retaken.lease_token, RESULT)

@@ -74,8 +74,9 @@ def tenant_b(service):
 
 
 def finish_all(queue, text_of=lambda job: f"echo {job.prompt or job.messages[-1]['content']}"):
-    """Play a worker: claim everything queued and complete it (or fail jobs whose prompt
-    says 'FAIL'); returns the number of jobs written."""
+    """Play a worker: claim everything queued and complete it (5 prompt tokens, 2 of them
+    cached, 3 completion tokens), or fail jobs whose prompt says 'FAIL'; returns the number of
+    jobs written."""
     from lorry.scheduler import Result
 
     done = 0
@@ -90,5 +91,5 @@ def finish_all(queue, text_of=lambda job: f"echo {job.prompt or job.messages[-1]
                 else:
                     text = text_of(job)
                     queue.complete(job.id, job.lease_token,
-                                   Result(text, [1, 2, 3], "length", 5, 3))
+                                   Result(text, [1, 2, 3], "length", 5, 3, 2))
                 done += 1

@@ -72,7 +72,8 @@ def test_output_and_error_files_use_openai_shapes(service, tenant_a):
     assert by_id["c1"]["response"]["status_code"] == 200 and by_id["c1"]["error"] is None
     assert chat_body["object"] == "chat.completion"
     assert chat_body["choices"][0]["message"] == {"role": "assistant", "content": "echo one"}
-    assert chat_body["usage"]["total_tokens"] == 8
+    assert chat_body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                                  "prompt_tokens_details": {"cached_tokens": 2}}
     text_body = by_id["t1"]["response"]["body"]
     assert text_body["object"] == "text_completion"
     assert text_body["choices"][0]["text"] == "echo two"

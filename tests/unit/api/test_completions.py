@@ -31,7 +31,7 @@ class Worker(threading.Thread):
                     text = "Hi" if job.messages else f"<{job.prompt}>"
                     lp = LOGPROBS if "logprobs" in job.sampling else None
                     self.queue.complete(job.id, job.lease_token,
-                                        Result(text, [72, 1], "stop", 7, 2, logprobs=lp))
+                                        Result(text, [72, 1], "stop", 7, 2, 4, logprobs=lp))
 
 
 @pytest.fixture
@@ -55,7 +55,8 @@ def test_chat_completion_answers_openai_shape_with_usage_and_logprobs(tenant_a, 
     choice = body["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "Hi"}
     assert choice["finish_reason"] == "stop"
-    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9,
+                             "prompt_tokens_details": {"cached_tokens": 4}}   # OpenAI's shape
     content = choice["logprobs"]["content"]
     assert [c["token"] for c in content] == ["Hi", "</s>"]
     assert content[0]["bytes"] == list(b"Hi")
@@ -97,6 +98,7 @@ def test_stream_without_redis_ends_with_the_stored_text_and_done(service, tenant
     assert text == "Hi"
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
     assert chunks[-1]["usage"]["total_tokens"] == 9
+    assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 4}
 
 
 def test_unknown_model_is_404_naming_the_models(service, tenant_a, adapter_root):

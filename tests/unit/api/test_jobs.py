@@ -17,7 +17,8 @@ def test_submit_read_and_result(service, tenant_a):
     assert done["status"] == "succeeded"
     assert done["result"]["text"] == "echo hello"
     assert done["result"]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3,
-                                       "total_tokens": 8}
+                                       "total_tokens": 8,
+                                       "prompt_tokens_details": {"cached_tokens": 2}}
 
 
 def test_chat_messages_and_idempotency_key(tenant_a):

@@ -16,7 +16,7 @@ from lorry.scheduler.types import adapter_failure
 
 def finish_all(queue) -> None:
     """Play a worker: fail the requests whose message says FAIL (UNLOADABLE: as a worker
-    that cannot load the adapter), echo the others."""
+    that cannot load the adapter), echo the others (2 prompt tokens, 1 of them cached)."""
     while batches := queue.claim("test-worker", [], [], 64):
         for job in (j for mb in batches for j in mb.jobs):
             said = job.prompt or job.messages[-1]["content"]
@@ -26,7 +26,8 @@ def finish_all(queue) -> None:
                 queue.fail(job.id, job.lease_token, adapter_failure(job.adapter, "gone"),
                            retryable=False)
             else:
-                queue.complete(job.id, job.lease_token, Result(f"echo {said}", [1], "stop", 2, 1))
+                queue.complete(job.id, job.lease_token,
+                               Result(f"echo {said}", [1], "stop", 2, 1, 1))
 
 
 def sdk(app, key: str) -> openai.OpenAI:
@@ -276,7 +277,8 @@ def test_batch_lifecycle_output_and_error_files(service, alice, adapter_root):
     assert done.usage.input_tokens == sum(u["prompt_tokens"] for u in used) > 0
     assert done.usage.output_tokens == sum(u["completion_tokens"] for u in used) > 0
     assert done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
-    assert done.usage.input_tokens_details.cached_tokens == 0
+    assert [u["prompt_tokens_details"] for u in used] == [{"cached_tokens": 1}] * 2
+    assert done.usage.input_tokens_details.cached_tokens == 2
     assert done.model == "tiny-llama"
     # the keys of the synchronous answer, which the SDK's ChatCompletion parses
     assert set(out[1]["response"]["body"]) == {"id", "object", "created", "model", "choices",
@@ -299,15 +301,15 @@ def test_usage_counts_succeeded_requests_only_not_a_cancelled_ones_partial_token
     jobs = {j.messages[-1]["content"]: j
             for mb in queue.claim("test-worker", [], [], 64) for j in mb.jobs}
     queue.complete(jobs["done"].id, jobs["done"].lease_token,
-                   Result("echo", [1, 2, 3], "length", 5, 3))
+                   Result("echo", [1, 2, 3], "length", 5, 3, 4))
     # a worker stopped on a cancel request keeps the partial output as its result
     queue.complete(jobs["stopped"].id, jobs["stopped"].lease_token,
-                   Result("par", [4, 5], "abort", 7, 2), cancelled=True)
+                   Result("par", [4, 5], "abort", 7, 2, 6), cancelled=True)
     assert queue.finalize_batches() == 1
     done = alice.batches.retrieve(batch.id)
     assert (done.request_counts.completed, done.request_counts.failed) == (1, 1)
     assert (done.usage.input_tokens, done.usage.output_tokens) == (5, 3)
-    assert done.usage.total_tokens == 8
+    assert done.usage.total_tokens == 8 and done.usage.input_tokens_details.cached_tokens == 4
     [listed] = [b for b in alice.batches.list() if b.id == batch.id]
     assert listed.usage == done.usage
 
@@ -316,6 +318,7 @@ def test_a_batch_with_no_valid_line_is_failed_with_its_error_file(alice):
     batch = chat_batch(alice, b"[1]", line("x", model="nosuch"), filename="bad.jsonl")
     assert batch.status == "failed" and batch.failed_at and batch.output_file_id is None
     assert (batch.usage.input_tokens, batch.usage.total_tokens) == (0, 0)    # nothing ran
+    assert batch.usage.input_tokens_details.cached_tokens == 0
     assert [e.line for e in batch.errors.data] == [1, 2]
     errs = alice.files.content(batch.error_file_id).text.splitlines()
     assert [json.loads(x)["custom_id"] for x in errs] == [None, "x"]

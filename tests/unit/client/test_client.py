@@ -21,6 +21,7 @@ def test_submit_wait_get(service, make_client):
     done = c.wait(job.id, timeout=5)
     assert done.status == "succeeded" and done.text == "echo hello"
     assert done.result.usage.total_tokens == 8 and c.get(job.id).done
+    assert done.result.usage.prompt_tokens_details.cached_tokens == 2
 
 
 def test_list_follows_cursor_pages_and_cancel(make_client):

@@ -84,7 +84,8 @@ def test_prompts_as_text_ids_and_chat_messages(engine):
     assert ids_out.prompt is None
     assert chat_out.usage == {"prompt_tokens": len(chat_out.prompt_token_ids),
                               "completion_tokens": 3,
-                              "total_tokens": len(chat_out.prompt_token_ids) + 3}
+                              "total_tokens": len(chat_out.prompt_token_ids) + 3,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
     with pytest.raises(ValueError, match="chat message"):
         engine.generate([[{"role": "user"}]], sp, use_tqdm=False)
 

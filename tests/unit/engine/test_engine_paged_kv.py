@@ -101,6 +101,48 @@ def test_prefix_blocks_are_shared_only_under_the_same_adapter(tiny_llama):
     assert tokens == hits(prompt, a)[1]
 
 
+def test_outputs_count_the_prompt_tokens_served_from_the_prefix_cache(tiny_llama):
+    """num_cached_tokens (and usage's prompt_tokens_details.cached_tokens): the full blocks
+    of the prompt that an earlier request of the same adapter computed, else 0."""
+    eng = _engine(tiny_llama, block_size=8)
+    a = LoRARequest("qv_r8", 1, str(tiny_llama.adapters["qv_r8"]))
+    b = LoRARequest("mlp_r16", 2, str(tiny_llama.adapters["mlp_r16"]))
+    sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+    def cached(prompt, lora):
+        out = eng.generate([prompt], sp, lora, use_tqdm=False)[0]
+        assert out.usage["prompt_tokens_details"] == {"cached_tokens": out.num_cached_tokens}
+        return out.num_cached_tokens
+
+    assert cached(PREFIX + [5, 6, 7], a) == 0           # the first computes everything
+    assert cached(PREFIX + [40, 41, 42, 43], a) == 32   # 37 shared tokens: 4 full blocks
+    assert cached(PREFIX + [5, 6, 7], b) == 0           # other adapter: nothing
+    first, second = eng.generate([[9] * 20 + [1], [9] * 20 + [2]], sp, a, use_tqdm=False)
+    assert (first.num_cached_tokens, second.num_cached_tokens) == (0, 16)   # in one step
+    assert first.usage == {"prompt_tokens": 21, "completion_tokens": 3, "total_tokens": 24,
+                           "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def test_a_recomputed_sequence_does_not_count_its_own_blocks_as_cached(tiny_llama):
+    """A preempted sequence finds the prompt blocks it computed itself in the cache when it
+    is prefilled again: only what its first prefill found there counts."""
+    eng = _engine(tiny_llama, block_size=8, num_kv_blocks=13)   # 12 blocks: room for one
+
+    def sp(n):
+        return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+    eng.generate([PREFIX[:16] + [200, 201, 202]], sp(2), use_tqdm=False)   # caches 2 blocks
+    before = eng.cache_stats()["kv"]
+    first = [150 + j % 40 for j in range(17)]           # admitted first (longest answer)
+    newest = PREFIX[:16] + [3 + j for j in range(9)]    # 3 full blocks, the first 2 cached
+    outs = eng.generate([first, newest], [sp(50), sp(40)], use_tqdm=False)
+    kv = eng.cache_stats()["kv"]
+    assert kv["preemptions"] > before["preemptions"]
+    assert [o.num_cached_tokens for o in outs] == [0, 16]
+    # its prefill again hit its own third block too (24), which is not counted
+    assert kv["prefix_hit_tokens"] - before["prefix_hit_tokens"] == 16 + 24
+
+
 def test_block_manager_reuses_refcounts_and_evicts_least_recent():
     def seq(tokens, key=b""):
         s = Sequence("r", None, tokens, SamplingParams(), None, None, adapter_key=key)
@@ -210,8 +252,9 @@ def test_a_failed_step_requeues_whoever_shared_its_fresh_blocks(tiny_llama, fail
     eng.abort_request("a")
     out = {}
     while eng.has_unfinished_requests():
-        out.update({o.request_id: o.outputs[0].token_ids for o in eng.step()})
-    assert out["b"] == ref
+        out.update({o.request_id: o for o in eng.step()})
+    assert out["b"].outputs[0].token_ids == ref
+    assert out["b"].num_cached_tokens == 0    # it computed every block itself in the end
     kv = eng.cache_stats()["kv"]
     assert kv["blocks_free"] == kv["blocks_total"] and kv["preemptions"] == 0
 

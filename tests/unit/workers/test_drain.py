@@ -431,6 +431,40 @@ def test_the_drain_that_runs_a_batchs_last_jobs_finalizes_it(queue, engine, tiny
     assert passes == [{}]                       # one pass, at the end, due or not
 
 
+
+def test_results_count_the_prompt_tokens_the_prefix_cache_served(queue, engine):
+    """Jobs whose prompts share a long head with a job of the same adapter that ran before
+    report the head's full KV blocks as cached: in their results, their batch's output lines
+    and the Batch's usage; another adapter's job on the same head reports none."""
+    tenant, _ = queue.create_tenant("t")
+    head = "Answer in one short sentence, politely, and name no source: "
+    sampling = {"max_tokens": 2, "temperature": 0}
+    [first] = queue.submit(tenant.id, [JobSpec(adapter="alpha", prompt=head + "Q0",
+                                               sampling=sampling)])
+    assert drainer(queue, engine).run().succeeded == 1
+    specs = [JobSpec(adapter=a, prompt=head + f"Q{i}", custom_id=str(i), sampling=sampling)
+             for i, a in ((1, "alpha"), (2, "alpha"), (3, "beta"))]
+    batch = queue.create_batch(tenant.id, specs)
+    assert drainer(queue, engine).run().succeeded == 3
+    # the whole blocks of what the prompts share: the head and "Q"
+    ids = [engine.tokenizer.encode_prompt(head + f"Q{i}")[1] for i in (0, 1)]
+    shared = next(n for n, (a, b) in enumerate(zip(*ids)) if a != b)
+    bs = engine.cache_stats()["kv"]["block_size"]
+    cached = shared // bs * bs
+    assert cached >= 2 * bs
+    assert queue.get_job(first.id).result.cached_tokens == 0
+    jobs = {j.custom_id: j.result for j in queue.batch_results(batch.id, None)}
+    assert {c: r.cached_tokens for c, r in jobs.items()} == {"1": cached, "2": cached, "3": 0}
+    assert all(r.prompt_tokens == len(ids[1]) for r in jobs.values())
+    assert queue.finalize_batches() == 1
+    final = queue.get_batch(batch.id, None)
+    lines = [json.loads(x) for x in b"".join(queue.file_content(final.output_file_id, None))
+             .decode().splitlines()]
+    assert {x["custom_id"]: x["response"]["body"]["usage"]["prompt_tokens_details"]
+            for x in lines} == {"1": {"cached_tokens": cached}, "2": {"cached_tokens": cached},
+                                "3": {"cached_tokens": 0}}
+    assert (final.input_tokens, final.cached_tokens) == (3 * len(ids[1]), 2 * cached)
+
 @pytest.mark.parametrize("late_beat", [0.0, 1.5])
 def test_a_job_reclaimed_after_a_database_outage_runs_on_and_succeeds(queue, engine,
                                                                       monkeypatch, late_beat):

@@ -93,6 +93,11 @@ def test_sdk_files_batch_output_and_errors(stack, tenant, reference):
                                            for x in out) >= len(records)
     assert done.usage.input_tokens == sum(x["response"]["body"]["usage"]["prompt_tokens"]
                                           for x in out)
+    cached = [x["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"]
+              for x in out]
+    assert done.usage.input_tokens_details.cached_tokens == sum(cached)
+    assert all(0 <= c <= x["response"]["body"]["usage"]["prompt_tokens"]
+               for c, x in zip(cached, out))
     assert done.model == "tiny-llama"
     errors = [json.loads(x) for x in sdk.files.content(done.error_file_id).text.splitlines()]
     assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [

@@ -6,7 +6,8 @@
 - ``rotary_qk_``: rotary embedding of q and k inside a fused q/k/v row, in place, reading
   cos/sin at each row's position, and optionally writing k/v into a paged KV cache;
 - ``quant_fp8_rows``: each row scaled by its absmax / 448 and rounded to float8 e4m3 (the
-  inputs of engine.quant's fp8 linears), one pass instead of torch's six.
+  inputs of engine.quant's fp8 linears), one pass instead of torch's six; ``add_rmsnorm`` and
+  ``silu_mul`` quantize their output rows so in the same pass when asked (``fp8=True``).
 
 Roundings follow the torch code they replace (engine.model.layers), step by step, so the
 results equal it up to the order of one fp32 reduction. No host sync; graph-capturable.
@@ -54,8 +55,20 @@ def rotary_qk_ref(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, H, stride_x, stride_r, stride_o, eps,
-                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _quant_row_store(y, m, q_ptr, s_ptr, row, stride_q, cols):
+    """Row ``y`` (already in the model dtype) as e4m3 over its absmax / 448, as
+    quant_fp8_rows would quantize it after a store and a load."""
+    yf = y.to(tl.float32)
+    sc = tl.maximum(tl.max(tl.abs(tl.where(m, yf, 0.0)), 0), 1e-12) / 448.0
+    tl.store(s_ptr + row, sc)
+    tl.store(q_ptr + row * stride_q + cols, to_cache(tl.math.div_rn(yf, sc),
+                                                     q_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, q_ptr, s_ptr, H, stride_x, stride_r,
+                        stride_o, stride_q, eps, HAS_RES: tl.constexpr, QUANT: tl.constexpr,
+                        BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < H
@@ -70,18 +83,23 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, H, stride_x, stride_r, s
     w = tl.load(w_ptr + cols, mask=m, other=0.0)
     y = (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * stride_o + cols, y, mask=m)
+    if QUANT:
+        _quant_row_store(y, m, q_ptr, s_ptr, row, stride_q, cols)
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, q_ptr, s_ptr, I, stride_gu, stride_o, stride_q,
+                     QUANT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < I
     g = tl.load(gu_ptr + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * stride_gu + I + cols, mask=m, other=0.0)
     s = (g / (1.0 + tl.exp(-g))).to(u.dtype)                       # F.silu rounds here
-    tl.store(out_ptr + row * stride_o + cols,
-             (s.to(tl.float32) * u.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
+    y = (s.to(tl.float32) * u.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, y, mask=m)
+    if QUANT:                                                      # one program holds the row
+        _quant_row_store(y, m, q_ptr, s_ptr, row, stride_q, cols)
 
 
 @triton.jit
@@ -133,46 +151,58 @@ def _quant_fp8_rows_kernel(x_ptr, q_ptr, s_ptr, N, stride_x, stride_q, BLOCK: tl
     r = tl.program_id(0).to(tl.int64)
     o = tl.arange(0, BLOCK)
     m = o < N
-    x = tl.load(x_ptr + r * stride_x + o, mask=m, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / 448.0
-    tl.store(s_ptr + r, s)
-    tl.store(q_ptr + r * stride_q + o, to_cache(tl.math.div_rn(x, s), q_ptr.dtype.element_ty),
-             mask=m)
+    _quant_row_store(tl.load(x_ptr + r * stride_x + o, mask=m, other=0.0), m, q_ptr, s_ptr, r,
+                     stride_q, o)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                eps: float, fp8: bool = False):
     """x, residual: [T, H] -> (normed [T, H], residual). With a residual, x + residual is
-    written into ``residual`` (in place) and returned; without, ``x`` is the residual."""
+    written into ``residual`` (in place) and returned; without, ``x`` is the residual.
+    ``fp8``: also the normed rows quantized for an fp8 linear, (normed, residual, (q, s)) with
+    (q, s) = quant_fp8_rows(normed) bit for bit, from the same pass."""
     # x: [T, H]; one program per row, the whole row in registers (H up to 16k)
     T, H = x.shape
     if x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
         raise ValueError("add_rmsnorm needs rows with unit stride in the last dimension")
     out = torch.empty_like(x)
+    q, s = _fp8_rows(T, H, x.device) if fp8 else (out, out)
     if T:
         block = next_pow2(H)
         res = residual if residual is not None else x
-        _add_rmsnorm_kernel[(T,)](x, res, weight, out, H, x.stride(0), res.stride(0),
-                                  out.stride(0), eps, HAS_RES=residual is not None, BLOCK=block,
-                                  num_warps=max(1, min(16, block // 512)))
-    return out, (residual if residual is not None else x)
+        _add_rmsnorm_kernel[(T,)](x, res, weight, out, q, s, H, x.stride(0), res.stride(0),
+                                  out.stride(0), q.stride(0), eps, HAS_RES=residual is not None,
+                                  QUANT=fp8, BLOCK=block, num_warps=max(1, min(16, block // 512)))
+    res = residual if residual is not None else x
+    return (out, res, (q, s)) if fp8 else (out, res)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up: [T, 2I] (gate then up) -> silu(gate) * up: [T, I]."""
+def silu_mul(gate_up: torch.Tensor, fp8: bool = False):
+    """gate_up: [T, 2I] (gate then up) -> silu(gate) * up: [T, I]. ``fp8``: also its rows
+    quantized for an fp8 linear, (out, (q, s)), as quant_fp8_rows(out) bit for bit."""
     T, two_i = gate_up.shape
     inter = two_i // 2
     if gate_up.stride(-1) != 1:
         raise ValueError("silu_mul needs rows with unit stride in the last dimension")
     out = torch.empty(T, inter, dtype=gate_up.dtype, device=gate_up.device)
+    q, s = _fp8_rows(T, inter, gate_up.device) if fp8 else (out, out)
     if T:
-        block = min(4096, next_pow2(inter))
-        _silu_mul_kernel[(T, cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0),
-                                                         out.stride(0), BLOCK=block,
-                                                         num_warps=max(1, min(8, block // 256)))
-    return out
+        # quantizing takes the row's absmax: one program a row
+        block = next_pow2(inter) if fp8 else min(4096, next_pow2(inter))
+        _silu_mul_kernel[(T, cdiv(inter, block))](gate_up, out, q, s, inter, gate_up.stride(0),
+                                                         out.stride(0), q.stride(0), QUANT=fp8,
+                                                         BLOCK=block,
+                                                         num_warps=max(1, min(16 if fp8 else 8,
+                                                                              block // 256)))
+    return (out, (q, s)) if fp8 else out
+
+
+def _fp8_rows(T: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (e4m3 [T, N], fp32 scales [T, 1]) for quantized rows."""
+    return (torch.empty(T, N, dtype=torch.float8_e4m3fn, device=device),
+            torch.empty(T, 1, dtype=torch.float32, device=device))
 
 
 def rotary_qk_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,

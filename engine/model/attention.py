@@ -235,15 +235,16 @@ class Attention(nn.Module):
         out = scores.softmax(-1).to(values.dtype).view(B, self.kv_heads, g * S, -1) @ values
         return out.reshape(B, self.heads, S, D)
 
-    def prefill_fused(self, x: torch.Tensor, batch: Batch, rotary, shape) -> torch.Tensor:
+    def prefill_fused(self, x: torch.Tensor, batch: Batch, rotary, shape,
+                      xq=None) -> torch.Tensor:
         """CUDA prefill through Triton: q/k norms (if any), rotary of q/k in place with the
         k/v cache write, then paged prefill attention over each row's keys (its cached
         prefix and its chunk), on the step's tokens as they come (the packed real tokens, or
         the padded [B*S] ones), and flash-decode for a mixed step's decode rows.
-        x: [T (+ Bd), H] -> [T (+ Bd), H]."""
+        x: [T (+ Bd), H] -> [T (+ Bd), H]; xq: x quantized for an fp8 qkv_proj, or None."""
         fused_ops, attention, prefill = triton_ops()
         h, kvh, D = self.heads, self.kv_heads, self.head_dim
-        qkv = self.qkv_proj(x, batch.lora)                              # [T(+Bd), (h+2kvh)*D]
+        qkv = self.qkv_proj(x, batch.lora, xq)                          # [T(+Bd), (h+2kvh)*D]
         if self.q_norm is not None:
             q = qkv[:, :h * D].view(-1, h, D)
             k = qkv[:, h * D:(h + kvh) * D].view(-1, kvh, D)
@@ -266,14 +267,14 @@ class Attention(nn.Module):
                 d.block_size, scale=self.scale, window=self.window, softcap=self.softcap)])
         return self.o_proj(out, batch.lora)
 
-    def decode_fused(self, x: torch.Tensor, batch: Batch, rotary) -> torch.Tensor:
+    def decode_fused(self, x: torch.Tensor, batch: Batch, rotary, xq=None) -> torch.Tensor:
         """CUDA decode through Triton: q/k norms (if any), rotary of q/k in place with the k/v
         cache write, then flash-decode attention over each row's visible keys.
-        x: [B, H] -> [B, H]."""
+        x: [B, H] -> [B, H]; xq: x quantized for an fp8 qkv_proj, or None."""
         fused_ops, attention, _ = triton_ops()
         h, kvh, D = self.heads, self.kv_heads, self.head_dim
         pos = batch.positions.reshape(-1)                               # [B]
-        qkv = self.qkv_proj(x, batch.lora)                              # [B, (h+2kvh)*D]
+        qkv = self.qkv_proj(x, batch.lora, xq)                          # [B, (h+2kvh)*D]
         if self.q_norm is not None:
             q = qkv[:, :h * D].view(-1, h, D)
             k = qkv[:, h * D:(h + kvh) * D].view(-1, kvh, D)

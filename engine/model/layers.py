@@ -73,16 +73,21 @@ class LoRALinear(nn.Module):
                              f"match the model's {list(dst.shape)}")
         dst.copy_(tensor)
 
-    def forward(self, x: torch.Tensor, lora: LoRAStep | None) -> torch.Tensor:
-        # x: [T, in] -> y: [T, out]
-        y = self._forward_lora(x, lora)
+    def fp8_rows(self) -> bool:
+        """Whether the base op takes its input also as e4m3 rows with their scales (the fp8
+        linears: the fused norm / silu*up kernels quantize for it in their own pass)."""
+        return getattr(self.base_op, "takes_fp8_rows", False)
+
+    def forward(self, x: torch.Tensor, lora: LoRAStep | None, xq=None) -> torch.Tensor:
+        # x: [T, in] -> y: [T, out]; xq: x as (e4m3 rows, scales) for an fp8 base op, or None
+        y = self._forward_lora(x, lora, xq)
         if lora is not None and self.slot_scale is not None \
                 and not lora.slots.isdisjoint(self.affine_slots):
             idx = lora.slot_index                                   # [T]
             y = torch.addcmul(self.slot_shift[idx], y.float(), self.slot_scale[idx]).to(y.dtype)
         return y
 
-    def _forward_lora(self, x: torch.Tensor, lora: LoRAStep | None) -> torch.Tensor:
+    def _forward_lora(self, x: torch.Tensor, lora: LoRAStep | None, xq=None) -> torch.Tensor:
         use = (lora is not None and self.lora_a is not None
                and not lora.slots.isdisjoint(self.active_slots))
         if use and lora.fold and self.lora_ext is not None:
@@ -93,7 +98,10 @@ class LoRALinear(nn.Module):
             lora.ops.add_lora_folded(y, out[:, n:], self.lora_b, lora.meta, self.slice_offsets,
                                      self.in_features)
             return y
-        y = F.linear(x, self.weight, self.bias) if self.base_op is None else self.base_op(x)
+        if self.base_op is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = self.base_op(x) if xq is None else self.base_op(x, xq)
         if use:
             lora.ops.add_lora(y, x, self.lora_a, self.lora_b, lora.meta, self.slice_offsets)
         return y

@@ -37,8 +37,13 @@ class MLP(nn.Module):
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.down_proj(act * up, lora)
 
-    def forward_fused(self, x: torch.Tensor, lora: LoRAStep | None) -> torch.Tensor:
-        return self.down_proj(triton_ops()[0].silu_mul(self.gate_up_proj(x, lora)), lora)
+    def forward_fused(self, x: torch.Tensor, lora: LoRAStep | None, xq=None) -> torch.Tensor:
+        # xq: x quantized for an fp8 gate_up; an fp8 down's input is quantized by silu*up
+        gate_up = self.gate_up_proj(x, lora, xq)
+        if self.down_proj.fp8_rows():
+            act, aq = triton_ops()[0].silu_mul(gate_up, fp8=True)
+            return self.down_proj(act, lora, aq)
+        return self.down_proj(triton_ops()[0].silu_mul(gate_up), lora)
 
 
 class DecoderLayer(nn.Module):
@@ -85,14 +90,23 @@ class DecoderLayer(nn.Module):
         and silu*up.
         x: [T, H] (sublayer output; the embeddings for the first layer) -> (x, residual)."""
         add_rmsnorm = triton_ops()[0].add_rmsnorm
-        h, residual = add_rmsnorm(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
+        # fp8 linears (quantization="fp8") take their inputs quantized by the norm's own pass
+        norm = self.input_layernorm
+        hq = None
+        if self.self_attn.qkv_proj.fp8_rows():
+            h, residual, hq = add_rmsnorm(x, residual, norm.weight, norm.eps, fp8=True)
+        else:
+            h, residual = add_rmsnorm(x, residual, norm.weight, norm.eps)
         if batch.prefill and rope is None:
-            h = self.self_attn.prefill_fused(h, batch, rotary, shape)
+            h = self.self_attn.prefill_fused(h, batch, rotary, shape, hq)
         elif batch.prefill:
             h = self.self_attn(h, batch, rope, shape)
         else:
-            h = self.self_attn.decode_fused(h, batch, rotary)
+            h = self.self_attn.decode_fused(h, batch, rotary, hq)
         norm = self.post_attention_layernorm
+        if self.mlp.gate_up_proj.fp8_rows():
+            h, residual, hq = add_rmsnorm(h, residual, norm.weight, norm.eps, fp8=True)
+            return self.mlp.forward_fused(h, batch.lora, hq), residual
         h, residual = add_rmsnorm(h, residual, norm.weight, norm.eps)
         return self.mlp.forward_fused(h, batch.lora), residual
 

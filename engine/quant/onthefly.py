@@ -166,10 +166,14 @@ class Fp8Linear(nn.Module):
             return None
         return fp8_matmul
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    takes_fp8_rows = True   # forward's xq: the input already quantized (fused kernels)
+
+    def forward(self, x: torch.Tensor, xq=None) -> torch.Tensor:
+        """x [T, in] -> [T, out]; ``xq``: x as quantize_input makes it, (e4m3 [T, in], fp32
+        [T, 1]), when a fused kernel already made it."""
         if x.shape[0] == 0:
             return x.new_zeros(0, self.qweight.shape[0])
-        xq, s = self.quantize_input(x)
+        xq, s = self.quantize_input(x) if xq is None else xq
         gemm = self.gemm_for(x)
         if gemm is not None:
             y = gemm(xq, s, self.qweight, self.scale, torch.bfloat16)

@@ -173,3 +173,31 @@ def test_quant_fp8_rows_is_the_fp8_linears_torch_code_bit_for_bit(dtype, rows, c
     assert torch.equal(s, want_s)
     assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
     assert (q[0].float() == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,width", [(1, 64), (7, 200), (33, 1024)])
+def test_norm_and_silu_quantize_their_rows_as_quant_fp8_rows_in_the_same_pass(
+        dtype, rows, width, device):
+    # fp8=True: the fp8 linears' inputs from the norm / silu*up pass itself, bit for bit what
+    # quant_fp8_rows makes of their (unchanged) outputs
+    from lorry.kernels.fused_ops import quant_fp8_rows
+
+    g = torch.Generator().manual_seed(rows * width)
+    x = (torch.randn(rows, width, generator=g) * 10.0 ** torch.randint(
+        -2, 3, (rows, 1), generator=g)).to(dtype).to(device)
+    r = torch.randn(rows, width, generator=g).to(dtype).to(device)
+    w = torch.randn(width, generator=g).to(dtype).to(device)
+    plain, plain_res = add_rmsnorm(x, r.clone(), w, 1e-5)
+    out, res, (q, s) = add_rmsnorm(x, r.clone(), w, 1e-5, fp8=True)
+    assert torch.equal(out, plain) and torch.equal(res, plain_res)
+    want_q, want_s = quant_fp8_rows(plain)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (rows, 1)
+    assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    gu = (3 * torch.randn(rows, 2 * width, generator=g)).to(dtype).to(device)
+    gu[0] = 0.0                                                  # a zero row: scale 1e-12/448
+    act, (q, s) = silu_mul(gu, fp8=True)
+    assert torch.equal(act, silu_mul(gu))
+    want_q, want_s = quant_fp8_rows(act)
+    assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    assert (q[0].float() == 0).all()

@@ -110,3 +110,31 @@ def test_an_fp8_linear_on_cuda_is_its_rounded_product_also_replayed_in_a_graph()
     xc.copy_((x * 2).cuda())
     graph.replay()
     assert torch.equal(yg, m(xc))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_norms_quantize_the_fp8_linears_inputs_changing_no_logit(tiny, monkeypatch):
+    # the fused norm and silu*up kernels hand qkv_proj, gate_up_proj and down_proj their
+    # inputs quantized (fp8=True); the same engine quantizing in each linear gives the same
+    from lorry.engine import EngineConfig, LLMEngine
+    from lorry.engine.model.layers import LoRALinear
+    from lorry.kernels import fused_ops
+
+    _, base, paths = tiny
+    calls = []
+    real = fused_ops.quant_fp8_rows
+    monkeypatch.setattr(fused_ops, "quant_fp8_rows", lambda x: calls.append(1) or real(x))
+
+    def run():
+        calls.clear()
+        eng = LLMEngine(EngineConfig(model=str(base), dtype="bfloat16", device="cuda",
+                                     max_loras=4, max_lora_rank=16, quantization="fp8"))
+        rows = engine_rows(eng, paths)
+        return rows, len(calls)
+
+    (tokens, logits), fused_calls = run()
+    monkeypatch.setattr(LoRALinear, "fp8_rows", lambda self: False)
+    (want_tokens, want_logits), calls_unfused = run()
+    assert tokens == want_tokens
+    assert all(torch.equal(a, b) for a, b in zip(logits, want_logits))
+    assert 0 < fused_calls < calls_unfused                 # o_proj alone quantizes apart

@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-rows", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--sweep-quick", action="store_true", help="a smaller grid of configs")
     args = ap.parse_args()
     import torch
     from triton.testing import do_bench_cudagraph
@@ -70,14 +71,15 @@ def main() -> None:
             res["gemms"][f"{name}_m{m}"] = row
             print(name, m, row, flush=True)
         if args.sweep:
-            res.setdefault("sweep", {}).update(sweep(fm, ops, n, k, name, args.sweep_rows))
+            res.setdefault("sweep", {}).update(sweep(fm, ops, n, k, name, args.sweep_rows,
+                                                     args.sweep_quick))
     text = json.dumps(res, indent=2)
     if args.out:
         Path(args.out).write_text(text)
     print(text)
 
 
-def sweep(fm, ops, n: int, k: int, name: str, rows: list[int]) -> dict:
+def sweep(fm, ops, n: int, k: int, name: str, rows: list[int], quick: bool = False) -> dict:
     """kernels.fp8_matmul over a grid of configs at each of ``rows``: {shape_m: best first}."""
     import itertools
 
@@ -90,9 +92,13 @@ def sweep(fm, ops, n: int, k: int, name: str, rows: list[int]) -> dict:
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         xq, s = ops[0].quantize_input(x)
         times = []
-        for bm, bn, bk, (warps, stages) in itertools.product(
-                sorted({16 if m <= 16 else 32 if m <= 32 else 64, 64}), (32, 64, 128), (128, 256),
-                ((4, 3), (4, 4), (4, 6), (8, 4))):
+        # row tiles: the default's, 64, and for wide M one tile of 128 / 256 rows (the weight
+        # read once); --sweep-quick: a smaller grid
+        bms = sorted({16 if m <= 16 else 32 if m <= 32 else 64, 64}
+                     | ({128, 256} if m >= 128 else set()))
+        grid = (((32, 64), (128,), ((4, 4), (8, 4))) if quick else
+                ((32, 64, 128), (128, 256), ((4, 3), (4, 4), (4, 6), (8, 4))))
+        for bm, bn, bk, (warps, stages) in itertools.product(bms, *grid):
             fm.CONFIG = (bm, bn, bk, warps, stages)
             try:
                 us = do_bench_cudagraph(lambda: [fm.fp8_matmul(xq, s, op.qweight, op.scale)

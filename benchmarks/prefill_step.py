@@ -313,17 +313,21 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20, help="kernels in the profile table")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--kv-cache-dtype", default=None, help="EngineConfig.kv_cache_dtype, e.g. fp8")
+    ap.add_argument("--quantization", default=None, help="EngineConfig.quantization, e.g. fp8")
     args = ap.parse_args()
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     spec = dict(bulk.SPECS["tiny" if args.tiny else "gpu"])
     cli = argparse.Namespace(device=args.device, seed=args.seed, num_scheduler_steps=None,
                              block_size=None, num_kv_blocks=None, gpu_memory_utilization=None,
                              max_num_batched_tokens=None, lora_load_process=None,
-                             pinned_reserve_mb=None)
+                             pinned_reserve_mb=None, kv_cache_dtype=args.kv_cache_dtype,
+                             quantization=args.quantization)
     res = {"benchmark": "prefill_step", "mode": "loop" if args.loop else "decode" if args.decode else "prefill",
            "device": args.device, "tiny": args.tiny,
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+           "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+           "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quantization}
     with tempfile.TemporaryDirectory(prefix="lorry-prefill-") as tmp:
         model, config, load_format = bulk.build_model(args.tiny, Path(tmp))
         loras, _ = bulk.build_adapters(spec, config, Path(tmp), args.seed)

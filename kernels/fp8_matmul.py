@@ -48,7 +48,9 @@ def _fp8_matmul_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, out_ptr, M, N, K,
             k_ok = kk < K
             a = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_cols + kk[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(a, b, acc)
+        # Hopper's fp8 MMA accumulates in less than fp32: at most BLOCK_K products there,
+        # then added into the fp32 accumulator (as CUTLASS's promotion interval)
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
     sx = tl.load(sx_ptr + rm, mask=m_ok, other=0.0)
     sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
     acc = acc * sx[:, None] * sw[None, :]

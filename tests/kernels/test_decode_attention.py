@@ -295,7 +295,12 @@ def test_an_fp8_cache_is_read_widened_to_the_query_dtype(dtype, shape, device):
     p.k_cache, p.v_cache = (c.mul(3).to(torch.float8_e4m3fn) for c in (p.k_cache, p.v_cache))
     out = p.run()
     check_attention(out, p.ref(), dtype)
-    # the same as the model-dtype kernel over the same (rounded) keys: widening is exact
+    # the same as the model-dtype kernel over the same (rounded) keys: widening is exact;
+    # on a GPU the two compile to different MMA operand paths (registers against shared
+    # memory), which may sum a dot product in another order: equal within the rounding
     same = decode_attention(p.q, p.k_cache.to(dtype), p.v_cache.to(dtype), p.tables,
                             p.positions, p.block_size)
-    assert torch.equal(out, same)
+    if device.type == "cpu":
+        assert torch.equal(out, same)
+    else:
+        check_attention(out, same, dtype)

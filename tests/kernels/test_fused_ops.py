@@ -190,14 +190,15 @@ def test_norm_and_silu_quantize_their_rows_as_quant_fp8_rows_in_the_same_pass(
     w = torch.randn(width, generator=g).to(dtype).to(device)
     plain, plain_res = add_rmsnorm(x, r.clone(), w, 1e-5)
     out, res, (q, s) = add_rmsnorm(x, r.clone(), w, 1e-5, fp8=True)
-    assert torch.equal(out, plain) and torch.equal(res, plain_res)
-    want_q, want_s = quant_fp8_rows(plain)
+    assert torch.equal(res, plain_res)
+    _close(out, plain, dtype)              # one fp32 reduction, compiled in another kernel
+    want_q, want_s = quant_fp8_rows(out)
     assert q.dtype == torch.float8_e4m3fn and s.shape == (rows, 1)
     assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
     gu = (3 * torch.randn(rows, 2 * width, generator=g)).to(dtype).to(device)
     gu[0] = 0.0                                                  # a zero row: scale 1e-12/448
     act, (q, s) = silu_mul(gu, fp8=True)
-    assert torch.equal(act, silu_mul(gu))
+    _close(act, silu_mul(gu), dtype)
     want_q, want_s = quant_fp8_rows(act)
     assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
     assert (q[0].float() == 0).all()

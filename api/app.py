@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -57,8 +58,9 @@ def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") ->
         redis_client = redis.Redis.from_url(settings.broker_url, socket_timeout=2,
                                             socket_connect_timeout=2)
         slot_redis = slot_client(settings.broker_url)
-    app = FastAPI(title="Lorry", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(title="Lorry", version="0.1.0", description=DESCRIPTION, lifespan=_lifespan)
     app.state.settings, app.state.queue, app.state.nudger = settings, queue, nudger
+    app.state.migrated = False  # health.require_migrated
     app.state.slot_redis = slot_redis
     app.state.registry, app.state.submitted = make_registry(
         queue, redis_client, settings.redis_prefix, tenant_labels=settings.metrics_tenant_labels)
@@ -77,6 +79,24 @@ def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") ->
     app.add_middleware(RequestId)   # outside BodyGuard: its refusals carry the id too
     app.openapi = lambda: _openapi(app)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    """At start: refuse a job database behind this version's migrations (its reads and writes
+    would fail on the missing columns: 500s); one that cannot be reached is checked again by
+    /readyz, which answers 503 until it is migrated."""
+    from lorry.scheduler.errors import NotMigrated, Unavailable
+
+    try:
+        health.require_migrated(app)
+    except Unavailable as e:
+        log.warning("cannot check the job database's migration at start (%s): /readyz "
+                    "answers 503 until it can", e)
+    except NotMigrated as e:
+        log.error("the API does not start: %s", e)
+        raise
+    yield
 
 
 def _openapi(app: FastAPI) -> dict:

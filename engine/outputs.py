@@ -64,8 +64,9 @@ class RequestOutput:
     # finish_reason "error": why the request failed (its adapter could not be loaded, or
     # its logits turned NaN or infinite)
     error: str | None = None
-    # prompt tokens whose keys/values came from the prefix cache (computed for an earlier
-    # request with the same leading tokens and adapter) instead of being computed for this one
+    # prompt tokens whose keys/values came from the prefix cache, computed for another request
+    # (earlier, or earlier in the same step) with the same leading tokens and adapter, instead
+    # of being computed for this one
     num_cached_tokens: int = 0
 
     @property

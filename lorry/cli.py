@@ -74,6 +74,8 @@ def _database_problem(exc: BaseException, url: str,
         if seen is not None:
             chain.append(seen)
     where = _redact(url)
+    if isinstance(exc, errors.NotMigrated):
+        return str(errors.NotMigrated(exc.current, exc.head, where))
     try:
         from psycopg import errors as pg_errors
         missing = (pg_errors.UndefinedTable, pg_errors.UndefinedColumn)
@@ -320,12 +322,20 @@ def api(host: Optional[str] = typer.Option(None, help="default: LORRY_API_HOST (
     """Serve the REST API (uvicorn); OpenAPI docs at /docs."""
     import uvicorn
 
-    s = _settings()
-    if s.sqlite_path() is not None:  # each app process opens (and migrates) it: check it once
-        from lorry.scheduler import JobQueue
+    from lorry.scheduler import JobQueue
+    from lorry.scheduler.errors import Unavailable
 
-        with _refused_database(s.database_url):
-            JobQueue(s.database_url).close()
+    s = _settings()
+    with _refused_database(s.database_url):
+        queue = JobQueue(s.database_url)  # SQLite: migrated here once, not by each app process
+        try:
+            queue.require_migrated()
+        except Unavailable:
+            if s.sqlite_path() is not None:
+                raise
+            # PostgreSQL is down: the API starts, answers 503 and checks again (/readyz)
+        finally:
+            queue.close()
     uvicorn.run("lorry.api.app:main_app", factory=True, host=host or s.api_host,
                 port=port or s.api_port, workers=workers, log_level="info")
 

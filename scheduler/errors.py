@@ -80,6 +80,20 @@ class ConnectionLost(Unavailable):
     answer was lost may have been applied."""
 
 
+class NotMigrated(QueueError):
+    """The job database is at an older migration than this code's newest, or at none: this
+    code's statements would meet columns or tables that are not there (a worker's results
+    could not be stored). ``lorry db upgrade`` migrates it; a database a newer Lorry migrated
+    is no refusal (migrations only add)."""
+
+    def __init__(self, current: str | None, head: str, where: str = ""):
+        self.current, self.head = current, head
+        database = f"the job database {where}" if where else "the job database"
+        at = f"is at migration {current}" if current else "has no Lorry migration applied"
+        super().__init__(f"{database} {at}, this Lorry needs {head}: run `lorry db upgrade` "
+                         "first")
+
+
 class Retryable(QueueError):
     """The database aborted the call's transaction to resolve a conflict with a concurrent
     one (deadlock, serialization failure): nothing of it was applied, so making the same

@@ -39,8 +39,9 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
     url : str
         SQLAlchemy URL, ``sqlite:///path`` or ``postgresql+psycopg://...``.
     create : bool, optional
-        Run the migrations up to head first. Default: True on SQLite (the embedded
-        default), False elsewhere (run ``lorry db upgrade``).
+        Run the migrations up to head first (a database a newer Lorry migrated is left as it
+        is). Default: True on SQLite (the embedded default), False elsewhere (run
+        ``lorry db upgrade``; ``require_migrated`` tells whether it was).
     aging_seconds : float
         A group whose oldest job waited longer is claimed before anything else.
     worker_ttl_seconds : float
@@ -60,8 +61,8 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
         if create is None:
             create = url.startswith("sqlite")
         if create:
-            from lorry.scheduler.migrate import upgrade
-            upgrade(url)
+            from lorry.scheduler.migrate import upgrade_unless_newer
+            upgrade_unless_newer(url)
         self.connector = Connector(url, **engine_kwargs)
         self.engine = self.connector.engine  # for tools and tests that run their own SQL
         if not (isinstance(snapshot_ttl_seconds, (int, float)) and snapshot_ttl_seconds >= 0):
@@ -78,6 +79,16 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
 
     def close(self) -> None:
         self.connector.dispose()
+
+    def require_migrated(self) -> None:
+        """Raise ``errors.NotMigrated`` when the database is at an older migration than this
+        code's newest (or at none): its statements would fail on the columns missing there.
+        A newer migration is logged and accepted (``migrate.require_migrated``); raises
+        ``errors.Unavailable`` when the database cannot be reached."""
+        from lorry.scheduler.migrate import require_migrated
+
+        with self.connector.connect() as conn:
+            require_migrated(conn)
 
     # ---- tenants -------------------------------------------------------------------------
     def create_tenant(self, name: str, weight: float = 1.0,

@@ -9,6 +9,7 @@ import threading
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _runtime = None
+_migrated = False  # the database was found at this code's migrations (require_migrated)
 
 
 def default_worker_id() -> str:
@@ -73,12 +74,43 @@ def adapter_rules(settings):
 
 
 def get_drainer(settings):
-    """The process's drainer over ``settings``; the engine is loaded on the first call only."""
+    """The process's drainer over ``settings``; the engine is loaded on the first call only,
+    once the database is found migrated: ``errors.NotMigrated`` before any model is read. A
+    database that cannot be reached is checked again before the first drain."""
     global _runtime
     with _lock:
         if _runtime is None:
-            _runtime = build_drainer(settings)
+            from lorry.scheduler import JobQueue
+            from lorry.scheduler.errors import Unavailable
+
+            queue = JobQueue(settings.database_url)  # SQLite: migrated here
+            try:
+                require_migrated(queue)
+            except Unavailable as e:
+                log.warning("cannot check the job database's migration now (%s): it is "
+                            "checked before the first drain", e)
+            _runtime = build_drainer(settings, queue=queue)
         return _runtime
+
+
+def migrated_drainer(settings):
+    """``get_drainer(settings)`` once its database is found migrated (checked here when it
+    could not be as the worker started): ``errors.NotMigrated`` before any job is claimed."""
+    drainer = get_drainer(settings)
+    if not _migrated:
+        require_migrated(drainer.queue)
+    return drainer
+
+
+def require_migrated(queue) -> None:
+    """Raise ``errors.NotMigrated`` when the queue's database is behind this code's
+    migrations: no result this worker finished could be stored, and each of those jobs
+    would fail. ``errors.Unavailable`` when it cannot be reached: the next call checks again.
+    Once passed, never again (migrations only move forward)."""
+    global _migrated
+    if not _migrated:
+        queue.require_migrated()
+        _migrated = True
 
 
 def unpublish() -> None:

@@ -12,6 +12,7 @@ from lorry.workers.celery_app import app, settings
 log = logging.getLogger(__name__)
 _shutting_down = threading.Event()
 _engine_failed = threading.Event()   # this worker stops because its drain's engine failed
+_not_migrated = threading.Event()    # ... because the job database is behind its migrations
 _draining = threading.Lock()         # one drain at a time in this process: Celery's or the
                                      # broker watch's (tasks run on Celery's one solo thread)
 
@@ -20,10 +21,14 @@ _draining = threading.Lock()         # one drain at a time in this process: Cele
 def _load_engine(**_):
     """Load the engine once when the worker starts (`lorry worker` has loaded it already), and
     register the worker; a database that is down is waited for, as the drains do."""
-    from lorry.scheduler.errors import Unavailable
+    from lorry.scheduler.errors import NotMigrated, Unavailable
     from lorry.workers.runtime import get_drainer
 
-    drainer = get_drainer(settings)
+    try:
+        drainer = get_drainer(settings)
+    except NotMigrated as e:  # a Celery worker started without `lorry worker`'s check
+        _stop_worker_unmigrated(e)
+        return
     log.info("worker %s ready: %s", drainer.worker_id, drainer.engine.info())
     if _draining.locked():   # the broker watch drained before Celery had the broker: its
         return               # drain beats for the worker (a second heartbeat would race it)
@@ -69,13 +74,16 @@ def drain(self) -> dict:
 
 def _drain_once():
     """One drain through the process's engine (the caller holds ``_draining``)."""
-    from lorry.scheduler.errors import Retryable, Unavailable
-    from lorry.workers.runtime import get_drainer
+    from lorry.scheduler.errors import NotMigrated, Retryable, Unavailable
+    from lorry.workers.runtime import migrated_drainer
 
     try:
-        return get_drainer(settings).run(max_seconds=settings.drain_max_seconds,
-                                         should_stop=_shutting_down.is_set)
+        return migrated_drainer(settings).run(max_seconds=settings.drain_max_seconds,
+                                              should_stop=_shutting_down.is_set)
     except (Unavailable, Retryable):   # the database, not the engine: the next drain retries
+        raise
+    except NotMigrated as e:   # nothing claimed yet
+        _stop_worker_unmigrated(e)
         raise
     except Exception as e:
         _stop_worker_after(e)
@@ -136,10 +144,11 @@ def _fallback_drain(reachable) -> None:
             log.warning("drain without the broker skipped: the job database cannot be "
                         "reached (%s)", e)
             return
-        except Exception:   # the engine failed: _drain_once has logged it and given the jobs
-            # back; Celery may be stuck reconnecting to the broker, so stop here
+        except Exception:   # the engine failed (or the database is not migrated): _drain_once
+            # has logged it and given the jobs back; Celery may be stuck reconnecting to the
+            # broker, so stop here
             logging.shutdown()
-            os._exit(ENGINE_FAILED_EXIT)
+            os._exit(exit_status() or ENGINE_FAILED_EXIT)
         finally:
             _draining.release()
         if summary.succeeded or summary.failed or summary.cancelled:
@@ -161,6 +170,8 @@ def _fallback_drain(reachable) -> None:
 # Exit status of a worker stopped because its drain broke (EX_SOFTWARE): a supervisor that
 # restarts on failure starts a fresh process (compose's gpu-worker: restart unless-stopped).
 ENGINE_FAILED_EXIT = 70
+# ... because the job database is behind its migrations: as `lorry worker` refusing it at start
+NOT_MIGRATED_EXIT = 2
 
 
 def _stop_worker_after(error: Exception) -> None:
@@ -181,10 +192,27 @@ def _stop_worker_after(error: Exception) -> None:
     state.should_stop = ENGINE_FAILED_EXIT
 
 
+def _stop_worker_unmigrated(error: Exception) -> None:
+    """The job database is behind this worker's migrations (found once it could be reached,
+    before any job was claimed): every result the worker finished could not be stored and
+    its job would fail, so it stops (exit status 2) and takes no job; started again after
+    `lorry db upgrade`, it runs them."""
+    from celery.worker import state
+
+    log.critical("%s; this worker stops and takes no jobs (exit status %d)", error,
+                 NOT_MIGRATED_EXIT)
+    _shutting_down.set()
+    _not_migrated.set()
+    state.should_stop = NOT_MIGRATED_EXIT
+
+
 def exit_status() -> int | None:
     """The status the worker process exits with once Celery has stopped: ENGINE_FAILED_EXIT
-    after an engine failure, else None (Celery's own)."""
-    return ENGINE_FAILED_EXIT if _engine_failed.is_set() else None
+    after an engine failure, NOT_MIGRATED_EXIT on a database behind its migrations, else None
+    (Celery's own)."""
+    if _engine_failed.is_set():
+        return ENGINE_FAILED_EXIT
+    return NOT_MIGRATED_EXIT if _not_migrated.is_set() else None
 
 
 def _nudge_taken(settings) -> None:

@@ -431,7 +431,6 @@ def test_the_drain_that_runs_a_batchs_last_jobs_finalizes_it(queue, engine, tiny
     assert passes == [{}]                       # one pass, at the end, due or not
 
 
-
 def test_results_count_the_prompt_tokens_the_prefix_cache_served(queue, engine):
     """Jobs whose prompts share a long head with a job of the same adapter that ran before
     report the head's full KV blocks as cached: in their results, their batch's output lines
@@ -464,6 +463,7 @@ def test_results_count_the_prompt_tokens_the_prefix_cache_served(queue, engine):
             for x in lines} == {"1": {"cached_tokens": cached}, "2": {"cached_tokens": cached},
                                 "3": {"cached_tokens": 0}}
     assert (final.input_tokens, final.cached_tokens) == (3 * len(ids[1]), 2 * cached)
+
 
 @pytest.mark.parametrize("late_beat", [0.0, 1.5])
 def test_a_job_reclaimed_after_a_database_outage_runs_on_and_succeeds(queue, engine,

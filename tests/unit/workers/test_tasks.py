@@ -25,6 +25,7 @@ def drain_task(monkeypatch):
     monkeypatch.setattr(tasks, "_shutting_down", threading.Event())
     monkeypatch.setattr(tasks, "_engine_failed", threading.Event())
     monkeypatch.setattr(state, "should_stop", None)
+    monkeypatch.setattr(runtime, "_migrated", True)   # its database was found migrated
 
     def with_drainer(run):
         drainer = type("Drainer", (), {"run": staticmethod(run)})()

@@ -194,7 +194,8 @@ b = r["best_splits_at_default_launch"]; print(r["table_keys"] // b["splits"] if 
         timeout "$limit" $py -m pytest -q -p no:cacheprovider -W default -k fp8 \
             tests/kernels/test_fused_ops.py tests/kernels/test_decode_attention.py \
             tests/kernels/test_prefill_attention.py tests/unit/engine/test_engine_fp8_kv.py \
-            tests/unit/quant/test_fp8.py > "$out/fp8_tests.log" 2>&1
+            tests/unit/quant/test_fp8.py tests/kernels/test_fp8_matmul.py \
+            > "$out/fp8_tests.log" 2>&1
         echo "fp8_tests rc=$?"; tail -5 "$out/fp8_tests.log" ;;
     fp8_step)
         for what in ${FP8_STEPS:-bf16: kv:--kv-cache-dtype=fp8 w:--quantization=fp8 \

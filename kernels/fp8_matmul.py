@@ -9,8 +9,8 @@ bought far less than half the time. This kernel tiles N finely enough that a ski
 spreads the weight over every SM, streams K through a deep pipeline, accumulates in fp32
 and applies both scales in the epilogue.
 
-Config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by M and the device
-(``config_for``); CONFIG (non-empty) overrides it for sweeps (benchmarks/fp8_gemm.py).
+Config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by M, N and the device's shared
+memory (``config_for``); CONFIG (non-empty) overrides it for sweeps (benchmarks/fp8_gemm.py).
 No host sync; graph-capturable. On CPU it runs under TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lorry.kernels.device_info import max_shared_mem
 from lorry.kernels.launch_math import cdiv
 
 CONFIG: tuple = ()     # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for A/B runs
@@ -58,18 +59,29 @@ def _fp8_matmul_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, out_ptr, M, N, K,
              acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def config_for(M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an [M, K] x [K, N] product.
+def config_for(M: int, N: int, K: int, smem: int = 0) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an [M, K] x [K, N] product on a
+    device whose programs may take ``smem`` bytes of shared memory (0: no limit, the CPU
+    interpreter).
 
     Rows: one M tile up to 64 rows (the weight is read once per M tile, so a skinny M wants
     a single tile), 64-row tiles above. Columns: 64 per program while that gives at least
-    two programs per SM of an H100 (132), else 32."""
+    two programs per SM of an H100 (132), else 32. Stages: 4, fewer (then a shorter K tile)
+    where the A and B tiles of 4 would not fit ``smem`` (an Ada GPU's ~99 KiB)."""
     if CONFIG:
         return CONFIG
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     block_n = 64 if cdiv(N, 64) * cdiv(M, block_m) >= 264 else 32
     block_k = min(256, max(64, triton.next_power_of_2(K)))
-    return block_m, block_n, block_k, 4, 4
+    stages = 4
+    while smem and stages * (block_m + block_n) * block_k + 8 * 1024 > smem:
+        if stages > 2:
+            stages -= 1
+        elif block_k > 64:
+            block_k //= 2
+        else:
+            break
+    return block_m, block_n, block_k, 4, stages
 
 
 def fp8_matmul(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
@@ -84,12 +96,17 @@ def fp8_matmul(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Te
     if sx.numel() != M or sw.numel() != N:
         raise ValueError(f"fp8_matmul needs {M} row scales and {N} column scales, got "
                          f"{sx.numel()} and {sw.numel()}")
+    if xq.dtype != torch.float8_e4m3fn or w.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"fp8_matmul needs float8_e4m3fn operands, got {xq.dtype} and "
+                         f"{w.dtype}")
     out = torch.empty(M, N, dtype=out_dtype, device=xq.device)
     if M == 0:
         return out
-    bm, bn, bk, warps, stages = config_for(M, N, K)
+    bm, bn, bk, warps, stages = config_for(M, N, K, max_shared_mem(xq.device))
+    # the kernel indexes the scales densely: fp32, one after another
+    sx, sw = (t.reshape(-1).float().contiguous() for t in (sx, sw))
     _fp8_matmul_kernel[(cdiv(N, bn), cdiv(M, bm))](
-        xq, w, sx.reshape(M), sw.reshape(N), out, M, N, K, xq.stride(0), w.stride(0),
+        xq, w, sx, sw, out, M, N, K, xq.stride(0), w.stride(0),
         out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0,
         num_warps=warps, num_stages=stages)
     return out

@@ -52,6 +52,8 @@ def rotary_qk_ref(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     return out
 
 
+SILU_BLOCK = 4096   # columns of silu*up a program (or, quantizing, a tile of its row) takes
+
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -59,10 +61,17 @@ def _quant_row_store(y, m, q_ptr, s_ptr, row, stride_q, cols):
     """Row ``y`` (already in the model dtype) as e4m3 over its absmax / 448, as
     quant_fp8_rows would quantize it after a store and a load."""
     yf = y.to(tl.float32)
-    sc = tl.maximum(tl.max(tl.abs(tl.where(m, yf, 0.0)), 0), 1e-12) / 448.0
+    sc = _fp8_scale(tl.max(tl.abs(tl.where(m, yf, 0.0)), 0))
     tl.store(s_ptr + row, sc)
     tl.store(q_ptr + row * stride_q + cols, to_cache(tl.math.div_rn(yf, sc),
                                                      q_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _fp8_scale(amax):
+    """A row's scale from its absmax: max(amax, 1e-12) / 448, divided as IEEE does (fp32 ``/``
+    compiles to an approximate division on NVIDIA GPUs)."""
+    return tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
 
 
 @triton.jit
@@ -88,18 +97,44 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, q_ptr, s_ptr, H, stride_
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, q_ptr, s_ptr, I, stride_gu, stride_o, stride_q,
-                     QUANT: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul_tile(gu_ptr, row, cols, m, inter, stride_gu, OUT_TY: tl.constexpr):
+    g = tl.load(gu_ptr + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=m, other=0.0)
+    s = (g / (1.0 + tl.exp(-g))).to(u.dtype)                       # F.silu rounds here
+    return (s.to(tl.float32) * u.to(tl.float32)).to(OUT_TY)
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_o, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = cols < I
-    g = tl.load(gu_ptr + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * stride_gu + I + cols, mask=m, other=0.0)
-    s = (g / (1.0 + tl.exp(-g))).to(u.dtype)                       # F.silu rounds here
-    y = (s.to(tl.float32) * u.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    m = cols < inter
+    y = _silu_mul_tile(gu_ptr, row, cols, m, inter, stride_gu, out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * stride_o + cols, y, mask=m)
-    if QUANT:                                                      # one program holds the row
-        _quant_row_store(y, m, q_ptr, s_ptr, row, stride_q, cols)
+
+
+@triton.jit
+def _silu_mul_fp8_kernel(gu_ptr, out_ptr, q_ptr, s_ptr, inter, stride_gu, stride_o, stride_q,
+                         BLOCK: tl.constexpr):
+    # one program a row, in BLOCK-wide tiles (a 14k-wide row whole would spill registers):
+    # the products and their absmax first, then the row quantized from what was stored
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, inter, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        m = cols < inter
+        y = _silu_mul_tile(gu_ptr, row, cols, m, inter, stride_gu, out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * stride_o + cols, y, mask=m)
+        amax = tl.maximum(amax, tl.abs(tl.where(m, y.to(tl.float32), 0.0)))
+    sc = _fp8_scale(tl.max(amax, 0))
+    tl.store(s_ptr + row, sc)
+    tl.debug_barrier()                        # the program's stores above, seen by all of it
+    for start in range(0, inter, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        m = cols < inter
+        y = tl.load(out_ptr + row * stride_o + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(q_ptr + row * stride_q + cols, to_cache(tl.math.div_rn(y, sc),
+                                                         q_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -187,16 +222,19 @@ def silu_mul(gate_up: torch.Tensor, fp8: bool = False):
     if gate_up.stride(-1) != 1:
         raise ValueError("silu_mul needs rows with unit stride in the last dimension")
     out = torch.empty(T, inter, dtype=gate_up.dtype, device=gate_up.device)
-    q, s = _fp8_rows(T, inter, gate_up.device) if fp8 else (out, out)
-    if T:
-        # quantizing takes the row's absmax: one program a row
-        block = next_pow2(inter) if fp8 else min(4096, next_pow2(inter))
-        _silu_mul_kernel[(T, cdiv(inter, block))](gate_up, out, q, s, inter, gate_up.stride(0),
-                                                         out.stride(0), q.stride(0), QUANT=fp8,
-                                                         BLOCK=block,
-                                                         num_warps=max(1, min(16 if fp8 else 8,
-                                                                              block // 256)))
-    return (out, (q, s)) if fp8 else out
+    block = min(SILU_BLOCK, next_pow2(inter))
+    warps = max(1, min(8, block // 256))
+    if not fp8:
+        if T:
+            _silu_mul_kernel[(T, cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0),
+                                                      out.stride(0), BLOCK=block,
+                                                      num_warps=warps)
+        return out
+    q, s = _fp8_rows(T, inter, gate_up.device)
+    if T:   # quantizing takes the row's absmax: one program a row
+        _silu_mul_fp8_kernel[(T,)](gate_up, out, q, s, inter, gate_up.stride(0), out.stride(0),
+                                   q.stride(0), BLOCK=block, num_warps=warps)
+    return out, (q, s)
 
 
 def _fp8_rows(T: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor]:

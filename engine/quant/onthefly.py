@@ -176,7 +176,7 @@ class Fp8Linear(nn.Module):
         xq, s = self.quantize_input(x) if xq is None else xq
         gemm = self.gemm_for(x)
         if gemm is not None:
-            y = gemm(xq, s, self.qweight, self.scale, torch.bfloat16)
+            y = gemm(xq, s, self.qweight, self.scale, x.dtype)
         elif x.is_cuda:   # row-wise scales take a bf16 output
             y = torch._scaled_mm(xq, self.qweight.t(), s, self.scale, out_dtype=torch.bfloat16)
         else:             # the same product in fp32 (CPU _scaled_mm's scales vary by torch)

@@ -42,7 +42,14 @@ def test_fp8_matmul_refuses_mismatched_operands(device):
         fm.fp8_matmul(xq, sx, w[:, :32], sw)
     with pytest.raises(ValueError, match="4 row scales and 32 column scales"):
         fm.fp8_matmul(xq, sx[:2], w, sw)
+    with pytest.raises(ValueError, match="float8_e4m3fn operands"):
+        fm.fp8_matmul(xq.float(), sx, w, sw)
     assert fm.fp8_matmul(xq[:0], sx[:0], w, sw).shape == (0, 32)
+    # scales as strided views (a column of a wider tensor) are read as the values they show
+    wide = torch.cat([sx, torch.full_like(sx, 7.0)], dim=1)
+    want = fm.fp8_matmul(xq, sx, w, sw, out_dtype=torch.float32)
+    torch.testing.assert_close(fm.fp8_matmul(xq, wide[:, :1], w, sw, out_dtype=torch.float32),
+                               want)
 
 
 @pytest.mark.parametrize("m", [1, 16, 33, 64, 200, 512])
@@ -51,6 +58,10 @@ def test_config_tiles_rows_once_for_skinny_inputs_and_covers_every_sm(m):
     assert bm >= min(m, 64) and bk == 256 and warps >= 4 and stages >= 2
     assert fm.cdiv(4096, bn) * fm.cdiv(m, bm) >= 128       # enough programs for 132 SMs
     assert fm.config_for(m, 4096, 96)[2] == 128             # a short K: one K tile
+    # a device of ~99 KiB a program (Ada): fewer stages, then a shorter K tile, until it fits
+    bm, bn, bk, _, stages = fm.config_for(m, 28672, 4096, smem=99 * 1024)
+    assert stages * (bm + bn) * bk + 8 * 1024 <= 99 * 1024 and stages >= 2
+    assert fm.config_for(m, 4096, 4096, smem=227 * 1024) == fm.config_for(m, 4096, 4096)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

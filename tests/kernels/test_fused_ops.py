@@ -178,9 +178,10 @@ def test_quant_fp8_rows_is_the_fp8_linears_torch_code_bit_for_bit(dtype, rows, c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,width", [(1, 64), (7, 200), (33, 1024)])
 def test_norm_and_silu_quantize_their_rows_as_quant_fp8_rows_in_the_same_pass(
-        dtype, rows, width, device):
+        dtype, rows, width, device, monkeypatch):
     # fp8=True: the fp8 linears' inputs from the norm / silu*up pass itself, bit for bit what
     # quant_fp8_rows makes of their (unchanged) outputs
+    from lorry.kernels import fused_ops
     from lorry.kernels.fused_ops import quant_fp8_rows
 
     g = torch.Generator().manual_seed(rows * width)
@@ -197,8 +198,11 @@ def test_norm_and_silu_quantize_their_rows_as_quant_fp8_rows_in_the_same_pass(
     assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
     gu = (3 * torch.randn(rows, 2 * width, generator=g)).to(dtype).to(device)
     gu[0] = 0.0                                                  # a zero row: scale 1e-12/448
-    act, (q, s) = silu_mul(gu, fp8=True)
-    _close(act, silu_mul(gu), dtype)
-    want_q, want_s = quant_fp8_rows(act)
-    assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
-    assert (q[0].float() == 0).all()
+    for block in (fused_ops.SILU_BLOCK, 64):     # a row in one tile, and in several
+        monkeypatch.setattr(fused_ops, "SILU_BLOCK", block)
+        act, (q, s) = silu_mul(gu, fp8=True)
+        _close(act, silu_mul(gu), dtype)
+        want_q, want_s = quant_fp8_rows(act)
+        assert torch.equal(s, want_s)
+        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+        assert (q[0].float() == 0).all()

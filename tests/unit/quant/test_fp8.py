@@ -116,6 +116,8 @@ def test_an_fp8_linear_on_cuda_is_its_rounded_product_also_replayed_in_a_graph()
 def test_on_cuda_the_norms_quantize_the_fp8_linears_inputs_changing_no_logit(tiny, monkeypatch):
     # the fused norm and silu*up kernels hand qkv_proj, gate_up_proj and down_proj their
     # inputs quantized (fp8=True); the same engine quantizing in each linear gives the same
+    # (at this model's widths; a wider norm row may be summed in another order by the two
+    # compiled kernels: tests/kernels/test_fused_ops.py compares those within rounding)
     from lorry.engine import EngineConfig, LLMEngine
     from lorry.engine.model.layers import LoRALinear
     from lorry.kernels import fused_ops

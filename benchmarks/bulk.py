@@ -559,9 +559,9 @@ def parse_args() -> argparse.Namespace:
                     help="EngineConfig.kv_cache_dtype: auto (default) or fp8")
     ap.add_argument("--quantization", default=None,
                     help="EngineConfig.quantization of the base, e.g. fp8 (W8A8)")
-    ap.add_argument("--fp8-gemm", default=None, choices=["scaled_mm", "triton"],
-                    help="the fp8 linears' CUDA GEMM (Fp8Linear.GEMM): torch._scaled_mm or "
-                         "kernels.fp8_matmul")
+    ap.add_argument("--fp8-gemm", default=None, choices=["scaled_mm", "triton", "auto"],
+                    help="the fp8 linears' CUDA GEMM (Fp8Linear.GEMM): torch._scaled_mm, "
+                         "kernels.fp8_matmul, or the latter up to 64 rows")
     ap.add_argument("--block-size", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--num-scheduler-steps", type=int, default=None,

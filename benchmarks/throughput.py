@@ -483,11 +483,17 @@ def main() -> None:
                     help="EngineConfig.kv_cache_dtype: auto (default) or fp8")
     ap.add_argument("--quantization", default=None,
                     help="EngineConfig.quantization of the base, e.g. fp8 (W8A8)")
+    ap.add_argument("--fp8-gemm", default=None, choices=["scaled_mm", "triton", "auto"],
+                    help="the fp8 linears' CUDA GEMM (Fp8Linear.GEMM), as bulk.py's")
     args = ap.parse_args()
     if args.kv_cache_dtype:
         ENGINE_OPTIONS["kv_cache_dtype"] = args.kv_cache_dtype
     if args.quantization:
         ENGINE_OPTIONS["quantization"] = args.quantization
+    if args.fp8_gemm:
+        from lorry.engine.quant.onthefly import Fp8Linear
+
+        Fp8Linear.GEMM = args.fp8_gemm
     if args.decode_launch:
         from lorry.kernels import decode_attention
 

@@ -151,20 +151,28 @@ class Fp8Linear(nn.Module):
                 return ops[0].quant_fp8_rows(x)
         return quantize_rows(x)
 
-    # the CUDA GEMM: "triton" (kernels.fp8_matmul) or "scaled_mm" (torch._scaled_mm's
-    # row-wise kernel); benchmarks set it for A/B runs
+    # the CUDA GEMM: "scaled_mm" (torch._scaled_mm's row-wise kernel), "triton"
+    # (kernels.fp8_matmul), or "auto": triton up to TRITON_MAX_ROWS rows, where it took 13-19%
+    # less GPU time than row-wise on an H100 (docs/BENCHMARKS.md, seventeenth session; not yet
+    # A/B'd in the engine, so not the default); benchmarks set it for A/B runs
     GEMM = "scaled_mm"
+    TRITON_MAX_ROWS = 64
 
     @classmethod
     def gemm_for(cls, x: torch.Tensor):
         """kernels.fp8_matmul.fp8_matmul when it runs x's product, else None."""
-        if not x.is_cuda or cls.GEMM != "triton":
+        if not (x.is_cuda and cls.triton_rows(x.shape[0])):
             return None
         try:
             from lorry.kernels.fp8_matmul import fp8_matmul
         except ImportError:
             return None
         return fp8_matmul
+
+    @classmethod
+    def triton_rows(cls, rows: int) -> bool:
+        """Whether GEMM has kernels.fp8_matmul take a product of ``rows`` rows."""
+        return cls.GEMM == "triton" or (cls.GEMM == "auto" and rows <= cls.TRITON_MAX_ROWS)
 
     takes_fp8_rows = True   # forward's xq: the input already quantized (fused kernels)
 

@@ -140,3 +140,13 @@ def test_on_cuda_the_norms_quantize_the_fp8_linears_inputs_changing_no_logit(tin
     assert tokens == want_tokens
     assert all(torch.equal(a, b) for a, b in zip(logits, want_logits))
     assert 0 < fused_calls < calls_unfused                 # o_proj alone quantizes apart
+
+
+def test_the_gemm_switch_picks_triton_by_rows_only_when_asked(monkeypatch):
+    # Fp8Linear.GEMM: "scaled_mm" (default) never, "triton" always, "auto" up to 64 rows
+    assert not any(Fp8Linear.triton_rows(r) for r in (1, 64, 4096))
+    monkeypatch.setattr(Fp8Linear, "GEMM", "auto")
+    assert [Fp8Linear.triton_rows(r) for r in (1, 64, 65, 256)] == [True, True, False, False]
+    assert Fp8Linear.gemm_for(torch.zeros(8, 16)) is None          # CPU: plain fp32 math
+    monkeypatch.setattr(Fp8Linear, "GEMM", "triton")
+    assert Fp8Linear.triton_rows(4096)

@@ -29,7 +29,8 @@ def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") ->
     settings : lorry.settings.Settings, optional
         Defaults to the environment's settings.
     queue : scheduler.JobQueue, optional
-        Defaults to ``JobQueue(settings.database_url)``.
+        Defaults to a ``JobQueue`` on ``settings.database_url`` (with its statement
+        timeout).
     nudger : callable or None or "auto"
         Called after submissions to wake workers; "auto" nudges Celery through Redis.
     redis_client : redis.Redis or None or "auto"
@@ -44,7 +45,7 @@ def create_app(settings=None, queue=None, nudger="auto", redis_client="auto") ->
     if queue is None:
         from lorry.scheduler import JobQueue
 
-        queue = JobQueue(settings.database_url)
+        queue = JobQueue.for_settings(settings)
     if nudger == "auto":
         from lorry.api.nudge import DrainNudger
 

@@ -41,7 +41,8 @@ def _settings():
 def _queue():
     from lorry.scheduler import JobQueue
 
-    return JobQueue(_settings().database_url)
+    s = _settings()
+    return JobQueue.for_settings(s)
 
 
 def _database_problem(exc: BaseException, url: str,
@@ -327,7 +328,8 @@ def api(host: Optional[str] = typer.Option(None, help="default: LORRY_API_HOST (
 
     s = _settings()
     with _refused_database(s.database_url):
-        queue = JobQueue(s.database_url)  # SQLite: migrated here once, not by each app process
+        # SQLite: migrated here once, not by each app process
+        queue = JobQueue.for_settings(s)
         try:
             queue.require_migrated()
         except Unavailable:

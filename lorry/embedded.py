@@ -21,7 +21,7 @@ def embedded_queue(settings, database_url: str | None = None, **overrides):
         url = database_url or f"sqlite:///{tmp}/lorry.db"
         settings = settings.model_copy(update={"database_url": url, **overrides})
         upgrade(url)
-        queue = JobQueue(url)
+        queue = JobQueue.for_settings(settings)
         tenant, _ = queue.create_tenant(f"local-{Path(tmp).name}")
         try:
             yield settings, queue, tenant

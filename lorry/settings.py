@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir)
     models_dir: Path = Field(default_factory=default_models_dir)
     database_url: str = ""  # "" -> sqlite:///{data_dir}/lorry.db
+    # PostgreSQL: a statement running longer is cancelled by the server, and a connection whose
+    # server sends nothing for longer still (frozen) is closed: both are 503s, not hangs
+    # (JobQueue's statement_timeout_seconds; 0: no limit)
+    database_statement_timeout_seconds: float = Field(60.0, ge=0)
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str | None = None
     redis_prefix: str = "lorry"   # Redis keys, and the Celery queue (task_queue)

@@ -29,6 +29,9 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+# Seconds a statement may run on PostgreSQL by default (JobQueue's statement_timeout_seconds)
+STATEMENT_TIMEOUT_S = 60.0
+
 # What convert() looks at: errors of the drivers and of SQLAlchemy's connection layer.
 DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     sa_exc.DBAPIError, sa_exc.DisconnectionError, sa_exc.TimeoutError) + _PG_ERROR
@@ -88,11 +91,14 @@ def raise_typed(exc: BaseException) -> NoReturn:
 
 class Connector:
     """The queue's engine and, on PostgreSQL, the claims' own pool. Every driver error that
-    leaves ``begin``, ``connect`` or ``claim_session`` is converted (see ``convert``)."""
+    leaves ``begin``, ``connect`` or ``claim_session`` is converted (see ``convert``).
+    ``statement_timeout_s`` bounds each statement's wait on PostgreSQL (see ``make_engine``)."""
 
-    def __init__(self, url: str, **engine_kwargs):
+    def __init__(self, url: str, statement_timeout_s: float = STATEMENT_TIMEOUT_S,
+                 **engine_kwargs):
         self.url, self._engine_kwargs = url, engine_kwargs
-        self.engine = make_engine(url, **engine_kwargs)
+        self._statement_timeout_s = statement_timeout_s
+        self.engine = make_engine(url, statement_timeout_s, **engine_kwargs)
         self._claim_pool: Engine | None = None
 
     @property
@@ -141,7 +147,7 @@ class Connector:
         pool = self._claim_pool
         if pool is None:
             kwargs = dict(self._engine_kwargs, pool_pre_ping=False, isolation_level="AUTOCOMMIT")
-            pool = self._claim_pool = make_engine(self.url, **kwargs)
+            pool = self._claim_pool = make_engine(self.url, self._statement_timeout_s, **kwargs)
             event.listen(pool, "connect", _generic_plans)
         return pool
 
@@ -164,10 +170,17 @@ def _generic_plans(dbapi_conn, _record) -> None:
 # tcp_user_timeout (ms), and an idle one is probed by TCP keepalives
 PG_CONNECT = {"connect_timeout": 10, "tcp_user_timeout": 30_000, "keepalives": 1,
               "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+# (none of them limits a server that still acknowledges TCP but answers nothing, a frozen
+# one: the statement deadline does, STATEMENT_TIMEOUT_S and scheduler.deadline)
 
 
-def make_engine(url: str, **kwargs) -> Engine:
-    """An Engine for `sqlite:///path` (serialized writers) or `postgresql+psycopg://...`."""
+def make_engine(url: str, statement_timeout_s: float = 0, **kwargs) -> Engine:
+    """An Engine for `sqlite:///path` (serialized writers) or `postgresql+psycopg://...`.
+
+    On PostgreSQL, ``statement_timeout_s`` (0: none) is the server's statement_timeout (in
+    libpq's ``options``, unless they set it), and with psycopg a connection that waits on
+    its server longer than ``deadline.client_limit`` of it is closed: the statement fails as
+    a lost connection, its transaction rolled back by the server."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
         event.listen(engine, "connect", _sqlite_connect)
@@ -176,10 +189,22 @@ def make_engine(url: str, **kwargs) -> Engine:
     kwargs.setdefault("pool_size", 8)
     kwargs.setdefault("pool_pre_ping", True)
     parsed = make_url(url)
-    if parsed.get_driver_name() in ("psycopg", "psycopg2"):   # libpq's settings: those
-        kwargs["connect_args"] = {**{k: v for k, v in PG_CONNECT.items()   # the URL names win
-                                     if k not in parsed.query}, **kwargs.get("connect_args", {})}
+    driver = parsed.get_driver_name()
+    if driver in ("psycopg", "psycopg2"):   # libpq's settings: those the URL names win
+        args = {**{k: v for k, v in PG_CONNECT.items() if k not in parsed.query},
+                **kwargs.get("connect_args", {})}
+        if statement_timeout_s:
+            from lorry.scheduler.deadline import with_statement_timeout
+
+            given = args.get("options", parsed.query.get("options"))
+            given = " ".join(given) if isinstance(given, tuple) else given
+            args["options"] = with_statement_timeout(given, statement_timeout_s)
+        kwargs["connect_args"] = args
     engine = create_engine(url, **kwargs)
+    if statement_timeout_s and driver == "psycopg":
+        from lorry.scheduler.deadline import watch_waits
+
+        watch_waits(engine, statement_timeout_s)
     event.listen(engine, "checkin", _bump_after_write)
     return engine
 

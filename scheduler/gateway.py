@@ -13,7 +13,7 @@ from lorry.scheduler import errors
 from lorry.scheduler import queries as q
 from lorry.scheduler.batches import BatchOps
 from lorry.scheduler.claims import ClaimOps
-from lorry.scheduler.connector import Connector
+from lorry.scheduler.connector import STATEMENT_TIMEOUT_S, Connector
 from lorry.scheduler.db import naive_utc, utcnow
 from lorry.scheduler.files import FileOps
 from lorry.scheduler.jobs import JobOps
@@ -51,19 +51,29 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
     snapshot_ttl_seconds : float
         PostgreSQL: how long a worker's claim snapshot is reused, adjusted by its own claims,
         before it is read again (0: read it for every claim). See scheduler.claim_cache.
+    statement_timeout_seconds : float
+        PostgreSQL: the server cancels a statement running longer (``Unavailable``), and a
+        connection whose server sends nothing for longer still (a frozen server: the
+        deadline plus as much again, at most 10 s more) is closed (``ConnectionLost``).
+        0: no limit.
     """
 
     def __init__(self, url: str, *, create: bool | None = None, aging_seconds: float = 300.0,
                  worker_ttl_seconds: float = 120.0, backoff_base_s: float = 2.0,
                  backoff_max_s: float = 300.0, clock: Callable[[], datetime] | None = None,
-                 snapshot_ttl_seconds: float = 0.5, **engine_kwargs):
+                 snapshot_ttl_seconds: float = 0.5,
+                 statement_timeout_seconds: float = STATEMENT_TIMEOUT_S, **engine_kwargs):
         self.url = url
+        if not (isinstance(statement_timeout_seconds, (int, float))
+                and statement_timeout_seconds >= 0):
+            raise ValueError(f"statement_timeout_seconds must be a number >= 0 (0: no limit), "
+                             f"got {statement_timeout_seconds!r}")
         if create is None:
             create = url.startswith("sqlite")
         if create:
             from lorry.scheduler.migrate import upgrade_unless_newer
             upgrade_unless_newer(url)
-        self.connector = Connector(url, **engine_kwargs)
+        self.connector = Connector(url, float(statement_timeout_seconds), **engine_kwargs)
         self.engine = self.connector.engine  # for tools and tests that run their own SQL
         if not (isinstance(snapshot_ttl_seconds, (int, float)) and snapshot_ttl_seconds >= 0):
             raise ValueError(f"snapshot_ttl_seconds must be a number >= 0, "
@@ -76,6 +86,14 @@ class JobQueue(JobOps, ClaimOps, LeaseOps, BatchOps, FileOps, MaintenanceOps):
 
     def now(self) -> datetime:
         return naive_utc(self._clock())
+
+    @classmethod
+    def for_settings(cls, settings, **kwargs) -> "JobQueue":
+        """The queue of a ``lorry.settings.Settings``: its database_url and statement
+        timeout."""
+        return cls(settings.database_url,
+                   statement_timeout_seconds=settings.database_statement_timeout_seconds,
+                   **kwargs)
 
     def close(self) -> None:
         self.connector.dispose()

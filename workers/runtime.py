@@ -30,7 +30,7 @@ def build_drainer(settings, queue=None, engine=None, publish=True, **kw):
     from lorry.workers.stats import RedisStatsPublisher
 
     worker_id = settings.worker_id or default_worker_id()
-    queue = queue or JobQueue(settings.database_url)
+    queue = queue or JobQueue.for_settings(settings)
     engine = engine or build_engine(settings)
     publisher = RedisStatsPublisher(settings.broker_url, settings.redis_prefix, worker_id) \
         if publish else None
@@ -83,7 +83,7 @@ def get_drainer(settings):
             from lorry.scheduler import JobQueue
             from lorry.scheduler.errors import Unavailable
 
-            queue = JobQueue(settings.database_url)  # SQLite: migrated here
+            queue = JobQueue.for_settings(settings)  # SQLite: migrated here
             try:
                 require_migrated(queue)
             except Unavailable as e:
@@ -131,5 +131,5 @@ def queue_for(settings):
     from lorry.scheduler import JobQueue
 
     if settings.database_url not in _queues:
-        _queues[settings.database_url] = JobQueue(settings.database_url)
+        _queues[settings.database_url] = JobQueue.for_settings(settings)
     return _queues[settings.database_url]

@@ -15,13 +15,11 @@ def embedded_queue(settings, database_url: str | None = None, **overrides):
     """Yield (settings, queue, tenant) on a migrated database (a temporary SQLite by default);
     the settings yielded are ``settings`` with that database and ``overrides``."""
     from lorry.scheduler import JobQueue
-    from lorry.scheduler.migrate import upgrade
 
     with tempfile.TemporaryDirectory(prefix="lorry-") as tmp:
         url = database_url or f"sqlite:///{tmp}/lorry.db"
         settings = settings.model_copy(update={"database_url": url, **overrides})
-        upgrade(url)
-        queue = JobQueue.for_settings(settings)
+        queue = JobQueue.for_settings(settings, create=True)   # migrated unless newer
         tenant, _ = queue.create_tenant(f"local-{Path(tmp).name}")
         try:
             yield settings, queue, tenant

@@ -23,7 +23,14 @@ class BatchWriter:
     def __init__(self, queue, conn, tenant, batch_id: str, deadline_cap: datetime):
         self.queue, self.conn, self.tenant = queue, conn, tenant
         self.batch_id, self.deadline_cap = batch_id, deadline_cap
-        self.copy = JobCopy(conn) if conn.dialect.name == "postgresql" else None
+        self.copy = None
+        if conn.dialect.name == "postgresql":
+            # the ingest's one COPY stays open while the lines are parsed and checked (PostgreSQL
+            # counts that time against statement_timeout, up to 200 MiB of lines): no server
+            # timeout in this transaction; the deadline's watchdog still bounds each wait on the
+            # server (a frozen one)
+            conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
+            self.copy = JobCopy(conn)
         self.adapter_rows: dict[str, dict] = {}
         self.looked_up: set[str | None] = {None}
         self.queued: int | None = None  # the tenant's queued jobs before this batch

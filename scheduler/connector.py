@@ -24,8 +24,9 @@ try:  # PostgreSQL's driver; the SQLite path runs without it
     _PG_OUTAGES: tuple = (psycopg.OperationalError, psycopg.InterfaceError)
     _PG_RETRYABLE: tuple = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
     _PG_DUPLICATE: tuple = (pg_errors.UniqueViolation,)
+    _PG_CANCELED: tuple = (pg_errors.QueryCanceled,)
 except ImportError:  # pragma: no cover
-    _PG_ERROR = _PG_OUTAGES = _PG_RETRYABLE = _PG_DUPLICATE = ()
+    _PG_ERROR = _PG_OUTAGES = _PG_RETRYABLE = _PG_DUPLICATE = _PG_CANCELED = ()
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,15 @@ def convert(exc: BaseException) -> errors.QueueError | None:
 
 def _logged(exc: BaseException, typed: errors.Unavailable) -> errors.Unavailable:
     # The cause is logged, not shown: it names hosts and ports.
-    cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    log.warning("database unavailable: %s: %s", type(exc).__name__, cause[0] if cause else "")
+    driver = getattr(exc, "orig", None) or exc
+    cause = str(driver).strip().splitlines()
+    if _PG_CANCELED and isinstance(driver, _PG_CANCELED):
+        log.warning("a statement ran past the database's statement_timeout "
+                    "(LORRY_DATABASE_STATEMENT_TIMEOUT_SECONDS) and was cancelled: %s",
+                    cause[0] if cause else "")
+    else:
+        log.warning("database unavailable: %s: %s", type(exc).__name__,
+                    cause[0] if cause else "")
     return typed
 
 

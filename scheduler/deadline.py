@@ -48,18 +48,20 @@ class Watchdog:
         # (a forked child holds copies of the parent's sockets, not its waiting threads:
         # shutting one down there would cut the parent's connection)
         self._lock = threading.Lock()
-        self._waits: dict[int, tuple[int, float, float]] = {}  # token -> (fd, due, limit)
+        # token -> (fd, the socket's identity, due, limit)
+        self._waits: dict[int, tuple[int, tuple | None, float, float]] = {}
         self._tokens = itertools.count()
         self._thread: threading.Thread | None = None
 
     def begin(self, fd: int, limit_s: float) -> int:
         with self._lock:
             token = next(self._tokens)
-            self._waits[token] = (fd, time.monotonic() + limit_s, limit_s)
+            self._waits[token] = (fd, _identity(fd), time.monotonic() + limit_s, limit_s)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="lorry-db-watchdog",
-                                                daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="lorry-db-watchdog",
+                                          daemon=True)
+                thread.start()          # (kept only once started: a failed start is retried)
+                self._thread = thread
         return token
 
     def end(self, token: int) -> None:
@@ -80,23 +82,37 @@ class Watchdog:
         # The lock is held while cutting: the owner of a wait cannot end it (and go on to
         # close its socket, whose number may then be reused) until the cut is done.
         with self._lock:
-            late = [self._waits.pop(t) for t, (_, due, _) in list(self._waits.items())
+            late = [self._waits.pop(t) for t, (_, _, due, _) in list(self._waits.items())
                     if due <= now]
-            for fd, _, _ in late:
-                _shut_down(fd)
-        for _, _, limit in late:
-            log.warning("the job database sent nothing for %.0f s during a statement: "
+            for fd, ident, _, _ in late:
+                _shut_down(fd, ident)
+        for _, _, _, limit in late:
+            log.warning("a wait on the job database lasted %.0f s, past the statement "
+                        "deadline: "
                         "closed that connection (a frozen or cut-off server)", limit)
         return len(late)
 
 
-def _shut_down(fd: int) -> None:
+def _identity(fd: int) -> tuple | None:
+    """(device, inode) of the socket ``fd`` names: libpq may close it inside a wait (a read
+    error) and the number be reused by another socket before the wait ends."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _shut_down(fd: int, ident: tuple | None = None) -> None:
     # On a duplicate of the descriptor, which libpq keeps (and closes itself): the shutdown
     # reaches the one socket both name, so the blocked read returns end-of-file.
     try:
         dup = os.dup(fd)
     except OSError as e:
         log.debug("cannot duplicate a late database socket: %s", e)
+        return
+    if ident is not None and _identity(dup) != ident:   # another socket now: not ours
+        os.close(dup)
         return
     try:
         sock = socket.socket(fileno=dup)
@@ -138,10 +154,24 @@ class DeadlineConnection(psycopg.Connection):
 def watch_waits(engine: Engine, timeout_s: float) -> None:
     """Open the engine's psycopg connections as DeadlineConnection, their waits limited to
     ``client_limit(timeout_s)``."""
-    limit = client_limit(timeout_s)
-
     @event.listens_for(engine, "do_connect")
     def _connect(_dialect, _record, cargs, cparams):
         conn = DeadlineConnection.connect(*cargs, **cparams)
-        conn.wait_limit_s = limit
+        conn.wait_limit_s = client_limit(timeout_s)       # (the query below is watched too)
+        # the server's own statement_timeout when longer (the URL's options, a role's or
+        # database's setting the options did not replace): a statement it lets run is not cut
+        conn.wait_limit_s = client_limit(max(timeout_s, _server_timeout_s(conn)))
         return conn
+
+
+def _server_timeout_s(conn) -> float:
+    """The connection's statement_timeout in seconds (0: none, or unknown)."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT setting::bigint FROM pg_settings "
+                        "WHERE name = 'statement_timeout'")
+            row = cur.fetchone()
+        conn.rollback()
+    except psycopg.Error:
+        return 0.0
+    return (row[0] or 0) / 1000.0 if row else 0.0

@@ -167,3 +167,30 @@ def test_the_setting_reaches_the_queue_the_app_builds(pg_url, tmp_path):
             assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "3s"
     finally:
         queue.close()
+
+
+def test_a_longer_timeout_of_the_urls_own_is_not_cut_by_the_watchdog(pg_url):
+    # the URL's options keep their statement_timeout (10 s); the client limit follows it, so
+    # a 2 s deadline's watchdog does not cut a statement the server lets run
+    url = make_url(pg_url).set(query={"options": "-c statement_timeout=10s"})
+    q = JobQueue(url.render_as_string(hide_password=False), create=False,
+                 statement_timeout_seconds=1.0)
+    try:
+        with q.connector.connect() as conn:
+            conn.execute(text("SELECT pg_sleep(:s)"), {"s": client_limit(1.0) + 2 * SWEEP_S})
+            assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "10s"
+    finally:
+        q.close()
+
+
+def test_a_batch_ingest_runs_without_the_servers_statement_timeout(queue):
+    # the ingest keeps one COPY open while it parses lines (PostgreSQL counts that against
+    # statement_timeout): its transaction lifts the server's limit
+    from lorry.scheduler.batch_writer import BatchWriter
+
+    tenant, _ = queue.create_tenant("ingest")
+    with queue.connector.begin() as conn:
+        BatchWriter(queue, conn, tenant, "batch_x", None)
+        assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "0"
+    with queue.connector.connect() as conn:             # a later transaction has it again
+        assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "2s"

@@ -35,6 +35,23 @@ def test_a_socket_whose_wait_ended_is_never_touched():
         assert ours.recv(1) == b"x"
 
 
+def test_a_descriptor_number_reused_by_another_socket_is_not_shut_down():
+    # libpq may close its socket inside a wait (a read error); the number can then name
+    # another socket (Redis, HTTP) before the wait ends: the watchdog leaves that one alone
+    dog = Watchdog()
+    gone, _peer = socket.socketpair()
+    fd = gone.fileno()
+    dog.begin(fd, 1.0)
+    gone.close()
+    _peer.close()
+    other, server = socket.socketpair()
+    with other, server:
+        assert other.fileno() == fd                          # the number, reused
+        assert dog.sweep(time.monotonic() + 5) == 1          # the late wait is dropped ...
+        server.sendall(b"x")
+        assert other.recv(1) == b"x"                         # ... and the new socket works
+
+
 def test_the_server_timeout_joins_the_operators_options():
     assert with_statement_timeout(None, 60) == "-c statement_timeout=60000"
     assert with_statement_timeout("-c search_path=lorry", 2.5) == \

@@ -89,26 +89,25 @@ class DecoderLayer(nn.Module):
         ``residual``, updated in place), Triton attention (``rope`` None: the prefill's too)
         and silu*up.
         x: [T, H] (sublayer output; the embeddings for the first layer) -> (x, residual)."""
-        add_rmsnorm = triton_ops()[0].add_rmsnorm
-        # fp8 linears (quantization="fp8") take their inputs quantized by the norm's own pass
-        norm = self.input_layernorm
-        hq = None
-        if self.self_attn.qkv_proj.fp8_rows():
-            h, residual, hq = add_rmsnorm(x, residual, norm.weight, norm.eps, fp8=True)
-        else:
-            h, residual = add_rmsnorm(x, residual, norm.weight, norm.eps)
+        h, residual, hq = _add_norm(x, residual, self.input_layernorm, self.self_attn.qkv_proj)
         if batch.prefill and rope is None:
             h = self.self_attn.prefill_fused(h, batch, rotary, shape, hq)
         elif batch.prefill:
             h = self.self_attn(h, batch, rope, shape)
         else:
             h = self.self_attn.decode_fused(h, batch, rotary, hq)
-        norm = self.post_attention_layernorm
-        if self.mlp.gate_up_proj.fp8_rows():
-            h, residual, hq = add_rmsnorm(h, residual, norm.weight, norm.eps, fp8=True)
-            return self.mlp.forward_fused(h, batch.lora, hq), residual
-        h, residual = add_rmsnorm(h, residual, norm.weight, norm.eps)
-        return self.mlp.forward_fused(h, batch.lora), residual
+        h, residual, hq = _add_norm(h, residual, self.post_attention_layernorm,
+                                    self.mlp.gate_up_proj)
+        return self.mlp.forward_fused(h, batch.lora, hq), residual
+
+
+def _add_norm(x, residual, norm, linear):
+    """The fused residual add + RMSNorm before ``linear``: (normed, residual, the normed rows
+    quantized by the same pass when ``linear`` is an fp8 one (quantization="fp8"), else None)."""
+    add_rmsnorm = triton_ops()[0].add_rmsnorm
+    if linear.fp8_rows():
+        return add_rmsnorm(x, residual, norm.weight, norm.eps, fp8=True)
+    return (*add_rmsnorm(x, residual, norm.weight, norm.eps), None)
 
 
 def fused_ops_on(x: torch.Tensor) -> bool:

@@ -10,8 +10,9 @@
 # step's LoRA over lora_bulk_step.py's PROMPT_SWEEP: two-launch table and decode-path settings)
 # | lora_cross (4,096-token prompts of 1-32 adapters on both paths: lora_bulk_step --crossing)
 # | loop (40 whole engine steps traced: --loop; LOOP_AT: after which steps, LOOP_RUN: bulk.py's
-# run, LOOP_CPROFILE: that many more steps under cProfile) | attn_sweep
-# (prefill_attn_sweep.py) | launch (launch_overhead.py) | sweep (or its halves sweep_batch,
+# run, LOOP_CPROFILE: that many more steps under cProfile, LOOP_ARGS: prefill_step.py options
+# such as --kv-cache-dtype fp8; PREFILL_ARGS the same for prefill) | attn_sweep
+# (prefill_attn_sweep.py; ATTN_ARGS its options, ATTN_NAME a suffix of its files) | launch (launch_overhead.py) | sweep (or its halves sweep_batch,
 # sweep_adapters) | overhead (a compile run, then mixed cold, mixed --preload-adapters and
 # no_adapters, each its own process: the LoRA overhead A/B) | loads (the cold loads' cost: cold
 # at the 1 ms and 5 ms GIL intervals, preloaded, no adapters; LOADS_RUNS picks, also
@@ -59,7 +60,7 @@ while [ $# -gt 0 ]; do
         echo "$step rc=$?"; grep -E 'tok_per_s|overhead' "$out/$step.json" | head -12 ;;
     prefill)
         timeout "$limit" $py benchmarks/prefill_step.py --skip 150 --min-tokens 1024 \
-            --requests 1000 --trace "$out/prefill_trace.json" --out "$out/prefill.json" \
+            --requests 1000 ${PREFILL_ARGS:-} --trace "$out/prefill_trace.json" --out "$out/prefill.json" \
             > /dev/null 2> "$out/prefill.log"
         echo "prefill rc=$?"; [ -s "$out/prefill.json" ] && $py -c 'import json,sys
 r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k not in ("kernels", "host_ops")})' "$out/prefill.json"
@@ -76,7 +77,7 @@ r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "kerne
         for at in ${LOOP_AT:-60 600}; do
             f=$out/loop${LOOP_RUN:-}$at
             timeout "$limit" $py benchmarks/prefill_step.py --loop 40 --skip $at --requests 2000 \
-                --run ${LOOP_RUN:-mixed} --cprofile ${LOOP_CPROFILE:-0} --out "$f.json" \
+                --run ${LOOP_RUN:-mixed} --cprofile ${LOOP_CPROFILE:-0} ${LOOP_ARGS:-} --out "$f.json" \
                 > /dev/null 2> "$f.log"
             echo "loop ${LOOP_RUN:-mixed} at step $at rc=$?"; [ -s "$f.json" ] && $py -c 'import json,sys
 r=json.load(open(sys.argv[1])); t=r.get("timeline", {}); print(r.get("untraced"), r.get("traced"), {k: t.get(k) for k in ("span_ms","busy_ms","idle_ms","idle_share","idle_ms_by_gap_size")}); [print(x) for x in t.get("largest_gaps", [])[:8]]
@@ -84,9 +85,13 @@ print({k: v for k, v in r.items() if k.startswith("adapter_loads")})
 c=r.get("cprofile"); c and print("cprofile", c["steps"], "steps", c["wall_ms"], "ms"); [print(x) for x in (c or {}).get("by_cumtime", [])[:25]]' "$f.json"
         done ;;
     attn_sweep)
-        timeout "$limit" $py benchmarks/prefill_attn_sweep.py > "$out/attn_sweep.json" 2> "$out/attn_sweep.log"
-        echo "attn_sweep rc=$?"; $py -c 'import json,sys; r=json.load(open(sys.argv[1]))
-print("default", r["default"]); print("best", r["best"], r["speedup"])' "$out/attn_sweep.json" ;;
+        f=$out/attn_sweep${ATTN_NAME:-}
+        timeout "$limit" $py benchmarks/prefill_attn_sweep.py ${ATTN_ARGS:-} > "$f.json" 2> "$f.log"
+        echo "attn_sweep ${ATTN_ARGS:-} rc=$?"; $py -c 'import json,sys; r=json.load(open(sys.argv[1]))
+print("default", r["default"]); print("best", r["best"], r["speedup"])
+for p in (1, 2, 4, 8):
+    ok = [x for x in r["results"] if x.get("max_pack") == p and "ms" in x]
+    ok and print("best at max_pack", p, min(ok, key=lambda x: x["ms"]))' "$f.json" ;;
     lora_bulk)   # the LoRA of a bulk decode and prompt step per decode-table setting
         timeout "$limit" $py benchmarks/lora_bulk_step.py \
             --configs ${LORA_CONFIGS:-default rows=8 rows=16 rows=16,programs_per_sm=6 off} \

@@ -4,10 +4,12 @@ One mixed prompt step of ``benchmarks/bulk.py`` on the H100 (prefill_step.py, st
 5,079 prompt tokens of 8 rows through ``kernels.prefill_attention`` on each of Llama-3-8B's
 32 layers: 15.6 ms of the step. This times the kernel at such a step (Llama-3-8B heads,
 blocks of 16, rows of 1,500..100 queries, three after cached prefixes) for each
-(BLOCK_M, BLOCK_N, num_warps, num_stages), checks each against the current setting's output,
-and prints ms, TFLOP/s (causal pairs only) and the fastest.
+(BLOCK_M, BLOCK_N, num_warps, num_stages, MAX_PACK: query heads of one kv head a program
+takes), checks each against the current setting's output, and prints ms, TFLOP/s (causal
+pairs only) and the fastest; ``--kv-cache-dtype fp8`` over an e4m3 cache (widened per tile).
 
-    PYTHONPATH=. python benchmarks/prefill_attn_sweep.py [--repeats 20]
+    PYTHONPATH=. python benchmarks/prefill_attn_sweep.py [--repeats 20] [--kv-cache-dtype fp8]
+        [--quick]
 """
 from __future__ import annotations
 
@@ -47,6 +49,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--kv-cache-dtype", default=None, choices=[None, "fp8"])
+    ap.add_argument("--quick", action="store_true",
+                    help="a smaller grid: 2 or 3 stages, BLOCK_N 32 or 64")
     args = ap.parse_args()
     dev, dt, bs = "cuda", torch.bfloat16, 16
     h, kvh, D = args.heads, args.kv_heads, args.head_dim
@@ -54,6 +59,8 @@ def main() -> None:
     tq = sum(Q_LEN)
     need = [-(-(c + n) // bs) for c, n in zip(CTX, Q_LEN)]
     tables, kc, vc = random_paged(need, max(need), kvh, D, bs, dt, dev, g)
+    if args.kv_cache_dtype == "fp8":
+        kc, vc = (x.mul(3).to(torch.float8_e4m3fn) for x in (kc, vc))
     q = torch.randn(tq, h * D, device=dev, dtype=dt, generator=g)
     starts = [sum(Q_LEN[:i]) for i in range(len(Q_LEN))]
     rows = torch.tensor([starts, Q_LEN, CTX], dtype=torch.int32, device=dev)
@@ -63,14 +70,24 @@ def main() -> None:
     def run():
         return pa.prefill_attention(q, kc, vc, tables, rows, max(Q_LEN), bs)
 
-    default = (pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES)
+    def setting():
+        return (pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES, pa.MAX_PACK)
+
+    def use(cfg):
+        pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES, pa.MAX_PACK = cfg
+
+    default = setting()
+    use(default[:4] + (1,))     # the reference: one query head a program
     ref = run()
+    use(default)
     results = []
-    configs = [default] + [c for c in itertools.product((64, 128), (32, 64, 128), (4, 8),
-                                                       (1, 2, 3)) if c != default]
+    grid = ((64, 128), (32, 64), (4, 8), (2, 3), (1, 2, 4)) if args.quick else \
+        ((64, 128), (32, 64, 128), (4, 8), (1, 2, 3), (1, 2, 4, 8))
+    configs = [default] + [c for c in itertools.product(*grid) if c != default]
     for cfg in configs:
-        pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES = cfg
-        row = {"block_m": cfg[0], "block_n": cfg[1], "num_warps": cfg[2], "num_stages": cfg[3]}
+        use(cfg)
+        row = {"block_m": cfg[0], "block_n": cfg[1], "num_warps": cfg[2], "num_stages": cfg[3],
+               "max_pack": cfg[4], "heads_packed": pa.heads_packed(h // kvh)}
         try:
             out = run()
             torch.cuda.synchronize()
@@ -82,12 +99,13 @@ def main() -> None:
             row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
         results.append(row)
         print(json.dumps(row), flush=True, file=__import__("sys").stderr)
-    pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES = default
+    use(default)
     ok = [r for r in results if "ms" in r and r["max_abs_diff"] < 0.05]
     best = min(ok, key=lambda r: r["ms"]) if ok else None
     print(json.dumps({"benchmark": "prefill_attn_sweep", "date": time.strftime("%Y-%m-%d"),
                       "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "rows": {"q_len": Q_LEN, "ctx": CTX}, "heads": [h, kvh, D],
+                      "kv_cache_dtype": args.kv_cache_dtype,
                       "causal_pairs_per_head": pairs, "default": results[0], "best": best,
                       "speedup": round(results[0]["ms"] / best["ms"], 3) if best else None,
                       "results": results}, indent=2))

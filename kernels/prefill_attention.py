@@ -10,8 +10,10 @@ runs PyTorch's math backend (the full fp32 score matrix per head).
 
 Row b of the step holds ``q_len[b]`` queries at positions ``ctx[b]``, ``ctx[b] + 1``, ...;
 its query i is row ``q_start[b] + i`` of q (the packed real tokens), or ``b * row_stride + i``
-(a right-padded [B, S] layout). One program takes one (query head, tile of BLOCK_M queries of
-one row); a tile past a row's queries reads no key and stores nothing. Keys run from 0 (or the oldest one the
+(a right-padded [B, S] layout). One program takes BLOCK_M rows of one sequence: a tile of
+BLOCK_M / p queries under p query heads that share a kv head (``heads_packed``: grouped-query
+heads, so each tile of keys is gathered, and an fp8 cache's widened, once for the p heads);
+a tile past a row's queries reads no key and stores nothing. Keys run from 0 (or the oldest one the
 tile's window keeps) to the tile's last position, BLOCK_N at a time, each tile of keys
 gathering its block ids from the row's block table; a query sees the keys at or before its
 position, and within ``window`` of it when windowed; soft-capped logits (Gemma 2) pass
@@ -32,6 +34,18 @@ from lorry.kernels.paged_tiles import check_paged, kv_tile, logits, softmax_upda
 BLOCK_M = 64          # queries per program
 BLOCK_N = 32          # keys per tile
 NUM_WARPS, NUM_STAGES = 4, 3
+# grouped-query heads a program takes together (at most; a power of two dividing the group):
+# each key tile is read, and an fp8 cache's widened, once for them all, not once per head
+MAX_PACK = 4
+
+
+def heads_packed(G: int, block_m: int | None = None) -> int:
+    """The query heads of one kv head a program takes (rows = queries x heads): the largest
+    power of two dividing ``G`` and at most MAX_PACK and BLOCK_M."""
+    p = 1
+    while p * 2 <= min(MAX_PACK, block_m or BLOCK_M) and G % (p * 2) == 0:
+        p *= 2
+    return p
 
 
 def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -64,10 +78,13 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 def _prefill_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, out_ptr, stride_rows,
                          row_stride, stride_qt, stride_btb, stride_btn, s_cs, s_ch, stride_ot,
                          scale, window, SOFTCAP: tl.constexpr, G: tl.constexpr,
-                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr):
-    head = tl.program_id(0)
-    first = tl.program_id(1) * BLOCK_M
+                         PACK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr):
+    # a program's BLOCK_M rows: BLOCK_M // PACK queries, each under PACK query heads of one
+    # kv head (row r: query r // PACK, head program_id(0) * PACK + r % PACK)
+    BLOCK_Q: tl.constexpr = BLOCK_M // PACK
+    first = tl.program_id(1) * BLOCK_Q
     b = tl.program_id(2).to(tl.int64)
     n = tl.load(rows_ptr + stride_rows + b)                          # the row's queries
     ctx = tl.load(rows_ptr + 2 * stride_rows + b)                    # its first position
@@ -75,19 +92,21 @@ def _prefill_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, out_ptr, strid
         q0 = b * row_stride
     else:
         q0 = tl.load(rows_ptr + b).to(tl.int64)
-    i = first + tl.arange(0, BLOCK_M)
+    r = tl.arange(0, BLOCK_M)
+    i = first + r // PACK
+    head = tl.program_id(0) * PACK + r % PACK                        # [BLOCK_M]
     im = i < n
     pos = ctx + i                                                    # [BLOCK_M]
-    hi = ctx + tl.minimum(first + BLOCK_M, n)                        # keys 0..tile's last pos
+    hi = ctx + tl.minimum(first + BLOCK_Q, n)                        # keys 0..tile's last pos
     lo = hi * 0
     if window > 0:
         lo = tl.maximum(lo, ctx + first - window + 1)
     hi = tl.where(first < n, hi, lo)                                 # past the row: no key
     d = tl.arange(0, BLOCK_D)
     dm = d < D
-    q = tl.load(q_ptr + (q0 + i)[:, None] * stride_qt + head * D + d[None, :],
+    q = tl.load(q_ptr + (q0 + i)[:, None] * stride_qt + (head * D)[:, None] + d[None, :],
                 mask=im[:, None] & dm[None, :], other=0.0)             # [BLOCK_M, BLOCK_D]
-    kvh = head // G
+    kvh = tl.program_id(0) * PACK // G
     kbase = kc_ptr + kvh.to(tl.int64) * s_ch
     vbase = vc_ptr + kvh.to(tl.int64) * s_ch
     table = bt_ptr + b * stride_btb
@@ -106,7 +125,7 @@ def _prefill_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, out_ptr, strid
         s = tl.where(seen, s, float("-inf"))                         # [BLOCK_M, BLOCK_N]
         m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, IEEE)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
-    tl.store(out_ptr + (q0 + i)[:, None] * stride_ot + head * D + d[None, :],
+    tl.store(out_ptr + (q0 + i)[:, None] * stride_ot + (head * D)[:, None] + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=im[:, None] & dm[None, :])
 
 
@@ -154,11 +173,12 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     out = torch.zeros(q.shape[0], h * D, dtype=q.dtype, device=q.device)
     if B == 0 or max_q <= 0:
         return out
-    _prefill_attn_kernel[(h, cdiv(max_q, BLOCK_M), B)](
+    pack = heads_packed(h // kvh)
+    _prefill_attn_kernel[(h // pack, cdiv(max_q, BLOCK_M // pack), B)](
         q, k_cache, v_cache, block_tables, rows, out, rows.stride(0), row_stride,
         q.stride(0), block_tables.stride(0), block_tables.stride(1), k_cache.stride(0),
         k_cache.stride(1), out.stride(0), scale or D ** -0.5, window or 0,
-        SOFTCAP=float(softcap or 0.0), G=h // kvh, D=D,
+        SOFTCAP=float(softcap or 0.0), G=h // kvh, PACK=pack, D=D,
         BLOCK_D=max(16, next_pow2(D)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_SIZE=block_size, IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS,
         num_stages=NUM_STAGES)

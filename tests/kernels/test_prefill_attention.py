@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lorry.kernels import prefill_attention as pa
 from lorry.kernels.prefill_attention import BLOCK_M, prefill_attention, prefill_attention_ref
 from tests.kernels.cases import check_attention, skip_interpreted_bf16
 
@@ -146,3 +147,15 @@ def test_an_fp8_cache_is_read_widened_to_the_query_dtype(dtype, device):
     wide = prefill_attention(c.q, c.k_cache.to(dtype), c.v_cache.to(dtype), c.tables, c.rows,
                              c.S, c.block_size)
     assert torch.equal(out, wide)                     # widening is exact
+
+
+@pytest.mark.parametrize("max_pack", [1, 2, 8])
+@pytest.mark.parametrize("window", [None, 24])
+def test_every_packing_of_grouped_heads_gives_the_same_attention(max_pack, window, device,
+                                                                 monkeypatch):
+    # a program takes up to MAX_PACK query heads of one kv head (rows = queries x heads):
+    # one head a program, pairs, and all eight of an MQA group, each with a sliding window
+    monkeypatch.setattr(pa, "MAX_PACK", max_pack)
+    assert pa.heads_packed(8) == max_pack
+    c = Chunks([130, 0, 64], [70, 1, 17], 8, 1, 32, 16, torch.float32, device, seed=max_pack)
+    check_attention(c.run(window=window), c.ref(window=window), torch.float32)

@@ -263,13 +263,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="rows of the step (default 64)")
     ap.add_argument("--kv-cache-dtype", default=None, help="EngineConfig.kv_cache_dtype, e.g. fp8")
     ap.add_argument("--quantization", default=None, help="EngineConfig.quantization, e.g. fp8")
+    ap.add_argument("--bf16-dots", action="store_true",
+                    help="an fp8 cache widened to bf16 (kernels.paged_tiles.FP8_DOTS_IN_FP16 off)")
     args = ap.parse_args()
     import throughput
     import torch
     from throughput import LLAMA3_8B, PRESETS, _engine, _targets, prompts_for
 
+    from lorry.kernels import paged_tiles
     from lorry.testing import make_tiny_tokenizer, write_random_adapter
 
+    paged_tiles.FP8_DOTS_IN_FP16 = not args.bf16_dots
     p = dict(PRESETS["llama3-8b"], batch=args.batch or PRESETS["llama3-8b"]["batch"])
     for key in ("kv_cache_dtype", "quantization"):
         if getattr(args, key):
@@ -286,6 +290,7 @@ def main() -> None:
     eng = _engine(str(model), p, "cuda", "dummy", len(adapters))
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
            "batch": p["batch"], "engine": dict(throughput.ENGINE_OPTIONS),
+           "fp8_dots_in_fp16": paged_tiles.FP8_DOTS_IN_FP16,
            "step_ms": step_times(eng, adapters, prompts, args.reps, args.variants)}
     if args.profile:
         profile_mixed_step(eng, adapters, prompts, args.profile)

@@ -21,6 +21,7 @@ import time
 import torch
 from prefill_step import _timer  # benchmarks/: median of CUDA-event timings
 
+from lorry.kernels import paged_tiles
 from lorry.kernels import prefill_attention as pa
 
 Q_LEN = [1500, 1000, 800, 600, 500, 379, 200, 100]
@@ -50,6 +51,10 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--kv-cache-dtype", default=None, choices=[None, "fp8"])
+    ap.add_argument("--bf16-dots", action="store_true",
+                    help="an fp8 cache widened to bf16 (paged_tiles.FP8_DOTS_IN_FP16 off)")
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="the current setting and the same with one query head a program only")
     ap.add_argument("--quick", action="store_true",
                     help="a smaller grid: 2 or 3 stages, BLOCK_N 32 or 64")
     args = ap.parse_args()
@@ -61,6 +66,8 @@ def main() -> None:
     tables, kc, vc = random_paged(need, max(need), kvh, D, bs, dt, dev, g)
     if args.kv_cache_dtype == "fp8":
         kc, vc = (x.mul(3).to(torch.float8_e4m3fn) for x in (kc, vc))
+    if args.bf16_dots:
+        paged_tiles.FP8_DOTS_IN_FP16 = False
     q = torch.randn(tq, h * D, device=dev, dtype=dt, generator=g)
     starts = [sum(Q_LEN[:i]) for i in range(len(Q_LEN))]
     rows = torch.tensor([starts, Q_LEN, CTX], dtype=torch.int32, device=dev)
@@ -84,6 +91,8 @@ def main() -> None:
     grid = ((64, 128), (32, 64), (4, 8), (2, 3), (1, 2, 4)) if args.quick else \
         ((64, 128), (32, 64, 128), (4, 8), (1, 2, 3), (1, 2, 4, 8))
     configs = [default] + [c for c in itertools.product(*grid) if c != default]
+    if args.no_sweep:
+        configs = [default, default[:4] + (1,)]
     for cfg in configs:
         use(cfg)
         row = {"block_m": cfg[0], "block_n": cfg[1], "num_warps": cfg[2], "num_stages": cfg[3],
@@ -106,6 +115,7 @@ def main() -> None:
                       "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "rows": {"q_len": Q_LEN, "ctx": CTX}, "heads": [h, kvh, D],
                       "kv_cache_dtype": args.kv_cache_dtype,
+                      "fp8_dots_in_fp16": paged_tiles.FP8_DOTS_IN_FP16,
                       "causal_pairs_per_head": pairs, "default": results[0], "best": best,
                       "speedup": round(results[0]["ms"] / best["ms"], 3) if best else None,
                       "results": results}, indent=2))

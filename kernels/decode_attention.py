@@ -19,7 +19,14 @@ import triton.language as tl
 
 from lorry.kernels.device_info import max_shared_mem, num_sms
 from lorry.kernels.launch_math import cdiv, next_pow2
-from lorry.kernels.paged_tiles import check_paged, kv_tile, logits, softmax_update
+from lorry.kernels.paged_tiles import (
+    check_paged,
+    kv_tile,
+    logits,
+    query_compute,
+    query_for_cache,
+    softmax_update,
+)
 
 BLOCK_N = 0           # keys per tile; 0: by head dim and shared memory (launch_for)
 MIN_CHUNK = 256       # fewest keys per split
@@ -61,10 +68,11 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 @triton.jit
 def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, out_ptr, part_ptr, ml_ptr,
                         stride_qb, stride_btb, stride_btn, s_cs, s_ch, stride_ob, scale,
-                        window, SOFTCAP: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                        q_shift, window, SOFTCAP: tl.constexpr, G: tl.constexpr,
+                        G_PAD: tl.constexpr,
                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
-                        IEEE: tl.constexpr):
+                        IEEE: tl.constexpr, F16: tl.constexpr):
     # one body: the online softmax keeps paging, window, soft-cap and split output in one loop
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -81,6 +89,7 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, out_ptr, part_pt
     head = kvh * G + g                                             # query heads of this kv head
     q = tl.load(q_ptr + b * stride_qb + head[:, None] * D + d[None, :],
                 mask=gm[:, None] & dm[None, :], other=0.0)         # [G_PAD, BLOCK_D]
+    q, scale = query_for_cache(q, scale, q_shift, F16)
     kbase = kc_ptr + kvh.to(tl.int64) * s_ch
     vbase = vc_ptr + kvh.to(tl.int64) * s_ch
     table = bt_ptr + b * stride_btb                                # this sequence's block ids
@@ -90,7 +99,7 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, out_ptr, part_pt
     for start in range(lo, hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         k, v, km = kv_tile(table, kbase, vbase, offs, hi, d, dm, stride_btn, s_cs, BLOCK_SIZE)
-        k, v = k.to(q.dtype), v.to(q.dtype)                       # an fp8 cache's, widened
+        k, v = k.to(q.dtype), v.to(q.dtype)         # an fp8 cache's, widened (fp16: F16)
         s = logits(q, k, scale, SOFTCAP, IEEE)
         s = tl.where(km[None, :], s, float("-inf"))               # [G_PAD, BLOCK_N]
         m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, IEEE)
@@ -226,13 +235,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         ml = torch.empty(B * h * splits, 2, dtype=torch.float32, device=q.device)
     else:
         part = ml = out
+    scale = scale or D ** -0.5
+    f16, q_shift = query_compute(q, k_cache, scale)
     _decode_attn_kernel[(B, kvh, splits)](
         q, k_cache, v_cache, block_tables, positions, out, part, ml,
         q.stride(0), block_tables.stride(0), block_tables.stride(1), k_cache.stride(0),
-        k_cache.stride(1), out.stride(0), scale or D ** -0.5, window or 0,
+        k_cache.stride(1), out.stride(0), scale, q_shift, window or 0,
         SOFTCAP=float(softcap or 0.0), G=G, G_PAD=max(16, next_pow2(G)), D=D,
         BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=block_size, CHUNK=chunk, SPLITS=splits,
-        IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS, num_stages=stages)
+        IEEE=q.dtype == torch.float32, F16=f16, num_warps=NUM_WARPS, num_stages=stages)
     if splits > 1:
         _merge_splits_kernel[(B, h)](part, ml, positions, out, out.stride(0), h, window or 0,
                                      D=D, BLOCK_D=block_d, CHUNK=chunk, SPLITS=splits,

@@ -3,6 +3,8 @@ kernels.prefill_attention): their input checks, and in Triton a tile of keys and
 gathered through a block table, the scaled (soft-capped) logits, one online-softmax update."""
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -62,6 +64,31 @@ def to_cache(x, CACHE_TY: tl.constexpr):
         r = tl.where(a > 0x7F800000, 0x7F, r)                   # NaN
         return (r | ((bits >> 24) & 0x80)).to(tl.uint8).to(CACHE_TY, bitcast=True)
     return x.to(CACHE_TY)
+
+
+FP8_CACHES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# False: a bf16 query's dots over an fp8 cache run in bf16 (the cache widened to bf16), for
+# the A/B of benchmarks/prefill_attn_sweep.py and decode_step.py
+FP8_DOTS_IN_FP16 = True
+
+
+def query_compute(q: torch.Tensor, k_cache: torch.Tensor, scale: float) -> tuple[bool, float]:
+    """(F16, q_shift) of an attention launch: F16 when a bf16 query meets an fp8 cache, whose
+    keys and values the kernel then widens to fp16 (one conversion instruction per two values
+    on Hopper; to bf16 it takes three) and whose query it takes in fp16 times ``q_shift``, the
+    power of two nearest ``scale``: an exact product that keeps the query far from fp16's
+    largest value, the rest of the scale applied to the fp32 logits."""
+    f16 = FP8_DOTS_IN_FP16 and k_cache.dtype in FP8_CACHES and q.dtype == torch.bfloat16
+    return f16, 2.0 ** round(math.log2(scale)) if f16 else 1.0
+
+
+@triton.jit
+def query_for_cache(q, scale, q_shift, F16: tl.constexpr):
+    """The query tile and the logit scale as the dots take them (``query_compute``): with
+    F16, q * q_shift in fp16 and scale / q_shift; else as given."""
+    if F16:
+        return (q.to(tl.float32) * q_shift).to(tl.float16), scale / q_shift
+    return q, scale
 
 
 @triton.jit

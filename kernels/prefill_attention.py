@@ -26,7 +26,14 @@ import triton
 import triton.language as tl
 
 from lorry.kernels.launch_math import cdiv, next_pow2
-from lorry.kernels.paged_tiles import check_paged, kv_tile, logits, softmax_update
+from lorry.kernels.paged_tiles import (
+    check_paged,
+    kv_tile,
+    logits,
+    query_compute,
+    query_for_cache,
+    softmax_update,
+)
 
 # Launch settings: benchmarks/prefill_attn_sweep.py timed 36 on an H100 at a bulk prompt step
 # (Llama-3-8B heads, 5,079 queries in 8 rows): these 0.410 ms, the earlier 64 / 64 / 4 / 2
@@ -77,10 +84,10 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 @triton.jit
 def _prefill_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, out_ptr, stride_rows,
                          row_stride, stride_qt, stride_btb, stride_btn, s_cs, s_ch, stride_ot,
-                         scale, window, SOFTCAP: tl.constexpr, G: tl.constexpr,
+                         scale, q_shift, window, SOFTCAP: tl.constexpr, G: tl.constexpr,
                          PACK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr, F16: tl.constexpr):
     # a program's BLOCK_M rows: BLOCK_M // PACK queries, each under PACK query heads of one
     # kv head (row r: query r // PACK, head program_id(0) * PACK + r % PACK)
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK
@@ -106,6 +113,7 @@ def _prefill_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, out_ptr, strid
     dm = d < D
     q = tl.load(q_ptr + (q0 + i)[:, None] * stride_qt + (head * D)[:, None] + d[None, :],
                 mask=im[:, None] & dm[None, :], other=0.0)             # [BLOCK_M, BLOCK_D]
+    q, scale = query_for_cache(q, scale, q_shift, F16)
     kvh = tl.program_id(0) * PACK // G
     kbase = kc_ptr + kvh.to(tl.int64) * s_ch
     vbase = vc_ptr + kvh.to(tl.int64) * s_ch
@@ -117,7 +125,7 @@ def _prefill_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, out_ptr, strid
     for start in range(lo, hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         k, v, km = kv_tile(table, kbase, vbase, offs, hi, d, dm, stride_btn, s_cs, BLOCK_SIZE)
-        k, v = k.to(q.dtype), v.to(q.dtype)                       # an fp8 cache's, widened
+        k, v = k.to(q.dtype), v.to(q.dtype)         # an fp8 cache's, widened (fp16: F16)
         s = logits(q, k, scale, SOFTCAP, IEEE)
         seen = km[None, :] & (offs[None, :] <= pos[:, None])
         if window > 0:
@@ -174,12 +182,14 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if B == 0 or max_q <= 0:
         return out
     pack = heads_packed(h // kvh)
+    scale = scale or D ** -0.5
+    f16, q_shift = query_compute(q, k_cache, scale)
     _prefill_attn_kernel[(h // pack, cdiv(max_q, BLOCK_M // pack), B)](
         q, k_cache, v_cache, block_tables, rows, out, rows.stride(0), row_stride,
         q.stride(0), block_tables.stride(0), block_tables.stride(1), k_cache.stride(0),
-        k_cache.stride(1), out.stride(0), scale or D ** -0.5, window or 0,
+        k_cache.stride(1), out.stride(0), scale, q_shift, window or 0,
         SOFTCAP=float(softcap or 0.0), G=h // kvh, PACK=pack, D=D,
         BLOCK_D=max(16, next_pow2(D)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_SIZE=block_size, IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS,
+        BLOCK_SIZE=block_size, IEEE=q.dtype == torch.float32, F16=f16, num_warps=NUM_WARPS,
         num_stages=NUM_STAGES)
     return out

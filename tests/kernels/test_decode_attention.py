@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorry.kernels.decode_attention import decode_attention, decode_attention_ref, num_splits
-from tests.kernels.cases import check_attention, skip_interpreted_bf16
+from tests.kernels.cases import ATTENTION_TOL, check_attention, skip_interpreted_bf16
 
 
 @dataclass
@@ -289,18 +289,34 @@ def test_graph_replay_follows_new_tables_and_positions(splits):
 @pytest.mark.parametrize("shape", ["gqa_tile_spans_blocks", "llama3_block_is_tile"])
 def test_an_fp8_cache_is_read_widened_to_the_query_dtype(dtype, shape, device):
     # EngineConfig.kv_cache_dtype="fp8": the caches hold float8 e4m3 (values up to ~+-12
-    # here, rounded to 3 mantissa bits), the kernel widens each tile to q's dtype
-    skip_interpreted_bf16(dtype, device)
+    # here, rounded to 3 mantissa bits), the kernel widens each tile: to fp32 for an fp32
+    # query, to fp16 for a bf16 one (whose dots then run in fp16: paged_tiles.query_compute;
+    # the interpreter runs those, unlike bf16 dots)
     p = _paged(*SHAPES[shape], dtype=dtype, device=device, seed=7)
     p.k_cache, p.v_cache = (c.mul(3).to(torch.float8_e4m3fn) for c in (p.k_cache, p.v_cache))
     out = p.run()
     check_attention(out, p.ref(), dtype)
-    # the same as the model-dtype kernel over the same (rounded) keys: widening is exact;
-    # on a GPU the two compile to different MMA operand paths (registers against shared
-    # memory), which may sum a dot product in another order: equal within the rounding
-    same = decode_attention(p.q, p.k_cache.to(dtype), p.v_cache.to(dtype), p.tables,
-                            p.positions, p.block_size)
-    if device.type == "cpu":
-        assert torch.equal(out, same)
-    else:
-        check_attention(out, same, dtype)
+    if dtype == torch.float32:
+        # the same as the model-dtype kernel over the same (rounded) keys: widening is exact;
+        # on a GPU the two compile to different MMA operand paths (registers against shared
+        # memory), which may sum a dot product in another order: equal within the rounding
+        same = decode_attention(p.q, p.k_cache.to(dtype), p.v_cache.to(dtype), p.tables,
+                                p.positions, p.block_size)
+        if device.type == "cpu":
+            assert torch.equal(out, same)
+        else:
+            check_attention(out, same, dtype)
+
+
+@pytest.mark.parametrize("shape", ["gqa_tile_spans_blocks", "llama3_block_is_tile"])
+def test_a_bf16_query_past_fp16s_range_over_an_fp8_cache_stays_finite(shape, device):
+    # the fp16 dots take the query times the power of two nearest the logit scale: queries
+    # of +-1e5 (a bf16 value, past fp16's 65504) give the reference's attention, not NaN
+    p = _paged(*SHAPES[shape], dtype=torch.bfloat16, device=device, seed=8)
+    p.k_cache, p.v_cache = (c.to(torch.float8_e4m3fn) for c in (p.k_cache, p.v_cache))
+    p.q = torch.where(p.q > 0, 1e5, -1e5).to(torch.bfloat16) * (p.q.abs() > 0.5)
+    out = p.run()
+    assert torch.isfinite(out).all()
+    p.q = p.q.float()   # the reference in fp32: bf16 logits of ~1e5 are 512 apart
+    ref = p.ref()
+    assert ((out.float() - ref).norm() / ref.norm()).item() < ATTENTION_TOL[torch.bfloat16]

@@ -277,14 +277,34 @@ def _captures(eng) -> int | None:
     return getattr(graphs, "captures", None)
 
 
-def _progress(eng, label: str, every: float = 20.0) -> None:
+def _progress(eng, label: str, every: float = 20.0) -> list | None:
     """A stderr line every ``every`` seconds of ``eng``'s steps, so a run cut short by a time
-    limit still shows how far it got and at what pace."""
+    limit still shows how far it got and at what pace. Returns the list into which, once a
+    caller sets ``record[0] = True``, each step() appends (wall ms, prompt tokens, decode
+    rows, device steps, adapters written into GPU slots): ``step_profile``'s input."""
     step, t0 = eng.step, time.perf_counter()
     state = {"last": t0, "steps": 0}
+    record: list = [False]
+    counts = getattr(eng, "_steps", None)
+    gpu = getattr(getattr(eng, "loras", None), "gpu", None)
 
     def stepped():
-        out = step()
+        if record[0] and counts is not None:
+            pre, dec = counts["prefill"], counts["decode"]
+            b = (pre["steps"], pre["tokens"], pre["rows"], dec["steps"], dec["rows"],
+                 gpu.misses if gpu is not None else 0)
+            t = time.perf_counter()
+            out = step()
+            ms = (time.perf_counter() - t) * 1e3
+            a = (pre["steps"], pre["tokens"], pre["rows"], dec["steps"], dec["rows"],
+                 gpu.misses if gpu is not None else 0)
+            if a[0] > b[0]:     # a prompt-bearing step: its tokens, its decode rows
+                record.append((round(ms, 2), a[1] - b[1], a[2] - b[2], 1, a[5] - b[5]))
+            elif a[3] > b[3]:   # a decode step or round: rows a device step, device steps
+                n = a[3] - b[3]
+                record.append((round(ms, 2), 0, -(-(a[4] - b[4]) // n), n, a[5] - b[5]))
+        else:
+            out = step()
         state["steps"] += 1
         now = time.perf_counter()
         if now - state["last"] >= every:
@@ -297,6 +317,70 @@ def _progress(eng, label: str, every: float = 20.0) -> None:
         return out
 
     eng.step = stepped
+    return record
+
+
+def step_profile(record: list) -> dict:
+    """Where a run's step time goes, from ``_progress``'s records: prompt-bearing steps'
+    wall ms fitted as a + b * prompt tokens, by token range, and the steps far above the fit
+    (a compile, a capture, an adapter write, the host) with their share; decode steps' ms per
+    device step. Steps that wrote adapters into GPU slots are counted apart."""
+    import numpy as np
+
+    out = {}
+    prompt = np.array([r for r in record[1:] if r[1] > 0], dtype=np.float64).reshape(-1, 5)
+    decode = np.array([r for r in record[1:] if r[1] == 0], dtype=np.float64).reshape(-1, 5)
+    if len(prompt) >= 3:
+        ms, tok, rows, writes = prompt[:, 0], prompt[:, 1], prompt[:, 2], prompt[:, 4]
+        X = np.stack([np.ones_like(tok), tok, rows], 1)          # ms = a + b tokens + c rows
+        coef, *_ = np.linalg.lstsq(X, ms, rcond=None)
+        fit = X @ coef
+        resid = ms - fit
+        slow = resid > np.maximum(30.0, 0.5 * fit)
+        bins = [0, 1000, 2000, 4000, 6000, 8000, 10 ** 9]
+        by = []
+        for lo, hi in zip(bins, bins[1:]):
+            m = (tok >= lo) & (tok < hi)
+            if m.any():
+                by.append({"tokens": f"{lo}-{hi if hi < 10 ** 9 else ''}", "steps": int(m.sum()),
+                           "median_ms": round(float(np.median(ms[m])), 1),
+                           "mean_ms": round(float(ms[m].mean()), 1),
+                           "mean_tokens": round(float(tok[m].mean())),
+                           "mean_decode_rows": round(float(rows[m].mean()), 1)})
+        w = writes > 0
+        worst = np.argsort(-resid)[:8]
+        out["prompt_bearing"] = {
+            "steps": len(ms), "seconds": round(float(ms.sum()) / 1e3, 2),
+            "fit_ms": {"intercept": round(float(coef[0]), 2),
+                       "per_1k_tokens": round(float(coef[1]) * 1e3, 2),
+                       "per_decode_row": round(float(coef[2]), 4),
+                       "r2": round(1 - float((resid ** 2).sum()) / max(
+                           float(((ms - ms.mean()) ** 2).sum()), 1e-9), 3)},
+            "by_tokens": by,
+            "slow_steps": int(slow.sum()),
+            "slow_excess_seconds": round(float(resid[slow].sum()) / 1e3, 2),
+            "steps_writing_adapters": int(w.sum()),
+            "mean_excess_ms_writing": round(float(resid[w].mean()), 1) if w.any() else None,
+            "mean_excess_ms_not_writing": round(float(resid[~w].mean()), 1)
+            if (~w).any() else None,
+            "worst": [{"ms": float(ms[i]), "fit_ms": round(float(fit[i]), 1),
+                       "tokens": int(tok[i]), "decode_rows": int(rows[i]),
+                       "adapter_writes": int(writes[i]), "at": int(i)} for i in worst]}
+    if len(decode):
+        per = decode[:, 0] / decode[:, 3]
+        med = float(np.median(per))
+        slow = per > np.maximum(2 * med, med + 20)
+        out["decode"] = {
+            "calls": len(per), "device_steps": int(decode[:, 3].sum()),
+            "seconds": round(float(decode[:, 0].sum()) / 1e3, 2),
+            "ms_per_device_step": {"median": round(med, 2),
+                                   "p90": round(float(np.percentile(per, 90)), 2),
+                                   "max": round(float(per.max()), 1)},
+            "slow_calls": int(slow.sum()),
+            "slow_excess_seconds": round(float(((per - med) * decode[:, 3])[slow].sum()) / 1e3,
+                                         2),
+            "calls_writing_adapters": int((decode[:, 4] > 0).sum())}
+    return out
 
 
 def _generate(eng, w: Workload, loras: list[LoRARequest] | None, limit: int | None,
@@ -339,7 +423,8 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
     eng.runner.pack_prefill = run != "padded_prefill"
     if args.pageable_staging and getattr(eng, "loras", None) is not None:
         eng.loras.pin_memory = False   # the A/B: loads stage in plain host memory
-    _progress(eng, f"{run}, {max_num_seqs} rows" + ("" if limit is None else f", {limit} adapters"))
+    record = _progress(eng, f"{run}, {max_num_seqs} rows"
+                       + ("" if limit is None else f", {limit} adapters"))
     try:
         t0 = time.perf_counter()
         n = args.warmup if args.warmup is not None else 2 * max_num_seqs
@@ -357,6 +442,7 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
         warm_s = time.perf_counter() - t0
         before, captures = eng.cache_stats(), _captures(eng)
         host_before = _host_pinned(args.device)
+        record[0] = True
         t0 = time.perf_counter()
         work = grouped(ctx["workload"]) if run == "grouped" else ctx["workload"]
         # the grouped run's order is the point of it: generate keeps it
@@ -384,6 +470,7 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
     for key in ("kv", "steps"):
         if stats.get(key) is not None:
             res[key] = stats[key]
+    res["step_profile"] = step_profile(record)
     kv = res.get("kv") or {}
     if kv.get("prefix_query_tokens"):
         kv["prefix_hit_rate"] = round(kv["prefix_hit_tokens"] / kv["prefix_query_tokens"], 4)

@@ -37,7 +37,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 summary() {  # the [bulk] lines and the derived figures of one log/json
     grep -h '^\[bulk\]' "$1.log" 2>/dev/null
     [ -s "$1.json" ] && $py -c 'import json,sys; r=json.load(open(sys.argv[1]))
-print({k: r[k] for k in ("lora_overhead","prefix_speedup","order_speedup","mixed_steps_speedup","multi_step_speedup","grouping_speedup","batch") if k in r})' "$1.json"
+print({k: r[k] for k in ("lora_overhead","prefix_speedup","order_speedup","mixed_steps_speedup","multi_step_speedup","grouping_speedup","batch") if k in r})
+for name, run in r.get("runs", {}).items():
+    p = run.get("step_profile") or {}
+    pb = dict(p.get("prompt_bearing") or {}); w = pb.pop("worst", [])
+    print(name, "prompt-bearing", pb); [print("  worst", x) for x in w[:5]]
+    print(name, "decode", p.get("decode"))' "$1.json"
 }
 
 while [ $# -gt 0 ]; do

@@ -22,7 +22,8 @@
 # round.tgz) | fp8_tests (the fp8 KV cache and fp8 linear tests on CUDA) | fp8_step
 # (decode_step.py at FP8_BATCH rows, default 256: bf16, fp8 KV, fp8 weights, both; each a
 # process with its kernel table) | fp8_bulk (a compile run of each, then the bulk workload's
-# FP8_RUNS, default mixed, under bf16 / fp8 KV / fp8 KV + fp8 weights, each a process)
+# FP8_RUNS, default mixed, under bf16 / fp8 KV / fp8 KV + fp8 weights, each a process;
+# FP8_ENGINES picks: name:flags, flags comma-separated)
 # | a bulk.py run name (each its own process; BULK_ARGS adds bulk.py options).
 # Every step has its own time limit and writes OUTDIR/<step>.json/.log, so a step cut short
 # leaves the ones before it. Run from the repository root on the GPU machine.
@@ -220,7 +221,7 @@ print({k: v for k, v in r.get("kernels", {}).items() if "gemm" in k or "attentio
                 "$out/fp8_step_$name.json"
         done ;;
     fp8_bulk)
-        for what in bf16: kv:--kv-cache-dtype=fp8 kvw:--kv-cache-dtype=fp8,--quantization=fp8; do
+        for what in ${FP8_ENGINES:-bf16: kv:--kv-cache-dtype=fp8 kvw:--kv-cache-dtype=fp8,--quantization=fp8}; do
             name=${what%%:*}; flags=${what#*:}; flags=${flags//,/ }
             [ -n "${FP8_SKIP_COMPILE:-}" ] || { timeout "$limit" $py benchmarks/bulk.py \
                 --device cuda --runs mixed --requests 150 $flags --out "$out/compile_$name.json" \

@@ -86,8 +86,9 @@ def query_compute(q: torch.Tensor, k_cache: torch.Tensor, scale: float) -> tuple
 def query_for_cache(q, scale, q_shift, F16: tl.constexpr):
     """The query tile and the logit scale as the dots take them (``query_compute``): with
     F16, q * q_shift in fp16 and scale / q_shift; else as given."""
-    if F16:
-        return (q.to(tl.float32) * q_shift).to(tl.float16), scale / q_shift
+    if F16:   # one return: the compiler types every return statement, whatever F16 is
+        q = (q.to(tl.float32) * q_shift).to(tl.float16)
+        scale = scale / q_shift
     return q, scale
 
 

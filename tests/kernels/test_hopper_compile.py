@@ -6,7 +6,8 @@ test and fails at its first launch on a GPU. So each kernel is compiled here for
 Triton's own compiler (no GPU needed), in a child process without TRITON_INTERPRET (which
 replaces the kernels with interpreted functions), with the argument types of the engine's
 calls: bf16 tensors, int32 block tables and rows, Llama-3-8B's heads and a Gemma-2-like
-soft-capped, windowed 256-wide head.
+soft-capped, windowed 256-wide head; grouped heads packed per program; an fp8 cache under a
+bf16 query (its dots in fp16).
 """
 from __future__ import annotations
 
@@ -38,21 +39,28 @@ out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
 print(json.dumps({"ptx": len(out.asm["ptx"]), "cubin": len(out.asm["cubin"])}))
 """
 
-BF16 = "*bf16"
+BF16, FP8 = "*bf16", "*fp8e4nv"
 PREFILL_PTRS = {"q_ptr": BF16, "kc_ptr": BF16, "vc_ptr": BF16, "bt_ptr": "*i32",
                 "rows_ptr": "*i32", "out_ptr": BF16}
 DECODE_PTRS = {"q_ptr": BF16, "kc_ptr": BF16, "vc_ptr": BF16, "bt_ptr": "*i32",
                "pos_ptr": "*i64", "out_ptr": BF16, "part_ptr": "*fp32", "ml_ptr": "*fp32"}
+FP8_CACHE = {"kc_ptr": FP8, "vc_ptr": FP8}
+PREFILL = ("lorry.kernels.prefill_attention", "_prefill_attn_kernel")
+DECODE = ("lorry.kernels.decode_attention", "_decode_attn_kernel")
+LLAMA3_PREFILL = {"SOFTCAP": 0.0, "G": 4, "PACK": 4, "D": 128, "BLOCK_D": 128, "BLOCK_M": 64,
+                  "BLOCK_N": 64, "BLOCK_SIZE": 16, "IEEE": False, "F16": False}
+LLAMA3_DECODE = {"SOFTCAP": 0.0, "G": 4, "G_PAD": 16, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64,
+                 "BLOCK_SIZE": 16, "CHUNK": 512, "SPLITS": 4, "IEEE": False, "F16": False}
 CASES = {
-    "prefill_llama3": ("lorry.kernels.prefill_attention", "_prefill_attn_kernel", {
-        "SOFTCAP": 0.0, "G": 4, "D": 128, "BLOCK_D": 128, "BLOCK_M": 64, "BLOCK_N": 64,
-        "BLOCK_SIZE": 16, "IEEE": False}, PREFILL_PTRS),
-    "prefill_softcap_d256": ("lorry.kernels.prefill_attention", "_prefill_attn_kernel", {
-        "SOFTCAP": 50.0, "G": 2, "D": 256, "BLOCK_D": 256, "BLOCK_M": 64, "BLOCK_N": 64,
-        "BLOCK_SIZE": 16, "IEEE": False}, PREFILL_PTRS),
-    "decode_llama3_splits": ("lorry.kernels.decode_attention", "_decode_attn_kernel", {
-        "SOFTCAP": 0.0, "G": 4, "G_PAD": 16, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64,
-        "BLOCK_SIZE": 16, "CHUNK": 512, "SPLITS": 4, "IEEE": False}, DECODE_PTRS),
+    "prefill_llama3": (*PREFILL, LLAMA3_PREFILL, PREFILL_PTRS),
+    "prefill_one_head_a_program": (*PREFILL, dict(LLAMA3_PREFILL, PACK=1), PREFILL_PTRS),
+    "prefill_softcap_d256": (*PREFILL, {
+        "SOFTCAP": 50.0, "G": 2, "PACK": 2, "D": 256, "BLOCK_D": 256, "BLOCK_M": 64,
+        "BLOCK_N": 64, "BLOCK_SIZE": 16, "IEEE": False, "F16": False}, PREFILL_PTRS),
+    "prefill_fp8_cache": (*PREFILL, dict(LLAMA3_PREFILL, F16=True),
+                          dict(PREFILL_PTRS, **FP8_CACHE)),
+    "decode_llama3_splits": (*DECODE, LLAMA3_DECODE, DECODE_PTRS),
+    "decode_fp8_cache": (*DECODE, dict(LLAMA3_DECODE, F16=True), dict(DECODE_PTRS, **FP8_CACHE)),
     "decode_merge_splits": ("lorry.kernels.decode_attention", "_merge_splits_kernel", {
         "D": 128, "BLOCK_D": 128, "CHUNK": 512, "SPLITS": 4},
         {"part_ptr": "*fp32", "ml_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": BF16}),
@@ -64,7 +72,7 @@ def test_paged_attention_kernel_compiles_for_sm90(case):
     module, name, consts, ptrs = CASES[case]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    arg = json.dumps([module, name, consts, ptrs, ["scale"]])
+    arg = json.dumps([module, name, consts, ptrs, ["scale", "q_shift"]])
     done = subprocess.run([sys.executable, "-c", COMPILE, arg], env=env, capture_output=True,
                           text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

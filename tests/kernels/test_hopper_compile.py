@@ -1,4 +1,4 @@
-"""The paged attention kernels compile for an H100/H200 (sm_90) on any machine.
+"""The paged attention and fp8 kernels compile for an H100/H200 (sm_90) on any machine.
 
 The CPU interpreter runs a kernel's Python, not its compiled form: a kernel whose branches
 give a variable two types, or that the compiler cannot lay out, passes every interpreted
@@ -64,6 +64,22 @@ CASES = {
     "decode_merge_splits": ("lorry.kernels.decode_attention", "_merge_splits_kernel", {
         "D": 128, "BLOCK_D": 128, "CHUNK": 512, "SPLITS": 4},
         {"part_ptr": "*fp32", "ml_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": BF16}),
+    # EngineConfig.quantization="fp8" and kv_cache_dtype="fp8": the norm and silu*up that
+    # quantize the next linear's rows, the W8A8 GEMM, the rotary write into an fp8 cache
+    "add_rmsnorm_fp8_rows": ("lorry.kernels.fused_ops", "_add_rmsnorm_kernel", {
+        "HAS_RES": True, "QUANT": True, "BLOCK": 4096},
+        {"x_ptr": BF16, "res_ptr": BF16, "w_ptr": BF16, "out_ptr": BF16, "q_ptr": FP8,
+         "s_ptr": "*fp32"}),
+    "silu_mul_fp8_rows": ("lorry.kernels.fused_ops", "_silu_mul_fp8_kernel", {"BLOCK": 4096},
+                          {"gu_ptr": BF16, "out_ptr": BF16, "q_ptr": FP8, "s_ptr": "*fp32"}),
+    "fp8_matmul": ("lorry.kernels.fp8_matmul", "_fp8_matmul_kernel", {
+        "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "EVEN_K": True},
+        {"x_ptr": FP8, "w_ptr": FP8, "sx_ptr": "*fp32", "sw_ptr": "*fp32", "out_ptr": BF16}),
+    "rotary_write_fp8_cache": ("lorry.kernels.fused_ops", "_rotary_qk_kernel", {
+        "HEADS": 32, "KV_HEADS": 8, "HALF": 64, "BLOCK_H": 64, "BLOCK_HALF": 64,
+        "WRITE_CACHE": True},
+        {"qkv_ptr": BF16, "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+         "slot_ptr": "*i64", "kc_ptr": FP8, "vc_ptr": FP8}),
 }
 
 
@@ -72,7 +88,7 @@ def test_paged_attention_kernel_compiles_for_sm90(case):
     module, name, consts, ptrs = CASES[case]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    arg = json.dumps([module, name, consts, ptrs, ["scale", "q_shift"]])
+    arg = json.dumps([module, name, consts, ptrs, ["scale", "q_shift", "eps"]])
     done = subprocess.run([sys.executable, "-c", COMPILE, arg], env=env, capture_output=True,
                           text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

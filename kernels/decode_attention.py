@@ -65,21 +65,28 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return out
 
 
-@triton.jit
+# Arguments that change from step to step are plain runtime values, never constexprs, and
+# those not always a multiple of 16 are kept from Triton's specialization on ==1 and %16: each
+# new value or class of one compiles the kernel again (~1 s on an H100), which a mixed step's
+# decode rows, whose table width is the step's longest row, met dozens of times a bulk run
+UNSPECIALIZED = ("stride_btb",)
+
+
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, out_ptr, part_ptr, ml_ptr,
                         stride_qb, stride_btb, stride_btn, s_cs, s_ch, stride_ob, scale,
-                        q_shift, window, SOFTCAP: tl.constexpr, G: tl.constexpr,
+                        q_shift, window, chunk, SOFTCAP: tl.constexpr, G: tl.constexpr,
                         G_PAD: tl.constexpr,
                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr,
                         IEEE: tl.constexpr, F16: tl.constexpr):
     # one body: the online softmax keeps paging, window, soft-cap and split output in one loop
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     n = tl.load(pos_ptr + b).to(tl.int32) + 1                      # keys 0..pos
-    lo = split * CHUNK
-    hi = tl.minimum(lo + CHUNK, n)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n)
     if window > 0:                                                 # keys n-window..n-1 only
         lo = tl.maximum(lo, n - window)
     g = tl.arange(0, G_PAD)
@@ -118,16 +125,15 @@ def _decode_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, pos_ptr, out_ptr, part_pt
 
 
 @triton.jit
-def _merge_splits_kernel(part_ptr, ml_ptr, pos_ptr, out_ptr, stride_ob, H, window,
-                         D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-                         SPLITS: tl.constexpr):
+def _merge_splits_kernel(part_ptr, ml_ptr, pos_ptr, out_ptr, stride_ob, H, window, chunk,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     sp = tl.arange(0, SPLITS)
     d = tl.arange(0, BLOCK_D)
     n = tl.load(pos_ptr + b).to(tl.int32) + 1
     first = tl.where(window > 0, tl.maximum(n - window, 0), 0)    # the oldest visible key
-    live = (sp * CHUNK < n) & ((sp + 1) * CHUNK > first)          # the splits that had keys
+    live = (sp * chunk < n) & ((sp + 1) * chunk > first)          # the splits that had keys
     base = (b * H + head) * SPLITS + sp                            # [SPLITS]
     m = tl.load(ml_ptr + base * 2, mask=live, other=float("-inf"))
     lsum = tl.load(ml_ptr + base * 2 + 1, mask=live, other=0.0)
@@ -240,12 +246,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_attn_kernel[(B, kvh, splits)](
         q, k_cache, v_cache, block_tables, positions, out, part, ml,
         q.stride(0), block_tables.stride(0), block_tables.stride(1), k_cache.stride(0),
-        k_cache.stride(1), out.stride(0), scale, q_shift, window or 0,
+        k_cache.stride(1), out.stride(0), scale, q_shift, window or 0, chunk,
         SOFTCAP=float(softcap or 0.0), G=G, G_PAD=max(16, next_pow2(G)), D=D,
-        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=block_size, CHUNK=chunk, SPLITS=splits,
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_SIZE=block_size, SPLITS=splits,
         IEEE=q.dtype == torch.float32, F16=f16, num_warps=NUM_WARPS, num_stages=stages)
     if splits > 1:
         _merge_splits_kernel[(B, h)](part, ml, positions, out, out.stride(0), h, window or 0,
-                                     D=D, BLOCK_D=block_d, CHUNK=chunk, SPLITS=splits,
+                                     chunk, D=D, BLOCK_D=block_d, SPLITS=splits,
                                      num_warps=4)
     return out

@@ -81,7 +81,12 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out
 
 
-@triton.jit
+# the row count and the table width change from step to step: kept from Triton's
+# specialization on ==1 and %16 (each new class compiles the kernel again)
+UNSPECIALIZED = ("stride_rows", "stride_btb")
+
+
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _prefill_attn_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, out_ptr, stride_rows,
                          row_stride, stride_qt, stride_btb, stride_btn, s_cs, s_ch, stride_ot,
                          scale, q_shift, window, SOFTCAP: tl.constexpr, G: tl.constexpr,

@@ -50,7 +50,7 @@ DECODE = ("lorry.kernels.decode_attention", "_decode_attn_kernel")
 LLAMA3_PREFILL = {"SOFTCAP": 0.0, "G": 4, "PACK": 4, "D": 128, "BLOCK_D": 128, "BLOCK_M": 64,
                   "BLOCK_N": 64, "BLOCK_SIZE": 16, "IEEE": False, "F16": False}
 LLAMA3_DECODE = {"SOFTCAP": 0.0, "G": 4, "G_PAD": 16, "D": 128, "BLOCK_D": 128, "BLOCK_N": 64,
-                 "BLOCK_SIZE": 16, "CHUNK": 512, "SPLITS": 4, "IEEE": False, "F16": False}
+                 "BLOCK_SIZE": 16, "SPLITS": 4, "IEEE": False, "F16": False}
 CASES = {
     "prefill_llama3": (*PREFILL, LLAMA3_PREFILL, PREFILL_PTRS),
     "prefill_one_head_a_program": (*PREFILL, dict(LLAMA3_PREFILL, PACK=1), PREFILL_PTRS),
@@ -62,7 +62,7 @@ CASES = {
     "decode_llama3_splits": (*DECODE, LLAMA3_DECODE, DECODE_PTRS),
     "decode_fp8_cache": (*DECODE, dict(LLAMA3_DECODE, F16=True), dict(DECODE_PTRS, **FP8_CACHE)),
     "decode_merge_splits": ("lorry.kernels.decode_attention", "_merge_splits_kernel", {
-        "D": 128, "BLOCK_D": 128, "CHUNK": 512, "SPLITS": 4},
+        "D": 128, "BLOCK_D": 128, "SPLITS": 4},
         {"part_ptr": "*fp32", "ml_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": BF16}),
     # EngineConfig.quantization="fp8" and kv_cache_dtype="fp8": the norm and silu*up that
     # quantize the next linear's rows, the W8A8 GEMM, the rotary write into an fp8 cache

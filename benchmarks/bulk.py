@@ -323,7 +323,8 @@ def _progress(eng, label: str, every: float = 20.0) -> list | None:
 def step_profile(record: list) -> dict:
     """Where a run's step time goes, from ``_progress``'s records: prompt-bearing steps'
     wall ms fitted as a + b * prompt tokens, by token range, and the steps far above the fit
-    (a compile, a capture, an adapter write, the host) with their share; decode steps' ms per
+    (a compile, a capture, an adapter write, the host) with their share (the fit is made
+    again without them); decode steps' ms per
     device step. Steps that wrote adapters into GPU slots are counted apart."""
     import numpy as np
 
@@ -333,10 +334,15 @@ def step_profile(record: list) -> dict:
     if len(prompt) >= 3:
         ms, tok, rows, writes = prompt[:, 0], prompt[:, 1], prompt[:, 2], prompt[:, 4]
         X = np.stack([np.ones_like(tok), tok, rows], 1)          # ms = a + b tokens + c rows
-        coef, *_ = np.linalg.lstsq(X, ms, rcond=None)
-        fit = X @ coef
-        resid = ms - fit
-        slow = resid > np.maximum(30.0, 0.5 * fit)
+        keep = np.ones(len(ms), dtype=bool)
+        for _ in range(2):   # fitted again without the slow steps (a few 1-2 s ones skew it)
+            coef, *_ = np.linalg.lstsq(X[keep], ms[keep], rcond=None)
+            fit = X @ coef
+            resid = ms - fit
+            slow = resid > np.maximum(30.0, 0.5 * fit)
+            if slow.all() or not slow.any():
+                break
+            keep = ~slow
         bins = [0, 1000, 2000, 4000, 6000, 8000, 10 ** 9]
         by = []
         for lo, hi in zip(bins, bins[1:]):
@@ -354,8 +360,9 @@ def step_profile(record: list) -> dict:
             "fit_ms": {"intercept": round(float(coef[0]), 2),
                        "per_1k_tokens": round(float(coef[1]) * 1e3, 2),
                        "per_decode_row": round(float(coef[2]), 4),
-                       "r2": round(1 - float((resid ** 2).sum()) / max(
-                           float(((ms - ms.mean()) ** 2).sum()), 1e-9), 3)},
+                       # over the steps fitted (the slow ones left out)
+                       "r2": round(1 - float((resid[keep] ** 2).sum()) / max(
+                           float(((ms[keep] - ms[keep].mean()) ** 2).sum()), 1e-9), 3)},
             "by_tokens": by,
             "slow_steps": int(slow.sum()),
             "slow_excess_seconds": round(float(resid[slow].sum()) / 1e3, 2),
@@ -471,6 +478,9 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
         if stats.get(key) is not None:
             res[key] = stats[key]
     res["step_profile"] = step_profile(record)
+    # each step as recorded (wall ms, prompt tokens, decode rows, device steps, adapter
+    # writes), for another look at the run later
+    res["step_records"] = record[1:]
     kv = res.get("kv") or {}
     if kv.get("prefix_query_tokens"):
         kv["prefix_hit_rate"] = round(kv["prefix_hit_tokens"] / kv["prefix_query_tokens"], 4)

@@ -28,8 +28,11 @@ def test_prompt_steps_fit_tokens_and_rows_and_the_slow_ones_stand_out():
     assert {w["at"] for w in pb["worst"][:2]} == {5, 30}
     assert pb["worst"][0]["ms"] - pb["worst"][0]["fit_ms"] > 300
     assert pb["steps_writing_adapters"] == 1 and pb["mean_excess_ms_writing"] > 300
-    # the two slow steps pull the fit up a little; it still finds the per-token cost
-    assert 20 < pb["fit_ms"]["per_1k_tokens"] < 32
+    # fitted again without the two slow steps: the per-token cost, intercept and row cost
+    assert pb["fit_ms"]["per_1k_tokens"] == pytest.approx(25.0, abs=0.01)
+    assert pb["fit_ms"]["intercept"] == pytest.approx(20.0, abs=0.05)
+    assert pb["fit_ms"]["per_decode_row"] == pytest.approx(0.05, abs=1e-3)
+    assert pb["fit_ms"]["r2"] > 0.999
     assert sum(b["steps"] for b in pb["by_tokens"]) == 40
     d = p["decode"]
     assert d["calls"] == 30 and d["device_steps"] == 120

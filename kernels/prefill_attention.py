@@ -81,9 +81,9 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out
 
 
-# the row count and the table width change from step to step: kept from Triton's
-# specialization on ==1 and %16 (each new class compiles the kernel again)
-UNSPECIALIZED = ("stride_rows", "stride_btb")
+# the row count, the table width and a padded layout's row length change from step to step:
+# kept from Triton's specialization on ==1 and %16 (each new class compiles the kernel again)
+UNSPECIALIZED = ("stride_rows", "row_stride", "stride_btb")
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)

@@ -105,6 +105,11 @@ def skip_interpreted_bf16(dtype, device):
         pytest.skip("Triton 3.x's CPU interpreter multiplies bf16 dot operands as raw bits")
 
 
+def relative_error(out, ref) -> float:
+    """|out - ref| / |ref| over the whole tensor, in fp32."""
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
 def check_attention(out, ref, dtype):
     """An attention kernel's output against its torch reference: fp32 within one reduction
     order (IEEE dots); half types by relative error."""
@@ -112,5 +117,5 @@ def check_attention(out, ref, dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     else:
-        rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        rel = relative_error(out, ref)
         assert rel < ATTENTION_TOL[dtype], rel

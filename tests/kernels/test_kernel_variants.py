@@ -62,7 +62,10 @@ def test_decode_attention_compiles_once_for_every_table_width(splits, monkeypatc
     assert len(rec.keys) == 1, sorted(rec.keys)
 
 
-def test_prefill_attention_compiles_once_for_every_row_count_and_table_width(monkeypatch):
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_attention_compiles_once_for_every_row_count_and_table_width(padded,
+                                                                             monkeypatch):
+    # packed queries (the engine's prompt steps) or right-padded to the longest (scoring)
     rec = Launches(pa._prefill_attn_kernel, getattr(pa, "UNSPECIALIZED", ()))
     monkeypatch.setattr(pa, "_prefill_attn_kernel", rec)
     g = torch.Generator().manual_seed(1)
@@ -70,12 +73,14 @@ def test_prefill_attention_compiles_once_for_every_row_count_and_table_width(mon
     kc, vc = _cache(400, kvh, D, bs, g)
     for rows, width in ((1, 1), (1, 16), (3, 5), (16, 2), (17, 3), (32, 2)):
         lens = [1 + (7 * r) % (width * bs) for r in range(rows)]
-        starts = [0] + [sum(lens[:r]) for r in range(1, rows)]
+        S = max(lens) if padded else 0
+        starts = [r * S for r in range(rows)] if padded else \
+            [0] + [sum(lens[:r]) for r in range(1, rows)]
         ctx = [width * bs - n for n in lens]              # each row ends at its table's end
         tables = torch.randint(1, 400, (rows, width), generator=g, dtype=torch.int32)
         meta = torch.tensor([starts, lens, ctx], dtype=torch.int32)
-        q = torch.randn(sum(lens), heads * D, generator=g)
-        out = pa.prefill_attention(q, kc, vc, tables, meta, max(lens), bs)
-        ref = pa.prefill_attention_ref(q.view(-1, heads, D), kc, vc, tables, meta, bs)
+        q = torch.randn(rows * S if padded else sum(lens), heads * D, generator=g)
+        out = pa.prefill_attention(q, kc, vc, tables, meta, max(lens), bs, row_stride=S)
+        ref = pa.prefill_attention_ref(q.view(-1, heads, D), kc, vc, tables, meta, bs, S)
         torch.testing.assert_close(out, ref.reshape(out.shape), atol=1e-5, rtol=1e-5)
     assert len(rec.keys) == 1, sorted(rec.keys)

@@ -324,23 +324,26 @@ def step_profile(record: list) -> dict:
     """Where a run's step time goes, from ``_progress``'s records: prompt-bearing steps'
     wall ms fitted as a + b * prompt tokens, by token range, and the steps far above the fit
     (a compile, a capture, an adapter write, the host) with their share (the fit is made
-    again without them); decode steps' ms per
+    again without them; with the decode rows nearly constant, as in a saturated run, the
+    intercept and the per-row cost cannot be told apart: only their sum means something);
+    decode steps' ms per
     device step. Steps that wrote adapters into GPU slots are counted apart."""
     import numpy as np
 
     out = {}
+    at = [i for i, r in enumerate(record[1:]) if r[1] > 0]     # their places in the records
     prompt = np.array([r for r in record[1:] if r[1] > 0], dtype=np.float64).reshape(-1, 5)
     decode = np.array([r for r in record[1:] if r[1] == 0], dtype=np.float64).reshape(-1, 5)
     if len(prompt) >= 3:
         ms, tok, rows, writes = prompt[:, 0], prompt[:, 1], prompt[:, 2], prompt[:, 4]
         X = np.stack([np.ones_like(tok), tok, rows], 1)          # ms = a + b tokens + c rows
         keep = np.ones(len(ms), dtype=bool)
-        for _ in range(2):   # fitted again without the slow steps (a few 1-2 s ones skew it)
+        for _ in range(5):   # fitted again without the slow steps (a few 1-2 s ones skew it)
             coef, *_ = np.linalg.lstsq(X[keep], ms[keep], rcond=None)
             fit = X @ coef
             resid = ms - fit
             slow = resid > np.maximum(30.0, 0.5 * fit)
-            if slow.all() or not slow.any():
+            if slow.all() or (keep == ~slow).all():
                 break
             keep = ~slow
         bins = [0, 1000, 2000, 4000, 6000, 8000, 10 ** 9]
@@ -360,7 +363,8 @@ def step_profile(record: list) -> dict:
             "fit_ms": {"intercept": round(float(coef[0]), 2),
                        "per_1k_tokens": round(float(coef[1]) * 1e3, 2),
                        "per_decode_row": round(float(coef[2]), 4),
-                       # over the steps fitted (the slow ones left out)
+                       # over the steps fitted (the slow ones left out); ``at`` below: the
+                       # step's place in step_records
                        "r2": round(1 - float((resid[keep] ** 2).sum()) / max(
                            float(((ms[keep] - ms[keep].mean()) ** 2).sum()), 1e-9), 3)},
             "by_tokens": by,
@@ -372,7 +376,7 @@ def step_profile(record: list) -> dict:
             if (~w).any() else None,
             "worst": [{"ms": float(ms[i]), "fit_ms": round(float(fit[i]), 1),
                        "tokens": int(tok[i]), "decode_rows": int(rows[i]),
-                       "adapter_writes": int(writes[i]), "at": int(i)} for i in worst]}
+                       "adapter_writes": int(writes[i]), "at": at[i]} for i in worst]}
     if len(decode):
         per = decode[:, 0] / decode[:, 3]
         med = float(np.median(per))

@@ -57,8 +57,14 @@ def _products(w_ptrs, w_mask, s_wk, dtype: tl.constexpr, BLOCK_M: tl.constexpr,
     return it_b
 
 
+# The work counts change with the step's tokens: kept from Triton's specialization on ==1 and
+# %16 (each new class compiled the kernel again mid-run; they only split the program id and
+# bound loops, so no load loses an alignment fact); strides and offsets stay specialized.
+UNSPECIALIZED = ("cc0", "cc01", "cc_all", "first_item", "n_shrink", "nsub")
+
+
 # Long by design: both PHASEs share one signature; item helpers would re-pass 20-30 of its args.
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def lora_decode_kernel(
     x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, work_ptr,
     table_ptr, rows_ptr,

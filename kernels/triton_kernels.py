@@ -150,7 +150,12 @@ def _expand_tile(i_rows, b_cols, mask_m, mask_n, R, s_isplit, s_ir, s_br,
     return acc
 
 
-@triton.jit
+# tile counts of the slices (the second flips between classes with the step's BLOCK_N):
+# kept from Triton's specialization, as lora_decode_kernel's work counts
+EXPAND_UNSPECIALIZED = ("tiles0", "tiles01")
+
+
+@triton.jit(do_not_specialize=EXPAND_UNSPECIALIZED)
 def lora_expand_kernel(
     inter_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, sorted_ptr, counts_ptr, starts_ptr, rows_ptr,
     R, L, n0, n1, n2, off0, off1, off2, tiles0, tiles01,

@@ -5,9 +5,11 @@ class of an integer argument it specializes (==1, a multiple of 16, other), ~1 s
 H100 with the engine waiting. A mixed step's decode rows carry a block table as wide as the
 step's longest row, and a prompt step has as many rows as it admitted: when those reached a
 constexpr or a specialized argument, a bulk run paid a compile at steps all through the run
-(eleven steps of 1.2-1.8 s in a 1,000-request fp8 run on an H100, 27% of its time). Here each
+(eleven steps of 1.0-1.8 s in a 1,000-request fp8 run on an H100, 27% of its time). Here each
 launch's constexprs and specialization classes are recorded over many step shapes (the CPU
-interpreter runs the kernels) and must be one set.
+interpreter runs the attention kernels; the LoRA launchers' arguments are recorded without a
+launch): one key for the attention kernels at a given split count and key tile, one key per
+launch plan (the constexprs a step's size picks from the tuning tables) for the LoRA kernels.
 """
 from __future__ import annotations
 
@@ -20,14 +22,22 @@ from lorry.kernels import decode_attention as da
 from lorry.kernels import prefill_attention as pa
 
 
+def unspecialized(kernel) -> set:
+    """The arguments ``@triton.jit(do_not_specialize=...)`` names (compiled or interpreted)."""
+    names = getattr(kernel, "do_not_specialize", None)
+    if names is None:                                   # the interpreter's wrapper
+        names = (getattr(kernel, "kwargs", None) or {}).get("do_not_specialize")
+    return set(names or ())
+
+
 class Launches:
     """Stands in for a Triton kernel: records each launch's compile key, then launches."""
 
-    def __init__(self, kernel, unspecialized):
+    def __init__(self, kernel):
         self.kernel, self.keys = kernel, set()
         fn = getattr(kernel, "fn", kernel)
         self.names = list(inspect.signature(fn).parameters)
-        self.unspecialized = set(unspecialized)
+        self.unspecialized = unspecialized(kernel)
 
     def __getitem__(self, grid):
         def launch(*args, **kw):
@@ -47,8 +57,12 @@ def _cache(blocks, kvh, D, bs, g):
 
 @pytest.mark.parametrize("splits", [1, 2])
 def test_decode_attention_compiles_once_for_every_table_width(splits, monkeypatch):
-    rec = Launches(da._decode_attn_kernel, getattr(da, "UNSPECIALIZED", ()))
+    # at a given split count and key tile (a few per model: num_splits, launch_for), every
+    # table width: the split length is an argument, not a constexpr
+    rec = Launches(da._decode_attn_kernel)
+    merge = Launches(da._merge_splits_kernel)
     monkeypatch.setattr(da, "_decode_attn_kernel", rec)
+    monkeypatch.setattr(da, "_merge_splits_kernel", merge)
     g = torch.Generator().manual_seed(0)
     heads, kvh, D, bs, B = 4, 2, 16, 16, 3
     kc, vc = _cache(400, kvh, D, bs, g)
@@ -60,13 +74,14 @@ def test_decode_attention_compiles_once_for_every_table_width(splits, monkeypatc
         ref = da.decode_attention_ref(q.view(B, heads, D), kc, vc, tables, pos, bs)
         torch.testing.assert_close(out, ref.reshape(B, -1), atol=1e-5, rtol=1e-5)
     assert len(rec.keys) == 1, sorted(rec.keys)
+    assert len(merge.keys) == (splits > 1), sorted(merge.keys)
 
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_prefill_attention_compiles_once_for_every_row_count_and_table_width(padded,
                                                                              monkeypatch):
     # packed queries (the engine's prompt steps) or right-padded to the longest (scoring)
-    rec = Launches(pa._prefill_attn_kernel, getattr(pa, "UNSPECIALIZED", ()))
+    rec = Launches(pa._prefill_attn_kernel)
     monkeypatch.setattr(pa, "_prefill_attn_kernel", rec)
     g = torch.Generator().manual_seed(1)
     heads, kvh, D, bs = 4, 2, 16, 16
@@ -84,3 +99,53 @@ def test_prefill_attention_compiles_once_for_every_row_count_and_table_width(pad
         ref = pa.prefill_attention_ref(q.view(-1, heads, D), kc, vc, tables, meta, bs, S)
         torch.testing.assert_close(out, ref.reshape(out.shape), atol=1e-5, rtol=1e-5)
     assert len(rec.keys) == 1, sorted(rec.keys)
+
+
+class Recorded(Launches):
+    """Records each launch's compile key without launching (the LoRA launchers at Llama-3-8B
+    shapes over thousands of step sizes: only their arguments matter here)."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            ints = tuple((name, 1 if a == 1 else 16 if a % 16 == 0 else 0)
+                         for name, a in zip(self.names, args)
+                         if isinstance(a, int) and not isinstance(a, bool)
+                         and name not in self.unspecialized)
+            self.keys.add((ints, tuple(sorted(kw.items()))))
+            self.plans.add(tuple(sorted(kw.items())))
+        return launch
+
+
+def test_lora_kernels_compile_once_per_launch_plan_over_every_step_size(monkeypatch):
+    # a step's tokens T choose the launch plan (tile sizes, split-K, the decode items'
+    # rows), a bounded set of constexprs; the integers derived from T (work counts, tile
+    # counts) must not add compiles on top of them: one key per plan
+    from lorry.kernels import lora_decode, triton_lora, tuning
+    from lorry.kernels.segments import SlotRows, build_lora_meta
+
+    recs = {"shrink": Recorded(triton_lora.lora_shrink_kernel),
+            "expand": Recorded(triton_lora.lora_expand_kernel),
+            "decode": Recorded(lora_decode.lora_decode_kernel)}
+    for r in recs.values():
+        r.plans = set()
+    monkeypatch.setattr(triton_lora, "lora_shrink_kernel", recs["shrink"])
+    monkeypatch.setattr(triton_lora, "lora_expand_kernel", recs["expand"])
+    monkeypatch.setattr(lora_decode, "lora_decode_kernel", recs["decode"])
+    tables = tuning.load("NVIDIA_H200")       # the H100/H200 tables, 132 SMs
+    monkeypatch.setattr(lora_decode, "DECODE_CONFIG", tables["decode"])
+    monkeypatch.setattr(lora_decode, "FOLD_CONFIG", tables["fold"])
+    monkeypatch.setattr(triton_lora, "PROMPT_CONFIG", tables["prompt"])
+    for m in (triton_lora, lora_decode):
+        monkeypatch.setattr(m, "num_sms", lambda device: 132)
+    L, rank, H, widths = 96, 64, 4096, [4096, 1024, 1024]       # Llama-3-8B's q/k/v
+    rows = SlotRows(torch.zeros(2, L, dtype=torch.int32), rank, row_align=16)
+    a = [torch.empty(32 * rank, H) for _ in widths]            # 32 slots' rows (never read)
+    b = [torch.empty(n, 32 * rank) for n in widths]
+    offs = [0, 4096, 5120]
+    for T in [*range(1, 130), *range(130, 9000, 37)]:
+        slots = torch.arange(T, dtype=torch.int32) % min(T, L)
+        meta = build_lora_meta(slots, L, rows, T // min(T, L))
+        triton_lora.add_lora(torch.empty(T, sum(widths)), torch.empty(T, H), a, b, meta, offs)
+    assert recs["decode"].plans and recs["shrink"].plans     # both paths ran
+    for name, r in recs.items():
+        assert len(r.keys) == len(r.plans), (name, len(r.keys), len(r.plans))

@@ -25,7 +25,7 @@ def test_prompt_steps_fit_tokens_and_rows_and_the_slow_ones_stand_out():
     p = bulk.step_profile(rec)
     pb = p["prompt_bearing"]
     assert pb["steps"] == 40 and pb["slow_steps"] == 2
-    assert {w["at"] for w in pb["worst"][:2]} == {5, 30}
+    assert {w["at"] for w in pb["worst"][:2]} == {5, 30}     # places in the records
     assert pb["worst"][0]["ms"] - pb["worst"][0]["fit_ms"] > 300
     assert pb["steps_writing_adapters"] == 1 and pb["mean_excess_ms_writing"] > 300
     # fitted again without the two slow steps: the per-token cost, intercept and row cost

@@ -31,10 +31,12 @@ def unspecialized(kernel) -> set:
 
 
 class Launches:
-    """Stands in for a Triton kernel: records each launch's compile key, then launches."""
+    """Stands in for a Triton kernel: records each launch's compile key (its constexprs and
+    the specialization class of each specialized integer) and its launch plan (the
+    constexprs alone), then launches it unless ``run`` is false."""
 
-    def __init__(self, kernel):
-        self.kernel, self.keys = kernel, set()
+    def __init__(self, kernel, run: bool = True):
+        self.kernel, self.run, self.keys, self.plans = kernel, run, set(), set()
         fn = getattr(kernel, "fn", kernel)
         self.names = list(inspect.signature(fn).parameters)
         self.unspecialized = unspecialized(kernel)
@@ -45,8 +47,11 @@ class Launches:
                          for name, a in zip(self.names, args)
                          if isinstance(a, int) and not isinstance(a, bool)
                          and name not in self.unspecialized)
-            self.keys.add((ints, tuple(sorted(kw.items()))))
-            return self.kernel[grid](*args, **kw)
+            plan = tuple(sorted(kw.items()))
+            self.keys.add((ints, plan))
+            self.plans.add(plan)
+            if self.run:
+                return self.kernel[grid](*args, **kw)
         return launch
 
 
@@ -101,21 +106,6 @@ def test_prefill_attention_compiles_once_for_every_row_count_and_table_width(pad
     assert len(rec.keys) == 1, sorted(rec.keys)
 
 
-class Recorded(Launches):
-    """Records each launch's compile key without launching (the LoRA launchers at Llama-3-8B
-    shapes over thousands of step sizes: only their arguments matter here)."""
-
-    def __getitem__(self, grid):
-        def launch(*args, **kw):
-            ints = tuple((name, 1 if a == 1 else 16 if a % 16 == 0 else 0)
-                         for name, a in zip(self.names, args)
-                         if isinstance(a, int) and not isinstance(a, bool)
-                         and name not in self.unspecialized)
-            self.keys.add((ints, tuple(sorted(kw.items()))))
-            self.plans.add(tuple(sorted(kw.items())))
-        return launch
-
-
 def test_lora_kernels_compile_once_per_launch_plan_over_every_step_size(monkeypatch):
     # a step's tokens T choose the launch plan (tile sizes, split-K, the decode items'
     # rows), a bounded set of constexprs; the integers derived from T (work counts, tile
@@ -123,11 +113,10 @@ def test_lora_kernels_compile_once_per_launch_plan_over_every_step_size(monkeypa
     from lorry.kernels import lora_decode, triton_lora, tuning
     from lorry.kernels.segments import SlotRows, build_lora_meta
 
-    recs = {"shrink": Recorded(triton_lora.lora_shrink_kernel),
-            "expand": Recorded(triton_lora.lora_expand_kernel),
-            "decode": Recorded(lora_decode.lora_decode_kernel)}
-    for r in recs.values():
-        r.plans = set()
+    # the launchers at Llama-3-8B shapes over thousands of step sizes, recorded, not run
+    recs = {"shrink": Launches(triton_lora.lora_shrink_kernel, run=False),
+            "expand": Launches(triton_lora.lora_expand_kernel, run=False),
+            "decode": Launches(lora_decode.lora_decode_kernel, run=False)}
     monkeypatch.setattr(triton_lora, "lora_shrink_kernel", recs["shrink"])
     monkeypatch.setattr(triton_lora, "lora_expand_kernel", recs["expand"])
     monkeypatch.setattr(lora_decode, "lora_decode_kernel", recs["decode"])

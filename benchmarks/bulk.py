@@ -277,7 +277,7 @@ def _captures(eng) -> int | None:
     return getattr(graphs, "captures", None)
 
 
-def _progress(eng, label: str, every: float = 20.0) -> list | None:
+def _progress(eng, label: str, every: float = 20.0) -> list:
     """A stderr line every ``every`` seconds of ``eng``'s steps, so a run cut short by a time
     limit still shows how far it got and at what pace. Returns the list into which, once a
     caller sets ``record[0] = True``, each step() appends (wall ms, prompt tokens, decode
@@ -326,8 +326,8 @@ def step_profile(record: list) -> dict:
     (a compile, a capture, an adapter write, the host) with their share (the fit is made
     again without them; with the decode rows nearly constant, as in a saturated run, the
     intercept and the per-row cost cannot be told apart: only their sum means something);
-    decode steps' ms per
-    device step. Steps that wrote adapters into GPU slots are counted apart."""
+    decode steps' ms per device step. Steps that wrote adapters into GPU slots are counted
+    apart."""
     import numpy as np
 
     out = {}

@@ -38,3 +38,44 @@ def test_prompt_steps_fit_tokens_and_rows_and_the_slow_ones_stand_out():
     assert d["calls"] == 30 and d["device_steps"] == 120
     assert d["ms_per_device_step"]["median"] == 10.0
     assert d["slow_calls"] == 1 and d["slow_excess_seconds"] == pytest.approx(0.3)
+
+
+class _Engine:
+    """An engine's step counters (LLMEngine._steps) and GPU slot misses, stepped by a script:
+    each entry what one step() does to them."""
+
+    def __init__(self, script):
+        self._steps = {"prefill": {"steps": 0, "tokens": 0, "rows": 0},
+                       "decode": {"steps": 0, "rows": 0}}
+        self.loras = type("Loras", (), {})()
+        self.loras.gpu = type("Gpu", (), {"misses": 0})()
+        self.script = list(script)
+
+    def step(self):
+        kind, n, tokens, rows, misses = self.script.pop(0)
+        if kind:
+            c = self._steps[kind]
+            c["steps"] += n
+            c["rows"] += rows
+            if kind == "prefill":
+                c["tokens"] += tokens
+        self.loras.gpu.misses += misses
+        return []
+
+    def cache_stats(self):
+        return {"steps": self._steps}
+
+
+def test_progress_records_each_step_as_the_engine_counted_it():
+    # a warm-up step (before recording), a prompt step with 3 decode rows and an adapter
+    # write, a round of 4 decode steps of 5 rows, a step that ran nothing (a load wait)
+    eng = _Engine([("prefill", 1, 99, 0, 0), ("prefill", 1, 700, 3, 1),
+                   ("decode", 4, 0, 20, 0), (None, 0, 0, 0, 0)])
+    record = bulk._progress(eng, "test", every=1e9)
+    eng.step()
+    record[0] = True
+    for _ in range(3):
+        eng.step()
+    steps = [r[1:] for r in record[1:]]
+    assert steps == [(700, 3, 1, 1), (0, 5, 4, 0)]      # tokens, rows, device steps, writes
+    assert all(r[0] >= 0 for r in record[1:])

@@ -110,6 +110,19 @@ def relative_error(out, ref) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
+def check_huge_queries_over_fp8(case) -> None:
+    """A paged-attention case (q, k_cache, v_cache, run(), ref(); bf16): over an e4m3 cache,
+    queries of +-1e5 (bf16 values past fp16's 65,504; the kernels' fp16 dots take the query
+    times the power of two nearest the logit scale) give the reference's attention, not NaN."""
+    case.k_cache, case.v_cache = (x.to(torch.float8_e4m3fn) for x in (case.k_cache,
+                                                                      case.v_cache))
+    case.q = torch.where(case.q > 0, 1e5, -1e5).to(torch.bfloat16) * (case.q.abs() > 0.5)
+    out = case.run()
+    assert torch.isfinite(out).all()
+    case.q = case.q.float()   # the reference in fp32: bf16 logits of ~1e5 are 512 apart
+    assert relative_error(out, case.ref()) < ATTENTION_TOL[torch.bfloat16]
+
+
 def check_attention(out, ref, dtype):
     """An attention kernel's output against its torch reference: fp32 within one reduction
     order (IEEE dots); half types by relative error."""

@@ -576,6 +576,39 @@ class LLMEngine:
         with self.runner.graph_lock:
             return graphs.capture_all()
 
+    def compile_kernels(self, use_tqdm: bool = True) -> dict:
+        """Compile now every kernel variant a step can pick, so that none compiles mid-run:
+        one eager step of each LoRA launch plan and each decode-attention launch a step
+        of this engine's limits can take (``engine.warmup``), on placeholder rows that
+        touch no sequence, slot or KV block. Triton keeps what it compiles on disk, so a
+        later process on the same machine finds it there (seconds, not minutes). Returns
+        {"steps": probes run, "seconds": their time, "by": probes per reason}; does nothing
+        off CUDA (the CPU runs no compiled kernel) unless the LoRA backend is Triton's
+        (the interpreter, for tests). Call between steps, with ``capture_graphs``."""
+        from lorry.engine import warmup
+        if self.device.type != "cuda" and getattr(self.runner.ops, "launch_key", None) is None:
+            return {"steps": 0, "seconds": 0.0, "by": {}}
+        c = self.config
+        lim = warmup.Limits(
+            max_tokens=min(self.scheduler.max_num_batched_tokens,
+                           c.max_num_seqs * self.max_model_len),
+            max_rows=c.max_num_seqs, max_len=self.max_model_len, block_size=c.block_size,
+            max_loras=self.runner.max_loras)
+        steps = warmup.probes(self.model, self.runner, lim)
+        by: dict[str, int] = {}
+        for p in steps:
+            by[p.why] = by.get(p.why, 0) + 1
+        from tqdm.auto import tqdm
+        hook, self.runner.logits_hook = self.runner.logits_hook, None
+        try:
+            with tqdm(total=len(steps), desc="compile kernels", unit="step",
+                      disable=not use_tqdm) as bar:
+                seconds = warmup.run_probes(self.model, self.runner, lim, steps,
+                                            lambda done, total: bar.update(1))
+        finally:
+            self.runner.logits_hook = hook
+        return {"steps": len(steps), "seconds": round(seconds, 3), "by": by}
+
     def cache_stats(self) -> dict:
         stats = self.loras.stats() if self.loras else {"gpu": {}, "cpu": {}}
         stats["running"] = len(self.scheduler.running)

@@ -186,6 +186,17 @@ def launch_for(block_d: int, dtype: torch.dtype, device: torch.device,
     return NARROW
 
 
+def launch_key(batch: int, kv_heads: int, max_len: int, head_dim: int, cache_dtype: torch.dtype,
+               device: torch.device, splits: int | None = None) -> tuple[int, int, int]:
+    """(splits, keys per tile, stages) of a decode launch over ``batch`` rows and a table of
+    ``max_len`` keys: with the model's head shape, all that a launch compiles by (the split
+    length, the table's width and strides are plain arguments). A mixed step's decode rows
+    run eagerly with tables as wide as their longest row, so engine.warmup runs one step of
+    each key at start-up."""
+    splits = splits or num_splits(batch, kv_heads, max_len, device)
+    return (splits, *launch_for(next_pow2(head_dim), cache_dtype, device, max_len))
+
+
 def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_tables: torch.Tensor, positions: torch.Tensor, block_size: int,
                   splits: int | None) -> None:
@@ -232,9 +243,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
     G = h // kvh
     max_len = block_tables.shape[1] * block_size
-    splits = splits or num_splits(B, kvh, max_len, q.device)
+    splits, block_n, stages = launch_key(B, kvh, max_len, D, k_cache.dtype, q.device, splits)
     block_d = next_pow2(D)
-    block_n, stages = launch_for(block_d, k_cache.dtype, q.device, max_len)
     chunk = cdiv(cdiv(max_len, splits), block_n) * block_n
     if splits > 1:
         part = torch.empty(B * h * splits, block_d, dtype=torch.float32, device=q.device)

@@ -265,6 +265,10 @@ def rotary_qk_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
         raise ValueError(f"caches must be [num_slots, {kv_heads}, {head_dim}], got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     if T:
+        # one element a token: an expanded arange (single-token rows from position 0) has
+        # stride 0, which the kernel's unit-stride loads would read past
+        positions = positions.contiguous()
+        slot_mapping = slot_mapping.contiguous() if write else None
         kc = k_cache if write else qkv
         vc = v_cache if write else qkv
         st = k_cache.stride() if write else (0, 0)

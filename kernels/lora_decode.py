@@ -46,6 +46,12 @@ from lorry.kernels.slot_args import (a_strides, b_strides, b_width, folded_geome
 DECODE_CONFIG: dict | None = None
 FOLD_CONFIG: dict | None = None
 
+# The entries of a decode plan that reach the kernel as constexprs or launch options: each new
+# combination is a compile. The others (item and tile counts) are plain integer arguments,
+# kept from specialization (lora_decode_kernel.UNSPECIALIZED).
+PLAN_CONSTEXPRS = ("rows", "block_m", "block_n", "block_r", "block_k", "split_k", "num_warps",
+                   "num_stages", "expand_loop", "pdl", "shrink_num_warps", "shrink_num_stages")
+
 
 def decode_config(device: torch.device) -> dict:
     """The decode table in force for ``device`` (DECODE_CONFIG if set, else its file's)."""

@@ -11,7 +11,8 @@ import torch
 from lorry.kernels import tuning
 from lorry.kernels.device_info import interpreted, num_sms
 from lorry.kernels.launch_math import cdiv, next_pow2
-from lorry.kernels.lora_decode import try_add_lora_decode, try_expand_folded_decode
+from lorry.kernels.lora_decode import (PLAN_CONSTEXPRS, decode_plan, try_add_lora_decode,
+                                       try_expand_folded_decode)
 from lorry.kernels.segments import LoRAMeta
 from lorry.kernels.slot_args import (a_strides, b_strides, b_width, check_layout,
                                      folded_geometry, max_rank, rows_args)
@@ -103,6 +104,23 @@ def choose_split_k(num_tokens: int, max_loras: int, num_slices: int, hidden: int
            and split * 2 <= cfg["max_split_k"]):
         split *= 2
     return split
+
+
+def launch_key(num_tokens: int, max_loras: int, hidden: int, rank: int, widths: list[int],
+               device: torch.device, tokens_per_slot: int | None = None) -> tuple:
+    """What ``add_lora`` compiles for a step of ``num_tokens`` tokens on a layer of these
+    shapes (host constants only, nothing launched): the decode path's plan where it takes the
+    step, else the two-launch kernels' tiles and split. Steps of equal keys run the same
+    compiled kernels (their integer arguments are not specialized), so a warm-up that runs one
+    step of each key (engine.warmup) leaves nothing to compile mid-run. Assumes the engine's
+    slot layout (A slices of one layout, B's rank axis contiguous), as ``add_lora`` gets it."""
+    plan = decode_plan(num_tokens, max_loras, hidden, rank, widths, device, None,
+                       tokens_per_slot)
+    if plan is not None:
+        return ("decode",) + tuple(plan[k] for k in PLAN_CONSTEXPRS)
+    p = prompt_plan(num_tokens, max_loras, hidden, device)
+    return ("two-launch", choose_split_k(num_tokens, max_loras, len(widths), hidden, device),
+            _block_l(max_loras)) + tuple(sorted(p.items()))
 
 
 def _check_slices(lora: list[torch.Tensor], what: str, meta: LoRAMeta) -> None:

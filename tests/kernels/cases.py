@@ -2,6 +2,7 @@
 the attention kernels' shared checks."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import pytest
@@ -132,3 +133,61 @@ def check_attention(out, ref, dtype):
     else:
         rel = relative_error(out, ref)
         assert rel < ATTENTION_TOL[dtype], rel
+
+
+def unspecialized(kernel) -> set:
+    """The arguments ``@triton.jit(do_not_specialize=...)`` names (compiled or interpreted)."""
+    names = getattr(kernel, "do_not_specialize", None)
+    if names is None:                                   # the interpreter's wrapper
+        names = (getattr(kernel, "kwargs", None) or {}).get("do_not_specialize")
+    return set(names or ())
+
+
+class Launches:
+    """Stands in for a Triton kernel: records each launch's compile key (its constexprs and
+    the specialization class of each specialized integer) and its launch plan (the
+    constexprs alone), then launches it unless ``run`` is false."""
+
+    def __init__(self, kernel, run: bool = True):
+        self.kernel, self.run, self.keys, self.plans = kernel, run, set(), set()
+        fn = getattr(kernel, "fn", kernel)
+        self.names = list(inspect.signature(fn).parameters)
+        self.unspecialized = unspecialized(kernel)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            ints = tuple((name, 1 if a == 1 else 16 if a % 16 == 0 else 0)
+                         for name, a in zip(self.names, args)
+                         if isinstance(a, int) and not isinstance(a, bool)
+                         and name not in self.unspecialized)
+            # a pointer's element type and whether its address is a multiple of 16 bytes
+            ints += tuple((name, str(a.dtype), a.data_ptr() % 16 == 0)
+                          for name, a in zip(self.names, args) if isinstance(a, torch.Tensor))
+            plan = tuple(sorted(kw.items()))
+            self.keys.add((ints, plan))
+            self.plans.add(plan)
+            if self.run:
+                return self.kernel[grid](*args, **kw)
+        return launch
+
+
+KERNEL_MODULES = ("fused_ops", "decode_attention", "prefill_attention", "triton_lora",
+                  "lora_decode", "triton_kernels", "fp8_matmul")
+
+
+def record_kernels(monkeypatch, run: bool = True) -> dict[str, Launches]:
+    """Every Triton kernel the engine launches from Python (a ``*kernel*`` name in one of
+    lorry.kernels' modules), replaced by a Launches recorder wherever a module holds it;
+    returns {kernel name: its recorder}."""
+    import importlib
+
+    from triton.runtime import KernelInterface
+    recs: dict[str, Launches] = {}
+    for m in KERNEL_MODULES:
+        mod = importlib.import_module(f"lorry.kernels.{m}")
+        for name, obj in list(vars(mod).items()):
+            if "kernel" in name and isinstance(obj, KernelInterface):
+                key = getattr(obj, "fn", obj).__name__
+                rec = recs.setdefault(key, Launches(obj, run))
+                monkeypatch.setattr(mod, name, rec)
+    return recs

@@ -85,6 +85,28 @@ def test_rotary_qk_matches_apply_rotary(dtype, heads, kv_heads, head_dim, device
     _close(got, rotary_qk_ref(qkv, pos, rot.cos, rot.sin, heads, kv_heads, head_dim), dtype)
 
 
+def test_rotary_qk_reads_positions_and_slots_through_their_strides(device):
+    # a prompt step of single-token rows from position 0 hands the kernel an expanded
+    # arange: positions [T] with stride 0 (the warm-up's probes met it: the kernel read past
+    # the one stored element). Here the elements after it differ, so a kernel that assumes
+    # unit strides rotates by, and writes to, the wrong ones.
+    heads, kv_heads, D, bs, T = 4, 2, 16, 4, 3
+    g = torch.Generator().manual_seed(3)
+    rot = Rotary(_Cfg(), D, 40).to(device)
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * D, generator=g).to(device)
+    pos_buf = torch.tensor([5, 30, 31, 32], device=device)
+    slot_buf = torch.tensor([9, 1, 2, 3], device=device)
+    pos, slots = pos_buf[:1].expand(T), slot_buf[:1].expand(T)
+    assert pos.stride() == (0,) and slots.stride() == (0,)
+    caches = [torch.zeros(6 * bs, kv_heads, D, device=device) for _ in range(4)]
+    got = rotary_qk_(qkv.clone(), pos, rot.cos, rot.sin, heads, kv_heads, D, *caches[:2], slots)
+    want = rotary_qk_(qkv.clone(), pos.contiguous(), rot.cos, rot.sin, heads, kv_heads, D,
+                      *caches[2:], slots.contiguous())
+    assert torch.equal(got, want)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert caches[0][9].abs().sum() > 0 and caches[0][1:4].abs().sum() == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1)])
 def test_rotary_qk_writes_exactly_the_mapped_slots(dtype, heads, kv_heads, device):

@@ -13,46 +13,12 @@ launch plan (the constexprs a step's size picks from the tuning tables) for the 
 """
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
 from lorry.kernels import decode_attention as da
 from lorry.kernels import prefill_attention as pa
-
-
-def unspecialized(kernel) -> set:
-    """The arguments ``@triton.jit(do_not_specialize=...)`` names (compiled or interpreted)."""
-    names = getattr(kernel, "do_not_specialize", None)
-    if names is None:                                   # the interpreter's wrapper
-        names = (getattr(kernel, "kwargs", None) or {}).get("do_not_specialize")
-    return set(names or ())
-
-
-class Launches:
-    """Stands in for a Triton kernel: records each launch's compile key (its constexprs and
-    the specialization class of each specialized integer) and its launch plan (the
-    constexprs alone), then launches it unless ``run`` is false."""
-
-    def __init__(self, kernel, run: bool = True):
-        self.kernel, self.run, self.keys, self.plans = kernel, run, set(), set()
-        fn = getattr(kernel, "fn", kernel)
-        self.names = list(inspect.signature(fn).parameters)
-        self.unspecialized = unspecialized(kernel)
-
-    def __getitem__(self, grid):
-        def launch(*args, **kw):
-            ints = tuple((name, 1 if a == 1 else 16 if a % 16 == 0 else 0)
-                         for name, a in zip(self.names, args)
-                         if isinstance(a, int) and not isinstance(a, bool)
-                         and name not in self.unspecialized)
-            plan = tuple(sorted(kw.items()))
-            self.keys.add((ints, plan))
-            self.plans.add(plan)
-            if self.run:
-                return self.kernel[grid](*args, **kw)
-        return launch
+from tests.kernels.cases import Launches
 
 
 def _cache(blocks, kvh, D, bs, g):

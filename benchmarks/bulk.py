@@ -444,6 +444,10 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
         # every decode graph now, for the adapters the warm-up made resident (an engine
         # without the method captures them as the run meets each batch size)
         warm_graphs = eng.capture_graphs() if hasattr(eng, "capture_graphs") else None
+        # and every kernel variant a step can pick (LoRA launch plans, eager decode rows'
+        # attention launches): compiled now, or read from Triton's cache, not mid-run
+        compiled = eng.compile_kernels(use_tqdm=False) \
+            if hasattr(eng, "compile_kernels") and not args.no_compile_kernels else None
         if args.preload_adapters and loras is not None:
             # a worker that served these adapters before: each in its CPU cache (read from
             # disk, in pinned staging buffers); the GPU slots stay the warm-up's
@@ -476,6 +480,7 @@ def timed_run(ctx: dict, run: str, max_num_seqs: int, limit: int | None = None) 
            "tok_per_s": round(sum(tokens) / seconds, 1),
            "short_outputs": sum(t < m for t, m in zip(tokens, w.max_tokens)),
            "warmup_seconds": round(warm_s, 3), "graphs_captured_after_warmup": warm_graphs,
+           "compile_kernels": compiled,
            "graphs_captured_while_timed": None if captures is None
            else after_captures - captures}
     for key in ("kv", "steps"):
@@ -642,6 +647,9 @@ def parse_args() -> argparse.Namespace:
                     help="LoRA weight memory in max-rank slots, shared by rank "
                          "(EngineConfig.lora_memory_slots; default: 32, tiny: 4)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-compile-kernels", action="store_true",
+                    help="skip LLMEngine.compile_kernels after the warm-up (the A/B: the "
+                         "kernel variants the warm-up did not meet then compile mid-run)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed warm-up requests per run (default: 2 x max_num_seqs)")
     ap.add_argument("--preload-adapters", action="store_true",

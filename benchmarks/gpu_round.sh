@@ -40,6 +40,7 @@ summary() {  # the [bulk] lines and the derived figures of one log/json
     [ -s "$1.json" ] && $py -c 'import json,sys; r=json.load(open(sys.argv[1]))
 print({k: r[k] for k in ("lora_overhead","prefix_speedup","order_speedup","mixed_steps_speedup","multi_step_speedup","grouping_speedup","batch") if k in r})
 for name, run in r.get("runs", {}).items():
+    print(name, "warm-up s", run.get("warmup_seconds"), "compile_kernels", run.get("compile_kernels"))
     p = run.get("step_profile") or {}
     pb = dict(p.get("prompt_bearing") or {}); w = pb.pop("worst", [])
     print(name, "prompt-bearing", pb); [print("  worst", x) for x in w[:5]]

@@ -11,11 +11,22 @@ import torch
 from lorry.kernels import tuning
 from lorry.kernels.device_info import interpreted, num_sms
 from lorry.kernels.launch_math import cdiv, next_pow2
-from lorry.kernels.lora_decode import (PLAN_CONSTEXPRS, decode_plan, try_add_lora_decode,
-                                       try_expand_folded_decode)
+from lorry.kernels.lora_decode import (
+    PLAN_CONSTEXPRS,
+    decode_plan,
+    try_add_lora_decode,
+    try_expand_folded_decode,
+)
 from lorry.kernels.segments import LoRAMeta
-from lorry.kernels.slot_args import (a_strides, b_strides, b_width, check_layout,
-                                     folded_geometry, max_rank, rows_args)
+from lorry.kernels.slot_args import (
+    a_strides,
+    b_strides,
+    b_width,
+    check_layout,
+    folded_geometry,
+    max_rank,
+    rows_args,
+)
 from lorry.kernels.triton_kernels import lora_expand_kernel, lora_shrink_kernel
 
 MAX_SLICES_PER_LAUNCH = 3

@@ -130,6 +130,9 @@ class Settings(BaseSettings):
 
     # queue / worker
     worker_id: str | None = None
+    # a CUDA worker compiles every kernel variant a step can pick before its first drain
+    # (LLMEngine.compile_kernels), so that none compiles mid-run
+    compile_kernels: bool = True
     lease_seconds: int = Field(60, ge=5)
     heartbeat_seconds: float = Field(10.0, gt=0)
     cancel_poll_seconds: float = Field(1.0, gt=0)  # a running job's cancel reaches its worker

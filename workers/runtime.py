@@ -20,7 +20,14 @@ def build_engine(settings):
     """The engine a worker serves with, from the LORRY_* settings."""
     from lorry.engine import LLMEngine
 
-    return LLMEngine(settings.engine_config())
+    engine = LLMEngine(settings.engine_config())
+    if settings.compile_kernels and engine.device.type == "cuda":
+        # every kernel variant a step can pick, now rather than a second each mid-drain
+        # (read from Triton's on-disk cache after the first start on a machine)
+        report = engine.compile_kernels(use_tqdm=False)
+        log.info("compiled the kernels of %d step shapes in %.1f s", report["steps"],
+                 report["seconds"])
+    return engine
 
 
 def build_drainer(settings, queue=None, engine=None, publish=True, **kw):

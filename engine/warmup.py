@@ -37,13 +37,16 @@ LADDER = (1, 2, 16, 17, 32, 33, 64, 65)
 @dataclass(frozen=True)
 class Probe:
     """One warm-up step: prompt rows of ``tokens`` tokens in all, spread over ``slots``
-    adapter slots (one row each, more rows where a row would pass ``max_len``), then
-    ``decode_rows`` decoding rows whose longest table is ``decode_blocks`` blocks wide."""
+    adapter slots (one row each, more rows where a row would pass ``max_len``), each after
+    ``cached`` tokens already in the cache (a chunk or a prefix hit: the paged prefill
+    attention, which bases off the fused path take only then), then ``decode_rows`` decoding
+    rows whose longest table is ``decode_blocks`` blocks wide."""
 
     tokens: int
     slots: int
     decode_rows: int = 0
     decode_blocks: int = 0
+    cached: int = 0
     why: str = ""
 
 
@@ -77,7 +80,9 @@ def lora_probes(launch_key, shapes: set[tuple], lim: Limits, device) -> list[Pro
     long tiles depend on the tokens a slot holds)."""
     seen, out = set(), []
     most = min(lim.max_loras, lim.max_rows)
-    for T in range(1, lim.max_tokens + 1):
+    # an eager decode-only step (enforce_eager, adapters with their own lm_head) holds up to
+    # max_rows tokens, past the budget where max_num_seqs exceeds it
+    for T in range(1, max(lim.max_tokens, lim.max_rows) + 1):
         for used in sorted({min(T, most), 1}, reverse=True):
             new = False
             for shape in shapes:
@@ -99,7 +104,7 @@ def decode_probes(attention_key, heads: set[tuple], lim: Limits, device) -> list
     seen, out = set(), []
     # decode-only steps run eagerly too where no graph serves them (enforce_eager, adapters
     # with their own lm_head): up to max_rows rows, each probe one prompt token more
-    most_rows = min(lim.max_rows, lim.max_tokens - 1)
+    most_rows = lim.max_rows
     widest = -(-lim.max_len // lim.block_size)
     for rows in range(1, most_rows + 1):
         for blocks in range(1, widest + 1):
@@ -116,6 +121,11 @@ def probes(model, runner, lim: Limits) -> list[Probe]:
     device = next(model.parameters()).device
     out = [Probe(T, min(T, lim.max_loras, lim.max_rows), why="rows")
            for T in LADDER if T <= lim.max_tokens]
+    # chunks after cached keys, of equal and of unequal lengths (the padded and the packed
+    # layouts of the paged prefill attention)
+    bs = lim.block_size
+    out += [Probe(n, 2, cached=bs, why="chunk") for n in (2, 3)
+            if n <= lim.max_tokens and bs + 2 <= lim.max_len]
     launch_key = getattr(runner.ops, "launch_key", None)
     shapes = lora_layer_shapes(model, runner) if runner.ops is not None else set()
     if launch_key is not None and shapes:
@@ -130,27 +140,29 @@ def probes(model, runner, lim: Limits) -> list[Probe]:
     return out
 
 
-def _seq(n: int, blocks: int, decoding: bool) -> Sequence:
-    """A placeholder of ``n`` tokens whose table holds the null block only: a prompt row from
-    position 0, or a decoding row at position n - 1."""
+def _seq(n: int, blocks: int, computed: int) -> Sequence:
+    """A placeholder of ``n`` tokens, ``computed`` of them cached, whose table holds the
+    null block only: a prompt row, or (computed = n) a decoding row at position n - 1."""
     s = Sequence(request_id="warm-up", prompt=None, prompt_token_ids=[0] * n,
                  params=SamplingParams(max_tokens=1), lora_request=None,
                  metrics=RequestMetrics(arrival_time=0.0))
     s.block_table = [0] * blocks
-    if decoding:
-        s.num_computed_tokens = n
+    s.num_computed_tokens = computed
     return s
 
 
 def _step(runner, probe: Probe, lim: Limits) -> None:
     bs = lim.block_size
-    rows = max(probe.slots, -(-probe.tokens // lim.max_len))
+    room = lim.max_len - probe.cached                   # a row's tokens stay within max_len
+    rows = max(probe.slots, -(-probe.tokens // room))
     lens = [probe.tokens // rows + (i < probe.tokens % rows) for i in range(rows)]
-    seqs = [_seq(n, -(-n // bs), False) for n in lens]
+    seqs = [_seq(probe.cached + n, -(-(probe.cached + n) // bs), probe.cached) for n in lens]
     slots = [i % probe.slots for i in range(rows)]
     for i in range(probe.decode_rows):
-        n = probe.decode_blocks * bs if i == 0 else 1       # the longest row sets the width
-        seqs.append(_seq(n, -(-n // bs), True))
+        # the longest row sets the table's width; its position stays below max_len (the
+        # rotary tables' length), as a real row's does, in the same width
+        n = min(probe.decode_blocks * bs, lim.max_len) if i == 0 else 1
+        seqs.append(_seq(n, probe.decode_blocks if i == 0 else 1, n))
         slots.append(i % lim.max_loras)
     runner.prefill(seqs, slots, lens)
 

@@ -68,8 +68,10 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 # Arguments that change from step to step are plain runtime values, never constexprs, and
 # those not always a multiple of 16 are kept from Triton's specialization on ==1 and %16: each
 # new value or class of one compiles the kernel again (~1 s on an H100), which a mixed step's
-# decode rows, whose table width is the step's longest row, met dozens of times a bulk run
-UNSPECIALIZED = ("stride_btb",)
+# decode rows, whose table width is the step's longest row, met dozens of times a bulk run.
+# q's row stride too: a step of one decoding row may hand q as a view of any stride, and a
+# base off the fused path hands another than the fused one (its q read once a program).
+UNSPECIALIZED = ("stride_btb", "stride_qb")
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)

@@ -140,6 +140,16 @@ def decode_plan(T: int, max_loras: int, hidden: int, rank: int, widths: list[int
             "shrink_num_stages": cfg.get("shrink_num_stages") or cfg["num_stages"]}
 
 
+def workspace(split_k: int, slices: int, T: int, R: int, device: torch.device) -> torch.Tensor:
+    """[split_k, slices, T, R] fp32 for the shrink's partial products, its token axis
+    allocated to a multiple of 16: the split and slice strides reach the kernels as
+    specialized integers, and with a rank such as 8 their %16 class would otherwise follow
+    T's parity (a compile per class, mid-run)."""
+    padded = -(-T // 16) * 16
+    return torch.empty(split_k, slices, padded, R, dtype=torch.float32,
+                       device=device)[:, :, :T]
+
+
 def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
                         lora_b: list[torch.Tensor], meta: LoRAMeta,
                         slice_offsets: list[int]) -> bool:
@@ -151,7 +161,7 @@ def try_add_lora_decode(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Ten
     if plan is None or any(a.stride() != lora_a[0].stride() for a in lora_a) \
             or not _unit_rank_stride(lora_b):
         return False
-    work = torch.empty(plan["split_k"], len(lora_a), T, R, dtype=torch.float32, device=x.device)
+    work = workspace(plan["split_k"], len(lora_a), T, R, x.device)
     _launch(plan, x, lora_a, lora_b, y, work, (*work.stride()[:3], 0), meta, slice_offsets,
             shrink=True)
     return True

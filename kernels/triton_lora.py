@@ -16,6 +16,7 @@ from lorry.kernels.lora_decode import (
     decode_plan,
     try_add_lora_decode,
     try_expand_folded_decode,
+    workspace,
 )
 from lorry.kernels.segments import LoRAMeta
 from lorry.kernels.slot_args import (
@@ -283,7 +284,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
         return
     if buffer is None:
         split_k = choose_split_k(T, meta.max_loras, S, H, x.device)
-        work = torch.empty(split_k, S, T, R, dtype=torch.float32, device=x.device)
+        work = workspace(split_k, S, T, R, x.device)
     else:
         work = buffer.unsqueeze(0)
         split_k = 1

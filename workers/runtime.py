@@ -24,9 +24,16 @@ def build_engine(settings):
     if settings.compile_kernels and engine.device.type == "cuda":
         # every kernel variant a step can pick, now rather than a second each mid-drain
         # (read from Triton's on-disk cache after the first start on a machine)
-        report = engine.compile_kernels(use_tqdm=False)
-        log.info("compiled the kernels of %d step shapes in %.1f s", report["steps"],
-                 report["seconds"])
+        # An optimisation: a failure leaves the kernels to compile as steps meet them, as
+        # before, and the worker serves (a kernel that cannot compile fails its step's jobs
+        # there, with the error on them, not the worker's start)
+        try:
+            report = engine.compile_kernels(use_tqdm=False)
+            log.info("compiled the kernels of %d step shapes in %.1f s", report["steps"],
+                     report["seconds"])
+        except Exception as e:  # noqa: BLE001
+            log.warning("the kernel warm-up failed (%s: %s); kernels compile as steps meet "
+                        "them", type(e).__name__, e)
     return engine
 
 

@@ -3,22 +3,32 @@ after it compiles nothing new (a compile is ~1 s on an H100 with the engine wait
 
 Every Triton kernel the engine launches is recorded (its constexprs, launch options, the
 specialization class of each specialized integer, each pointer's type and 16-byte alignment:
-what Triton compiles by) during the warm-up, then over a workload of many step shapes:
-prompt steps of every size up to the token budget, chunked prompts, mixed steps with decode
-rows of many table widths, decode rounds. On CPU the engine runs its CUDA path (fused norms,
-rotary and cache write, paged attention, the Triton LoRA kernels) under TRITON_INTERPRET=1.
+what Triton compiles by) during the warm-up, which runs its steps for real, then over a
+workload of many step shapes, recorded without running the kernels (the logits zeroed, so the
+schedule is the same): prompt steps of every size up to the token budget, chunked prompts,
+mixed steps with decode rows of many table widths, decode rounds. On CPU the engine runs its
+CUDA path (fused norms, rotary and cache write, paged attention, the Triton LoRA kernels)
+under TRITON_INTERPRET=1; also a base off the fused path (its prefill attention only for
+chunks), a rank of 8 (work strides of both %16 classes) and a max_model_len that is not a
+multiple of the block size (the widest table's last block partly past it).
 """
 from __future__ import annotations
 
 import random
 
 import pytest
+import torch
 
 from lorry.testing import make_tiny_base_and_adapters
 from tests.kernels.cases import record_kernels
 
 ADAPTERS = {"a4": (4, 8, "all-linear", False), "b8": (8, 16, ("q_proj", "v_proj"), False),
             "c16": (16, 8, ("gate_proj", "up_proj", "down_proj"), False)}
+CASES = {  # name -> (engine settings, adapters used, the fused path)
+    "fused": (dict(max_lora_rank=16, max_model_len=96), ("a4", "b8", "c16"), True),
+    "rank8_odd_len": (dict(max_lora_rank=8, max_model_len=99), ("a4", "b8"), True),
+    "unfused": (dict(max_lora_rank=16, max_model_len=99), ("a4", "b8", "c16"), False),
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +38,7 @@ def tiny(tmp_path_factory):
         num_heads=4, num_kv_heads=2, intermediate_size=80)
 
 
-def _engine(base, device, monkeypatch, **kw):
+def _engine(base, device, monkeypatch, fused=True, **kw):
     from lorry.engine import EngineConfig, LLMEngine
     from lorry.kernels.backends import get_lora_ops
     cfg = dict(model=str(base), dtype="float32", device=device.type, max_loras=4,
@@ -47,6 +57,8 @@ def _engine(base, device, monkeypatch, **kw):
         monkeypatch.setattr(llama, "fused_ops_on", lambda x: True)
         monkeypatch.setattr(attention, "flash_decode", lambda q: True)
         eng.runner.ops = get_lora_ops("triton")
+    if not fused:   # as Gemma 2/3, OLMo 2, Granite: torch layers, Triton attention and LoRA
+        eng.model.use_triton_ops = False
     return eng
 
 
@@ -65,30 +77,36 @@ def _workload(rng: random.Random, paths: dict, n: int):
     return prompts, params, loras
 
 
-def test_after_compile_kernels_no_step_compiles_a_new_kernel_variant(tiny, device,
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_after_compile_kernels_no_step_compiles_a_new_kernel_variant(case, tiny, device,
                                                                       monkeypatch):
+    settings, names, fused = CASES[case]
     base, paths = tiny
-    eng = _engine(base, device, monkeypatch)
+    paths = {n: paths[n] for n in names}
+    eng = _engine(base, device, monkeypatch, fused=fused, **settings)
     recs = record_kernels(monkeypatch)
     report = eng.compile_kernels(use_tqdm=False)
     assert report["steps"] > 0 and report["by"].get("lora") and \
-        report["by"].get("decode attention"), report
+        report["by"].get("decode attention") and report["by"].get("chunk"), report
     warm = {name: set(r.keys) for name, r in recs.items()}
     # the warm-up reached the LoRA kernels of both paths and both attention kernels
     for name in ("lora_decode_kernel", "lora_shrink_kernel", "lora_expand_kernel",
-                 "_prefill_attn_kernel", "_decode_attn_kernel", "_rotary_qk_kernel"):
+                 "_prefill_attn_kernel", "_decode_attn_kernel"):
         assert warm.get(name), (name, sorted(warm))
+    assert bool(warm.get("_rotary_qk_kernel")) == fused
     # placeholders only: no sequence, no KV block taken, nothing queued
     assert eng.scheduler.blocks.num_free() == eng.scheduler.blocks.usable()
     assert not eng.scheduler.running and not eng.scheduler.waiting
 
-    # the workload in two calls: its later steps meet variants its first steps had not, which
-    # an engine without the warm-up would compile mid-run (so the check below can fail)
+    # the workload, its kernels recorded, not run (the logits zeroed: the same schedule), in
+    # two calls: its later steps meet variants its first steps had not, which an engine
+    # without the warm-up would compile mid-run (so the check below can fail)
     for r in recs.values():
-        r.keys, r.plans = set(), set()
+        r.keys, r.plans, r.run = set(), set(), False
+    monkeypatch.setattr(eng.model, "_softcap", lambda logits: torch.zeros_like(logits))
     rng = random.Random(0)
     seen = []
-    for n in (4, 16):
+    for n in (4, 24):
         prompts, params, loras = _workload(rng, paths, n)
         outs = eng.generate(prompts, params, loras, use_tqdm=False)
         assert all(len(o.outputs[0].token_ids) == p.max_tokens for o, p in zip(outs, params))

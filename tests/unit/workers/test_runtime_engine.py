@@ -36,3 +36,16 @@ def test_build_engine_compiles_the_kernels_on_cuda_unless_turned_off(device, fla
 def test_the_setting_reads_lorry_compile_kernels(monkeypatch):
     monkeypatch.setenv("LORRY_COMPILE_KERNELS", "false")
     assert Settings().compile_kernels is False
+
+
+def test_a_failed_warm_up_leaves_the_worker_serving(monkeypatch, caplog):
+    import lorry.engine
+
+    class Failing(_Engine):
+        def compile_kernels(self, use_tqdm=True):
+            raise RuntimeError("out of memory in a probe")
+    monkeypatch.setattr(lorry.engine, "LLMEngine", lambda config: Failing("cuda"))
+    with caplog.at_level("WARNING"):
+        engine = runtime.build_engine(Settings())
+    assert isinstance(engine, Failing)
+    assert "kernel warm-up failed (RuntimeError: out of memory in a probe)" in caplog.text

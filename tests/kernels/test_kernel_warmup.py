@@ -62,18 +62,19 @@ def _engine(base, device, monkeypatch, fused=True, **kw):
     return eng
 
 
-def _workload(rng: random.Random, paths: dict, n: int):
+def _workload(rng: random.Random, paths: dict, n: int, lengths=(1, 3, 9, 20, 47, 70),
+              answers=(1, 2, 5, 12), adapters=None):
     from lorry.engine import LoRARequest, SamplingParams
-    names = [None, *sorted(paths)]
+    names = [None, *sorted(paths)] if adapters is None else list(adapters)
     prompts, params, loras = [], [], []
     for i in range(n):
         # short and long prompts (past the 48-token budget: chunked), long and short answers
-        prompts.append([rng.randrange(3, 120) for _ in range(rng.choice([1, 3, 9, 20, 47, 70]))])
-        params.append(SamplingParams(max_tokens=rng.choice([1, 2, 5, 12]), temperature=0.0,
+        prompts.append([rng.randrange(3, 120) for _ in range(rng.choice(lengths))])
+        params.append(SamplingParams(max_tokens=rng.choice(answers), temperature=0.0,
                                      ignore_eos=True))
         name = names[i % len(names)]
         loras.append(None if name is None else
-                     LoRARequest(name, 1 + names.index(name), str(paths[name])))
+                     LoRARequest(name, 1 + sorted(paths).index(name), str(paths[name])))
     return prompts, params, loras
 
 
@@ -99,21 +100,23 @@ def test_after_compile_kernels_no_step_compiles_a_new_kernel_variant(case, tiny,
     assert not eng.scheduler.running and not eng.scheduler.waiting
 
     # the workload, its kernels recorded, not run (the logits zeroed: the same schedule), in
-    # two calls: its later steps meet variants its first steps had not, which an engine
-    # without the warm-up would compile mid-run (so the check below can fail)
+    # three calls: the later ones meet variants the first's short steps had not, which an
+    # engine without the warm-up would compile mid-run (so the check below can fail)
     for r in recs.values():
         r.keys, r.plans, r.run = set(), set(), False
     monkeypatch.setattr(eng.model, "_softcap", lambda logits: torch.zeros_like(logits))
     rng = random.Random(0)
     seen = []
-    for n in (4, 24):
-        prompts, params, loras = _workload(rng, paths, n)
+    for kw in (dict(n=4, lengths=(1, 2, 3), answers=(1,)),        # a few short steps first
+               dict(n=24),                                        # every size, mixed adapters
+               dict(n=10, lengths=range(15, 48), adapters=["a4"])):   # one adapter's tokens
+        prompts, params, loras = _workload(rng, paths, **kw)
         outs = eng.generate(prompts, params, loras, use_tqdm=False)
         assert all(len(o.outputs[0].token_ids) == p.max_tokens for o, p in zip(outs, params))
         seen.append({name: set(r.keys) for name, r in recs.items()})
-    later = {k: seen[1][k] - seen[0][k] for k in seen[1] if seen[1][k] - seen[0][k]}
-    assert later, "the second call met no variant the first had not"
-    new = {name: sorted(keys - warm.get(name, set())) for name, keys in seen[1].items()}
+    later = {k: seen[-1][k] - seen[0][k] for k in seen[-1] if seen[-1][k] - seen[0][k]}
+    assert later, "the later calls met no variant the first had not"
+    new = {name: sorted(keys - warm.get(name, set())) for name, keys in seen[-1].items()}
     assert not any(new.values()), {k: v for k, v in new.items() if v}
 
 
@@ -140,3 +143,15 @@ def test_probes_cover_every_decode_attention_key_of_an_h100_deployment(monkeypat
     # both tiles, and splits from 1 up (the five variants the eighteenth session found
     # reachable only from eager rows, and those the graphs also meet)
     assert {k[1] for k in every} == {64, 128} and len({k[0] for k in every}) >= 3
+
+
+def test_the_widest_decode_probe_stays_within_max_model_len(tiny, device, monkeypatch):
+    # 99 tokens in blocks of 8: the widest table (13 blocks) reaches past the rotary tables'
+    # 99 rows; a probe's decoding row sits at position 98 at most, as a real row does (the
+    # torch rotary of a base off the fused path indexes its tables: an IndexError otherwise)
+    from lorry.engine import warmup
+    base, _ = tiny
+    eng = _engine(base, device, monkeypatch, fused=False, max_model_len=99)
+    lim = warmup.Limits(max_tokens=48, max_rows=8, max_len=99, block_size=8, max_loras=4)
+    probe = warmup.Probe(1, 1, decode_rows=2, decode_blocks=13, why="decode attention")
+    assert warmup.run_probes(eng.model, eng.runner, lim, [probe]) >= 0

@@ -115,7 +115,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, N] -> (e4m3 [T, N], fp32 scales [T, 1]): row r is x[r] / s[r] with s[r] its
     absmax / 448 (at least 1e-12 / 448: a zero row stays zero)."""
     xf = x.float()
-    s = xf.abs().amax(1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    amax = xf.abs().amax(1, keepdim=True).clamp(min=1e-12)
+    # divided by a tensor, not a Python number: torch's CUDA division by a host scalar
+    # multiplies by its rounded reciprocal (a bit off IEEE division at times), which the
+    # quantizing kernels (kernels.fused_ops, IEEE div_rn) and the CPU would not match
+    s = amax / torch.full_like(amax, FP8_MAX)
     return (xf / s).to(FP8), s
 
 

@@ -93,7 +93,10 @@ def test_rotary_qk_reads_positions_and_slots_through_their_strides(device):
     heads, kv_heads, D, bs, T = 4, 2, 16, 4, 3
     g = torch.Generator().manual_seed(3)
     rot = Rotary(_Cfg(), D, 40).to(device)
-    qkv = torch.randn(T, (heads + 2 * kv_heads) * D, generator=g).to(device)
+    # one row repeated: the tokens share the one slot a stride-0 mapping gives them, so the
+    # cache write is the same whichever program's lands last
+    qkv = torch.randn(1, (heads + 2 * kv_heads) * D, generator=g).expand(T, -1).contiguous()
+    qkv = qkv.to(device)
     pos_buf = torch.tensor([5, 30, 31, 32], device=device)
     slot_buf = torch.tensor([9, 1, 2, 3], device=device)
     pos, slots = pos_buf[:1].expand(T), slot_buf[:1].expand(T)

@@ -43,7 +43,10 @@ def _engine(base, device, monkeypatch, fused=True, **kw):
     from lorry.kernels.backends import get_lora_ops
     cfg = dict(model=str(base), dtype="float32", device=device.type, max_loras=4,
                max_lora_rank=16, max_cpu_loras=4, max_num_seqs=8,
-               max_num_batched_tokens=48, block_size=8, max_model_len=96)
+               max_num_batched_tokens=48, block_size=8, max_model_len=96,
+               # decode steps eager on CUDA too: graphs captured lazily mid-run compile their
+               # own plans, which the warm-up leaves to capture_graphs (docs/INTERFACES.md)
+               enforce_eager=True)
     eng = LLMEngine(EngineConfig(**{**cfg, **kw}))
     # the device tables, with the decode path opened to this tiny model's few columns and
     # its long tiles closed past 8 tokens a slot, so that steps take both LoRA paths

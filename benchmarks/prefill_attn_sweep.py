@@ -78,10 +78,11 @@ def main() -> None:
         return pa.prefill_attention(q, kc, vc, tables, rows, max(Q_LEN), bs)
 
     def setting():
-        return (pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES, pa.MAX_PACK)
+        return pa.launch_settings(kc.dtype)      # the cache's (an fp8 cache: pa.FP8_LAUNCH)
 
     def use(cfg):
         pa.BLOCK_M, pa.BLOCK_N, pa.NUM_WARPS, pa.NUM_STAGES, pa.MAX_PACK = cfg
+        pa.FP8_LAUNCH = None                      # every cache takes the settings above
 
     default = setting()
     use(default[:4] + (1,))     # the reference: one query head a program
@@ -96,7 +97,7 @@ def main() -> None:
     for cfg in configs:
         use(cfg)
         row = {"block_m": cfg[0], "block_n": cfg[1], "num_warps": cfg[2], "num_stages": cfg[3],
-               "max_pack": cfg[4], "heads_packed": pa.heads_packed(h // kvh)}
+               "max_pack": cfg[4], "heads_packed": pa.heads_packed(h // kvh, cfg[0], cfg[4])}
         try:
             out = run()
             torch.cuda.synchronize()

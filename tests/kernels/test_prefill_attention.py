@@ -136,16 +136,21 @@ def test_refuses_inputs_it_cannot_attend_over(what, match, device):
         prefill_attention(**args)
 
 
+@pytest.mark.parametrize("fp8_launch", ["tuned", "16-bit"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_an_fp8_cache_is_read_widened_to_the_query_dtype(dtype, device):
+def test_an_fp8_cache_is_read_widened_to_the_query_dtype(dtype, fp8_launch, device,
+                                                         monkeypatch):
     # EngineConfig.kv_cache_dtype="fp8": cached prefixes and the chunk's own keys in e4m3,
     # widened to fp32 for an fp32 query, to fp16 for a bf16 one (whose dots then run in fp16:
-    # paged_tiles.query_compute; the interpreter runs those, unlike bf16 dots)
+    # paged_tiles.query_compute; the interpreter runs those, unlike bf16 dots); under the
+    # fp8 cache's own launch settings (FP8_LAUNCH) and the 16-bit caches'
+    if fp8_launch == "16-bit":
+        monkeypatch.setattr(pa, "FP8_LAUNCH", None)
     c = Chunks(*CASES[list(CASES)[-1]], dtype=dtype, device=device, seed=3)
     c.k_cache, c.v_cache = (x.mul(3).to(torch.float8_e4m3fn) for x in (c.k_cache, c.v_cache))
     out = c.run()
     check_attention(out, c.ref(), dtype)
-    if dtype == torch.float32:
+    if dtype == torch.float32 and fp8_launch == "16-bit":    # the same tiles either way
         wide = prefill_attention(c.q, c.k_cache.to(dtype), c.v_cache.to(dtype), c.tables,
                                  c.rows, c.S, c.block_size)
         assert torch.equal(out, wide)                 # widening is exact

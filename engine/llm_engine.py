@@ -579,8 +579,9 @@ class LLMEngine:
     def compile_kernels(self, use_tqdm: bool = True) -> dict:
         """Compile now every kernel variant a step can pick, so that none compiles mid-run:
         one eager step of each LoRA launch plan and each decode-attention launch a step
-        of this engine's limits can take (``engine.warmup``), on placeholder rows that
-        touch no sequence, slot or KV block. Triton keeps what it compiles on disk, so a
+        of this engine's limits can take (``engine.warmup``), on placeholder rows whose keys
+        and values go to the null KV block (no sequence, slot or other block is touched;
+        the lazily captured LoRA decode graphs are capture_graphs' part). Triton keeps what it compiles on disk, so a
         later process on the same machine finds it there (seconds, not minutes). Returns
         {"steps": probes run, "seconds": their time, "by": probes per reason}; does nothing
         off CUDA (the CPU runs no compiled kernel) unless the LoRA backend is Triton's

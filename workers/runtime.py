@@ -23,10 +23,10 @@ def build_engine(settings):
     engine = LLMEngine(settings.engine_config())
     if settings.compile_kernels and engine.device.type == "cuda":
         # every kernel variant a step can pick, now rather than a second each mid-drain
-        # (read from Triton's on-disk cache after the first start on a machine)
-        # An optimisation: a failure leaves the kernels to compile as steps meet them, as
-        # before, and the worker serves (a kernel that cannot compile fails its step's jobs
-        # there, with the error on them, not the worker's start)
+        # (read from Triton's on-disk cache after the first start on a machine). Only an
+        # optimisation: should it fail, the worker serves and its kernels compile as steps
+        # meet them, as before (one that cannot compile fails its step's jobs, with the
+        # error on them, not the worker's start)
         try:
             report = engine.compile_kernels(use_tqdm=False)
             log.info("compiled the kernels of %d step shapes in %.1f s", report["steps"],

@@ -145,8 +145,9 @@ def unspecialized(kernel) -> set:
 
 class Launches:
     """Stands in for a Triton kernel: records each launch's compile key (its constexprs and
-    the specialization class of each specialized integer) and its launch plan (the
-    constexprs alone), then launches it unless ``run`` is false."""
+    launch options, the specialization class of each specialized integer, each pointer's
+    element type and 16-byte alignment) and its launch plan (the constexprs and options
+    alone), then launches it unless ``run`` is false."""
 
     def __init__(self, kernel, run: bool = True):
         self.kernel, self.run, self.keys, self.plans = kernel, run, set(), set()

@@ -4,7 +4,7 @@
 # Steps: tests | throughput | throughputN (num_scheduler_steps N; THROUGHPUT_ARGS adds
 # throughput.py options) | prefill (one mixed prefill
 # step of the bulk workload: benchmarks/prefill_step.py, its timeline summed by trace_gaps.py)
-# | decode (a decode round of it: the same script's --decode) | lora_bulk (the LoRA of a
+# | decode (a decode round of it: the same script's --decode; DECODE_ARGS its options) | lora_bulk (the LoRA of a
 # bulk decode and prompt step per decode-table setting: lora_bulk_step.py; LORA_CONFIGS)
 # | lora_sweep (the same over a grid of settings, the best last) | lora_prompt (the prompt
 # step's LoRA over lora_bulk_step.py's PROMPT_SWEEP: two-launch table and decode-path settings)
@@ -74,7 +74,7 @@ r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k not in ("
         [ -s "$out/prefill_trace.json" ] && $py benchmarks/trace_gaps.py "$out/prefill_trace.json" \
             > "$out/prefill_gaps.json" && cat "$out/prefill_gaps.json" ;;
     decode)
-        timeout "$limit" $py benchmarks/prefill_step.py --decode --skip 150 --requests 2000 --min-rows 96 \
+        timeout "$limit" $py benchmarks/prefill_step.py --decode --skip 150 --requests 2000 --min-rows 96 ${DECODE_ARGS:-} \
             --trace "$out/decode_trace.json" --out "$out/decode.json" > /dev/null 2> "$out/decode.log"
         echo "decode rc=$?"; [ -s "$out/decode.json" ] && $py -c 'import json,sys
 r=json.load(open(sys.argv[1])); print({k: v for k, v in r.items() if k != "kernels"}); [print(k) for k in r.get("kernels", [])[:12]]' "$out/decode.json"

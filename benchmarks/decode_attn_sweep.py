@@ -8,9 +8,12 @@ per (row, KV head) walks all of a row's keys: at 2,048 programs the chip is full
 longest rows run alone at the end. This times 32 calls (a step's layers) per setting: sequence
 splits (each split a program; splits past a row's keys store nothing), keys per tile, warps
 and pipeline stages, checks each against the default's output, and prints ms a step, the
-keys' and values' GB/s and the fastest.
+keys' and values' GB/s and the fastest. ``--kv-cache-dtype fp8`` times it over an e4m3
+cache (widened per tile; ``--bf16-dots`` widens to bf16 rather than fp16) and the 16-bit
+cache's current setting beside it, on the same rows; ``--quick`` a smaller grid.
 
     PYTHONPATH=. python benchmarks/decode_attn_sweep.py [--rows 256] [--repeats 10]
+        [--kv-cache-dtype fp8 [--bf16-dots]] [--quick]
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from prefill_attn_sweep import random_paged  # benchmarks/: paged caches of rand
 from prefill_step import _timer  # benchmarks/: median of CUDA-event timings
 
 from lorry.kernels import decode_attention as da
+from lorry.kernels import paged_tiles
 from lorry.kernels.launch_math import next_pow2
 
 
@@ -46,6 +50,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a check of this script under TRITON_INTERPRET=1 (fp32)")
+    ap.add_argument("--kv-cache-dtype", default=None, choices=[None, "fp8"])
+    ap.add_argument("--bf16-dots", action="store_true",
+                    help="an fp8 cache widened to bf16 (paged_tiles.FP8_DOTS_IN_FP16 off)")
+    ap.add_argument("--quick", action="store_true",
+                    help="splits default/2/4, keys a tile 64/128/256, 4 or 8 warps, 2 or 3 stages")
     args = ap.parse_args()
     dev, bs, h, kvh, D = args.device, 16, 32, 8, 128
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -56,20 +65,29 @@ def main() -> None:
     tables, kc, vc = random_paged(need, width, kvh, D, bs, dt, dev, g)
     q = torch.randn(args.rows, h * D, device=dev, dtype=dt, generator=g)
     pos = torch.tensor([k - 1 for k in n], dtype=torch.int32, device=dev)
-    kv_bytes = sum(n) * kvh * D * 2 * dt.itemsize * args.layers
+    wide = (kc, vc)                               # the 16-bit cache, timed beside an fp8 one
+    if args.kv_cache_dtype == "fp8":
+        kc, vc = (x.mul(3).to(torch.float8_e4m3fn) for x in (kc, vc))
+    if args.bf16_dots:
+        paged_tiles.FP8_DOTS_IN_FP16 = False
+    kv_bytes = sum(n) * kvh * D * 2 * kc.dtype.itemsize * args.layers
     saved = (da.BLOCK_N, da.NUM_WARPS, da.NUM_STAGES)
-    block_n, stages = da.launch_for(next_pow2(D), dt, q.device, width * bs)  # the engine's
+    block_n, stages = da.launch_for(next_pow2(D), kc.dtype, q.device, width * bs)  # the engine's
     default = (None, block_n, da.NUM_WARPS, stages)
     chosen = da.num_splits(args.rows, kvh, width * bs, q.device)
 
-    def step(splits):
+    def step(splits, caches=None):
+        k, v = caches or (kc, vc)
         for _ in range(args.layers):
-            out = da.decode_attention(q, kc, vc, tables, pos, bs, splits)
+            out = da.decode_attention(q, k, v, tables, pos, bs, splits)
         return out
 
     ref = step(None)
-    configs = [default] + [c for c in itertools.product(
-        (None, 2, 4, 8, 16), (32, 64, 128), (4, 8), (2, 3)) if c != default]
+    if args.quick:
+        grid = itertools.product((None, 2, 4), (64, 128, 256), (4, 8), (2, 3))
+    else:
+        grid = itertools.product((None, 2, 4, 8, 16), (32, 64, 128, 256), (4, 8), (2, 3, 4))
+    configs = [default] + [c for c in grid if c != default]
     results = []
     for cfg in configs:
         da.BLOCK_N, da.NUM_WARPS, da.NUM_STAGES = cfg[1:]
@@ -88,6 +106,10 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row), flush=True, file=sys.stderr)
     da.BLOCK_N, da.NUM_WARPS, da.NUM_STAGES = saved
+    wide_ms = None
+    if kc.dtype != dt:   # the 16-bit cache at its own current setting, the same rows
+        step(None, wide)
+        wide_ms = _timer(dev, lambda: step(None, wide), args.repeats)
     ok = [r for r in results if "ms_per_step" in r and r["max_abs_diff"] < 0.05]
     best = min(ok, key=lambda r: r["ms_per_step"]) if ok else None
     top = sorted(ok, key=lambda r: r["ms_per_step"])[:10]
@@ -99,6 +121,9 @@ def main() -> None:
                       "rows": args.rows, "keys": {"mean": round(sum(n) / len(n), 1),
                                                   "max": max(n), "sum": sum(n)},
                       "table_keys": width * bs, "layers": args.layers,
+                      "kv_cache_dtype": str(kc.dtype),
+                      "fp8_dots_in_fp16": paged_tiles.FP8_DOTS_IN_FP16,
+                      "wide_cache_default_ms": wide_ms,
                       "kv_gb_per_step": round(kv_bytes / 1e9, 2), "default": results[0],
                       "best": best, "best_splits_at_default_launch": splits_only,
                       "top": top,

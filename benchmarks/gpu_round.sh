@@ -17,7 +17,8 @@
 # no_adapters, each its own process: the LoRA overhead A/B) | loads (the cold loads' cost: cold
 # at the 1 ms and 5 ms GIL intervals, preloaded, no adapters; LOADS_RUNS picks, also
 # cold_thread, cold_process, cold_noreserve, cold_register, cold_reserve, cold_pageable;
-# LOADS_SKIP_COMPILE skips the compile run) | decode_split (decode_attn_sweep.py, then the
+# LOADS_SKIP_COMPILE skips the compile run) | decode_sweep (decode_attn_sweep.py alone;
+# DSWEEP_ARGS its options) | decode_split (decode_attn_sweep.py, then the
 # bulk workload with its best splits against the default) | pinned (benchmarks/pinned_alloc.py) | pack (last: OUTDIR's files in one
 # round.tgz) | fp8_tests (the fp8 KV cache and fp8 linear tests on CUDA) | fp8_step
 # (decode_step.py at FP8_BATCH rows, default 256: bf16, fp8 KV, fp8 weights, both; each a
@@ -173,6 +174,13 @@ for line in open(sys.argv[1]):
             [ -s "$out/loads_$name.json" ] && $py -c 'import json,sys; r=json.load(open(sys.argv[1]))
 r=r["runs"][next(iter(r["runs"]))]; print(r.get("lora_cache"), r.get("host_pinned"), (r.get("steps") or {}).get("load_wait"))' "$out/loads_$name.json"
         done ;;
+    decode_sweep)   # the decode attention's launch settings at a bulk decode step alone
+        # (decode_attn_sweep.py; DSWEEP_ARGS its options, e.g. --quick --kv-cache-dtype fp8)
+        f=$out/decode_sweep${DSWEEP_NAME:-}
+        timeout "$limit" $py benchmarks/decode_attn_sweep.py ${DSWEEP_ARGS:-} > "$f.json" 2> "$f.log"
+        echo "decode_sweep ${DSWEEP_ARGS:-} rc=$?"; $py -c 'import json,sys; r=json.load(open(sys.argv[1]))
+print({k: r.get(k) for k in ("gpu", "keys", "kv_cache_dtype", "kv_gb_per_step", "wide_cache_default_ms", "default", "best", "speedup")})
+[print(x) for x in r["top"][:6]]' "$f.json" ;;
     decode_split)   # the decode attention's launch settings at a bulk decode step
         # (decode_attn_sweep.py), then the bulk workload (SPLIT_REQUESTS, default 600) with the
         # best sweep's splits as decode_attention.SPLIT_KEYS against the default, each a

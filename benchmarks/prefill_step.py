@@ -183,8 +183,8 @@ def measure_decode(eng, args, seqs, slots, steps, pick) -> dict:
     real = type(eng.runner).decode_steps
     runner, model = eng.runner, eng.runner.model
 
-    def run(slot_ids=slots):
-        return real(runner, seqs, slot_ids, steps, pick)
+    def run(slot_ids=slots):   # a fresh sampler a replay: the round's own keeps its steps'
+        return real(runner, seqs, slot_ids, steps, type(pick)(seqs, eng.generator, eng.device))
 
     ms = _timer(args.device, run, args.repeats)
     ms_plain = _timer(args.device, lambda: run([-1] * len(slots)), args.repeats)

@@ -61,7 +61,8 @@ RUNS = ("mixed", "no_adapters", "prefix_off")
 # longest answers first, generate's default
 EXTRA_RUNS = ("padded_prefill", "alternate", "grouped", "one_step", "input_order")
 # cache_stats() figures that accumulate over the engine's life: reported as timed-run deltas
-COUNTERS = {"prefix_query_tokens", "prefix_hit_tokens", "preemptions", "steps", "seconds", "mixed",
+COUNTERS = {"prefix_query_tokens", "prefix_hit_tokens", "preemptions", "held_rounds", "steps",
+            "seconds", "mixed",
             "tokens", "rows", "hits", "misses", "evictions", "load_seconds", "rounds",
             "adapters", "lora_ranks"}
 
@@ -241,6 +242,8 @@ def engine_config(spec: dict, args, model: str, load_format: str, run: str,
     optional = {"block_size": args.block_size, "num_kv_blocks": args.num_kv_blocks,
                 "gpu_memory_utilization": args.gpu_memory_utilization,
                 "max_num_batched_tokens": args.max_num_batched_tokens,
+                "prefill_min_tokens": getattr(args, "prefill_min_tokens", None),
+                "prefill_max_wait": getattr(args, "prefill_max_wait", None),
                 "lora_memory_slots": spec["memory_slots"] if run != "no_adapters" else None,
                 "lora_load_process": None if args.lora_load_process is None
                 else args.lora_load_process == "on",
@@ -673,6 +676,11 @@ def parse_args() -> argparse.Namespace:
                          "kernels.fp8_matmul, or the latter up to 64 rows")
     ap.add_argument("--block-size", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--prefill-min-tokens", type=int, default=None,
+                    help="EngineConfig.prefill_min_tokens: new prompts wait in decode rounds "
+                         "until the free rows would take this many tokens (0: off)")
+    ap.add_argument("--prefill-max-wait", type=int, default=None,
+                    help="EngineConfig.prefill_max_wait: at most this many device steps")
     ap.add_argument("--num-scheduler-steps", type=int, default=None,
                     help="EngineConfig.num_scheduler_steps of every run but one_step")
     ap.add_argument("--adapter-files-per-rank", type=int, default=None,

@@ -617,7 +617,9 @@ class LLMEngine:
         stats["base_weights"] = dict(getattr(self.model, "quant_report", None) or {})
         stats["kv"] = {**self.scheduler.blocks.stats(),
                        "preemptions": self.scheduler.preemptions,
-                       "peak_running": self.scheduler.peak_running}
+                       "peak_running": self.scheduler.peak_running,
+                       # decode plans made while new prompts were held (prefill_min_tokens)
+                       "held_rounds": self.scheduler.held_rounds}
         stats["steps"] = {k: dict(v) for k, v in self._steps.items()}
         return stats
 

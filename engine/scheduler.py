@@ -30,6 +30,7 @@ starved by short ones.
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,7 +79,8 @@ class _CountPlanner:
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_loras: int, blocks: BlockManager,
                  max_num_batched_tokens: int = 8192, max_bypass: int = 16,
-                 mixed: bool = True, num_steps: int = 1, max_model_len: int | None = None):
+                 mixed: bool = True, num_steps: int = 1, max_model_len: int | None = None,
+                 prefill_min_tokens: int = 0, prefill_max_wait: int = 0):
         self.max_num_seqs = max_num_seqs
         self.max_loras = max_loras
         self.blocks = blocks
@@ -86,6 +88,11 @@ class Scheduler:
         self.max_bypass = max_bypass
         self.mixed = mixed
         self.num_steps, self.max_model_len = num_steps, max_model_len
+        # new prompts wait (decode rounds meanwhile) until the free rows would take this many
+        # prompt tokens, or for at most prefill_max_wait device steps (_hold_prompts)
+        self.prefill_min_tokens, self.prefill_max_wait = prefill_min_tokens, prefill_max_wait
+        self._held_steps = 0          # device steps decoded while new prompts were held
+        self.held_rounds = 0          # decode plans made while holding (a stat)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []   # in admission order
         # lora id -> its running rows, kept with ``running`` (asked several times a step)
@@ -140,6 +147,7 @@ class Scheduler:
         decoding = [s for s in self.running if not s.prefilling]
         before = self.preemptions
         budget, rows, reserved = self.max_num_batched_tokens, [], []
+        hold = self.mixed and self._hold_prompts(decoding)
         if self.mixed and decoding:
             rows = reserved = self._reserve_decode(decoding)
             if self.preemptions > before:
@@ -163,21 +171,50 @@ class Scheduler:
                 seqs.append(s)
                 chunks.append(n)
                 budget -= n
-        for s, n in self._admit(pinned, ready, budget):
+        for s, n in self._admit(pinned, ready, 0 if hold else budget):
             seqs.append(s)
             chunks.append(n)
         if seqs:
             self._last_was_prefill = True
+            self._held_steps = 0
             return ScheduledStep(seqs + rows, True, chunks)
         self._last_was_prefill = False
         rows = reserved if self.mixed else self._reserve_decode(decoding)
         # a round only when prompts were given the step and none could use it, and nobody
         # was preempted for this step: prompt work held back by alternation or preempted
         # rows waiting to be recomputed do not wait a whole round (admission that finds no
-        # rows, blocks or adapter yet does: up to num_steps - 1 steps)
-        if rounds and budget > 0 and self.preemptions == before:
-            return self._decode_step(rows)
-        return ScheduledStep(rows, False)
+        # rows, blocks or adapter yet does: up to num_steps - 1 steps); prompts held for
+        # want of tokens wait a round
+        plan = (self._decode_step(rows) if rounds and budget > 0 and self.preemptions == before
+                else ScheduledStep(rows, False))
+        if hold:
+            self._held_steps += plan.steps
+            self.held_rounds += 1
+        return plan
+
+    def _hold_prompts(self, decoding: list[Sequence]) -> bool:
+        """Whether new prompts wait this step (``prefill_min_tokens``; TGI's
+        ``waiting_served_ratio`` and ``max_waiting_tokens`` in tokens): a step that carries
+        prompt work runs eagerly, its host issues every layer's kernels one by one (tens of
+        milliseconds however few its tokens), and its decode rows ride in it; a handful of
+        new prompt tokens costs such a step nearly what thousands do. So while rows decode, no
+        prompt is part-way through its prefill and the batch is at least half full, new
+        prompts wait in decode rounds until the first waiters the free rows could take hold
+        ``prefill_min_tokens`` prompt tokens (counted before prefix-cache hits), for at most
+        ``prefill_max_wait`` device steps."""
+        if (not self.prefill_min_tokens or not decoding or not self.waiting
+                or self._held_steps >= self.prefill_max_wait
+                or 2 * len(self.running) < self.max_num_seqs
+                or len(decoding) < len(self.running)):     # a prompt is being prefilled
+            return False
+        free, tokens = self.max_num_seqs - len(self.running), 0
+        if free <= 0:
+            return False      # nobody could be admitted anyway: no wait counted
+        for s in itertools.islice(self.waiting, free):
+            tokens += s.prefill_len - s.num_computed_tokens
+            if tokens >= self.prefill_min_tokens:
+                return False
+        return True
 
     def _decode_step(self, rows: list[Sequence]) -> ScheduledStep:
         """A decode-only step over ``rows`` (each with room for its next token), as a round

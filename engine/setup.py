@@ -141,7 +141,8 @@ def build_engine_parts(c: EngineConfig) -> EngineParts:
     runner = ModelRunner(model, ops, c.max_loras, device, graphs, c.block_size)
     scheduler = Scheduler(c.max_num_seqs, c.max_loras, blocks, c.max_num_batched_tokens,
                           mixed=c.mixed_steps, num_steps=c.num_scheduler_steps,
-                          max_model_len=max_len)
+                          max_model_len=max_len, prefill_min_tokens=c.prefill_min_tokens,
+                          prefill_max_wait=c.prefill_max_wait)
     if loras is not None:
         runner.graph_lock = loras.gpu.layout.pin_lock
         # the LoRA kernels find each slot's adapter in the row buffers through these

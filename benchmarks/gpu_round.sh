@@ -207,8 +207,11 @@ b = r["best_splits_at_default_launch"]; print(r["table_keys"] // b["splits"] if 
         timeout "$limit" $py benchmarks/pinned_alloc.py > "$out/pinned.json" 2> "$out/pinned.log"
         echo "pinned rc=$?"; cat "$out/pinned.log" ;;
     pack)   # last: every file of OUTDIR in OUTDIR/round.tgz (the device tool returns 8 files)
-        (cd "$out" && tar czf round.tgz --exclude round.tgz . && find . -type f ! -name \
-            round.tgz -delete)
+        # (written beside OUTDIR first: a tar written into the folder it reads fails with
+        # "file changed as we read it", and the files stayed unpacked)
+        t=$(mktemp /tmp/round.XXXXXX.tgz)
+        (cd "$out" && tar czf "$t" --exclude round.tgz . && find . -type f -delete) \
+            && mv "$t" "$out/round.tgz"
         echo "pack: $(du -h "$out/round.tgz" | cut -f1)" ;;
     fp8_tests)
         timeout "$limit" $py -m pytest -q -p no:cacheprovider -W default -k fp8 \

@@ -63,10 +63,11 @@ class Clock:
 
     def __init__(self, load_ms: float, warm: set, loaders: int = 1, prompt_ms: float = 20.0,
                  prompt_token_ms: float = 0.026, decode_ms: float = 12.0,
-                 row_ms: float = 0.047):
+                 row_ms: float = 0.047, prompt_floor_ms: float = 0.0):
         self.load_ms, self.warm, self.loaders = load_ms, warm, loaders
         self.prompt_ms, self.prompt_token_ms = prompt_ms, prompt_token_ms
         self.decode_ms, self.row_ms = decode_ms, row_ms
+        self.prompt_floor_ms = prompt_floor_ms   # the least a prompt-bearing step takes
         self.now, self.idle, self.ready_at = 0.0, 0.0, {}
 
     def submit(self, seqs) -> None:
@@ -97,19 +98,20 @@ class Clock:
         rows = len(plan.decoded) if plan.prefill else len(plan.seqs)
         ms = (self.prompt_ms + self.prompt_token_ms * sum(plan.chunks) if plan.prefill
               else self.decode_ms * plan.steps) + self.row_ms * rows * plan.steps
-        self.now += ms
+        self.now += max(ms, self.prompt_floor_ms) if plan.prefill else ms
 
 
 def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
            max_bypass: int, prefix_caching: bool = True, order: str = "input",
            rank_of: dict | None = None, slot_ids: int | None = None,
-           on_step=None, clock: Clock | None = None) -> dict:
+           on_step=None, clock: Clock | None = None, hold: tuple[int, int] = (0, 0)) -> dict:
     """The workload's schedule, submitted in ``order`` (as ``LLMEngine.generate``'s), with
     ``max_loras`` rank-64 slots' memory shared by up to ``slot_ids`` adapters (default:
     max_loras); ``rank_of``: lora id -> rank. ``on_step(n, plan, mem)``: called with each
     step's number (a round's first), plan and slot memory once its adapters are placed; a
     true return ends the replay there (its figures are then of the steps so far).
-    ``clock``: model the time of each step and cold adapter loads (Clock)."""
+    ``clock``: model the time of each step and cold adapter loads (Clock). ``hold``: the
+    scheduler's (prefill_min_tokens, prefill_max_wait)."""
     if order == "longest_first":
         w = bulk.reordered(w, longest_first(w.max_tokens))
     elif order == "by_adapter":   # each adapter's requests together, longest answers first
@@ -117,7 +119,8 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
                                      key=lambda i: (w.adapter[i], -w.max_tokens[i], i)))
     ids = slot_ids or max_loras
     sch = Scheduler(rows, ids, BlockManager(blocks, 16, prefix_caching), budget,
-                    max_bypass=max_bypass, num_steps=steps, max_model_len=5120)
+                    max_bypass=max_bypass, num_steps=steps, max_model_len=5120,
+                    prefill_min_tokens=hold[0], prefill_max_wait=hold[1])
     mem = sch.slot_memory = SlotPages(ids, 64, max_loras)
     mem.rank_of.update(rank_of or {})
     seqs = []
@@ -194,6 +197,8 @@ def replay(w, rows: int, max_loras: int, steps: int, budget: int, blocks: int,
         "last_load_done_s": round(max(clock.ready_at.values(), default=0) / 1e3, 2),
         "load_ms": clock.load_ms, "loaders": clock.loaders}
     return {"order": order, "max_loras": max_loras, "num_scheduler_steps": steps,
+            "prefill_min_tokens": hold[0], "prefill_max_wait": hold[1],
+            "held_rounds": sch.held_rounds,
             **({"modelled": modelled} if modelled else {}),
             "slot_ids": ids, "lora_evictions": mem.evictions,
             "whole_slot_floor_steps": round(sum(longest.values()) / max_loras),
@@ -268,10 +273,17 @@ def main() -> None:
     ap.add_argument("--warm-requests", type=int, default=64,
                     help="the adapters of the first N requests of the seed + 1 workload are "
                          "loaded before (bulk.py's warm-up, --warmup)")
-    ap.add_argument("--step-model", default="20,0.026,12,0.047", metavar="P,PT,D,R",
+    ap.add_argument("--step-model", default="20,0.026,12,0.047", metavar="P,PT,D,R[,F]",
                     help="Clock's ms: a prompt-bearing step, a prompt token, a decode step, "
-                         "a decoding row (default: fitted to an H100's bulk run: ~113 ms a "
-                         "3,560-token prompt step, ~21 ms a 190-row decode step)")
+                         "a decoding row, and optionally the least a prompt-bearing step "
+                         "takes (default: fitted to an H100's bulk run: ~113 ms a "
+                         "3,560-token prompt step, ~21 ms a 190-row decode step, no floor)")
+    ap.add_argument("--hold", nargs="+", default=["0,0"], metavar="TOKENS,STEPS",
+                    help="the scheduler's prefill_min_tokens,prefill_max_wait settings "
+                         "(default 0,0: off)")
+    ap.add_argument("--model-time", action="store_true",
+                    help="model each run's time with --step-model, all adapters loaded "
+                         "(as --cold-load-ms 0)")
     args = ap.parse_args()
     spec = dict(bulk.SPECS["gpu"])
     w = bulk.make_workload(spec, args.requests, LLAMA3_8B["vocab_size"], args.seed)
@@ -280,13 +292,16 @@ def main() -> None:
     warm = {a + 1 for a in bulk.make_workload(spec, args.warm_requests,
                                               LLAMA3_8B["vocab_size"], args.seed + 1).adapter}
     model = [float(x) for x in args.step_model.split(",")]
+    if args.model_time and not args.cold_load_ms:
+        args.cold_load_ms = [0.0]
+    holds = [tuple(int(x) for x in h.split(",")) for h in args.hold]
     clocks = [None] if not args.cold_load_ms else [
         (ms, n) for ms in args.cold_load_ms for n in (args.loaders if ms else [1])]
     runs = [replay(w, args.rows, ml, k, b, args.blocks, mb, pc == "on", o, rank_of, ids,
-                   clock=None if c is None else Clock(c[0], warm, c[1], *model))
-            for ml, k, b, mb, pc, o, ids, c in
+                   clock=None if c is None else Clock(c[0], warm, c[1], *model), hold=hd)
+            for ml, k, b, mb, pc, o, ids, c, hd in
             itertools.product(args.max_loras, args.steps, args.budget, args.max_bypass,
-                              args.prefix_caching, args.order, args.slot_ids, clocks)]
+                              args.prefix_caching, args.order, args.slot_ids, clocks, holds)]
     print(json.dumps({"benchmark": "schedule_replay", "date": time.strftime("%Y-%m-%d"),
                       "requests": args.requests, "rows": args.rows, "seed": args.seed,
                       "output_tokens": sum(w.max_tokens), "runs": runs}, indent=2))

@@ -24,6 +24,7 @@ ENGINE_FIELDS = ("model", "tokenizer", "revision", "device", "dtype", "lora_dtyp
                  "lora_backend", "max_loras", "max_lora_rank", "lora_memory_slots",
                  "max_cpu_loras", "max_num_seqs",
                  "max_model_len", "max_num_batched_tokens", "mixed_steps", "num_scheduler_steps",
+                 "prefill_min_tokens", "prefill_max_wait",
                  "quantization",
                  "enforce_eager",
                  "lora_fold", "lora_load_process", "pinned_reserve_mb", "load_format", "seed",
@@ -104,6 +105,10 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(2048, ge=1)
     mixed_steps: bool = True
     num_scheduler_steps: int = Field(8, ge=1)
+    # new prompts wait in decode rounds for this many tokens' worth of free rows
+    # (EngineConfig.prefill_min_tokens; 0: off), at most prefill_max_wait device steps
+    prefill_min_tokens: int = Field(0, ge=0)
+    prefill_max_wait: int = Field(32, ge=0)
     quantization: str | None = None
     enforce_eager: bool = False
     lora_fold: bool = True

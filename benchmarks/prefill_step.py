@@ -188,11 +188,15 @@ def measure_decode(eng, args, seqs, slots, steps, pick) -> dict:
 
     ms = _timer(args.device, run, args.repeats)
     ms_plain = _timer(args.device, lambda: run([-1] * len(slots)), args.repeats)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    # the weights as stored: parameters, and quantized linears' buffers (an fp8 base's
+    # qweight and scales; not the KV cache's or the rotary tables')
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for n, b in model.named_buffers()
+        if n.rsplit(".", 1)[-1] in ("qweight", "scale", "packed"))
     if getattr(model, "lm_head", None) is not None:   # the embedding is gathered, not read
         weights -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
     keys = sum(s.num_tokens for s in seqs) + len(seqs) * (steps - 1) / 2   # a step's mean
-    kv = keys * model.kv_block_bytes(1)
+    kv = keys * model.kv_block_bytes(1, model.layers[0].self_attn.k_cache.dtype)
     res = {"rows": len(seqs), "steps": steps, "adapters": len({s for s in slots if s >= 0}),
            "mean_keys": round(keys / len(seqs)),
            "max_keys": max(s.num_tokens for s in seqs) + steps - 1,

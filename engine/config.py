@@ -81,14 +81,15 @@ class EngineConfig:
         default, as vLLM's offline engine on large GPUs: the bulk workload on an H100 ran
         1.05x faster than at 2048 (docs/BENCHMARKS.md); a smaller budget gives the decoding
         rows riding in a prompt step shorter steps.
-    prefill_min_tokens : int
+    prefill_min_tokens : int, optional
         Mixed steps (with ``mixed_steps``): while rows decode in a batch at least half full,
         new prompts wait in decode rounds until the free rows would take this many prompt
-        tokens (counted before prefix-cache hits), as TGI's ``waiting_served_ratio``. A step
-        carrying prompt work runs eagerly and costs tens of milliseconds of host time
-        however few its tokens, so fewer, larger prompt steps finish a bulk workload sooner
-        (docs/BENCHMARKS.md); a prompt may wait up to ``prefill_max_wait`` device steps
-        longer for its first token. 0 (the default): every step admits what fits.
+        tokens (counted before prefix-cache hits), as TGI's ``waiting_served_ratio``. On
+        CUDA a step carrying prompt work runs eagerly and its host takes tens of
+        milliseconds to issue it however few its tokens, so fewer, larger prompt steps finish
+        a bulk workload sooner (1.057x on an H100, docs/BENCHMARKS.md); a prompt may wait up
+        to ``prefill_max_wait`` device steps longer for its first token. None (the default):
+        4096 on CUDA, 0 elsewhere; 0: every step admits what fits.
     prefill_max_wait : int
         The most device steps new prompts are held for ``prefill_min_tokens`` (default 32:
         four rounds of ``num_scheduler_steps`` 8); then they are admitted whatever their
@@ -181,7 +182,7 @@ class EngineConfig:
     enforce_eager: bool = False
     max_num_batched_tokens: int = 8192
     mixed_steps: bool = True
-    prefill_min_tokens: int = 0
+    prefill_min_tokens: int | None = None
     prefill_max_wait: int = 32
     num_scheduler_steps: int = 8
     lora_fold: bool = True
@@ -215,6 +216,8 @@ class EngineConfig:
         _positive_int("num_scheduler_steps", self.num_scheduler_steps)
         for name in ("prefill_min_tokens", "prefill_max_wait"):
             v = getattr(self, name)
+            if v is None and name == "prefill_min_tokens":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"EngineConfig.{name}={v!r} is invalid: must be an int >= 0")
         _positive_int("max_model_len", self.max_model_len, allow_none=True)

@@ -636,6 +636,9 @@ class LLMEngine:
                 "block_size": c.block_size, "kv_blocks": self.scheduler.blocks.usable(),
                 "kv_cache_dtype": str(self.model.kv_dtype).split(".")[-1],
                 "enable_prefix_caching": c.enable_prefix_caching,
+                # the scheduler's prompt hold as resolved (None in the config: by device)
+                "prefill_min_tokens": self.scheduler.prefill_min_tokens,
+                "prefill_max_wait": self.scheduler.prefill_max_wait,
                 "num_layers": self.hf_config.num_hidden_layers,
                 # quantization method (None, or detected from a GPTQ/AWQ checkpoint), base
                 # weight bytes resident, and what they would take unquantized

@@ -106,8 +106,9 @@ class Settings(BaseSettings):
     mixed_steps: bool = True
     num_scheduler_steps: int = Field(8, ge=1)
     # new prompts wait in decode rounds for this many tokens' worth of free rows
-    # (EngineConfig.prefill_min_tokens; 0: off), at most prefill_max_wait device steps
-    prefill_min_tokens: int = Field(0, ge=0)
+    # (EngineConfig.prefill_min_tokens; unset: 4096 on CUDA, 0 elsewhere; 0: off), at most
+    # prefill_max_wait device steps
+    prefill_min_tokens: int | None = Field(None, ge=0)
     prefill_max_wait: int = Field(32, ge=0)
     quantization: str | None = None
     enforce_eager: bool = False

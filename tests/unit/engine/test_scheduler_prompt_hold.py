@@ -130,7 +130,7 @@ def test_holding_prompts_changes_no_token_and_runs_fewer_prompt_steps(engines):
         (9, 4, 17, 6, 11, 3, 8, 14, 5, 12, 7, 10))]
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
               for m in (3, 9, 5, 12, 4, 7, 10, 6, 8, 5, 11, 4)]
-    plain, held = engines(), engines(prefill_min_tokens=20, prefill_max_wait=8)
+    plain, held = engines(prefill_min_tokens=0), engines(prefill_min_tokens=20, prefill_max_wait=8)
     a = plain.generate(prompts, params, use_tqdm=False, order="input")
     b = held.generate(prompts, params, use_tqdm=False, order="input")
     assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
@@ -145,3 +145,18 @@ def test_holding_prompts_changes_no_token_and_runs_fewer_prompt_steps(engines):
 def test_config_refuses_a_bad_hold_setting(tiny_llama, name, value):
     with pytest.raises(ValueError, match=name):
         EngineConfig(model=str(tiny_llama.dir), **{name: value})
+
+
+def test_the_default_holds_on_cuda_only(tiny_llama, engines):
+    import torch
+
+    from lorry.engine.setup import CUDA_PREFILL_MIN_TOKENS, prefill_min_tokens
+
+    cfg = EngineConfig(model=str(tiny_llama.dir))
+    assert cfg.prefill_min_tokens is None
+    assert prefill_min_tokens(cfg, torch.device("cuda")) == CUDA_PREFILL_MIN_TOKENS > 0
+    assert prefill_min_tokens(cfg, torch.device("cpu")) == 0
+    set_ = EngineConfig(model=str(tiny_llama.dir), prefill_min_tokens=7)
+    assert prefill_min_tokens(set_, torch.device("cuda")) == 7
+    assert engines().info()["prefill_min_tokens"] == 0       # this CPU engine: off
+    assert engines(prefill_min_tokens=20).info()["prefill_min_tokens"] == 20

@@ -84,16 +84,18 @@ class EngineConfig:
     prefill_min_tokens : int, optional
         Mixed steps (with ``mixed_steps``): while rows decode in a batch at least half full,
         new prompts wait in decode rounds until the free rows would take this many prompt
-        tokens (counted before prefix-cache hits), as TGI's ``waiting_served_ratio``. On
+        tokens (counted before prefix-cache hits; at most what the step's budget leaves
+        the decode rows), as TGI's ``waiting_served_ratio``; never a preempted row's
+        recompute, nor waiters the free rows all take. On
         CUDA a step carrying prompt work runs eagerly and its host takes tens of
         milliseconds to issue it however few its tokens, so fewer, larger prompt steps finish
-        a bulk workload sooner (1.057x on an H100, docs/BENCHMARKS.md); a prompt may wait up
-        to ``prefill_max_wait`` device steps longer for its first token. None (the default):
-        4096 on CUDA, 0 elsewhere; 0: every step admits what fits.
+        a bulk workload sooner (1.057x on an H100, docs/BENCHMARKS.md); a hold lasts at
+        most ``prefill_max_wait`` device steps. None (the default): 4096 on CUDA, 0
+        elsewhere; 0: every step admits what fits (also with ``mixed_steps=False``).
     prefill_max_wait : int
-        The most device steps new prompts are held for ``prefill_min_tokens`` (default 32:
-        four rounds of ``num_scheduler_steps`` 8); then they are admitted whatever their
-        tokens.
+        The most device steps a hold for ``prefill_min_tokens`` lasts (default 32: four
+        rounds of ``num_scheduler_steps`` 8; a round is cut to what is left); then the
+        waiters are admitted whatever their tokens. 0 turns the hold off.
     mixed_steps : bool
         True (default, as vLLM's chunked prefill): a step that prefills prompt chunks also
         decodes every running sequence; steps without prompt work replay CUDA graphs. False:

@@ -90,7 +90,9 @@ class Scheduler:
         self.num_steps, self.max_model_len = num_steps, max_model_len
         # new prompts wait (decode rounds meanwhile) until the free rows would take this many
         # prompt tokens, or for at most prefill_max_wait device steps (_hold_prompts)
-        self.prefill_min_tokens, self.prefill_max_wait = prefill_min_tokens, prefill_max_wait
+        # (alternating steps, mixed=False, already give prompts steps of their own: no hold)
+        self.prefill_min_tokens = prefill_min_tokens if mixed else 0
+        self.prefill_max_wait = prefill_max_wait
         self._held_steps = 0          # device steps decoded while new prompts were held
         self.held_rounds = 0          # decode plans made while holding (a stat)
         self.waiting: deque[Sequence] = deque()
@@ -147,7 +149,6 @@ class Scheduler:
         decoding = [s for s in self.running if not s.prefilling]
         before = self.preemptions
         budget, rows, reserved = self.max_num_batched_tokens, [], []
-        hold = self.mixed and self._hold_prompts(decoding)
         if self.mixed and decoding:
             rows = reserved = self._reserve_decode(decoding)
             if self.preemptions > before:
@@ -163,6 +164,8 @@ class Scheduler:
         elif decoding and self._last_was_prefill:
             self._last_was_prefill = False
             return ScheduledStep(self._reserve_decode(decoding), False)
+        # (decided once the rows have their blocks: a step that preempted admits nobody anyway)
+        hold = self.preemptions == before and self._hold_prompts(len(decoding), len(rows))
         seqs, chunks = [], []
         for s in self.running:  # prompts already being prefilled go on first
             if s.prefilling and budget > 0:
@@ -185,14 +188,16 @@ class Scheduler:
         # rows waiting to be recomputed do not wait a whole round (admission that finds no
         # rows, blocks or adapter yet does: up to num_steps - 1 steps); prompts held for
         # want of tokens wait a round
-        plan = (self._decode_step(rows) if rounds and budget > 0 and self.preemptions == before
+        plan = (self._decode_step(rows, self.prefill_max_wait - self._held_steps if hold
+                                  else None)
+                if rounds and budget > 0 and self.preemptions == before
                 else ScheduledStep(rows, False))
         if hold:
             self._held_steps += plan.steps
             self.held_rounds += 1
         return plan
 
-    def _hold_prompts(self, decoding: list[Sequence]) -> bool:
+    def _hold_prompts(self, decoding: int, rows: int) -> bool:
         """Whether new prompts wait this step (``prefill_min_tokens``; TGI's
         ``waiting_served_ratio`` and ``max_waiting_tokens`` in tokens): a step that carries
         prompt work runs eagerly, its host issues every layer's kernels one by one (tens of
@@ -200,27 +205,35 @@ class Scheduler:
         new prompt tokens costs such a step nearly what thousands do. So while rows decode, no
         prompt is part-way through its prefill and the batch is at least half full, new
         prompts wait in decode rounds until the first waiters the free rows could take hold
-        ``prefill_min_tokens`` prompt tokens (counted before prefix-cache hits), for at most
-        ``prefill_max_wait`` device steps."""
+        ``prefill_min_tokens`` prompt tokens (counted before prefix-cache hits; at most what
+        the step's budget leaves its ``rows`` decode rows), for at most ``prefill_max_wait``
+        device steps a hold. Never held: a preempted sequence's recompute (it had tokens
+        already), nor waiters the free rows all fit (no later waiter could add tokens: the
+        end of a bulk run, a service without a backlog). ``decoding``: the rows that had
+        finished their prompt before the step."""
+        free = self.max_num_seqs - len(self.running)
         if (not self.prefill_min_tokens or not decoding or not self.waiting
-                or self._held_steps >= self.prefill_max_wait
                 or 2 * len(self.running) < self.max_num_seqs
-                or len(decoding) < len(self.running)):     # a prompt is being prefilled
+                or decoding < len(self.running)       # a prompt is being prefilled
+                or free >= len(self.waiting)
+                or self.waiting[0].output_token_ids):   # a preempted row's recompute
+            self._held_steps = 0
             return False
-        free, tokens = self.max_num_seqs - len(self.running), 0
-        if free <= 0:
-            return False      # nobody could be admitted anyway: no wait counted
+        if free <= 0 or self._held_steps >= self.prefill_max_wait:
+            return False      # nobody could be admitted / the wait is over: admit
+        want = min(self.prefill_min_tokens, self.max_num_batched_tokens - rows)
+        tokens = 0
         for s in itertools.islice(self.waiting, free):
             tokens += s.prefill_len - s.num_computed_tokens
-            if tokens >= self.prefill_min_tokens:
+            if tokens >= want:
                 return False
         return True
 
-    def _decode_step(self, rows: list[Sequence]) -> ScheduledStep:
+    def _decode_step(self, rows: list[Sequence], limit: int | None = None) -> ScheduledStep:
         """A decode-only step over ``rows`` (each with room for its next token), as a round
         of several device steps where every row picks its tokens on the device and the pool
         has the blocks for the round without preempting anyone (else one step)."""
-        steps = self.num_steps
+        steps = self.num_steps if limit is None else max(1, min(self.num_steps, limit))
         if steps > 1 and rows and all(s.params.device_sampled for s in rows):
             left = [s.params.max_tokens - len(s.output_token_ids) for s in rows]
             # rows that end inside the round compute its last steps for nothing: at most

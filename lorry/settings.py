@@ -186,7 +186,8 @@ class Settings(BaseSettings):
 
     @field_validator("quantization", "tokenizer", "revision", "metrics_token",
                      "flower_basic_auth", "max_full_module_copies", "num_kv_blocks",
-                     "lora_memory_slots", mode="before")
+                     "lora_memory_slots", "prefill_min_tokens", "pinned_reserve_mb",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, value):
         """``LORRY_QUANTIZATION=`` (empty) means none, as leaving it unset does (likewise the

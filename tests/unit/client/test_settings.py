@@ -77,6 +77,20 @@ def test_max_full_module_copies_reaches_engine_config(monkeypatch):
         Settings(model="/m")
 
 
+def test_the_prompt_hold_reaches_engine_config(monkeypatch):
+    cfg = Settings(model="/m").engine_config()
+    assert (cfg.prefill_min_tokens, cfg.prefill_max_wait) == (None, 32)   # None: by device
+    monkeypatch.setenv("LORRY_PREFILL_MIN_TOKENS", "0")
+    monkeypatch.setenv("LORRY_PREFILL_MAX_WAIT", "64")
+    cfg = Settings(model="/m").engine_config()
+    assert (cfg.prefill_min_tokens, cfg.prefill_max_wait) == (0, 64)
+    monkeypatch.setenv("LORRY_PREFILL_MIN_TOKENS", "")
+    assert Settings(model="/m").engine_config().prefill_min_tokens is None  # empty: unset
+    monkeypatch.setenv("LORRY_PREFILL_MIN_TOKENS", "-5")
+    with pytest.raises(ValidationError, match="prefill_min_tokens"):
+        Settings(model="/m")
+
+
 def test_lora_load_process_reaches_engine_config(monkeypatch):
     assert Settings(model="/m").engine_config().lora_load_process is False
     monkeypatch.setenv("LORRY_LORA_LOAD_PROCESS", "true")

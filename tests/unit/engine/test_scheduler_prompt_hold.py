@@ -107,6 +107,7 @@ def test_a_prompt_part_way_through_its_prefill_lets_new_prompts_ride_along():
         sch.add(_seq("long", 100 if first_long else 5, 500))
         _step(sch, sch.schedule())
         sch.add(_seq("small", 5, 500))
+        sch.add(_seq("small2", 5, 500))     # more waiters than free rows: a backlog
         plan = sch.schedule()
         return [(s.request_id, n) for s, n in zip(plan.prefilled, plan.chunks)], sch
 
@@ -114,6 +115,61 @@ def test_a_prompt_part_way_through_its_prefill_lets_new_prompts_ride_along():
     assert chunked == [("long", 30), ("small", 5)] and sch.held_rounds == 0
     whole, sch = run(False)            # nothing being prefilled: "small" is held
     assert whole == [] and sch.held_rounds == 1
+
+
+def test_the_wait_is_bounded_by_max_wait_whatever_the_round_length():
+    for max_wait in (1, 5, 10):
+        sch = _full_batch(10**6, max_wait)
+        decoded, _ = _until_admitted(sch)
+        # the short row ends inside the first 4-step round; then at most max_wait steps held
+        assert decoded <= 4 + max_wait, (max_wait, decoded)
+        assert sch._held_steps == 0            # reset by the admission
+
+
+def test_a_preempted_rows_recompute_is_never_held():
+    sch = _full_batch(10**6, 10**6)
+    victim = sch.running[-1]
+    victim.output_token_ids.extend([7] * 5)
+    sch.preempt(victim)                        # back at the head of the queue, tokens kept
+    plan = sch.schedule()
+    assert victim in plan.prefilled and sch.held_rounds == 0
+
+
+def test_no_hold_when_the_free_rows_take_every_waiter():
+    sch = _full_batch(10**6, 10**6)
+    while len(sch.waiting) > 1:                # the end of a run: one waiter left
+        sch.finish(sch.waiting[-1])
+    decoded, _ = _until_admitted(sch)
+    assert decoded <= 4 and sch.held_rounds == 0
+
+
+def test_aborted_waiters_leave_no_held_steps_behind():
+    sch = _full_batch(10**6, 16)
+    for _ in range(3):                         # 3 rounds held (12 steps of the 16)
+        _step(sch, sch.schedule())
+    assert sch._held_steps >= 8
+    while sch.waiting:                         # every waiter aborted
+        sch.finish(sch.waiting[0])
+    _step(sch, sch.schedule())
+    assert sch._held_steps == 0                # a later backlog gets its whole wait
+
+
+def test_the_threshold_never_asks_more_than_a_step_can_take():
+    # a budget of 40 leaves 32 prompt tokens beside 8 decode rows: two 30-token waiters
+    # release the hold although prefill_min_tokens asks for 10**6
+    sch = Scheduler(max_num_seqs=8, max_loras=1, blocks=BlockManager(512, 16), num_steps=4,
+                    max_num_batched_tokens=40, prefill_min_tokens=10**6,
+                    prefill_max_wait=10**6)
+    for i in range(6):
+        sch.add(_seq(f"long{i}", 5, 500))
+    sch.add(_seq("short0", 5, 2))
+    sch.add(_seq("short1", 5, 2))
+    while sch.waiting:
+        _step(sch, sch.schedule())
+    for i in range(5):
+        sch.add(_seq(f"w{i}", 30, 500))
+    decoded, _ = _until_admitted(sch)
+    assert decoded <= 4 and sch.held_rounds == 0
 
 
 @pytest.fixture

@@ -36,6 +36,16 @@ class DrainSummary:
                 "seconds": round(self.seconds, 3)}
 
 
+def _holds_prompts(engine) -> bool:
+    """Whether ``engine`` holds new prompts for larger prompt steps (its resolved
+    ``prefill_min_tokens``; an engine without ``info()`` does not)."""
+    info = getattr(engine, "info", None)
+    try:
+        return bool(info and (info() or {}).get("prefill_min_tokens"))
+    except Exception:  # noqa: BLE001  a stand-in engine's info: no hold
+        return False
+
+
 class Drainer:
     """Drains the job table through one engine.
 
@@ -51,6 +61,11 @@ class Drainer:
         ``max_num_seqs // 8``: enough to refill the rows a step frees, few enough that a
         newly due tenant's jobs are claimed soon after it submits); their leases are
         heartbeated and they are released on shutdown.
+    engine_backlog : int, optional
+        Jobs put in the engine beyond its rows, waiting there (default: ``claim_ahead`` where
+        the engine holds new prompts for fewer, larger prompt steps, ``info()``'s
+        ``prefill_min_tokens`` > 0, i.e. CUDA; else 0): the engine holds prompts only while
+        more wait than its free rows take, so without a backlog a worker would meet none.
     max_pending_results : int, optional
         Finished jobs that may wait for the writer (default ``8 * max_num_seqs``), besides
         the batch it is writing; when that many wait, the engine waits too.
@@ -78,13 +93,17 @@ class Drainer:
                  claim_ahead: int | None = None, max_pending_results: int | None = None,
                  shutdown_flush_seconds: float = 30.0, upkeep: Callable | None = None,
                  upkeep_seconds: float = 15.0, check_adapter: Callable | None = None,
-                 cancel_poll_seconds: float = 1.0, final_upkeep: Callable | None = None):
+                 cancel_poll_seconds: float = 1.0, final_upkeep: Callable | None = None,
+                 engine_backlog: int | None = None):
         self.queue, self.engine, self.worker_id = queue, engine, worker_id
         self.max_num_seqs, self.lease_seconds = max_num_seqs, lease_seconds
         self.heartbeat_seconds, self.idle_claim_pause = heartbeat_seconds, idle_claim_pause
         self.cancel_poll_seconds = cancel_poll_seconds
         self.claim_ahead = max(1, max_num_seqs // 8) if claim_ahead is None else claim_ahead
         self.max_pending_results = max_pending_results or 8 * max_num_seqs
+        if engine_backlog is None:
+            engine_backlog = self.claim_ahead if _holds_prompts(engine) else 0
+        self.engine_backlog = engine_backlog
         self.shutdown_flush_seconds = shutdown_flush_seconds
         self.upkeep, self.upkeep_seconds = upkeep, upkeep_seconds
         self.final_upkeep = final_upkeep
@@ -145,7 +164,8 @@ class Drainer:
         tokens_at_start = self.stats.tokens_generated
         self._hot_warm = self.hot_warm()
         self._writer = Writer(self.queue, self._written, self.max_pending_results)
-        self._claimer = Claimer(self._claim, self.max_num_seqs + self.claim_ahead,
+        self._claimer = Claimer(self._claim,
+                                self.max_num_seqs + self.engine_backlog + self.claim_ahead,
                                 lambda: len(self.held), min_claim=max(1, self.max_num_seqs // 8),
                                 idle_pause=self.idle_claim_pause)
         beats = threading.Event()
@@ -199,8 +219,9 @@ class Drainer:
                 claimer.pause()
             if self._cancels:
                 self._stop_cancelled()
-            if not out_of_time and len(self.held) < self.max_num_seqs:
-                taken = claimer.take(self.max_num_seqs - len(self.held))
+            room = self.max_num_seqs + self.engine_backlog - len(self.held)
+            if not out_of_time and room > 0:
+                taken = claimer.take(room)
                 try:
                     for claimed in taken:
                         self._add(claimed)

@@ -531,3 +531,39 @@ def test_a_chat_template_that_raises_fails_only_its_job(queue, engine, monkeypat
     info = queue.get_job(bad.id)
     assert info.status == "failed" and "TemplateError" in info.error
     assert [queue.get_job(j.id).attempts for j in (good, after)] == [1, 1]
+
+
+def test_an_engine_that_holds_prompts_gets_a_backlog_and_every_job_runs(queue, engine, tiny):
+    """An engine holding new prompts for larger prompt steps (prefill_min_tokens, CUDA's
+    default) holds only while more wait than its free rows take: the drain puts up to
+    engine_backlog jobs beyond its rows into it, and the results equal the engine alone."""
+    from lorry.engine import EngineConfig, LLMEngine
+
+    holding = LLMEngine(EngineConfig(model=str(tiny[0]), device="cpu", max_loras=2,
+                                     max_lora_rank=16, max_cpu_loras=4, max_num_seqs=4,
+                                     max_model_len=128, prefill_min_tokens=40,
+                                     prefill_max_wait=6))
+    tenant, _ = queue.create_tenant("t")
+    specs = [JobSpec(adapter=(None, "alpha", "beta")[i % 3], prompt=f"job {i} " * (1 + i % 3),
+                     sampling={"max_tokens": 2 + (5 * i) % 9, "temperature": 0})
+             for i in range(14)]
+    jobs = queue.submit(tenant.id, specs)
+    d = drainer(queue, holding)
+    assert d.engine_backlog == d.claim_ahead == 1          # max_num_seqs 4 // 8, at least 1
+    assert drainer(queue, engine).engine_backlog == 0      # a CPU engine's default: no hold
+    most = []
+    real_step = holding.step
+
+    def step():
+        most.append(holding.num_unfinished_requests())
+        return real_step()
+
+    holding.step = step
+    summary = d.run()
+    assert summary.succeeded == len(specs)
+    assert max(most) == 4 + 1                              # rows plus the backlog
+    assert holding.cache_stats()["kv"]["held_rounds"] > 0
+    for job, spec in zip(jobs, specs):
+        info = queue.get_job(job.id)
+        want = alone(engine, queue, spec.adapter, spec.prompt, spec.sampling["max_tokens"])
+        assert info.status == "succeeded" and info.result.token_ids == want

@@ -153,6 +153,13 @@ class LLMEngine:
             self._aborted[request_id] = out
         return out
 
+    def is_waiting(self, request_id: str) -> bool:
+        """Whether the request is queued and has never run: not admitted, no token of it
+        computed (a preempted request, which has, is not)."""
+        seq = self._seqs.get(request_id)
+        return (seq is not None and seq.status is SequenceStatus.WAITING
+                and seq.num_computed_tokens == 0 and not seq.output_token_ids)
+
     def has_unfinished_requests(self) -> bool:
         """Requests queued or running, or finished but not yet returned by ``step``."""
         return self.scheduler.has_unfinished() or bool(self._finished_aside)

@@ -90,8 +90,9 @@ class Scheduler:
         self.num_steps, self.max_model_len = num_steps, max_model_len
         # new prompts wait (decode rounds meanwhile) until the free rows would take this many
         # prompt tokens, or for at most prefill_max_wait device steps (_hold_prompts)
-        # (alternating steps, mixed=False, already give prompts steps of their own: no hold)
-        self.prefill_min_tokens = prefill_min_tokens if mixed else 0
+        # (alternating steps, mixed=False, already give prompts steps of their own: no hold;
+        # nor with no wait allowed)
+        self.prefill_min_tokens = prefill_min_tokens if mixed and prefill_max_wait > 0 else 0
         self.prefill_max_wait = prefill_max_wait
         self._held_steps = 0          # device steps decoded while new prompts were held
         self.held_rounds = 0          # decode plans made while holding (a stat)

@@ -217,6 +217,7 @@ class Drainer:
             out_of_time = max_seconds is not None and time.monotonic() - start > max_seconds
             if out_of_time:
                 claimer.pause()
+                self._release_unstarted()   # the backlog: finish what runs, start nothing
             if self._cancels:
                 self._stop_cancelled()
             room = self.max_num_seqs + self.engine_backlog - len(self.held)
@@ -256,6 +257,9 @@ class Drainer:
             with self._lock:
                 self._cancels |= asked
             self._stop_cancelled()
+        # jobs still waiting in the engine (its backlog) never ran: given back, no attempt
+        # spent, whatever broke
+        self._release_unstarted()
         for job_id in list(self.held):
             self.engine.abort_request(job_id)
             job = self.held.pop(job_id).job
@@ -276,6 +280,16 @@ class Drainer:
             keeper.join()
         self._writer.stop()
         self._claimer = self._writer = None
+
+    def _release_unstarted(self) -> None:
+        """Give back the held jobs the engine has queued but never run (``is_waiting``; an
+        engine without it has none such): the backlog of ``engine_backlog``."""
+        waiting = getattr(self.engine, "is_waiting", None)
+        if waiting is None or not self.engine_backlog:
+            return
+        for job_id in [j for j in self.held if waiting(j)]:
+            self.engine.abort_request(job_id)
+            self._writer.put(WriteOp("release", self.held.pop(job_id).job))
 
     def _stop(self, stop: set[str]) -> None:
         """Jobs to stop: buffered ones end cancelled now, those in the engine go to the engine

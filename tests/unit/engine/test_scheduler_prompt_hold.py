@@ -172,6 +172,39 @@ def test_the_threshold_never_asks_more_than_a_step_can_take():
     assert decoded <= 4 and sch.held_rounds == 0
 
 
+def test_a_step_that_preempts_is_not_counted_as_held():
+    """A pool too short for the rows' next tokens preempts, and that step admits nobody
+    whatever the hold: it spends none of a hold's wait."""
+    sch = Scheduler(max_num_seqs=4, max_loras=1, blocks=BlockManager(6, 16), num_steps=1,
+                    prefill_min_tokens=10**6, prefill_max_wait=10**6)
+    for i in range(4):
+        sch.add(_seq(f"r{i}", 15, 500))      # a block each: the pool all but full
+    _step(sch, sch.schedule())
+    for i in range(3):
+        sch.add(_seq(f"w{i}", 5, 500))
+    _step(sch, sch.schedule())                 # the rows' 16th tokens fit their blocks
+    plan = sch.schedule()                      # the 17th need blocks: two rows preempted
+    assert sch.preemptions > 0 and not plan.prefilled
+    assert sch.held_rounds == 0 and sch._held_steps == 0
+
+
+@pytest.mark.parametrize("kw", [{"mixed": False}, {"prefill_max_wait": 0}])
+def test_alternating_steps_or_no_wait_mean_no_hold(kw):
+    sch = Scheduler(max_num_seqs=8, max_loras=1, blocks=BlockManager(512, 16), num_steps=4,
+                    **{"prefill_min_tokens": 10**6, "prefill_max_wait": 32, **kw})
+    assert sch.prefill_min_tokens == 0
+    sch.add(_seq("short", 5, 2))
+    for i in range(7):
+        sch.add(_seq(f"long{i}", 5, 500))
+    for i in range(10):
+        sch.add(_seq(f"w{i}", 30, 500))
+    plans = 0
+    while not any(s.request_id.startswith("w") for s in sch.running) and plans < 20:
+        _step(sch, sch.schedule())
+        plans += 1
+    assert plans < 8 and sch.held_rounds == 0
+
+
 @pytest.fixture
 def engines(tiny_llama):
     def make(**kw):

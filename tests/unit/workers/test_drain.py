@@ -533,16 +533,70 @@ def test_a_chat_template_that_raises_fails_only_its_job(queue, engine, monkeypat
     assert [queue.get_job(j.id).attempts for j in (good, after)] == [1, 1]
 
 
-def test_an_engine_that_holds_prompts_gets_a_backlog_and_every_job_runs(queue, engine, tiny):
+@pytest.fixture
+def holding_engine(tiny):
+    """A CPU engine that holds prompts as a CUDA one does by default (prefill_min_tokens)."""
+    from lorry.engine import EngineConfig, LLMEngine
+
+    return LLMEngine(EngineConfig(model=str(tiny[0]), device="cpu", max_loras=2,
+                                  max_lora_rank=16, max_cpu_loras=4, max_num_seqs=4,
+                                  max_model_len=128, prefill_min_tokens=40,
+                                  prefill_max_wait=6))
+
+
+def test_an_engine_error_gives_the_backlog_back_without_spending_an_attempt(
+        queue, holding_engine, monkeypatch):
+    """The jobs waiting in the engine beyond its rows never ran: when a step breaks, those in
+    its rows spend an attempt, the backlog is given back as if still buffered."""
+    tenant, _ = queue.create_tenant("t")
+    jobs = queue.submit(tenant.id, [JobSpec(adapter=None, prompt=f"p{i}", sampling={
+        "max_tokens": 3}) for i in range(8)])
+    real_step, seen = holding_engine.step, []
+
+    def step():
+        if seen:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        seen.append(holding_engine.num_unfinished_requests())
+        return real_step()
+
+    monkeypatch.setattr(holding_engine, "step", step)
+    with pytest.raises(RuntimeError):
+        drainer(queue, holding_engine).run()
+    assert seen == [5]                                   # 4 rows and a backlog of 1
+    infos = [queue.get_job(j.id) for j in jobs]
+    assert [i.status for i in infos] == ["queued"] * 8
+    assert sorted(i.attempts for i in infos) == [0] * 4 + [1] * 4   # the rows' only
+    assert not holding_engine.has_unfinished_requests()
+
+
+def test_past_the_time_limit_the_backlog_is_given_back_unstarted(queue, holding_engine,
+                                                                monkeypatch):
+    tenant, _ = queue.create_tenant("t")
+    jobs = queue.submit(tenant.id, [JobSpec(adapter=None, prompt=f"p{i}", sampling={
+        "max_tokens": 6, "ignore_eos": True}) for i in range(8)])
+    real_step, steps = holding_engine.step, []
+
+    def first_step_is_slow():  # the limit passes while the engine holds 4 rows + 1 waiting
+        if not steps:
+            time.sleep(0.3)
+        steps.append(holding_engine.num_unfinished_requests())
+        return real_step()
+
+    monkeypatch.setattr(holding_engine, "step", first_step_is_slow)
+    summary = drainer(queue, holding_engine).run(max_seconds=0.1)
+    assert steps[0] == 5 and summary.reason == "time limit" and summary.succeeded == 4
+    infos = [queue.get_job(j.id) for j in jobs]
+    assert sorted(i.status for i in infos) == ["queued"] * 4 + ["succeeded"] * 4
+    assert all(i.attempts == 0 for i in infos if i.status == "queued")
+    assert not holding_engine.has_unfinished_requests()
+
+
+def test_an_engine_that_holds_prompts_gets_a_backlog_and_every_job_runs(queue, engine,
+                                                                      holding_engine):
     """An engine holding new prompts for larger prompt steps (prefill_min_tokens, CUDA's
     default) holds only while more wait than its free rows take: the drain puts up to
     engine_backlog jobs beyond its rows into it, and the results equal the engine alone."""
-    from lorry.engine import EngineConfig, LLMEngine
-
-    holding = LLMEngine(EngineConfig(model=str(tiny[0]), device="cpu", max_loras=2,
-                                     max_lora_rank=16, max_cpu_loras=4, max_num_seqs=4,
-                                     max_model_len=128, prefill_min_tokens=40,
-                                     prefill_max_wait=6))
+    holding = holding_engine
     tenant, _ = queue.create_tenant("t")
     specs = [JobSpec(adapter=(None, "alpha", "beta")[i % 3], prompt=f"job {i} " * (1 + i % 3),
                      sampling={"max_tokens": 2 + (5 * i) % 9, "temperature": 0})

@@ -155,8 +155,9 @@ def test_aborted_waiters_leave_no_held_steps_behind():
 
 
 def test_the_threshold_never_asks_more_than_a_step_can_take():
-    # a budget of 40 leaves 32 prompt tokens beside 8 decode rows: two 30-token waiters
-    # release the hold although prefill_min_tokens asks for 10**6
+    # a budget of 40 leaves 34 prompt tokens beside the 6 rows still decoding once the two
+    # short ones end: their two 30-token successors (60) release the hold although
+    # prefill_min_tokens asks for 10**6
     sch = Scheduler(max_num_seqs=8, max_loras=1, blocks=BlockManager(512, 16), num_steps=4,
                     max_num_batched_tokens=40, prefill_min_tokens=10**6,
                     prefill_max_wait=10**6)

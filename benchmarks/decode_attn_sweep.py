@@ -55,6 +55,10 @@ def main() -> None:
                     help="an fp8 cache widened to bf16 (paged_tiles.FP8_DOTS_IN_FP16 off)")
     ap.add_argument("--quick", action="store_true",
                     help="splits default/2/4, keys a tile 64/128/256, 4 or 8 warps, 2 or 3 stages")
+    ap.add_argument("--grid", nargs=4, default=None, metavar=("SPLITS", "BLOCK_N", "WARPS",
+                                                               "STAGES"),
+                    help="the grid as comma lists, e.g. 0,2 64,128 1,2,4 2,3 (splits 0: the "
+                         "engine's)")
     args = ap.parse_args()
     dev, bs, h, kvh, D = args.device, 16, 32, 8, 128
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -83,7 +87,11 @@ def main() -> None:
         return out
 
     ref = step(None)
-    if args.quick:
+    if args.grid:
+        lists = [[int(v) for v in x.split(",")] for x in args.grid]
+        lists[0] = [v or None for v in lists[0]]
+        grid = itertools.product(*lists)
+    elif args.quick:
         grid = itertools.product((None, 2, 4), (64, 128, 256), (4, 8), (2, 3))
     else:
         grid = itertools.product((None, 2, 4, 8, 16), (32, 64, 128, 256), (4, 8), (2, 3, 4))

@@ -83,3 +83,40 @@ def test_lorry_run_names_an_adapters_dir_that_is_missing_or_empty(tiny, tmp_path
         assert proc.returncode == 2, proc.stderr
         assert words in " ".join(proc.stderr.split()) and where in proc.stderr
         assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_lorry_run_with_the_prompt_hold_gives_the_engines_tokens(tiny, tmp_path):
+    """LORRY_PREFILL_MIN_TOKENS (CUDA's default behaviour, set here on the CPU): the embedded
+    worker's drain keeps a backlog in its holding engine; every line still gets the tokens
+    of the engine alone."""
+    _, model, adapters = tiny
+    records = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                "body": {"model": ("alpha", "beta", "tiny-llama")[i % 3],
+                         "prompt": "word " * (2 + i % 5), "max_tokens": 2 + i % 6,
+                         "temperature": 0}} for i in range(14)]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    env = {**os.environ, "LORRY_MODEL": str(model), "LORRY_DEVICE": "cpu",
+           "LORRY_MAX_LORA_RANK": "16", "LORRY_MAX_NUM_SEQS": "4", "LORRY_MAX_MODEL_LEN": "128",
+           "LORRY_MAX_LORAS": "2", "LORRY_MAX_CPU_LORAS": "2",
+           "LORRY_PREFILL_MIN_TOKENS": "30", "LORRY_PREFILL_MAX_WAIT": "4"}
+    args = ["run", str(src), "-o", str(out)] + [f"--adapter={n}={p}" for n, p in adapters.items()]
+    proc = subprocess.run(LORRY + args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "14 succeeded" in proc.stdout
+
+    from lorry.engine import EngineConfig, LLMEngine, LoRARequest, SamplingParams
+
+    eng = LLMEngine(EngineConfig(model=str(model), device="cpu", max_loras=2, max_lora_rank=16,
+                                 max_num_seqs=4, max_model_len=128))
+    loras = {n: LoRARequest(n, i + 1, str(p)) for i, (n, p) in enumerate(adapters.items())}
+    lines = {x["custom_id"]: x for x in map(json.loads, out.read_text().splitlines())}
+    for r in records:
+        body = r["body"]
+        [want] = eng.generate([body["prompt"]], SamplingParams(max_tokens=body["max_tokens"],
+                                                               temperature=0),
+                              lora_request=[loras.get(body["model"])], use_tqdm=False)
+        resp = lines[r["custom_id"]]["response"]
+        want_text = want.outputs[0].text.replace("\x00", "\ufffd")
+        assert resp["status_code"] == 200, r["custom_id"]
+        assert resp["body"]["choices"][0]["text"] == want_text, r["custom_id"]

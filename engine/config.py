@@ -14,11 +14,11 @@ QUANTIZATIONS = (None, "bnb-nf4", "bnb-fp4", "bnb-int8", "torchao-int8", "torcha
                  "gptq", "awq", "fp8")
 
 
-def _positive_int(name: str, value, allow_none: bool = False) -> None:
+def _positive_int(name: str, value, allow_none: bool = False, least: int = 1) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"EngineConfig.{name}={value!r} is invalid: must be an int >= 1")
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"EngineConfig.{name}={value!r} is invalid: must be an int >= {least}")
 
 
 def _choice(name: str, value, allowed: tuple) -> None:
@@ -216,12 +216,8 @@ class EngineConfig:
         _positive_int("max_num_seqs", self.max_num_seqs)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_int("num_scheduler_steps", self.num_scheduler_steps)
-        for name in ("prefill_min_tokens", "prefill_max_wait"):
-            v = getattr(self, name)
-            if v is None and name == "prefill_min_tokens":
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"EngineConfig.{name}={v!r} is invalid: must be an int >= 0")
+        _positive_int("prefill_min_tokens", self.prefill_min_tokens, allow_none=True, least=0)
+        _positive_int("prefill_max_wait", self.prefill_max_wait, least=0)
         _positive_int("max_model_len", self.max_model_len, allow_none=True)
         _choice("dtype", self.dtype, DTYPES)
         _choice("lora_dtype", self.lora_dtype, DTYPES)

@@ -38,12 +38,9 @@ class DrainSummary:
 
 def _holds_prompts(engine) -> bool:
     """Whether ``engine`` holds new prompts for larger prompt steps (its resolved
-    ``prefill_min_tokens``; an engine without ``info()`` does not)."""
+    ``prefill_min_tokens``; an engine without ``info()``, a stand-in, does not)."""
     info = getattr(engine, "info", None)
-    try:
-        return bool(info and (info() or {}).get("prefill_min_tokens"))
-    except Exception:  # noqa: BLE001  a stand-in engine's info: no hold
-        return False
+    return bool(info and info().get("prefill_min_tokens"))
 
 
 class Drainer:
